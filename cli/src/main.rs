@@ -1,0 +1,150 @@
+//! `spine`: the one binary of Spine.
+//!
+//! Thin by design: it parses arguments, sets up logging and calls into the library crates.
+//! Today it offers `spine check`, which validates Spine stanzas against the wire protocol;
+//! the server, agent, dispatcher and `up` commands arrive with their crates.
+
+use std::io::Read as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use spine_protocol::{parse_payload, Element, Payload, NS_PREFIX};
+
+#[derive(Parser)]
+#[command(
+    name = "spine",
+    version,
+    about = "Spine: an XMPP agent bus with least-loaded dispatch"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Check that an XML stanza or payload follows the Spine wire protocol (docs/PROTOCOL.md).
+    ///
+    /// Reads one XML element from FILE (or standard input with `-`): a stanza (`<iq>`,
+    /// `<message>`, `<presence>`, default namespace jabber:client implied) or a bare Spine
+    /// payload. Prints what each Spine payload means, or the exact error a Spine peer would
+    /// answer with. Exits 1 if any payload is invalid.
+    Check {
+        /// File to read, or `-` for standard input.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Check { file } => check(&file),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(e) => {
+            eprintln!("spine: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Validates the document in `file`; `Ok(false)` when a payload is invalid.
+fn check(file: &PathBuf) -> Result<bool> {
+    let mut text = String::new();
+    if file.as_os_str() == "-" {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading standard input")?;
+    } else {
+        text =
+            std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    }
+    let root = parse_document(&text)?;
+    let payloads: Vec<Element> = if root.ns().starts_with(NS_PREFIX) {
+        vec![root]
+    } else {
+        root.children()
+            .filter(|c| c.ns().starts_with(NS_PREFIX))
+            .cloned()
+            .collect()
+    };
+    if payloads.is_empty() {
+        println!("no Spine payload (namespace {NS_PREFIX}…) in this document");
+        return Ok(false);
+    }
+    let mut all_ok = true;
+    for p in payloads {
+        let name = p.name().to_owned();
+        match parse_payload(p) {
+            Ok(payload) => println!("ok: <{name}> {}", describe(&payload)),
+            Err(e) => {
+                all_ok = false;
+                let se = e.to_spine_error();
+                println!("invalid: {e}");
+                println!(
+                    "  a Spine peer answers: <{}/> ({:?}, type {:?})",
+                    se.condition,
+                    se.condition.xmpp().0,
+                    se.condition.xmpp().1
+                );
+            }
+        }
+    }
+    Ok(all_ok)
+}
+
+/// Parses the text as XML, giving stanzas without a namespace the `jabber:client` default.
+fn parse_document(text: &str) -> Result<Element> {
+    let t = text.trim();
+    let is_stanza = ["<iq", "<message", "<presence"]
+        .iter()
+        .any(|p| t.starts_with(p))
+        && !t.split('>').next().unwrap_or_default().contains("xmlns=");
+    let doc = if is_stanza {
+        let end = t[1..]
+            .find([' ', '>', '/', '\n', '\t'])
+            .map_or(t.len(), |i| i + 1);
+        format!("{} xmlns='jabber:client'{}", &t[..end], &t[end..])
+    } else {
+        t.to_owned()
+    };
+    doc.parse::<Element>().context("not well-formed XML")
+}
+
+fn describe(p: &Payload) -> String {
+    match p {
+        Payload::Advertise(a) => format!(
+            "agent instance {} offers {} capabilities with {} slots",
+            a.instance,
+            a.capabilities.len(),
+            a.slots
+        ),
+        Payload::Load(l) => format!(
+            "{} of {} slots busy ({} from the recipient), {}",
+            l.in_flight, l.slots, l.yours, l.state
+        ),
+        Payload::DispatcherHello(h) => format!("dispatcher hello, protocol {}", h.protocol),
+        Payload::Job(j) => format!("job {} for {} (attempt {})", j.id, j.capability, j.attempt),
+        Payload::Result(r) => format!("result of job {} (attempt {})", r.job, r.attempt),
+        Payload::Cancel(c) => format!("cancel job {}", c.job),
+        Payload::Progress(p) => format!("progress of job {}: {:?}%", p.job, p.percent),
+        Payload::Partial(p) => format!("partial result {} of job {}", p.seq, p.job),
+        Payload::Chunk(c) => format!(
+            "bytes {}..{} of blob {} ({} in all)",
+            c.offset,
+            c.offset + c.bytes.len() as u64,
+            c.blob,
+            c.total
+        ),
+        Payload::Submit(s) => format!("submit {} ({})", s.capability, s.strategy),
+        Payload::Accepted(a) => format!("job {} accepted, {}", a.job, a.state),
+        Payload::Status(s) => format!("status of job {}", s.job),
+        Payload::JobStatus(s) => format!("job {} is {}", s.job, s.state),
+        Payload::Discover(d) => format!("discover agents for {}", d.capability),
+        Payload::Agents(a) => format!("{} agents for {}", a.agents.len(), a.capability),
+    }
+}

@@ -1,0 +1,617 @@
+//! Payloads between a submitter (any authorised XMPP client) and a dispatcher: `<submit/>`
+//! answered by `<accepted/>`, `<status/>` answered by `<job-status/>` (also pushed in a message
+//! in watch mode), and `<discover/>` answered by the ranked `<agents/>`.
+
+use std::fmt;
+use std::str::FromStr;
+
+use jid::Jid;
+use minidom::Element;
+use serde::{Deserialize, Serialize};
+use xmpp_parsers::iq::{IqGetPayload, IqResultPayload, IqSetPayload};
+use xmpp_parsers::message::MessagePayload;
+
+use crate::condition::Condition;
+use crate::data::{attr_elements, read_attr, Args, Attributes, Data};
+use crate::error::ParseError;
+use crate::filter::Filter;
+use crate::job::{args_input_children, job_ref_payload, parse_args_input, JobResult};
+use crate::names::{AttrName, CapabilityName, JobId};
+use crate::presence::AgentState;
+use crate::xml::{set_once, unknown_child, Builder, NonNegative, Reader};
+
+/// Longest idempotency key, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
+
+/// How the dispatcher places a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// The capable agent with the lowest effective load (in-flight ÷ slots).
+    #[default]
+    LeastLoaded,
+    /// A capable agent with a free slot, chosen at random.
+    Random,
+    /// Capable agents in turn.
+    RoundRobin,
+    /// The less loaded of two capable agents chosen at random.
+    PowerOfTwo,
+    /// The same agent for the same `affinity-key` (rendezvous hashing).
+    Affinity,
+    /// Every capable agent; the results are gathered.
+    All,
+}
+
+impl Strategy {
+    /// Every strategy.
+    pub const ALL: [Strategy; 6] = [
+        Strategy::LeastLoaded,
+        Strategy::Random,
+        Strategy::RoundRobin,
+        Strategy::PowerOfTwo,
+        Strategy::Affinity,
+        Strategy::All,
+    ];
+
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Strategy::LeastLoaded => "least-loaded",
+            Strategy::Random => "random",
+            Strategy::RoundRobin => "round-robin",
+            Strategy::PowerOfTwo => "power-of-two",
+            Strategy::Affinity => "affinity",
+            Strategy::All => "all",
+        }
+    }
+}
+
+impl fmt::Display for Strategy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Strategy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Strategy::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| {
+                format!(
+                    "unknown strategy '{s}'; expected one of least-loaded, random, round-robin, power-of-two, affinity, all"
+                )
+            })
+    }
+}
+crate::xml::attr_via_str!(Strategy);
+
+/// Where a job is in its life. Final states: succeeded, failed, cancelled, timed-out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobState {
+    /// Stored, not yet looked at by the scheduler.
+    Accepted,
+    /// Waiting for a capable agent with a free slot.
+    Queued,
+    /// Sent to an agent.
+    Dispatched,
+    /// The agent reported that it started.
+    Running,
+    /// Finished with a result.
+    Succeeded,
+    /// Finished with an error, after the allowed attempts.
+    Failed,
+    /// Cancelled by a submitter.
+    Cancelled,
+    /// The deadline passed.
+    TimedOut,
+}
+
+impl JobState {
+    /// Every state, in lifecycle order.
+    pub const ALL: [JobState; 8] = [
+        JobState::Accepted,
+        JobState::Queued,
+        JobState::Dispatched,
+        JobState::Running,
+        JobState::Succeeded,
+        JobState::Failed,
+        JobState::Cancelled,
+        JobState::TimedOut,
+    ];
+
+    /// The wire form.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Accepted => "accepted",
+            JobState::Queued => "queued",
+            JobState::Dispatched => "dispatched",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed-out",
+        }
+    }
+
+    /// Whether the job has its one outcome.
+    pub fn is_final(self) -> bool {
+        matches!(
+            self,
+            JobState::Succeeded | JobState::Failed | JobState::Cancelled | JobState::TimedOut
+        )
+    }
+}
+
+impl fmt::Display for JobState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for JobState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        JobState::ALL
+            .into_iter()
+            .find(|x| x.as_str() == s)
+            .ok_or_else(|| format!("unknown job state '{s}'"))
+    }
+}
+crate::xml::attr_via_str!(JobState);
+
+/// `<submit/>`: a new job, from any authorised XMPP client to a dispatcher (IQ set).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Submit {
+    /// What to run.
+    pub capability: CapabilityName,
+    /// How to place it.
+    pub strategy: Strategy,
+    /// Which agents qualify.
+    pub filter: Option<Filter>,
+    /// Prefer agents with the lowest value of this numeric attribute, then the least loaded.
+    pub sort: Option<AttrName>,
+    /// Key for the `affinity` strategy (required with it, refused without it).
+    pub affinity_key: Option<String>,
+    /// Deadline from acceptance, in milliseconds.
+    pub deadline_ms: Option<u64>,
+    /// Higher runs first when jobs queue.
+    pub priority: i64,
+    /// Attempts before the job fails.
+    pub max_attempts: Option<u64>,
+    /// The same key from the same submitter yields the same job.
+    pub idempotency_key: Option<String>,
+    /// Push progress, partial results and the final status to the submitter.
+    pub watch: bool,
+    /// Arguments.
+    pub args: Args,
+    /// Input data.
+    pub input: Option<Data>,
+}
+
+impl Submit {
+    /// A least-loaded job with no arguments.
+    pub fn new(capability: CapabilityName) -> Self {
+        Submit {
+            capability,
+            strategy: Strategy::LeastLoaded,
+            filter: None,
+            sort: None,
+            affinity_key: None,
+            deadline_ms: None,
+            priority: 0,
+            max_attempts: None,
+            idempotency_key: None,
+            watch: false,
+            args: Args::default(),
+            input: None,
+        }
+    }
+}
+
+impl TryFrom<Element> for Submit {
+    type Error = ParseError;
+    fn try_from(el: Element) -> Result<Self, ParseError> {
+        let mut r = Reader::new(&el, "submit")?;
+        let capability = r.req("capability")?;
+        let strategy = r.opt("strategy")?.unwrap_or_default();
+        let filter = r.opt("filter")?;
+        let sort = r.opt("sort")?;
+        let affinity_key: Option<String> = r.opt("affinity-key")?;
+        match (strategy, &affinity_key) {
+            (Strategy::Affinity, None) => {
+                return Err(ParseError::MissingAttribute {
+                    element: "submit",
+                    attribute: "affinity-key",
+                })
+            }
+            (s, Some(_)) if s != Strategy::Affinity => {
+                return Err(r.invalid("affinity-key", "only the affinity strategy takes a key"))
+            }
+            _ => {}
+        }
+        let deadline_ms = r.opt("deadline-ms")?;
+        let priority = r.opt("priority")?.unwrap_or(0);
+        let max_attempts = r.opt::<u64>("max-attempts")?;
+        if max_attempts == Some(0) {
+            return Err(r.invalid("max-attempts", "must be at least 1"));
+        }
+        let idempotency_key: Option<String> = r.opt("idempotency-key")?;
+        if idempotency_key
+            .as_ref()
+            .is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_LEN)
+        {
+            return Err(r.invalid(
+                "idempotency-key",
+                format!("must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} bytes"),
+            ));
+        }
+        let watch = r.opt("watch")?.unwrap_or(false);
+        let (args, input) = parse_args_input(&r)?;
+        r.finish()?;
+        Ok(Submit {
+            capability,
+            strategy,
+            filter,
+            sort,
+            affinity_key,
+            deadline_ms,
+            priority,
+            max_attempts,
+            idempotency_key,
+            watch,
+            args,
+            input,
+        })
+    }
+}
+
+impl From<Submit> for Element {
+    fn from(s: Submit) -> Element {
+        Builder::new("submit")
+            .attr("capability", s.capability.as_str())
+            .opt(
+                "strategy",
+                (s.strategy != Strategy::LeastLoaded).then_some(s.strategy),
+            )
+            .opt("filter", s.filter.as_ref().map(|f| f.to_string()))
+            .opt("sort", s.sort.as_ref().map(|x| x.as_str()))
+            .opt("affinity-key", s.affinity_key.as_deref())
+            .opt("deadline-ms", s.deadline_ms)
+            .opt("priority", (s.priority != 0).then_some(s.priority))
+            .opt("max-attempts", s.max_attempts)
+            .opt("idempotency-key", s.idempotency_key.as_deref())
+            .opt("watch", s.watch.then_some(true))
+            .children(args_input_children(&s.args, &s.input))
+            .build()
+    }
+}
+
+impl IqSetPayload for Submit {}
+
+/// `<accepted/>`: the dispatcher stored the job (reply to `<submit/>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Accepted {
+    /// The job's id.
+    pub job: JobId,
+    /// Its state when the reply was sent.
+    pub state: JobState,
+}
+
+impl TryFrom<Element> for Accepted {
+    type Error = ParseError;
+    fn try_from(el: Element) -> Result<Self, ParseError> {
+        let mut r = Reader::new(&el, "accepted")?;
+        let job = r.req("job")?;
+        let state = r.req("state")?;
+        r.no_text()?;
+        r.no_children()?;
+        r.finish()?;
+        Ok(Accepted { job, state })
+    }
+}
+
+impl From<Accepted> for Element {
+    fn from(a: Accepted) -> Element {
+        Builder::new("accepted")
+            .attr("job", a.job.as_str())
+            .attr("state", a.state)
+            .build()
+    }
+}
+
+impl IqResultPayload for Accepted {}
+
+job_ref_payload!(
+    /// `<status/>`: ask a dispatcher where a job is (IQ get), answered by `<job-status/>`.
+    Status,
+    "status"
+);
+impl IqGetPayload for Status {}
+
+/// `<failure/>` inside `<job-status/>`: why a job ended without a result.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    /// The Spine condition.
+    pub condition: Condition,
+    /// A message for people.
+    pub message: Option<String>,
+}
+
+/// How a finished job ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// It succeeded with this result.
+    Result(JobResult),
+    /// It failed, was cancelled or timed out.
+    Failure(Failure),
+}
+
+/// `<job-status/>`: a job's state, attempts and, once final, its outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JobStatus {
+    /// The job.
+    pub job: JobId,
+    /// Its capability.
+    pub capability: CapabilityName,
+    /// Its state.
+    pub state: JobState,
+    /// Attempts made so far.
+    pub attempts: u64,
+    /// The agent of the last attempt.
+    pub agent: Option<Jid>,
+    /// Last progress reported.
+    pub percent: Option<u8>,
+    /// The outcome, when the state is final.
+    pub outcome: Option<Outcome>,
+}
+
+impl TryFrom<Element> for JobStatus {
+    type Error = ParseError;
+    fn try_from(el: Element) -> Result<Self, ParseError> {
+        let mut r = Reader::new(&el, "job-status")?;
+        let job = r.req("job")?;
+        let capability = r.req("capability")?;
+        let state: JobState = r.req("state")?;
+        let attempts = r.req("attempts")?;
+        let agent = r.opt("agent")?;
+        let percent = match r.opt::<u64>("percent")? {
+            Some(p) if p > 100 => return Err(r.invalid("percent", "must be 0 to 100")),
+            p => p.map(|p| p as u8),
+        };
+        r.no_text()?;
+        let mut outcome = None;
+        for c in r.children() {
+            let c = c?;
+            let o = match c.name() {
+                "result" => Outcome::Result(JobResult::try_from(c.clone())?),
+                "failure" => {
+                    let mut fr = Reader::unchecked(c, "failure");
+                    let condition = fr.req("condition")?;
+                    fr.no_children()?;
+                    fr.finish()?;
+                    let text = c.text();
+                    Outcome::Failure(Failure {
+                        condition,
+                        message: (!text.is_empty()).then_some(text),
+                    })
+                }
+                _ => return Err(unknown_child("job-status", c)),
+            };
+            set_once(&mut outcome, o, "job-status", "result or failure")?;
+        }
+        let fits = match (&outcome, state) {
+            (None, s) => !s.is_final() || s == JobState::Succeeded,
+            (Some(Outcome::Result(_)), JobState::Succeeded) => true,
+            (Some(Outcome::Failure(_)), s) => s.is_final() && s != JobState::Succeeded,
+            _ => false,
+        };
+        if !fits {
+            return Err(ParseError::Invalid {
+                element: "job-status",
+                reason: format!(
+                    "state '{state}' does not go with {}",
+                    match outcome {
+                        None => "no outcome",
+                        Some(Outcome::Result(_)) => "a <result>",
+                        Some(Outcome::Failure(_)) => "a <failure>",
+                    }
+                ),
+            });
+        }
+        r.finish()?;
+        Ok(JobStatus {
+            job,
+            capability,
+            state,
+            attempts,
+            agent,
+            percent,
+            outcome,
+        })
+    }
+}
+
+impl From<JobStatus> for Element {
+    fn from(s: JobStatus) -> Element {
+        let mut b = Builder::new("job-status")
+            .attr("job", s.job.as_str())
+            .attr("capability", s.capability.as_str())
+            .attr("state", s.state)
+            .attr("attempts", s.attempts)
+            .opt("agent", s.agent)
+            .opt("percent", s.percent.map(u64::from));
+        match s.outcome {
+            Some(Outcome::Result(r)) => b = b.child(r.into()),
+            Some(Outcome::Failure(f)) => {
+                b = b.child(
+                    Builder::new("failure")
+                        .attr("condition", f.condition)
+                        .text(f.message.unwrap_or_default())
+                        .build(),
+                )
+            }
+            None => {}
+        }
+        b.build()
+    }
+}
+
+impl IqResultPayload for JobStatus {}
+impl MessagePayload for JobStatus {}
+
+/// `<discover/>`: ask a dispatcher for the capable agents, least loaded first (IQ get).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Discover {
+    /// The capability.
+    pub capability: CapabilityName,
+    /// Which agents qualify.
+    pub filter: Option<Filter>,
+    /// Order by this numeric attribute first (ascending), then by load.
+    pub sort: Option<AttrName>,
+    /// At most this many agents.
+    pub limit: Option<u64>,
+}
+
+impl TryFrom<Element> for Discover {
+    type Error = ParseError;
+    fn try_from(el: Element) -> Result<Self, ParseError> {
+        let mut r = Reader::new(&el, "discover")?;
+        let d = Discover {
+            capability: r.req("capability")?,
+            filter: r.opt("filter")?,
+            sort: r.opt("sort")?,
+            limit: r.opt("limit")?,
+        };
+        r.no_text()?;
+        r.no_children()?;
+        r.finish()?;
+        Ok(d)
+    }
+}
+
+impl From<Discover> for Element {
+    fn from(d: Discover) -> Element {
+        Builder::new("discover")
+            .attr("capability", d.capability.as_str())
+            .opt("filter", d.filter.map(|f| f.to_string()))
+            .opt("sort", d.sort.as_ref().map(|s| s.as_str()))
+            .opt("limit", d.limit)
+            .build()
+    }
+}
+
+impl IqGetPayload for Discover {}
+
+/// One agent in a ranked `<agents/>` answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentInfo {
+    /// The agent's full JID.
+    pub jid: Jid,
+    /// Ready or draining.
+    pub state: AgentState,
+    /// Effective in-flight ÷ slots, as the dispatcher sees it.
+    pub load: f64,
+    /// Effective in-flight jobs.
+    pub in_flight: u64,
+    /// Slots for this capability.
+    pub slots: u64,
+    /// 1-minute OS load average.
+    pub loadavg: Option<f64>,
+    /// Memory in use, bytes.
+    pub mem_used: Option<u64>,
+    /// Total memory, bytes.
+    pub mem_total: Option<u64>,
+    /// The effective attributes for the capability.
+    pub attrs: Attributes,
+}
+
+impl AgentInfo {
+    fn parse(el: &Element) -> Result<Self, ParseError> {
+        let mut r = Reader::unchecked(el, "agent");
+        let jid = r.req("jid")?;
+        let state = r.req("state")?;
+        let load = r.req::<NonNegative>("load")?.0;
+        let in_flight = r.req("in-flight")?;
+        let slots = r.req("slots")?;
+        let loadavg = r.opt::<NonNegative>("loadavg")?.map(|v| v.0);
+        let mem_used = r.opt("mem-used")?;
+        let mem_total = r.opt("mem-total")?;
+        r.no_text()?;
+        let mut attrs = Attributes::new();
+        for c in r.children() {
+            let c = c?;
+            match c.name() {
+                "attr" => read_attr(c, "agent", &mut attrs)?,
+                _ => return Err(unknown_child("agent", c)),
+            }
+        }
+        r.finish()?;
+        Ok(AgentInfo {
+            jid,
+            state,
+            load,
+            in_flight,
+            slots,
+            loadavg,
+            mem_used,
+            mem_total,
+            attrs,
+        })
+    }
+
+    fn to_element(&self) -> Element {
+        Builder::new("agent")
+            .attr("jid", self.jid.clone())
+            .attr("state", self.state)
+            .attr("load", NonNegative(self.load))
+            .attr("in-flight", self.in_flight)
+            .attr("slots", self.slots)
+            .opt("loadavg", self.loadavg.map(NonNegative))
+            .opt("mem-used", self.mem_used)
+            .opt("mem-total", self.mem_total)
+            .children(attr_elements(&self.attrs))
+            .build()
+    }
+}
+
+/// `<agents/>`: the ranked answer to `<discover/>`, least loaded first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Agents {
+    /// The capability asked for.
+    pub capability: CapabilityName,
+    /// Capable agents in rank order.
+    pub agents: Vec<AgentInfo>,
+}
+
+impl TryFrom<Element> for Agents {
+    type Error = ParseError;
+    fn try_from(el: Element) -> Result<Self, ParseError> {
+        let mut r = Reader::new(&el, "agents")?;
+        let capability = r.req("capability")?;
+        r.no_text()?;
+        let mut agents = Vec::new();
+        for c in r.children() {
+            let c = c?;
+            match c.name() {
+                "agent" => agents.push(AgentInfo::parse(c)?),
+                _ => return Err(unknown_child("agents", c)),
+            }
+        }
+        r.finish()?;
+        Ok(Agents { capability, agents })
+    }
+}
+
+impl From<Agents> for Element {
+    fn from(a: Agents) -> Element {
+        Builder::new("agents")
+            .attr("capability", a.capability.as_str())
+            .children(a.agents.iter().map(AgentInfo::to_element))
+            .build()
+    }
+}
+
+impl IqResultPayload for Agents {}
