@@ -514,9 +514,9 @@ pub struct AgentInfo {
     pub state: AgentState,
     /// Effective in-flight ÷ slots, as the dispatcher sees it.
     pub load: f64,
-    /// Effective in-flight jobs.
+    /// Effective in-flight jobs, agent-wide.
     pub in_flight: u64,
-    /// Slots for this capability.
+    /// The agent's total slots.
     pub slots: u64,
     /// 1-minute OS load average.
     pub loadavg: Option<f64>,
