@@ -1,3 +1,249 @@
-//! End-to-end tests of Spine against real XMPP servers (embedded, Prosody, ejabberd).
+//! Test support for Spine's end-to-end tests: real servers on loopback port 0, real clients.
 //!
-//! Empty until the server, agent and dispatcher exist; the test harness lands with them.
+//! [`TestServer`] runs the embedded XMPP server in the test's runtime and shuts it down on
+//! `Drop`. [`RawClient`] speaks XMPP by hand over plain TCP (loopback only), for the tests that
+//! must send what no well-behaved library sends: spoofed `from`, garbage bytes, oversized
+//! stanzas, or a socket dropped without a stream close.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use spine_server::{Server, ServerConfig};
+use spine_xmpp::{ConnectOptions, Connection, Security, Trust};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_xmpp::stanzastream::Event;
+use tokio_xmpp::Stanza;
+
+/// How long a test waits for something that should happen at once.
+pub const PATIENCE: Duration = Duration::from_secs(10);
+
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+/// The embedded server on 127.0.0.1:0, running until dropped.
+pub struct TestServer {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its self-signed certificate.
+    pub cert_pem: String,
+    /// Its domain.
+    pub domain: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl TestServer {
+    /// Starts a server with these accounts (user, password).
+    pub async fn start(accounts: &[(&str, &str)]) -> TestServer {
+        Self::start_with(accounts, |_| {}).await
+    }
+
+    /// Starts a server with these accounts, after `tune` adjusted the configuration.
+    pub async fn start_with(
+        accounts: &[(&str, &str)],
+        tune: impl FnOnce(&mut ServerConfig),
+    ) -> TestServer {
+        init_tracing();
+        let mut toml = String::from("listen = \"127.0.0.1:0\"\ndomain = \"localhost\"\n");
+        for (u, p) in accounts {
+            toml.push_str(&format!(
+                "[[account]]\nuser = \"{u}\"\npassword = \"{p}\"\n"
+            ));
+        }
+        let mut cfg = ServerConfig::from_toml(&toml).expect("test config");
+        tune(&mut cfg);
+        let server = Server::bind(cfg).await.expect("bind test server");
+        let (tx, rx) = oneshot::channel::<()>();
+        let addr = server.local_addr();
+        let cert_pem = server.cert_pem().to_owned();
+        let domain = server.domain().to_owned();
+        let task = tokio::spawn(async move {
+            if let Err(e) = server
+                .run(async {
+                    let _ = rx.await;
+                })
+                .await
+            {
+                panic!("test server failed: {e}");
+            }
+        });
+        TestServer {
+            addr,
+            cert_pem,
+            domain,
+            shutdown: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    /// Options for `user` over STARTTLS trusting this server's certificate.
+    pub fn tls_options(&self, user: &str, password: &str) -> ConnectOptions {
+        ConnectOptions::new(
+            format!("{user}@{}", self.domain).parse().expect("jid"),
+            password,
+            self.addr,
+            Security::StartTls {
+                trust: Trust::Pem(self.cert_pem.clone()),
+                channel_binding: false,
+            },
+        )
+    }
+
+    /// Logs `user` in over STARTTLS + SCRAM and sends initial presence.
+    pub async fn client(&self, user: &str, password: &str) -> Connection {
+        let c = spine_xmpp::connect(self.tls_options(user, password))
+            .await
+            .expect("client login");
+        c.send(xmpp_parsers::presence::Presence::available()).await;
+        c
+    }
+
+    /// Stops the server and waits for it to finish closing every stream.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.task.take() {
+            let _ = tokio::time::timeout(PATIENCE, t).await;
+        }
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// Waits for the first stanza on `conn` that `pick` accepts (other events are skipped).
+pub async fn expect_stanza<T>(
+    conn: &mut Connection,
+    what: &str,
+    mut pick: impl FnMut(Stanza) -> Option<T>,
+) -> T {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        match tokio::time::timeout_at(deadline, conn.next()).await {
+            Ok(Some(Event::Stanza(st))) => {
+                if let Some(v) = pick(st) {
+                    return v;
+                }
+            }
+            Ok(Some(Event::Stream(_))) => {}
+            Ok(None) => panic!("connection closed while waiting for {what}"),
+            Err(_) => panic!("no {what} within {PATIENCE:?}"),
+        }
+    }
+}
+
+/// A hand-driven XMPP client over plain TCP on loopback.
+pub struct RawClient {
+    /// The socket.
+    pub tcp: TcpStream,
+    /// Bytes received and not yet consumed by [`RawClient::read_until`].
+    pub buf: String,
+    /// The bound full JID.
+    pub jid: String,
+}
+
+impl RawClient {
+    /// Opens a stream and reads the features, without logging in.
+    pub async fn open(addr: SocketAddr, domain: &str) -> RawClient {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.set_nodelay(true).expect("nodelay");
+        let mut c = RawClient {
+            tcp,
+            buf: String::new(),
+            jid: String::new(),
+        };
+        c.send(&format!("<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='{domain}' version='1.0'>")).await;
+        c.read_until("</stream:features>").await;
+        c
+    }
+
+    /// Logs in with SASL PLAIN (allowed on loopback without TLS), binds `resource` and sends
+    /// initial presence.
+    pub async fn login(
+        addr: SocketAddr,
+        domain: &str,
+        user: &str,
+        password: &str,
+        resource: &str,
+    ) -> RawClient {
+        use base64::Engine as _;
+        let mut c = Self::open(addr, domain).await;
+        let creds =
+            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
+        c.send(&format!(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{creds}</auth>"
+        ))
+        .await;
+        c.read_until("<success").await;
+        c.send(&format!("<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='{domain}' version='1.0'>")).await;
+        c.read_until("</stream:features>").await;
+        c.send(&format!("<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>")).await;
+        let got = c.read_until("</iq>").await;
+        assert!(
+            got.contains("type='result'") || got.contains("type=\"result\""),
+            "bind failed: {got}"
+        );
+        c.jid = format!("{user}@{domain}/{resource}");
+        c.send("<presence/>").await;
+        c
+    }
+
+    /// Writes raw bytes.
+    pub async fn send(&mut self, data: &str) {
+        self.tcp
+            .write_all(data.as_bytes())
+            .await
+            .expect("raw write");
+    }
+
+    /// Reads until `needle` appears; returns everything up to and including it.
+    pub async fn read_until(&mut self, needle: &str) -> String {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(i) = self.buf.find(needle) {
+                let rest = self.buf.split_off(i + needle.len());
+                return std::mem::replace(&mut self.buf, rest);
+            }
+            let mut chunk = [0u8; 8192];
+            match tokio::time::timeout_at(deadline, self.tcp.read(&mut chunk)).await {
+                Ok(Ok(0)) => panic!(
+                    "connection closed before {needle:?}; received: {}",
+                    self.buf
+                ),
+                Ok(Ok(n)) => self.buf.push_str(&String::from_utf8_lossy(&chunk[..n])),
+                Ok(Err(e)) => panic!("read error before {needle:?}: {e}; received: {}", self.buf),
+                Err(_) => panic!("no {needle:?} within {PATIENCE:?}; received: {}", self.buf),
+            }
+        }
+    }
+
+    /// Reads until the server closes the connection; returns everything received.
+    pub async fn read_to_close(&mut self) -> String {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let mut chunk = [0u8; 8192];
+            match tokio::time::timeout_at(deadline, self.tcp.read(&mut chunk)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return std::mem::take(&mut self.buf),
+                Ok(Ok(n)) => self.buf.push_str(&String::from_utf8_lossy(&chunk[..n])),
+                Err(_) => panic!(
+                    "server did not close within {PATIENCE:?}; received: {}",
+                    self.buf
+                ),
+            }
+        }
+    }
+}

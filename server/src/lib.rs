@@ -1,5 +1,184 @@
-//! `spine-server`: the embedded XMPP server that lets Spine run on one machine with nothing
-//! installed.
+//! `spine-server`: a small, standards-conformant XMPP server (RFC 6120 c2s, the RFC 6121
+//! routing and presence rules an agent bus needs) so that Spine runs on one machine with
+//! nothing installed: `spine up`, `spine server`, and the test suite use it.
 //!
-//! Not implemented yet: this crate is an empty shell so the workspace has its final layout.
-//! It is built in the "Embedded XMPP server" issue.
+//! It is a real server that any XMPP client can use: STARTTLS (rustls), SASL SCRAM-SHA-1/256
+//! (with -PLUS over TLS 1.3) and PLAIN, resource binding with conflict handling, routing to
+//! full and bare JIDs, directed presence with `unavailable` sent to every recipient when a
+//! session ends, `service-unavailable` for IQs to offline entities, `from` stamping, XEP-0030
+//! and XEP-0199 for the server entity, and limits (stanza size, rate, connections, login and
+//! idle timeouts). It does not federate (no s2s), keep rosters, store offline messages or
+//! implement XEP-0198 stream management.
+//!
+//! Data flow: [`Server::bind`] opens the listener; [`Server::run`] accepts connections, each
+//! of which becomes one task (`session`) that negotiates the stream and then routes stanzas
+//! through the shared `router`.
+
+#![forbid(unsafe_code)]
+
+pub mod accounts;
+pub mod config;
+pub mod error;
+mod io;
+mod router;
+pub mod scram;
+mod session;
+pub mod tls;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jid::BareJid;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tracing::{info, warn};
+
+pub use accounts::account_block;
+pub use bytesize::ByteSize;
+pub use config::{ServerConfig, DEFAULT_CONFIG};
+pub use error::ServerError;
+
+/// State shared by every session.
+pub(crate) struct Shared {
+    pub(crate) cfg: ServerConfig,
+    pub(crate) domain_jid: BareJid,
+    pub(crate) accounts: accounts::Accounts,
+    pub(crate) tls: TlsAcceptor,
+    pub(crate) router: router::Router,
+    pub(crate) shutdown: watch::Receiver<bool>,
+}
+
+/// A server with its listening socket open.
+pub struct Server {
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    shutdown_tx: watch::Sender<bool>,
+    cert_pem: String,
+    local_addr: SocketAddr,
+}
+
+/// How long sessions get to close their streams after shutdown starts.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+impl Server {
+    /// Validates the configuration, prepares TLS and accounts, and opens the listener
+    /// (`listen` may use port 0; [`Server::local_addr`] tells the port chosen).
+    pub async fn bind(cfg: ServerConfig) -> Result<Server, ServerError> {
+        cfg.validate()?;
+        let tls = tls::setup(&cfg.tls, &cfg.domain)?;
+        let accounts = accounts::Accounts::from_config(&cfg);
+        if accounts.is_empty() {
+            warn!("no accounts and no dev_secret configured: nobody can log in");
+        }
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .map_err(|source| ServerError::Bind {
+                addr: cfg.listen,
+                source,
+            })?;
+        let local_addr = listener.local_addr().map_err(ServerError::Accept)?;
+        let domain_jid =
+            BareJid::new(&cfg.domain).map_err(|e| ServerError::Config(format!("domain: {e}")))?;
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            cfg,
+            domain_jid,
+            accounts,
+            tls: TlsAcceptor::from(tls.config),
+            router: router::Router::default(),
+            shutdown,
+        });
+        Ok(Server {
+            listener,
+            shared,
+            shutdown_tx,
+            cert_pem: tls.cert_pem,
+            local_addr,
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// The server's certificate (PEM); a client trusts it as its CA for a self-signed setup.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// The XMPP domain served.
+    pub fn domain(&self) -> &str {
+        &self.shared.cfg.domain
+    }
+
+    /// Accepts connections until `shutdown` completes, then closes every stream with a
+    /// `system-shutdown` stream error and waits (up to a few seconds) for sessions to end.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+        let Server {
+            listener,
+            shared,
+            shutdown_tx,
+            local_addr,
+            ..
+        } = self;
+        info!(addr = %local_addr, domain = %shared.cfg.domain, "XMPP server listening");
+        let slots = Arc::new(Semaphore::new(shared.cfg.max_connections));
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                accepted = listener.accept() => {
+                    let (tcp, peer) = match accepted {
+                        Ok(v) => v,
+                        Err(e) => {
+                            // Out of file descriptors and the like: wait, do not spin.
+                            warn!("accept failed: {e}");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    let Ok(permit) = slots.clone().try_acquire_owned() else {
+                        warn!(%peer, "connection limit ({}) reached: refusing", shared.cfg.max_connections);
+                        drop(tcp);
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    tasks.spawn(async move {
+                        session::run(shared, tcp, peer).await;
+                        drop(permit);
+                    });
+                }
+                // Reap finished sessions so the set does not grow without bound.
+                Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
+            }
+        }
+        info!(
+            sessions = shared.router.sessions(),
+            "shutting down: closing client streams"
+        );
+        let _ = shutdown_tx.send(true);
+        let drained = tokio::time::timeout(SHUTDOWN_GRACE, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                "{} sessions did not close in {SHUTDOWN_GRACE:?}; aborting them",
+                tasks.len()
+            );
+            tasks.abort_all();
+        }
+        Ok(())
+    }
+}
+
+/// Binds and runs a server until `shutdown` completes.
+pub async fn run(cfg: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    Server::bind(cfg).await?.run(shutdown).await
+}

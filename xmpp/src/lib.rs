@@ -1,1 +1,386 @@
-//! placeholder
+//! `spine-xmpp`: the client side of an XMPP connection, shared by Spine's agent, dispatcher,
+//! command-line tools, benchmarks and tests.
+//!
+//! It exists because tokio-xmpp's stock pieces have traps that cost a factor of 30 or a hang
+//! (../shared/XMPP-NOTES.md): its TCP connector sets no `TCP_NODELAY` (≈40 ms per round trip),
+//! its `Client` can lose wake-ups on a multi-thread runtime, and its reconnect loop retries a
+//! wrong password forever in silence. Here:
+//!
+//! - [`connect`] makes the first login itself and returns a clear [`ConnectError`] (wrong
+//!   password, unreachable server, TLS failure) instead of retrying;
+//! - the connection is a tokio-xmpp `StanzaStream` owned by one task (the caller's), with a
+//!   reconnector that backs off exponentially with jitter and reports failures on
+//!   [`Connection::status`];
+//! - both connectors set `TCP_NODELAY`; TLS is STARTTLS with rustls (ring) and an explicit
+//!   trust store, required unless the server is on a loopback address.
+//!
+//! `agent` and `dispatcher` must not depend on each other and `protocol` does no I/O, hence
+//! this crate.
+
+#![forbid(unsafe_code)]
+
+mod connector;
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures::StreamExt as _;
+use jid::{FullJid, Jid};
+use rand::Rng as _;
+use sasl::common::Credentials;
+use tokio::sync::{mpsc, oneshot};
+use tokio_xmpp::parsers::ns;
+use tokio_xmpp::stanzastream::{
+    Connection as RawConnection, Event, StanzaStream, StanzaToken, StreamEvent,
+};
+use tokio_xmpp::xmlstream::{StreamHeader, Timeouts};
+use tokio_xmpp::Stanza;
+
+pub use connector::{PlainConnector, StartTlsConnector, Trust};
+pub use tokio_xmpp::stanzastream;
+
+/// How to secure the connection.
+#[derive(Debug, Clone)]
+pub enum Security {
+    /// STARTTLS, required, verifying the server certificate against `trust`.
+    StartTls {
+        /// Certificates to trust.
+        trust: Trust,
+        /// Offer `tls-exporter` channel binding (SCRAM-*-PLUS) to the server.
+        channel_binding: bool,
+    },
+    /// Plain TCP. Only for a server on a loopback address, unless `insecure` is set.
+    Plain {
+        /// Allow plain TCP to a non-loopback address (credentials then travel in clear).
+        insecure: bool,
+    },
+}
+
+/// What [`connect`] needs.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// The account: a bare JID (the server picks a resource) or a full JID (asks for one).
+    pub jid: Jid,
+    /// The account's password.
+    pub password: String,
+    /// Where the server listens.
+    pub addr: SocketAddr,
+    /// TLS or not.
+    pub security: Security,
+    /// Read timeouts of the stream (silence before a keepalive, then before giving up).
+    pub timeouts: Timeouts,
+    /// Stanzas buffered between the connection worker and the owner.
+    pub queue_depth: usize,
+}
+
+impl ConnectOptions {
+    /// Options with STARTTLS required and the given trust, tight timeouts.
+    pub fn new(
+        jid: Jid,
+        password: impl Into<String>,
+        addr: SocketAddr,
+        security: Security,
+    ) -> Self {
+        ConnectOptions {
+            jid,
+            password: password.into(),
+            addr,
+            security,
+            timeouts: Timeouts::tight(),
+            queue_depth: 256,
+        }
+    }
+}
+
+/// Why a connection could not be established.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The server refused the credentials.
+    #[error("login as {jid} refused by the server: {detail}")]
+    Auth {
+        /// The account.
+        jid: Jid,
+        /// The server's reason.
+        detail: String,
+    },
+    /// The JID cannot log in (it needs a local part).
+    #[error("{0} cannot log in: the JID needs a user part (user@domain)")]
+    NoUser(Jid),
+    /// Plain TCP to a non-loopback address without `insecure`.
+    #[error(
+        "refusing plain TCP to {0}: not a loopback address (use TLS, or set insecure explicitly)"
+    )]
+    PlainNotAllowed(SocketAddr),
+    /// TCP, TLS or stream negotiation failed.
+    #[error("cannot connect to {addr}: {detail}")]
+    Connect {
+        /// The server address.
+        addr: SocketAddr,
+        /// What failed.
+        detail: String,
+    },
+    /// The server answered but did not bind a session.
+    #[error("connected to {addr} but no session was bound: {detail}")]
+    Bind {
+        /// The server address.
+        addr: SocketAddr,
+        /// What happened instead.
+        detail: String,
+    },
+}
+
+/// Health of the connection after the first login, reported by the reconnector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Status {
+    /// A reconnect attempt failed; the next one follows after `retry_in`.
+    ReconnectFailed {
+        /// What failed.
+        error: String,
+        /// Whether the server refused the credentials (retrying is unlikely to help).
+        auth: bool,
+        /// Delay before the next attempt.
+        retry_in: Duration,
+    },
+}
+
+/// An established client connection.
+///
+/// Poll [`Connection::next`] continuously (the worker stalls when its event queue is full).
+pub struct Connection {
+    stream: StanzaStream,
+    bound: FullJid,
+    status: mpsc::UnboundedReceiver<Status>,
+}
+
+/// First delay of the reconnect backoff.
+const BACKOFF_START: Duration = Duration::from_millis(250);
+/// Largest delay of the reconnect backoff.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Connects and authenticates (no bind: the stanza stream binds). tokio-xmpp keeps its own
+/// `client_auth` private; this is the same sequence around its public `auth`.
+async fn authenticate<C: tokio_xmpp::connect::ServerConnector>(
+    connector: C,
+    opts: &ConnectOptions,
+) -> Result<RawConnection, tokio_xmpp::Error> {
+    let user = opts
+        .jid
+        .node()
+        .map(|n| n.as_str().to_owned())
+        .unwrap_or_default();
+    let (pending, binding) = connector
+        .connect(&opts.jid, ns::JABBER_CLIENT, opts.timeouts)
+        .await?;
+    let (features, stream) = pending.recv_features().await?;
+    let creds = Credentials::default()
+        .with_username(user)
+        .with_password(opts.password.clone())
+        .with_channel_binding(binding);
+    let stream = tokio_xmpp::client_login(stream, features.sasl_mechanisms, creds).await?;
+    let header = StreamHeader {
+        to: Some(Cow::Owned(opts.jid.domain().as_str().to_owned())),
+        from: None,
+        id: None,
+    };
+    let (features, stream) = stream.send_header(header).await?.recv_features().await?;
+    Ok(RawConnection {
+        stream: stream.box_stream(),
+        features,
+        identity: opts.jid.clone(),
+    })
+}
+
+async fn login<C: tokio_xmpp::connect::ServerConnector>(
+    connector: C,
+    opts: &ConnectOptions,
+) -> Result<RawConnection, ConnectError> {
+    authenticate(connector, opts).await.map_err(|e| match e {
+        tokio_xmpp::Error::Auth(a) => ConnectError::Auth {
+            jid: opts.jid.clone(),
+            detail: a.to_string(),
+        },
+        other => ConnectError::Connect {
+            addr: opts.addr,
+            detail: other.to_string(),
+        },
+    })
+}
+
+fn backoff(attempt: u32) -> Duration {
+    let base = BACKOFF_START
+        .saturating_mul(1u32 << attempt.min(8))
+        .min(BACKOFF_MAX);
+    // Full jitter in [base/2, base]: agents that lost the same server do not return in step.
+    let half = base / 2;
+    half + Duration::from_millis(rand::rng().random_range(0..=half.as_millis() as u64))
+}
+
+/// Logs in once (so bad credentials or an unreachable server are an error here), then keeps
+/// the connection up with automatic reconnects.
+pub async fn connect(opts: ConnectOptions) -> Result<Connection, ConnectError> {
+    if opts.jid.node().is_none() {
+        return Err(ConnectError::NoUser(opts.jid.clone()));
+    }
+    match &opts.security {
+        Security::Plain { insecure: false } if !opts.addr.ip().is_loopback() => {
+            Err(ConnectError::PlainNotAllowed(opts.addr))
+        }
+        Security::Plain { .. } => start(PlainConnector { addr: opts.addr }, opts).await,
+        Security::StartTls {
+            trust,
+            channel_binding,
+        } => {
+            let c =
+                StartTlsConnector::new(opts.addr, trust, *channel_binding).map_err(|detail| {
+                    ConnectError::Connect {
+                        addr: opts.addr,
+                        detail,
+                    }
+                })?;
+            start(c, opts).await
+        }
+    }
+}
+
+async fn start<C: tokio_xmpp::connect::ServerConnector>(
+    connector: C,
+    opts: ConnectOptions,
+) -> Result<Connection, ConnectError> {
+    let first = login(connector.clone(), &opts).await?;
+    let (status_tx, status) = mpsc::unbounded_channel();
+    let mut first = Some(first);
+    let reconnect_opts = opts.clone();
+    let reconnector = Box::new(
+        move |_location: Option<String>, slot: oneshot::Sender<RawConnection>| {
+            if let Some(conn) = first.take() {
+                let _ = slot.send(conn);
+                return;
+            }
+            let connector = connector.clone();
+            let opts = reconnect_opts.clone();
+            let status_tx = status_tx.clone();
+            tokio::spawn(async move {
+                let mut attempt = 0u32;
+                loop {
+                    match login(connector.clone(), &opts).await {
+                        Ok(conn) => {
+                            tracing::info!(jid = %opts.jid, "reconnected");
+                            let _ = slot.send(conn);
+                            return;
+                        }
+                        Err(e) => {
+                            let retry_in = backoff(attempt);
+                            attempt = attempt.saturating_add(1);
+                            let auth = matches!(e, ConnectError::Auth { .. });
+                            tracing::warn!(jid = %opts.jid, "reconnect failed: {e}; next attempt in {retry_in:?}");
+                            if status_tx
+                                .send(Status::ReconnectFailed {
+                                    error: e.to_string(),
+                                    auth,
+                                    retry_in,
+                                })
+                                .is_err()
+                                || slot.is_closed()
+                            {
+                                return; // the owner is gone
+                            }
+                            tokio::time::sleep(retry_in).await;
+                        }
+                    }
+                }
+            });
+        },
+    );
+    let mut stream = StanzaStream::new(reconnector, opts.queue_depth);
+    // The first event is the bind of the connection made above.
+    let bound = loop {
+        match tokio::time::timeout(opts.timeouts.read_timeout, stream.next()).await {
+            Ok(Some(Event::Stream(StreamEvent::Reset { bound_jid, .. }))) => {
+                break bound_jid.try_into_full().map_err(|j| ConnectError::Bind {
+                    addr: opts.addr,
+                    detail: format!("server bound a bare JID {j}"),
+                })?
+            }
+            Ok(Some(other)) => tracing::debug!("event before bind: {other:?}"),
+            Ok(None) => {
+                return Err(ConnectError::Bind {
+                    addr: opts.addr,
+                    detail: "stream closed".into(),
+                })
+            }
+            Err(_) => {
+                return Err(ConnectError::Bind {
+                    addr: opts.addr,
+                    detail: "no bind within the read timeout".into(),
+                })
+            }
+        }
+    };
+    Ok(Connection {
+        stream,
+        bound,
+        status,
+    })
+}
+
+impl Connection {
+    /// The full JID the server bound (changes after a reconnect: see [`StreamEvent::Reset`]).
+    pub fn jid(&self) -> &FullJid {
+        &self.bound
+    }
+
+    /// The next event: a stanza, or a stream reset/suspension/resumption.
+    ///
+    /// Cancellation-safe (a `select!` branch that loses loses nothing).
+    pub async fn next(&mut self) -> Option<Event> {
+        let ev = self.stream.next().await;
+        if let Some(Event::Stream(StreamEvent::Reset { bound_jid, .. })) = &ev {
+            if let Ok(full) = bound_jid.clone().try_into_full() {
+                self.bound = full;
+            }
+        }
+        ev
+    }
+
+    /// Queues a stanza for sending; waits only for queue space.
+    pub async fn send(&self, stanza: impl Into<Stanza>) -> StanzaToken {
+        self.stream.send(Box::new(stanza.into())).await
+    }
+
+    /// Reconnect failures since the last call (non-blocking).
+    pub fn status(&mut self) -> Option<Status> {
+        self.status.try_recv().ok()
+    }
+
+    /// Waits for the next reconnect status report.
+    pub async fn next_status(&mut self) -> Option<Status> {
+        self.status.recv().await
+    }
+
+    /// Closes the stream cleanly (stream footer, then TCP close).
+    pub async fn close(self) {
+        self.stream.close().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_caps() {
+        for attempt in 0..20 {
+            let d = backoff(attempt);
+            let base = BACKOFF_START
+                .saturating_mul(1u32 << attempt.min(8))
+                .min(BACKOFF_MAX);
+            assert!(
+                d >= base / 2 && d <= base,
+                "attempt {attempt}: {d:?} outside [{:?}, {base:?}]",
+                base / 2
+            );
+        }
+        assert!(backoff(30) <= BACKOFF_MAX);
+    }
+}

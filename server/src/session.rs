@@ -1,0 +1,1061 @@
+//! One client connection, from TCP accept to close: stream negotiation (STARTTLS, SASL,
+//! resource binding), then the stanza loop that stamps `from`, routes, answers what the server
+//! itself handles and tracks directed presence so that `unavailable` reaches every recipient
+//! when the session ends (RFC 6121 §4.6.3).
+//!
+//! Each connection is one task that owns its XML stream; other sessions reach it only through
+//! its `Outbound` queue (see `router`).
+
+use std::borrow::Cow;
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use jid::{BareJid, FullJid, Jid};
+use rand::Rng as _;
+use tokio::io::BufStream;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio_xmpp::xmlstream::{
+    accept_stream, AcceptedStream, FallibleStreamElement, ReadError, StreamElementError,
+    StreamHeader, Timeouts, XmlStream, XmppStreamElement,
+};
+use tracing::{debug, info, warn};
+use xmpp_parsers::bind::{BindFeature, BindQuery, BindResponse};
+use xmpp_parsers::disco::{DiscoInfoQuery, DiscoInfoResult, Identity};
+use xmpp_parsers::iq::Iq;
+use xmpp_parsers::message::{Message, MessageType};
+use xmpp_parsers::ns;
+use xmpp_parsers::ping::Ping;
+use xmpp_parsers::presence::{Presence, Type as PresenceType};
+use xmpp_parsers::roster::Roster;
+use xmpp_parsers::sasl::{self, Mechanism};
+use xmpp_parsers::stanza::Stanza;
+use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+use xmpp_parsers::starttls::{self, StartTls};
+use xmpp_parsers::stream_error::{DefinedCondition as StreamCondition, StreamError};
+use xmpp_parsers::stream_features::StreamFeatures;
+
+use crate::io::{Limited, StanzaMeter, Transport};
+use crate::router::{Delivery, Outbound};
+use crate::scram::{Binding, Hash, ScramServer};
+use crate::Shared;
+
+type Io = BufStream<Limited>;
+type Negotiating = XmlStream<Io, XmppStreamElement>;
+type Established = XmlStream<Io, FallibleStreamElement>;
+
+/// Failed SASL attempts allowed on one connection.
+const MAX_AUTH_ATTEMPTS: usize = 3;
+/// Time allowed to write a batch of stanzas or a closing stream error.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+/// Most queued stanzas written before the next flush.
+const WRITE_BATCH: usize = 64;
+
+/// Why negotiation ended without a session. Logged, never sent as such.
+#[derive(Debug, thiserror::Error)]
+enum NegotiationError {
+    #[error("I/O: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("read: {0}")]
+    Read(#[from] ReadError),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("closed by the client")]
+    Closed,
+}
+
+fn stream_error(condition: StreamCondition, text: &str) -> StreamError {
+    let mut e = StreamError {
+        condition,
+        texts: Default::default(),
+        application_specific: Vec::new(),
+    };
+    if !text.is_empty() {
+        e.texts.insert(Default::default(), text.to_owned());
+    }
+    e
+}
+
+fn new_id() -> String {
+    format!("{:016x}", rand::rng().random::<u64>())
+}
+
+fn timeouts(shared: &Shared) -> Timeouts {
+    Timeouts {
+        read_timeout: shared.cfg.idle_timeout,
+        response_timeout: shared.cfg.ping_timeout,
+    }
+}
+
+/// Runs one connection to its end. Errors are logged here; nothing propagates.
+pub(crate) async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        debug!(%peer, "set_nodelay failed: {e}");
+    }
+    let login = tokio::time::timeout(shared.cfg.login_timeout, negotiate(&shared, tcp, peer)).await;
+    let (xs, me, meter) = match login {
+        Ok(Ok(v)) => v,
+        Ok(Err(NegotiationError::Closed)) => {
+            debug!(%peer, "closed during negotiation");
+            return;
+        }
+        Ok(Err(e)) => {
+            info!(%peer, "connection rejected: {e}");
+            return;
+        }
+        Err(_) => {
+            info!(%peer, "login timed out after {:?}", shared.cfg.login_timeout);
+            return;
+        }
+    };
+    let (session, rx) = Session::new(shared, me, peer, meter);
+    session.run(xs, rx).await;
+}
+
+/// Sends the features; returns the stream ready to read from.
+async fn send_features<T: xso::FromXml>(
+    acc: AcceptedStream<Io>,
+    shared: &Shared,
+    feats: &StreamFeatures,
+) -> Result<XmlStream<Io, T>, NegotiationError> {
+    let mut acc = acc;
+    let header = acc.take_header();
+    let domain = shared.cfg.domain.as_str();
+    let to_ok = header
+        .to
+        .as_deref()
+        .is_some_and(|t| t.eq_ignore_ascii_case(domain));
+    let reply = StreamHeader {
+        from: Some(Cow::Borrowed(domain)),
+        to: None,
+        id: Some(Cow::Owned(new_id())),
+    };
+    let pending = acc.send_header(reply).await?;
+    if !to_ok {
+        let got = header.to.as_deref().unwrap_or("(none)").to_owned();
+        pending
+            .send_error(&stream_error(
+                StreamCondition::HostUnknown,
+                &format!("this server serves '{domain}'"),
+            ))
+            .await?;
+        return Err(NegotiationError::Protocol(format!(
+            "stream to unknown host '{got}'"
+        )));
+    }
+    Ok(pending.send_features(feats).await?)
+}
+
+async fn next_element(xs: &mut Negotiating) -> Result<XmppStreamElement, NegotiationError> {
+    loop {
+        match xs.next().await {
+            Some(Ok(el)) => return Ok(el),
+            // A soft timeout during login is handled by the login timeout.
+            Some(Err(ReadError::SoftTimeout)) => continue,
+            Some(Err(ReadError::StreamFooterReceived)) | None => {
+                return Err(NegotiationError::Closed)
+            }
+            Some(Err(e)) => return Err(e.into()),
+        }
+    }
+}
+
+async fn close_with(xs: &mut Negotiating, condition: StreamCondition, text: &str) {
+    let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+        xs.send(&stream_error(condition, text)).await?;
+        xs.shutdown().await
+    })
+    .await;
+}
+
+fn sasl_failure(condition: sasl::DefinedCondition) -> XmppStreamElement {
+    XmppStreamElement::Sasl(sasl::Nonza::Failure(sasl::Failure {
+        defined_condition: condition,
+        texts: Default::default(),
+    }))
+}
+
+/// STARTTLS, SASL and resource binding. Returns the established stream and the bound JID.
+async fn negotiate(
+    shared: &Shared,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Result<(Established, FullJid, Arc<StanzaMeter>), NegotiationError> {
+    let local = crate::config::ServerConfig::is_local(&peer);
+    let meter = Arc::new(StanzaMeter::default());
+    let limit = shared.cfg.max_stanza_size.as_u64();
+    let rate = if local {
+        None
+    } else {
+        shared.cfg.rate_limit.0.map(|b| b.as_u64())
+    };
+    let wrap = |t: Transport| BufStream::new(Limited::new(t, meter.clone(), limit, rate));
+    let mut io = wrap(Transport::Plain(tcp));
+    let mut tls_exporter: Option<Vec<u8>> = None;
+    let mut tls = false;
+
+    // Streams before authentication: restarted after STARTTLS.
+    let user = 'stream: loop {
+        let acc = accept_stream(io, ns::JABBER_CLIENT, timeouts(shared)).await?;
+        let mut feats = StreamFeatures::default();
+        let sasl_allowed = tls || local;
+        if !tls {
+            feats.starttls = Some(StartTls { required: !local });
+        }
+        if sasl_allowed {
+            feats.sasl_mechanisms = offered_mechanisms(tls, tls_exporter.is_some());
+        }
+        let mut xs: Negotiating = send_features(acc, shared, &feats).await?;
+        let mut attempts = 0;
+        loop {
+            match next_element(&mut xs).await? {
+                XmppStreamElement::Starttls(starttls::Nonza::Request(_)) if !tls => {
+                    xs.send(&XmppStreamElement::Starttls(starttls::Nonza::Proceed(
+                        starttls::Proceed,
+                    )))
+                    .await?;
+                    // The client sends nothing after <starttls/> until it has read <proceed/>,
+                    // so the read buffer is empty here.
+                    let Transport::Plain(tcp) = xs.into_inner().into_inner().into_inner() else {
+                        return Err(NegotiationError::Protocol(
+                            "STARTTLS on a TLS stream".into(),
+                        ));
+                    };
+                    let stream = shared
+                        .tls
+                        .accept(tcp)
+                        .await
+                        .map_err(NegotiationError::Tls)?;
+                    let conn = stream.get_ref().1;
+                    if conn.protocol_version()
+                        == Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_3)
+                    {
+                        tls_exporter = conn
+                            .export_keying_material(
+                                vec![0u8; 32],
+                                b"EXPORTER-Channel-Binding",
+                                None,
+                            )
+                            .ok();
+                    }
+                    tls = true;
+                    io = wrap(Transport::Tls(Box::new(stream)));
+                    continue 'stream;
+                }
+                XmppStreamElement::Sasl(sasl::Nonza::Auth(auth)) => {
+                    if !sasl_allowed {
+                        xs.send(&sasl_failure(sasl::DefinedCondition::EncryptionRequired))
+                            .await?;
+                        close_with(
+                            &mut xs,
+                            StreamCondition::PolicyViolation,
+                            "STARTTLS is required before authentication",
+                        )
+                        .await;
+                        return Err(NegotiationError::Protocol(
+                            "SASL before STARTTLS from a remote address".into(),
+                        ));
+                    }
+                    attempts += 1;
+                    match authenticate(shared, &mut xs, auth, tls, tls_exporter.as_deref()).await? {
+                        Ok((user, success)) => {
+                            info!(%peer, user = %user, tls, "authenticated");
+                            let barrier =
+                                XmppStreamElement::Sasl(sasl::Nonza::Success(sasl::Success {
+                                    data: success,
+                                }));
+                            let acc = xs.accept_reset(&barrier).await?;
+                            break 'stream (user, acc);
+                        }
+                        Err(reason) => {
+                            // Never log the password or the SASL data.
+                            warn!(%peer, "authentication failed: {reason}");
+                            xs.send(&sasl_failure(sasl::DefinedCondition::NotAuthorized))
+                                .await?;
+                            if attempts >= MAX_AUTH_ATTEMPTS {
+                                close_with(
+                                    &mut xs,
+                                    StreamCondition::PolicyViolation,
+                                    "too many failed authentication attempts",
+                                )
+                                .await;
+                                return Err(NegotiationError::Protocol(
+                                    "too many failed authentication attempts".into(),
+                                ));
+                            }
+                        }
+                    }
+                }
+                other => {
+                    close_with(
+                        &mut xs,
+                        StreamCondition::NotAuthorized,
+                        "authenticate first",
+                    )
+                    .await;
+                    return Err(NegotiationError::Protocol(format!(
+                        "unexpected element before authentication: {}",
+                        element_name(&other)
+                    )));
+                }
+            }
+        }
+    };
+    let (user, acc) = user;
+
+    // After SASL: bind a resource.
+    let feats = StreamFeatures {
+        bind: Some(BindFeature { required: true }),
+        ..Default::default()
+    };
+    let mut xs: Established = send_features(acc, shared, &feats).await?;
+    let bare = BareJid::new(&format!("{user}@{}", shared.cfg.domain)).map_err(|e| {
+        NegotiationError::Protocol(format!("user '{user}' makes no valid JID: {e}"))
+    })?;
+    loop {
+        let el = match xs.next().await {
+            Some(Ok(FallibleStreamElement::Ok(el))) => el,
+            Some(Ok(FallibleStreamElement::Err(e))) => {
+                return Err(NegotiationError::Protocol(format!(
+                    "invalid element before bind: {e}"
+                )))
+            }
+            Some(Err(ReadError::SoftTimeout)) => continue,
+            Some(Err(ReadError::StreamFooterReceived)) | None => {
+                return Err(NegotiationError::Closed)
+            }
+            Some(Err(e)) => return Err(e.into()),
+        };
+        match el {
+            XmppStreamElement::Stanza(Stanza::Iq(Iq::Set { id, payload, .. }))
+                if payload.is("bind", ns::BIND) =>
+            {
+                let requested = BindQuery::try_from(payload).ok().and_then(|q| q.resource);
+                let resource = match requested.filter(|r| !r.is_empty()) {
+                    Some(r) => r,
+                    None => format!("spine-{}", new_id()),
+                };
+                let full = match bare.with_resource_str(&resource) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        let err = StanzaError::new(
+                            ErrorType::Modify,
+                            DefinedCondition::BadRequest,
+                            "en",
+                            format!("invalid resource: {e}"),
+                        );
+                        xs.send(&XmppStreamElement::Stanza(Iq::from_error(id, err).into()))
+                            .await?;
+                        continue;
+                    }
+                };
+                xs.send(&XmppStreamElement::Stanza(
+                    Iq::from_result(id, Some(BindResponse { jid: full.clone() })).into(),
+                ))
+                .await?;
+                return Ok((xs, full, meter));
+            }
+            // Legacy RFC 3921 session establishment some clients still send.
+            XmppStreamElement::Stanza(Stanza::Iq(Iq::Set { id, payload, .. }))
+                if payload.is("session", "urn:ietf:params:xml:ns:xmpp-session") =>
+            {
+                xs.send(&XmppStreamElement::Stanza(
+                    Iq::empty_result(bare.clone().into(), id).into(),
+                ))
+                .await?;
+            }
+            other => {
+                let _ = xs
+                    .send(&stream_error(
+                        StreamCondition::NotAuthorized,
+                        "bind a resource first",
+                    ))
+                    .await;
+                let _ = xs.shutdown().await;
+                return Err(NegotiationError::Protocol(format!(
+                    "unexpected element before bind: {}",
+                    element_name(&other)
+                )));
+            }
+        }
+    }
+}
+
+fn element_name(el: &XmppStreamElement) -> &'static str {
+    match el {
+        XmppStreamElement::Stanza(Stanza::Iq(_)) => "iq",
+        XmppStreamElement::Stanza(Stanza::Message(_)) => "message",
+        XmppStreamElement::Stanza(Stanza::Presence(_)) => "presence",
+        XmppStreamElement::Sasl(_) => "SASL element",
+        XmppStreamElement::Starttls(_) => "STARTTLS element",
+        XmppStreamElement::ComponentHandshake(_) => "component handshake",
+        XmppStreamElement::StreamError(_) => "stream error",
+        XmppStreamElement::SM(_) => "stream management element",
+    }
+}
+
+/// SASL mechanisms offered on a connection. PLAIN only over TLS or on loopback (the caller
+/// offers SASL at all only then); -PLUS only with TLS 1.3 exporter binding.
+fn offered_mechanisms(tls: bool, exporter: bool) -> std::collections::BTreeSet<String> {
+    let mut m: std::collections::BTreeSet<String> = ["SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"]
+        .into_iter()
+        .map(str::to_owned)
+        .collect();
+    if tls && exporter {
+        m.insert("SCRAM-SHA-256-PLUS".to_owned());
+        m.insert("SCRAM-SHA-1-PLUS".to_owned());
+    }
+    m
+}
+
+/// Runs one SASL exchange. Outer error: connection trouble; inner error: authentication failed
+/// (with the reason for the log).
+async fn authenticate(
+    shared: &Shared,
+    xs: &mut Negotiating,
+    auth: sasl::Auth,
+    tls: bool,
+    exporter: Option<&[u8]>,
+) -> Result<Result<(String, Vec<u8>), String>, NegotiationError> {
+    let binding = match exporter {
+        Some(e) => Binding::TlsExporter(e.to_vec()),
+        None => Binding::NotOffered,
+    };
+    let (hash, plus) = match auth.mechanism {
+        Mechanism::Plain => {
+            return Ok(check_plain(shared, &auth.data));
+        }
+        Mechanism::ScramSha256 => (Hash::Sha256, false),
+        Mechanism::ScramSha1 => (Hash::Sha1, false),
+        Mechanism::ScramSha256Plus if tls && exporter.is_some() => (Hash::Sha256, true),
+        Mechanism::ScramSha1Plus if tls && exporter.is_some() => (Hash::Sha1, true),
+        other => return Ok(Err(format!("mechanism {other:?} is not offered"))),
+    };
+    let user = match ScramServer::username_of(&auth.data) {
+        Ok(u) => u,
+        Err(e) => return Ok(Err(e.to_string())),
+    };
+    let (keys, known) = match shared.accounts.scram_keys(&user, hash) {
+        Some(k) => (k, true),
+        None => (shared.accounts.decoy_keys(&user, hash), false),
+    };
+    let nonce: String = rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(24)
+        .map(char::from)
+        .collect();
+    let (server, first) = match ScramServer::start(hash, plus, &binding, &auth.data, keys, &nonce) {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(format!("user '{user}': {e}"))),
+    };
+    xs.send(&XmppStreamElement::Sasl(sasl::Nonza::Challenge(
+        sasl::Challenge { data: first },
+    )))
+    .await?;
+    let response = match next_element(xs).await? {
+        XmppStreamElement::Sasl(sasl::Nonza::Response(r)) => r.data,
+        XmppStreamElement::Sasl(sasl::Nonza::Abort(_)) => {
+            return Ok(Err(format!("user '{user}': client aborted")))
+        }
+        other => {
+            return Err(NegotiationError::Protocol(format!(
+                "expected a SASL response, got {}",
+                element_name(&other)
+            )))
+        }
+    };
+    match server.finish(&response) {
+        Ok(fin) if known => Ok(Ok((user, fin))),
+        Ok(_) => Ok(Err(format!("unknown user '{user}'"))),
+        Err(e) if !known => Ok(Err(format!("unknown user '{user}' ({e})"))),
+        Err(e) => Ok(Err(format!("user '{user}': {e}"))),
+    }
+}
+
+fn check_plain(shared: &Shared, data: &[u8]) -> Result<(String, Vec<u8>), String> {
+    let mut parts = data.split(|b| *b == 0);
+    let (Some(authz), Some(user), Some(pw), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err("malformed PLAIN message".into());
+    };
+    let (Ok(user), Ok(pw), Ok(authz)) = (
+        std::str::from_utf8(user),
+        std::str::from_utf8(pw),
+        std::str::from_utf8(authz),
+    ) else {
+        return Err("PLAIN message is not UTF-8".into());
+    };
+    if !authz.is_empty() && authz != user && !authz.starts_with(&format!("{user}@")) {
+        return Err(format!("user '{user}' may not act as '{authz}'"));
+    }
+    if shared.accounts.check_password(user, pw) {
+        Ok((user.to_owned(), Vec::new()))
+    } else {
+        Err(format!("wrong password or unknown user '{user}' (PLAIN)"))
+    }
+}
+
+/// A bound session's state.
+struct Session {
+    shared: Arc<Shared>,
+    me: FullJid,
+    conn: u64,
+    peer: SocketAddr,
+    meter: Arc<StanzaMeter>,
+    /// Everyone this session sent available directed presence to.
+    directed: HashSet<Jid>,
+    /// Sent initial presence.
+    available: bool,
+    /// Id of the server's keepalive ping in flight.
+    ping_id: Option<String>,
+}
+
+impl Session {
+    fn new(
+        shared: Arc<Shared>,
+        me: FullJid,
+        peer: SocketAddr,
+        meter: Arc<StanzaMeter>,
+    ) -> (Self, mpsc::Receiver<Outbound>) {
+        let (tx, rx) = mpsc::channel(shared.cfg.outbound_queue);
+        let conn = shared.router.new_conn();
+        if let Some(old) = shared.router.bind(&me, conn, tx) {
+            info!(jid = %me, "resource conflict: closing the older session");
+            let _ = old.try_send(Outbound::Close(stream_error(
+                StreamCondition::Conflict,
+                "replaced by a newer session",
+            )));
+        }
+        info!(jid = %me, %peer, "session bound");
+        (
+            Session {
+                shared,
+                me,
+                conn,
+                peer,
+                meter,
+                directed: HashSet::new(),
+                available: false,
+                ping_id: None,
+            },
+            rx,
+        )
+    }
+
+    async fn run(mut self, mut xs: Established, mut rx: mpsc::Receiver<Outbound>) {
+        let mut shutdown = self.shared.shutdown.clone();
+        let reason: Option<StreamError> = loop {
+            tokio::select! {
+                // Cancellation safety: `changed`, `recv` and `XmlStream::next` keep their
+                // progress in the objects they borrow, so a branch that loses the race loses
+                // nothing; the partially parsed element stays inside `xs`.
+                _ = shutdown.changed() => {
+                    break Some(stream_error(StreamCondition::SystemShutdown, "server shutting down"));
+                }
+                out = rx.recv() => {
+                    let Some(out) = out else { break None };
+                    match self.write_batch(&mut xs, out, &mut rx).await {
+                        Ok(None) => {}
+                        Ok(Some(err)) => break Some(err),
+                        Err(e) => {
+                            debug!(jid = %self.me, "write failed: {e}");
+                            break None;
+                        }
+                    }
+                }
+                item = xs.next() => {
+                    match self.on_read(item) {
+                        Ok(Some(st)) => self.on_stanza(st),
+                        Ok(None) => {}
+                        Err(ReadOutcome::SoftTimeout) => {
+                            let id = new_id();
+                            let ping = Iq::from_get(id.clone(), Ping).with_from(Jid::from(self.shared.domain_jid.clone())).with_to(self.me.clone().into());
+                            self.ping_id = Some(id);
+                            if send_now(&mut xs, Stanza::Iq(ping)).await.is_err() {
+                                break None;
+                            }
+                        }
+                        Err(ReadOutcome::Close(e)) => break e,
+                    }
+                }
+            }
+        };
+        self.end(xs, reason).await;
+    }
+
+    /// Writes `first` and whatever else is queued (up to a batch), then flushes.
+    async fn write_batch(
+        &self,
+        xs: &mut Established,
+        first: Outbound,
+        rx: &mut mpsc::Receiver<Outbound>,
+    ) -> Result<Option<StreamError>, std::io::Error> {
+        let fut = async {
+            let mut next = Some(first);
+            let mut n = 0;
+            while let Some(out) = next.take() {
+                match out {
+                    Outbound::Stanza(st) => xs.feed(&XmppStreamElement::Stanza(*st)).await?,
+                    Outbound::Close(e) => {
+                        SinkExt::<&XmppStreamElement>::flush(xs).await?;
+                        return Ok(Some(e));
+                    }
+                }
+                n += 1;
+                if n < WRITE_BATCH {
+                    next = rx.try_recv().ok();
+                }
+            }
+            SinkExt::<&XmppStreamElement>::flush(xs).await?;
+            Ok(None)
+        };
+        match tokio::time::timeout(WRITE_TIMEOUT, fut).await {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "client does not read",
+            )),
+        }
+    }
+
+    /// Interprets one read result: a stanza to handle, nothing, or the end of the stream.
+    fn on_read(
+        &mut self,
+        item: Option<Result<FallibleStreamElement, ReadError>>,
+    ) -> Result<Option<Stanza>, ReadOutcome> {
+        match item {
+            Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(st)))) => {
+                self.meter.element_done();
+                Ok(Some(st))
+            }
+            Some(Ok(FallibleStreamElement::Ok(other))) => {
+                self.meter.element_done();
+                debug!(jid = %self.me, "ignoring {} after bind", element_name(&other));
+                Ok(None)
+            }
+            Some(Ok(FallibleStreamElement::Err(StreamElementError::InvalidStanza {
+                header,
+                error,
+                name,
+                ..
+            }))) => {
+                self.meter.element_done();
+                info!(jid = %self.me, "invalid stanza: {error}");
+                self.bounce_invalid(
+                    &format!("{name}"),
+                    header.type_.as_deref(),
+                    header.id,
+                    header.to,
+                    &error.to_string(),
+                );
+                Ok(None)
+            }
+            Some(Ok(FallibleStreamElement::Err(StreamElementError::InvalidNonza {
+                qname,
+                error,
+            }))) => {
+                self.meter.element_done();
+                info!(jid = %self.me, "invalid element {{{}}}{}: {error}", qname.0, qname.1);
+                Err(ReadOutcome::Close(Some(stream_error(
+                    StreamCondition::UnsupportedStanzaType,
+                    "invalid top-level element",
+                ))))
+            }
+            Some(Err(ReadError::SoftTimeout)) => {
+                if self.ping_id.is_some() {
+                    Ok(None)
+                } else {
+                    Err(ReadOutcome::SoftTimeout)
+                }
+            }
+            Some(Err(ReadError::ParseError(e))) => {
+                info!(jid = %self.me, "unsupported top-level element: {e}");
+                Err(ReadOutcome::Close(Some(stream_error(
+                    StreamCondition::UnsupportedStanzaType,
+                    "unknown top-level element",
+                ))))
+            }
+            Some(Err(ReadError::HardError(e))) => {
+                if self.meter.exceeded() {
+                    info!(jid = %self.me, "stanza over {} bytes: closing", self.shared.cfg.max_stanza_size);
+                    Err(ReadOutcome::Close(Some(stream_error(
+                        StreamCondition::PolicyViolation,
+                        &format!(
+                            "stanza larger than {} bytes",
+                            self.shared.cfg.max_stanza_size.as_u64()
+                        ),
+                    ))))
+                } else if e.kind() == std::io::ErrorKind::InvalidData {
+                    info!(jid = %self.me, "malformed XML: {e}");
+                    Err(ReadOutcome::Close(Some(stream_error(
+                        StreamCondition::NotWellFormed,
+                        &format!("malformed XML: {e}"),
+                    ))))
+                } else {
+                    debug!(jid = %self.me, "connection lost: {e}");
+                    Err(ReadOutcome::Close(None))
+                }
+            }
+            Some(Err(ReadError::StreamFooterReceived)) | None => Err(ReadOutcome::Close(None)),
+        }
+    }
+
+    /// Answers an unparseable IQ request or message with `bad-request`.
+    fn bounce_invalid(
+        &self,
+        kind: &str,
+        type_: Option<&str>,
+        id: Option<String>,
+        to: Option<String>,
+        why: &str,
+    ) {
+        let err = StanzaError::new(
+            ErrorType::Modify,
+            DefinedCondition::BadRequest,
+            "en",
+            format!("invalid stanza: {why}"),
+        );
+        let from = to.and_then(|t| Jid::new(&t).ok());
+        let st = match (kind, type_) {
+            ("iq", Some("get" | "set")) => {
+                let mut iq =
+                    Iq::from_error(id.unwrap_or_default(), err).with_to(self.me.clone().into());
+                if let Some(f) = from {
+                    iq = iq.with_from(f);
+                }
+                Stanza::Iq(iq)
+            }
+            ("message", t) if t != Some("error") => {
+                let mut m = Message::new(Some(self.me.clone().into()));
+                m.type_ = MessageType::Error;
+                m.id = id.map(xmpp_parsers::message::Id);
+                m.from = from;
+                m.payloads.push(err.into());
+                Stanza::Message(m)
+            }
+            _ => return,
+        };
+        let _ = self.shared.router.to_full(&self.me, st);
+    }
+
+    fn server_jid(&self) -> Jid {
+        Jid::from(self.shared.domain_jid.clone())
+    }
+
+    /// Handles one stanza from the client.
+    fn on_stanza(&mut self, mut st: Stanza) {
+        // RFC 6120 §8.1.2.1: the server stamps `from` with the full JID, whatever the client put.
+        let me: Jid = self.me.clone().into();
+        let to = match &mut st {
+            Stanza::Iq(iq) => {
+                *iq.from_mut() = Some(me.clone());
+                iq.to().cloned()
+            }
+            Stanza::Message(m) => {
+                m.from = Some(me.clone());
+                m.to.clone()
+            }
+            Stanza::Presence(p) => {
+                p.from = Some(me.clone());
+                p.to.clone()
+            }
+        };
+        if let Stanza::Iq(iq) = &st {
+            if matches!(iq, Iq::Result { .. } | Iq::Error { .. })
+                && self.ping_id.as_deref() == Some(iq.id())
+                && to
+                    .as_ref()
+                    .is_none_or(|t| t.as_str() == self.shared.cfg.domain)
+            {
+                self.ping_id = None;
+                return;
+            }
+        }
+        let domain = self.shared.cfg.domain.as_str();
+        match to {
+            None => self.for_server(st, true),
+            Some(t) if t.as_str() == domain => self.for_server(st, false),
+            Some(t) if t.domain().as_str() != domain => {
+                self.reply_error(
+                    &st,
+                    DefinedCondition::RemoteServerNotFound,
+                    ErrorType::Cancel,
+                    "this server does not federate",
+                    Some(t),
+                );
+            }
+            Some(t) => self.route(st, t),
+        }
+    }
+
+    /// Stanzas addressed to the server itself (or to no one).
+    fn for_server(&mut self, st: Stanza, no_to: bool) {
+        match st {
+            Stanza::Presence(p) if no_to => {
+                match p.type_ {
+                    PresenceType::None => {
+                        self.available = true;
+                        self.shared
+                            .router
+                            .set_available(&self.me, self.conn, true, p.priority.0);
+                    }
+                    PresenceType::Unavailable => {
+                        self.available = false;
+                        self.shared
+                            .router
+                            .set_available(&self.me, self.conn, false, p.priority.0);
+                        self.send_unavailable_to_directed();
+                    }
+                    // Subscriptions and probes need rosters, which this server does not keep.
+                    other => debug!(jid = %self.me, "ignoring presence of type {other:?}"),
+                }
+            }
+            Stanza::Presence(_) => {}
+            Stanza::Iq(Iq::Get { id, payload, .. }) => {
+                let reply = if payload.is("ping", ns::PING) {
+                    Some(Iq::empty_result(self.me.clone().into(), id.clone()))
+                } else if payload.is("query", ns::ROSTER) {
+                    Some(Iq::from_result(
+                        id.clone(),
+                        Some(Roster {
+                            ver: None,
+                            items: Vec::new(),
+                        }),
+                    ))
+                } else if payload.is("query", ns::DISCO_INFO)
+                    && DiscoInfoQuery::try_from(payload.clone()).is_ok_and(|q| q.node.is_none())
+                {
+                    Some(Iq::from_result(id.clone(), Some(self.server_disco())))
+                } else {
+                    None
+                };
+                let iq = reply.unwrap_or_else(|| {
+                    Iq::from_error(
+                        id,
+                        StanzaError::new(
+                            ErrorType::Cancel,
+                            DefinedCondition::ServiceUnavailable,
+                            "en",
+                            "not supported by this server",
+                        ),
+                    )
+                });
+                self.send_self(Stanza::Iq(
+                    iq.with_from(self.server_jid())
+                        .with_to(self.me.clone().into()),
+                ));
+            }
+            Stanza::Iq(Iq::Set { id, payload, .. }) => {
+                let iq = if payload.is("session", "urn:ietf:params:xml:ns:xmpp-session") {
+                    Iq::empty_result(self.me.clone().into(), id)
+                } else {
+                    Iq::from_error(
+                        id,
+                        StanzaError::new(
+                            ErrorType::Cancel,
+                            DefinedCondition::ServiceUnavailable,
+                            "en",
+                            "not supported by this server",
+                        ),
+                    )
+                };
+                self.send_self(Stanza::Iq(
+                    iq.with_from(self.server_jid())
+                        .with_to(self.me.clone().into()),
+                ));
+            }
+            Stanza::Iq(_) | Stanza::Message(_) => {}
+        }
+    }
+
+    fn server_disco(&self) -> DiscoInfoResult {
+        DiscoInfoResult {
+            node: None,
+            identities: vec![Identity::new(
+                "server",
+                "im",
+                "en",
+                "Spine embedded XMPP server",
+            )],
+            features: [ns::DISCO_INFO, ns::PING]
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
+            extensions: Vec::new(),
+        }
+    }
+
+    /// Routes a stanza to another local entity.
+    fn route(&mut self, st: Stanza, to: Jid) {
+        let router = &self.shared.router;
+        match (st, to.try_as_full()) {
+            (Stanza::Presence(p), full) => {
+                // Directed presence bookkeeping (RFC 6121 §4.6).
+                match p.type_ {
+                    PresenceType::None => {
+                        self.directed.insert(to.clone());
+                    }
+                    PresenceType::Unavailable => {
+                        self.directed.remove(&to);
+                    }
+                    _ => {}
+                }
+                let st = Stanza::Presence(p);
+                let _ = match full {
+                    Ok(f) => router.to_full(f, st),
+                    Err(_) => router.presence_to_bare(&to.to_bare(), st),
+                };
+            }
+            (Stanza::Iq(iq), Ok(full)) => {
+                let is_request = matches!(iq, Iq::Get { .. } | Iq::Set { .. });
+                let st = Stanza::Iq(iq);
+                match router.to_full(full, crate::router::clone_stanza(&st)) {
+                    Delivery::Delivered => {}
+                    Delivery::Offline if is_request => self.reply_error(
+                        &st,
+                        DefinedCondition::ServiceUnavailable,
+                        ErrorType::Cancel,
+                        "recipient is not online",
+                        Some(to),
+                    ),
+                    Delivery::Full if is_request => self.reply_error(
+                        &st,
+                        DefinedCondition::ResourceConstraint,
+                        ErrorType::Wait,
+                        "recipient's queue is full",
+                        Some(to),
+                    ),
+                    other => debug!(jid = %self.me, "IQ response to {to} dropped ({other:?})"),
+                }
+            }
+            (Stanza::Iq(iq), Err(_)) => {
+                // RFC 6121 §8.5.2.1.3: the server answers IQs to a bare JID on the account's
+                // behalf; it has no handlers for them.
+                if matches!(iq, Iq::Get { .. } | Iq::Set { .. }) {
+                    let st = Stanza::Iq(iq);
+                    self.reply_error(
+                        &st,
+                        DefinedCondition::ServiceUnavailable,
+                        ErrorType::Cancel,
+                        "no handler for IQs to a bare JID",
+                        Some(to),
+                    );
+                }
+            }
+            (Stanza::Message(m), full) => {
+                let is_error = m.type_ == MessageType::Error;
+                let headline = m.type_ == MessageType::Headline;
+                let st = Stanza::Message(m);
+                let delivery = match full {
+                    Ok(f) => match router.to_full(f, crate::router::clone_stanza(&st)) {
+                        // RFC 6121 §8.5.3.2.1: to an unavailable full JID, normal and chat go to
+                        // the bare JID; headlines are dropped.
+                        Delivery::Offline if !headline && !is_error => {
+                            router.message_to_bare(&to.to_bare(), crate::router::clone_stanza(&st))
+                        }
+                        d => d,
+                    },
+                    Err(_) => {
+                        router.message_to_bare(&to.to_bare(), crate::router::clone_stanza(&st))
+                    }
+                };
+                if delivery != Delivery::Delivered && !is_error && !headline {
+                    self.reply_error(
+                        &st,
+                        DefinedCondition::ServiceUnavailable,
+                        ErrorType::Cancel,
+                        "recipient is not online and messages are not stored",
+                        Some(to),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Sends an error reply to the client for its stanza `st` (never for an error stanza).
+    fn reply_error(
+        &self,
+        st: &Stanza,
+        cond: DefinedCondition,
+        type_: ErrorType,
+        text: &str,
+        from: Option<Jid>,
+    ) {
+        let err = StanzaError::new(type_, cond, "en", text);
+        let reply = match st {
+            Stanza::Iq(Iq::Get { id, .. } | Iq::Set { id, .. }) => {
+                let mut iq = Iq::from_error(id.clone(), err).with_to(self.me.clone().into());
+                if let Some(f) = from {
+                    iq = iq.with_from(f);
+                }
+                Stanza::Iq(iq)
+            }
+            Stanza::Message(m) if m.type_ != MessageType::Error => {
+                let mut r = Message::new(Some(self.me.clone().into()));
+                r.type_ = MessageType::Error;
+                r.id = m.id.clone();
+                r.from = from;
+                r.payloads.push(err.into());
+                Stanza::Message(r)
+            }
+            _ => return,
+        };
+        self.send_self(reply);
+    }
+
+    /// Queues a stanza for this session's own client.
+    fn send_self(&self, st: Stanza) {
+        if self.shared.router.to_full(&self.me, st) != Delivery::Delivered {
+            debug!(jid = %self.me, "own queue full or closed; reply dropped");
+        }
+    }
+
+    fn send_unavailable_to_directed(&mut self) {
+        for to in std::mem::take(&mut self.directed) {
+            let p = Presence::new(PresenceType::Unavailable)
+                .with_from(self.me.clone())
+                .with_to(to.clone());
+            let st = Stanza::Presence(p);
+            let _ = match to.try_as_full() {
+                Ok(f) => self.shared.router.to_full(f, st),
+                Err(_) => self.shared.router.presence_to_bare(&to.to_bare(), st),
+            };
+        }
+    }
+
+    /// Unregisters, tells directed-presence recipients, closes the stream.
+    async fn end(mut self, mut xs: Established, reason: Option<StreamError>) {
+        self.shared.router.unbind(&self.me, self.conn);
+        self.send_unavailable_to_directed();
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+            if let Some(e) = &reason {
+                xs.send(e).await?;
+            }
+            xs.shutdown().await
+        })
+        .await;
+        info!(jid = %self.me, peer = %self.peer, reason = reason.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "closed".into()), "session ended");
+    }
+}
+
+enum ReadOutcome {
+    SoftTimeout,
+    Close(Option<StreamError>),
+}
+
+/// Writes one stanza and flushes (used for the keepalive ping).
+async fn send_now(xs: &mut Established, st: Stanza) -> Result<(), std::io::Error> {
+    match tokio::time::timeout(WRITE_TIMEOUT, xs.send(&XmppStreamElement::Stanza(st))).await {
+        Ok(r) => r,
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "write timed out",
+        )),
+    }
+}
