@@ -1,8 +1,11 @@
 //! `spine`: the one binary of Spine.
 //!
 //! Thin by design: it parses arguments, sets up logging and calls into the library crates.
-//! Today it offers `spine check`, which validates Spine stanzas against the wire protocol;
-//! the server, agent, dispatcher and `up` commands arrive with their crates.
+//! Today it offers `spine server` (the embedded XMPP server) and `spine check` (validates
+//! Spine stanzas against the wire protocol); the agent, dispatcher and `up` commands arrive
+//! with their crates.
+
+mod server;
 
 use std::io::Read as _;
 use std::path::PathBuf;
@@ -25,6 +28,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the embedded XMPP server (for one machine, a demo, or tests).
+    Server(server::ServerArgs),
     /// Check that an XML stanza or payload follows the Spine wire protocol (docs/PROTOCOL.md).
     ///
     /// Reads one XML element from FILE (or standard input with `-`): a stanza (`<iq>`,
@@ -41,6 +46,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { file } => check(&file),
+        Command::Server(args) => server::run(args).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

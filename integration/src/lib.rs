@@ -5,6 +5,9 @@
 //! must send what no well-behaved library sends: spoofed `from`, garbage bytes, oversized
 //! stanzas, or a socket dropped without a stream close.
 
+pub mod bench;
+pub mod prosody;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 

@@ -371,6 +371,28 @@ async fn server_answers_ping_disco_and_roster() {
 }
 
 #[tokio::test]
+async fn broadcast_presence_reaches_the_accounts_own_resources() {
+    let server = TestServer::start(USERS).await;
+    let mut bob = server.client("bob", "pw-bob").await;
+    let _other = RawClient::login(server.addr, &server.domain, "bob", "pw-bob", "second").await;
+    let from = expect_stanza(
+        &mut bob,
+        "presence of bob's other resource",
+        |st| match st {
+            Stanza::Presence(p)
+                if p.type_ == PresenceType::None
+                    && p.from.as_ref().map(|f| f.as_str()) == Some("bob@localhost/second") =>
+            {
+                Some(p.from)
+            }
+            _ => None,
+        },
+    )
+    .await;
+    assert!(from.is_some());
+}
+
+#[tokio::test]
 async fn shutdown_closes_every_stream_with_system_shutdown() {
     let server = TestServer::start(USERS).await;
     let mut raw = RawClient::login(server.addr, &server.domain, "alice", "pw-alice", "r").await;
@@ -422,4 +444,23 @@ fn rand_id() -> u128 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0)
+}
+
+/// The round-trip benchmark at tiny size, so it cannot rot (the real run is `xmpp-bench`).
+#[tokio::test]
+async fn roundtrip_benchmark_smoke() {
+    let server = TestServer::start(&[("bench-a", "pw-a"), ("bench-b", "pw-b")]).await;
+    let b = server.client("bench-b", "pw-b").await;
+    let to: Jid = b.jid().clone().into();
+    tokio::spawn(spine_integration::bench::responder(b));
+    let mut a = server.client("bench-a", "pw-a").await;
+    let seq = spine_integration::bench::measure(&mut a, &to, 50, 1)
+        .await
+        .expect("sequential");
+    let par = spine_integration::bench::measure(&mut a, &to, 200, 64)
+        .await
+        .expect("windowed");
+    assert_eq!((seq.n, par.n), (50, 200));
+    assert!(seq.p50 <= seq.p99 && par.p50 <= par.p99);
+    assert!(seq.per_sec > 0.0 && par.per_sec > 0.0);
 }

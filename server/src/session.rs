@@ -778,9 +778,20 @@ impl Session {
             }
         }
         let domain = self.shared.cfg.domain.as_str();
+        let own_bare = self.me.to_bare();
         match to {
-            None => self.for_server(st, true),
-            Some(t) if t.as_str() == domain => self.for_server(st, false),
+            // RFC 6120 §10.3: no 'to' means the account itself.
+            None => self.for_account(st),
+            Some(t) if t.as_str() == domain => self.for_domain(st),
+            // An IQ to the account's own bare JID is also for the server, on the account's
+            // behalf (RFC 6120 §10.3.3; RFC 6121 §8.5.2.1.3).
+            Some(t)
+                if matches!(st, Stanza::Iq(_))
+                    && t.try_as_full().is_err()
+                    && t.to_bare() == own_bare =>
+            {
+                self.for_account(st)
+            }
             Some(t) if t.domain().as_str() != domain => {
                 self.reply_error(
                     &st,
@@ -794,10 +805,13 @@ impl Session {
         }
     }
 
-    /// Stanzas addressed to the server itself (or to no one).
-    fn for_server(&mut self, st: Stanza, no_to: bool) {
+    /// Stanzas for the user's own account: broadcast presence, and the few IQs the server
+    /// answers on the account's behalf (replies come from the account's bare JID,
+    /// RFC 6120 §8.1.2.1).
+    fn for_account(&mut self, st: Stanza) {
+        let account: Jid = self.me.to_bare().into();
         match st {
-            Stanza::Presence(p) if no_to => {
+            Stanza::Presence(p) => {
                 match p.type_ {
                     PresenceType::None => {
                         self.available = true;
@@ -813,65 +827,79 @@ impl Session {
                         self.send_unavailable_to_directed();
                     }
                     // Subscriptions and probes need rosters, which this server does not keep.
-                    other => debug!(jid = %self.me, "ignoring presence of type {other:?}"),
+                    other => {
+                        debug!(jid = %self.me, "ignoring presence of type {other:?}");
+                        return;
+                    }
                 }
+                // RFC 6121 §4.2.2 / §4.5.2: broadcast presence reaches the account's own
+                // available resources, the sender included (there are no roster contacts).
+                let mut p = p;
+                p.to = Some(account.clone());
+                let _ = self
+                    .shared
+                    .router
+                    .presence_to_bare(&self.me.to_bare(), Stanza::Presence(p));
             }
-            Stanza::Presence(_) => {}
+            Stanza::Message(m) => {
+                // A message without 'to' is for the account: its available resources.
+                self.route(Stanza::Message(m), account);
+            }
             Stanza::Iq(Iq::Get { id, payload, .. }) => {
-                let reply = if payload.is("ping", ns::PING) {
-                    Some(Iq::empty_result(self.me.clone().into(), id.clone()))
+                let iq = if payload.is("ping", ns::PING) {
+                    Iq::empty_result(self.me.clone().into(), id)
                 } else if payload.is("query", ns::ROSTER) {
-                    Some(Iq::from_result(
-                        id.clone(),
+                    Iq::from_result(
+                        id,
                         Some(Roster {
                             ver: None,
                             items: Vec::new(),
                         }),
-                    ))
-                } else if payload.is("query", ns::DISCO_INFO)
-                    && DiscoInfoQuery::try_from(payload.clone()).is_ok_and(|q| q.node.is_none())
-                {
-                    Some(Iq::from_result(id.clone(), Some(self.server_disco())))
-                } else {
-                    None
-                };
-                let iq = reply.unwrap_or_else(|| {
-                    Iq::from_error(
-                        id,
-                        StanzaError::new(
-                            ErrorType::Cancel,
-                            DefinedCondition::ServiceUnavailable,
-                            "en",
-                            "not supported by this server",
-                        ),
                     )
-                });
+                } else {
+                    Iq::from_error(id, not_supported())
+                };
                 self.send_self(Stanza::Iq(
-                    iq.with_from(self.server_jid())
-                        .with_to(self.me.clone().into()),
+                    iq.with_from(account).with_to(self.me.clone().into()),
                 ));
             }
             Stanza::Iq(Iq::Set { id, payload, .. }) => {
                 let iq = if payload.is("session", "urn:ietf:params:xml:ns:xmpp-session") {
                     Iq::empty_result(self.me.clone().into(), id)
                 } else {
-                    Iq::from_error(
-                        id,
-                        StanzaError::new(
-                            ErrorType::Cancel,
-                            DefinedCondition::ServiceUnavailable,
-                            "en",
-                            "not supported by this server",
-                        ),
-                    )
+                    Iq::from_error(id, not_supported())
                 };
                 self.send_self(Stanza::Iq(
-                    iq.with_from(self.server_jid())
-                        .with_to(self.me.clone().into()),
+                    iq.with_from(account).with_to(self.me.clone().into()),
                 ));
             }
-            Stanza::Iq(_) | Stanza::Message(_) => {}
+            Stanza::Iq(_) => {}
         }
+    }
+
+    /// Stanzas for the server entity (the domain): XEP-0199 ping and XEP-0030 disco#info.
+    fn for_domain(&mut self, st: Stanza) {
+        let Stanza::Iq(iq) = st else { return };
+        let reply = match iq {
+            Iq::Get { id, payload, .. } => {
+                if payload.is("ping", ns::PING) {
+                    Iq::empty_result(self.me.clone().into(), id)
+                } else if payload.is("query", ns::DISCO_INFO)
+                    && DiscoInfoQuery::try_from(payload.clone()).is_ok_and(|q| q.node.is_none())
+                {
+                    Iq::from_result(id, Some(self.server_disco()))
+                } else {
+                    Iq::from_error(id, not_supported())
+                }
+            }
+            Iq::Set { id, .. } => Iq::from_error(id, not_supported()),
+            Iq::Result { .. } | Iq::Error { .. } => return,
+        };
+        self.send_self(Stanza::Iq(
+            reply
+                .with_from(self.server_jid())
+                .with_to(self.me.clone().into()),
+        ));
     }
 
     fn server_disco(&self) -> DiscoInfoResult {
@@ -1042,6 +1070,15 @@ impl Session {
         .await;
         info!(jid = %self.me, peer = %self.peer, reason = reason.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "closed".into()), "session ended");
     }
+}
+
+fn not_supported() -> StanzaError {
+    StanzaError::new(
+        ErrorType::Cancel,
+        DefinedCondition::ServiceUnavailable,
+        "en",
+        "not supported by this server",
+    )
 }
 
 enum ReadOutcome {
