@@ -201,3 +201,68 @@ impl AsyncWrite for Limited {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (a, b) = tokio::join!(TcpStream::connect(addr), l.accept());
+        (a.unwrap(), b.unwrap().0)
+    }
+
+    #[tokio::test]
+    async fn size_limit_fails_the_read_and_resets_per_element() {
+        let (mut tx, rx) = pair().await;
+        let meter = Arc::new(StanzaMeter::default());
+        let mut lim = Limited::new(Transport::Plain(rx), meter.clone(), 1000, None);
+        tx.write_all(&[b'x'; 900]).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let mut got = 0;
+        while got < 900 {
+            got += lim.read(&mut buf).await.unwrap();
+        }
+        meter.element_done();
+        tx.write_all(&[b'y'; 900]).await.unwrap();
+        let mut got = 0;
+        while got < 900 {
+            got += lim.read(&mut buf).await.unwrap();
+        }
+        assert!(!meter.exceeded(), "900 + 900 bytes with a reset between are within a 1000-byte limit");
+        tx.write_all(&[b'z'; 200]).await.unwrap();
+        let err = loop {
+            match lim.read(&mut buf).await {
+                Ok(_) => continue,
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        assert!(meter.exceeded());
+    }
+
+    /// Correctness of the token bucket, not a speed claim: reading 96 KiB at 32 KiB/s after a
+    /// 32 KiB burst cannot take less than 2 s, however fast or slow the machine is.
+    #[tokio::test]
+    async fn rate_limit_throttles_reads() {
+        let (mut tx, rx) = pair().await;
+        let meter = Arc::new(StanzaMeter::default());
+        let mut lim = Limited::new(Transport::Plain(rx), meter, u64::MAX, Some(32 * 1024));
+        let writer = tokio::spawn(async move {
+            tx.write_all(&vec![7u8; 96 * 1024]).await.unwrap();
+            tx
+        });
+        let t0 = Instant::now();
+        let mut buf = vec![0u8; 16 * 1024];
+        let mut got = 0;
+        while got < 96 * 1024 {
+            got += lim.read(&mut buf).await.unwrap();
+        }
+        let took = t0.elapsed();
+        assert!(took >= Duration::from_millis(1900), "96 KiB at 32 KiB/s took only {took:?}");
+        drop(writer.await.unwrap());
+    }
+}

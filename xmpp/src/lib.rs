@@ -30,6 +30,7 @@ use jid::{FullJid, Jid};
 use rand::Rng as _;
 use sasl::common::Credentials;
 use tokio::sync::{mpsc, oneshot};
+use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::ns;
 use tokio_xmpp::stanzastream::{
     Connection as RawConnection, Event, StanzaStream, StanzaToken, StreamEvent,
@@ -333,14 +334,31 @@ impl Connection {
     /// The next event: a stanza, or a stream reset/suspension/resumption.
     ///
     /// Cancellation-safe (a `select!` branch that loses loses nothing).
+    ///
+    /// XEP-0199 pings are answered here and not returned: every Spine client must answer them
+    /// (servers use them to tell live sessions from dead ones).
     pub async fn next(&mut self) -> Option<Event> {
-        let ev = self.stream.next().await;
-        if let Some(Event::Stream(StreamEvent::Reset { bound_jid, .. })) = &ev {
-            if let Ok(full) = bound_jid.clone().try_into_full() {
-                self.bound = full;
+        loop {
+            let ev = self.stream.next().await;
+            match &ev {
+                Some(Event::Stream(StreamEvent::Reset { bound_jid, .. })) => {
+                    if let Ok(full) = bound_jid.clone().try_into_full() {
+                        self.bound = full;
+                    }
+                }
+                Some(Event::Stanza(Stanza::Iq(Iq::Get { id, from, payload, .. }))) if payload.is("ping", ns::PING) => {
+                    let mut pong = Iq::empty_result(from.clone().unwrap_or_else(|| self.bound.to_bare().into()), id.clone());
+                    if from.is_none() {
+                        // A ping without 'from' comes from our own server on our behalf.
+                        pong = Iq::Result { from: None, to: None, id: id.clone(), payload: None };
+                    }
+                    self.stream.send(Box::new(pong.into())).await;
+                    continue;
+                }
+                _ => {}
             }
+            return ev;
         }
-        ev
     }
 
     /// Queues a stanza for sending; waits only for queue space.
