@@ -1,5 +1,224 @@
-//! `spine-agent`: the library for writing Spine agents in Rust and the wrappers that put
-//! legacy services on the bus.
+//! `spine-agent`: write Spine agents in Rust, or put a legacy program or HTTP service on the
+//! bus with configuration alone.
 //!
-//! Not implemented yet: this crate is an empty shell so the workspace has its final layout.
-//! It is built in the "Agent" issue.
+//! An agent joins the XMPP server, advertises its capabilities and load to its dispatchers
+//! (directed presence, docs/PROTOCOL.md §4–5), runs the jobs they send within its slots and
+//! deadlines, and reports progress and results. One task owns the connection (`runtime`);
+//! handlers run in their own tasks and talk to it through channels.
+//!
+//! ```no_run
+//! use spine_agent::{Agent, AgentConfig, JobContext, Output, JobError};
+//! # async fn demo() -> Result<(), spine_agent::AgentError> {
+//! let config = AgentConfig::load(Some("agent.toml".as_ref()))?;
+//! let agent = Agent::builder(config)
+//!     .capability("text.upper", Some(4), |ctx: JobContext| async move {
+//!         let text = String::from_utf8(ctx.input).map_err(|_| JobError::bad_argument("input", "must be UTF-8"))?;
+//!         Ok::<_, JobError>(Output::bytes(text.to_uppercase()).with_mime("text/plain"))
+//!     })
+//!     .build()?;
+//! agent.run(tokio::signal::ctrl_c()).await
+//! # }
+//! ```
+
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod error;
+pub mod exec;
+pub mod handler;
+pub mod http;
+mod runtime;
+mod store;
+pub mod sysload;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+
+use spine_protocol::{AttrName, Attributes, CapabilityAd, CapabilityName};
+
+pub use config::{AgentConfig, DEFAULT_CONFIG};
+pub use error::AgentError;
+pub use handler::{Handler, JobContext, JobError, Output, SharedHandler};
+
+/// A capability with its handler.
+pub(crate) struct Capability {
+    pub(crate) ad: CapabilityAd,
+    pub(crate) handler: SharedHandler,
+}
+
+/// Builds an [`Agent`]: capabilities from code, plus those wrapped in the configuration.
+pub struct AgentBuilder {
+    config: AgentConfig,
+    caps: Vec<Capability>,
+    attrs: Vec<(String, String)>,
+    errors: Vec<String>,
+}
+
+/// A configured agent, ready to run.
+pub struct Agent {
+    pub(crate) config: AgentConfig,
+    pub(crate) caps: BTreeMap<CapabilityName, Capability>,
+    pub(crate) attrs: Attributes,
+}
+
+impl Agent {
+    /// Starts building an agent from its configuration.
+    pub fn builder(config: AgentConfig) -> AgentBuilder {
+        AgentBuilder {
+            config,
+            caps: Vec::new(),
+            attrs: Vec::new(),
+            errors: Vec::new(),
+        }
+    }
+
+    /// Connects and serves until `shutdown` completes; then drains (no new jobs, running ones
+    /// finish within `drain_grace`), goes unavailable and returns.
+    ///
+    /// Errors: the first login failed (wrong password, server unreachable, TLS), or the server
+    /// kept refusing the credentials after a reconnect.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = impl Sized> + Send,
+    ) -> Result<(), AgentError> {
+        runtime::run(self, shutdown).await
+    }
+
+    /// The capabilities offered.
+    pub fn capabilities(&self) -> impl Iterator<Item = &CapabilityName> {
+        self.caps.keys()
+    }
+}
+
+impl AgentBuilder {
+    /// Adds a capability implemented in Rust. `slots`: at most that many of its jobs at once
+    /// (besides the agent's total).
+    pub fn capability(self, name: &str, slots: Option<u64>, handler: impl Handler) -> Self {
+        self.capability_with(name, None, slots, &[], Arc::new(handler))
+    }
+
+    /// Adds a capability with a version and attributes of its own.
+    pub fn capability_with(
+        mut self,
+        name: &str,
+        version: Option<&str>,
+        slots: Option<u64>,
+        attrs: &[(&str, &str)],
+        handler: SharedHandler,
+    ) -> Self {
+        let name = match name.parse::<CapabilityName>() {
+            Ok(n) => n,
+            Err(e) => {
+                self.errors.push(format!("capability '{name}': {e}"));
+                return self;
+            }
+        };
+        if slots == Some(0) {
+            self.errors
+                .push(format!("capability '{name}': slots must be at least 1"));
+        }
+        let mut ad = CapabilityAd::new(name);
+        ad.version = version.map(str::to_owned);
+        ad.slots = slots;
+        for (k, v) in attrs {
+            match k.parse::<AttrName>() {
+                Ok(k) => {
+                    ad.attrs.insert(k, (*v).to_owned());
+                }
+                Err(e) => self
+                    .errors
+                    .push(format!("capability '{}' attribute '{k}': {e}", ad.name)),
+            }
+        }
+        self.caps.push(Capability { ad, handler });
+        self
+    }
+
+    /// Adds an agent-wide attribute (in addition to the configuration's).
+    pub fn attribute(mut self, key: &str, value: &str) -> Self {
+        self.attrs.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Checks everything and adds the capabilities wrapped in the configuration.
+    pub fn build(mut self) -> Result<Agent, AgentError> {
+        self.config.validate()?;
+        for c in self.config.capabilities.clone() {
+            let handler = match &c.wrapper {
+                config::WrapperConfig::Exec {
+                    argv,
+                    input,
+                    output,
+                    env,
+                    cwd,
+                    timeout,
+                    max_output,
+                    exit_codes,
+                } => exec::ExecWrapper::new(
+                    argv,
+                    *input,
+                    *output,
+                    env.clone(),
+                    cwd.clone(),
+                    *timeout,
+                    max_output.as_u64(),
+                    exit_codes,
+                )
+                .map(exec::ExecWrapper::into_handler),
+                config::WrapperConfig::Http {
+                    url,
+                    method,
+                    timeout,
+                    max_output,
+                    status_codes,
+                } => {
+                    http::HttpWrapper::new(url, method, *timeout, max_output.as_u64(), status_codes)
+                        .map(http::HttpWrapper::into_handler)
+                }
+            }
+            .map_err(|e| AgentError::Config(format!("capability '{}': {e}", c.name)))?;
+            let attrs: Vec<(&str, &str)> = c
+                .attributes
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            self = self.capability_with(&c.name, c.version.as_deref(), c.slots, &attrs, handler);
+        }
+        if !self.errors.is_empty() {
+            return Err(AgentError::Config(self.errors.join("; ")));
+        }
+        let mut caps = BTreeMap::new();
+        for c in self.caps {
+            let name = c.ad.name.clone();
+            if caps.insert(name.clone(), c).is_some() {
+                return Err(AgentError::Config(format!(
+                    "capability '{name}' is defined twice"
+                )));
+            }
+        }
+        if caps.is_empty() {
+            return Err(AgentError::Config(
+                "capability: the agent offers no capability".into(),
+            ));
+        }
+        let mut attrs = Attributes::new();
+        for (k, v) in self
+            .config
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .chain(self.attrs)
+        {
+            let key = k
+                .parse::<AttrName>()
+                .map_err(|e| AgentError::Config(format!("attributes.{k}: {e}")))?;
+            attrs.insert(key, v);
+        }
+        Ok(Agent {
+            config: self.config,
+            caps,
+            attrs,
+        })
+    }
+}

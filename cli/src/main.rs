@@ -1,10 +1,11 @@
 //! `spine`: the one binary of Spine.
 //!
 //! Thin by design: it parses arguments, sets up logging and calls into the library crates.
-//! Today it offers `spine server` (the embedded XMPP server) and `spine check` (validates
-//! Spine stanzas against the wire protocol); the agent, dispatcher and `up` commands arrive
+//! Today it offers `spine server` (the embedded XMPP server), `spine agent` and `spine check`
+//! (validates Spine stanzas against the wire protocol); the dispatcher and `up` commands arrive
 //! with their crates.
 
+mod agent;
 mod server;
 
 use std::io::Read as _;
@@ -30,6 +31,8 @@ struct Cli {
 enum Command {
     /// Run the embedded XMPP server (for one machine, a demo, or tests).
     Server(server::ServerArgs),
+    /// Run an agent: join the XMPP server, advertise capabilities, run jobs.
+    Agent(agent::AgentArgs),
     /// Check that an XML stanza or payload follows the Spine wire protocol (docs/PROTOCOL.md).
     ///
     /// Reads one XML element from FILE (or standard input with `-`): a stanza (`<iq>`,
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Check { file } => check(&file),
         Command::Server(args) => server::run(args).map(|()| true),
+        Command::Agent(args) => agent::run(args).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

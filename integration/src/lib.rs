@@ -6,6 +6,7 @@
 //! stanzas, or a socket dropped without a stream close.
 
 pub mod bench;
+pub mod dispatcher;
 pub mod prosody;
 
 use std::net::SocketAddr;

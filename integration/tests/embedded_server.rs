@@ -474,16 +474,29 @@ async fn idle_client_is_pinged_then_disconnected_with_unavailable_sent() {
     .await;
     let mut bob = server.client("bob", "pw-bob").await;
     let bob_jid = bob.jid().to_string();
-    let mut raw = RawClient::login(server.addr, &server.domain, "alice", "pw-alice", "sleepy").await;
+    let mut raw =
+        RawClient::login(server.addr, &server.domain, "alice", "pw-alice", "sleepy").await;
     raw.send(&format!("<presence to='{bob_jid}'/>")).await;
     let ping = raw.read_until("urn:xmpp:ping").await;
-    assert!(ping.contains("type='get'") || ping.contains("type=\"get\""), "{ping}");
+    assert!(
+        ping.contains("type='get'") || ping.contains("type=\"get\""),
+        "{ping}"
+    );
     // Never answer: the server must give up and tell bob.
     let t0 = Instant::now();
-    expect_stanza(&mut bob, "unavailable of the silent client", |st| match st {
-        Stanza::Presence(p) if p.type_ == PresenceType::Unavailable && p.from.as_ref().map(|f| f.as_str()) == Some("alice@localhost/sleepy") => Some(()),
-        _ => None,
-    })
+    expect_stanza(
+        &mut bob,
+        "unavailable of the silent client",
+        |st| match st {
+            Stanza::Presence(p)
+                if p.type_ == PresenceType::Unavailable
+                    && p.from.as_ref().map(|f| f.as_str()) == Some("alice@localhost/sleepy") =>
+            {
+                Some(())
+            }
+            _ => None,
+        },
+    )
     .await;
     assert!(t0.elapsed() < PATIENCE);
     let rest = raw.read_to_close().await;
@@ -500,12 +513,23 @@ async fn a_client_that_answers_pings_stays_connected() {
     let mut raw = RawClient::login(server.addr, &server.domain, "alice", "pw-alice", "awake").await;
     for _ in 0..3 {
         let ping = raw.read_until("urn:xmpp:ping").await;
-        let id = ping.rsplit("id='").next().and_then(|s| s.split('\'').next()).map(str::to_owned)
-            .or_else(|| ping.rsplit("id=\"").next().and_then(|s| s.split('"').next()).map(str::to_owned))
+        let id = ping
+            .rsplit("id='")
+            .next()
+            .and_then(|s| s.split('\'').next())
+            .map(str::to_owned)
+            .or_else(|| {
+                ping.rsplit("id=\"")
+                    .next()
+                    .and_then(|s| s.split('"').next())
+                    .map(str::to_owned)
+            })
             .expect("ping id");
-        raw.send(&format!("<iq type='result' id='{id}' to='localhost'/>")).await;
+        raw.send(&format!("<iq type='result' id='{id}' to='localhost'/>"))
+            .await;
     }
-    raw.send("<iq type='get' id='still'><ping xmlns='urn:xmpp:ping'/></iq>").await;
+    raw.send("<iq type='get' id='still'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await;
     assert!(raw.read_until("still").await.contains("iq"));
 }
 
@@ -514,10 +538,15 @@ async fn connections_over_the_limit_are_refused_and_others_unaffected() {
     let server = TestServer::start_with(USERS, |c| c.max_connections = 2).await;
     let mut bob = server.client("bob", "pw-bob").await;
     let _alice = RawClient::login(server.addr, &server.domain, "alice", "pw-alice", "one").await;
-    let mut third = tokio::net::TcpStream::connect(server.addr).await.expect("tcp connect");
+    let mut third = tokio::net::TcpStream::connect(server.addr)
+        .await
+        .expect("tcp connect");
     use tokio::io::AsyncReadExt;
     let mut buf = [0u8; 64];
-    let n = tokio::time::timeout(PATIENCE, third.read(&mut buf)).await.expect("refused at once").unwrap_or(0);
+    let n = tokio::time::timeout(PATIENCE, third.read(&mut buf))
+        .await
+        .expect("refused at once")
+        .unwrap_or(0);
     assert_eq!(n, 0, "the third connection is closed without a stream");
     assert_server_serves(&mut bob).await;
 }

@@ -232,7 +232,10 @@ mod tests {
         while got < 900 {
             got += lim.read(&mut buf).await.unwrap();
         }
-        assert!(!meter.exceeded(), "900 + 900 bytes with a reset between are within a 1000-byte limit");
+        assert!(
+            !meter.exceeded(),
+            "900 + 900 bytes with a reset between are within a 1000-byte limit"
+        );
         tx.write_all(&[b'z'; 200]).await.unwrap();
         let err = loop {
             match lim.read(&mut buf).await {
@@ -262,7 +265,10 @@ mod tests {
             got += lim.read(&mut buf).await.unwrap();
         }
         let took = t0.elapsed();
-        assert!(took >= Duration::from_millis(1900), "96 KiB at 32 KiB/s took only {took:?}");
+        assert!(
+            took >= Duration::from_millis(1900),
+            "96 KiB at 32 KiB/s took only {took:?}"
+        );
         drop(writer.await.unwrap());
     }
 }

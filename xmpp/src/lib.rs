@@ -151,7 +151,7 @@ pub enum Status {
 pub struct Connection {
     stream: StanzaStream,
     bound: FullJid,
-    status: mpsc::UnboundedReceiver<Status>,
+    status: Option<mpsc::UnboundedReceiver<Status>>,
 }
 
 /// First delay of the reconnect backoff.
@@ -321,7 +321,7 @@ async fn start<C: tokio_xmpp::connect::ServerConnector>(
     Ok(Connection {
         stream,
         bound,
-        status,
+        status: Some(status),
     })
 }
 
@@ -346,11 +346,21 @@ impl Connection {
                         self.bound = full;
                     }
                 }
-                Some(Event::Stanza(Stanza::Iq(Iq::Get { id, from, payload, .. }))) if payload.is("ping", ns::PING) => {
-                    let mut pong = Iq::empty_result(from.clone().unwrap_or_else(|| self.bound.to_bare().into()), id.clone());
+                Some(Event::Stanza(Stanza::Iq(Iq::Get {
+                    id, from, payload, ..
+                }))) if payload.is("ping", ns::PING) => {
+                    let mut pong = Iq::empty_result(
+                        from.clone().unwrap_or_else(|| self.bound.to_bare().into()),
+                        id.clone(),
+                    );
                     if from.is_none() {
                         // A ping without 'from' comes from our own server on our behalf.
-                        pong = Iq::Result { from: None, to: None, id: id.clone(), payload: None };
+                        pong = Iq::Result {
+                            from: None,
+                            to: None,
+                            id: id.clone(),
+                            payload: None,
+                        };
                     }
                     self.stream.send(Box::new(pong.into())).await;
                     continue;
@@ -366,14 +376,10 @@ impl Connection {
         self.stream.send(Box::new(stanza.into())).await
     }
 
-    /// Reconnect failures since the last call (non-blocking).
-    pub fn status(&mut self) -> Option<Status> {
-        self.status.try_recv().ok()
-    }
-
-    /// Waits for the next reconnect status report.
-    pub async fn next_status(&mut self) -> Option<Status> {
-        self.status.recv().await
+    /// The receiver of reconnect status reports, so that an event loop can wait on it beside
+    /// [`Connection::next`]. `None` once taken.
+    pub fn take_status(&mut self) -> Option<mpsc::UnboundedReceiver<Status>> {
+        self.status.take()
     }
 
     /// Closes the stream cleanly (stream footer, then TCP close).

@@ -1,0 +1,599 @@
+//! Agent configuration: a serde struct read from TOML plus `SPINE_AGENT_*` environment
+//! variables (the `config` crate), with the commented default embedded (`agent.toml`) and
+//! validation before start that names the bad key.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use jid::{BareJid, Jid};
+use serde::{Deserialize, Serialize};
+use spine_protocol::{AttrName, CapabilityName};
+
+use crate::error::AgentError;
+
+/// The commented default configuration (`spine agent --print-config` without a file).
+pub const DEFAULT_CONFIG: &str = include_str!("agent.toml");
+
+/// How the connection is secured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// TLS off loopback, plain TCP on loopback.
+    #[default]
+    Auto,
+    /// Always STARTTLS.
+    Required,
+    /// Plain TCP everywhere (credentials in clear).
+    InsecurePlain,
+}
+
+/// TLS settings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// When to use TLS.
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// CA certificates to trust (PEM).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// What an exec capability feeds the program and reads back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum InputMode {
+    /// Job input on standard input.
+    #[default]
+    Stdin,
+    /// Job input in a temporary file named by `{input}`.
+    File,
+    /// No input.
+    None,
+}
+
+/// Where an exec capability's output comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum OutputMode {
+    /// Standard output.
+    #[default]
+    Stdout,
+    /// The temporary file named by `{output}`.
+    File,
+}
+
+/// What an exit code or HTTP status means for the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Success.
+    Ok,
+    /// Transient failure: the dispatcher may retry elsewhere.
+    Retryable,
+    /// The arguments are wrong.
+    BadArguments,
+    /// Permanent failure.
+    Failed,
+}
+
+/// A capability wrapped from an existing program or service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum WrapperConfig {
+    /// Run a program.
+    Exec {
+        /// Program and arguments; `{arg.NAME}`, `{input}`, `{output}` are substituted per element.
+        argv: Vec<String>,
+        /// Input mode.
+        #[serde(default)]
+        input: InputMode,
+        /// Output mode.
+        #[serde(default)]
+        output: OutputMode,
+        /// Extra environment (the program also gets PATH and LANG, nothing else).
+        #[serde(default)]
+        env: BTreeMap<String, String>,
+        /// Working directory.
+        cwd: Option<PathBuf>,
+        /// Time limit per run.
+        #[serde(default = "default_exec_timeout", with = "humantime_serde")]
+        timeout: Duration,
+        /// Largest output read.
+        #[serde(default = "default_max_output")]
+        max_output: ByteSize,
+        /// Exit code → verdict (0 is ok unless mapped; others failed unless mapped).
+        #[serde(default)]
+        exit_codes: BTreeMap<String, Verdict>,
+    },
+    /// Call a local HTTP service.
+    Http {
+        /// The URL.
+        url: String,
+        /// POST (input as body) or GET.
+        #[serde(default = "default_method")]
+        method: String,
+        /// Time limit per call.
+        #[serde(default = "default_exec_timeout", with = "humantime_serde")]
+        timeout: Duration,
+        /// Largest response read.
+        #[serde(default = "default_max_output")]
+        max_output: ByteSize,
+        /// Status code → verdict, overriding the defaults.
+        #[serde(default)]
+        status_codes: BTreeMap<String, Verdict>,
+    },
+}
+
+fn default_exec_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_max_output() -> ByteSize {
+    ByteSize::mib(64)
+}
+fn default_method() -> String {
+    "POST".to_owned()
+}
+
+/// One configured capability.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CapabilityConfig {
+    /// Capability name.
+    pub name: String,
+    /// Version advertised.
+    pub version: Option<String>,
+    /// Jobs of this capability at once.
+    pub slots: Option<u64>,
+    /// Attributes of this capability.
+    #[serde(default)]
+    pub attributes: BTreeMap<String, String>,
+    /// How it runs.
+    #[serde(flatten)]
+    pub wrapper: WrapperConfig,
+}
+
+/// Everything an agent needs.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Account.
+    pub jid: String,
+    /// Password.
+    pub password: Option<String>,
+    /// File holding the password.
+    pub password_file: Option<PathBuf>,
+    /// Server address.
+    pub server: String,
+    /// Allowed dispatchers (bare JIDs).
+    pub dispatchers: Vec<String>,
+    /// Total slots.
+    pub slots: u64,
+    /// Heartbeat interval.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat: Duration,
+    /// Minimum interval between load reports.
+    #[serde(with = "humantime_serde")]
+    pub load_debounce: Duration,
+    /// Drain time on shutdown.
+    #[serde(with = "humantime_serde")]
+    pub drain_grace: Duration,
+    /// Outcomes cached.
+    pub result_cache: usize,
+    /// How long outcomes are cached.
+    #[serde(with = "humantime_serde")]
+    pub result_ttl: Duration,
+    /// Largest job input.
+    pub max_input_size: ByteSize,
+    /// TLS.
+    pub tls: TlsConfig,
+    /// Agent attributes.
+    pub attributes: BTreeMap<String, String>,
+    /// Wrapped capabilities.
+    #[serde(rename = "capability")]
+    pub capabilities: Vec<CapabilityConfig>,
+}
+
+impl std::fmt::Debug for AgentConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConfig")
+            .field("jid", &self.jid)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("server", &self.server)
+            .field("dispatchers", &self.dispatchers)
+            .field("slots", &self.slots)
+            .field(
+                "capabilities",
+                &self
+                    .capabilities
+                    .iter()
+                    .map(|c| &c.name)
+                    .collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            jid: "agent1@localhost".into(),
+            password: None,
+            password_file: None,
+            server: "127.0.0.1:5222".into(),
+            dispatchers: vec!["dispatcher@localhost".into()],
+            slots: 4,
+            heartbeat: Duration::from_secs(10),
+            load_debounce: Duration::from_millis(50),
+            drain_grace: Duration::from_secs(30),
+            result_cache: 4096,
+            result_ttl: Duration::from_secs(600),
+            max_input_size: ByteSize::mib(64),
+            tls: TlsConfig::default(),
+            attributes: BTreeMap::new(),
+            capabilities: Vec::new(),
+        }
+    }
+}
+
+/// A configuration checked and resolved: what the runtime uses.
+#[derive(Debug, Clone)]
+pub struct Resolved {
+    /// The account.
+    pub jid: Jid,
+    /// Its password.
+    pub password: String,
+    /// Server address.
+    pub server: SocketAddr,
+    /// Allowed dispatchers.
+    pub dispatchers: Vec<BareJid>,
+    /// Whether TLS is used, and the trusted CA PEM.
+    pub tls: Option<String>,
+    /// Plain TCP off loopback allowed.
+    pub insecure: bool,
+}
+
+fn bad(key: &str, why: impl std::fmt::Display) -> AgentError {
+    AgentError::Config(format!("{key}: {why}"))
+}
+
+impl AgentConfig {
+    /// Defaults, then the TOML file, then `SPINE_AGENT_*` variables; validated.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, AgentError> {
+        let mut b = config::Config::builder();
+        if let Some(f) = file {
+            b = b.add_source(
+                config::File::from(f)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        b = b.add_source(
+            config::Environment::with_prefix("SPINE_AGENT")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("dispatchers"),
+        );
+        let cfg: AgentConfig = b
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no environment) and validates.
+    pub fn from_toml(text: &str) -> Result<Self, AgentError> {
+        let cfg: AgentConfig =
+            toml::from_str(text).map_err(|e| AgentError::Config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what deserialisation cannot, naming the key at fault.
+    pub fn validate(&self) -> Result<(), AgentError> {
+        let jid = Jid::new(&self.jid)
+            .map_err(|e| bad("jid", format!("'{}' is not a JID: {e}", self.jid)))?;
+        if jid.node().is_none() {
+            return Err(bad(
+                "jid",
+                format!("'{}' needs a user part (user@domain)", self.jid),
+            ));
+        }
+        if self.password.is_some() && self.password_file.is_some() {
+            return Err(bad("password", "give password or password_file, not both"));
+        }
+        if self.dispatchers.is_empty() {
+            return Err(bad(
+                "dispatchers",
+                "at least one dispatcher JID is needed (nobody else may send jobs)",
+            ));
+        }
+        for (i, d) in self.dispatchers.iter().enumerate() {
+            BareJid::new(d).map_err(|e| {
+                bad(
+                    &format!("dispatchers[{i}]"),
+                    format!("'{d}' is not a bare JID: {e}"),
+                )
+            })?;
+        }
+        if self.slots == 0 {
+            return Err(bad("slots", "must be at least 1"));
+        }
+        if self.heartbeat < Duration::from_millis(spine_protocol::presence::MIN_HEARTBEAT_MS) {
+            return Err(bad("heartbeat", "must be at least 100ms"));
+        }
+        if self.load_debounce > self.heartbeat {
+            return Err(bad("load_debounce", "must not exceed heartbeat"));
+        }
+        if self.result_cache == 0 {
+            return Err(bad(
+                "result_cache",
+                "must be at least 1 (duplicate jobs must not run twice)",
+            ));
+        }
+        for k in self.attributes.keys() {
+            k.parse::<AttrName>()
+                .map_err(|e| bad(&format!("attributes.{k}"), e))?;
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, c) in self.capabilities.iter().enumerate() {
+            let key = format!("capability[{i}]");
+            c.name
+                .parse::<CapabilityName>()
+                .map_err(|e| bad(&format!("{key}.name"), format!("'{}': {e}", c.name)))?;
+            if !names.insert(c.name.as_str()) {
+                return Err(bad(
+                    &format!("{key}.name"),
+                    format!("'{}' is defined twice", c.name),
+                ));
+            }
+            if c.slots == Some(0) {
+                return Err(bad(&format!("{key}.slots"), "must be at least 1"));
+            }
+            for k in c.attributes.keys() {
+                k.parse::<AttrName>()
+                    .map_err(|e| bad(&format!("{key}.attributes.{k}"), e))?;
+            }
+            match &c.wrapper {
+                WrapperConfig::Exec {
+                    argv,
+                    input,
+                    output,
+                    exit_codes,
+                    ..
+                } => {
+                    if argv.is_empty() || argv[0].is_empty() {
+                        return Err(bad(&format!("{key}.argv"), "needs at least the program"));
+                    }
+                    let all = argv.join(" ");
+                    if *input == InputMode::File && !all.contains("{input}") {
+                        return Err(bad(
+                            &format!("{key}.argv"),
+                            "input = \"file\" needs {input} in argv",
+                        ));
+                    }
+                    if *output == OutputMode::File && !all.contains("{output}") {
+                        return Err(bad(
+                            &format!("{key}.argv"),
+                            "output = \"file\" needs {output} in argv",
+                        ));
+                    }
+                    crate::exec::check_template(argv)
+                        .map_err(|e| bad(&format!("{key}.argv"), e))?;
+                    for code in exit_codes.keys() {
+                        code.parse::<i32>().map_err(|_| {
+                            bad(
+                                &format!("{key}.exit_codes"),
+                                format!("'{code}' is not an exit code"),
+                            )
+                        })?;
+                    }
+                }
+                WrapperConfig::Http {
+                    url,
+                    method,
+                    status_codes,
+                    ..
+                } => {
+                    let u = reqwest::Url::parse(url)
+                        .map_err(|e| bad(&format!("{key}.url"), format!("'{url}': {e}")))?;
+                    if u.scheme() != "http" {
+                        return Err(bad(
+                            &format!("{key}.url"),
+                            "only http:// URLs (a local service) are supported",
+                        ));
+                    }
+                    if !matches!(method.as_str(), "POST" | "GET") {
+                        return Err(bad(
+                            &format!("{key}.method"),
+                            format!("'{method}': expected POST or GET"),
+                        ));
+                    }
+                    for code in status_codes.keys() {
+                        match code.parse::<u16>() {
+                            Ok(100..=599) => {}
+                            _ => {
+                                return Err(bad(
+                                    &format!("{key}.status_codes"),
+                                    format!("'{code}' is not an HTTP status"),
+                                ))
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves password, server address and TLS trust (reads files, resolves the host).
+    pub fn resolve(&self) -> Result<Resolved, AgentError> {
+        self.validate()?;
+        let jid = Jid::new(&self.jid).map_err(|e| bad("jid", e))?;
+        let password = match (&self.password, &self.password_file) {
+            (Some(p), _) => p.clone(),
+            (None, Some(f)) => std::fs::read_to_string(f)
+                .map_err(|e| bad("password_file", format!("{}: {e}", f.display())))?
+                .trim_end_matches(['\n', '\r'])
+                .to_owned(),
+            (None, None) => {
+                return Err(bad(
+                    "password",
+                    "not set (password, password_file or SPINE_AGENT_PASSWORD)",
+                ))
+            }
+        };
+        let server = self
+            .server
+            .to_socket_addrs()
+            .map_err(|e| bad("server", format!("'{}': {e}", self.server)))?
+            .next()
+            .ok_or_else(|| {
+                bad(
+                    "server",
+                    format!("'{}' resolves to no address", self.server),
+                )
+            })?;
+        let loopback = server.ip().is_loopback();
+        let use_tls = match self.tls.mode {
+            TlsMode::Required => true,
+            TlsMode::Auto => !loopback,
+            TlsMode::InsecurePlain => false,
+        };
+        let tls = if use_tls {
+            let f = self.tls.ca_file.as_ref().ok_or_else(|| {
+                bad(
+                    "tls.ca_file",
+                    format!("TLS is required for {server} but no CA file is configured"),
+                )
+            })?;
+            Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| bad("tls.ca_file", format!("{}: {e}", f.display())))?,
+            )
+        } else {
+            None
+        };
+        let dispatchers = self
+            .dispatchers
+            .iter()
+            .filter_map(|d| BareJid::new(d).ok())
+            .collect();
+        Ok(Resolved {
+            jid,
+            password,
+            server,
+            dispatchers,
+            tls,
+            insecure: self.tls.mode == TlsMode::InsecurePlain,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_parses_and_equals_default() {
+        let cfg = AgentConfig::from_toml(DEFAULT_CONFIG).unwrap();
+        assert_eq!(cfg, AgentConfig::default());
+    }
+
+    #[test]
+    fn wrappers_parse() {
+        let cfg = AgentConfig::from_toml(
+            r#"
+            dispatchers = ["d@x"]
+            [[capability]]
+            name = "legacy.gzip"
+            kind = "exec"
+            argv = ["gzip", "-c", "-{arg.level}"]
+            slots = 2
+            timeout = "5s"
+            exit_codes = { "75" = "retryable" }
+            [[capability]]
+            name = "legacy.render"
+            kind = "http"
+            url = "http://127.0.0.1:9/render"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(cfg.capabilities.len(), 2);
+        match &cfg.capabilities[0].wrapper {
+            WrapperConfig::Exec {
+                argv,
+                timeout,
+                exit_codes,
+                ..
+            } => {
+                assert_eq!(argv[2], "-{arg.level}");
+                assert_eq!(*timeout, Duration::from_secs(5));
+                assert_eq!(exit_codes.get("75"), Some(&Verdict::Retryable));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            matches!(&cfg.capabilities[1].wrapper, WrapperConfig::Http { method, .. } if method == "POST")
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let cases = [
+            ("jid = \"nouser.example\"", "jid"),
+            ("dispatchers = []", "dispatchers"),
+            ("dispatchers = [\"a@b/c\"]", "dispatchers[0]"),
+            ("slots = 0", "slots"),
+            ("heartbeat = \"10ms\"", "heartbeat"),
+            ("heartbeat = 10", "heartbeat"),
+            ("[attributes]\n\"9x\" = \"1\"", "attributes.9x"),
+            (
+                "[[capability]]\nname = \"Bad\"\nkind = \"exec\"\nargv = [\"x\"]",
+                "capability[0].name",
+            ),
+            (
+                "[[capability]]\nname = \"a\"\nkind = \"exec\"\nargv = []",
+                "capability[0].argv",
+            ),
+            (
+                "[[capability]]\nname = \"a\"\nkind = \"exec\"\nargv = [\"x\", \"{arg.}\"]",
+                "capability[0].argv",
+            ),
+            (
+                "[[capability]]\nname = \"a\"\nkind = \"exec\"\nargv = [\"x\"]\ninput = \"file\"",
+                "capability[0].argv",
+            ),
+            (
+                "[[capability]]\nname = \"a\"\nkind = \"http\"\nurl = \"ftp://x\"",
+                "capability[0].url",
+            ),
+            (
+                "[[capability]]\nname = \"a\"\nkind = \"teleport\"",
+                "teleport",
+            ),
+            ("bogus = 1", "bogus"),
+        ];
+        for (toml, key) in cases {
+            let e = AgentConfig::from_toml(toml).unwrap_err().to_string();
+            assert!(e.contains(key), "{toml:?} -> {e}");
+        }
+    }
+
+    #[test]
+    fn tls_is_required_off_loopback() {
+        let mut cfg = AgentConfig {
+            password: Some("pw".into()),
+            ..AgentConfig::default()
+        };
+        cfg.server = "192.0.2.1:5222".into();
+        let e = cfg.resolve().unwrap_err().to_string();
+        assert!(e.contains("tls.ca_file"), "{e}");
+        cfg.server = "127.0.0.1:5222".into();
+        assert!(cfg.resolve().unwrap().tls.is_none());
+        cfg.tls.mode = TlsMode::Required;
+        assert!(cfg.resolve().is_err(), "required TLS needs a CA file");
+    }
+}

@@ -1,0 +1,51 @@
+//! `spine agent`: runs an agent from a configuration file until SIGINT or SIGTERM, then drains.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use spine_agent::{Agent, AgentConfig, DEFAULT_CONFIG};
+
+/// Arguments of `spine agent`.
+#[derive(Args, Debug)]
+pub struct AgentArgs {
+    /// Configuration file (TOML); SPINE_AGENT_* variables override it.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Print the effective configuration (or, without a file, the commented default) and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Log filter (RUST_LOG syntax).
+    #[arg(long, default_value = "info")]
+    log: String,
+}
+
+pub fn run(args: AgentArgs) -> Result<()> {
+    if args.print_config
+        && args.config.is_none()
+        && std::env::vars().all(|(k, _)| !k.starts_with("SPINE_AGENT_"))
+    {
+        print!("{DEFAULT_CONFIG}");
+        return Ok(());
+    }
+    let cfg =
+        AgentConfig::load(args.config.as_deref()).context("loading the agent configuration")?;
+    if args.print_config {
+        let mut shown = cfg.clone();
+        if shown.password.is_some() {
+            shown.password = Some("<redacted>".into());
+        }
+        print!(
+            "{}",
+            toml::to_string_pretty(&shown).context("printing the configuration")?
+        );
+        return Ok(());
+    }
+    crate::server::init_logging(&args.log);
+    let agent = Agent::builder(cfg).build().context("building the agent")?;
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(agent.run(crate::server::shutdown_signal()))
+        .context("agent stopped with an error")?;
+    tracing::info!("agent stopped");
+    Ok(())
+}
