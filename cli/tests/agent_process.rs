@@ -132,3 +132,38 @@ async fn bad_config_names_the_key() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("slots: must be at least 1"));
 }
+
+#[tokio::test]
+async fn environment_overrides_the_file_and_is_validated_too() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agent.toml");
+    std::fs::write(&path, "slots = 3\npassword = \"x\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args(["agent", "--print-config", "--config"])
+        .arg(&path)
+        .env("SPINE_AGENT_SLOTS", "7")
+        .env("SPINE_AGENT_PASSWORD", "from-env")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("slots = 7"), "{text}");
+    assert!(
+        text.contains("<redacted>") && !text.contains("from-env"),
+        "{text}"
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args(["agent", "--config"])
+        .arg(&path)
+        .env("SPINE_AGENT_SLOTS", "0")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("slots: must be at least 1"));
+}

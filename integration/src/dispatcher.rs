@@ -102,6 +102,13 @@ impl TestDispatcher {
                     }
                 }
                 Ok(Some(Event::Stanza(st))) => return Some(st),
+                // A new session after a reconnect: available again, or bare-JID presence
+                // (agents' advertisements) would not reach us.
+                Ok(Some(Event::Stream(tokio_xmpp::stanzastream::StreamEvent::Reset {
+                    ..
+                }))) => {
+                    self.conn.send(Presence::available()).await;
+                }
                 Ok(Some(Event::Stream(_))) => {}
                 Ok(None) | Err(_) => return None,
             }

@@ -738,3 +738,78 @@ async fn agent_over_starttls_and_clear_login_errors() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn agent_reconnects_after_a_server_restart_and_advertises_again() {
+    // The restarted server keeps its certificate, so the TLS dispatcher trusts it again.
+    let tls_dir = tempfile::tempdir().unwrap();
+    let tls_path = tls_dir.path().to_path_buf();
+    let server =
+        TestServer::start_with(ACCOUNTS, |c| c.tls.self_signed_dir = Some(tls_path.clone())).await;
+    let addr = server.addr;
+    let mut d = dispatcher(&server).await;
+    let agent = start(
+        Agent::builder(config(
+            &server,
+            "[[capability]]\nname = \"hash.sha256\"\nkind = \"exec\"\nargv = [\"sha256sum\"]\n",
+        ))
+        .build()
+        .unwrap(),
+    );
+    let me: BareJid = "agent1@localhost".parse().unwrap();
+    let (before, ad1, _) = d.wait_advertise(&me).await;
+
+    // XEP-0199: the agent answers pings.
+    d.conn
+        .send(
+            xmpp_parsers::iq::Iq::from_get("ping-1", xmpp_parsers::ping::Ping)
+                .with_to(before.clone()),
+        )
+        .await;
+    assert!(d.wait_reply("ping-1").await.is_ok());
+
+    server.stop().await;
+    let server = TestServer::start_with(ACCOUNTS, |c| {
+        c.listen = addr;
+        c.tls.self_signed_dir = Some(tls_path.clone());
+    })
+    .await;
+    // As a restarted dispatcher does: hello to the agents it knows until they answer.
+    let deadline = Instant::now() + PATIENCE;
+    let (after, ad2) = loop {
+        assert!(
+            Instant::now() < deadline,
+            "agent did not come back within {PATIENCE:?}"
+        );
+        d.hello(&Jid::from(me.clone())).await;
+        let got = d
+            .try_wait_for(Duration::from_millis(300), |st| match st {
+                tokio_xmpp::Stanza::Presence(p)
+                    if p.from.as_ref().is_some_and(|f| f.to_bare() == me) =>
+                {
+                    let found = spine_protocol::presence_payloads(&p.payloads).ok()?;
+                    Some((p.from.clone()?, found.advertise?))
+                }
+                _ => None,
+            })
+            .await;
+        if let Some(v) = got {
+            break v;
+        }
+    };
+    assert_eq!(after, before, "same full JID after the reconnect");
+    assert_eq!(ad2.instance, ad1.instance, "same agent process");
+    let id = d
+        .send_job(
+            &after,
+            job("after-restart", "hash.sha256", json!({}), b"abc"),
+        )
+        .await;
+    assert!(
+        String::from_utf8(output(&d.wait_result(&id).await.unwrap()))
+            .unwrap()
+            .starts_with("ba7816bf")
+    );
+    agent.stop().await.unwrap();
+    drop(server);
+}

@@ -49,6 +49,10 @@ pub struct TlsConfig {
     pub cert: Option<PathBuf>,
     /// PEM private key; with `cert`.
     pub key: Option<PathBuf>,
+    /// Without cert/key: keep the generated self-signed certificate in this directory
+    /// (`cert.pem`, `key.pem`) and reuse it on later starts, so that clients that trust it keep
+    /// working across restarts.
+    pub self_signed_dir: Option<PathBuf>,
 }
 
 /// One account.

@@ -59,23 +59,96 @@ pub fn setup(cfg: &TlsConfig, domain: &str) -> Result<TlsSetup, ServerError> {
                 cert_pem,
             })
         }
-        _ => {
-            let mut names = vec![domain.to_owned()];
-            for n in ["localhost", "127.0.0.1", "::1"] {
-                if !names.iter().any(|x| x == n) {
-                    names.push(n.to_owned());
+        _ => match &cfg.self_signed_dir {
+            Some(dir) => {
+                let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+                if !(cert.exists() && key.exists()) {
+                    let (cert_pem, key_pem) = generate(domain)?;
+                    write_new(dir, &cert, cert_pem.as_bytes(), 0o644)?;
+                    write_new(dir, &key, key_pem.as_bytes(), 0o600)?;
                 }
+                let files = TlsConfig {
+                    cert: Some(cert),
+                    key: Some(key),
+                    self_signed_dir: None,
+                };
+                setup(&files, domain)
             }
-            let ck = rcgen::generate_simple_self_signed(names).map_err(|e| {
-                ServerError::Tls(format!("generating a self-signed certificate: {e}"))
-            })?;
-            let cert_pem = ck.cert.pem();
-            let der: CertificateDer<'static> = ck.cert.der().clone();
-            let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
-            Ok(TlsSetup {
-                config: server_config(vec![der], key)?,
-                cert_pem,
-            })
+            None => {
+                let (cert_pem, key_pem) = generate(domain)?;
+                let der = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+                    .map_err(|e| ServerError::Tls(e.to_string()))?;
+                let key = PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+                    .map_err(|e| ServerError::Tls(e.to_string()))?;
+                Ok(TlsSetup {
+                    config: server_config(vec![der], key)?,
+                    cert_pem,
+                })
+            }
+        },
+    }
+}
+
+/// A self-signed certificate (PEM) and its key (PKCS#8 PEM) valid for `domain`, `localhost`,
+/// 127.0.0.1 and ::1.
+fn generate(domain: &str) -> Result<(String, String), ServerError> {
+    let mut names = vec![domain.to_owned()];
+    for n in ["localhost", "127.0.0.1", "::1"] {
+        if !names.iter().any(|x| x == n) {
+            names.push(n.to_owned());
         }
+    }
+    let ck = rcgen::generate_simple_self_signed(names)
+        .map_err(|e| ServerError::Tls(format!("generating a self-signed certificate: {e}")))?;
+    Ok((ck.cert.pem(), ck.key_pair.serialize_pem()))
+}
+
+fn write_new(
+    dir: &std::path::Path,
+    path: &std::path::Path,
+    data: &[u8],
+    mode: u32,
+) -> Result<(), ServerError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| ServerError::Tls(format!("tls.self_signed_dir {}: {e}", dir.display())))?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| ServerError::Tls(format!("{}: {e}", path.display())))?;
+    f.write_all(data)
+        .map_err(|e| ServerError::Tls(format!("{}: {e}", path.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn self_signed_dir_keeps_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = TlsConfig {
+            cert: None,
+            key: None,
+            self_signed_dir: Some(dir.path().join("tls")),
+        };
+        let first = setup(&cfg, "example.test").unwrap();
+        let second = setup(&cfg, "example.test").unwrap();
+        assert_eq!(first.cert_pem, second.cert_pem);
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.path().join("tls/key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let plain = TlsConfig::default();
+        assert_ne!(
+            setup(&plain, "example.test").unwrap().cert_pem,
+            first.cert_pem
+        );
     }
 }
