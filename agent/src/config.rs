@@ -270,8 +270,9 @@ impl AgentConfig {
             );
         }
         b = b.add_source(
+            // No type guessing of values: a password "0123" must stay "0123". Numbers and
+            // durations are parsed by the fields' own types.
             config::Environment::with_prefix("SPINE_AGENT")
-                .try_parsing(true)
                 .list_separator(",")
                 .with_list_parse_key("dispatchers"),
         );

@@ -254,10 +254,20 @@ impl ExecWrapper {
             let n = (&mut stdout).take(max + 1).read_to_end(&mut buf).await;
             n.map(|_| buf)
         };
+        // Keep only the tail of stderr: a chatty program must not fill the agent's memory.
         let read_err = async move {
-            let mut buf = Vec::new();
-            let _ = stderr.read_to_end(&mut buf).await;
-            buf
+            let mut tail = Vec::with_capacity(2 * STDERR_TAIL);
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                tail.extend_from_slice(&chunk[..n]);
+                if tail.len() > 2 * STDERR_TAIL {
+                    tail.drain(..tail.len() - STDERR_TAIL);
+                }
+            }
+            tail
         };
         let work = async {
             let (out, err, status) = tokio::join!(read_out, read_err, child.wait());

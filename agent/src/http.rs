@@ -45,8 +45,12 @@ impl HttpWrapper {
         status_codes: &BTreeMap<String, Verdict>,
     ) -> Result<Self, String> {
         let url = reqwest::Url::parse(url).map_err(|e| e.to_string())?;
+        // A wrapped service is called directly: no proxy from the agent's environment, no
+        // redirect that could take the call (and the job's input) elsewhere.
         let client = reqwest::Client::builder()
             .timeout(timeout)
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| e.to_string())?;
         let status_codes = status_codes

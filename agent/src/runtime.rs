@@ -495,13 +495,13 @@ impl Runtime {
 
     /// Starts a job task, or says why not.
     fn start_job(&mut self, from: &Jid, job: &Job, now: Instant) -> Result<(), SpineError> {
-        if self.draining {
-            return Err(SpineError::new(Condition::Draining).with_text("agent is shutting down"));
-        }
         let Some(cap) = self.agent.caps.get(&job.capability) else {
             return Err(SpineError::new(Condition::UnknownCapability)
                 .with_text(format!("this agent does not offer {}", job.capability)));
         };
+        if self.draining {
+            return Err(SpineError::new(Condition::Draining).with_text("agent is shutting down"));
+        }
         let total = self.total.clone().try_acquire_owned().map_err(|_| {
             SpineError::new(Condition::Busy)
                 .with_text(format!("all {} slots are busy", self.agent.config.slots))
@@ -668,7 +668,15 @@ impl Runtime {
         for (to, iq_id) in waiters {
             self.reply(&to, iq_id, &outcome).await;
         }
-        self.cache.insert(id, outcome, Instant::now());
+        // Only final outcomes answer a repeated job id: after a retryable failure the
+        // dispatcher's next attempt (maybe on this same agent) must really run.
+        let is_final = match &outcome {
+            Outcome::Result(_) => true,
+            Outcome::Error(e) => !e.condition.is_retryable(),
+        };
+        if is_final {
+            self.cache.insert(id, outcome, Instant::now());
+        }
     }
 
     async fn reply(&mut self, to: &Jid, iq_id: String, outcome: &Outcome) {

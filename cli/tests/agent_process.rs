@@ -142,7 +142,7 @@ async fn environment_overrides_the_file_and_is_validated_too() {
         .args(["agent", "--print-config", "--config"])
         .arg(&path)
         .env("SPINE_AGENT_SLOTS", "7")
-        .env("SPINE_AGENT_PASSWORD", "from-env")
+        .env("SPINE_AGENT_PASSWORD", "0123")
         .output()
         .await
         .unwrap();
@@ -166,4 +166,27 @@ async fn environment_overrides_the_file_and_is_validated_too() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("slots: must be at least 1"));
+}
+
+#[tokio::test]
+async fn environment_values_are_not_type_guessed() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("server.toml");
+    std::fs::write(&empty, "").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args(["server", "--print-config", "--config"])
+        .arg(&empty)
+        .env("SPINE_SERVER_DOMAIN", "0123")
+        .env("SPINE_SERVER_MAX_CONNECTIONS", "17")
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("domain = \"0123\""), "{text}");
+    assert!(text.contains("max_connections = 17"), "{text}");
 }

@@ -1,5 +1,13 @@
-//! `spine-dispatcher`: registry, least-loaded scheduling, durable job lifecycle and the HTTP
-//! and XMPP APIs.
+//! `spine-dispatcher`: the agent registry and scheduler (a pure state machine), and — as they
+//! are built — the durable job lifecycle and the HTTP and XMPP APIs.
 //!
-//! Not implemented yet: this crate is an empty shell so the workspace has its final layout.
-//! It is built in the "Dispatcher" issue.
+//! Data flow: agents' advertisements and load reports arrive as presence; the connection task
+//! feeds them to the [`registry::Registry`] as events, with the current time as a parameter;
+//! for every job it asks the registry to `pick` an agent by the job's strategy and tells it
+//! when the job was assigned and when it finished. The registry does no I/O and reads no
+//! clock, which is what makes it testable with plain `#[test]`s and fast enough for 50,000
+//! agents.
+
+#![forbid(unsafe_code)]
+
+pub mod registry;

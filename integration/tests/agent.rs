@@ -475,6 +475,22 @@ async fn duplicates_run_once_busy_cancel_and_panic() {
             }
             Ok::<Output, JobError>(Output::default())
         })
+        .capability("test.flaky", None, {
+            let tries = Arc::new(AtomicUsize::new(0));
+            move |ctx: JobContext| {
+                let tries = tries.clone();
+                async move {
+                    match tries.fetch_add(1, Ordering::SeqCst) {
+                        0 => Err(JobError::Retryable("transient".into())),
+                        n => Ok(Output::bytes(format!(
+                            "attempt {} ran (try {})",
+                            ctx.attempt,
+                            n + 1
+                        ))),
+                    }
+                }
+            }
+        })
         .capability("test.wait", Some(1), |ctx: JobContext| async move {
             ctx.cancel.cancelled().await;
             Err::<Output, _>(JobError::Failed("stopped".into()))
@@ -503,6 +519,22 @@ async fn duplicates_run_once_busy_cancel_and_panic() {
         .await;
     assert_eq!(output(&d.wait_result(&c).await.unwrap()), b"run 1 of dup-1");
     assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // A retryable failure is not cached: the next attempt of the same job really runs.
+    let f1 = d
+        .send_job(&to, job("flaky-1", "test.flaky", json!({}), b""))
+        .await;
+    assert_eq!(
+        spine_error(&d.wait_result(&f1).await.unwrap_err()).condition,
+        Condition::Retryable
+    );
+    let mut again = job("flaky-1", "test.flaky", json!({}), b"");
+    again.attempt = 2;
+    let f2 = d.send_job(&to, again).await;
+    assert_eq!(
+        output(&d.wait_result(&f2).await.unwrap()),
+        b"attempt 2 ran (try 2)"
+    );
 
     // Slots: 2 in total; the third job is refused with a wait-type error.
     let w1 = d

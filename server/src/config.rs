@@ -145,7 +145,7 @@ impl ServerConfig {
                     .required(true),
             );
         }
-        b = b.add_source(config::Environment::with_prefix("SPINE_SERVER").try_parsing(true));
+        b = b.add_source(config::Environment::with_prefix("SPINE_SERVER"));
         let cfg: ServerConfig = b
             .build()
             .and_then(|c| c.try_deserialize())
