@@ -1,0 +1,530 @@
+//! The job lifecycle as a pure state machine: accepted → queued → dispatched(agent, attempt)
+//! → running → succeeded | failed | cancelled | timed-out, with retries.
+//!
+//! The dispatcher's connection task feeds it events (submitted, dispatched, started, result,
+//! attempt failed, agent gone, cancel, time passing) with the time as a parameter (milliseconds
+//! since the UNIX epoch, so deadlines survive a restart) and acts on the decisions it returns:
+//! which job to place next, which agent to tell to cancel, which jobs timed out. Each job ends
+//! in exactly one recorded outcome: a second result for the same job (two agents ran it) is
+//! reported as a duplicate and not recorded.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, HashMap};
+
+use jid::{FullJid, Jid};
+use serde::{Deserialize, Serialize};
+use spine_protocol::{
+    AttrName, CapabilityName, Condition, Filter, JobId, JobResult, JobState, SpineError, Strategy,
+};
+
+/// What the submitter asked for.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// The capability.
+    pub capability: CapabilityName,
+    /// Placement strategy.
+    pub strategy: Strategy,
+    /// Attribute filter (its canonical text).
+    pub filter: Option<String>,
+    /// Numeric attribute to sort agents by.
+    pub sort: Option<AttrName>,
+    /// Key of the affinity strategy.
+    pub affinity_key: Option<String>,
+    /// Arguments (a JSON object).
+    pub args: serde_json::Map<String, serde_json::Value>,
+    /// Input bytes.
+    #[serde(with = "base64_bytes", default)]
+    pub input: Vec<u8>,
+    /// Input MIME type.
+    pub input_mime: Option<String>,
+    /// Absolute deadline, ms since the UNIX epoch.
+    pub deadline_ms: Option<u64>,
+    /// Higher first.
+    pub priority: i64,
+    /// Attempts before failing.
+    pub max_attempts: u64,
+    /// Who submitted (JID or `http:<token>`).
+    pub submitter: String,
+    /// Idempotency key given by the submitter.
+    pub idempotency_key: Option<String>,
+    /// Whether progress reports are wanted.
+    pub progress: bool,
+    /// Full JID to push progress and the final status to (XMPP watch mode).
+    pub watch: Option<String>,
+}
+
+impl JobSpec {
+    /// The parsed filter, if any.
+    pub fn parsed_filter(&self) -> Option<Filter> {
+        self.filter.as_deref().and_then(|f| f.parse().ok())
+    }
+}
+
+mod base64_bytes {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+    }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// How a job ended, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Recorded {
+    /// The result (output inline; large outputs are assembled before recording).
+    Succeeded {
+        /// Metadata JSON.
+        meta: serde_json::Map<String, serde_json::Value>,
+        /// Output bytes.
+        #[serde(with = "base64_bytes")]
+        output: Vec<u8>,
+        /// Output MIME type.
+        mime: Option<String>,
+        /// Handler time.
+        elapsed_ms: Option<u64>,
+    },
+    /// Failed, cancelled or timed out.
+    Failure {
+        /// Spine condition.
+        condition: String,
+        /// Message.
+        message: Option<String>,
+    },
+}
+
+/// One job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Id.
+    pub id: JobId,
+    /// The request.
+    pub spec: JobSpec,
+    /// State.
+    pub state: JobState,
+    /// Attempts made.
+    pub attempts: u64,
+    /// Agent of the current or last attempt.
+    pub agent: Option<String>,
+    /// Agents that failed this job (not used again unless nothing else is left).
+    pub excluded: Vec<String>,
+    /// Outcome once final.
+    pub outcome: Option<Recorded>,
+    /// Last progress.
+    pub percent: Option<u8>,
+    /// When it was accepted.
+    pub accepted_ms: u64,
+    /// Last change.
+    pub updated_ms: u64,
+    /// Not to be dispatched before (retry backoff).
+    pub not_before_ms: u64,
+    /// Order of submission (FIFO among equal priorities).
+    pub seq: u64,
+}
+
+/// What to do after an attempt failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AfterFailure {
+    /// Queued again; not before the given time.
+    Retry {
+        /// Earliest dispatch time.
+        not_before_ms: u64,
+    },
+    /// The job ended.
+    Final(JobState),
+}
+
+/// Why a submission was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The capability's queue is full.
+    #[error("the queue for {capability} is full ({limit} jobs)")]
+    QueueFull {
+        /// The capability.
+        capability: CapabilityName,
+        /// The bound.
+        limit: usize,
+    },
+    /// The id is taken.
+    #[error("job id {0} already exists")]
+    Exists(JobId),
+}
+
+/// A result for a job that already has its outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Duplicate;
+
+/// Retry backoff after the `attempt`-th failure: 200 ms doubling, at most 10 s.
+pub fn backoff_ms(attempt: u64) -> u64 {
+    (200u64 << attempt.saturating_sub(1).min(6)).min(10_000)
+}
+
+type QueueKey = (Reverse<i64>, u64, JobId);
+
+/// All jobs the dispatcher knows, and the queues of those waiting for an agent.
+#[derive(Debug, Default)]
+pub struct JobTable {
+    jobs: HashMap<JobId, JobRecord>,
+    queues: HashMap<CapabilityName, BTreeSet<QueueKey>>,
+    next_seq: u64,
+    max_queue: usize,
+}
+
+impl JobTable {
+    /// A table whose per-capability queues hold at most `max_queue` jobs.
+    pub fn new(max_queue: usize) -> Self {
+        JobTable {
+            max_queue,
+            ..Default::default()
+        }
+    }
+
+    /// A job by id.
+    pub fn get(&self, id: &JobId) -> Option<&JobRecord> {
+        self.jobs.get(id)
+    }
+
+    /// Number of jobs known.
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Jobs queued for `cap`.
+    pub fn queued(&self, cap: &CapabilityName) -> usize {
+        self.queues.get(cap).map_or(0, BTreeSet::len)
+    }
+
+    /// Capabilities with queued jobs.
+    pub fn queued_capabilities(&self) -> Vec<CapabilityName> {
+        self.queues
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(c, _)| c.clone())
+            .collect()
+    }
+
+    /// Counts by (capability, state), for metrics.
+    pub fn counts(&self) -> HashMap<(CapabilityName, JobState), u64> {
+        let mut m = HashMap::new();
+        for j in self.jobs.values() {
+            *m.entry((j.spec.capability.clone(), j.state)).or_default() += 1;
+        }
+        m
+    }
+
+    fn enqueue(&mut self, id: &JobId) {
+        if let Some(j) = self.jobs.get(id) {
+            self.queues
+                .entry(j.spec.capability.clone())
+                .or_default()
+                .insert((Reverse(j.spec.priority), j.seq, id.clone()));
+        }
+    }
+
+    fn dequeue(&mut self, id: &JobId) {
+        if let Some(j) = self.jobs.get(id) {
+            if let Some(q) = self.queues.get_mut(&j.spec.capability) {
+                q.remove(&(Reverse(j.spec.priority), j.seq, id.clone()));
+            }
+        }
+    }
+
+    /// Accepts a new job (queued at once).
+    pub fn submit(
+        &mut self,
+        id: JobId,
+        spec: JobSpec,
+        now_ms: u64,
+    ) -> Result<&JobRecord, SubmitError> {
+        if self.jobs.contains_key(&id) {
+            return Err(SubmitError::Exists(id));
+        }
+        if self.queued(&spec.capability) >= self.max_queue {
+            return Err(SubmitError::QueueFull {
+                capability: spec.capability,
+                limit: self.max_queue,
+            });
+        }
+        self.next_seq += 1;
+        let rec = JobRecord {
+            id: id.clone(),
+            spec,
+            state: JobState::Queued,
+            attempts: 0,
+            agent: None,
+            excluded: Vec::new(),
+            outcome: None,
+            percent: None,
+            accepted_ms: now_ms,
+            updated_ms: now_ms,
+            not_before_ms: 0,
+            seq: self.next_seq,
+        };
+        self.jobs.insert(id.clone(), rec);
+        self.enqueue(&id);
+        Ok(&self.jobs[&id])
+    }
+
+    /// Restores a job read from the store after a restart. Jobs that were dispatched are
+    /// queued again (their agent may have finished them while we were down: the agent's
+    /// outcome cache answers the re-sent job without running it twice).
+    pub fn restore(&mut self, mut rec: JobRecord) {
+        self.next_seq = self.next_seq.max(rec.seq);
+        if matches!(
+            rec.state,
+            JobState::Accepted | JobState::Dispatched | JobState::Running
+        ) {
+            rec.state = JobState::Queued;
+        }
+        let id = rec.id.clone();
+        let queued = rec.state == JobState::Queued;
+        self.jobs.insert(id.clone(), rec);
+        if queued {
+            self.enqueue(&id);
+        }
+    }
+
+    /// The next job of `cap` to place: highest priority, then oldest; skipping those in
+    /// backoff.
+    pub fn next_for(&self, cap: &CapabilityName, now_ms: u64) -> Option<&JobRecord> {
+        self.queues
+            .get(cap)?
+            .iter()
+            .filter_map(|(_, _, id)| self.jobs.get(id))
+            .find(|j| j.not_before_ms <= now_ms)
+    }
+
+    /// The job was sent to `agent`.
+    pub fn dispatched(&mut self, id: &JobId, agent: &FullJid, now_ms: u64) -> Option<&JobRecord> {
+        self.dequeue(id);
+        let j = self.jobs.get_mut(id)?;
+        j.state = JobState::Dispatched;
+        j.attempts += 1;
+        j.agent = Some(agent.to_string());
+        j.updated_ms = now_ms;
+        Some(j)
+    }
+
+    /// The agent reported progress (the first report means it started).
+    pub fn progress(&mut self, id: &JobId, percent: Option<u8>, now_ms: u64) {
+        if let Some(j) = self.jobs.get_mut(id) {
+            if j.state == JobState::Dispatched {
+                j.state = JobState::Running;
+            }
+            if j.state == JobState::Running {
+                j.percent = percent.or(j.percent);
+                j.updated_ms = now_ms;
+            }
+        }
+    }
+
+    /// A result arrived. `Err(Duplicate)` if the job already has its outcome.
+    pub fn succeeded(
+        &mut self,
+        id: &JobId,
+        result: &JobResult,
+        output: Vec<u8>,
+        mime: Option<String>,
+        now_ms: u64,
+    ) -> Result<&JobRecord, Duplicate> {
+        let j = self.jobs.get_mut(id).ok_or(Duplicate)?;
+        if j.state.is_final() {
+            return Err(Duplicate);
+        }
+        let was_queued = j.state == JobState::Queued;
+        j.state = JobState::Succeeded;
+        j.percent = Some(100);
+        j.outcome = Some(Recorded::Succeeded {
+            meta: result.meta.0.clone(),
+            output,
+            mime,
+            elapsed_ms: result.elapsed_ms,
+        });
+        j.updated_ms = now_ms;
+        if was_queued {
+            // A late result of an earlier attempt while a retry was waiting: take it.
+            self.dequeue(id);
+        }
+        Ok(&self.jobs[id])
+    }
+
+    fn finalize(
+        &mut self,
+        id: &JobId,
+        state: JobState,
+        condition: Condition,
+        message: Option<String>,
+        now_ms: u64,
+    ) {
+        self.dequeue(id);
+        if let Some(j) = self.jobs.get_mut(id) {
+            j.state = state;
+            j.outcome = Some(Recorded::Failure {
+                condition: condition.as_str().to_owned(),
+                message,
+            });
+            j.updated_ms = now_ms;
+        }
+    }
+
+    /// An attempt failed on `agent` with `error` (`None`: the agent is gone). Retries
+    /// transient failures while attempts and time remain.
+    pub fn attempt_failed(
+        &mut self,
+        id: &JobId,
+        agent: Option<&FullJid>,
+        error: Option<&SpineError>,
+        now_ms: u64,
+    ) -> Option<AfterFailure> {
+        let j = self.jobs.get_mut(id)?;
+        if j.state.is_final() || j.state == JobState::Queued {
+            return None; // already decided (or a stale report of an earlier attempt)
+        }
+        if let Some(a) = agent {
+            let a = a.to_string();
+            if !j.excluded.contains(&a) {
+                j.excluded.push(a);
+            }
+        }
+        let retryable = error.is_none_or(|e| e.condition.is_retryable());
+        let time_left = j.spec.deadline_ms.is_none_or(|d| now_ms < d);
+        if retryable && j.attempts < j.spec.max_attempts && time_left {
+            j.state = JobState::Queued;
+            j.not_before_ms = now_ms + backoff_ms(j.attempts);
+            j.updated_ms = now_ms;
+            let nb = j.not_before_ms;
+            self.enqueue(id);
+            return Some(AfterFailure::Retry { not_before_ms: nb });
+        }
+        let (state, condition, message) = match error {
+            Some(e) if e.condition == Condition::DeadlineExceeded => {
+                (JobState::TimedOut, e.condition, e.text.clone())
+            }
+            Some(e) if e.condition == Condition::Cancelled => {
+                (JobState::Cancelled, e.condition, e.text.clone())
+            }
+            Some(e) if retryable => (
+                JobState::Failed,
+                e.condition,
+                Some(format!(
+                    "gave up after {} attempts: {}",
+                    j.attempts,
+                    e.text.clone().unwrap_or_default()
+                )),
+            ),
+            Some(e) => (JobState::Failed, e.condition, e.text.clone()),
+            None if !time_left => (
+                JobState::TimedOut,
+                Condition::DeadlineExceeded,
+                Some("deadline passed while retrying".into()),
+            ),
+            None => (
+                JobState::Failed,
+                Condition::Retryable,
+                Some(format!(
+                    "the agent was lost on each of {} attempts",
+                    j.attempts
+                )),
+            ),
+        };
+        self.finalize(id, state, condition, message, now_ms);
+        Some(AfterFailure::Final(state))
+    }
+
+    /// Cancels a job. Returns the agent running it (to send `<cancel/>` to), if any.
+    /// `Err` if the job is unknown; a final job stays as it is.
+    pub fn cancel(&mut self, id: &JobId, now_ms: u64) -> Result<Option<String>, ()> {
+        let j = self.jobs.get(id).ok_or(())?;
+        if j.state.is_final() {
+            return Ok(None);
+        }
+        let agent = matches!(j.state, JobState::Dispatched | JobState::Running)
+            .then(|| j.agent.clone())
+            .flatten();
+        self.finalize(
+            id,
+            JobState::Cancelled,
+            Condition::Cancelled,
+            Some("cancelled by the submitter".into()),
+            now_ms,
+        );
+        Ok(agent)
+    }
+
+    /// Fails a queued job that found no capable agent in time.
+    pub fn no_agent(&mut self, id: &JobId, now_ms: u64) {
+        if self
+            .jobs
+            .get(id)
+            .is_some_and(|j| j.state == JobState::Queued)
+        {
+            let cap = self.jobs[id].spec.capability.clone();
+            self.finalize(
+                id,
+                JobState::Failed,
+                Condition::NoAgent,
+                Some(format!("no agent offering {cap} appeared in time")),
+                now_ms,
+            );
+        }
+    }
+
+    /// Jobs whose deadline passed: timed out now. Returns them with the agent each was on.
+    pub fn expire(&mut self, now_ms: u64) -> Vec<(JobId, Option<String>)> {
+        let due: Vec<(JobId, Option<String>)> = self
+            .jobs
+            .values()
+            .filter(|j| !j.state.is_final() && j.spec.deadline_ms.is_some_and(|d| d <= now_ms))
+            .map(|j| {
+                (
+                    j.id.clone(),
+                    matches!(j.state, JobState::Dispatched | JobState::Running)
+                        .then(|| j.agent.clone())
+                        .flatten(),
+                )
+            })
+            .collect();
+        for (id, _) in &due {
+            self.finalize(
+                id,
+                JobState::TimedOut,
+                Condition::DeadlineExceeded,
+                Some("deadline passed".into()),
+                now_ms,
+            );
+        }
+        due
+    }
+
+    /// Forgets final jobs older than `retention_ms`; returns their ids (to delete from the
+    /// store).
+    pub fn prune(&mut self, now_ms: u64, retention_ms: u64) -> Vec<JobId> {
+        let old: Vec<JobId> = self
+            .jobs
+            .values()
+            .filter(|j| j.state.is_final() && now_ms.saturating_sub(j.updated_ms) > retention_ms)
+            .map(|j| j.id.clone())
+            .collect();
+        for id in &old {
+            self.jobs.remove(id);
+        }
+        old
+    }
+
+    /// Whether `agent` (full JID text) failed this job before.
+    pub fn is_excluded(&self, id: &JobId, agent: &Jid) -> bool {
+        self.jobs
+            .get(id)
+            .is_some_and(|j| j.excluded.iter().any(|a| a == agent.as_str()))
+    }
+}
