@@ -155,6 +155,11 @@ pub enum SubmitError {
     Exists(JobId),
 }
 
+/// The job id is not known.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no job {0}")]
+pub struct UnknownJob(pub JobId);
+
 /// A result for a job that already has its outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Duplicate;
@@ -443,8 +448,8 @@ impl JobTable {
 
     /// Cancels a job. Returns the agent running it (to send `<cancel/>` to), if any.
     /// `Err` if the job is unknown; a final job stays as it is.
-    pub fn cancel(&mut self, id: &JobId, now_ms: u64) -> Result<Option<String>, ()> {
-        let j = self.jobs.get(id).ok_or(())?;
+    pub fn cancel(&mut self, id: &JobId, now_ms: u64) -> Result<Option<String>, UnknownJob> {
+        let j = self.jobs.get(id).ok_or_else(|| UnknownJob(id.clone()))?;
         if j.state.is_final() {
             return Ok(None);
         }

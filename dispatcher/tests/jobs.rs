@@ -227,7 +227,7 @@ fn deadlines_cancel_no_agent_and_late_results() {
         Ok(Some("agent2@localhost/w".into()))
     );
     assert_eq!(t.get(&id("c2")).unwrap().state, JobState::Cancelled);
-    assert_eq!(t.cancel(&id("nope"), 3), Err(()));
+    assert_eq!(t.cancel(&id("nope"), 3), Err(UnknownJob(id("nope"))));
 
     t.submit(id("na"), spec("c", 0), 1).unwrap();
     t.no_agent(&id("na"), 9);
