@@ -12,3 +12,4 @@
 
 pub mod jobs;
 pub mod registry;
+pub mod store;

@@ -1,0 +1,234 @@
+//! The durable job store (redb): every accepted job is written, and the transaction committed
+//! to disk, before the submitter hears "accepted"; state changes are written as they happen;
+//! a restarted dispatcher reloads unfinished jobs and the agents it knew.
+//!
+//! Tables: `jobs` (job id → the job record as JSON), `idempotency` (submitter NUL key → job
+//! id), `agents` (agent bare JID → last seen, ms since the UNIX epoch).
+
+use std::path::Path;
+
+use redb::{Database, ReadableTable, TableDefinition};
+use spine_protocol::JobId;
+
+use crate::jobs::JobRecord;
+
+const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
+const AGENTS: TableDefinition<&str, u64> = TableDefinition::new("agents");
+
+/// Why the store failed. Fatal for the operation that asked; the dispatcher reports it (an
+/// HTTP 503 / XMPP `internal-server-error`) rather than acknowledging a job it did not store.
+#[derive(Debug, thiserror::Error)]
+#[error("job store: {0}")]
+pub struct StoreError(String);
+
+fn e(x: impl std::fmt::Display) -> StoreError {
+    StoreError(x.to_string())
+}
+
+/// The store.
+pub struct Store {
+    db: Database,
+}
+
+fn idem_key(submitter: &str, key: &str) -> String {
+    format!("{submitter}\u{0}{key}")
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|x| e(format!("{}: {x}", dir.display())))?;
+        }
+        let db = Database::create(path).map_err(|x| e(format!("{}: {x}", path.display())))?;
+        let tx = db.begin_write().map_err(e)?;
+        {
+            tx.open_table(JOBS).map_err(e)?;
+            tx.open_table(IDEMPOTENCY).map_err(e)?;
+            tx.open_table(AGENTS).map_err(e)?;
+        }
+        tx.commit().map_err(e)?;
+        Ok(Store { db })
+    }
+
+    /// Writes jobs (new or changed) in one durable transaction; records idempotency keys of
+    /// new ones.
+    pub fn put(&self, jobs: &[&JobRecord]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = tx.open_table(JOBS).map_err(e)?;
+            let mut idem = tx.open_table(IDEMPOTENCY).map_err(e)?;
+            for j in jobs {
+                let bytes = serde_json::to_vec(j).map_err(e)?;
+                t.insert(j.id.as_str(), bytes.as_slice()).map_err(e)?;
+                if let Some(k) = &j.spec.idempotency_key {
+                    idem.insert(idem_key(&j.spec.submitter, k).as_str(), j.id.as_str())
+                        .map_err(e)?;
+                }
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// The job an idempotency key of a submitter already created.
+    pub fn idempotent(&self, submitter: &str, key: &str) -> Result<Option<JobId>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(IDEMPOTENCY).map_err(e)?;
+        let got = t.get(idem_key(submitter, key).as_str()).map_err(e)?;
+        Ok(got.and_then(|v| v.value().parse().ok()))
+    }
+
+    /// Every stored job.
+    pub fn load(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(JOBS).map_err(e)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            match serde_json::from_slice::<JobRecord>(v.value()) {
+                Ok(j) => out.push(j),
+                Err(x) => return Err(e(format!("job {} is unreadable: {x}", k.value()))),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes jobs (after their retention) and their idempotency keys.
+    pub fn delete(&self, jobs: &[JobRecord]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = tx.open_table(JOBS).map_err(e)?;
+            let mut idem = tx.open_table(IDEMPOTENCY).map_err(e)?;
+            for j in jobs {
+                t.remove(j.id.as_str()).map_err(e)?;
+                if let Some(k) = &j.spec.idempotency_key {
+                    idem.remove(idem_key(&j.spec.submitter, k).as_str())
+                        .map_err(e)?;
+                }
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Remembers agents (bare JIDs) seen, for the hello after a restart.
+    pub fn saw_agents(&self, agents: &[(String, u64)]) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = tx.open_table(AGENTS).map_err(e)?;
+            for (jid, at) in agents {
+                t.insert(jid.as_str(), *at).map_err(e)?;
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Agents seen since `since_ms`.
+    pub fn known_agents(&self, since_ms: u64) -> Result<Vec<String>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(AGENTS).map_err(e)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            if v.value() >= since_ms {
+                out.push(k.value().to_owned());
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::{JobSpec, JobTable};
+    use spine_protocol::{JobState, Strategy};
+
+    fn spec(key: Option<&str>) -> JobSpec {
+        JobSpec {
+            capability: "c".parse().unwrap(),
+            strategy: Strategy::LeastLoaded,
+            filter: Some("gpu".into()),
+            sort: None,
+            affinity_key: None,
+            args: serde_json::json!({"n": 9007199254740993u64})
+                .as_object()
+                .cloned()
+                .unwrap(),
+            input: vec![0, 1, 2, 255],
+            input_mime: Some("application/octet-stream".into()),
+            deadline_ms: Some(1_900_000_000_000),
+            priority: -2,
+            max_attempts: 3,
+            submitter: "http:app".into(),
+            idempotency_key: key.map(str::to_owned),
+            progress: true,
+            watch: None,
+        }
+    }
+
+    #[test]
+    fn jobs_survive_reopening() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let mut t = JobTable::new(10);
+        let a = t
+            .submit("a".parse().unwrap(), spec(Some("upload-1")), 5)
+            .unwrap()
+            .clone();
+        let b = t
+            .submit("b".parse().unwrap(), spec(None), 6)
+            .unwrap()
+            .clone();
+        {
+            let s = Store::open(&path).unwrap();
+            s.put(&[&a, &b]).unwrap();
+            s.saw_agents(&[("agent1@x".into(), 100), ("agent2@x".into(), 5)])
+                .unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let mut loaded = s.load().unwrap();
+        loaded.sort_by(|x, y| x.id.cmp(&y.id));
+        assert_eq!(loaded, vec![a.clone(), b.clone()]);
+        assert_eq!(
+            s.idempotent("http:app", "upload-1").unwrap(),
+            Some("a".parse().unwrap())
+        );
+        assert_eq!(
+            s.idempotent("http:other", "upload-1").unwrap(),
+            None,
+            "keys are per submitter"
+        );
+        assert_eq!(s.known_agents(50).unwrap(), vec!["agent1@x".to_owned()]);
+        let mut done = a.clone();
+        done.state = JobState::Succeeded;
+        s.put(&[&done]).unwrap();
+        assert_eq!(
+            s.load()
+                .unwrap()
+                .iter()
+                .find(|j| j.id.as_str() == "a")
+                .unwrap()
+                .state,
+            JobState::Succeeded
+        );
+        s.delete(&[done]).unwrap();
+        assert_eq!(s.load().unwrap().len(), 1);
+        assert_eq!(s.idempotent("http:app", "upload-1").unwrap(), None);
+    }
+
+    #[test]
+    fn unreadable_records_are_reported_not_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let s = Store::open(&path).unwrap();
+        let tx = s.db.begin_write().unwrap();
+        tx.open_table(JOBS)
+            .unwrap()
+            .insert("broken", b"{not json".as_slice())
+            .unwrap();
+        tx.commit().unwrap();
+        let err = s.load().unwrap_err().to_string();
+        assert!(err.contains("job broken is unreadable"), "{err}");
+    }
+}
