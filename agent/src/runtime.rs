@@ -32,8 +32,9 @@ use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
 use crate::error::AgentError;
 use crate::handler::{JobContext, JobError, Report};
-use crate::store::{BlobStore, Outcome, OutcomeCache};
+use crate::store::{Outcome, OutcomeCache};
 use crate::Agent;
+use spine_protocol::blob::BlobStore;
 
 /// Unacknowledged chunks in flight per blob upload (PROTOCOL.md §13).
 const CHUNK_WINDOW: usize = 8;
@@ -441,7 +442,8 @@ impl Runtime {
             Ok(spine_protocol::Payload::Job(job)) => return self.on_job(from, id, job).await,
             Ok(spine_protocol::Payload::Cancel(c)) => self.on_cancel(c),
             Ok(spine_protocol::Payload::Chunk(c)) => {
-                self.blobs.put(&from.to_bare(), c, Instant::now())
+                self.blobs
+                    .put(from.to_bare().as_str(), c, Instant::now().into_std())
             }
             Ok(_) => Err(SpineError::new(Condition::Malformed)
                 .with_text("an agent takes only <job/>, <cancel/> and <chunk/> requests")),
@@ -527,7 +529,7 @@ impl Runtime {
                     e.max = Some(self.agent.config.max_input_size.as_u64());
                     return Err(e);
                 }
-                (self.blobs.take(&from_bare, r)?, r.mime.clone())
+                (self.blobs.take(from_bare.as_str(), r)?, r.mime.clone())
             }
         };
         let cancel = CancellationToken::new();

@@ -15,6 +15,7 @@
 
 mod xml;
 
+pub mod blob;
 pub mod client;
 pub mod condition;
 pub mod data;
