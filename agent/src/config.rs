@@ -3,7 +3,6 @@
 //! validation before start that names the bad key.
 
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,29 +16,7 @@ use crate::error::AgentError;
 /// The commented default configuration (`spine agent --print-config` without a file).
 pub const DEFAULT_CONFIG: &str = include_str!("agent.toml");
 
-/// How the connection is secured.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "kebab-case")]
-pub enum TlsMode {
-    /// TLS off loopback, plain TCP on loopback.
-    #[default]
-    Auto,
-    /// Always STARTTLS.
-    Required,
-    /// Plain TCP everywhere (credentials in clear).
-    InsecurePlain,
-}
-
-/// TLS settings.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct TlsConfig {
-    /// When to use TLS.
-    #[serde(default)]
-    pub mode: TlsMode,
-    /// CA certificates to trust (PEM).
-    pub ca_file: Option<PathBuf>,
-}
+pub use spine_xmpp::{TlsConfig, TlsMode};
 
 /// What an exec capability feeds the program and reads back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -240,18 +217,10 @@ impl Default for AgentConfig {
 /// A configuration checked and resolved: what the runtime uses.
 #[derive(Debug, Clone)]
 pub struct Resolved {
-    /// The account.
-    pub jid: Jid,
-    /// Its password.
-    pub password: String,
-    /// Server address.
-    pub server: SocketAddr,
+    /// How to connect and log in.
+    pub options: spine_xmpp::ConnectOptions,
     /// Allowed dispatchers.
     pub dispatchers: Vec<BareJid>,
-    /// Whether TLS is used, and the trusted CA PEM.
-    pub tls: Option<String>,
-    /// Plain TCP off loopback allowed.
-    pub insecure: bool,
 }
 
 fn bad(key: &str, why: impl std::fmt::Display) -> AgentError {
@@ -432,63 +401,23 @@ impl AgentConfig {
     /// Resolves password, server address and TLS trust (reads files, resolves the host).
     pub fn resolve(&self) -> Result<Resolved, AgentError> {
         self.validate()?;
-        let jid = Jid::new(&self.jid).map_err(|e| bad("jid", e))?;
-        let password = match (&self.password, &self.password_file) {
-            (Some(p), _) => p.clone(),
-            (None, Some(f)) => std::fs::read_to_string(f)
-                .map_err(|e| bad("password_file", format!("{}: {e}", f.display())))?
-                .trim_end_matches(['\n', '\r'])
-                .to_owned(),
-            (None, None) => {
-                return Err(bad(
-                    "password",
-                    "not set (password, password_file or SPINE_AGENT_PASSWORD)",
-                ))
-            }
-        };
-        let server = self
-            .server
-            .to_socket_addrs()
-            .map_err(|e| bad("server", format!("'{}': {e}", self.server)))?
-            .next()
-            .ok_or_else(|| {
-                bad(
-                    "server",
-                    format!("'{}' resolves to no address", self.server),
-                )
-            })?;
-        let loopback = server.ip().is_loopback();
-        let use_tls = match self.tls.mode {
-            TlsMode::Required => true,
-            TlsMode::Auto => !loopback,
-            TlsMode::InsecurePlain => false,
-        };
-        let tls = if use_tls {
-            let f = self.tls.ca_file.as_ref().ok_or_else(|| {
-                bad(
-                    "tls.ca_file",
-                    format!("TLS is required for {server} but no CA file is configured"),
-                )
-            })?;
-            Some(
-                std::fs::read_to_string(f)
-                    .map_err(|e| bad("tls.ca_file", format!("{}: {e}", f.display())))?,
-            )
-        } else {
-            None
-        };
+        let options = spine_xmpp::connect_options(
+            &self.jid,
+            self.password.as_deref(),
+            self.password_file.as_deref(),
+            &self.server,
+            &self.tls,
+            "SPINE_AGENT_PASSWORD",
+        )
+        .map_err(|e| bad(e.key, e.message))?;
         let dispatchers = self
             .dispatchers
             .iter()
             .filter_map(|d| BareJid::new(d).ok())
             .collect();
         Ok(Resolved {
-            jid,
-            password,
-            server,
+            options,
             dispatchers,
-            tls,
-            insecure: self.tls.mode == TlsMode::InsecurePlain,
         })
     }
 }
@@ -593,7 +522,10 @@ mod tests {
         let e = cfg.resolve().unwrap_err().to_string();
         assert!(e.contains("tls.ca_file"), "{e}");
         cfg.server = "127.0.0.1:5222".into();
-        assert!(cfg.resolve().unwrap().tls.is_none());
+        assert!(matches!(
+            cfg.resolve().unwrap().options.security,
+            spine_xmpp::Security::Plain { insecure: false }
+        ));
         cfg.tls.mode = TlsMode::Required;
         assert!(cfg.resolve().is_err(), "required TLS needs a CA file");
     }

@@ -18,7 +18,7 @@ use spine_protocol::{
     JobResult, Load, Partial, Progress, ProtocolVersion, SpineError, INLINE_LIMIT,
 };
 use spine_xmpp::stanzastream::{Event, StreamEvent};
-use spine_xmpp::{ConnectOptions, Connection, Security, Status, Trust};
+use spine_xmpp::{Connection, Status};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -135,26 +135,13 @@ pub(crate) async fn run(
     shutdown: impl Future<Output = impl Sized> + Send,
 ) -> Result<(), AgentError> {
     let resolved = agent.config.resolve()?;
-    let security = match &resolved.tls {
-        Some(pem) => Security::StartTls {
-            trust: Trust::Pem(pem.clone()),
-            channel_binding: false,
-        },
-        None => Security::Plain {
-            insecure: resolved.insecure,
-        },
-    };
-    let opts = ConnectOptions::new(
-        resolved.jid.clone(),
-        resolved.password.clone(),
-        resolved.server,
-        security,
-    );
+    let opts = resolved.options.clone();
+    let server = opts.addr;
     let mut conn = spine_xmpp::connect(opts).await?;
     let mut status_rx = conn
         .take_status()
         .ok_or_else(|| AgentError::Reconnect("connection status already taken".into()))?;
-    info!(jid = %conn.jid(), server = %resolved.server, capabilities = agent.caps.len(), "agent connected");
+    info!(jid = %conn.jid(), server = %server, capabilities = agent.caps.len(), "agent connected");
     let (done_tx, mut done_rx) = mpsc::unbounded_channel();
     let (report_tx, mut report_rx) = mpsc::unbounded_channel();
     let per_cap = agent

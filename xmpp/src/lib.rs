@@ -19,6 +19,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod account;
 mod connector;
 
 use std::borrow::Cow;
@@ -38,6 +39,7 @@ use tokio_xmpp::stanzastream::{
 use tokio_xmpp::xmlstream::{StreamHeader, Timeouts};
 use tokio_xmpp::Stanza;
 
+pub use account::{connect_options, KeyError, TlsConfig, TlsMode};
 pub use connector::{PlainConnector, StartTlsConnector, Trust};
 pub use tokio_xmpp::stanzastream;
 

@@ -1,0 +1,158 @@
+//! The account part of a client's configuration (agent, dispatcher): JID, password, server
+//! address and TLS, resolved into [`ConnectOptions`] with errors that name the key at fault.
+
+use std::net::ToSocketAddrs;
+use std::path::{Path, PathBuf};
+
+use jid::Jid;
+use serde::{Deserialize, Serialize};
+
+use crate::{ConnectOptions, Security, Trust};
+
+/// When the connection uses TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TlsMode {
+    /// TLS off loopback, plain TCP on loopback.
+    #[default]
+    Auto,
+    /// Always STARTTLS.
+    Required,
+    /// Plain TCP everywhere (credentials in clear; never in production).
+    InsecurePlain,
+}
+
+/// TLS settings (`[tls]` in agent and dispatcher configuration).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// When to use TLS.
+    #[serde(default)]
+    pub mode: TlsMode,
+    /// CA certificates to trust (PEM file).
+    pub ca_file: Option<PathBuf>,
+}
+
+/// A configuration error: the key at fault and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyError {
+    /// The configuration key.
+    pub key: &'static str,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+fn bad(key: &'static str, message: impl Into<String>) -> KeyError {
+    KeyError {
+        key,
+        message: message.into(),
+    }
+}
+
+/// Resolves account settings: reads the password (inline or from a file), resolves the
+/// server address, decides on TLS and loads the CA file. `env` names the environment variable
+/// that can hold the password, for the error message.
+pub fn connect_options(
+    jid: &str,
+    password: Option<&str>,
+    password_file: Option<&Path>,
+    server: &str,
+    tls: &TlsConfig,
+    env: &str,
+) -> Result<ConnectOptions, KeyError> {
+    let jid = Jid::new(jid).map_err(|e| bad("jid", format!("'{jid}' is not a JID: {e}")))?;
+    if jid.node().is_none() {
+        return Err(bad(
+            "jid",
+            format!("'{jid}' needs a user part (user@domain)"),
+        ));
+    }
+    let password = match (password, password_file) {
+        (Some(_), Some(_)) => {
+            return Err(bad("password", "give password or password_file, not both"))
+        }
+        (Some(p), None) => p.to_owned(),
+        (None, Some(f)) => std::fs::read_to_string(f)
+            .map_err(|e| bad("password_file", format!("{}: {e}", f.display())))?
+            .trim_end_matches(['\n', '\r'])
+            .to_owned(),
+        (None, None) => {
+            return Err(bad(
+                "password",
+                format!("not set (password, password_file or {env})"),
+            ))
+        }
+    };
+    let addr = server
+        .to_socket_addrs()
+        .map_err(|e| bad("server", format!("'{server}': {e}")))?
+        .next()
+        .ok_or_else(|| bad("server", format!("'{server}' resolves to no address")))?;
+    let use_tls = match tls.mode {
+        TlsMode::Required => true,
+        TlsMode::Auto => !addr.ip().is_loopback(),
+        TlsMode::InsecurePlain => false,
+    };
+    let security = if use_tls {
+        let f = tls.ca_file.as_ref().ok_or_else(|| {
+            bad(
+                "tls.ca_file",
+                format!("TLS is required for {addr} but no CA file is configured"),
+            )
+        })?;
+        let pem = std::fs::read_to_string(f)
+            .map_err(|e| bad("tls.ca_file", format!("{}: {e}", f.display())))?;
+        Security::StartTls {
+            trust: Trust::Pem(pem),
+            channel_binding: false,
+        }
+    } else {
+        Security::Plain {
+            insecure: tls.mode == TlsMode::InsecurePlain,
+        }
+    };
+    Ok(ConnectOptions::new(jid, password, addr, security))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tls_is_required_off_loopback_and_errors_name_keys() {
+        let tls = TlsConfig::default();
+        let e =
+            connect_options("a@x", Some("pw"), None, "192.0.2.1:5222", &tls, "ENV").unwrap_err();
+        assert_eq!(e.key, "tls.ca_file");
+        let o = connect_options("a@x", Some("pw"), None, "127.0.0.1:5222", &tls, "ENV").unwrap();
+        assert!(matches!(o.security, Security::Plain { insecure: false }));
+        let req = TlsConfig {
+            mode: TlsMode::Required,
+            ca_file: None,
+        };
+        assert_eq!(
+            connect_options("a@x", Some("pw"), None, "127.0.0.1:5222", &req, "ENV")
+                .unwrap_err()
+                .key,
+            "tls.ca_file"
+        );
+        assert_eq!(
+            connect_options("nouser", Some("pw"), None, "127.0.0.1:1", &tls, "ENV")
+                .unwrap_err()
+                .key,
+            "jid"
+        );
+        assert!(
+            connect_options("a@x", None, None, "127.0.0.1:1", &tls, "SPINE_X")
+                .unwrap_err()
+                .message
+                .contains("SPINE_X")
+        );
+        assert_eq!(
+            connect_options("a@x", Some("p"), None, "no-such-host.invalid:1", &tls, "E")
+                .unwrap_err()
+                .key,
+            "server"
+        );
+    }
+}
