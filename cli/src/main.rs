@@ -6,6 +6,7 @@
 //! with their crates.
 
 mod agent;
+mod dispatcher;
 mod server;
 
 use std::io::Read as _;
@@ -33,6 +34,8 @@ enum Command {
     Server(server::ServerArgs),
     /// Run an agent: join the XMPP server, advertise capabilities, run jobs.
     Agent(agent::AgentArgs),
+    /// Run a dispatcher: keep the agent registry, place jobs on the least-loaded agents.
+    Dispatcher(dispatcher::DispatcherArgs),
     /// Check that an XML stanza or payload follows the Spine wire protocol (docs/PROTOCOL.md).
     ///
     /// Reads one XML element from FILE (or standard input with `-`): a stanza (`<iq>`,
@@ -51,6 +54,7 @@ fn main() -> ExitCode {
         Command::Check { file } => check(&file),
         Command::Server(args) => server::run(args).map(|()| true),
         Command::Agent(args) => agent::run(args).map(|()| true),
+        Command::Dispatcher(args) => dispatcher::run(args).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

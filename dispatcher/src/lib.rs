@@ -10,6 +10,13 @@
 
 #![forbid(unsafe_code)]
 
+pub mod config;
+pub mod error;
 pub mod jobs;
 pub mod registry;
+mod runtime;
 pub mod store;
+
+pub use config::{DispatcherConfig, DEFAULT_CONFIG};
+pub use error::DispatcherError;
+pub use runtime::run;

@@ -1,0 +1,177 @@
+//! Dispatcher configuration: serde struct from TOML plus `SPINE_DISPATCHER_*` variables, with
+//! the commented default embedded (`dispatcher.toml`) and validation naming the bad key.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use jid::BareJid;
+use serde::{Deserialize, Serialize};
+use spine_xmpp::TlsConfig;
+
+use crate::error::DispatcherError;
+
+/// The commented default configuration.
+pub const DEFAULT_CONFIG: &str = include_str!("dispatcher.toml");
+
+/// Everything a dispatcher needs.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DispatcherConfig {
+    /// Account (full JID recommended).
+    pub jid: String,
+    /// Password.
+    pub password: Option<String>,
+    /// File holding the password.
+    pub password_file: Option<PathBuf>,
+    /// Server address.
+    pub server: String,
+    /// Job store directory.
+    pub data_dir: PathBuf,
+    /// Bare JIDs allowed to use the XMPP API.
+    pub submitters: Vec<String>,
+    /// Queue bound per capability.
+    pub max_queue: usize,
+    /// Default attempts per job.
+    pub max_attempts: u64,
+    /// Wait for a capable agent.
+    #[serde(with = "humantime_serde")]
+    pub no_agent_wait: Duration,
+    /// Retention of finished jobs.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// Largest blob from an agent.
+    pub max_blob: ByteSize,
+    /// TLS.
+    pub tls: TlsConfig,
+}
+
+impl std::fmt::Debug for DispatcherConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DispatcherConfig")
+            .field("jid", &self.jid)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("server", &self.server)
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for DispatcherConfig {
+    fn default() -> Self {
+        DispatcherConfig {
+            jid: "dispatcher@localhost/d1".into(),
+            password: None,
+            password_file: None,
+            server: "127.0.0.1:5222".into(),
+            data_dir: PathBuf::from("spine-data"),
+            submitters: Vec::new(),
+            max_queue: 10_000,
+            max_attempts: 3,
+            no_agent_wait: Duration::from_secs(30),
+            retention: Duration::from_secs(86_400),
+            max_blob: ByteSize::mib(64),
+            tls: TlsConfig::default(),
+        }
+    }
+}
+
+fn bad(key: &str, why: impl std::fmt::Display) -> DispatcherError {
+    DispatcherError::Config(format!("{key}: {why}"))
+}
+
+impl DispatcherConfig {
+    /// Defaults, then the TOML file, then `SPINE_DISPATCHER_*` variables; validated.
+    pub fn load(file: Option<&std::path::Path>) -> Result<Self, DispatcherError> {
+        let mut b = config::Config::builder();
+        if let Some(f) = file {
+            b = b.add_source(
+                config::File::from(f)
+                    .format(config::FileFormat::Toml)
+                    .required(true),
+            );
+        }
+        // Values are not type-guessed (a password "0123" stays "0123").
+        b = b.add_source(
+            config::Environment::with_prefix("SPINE_DISPATCHER")
+                .list_separator(",")
+                .with_list_parse_key("submitters"),
+        );
+        let cfg: DispatcherConfig = b
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| DispatcherError::Config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no environment) and validates.
+    pub fn from_toml(text: &str) -> Result<Self, DispatcherError> {
+        let cfg: DispatcherConfig =
+            toml::from_str(text).map_err(|e| DispatcherError::Config(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Checks what deserialisation cannot.
+    pub fn validate(&self) -> Result<(), DispatcherError> {
+        let j = jid::Jid::new(&self.jid).map_err(|e| bad("jid", format!("'{}': {e}", self.jid)))?;
+        if j.node().is_none() {
+            return Err(bad("jid", "needs a user part (user@domain/resource)"));
+        }
+        for (i, s) in self.submitters.iter().enumerate() {
+            BareJid::new(s).map_err(|e| {
+                bad(
+                    &format!("submitters[{i}]"),
+                    format!("'{s}' is not a bare JID: {e}"),
+                )
+            })?;
+        }
+        if self.max_queue == 0 {
+            return Err(bad("max_queue", "must be at least 1"));
+        }
+        if self.max_attempts == 0 {
+            return Err(bad("max_attempts", "must be at least 1"));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(bad("data_dir", "must not be empty"));
+        }
+        Ok(())
+    }
+
+    /// Connection options (password read, address resolved, TLS decided).
+    pub fn connect_options(&self) -> Result<spine_xmpp::ConnectOptions, DispatcherError> {
+        spine_xmpp::connect_options(
+            &self.jid,
+            self.password.as_deref(),
+            self.password_file.as_deref(),
+            &self.server,
+            &self.tls,
+            "SPINE_DISPATCHER_PASSWORD",
+        )
+        .map_err(|e| bad(e.key, e.message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_file_is_the_default_and_errors_name_keys() {
+        assert_eq!(
+            DispatcherConfig::from_toml(DEFAULT_CONFIG).unwrap(),
+            DispatcherConfig::default()
+        );
+        for (toml, key) in [
+            ("jid = \"nouser\"", "jid"),
+            ("submitters = [\"a@b/c\"]", "submitters[0]"),
+            ("max_queue = 0", "max_queue"),
+            ("no_agent_wait = 30", "no_agent_wait"),
+            ("bogus = 1", "bogus"),
+        ] {
+            let e = DispatcherConfig::from_toml(toml).unwrap_err().to_string();
+            assert!(e.contains(key), "{toml} -> {e}");
+        }
+    }
+}

@@ -1,0 +1,916 @@
+//! The dispatcher's connection task: the one owner of its XMPP connection, the registry, the
+//! job table and the store.
+//!
+//! A `select!` loop over stanzas and a 50 ms tick. Stanzas become registry and job events;
+//! after each event, queued jobs are placed (`place`). The tick times out jobs, retries those
+//! whose backoff ended, pings silent agents and fails jobs that found no capable agent in time.
+//! Every job state change is written to the store before anyone is told about it.
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use jid::{BareJid, FullJid, Jid};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use spine_protocol::blob::BlobStore;
+use spine_protocol::{
+    classify, presence_payloads, Accepted, Agents, Cancel, Condition, Data, Discover,
+    DispatcherHello, Disposition, Failure, Job, JobId, JobResult, JobState, JobStatus, Outcome,
+    Payload, Progress, SpineError, Status, Submit, INLINE_LIMIT,
+};
+use spine_xmpp::stanzastream::{Event, StreamEvent};
+use spine_xmpp::Connection;
+use tokio_xmpp::Stanza;
+use tracing::{debug, error, info, warn};
+use xmpp_parsers::iq::Iq;
+use xmpp_parsers::message::{Message, MessageType};
+use xmpp_parsers::presence::{Presence, Type as PresenceType};
+use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+
+use crate::config::DispatcherConfig;
+use crate::error::DispatcherError;
+use crate::jobs::{AfterFailure, JobRecord, JobSpec, JobTable, Recorded};
+use crate::registry::{AdvertiseOutcome, LoadOutcome, NoPick, PickRequest, Registry};
+use crate::store::Store;
+
+/// How often timers are checked.
+const TICK: Duration = Duration::from_millis(50);
+/// Time a silent agent has to answer a ping.
+const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// Queued jobs looked at per capability per placement round (bounds head-of-line scans).
+const PLACE_SCAN: usize = 64;
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// A job IQ in flight.
+struct Sent {
+    job: JobId,
+    agent: FullJid,
+    attempt: u64,
+}
+
+struct Runtime {
+    cfg: DispatcherConfig,
+    conn: Connection,
+    registry: Registry,
+    jobs: JobTable,
+    store: Store,
+    rng: StdRng,
+    sent: HashMap<String, Sent>,
+    pings: HashMap<String, (FullJid, Instant)>,
+    blobs: BlobStore,
+    no_agent_since: HashMap<JobId, u64>,
+    submitters: HashSet<BareJid>,
+    next_id: u64,
+}
+
+/// Runs a dispatcher until `shutdown` completes.
+pub async fn run(
+    cfg: DispatcherConfig,
+    shutdown: impl Future<Output = impl Sized> + Send,
+) -> Result<(), DispatcherError> {
+    let opts = cfg.connect_options()?;
+    let store = Store::open(&cfg.data_dir.join("jobs.redb"))?;
+    let mut jobs = JobTable::new(cfg.max_queue);
+    let stored = store.load()?;
+    let unfinished = stored.iter().filter(|j| !j.state.is_final()).count();
+    for j in stored {
+        jobs.restore(j);
+    }
+    let conn = spine_xmpp::connect(opts).await?;
+    info!(jid = %conn.jid(), jobs = jobs.len(), unfinished, "dispatcher connected");
+    let submitters = cfg
+        .submitters
+        .iter()
+        .filter_map(|s| BareJid::new(s).ok())
+        .collect();
+    let mut rt = Runtime {
+        blobs: BlobStore::new(cfg.max_blob.as_u64(), Duration::from_secs(300)),
+        cfg,
+        conn,
+        registry: Registry::new(),
+        jobs,
+        store,
+        rng: StdRng::from_os_rng(),
+        sent: HashMap::new(),
+        pings: HashMap::new(),
+        no_agent_since: HashMap::new(),
+        submitters,
+        next_id: 0,
+    };
+    rt.on_session_start().await;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            // Cancellation-safe branches: the connection and the interval keep their state.
+            _ = &mut shutdown => break,
+            ev = rt.conn.next() => match ev {
+                Some(Event::Stanza(st)) => {
+                    if let Err(e) = rt.on_stanza(st).await {
+                        // The store failed: nothing can be promised any more.
+                        error!("{e}");
+                        return Err(e);
+                    }
+                }
+                Some(Event::Stream(StreamEvent::Reset { .. })) => {
+                    info!("session re-established: greeting agents again");
+                    rt.on_session_start().await;
+                }
+                Some(Event::Stream(_)) => {}
+                None => return Err(DispatcherError::Connection("the connection worker ended".into())),
+            },
+            _ = tick.tick() => rt.on_tick().await?,
+        }
+    }
+    info!("dispatcher stopping");
+    rt.conn.send(Presence::new(PresenceType::Unavailable)).await;
+    rt.conn.close().await;
+    Ok(())
+}
+
+impl Runtime {
+    fn iq_id(&mut self, prefix: &str) -> String {
+        self.next_id += 1;
+        format!("{prefix}{}", self.next_id)
+    }
+
+    /// Initial presence, then a hello to every agent seen in the last day (PROTOCOL.md §4.4):
+    /// a restarted dispatcher re-learns the fleet at once.
+    async fn on_session_start(&mut self) {
+        self.conn.send(Presence::available()).await;
+        let since = now_ms().saturating_sub(86_400_000);
+        match self.store.known_agents(since) {
+            Ok(agents) => {
+                for a in agents {
+                    if let Ok(j) = BareJid::new(&a) {
+                        self.hello(Jid::from(j)).await;
+                    }
+                }
+            }
+            Err(e) => warn!("cannot read known agents: {e}"),
+        }
+    }
+
+    async fn hello(&mut self, to: Jid) {
+        self.conn
+            .send(
+                Presence::available()
+                    .with_to(to)
+                    .with_payload(DispatcherHello::default()),
+            )
+            .await;
+    }
+
+    async fn reply_error(&mut self, to: Jid, id: String, e: SpineError) {
+        self.conn
+            .send(Iq::from_error(id, StanzaError::from(e)).with_to(to))
+            .await;
+    }
+
+    async fn on_stanza(&mut self, st: Stanza) -> Result<(), DispatcherError> {
+        match st {
+            Stanza::Presence(p) => self.on_presence(p).await?,
+            Stanza::Iq(Iq::Result {
+                id, from, payload, ..
+            }) => {
+                if let Some(s) = self.sent.remove(&id) {
+                    self.on_job_result(s, payload).await?;
+                } else if self.pings.remove(&id).is_some() {
+                    debug!(from = ?from, "silent agent answered a ping");
+                }
+            }
+            Stanza::Iq(Iq::Error { id, error, .. }) => {
+                if let Some(s) = self.sent.remove(&id) {
+                    self.on_job_error(s, error).await?;
+                } else if let Some((agent, _)) = self.pings.remove(&id) {
+                    self.agent_gone(&agent, "ping failed").await?;
+                }
+            }
+            Stanza::Iq(Iq::Set {
+                id,
+                from: Some(from),
+                payload,
+                ..
+            }) => self.on_set(from, id, payload).await?,
+            Stanza::Iq(Iq::Get {
+                id,
+                from: Some(from),
+                payload,
+                ..
+            }) => self.on_get(from, id, payload).await,
+            Stanza::Message(m) => self.on_message(m).await,
+            _ => {}
+        }
+        Ok(())
+    }
+
+    async fn on_presence(&mut self, p: Presence) -> Result<(), DispatcherError> {
+        let Some(Ok(from)) = p.from.clone().map(Jid::try_into_full) else {
+            return Ok(());
+        };
+        if p.type_ == PresenceType::Unavailable {
+            if self.registry.id_of(&from).is_some() {
+                self.agent_gone(&from, "went unavailable").await?;
+            }
+            return Ok(());
+        }
+        let found = match presence_payloads(&p.payloads) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(from = %from, "ignoring presence: {e}");
+                return Ok(());
+            }
+        };
+        let now = Instant::now();
+        match (found.advertise, found.load) {
+            (Some(ad), Some(load)) => {
+                match self
+                    .registry
+                    .on_advertise(&from, &ad, &load, now, &mut self.rng)
+                {
+                    AdvertiseOutcome::Added(_) => {
+                        info!(agent = %from, capabilities = ad.capabilities.len(), slots = ad.slots, "agent registered");
+                        if let Err(e) = self
+                            .store
+                            .saw_agents(&[(from.to_bare().to_string(), now_ms())])
+                        {
+                            warn!("cannot remember agent: {e}");
+                        }
+                    }
+                    AdvertiseOutcome::Updated(_) => {}
+                    AdvertiseOutcome::Restarted(_, lost) => {
+                        warn!(agent = %from, lost = lost.len(), "agent restarted: retrying its jobs");
+                        self.retry_lost(&from, lost).await?;
+                    }
+                }
+                self.place().await?;
+            }
+            (None, Some(load)) => match self.registry.on_load(&from, &load, now, &mut self.rng) {
+                LoadOutcome::Updated => self.place().await?,
+                LoadOutcome::Stale => {}
+                LoadOutcome::NeedHello => self.hello(Jid::from(from)).await,
+            },
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// An agent's session ended: forget it and retry its jobs elsewhere.
+    async fn agent_gone(&mut self, agent: &FullJid, why: &str) -> Result<(), DispatcherError> {
+        let lost = self.registry.on_agent_gone(agent);
+        info!(agent = %agent, jobs = lost.len(), "agent gone ({why})");
+        self.sent.retain(|_, s| &s.agent != agent);
+        self.retry_lost(agent, lost).await
+    }
+
+    async fn retry_lost(
+        &mut self,
+        agent: &FullJid,
+        lost: Vec<JobId>,
+    ) -> Result<(), DispatcherError> {
+        let now = now_ms();
+        for job in lost {
+            self.sent.retain(|_, s| s.job != job);
+            if let Some(after) = self.jobs.attempt_failed(&job, Some(agent), None, now) {
+                self.persist(&job)?;
+                if let AfterFailure::Final(state) = after {
+                    info!(job = %job, %state, "job ended: its agent was lost");
+                    self.notify_final(&job).await;
+                }
+            }
+        }
+        self.place().await
+    }
+
+    fn persist(&mut self, job: &JobId) -> Result<(), DispatcherError> {
+        if let Some(j) = self.jobs.get(job) {
+            self.store.put(&[j])?;
+        }
+        Ok(())
+    }
+
+    async fn on_job_result(
+        &mut self,
+        s: Sent,
+        payload: Option<minidom::Element>,
+    ) -> Result<(), DispatcherError> {
+        if let Some(id) = self.registry.id_of(&s.agent) {
+            self.registry.on_finished(id, &s.job, &mut self.rng);
+        }
+        let parsed = payload
+            .ok_or_else(|| "empty result".to_owned())
+            .and_then(|p| JobResult::try_from(p).map_err(|e| e.to_string()));
+        let result = match parsed {
+            Ok(r) if r.job == s.job => r,
+            Ok(r) => {
+                warn!(agent = %s.agent, "result names job {} instead of {}", r.job, s.job);
+                return self
+                    .fail_attempt(
+                        &s,
+                        SpineError::new(Condition::Retryable)
+                            .with_text("agent answered for another job"),
+                    )
+                    .await;
+            }
+            Err(e) => {
+                warn!(agent = %s.agent, job = %s.job, "invalid result: {e}");
+                return self
+                    .fail_attempt(
+                        &s,
+                        SpineError::new(Condition::Retryable)
+                            .with_text(format!("invalid result: {e}")),
+                    )
+                    .await;
+            }
+        };
+        let (output, mime) = match &result.output {
+            None => (Vec::new(), None),
+            Some(Data::Inline { bytes, mime }) => (bytes.clone(), mime.clone()),
+            Some(Data::Blob(r)) => match self.blobs.take(s.agent.to_bare().as_str(), r) {
+                Ok(bytes) => (bytes, r.mime.clone()),
+                Err(e) => {
+                    return self
+                        .fail_attempt(
+                            &s,
+                            SpineError::new(Condition::Retryable)
+                                .with_text(format!("output blob: {e}")),
+                        )
+                        .await
+                }
+            },
+        };
+        match self.jobs.succeeded(&s.job, &result, output, mime, now_ms()) {
+            Ok(_) => {
+                self.persist(&s.job)?;
+                info!(job = %s.job, agent = %s.agent, attempt = s.attempt, "job succeeded");
+                self.notify_final(&s.job).await;
+            }
+            Err(_) => {
+                info!(job = %s.job, agent = %s.agent, "duplicate result dropped (the job already has its outcome)")
+            }
+        }
+        self.place().await
+    }
+
+    async fn on_job_error(&mut self, s: Sent, error: StanzaError) -> Result<(), DispatcherError> {
+        let spine = SpineError::from_stanza_error(&error).ok().flatten();
+        match classify(&error) {
+            Disposition::Gone => {
+                let agent = s.agent.clone();
+                self.agent_gone(&agent, "job bounced: recipient unavailable")
+                    .await
+            }
+            _ => {
+                if let Some(id) = self.registry.id_of(&s.agent) {
+                    self.registry.on_finished(id, &s.job, &mut self.rng);
+                }
+                let e = spine.unwrap_or_else(|| {
+                    let c = if error.type_ == ErrorType::Wait {
+                        Condition::Retryable
+                    } else {
+                        Condition::Failed
+                    };
+                    SpineError::new(c).with_text(format!("{:?}", error.defined_condition))
+                });
+                self.fail_attempt(&s, e).await
+            }
+        }
+    }
+
+    async fn fail_attempt(&mut self, s: &Sent, e: SpineError) -> Result<(), DispatcherError> {
+        debug!(job = %s.job, agent = %s.agent, "attempt {} failed: {e}", s.attempt);
+        if let Some(after) = self
+            .jobs
+            .attempt_failed(&s.job, Some(&s.agent), Some(&e), now_ms())
+        {
+            self.persist(&s.job)?;
+            if let AfterFailure::Final(state) = after {
+                info!(job = %s.job, %state, "job ended: {e}");
+                self.notify_final(&s.job).await;
+            }
+        }
+        self.place().await
+    }
+
+    /// Places queued jobs on agents with room.
+    async fn place(&mut self) -> Result<(), DispatcherError> {
+        let now = now_ms();
+        for cap in self.jobs.queued_capabilities() {
+            for _ in 0..PLACE_SCAN {
+                let Some(job) = self.jobs.next_for(&cap, now).cloned() else {
+                    break;
+                };
+                match self.pick_for(&job) {
+                    Ok(agent) => {
+                        self.no_agent_since.remove(&job.id);
+                        self.dispatch(job, agent).await?;
+                    }
+                    Err(NoPick::AllBusy) => break,
+                    Err(NoPick::NoCapableAgent) => {
+                        self.no_agent_since.entry(job.id.clone()).or_insert(now);
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn pick_for(&mut self, job: &JobRecord) -> Result<FullJid, NoPick> {
+        let filter = job.spec.parsed_filter();
+        let excluded: Vec<_> = job
+            .excluded
+            .iter()
+            .filter_map(|a| a.parse::<FullJid>().ok())
+            .filter_map(|a| self.registry.id_of(&a))
+            .collect();
+        let mut req = PickRequest {
+            capability: &job.spec.capability,
+            strategy: job.spec.strategy,
+            filter: filter.as_ref(),
+            sort: job.spec.sort.as_ref(),
+            affinity_key: job.spec.affinity_key.as_deref(),
+            exclude: &excluded,
+        };
+        let picked = match self.registry.pick(&req, &mut self.rng) {
+            // Every capable agent failed this job before: better one of them than none.
+            Err(NoPick::NoCapableAgent) if !excluded.is_empty() => {
+                req.exclude = &[];
+                self.registry.pick(&req, &mut self.rng)
+            }
+            other => other,
+        }?;
+        self.registry
+            .jid_of(picked)
+            .cloned()
+            .ok_or(NoPick::NoCapableAgent)
+    }
+
+    async fn dispatch(&mut self, job: JobRecord, agent: FullJid) -> Result<(), DispatcherError> {
+        let now = now_ms();
+        let Some(rec) = self.jobs.dispatched(&job.id, &agent, now).cloned() else {
+            return Ok(());
+        };
+        self.store.put(&[&rec])?;
+        if let Some(id) = self.registry.id_of(&agent) {
+            self.registry.on_assigned(
+                id,
+                job.id.clone(),
+                job.spec.capability.clone(),
+                &mut self.rng,
+            );
+        }
+        let mut j = Job::new(rec.id.clone(), rec.spec.capability.clone());
+        j.attempt = rec.attempts;
+        j.deadline_ms = rec.spec.deadline_ms.map(|d| d.saturating_sub(now));
+        j.submitter = Some(rec.spec.submitter.clone());
+        j.progress = rec.spec.progress || rec.spec.watch.is_some();
+        j.args = rec.spec.args.clone().into();
+        if !rec.spec.input.is_empty() {
+            j.input = Some(Data::Inline {
+                mime: rec.spec.input_mime.clone(),
+                bytes: rec.spec.input.clone(),
+            });
+        }
+        let iq_id = self.iq_id("j");
+        debug!(job = %rec.id, agent = %agent, attempt = rec.attempts, "dispatching");
+        self.sent.insert(
+            iq_id.clone(),
+            Sent {
+                job: rec.id.clone(),
+                agent: agent.clone(),
+                attempt: rec.attempts,
+            },
+        );
+        self.conn
+            .send(Iq::from_set(iq_id, j).with_to(agent.into()))
+            .await;
+        Ok(())
+    }
+
+    async fn on_tick(&mut self) -> Result<(), DispatcherError> {
+        let now = now_ms();
+        for (job, agent) in self.jobs.expire(now) {
+            self.persist(&job)?;
+            info!(job = %job, "job timed out");
+            if let Some(a) = agent.and_then(|a| a.parse::<FullJid>().ok()) {
+                if let Some(id) = self.registry.id_of(&a) {
+                    self.registry.on_finished(id, &job, &mut self.rng);
+                }
+                self.send_cancel(&a, &job).await;
+            }
+            self.sent.retain(|_, s| s.job != job);
+            self.notify_final(&job).await;
+        }
+        let wait = self.cfg.no_agent_wait.as_millis() as u64;
+        let expired: Vec<JobId> = self
+            .no_agent_since
+            .iter()
+            .filter(|(_, t)| now.saturating_sub(**t) > wait)
+            .map(|(j, _)| j.clone())
+            .collect();
+        for job in expired {
+            self.no_agent_since.remove(&job);
+            if self
+                .jobs
+                .get(&job)
+                .is_some_and(|j| j.state == JobState::Queued)
+            {
+                self.jobs.no_agent(&job, now);
+                self.persist(&job)?;
+                info!(job = %job, "job failed: no capable agent appeared");
+                self.notify_final(&job).await;
+            }
+        }
+        let instant = Instant::now();
+        for agent in self.registry.check_silent(instant) {
+            let id = self.iq_id("ping");
+            self.pings.insert(id.clone(), (agent.clone(), instant));
+            self.conn
+                .send(Iq::from_get(id, xmpp_parsers::ping::Ping).with_to(agent.into()))
+                .await;
+        }
+        let overdue: Vec<(String, FullJid)> = self
+            .pings
+            .iter()
+            .filter(|(_, (_, t))| instant.duration_since(*t) > PING_TIMEOUT)
+            .map(|(id, (a, _))| (id.clone(), a.clone()))
+            .collect();
+        for (id, agent) in overdue {
+            self.pings.remove(&id);
+            self.agent_gone(&agent, "no answer to a ping").await?;
+        }
+        // Jobs whose retry backoff just ended.
+        self.place().await
+    }
+
+    async fn send_cancel(&mut self, agent: &FullJid, job: &JobId) {
+        let id = self.iq_id("c");
+        self.conn
+            .send(Iq::from_set(id, Cancel { job: job.clone() }).with_to(agent.clone().into()))
+            .await;
+    }
+
+    fn status(&self, job: &JobRecord) -> JobStatus {
+        let outcome = match &job.outcome {
+            Some(Recorded::Succeeded {
+                meta,
+                output,
+                mime,
+                elapsed_ms,
+            }) => Some(Outcome::Result(JobResult {
+                job: job.id.clone(),
+                attempt: job.attempts.max(1),
+                elapsed_ms: *elapsed_ms,
+                meta: meta.clone().into(),
+                output: (!output.is_empty() || mime.is_some()).then(|| Data::Inline {
+                    mime: mime.clone(),
+                    bytes: output.clone(),
+                }),
+            })),
+            Some(Recorded::Failure { condition, message }) => Some(Outcome::Failure(Failure {
+                condition: condition.parse().unwrap_or(Condition::Failed),
+                message: message.clone(),
+            })),
+            None => None,
+        };
+        JobStatus {
+            job: job.id.clone(),
+            capability: job.spec.capability.clone(),
+            state: job.state,
+            attempts: job.attempts,
+            agent: job.agent.as_deref().and_then(|a| Jid::new(a).ok()),
+            percent: job.percent,
+            outcome,
+        }
+    }
+
+    /// Tells a watching XMPP submitter that its job ended.
+    async fn notify_final(&mut self, job: &JobId) {
+        let Some(rec) = self.jobs.get(job) else {
+            return;
+        };
+        let Some(watch) = rec.spec.watch.as_deref().and_then(|w| Jid::new(w).ok()) else {
+            return;
+        };
+        let mut status = self.status(rec);
+        // Large outputs are not pushed in a message (stanza limits): the watcher asks for them.
+        if let Some(Outcome::Result(r)) = &mut status.outcome {
+            if r.output
+                .as_ref()
+                .is_some_and(|o| o.len() > INLINE_LIMIT as u64)
+            {
+                r.output = None;
+            }
+        }
+        let mut m = Message::new(Some(watch));
+        m.type_ = MessageType::Normal;
+        m.payloads.push(status.into());
+        self.conn.send(m).await;
+    }
+
+    fn may_submit(&self, from: &Jid) -> bool {
+        self.submitters.contains(&from.to_bare())
+    }
+
+    async fn on_set(
+        &mut self,
+        from: Jid,
+        id: String,
+        payload: minidom::Element,
+    ) -> Result<(), DispatcherError> {
+        if !payload.ns().starts_with(spine_protocol::NS_PREFIX) {
+            let e = StanzaError::new(
+                ErrorType::Cancel,
+                DefinedCondition::ServiceUnavailable,
+                "en",
+                "not supported by this dispatcher",
+            );
+            self.conn.send(Iq::from_error(id, e).with_to(from)).await;
+            return Ok(());
+        }
+        let parsed = spine_protocol::parse_payload(payload);
+        // Chunks come from agents (their outputs); everything else from submitters.
+        if let Ok(Payload::Chunk(c)) = &parsed {
+            let known = from
+                .clone()
+                .try_into_full()
+                .ok()
+                .and_then(|f| self.registry.id_of(&f))
+                .is_some();
+            let reply = if known {
+                self.blobs
+                    .put(from.to_bare().as_str(), c.clone(), Instant::now())
+                    .map(|()| Iq::empty_result(from.clone(), id.clone()))
+            } else {
+                Err(SpineError::new(Condition::NotAuthorized)
+                    .with_text("only registered agents send chunks"))
+            };
+            match reply {
+                Ok(iq) => {
+                    self.conn.send(iq).await;
+                }
+                Err(e) => self.reply_error(from, id, e).await,
+            }
+            return Ok(());
+        }
+        if !self.may_submit(&from) {
+            warn!(from = %from, "refused XMPP API request from a JID not in `submitters`");
+            self.reply_error(
+                from,
+                id,
+                SpineError::new(Condition::NotAuthorized)
+                    .with_text("this JID may not submit to this dispatcher"),
+            )
+            .await;
+            return Ok(());
+        }
+        match parsed {
+            Ok(Payload::Submit(s)) => self.on_submit(from, id, s).await?,
+            Ok(Payload::Cancel(c)) => match self.jobs.cancel(&c.job, now_ms()) {
+                Ok(agent) => {
+                    self.persist(&c.job)?;
+                    if let Some(a) = agent.and_then(|a| a.parse::<FullJid>().ok()) {
+                        if let Some(aid) = self.registry.id_of(&a) {
+                            self.registry.on_finished(aid, &c.job, &mut self.rng);
+                        }
+                        self.sent.retain(|_, s| s.job != c.job);
+                        self.send_cancel(&a, &c.job).await;
+                    }
+                    self.conn.send(Iq::empty_result(from, id)).await;
+                    self.notify_final(&c.job).await;
+                }
+                Err(e) => {
+                    self.reply_error(
+                        from,
+                        id,
+                        SpineError::new(Condition::UnknownJob).with_text(e.to_string()),
+                    )
+                    .await
+                }
+            },
+            Ok(_) => {
+                self.reply_error(
+                    from,
+                    id,
+                    SpineError::new(Condition::Malformed)
+                        .with_text("a dispatcher takes <submit/>, <cancel/> and <chunk/> requests"),
+                )
+                .await
+            }
+            Err(e) => self.reply_error(from, id, e.to_spine_error()).await,
+        }
+        Ok(())
+    }
+
+    async fn on_submit(&mut self, from: Jid, id: String, s: Submit) -> Result<(), DispatcherError> {
+        let submitter = from.to_bare().to_string();
+        if let Some(key) = &s.idempotency_key {
+            if let Some(existing) = self.store.idempotent(&submitter, key)? {
+                let state = self
+                    .jobs
+                    .get(&existing)
+                    .map_or(JobState::Accepted, |j| j.state);
+                self.conn
+                    .send(
+                        Iq::from_result(
+                            id,
+                            Some(Accepted {
+                                job: existing,
+                                state,
+                            }),
+                        )
+                        .with_to(from),
+                    )
+                    .await;
+                return Ok(());
+            }
+        }
+        let input = match s.input {
+            None => (Vec::new(), None),
+            Some(Data::Inline { bytes, mime }) => (bytes, mime),
+            Some(Data::Blob(_)) => {
+                let mut e = SpineError::new(Condition::TooLarge).with_text(
+                    "inputs over the inline limit are not accepted over XMPP yet; use the HTTP API",
+                );
+                e.max = Some(INLINE_LIMIT as u64);
+                self.reply_error(from, id, e).await;
+                return Ok(());
+            }
+        };
+        let spec = JobSpec {
+            capability: s.capability,
+            strategy: s.strategy,
+            filter: s.filter.map(|f| f.to_string()),
+            sort: s.sort,
+            affinity_key: s.affinity_key,
+            args: s.args.0,
+            input: input.0,
+            input_mime: input.1,
+            deadline_ms: s.deadline_ms.map(|d| now_ms() + d),
+            priority: s.priority,
+            max_attempts: s.max_attempts.unwrap_or(self.cfg.max_attempts),
+            submitter,
+            idempotency_key: s.idempotency_key,
+            progress: s.watch,
+            watch: s.watch.then(|| from.to_string()),
+        };
+        let job_id: JobId = new_job_id();
+        let rec = match self.jobs.submit(job_id.clone(), spec, now_ms()) {
+            Ok(r) => r.clone(),
+            Err(e) => {
+                let mut err = SpineError::new(Condition::QueueFull).with_text(e.to_string());
+                if let crate::jobs::SubmitError::Exists(_) = e {
+                    err = SpineError::new(Condition::Malformed).with_text(e.to_string());
+                }
+                self.reply_error(from, id, err).await;
+                return Ok(());
+            }
+        };
+        // Stored before it is acknowledged: an accepted job survives a crash.
+        self.store.put(&[&rec])?;
+        info!(job = %job_id, capability = %rec.spec.capability, submitter = %rec.spec.submitter, "job accepted");
+        self.conn
+            .send(
+                Iq::from_result(
+                    id,
+                    Some(Accepted {
+                        job: job_id,
+                        state: rec.state,
+                    }),
+                )
+                .with_to(from),
+            )
+            .await;
+        self.place().await
+    }
+
+    async fn on_get(&mut self, from: Jid, id: String, payload: minidom::Element) {
+        if !payload.ns().starts_with(spine_protocol::NS_PREFIX) {
+            let e = StanzaError::new(
+                ErrorType::Cancel,
+                DefinedCondition::ServiceUnavailable,
+                "en",
+                "not supported by this dispatcher",
+            );
+            self.conn.send(Iq::from_error(id, e).with_to(from)).await;
+            return;
+        }
+        if !self.may_submit(&from) {
+            self.reply_error(
+                from,
+                id,
+                SpineError::new(Condition::NotAuthorized)
+                    .with_text("this JID may not query this dispatcher"),
+            )
+            .await;
+            return;
+        }
+        match spine_protocol::parse_payload(payload) {
+            Ok(Payload::Status(Status { job })) => match self.jobs.get(&job) {
+                Some(rec) => {
+                    let st = self.status(rec);
+                    self.conn
+                        .send(Iq::from_result(id, Some(st)).with_to(from))
+                        .await;
+                }
+                None => {
+                    self.reply_error(
+                        from,
+                        id,
+                        SpineError::new(Condition::UnknownJob).with_text(format!("no job {job}")),
+                    )
+                    .await
+                }
+            },
+            Ok(Payload::Discover(Discover {
+                capability,
+                filter,
+                sort,
+                limit,
+            })) => {
+                let agents = self.registry.rank(
+                    &capability,
+                    filter.as_ref(),
+                    sort.as_ref(),
+                    limit.map(|l| l as usize),
+                );
+                self.conn
+                    .send(Iq::from_result(id, Some(Agents { capability, agents })).with_to(from))
+                    .await;
+            }
+            Ok(_) => {
+                self.reply_error(
+                    from,
+                    id,
+                    SpineError::new(Condition::Malformed)
+                        .with_text("a dispatcher answers <status/> and <discover/>"),
+                )
+                .await
+            }
+            Err(e) => self.reply_error(from, id, e.to_spine_error()).await,
+        }
+    }
+
+    async fn on_message(&mut self, m: Message) {
+        let Some(from) = m.from.clone() else { return };
+        for p in &m.payloads {
+            if p.is("progress", spine_protocol::NS) {
+                if let Ok(pr) = Progress::try_from(p.clone()) {
+                    self.jobs.progress(&pr.job, pr.percent, now_ms());
+                    self.forward(&pr.job, p.clone()).await;
+                }
+            } else if p.is("partial", spine_protocol::NS) {
+                if let Ok(part) = spine_protocol::Partial::try_from(p.clone()) {
+                    self.jobs.progress(&part.job, None, now_ms());
+                    self.forward(&part.job, p.clone()).await;
+                }
+            }
+        }
+        debug!(from = %from, "message handled");
+    }
+
+    /// Forwards a progress or partial message to the job's XMPP watcher.
+    async fn forward(&mut self, job: &JobId, payload: minidom::Element) {
+        let Some(watch) = self
+            .jobs
+            .get(job)
+            .and_then(|j| j.spec.watch.as_deref())
+            .and_then(|w| Jid::new(w).ok())
+        else {
+            return;
+        };
+        let mut m = Message::new(Some(watch));
+        m.type_ = MessageType::Headline;
+        m.payloads.push(payload);
+        self.conn.send(m).await;
+    }
+}
+
+/// A new globally unique job id: 128 random bits, time-ordered prefix (UUIDv7 layout without
+/// the dependency: 48 bits of milliseconds, then randomness).
+fn new_job_id() -> JobId {
+    use rand::Rng as _;
+    let ms = now_ms() & 0xFFFF_FFFF_FFFF;
+    let r: u128 = rand::rng().random();
+    let v = (u128::from(ms) << 80) | (r & ((1u128 << 80) - 1));
+    let h = format!("{v:032x}");
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+    .parse()
+    .expect("hex id is a valid job id")
+}
