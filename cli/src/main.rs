@@ -6,6 +6,7 @@
 //! with their crates.
 
 mod agent;
+mod client;
 mod dispatcher;
 mod server;
 
@@ -36,6 +37,12 @@ enum Command {
     Agent(agent::AgentArgs),
     /// Run a dispatcher: keep the agent registry, place jobs on the least-loaded agents.
     Dispatcher(dispatcher::DispatcherArgs),
+    /// Submit a job to a dispatcher's HTTP API (--wait to follow it and print the output).
+    Submit(client::SubmitArgs),
+    /// List the agents offering a capability, least loaded first.
+    Agents(client::AgentsArgs),
+    /// Show a job, or list recent jobs.
+    Jobs(client::JobsArgs),
     /// Check that an XML stanza or payload follows the Spine wire protocol (docs/PROTOCOL.md).
     ///
     /// Reads one XML element from FILE (or standard input with `-`): a stanza (`<iq>`,
@@ -55,6 +62,9 @@ fn main() -> ExitCode {
         Command::Server(args) => server::run(args).map(|()| true),
         Command::Agent(args) => agent::run(args).map(|()| true),
         Command::Dispatcher(args) => dispatcher::run(args).map(|()| true),
+        Command::Submit(args) => client::submit(args),
+        Command::Agents(args) => client::agents(args),
+        Command::Jobs(args) => client::jobs(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

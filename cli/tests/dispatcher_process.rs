@@ -80,7 +80,7 @@ async fn kill_9_and_restart_loses_no_accepted_job_and_runs_none_twice() {
     std::fs::write(
         &config,
         format!(
-            "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nsubmitters = [\"webapp@localhost\"]\n",
+            "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nsubmitters = [\"webapp@localhost\"]\nhttp_listen = \"127.0.0.1:0\"\n",
             server.addr,
             dir.path().join("data").display()
         ),

@@ -44,6 +44,32 @@ pub struct DispatcherConfig {
     pub max_blob: ByteSize,
     /// TLS.
     pub tls: TlsConfig,
+    /// Address of the HTTP API, or none for no HTTP API.
+    pub http_listen: Option<std::net::SocketAddr>,
+    /// HTTP API tokens. None configured: loopback clients only.
+    #[serde(rename = "http_token")]
+    pub http_tokens: Vec<HttpToken>,
+}
+
+/// One bearer token of the HTTP API.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpToken {
+    /// Who holds it (logs, `submitter` of its jobs).
+    pub name: String,
+    /// The secret.
+    pub token: String,
+    /// Capabilities it may run: exact names, `prefix.*`, or `*`.
+    pub capabilities: Vec<String>,
+}
+
+impl std::fmt::Debug for HttpToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpToken")
+            .field("name", &self.name)
+            .field("capabilities", &self.capabilities)
+            .finish_non_exhaustive()
+    }
 }
 
 impl std::fmt::Debug for DispatcherConfig {
@@ -72,6 +98,8 @@ impl Default for DispatcherConfig {
             retention: Duration::from_secs(86_400),
             max_blob: ByteSize::mib(64),
             tls: TlsConfig::default(),
+            http_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8480))),
+            http_tokens: Vec::new(),
         }
     }
 }
@@ -135,6 +163,32 @@ impl DispatcherConfig {
         }
         if self.data_dir.as_os_str().is_empty() {
             return Err(bad("data_dir", "must not be empty"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, t) in self.http_tokens.iter().enumerate() {
+            if t.name.is_empty() || !names.insert(t.name.as_str()) {
+                return Err(bad(
+                    &format!("http_token[{i}].name"),
+                    "must be non-empty and unique",
+                ));
+            }
+            if t.token.len() < 16 {
+                return Err(bad(
+                    &format!("http_token[{i}].token"),
+                    "must be at least 16 characters",
+                ));
+            }
+            if t.capabilities.is_empty() {
+                return Err(bad(
+                    &format!("http_token[{i}].capabilities"),
+                    "list the capabilities it may run (\"*\" for all)",
+                ));
+            }
+        }
+        if let Some(addr) = self.http_listen {
+            if !addr.ip().is_loopback() && self.http_tokens.is_empty() {
+                return Err(bad("http_listen", format!("{addr} is not a loopback address: configure [[http_token]] entries (without them the API serves loopback clients only)")));
+            }
         }
         Ok(())
     }

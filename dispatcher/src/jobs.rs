@@ -194,6 +194,11 @@ impl JobTable {
         self.jobs.get(id)
     }
 
+    /// Every job known.
+    pub fn iter(&self) -> impl Iterator<Item = &JobRecord> {
+        self.jobs.values()
+    }
+
     /// Number of jobs known.
     pub fn len(&self) -> usize {
         self.jobs.len()

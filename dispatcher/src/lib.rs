@@ -12,6 +12,7 @@
 
 pub mod config;
 pub mod error;
+pub mod http;
 pub mod jobs;
 pub mod registry;
 mod runtime;
@@ -19,4 +20,4 @@ pub mod store;
 
 pub use config::{DispatcherConfig, DEFAULT_CONFIG};
 pub use error::DispatcherError;
-pub use runtime::run;
+pub use runtime::{run, Dispatcher};

@@ -30,6 +30,7 @@ use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
 use crate::config::DispatcherConfig;
 use crate::error::DispatcherError;
+use crate::http::{job_json, Command, Handle, JobEvent};
 use crate::jobs::{AfterFailure, JobRecord, JobSpec, JobTable, Recorded};
 use crate::registry::{AdvertiseOutcome, LoadOutcome, NoPick, PickRequest, Registry};
 use crate::store::Store;
@@ -41,7 +42,7 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 /// Queued jobs looked at per capability per placement round (bounds head-of-line scans).
 const PLACE_SCAN: usize = 64;
 
-fn now_ms() -> u64 {
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
@@ -68,11 +69,78 @@ struct Runtime {
     no_agent_since: HashMap<JobId, u64>,
     submitters: HashSet<BareJid>,
     next_id: u64,
+    events: tokio::sync::broadcast::Sender<JobEvent>,
+    latency: Histogram,
+}
+
+/// Dispatch latency (accepted → first dispatch), for /metrics.
+#[derive(Default)]
+struct Histogram {
+    counts: [u64; 12],
+    sum_s: f64,
+    n: u64,
+}
+
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+impl Histogram {
+    fn observe(&mut self, secs: f64) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum_s += secs;
+        self.n += 1;
+    }
+}
+
+/// A dispatcher with its HTTP listener open (port 0 allowed: see [`Dispatcher::http_addr`]).
+pub struct Dispatcher {
+    cfg: DispatcherConfig,
+    http: Option<tokio::net::TcpListener>,
+}
+
+impl Dispatcher {
+    /// Validates the configuration and opens the HTTP listener.
+    pub async fn bind(cfg: DispatcherConfig) -> Result<Self, DispatcherError> {
+        cfg.validate()?;
+        let http = match cfg.http_listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                DispatcherError::Config(format!("http_listen: cannot listen on {addr}: {e}"))
+            })?),
+            None => None,
+        };
+        Ok(Dispatcher { cfg, http })
+    }
+
+    /// Where the HTTP API listens.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Runs until `shutdown` completes.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = impl Sized> + Send,
+    ) -> Result<(), DispatcherError> {
+        run_inner(self.cfg, self.http, shutdown).await
+    }
 }
 
 /// Runs a dispatcher until `shutdown` completes.
 pub async fn run(
     cfg: DispatcherConfig,
+    shutdown: impl Future<Output = impl Sized> + Send,
+) -> Result<(), DispatcherError> {
+    Dispatcher::bind(cfg).await?.run(shutdown).await
+}
+
+async fn run_inner(
+    cfg: DispatcherConfig,
+    http: Option<tokio::net::TcpListener>,
     shutdown: impl Future<Output = impl Sized> + Send,
 ) -> Result<(), DispatcherError> {
     let opts = cfg.connect_options()?;
@@ -90,6 +158,30 @@ pub async fn run(
         .iter()
         .filter_map(|s| BareJid::new(s).ok())
         .collect();
+    let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<Command>(1024);
+    let (events, _) = tokio::sync::broadcast::channel::<JobEvent>(4096);
+    let http_stop = tokio_util::sync::CancellationToken::new();
+    if let Some(listener) = http {
+        let handle = Handle {
+            tx: cmd_tx.clone(),
+            events: events.clone(),
+            tokens: std::sync::Arc::new(cfg.http_tokens.clone()),
+            max_attempts: cfg.max_attempts,
+        };
+        let app = crate::http::router(handle)
+            .into_make_service_with_connect_info::<std::net::SocketAddr>();
+        let stop = http_stop.clone();
+        info!(addr = ?listener.local_addr().ok(), "HTTP API listening");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+            {
+                error!("HTTP API stopped: {e}");
+            }
+        });
+    }
+    drop(cmd_tx);
     let mut rt = Runtime {
         blobs: BlobStore::new(cfg.max_blob.as_u64(), Duration::from_secs(300)),
         cfg,
@@ -103,6 +195,8 @@ pub async fn run(
         no_agent_since: HashMap::new(),
         submitters,
         next_id: 0,
+        events,
+        latency: Histogram::default(),
     };
     rt.on_session_start().await;
     let mut tick = tokio::time::interval(TICK);
@@ -128,8 +222,10 @@ pub async fn run(
                 None => return Err(DispatcherError::Connection("the connection worker ended".into())),
             },
             _ = tick.tick() => rt.on_tick().await?,
+            Some(cmd) = cmd_rx.recv() => rt.on_command(cmd).await?,
         }
     }
+    http_stop.cancel();
     info!("dispatcher stopping");
     rt.conn.send(Presence::new(PresenceType::Unavailable)).await;
     rt.conn.close().await;
@@ -459,6 +555,10 @@ impl Runtime {
         let Some(rec) = self.jobs.dispatched(&job.id, &agent, now).cloned() else {
             return Ok(());
         };
+        if rec.attempts == 1 {
+            self.latency
+                .observe(now.saturating_sub(rec.accepted_ms) as f64 / 1000.0);
+        }
         self.store.put(&[&rec])?;
         if let Some(id) = self.registry.id_of(&agent) {
             self.registry.on_assigned(
@@ -598,6 +698,12 @@ impl Runtime {
         let Some(rec) = self.jobs.get(job) else {
             return;
         };
+        // Event streams (HTTP SSE) get the whole job; no receiver is fine.
+        let _ = self.events.send(JobEvent {
+            job: job.clone(),
+            kind: "final",
+            data: job_json(rec),
+        });
         let Some(watch) = rec.spec.watch.as_deref().and_then(|w| Jid::new(w).ok()) else {
             return;
         };
@@ -675,27 +781,11 @@ impl Runtime {
         }
         match parsed {
             Ok(Payload::Submit(s)) => self.on_submit(from, id, s).await?,
-            Ok(Payload::Cancel(c)) => match self.jobs.cancel(&c.job, now_ms()) {
-                Ok(agent) => {
-                    self.persist(&c.job)?;
-                    if let Some(a) = agent.and_then(|a| a.parse::<FullJid>().ok()) {
-                        if let Some(aid) = self.registry.id_of(&a) {
-                            self.registry.on_finished(aid, &c.job, &mut self.rng);
-                        }
-                        self.sent.retain(|_, s| s.job != c.job);
-                        self.send_cancel(&a, &c.job).await;
-                    }
+            Ok(Payload::Cancel(c)) => match self.cancel_job(&c.job).await? {
+                Ok(_) => {
                     self.conn.send(Iq::empty_result(from, id)).await;
-                    self.notify_final(&c.job).await;
                 }
-                Err(e) => {
-                    self.reply_error(
-                        from,
-                        id,
-                        SpineError::new(Condition::UnknownJob).with_text(e.to_string()),
-                    )
-                    .await
-                }
+                Err(e) => self.reply_error(from, id, e).await,
             },
             Ok(_) => {
                 self.reply_error(
@@ -711,29 +801,190 @@ impl Runtime {
         Ok(())
     }
 
-    async fn on_submit(&mut self, from: Jid, id: String, s: Submit) -> Result<(), DispatcherError> {
-        let submitter = from.to_bare().to_string();
-        if let Some(key) = &s.idempotency_key {
-            if let Some(existing) = self.store.idempotent(&submitter, key)? {
+    /// Cancels a job for any front end: the agent running it is told; the job's final state is
+    /// returned (a job already final stays as it was).
+    async fn cancel_job(
+        &mut self,
+        job: &JobId,
+    ) -> Result<Result<JobState, SpineError>, DispatcherError> {
+        match self.jobs.cancel(job, now_ms()) {
+            Ok(agent) => {
+                self.persist(job)?;
+                if let Some(a) = agent.and_then(|a| a.parse::<FullJid>().ok()) {
+                    if let Some(aid) = self.registry.id_of(&a) {
+                        self.registry.on_finished(aid, job, &mut self.rng);
+                    }
+                    self.sent.retain(|_, s| &s.job != job);
+                    self.send_cancel(&a, job).await;
+                }
+                let state = self.jobs.get(job).map_or(JobState::Cancelled, |j| j.state);
+                if state == JobState::Cancelled {
+                    info!(job = %job, "job cancelled");
+                    self.notify_final(job).await;
+                }
+                Ok(Ok(state))
+            }
+            Err(e) => Ok(Err(
+                SpineError::new(Condition::UnknownJob).with_text(e.to_string())
+            )),
+        }
+    }
+
+    /// Serves a request of the HTTP API.
+    async fn on_command(&mut self, cmd: Command) -> Result<(), DispatcherError> {
+        // A dropped reply channel means the HTTP client went away: nothing to do.
+        match cmd {
+            Command::Submit { spec, reply } => {
+                let r = self.accept(spec).await?;
+                let _ = reply.send(r);
+            }
+            Command::Get { id, reply } => {
+                let _ = reply.send(self.jobs.get(&id).cloned());
+            }
+            Command::Cancel { id, reply } => {
+                let r = self.cancel_job(&id).await?;
+                let _ = reply.send(r);
+            }
+            Command::Agents {
+                capability,
+                filter,
+                sort,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.registry.rank(
+                    &capability,
+                    filter.as_ref(),
+                    sort.as_ref(),
+                    limit,
+                ));
+            }
+            Command::Capabilities { reply } => {
+                let mut caps: std::collections::BTreeMap<
+                    spine_protocol::CapabilityName,
+                    (usize, usize),
+                > = self
+                    .registry
+                    .capabilities()
+                    .into_iter()
+                    .map(|(c, n)| (c, (n, 0)))
+                    .collect();
+                for c in self.jobs.queued_capabilities() {
+                    caps.entry(c.clone()).or_default().1 = self.jobs.queued(&c);
+                }
+                let _ = reply.send(caps.into_iter().map(|(c, (a, q))| (c, a, q)).collect());
+            }
+            Command::List {
+                state,
+                limit,
+                reply,
+            } => {
+                let mut list: Vec<JobRecord> = self
+                    .jobs
+                    .iter()
+                    .filter(|j| state.is_none_or(|s| j.state == s))
+                    .cloned()
+                    .collect();
+                list.sort_by(|a, b| b.accepted_ms.cmp(&a.accepted_ms).then(b.seq.cmp(&a.seq)));
+                list.truncate(limit);
+                let _ = reply.send(list);
+            }
+            Command::Metrics { reply } => {
+                let _ = reply.send(self.metrics());
+            }
+        }
+        Ok(())
+    }
+
+    /// Prometheus text exposition.
+    fn metrics(&self) -> String {
+        use std::fmt::Write as _;
+        let mut out = String::new();
+        out.push_str("# HELP spine_jobs Jobs known to this dispatcher, by capability and state.\n# TYPE spine_jobs gauge\n");
+        let mut counts: Vec<_> = self.jobs.counts().into_iter().collect();
+        counts.sort_by(|a, b| {
+            (a.0 .0.as_str(), a.0 .1.as_str()).cmp(&(b.0 .0.as_str(), b.0 .1.as_str()))
+        });
+        for ((cap, state), n) in counts {
+            let _ = writeln!(
+                out,
+                "spine_jobs{{capability=\"{cap}\",state=\"{state}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP spine_queue_depth Jobs waiting for an agent, by capability.\n# TYPE spine_queue_depth gauge\n");
+        for c in self.jobs.queued_capabilities() {
+            let _ = writeln!(
+                out,
+                "spine_queue_depth{{capability=\"{c}\"}} {}",
+                self.jobs.queued(&c)
+            );
+        }
+        out.push_str("# HELP spine_agents Registered agents.\n# TYPE spine_agents gauge\n");
+        let _ = writeln!(out, "spine_agents {}", self.registry.len());
+        out.push_str("# HELP spine_dispatch_latency_seconds Time from acceptance to first dispatch.\n# TYPE spine_dispatch_latency_seconds histogram\n");
+        for (i, b) in BUCKETS.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "spine_dispatch_latency_seconds_bucket{{le=\"{b}\"}} {}",
+                self.latency.counts[i]
+            );
+        }
+        let _ = writeln!(
+            out,
+            "spine_dispatch_latency_seconds_bucket{{le=\"+Inf\"}} {}",
+            self.latency.n
+        );
+        let _ = writeln!(
+            out,
+            "spine_dispatch_latency_seconds_sum {}",
+            self.latency.sum_s
+        );
+        let _ = writeln!(
+            out,
+            "spine_dispatch_latency_seconds_count {}",
+            self.latency.n
+        );
+        out
+    }
+
+    /// Accepts a job from any front end (XMPP or HTTP): idempotency, queue bound, written to the
+    /// store before it is acknowledged. `Ok(Err(..))`: refused, with the reason.
+    pub(crate) async fn accept(
+        &mut self,
+        spec: JobSpec,
+    ) -> Result<Result<(JobId, JobState), SpineError>, DispatcherError> {
+        if let Some(key) = &spec.idempotency_key {
+            if let Some(existing) = self.store.idempotent(&spec.submitter, key)? {
                 let state = self
                     .jobs
                     .get(&existing)
                     .map_or(JobState::Accepted, |j| j.state);
-                self.conn
-                    .send(
-                        Iq::from_result(
-                            id,
-                            Some(Accepted {
-                                job: existing,
-                                state,
-                            }),
-                        )
-                        .with_to(from),
-                    )
-                    .await;
-                return Ok(());
+                return Ok(Ok((existing, state)));
             }
         }
+        let job_id: JobId = new_job_id();
+        let rec = match self.jobs.submit(job_id.clone(), spec, now_ms()) {
+            Ok(r) => r.clone(),
+            Err(e @ crate::jobs::SubmitError::QueueFull { .. }) => {
+                return Ok(Err(
+                    SpineError::new(Condition::QueueFull).with_text(e.to_string())
+                ))
+            }
+            Err(e) => {
+                return Ok(Err(
+                    SpineError::new(Condition::Malformed).with_text(e.to_string())
+                ))
+            }
+        };
+        // Stored before it is acknowledged: an accepted job survives a crash.
+        self.store.put(&[&rec])?;
+        info!(job = %job_id, capability = %rec.spec.capability, submitter = %rec.spec.submitter, "job accepted");
+        self.place().await?;
+        let state = self.jobs.get(&job_id).map_or(rec.state, |j| j.state);
+        Ok(Ok((job_id, state)))
+    }
+
+    async fn on_submit(&mut self, from: Jid, id: String, s: Submit) -> Result<(), DispatcherError> {
         let input = match s.input {
             None => (Vec::new(), None),
             Some(Data::Inline { bytes, mime }) => (bytes, mime),
@@ -758,39 +1009,20 @@ impl Runtime {
             deadline_ms: s.deadline_ms.map(|d| now_ms() + d),
             priority: s.priority,
             max_attempts: s.max_attempts.unwrap_or(self.cfg.max_attempts),
-            submitter,
+            submitter: from.to_bare().to_string(),
             idempotency_key: s.idempotency_key,
             progress: s.watch,
             watch: s.watch.then(|| from.to_string()),
         };
-        let job_id: JobId = new_job_id();
-        let rec = match self.jobs.submit(job_id.clone(), spec, now_ms()) {
-            Ok(r) => r.clone(),
-            Err(e) => {
-                let mut err = SpineError::new(Condition::QueueFull).with_text(e.to_string());
-                if let crate::jobs::SubmitError::Exists(_) = e {
-                    err = SpineError::new(Condition::Malformed).with_text(e.to_string());
-                }
-                self.reply_error(from, id, err).await;
-                return Ok(());
+        match self.accept(spec).await? {
+            Ok((job, state)) => {
+                self.conn
+                    .send(Iq::from_result(id, Some(Accepted { job, state })).with_to(from))
+                    .await;
             }
-        };
-        // Stored before it is acknowledged: an accepted job survives a crash.
-        self.store.put(&[&rec])?;
-        info!(job = %job_id, capability = %rec.spec.capability, submitter = %rec.spec.submitter, "job accepted");
-        self.conn
-            .send(
-                Iq::from_result(
-                    id,
-                    Some(Accepted {
-                        job: job_id,
-                        state: rec.state,
-                    }),
-                )
-                .with_to(from),
-            )
-            .await;
-        self.place().await
+            Err(e) => self.reply_error(from, id, e).await,
+        }
+        Ok(())
     }
 
     async fn on_get(&mut self, from: Jid, id: String, payload: minidom::Element) {
@@ -880,6 +1112,27 @@ impl Runtime {
 
     /// Forwards a progress or partial message to the job's XMPP watcher.
     async fn forward(&mut self, job: &JobId, payload: minidom::Element) {
+        let kind = if payload.name() == "progress" {
+            "progress"
+        } else {
+            "partial"
+        };
+        let data = match kind {
+            "progress" => Progress::try_from(payload.clone())
+                .map(|p| serde_json::json!({ "percent": p.percent, "message": p.message }))
+                .unwrap_or_default(),
+            _ => spine_protocol::Partial::try_from(payload.clone())
+                .map(|p| {
+                    use base64::Engine as _;
+                    serde_json::json!({ "seq": p.seq, "type": p.mime, "data": base64::engine::general_purpose::STANDARD.encode(&p.bytes) })
+                })
+                .unwrap_or_default(),
+        };
+        let _ = self.events.send(JobEvent {
+            job: job.clone(),
+            kind,
+            data,
+        });
         let Some(watch) = self
             .jobs
             .get(job)

@@ -48,7 +48,7 @@ impl Running {
 
 fn start_dispatcher(server: &TestServer, dir: &std::path::Path) -> Running {
     let cfg = DispatcherConfig::from_toml(&format!(
-        "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nsubmitters = [\"webapp@localhost\"]\nno_agent_wait = \"2s\"\n",
+        "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nsubmitters = [\"webapp@localhost\"]\nno_agent_wait = \"2s\"\nhttp_listen = \"127.0.0.1:0\"\n",
         server.addr,
         dir.display()
     ))
@@ -317,5 +317,322 @@ async fn discovery_ranks_by_load_and_strangers_are_forbidden() {
     );
     a.stop();
     b.stop();
+    dispatcher.stop();
+}
+
+/// (method, path, body, expected status, expected field)
+type ErrorCase<'a> = (&'a str, &'a str, Option<&'a str>, u16, Option<&'a str>);
+
+/// A dispatcher with its HTTP API on a free loopback port.
+async fn start_http_dispatcher(
+    server: &TestServer,
+    dir: &std::path::Path,
+    extra: &str,
+) -> (Running, std::net::SocketAddr) {
+    let cfg = DispatcherConfig::from_toml(&format!(
+        "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nhttp_listen = \"127.0.0.1:0\"\nno_agent_wait = \"2s\"\n{extra}",
+        server.addr,
+        dir.display()
+    ))
+    .unwrap();
+    let d = spine_dispatcher::Dispatcher::bind(cfg).await.unwrap();
+    let addr = d.http_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        if let Err(e) = d
+            .run(async move {
+                let _ = rx.await;
+            })
+            .await
+        {
+            panic!("dispatcher failed: {e}");
+        }
+    });
+    (
+        Running {
+            stop: Some(tx),
+            task,
+        },
+        addr,
+    )
+}
+
+async fn http(
+    method: &str,
+    url: String,
+    token: Option<&str>,
+    body: Option<&str>,
+) -> (u16, serde_json::Value) {
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let mut req = match method {
+        "POST" => client.post(&url),
+        "DELETE" => client.delete(&url),
+        _ => client.get(&url),
+    };
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    if let Some(b) = body {
+        req = req
+            .header("content-type", "application/json")
+            .body(b.to_owned());
+    }
+    let resp = req.send().await.unwrap();
+    let status = resp.status().as_u16();
+    let text = resp.text().await.unwrap();
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_api_submit_follow_cancel_and_errors() {
+    let server = TestServer::start(ACCOUNTS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (dispatcher, addr) = start_http_dispatcher(&server, dir.path(), "").await;
+    let base = format!("http://{addr}");
+    let fast = start_agent(&server, 1, 2, 5, Arc::new(AtomicUsize::new(0)));
+    // Agents are registered when /v1/agents lists them.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (st, body) = http(
+            "GET",
+            format!("{base}/v1/agents?capability=work.sleep"),
+            None,
+            None,
+        )
+        .await;
+        if st == 200 && body["agents"].as_array().is_some_and(|a| a.len() == 1) {
+            assert_eq!(body["agents"][0]["slots"], 2);
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent not listed: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Submit and follow to the result.
+    let (st, body) = http(
+        "POST",
+        format!("{base}/v1/jobs"),
+        None,
+        Some(r#"{"capability":"work.sleep","args":{"n":1},"idempotency_key":"k-1"}"#),
+    )
+    .await;
+    assert_eq!(st, 202, "{body}");
+    let id = body["id"].as_str().unwrap().to_owned();
+    let (st2, again) = http(
+        "POST",
+        format!("{base}/v1/jobs"),
+        None,
+        Some(r#"{"capability":"work.sleep","idempotency_key":"k-1"}"#),
+    )
+    .await;
+    assert_eq!(
+        (st2, again["id"].as_str()),
+        (202, Some(id.as_str())),
+        "same idempotency key, same job"
+    );
+    let done = loop {
+        let (st, j) = http("GET", format!("{base}/v1/jobs/{id}"), None, None).await;
+        assert_eq!(st, 200);
+        if j["state"] == "succeeded" {
+            break j;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{j}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    use base64::Engine as _;
+    let out = base64::engine::general_purpose::STANDARD
+        .decode(done["result"]["output"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out).unwrap(),
+        format!("{id} done by agent1")
+    );
+    assert_eq!(done["attempts"], 1);
+
+    // Server-sent events of a finished job: its final state at once.
+    let text = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{base}/v1/jobs/{id}/events"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        text.contains("event: final") && text.contains("succeeded"),
+        "{text}"
+    );
+
+    // Cancel a queued job (the capability has no agent), then a second cancel is harmless.
+    let (_, q) = http(
+        "POST",
+        format!("{base}/v1/jobs"),
+        None,
+        Some(r#"{"capability":"nobody.here"}"#),
+    )
+    .await;
+    let qid = q["id"].as_str().unwrap();
+    let (st, c) = http("DELETE", format!("{base}/v1/jobs/{qid}"), None, None).await;
+    assert_eq!((st, c["state"].as_str()), (200, Some("cancelled")));
+    let (st, c) = http("DELETE", format!("{base}/v1/jobs/{qid}"), None, None).await;
+    assert_eq!((st, c["state"].as_str()), (200, Some("cancelled")));
+
+    // Errors: 4xx with a JSON body naming the field.
+    let cases: &[ErrorCase] = &[
+        ("POST", "/v1/jobs", Some("{not json"), 400, None),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(r#"{"args":{}}"#),
+            400,
+            Some("capability"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(r#"{"capability":"work.sleep","colour":"red"}"#),
+            400,
+            Some("colour"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(r#"{"capability":"Bad Name"}"#),
+            400,
+            Some("capability"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(r#"{"capability":"work.sleep","strategy":"fastest"}"#),
+            400,
+            Some("strategy"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(r#"{"capability":"work.sleep","filter":"gpu="}"#),
+            400,
+            Some("filter"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(r#"{"capability":"work.sleep","deadline":"30"}"#),
+            400,
+            Some("deadline"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(r#"{"capability":"work.sleep","input":"!!!"}"#),
+            400,
+            Some("input"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(r#"{"capability":"work.sleep","priority":"high"}"#),
+            400,
+            Some("priority"),
+        ),
+        (
+            "POST",
+            "/v1/jobs",
+            Some(r#"{"capability":"work.sleep","max_attempts":0}"#),
+            400,
+            Some("max_attempts"),
+        ),
+        ("GET", "/v1/jobs/no-such-job", None, 404, None),
+        ("GET", "/v1/jobs/bad%20id", None, 400, Some("id")),
+        ("DELETE", "/v1/jobs/no-such-job", None, 404, None),
+        ("GET", "/v1/agents", None, 400, Some("capability")),
+        (
+            "GET",
+            "/v1/agents?capability=work.sleep&filter=%3D%3D",
+            None,
+            400,
+            Some("filter"),
+        ),
+        ("GET", "/v2/nothing", None, 404, None),
+    ];
+    for (method, path, body, status, field) in cases {
+        let (st, b) = http(method, format!("{base}{path}"), None, *body).await;
+        assert_eq!(st, *status, "{method} {path} {body:?} -> {b}");
+        assert!(
+            b["error"].is_string() && b["message"].is_string(),
+            "{method} {path}: JSON error body expected, got {b}"
+        );
+        if let Some(f) = field {
+            assert_eq!(
+                b["field"].as_str(),
+                Some(*f),
+                "{method} {path} {body:?} -> {b}"
+            );
+        }
+    }
+
+    let (st, caps) = http("GET", format!("{base}/v1/capabilities"), None, None).await;
+    assert_eq!(st, 200);
+    assert!(
+        caps["capabilities"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|c| c["name"] == "work.sleep" && c["agents"] == 1),
+        "{caps}"
+    );
+    let (st, m) = http("GET", format!("{base}/metrics"), None, None).await;
+    let m = m.as_str().unwrap_or_default().to_owned();
+    assert_eq!(st, 200);
+    assert!(
+        m.contains("spine_jobs{capability=\"work.sleep\",state=\"succeeded\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("spine_agents 1") && m.contains("spine_dispatch_latency_seconds_count 1"),
+        "{m}"
+    );
+    let (st, h) = http("GET", format!("{base}/healthz"), None, None).await;
+    assert_eq!((st, h.as_str().map(str::trim)), (200, Some("ok")));
+    fast.stop();
+    dispatcher.stop();
+}
+
+#[tokio::test]
+async fn http_tokens_and_capability_permissions() {
+    let server = TestServer::start(ACCOUNTS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = "[[http_token]]\nname = \"webapp\"\ntoken = \"0123456789abcdef-web\"\ncapabilities = [\"work.*\"]\n[[http_token]]\nname = \"reports\"\ntoken = \"0123456789abcdef-rep\"\ncapabilities = [\"report.pdf\"]\n";
+    let (dispatcher, addr) = start_http_dispatcher(&server, dir.path(), tokens).await;
+    let url = format!("http://{addr}/v1/jobs");
+    let body = Some(r#"{"capability":"work.sleep"}"#);
+    let (st, b) = http("POST", url.clone(), None, body).await;
+    assert_eq!(
+        (st, b["error"].as_str()),
+        (401, Some("not-authorized")),
+        "{b}"
+    );
+    let (st, _) = http("POST", url.clone(), Some("0123456789abcdef-xxx"), body).await;
+    assert_eq!(st, 401);
+    let (st, b) = http("POST", url.clone(), Some("0123456789abcdef-rep"), body).await;
+    assert_eq!(st, 403, "{b}");
+    assert!(b["message"]
+        .as_str()
+        .unwrap()
+        .contains("may not run work.sleep"));
+    let (st, b) = http("POST", url.clone(), Some("0123456789abcdef-web"), body).await;
+    assert_eq!(st, 202, "{b}");
+    let (st, _) = http("GET", format!("http://{addr}/healthz"), None, None).await;
+    assert_eq!(st, 200, "health needs no token");
     dispatcher.stop();
 }

@@ -1,0 +1,150 @@
+//! `spine submit --wait`, `spine agents` and `spine jobs` as real processes against a
+//! dispatcher's HTTP API, with a real agent on the embedded server.
+
+use std::time::Duration;
+
+use spine_agent::{Agent, AgentConfig, JobContext, JobError, Output};
+use spine_dispatcher::{Dispatcher, DispatcherConfig};
+use spine_integration::{TestServer, PATIENCE};
+use tokio::process::Command;
+
+async fn spine(args: &[&str]) -> (i32, String, String) {
+    let out = tokio::time::timeout(
+        PATIENCE * 3,
+        Command::new(env!("CARGO_BIN_EXE_spine"))
+            .args(args)
+            .env_remove("SPINE_TOKEN")
+            .output(),
+    )
+    .await
+    .expect("spine command finished")
+    .expect("run spine");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_wait_agents_and_jobs() {
+    let server = TestServer::start(&[("dispatcher", "pw-d"), ("agent1", "pw")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = DispatcherConfig::from_toml(&format!(
+        "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nhttp_listen = \"127.0.0.1:0\"\n",
+        server.addr,
+        dir.path().display()
+    ))
+    .unwrap();
+    let d = Dispatcher::bind(cfg).await.unwrap();
+    let api = format!("http://{}", d.http_addr().unwrap());
+    tokio::spawn(d.run(std::future::pending::<()>()));
+    let agent_cfg = AgentConfig::from_toml(&format!(
+        "jid = \"agent1@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\n[attributes]\nzone = \"eu-1\"\n",
+        server.addr
+    ))
+    .unwrap();
+    let agent = Agent::builder(agent_cfg)
+        .capability("text.upper", None, |ctx: JobContext| async move {
+            ctx.progress(50, "shouting");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let times = ctx.args.get("times").and_then(|v| v.as_u64()).unwrap_or(1) as usize;
+            let text = String::from_utf8(ctx.input)
+                .map_err(|_| JobError::bad_argument("input", "must be UTF-8"))?;
+            Ok::<_, JobError>(
+                Output::bytes(text.to_uppercase().repeat(times)).with_mime("text/plain"),
+            )
+        })
+        .build()
+        .unwrap();
+    tokio::spawn(agent.run(std::future::pending::<()>()));
+
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let table = loop {
+        let (code, out, err) =
+            spine(&["agents", "--capability", "text.upper", "--api", &api]).await;
+        assert_eq!(code, 0, "{err}");
+        if out.contains("agent1@localhost/w") {
+            break out;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent never listed:\n{out}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(
+        table.contains("zone=eu-1") && table.contains("ready"),
+        "{table}"
+    );
+
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "hello").unwrap();
+    let in_arg = input.display().to_string();
+    let (code, out, err) = spine(&[
+        "submit",
+        "text.upper",
+        "--input",
+        &in_arg,
+        "--arg",
+        "times=2",
+        "--wait",
+        "--api",
+        &api,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "HELLOHELLO");
+    assert!(err.contains("accepted"), "{err}");
+
+    let outfile = dir.path().join("out.txt");
+    let out_arg = outfile.display().to_string();
+    let (code, _, err) = spine(&[
+        "submit",
+        "text.upper",
+        "--input",
+        &in_arg,
+        "--wait",
+        "--output",
+        &out_arg,
+        "--api",
+        &api,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read_to_string(&outfile).unwrap(), "HELLO");
+
+    let (code, out, _) = spine(&["jobs", "--api", &api]).await;
+    assert_eq!(code, 0);
+    assert_eq!(
+        out.lines()
+            .filter(|l| l.contains("text.upper") && l.contains("succeeded"))
+            .count(),
+        2,
+        "{out}"
+    );
+    let id = out
+        .lines()
+        .nth(1)
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_owned();
+    let (code, out, _) = spine(&["jobs", &id, "--api", &api]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("\"state\": \"succeeded\""), "{out}");
+
+    let (code, _, err) = spine(&[
+        "submit",
+        "text.upper",
+        "--strategy",
+        "fastest",
+        "--api",
+        &api,
+    ])
+    .await;
+    assert_ne!(code, 0);
+    assert!(err.contains("400 bad-request (field 'strategy')"), "{err}");
+    let (code, _, err) = spine(&["submit", "text.upper", "--arg", "novalue", "--api", &api]).await;
+    assert_ne!(code, 0);
+    assert!(err.contains("expected NAME=VALUE"), "{err}");
+}

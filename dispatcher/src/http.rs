@@ -1,0 +1,688 @@
+//! The HTTP/JSON API (axum): what web apps use to submit jobs, follow them and choose agents.
+//!
+//! Handlers never touch the dispatcher's state: they send a [`Command`] with a `oneshot` reply
+//! to the connection task (the one owner of the registry, jobs and store) through a cloneable
+//! [`Handle`]. Progress and outcomes reach `GET /v1/jobs/{id}/events` (server-sent events)
+//! through a broadcast channel.
+//!
+//! Authentication: bearer tokens from the configuration, each allowed a set of capabilities.
+//! With no token configured the API serves loopback clients only.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine as _;
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+use spine_protocol::{
+    AgentInfo, AttrName, CapabilityName, Condition, Filter, JobId, JobState, SpineError, Strategy,
+};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::config::HttpToken;
+use crate::jobs::{JobRecord, JobSpec, Recorded};
+
+/// Largest HTTP request body (base64 input included).
+pub const MAX_BODY: usize = 96 * 1024 * 1024;
+
+/// A request from an HTTP handler to the connection task.
+pub(crate) enum Command {
+    Submit {
+        spec: JobSpec,
+        reply: oneshot::Sender<Result<(JobId, JobState), SpineError>>,
+    },
+    Get {
+        id: JobId,
+        reply: oneshot::Sender<Option<JobRecord>>,
+    },
+    Cancel {
+        id: JobId,
+        reply: oneshot::Sender<Result<JobState, SpineError>>,
+    },
+    Agents {
+        capability: CapabilityName,
+        filter: Option<Filter>,
+        sort: Option<AttrName>,
+        limit: Option<usize>,
+        reply: oneshot::Sender<Vec<AgentInfo>>,
+    },
+    Capabilities {
+        reply: oneshot::Sender<Vec<(CapabilityName, usize, usize)>>,
+    },
+    List {
+        state: Option<JobState>,
+        limit: usize,
+        reply: oneshot::Sender<Vec<JobRecord>>,
+    },
+    Metrics {
+        reply: oneshot::Sender<String>,
+    },
+}
+
+/// Something that happened to a job, for event streams.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobEvent {
+    /// The job.
+    pub job: JobId,
+    /// `progress`, `partial` or `final`.
+    pub kind: &'static str,
+    /// Event data (JSON).
+    pub data: Value,
+}
+
+/// Cloneable access to the connection task, for HTTP handlers.
+#[derive(Clone)]
+pub(crate) struct Handle {
+    pub(crate) tx: mpsc::Sender<Command>,
+    pub(crate) events: broadcast::Sender<JobEvent>,
+    pub(crate) tokens: std::sync::Arc<Vec<HttpToken>>,
+    pub(crate) max_attempts: u64,
+}
+
+/// An API error: HTTP status and a JSON body `{"error": ..., "field": ...}`.
+pub(crate) struct ApiError {
+    status: StatusCode,
+    condition: &'static str,
+    message: String,
+    field: Option<String>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, condition: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            condition,
+            message: message.into(),
+            field: None,
+        }
+    }
+    fn field(field: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            field: Some(field.to_owned()),
+            ..Self::new(StatusCode::BAD_REQUEST, "bad-request", message)
+        }
+    }
+    fn unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the dispatcher is shutting down",
+        )
+    }
+}
+
+impl From<SpineError> for ApiError {
+    fn from(e: SpineError) -> Self {
+        let status = match e.condition {
+            Condition::QueueFull | Condition::Busy => StatusCode::TOO_MANY_REQUESTS,
+            Condition::UnknownJob | Condition::UnknownCapability | Condition::NoAgent => {
+                StatusCode::NOT_FOUND
+            }
+            Condition::NotAuthorized => StatusCode::FORBIDDEN,
+            Condition::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Condition::BadArguments | Condition::Malformed => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError {
+            status,
+            condition: e.condition.as_str(),
+            message: e.text.unwrap_or_else(|| e.condition.to_string()),
+            field: e.field,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.condition, "message": self.message });
+        if let Some(f) = self.field {
+            body["field"] = json!(f);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+/// Who is calling: the token's name (or `local`) and what it may run.
+struct Caller {
+    name: String,
+    capabilities: Option<Vec<String>>,
+}
+
+impl Caller {
+    fn may_run(&self, cap: &CapabilityName) -> bool {
+        match &self.capabilities {
+            None => true,
+            Some(list) => list.iter().any(|c| {
+                c == "*"
+                    || c == cap.as_str()
+                    || (c.ends_with(".*") && cap.as_str().starts_with(&c[..c.len() - 1]))
+            }),
+        }
+    }
+}
+
+fn authenticate(h: &Handle, headers: &HeaderMap, peer: SocketAddr) -> Result<Caller, ApiError> {
+    if h.tokens.is_empty() {
+        if peer.ip().is_loopback() {
+            return Ok(Caller {
+                name: "local".into(),
+                capabilities: None,
+            });
+        }
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not-authorized",
+            "no API tokens are configured: only loopback clients are served",
+        ));
+    }
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "not-authorized",
+                "missing 'Authorization: Bearer <token>'",
+            )
+        })?;
+    // Compare every token in full so timing says nothing about which prefix matched.
+    let mut found = None;
+    for t in h.tokens.iter() {
+        let same = t.token.len() == given.len()
+            && t.token
+                .bytes()
+                .zip(given.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0;
+        if same {
+            found = Some(t);
+        }
+    }
+    let t = found.ok_or_else(|| {
+        ApiError::new(StatusCode::UNAUTHORIZED, "not-authorized", "unknown token")
+    })?;
+    Ok(Caller {
+        name: t.name.clone(),
+        capabilities: Some(t.capabilities.clone()),
+    })
+}
+
+async fn ask<T>(
+    h: &Handle,
+    make: impl FnOnce(oneshot::Sender<T>) -> Command,
+) -> Result<T, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    h.tx.send(make(tx))
+        .await
+        .map_err(|_| ApiError::unavailable())?;
+    rx.await.map_err(|_| ApiError::unavailable())
+}
+
+/// `POST /v1/jobs` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    capability: String,
+    #[serde(default)]
+    args: Option<serde_json::Map<String, Value>>,
+    /// Input bytes, base64.
+    input: Option<String>,
+    input_type: Option<String>,
+    strategy: Option<String>,
+    filter: Option<String>,
+    sort: Option<String>,
+    affinity_key: Option<String>,
+    /// Like "30s".
+    deadline: Option<String>,
+    priority: Option<i64>,
+    max_attempts: Option<u64>,
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    progress: bool,
+}
+
+fn spec_from(req: SubmitRequest, caller: &Caller, max_attempts: u64) -> Result<JobSpec, ApiError> {
+    let capability: CapabilityName = req
+        .capability
+        .parse()
+        .map_err(|e: String| ApiError::field("capability", e))?;
+    if !caller.may_run(&capability) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not-authorized",
+            format!("token '{}' may not run {capability}", caller.name),
+        ));
+    }
+    let strategy = match req.strategy.as_deref() {
+        None => Strategy::LeastLoaded,
+        Some(s) => s
+            .parse()
+            .map_err(|e: String| ApiError::field("strategy", e))?,
+    };
+    if let Some(f) = &req.filter {
+        f.parse::<Filter>()
+            .map_err(|e| ApiError::field("filter", e.to_string()))?;
+    }
+    let sort = match &req.sort {
+        None => None,
+        Some(s) => Some(
+            s.parse::<AttrName>()
+                .map_err(|e| ApiError::field("sort", e))?,
+        ),
+    };
+    match (strategy, &req.affinity_key) {
+        (Strategy::Affinity, None) => {
+            return Err(ApiError::field(
+                "affinity_key",
+                "required with strategy 'affinity'",
+            ))
+        }
+        (s, Some(_)) if s != Strategy::Affinity => {
+            return Err(ApiError::field(
+                "affinity_key",
+                "only the 'affinity' strategy takes a key",
+            ))
+        }
+        _ => {}
+    }
+    if strategy == Strategy::All {
+        return Err(ApiError::field(
+            "strategy",
+            "'all' (fan-out and gather) is not implemented yet",
+        ));
+    }
+    let deadline_ms = match &req.deadline {
+        None => None,
+        Some(d) => {
+            let dur = humantime::parse_duration(d).map_err(|e| {
+                ApiError::field("deadline", format!("'{d}': {e} (use units, e.g. \"30s\")"))
+            })?;
+            Some(crate::runtime::now_ms() + dur.as_millis() as u64)
+        }
+    };
+    let input = match &req.input {
+        None => Vec::new(),
+        Some(b) => base64::engine::general_purpose::STANDARD
+            .decode(b)
+            .map_err(|e| ApiError::field("input", format!("not base64: {e}")))?,
+    };
+    if input.len() > spine_protocol::INLINE_LIMIT {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too-large",
+            format!(
+                "inputs over {} bytes are not supported yet",
+                spine_protocol::INLINE_LIMIT
+            ),
+        ));
+    }
+    if req.max_attempts == Some(0) {
+        return Err(ApiError::field("max_attempts", "must be at least 1"));
+    }
+    if req
+        .idempotency_key
+        .as_ref()
+        .is_some_and(|k| k.is_empty() || k.len() > 256)
+    {
+        return Err(ApiError::field("idempotency_key", "must be 1 to 256 bytes"));
+    }
+    Ok(JobSpec {
+        capability,
+        strategy,
+        filter: req.filter,
+        sort,
+        affinity_key: req.affinity_key,
+        args: req.args.unwrap_or_default(),
+        input,
+        input_mime: req.input_type,
+        deadline_ms,
+        priority: req.priority.unwrap_or(0),
+        max_attempts: req.max_attempts.unwrap_or(max_attempts),
+        submitter: format!("http:{}", caller.name),
+        idempotency_key: req.idempotency_key,
+        progress: req.progress,
+        watch: None,
+    })
+}
+
+/// The JSON view of a job.
+pub fn job_json(j: &JobRecord) -> Value {
+    let mut v = json!({
+        "id": j.id,
+        "capability": j.spec.capability,
+        "state": j.state,
+        "attempts": j.attempts,
+        "agent": j.agent,
+        "percent": j.percent,
+        "submitter": j.spec.submitter,
+    });
+    match &j.outcome {
+        Some(Recorded::Succeeded {
+            meta,
+            output,
+            mime,
+            elapsed_ms,
+        }) => {
+            v["result"] = json!({
+                "output": base64::engine::general_purpose::STANDARD.encode(output),
+                "type": mime,
+                "meta": meta,
+                "elapsed_ms": elapsed_ms,
+            });
+        }
+        Some(Recorded::Failure { condition, message }) => {
+            v["error"] = json!({ "condition": condition, "message": message });
+        }
+        None => {}
+    }
+    v
+}
+
+fn job_id(s: &str) -> Result<JobId, ApiError> {
+    s.parse().map_err(|e: String| ApiError::field("id", e))
+}
+
+async fn submit(
+    State(h): State<Handle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&h, &headers, peer)?;
+    let de = &mut serde_json::Deserializer::from_slice(&body);
+    let req: SubmitRequest = serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let msg = e.inner().to_string();
+        // A wrong type names its path; an unknown or missing field is named in the message.
+        let field = if path.is_empty() || path == "." {
+            msg.split('`').nth(1).map(str::to_owned)
+        } else {
+            Some(path)
+        };
+        ApiError {
+            field,
+            ..ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                format!("invalid JSON body: {msg}"),
+            )
+        }
+    })?;
+    let spec = spec_from(req, &caller, h.max_attempts)?;
+    let (id, state) = ask(&h, |reply| Command::Submit { spec, reply }).await??;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": id, "state": state })),
+    )
+        .into_response())
+}
+
+async fn get_job(
+    State(h): State<Handle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&h, &headers, peer)?;
+    let id = job_id(&id)?;
+    let rec = ask(&h, |reply| Command::Get {
+        id: id.clone(),
+        reply,
+    })
+    .await?;
+    rec.map(|j| Json(job_json(&j)))
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown-job", format!("no job {id}")))
+}
+
+async fn cancel_job(
+    State(h): State<Handle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&h, &headers, peer)?;
+    let id = job_id(&id)?;
+    let state = ask(&h, |reply| Command::Cancel {
+        id: id.clone(),
+        reply,
+    })
+    .await??;
+    Ok(Json(json!({ "id": id, "state": state })))
+}
+
+async fn events(
+    State(h): State<Handle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    authenticate(&h, &headers, peer)?;
+    let id = job_id(&id)?;
+    // Subscribe before reading the state, so nothing falls between the two.
+    let mut rx = h.events.subscribe();
+    let rec = ask(&h, |reply| Command::Get {
+        id: id.clone(),
+        reply,
+    })
+    .await?
+    .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown-job", format!("no job {id}")))?;
+    let stream = async_stream(move |tx| async move {
+        let done = rec.state.is_final();
+        let _ = tx
+            .send(
+                SseEvent::default()
+                    .event(if done { "final" } else { "state" })
+                    .data(job_json(&rec).to_string()),
+            )
+            .await;
+        if done {
+            return;
+        }
+        loop {
+            match rx.recv().await {
+                Ok(ev) if ev.job == id => {
+                    let last = ev.kind == "final";
+                    if tx
+                        .send(SseEvent::default().event(ev.kind).data(ev.data.to_string()))
+                        .await
+                        .is_err()
+                        || last
+                    {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    let _ = tx
+                        .send(
+                            SseEvent::default()
+                                .event("lagged")
+                                .data(json!({ "missed": n }).to_string()),
+                        )
+                        .await;
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// A stream fed by a task through a small channel.
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<SseEvent, Infallible>>
+where
+    F: FnOnce(mpsc::Sender<SseEvent>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(f(tx));
+    futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_jobs(
+    State(h): State<Handle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&h, &headers, peer)?;
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e.body_text()))?;
+    let state = match q.state {
+        None => None,
+        Some(s) => Some(
+            s.parse::<JobState>()
+                .map_err(|e| ApiError::field("state", e))?,
+        ),
+    };
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let jobs = ask(&h, |reply| Command::List {
+        state,
+        limit,
+        reply,
+    })
+    .await?;
+    let list: Vec<Value> = jobs
+        .iter()
+        .map(|j| {
+            let mut v = job_json(j);
+            if let Some(r) = v.get_mut("result") {
+                r["output"] = Value::Null; // listings carry no payloads; GET /v1/jobs/{id} does
+            }
+            v
+        })
+        .collect();
+    Ok(Json(json!({ "jobs": list })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentsQuery {
+    capability: Option<String>,
+    filter: Option<String>,
+    sort: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn agents(
+    State(h): State<Handle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    q: Result<Query<AgentsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&h, &headers, peer)?;
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e.body_text()))?;
+    let capability: CapabilityName = q
+        .capability
+        .ok_or_else(|| ApiError::field("capability", "required"))?
+        .parse()
+        .map_err(|e: String| ApiError::field("capability", e))?;
+    let filter = match q.filter {
+        None => None,
+        Some(f) => Some(
+            f.parse::<Filter>()
+                .map_err(|e| ApiError::field("filter", e.to_string()))?,
+        ),
+    };
+    let sort = match q.sort {
+        None => None,
+        Some(s) => Some(
+            s.parse::<AttrName>()
+                .map_err(|e| ApiError::field("sort", e))?,
+        ),
+    };
+    let list = ask(&h, |reply| Command::Agents {
+        capability: capability.clone(),
+        filter,
+        sort,
+        limit: q.limit,
+        reply,
+    })
+    .await?;
+    let agents: Vec<Value> = list
+        .iter()
+        .map(|a| {
+            json!({
+                "jid": a.jid.to_string(), "state": a.state.as_str(), "load": a.load, "in_flight": a.in_flight,
+                "slots": a.slots, "loadavg": a.loadavg, "mem_used": a.mem_used, "mem_total": a.mem_total,
+                "attributes": a.attrs.iter().map(|(k, v)| (k.to_string(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "capability": capability, "agents": agents })))
+}
+
+async fn capabilities(
+    State(h): State<Handle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Json<Value>, ApiError> {
+    authenticate(&h, &headers, peer)?;
+    let list = ask(&h, |reply| Command::Capabilities { reply }).await?;
+    let caps: Vec<Value> = list
+        .into_iter()
+        .map(|(c, agents, queued)| json!({ "name": c, "agents": agents, "queued": queued }))
+        .collect();
+    Ok(Json(json!({ "capabilities": caps })))
+}
+
+async fn metrics(
+    State(h): State<Handle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    authenticate(&h, &headers, peer)?;
+    let text = ask(&h, |reply| Command::Metrics { reply }).await?;
+    Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
+}
+
+async fn healthz(State(h): State<Handle>) -> Response {
+    if h.tx.is_closed() {
+        (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response()
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "no such endpoint (see docs/dispatcher.md)",
+    )
+}
+
+/// The API's routes.
+pub(crate) fn router(h: Handle) -> Router {
+    Router::new()
+        .route("/v1/jobs", axum::routing::post(submit).get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route("/v1/jobs/{id}/events", get(events))
+        .route("/v1/agents", get(agents))
+        .route("/v1/capabilities", get(capabilities))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .with_state(h)
+}
