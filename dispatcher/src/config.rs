@@ -30,6 +30,9 @@ pub struct DispatcherConfig {
     pub data_dir: PathBuf,
     /// Bare JIDs allowed to use the XMPP API.
     pub submitters: Vec<String>,
+    /// Accounts allowed to register as agents: bare JIDs or `*@domain`. Empty: every account
+    /// of the dispatcher's own domain.
+    pub agents: Vec<String>,
     /// Queue bound per capability.
     pub max_queue: usize,
     /// Default attempts per job.
@@ -92,6 +95,7 @@ impl Default for DispatcherConfig {
             server: "127.0.0.1:5222".into(),
             data_dir: PathBuf::from("spine-data"),
             submitters: Vec::new(),
+            agents: Vec::new(),
             max_queue: 10_000,
             max_attempts: 3,
             no_agent_wait: Duration::from_secs(30),
@@ -123,7 +127,8 @@ impl DispatcherConfig {
         b = b.add_source(
             config::Environment::with_prefix("SPINE_DISPATCHER")
                 .list_separator(",")
-                .with_list_parse_key("submitters"),
+                .with_list_parse_key("submitters")
+                .with_list_parse_key("agents"),
         );
         let cfg: DispatcherConfig = b
             .build()
@@ -154,6 +159,18 @@ impl DispatcherConfig {
                     format!("'{s}' is not a bare JID: {e}"),
                 )
             })?;
+        }
+        for (i, a) in self.agents.iter().enumerate() {
+            let ok = match a.strip_prefix("*@") {
+                Some(domain) => BareJid::new(domain).is_ok() && !domain.contains('@'),
+                None => BareJid::new(a).is_ok_and(|j| j.node().is_some()),
+            };
+            if !ok {
+                return Err(bad(
+                    &format!("agents[{i}]"),
+                    format!("'{a}' is neither a bare JID nor *@domain"),
+                ));
+            }
         }
         if self.max_queue == 0 {
             return Err(bad("max_queue", "must be at least 1"));

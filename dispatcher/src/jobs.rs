@@ -314,6 +314,19 @@ impl JobTable {
             .find(|j| j.not_before_ms <= now_ms)
     }
 
+    /// Up to `limit` queued jobs of `cap` ready to place, in placement order.
+    pub fn queued_in_order(&self, cap: &CapabilityName, now_ms: u64, limit: usize) -> Vec<JobId> {
+        let Some(q) = self.queues.get(cap) else {
+            return Vec::new();
+        };
+        q.iter()
+            .filter_map(|(_, _, id)| self.jobs.get(id))
+            .filter(|j| j.not_before_ms <= now_ms)
+            .take(limit)
+            .map(|j| j.id.clone())
+            .collect()
+    }
+
     /// The job was sent to `agent`.
     pub fn dispatched(&mut self, id: &JobId, agent: &FullJid, now_ms: u64) -> Option<&JobRecord> {
         self.dequeue(id);
@@ -449,6 +462,23 @@ impl JobTable {
         };
         self.finalize(id, state, condition, message, now_ms);
         Some(AfterFailure::Final(state))
+    }
+
+    /// The agent refused the attempt without running it (`busy`, `draining`): queue the job
+    /// again without counting the attempt or excluding the agent; it was only unlucky timing.
+    pub fn refused(&mut self, id: &JobId, now_ms: u64) -> bool {
+        let Some(j) = self.jobs.get_mut(id) else {
+            return false;
+        };
+        if !matches!(j.state, JobState::Dispatched | JobState::Running) {
+            return false;
+        }
+        j.state = JobState::Queued;
+        j.attempts = j.attempts.saturating_sub(1);
+        j.not_before_ms = now_ms + 50;
+        j.updated_ms = now_ms;
+        self.enqueue(id);
+        true
     }
 
     /// Cancels a job. Returns the agent running it (to send `<cancel/>` to), if any.

@@ -54,6 +54,8 @@ struct Sent {
     job: JobId,
     agent: FullJid,
     attempt: u64,
+    /// The request, to send again after our own reconnect (its reply may have been lost).
+    payload: Job,
 }
 
 struct Runtime {
@@ -69,6 +71,9 @@ struct Runtime {
     no_agent_since: HashMap<JobId, u64>,
     submitters: HashSet<BareJid>,
     next_id: u64,
+    id_prefix: String,
+    next_prune_ms: u64,
+    own_domain: String,
     events: tokio::sync::broadcast::Sender<JobEvent>,
     latency: Histogram,
 }
@@ -151,7 +156,11 @@ async fn run_inner(
     for j in stored {
         jobs.restore(j);
     }
-    let conn = spine_xmpp::connect(opts).await?;
+    let mut conn = spine_xmpp::connect(opts).await?;
+    let mut status_rx = conn
+        .take_status()
+        .ok_or_else(|| DispatcherError::Connection("connection status already taken".into()))?;
+    let mut auth_refusals = 0u32;
     info!(jid = %conn.jid(), jobs = jobs.len(), unfinished, "dispatcher connected");
     let submitters = cfg
         .submitters
@@ -182,7 +191,11 @@ async fn run_inner(
         });
     }
     drop(cmd_tx);
+    let own_domain = jid::Jid::new(&cfg.jid)
+        .map(|j| j.domain().to_string())
+        .unwrap_or_default();
     let mut rt = Runtime {
+        own_domain,
         blobs: BlobStore::new(cfg.max_blob.as_u64(), Duration::from_secs(300)),
         cfg,
         conn,
@@ -195,6 +208,11 @@ async fn run_inner(
         no_agent_since: HashMap::new(),
         submitters,
         next_id: 0,
+        next_prune_ms: 0,
+        id_prefix: {
+            use rand::Rng as _;
+            format!("{:08x}", rand::rng().random::<u32>())
+        },
         events,
         latency: Histogram::default(),
     };
@@ -215,14 +233,26 @@ async fn run_inner(
                     }
                 }
                 Some(Event::Stream(StreamEvent::Reset { .. })) => {
-                    info!("session re-established: greeting agents again");
+                    info!(in_flight = rt.sent.len(), "session re-established: greeting agents, re-sending jobs in flight");
                     rt.on_session_start().await;
+                    rt.resend_in_flight().await;
                 }
                 Some(Event::Stream(_)) => {}
                 None => return Err(DispatcherError::Connection("the connection worker ended".into())),
             },
             _ = tick.tick() => rt.on_tick().await?,
             Some(cmd) = cmd_rx.recv() => rt.on_command(cmd).await?,
+            Some(spine_xmpp::Status::ReconnectFailed { error, auth, .. }) = status_rx.recv() => {
+                if auth {
+                    auth_refusals += 1;
+                    error!("server refuses the dispatcher's credentials ({auth_refusals}/3): {error}");
+                    if auth_refusals >= 3 {
+                        return Err(DispatcherError::Connection(format!("credentials refused: {error}")));
+                    }
+                } else {
+                    auth_refusals = 0;
+                }
+            }
         }
     }
     http_stop.cancel();
@@ -233,9 +263,11 @@ async fn run_inner(
 }
 
 impl Runtime {
+    /// IQ ids: a random per-process prefix, so a late reply meant for an earlier process (or
+    /// a guessed id) never matches a request of this one.
     fn iq_id(&mut self, prefix: &str) -> String {
         self.next_id += 1;
-        format!("{prefix}{}", self.next_id)
+        format!("{prefix}{}-{}", self.id_prefix, self.next_id)
     }
 
     /// Initial presence, then a hello to every agent seen in the last day (PROTOCOL.md §4.4):
@@ -277,17 +309,40 @@ impl Runtime {
             Stanza::Iq(Iq::Result {
                 id, from, payload, ..
             }) => {
-                if let Some(s) = self.sent.remove(&id) {
-                    self.on_job_result(s, payload).await?;
-                } else if self.pings.remove(&id).is_some() {
-                    debug!(from = ?from, "silent agent answered a ping");
+                // A reply counts only from the entity the request went to.
+                if self
+                    .sent
+                    .get(&id)
+                    .is_some_and(|s| from.as_ref() == Some(&Jid::from(s.agent.clone())))
+                {
+                    if let Some(s) = self.sent.remove(&id) {
+                        self.on_job_result(s, payload).await?;
+                    }
+                } else if self
+                    .pings
+                    .get(&id)
+                    .is_some_and(|(a, _)| from.as_ref() == Some(&Jid::from(a.clone())))
+                {
+                    if let Some((agent, _)) = self.pings.remove(&id) {
+                        debug!(agent = %agent, "silent agent answered a ping: asking for its load");
+                        self.hello(Jid::from(agent)).await;
+                    }
+                } else if self.sent.contains_key(&id) {
+                    warn!(from = ?from, "ignoring a job result from the wrong sender");
                 }
             }
-            Stanza::Iq(Iq::Error { id, error, .. }) => {
-                if let Some(s) = self.sent.remove(&id) {
-                    self.on_job_error(s, error).await?;
-                } else if let Some((agent, _)) = self.pings.remove(&id) {
-                    self.agent_gone(&agent, "ping failed").await?;
+            Stanza::Iq(Iq::Error {
+                id, from, error, ..
+            }) => {
+                let from_agent = |a: &FullJid| from.as_ref() == Some(&Jid::from(a.clone()));
+                if self.sent.get(&id).is_some_and(|s| from_agent(&s.agent)) {
+                    if let Some(s) = self.sent.remove(&id) {
+                        self.on_job_error(s, error).await?;
+                    }
+                } else if self.pings.get(&id).is_some_and(|(a, _)| from_agent(a)) {
+                    if let Some((agent, _)) = self.pings.remove(&id) {
+                        self.agent_gone(&agent, "ping failed").await?;
+                    }
                 }
             }
             Stanza::Iq(Iq::Set {
@@ -315,6 +370,12 @@ impl Runtime {
         if p.type_ == PresenceType::Unavailable {
             if self.registry.id_of(&from).is_some() {
                 self.agent_gone(&from, "went unavailable").await?;
+            }
+            return Ok(());
+        }
+        if !self.may_be_agent(&from) {
+            if presence_payloads(&p.payloads).is_ok_and(|f| f.advertise.is_some()) {
+                warn!(from = %from, "ignoring an advertisement from an account not allowed as an agent (see `agents`)");
             }
             return Ok(());
         }
@@ -476,8 +537,32 @@ impl Runtime {
                     };
                     SpineError::new(c).with_text(format!("{:?}", error.defined_condition))
                 });
+                if matches!(e.condition, Condition::Busy | Condition::Draining) {
+                    // Refused, not run: our view of its load was behind. Place it again at once,
+                    // without spending an attempt.
+                    debug!(job = %s.job, agent = %s.agent, "refused: {e}");
+                    if self.jobs.refused(&s.job, now_ms()) {
+                        self.persist(&s.job)?;
+                    }
+                    return self.place().await;
+                }
                 self.fail_attempt(&s, e).await
             }
+        }
+    }
+
+    /// Re-sends every job in flight (new IQ ids): after our reconnect, replies to the old
+    /// requests are lost; the agent attaches a repeated job id to the running job, or answers
+    /// from its outcome cache, so nothing runs twice.
+    async fn resend_in_flight(&mut self) {
+        let old: Vec<(String, Sent)> = self.sent.drain().collect();
+        for (_, s) in old {
+            let id = self.iq_id("j");
+            let to: Jid = s.agent.clone().into();
+            self.conn
+                .send(Iq::from_set(id.clone(), s.payload.clone()).with_to(to))
+                .await;
+            self.sent.insert(id, s);
         }
     }
 
@@ -500,19 +585,29 @@ impl Runtime {
     async fn place(&mut self) -> Result<(), DispatcherError> {
         let now = now_ms();
         for cap in self.jobs.queued_capabilities() {
-            for _ in 0..PLACE_SCAN {
-                let Some(job) = self.jobs.next_for(&cap, now).cloned() else {
-                    break;
+            // Look past jobs that cannot be placed (a filter nobody matches) instead of letting
+            // them block their capability; stop when plain jobs find every agent busy.
+            for id in self.jobs.queued_in_order(&cap, now, PLACE_SCAN) {
+                let Some(job) = self.jobs.get(&id).cloned() else {
+                    continue;
                 };
+                let plain = job.spec.filter.is_none()
+                    && job.excluded.is_empty()
+                    && job.spec.strategy != spine_protocol::Strategy::Affinity;
                 match self.pick_for(&job) {
                     Ok(agent) => {
                         self.no_agent_since.remove(&job.id);
                         self.dispatch(job, agent).await?;
                     }
-                    Err(NoPick::AllBusy) => break,
+                    Err(NoPick::AllBusy) => {
+                        // Capable agents exist: the no-agent clock stops.
+                        self.no_agent_since.remove(&job.id);
+                        if plain {
+                            break;
+                        }
+                    }
                     Err(NoPick::NoCapableAgent) => {
                         self.no_agent_since.entry(job.id.clone()).or_insert(now);
-                        break;
                     }
                 }
             }
@@ -588,6 +683,7 @@ impl Runtime {
                 job: rec.id.clone(),
                 agent: agent.clone(),
                 attempt: rec.attempts,
+                payload: j.clone(),
             },
         );
         self.conn
@@ -648,6 +744,28 @@ impl Runtime {
             self.pings.remove(&id);
             self.agent_gone(&agent, "no answer to a ping").await?;
         }
+        // Retention: forget finished jobs (and their idempotency keys) once a minute.
+        if now >= self.next_prune_ms {
+            self.next_prune_ms =
+                now + (self.cfg.retention.as_millis() as u64 / 2).clamp(100, 60_000);
+            let old: Vec<JobRecord> = self
+                .jobs
+                .iter()
+                .filter(|j| {
+                    j.state.is_final()
+                        && now.saturating_sub(j.updated_ms) > self.cfg.retention.as_millis() as u64
+                })
+                .cloned()
+                .collect();
+            if !old.is_empty() {
+                self.store.delete(&old)?;
+                self.jobs.prune(now, self.cfg.retention.as_millis() as u64);
+                info!(
+                    jobs = old.len(),
+                    "forgot finished jobs past their retention"
+                );
+            }
+        }
         // Jobs whose retry backoff just ended.
         self.place().await
     }
@@ -671,9 +789,12 @@ impl Runtime {
                 attempt: job.attempts.max(1),
                 elapsed_ms: *elapsed_ms,
                 meta: meta.clone().into(),
-                output: (!output.is_empty() || mime.is_some()).then(|| Data::Inline {
-                    mime: mime.clone(),
-                    bytes: output.clone(),
+                // Outputs over the inline limit would break stanza limits: fetch them over HTTP.
+                output: (!output.is_empty() && output.len() <= INLINE_LIMIT).then(|| {
+                    Data::Inline {
+                        mime: mime.clone(),
+                        bytes: output.clone(),
+                    }
                 }),
             })),
             Some(Recorded::Failure { condition, message }) => Some(Outcome::Failure(Failure {
@@ -721,6 +842,20 @@ impl Runtime {
         m.type_ = MessageType::Normal;
         m.payloads.push(status.into());
         self.conn.send(m).await;
+    }
+
+    /// Accounts allowed to register as agents: the `agents` list, or (empty list) every
+    /// account of the dispatcher's own domain.
+    fn may_be_agent(&self, jid: &FullJid) -> bool {
+        if self.cfg.agents.is_empty() {
+            return jid.domain().as_str() == self.own_domain;
+        }
+        let bare = jid.to_bare().to_string();
+        self.cfg.agents.iter().any(|a| {
+            *a == bare
+                || a.strip_prefix("*@")
+                    .is_some_and(|d| d == jid.domain().as_str())
+        })
     }
 
     fn may_submit(&self, from: &Jid) -> bool {
@@ -807,6 +942,7 @@ impl Runtime {
         &mut self,
         job: &JobId,
     ) -> Result<Result<JobState, SpineError>, DispatcherError> {
+        let was_final = self.jobs.get(job).is_some_and(|j| j.state.is_final());
         match self.jobs.cancel(job, now_ms()) {
             Ok(agent) => {
                 self.persist(job)?;
@@ -818,7 +954,7 @@ impl Runtime {
                     self.send_cancel(&a, job).await;
                 }
                 let state = self.jobs.get(job).map_or(JobState::Cancelled, |j| j.state);
-                if state == JobState::Cancelled {
+                if state == JobState::Cancelled && !was_final {
                     info!(job = %job, "job cancelled");
                     self.notify_final(job).await;
                 }
@@ -1094,14 +1230,38 @@ impl Runtime {
 
     async fn on_message(&mut self, m: Message) {
         let Some(from) = m.from.clone() else { return };
+        // Reports count only from the agent running the job.
+        let from_text = from.to_string();
+        let runs_on = |jobs: &JobTable, job: &JobId| {
+            jobs.get(job)
+                .is_some_and(|j| j.agent.as_deref() == Some(from_text.as_str()))
+        };
         for p in &m.payloads {
             if p.is("progress", spine_protocol::NS) {
-                if let Ok(pr) = Progress::try_from(p.clone()) {
+                if let Ok(pr) = Progress::try_from(p.clone())
+                    .map_err(|_| ())
+                    .and_then(|pr| {
+                        if runs_on(&self.jobs, &pr.job) {
+                            Ok(pr)
+                        } else {
+                            Err(())
+                        }
+                    })
+                {
                     self.jobs.progress(&pr.job, pr.percent, now_ms());
                     self.forward(&pr.job, p.clone()).await;
                 }
             } else if p.is("partial", spine_protocol::NS) {
-                if let Ok(part) = spine_protocol::Partial::try_from(p.clone()) {
+                if let Ok(part) = spine_protocol::Partial::try_from(p.clone())
+                    .map_err(|_| ())
+                    .and_then(|pt| {
+                        if runs_on(&self.jobs, &pt.job) {
+                            Ok(pt)
+                        } else {
+                            Err(())
+                        }
+                    })
+                {
                     self.jobs.progress(&part.job, None, now_ms());
                     self.forward(&part.job, p.clone()).await;
                 }

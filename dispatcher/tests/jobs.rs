@@ -288,3 +288,28 @@ fn backoff_doubles_and_caps() {
     );
     assert_eq!(backoff_ms(40), 10_000);
 }
+
+#[test]
+fn refusals_requeue_without_burning_attempts() {
+    let mut t = JobTable::new(10);
+    t.submit(id("r"), spec("c", 0), 1).unwrap();
+    for _ in 0..5 {
+        t.dispatched(&id("r"), &agent(1), 2);
+        assert!(t.refused(&id("r"), 2));
+    }
+    let j = t.get(&id("r")).unwrap();
+    assert_eq!((j.state, j.attempts), (JobState::Queued, 0));
+    assert!(
+        !t.is_excluded(&id("r"), &agent(1).into()),
+        "a busy agent is not excluded"
+    );
+    assert!(
+        t.next_for(&"c".parse().unwrap(), 2).is_none(),
+        "a short pause first"
+    );
+    assert!(t.next_for(&"c".parse().unwrap(), 60).is_some());
+    assert!(
+        !t.refused(&id("r"), 3),
+        "only a dispatched job can be refused"
+    );
+}

@@ -636,3 +636,72 @@ async fn http_tokens_and_capability_permissions() {
     assert_eq!(st, 200, "health needs no token");
     dispatcher.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_allow_list_no_head_of_line_blocking_and_retention() {
+    let server = TestServer::start(ACCOUNTS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = "agents = [\"agent1@localhost\"]\nretention = \"1s\"\nsubmitters = [\"webapp@localhost\"]\n";
+    let (dispatcher, addr) = start_http_dispatcher(&server, dir.path(), extra).await;
+    let base = format!("http://{addr}");
+    let allowed = start_agent(&server, 1, 2, 5, Arc::new(AtomicUsize::new(0)));
+    let intruder_runs = Arc::new(AtomicUsize::new(0));
+    let intruder = start_agent(&server, 2, 2, 5, intruder_runs.clone());
+    let mut w = TestDispatcher::new(server.client("webapp", "pw-w").await).await;
+    wait_agents(&mut w, 1).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        wait_agents(&mut w, 1).await.agents.len(),
+        1,
+        "agent2 is not in `agents`: never registered"
+    );
+
+    // A job nobody can take (its filter matches no agent) does not block the next one.
+    let (st, stuck) = http(
+        "POST",
+        format!("{base}/v1/jobs"),
+        None,
+        Some(r#"{"capability":"work.sleep","filter":"gpu"}"#),
+    )
+    .await;
+    assert_eq!(st, 202, "{stuck}");
+    let (_, plain) = http(
+        "POST",
+        format!("{base}/v1/jobs"),
+        None,
+        Some(r#"{"capability":"work.sleep"}"#),
+    )
+    .await;
+    let plain_id = plain["id"].as_str().unwrap().to_owned();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, j) = http("GET", format!("{base}/v1/jobs/{plain_id}"), None, None).await;
+        if j["state"] == "succeeded" {
+            assert_eq!(j["agent"].as_str(), Some("agent1@localhost/w"));
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the plain job was blocked: {j}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(intruder_runs.load(Ordering::SeqCst), 0);
+
+    // Finished jobs are forgotten after their retention (1 s here).
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (st, _) = http("GET", format!("{base}/v1/jobs/{plain_id}"), None, None).await;
+        if st == 404 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job kept past its retention"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    allowed.stop();
+    intruder.stop();
+    dispatcher.stop();
+}
