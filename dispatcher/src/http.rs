@@ -85,6 +85,7 @@ pub(crate) struct Handle {
     pub(crate) events: broadcast::Sender<JobEvent>,
     pub(crate) tokens: std::sync::Arc<Vec<HttpToken>>,
     pub(crate) max_attempts: u64,
+    pub(crate) max_input: u64,
 }
 
 /// An API error: HTTP status and a JSON body `{"error": ..., "field": ...}`.
@@ -250,7 +251,12 @@ pub struct SubmitRequest {
     progress: bool,
 }
 
-fn spec_from(req: SubmitRequest, caller: &Caller, max_attempts: u64) -> Result<JobSpec, ApiError> {
+fn spec_from(
+    req: SubmitRequest,
+    caller: &Caller,
+    max_attempts: u64,
+    max_input: u64,
+) -> Result<JobSpec, ApiError> {
     let capability: CapabilityName = req
         .capability
         .parse()
@@ -315,13 +321,13 @@ fn spec_from(req: SubmitRequest, caller: &Caller, max_attempts: u64) -> Result<J
             .decode(b)
             .map_err(|e| ApiError::field("input", format!("not base64: {e}")))?,
     };
-    if input.len() > spine_protocol::INLINE_LIMIT {
+    if input.len() as u64 > max_input {
         return Err(ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "too-large",
             format!(
-                "inputs over {} bytes are not supported yet",
-                spine_protocol::INLINE_LIMIT
+                "input of {} bytes is over the limit of {max_input}",
+                input.len()
             ),
         ));
     }
@@ -417,7 +423,7 @@ async fn submit(
             )
         }
     })?;
-    let spec = spec_from(req, &caller, h.max_attempts)?;
+    let spec = spec_from(req, &caller, h.max_attempts, h.max_input)?;
     let (id, state) = ask(&h, |reply| Command::Submit { spec, reply }).await??;
     Ok((
         StatusCode::ACCEPTED,

@@ -58,6 +58,18 @@ struct Sent {
     payload: Job,
 }
 
+/// A large input being sent to an agent in chunks before its job (PROTOCOL.md §13).
+struct Upload {
+    sent: Sent,
+    data: std::sync::Arc<Vec<u8>>,
+    blob: spine_protocol::BlobId,
+    pending: std::collections::VecDeque<spine_protocol::Chunk>,
+    in_flight: usize,
+}
+
+/// Unacknowledged chunks per upload.
+const CHUNK_WINDOW: usize = 8;
+
 struct Runtime {
     cfg: DispatcherConfig,
     conn: Connection,
@@ -66,6 +78,8 @@ struct Runtime {
     store: Store,
     rng: StdRng,
     sent: HashMap<String, Sent>,
+    uploads: HashMap<u64, Upload>,
+    chunk_iqs: HashMap<String, u64>,
     pings: HashMap<String, (FullJid, Instant)>,
     blobs: BlobStore,
     no_agent_since: HashMap<JobId, u64>,
@@ -176,6 +190,7 @@ async fn run_inner(
             events: events.clone(),
             tokens: std::sync::Arc::new(cfg.http_tokens.clone()),
             max_attempts: cfg.max_attempts,
+            max_input: cfg.max_blob.as_u64(),
         };
         let app = crate::http::router(handle)
             .into_make_service_with_connect_info::<std::net::SocketAddr>();
@@ -204,6 +219,8 @@ async fn run_inner(
         store,
         rng: StdRng::from_os_rng(),
         sent: HashMap::new(),
+        uploads: HashMap::new(),
+        chunk_iqs: HashMap::new(),
         pings: HashMap::new(),
         no_agent_since: HashMap::new(),
         submitters,
@@ -327,6 +344,8 @@ impl Runtime {
                         debug!(agent = %agent, "silent agent answered a ping: asking for its load");
                         self.hello(Jid::from(agent)).await;
                     }
+                } else if let Some(key) = self.chunk_ack_key(&id, from.as_ref()) {
+                    self.on_chunk_reply(key, None).await?;
                 } else if self.sent.contains_key(&id) {
                     warn!(from = ?from, "ignoring a job result from the wrong sender");
                 }
@@ -343,6 +362,8 @@ impl Runtime {
                     if let Some((agent, _)) = self.pings.remove(&id) {
                         self.agent_gone(&agent, "ping failed").await?;
                     }
+                } else if let Some(key) = self.chunk_ack_key(&id, from.as_ref()) {
+                    self.on_chunk_reply(key, Some(error)).await?;
                 }
             }
             Stanza::Iq(Iq::Set {
@@ -425,6 +446,16 @@ impl Runtime {
         let lost = self.registry.on_agent_gone(agent);
         info!(agent = %agent, jobs = lost.len(), "agent gone ({why})");
         self.sent.retain(|_, s| &s.agent != agent);
+        let gone: Vec<u64> = self
+            .uploads
+            .iter()
+            .filter(|(_, u)| &u.sent.agent == agent)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in gone {
+            self.uploads.remove(&k);
+            self.chunk_iqs.retain(|_, v| *v != k);
+        }
         self.retry_lost(agent, lost).await
     }
 
@@ -435,7 +466,7 @@ impl Runtime {
     ) -> Result<(), DispatcherError> {
         let now = now_ms();
         for job in lost {
-            self.sent.retain(|_, s| s.job != job);
+            self.forget_requests(&job);
             if let Some(after) = self.jobs.attempt_failed(&job, Some(agent), None, now) {
                 self.persist(&job)?;
                 if let AfterFailure::Final(state) = after {
@@ -555,6 +586,16 @@ impl Runtime {
     /// requests are lost; the agent attaches a repeated job id to the running job, or answers
     /// from its outcome cache, so nothing runs twice.
     async fn resend_in_flight(&mut self) {
+        // Uploads start over: acknowledgements of the old session are lost.
+        self.chunk_iqs.clear();
+        let keys: Vec<u64> = self.uploads.keys().copied().collect();
+        for k in keys {
+            if let Some(u) = self.uploads.get_mut(&k) {
+                u.pending = spine_protocol::chunks(&u.blob, &u.data).into();
+                u.in_flight = 0;
+            }
+            self.pump_upload(k).await;
+        }
         let old: Vec<(String, Sent)> = self.sent.drain().collect();
         for (_, s) in old {
             let id = self.iq_id("j");
@@ -669,6 +710,43 @@ impl Runtime {
         j.submitter = Some(rec.spec.submitter.clone());
         j.progress = rec.spec.progress || rec.spec.watch.is_some();
         j.args = rec.spec.args.clone().into();
+        if rec.spec.input.len() > INLINE_LIMIT {
+            // Too large to travel in the job: chunks first, the job when they are all in.
+            use sha2::Digest as _;
+            self.next_id += 1;
+            let blob: spine_protocol::BlobId = format!("in-{}-{}", self.id_prefix, self.next_id)
+                .parse()
+                .expect("generated blob id is valid");
+            let data = std::sync::Arc::new(rec.spec.input.clone());
+            let sha256: [u8; 32] = sha2::Sha256::digest(data.as_slice()).into();
+            j.input = Some(Data::Blob(spine_protocol::BlobRef {
+                blob: blob.clone(),
+                size: data.len() as u64,
+                sha256,
+                mime: rec.spec.input_mime.clone(),
+            }));
+            let pending = spine_protocol::chunks(&blob, &data).into();
+            let key = self.next_id;
+            debug!(job = %rec.id, agent = %agent, bytes = data.len(), "uploading the input before the job");
+            let sent = Sent {
+                job: rec.id.clone(),
+                agent: agent.clone(),
+                attempt: rec.attempts,
+                payload: j,
+            };
+            self.uploads.insert(
+                key,
+                Upload {
+                    sent,
+                    data,
+                    blob,
+                    pending,
+                    in_flight: 0,
+                },
+            );
+            self.pump_upload(key).await;
+            return Ok(());
+        }
         if !rec.spec.input.is_empty() {
             j.input = Some(Data::Inline {
                 mime: rec.spec.input_mime.clone(),
@@ -692,6 +770,93 @@ impl Runtime {
         Ok(())
     }
 
+    /// Sends chunks up to the window; when all are acknowledged, the job itself.
+    async fn pump_upload(&mut self, key: u64) {
+        loop {
+            let Some(u) = self.uploads.get_mut(&key) else {
+                return;
+            };
+            if u.in_flight >= CHUNK_WINDOW {
+                return;
+            }
+            match u.pending.pop_front() {
+                Some(chunk) => {
+                    u.in_flight += 1;
+                    let to: Jid = u.sent.agent.clone().into();
+                    let id = self.iq_id("b");
+                    self.chunk_iqs.insert(id.clone(), key);
+                    self.conn.send(Iq::from_set(id, chunk).with_to(to)).await;
+                }
+                None if u.in_flight == 0 => {
+                    let Some(u) = self.uploads.remove(&key) else {
+                        return;
+                    };
+                    let id = self.iq_id("j");
+                    let to: Jid = u.sent.agent.clone().into();
+                    self.conn
+                        .send(Iq::from_set(id.clone(), u.sent.payload.clone()).with_to(to))
+                        .await;
+                    self.sent.insert(id, u.sent);
+                    return;
+                }
+                None => return,
+            }
+        }
+    }
+
+    /// A chunk was acknowledged (or refused) by the agent it was sent to.
+    async fn on_chunk_reply(
+        &mut self,
+        key: u64,
+        error: Option<StanzaError>,
+    ) -> Result<(), DispatcherError> {
+        match error {
+            None => {
+                if let Some(u) = self.uploads.get_mut(&key) {
+                    u.in_flight = u.in_flight.saturating_sub(1);
+                }
+                self.pump_upload(key).await;
+                Ok(())
+            }
+            Some(e) => {
+                self.chunk_iqs.retain(|_, k| *k != key);
+                match self.uploads.remove(&key) {
+                    Some(u) => {
+                        warn!(job = %u.sent.job, agent = %u.sent.agent, "input upload refused: {:?}", e.defined_condition);
+                        self.on_job_error(u.sent, e).await
+                    }
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// The upload a chunk reply belongs to, if it comes from that upload's agent.
+    fn chunk_ack_key(&mut self, id: &str, from: Option<&Jid>) -> Option<u64> {
+        let key = *self.chunk_iqs.get(id)?;
+        let agent: Jid = self.uploads.get(&key)?.sent.agent.clone().into();
+        if from != Some(&agent) {
+            return None;
+        }
+        self.chunk_iqs.remove(id);
+        Some(key)
+    }
+
+    /// Forgets every request of a job (job IQ and input upload), e.g. when it is cancelled.
+    fn forget_requests(&mut self, job: &JobId) {
+        self.sent.retain(|_, s| &s.job != job);
+        let keys: Vec<u64> = self
+            .uploads
+            .iter()
+            .filter(|(_, u)| &u.sent.job == job)
+            .map(|(k, _)| *k)
+            .collect();
+        for k in keys {
+            self.uploads.remove(&k);
+            self.chunk_iqs.retain(|_, v| *v != k);
+        }
+    }
+
     async fn on_tick(&mut self) -> Result<(), DispatcherError> {
         let now = now_ms();
         for (job, agent) in self.jobs.expire(now) {
@@ -703,7 +868,7 @@ impl Runtime {
                 }
                 self.send_cancel(&a, &job).await;
             }
-            self.sent.retain(|_, s| s.job != job);
+            self.forget_requests(&job);
             self.notify_final(&job).await;
         }
         let wait = self.cfg.no_agent_wait.as_millis() as u64;
@@ -886,14 +1051,15 @@ impl Runtime {
                 .try_into_full()
                 .ok()
                 .and_then(|f| self.registry.id_of(&f))
-                .is_some();
+                .is_some()
+                || self.may_submit(&from);
             let reply = if known {
                 self.blobs
                     .put(from.to_bare().as_str(), c.clone(), Instant::now())
                     .map(|()| Iq::empty_result(from.clone(), id.clone()))
             } else {
                 Err(SpineError::new(Condition::NotAuthorized)
-                    .with_text("only registered agents send chunks"))
+                    .with_text("only registered agents and allowed submitters send chunks"))
             };
             match reply {
                 Ok(iq) => {
@@ -950,7 +1116,7 @@ impl Runtime {
                     if let Some(aid) = self.registry.id_of(&a) {
                         self.registry.on_finished(aid, job, &mut self.rng);
                     }
-                    self.sent.retain(|_, s| &s.job != job);
+                    self.forget_requests(job);
                     self.send_cancel(&a, job).await;
                 }
                 let state = self.jobs.get(job).map_or(JobState::Cancelled, |j| j.state);
@@ -1124,14 +1290,14 @@ impl Runtime {
         let input = match s.input {
             None => (Vec::new(), None),
             Some(Data::Inline { bytes, mime }) => (bytes, mime),
-            Some(Data::Blob(_)) => {
-                let mut e = SpineError::new(Condition::TooLarge).with_text(
-                    "inputs over the inline limit are not accepted over XMPP yet; use the HTTP API",
-                );
-                e.max = Some(INLINE_LIMIT as u64);
-                self.reply_error(from, id, e).await;
-                return Ok(());
-            }
+            // A large input the submitter sent in chunks beforehand.
+            Some(Data::Blob(r)) => match self.blobs.take(from.to_bare().as_str(), &r) {
+                Ok(bytes) => (bytes, r.mime.clone()),
+                Err(e) => {
+                    self.reply_error(from, id, e).await;
+                    return Ok(());
+                }
+            },
         };
         let spec = JobSpec {
             capability: s.capability,

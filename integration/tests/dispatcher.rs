@@ -705,3 +705,107 @@ async fn agent_allow_list_no_head_of_line_blocking_and_retention() {
     intruder.stop();
     dispatcher.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_inputs_travel_as_blobs_over_http_and_xmpp() {
+    use sha2::Digest as _;
+    let server = TestServer::start(ACCOUNTS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (dispatcher, addr) =
+        start_http_dispatcher(&server, dir.path(), "submitters = [\"webapp@localhost\"]\n").await;
+    let cfg = AgentConfig::from_toml(&format!(
+        "jid = \"agent1@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\nheartbeat = \"1s\"\n",
+        server.addr
+    ))
+    .unwrap();
+    let agent = Agent::builder(cfg)
+        .capability("work.digest", None, |ctx: JobContext| async move {
+            let hex: String = sha2::Sha256::digest(&ctx.input)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            Ok::<_, JobError>(Output::bytes(format!("{} {hex}", ctx.input.len())))
+        })
+        .build()
+        .unwrap();
+    tokio::spawn(agent.run(std::future::pending::<()>()));
+    let base = format!("http://{addr}");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while http(
+        "GET",
+        format!("{base}/v1/agents?capability=work.digest"),
+        None,
+        None,
+    )
+    .await
+    .1["agents"]
+        .as_array()
+        .is_none_or(|a| a.is_empty())
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agent not registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let expect = |data: &[u8]| {
+        format!(
+            "{} {}",
+            data.len(),
+            sha2::Sha256::digest(data)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>()
+        )
+    };
+
+    // HTTP: 300 KB, base64 in the JSON body; the dispatcher uploads it to the agent in chunks.
+    use base64::Engine as _;
+    let data: Vec<u8> = (0..300_000u32).map(|i| (i * 31 % 251) as u8).collect();
+    let body = serde_json::json!({ "capability": "work.digest", "input": base64::engine::general_purpose::STANDARD.encode(&data) }).to_string();
+    let (st, acc) = http("POST", format!("{base}/v1/jobs"), None, Some(&body)).await;
+    assert_eq!(st, 202, "{acc}");
+    let id = acc["id"].as_str().unwrap().to_owned();
+    let out = loop {
+        let (_, j) = http("GET", format!("{base}/v1/jobs/{id}"), None, None).await;
+        if j["state"] == "succeeded" {
+            break base64::engine::general_purpose::STANDARD
+                .decode(j["result"]["output"].as_str().unwrap())
+                .unwrap();
+        }
+        assert!(j["state"] != "failed", "{j}");
+        assert!(tokio::time::Instant::now() < deadline + PATIENCE, "{j}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(String::from_utf8(out).unwrap(), expect(&data));
+
+    // XMPP: the submitter sends chunks to the dispatcher, then submits with a blob reference.
+    let mut w = TestDispatcher::new(server.client("webapp", "pw-w").await).await;
+    let data2: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    let blob: spine_protocol::BlobId = "sub-1".parse().unwrap();
+    for c in spine_protocol::chunks(&blob, &data2) {
+        let cid = w.send_set(&dispatcher_jid(), c).await;
+        w.wait_reply(&cid).await.expect("chunk accepted");
+    }
+    let mut s = Submit::new("work.digest".parse().unwrap());
+    s.watch = true;
+    s.input = Some(spine_protocol::Data::Blob(spine_protocol::BlobRef {
+        blob,
+        size: data2.len() as u64,
+        sha256: sha2::Sha256::digest(&data2).into(),
+        mime: None,
+    }));
+    let sid = w.send_set(&dispatcher_jid(), s).await;
+    w.wait_reply(&sid).await.expect("accepted");
+    let st = final_status(&mut w, PATIENCE).await.expect("final status");
+    match st.outcome {
+        Some(Outcome::Result(r)) => match r.output {
+            Some(spine_protocol::Data::Inline { bytes, .. }) => {
+                assert_eq!(String::from_utf8(bytes).unwrap(), expect(&data2))
+            }
+            other => panic!("{other:?}"),
+        },
+        other => panic!("{other:?}"),
+    }
+    dispatcher.stop();
+}
