@@ -180,8 +180,12 @@ pub(crate) async fn run(
 
     let heartbeat = rt.agent.config.heartbeat;
     let debounce = rt.agent.config.load_debounce;
-    let mut beat = tokio::time::interval_at(Instant::now() + heartbeat, heartbeat);
-    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // After every (re)connect the heartbeat starts at 0.5 s and doubles up to `heartbeat`: a
+    // dispatcher that came online after us (and so missed our advertisement) hears a load
+    // report within a second, answers with a hello, and we advertise.
+    let first_beat = Duration::from_millis(500).min(heartbeat);
+    let mut beat_step = first_beat;
+    let mut next_beat = Instant::now() + beat_step;
     tokio::pin!(shutdown);
     let mut phase = Phase::Serving;
     let mut auth_refusals = 0u32;
@@ -219,6 +223,8 @@ pub(crate) async fn run(
                     info!(jid = %bound_jid, "session re-established: advertising again");
                     auth_refusals = 0;
                     rt.on_session_start().await;
+                    beat_step = first_beat;
+                    next_beat = Instant::now() + beat_step;
                 }
                 Some(Event::Stream(other)) => debug!("stream event {other:?}"),
                 None => {
@@ -239,7 +245,11 @@ pub(crate) async fn run(
             Some(done) = done_rx.recv() => rt.on_done(done).await,
             Some((id, attempt, report)) = report_rx.recv() => rt.on_report(id, attempt, report).await,
             _ = tokio::time::sleep_until(debounce_at), if rt.load_dirty => rt.send_load().await,
-            _ = beat.tick() => rt.send_load().await,
+            _ = tokio::time::sleep_until(next_beat) => {
+                rt.send_load().await;
+                beat_step = (beat_step * 2).min(heartbeat);
+                next_beat = Instant::now() + beat_step;
+            }
         }
         if phase != Phase::Serving && rt.running.is_empty() && rt.uploads.is_empty() {
             break;

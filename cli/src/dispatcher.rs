@@ -35,6 +35,9 @@ pub fn run(args: DispatcherArgs) -> Result<()> {
         if shown.password.is_some() {
             shown.password = Some("<redacted>".into());
         }
+        for t in &mut shown.http_tokens {
+            t.token = "<redacted>".into();
+        }
         print!(
             "{}",
             toml::to_string_pretty(&shown).context("printing the configuration")?

@@ -1,9 +1,8 @@
 //! `spine`: the one binary of Spine.
 //!
-//! Thin by design: it parses arguments, sets up logging and calls into the library crates.
-//! Today it offers `spine server` (the embedded XMPP server), `spine agent` and `spine check`
-//! (validates Spine stanzas against the wire protocol); the dispatcher and `up` commands arrive
-//! with their crates.
+//! Thin by design: it parses arguments, sets up logging and calls into the library crates:
+//! `server` (embedded XMPP server), `agent`, `dispatcher`, the HTTP API clients `submit`,
+//! `agents` and `jobs`, and `check` (validates Spine stanzas against the wire protocol).
 
 mod agent;
 mod client;

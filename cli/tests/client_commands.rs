@@ -40,7 +40,7 @@ async fn submit_wait_agents_and_jobs() {
     let api = format!("http://{}", d.http_addr().unwrap());
     tokio::spawn(d.run(std::future::pending::<()>()));
     let agent_cfg = AgentConfig::from_toml(&format!(
-        "jid = \"agent1@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\n[attributes]\nzone = \"eu-1\"\n",
+        "jid = \"agent1@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\nheartbeat = \"1s\"\n[attributes]\nzone = \"eu-1\"\n",
         server.addr
     ))
     .unwrap();

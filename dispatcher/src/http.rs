@@ -481,6 +481,7 @@ async fn events(
     })
     .await?
     .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown-job", format!("no job {id}")))?;
+    let h2 = h.clone();
     let stream = async_stream(move |tx| async move {
         let done = rec.state.is_final();
         let _ = tx
@@ -515,6 +516,31 @@ async fn events(
                                 .data(json!({ "missed": n }).to_string()),
                         )
                         .await;
+                    // The missed events may have held the final one: look at the job again.
+                    let (rtx, rrx) = oneshot::channel();
+                    if h2
+                        .tx
+                        .send(Command::Get {
+                            id: id.clone(),
+                            reply: rtx,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if let Ok(Some(j)) = rrx.await {
+                        if j.state.is_final() {
+                            let _ = tx
+                                .send(
+                                    SseEvent::default()
+                                        .event("final")
+                                        .data(job_json(&j).to_string()),
+                                )
+                                .await;
+                            return;
+                        }
+                    }
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
             }

@@ -1,5 +1,5 @@
-//! `spine-dispatcher`: the agent registry and scheduler (a pure state machine), and — as they
-//! are built — the durable job lifecycle and the HTTP and XMPP APIs.
+//! `spine-dispatcher`: the agent registry and scheduler and the job lifecycle (pure state
+//! machines), the durable job store, and the connection task serving the HTTP and XMPP APIs.
 //!
 //! Data flow: agents' advertisements and load reports arrive as presence; the connection task
 //! feeds them to the [`registry::Registry`] as events, with the current time as a parameter;

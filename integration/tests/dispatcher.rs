@@ -809,3 +809,32 @@ async fn large_inputs_travel_as_blobs_over_http_and_xmpp() {
     }
     dispatcher.stop();
 }
+
+#[tokio::test]
+async fn an_agent_started_before_its_dispatcher_is_found_within_seconds() {
+    let server = TestServer::start(ACCOUNTS).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Default heartbeat (10 s): only the fast heartbeats after a connect make this quick.
+    let cfg = AgentConfig::from_toml(&format!(
+        "jid = \"agent1@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\n",
+        server.addr
+    ))
+    .unwrap();
+    let agent = Agent::builder(cfg)
+        .capability("work.sleep", None, |_ctx: JobContext| async move {
+            Ok::<_, JobError>(Output::default())
+        })
+        .build()
+        .unwrap();
+    tokio::spawn(agent.run(std::future::pending::<()>()));
+    // The agent is online (its advertisement went nowhere) before the dispatcher starts.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let started = tokio::time::Instant::now();
+    let dispatcher = start_dispatcher(&server, dir.path());
+    let mut w = TestDispatcher::new(server.client("webapp", "pw-w").await).await;
+    wait_agents(&mut w, 1).await;
+    let took = started.elapsed();
+    println!("agent registered {took:?} after the dispatcher started");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    dispatcher.stop();
+}
