@@ -99,6 +99,9 @@ pub struct SubmitArgs {
     /// Priority (higher first).
     #[arg(long)]
     priority: Option<i64>,
+    /// Attempts before the job fails (default: the dispatcher's max_attempts).
+    #[arg(long)]
+    max_attempts: Option<u64>,
     /// Idempotency key: submitting twice with it yields one job.
     #[arg(long)]
     idempotency_key: Option<String>,
@@ -153,6 +156,9 @@ pub fn submit(a: SubmitArgs) -> Result<bool> {
         }
         if let Some(p) = a.priority {
             body["priority"] = json!(p);
+        }
+        if let Some(n) = a.max_attempts {
+            body["max_attempts"] = json!(n);
         }
         let resp = a
             .api

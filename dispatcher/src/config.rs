@@ -47,7 +47,8 @@ pub struct DispatcherConfig {
     pub max_blob: ByteSize,
     /// TLS.
     pub tls: TlsConfig,
-    /// Address of the HTTP API, or none for no HTTP API.
+    /// Address of the HTTP API, or none (`"off"`) for no HTTP API.
+    #[serde(with = "listen_or_off")]
     pub http_listen: Option<std::net::SocketAddr>,
     /// HTTP API tokens. None configured: loopback clients only.
     #[serde(rename = "http_token")]
@@ -105,6 +106,31 @@ impl Default for DispatcherConfig {
             http_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8480))),
             http_tokens: Vec::new(),
         }
+    }
+}
+
+/// `http_listen`: an address, or `"off"`.
+mod listen_or_off {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use std::net::SocketAddr;
+
+    pub fn serialize<S: Serializer>(v: &Option<SocketAddr>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(a) => s.serialize_str(&a.to_string()),
+            None => s.serialize_str("off"),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+        let s = String::deserialize(d)?;
+        if s.trim() == "off" {
+            return Ok(None);
+        }
+        s.parse().map(Some).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "'{s}': {e} (an address such as 127.0.0.1:8480, or \"off\")"
+            ))
+        })
     }
 }
 
@@ -239,6 +265,7 @@ mod tests {
             ("submitters = [\"a@b/c\"]", "submitters[0]"),
             ("max_queue = 0", "max_queue"),
             ("no_agent_wait = 30", "no_agent_wait"),
+            ("http_listen = \"nowhere\"", "http_listen"),
             ("bogus = 1", "bogus"),
         ] {
             let e = DispatcherConfig::from_toml(toml).unwrap_err().to_string();

@@ -445,17 +445,7 @@ impl Runtime {
     async fn agent_gone(&mut self, agent: &FullJid, why: &str) -> Result<(), DispatcherError> {
         let lost = self.registry.on_agent_gone(agent);
         info!(agent = %agent, jobs = lost.len(), "agent gone ({why})");
-        self.sent.retain(|_, s| &s.agent != agent);
-        let gone: Vec<u64> = self
-            .uploads
-            .iter()
-            .filter(|(_, u)| &u.sent.agent == agent)
-            .map(|(k, _)| *k)
-            .collect();
-        for k in gone {
-            self.uploads.remove(&k);
-            self.chunk_iqs.retain(|_, v| *v != k);
-        }
+        self.forget_requests_where(|s| &s.agent == agent);
         self.retry_lost(agent, lost).await
     }
 
@@ -844,11 +834,16 @@ impl Runtime {
 
     /// Forgets every request of a job (job IQ and input upload), e.g. when it is cancelled.
     fn forget_requests(&mut self, job: &JobId) {
-        self.sent.retain(|_, s| &s.job != job);
+        self.forget_requests_where(|s| &s.job == job);
+    }
+
+    /// Forgets the job IQs and input uploads whose request matches `pred`.
+    fn forget_requests_where(&mut self, pred: impl Fn(&Sent) -> bool) {
+        self.sent.retain(|_, s| !pred(s));
         let keys: Vec<u64> = self
             .uploads
             .iter()
-            .filter(|(_, u)| &u.sent.job == job)
+            .filter(|(_, u)| pred(&u.sent))
             .map(|(k, _)| *k)
             .collect();
         for k in keys {
