@@ -81,7 +81,7 @@ pub struct SubmitArgs {
     /// MIME type of the input.
     #[arg(long)]
     input_type: Option<String>,
-    /// Placement: least-loaded, random, round-robin, power-of-two, affinity.
+    /// Placement: least-loaded, random, round-robin, power-of-two, affinity, all.
     #[arg(long)]
     strategy: Option<String>,
     /// Key for --strategy affinity.
@@ -99,6 +99,12 @@ pub struct SubmitArgs {
     /// Priority (higher first).
     #[arg(long)]
     priority: Option<i64>,
+    /// With --strategy all: how many agents ("5" or "50%").
+    #[arg(long)]
+    limit: Option<String>,
+    /// With --strategy all: how many agents run it at once.
+    #[arg(long)]
+    batch: Option<u64>,
     /// Attempts before the job fails (default: the dispatcher's max_attempts).
     #[arg(long)]
     max_attempts: Option<u64>,
@@ -159,6 +165,12 @@ pub fn submit(a: SubmitArgs) -> Result<bool> {
         }
         if let Some(n) = a.max_attempts {
             body["max_attempts"] = json!(n);
+        }
+        if let Some(l) = &a.limit {
+            body["limit"] = json!(l);
+        }
+        if let Some(b) = a.batch {
+            body["batch"] = json!(b);
         }
         let resp = a
             .api

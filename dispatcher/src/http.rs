@@ -36,7 +36,7 @@ pub const MAX_BODY: usize = 96 * 1024 * 1024;
 /// A request from an HTTP handler to the connection task.
 pub(crate) enum Command {
     Submit {
-        spec: JobSpec,
+        spec: Box<JobSpec>,
         reply: oneshot::Sender<Result<(JobId, JobState), SpineError>>,
     },
     Get {
@@ -249,6 +249,10 @@ pub struct SubmitRequest {
     idempotency_key: Option<String>,
     #[serde(default)]
     progress: bool,
+    /// `all` strategy: agents to use, "5" or "50%".
+    limit: Option<String>,
+    /// `all` strategy: children at once.
+    batch: Option<u64>,
 }
 
 fn spec_from(
@@ -300,11 +304,28 @@ fn spec_from(
         }
         _ => {}
     }
-    if strategy == Strategy::All {
-        return Err(ApiError::field(
-            "strategy",
-            "'all' (fan-out and gather) is not implemented yet",
-        ));
+    let limit = match &req.limit {
+        None => None,
+        Some(_) if strategy != Strategy::All => {
+            return Err(ApiError::field(
+                "limit",
+                "only the 'all' strategy takes a limit",
+            ))
+        }
+        Some(l) => Some(
+            l.parse::<spine_protocol::Limit>()
+                .map_err(|e| ApiError::field("limit", e))?,
+        ),
+    };
+    match req.batch {
+        Some(_) if strategy != Strategy::All => {
+            return Err(ApiError::field(
+                "batch",
+                "only the 'all' strategy takes a batch size",
+            ))
+        }
+        Some(0) => return Err(ApiError::field("batch", "must be at least 1")),
+        _ => {}
     }
     let deadline_ms = match &req.deadline {
         None => None,
@@ -357,6 +378,10 @@ fn spec_from(
         idempotency_key: req.idempotency_key,
         progress: req.progress,
         watch: None,
+        limit,
+        batch: req.batch,
+        target: None,
+        parent: None,
     })
 }
 
@@ -371,6 +396,12 @@ pub fn job_json(j: &JobRecord) -> Value {
         "percent": j.percent,
         "submitter": j.spec.submitter,
     });
+    if !j.children.is_empty() {
+        v["children"] = json!(j.children);
+    }
+    if let Some(p) = &j.spec.parent {
+        v["parent"] = json!(p);
+    }
     match &j.outcome {
         Some(Recorded::Succeeded {
             meta,
@@ -424,7 +455,11 @@ async fn submit(
         }
     })?;
     let spec = spec_from(req, &caller, h.max_attempts, h.max_input)?;
-    let (id, state) = ask(&h, |reply| Command::Submit { spec, reply }).await??;
+    let (id, state) = ask(&h, |reply| Command::Submit {
+        spec: Box::new(spec),
+        reply,
+    })
+    .await??;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "id": id, "state": state })),

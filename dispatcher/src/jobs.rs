@@ -51,6 +51,18 @@ pub struct JobSpec {
     pub progress: bool,
     /// Full JID to push progress and the final status to (XMPP watch mode).
     pub watch: Option<String>,
+    /// `all` strategy: how many capable agents to use.
+    #[serde(default)]
+    pub limit: Option<spine_protocol::Limit>,
+    /// `all` strategy: how many children run at once.
+    #[serde(default)]
+    pub batch: Option<u64>,
+    /// A child of an `all` job: the agent (full JID) it must run on.
+    #[serde(default)]
+    pub target: Option<String>,
+    /// A child of an `all` job: its parent.
+    #[serde(default)]
+    pub parent: Option<JobId>,
 }
 
 impl JobSpec {
@@ -125,6 +137,13 @@ pub struct JobRecord {
     pub not_before_ms: u64,
     /// Order of submission (FIFO among equal priorities).
     pub seq: u64,
+    /// An `all` job: one child per agent.
+    #[serde(default)]
+    pub children: Vec<JobId>,
+    /// Restored after a restart while it was on `agent`: send it back there with the same
+    /// attempt number (the agent attaches it to the running job or answers from its cache).
+    #[serde(default)]
+    pub resume: bool,
 }
 
 /// What to do after an attempt failed.
@@ -279,6 +298,8 @@ impl JobTable {
             updated_ms: now_ms,
             not_before_ms: 0,
             seq: self.next_seq,
+            children: Vec::new(),
+            resume: false,
         };
         self.jobs.insert(id.clone(), rec);
         self.enqueue(&id);
@@ -290,10 +311,14 @@ impl JobTable {
     /// outcome cache answers the re-sent job without running it twice).
     pub fn restore(&mut self, mut rec: JobRecord) {
         self.next_seq = self.next_seq.max(rec.seq);
-        if matches!(
-            rec.state,
-            JobState::Accepted | JobState::Dispatched | JobState::Running
-        ) {
+        // A parent of an `all` job stays running: its children carry the work.
+        if rec.children.is_empty()
+            && matches!(
+                rec.state,
+                JobState::Accepted | JobState::Dispatched | JobState::Running
+            )
+        {
+            rec.resume = rec.state != JobState::Accepted && rec.agent.is_some();
             rec.state = JobState::Queued;
         }
         let id = rec.id.clone();
@@ -327,12 +352,150 @@ impl JobTable {
             .collect()
     }
 
+    /// Fans an `all` job out: one child per agent in `targets`, queued; the parent runs until
+    /// they have all ended. Returns the children.
+    pub fn fan_out(&mut self, parent: &JobId, targets: &[String], now_ms: u64) -> Vec<JobId> {
+        self.dequeue(parent);
+        let Some(p) = self.jobs.get(parent).cloned() else {
+            return Vec::new();
+        };
+        let mut ids = Vec::new();
+        for (i, agent) in targets.iter().enumerate() {
+            let Ok(id) = format!("{parent}.{}", i + 1).parse::<JobId>() else {
+                continue;
+            };
+            let mut spec = p.spec.clone();
+            spec.strategy = Strategy::LeastLoaded;
+            spec.limit = None;
+            spec.batch = None;
+            spec.idempotency_key = None;
+            spec.watch = None;
+            spec.target = Some(agent.clone());
+            spec.parent = Some(parent.clone());
+            self.next_seq += 1;
+            let rec = JobRecord {
+                id: id.clone(),
+                spec,
+                state: JobState::Queued,
+                attempts: 0,
+                agent: None,
+                excluded: Vec::new(),
+                outcome: None,
+                percent: None,
+                accepted_ms: now_ms,
+                updated_ms: now_ms,
+                not_before_ms: 0,
+                seq: self.next_seq,
+                children: Vec::new(),
+                resume: false,
+            };
+            self.jobs.insert(id.clone(), rec);
+            self.enqueue(&id);
+            ids.push(id);
+        }
+        if let Some(p) = self.jobs.get_mut(parent) {
+            p.state = JobState::Running;
+            p.attempts = 1;
+            p.children = ids.clone();
+            p.updated_ms = now_ms;
+        }
+        ids
+    }
+
+    /// Children of `parent` that are dispatched or running.
+    pub fn running_children(&self, parent: &JobId) -> u64 {
+        self.jobs.get(parent).map_or(0, |p| {
+            p.children
+                .iter()
+                .filter(|c| {
+                    self.jobs.get(*c).is_some_and(|j| {
+                        matches!(j.state, JobState::Dispatched | JobState::Running)
+                    })
+                })
+                .count() as u64
+        })
+    }
+
+    /// When every child of an `all` job has ended, records the parent's outcome: a JSON report
+    /// of each agent's outcome (succeeded if at least one child did). Returns whether the
+    /// parent ended now.
+    pub fn gather(&mut self, parent: &JobId, now_ms: u64) -> bool {
+        use base64::Engine as _;
+        let Some(p) = self.jobs.get(parent) else {
+            return false;
+        };
+        if p.state.is_final() || p.children.is_empty() {
+            return false;
+        }
+        let children: Vec<&JobRecord> =
+            p.children.iter().filter_map(|c| self.jobs.get(c)).collect();
+        if children.iter().any(|c| !c.state.is_final()) {
+            return false;
+        }
+        let mut report = Vec::new();
+        let mut succeeded = 0u64;
+        for c in &children {
+            let mut entry =
+                serde_json::json!({ "job": c.id, "agent": c.spec.target, "state": c.state });
+            match &c.outcome {
+                Some(Recorded::Succeeded {
+                    output, mime, meta, ..
+                }) => {
+                    succeeded += 1;
+                    entry["output"] =
+                        serde_json::json!(base64::engine::general_purpose::STANDARD.encode(output));
+                    entry["type"] = serde_json::json!(mime);
+                    entry["meta"] = serde_json::json!(meta);
+                }
+                Some(Recorded::Failure { condition, message }) => {
+                    entry["error"] =
+                        serde_json::json!({ "condition": condition, "message": message });
+                }
+                None => {}
+            }
+            report.push(entry);
+        }
+        let total = children.len() as u64;
+        let Some(rec) = self.jobs.get_mut(parent) else {
+            return false;
+        };
+        rec.updated_ms = now_ms;
+        rec.percent = Some(100);
+        if succeeded > 0 {
+            let mut meta = serde_json::Map::new();
+            meta.insert("agents".into(), total.into());
+            meta.insert("succeeded".into(), succeeded.into());
+            rec.state = JobState::Succeeded;
+            rec.outcome = Some(Recorded::Succeeded {
+                meta,
+                output: serde_json::Value::Array(report).to_string().into_bytes(),
+                mime: Some("application/json".into()),
+                elapsed_ms: None,
+            });
+        } else {
+            rec.state = JobState::Failed;
+            rec.outcome = Some(Recorded::Failure {
+                condition: Condition::Failed.as_str().to_owned(),
+                message: Some(format!(
+                    "the job failed on all {total} agents: {}",
+                    serde_json::Value::Array(report)
+                )),
+            });
+        }
+        true
+    }
+
     /// The job was sent to `agent`.
     pub fn dispatched(&mut self, id: &JobId, agent: &FullJid, now_ms: u64) -> Option<&JobRecord> {
         self.dequeue(id);
         let j = self.jobs.get_mut(id)?;
         j.state = JobState::Dispatched;
-        j.attempts += 1;
+        // Sent back to the agent that had it before a restart: the same attempt.
+        let same = j.resume && j.agent.as_deref() == Some(agent.to_string().as_str());
+        if !same || j.attempts == 0 {
+            j.attempts += 1;
+        }
+        j.resume = false;
         j.agent = Some(agent.to_string());
         j.updated_ms = now_ms;
         Some(j)

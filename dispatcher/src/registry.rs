@@ -626,6 +626,12 @@ impl Registry {
             .collect()
     }
 
+    /// Whether agent `id` can take one more job of `cap` now (ready, not suspect, free slot).
+    pub fn has_room(&self, id: AgentId, cap: &CapabilityName) -> bool {
+        self.get(id)
+            .is_some_and(|a| a.caps.contains_key(cap) && a.has_room(cap))
+    }
+
     /// Effective in-flight jobs of an agent (for metrics and tests).
     pub fn effective_in_flight(&self, id: AgentId) -> Option<u64> {
         self.get(id).map(AgentEntry::effective_in_flight)

@@ -39,6 +39,8 @@ use crate::store::Store;
 const TICK: Duration = Duration::from_millis(50);
 /// Time a silent agent has to answer a ping.
 const PING_TIMEOUT: Duration = Duration::from_secs(5);
+/// After a restart, how long a job that was in flight waits for its agent to come back.
+const RESUME_GRACE: Duration = Duration::from_secs(10);
 /// Queued jobs looked at per capability per placement round (bounds head-of-line scans).
 const PLACE_SCAN: usize = 64;
 
@@ -88,6 +90,7 @@ struct Runtime {
     id_prefix: String,
     next_prune_ms: u64,
     own_domain: String,
+    started: Instant,
     events: tokio::sync::broadcast::Sender<JobEvent>,
     latency: Histogram,
 }
@@ -226,6 +229,7 @@ async fn run_inner(
         submitters,
         next_id: 0,
         next_prune_ms: 0,
+        started: Instant::now(),
         id_prefix: {
             use rand::Rng as _;
             format!("{:08x}", rand::rng().random::<u32>())
@@ -615,6 +619,7 @@ impl Runtime {
     /// Places queued jobs on agents with room.
     async fn place(&mut self) -> Result<(), DispatcherError> {
         let now = now_ms();
+        self.fan_out_all(now)?;
         for cap in self.jobs.queued_capabilities() {
             // Look past jobs that cannot be placed (a filter nobody matches) instead of letting
             // them block their capability; stop when plain jobs find every agent busy.
@@ -622,6 +627,13 @@ impl Runtime {
                 let Some(job) = self.jobs.get(&id).cloned() else {
                     continue;
                 };
+                // A child of an `all` job waits while its parent's batch is full.
+                if let Some(p) = &job.spec.parent {
+                    let batch = self.jobs.get(p).and_then(|p| p.spec.batch);
+                    if batch.is_some_and(|b| self.jobs.running_children(p) >= b) {
+                        continue;
+                    }
+                }
                 let plain = job.spec.filter.is_none()
                     && job.excluded.is_empty()
                     && job.spec.strategy != spine_protocol::Strategy::Affinity;
@@ -646,7 +658,74 @@ impl Runtime {
         Ok(())
     }
 
+    /// Fans every queued `all` job out to the capable agents (after the filter and limit).
+    fn fan_out_all(&mut self, now: u64) -> Result<(), DispatcherError> {
+        let parents: Vec<JobRecord> = self
+            .jobs
+            .iter()
+            .filter(|j| {
+                j.state == JobState::Queued
+                    && j.spec.strategy == spine_protocol::Strategy::All
+                    && j.spec.parent.is_none()
+            })
+            .cloned()
+            .collect();
+        for p in parents {
+            let filter = p.spec.parsed_filter();
+            let mut targets: Vec<String> = self
+                .registry
+                .rank(
+                    &p.spec.capability,
+                    filter.as_ref(),
+                    p.spec.sort.as_ref(),
+                    None,
+                )
+                .into_iter()
+                .filter(|a| a.state == spine_protocol::AgentState::Ready)
+                .map(|a| a.jid.to_string())
+                .collect();
+            if targets.is_empty() {
+                self.no_agent_since.entry(p.id.clone()).or_insert(now);
+                continue;
+            }
+            if let Some(l) = p.spec.limit {
+                targets.truncate(l.of(targets.len()));
+            }
+            self.no_agent_since.remove(&p.id);
+            let children = self.jobs.fan_out(&p.id, &targets, now);
+            info!(job = %p.id, agents = children.len(), "job fanned out to every capable agent");
+            let mut recs: Vec<&JobRecord> =
+                children.iter().filter_map(|c| self.jobs.get(c)).collect();
+            if let Some(parent) = self.jobs.get(&p.id) {
+                recs.push(parent);
+            }
+            self.store.put(&recs)?;
+        }
+        Ok(())
+    }
+
     fn pick_for(&mut self, job: &JobRecord) -> Result<FullJid, NoPick> {
+        // Restored in flight: back to its agent (whatever its load: it attaches the repeat to
+        // the running job), or, once that agent has had time to return, anywhere.
+        if job.resume {
+            if let Some(agent) = job.agent.as_deref().and_then(|a| a.parse::<FullJid>().ok()) {
+                if self.registry.id_of(&agent).is_some() {
+                    return Ok(agent);
+                }
+                if self.started.elapsed() < RESUME_GRACE {
+                    return Err(NoPick::AllBusy);
+                }
+            }
+        }
+        // A child of an `all` job runs on its own agent or waits for it.
+        if let Some(target) = &job.spec.target {
+            let agent: FullJid = target.parse().map_err(|_| NoPick::NoCapableAgent)?;
+            return match self.registry.id_of(&agent) {
+                Some(id) if self.registry.has_room(id, &job.spec.capability) => Ok(agent),
+                Some(_) => Err(NoPick::AllBusy),
+                None => Err(NoPick::NoCapableAgent),
+            };
+        }
         let filter = job.spec.parsed_filter();
         let excluded: Vec<_> = job
             .excluded
@@ -975,7 +1054,23 @@ impl Runtime {
     }
 
     /// Tells a watching XMPP submitter that its job ended.
+    /// Tells watchers that `job` ended; when it was the last child of an `all` job, records and
+    /// announces the parent's gathered outcome too.
     async fn notify_final(&mut self, job: &JobId) {
+        self.notify_one(job).await;
+        let Some(parent) = self.jobs.get(job).and_then(|j| j.spec.parent.clone()) else {
+            return;
+        };
+        if self.jobs.gather(&parent, now_ms()) {
+            if let Err(e) = self.persist(&parent) {
+                error!(job = %parent, "cannot store the gathered outcome: {e}");
+            }
+            info!(job = %parent, "all agents answered: job ended");
+            self.notify_one(&parent).await;
+        }
+    }
+
+    async fn notify_one(&mut self, job: &JobId) {
         let Some(rec) = self.jobs.get(job) else {
             return;
         };
@@ -1103,6 +1198,27 @@ impl Runtime {
         &mut self,
         job: &JobId,
     ) -> Result<Result<JobState, SpineError>, DispatcherError> {
+        // Cancelling an `all` job cancels its children first (their agents are told).
+        let children = self
+            .jobs
+            .get(job)
+            .map(|j| j.children.clone())
+            .unwrap_or_default();
+        for c in children {
+            if let Some(Some(a)) = self
+                .jobs
+                .cancel(&c, now_ms())
+                .ok()
+                .map(|a| a.and_then(|a| a.parse::<FullJid>().ok()))
+            {
+                if let Some(aid) = self.registry.id_of(&a) {
+                    self.registry.on_finished(aid, &c, &mut self.rng);
+                }
+                self.send_cancel(&a, &c).await;
+            }
+            self.forget_requests(&c);
+            self.persist(&c)?;
+        }
         let was_final = self.jobs.get(job).is_some_and(|j| j.state.is_final());
         match self.jobs.cancel(job, now_ms()) {
             Ok(agent) => {
@@ -1132,7 +1248,7 @@ impl Runtime {
         // A dropped reply channel means the HTTP client went away: nothing to do.
         match cmd {
             Command::Submit { spec, reply } => {
-                let r = self.accept(spec).await?;
+                let r = self.accept(*spec).await?;
                 let _ = reply.send(r);
             }
             Command::Get { id, reply } => {
@@ -1310,6 +1426,10 @@ impl Runtime {
             idempotency_key: s.idempotency_key,
             progress: s.watch,
             watch: s.watch.then(|| from.to_string()),
+            limit: s.limit,
+            batch: s.batch,
+            target: None,
+            parent: None,
         };
         match self.accept(spec).await? {
             Ok((job, state)) => {

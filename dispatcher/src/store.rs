@@ -164,6 +164,10 @@ mod tests {
             idempotency_key: key.map(str::to_owned),
             progress: true,
             watch: None,
+            limit: None,
+            batch: None,
+            target: None,
+            parent: None,
         }
     }
 

@@ -28,6 +28,10 @@ fn spec(cap: &str, priority: i64) -> JobSpec {
         idempotency_key: None,
         progress: false,
         watch: None,
+        limit: None,
+        batch: None,
+        target: None,
+        parent: None,
     }
 }
 
@@ -312,4 +316,33 @@ fn refusals_requeue_without_burning_attempts() {
         !t.refused(&id("r"), 3),
         "only a dispatched job can be refused"
     );
+}
+
+#[test]
+fn restored_jobs_resume_on_their_agent_with_the_same_attempt() {
+    let mut t = JobTable::new(10);
+    t.submit(id("a"), spec("c", 0), 1).unwrap();
+    t.dispatched(&id("a"), &agent(1), 2);
+    t.submit(id("b"), spec("c", 0), 1).unwrap();
+    t.dispatched(&id("b"), &agent(1), 2);
+    let saved: Vec<String> = ["a", "b"]
+        .iter()
+        .map(|k| serde_json::to_string(t.get(&id(k)).unwrap()).unwrap())
+        .collect();
+    let mut t2 = JobTable::new(10);
+    for s in &saved {
+        t2.restore(serde_json::from_str(s).unwrap());
+    }
+    assert!(t2.get(&id("a")).unwrap().resume);
+    assert_eq!(
+        t2.dispatched(&id("a"), &agent(1), 3).unwrap().attempts,
+        1,
+        "same agent: same attempt"
+    );
+    assert_eq!(
+        t2.dispatched(&id("b"), &agent(2), 3).unwrap().attempts,
+        2,
+        "another agent: a new attempt"
+    );
+    assert!(!t2.get(&id("b")).unwrap().resume);
 }

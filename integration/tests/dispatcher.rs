@@ -838,3 +838,183 @@ async fn an_agent_started_before_its_dispatcher_is_found_within_seconds() {
     assert!(took < Duration::from_secs(3), "took {took:?}");
     dispatcher.stop();
 }
+
+/// An agent whose `work.echo` answers with its own name after `ms`, and records how many
+/// echo jobs run at once across all agents sharing `busy`/`peak`.
+fn start_echo_agent(
+    server: &TestServer,
+    n: usize,
+    ms: u64,
+    busy: Arc<AtomicUsize>,
+    peak: Arc<AtomicUsize>,
+) -> Running {
+    let cfg = AgentConfig::from_toml(&format!(
+        "jid = \"agent{n}@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\nheartbeat = \"1s\"\n",
+        server.addr
+    ))
+    .unwrap();
+    let agent = Agent::builder(cfg)
+        .capability("work.echo", None, move |_ctx: JobContext| {
+            let (busy, peak) = (busy.clone(), peak.clone());
+            async move {
+                let now = busy.fetch_add(1, Ordering::SeqCst) + 1;
+                peak.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                busy.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, JobError>(Output::bytes(format!("agent{n}")))
+            }
+        })
+        .build()
+        .unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        let _ = agent
+            .run(async move {
+                let _ = rx.await;
+            })
+            .await;
+    });
+    Running {
+        stop: Some(tx),
+        task,
+    }
+}
+
+async fn wait_final(base: &str, id: &str) -> serde_json::Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (_, j) = http("GET", format!("{base}/v1/jobs/{id}"), None, None).await;
+        if j["state"]
+            .as_str()
+            .is_some_and(|s| ["succeeded", "failed", "cancelled", "timed-out"].contains(&s))
+        {
+            return j;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{j}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_all_strategy_fans_out_gathers_limits_and_batches() {
+    use base64::Engine as _;
+    let server = TestServer::start(ACCOUNTS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (dispatcher, addr) = start_http_dispatcher(&server, dir.path(), "").await;
+    let base = format!("http://{addr}");
+    let (busy, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let agents: Vec<Running> = (1..=4)
+        .map(|n| start_echo_agent(&server, n, 150, busy.clone(), peak.clone()))
+        .collect();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while http(
+        "GET",
+        format!("{base}/v1/agents?capability=work.echo"),
+        None,
+        None,
+    )
+    .await
+    .1["agents"]
+        .as_array()
+        .is_none_or(|a| a.len() < 4)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "agents not registered"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Every capable agent runs it once; the outcome gathers each agent's answer.
+    let (st, acc) = http(
+        "POST",
+        format!("{base}/v1/jobs"),
+        None,
+        Some(r#"{"capability":"work.echo","strategy":"all"}"#),
+    )
+    .await;
+    assert_eq!(st, 202, "{acc}");
+    let j = wait_final(&base, acc["id"].as_str().unwrap()).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    assert_eq!(j["children"].as_array().map(Vec::len), Some(4));
+    assert_eq!(j["result"]["type"], "application/json");
+    assert_eq!(j["result"]["meta"]["succeeded"], 4);
+    let report: serde_json::Value = serde_json::from_slice(
+        &base64::engine::general_purpose::STANDARD
+            .decode(j["result"]["output"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let mut answers: Vec<String> = report
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            String::from_utf8(
+                base64::engine::general_purpose::STANDARD
+                    .decode(r["output"].as_str().unwrap())
+                    .unwrap(),
+            )
+            .unwrap()
+        })
+        .collect();
+    answers.sort();
+    assert_eq!(answers, vec!["agent1", "agent2", "agent3", "agent4"]);
+
+    // limit 50% with batch 1: two agents, one at a time.
+    peak.store(0, Ordering::SeqCst);
+    let (_, acc) = http(
+        "POST",
+        format!("{base}/v1/jobs"),
+        None,
+        Some(r#"{"capability":"work.echo","strategy":"all","limit":"50%","batch":1}"#),
+    )
+    .await;
+    let j = wait_final(&base, acc["id"].as_str().unwrap()).await;
+    assert_eq!(
+        (j["state"].as_str(), j["result"]["meta"]["agents"].as_u64()),
+        (Some("succeeded"), Some(2)),
+        "{j}"
+    );
+    assert_eq!(
+        peak.load(Ordering::SeqCst),
+        1,
+        "batch 1: never two children at once"
+    );
+
+    // Cancelling the parent cancels its children.
+    let (_, acc) = http(
+        "POST",
+        format!("{base}/v1/jobs"),
+        None,
+        Some(r#"{"capability":"work.echo","strategy":"all","batch":1}"#),
+    )
+    .await;
+    let id = acc["id"].as_str().unwrap().to_owned();
+    let (st, c) = http("DELETE", format!("{base}/v1/jobs/{id}"), None, None).await;
+    assert_eq!((st, c["state"].as_str()), (200, Some("cancelled")), "{c}");
+    let (_, j) = http("GET", format!("{base}/v1/jobs/{id}"), None, None).await;
+    for child in j["children"].as_array().into_iter().flatten() {
+        let (_, cj) = http(
+            "GET",
+            format!("{base}/v1/jobs/{}", child.as_str().unwrap()),
+            None,
+            None,
+        )
+        .await;
+        assert_eq!(cj["state"], "cancelled", "{cj}");
+    }
+
+    let (st, b) = http(
+        "POST",
+        format!("{base}/v1/jobs"),
+        None,
+        Some(r#"{"capability":"work.echo","limit":"2"}"#),
+    )
+    .await;
+    assert_eq!((st, b["field"].as_str()), (400, Some("limit")));
+    for a in agents {
+        a.stop();
+    }
+    dispatcher.stop();
+}

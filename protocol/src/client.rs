@@ -87,6 +87,67 @@ impl FromStr for Strategy {
 }
 crate::xml::attr_via_str!(Strategy);
 
+/// How many capable agents a job of the `all` strategy goes to: a count or a percentage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum Limit {
+    /// At most this many agents.
+    Count(u64),
+    /// This percentage of the capable agents (rounded up, at least one).
+    Percent(u8),
+}
+
+impl Limit {
+    /// How many of `capable` agents to use.
+    pub fn of(self, capable: usize) -> usize {
+        match self {
+            Limit::Count(n) => capable.min(n as usize),
+            Limit::Percent(p) => (capable * p as usize).div_ceil(100).max(1).min(capable),
+        }
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Limit::Count(n) => write!(f, "{n}"),
+            Limit::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl FromStr for Limit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let err =
+            || format!("'{s}': expected a number of agents (\"5\") or a percentage (\"50%\")");
+        match s.strip_suffix('%') {
+            Some(p) => match crate::xml::parse_u64(p) {
+                Ok(p @ 1..=100) => Ok(Limit::Percent(p as u8)),
+                _ => Err(err()),
+            },
+            None => match crate::xml::parse_u64(s) {
+                Ok(n @ 1..) => Ok(Limit::Count(n)),
+                _ => Err(err()),
+            },
+        }
+    }
+}
+
+impl TryFrom<String> for Limit {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Limit> for String {
+    fn from(l: Limit) -> String {
+        l.to_string()
+    }
+}
+crate::xml::attr_via_str!(Limit);
+
 /// Where a job is in its life. Final states: succeeded, failed, cancelled, timed-out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -185,6 +246,10 @@ pub struct Submit {
     pub idempotency_key: Option<String>,
     /// Push progress, partial results and the final status to the submitter.
     pub watch: bool,
+    /// With the `all` strategy: how many capable agents to use (default: every one).
+    pub limit: Option<Limit>,
+    /// With the `all` strategy: how many agents run it at once (default: all at once).
+    pub batch: Option<u64>,
     /// Arguments.
     pub args: Args,
     /// Input data.
@@ -205,6 +270,8 @@ impl Submit {
             max_attempts: None,
             idempotency_key: None,
             watch: false,
+            limit: None,
+            batch: None,
             args: Args::default(),
             input: None,
         }
@@ -249,6 +316,17 @@ impl TryFrom<Element> for Submit {
             ));
         }
         let watch = r.opt("watch")?.unwrap_or(false);
+        let limit: Option<Limit> = r.opt("limit")?;
+        let batch: Option<u64> = r.opt("batch")?;
+        if batch == Some(0) {
+            return Err(r.invalid("batch", "must be at least 1"));
+        }
+        if strategy != Strategy::All && limit.is_some() {
+            return Err(r.invalid("limit", "only the all strategy takes a limit"));
+        }
+        if strategy != Strategy::All && batch.is_some() {
+            return Err(r.invalid("batch", "only the all strategy takes a batch size"));
+        }
         let (args, input) = parse_args_input(&r)?;
         r.finish()?;
         Ok(Submit {
@@ -262,6 +340,8 @@ impl TryFrom<Element> for Submit {
             max_attempts,
             idempotency_key,
             watch,
+            limit,
+            batch,
             args,
             input,
         })
@@ -284,6 +364,8 @@ impl From<Submit> for Element {
             .opt("max-attempts", s.max_attempts)
             .opt("idempotency-key", s.idempotency_key.as_deref())
             .opt("watch", s.watch.then_some(true))
+            .opt("limit", s.limit)
+            .opt("batch", s.batch)
             .children(args_input_children(&s.args, &s.input))
             .build()
     }

@@ -27,8 +27,8 @@ pub mod names;
 pub mod presence;
 
 pub use client::{
-    Accepted, AgentInfo, Agents, Discover, Failure, JobState, JobStatus, Outcome, Status, Strategy,
-    Submit,
+    Accepted, AgentInfo, Agents, Discover, Failure, JobState, JobStatus, Limit, Outcome, Status,
+    Strategy, Submit,
 };
 pub use condition::{classify, Condition, Disposition, SpineError};
 pub use data::{Args, Attributes, BlobRef, Data, INLINE_LIMIT};

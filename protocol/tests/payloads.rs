@@ -328,6 +328,10 @@ const INVALID: &[(&str, &str)] = &[
     ("<submit xmlns='urn:spine:1' capability='c' affinity-key='k'/>", "only the affinity strategy"),
     ("<submit xmlns='urn:spine:1' capability='c' filter='gpu='/>", "expected a value"),
     ("<submit xmlns='urn:spine:1' capability='c' max-attempts='0'/>", "at least 1"),
+    ("<submit xmlns='urn:spine:1' capability='c' limit='5'/>", "only the all strategy takes a limit"),
+    ("<submit xmlns='urn:spine:1' capability='c' strategy='all' limit='0'/>", "a number of agents"),
+    ("<submit xmlns='urn:spine:1' capability='c' strategy='all' limit='101%'/>", "a percentage"),
+    ("<submit xmlns='urn:spine:1' capability='c' strategy='all' batch='0'/>", "at least 1"),
     ("<submit xmlns='urn:spine:1' capability='c' idempotency-key=''/>", "1 to 256"),
     ("<submit xmlns='urn:spine:1' capability='c' priority='high'/>", "decimal integer"),
     ("<accepted xmlns='urn:spine:1' job='a' state='done'/>", "unknown job state"),
@@ -428,4 +432,21 @@ impl TryFromInput for Data {
         );
         Job::try_from(el(&job)).unwrap().input.unwrap()
     }
+}
+
+#[test]
+fn all_strategy_limit_and_batch() {
+    let s = Submit::try_from(el(
+        "<submit xmlns='urn:spine:1' capability='c' strategy='all' limit='50%' batch='2'/>",
+    ))
+    .unwrap();
+    assert_eq!(
+        (s.strategy, s.limit, s.batch),
+        (Strategy::All, Some(Limit::Percent(50)), Some(2))
+    );
+    assert_eq!(Limit::Percent(50).of(5), 3, "rounded up");
+    assert_eq!(Limit::Percent(1).of(5), 1, "at least one");
+    assert_eq!(Limit::Count(10).of(4), 4);
+    assert_eq!(Limit::Count(2).of(4), 2);
+    assert_eq!("7".parse::<Limit>(), Ok(Limit::Count(7)));
 }

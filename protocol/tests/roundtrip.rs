@@ -268,6 +268,18 @@ fn submit() -> impl Strategy<Value = Submit> {
                     Some(k) if strategy == Placement::All => (Placement::Affinity, Some(k)),
                     _ => (strategy, None),
                 };
+                // The all strategy also draws a limit (count or percentage) and a batch size.
+                let (limit, batch) = if strategy == Placement::All {
+                    let n = priority.unsigned_abs();
+                    let limit = if n % 2 == 0 {
+                        Limit::Count(n % 50 + 1)
+                    } else {
+                        Limit::Percent((n % 100) as u8 + 1)
+                    };
+                    (Some(limit), max_attempts)
+                } else {
+                    (None, None)
+                };
                 Submit {
                     capability,
                     strategy,
@@ -279,6 +291,8 @@ fn submit() -> impl Strategy<Value = Submit> {
                     max_attempts,
                     idempotency_key,
                     watch,
+                    limit,
+                    batch,
                     args,
                     input,
                 }
