@@ -428,15 +428,10 @@ fn job_id(s: &str) -> Result<JobId, ApiError> {
     s.parse().map_err(|e: String| ApiError::field("id", e))
 }
 
-async fn submit(
-    State(h): State<Handle>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    body: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    let caller = authenticate(&h, &headers, peer)?;
-    let de = &mut serde_json::Deserializer::from_slice(&body);
-    let req: SubmitRequest = serde_path_to_error::deserialize(de).map_err(|e| {
+/// Reads a `SubmitRequest` from JSON, naming the field at fault.
+fn parse_request(json: &[u8], what: &str) -> Result<SubmitRequest, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(json);
+    serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
         let msg = e.inner().to_string();
         // A wrong type names its path; an unknown or missing field is named in the message.
@@ -450,11 +445,87 @@ async fn submit(
             ..ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad-request",
-                format!("invalid JSON body: {msg}"),
+                format!("invalid {what}: {msg}"),
             )
         }
-    })?;
-    let spec = spec_from(req, &caller, h.max_attempts, h.max_input)?;
+    })
+}
+
+/// The fields of a raw-upload submission, from the query string, as the JSON object the JSON
+/// form would have carried: numbers and booleans typed, `args` parsed as JSON.
+fn query_as_json(query: Option<&str>) -> Result<Value, ApiError> {
+    let pairs: Vec<(String, String)> =
+        serde_urlencoded::from_str(query.unwrap_or("")).map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                format!("invalid query string: {e}"),
+            )
+        })?;
+    let mut m = serde_json::Map::new();
+    for (k, v) in pairs {
+        let value = match k.as_str() {
+            "priority" | "max_attempts" | "batch" => match v.parse::<i64>() {
+                Ok(n) => json!(n),
+                Err(_) => return Err(ApiError::field(&k, format!("'{v}' is not an integer"))),
+            },
+            "progress" => match v.as_str() {
+                "true" | "1" => json!(true),
+                "false" | "0" => json!(false),
+                _ => return Err(ApiError::field("progress", "expected true or false")),
+            },
+            "args" => serde_json::from_str::<Value>(&v)
+                .map_err(|e| ApiError::field("args", format!("not JSON: {e}")))?,
+            "input" | "input_type" => {
+                return Err(ApiError::field(
+                    &k,
+                    "with a raw upload the body is the input and Content-Type its type",
+                ))
+            }
+            _ => json!(v),
+        };
+        m.insert(k, value);
+    }
+    Ok(Value::Object(m))
+}
+
+/// `POST /v1/jobs`: a JSON body (input as base64), or a raw upload (any other Content-Type:
+/// the body is the input, the job's fields are query parameters).
+async fn submit(
+    State(h): State<Handle>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let caller = authenticate(&h, &headers, peer)?;
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let (req, raw) = if content_type.starts_with("application/json") {
+        (parse_request(&body, "JSON body")?, None)
+    } else {
+        let fields = query_as_json(uri.query())?;
+        let req = parse_request(fields.to_string().as_bytes(), "query parameters")?;
+        (req, Some((body.to_vec(), content_type.to_owned())))
+    };
+    let mut spec = spec_from(req, &caller, h.max_attempts, h.max_input)?;
+    if let Some((input, mime)) = raw {
+        if input.len() as u64 > h.max_input {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                format!(
+                    "input of {} bytes is over the limit of {}",
+                    input.len(),
+                    h.max_input
+                ),
+            ));
+        }
+        spec.input = input;
+        spec.input_mime = Some(mime);
+    }
     let (id, state) = ask(&h, |reply| Command::Submit {
         spec: Box::new(spec),
         reply,

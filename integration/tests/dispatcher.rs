@@ -779,6 +779,44 @@ async fn large_inputs_travel_as_blobs_over_http_and_xmpp() {
     };
     assert_eq!(String::from_utf8(out).unwrap(), expect(&data));
 
+    // HTTP raw upload: the body is the input, the job's fields are query parameters.
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let resp = client
+        .post(format!(
+            "{base}/v1/jobs?capability=work.digest&args=%7B%22n%22%3A1%7D&priority=3"
+        ))
+        .header("content-type", "application/octet-stream")
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let acc: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    let id = acc["id"].as_str().unwrap().to_owned();
+    let out = loop {
+        let (_, j) = http("GET", format!("{base}/v1/jobs/{id}"), None, None).await;
+        if j["state"] == "succeeded" {
+            break base64::engine::general_purpose::STANDARD
+                .decode(j["result"]["output"].as_str().unwrap())
+                .unwrap();
+        }
+        assert!(j["state"] != "failed", "{j}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(String::from_utf8(out).unwrap(), expect(&data));
+    let resp = client
+        .post(format!(
+            "{base}/v1/jobs?capability=work.digest&priority=high"
+        ))
+        .header("content-type", "application/octet-stream")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 400);
+    let err: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    assert_eq!(err["field"], "priority", "{err}");
+
     // XMPP: the submitter sends chunks to the dispatcher, then submits with a blob reference.
     let mut w = TestDispatcher::new(server.client("webapp", "pw-w").await).await;
     let data2: Vec<u8> = (0..200_000u32).map(|i| (i * 7 % 256) as u8).collect();
