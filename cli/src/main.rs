@@ -8,6 +8,7 @@ mod agent;
 mod client;
 mod dispatcher;
 mod server;
+mod up;
 
 use std::io::Read as _;
 use std::path::PathBuf;
@@ -30,6 +31,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the whole bus on this machine: XMPP server, dispatcher and local agents.
+    Up(up::UpArgs),
     /// Run the embedded XMPP server (for one machine, a demo, or tests).
     Server(server::ServerArgs),
     /// Run an agent: join the XMPP server, advertise capabilities, run jobs.
@@ -58,6 +61,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Check { file } => check(&file),
+        Command::Up(args) => up::run(args).map(|()| true),
         Command::Server(args) => server::run(args).map(|()| true),
         Command::Agent(args) => agent::run(args).map(|()| true),
         Command::Dispatcher(args) => dispatcher::run(args).map(|()| true),

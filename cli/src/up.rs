@@ -1,0 +1,178 @@
+//! `spine up`: the whole bus on one machine in one process — the embedded XMPP server, a
+//! dispatcher and local agents — until Ctrl-C or SIGTERM, then a clean shutdown (agents drain,
+//! the dispatcher stops, the server closes every stream).
+//!
+//! Accounts get random passwords for this run only (never printed); state (job store,
+//! certificate) goes in `--data-dir` or a temporary directory.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use rand::distr::{Alphanumeric, SampleString};
+use sha2::Digest as _;
+use spine_agent::{Agent, AgentConfig, JobContext, JobError, Output};
+use spine_dispatcher::{Dispatcher, DispatcherConfig};
+use spine_server::{Server, ServerConfig};
+use tokio::sync::watch;
+
+/// Arguments of `spine up`.
+#[derive(Args, Debug)]
+pub struct UpArgs {
+    /// Local agents to run (default: the number of CPU cores).
+    #[arg(long)]
+    agents: Option<usize>,
+    /// Slots per agent.
+    #[arg(long, default_value_t = 2)]
+    slots: u64,
+    /// Directory for the job store and the server certificate (default: a temporary one,
+    /// removed at exit).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Address of the XMPP server (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:5222")]
+    xmpp_listen: SocketAddr,
+    /// Address of the dispatcher's HTTP API (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:8480")]
+    http_listen: SocketAddr,
+    /// Log filter (RUST_LOG syntax).
+    #[arg(long, default_value = "warn,spine=info")]
+    log: String,
+}
+
+fn secret() -> String {
+    Alphanumeric.sample_string(&mut rand::rng(), 32)
+}
+
+/// The capabilities every local agent offers.
+fn builtin(builder: spine_agent::AgentBuilder) -> spine_agent::AgentBuilder {
+    builder
+        .capability("text.upper", None, |ctx: JobContext| async move {
+            let text = String::from_utf8(ctx.input)
+                .map_err(|_| JobError::bad_argument("input", "must be UTF-8 text"))?;
+            Ok::<_, JobError>(
+                Output::bytes(text.to_uppercase()).with_mime("text/plain; charset=utf-8"),
+            )
+        })
+        .capability("hash.sha256", None, |ctx: JobContext| async move {
+            let hex: String = sha2::Sha256::digest(&ctx.input)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            Ok::<_, JobError>(Output::bytes(hex).with_mime("text/plain"))
+        })
+}
+
+pub fn run(args: UpArgs) -> Result<()> {
+    crate::server::init_logging(&args.log);
+    let n_agents = args
+        .agents
+        .unwrap_or_else(|| {
+            std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+        })
+        .max(1);
+    if args.slots == 0 {
+        anyhow::bail!("--slots must be at least 1");
+    }
+    let temp = match &args.data_dir {
+        Some(_) => None,
+        None => Some(
+            tempfile::Builder::new()
+                .prefix("spine-up-")
+                .tempdir()
+                .context("creating a temporary data directory")?,
+        ),
+    };
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| {
+        temp.as_ref()
+            .map(|t| t.path().to_path_buf())
+            .unwrap_or_default()
+    });
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating {}", data_dir.display()))?;
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        // Server, with one account per component.
+        let dispatcher_pw = secret();
+        let agent_pw = secret();
+        let mut scfg = ServerConfig { listen: args.xmpp_listen, ..ServerConfig::default() };
+        scfg.tls.self_signed_dir = Some(data_dir.join("tls"));
+        let mut accounts = vec![spine_server::config::AccountConfig { user: "dispatcher".into(), password: Some(dispatcher_pw.clone()), scram_sha256: None, scram_sha1: None }];
+        for i in 1..=n_agents {
+            accounts.push(spine_server::config::AccountConfig { user: format!("agent{i}"), password: Some(agent_pw.clone()), scram_sha256: None, scram_sha1: None });
+        }
+        scfg.accounts = accounts;
+        let server = Server::bind(scfg).await.with_context(|| format!("starting the XMPP server on {}", args.xmpp_listen))?;
+        let xmpp = server.local_addr();
+        // One stop signal per component, so that they stop in order.
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let (server_stop, server_rx) = watch::channel(false);
+        let (agents_stop, agents_rx) = watch::channel(false);
+        let server_task = tokio::spawn(server.run(stopped(server_rx)));
+
+        // Dispatcher.
+        let dcfg = DispatcherConfig {
+            jid: "dispatcher@localhost/up".into(),
+            password: Some(dispatcher_pw),
+            server: xmpp.to_string(),
+            data_dir: data_dir.join("dispatcher"),
+            http_listen: Some(args.http_listen),
+            ..DispatcherConfig::default()
+        };
+        let dispatcher = Dispatcher::bind(dcfg).await.with_context(|| format!("starting the dispatcher's HTTP API on {}", args.http_listen))?;
+        let http = dispatcher.http_addr().context("the HTTP API has no address")?;
+        let (dispatcher_stop, dispatcher_rx) = watch::channel(false);
+        let dispatcher_task = tokio::spawn(dispatcher.run(stopped(dispatcher_rx)));
+
+        // Agents.
+        let mut agent_tasks = Vec::new();
+        for i in 1..=n_agents {
+            let acfg = AgentConfig {
+                jid: format!("agent{i}@localhost/up"),
+                password: Some(agent_pw.clone()),
+                server: xmpp.to_string(),
+                dispatchers: vec!["dispatcher@localhost".into()],
+                slots: args.slots,
+                drain_grace: Duration::from_secs(10),
+                ..AgentConfig::default()
+            };
+            let agent = builtin(Agent::builder(acfg)).build().context("building a local agent")?;
+            agent_tasks.push(tokio::spawn(agent.run(stopped(agents_rx.clone()))));
+        }
+
+        println!("spine up: XMPP server {xmpp} (domain localhost), HTTP API http://{http}, {n_agents} agents with {} slots each", args.slots);
+        println!("capabilities: text.upper, hash.sha256");
+        println!("try: spine submit text.upper --input FILE --wait --api http://{http}");
+        println!("data: {}{}", data_dir.display(), if temp.is_some() { " (temporary)" } else { "" });
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
+
+        crate::server::shutdown_signal().await;
+        eprintln!("spine up: stopping (agents drain, then the dispatcher and the server)");
+        // Agents first (they drain), then the dispatcher, then the server.
+        let _ = agents_stop.send(true);
+        for t in agent_tasks {
+            match tokio::time::timeout(Duration::from_secs(15), t).await {
+                Ok(Ok(Err(e))) => eprintln!("spine up: an agent stopped with an error: {e}"),
+                Err(_) => eprintln!("spine up: an agent did not stop in time"),
+                _ => {}
+            }
+        }
+        let _ = dispatcher_stop.send(true);
+        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(5), dispatcher_task).await {
+            eprintln!("spine up: the dispatcher stopped with an error: {e}");
+        }
+        let _ = server_stop.send(true);
+        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(10), server_task).await {
+            eprintln!("spine up: the server stopped with an error: {e}");
+        }
+        drop(temp);
+        Ok(())
+    })
+}
