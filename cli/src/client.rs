@@ -333,13 +333,14 @@ pub fn agents(a: AgentsArgs) -> Result<bool> {
                 .flatten()
                 .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
                 .collect();
+            // serde_json values ignore width flags: format them as strings first.
+            let in_flight = format!("{}/{}", ag["in_flight"], ag["slots"]);
             println!(
-                "{:<40} {:>8} {:>6.2} {:>4}/{:<4} {:>8}  {}",
+                "{:<40} {:>8} {:>6.2} {:>9} {:>8}  {}",
                 ag["jid"].as_str().unwrap_or(""),
                 ag["state"].as_str().unwrap_or(""),
                 ag["load"].as_f64().unwrap_or(0.0),
-                ag["in_flight"],
-                ag["slots"],
+                in_flight,
                 ag["loadavg"]
                     .as_f64()
                     .map(|l| format!("{l:.2}"))
@@ -400,7 +401,7 @@ pub fn jobs(a: JobsArgs) -> Result<bool> {
                 j["id"].as_str().unwrap_or(""),
                 j["capability"].as_str().unwrap_or(""),
                 j["state"].as_str().unwrap_or(""),
-                j["attempts"],
+                j["attempts"].as_u64().unwrap_or(0),
                 j["agent"].as_str().unwrap_or("-")
             );
         }
