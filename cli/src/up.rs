@@ -48,7 +48,7 @@ fn secret() -> String {
 
 /// The capabilities every local agent offers.
 fn builtin(builder: spine_agent::AgentBuilder) -> spine_agent::AgentBuilder {
-    builder
+    spine_example_image::register(builder)
         .capability("text.upper", None, |ctx: JobContext| async move {
             let text = String::from_utf8(ctx.input)
                 .map_err(|_| JobError::bad_argument("input", "must be UTF-8 text"))?;
@@ -147,7 +147,7 @@ pub fn run(args: UpArgs) -> Result<()> {
         }
 
         println!("spine up: XMPP server {xmpp} (domain localhost), HTTP API http://{http}, {n_agents} agents with {} slots each", args.slots);
-        println!("capabilities: text.upper, hash.sha256");
+        println!("capabilities: text.upper, hash.sha256, image.thumbnail, image.resize, image.grayscale, image.blur");
         println!("try: spine submit text.upper --input FILE --wait --api http://{http}");
         println!("data: {}{}", data_dir.display(), if temp.is_some() { " (temporary)" } else { "" });
         use std::io::Write as _;

@@ -90,6 +90,42 @@ async fn up_runs_jobs_and_stops_cleanly() {
         "state in --data-dir"
     );
 
+    // An image job: a 100×60 PNG thumbnailed to fit 32×32.
+    let png = dir.path().join("in.png");
+    image::RgbImage::from_fn(100, 60, |x, _| {
+        if x < 50 {
+            image::Rgb([200, 10, 10])
+        } else {
+            image::Rgb([10, 10, 200])
+        }
+    })
+    .save(&png)
+    .unwrap();
+    let thumb = dir.path().join("thumb.png");
+    let (code, _, err) = spine(&[
+        "submit",
+        "image.thumbnail",
+        "--arg",
+        "size=32",
+        "--input",
+        &png.display().to_string(),
+        "--wait",
+        "--output",
+        &thumb.display().to_string(),
+        "--api",
+        &api,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let t = image::open(&thumb).unwrap();
+    assert_eq!(t.width(), 32);
+    assert!(
+        (19..=20).contains(&t.height()),
+        "aspect ratio kept: {}x{}",
+        t.width(),
+        t.height()
+    );
+
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = tokio::time::timeout(PATIENCE, child.wait())
