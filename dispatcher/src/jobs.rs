@@ -284,6 +284,12 @@ impl JobTable {
                 limit: self.max_queue,
             });
         }
+        self.insert_queued(id.clone(), spec, now_ms);
+        Ok(&self.jobs[&id])
+    }
+
+    /// Records a new job, queued, with the next submission order.
+    fn insert_queued(&mut self, id: JobId, spec: JobSpec, now_ms: u64) {
         self.next_seq += 1;
         let rec = JobRecord {
             id: id.clone(),
@@ -303,7 +309,6 @@ impl JobTable {
         };
         self.jobs.insert(id.clone(), rec);
         self.enqueue(&id);
-        Ok(&self.jobs[&id])
     }
 
     /// Restores a job read from the store after a restart. Jobs that were dispatched are
@@ -372,25 +377,7 @@ impl JobTable {
             spec.watch = None;
             spec.target = Some(agent.clone());
             spec.parent = Some(parent.clone());
-            self.next_seq += 1;
-            let rec = JobRecord {
-                id: id.clone(),
-                spec,
-                state: JobState::Queued,
-                attempts: 0,
-                agent: None,
-                excluded: Vec::new(),
-                outcome: None,
-                percent: None,
-                accepted_ms: now_ms,
-                updated_ms: now_ms,
-                not_before_ms: 0,
-                seq: self.next_seq,
-                children: Vec::new(),
-                resume: false,
-            };
-            self.jobs.insert(id.clone(), rec);
-            self.enqueue(&id);
+            self.insert_queued(id.clone(), spec, now_ms);
             ids.push(id);
         }
         if let Some(p) = self.jobs.get_mut(parent) {
