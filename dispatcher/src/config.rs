@@ -45,6 +45,12 @@ pub struct DispatcherConfig {
     pub retention: Duration,
     /// Largest blob from an agent.
     pub max_blob: ByteSize,
+    /// Map/reduce: a step running longer than this many times the median of its finished
+    /// siblings gets a speculative copy on another agent (0: never).
+    pub speculation_factor: f64,
+    /// Map/reduce: ... and longer than this.
+    #[serde(with = "humantime_serde")]
+    pub speculation_min: Duration,
     /// TLS.
     pub tls: TlsConfig,
     /// Address of the HTTP API, or none (`"off"`) for no HTTP API.
@@ -102,6 +108,8 @@ impl Default for DispatcherConfig {
             no_agent_wait: Duration::from_secs(30),
             retention: Duration::from_secs(86_400),
             max_blob: ByteSize::mib(64),
+            speculation_factor: 4.0,
+            speculation_min: Duration::from_secs(2),
             tls: TlsConfig::default(),
             http_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8480))),
             http_tokens: Vec::new(),
@@ -204,6 +212,12 @@ impl DispatcherConfig {
         if self.max_attempts == 0 {
             return Err(bad("max_attempts", "must be at least 1"));
         }
+        if !(self.speculation_factor == 0.0 || (1.0..=1000.0).contains(&self.speculation_factor)) {
+            return Err(bad(
+                "speculation_factor",
+                "must be 0 (no speculative copies) or 1 to 1000",
+            ));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(bad("data_dir", "must not be empty"));
         }
@@ -264,6 +278,8 @@ mod tests {
             ("jid = \"nouser\"", "jid"),
             ("submitters = [\"a@b/c\"]", "submitters[0]"),
             ("max_queue = 0", "max_queue"),
+            ("speculation_factor = 0.5", "speculation_factor"),
+            ("speculation_min = 2", "speculation_min"),
             ("no_agent_wait = 30", "no_agent_wait"),
             ("http_listen = \"nowhere\"", "http_listen"),
             ("bogus = 1", "bogus"),

@@ -253,6 +253,14 @@ pub struct SubmitRequest {
     limit: Option<String>,
     /// `all` strategy: children at once.
     batch: Option<u64>,
+    /// Map/reduce: the reduce capability (`capability` is the map step).
+    reduce: Option<String>,
+    /// Map/reduce: the split capability (without it the input is the fragment list).
+    split: Option<String>,
+    /// Map/reduce: outputs per reduce step.
+    fan_in: Option<u64>,
+    /// Map/reduce: the fragments, instead of `input`.
+    fragments: Option<Vec<spine_protocol::Fragment>>,
 }
 
 fn spec_from(
@@ -336,11 +344,25 @@ fn spec_from(
             Some(crate::runtime::now_ms() + dur.as_millis() as u64)
         }
     };
-    let input = match &req.input {
-        None => Vec::new(),
-        Some(b) => base64::engine::general_purpose::STANDARD
-            .decode(b)
-            .map_err(|e| ApiError::field("input", format!("not base64: {e}")))?,
+    let mapreduce = mapreduce_from(&req, strategy, caller)?;
+    let (input, input_type) = match (&req.input, &req.fragments) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::field(
+                "fragments",
+                "give the fragments or an input, not both",
+            ))
+        }
+        (None, Some(f)) => (
+            spine_protocol::fragments::encode(f),
+            Some(spine_protocol::FRAGMENTS_MIME.to_owned()),
+        ),
+        (None, None) => (Vec::new(), req.input_type),
+        (Some(b), None) => (
+            base64::engine::general_purpose::STANDARD
+                .decode(b)
+                .map_err(|e| ApiError::field("input", format!("not base64: {e}")))?,
+            req.input_type,
+        ),
     };
     if input.len() as u64 > max_input {
         return Err(ApiError::new(
@@ -370,7 +392,7 @@ fn spec_from(
         affinity_key: req.affinity_key,
         args: req.args.unwrap_or_default(),
         input,
-        input_mime: req.input_type,
+        input_mime: input_type,
         deadline_ms,
         priority: req.priority.unwrap_or(0),
         max_attempts: req.max_attempts.unwrap_or(max_attempts),
@@ -380,9 +402,66 @@ fn spec_from(
         watch: None,
         limit,
         batch: req.batch,
+        mapreduce,
         target: None,
         parent: None,
     })
+}
+
+/// The map/reduce part of a request, checked (the caller must be allowed every step).
+fn mapreduce_from(
+    req: &SubmitRequest,
+    strategy: Strategy,
+    caller: &Caller,
+) -> Result<Option<spine_protocol::MapReduce>, ApiError> {
+    let cap = |field: &str, name: &str| -> Result<CapabilityName, ApiError> {
+        let c: CapabilityName = name
+            .parse()
+            .map_err(|e: String| ApiError::field(field, e))?;
+        if !caller.may_run(&c) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "not-authorized",
+                format!("token '{}' may not run {c}", caller.name),
+            ));
+        }
+        Ok(c)
+    };
+    let Some(reduce) = &req.reduce else {
+        for (field, given) in [
+            ("split", req.split.is_some()),
+            ("fan_in", req.fan_in.is_some()),
+            ("fragments", req.fragments.is_some()),
+        ] {
+            if given {
+                return Err(ApiError::field(
+                    field,
+                    "only a map/reduce job (with reduce) takes this",
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    if strategy == Strategy::All {
+        return Err(ApiError::field(
+            "reduce",
+            "the 'all' strategy cannot be a map/reduce",
+        ));
+    }
+    if let Some(f) = req.fan_in {
+        spine_protocol::MapReduce::check_fan_in(f).map_err(|e| ApiError::field("fan_in", e))?;
+    }
+    if req.split.is_some() && req.fragments.is_some() {
+        return Err(ApiError::field(
+            "fragments",
+            "with a split step the input is split; give an input, not fragments",
+        ));
+    }
+    Ok(Some(spine_protocol::MapReduce {
+        reduce: cap("reduce", reduce)?,
+        split: req.split.as_deref().map(|s| cap("split", s)).transpose()?,
+        fan_in: req.fan_in.unwrap_or(spine_protocol::DEFAULT_FAN_IN),
+    }))
 }
 
 /// The JSON view of a job.
@@ -401,6 +480,19 @@ pub fn job_json(j: &JobRecord) -> Value {
     }
     if let Some(p) = &j.spec.parent {
         v["parent"] = json!(p);
+    }
+    if let Some(m) = &j.spec.mapreduce {
+        v["reduce"] = json!(m.reduce);
+        v["split"] = json!(m.split);
+        v["fan_in"] = json!(m.fan_in);
+    }
+    if let Some(st) = &j.mr {
+        let (md, mt, rd, rt) = st.counts();
+        v["mapreduce"] = json!({
+            "fragments": mt, "fragments_done": md,
+            "reduce_steps": rt, "reduce_steps_done": rd,
+            "speculative": st.speculative,
+        });
     }
     match &j.outcome {
         Some(Recorded::Succeeded {
@@ -465,7 +557,7 @@ fn query_as_json(query: Option<&str>) -> Result<Value, ApiError> {
     let mut m = serde_json::Map::new();
     for (k, v) in pairs {
         let value = match k.as_str() {
-            "priority" | "max_attempts" | "batch" => match v.parse::<i64>() {
+            "priority" | "max_attempts" | "batch" | "fan_in" => match v.parse::<i64>() {
                 Ok(n) => json!(n),
                 Err(_) => return Err(ApiError::field(&k, format!("'{v}' is not an integer"))),
             },
@@ -476,7 +568,7 @@ fn query_as_json(query: Option<&str>) -> Result<Value, ApiError> {
             },
             "args" => serde_json::from_str::<Value>(&v)
                 .map_err(|e| ApiError::field("args", format!("not JSON: {e}")))?,
-            "input" | "input_type" => {
+            "input" | "input_type" | "fragments" => {
                 return Err(ApiError::field(
                     &k,
                     "with a raw upload the body is the input and Content-Type its type",

@@ -14,8 +14,12 @@ use std::collections::{BTreeSet, HashMap};
 use jid::{FullJid, Jid};
 use serde::{Deserialize, Serialize};
 use spine_protocol::{
-    AttrName, CapabilityName, Condition, Filter, JobId, JobResult, JobState, SpineError, Strategy,
+    AttrName, CapabilityName, Condition, Filter, JobId, JobResult, JobState, MapReduce, SpineError,
+    Strategy,
 };
+
+mod mapreduce;
+pub use mapreduce::{Advance, MapReduceState, Straggler, Task};
 
 /// What the submitter asked for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -60,12 +64,30 @@ pub struct JobSpec {
     /// A child of an `all` job: the agent (full JID) it must run on.
     #[serde(default)]
     pub target: Option<String>,
-    /// A child of an `all` job: its parent.
+    /// A child of an `all` or map/reduce job: its parent.
     #[serde(default)]
     pub parent: Option<JobId>,
+    /// A map/reduce job: `capability` is the map step.
+    #[serde(default)]
+    pub mapreduce: Option<MapReduce>,
 }
 
 impl JobSpec {
+    /// A map/reduce job without a split step needs its input to be a fragment list: checked
+    /// at submission, so a bad one is refused at once instead of failing later.
+    pub fn check_input(&self) -> Result<(), SpineError> {
+        match &self.mapreduce {
+            Some(m) if m.split.is_none() => spine_protocol::fragments::decode(&self.input)
+                .map(|_| ())
+                .map_err(|e| {
+                    SpineError::new(Condition::BadArguments)
+                        .with_field("input")
+                        .with_text(e)
+                }),
+            _ => Ok(()),
+        }
+    }
+
     /// The parsed filter, if any.
     pub fn parsed_filter(&self) -> Option<Filter> {
         self.filter.as_deref().and_then(|f| f.parse().ok())
@@ -137,9 +159,15 @@ pub struct JobRecord {
     pub not_before_ms: u64,
     /// Order of submission (FIFO among equal priorities).
     pub seq: u64,
-    /// An `all` job: one child per agent.
+    /// An `all` job: one child per agent; a map/reduce job: every step it created.
     #[serde(default)]
     pub children: Vec<JobId>,
+    /// A map/reduce job's plan and progress, once started.
+    #[serde(default)]
+    pub mr: Option<MapReduceState>,
+    /// When the current or last attempt was sent (ms since the UNIX epoch).
+    #[serde(default)]
+    pub dispatched_ms: u64,
     /// Restored after a restart while it was on `agent`: send it back there with the same
     /// attempt number (the agent attaches it to the running job or answers from its cache).
     #[serde(default)]
@@ -305,6 +333,8 @@ impl JobTable {
             not_before_ms: 0,
             seq: self.next_seq,
             children: Vec::new(),
+            mr: None,
+            dispatched_ms: 0,
             resume: false,
         };
         self.jobs.insert(id.clone(), rec);
@@ -316,8 +346,9 @@ impl JobTable {
     /// outcome cache answers the re-sent job without running it twice).
     pub fn restore(&mut self, mut rec: JobRecord) {
         self.next_seq = self.next_seq.max(rec.seq);
-        // A parent of an `all` job stays running: its children carry the work.
+        // A parent of an `all` or map/reduce job stays running: its children carry the work.
         if rec.children.is_empty()
+            && rec.mr.is_none()
             && matches!(
                 rec.state,
                 JobState::Accepted | JobState::Dispatched | JobState::Running
@@ -411,7 +442,7 @@ impl JobTable {
         let Some(p) = self.jobs.get(parent) else {
             return false;
         };
-        if p.state.is_final() || p.children.is_empty() {
+        if p.state.is_final() || p.children.is_empty() || p.mr.is_some() {
             return false;
         }
         let children: Vec<&JobRecord> =
@@ -485,6 +516,7 @@ impl JobTable {
         j.resume = false;
         j.agent = Some(agent.to_string());
         j.updated_ms = now_ms;
+        j.dispatched_ms = now_ms;
         Some(j)
     }
 
@@ -634,6 +666,16 @@ impl JobTable {
     /// Cancels a job. Returns the agent running it (to send `<cancel/>` to), if any.
     /// `Err` if the job is unknown; a final job stays as it is.
     pub fn cancel(&mut self, id: &JobId, now_ms: u64) -> Result<Option<String>, UnknownJob> {
+        self.cancel_because(id, "cancelled by the submitter", now_ms)
+    }
+
+    /// Cancels a job, recording `reason`; otherwise as [`JobTable::cancel`].
+    pub fn cancel_because(
+        &mut self,
+        id: &JobId,
+        reason: &str,
+        now_ms: u64,
+    ) -> Result<Option<String>, UnknownJob> {
         let j = self.jobs.get(id).ok_or_else(|| UnknownJob(id.clone()))?;
         if j.state.is_final() {
             return Ok(None);
@@ -645,7 +687,7 @@ impl JobTable {
             id,
             JobState::Cancelled,
             Condition::Cancelled,
-            Some("cancelled by the submitter".into()),
+            Some(reason.to_owned()),
             now_ms,
         );
         Ok(agent)

@@ -31,7 +31,7 @@ use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 use crate::config::DispatcherConfig;
 use crate::error::DispatcherError;
 use crate::http::{job_json, Command, Handle, JobEvent};
-use crate::jobs::{AfterFailure, JobRecord, JobSpec, JobTable, Recorded};
+use crate::jobs::{Advance, AfterFailure, JobRecord, JobSpec, JobTable, Recorded};
 use crate::registry::{AdvertiseOutcome, LoadOutcome, NoPick, PickRequest, Registry};
 use crate::store::Store;
 
@@ -43,6 +43,8 @@ const PING_TIMEOUT: Duration = Duration::from_secs(5);
 const RESUME_GRACE: Duration = Duration::from_secs(10);
 /// Queued jobs looked at per capability per placement round (bounds head-of-line scans).
 const PLACE_SCAN: usize = 64;
+/// How often map/reduce jobs are checked for straggling steps.
+const STRAGGLER_CHECK_MS: u64 = 250;
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -89,6 +91,7 @@ struct Runtime {
     next_id: u64,
     id_prefix: String,
     next_prune_ms: u64,
+    next_straggler_ms: u64,
     own_domain: String,
     started: Instant,
     events: tokio::sync::broadcast::Sender<JobEvent>,
@@ -229,6 +232,7 @@ async fn run_inner(
         submitters,
         next_id: 0,
         next_prune_ms: 0,
+        next_straggler_ms: 0,
         started: Instant::now(),
         id_prefix: {
             use rand::Rng as _;
@@ -238,6 +242,11 @@ async fn run_inner(
         latency: Histogram::default(),
     };
     rt.on_session_start().await;
+    // Map/reduce jobs whose last step ended just before a crash move on now.
+    for parent in rt.jobs.running_mapreduces() {
+        let adv = rt.jobs.advance(&parent, now_ms());
+        rt.apply_advance(&parent, adv).await?;
+    }
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tokio::pin!(shutdown);
@@ -620,6 +629,7 @@ impl Runtime {
     async fn place(&mut self) -> Result<(), DispatcherError> {
         let now = now_ms();
         self.fan_out_all(now)?;
+        self.start_mapreduces(now).await?;
         for cap in self.jobs.queued_capabilities() {
             // Look past jobs that cannot be placed (a filter nobody matches) instead of letting
             // them block their capability; stop when plain jobs find every agent busy.
@@ -700,6 +710,116 @@ impl Runtime {
                 recs.push(parent);
             }
             self.store.put(&recs)?;
+        }
+        Ok(())
+    }
+
+    /// Starts every queued map/reduce job: its split or map steps are queued as jobs.
+    async fn start_mapreduces(&mut self, now: u64) -> Result<(), DispatcherError> {
+        let queued: Vec<JobId> = self
+            .jobs
+            .iter()
+            .filter(|j| j.state == JobState::Queued && j.spec.mapreduce.is_some())
+            .map(|j| j.id.clone())
+            .collect();
+        for p in queued {
+            let adv = self.jobs.start_mapreduce(&p, now);
+            info!(job = %p, steps = adv.created.len(), "map/reduce started");
+            self.apply_advance(&p, adv).await?;
+        }
+        Ok(())
+    }
+
+    /// Acts on a map/reduce job's step: stores the new steps and the parent together, cancels
+    /// the copies that lost (or all steps, when the job ended), reports progress, and announces
+    /// the outcome.
+    async fn apply_advance(&mut self, parent: &JobId, adv: Advance) -> Result<(), DispatcherError> {
+        let now = now_ms();
+        let ended = self.jobs.get(parent).map(|p| p.state);
+        let reason = match ended {
+            Some(s) if s.is_final() => "the map/reduce job ended",
+            _ => "another copy of this step finished first",
+        };
+        for c in &adv.cancel {
+            self.cancel_step(c, reason, now).await;
+        }
+        let mut recs: Vec<&JobRecord> = adv
+            .created
+            .iter()
+            .chain(&adv.cancel)
+            .filter_map(|c| self.jobs.get(c))
+            .collect();
+        if let Some(p) = self.jobs.get(parent) {
+            recs.push(p);
+        }
+        self.store.put(&recs)?;
+        if adv.ended {
+            info!(job = %parent, state = ?ended, "map/reduce ended");
+            self.notify_one(parent).await;
+        } else if adv.progressed || !adv.created.is_empty() {
+            if let Some((percent, message)) = self
+                .jobs
+                .get(parent)
+                .and_then(|p| p.mr.as_ref().map(|m| (m.percent(), m.describe())))
+            {
+                let p = Progress {
+                    job: parent.clone(),
+                    attempt: 1,
+                    percent: Some(percent),
+                    message: Some(message),
+                };
+                self.forward(parent, p.into()).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Cancels one job and tells its agent (the caller stores it).
+    async fn cancel_step(&mut self, job: &JobId, reason: &str, now: u64) {
+        if let Ok(Some(a)) = self.jobs.cancel_because(job, reason, now) {
+            if let Ok(a) = a.parse::<FullJid>() {
+                if let Some(aid) = self.registry.id_of(&a) {
+                    self.registry.on_finished(aid, job, &mut self.rng);
+                }
+                self.send_cancel(&a, job).await;
+            }
+        }
+        self.forget_requests(job);
+    }
+
+    /// Starts a speculative copy of each straggling map/reduce step that has another capable
+    /// agent to go to.
+    async fn speculate(&mut self, now: u64) -> Result<(), DispatcherError> {
+        if now < self.next_straggler_ms {
+            return Ok(());
+        }
+        self.next_straggler_ms = now + STRAGGLER_CHECK_MS;
+        let stragglers = self.jobs.stragglers(
+            now,
+            self.cfg.speculation_factor,
+            self.cfg.speculation_min.as_millis() as u64,
+        );
+        for s in stragglers {
+            let Some(spec) = self.jobs.get(&s.job).map(|j| j.spec.clone()) else {
+                continue;
+            };
+            let filter = spec.parsed_filter();
+            let elsewhere = self
+                .registry
+                .rank(&spec.capability, filter.as_ref(), spec.sort.as_ref(), None)
+                .iter()
+                .any(|a| a.state == spine_protocol::AgentState::Ready && a.jid.as_str() != s.agent);
+            if !elsewhere {
+                continue;
+            }
+            if let Some(copy) = self.jobs.speculate(&s, now) {
+                info!(job = %s.job, agent = %s.agent, running_ms = s.running_ms, median_ms = s.median_ms, copy = %copy, "straggling step: speculative copy queued");
+                let recs: Vec<&JobRecord> = [&copy, &s.parent]
+                    .into_iter()
+                    .filter_map(|c| self.jobs.get(c))
+                    .collect();
+                self.store.put(&recs)?;
+            }
         }
         Ok(())
     }
@@ -1005,6 +1125,7 @@ impl Runtime {
                 );
             }
         }
+        self.speculate(now).await?;
         // Jobs whose retry backoff just ended.
         self.place().await
     }
@@ -1053,14 +1174,21 @@ impl Runtime {
         }
     }
 
-    /// Tells a watching XMPP submitter that its job ended.
     /// Tells watchers that `job` ended; when it was the last child of an `all` job, records and
-    /// announces the parent's gathered outcome too.
+    /// announces the parent's gathered outcome too; when it was a step of a map/reduce job,
+    /// moves that job on.
     async fn notify_final(&mut self, job: &JobId) {
         self.notify_one(job).await;
         let Some(parent) = self.jobs.get(job).and_then(|j| j.spec.parent.clone()) else {
             return;
         };
+        if self.jobs.get(&parent).is_some_and(|p| p.mr.is_some()) {
+            let adv = self.jobs.advance(&parent, now_ms());
+            if let Err(e) = self.apply_advance(&parent, adv).await {
+                error!(job = %parent, "cannot store the map/reduce job's progress: {e}");
+            }
+            return;
+        }
         if self.jobs.gather(&parent, now_ms()) {
             if let Err(e) = self.persist(&parent) {
                 error!(job = %parent, "cannot store the gathered outcome: {e}");
@@ -1205,18 +1333,8 @@ impl Runtime {
             .map(|j| j.children.clone())
             .unwrap_or_default();
         for c in children {
-            if let Some(Some(a)) = self
-                .jobs
-                .cancel(&c, now_ms())
-                .ok()
-                .map(|a| a.and_then(|a| a.parse::<FullJid>().ok()))
-            {
-                if let Some(aid) = self.registry.id_of(&a) {
-                    self.registry.on_finished(aid, &c, &mut self.rng);
-                }
-                self.send_cancel(&a, &c).await;
-            }
-            self.forget_requests(&c);
+            self.cancel_step(&c, "cancelled by the submitter", now_ms())
+                .await;
             self.persist(&c)?;
         }
         let was_final = self.jobs.get(job).is_some_and(|j| j.state.is_final());
@@ -1375,6 +1493,9 @@ impl Runtime {
                 return Ok(Ok((existing, state)));
             }
         }
+        if let Err(e) = spec.check_input() {
+            return Ok(Err(e));
+        }
         let job_id: JobId = new_job_id();
         let rec = match self.jobs.submit(job_id.clone(), spec, now_ms()) {
             Ok(r) => r.clone(),
@@ -1428,6 +1549,7 @@ impl Runtime {
             watch: s.watch.then(|| from.to_string()),
             limit: s.limit,
             batch: s.batch,
+            mapreduce: s.mapreduce,
             target: None,
             parent: None,
         };

@@ -166,6 +166,7 @@ mod tests {
             watch: None,
             limit: None,
             batch: None,
+            mapreduce: None,
             target: None,
             parent: None,
         }

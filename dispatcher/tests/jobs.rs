@@ -30,6 +30,7 @@ fn spec(cap: &str, priority: i64) -> JobSpec {
         watch: None,
         limit: None,
         batch: None,
+        mapreduce: None,
         target: None,
         parent: None,
     }

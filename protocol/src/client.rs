@@ -148,6 +148,45 @@ impl From<Limit> for String {
 }
 crate::xml::attr_via_str!(Limit);
 
+/// Default fan-in of a map/reduce job: map outputs (or reduce outputs) per reduce step.
+pub const DEFAULT_FAN_IN: u64 = 16;
+/// Largest fan-in accepted.
+pub const MAX_FAN_IN: u64 = 4096;
+
+/// A map/reduce job (PROTOCOL.md §11.7): the submit's `capability` is the map step, run once per
+/// input fragment; `reduce` combines map outputs, `fan_in` at a time, in a tree of steps until
+/// one output is left.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MapReduce {
+    /// The reduce capability (it must accept its own outputs as inputs).
+    pub reduce: CapabilityName,
+    /// A capability that turns the submitted input into the fragment list; without it the
+    /// input is the fragment list itself.
+    pub split: Option<CapabilityName>,
+    /// How many outputs one reduce step combines (2 to [`MAX_FAN_IN`]).
+    pub fan_in: u64,
+}
+
+impl MapReduce {
+    /// Reduce with `reduce`, input given as a fragment list, the default fan-in.
+    pub fn new(reduce: CapabilityName) -> Self {
+        MapReduce {
+            reduce,
+            split: None,
+            fan_in: DEFAULT_FAN_IN,
+        }
+    }
+
+    /// Checks the fan-in range; the reason names the rule broken.
+    pub fn check_fan_in(fan_in: u64) -> Result<(), String> {
+        if (2..=MAX_FAN_IN).contains(&fan_in) {
+            Ok(())
+        } else {
+            Err(format!("must be 2 to {MAX_FAN_IN}"))
+        }
+    }
+}
+
 /// Where a job is in its life. Final states: succeeded, failed, cancelled, timed-out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -250,6 +289,8 @@ pub struct Submit {
     pub limit: Option<Limit>,
     /// With the `all` strategy: how many agents run it at once (default: all at once).
     pub batch: Option<u64>,
+    /// A map/reduce job: `capability` is the map step.
+    pub mapreduce: Option<MapReduce>,
     /// Arguments.
     pub args: Args,
     /// Input data.
@@ -272,6 +313,7 @@ impl Submit {
             watch: false,
             limit: None,
             batch: None,
+            mapreduce: None,
             args: Args::default(),
             input: None,
         }
@@ -327,6 +369,31 @@ impl TryFrom<Element> for Submit {
         if strategy != Strategy::All && batch.is_some() {
             return Err(r.invalid("batch", "only the all strategy takes a batch size"));
         }
+        let reduce: Option<CapabilityName> = r.opt("reduce")?;
+        let split: Option<CapabilityName> = r.opt("split")?;
+        let fan_in: Option<u64> = r.opt("fan-in")?;
+        let mapreduce = match reduce {
+            Some(reduce) => {
+                if strategy == Strategy::All {
+                    return Err(r.invalid("reduce", "the all strategy cannot be a map/reduce"));
+                }
+                if let Some(f) = fan_in {
+                    MapReduce::check_fan_in(f).map_err(|e| r.invalid("fan-in", e))?;
+                }
+                Some(MapReduce {
+                    reduce,
+                    split,
+                    fan_in: fan_in.unwrap_or(DEFAULT_FAN_IN),
+                })
+            }
+            None if split.is_some() => {
+                return Err(r.invalid("split", "only a map/reduce job (with reduce) takes split"))
+            }
+            None if fan_in.is_some() => {
+                return Err(r.invalid("fan-in", "only a map/reduce job (with reduce) takes fan-in"))
+            }
+            None => None,
+        };
         let (args, input) = parse_args_input(&r)?;
         r.finish()?;
         Ok(Submit {
@@ -342,6 +409,7 @@ impl TryFrom<Element> for Submit {
             watch,
             limit,
             batch,
+            mapreduce,
             args,
             input,
         })
@@ -366,6 +434,20 @@ impl From<Submit> for Element {
             .opt("watch", s.watch.then_some(true))
             .opt("limit", s.limit)
             .opt("batch", s.batch)
+            .opt("reduce", s.mapreduce.as_ref().map(|m| m.reduce.as_str()))
+            .opt(
+                "split",
+                s.mapreduce
+                    .as_ref()
+                    .and_then(|m| m.split.as_ref().map(|x| x.as_str())),
+            )
+            .opt(
+                "fan-in",
+                s.mapreduce
+                    .as_ref()
+                    .map(|m| m.fan_in)
+                    .filter(|f| *f != DEFAULT_FAN_IN),
+            )
             .children(args_input_children(&s.args, &s.input))
             .build()
     }

@@ -22,18 +22,20 @@ pub mod data;
 pub mod disco;
 pub mod error;
 pub mod filter;
+pub mod fragments;
 pub mod job;
 pub mod names;
 pub mod presence;
 
 pub use client::{
-    Accepted, AgentInfo, Agents, Discover, Failure, JobState, JobStatus, Limit, Outcome, Status,
-    Strategy, Submit,
+    Accepted, AgentInfo, Agents, Discover, Failure, JobState, JobStatus, Limit, MapReduce, Outcome,
+    Status, Strategy, Submit, DEFAULT_FAN_IN, MAX_FAN_IN,
 };
 pub use condition::{classify, Condition, Disposition, SpineError};
 pub use data::{Args, Attributes, BlobRef, Data, INLINE_LIMIT};
 pub use error::ParseError;
 pub use filter::{Clause, Filter, FilterError, Op};
+pub use fragments::{Fragment, FRAGMENTS_MIME};
 pub use job::{chunks, Cancel, Chunk, Job, JobResult, Partial, Progress};
 pub use names::{AttrName, BlobId, CapabilityName, JobId};
 pub use presence::{

@@ -333,6 +333,12 @@ const INVALID: &[(&str, &str)] = &[
     ("<submit xmlns='urn:spine:1' capability='c' strategy='all' limit='101%'/>", "a percentage"),
     ("<submit xmlns='urn:spine:1' capability='c' strategy='all' batch='0'/>", "at least 1"),
     ("<submit xmlns='urn:spine:1' capability='c' idempotency-key=''/>", "1 to 256"),
+    ("<submit xmlns='urn:spine:1' capability='c' split='s'/>", "only a map/reduce job (with reduce) takes split"),
+    ("<submit xmlns='urn:spine:1' capability='c' fan-in='4'/>", "only a map/reduce job (with reduce) takes fan-in"),
+    ("<submit xmlns='urn:spine:1' capability='c' reduce='r' fan-in='1'/>", "must be 2 to 4096"),
+    ("<submit xmlns='urn:spine:1' capability='c' reduce='r' fan-in='4097'/>", "must be 2 to 4096"),
+    ("<submit xmlns='urn:spine:1' capability='c' reduce='R'/>", "attribute 'reduce'='R' is invalid: segment 'R' must start"),
+    ("<submit xmlns='urn:spine:1' capability='c' strategy='all' reduce='r'/>", "the all strategy cannot be a map/reduce"),
     ("<submit xmlns='urn:spine:1' capability='c' priority='high'/>", "decimal integer"),
     ("<accepted xmlns='urn:spine:1' job='a' state='done'/>", "unknown job state"),
     ("<job-status xmlns='urn:spine:1' job='a' capability='c' state='running' attempts='1'><failure condition='failed'/></job-status>", "does not go with a <failure>"),
@@ -449,4 +455,21 @@ fn all_strategy_limit_and_batch() {
     assert_eq!(Limit::Count(10).of(4), 4);
     assert_eq!(Limit::Count(2).of(4), 2);
     assert_eq!("7".parse::<Limit>(), Ok(Limit::Count(7)));
+}
+
+#[test]
+fn map_reduce_attributes() {
+    let s = Submit::try_from(el(
+        "<submit xmlns='urn:spine:1' capability='wordcount.map' reduce='wordcount.reduce' split='wordcount.split' fan-in='8'/>",
+    ))
+    .unwrap();
+    let m = s.mapreduce.unwrap();
+    assert_eq!(m.reduce.as_str(), "wordcount.reduce");
+    assert_eq!(m.split.unwrap().as_str(), "wordcount.split");
+    assert_eq!(m.fan_in, 8);
+    let s = Submit::try_from(el(
+        "<submit xmlns='urn:spine:1' capability='wordcount.map' reduce='wordcount.reduce'/>",
+    ))
+    .unwrap();
+    assert_eq!(s.mapreduce.unwrap().fan_in, DEFAULT_FAN_IN);
 }

@@ -280,6 +280,15 @@ fn submit() -> impl Strategy<Value = Submit> {
                 } else {
                     (None, None)
                 };
+                // Other strategies may be a map/reduce (drawn from the priority's bits).
+                let mapreduce = (strategy != Placement::All && priority % 3 == 0).then(|| {
+                    let n = priority.unsigned_abs();
+                    MapReduce {
+                        reduce: capability.clone(),
+                        split: (n % 2 == 0).then(|| capability.clone()),
+                        fan_in: n % (spine_protocol::MAX_FAN_IN - 1) + 2,
+                    }
+                });
                 Submit {
                     capability,
                     strategy,
@@ -293,6 +302,7 @@ fn submit() -> impl Strategy<Value = Submit> {
                     watch,
                     limit,
                     batch,
+                    mapreduce,
                     args,
                     input,
                 }
