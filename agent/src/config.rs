@@ -238,13 +238,14 @@ impl AgentConfig {
                     .required(true),
             );
         }
-        b = b.add_source(
-            // No type guessing of values: a password "0123" must stay "0123". Numbers and
-            // durations are parsed by the fields' own types.
-            config::Environment::with_prefix("SPINE_AGENT")
-                .list_separator(",")
-                .with_list_parse_key("dispatchers"),
-        );
+        // No type guessing of values: a password "0123" must stay "0123". Numbers and
+        // durations are parsed by the fields' own types; lists are split here.
+        b = b.add_source(config::Environment::with_prefix("SPINE_AGENT"));
+        for (key, items) in spine_xmpp::account::env_lists("SPINE_AGENT", &["dispatchers"]) {
+            b = b
+                .set_override(key.as_str(), items)
+                .map_err(|e| AgentError::Config(format!("{key}: {e}")))?;
+        }
         let cfg: AgentConfig = b
             .build()
             .and_then(|c| c.try_deserialize())

@@ -222,3 +222,58 @@ impl AgentBuilder {
         })
     }
 }
+
+/// Completes when the process receives SIGINT (Ctrl-C) or SIGTERM: the usual `shutdown` of
+/// [`Agent::run`] (and of the dispatcher and server) in a program of its own.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(e) => {
+                tracing::warn!("cannot listen for SIGTERM ({e}); only Ctrl-C stops this process");
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// The `main` of a stand-alone agent program: reads `--config FILE` from the command line (no
+/// file: defaults and `SPINE_AGENT_*` variables), adds the program's capabilities with
+/// `register`, and serves until Ctrl-C or SIGTERM, then drains.
+pub async fn run_standalone(
+    register: impl FnOnce(AgentBuilder) -> AgentBuilder,
+) -> Result<(), AgentError> {
+    let mut args = std::env::args().skip(1);
+    let mut path = None;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--config" => {
+                path = Some(
+                    args.next()
+                        .ok_or_else(|| AgentError::Config("--config needs a file name".into()))?,
+                )
+            }
+            other => {
+                return Err(AgentError::Config(format!(
+                    "unknown argument '{other}' (usage: --config FILE)"
+                )))
+            }
+        }
+    }
+    let cfg = AgentConfig::load(path.as_deref().map(std::path::Path::new))?;
+    register(Agent::builder(cfg))
+        .build()?
+        .run(shutdown_signal())
+        .await
+}

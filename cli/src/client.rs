@@ -3,10 +3,8 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use base64::Engine as _;
 use clap::Args;
 use serde_json::{json, Map, Value};
 
@@ -22,49 +20,9 @@ pub struct Api {
 }
 
 impl Api {
-    fn client(&self) -> Result<reqwest::Client> {
-        // Talks to the configured URL only: no proxy from the environment.
-        reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .context("building the HTTP client")
+    fn client(&self) -> Result<spine_client::Client> {
+        Ok(spine_client::Client::new(&self.api, self.token.clone())?)
     }
-
-    fn req(
-        &self,
-        c: &reqwest::Client,
-        method: reqwest::Method,
-        path: &str,
-    ) -> reqwest::RequestBuilder {
-        let r = c.request(
-            method,
-            format!("{}{}", self.api.trim_end_matches('/'), path),
-        );
-        match &self.token {
-            Some(t) => r.bearer_auth(t),
-            None => r,
-        }
-    }
-}
-
-/// Turns an error response into a message: "400 bad-request (field 'x'): ...".
-async fn check(resp: reqwest::Response) -> Result<Value> {
-    let status = resp.status();
-    let text = resp.text().await.context("reading the response")?;
-    let body: Value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    if status.is_success() {
-        return Ok(body);
-    }
-    let field = body["field"]
-        .as_str()
-        .map(|f| format!(" (field '{f}')"))
-        .unwrap_or_default();
-    bail!(
-        "{} {}{field}: {}",
-        status.as_u16(),
-        body["error"].as_str().unwrap_or("error"),
-        body["message"].as_str().unwrap_or(&body.to_string())
-    )
 }
 
 /// Arguments of `spine submit`.
@@ -105,6 +63,21 @@ pub struct SubmitArgs {
     /// With --strategy all: how many agents run it at once.
     #[arg(long)]
     batch: Option<u64>,
+    /// Map/reduce: the reduce capability (the positional capability is the map step).
+    #[arg(long)]
+    reduce: Option<String>,
+    /// Map/reduce: a capability that splits --input into fragments.
+    #[arg(long, requires = "reduce")]
+    split: Option<String>,
+    /// Map/reduce: outputs per reduce step (default 16).
+    #[arg(long, requires = "reduce")]
+    fan_in: Option<u64>,
+    /// Map/reduce: a file that is one fragment (repeatable).
+    #[arg(long = "fragment", value_name = "FILE", requires = "reduce")]
+    fragments: Vec<PathBuf>,
+    /// Map/reduce: every file of this folder is one fragment (in name order).
+    #[arg(long, value_name = "DIR", requires = "reduce")]
+    fragments_dir: Option<PathBuf>,
     /// Attempts before the job fails (default: the dispatcher's max_attempts).
     #[arg(long)]
     max_attempts: Option<u64>,
@@ -145,7 +118,26 @@ pub fn submit(a: SubmitArgs) -> Result<bool> {
             json!({ "capability": a.capability, "args": parse_args(&a.args)?, "progress": a.wait });
         if let Some(p) = &a.input {
             let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-            body["input"] = json!(base64::engine::general_purpose::STANDARD.encode(bytes));
+            body["input"] = json!(spine_client::base64(&bytes));
+        }
+        let mut fragments = Vec::new();
+        if let Some(d) = &a.fragments_dir {
+            fragments = spine_client::fragments_from_dir(d, |_| true)?;
+        }
+        for p in &a.fragments {
+            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+            fragments.push(spine_protocol::Fragment {
+                name,
+                mime: None,
+                data: bytes,
+            });
+        }
+        if a.reduce.is_some() && a.split.is_none() {
+            if a.input.is_some() {
+                bail!("--input with --reduce needs --split (or give the fragments with --fragment / --fragments-dir)");
+            }
+            body["fragments"] = json!(fragments);
         }
         for (k, v) in [
             ("input_type", &a.input_type),
@@ -155,6 +147,18 @@ pub fn submit(a: SubmitArgs) -> Result<bool> {
             ("sort", &a.sort),
             ("deadline", &a.deadline),
             ("idempotency_key", &a.idempotency_key),
+            ("limit", &a.limit),
+            ("reduce", &a.reduce),
+            ("split", &a.split),
+        ] {
+            if let Some(v) = v {
+                body[k] = json!(v);
+            }
+        }
+        for (k, v) in [
+            ("max_attempts", a.max_attempts),
+            ("batch", a.batch),
+            ("fan_in", a.fan_in),
         ] {
             if let Some(v) = v {
                 body[k] = json!(v);
@@ -163,38 +167,15 @@ pub fn submit(a: SubmitArgs) -> Result<bool> {
         if let Some(p) = a.priority {
             body["priority"] = json!(p);
         }
-        if let Some(n) = a.max_attempts {
-            body["max_attempts"] = json!(n);
-        }
-        if let Some(l) = &a.limit {
-            body["limit"] = json!(l);
-        }
-        if let Some(b) = a.batch {
-            body["batch"] = json!(b);
-        }
-        let resp = a
-            .api
-            .req(&c, reqwest::Method::POST, "/v1/jobs")
-            .json_body(&body)
-            .send()
-            .await
-            .context("submitting")?;
-        let accepted = check(resp).await?;
-        let id = accepted["id"]
-            .as_str()
-            .ok_or_else(|| anyhow!("no job id in {accepted}"))?
-            .to_owned();
+        let id = c.submit(&body).await?;
         if !a.wait {
             println!("{id}");
             return Ok(true);
         }
         eprintln!("job {id} accepted");
-        let job = follow(&a.api, &c, &id).await?;
-        match job["state"].as_str() {
-            Some("succeeded") => {
-                let out = base64::engine::general_purpose::STANDARD
-                    .decode(job["result"]["output"].as_str().unwrap_or(""))
-                    .context("decoding the output")?;
+        let job = c.follow_with_bar(&id, "").await?;
+        match spine_client::output(&job) {
+            Ok(out) => {
                 match &a.output {
                     Some(p) => std::fs::write(p, &out)
                         .with_context(|| format!("writing {}", p.display()))?,
@@ -202,83 +183,12 @@ pub fn submit(a: SubmitArgs) -> Result<bool> {
                 }
                 Ok(true)
             }
-            other => {
-                eprintln!(
-                    "job {id} {}: {} ({})",
-                    other.unwrap_or("ended"),
-                    job["error"]["message"].as_str().unwrap_or(""),
-                    job["error"]["condition"].as_str().unwrap_or("")
-                );
+            Err(e) => {
+                eprintln!("{e}");
                 Ok(false)
             }
         }
     })
-}
-
-trait JsonBody {
-    fn json_body(self, v: &Value) -> Self;
-}
-impl JsonBody for reqwest::RequestBuilder {
-    fn json_body(self, v: &Value) -> Self {
-        self.header("content-type", "application/json")
-            .body(v.to_string())
-    }
-}
-
-/// Follows a job's event stream with a progress bar until it ends; returns the final job.
-async fn follow(api: &Api, c: &reqwest::Client, id: &str) -> Result<Value> {
-    let bar = indicatif::ProgressBar::new(100);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{spinner} [{elapsed_precise}] {bar:40} {pos:>3}% {msg}",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    bar.enable_steady_tick(Duration::from_millis(120));
-    let mut resp = api
-        .req(c, reqwest::Method::GET, &format!("/v1/jobs/{id}/events"))
-        .send()
-        .await
-        .context("following the job")?;
-    if !resp.status().is_success() {
-        check(resp).await?;
-        bail!("unreachable");
-    }
-    let mut buf = String::new();
-    let mut event = String::new();
-    while let Some(chunk) = resp.chunk().await.context("reading events")? {
-        buf.push_str(&String::from_utf8_lossy(&chunk));
-        while let Some(i) = buf.find('\n') {
-            let line = buf[..i].trim_end_matches('\r').to_owned();
-            buf.drain(..=i);
-            if let Some(e) = line.strip_prefix("event:") {
-                event = e.trim().to_owned();
-            } else if let Some(d) = line.strip_prefix("data:") {
-                let data: Value = serde_json::from_str(d.trim()).unwrap_or(Value::Null);
-                match event.as_str() {
-                    "progress" => {
-                        if let Some(p) = data["percent"].as_u64() {
-                            bar.set_position(p);
-                        }
-                        bar.set_message(data["message"].as_str().unwrap_or("").to_owned());
-                    }
-                    "state" => bar.set_message(data["state"].as_str().unwrap_or("").to_owned()),
-                    "final" => {
-                        bar.finish_and_clear();
-                        // The final event carries the job; fetch it whole (outputs included).
-                        let resp = api
-                            .req(c, reqwest::Method::GET, &format!("/v1/jobs/{id}"))
-                            .send()
-                            .await?;
-                        return check(resp).await;
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-    bar.abandon();
-    bail!("the event stream ended before the job did")
 }
 
 /// Arguments of `spine agents`.
@@ -314,14 +224,12 @@ pub fn agents(a: AgentsArgs) -> Result<bool> {
         if let Some(l) = a.limit {
             q.push(("limit", l.to_string()));
         }
-        let resp = a
-            .api
-            .req(&c, reqwest::Method::GET, "/v1/agents")
-            .query(&q)
-            .send()
-            .await
-            .context("asking for agents")?;
-        let body = check(resp).await?;
+        let body = c
+            .call(
+                c.request(reqwest::Method::GET, "/v1/agents").query(&q),
+                "asking for agents",
+            )
+            .await?;
         println!(
             "{:<40} {:>8} {:>6} {:>9} {:>8}  attributes",
             "agent", "state", "load", "in-flight", "loadavg"
@@ -372,25 +280,19 @@ pub fn jobs(a: JobsArgs) -> Result<bool> {
     rt.block_on(async move {
         let c = a.api.client()?;
         if let Some(id) = a.id {
-            let resp = a
-                .api
-                .req(&c, reqwest::Method::GET, &format!("/v1/jobs/{id}"))
-                .send()
-                .await?;
-            println!("{}", serde_json::to_string_pretty(&check(resp).await?)?);
+            println!("{}", serde_json::to_string_pretty(&c.job(&id).await?)?);
             return Ok(true);
         }
         let mut q = vec![("limit", a.limit.to_string())];
         if let Some(s) = a.state {
             q.push(("state", s));
         }
-        let resp = a
-            .api
-            .req(&c, reqwest::Method::GET, "/v1/jobs")
-            .query(&q)
-            .send()
+        let body = c
+            .call(
+                c.request(reqwest::Method::GET, "/v1/jobs").query(&q),
+                "listing jobs",
+            )
             .await?;
-        let body = check(resp).await?;
         println!(
             "{:<38} {:<24} {:<10} {:>3}  agent",
             "job", "capability", "state", "try"

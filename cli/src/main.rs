@@ -6,6 +6,7 @@
 
 mod agent;
 mod client;
+mod demo;
 mod dispatcher;
 mod server;
 mod up;
@@ -40,7 +41,7 @@ enum Command {
     /// Run a dispatcher: keep the agent registry, place jobs on the least-loaded agents.
     Dispatcher(dispatcher::DispatcherArgs),
     /// Submit a job to a dispatcher's HTTP API (--wait to follow it and print the output).
-    Submit(client::SubmitArgs),
+    Submit(Box<client::SubmitArgs>),
     /// List the agents offering a capability, least loaded first.
     Agents(client::AgentsArgs),
     /// Show a job, or list recent jobs.
@@ -65,7 +66,7 @@ fn main() -> ExitCode {
         Command::Server(args) => server::run(args).map(|()| true),
         Command::Agent(args) => agent::run(args).map(|()| true),
         Command::Dispatcher(args) => dispatcher::run(args).map(|()| true),
-        Command::Submit(args) => client::submit(args),
+        Command::Submit(args) => client::submit(*args),
         Command::Agents(args) => client::agents(args),
         Command::Jobs(args) => client::jobs(args),
     };

@@ -2,6 +2,9 @@
 //! dispatcher and local agents — until Ctrl-C or SIGTERM, then a clean shutdown (agents drain,
 //! the dispatcher stops, the server closes every stream).
 //!
+//! With `--demo` it runs the example workloads end to end instead of waiting for a signal
+//! (see `demo.rs`), then shuts down the same way and exits 0 if they succeeded.
+//!
 //! Accounts get random passwords for this run only (never printed); state (job store,
 //! certificate) goes in `--data-dir` or a temporary directory.
 
@@ -37,9 +40,13 @@ pub struct UpArgs {
     /// Address of the dispatcher's HTTP API (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:8480")]
     http_listen: SocketAddr,
-    /// Log filter (RUST_LOG syntax).
-    #[arg(long, default_value = "warn,spine=info")]
-    log: String,
+    /// Run the demo (an image batch and a word-count map/reduce), print the results and
+    /// timings, stop, and exit 0 if both succeeded. Results go in --data-dir when given.
+    #[arg(long)]
+    demo: bool,
+    /// Log filter (RUST_LOG syntax); default "warn,spine=info", with --demo "warn".
+    #[arg(long)]
+    log: Option<String>,
 }
 
 fn secret() -> String {
@@ -48,7 +55,7 @@ fn secret() -> String {
 
 /// The capabilities every local agent offers.
 fn builtin(builder: spine_agent::AgentBuilder) -> spine_agent::AgentBuilder {
-    spine_example_image::register(builder)
+    spine_example_wordcount::register(spine_example_image::register(builder))
         .capability("text.upper", None, |ctx: JobContext| async move {
             let text = String::from_utf8(ctx.input)
                 .map_err(|_| JobError::bad_argument("input", "must be UTF-8 text"))?;
@@ -66,7 +73,8 @@ fn builtin(builder: spine_agent::AgentBuilder) -> spine_agent::AgentBuilder {
 }
 
 pub fn run(args: UpArgs) -> Result<()> {
-    crate::server::init_logging(&args.log);
+    let default_log = if args.demo { "warn" } else { "warn,spine=info" };
+    crate::server::init_logging(args.log.as_deref().unwrap_or(default_log));
     let n_agents = args
         .agents
         .unwrap_or_else(|| {
@@ -147,13 +155,30 @@ pub fn run(args: UpArgs) -> Result<()> {
         }
 
         println!("spine up: XMPP server {xmpp} (domain localhost), HTTP API http://{http}, {n_agents} agents with {} slots each", args.slots);
-        println!("capabilities: text.upper, hash.sha256, image.thumbnail, image.resize, image.grayscale, image.blur");
+        println!("capabilities: text.upper, hash.sha256, image.thumbnail, image.resize, image.grayscale, image.blur, image.contact-sheet, wordcount.split, wordcount.map, wordcount.reduce");
         println!("try: spine submit text.upper --input FILE --wait --api http://{http}");
         println!("data: {}{}", data_dir.display(), if temp.is_some() { " (temporary)" } else { "" });
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
 
-        crate::server::shutdown_signal().await;
+        let outcome = if args.demo {
+            let api = spine_client::Client::new(&format!("http://{http}"), None)?;
+            let started = std::time::Instant::now();
+            tokio::select! {
+                r = crate::demo::run(&api, n_agents, &data_dir) => {
+                    match &r {
+                        Ok(()) => println!("demo finished in {:.2} s{}", started.elapsed().as_secs_f64(),
+                            if temp.is_some() { " (pass --data-dir DIR to keep its results)" } else { "" }),
+                        Err(e) => eprintln!("spine up: the demo failed: {e:#}"),
+                    }
+                    r
+                }
+                _ = crate::server::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+            }
+        } else {
+            crate::server::shutdown_signal().await;
+            Ok(())
+        };
         eprintln!("spine up: stopping (agents drain, then the dispatcher and the server)");
         // Agents first (they drain), then the dispatcher, then the server.
         let _ = agents_stop.send(true);
@@ -173,6 +198,6 @@ pub fn run(args: UpArgs) -> Result<()> {
             eprintln!("spine up: the server stopped with an error: {e}");
         }
         drop(temp);
-        Ok(())
+        outcome
     })
 }

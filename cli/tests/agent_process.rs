@@ -143,6 +143,7 @@ async fn environment_overrides_the_file_and_is_validated_too() {
         .arg(&path)
         .env("SPINE_AGENT_SLOTS", "7")
         .env("SPINE_AGENT_PASSWORD", "0123")
+        .env("SPINE_AGENT_DISPATCHERS", "d1@example.com, d2@example.com")
         .output()
         .await
         .unwrap();
@@ -153,6 +154,10 @@ async fn environment_overrides_the_file_and_is_validated_too() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(text.contains("slots = 7"), "{text}");
+    assert!(
+        text.contains("dispatchers = [\n    \"d1@example.com\",\n    \"d2@example.com\",\n]"),
+        "{text}"
+    );
     assert!(
         text.contains("<redacted>") && !text.contains("from-env"),
         "{text}"

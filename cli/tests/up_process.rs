@@ -126,6 +126,36 @@ async fn up_runs_jobs_and_stops_cleanly() {
         t.height()
     );
 
+    // A map/reduce from the command line: one fragment per file, counted by the local agents.
+    let texts = dir.path().join("texts");
+    std::fs::create_dir(&texts).unwrap();
+    let files = [
+        "The cat sat on the mat.",
+        "THE DOG; the cat!",
+        "Été, été, ÉTÉ 42",
+    ];
+    for (i, t) in files.iter().enumerate() {
+        std::fs::write(texts.join(format!("{i}.txt")), t).unwrap();
+    }
+    let (code, out, err) = spine(&[
+        "submit",
+        "wordcount.map",
+        "--reduce",
+        "wordcount.reduce",
+        "--fan-in",
+        "2",
+        "--fragments-dir",
+        &texts.display().to_string(),
+        "--wait",
+        "--api",
+        &api,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    let counts: Vec<(String, u64)> = serde_json::from_str(&out).unwrap();
+    assert_eq!(counts, spine_integration::farm::plain_word_count(files));
+    assert_eq!(counts[0], ("the".to_string(), 4));
+
     let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
     let status = tokio::time::timeout(PATIENCE, child.wait())
@@ -133,4 +163,75 @@ async fn up_runs_jobs_and_stops_cleanly() {
         .expect("stops in time")
         .unwrap();
     assert!(status.success(), "{status}");
+}
+
+#[tokio::test]
+async fn up_demo_exits_0_and_its_counts_equal_a_single_process_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let out = tokio::time::timeout(
+        Duration::from_secs(300),
+        Command::new(env!("CARGO_BIN_EXE_spine"))
+            .args([
+                "up",
+                "--demo",
+                "--agents",
+                "2",
+                "--xmpp-listen",
+                "127.0.0.1:0",
+                "--http-listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                &data,
+            ])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("the demo finishes")
+    .expect("run spine up --demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("equal to a single-process count"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("demo finished in"), "{stdout}");
+
+    // The word counts, against a plain count of the same bundled corpus.
+    let counts: Vec<(String, u64)> =
+        serde_json::from_slice(&std::fs::read(dir.path().join("wordcount.json")).unwrap()).unwrap();
+    let expected = spine_integration::farm::plain_word_count(
+        spine_example_wordcount::CORPUS.iter().map(|(_, t)| *t),
+    );
+    assert!(
+        expected.len() > 1000,
+        "a real corpus: {} words",
+        expected.len()
+    );
+    assert_eq!(counts, expected);
+
+    // The contact sheet: 16 thumbnails (96×64) in a 4×4 grid of 96 px cells, 8 px apart on a
+    // dark background, each in its own colour.
+    let sheet = image::open(dir.path().join("contact-sheet.png"))
+        .unwrap()
+        .to_rgba8();
+    assert_eq!(sheet.dimensions(), (424, 424));
+    let background = image::Rgba([32, 32, 32, 255]);
+    assert_eq!(*sheet.get_pixel(3, 3), background);
+    assert_eq!(
+        *sheet.get_pixel(8 + 20, 8 + 10),
+        background,
+        "above a thumbnail"
+    );
+    let mut seen = Vec::new();
+    for i in 0..16u32 {
+        let (x, y) = (8 + (i % 4) * 104, 8 + (i / 4) * 104 + 16);
+        // The bottom-right corner of each thumbnail: gradient colour, never the disc.
+        let p = *sheet.get_pixel(x + 92, y + 60);
+        assert_ne!(p, background, "thumbnail {i}");
+        assert!(!seen.contains(&p), "thumbnail {i} repeats a colour: {p:?}");
+        seen.push(p);
+    }
 }

@@ -158,12 +158,14 @@ impl DispatcherConfig {
             );
         }
         // Values are not type-guessed (a password "0123" stays "0123").
-        b = b.add_source(
-            config::Environment::with_prefix("SPINE_DISPATCHER")
-                .list_separator(",")
-                .with_list_parse_key("submitters")
-                .with_list_parse_key("agents"),
-        );
+        b = b.add_source(config::Environment::with_prefix("SPINE_DISPATCHER"));
+        for (key, items) in
+            spine_xmpp::account::env_lists("SPINE_DISPATCHER", &["submitters", "agents"])
+        {
+            b = b
+                .set_override(key.as_str(), items)
+                .map_err(|e| bad(&key, e))?;
+        }
         let cfg: DispatcherConfig = b
             .build()
             .and_then(|c| c.try_deserialize())

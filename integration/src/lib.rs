@@ -7,6 +7,7 @@
 
 pub mod bench;
 pub mod dispatcher;
+pub mod farm;
 pub mod prosody;
 
 use std::net::SocketAddr;

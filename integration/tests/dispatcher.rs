@@ -14,8 +14,6 @@ use spine_integration::{TestServer, PATIENCE};
 use spine_protocol::{
     Accepted, Agents, Args, Condition, Discover, JobState, JobStatus, Outcome, SpineError, Submit,
 };
-use tokio::sync::oneshot;
-use tokio::task::JoinHandle;
 use tokio_xmpp::Stanza;
 use xmpp_parsers::iq::Iq;
 
@@ -29,22 +27,7 @@ const ACCOUNTS: &[(&str, &str)] = &[
     ("agent4", "pw"),
 ];
 
-struct Running {
-    stop: Option<oneshot::Sender<()>>,
-    task: JoinHandle<()>,
-}
-
-impl Running {
-    fn stop(mut self) {
-        if let Some(s) = self.stop.take() {
-            let _ = s.send(());
-        }
-    }
-    /// Drops the agent without draining: its connection goes away mid-job.
-    fn kill(self) {
-        self.task.abort();
-    }
-}
+use spine_integration::farm::Running;
 
 fn start_dispatcher(server: &TestServer, dir: &std::path::Path) -> Running {
     let cfg = DispatcherConfig::from_toml(&format!(
@@ -53,8 +36,7 @@ fn start_dispatcher(server: &TestServer, dir: &std::path::Path) -> Running {
         dir.display()
     ))
     .unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
+    Running::spawn(|rx| async move {
         if let Err(e) = spine_dispatcher::run(cfg, async move {
             let _ = rx.await;
         })
@@ -62,11 +44,7 @@ fn start_dispatcher(server: &TestServer, dir: &std::path::Path) -> Running {
         {
             panic!("dispatcher failed: {e}");
         }
-    });
-    Running {
-        stop: Some(tx),
-        task,
-    }
+    })
 }
 
 /// An agent whose `work.sleep` takes `ms` per job and counts its runs.
@@ -93,18 +71,13 @@ fn start_agent(
         })
         .build()
         .unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
+    Running::spawn(|rx| async move {
         let _ = agent
             .run(async move {
                 let _ = rx.await;
             })
             .await;
-    });
-    Running {
-        stop: Some(tx),
-        task,
-    }
+    })
 }
 
 fn dispatcher_jid() -> Jid {
@@ -329,32 +302,12 @@ async fn start_http_dispatcher(
     dir: &std::path::Path,
     extra: &str,
 ) -> (Running, std::net::SocketAddr) {
-    let cfg = DispatcherConfig::from_toml(&format!(
-        "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nhttp_listen = \"127.0.0.1:0\"\nno_agent_wait = \"2s\"\n{extra}",
-        server.addr,
-        dir.display()
-    ))
-    .unwrap();
-    let d = spine_dispatcher::Dispatcher::bind(cfg).await.unwrap();
-    let addr = d.http_addr().unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
-        if let Err(e) = d
-            .run(async move {
-                let _ = rx.await;
-            })
-            .await
-        {
-            panic!("dispatcher failed: {e}");
-        }
-    });
-    (
-        Running {
-            stop: Some(tx),
-            task,
-        },
-        addr,
-    )
+    let (running, base) = spine_integration::farm::start_http_dispatcher(server, dir, extra).await;
+    let addr = base
+        .trim_start_matches("http://")
+        .parse()
+        .expect("base URL holds the address");
+    (running, addr)
 }
 
 async fn http(
@@ -904,18 +857,13 @@ fn start_echo_agent(
         })
         .build()
         .unwrap();
-    let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(async move {
+    Running::spawn(|rx| async move {
         let _ = agent
             .run(async move {
                 let _ = rx.await;
             })
             .await;
-    });
-    Running {
-        stop: Some(tx),
-        task,
-    }
+    })
 }
 
 async fn wait_final(base: &str, id: &str) -> serde_json::Value {

@@ -49,6 +49,26 @@ fn bad(key: &'static str, message: impl Into<String>) -> KeyError {
     }
 }
 
+/// The list-valued keys of a configuration read from `<PREFIX>_<KEY>` environment variables,
+/// split at commas with blanks trimmed (`SPINE_AGENT_DISPATCHERS=d1@x, d2@x`).
+///
+/// Written here because the `config` crate splits lists only when it also guesses the types
+/// of every value, which would turn a password "0123" into the number 123.
+pub fn env_lists(prefix: &str, keys: &[&str]) -> Vec<(String, Vec<String>)> {
+    keys.iter()
+        .filter_map(|k| {
+            let v = std::env::var(format!("{prefix}_{}", k.to_uppercase())).ok()?;
+            let items = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .collect();
+            Some(((*k).to_owned(), items))
+        })
+        .collect()
+}
+
 /// Resolves account settings: reads the password (inline or from a file), resolves the
 /// server address, decides on TLS and loads the CA file. `env` names the environment variable
 /// that can hold the password, for the error message.

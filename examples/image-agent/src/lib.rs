@@ -6,7 +6,12 @@
 //! - `image.thumbnail`: fit inside `size`×`size` (default 128), aspect ratio kept;
 //! - `image.resize`: exactly `width`×`height` (both required);
 //! - `image.grayscale`: luminance only (output pixels have R = G = B);
-//! - `image.blur`: Gaussian blur of strength `sigma` (default 2.0, at most 50).
+//! - `image.blur`: Gaussian blur of strength `sigma` (default 2.0, at most 50);
+//! - `image.contact-sheet`: the reduce step of an image batch. Input: a fragment list
+//!   (docs/PROTOCOL.md §11.7) of images; output: one PNG with the images in a grid, in order,
+//!   each centred in a square cell of `tile` pixels (default: the largest side among them),
+//!   `columns` across (default: the smallest square grid), 8 px apart on a dark background.
+//!   Metadata: `width`, `height`, `images`, `names` (the fragments' labels, in order).
 //!
 //! Optional argument `format`: `png` or `jpeg`. Result metadata: `width`, `height`, `format`.
 //! The work runs on the blocking thread pool so the agent's connection task is never held up.
@@ -17,6 +22,7 @@ use std::io::Cursor;
 use image::{DynamicImage, ImageFormat};
 use serde_json::Value;
 use spine_agent::{AgentBuilder, JobContext, JobError, Output};
+use spine_protocol::fragments;
 
 /// Largest width or height accepted or produced.
 pub const MAX_SIDE: u32 = 16_384;
@@ -142,8 +148,88 @@ pub fn process(
     encode(&out, format)
 }
 
-/// Adds the four image capabilities to an agent.
+/// Gap between cells of a contact sheet, and around them.
+const SHEET_GAP: u32 = 8;
+
+/// Lays images out in a grid (the reduce step of an image batch).
+pub fn contact_sheet(
+    args: &serde_json::Map<String, Value>,
+    input: &[u8],
+) -> Result<Output, JobError> {
+    let list = fragments::decode(input).map_err(|e| JobError::bad_argument("input", e))?;
+    if list.is_empty() {
+        return Err(JobError::bad_argument(
+            "input",
+            "a contact sheet needs at least one image",
+        ));
+    }
+    let mut images = Vec::with_capacity(list.len());
+    for (i, f) in list.iter().enumerate() {
+        let (img, _) = decode(&f.data).map_err(|e| match e {
+            JobError::BadArguments { message, .. } => JobError::bad_argument(
+                "input",
+                format!(
+                    "image {i} ({}): {message}",
+                    f.name.as_deref().unwrap_or("unnamed")
+                ),
+            ),
+            other => other,
+        })?;
+        images.push(img);
+    }
+    let largest = images
+        .iter()
+        .map(|i| i.width().max(i.height()))
+        .max()
+        .unwrap_or(1);
+    let tile = match args.get("tile") {
+        None => largest,
+        Some(_) => side(args, "tile", None)?,
+    };
+    let n = images.len() as u32;
+    let columns = match args.get("columns") {
+        None => (f64::from(n).sqrt().ceil() as u32).max(1),
+        Some(_) => side(args, "columns", None)?.min(n),
+    };
+    let rows = n.div_ceil(columns);
+    let width = u64::from(columns) * u64::from(tile + SHEET_GAP) + u64::from(SHEET_GAP);
+    let height = u64::from(rows) * u64::from(tile + SHEET_GAP) + u64::from(SHEET_GAP);
+    if width > u64::from(MAX_SIDE) || height > u64::from(MAX_SIDE) {
+        return Err(JobError::bad_argument(
+            "tile",
+            format!("a {columns}×{rows} grid of {tile} px cells is over {MAX_SIDE} px"),
+        ));
+    }
+    let mut sheet =
+        image::RgbaImage::from_pixel(width as u32, height as u32, image::Rgba([32, 32, 32, 255]));
+    for (i, img) in images.iter().enumerate() {
+        let img = if img.width() > tile || img.height() > tile {
+            img.thumbnail(tile, tile)
+        } else {
+            img.clone()
+        };
+        let (col, row) = (i as u32 % columns, i as u32 / columns);
+        let x = SHEET_GAP + col * (tile + SHEET_GAP) + (tile - img.width()) / 2;
+        let y = SHEET_GAP + row * (tile + SHEET_GAP) + (tile - img.height()) / 2;
+        image::imageops::overlay(&mut sheet, &img.to_rgba8(), i64::from(x), i64::from(y));
+    }
+    let names: Vec<Value> = list
+        .iter()
+        .map(|f| f.name.clone().map_or(Value::Null, Value::String))
+        .collect();
+    Ok(encode(&DynamicImage::ImageRgba8(sheet), ImageFormat::Png)?
+        .with_meta("images", images.len())
+        .with_meta("names", Value::Array(names)))
+}
+
+/// Adds the image capabilities to an agent.
 pub fn register(builder: AgentBuilder) -> AgentBuilder {
+    let builder = builder.capability("image.contact-sheet", None, |ctx: JobContext| async move {
+        let JobContext { args, input, .. } = ctx;
+        tokio::task::spawn_blocking(move || contact_sheet(&args, &input))
+            .await
+            .map_err(|e| JobError::Failed(format!("image task failed: {e}")))?
+    });
     [
         "image.thumbnail",
         "image.resize",
@@ -314,5 +400,72 @@ mod tests {
             ),
             "format"
         );
+    }
+
+    /// A solid PNG of one colour.
+    fn solid(w: u32, h: u32, c: [u8; 3]) -> Vec<u8> {
+        let img = DynamicImage::ImageRgb8(image::RgbImage::from_pixel(w, h, image::Rgb(c)));
+        let mut buf = Cursor::new(Vec::new());
+        img.write_to(&mut buf, ImageFormat::Png).unwrap();
+        buf.into_inner()
+    }
+
+    #[test]
+    fn contact_sheet_lays_images_out_in_order() {
+        use spine_protocol::Fragment;
+        let colours = [
+            [255, 0, 0],
+            [0, 255, 0],
+            [0, 0, 255],
+            [255, 255, 0],
+            [0, 255, 255],
+        ];
+        let list: Vec<Fragment> = colours
+            .iter()
+            .enumerate()
+            .map(|(i, c)| Fragment::new(solid(40, 20, *c)).with_name(format!("img{i}.png")))
+            .collect();
+        let out = contact_sheet(&args(json!({})), &fragments::encode(&list)).unwrap();
+        // 5 images: a 3×2 grid of 40 px cells, 8 px gaps.
+        let sheet = image::load_from_memory(&out.bytes).unwrap();
+        assert_eq!((sheet.width(), sheet.height()), (3 * 48 + 8, 2 * 48 + 8));
+        assert_eq!(out.meta["images"], 5);
+        assert_eq!(out.meta["names"][4], "img4.png");
+        // Each image sits centred in its cell: 40×20 in a 40×40 cell is 10 px down.
+        for (i, c) in colours.iter().enumerate() {
+            let (col, row) = (i as u32 % 3, i as u32 / 3);
+            let (x, y) = (8 + col * 48, 8 + row * 48 + 10);
+            let px = |dx: u32, dy: u32| sheet.get_pixel(x + dx, y + dy).0;
+            assert_eq!(px(0, 0), [c[0], c[1], c[2], 255], "image {i} top left");
+            assert_eq!(
+                px(39, 19),
+                [c[0], c[1], c[2], 255],
+                "image {i} bottom right"
+            );
+            assert_eq!(
+                sheet.get_pixel(x, y - 1).0,
+                [32, 32, 32, 255],
+                "above image {i}"
+            );
+        }
+        // The sixth cell is empty background.
+        assert_eq!(
+            sheet.get_pixel(8 + 2 * 48 + 20, 8 + 48 + 20).0,
+            [32, 32, 32, 255]
+        );
+        // Bad input names the image at fault.
+        let mut bad = list.clone();
+        bad[2].data = b"nope".to_vec();
+        match contact_sheet(&args(json!({})), &fragments::encode(&bad)) {
+            Err(JobError::BadArguments { field, message }) => {
+                assert_eq!(field, "input");
+                assert!(message.contains("image 2 (img2.png)"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            contact_sheet(&args(json!({})), b"[]"),
+            Err(JobError::BadArguments { .. })
+        ));
     }
 }

@@ -1,24 +1,21 @@
 //! `spine-image-agent --config agent.toml`: an agent offering the image capabilities (plus any
 //! capabilities wrapped in its configuration). Stops cleanly (drains) on Ctrl-C or SIGTERM.
-
-use anyhow::{Context, Result};
+//! Logs go to standard error (`RUST_LOG` sets the filter; default `info`).
 
 #[tokio::main]
-async fn main() -> Result<()> {
-    let path = std::env::args().skip_while(|a| a != "--config").nth(1);
-    let cfg = spine_agent::AgentConfig::load(path.as_deref().map(std::path::Path::new))
-        .context("loading the agent configuration")?;
-    let agent = spine_example_image::register(spine_agent::Agent::builder(cfg)).build()?;
-    let shutdown = async {
-        let mut term =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = async { if let Some(t) = term.as_mut() { t.recv().await; } else { std::future::pending::<()>().await } } => {}
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match spine_agent::run_standalone(spine_example_image::register).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("spine-image-agent: {e}");
+            std::process::ExitCode::FAILURE
         }
-    };
-    agent
-        .run(shutdown)
-        .await
-        .context("agent stopped with an error")
+    }
 }

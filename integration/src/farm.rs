@@ -1,0 +1,117 @@
+//! A real dispatcher and real agents in the test process, on a [`crate::TestServer`].
+
+use std::time::Duration;
+
+use spine_dispatcher::DispatcherConfig;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// A component running in a task of the test: stop it cleanly or kill it.
+pub struct Running {
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Running {
+    /// Runs `run(shutdown)` in a task; `stop` completes `shutdown`.
+    pub fn spawn<F>(run: impl FnOnce(oneshot::Receiver<()>) -> F) -> Running
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel::<()>();
+        Running {
+            stop: Some(tx),
+            task: tokio::spawn(run(rx)),
+        }
+    }
+
+    /// Asks it to stop (agents drain, the dispatcher says goodbye).
+    pub fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+
+    /// Drops it without ceremony: its connection goes away mid-job.
+    pub fn kill(self) {
+        self.task.abort();
+    }
+}
+
+/// A dispatcher of `server`'s domain (`dispatcher@localhost/d1`, password `pw-d`) with its HTTP
+/// API on a free loopback port; `extra` is more TOML. Returns it and the API's base URL.
+pub async fn start_http_dispatcher(
+    server: &crate::TestServer,
+    dir: &std::path::Path,
+    extra: &str,
+) -> (Running, String) {
+    let cfg = DispatcherConfig::from_toml(&format!(
+        "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nhttp_listen = \"127.0.0.1:0\"\nno_agent_wait = \"2s\"\n{extra}",
+        server.addr,
+        dir.display()
+    ))
+    .expect("test dispatcher configuration");
+    let d = spine_dispatcher::Dispatcher::bind(cfg)
+        .await
+        .expect("dispatcher binds");
+    let addr = d.http_addr().expect("HTTP API address");
+    let running = Running::spawn(|rx| async move {
+        if let Err(e) = d
+            .run(async move {
+                let _ = rx.await;
+            })
+            .await
+        {
+            panic!("dispatcher failed: {e}");
+        }
+    });
+    (running, format!("http://{addr}"))
+}
+
+/// Waits until the dispatcher at `base` lists at least `n` agents offering `capability`.
+pub async fn wait_for_agents(base: &str, capability: &str, n: u64) {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("HTTP client");
+    let deadline = tokio::time::Instant::now() + crate::PATIENCE;
+    loop {
+        let body: serde_json::Value = match client
+            .get(format!("{base}/v1/agents?capability={capability}"))
+            .send()
+            .await
+        {
+            Ok(r) => serde_json::from_str(&r.text().await.unwrap_or_default()).unwrap_or_default(),
+            Err(_) => serde_json::Value::Null,
+        };
+        if body["agents"].as_array().map_or(0, Vec::len) as u64 >= n {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "fewer than {n} agents for {capability}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A plain single-process word count, written apart from the example's code so that the two
+/// check each other: maximal runs of Unicode letters and digits, lower-cased, as `(word,
+/// count)` sorted by count (highest first) then word.
+pub fn plain_word_count<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<(String, u64)> {
+    let mut m: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+    for t in texts {
+        let mut word = String::new();
+        for c in t.chars().chain(std::iter::once(' ')) {
+            if c.is_alphanumeric() {
+                word.push(c);
+            } else if !word.is_empty() {
+                *m.entry(word.to_lowercase()).or_default() += 1;
+                word.clear();
+            }
+        }
+    }
+    let mut v: Vec<(String, u64)> = m.into_iter().collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    v
+}
