@@ -1004,3 +1004,143 @@ async fn the_all_strategy_fans_out_gathers_limits_and_batches() {
     }
     dispatcher.stop();
 }
+
+/// An agent offering `text.len` (the input's length in bytes, as decimal text) and `num.sum`
+/// (the sum of a fragment list of decimals): a map/reduce pair small enough to check by hand.
+fn start_len_sum_agent(server: &TestServer, n: usize) -> Running {
+    let cfg = AgentConfig::from_toml(&format!(
+        "jid = \"agent{n}@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\nheartbeat = \"1s\"\n",
+        server.addr
+    ))
+    .unwrap();
+    let agent = Agent::builder(cfg)
+        .capability("text.len", None, |ctx: JobContext| async move {
+            Ok::<_, JobError>(Output::bytes(ctx.input.len().to_string()))
+        })
+        .capability("num.sum", None, |ctx: JobContext| async move {
+            let list = spine_protocol::fragments::decode(&ctx.input)
+                .map_err(|e| JobError::bad_argument("input", e))?;
+            let mut sum = 0u64;
+            for f in list {
+                sum += String::from_utf8_lossy(&f.data)
+                    .parse::<u64>()
+                    .map_err(|e| JobError::bad_argument("input", e.to_string()))?;
+            }
+            Ok::<_, JobError>(Output::bytes(sum.to_string()))
+        })
+        .build()
+        .unwrap();
+    Running::spawn(|rx| async move {
+        let _ = agent
+            .run(async move {
+                let _ = rx.await;
+            })
+            .await;
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_reduce_over_xmpp_streams_progress_and_pushes_one_outcome() {
+    use spine_protocol::{Data, Fragment, MapReduce, Progress};
+    let server = TestServer::start(ACCOUNTS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dispatcher = start_dispatcher(&server, dir.path());
+    let agents: Vec<Running> = (1..=2).map(|n| start_len_sum_agent(&server, n)).collect();
+    let mut w = TestDispatcher::new(server.client("webapp", "pw-w").await).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let id = format!("disc-{}", rand_u32());
+        let d = Discover {
+            capability: "text.len".parse().unwrap(),
+            filter: None,
+            sort: None,
+            limit: None,
+        };
+        w.conn
+            .send(Iq::from_get(id.clone(), d).with_to(dispatcher_jid()))
+            .await;
+        if let Ok(Some(p)) = w.wait_reply(&id).await {
+            if Agents::try_from(p).unwrap().agents.len() == 2 {
+                break;
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Ten fragments of 1..=10 bytes: the lengths sum to 55, through a tree of fan-in 3.
+    let fragments: Vec<Fragment> = (1..=10)
+        .map(|n| Fragment::new(vec![b'x'; n]).with_name(format!("f{n}")))
+        .collect();
+    let mut s = Submit::new("text.len".parse().unwrap());
+    s.watch = true;
+    s.mapreduce = Some(MapReduce {
+        reduce: "num.sum".parse().unwrap(),
+        split: None,
+        fan_in: 3,
+    });
+    s.input = Some(Data::Inline {
+        mime: Some(spine_protocol::FRAGMENTS_MIME.into()),
+        bytes: spine_protocol::fragments::encode(&fragments),
+    });
+    let id = w.send_set(&dispatcher_jid(), s).await;
+    let job = Accepted::try_from(w.wait_reply(&id).await.unwrap().unwrap())
+        .unwrap()
+        .job;
+    // Progress headlines for the map/reduce job itself, then its one final status.
+    let mut percents = Vec::new();
+    let status = loop {
+        let st = w
+            .wait_for("progress or the final status", |st| match st {
+                Stanza::Message(m) => m.payloads.iter().find_map(|p| {
+                    if let Ok(pr) = Progress::try_from(p.clone()) {
+                        return (pr.job == job).then_some(Err(pr));
+                    }
+                    JobStatus::try_from(p.clone()).ok().map(Ok)
+                }),
+                _ => None,
+            })
+            .await;
+        match st {
+            Err(pr) => {
+                assert!(pr.message.unwrap().contains("/10, reduce steps "));
+                percents.push(pr.percent.unwrap());
+            }
+            Ok(status) => break status,
+        }
+    };
+    assert_eq!(status.job, job);
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}");
+    match status.outcome {
+        Some(Outcome::Result(r)) => {
+            match r.output {
+                Some(Data::Inline { bytes, .. }) => assert_eq!(bytes, b"55"),
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(r.meta.0["fragments"], 10);
+            // 10 → 4 → 2 → 1
+            assert_eq!(r.meta.0["reduce_steps"], 7);
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(!percents.is_empty());
+    assert!(percents.windows(2).all(|p| p[0] <= p[1]), "{percents:?}");
+
+    // A bad fragment list is refused at submission, naming the input.
+    let mut s = Submit::new("text.len".parse().unwrap());
+    s.mapreduce = Some(MapReduce::new("num.sum".parse().unwrap()));
+    s.input = Some(Data::Inline {
+        mime: None,
+        bytes: b"not json".to_vec(),
+    });
+    let id = w.send_set(&dispatcher_jid(), s).await;
+    let e = w.wait_reply(&id).await.unwrap_err();
+    let se = SpineError::from_stanza_error(&e).unwrap().unwrap();
+    assert_eq!(se.condition, Condition::BadArguments);
+    assert_eq!(se.field.as_deref(), Some("input"));
+    assert!(se.text.unwrap().contains("not a fragment list"));
+    for a in agents {
+        a.stop();
+    }
+    dispatcher.stop();
+}

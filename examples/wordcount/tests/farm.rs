@@ -195,10 +195,25 @@ async fn word_count_over_64_fragments_survives_an_agent_killed_mid_run() {
     drop(victim);
     let killed_at = api.job(&id).await.unwrap()["mapreduce"].clone();
 
-    let job = tokio::time::timeout(Duration::from_secs(60), api.follow(&id, |_, _| {}))
-        .await
-        .expect("the job ends")
-        .unwrap();
+    // Progress over server-sent events: steps done ÷ steps, never going back.
+    let mut reports: Vec<(u64, String)> = Vec::new();
+    let job = tokio::time::timeout(
+        Duration::from_secs(60),
+        api.follow(&id, |p, m| reports.push((p.unwrap_or(0), m.to_owned()))),
+    )
+    .await
+    .expect("the job ends")
+    .unwrap();
+    assert!(!reports.is_empty(), "no progress reported");
+    assert!(
+        reports.windows(2).all(|w| w[0].0 <= w[1].0),
+        "progress went back: {reports:?}"
+    );
+    let last = reports.last().unwrap();
+    assert!(
+        last.1.starts_with("fragments 64/64, reduce steps "),
+        "{reports:?}"
+    );
     assert_eq!(job["state"], "succeeded", "{job}");
     let farm = counts_of(&job).await;
     let expected = reference(&texts);
