@@ -13,7 +13,10 @@ async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {
     let resp = req.send().await.unwrap();
     let status = resp.status().as_u16();
     let text = resp.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,7 +29,9 @@ async fn upload_follow_and_fetch_a_thumbnail() {
         server.addr
     ))
     .unwrap();
-    let agent = spine_example_image::register(Agent::builder(cfg)).build().unwrap();
+    let agent = spine_example_image::register(Agent::builder(cfg))
+        .build()
+        .unwrap();
     let agent = Running::spawn(|rx| async move {
         let _ = agent
             .run(async move {
@@ -39,12 +44,18 @@ async fn upload_follow_and_fetch_a_thumbnail() {
     // The web app on a free port, talking to that dispatcher.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = format!("http://{}", listener.local_addr().unwrap());
-    let router =
-        spine_example_webapp::router(spine_client::Client::new(&api_base, None).unwrap());
+    let router = spine_example_webapp::router(spine_client::Client::new(&api_base, None).unwrap());
     tokio::spawn(async move { axum::serve(listener, router).await });
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
 
-    let page = http.get(format!("{app}/")).send().await.unwrap().text().await.unwrap();
+    let page = http
+        .get(format!("{app}/"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(page.contains("<input type=\"file\""), "{page}");
 
     // A 300×100 PNG: left third green, the rest white.
@@ -82,8 +93,15 @@ async fn upload_follow_and_fetch_a_thumbnail() {
         assert!(tokio::time::Instant::now() < deadline, "{job}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert_eq!((job["width"].as_u64(), job["height"].as_u64()), (Some(60), Some(20)));
-    let resp = http.get(format!("{app}/thumbnails/{id}/image")).send().await.unwrap();
+    assert_eq!(
+        (job["width"].as_u64(), job["height"].as_u64()),
+        (Some(60), Some(20))
+    );
+    let resp = http
+        .get(format!("{app}/thumbnails/{id}/image"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.headers()["content-type"], "image/png");
     let thumb = image::load_from_memory(&resp.bytes().await.unwrap())
         .unwrap()
@@ -94,17 +112,29 @@ async fn upload_follow_and_fetch_a_thumbnail() {
 
     // Errors reach the page as JSON with a reason.
     let (status, body) = send(http.post(format!("{app}/thumbnails"))).await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("choose an image first")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("choose an image first"))
+    );
     let (status, body) = send(
         http.post(format!("{app}/thumbnails?size=5000"))
             .header("content-type", "image/png")
             .body("x"),
     )
     .await;
-    assert_eq!((status, body["error"].as_str()), (400, Some("size must be 16 to 1024")));
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (400, Some("size must be 16 to 1024"))
+    );
     let (status, body) = send(http.get(format!("{app}/thumbnails/no-such-job"))).await;
     assert_eq!(status, 404, "{body}");
-    assert!(body["error"].as_str().unwrap().contains("no job no-such-job"), "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("no job no-such-job"),
+        "{body}"
+    );
     // Not an image: the agent's error, through the dispatcher, on the page.
     let (_, body) = send(
         http.post(format!("{app}/thumbnails"))
@@ -118,7 +148,10 @@ async fn upload_follow_and_fetch_a_thumbnail() {
         let (_, job) = send(http.get(format!("{app}/thumbnails/{id}"))).await;
         if job["state"] == "failed" {
             assert!(
-                job["error"].as_str().unwrap().contains("not a PNG or JPEG image"),
+                job["error"]
+                    .as_str()
+                    .unwrap()
+                    .contains("not a PNG or JPEG image"),
                 "{job}"
             );
             break;
