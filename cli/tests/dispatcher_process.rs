@@ -28,6 +28,10 @@ fn spawn_dispatcher(config: &std::path::Path) -> Child {
 }
 
 async fn registered(w: &mut TestDispatcher, n: usize) {
+    registered_for(w, "work.slow", n).await
+}
+
+async fn registered_for(w: &mut TestDispatcher, capability: &str, n: usize) {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     let to: Jid = "dispatcher@localhost/d1".parse().unwrap();
     let mut k = 0;
@@ -35,7 +39,7 @@ async fn registered(w: &mut TestDispatcher, n: usize) {
         k += 1;
         let id = format!("d{k}");
         let d = Discover {
-            capability: "work.slow".parse().unwrap(),
+            capability: capability.parse().unwrap(),
             filter: None,
             sort: None,
             limit: None,
@@ -186,6 +190,148 @@ async fn kill_9_and_restart_loses_no_accepted_job_and_runs_none_twice() {
     );
     assert_eq!(distinct.len(), accepted.len());
     assert_eq!(ran.len(), accepted.len(), "no job ran twice");
+    let _ = child.kill().await;
+    drop(stops);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_reduce_survives_kill_9_of_its_dispatcher_with_exact_counts() {
+    use spine_protocol::{Data, Fragment, MapReduce, Outcome, Progress};
+    let server = TestServer::start(&[
+        ("dispatcher", "pw-d"),
+        ("webapp", "pw-w"),
+        ("agent1", "pw"),
+        ("agent2", "pw"),
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dispatcher.toml");
+    // No speculative copies: every step must run exactly once.
+    std::fs::write(
+        &config,
+        format!(
+            "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nsubmitters = [\"webapp@localhost\"]\nhttp_listen = \"127.0.0.1:0\"\nspeculation_factor = 0\n",
+            server.addr,
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+
+    // Two word-count agents whose maps take 150 ms; every step run is recorded by job id.
+    let runs: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut stops = Vec::new();
+    for n in 1..=2 {
+        let cfg = AgentConfig::from_toml(&format!(
+            "jid = \"agent{n}@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\nslots = 2\nheartbeat = \"1s\"\n",
+            server.addr
+        ))
+        .unwrap();
+        let (r1, r2) = (runs.clone(), runs.clone());
+        let agent = Agent::builder(cfg)
+            .capability("wordcount.map", None, move |ctx: JobContext| {
+                let runs = r1.clone();
+                async move {
+                    runs.lock().unwrap().push(ctx.id.to_string());
+                    tokio::time::sleep(Duration::from_millis(150)).await;
+                    spine_example_wordcount::map(&ctx.input)
+                }
+            })
+            .capability("wordcount.reduce", None, move |ctx: JobContext| {
+                let runs = r2.clone();
+                async move {
+                    runs.lock().unwrap().push(ctx.id.to_string());
+                    spine_example_wordcount::reduce(&ctx.input)
+                }
+            })
+            .build()
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(agent.run(async move {
+            let _ = rx.await;
+        }));
+        stops.push(tx);
+    }
+    let mut child = spawn_dispatcher(&config);
+    let mut w = TestDispatcher::new(server.client("webapp", "pw-w").await).await;
+    registered_for(&mut w, "wordcount.map", 2).await;
+
+    // 40 fragments: at 4 maps at a time, about 1.5 s of mapping.
+    let texts: Vec<String> = (0..40)
+        .map(|i| format!("Spine {i} spine BUS bus bus état {}", "x ".repeat(i)))
+        .collect();
+    let mut s = Submit::new("wordcount.map".parse().unwrap());
+    s.watch = true;
+    s.mapreduce = Some(MapReduce {
+        reduce: "wordcount.reduce".parse().unwrap(),
+        split: None,
+        fan_in: 4,
+    });
+    s.input = Some(Data::Inline {
+        mime: None,
+        bytes: spine_protocol::fragments::encode(
+            &texts
+                .iter()
+                .map(|t| Fragment::new(t.as_bytes().to_vec()))
+                .collect::<Vec<_>>(),
+        ),
+    });
+    let to: Jid = "dispatcher@localhost/d1".parse().unwrap();
+    let id = w.send_set(&to, s).await;
+    let job = Accepted::try_from(w.wait_reply(&id).await.unwrap().unwrap())
+        .unwrap()
+        .job;
+    // Crash once a quarter of the steps are done.
+    w.wait_for("progress past 25%", |st| match st {
+        Stanza::Message(m) => m.payloads.iter().find_map(|p| {
+            Progress::try_from(p.clone())
+                .ok()
+                .filter(|pr| pr.job == job && pr.percent.unwrap_or(0) >= 25)
+        }),
+        _ => None,
+    })
+    .await;
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    let _ = child.wait().await;
+    let before = runs.lock().unwrap().len();
+
+    let mut child = spawn_dispatcher(&config);
+    let status = w
+        .try_wait_for(Duration::from_secs(60), |st| match st {
+            Stanza::Message(m) => m
+                .payloads
+                .iter()
+                .find_map(|p| JobStatus::try_from(p.clone()).ok().filter(|s| s.job == job)),
+            _ => None,
+        })
+        .await
+        .expect("the map/reduce ends after the restart");
+    assert_eq!(status.state, JobState::Succeeded, "{status:?}");
+    let Some(Outcome::Result(r)) = status.outcome else {
+        panic!("no result: {status:?}")
+    };
+    let Some(spine_protocol::Data::Inline { bytes, .. }) = r.output else {
+        panic!("no inline output")
+    };
+    let counts: Vec<(String, u64)> = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(
+        counts,
+        spine_integration::farm::plain_word_count(texts.iter().map(String::as_str))
+    );
+    // 40 maps and 10 + 3 + 1 reduces, each run exactly once across the crash.
+    let ran = runs.lock().unwrap().clone();
+    let distinct: HashSet<&String> = ran.iter().collect();
+    println!(
+        "map/reduce across kill -9: {before} step runs before the crash, {} in all, {} distinct",
+        ran.len(),
+        distinct.len()
+    );
+    assert!(
+        before >= 10 && before < 54,
+        "crashed mid-run: {before} steps had run"
+    );
+    assert_eq!(distinct.len(), 54);
+    assert_eq!(ran.len(), 54, "no step ran twice");
     let _ = child.kill().await;
     drop(stops);
 }
