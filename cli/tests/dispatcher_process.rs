@@ -327,7 +327,7 @@ async fn a_map_reduce_survives_kill_9_of_its_dispatcher_with_exact_counts() {
         distinct.len()
     );
     assert!(
-        before >= 10 && before < 54,
+        (10..54).contains(&before),
         "crashed mid-run: {before} steps had run"
     );
     assert_eq!(distinct.len(), 54);
