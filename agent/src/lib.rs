@@ -248,10 +248,31 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// The `main` of a stand-alone agent program: reads `--config FILE` from the command line (no
-/// file: defaults and `SPINE_AGENT_*` variables), adds the program's capabilities with
-/// `register`, and serves until Ctrl-C or SIGTERM, then drains.
-pub async fn run_standalone(
+/// The `main` of a stand-alone agent program: logs to standard error (`RUST_LOG` sets the
+/// filter; default `info`), reads `--config FILE` from the command line (no file: defaults and
+/// `SPINE_AGENT_*` variables), adds the program's capabilities with `register`, and serves
+/// until Ctrl-C or SIGTERM, then drains. An error is printed as `PROGRAM: error` and makes
+/// the exit status 1.
+pub async fn standalone_main(
+    program: &str,
+    register: impl FnOnce(AgentBuilder) -> AgentBuilder,
+) -> std::process::ExitCode {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+    match run_standalone(register).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_standalone(
     register: impl FnOnce(AgentBuilder) -> AgentBuilder,
 ) -> Result<(), AgentError> {
     let mut args = std::env::args().skip(1);

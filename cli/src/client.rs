@@ -8,22 +8,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use serde_json::{json, Map, Value};
 
-/// Where the API is and how to authenticate.
-#[derive(Args, Debug, Clone)]
-pub struct Api {
-    /// Base URL of the dispatcher's HTTP API.
-    #[arg(long, env = "SPINE_API", default_value = "http://127.0.0.1:8480")]
-    api: String,
-    /// Bearer token (or SPINE_TOKEN).
-    #[arg(long, env = "SPINE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
-}
-
-impl Api {
-    fn client(&self) -> Result<spine_client::Client> {
-        Ok(spine_client::Client::new(&self.api, self.token.clone())?)
-    }
-}
+use spine_client::ApiArgs as Api;
 
 /// Arguments of `spine submit`.
 #[derive(Args, Debug)]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use jid::Jid;
-use spine_agent::{Agent, AgentConfig, JobContext, JobError, Output};
+use spine_agent::{Agent, JobContext, JobError, Output};
 use spine_integration::dispatcher::TestDispatcher;
 use spine_integration::{TestServer, PATIENCE};
 use spine_protocol::{Accepted, Agents, Discover, JobState, JobStatus, Submit};
@@ -95,11 +95,7 @@ async fn kill_9_and_restart_loses_no_accepted_job_and_runs_none_twice() {
     let runs: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let mut stops = Vec::new();
     for n in 1..=2 {
-        let cfg = AgentConfig::from_toml(&format!(
-            "jid = \"agent{n}@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\nslots = 3\nheartbeat = \"1s\"\n",
-            server.addr
-        ))
-        .unwrap();
+        let cfg = spine_integration::farm::agent_config(&server, n, "slots = 3");
         let runs = runs.clone();
         let agent = Agent::builder(cfg)
             .capability("work.slow", None, move |ctx: JobContext| {
@@ -221,11 +217,7 @@ async fn a_map_reduce_survives_kill_9_of_its_dispatcher_with_exact_counts() {
     let runs: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
     let mut stops = Vec::new();
     for n in 1..=2 {
-        let cfg = AgentConfig::from_toml(&format!(
-            "jid = \"agent{n}@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\nslots = 2\nheartbeat = \"1s\"\n",
-            server.addr
-        ))
-        .unwrap();
+        let cfg = spine_integration::farm::agent_config(&server, n, "slots = 2");
         let (r1, r2) = (runs.clone(), runs.clone());
         let agent = Agent::builder(cfg)
             .capability("wordcount.map", None, move |ctx: JobContext| {

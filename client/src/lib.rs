@@ -71,6 +71,25 @@ fn http(context: &str) -> impl FnOnce(reqwest::Error) -> ClientError + '_ {
     }
 }
 
+/// Command-line options that say where the API is: `--api URL` (or `SPINE_API`, default
+/// http://127.0.0.1:8480) and `--token TOKEN` (or `SPINE_TOKEN`), for `#[command(flatten)]`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Base URL of the dispatcher's HTTP API.
+    #[arg(long, env = "SPINE_API", default_value = "http://127.0.0.1:8480")]
+    pub api: String,
+    /// Bearer token (or SPINE_TOKEN).
+    #[arg(long, env = "SPINE_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+}
+
+impl ApiArgs {
+    /// A client of that API.
+    pub fn client(&self) -> Result<Client, ClientError> {
+        Client::new(&self.api, self.token.clone())
+    }
+}
+
 /// The base URL and the bearer token of a dispatcher's HTTP API.
 #[derive(Clone, Debug)]
 pub struct Client {

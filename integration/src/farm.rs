@@ -115,3 +115,24 @@ pub fn plain_word_count<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<(St
     v.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
     v
 }
+
+/// The configuration of the test agent `agent<n>@localhost/w` (password `pw`) on `server`,
+/// serving `dispatcher@localhost` with a 1 s heartbeat; `extra` is more TOML (`slots = 2`).
+pub fn agent_config(server: &crate::TestServer, n: usize, extra: &str) -> spine_agent::AgentConfig {
+    spine_agent::AgentConfig::from_toml(&format!(
+        "jid = \"agent{n}@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\nheartbeat = \"1s\"\n{extra}",
+        server.addr
+    ))
+    .expect("test agent configuration")
+}
+
+/// Runs an agent in a task of the test until it is stopped (it drains) or killed.
+pub fn run_agent(agent: spine_agent::Agent) -> Running {
+    Running::spawn(|rx| async move {
+        let _ = agent
+            .run(async move {
+                let _ = rx.await;
+            })
+            .await;
+    })
+}

@@ -55,11 +55,7 @@ fn start_agent(
     ms: u64,
     runs: Arc<AtomicUsize>,
 ) -> Running {
-    let cfg = AgentConfig::from_toml(&format!(
-        "jid = \"agent{n}@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\nslots = {slots}\nheartbeat = \"1s\"\n",
-        server.addr
-    ))
-    .unwrap();
+    let cfg = spine_integration::farm::agent_config(server, n, &format!("slots = {slots}"));
     let agent = Agent::builder(cfg)
         .capability("work.sleep", None, move |ctx: JobContext| {
             let runs = runs.clone();
@@ -71,13 +67,7 @@ fn start_agent(
         })
         .build()
         .unwrap();
-    Running::spawn(|rx| async move {
-        let _ = agent
-            .run(async move {
-                let _ = rx.await;
-            })
-            .await;
-    })
+    spine_integration::farm::run_agent(agent)
 }
 
 fn dispatcher_jid() -> Jid {
@@ -666,11 +656,7 @@ async fn large_inputs_travel_as_blobs_over_http_and_xmpp() {
     let dir = tempfile::tempdir().unwrap();
     let (dispatcher, addr) =
         start_http_dispatcher(&server, dir.path(), "submitters = [\"webapp@localhost\"]\n").await;
-    let cfg = AgentConfig::from_toml(&format!(
-        "jid = \"agent1@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\nheartbeat = \"1s\"\n",
-        server.addr
-    ))
-    .unwrap();
+    let cfg = spine_integration::farm::agent_config(&server, 1, "");
     let agent = Agent::builder(cfg)
         .capability("work.digest", None, |ctx: JobContext| async move {
             let hex: String = sha2::Sha256::digest(&ctx.input)
@@ -839,11 +825,7 @@ fn start_echo_agent(
     busy: Arc<AtomicUsize>,
     peak: Arc<AtomicUsize>,
 ) -> Running {
-    let cfg = AgentConfig::from_toml(&format!(
-        "jid = \"agent{n}@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\nheartbeat = \"1s\"\n",
-        server.addr
-    ))
-    .unwrap();
+    let cfg = spine_integration::farm::agent_config(server, n, "");
     let agent = Agent::builder(cfg)
         .capability("work.echo", None, move |_ctx: JobContext| {
             let (busy, peak) = (busy.clone(), peak.clone());
@@ -857,13 +839,7 @@ fn start_echo_agent(
         })
         .build()
         .unwrap();
-    Running::spawn(|rx| async move {
-        let _ = agent
-            .run(async move {
-                let _ = rx.await;
-            })
-            .await;
-    })
+    spine_integration::farm::run_agent(agent)
 }
 
 async fn wait_final(base: &str, id: &str) -> serde_json::Value {
@@ -1008,11 +984,7 @@ async fn the_all_strategy_fans_out_gathers_limits_and_batches() {
 /// An agent offering `text.len` (the input's length in bytes, as decimal text) and `num.sum`
 /// (the sum of a fragment list of decimals): a map/reduce pair small enough to check by hand.
 fn start_len_sum_agent(server: &TestServer, n: usize) -> Running {
-    let cfg = AgentConfig::from_toml(&format!(
-        "jid = \"agent{n}@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\nheartbeat = \"1s\"\n",
-        server.addr
-    ))
-    .unwrap();
+    let cfg = spine_integration::farm::agent_config(server, n, "");
     let agent = Agent::builder(cfg)
         .capability("text.len", None, |ctx: JobContext| async move {
             Ok::<_, JobError>(Output::bytes(ctx.input.len().to_string()))
@@ -1030,13 +1002,7 @@ fn start_len_sum_agent(server: &TestServer, n: usize) -> Running {
         })
         .build()
         .unwrap();
-    Running::spawn(|rx| async move {
-        let _ = agent
-            .run(async move {
-                let _ = rx.await;
-            })
-            .await;
-    })
+    spine_integration::farm::run_agent(agent)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -22,7 +22,7 @@ pub struct Fragment {
     #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
     pub mime: Option<String>,
     /// The bytes (base64 in JSON).
-    #[serde(with = "b64")]
+    #[serde(with = "crate::serde_base64")]
     pub data: Vec<u8>,
 }
 
@@ -45,20 +45,6 @@ impl Fragment {
     pub fn with_mime(mut self, mime: impl Into<String>) -> Self {
         self.mime = Some(mime.into());
         self
-    }
-}
-
-mod b64 {
-    use base64::Engine as _;
-    use serde::{Deserialize, Deserializer, Serializer};
-    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
-    }
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        let s = String::deserialize(d)?;
-        base64::engine::general_purpose::STANDARD
-            .decode(s)
-            .map_err(|e| serde::de::Error::custom(format!("data is not base64: {e}")))
     }
 }
 

@@ -43,6 +43,25 @@ pub use presence::{
     PresencePayloads, ProtocolVersion,
 };
 
+/// Bytes as standard base64 text in serde formats: `#[serde(with = "spine_protocol::serde_base64")]`.
+pub mod serde_base64 {
+    use base64::Engine as _;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    /// Writes the bytes as base64.
+    pub fn serialize<S: Serializer>(b: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+    }
+
+    /// Reads base64 text; the error says it is not base64.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let s = String::deserialize(d)?;
+        base64::engine::general_purpose::STANDARD
+            .decode(s)
+            .map_err(|e| serde::de::Error::custom(format!("data is not base64: {e}")))
+    }
+}
+
 /// The namespace of every Spine payload; the major protocol version is its last part.
 pub const NS: &str = "urn:spine:1";
 

@@ -4,18 +4,5 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match spine_agent::run_standalone(spine_example_image::register).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("spine-image-agent: {e}");
-            std::process::ExitCode::FAILURE
-        }
-    }
+    spine_agent::standalone_main("spine-image-agent", spine_example_image::register).await
 }

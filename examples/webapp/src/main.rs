@@ -11,12 +11,8 @@ struct Args {
     /// Where the web app listens.
     #[arg(long, default_value = "127.0.0.1:8090")]
     listen: std::net::SocketAddr,
-    /// Base URL of the dispatcher's HTTP API.
-    #[arg(long, env = "SPINE_API", default_value = "http://127.0.0.1:8480")]
-    api: String,
-    /// Bearer token for the dispatcher (or SPINE_TOKEN).
-    #[arg(long, env = "SPINE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    #[command(flatten)]
+    api: spine_client::ApiArgs,
 }
 
 #[tokio::main]
@@ -29,7 +25,7 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let a = Args::parse();
-    let api = match spine_client::Client::new(&a.api, a.token) {
+    let api = match a.api.client() {
         Ok(api) => api,
         Err(e) => {
             eprintln!("spine-webapp: {e}");
@@ -45,7 +41,7 @@ async fn main() -> ExitCode {
     };
     eprintln!(
         "spine-webapp: open http://{} (dispatcher {})",
-        a.listen, a.api
+        a.listen, a.api.api
     );
     let serve =
         axum::serve(listener, spine_example_webapp::router(api)).with_graceful_shutdown(async {

@@ -5,8 +5,8 @@ use std::io::Cursor;
 use std::time::Duration;
 
 use serde_json::Value;
-use spine_agent::{Agent, AgentConfig};
-use spine_integration::farm::{start_http_dispatcher, wait_for_agents, Running};
+use spine_agent::Agent;
+use spine_integration::farm::{start_http_dispatcher, wait_for_agents};
 use spine_integration::{TestServer, PATIENCE};
 
 async fn send(req: reqwest::RequestBuilder) -> (u16, Value) {
@@ -24,21 +24,11 @@ async fn upload_follow_and_fetch_a_thumbnail() {
     let server = TestServer::start(&[("dispatcher", "pw-d"), ("agent1", "pw")]).await;
     let dir = tempfile::tempdir().unwrap();
     let (dispatcher, api_base) = start_http_dispatcher(&server, dir.path(), "").await;
-    let cfg = AgentConfig::from_toml(&format!(
-        "jid = \"agent1@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\nheartbeat = \"1s\"\n",
-        server.addr
-    ))
-    .unwrap();
+    let cfg = spine_integration::farm::agent_config(&server, 1, "");
     let agent = spine_example_image::register(Agent::builder(cfg))
         .build()
         .unwrap();
-    let agent = Running::spawn(|rx| async move {
-        let _ = agent
-            .run(async move {
-                let _ = rx.await;
-            })
-            .await;
-    });
+    let agent = spine_integration::farm::run_agent(agent);
     wait_for_agents(&api_base, "image.thumbnail", 1).await;
 
     // The web app on a free port, talking to that dispatcher.

@@ -10,7 +10,7 @@ use nix::unistd::Pid;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{json, Value};
-use spine_agent::{Agent, AgentConfig, JobContext};
+use spine_agent::{Agent, JobContext};
 use spine_integration::farm::{start_http_dispatcher, wait_for_agents, Running};
 use spine_integration::TestServer;
 use spine_protocol::Fragment;
@@ -265,11 +265,7 @@ async fn a_straggling_fragment_is_re_executed_on_another_agent() {
     let (dispatcher, base) = start_http_dispatcher(&server, dir.path(), "").await;
     let mut agents: Vec<Running> = Vec::new();
     for n in 1..=4 {
-        let cfg = AgentConfig::from_toml(&format!(
-            "jid = \"agent{n}@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\nslots = 2\nheartbeat = \"1s\"\n",
-            server.addr
-        ))
-        .unwrap();
+        let cfg = spine_integration::farm::agent_config(&server, n, "slots = 2");
         let builder = Agent::builder(cfg);
         let builder = if n == 4 {
             // Agent 4 is a machine in trouble: every map takes 30 s.
@@ -281,13 +277,7 @@ async fn a_straggling_fragment_is_re_executed_on_another_agent() {
             spine_example_wordcount::register(builder)
         };
         let agent = builder.build().unwrap();
-        agents.push(Running::spawn(|rx| async move {
-            let _ = agent
-                .run(async move {
-                    let _ = rx.await;
-                })
-                .await;
-        }));
+        agents.push(spine_integration::farm::run_agent(agent));
     }
     wait_for_agents(&base, "wordcount.map", 4).await;
 

@@ -23,12 +23,8 @@ struct Args {
     /// Thumbnails across the sheet (default: a square grid).
     #[arg(long)]
     columns: Option<u32>,
-    /// Base URL of the dispatcher's HTTP API.
-    #[arg(long, env = "SPINE_API", default_value = "http://127.0.0.1:8480")]
-    api: String,
-    /// Bearer token (or SPINE_TOKEN).
-    #[arg(long, env = "SPINE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    #[command(flatten)]
+    api: spine_client::ApiArgs,
 }
 
 #[tokio::main]
@@ -58,7 +54,7 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     if let Some(c) = a.columns {
         args["columns"] = json!(c);
     }
-    let api = spine_client::Client::new(&a.api, a.token)?;
+    let api = a.api.client()?;
     let started = std::time::Instant::now();
     let id = api
         .submit(&json!({

@@ -15,12 +15,8 @@ use spine_protocol::Fragment;
 struct Args {
     /// Folder of UTF-8 text files (not searched recursively).
     dir: PathBuf,
-    /// Base URL of the dispatcher's HTTP API.
-    #[arg(long, env = "SPINE_API", default_value = "http://127.0.0.1:8480")]
-    api: String,
-    /// Bearer token (or SPINE_TOKEN).
-    #[arg(long, env = "SPINE_TOKEN", hide_env_values = true)]
-    token: Option<String>,
+    #[command(flatten)]
+    api: spine_client::ApiArgs,
     /// How many of the most frequent words to print (0: all, as JSON on standard output).
     #[arg(long, default_value_t = 20)]
     top: usize,
@@ -57,7 +53,7 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
                 .push(Fragment::new(piece.as_bytes().to_vec()).with_name(format!("{name}#{i}")));
         }
     }
-    let api = spine_client::Client::new(&a.api, a.token)?;
+    let api = a.api.client()?;
     let started = std::time::Instant::now();
     let n = fragments.len();
     let id = api
