@@ -19,11 +19,23 @@ const FRAGMENT_BYTES: u64 = 4096;
 /// Reduce fan-in of the word count (small, so the demo shows a tree).
 const FAN_IN: u64 = 4;
 
-/// Runs both workloads; results go in `out_dir`.
-pub async fn run(api: &spine_client::Client, agents: usize, out_dir: &Path) -> Result<()> {
+/// Runs both workloads; results go in `out_dir` (named in the output when `kept`).
+pub async fn run(
+    api: &spine_client::Client,
+    agents: usize,
+    out_dir: &Path,
+    kept: bool,
+) -> Result<()> {
     wait_for_agents(api, agents).await?;
-    image_batch(api, out_dir).await?;
-    word_count(api, out_dir).await
+    let shown = |p: &Path| {
+        if kept {
+            format!(" → {}", p.display())
+        } else {
+            String::new()
+        }
+    };
+    image_batch(api, out_dir, &shown).await?;
+    word_count(api, out_dir, &shown).await
 }
 
 /// Until every local agent offers the demo capabilities (at most 30 s).
@@ -92,7 +104,11 @@ fn hsv(h: f32, s: f32, v: f32) -> [f32; 3] {
     }
 }
 
-async fn image_batch(api: &spine_client::Client, out_dir: &Path) -> Result<()> {
+async fn image_batch(
+    api: &spine_client::Client,
+    out_dir: &Path,
+    shown: &dyn Fn(&Path) -> String,
+) -> Result<()> {
     let images: Vec<Fragment> = (0..IMAGES)
         .map(|i| {
             Ok(Fragment::new(picture(i)?)
@@ -127,9 +143,9 @@ async fn image_batch(api: &spine_client::Client, out_dir: &Path) -> Result<()> {
     let path = out_dir.join("contact-sheet.png");
     std::fs::write(&path, &sheet).with_context(|| format!("writing {}", path.display()))?;
     println!(
-        "image batch: {IMAGES} images thumbnailed across the farm, contact sheet {side}×{side} in {:.2} s → {}",
+        "image batch: {IMAGES} images thumbnailed across the farm, contact sheet {side}×{side} in {:.2} s{}",
         elapsed.as_secs_f64(),
-        path.display()
+        shown(&path)
     );
     Ok(())
 }
@@ -143,7 +159,11 @@ pub fn corpus() -> String {
         .join("\n")
 }
 
-async fn word_count(api: &spine_client::Client, out_dir: &Path) -> Result<()> {
+async fn word_count(
+    api: &spine_client::Client,
+    out_dir: &Path,
+    shown: &dyn Fn(&Path) -> String,
+) -> Result<()> {
     let text = corpus();
     let started = Instant::now();
     let id = api
@@ -177,7 +197,7 @@ async fn word_count(api: &spine_client::Client, out_dir: &Path) -> Result<()> {
     std::fs::write(&path, &output).with_context(|| format!("writing {}", path.display()))?;
     let meta: &Value = &job["result"]["meta"];
     println!(
-        "word count: {} words ({} distinct) in {} files, {} fragments, {} reduce steps, {} speculative copies, {:.2} s; equal to a single-process count → {}",
+        "word count: {} words ({} distinct) in {} files, {} fragments, {} reduce steps, {} speculative copies, {:.2} s; equal to a single-process count{}",
         meta["words"],
         meta["distinct"],
         spine_example_wordcount::CORPUS.len(),
@@ -185,7 +205,7 @@ async fn word_count(api: &spine_client::Client, out_dir: &Path) -> Result<()> {
         meta["reduce_steps"],
         meta["speculative"],
         elapsed.as_secs_f64(),
-        path.display()
+        shown(&path)
     );
     let top: Vec<String> = farm
         .iter()

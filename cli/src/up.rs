@@ -165,7 +165,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             let api = spine_client::Client::new(&format!("http://{http}"), None)?;
             let started = std::time::Instant::now();
             tokio::select! {
-                r = crate::demo::run(&api, n_agents, &data_dir) => {
+                r = crate::demo::run(&api, n_agents, &data_dir, temp.is_none()) => {
                     match &r {
                         Ok(()) => println!("demo finished in {:.2} s{}", started.elapsed().as_secs_f64(),
                             if temp.is_some() { " (pass --data-dir DIR to keep its results)" } else { "" }),
