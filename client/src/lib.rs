@@ -158,6 +158,28 @@ impl Client {
         id: &str,
         mut progress: impl FnMut(Option<u64>, &str),
     ) -> Result<Value, ClientError> {
+        self.events(id, |event, data| match event {
+            "progress" => progress(
+                data["percent"].as_u64(),
+                data["message"].as_str().unwrap_or(""),
+            ),
+            "state" => progress(
+                data["percent"].as_u64(),
+                data["state"].as_str().unwrap_or(""),
+            ),
+            _ => {}
+        })
+        .await
+    }
+
+    /// Follows `GET /v1/jobs/{id}/events` until the job ends, calling `on_event` with each
+    /// event's name (`state`, `progress`, `partial`, `lagged`) and data; returns the whole
+    /// final job.
+    pub async fn events(
+        &self,
+        id: &str,
+        mut on_event: impl FnMut(&str, &Value),
+    ) -> Result<Value, ClientError> {
         let ctx = "following the job";
         let mut resp = self
             .request(reqwest::Method::GET, &format!("/v1/jobs/{id}/events"))
@@ -181,19 +203,11 @@ impl Client {
                     event = e.trim().to_owned();
                 } else if let Some(d) = line.strip_prefix("data:") {
                     let data: Value = serde_json::from_str(d.trim()).unwrap_or(Value::Null);
-                    match event.as_str() {
-                        "progress" => progress(
-                            data["percent"].as_u64(),
-                            data["message"].as_str().unwrap_or(""),
-                        ),
-                        "state" => progress(
-                            data["percent"].as_u64(),
-                            data["state"].as_str().unwrap_or(""),
-                        ),
+                    if event == "final" {
                         // The final event carries the job; fetch it whole (outputs included).
-                        "final" => return self.job(id).await,
-                        _ => {}
+                        return self.job(id).await;
                     }
+                    on_event(&event, &data);
                 }
             }
         }

@@ -41,13 +41,13 @@ impl Running {
 /// A dispatcher of `server`'s domain (`dispatcher@localhost/d1`, password `pw-d`) with its HTTP
 /// API on a free loopback port; `extra` is more TOML. Returns it and the API's base URL.
 pub async fn start_http_dispatcher(
-    server: &crate::TestServer,
+    server: &impl crate::servers::Endpoint,
     dir: &std::path::Path,
     extra: &str,
 ) -> (Running, String) {
     let cfg = DispatcherConfig::from_toml(&format!(
         "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nhttp_listen = \"127.0.0.1:0\"\nno_agent_wait = \"2s\"\n{extra}",
-        server.addr,
+        server.endpoint(),
         dir.display()
     ))
     .expect("test dispatcher configuration");
@@ -118,10 +118,14 @@ pub fn plain_word_count<'a>(texts: impl IntoIterator<Item = &'a str>) -> Vec<(St
 
 /// The configuration of the test agent `agent<n>@localhost/w` (password `pw`) on `server`,
 /// serving `dispatcher@localhost` with a 1 s heartbeat; `extra` is more TOML (`slots = 2`).
-pub fn agent_config(server: &crate::TestServer, n: usize, extra: &str) -> spine_agent::AgentConfig {
+pub fn agent_config(
+    server: &impl crate::servers::Endpoint,
+    n: usize,
+    extra: &str,
+) -> spine_agent::AgentConfig {
     spine_agent::AgentConfig::from_toml(&format!(
         "jid = \"agent{n}@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\ndispatchers = [\"dispatcher@localhost\"]\nheartbeat = \"1s\"\n{extra}",
-        server.addr
+        server.endpoint()
     ))
     .expect("test agent configuration")
 }

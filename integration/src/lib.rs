@@ -7,8 +7,10 @@
 
 pub mod bench;
 pub mod dispatcher;
+pub mod ejabberd;
 pub mod farm;
 pub mod prosody;
+pub mod servers;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -251,4 +253,12 @@ impl RawClient {
             }
         }
     }
+}
+
+/// A free loopback port: bind port 0, read the port, release it. For servers that cannot
+/// report the port they bound (Prosody, ejabberd); the window before they bind it is small.
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

@@ -25,14 +25,6 @@ pub fn available() -> bool {
     Path::new("/usr/bin/prosody").exists() && Path::new("/usr/bin/prosodyctl").exists()
 }
 
-fn free_port() -> std::io::Result<u16> {
-    // Bind port 0, read the port, release it: the small window before Prosody binds it is
-    // the price of a server that cannot report its own port.
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Runs a Prosody tool as the `prosody` user when we are root (Prosody refuses to run as
 /// root and its files must belong to that user).
 fn as_prosody(program: &str) -> Command {
@@ -68,7 +60,7 @@ impl Prosody {
             .prefix("spine-prosody-")
             .tempdir()
             .map_err(|e| e.to_string())?;
-        let port = free_port().map_err(|e| e.to_string())?;
+        let port = crate::free_port().map_err(|e| e.to_string())?;
         let d = dir.path();
         std::fs::create_dir_all(d.join("data")).map_err(|e| e.to_string())?;
         std::fs::create_dir_all(d.join("certs")).map_err(|e| e.to_string())?;
