@@ -25,8 +25,10 @@ s2s_ports = { }
 
 authentication = "internal_hashed"
 
--- Plain TCP on loopback for tests and benchmarks (the embedded server allows the same on
--- loopback); production configurations require TLS (docs/servers.md).
+-- STARTTLS with the certificate the harness generates (self-signed, for localhost): clients
+-- that trust it use TLS. Plain TCP stays allowed because the test server listens on
+-- loopback only (the embedded server allows the same on loopback); production configurations
+-- require TLS (docs/servers.md).
 c2s_require_encryption = false
 allow_unencrypted_plain_auth = true
 
@@ -40,3 +42,4 @@ limits = {
 c2s_stanza_size_limit = 256*1024
 
 VirtualHost "localhost"
+  ssl = { certificate = "@DIR@/certs/localhost.crt"; key = "@DIR@/certs/localhost.key"; }

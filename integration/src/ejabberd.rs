@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The project's ejabberd configuration template (`@PORT@` is filled in).
+/// The project's ejabberd configuration template (`@PORT@` and `@DIR@` are filled in).
 pub const CONFIG_TEMPLATE: &str = include_str!("../servers/ejabberd.yml");
 
 /// Where Debian installs ejabberd's Erlang applications.
@@ -24,6 +24,8 @@ pub struct Ejabberd {
     pub addr: SocketAddr,
     /// Its domain.
     pub domain: String,
+    /// Its self-signed certificate (PEM), for clients to trust.
+    pub cert_pem: String,
     node: String,
     dist_port: u16,
     cookie: String,
@@ -58,10 +60,16 @@ impl Ejabberd {
         }
         let port = crate::free_port().map_err(|e| e.to_string())?;
         let dist_port = crate::free_port().map_err(|e| e.to_string())?;
+        let (cert_pem, key_pem) =
+            spine_server::tls::generate("localhost").map_err(|e| e.to_string())?;
+        std::fs::write(d.join("cert.pem"), format!("{cert_pem}{key_pem}"))
+            .map_err(|e| e.to_string())?;
         let cfg_path = d.join("ejabberd.yml");
         std::fs::write(
             &cfg_path,
-            CONFIG_TEMPLATE.replace("@PORT@", &port.to_string()),
+            CONFIG_TEMPLATE
+                .replace("@PORT@", &port.to_string())
+                .replace("@DIR@", &d.display().to_string()),
         )
         .map_err(|e| e.to_string())?;
         let node = format!("spine-ej-{port}@localhost");
@@ -88,6 +96,7 @@ impl Ejabberd {
         let mut e = Ejabberd {
             addr,
             domain: "localhost".into(),
+            cert_pem,
             node,
             dist_port,
             cookie,

@@ -262,3 +262,31 @@ pub fn free_port() -> std::io::Result<u16> {
         .local_addr()?
         .port())
 }
+
+/// The repository's root directory.
+pub fn repo_root() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A Python interpreter that can import slixmpp — `SPINE_PYTHON`, or `.venv/bin/python` at the
+/// repository root (`.ci/run` creates it) — or why there is none.
+pub fn python() -> Result<std::path::PathBuf, String> {
+    let candidates: Vec<std::path::PathBuf> = match std::env::var_os("SPINE_PYTHON") {
+        Some(p) => vec![std::path::PathBuf::from(p)],
+        None => vec![repo_root().join(".venv/bin/python")],
+    };
+    for p in &candidates {
+        let ok = std::process::Command::new(p)
+            .args(["-c", "import slixmpp"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return Ok(p.clone());
+        }
+    }
+    Err(format!(
+        "no Python with slixmpp at {candidates:?} (set SPINE_PYTHON or run .ci/run once)"
+    ))
+}

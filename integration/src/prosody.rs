@@ -16,6 +16,8 @@ pub struct Prosody {
     pub addr: SocketAddr,
     /// Its domain.
     pub domain: String,
+    /// Its self-signed certificate (PEM), for clients to trust.
+    pub cert_pem: String,
     dir: tempfile::TempDir,
     child: Child,
 }
@@ -67,6 +69,10 @@ impl Prosody {
         let cfg = CONFIG_TEMPLATE
             .replace("@DIR@", &d.display().to_string())
             .replace("@PORT@", &port.to_string());
+        let (cert_pem, key_pem) =
+            spine_server::tls::generate("localhost").map_err(|e| e.to_string())?;
+        std::fs::write(d.join("certs/localhost.crt"), &cert_pem).map_err(|e| e.to_string())?;
+        std::fs::write(d.join("certs/localhost.key"), key_pem).map_err(|e| e.to_string())?;
         let cfg_path = d.join("prosody.cfg.lua");
         std::fs::write(&cfg_path, cfg).map_err(|e| e.to_string())?;
         if unsafe_is_root() {
@@ -105,6 +111,7 @@ impl Prosody {
         let mut p = Prosody {
             addr,
             domain: "localhost".into(),
+            cert_pem,
             dir,
             child,
         };

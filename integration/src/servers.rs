@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 
-use spine_xmpp::{ConnectOptions, Connection, Security};
+use spine_xmpp::{ConnectOptions, Connection, Security, Trust};
 
 use crate::ejabberd::Ejabberd;
 use crate::prosody::Prosody;
@@ -121,18 +121,26 @@ impl AnyServer {
         })
     }
 
-    /// Connection options for `user`: STARTTLS with the embedded server (its certificate is
-    /// known), plain TCP on loopback with the others (as the test configurations allow).
-    pub fn options(&self, user: &str, password: &str) -> ConnectOptions {
+    /// The server's self-signed certificate (PEM): every test server has one.
+    pub fn cert_pem(&self) -> &str {
         match &self.inner {
-            Inner::Embedded(s) => s.tls_options(user, password),
-            _ => ConnectOptions::new(
-                format!("{user}@{}", self.domain).parse().expect("jid"),
-                password,
-                self.addr,
-                Security::Plain { insecure: false },
-            ),
+            Inner::Embedded(s) => &s.cert_pem,
+            Inner::Prosody(p) => &p.cert_pem,
+            Inner::Ejabberd(e) => &e.cert_pem,
         }
+    }
+
+    /// Connection options for `user`: STARTTLS, trusting the server's certificate.
+    pub fn options(&self, user: &str, password: &str) -> ConnectOptions {
+        ConnectOptions::new(
+            format!("{user}@{}", self.domain).parse().expect("jid"),
+            password,
+            self.addr,
+            Security::StartTls {
+                trust: Trust::Pem(self.cert_pem().to_owned()),
+                channel_binding: false,
+            },
+        )
     }
 
     /// Logs `user` in and sends initial presence.

@@ -6,9 +6,6 @@
 //! (`.ci/run` creates it). Without one the test says why and passes, unless
 //! `SPINE_REQUIRE_SERVERS=1` (set by `.ci/run`), where it fails.
 
-use std::path::PathBuf;
-use std::process::Stdio;
-
 use jid::Jid;
 use spine_integration::{TestServer, PATIENCE};
 use tokio_xmpp::stanzastream::Event;
@@ -18,31 +15,7 @@ use xmpp_parsers::message::{Lang, Message, MessageType};
 use xmpp_parsers::presence::{Presence, Type as PresenceType};
 use xmpp_parsers::version::VersionResult;
 
-fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// A Python interpreter that can import slixmpp, or why there is none.
-fn python() -> Result<PathBuf, String> {
-    let candidates: Vec<PathBuf> = match std::env::var_os("SPINE_PYTHON") {
-        Some(p) => vec![PathBuf::from(p)],
-        None => vec![repo_root().join(".venv/bin/python")],
-    };
-    for p in &candidates {
-        let ok = std::process::Command::new(p)
-            .args(["-c", "import slixmpp"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if ok {
-            return Ok(p.clone());
-        }
-    }
-    Err(format!(
-        "no Python with slixmpp at {candidates:?} (set SPINE_PYTHON or run .ci/run once)"
-    ))
-}
+use spine_integration::{python, repo_root};
 
 /// Answers what the script asks: version IQs, chat echo, directed presence.
 async fn responder(mut conn: spine_xmpp::Connection) {

@@ -91,7 +91,7 @@ pub fn setup(cfg: &TlsConfig, domain: &str) -> Result<TlsSetup, ServerError> {
 
 /// A self-signed certificate (PEM) and its key (PKCS#8 PEM) valid for `domain`, `localhost`,
 /// 127.0.0.1 and ::1.
-fn generate(domain: &str) -> Result<(String, String), ServerError> {
+pub fn generate(domain: &str) -> Result<(String, String), ServerError> {
     let mut names = vec![domain.to_owned()];
     for n in ["localhost", "127.0.0.1", "::1"] {
         if !names.iter().any(|x| x == n) {
