@@ -4,8 +4,9 @@
 //! ejabberd's own `ejabberd_ctl` module (what `ejabberdctl register` runs), stopped on `Drop`.
 //!
 //! It runs the Erlang VM directly rather than through `ejabberdctl`, which insists on
-//! switching to the `ejabberd` user and its cookie: this works for any user. Erlang
-//! distribution (for the control commands) listens on a free loopback port without epmd.
+//! switching to the `ejabberd` user and its cookie: this works for any user. A single node's
+//! Erlang distribution (for the control commands) listens on a free loopback port without
+//! epmd; a cluster ([`start_cluster`]) gets its own epmd on a free loopback port.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,8 +27,9 @@ pub struct Ejabberd {
     pub domain: String,
     /// Its self-signed certificate (PEM), for clients to trust.
     pub cert_pem: String,
-    node: String,
-    dist_port: u16,
+    /// The Erlang node name (`spine-ej-<port>@localhost`).
+    pub node: String,
+    dist: Dist,
     cookie: String,
     dir: tempfile::TempDir,
     child: Child,
@@ -44,12 +46,116 @@ pub fn available() -> bool {
             .unwrap_or(false)
 }
 
+/// How a node finds its peers and its control commands find it.
+#[derive(Clone, Copy)]
+enum Dist {
+    /// No epmd: the node listens for distribution on this port (a lone node).
+    Fixed(u16),
+    /// Our own epmd on this loopback port (a cluster).
+    Epmd(u16),
+}
+
+impl Dist {
+    /// Arguments and environment of `erl` for this mode.
+    fn apply(self, cmd: &mut Command) {
+        cmd.args(["-start_epmd", "false"]);
+        match self {
+            Dist::Fixed(port) => {
+                cmd.args(["-erl_epmd_port", &port.to_string()]);
+            }
+            Dist::Epmd(port) => {
+                cmd.env("ERL_EPMD_PORT", port.to_string())
+                    .env("ERL_EPMD_ADDRESS", "127.0.0.1");
+            }
+        }
+    }
+}
+
+/// An epmd of our own, on a free loopback port, stopped on `Drop`.
+pub struct Epmd {
+    /// Its port.
+    pub port: u16,
+    child: Child,
+}
+
+impl Drop for Epmd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A cluster of ejabberd nodes sharing one Mnesia database (`join_cluster`). Nodes stop
+/// before their epmd.
+pub struct EjabberdCluster {
+    /// The nodes; the first is the one the others joined.
+    pub nodes: Vec<Ejabberd>,
+    _epmd: Epmd,
+}
+
+/// Starts `n` ejabberd nodes on this machine, joins them into one cluster (as
+/// `ejabberdctl join_cluster` does) and registers the accounts, which every node then knows.
+pub fn start_cluster(n: usize, accounts: &[(&str, &str)]) -> Result<EjabberdCluster, String> {
+    if !available() {
+        return Err("ejabberd is not installed (apt-get install ejabberd)".into());
+    }
+    let port = crate::free_port().map_err(|e| e.to_string())?;
+    let child = Command::new("epmd")
+        .args(["-port", &port.to_string(), "-address", "127.0.0.1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting epmd: {e}"))?;
+    let epmd = Epmd { port, child };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("epmd did not listen on port {port}"));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cookie = format!("spine-cluster-{}-{port}", std::process::id());
+    let mut nodes = Vec::with_capacity(n);
+    for _ in 0..n {
+        nodes.push(Ejabberd::launch(Dist::Epmd(port), &cookie)?);
+    }
+    for node in &nodes[1..] {
+        node.ctl(&["join_cluster", &nodes[0].node])?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let members = nodes[0].ctl(&["list_cluster"])?;
+        if nodes.iter().all(|x| members.contains(&x.node)) {
+            break;
+        }
+        if Instant::now() > deadline {
+            return Err(format!("the cluster did not form: {members}"));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for (user, pw) in accounts {
+        nodes[0].ctl(&["register", user, "localhost", pw])?;
+    }
+    Ok(EjabberdCluster { nodes, _epmd: epmd })
+}
+
 impl Ejabberd {
     /// Starts ejabberd with these accounts; waits until it accepts connections.
     pub fn start(accounts: &[(&str, &str)]) -> Result<Ejabberd, String> {
         if !available() {
             return Err("ejabberd is not installed (apt-get install ejabberd)".into());
         }
+        let dist_port = crate::free_port().map_err(|e| e.to_string())?;
+        let cookie = format!("spine-{}-{dist_port}", std::process::id());
+        let e = Ejabberd::launch(Dist::Fixed(dist_port), &cookie)?;
+        for (user, pw) in accounts {
+            e.ctl(&["register", user, "localhost", pw])?;
+        }
+        Ok(e)
+    }
+
+    /// Starts one node and waits until it accepts client connections.
+    fn launch(dist: Dist, cookie: &str) -> Result<Ejabberd, String> {
         let dir = tempfile::Builder::new()
             .prefix("spine-ejabberd-")
             .tempdir()
@@ -59,7 +165,6 @@ impl Ejabberd {
             std::fs::create_dir_all(d.join(sub)).map_err(|e| e.to_string())?;
         }
         let port = crate::free_port().map_err(|e| e.to_string())?;
-        let dist_port = crate::free_port().map_err(|e| e.to_string())?;
         let (cert_pem, key_pem) =
             spine_server::tls::generate("localhost").map_err(|e| e.to_string())?;
         std::fs::write(d.join("cert.pem"), format!("{cert_pem}{key_pem}"))
@@ -73,10 +178,10 @@ impl Ejabberd {
         )
         .map_err(|e| e.to_string())?;
         let node = format!("spine-ej-{port}@localhost");
-        let cookie = format!("spine-{}-{port}", std::process::id());
-        let child = Command::new("erl")
-            .args(["-sname", &node, "-setcookie", &cookie, "-noinput"])
-            .args(dist_args(dist_port))
+        let mut cmd = Command::new("erl");
+        cmd.args(["-sname", &node, "-setcookie", cookie, "-noinput"]);
+        dist.apply(&mut cmd);
+        let child = cmd
             // Distribution on loopback only.
             .args(["-kernel", "inet_dist_use_interface", "{127,0,0,1}"])
             .args(["-mnesia", "dir"])
@@ -98,8 +203,8 @@ impl Ejabberd {
             domain: "localhost".into(),
             cert_pem,
             node,
-            dist_port,
-            cookie,
+            dist,
+            cookie: cookie.to_owned(),
             dir,
             child,
         };
@@ -119,33 +224,28 @@ impl Ejabberd {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        for (user, pw) in accounts {
-            e.ctl(&["register", user, "localhost", pw])?;
-        }
         Ok(e)
     }
 
     /// Runs an `ejabberdctl` command against this node (through its `ejabberd_ctl` module);
     /// returns what it printed.
     pub fn ctl(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("erl")
-            .args([
-                "-sname",
-                &format!("ctl-{}-{}", self.dist_port, rand_suffix()),
-                "-setcookie",
-                &self.cookie,
-                "-noinput",
-                "-hidden",
-            ])
-            .args(dist_args(self.dist_port))
-            .args([
-                "-dist_listen",
-                "false",
-                "-s",
-                "ejabberd_ctl",
-                "-extra",
-                &self.node,
-            ])
+        let mut cmd = Command::new("erl");
+        cmd.args([
+            "-sname",
+            &format!("ctl-{}-{}", std::process::id(), rand_suffix()),
+            "-setcookie",
+            &self.cookie,
+            "-noinput",
+            "-hidden",
+        ]);
+        self.dist.apply(&mut cmd);
+        if let Dist::Fixed(_) = self.dist {
+            // With no epmd the control node cannot listen on the node's port too.
+            cmd.args(["-dist_listen", "false"]);
+        }
+        let out = cmd
+            .args(["-s", "ejabberd_ctl", "-extra", &self.node])
             .args(args)
             .env("ERL_LIBS", ERL_LIBS)
             .current_dir(self.dir.path())
@@ -173,17 +273,6 @@ impl Ejabberd {
     pub fn dir(&self) -> PathBuf {
         self.dir.path().to_path_buf()
     }
-}
-
-/// Erlang distribution on one fixed port with no epmd (OTP 23+): nothing shared with other
-/// nodes on the machine.
-fn dist_args(port: u16) -> [String; 4] {
-    [
-        "-start_epmd".into(),
-        "false".into(),
-        "-erl_epmd_port".into(),
-        port.to_string(),
-    ]
 }
 
 fn rand_suffix() -> u32 {

@@ -179,3 +179,9 @@ impl Endpoint for AnyServer {
         self.addr
     }
 }
+
+impl Endpoint for Ejabberd {
+    fn endpoint(&self) -> SocketAddr {
+        self.addr
+    }
+}
