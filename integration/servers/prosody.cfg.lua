@@ -8,8 +8,12 @@ data_path = "@DIR@/data"
 log = { info = "@DIR@/prosody.log"; error = "@DIR@/prosody.err" }
 admins = { }
 
+-- "smacks" (XEP-0198 stream management with resumption) is on, as in Debian's configuration:
+-- Spine's clients do not use it (a resumable session would delay `unavailable` for
+-- smacks_hibernation_time, 600 s); it stays on to prove that a server offering it changes
+-- nothing.
 modules_enabled = {
-  "disco"; "roster"; "saslauth"; "tls"; "ping"; "presence"; "limits";
+  "disco"; "roster"; "saslauth"; "tls"; "ping"; "presence"; "limits"; "smacks";
 }
 modules_disabled = { "s2s"; }
 

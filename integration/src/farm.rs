@@ -140,3 +140,60 @@ pub fn run_agent(agent: spine_agent::Agent) -> Running {
             .await;
     })
 }
+
+/// A loopback TCP relay in front of a server, whose connections can be cut at once: the
+/// server then sees the connection drop without a stream close, as when a machine dies or
+/// its network goes (a killed task or process closes its stream cleanly, or at least its
+/// socket). After [`Relay::cut`] it accepts no new connection either.
+pub struct Relay {
+    addr: std::net::SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+}
+
+impl Relay {
+    /// A relay on a free loopback port to `target`.
+    pub async fn start(target: std::net::SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the relay");
+        let addr = listener.local_addr().expect("relay address");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let token = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                let (mut inbound, _) = tokio::select! {
+                    _ = token.cancelled() => return,
+                    r = listener.accept() => match r { Ok(c) => c, Err(_) => return },
+                };
+                let token = token.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = token.cancelled() => {
+                            // Reset, not a graceful close: nothing more reaches either side.
+                            // (Deprecated because a non-zero linger blocks on drop; a zero
+                            // linger resets at once and never blocks.)
+                            #[allow(deprecated)]
+                            let _ = outbound.set_linger(Some(Duration::ZERO));
+                        }
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                    }
+                });
+            }
+        });
+        Relay { addr, stop }
+    }
+
+    /// Drops every connection through the relay and stops accepting new ones.
+    pub fn cut(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl crate::servers::Endpoint for Relay {
+    fn endpoint(&self) -> std::net::SocketAddr {
+        self.addr
+    }
+}

@@ -186,7 +186,13 @@ async fn authenticate<C: tokio_xmpp::connect::ServerConnector>(
         from: None,
         id: None,
     };
-    let (features, stream) = stream.send_header(header).await?.recv_features().await?;
+    let (mut features, stream) = stream.send_header(header).await?.recv_features().await?;
+    // No XEP-0198 stream management, even when the server offers it: with resumption the
+    // server keeps a dead client's session "hibernating" for minutes and withholds the
+    // `unavailable` that tells a dispatcher an agent is gone (and the dispatcher's own
+    // reconnect already re-sends what was in flight). tokio-xmpp enables it whenever the
+    // features list it, so it is taken off the list.
+    features.stream_management = None;
     Ok(RawConnection {
         stream: stream.box_stream(),
         features,
@@ -273,20 +279,27 @@ async fn start<C: tokio_xmpp::connect::ServerConnector>(
                             return;
                         }
                         Err(e) => {
+                            if slot.is_closed() {
+                                return; // the stream worker is gone: nobody waits
+                            }
                             let retry_in = backoff(attempt);
                             attempt = attempt.saturating_add(1);
                             let auth = matches!(e, ConnectError::Auth { .. });
-                            tracing::warn!(jid = %opts.jid, "reconnect failed: {e}; next attempt in {retry_in:?}");
-                            if status_tx
+                            // The owner may have dropped its `Connection` meanwhile; the
+                            // worker still waits for this slot, and tokio-xmpp panics if the
+                            // slot is dropped unanswered, so keep trying (quietly) until the
+                            // worker itself goes away.
+                            let owner = status_tx
                                 .send(Status::ReconnectFailed {
                                     error: e.to_string(),
                                     auth,
                                     retry_in,
                                 })
-                                .is_err()
-                                || slot.is_closed()
-                            {
-                                return; // the owner is gone
+                                .is_ok();
+                            if owner {
+                                tracing::warn!(jid = %opts.jid, "reconnect failed: {e}; next attempt in {retry_in:?}");
+                            } else {
+                                tracing::debug!(jid = %opts.jid, "reconnect failed after the owner left: {e}");
                             }
                             tokio::time::sleep(retry_in).await;
                         }
