@@ -5,6 +5,7 @@
 //! `agents` and `jobs`, and `check` (validates Spine stanzas against the wire protocol).
 
 mod agent;
+mod bench;
 mod client;
 mod demo;
 mod dispatcher;
@@ -46,6 +47,8 @@ enum Command {
     Agents(client::AgentsArgs),
     /// Show a job, or list recent jobs.
     Jobs(client::JobsArgs),
+    /// Run a benchmark (BENCHMARKS.md); prints a table, --json writes the figures.
+    Bench(bench::BenchArgs),
     /// Check that an XML stanza or payload follows the Spine wire protocol (docs/PROTOCOL.md).
     ///
     /// Reads one XML element from FILE (or standard input with `-`): a stanza (`<iq>`,
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         Command::Submit(args) => client::submit(*args),
         Command::Agents(args) => client::agents(args),
         Command::Jobs(args) => client::jobs(args),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -16,6 +16,7 @@ pub mod http;
 pub mod jobs;
 pub mod registry;
 mod runtime;
+pub mod sim;
 pub mod store;
 
 pub use config::{DispatcherConfig, DEFAULT_CONFIG};
