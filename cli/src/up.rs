@@ -104,56 +104,15 @@ pub fn run(args: UpArgs) -> Result<()> {
         .with_context(|| format!("creating {}", data_dir.display()))?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
-        // Server, with one account per component.
-        let dispatcher_pw = secret();
-        let agent_pw = secret();
-        let mut scfg = ServerConfig { listen: args.xmpp_listen, ..ServerConfig::default() };
-        scfg.tls.self_signed_dir = Some(data_dir.join("tls"));
-        let mut accounts = vec![spine_server::config::AccountConfig { user: "dispatcher".into(), password: Some(dispatcher_pw.clone()), scram_sha256: None, scram_sha1: None }];
-        for i in 1..=n_agents {
-            accounts.push(spine_server::config::AccountConfig { user: format!("agent{i}"), password: Some(agent_pw.clone()), scram_sha256: None, scram_sha1: None });
-        }
-        scfg.accounts = accounts;
-        let server = Server::bind(scfg).await.with_context(|| format!("starting the XMPP server on {}", args.xmpp_listen))?;
-        let xmpp = server.local_addr();
-        // One stop signal per component, so that they stop in order.
-        let stopped = |mut rx: watch::Receiver<bool>| async move {
-            let _ = rx.wait_for(|s| *s).await;
-        };
-        let (server_stop, server_rx) = watch::channel(false);
-        let (agents_stop, agents_rx) = watch::channel(false);
-        let server_task = tokio::spawn(server.run(stopped(server_rx)));
-
-        // Dispatcher.
-        let dcfg = DispatcherConfig {
-            jid: "dispatcher@localhost/up".into(),
-            password: Some(dispatcher_pw),
-            server: xmpp.to_string(),
-            data_dir: data_dir.join("dispatcher"),
-            http_listen: Some(args.http_listen),
-            ..DispatcherConfig::default()
-        };
-        let dispatcher = Dispatcher::bind(dcfg).await.with_context(|| format!("starting the dispatcher's HTTP API on {}", args.http_listen))?;
-        let http = dispatcher.http_addr().context("the HTTP API has no address")?;
-        let (dispatcher_stop, dispatcher_rx) = watch::channel(false);
-        let dispatcher_task = tokio::spawn(dispatcher.run(stopped(dispatcher_rx)));
-
-        // Agents.
-        let mut agent_tasks = Vec::new();
-        for i in 1..=n_agents {
-            let acfg = AgentConfig {
-                jid: format!("agent{i}@localhost/up"),
-                password: Some(agent_pw.clone()),
-                server: xmpp.to_string(),
-                dispatchers: vec!["dispatcher@localhost".into()],
-                slots: args.slots,
-                drain_grace: Duration::from_secs(10),
-                ..AgentConfig::default()
-            };
-            let agent = builtin(Agent::builder(acfg)).build().context("building a local agent")?;
-            agent_tasks.push(tokio::spawn(agent.run(stopped(agents_rx.clone()))));
-        }
-
+        let farm = Farm::start(FarmOptions {
+            agents: n_agents,
+            slots: args.slots,
+            xmpp_listen: args.xmpp_listen,
+            http_listen: args.http_listen,
+            data_dir: data_dir.clone(),
+        })
+        .await?;
+        let (xmpp, http) = (farm.xmpp, farm.http);
         println!("spine up: XMPP server {xmpp} (domain localhost), HTTP API http://{http}, {n_agents} agents with {} slots each", args.slots);
         println!("capabilities: text.upper, hash.sha256, image.thumbnail, image.resize, image.grayscale, image.blur, image.contact-sheet, wordcount.split, wordcount.map, wordcount.reduce");
         println!("try: spine submit text.upper --input FILE --wait --api http://{http}");
@@ -180,24 +139,139 @@ pub fn run(args: UpArgs) -> Result<()> {
             Ok(())
         };
         eprintln!("spine up: stopping (agents drain, then the dispatcher and the server)");
-        // Agents first (they drain), then the dispatcher, then the server.
-        let _ = agents_stop.send(true);
-        for t in agent_tasks {
+        farm.stop().await;
+        drop(temp);
+        outcome
+    })
+}
+
+/// What a local farm is made of.
+pub struct FarmOptions {
+    /// Local agents.
+    pub agents: usize,
+    /// Slots per agent.
+    pub slots: u64,
+    /// Address of the XMPP server (port 0: any free port).
+    pub xmpp_listen: SocketAddr,
+    /// Address of the dispatcher's HTTP API (port 0: any free port).
+    pub http_listen: SocketAddr,
+    /// Job store and server certificate go here.
+    pub data_dir: PathBuf,
+}
+
+/// The whole bus in this process: the embedded server, a dispatcher and local agents offering
+/// the built-in and example capabilities, each account with a random password for this run.
+pub struct Farm {
+    /// Where the XMPP server listens.
+    pub xmpp: SocketAddr,
+    /// Where the HTTP API listens.
+    pub http: SocketAddr,
+    agents_stop: watch::Sender<bool>,
+    dispatcher_stop: watch::Sender<bool>,
+    server_stop: watch::Sender<bool>,
+    agent_tasks: Vec<tokio::task::JoinHandle<Result<(), spine_agent::AgentError>>>,
+    dispatcher_task: tokio::task::JoinHandle<Result<(), spine_dispatcher::DispatcherError>>,
+    server_task: tokio::task::JoinHandle<Result<(), spine_server::ServerError>>,
+}
+
+impl Farm {
+    /// Starts the server, the dispatcher and the agents.
+    pub async fn start(o: FarmOptions) -> Result<Farm> {
+        // Server, with one account per component.
+        let dispatcher_pw = secret();
+        let agent_pw = secret();
+        let mut scfg = ServerConfig {
+            listen: o.xmpp_listen,
+            ..ServerConfig::default()
+        };
+        scfg.tls.self_signed_dir = Some(o.data_dir.join("tls"));
+        let account = |user: String, pw: &str| spine_server::config::AccountConfig {
+            user,
+            password: Some(pw.to_owned()),
+            scram_sha256: None,
+            scram_sha1: None,
+        };
+        scfg.accounts = std::iter::once(account("dispatcher".into(), &dispatcher_pw))
+            .chain((1..=o.agents).map(|i| account(format!("agent{i}"), &agent_pw)))
+            .collect();
+        let server = Server::bind(scfg)
+            .await
+            .with_context(|| format!("starting the XMPP server on {}", o.xmpp_listen))?;
+        let xmpp = server.local_addr();
+        // One stop signal per component, so that they stop in order.
+        let stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|s| *s).await;
+        };
+        let (server_stop, server_rx) = watch::channel(false);
+        let (agents_stop, agents_rx) = watch::channel(false);
+        let server_task = tokio::spawn(server.run(stopped(server_rx)));
+
+        let dcfg = DispatcherConfig {
+            jid: "dispatcher@localhost/up".into(),
+            password: Some(dispatcher_pw),
+            server: xmpp.to_string(),
+            data_dir: o.data_dir.join("dispatcher"),
+            http_listen: Some(o.http_listen),
+            ..DispatcherConfig::default()
+        };
+        let dispatcher = Dispatcher::bind(dcfg)
+            .await
+            .with_context(|| format!("starting the dispatcher's HTTP API on {}", o.http_listen))?;
+        let http = dispatcher
+            .http_addr()
+            .context("the HTTP API has no address")?;
+        let (dispatcher_stop, dispatcher_rx) = watch::channel(false);
+        let dispatcher_task = tokio::spawn(dispatcher.run(stopped(dispatcher_rx)));
+
+        let mut agent_tasks = Vec::new();
+        for i in 1..=o.agents {
+            let acfg = AgentConfig {
+                jid: format!("agent{i}@localhost/up"),
+                password: Some(agent_pw.clone()),
+                server: xmpp.to_string(),
+                dispatchers: vec!["dispatcher@localhost".into()],
+                slots: o.slots,
+                drain_grace: Duration::from_secs(10),
+                ..AgentConfig::default()
+            };
+            let agent = builtin(Agent::builder(acfg))
+                .build()
+                .context("building a local agent")?;
+            agent_tasks.push(tokio::spawn(agent.run(stopped(agents_rx.clone()))));
+        }
+        Ok(Farm {
+            xmpp,
+            http,
+            agents_stop,
+            dispatcher_stop,
+            server_stop,
+            agent_tasks,
+            dispatcher_task,
+            server_task,
+        })
+    }
+
+    /// Stops in order: the agents (they drain), the dispatcher, the server.
+    pub async fn stop(self) {
+        let _ = self.agents_stop.send(true);
+        for t in self.agent_tasks {
             match tokio::time::timeout(Duration::from_secs(15), t).await {
                 Ok(Ok(Err(e))) => eprintln!("spine up: an agent stopped with an error: {e}"),
                 Err(_) => eprintln!("spine up: an agent did not stop in time"),
                 _ => {}
             }
         }
-        let _ = dispatcher_stop.send(true);
-        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(5), dispatcher_task).await {
+        let _ = self.dispatcher_stop.send(true);
+        if let Ok(Ok(Err(e))) =
+            tokio::time::timeout(Duration::from_secs(5), self.dispatcher_task).await
+        {
             eprintln!("spine up: the dispatcher stopped with an error: {e}");
         }
-        let _ = server_stop.send(true);
-        if let Ok(Ok(Err(e))) = tokio::time::timeout(Duration::from_secs(10), server_task).await {
+        let _ = self.server_stop.send(true);
+        if let Ok(Ok(Err(e))) =
+            tokio::time::timeout(Duration::from_secs(10), self.server_task).await
+        {
             eprintln!("spine up: the server stopped with an error: {e}");
         }
-        drop(temp);
-        outcome
-    })
+    }
 }

@@ -36,8 +36,13 @@ pub struct JobSpec {
     pub affinity_key: Option<String>,
     /// Arguments (a JSON object).
     pub args: serde_json::Map<String, serde_json::Value>,
-    /// Input bytes.
-    #[serde(with = "base64_bytes", default)]
+    /// Input bytes. Not part of the record's JSON: the store keeps inputs in a table of their
+    /// own, written once (records written by earlier versions, input included, still load).
+    #[serde(
+        default,
+        skip_serializing,
+        deserialize_with = "base64_bytes::deserialize"
+    )]
     pub input: Vec<u8>,
     /// Input MIME type.
     pub input_mime: Option<String>,

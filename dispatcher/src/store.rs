@@ -2,8 +2,10 @@
 //! to disk, before the submitter hears "accepted"; state changes are written as they happen;
 //! a restarted dispatcher reloads unfinished jobs and the agents it knew.
 //!
-//! Tables: `jobs` (job id → the job record as JSON), `idempotency` (submitter NUL key → job
-//! id), `agents` (agent bare JID → last seen, ms since the UNIX epoch).
+//! Tables: `jobs` (job id → the job record as JSON, without its input), `inputs` (job id → the
+//! input bytes, written once: a record changes state several times and a 20 MB input must not
+//! be rewritten each time), `idempotency` (submitter NUL key → job id), `agents` (agent bare
+//! JID → last seen, ms since the UNIX epoch).
 
 use std::path::Path;
 
@@ -13,6 +15,7 @@ use spine_protocol::JobId;
 use crate::jobs::JobRecord;
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
+const INPUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("inputs");
 const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
 const AGENTS: TableDefinition<&str, u64> = TableDefinition::new("agents");
 
@@ -45,6 +48,7 @@ impl Store {
         let tx = db.begin_write().map_err(e)?;
         {
             tx.open_table(JOBS).map_err(e)?;
+            tx.open_table(INPUTS).map_err(e)?;
             tx.open_table(IDEMPOTENCY).map_err(e)?;
             tx.open_table(AGENTS).map_err(e)?;
         }
@@ -58,10 +62,19 @@ impl Store {
         let tx = self.db.begin_write().map_err(e)?;
         {
             let mut t = tx.open_table(JOBS).map_err(e)?;
+            let mut inputs = tx.open_table(INPUTS).map_err(e)?;
             let mut idem = tx.open_table(IDEMPOTENCY).map_err(e)?;
             for j in jobs {
                 let bytes = serde_json::to_vec(j).map_err(e)?;
                 t.insert(j.id.as_str(), bytes.as_slice()).map_err(e)?;
+                // The input once; dropped when the job let go of it (a started map/reduce).
+                if j.spec.input.is_empty() {
+                    inputs.remove(j.id.as_str()).map_err(e)?;
+                } else if inputs.get(j.id.as_str()).map_err(e)?.is_none() {
+                    inputs
+                        .insert(j.id.as_str(), j.spec.input.as_slice())
+                        .map_err(e)?;
+                }
                 if let Some(k) = &j.spec.idempotency_key {
                     idem.insert(idem_key(&j.spec.submitter, k).as_str(), j.id.as_str())
                         .map_err(e)?;
@@ -83,11 +96,19 @@ impl Store {
     pub fn load(&self) -> Result<Vec<JobRecord>, StoreError> {
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(JOBS).map_err(e)?;
+        let inputs = tx.open_table(INPUTS).map_err(e)?;
         let mut out = Vec::new();
         for row in t.iter().map_err(e)? {
             let (k, v) = row.map_err(e)?;
             match serde_json::from_slice::<JobRecord>(v.value()) {
-                Ok(j) => out.push(j),
+                Ok(mut j) => {
+                    if j.spec.input.is_empty() {
+                        if let Some(i) = inputs.get(k.value()).map_err(e)? {
+                            j.spec.input = i.value().to_vec();
+                        }
+                    }
+                    out.push(j)
+                }
                 Err(x) => return Err(e(format!("job {} is unreadable: {x}", k.value()))),
             }
         }
@@ -99,9 +120,11 @@ impl Store {
         let tx = self.db.begin_write().map_err(e)?;
         {
             let mut t = tx.open_table(JOBS).map_err(e)?;
+            let mut inputs = tx.open_table(INPUTS).map_err(e)?;
             let mut idem = tx.open_table(IDEMPOTENCY).map_err(e)?;
             for j in jobs {
                 t.remove(j.id.as_str()).map_err(e)?;
+                inputs.remove(j.id.as_str()).map_err(e)?;
                 if let Some(k) = &j.spec.idempotency_key {
                     idem.remove(idem_key(&j.spec.submitter, k).as_str())
                         .map_err(e)?;
@@ -220,6 +243,53 @@ mod tests {
         s.delete(&[done]).unwrap();
         assert_eq!(s.load().unwrap().len(), 1);
         assert_eq!(s.idempotent("http:app", "upload-1").unwrap(), None);
+    }
+
+    #[test]
+    fn inputs_are_written_once_apart_from_the_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("jobs.redb")).unwrap();
+        let mut t = JobTable::new(10);
+        let mut a = t
+            .submit("a".parse().unwrap(), spec(None), 5)
+            .unwrap()
+            .clone();
+        s.put(&[&a]).unwrap();
+        // The record itself carries no input.
+        let json = serde_json::to_string(&a).unwrap();
+        assert!(!json.contains("AAEC/w=="), "{json}");
+        let input_of = |s: &Store| {
+            let tx = s.db.begin_read().unwrap();
+            let t = tx.open_table(INPUTS).unwrap();
+            t.get("a").unwrap().map(|v| v.value().to_vec())
+        };
+        assert_eq!(input_of(&s), Some(vec![0, 1, 2, 255]));
+        a.state = JobState::Running;
+        s.put(&[&a]).unwrap();
+        assert_eq!(s.load().unwrap()[0].spec.input, vec![0, 1, 2, 255]);
+        // A job that let its input go (a started map/reduce) drops it from the store.
+        a.spec.input.clear();
+        s.put(&[&a]).unwrap();
+        assert_eq!(input_of(&s), None);
+        assert!(s.load().unwrap()[0].spec.input.is_empty());
+        // A record written with its input inside (earlier versions) still loads it.
+        let mut old: serde_json::Value = serde_json::to_value(&a).unwrap();
+        old["spec"]["input"] = serde_json::json!("AAEC/w==");
+        {
+            let tx = s.db.begin_write().unwrap();
+            {
+                let mut t = tx.open_table(JOBS).unwrap();
+                let bytes = serde_json::to_vec(&old).unwrap();
+                t.insert("a", bytes.as_slice()).unwrap();
+            }
+            tx.commit().unwrap();
+        }
+        assert_eq!(s.load().unwrap()[0].spec.input, vec![0, 1, 2, 255]);
+        // Deleting the job deletes its input.
+        a.spec.input = vec![9];
+        s.put(&[&a]).unwrap();
+        s.delete(&[a]).unwrap();
+        assert_eq!(input_of(&s), None);
     }
 
     #[test]
