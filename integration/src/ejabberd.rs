@@ -208,22 +208,14 @@ impl Ejabberd {
             dir,
             child,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while std::net::TcpStream::connect(addr).is_err() {
-            if let Ok(Some(status)) = e.child.try_wait() {
-                return Err(format!(
-                    "ejabberd exited at start ({status}); log: {}",
-                    e.log()
-                ));
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "ejabberd did not listen on {addr} within 30 s; log: {}",
-                    e.log()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let log_path = e.log_path();
+        crate::wait_listening(
+            "ejabberd",
+            addr,
+            &mut e.child,
+            Duration::from_secs(30),
+            || std::fs::read_to_string(&log_path).unwrap_or_default(),
+        )?;
         Ok(e)
     }
 
@@ -266,7 +258,11 @@ impl Ejabberd {
 
     /// ejabberd's log, for error messages.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("logs/ejabberd.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("logs/ejabberd.log")
     }
 
     /// The temporary directory.

@@ -290,3 +290,28 @@ pub fn python() -> Result<std::path::PathBuf, String> {
         "no Python with slixmpp at {candidates:?} (set SPINE_PYTHON or run .ci/run once)"
     ))
 }
+
+/// Waits until a server child process accepts TCP connections on `addr`; the error says
+/// whether it exited or was too slow, with its log.
+pub fn wait_listening(
+    name: &str,
+    addr: std::net::SocketAddr,
+    child: &mut std::process::Child,
+    within: Duration,
+    log: impl Fn() -> String,
+) -> Result<(), String> {
+    let deadline = std::time::Instant::now() + within;
+    while std::net::TcpStream::connect(addr).is_err() {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("{name} exited at start ({status}); log: {}", log()));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!(
+                "{name} did not listen on {addr} within {within:?}; log: {}",
+                log()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}

@@ -115,28 +115,24 @@ impl Prosody {
             dir,
             child,
         };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while std::net::TcpStream::connect(addr).is_err() {
-            if let Ok(Some(status)) = p.child.try_wait() {
-                return Err(format!(
-                    "prosody exited at start ({status}); log: {}",
-                    p.log()
-                ));
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "prosody did not listen on {addr} within 15 s; log: {}",
-                    p.log()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let log_path = p.log_path();
+        crate::wait_listening(
+            "prosody",
+            addr,
+            &mut p.child,
+            Duration::from_secs(15),
+            || std::fs::read_to_string(&log_path).unwrap_or_default(),
+        )?;
         Ok(p)
     }
 
     /// Prosody's log, for error messages.
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("prosody.log")).unwrap_or_default()
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.path().join("prosody.log")
     }
 
     /// The temporary directory.
