@@ -78,14 +78,104 @@ pub async fn measure(
             }
         }
     }
-    let elapsed = t0.elapsed();
+    Ok(figures(n, window, t0.elapsed(), lat))
+}
+
+fn figures(n: usize, window: usize, elapsed: Duration, mut lat: Vec<Duration>) -> RoundTrips {
     lat.sort_unstable();
     let pct = |p: f64| lat[((lat.len() as f64 * p) as usize).min(lat.len() - 1)];
-    Ok(RoundTrips {
+    RoundTrips {
         n,
         window,
         per_sec: n as f64 / elapsed.as_secs_f64(),
         p50: pct(0.5),
         p99: pct(0.99),
-    })
+    }
+}
+
+/// Submits `n` jobs of `capability` over XMPP to the dispatcher `to` in watch mode, keeping
+/// `window` unfinished, and measures each from the `<submit>` to the pushed final
+/// `<job-status>` (all must succeed).
+pub async fn measure_jobs(
+    conn: &mut Connection,
+    to: &Jid,
+    capability: &spine_protocol::CapabilityName,
+    n: usize,
+    window: usize,
+) -> Result<RoundTrips, String> {
+    use spine_protocol::{Accepted, JobState, JobStatus, Submit};
+    let mut submitted: HashMap<String, Instant> = HashMap::with_capacity(window);
+    let mut running: HashMap<String, Instant> = HashMap::with_capacity(window);
+    // Final statuses can overtake the <accepted> reply they belong to.
+    let mut early: HashMap<String, Instant> = HashMap::new();
+    let mut lat = Vec::with_capacity(n);
+    let (mut sent, mut done) = (0usize, 0usize);
+    let t0 = Instant::now();
+    while done < n {
+        while sent < n && submitted.len() + running.len() < window {
+            let id = format!("s{sent}");
+            let mut s = Submit::new(capability.clone());
+            s.watch = true;
+            submitted.insert(id.clone(), Instant::now());
+            conn.send(Iq::from_set(id, s).with_to(to.clone())).await;
+            sent += 1;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), conn.next()).await {
+            Ok(Some(Event::Stanza(Stanza::Iq(Iq::Result {
+                id,
+                payload: Some(p),
+                ..
+            })))) => {
+                let (Some(t), Ok(a)) = (submitted.remove(&id), Accepted::try_from(p)) else {
+                    continue;
+                };
+                let job = a.job.to_string();
+                match early.remove(&job) {
+                    Some(end) => {
+                        lat.push(end - t);
+                        done += 1;
+                    }
+                    None => {
+                        running.insert(job, t);
+                    }
+                }
+            }
+            Ok(Some(Event::Stanza(Stanza::Iq(Iq::Error { id, error, .. })))) => {
+                return Err(format!("submit {id} failed: {:?}", error.defined_condition));
+            }
+            Ok(Some(Event::Stanza(Stanza::Message(m)))) => {
+                let Some(st) = m
+                    .payloads
+                    .iter()
+                    .find_map(|p| JobStatus::try_from(p.clone()).ok())
+                else {
+                    continue;
+                };
+                if !st.state.is_final() {
+                    continue;
+                }
+                if st.state != JobState::Succeeded {
+                    return Err(format!("job {} ended {}", st.job, st.state));
+                }
+                match running.remove(st.job.as_str()) {
+                    Some(t) => {
+                        lat.push(t.elapsed());
+                        done += 1;
+                    }
+                    None => {
+                        early.insert(st.job.to_string(), Instant::now());
+                    }
+                }
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => return Err("connection closed".into()),
+            Err(_) => {
+                return Err(format!(
+                    "stalled with {} unfinished after {done} of {n}",
+                    submitted.len() + running.len()
+                ))
+            }
+        }
+    }
+    Ok(figures(n, window, t0.elapsed(), lat))
 }
