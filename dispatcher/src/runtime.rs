@@ -320,7 +320,10 @@ impl Runtime {
                 }
             }
             Some(Event::Stream(StreamEvent::Reset { .. })) => {
-                info!(in_flight = self.sent.len(), "session re-established: greeting agents, re-sending jobs in flight");
+                info!(
+                    in_flight = self.sent.len(),
+                    "session re-established: greeting agents, re-sending jobs in flight"
+                );
                 self.on_session_start().await;
                 self.resend_in_flight().await;
             }
@@ -395,11 +398,11 @@ impl Runtime {
 
     async fn hello(&mut self, to: Jid) {
         self.send(
-                Presence::available()
-                    .with_to(to)
-                    .with_payload(DispatcherHello::default()),
-            )
-            .await;
+            Presence::available()
+                .with_to(to)
+                .with_payload(DispatcherHello::default()),
+        )
+        .await;
     }
 
     async fn reply_error(&mut self, to: Jid, id: String, e: SpineError) {
@@ -1675,8 +1678,7 @@ impl Runtime {
             Ok(Payload::Status(Status { job })) => match self.jobs.get(&job) {
                 Some(rec) => {
                     let st = self.status(rec);
-                    self.send(Iq::from_result(id, Some(st)).with_to(from))
-                        .await;
+                    self.send(Iq::from_result(id, Some(st)).with_to(from)).await;
                 }
                 None => {
                     self.reply_error(
