@@ -195,15 +195,17 @@ fn authenticate(h: &Handle, headers: &HeaderMap, peer: SocketAddr) -> Result<Cal
                 "missing 'Authorization: Bearer <token>'",
             )
         })?;
-    // Compare every token in full so timing says nothing about which prefix matched.
+    // Compare SHA-256 digests, every byte of every token: timing says nothing about which
+    // prefix matched nor how long the configured tokens are.
+    use sha2::Digest as _;
+    let given = sha2::Sha256::digest(given.as_bytes());
     let mut found = None;
     for t in h.tokens.iter() {
-        let same = t.token.len() == given.len()
-            && t.token
-                .bytes()
-                .zip(given.bytes())
-                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-                == 0;
+        let same = sha2::Sha256::digest(t.token.as_bytes())
+            .iter()
+            .zip(given.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
         if same {
             found = Some(t);
         }
@@ -588,9 +590,21 @@ async fn submit(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     uri: axum::http::Uri,
-    body: axum::body::Bytes,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Result<Response, ApiError> {
     let caller = authenticate(&h, &headers, peer)?;
+    // A body over the limit (or cut short) gets the API's JSON error, not axum's plain text.
+    let body = body.map_err(|e| {
+        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                format!("the request body is over the limit of {MAX_BODY} bytes"),
+            )
+        } else {
+            ApiError::new(e.status(), "bad-request", e.body_text())
+        }
+    })?;
     let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
@@ -902,6 +916,14 @@ async fn not_found() -> ApiError {
     )
 }
 
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "this endpoint does not take that method (see docs/dispatcher.md)",
+    )
+}
+
 /// The API's routes.
 pub(crate) fn router(h: Handle) -> Router {
     Router::new()
@@ -913,6 +935,7 @@ pub(crate) fn router(h: Handle) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(h)
 }

@@ -507,6 +507,8 @@ async fn http_api_submit_follow_cancel_and_errors() {
             Some("filter"),
         ),
         ("GET", "/v2/nothing", None, 404, None),
+        ("DELETE", "/v1/jobs", None, 405, None),
+        ("POST", "/v1/agents", Some("{}"), 405, None),
     ];
     for (method, path, body, status, field) in cases {
         let (st, b) = http(method, format!("{base}{path}"), None, *body).await;
@@ -523,6 +525,21 @@ async fn http_api_submit_follow_cancel_and_errors() {
             );
         }
     }
+
+    // A body over the limit: the API's JSON error too, not plain text.
+    let resp = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .post(format!("{base}/v1/jobs?capability=work.sleep"))
+        .header("content-type", "application/octet-stream")
+        .body(vec![0u8; spine_dispatcher::http::MAX_BODY + 1])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 413);
+    let b: serde_json::Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    assert_eq!(b["error"], "too-large", "{b}");
 
     let (st, caps) = http("GET", format!("{base}/v1/capabilities"), None, None).await;
     assert_eq!(st, 200);
