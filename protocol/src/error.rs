@@ -119,6 +119,20 @@ impl ParseError {
                 text,
                 ..SpineError::new(Condition::BadArguments)
             },
+            // A submitter's request (PROTOCOL.md §11.1, §12): a bad or missing attribute is a
+            // bad argument, named, not a malformed payload.
+            ParseError::InvalidAttribute {
+                element, attribute, ..
+            }
+            | ParseError::MissingAttribute { element, attribute }
+                if matches!(*element, "submit" | "discover") =>
+            {
+                SpineError {
+                    field: Some((*attribute).to_owned()),
+                    text,
+                    ..SpineError::new(Condition::BadArguments)
+                }
+            }
             _ => SpineError {
                 text,
                 ..SpineError::new(Condition::Malformed)

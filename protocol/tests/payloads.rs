@@ -473,3 +473,30 @@ fn map_reduce_attributes() {
     .unwrap();
     assert_eq!(s.mapreduce.unwrap().fan_in, DEFAULT_FAN_IN);
 }
+
+#[test]
+fn a_submitters_bad_attribute_is_a_named_bad_argument() {
+    let e = Submit::try_from(el(
+        "<submit xmlns='urn:spine:1' capability='c' filter='gpu='/>",
+    ))
+    .unwrap_err()
+    .to_spine_error();
+    assert_eq!(
+        (e.condition, e.field.as_deref()),
+        (Condition::BadArguments, Some("filter"))
+    );
+    let e = Discover::try_from(el("<discover xmlns='urn:spine:1'/>"))
+        .unwrap_err()
+        .to_spine_error();
+    assert_eq!(
+        (e.condition, e.field.as_deref()),
+        (Condition::BadArguments, Some("capability"))
+    );
+    // A dispatcher's <job> with a bad attribute is a malformed payload (PROTOCOL.md §7.3).
+    let e = Job::try_from(el(
+        "<job xmlns='urn:spine:1' id='a' capability='c' attempt='0'/>",
+    ))
+    .unwrap_err()
+    .to_spine_error();
+    assert_eq!(e.condition, Condition::Malformed);
+}
