@@ -45,6 +45,13 @@ pub struct DispatcherConfig {
     pub retention: Duration,
     /// Largest blob from an agent.
     pub max_blob: ByteSize,
+    /// The audit log (JSON lines, one per job that ended): a path, relative to `data_dir`
+    /// unless absolute, or `"off"`.
+    pub audit_log: String,
+    /// Size at which the audit log rotates.
+    pub audit_max_size: ByteSize,
+    /// Rotated audit files kept (`audit.jsonl.1` …).
+    pub audit_keep: usize,
     /// Map/reduce: a step running longer than this many times the median of its finished
     /// siblings gets a speculative copy on another agent (0: never).
     pub speculation_factor: f64,
@@ -108,6 +115,9 @@ impl Default for DispatcherConfig {
             no_agent_wait: Duration::from_secs(30),
             retention: Duration::from_secs(86_400),
             max_blob: ByteSize::mib(64),
+            audit_log: "audit.jsonl".into(),
+            audit_max_size: ByteSize::mib(64),
+            audit_keep: 5,
             speculation_factor: 4.0,
             speculation_min: Duration::from_secs(2),
             tls: TlsConfig::default(),
@@ -220,6 +230,15 @@ impl DispatcherConfig {
                 "must be 0 (no speculative copies) or 1 to 1000",
             ));
         }
+        if self.audit_log.trim().is_empty() {
+            return Err(bad("audit_log", "a file name, or \"off\""));
+        }
+        if self.audit_max_size.as_u64() < 4096 {
+            return Err(bad("audit_max_size", "must be at least 4KiB"));
+        }
+        if self.audit_keep > 1000 {
+            return Err(bad("audit_keep", "at most 1000 rotated files"));
+        }
         if self.data_dir.as_os_str().is_empty() {
             return Err(bad("data_dir", "must not be empty"));
         }
@@ -281,6 +300,8 @@ mod tests {
             ("submitters = [\"a@b/c\"]", "submitters[0]"),
             ("max_queue = 0", "max_queue"),
             ("speculation_factor = 0.5", "speculation_factor"),
+            ("audit_log = \"\"", "audit_log"),
+            ("audit_max_size = \"1KiB\"", "audit_max_size"),
             ("speculation_min = 2", "speculation_min"),
             ("no_agent_wait = 30", "no_agent_wait"),
             ("http_listen = \"nowhere\"", "http_listen"),

@@ -110,6 +110,8 @@ struct Runtime {
     outbox: Vec<Stanza>,
     /// HTTP API replies held until the changes before them are committed.
     replies: Vec<Box<dyn FnOnce() + Send>>,
+    /// One line per job that ended.
+    audit: Option<crate::audit::AuditLog>,
 }
 
 /// Dispatch latency (accepted → first dispatch), for /metrics.
@@ -190,6 +192,18 @@ async fn run_inner(
     for j in stored {
         jobs.restore(j);
     }
+    let audit = match cfg.audit_log.trim() {
+        "off" => None,
+        name => {
+            let path = cfg.data_dir.join(name);
+            Some(
+                crate::audit::AuditLog::open(&path, cfg.audit_max_size.as_u64(), cfg.audit_keep)
+                    .map_err(|e| {
+                        DispatcherError::Config(format!("audit_log: {}: {e}", path.display()))
+                    })?,
+            )
+        }
+    };
     let mut conn = spine_xmpp::connect(opts).await?;
     let mut status_rx = conn
         .take_status()
@@ -258,6 +272,7 @@ async fn run_inner(
         fresh_keys: HashMap::new(),
         outbox: Vec::new(),
         replies: Vec::new(),
+        audit,
     };
     rt.on_session_start().await;
     // Map/reduce jobs whose last step ended just before a crash move on now.
@@ -350,6 +365,12 @@ impl Runtime {
             self.dirty.clear();
         }
         self.fresh_keys.clear();
+        if let Some(a) = self.audit.as_mut() {
+            // The outcomes are stored now; an audit write failure is reported, not fatal.
+            if let Err(e) = a.flush() {
+                error!("cannot write the audit log: {e}");
+            }
+        }
         for st in std::mem::take(&mut self.outbox) {
             self.conn.send(st).await;
         }
@@ -849,9 +870,23 @@ impl Runtime {
         Ok(())
     }
 
+    /// Queues the audit line of a job that ended.
+    fn audit_record(&mut self, job: &JobId) {
+        if let (Some(a), Some(rec)) = (self.audit.as_mut(), self.jobs.get(job)) {
+            if rec.state.is_final() {
+                a.record(rec, now_ms());
+            }
+        }
+    }
+
     /// Cancels one job and tells its agent (the caller stores it).
     async fn cancel_step(&mut self, job: &JobId, reason: &str, now: u64) {
-        if let Ok(Some(a)) = self.jobs.cancel_because(job, reason, now) {
+        let was_final = self.jobs.get(job).is_some_and(|j| j.state.is_final());
+        let cancelled = self.jobs.cancel_because(job, reason, now);
+        if !was_final {
+            self.audit_record(job);
+        }
+        if let Ok(Some(a)) = cancelled {
             if let Ok(a) = a.parse::<FullJid>() {
                 if let Some(aid) = self.registry.id_of(&a) {
                     self.registry.on_finished(aid, job, &mut self.rng);
@@ -1270,6 +1305,7 @@ impl Runtime {
     }
 
     async fn notify_one(&mut self, job: &JobId) {
+        self.audit_record(job);
         let Some(rec) = self.jobs.get(job) else {
             return;
         };

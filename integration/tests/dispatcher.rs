@@ -1127,3 +1127,89 @@ async fn a_map_reduce_over_xmpp_streams_progress_and_pushes_one_outcome() {
     }
     dispatcher.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_ended_job_has_one_audit_line() {
+    let server = TestServer::start(ACCOUNTS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (dispatcher, addr) = start_http_dispatcher(&server, dir.path(), "").await;
+    let base = format!("http://{addr}");
+    let (busy, peak) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let agent = start_echo_agent(&server, 1, 300, busy, peak);
+    spine_integration::farm::wait_for_agents(&base, "work.echo", 1).await;
+    // One success, one cancelled while running, one for a capability nobody offers.
+    let (_, ok) = http(
+        "POST",
+        format!("{base}/v1/jobs"),
+        None,
+        Some(r#"{"capability":"work.echo"}"#),
+    )
+    .await;
+    let ok = ok["id"].as_str().unwrap().to_owned();
+    let (_, cancelled) = http(
+        "POST",
+        format!("{base}/v1/jobs"),
+        None,
+        Some(r#"{"capability":"work.echo"}"#),
+    )
+    .await;
+    let cancelled = cancelled["id"].as_str().unwrap().to_owned();
+    let (st, _) = http("DELETE", format!("{base}/v1/jobs/{cancelled}"), None, None).await;
+    assert_eq!(st, 200);
+    let (_, none) = http(
+        "POST",
+        format!("{base}/v1/jobs"),
+        None,
+        Some(r#"{"capability":"work.none"}"#),
+    )
+    .await;
+    let none = none["id"].as_str().unwrap().to_owned();
+    assert_eq!(wait_final(&base, &ok).await["state"], "succeeded");
+    assert_eq!(wait_final(&base, &none).await["state"], "failed");
+
+    let path = dir.path().join("audit.jsonl");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let lines: Vec<serde_json::Value> = loop {
+        let text = std::fs::read_to_string(&path).unwrap_or_default();
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        if lines.len() >= 3 {
+            break lines;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    let line = |id: &str| lines.iter().find(|l| l["job"] == id).unwrap().clone();
+    let l = line(&ok);
+    assert_eq!(
+        (
+            &l["state"],
+            &l["submitter"],
+            &l["capability"],
+            &l["agent"],
+            &l["attempts"]
+        ),
+        (
+            &json!("succeeded"),
+            &json!("http:local"),
+            &json!("work.echo"),
+            &json!("agent1@localhost/w"),
+            &json!(1)
+        )
+    );
+    let l = line(&cancelled);
+    assert_eq!(
+        (&l["state"], &l["condition"]),
+        (&json!("cancelled"), &json!("cancelled"))
+    );
+    let l = line(&none);
+    assert_eq!(
+        (&l["state"], &l["condition"]),
+        (&json!("failed"), &json!("no-agent"))
+    );
+    agent.stop();
+    dispatcher.stop();
+}
