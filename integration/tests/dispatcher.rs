@@ -83,11 +83,16 @@ async fn submit(w: &mut TestDispatcher, secs: u64) -> String {
 
 /// Waits until the dispatcher lists `n` agents for work.sleep.
 async fn wait_agents(w: &mut TestDispatcher, n: usize) -> Agents {
+    wait_agents_for(w, "work.sleep", n).await
+}
+
+/// Waits until the dispatcher lists `n` agents for `capability` (asked over XMPP).
+async fn wait_agents_for(w: &mut TestDispatcher, capability: &str, n: usize) -> Agents {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let id = format!("disc-{}", rand_u32());
         let d = Discover {
-            capability: "work.sleep".parse().unwrap(),
+            capability: capability.parse().unwrap(),
             filter: None,
             sort: None,
             limit: None,
@@ -1030,26 +1035,7 @@ async fn a_map_reduce_over_xmpp_streams_progress_and_pushes_one_outcome() {
     let dispatcher = start_dispatcher(&server, dir.path());
     let agents: Vec<Running> = (1..=2).map(|n| start_len_sum_agent(&server, n)).collect();
     let mut w = TestDispatcher::new(server.client("webapp", "pw-w").await).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let id = format!("disc-{}", rand_u32());
-        let d = Discover {
-            capability: "text.len".parse().unwrap(),
-            filter: None,
-            sort: None,
-            limit: None,
-        };
-        w.conn
-            .send(Iq::from_get(id.clone(), d).with_to(dispatcher_jid()))
-            .await;
-        if let Ok(Some(p)) = w.wait_reply(&id).await {
-            if Agents::try_from(p).unwrap().agents.len() == 2 {
-                break;
-            }
-        }
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_agents_for(&mut w, "text.len", 2).await;
 
     // Ten fragments of 1..=10 bytes: the lengths sum to 55, through a tree of fan-in 3.
     let fragments: Vec<Fragment> = (1..=10)
