@@ -51,10 +51,50 @@ enum Scenario {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Map/reduce scaling: a word count over a generated corpus, shipped through the bus as a
+    /// fragment list, on local farms of 1, 2 and 4 agents, beside a single-process count.
+    Mapreduce {
+        /// Corpus size in MiB.
+        #[arg(long, default_value_t = 200)]
+        mib: usize,
+        /// Agent counts to run (one slot each), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        agents: Vec<usize>,
+        /// Size of each fragment (one map step) in MiB.
+        #[arg(long, default_value_t = 4)]
+        fragment_mib: usize,
+        /// Reduce fan-in.
+        #[arg(long, default_value_t = 16)]
+        fan_in: u64,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 pub fn run(a: BenchArgs) -> Result<bool> {
     match a.scenario {
+        Scenario::Mapreduce {
+            mib,
+            agents,
+            fragment_mib,
+            fan_in,
+            json,
+        } => {
+            if mib == 0 || fragment_mib == 0 || agents.is_empty() || agents.contains(&0) {
+                anyhow::bail!("--mib, --fragment-mib and every --agents count must be at least 1");
+            }
+            if !(2..=spine_protocol::MAX_FAN_IN).contains(&fan_in) {
+                anyhow::bail!("--fan-in must be from 2 to {}", spine_protocol::MAX_FAN_IN);
+            }
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let r = rt.block_on(mapreduce(mib, &agents, fragment_mib, fan_in))?;
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(true)
+        }
         Scenario::Payload { mib, runs, json } => {
             if mib == 0 || runs == 0 {
                 anyhow::bail!("--mib and --runs must be at least 1");
@@ -188,26 +228,11 @@ async fn payload(mib: usize, runs: usize) -> Result<serde_json::Value> {
         xmpp_listen: "127.0.0.1:0".parse()?,
         http_listen: "127.0.0.1:0".parse()?,
         data_dir: dir.path().to_path_buf(),
+        max_blob: None,
     })
     .await?;
     let api = spine_client::Client::new(&format!("http://{}", farm.http), None)?;
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    loop {
-        let a = api
-            .call(
-                api.request(reqwest::Method::GET, "/v1/agents?capability=hash.sha256"),
-                "agents",
-            )
-            .await?;
-        if a["agents"].as_array().is_some_and(|v| !v.is_empty()) {
-            break;
-        }
-        anyhow::ensure!(
-            std::time::Instant::now() < deadline,
-            "the agent did not register"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    wait_for_agents(&api, "hash.sha256", 1).await?;
     let (mut raw, mut bus) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         raw.push(raw_copy(&data).await?);
@@ -241,5 +266,116 @@ async fn payload(mib: usize, runs: usize) -> Result<serde_json::Value> {
         "bus_mb_s": mb / bus_s,
         "bus_s": bus_s,
         "ratio": raw_s / bus_s,
+    }))
+}
+
+/// Waits (up to 30 s) until the dispatcher at `api` lists `n` agents offering `capability`.
+async fn wait_for_agents(api: &spine_client::Client, capability: &str, n: usize) -> Result<()> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let a = api
+            .call(
+                api.request(
+                    reqwest::Method::GET,
+                    &format!("/v1/agents?capability={capability}"),
+                ),
+                "agents",
+            )
+            .await?;
+        if a["agents"].as_array().map_or(0, Vec::len) >= n {
+            return Ok(());
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "{n} agents offering {capability} did not register within 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Map/reduce scaling: the same word count on farms of each size, beside one process.
+async fn mapreduce(
+    mib: usize,
+    agent_counts: &[usize],
+    fragment_mib: usize,
+    fan_in: u64,
+) -> Result<serde_json::Value> {
+    use spine_example_wordcount as wc;
+    let text = wc::generated_corpus(mib * 1024 * 1024);
+    let t = std::time::Instant::now();
+    let mut local = wc::Counts::new();
+    wc::count_into(&mut local, &text);
+    let local = wc::sorted(local);
+    let local_s = t.elapsed().as_secs_f64();
+    let pieces = wc::split(&text, fragment_mib * 1024 * 1024);
+    let body = serde_json::json!({
+        "capability": "wordcount.map",
+        "reduce": "wordcount.reduce",
+        "fan_in": fan_in,
+        "fragments": pieces
+            .iter()
+            .map(|p| serde_json::json!({ "data": spine_client::base64(p.as_bytes()), "type": "text/plain; charset=utf-8" }))
+            .collect::<Vec<_>>(),
+    });
+    let n_fragments = pieces.len();
+    drop(text);
+    println!(
+        "mapreduce: word count of a generated {mib} MiB corpus ({n_fragments} fragments of {fragment_mib} MiB, fan-in {fan_in}), shipped through the bus; {} cores",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!("single process (baseline): {local_s:.2} s");
+    println!(
+        "{:>7} {:>10} {:>9} {:>8} {:>15}",
+        "agents", "time", "speedup", "÷ ideal", "÷ single proc."
+    );
+    let mut rows = Vec::new();
+    let mut one_agent_s = None;
+    for &n in agent_counts {
+        let dir = tempfile::tempdir().context("temporary directory")?;
+        let farm = crate::up::Farm::start(crate::up::FarmOptions {
+            agents: n,
+            slots: 1,
+            xmpp_listen: "127.0.0.1:0".parse()?,
+            http_listen: "127.0.0.1:0".parse()?,
+            data_dir: dir.path().to_path_buf(),
+            max_blob: Some(bytesize::ByteSize::b(
+                (mib as u64 * 1024 * 1024) * 3 / 2 + 16 * 1024 * 1024,
+            )),
+        })
+        .await?;
+        let api = spine_client::Client::new(&format!("http://{}", farm.http), None)?;
+        wait_for_agents(&api, "wordcount.map", n).await?;
+        let t = std::time::Instant::now();
+        let id = api.submit(&body).await?;
+        let job = api.follow(&id, |_, _| {}).await?;
+        let took = t.elapsed().as_secs_f64();
+        let out = spine_client::output(&job)?;
+        let counts: Vec<(String, u64)> =
+            serde_json::from_slice(&out).context("reading the word counts")?;
+        farm.stop().await;
+        anyhow::ensure!(
+            counts == local,
+            "{n} agents counted differently from the single process ({} vs {} distinct words)",
+            counts.len(),
+            local.len()
+        );
+        let base = *one_agent_s.get_or_insert(took);
+        let speedup = base / took;
+        // The ideal counts agents relative to the first run's (1 unless told otherwise).
+        let ideal = n as f64 / agent_counts[0] as f64;
+        println!(
+            "{n:>7} {took:>9.2}s {speedup:>9.2} {:>8.2} {:>15.2}",
+            speedup / ideal,
+            took / local_s
+        );
+        rows.push(serde_json::json!({
+            "agents": n, "seconds": took, "speedup": speedup, "ideal": ideal,
+            "speedup_over_ideal": speedup / ideal, "over_single_process": took / local_s,
+            "reduce_steps": job["result"]["meta"]["reduce_steps"],
+        }));
+    }
+    Ok(serde_json::json!({
+        "mib": mib, "fragments": n_fragments, "fragment_mib": fragment_mib, "fan_in": fan_in,
+        "single_process_s": local_s, "runs": rows,
     }))
 }

@@ -110,6 +110,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             xmpp_listen: args.xmpp_listen,
             http_listen: args.http_listen,
             data_dir: data_dir.clone(),
+            max_blob: None,
         })
         .await?;
         let (xmpp, http) = (farm.xmpp, farm.http);
@@ -157,6 +158,8 @@ pub struct FarmOptions {
     pub http_listen: SocketAddr,
     /// Job store and server certificate go here.
     pub data_dir: PathBuf,
+    /// The dispatcher's `max_blob` (largest input and output), when not the default.
+    pub max_blob: Option<bytesize::ByteSize>,
 }
 
 /// The whole bus in this process: the embedded server, a dispatcher and local agents offering
@@ -212,6 +215,7 @@ impl Farm {
             server: xmpp.to_string(),
             data_dir: o.data_dir.join("dispatcher"),
             http_listen: Some(o.http_listen),
+            max_blob: o.max_blob.unwrap_or(DispatcherConfig::default().max_blob),
             ..DispatcherConfig::default()
         };
         let dispatcher = Dispatcher::bind(dcfg)

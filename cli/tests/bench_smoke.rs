@@ -70,3 +70,56 @@ fn payload_runs_small_and_checks_the_hash() {
     assert!(r["bus_mb_s"].as_f64().unwrap() > 0.0);
     assert!(r["raw_mb_s"].as_f64().unwrap() > r["bus_mb_s"].as_f64().unwrap());
 }
+
+#[test]
+fn mapreduce_runs_small_and_matches_the_single_process_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("mapreduce.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args([
+            "bench",
+            "mapreduce",
+            "--mib",
+            "2",
+            "--fragment-mib",
+            "1",
+            "--agents",
+            "1,2",
+            "--fan-in",
+            "2",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("single process (baseline)"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    // 2 MiB in 1 MiB pieces cut between words: 2 or 3 fragments.
+    let fragments = r["fragments"].as_u64().unwrap();
+    assert!((2..=3).contains(&fragments), "{r}");
+    let runs = r["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0]["agents"], 1);
+    assert_eq!(runs[1]["agents"], 2);
+    assert_eq!(runs[0]["speedup"], 1.0);
+    assert_eq!(runs[1]["ideal"], 2.0);
+    for run in runs {
+        assert!(run["seconds"].as_f64().unwrap() > 0.0, "{run}");
+        // fan-in 2 over 2–3 map outputs: 1 or 2 reduce steps.
+        let steps = run["reduce_steps"].as_u64().unwrap();
+        assert!((1..=2).contains(&steps), "{run}");
+    }
+
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args(["bench", "mapreduce", "--agents", "1,0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--agents"));
+}

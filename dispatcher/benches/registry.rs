@@ -1,6 +1,8 @@
 //! Registry micro-benchmarks: `pick` (least-loaded) and a load update (assign + finish) at
 //! 100, 1,000, 10,000 and 50,000 agents over 100 capabilities. Target: ≤ 1 µs median `pick` at
-//! 50,000 agents. Run: `cargo bench -p spine-dispatcher --bench registry`.
+//! 50,000 agents, beside a scan of every capable agent (the baseline). Run: `cargo bench -p
+//! spine-dispatcher --bench registry`. `cargo test` runs each benchmark once (criterion's test
+//! mode), so the benchmark cannot rot.
 //!
 //! Each agent offers 5 of the 100 capabilities (so ~2,500 agents per capability at 50,000),
 //! has 16 slots and starts with a random number of them busy; a tenth of the agents are
@@ -75,6 +77,19 @@ fn bench(c: &mut Criterion) {
                 black_box(
                     reg.pick(&PickRequest::least_loaded(&caps[i]), &mut rng)
                         .ok(),
+                )
+            })
+        });
+        // The baseline: a scan of every capable agent for the lowest load (what a registry
+        // without a load-ordered index does on each job).
+        g.bench_with_input(BenchmarkId::new("scan_least_loaded", n), &n, |b, _| {
+            b.iter(|| {
+                i = (i + 1) % CAPS;
+                let req = PickRequest::least_loaded(&caps[i]);
+                black_box(
+                    reg.eligible_agents(&req)
+                        .into_iter()
+                        .min_by_key(|id| reg.effective_in_flight(*id).unwrap_or(u64::MAX)),
                 )
             })
         });

@@ -30,8 +30,12 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use crate::config::HttpToken;
 use crate::jobs::{JobRecord, JobSpec, Recorded};
 
-/// Largest HTTP request body (base64 input included).
-pub const MAX_BODY: usize = 96 * 1024 * 1024;
+/// Largest HTTP request body for a dispatcher whose largest input is `max_input` bytes (its
+/// `max_blob`): room for that input in base64 inside a JSON body (4/3 of it, and the rest of
+/// the request). 96 MiB with the default `max_blob` of 64 MiB.
+pub fn max_body(max_input: u64) -> usize {
+    usize::try_from(max_input.saturating_add(max_input / 2)).unwrap_or(usize::MAX)
+}
 
 /// A request from an HTTP handler to the connection task.
 pub(crate) enum Command {
@@ -599,7 +603,10 @@ async fn submit(
             ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "too-large",
-                format!("the request body is over the limit of {MAX_BODY} bytes"),
+                format!(
+                    "the request body is over the limit of {} bytes (1.5 × max_blob)",
+                    max_body(h.max_input)
+                ),
             )
         } else {
             ApiError::new(e.status(), "bad-request", e.body_text())
@@ -926,6 +933,7 @@ async fn method_not_allowed() -> ApiError {
 
 /// The API's routes.
 pub(crate) fn router(h: Handle) -> Router {
+    let limit = max_body(h.max_input);
     Router::new()
         .route("/v1/jobs", axum::routing::post(submit).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
@@ -936,6 +944,6 @@ pub(crate) fn router(h: Handle) -> Router {
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(MAX_BODY))
+        .layer(DefaultBodyLimit::max(limit))
         .with_state(h)
 }

@@ -11,6 +11,7 @@ pub mod ejabberd;
 pub mod farm;
 pub mod prosody;
 pub mod servers;
+pub mod swarm;
 
 use std::net::SocketAddr;
 use std::time::Duration;

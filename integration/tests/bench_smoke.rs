@@ -1,5 +1,6 @@
 //! The bus-versus-transport benchmark runs at a tiny size in the test command, so it cannot
-//! rot: it exits 0 and writes its four measurements and the ratios.
+//! rot: it exits 0 and writes its four measurements and the ratios, for every installed server
+//! (all three required under `SPINE_REQUIRE_SERVERS=1`, as in CI).
 
 #[test]
 fn bus_bench_runs_small() {
@@ -7,6 +8,57 @@ fn bus_bench_runs_small() {
     let json = dir.path().join("bus.json");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_bus-bench"))
         .arg("40")
+        .arg(&json)
+        .args(["--servers", "all"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let mut kinds = vec!["embedded"];
+    if spine_integration::servers::required() {
+        kinds.extend(["prosody", "ejabberd"]);
+    }
+    for kind in kinds {
+        let r = &r[kind];
+        for k in [
+            "raw_sequential",
+            "raw_window64",
+            "bus_sequential",
+            "bus_window64",
+        ] {
+            assert!(r[k]["per_sec"].as_f64().unwrap() > 0.0, "{kind} {k}: {r}");
+            assert!(r[k]["p50_ms"].as_f64().unwrap() > 0.0, "{kind} {k}: {r}");
+        }
+        assert_eq!(r["bus_window64"]["n"], 40, "{kind}");
+        assert!(r["throughput_ratio"]["window64"].as_f64().unwrap() > 0.0);
+        assert!(
+            stdout.contains(&format!("{kind:<10} bus ÷ raw")),
+            "{stdout}"
+        );
+    }
+
+    // A bad argument is refused with the usage.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bus-bench"))
+        .args(["--servers", "openfire"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown server \"openfire\""));
+}
+
+/// The swarm benchmark at a tiny size: the server and the dispatcher run as child processes,
+/// every simulated agent registers, jobs run with the fleet idle and busy, and memory is read.
+#[test]
+fn swarm_bench_runs_small() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("swarm.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_swarm-bench"))
+        .args(["3,30", "--jobs", "50", "--json"])
         .arg(&json)
         .output()
         .unwrap();
@@ -17,15 +69,23 @@ fn bus_bench_runs_small() {
         String::from_utf8_lossy(&out.stderr)
     );
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
-    for k in [
-        "raw_sequential",
-        "raw_window64",
-        "bus_sequential",
-        "bus_window64",
-    ] {
-        assert!(r[k]["per_sec"].as_f64().unwrap() > 0.0, "{k}: {r}");
-        assert!(r[k]["p50_ms"].as_f64().unwrap() > 0.0, "{k}: {r}");
+    let sizes = r["sizes"].as_array().unwrap();
+    assert_eq!(sizes.len(), 2, "{r}");
+    for (s, n) in sizes.iter().zip([3u64, 30]) {
+        assert_eq!(s["agents"], n, "{s}");
+        assert!(s["register_s"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(s["server_rss_after"].as_u64().unwrap() > 0, "{s}");
+        assert!(s["dispatcher_rss_after"].as_u64().unwrap() > 0, "{s}");
+        assert_eq!(s["idle"]["n"], 50, "{s}");
+        assert_eq!(s["busy"]["n"], 50, "{s}");
+        // Every no-op job (warm-up, idle, busy) was answered by a simulated agent.
+        assert_eq!(s["answered"], 5 + 50 + 50, "{s}");
     }
-    assert_eq!(r["bus_window64"]["n"], 40);
-    assert!(r["throughput_ratio"]["window64"].as_f64().unwrap() > 0.0);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_swarm-bench"))
+        .args(["10,x"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bad size list"));
 }

@@ -538,7 +538,10 @@ async fn http_api_submit_follow_cancel_and_errors() {
         .unwrap()
         .post(format!("{base}/v1/jobs?capability=work.sleep"))
         .header("content-type", "application/octet-stream")
-        .body(vec![0u8; spine_dispatcher::http::MAX_BODY + 1])
+        .body(vec![
+            0u8;
+            spine_dispatcher::http::max_body(64 * 1024 * 1024) + 1
+        ])
         .send()
         .await
         .unwrap();

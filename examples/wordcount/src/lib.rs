@@ -208,6 +208,33 @@ pub fn register(builder: AgentBuilder) -> AgentBuilder {
         })
 }
 
+/// A corpus of `bytes` bytes, the same every run: lines of words drawn from a synthetic
+/// vocabulary of 50,000 words, their frequencies following Zipf's law as in natural text.
+pub fn generated_corpus(bytes: usize) -> String {
+    use rand::{Rng, SeedableRng};
+    let mut rng = rand::rngs::StdRng::seed_from_u64(2008);
+    let letters = b"etaoinshrdlucmfwypvbgkjqxz";
+    let vocab: Vec<String> = (0..50_000)
+        .map(|_| {
+            let len = rng.random_range(2..=10);
+            (0..len)
+                .map(|_| letters[(rng.random::<f64>().powi(2) * 26.0) as usize % 26] as char)
+                .collect()
+        })
+        .collect();
+    let mut text = String::with_capacity(bytes + 64);
+    let mut on_line = 0;
+    while text.len() < bytes {
+        // Log-uniform rank: P(rank) ∝ 1 / rank, Zipf's law with exponent 1.
+        let rank = (vocab.len() as f64).powf(rng.random::<f64>()) as usize;
+        let w = &vocab[rank.saturating_sub(1).min(vocab.len() - 1)];
+        text.push_str(w);
+        on_line += 1;
+        text.push(if on_line % 12 == 0 { '\n' } else { ' ' });
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -304,5 +331,20 @@ mod tests {
             split_job(a.as_object().unwrap(), b"x"),
             Err(JobError::BadArguments { field, .. }) if field == "fragment_bytes"
         ));
+    }
+
+    #[test]
+    fn the_generated_corpus_is_the_same_every_run_and_skewed() {
+        // The corpus is part of the figure: a change to it must be a deliberate one.
+        let a = generated_corpus(100_000);
+        assert_eq!(a, generated_corpus(100_000));
+        assert!(a.len() >= 100_000 && a.len() < 100_020);
+        let mut counts = Counts::new();
+        count_into(&mut counts, &a);
+        let sorted = sorted(counts);
+        let total: u64 = sorted.iter().map(|(_, n)| n).sum();
+        // Zipf-like: the 100 most frequent words are a large share of the text.
+        let top: u64 = sorted.iter().take(100).map(|(_, n)| n).sum();
+        assert!(top * 5 > total, "top 100 = {top} of {total}");
     }
 }

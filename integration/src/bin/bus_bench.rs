@@ -1,17 +1,19 @@
 //! The bus against the transport's limit, on the same embedded server in the same run:
-//! `cargo run --release -p spine-integration --bin bus-bench [-- N [JSON-PATH]]`.
+//! `cargo run --release -p spine-integration --bin bus-bench [-- N [JSON-PATH] [--servers
+//! embedded,prosody,ejabberd|all]]` (the embedded server alone by default).
 //!
 //! (a) raw IQ request/response between two plain tokio-xmpp clients (the `xmpp-bench`
 //! measurement); (b) no-op Spine jobs: a submitter sends `<submit watch='true'>` over XMPP to a
 //! real dispatcher, which stores the job, sends it to a real agent with a no-op capability and
 //! pushes the final status back. Both sequentially and with 64 in flight. Prints throughput,
-//! p50/p99 and the ratios bus ÷ raw; writes JSON to target/bench/bus-vs-transport.json.
+//! p50/p99 and the ratios bus ÷ raw per server; writes JSON (an object keyed by server) to
+//! target/bench/bus-vs-transport.json.
 
 use jid::Jid;
 use spine_agent::{Agent, JobContext, JobError, Output};
 use spine_integration::bench::{measure, measure_jobs, responder, RoundTrips};
 use spine_integration::farm::{agent_config, run_agent, start_http_dispatcher};
-use spine_integration::TestServer;
+use spine_integration::servers::{AnyServer, Kind};
 use spine_xmpp::{ConnectOptions, Security};
 
 fn row(name: &str, r: &RoundTrips) -> String {
@@ -32,23 +34,20 @@ fn json(name: &str, r: &RoundTrips) -> serde_json::Value {
     })
 }
 
-#[tokio::main]
-async fn main() -> Result<(), String> {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(2000);
-    let server = TestServer::start(&[
-        ("bench-a", "pw-a"),
-        ("bench-b", "pw-b"),
-        ("dispatcher", "pw-d"),
-        ("agent1", "pw"),
-        ("submitter", "pw-s"),
-    ])
-    .await;
+/// The four measurements on one server.
+struct Measured {
+    raw_seq: RoundTrips,
+    raw_par: RoundTrips,
+    bus_seq: RoundTrips,
+    bus_par: RoundTrips,
+}
+
+async fn measure_on(server: &AnyServer, n: usize) -> Result<Measured, String> {
+    // Plain TCP on loopback for every client, as the dispatcher and agent use by default
+    // (TLS off loopback only), so the raw clients and the bus pay the same transport.
     let opts = |user: &str, pw: &str| {
         ConnectOptions::new(
-            format!("{user}@localhost").parse().expect("jid"),
+            format!("{user}@{}", server.domain).parse().expect("jid"),
             pw,
             server.addr,
             Security::Plain { insecure: false },
@@ -72,12 +71,12 @@ async fn main() -> Result<(), String> {
     // (b) No-op jobs through a real dispatcher and agent on the same server.
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let (dispatcher, base) = start_http_dispatcher(
-        &server,
+        server,
         dir.path(),
         "submitters = [\"submitter@localhost\"]\n",
     )
     .await;
-    let agent = Agent::builder(agent_config(&server, 1, "slots = 64\n"))
+    let agent = Agent::builder(agent_config(server, 1, "slots = 64\n"))
         .capability("bench.noop", None, |_ctx: JobContext| async move {
             Ok::<_, JobError>(Output::bytes(Vec::new()))
         })
@@ -92,47 +91,123 @@ async fn main() -> Result<(), String> {
         .await;
     let d: Jid = "dispatcher@localhost/d1".parse().expect("jid");
     let cap = "bench.noop".parse().expect("capability");
-    measure_jobs(&mut sub, &d, &cap, 200, 1).await?;
-    let bus_seq = measure_jobs(&mut sub, &d, &cap, n / 4, 1).await?;
+    measure_jobs(&mut sub, &d, &cap, 200.min(n), 1).await?; // warm-up
+    let bus_seq = measure_jobs(&mut sub, &d, &cap, (n / 4).max(1), 1).await?;
     let bus_par = measure_jobs(&mut sub, &d, &cap, n, 64).await?;
     sub.close().await;
     agent.stop();
     dispatcher.stop();
+    Ok(Measured {
+        raw_seq,
+        raw_par,
+        bus_seq,
+        bus_par,
+    })
+}
 
-    println!(
-        "{:<26} {:>7} {:>6} {:>10} {:>10} {:>10}",
-        "mode", "n", "window", "per s", "p50 ms", "p99 ms"
-    );
-    for (name, r) in [
-        ("raw IQ, sequential", &raw_seq),
-        ("raw IQ, 64 in flight", &raw_par),
-        ("no-op job, sequential", &bus_seq),
-        ("no-op job, 64 in flight", &bus_par),
-    ] {
-        println!("{}", row(name, r));
+fn usage() -> String {
+    "usage: bus-bench [N] [JSON-PATH] [--servers embedded,prosody,ejabberd]".into()
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run().await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bus-bench: {e}");
+            std::process::ExitCode::from(2)
+        }
     }
-    let ratio = |b: &RoundTrips, r: &RoundTrips| {
-        (
-            b.per_sec / r.per_sec,
-            b.p50.as_secs_f64() / r.p50.as_secs_f64(),
-        )
-    };
-    let (ts, ls) = ratio(&bus_seq, &raw_seq);
-    let (tp, lp) = ratio(&bus_par, &raw_par);
+}
+
+async fn run() -> Result<(), String> {
+    let mut n = 2000usize;
+    let mut path = "target/bench/bus-vs-transport.json".to_string();
+    let mut kinds = vec![Kind::Embedded];
+    let mut positional = 0;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--servers" {
+            let list = args.next().ok_or_else(usage)?;
+            kinds = if list == "all" {
+                Kind::ALL.to_vec()
+            } else {
+                list.split(',')
+                    .map(|k| match k.trim() {
+                        "embedded" => Ok(Kind::Embedded),
+                        "prosody" => Ok(Kind::Prosody),
+                        "ejabberd" => Ok(Kind::Ejabberd),
+                        other => Err(format!("unknown server {other:?}; {}", usage())),
+                    })
+                    .collect::<Result<Vec<_>, _>>()?
+            };
+        } else if positional == 0 {
+            n = a
+                .parse()
+                .map_err(|_| format!("N must be a number, not {a:?}; {}", usage()))?;
+            positional += 1;
+        } else if positional == 1 {
+            path = a;
+            positional += 1;
+        } else {
+            return Err(usage());
+        }
+    }
+    if n == 0 {
+        return Err(format!("N must be at least 1; {}", usage()));
+    }
+    let accounts = [
+        ("bench-a", "pw-a"),
+        ("bench-b", "pw-b"),
+        ("dispatcher", "pw-d"),
+        ("agent1", "pw"),
+        ("submitter", "pw-s"),
+    ];
+    let mut results = serde_json::Map::new();
     println!(
-        "bus ÷ raw: sequential throughput {ts:.3}, p50 latency {ls:.2}; 64 in flight throughput {tp:.3}, p50 latency {lp:.2}"
+        "{:<10} {:<26} {:>7} {:>6} {:>10} {:>10} {:>10}",
+        "server", "mode", "n", "window", "per s", "p50 ms", "p99 ms"
     );
-    let out = serde_json::json!({
-        "raw_sequential": json("raw/sequential", &raw_seq),
-        "raw_window64": json("raw/window64", &raw_par),
-        "bus_sequential": json("bus/sequential", &bus_seq),
-        "bus_window64": json("bus/window64", &bus_par),
-        "throughput_ratio": { "sequential": ts, "window64": tp },
-        "p50_latency_ratio": { "sequential": ls, "window64": lp },
-    });
-    let path = std::env::args()
-        .nth(2)
-        .unwrap_or_else(|| "target/bench/bus-vs-transport.json".into());
+    for kind in kinds {
+        let Some(server) = AnyServer::start(kind, &accounts).await else {
+            continue; // not installed: the reason was printed
+        };
+        let m = measure_on(&server, n)
+            .await
+            .map_err(|e| format!("{}: {e}\n{}", kind.name(), server.log()))?;
+        for (name, r) in [
+            ("raw IQ, sequential", &m.raw_seq),
+            ("raw IQ, 64 in flight", &m.raw_par),
+            ("no-op job, sequential", &m.bus_seq),
+            ("no-op job, 64 in flight", &m.bus_par),
+        ] {
+            println!("{:<10} {}", kind.name(), row(name, r));
+        }
+        let ratio = |b: &RoundTrips, r: &RoundTrips| {
+            (
+                b.per_sec / r.per_sec,
+                b.p50.as_secs_f64() / r.p50.as_secs_f64(),
+            )
+        };
+        let (ts, ls) = ratio(&m.bus_seq, &m.raw_seq);
+        let (tp, lp) = ratio(&m.bus_par, &m.raw_par);
+        println!(
+            "{:<10} bus ÷ raw: sequential throughput {ts:.3}, p50 latency {ls:.2}; 64 in flight throughput {tp:.3}, p50 latency {lp:.2}",
+            kind.name()
+        );
+        results.insert(
+            kind.name().into(),
+            serde_json::json!({
+                "raw_sequential": json("raw/sequential", &m.raw_seq),
+                "raw_window64": json("raw/window64", &m.raw_par),
+                "bus_sequential": json("bus/sequential", &m.bus_seq),
+                "bus_window64": json("bus/window64", &m.bus_par),
+                "throughput_ratio": { "sequential": ts, "window64": tp },
+                "p50_latency_ratio": { "sequential": ls, "window64": lp },
+            }),
+        );
+    }
+    let out = serde_json::Value::Object(results);
     if let Some(dir) = std::path::Path::new(&path).parent() {
         let _ = std::fs::create_dir_all(dir);
     }

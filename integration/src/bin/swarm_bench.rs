@@ -1,0 +1,388 @@
+//! Swarm: thousands of simulated agents (real XMPP sessions from this one process) on the
+//! embedded server, with the server and the dispatcher in processes of their own:
+//! `cargo run --release -p spine-integration --bin swarm-bench [-- SIZES] [--jobs M] [--json PATH]`
+//! (SIZES a comma-separated list, default `1000,10000`).
+//!
+//! For each size it reports the time until the dispatcher has registered every agent, the
+//! server's and the dispatcher's resident memory per agent (growth over the same processes
+//! before the agents came), and no-op jobs per second (64 in flight, submitted over XMPP in
+//! watch mode) with the fleet idle and busy (every agent holding one job in one of its two
+//! slots). The baseline beside the busy figure is the idle one, and beside both the
+//! one-agent run (the first size when it is 1).
+//!
+//! The same binary is the child: `--role server` and `--role dispatcher` run the real
+//! `spine_server` and `spine_dispatcher` (what `spine server` and `spine dispatcher` run),
+//! print their address and stop when their standard input closes.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jid::{BareJid, Jid};
+use spine_integration::bench::{measure_jobs, RoundTrips};
+use spine_integration::swarm::{self, Child, FleetCounters};
+use spine_xmpp::{ConnectOptions, Security};
+use tokio_xmpp::stanzastream::Event;
+use tokio_xmpp::Stanza;
+use xmpp_parsers::iq::Iq;
+
+const USAGE: &str = "usage: swarm-bench [SIZES] [--jobs M] [--json PATH]   (SIZES like 1000,10000)";
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let r = match args.first().map(String::as_str) {
+        Some("--role") => child(&args[1..]).await,
+        _ => parent(&args).await,
+    };
+    match r {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("swarm-bench: {e}");
+            std::process::ExitCode::from(2)
+        }
+    }
+}
+
+/// The child roles.
+async fn child(args: &[String]) -> Result<(), String> {
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+            .cloned()
+            .ok_or_else(|| format!("missing {name}"))
+    };
+    match args.first().map(String::as_str) {
+        Some("server") => {
+            let max: u64 = arg("--max-connections")?
+                .parse()
+                .map_err(|e| format!("--max-connections: {e}"))?;
+            let cfg = spine_server::ServerConfig::from_toml(&format!(
+                "listen = \"127.0.0.1:0\"\ndomain = \"localhost\"\ndev_secret = \"{}\"\nmax_connections = {max}\nlogin_timeout = \"120s\"\nidle_timeout = \"30m\"\n",
+                swarm::SECRET
+            ))
+            .map_err(|e| e.to_string())?;
+            let server = spine_server::Server::bind(cfg)
+                .await
+                .map_err(|e| e.to_string())?;
+            println!("{}", server.local_addr());
+            server
+                .run(swarm::stdin_closed())
+                .await
+                .map_err(|e| e.to_string())
+        }
+        Some("dispatcher") => {
+            let cfg = spine_dispatcher::DispatcherConfig::from_toml(&format!(
+                "jid = \"dispatcher@localhost/d1\"\npassword = \"{}\"\nserver = \"{}\"\ndata_dir = \"{}\"\nhttp_listen = \"127.0.0.1:0\"\nsubmitters = [\"submitter@localhost\"]\naudit_log = \"off\"\n",
+                swarm::SECRET,
+                arg("--server")?,
+                arg("--dir")?
+            ))
+            .map_err(|e| e.to_string())?;
+            let d = spine_dispatcher::Dispatcher::bind(cfg)
+                .await
+                .map_err(|e| e.to_string())?;
+            let http = d.http_addr().ok_or("no HTTP address")?;
+            println!("{http}");
+            d.run(swarm::stdin_closed())
+                .await
+                .map_err(|e| e.to_string())
+        }
+        _ => Err("--role server|dispatcher".into()),
+    }
+}
+
+struct Options {
+    sizes: Vec<usize>,
+    jobs: usize,
+    json: String,
+}
+
+fn options(args: &[String]) -> Result<Options, String> {
+    let mut o = Options {
+        sizes: vec![1000, 10_000],
+        jobs: 2000,
+        json: "target/bench/swarm.json".into(),
+    };
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        match a.as_str() {
+            "--jobs" => {
+                o.jobs = it
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|n| *n > 0)
+                    .ok_or_else(|| format!("--jobs takes a number ≥ 1; {USAGE}"))?
+            }
+            "--json" => o.json = it.next().cloned().ok_or(USAGE)?,
+            sizes if !sizes.starts_with('-') => {
+                o.sizes = sizes
+                    .split(',')
+                    .map(|s| s.trim().parse::<usize>().ok().filter(|n| *n > 0))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| format!("bad size list {sizes:?}; {USAGE}"))?
+            }
+            other => return Err(format!("unknown option {other:?}; {USAGE}")),
+        }
+    }
+    Ok(o)
+}
+
+async fn parent(args: &[String]) -> Result<(), String> {
+    let o = options(args)?;
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let ports = swarm::ephemeral_ports().unwrap_or(u64::MAX);
+    let mut rows = Vec::new();
+    println!(
+        "{:>7} {:>10} {:>10} {:>11} {:>11} {:>11} {:>11} {:>9}",
+        "agents",
+        "login s",
+        "register s",
+        "server KiB/a",
+        "disp. KiB/a",
+        "idle jobs/s",
+        "busy jobs/s",
+        "busy÷idle"
+    );
+    for &n in &o.sizes {
+        // One socket per agent here and in the server, and the same per client address and
+        // server port in the kernel's ephemeral range.
+        if n as u64 + 64 > ports {
+            println!(
+                "{n:>7} skipped: this machine's ephemeral port range (net.ipv4.ip_local_port_range) allows {ports} connections from one address to one server port"
+            );
+            rows.push(serde_json::json!({ "agents": n, "skipped": format!("ephemeral port range {ports}") }));
+            continue;
+        }
+        let limit = swarm::raise_fd_limit(n as u64 + 1024);
+        if limit < n as u64 + 256 {
+            println!("{n:>7} skipped: the open-file limit is {limit} and cannot be raised");
+            rows.push(
+                serde_json::json!({ "agents": n, "skipped": format!("open-file limit {limit}") }),
+            );
+            continue;
+        }
+        let r = one_size(&exe, n, o.jobs).await?;
+        println!(
+            "{n:>7} {:>10.2} {:>10.2} {:>11.1} {:>11.1} {:>11.0} {:>11.0} {:>9.2}",
+            r["login_s"].as_f64().unwrap_or(0.0),
+            r["register_s"].as_f64().unwrap_or(0.0),
+            r["server_rss_per_agent"].as_f64().unwrap_or(0.0) / 1024.0,
+            r["dispatcher_rss_per_agent"].as_f64().unwrap_or(0.0) / 1024.0,
+            r["idle"]["per_sec"].as_f64().unwrap_or(0.0),
+            r["busy"]["per_sec"].as_f64().unwrap_or(0.0),
+            r["busy_over_idle"].as_f64().unwrap_or(0.0),
+        );
+        rows.push(r);
+    }
+    let out = serde_json::json!({ "jobs": o.jobs, "window": 64, "slots_per_agent": swarm::SLOTS, "sizes": rows });
+    if let Some(dir) = std::path::Path::new(&o.json).parent() {
+        let _ = std::fs::create_dir_all(dir);
+    }
+    std::fs::write(
+        &o.json,
+        serde_json::to_string_pretty(&out).unwrap_or_default(),
+    )
+    .map_err(|e| format!("writing {}: {e}", o.json))?;
+    println!("wrote {}", o.json);
+    Ok(())
+}
+
+fn figures(r: &RoundTrips) -> serde_json::Value {
+    serde_json::json!({
+        "n": r.n, "window": r.window, "per_sec": r.per_sec,
+        "p50_ms": r.p50.as_secs_f64() * 1e3, "p99_ms": r.p99.as_secs_f64() * 1e3,
+    })
+}
+
+/// One fleet size, on fresh processes.
+async fn one_size(
+    exe: &std::path::Path,
+    n: usize,
+    jobs: usize,
+) -> Result<serde_json::Value, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let server = Child::spawn(
+        exe,
+        &[
+            "--role".into(),
+            "server".into(),
+            "--max-connections".into(),
+            (n + 64).to_string(),
+        ],
+    )
+    .await?;
+    let dispatcher = Child::spawn(
+        exe,
+        &[
+            "--role".into(),
+            "dispatcher".into(),
+            "--server".into(),
+            server.addr.to_string(),
+            "--dir".into(),
+            dir.path().display().to_string(),
+        ],
+    )
+    .await?;
+    let base = format!("http://{}", dispatcher.addr);
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .map_err(|e| e.to_string())?;
+    let registered = || {
+        let http = http.clone();
+        let url = format!("{base}/v1/capabilities");
+        async move {
+            let text = http.get(url).send().await.ok()?.text().await.ok()?;
+            let body: serde_json::Value = serde_json::from_str(&text).ok()?;
+            body["capabilities"]
+                .as_array()?
+                .iter()
+                .find(|c| c["name"] == "bench.noop")
+                .and_then(|c| c["agents"].as_u64())
+                .or(Some(0))
+        }
+    };
+    // The dispatcher is up and logged in once it answers; let both settle before the baseline.
+    let t = Instant::now();
+    while registered().await.is_none() {
+        if t.elapsed() > Duration::from_secs(30) {
+            return Err("the dispatcher's HTTP API did not answer".into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (server_base, disp_base) = (server.rss().unwrap_or(0), dispatcher.rss().unwrap_or(0));
+
+    let counters = Arc::new(FleetCounters::default());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let login = Arc::new(tokio::sync::Semaphore::new(64));
+    let d_bare: BareJid = "dispatcher@localhost".parse().map_err(|e| format!("{e}"))?;
+    let t0 = Instant::now();
+    let mut fleet = tokio::task::JoinSet::new();
+    for i in 0..n {
+        fleet.spawn(swarm::sim_agent(
+            i,
+            server.addr,
+            d_bare.clone(),
+            Duration::from_secs(30),
+            counters.clone(),
+            login.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    let (mut login_s, register_s);
+    login_s = None;
+    loop {
+        if login_s.is_none() && counters.connected.load(Ordering::Relaxed) >= n {
+            login_s = Some(t0.elapsed().as_secs_f64());
+        }
+        let failed = counters.failed.load(Ordering::Relaxed);
+        if failed > 0 {
+            return Err(format!(
+                "{failed} simulated agents could not log in or were cut off"
+            ));
+        }
+        if registered().await.unwrap_or(0) >= n as u64 {
+            register_s = t0.elapsed().as_secs_f64();
+            break;
+        }
+        if t0.elapsed() > Duration::from_secs(60 + n as u64 / 50) {
+            return Err(format!(
+                "after {:.0} s: {} of {n} logged in, {:?} registered",
+                t0.elapsed().as_secs_f64(),
+                counters.connected.load(Ordering::Relaxed),
+                registered().await
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let login_s = login_s.unwrap_or(register_s);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (server_rss, disp_rss) = (server.rss().unwrap_or(0), dispatcher.rss().unwrap_or(0));
+
+    // Jobs: a submitter over XMPP, as in bus-bench.
+    let mut sub = spine_xmpp::connect(ConnectOptions::new(
+        "submitter@localhost/s"
+            .parse()
+            .map_err(|e| format!("{e}"))?,
+        swarm::SECRET,
+        server.addr,
+        Security::Plain { insecure: false },
+    ))
+    .await
+    .map_err(|e| e.to_string())?;
+    sub.send(xmpp_parsers::presence::Presence::available())
+        .await;
+    let d: Jid = "dispatcher@localhost/d1"
+        .parse()
+        .map_err(|e| format!("{e}"))?;
+    let noop: spine_protocol::CapabilityName = "bench.noop".parse()?;
+    measure_jobs(&mut sub, &d, &noop, (jobs / 10).max(1), 64).await?; // warm-up
+    let idle = measure_jobs(&mut sub, &d, &noop, jobs, 64).await?;
+
+    // Busy: one held job on every agent (half of each one's slots), then the same jobs.
+    submit_held(&mut sub, &d, n).await?;
+    let t = Instant::now();
+    while counters.held.load(Ordering::Relaxed) < n {
+        if t.elapsed() > Duration::from_secs(60) {
+            return Err(format!(
+                "only {} of {n} held jobs reached the agents",
+                counters.held.load(Ordering::Relaxed)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let busy = measure_jobs(&mut sub, &d, &noop, jobs, 64).await?;
+    sub.close().await;
+
+    let _ = stop_tx.send(true);
+    while fleet.join_next().await.is_some() {}
+    dispatcher.stop().await;
+    server.stop().await;
+    let per = |after: u64, before: u64| after.saturating_sub(before) as f64 / n as f64;
+    Ok(serde_json::json!({
+        "agents": n,
+        "login_s": login_s,
+        "register_s": register_s,
+        "server_rss_before": server_base, "server_rss_after": server_rss,
+        "dispatcher_rss_before": disp_base, "dispatcher_rss_after": disp_rss,
+        "server_rss_per_agent": per(server_rss, server_base),
+        "dispatcher_rss_per_agent": per(disp_rss, disp_base),
+        "idle": figures(&idle),
+        "busy": figures(&busy),
+        "busy_over_idle": busy.per_sec / idle.per_sec,
+        "answered": counters.answered.load(Ordering::Relaxed),
+    }))
+}
+
+/// Submits `n` `bench.hold` jobs (not watched) and waits until the dispatcher accepted all.
+async fn submit_held(sub: &mut spine_xmpp::Connection, d: &Jid, n: usize) -> Result<(), String> {
+    let cap: spine_protocol::CapabilityName = "bench.hold".parse()?;
+    let (mut sent, mut accepted) = (0usize, 0usize);
+    while accepted < n {
+        while sent < n && sent - accepted < 256 {
+            let s = spine_protocol::Submit::new(cap.clone());
+            sub.send(Iq::from_set(format!("h{sent}"), s).with_to(d.clone()))
+                .await;
+            sent += 1;
+        }
+        match tokio::time::timeout(Duration::from_secs(10), sub.next()).await {
+            Ok(Some(Event::Stanza(Stanza::Iq(Iq::Result { id, .. })))) if id.starts_with('h') => {
+                accepted += 1
+            }
+            Ok(Some(Event::Stanza(Stanza::Iq(Iq::Error { id, error, .. })))) => {
+                return Err(format!("held submit {id}: {:?}", error.defined_condition))
+            }
+            Ok(Some(_)) => {}
+            Ok(None) => return Err("the submitter's connection closed".into()),
+            Err(_) => {
+                return Err(format!(
+                    "{accepted} of {n} held jobs accepted, then silence"
+                ))
+            }
+        }
+    }
+    Ok(())
+}
