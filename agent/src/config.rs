@@ -520,14 +520,30 @@ mod tests {
             ..AgentConfig::default()
         };
         cfg.server = "192.0.2.1:5222".into();
+        assert!(matches!(
+            cfg.resolve().unwrap().options.security,
+            spine_xmpp::Security::StartTls {
+                trust: spine_xmpp::Trust::System,
+                ..
+            }
+        ));
+        cfg.tls.ca_file = Some("/nonexistent/ca.pem".into());
         let e = cfg.resolve().unwrap_err().to_string();
         assert!(e.contains("tls.ca_file"), "{e}");
+        cfg.tls.ca_file = None;
         cfg.server = "127.0.0.1:5222".into();
         assert!(matches!(
             cfg.resolve().unwrap().options.security,
             spine_xmpp::Security::Plain { insecure: false }
         ));
+        // Required TLS on loopback too, verified against the system store without a CA file.
         cfg.tls.mode = TlsMode::Required;
-        assert!(cfg.resolve().is_err(), "required TLS needs a CA file");
+        assert!(matches!(
+            cfg.resolve().unwrap().options.security,
+            spine_xmpp::Security::StartTls {
+                trust: spine_xmpp::Trust::System,
+                ..
+            }
+        ));
     }
 }

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use bytesize::ByteSize;
-use jid::BareJid;
 use serde::{Deserialize, Serialize};
 use spine_xmpp::TlsConfig;
 
@@ -28,11 +27,17 @@ pub struct DispatcherConfig {
     pub server: String,
     /// Job store directory.
     pub data_dir: PathBuf,
-    /// Bare JIDs allowed to use the XMPP API.
+    /// Accounts allowed to use the XMPP API with every capability (bare JIDs or `*@domain`).
     pub submitters: Vec<String>,
-    /// Accounts allowed to register as agents: bare JIDs or `*@domain`. Empty: every account
-    /// of the dispatcher's own domain.
+    /// Submitters allowed some capabilities (`[[submitter]]`).
+    #[serde(rename = "submitter")]
+    pub submitter_rules: Vec<SubmitterRule>,
+    /// Accounts allowed to register as agents offering anything: bare JIDs or `*@domain`.
+    /// With neither this nor `[[agent]]`: every account of the dispatcher's own domain.
     pub agents: Vec<String>,
+    /// Agents allowed to offer some capabilities (`[[agent]]`).
+    #[serde(rename = "agent")]
+    pub agent_rules: Vec<AgentRule>,
     /// Queue bound per capability.
     pub max_queue: usize,
     /// Default attempts per job.
@@ -68,6 +73,29 @@ pub struct DispatcherConfig {
     pub http_tokens: Vec<HttpToken>,
 }
 
+/// A `[[submitter]]` rule: an account (or `*@domain`) and the capabilities it may submit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitterRule {
+    /// Bare JID or `*@domain`.
+    pub jid: String,
+    /// Capabilities it may submit and discover: exact names, `prefix.*`, or `*`.
+    pub capabilities: Vec<String>,
+    /// May read and cancel other submitters' jobs too.
+    #[serde(default)]
+    pub all_jobs: bool,
+}
+
+/// An `[[agent]]` rule: an account (or `*@domain`) and the capabilities it may offer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRule {
+    /// Bare JID or `*@domain`.
+    pub jid: String,
+    /// Capabilities it may offer: exact names, `prefix.*`, or `*`.
+    pub capabilities: Vec<String>,
+}
+
 /// One bearer token of the HTTP API.
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -78,6 +106,9 @@ pub struct HttpToken {
     pub token: String,
     /// Capabilities it may run: exact names, `prefix.*`, or `*`.
     pub capabilities: Vec<String>,
+    /// May read and cancel jobs submitted with other tokens too.
+    #[serde(default)]
+    pub all_jobs: bool,
 }
 
 impl std::fmt::Debug for HttpToken {
@@ -109,7 +140,9 @@ impl Default for DispatcherConfig {
             server: "127.0.0.1:5222".into(),
             data_dir: PathBuf::from("spine-data"),
             submitters: Vec::new(),
+            submitter_rules: Vec::new(),
             agents: Vec::new(),
+            agent_rules: Vec::new(),
             max_queue: 10_000,
             max_attempts: 3,
             no_agent_wait: Duration::from_secs(30),
@@ -198,26 +231,8 @@ impl DispatcherConfig {
         if j.node().is_none() {
             return Err(bad("jid", "needs a user part (user@domain/resource)"));
         }
-        for (i, s) in self.submitters.iter().enumerate() {
-            BareJid::new(s).map_err(|e| {
-                bad(
-                    &format!("submitters[{i}]"),
-                    format!("'{s}' is not a bare JID: {e}"),
-                )
-            })?;
-        }
-        for (i, a) in self.agents.iter().enumerate() {
-            let ok = match a.strip_prefix("*@") {
-                Some(domain) => BareJid::new(domain).is_ok() && !domain.contains('@'),
-                None => BareJid::new(a).is_ok_and(|j| j.node().is_some()),
-            };
-            if !ok {
-                return Err(bad(
-                    &format!("agents[{i}]"),
-                    format!("'{a}' is neither a bare JID nor *@domain"),
-                ));
-            }
-        }
+        // Submitter and agent rules (each error names its key).
+        crate::policy::Policy::from_config(self)?;
         if self.max_queue == 0 {
             return Err(bad("max_queue", "must be at least 1"));
         }
@@ -256,12 +271,10 @@ impl DispatcherConfig {
                     "must be at least 16 characters",
                 ));
             }
-            if t.capabilities.is_empty() {
-                return Err(bad(
-                    &format!("http_token[{i}].capabilities"),
-                    "list the capabilities it may run (\"*\" for all)",
-                ));
-            }
+            crate::policy::Capabilities::parse(
+                &t.capabilities,
+                &format!("http_token[{i}].capabilities"),
+            )?;
         }
         if let Some(addr) = self.http_listen {
             if !addr.ip().is_loopback() && self.http_tokens.is_empty() {

@@ -29,6 +29,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 
 use crate::config::HttpToken;
 use crate::jobs::{JobRecord, JobSpec, Recorded};
+use crate::policy::{Capabilities, Grant};
 
 /// Largest HTTP request body for a dispatcher whose largest input is `max_input` bytes (its
 /// `max_blob`): room for that input in base64 inside a JSON body (4/3 of it, and the rest of
@@ -63,6 +64,8 @@ pub(crate) enum Command {
     },
     List {
         state: Option<JobState>,
+        /// Only this submitter's jobs.
+        submitter: Option<String>,
         limit: usize,
         reply: oneshot::Sender<Vec<JobRecord>>,
     },
@@ -155,21 +158,35 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Who is calling: the token's name (or `local`) and what it may run.
+/// Who is calling: the token's name (or `local`) and what it may do.
 struct Caller {
     name: String,
-    capabilities: Option<Vec<String>>,
+    grant: Grant,
 }
 
 impl Caller {
     fn may_run(&self, cap: &CapabilityName) -> bool {
-        match &self.capabilities {
-            None => true,
-            Some(list) => list.iter().any(|c| {
-                c == "*"
-                    || c == cap.as_str()
-                    || (c.ends_with(".*") && cap.as_str().starts_with(&c[..c.len() - 1]))
-            }),
+        self.grant.capabilities.allows(cap)
+    }
+
+    /// The `submitter` of the jobs it submits.
+    fn submitter(&self) -> String {
+        format!("http:{}", self.name)
+    }
+
+    /// Refuses a job submitted by someone else, unless the token has `all_jobs`.
+    fn check_sees(&self, job: &JobRecord) -> Result<(), ApiError> {
+        if self.grant.may_see(&self.submitter(), &job.spec.submitter) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "not-authorized",
+                format!(
+                    "job {} was submitted by someone else (token '{}' has no all_jobs)",
+                    job.id, self.name
+                ),
+            ))
         }
     }
 }
@@ -177,9 +194,13 @@ impl Caller {
 fn authenticate(h: &Handle, headers: &HeaderMap, peer: SocketAddr) -> Result<Caller, ApiError> {
     if h.tokens.is_empty() {
         if peer.ip().is_loopback() {
+            // Without tokens the API is the local operator's: everything, every job.
             return Ok(Caller {
                 name: "local".into(),
-                capabilities: None,
+                grant: Grant {
+                    capabilities: Capabilities::all(),
+                    all_jobs: true,
+                },
             });
         }
         return Err(ApiError::new(
@@ -219,7 +240,12 @@ fn authenticate(h: &Handle, headers: &HeaderMap, peer: SocketAddr) -> Result<Cal
     })?;
     Ok(Caller {
         name: t.name.clone(),
-        capabilities: Some(t.capabilities.clone()),
+        grant: Grant {
+            capabilities: Capabilities::parse(&t.capabilities, "http_token.capabilities").map_err(
+                |e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+            )?,
+            all_jobs: t.all_jobs,
+        },
     })
 }
 
@@ -402,7 +428,7 @@ fn spec_from(
         deadline_ms,
         priority: req.priority.unwrap_or(0),
         max_attempts: req.max_attempts.unwrap_or(max_attempts),
-        submitter: format!("http:{}", caller.name),
+        submitter: caller.submitter(),
         idempotency_key: req.idempotency_key,
         progress: req.progress,
         watch: None,
@@ -657,15 +683,21 @@ async fn get_job(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(&h, &headers, peer)?;
+    let caller = authenticate(&h, &headers, peer)?;
     let id = job_id(&id)?;
-    let rec = ask(&h, |reply| Command::Get {
+    let rec = find_job(&h, &id).await?;
+    caller.check_sees(&rec)?;
+    Ok(Json(job_json(&rec)))
+}
+
+/// The job `id`, or 404.
+async fn find_job(h: &Handle, id: &JobId) -> Result<JobRecord, ApiError> {
+    ask(h, |reply| Command::Get {
         id: id.clone(),
         reply,
     })
-    .await?;
-    rec.map(|j| Json(job_json(&j)))
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown-job", format!("no job {id}")))
+    .await?
+    .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown-job", format!("no job {id}")))
 }
 
 async fn cancel_job(
@@ -674,8 +706,10 @@ async fn cancel_job(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(&h, &headers, peer)?;
+    let caller = authenticate(&h, &headers, peer)?;
     let id = job_id(&id)?;
+    // A job's submitter never changes, so checking before the cancel is not a race.
+    caller.check_sees(&find_job(&h, &id).await?)?;
     let state = ask(&h, |reply| Command::Cancel {
         id: id.clone(),
         reply,
@@ -690,16 +724,12 @@ async fn events(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    authenticate(&h, &headers, peer)?;
+    let caller = authenticate(&h, &headers, peer)?;
     let id = job_id(&id)?;
     // Subscribe before reading the state, so nothing falls between the two.
     let mut rx = h.events.subscribe();
-    let rec = ask(&h, |reply| Command::Get {
-        id: id.clone(),
-        reply,
-    })
-    .await?
-    .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown-job", format!("no job {id}")))?;
+    let rec = find_job(&h, &id).await?;
+    caller.check_sees(&rec)?;
     let h2 = h.clone();
     let stream = async_stream(move |tx| async move {
         let done = rec.state.is_final();
@@ -795,7 +825,7 @@ async fn list_jobs(
     headers: HeaderMap,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(&h, &headers, peer)?;
+    let caller = authenticate(&h, &headers, peer)?;
     let Query(q) =
         q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e.body_text()))?;
     let state = match q.state {
@@ -808,6 +838,8 @@ async fn list_jobs(
     let limit = q.limit.unwrap_or(100).min(10_000);
     let jobs = ask(&h, |reply| Command::List {
         state,
+        // Without all_jobs a token lists its own jobs only.
+        submitter: (!caller.grant.all_jobs).then(|| caller.submitter()),
         limit,
         reply,
     })
@@ -840,7 +872,7 @@ async fn agents(
     headers: HeaderMap,
     q: Result<Query<AgentsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    authenticate(&h, &headers, peer)?;
+    let caller = authenticate(&h, &headers, peer)?;
     let Query(q) =
         q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e.body_text()))?;
     let capability: CapabilityName = q
@@ -848,6 +880,13 @@ async fn agents(
         .ok_or_else(|| ApiError::field("capability", "required"))?
         .parse()
         .map_err(|e: String| ApiError::field("capability", e))?;
+    if !caller.may_run(&capability) {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not-authorized",
+            format!("token '{}' may not run {capability}", caller.name),
+        ));
+    }
     let filter = match q.filter {
         None => None,
         Some(f) => Some(

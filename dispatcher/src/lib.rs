@@ -15,6 +15,7 @@ pub mod config;
 pub mod error;
 pub mod http;
 pub mod jobs;
+pub mod policy;
 pub mod registry;
 mod runtime;
 pub mod sim;

@@ -36,6 +36,7 @@ use crate::config::DispatcherConfig;
 use crate::error::DispatcherError;
 use crate::http::{job_json, Command, Handle, JobEvent};
 use crate::jobs::{Advance, AfterFailure, JobRecord, JobSpec, JobTable, Recorded};
+use crate::policy::Policy;
 use crate::registry::{AdvertiseOutcome, LoadOutcome, NoPick, PickRequest, Registry};
 use crate::store::Store;
 
@@ -93,12 +94,11 @@ struct Runtime {
     pings: HashMap<String, (FullJid, Instant)>,
     blobs: BlobStore,
     no_agent_since: HashMap<JobId, u64>,
-    submitters: HashSet<BareJid>,
+    policy: Policy,
     next_id: u64,
     id_prefix: String,
     next_prune_ms: u64,
     next_straggler_ms: u64,
-    own_domain: String,
     started: Instant,
     events: tokio::sync::broadcast::Sender<JobEvent>,
     latency: Histogram,
@@ -210,11 +210,7 @@ async fn run_inner(
         .ok_or_else(|| DispatcherError::Connection("connection status already taken".into()))?;
     let mut auth_refusals = 0u32;
     info!(jid = %conn.jid(), jobs = jobs.len(), unfinished, "dispatcher connected");
-    let submitters = cfg
-        .submitters
-        .iter()
-        .filter_map(|s| BareJid::new(s).ok())
-        .collect();
+    let policy = Policy::from_config(&cfg)?;
     let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<Command>(1024);
     let (events, _) = tokio::sync::broadcast::channel::<JobEvent>(4096);
     let http_stop = tokio_util::sync::CancellationToken::new();
@@ -240,11 +236,7 @@ async fn run_inner(
         });
     }
     drop(cmd_tx);
-    let own_domain = jid::Jid::new(&cfg.jid)
-        .map(|j| j.domain().to_string())
-        .unwrap_or_default();
     let mut rt = Runtime {
-        own_domain,
         blobs: BlobStore::new(cfg.max_blob.as_u64(), Duration::from_secs(300)),
         cfg,
         conn,
@@ -257,7 +249,7 @@ async fn run_inner(
         chunk_iqs: HashMap::new(),
         pings: HashMap::new(),
         no_agent_since: HashMap::new(),
-        submitters,
+        policy,
         next_id: 0,
         next_prune_ms: 0,
         next_straggler_ms: 0,
@@ -505,12 +497,12 @@ impl Runtime {
             }
             return Ok(());
         }
-        if !self.may_be_agent(&from) {
+        let Some(allowed) = self.policy.agent(&from.to_bare()) else {
             if presence_payloads(&p.payloads).is_ok_and(|f| f.advertise.is_some()) {
-                warn!(from = %from, "ignoring an advertisement from an account not allowed as an agent (see `agents`)");
+                warn!(from = %from, "ignoring an advertisement from an account not allowed as an agent (see `agents` and [[agent]])");
             }
             return Ok(());
-        }
+        };
         let found = match presence_payloads(&p.payloads) {
             Ok(f) => f,
             Err(e) => {
@@ -520,7 +512,23 @@ impl Runtime {
         };
         let now = Instant::now();
         match (found.advertise, found.load) {
-            (Some(ad), Some(load)) => {
+            (Some(mut ad), Some(load)) => {
+                // Capabilities this account may not offer are dropped, each with a warning;
+                // an agent left with none is not registered.
+                ad.capabilities.retain(|c| {
+                    let ok = allowed.allows(&c.name);
+                    if !ok {
+                        warn!(agent = %from, capability = %c.name, "ignoring a capability this agent is not allowed to offer (see [[agent]])");
+                    }
+                    ok
+                });
+                if ad.capabilities.is_empty() {
+                    warn!(agent = %from, "ignoring an agent that offers no capability it is allowed to");
+                    if self.registry.id_of(&from).is_some() {
+                        self.agent_gone(&from, "no allowed capability").await?;
+                    }
+                    return Ok(());
+                }
                 match self
                     .registry
                     .on_advertise(&from, &ad, &load, now, &mut self.rng)
@@ -1337,22 +1345,21 @@ impl Runtime {
         self.send(m).await;
     }
 
-    /// Accounts allowed to register as agents: the `agents` list, or (empty list) every
-    /// account of the dispatcher's own domain.
-    fn may_be_agent(&self, jid: &FullJid) -> bool {
-        if self.cfg.agents.is_empty() {
-            return jid.domain().as_str() == self.own_domain;
-        }
-        let bare = jid.to_bare().to_string();
-        self.cfg.agents.iter().any(|a| {
-            *a == bare
-                || a.strip_prefix("*@")
-                    .is_some_and(|d| d == jid.domain().as_str())
-        })
+    /// What `from` may do as a submitter (`submitters` and `[[submitter]]`).
+    fn grant(&self, from: &Jid) -> Option<crate::policy::Grant> {
+        self.policy.submitter(&from.to_bare())
     }
 
     fn may_submit(&self, from: &Jid) -> bool {
-        self.submitters.contains(&from.to_bare())
+        self.grant(from).is_some()
+    }
+
+    /// Whether `from` may read or cancel `job`: its own, or any with `all_jobs`. An unknown
+    /// job passes (the request then gets `unknown-job`).
+    fn may_see(&self, grant: &crate::policy::Grant, from: &Jid, job: &JobId) -> bool {
+        self.jobs
+            .get(job)
+            .is_none_or(|j| grant.may_see(from.to_bare().as_str(), &j.spec.submitter))
     }
 
     async fn on_set(
@@ -1397,8 +1404,8 @@ impl Runtime {
             }
             return Ok(());
         }
-        if !self.may_submit(&from) {
-            warn!(from = %from, "refused XMPP API request from a JID not in `submitters`");
+        let Some(grant) = self.grant(&from) else {
+            warn!(from = %from, "refused XMPP API request from a JID not in `submitters` or [[submitter]]");
             self.reply_error(
                 from,
                 id,
@@ -1407,9 +1414,28 @@ impl Runtime {
             )
             .await;
             return Ok(());
-        }
+        };
         match parsed {
-            Ok(Payload::Submit(s)) => self.on_submit(from, id, s).await?,
+            Ok(Payload::Submit(s)) => {
+                let steps = std::iter::once(&s.capability).chain(
+                    s.mapreduce
+                        .iter()
+                        .flat_map(|m| std::iter::once(&m.reduce).chain(m.split.as_ref())),
+                );
+                let refused = steps.into_iter().find(|c| !grant.capabilities.allows(c));
+                match refused {
+                    Some(c) => {
+                        warn!(from = %from, capability = %c, "refused a submission of a capability this submitter may not run");
+                        let e = SpineError::new(Condition::NotAuthorized)
+                            .with_text(format!("this JID may not run {c}"));
+                        self.reply_error(from, id, e).await;
+                    }
+                    None => self.on_submit(from, id, s).await?,
+                }
+            }
+            Ok(Payload::Cancel(c)) if !self.may_see(&grant, &from, &c.job) => {
+                self.reply_error(from, id, not_yours(&c.job)).await
+            }
             Ok(Payload::Cancel(c)) => match self.cancel_job(&c.job).await? {
                 Ok(_) => {
                     self.send(Iq::empty_result(from, id)).await;
@@ -1521,6 +1547,7 @@ impl Runtime {
             }
             Command::List {
                 state,
+                submitter,
                 limit,
                 reply,
             } => {
@@ -1528,6 +1555,7 @@ impl Runtime {
                     .jobs
                     .iter()
                     .filter(|j| state.is_none_or(|s| j.state == s))
+                    .filter(|j| submitter.as_ref().is_none_or(|s| *s == j.spec.submitter))
                     .cloned()
                     .collect();
                 list.sort_by(|a, b| b.accepted_ms.cmp(&a.accepted_ms).then(b.seq.cmp(&a.seq)));
@@ -1700,7 +1728,7 @@ impl Runtime {
             self.send(Iq::from_error(id, e).with_to(from)).await;
             return;
         }
-        if !self.may_submit(&from) {
+        let Some(grant) = self.grant(&from) else {
             self.reply_error(
                 from,
                 id,
@@ -1709,8 +1737,18 @@ impl Runtime {
             )
             .await;
             return;
-        }
+        };
         match spine_protocol::parse_payload(payload) {
+            Ok(Payload::Status(Status { job })) if !self.may_see(&grant, &from, &job) => {
+                self.reply_error(from, id, not_yours(&job)).await
+            }
+            Ok(Payload::Discover(Discover { capability, .. }))
+                if !grant.capabilities.allows(&capability) =>
+            {
+                let e = SpineError::new(Condition::NotAuthorized)
+                    .with_text(format!("this JID may not run {capability}"));
+                self.reply_error(from, id, e).await
+            }
             Ok(Payload::Status(Status { job })) => match self.jobs.get(&job) {
                 Some(rec) => {
                     let st = self.status(rec);
@@ -1851,4 +1889,10 @@ fn new_job_id() -> JobId {
     )
     .parse()
     .expect("hex id is a valid job id")
+}
+
+/// The refusal of a request about another submitter's job.
+fn not_yours(job: &JobId) -> SpineError {
+    SpineError::new(Condition::NotAuthorized)
+        .with_text(format!("job {job} was submitted by someone else"))
 }

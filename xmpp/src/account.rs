@@ -29,7 +29,7 @@ pub struct TlsConfig {
     /// When to use TLS.
     #[serde(default)]
     pub mode: TlsMode,
-    /// CA certificates to trust (PEM file).
+    /// CA certificates to trust (PEM file); without it, the operating system's store.
     pub ca_file: Option<PathBuf>,
 }
 
@@ -114,16 +114,16 @@ pub fn connect_options(
         TlsMode::InsecurePlain => false,
     };
     let security = if use_tls {
-        let f = tls.ca_file.as_ref().ok_or_else(|| {
-            bad(
-                "tls.ca_file",
-                format!("TLS is required for {addr} but no CA file is configured"),
-            )
-        })?;
-        let pem = std::fs::read_to_string(f)
-            .map_err(|e| bad("tls.ca_file", format!("{}: {e}", f.display())))?;
+        // A private CA from the file, or else the operating system's store.
+        let trust = match &tls.ca_file {
+            Some(f) => Trust::Pem(
+                std::fs::read_to_string(f)
+                    .map_err(|e| bad("tls.ca_file", format!("{}: {e}", f.display())))?,
+            ),
+            None => Trust::System,
+        };
         Security::StartTls {
-            trust: Trust::Pem(pem),
+            trust,
             channel_binding: false,
         }
     } else {
@@ -141,21 +141,25 @@ mod tests {
     #[test]
     fn tls_is_required_off_loopback_and_errors_name_keys() {
         let tls = TlsConfig::default();
-        let e =
-            connect_options("a@x", Some("pw"), None, "192.0.2.1:5222", &tls, "ENV").unwrap_err();
-        assert_eq!(e.key, "tls.ca_file");
+        // Off loopback: STARTTLS, verified against the system store without a CA file.
+        let o = connect_options("a@x", Some("pw"), None, "192.0.2.1:5222", &tls, "ENV").unwrap();
+        assert!(matches!(
+            o.security,
+            Security::StartTls {
+                trust: Trust::System,
+                ..
+            }
+        ));
         let o = connect_options("a@x", Some("pw"), None, "127.0.0.1:5222", &tls, "ENV").unwrap();
         assert!(matches!(o.security, Security::Plain { insecure: false }));
         let req = TlsConfig {
             mode: TlsMode::Required,
-            ca_file: None,
+            ca_file: Some("/nonexistent/ca.pem".into()),
         };
-        assert_eq!(
-            connect_options("a@x", Some("pw"), None, "127.0.0.1:5222", &req, "ENV")
-                .unwrap_err()
-                .key,
-            "tls.ca_file"
-        );
+        let e =
+            connect_options("a@x", Some("pw"), None, "127.0.0.1:5222", &req, "ENV").unwrap_err();
+        assert_eq!(e.key, "tls.ca_file");
+        assert!(e.message.contains("/nonexistent/ca.pem"), "{}", e.message);
         assert_eq!(
             connect_options("nouser", Some("pw"), None, "127.0.0.1:1", &tls, "ENV")
                 .unwrap_err()

@@ -27,12 +27,15 @@ pub enum Trust {
     /// Exactly the CA certificates in this PEM text (a private CA, or the embedded server's
     /// self-signed certificate).
     Pem(String),
+    /// The operating system's certificate store (servers with publicly issued certificates).
+    System,
 }
 
 impl std::fmt::Debug for Trust {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Trust::Pem(_) => f.write_str("Trust::Pem(..)"),
+            Trust::System => f.write_str("Trust::System"),
         }
     }
 }
@@ -103,6 +106,19 @@ impl StartTlsConnector {
                     roots
                         .add(cert)
                         .map_err(|e| format!("CA certificate: {e}"))?;
+                }
+            }
+            Trust::System => {
+                // Unreadable entries are skipped; an empty store is refused below.
+                let found = rustls_native_certs::load_native_certs();
+                for cert in found.certs {
+                    let _ = roots.add(cert);
+                }
+                if roots.is_empty() {
+                    return Err(format!(
+                        "the operating system's certificate store is empty or unreadable ({} errors); set tls.ca_file",
+                        found.errors.len()
+                    ));
                 }
             }
         }
