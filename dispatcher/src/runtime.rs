@@ -451,6 +451,15 @@ impl Runtime {
                     self.on_chunk_reply(key, None).await?;
                 } else if self.sent.contains_key(&id) {
                     warn!(from = ?from, "ignoring a job result from the wrong sender");
+                } else if let Some(job) = payload
+                    .as_ref()
+                    .filter(|p| p.is("result", spine_protocol::NS))
+                    .and_then(|p| p.attr("job"))
+                {
+                    // The request was given up (its agent declared gone, or this dispatcher
+                    // restarted and sent the job again): the job's outcome comes, or came,
+                    // from the request that replaced it.
+                    info!(job = %job, from = ?from, "duplicate result dropped (a late reply to a request given up)");
                 }
             }
             Stanza::Iq(Iq::Error {

@@ -99,14 +99,7 @@ impl Prosody {
                 ));
             }
         }
-        let child = as_prosody("prosody")
-            .arg("--config")
-            .arg(&cfg_path)
-            .arg("-F")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .map_err(|e| format!("starting prosody: {e}"))?;
+        let child = spawn(&cfg_path)?;
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let mut p = Prosody {
             addr,
@@ -115,15 +108,42 @@ impl Prosody {
             dir,
             child,
         };
-        let log_path = p.log_path();
+        p.wait_ready()?;
+        Ok(p)
+    }
+
+    fn wait_ready(&mut self) -> Result<(), String> {
+        let log_path = self.log_path();
         crate::wait_listening(
             "prosody",
-            addr,
-            &mut p.child,
+            self.addr,
+            &mut self.child,
             Duration::from_secs(15),
             || std::fs::read_to_string(&log_path).unwrap_or_default(),
-        )?;
-        Ok(p)
+        )
+    }
+
+    /// Stops Prosody (SIGTERM: it closes every session) and starts it again on the same
+    /// port, configuration and data; waits until it accepts connections.
+    pub fn restart(&mut self) -> Result<(), String> {
+        self.stop();
+        self.child = spawn(&self.dir.path().join("prosody.cfg.lua"))?;
+        self.wait_ready()
+    }
+
+    fn stop(&mut self) {
+        // runuser forwards SIGTERM; kill() sends SIGKILL to runuser, so ask politely first.
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Prosody's log, for error messages.
@@ -143,17 +163,17 @@ impl Prosody {
 
 impl Drop for Prosody {
     fn drop(&mut self) {
-        // runuser forwards SIGTERM; kill() sends SIGKILL to runuser, so ask politely first.
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
+}
+
+fn spawn(cfg_path: &Path) -> Result<Child, String> {
+    as_prosody("prosody")
+        .arg("--config")
+        .arg(cfg_path)
+        .arg("-F")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("starting prosody: {e}"))
 }
