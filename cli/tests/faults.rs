@@ -411,10 +411,16 @@ async fn run(kind: &str, mut xmpp: Xmpp, dir: &Path) {
         .filter(|id| !audit.contains_key(**id))
         .count();
     let lost = accepted.len() - succeeded;
-    println!(
+    let report = format!(
         "faults on {kind} ({faults_s:.1} s of faults: 10 agent kills, 1 server restart, 2 dispatcher kills, 1 freeze of 10.5 s): accepted {}, succeeded {succeeded}, retried {retried}, duplicates suppressed {suppressed}, re-executions {}, recorded twice {recorded_twice}, audit lines missing {audit_missing}, lost {lost} (the dispatcher saw {gone} agents gone and {restarted} restarted)",
         accepted.len(),
         executions.saturating_sub(JOBS),
+    );
+    println!("{report}");
+    // Kept for the CI log (.ci/run prints it after the tests).
+    let _ = std::fs::write(
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("faults-{kind}.txt")),
+        format!("{report}\n"),
     );
     assert_eq!(
         accepted.len(),
@@ -427,6 +433,7 @@ async fn run(kind: &str, mut xmpp: Xmpp, dir: &Path) {
     );
     assert_eq!(lost, 0, "{kind}: jobs lost or failed");
     assert_eq!(recorded_twice, 0, "{kind}: an outcome recorded twice");
+    assert_eq!(audit_missing, 0, "{kind}: jobs without their audit line");
     assert!(
         executions >= JOBS,
         "{kind}: {executions} executions for {JOBS} jobs"

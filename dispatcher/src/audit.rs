@@ -1,10 +1,15 @@
 //! The audit log: one JSON line per job that ended — who submitted it, what it ran, where, in
 //! how many attempts, and how it ended — appended to a file that rotates by size.
 //!
-//! Lines are buffered and written after the store commit that recorded the outcome, so the log
-//! never claims an outcome the store does not hold. Rotation renames `audit.jsonl` to
-//! `audit.jsonl.1` (and `.1` to `.2`, …, dropping the oldest beyond `keep`) before a write
-//! that would take the file over `max_bytes`.
+//! Exactly one line per job, even across a crash: the lines of the jobs that ended are stored
+//! in the same store transaction as their outcomes (an outbox, [`crate::store::Store::put`]),
+//! appended to the file after that commit, and removed from the outbox by a later one, once the
+//! file has been synced (at most once a second). A
+//! dispatcher that starts with lines still in its outbox ([`AuditLog::recover`]) appends those
+//! the file does not already hold. So the log never claims an outcome the store does not hold,
+//! and never misses one it does. Rotation renames `audit.jsonl` to `audit.jsonl.1` (and `.1` to
+//! `.2`, …, dropping the oldest beyond `keep`) before a write that would take the file over
+//! `max_bytes`.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
@@ -21,7 +26,8 @@ pub struct AuditLog {
     size: u64,
     max_bytes: u64,
     keep: usize,
-    pending: Vec<u8>,
+    /// Lines of jobs that ended since the last commit: (job id, line with its newline).
+    pending: Vec<(String, Vec<u8>)>,
 }
 
 impl AuditLog {
@@ -64,23 +70,62 @@ impl AuditLog {
             "parent": j.spec.parent,
         });
         // Serialising a JSON value to a Vec cannot fail.
-        let _ = serde_json::to_writer(&mut self.pending, &line);
-        self.pending.push(b'\n');
+        let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
+        bytes.push(b'\n');
+        self.pending.push((j.id.to_string(), bytes));
     }
 
-    /// Writes the queued lines, rotating first when they would take the file over the limit.
-    pub fn flush(&mut self) -> std::io::Result<()> {
-        if self.pending.is_empty() {
+    /// The lines queued since the last call, for the store's outbox and then [`Self::append`].
+    pub fn take_pending(&mut self) -> Vec<(String, Vec<u8>)> {
+        std::mem::take(&mut self.pending)
+    }
+
+    /// Appends lines, rotating first when they would take the file over the limit.
+    pub fn append(&mut self, lines: &[(String, Vec<u8>)]) -> std::io::Result<()> {
+        let bytes: Vec<u8> = lines.iter().flat_map(|(_, l)| l.iter().copied()).collect();
+        if bytes.is_empty() {
             return Ok(());
         }
-        if self.size > 0 && self.size + self.pending.len() as u64 > self.max_bytes {
+        if self.size > 0 && self.size + bytes.len() as u64 > self.max_bytes {
             self.rotate()?;
         }
-        self.file.write_all(&self.pending)?;
+        self.file.write_all(&bytes)?;
         self.file.flush()?;
-        self.size += self.pending.len() as u64;
-        self.pending.clear();
+        self.size += bytes.len() as u64;
         Ok(())
+    }
+
+    /// Makes what was appended durable (fsync).
+    pub fn sync(&mut self) -> std::io::Result<()> {
+        self.file.sync_data()
+    }
+
+    /// Writes the queued lines (without an outbox: tests, and a dispatcher without a store).
+    pub fn flush(&mut self) -> std::io::Result<()> {
+        let lines = self.take_pending();
+        self.append(&lines)
+    }
+
+    /// After a crash: appends the outbox lines that the current file does not hold yet (the
+    /// crash came between the commit and the write); returns how many it appended.
+    pub fn recover(&mut self, outbox: &[(String, Vec<u8>)]) -> std::io::Result<usize> {
+        if outbox.is_empty() {
+            return Ok(0);
+        }
+        let text = std::fs::read_to_string(&self.path).unwrap_or_default();
+        // The current file: lines are written just after rotating, never before.
+        let held: std::collections::HashSet<String> = text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| v["job"].as_str().map(str::to_owned))
+            .collect();
+        let missing: Vec<(String, Vec<u8>)> = outbox
+            .iter()
+            .filter(|(j, _)| !held.contains(j))
+            .cloned()
+            .collect();
+        self.append(&missing)?;
+        Ok(missing.len())
     }
 
     fn rotated(&self, n: usize) -> PathBuf {
@@ -191,5 +236,32 @@ mod tests {
                 serde_json::from_str::<serde_json::Value>(line).unwrap();
             }
         }
+    }
+
+    #[test]
+    fn recovery_appends_only_the_lines_the_file_lacks() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut t = JobTable::new(100);
+        let mut log = AuditLog::open(&path, 1 << 20, 2).unwrap();
+        let a = job(&mut t, "a");
+        let b = job(&mut t, "b");
+        log.record(&a, 1);
+        let stored_a = log.take_pending();
+        log.append(&stored_a).unwrap();
+        log.record(&b, 2);
+        // The crash: b's line was stored in the outbox, never written.
+        let stored_b = log.take_pending();
+        drop(log);
+        let mut log = AuditLog::open(&path, 1 << 20, 2).unwrap();
+        let outbox: Vec<_> = stored_a.iter().chain(&stored_b).cloned().collect();
+        assert_eq!(log.recover(&outbox).unwrap(), 1);
+        assert_eq!(log.recover(&outbox).unwrap(), 0, "idempotent");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let jobs: Vec<String> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["job"].to_string())
+            .collect();
+        assert_eq!(jobs, ["\"a\"", "\"b\""]);
     }
 }

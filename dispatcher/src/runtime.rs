@@ -104,6 +104,10 @@ struct Runtime {
     latency: Histogram,
     /// Jobs changed since the last commit.
     dirty: HashSet<JobId>,
+    /// Jobs whose audit lines reached the file since the last commit (to leave the outbox).
+    audited: Vec<String>,
+    /// When the audit file was last synced to disk.
+    audit_synced: Instant,
     /// Idempotency keys of jobs accepted since the last commit (the store has them after it).
     fresh_keys: HashMap<(String, String), JobId>,
     /// Stanzas held until the changes before them are committed.
@@ -192,7 +196,7 @@ async fn run_inner(
     for j in stored {
         jobs.restore(j);
     }
-    let audit = match cfg.audit_log.trim() {
+    let mut audit = match cfg.audit_log.trim() {
         "off" => None,
         name => {
             let path = cfg.data_dir.join(name);
@@ -204,6 +208,23 @@ async fn run_inner(
             )
         }
     };
+    // Audit lines stored with their outcomes just before a crash, perhaps not yet written.
+    let outbox = store.audit_outbox()?;
+    if !outbox.is_empty() {
+        if let Some(a) = audit.as_mut() {
+            let n = a.recover(&outbox).map_err(|e| {
+                DispatcherError::Config(format!("audit_log: recovering stored lines: {e}"))
+            })?;
+            if n > 0 {
+                info!(
+                    lines = n,
+                    "audit log: appended the lines of jobs that ended just before the last stop"
+                );
+            }
+        }
+        let done: Vec<String> = outbox.into_iter().map(|(j, _)| j).collect();
+        store.put_with_audit(&[], &[], &done)?;
+    }
     let mut conn = spine_xmpp::connect(opts).await?;
     let mut status_rx = conn
         .take_status()
@@ -261,6 +282,8 @@ async fn run_inner(
         events,
         latency: Histogram::default(),
         dirty: HashSet::new(),
+        audited: Vec::new(),
+        audit_synced: Instant::now(),
         fresh_keys: HashMap::new(),
         outbox: Vec::new(),
         replies: Vec::new(),
@@ -347,20 +370,41 @@ impl Runtime {
     /// Stores every job changed since the last commit in one durable transaction, then sends
     /// the stanzas and API replies held meanwhile.
     async fn commit(&mut self) -> Result<(), DispatcherError> {
-        if !self.dirty.is_empty() {
+        // Audit lines go into the store's outbox with their outcomes, then into the file; the
+        // next commit removes them from the outbox (crate::audit).
+        let lines = self
+            .audit
+            .as_mut()
+            .map(|a| a.take_pending())
+            .unwrap_or_default();
+        // Lines leave the outbox once the file holding them is on disk: synced at most once a
+        // second, so a power loss cannot lose a line either.
+        let mut written = Vec::new();
+        if !self.audited.is_empty() && self.audit_synced.elapsed() >= Duration::from_secs(1) {
+            if let Some(a) = self.audit.as_mut() {
+                match a.sync() {
+                    Ok(()) => written = std::mem::take(&mut self.audited),
+                    Err(e) => error!("cannot sync the audit log: {e}"),
+                }
+            }
+            self.audit_synced = Instant::now();
+        }
+        if !self.dirty.is_empty() || !lines.is_empty() || !written.is_empty() {
             let recs: Vec<&JobRecord> = self
                 .dirty
                 .iter()
                 .filter_map(|id| self.jobs.get(id))
                 .collect();
-            self.store.put(&recs)?;
+            self.store.put_with_audit(&recs, &lines, &written)?;
             self.dirty.clear();
         }
         self.fresh_keys.clear();
         if let Some(a) = self.audit.as_mut() {
-            // The outcomes are stored now; an audit write failure is reported, not fatal.
-            if let Err(e) = a.flush() {
-                error!("cannot write the audit log: {e}");
+            // The outcomes are stored now; an audit write failure is reported, not fatal (the
+            // lines stay in the outbox and are written at the next start).
+            match a.append(&lines) {
+                Ok(()) => self.audited.extend(lines.into_iter().map(|(j, _)| j)),
+                Err(e) => error!("cannot write the audit log: {e}"),
             }
         }
         for st in std::mem::take(&mut self.outbox) {

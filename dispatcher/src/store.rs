@@ -18,6 +18,8 @@ const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const INPUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("inputs");
 const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
 const AGENTS: TableDefinition<&str, u64> = TableDefinition::new("agents");
+/// Audit lines of jobs that ended, stored with their outcomes until the audit file has them.
+const AUDIT_OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_outbox");
 
 /// Why the store failed. Fatal for the operation that asked; the dispatcher reports it (an
 /// HTTP 503 / XMPP `internal-server-error`) rather than acknowledging a job it did not store.
@@ -51,6 +53,7 @@ impl Store {
             tx.open_table(INPUTS).map_err(e)?;
             tx.open_table(IDEMPOTENCY).map_err(e)?;
             tx.open_table(AGENTS).map_err(e)?;
+            tx.open_table(AUDIT_OUTBOX).map_err(e)?;
         }
         tx.commit().map_err(e)?;
         Ok(Store { db })
@@ -59,7 +62,27 @@ impl Store {
     /// Writes jobs (new or changed) in one durable transaction; records idempotency keys of
     /// new ones.
     pub fn put(&self, jobs: &[&JobRecord]) -> Result<(), StoreError> {
+        self.put_with_audit(jobs, &[], &[])
+    }
+
+    /// [`Store::put`], and in the same transaction: adds the audit lines of jobs that ended to
+    /// the outbox, and removes those the audit file now holds (`audited`, by job id).
+    pub fn put_with_audit(
+        &self,
+        jobs: &[&JobRecord],
+        audit: &[(String, Vec<u8>)],
+        audited: &[String],
+    ) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut outbox = tx.open_table(AUDIT_OUTBOX).map_err(e)?;
+            for job in audited {
+                outbox.remove(job.as_str()).map_err(e)?;
+            }
+            for (job, line) in audit {
+                outbox.insert(job.as_str(), line.as_slice()).map_err(e)?;
+            }
+        }
         {
             let mut t = tx.open_table(JOBS).map_err(e)?;
             let mut inputs = tx.open_table(INPUTS).map_err(e)?;
@@ -82,6 +105,18 @@ impl Store {
             }
         }
         tx.commit().map_err(e)
+    }
+
+    /// The audit lines stored but perhaps not yet in the audit file (after a crash).
+    pub fn audit_outbox(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(AUDIT_OUTBOX).map_err(e)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            out.push((k.value().to_owned(), v.value().to_vec()));
+        }
+        Ok(out)
     }
 
     /// The job an idempotency key of a submitter already created.
@@ -193,6 +228,28 @@ mod tests {
             target: None,
             parent: None,
         }
+    }
+
+    #[test]
+    fn the_audit_outbox_is_written_and_cleared_with_the_jobs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let mut t = JobTable::new(10);
+        let a = t
+            .submit("a".parse().unwrap(), spec(None), 5)
+            .unwrap()
+            .clone();
+        let store = Store::open(&path).unwrap();
+        let line = (a.id.to_string(), b"{\"job\":\"a\"}\n".to_vec());
+        store
+            .put_with_audit(&[&a], std::slice::from_ref(&line), &[])
+            .unwrap();
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(store.audit_outbox().unwrap(), vec![line]);
+        assert_eq!(store.load().unwrap().len(), 1, "the job came with it");
+        store.put_with_audit(&[], &[], &["a".into()]).unwrap();
+        assert!(store.audit_outbox().unwrap().is_empty());
     }
 
     #[test]
