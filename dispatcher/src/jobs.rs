@@ -78,9 +78,18 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
-    /// A map/reduce job without a split step needs its input to be a fragment list: checked
-    /// at submission, so a bad one is refused at once instead of failing later.
+    /// What must hold of a job before it is stored, so that it is refused at once instead of
+    /// failing (or worse, running otherwise) later: its stored filter text parses (placement
+    /// reads it back with [`JobSpec::parsed_filter`]), and a map/reduce job without a split
+    /// step has a fragment list as its input.
     pub fn check_input(&self) -> Result<(), SpineError> {
+        if let Some(f) = &self.filter {
+            f.parse::<Filter>().map_err(|e| {
+                SpineError::new(Condition::BadArguments)
+                    .with_field("filter")
+                    .with_text(e.to_string())
+            })?;
+        }
         match &self.mapreduce {
             Some(m) if m.split.is_none() => spine_protocol::fragments::decode(&self.input)
                 .map(|_| ())
@@ -93,7 +102,7 @@ impl JobSpec {
         }
     }
 
-    /// The parsed filter, if any.
+    /// The parsed filter, if any (it parses: [`JobSpec::check_input`] saw to that).
     pub fn parsed_filter(&self) -> Option<Filter> {
         self.filter.as_deref().and_then(|f| f.parse().ok())
     }

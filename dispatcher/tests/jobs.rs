@@ -347,3 +347,15 @@ fn restored_jobs_resume_on_their_agent_with_the_same_attempt() {
     );
     assert!(!t2.get(&id("b")).unwrap().resume);
 }
+
+#[test]
+fn a_stored_filter_that_does_not_parse_is_refused_at_submission() {
+    let mut s = spec("c.x", 0);
+    s.filter = Some("zone in (eu-1".into());
+    let e = s.check_input().unwrap_err();
+    assert_eq!(e.condition, spine_protocol::Condition::BadArguments);
+    assert_eq!(e.field.as_deref(), Some("filter"));
+    s.filter = Some("zone in (eu-1,eu-2), gpu".into());
+    assert!(s.check_input().is_ok());
+    assert!(s.parsed_filter().is_some());
+}
