@@ -231,8 +231,9 @@ impl DispatcherConfig {
         if j.node().is_none() {
             return Err(bad("jid", "needs a user part (user@domain/resource)"));
         }
-        // Submitter and agent rules (each error names its key).
+        // Submitter, agent and token grants (each error names its key).
         crate::policy::Policy::from_config(self)?;
+        crate::policy::Policy::http_tokens(self)?;
         if self.max_queue == 0 {
             return Err(bad("max_queue", "must be at least 1"));
         }
@@ -271,10 +272,6 @@ impl DispatcherConfig {
                     "must be at least 16 characters",
                 ));
             }
-            crate::policy::Capabilities::parse(
-                &t.capabilities,
-                &format!("http_token[{i}].capabilities"),
-            )?;
         }
         if let Some(addr) = self.http_listen {
             if !addr.ip().is_loopback() && self.http_tokens.is_empty() {

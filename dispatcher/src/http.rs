@@ -90,7 +90,8 @@ pub struct JobEvent {
 pub(crate) struct Handle {
     pub(crate) tx: mpsc::Sender<Command>,
     pub(crate) events: broadcast::Sender<JobEvent>,
-    pub(crate) tokens: std::sync::Arc<Vec<HttpToken>>,
+    /// The configured tokens with their grants (capability patterns parsed once, at start).
+    pub(crate) tokens: std::sync::Arc<Vec<(HttpToken, Grant)>>,
     pub(crate) max_attempts: u64,
     pub(crate) max_input: u64,
 }
@@ -225,27 +226,22 @@ fn authenticate(h: &Handle, headers: &HeaderMap, peer: SocketAddr) -> Result<Cal
     use sha2::Digest as _;
     let given = sha2::Sha256::digest(given.as_bytes());
     let mut found = None;
-    for t in h.tokens.iter() {
+    for (t, grant) in h.tokens.iter() {
         let same = sha2::Sha256::digest(t.token.as_bytes())
             .iter()
             .zip(given.iter())
             .fold(0u8, |acc, (a, b)| acc | (a ^ b))
             == 0;
         if same {
-            found = Some(t);
+            found = Some((t, grant));
         }
     }
-    let t = found.ok_or_else(|| {
+    let (t, grant) = found.ok_or_else(|| {
         ApiError::new(StatusCode::UNAUTHORIZED, "not-authorized", "unknown token")
     })?;
     Ok(Caller {
         name: t.name.clone(),
-        grant: Grant {
-            capabilities: Capabilities::parse(&t.capabilities, "http_token.capabilities").map_err(
-                |e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
-            )?,
-            all_jobs: t.all_jobs,
-        },
+        grant: grant.clone(),
     })
 }
 

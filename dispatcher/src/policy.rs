@@ -165,6 +165,25 @@ impl Policy {
         })
     }
 
+    /// The HTTP tokens with their grants (`capabilities`, `all_jobs`); errors name the key.
+    pub fn http_tokens(
+        cfg: &DispatcherConfig,
+    ) -> Result<Vec<(crate::config::HttpToken, Grant)>, DispatcherError> {
+        cfg.http_tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let capabilities =
+                    Capabilities::parse(&t.capabilities, &format!("http_token[{i}].capabilities"))?;
+                let grant = Grant {
+                    capabilities,
+                    all_jobs: t.all_jobs,
+                };
+                Ok((t.clone(), grant))
+            })
+            .collect()
+    }
+
     /// What `jid` may do as a submitter over XMPP: the union of every rule that names it;
     /// `None` when none does.
     pub fn submitter(&self, jid: &BareJid) -> Option<Grant> {

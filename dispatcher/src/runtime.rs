@@ -239,7 +239,7 @@ async fn run_inner(
         let handle = Handle {
             tx: cmd_tx.clone(),
             events: events.clone(),
-            tokens: std::sync::Arc::new(cfg.http_tokens.clone()),
+            tokens: std::sync::Arc::new(Policy::http_tokens(&cfg)?),
             max_attempts: cfg.max_attempts,
             max_input: cfg.max_blob.as_u64(),
         };
