@@ -11,6 +11,7 @@ use jid::{BareJid, Jid};
 use serde::{Deserialize, Serialize};
 use spine_protocol::{AttrName, CapabilityName};
 
+use crate::args::{ArgSpec, DeclError};
 use crate::error::AgentError;
 
 /// The commented default configuration (`spine agent --print-config` without a file).
@@ -126,6 +127,11 @@ pub struct CapabilityConfig {
     /// Attributes of this capability.
     #[serde(default)]
     pub attributes: BTreeMap<String, String>,
+    /// The job arguments it accepts, by name (`[capability.args.NAME]`); any other is refused.
+    /// Absent: an exec capability takes the `{arg.NAME}` of its argv as plain strings, an http
+    /// capability takes none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<BTreeMap<String, ArgSpec>>,
     /// How it runs.
     #[serde(flatten)]
     pub wrapper: WrapperConfig,
@@ -225,6 +231,11 @@ pub struct Resolved {
 
 fn bad(key: &str, why: impl std::fmt::Display) -> AgentError {
     AgentError::Config(format!("{key}: {why}"))
+}
+
+/// A bad declaration of the capability at `capability` (`capability[2]`).
+fn decl(capability: &str, e: DeclError) -> AgentError {
+    bad(&format!("{capability}.{}", e.key), e.why)
 }
 
 impl AgentConfig {
@@ -351,8 +362,7 @@ impl AgentConfig {
                             "output = \"file\" needs {output} in argv",
                         ));
                     }
-                    crate::exec::check_template(argv)
-                        .map_err(|e| bad(&format!("{key}.argv"), e))?;
+                    crate::exec::arg_rules(argv, c.args.as_ref()).map_err(|e| decl(&key, e))?;
                     for code in exit_codes.keys() {
                         code.parse::<i32>().map_err(|_| {
                             bad(
@@ -376,6 +386,7 @@ impl AgentConfig {
                             "only http:// URLs (a local service) are supported",
                         ));
                     }
+                    crate::http::arg_rules(url, c.args.as_ref()).map_err(|e| decl(&key, e))?;
                     if !matches!(method.as_str(), "POST" | "GET") {
                         return Err(bad(
                             &format!("{key}.method"),
@@ -506,11 +517,85 @@ mod tests {
                 "teleport",
             ),
             ("bogus = 1", "bogus"),
+            (
+                "[[capability]]\nname = \"a\"\nkind = \"exec\"\nargv = [\"sort\", \"{arg.mode}\"]\nargs.mode.pattern = \"(\"",
+                "capability[0].args.mode.pattern: \"(\" is not a valid regular expression: unclosed group",
+            ),
+            (
+                "[[capability]]\nname = \"a\"\nkind = \"exec\"\nargv = [\"sort\", \"{arg.mode}\"]\nargs.mode.values = [\"-n\", 1]",
+                "capability[0].args.mode.values[1]: 1 is not of the argument's type (string)",
+            ),
+            (
+                "[[capability]]\nname = \"a\"\nkind = \"exec\"\nargv = [\"sort\", \"{arg.mode}\"]\nargs = {}",
+                "capability[0].argv: {arg.mode} is not declared in args",
+            ),
+            (
+                "[[capability]]\nname = \"a\"\nkind = \"exec\"\nargv = [\"sort\", \"--\", \"{arg.m}\"]\nargs.m = { values = [\"-n\"], option = true }",
+                "capability[0].args.m.option",
+            ),
+            (
+                "[[capability]]\nname = \"a\"\nkind = \"http\"\nurl = \"http://127.0.0.1:9/?mode=safe\"\nargs.mode = {}",
+                "capability[0].args.mode: is already set in the url's query",
+            ),
+            (
+                "[[capability]]\nname = \"a\"\nkind = \"http\"\nurl = \"http://127.0.0.1:9/\"\nargs.m = { option = true }",
+                "capability[0].args.m.option",
+            ),
+            (
+                "[[capability]]\nname = \"a\"\nkind = \"exec\"\nargv = [\"x\", \"{arg.m}\"]\nargs.m = { kind = \"string\" }",
+                "unknown field `kind`",
+            ),
         ];
         for (toml, key) in cases {
             let e = AgentConfig::from_toml(toml).unwrap_err().to_string();
             assert!(e.contains(key), "{toml:?} -> {e}");
         }
+    }
+
+    /// Argument declarations read the same from a file through `config` (as `spine agent`
+    /// does) as from TOML text, names and value types kept.
+    #[test]
+    fn argument_declarations_load_from_a_file() {
+        let text = r#"
+            dispatchers = ["d@x"]
+            [[capability]]
+            name = "legacy.sort"
+            kind = "exec"
+            argv = ["sort", "{arg.Mode}", "-{arg.level}", "{arg.fold}", "--", "{input}"]
+            input = "file"
+            [capability.args.Mode]
+            values = ["-n", "-r"]
+            [capability.args.level]
+            type = "integer"
+            values = [1, 2]
+            [capability.args.fold]
+            type = "boolean"
+            values = [true]
+        "#;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.toml");
+        std::fs::write(&path, text).unwrap();
+        let loaded = AgentConfig::load(Some(&path)).unwrap();
+        let parsed = AgentConfig::from_toml(text).unwrap();
+        assert_eq!(loaded.capabilities, parsed.capabilities);
+        let args = loaded.capabilities[0].args.as_ref().unwrap();
+        use crate::args::{ArgType, Literal};
+        assert_eq!(
+            args["Mode"].values,
+            Some(vec![
+                Literal::String("-n".into()),
+                Literal::String("-r".into())
+            ])
+        );
+        assert_eq!(args["level"].kind, ArgType::Integer);
+        assert_eq!(
+            args["level"].values,
+            Some(vec![Literal::Integer(1), Literal::Integer(2)])
+        );
+        assert_eq!(args["fold"].values, Some(vec![Literal::Boolean(true)]));
+        // What --print-config shows parses back to the same.
+        let shown = toml::to_string(&loaded).unwrap();
+        assert_eq!(AgentConfig::from_toml(&shown).unwrap(), loaded, "{shown}");
     }
 
     #[test]

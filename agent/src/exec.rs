@@ -2,10 +2,15 @@
 //!
 //! Never through a shell: the program is started directly with an argv built from the
 //! template, and each `{arg.NAME}` substitution stays inside the one argv element it appears
-//! in, so `; rm -rf /` or `$(id)` reach the program as literal text. The environment is
-//! cleared except PATH, LANG and what the configuration names (the agent's own environment may
-//! hold its password). The program runs in its own process group, which is killed as a whole
-//! on timeout, deadline or cancel.
+//! in, so `; rm -rf /` or `$(id)` reach the program as literal text. No shell is not enough:
+//! the program still reads its argv, so an argument standing alone could be an option
+//! (`-o /path`) or a file name. Before anything runs, a job's arguments are held to the
+//! capability's declarations ([`crate::args`]): undeclared ones, values not allowed, and
+//! values starting with `-` unless declared an option are refused with `bad-arguments`.
+//!
+//! The environment is cleared except PATH, LANG and what the configuration names (the agent's
+//! own environment may hold its password). The program runs in its own process group, which is
+//! killed as a whole on timeout, deadline or cancel.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -13,10 +18,10 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::Command;
 
+use crate::args::{ArgRules, ArgSpec, DeclError, Target};
 use crate::config::{InputMode, OutputMode, Verdict};
 use crate::handler::{HandlerFuture, JobContext, JobError, Output};
 
@@ -49,7 +54,7 @@ fn parse_element(s: &str) -> Result<Vec<Piece>, String> {
             "output" => Piece::Output,
             n if n.starts_with("arg.") && n.len() > 4 => {
                 let a = &n[4..];
-                if !a.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') {
+                if !crate::args::valid_name(a) {
                     return Err(format!("bad argument name '{a}' in '{s}'"));
                 }
                 Piece::Arg(a.to_owned())
@@ -64,32 +69,88 @@ fn parse_element(s: &str) -> Result<Vec<Piece>, String> {
     Ok(out)
 }
 
-/// Checks an argv template (used by config validation).
-pub fn check_template(argv: &[String]) -> Result<(), String> {
-    argv.iter().try_for_each(|e| parse_element(e).map(|_| ()))
+/// The arguments of an exec capability, from its template and its `args` declarations (used
+/// by configuration validation and by [`ExecWrapper::with_args`]).
+///
+/// Without declarations each `{arg.NAME}` of argv is a required string that does not start
+/// with `-` ([`ArgSpec::default`]). With them, every placeholder must be declared and every
+/// declaration used, and an argument declared `option = true` must not come after a literal
+/// `--` element, where the program would take it as an operand.
+pub fn arg_rules(
+    argv: &[String],
+    declared: Option<&BTreeMap<String, ArgSpec>>,
+) -> Result<ArgRules, DeclError> {
+    let template = parse_template(argv).map_err(|e| DeclError::new("argv", e))?;
+    rules_for(&template, declared)
 }
 
-/// Renders a JSON argument as argv text; only scalars are allowed.
-fn arg_text(name: &str, v: Option<&Value>) -> Result<String, JobError> {
-    match v {
-        Some(Value::String(s)) => Ok(s.clone()),
-        Some(Value::Number(n)) => Ok(n.to_string()),
-        Some(Value::Bool(b)) => Ok(b.to_string()),
-        Some(_) => Err(JobError::bad_argument(
-            name,
-            "must be a string, number or boolean",
-        )),
-        None => Err(JobError::bad_argument(
-            name,
-            "is required by this capability",
-        )),
+fn parse_template(argv: &[String]) -> Result<Vec<Vec<Piece>>, String> {
+    argv.iter().map(|e| parse_element(e)).collect()
+}
+
+fn rules_for(
+    template: &[Vec<Piece>],
+    declared: Option<&BTreeMap<String, ArgSpec>>,
+) -> Result<ArgRules, DeclError> {
+    // Each placeholder, and whether it is used after the end-of-options marker.
+    let mut used: BTreeMap<&str, bool> = BTreeMap::new();
+    let mut after_dashes = false;
+    for pieces in template {
+        if matches!(pieces.as_slice(), [Piece::Text(t)] if t == "--") {
+            after_dashes = true;
+        }
+        for p in pieces {
+            if let Piece::Arg(a) = p {
+                *used.entry(a.as_str()).or_insert(false) |= after_dashes;
+            }
+        }
     }
+    let specs = match declared {
+        None => used
+            .keys()
+            .map(|a| ((*a).to_owned(), ArgSpec::default()))
+            .collect(),
+        Some(d) => {
+            if let Some(a) = used.keys().find(|a| !d.contains_key(**a)) {
+                return Err(DeclError::new(
+                    "argv",
+                    format!(
+                        "{{arg.{a}}} is not declared in args (a capability that declares \
+                         arguments declares each of its placeholders)"
+                    ),
+                ));
+            }
+            for (name, spec) in d {
+                match used.get(name.as_str()) {
+                    None => {
+                        return Err(DeclError::new(
+                            format!("args.{name}"),
+                            format!("declared but argv has no {{arg.{name}}}"),
+                        ))
+                    }
+                    Some(true) if spec.option => {
+                        return Err(DeclError::new(
+                            format!("args.{name}.option"),
+                            format!(
+                                "{{arg.{name}}} comes after \"--\" in argv, where the program \
+                                 takes it as an operand, not an option"
+                            ),
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+            d.clone()
+        }
+    };
+    ArgRules::compile(&specs, Target::Exec)
 }
 
-/// Builds the argv for one job: one output element per template element.
+/// Builds the argv for one job: one output element per template element. `args` are the
+/// job's arguments as checked by the capability's [`ArgRules`].
 fn build_argv(
     template: &[Vec<Piece>],
-    args: &serde_json::Map<String, Value>,
+    args: &BTreeMap<String, String>,
     input: Option<&Path>,
     output: Option<&Path>,
 ) -> Result<Vec<String>, JobError> {
@@ -100,13 +161,9 @@ fn build_argv(
             for p in pieces {
                 match p {
                     Piece::Text(t) => s.push_str(t),
-                    Piece::Arg(a) => {
-                        let v = arg_text(a, args.get(a))?;
-                        if v.contains('\0') {
-                            return Err(JobError::bad_argument(a, "must not contain NUL"));
-                        }
-                        s.push_str(&v);
-                    }
+                    Piece::Arg(a) => s.push_str(args.get(a).ok_or_else(|| {
+                        JobError::bad_argument(a, "is required by this capability")
+                    })?),
                     Piece::Input => {
                         s.push_str(&input.map(|p| p.display().to_string()).unwrap_or_default())
                     }
@@ -123,6 +180,7 @@ fn build_argv(
 /// A configured exec capability.
 pub struct ExecWrapper {
     template: Vec<Vec<Piece>>,
+    rules: ArgRules,
     input: InputMode,
     output: OutputMode,
     env: BTreeMap<String, String>,
@@ -133,7 +191,9 @@ pub struct ExecWrapper {
 }
 
 impl ExecWrapper {
-    /// From configuration values (already validated).
+    /// From configuration values (already validated). Its arguments are the placeholders of
+    /// `argv`, each a string that does not start with `-`; [`ExecWrapper::with_args`] declares
+    /// them.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         argv: &[String],
@@ -145,10 +205,8 @@ impl ExecWrapper {
         max_output: u64,
         exit_codes: &BTreeMap<String, Verdict>,
     ) -> Result<Self, String> {
-        let template = argv
-            .iter()
-            .map(|e| parse_element(e))
-            .collect::<Result<Vec<_>, _>>()?;
+        let template = parse_template(argv)?;
+        let rules = rules_for(&template, None).map_err(|e| format!("{}: {}", e.key, e.why))?;
         let exit_codes = exit_codes
             .iter()
             .map(|(k, v)| {
@@ -159,6 +217,7 @@ impl ExecWrapper {
             .collect::<Result<_, _>>()?;
         Ok(ExecWrapper {
             template,
+            rules,
             input,
             output,
             env,
@@ -167,6 +226,17 @@ impl ExecWrapper {
             max_output,
             exit_codes,
         })
+    }
+
+    /// The same wrapper with its arguments declared (`args` of the capability; `None`: the
+    /// placeholders of argv as plain strings). Errors name the key below the capability.
+    pub fn with_args(
+        mut self,
+        declared: Option<&BTreeMap<String, ArgSpec>>,
+    ) -> Result<Self, String> {
+        self.rules =
+            rules_for(&self.template, declared).map_err(|e| format!("{}: {}", e.key, e.why))?;
+        Ok(self)
     }
 
     /// The handler running this wrapper.
@@ -179,6 +249,8 @@ impl ExecWrapper {
     }
 
     async fn run(&self, ctx: JobContext) -> Result<Output, JobError> {
+        // Before anything runs or is written: a refused argument costs nothing.
+        let args = self.rules.check(&ctx.args)?;
         let dir = tempfile::Builder::new()
             .prefix("spine-exec-")
             .tempdir()
@@ -194,7 +266,7 @@ impl ExecWrapper {
         }
         let argv = build_argv(
             &self.template,
-            &ctx.args,
+            &args,
             input_path.as_deref(),
             output_path.as_deref(),
         )?;
@@ -371,20 +443,38 @@ impl Drop for GroupGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{json, Value};
 
-    fn args(v: Value) -> serde_json::Map<String, Value> {
-        v.as_object().cloned().unwrap()
+    fn strings(v: &[&str]) -> Vec<String> {
+        v.iter().map(|s| (*s).to_owned()).collect()
+    }
+
+    fn declared(toml_text: &str) -> BTreeMap<String, ArgSpec> {
+        toml::from_str(toml_text).unwrap_or_else(|e| panic!("{e}\n{toml_text}"))
+    }
+
+    /// The argv a job gets from `argv` with these declarations, or the refusal.
+    fn render(argv: &[&str], decl: Option<&str>, args: Value) -> Result<Vec<String>, JobError> {
+        let argv = strings(argv);
+        let decl = decl.map(declared);
+        let rules = arg_rules(&argv, decl.as_ref()).unwrap();
+        let texts = rules.check(args.as_object().unwrap_or(&Default::default()))?;
+        build_argv(
+            &parse_template(&argv).unwrap(),
+            &texts,
+            Some(Path::new("/tmp/in")),
+            None,
+        )
     }
 
     #[test]
     fn placeholders_stay_inside_their_element() {
-        let t: Vec<Vec<Piece>> = ["prog", "--name={arg.name}", "{arg.n}", "{input}"]
-            .iter()
-            .map(|e| parse_element(e).unwrap())
-            .collect();
-        let a = args(json!({"name": "; rm -rf / $(id) 'q' \"d\"\nnl", "n": 9007199254740993u64}));
-        let argv = build_argv(&t, &a, Some(Path::new("/tmp/in")), None).unwrap();
+        let argv = render(
+            &["prog", "--name={arg.name}", "{arg.n}", "{input}"],
+            None,
+            json!({"name": "; rm -rf / $(id) 'q' \"d\"\nnl", "n": 9007199254740993u64}),
+        )
+        .unwrap();
         assert_eq!(
             argv,
             vec![
@@ -398,16 +488,97 @@ mod tests {
 
     #[test]
     fn bad_templates_and_arguments() {
-        assert!(check_template(&["x".into(), "{arg.}".into()]).is_err());
-        assert!(check_template(&["x".into(), "{oops}".into()]).is_err());
-        assert!(check_template(&["x".into(), "{arg.a".into()]).is_err());
-        let t = vec![parse_element("{arg.a}").unwrap()];
-        let e = build_argv(&t, &args(json!({})), None, None).unwrap_err();
+        for t in [&["x", "{arg.}"][..], &["x", "{oops}"], &["x", "{arg.a"]] {
+            assert_eq!(arg_rules(&strings(t), None).unwrap_err().key, "argv");
+        }
+        let e = render(&["{arg.a}"], None, json!({})).unwrap_err();
         assert_eq!(
             e,
-            JobError::bad_argument("a", "is required by this capability")
+            JobError::bad_argument(
+                "a",
+                "is required by this capability; it must be a string not starting with '-'"
+            )
         );
-        let e = build_argv(&t, &args(json!({"a": [1]})), None, None).unwrap_err();
+        let e = render(&["{arg.a}"], None, json!({"a": [1]})).unwrap_err();
         assert!(matches!(e, JobError::BadArguments { ref field, .. } if field == "a"));
+    }
+
+    /// Finding 7 of the security review: `sort {arg.mode} {input}` read any file
+    /// (`mode = "/etc/hostname"`) and wrote one (`mode = "-o/path"`).
+    #[test]
+    fn option_and_file_name_injection_is_refused() {
+        let argv = ["sort", "{arg.mode}", "{input}"];
+        // Undeclared: an option is refused by default.
+        let e = render(&argv, None, json!({"mode": "-o/tmp/INJECTED"})).unwrap_err();
+        assert_eq!(
+            e,
+            JobError::bad_argument("mode", "must be a string not starting with '-'")
+        );
+        // Declared: only the listed values, options included.
+        let decl = Some(r#"mode = { values = ["-n", "-r"] }"#);
+        for hostile in ["/etc/hostname", "-o/tmp/INJECTED"] {
+            let e = render(&argv, decl, json!({ "mode": hostile })).unwrap_err();
+            assert_eq!(
+                e,
+                JobError::bad_argument("mode", "must be one of \"-n\", \"-r\""),
+                "{hostile}"
+            );
+        }
+        assert_eq!(
+            render(&argv, decl, json!({"mode": "-n"})).unwrap(),
+            vec!["sort", "-n", "/tmp/in"]
+        );
+        // Arguments the template does not use are refused too, declared or not.
+        let e = render(&argv, decl, json!({"mode": "-n", "o": "/x"})).unwrap_err();
+        assert!(matches!(e, JobError::BadArguments { ref field, .. } if field == "o"));
+        let e = render(&["sort"], None, json!({"o": "/x"})).unwrap_err();
+        assert_eq!(
+            e,
+            JobError::bad_argument(
+                "o",
+                "is not an argument of this capability: this capability takes no arguments"
+            )
+        );
+    }
+
+    #[test]
+    fn declarations_must_match_the_template() {
+        let cases = [
+            (
+                &["sort", "{arg.mode}", "{arg.key}"][..],
+                "mode = {}",
+                "argv",
+                "{arg.key} is not declared",
+            ),
+            (
+                &["sort", "{arg.mode}"],
+                "mode = {}\nextra = {}",
+                "args.extra",
+                "argv has no",
+            ),
+            (
+                &["sort", "--", "{arg.mode}"],
+                "mode = { values = [\"-n\"], option = true }",
+                "args.mode.option",
+                "after \"--\"",
+            ),
+            (
+                &["sort", "{arg.mode}", "{input}"],
+                "mode = { pattern = \"(\" }",
+                "args.mode.pattern",
+                "is not a valid regular expression",
+            ),
+        ];
+        for (argv, decl, key, why) in cases {
+            let e = arg_rules(&strings(argv), Some(&declared(decl))).unwrap_err();
+            assert_eq!(e.key, key, "{argv:?} {decl}: {}", e.why);
+            assert!(e.why.contains(why), "{}", e.why);
+        }
+        // An option before "--", a file name after it: the safe form.
+        let argv = ["sort", "{arg.mode}", "-o", "{output}", "--", "{arg.file}"];
+        let decl = "mode = { values = [\"-n\", \"-r\"] }\nfile = { pattern = \"[a-z]+\\\\.txt\" }";
+        assert!(arg_rules(&strings(&argv), Some(&declared(decl))).is_ok());
+        let e = render(&argv, Some(decl), json!({"mode": "-r", "file": "-x.txt"})).unwrap_err();
+        assert!(matches!(e, JobError::BadArguments { ref field, .. } if field == "file"));
     }
 }

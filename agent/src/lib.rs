@@ -22,6 +22,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod args;
 pub mod config;
 pub mod error;
 pub mod exec;
@@ -40,6 +41,25 @@ use spine_protocol::{AttrName, Attributes, CapabilityAd, CapabilityName};
 pub use config::{AgentConfig, DEFAULT_CONFIG};
 pub use error::AgentError;
 pub use handler::{Handler, JobContext, JobError, Output, SharedHandler};
+
+/// Warns about an exec capability whose `{arg.NAME}` placeholders are not declared: each then
+/// takes any string that does not start with `-`, a file name included.
+fn undeclared_warning(capability: &str, argv: &[String], declared: bool) {
+    if declared {
+        return;
+    }
+    if let Ok(rules) = exec::arg_rules(argv, None) {
+        let names: Vec<&str> = rules.names().collect();
+        if !names.is_empty() {
+            tracing::warn!(
+                capability,
+                args = names.join(", "),
+                "exec arguments not declared: each takes any text not starting with '-' \
+                 (a file name too); declare them under args (docs/agent.md)"
+            );
+        }
+    }
+}
 
 /// A capability with its handler.
 pub(crate) struct Capability {
@@ -165,7 +185,11 @@ impl AgentBuilder {
                     max_output.as_u64(),
                     exit_codes,
                 )
-                .map(exec::ExecWrapper::into_handler),
+                .and_then(|w| w.with_args(c.args.as_ref()))
+                .map(|w| {
+                    undeclared_warning(&c.name, argv, c.args.is_some());
+                    w.into_handler()
+                }),
                 config::WrapperConfig::Http {
                     url,
                     method,
@@ -174,6 +198,7 @@ impl AgentBuilder {
                     status_codes,
                 } => {
                     http::HttpWrapper::new(url, method, *timeout, max_output.as_u64(), status_codes)
+                        .and_then(|w| w.with_args(c.args.as_ref()))
                         .map(http::HttpWrapper::into_handler)
                 }
             }

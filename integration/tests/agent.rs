@@ -265,6 +265,8 @@ async fn http_wraps_a_local_service_with_status_mapping() {
         kind = "http"
         method = "GET"
         url = "http://{http}/args"
+        args.w = {{ type = "integer" }}
+        args.name = {{}}
         [[capability]]
         name = "legacy.busy"
         kind = "http"
