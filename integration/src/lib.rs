@@ -197,17 +197,68 @@ impl RawClient {
         ))
         .await;
         c.read_until("<success").await;
-        c.send(&format!("<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='{domain}' version='1.0'>")).await;
-        c.read_until("</stream:features>").await;
-        c.send(&format!("<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>")).await;
-        let got = c.read_until("</iq>").await;
+        c.restart_and_bind(domain, user, resource).await;
+        c
+    }
+
+    /// Logs in with SASL SCRAM-SHA-1 (what every server offers on plain loopback TCP, where
+    /// Prosody and ejabberd may not offer PLAIN), binds `resource` and sends initial presence.
+    pub async fn login_scram(
+        addr: SocketAddr,
+        domain: &str,
+        user: &str,
+        password: &str,
+        resource: &str,
+    ) -> RawClient {
+        use base64::Engine as _;
+        use sasl::client::Mechanism as _;
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let mut c = Self::open(addr, domain).await;
+        let creds = sasl::common::Credentials::default()
+            .with_username(user)
+            .with_password(password)
+            .with_channel_binding(sasl::common::ChannelBinding::None);
+        let mut scram =
+            sasl::client::mechanisms::Scram::<sasl::common::scram::Sha1>::from_credentials(creds)
+                .expect("SCRAM client");
+        c.send(&format!(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'>{}</auth>",
+            b64.encode(scram.initial())
+        ))
+        .await;
+        c.read_until("<challenge").await;
+        let challenge = c.read_until("</challenge>").await;
+        let data = challenge
+            .trim_end_matches("</challenge>")
+            .rsplit('>')
+            .next()
+            .unwrap_or_default()
+            .to_owned();
+        let response = scram
+            .response(&b64.decode(data.trim()).expect("challenge base64"))
+            .expect("SCRAM response");
+        c.send(&format!(
+            "<response xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>{}</response>",
+            b64.encode(response)
+        ))
+        .await;
+        c.read_until("<success").await;
+        c.read_until(">").await;
+        c.restart_and_bind(domain, user, resource).await;
+        c
+    }
+
+    async fn restart_and_bind(&mut self, domain: &str, user: &str, resource: &str) {
+        self.send(&format!("<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='{domain}' version='1.0'>")).await;
+        self.read_until("</stream:features>").await;
+        self.send(&format!("<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>")).await;
+        let got = self.read_until("</iq>").await;
         assert!(
             got.contains("type='result'") || got.contains("type=\"result\""),
             "bind failed: {got}"
         );
-        c.jid = format!("{user}@{domain}/{resource}");
-        c.send("<presence/>").await;
-        c
+        self.jid = format!("{user}@{domain}/{resource}");
+        self.send("<presence/>").await;
     }
 
     /// Writes raw bytes.
@@ -235,6 +286,19 @@ impl RawClient {
                 Ok(Ok(n)) => self.buf.push_str(&String::from_utf8_lossy(&chunk[..n])),
                 Ok(Err(e)) => panic!("read error before {needle:?}: {e}; received: {}", self.buf),
                 Err(_) => panic!("no {needle:?} within {PATIENCE:?}; received: {}", self.buf),
+            }
+        }
+    }
+
+    /// Reads for at most `within` or until the server closes the connection; returns what
+    /// was received.
+    pub async fn read_to_close_or(&mut self, within: Duration) -> String {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let mut chunk = [0u8; 8192];
+            match tokio::time::timeout_at(deadline, self.tcp.read(&mut chunk)).await {
+                Ok(Ok(n)) if n > 0 => self.buf.push_str(&String::from_utf8_lossy(&chunk[..n])),
+                _ => return std::mem::take(&mut self.buf),
             }
         }
     }

@@ -19,6 +19,7 @@ pub mod blob;
 pub mod client;
 pub mod condition;
 pub mod data;
+pub mod depth;
 pub mod disco;
 pub mod error;
 pub mod filter;

@@ -93,3 +93,71 @@ fn every_valid_seed_parses() {
         }
     }
 }
+
+/// rxml's deepest nesting, from its events (no tree): `None` if rxml refuses the input.
+fn rxml_deepest(mut doc: &[u8]) -> Option<u32> {
+    use minidom::rxml::{Event, Parse, Parser};
+    let mut p = Parser::new();
+    let (mut depth, mut deepest) = (0u32, 0u32);
+    loop {
+        match p.parse(&mut doc, true) {
+            Ok(Some(Event::StartElement(..))) => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            Ok(Some(Event::EndElement(..))) => depth -= 1,
+            Ok(Some(_)) => {}
+            Ok(None) => return Some(deepest),
+            Err(_) => return None,
+        }
+    }
+}
+
+/// Leaves that are the depth guard's hard cases: attribute values holding '>' and '/',
+/// CDATA holding tags, escaped and bare '>'. (rxml refuses comments and processing
+/// instructions outright, as XMPP requires; the guard's unit tests cover them.)
+const LEAVES: &[&str] = &[
+    "text",
+    "<c/>",
+    "<d y=\"a>b\" z='/'/>",
+    "<![CDATA[<a></b>]]]>",
+    "&lt;",
+    ">",
+    "",
+];
+
+/// Well-formed element trees (so that rxml accepts most of them), nested up to 12 deep.
+fn xml_tree() -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::strategy::Strategy as _;
+    let leaf = proptest::sample::select(LEAVES).prop_map(str::to_owned);
+    leaf.prop_recursive(12, 200, 4, |inner| {
+        (
+            proptest::sample::select(&[("<a>", "</a>"), ("<b x='/>' y=\"&gt;/\">", "</b>")][..]),
+            proptest::collection::vec(inner, 0..4),
+        )
+            .prop_map(|((open, close), kids)| format!("{open}{}{close}", kids.concat()))
+    })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    /// The depth guard (spine_protocol::depth) counts exactly the depth rxml parses, on
+    /// documents split anywhere; its filter keeps accepted documents accepted, cut at the limit.
+    #[test]
+    fn depth_guard_agrees_with_rxml(body in xml_tree(), split in 1usize..20, limit in 1u32..8) {
+        let doc = format!("<?xml version='1.0'?><r>{body}</r>");
+        let mut counter = depth::DepthGuard::new(u32::MAX);
+        let mut guard = depth::DepthGuard::new(limit);
+        let mut out = Vec::new();
+        for c in doc.as_bytes().chunks(split) {
+            counter.scan(c).unwrap();
+            guard.filter(c, &mut out);
+        }
+        let deepest = rxml_deepest(doc.as_bytes());
+        prop_assert!(deepest.is_some(), "generated documents are well-formed: {}", doc);
+        let deepest = deepest.unwrap_or_default();
+        prop_assert_eq!(counter.deepest(), deepest);
+        prop_assert_eq!(rxml_deepest(&out), Some(deepest.min(limit)));
+    }
+}

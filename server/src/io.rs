@@ -4,8 +4,12 @@
 //! tokio-xmpp's XML stream has no stanza size limit, so the server counts the bytes read since
 //! the last complete top-level element and fails the read once they exceed the limit. The count
 //! is taken below the stream's read buffer, so it can be off by at most one buffer (8 KiB).
+//! The same adapter caps element nesting (`spine_protocol::depth`): the XML stack above builds
+//! elements recursively, and a stanza nested a few thousand levels deep overflowed the stack
+//! and aborted the process before any limit of the parser's own applied.
+//!
 //! This adapter is a poll-level wrapper because that is where bytes can be refused before
-//! they are buffered; it holds no protocol state.
+//! they are buffered or parsed.
 
 use std::future::Future;
 use std::io;
@@ -15,6 +19,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use spine_protocol::depth::{DepthGuard, MAX_STREAM_DEPTH};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, Sleep};
@@ -66,11 +71,13 @@ impl AsyncWrite for Transport {
     }
 }
 
-/// Shared between the session task and its transport: bytes since the last complete element.
+/// Shared between the session task and its transport: bytes since the last complete element,
+/// and which limit, if any, failed the last read.
 #[derive(Debug, Default)]
 pub struct StanzaMeter {
     since_last: AtomicU64,
     exceeded: AtomicBool,
+    too_deep: AtomicBool,
 }
 
 impl StanzaMeter {
@@ -79,9 +86,14 @@ impl StanzaMeter {
         self.since_last.store(0, Ordering::Relaxed);
     }
 
-    /// Whether the last read failed because the limit was exceeded.
+    /// Whether the last read failed because the size limit was exceeded.
     pub fn exceeded(&self) -> bool {
         self.exceeded.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last read failed because elements were nested too deep.
+    pub fn too_deep(&self) -> bool {
+        self.too_deep.load(Ordering::Relaxed)
     }
 }
 
@@ -93,11 +105,12 @@ struct Bucket {
     sleep: Option<Pin<Box<Sleep>>>,
 }
 
-/// A transport with a stanza size limit and an optional rate limit on reads.
+/// A transport with a stanza size limit, a nesting limit and an optional rate limit on reads.
 pub struct Limited {
     inner: Transport,
     meter: Arc<StanzaMeter>,
     limit: u64,
+    depth: DepthGuard,
     bucket: Option<Bucket>,
 }
 
@@ -115,6 +128,7 @@ impl Limited {
             inner,
             meter,
             limit,
+            depth: DepthGuard::new(MAX_STREAM_DEPTH),
             bucket,
         }
     }
@@ -170,6 +184,10 @@ impl AsyncRead for Limited {
         };
         if let Poll::Ready(Ok(())) = read {
             let n = (buf.filled().len() - before) as u64;
+            if let Err(e) = this.depth.scan(&buf.filled()[before..]) {
+                this.meter.too_deep.store(true, Ordering::Relaxed);
+                return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, e)));
+            }
             if let Some(b) = &mut this.bucket {
                 b.tokens -= n as f64;
             }

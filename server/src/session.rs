@@ -151,21 +151,73 @@ async fn send_features<T: xso::FromXml>(
     Ok(pending.send_features(feats).await?)
 }
 
-async fn next_element(xs: &mut Negotiating) -> Result<XmppStreamElement, NegotiationError> {
+async fn next_element(
+    xs: &mut Negotiating,
+    shared: &Shared,
+    meter: &StanzaMeter,
+) -> Result<XmppStreamElement, NegotiationError> {
     loop {
         match xs.next().await {
-            Some(Ok(el)) => return Ok(el),
+            Some(Ok(el)) => {
+                meter.element_done();
+                return Ok(el);
+            }
             // A soft timeout during login is handled by the login timeout.
             Some(Err(ReadError::SoftTimeout)) => continue,
             Some(Err(ReadError::StreamFooterReceived)) | None => {
                 return Err(NegotiationError::Closed)
+            }
+            Some(Err(ReadError::HardError(e))) => {
+                return Err(refuse_over_limit(xs, shared, meter, e).await)
             }
             Some(Err(e)) => return Err(e.into()),
         }
     }
 }
 
-async fn close_with(xs: &mut Negotiating, condition: StreamCondition, text: &str) {
+/// Which of the transport's limits failed the last read, as the text of the stream error.
+fn limit_violation(shared: &Shared, meter: &StanzaMeter) -> Option<String> {
+    if meter.too_deep() {
+        Some(format!(
+            "elements nested deeper than {} levels",
+            spine_protocol::depth::MAX_STANZA_DEPTH
+        ))
+    } else if meter.exceeded() {
+        Some(format!(
+            "stanza larger than {} bytes",
+            shared.cfg.max_stanza_size.as_u64()
+        ))
+    } else {
+        None
+    }
+}
+
+/// A read failed before the session was bound: if a limit failed it, the stream is closed
+/// with `policy-violation` (before any tree of the offending element was built).
+async fn refuse_over_limit<T>(
+    xs: &mut XmlStream<Io, T>,
+    shared: &Shared,
+    meter: &StanzaMeter,
+    e: std::io::Error,
+) -> NegotiationError
+where
+    T: xso::FromXml,
+    for<'a> XmlStream<Io, T>: futures::Sink<&'a StreamError, Error = std::io::Error>,
+{
+    match limit_violation(shared, meter) {
+        Some(text) => {
+            close_with(xs, StreamCondition::PolicyViolation, &text).await;
+            NegotiationError::Protocol(format!("{text}: stream closed (policy-violation)"))
+        }
+        None => NegotiationError::Read(ReadError::HardError(e)),
+    }
+}
+
+async fn close_with<T>(xs: &mut XmlStream<Io, T>, condition: StreamCondition, text: &str)
+where
+    T: xso::FromXml,
+    for<'a> XmlStream<Io, T>: futures::Sink<&'a StreamError, Error = std::io::Error>,
+{
     let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
         xs.send(&stream_error(condition, text)).await?;
         xs.shutdown().await
@@ -209,11 +261,18 @@ async fn negotiate(
         }
         if sasl_allowed {
             feats.sasl_mechanisms = offered_mechanisms(tls, tls_exporter.is_some());
+            if tls && tls_exporter.is_some() {
+                // XEP-0440: the binding type our -PLUS mechanisms take, so that clients
+                // use channel binding only when both sides have the same kind.
+                feats.sasl_cb = Some(xmpp_parsers::sasl_cb::SaslChannelBinding {
+                    types: vec![xmpp_parsers::sasl_cb::Type::TlsExporter],
+                });
+            }
         }
         let mut xs: Negotiating = send_features(acc, shared, &feats).await?;
         let mut attempts = 0;
         loop {
-            match next_element(&mut xs).await? {
+            match next_element(&mut xs, shared, &meter).await? {
                 XmppStreamElement::Starttls(starttls::Nonza::Request(_)) if !tls => {
                     xs.send(&XmppStreamElement::Starttls(starttls::Nonza::Proceed(
                         starttls::Proceed,
@@ -262,7 +321,9 @@ async fn negotiate(
                         ));
                     }
                     attempts += 1;
-                    match authenticate(shared, &mut xs, auth, tls, tls_exporter.as_deref()).await? {
+                    match authenticate(shared, &meter, &mut xs, auth, tls, tls_exporter.as_deref())
+                        .await?
+                    {
                         Ok((user, success)) => {
                             info!(%peer, user = %user, tls, "authenticated");
                             let barrier =
@@ -329,8 +390,12 @@ async fn negotiate(
             Some(Err(ReadError::StreamFooterReceived)) | None => {
                 return Err(NegotiationError::Closed)
             }
+            Some(Err(ReadError::HardError(e))) => {
+                return Err(refuse_over_limit(&mut xs, shared, &meter, e).await)
+            }
             Some(Err(e)) => return Err(e.into()),
         };
+        meter.element_done();
         match el {
             XmppStreamElement::Stanza(Stanza::Iq(Iq::Set { id, payload, .. }))
                 if payload.is("bind", ns::BIND) =>
@@ -417,6 +482,7 @@ fn offered_mechanisms(tls: bool, exporter: bool) -> std::collections::BTreeSet<S
 /// (with the reason for the log).
 async fn authenticate(
     shared: &Shared,
+    meter: &StanzaMeter,
     xs: &mut Negotiating,
     auth: sasl::Auth,
     tls: bool,
@@ -457,7 +523,7 @@ async fn authenticate(
         sasl::Challenge { data: first },
     )))
     .await?;
-    let response = match next_element(xs).await? {
+    let response = match next_element(xs, shared, meter).await? {
         XmppStreamElement::Sasl(sasl::Nonza::Response(r)) => r.data,
         XmppStreamElement::Sasl(sasl::Nonza::Abort(_)) => {
             return Ok(Err(format!("user '{user}': client aborted")))
@@ -682,14 +748,11 @@ impl Session {
                 ))))
             }
             Some(Err(ReadError::HardError(e))) => {
-                if self.meter.exceeded() {
-                    info!(jid = %self.me, "stanza over {} bytes: closing", self.shared.cfg.max_stanza_size);
+                if let Some(text) = limit_violation(&self.shared, &self.meter) {
+                    info!(jid = %self.me, "{text}: closing (policy-violation)");
                     Err(ReadOutcome::Close(Some(stream_error(
                         StreamCondition::PolicyViolation,
-                        &format!(
-                            "stanza larger than {} bytes",
-                            self.shared.cfg.max_stanza_size.as_u64()
-                        ),
+                        &text,
                     ))))
                 } else if e.kind() == std::io::ErrorKind::InvalidData {
                     info!(jid = %self.me, "malformed XML: {e}");

@@ -124,7 +124,8 @@ pub fn connect_options(
         };
         Security::StartTls {
             trust,
-            channel_binding: false,
+            // Used only when the server lists tls-exporter (XEP-0440) and offers -PLUS.
+            channel_binding: true,
         }
     } else {
         Security::Plain {

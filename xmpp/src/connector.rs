@@ -1,9 +1,11 @@
-//! Connectors for tokio-xmpp: plain TCP and STARTTLS, both with `TCP_NODELAY`.
+//! Connectors for tokio-xmpp: plain TCP and STARTTLS, both with `TCP_NODELAY`, both reading
+//! through the nesting limit of [`crate::guard`].
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::guard::DepthFiltered;
 use futures::{SinkExt, StreamExt};
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, ServerName};
@@ -67,14 +69,14 @@ pub struct PlainConnector {
 }
 
 impl ServerConnector for PlainConnector {
-    type Stream = BufStream<TcpStream>;
+    type Stream = BufStream<DepthFiltered<TcpStream>>;
     async fn connect(
         &self,
         jid: &Jid,
         ns: &'static str,
         timeouts: Timeouts,
     ) -> Result<(PendingFeaturesRecv<Self::Stream>, ChannelBinding), tokio_xmpp::Error> {
-        let s = tcp(self.addr).await?;
+        let s = DepthFiltered::new(tcp(self.addr).await?);
         let pending = initiate_stream(BufStream::new(s), ns, header(jid), timeouts).await?;
         Ok((pending, ChannelBinding::None))
     }
@@ -141,14 +143,14 @@ impl StartTlsConnector {
 }
 
 impl ServerConnector for StartTlsConnector {
-    type Stream = BufStream<TlsStream<TcpStream>>;
+    type Stream = BufStream<DepthFiltered<TlsStream<TcpStream>>>;
     async fn connect(
         &self,
         jid: &Jid,
         ns: &'static str,
         timeouts: Timeouts,
     ) -> Result<(PendingFeaturesRecv<Self::Stream>, ChannelBinding), tokio_xmpp::Error> {
-        let s = tcp(self.addr).await?;
+        let s = DepthFiltered::new(tcp(self.addr).await?);
         let pending = initiate_stream(BufStream::new(s), ns, header(jid), timeouts).await?;
         let (features, mut xs): (_, XmlStream<_, XmppStreamElement>) =
             pending.recv_features().await?;
@@ -173,7 +175,7 @@ impl ServerConnector for StartTlsConnector {
             }
         }
         // The server sends nothing after <proceed/> until the TLS handshake: buffer is empty.
-        let s = xs.into_inner().into_inner();
+        let s = xs.into_inner().into_inner().into_inner();
         let name = ServerName::try_from(jid.domain().as_str().to_owned()).map_err(io_err)?;
         let tls = TlsConnector::from(self.config.clone())
             .connect(name, s)
@@ -190,7 +192,13 @@ impl ServerConnector for StartTlsConnector {
             // Without binding tokio-xmpp's SASL client picks plain SCRAM (XMPP-NOTES trap 10).
             _ => ChannelBinding::None,
         };
-        let pending = initiate_stream(BufStream::new(tls), ns, header(jid), timeouts).await?;
+        let pending = initiate_stream(
+            BufStream::new(DepthFiltered::new(tls)),
+            ns,
+            header(jid),
+            timeouts,
+        )
+        .await?;
         Ok((pending, binding))
     }
 }

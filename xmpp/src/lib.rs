@@ -21,6 +21,8 @@
 
 pub mod account;
 mod connector;
+pub mod guard;
+mod sasl_login;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -29,7 +31,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use jid::{FullJid, Jid};
 use rand::Rng as _;
-use sasl::common::Credentials;
+use sasl::common::ChannelBinding;
 use tokio::sync::{mpsc, oneshot};
 use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::ns;
@@ -162,11 +164,16 @@ const BACKOFF_START: Duration = Duration::from_millis(250);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
 /// Connects and authenticates (no bind: the stanza stream binds). tokio-xmpp keeps its own
-/// `client_auth` private; this is the same sequence around its public `auth`.
+/// `client_auth` private, and its SASL step sends PLAIN on any transport and never checks
+/// the server's SCRAM signature; this is the same sequence with `sasl_login` instead.
 async fn authenticate<C: tokio_xmpp::connect::ServerConnector>(
     connector: C,
     opts: &ConnectOptions,
-) -> Result<RawConnection, tokio_xmpp::Error> {
+) -> Result<RawConnection, ConnectError> {
+    let connect_err = |e: tokio_xmpp::Error| ConnectError::Connect {
+        addr: opts.addr,
+        detail: e.to_string(),
+    };
     let user = opts
         .jid
         .node()
@@ -174,19 +181,56 @@ async fn authenticate<C: tokio_xmpp::connect::ServerConnector>(
         .unwrap_or_default();
     let (pending, binding) = connector
         .connect(&opts.jid, ns::JABBER_CLIENT, opts.timeouts)
-        .await?;
-    let (features, stream) = pending.recv_features().await?;
-    let creds = Credentials::default()
-        .with_username(user)
-        .with_password(opts.password.clone())
-        .with_channel_binding(binding);
-    let stream = tokio_xmpp::client_login(stream, features.sasl_mechanisms, creds).await?;
+        .await
+        .map_err(connect_err)?;
+    let (features, stream) = pending
+        .recv_features()
+        .await
+        .map_err(|e| connect_err(e.into()))?;
+    let transport = match opts.security {
+        Security::StartTls { .. } => sasl_login::Transport::Tls,
+        Security::Plain { insecure } => sasl_login::Transport::Clear {
+            allow_plain: insecure,
+        },
+    };
+    let exporter = match &binding {
+        ChannelBinding::TlsExporter(data) => Some(data.as_slice()),
+        _ => None,
+    };
+    let stream = sasl_login::login(
+        stream,
+        &features,
+        transport,
+        exporter,
+        &user,
+        &opts.password,
+    )
+    .await
+    .map_err(|e| {
+        if e.is_auth() {
+            ConnectError::Auth {
+                jid: opts.jid.clone(),
+                detail: e.to_string(),
+            }
+        } else {
+            ConnectError::Connect {
+                addr: opts.addr,
+                detail: e.to_string(),
+            }
+        }
+    })?;
     let header = StreamHeader {
         to: Some(Cow::Owned(opts.jid.domain().as_str().to_owned())),
         from: None,
         id: None,
     };
-    let (mut features, stream) = stream.send_header(header).await?.recv_features().await?;
+    let (mut features, stream) = stream
+        .send_header(header)
+        .await
+        .map_err(|e| connect_err(e.into()))?
+        .recv_features()
+        .await
+        .map_err(|e| connect_err(e.into()))?;
     // No XEP-0198 stream management, even when the server offers it: with resumption the
     // server keeps a dead client's session "hibernating" for minutes and withholds the
     // `unavailable` that tells a dispatcher an agent is gone (and the dispatcher's own
@@ -204,16 +248,7 @@ async fn login<C: tokio_xmpp::connect::ServerConnector>(
     connector: C,
     opts: &ConnectOptions,
 ) -> Result<RawConnection, ConnectError> {
-    authenticate(connector, opts).await.map_err(|e| match e {
-        tokio_xmpp::Error::Auth(a) => ConnectError::Auth {
-            jid: opts.jid.clone(),
-            detail: a.to_string(),
-        },
-        other => ConnectError::Connect {
-            addr: opts.addr,
-            detail: other.to_string(),
-        },
-    })
+    authenticate(connector, opts).await
 }
 
 fn backoff(attempt: u32) -> Duration {
