@@ -44,6 +44,8 @@ pub struct TestServer {
     pub cert_pem: String,
     /// Its domain.
     pub domain: String,
+    /// Its counters of refused connections and logins.
+    pub admission: std::sync::Arc<spine_server::AdmissionStats>,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<JoinHandle<()>>,
 }
@@ -73,6 +75,7 @@ impl TestServer {
         let addr = server.local_addr();
         let cert_pem = server.cert_pem().to_owned();
         let domain = server.domain().to_owned();
+        let admission = server.admission_stats();
         let task = tokio::spawn(async move {
             if let Err(e) = server
                 .run(async {
@@ -87,6 +90,7 @@ impl TestServer {
             addr,
             cert_pem,
             domain,
+            admission,
             shutdown: Some(tx),
             task: Some(task),
         }
@@ -168,6 +172,16 @@ impl RawClient {
     /// Opens a stream and reads the features, without logging in.
     pub async fn open(addr: SocketAddr, domain: &str) -> RawClient {
         let tcp = TcpStream::connect(addr).await.expect("connect");
+        Self::open_on(tcp, domain).await
+    }
+
+    /// [`RawClient::open`] from the loopback address `from` (127.0.0.2, 127.0.0.3, …), so
+    /// that a test can be several clients' addresses at once.
+    pub async fn open_from(addr: SocketAddr, domain: &str, from: std::net::IpAddr) -> RawClient {
+        Self::open_on(connect_from(addr, from).await.expect("connect"), domain).await
+    }
+
+    async fn open_on(tcp: TcpStream, domain: &str) -> RawClient {
         tcp.set_nodelay(true).expect("nodelay");
         let mut c = RawClient {
             tcp,
@@ -318,6 +332,17 @@ impl RawClient {
             }
         }
     }
+}
+
+/// A TCP connection to `addr` from the local address `from` (a loopback address other than
+/// 127.0.0.1, to be another client machine as far as the server can tell).
+pub async fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> std::io::Result<TcpStream> {
+    let socket = match from {
+        std::net::IpAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        std::net::IpAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.bind(SocketAddr::new(from, 0))?;
+    socket.connect(addr).await
 }
 
 /// A free loopback port: bind port 0, read the port, release it. For servers that cannot

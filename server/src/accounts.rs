@@ -28,8 +28,11 @@ pub struct Accounts {
     users: HashMap<String, Keys>,
     /// Keys derived from the development secret (same for every user).
     dev: Option<Keys>,
-    /// Salt for made-up keys of unknown users, so failures look the same for every name.
-    decoy_salt: [u8; 16],
+    /// Key for made-up credentials of unknown users (see [`Accounts::decoy_keys`]).
+    decoy_secret: [u8; 32],
+    /// Keys no password matches, checked for PLAIN logins of unknown users so that they cost
+    /// what a known user's check costs.
+    decoy_plain: Keys,
 }
 
 fn random_salt() -> [u8; 16] {
@@ -76,10 +79,12 @@ impl Accounts {
             };
             users.insert(a.user.clone(), keys);
         }
+        let decoy_secret = decoy_secret(&users);
         Accounts {
             users,
             dev: cfg.dev_secret.as_deref().map(derive_both),
-            decoy_salt: random_salt(),
+            decoy_secret,
+            decoy_plain: derive_both(&String::from_utf8_lossy(&random_salt())),
         }
     }
 
@@ -97,31 +102,76 @@ impl Accounts {
     }
 
     /// Keys that no password matches, for an exchange with an unknown user.
+    ///
+    /// They must be indistinguishable from a real user's from the outside: the salt is an
+    /// HMAC of the name under a secret (stable for a name, unrelated between names, like real
+    /// salts), the iterations are the default, and they cost two HMACs, about what looking up
+    /// a real user's stored keys costs (deriving them with PBKDF2 took 0.47 ms against 0.03 ms
+    /// for a known user, which told the names apart).
     pub fn decoy_keys(&self, user: &str, hash: Hash) -> ScramKeys {
-        // Salt depends on the name so repeated attempts see a stable salt, like a real user.
-        let mut salt = self.decoy_salt.to_vec();
-        salt.extend_from_slice(user.as_bytes());
-        let mut k = ScramKeys::derive(hash, "", &salt[..16.min(salt.len())], DEFAULT_ITERATIONS);
-        k.stored_key.iter_mut().for_each(|b| *b = !*b);
-        k
+        let part = |label: &str| {
+            Hash::Sha256.hmac(&self.decoy_secret, format!("{label}\0{user}").as_bytes())
+        };
+        let len = match hash {
+            Hash::Sha1 => 20,
+            Hash::Sha256 => 32,
+        };
+        let mut salt = part("salt");
+        salt.truncate(16);
+        let mut stored_key = part("stored");
+        stored_key.truncate(len);
+        let mut server_key = part("server");
+        server_key.truncate(len);
+        ScramKeys {
+            iterations: DEFAULT_ITERATIONS,
+            salt,
+            stored_key,
+            server_key,
+        }
     }
 
-    /// SASL PLAIN check.
+    /// SASL PLAIN check. An unknown user's password is checked against made-up keys, so that
+    /// a wrong password costs the same (one PBKDF2) whether the name exists or not.
     pub fn check_password(&self, user: &str, password: &str) -> bool {
-        let keys = match self.users.get(user) {
-            Some(k) => k,
-            None => match &self.dev {
-                Some(d) => d,
-                None => return false,
-            },
+        let (keys, known) = match (self.users.get(user), &self.dev) {
+            (Some(k), _) => (k, true),
+            (None, Some(d)) => (d, true),
+            (None, None) => (&self.decoy_plain, false),
         };
-        if let Some(k) = &keys.sha256 {
-            return k.verify_password(Hash::Sha256, password);
-        }
-        keys.sha1
-            .as_ref()
-            .is_some_and(|k| k.verify_password(Hash::Sha1, password))
+        let ok = match (&keys.sha256, &keys.sha1) {
+            (Some(k), _) => k.verify_password(Hash::Sha256, password),
+            (None, Some(k)) => k.verify_password(Hash::Sha1, password),
+            (None, None) => false,
+        };
+        ok && known
     }
+}
+
+/// The secret behind the decoy credentials: a digest of every account's stored keys, so that
+/// it is unknown outside the server and changes exactly when the real keys change (keys derived
+/// from plain-text passwords get new salts at every start; RFC 5803 hashes keep theirs). A
+/// decoy salt therefore changes across restarts exactly when real salts do.
+fn decoy_secret(users: &HashMap<String, Keys>) -> [u8; 32] {
+    use sha2::Digest as _;
+    let mut names: Vec<&String> = users.keys().collect();
+    names.sort();
+    let mut h = sha2::Sha256::new();
+    h.update(b"spine decoy credentials\0");
+    for name in names {
+        h.update(name.as_bytes());
+        for k in [&users[name].sha1, &users[name].sha256]
+            .into_iter()
+            .flatten()
+        {
+            h.update(&k.salt);
+            h.update(&k.stored_key);
+            h.update(&k.server_key);
+        }
+    }
+    if users.is_empty() {
+        h.update(random_salt());
+    }
+    h.finalize().into()
 }
 
 /// The `[[account]]` block for a new user, with RFC 5803 hashes instead of the password.

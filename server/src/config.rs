@@ -103,6 +103,17 @@ pub struct ServerConfig {
     /// Time allowed for TLS, SASL and bind.
     #[serde(with = "humantime_serde")]
     pub login_timeout: Duration,
+    /// Time allowed from connecting to authenticating (TLS and SASL).
+    #[serde(with = "humantime_serde")]
+    pub auth_timeout: Duration,
+    /// Unauthenticated connections open at once from one IP address.
+    pub max_unauthenticated_per_address: usize,
+    /// Unauthenticated connections open at once in all (default: a quarter of
+    /// `max_connections`), so that the rest stay for clients that log in.
+    pub max_unauthenticated: Option<usize>,
+    /// Failed logins from one IP address before it is refused for a while (1 s, doubling
+    /// per further failure, up to 5 minutes).
+    pub auth_failures_before_backoff: u32,
     /// Stanzas queued per client.
     pub outbound_queue: usize,
     /// TLS.
@@ -125,6 +136,10 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(300),
             ping_timeout: Duration::from_secs(30),
             login_timeout: Duration::from_secs(30),
+            auth_timeout: Duration::from_secs(10),
+            max_unauthenticated_per_address: 32,
+            max_unauthenticated: None,
+            auth_failures_before_backoff: 5,
             outbound_queue: 8192,
             tls: TlsConfig::default(),
             dev_secret: None,
@@ -189,10 +204,40 @@ impl ServerConfig {
         if self.outbound_queue == 0 {
             return bad("outbound_queue", "must be at least 1".into());
         }
+        if self.max_unauthenticated_per_address == 0 {
+            return bad(
+                "max_unauthenticated_per_address",
+                "must be at least 1".into(),
+            );
+        }
+        if let Some(n) = self.max_unauthenticated {
+            if n == 0 || n > self.max_connections {
+                return bad(
+                    "max_unauthenticated",
+                    format!(
+                        "must be from 1 to max_connections ({})",
+                        self.max_connections
+                    ),
+                );
+            }
+        }
+        if self.auth_failures_before_backoff == 0 {
+            return bad("auth_failures_before_backoff", "must be at least 1".into());
+        }
+        if self.auth_timeout > self.login_timeout {
+            return bad(
+                "auth_timeout",
+                format!(
+                    "must not be longer than login_timeout ({})",
+                    humantime_serde::re::humantime::format_duration(self.login_timeout)
+                ),
+            );
+        }
         for (key, d) in [
             ("idle_timeout", self.idle_timeout),
             ("ping_timeout", self.ping_timeout),
             ("login_timeout", self.login_timeout),
+            ("auth_timeout", self.auth_timeout),
         ] {
             if d < Duration::from_millis(100) {
                 return bad(key, "must be at least 100ms".into());
@@ -251,6 +296,12 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+
+    /// Unauthenticated connections allowed in all.
+    pub fn unauthenticated_limit(&self) -> usize {
+        self.max_unauthenticated
+            .unwrap_or((self.max_connections / 4).max(1))
     }
 
     /// Whether a connection from `peer` may skip TLS and is exempt from the rate limit.

@@ -17,6 +17,7 @@
 #![forbid(unsafe_code)]
 
 pub mod accounts;
+mod admission;
 pub mod config;
 pub mod error;
 mod io;
@@ -38,6 +39,7 @@ use tokio_rustls::TlsAcceptor;
 use tracing::{info, warn};
 
 pub use accounts::account_block;
+pub use admission::AdmissionStats;
 pub use bytesize::ByteSize;
 pub use config::{ServerConfig, DEFAULT_CONFIG};
 pub use error::ServerError;
@@ -50,6 +52,7 @@ pub(crate) struct Shared {
     pub(crate) tls: TlsAcceptor,
     pub(crate) router: router::Router,
     pub(crate) shutdown: watch::Receiver<bool>,
+    pub(crate) admission: Arc<admission::Admission>,
 }
 
 /// A server with its listening socket open.
@@ -84,7 +87,13 @@ impl Server {
         let domain_jid =
             BareJid::new(&cfg.domain).map_err(|e| ServerError::Config(format!("domain: {e}")))?;
         let (shutdown_tx, shutdown) = watch::channel(false);
+        let admission = Arc::new(admission::Admission::new(
+            cfg.max_unauthenticated_per_address,
+            cfg.unauthenticated_limit(),
+            cfg.auth_failures_before_backoff,
+        ));
         let shared = Arc::new(Shared {
+            admission,
             cfg,
             domain_jid,
             accounts,
@@ -111,6 +120,11 @@ impl Server {
         &self.cert_pem
     }
 
+    /// Counters of refused connections and logins (connection floods, password guessing).
+    pub fn admission_stats(&self) -> Arc<AdmissionStats> {
+        self.shared.admission.stats.clone()
+    }
+
     /// The XMPP domain served.
     pub fn domain(&self) -> &str {
         &self.shared.cfg.domain
@@ -128,6 +142,8 @@ impl Server {
         } = self;
         info!(addr = %local_addr, domain = %shared.cfg.domain, "XMPP server listening");
         let slots = Arc::new(Semaphore::new(shared.cfg.max_connections));
+        // A flood of refused connections logs one line a second, with the count in between.
+        let refusals = admission::LogGate::new(Duration::from_secs(1));
         let mut tasks = JoinSet::new();
         tokio::pin!(shutdown);
         loop {
@@ -144,13 +160,25 @@ impl Server {
                         }
                     };
                     let Ok(permit) = slots.clone().try_acquire_owned() else {
-                        warn!(%peer, "connection limit ({}) reached: refusing", shared.cfg.max_connections);
+                        if let Some(more) = refusals.allow() {
+                            warn!(%peer, "connection limit ({}) reached: refusing{}", shared.cfg.max_connections, admission::LogGate::and_more(more));
+                        }
                         drop(tcp);
                         continue;
                     };
+                    let pending = match shared.admission.admit(peer.ip()) {
+                        Ok(p) => p,
+                        Err(why) => {
+                            if let Some(more) = refusals.allow() {
+                                warn!(%peer, "refusing connection: {why}{}", admission::LogGate::and_more(more));
+                            }
+                            drop(tcp);
+                            continue;
+                        }
+                    };
                     let shared = shared.clone();
                     tasks.spawn(async move {
-                        session::run(shared, tcp, peer).await;
+                        session::run(shared, tcp, peer, pending).await;
                         drop(permit);
                     });
                 }

@@ -26,7 +26,7 @@ pub enum Hash {
 }
 
 impl Hash {
-    fn hmac(self, key: &[u8], data: &[u8]) -> Vec<u8> {
+    pub(crate) fn hmac(self, key: &[u8], data: &[u8]) -> Vec<u8> {
         match self {
             Hash::Sha1 => {
                 let mut m =

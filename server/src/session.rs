@@ -93,11 +93,20 @@ fn timeouts(shared: &Shared) -> Timeouts {
 }
 
 /// Runs one connection to its end. Errors are logged here; nothing propagates.
-pub(crate) async fn run(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+pub(crate) async fn run(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    pending: crate::admission::Pending,
+) {
     if let Err(e) = tcp.set_nodelay(true) {
         debug!(%peer, "set_nodelay failed: {e}");
     }
-    let login = tokio::time::timeout(shared.cfg.login_timeout, negotiate(&shared, tcp, peer)).await;
+    let login = tokio::time::timeout(
+        shared.cfg.login_timeout,
+        negotiate(&shared, tcp, peer, pending),
+    )
+    .await;
     let (xs, me, meter) = match login {
         Ok(Ok(v)) => v,
         Ok(Err(NegotiationError::Closed)) => {
@@ -237,6 +246,7 @@ async fn negotiate(
     shared: &Shared,
     tcp: TcpStream,
     peer: SocketAddr,
+    pending: crate::admission::Pending,
 ) -> Result<(Established, FullJid, Arc<StanzaMeter>), NegotiationError> {
     let local = crate::config::ServerConfig::is_local(&peer);
     let meter = Arc::new(StanzaMeter::default());
@@ -247,127 +257,179 @@ async fn negotiate(
         shared.cfg.rate_limit.0.map(|b| b.as_u64())
     };
     let wrap = |t: Transport| BufStream::new(Limited::new(t, meter.clone(), limit, rate));
-    let mut io = wrap(Transport::Plain(tcp));
-    let mut tls_exporter: Option<Vec<u8>> = None;
-    let mut tls = false;
 
-    // Streams before authentication: restarted after STARTTLS.
-    let user = 'stream: loop {
-        let acc = accept_stream(io, ns::JABBER_CLIENT, timeouts(shared)).await?;
-        let mut feats = StreamFeatures::default();
-        let sasl_allowed = tls || local;
-        if !tls {
-            feats.starttls = Some(StartTls { required: !local });
-        }
-        if sasl_allowed {
-            feats.sasl_mechanisms = offered_mechanisms(tls, tls_exporter.is_some());
-            if tls && tls_exporter.is_some() {
-                // XEP-0440: the binding type our -PLUS mechanisms take, so that clients
-                // use channel binding only when both sides have the same kind.
-                feats.sasl_cb = Some(xmpp_parsers::sasl_cb::SaslChannelBinding {
-                    types: vec![xmpp_parsers::sasl_cb::Type::TlsExporter],
-                });
+    // Streams before authentication: restarted after STARTTLS. Bounded by auth_timeout, so
+    // that sockets which never log in give their place back soon.
+    let pre_auth = async {
+        let mut io = wrap(Transport::Plain(tcp));
+        let mut tls_exporter: Option<Vec<u8>> = None;
+        let mut tls = false;
+        let user = 'stream: loop {
+            let acc = accept_stream(io, ns::JABBER_CLIENT, timeouts(shared)).await?;
+            let mut feats = StreamFeatures::default();
+            let sasl_allowed = tls || local;
+            if !tls {
+                feats.starttls = Some(StartTls { required: !local });
             }
-        }
-        let mut xs: Negotiating = send_features(acc, shared, &feats).await?;
-        let mut attempts = 0;
-        loop {
-            match next_element(&mut xs, shared, &meter).await? {
-                XmppStreamElement::Starttls(starttls::Nonza::Request(_)) if !tls => {
-                    xs.send(&XmppStreamElement::Starttls(starttls::Nonza::Proceed(
-                        starttls::Proceed,
-                    )))
-                    .await?;
-                    // The client sends nothing after <starttls/> until it has read <proceed/>,
-                    // so the read buffer is empty here.
-                    let Transport::Plain(tcp) = xs.into_inner().into_inner().into_inner() else {
-                        return Err(NegotiationError::Protocol(
-                            "STARTTLS on a TLS stream".into(),
-                        ));
-                    };
-                    let stream = shared
-                        .tls
-                        .accept(tcp)
-                        .await
-                        .map_err(NegotiationError::Tls)?;
-                    let conn = stream.get_ref().1;
-                    if conn.protocol_version()
-                        == Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_3)
-                    {
-                        tls_exporter = conn
-                            .export_keying_material(
-                                vec![0u8; 32],
-                                b"EXPORTER-Channel-Binding",
-                                None,
-                            )
-                            .ok();
-                    }
-                    tls = true;
-                    io = wrap(Transport::Tls(Box::new(stream)));
-                    continue 'stream;
+            if sasl_allowed {
+                feats.sasl_mechanisms = offered_mechanisms(tls, tls_exporter.is_some());
+                if tls && tls_exporter.is_some() {
+                    // XEP-0440: the binding type our -PLUS mechanisms take, so that clients
+                    // use channel binding only when both sides have the same kind.
+                    feats.sasl_cb = Some(xmpp_parsers::sasl_cb::SaslChannelBinding {
+                        types: vec![xmpp_parsers::sasl_cb::Type::TlsExporter],
+                    });
                 }
-                XmppStreamElement::Sasl(sasl::Nonza::Auth(auth)) => {
-                    if !sasl_allowed {
-                        xs.send(&sasl_failure(sasl::DefinedCondition::EncryptionRequired))
-                            .await?;
-                        close_with(
-                            &mut xs,
-                            StreamCondition::PolicyViolation,
-                            "STARTTLS is required before authentication",
-                        )
-                        .await;
-                        return Err(NegotiationError::Protocol(
-                            "SASL before STARTTLS from a remote address".into(),
-                        ));
-                    }
-                    attempts += 1;
-                    match authenticate(shared, &meter, &mut xs, auth, tls, tls_exporter.as_deref())
-                        .await?
-                    {
-                        Ok((user, success)) => {
-                            info!(%peer, user = %user, tls, "authenticated");
-                            let barrier =
-                                XmppStreamElement::Sasl(sasl::Nonza::Success(sasl::Success {
-                                    data: success,
-                                }));
-                            let acc = xs.accept_reset(&barrier).await?;
-                            break 'stream (user, acc);
-                        }
-                        Err(reason) => {
-                            // Never log the password or the SASL data.
-                            warn!(%peer, "authentication failed: {reason}");
-                            xs.send(&sasl_failure(sasl::DefinedCondition::NotAuthorized))
-                                .await?;
-                            if attempts >= MAX_AUTH_ATTEMPTS {
-                                close_with(
-                                    &mut xs,
-                                    StreamCondition::PolicyViolation,
-                                    "too many failed authentication attempts",
+            }
+            let mut xs: Negotiating = send_features(acc, shared, &feats).await?;
+            let mut attempts = 0;
+            loop {
+                match next_element(&mut xs, shared, &meter).await? {
+                    XmppStreamElement::Starttls(starttls::Nonza::Request(_)) if !tls => {
+                        xs.send(&XmppStreamElement::Starttls(starttls::Nonza::Proceed(
+                            starttls::Proceed,
+                        )))
+                        .await?;
+                        // The client sends nothing after <starttls/> until it has read <proceed/>,
+                        // so the read buffer is empty here.
+                        let Transport::Plain(tcp) = xs.into_inner().into_inner().into_inner()
+                        else {
+                            return Err(NegotiationError::Protocol(
+                                "STARTTLS on a TLS stream".into(),
+                            ));
+                        };
+                        let stream = shared
+                            .tls
+                            .accept(tcp)
+                            .await
+                            .map_err(NegotiationError::Tls)?;
+                        let conn = stream.get_ref().1;
+                        if conn.protocol_version()
+                            == Some(tokio_rustls::rustls::ProtocolVersion::TLSv1_3)
+                        {
+                            tls_exporter = conn
+                                .export_keying_material(
+                                    vec![0u8; 32],
+                                    b"EXPORTER-Channel-Binding",
+                                    None,
                                 )
-                                .await;
-                                return Err(NegotiationError::Protocol(
-                                    "too many failed authentication attempts".into(),
-                                ));
+                                .ok();
+                        }
+                        tls = true;
+                        io = wrap(Transport::Tls(Box::new(stream)));
+                        continue 'stream;
+                    }
+                    XmppStreamElement::Sasl(sasl::Nonza::Auth(auth)) => {
+                        if !sasl_allowed {
+                            xs.send(&sasl_failure(sasl::DefinedCondition::EncryptionRequired))
+                                .await?;
+                            close_with(
+                                &mut xs,
+                                StreamCondition::PolicyViolation,
+                                "STARTTLS is required before authentication",
+                            )
+                            .await;
+                            return Err(NegotiationError::Protocol(
+                                "SASL before STARTTLS from a remote address".into(),
+                            ));
+                        }
+                        attempts += 1;
+                        let outcome = authenticate(
+                            shared,
+                            &meter,
+                            peer,
+                            &mut xs,
+                            auth,
+                            tls,
+                            tls_exporter.as_deref(),
+                        )
+                        .await?;
+                        match outcome {
+                            Ok((user, success)) => {
+                                shared.admission.succeeded(peer.ip(), &user);
+                                info!(%peer, user = %user, tls, "authenticated");
+                                let barrier =
+                                    XmppStreamElement::Sasl(sasl::Nonza::Success(sasl::Success {
+                                        data: success,
+                                    }));
+                                let acc = xs.accept_reset(&barrier).await?;
+                                break 'stream (user, acc);
+                            }
+                            Err(AuthFailure::Throttled(left)) => {
+                                debug!(%peer, "login refused: address in backoff for {left:?}");
+                                let text = format!(
+                                    "too many failed logins from this address: try again in {} s",
+                                    left.as_secs().max(1)
+                                );
+                                let mut failure = sasl::Failure {
+                                    defined_condition: sasl::DefinedCondition::TemporaryAuthFailure,
+                                    texts: Default::default(),
+                                };
+                                failure.texts.insert(String::new(), text.clone());
+                                xs.send(&XmppStreamElement::Sasl(sasl::Nonza::Failure(failure)))
+                                    .await?;
+                                close_with(&mut xs, StreamCondition::PolicyViolation, &text).await;
+                                return Err(NegotiationError::Protocol(text));
+                            }
+                            Err(AuthFailure::Refused { user, reason }) => {
+                                let (n, backoff) = shared.admission.failed(peer.ip(), &user);
+                                // Never log the password or the SASL data. One line per failure
+                                // for the first few from an address, then one per backoff period.
+                                match backoff {
+                                    Some(d) => {
+                                        warn!(%peer, failures = n, "authentication failed: {reason}; refusing logins from {} for {d:?}", peer.ip())
+                                    }
+                                    None if n <= 3 => {
+                                        warn!(%peer, "authentication failed: {reason}")
+                                    }
+                                    None => {
+                                        debug!(%peer, failures = n, "authentication failed: {reason}")
+                                    }
+                                }
+                                xs.send(&sasl_failure(sasl::DefinedCondition::NotAuthorized))
+                                    .await?;
+                                if attempts >= MAX_AUTH_ATTEMPTS {
+                                    close_with(
+                                        &mut xs,
+                                        StreamCondition::PolicyViolation,
+                                        "too many failed authentication attempts",
+                                    )
+                                    .await;
+                                    return Err(NegotiationError::Protocol(
+                                        "too many failed authentication attempts".into(),
+                                    ));
+                                }
                             }
                         }
                     }
-                }
-                other => {
-                    close_with(
-                        &mut xs,
-                        StreamCondition::NotAuthorized,
-                        "authenticate first",
-                    )
-                    .await;
-                    return Err(NegotiationError::Protocol(format!(
-                        "unexpected element before authentication: {}",
-                        element_name(&other)
-                    )));
+                    other => {
+                        close_with(
+                            &mut xs,
+                            StreamCondition::NotAuthorized,
+                            "authenticate first",
+                        )
+                        .await;
+                        return Err(NegotiationError::Protocol(format!(
+                            "unexpected element before authentication: {}",
+                            element_name(&other)
+                        )));
+                    }
                 }
             }
+        };
+        Ok::<_, NegotiationError>(user)
+    };
+    let (user, acc) = match tokio::time::timeout(shared.cfg.auth_timeout, pre_auth).await {
+        Ok(r) => r?,
+        Err(_) => {
+            return Err(NegotiationError::Protocol(format!(
+                "not authenticated within auth_timeout ({:?})",
+                shared.cfg.auth_timeout
+            )))
         }
     };
-    let (user, acc) = user;
+    // Authenticated: no longer counted against the unauthenticated limits.
+    drop(pending);
 
     // After SASL: bind a resource.
     let feats = StreamFeatures {
@@ -480,32 +542,75 @@ fn offered_mechanisms(tls: bool, exporter: bool) -> std::collections::BTreeSet<S
 
 /// Runs one SASL exchange. Outer error: connection trouble; inner error: authentication failed
 /// (with the reason for the log).
+/// Why a SASL exchange did not log in.
+enum AuthFailure {
+    /// The address is in backoff after failed logins: refused unchecked for this long.
+    Throttled(Duration),
+    /// Wrong credentials or a broken exchange (`user` as claimed, or empty).
+    Refused { user: String, reason: String },
+}
+
+fn refused(user: &str, reason: impl Into<String>) -> AuthFailure {
+    AuthFailure::Refused {
+        user: user.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+/// Applies the admission verdict for a login of `user` from `peer`: wait if the account is
+/// being guessed, refuse at once if the address is in backoff.
+async fn admit_login(shared: &Shared, peer: SocketAddr, user: &str) -> Result<(), AuthFailure> {
+    match shared.admission.before_login(peer.ip(), user) {
+        crate::admission::Verdict::Refuse(left) => Err(AuthFailure::Throttled(left)),
+        crate::admission::Verdict::Proceed(delay) => {
+            if let Some(d) = delay {
+                tokio::time::sleep(d).await;
+            }
+            Ok(())
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn authenticate(
     shared: &Shared,
     meter: &StanzaMeter,
+    peer: SocketAddr,
     xs: &mut Negotiating,
     auth: sasl::Auth,
     tls: bool,
     exporter: Option<&[u8]>,
-) -> Result<Result<(String, Vec<u8>), String>, NegotiationError> {
+) -> Result<Result<(String, Vec<u8>), AuthFailure>, NegotiationError> {
     let binding = match exporter {
         Some(e) => Binding::TlsExporter(e.to_vec()),
         None => Binding::NotOffered,
     };
     let (hash, plus) = match auth.mechanism {
         Mechanism::Plain => {
-            return Ok(check_plain(shared, &auth.data));
+            let user = plain_user(&auth.data).unwrap_or_default();
+            if let Err(f) = admit_login(shared, peer, &user).await {
+                return Ok(Err(f));
+            }
+            return Ok(check_plain(shared, &auth.data).map_err(|reason| refused(&user, reason)));
         }
         Mechanism::ScramSha256 => (Hash::Sha256, false),
         Mechanism::ScramSha1 => (Hash::Sha1, false),
         Mechanism::ScramSha256Plus if tls && exporter.is_some() => (Hash::Sha256, true),
         Mechanism::ScramSha1Plus if tls && exporter.is_some() => (Hash::Sha1, true),
-        other => return Ok(Err(format!("mechanism {other:?} is not offered"))),
+        other => {
+            return Ok(Err(refused(
+                "",
+                format!("mechanism {other:?} is not offered"),
+            )))
+        }
     };
     let user = match ScramServer::username_of(&auth.data) {
         Ok(u) => u,
-        Err(e) => return Ok(Err(e.to_string())),
+        Err(e) => return Ok(Err(refused("", e.to_string()))),
     };
+    if let Err(f) = admit_login(shared, peer, &user).await {
+        return Ok(Err(f));
+    }
     let (keys, known) = match shared.accounts.scram_keys(&user, hash) {
         Some(k) => (k, true),
         None => (shared.accounts.decoy_keys(&user, hash), false),
@@ -517,7 +622,7 @@ async fn authenticate(
         .collect();
     let (server, first) = match ScramServer::start(hash, plus, &binding, &auth.data, keys, &nonce) {
         Ok(v) => v,
-        Err(e) => return Ok(Err(format!("user '{user}': {e}"))),
+        Err(e) => return Ok(Err(refused(&user, format!("user '{user}': {e}")))),
     };
     xs.send(&XmppStreamElement::Sasl(sasl::Nonza::Challenge(
         sasl::Challenge { data: first },
@@ -526,7 +631,10 @@ async fn authenticate(
     let response = match next_element(xs, shared, meter).await? {
         XmppStreamElement::Sasl(sasl::Nonza::Response(r)) => r.data,
         XmppStreamElement::Sasl(sasl::Nonza::Abort(_)) => {
-            return Ok(Err(format!("user '{user}': client aborted")))
+            return Ok(Err(refused(
+                &user,
+                format!("user '{user}': client aborted"),
+            )))
         }
         other => {
             return Err(NegotiationError::Protocol(format!(
@@ -535,12 +643,19 @@ async fn authenticate(
             )))
         }
     };
-    match server.finish(&response) {
-        Ok(fin) if known => Ok(Ok((user, fin))),
-        Ok(_) => Ok(Err(format!("unknown user '{user}'"))),
-        Err(e) if !known => Ok(Err(format!("unknown user '{user}' ({e})"))),
-        Err(e) => Ok(Err(format!("user '{user}': {e}"))),
-    }
+    let reason = match server.finish(&response) {
+        Ok(fin) if known => return Ok(Ok((user, fin))),
+        Ok(_) => format!("unknown user '{user}'"),
+        Err(e) if !known => format!("unknown user '{user}' ({e})"),
+        Err(e) => format!("user '{user}': {e}"),
+    };
+    Ok(Err(refused(&user, reason)))
+}
+
+/// The user a PLAIN message claims, if it can be read.
+fn plain_user(data: &[u8]) -> Option<String> {
+    let user = data.split(|b| *b == 0).nth(1)?;
+    std::str::from_utf8(user).ok().map(str::to_owned)
 }
 
 fn check_plain(shared: &Shared, data: &[u8]) -> Result<(String, Vec<u8>), String> {

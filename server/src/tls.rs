@@ -110,8 +110,12 @@ fn write_new(
     mode: u32,
 ) -> Result<(), ServerError> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    std::fs::create_dir_all(dir)
+    use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+    // It holds the private key: a new directory is private to the server's user.
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
         .map_err(|e| ServerError::Tls(format!("tls.self_signed_dir {}: {e}", dir.display())))?;
     let mut f = std::fs::OpenOptions::new()
         .write(true)
@@ -145,6 +149,11 @@ mod tests {
             .permissions()
             .mode();
         assert_eq!(mode & 0o777, 0o600);
+        let dir_mode = std::fs::metadata(dir.path().join("tls"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(dir_mode & 0o777, 0o700, "the key's directory is private");
         let plain = TlsConfig::default();
         assert_ne!(
             setup(&plain, "example.test").unwrap().cert_pem,

@@ -59,7 +59,7 @@ async fn child(args: &[String]) -> Result<(), String> {
                 .parse()
                 .map_err(|e| format!("--max-connections: {e}"))?;
             let cfg = spine_server::ServerConfig::from_toml(&format!(
-                "listen = \"127.0.0.1:0\"\ndomain = \"localhost\"\ndev_secret = \"{}\"\nmax_connections = {max}\nlogin_timeout = \"120s\"\nidle_timeout = \"30m\"\n",
+                "listen = \"127.0.0.1:0\"\ndomain = \"localhost\"\ndev_secret = \"{}\"\nmax_connections = {max}\nmax_unauthenticated = {max}\nmax_unauthenticated_per_address = {max}\nlogin_timeout = \"120s\"\nauth_timeout = \"120s\"\nidle_timeout = \"30m\"\n",
                 swarm::SECRET
             ))
             .map_err(|e| e.to_string())?;
