@@ -13,6 +13,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
@@ -31,21 +32,31 @@ pub struct AuditLog {
 }
 
 impl AuditLog {
-    /// Opens (or creates) the log at `path`, appending.
+    /// Opens (or creates) the log at `path`, appending. It holds who ran what: a missing
+    /// directory is created with mode 0700, the files are 0600, and the current and rotated
+    /// files found with looser modes are tightened (with a warning).
     pub fn open(path: &Path, max_bytes: u64, keep: usize) -> std::io::Result<AuditLog> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)?;
         }
-        let file = OpenOptions::new().create(true).append(true).open(path)?;
+        let file = open_private(path)?;
         let size = file.metadata()?.len();
-        Ok(AuditLog {
+        let log = AuditLog {
             path: path.to_path_buf(),
             file,
             size,
             max_bytes: max_bytes.max(1),
             keep,
             pending: Vec::new(),
-        })
+        };
+        crate::store::private_file(path, false)?;
+        for n in 1..=keep {
+            crate::store::private_file(&log.rotated(n), false)?;
+        }
+        Ok(log)
     }
 
     /// Queues the line of a job that ended (written by [`AuditLog::flush`]).
@@ -146,14 +157,20 @@ impl AuditLog {
                 }
             }
             std::fs::rename(&self.path, self.rotated(1))?;
-            self.file = OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&self.path)?;
+            self.file = open_private(&self.path)?;
         }
         self.size = 0;
         Ok(())
     }
+}
+
+/// Opens `path` for appending, creating it with mode 0600.
+fn open_private(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
 }
 
 #[cfg(test)]
@@ -236,6 +253,34 @@ mod tests {
                 serde_json::from_str::<serde_json::Value>(line).unwrap();
             }
         }
+    }
+
+    /// Issue 14, finding 12: `audit.jsonl` was 0644.
+    #[test]
+    fn the_audit_files_are_private() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("logs/audit.jsonl");
+        let mut t = JobTable::new(100);
+        let mut log = AuditLog::open(&path, 600, 2).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("logs")), 0o700);
+        for i in 0..6 {
+            let j = job(&mut t, &format!("j{i}"));
+            log.record(&j, i);
+            log.flush().unwrap();
+        }
+        assert_eq!(mode(&dir.path().join("logs/audit.jsonl.1")), 0o600);
+        assert_eq!(mode(&path), 0o600, "the new file after a rotation");
+        drop(log);
+        for f in ["audit.jsonl", "audit.jsonl.1"] {
+            let p = dir.path().join("logs").join(f);
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        AuditLog::open(&path, 600, 2).unwrap();
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(mode(&dir.path().join("logs/audit.jsonl.1")), 0o600);
     }
 
     #[test]

@@ -6,7 +6,13 @@
 //! input bytes, written once: a record changes state several times and a 20 MB input must not
 //! be rewritten each time), `idempotency` (submitter NUL key → job id), `agents` (agent bare
 //! JID → last seen, ms since the UNIX epoch).
+//!
+//! The data directory and the files in it hold job inputs and outputs in clear, so they are
+//! private to the dispatcher's user: the directory is created with mode 0700 and the files
+//! 0600, and looser modes found at start are tightened, with a warning ([`private_dir`],
+//! [`private_file`]).
 
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
 
 use redb::{Database, ReadableTable, TableDefinition};
@@ -41,11 +47,13 @@ fn idem_key(submitter: &str, key: &str) -> String {
 }
 
 impl Store {
-    /// Opens (or creates) the store at `path`.
+    /// Opens (or creates) the store at `path`; its directory and file are made private.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir).map_err(|x| e(format!("{}: {x}", dir.display())))?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            private_dir(dir).map_err(|x| e(format!("{}: {x}", dir.display())))?;
         }
+        // redb creates its file with the process's umask (0644 usually): create it first.
+        private_file(path, true).map_err(|x| e(format!("{}: {x}", path.display())))?;
         let db = Database::create(path).map_err(|x| e(format!("{}: {x}", path.display())))?;
         let tx = db.begin_write().map_err(e)?;
         {
@@ -194,6 +202,50 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Creates `dir` (and missing parents) with mode 0700, or tightens an existing one that other
+/// users may read or enter to 0700, with a warning.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    match std::fs::metadata(dir) {
+        Ok(m) => tighten(dir, m.permissions().mode(), 0o700),
+        Err(x) if x.kind() == std::io::ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir),
+        Err(x) => Err(x),
+    }
+}
+
+/// Makes `file` private: an existing one that other users may read or write is tightened to
+/// 0600, with a warning; a missing one is created empty with mode 0600 when `create` is set.
+pub fn private_file(file: &Path, create: bool) -> std::io::Result<()> {
+    match std::fs::metadata(file) {
+        Ok(m) => tighten(file, m.permissions().mode(), 0o600),
+        Err(x) if x.kind() == std::io::ErrorKind::NotFound && create => std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(file)
+            .map(drop),
+        Err(x) if x.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(x) => Err(x),
+    }
+}
+
+fn tighten(path: &Path, mode: u32, private: u32) -> std::io::Result<()> {
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(private))?;
+    tracing::warn!(
+        path = %path.display(),
+        "{} was readable by other users (mode {:04o}): now {private:04o}",
+        path.display(),
+        mode & 0o7777
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -347,6 +399,32 @@ mod tests {
         s.put(&[&a]).unwrap();
         s.delete(&[a]).unwrap();
         assert_eq!(input_of(&s), None);
+    }
+
+    /// Issue 14, finding 12: the data directory was 0755 and `jobs.redb` 0644, job inputs in
+    /// clear for every local user.
+    #[test]
+    fn the_data_directory_and_the_store_are_private() {
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("a/data");
+        let path = dir.join("jobs.redb");
+        drop(Store::open(&path).unwrap());
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&path), 0o600);
+        // Found open to others (an earlier version, or a careless copy): tightened at start,
+        // the jobs still there.
+        let mut t = JobTable::new(10);
+        let a = t
+            .submit("a".parse().unwrap(), spec(None), 5)
+            .unwrap()
+            .clone();
+        Store::open(&path).unwrap().put(&[&a]).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let s = Store::open(&path).unwrap();
+        assert_eq!((mode(&dir), mode(&path)), (0o700, 0o600));
+        assert_eq!(s.load().unwrap().len(), 1);
     }
 
     #[test]
