@@ -28,11 +28,11 @@ fn rxml_deepest(mut doc: &[u8]) -> Option<u32> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&split, doc)) = data.split_first() else {
+    let Some((&first, doc)) = data.split_first() else {
         return;
     };
-    let split = usize::from(split.max(1));
-    let limit = u32::from(split % 8) + 1;
+    let split = usize::from(first.max(1));
+    let limit = u32::from(first % 8) + 1;
 
     let mut counter = DepthGuard::new(u32::MAX);
     for c in doc.chunks(split) {
