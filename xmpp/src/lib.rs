@@ -158,6 +158,22 @@ pub struct Connection {
     status: Option<mpsc::UnboundedReceiver<Status>>,
 }
 
+/// A session that ends sooner than this after its login "died young": the next login waits
+/// (backoff), so that two processes using one account and resource — which the server
+/// resolves by closing the older session with `conflict`, over and over — do not take turns
+/// hundreds of times a second, and neither does a client whose session something else keeps
+/// ending at once.
+const SHORT_SESSION: Duration = Duration::from_secs(5);
+
+static SHORT_SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sessions of this process that ended within 5 s of their login (each made the next login
+/// wait): a count for metrics. Repeated ones usually mean another process uses the same
+/// account and resource.
+pub fn short_sessions() -> u64 {
+    SHORT_SESSIONS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// First delay of the reconnect backoff.
 const BACKOFF_START: Duration = Duration::from_millis(250);
 /// Largest delay of the reconnect backoff.
@@ -295,21 +311,53 @@ async fn start<C: tokio_xmpp::connect::ServerConnector>(
     let (status_tx, status) = mpsc::unbounded_channel();
     let mut first = Some(first);
     let reconnect_opts = opts.clone();
+    // When the current session began, and how many sessions in a row died young.
+    let began = std::sync::Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
+    let mut young_in_a_row = 0u32;
     let reconnector = Box::new(
         move |_location: Option<String>, slot: oneshot::Sender<RawConnection>| {
             if let Some(conn) = first.take() {
+                *began.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
                 let _ = slot.send(conn);
                 return;
             }
+            let lived = began.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+            let wait = if lived < SHORT_SESSION {
+                SHORT_SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                young_in_a_row += 1;
+                let wait = backoff(young_in_a_row - 1);
+                if young_in_a_row >= 2 {
+                    tracing::warn!(
+                        jid = %reconnect_opts.jid,
+                        "the session ended {} ms after it began ({young_in_a_row} times in a row): \
+                         if another process uses {} with the same resource, the server replaces \
+                         one session with the other (stream error 'conflict'); check that only \
+                         one process uses this account and resource. Next login in {:.1} s",
+                        lived.as_millis(),
+                        reconnect_opts.jid,
+                        wait.as_secs_f64()
+                    );
+                }
+                Some(wait)
+            } else {
+                young_in_a_row = 0;
+                None
+            };
             let connector = connector.clone();
             let opts = reconnect_opts.clone();
             let status_tx = status_tx.clone();
+            let began = began.clone();
             tokio::spawn(async move {
+                if let Some(wait) = wait {
+                    tokio::time::sleep(wait).await;
+                }
                 let mut attempt = 0u32;
                 loop {
                     match login(connector.clone(), &opts).await {
                         Ok(conn) => {
                             tracing::info!(jid = %opts.jid, "reconnected");
+                            *began.lock().unwrap_or_else(|p| p.into_inner()) =
+                                std::time::Instant::now();
                             let _ = slot.send(conn);
                             return;
                         }
