@@ -63,6 +63,16 @@ pub struct DispatcherConfig {
     /// Map/reduce: ... and longer than this.
     #[serde(with = "humantime_serde")]
     pub speculation_min: Duration,
+    /// Open blobs (chunks arriving, or complete and not yet referenced) one sender may have.
+    pub max_open_blobs_per_sender: usize,
+    /// Bytes announced by one sender's open blobs; default 4 × `max_blob`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_open_blob_bytes_per_sender: Option<ByteSize>,
+    /// Open blobs of all senders together.
+    pub max_open_blobs: usize,
+    /// Bytes announced by all open blobs together; default 16 × `max_blob`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_open_blob_bytes: Option<ByteSize>,
     /// TLS.
     pub tls: TlsConfig,
     /// Address of the HTTP API, or none (`"off"`) for no HTTP API.
@@ -153,6 +163,10 @@ impl Default for DispatcherConfig {
             audit_keep: 5,
             speculation_factor: 4.0,
             speculation_min: Duration::from_secs(2),
+            max_open_blobs_per_sender: 64,
+            max_open_blob_bytes_per_sender: None,
+            max_open_blobs: 4096,
+            max_open_blob_bytes: None,
             tls: TlsConfig::default(),
             http_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8480))),
             http_tokens: Vec::new(),
@@ -255,6 +269,7 @@ impl DispatcherConfig {
         if self.audit_keep > 1000 {
             return Err(bad("audit_keep", "at most 1000 rotated files"));
         }
+        self.validate_limits()?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(bad("data_dir", "must not be empty"));
         }
@@ -279,6 +294,50 @@ impl DispatcherConfig {
             }
         }
         Ok(())
+    }
+
+    /// The bounds of job arguments, blob uploads and submitters' shares (docs/dispatcher.md §2).
+    fn validate_limits(&self) -> Result<(), DispatcherError> {
+        let blobs = self.blob_limits(std::time::Duration::from_secs(1));
+        if self.max_open_blobs_per_sender == 0 {
+            return Err(bad("max_open_blobs_per_sender", "must be at least 1"));
+        }
+        if self.max_open_blobs < self.max_open_blobs_per_sender {
+            return Err(bad(
+                "max_open_blobs",
+                "must be at least max_open_blobs_per_sender",
+            ));
+        }
+        if blobs.per_sender_bytes < self.max_blob.as_u64() {
+            return Err(bad(
+                "max_open_blob_bytes_per_sender",
+                format!("must be at least max_blob ({})", self.max_blob),
+            ));
+        }
+        if blobs.total_bytes < blobs.per_sender_bytes {
+            return Err(bad(
+                "max_open_blob_bytes",
+                "must be at least max_open_blob_bytes_per_sender",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The bounds of the blobs submitters and agents upload to this dispatcher.
+    pub fn blob_limits(&self, idle_ttl: Duration) -> spine_protocol::blob::BlobLimits {
+        let max = self.max_blob.as_u64();
+        spine_protocol::blob::BlobLimits {
+            max_size: max,
+            per_sender: self.max_open_blobs_per_sender,
+            per_sender_bytes: self
+                .max_open_blob_bytes_per_sender
+                .map_or(max.saturating_mul(4), |b| b.as_u64()),
+            total: self.max_open_blobs,
+            total_bytes: self
+                .max_open_blob_bytes
+                .map_or(max.saturating_mul(16), |b| b.as_u64()),
+            idle_ttl,
+        }
     }
 
     /// Connection options (password read, address resolved, TLS decided).

@@ -52,6 +52,8 @@ const PLACE_SCAN: usize = 64;
 const STRAGGLER_CHECK_MS: u64 = 250;
 /// Most events handled before the changes they made are committed and their replies sent.
 const BATCH: usize = 256;
+/// Incomplete blobs are dropped this long after their last chunk.
+const BLOB_IDLE_TTL: Duration = Duration::from_secs(300);
 
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
@@ -258,7 +260,7 @@ async fn run_inner(
     }
     drop(cmd_tx);
     let mut rt = Runtime {
-        blobs: BlobStore::new(cfg.max_blob.as_u64(), Duration::from_secs(300)),
+        blobs: BlobStore::with_limits(cfg.blob_limits(BLOB_IDLE_TTL)),
         cfg,
         conn,
         registry: Registry::new(),
@@ -1255,6 +1257,8 @@ impl Runtime {
             }
         }
         let instant = Instant::now();
+        // Idle blobs go even when no chunk comes (in deadline order: nothing is scanned).
+        self.blobs.expire(instant);
         for agent in self.registry.check_silent(instant) {
             let id = self.iq_id("ping");
             self.pings.insert(id.clone(), (agent.clone(), instant));
