@@ -156,7 +156,12 @@ pub struct Connection {
     stream: StanzaStream,
     bound: FullJid,
     status: Option<mpsc::UnboundedReceiver<Status>>,
+    /// Set by [`Connection::close`]: the reconnector stops trying.
+    closing: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
+
+/// The longest [`Connection::close`] waits for the stream to close.
+const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
 /// A session that ends sooner than this after its login "died young": the next login waits
 /// (backoff), so that two processes using one account and resource — which the server
@@ -313,6 +318,8 @@ async fn start<C: tokio_xmpp::connect::ServerConnector>(
     let reconnect_opts = opts.clone();
     // When the current session began, and how many sessions in a row died young.
     let began = std::sync::Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
+    let closing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop = closing.clone();
     let mut young_in_a_row = 0u32;
     let reconnector = Box::new(
         move |_location: Option<String>, slot: oneshot::Sender<RawConnection>| {
@@ -347,12 +354,20 @@ async fn start<C: tokio_xmpp::connect::ServerConnector>(
             let opts = reconnect_opts.clone();
             let status_tx = status_tx.clone();
             let began = began.clone();
+            let stop = stop.clone();
             tokio::spawn(async move {
                 if let Some(wait) = wait {
                     tokio::time::sleep(wait).await;
                 }
                 let mut attempt = 0u32;
                 loop {
+                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        // The owner is closing: no more attempts. Dropping the slot would make
+                        // tokio-xmpp's worker panic, so it is left unanswered instead (the
+                        // worker waits on it until the process ends, which is imminent).
+                        std::mem::forget(slot);
+                        return;
+                    }
                     match login(connector.clone(), &opts).await {
                         Ok(conn) => {
                             tracing::info!(jid = %opts.jid, "reconnected");
@@ -420,6 +435,7 @@ async fn start<C: tokio_xmpp::connect::ServerConnector>(
         stream,
         bound,
         status: Some(status),
+        closing,
     })
 }
 
@@ -480,9 +496,20 @@ impl Connection {
         self.status.take()
     }
 
-    /// Closes the stream cleanly (stream footer, then TCP close).
+    /// Closes the stream cleanly (stream footer, then TCP close), waiting at most 3 s: with
+    /// the server unreachable the connection worker is in a reconnect that will not finish,
+    /// and a process shutting down must not wait for it. Reconnect attempts stop.
     pub async fn close(self) {
-        self.stream.close().await
+        self.closing
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if tokio::time::timeout(CLOSE_GRACE, self.stream.close())
+            .await
+            .is_err()
+        {
+            tracing::info!(
+                "the stream did not close within {CLOSE_GRACE:?} (server unreachable?): leaving it"
+            );
+        }
     }
 }
 
