@@ -35,11 +35,13 @@ pub struct UpArgs {
     #[arg(long)]
     data_dir: Option<PathBuf>,
     /// Address of the XMPP server (port 0: any free port).
-    #[arg(long, default_value = "127.0.0.1:5222")]
-    xmpp_listen: SocketAddr,
+    /// [default: 127.0.0.1:5222; with --demo a free port]
+    #[arg(long)]
+    xmpp_listen: Option<SocketAddr>,
     /// Address of the dispatcher's HTTP API (port 0: any free port).
-    #[arg(long, default_value = "127.0.0.1:8480")]
-    http_listen: SocketAddr,
+    /// [default: 127.0.0.1:8480; with --demo a free port]
+    #[arg(long)]
+    http_listen: Option<SocketAddr>,
     /// Run the demo (an image batch and a word-count map/reduce), print the results and
     /// timings, stop, and exit 0 if both succeeded. Results go in --data-dir when given.
     #[arg(long)]
@@ -107,8 +109,14 @@ pub fn run(args: UpArgs) -> Result<()> {
         let farm = Farm::start(FarmOptions {
             agents: n_agents,
             slots: args.slots,
-            xmpp_listen: args.xmpp_listen,
-            http_listen: args.http_listen,
+            // The demo is self-contained: free ports unless asked otherwise, so that it runs
+            // beside a system XMPP server or another `spine up`.
+            xmpp_listen: args.xmpp_listen.unwrap_or_else(|| {
+                SocketAddr::from(([127, 0, 0, 1], if args.demo { 0 } else { 5222 }))
+            }),
+            http_listen: args.http_listen.unwrap_or_else(|| {
+                SocketAddr::from(([127, 0, 0, 1], if args.demo { 0 } else { 8480 }))
+            }),
             data_dir: data_dir.clone(),
             max_blob: None,
         })
@@ -197,9 +205,18 @@ impl Farm {
         scfg.accounts = std::iter::once(account("dispatcher".into(), &dispatcher_pw))
             .chain((1..=o.agents).map(|i| account(format!("agent{i}"), &agent_pw)))
             .collect();
-        let server = Server::bind(scfg)
-            .await
-            .with_context(|| format!("starting the XMPP server on {}", o.xmpp_listen))?;
+        let server = Server::bind(scfg).await.map_err(|e| {
+            let hint = match &e {
+                spine_server::ServerError::Bind { error, .. }
+                    if error.kind() == std::io::ErrorKind::AddrInUse =>
+                {
+                    " (another process holds the port, often a system Prosody or ejabberd on \
+                     5222: pass --xmpp-listen 127.0.0.1:0 to take a free one)"
+                }
+                _ => "",
+            };
+            anyhow::anyhow!("starting the XMPP server: {e}{hint}")
+        })?;
         let xmpp = server.local_addr();
         // One stop signal per component, so that they stop in order.
         let stopped = |mut rx: watch::Receiver<bool>| async move {
@@ -218,9 +235,14 @@ impl Farm {
             max_blob: o.max_blob.unwrap_or(DispatcherConfig::default().max_blob),
             ..DispatcherConfig::default()
         };
-        let dispatcher = Dispatcher::bind(dcfg)
-            .await
-            .with_context(|| format!("starting the dispatcher's HTTP API on {}", o.http_listen))?;
+        let dispatcher = Dispatcher::bind(dcfg).await.map_err(|e| {
+            let hint = if e.to_string().contains("in use") {
+                " (another process holds the port: pass --http-listen 127.0.0.1:0 to take a free one)"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("starting the dispatcher's HTTP API on {}: {e}{hint}", o.http_listen)
+        })?;
         let http = dispatcher
             .http_addr()
             .context("the HTTP API has no address")?;

@@ -169,21 +169,13 @@ async fn up_runs_jobs_and_stops_cleanly() {
 async fn up_demo_exits_0_and_its_counts_equal_a_single_process_count() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().display().to_string();
+    // The default ports taken (by us, or by whoever holds them already): --demo picks free
+    // ones by itself.
+    let _hold = hold_default_ports();
     let out = tokio::time::timeout(
         Duration::from_secs(300),
         Command::new(env!("CARGO_BIN_EXE_spine"))
-            .args([
-                "up",
-                "--demo",
-                "--agents",
-                "2",
-                "--xmpp-listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                &data,
-            ])
+            .args(["up", "--demo", "--agents", "2", "--data-dir", &data])
             .stdin(Stdio::null())
             .output(),
     )
@@ -234,4 +226,39 @@ async fn up_demo_exits_0_and_its_counts_equal_a_single_process_count() {
         assert!(!seen.contains(&p), "thumbnail {i} repeats a colour: {p:?}");
         seen.push(p);
     }
+}
+
+/// Listeners on 127.0.0.1:5222 and :8480 where they are free (where they are not, someone else
+/// holds them, which serves as well).
+fn hold_default_ports() -> Vec<std::net::TcpListener> {
+    [5222, 8480]
+        .into_iter()
+        .filter_map(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_taken_port_is_one_line_with_a_hint_and_exit_2() {
+    let _hold = hold_default_ports();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        Command::new(env!("CARGO_BIN_EXE_spine"))
+            .args(["up", "--agents", "1"])
+            .stdin(Stdio::null())
+            .output(),
+    )
+    .await
+    .expect("exits promptly")
+    .expect("run spine up");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "the cause once: {stderr}"
+    );
+    assert!(
+        stderr.contains("pass --xmpp-listen 127.0.0.1:0 to take a free one"),
+        "{stderr}"
+    );
 }

@@ -9,13 +9,14 @@ pub enum ServerError {
     /// TLS material could not be loaded or generated.
     #[error("TLS setup failed: {0}")]
     Tls(String),
-    /// The listening socket could not be opened.
-    #[error("cannot listen on {addr}: {source}")]
+    /// The listening socket could not be opened. (The OS error is part of the message and not
+    /// a `source`, so that an error chain prints it once.)
+    #[error("cannot listen on {addr}: {error}")]
     Bind {
         /// The address.
         addr: std::net::SocketAddr,
         /// The OS error.
-        source: std::io::Error,
+        error: std::io::Error,
     },
     /// Accepting connections failed.
     #[error("accept failed: {0}")]

@@ -79,9 +79,9 @@ impl Server {
         }
         let listener = TcpListener::bind(cfg.listen)
             .await
-            .map_err(|source| ServerError::Bind {
+            .map_err(|error| ServerError::Bind {
                 addr: cfg.listen,
-                source,
+                error,
             })?;
         let local_addr = listener.local_addr().map_err(ServerError::Accept)?;
         let domain_jid =
