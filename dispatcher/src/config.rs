@@ -63,6 +63,10 @@ pub struct DispatcherConfig {
     /// Map/reduce: ... and longer than this.
     #[serde(with = "humantime_serde")]
     pub speculation_min: Duration,
+    /// Largest `<args>` of a job as it travels in the job stanza (JSON escaped for XML): larger
+    /// arguments are refused at submission (`bad-arguments`, field `args`), so that no job
+    /// stanza can exceed an XMPP server's stanza limit.
+    pub max_args: ByteSize,
     /// Open blobs (chunks arriving, or complete and not yet referenced) one sender may have.
     pub max_open_blobs_per_sender: usize,
     /// Bytes announced by one sender's open blobs; default 4 × `max_blob`.
@@ -163,6 +167,7 @@ impl Default for DispatcherConfig {
             audit_keep: 5,
             speculation_factor: 4.0,
             speculation_min: Duration::from_secs(2),
+            max_args: ByteSize::kib(64),
             max_open_blobs_per_sender: 64,
             max_open_blob_bytes_per_sender: None,
             max_open_blobs: 4096,
@@ -298,6 +303,12 @@ impl DispatcherConfig {
 
     /// The bounds of job arguments, blob uploads and submitters' shares (docs/dispatcher.md §2).
     fn validate_limits(&self) -> Result<(), DispatcherError> {
+        if !(1024..=128 * 1024).contains(&self.max_args.as_u64()) {
+            return Err(bad(
+                "max_args",
+                "must be 1KiB to 128KiB (a job stanza carries its arguments and up to 64 KiB of inline input, about 88 KiB in base64, under the 256 KiB stanza limit of stock XMPP servers)",
+            ));
+        }
         let blobs = self.blob_limits(std::time::Duration::from_secs(1));
         if self.max_open_blobs_per_sender == 0 {
             return Err(bad("max_open_blobs_per_sender", "must be at least 1"));

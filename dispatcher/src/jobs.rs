@@ -106,6 +106,56 @@ impl JobSpec {
     pub fn parsed_filter(&self) -> Option<Filter> {
         self.filter.as_deref().and_then(|f| f.parse().ok())
     }
+
+    /// Its arguments fit `max_args` bytes as they travel in the job stanza, so that no job
+    /// stanza can exceed an XMPP server's stanza limit (issue 14, finding 5): otherwise
+    /// `bad-arguments`, field `args`.
+    pub fn check_args(&self, max_args: u64) -> Result<(), SpineError> {
+        let args = args_wire_size(&self.args);
+        if args > max_args {
+            return Err(SpineError::new(Condition::BadArguments)
+                .with_field("args")
+                .with_text(format!(
+                    "the arguments take {args} bytes in the job stanza, over the limit of {max_args} (max_args): send large data as the job's input"
+                )));
+        }
+        Ok(())
+    }
+}
+
+/// The size of a job's arguments as they travel in its job stanza: the `<args>` element,
+/// serialised as the XMPP stream will carry it (JSON text escaped for XML, so up to several
+/// times the JSON's own length). 0 for no arguments (the element is left out).
+pub fn args_wire_size(args: &serde_json::Map<String, serde_json::Value>) -> u64 {
+    if args.is_empty() {
+        return 0;
+    }
+    let text = serde_json::Value::Object(args.clone()).to_string();
+    let el = minidom::Element::builder("args", spine_protocol::NS)
+        .append(text)
+        .build();
+    serialized_size(&el)
+}
+
+/// The size of an element as serialised, counted without building the text.
+pub fn serialized_size(el: &minidom::Element) -> u64 {
+    /// Counts what is written.
+    struct Count(u64);
+    impl std::io::Write for Count {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0 += b.len() as u64;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut n = Count(0);
+    match el.write_to(&mut n) {
+        Ok(()) => n.0,
+        // Unreachable for a counter; never let such an element pass as small.
+        Err(_) => u64::MAX,
+    }
 }
 
 use spine_protocol::serde_base64 as base64_bytes;
@@ -202,6 +252,44 @@ pub enum SubmitError {
     /// The id is taken.
     #[error("job id {0} already exists")]
     Exists(JobId),
+}
+
+/// What became of a job whose request went out just before the dispatcher's XMPP session
+/// ended ([`JobTable::session_lost`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionLost {
+    /// Counted as a failed attempt; it goes to its agent again as this attempt.
+    Resend {
+        /// The new attempt number.
+        attempt: u64,
+    },
+    /// That was its last attempt: it failed.
+    Final,
+}
+
+/// Which requests to blame for a session that ended: among those sent from `since` to `died`
+/// (each a key, its stanza's size in bytes and when it was sent), the largest. A server closes
+/// a session for a stanza over its size limit (`policy-violation`), and that stanza is then
+/// at least as large as any other sent with it; when the session ended for another reason
+/// (a server restart), this blames one request, which costs it one attempt.
+pub fn blame<K, T: Ord + Copy>(
+    sent: impl IntoIterator<Item = (K, usize, T)>,
+    since: T,
+    died: T,
+) -> Vec<K> {
+    let recent: Vec<(K, usize)> = sent
+        .into_iter()
+        .filter(|(_, _, at)| since <= *at && *at <= died)
+        .map(|(k, bytes, _)| (k, bytes))
+        .collect();
+    let Some(largest) = recent.iter().map(|(_, b)| *b).max() else {
+        return Vec::new();
+    };
+    recent
+        .into_iter()
+        .filter(|(_, b)| *b == largest)
+        .map(|(k, _)| k)
+        .collect()
 }
 
 /// The job id is not known.
@@ -646,6 +734,38 @@ impl JobTable {
         };
         self.finalize(id, state, condition, message, now_ms);
         Some(AfterFailure::Final(state))
+    }
+
+    /// The dispatcher's XMPP session ended right after this job's request was sent: the likely
+    /// cause is the request itself (a stanza over the server's size limit makes the server
+    /// close the session), and sending it again as it is would end every new session too.
+    /// Counts as a failed attempt: while attempts remain the job stays with its agent, to be
+    /// sent again with the next attempt number (the agent attaches a repeated job id to the
+    /// running job); after the last one it fails. `None` if the job is not in flight.
+    pub fn session_lost(&mut self, id: &JobId, now_ms: u64) -> Option<SessionLost> {
+        let j = self.jobs.get_mut(id)?;
+        if !matches!(j.state, JobState::Dispatched | JobState::Running) {
+            return None;
+        }
+        j.updated_ms = now_ms;
+        if j.attempts < j.spec.max_attempts {
+            j.attempts += 1;
+            return Some(SessionLost::Resend {
+                attempt: j.attempts,
+            });
+        }
+        let message = format!(
+            "gave up after {} attempts: the dispatcher's XMPP session ended right after the job was sent (is the job stanza over the XMPP server's size limit?)",
+            j.attempts
+        );
+        self.finalize(
+            id,
+            JobState::Failed,
+            Condition::Retryable,
+            Some(message),
+            now_ms,
+        );
+        Some(SessionLost::Final)
     }
 
     /// The agent refused the attempt without running it (`busy`, `draining`): queue the job

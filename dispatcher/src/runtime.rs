@@ -35,7 +35,7 @@ use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 use crate::config::DispatcherConfig;
 use crate::error::DispatcherError;
 use crate::http::{job_json, Command, Handle, JobEvent};
-use crate::jobs::{Advance, AfterFailure, JobRecord, JobSpec, JobTable, Recorded};
+use crate::jobs::{Advance, AfterFailure, JobRecord, JobSpec, JobTable, Recorded, SessionLost};
 use crate::policy::Policy;
 use crate::registry::{AdvertiseOutcome, LoadOutcome, NoPick, PickRequest, Registry};
 use crate::store::Store;
@@ -52,6 +52,9 @@ const PLACE_SCAN: usize = 64;
 const STRAGGLER_CHECK_MS: u64 = 250;
 /// Most events handled before the changes they made are committed and their replies sent.
 const BATCH: usize = 256;
+/// A session that ends within this time of sending a job request blames the largest such
+/// request (a stanza over the server's size limit makes the server close the session).
+const SESSION_SUSPECT_WINDOW: Duration = Duration::from_secs(5);
 /// Incomplete blobs are dropped this long after their last chunk.
 const BLOB_IDLE_TTL: Duration = Duration::from_secs(300);
 
@@ -69,6 +72,10 @@ struct Sent {
     attempt: u64,
     /// The request, to send again after our own reconnect (its reply may have been lost).
     payload: Job,
+    /// When it was last sent, and its size as serialised: if the session ends right after,
+    /// the largest recent request is blamed ([`crate::jobs::blame`]).
+    at: Instant,
+    bytes: usize,
 }
 
 /// A large input being sent to an agent in chunks before its job (PROTOCOL.md §13).
@@ -78,6 +85,8 @@ struct Upload {
     blob: spine_protocol::BlobId,
     pending: std::collections::VecDeque<spine_protocol::Chunk>,
     in_flight: usize,
+    /// When the last chunk was sent, and the largest chunk stanza's size (an estimate).
+    last_chunk: Option<(Instant, usize)>,
 }
 
 /// Unacknowledged chunks per upload.
@@ -118,6 +127,8 @@ struct Runtime {
     replies: Vec<Box<dyn FnOnce() + Send>>,
     /// One line per job that ended.
     audit: Option<crate::audit::AuditLog>,
+    /// When the XMPP session ended, until the next one starts.
+    session_died: Option<Instant>,
 }
 
 /// Dispatch latency (accepted → first dispatch), for /metrics.
@@ -290,6 +301,7 @@ async fn run_inner(
         outbox: Vec::new(),
         replies: Vec::new(),
         audit,
+        session_died: None,
     };
     rt.on_session_start().await;
     // Map/reduce jobs whose last step ended just before a crash move on now.
@@ -351,7 +363,11 @@ impl Runtime {
                     return Err(e);
                 }
             }
+            Some(Event::Stream(StreamEvent::Suspended)) => {
+                self.session_died.get_or_insert_with(Instant::now);
+            }
             Some(Event::Stream(StreamEvent::Reset { .. })) => {
+                self.blame_lost_session().await?;
                 info!(
                     in_flight = self.sent.len(),
                     "session re-established: greeting agents, re-sending jobs in flight"
@@ -745,6 +761,57 @@ impl Runtime {
         }
     }
 
+    /// The session ended: the largest job request sent just before (a stanza over the server's
+    /// size limit is why servers close a session) counts as a failed attempt of its job, so
+    /// that no job can end every session forever (issue 14, finding 5). It goes to its agent
+    /// again with the next attempt number, or fails after its last attempt.
+    async fn blame_lost_session(&mut self) -> Result<(), DispatcherError> {
+        let Some(died) = self.session_died.take() else {
+            return Ok(());
+        };
+        let since = died.checked_sub(SESSION_SUSPECT_WINDOW).unwrap_or(died);
+        let sent = self.sent.values().map(|s| (s.job.clone(), s.bytes, s.at));
+        let chunks = self.uploads.values().filter_map(|u| {
+            u.last_chunk
+                .map(|(at, bytes)| (u.sent.job.clone(), bytes.max(u.sent.bytes), at))
+        });
+        let mut culprits = crate::jobs::blame(sent.chain(chunks), since, died);
+        culprits.sort();
+        culprits.dedup();
+        for job in culprits {
+            match self.jobs.session_lost(&job, now_ms()) {
+                Some(SessionLost::Resend { attempt }) => {
+                    let requests = self
+                        .sent
+                        .values_mut()
+                        .chain(self.uploads.values_mut().map(|u| &mut u.sent));
+                    for s in requests.filter(|s| s.job == job) {
+                        s.attempt = attempt;
+                        s.payload.attempt = attempt;
+                    }
+                    self.persist(&job)?;
+                    warn!(job = %job, attempt, "the XMPP session ended right after this job was sent: counted as a failed attempt (is its stanza over the server's size limit?)");
+                }
+                Some(SessionLost::Final) => {
+                    let agent = self
+                        .jobs
+                        .get(&job)
+                        .and_then(|j| j.agent.as_deref())
+                        .and_then(|a| a.parse::<FullJid>().ok());
+                    if let Some(id) = agent.and_then(|a| self.registry.id_of(&a)) {
+                        self.registry.on_finished(id, &job, &mut self.rng);
+                    }
+                    self.forget_requests(&job);
+                    self.persist(&job)?;
+                    warn!(job = %job, "job ended: the XMPP session ended right after each of its attempts was sent");
+                    self.notify_final(&job).await;
+                }
+                None => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Re-sends every job in flight (new IQ ids): after our reconnect, replies to the old
     /// requests are lost; the agent attaches a repeated job id to the running job, or answers
     /// from its outcome cache, so nothing runs twice.
@@ -760,7 +827,8 @@ impl Runtime {
             self.pump_upload(k).await;
         }
         let old: Vec<(String, Sent)> = self.sent.drain().collect();
-        for (_, s) in old {
+        for (_, mut s) in old {
+            s.at = Instant::now();
             let id = self.iq_id("j");
             let to: Jid = s.agent.clone().into();
             self.send(Iq::from_set(id.clone(), s.payload.clone()).with_to(to))
@@ -1094,7 +1162,9 @@ impl Runtime {
                 job: rec.id.clone(),
                 agent: agent.clone(),
                 attempt: rec.attempts,
+                bytes: stanza_bytes(&j),
                 payload: j,
+                at: Instant::now(),
             };
             self.uploads.insert(
                 key,
@@ -1104,6 +1174,7 @@ impl Runtime {
                     blob,
                     pending,
                     in_flight: 0,
+                    last_chunk: None,
                 },
             );
             self.pump_upload(key).await;
@@ -1124,6 +1195,8 @@ impl Runtime {
                 agent: agent.clone(),
                 attempt: rec.attempts,
                 payload: j.clone(),
+                at: Instant::now(),
+                bytes: stanza_bytes(&j),
             },
         );
         self.send(Iq::from_set(iq_id, j).with_to(agent.into()))
@@ -1143,15 +1216,20 @@ impl Runtime {
             match u.pending.pop_front() {
                 Some(chunk) => {
                     u.in_flight += 1;
+                    // Base64 of the bytes and the element around them.
+                    let bytes = chunk.bytes.len().div_ceil(3) * 4 + 256;
+                    let largest = u.last_chunk.map_or(0, |(_, b)| b);
+                    u.last_chunk = Some((Instant::now(), bytes.max(largest)));
                     let to: Jid = u.sent.agent.clone().into();
                     let id = self.iq_id("b");
                     self.chunk_iqs.insert(id.clone(), key);
                     self.send(Iq::from_set(id, chunk).with_to(to)).await;
                 }
                 None if u.in_flight == 0 => {
-                    let Some(u) = self.uploads.remove(&key) else {
+                    let Some(mut u) = self.uploads.remove(&key) else {
                         return;
                     };
+                    u.sent.at = Instant::now();
                     let id = self.iq_id("j");
                     let to: Jid = u.sent.agent.clone().into();
                     self.send(Iq::from_set(id.clone(), u.sent.payload.clone()).with_to(to))
@@ -1702,6 +1780,9 @@ impl Runtime {
         if let Err(e) = spec.check_input() {
             return Ok(Err(e));
         }
+        if let Err(e) = spec.check_args(self.cfg.max_args.as_u64()) {
+            return Ok(Err(e));
+        }
         let job_id: JobId = new_job_id();
         let rec = match self.jobs.submit(job_id.clone(), spec, now_ms()) {
             Ok(r) => r.clone(),
@@ -1946,6 +2027,13 @@ fn new_job_id() -> JobId {
     )
     .parse()
     .expect("hex id is a valid job id")
+}
+
+/// The size of a job IQ's payload as serialised (what counts against a server's stanza limit,
+/// less the few bytes of the `<iq>` around it).
+fn stanza_bytes(job: &Job) -> usize {
+    let size = crate::jobs::serialized_size(&minidom::Element::from(job.clone()));
+    usize::try_from(size).unwrap_or(usize::MAX)
 }
 
 /// The refusal of a request about another submitter's job.

@@ -1,13 +1,20 @@
 //! Issue 14, the dispatcher's findings, each replayed against a real embedded XMPP server, a
 //! real dispatcher and a real agent over loopback sockets:
 //!
+//! - finding 5: a job too large for the server made the dispatcher reconnect forever. Now its
+//!   arguments are refused at submission, and a job whose stanza still ends the session (a
+//!   server with a smaller limit) fails after its attempts, the reconnects counted;
 //! - finding 6: a flood of blob announcements reserved terabytes. Now memory follows the bytes
 //!   that arrive, and the flooder is refused (`resource-constraint`) while another sender is
-//!   served.
+//!   served;
+//! - finding 12: the data directory and its files are private.
 //!
 //! The tests take a lock so that they run one at a time: the memory figures of the flood test
 //! are read from this process.
 
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -17,6 +24,7 @@ use sha2::{Digest, Sha256};
 use spine_agent::{Agent, JobContext, JobError, Output};
 use spine_integration::dispatcher::TestDispatcher;
 use spine_integration::farm::{agent_config, run_agent, start_http_dispatcher, wait_for_agents};
+use spine_integration::servers::Endpoint;
 use spine_integration::{TestServer, PATIENCE};
 use spine_protocol::{Chunk, Condition, SpineError, NS};
 use tokio::sync::Mutex;
@@ -82,6 +90,26 @@ impl Api {
         }
     }
 
+    /// `POST /v1/jobs` with `body`, as `token` (none: loopback without tokens).
+    async fn submit(
+        &self,
+        token: Option<&str>,
+        body: serde_json::Value,
+    ) -> (u16, serde_json::Value) {
+        let mut r = self
+            .http
+            .post(format!("{}/v1/jobs", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        if let Some(t) = token {
+            r = r.bearer_auth(t);
+        }
+        let r = r.send().await.expect("POST /v1/jobs");
+        let status = r.status().as_u16();
+        let text = r.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or_default())
+    }
+
     async fn job(&self, id: &str) -> serde_json::Value {
         let r = self
             .http
@@ -112,6 +140,43 @@ impl Api {
     }
 }
 
+/// A loopback TCP relay to a server that counts the connections made through it: how many
+/// times the dispatcher behind it logged in.
+struct CountingRelay {
+    addr: SocketAddr,
+    connections: Arc<AtomicUsize>,
+}
+
+impl CountingRelay {
+    async fn start(target: SocketAddr) -> CountingRelay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let count = connections.clone();
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                count.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+            }
+        });
+        CountingRelay { addr, connections }
+    }
+
+    fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+}
+
+impl Endpoint for CountingRelay {
+    fn endpoint(&self) -> SocketAddr {
+        self.addr
+    }
+}
+
 /// Resident and virtual memory of this process, bytes (`/proc/self/status`).
 fn memory() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -123,6 +188,178 @@ fn memory() -> (u64, u64) {
             .map_or(0, |kb| kb * 1024)
     };
     (field("VmRSS:"), field("VmSize:"))
+}
+
+/// Finding 5, first half: the arguments that made a job stanza too large for the server are
+/// refused at submission, over HTTP and over XMPP, naming the field; other jobs are served.
+/// Finding 12: the dispatcher's data directory and files are private.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_arguments_are_refused_at_submission_naming_the_field() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(ACCOUNTS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (d, base) =
+        start_http_dispatcher(&server, &data, "submitters = [\"webapp@localhost\"]\n").await;
+    let agent = echo_agent(&server);
+    wait_for_agents(&base, "work.echo", 1).await;
+    let api = Api::new(&base);
+
+    // A 300 KB argument over HTTP: 400 bad-arguments, field args.
+    let (status, v) = api
+        .submit(
+            None,
+            serde_json::json!({"capability": "work.echo", "args": {"blob": "A".repeat(300_000)}}),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(v["error"], "bad-arguments", "{v}");
+    assert_eq!(v["field"], "args", "{v}");
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("max_args"),
+        "{v}"
+    );
+
+    // 100 KB over XMPP (the <submit> itself fits the server's 256 KiB): the same refusal.
+    let to = jid("dispatcher@localhost/d1");
+    let mut w = TestDispatcher::new(server.client("webapp", "pw-w").await).await;
+    let big = format!(
+        "<submit xmlns='{NS}' capability='work.echo'><args>{{\"blob\":\"{}\"}}</args></submit>",
+        "B".repeat(100_000)
+    );
+    w.conn.send(set("big", &to, el(&big))).await;
+    let e = w.wait_reply("big").await.unwrap_err();
+    assert_eq!(e.defined_condition, DefinedCondition::BadRequest);
+    let se = spine_error(&e);
+    assert_eq!(
+        (se.condition, se.field.as_deref()),
+        (Condition::BadArguments, Some("args"))
+    );
+
+    // Jobs with ordinary arguments run meanwhile, the dispatcher's session intact.
+    for i in 0..5 {
+        let (status, v) = api
+            .submit(
+                None,
+                serde_json::json!({"capability": "work.echo", "args": {"i": i}, "input": "aGVsbG8="}),
+            )
+            .await;
+        assert_eq!(status, 202, "{v}");
+        let j = api.wait_final(v["id"].as_str().unwrap(), PATIENCE).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+    }
+
+    // Finding 12: job inputs sit in these files in clear; nobody else may read them.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&data), 0o700, "data directory");
+    assert_eq!(mode(&data.join("jobs.redb")), 0o600);
+    assert_eq!(mode(&data.join("audit.jsonl")), 0o600);
+    agent.stop();
+    d.stop();
+}
+
+/// Finding 5, second half: a job whose stanza is over the server's stanza limit (here a
+/// deliberately small one, 8 KiB) ends the dispatcher's session each time it is sent. It
+/// used to be sent again after every reconnect, forever (3,480 cycles in 8 s). Each such end
+/// now counts as an attempt: the job fails after its 3 attempts, the reconnects stop there,
+/// and the other jobs are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_the_server_refuses_fails_after_its_attempts_and_the_reconnects_stop() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start_with(ACCOUNTS, |c| {
+        c.max_stanza_size = spine_server::config::ByteSize::kib(8);
+    })
+    .await;
+    let relay = CountingRelay::start(server.addr).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (d, base) = start_http_dispatcher(&relay, dir.path(), "max_attempts = 3\n").await;
+    let agent = echo_agent(&server);
+    wait_for_agents(&base, "work.echo", 1).await;
+    let api = Api::new(&base);
+    assert_eq!(relay.connections(), 1, "one login so far");
+
+    // 40 KB of arguments: under max_args (64 KiB), far over this server's 8 KiB (which it
+    // counts to within one 8 KiB read buffer).
+    let (status, v) = api
+        .submit(
+            None,
+            serde_json::json!({"capability": "work.echo", "args": {"pad": "x".repeat(40_000)}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{v}");
+    let big = v["id"].as_str().unwrap().to_owned();
+    // Another job, submitted while the first one ends sessions.
+    let (status, v) = api
+        .submit(
+            None,
+            serde_json::json!({"capability": "work.echo", "input": "b25l"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{v}");
+    let small = v["id"].as_str().unwrap().to_owned();
+
+    // It used to stay `dispatched` while the dispatcher logged in again and again.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let j = loop {
+        let j = api.job(&big).await;
+        if j["state"] != "dispatched" && j["state"] != "queued" {
+            break j;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "after 30 s the job is still {} after {} logins of the dispatcher",
+            j["state"],
+            relay.connections()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let attempts = j["attempts"].clone();
+    assert_eq!(j["state"], "failed", "{j}");
+    assert_eq!(j["attempts"], 3, "{j}");
+    assert_eq!(j["error"]["condition"], "retryable", "{j}");
+    let message = j["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("gave up after 3 attempts") && message.contains("session"),
+        "{j}"
+    );
+    let after_failure = relay.connections();
+    // The first login, then one per attempt that ended a session.
+    assert!(
+        (2..=5).contains(&after_failure),
+        "{after_failure} logins for 3 attempts"
+    );
+
+    // Other jobs are served: the one submitted meanwhile, and new ones.
+    let j = api.wait_final(&small, PATIENCE).await;
+    assert_eq!(j["state"], "succeeded", "{j}");
+    for i in 0..5 {
+        let (status, v) = api
+            .submit(
+                None,
+                serde_json::json!({"capability": "work.echo", "args": {"i": i}}),
+            )
+            .await;
+        assert_eq!(status, 202, "{v}");
+        let j = api.wait_final(v["id"].as_str().unwrap(), PATIENCE).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+    }
+    assert_eq!(
+        relay.connections(),
+        after_failure,
+        "no reconnect after the job failed"
+    );
+    eprintln!(
+        "finding 5: the oversized job failed after {} attempts with {} logins in all ({} reconnects)",
+        attempts,
+        after_failure,
+        after_failure - 1
+    );
+    agent.stop();
+    d.stop();
 }
 
 /// Sends `chunks` from `conn`, at most `batch` unanswered, and counts the answers: accepted,
