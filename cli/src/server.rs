@@ -33,9 +33,14 @@ pub struct ServerArgs {
     /// Print an [[account]] block for USER (SCRAM hashes, no password) and exit.
     #[arg(long, value_name = "USER")]
     add_user: Option<String>,
-    /// Password for --add-user (default: a random one, printed to standard error).
-    #[arg(long, requires = "add_user")]
+    /// Password for --add-user (or SPINE_ADD_USER_PASSWORD; default: a random one, printed to
+    /// standard error). On the command line it is visible to every user of the machine (ps,
+    /// /proc): prefer the variable or --password-file.
+    #[arg(long, env = "SPINE_ADD_USER_PASSWORD", hide_env_values = true)]
     password: Option<String>,
+    /// File holding the password for --add-user (a trailing newline is stripped).
+    #[arg(long, value_name = "FILE", requires = "add_user")]
+    password_file: Option<PathBuf>,
     /// Log filter (RUST_LOG syntax), e.g. "info" or "spine_server=debug".
     #[arg(long, default_value = "info")]
     log: String,
@@ -52,11 +57,60 @@ pub fn init_logging(filter: &str) {
 
 pub use spine_agent::shutdown_signal;
 
+/// On SIGHUP: reads the configuration again (file, environment, command-line overrides) and
+/// puts its accounts and TLS certificate in force (`spine server --add-user` output, a renewed
+/// certificate) without dropping a session. A bad file is logged and changes nothing.
+async fn reload_on_sighup(
+    reloader: spine_server::Reloader,
+    load: impl Fn() -> Result<ServerConfig> + Send + 'static,
+) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("cannot listen for SIGHUP ({e}): configuration reload disabled");
+            return;
+        }
+    };
+    while hup.recv().await.is_some() {
+        match load().and_then(|cfg| Ok((cfg.accounts.len(), reloader.reload(&cfg)?))) {
+            Ok((n, restart)) => {
+                tracing::info!(
+                    accounts = n,
+                    "SIGHUP: configuration reloaded (accounts and TLS certificate)"
+                );
+                if !restart.is_empty() {
+                    tracing::warn!(
+                        "SIGHUP: changed keys that take effect only after a restart: {}",
+                        restart.join(", ")
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::error!("SIGHUP: reload failed, the running configuration stays: {e:#}")
+            }
+        }
+    }
+}
+
 pub fn run(args: ServerArgs) -> Result<()> {
     if let Some(user) = &args.add_user {
-        let password = match &args.password {
-            Some(p) => p.clone(),
-            None => {
+        let password = match (&args.password, &args.password_file) {
+            (Some(_), Some(_)) => bail!(
+                "a password (--password or SPINE_ADD_USER_PASSWORD) and --password-file are both given: use one"
+            ),
+            (Some(p), None) => p.clone(),
+            (None, Some(f)) => {
+                let p = std::fs::read_to_string(f)
+                    .with_context(|| format!("--password-file {}", f.display()))?
+                    .trim_end_matches(['\n', '\r'])
+                    .to_owned();
+                if p.is_empty() {
+                    bail!("--password-file {}: the file is empty", f.display());
+                }
+                p
+            }
+            (None, None) => {
                 let p = Alphanumeric.sample_string(&mut rand::rng(), 24);
                 eprintln!("generated password for {user}: {p}");
                 p
@@ -68,18 +122,30 @@ pub fn run(args: ServerArgs) -> Result<()> {
         print!("{}", spine_server::account_block(user, &password));
         return Ok(());
     }
-    let mut cfg =
-        ServerConfig::load(args.config.as_deref()).context("loading the server configuration")?;
-    if let Some(l) = args.listen {
-        cfg.listen = l;
-    }
-    if let Some(d) = args.domain {
-        cfg.domain = d;
-    }
-    if let Some(s) = args.dev_secret {
-        cfg.dev_secret = Some(s);
-    }
-    cfg.validate()?;
+    let load = {
+        let (path, listen, domain, dev_secret) = (
+            args.config.clone(),
+            args.listen,
+            args.domain.clone(),
+            args.dev_secret.clone(),
+        );
+        move || -> Result<ServerConfig> {
+            let mut cfg =
+                ServerConfig::load(path.as_deref()).context("loading the server configuration")?;
+            if let Some(l) = listen {
+                cfg.listen = l;
+            }
+            if let Some(d) = &domain {
+                cfg.domain = d.clone();
+            }
+            if let Some(s) = &dev_secret {
+                cfg.dev_secret = Some(s.clone());
+            }
+            cfg.validate()?;
+            Ok(cfg)
+        }
+    };
+    let cfg = load()?;
     if args.print_config {
         if args.config.is_none() {
             print!("{DEFAULT_CONFIG}");
@@ -105,6 +171,7 @@ pub fn run(args: ServerArgs) -> Result<()> {
             server.local_addr(),
             server.domain()
         );
+        tokio::spawn(reload_on_sighup(server.reloader(), load));
         server.run(shutdown_signal()).await?;
         tracing::info!("server stopped");
         Ok(())

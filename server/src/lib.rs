@@ -48,11 +48,117 @@ pub use error::ServerError;
 pub(crate) struct Shared {
     pub(crate) cfg: ServerConfig,
     pub(crate) domain_jid: BareJid,
-    pub(crate) accounts: accounts::Accounts,
-    pub(crate) tls: TlsAcceptor,
+    /// Swapped whole by a reload (SIGHUP); sessions take a reference per login.
+    accounts: std::sync::RwLock<Arc<accounts::Accounts>>,
+    tls: std::sync::RwLock<TlsAcceptor>,
     pub(crate) router: router::Router,
     pub(crate) shutdown: watch::Receiver<bool>,
     pub(crate) admission: Arc<admission::Admission>,
+}
+
+impl Shared {
+    /// The accounts in force now.
+    pub(crate) fn accounts(&self) -> Arc<accounts::Accounts> {
+        self.accounts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// The TLS acceptor in force now.
+    pub(crate) fn tls(&self) -> TlsAcceptor {
+        self.tls.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// Reloads a running server's accounts and TLS certificate (what `spine server` does on
+/// SIGHUP). Cheap to clone.
+#[derive(Clone)]
+pub struct Reloader {
+    shared: Arc<Shared>,
+}
+
+impl Reloader {
+    /// Validates `cfg` and puts its accounts and TLS certificate in force for every login
+    /// from now on (sessions already bound stay). Returns the keys that differ from the
+    /// running configuration but take effect only after a restart. On an error nothing
+    /// changes.
+    pub fn reload(&self, cfg: &ServerConfig) -> Result<Vec<&'static str>, ServerError> {
+        cfg.validate()?;
+        let running = &self.shared.cfg;
+        if cfg.domain != running.domain {
+            return Err(ServerError::Config(format!(
+                "domain: '{}' differs from the running '{}'; changing it needs a restart",
+                cfg.domain, running.domain
+            )));
+        }
+        let tls = tls::setup(&cfg.tls, &cfg.domain)?;
+        let accounts = accounts::Accounts::from_config(cfg);
+        if accounts.is_empty() {
+            warn!("no accounts and no dev_secret configured: nobody can log in");
+        }
+        *self
+            .shared
+            .accounts
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Arc::new(accounts);
+        *self.shared.tls.write().unwrap_or_else(|p| p.into_inner()) = TlsAcceptor::from(tls.config);
+        let mut restart = Vec::new();
+        let same = |a: bool, key: &'static str, out: &mut Vec<&'static str>| {
+            if !a {
+                out.push(key)
+            }
+        };
+        same(cfg.listen == running.listen, "listen", &mut restart);
+        same(
+            cfg.max_stanza_size == running.max_stanza_size,
+            "max_stanza_size",
+            &mut restart,
+        );
+        same(
+            cfg.max_connections == running.max_connections,
+            "max_connections",
+            &mut restart,
+        );
+        same(
+            cfg.rate_limit == running.rate_limit,
+            "rate_limit",
+            &mut restart,
+        );
+        same(
+            cfg.idle_timeout == running.idle_timeout,
+            "idle_timeout",
+            &mut restart,
+        );
+        same(
+            cfg.ping_timeout == running.ping_timeout,
+            "ping_timeout",
+            &mut restart,
+        );
+        same(
+            cfg.login_timeout == running.login_timeout,
+            "login_timeout",
+            &mut restart,
+        );
+        same(
+            cfg.auth_timeout == running.auth_timeout,
+            "auth_timeout",
+            &mut restart,
+        );
+        same(
+            cfg.max_unauthenticated_per_address == running.max_unauthenticated_per_address
+                && cfg.max_unauthenticated == running.max_unauthenticated
+                && cfg.auth_failures_before_backoff == running.auth_failures_before_backoff,
+            "max_unauthenticated*/auth_failures_before_backoff",
+            &mut restart,
+        );
+        same(
+            cfg.outbound_queue == running.outbound_queue,
+            "outbound_queue",
+            &mut restart,
+        );
+        Ok(restart)
+    }
 }
 
 /// A server with its listening socket open.
@@ -96,8 +202,8 @@ impl Server {
             admission,
             cfg,
             domain_jid,
-            accounts,
-            tls: TlsAcceptor::from(tls.config),
+            accounts: std::sync::RwLock::new(Arc::new(accounts)),
+            tls: std::sync::RwLock::new(TlsAcceptor::from(tls.config)),
             router: router::Router::default(),
             shutdown,
         });
@@ -118,6 +224,13 @@ impl Server {
     /// The server's certificate (PEM); a client trusts it as its CA for a self-signed setup.
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
+    }
+
+    /// A handle that reloads accounts and the TLS certificate while the server runs.
+    pub fn reloader(&self) -> Reloader {
+        Reloader {
+            shared: self.shared.clone(),
+        }
     }
 
     /// Counters of refused connections and logins (connection floods, password guessing).

@@ -299,7 +299,7 @@ async fn negotiate(
                             ));
                         };
                         let stream = shared
-                            .tls
+                            .tls()
                             .accept(tcp)
                             .await
                             .map_err(NegotiationError::Tls)?;
@@ -611,9 +611,9 @@ async fn authenticate(
     if let Err(f) = admit_login(shared, peer, &user).await {
         return Ok(Err(f));
     }
-    let (keys, known) = match shared.accounts.scram_keys(&user, hash) {
+    let (keys, known) = match shared.accounts().scram_keys(&user, hash) {
         Some(k) => (k, true),
-        None => (shared.accounts.decoy_keys(&user, hash), false),
+        None => (shared.accounts().decoy_keys(&user, hash), false),
     };
     let nonce: String = rand::rng()
         .sample_iter(rand::distr::Alphanumeric)
@@ -675,7 +675,7 @@ fn check_plain(shared: &Shared, data: &[u8]) -> Result<(String, Vec<u8>), String
     if !authz.is_empty() && authz != user && !authz.starts_with(&format!("{user}@")) {
         return Err(format!("user '{user}' may not act as '{authz}'"));
     }
-    if shared.accounts.check_password(user, pw) {
+    if shared.accounts().check_password(user, pw) {
         Ok((user.to_owned(), Vec::new()))
     } else {
         Err(format!("wrong password or unknown user '{user}' (PLAIN)"))
