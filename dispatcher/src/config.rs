@@ -77,6 +77,13 @@ pub struct DispatcherConfig {
     /// Bytes announced by all open blobs together; default 16 × `max_blob`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_open_blob_bytes: Option<ByteSize>,
+    /// Queued jobs one submitter may have per capability, unless its `[[submitter]]` or
+    /// `[[http_token]]` says otherwise: a count, or a percentage of `max_queue`.
+    pub submitter_max_queued: QueueShare,
+    /// Most attempts a submitter may ask for, unless its rule says otherwise.
+    pub submitter_max_attempts: u64,
+    /// Highest priority a submitter may ask for, unless its rule says otherwise.
+    pub submitter_max_priority: i64,
     /// TLS.
     pub tls: TlsConfig,
     /// Address of the HTTP API, or none (`"off"`) for no HTTP API.
@@ -98,6 +105,15 @@ pub struct SubmitterRule {
     /// May read and cancel other submitters' jobs too.
     #[serde(default)]
     pub all_jobs: bool,
+    /// Its queued jobs per capability at most (default `submitter_max_queued`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queued: Option<QueueShare>,
+    /// Most attempts its jobs may ask for (default `submitter_max_attempts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u64>,
+    /// Highest priority its jobs may ask for (default `submitter_max_priority`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_priority: Option<i64>,
 }
 
 /// An `[[agent]]` rule: an account (or `*@domain`) and the capabilities it may offer.
@@ -123,6 +139,91 @@ pub struct HttpToken {
     /// May read and cancel jobs submitted with other tokens too.
     #[serde(default)]
     pub all_jobs: bool,
+    /// Its queued jobs per capability at most (default `submitter_max_queued`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_queued: Option<QueueShare>,
+    /// Most attempts its jobs may ask for (default `submitter_max_attempts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_attempts: Option<u64>,
+    /// Highest priority its jobs may ask for (default `submitter_max_priority`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_priority: Option<i64>,
+}
+
+/// A part of a queue: a number of jobs, or a percentage of `max_queue` (`"50%"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueShare {
+    /// At most this many jobs (at least 1).
+    Count(usize),
+    /// At most this percentage of `max_queue` (1 to 100, rounded up).
+    Percent(u8),
+}
+
+impl QueueShare {
+    /// The number of jobs it allows of a queue of `max_queue` (at least 1).
+    pub fn of(self, max_queue: usize) -> usize {
+        match self {
+            QueueShare::Count(n) => n.max(1),
+            QueueShare::Percent(p) => (max_queue.saturating_mul(usize::from(p)))
+                .div_ceil(100)
+                .max(1),
+        }
+    }
+}
+
+impl std::str::FromStr for QueueShare {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad =
+            || format!("'{s}': a number of jobs (100) or a percentage of max_queue (\"50%\")");
+        match s.trim().strip_suffix('%') {
+            Some(p) => match p.trim().parse::<u8>() {
+                Ok(p @ 1..=100) => Ok(QueueShare::Percent(p)),
+                _ => Err(bad()),
+            },
+            None => match s.trim().parse::<usize>() {
+                Ok(n @ 1..) => Ok(QueueShare::Count(n)),
+                _ => Err(bad()),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for QueueShare {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            QueueShare::Count(n) => write!(f, "{n}"),
+            QueueShare::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+impl Serialize for QueueShare {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            QueueShare::Count(n) => s.serialize_u64(*n as u64),
+            QueueShare::Percent(_) => s.serialize_str(&self.to_string()),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for QueueShare {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Count(n) => usize::try_from(n)
+                .ok()
+                .filter(|n| *n >= 1)
+                .map(QueueShare::Count)
+                .ok_or_else(|| serde::de::Error::custom(format!("{n}: must be at least 1"))),
+            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
+        }
+    }
 }
 
 impl std::fmt::Debug for HttpToken {
@@ -172,6 +273,9 @@ impl Default for DispatcherConfig {
             max_open_blob_bytes_per_sender: None,
             max_open_blobs: 4096,
             max_open_blob_bytes: None,
+            submitter_max_queued: QueueShare::Percent(50),
+            submitter_max_attempts: 100,
+            submitter_max_priority: 1000,
             tls: TlsConfig::default(),
             http_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8480))),
             http_tokens: Vec::new(),
@@ -330,6 +434,37 @@ impl DispatcherConfig {
                 "max_open_blob_bytes",
                 "must be at least max_open_blob_bytes_per_sender",
             ));
+        }
+        // A job that does not ask gets `max_attempts`: no submitter's bound may be below it.
+        let attempts_floor = |key: &str, v: u64| {
+            if v < self.max_attempts {
+                return Err(bad(
+                    key,
+                    format!(
+                        "must be at least max_attempts ({}), the attempts of a job that does not ask",
+                        self.max_attempts
+                    ),
+                ));
+            }
+            Ok(())
+        };
+        attempts_floor("submitter_max_attempts", self.submitter_max_attempts)?;
+        let rules = self
+            .submitter_rules
+            .iter()
+            .map(|r| r.max_attempts)
+            .enumerate()
+            .map(|(i, a)| (format!("submitter[{i}].max_attempts"), a))
+            .chain(
+                self.http_tokens
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| (format!("http_token[{i}].max_attempts"), t.max_attempts)),
+            );
+        for (key, attempts) in rules {
+            if let Some(a) = attempts {
+                attempts_floor(&key, a)?;
+            }
         }
         Ok(())
     }

@@ -121,6 +121,38 @@ impl JobSpec {
         }
         Ok(())
     }
+
+    /// Its `max-attempts` and `priority` are within its submitter's `limits` (issue 14,
+    /// finding 11; the limits are never below the configured default attempts, so only a job
+    /// that asked can be over). Errors are `bad-arguments` naming the field as the submitter
+    /// wrote it (`max_attempts` over HTTP, `max-attempts` over XMPP).
+    pub fn check_limits(&self, limits: &crate::policy::SubmitLimits) -> Result<(), SpineError> {
+        let bad = |field: &str, text: String| {
+            Err(SpineError::new(Condition::BadArguments)
+                .with_field(field)
+                .with_text(text))
+        };
+        let http = self.submitter.starts_with("http:");
+        if self.max_attempts > limits.max_attempts {
+            return bad(
+                if http { "max_attempts" } else { "max-attempts" },
+                format!(
+                    "{} attempts asked, over this submitter's limit of {}",
+                    self.max_attempts, limits.max_attempts
+                ),
+            );
+        }
+        if self.priority > limits.max_priority {
+            return bad(
+                "priority",
+                format!(
+                    "priority {} is over this submitter's limit of {}",
+                    self.priority, limits.max_priority
+                ),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// The size of a job's arguments as they travel in its job stanza: the `<args>` element,
@@ -249,6 +281,16 @@ pub enum SubmitError {
         /// The bound.
         limit: usize,
     },
+    /// The submitter already has its share of the capability's queue.
+    #[error("{submitter} already has {limit} jobs queued for {capability}, its share of the queue (max_queued)")]
+    SubmitterQuota {
+        /// The submitter.
+        submitter: String,
+        /// The capability.
+        capability: CapabilityName,
+        /// Its share.
+        limit: usize,
+    },
     /// The id is taken.
     #[error("job id {0} already exists")]
     Exists(JobId),
@@ -313,6 +355,8 @@ type QueueKey = (Reverse<i64>, u64, JobId);
 pub struct JobTable {
     jobs: HashMap<JobId, JobRecord>,
     queues: HashMap<CapabilityName, BTreeSet<QueueKey>>,
+    /// Queued jobs per (submitter, capability): submitters' shares of the queues.
+    queued_by: HashMap<(String, CapabilityName), usize>,
     next_seq: u64,
     max_queue: usize,
 }
@@ -369,19 +413,44 @@ impl JobTable {
         m
     }
 
+    /// Jobs of `submitter` queued for `cap` (counted against its share, `max_queued`).
+    pub fn queued_by(&self, submitter: &str, cap: &CapabilityName) -> usize {
+        self.queued_by
+            .get(&(submitter.to_owned(), cap.clone()))
+            .copied()
+            .unwrap_or(0)
+    }
+
     fn enqueue(&mut self, id: &JobId) {
         if let Some(j) = self.jobs.get(id) {
-            self.queues
+            let added = self
+                .queues
                 .entry(j.spec.capability.clone())
                 .or_default()
                 .insert((Reverse(j.spec.priority), j.seq, id.clone()));
+            if added {
+                *self
+                    .queued_by
+                    .entry((j.spec.submitter.clone(), j.spec.capability.clone()))
+                    .or_default() += 1;
+            }
         }
     }
 
     fn dequeue(&mut self, id: &JobId) {
         if let Some(j) = self.jobs.get(id) {
-            if let Some(q) = self.queues.get_mut(&j.spec.capability) {
-                q.remove(&(Reverse(j.spec.priority), j.seq, id.clone()));
+            let removed = self
+                .queues
+                .get_mut(&j.spec.capability)
+                .is_some_and(|q| q.remove(&(Reverse(j.spec.priority), j.seq, id.clone())));
+            let key = (j.spec.submitter.clone(), j.spec.capability.clone());
+            if removed {
+                if let Some(n) = self.queued_by.get_mut(&key) {
+                    *n = n.saturating_sub(1);
+                    if *n == 0 {
+                        self.queued_by.remove(&key);
+                    }
+                }
             }
         }
     }
@@ -393,6 +462,18 @@ impl JobTable {
         spec: JobSpec,
         now_ms: u64,
     ) -> Result<&JobRecord, SubmitError> {
+        self.submit_within(id, spec, now_ms, usize::MAX)
+    }
+
+    /// Accepts a new job if its capability's queue has room and its submitter has fewer than
+    /// `max_queued` jobs queued for that capability.
+    pub fn submit_within(
+        &mut self,
+        id: JobId,
+        spec: JobSpec,
+        now_ms: u64,
+        max_queued: usize,
+    ) -> Result<&JobRecord, SubmitError> {
         if self.jobs.contains_key(&id) {
             return Err(SubmitError::Exists(id));
         }
@@ -400,6 +481,13 @@ impl JobTable {
             return Err(SubmitError::QueueFull {
                 capability: spec.capability,
                 limit: self.max_queue,
+            });
+        }
+        if self.queued_by(&spec.submitter, &spec.capability) >= max_queued {
+            return Err(SubmitError::SubmitterQuota {
+                submitter: spec.submitter,
+                capability: spec.capability,
+                limit: max_queued,
             });
         }
         self.insert_queued(id.clone(), spec, now_ms);

@@ -107,6 +107,65 @@ impl Grant {
     }
 }
 
+/// What one submitter may ask of the queues: how many of its jobs may wait per capability,
+/// and the highest `max-attempts` and `priority` its jobs may ask for (issue 14, finding 11).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SubmitLimits {
+    /// Its queued jobs per capability at most (`max_queued`, resolved against `max_queue`).
+    pub max_queued: usize,
+    /// Most attempts a job may ask for (`max_attempts` of its rule).
+    pub max_attempts: u64,
+    /// Highest priority a job may ask for (`max_priority` of its rule).
+    pub max_priority: i64,
+}
+
+impl Default for SubmitLimits {
+    /// No bound.
+    fn default() -> Self {
+        SubmitLimits {
+            max_queued: usize::MAX,
+            max_attempts: u64::MAX,
+            max_priority: i64::MAX,
+        }
+    }
+}
+
+impl SubmitLimits {
+    /// The top-level defaults (`submitter_max_queued`, …) overridden by a rule's own keys.
+    fn of(
+        cfg: &DispatcherConfig,
+        queued: Option<crate::config::QueueShare>,
+        attempts: Option<u64>,
+        priority: Option<i64>,
+    ) -> Self {
+        SubmitLimits {
+            max_queued: queued.unwrap_or(cfg.submitter_max_queued).of(cfg.max_queue),
+            max_attempts: attempts.unwrap_or(cfg.submitter_max_attempts),
+            max_priority: priority.unwrap_or(cfg.submitter_max_priority),
+        }
+    }
+
+    /// The most generous of two (rules naming the same account add up).
+    fn max(self, o: SubmitLimits) -> SubmitLimits {
+        SubmitLimits {
+            max_queued: self.max_queued.max(o.max_queued),
+            max_attempts: self.max_attempts.max(o.max_attempts),
+            max_priority: self.max_priority.max(o.max_priority),
+        }
+    }
+}
+
+/// The submit limits of every submitter.
+#[derive(Debug, Clone, Default)]
+struct Limits {
+    /// For a submitter no rule names (the local HTTP operator without tokens).
+    defaults: SubmitLimits,
+    /// Per `submitters` entry (the defaults) and `[[submitter]]` rule.
+    rules: Vec<(Accounts, SubmitLimits)>,
+    /// Per `[[http_token]]`, by name.
+    tokens: std::collections::HashMap<String, SubmitLimits>,
+}
+
 /// The whole policy, built from the configuration.
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
@@ -114,6 +173,7 @@ pub struct Policy {
     /// `None`: no agent rules, every account of `own_domain` may offer everything.
     agents: Option<Vec<(Accounts, Capabilities)>>,
     own_domain: String,
+    limits: Limits,
 }
 
 impl Policy {
@@ -158,11 +218,53 @@ impl Policy {
         let own_domain = jid::Jid::new(&cfg.jid)
             .map(|j| j.domain().as_str().to_owned())
             .map_err(|e| DispatcherError::Config(format!("jid: {e}")))?;
+        let defaults = SubmitLimits::of(cfg, None, None, None);
+        let rules =
+            submitters
+                .iter()
+                .map(|(who, _)| who.clone())
+                .zip(std::iter::repeat_n(defaults, cfg.submitters.len()).chain(
+                    cfg.submitter_rules.iter().map(|r| {
+                        SubmitLimits::of(cfg, r.max_queued, r.max_attempts, r.max_priority)
+                    }),
+                ))
+                .collect();
+        let tokens = cfg
+            .http_tokens
+            .iter()
+            .map(|t| {
+                let l = SubmitLimits::of(cfg, t.max_queued, t.max_attempts, t.max_priority);
+                (t.name.clone(), l)
+            })
+            .collect();
         Ok(Policy {
             submitters,
             agents: (!agents.is_empty()).then_some(agents),
             own_domain,
+            limits: Limits {
+                defaults,
+                rules,
+                tokens,
+            },
         })
+    }
+
+    /// What a submitter (`http:<token name>`, or a bare JID) may ask of the queues: its rule's
+    /// limits (the most generous when several rules name it), else the defaults.
+    pub fn limits(&self, submitter: &str) -> SubmitLimits {
+        let l = &self.limits;
+        if let Some(name) = submitter.strip_prefix("http:") {
+            return l.tokens.get(name).copied().unwrap_or(l.defaults);
+        }
+        let Ok(jid) = BareJid::new(submitter) else {
+            return l.defaults;
+        };
+        l.rules
+            .iter()
+            .filter(|(who, _)| who.matches(&jid))
+            .map(|(_, lim)| *lim)
+            .reduce(SubmitLimits::max)
+            .unwrap_or(l.defaults)
     }
 
     /// The HTTP tokens with their grants (`capabilities`, `all_jobs`); errors name the key.

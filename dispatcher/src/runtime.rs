@@ -1783,10 +1783,20 @@ impl Runtime {
         if let Err(e) = spec.check_args(self.cfg.max_args.as_u64()) {
             return Ok(Err(e));
         }
+        let limits = self.policy.limits(&spec.submitter);
+        if let Err(e) = spec.check_limits(&limits) {
+            return Ok(Err(e));
+        }
         let job_id: JobId = new_job_id();
-        let rec = match self.jobs.submit(job_id.clone(), spec, now_ms()) {
+        let rec = match self
+            .jobs
+            .submit_within(job_id.clone(), spec, now_ms(), limits.max_queued)
+        {
             Ok(r) => r.clone(),
-            Err(e @ crate::jobs::SubmitError::QueueFull { .. }) => {
+            Err(
+                e @ (crate::jobs::SubmitError::QueueFull { .. }
+                | crate::jobs::SubmitError::SubmitterQuota { .. }),
+            ) => {
                 return Ok(Err(
                     SpineError::new(Condition::QueueFull).with_text(e.to_string())
                 ))

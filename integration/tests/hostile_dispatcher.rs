@@ -7,6 +7,8 @@
 //! - finding 6: a flood of blob announcements reserved terabytes. Now memory follows the bytes
 //!   that arrive, and the flooder is refused (`resource-constraint`) while another sender is
 //!   served;
+//! - finding 11: one token filled a shared queue. Now each submitter has a share, and bounds on
+//!   the attempts and priority it may ask for;
 //! - finding 12: the data directory and its files are private.
 //!
 //! The tests take a lock so that they run one at a time: the memory figures of the flood test
@@ -523,4 +525,101 @@ async fn a_blob_flood_is_refused_beyond_the_senders_share_while_others_are_serve
 
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Finding 11: 50 jobs from one token filled `max_queue` (50) and every other token and XMPP
+/// submitter got `queue-full`. Now a token stops at its share (50 % of the queue by default),
+/// the others are still accepted, and a token's or account's bounds on attempts and priority
+/// are refused naming the field.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_token_cannot_fill_the_queue_and_bounds_name_the_field() {
+    let _serial = SERIAL.lock().await;
+    let server = TestServer::start(ACCOUNTS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (d, base) = start_http_dispatcher(
+        &server,
+        dir.path(),
+        "max_queue = 50\nmax_attempts = 2\nsubmitters = [\"webapp@localhost\"]\n\
+         [[http_token]]\nname = \"a\"\ntoken = \"token-a-0123456789\"\ncapabilities = [\"*\"]\n\
+         [[http_token]]\nname = \"b\"\ntoken = \"token-b-0123456789\"\ncapabilities = [\"*\"]\n\
+         [[http_token]]\nname = \"small\"\ntoken = \"token-s-0123456789\"\ncapabilities = [\"*\"]\nmax_queued = 2\nmax_attempts = 2\nmax_priority = 5\n",
+    )
+    .await;
+    let api = Api::new(&base);
+    let job = serde_json::json!({"capability": "nobody.offers"});
+
+    let (mut accepted, mut full) = (0, 0);
+    for _ in 0..50 {
+        let (status, v) = api.submit(Some("token-a-0123456789"), job.clone()).await;
+        match status {
+            202 => accepted += 1,
+            429 => {
+                assert_eq!(v["error"], "queue-full", "{v}");
+                assert!(
+                    v["message"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .contains("max_queued"),
+                    "{v}"
+                );
+                full += 1;
+            }
+            other => panic!("{other}: {v}"),
+        }
+    }
+    assert_eq!((accepted, full), (25, 25));
+    // Another token and an XMPP submitter still get in.
+    let (status, v) = api.submit(Some("token-b-0123456789"), job.clone()).await;
+    assert_eq!(status, 202, "{v}");
+    let to = jid("dispatcher@localhost/d1");
+    let mut w = TestDispatcher::new(server.client("webapp", "pw-w").await).await;
+    let s = el(&format!(
+        "<submit xmlns='{NS}' capability='nobody.offers'/>"
+    ));
+    w.conn.send(set("x1", &to, s)).await;
+    w.wait_reply("x1")
+        .await
+        .expect("the XMPP submitter is accepted");
+
+    // Bounds of the `small` token, each refusal naming the field.
+    let small = Some("token-s-0123456789");
+    for (body, field) in [
+        (
+            serde_json::json!({"capability": "nobody.offers", "max_attempts": 3}),
+            "max_attempts",
+        ),
+        (
+            serde_json::json!({"capability": "nobody.offers", "priority": 6}),
+            "priority",
+        ),
+    ] {
+        let (status, v) = api.submit(small, body).await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(
+            (v["error"].as_str(), v["field"].as_str()),
+            (Some("bad-arguments"), Some(field)),
+            "{v}"
+        );
+    }
+    let ok = serde_json::json!({"capability": "nobody.offers", "max_attempts": 2, "priority": 5});
+    assert_eq!(api.submit(small, ok.clone()).await.0, 202);
+    assert_eq!(api.submit(small, ok.clone()).await.0, 202);
+    assert_eq!(api.submit(small, ok).await.0, 429, "its own share is 2");
+    // The defaults over XMPP: at most 100 attempts, priority 1000.
+    for (attr, field) in [
+        ("max-attempts='500'", "max-attempts"),
+        ("priority='5000'", "priority"),
+    ] {
+        let s = el(&format!(
+            "<submit xmlns='{NS}' capability='nobody.offers' {attr}/>"
+        ));
+        w.conn.send(set(field, &to, s)).await;
+        let e = w.wait_reply(field).await.unwrap_err();
+        let se = spine_error(&e);
+        assert_eq!(
+            (se.condition, se.field.as_deref()),
+            (Condition::BadArguments, Some(field))
+        );
+    }
+    d.stop();
 }
