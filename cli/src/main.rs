@@ -9,6 +9,7 @@ mod bench;
 mod client;
 mod demo;
 mod dispatcher;
+mod logging;
 mod server;
 mod up;
 
@@ -27,6 +28,16 @@ use spine_protocol::{parse_payload, Element, Payload, NS_PREFIX};
     about = "Spine: an XMPP agent bus with least-loaded dispatch"
 )]
 struct Cli {
+    /// How log lines are written: "text" (coloured only on a terminal, never with NO_COLOR
+    /// set) or "json" (one object per line, for log shippers).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "SPINE_LOG_FORMAT"
+    )]
+    log_format: logging::LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -63,6 +74,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    logging::set_format(cli.log_format);
     let result = match cli.command {
         Command::Check { file } => check(&file),
         Command::Up(args) => up::run(args).map(|()| true),

@@ -46,14 +46,7 @@ pub struct ServerArgs {
     log: String,
 }
 
-/// Sets up logging to standard error with the given filter (RUST_LOG wins if set).
-pub fn init_logging(filter: &str) {
-    let env = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_owned());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(env))
-        .with_writer(std::io::stderr)
-        .try_init();
-}
+pub use crate::logging::init as init_logging;
 
 pub use spine_agent::shutdown_signal;
 

@@ -869,6 +869,14 @@ impl Session {
                         StreamCondition::PolicyViolation,
                         &text,
                     ))))
+                } else if e
+                    .get_ref()
+                    .and_then(|inner| inner.downcast_ref::<minidom::rxml::Error>())
+                    .is_some_and(|x| matches!(x, minidom::rxml::Error::InvalidEof(_)))
+                {
+                    // The socket ended inside an element: a killed or crashed client.
+                    debug!(jid = %self.me, "connection closed by peer (mid-stanza)");
+                    Err(ReadOutcome::Close(None))
                 } else if e.kind() == std::io::ErrorKind::InvalidData {
                     info!(jid = %self.me, "malformed XML: {e}");
                     Err(ReadOutcome::Close(Some(stream_error(
