@@ -138,7 +138,7 @@ async fn the_dispatcher_answers_bad_requests_precisely_and_keeps_serving() {
     let (d, base) = start_http_dispatcher(
         &server,
         dir.path(),
-        "submitters = [\"webapp@localhost\", \"flood@localhost\"]\nmax_queue = 50\n",
+        "submitters = [\"webapp@localhost\", \"flood@localhost\"]\nmax_queue = 50\nsubmitter_max_queued = \"100%\"\n",
     )
     .await;
     let agent = Agent::builder(agent_config(&server, 1, "slots = 4\n"))
