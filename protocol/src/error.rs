@@ -104,8 +104,15 @@ impl ParseError {
     pub fn to_spine_error(&self) -> SpineError {
         let text = Some(self.to_string());
         match self {
+            // The wire attribute lists major versions (PROTOCOL.md §2.2): "1", not the
+            // namespace.
             ParseError::UnsupportedVersion { supported, .. } => SpineError {
-                supported: Some((*supported).to_owned()),
+                supported: Some(
+                    supported
+                        .strip_prefix(crate::NS_PREFIX)
+                        .unwrap_or(supported)
+                        .to_owned(),
+                ),
                 text,
                 ..SpineError::new(Condition::UnsupportedVersion)
             },

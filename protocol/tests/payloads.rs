@@ -410,7 +410,7 @@ fn parse_errors_map_to_conditions() {
     let se = e.to_spine_error();
     assert_eq!(
         (se.condition, se.supported.as_deref()),
-        (Condition::UnsupportedVersion, Some("urn:spine:1"))
+        (Condition::UnsupportedVersion, Some("1"))
     );
     let e = parse_payload(el("<job xmlns='urn:spine:1'/>")).unwrap_err();
     assert_eq!(e.to_spine_error().condition, Condition::Malformed);
