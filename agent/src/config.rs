@@ -410,6 +410,94 @@ impl AgentConfig {
         Ok(())
     }
 
+    /// Checks what only this machine can tell about each exec capability: its program exists,
+    /// is a regular file and is executable by this user, found where starting it will look
+    /// ([`crate::exec::find_program`]: a path, or the program's PATH; never a shell), and its
+    /// `cwd` is a directory. Without this an agent advertised a capability whose every job
+    /// failed with `cannot start`. [`crate::AgentBuilder::build`] runs it, so the agent refuses
+    /// to start; errors name the key (`capability[2].argv[0]: /opt/x/tool: no such file`).
+    /// Returns one line per exec capability saying what was found.
+    pub fn check_programs(&self) -> Result<Vec<String>, AgentError> {
+        let mut found = Vec::new();
+        for (i, c) in self.capabilities.iter().enumerate() {
+            let WrapperConfig::Exec { argv, env, cwd, .. } = &c.wrapper else {
+                continue;
+            };
+            let key = format!("capability[{i}]");
+            if let Some(dir) = cwd {
+                let why = match std::fs::metadata(dir) {
+                    Ok(m) if m.is_dir() => None,
+                    Ok(_) => Some("is not a directory".to_owned()),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        Some("no such directory".to_owned())
+                    }
+                    Err(e) => Some(e.to_string()),
+                };
+                if let Some(why) = why {
+                    return Err(bad(
+                        &format!("{key}.cwd"),
+                        format!("{}: {why}", dir.display()),
+                    ));
+                }
+            }
+            let program = argv.first().map(String::as_str).unwrap_or_default();
+            let what = if program.contains('{') {
+                format!("program {program} is chosen by each job: not checked")
+            } else {
+                let path = crate::exec::find_program(program, env, cwd.as_deref())
+                    .map_err(|why| bad(&format!("{key}.argv[0]"), why))?;
+                if path.as_os_str() == program {
+                    format!("program {program}: executable")
+                } else {
+                    format!("program {program}: {}, executable", path.display())
+                }
+            };
+            found.push(format!("{key} {} (exec): {what}", c.name));
+        }
+        Ok(found)
+    }
+
+    /// What `spine agent --check` verifies without connecting: [`validate`](Self::validate),
+    /// [`resolve`](Self::resolve) (the password, the server's address, the TLS trust) and
+    /// [`check_programs`](Self::check_programs). Returns what was checked, one line per item.
+    pub fn check(&self) -> Result<Vec<String>, AgentError> {
+        let resolved = self.resolve()?;
+        let mut lines = vec![format!("jid: {}", self.jid)];
+        lines.push(match &self.password_file {
+            Some(f) => format!("password: read from {}", f.display()),
+            None => "password: set".to_owned(),
+        });
+        let security = match (&resolved.options.security, &self.tls.ca_file) {
+            (spine_xmpp::Security::StartTls { .. }, Some(ca)) => {
+                format!("STARTTLS, certificate verified against {}", ca.display())
+            }
+            (spine_xmpp::Security::StartTls { .. }, None) => {
+                "STARTTLS, certificate verified against the system's store".to_owned()
+            }
+            (spine_xmpp::Security::Plain { insecure: true }, _) => {
+                "plain TCP (insecure-plain)".to_owned()
+            }
+            (spine_xmpp::Security::Plain { .. }, _) => "plain TCP (a loopback address)".to_owned(),
+        };
+        lines.push(format!(
+            "server: {} -> {}, {security}; not contacted",
+            self.server, resolved.options.addr
+        ));
+        lines.push(format!("dispatchers: {}", self.dispatchers.join(", ")));
+        lines.push(format!("slots: {}", self.slots));
+        let mut programs = self.check_programs()?.into_iter();
+        for (i, c) in self.capabilities.iter().enumerate() {
+            match &c.wrapper {
+                WrapperConfig::Exec { .. } => lines.extend(programs.next()),
+                WrapperConfig::Http { url, method, .. } => lines.push(format!(
+                    "capability[{i}] {} (http): {method} {url}; not called",
+                    c.name
+                )),
+            }
+        }
+        Ok(lines)
+    }
+
     /// Resolves password, server address and TLS trust (reads files, resolves the host).
     pub fn resolve(&self) -> Result<Resolved, AgentError> {
         self.validate()?;
@@ -596,6 +684,111 @@ mod tests {
         // What --print-config shows parses back to the same.
         let shown = toml::to_string(&loaded).unwrap();
         assert_eq!(AgentConfig::from_toml(&shown).unwrap(), loaded, "{shown}");
+    }
+
+    /// An exec capability whose program cannot be started stops the agent at start, naming
+    /// the key (issue 15, item 8): each way a program can be missing, and the ways it is found.
+    #[test]
+    fn exec_programs_are_checked_where_the_wrapper_looks() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let write = |name: &str, mode: u32| {
+            let p = d.join(name);
+            std::fs::write(&p, "#!/bin/sh\necho hi\n").unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p.display().to_string()
+        };
+        let tool = write("tool", 0o755);
+        let plain = write("plain", 0o644);
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::os::unix::fs::symlink(d.join("gone"), d.join("dangling")).unwrap();
+        let dd = d.display();
+        // (argv[0] and other keys of the capability, the error or what was found)
+        let cases: Vec<(String, String, Result<String, String>)> = vec![
+            (tool.clone(), String::new(), Ok(format!("program {tool}: executable"))),
+            ("sh".into(), String::new(), Ok("program sh: /".into())),
+            (
+                "./tool".into(),
+                format!("cwd = \"{dd}\""),
+                Ok(format!("program ./tool: {dd}/./tool, executable")),
+            ),
+            (
+                "tool".into(),
+                format!("env = {{ PATH = \"/nonexistent:{dd}\" }}"),
+                Ok(format!("program tool: {dd}/tool, executable")),
+            ),
+            ("{arg.prog}".into(), String::new(), Ok("is chosen by each job".into())),
+            (
+                format!("{dd}/invoice-tool"),
+                String::new(),
+                Err(format!("capability[0].argv[0]: {dd}/invoice-tool: no such file")),
+            ),
+            (
+                plain.clone(),
+                String::new(),
+                Err(format!("capability[0].argv[0]: {plain}: is not executable by this user (mode 644")),
+            ),
+            (
+                format!("{dd}/sub"),
+                String::new(),
+                Err(format!("capability[0].argv[0]: {dd}/sub: is a directory, not a program")),
+            ),
+            (
+                format!("{dd}/dangling"),
+                String::new(),
+                Err(format!("capability[0].argv[0]: {dd}/dangling: a symbolic link to a file that does not exist")),
+            ),
+            (
+                "spine-no-such-program".into(),
+                String::new(),
+                Err("capability[0].argv[0]: spine-no-such-program: not found on PATH (".into()),
+            ),
+            // The program's own PATH is searched, not the agent's: sh is not in this one.
+            (
+                "sh".into(),
+                format!("env = {{ PATH = \"{dd}\" }}"),
+                Err(format!("capability[0].argv[0]: sh: not found on PATH ({dd})")),
+            ),
+            // Not executable on PATH: skipped as execvp does, and named.
+            (
+                "plain".into(),
+                format!("env = {{ PATH = \"{dd}\" }}"),
+                Err(format!("plain: not found on PATH ({dd}) except {plain}: is not executable")),
+            ),
+            (
+                "tool".into(),
+                "cwd = \"/nonexistent/dir\"".into(),
+                Err("capability[0].cwd: /nonexistent/dir: no such directory".into()),
+            ),
+            (
+                "tool".into(),
+                format!("cwd = \"{tool}\""),
+                Err(format!("capability[0].cwd: {tool}: is not a directory")),
+            ),
+        ];
+        for (program, extra, expected) in cases {
+            let text = format!(
+                "dispatchers = [\"d@x\"]\n[[capability]]\nname = \"a.b\"\nkind = \"exec\"\n\
+                 argv = [\"{program}\"]\n{extra}\n"
+            );
+            let cfg = AgentConfig::from_toml(&text).unwrap_or_else(|e| panic!("{text}: {e}"));
+            match (cfg.check_programs(), expected) {
+                (Ok(found), Ok(want)) => {
+                    assert_eq!(found.len(), 1);
+                    assert!(found[0].contains(&want), "{text}: {found:?}, want {want}");
+                }
+                (Err(e), Err(want)) => {
+                    let e = e.to_string();
+                    assert!(e.contains(&want), "{text}: {e}, want {want}");
+                    assert!(
+                        crate::Agent::builder(cfg).build().is_err(),
+                        "build refuses it too: {text}"
+                    );
+                }
+                (got, want) => panic!("{text}: got {got:?}, want {want:?}"),
+            }
+        }
     }
 
     #[test]

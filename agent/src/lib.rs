@@ -161,9 +161,13 @@ impl AgentBuilder {
         self
     }
 
-    /// Checks everything and adds the capabilities wrapped in the configuration.
+    /// Checks everything and adds the capabilities wrapped in the configuration. An exec
+    /// capability whose program cannot be started (missing, not a regular file, not
+    /// executable by this user, not on its PATH) is refused here, naming the key
+    /// ([`AgentConfig::check_programs`]), so that it is never advertised.
     pub fn build(mut self) -> Result<Agent, AgentError> {
         self.config.validate()?;
+        self.config.check_programs()?;
         for c in self.config.capabilities.clone() {
             let handler = match &c.wrapper {
                 config::WrapperConfig::Exec {

@@ -1,6 +1,6 @@
 //! `spine agent`: runs an agent from a configuration file until SIGINT or SIGTERM, then drains.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
@@ -15,6 +15,10 @@ pub struct AgentArgs {
     /// Print the effective configuration (or, without a file, the commented default) and exit.
     #[arg(long)]
     print_config: bool,
+    /// Check the configuration as the agent does at start (each exec program included), print
+    /// what was checked and exit 0, or 2 with the error; nothing is connected to.
+    #[arg(long, conflicts_with = "print_config")]
+    check: bool,
     /// Log filter (RUST_LOG syntax).
     #[arg(long, default_value = "info")]
     log: String,
@@ -41,11 +45,37 @@ pub fn run(args: AgentArgs) -> Result<()> {
         );
         return Ok(());
     }
+    // Before --check too: building the agent warns about undeclared exec arguments.
     crate::server::init_logging(&args.log);
+    if args.check {
+        return check(args.config.as_deref(), cfg);
+    }
     let agent = Agent::builder(cfg).build().context("building the agent")?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(agent.run(crate::server::shutdown_signal()))
         .context("agent stopped with an error")?;
     tracing::info!("agent stopped");
+    Ok(())
+}
+
+/// `spine agent --check`: everything `run` checks before it connects — validation, password,
+/// server address, TLS trust, each exec program — and the capabilities built as at start.
+fn check(file: Option<&Path>, cfg: AgentConfig) -> Result<()> {
+    let lines = cfg.check().context("checking the agent configuration")?;
+    let agent = Agent::builder(cfg)
+        .build()
+        .context("checking the agent configuration")?;
+    let source = file.map_or_else(
+        || "the default configuration".to_owned(),
+        |f| f.display().to_string(),
+    );
+    println!("checking {source} (and SPINE_AGENT_* variables)");
+    for line in lines {
+        println!("  {line}");
+    }
+    println!(
+        "ok: {} capabilities; nothing was connected to",
+        agent.capabilities().count()
+    );
     Ok(())
 }
