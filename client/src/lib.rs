@@ -10,7 +10,8 @@
 //! # Ok(()) }
 //! ```
 
-use std::path::Path;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
 
 use base64::Engine as _;
 use serde_json::Value;
@@ -54,6 +55,12 @@ pub enum ClientError {
     /// An answer that does not fit the API.
     #[error("unexpected answer from the dispatcher: {0}")]
     Protocol(String),
+    /// The token would cross the network in clear, and that was not allowed.
+    #[error("{0}")]
+    Insecure(String),
+    /// The options contradict each other.
+    #[error("{0}")]
+    Usage(String),
     /// A local file could not be read.
     #[error("{path}: {source}")]
     File {
@@ -71,23 +78,92 @@ fn http(context: &str) -> impl FnOnce(reqwest::Error) -> ClientError + '_ {
     }
 }
 
-/// Command-line options that say where the API is: `--api URL` (or `SPINE_API`, default
-/// http://127.0.0.1:8480) and `--token TOKEN` (or `SPINE_TOKEN`), for `#[command(flatten)]`.
+/// Command-line options that say where the API is and how to authenticate, for
+/// `#[command(flatten)]`: `--api URL` (or `SPINE_API`, default http://127.0.0.1:8480), the
+/// token from `SPINE_TOKEN`, `--token-file FILE` (or `SPINE_TOKEN_FILE`) or `--token TOKEN`,
+/// and `--insecure` to send a token over plain HTTP to a non-loopback address.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ApiArgs {
     /// Base URL of the dispatcher's HTTP API.
     #[arg(long, env = "SPINE_API", default_value = "http://127.0.0.1:8480")]
     pub api: String,
-    /// Bearer token (or SPINE_TOKEN).
+    /// Bearer token (or SPINE_TOKEN). On the command line it is visible to every user of the
+    /// machine (ps, /proc): prefer SPINE_TOKEN or --token-file.
     #[arg(long, env = "SPINE_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// File holding the bearer token (a trailing newline is stripped).
+    #[arg(long, env = "SPINE_TOKEN_FILE", value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Send the token even over plain http:// to an address that is not loopback, where
+    /// anyone on the way can read it (the client has no TLS).
+    #[arg(long, env = "SPINE_INSECURE")]
+    pub insecure: bool,
 }
 
 impl ApiArgs {
-    /// A client of that API.
-    pub fn client(&self) -> Result<Client, ClientError> {
-        Client::new(&self.api, self.token.clone())
+    /// The token, from `--token`/`SPINE_TOKEN` or from the file of `--token-file`.
+    pub fn token(&self) -> Result<Option<String>, ClientError> {
+        match (&self.token, &self.token_file) {
+            (Some(_), Some(_)) => Err(ClientError::Usage(
+                "a token (--token or SPINE_TOKEN) and a token file (--token-file or SPINE_TOKEN_FILE) are both given: use one".into(),
+            )),
+            (Some(t), None) => Ok(Some(t.clone())),
+            (None, Some(f)) => {
+                let text = std::fs::read_to_string(f).map_err(|source| ClientError::File {
+                    path: f.display().to_string(),
+                    source,
+                })?;
+                let token = text.trim_end_matches(['\n', '\r']);
+                if token.is_empty() {
+                    return Err(ClientError::Usage(format!(
+                        "{}: the token file is empty",
+                        f.display()
+                    )));
+                }
+                Ok(Some(token.to_owned()))
+            }
+            (None, None) => Ok(None),
+        }
     }
+
+    /// A client of that API. A token bound for plain HTTP off loopback is refused unless
+    /// `--insecure`, and then sent with a warning on standard error.
+    pub fn client(&self) -> Result<Client, ClientError> {
+        let token = self.token()?;
+        if token.is_some() {
+            if let Some(host) = cleartext_host(&self.api) {
+                if !self.insecure {
+                    return Err(ClientError::Insecure(format!(
+                        "refusing to send the API token in clear over http:// to {host}, which is not a loopback address: run the command on the dispatcher's machine or through a tunnel (ssh -L 8480:127.0.0.1:8480), or pass --insecure (SPINE_INSECURE=1) to send it anyway"
+                    )));
+                }
+                eprintln!(
+                    "spine: warning: sending the API token in clear over http:// to {host} (--insecure)"
+                );
+            }
+        }
+        Client::new(&self.api, token)
+    }
+}
+
+/// The host of `base` when a request there would travel in clear over the network: plain
+/// `http://` to a host that is not a loopback address (nor `localhost`). `None` otherwise,
+/// and for a URL that does not parse (the request fails with its own error).
+pub fn cleartext_host(base: &str) -> Option<String> {
+    let url = reqwest::Url::parse(base).ok()?;
+    if url.scheme() != "http" {
+        return None;
+    }
+    let host = url.host_str()?;
+    let bare = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = match bare.parse::<IpAddr>() {
+        Ok(ip) => ip.to_canonical().is_loopback(),
+        Err(_) => {
+            let name = bare.trim_end_matches('.').to_ascii_lowercase();
+            name == "localhost" || name.ends_with(".localhost")
+        }
+    };
+    (!loopback).then(|| host.to_owned())
 }
 
 /// The base URL and the bearer token of a dispatcher's HTTP API.
@@ -312,4 +388,75 @@ pub fn fragments_from_dir(
             Ok(Fragment::new(data).with_name(name))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_plain_http_off_loopback_is_cleartext() {
+        for (url, host) in [
+            ("http://10.0.0.5:8480", Some("10.0.0.5")),
+            (
+                "http://dispatcher.example.com:8480/",
+                Some("dispatcher.example.com"),
+            ),
+            ("http://[2001:db8::1]:8480", Some("[2001:db8::1]")),
+            ("http://127.0.0.1:8480", None),
+            ("http://127.3.2.1:8480", None),
+            ("http://[::1]:8480", None),
+            ("http://[::ffff:127.0.0.1]:8480", None),
+            ("http://localhost:8480", None),
+            ("http://api.localhost:8480", None),
+            ("https://dispatcher.example.com", None),
+            ("not a url", None),
+        ] {
+            assert_eq!(cleartext_host(url).as_deref(), host, "{url}");
+        }
+    }
+
+    fn args(api: &str, token: Option<&str>, insecure: bool) -> ApiArgs {
+        ApiArgs {
+            api: api.into(),
+            token: token.map(str::to_owned),
+            token_file: None,
+            insecure,
+        }
+    }
+
+    #[test]
+    fn a_token_in_clear_off_loopback_needs_insecure() {
+        let e = args("http://10.0.0.5:8480", Some("secret"), false)
+            .client()
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Insecure(_)), "{e}");
+        assert!(e.to_string().contains("--insecure"), "{e}");
+        assert!(args("http://10.0.0.5:8480", Some("secret"), true)
+            .client()
+            .is_ok());
+        // No token: nothing secret to send.
+        assert!(args("http://10.0.0.5:8480", None, false).client().is_ok());
+        assert!(args("http://127.0.0.1:8480", Some("secret"), false)
+            .client()
+            .is_ok());
+    }
+
+    #[test]
+    fn the_token_comes_from_a_file_without_its_newline() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "s3cret-token\n").unwrap();
+        let mut a = args("http://127.0.0.1:8480", None, false);
+        a.token_file = Some(f.clone());
+        assert_eq!(a.token().unwrap().as_deref(), Some("s3cret-token"));
+        a.token = Some("other".into());
+        assert!(matches!(a.token(), Err(ClientError::Usage(_))));
+        a.token = None;
+        a.token_file = Some(dir.path().join("missing"));
+        assert!(matches!(a.token(), Err(ClientError::File { .. })));
+        std::fs::write(&f, "\n").unwrap();
+        a.token_file = Some(f);
+        assert!(matches!(a.token(), Err(ClientError::Usage(_))));
+    }
 }

@@ -92,6 +92,23 @@ pub struct DispatcherConfig {
     /// HTTP API tokens. None configured: loopback clients only.
     #[serde(rename = "http_token")]
     pub http_tokens: Vec<HttpToken>,
+    /// HTTP API: time a client has to send a request's headers, from the connection's start
+    /// or the end of its previous answer (so also how long an idle connection stays open).
+    #[serde(with = "humantime_serde")]
+    pub http_header_timeout: Duration,
+    /// HTTP API: time from a request's headers to the start of its answer, body upload
+    /// included (an event stream's events, once it has started, are not bounded).
+    #[serde(with = "humantime_serde")]
+    pub http_request_timeout: Duration,
+    /// HTTP API: open connections at most; further ones are refused at once.
+    pub http_max_connections: usize,
+    /// HTTP API: how many of `http_max_connections` only loopback clients may use, so that
+    /// the local operator (and `/healthz`) still gets in when the network has taken the rest.
+    pub http_loopback_reserve: usize,
+    /// HTTP API: open event streams (`GET /v1/jobs/{id}/events`) at most, all tokens together.
+    pub http_max_event_streams: usize,
+    /// HTTP API: open event streams at most per token (per the local caller without tokens).
+    pub http_max_event_streams_per_token: usize,
 }
 
 /// A `[[submitter]]` rule: an account (or `*@domain`) and the capabilities it may submit.
@@ -139,6 +156,9 @@ pub struct HttpToken {
     /// May read and cancel jobs submitted with other tokens too.
     #[serde(default)]
     pub all_jobs: bool,
+    /// May read `GET /metrics` (a scraper's token; `capabilities` may then be empty).
+    #[serde(default)]
+    pub metrics: bool,
     /// Its queued jobs per capability at most (default `submitter_max_queued`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queued: Option<QueueShare>,
@@ -279,6 +299,12 @@ impl Default for DispatcherConfig {
             tls: TlsConfig::default(),
             http_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8480))),
             http_tokens: Vec::new(),
+            http_header_timeout: Duration::from_secs(10),
+            http_request_timeout: Duration::from_secs(120),
+            http_max_connections: 512,
+            http_loopback_reserve: 16,
+            http_max_event_streams: 256,
+            http_max_event_streams_per_token: 32,
         }
     }
 }
@@ -397,10 +423,63 @@ impl DispatcherConfig {
                 ));
             }
         }
+        self.validate_http_limits()?;
         if let Some(addr) = self.http_listen {
             if !addr.ip().is_loopback() && self.http_tokens.is_empty() {
                 return Err(bad("http_listen", format!("{addr} is not a loopback address: configure [[http_token]] entries (without them the API serves loopback clients only)")));
             }
+        }
+        Ok(())
+    }
+
+    /// The HTTP API's timeouts and limits (docs/dispatcher.md §6, "Limits").
+    fn validate_http_limits(&self) -> Result<(), DispatcherError> {
+        let between = |key: &str, v: Duration, lo: Duration, hi: Duration| {
+            if v < lo || v > hi {
+                let f = humantime::format_duration;
+                return Err(bad(
+                    key,
+                    format!("must be {} to {}, not {}", f(lo), f(hi), f(v)),
+                ));
+            }
+            Ok(())
+        };
+        let secs = Duration::from_secs;
+        between(
+            "http_header_timeout",
+            self.http_header_timeout,
+            Duration::from_millis(100),
+            secs(300),
+        )?;
+        between(
+            "http_request_timeout",
+            self.http_request_timeout,
+            secs(1),
+            secs(86_400),
+        )?;
+        if !(1..=1_000_000).contains(&self.http_max_connections) {
+            return Err(bad("http_max_connections", "must be 1 to 1000000"));
+        }
+        if self.http_loopback_reserve >= self.http_max_connections {
+            return Err(bad(
+                "http_loopback_reserve",
+                format!(
+                    "must be less than http_max_connections ({}): the rest is what non-loopback clients may use",
+                    self.http_max_connections
+                ),
+            ));
+        }
+        if self.http_max_event_streams == 0 {
+            return Err(bad("http_max_event_streams", "must be at least 1"));
+        }
+        if !(1..=self.http_max_event_streams).contains(&self.http_max_event_streams_per_token) {
+            return Err(bad(
+                "http_max_event_streams_per_token",
+                format!(
+                    "must be 1 to http_max_event_streams ({})",
+                    self.http_max_event_streams
+                ),
+            ));
         }
         Ok(())
     }
@@ -521,6 +600,16 @@ mod tests {
             ("no_agent_wait = 30", "no_agent_wait"),
             ("http_listen = \"nowhere\"", "http_listen"),
             ("bogus = 1", "bogus"),
+            ("http_header_timeout = \"0s\"", "http_header_timeout"),
+            ("http_header_timeout = 10", "http_header_timeout"),
+            ("http_request_timeout = \"500ms\"", "http_request_timeout"),
+            ("http_max_connections = 0", "http_max_connections"),
+            ("http_loopback_reserve = 512", "http_loopback_reserve"),
+            ("http_max_event_streams = 0", "http_max_event_streams"),
+            (
+                "http_max_event_streams_per_token = 300",
+                "http_max_event_streams_per_token",
+            ),
         ] {
             let e = DispatcherConfig::from_toml(toml).unwrap_err().to_string();
             assert!(e.contains(key), "{toml} -> {e}");

@@ -5,31 +5,47 @@
 //! [`Handle`]. Progress and outcomes reach `GET /v1/jobs/{id}/events` (server-sent events)
 //! through a broadcast channel.
 //!
-//! Authentication: bearer tokens from the configuration, each allowed a set of capabilities.
-//! With no token configured the API serves loopback clients only.
+//! The front end is this module's own accept loop ([`serve`]) in front of the axum router: a
+//! connection limit with room kept for loopback clients, TCP_NODELAY, hyper's header-read
+//! timeout. Every route but `/healthz` then goes through [`admit`], which authenticates from
+//! the headers alone, refuses a declared body over the route's limit, and bounds the request's
+//! time; only then does a handler read a body. Authentication: bearer tokens from the
+//! configuration, each allowed a set of capabilities. With no token configured the API serves
+//! loopback clients only.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum::extract::{ConnectInfo, DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::body::Body;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use spine_protocol::{
     AgentInfo, AttrName, CapabilityName, Condition, Filter, JobId, JobState, SpineError, Strategy,
 };
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
 
-use crate::config::HttpToken;
+use crate::config::{DispatcherConfig, HttpToken};
+use crate::error::DispatcherError;
 use crate::jobs::{JobRecord, JobSpec, Recorded};
-use crate::policy::{Capabilities, Grant};
+use crate::policy::{Capabilities, Grant, Policy};
 
 /// Largest HTTP request body for a dispatcher whose largest input is `max_input` bytes (its
 /// `max_blob`): room for that input in base64 inside a JSON body (4/3 of it, and the rest of
@@ -38,7 +54,24 @@ pub fn max_body(max_input: u64) -> usize {
     usize::try_from(max_input.saturating_add(max_input / 2)).unwrap_or(usize::MAX)
 }
 
-/// A request from an HTTP handler to the connection task.
+/// Largest body of any request but a submission, and of every request before it is
+/// authenticated (the router's default, for any extractor that reads a body).
+pub const SMALL_BODY: usize = 64 * 1024;
+
+/// hyper's read buffer per connection, which bounds a request's headers (and the memory a
+/// connection holds before it is authenticated): headers that do not fit are refused with
+/// 431 (hyper checks between reads, so up to twice this gets in). At least 8 KiB (hyper).
+const READ_BUFFER: usize = 64 * 1024;
+
+/// Open files besides the HTTP connections: the store, the audit log, the XMPP connection,
+/// standard streams, the runtime's own.
+const OTHER_FILES: u64 = 64;
+
+/// How long answers in progress get to finish when the dispatcher stops (an event stream
+/// never finishes by itself).
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+
+/// A request from an HTTP handler to the connection task./// A request from an HTTP handler to the connection task.
 pub(crate) enum Command {
     Submit {
         spec: Box<JobSpec>,
@@ -91,12 +124,169 @@ pub(crate) struct Handle {
     pub(crate) tx: mpsc::Sender<Command>,
     pub(crate) events: broadcast::Sender<JobEvent>,
     /// The configured tokens with their grants (capability patterns parsed once, at start).
-    pub(crate) tokens: std::sync::Arc<Vec<(HttpToken, Grant)>>,
+    pub(crate) tokens: Arc<Vec<(HttpToken, Grant)>>,
     pub(crate) max_attempts: u64,
     pub(crate) max_input: u64,
+    limits: Arc<Limits>,
+    streams: Arc<Streams>,
+    conns: Arc<ConnCounts>,
+}
+
+impl Handle {
+    /// The handle of a dispatcher configured by `cfg`, sending to `tx` and `events`.
+    pub(crate) fn new(
+        cfg: &DispatcherConfig,
+        tx: mpsc::Sender<Command>,
+        events: broadcast::Sender<JobEvent>,
+    ) -> Result<Self, DispatcherError> {
+        Ok(Handle {
+            tx,
+            events,
+            tokens: Arc::new(Policy::http_tokens(cfg)?),
+            max_attempts: cfg.max_attempts,
+            max_input: cfg.max_blob.as_u64(),
+            limits: Arc::new(Limits::from_config(cfg)),
+            streams: Arc::default(),
+            conns: Arc::default(),
+        })
+    }
+}
+
+/// The HTTP front end's timeouts and limits (the `http_*` keys of the configuration).
+#[derive(Debug, Clone)]
+struct Limits {
+    header_timeout: Duration,
+    request_timeout: Duration,
+    max_connections: usize,
+    loopback_reserve: usize,
+    max_streams: usize,
+    max_streams_per_token: usize,
+}
+
+impl Limits {
+    fn from_config(cfg: &DispatcherConfig) -> Self {
+        Limits {
+            header_timeout: cfg.http_header_timeout,
+            request_timeout: cfg.http_request_timeout,
+            max_connections: cfg.http_max_connections,
+            loopback_reserve: cfg.http_loopback_reserve,
+            max_streams: cfg.http_max_event_streams,
+            max_streams_per_token: cfg.http_max_event_streams_per_token,
+        }
+    }
+
+    /// Connections a client at `peer` may find open and still get in: all of them for
+    /// loopback clients, all but the reserve for the others.
+    fn connection_cap(&self, peer: SocketAddr) -> usize {
+        if is_loopback(peer) {
+            self.max_connections
+        } else {
+            self.max_connections.saturating_sub(self.loopback_reserve)
+        }
+    }
+}
+
+/// A loopback peer, also as an IPv4-mapped IPv6 address (a dual-stack listener).
+fn is_loopback(peer: SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
+}
+
+/// Open connections and the ones refused at the limit, for `/metrics`.
+#[derive(Default)]
+struct ConnCounts {
+    open: AtomicUsize,
+    refused: AtomicU64,
+}
+
+/// One open connection, counted until it is dropped.
+struct ConnSlot(Arc<ConnCounts>);
+
+impl ConnSlot {
+    fn take(c: &Arc<ConnCounts>) -> Self {
+        c.open.fetch_add(1, Ordering::AcqRel);
+        ConnSlot(c.clone())
+    }
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Open event streams, in all and per caller (token name, or `local`).
+#[derive(Default)]
+struct Streams(Mutex<StreamCounts>);
+
+#[derive(Default)]
+struct StreamCounts {
+    total: usize,
+    per_caller: HashMap<String, usize>,
+}
+
+impl Streams {
+    /// Counts a new stream of `who`, or refuses it: 429 past the caller's limit, 503 past the
+    /// dispatcher's.
+    fn open(self: &Arc<Self>, who: &str, limits: &Limits) -> Result<StreamSlot, ApiError> {
+        let mut c = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let mine = c.per_caller.get(who).copied().unwrap_or(0);
+        if mine >= limits.max_streams_per_token {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too-many-streams",
+                format!(
+                    "'{who}' has {mine} event streams open, the most a token may have (http_max_event_streams_per_token)"
+                ),
+            ));
+        }
+        if c.total >= limits.max_streams {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too-many-streams",
+                format!(
+                    "the dispatcher has {} event streams open, its limit (http_max_event_streams)",
+                    c.total
+                ),
+            ));
+        }
+        c.total += 1;
+        *c.per_caller.entry(who.to_owned()).or_default() += 1;
+        Ok(StreamSlot {
+            streams: self.clone(),
+            who: who.to_owned(),
+        })
+    }
+
+    fn total(&self) -> usize {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).total
+    }
+}
+
+/// One open event stream, counted until it is dropped (when its task ends).
+struct StreamSlot {
+    streams: Arc<Streams>,
+    who: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut c = self
+            .streams
+            .0
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_caller.get_mut(&self.who) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                c.per_caller.remove(&self.who);
+            }
+        }
+    }
 }
 
 /// An API error: HTTP status and a JSON body `{"error": ..., "field": ...}`.
+#[derive(Debug)]
 pub(crate) struct ApiError {
     status: StatusCode,
     condition: &'static str,
@@ -159,10 +349,15 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// Who is calling: the token's name (or `local`) and what it may do.
+/// Who is calling: the token's name (or `local`) and what it may do. [`admit`] puts it in
+/// the request's extensions; handlers take it as an extractor.
+#[derive(Clone)]
 struct Caller {
     name: String,
     grant: Grant,
+    /// May read `/metrics`: the local operator, an operator token (every capability and
+    /// every job) or a token with `metrics = true`.
+    metrics: bool,
 }
 
 impl Caller {
@@ -192,9 +387,23 @@ impl Caller {
     }
 }
 
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the request was not authenticated (a route outside the admission layer)",
+            )
+        })
+    }
+}
+
 fn authenticate(h: &Handle, headers: &HeaderMap, peer: SocketAddr) -> Result<Caller, ApiError> {
     if h.tokens.is_empty() {
-        if peer.ip().is_loopback() {
+        if is_loopback(peer) {
             // Without tokens the API is the local operator's: everything, every job.
             return Ok(Caller {
                 name: "local".into(),
@@ -202,6 +411,7 @@ fn authenticate(h: &Handle, headers: &HeaderMap, peer: SocketAddr) -> Result<Cal
                     capabilities: Capabilities::all(),
                     all_jobs: true,
                 },
+                metrics: true,
             });
         }
         return Err(ApiError::new(
@@ -242,7 +452,93 @@ fn authenticate(h: &Handle, headers: &HeaderMap, peer: SocketAddr) -> Result<Cal
     Ok(Caller {
         name: t.name.clone(),
         grant: grant.clone(),
+        metrics: t.metrics || (grant.all_jobs && t.capabilities.iter().any(|c| c == "*")),
     })
+}
+
+/// The largest body `method path` may carry: a submission's, or [`SMALL_BODY`].
+fn body_limit(h: &Handle, method: &Method, path: &str) -> usize {
+    if method == Method::POST && path == "/v1/jobs" {
+        max_body(h.max_input)
+    } else {
+        SMALL_BODY
+    }
+}
+
+fn too_large_body(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-large",
+        format!("the request body is over the limit of {limit} bytes for this endpoint"),
+    )
+}
+
+/// The admission layer in front of every route but `/healthz`: authenticates from the headers
+/// before anything reads the body (a refused request's body is never read: hyper closes the
+/// connection instead), refuses a declared `Content-Length` over the route's limit at once,
+/// and bounds the time until the answer starts by `http_request_timeout`.
+///
+/// The request timeout is this `tokio::time::timeout` rather than tower-http's
+/// `TimeoutLayer` so that the answer is the API's JSON error; like that layer it covers the
+/// handler, body upload included, but not an event stream once its headers are sent. The
+/// header-read timeout cannot be a layer at all (no layer runs before the headers are
+/// parsed): it is hyper's, in [`serve_connection`].
+async fn admit(State(h): State<Handle>, mut req: Request, next: Next) -> Response {
+    let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied() else {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "no peer address (the router is served without serve())",
+        )
+        .into_response();
+    };
+    let caller = match authenticate(&h, req.headers(), peer) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let limit = body_limit(&h, req.method(), req.uri().path());
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large_body(limit).into_response();
+    }
+    req.extensions_mut().insert(caller);
+    match tokio::time::timeout(h.limits.request_timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request-timeout",
+            format!(
+                "the request took longer than {} (http_request_timeout)",
+                humantime::format_duration(h.limits.request_timeout)
+            ),
+        )
+        .into_response(),
+    }
+}
+
+/// Reads a body of at most `limit` bytes (the declared length was checked by [`admit`]; a
+/// chunked body is cut off here).
+async fn read_body(body: Body, limit: usize, declared: usize) -> Result<Vec<u8>, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::with_capacity(declared.min(limit).min(1 << 20));
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                format!("reading the request body: {e}"),
+            )
+        })?;
+        if buf.len() + chunk.len() > limit {
+            return Err(too_large_body(limit));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
 }
 
 async fn ask<T>(
@@ -610,30 +906,21 @@ fn query_as_json(query: Option<&str>) -> Result<Value, ApiError> {
 }
 
 /// `POST /v1/jobs`: a JSON body (input as base64), or a raw upload (any other Content-Type:
-/// the body is the input, the job's fields are query parameters).
+/// the body is the input, the job's fields are query parameters). [`admit`] authenticated the
+/// caller and checked the declared length before this reads the body.
 async fn submit(
     State(h): State<Handle>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    caller: Caller,
     headers: HeaderMap,
     uri: axum::http::Uri,
-    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+    body: Body,
 ) -> Result<Response, ApiError> {
-    let caller = authenticate(&h, &headers, peer)?;
-    // A body over the limit (or cut short) gets the API's JSON error, not axum's plain text.
-    let body = body.map_err(|e| {
-        if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too-large",
-                format!(
-                    "the request body is over the limit of {} bytes (1.5 × max_blob)",
-                    max_body(h.max_input)
-                ),
-            )
-        } else {
-            ApiError::new(e.status(), "bad-request", e.body_text())
-        }
-    })?;
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let body = read_body(body, max_body(h.max_input), declared).await?;
     let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
@@ -643,7 +930,7 @@ async fn submit(
     } else {
         let fields = query_as_json(uri.query())?;
         let req = parse_request(fields.to_string().as_bytes(), "query parameters")?;
-        (req, Some((body.to_vec(), content_type.to_owned())))
+        (req, Some((body, content_type.to_owned())))
     };
     let mut spec = spec_from(req, &caller, h.max_attempts, h.max_input)?;
     if let Some((input, mime)) = raw {
@@ -675,11 +962,9 @@ async fn submit(
 
 async fn get_job(
     State(h): State<Handle>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&h, &headers, peer)?;
     let id = job_id(&id)?;
     let rec = find_job(&h, &id).await?;
     caller.check_sees(&rec)?;
@@ -698,11 +983,9 @@ async fn find_job(h: &Handle, id: &JobId) -> Result<JobRecord, ApiError> {
 
 async fn cancel_job(
     State(h): State<Handle>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&h, &headers, peer)?;
     let id = job_id(&id)?;
     // A job's submitter never changes, so checking before the cancel is not a race.
     caller.check_sees(&find_job(&h, &id).await?)?;
@@ -716,31 +999,41 @@ async fn cancel_job(
 
 async fn events(
     State(h): State<Handle>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    let caller = authenticate(&h, &headers, peer)?;
     let id = job_id(&id)?;
+    // Counted from here until the stream's task ends (the job ended or the client left).
+    let slot = h.streams.open(&caller.name, &h.limits)?;
     // Subscribe before reading the state, so nothing falls between the two.
     let mut rx = h.events.subscribe();
     let rec = find_job(&h, &id).await?;
     caller.check_sees(&rec)?;
     let h2 = h.clone();
     let stream = async_stream(move |tx| async move {
+        let _slot = slot;
         let done = rec.state.is_final();
-        let _ = tx
+        if tx
             .send(
                 SseEvent::default()
                     .event(if done { "final" } else { "state" })
                     .data(job_json(&rec).to_string()),
             )
-            .await;
-        if done {
+            .await
+            .is_err()
+            || done
+        {
             return;
         }
         loop {
-            match rx.recv().await {
+            // Both branches are cancellation-safe: `closed` keeps no state, and a broadcast
+            // receiver keeps its place. Without the first, a stream whose client left would
+            // live (and count) until its job's next event.
+            let ev = tokio::select! {
+                _ = tx.closed() => return,
+                ev = rx.recv() => ev,
+            };
+            match ev {
                 Ok(ev) if ev.job == id => {
                     let last = ev.kind == "final";
                     if tx
@@ -754,13 +1047,17 @@ async fn events(
                 }
                 Ok(_) => {}
                 Err(broadcast::error::RecvError::Lagged(n)) => {
-                    let _ = tx
+                    if tx
                         .send(
                             SseEvent::default()
                                 .event("lagged")
                                 .data(json!({ "missed": n }).to_string()),
                         )
-                        .await;
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
                     // The missed events may have held the final one: look at the job again.
                     let (rtx, rrx) = oneshot::channel();
                     if h2
@@ -776,13 +1073,13 @@ async fn events(
                     }
                     if let Ok(Some(j)) = rrx.await {
                         if j.state.is_final() {
-                            let _ = tx
-                                .send(
-                                    SseEvent::default()
-                                        .event("final")
-                                        .data(job_json(&j).to_string()),
-                                )
-                                .await;
+                            // The stream ends here whether or not the client still reads.
+                            let last = SseEvent::default()
+                                .event("final")
+                                .data(job_json(&j).to_string());
+                            if tx.send(last).await.is_err() {
+                                debug!(job = %id, "event stream closed before its final event");
+                            }
                             return;
                         }
                     }
@@ -817,11 +1114,9 @@ struct ListQuery {
 
 async fn list_jobs(
     State(h): State<Handle>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&h, &headers, peer)?;
     let Query(q) =
         q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e.body_text()))?;
     let state = match q.state {
@@ -864,11 +1159,9 @@ struct AgentsQuery {
 
 async fn agents(
     State(h): State<Handle>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
+    caller: Caller,
     q: Result<Query<AgentsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
-    let caller = authenticate(&h, &headers, peer)?;
     let Query(q) =
         q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e.body_text()))?;
     let capability: CapabilityName = q
@@ -918,27 +1211,45 @@ async fn agents(
     Ok(Json(json!({ "capability": capability, "agents": agents })))
 }
 
-async fn capabilities(
-    State(h): State<Handle>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Result<Json<Value>, ApiError> {
-    authenticate(&h, &headers, peer)?;
+/// The capabilities the caller may run, with their agents and queues (a limited token does
+/// not learn what else the bus offers).
+async fn capabilities(State(h): State<Handle>, caller: Caller) -> Result<Json<Value>, ApiError> {
     let list = ask(&h, |reply| Command::Capabilities { reply }).await?;
     let caps: Vec<Value> = list
         .into_iter()
+        .filter(|(c, _, _)| caller.may_run(c))
         .map(|(c, agents, queued)| json!({ "name": c, "agents": agents, "queued": queued }))
         .collect();
     Ok(Json(json!({ "capabilities": caps })))
 }
 
-async fn metrics(
-    State(h): State<Handle>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    authenticate(&h, &headers, peer)?;
-    let text = ask(&h, |reply| Command::Metrics { reply }).await?;
+/// Prometheus metrics, for operators only: they show every capability and queue.
+async fn metrics(State(h): State<Handle>, caller: Caller) -> Result<Response, ApiError> {
+    if !caller.metrics {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not-authorized",
+            format!(
+                "token '{}' may not read metrics (it needs metrics = true, or capabilities [\"*\"] with all_jobs)",
+                caller.name
+            ),
+        ));
+    }
+    let mut text = ask(&h, |reply| Command::Metrics { reply }).await?;
+    text.push_str(&format!(
+        "# HELP spine_http_connections Open connections to the HTTP API.\n\
+         # TYPE spine_http_connections gauge\n\
+         spine_http_connections {}\n\
+         # HELP spine_http_connections_refused_total Connections refused at http_max_connections.\n\
+         # TYPE spine_http_connections_refused_total counter\n\
+         spine_http_connections_refused_total {}\n\
+         # HELP spine_http_event_streams Open event streams.\n\
+         # TYPE spine_http_event_streams gauge\n\
+         spine_http_event_streams {}\n",
+        h.conns.open.load(Ordering::Acquire),
+        h.conns.refused.load(Ordering::Acquire),
+        h.streams.total(),
+    ));
     Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
 }
 
@@ -966,9 +1277,9 @@ async fn method_not_allowed() -> ApiError {
     )
 }
 
-/// The API's routes.
+/// The API's routes: every one but `/healthz` behind [`admit`]; a body of at most
+/// [`SMALL_BODY`] for any extractor (a submission reads its own, after admission).
 pub(crate) fn router(h: Handle) -> Router {
-    let limit = max_body(h.max_input);
     Router::new()
         .route("/v1/jobs", axum::routing::post(submit).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
@@ -976,9 +1287,310 @@ pub(crate) fn router(h: Handle) -> Router {
         .route("/v1/agents", get(agents))
         .route("/v1/capabilities", get(capabilities))
         .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(h.clone(), admit))
         .route("/healthz", get(healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(limit))
+        .layer(DefaultBodyLimit::max(SMALL_BODY))
         .with_state(h)
+}
+
+/// Serves the API on `listener` until `stop`: one task per connection, at most
+/// `http_max_connections` of them, the last `http_loopback_reserve` for loopback clients only.
+/// A connection over the limit is answered 503 (JSON) and closed at once, so that the
+/// listener's backlog keeps moving and a loopback client still gets in; nothing of it is read.
+pub(crate) async fn serve(listener: TcpListener, h: Handle, stop: CancellationToken) {
+    let limits = h.limits.clone();
+    let conns = h.conns.clone();
+    let app = router(h);
+    let mut refusals = Throttled::default();
+    let mut accept_errors = Throttled::default();
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        let (stream, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                use std::io::ErrorKind::*;
+                // The peer gave up before the accept: nothing to do.
+                if matches!(
+                    e.kind(),
+                    ConnectionAborted | ConnectionReset | ConnectionRefused
+                ) {
+                    continue;
+                }
+                // Out of file descriptors or memory: wait a little rather than spin; the
+                // header timeout frees connections meanwhile.
+                if let Some(n) = accept_errors.tick() {
+                    warn!("HTTP API: accept failed ({n} times in the last seconds): {e}");
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+                }
+            }
+        };
+        // One accept loop takes the slots, so the check and the count cannot race (slots
+        // are only given back meanwhile).
+        if conns.open.load(Ordering::Acquire) >= limits.connection_cap(peer) {
+            conns.refused.fetch_add(1, Ordering::Relaxed);
+            if let Some(n) = refusals.tick() {
+                warn!(
+                    %peer,
+                    "HTTP API: connection limit reached, {n} connections refused (http_max_connections = {}, of which {} for loopback clients)",
+                    limits.max_connections, limits.loopback_reserve
+                );
+            }
+            refuse(stream);
+            continue;
+        }
+        let slot = ConnSlot::take(&conns);
+        tokio::spawn(serve_connection(
+            stream,
+            peer,
+            app.clone(),
+            limits.clone(),
+            stop.clone(),
+            slot,
+        ));
+    }
+    info!("HTTP API: no longer accepting connections");
+}
+
+/// Answers a connection over the limit with 503 and closes it, without reading from it.
+fn refuse(stream: TcpStream) {
+    const BODY: &str = r#"{"error":"too-many-connections","message":"the dispatcher has as many HTTP connections open as it allows (http_max_connections); try again later"}"#;
+    let answer = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    // A fresh socket's send buffer takes these few bytes at once; if it does not, the client
+    // sees the connection closed, which says the same.
+    if let Err(e) = stream
+        .set_nodelay(true)
+        .and_then(|()| stream.try_write(answer.as_bytes()))
+    {
+        debug!("HTTP API: refusing a connection: {e}");
+    }
+}
+
+/// Serves one connection with hyper: TCP_NODELAY, the header-read timeout and a bounded read
+/// buffer; on `stop`, a graceful shutdown of at most [`SHUTDOWN_GRACE`]; then [`linger`].
+async fn serve_connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    app: Router,
+    limits: Arc<Limits>,
+    stop: CancellationToken,
+    _slot: ConnSlot,
+) {
+    use tower::ServiceExt as _;
+    // Without it each small write (an event, a JSON answer) may wait for the client's delayed
+    // acknowledgement of the previous one: about 40 ms per event stream event.
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!(%peer, "HTTP API: TCP_NODELAY: {e}");
+    }
+    // Boxed futures keep the connection `Unpin`, which `poll_without_shutdown` needs.
+    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+        let mut req = req.map(Body::new);
+        req.extensions_mut().insert(ConnectInfo(peer));
+        Box::pin(app.clone().oneshot(req))
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    // hyper's header-read timeout (it needs a timer) also closes a connection idle between
+    // requests: the clock starts again when an answer ends.
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(limits.header_timeout)
+        .max_buf_size(READ_BUFFER);
+    let mut conn = builder.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    let served = {
+        // Cancellation-safe: the connection keeps its state when this poll is dropped.
+        let run = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx));
+        tokio::select! {
+            r = run => Some(r),
+            _ = stop.cancelled() => None,
+        }
+    };
+    let served = match served {
+        Some(r) => r,
+        None => {
+            std::pin::Pin::new(&mut conn).graceful_shutdown();
+            let run = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx));
+            match tokio::time::timeout(SHUTDOWN_GRACE, run).await {
+                Ok(r) => r,
+                Err(_) => {
+                    debug!(%peer, "HTTP API: connection dropped at shutdown");
+                    return;
+                }
+            }
+        }
+    };
+    match served {
+        Ok(()) => linger(conn.into_parts().io.into_inner()).await,
+        Err(e) => debug!(%peer, "HTTP API: connection ended: {e}"),
+    }
+}
+
+/// Most bytes [`linger`] reads and drops, and the longest it waits.
+const LINGER_BYTES: usize = 256 * 1024;
+const LINGER_TIME: Duration = Duration::from_secs(1);
+
+/// Closes a connection whose answer has been sent: first our half (FIN), then, once the
+/// client closed its half, or after [`LINGER_BYTES`] or [`LINGER_TIME`], the socket. An early
+/// answer (401, 413) leaves the client still sending its body, and closing a socket with
+/// unread data resets the connection, which can destroy the answer before the client read it
+/// (it then sees "broken pipe" instead of the 413). Go's net/http and nginx linger likewise.
+/// The bytes are dropped as they come, never kept.
+async fn linger(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    if tcp.shutdown().await.is_err() {
+        return;
+    }
+    let deadline = Instant::now() + LINGER_TIME;
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut dropped = 0;
+    while dropped < LINGER_BYTES {
+        match tokio::time::timeout_at(deadline, tcp.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => dropped += n,
+            // Closed by the client (the usual end), an error, or time is up.
+            _ => return,
+        }
+    }
+    // Still sending: give it the rest of the time to read the answer, without reading more.
+    tokio::time::sleep_until(deadline).await;
+}
+
+/// Counts an event and says, at most once a second, how many happened since it last said.
+#[derive(Default)]
+struct Throttled {
+    last: Option<Instant>,
+    count: u64,
+}
+
+impl Throttled {
+    fn tick(&mut self) -> Option<u64> {
+        self.count += 1;
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
+/// Raises this process's soft open-file limit to what `http_max_connections` needs (every
+/// connection holds a descriptor), within the hard limit; refuses to start, naming the key,
+/// when the hard limit is too low. Without it, connections past the limit fail at `accept`
+/// ("Too many open files") and the dispatcher's own files with them.
+pub(crate) fn ensure_open_files(cfg: &DispatcherConfig) -> Result<(), DispatcherError> {
+    if cfg.http_listen.is_none() {
+        return Ok(());
+    }
+    #[cfg(unix)]
+    {
+        let need = cfg.http_max_connections as u64 + OTHER_FILES;
+        use nix::sys::resource::{getrlimit, setrlimit, Resource};
+        let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).map_err(|e| {
+            DispatcherError::Config(format!(
+                "http_max_connections: reading the open-file limit: {e}"
+            ))
+        })?;
+        if soft >= need {
+            return Ok(());
+        }
+        if hard < need {
+            return Err(DispatcherError::Config(format!(
+                "http_max_connections: {} connections need {need} open files, but this process may open at most {hard} (raise LimitNOFILE= in the systemd unit, or ulimit -n; or lower http_max_connections)",
+                cfg.http_max_connections
+            )));
+        }
+        setrlimit(Resource::RLIMIT_NOFILE, need, hard).map_err(|e| {
+            DispatcherError::Config(format!(
+                "http_max_connections: raising the open-file limit from {soft} to {need}: {e}"
+            ))
+        })?;
+        info!(
+            from = soft,
+            to = need,
+            "raised the open-file limit for http_max_connections"
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits::from_config(&DispatcherConfig {
+            http_max_connections: 10,
+            http_loopback_reserve: 3,
+            http_max_event_streams: 3,
+            http_max_event_streams_per_token: 2,
+            ..DispatcherConfig::default()
+        })
+    }
+
+    #[test]
+    fn loopback_clients_may_use_the_reserve() {
+        let l = limits();
+        for (peer, cap) in [
+            ("127.0.0.1:1", 10),
+            ("127.9.9.9:1", 10),
+            ("[::1]:1", 10),
+            ("[::ffff:127.0.0.1]:1", 10),
+            ("10.0.0.5:1", 7),
+            ("[2001:db8::1]:1", 7),
+            ("[::ffff:10.0.0.5]:1", 7),
+        ] {
+            let peer: SocketAddr = peer.parse().unwrap();
+            assert_eq!(l.connection_cap(peer), cap, "{peer}");
+        }
+    }
+
+    #[test]
+    fn event_streams_are_counted_per_caller_and_in_all_until_dropped() {
+        let l = limits();
+        let s = Arc::new(Streams::default());
+        let a1 = s.open("a", &l).unwrap();
+        let _a2 = s.open("a", &l).unwrap();
+        let Err(e) = s.open("a", &l) else {
+            panic!("a third stream of a")
+        };
+        assert_eq!(
+            (e.status, e.condition),
+            (StatusCode::TOO_MANY_REQUESTS, "too-many-streams")
+        );
+        let _b1 = s.open("b", &l).unwrap();
+        let Err(e) = s.open("b", &l) else {
+            panic!("a fourth stream in all")
+        };
+        assert_eq!(
+            (e.status, e.condition),
+            (StatusCode::SERVICE_UNAVAILABLE, "too-many-streams")
+        );
+        assert_eq!(s.total(), 3);
+        drop(a1);
+        assert_eq!(s.total(), 2);
+        let _b2 = s.open("b", &l).unwrap();
+        assert!(s.open("c", &l).is_err());
+    }
+
+    #[test]
+    fn only_submissions_take_large_bodies() {
+        let (tx, _) = mpsc::channel(1);
+        let (events, _) = broadcast::channel(1);
+        let h = Handle::new(&DispatcherConfig::default(), tx, events).unwrap();
+        assert_eq!(body_limit(&h, &Method::POST, "/v1/jobs"), 96 << 20);
+        assert_eq!(body_limit(&h, &Method::GET, "/v1/jobs"), SMALL_BODY);
+        assert_eq!(body_limit(&h, &Method::DELETE, "/v1/jobs/x"), SMALL_BODY);
+    }
 }

@@ -275,8 +275,12 @@ impl Policy {
             .iter()
             .enumerate()
             .map(|(i, t)| {
-                let capabilities =
-                    Capabilities::parse(&t.capabilities, &format!("http_token[{i}].capabilities"))?;
+                // A scraper's token (`metrics = true`) may run nothing.
+                let capabilities = if t.metrics && t.capabilities.is_empty() {
+                    Capabilities::default()
+                } else {
+                    Capabilities::parse(&t.capabilities, &format!("http_token[{i}].capabilities"))?
+                };
                 let grant = Grant {
                     capabilities,
                     all_jobs: t.all_jobs,

@@ -165,6 +165,7 @@ impl Dispatcher {
     /// Validates the configuration and opens the HTTP listener.
     pub async fn bind(cfg: DispatcherConfig) -> Result<Self, DispatcherError> {
         cfg.validate()?;
+        crate::http::ensure_open_files(&cfg)?;
         let http = match cfg.http_listen {
             Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
                 DispatcherError::Config(format!("http_listen: cannot listen on {addr}: {e}"))
@@ -249,25 +250,9 @@ async fn run_inner(
     let (events, _) = tokio::sync::broadcast::channel::<JobEvent>(4096);
     let http_stop = tokio_util::sync::CancellationToken::new();
     if let Some(listener) = http {
-        let handle = Handle {
-            tx: cmd_tx.clone(),
-            events: events.clone(),
-            tokens: std::sync::Arc::new(Policy::http_tokens(&cfg)?),
-            max_attempts: cfg.max_attempts,
-            max_input: cfg.max_blob.as_u64(),
-        };
-        let app = crate::http::router(handle)
-            .into_make_service_with_connect_info::<std::net::SocketAddr>();
-        let stop = http_stop.clone();
+        let handle = Handle::new(&cfg, cmd_tx.clone(), events.clone())?;
         info!(addr = ?listener.local_addr().ok(), "HTTP API listening");
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await
-            {
-                error!("HTTP API stopped: {e}");
-            }
-        });
+        tokio::spawn(crate::http::serve(listener, handle, http_stop.clone()));
     }
     drop(cmd_tx);
     let mut rt = Runtime {
