@@ -251,7 +251,9 @@ async fn run_inner(
     let http_stop = tokio_util::sync::CancellationToken::new();
     if let Some(listener) = http {
         let handle = Handle::new(&cfg, cmd_tx.clone(), events.clone())?;
-        info!(addr = ?listener.local_addr().ok(), "HTTP API listening");
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "HTTP API listening");
+        }
         tokio::spawn(crate::http::serve(listener, handle, http_stop.clone()));
     }
     drop(cmd_tx);
@@ -497,7 +499,7 @@ impl Runtime {
                 } else if let Some(key) = self.chunk_ack_key(&id, from.as_ref()) {
                     self.on_chunk_reply(key, None).await?;
                 } else if self.sent.contains_key(&id) {
-                    warn!(from = ?from, "ignoring a job result from the wrong sender");
+                    warn!(from = %show_jid(from.as_ref()), "ignoring a job result from the wrong sender");
                 } else if let Some(job) = payload
                     .as_ref()
                     .filter(|p| p.is("result", spine_protocol::NS))
@@ -506,7 +508,7 @@ impl Runtime {
                     // The request was given up (its agent declared gone, or this dispatcher
                     // restarted and sent the job again): the job's outcome comes, or came,
                     // from the request that replaced it.
-                    info!(job = %job, from = ?from, "duplicate result dropped (a late reply to a request given up)");
+                    info!(job = %job, from = %show_jid(from.as_ref()), "duplicate result dropped (a late reply to a request given up)");
                 }
             }
             Stanza::Iq(Iq::Error {
@@ -966,7 +968,7 @@ impl Runtime {
         }
         self.dirty.extend(recs.iter().map(|r| r.id.clone()));
         if adv.ended {
-            info!(job = %parent, state = ?ended, "map/reduce ended");
+            info!(job = %parent, state = ended.map_or("unknown", JobState::as_str), "map/reduce ended");
             self.notify_one(parent).await;
         } else if adv.progressed || !adv.created.is_empty() {
             if let Some((percent, message)) = self
@@ -2035,4 +2037,9 @@ fn stanza_bytes(job: &Job) -> usize {
 fn not_yours(job: &JobId) -> SpineError {
     SpineError::new(Condition::NotAuthorized)
         .with_text(format!("job {job} was submitted by someone else"))
+}
+
+/// A JID for a log line: its text, or "(none)" (never the Debug form `Some(Jid("…"))`).
+fn show_jid(j: Option<&Jid>) -> String {
+    j.map_or_else(|| "(none)".to_owned(), ToString::to_string)
 }
