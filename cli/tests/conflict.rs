@@ -48,7 +48,10 @@ async fn two_processes_on_one_resource_back_off_instead_of_storming() {
         .map(|n| std::fs::read_to_string(dir.path().join(format!("agent{n}.log"))).unwrap())
         .collect();
     let reconnects = logs.matches("reconnected").count();
-    println!("{reconnects} reconnects in 4 s, {} bytes of log", logs.len());
+    println!(
+        "{reconnects} reconnects in 4 s, {} bytes of log",
+        logs.len()
+    );
     assert!(
         (1..=16).contains(&reconnects),
         "{reconnects} reconnects in 4 s (a storm was ~1,600): {}",

@@ -59,12 +59,18 @@ async fn sighup_reloads_accounts_and_survives_a_broken_file() {
         .and_then(|a| a.parse().ok())
         .unwrap_or_else(|| panic!("no address in {line:?}"));
     login(addr, "alice", "pw-a").await.unwrap();
-    assert!(login(addr, "bob", "pw-b").await.is_err(), "bob does not exist yet");
+    assert!(
+        login(addr, "bob", "pw-b").await.is_err(),
+        "bob does not exist yet"
+    );
 
     // A plain SIGHUP: the server lives on.
     hup(pid);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(child.try_wait().unwrap().is_none(), "SIGHUP stopped the server");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP stopped the server"
+    );
 
     // Bob added (as `spine server --add-user` prints it), then SIGHUP: bob logs in.
     let block = spine_server::account_block("bob", "pw-b");
@@ -72,7 +78,10 @@ async fn sighup_reloads_accounts_and_survives_a_broken_file() {
     hup(pid);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while let Err(e) = login(addr, "bob", "pw-b").await {
-        assert!(tokio::time::Instant::now() < deadline, "bob after reload: {e}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "bob after reload: {e}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 

@@ -22,14 +22,17 @@ fn spawn(role: &str, config: &Path, log: &Path) -> Child {
         .expect("start spine")
 }
 
-async fn wait_log(log: &Path, needle: &str) {
+async fn wait_log(log: &Path, needle: &str) -> String {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let text = std::fs::read_to_string(log).unwrap_or_default();
         if text.contains(needle) {
-            return;
+            return text;
         }
-        assert!(Instant::now() < deadline, "no {needle:?} in the log: {text}");
+        assert!(
+            Instant::now() < deadline,
+            "no {needle:?} in the log: {text}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -72,7 +75,7 @@ async fn sigterm_with_the_server_gone_exits_the_agent_and_the_dispatcher() {
         &disp_cfg,
         format!(
             "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\n\
-             data_dir = \"{}\"\n",
+             data_dir = \"{}\"\nhttp_listen = \"127.0.0.1:0\"\n",
             server.addr,
             dir.path().join("data").display()
         ),
@@ -83,6 +86,9 @@ async fn sigterm_with_the_server_gone_exits_the_agent_and_the_dispatcher() {
     let mut dispatcher = spawn("dispatcher", &disp_cfg, &disp_log);
     wait_log(&agent_log, "agent connected").await;
     wait_log(&disp_log, "dispatcher connected").await;
+    // Logs for machines: display forms, not Debug (was `addr=Some(127.0.0.1:8480)`).
+    let text = wait_log(&disp_log, "HTTP API listening addr=127.0.0.1:").await;
+    assert!(!text.contains("Some("), "{text}");
 
     server.stop().await;
     // Both notice and start reconnecting.
