@@ -103,60 +103,42 @@ impl Reloader {
             .write()
             .unwrap_or_else(|p| p.into_inner()) = Arc::new(accounts);
         *self.shared.tls.write().unwrap_or_else(|p| p.into_inner()) = TlsAcceptor::from(tls.config);
-        let mut restart = Vec::new();
-        let same = |a: bool, key: &'static str, out: &mut Vec<&'static str>| {
-            if !a {
-                out.push(key)
-            }
-        };
-        same(cfg.listen == running.listen, "listen", &mut restart);
-        same(
-            cfg.max_stanza_size == running.max_stanza_size,
-            "max_stanza_size",
-            &mut restart,
-        );
-        same(
-            cfg.max_connections == running.max_connections,
-            "max_connections",
-            &mut restart,
-        );
-        same(
-            cfg.rate_limit == running.rate_limit,
-            "rate_limit",
-            &mut restart,
-        );
-        same(
-            cfg.idle_timeout == running.idle_timeout,
-            "idle_timeout",
-            &mut restart,
-        );
-        same(
-            cfg.ping_timeout == running.ping_timeout,
-            "ping_timeout",
-            &mut restart,
-        );
-        same(
-            cfg.login_timeout == running.login_timeout,
-            "login_timeout",
-            &mut restart,
-        );
-        same(
-            cfg.auth_timeout == running.auth_timeout,
-            "auth_timeout",
-            &mut restart,
-        );
-        same(
-            cfg.max_unauthenticated_per_address == running.max_unauthenticated_per_address
-                && cfg.max_unauthenticated == running.max_unauthenticated
-                && cfg.auth_failures_before_backoff == running.auth_failures_before_backoff,
-            "max_unauthenticated*/auth_failures_before_backoff",
-            &mut restart,
-        );
-        same(
-            cfg.outbound_queue == running.outbound_queue,
-            "outbound_queue",
-            &mut restart,
-        );
+        let changed = [
+            ("listen", cfg.listen != running.listen),
+            (
+                "max_stanza_size",
+                cfg.max_stanza_size != running.max_stanza_size,
+            ),
+            (
+                "max_connections",
+                cfg.max_connections != running.max_connections,
+            ),
+            ("rate_limit", cfg.rate_limit != running.rate_limit),
+            ("idle_timeout", cfg.idle_timeout != running.idle_timeout),
+            ("ping_timeout", cfg.ping_timeout != running.ping_timeout),
+            ("login_timeout", cfg.login_timeout != running.login_timeout),
+            ("auth_timeout", cfg.auth_timeout != running.auth_timeout),
+            (
+                "max_unauthenticated_per_address",
+                cfg.max_unauthenticated_per_address != running.max_unauthenticated_per_address,
+            ),
+            (
+                "max_unauthenticated",
+                cfg.max_unauthenticated != running.max_unauthenticated,
+            ),
+            (
+                "auth_failures_before_backoff",
+                cfg.auth_failures_before_backoff != running.auth_failures_before_backoff,
+            ),
+            (
+                "outbound_queue",
+                cfg.outbound_queue != running.outbound_queue,
+            ),
+        ];
+        let restart = changed
+            .into_iter()
+            .filter_map(|(key, differs)| differs.then_some(key))
+            .collect();
         Ok(restart)
     }
 }
