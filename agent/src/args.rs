@@ -1,5 +1,6 @@
-//! Argument declarations of wrapped capabilities: which job arguments an `exec` or `http`
-//! capability accepts, of which type and with which values (`args` in a `[[capability]]`).
+//! Argument declarations: which job arguments a capability accepts, of which type and with
+//! which values — `args` of an `exec` or `http` capability in a `[[capability]]`, or the names
+//! a capability written in Rust declares ([`crate::AgentBuilder::capability_args`]).
 //!
 //! A job's arguments come from the network. The exec wrapper puts them into a program's argv
 //! and the http wrapper into a query string, so an argument the operator did not foresee —
@@ -8,6 +9,11 @@
 //! allowed; [`ArgRules::check`] holds every job to them before anything runs, and refuses the
 //! rest with `bad-arguments` naming the argument. Configuration validation compiles the same
 //! rules ([`ArgRules::compile`]), so a bad declaration stops the agent at start with its key.
+//!
+//! A Rust handler reads the arguments it knows and checks their values itself; what the same
+//! rules add for it is the refusal of every other name ([`ArgRules::accepting`]), so that a
+//! misspelt or misremembered argument (`width` where the capability reads `size`) fails the
+//! job with its name and the accepted ones instead of being silently ignored.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -16,7 +22,7 @@ use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
-use crate::handler::JobError;
+use crate::handler::{Handler, HandlerFuture, JobContext, JobError, SharedHandler};
 
 /// The JSON type a declared argument must have.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -29,6 +35,11 @@ pub enum ArgType {
     Integer,
     /// `true` or `false`.
     Boolean,
+    /// Any JSON value, checked by the handler: the declared names of a capability written in
+    /// Rust ([`ArgRules::accepting`]). Not a configuration type (`type = "any"` is refused):
+    /// an exec or http argument becomes text, so it must say which.
+    #[serde(skip)]
+    Any,
 }
 
 /// One allowed value in a declaration's `values`.
@@ -92,6 +103,18 @@ fn is_false(b: &bool) -> bool {
     !*b
 }
 
+impl ArgSpec {
+    /// An optional argument of any JSON value, which the handler checks: what a capability
+    /// written in Rust declares by name ([`ArgRules::accepting`]).
+    pub fn any() -> Self {
+        ArgSpec {
+            kind: ArgType::Any,
+            required: false,
+            ..ArgSpec::default()
+        }
+    }
+}
+
 impl Default for ArgSpec {
     /// A required string that does not start with `-`: what an undeclared `{arg.NAME}` is.
     fn default() -> Self {
@@ -114,6 +137,9 @@ pub enum Target {
     Exec,
     /// Into a query string: every argument is required unless declared otherwise.
     Http,
+    /// To a handler written in Rust, as JSON values: like `Http`, and arguments may be of
+    /// [`ArgType::Any`].
+    Native,
 }
 
 /// A bad declaration or template: the key below the capability (`args.mode.pattern`) and why.
@@ -167,6 +193,20 @@ impl ArgRules {
             rules.insert(name.clone(), rule);
         }
         Ok(ArgRules { rules, target })
+    }
+
+    /// The rules of a capability written in Rust that accepts exactly the arguments `names`,
+    /// each optional and of any JSON value ([`ArgSpec::any`]): its handler checks the values,
+    /// [`ArgRules::check`] refuses every other name. An invalid or repeated name is an error
+    /// with its key (`args.NAME`).
+    pub fn accepting<'a>(names: impl IntoIterator<Item = &'a str>) -> Result<Self, DeclError> {
+        let mut specs = BTreeMap::new();
+        for name in names {
+            if specs.insert(name.to_owned(), ArgSpec::any()).is_some() {
+                return Err(DeclError::new(format!("args.{name}"), "is declared twice"));
+            }
+        }
+        Self::compile(&specs, Target::Native)
     }
 
     /// The declared names, in order.
@@ -257,6 +297,8 @@ impl ArgRules {
                 });
                 (b.to_string(), listed)
             }
+            // The handler checks the value; only the name had to be known.
+            ArgType::Any => return Ok(v.to_string()),
         };
         match listed {
             Some(false) => return Err(refuse()),
@@ -278,6 +320,27 @@ impl ArgRules {
     }
 }
 
+/// A handler held to declared arguments: a job whose arguments the rules refuse fails with
+/// their `bad-arguments` before the handler is called.
+struct Declared {
+    rules: ArgRules,
+    handler: SharedHandler,
+}
+
+impl Handler for Declared {
+    fn call(&self, ctx: JobContext) -> HandlerFuture {
+        match self.rules.check(&ctx.args) {
+            Ok(_) => self.handler.call(ctx),
+            Err(e) => Box::pin(std::future::ready(Err(e))),
+        }
+    }
+}
+
+/// `handler`, called only for jobs whose arguments `rules` accept.
+pub(crate) fn declared(rules: ArgRules, handler: SharedHandler) -> SharedHandler {
+    std::sync::Arc::new(Declared { rules, handler })
+}
+
 fn compile_one(name: &str, spec: &ArgSpec, target: Target) -> Result<Rule, DeclError> {
     let key = format!("args.{name}");
     let at = |field: &str| format!("{key}.{field}");
@@ -288,6 +351,12 @@ fn compile_one(name: &str, spec: &ArgSpec, target: Target) -> Result<Rule, DeclE
         ));
     }
     let exec = target == Target::Exec;
+    if spec.kind == ArgType::Any && target != Target::Native {
+        return Err(DeclError::new(
+            at("type"),
+            "only capabilities written in Rust take arguments of any type",
+        ));
+    }
     if spec.option && !exec {
         return Err(DeclError::new(
             at("option"),
@@ -401,6 +470,7 @@ fn type_name(t: ArgType) -> &'static str {
         ArgType::String => "string",
         ArgType::Integer => "integer",
         ArgType::Boolean => "boolean",
+        ArgType::Any => "any",
     }
 }
 
@@ -448,6 +518,7 @@ fn allowed(spec: &ArgSpec, exec: bool) -> String {
             }
         }
         ArgType::Boolean => s.push_str("must be true or false"),
+        ArgType::Any => s.push_str("may be any JSON value"),
     }
     s
 }
@@ -618,6 +689,65 @@ mod tests {
         assert!(none.check(&Map::new()).unwrap().is_empty());
         let optional = rules("page = { required = false }", Target::Http);
         assert!(optional.check(&Map::new()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn declared_names_of_a_rust_capability_refuse_every_other() {
+        let r = ArgRules::accepting(["size", "format"]).unwrap();
+        // Values are the handler's to check: any JSON passes, and nothing is required.
+        assert!(r.check(&args(json!({"size": -5, "format": [1]}))).is_ok());
+        assert!(r.check(&Map::new()).is_ok());
+        // The defect of issue 15, item 6: `width` where the capability reads `size`.
+        assert_eq!(
+            refusal(&r, json!({"width": 64})),
+            (
+                "width".to_owned(),
+                "is not an argument of this capability: this capability accepts only format, size"
+                    .to_owned()
+            )
+        );
+        let none = ArgRules::accepting([]).unwrap();
+        assert_eq!(
+            refusal(&none, json!({"times": 2})).1,
+            "is not an argument of this capability: this capability takes no arguments"
+        );
+        assert_eq!(
+            ArgRules::accepting(["a b"]).unwrap_err().key,
+            "args.a b",
+            "names are checked as in a configuration"
+        );
+        assert_eq!(
+            ArgRules::accepting(["size", "size"]).unwrap_err().key,
+            "args.size"
+        );
+        // `any` is not a configuration type, and a wrapper cannot be given it in code either.
+        assert!(toml::from_str::<BTreeMap<String, ArgSpec>>("m = { type = \"any\" }").is_err());
+        let any: BTreeMap<String, ArgSpec> = [("m".to_owned(), ArgSpec::any())].into();
+        for target in [Target::Exec, Target::Http] {
+            assert_eq!(
+                ArgRules::compile(&any, target).unwrap_err().key,
+                "args.m.type"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_declared_handler_is_not_called_for_refused_arguments() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let calls = std::sync::Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let h = declared(
+            ArgRules::accepting(["size"]).unwrap(),
+            std::sync::Arc::new(move |_ctx: JobContext| {
+                counted.fetch_add(1, Ordering::SeqCst);
+                async { Ok::<_, JobError>(crate::Output::bytes("ok")) }
+            }),
+        );
+        let ctx = |a: Value| JobContext::for_test("image.thumbnail", args(a), Vec::new());
+        assert!(h.call(ctx(json!({"size": 64}))).await.is_ok());
+        let e = h.call(ctx(json!({"width": 64}))).await.unwrap_err();
+        assert!(matches!(e, JobError::BadArguments { ref field, .. } if field == "width"));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
     }
 
     #[test]

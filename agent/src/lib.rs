@@ -118,6 +118,35 @@ impl AgentBuilder {
         self.capability_with(name, None, slots, &[], Arc::new(handler))
     }
 
+    /// Adds a capability implemented in Rust that takes only the arguments named in `args`
+    /// (each optional, of any JSON value: the handler reads and checks them). A job with any
+    /// other argument is refused with `bad-arguments` naming it and listing these, before the
+    /// handler runs, so that a misspelt argument is not silently ignored; `&[]` refuses every
+    /// argument. The same declarations as an `exec` or `http` capability's `args`
+    /// ([`args::ArgRules::accepting`]).
+    pub fn capability_args(
+        mut self,
+        name: &str,
+        slots: Option<u64>,
+        args: &[&str],
+        handler: impl Handler,
+    ) -> Self {
+        match args::ArgRules::accepting(args.iter().copied()) {
+            Ok(rules) => self.capability_with(
+                name,
+                None,
+                slots,
+                &[],
+                args::declared(rules, Arc::new(handler)),
+            ),
+            Err(e) => {
+                self.errors
+                    .push(format!("capability '{name}': {}: {}", e.key, e.why));
+                self
+            }
+        }
+    }
+
     /// Adds a capability with a version and attributes of its own.
     pub fn capability_with(
         mut self,

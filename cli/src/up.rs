@@ -55,17 +55,18 @@ fn secret() -> String {
     Alphanumeric.sample_string(&mut rand::rng(), 32)
 }
 
-/// The capabilities every local agent offers.
+/// The capabilities every local agent offers. `text.upper` and `hash.sha256` take no
+/// arguments: a job giving any is refused with `bad-arguments` naming it.
 fn builtin(builder: spine_agent::AgentBuilder) -> spine_agent::AgentBuilder {
     spine_example_wordcount::register(spine_example_image::register(builder))
-        .capability("text.upper", None, |ctx: JobContext| async move {
+        .capability_args("text.upper", None, &[], |ctx: JobContext| async move {
             let text = String::from_utf8(ctx.input)
                 .map_err(|_| JobError::bad_argument("input", "must be UTF-8 text"))?;
             Ok::<_, JobError>(
                 Output::bytes(text.to_uppercase()).with_mime("text/plain; charset=utf-8"),
             )
         })
-        .capability("hash.sha256", None, |ctx: JobContext| async move {
+        .capability_args("hash.sha256", None, &[], |ctx: JobContext| async move {
             let hex: String = sha2::Sha256::digest(&ctx.input)
                 .iter()
                 .map(|b| format!("{b:02x}"))

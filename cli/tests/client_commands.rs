@@ -148,3 +148,52 @@ async fn submit_wait_agents_and_jobs() {
     assert_ne!(code, 0);
     assert!(err.contains("expected NAME=VALUE"), "{err}");
 }
+
+/// `spine submit --wait` of a job an agent refused for one of its arguments names the argument
+/// (issue 15, items 5 and 6): a value out of range, and an argument the capability does not
+/// take, each with the image example's agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_argument_is_named_on_the_failure_line() {
+    use spine_integration::farm::{
+        agent_config, run_agent, start_http_dispatcher, wait_for_agents,
+    };
+    let server = TestServer::start(&[("dispatcher", "pw-d"), ("agent1", "pw")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (dispatcher, api) = start_http_dispatcher(&server, dir.path(), "").await;
+    let agent = spine_example_image::register(Agent::builder(agent_config(&server, 1, "")));
+    let agent = run_agent(agent.build().unwrap());
+    wait_for_agents(&api, "image.thumbnail", 1).await;
+    let png = dir.path().join("in.png");
+    image::RgbImage::from_pixel(40, 30, image::Rgb([200, 10, 10]))
+        .save(&png)
+        .unwrap();
+    let png = png.display().to_string();
+    for (arg, line) in [
+        (
+            "size=-5",
+            "failed: field 'size': must be an integer from 1 to 16384 (bad-arguments)",
+        ),
+        (
+            "width=64",
+            "failed: field 'width': is not an argument of this capability: this capability accepts only columns, format, size, tile (bad-arguments)",
+        ),
+    ] {
+        let (code, out, err) = spine(&[
+            "submit",
+            "image.thumbnail",
+            "--arg",
+            arg,
+            "--input",
+            &png,
+            "--wait",
+            "--api",
+            &api,
+        ])
+        .await;
+        assert_eq!(code, 1, "--arg {arg}: {err}");
+        assert!(out.is_empty(), "--arg {arg}: no output: {out}");
+        assert!(err.contains(line), "--arg {arg}: {err}");
+    }
+    agent.stop();
+    dispatcher.stop();
+}

@@ -41,7 +41,7 @@ pub enum ClientError {
         message: String,
     },
     /// The job ended without a result.
-    #[error("job {id} {state}: {message} ({condition})")]
+    #[error("job {id} {state}: {}{message} ({condition})", field.as_ref().map(|f| format!("field '{f}': ")).unwrap_or_default())]
     JobFailed {
         /// The job.
         id: String,
@@ -49,6 +49,8 @@ pub enum ClientError {
         state: String,
         /// Spine condition.
         condition: String,
+        /// The argument at fault (`bad-arguments`), as the agent named it.
+        field: Option<String>,
         /// For people.
         message: String,
     },
@@ -352,6 +354,7 @@ pub fn output(job: &Value) -> Result<Vec<u8>, ClientError> {
             id,
             state: state.unwrap_or("unknown").to_owned(),
             condition: job["error"]["condition"].as_str().unwrap_or("").to_owned(),
+            field: job["error"]["field"].as_str().map(str::to_owned),
             message: job["error"]["message"].as_str().unwrap_or("").to_owned(),
         }),
     }
@@ -458,5 +461,25 @@ mod tests {
         std::fs::write(&f, "\n").unwrap();
         a.token_file = Some(f);
         assert!(matches!(a.token(), Err(ClientError::Usage(_))));
+    }
+
+    #[test]
+    fn a_failed_job_names_the_argument_at_fault() {
+        let job = serde_json::json!({
+            "id": "j1", "state": "failed",
+            "error": {"condition": "bad-arguments", "field": "size", "message": "must be an integer from 1 to 16384"},
+        });
+        assert_eq!(
+            output(&job).unwrap_err().to_string(),
+            "job j1 failed: field 'size': must be an integer from 1 to 16384 (bad-arguments)"
+        );
+        let job = serde_json::json!({
+            "id": "j2", "state": "timed-out",
+            "error": {"condition": "deadline-exceeded", "message": "deadline passed"},
+        });
+        assert_eq!(
+            output(&job).unwrap_err().to_string(),
+            "job j2 timed-out: deadline passed (deadline-exceeded)"
+        );
     }
 }

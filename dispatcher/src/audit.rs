@@ -62,7 +62,9 @@ impl AuditLog {
     /// Queues the line of a job that ended (written by [`AuditLog::flush`]).
     pub fn record(&mut self, j: &JobRecord, now_ms: u64) {
         let (condition, message) = match &j.outcome {
-            Some(Recorded::Failure { condition, message }) => {
+            Some(Recorded::Failure {
+                condition, message, ..
+            }) => {
                 (Some(condition.as_str()), message.as_deref())
             }
             _ => (None, None),

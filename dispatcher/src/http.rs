@@ -832,8 +832,15 @@ pub fn job_json(j: &JobRecord) -> Value {
                 "elapsed_ms": elapsed_ms,
             });
         }
-        Some(Recorded::Failure { condition, message }) => {
+        Some(Recorded::Failure {
+            condition,
+            message,
+            field,
+        }) => {
             v["error"] = json!({ "condition": condition, "message": message });
+            if let Some(f) = field {
+                v["error"]["field"] = json!(f);
+            }
         }
         None => {}
     }

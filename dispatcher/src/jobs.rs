@@ -213,6 +213,10 @@ pub enum Recorded {
         condition: String,
         /// Message.
         message: Option<String>,
+        /// For `bad-arguments`: the argument the agent (or the dispatcher) named, passed on to
+        /// every submitter (`error.field` over HTTP, `field` of `<failure>` over XMPP).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        field: Option<String>,
     },
 }
 
@@ -643,9 +647,16 @@ impl JobTable {
                     entry["type"] = serde_json::json!(mime);
                     entry["meta"] = serde_json::json!(meta);
                 }
-                Some(Recorded::Failure { condition, message }) => {
+                Some(Recorded::Failure {
+                    condition,
+                    message,
+                    field,
+                }) => {
                     entry["error"] =
                         serde_json::json!({ "condition": condition, "message": message });
+                    if let Some(f) = field {
+                        entry["error"]["field"] = serde_json::json!(f);
+                    }
                 }
                 None => {}
             }
@@ -676,6 +687,7 @@ impl JobTable {
                     "the job failed on all {total} agents: {}",
                     serde_json::Value::Array(report)
                 )),
+                field: None,
             });
         }
         true
@@ -749,12 +761,26 @@ impl JobTable {
         message: Option<String>,
         now_ms: u64,
     ) {
+        self.finalize_with_field(id, state, condition, message, None, now_ms);
+    }
+
+    /// [`JobTable::finalize`], recording the argument at fault (`bad-arguments`).
+    fn finalize_with_field(
+        &mut self,
+        id: &JobId,
+        state: JobState,
+        condition: Condition,
+        message: Option<String>,
+        field: Option<String>,
+        now_ms: u64,
+    ) {
         self.dequeue(id);
         if let Some(j) = self.jobs.get_mut(id) {
             j.state = state;
             j.outcome = Some(Recorded::Failure {
                 condition: condition.as_str().to_owned(),
                 message,
+                field,
             });
             j.updated_ms = now_ms;
         }
@@ -820,7 +846,9 @@ impl JobTable {
                 )),
             ),
         };
-        self.finalize(id, state, condition, message, now_ms);
+        // The agent's `field` (the argument it refused) goes with the job's outcome.
+        let field = error.and_then(|e| e.field.clone());
+        self.finalize_with_field(id, state, condition, message, field, now_ms);
         Some(AfterFailure::Final(state))
     }
 

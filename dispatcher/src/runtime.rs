@@ -1393,9 +1393,14 @@ impl Runtime {
                     }
                 }),
             })),
-            Some(Recorded::Failure { condition, message }) => Some(Outcome::Failure(Failure {
+            Some(Recorded::Failure {
+                condition,
+                message,
+                field,
+            }) => Some(Outcome::Failure(Failure {
                 condition: condition.parse().unwrap_or(Condition::Failed),
                 message: message.clone(),
+                field: field.clone(),
             })),
             None => None,
         };

@@ -152,7 +152,7 @@ fn transient_failures_retry_with_backoff_elsewhere_then_give_up() {
     let j = t.get(&id("j")).unwrap();
     assert_eq!(j.attempts, 3);
     assert!(
-        matches!(&j.outcome, Some(Recorded::Failure { condition, message: Some(m) }) if condition == "retryable" && m.contains("gave up after 3 attempts"))
+        matches!(&j.outcome, Some(Recorded::Failure { condition, message: Some(m), .. }) if condition == "retryable" && m.contains("gave up after 3 attempts"))
     );
     assert_eq!(
         t.attempt_failed(&id("j"), Some(&agent(3)), Some(&busy), 5001),
@@ -173,8 +173,25 @@ fn permanent_failures_end_at_once_and_lost_agents_retry() {
         t.attempt_failed(&id("bad"), Some(&agent(1)), Some(&e), 2),
         Some(AfterFailure::Final(JobState::Failed))
     );
-    assert!(
-        matches!(&t.get(&id("bad")).unwrap().outcome, Some(Recorded::Failure { condition, .. }) if condition == "bad-arguments")
+    // The agent's field is recorded with the outcome (issue 15, item 5).
+    assert_eq!(
+        t.get(&id("bad")).unwrap().outcome,
+        Some(Recorded::Failure {
+            condition: "bad-arguments".into(),
+            message: Some("must be positive".into()),
+            field: Some("width".into()),
+        })
+    );
+    // Outcomes stored before there was a field still load, without one.
+    let old: Recorded =
+        serde_json::from_str(r#"{"Failure":{"condition":"failed","message":"exit 2"}}"#).unwrap();
+    assert_eq!(
+        old,
+        Recorded::Failure {
+            condition: "failed".into(),
+            message: Some("exit 2".into()),
+            field: None,
+        }
     );
 
     t.submit(id("lost"), spec("c", 0), 1).unwrap();

@@ -237,7 +237,9 @@ fn a_step_that_fails_for_good_fails_the_job_and_cancels_the_rest() {
     let rec = t.get(&p).unwrap();
     assert_eq!(rec.state, JobState::Failed);
     match &rec.outcome {
-        Some(Recorded::Failure { condition, message }) => {
+        Some(Recorded::Failure {
+            condition, message, ..
+        }) => {
             assert_eq!(condition, "bad-arguments");
             let m = message.as_deref().unwrap();
             assert!(

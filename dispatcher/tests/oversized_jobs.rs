@@ -66,7 +66,9 @@ fn a_job_that_ends_the_session_each_time_fails_after_its_attempts() {
     let j = t.get(&id("big")).unwrap();
     assert_eq!((j.state, j.attempts), (JobState::Failed, 3));
     match &j.outcome {
-        Some(Recorded::Failure { condition, message }) => {
+        Some(Recorded::Failure {
+            condition, message, ..
+        }) => {
             assert_eq!(condition, "retryable");
             let m = message.as_deref().unwrap_or_default();
             assert!(

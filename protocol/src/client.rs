@@ -502,6 +502,9 @@ pub struct Failure {
     pub condition: Condition,
     /// A message for people.
     pub message: Option<String>,
+    /// For `bad-arguments`: the argument at fault, as the agent's error named it (`field`),
+    /// so that a submitter can tell which of its arguments to fix.
+    pub field: Option<String>,
 }
 
 /// How a finished job ended.
@@ -554,12 +557,14 @@ impl TryFrom<Element> for JobStatus {
                 "failure" => {
                     let mut fr = Reader::unchecked(c, "failure");
                     let condition = fr.req("condition")?;
+                    let field = fr.opt::<String>("field")?;
                     fr.no_children()?;
                     fr.finish()?;
                     let text = c.text();
                     Outcome::Failure(Failure {
                         condition,
                         message: (!text.is_empty()).then_some(text),
+                        field,
                     })
                 }
                 _ => return Err(unknown_child("job-status", c)),
@@ -613,6 +618,7 @@ impl From<JobStatus> for Element {
                 b = b.child(
                     Builder::new("failure")
                         .attr("condition", f.condition)
+                        .opt("field", f.field)
                         .text(f.message.unwrap_or_default())
                         .build(),
                 )

@@ -231,7 +231,21 @@ fn accepted_status_literal() {
         st.outcome,
         Some(Outcome::Failure(Failure {
             condition: Condition::DeadlineExceeded,
-            message: Some("30 s passed".into())
+            message: Some("30 s passed".into()),
+            field: None,
+        }))
+    );
+    // A bad-arguments failure names the argument the agent refused (issue 15, item 5).
+    let st = JobStatus::try_from(el(&format!(
+        "<job-status xmlns='urn:spine:1' job='{JOB_ID}' capability='image.thumbnail' state='failed' attempts='1'><failure condition='bad-arguments' field='size'>must be an integer from 1 to 16384</failure></job-status>"
+    )))
+    .unwrap();
+    assert_eq!(
+        st.outcome,
+        Some(Outcome::Failure(Failure {
+            condition: Condition::BadArguments,
+            message: Some("must be an integer from 1 to 16384".into()),
+            field: Some("size".into()),
         }))
     );
 }
@@ -344,6 +358,7 @@ const INVALID: &[(&str, &str)] = &[
     ("<job-status xmlns='urn:spine:1' job='a' capability='c' state='running' attempts='1'><failure condition='failed'/></job-status>", "does not go with a <failure>"),
     ("<job-status xmlns='urn:spine:1' job='a' capability='c' state='failed' attempts='1'><result job='a' attempt='1'/></job-status>", "does not go with a <result>"),
     ("<job-status xmlns='urn:spine:1' job='a' capability='c' state='failed' attempts='1'><failure condition='oops'/></job-status>", "not a Spine error condition"),
+    ("<job-status xmlns='urn:spine:1' job='a' capability='c' state='failed' attempts='1'><failure condition='bad-arguments' argument='size'/></job-status>", "unknown attribute 'argument'"),
     ("<job-status xmlns='urn:spine:1' job='a' capability='c' state='queued' attempts='1' agent='@@'/>", "not a valid JID"),
     ("<discover xmlns='urn:spine:1' capability='c' limit='ten'/>", "unsigned decimal"),
     ("<agents xmlns='urn:spine:1' capability='c'><agent jid='a@b/c' state='ready' in-flight='0' slots='1'/></agents>", "'load'"),

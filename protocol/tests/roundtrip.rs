@@ -328,14 +328,16 @@ fn job_status() -> impl Strategy<Value = JobStatus> {
         job_result(),
         0usize..15,
         option::of(nonempty_text()),
+        option::of("[a-z_][a-z0-9_-]{0,15}"),
     )
         .prop_map(
-            |(job, capability, state, attempts, agent, percent, result, cond, message)| {
+            |(job, capability, state, attempts, agent, percent, result, cond, message, field)| {
                 let outcome = match state {
                     JobState::Succeeded => Some(Outcome::Result(result)),
                     s if s.is_final() => Some(Outcome::Failure(Failure {
                         condition: Condition::ALL[cond],
                         message,
+                        field,
                     })),
                     _ => None,
                 };

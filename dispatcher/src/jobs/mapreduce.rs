@@ -535,9 +535,19 @@ impl JobTable {
 /// The condition and message of a step that did not succeed.
 fn failure_of(outcome: &Option<Recorded>) -> (Condition, String) {
     match outcome {
-        Some(Recorded::Failure { condition, message }) => (
+        Some(Recorded::Failure {
+            condition,
+            message,
+            field,
+        }) => (
             condition.parse().unwrap_or(Condition::Failed),
-            format!("{condition}: {}", message.as_deref().unwrap_or("")),
+            match field {
+                Some(f) => format!(
+                    "{condition}: field '{f}': {}",
+                    message.as_deref().unwrap_or("")
+                ),
+                None => format!("{condition}: {}", message.as_deref().unwrap_or("")),
+            },
         ),
         _ => (Condition::Failed, "no result".into()),
     }

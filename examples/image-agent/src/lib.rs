@@ -14,6 +14,7 @@
 //!   Metadata: `width`, `height`, `images`, `names` (the fragments' labels, in order).
 //!
 //! Optional argument `format`: `png` or `jpeg`. Result metadata: `width`, `height`, `format`.
+//! Any other argument is refused with `bad-arguments` naming it ([`accepted_args`]).
 //! The work runs on the blocking thread pool so the agent's connection task is never held up.
 //! Images larger than 64 KiB travel as blobs (docs/PROTOCOL.md §13) without anything to do here.
 
@@ -222,14 +223,44 @@ pub fn contact_sheet(
         .with_meta("names", Value::Array(names)))
 }
 
+/// The arguments of the contact sheet, the reduce step of an image batch.
+const SHEET_ARGS: [&str; 2] = ["columns", "tile"];
+/// The arguments of the capabilities that make the images of a batch (its map steps).
+const IMAGE_ARGS: [&str; 5] = ["format", "height", "sigma", "size", "width"];
+
+/// The arguments `capability` accepts: its own, plus those of its partners in an image batch.
+/// Every step of a map/reduce job carries the submission's arguments (docs/PROTOCOL.md §11.7),
+/// so `image.thumbnail` gets the contact sheet's `columns` and the sheet gets `size`; each
+/// ignores the other's. Any other argument is refused, naming it and listing these.
+pub fn accepted_args(capability: &str) -> Vec<&'static str> {
+    let own: &[&str] = match capability {
+        "image.thumbnail" => &["size", "format"],
+        "image.resize" => &["width", "height", "format"],
+        "image.grayscale" => &["format"],
+        "image.blur" => &["sigma", "format"],
+        "image.contact-sheet" => &IMAGE_ARGS,
+        _ => &[],
+    };
+    let mut all: Vec<&str> = own.iter().chain(SHEET_ARGS.iter()).copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    all
+}
+
 /// Adds the image capabilities to an agent.
 pub fn register(builder: AgentBuilder) -> AgentBuilder {
-    let builder = builder.capability("image.contact-sheet", None, |ctx: JobContext| async move {
-        let JobContext { args, input, .. } = ctx;
-        tokio::task::spawn_blocking(move || contact_sheet(&args, &input))
-            .await
-            .map_err(|e| JobError::Failed(format!("image task failed: {e}")))?
-    });
+    let sheet = "image.contact-sheet";
+    let builder = builder.capability_args(
+        sheet,
+        None,
+        &accepted_args(sheet),
+        |ctx: JobContext| async move {
+            let JobContext { args, input, .. } = ctx;
+            tokio::task::spawn_blocking(move || contact_sheet(&args, &input))
+                .await
+                .map_err(|e| JobError::Failed(format!("image task failed: {e}")))?
+        },
+    );
     [
         "image.thumbnail",
         "image.resize",
@@ -238,18 +269,23 @@ pub fn register(builder: AgentBuilder) -> AgentBuilder {
     ]
     .into_iter()
     .fold(builder, |b, cap| {
-        b.capability(cap, None, move |ctx: JobContext| async move {
-            let JobContext {
-                capability,
-                args,
-                input,
-                ..
-            } = ctx;
-            let name = capability.to_string();
-            tokio::task::spawn_blocking(move || process(&name, &args, &input))
-                .await
-                .map_err(|e| JobError::Failed(format!("image task failed: {e}")))?
-        })
+        b.capability_args(
+            cap,
+            None,
+            &accepted_args(cap),
+            move |ctx: JobContext| async move {
+                let JobContext {
+                    capability,
+                    args,
+                    input,
+                    ..
+                } = ctx;
+                let name = capability.to_string();
+                tokio::task::spawn_blocking(move || process(&name, &args, &input))
+                    .await
+                    .map_err(|e| JobError::Failed(format!("image task failed: {e}")))?
+            },
+        )
     })
 }
 
@@ -362,6 +398,23 @@ mod tests {
         );
         let far = img.get_pixel(10, 10);
         assert!(far[0] > 180, "far from the edge it stays red: {far:?}");
+    }
+
+    #[test]
+    fn each_capability_accepts_its_arguments_and_its_batch_partners() {
+        assert_eq!(
+            accepted_args("image.thumbnail"),
+            ["columns", "format", "size", "tile"]
+        );
+        assert!(!accepted_args("image.thumbnail").contains(&"width"));
+        assert_eq!(
+            accepted_args("image.resize"),
+            ["columns", "format", "height", "tile", "width"]
+        );
+        assert_eq!(
+            accepted_args("image.contact-sheet"),
+            ["columns", "format", "height", "sigma", "size", "tile", "width"]
+        );
     }
 
     #[test]

@@ -190,21 +190,28 @@ pub fn split_job(args: &serde_json::Map<String, Value>, input: &[u8]) -> Result<
 }
 
 /// Adds `wordcount.split`, `wordcount.map` and `wordcount.reduce` to an agent (the work runs
-/// on the blocking pool).
+/// on the blocking pool). Each accepts only `fragment_bytes`, the split step's argument: every
+/// step of a map/reduce job carries the submission's arguments (docs/PROTOCOL.md §11.7), and
+/// map and reduce ignore it. Any other argument is refused with `bad-arguments` naming it.
 pub fn register(builder: AgentBuilder) -> AgentBuilder {
     ["wordcount.split", "wordcount.map", "wordcount.reduce"]
         .into_iter()
         .fold(builder, |b, cap| {
-            b.capability(cap, None, move |ctx: JobContext| async move {
-                let JobContext { args, input, .. } = ctx;
-                tokio::task::spawn_blocking(move || match cap {
-                    "wordcount.split" => split_job(&args, &input),
-                    "wordcount.map" => map(&input),
-                    _ => reduce(&input),
-                })
-                .await
-                .map_err(|e| JobError::Failed(format!("word count task failed: {e}")))?
-            })
+            b.capability_args(
+                cap,
+                None,
+                &["fragment_bytes"],
+                move |ctx: JobContext| async move {
+                    let JobContext { args, input, .. } = ctx;
+                    tokio::task::spawn_blocking(move || match cap {
+                        "wordcount.split" => split_job(&args, &input),
+                        "wordcount.map" => map(&input),
+                        _ => reduce(&input),
+                    })
+                    .await
+                    .map_err(|e| JobError::Failed(format!("word count task failed: {e}")))?
+                },
+            )
         })
 }
 
