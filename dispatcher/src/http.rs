@@ -75,6 +75,11 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub(crate) enum Command {
     Submit {
         spec: Box<JobSpec>,
+        /// Accept it even if no agent ever offered its capabilities.
+        wait_for_agent: bool,
+        /// The capabilities the caller may run (an `unknown-capability` answer lists only
+        /// those).
+        visible: Capabilities,
         reply: oneshot::Sender<Result<(JobId, JobState), SpineError>>,
     },
     Get {
@@ -322,9 +327,10 @@ impl From<SpineError> for ApiError {
     fn from(e: SpineError) -> Self {
         let status = match e.condition {
             Condition::QueueFull | Condition::Busy => StatusCode::TOO_MANY_REQUESTS,
-            Condition::UnknownJob | Condition::UnknownCapability | Condition::NoAgent => {
-                StatusCode::NOT_FOUND
-            }
+            Condition::UnknownJob | Condition::NoAgent => StatusCode::NOT_FOUND,
+            // The request is well formed and the endpoint exists, but it names a capability
+            // this dispatcher has never seen: 404 would read as "no such endpoint".
+            Condition::UnknownCapability => StatusCode::UNPROCESSABLE_ENTITY,
             Condition::NotAuthorized => StatusCode::FORBIDDEN,
             Condition::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Condition::BadArguments | Condition::Malformed => StatusCode::BAD_REQUEST,
@@ -573,6 +579,9 @@ pub struct SubmitRequest {
     idempotency_key: Option<String>,
     #[serde(default)]
     progress: bool,
+    /// Accept the job even if no agent has offered its capabilities yet (it then waits
+    /// `no_agent_wait` for one, like a job whose agents are momentarily absent).
+    wait_for_agent: Option<bool>,
     /// `all` strategy: agents to use, "5" or "50%".
     limit: Option<String>,
     /// `all` strategy: children at once.
@@ -892,10 +901,10 @@ fn query_as_json(query: Option<&str>) -> Result<Value, ApiError> {
                 Ok(n) => json!(n),
                 Err(_) => return Err(ApiError::field(&k, format!("'{v}' is not an integer"))),
             },
-            "progress" => match v.as_str() {
+            "progress" | "wait_for_agent" => match v.as_str() {
                 "true" | "1" => json!(true),
                 "false" | "0" => json!(false),
-                _ => return Err(ApiError::field("progress", "expected true or false")),
+                _ => return Err(ApiError::field(&k, "expected true or false")),
             },
             "args" => serde_json::from_str::<Value>(&v)
                 .map_err(|e| ApiError::field("args", format!("not JSON: {e}")))?,
@@ -910,6 +919,46 @@ fn query_as_json(query: Option<&str>) -> Result<Value, ApiError> {
         m.insert(k, value);
     }
     Ok(Value::Object(m))
+}
+
+/// How a submission's body is read.
+#[derive(Debug, PartialEq, Eq)]
+enum BodyForm {
+    /// The job as a JSON object.
+    Json,
+    /// The job's input; its fields are in the query string.
+    Raw,
+}
+
+/// The form of a submission's body, from its Content-Type (media type compared without case
+/// or parameters): JSON for `application/json` (or none); also for
+/// `application/x-www-form-urlencoded` without a query string when the body is a JSON object,
+/// which is what `curl -d '{…}'` and many HTTP clients send by default (a form-encoded body
+/// cannot start with `{`, so nothing else is taken for JSON). A form-encoded body that is not
+/// a JSON object and has no query string is refused with 415 and the two forms that work.
+/// Any other type is a raw upload.
+fn body_form(content_type: &str, query: Option<&str>, body: &[u8]) -> Result<BodyForm, ApiError> {
+    let media = content_type
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    if media == "application/json" {
+        return Ok(BodyForm::Json);
+    }
+    let no_query = query.is_none_or(str::is_empty);
+    if media == "application/x-www-form-urlencoded" && no_query {
+        if body.trim_ascii_start().starts_with(b"{") {
+            return Ok(BodyForm::Json);
+        }
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported-media-type",
+            "a body of Content-Type application/x-www-form-urlencoded is read as JSON only when it is a JSON object (as `curl -d '{...}'` sends it), and form fields are not taken: send Content-Type: application/json with the job as a JSON object, or a raw upload with the job fields in the query string",
+        ));
+    }
+    Ok(BodyForm::Raw)
 }
 
 /// `POST /v1/jobs`: a JSON body (input as base64), or a raw upload (any other Content-Type:
@@ -932,13 +981,23 @@ async fn submit(
         .get("content-type")
         .and_then(|v| v.to_str().ok())
         .unwrap_or("application/json");
-    let (req, raw) = if content_type.starts_with("application/json") {
-        (parse_request(&body, "JSON body")?, None)
-    } else {
-        let fields = query_as_json(uri.query())?;
-        let req = parse_request(fields.to_string().as_bytes(), "query parameters")?;
-        (req, Some((body, content_type.to_owned())))
+    let (req, raw) = match body_form(content_type, uri.query(), &body)? {
+        BodyForm::Json => (parse_request(&body, "JSON body")?, None),
+        BodyForm::Raw => {
+            let fields = query_as_json(uri.query())?;
+            if fields.get("capability").is_none() {
+                return Err(ApiError::field(
+                    "capability",
+                    format!(
+                        "missing: a body of Content-Type {content_type} is a raw upload (the job's input), and its job fields, capability first, go in the query string (?capability=…); to send the job as JSON, send Content-Type: application/json"
+                    ),
+                ));
+            }
+            let req = parse_request(fields.to_string().as_bytes(), "query parameters")?;
+            (req, Some((body, content_type.to_owned())))
+        }
     };
+    let wait_for_agent = req.wait_for_agent.unwrap_or(false);
     let mut spec = spec_from(req, &caller, h.max_attempts, h.max_input)?;
     if let Some((input, mime)) = raw {
         if input.len() as u64 > h.max_input {
@@ -957,6 +1016,8 @@ async fn submit(
     }
     let (id, state) = ask(&h, |reply| Command::Submit {
         spec: Box::new(spec),
+        wait_for_agent,
+        visible: caller.grant.capabilities.clone(),
         reply,
     })
     .await??;
@@ -1589,6 +1650,56 @@ mod tests {
         assert_eq!(s.total(), 2);
         let _b2 = s.open("b", &l).unwrap();
         assert!(s.open("c", &l).is_err());
+    }
+
+    #[test]
+    fn curl_d_json_is_json_and_other_form_bodies_are_refused_with_the_two_forms() {
+        let json = br#" {"capability":"text.upper"}"#;
+        let form = "application/x-www-form-urlencoded";
+        for (ct, query, body, want) in [
+            ("application/json", None, &json[..], Some(BodyForm::Json)),
+            (
+                "Application/JSON; charset=utf-8",
+                None,
+                json,
+                Some(BodyForm::Json),
+            ),
+            // What `curl -d '{…}'` sends.
+            (form, None, json, Some(BodyForm::Json)),
+            (form, Some(""), json, Some(BodyForm::Json)),
+            // Job fields in the query string: a raw upload, as before.
+            (form, Some("capability=a.b"), b"x=1", Some(BodyForm::Raw)),
+            ("image/png", None, b"\x89PNG", Some(BodyForm::Raw)),
+            (form, None, b"capability=text.upper", None),
+        ] {
+            match body_form(ct, query, body) {
+                Ok(got) => assert_eq!(Some(got), want, "{ct} {query:?}"),
+                Err(e) => {
+                    assert_eq!(want, None, "{ct} {query:?}: {e:?}");
+                    assert_eq!(e.status, StatusCode::UNSUPPORTED_MEDIA_TYPE);
+                    assert!(
+                        e.message.contains("Content-Type: application/json")
+                            && e.message.contains("query string"),
+                        "{}",
+                        e.message
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn an_unknown_capability_is_422_not_404() {
+        let e =
+            ApiError::from(SpineError::new(Condition::UnknownCapability).with_field("capability"));
+        assert_eq!(
+            (e.status, e.condition, e.field.as_deref()),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown-capability",
+                Some("capability")
+            )
+        );
     }
 
     #[test]

@@ -5,6 +5,13 @@
 //! Decisions out: [`Registry::pick`] and [`Registry::rank`]. Time is a parameter; nothing here
 //! reads a clock, sends a stanza or spawns a task.
 //!
+//! **Known capabilities**: every capability an agent has offered since the dispatcher started,
+//! plus those the store remembers from earlier runs ([`Registry::remember`]). A submission for
+//! any other is refused at once ([`Registry::check_known`]: `unknown-capability`, naming the
+//! known ones closest first) instead of waiting `no_agent_wait` for an agent never seen.
+//! Capabilities learnt from advertisements are handed to the driver to store
+//! ([`Registry::take_learned`]).
+//!
 //! **Load** is what makes least-loaded placement accurate (docs/PROTOCOL.md §5.4): for each
 //! agent, effective in-flight = (its reported in-flight − the part it says came from us) +
 //! the jobs we assigned to it and have not seen finish. Our own share is therefore exact at
@@ -24,8 +31,8 @@ use std::time::{Duration, Instant};
 use jid::FullJid;
 use rand::Rng;
 use spine_protocol::{
-    Advertise, AgentInfo, AgentState, AttrName, Attributes, CapabilityName, Filter, JobId, Load,
-    Strategy,
+    Advertise, AgentInfo, AgentState, AttrName, Attributes, CapabilityName, Condition, Filter,
+    JobId, Load, MapReduce, SpineError, Strategy,
 };
 
 /// Heartbeats an agent may miss before it is suspected and no longer picked.
@@ -189,6 +196,11 @@ pub struct Registry {
     free_ids: Vec<AgentId>,
     by_jid: HashMap<FullJid, AgentId>,
     caps: HashMap<CapabilityName, CapIndex>,
+    /// Capabilities offered since the start, or remembered from earlier runs: the ones a
+    /// submission may name without `wait_for_agent`.
+    known: BTreeSet<CapabilityName>,
+    /// Capabilities first offered since the last [`Registry::take_learned`], to be stored.
+    learned: Vec<CapabilityName>,
 }
 
 impl Registry {
@@ -333,6 +345,9 @@ impl Registry {
         let cap_names: Vec<CapabilityName> = entry.caps.keys().cloned().collect();
         self.agents[id.0 as usize] = Some(entry);
         for cap in cap_names {
+            if self.known.insert(cap.clone()) {
+                self.learned.push(cap.clone());
+            }
             self.caps.entry(cap).or_default().members.push(id);
         }
         // Insert into every capability index with a fresh key.
@@ -636,6 +651,92 @@ impl Registry {
     pub fn effective_in_flight(&self, id: AgentId) -> Option<u64> {
         self.get(id).map(AgentEntry::effective_in_flight)
     }
+
+    /// Capabilities offered in earlier runs (from the store): known, not learnt again.
+    pub fn remember(&mut self, caps: impl IntoIterator<Item = CapabilityName>) {
+        self.known.extend(caps);
+    }
+
+    /// Whether an agent has offered `cap` since the start, or did in an earlier run.
+    pub fn is_known(&self, cap: &CapabilityName) -> bool {
+        self.known.contains(cap)
+    }
+
+    /// Capabilities first offered since the last call, for the driver to store.
+    pub fn take_learned(&mut self) -> Vec<CapabilityName> {
+        std::mem::take(&mut self.learned)
+    }
+
+    /// The known capabilities that `visible` lets a submitter see, closest to `name` first
+    /// (Damerau-Levenshtein distance, then name): what a typo most likely meant.
+    pub fn closest_known(
+        &self,
+        name: &str,
+        visible: impl Fn(&CapabilityName) -> bool,
+    ) -> Vec<CapabilityName> {
+        let mut v: Vec<(usize, &CapabilityName)> = self
+            .known
+            .iter()
+            .filter(|c| visible(c))
+            .map(|c| (strsim::damerau_levenshtein(name, c.as_str()), c))
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, c)| c.clone()).collect()
+    }
+
+    /// Refuses a submission that names a capability no agent has offered since the start nor
+    /// in an earlier run (`steps`: each capability with the field that names it): an
+    /// `unknown-capability` error naming the field and listing the known capabilities that
+    /// `visible` lets the submitter see, closest first. `wait_hint` says how to queue it
+    /// anyway (the `wait_for_agent` field as the submitter's front end spells it).
+    pub fn check_known(
+        &self,
+        steps: &[(&'static str, &CapabilityName)],
+        visible: impl Fn(&CapabilityName) -> bool,
+        wait_hint: &str,
+    ) -> Result<(), SpineError> {
+        let Some((field, cap)) = steps.iter().find(|(_, c)| !self.is_known(c)) else {
+            return Ok(());
+        };
+        let close = self.closest_known(cap.as_str(), visible);
+        let known = if close.is_empty() {
+            "no capability has been offered that this submitter may run".to_owned()
+        } else {
+            let shown: Vec<&str> = close.iter().take(KNOWN_SHOWN).map(|c| c.as_str()).collect();
+            let more = close.len().saturating_sub(KNOWN_SHOWN);
+            format!(
+                "known capabilities, closest first: {}{}",
+                shown.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            )
+        };
+        Err(SpineError::new(Condition::UnknownCapability)
+            .with_field(*field)
+            .with_text(format!(
+                "no agent has offered {cap} to this dispatcher; {known} (to queue the job until an agent offers it, submit with {wait_hint})"
+            )))
+    }
+}
+
+/// Known capabilities named in an `unknown-capability` answer, at most.
+const KNOWN_SHOWN: usize = 10;
+
+/// The capabilities a submission names, with the field (attribute) that names each: the
+/// job's, and a map/reduce's reduce and split steps.
+pub fn submission_steps<'a>(
+    capability: &'a CapabilityName,
+    mapreduce: Option<&'a MapReduce>,
+) -> Vec<(&'static str, &'a CapabilityName)> {
+    let mut v = vec![("capability", capability)];
+    if let Some(m) = mapreduce {
+        v.push(("reduce", &m.reduce));
+        v.extend(m.split.as_ref().map(|s| ("split", s)));
+    }
+    v
 }
 
 /// Rendezvous (highest random weight) hash of a key and an agent: the agent with the highest

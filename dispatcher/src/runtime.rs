@@ -207,7 +207,14 @@ async fn run_inner(
     let mut jobs = JobTable::new(cfg.max_queue);
     let stored = store.load()?;
     let unfinished = stored.iter().filter(|j| !j.state.is_final()).count();
+    // Capabilities offered in earlier runs: the store's list, and those of stored jobs that
+    // reached an agent (a store written before the list existed).
+    let mut registry = Registry::new();
+    registry.remember(store.known_capabilities()?);
     for j in stored {
+        if j.agent.is_some() {
+            registry.remember([j.spec.capability.clone()]);
+        }
         jobs.restore(j);
     }
     let mut audit = match cfg.audit_log.trim() {
@@ -261,7 +268,7 @@ async fn run_inner(
         blobs: BlobStore::with_limits(cfg.blob_limits(BLOB_IDLE_TTL)),
         cfg,
         conn,
-        registry: Registry::new(),
+        registry,
         jobs,
         store,
         rng: StdRng::from_os_rng(),
@@ -604,6 +611,13 @@ impl Runtime {
                     AdvertiseOutcome::Restarted(_, lost) => {
                         warn!(agent = %from, lost = lost.len(), "agent restarted: retrying its jobs");
                         self.retry_lost(&from, lost).await?;
+                    }
+                }
+                // Capabilities offered for the first time are remembered across restarts.
+                let learned = self.registry.take_learned();
+                if !learned.is_empty() {
+                    if let Err(e) = self.store.saw_capabilities(&learned, now_ms()) {
+                        warn!("cannot remember capabilities: {e}");
                     }
                 }
                 self.place().await?;
@@ -1628,8 +1642,13 @@ impl Runtime {
     async fn on_command(&mut self, cmd: Command) -> Result<(), DispatcherError> {
         // A dropped reply channel means the HTTP client went away: nothing to do.
         match cmd {
-            Command::Submit { spec, reply } => {
-                let r = self.accept(*spec).await?;
+            Command::Submit {
+                spec,
+                wait_for_agent,
+                visible,
+                reply,
+            } => {
+                let r = self.accept(*spec, wait_for_agent, &visible).await?;
                 self.replies.push(Box::new(move || {
                     let _ = reply.send(r);
                 }));
@@ -1747,11 +1766,15 @@ impl Runtime {
         out
     }
 
-    /// Accepts a job from any front end (XMPP or HTTP): idempotency, queue bound, written to the
-    /// store before it is acknowledged. `Ok(Err(..))`: refused, with the reason.
+    /// Accepts a job from any front end (XMPP or HTTP): idempotency, known capabilities (unless
+    /// `wait_for_agent`; `visible`: the capabilities the submitter may run, which the refusal
+    /// may list), queue bound, written to the store before it is acknowledged. `Ok(Err(..))`:
+    /// refused, with the reason.
     pub(crate) async fn accept(
         &mut self,
         spec: JobSpec,
+        wait_for_agent: bool,
+        visible: &crate::policy::Capabilities,
     ) -> Result<Result<(JobId, JobState), SpineError>, DispatcherError> {
         if let Some(key) = &spec.idempotency_key {
             let fresh = self
@@ -1778,6 +1801,22 @@ impl Runtime {
         let limits = self.policy.limits(&spec.submitter);
         if let Err(e) = spec.check_limits(&limits) {
             return Ok(Err(e));
+        }
+        if !wait_for_agent {
+            // A capability never offered is refused now rather than after `no_agent_wait`.
+            let steps =
+                crate::registry::submission_steps(&spec.capability, spec.mapreduce.as_ref());
+            let hint = if spec.submitter.starts_with("http:") {
+                "\"wait_for_agent\": true"
+            } else {
+                "wait-for-agent='true'"
+            };
+            if let Err(e) = self
+                .registry
+                .check_known(&steps, |c| visible.allows(c), hint)
+            {
+                return Ok(Err(e));
+            }
         }
         let job_id: JobId = new_job_id();
         let rec = match self
@@ -1847,7 +1886,11 @@ impl Runtime {
             target: None,
             parent: None,
         };
-        match self.accept(spec).await? {
+        let visible = self
+            .grant(&from)
+            .map(|g| g.capabilities)
+            .unwrap_or_default();
+        match self.accept(spec, s.wait_for_agent, &visible).await? {
             Ok((job, state)) => {
                 self.send(Iq::from_result(id, Some(Accepted { job, state })).with_to(from))
                     .await;

@@ -5,7 +5,9 @@
 //! Tables: `jobs` (job id → the job record as JSON, without its input), `inputs` (job id → the
 //! input bytes, written once: a record changes state several times and a 20 MB input must not
 //! be rewritten each time), `idempotency` (submitter NUL key → job id), `agents` (agent bare
-//! JID → last seen, ms since the UNIX epoch).
+//! JID → last seen, ms since the UNIX epoch), `capabilities` (every capability an agent has
+//! offered → when it was first seen: after a restart, submissions for them are queued while
+//! their agents come back instead of being refused as `unknown-capability`).
 //!
 //! The data directory and the files in it hold job inputs and outputs in clear, so they are
 //! private to the dispatcher's user: the directory is created with mode 0700 and the files
@@ -16,7 +18,7 @@ use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt 
 use std::path::Path;
 
 use redb::{Database, ReadableTable, TableDefinition};
-use spine_protocol::JobId;
+use spine_protocol::{CapabilityName, JobId};
 
 use crate::jobs::JobRecord;
 
@@ -24,6 +26,7 @@ const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const INPUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("inputs");
 const IDEMPOTENCY: TableDefinition<&str, &str> = TableDefinition::new("idempotency");
 const AGENTS: TableDefinition<&str, u64> = TableDefinition::new("agents");
+const CAPABILITIES: TableDefinition<&str, u64> = TableDefinition::new("capabilities");
 /// Audit lines of jobs that ended, stored with their outcomes until the audit file has them.
 const AUDIT_OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_outbox");
 
@@ -61,6 +64,7 @@ impl Store {
             tx.open_table(INPUTS).map_err(e)?;
             tx.open_table(IDEMPOTENCY).map_err(e)?;
             tx.open_table(AGENTS).map_err(e)?;
+            tx.open_table(CAPABILITIES).map_err(e)?;
             tx.open_table(AUDIT_OUTBOX).map_err(e)?;
         }
         tx.commit().map_err(e)?;
@@ -187,6 +191,37 @@ impl Store {
             }
         }
         tx.commit().map_err(e)
+    }
+
+    /// Remembers capabilities offered for the first time, at `at` (ms since the UNIX epoch).
+    pub fn saw_capabilities(&self, caps: &[CapabilityName], at: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut t = tx.open_table(CAPABILITIES).map_err(e)?;
+            for c in caps {
+                if t.get(c.as_str()).map_err(e)?.is_none() {
+                    t.insert(c.as_str(), at).map_err(e)?;
+                }
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Every capability an agent has offered in this store's life.
+    pub fn known_capabilities(&self) -> Result<Vec<CapabilityName>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(CAPABILITIES).map_err(e)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(e)? {
+            let (k, _) = row.map_err(e)?;
+            let name = k.value();
+            out.push(name.parse().map_err(|x: String| {
+                e(format!(
+                    "capabilities table: '{name}' is not a capability name: {x}"
+                ))
+            })?);
+        }
+        Ok(out)
     }
 
     /// Agents seen since `since_ms`.
@@ -337,6 +372,23 @@ mod tests {
             "keys are per submitter"
         );
         assert_eq!(s.known_agents(50).unwrap(), vec!["agent1@x".to_owned()]);
+        assert_eq!(
+            s.known_capabilities().unwrap(),
+            Vec::<CapabilityName>::new()
+        );
+        let caps: Vec<CapabilityName> = vec!["b.two".parse().unwrap(), "a.one".parse().unwrap()];
+        s.saw_capabilities(&caps, 7).unwrap();
+        s.saw_capabilities(&caps[..1], 9).unwrap();
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(
+            s.known_capabilities().unwrap(),
+            vec![
+                "a.one".parse::<CapabilityName>().unwrap(),
+                "b.two".parse().unwrap()
+            ],
+            "capabilities are remembered across a reopening, in name order"
+        );
         let mut done = a.clone();
         done.state = JobState::Succeeded;
         s.put(&[&done]).unwrap();

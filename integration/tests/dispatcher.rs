@@ -270,9 +270,21 @@ async fn discovery_ranks_by_load_and_strangers_are_forbidden() {
     let e = SpineError::from_stanza_error(&err).unwrap().unwrap();
     assert_eq!(e.condition, Condition::NotAuthorized);
 
-    // Unknown capability: accepted, then failed with no-agent after the configured wait.
+    // A capability no agent ever offered: refused at once (issue 15, item 7)...
+    let id = w
+        .send_set(
+            &dispatcher_jid(),
+            Submit::new("nobody.offers".parse().unwrap()),
+        )
+        .await;
+    let err = w.wait_reply(&id).await.unwrap_err();
+    let e = SpineError::from_stanza_error(&err).unwrap().unwrap();
+    assert_eq!(e.condition, Condition::UnknownCapability);
+    // ... unless the submitter waits for an agent: accepted, then failed with no-agent after
+    // the configured wait.
     let mut unknown = Submit::new("nobody.offers".parse().unwrap());
     unknown.watch = true;
+    unknown.wait_for_agent = true;
     let id = w.send_set(&dispatcher_jid(), unknown).await;
     w.wait_reply(&id).await.unwrap();
     let st = final_status(&mut w, PATIENCE)
@@ -425,7 +437,7 @@ async fn http_api_submit_follow_cancel_and_errors() {
         "POST",
         format!("{base}/v1/jobs"),
         None,
-        Some(r#"{"capability":"nobody.here"}"#),
+        Some(r#"{"capability":"nobody.here","wait_for_agent":true}"#),
     )
     .await;
     let qid = q["id"].as_str().unwrap();
@@ -598,6 +610,14 @@ async fn http_tokens_and_capability_permissions() {
         .as_str()
         .unwrap()
         .contains("may not run work.sleep"));
+    // Allowed, but no agent ever offered it: 422, after the token checks.
+    let (st, b) = http("POST", url.clone(), Some("0123456789abcdef-web"), body).await;
+    assert_eq!(
+        (st, b["error"].as_str()),
+        (422, Some("unknown-capability")),
+        "{b}"
+    );
+    let body = Some(r#"{"capability":"work.sleep","wait_for_agent":true}"#);
     let (st, b) = http("POST", url.clone(), Some("0123456789abcdef-web"), body).await;
     assert_eq!(st, 202, "{b}");
     let (st, _) = http("GET", format!("http://{addr}/healthz"), None, None).await;
@@ -1149,7 +1169,7 @@ async fn every_ended_job_has_one_audit_line() {
         "POST",
         format!("{base}/v1/jobs"),
         None,
-        Some(r#"{"capability":"work.none"}"#),
+        Some(r#"{"capability":"work.none","wait_for_agent":true}"#),
     )
     .await;
     let none = none["id"].as_str().unwrap().to_owned();

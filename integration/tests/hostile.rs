@@ -181,21 +181,17 @@ async fn the_dispatcher_answers_bad_requests_precisely_and_keeps_serving() {
     assert_eq!(se.condition, Condition::BadArguments);
     assert_eq!(se.field.as_deref(), Some("args"));
 
-    // A flood: 3,000 status queries and 300 submissions of a capability nobody offers (its
-    // queue holds 50), all sent at once.
+    // A flood: 3,000 status queries and 300 submissions of a capability nobody offers, which
+    // wait for an agent (its queue holds 50), all sent at once.
     for i in 0..3000 {
         let st = el(&format!("<status xmlns='{NS}' job='nope-{i}'/>"));
         f.conn.send(iq(false, &format!("st{i}"), &to, st)).await;
     }
     for i in 0..300 {
+        let mut s = Submit::new("nobody.offers".parse().unwrap());
+        s.wait_for_agent = true;
         f.conn
-            .send(
-                Iq::from_set(
-                    format!("q{i}"),
-                    Submit::new("nobody.offers".parse().unwrap()),
-                )
-                .with_to(to.clone()),
-            )
+            .send(Iq::from_set(format!("q{i}"), s).with_to(to.clone()))
             .await;
     }
     // Meanwhile another submitter's job runs.

@@ -546,7 +546,8 @@ async fn one_token_cannot_fill_the_queue_and_bounds_name_the_field() {
     )
     .await;
     let api = Api::new(&base);
-    let job = serde_json::json!({"capability": "nobody.offers"});
+    // Nobody offers it: the jobs wait for an agent, as `wait_for_agent` asks.
+    let job = serde_json::json!({"capability": "nobody.offers", "wait_for_agent": true});
 
     let (mut accepted, mut full) = (0, 0);
     for _ in 0..50 {
@@ -574,7 +575,7 @@ async fn one_token_cannot_fill_the_queue_and_bounds_name_the_field() {
     let to = jid("dispatcher@localhost/d1");
     let mut w = TestDispatcher::new(server.client("webapp", "pw-w").await).await;
     let s = el(&format!(
-        "<submit xmlns='{NS}' capability='nobody.offers'/>"
+        "<submit xmlns='{NS}' capability='nobody.offers' wait-for-agent='true'/>"
     ));
     w.conn.send(set("x1", &to, s)).await;
     w.wait_reply("x1")
@@ -601,7 +602,7 @@ async fn one_token_cannot_fill_the_queue_and_bounds_name_the_field() {
             "{v}"
         );
     }
-    let ok = serde_json::json!({"capability": "nobody.offers", "max_attempts": 2, "priority": 5});
+    let ok = serde_json::json!({"capability": "nobody.offers", "max_attempts": 2, "priority": 5, "wait_for_agent": true});
     assert_eq!(api.submit(small, ok.clone()).await.0, 202);
     assert_eq!(api.submit(small, ok.clone()).await.0, 202);
     assert_eq!(api.submit(small, ok).await.0, 429, "its own share is 2");

@@ -510,9 +510,9 @@ async fn open_stream(port: u16, token: &str, job: &str) -> Result<TcpStream, (u1
 }
 
 /// A queued job of `capability`, submitted with `token` (no agent offers the capability: it
-/// waits `no_agent_wait`).
+/// waits `no_agent_wait`, as `wait_for_agent` asks).
 async fn queued_job(port: u16, token: &str, capability: &str) -> String {
-    let job = format!(r#"{{"capability": "{capability}"}}"#);
+    let job = format!(r#"{{"capability": "{capability}", "wait_for_agent": true}}"#);
     let (got, body) = answer(local(port), "POST", "/v1/jobs", Some(token), &job).await;
     assert_eq!(got, 202, "{body}");
     json(&body)["id"].as_str().unwrap().to_owned()

@@ -285,6 +285,10 @@ pub struct Submit {
     pub idempotency_key: Option<String>,
     /// Push progress, partial results and the final status to the submitter.
     pub watch: bool,
+    /// Accept the job even when no agent has ever offered its capabilities to this
+    /// dispatcher (which otherwise refuses it at once with `unknown-capability`): it then
+    /// waits for one like a job whose agents are momentarily absent (PROTOCOL.md §11.1).
+    pub wait_for_agent: bool,
     /// With the `all` strategy: how many capable agents to use (default: every one).
     pub limit: Option<Limit>,
     /// With the `all` strategy: how many agents run it at once (default: all at once).
@@ -311,6 +315,7 @@ impl Submit {
             max_attempts: None,
             idempotency_key: None,
             watch: false,
+            wait_for_agent: false,
             limit: None,
             batch: None,
             mapreduce: None,
@@ -358,6 +363,7 @@ impl TryFrom<Element> for Submit {
             ));
         }
         let watch = r.opt("watch")?.unwrap_or(false);
+        let wait_for_agent = r.opt("wait-for-agent")?.unwrap_or(false);
         let limit: Option<Limit> = r.opt("limit")?;
         let batch: Option<u64> = r.opt("batch")?;
         if batch == Some(0) {
@@ -407,6 +413,7 @@ impl TryFrom<Element> for Submit {
             max_attempts,
             idempotency_key,
             watch,
+            wait_for_agent,
             limit,
             batch,
             mapreduce,
@@ -432,6 +439,7 @@ impl From<Submit> for Element {
             .opt("max-attempts", s.max_attempts)
             .opt("idempotency-key", s.idempotency_key.as_deref())
             .opt("watch", s.watch.then_some(true))
+            .opt("wait-for-agent", s.wait_for_agent.then_some(true))
             .opt("limit", s.limit)
             .opt("batch", s.batch)
             .opt("reduce", s.mapreduce.as_ref().map(|m| m.reduce.as_str()))

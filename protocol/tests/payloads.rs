@@ -200,6 +200,17 @@ fn submit_literal() {
         (s.strategy, s.affinity_key.as_deref(), s.priority),
         (Strategy::Affinity, Some("user-7"), -3)
     );
+    assert!(!s.wait_for_agent, "wait-for-agent defaults to false");
+    let s = Submit::try_from(el(
+        "<submit xmlns='urn:spine:1' capability='report.pdf' wait-for-agent='true'/>",
+    ))
+    .unwrap();
+    assert!(s.wait_for_agent);
+    let e = Element::from(s.clone());
+    assert_eq!(e.attr("wait-for-agent"), Some("true"));
+    assert_eq!(Submit::try_from(e).unwrap(), s);
+    let plain = Element::from(Submit::new("report.pdf".parse().unwrap()));
+    assert_eq!(plain.attr("wait-for-agent"), None, "false is left out");
 }
 
 #[test]
@@ -354,6 +365,7 @@ const INVALID: &[(&str, &str)] = &[
     ("<submit xmlns='urn:spine:1' capability='c' reduce='R'/>", "attribute 'reduce'='R' is invalid: segment 'R' must start"),
     ("<submit xmlns='urn:spine:1' capability='c' strategy='all' reduce='r'/>", "the all strategy cannot be a map/reduce"),
     ("<submit xmlns='urn:spine:1' capability='c' priority='high'/>", "decimal integer"),
+    ("<submit xmlns='urn:spine:1' capability='c' wait-for-agent='yes'/>", "attribute 'wait-for-agent'='yes' is invalid"),
     ("<accepted xmlns='urn:spine:1' job='a' state='done'/>", "unknown job state"),
     ("<job-status xmlns='urn:spine:1' job='a' capability='c' state='running' attempts='1'><failure condition='failed'/></job-status>", "does not go with a <failure>"),
     ("<job-status xmlns='urn:spine:1' job='a' capability='c' state='failed' attempts='1'><result job='a' attempt='1'/></job-status>", "does not go with a <result>"),

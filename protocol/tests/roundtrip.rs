@@ -300,6 +300,8 @@ fn submit() -> impl Strategy<Value = Submit> {
                     max_attempts,
                     idempotency_key,
                     watch,
+                    // Drawn from the priority's bits, like the map/reduce below.
+                    wait_for_agent: priority % 5 == 0,
                     limit,
                     batch,
                     mapreduce,
