@@ -20,13 +20,7 @@ const FRAGMENT_BYTES: u64 = 4096;
 const FAN_IN: u64 = 4;
 
 /// Runs both workloads; results go in `out_dir` (named in the output when `kept`).
-pub async fn run(
-    api: &spine_client::Client,
-    agents: usize,
-    out_dir: &Path,
-    kept: bool,
-) -> Result<()> {
-    wait_for_agents(api, agents).await?;
+pub async fn run(api: &spine_client::Client, out_dir: &Path, kept: bool) -> Result<()> {
     let shown = |p: &Path| {
         if kept {
             format!(" → {}", p.display())
@@ -39,7 +33,7 @@ pub async fn run(
 }
 
 /// Until every local agent offers the demo capabilities (at most 30 s).
-async fn wait_for_agents(api: &spine_client::Client, agents: usize) -> Result<()> {
+pub(crate) async fn wait_for_agents(api: &spine_client::Client, agents: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let caps = api

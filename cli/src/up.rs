@@ -123,6 +123,10 @@ pub fn run(args: UpArgs) -> Result<()> {
         })
         .await?;
         let (xmpp, http) = (farm.xmpp, farm.http);
+        // Ready means ready: the banner (and a script's first submission) comes after every
+        // local agent has registered, so no job meets an unknown capability.
+        let api = spine_client::Client::new(&format!("http://{http}"), None)?;
+        crate::demo::wait_for_agents(&api, n_agents).await?;
         println!("spine up: XMPP server {xmpp} (domain localhost), HTTP API http://{http}, {n_agents} agents with {} slots each", args.slots);
         println!("capabilities: text.upper, hash.sha256, image.thumbnail, image.resize, image.grayscale, image.blur, image.contact-sheet, wordcount.split, wordcount.map, wordcount.reduce");
         println!("try: spine submit text.upper --input FILE --wait --api http://{http}");
@@ -131,10 +135,9 @@ pub fn run(args: UpArgs) -> Result<()> {
         let _ = std::io::stdout().flush();
 
         let outcome = if args.demo {
-            let api = spine_client::Client::new(&format!("http://{http}"), None)?;
             let started = std::time::Instant::now();
             tokio::select! {
-                r = crate::demo::run(&api, n_agents, &data_dir, temp.is_none()) => {
+                r = crate::demo::run(&api, &data_dir, temp.is_none()) => {
                     match &r {
                         Ok(()) => println!("demo finished in {:.2} s{}", started.elapsed().as_secs_f64(),
                             if temp.is_some() { " (pass --data-dir DIR to keep its results)" } else { "" }),
