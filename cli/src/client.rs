@@ -69,6 +69,10 @@ pub struct SubmitArgs {
     /// Idempotency key: submitting twice with it yields one job.
     #[arg(long)]
     idempotency_key: Option<String>,
+    /// Queue the job even if no agent has ever offered the capability (by default such a
+    /// submission is refused at once with unknown-capability).
+    #[arg(long)]
+    wait_for_agent: bool,
     /// Wait for the outcome (with a progress bar) and print the output.
     #[arg(long)]
     wait: bool,
@@ -151,6 +155,9 @@ pub fn submit(a: SubmitArgs) -> Result<bool> {
         }
         if let Some(p) = a.priority {
             body["priority"] = json!(p);
+        }
+        if a.wait_for_agent {
+            body["wait_for_agent"] = json!(true);
         }
         let id = c.submit(&body).await?;
         if !a.wait {
