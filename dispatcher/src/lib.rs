@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod config;
+mod deliver;
 pub mod error;
 pub mod http;
 pub mod jobs;

@@ -33,6 +33,7 @@ use xmpp_parsers::presence::{Presence, Type as PresenceType};
 use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
 use crate::config::DispatcherConfig;
+use crate::deliver::{Out, Via};
 use crate::error::DispatcherError;
 use crate::http::{job_json, Command, Handle, JobEvent};
 use crate::jobs::{Advance, AfterFailure, JobRecord, JobSpec, JobTable, Recorded, SessionLost};
@@ -104,6 +105,8 @@ struct Runtime {
     chunk_iqs: HashMap<String, u64>,
     pings: HashMap<String, (FullJid, Instant)>,
     blobs: BlobStore,
+    /// Large outputs on their way to XMPP submitters, ahead of their statuses (crate::deliver).
+    deliveries: crate::deliver::Deliveries,
     no_agent_since: HashMap<JobId, u64>,
     policy: Policy,
     next_id: u64,
@@ -266,6 +269,7 @@ async fn run_inner(
     drop(cmd_tx);
     let mut rt = Runtime {
         blobs: BlobStore::with_limits(cfg.blob_limits(BLOB_IDLE_TTL)),
+        deliveries: crate::deliver::Deliveries::new(),
         cfg,
         conn,
         registry,
@@ -368,6 +372,8 @@ impl Runtime {
                 );
                 self.on_session_start().await;
                 self.resend_in_flight().await;
+                self.deliveries.on_session_reset(Instant::now());
+                self.pump_deliveries().await;
             }
             Some(Event::Stream(_)) => {}
             None => {
@@ -505,6 +511,11 @@ impl Runtime {
                     }
                 } else if let Some(key) = self.chunk_ack_key(&id, from.as_ref()) {
                     self.on_chunk_reply(key, None).await?;
+                } else if self
+                    .deliveries
+                    .on_reply(&id, from.as_ref(), None, Instant::now())
+                {
+                    self.pump_deliveries().await;
                 } else if self.sent.contains_key(&id) {
                     warn!(from = %show_jid(from.as_ref()), "ignoring a job result from the wrong sender");
                 } else if let Some(job) = payload
@@ -532,6 +543,11 @@ impl Runtime {
                     }
                 } else if let Some(key) = self.chunk_ack_key(&id, from.as_ref()) {
                     self.on_chunk_reply(key, Some(error)).await?;
+                } else if self
+                    .deliveries
+                    .on_reply(&id, from.as_ref(), Some(&error), Instant::now())
+                {
+                    self.pump_deliveries().await;
                 }
             }
             Stanza::Iq(Iq::Set {
@@ -1338,6 +1354,8 @@ impl Runtime {
         let instant = Instant::now();
         // Idle blobs go even when no chunk comes (in deadline order: nothing is scanned).
         self.blobs.expire(instant);
+        // Outputs to submitters that stopped acknowledging chunks are given up.
+        self.pump_deliveries().await;
         for agent in self.registry.check_silent(instant) {
             let id = self.iq_id("ping");
             self.pings.insert(id.clone(), (agent.clone(), instant));
@@ -1399,7 +1417,8 @@ impl Runtime {
                 attempt: job.attempts.max(1),
                 elapsed_ms: *elapsed_ms,
                 meta: meta.clone().into(),
-                // Outputs over the inline limit would break stanza limits: fetch them over HTTP.
+                // Outputs over the inline limit would break stanza limits: `send_status` sends
+                // them in chunks ahead of the status, which then references them.
                 output: (!output.is_empty() && output.len() <= INLINE_LIMIT).then(|| {
                     Data::Inline {
                         mime: mime.clone(),
@@ -1470,20 +1489,63 @@ impl Runtime {
         let Some(watch) = rec.spec.watch.as_deref().and_then(|w| Jid::new(w).ok()) else {
             return;
         };
-        let mut status = self.status(rec);
-        // Large outputs are not pushed in a message (stanza limits): the watcher asks for them.
-        if let Some(Outcome::Result(r)) = &mut status.outcome {
-            if r.output
-                .as_ref()
-                .is_some_and(|o| o.len() > INLINE_LIMIT as u64)
-            {
-                r.output = None;
-            }
+        // A watch message is never refused (it waits its turn behind other transfers).
+        if let Err(e) = self.send_status(watch, Via::Message, job).await {
+            warn!(job = %job, "final status not sent: {e}");
         }
-        let mut m = Message::new(Some(watch));
-        m.type_ = MessageType::Normal;
-        m.payloads.push(status.into());
-        self.send(m).await;
+    }
+
+    /// Sends `job`'s `<job-status>` to an XMPP submitter, `via` a reply to its `<status>` or a
+    /// watch message: at once, or, when the output is over the inline limit, after the output
+    /// in chunks (PROTOCOL.md §11.3; crate::deliver), the status then referencing that blob,
+    /// or saying the output was left out if the submitter did not take it. `Err`: a reply
+    /// refused because too many outputs are already on their way to `to`.
+    async fn send_status(&mut self, to: Jid, via: Via, job: &JobId) -> Result<(), SpineError> {
+        let Some(rec) = self.jobs.get(job) else {
+            return Ok(());
+        };
+        let status = self.status(rec);
+        let large = match &rec.outcome {
+            Some(Recorded::Succeeded { output, mime, .. }) if output.len() > INLINE_LIMIT => {
+                let sha256 = self.deliveries.digest(job, output);
+                Some((output.len() as u64, sha256, mime.clone()))
+            }
+            _ => None,
+        };
+        let Some((size, sha256, mime)) = large else {
+            self.send(Out::Status {
+                to,
+                via,
+                status: Box::new(status),
+            })
+            .await;
+            return Ok(());
+        };
+        let req = crate::deliver::Request {
+            to,
+            via,
+            status,
+            job: job.clone(),
+            size,
+            sha256,
+            mime,
+        };
+        self.deliveries.offer(req, Instant::now())?;
+        self.pump_deliveries().await;
+        Ok(())
+    }
+
+    /// Sends what the transfers of large outputs to submitters have ready: chunks, and the
+    /// statuses of the transfers that ended.
+    async fn pump_deliveries(&mut self) {
+        let jobs = &self.jobs;
+        let held = |job: &JobId| match jobs.get(job).and_then(|j| j.outcome.as_ref()) {
+            Some(Recorded::Succeeded { output, .. }) => Some(output.as_slice()),
+            _ => None,
+        };
+        for out in self.deliveries.poll(held, Instant::now()) {
+            self.send(out).await;
+        }
     }
 
     /// What `from` may do as a submitter (`submitters` and `[[submitter]]`).
@@ -1933,9 +1995,13 @@ impl Runtime {
                 self.reply_error(from, id, e).await
             }
             Ok(Payload::Status(Status { job })) => match self.jobs.get(&job) {
-                Some(rec) => {
-                    let st = self.status(rec);
-                    self.send(Iq::from_result(id, Some(st)).with_to(from)).await;
+                Some(_) => {
+                    if let Err(e) = self
+                        .send_status(from.clone(), Via::Reply(id.clone()), &job)
+                        .await
+                    {
+                        self.reply_error(from, id, e).await;
+                    }
                 }
                 None => {
                     self.reply_error(

@@ -1,15 +1,18 @@
 //! A test-side dispatcher: a real XMPP client that speaks docs/PROTOCOL.md with the
-//! `spine-protocol` types, to drive agents before (and besides) the real dispatcher. It keeps
-//! every stanza it did not consume in a backlog, acknowledges `<chunk/>` uploads and assembles
-//! their blobs.
+//! `spine-protocol` types, to drive agents before (and besides) the real dispatcher, and to
+//! submit to the real one. It keeps every stanza it did not consume in a backlog, acknowledges
+//! `<chunk/>` uploads and assembles their blobs with the protocol's own
+//! [`BlobStore`](spine_protocol::blob::BlobStore), as any receiver of a large output does
+//! (PROTOCOL.md §13): an agent's result, or a dispatcher's `<job-status>`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use jid::{BareJid, Jid};
-use sha2::{Digest, Sha256};
+use spine_protocol::blob::{BlobLimits, BlobStore};
 use spine_protocol::{
-    presence_payloads, Advertise, Chunk, Data, DispatcherHello, Job, JobResult, Load,
+    presence_payloads, Advertise, Chunk, Condition, Data, DispatcherHello, Job, JobId, JobResult,
+    JobStatus, Load, Outcome, SpineError, Status,
 };
 use spine_xmpp::Connection;
 use tokio::time::Instant;
@@ -17,7 +20,7 @@ use tokio_xmpp::stanzastream::Event;
 use tokio_xmpp::Stanza;
 use xmpp_parsers::iq::Iq;
 use xmpp_parsers::presence::Presence;
-use xmpp_parsers::stanza_error::StanzaError;
+use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
 use crate::PATIENCE;
 
@@ -36,8 +39,11 @@ pub struct SeenLoad {
 pub struct TestDispatcher {
     /// The connection.
     pub conn: Connection,
+    /// Answer every `<chunk/>` with `service-unavailable`, as an XMPP client that does not
+    /// implement PROTOCOL.md §13 does (slixmpp's default for an unknown IQ).
+    pub refuse_chunks: bool,
     backlog: VecDeque<Stanza>,
-    blobs: HashMap<String, Vec<u8>>,
+    blobs: BlobStore,
     next: u64,
 }
 
@@ -45,10 +51,20 @@ impl TestDispatcher {
     /// Wraps a logged-in connection (initial presence is sent here).
     pub async fn new(conn: Connection) -> Self {
         conn.send(Presence::available()).await;
+        // Generous bounds: tests leave results unread, and send large outputs on purpose.
+        let limits = BlobLimits {
+            max_size: 1 << 30,
+            per_sender: 4096,
+            per_sender_bytes: u64::MAX,
+            total: 65536,
+            total_bytes: u64::MAX,
+            idle_ttl: Duration::from_secs(600),
+        };
         TestDispatcher {
             conn,
+            refuse_chunks: false,
             backlog: VecDeque::new(),
-            blobs: HashMap::new(),
+            blobs: BlobStore::with_limits(limits),
             next: 0,
         }
     }
@@ -81,25 +97,35 @@ impl TestDispatcher {
                 }))))
                     if payload.is("chunk", spine_protocol::NS) =>
                 {
-                    match Chunk::try_from(payload) {
-                        Ok(c) => {
-                            let buf = self
-                                .blobs
-                                .entry(c.blob.to_string())
-                                .or_insert_with(|| vec![0; c.total as usize]);
-                            let start = c.offset as usize;
-                            buf[start..start + c.bytes.len()].copy_from_slice(&c.bytes);
-                            self.conn.send(Iq::empty_result(from, id)).await;
-                        }
-                        Err(e) => {
-                            self.conn
-                                .send(
-                                    Iq::from_error(id, StanzaError::from(e.to_spine_error()))
-                                        .with_to(from),
+                    let stored = if self.refuse_chunks {
+                        Err(None)
+                    } else {
+                        Chunk::try_from(payload)
+                            .map_err(|e| e.to_spine_error())
+                            .and_then(|c| {
+                                self.blobs.put(
+                                    from.to_bare().as_str(),
+                                    c,
+                                    std::time::Instant::now(),
                                 )
-                                .await;
-                        }
-                    }
+                            })
+                            .map_err(Some)
+                    };
+                    let reply = match stored {
+                        Ok(()) => Iq::empty_result(from, id),
+                        Err(Some(e)) => Iq::from_error(id, StanzaError::from(e)).with_to(from),
+                        Err(None) => Iq::from_error(
+                            id,
+                            StanzaError::new(
+                                ErrorType::Cancel,
+                                DefinedCondition::ServiceUnavailable,
+                                "en",
+                                "no handler for this IQ",
+                            ),
+                        )
+                        .with_to(from),
+                    };
+                    self.conn.send(reply).await;
                 }
                 Ok(Some(Event::Stanza(st))) => return Some(st),
                 // A new session after a reconnect: available again, or bare-JID presence
@@ -215,24 +241,102 @@ impl TestDispatcher {
         .await
     }
 
+    /// Waits for the reply to IQ `id` with its sender.
+    async fn wait_reply_from(
+        &mut self,
+        id: &str,
+    ) -> (Option<Jid>, Result<Option<minidom::Element>, StanzaError>) {
+        self.wait_for(&format!("reply to {id}"), |st| match st {
+            Stanza::Iq(Iq::Result {
+                id: got,
+                from,
+                payload,
+                ..
+            }) if got == id => Some((from.clone(), Ok(payload.clone()))),
+            Stanza::Iq(Iq::Error {
+                id: got,
+                from,
+                error,
+                ..
+            }) if got == id => Some((from.clone(), Err(error.clone()))),
+            _ => None,
+        })
+        .await
+    }
+
     /// Waits for a job's result; a blob output is replaced by its assembled bytes (after the
     /// sha256 and size are checked).
     pub async fn wait_result(&mut self, id: &str) -> Result<JobResult, StanzaError> {
-        let payload = self.wait_reply(id).await?;
-        let mut r = JobResult::try_from(payload.expect("result payload")).expect("valid <result/>");
-        if let Some(Data::Blob(b)) = &r.output {
-            let bytes = self
-                .blobs
-                .remove(b.blob.as_str())
-                .expect("blob chunks arrived before the result");
-            assert_eq!(bytes.len() as u64, b.size, "blob size");
-            let digest: [u8; 32] = Sha256::digest(&bytes).into();
-            assert_eq!(digest, b.sha256, "blob sha256");
-            r.output = Some(Data::Inline {
-                mime: b.mime.clone(),
-                bytes,
-            });
+        let (from, payload) = self.wait_reply_from(id).await;
+        let mut r =
+            JobResult::try_from(payload?.expect("result payload")).expect("valid <result/>");
+        if let Some(out) = r.output.take() {
+            r.output = Some(self.resolve(from.as_ref(), out).expect("the output's blob"));
         }
         Ok(r)
+    }
+
+    /// `data` with a blob reference from `from` replaced by the blob's bytes, which must have
+    /// arrived in chunks before the reference, complete, of its size and SHA-256.
+    pub fn resolve(&mut self, from: Option<&Jid>, data: Data) -> Result<Data, SpineError> {
+        let Some(from) = from else {
+            return Err(SpineError::new(Condition::Malformed)
+                .with_text("a stanza without a sender referenced a blob"));
+        };
+        let (bytes, mime) = self.blobs.resolve(from.to_bare().as_str(), data)?;
+        Ok(Data::Inline { mime, bytes })
+    }
+
+    /// A `<job-status>` from `from` with its output whole: a blob output (PROTOCOL.md §11.3,
+    /// an output over the inline limit sent in chunks first) becomes inline bytes.
+    pub fn resolve_status(
+        &mut self,
+        from: Option<&Jid>,
+        mut st: JobStatus,
+    ) -> Result<JobStatus, SpineError> {
+        if let Some(Outcome::Result(r)) = &mut st.outcome {
+            if let Some(out) = r.output.take() {
+                r.output = Some(self.resolve(from, out)?);
+            }
+        }
+        Ok(st)
+    }
+
+    /// Asks `dispatcher` for the status of `job`; a large output comes whole (see
+    /// [`resolve_status`](Self::resolve_status)).
+    pub async fn status(
+        &mut self,
+        dispatcher: &Jid,
+        job: &JobId,
+    ) -> Result<JobStatus, StanzaError> {
+        self.next += 1;
+        let id = format!("status-{}", self.next);
+        self.conn
+            .send(Iq::from_get(id.clone(), Status { job: job.clone() }).with_to(dispatcher.clone()))
+            .await;
+        let (from, payload) = self.wait_reply_from(&id).await;
+        let st = JobStatus::try_from(payload?.expect("a <job-status/> payload"))
+            .expect("valid <job-status/>");
+        Ok(self
+            .resolve_status(from.as_ref(), st)
+            .unwrap_or_else(|e| panic!("the status of {job} references a blob: {e}")))
+    }
+
+    /// Waits for the `<job-status>` message of `job` in a final state (watch mode, PROTOCOL.md
+    /// §11.4); a large output comes whole (see [`resolve_status`](Self::resolve_status)).
+    pub async fn wait_final_status(&mut self, job: &JobId) -> JobStatus {
+        let (from, st) = self
+            .wait_for(&format!("final status of {job}"), |st| match st {
+                Stanza::Message(m) => m.payloads.iter().find_map(|p| {
+                    JobStatus::try_from(p.clone())
+                        .ok()
+                        .filter(|s| &s.job == job && s.state.is_final())
+                        .map(|s| (m.from.clone(), s))
+                }),
+                _ => None,
+            })
+            .await;
+        self.resolve_status(from.as_ref(), st)
+            .unwrap_or_else(|e| panic!("the final status of {job} references a blob: {e}"))
     }
 }

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::{BlobId, BlobRef, Chunk, Condition, SpineError, INLINE_LIMIT};
+use crate::{BlobId, BlobRef, Chunk, Condition, Data, SpineError, INLINE_LIMIT};
 
 /// What a [`BlobStore`] may hold. A blob is *open* from its first chunk until a reference takes
 /// it or it expires; it counts against these bounds with the size its chunks announce
@@ -327,6 +327,22 @@ impl BlobStore {
         Ok(bytes)
     }
 
+    /// The bytes and MIME type that an `<input>` or `<output>` from `from` stands for: inline
+    /// data as it came, a blob reference [taken](Self::take) from the blobs `from` sent before
+    /// it (complete, of the referenced size and SHA-256, or `malformed`). What a receiver of a
+    /// referencing stanza (a dispatcher reading a result, a submitter reading a status) does
+    /// with every `Data` it gets.
+    pub fn resolve(
+        &mut self,
+        from: &str,
+        data: Data,
+    ) -> Result<(Vec<u8>, Option<String>), SpineError> {
+        match data {
+            Data::Inline { mime, bytes } => Ok((bytes, mime)),
+            Data::Blob(r) => self.take(from, &r).map(|bytes| (bytes, r.mime)),
+        }
+    }
+
     /// Drops the blobs idle for longer than the limit, oldest first, stopping at the first one
     /// still in time.
     pub fn expire(&mut self, now: Instant) {
@@ -516,6 +532,40 @@ mod tests {
         assert_eq!(last.unwrap_err().condition, Condition::Busy);
         // A resent chunk is still taken.
         s.put("a@x", chunk("b", 0, 1 << 20, 1), now).unwrap();
+    }
+
+    /// What a submitter does with a `<job-status>` output: inline as it came, a reference
+    /// resolved from the sender's chunks, checked.
+    #[test]
+    fn resolve_takes_inline_data_or_the_referenced_blob() {
+        let mut s = BlobStore::new(1 << 20, Duration::from_secs(60));
+        let now = Instant::now();
+        let inline = Data::Inline {
+            mime: Some("text/plain".into()),
+            bytes: b"hi".to_vec(),
+        };
+        assert_eq!(
+            s.resolve("d@x", inline).unwrap(),
+            (b"hi".to_vec(), Some("text/plain".into()))
+        );
+        let data: Vec<u8> = (0..200_000u32).map(|i| (i % 249) as u8).collect();
+        let blob: BlobId = "out-1".parse().unwrap();
+        for c in crate::chunks(&blob, &data) {
+            s.put("d@x", c, now).unwrap();
+        }
+        let r = BlobRef {
+            blob,
+            size: data.len() as u64,
+            sha256: Sha256::digest(&data).into(),
+            mime: Some("text/csv".into()),
+        };
+        let e = s.resolve("e@x", Data::Blob(r.clone())).unwrap_err();
+        assert_eq!(e.condition, Condition::Malformed, "another sender's blob");
+        assert_eq!(
+            s.resolve("d@x", Data::Blob(r.clone())).unwrap(),
+            (data, Some("text/csv".into()))
+        );
+        assert!(s.resolve("d@x", Data::Blob(r)).is_err(), "taken once");
     }
 
     #[test]

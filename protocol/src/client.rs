@@ -522,6 +522,72 @@ pub enum Outcome {
     Result(JobResult),
     /// It failed, was cancelled or timed out.
     Failure(Failure),
+    /// It succeeded, but this status does not carry its output: too large to travel inline,
+    /// and it could not be sent in chunks first (PROTOCOL.md §11.3). The result without its
+    /// output (a `Some` output is left out when serialised), and what was left out.
+    Truncated(JobResult, TruncatedOutput),
+}
+
+/// An output a `<job-status>` left out: `<output truncated='true' size='…' sha256='…'/>` in
+/// its `<result>` (PROTOCOL.md §11.3). A dispatcher sends it instead of the bytes only when the
+/// submitter did not take them in chunks (it refused them, or did not acknowledge them in
+/// time); the output is still the job's, whole, at the dispatcher's HTTP API
+/// (`GET /v1/jobs/{id}`). Never silence: a receiver knows how much it did not get.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TruncatedOutput {
+    /// The whole output's length in bytes.
+    pub size: u64,
+    /// Its SHA-256, to check a copy fetched another way.
+    pub sha256: [u8; 32],
+    /// Its MIME type, if known.
+    pub mime: Option<String>,
+}
+
+impl TruncatedOutput {
+    fn parse(el: &Element) -> Result<Self, ParseError> {
+        let mut r = Reader::unchecked(el, "output");
+        if !r.req::<bool>("truncated")? {
+            return Err(r.invalid("truncated", "an output left out says truncated='true'"));
+        }
+        let size = r.req("size")?;
+        let sha256 = r.req::<crate::data::Sha256Hex>("sha256")?.0;
+        let mime = r.opt::<crate::data::Mime>("type")?.map(|m| m.0);
+        r.no_text()?;
+        r.no_children()?;
+        r.finish()?;
+        Ok(TruncatedOutput { size, sha256, mime })
+    }
+
+    fn to_element(&self) -> Element {
+        Builder::new("output")
+            .opt("type", self.mime.as_deref())
+            .attr("size", self.size)
+            .attr("sha256", crate::data::hex(&self.sha256))
+            .attr("truncated", true)
+            .build()
+    }
+}
+
+/// The outcome a `<result>` inside a `<job-status>` stands for: a result, or one whose
+/// `<output>` says it was left out.
+fn status_result(c: &Element) -> Result<Outcome, ParseError> {
+    let truncated = c
+        .children()
+        .find(|o| o.is("output", crate::NS) && o.attr("truncated").is_some());
+    let Some(t) = truncated else {
+        return Ok(Outcome::Result(JobResult::try_from(c.clone())?));
+    };
+    let left_out = TruncatedOutput::parse(t)?;
+    let mut rest = c.clone();
+    rest.remove_child("output", crate::NS);
+    let result = JobResult::try_from(rest)?;
+    if result.output.is_some() {
+        return Err(ParseError::DuplicateChild {
+            element: "result",
+            child: "output",
+        });
+    }
+    Ok(Outcome::Truncated(result, left_out))
 }
 
 /// `<job-status/>`: a job's state, attempts and, once final, its outcome.
@@ -561,7 +627,7 @@ impl TryFrom<Element> for JobStatus {
         for c in r.children() {
             let c = c?;
             let o = match c.name() {
-                "result" => Outcome::Result(JobResult::try_from(c.clone())?),
+                "result" => status_result(c)?,
                 "failure" => {
                     let mut fr = Reader::unchecked(c, "failure");
                     let condition = fr.req("condition")?;
@@ -581,7 +647,7 @@ impl TryFrom<Element> for JobStatus {
         }
         let fits = match (&outcome, state) {
             (None, s) => !s.is_final() || s == JobState::Succeeded,
-            (Some(Outcome::Result(_)), JobState::Succeeded) => true,
+            (Some(Outcome::Result(_) | Outcome::Truncated(..)), JobState::Succeeded) => true,
             (Some(Outcome::Failure(_)), s) => s.is_final() && s != JobState::Succeeded,
             _ => false,
         };
@@ -592,7 +658,7 @@ impl TryFrom<Element> for JobStatus {
                     "state '{state}' does not go with {}",
                     match outcome {
                         None => "no outcome",
-                        Some(Outcome::Result(_)) => "a <result>",
+                        Some(Outcome::Result(_) | Outcome::Truncated(..)) => "a <result>",
                         Some(Outcome::Failure(_)) => "a <failure>",
                     }
                 ),
@@ -622,6 +688,12 @@ impl From<JobStatus> for Element {
             .opt("percent", s.percent.map(u64::from));
         match s.outcome {
             Some(Outcome::Result(r)) => b = b.child(r.into()),
+            Some(Outcome::Truncated(mut r, left_out)) => {
+                r.output = None;
+                let mut el = Element::from(r);
+                el.append_child(left_out.to_element());
+                b = b.child(el)
+            }
             Some(Outcome::Failure(f)) => {
                 b = b.child(
                     Builder::new("failure")
