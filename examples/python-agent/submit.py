@@ -60,6 +60,13 @@ class Submitter(slixmpp.ClientXMPP):
             return
         if status.get("state") == "succeeded":
             out = status.find(f"{{{NS}}}result/{{{NS}}}output")
+            if out is not None and (out.get("truncated") == "true" or out.get("blob")):
+                # Over 64 KiB: sent as chunks (PROTOCOL.md §13.1), which this small client
+                # does not take, so the dispatcher marked it left out. Never print nothing.
+                self.finish(1, f"job {self.job} succeeded, but its output ({out.get('size')} bytes) "
+                               "is larger than 64 KiB and this client does not assemble chunks: "
+                               f"fetch it with GET /v1/jobs/{self.job} over HTTP")
+                return
             data = base64.b64decode(out.text or "") if out is not None else b""
             sys.stdout.buffer.write(data)
             sys.stdout.flush()
