@@ -64,9 +64,7 @@ impl AuditLog {
         let (condition, message) = match &j.outcome {
             Some(Recorded::Failure {
                 condition, message, ..
-            }) => {
-                (Some(condition.as_str()), message.as_deref())
-            }
+            }) => (Some(condition.as_str()), message.as_deref()),
             _ => (None, None),
         };
         let line = json!({
