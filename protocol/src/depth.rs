@@ -193,14 +193,20 @@ impl DepthGuard {
     /// Checks `input`, the next bytes of the stream. Fails at the first start tag that would
     /// open more than the limit; the guard is then spent (the stream should be closed).
     pub fn scan(&mut self, input: &[u8]) -> Result<(), TooDeep> {
-        for &b in input {
-            // Fast path: text between tags is most of any payload.
-            if self.state == State::Text && b != b'<' {
-                continue;
+        let mut i = 0;
+        while i < input.len() {
+            // Fast path: text between tags (base64 chunks, say) is most of any payload; skip
+            // to the next '<' in one search instead of stepping byte by byte.
+            if self.state == State::Text {
+                match input[i..].iter().position(|&b| b == b'<') {
+                    Some(at) => i += at,
+                    None => return Ok(()),
+                }
             }
-            if self.step(b) == Step::Open && self.depth > self.limit {
+            if self.step(input[i]) == Step::Open && self.depth > self.limit {
                 return Err(TooDeep { limit: self.limit });
             }
+            i += 1;
         }
         Ok(())
     }
@@ -212,11 +218,22 @@ impl DepthGuard {
     /// make it drop the connection.
     pub fn filter(&mut self, input: &[u8], out: &mut Vec<u8>) {
         out.reserve(input.len() + 1);
-        for &b in input {
-            if self.eliding.is_none() && !self.held_lt && self.state == State::Text && b != b'<' {
-                out.push(b);
-                continue;
+        let mut i = 0;
+        while i < input.len() {
+            // Fast path: a run of text outside any left-out element is copied in one go.
+            if self.eliding.is_none() && !self.held_lt && self.state == State::Text {
+                let run = input[i..]
+                    .iter()
+                    .position(|&b| b == b'<')
+                    .unwrap_or(input.len() - i);
+                out.extend_from_slice(&input[i..i + run]);
+                i += run;
+                if i == input.len() {
+                    break;
+                }
             }
+            let b = input[i];
+            i += 1;
             let at_limit = self.depth >= self.limit;
             let before = self.state;
             let step = self.step(b);
