@@ -61,29 +61,7 @@ impl AuditLog {
 
     /// Queues the line of a job that ended (written by [`AuditLog::flush`]).
     pub fn record(&mut self, j: &JobRecord, now_ms: u64) {
-        let (condition, message) = match &j.outcome {
-            Some(Recorded::Failure {
-                condition, message, ..
-            }) => (Some(condition.as_str()), message.as_deref()),
-            _ => (None, None),
-        };
-        let line = json!({
-            "at_ms": now_ms,
-            "job": j.id,
-            "submitter": j.spec.submitter,
-            "capability": j.spec.capability,
-            "agent": j.agent,
-            "attempts": j.attempts,
-            "state": j.state,
-            "condition": condition,
-            "message": message,
-            "accepted_ms": j.accepted_ms,
-            "parent": j.spec.parent,
-        });
-        // Serialising a JSON value to a Vec cannot fail.
-        let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
-        bytes.push(b'\n');
-        self.pending.push((j.id.to_string(), bytes));
+        self.pending.push(line(j, now_ms));
     }
 
     /// The lines queued since the last call, for the store's outbox and then [`Self::append`].
@@ -171,6 +149,34 @@ fn open_private(path: &Path) -> std::io::Result<File> {
         .append(true)
         .mode(0o600)
         .open(path)
+}
+
+/// The audit line of a job that ended, at `now_ms`: (job id, one JSON line with its newline).
+/// Pure, so the dispatcher's core builds it and the driver writes it.
+pub fn line(j: &JobRecord, now_ms: u64) -> (String, Vec<u8>) {
+    let (condition, message) = match &j.outcome {
+        Some(Recorded::Failure {
+            condition, message, ..
+        }) => (Some(condition.as_str()), message.as_deref()),
+        _ => (None, None),
+    };
+    let line = json!({
+        "at_ms": now_ms,
+        "job": j.id,
+        "submitter": j.spec.submitter,
+        "capability": j.spec.capability,
+        "agent": j.agent,
+        "attempts": j.attempts,
+        "state": j.state,
+        "condition": condition,
+        "message": message,
+        "accepted_ms": j.accepted_ms,
+        "parent": j.spec.parent,
+    });
+    // Serialising a JSON value to a Vec cannot fail.
+    let mut bytes = serde_json::to_vec(&line).unwrap_or_default();
+    bytes.push(b'\n');
+    (j.id.to_string(), bytes)
 }
 
 #[cfg(test)]

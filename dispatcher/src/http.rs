@@ -31,7 +31,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine as _;
 use futures::{Stream, StreamExt as _};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 use spine_protocol::{
     AgentInfo, AttrName, CapabilityName, Condition, Filter, JobId, JobState, SpineError, Strategy,
@@ -112,16 +112,7 @@ pub(crate) enum Command {
     },
 }
 
-/// Something that happened to a job, for event streams.
-#[derive(Debug, Clone, Serialize)]
-pub struct JobEvent {
-    /// The job.
-    pub job: JobId,
-    /// `progress`, `partial` or `final`.
-    pub kind: &'static str,
-    /// Event data (JSON).
-    pub data: Value,
-}
+pub use crate::core::JobEvent;
 
 /// Cloneable access to the connection task, for HTTP handlers.
 #[derive(Clone)]
@@ -674,7 +665,7 @@ fn spec_from(
             let dur = humantime::parse_duration(d).map_err(|e| {
                 ApiError::field("deadline", format!("'{d}': {e} (use units, e.g. \"30s\")"))
             })?;
-            Some(crate::runtime::now_ms() + dur.as_millis() as u64)
+            Some(crate::driver::now().ms + dur.as_millis() as u64)
         }
     };
     let mapreduce = mapreduce_from(&req, strategy, caller)?;
@@ -1103,9 +1094,13 @@ async fn events(
             };
             match ev {
                 Ok(ev) if ev.job == id => {
-                    let last = ev.kind == "final";
+                    let last = ev.kind == crate::core::EventKind::Final;
                     if tx
-                        .send(SseEvent::default().event(ev.kind).data(ev.data.to_string()))
+                        .send(
+                            SseEvent::default()
+                                .event(ev.kind.as_str())
+                                .data(ev.data.to_string()),
+                        )
                         .await
                         .is_err()
                         || last

@@ -12,16 +12,17 @@
 
 pub mod audit;
 pub mod config;
+mod core;
 mod deliver;
+mod driver;
 pub mod error;
 pub mod http;
 pub mod jobs;
 pub mod policy;
 pub mod registry;
-mod runtime;
 pub mod sim;
 pub mod store;
 
 pub use config::{DispatcherConfig, DEFAULT_CONFIG};
+pub use driver::{run, Dispatcher};
 pub use error::DispatcherError;
-pub use runtime::{run, Dispatcher};

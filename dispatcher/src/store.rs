@@ -119,6 +119,86 @@ impl Store {
         tx.commit().map_err(e)
     }
 
+    /// Stores one batch of the dispatcher's changes in one durable transaction: jobs new or
+    /// changed (with new idempotency keys), jobs past their retention deleted (with their
+    /// inputs and keys), audit lines added to the outbox and those the audit file now holds
+    /// removed, agents seen and capabilities offered for the first time.
+    pub fn commit(&self, b: &Batch<'_>) -> Result<(), StoreError> {
+        let tx = self.db.begin_write().map_err(e)?;
+        {
+            let mut outbox = tx.open_table(AUDIT_OUTBOX).map_err(e)?;
+            for job in b.audited {
+                outbox.remove(job.as_str()).map_err(e)?;
+            }
+            for (job, line) in b.audit {
+                outbox.insert(job.as_str(), line.as_slice()).map_err(e)?;
+            }
+        }
+        {
+            let mut t = tx.open_table(JOBS).map_err(e)?;
+            let mut inputs = tx.open_table(INPUTS).map_err(e)?;
+            let mut idem = tx.open_table(IDEMPOTENCY).map_err(e)?;
+            for j in b.jobs {
+                let bytes = serde_json::to_vec(j).map_err(e)?;
+                t.insert(j.id.as_str(), bytes.as_slice()).map_err(e)?;
+                // The input once; dropped when the job let go of it (a started map/reduce).
+                if j.spec.input.is_empty() {
+                    inputs.remove(j.id.as_str()).map_err(e)?;
+                } else if inputs.get(j.id.as_str()).map_err(e)?.is_none() {
+                    inputs
+                        .insert(j.id.as_str(), j.spec.input.as_slice())
+                        .map_err(e)?;
+                }
+                if let Some(k) = &j.spec.idempotency_key {
+                    idem.insert(idem_key(&j.spec.submitter, k).as_str(), j.id.as_str())
+                        .map_err(e)?;
+                }
+            }
+            for id in b.delete {
+                // The key is in the stored record (the job is no longer held in memory).
+                let removed = t.remove(id.as_str()).map_err(e)?;
+                let key = removed
+                    .and_then(|v| serde_json::from_slice::<JobRecord>(v.value()).ok())
+                    .and_then(|j| {
+                        j.spec
+                            .idempotency_key
+                            .map(|k| idem_key(&j.spec.submitter, &k))
+                    });
+                if let Some(k) = key {
+                    idem.remove(k.as_str()).map_err(e)?;
+                }
+                inputs.remove(id.as_str()).map_err(e)?;
+            }
+        }
+        if !b.agents.is_empty() {
+            let mut t = tx.open_table(AGENTS).map_err(e)?;
+            for (jid, at) in b.agents {
+                t.insert(jid.as_str(), *at).map_err(e)?;
+            }
+        }
+        if !b.capabilities.is_empty() {
+            let mut t = tx.open_table(CAPABILITIES).map_err(e)?;
+            for (c, at) in b.capabilities {
+                if t.get(c.as_str()).map_err(e)?.is_none() {
+                    t.insert(c.as_str(), *at).map_err(e)?;
+                }
+            }
+        }
+        tx.commit().map_err(e)
+    }
+
+    /// Every agent (bare JID) seen, with when (ms since the UNIX epoch).
+    pub fn agents(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(AGENTS).map_err(e)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            out.push((k.value().to_owned(), v.value()));
+        }
+        Ok(out)
+    }
+
     /// The audit lines stored but perhaps not yet in the audit file (after a crash).
     pub fn audit_outbox(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let tx = self.db.begin_read().map_err(e)?;
@@ -237,6 +317,23 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// One batch of changes for [`Store::commit`].
+#[derive(Debug, Default)]
+pub struct Batch<'a> {
+    /// Jobs new or changed.
+    pub jobs: &'a [&'a JobRecord],
+    /// Jobs to forget.
+    pub delete: &'a [JobId],
+    /// Audit lines to add to the outbox: (job id, line).
+    pub audit: &'a [(String, Vec<u8>)],
+    /// Jobs whose audit lines the audit file now holds.
+    pub audited: &'a [String],
+    /// Agents (bare JIDs) seen, with when.
+    pub agents: &'a [(String, u64)],
+    /// Capabilities offered for the first time, with when.
+    pub capabilities: &'a [(CapabilityName, u64)],
 }
 
 /// Creates `dir` (and missing parents) with mode 0700, or tightens an existing one that other

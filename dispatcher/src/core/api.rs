@@ -1,0 +1,111 @@
+//! The core's API types, shared by every front end: what the core is asked ([`ApiRequest`]
+//! for changes, answered after the commit; [`Query`] for reads, answered at once) and what it
+//! says about jobs ([`JobEvent`], for event streams).
+//!
+//! The driver ([`crate::driver`]) turns each HTTP command into a call of the core and keeps
+//! its reply sender until the core's [`Ready`] names the answer (a change is answered only
+//! once it is stored).
+//!
+//! [`Ready`]: super::Ready
+
+use serde::Serialize;
+use serde_json::Value;
+use spine_protocol::{AgentInfo, AttrName, CapabilityName, Filter, JobId, JobState, SpineError};
+
+use crate::jobs::{JobRecord, JobSpec};
+use crate::policy::Capabilities;
+
+/// A request that changes jobs: answered after the changes it made are stored.
+#[derive(Debug, Clone)]
+pub(crate) enum ApiRequest {
+    /// Accept a job.
+    Submit {
+        spec: Box<JobSpec>,
+        /// Accept it even if no agent ever offered its capabilities.
+        wait_for_agent: bool,
+        /// The capabilities the caller may run (an `unknown-capability` answer lists only
+        /// those).
+        visible: Capabilities,
+    },
+    /// Cancel a job (and its children).
+    Cancel { id: JobId },
+}
+
+/// The answer to an [`ApiRequest`].
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum ApiReply {
+    /// The job accepted (or the one its idempotency key created before), with its state.
+    Submitted(Result<(JobId, JobState), SpineError>),
+    /// The cancelled job's final state.
+    Cancelled(Result<JobState, SpineError>),
+}
+
+/// Names an [`ApiRequest`] so its answer in [`super::Ready::replies`] finds its asker.
+pub(crate) type ApiToken = u64;
+
+/// A read: answered at once from the core's state, changing nothing.
+#[derive(Debug, Clone)]
+pub(crate) enum Query {
+    Get {
+        id: JobId,
+    },
+    Agents {
+        capability: CapabilityName,
+        filter: Option<Filter>,
+        sort: Option<AttrName>,
+        limit: Option<usize>,
+    },
+    Capabilities,
+    List {
+        state: Option<JobState>,
+        /// Only this submitter's jobs.
+        submitter: Option<String>,
+        limit: usize,
+    },
+    Metrics,
+}
+
+/// The answer to a [`Query`].
+#[derive(Debug)]
+pub(crate) enum Answer {
+    Job(Option<Box<JobRecord>>),
+    Agents(Vec<AgentInfo>),
+    /// Each capability with its registered agents and queued jobs.
+    Capabilities(Vec<(CapabilityName, usize, usize)>),
+    Jobs(Vec<JobRecord>),
+    Metrics(String),
+}
+
+/// What happened to a job, in an event stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    /// The agent reported progress.
+    Progress,
+    /// The agent streamed a partial result.
+    Partial,
+    /// The job ended (the data is the whole job).
+    Final,
+}
+
+impl EventKind {
+    /// The SSE event name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Progress => "progress",
+            EventKind::Partial => "partial",
+            EventKind::Final => "final",
+        }
+    }
+}
+
+/// Something that happened to a job, for event streams.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobEvent {
+    /// The job.
+    pub job: JobId,
+    /// What happened.
+    pub kind: EventKind,
+    /// Event data (JSON).
+    pub data: Value,
+}

@@ -1,0 +1,420 @@
+//! The dispatcher's core: every decision, and no I/O. No `async`, no connection, no store, no
+//! file, no clock read — rumqttc's `MqttState` and quinn-proto's `Connection` are the model.
+//!
+//! The driver ([`crate::driver`]) feeds it every input with the time as a parameter — the
+//! XMPP session's start and end ([`Core::session_started`], [`Core::session_reset`]), each
+//! stanza ([`Core::stanza`]), timers ([`Core::tick`], at [`Core::next_wake`]), each API
+//! request ([`Core::api`], [`Core::query`]) — and then takes the effects with
+//! [`Core::take_ready`]: a [`Ready`] that lists, in the order they must happen, what to store,
+//! what to send, and whom to answer. The submodules each own one concern: [`inbound`]
+//! classifies stanzas, [`agents`] keeps the fleet and its liveness, [`place`] places and
+//! dispatches queued jobs, [`outcomes`] settles attempts and moves `all` and map/reduce jobs
+//! on, [`submit`] serves submitters over XMPP and HTTP alike, [`views`] renders statuses,
+//! events and metrics, [`requests`] tracks the requests in flight.
+
+pub(crate) mod agents;
+pub(crate) mod api;
+pub(crate) mod inbound;
+mod jobs_shim;
+pub(crate) mod outcomes;
+pub(crate) mod place;
+pub(crate) mod requests;
+pub(crate) mod submit;
+#[cfg(test)]
+mod tests;
+pub(crate) mod views;
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use jid::BareJid;
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use spine_protocol::blob::BlobStore;
+use spine_protocol::{CapabilityName, JobId};
+use tokio_xmpp::Stanza;
+
+use crate::config::DispatcherConfig;
+use crate::deliver::Deliveries;
+use crate::jobs::{JobRecord, JobTable};
+use crate::policy::Policy;
+use crate::registry::Registry;
+
+pub(crate) use api::{Answer, ApiReply, ApiRequest, ApiToken, Query};
+pub use api::{EventKind, JobEvent};
+use requests::Requests;
+
+/// Incomplete blobs are dropped this long after their last chunk.
+const BLOB_IDLE_TTL: Duration = Duration::from_secs(300);
+/// After a restart, how long a job that was in flight waits for its agent to come back.
+pub(crate) const RESUME_GRACE: Duration = Duration::from_secs(10);
+/// Housekeeping without a deadline of its own (silent agents, idle blobs and output
+/// transfers, straggling map/reduce steps) runs at least this often.
+const HOUSEKEEPING: Duration = Duration::from_millis(250);
+
+/// The time, as the driver read it: wall-clock milliseconds since the UNIX epoch (recorded in
+/// jobs, deadlines, retention) and a monotonic instant (timeouts of requests and agents).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Now {
+    pub ms: u64,
+    pub mono: Instant,
+}
+
+impl Now {
+    /// This instant plus `d` (for tests and simulations in virtual time).
+    #[cfg(test)]
+    pub(crate) fn after(self, d: Duration) -> Now {
+        Now {
+            ms: self.ms + d.as_millis() as u64,
+            mono: self.mono + d,
+        }
+    }
+}
+
+/// What the core decided since the last [`Core::take_ready`], in the order the driver must
+/// act on it: **store** (`persist`, `delete`, `audit`, `agents_seen`, `capabilities_learned`,
+/// in one transaction), then **send** `stanzas`, then **answer** (`replies`, `events`).
+/// Nothing about a change leaves before the change is durable.
+#[derive(Debug, Default)]
+pub(crate) struct Ready {
+    /// Jobs new or changed (read them with [`Core::record`]).
+    pub persist: Vec<JobId>,
+    /// Jobs past their retention, to delete.
+    pub delete: Vec<JobId>,
+    /// Audit lines of jobs that ended: (job id, line).
+    pub audit: Vec<(String, Vec<u8>)>,
+    /// Agents (bare JIDs) registered, with when (ms), for the hello after a restart.
+    pub agents_seen: Vec<(String, u64)>,
+    /// Capabilities offered for the first time, with when (ms).
+    pub capabilities_learned: Vec<(CapabilityName, u64)>,
+    /// Stanzas to send, in order.
+    pub stanzas: Vec<Stanza>,
+    /// Answers to API requests.
+    pub replies: Vec<(ApiToken, ApiReply)>,
+    /// Events for the HTTP event streams.
+    pub events: Vec<JobEvent>,
+}
+
+impl Ready {
+    /// Whether anything must be stored before the rest goes out.
+    pub(crate) fn must_store(&self) -> bool {
+        !(self.persist.is_empty()
+            && self.delete.is_empty()
+            && self.audit.is_empty()
+            && self.agents_seen.is_empty()
+            && self.capabilities_learned.is_empty())
+    }
+}
+
+/// What the store held at start.
+#[derive(Debug, Default)]
+pub(crate) struct Restored {
+    pub jobs: Vec<JobRecord>,
+    /// Every capability an agent has offered.
+    pub capabilities: Vec<CapabilityName>,
+    /// Agents (bare JIDs) with when they were last seen (ms).
+    pub agents: Vec<(String, u64)>,
+}
+
+/// Dispatch latency (accepted → first dispatch), for /metrics.
+#[derive(Debug, Default)]
+pub(crate) struct Histogram {
+    pub counts: [u64; 12],
+    pub sum_s: f64,
+    pub n: u64,
+}
+
+pub(crate) const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+impl Histogram {
+    fn observe(&mut self, secs: f64) {
+        for (i, b) in BUCKETS.iter().enumerate() {
+            if secs <= *b {
+                self.counts[i] += 1;
+            }
+        }
+        self.sum_s += secs;
+        self.n += 1;
+    }
+}
+
+/// The dispatcher's state and decisions.
+pub(crate) struct Core {
+    cfg: DispatcherConfig,
+    policy: Policy,
+    registry: Registry,
+    jobs: JobTable,
+    rng: StdRng,
+    requests: Requests,
+    /// Chunks of large inputs and outputs being assembled.
+    blobs: BlobStore,
+    /// Large outputs on their way to XMPP submitters, ahead of their statuses.
+    deliveries: Deliveries,
+    /// Queued jobs that found no capable agent, since when (ms).
+    no_agent_since: HashMap<JobId, u64>,
+    /// Idempotency keys ((submitter, key) → job) of the jobs held, and back.
+    idempotency: HashMap<(String, String), JobId>,
+    idempotency_of: HashMap<JobId, (String, String)>,
+    /// Agents (bare JIDs) seen, with when (ms): greeted after a restart.
+    known_agents: HashMap<String, u64>,
+    /// When this core started (the resume grace counts from it).
+    started: Instant,
+    /// When retry backoffs end (ms): placement runs again then.
+    retry_at: BinaryHeap<Reverse<u64>>,
+    next_prune_ms: u64,
+    next_housekeeping: Instant,
+    latency: Histogram,
+    /// When the XMPP session ended, until the next one starts.
+    session_died: Option<Instant>,
+    /// Jobs changed since the last `take_ready`.
+    dirty: HashSet<JobId>,
+    /// Placement may have something to do (a job queued, a slot freed, an agent came).
+    place_pending: bool,
+    ready: Ready,
+}
+
+impl Core {
+    /// A core holding what the store held; `seed` seeds its random choices (placement ties,
+    /// job ids, the IQ id prefix).
+    pub(crate) fn new(
+        cfg: DispatcherConfig,
+        policy: Policy,
+        restored: Restored,
+        seed: u64,
+        now: Now,
+    ) -> Core {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let prefix = format!("{:08x}", rng.random::<u32>());
+        let mut jobs = JobTable::new(cfg.max_queue);
+        let mut registry = Registry::new();
+        registry.remember(restored.capabilities);
+        let mut core = Core {
+            blobs: BlobStore::with_limits(cfg.blob_limits(BLOB_IDLE_TTL)),
+            deliveries: Deliveries::new(),
+            requests: Requests::new(prefix),
+            no_agent_since: HashMap::new(),
+            idempotency: HashMap::new(),
+            idempotency_of: HashMap::new(),
+            known_agents: restored.agents.into_iter().collect(),
+            started: now.mono,
+            retry_at: BinaryHeap::new(),
+            next_prune_ms: 0,
+            next_housekeeping: now.mono,
+            latency: Histogram::default(),
+            session_died: None,
+            dirty: HashSet::new(),
+            place_pending: true,
+            ready: Ready::default(),
+            cfg,
+            policy,
+            registry: Registry::new(),
+            jobs: JobTable::new(0),
+            rng,
+        };
+        let mut ids = Vec::new();
+        for j in restored.jobs {
+            // Capabilities of stored jobs that reached an agent (a store written before the
+            // list of capabilities existed).
+            if j.agent.is_some() {
+                registry.remember([j.spec.capability.clone()]);
+            }
+            let id = j.id.clone();
+            jobs.restore(j);
+            ids.push(id);
+        }
+        core.jobs = jobs;
+        for id in ids {
+            core.index_key(&id);
+        }
+        core.registry = registry;
+        core
+    }
+
+    /// After a restart: map/reduce jobs whose last step ended just before the stop move on.
+    pub(crate) fn recover(&mut self, now: Now) {
+        for parent in self.jobs.running_mapreduces() {
+            let adv = self.jobs.advance(&parent, now.ms);
+            self.apply_advance(&parent, adv, now);
+        }
+    }
+
+    /// The XMPP session (re)started: initial presence, then a hello to every agent seen in the
+    /// last day (PROTOCOL.md §4.4), so a restarted dispatcher re-learns the fleet at once.
+    pub(crate) fn session_started(&mut self, now: Now) {
+        self.greet_fleet(now);
+    }
+
+    /// The XMPP session was interrupted (the connection is trying to resume or reconnect).
+    pub(crate) fn session_suspended(&mut self, now: Now) {
+        self.session_died.get_or_insert(now.mono);
+    }
+
+    /// A new XMPP session replaced one that ended: the request likely to have ended it is
+    /// blamed, the fleet greeted again, and every request in flight sent again.
+    pub(crate) fn session_reset(&mut self, now: Now) {
+        self.blame_lost_session(now);
+        tracing::info!(
+            in_flight = self.requests.in_flight(),
+            "session re-established: greeting agents, re-sending jobs in flight"
+        );
+        self.greet_fleet(now);
+        self.requests.resend_all(&mut self.ready.stanzas, now.mono);
+        self.deliveries.on_session_reset(now.mono);
+        self.pump_deliveries(now);
+        self.place(now);
+    }
+
+    /// One inbound stanza.
+    pub(crate) fn stanza(&mut self, st: Stanza, now: Now) {
+        for inbound in self.classify(st, now) {
+            self.handle(inbound, now);
+        }
+        if std::mem::take(&mut self.place_pending) {
+            self.place(now);
+        }
+    }
+
+    /// Timers: deadlines, retry backoffs, agents that found no job, pings, retention,
+    /// stragglers. Call it at [`Core::next_wake`] (earlier is harmless).
+    pub(crate) fn tick(&mut self, now: Now) {
+        self.expire_deadlines(now);
+        self.expire_no_agent(now);
+        while self.retry_at.peek().is_some_and(|Reverse(t)| *t <= now.ms) {
+            self.retry_at.pop();
+            self.place_pending = true;
+        }
+        if now.mono >= self.next_housekeeping {
+            self.next_housekeeping = now.mono + HOUSEKEEPING;
+            // Idle blobs go even when no chunk comes (in deadline order: nothing is scanned).
+            self.blobs.expire(now.mono);
+            // Outputs to submitters that stopped acknowledging chunks are given up.
+            self.pump_deliveries(now);
+            self.check_silent(now);
+            self.speculate(now);
+        }
+        for agent in self.requests.overdue_pings(now.mono) {
+            self.agent_gone(&agent, "no answer to a ping", now);
+        }
+        self.prune(now);
+        if std::mem::take(&mut self.place_pending) {
+            self.place(now);
+        }
+    }
+
+    /// How long the driver may sleep before calling [`Core::tick`]: until the earliest
+    /// deadline the core holds (a job's deadline, a retry, a ping's timeout, the no-agent
+    /// wait, retention), and at most until the next housekeeping.
+    pub(crate) fn next_wake(&self, now: Now) -> Duration {
+        let mut wake = self.next_housekeeping;
+        let at_ms = |ms: u64| now.mono + Duration::from_millis(ms.saturating_sub(now.ms));
+        let wall = [
+            self.jobs.next_deadline(),
+            self.retry_at.peek().map(|Reverse(t)| *t),
+            self.no_agent_since
+                .values()
+                .min()
+                .map(|t| t + self.cfg.no_agent_wait.as_millis() as u64 + 1),
+            (!self.jobs.is_empty()).then_some(self.next_prune_ms),
+        ];
+        for t in wall.into_iter().flatten() {
+            wake = wake.min(at_ms(t));
+        }
+        if let Some(t) = self.requests.next_ping_timeout() {
+            wake = wake.min(t + Duration::from_millis(1));
+        }
+        wake.saturating_duration_since(now.mono)
+    }
+
+    /// Everything decided since the last call, in the order to act on it.
+    pub(crate) fn take_ready(&mut self) -> Ready {
+        let mut ready = std::mem::take(&mut self.ready);
+        ready.persist = self.dirty.drain().collect();
+        ready
+    }
+
+    /// A job held, to store it (see [`Ready::persist`]).
+    pub(crate) fn record(&self, id: &JobId) -> Option<&JobRecord> {
+        self.jobs.get(id)
+    }
+
+    /// Marks a job changed: stored before anything said about it leaves.
+    fn persist(&mut self, job: &JobId) {
+        self.dirty.insert(job.clone());
+    }
+
+    /// Queues a stanza (sent after the commit).
+    fn send(&mut self, st: impl Into<Stanza>) {
+        self.ready.stanzas.push(st.into());
+    }
+
+    /// Queues an event for the HTTP event streams.
+    fn publish(&mut self, job: &JobId, kind: EventKind, data: serde_json::Value) {
+        self.ready.events.push(JobEvent {
+            job: job.clone(),
+            kind,
+            data,
+        });
+    }
+
+    /// Remembers a held job's idempotency key.
+    fn index_key(&mut self, id: &JobId) {
+        let Some(j) = self.jobs.get(id) else { return };
+        if let Some(k) = &j.spec.idempotency_key {
+            let key = (j.spec.submitter.clone(), k.clone());
+            self.idempotency.insert(key.clone(), id.clone());
+            self.idempotency_of.insert(id.clone(), key);
+        }
+    }
+
+    /// Retention: finished jobs (and their idempotency keys) are forgotten, from the
+    /// table's time-ordered index, once a minute at most.
+    fn prune(&mut self, now: Now) {
+        if now.ms < self.next_prune_ms {
+            return;
+        }
+        let retention = self.cfg.retention.as_millis() as u64;
+        self.next_prune_ms = now.ms + (retention / 2).clamp(100, 60_000);
+        let old = self.jobs.prune(now.ms, retention);
+        if old.is_empty() {
+            return;
+        }
+        for id in &old {
+            if let Some(key) = self.idempotency_of.remove(id) {
+                self.idempotency.remove(&key);
+            }
+            self.dirty.remove(id);
+        }
+        tracing::info!(
+            jobs = old.len(),
+            "forgot finished jobs past their retention"
+        );
+        self.ready.delete.extend(old);
+    }
+
+    /// A new globally unique job id: 128 bits, time-ordered prefix (UUIDv7 layout: 48 bits
+    /// of milliseconds, then randomness from the core's generator).
+    fn new_job_id(&mut self, now: Now) -> JobId {
+        let ms = now.ms & 0xFFFF_FFFF_FFFF;
+        let r: u128 = self.rng.random();
+        let v = (u128::from(ms) << 80) | (r & ((1u128 << 80) - 1));
+        let h = format!("{v:032x}");
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
+        .parse()
+        .expect("hex id is a valid job id")
+    }
+}
+
+/// Known agents as bare JIDs (ignoring any the store holds that no longer parse).
+fn bare(s: &str) -> Option<BareJid> {
+    BareJid::new(s).ok()
+}

@@ -1,0 +1,289 @@
+//! Placement and dispatch: queued `all` jobs are fanned out, queued map/reduce jobs started,
+//! and queued jobs placed on the agent their strategy picks, then sent — inline, or as
+//! chunks of their input first ([`super::requests`]); straggling map/reduce steps get a
+//! speculative copy.
+//!
+//! [`Core::place`] runs once after any input that may have queued a job or freed a slot
+//! (`place_pending`), and looks only at what waits: the job table's queues and its indexes
+//! of `all` and map/reduce jobs waiting to start, never the whole table.
+
+use std::sync::Arc;
+
+use jid::{FullJid, Jid};
+use spine_protocol::{AgentState, Data, Job, JobId, Strategy, INLINE_LIMIT};
+use tracing::{debug, info};
+use xmpp_parsers::iq::Iq;
+
+use super::requests::Sent;
+use super::{Core, Now, RESUME_GRACE};
+use crate::jobs::JobRecord;
+use crate::registry::{NoPick, PickRequest};
+
+/// Queued jobs looked at per capability per placement round (bounds head-of-line scans).
+const PLACE_SCAN: usize = 64;
+
+impl Core {
+    /// Places queued jobs on agents with room.
+    pub(super) fn place(&mut self, now: Now) {
+        self.fan_out_all(now);
+        self.start_mapreduces(now);
+        for cap in self.jobs.queued_capabilities() {
+            // Look past jobs that cannot be placed (a filter nobody matches) instead of letting
+            // them block their capability; stop when plain jobs find every agent busy.
+            for id in self.jobs.queued_in_order(&cap, now.ms, PLACE_SCAN) {
+                let Some(job) = self.jobs.get(&id) else {
+                    continue;
+                };
+                // A child of an `all` job waits while its parent's batch is full.
+                if let Some(p) = &job.spec.parent {
+                    let batch = self.jobs.get(p).and_then(|p| p.spec.batch);
+                    if batch.is_some_and(|b| self.jobs.running_children(p) >= b) {
+                        continue;
+                    }
+                }
+                let plain = job.spec.filter.is_none()
+                    && job.excluded.is_empty()
+                    && job.spec.strategy != Strategy::Affinity;
+                match self.pick_for(&id, now) {
+                    Ok(agent) => {
+                        self.no_agent_since.remove(&id);
+                        self.dispatch(&id, agent, now);
+                    }
+                    Err(NoPick::AllBusy) => {
+                        // Capable agents exist: the no-agent clock stops.
+                        self.no_agent_since.remove(&id);
+                        if plain {
+                            break;
+                        }
+                    }
+                    Err(NoPick::NoCapableAgent) => {
+                        self.no_agent_since.entry(id).or_insert(now.ms);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fans every queued `all` job out to the capable agents (after the filter and limit).
+    fn fan_out_all(&mut self, now: Now) {
+        for id in self.jobs.queued_all_parents() {
+            let Some(p) = self.jobs.get(&id) else {
+                continue;
+            };
+            let filter = p.spec.parsed_filter();
+            let mut targets: Vec<String> = self
+                .registry
+                .rank(
+                    &p.spec.capability,
+                    filter.as_ref(),
+                    p.spec.sort.as_ref(),
+                    None,
+                )
+                .into_iter()
+                .filter(|a| a.state == AgentState::Ready)
+                .map(|a| a.jid.to_string())
+                .collect();
+            if targets.is_empty() {
+                self.no_agent_since.entry(id).or_insert(now.ms);
+                continue;
+            }
+            if let Some(l) = p.spec.limit {
+                targets.truncate(l.of(targets.len()));
+            }
+            self.no_agent_since.remove(&id);
+            let children = self.jobs.fan_out(&id, &targets, now.ms);
+            info!(job = %id, agents = children.len(), "job fanned out to every capable agent");
+            for c in &children {
+                self.persist(c);
+            }
+            self.persist(&id);
+        }
+    }
+
+    /// Starts every queued map/reduce job: its split or map steps are queued as jobs.
+    fn start_mapreduces(&mut self, now: Now) {
+        for p in self.jobs.queued_mapreduces() {
+            let adv = self.jobs.start_mapreduce(&p, now.ms);
+            info!(job = %p, steps = adv.created.len(), "map/reduce started");
+            self.apply_advance(&p, adv, now);
+        }
+    }
+
+    /// The agent for a queued job, by its strategy.
+    fn pick_for(&mut self, id: &JobId, now: Now) -> Result<FullJid, NoPick> {
+        let job = self.jobs.get(id).ok_or(NoPick::NoCapableAgent)?;
+        // Restored in flight: back to its agent (whatever its load: it attaches the repeat to
+        // the running job), or, once that agent has had time to return, anywhere.
+        if job.resume {
+            if let Some(agent) = job.agent.as_deref().and_then(|a| a.parse::<FullJid>().ok()) {
+                if self.registry.id_of(&agent).is_some() {
+                    return Ok(agent);
+                }
+                if now.mono.saturating_duration_since(self.started) < RESUME_GRACE {
+                    return Err(NoPick::AllBusy);
+                }
+            }
+        }
+        // A child of an `all` job runs on its own agent or waits for it.
+        if let Some(target) = &job.spec.target {
+            let agent: FullJid = target.parse().map_err(|_| NoPick::NoCapableAgent)?;
+            return match self.registry.id_of(&agent) {
+                Some(a) if self.registry.has_room(a, &job.spec.capability) => Ok(agent),
+                Some(_) => Err(NoPick::AllBusy),
+                None => Err(NoPick::NoCapableAgent),
+            };
+        }
+        let filter = job.spec.parsed_filter();
+        let excluded: Vec<_> = job
+            .excluded
+            .iter()
+            .filter_map(|a| a.parse::<FullJid>().ok())
+            .filter_map(|a| self.registry.id_of(&a))
+            .collect();
+        let mut req = PickRequest {
+            capability: &job.spec.capability,
+            strategy: job.spec.strategy,
+            filter: filter.as_ref(),
+            sort: job.spec.sort.as_ref(),
+            affinity_key: job.spec.affinity_key.as_deref(),
+            exclude: &excluded,
+        };
+        let picked = match self.registry.pick(&req, &mut self.rng) {
+            // Every capable agent failed this job before: better one of them than none.
+            Err(NoPick::NoCapableAgent) if !excluded.is_empty() => {
+                req.exclude = &[];
+                self.registry.pick(&req, &mut self.rng)
+            }
+            other => other,
+        }?;
+        self.registry
+            .jid_of(picked)
+            .cloned()
+            .ok_or(NoPick::NoCapableAgent)
+    }
+
+    /// Sends a job to `agent`: the job table and the registry record it, then the job IQ (or
+    /// its input's chunks first) is queued.
+    fn dispatch(&mut self, id: &JobId, agent: FullJid, now: Now) {
+        let Some(rec) = self.jobs.dispatched(id, &agent, now.ms) else {
+            return;
+        };
+        if rec.attempts == 1 {
+            self.latency
+                .observe(now.ms.saturating_sub(rec.accepted_ms) as f64 / 1000.0);
+        }
+        let mut j = job_request(rec, now);
+        let capability = rec.spec.capability.clone();
+        let input = (rec.spec.input.len() > INLINE_LIMIT).then(|| {
+            (
+                Arc::new(rec.spec.input.clone()),
+                rec.spec.input_mime.clone(),
+            )
+        });
+        let attempt = rec.attempts;
+        self.persist(id);
+        if let Some(a) = self.registry.id_of(&agent) {
+            self.registry
+                .on_assigned(a, id.clone(), capability, &mut self.rng);
+        }
+        let Some((data, mime)) = input else {
+            let iq_id = self.requests.id("j");
+            debug!(job = %id, agent = %agent, attempt, "dispatching");
+            let sent = Sent {
+                job: id.clone(),
+                agent: agent.clone(),
+                attempt,
+                bytes: stanza_bytes(&j),
+                payload: j.clone(),
+                at: now.mono,
+            };
+            self.requests.job_sent(iq_id.clone(), sent);
+            self.send(Iq::from_set(iq_id, j).with_to(agent.into()));
+            return;
+        };
+        // Too large to travel in the job: chunks first, the job when they are all in.
+        use sha2::Digest as _;
+        let key = self.requests.number();
+        let blob: spine_protocol::BlobId = format!("in-{}-{key}", self.requests.prefix())
+            .parse()
+            .expect("generated blob id is valid");
+        let sha256: [u8; 32] = sha2::Sha256::digest(data.as_slice()).into();
+        j.input = Some(Data::Blob(spine_protocol::BlobRef {
+            blob: blob.clone(),
+            size: data.len() as u64,
+            sha256,
+            mime,
+        }));
+        debug!(job = %id, agent = %agent, bytes = data.len(), "uploading the input before the job");
+        let sent = Sent {
+            job: id.clone(),
+            agent,
+            attempt,
+            bytes: stanza_bytes(&j),
+            payload: j,
+            at: now.mono,
+        };
+        self.requests
+            .start_upload(key, sent, blob, data, &mut self.ready.stanzas, now.mono);
+    }
+
+    /// Starts a speculative copy of each straggling map/reduce step that has another capable
+    /// agent to go to.
+    pub(super) fn speculate(&mut self, now: Now) {
+        let stragglers = self.jobs.stragglers(
+            now.ms,
+            self.cfg.speculation_factor,
+            self.cfg.speculation_min.as_millis() as u64,
+        );
+        for s in stragglers {
+            let Some(spec) = self.jobs.get(&s.job).map(|j| &j.spec) else {
+                continue;
+            };
+            let filter = spec.parsed_filter();
+            let elsewhere = self
+                .registry
+                .rank(&spec.capability, filter.as_ref(), spec.sort.as_ref(), None)
+                .iter()
+                .any(|a| a.state == AgentState::Ready && a.jid.as_str() != s.agent);
+            if !elsewhere {
+                continue;
+            }
+            if let Some(copy) = self.jobs.speculate(&s, now.ms) {
+                info!(job = %s.job, agent = %s.agent, running_ms = s.running_ms, median_ms = s.median_ms, copy = %copy, "straggling step: speculative copy queued");
+                self.persist(&copy);
+                self.persist(&s.parent);
+                self.place_pending = true;
+            }
+        }
+    }
+}
+
+/// The job request for a job's current attempt (input inline when it fits; the caller
+/// replaces it with a blob reference otherwise).
+fn job_request(rec: &JobRecord, now: Now) -> Job {
+    let mut j = Job::new(rec.id.clone(), rec.spec.capability.clone());
+    j.attempt = rec.attempts;
+    j.deadline_ms = rec.spec.deadline_ms.map(|d| d.saturating_sub(now.ms));
+    j.submitter = Some(rec.spec.submitter.clone());
+    j.progress = rec.spec.progress || rec.spec.watch.is_some();
+    j.args = rec.spec.args.clone().into();
+    if !rec.spec.input.is_empty() && rec.spec.input.len() <= INLINE_LIMIT {
+        j.input = Some(Data::Inline {
+            mime: rec.spec.input_mime.clone(),
+            bytes: rec.spec.input.clone(),
+        });
+    }
+    j
+}
+
+/// The size of a job IQ's payload as serialised (what counts against a server's stanza
+/// limit, less the few bytes of the `<iq>` around it).
+fn stanza_bytes(job: &Job) -> usize {
+    let size = crate::jobs::serialized_size(&minidom::Element::from(job.clone()));
+    usize::try_from(size).unwrap_or(usize::MAX)
+}
+
+/// Whether `from` is the agent `job` runs on (progress counts only from there).
+pub(super) fn runs_on(rec: Option<&JobRecord>, from: &Jid) -> bool {
+    rec.is_some_and(|j| j.agent.as_deref() == Some(from.as_str()))
+}

@@ -1,0 +1,339 @@
+//! The submitter API, one function per request kind for every front end: submit
+//! ([`Core::accept`]), cancel, status and discover exist once; XMPP requests (`<submit/>`,
+//! `<cancel/>`, `<status/>`, `<discover/>`, chunks of large inputs) and HTTP requests
+//! ([`Core::api`], [`Core::query`]) only translate, after one permission check per request.
+//!
+//! Inputs come from [`super::inbound`] (IQ sets and gets) and the driver (HTTP commands).
+//! An accepted job is marked for the store, and its acknowledgement waits in [`super::Ready`]
+//! behind the commit.
+
+use jid::Jid;
+use spine_protocol::{
+    Accepted, Agents, Condition, Data, Discover, JobId, JobState, Payload, SpineError, Status,
+    Submit,
+};
+use tracing::{info, warn};
+use xmpp_parsers::iq::Iq;
+use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
+
+use super::api::{Answer, ApiReply, ApiRequest, ApiToken, Query};
+use super::{Core, Now};
+use crate::deliver::Via;
+use crate::jobs::{JobSpec, SubmitError};
+use crate::policy::{Capabilities, Grant};
+
+impl Core {
+    /// An HTTP request that changes jobs; its answer goes to [`super::Ready::replies`].
+    pub(crate) fn api(&mut self, token: ApiToken, req: ApiRequest, now: Now) {
+        let reply = match req {
+            ApiRequest::Submit {
+                spec,
+                wait_for_agent,
+                visible,
+            } => ApiReply::Submitted(self.accept(*spec, wait_for_agent, &visible, now)),
+            ApiRequest::Cancel { id } => ApiReply::Cancelled(self.cancel_job(&id, now)),
+        };
+        self.ready.replies.push((token, reply));
+        if std::mem::take(&mut self.place_pending) {
+            self.place(now);
+        }
+    }
+
+    /// A read, answered at once from the core's state.
+    pub(crate) fn query(&self, q: Query) -> Answer {
+        match q {
+            Query::Get { id } => Answer::Job(self.jobs.get(&id).cloned().map(Box::new)),
+            Query::Agents {
+                capability,
+                filter,
+                sort,
+                limit,
+            } => Answer::Agents(self.registry.rank(
+                &capability,
+                filter.as_ref(),
+                sort.as_ref(),
+                limit,
+            )),
+            Query::Capabilities => {
+                let mut caps: std::collections::BTreeMap<_, (usize, usize)> = self
+                    .registry
+                    .capabilities()
+                    .into_iter()
+                    .map(|(c, n)| (c, (n, 0)))
+                    .collect();
+                for c in self.jobs.queued_capabilities() {
+                    caps.entry(c.clone()).or_default().1 = self.jobs.queued(&c);
+                }
+                Answer::Capabilities(caps.into_iter().map(|(c, (a, q))| (c, a, q)).collect())
+            }
+            Query::List {
+                state,
+                submitter,
+                limit,
+            } => Answer::Jobs(
+                self.jobs
+                    .page(state, submitter.as_deref(), None, limit)
+                    .into_iter()
+                    .cloned()
+                    .collect(),
+            ),
+            Query::Metrics => Answer::Metrics(self.metrics()),
+        }
+    }
+
+    /// Accepts a job from any front end (XMPP or HTTP): idempotency, input and argument
+    /// checks, the submitter's limits, known capabilities (unless `wait_for_agent`;
+    /// `visible`: the capabilities the submitter may run, which the refusal may list), the
+    /// queue bound. The job is stored before it is acknowledged (the acknowledgement waits in
+    /// `Ready` behind the commit).
+    pub(crate) fn accept(
+        &mut self,
+        spec: JobSpec,
+        wait_for_agent: bool,
+        visible: &Capabilities,
+        now: Now,
+    ) -> Result<(JobId, JobState), SpineError> {
+        if let Some(key) = &spec.idempotency_key {
+            if let Some(existing) = self.idempotency.get(&(spec.submitter.clone(), key.clone())) {
+                let state = self
+                    .jobs
+                    .get(existing)
+                    .map_or(JobState::Accepted, |j| j.state);
+                return Ok((existing.clone(), state));
+            }
+        }
+        spec.check_input()?;
+        spec.check_args(self.cfg.max_args.as_u64())?;
+        let limits = self.policy.limits(&spec.submitter);
+        spec.check_limits(&limits)?;
+        if !wait_for_agent {
+            // A capability never offered is refused now rather than after `no_agent_wait`.
+            let steps =
+                crate::registry::submission_steps(&spec.capability, spec.mapreduce.as_ref());
+            let hint = if spec.submitter.starts_with("http:") {
+                "\"wait_for_agent\": true"
+            } else {
+                "wait-for-agent='true'"
+            };
+            self.registry
+                .check_known(&steps, |c| visible.allows(c), hint)?;
+        }
+        let job_id = self.new_job_id(now);
+        let accepted = match self.jobs.submit_within(
+            job_id.clone(),
+            spec,
+            now.ms,
+            limits.max_queued,
+        ) {
+            Ok(r) => {
+                info!(job = %job_id, capability = %r.spec.capability, submitter = %r.spec.submitter, "job accepted");
+                r.state
+            }
+            Err(e @ (SubmitError::QueueFull { .. } | SubmitError::SubmitterQuota { .. })) => {
+                return Err(SpineError::new(Condition::QueueFull).with_text(e.to_string()))
+            }
+            Err(e) => return Err(SpineError::new(Condition::Malformed).with_text(e.to_string())),
+        };
+        self.index_key(&job_id);
+        self.persist(&job_id);
+        // Placed at once, so the acknowledgement says whether it is already on its way.
+        self.place(now);
+        let state = self.jobs.get(&job_id).map_or(accepted, |j| j.state);
+        Ok((job_id, state))
+    }
+
+    /// What `from` may do as a submitter (`submitters` and `[[submitter]]`).
+    fn grant(&self, from: &Jid) -> Option<Grant> {
+        self.policy.submitter(&from.to_bare())
+    }
+
+    /// Whether `from` may read or cancel `job`: its own, or any with `all_jobs`. An unknown
+    /// job passes (the request then gets `unknown-job`).
+    fn may_see(&self, grant: &Grant, from: &Jid, job: &JobId) -> bool {
+        self.jobs
+            .get(job)
+            .is_none_or(|j| grant.may_see(from.to_bare().as_str(), &j.spec.submitter))
+    }
+
+    fn reply_error(&mut self, to: Jid, id: String, e: SpineError) {
+        self.send(Iq::from_error(id, StanzaError::from(e)).with_to(to));
+    }
+
+    /// A request in another namespace than Spine's.
+    fn not_ours(&mut self, to: Jid, id: String) {
+        let e = StanzaError::new(
+            ErrorType::Cancel,
+            DefinedCondition::ServiceUnavailable,
+            "en",
+            "not supported by this dispatcher",
+        );
+        self.send(Iq::from_error(id, e).with_to(to));
+    }
+
+    /// An IQ set: a chunk (from agents and submitters), `<submit/>` or `<cancel/>`.
+    pub(super) fn on_set(&mut self, from: Jid, id: String, payload: minidom::Element, now: Now) {
+        if !payload.ns().starts_with(spine_protocol::NS_PREFIX) {
+            return self.not_ours(from, id);
+        }
+        let parsed = spine_protocol::parse_payload(payload);
+        // Chunks come from agents (their outputs) and submitters (their inputs).
+        if let Ok(Payload::Chunk(c)) = parsed {
+            let known = from
+                .clone()
+                .try_into_full()
+                .ok()
+                .and_then(|f| self.registry.id_of(&f))
+                .is_some()
+                || self.grant(&from).is_some();
+            let reply = if known {
+                self.blobs
+                    .put(from.to_bare().as_str(), c, now.mono)
+                    .map(|()| Iq::empty_result(from.clone(), id.clone()))
+            } else {
+                Err(SpineError::new(Condition::NotAuthorized)
+                    .with_text("only registered agents and allowed submitters send chunks"))
+            };
+            return match reply {
+                Ok(iq) => self.send(iq),
+                Err(e) => self.reply_error(from, id, e),
+            };
+        }
+        let Some(grant) = self.grant(&from) else {
+            warn!(from = %from, "refused XMPP API request from a JID not in `submitters` or [[submitter]]");
+            let e = SpineError::new(Condition::NotAuthorized)
+                .with_text("this JID may not submit to this dispatcher");
+            return self.reply_error(from, id, e);
+        };
+        match parsed {
+            Ok(Payload::Submit(s)) => {
+                let steps = std::iter::once(&s.capability).chain(
+                    s.mapreduce
+                        .iter()
+                        .flat_map(|m| std::iter::once(&m.reduce).chain(m.split.as_ref())),
+                );
+                if let Some(c) = steps.into_iter().find(|c| !grant.capabilities.allows(c)) {
+                    warn!(from = %from, capability = %c, "refused a submission of a capability this submitter may not run");
+                    let e = SpineError::new(Condition::NotAuthorized)
+                        .with_text(format!("this JID may not run {c}"));
+                    return self.reply_error(from, id, e);
+                }
+                self.on_submit(from, id, s, grant.capabilities, now)
+            }
+            Ok(Payload::Cancel(c)) if !self.may_see(&grant, &from, &c.job) => {
+                self.reply_error(from, id, not_yours(&c.job))
+            }
+            Ok(Payload::Cancel(c)) => match self.cancel_job(&c.job, now) {
+                Ok(_) => self.send(Iq::empty_result(from, id)),
+                Err(e) => self.reply_error(from, id, e),
+            },
+            Ok(_) => self.reply_error(
+                from,
+                id,
+                SpineError::new(Condition::Malformed)
+                    .with_text("a dispatcher takes <submit/>, <cancel/> and <chunk/> requests"),
+            ),
+            Err(e) => self.reply_error(from, id, e.to_spine_error()),
+        }
+    }
+
+    /// `<submit/>` over XMPP: the job's spec from the request.
+    fn on_submit(&mut self, from: Jid, id: String, s: Submit, visible: Capabilities, now: Now) {
+        let input = match s.input {
+            None => (Vec::new(), None),
+            Some(Data::Inline { bytes, mime }) => (bytes, mime),
+            // A large input the submitter sent in chunks beforehand.
+            Some(Data::Blob(r)) => match self.blobs.take(from.to_bare().as_str(), &r) {
+                Ok(bytes) => (bytes, r.mime.clone()),
+                Err(e) => return self.reply_error(from, id, e),
+            },
+        };
+        let spec = JobSpec {
+            capability: s.capability,
+            strategy: s.strategy,
+            filter: s.filter.map(|f| f.to_string()),
+            sort: s.sort,
+            affinity_key: s.affinity_key,
+            args: s.args.0,
+            input: input.0,
+            input_mime: input.1,
+            deadline_ms: s.deadline_ms.map(|d| now.ms + d),
+            priority: s.priority,
+            max_attempts: s.max_attempts.unwrap_or(self.cfg.max_attempts),
+            submitter: from.to_bare().to_string(),
+            idempotency_key: s.idempotency_key,
+            progress: s.watch,
+            watch: s.watch.then(|| from.to_string()),
+            limit: s.limit,
+            batch: s.batch,
+            mapreduce: s.mapreduce,
+            target: None,
+            parent: None,
+        };
+        match self.accept(spec, s.wait_for_agent, &visible, now) {
+            Ok((job, state)) => {
+                self.send(Iq::from_result(id, Some(Accepted { job, state })).with_to(from))
+            }
+            Err(e) => self.reply_error(from, id, e),
+        }
+    }
+
+    /// An IQ get: `<status/>` or `<discover/>`.
+    pub(super) fn on_get(&mut self, from: Jid, id: String, payload: minidom::Element, now: Now) {
+        if !payload.ns().starts_with(spine_protocol::NS_PREFIX) {
+            return self.not_ours(from, id);
+        }
+        let Some(grant) = self.grant(&from) else {
+            let e = SpineError::new(Condition::NotAuthorized)
+                .with_text("this JID may not query this dispatcher");
+            return self.reply_error(from, id, e);
+        };
+        match spine_protocol::parse_payload(payload) {
+            Ok(Payload::Status(Status { job })) if !self.may_see(&grant, &from, &job) => {
+                self.reply_error(from, id, not_yours(&job))
+            }
+            Ok(Payload::Discover(Discover { capability, .. }))
+                if !grant.capabilities.allows(&capability) =>
+            {
+                let e = SpineError::new(Condition::NotAuthorized)
+                    .with_text(format!("this JID may not run {capability}"));
+                self.reply_error(from, id, e)
+            }
+            Ok(Payload::Status(Status { job })) if self.jobs.get(&job).is_some() => {
+                if let Err(e) = self.send_status(from.clone(), Via::Reply(id.clone()), &job, now) {
+                    self.reply_error(from, id, e);
+                }
+            }
+            Ok(Payload::Status(Status { job })) => {
+                let e = SpineError::new(Condition::UnknownJob).with_text(format!("no job {job}"));
+                self.reply_error(from, id, e)
+            }
+            Ok(Payload::Discover(Discover {
+                capability,
+                filter,
+                sort,
+                limit,
+            })) => {
+                let agents = self.registry.rank(
+                    &capability,
+                    filter.as_ref(),
+                    sort.as_ref(),
+                    limit.map(|l| l as usize),
+                );
+                self.send(Iq::from_result(id, Some(Agents { capability, agents })).with_to(from))
+            }
+            Ok(_) => self.reply_error(
+                from,
+                id,
+                SpineError::new(Condition::Malformed)
+                    .with_text("a dispatcher answers <status/> and <discover/>"),
+            ),
+            Err(e) => self.reply_error(from, id, e.to_spine_error()),
+        }
+    }
+}
+
+/// The refusal of a request about another submitter's job.
+fn not_yours(job: &JobId) -> SpineError {
+    SpineError::new(Condition::NotAuthorized)
+        .with_text(format!("job {job} was submitted by someone else"))
+}

@@ -1,0 +1,593 @@
+//! The core driven with plain `#[test]`s: inputs at fixed times, assertions on what
+//! [`Ready`] says to store, send and answer. No connection, no store, no clock.
+
+use std::time::{Duration, Instant};
+
+use jid::{FullJid, Jid};
+use spine_protocol::fragments::{self, Fragment};
+use spine_protocol::{
+    Advertise, AgentState, CapabilityAd, Condition, Data, Job, JobId, JobResult, JobState, Load,
+    MapReduce, ProtocolVersion, SpineError, Strategy, INLINE_LIMIT,
+};
+use tokio_xmpp::Stanza;
+use xmpp_parsers::iq::Iq;
+use xmpp_parsers::presence::Presence;
+use xmpp_parsers::stanza_error::StanzaError;
+
+use super::*;
+use crate::jobs::JobSpec;
+use crate::policy::Capabilities;
+
+const CAP: &str = "c.work";
+
+/// A core and the time, with helpers to play agents and submitters.
+pub(crate) struct World {
+    pub core: Core,
+    pub now: Now,
+    token: ApiToken,
+    instance: u64,
+}
+
+/// A job request the core sent.
+#[derive(Debug, Clone)]
+pub(crate) struct SentJob {
+    pub iq: String,
+    pub to: FullJid,
+    pub job: Job,
+}
+
+pub(crate) fn agent(n: usize) -> FullJid {
+    format!("agent{n}@localhost/w").parse().unwrap()
+}
+
+pub(crate) fn spec(cap: &str) -> JobSpec {
+    JobSpec {
+        capability: cap.parse().unwrap(),
+        strategy: Strategy::LeastLoaded,
+        filter: None,
+        sort: None,
+        affinity_key: None,
+        args: Default::default(),
+        input: Vec::new(),
+        input_mime: None,
+        deadline_ms: None,
+        priority: 0,
+        max_attempts: 3,
+        submitter: "http:test".into(),
+        idempotency_key: None,
+        progress: false,
+        watch: None,
+        limit: None,
+        batch: None,
+        target: None,
+        parent: None,
+        mapreduce: None,
+    }
+}
+
+fn config() -> DispatcherConfig {
+    DispatcherConfig {
+        submitters: vec!["webapp@localhost".into()],
+        ..DispatcherConfig::default()
+    }
+}
+
+impl World {
+    pub(crate) fn new() -> World {
+        World::with(config(), Restored::default())
+    }
+
+    pub(crate) fn with(cfg: DispatcherConfig, restored: Restored) -> World {
+        let policy = Policy::from_config(&cfg).expect("test policy");
+        let now = Now {
+            ms: 1_700_000_000_000,
+            mono: Instant::now(),
+        };
+        let mut core = Core::new(cfg, policy, restored, 7, now);
+        core.session_started(now);
+        core.recover(now);
+        core.take_ready();
+        World {
+            core,
+            now,
+            token: 0,
+            instance: 0,
+        }
+    }
+
+    pub(crate) fn advance(&mut self, ms: u64) {
+        self.now = self.now.after(Duration::from_millis(ms));
+    }
+
+    pub(crate) fn tick(&mut self) {
+        self.core.tick(self.now);
+    }
+
+    /// An agent comes with `slots` slots of `caps`.
+    pub(crate) fn agent_with(&mut self, n: usize, slots: u64, caps: &[&str]) -> FullJid {
+        self.instance += 1;
+        let ad = Advertise {
+            protocol: ProtocolVersion::CURRENT,
+            instance: format!("00000000-0000-0000-0000-{:012}", self.instance),
+            gen: 1,
+            slots,
+            heartbeat_ms: 1000,
+            attrs: Default::default(),
+            capabilities: caps
+                .iter()
+                .map(|c| CapabilityAd::new(c.parse().unwrap()))
+                .collect(),
+        };
+        let p = Presence::available()
+            .with_from(Jid::from(agent(n)))
+            .with_payloads(vec![ad.into(), load(1, slots, 0).into()]);
+        self.core.stanza(p.into(), self.now);
+        agent(n)
+    }
+
+    pub(crate) fn agent(&mut self, n: usize, slots: u64) -> FullJid {
+        self.agent_with(n, slots, &[CAP])
+    }
+
+    pub(crate) fn submit(&mut self, spec: JobSpec) -> Result<(JobId, JobState), SpineError> {
+        self.submit_waiting(spec, false)
+    }
+
+    pub(crate) fn submit_waiting(
+        &mut self,
+        spec: JobSpec,
+        wait_for_agent: bool,
+    ) -> Result<(JobId, JobState), SpineError> {
+        self.token += 1;
+        let token = self.token;
+        let req = ApiRequest::Submit {
+            spec: Box::new(spec),
+            wait_for_agent,
+            visible: Capabilities::all(),
+        };
+        self.core.api(token, req, self.now);
+        let replies = std::mem::take(&mut self.core.ready.replies);
+        let (t, reply) = replies.into_iter().last().expect("an answer");
+        assert_eq!(t, token);
+        match reply {
+            ApiReply::Submitted(r) => r,
+            other => panic!("not a submit answer: {other:?}"),
+        }
+    }
+
+    pub(crate) fn ready(&mut self) -> Ready {
+        self.core.take_ready()
+    }
+
+    pub(crate) fn state(&self, job: &JobId) -> JobState {
+        self.core.record(job).expect("job held").state
+    }
+
+    /// Answers a job request with a result from `from`.
+    pub(crate) fn succeed(&mut self, sent: &SentJob, from: &FullJid) {
+        let r = JobResult {
+            job: sent.job.id.clone(),
+            attempt: sent.job.attempt,
+            elapsed_ms: Some(1),
+            meta: Default::default(),
+            output: Some(Data::Inline {
+                mime: None,
+                bytes: b"done".to_vec(),
+            }),
+        };
+        let iq = Iq::from_result(sent.iq.clone(), Some(r)).with_from(Jid::from(from.clone()));
+        self.core.stanza(iq.into(), self.now);
+    }
+
+    /// Answers a job request with an error from its agent.
+    pub(crate) fn refuse(&mut self, sent: &SentJob, e: SpineError) {
+        let iq = Iq::from_error(sent.iq.clone(), StanzaError::from(e))
+            .with_from(Jid::from(sent.to.clone()));
+        self.core.stanza(iq.into(), self.now);
+    }
+}
+
+pub(crate) fn load(seq: u64, slots: u64, in_flight: u64) -> Load {
+    Load {
+        seq,
+        gen: 1,
+        state: AgentState::Ready,
+        in_flight,
+        yours: in_flight,
+        slots,
+        queue: 0,
+        loadavg: None,
+        mem_used: None,
+        mem_total: None,
+        caps: vec![],
+    }
+}
+
+/// The job requests among stanzas.
+pub(crate) fn jobs_sent(stanzas: &[Stanza]) -> Vec<SentJob> {
+    stanzas
+        .iter()
+        .filter_map(|s| match s {
+            Stanza::Iq(Iq::Set {
+                id, to, payload, ..
+            }) if payload.is("job", spine_protocol::NS) => Some(SentJob {
+                iq: id.clone(),
+                to: to.clone()?.try_into_full().ok()?,
+                job: Job::try_from(payload.clone()).ok()?,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// IQ sets of one element name, with their ids and recipients.
+fn iq_sets(stanzas: &[Stanza], name: &str) -> Vec<(String, Jid)> {
+    stanzas
+        .iter()
+        .filter_map(|s| match s {
+            Stanza::Iq(Iq::Set {
+                id, to, payload, ..
+            }) if payload.name() == name => Some((id.clone(), to.clone()?)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn pings(stanzas: &[Stanza]) -> Vec<(String, Jid)> {
+    stanzas
+        .iter()
+        .filter_map(|s| match s {
+            Stanza::Iq(Iq::Get {
+                id, to, payload, ..
+            }) if payload.name() == "ping" => Some((id.clone(), to.clone()?)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_accepted_job_is_stored_before_it_is_acknowledged_and_sent() {
+    let mut w = World::new();
+    let a = w.agent(1, 2);
+    w.ready();
+    w.token += 1;
+    let req = ApiRequest::Submit {
+        spec: Box::new(spec(CAP)),
+        wait_for_agent: false,
+        visible: Capabilities::all(),
+    };
+    w.core.api(w.token, req, w.now);
+    let r = w.ready();
+    assert!(r.must_store());
+    let [(token, ApiReply::Submitted(Ok((id, state))))] = r.replies.as_slice() else {
+        panic!("one accepted answer: {:?}", r.replies);
+    };
+    assert_eq!(*token, w.token);
+    assert_eq!(
+        *state,
+        JobState::Dispatched,
+        "placed at once: an agent had room"
+    );
+    assert_eq!(r.persist, vec![id.clone()]);
+    let sent = jobs_sent(&r.stanzas);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].to, a);
+    assert_eq!(&sent[0].job.id, id);
+}
+
+#[test]
+fn a_busy_refusal_costs_no_attempt_and_the_job_is_placed_again() {
+    let mut w = World::new();
+    w.agent(1, 1);
+    let (id, _) = w.submit(spec(CAP)).unwrap();
+    let sent = jobs_sent(&w.ready().stanzas);
+    assert_eq!(sent[0].job.attempt, 1);
+    w.refuse(&sent[0], SpineError::new(Condition::Busy));
+    let r = w.ready();
+    assert_eq!(w.state(&id), JobState::Queued);
+    assert_eq!(w.core.record(&id).unwrap().attempts, 0, "no attempt spent");
+    assert!(r.persist.contains(&id));
+    assert!(
+        jobs_sent(&r.stanzas).is_empty(),
+        "not at once: a short pause first"
+    );
+    let wake = w.core.next_wake(w.now);
+    assert!(
+        wake <= Duration::from_millis(50),
+        "wakes for the retry: {wake:?}"
+    );
+    w.advance(60);
+    w.tick();
+    let again = jobs_sent(&w.ready().stanzas);
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].job.attempt, 1, "the same attempt number");
+}
+
+#[test]
+fn a_reply_from_the_wrong_sender_is_ignored() {
+    let mut w = World::new();
+    let a = w.agent(1, 1);
+    let b = w.agent(2, 1);
+    let (id, _) = w.submit(spec(CAP)).unwrap();
+    let sent = jobs_sent(&w.ready().stanzas).remove(0);
+    let stranger = if sent.to == a { b } else { a };
+    w.succeed(&sent, &stranger);
+    assert_eq!(w.state(&id), JobState::Dispatched);
+    assert!(w.ready().persist.is_empty(), "nothing changed");
+    let to = sent.to.clone();
+    w.succeed(&sent, &to);
+    assert_eq!(w.state(&id), JobState::Succeeded);
+    let r = w.ready();
+    assert!(r.persist.contains(&id));
+    assert!(r
+        .events
+        .iter()
+        .any(|e| e.job == id && e.kind == EventKind::Final));
+}
+
+#[test]
+fn a_silent_agent_is_pinged_then_declared_gone_and_its_job_retried_elsewhere() {
+    let mut w = World::new();
+    let a = w.agent(1, 1);
+    let (id, _) = w.submit(spec(CAP)).unwrap();
+    let first = jobs_sent(&w.ready().stanzas).remove(0);
+    assert_eq!(first.to, a);
+    let b = w.agent(2, 1);
+    // Agent 2 keeps reporting; agent 1 falls silent for more than 3 heartbeats (1 s each).
+    for seq in 2..=4 {
+        w.advance(1000);
+        let p = Presence::available()
+            .with_from(Jid::from(b.clone()))
+            .with_payloads(vec![load(seq, 1, 0).into()]);
+        w.core.stanza(p.into(), w.now);
+        w.tick();
+    }
+    w.advance(300);
+    w.tick();
+    let r = w.ready();
+    let p = pings(&r.stanzas);
+    assert_eq!(p.len(), 1, "one ping: {p:?}");
+    assert_eq!(p[0].1, Jid::from(a.clone()));
+    w.advance(5_100);
+    // Agent 2 still reports (so that only agent 1 is silent).
+    let p = Presence::available()
+        .with_from(Jid::from(b.clone()))
+        .with_payloads(vec![load(5, 1, 0).into()]);
+    w.core.stanza(p.into(), w.now);
+    w.tick();
+    assert_eq!(
+        w.state(&id),
+        JobState::Queued,
+        "attempt failed: retried after a backoff"
+    );
+    w.advance(1_000);
+    w.tick();
+    let retried = jobs_sent(&w.ready().stanzas);
+    assert_eq!(retried.len(), 1);
+    assert_eq!(retried[0].to, b, "elsewhere");
+    assert_eq!(retried[0].job.attempt, 2);
+}
+
+#[test]
+fn after_a_restart_a_job_in_flight_waits_for_its_agent_within_the_grace() {
+    // A first core dispatches a job to agent 1, and stops.
+    let mut w = World::new();
+    let a = w.agent(1, 1);
+    let (id, _) = w.submit(spec(CAP)).unwrap();
+    w.ready();
+    let stored = w.core.record(&id).unwrap().clone();
+    // The restarted core: agent 1 comes back within the grace.
+    let restored = Restored {
+        jobs: vec![stored.clone()],
+        ..Restored::default()
+    };
+    let mut w2 = World::with(config(), restored);
+    w2.agent(2, 1);
+    w2.advance(1_000);
+    w2.tick();
+    assert!(
+        jobs_sent(&w2.ready().stanzas).is_empty(),
+        "not to another agent within the grace"
+    );
+    w2.agent(1, 1);
+    let back = jobs_sent(&w2.ready().stanzas);
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].to, a, "back to its agent");
+    assert_eq!(
+        back[0].job.attempt, 1,
+        "the same attempt (the agent attaches it)"
+    );
+    // Another restart where agent 1 never returns: after the grace, anywhere.
+    let mut w3 = World::with(
+        config(),
+        Restored {
+            jobs: vec![stored],
+            ..Restored::default()
+        },
+    );
+    let b = w3.agent(2, 1);
+    w3.advance(RESUME_GRACE.as_millis() as u64 + 100);
+    // Agent 2 reported meanwhile (it is not silent).
+    let p = Presence::available()
+        .with_from(Jid::from(b.clone()))
+        .with_payloads(vec![load(2, 1, 0).into()]);
+    w3.core.stanza(p.into(), w3.now);
+    w3.tick();
+    let moved = jobs_sent(&w3.ready().stanzas);
+    assert_eq!(moved.len(), 1);
+    assert_eq!(moved[0].to, b);
+}
+
+#[test]
+fn a_large_input_goes_as_chunks_at_most_eight_unacknowledged_then_the_job() {
+    let mut w = World::new();
+    let a = w.agent(1, 1);
+    let mut s = spec(CAP);
+    s.input = vec![1u8; INLINE_LIMIT * 10 + 5];
+    let (id, _) = w.submit(s).unwrap();
+    let r = w.ready();
+    let chunks = iq_sets(&r.stanzas, "chunk");
+    assert_eq!(chunks.len(), 8, "the window");
+    assert!(
+        jobs_sent(&r.stanzas).is_empty(),
+        "the job waits for its input"
+    );
+    let mut acked = 0;
+    let mut pending: std::collections::VecDeque<String> =
+        chunks.into_iter().map(|(id, _)| id).collect();
+    let mut job = None;
+    while let Some(cid) = pending.pop_front() {
+        let ack = Iq::empty_result(Jid::from(a.clone()), cid).with_from(Jid::from(a.clone()));
+        // `empty_result` addresses the reply; the sender is what the core checks.
+        w.core.stanza(ack.into(), w.now);
+        acked += 1;
+        let r = w.ready();
+        for (cid, _) in iq_sets(&r.stanzas, "chunk") {
+            pending.push_back(cid);
+        }
+        assert!(pending.len() <= 8, "never more than 8 unacknowledged");
+        if let Some(j) = jobs_sent(&r.stanzas).pop() {
+            job = Some(j);
+        }
+    }
+    assert_eq!(acked, 11);
+    let job = job.expect("the job after its last chunk");
+    assert_eq!(job.job.id, id);
+    assert!(
+        matches!(job.job.input, Some(Data::Blob(ref b)) if b.size == (INLINE_LIMIT * 10 + 5) as u64)
+    );
+}
+
+#[test]
+fn two_submissions_with_one_idempotency_key_in_one_batch_give_one_job() {
+    let mut w = World::new();
+    w.agent(1, 4);
+    let mut s = spec(CAP);
+    s.idempotency_key = Some("order-1".into());
+    let (a, _) = w.submit(s.clone()).unwrap();
+    let (b, _) = w.submit(s).unwrap();
+    assert_eq!(a, b);
+    let r = w.ready();
+    assert_eq!(r.persist, vec![a]);
+    assert_eq!(jobs_sent(&r.stanzas).len(), 1, "one job sent");
+}
+
+#[test]
+fn a_job_no_capable_agent_takes_fails_after_no_agent_wait() {
+    let mut w = World::new();
+    let (id, state) = w.submit_waiting(spec("c.nobody"), true).unwrap();
+    assert_eq!(state, JobState::Queued);
+    let wait = w.core.cfg.no_agent_wait.as_millis() as u64;
+    let wake = w.core.next_wake(w.now);
+    assert!(
+        wake <= Duration::from_millis(wait + 1),
+        "wakes for it: {wake:?}"
+    );
+    w.advance(wait / 2);
+    w.tick();
+    assert_eq!(w.state(&id), JobState::Queued);
+    w.advance(wait / 2 + 2);
+    w.tick();
+    assert_eq!(w.state(&id), JobState::Failed);
+    let r = w.ready();
+    assert!(r.persist.contains(&id));
+    assert!(r
+        .events
+        .iter()
+        .any(|e| e.job == id && e.kind == EventKind::Final));
+    match &w.core.record(&id).unwrap().outcome {
+        Some(crate::jobs::Recorded::Failure { condition, .. }) => {
+            assert_eq!(condition, Condition::NoAgent.as_str())
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_deadline_times_the_job_out_and_its_agent_is_told() {
+    let mut w = World::new();
+    let a = w.agent(1, 1);
+    let mut s = spec(CAP);
+    s.deadline_ms = Some(w.now.ms + 1_000);
+    let (id, _) = w.submit(s).unwrap();
+    w.ready();
+    let wake = w.core.next_wake(w.now);
+    assert!(
+        wake <= Duration::from_millis(1_000),
+        "wakes at the deadline: {wake:?}"
+    );
+    w.advance(1_000);
+    w.tick();
+    assert_eq!(w.state(&id), JobState::TimedOut);
+    let r = w.ready();
+    let cancels = iq_sets(&r.stanzas, "cancel");
+    assert_eq!(cancels.len(), 1);
+    assert_eq!(cancels[0].1, Jid::from(a));
+    assert!(
+        r.audit.iter().any(|(j, _)| j == id.as_str()),
+        "an audit line"
+    );
+}
+
+#[test]
+fn cancelling_a_map_reduce_job_cancels_its_running_steps() {
+    let mut w = World::new();
+    let a = w.agent_with(1, 8, &["wc.map", "wc.reduce"]);
+    let list: Vec<Fragment> = (0..3)
+        .map(|i| Fragment::new(format!("text {i}").into_bytes()))
+        .collect();
+    let mut s = spec("wc.map");
+    s.input = fragments::encode(&list);
+    s.mapreduce = Some(MapReduce::new("wc.reduce".parse().unwrap()));
+    let (parent, _) = w.submit(s).unwrap();
+    let maps = jobs_sent(&w.ready().stanzas);
+    assert_eq!(maps.len(), 3, "a map step per fragment");
+    w.token += 1;
+    w.core
+        .api(w.token, ApiRequest::Cancel { id: parent.clone() }, w.now);
+    let r = w.ready();
+    assert!(matches!(
+        r.replies.as_slice(),
+        [(_, ApiReply::Cancelled(Ok(JobState::Cancelled)))]
+    ));
+    assert_eq!(w.state(&parent), JobState::Cancelled);
+    for m in &maps {
+        assert_eq!(w.state(&m.job.id), JobState::Cancelled);
+    }
+    let cancels = iq_sets(&r.stanzas, "cancel");
+    assert_eq!(cancels.len(), 3, "each running step's agent is told");
+    let a = Jid::from(a);
+    assert!(cancels.iter().all(|(_, to)| *to == a));
+}
+
+#[test]
+fn a_burst_does_not_herd_onto_one_agent() {
+    let mut w = World::new();
+    let agents: Vec<FullJid> = (1..=10).map(|n| w.agent(n, 10)).collect();
+    w.ready();
+    for _ in 0..100 {
+        w.submit(spec(CAP)).unwrap();
+    }
+    let sent = jobs_sent(&w.ready().stanzas);
+    assert_eq!(sent.len(), 100);
+    for a in &agents {
+        let n = sent.iter().filter(|s| &s.to == a).count();
+        assert_eq!(n, 10, "{a} got {n}");
+    }
+}
+
+#[test]
+fn the_driver_is_woken_by_the_earliest_deadline_not_a_sweep() {
+    let mut w = World::new();
+    w.tick();
+    let idle = w.core.next_wake(w.now);
+    assert!(
+        idle >= Duration::from_millis(200),
+        "idle: housekeeping only ({idle:?})"
+    );
+    let mut s = spec("c.nobody");
+    s.deadline_ms = Some(w.now.ms + 120);
+    w.submit_waiting(s, true).unwrap();
+    let wake = w.core.next_wake(w.now);
+    assert!(wake <= Duration::from_millis(120), "{wake:?}");
+}

@@ -1,0 +1,403 @@
+//! The driver: the one task that owns the dispatcher's XMPP connection, its store and audit
+//! file, and the [`Core`]. It reads the clock, feeds the core every input, and performs what
+//! the core decided, in the order [`Ready`] states: store, then send, then answer.
+//!
+//! A `select!` loop over stanzas, HTTP commands, the connection's status and a timer set to
+//! the core's next deadline ([`Core::next_wake`]). While events are ready (up to [`BATCH`]),
+//! they are all fed to the core before one commit — **group commit**: one fsync per batch
+//! instead of three per job, and no stanza or answer leaves before the changes it tells of
+//! are durable.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rand::Rng as _;
+use spine_protocol::{JobId, JobState, SpineError};
+use spine_xmpp::stanzastream::{Event, StreamEvent};
+use spine_xmpp::Connection;
+use tokio::sync::{broadcast, oneshot};
+use tracing::{error, info};
+use xmpp_parsers::presence::{Presence, Type as PresenceType};
+
+use crate::audit::AuditLog;
+use crate::config::DispatcherConfig;
+use crate::core::{
+    Answer, ApiReply, ApiRequest, ApiToken, Core, JobEvent, Now, Query, Ready, Restored,
+};
+use crate::error::DispatcherError;
+use crate::http::{Command, Handle};
+use crate::jobs::JobRecord;
+use crate::policy::Policy;
+use crate::store::{Batch, Store};
+
+/// Most events handled before the changes they made are committed and their replies sent.
+const BATCH: usize = 256;
+
+/// The time now, read once per input.
+pub(crate) fn now() -> Now {
+    Now {
+        ms: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0),
+        mono: Instant::now(),
+    }
+}
+
+/// A dispatcher with its HTTP listener open (port 0 allowed: see [`Dispatcher::http_addr`]).
+pub struct Dispatcher {
+    cfg: DispatcherConfig,
+    http: Option<tokio::net::TcpListener>,
+}
+
+impl Dispatcher {
+    /// Validates the configuration and opens the HTTP listener.
+    pub async fn bind(cfg: DispatcherConfig) -> Result<Self, DispatcherError> {
+        cfg.validate()?;
+        crate::http::ensure_open_files(&cfg)?;
+        let http = match cfg.http_listen {
+            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
+                DispatcherError::Config(format!("http_listen: cannot listen on {addr}: {e}"))
+            })?),
+            None => None,
+        };
+        Ok(Dispatcher { cfg, http })
+    }
+
+    /// Where the HTTP API listens.
+    pub fn http_addr(&self) -> Option<std::net::SocketAddr> {
+        self.http.as_ref().and_then(|l| l.local_addr().ok())
+    }
+
+    /// Runs until `shutdown` completes.
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = impl Sized> + Send,
+    ) -> Result<(), DispatcherError> {
+        run_inner(self.cfg, self.http, shutdown).await
+    }
+}
+
+/// Runs a dispatcher until `shutdown` completes.
+pub async fn run(
+    cfg: DispatcherConfig,
+    shutdown: impl Future<Output = impl Sized> + Send,
+) -> Result<(), DispatcherError> {
+    Dispatcher::bind(cfg).await?.run(shutdown).await
+}
+
+/// An HTTP request waiting for the commit of the changes it made.
+enum Waiting {
+    Submit(oneshot::Sender<Result<(JobId, JobState), SpineError>>),
+    Cancel(oneshot::Sender<Result<JobState, SpineError>>),
+}
+
+/// The driver's state: the core and the I/O it performs for it.
+struct Driver {
+    core: Core,
+    conn: Connection,
+    store: Store,
+    audit: Option<AuditLog>,
+    /// Jobs whose audit lines reached the file since it was last synced (to leave the outbox).
+    audited: Vec<String>,
+    /// When the audit file was last synced to disk.
+    audit_synced: Instant,
+    events: broadcast::Sender<JobEvent>,
+    waiting: HashMap<ApiToken, Waiting>,
+    next_token: ApiToken,
+}
+
+/// Opens the audit log named by the configuration (`off`: none), appending the lines of jobs
+/// that ended just before the last stop, which the store's outbox holds.
+fn open_audit(cfg: &DispatcherConfig, store: &Store) -> Result<Option<AuditLog>, DispatcherError> {
+    let mut audit = match cfg.audit_log.trim() {
+        "off" => None,
+        name => {
+            let path = cfg.data_dir.join(name);
+            Some(
+                AuditLog::open(&path, cfg.audit_max_size.as_u64(), cfg.audit_keep).map_err(
+                    |e| DispatcherError::Config(format!("audit_log: {}: {e}", path.display())),
+                )?,
+            )
+        }
+    };
+    let outbox = store.audit_outbox()?;
+    if !outbox.is_empty() {
+        if let Some(a) = audit.as_mut() {
+            let n = a.recover(&outbox).map_err(|e| {
+                DispatcherError::Config(format!("audit_log: recovering stored lines: {e}"))
+            })?;
+            if n > 0 {
+                info!(
+                    lines = n,
+                    "audit log: appended the lines of jobs that ended just before the last stop"
+                );
+            }
+        }
+        let done: Vec<String> = outbox.into_iter().map(|(j, _)| j).collect();
+        store.commit(&Batch {
+            audited: &done,
+            ..Batch::default()
+        })?;
+    }
+    Ok(audit)
+}
+
+async fn run_inner(
+    cfg: DispatcherConfig,
+    http: Option<tokio::net::TcpListener>,
+    shutdown: impl Future<Output = impl Sized> + Send,
+) -> Result<(), DispatcherError> {
+    let opts = cfg.connect_options()?;
+    let store = Store::open(&cfg.data_dir.join("jobs.redb"))?;
+    let restored = Restored {
+        jobs: store.load()?,
+        capabilities: store.known_capabilities()?,
+        agents: store.agents()?,
+    };
+    let held = restored.jobs.len();
+    let unfinished = restored.jobs.iter().filter(|j| !j.state.is_final()).count();
+    let audit = open_audit(&cfg, &store)?;
+    let policy = Policy::from_config(&cfg)?;
+    let mut conn = spine_xmpp::connect(opts).await?;
+    let mut status_rx = conn
+        .take_status()
+        .ok_or_else(|| DispatcherError::Connection("connection status already taken".into()))?;
+    info!(jid = %conn.jid(), jobs = held, unfinished, "dispatcher connected");
+    let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<Command>(1024);
+    let (events, _) = broadcast::channel::<JobEvent>(4096);
+    let http_stop = tokio_util::sync::CancellationToken::new();
+    if let Some(listener) = http {
+        let handle = Handle::new(&cfg, cmd_tx.clone(), events.clone())?;
+        if let Ok(addr) = listener.local_addr() {
+            info!(%addr, "HTTP API listening");
+        }
+        tokio::spawn(crate::http::serve(listener, handle, http_stop.clone()));
+    }
+    drop(cmd_tx);
+    let t = now();
+    let core = Core::new(cfg, policy, restored, rand::rng().random(), t);
+    let mut d = Driver {
+        core,
+        conn,
+        store,
+        audit,
+        audited: Vec::new(),
+        audit_synced: Instant::now(),
+        events,
+        waiting: HashMap::new(),
+        next_token: 0,
+    };
+    d.core.session_started(t);
+    d.core.recover(t);
+    d.commit().await?;
+    let mut auth_refusals = 0u32;
+    tokio::pin!(shutdown);
+    loop {
+        let wake = d.core.next_wake(now());
+        tokio::select! {
+            // Cancellation-safe branches: the connection, the channels and the sleep keep
+            // no state a cancelled branch would lose.
+            _ = &mut shutdown => break,
+            ev = d.conn.next() => d.on_event(ev)?,
+            _ = tokio::time::sleep(wake) => d.core.tick(now()),
+            Some(cmd) = cmd_rx.recv() => d.on_command(cmd),
+            Some(spine_xmpp::Status::ReconnectFailed { error, auth, .. }) = status_rx.recv() => {
+                if auth {
+                    auth_refusals += 1;
+                    error!("server refuses the dispatcher's credentials ({auth_refusals}/3): {error}");
+                    if auth_refusals >= 3 {
+                        return Err(DispatcherError::Connection(format!("credentials refused: {error}")));
+                    }
+                } else {
+                    auth_refusals = 0;
+                }
+            }
+        }
+        // Whatever else is ready joins the batch, then one commit for all of it.
+        for _ in 1..BATCH {
+            if let Some(ev) = futures::FutureExt::now_or_never(d.conn.next()) {
+                d.on_event(ev)?;
+            } else if let Ok(cmd) = cmd_rx.try_recv() {
+                d.on_command(cmd);
+            } else {
+                break;
+            }
+        }
+        d.commit().await?;
+    }
+    http_stop.cancel();
+    info!("dispatcher stopping");
+    d.commit().await?;
+    d.conn.send(Presence::new(PresenceType::Unavailable)).await;
+    d.conn.close().await;
+    Ok(())
+}
+
+impl Driver {
+    /// One event of the connection.
+    fn on_event(&mut self, ev: Option<Event>) -> Result<(), DispatcherError> {
+        match ev {
+            Some(Event::Stanza(st)) => self.core.stanza(st, now()),
+            Some(Event::Stream(StreamEvent::Suspended)) => self.core.session_suspended(now()),
+            Some(Event::Stream(StreamEvent::Reset { .. })) => self.core.session_reset(now()),
+            Some(Event::Stream(_)) => {}
+            None => {
+                return Err(DispatcherError::Connection(
+                    "the connection worker ended".into(),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    /// One HTTP command: a read is answered at once, a change after the commit.
+    fn on_command(&mut self, cmd: Command) {
+        // A dropped reply channel means the HTTP client went away: nothing to do.
+        let read = |core: &Core, q: Query| core.query(q);
+        match cmd {
+            Command::Submit {
+                spec,
+                wait_for_agent,
+                visible,
+                reply,
+            } => {
+                let req = ApiRequest::Submit {
+                    spec,
+                    wait_for_agent,
+                    visible,
+                };
+                self.change(req, Waiting::Submit(reply));
+            }
+            Command::Cancel { id, reply } => {
+                self.change(ApiRequest::Cancel { id }, Waiting::Cancel(reply));
+            }
+            Command::Get { id, reply } => {
+                if let Answer::Job(j) = read(&self.core, Query::Get { id }) {
+                    let _ = reply.send(j.map(|b| *b));
+                }
+            }
+            Command::Agents {
+                capability,
+                filter,
+                sort,
+                limit,
+                reply,
+            } => {
+                let q = Query::Agents {
+                    capability,
+                    filter,
+                    sort,
+                    limit,
+                };
+                if let Answer::Agents(a) = read(&self.core, q) {
+                    let _ = reply.send(a);
+                }
+            }
+            Command::Capabilities { reply } => {
+                if let Answer::Capabilities(c) = read(&self.core, Query::Capabilities) {
+                    let _ = reply.send(c);
+                }
+            }
+            Command::List {
+                state,
+                submitter,
+                limit,
+                reply,
+            } => {
+                let q = Query::List {
+                    state,
+                    submitter,
+                    limit,
+                };
+                if let Answer::Jobs(list) = read(&self.core, q) {
+                    let _ = reply.send(list);
+                }
+            }
+            Command::Metrics { reply } => {
+                if let Answer::Metrics(text) = read(&self.core, Query::Metrics) {
+                    let _ = reply.send(text);
+                }
+            }
+        }
+    }
+
+    /// A change for the core; its answer waits for the commit.
+    fn change(&mut self, req: ApiRequest, waiting: Waiting) {
+        self.next_token += 1;
+        let token = self.next_token;
+        self.waiting.insert(token, waiting);
+        self.core.api(token, req, now());
+    }
+
+    /// Performs what the core decided: stores every change in one durable transaction, then
+    /// writes the audit lines, sends the stanzas, and answers.
+    async fn commit(&mut self) -> Result<(), DispatcherError> {
+        let ready = self.core.take_ready();
+        // Lines leave the store's outbox once the file holding them is on disk: synced at
+        // most once a second, so a power loss cannot lose a line either.
+        let mut written = Vec::new();
+        if !self.audited.is_empty() && self.audit_synced.elapsed() >= Duration::from_secs(1) {
+            if let Some(a) = self.audit.as_mut() {
+                match a.sync() {
+                    Ok(()) => written = std::mem::take(&mut self.audited),
+                    Err(e) => error!("cannot sync the audit log: {e}"),
+                }
+            }
+            self.audit_synced = Instant::now();
+        }
+        if ready.must_store() || !written.is_empty() {
+            let jobs: Vec<&JobRecord> = ready
+                .persist
+                .iter()
+                .filter_map(|id| self.core.record(id))
+                .collect();
+            let batch = Batch {
+                jobs: &jobs,
+                delete: &ready.delete,
+                audit: &ready.audit,
+                audited: &written,
+                agents: &ready.agents_seen,
+                capabilities: &ready.capabilities_learned,
+            };
+            if let Err(e) = self.store.commit(&batch) {
+                // The store failed: nothing can be promised any more.
+                error!("{e}");
+                return Err(e.into());
+            }
+        }
+        self.deliver(ready).await;
+        Ok(())
+    }
+
+    /// The second half of a commit: what may leave once the changes are stored.
+    async fn deliver(&mut self, ready: Ready) {
+        if let Some(a) = self.audit.as_mut() {
+            // The outcomes are stored now; an audit write failure is reported, not fatal
+            // (the lines stay in the outbox and are written at the next start).
+            match a.append(&ready.audit) {
+                Ok(()) => self.audited.extend(ready.audit.into_iter().map(|(j, _)| j)),
+                Err(e) => error!("cannot write the audit log: {e}"),
+            }
+        }
+        for st in ready.stanzas {
+            self.conn.send(st).await;
+        }
+        for (token, reply) in ready.replies {
+            match (self.waiting.remove(&token), reply) {
+                (Some(Waiting::Submit(tx)), ApiReply::Submitted(r)) => {
+                    let _ = tx.send(r);
+                }
+                (Some(Waiting::Cancel(tx)), ApiReply::Cancelled(r)) => {
+                    let _ = tx.send(r);
+                }
+                _ => error!(token, "an API answer of the wrong kind (a bug): dropped"),
+            }
+        }
+        for ev in ready.events {
+            // No receiver is fine.
+            let _ = self.events.send(ev);
+        }
+    }
+}
