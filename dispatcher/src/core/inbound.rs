@@ -117,7 +117,10 @@ impl Core {
         now: Now,
     ) -> Inbound {
         match (self.requests.take_reply(&id, from.as_ref()), reply) {
-            (Matched::Job(sent), Ok(payload)) => Inbound::JobResult { sent: *sent, payload },
+            (Matched::Job(sent), Ok(payload)) => Inbound::JobResult {
+                sent: *sent,
+                payload,
+            },
             (Matched::Job(sent), Err(error)) => Inbound::JobError { sent: *sent, error },
             (Matched::Ping(agent), Ok(_)) => Inbound::PingAnswer(agent),
             (Matched::Ping(agent), Err(_)) => Inbound::PingError(agent),

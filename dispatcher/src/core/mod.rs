@@ -14,6 +14,8 @@
 
 pub(crate) mod agents;
 pub(crate) mod api;
+#[cfg(test)]
+mod harness;
 pub(crate) mod inbound;
 mod jobs_shim;
 pub(crate) mod outcomes;
