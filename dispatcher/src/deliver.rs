@@ -157,12 +157,11 @@ pub(crate) struct Deliveries {
 }
 
 impl Deliveries {
-    /// Ids of chunk IQs and blobs start with a prefix random to this process, so that a late
-    /// reply meant for an earlier one never matches.
-    pub(crate) fn new() -> Self {
-        use rand::Rng as _;
+    /// Ids of chunk IQs and blobs start with `prefix`, random to this process (the core draws
+    /// it), so that a late reply meant for an earlier one never matches.
+    pub(crate) fn new(prefix: String) -> Self {
         Deliveries {
-            prefix: format!("{:08x}", rand::rng().random::<u32>()),
+            prefix,
             next: 0,
             transfers: HashMap::new(),
             recipients: HashMap::new(),

@@ -195,7 +195,7 @@ impl Core {
         registry.remember(restored.capabilities);
         let mut core = Core {
             blobs: BlobStore::with_limits(cfg.blob_limits(BLOB_IDLE_TTL)),
-            deliveries: Deliveries::new(),
+            deliveries: Deliveries::new(format!("{:08x}", rng.random::<u32>())),
             requests: Requests::new(prefix),
             no_agent_since: HashMap::new(),
             idempotency: HashMap::new(),

@@ -67,7 +67,7 @@ fn an_output_goes_in_windowed_chunks_then_the_status_references_it() {
     let bytes = output(1024 * KIB + 5);
     let j = job(1);
     let to: Jid = "webapp@localhost/app".parse().unwrap();
-    let mut d = Deliveries::new();
+    let mut d = Deliveries::new("5eed0001".into());
     let t0 = Instant::now();
     d.offer(
         request("webapp@localhost/app", Via::Message, j.clone(), &bytes),
@@ -120,7 +120,7 @@ fn a_transfer_that_cannot_finish_marks_the_output_truncated() {
     };
 
     // Refused: the first error ends it.
-    let mut d = Deliveries::new();
+    let mut d = Deliveries::new("5eed0001".into());
     let j = job(1);
     let held = |id: &JobId| (id == &j).then_some(bytes.as_slice());
     d.offer(
@@ -152,7 +152,7 @@ fn a_transfer_that_cannot_finish_marks_the_output_truncated() {
     assert!(!d.on_reply(&sent[1].0, Some(&to), None, t0));
 
     // Silent: given up after IDLE without an acknowledgement.
-    let mut d = Deliveries::new();
+    let mut d = Deliveries::new("5eed0001".into());
     d.offer(
         request("py@localhost/slix", Via::Message, j.clone(), &bytes),
         t0,
@@ -164,7 +164,7 @@ fn a_transfer_that_cannot_finish_marks_the_output_truncated() {
     assert!(truncated(&st), "{st:?}");
 
     // Gone from the job table (retention) before the transfer could start.
-    let mut d = Deliveries::new();
+    let mut d = Deliveries::new("5eed0001".into());
     d.offer(
         request("py@localhost/slix", Via::Message, j.clone(), &bytes),
         t0,
@@ -179,7 +179,7 @@ fn transfers_to_one_recipient_are_bounded_and_queued_in_order() {
     let bytes = output(70 * KIB);
     let to: Jid = "webapp@localhost/app".parse().unwrap();
     let t0 = Instant::now();
-    let mut d = Deliveries::new();
+    let mut d = Deliveries::new("5eed0001".into());
     let held = |_: &JobId| Some(bytes.as_slice());
     for i in 0..ACTIVE_PER_RECIPIENT + QUEUED_REPLIES {
         d.offer(
@@ -256,7 +256,7 @@ fn chunks_in_flight_are_sent_again_after_our_reconnect() {
     let bytes = output(200 * KIB);
     let to: Jid = "webapp@localhost/app".parse().unwrap();
     let t0 = Instant::now();
-    let mut d = Deliveries::new();
+    let mut d = Deliveries::new("5eed0001".into());
     let held = |_: &JobId| Some(bytes.as_slice());
     d.offer(
         request("webapp@localhost/app", Via::Message, job(1), &bytes),
@@ -295,7 +295,7 @@ fn chunks_in_flight_are_sent_again_after_our_reconnect() {
 
 #[test]
 fn a_digest_is_computed_once_per_job() {
-    let mut d = Deliveries::new();
+    let mut d = Deliveries::new("5eed0001".into());
     let a = d.digest(&job(1), b"abc");
     assert_eq!(d.digest(&job(1), b"ignored: remembered"), a);
     assert_ne!(d.digest(&job(2), b"abd"), a);
