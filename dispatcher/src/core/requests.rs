@@ -7,12 +7,13 @@
 //! A job has at most one request in flight, so forgetting a job's request (cancelled, timed
 //! out, its agent gone) is one lookup.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jid::{FullJid, Jid};
-use spine_protocol::{BlobId, Chunk, Job, JobId};
+use spine_protocol::upload::UploadWindow;
+use spine_protocol::{BlobId, Job, JobId};
 use tokio_xmpp::Stanza;
 use xmpp_parsers::iq::Iq;
 
@@ -38,12 +39,9 @@ pub(crate) struct Sent {
 /// A large input being sent to an agent in chunks before its job (PROTOCOL.md §13).
 struct Upload {
     sent: Sent,
-    data: Arc<Vec<u8>>,
-    blob: BlobId,
-    pending: VecDeque<Chunk>,
-    in_flight: usize,
-    /// When the last chunk was sent, and the largest chunk stanza's size (an estimate).
-    last_chunk: Option<(Instant, usize)>,
+    window: UploadWindow,
+    /// When the last chunk was sent.
+    last_chunk: Option<Instant>,
 }
 
 /// What a job's one request in flight is.
@@ -242,15 +240,11 @@ impl Requests {
     ) {
         self.forget_job(&sent.job);
         self.by_job.insert(sent.job.clone(), Pending::Upload(key));
-        let pending = spine_protocol::chunks(&blob, &data).into();
         self.uploads.insert(
             key,
             Upload {
                 sent,
-                data,
-                blob,
-                pending,
-                in_flight: 0,
+                window: UploadWindow::new(blob, data, CHUNK_WINDOW),
                 last_chunk: None,
             },
         );
@@ -259,50 +253,42 @@ impl Requests {
 
     /// Sends chunks up to the window; when all are acknowledged, the job itself.
     pub(crate) fn pump_upload(&mut self, key: u64, out: &mut Vec<Stanza>, now: Instant) {
-        loop {
-            let Some(u) = self.uploads.get_mut(&key) else {
-                return;
-            };
-            if u.in_flight >= CHUNK_WINDOW {
-                return;
-            }
-            match u.pending.pop_front() {
-                Some(chunk) => {
-                    u.in_flight += 1;
-                    // Base64 of the bytes and the element around them.
-                    let bytes = chunk.bytes.len().div_ceil(3) * 4 + 256;
-                    let largest = u.last_chunk.map_or(0, |(_, b)| b);
-                    u.last_chunk = Some((now, bytes.max(largest)));
-                    let to: Jid = u.sent.agent.clone().into();
-                    let id = self.id("b");
-                    self.chunk_iqs.insert(id.clone(), key);
-                    out.push(Iq::from_set(id, chunk).with_to(to).into());
-                }
-                None if u.in_flight == 0 => {
-                    let Some(mut u) = self.uploads.remove(&key) else {
-                        return;
-                    };
-                    self.by_job.remove(&u.sent.job);
-                    u.sent.at = now;
-                    let id = self.id("j");
-                    let to: Jid = u.sent.agent.clone().into();
-                    out.push(
-                        Iq::from_set(id.clone(), u.sent.payload.clone())
-                            .with_to(to)
-                            .into(),
-                    );
-                    self.job_sent(id, u.sent);
-                    return;
-                }
-                None => return,
-            }
+        let Some(u) = self.uploads.get_mut(&key) else {
+            return;
+        };
+        let to: Jid = u.sent.agent.clone().into();
+        let mut chunks = Vec::new();
+        while let Some(chunk) = u.window.next_chunk() {
+            u.last_chunk = Some(now);
+            chunks.push(chunk);
         }
+        let complete = u.window.is_complete();
+        for chunk in chunks {
+            let id = self.id("b");
+            self.chunk_iqs.insert(id.clone(), key);
+            out.push(Iq::from_set(id, chunk).with_to(to.clone()).into());
+        }
+        if !complete {
+            return;
+        }
+        let Some(mut u) = self.uploads.remove(&key) else {
+            return;
+        };
+        self.by_job.remove(&u.sent.job);
+        u.sent.at = now;
+        let id = self.id("j");
+        out.push(
+            Iq::from_set(id.clone(), u.sent.payload.clone())
+                .with_to(to)
+                .into(),
+        );
+        self.job_sent(id, u.sent);
     }
 
     /// A chunk of upload `key` was acknowledged.
     pub(crate) fn chunk_acked(&mut self, key: u64, out: &mut Vec<Stanza>, now: Instant) {
         if let Some(u) = self.uploads.get_mut(&key) {
-            u.in_flight = u.in_flight.saturating_sub(1);
+            u.window.acked();
         }
         self.pump_upload(key, out, now);
     }
@@ -323,8 +309,7 @@ impl Requests {
         let keys: Vec<u64> = self.uploads.keys().copied().collect();
         for k in keys {
             if let Some(u) = self.uploads.get_mut(&k) {
-                u.pending = spine_protocol::chunks(&u.blob, &u.data).into();
-                u.in_flight = 0;
+                u.window.restart();
             }
             self.pump_upload(k, out, now);
         }
@@ -347,8 +332,8 @@ impl Requests {
     pub(crate) fn sent_sizes(&self) -> Vec<(JobId, usize, Instant)> {
         let sent = self.jobs.values().map(|s| (s.job.clone(), s.bytes, s.at));
         let chunks = self.uploads.values().filter_map(|u| {
-            u.last_chunk
-                .map(|(at, bytes)| (u.sent.job.clone(), bytes.max(u.sent.bytes), at))
+            let bytes = u.window.largest_stanza().max(u.sent.bytes);
+            u.last_chunk.map(|at| (u.sent.job.clone(), bytes, at))
         });
         sent.chain(chunks).collect()
     }
@@ -371,6 +356,7 @@ impl Requests {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
 
     fn sent(job: &str, agent: &str) -> Sent {
         Sent {
