@@ -12,7 +12,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use jid::{BareJid, FullJid, Jid};
 use rand::rngs::StdRng;
@@ -32,6 +32,7 @@ use xmpp_parsers::message::{Message, MessageType};
 use xmpp_parsers::presence::{Presence, Type as PresenceType};
 use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
+use crate::clock::now_ms;
 use crate::config::DispatcherConfig;
 use crate::deliver::{Out, Via};
 use crate::error::DispatcherError;
@@ -58,13 +59,6 @@ const BATCH: usize = 256;
 const SESSION_SUSPECT_WINDOW: Duration = Duration::from_secs(5);
 /// Incomplete blobs are dropped this long after their last chunk.
 const BLOB_IDLE_TTL: Duration = Duration::from_secs(300);
-
-pub(crate) fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// A job IQ in flight.
 struct Sent {
@@ -260,7 +254,7 @@ async fn run_inner(
     let (events, _) = tokio::sync::broadcast::channel::<JobEvent>(4096);
     let http_stop = tokio_util::sync::CancellationToken::new();
     if let Some(listener) = http {
-        let handle = Handle::new(&cfg, cmd_tx.clone(), events.clone())?;
+        let handle = Handle::new(&cfg, &policy, cmd_tx.clone(), events.clone());
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "HTTP API listening");
         }

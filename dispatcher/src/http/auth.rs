@@ -228,7 +228,13 @@ mod tests {
     fn only_submissions_take_large_bodies() {
         let (tx, _) = mpsc::channel(1);
         let (events, _) = broadcast::channel(1);
-        let h = Handle::new(&DispatcherConfig::default(), tx, events).unwrap();
+        let cfg = DispatcherConfig::default();
+        let h = Handle::new(
+            &cfg,
+            &crate::policy::Policy::from_config(&cfg).unwrap(),
+            tx,
+            events,
+        );
         assert_eq!(body_limit(&h, &Method::POST, "/v1/jobs"), 96 << 20);
         assert_eq!(body_limit(&h, &Method::GET, "/v1/jobs"), SMALL_BODY);
         assert_eq!(body_limit(&h, &Method::DELETE, "/v1/jobs/x"), SMALL_BODY);

@@ -28,10 +28,9 @@ use serde_json::Value;
 use spine_protocol::{AgentInfo, AttrName, CapabilityName, Filter, JobId, JobState, SpineError};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-use crate::config::{DispatcherConfig, HttpToken};
-use crate::error::DispatcherError;
+use crate::config::DispatcherConfig;
 use crate::jobs::{JobRecord, JobSpec};
-use crate::policy::{Capabilities, Grant, Policy};
+use crate::policy::{Capabilities, Grant, HttpToken, Policy};
 
 pub use request::SubmitRequest;
 pub(crate) use routes::router;
@@ -118,21 +117,23 @@ pub(crate) struct Handle {
 }
 
 impl Handle {
-    /// The handle of a dispatcher configured by `cfg`, sending to `tx` and `events`.
+    /// The handle of a dispatcher configured by `cfg`, whose policy (built once, at start)
+    /// is `policy`, sending to `tx` and `events`.
     pub(crate) fn new(
         cfg: &DispatcherConfig,
+        policy: &Policy,
         tx: mpsc::Sender<Command>,
         events: broadcast::Sender<JobEvent>,
-    ) -> Result<Self, DispatcherError> {
-        Ok(Handle {
+    ) -> Self {
+        Handle {
             tx,
             events,
-            tokens: Arc::new(Policy::http_tokens(cfg)?),
+            tokens: Arc::new(policy.http_tokens().to_vec()),
             max_attempts: cfg.max_attempts,
             max_input: cfg.max_blob.as_u64(),
             limits: Arc::new(Limits::from_config(cfg)),
             streams: Arc::default(),
             conns: Arc::default(),
-        })
+        }
     }
 }

@@ -129,7 +129,7 @@ pub(super) fn spec_from(
             let dur = humantime::parse_duration(d).map_err(|e| {
                 ApiError::field("deadline", format!("'{d}': {e} (use units, e.g. \"30s\")"))
             })?;
-            Some(crate::runtime::now_ms() + dur.as_millis() as u64)
+            Some(crate::clock::now_ms() + dur.as_millis() as u64)
         }
     };
     let mapreduce = mapreduce_from(&req, strategy, caller)?;
