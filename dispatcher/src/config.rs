@@ -51,17 +51,19 @@ pub struct DispatcherConfig {
     /// Default attempts per job.
     pub max_attempts: u64,
     /// Wait for a capable agent.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub no_agent_wait: Duration,
     /// Retention of finished jobs.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub retention: Duration,
     /// Largest blob from an agent.
+    #[serde(with = "spine_protocol::units::size")]
     pub max_blob: ByteSize,
     /// The audit log (JSON lines, one per job that ended): a path, relative to `data_dir`
     /// unless absolute, or `"off"`.
     pub audit_log: String,
     /// Size at which the audit log rotates.
+    #[serde(with = "spine_protocol::units::size")]
     pub audit_max_size: ByteSize,
     /// Rotated audit files kept (`audit.jsonl.1` …).
     pub audit_keep: usize,
@@ -69,21 +71,28 @@ pub struct DispatcherConfig {
     /// siblings gets a speculative copy on another agent (0: never).
     pub speculation_factor: f64,
     /// Map/reduce: ... and longer than this.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub speculation_min: Duration,
     /// Largest `<args>` of a job as it travels in the job stanza (JSON escaped for XML): larger
     /// arguments are refused at submission (`bad-arguments`, field `args`), so that no job
     /// stanza can exceed an XMPP server's stanza limit.
+    #[serde(with = "spine_protocol::units::size")]
     pub max_args: ByteSize,
     /// Open blobs (chunks arriving, or complete and not yet referenced) one sender may have.
     pub max_open_blobs_per_sender: usize,
     /// Bytes announced by one sender's open blobs; default 4 × `max_blob`.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "spine_protocol::units::size::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_open_blob_bytes_per_sender: Option<ByteSize>,
     /// Open blobs of all senders together.
     pub max_open_blobs: usize,
     /// Bytes announced by all open blobs together; default 16 × `max_blob`.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "spine_protocol::units::size::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_open_blob_bytes: Option<ByteSize>,
     /// Queued jobs one submitter may have per capability, unless its `[[submitter]]` or
     /// `[[http_token]]` says otherwise: a count, or a percentage of `max_queue`.
@@ -102,11 +111,11 @@ pub struct DispatcherConfig {
     pub http_tokens: Vec<HttpToken>,
     /// HTTP API: time a client has to send a request's headers, from the connection's start
     /// or the end of its previous answer (so also how long an idle connection stays open).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub http_header_timeout: Duration,
     /// HTTP API: time from a request's headers to the start of its answer, body upload
     /// included (an event stream's events, once it has started, are not bounded).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub http_request_timeout: Duration,
     /// HTTP API: open connections at most; further ones are refused at once.
     pub http_max_connections: usize,
@@ -299,7 +308,7 @@ impl DispatcherConfig {
     fn validate_http_limits(&self) -> Result<(), DispatcherError> {
         let between = |key: &str, v: Duration, lo: Duration, hi: Duration| {
             if v < lo || v > hi {
-                let f = humantime::format_duration;
+                let f = spine_protocol::units::format_duration;
                 return Err(bad(
                     key,
                     format!("must be {} to {}, not {}", f(lo), f(hi), f(v)),
@@ -471,6 +480,41 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `spine dispatcher --print-config` (issue 15, item 12): durations and sizes in the forms
+    /// of the embedded default and the docs (it printed `retention = "1day"` and
+    /// `max_blob = "64.0 MiB"`), and text that parses back to the same configuration.
+    #[test]
+    fn printed_config_uses_the_documented_forms_and_reads_back_the_same() {
+        let printed = toml::to_string_pretty(&DispatcherConfig::default()).unwrap();
+        assert_eq!(
+            spine_protocol::units::forms_not_printed(DEFAULT_CONFIG, &printed),
+            Vec::<&str>::new(),
+            "{printed}"
+        );
+        let cfg = DispatcherConfig::from_toml(
+            "retention = \"1day\"\nno_agent_wait = \"1m 30s\"\nspeculation_min = \"250ms\"\n\
+             max_blob = \"1000\"\nmax_open_blob_bytes = \"1.5GiB\"\nhttp_listen = \"0.0.0.0:8480\"\n\
+             submitters = [\"ops@example.com\"]\n\
+             [[submitter]]\njid = \"*@example.org\"\ncapabilities = [\"image.*\"]\nmax_queued = \"10%\"\n\
+             [[http_token]]\nname = \"web\"\ntoken = \"0123456789abcdef\"\ncapabilities = [\"*\"]\nmax_queued = 7\n",
+        )
+        .unwrap();
+        let printed = toml::to_string_pretty(&cfg).unwrap();
+        for line in [
+            "retention = \"24h\"",
+            "no_agent_wait = \"90s\"",
+            "speculation_min = \"250ms\"",
+            "http_request_timeout = \"2m\"",
+            "max_blob = \"1000B\"",
+            "max_open_blob_bytes = \"1536MiB\"",
+            "audit_max_size = \"64MiB\"",
+            "max_args = \"64KiB\"",
+        ] {
+            assert!(printed.lines().any(|l| l == line), "{line} in\n{printed}");
+        }
+        assert_eq!(DispatcherConfig::from_toml(&printed).unwrap(), cfg);
+    }
 
     #[test]
     fn default_file_is_the_default_and_errors_name_keys() {

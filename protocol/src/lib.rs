@@ -27,6 +27,7 @@ pub mod fragments;
 pub mod job;
 pub mod names;
 pub mod presence;
+pub mod units;
 
 pub use client::{
     Accepted, AgentInfo, Agents, Discover, Failure, JobState, JobStatus, Limit, MapReduce, Outcome,

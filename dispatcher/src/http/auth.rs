@@ -185,7 +185,7 @@ pub(super) async fn admit(State(h): State<Handle>, mut req: Request, next: Next)
             "request-timeout",
             format!(
                 "the request took longer than {} (http_request_timeout)",
-                humantime::format_duration(h.limits.request_timeout)
+                spine_protocol::units::format_duration(h.limits.request_timeout)
             ),
         )
         .into_response(),
