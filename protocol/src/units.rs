@@ -28,7 +28,7 @@ const DURATION_UNITS: [(u128, &str); 6] = [
 ];
 
 /// Binary size units from the largest, in bytes.
-const SIZE_UNITS: [(u64, &str); 7] = [
+const SIZE_UNITS: [(u128, &str); 7] = [
     (1 << 60, "EiB"),
     (1 << 50, "PiB"),
     (1 << 40, "TiB"),
@@ -41,27 +41,26 @@ const SIZE_UNITS: [(u64, &str); 7] = [
 /// `d` in the largest unit that states it exactly: `"24h"`, `"2m"`, `"90s"`, `"250ms"`;
 /// `"0s"` for zero.
 pub fn format_duration(d: Duration) -> String {
-    let ns = d.as_nanos();
-    if ns == 0 {
-        return "0s".to_owned();
-    }
-    let (factor, unit) = DURATION_UNITS
-        .into_iter()
-        .find(|(f, _)| ns % f == 0)
-        .unwrap_or((1, "ns"));
-    format!("{}{unit}", ns / factor)
+    largest_exact(d.as_nanos(), &DURATION_UNITS, "0s")
 }
 
 /// `bytes` in the largest binary unit that states it exactly: `"64MiB"`, `"1KiB"`, `"1000B"`.
 pub fn format_size(bytes: u64) -> String {
-    if bytes == 0 {
-        return "0B".to_owned();
+    largest_exact(u128::from(bytes), &SIZE_UNITS, "0B")
+}
+
+/// `n` (in the last and smallest of `units`, whose factor is 1) in the first of `units` that
+/// divides it; `zero` for 0.
+fn largest_exact(n: u128, units: &[(u128, &str)], zero: &str) -> String {
+    if n == 0 {
+        return zero.to_owned();
     }
-    let (factor, unit) = SIZE_UNITS
-        .into_iter()
-        .find(|(f, _)| bytes % f == 0)
-        .unwrap_or((1, "B"));
-    format!("{}{unit}", bytes / factor)
+    let (factor, unit) = units
+        .iter()
+        .find(|(f, _)| n % f == 0)
+        .copied()
+        .unwrap_or((1, ""));
+    format!("{}{unit}", n / factor)
 }
 
 /// Reads a duration with its unit; a bare number is refused (its unit would be a guess).

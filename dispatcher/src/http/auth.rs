@@ -37,6 +37,19 @@ impl Caller {
         self.grant.capabilities.allows(cap)
     }
 
+    /// Refuses a capability the token may not run (403).
+    pub(super) fn check_may_run(&self, cap: &CapabilityName) -> Result<(), ApiError> {
+        if self.may_run(cap) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "not-authorized",
+                format!("token '{}' may not run {cap}", self.name),
+            ))
+        }
+    }
+
     /// The `submitter` of the jobs it submits.
     pub(super) fn submitter(&self) -> String {
         format!("http:{}", self.name)

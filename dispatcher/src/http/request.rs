@@ -61,13 +61,7 @@ pub(super) fn spec_from(
         .capability
         .parse()
         .map_err(|e: String| ApiError::field("capability", e))?;
-    if !caller.may_run(&capability) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "not-authorized",
-            format!("token '{}' may not run {capability}", caller.name),
-        ));
-    }
+    caller.check_may_run(&capability)?;
     let strategy = match req.strategy.as_deref() {
         None => Strategy::LeastLoaded,
         Some(s) => s
@@ -206,13 +200,7 @@ fn mapreduce_from(
         let c: CapabilityName = name
             .parse()
             .map_err(|e: String| ApiError::field(field, e))?;
-        if !caller.may_run(&c) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "not-authorized",
-                format!("token '{}' may not run {c}", caller.name),
-            ));
-        }
+        caller.check_may_run(&c)?;
         Ok(c)
     };
     let Some(reduce) = &req.reduce else {

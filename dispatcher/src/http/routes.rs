@@ -306,13 +306,7 @@ async fn agents(
         .ok_or_else(|| ApiError::field("capability", "required"))?
         .parse()
         .map_err(|e: String| ApiError::field("capability", e))?;
-    if !caller.may_run(&capability) {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "not-authorized",
-            format!("token '{}' may not run {capability}", caller.name),
-        ));
-    }
+    caller.check_may_run(&capability)?;
     let filter = match q.filter {
         None => None,
         Some(f) => Some(
