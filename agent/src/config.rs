@@ -77,10 +77,13 @@ pub enum WrapperConfig {
         /// Working directory.
         cwd: Option<PathBuf>,
         /// Time limit per run.
-        #[serde(default = "default_exec_timeout", with = "humantime_serde")]
+        #[serde(
+            default = "default_exec_timeout",
+            with = "spine_protocol::units::duration"
+        )]
         timeout: Duration,
         /// Largest output read.
-        #[serde(default = "default_max_output")]
+        #[serde(default = "default_max_output", with = "spine_protocol::units::size")]
         max_output: ByteSize,
         /// Exit code → verdict (0 is ok unless mapped; others failed unless mapped).
         #[serde(default)]
@@ -94,10 +97,13 @@ pub enum WrapperConfig {
         #[serde(default = "default_method")]
         method: String,
         /// Time limit per call.
-        #[serde(default = "default_exec_timeout", with = "humantime_serde")]
+        #[serde(
+            default = "default_exec_timeout",
+            with = "spine_protocol::units::duration"
+        )]
         timeout: Duration,
         /// Largest response read.
-        #[serde(default = "default_max_output")]
+        #[serde(default = "default_max_output", with = "spine_protocol::units::size")]
         max_output: ByteSize,
         /// Status code → verdict, overriding the defaults.
         #[serde(default)]
@@ -154,20 +160,21 @@ pub struct AgentConfig {
     /// Total slots.
     pub slots: u64,
     /// Heartbeat interval.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub heartbeat: Duration,
     /// Minimum interval between load reports.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub load_debounce: Duration,
     /// Drain time on shutdown.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub drain_grace: Duration,
     /// Outcomes cached.
     pub result_cache: usize,
     /// How long outcomes are cached.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub result_ttl: Duration,
     /// Largest job input.
+    #[serde(with = "spine_protocol::units::size")]
     pub max_input_size: ByteSize,
     /// TLS.
     pub tls: TlsConfig,
@@ -525,6 +532,36 @@ impl AgentConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `spine agent --print-config` (issue 15, item 12): the documented forms, and text that
+    /// parses back to the same configuration.
+    #[test]
+    fn printed_config_uses_the_documented_forms_and_reads_back_the_same() {
+        let printed = toml::to_string_pretty(&AgentConfig::default()).unwrap();
+        assert_eq!(
+            spine_protocol::units::forms_not_printed(DEFAULT_CONFIG, &printed),
+            Vec::<&str>::new(),
+            "{printed}"
+        );
+        let cfg = AgentConfig::from_toml(
+            "heartbeat = \"1m\"\nresult_ttl = \"1day\"\nmax_input_size = \"1.5 MiB\"\n\
+             [[capability]]\nname = \"legacy.cat\"\nkind = \"exec\"\nargv = [\"cat\"]\n\
+             timeout = \"1m 30s\"\nmax_output = \"1000\"\n",
+        )
+        .unwrap();
+        let printed = toml::to_string_pretty(&cfg).unwrap();
+        for line in [
+            "heartbeat = \"1m\"",
+            "load_debounce = \"50ms\"",
+            "result_ttl = \"24h\"",
+            "max_input_size = \"1536KiB\"",
+            "timeout = \"90s\"",
+            "max_output = \"1000B\"",
+        ] {
+            assert!(printed.lines().any(|l| l == line), "{line} in\n{printed}");
+        }
+        assert_eq!(AgentConfig::from_toml(&printed).unwrap(), cfg);
+    }
 
     #[test]
     fn embedded_default_parses_and_equals_default() {

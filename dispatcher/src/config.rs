@@ -1,5 +1,10 @@
 //! Dispatcher configuration: serde struct from TOML plus `SPINE_DISPATCHER_*` variables, with
 //! the commented default embedded (`dispatcher.toml`) and validation naming the bad key.
+//!
+//! Data flow: `spine dispatcher` loads it ([`DispatcherConfig::load`]) and hands it to the
+//! runtime, which builds the [`Policy`] from its rule keys once ([`Policy::from_config`]).
+//! The rule shapes themselves (`[[submitter]]`, `[[agent]]`, `[[http_token]]`) live with the
+//! policy (`policy/rules.rs`): this module imports from the policy, never the reverse.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,6 +14,9 @@ use serde::{Deserialize, Serialize};
 use spine_xmpp::TlsConfig;
 
 use crate::error::DispatcherError;
+use crate::policy::{
+    AgentRule, DefaultLimits, HttpToken, Policy, QueueShare, Rules, SubmitterRule,
+};
 
 /// The commented default configuration.
 pub const DEFAULT_CONFIG: &str = include_str!("dispatcher.toml");
@@ -43,17 +51,19 @@ pub struct DispatcherConfig {
     /// Default attempts per job.
     pub max_attempts: u64,
     /// Wait for a capable agent.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub no_agent_wait: Duration,
     /// Retention of finished jobs.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub retention: Duration,
     /// Largest blob from an agent.
+    #[serde(with = "spine_protocol::units::size")]
     pub max_blob: ByteSize,
     /// The audit log (JSON lines, one per job that ended): a path, relative to `data_dir`
     /// unless absolute, or `"off"`.
     pub audit_log: String,
     /// Size at which the audit log rotates.
+    #[serde(with = "spine_protocol::units::size")]
     pub audit_max_size: ByteSize,
     /// Rotated audit files kept (`audit.jsonl.1` …).
     pub audit_keep: usize,
@@ -61,21 +71,28 @@ pub struct DispatcherConfig {
     /// siblings gets a speculative copy on another agent (0: never).
     pub speculation_factor: f64,
     /// Map/reduce: ... and longer than this.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub speculation_min: Duration,
     /// Largest `<args>` of a job as it travels in the job stanza (JSON escaped for XML): larger
     /// arguments are refused at submission (`bad-arguments`, field `args`), so that no job
     /// stanza can exceed an XMPP server's stanza limit.
+    #[serde(with = "spine_protocol::units::size")]
     pub max_args: ByteSize,
     /// Open blobs (chunks arriving, or complete and not yet referenced) one sender may have.
     pub max_open_blobs_per_sender: usize,
     /// Bytes announced by one sender's open blobs; default 4 × `max_blob`.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "spine_protocol::units::size::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_open_blob_bytes_per_sender: Option<ByteSize>,
     /// Open blobs of all senders together.
     pub max_open_blobs: usize,
     /// Bytes announced by all open blobs together; default 16 × `max_blob`.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "spine_protocol::units::size::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub max_open_blob_bytes: Option<ByteSize>,
     /// Queued jobs one submitter may have per capability, unless its `[[submitter]]` or
     /// `[[http_token]]` says otherwise: a count, or a percentage of `max_queue`.
@@ -94,11 +111,11 @@ pub struct DispatcherConfig {
     pub http_tokens: Vec<HttpToken>,
     /// HTTP API: time a client has to send a request's headers, from the connection's start
     /// or the end of its previous answer (so also how long an idle connection stays open).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub http_header_timeout: Duration,
     /// HTTP API: time from a request's headers to the start of its answer, body upload
     /// included (an event stream's events, once it has started, are not bounded).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub http_request_timeout: Duration,
     /// HTTP API: open connections at most; further ones are refused at once.
     pub http_max_connections: usize,
@@ -109,150 +126,6 @@ pub struct DispatcherConfig {
     pub http_max_event_streams: usize,
     /// HTTP API: open event streams at most per token (per the local caller without tokens).
     pub http_max_event_streams_per_token: usize,
-}
-
-/// A `[[submitter]]` rule: an account (or `*@domain`) and the capabilities it may submit.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SubmitterRule {
-    /// Bare JID or `*@domain`.
-    pub jid: String,
-    /// Capabilities it may submit and discover: exact names, `prefix.*`, or `*`.
-    pub capabilities: Vec<String>,
-    /// May read and cancel other submitters' jobs too.
-    #[serde(default)]
-    pub all_jobs: bool,
-    /// Its queued jobs per capability at most (default `submitter_max_queued`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_queued: Option<QueueShare>,
-    /// Most attempts its jobs may ask for (default `submitter_max_attempts`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_attempts: Option<u64>,
-    /// Highest priority its jobs may ask for (default `submitter_max_priority`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_priority: Option<i64>,
-}
-
-/// An `[[agent]]` rule: an account (or `*@domain`) and the capabilities it may offer.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentRule {
-    /// Bare JID or `*@domain`.
-    pub jid: String,
-    /// Capabilities it may offer: exact names, `prefix.*`, or `*`.
-    pub capabilities: Vec<String>,
-}
-
-/// One bearer token of the HTTP API.
-#[derive(Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HttpToken {
-    /// Who holds it (logs, `submitter` of its jobs).
-    pub name: String,
-    /// The secret.
-    pub token: String,
-    /// Capabilities it may run: exact names, `prefix.*`, or `*`.
-    pub capabilities: Vec<String>,
-    /// May read and cancel jobs submitted with other tokens too.
-    #[serde(default)]
-    pub all_jobs: bool,
-    /// May read `GET /metrics` (a scraper's token; `capabilities` may then be empty).
-    #[serde(default)]
-    pub metrics: bool,
-    /// Its queued jobs per capability at most (default `submitter_max_queued`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_queued: Option<QueueShare>,
-    /// Most attempts its jobs may ask for (default `submitter_max_attempts`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_attempts: Option<u64>,
-    /// Highest priority its jobs may ask for (default `submitter_max_priority`).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_priority: Option<i64>,
-}
-
-/// A part of a queue: a number of jobs, or a percentage of `max_queue` (`"50%"`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum QueueShare {
-    /// At most this many jobs (at least 1).
-    Count(usize),
-    /// At most this percentage of `max_queue` (1 to 100, rounded up).
-    Percent(u8),
-}
-
-impl QueueShare {
-    /// The number of jobs it allows of a queue of `max_queue` (at least 1).
-    pub fn of(self, max_queue: usize) -> usize {
-        match self {
-            QueueShare::Count(n) => n.max(1),
-            QueueShare::Percent(p) => (max_queue.saturating_mul(usize::from(p)))
-                .div_ceil(100)
-                .max(1),
-        }
-    }
-}
-
-impl std::str::FromStr for QueueShare {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad =
-            || format!("'{s}': a number of jobs (100) or a percentage of max_queue (\"50%\")");
-        match s.trim().strip_suffix('%') {
-            Some(p) => match p.trim().parse::<u8>() {
-                Ok(p @ 1..=100) => Ok(QueueShare::Percent(p)),
-                _ => Err(bad()),
-            },
-            None => match s.trim().parse::<usize>() {
-                Ok(n @ 1..) => Ok(QueueShare::Count(n)),
-                _ => Err(bad()),
-            },
-        }
-    }
-}
-
-impl std::fmt::Display for QueueShare {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            QueueShare::Count(n) => write!(f, "{n}"),
-            QueueShare::Percent(p) => write!(f, "{p}%"),
-        }
-    }
-}
-
-impl Serialize for QueueShare {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self {
-            QueueShare::Count(n) => s.serialize_u64(*n as u64),
-            QueueShare::Percent(_) => s.serialize_str(&self.to_string()),
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for QueueShare {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Count(u64),
-            Text(String),
-        }
-        match Raw::deserialize(d)? {
-            Raw::Count(n) => usize::try_from(n)
-                .ok()
-                .filter(|n| *n >= 1)
-                .map(QueueShare::Count)
-                .ok_or_else(|| serde::de::Error::custom(format!("{n}: must be at least 1"))),
-            Raw::Text(t) => t.parse().map_err(serde::de::Error::custom),
-        }
-    }
-}
-
-impl std::fmt::Debug for HttpToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpToken")
-            .field("name", &self.name)
-            .field("capabilities", &self.capabilities)
-            .finish_non_exhaustive()
-    }
 }
 
 impl std::fmt::Debug for DispatcherConfig {
@@ -381,8 +254,7 @@ impl DispatcherConfig {
             return Err(bad("jid", "needs a user part (user@domain/resource)"));
         }
         // Submitter, agent and token grants (each error names its key).
-        crate::policy::Policy::from_config(self)?;
-        crate::policy::Policy::http_tokens(self)?;
+        Policy::from_config(self)?;
         if self.max_queue == 0 {
             return Err(bad("max_queue", "must be at least 1"));
         }
@@ -436,7 +308,7 @@ impl DispatcherConfig {
     fn validate_http_limits(&self) -> Result<(), DispatcherError> {
         let between = |key: &str, v: Duration, lo: Duration, hi: Duration| {
             if v < lo || v > hi {
-                let f = humantime::format_duration;
+                let f = spine_protocol::units::format_duration;
                 return Err(bad(
                     key,
                     format!("must be {} to {}, not {}", f(lo), f(hi), f(v)),
@@ -548,6 +420,24 @@ impl DispatcherConfig {
         Ok(())
     }
 
+    /// The rule keys the policy is built from.
+    pub fn rules(&self) -> Rules<'_> {
+        Rules {
+            own_jid: &self.jid,
+            submitters: &self.submitters,
+            submitter_rules: &self.submitter_rules,
+            agents: &self.agents,
+            agent_rules: &self.agent_rules,
+            http_tokens: &self.http_tokens,
+            defaults: DefaultLimits {
+                max_queue: self.max_queue,
+                submitter_max_queued: self.submitter_max_queued,
+                submitter_max_attempts: self.submitter_max_attempts,
+                submitter_max_priority: self.submitter_max_priority,
+            },
+        }
+    }
+
     /// The bounds of the blobs submitters and agents upload to this dispatcher.
     pub fn blob_limits(&self, idle_ttl: Duration) -> spine_protocol::blob::BlobLimits {
         let max = self.max_blob.as_u64();
@@ -579,9 +469,52 @@ impl DispatcherConfig {
     }
 }
 
+impl Policy {
+    /// The policy of a (validated or not) configuration; errors name the key. Defined here,
+    /// beside the configuration, so that `policy.rs` need not know the configuration's shape.
+    pub fn from_config(cfg: &DispatcherConfig) -> Result<Self, DispatcherError> {
+        Policy::new(&cfg.rules())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `spine dispatcher --print-config` (issue 15, item 12): durations and sizes in the forms
+    /// of the embedded default and the docs (it printed `retention = "1day"` and
+    /// `max_blob = "64.0 MiB"`), and text that parses back to the same configuration.
+    #[test]
+    fn printed_config_uses_the_documented_forms_and_reads_back_the_same() {
+        let printed = toml::to_string_pretty(&DispatcherConfig::default()).unwrap();
+        assert_eq!(
+            spine_protocol::units::forms_not_printed(DEFAULT_CONFIG, &printed),
+            Vec::<&str>::new(),
+            "{printed}"
+        );
+        let cfg = DispatcherConfig::from_toml(
+            "retention = \"1day\"\nno_agent_wait = \"1m 30s\"\nspeculation_min = \"250ms\"\n\
+             max_blob = \"1000\"\nmax_open_blob_bytes = \"1.5GiB\"\nhttp_listen = \"0.0.0.0:8480\"\n\
+             submitters = [\"ops@example.com\"]\n\
+             [[submitter]]\njid = \"*@example.org\"\ncapabilities = [\"image.*\"]\nmax_queued = \"10%\"\n\
+             [[http_token]]\nname = \"web\"\ntoken = \"0123456789abcdef\"\ncapabilities = [\"*\"]\nmax_queued = 7\n",
+        )
+        .unwrap();
+        let printed = toml::to_string_pretty(&cfg).unwrap();
+        for line in [
+            "retention = \"24h\"",
+            "no_agent_wait = \"90s\"",
+            "speculation_min = \"250ms\"",
+            "http_request_timeout = \"2m\"",
+            "max_blob = \"1000B\"",
+            "max_open_blob_bytes = \"1536MiB\"",
+            "audit_max_size = \"64MiB\"",
+            "max_args = \"64KiB\"",
+        ] {
+            assert!(printed.lines().any(|l| l == line), "{line} in\n{printed}");
+        }
+        assert_eq!(DispatcherConfig::from_toml(&printed).unwrap(), cfg);
+    }
 
     #[test]
     fn default_file_is_the_default_and_errors_name_keys() {

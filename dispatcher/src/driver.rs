@@ -10,7 +10,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use rand::Rng as _;
 use spine_protocol::{JobId, JobState, SpineError};
@@ -37,10 +37,7 @@ const BATCH: usize = 256;
 /// The time now, read once per input.
 pub(crate) fn now() -> Now {
     Now {
-        ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        ms: crate::clock::now_ms(),
         mono: Instant::now(),
     }
 }
@@ -169,7 +166,7 @@ async fn run_inner(
     let (events, _) = broadcast::channel::<JobEvent>(4096);
     let http_stop = tokio_util::sync::CancellationToken::new();
     if let Some(listener) = http {
-        let handle = Handle::new(&cfg, cmd_tx.clone(), events.clone())?;
+        let handle = Handle::new(&cfg, &policy, cmd_tx.clone(), events.clone());
         if let Ok(addr) = listener.local_addr() {
             info!(%addr, "HTTP API listening");
         }

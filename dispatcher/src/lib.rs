@@ -11,6 +11,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+mod clock;
 pub mod config;
 mod core;
 mod deliver;

@@ -1,14 +1,20 @@
 //! The authorization policy (docs/security.md): which XMPP submitters may run which
 //! capabilities and see which jobs, and which accounts may offer which capabilities as agents.
-//! HTTP tokens carry the same grant ([`crate::config::HttpToken`]). Pure logic, no I/O.
+//! HTTP tokens carry the same grant ([`HttpToken`]). Pure logic, no I/O.
 //!
+//! Data flow: the configuration's rule keys ([`rules`]) are checked and turned into a
+//! [`Policy`] once, at start ([`Policy::new`]); the connection task asks it about every
+//! submitter and agent, and the HTTP front end authenticates tokens against its grants.
 //! Everything not granted is refused: a JID that matches no rule may not submit, and an
-//! account that matches no agent rule is not registered.
+//! account that matches no agent rule is not registered. This module does not know the
+//! configuration's shape: `config.rs` imports from here, never the reverse.
+
+pub mod rules;
 
 use jid::BareJid;
 use spine_protocol::CapabilityName;
 
-use crate::config::DispatcherConfig;
+pub use self::rules::{AgentRule, HttpToken, QueueShare, SubmitterRule};
 use crate::error::DispatcherError;
 
 /// Capability patterns: exact names, `prefix.*` (everything under the prefix) or `*`.
@@ -133,15 +139,15 @@ impl Default for SubmitLimits {
 impl SubmitLimits {
     /// The top-level defaults (`submitter_max_queued`, …) overridden by a rule's own keys.
     fn of(
-        cfg: &DispatcherConfig,
-        queued: Option<crate::config::QueueShare>,
+        d: &DefaultLimits,
+        queued: Option<QueueShare>,
         attempts: Option<u64>,
         priority: Option<i64>,
     ) -> Self {
         SubmitLimits {
-            max_queued: queued.unwrap_or(cfg.submitter_max_queued).of(cfg.max_queue),
-            max_attempts: attempts.unwrap_or(cfg.submitter_max_attempts),
-            max_priority: priority.unwrap_or(cfg.submitter_max_priority),
+            max_queued: queued.unwrap_or(d.submitter_max_queued).of(d.max_queue),
+            max_attempts: attempts.unwrap_or(d.submitter_max_attempts),
+            max_priority: priority.unwrap_or(d.submitter_max_priority),
         }
     }
 
@@ -166,19 +172,55 @@ struct Limits {
     tokens: std::collections::HashMap<String, SubmitLimits>,
 }
 
-/// The whole policy, built from the configuration.
-#[derive(Debug, Clone, Default)]
+/// The top-level keys a rule falls back on when it does not set its own limits.
+#[derive(Debug, Clone, Copy)]
+pub struct DefaultLimits {
+    /// `max_queue`: the queue bound per capability, which a percentage share is of.
+    pub max_queue: usize,
+    /// `submitter_max_queued`.
+    pub submitter_max_queued: QueueShare,
+    /// `submitter_max_attempts`.
+    pub submitter_max_attempts: u64,
+    /// `submitter_max_priority`.
+    pub submitter_max_priority: i64,
+}
+
+/// What a policy is built from: the rule keys of the configuration, borrowed (`config.rs`
+/// fills it, so that this module need not know the configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct Rules<'a> {
+    /// The dispatcher's own JID (`jid`): without agent rules, every account of its domain may
+    /// be an agent.
+    pub own_jid: &'a str,
+    /// `submitters`: accounts allowed every capability, own jobs only.
+    pub submitters: &'a [String],
+    /// `[[submitter]]` rules.
+    pub submitter_rules: &'a [SubmitterRule],
+    /// `agents`: accounts allowed to offer every capability.
+    pub agents: &'a [String],
+    /// `[[agent]]` rules.
+    pub agent_rules: &'a [AgentRule],
+    /// `[[http_token]]` entries.
+    pub http_tokens: &'a [HttpToken],
+    /// The limits of a rule that sets none.
+    pub defaults: DefaultLimits,
+}
+
+/// The whole policy, built once from the configuration's rules.
+#[derive(Debug, Clone)]
 pub struct Policy {
     submitters: Vec<(Accounts, Grant)>,
     /// `None`: no agent rules, every account of `own_domain` may offer everything.
     agents: Option<Vec<(Accounts, Capabilities)>>,
     own_domain: String,
     limits: Limits,
+    /// The HTTP tokens with their grants (capability patterns checked once, here).
+    tokens: Vec<(HttpToken, Grant)>,
 }
 
 impl Policy {
-    /// The policy of a (validated or not) configuration; errors name the key.
-    pub fn from_config(cfg: &DispatcherConfig) -> Result<Self, DispatcherError> {
+    /// The policy of a configuration's rules (validated or not); errors name the key.
+    pub fn new(cfg: &Rules<'_>) -> Result<Self, DispatcherError> {
         let mut submitters = Vec::new();
         for (i, s) in cfg.submitters.iter().enumerate() {
             let who = Accounts::parse(s, &format!("submitters[{i}]"))?;
@@ -215,25 +257,27 @@ impl Policy {
                 Capabilities::parse(&r.capabilities, &format!("agent[{i}].capabilities"))?,
             ));
         }
-        let own_domain = jid::Jid::new(&cfg.jid)
+        let own_domain = jid::Jid::new(cfg.own_jid)
             .map(|j| j.domain().as_str().to_owned())
             .map_err(|e| DispatcherError::Config(format!("jid: {e}")))?;
-        let defaults = SubmitLimits::of(cfg, None, None, None);
-        let rules =
-            submitters
-                .iter()
-                .map(|(who, _)| who.clone())
-                .zip(std::iter::repeat_n(defaults, cfg.submitters.len()).chain(
-                    cfg.submitter_rules.iter().map(|r| {
-                        SubmitLimits::of(cfg, r.max_queued, r.max_attempts, r.max_priority)
-                    }),
-                ))
-                .collect();
+        let d = &cfg.defaults;
+        let defaults = SubmitLimits::of(d, None, None, None);
+        let rules = submitters
+            .iter()
+            .map(|(who, _)| who.clone())
+            .zip(
+                std::iter::repeat_n(defaults, cfg.submitters.len()).chain(
+                    cfg.submitter_rules
+                        .iter()
+                        .map(|r| SubmitLimits::of(d, r.max_queued, r.max_attempts, r.max_priority)),
+                ),
+            )
+            .collect();
         let tokens = cfg
             .http_tokens
             .iter()
             .map(|t| {
-                let l = SubmitLimits::of(cfg, t.max_queued, t.max_attempts, t.max_priority);
+                let l = SubmitLimits::of(d, t.max_queued, t.max_attempts, t.max_priority);
                 (t.name.clone(), l)
             })
             .collect();
@@ -246,6 +290,7 @@ impl Policy {
                 rules,
                 tokens,
             },
+            tokens: http_tokens(cfg.http_tokens)?,
         })
     }
 
@@ -267,27 +312,9 @@ impl Policy {
             .unwrap_or(l.defaults)
     }
 
-    /// The HTTP tokens with their grants (`capabilities`, `all_jobs`); errors name the key.
-    pub fn http_tokens(
-        cfg: &DispatcherConfig,
-    ) -> Result<Vec<(crate::config::HttpToken, Grant)>, DispatcherError> {
-        cfg.http_tokens
-            .iter()
-            .enumerate()
-            .map(|(i, t)| {
-                // A scraper's token (`metrics = true`) may run nothing.
-                let capabilities = if t.metrics && t.capabilities.is_empty() {
-                    Capabilities::default()
-                } else {
-                    Capabilities::parse(&t.capabilities, &format!("http_token[{i}].capabilities"))?
-                };
-                let grant = Grant {
-                    capabilities,
-                    all_jobs: t.all_jobs,
-                };
-                Ok((t.clone(), grant))
-            })
-            .collect()
+    /// The HTTP tokens with their grants (`capabilities`, `all_jobs`).
+    pub fn http_tokens(&self) -> &[(HttpToken, Grant)] {
+        &self.tokens
     }
 
     /// What `jid` may do as a submitter over XMPP: the union of every rule that names it;
@@ -325,6 +352,27 @@ impl Policy {
     }
 }
 
+/// The HTTP tokens with their grants; errors name the key.
+fn http_tokens(tokens: &[HttpToken]) -> Result<Vec<(HttpToken, Grant)>, DispatcherError> {
+    tokens
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            // A scraper's token (`metrics = true`) may run nothing.
+            let capabilities = if t.metrics && t.capabilities.is_empty() {
+                Capabilities::default()
+            } else {
+                Capabilities::parse(&t.capabilities, &format!("http_token[{i}].capabilities"))?
+            };
+            let grant = Grant {
+                capabilities,
+                all_jobs: t.all_jobs,
+            };
+            Ok((t.clone(), grant))
+        })
+        .collect()
+}
+
 fn merge<'a>(grants: impl Iterator<Item = &'a Grant>) -> Option<Grant> {
     let mut out: Option<Grant> = None;
     for g in grants {
@@ -343,12 +391,37 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// The rule keys of a configuration file, read as `config.rs` reads them.
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default, deny_unknown_fields)]
+    struct RuleKeys {
+        submitters: Vec<String>,
+        submitter: Vec<SubmitterRule>,
+        agents: Vec<String>,
+        agent: Vec<AgentRule>,
+        http_token: Vec<HttpToken>,
+    }
+
+    fn build(toml: &str) -> Result<Policy, DispatcherError> {
+        let k: RuleKeys = toml::from_str(toml).unwrap();
+        Policy::new(&Rules {
+            own_jid: "dispatcher@example.com/d1",
+            submitters: &k.submitters,
+            submitter_rules: &k.submitter,
+            agents: &k.agents,
+            agent_rules: &k.agent,
+            http_tokens: &k.http_token,
+            defaults: DefaultLimits {
+                max_queue: 10_000,
+                submitter_max_queued: QueueShare::Percent(50),
+                submitter_max_attempts: 100,
+                submitter_max_priority: 1000,
+            },
+        })
+    }
+
     fn policy(toml: &str) -> Policy {
-        let cfg = DispatcherConfig::from_toml(&format!(
-            "jid = \"dispatcher@example.com/d1\"\npassword = \"x\"\n{toml}"
-        ))
-        .unwrap();
-        Policy::from_config(&cfg).unwrap()
+        build(toml).unwrap()
     }
 
     #[test]
@@ -437,13 +510,12 @@ mod tests {
                 "[[agent]]\njid = \"a@b.c\"\ncapabilities = [\"x..y\"]\n",
                 "agent[0].capabilities[0]",
             ),
+            (
+                "[[http_token]]\nname = \"t\"\ntoken = \"0123456789abcdef\"\ncapabilities = [\"*x\"]\n",
+                "http_token[0].capabilities[0]",
+            ),
         ] {
-            let e = DispatcherConfig::from_toml(&format!(
-                "jid = \"d@example.com/d\"\npassword = \"x\"\n{toml}"
-            ))
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
+            let e = build(toml).err().map(|e| e.to_string()).unwrap_or_default();
             assert!(e.contains(key), "{toml}: {e}");
         }
     }

@@ -27,6 +27,7 @@ pub mod fragments;
 pub mod job;
 pub mod names;
 pub mod presence;
+pub mod units;
 pub mod upload;
 
 pub use client::{

@@ -36,7 +36,7 @@ impl From<RateLimit> for String {
     fn from(r: RateLimit) -> String {
         match r.0 {
             None => "off".to_owned(),
-            Some(b) => b.to_string(),
+            Some(b) => spine_protocol::units::format_size(b.as_u64()),
         }
     }
 }
@@ -89,22 +89,23 @@ pub struct ServerConfig {
     /// XMPP domain served.
     pub domain: String,
     /// Largest stanza accepted.
+    #[serde(with = "spine_protocol::units::size")]
     pub max_stanza_size: ByteSize,
     /// Most concurrent client connections.
     pub max_connections: usize,
     /// Inbound bytes per second per non-loopback connection.
     pub rate_limit: RateLimit,
     /// Silence before the server pings a client.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub idle_timeout: Duration,
     /// Wait for data after that ping.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub ping_timeout: Duration,
     /// Time allowed for TLS, SASL and bind.
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub login_timeout: Duration,
     /// Time allowed from connecting to authenticating (TLS and SASL).
-    #[serde(with = "humantime_serde")]
+    #[serde(with = "spine_protocol::units::duration")]
     pub auth_timeout: Duration,
     /// Unauthenticated connections open at once from one IP address.
     pub max_unauthenticated_per_address: usize,
@@ -229,7 +230,7 @@ impl ServerConfig {
                 "auth_timeout",
                 format!(
                     "must not be longer than login_timeout ({})",
-                    humantime_serde::re::humantime::format_duration(self.login_timeout)
+                    spine_protocol::units::format_duration(self.login_timeout)
                 ),
             );
         }
@@ -313,6 +314,34 @@ impl ServerConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `spine server --print-config` (issue 15, item 12): the documented forms, and text that
+    /// parses back to the same configuration.
+    #[test]
+    fn printed_config_uses_the_documented_forms_and_reads_back_the_same() {
+        let printed = toml::to_string_pretty(&ServerConfig::default()).unwrap();
+        assert_eq!(
+            spine_protocol::units::forms_not_printed(DEFAULT_CONFIG, &printed),
+            Vec::<&str>::new(),
+            "{printed}"
+        );
+        let cfg = ServerConfig::from_toml(
+            "idle_timeout = \"1day\"\nping_timeout = \"1m 30s\"\nmax_stanza_size = \"1000000\"\n\
+             rate_limit = \"1 MiB\"\n",
+        )
+        .unwrap();
+        let printed = toml::to_string_pretty(&cfg).unwrap();
+        for line in [
+            "idle_timeout = \"24h\"",
+            "ping_timeout = \"90s\"",
+            "login_timeout = \"30s\"",
+            "max_stanza_size = \"1000000B\"",
+            "rate_limit = \"1MiB\"",
+        ] {
+            assert!(printed.lines().any(|l| l == line), "{line} in\n{printed}");
+        }
+        assert_eq!(ServerConfig::from_toml(&printed).unwrap(), cfg);
+    }
 
     #[test]
     fn embedded_default_is_the_default() {

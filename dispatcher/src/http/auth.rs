@@ -1,0 +1,255 @@
+//! Admission: the layer every route but `/healthz` goes through before its handler runs. It
+//! authenticates the caller from the headers alone (bearer tokens compared in constant time,
+//! or the local operator when no token is configured), refuses a declared body over the
+//! route's limit, bounds the request's time, and hands the handler a [`Caller`]; handlers then
+//! read their body with [`read_body`], within the same limit.
+
+use std::net::SocketAddr;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt as _;
+use spine_protocol::CapabilityName;
+
+use super::error::ApiError;
+use super::serve::is_loopback;
+use super::{max_body, Handle, SMALL_BODY};
+use crate::jobs::JobRecord;
+use crate::policy::{Capabilities, Grant};
+
+/// Who is calling: the token's name (or `local`) and what it may do. [`admit`] puts it in
+/// the request's extensions; handlers take it as an extractor.
+#[derive(Clone)]
+pub(super) struct Caller {
+    pub(super) name: String,
+    pub(super) grant: Grant,
+    /// May read `/metrics`: the local operator, an operator token (every capability and
+    /// every job) or a token with `metrics = true`.
+    pub(super) metrics: bool,
+}
+
+impl Caller {
+    pub(super) fn may_run(&self, cap: &CapabilityName) -> bool {
+        self.grant.capabilities.allows(cap)
+    }
+
+    /// Refuses a capability the token may not run (403).
+    pub(super) fn check_may_run(&self, cap: &CapabilityName) -> Result<(), ApiError> {
+        if self.may_run(cap) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "not-authorized",
+                format!("token '{}' may not run {cap}", self.name),
+            ))
+        }
+    }
+
+    /// The `submitter` of the jobs it submits.
+    pub(super) fn submitter(&self) -> String {
+        format!("http:{}", self.name)
+    }
+
+    /// Refuses a job submitted by someone else, unless the token has `all_jobs`.
+    pub(super) fn check_sees(&self, job: &JobRecord) -> Result<(), ApiError> {
+        if self.grant.may_see(&self.submitter(), &job.spec.submitter) {
+            Ok(())
+        } else {
+            Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "not-authorized",
+                format!(
+                    "job {} was submitted by someone else (token '{}' has no all_jobs)",
+                    job.id, self.name
+                ),
+            ))
+        }
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        parts.extensions.get::<Caller>().cloned().ok_or_else(|| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the request was not authenticated (a route outside the admission layer)",
+            )
+        })
+    }
+}
+
+fn authenticate(h: &Handle, headers: &HeaderMap, peer: SocketAddr) -> Result<Caller, ApiError> {
+    if h.tokens.is_empty() {
+        if is_loopback(peer) {
+            // Without tokens the API is the local operator's: everything, every job.
+            return Ok(Caller {
+                name: "local".into(),
+                grant: Grant {
+                    capabilities: Capabilities::all(),
+                    all_jobs: true,
+                },
+                metrics: true,
+            });
+        }
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not-authorized",
+            "no API tokens are configured: only loopback clients are served",
+        ));
+    }
+    let given = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "not-authorized",
+                "missing 'Authorization: Bearer <token>'",
+            )
+        })?;
+    // Compare SHA-256 digests, every byte of every token: timing says nothing about which
+    // prefix matched nor how long the configured tokens are.
+    use sha2::Digest as _;
+    let given = sha2::Sha256::digest(given.as_bytes());
+    let mut found = None;
+    for (t, grant) in h.tokens.iter() {
+        let same = sha2::Sha256::digest(t.token.as_bytes())
+            .iter()
+            .zip(given.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+        if same {
+            found = Some((t, grant));
+        }
+    }
+    let (t, grant) = found.ok_or_else(|| {
+        ApiError::new(StatusCode::UNAUTHORIZED, "not-authorized", "unknown token")
+    })?;
+    Ok(Caller {
+        name: t.name.clone(),
+        grant: grant.clone(),
+        metrics: t.metrics || (grant.all_jobs && t.capabilities.iter().any(|c| c == "*")),
+    })
+}
+
+/// The largest body `method path` may carry: a submission's, or [`SMALL_BODY`].
+fn body_limit(h: &Handle, method: &Method, path: &str) -> usize {
+    if method == Method::POST && path == "/v1/jobs" {
+        max_body(h.max_input)
+    } else {
+        SMALL_BODY
+    }
+}
+
+fn too_large_body(limit: usize) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-large",
+        format!("the request body is over the limit of {limit} bytes for this endpoint"),
+    )
+}
+
+/// The admission layer in front of every route but `/healthz`: authenticates from the headers
+/// before anything reads the body (a refused request's body is never read: hyper closes the
+/// connection instead), refuses a declared `Content-Length` over the route's limit at once,
+/// and bounds the time until the answer starts by `http_request_timeout`.
+///
+/// The request timeout is this `tokio::time::timeout` rather than tower-http's
+/// `TimeoutLayer` so that the answer is the API's JSON error; like that layer it covers the
+/// handler, body upload included, but not an event stream once its headers are sent. The
+/// header-read timeout cannot be a layer at all (no layer runs before the headers are
+/// parsed): it is hyper's, in [`serve_connection`].
+pub(super) async fn admit(State(h): State<Handle>, mut req: Request, next: Next) -> Response {
+    let Some(ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>().copied() else {
+        return ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "no peer address (the router is served without serve())",
+        )
+        .into_response();
+    };
+    let caller = match authenticate(&h, req.headers(), peer) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
+    };
+    let limit = body_limit(&h, req.method(), req.uri().path());
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return too_large_body(limit).into_response();
+    }
+    req.extensions_mut().insert(caller);
+    match tokio::time::timeout(h.limits.request_timeout, next.run(req)).await {
+        Ok(r) => r,
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request-timeout",
+            format!(
+                "the request took longer than {} (http_request_timeout)",
+                spine_protocol::units::format_duration(h.limits.request_timeout)
+            ),
+        )
+        .into_response(),
+    }
+}
+
+/// Reads a body of at most `limit` bytes (the declared length was checked by [`admit`]; a
+/// chunked body is cut off here).
+pub(super) async fn read_body(
+    body: Body,
+    limit: usize,
+    declared: usize,
+) -> Result<Vec<u8>, ApiError> {
+    let mut stream = body.into_data_stream();
+    let mut buf = Vec::with_capacity(declared.min(limit).min(1 << 20));
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|e| {
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                format!("reading the request body: {e}"),
+            )
+        })?;
+        if buf.len() + chunk.len() > limit {
+            return Err(too_large_body(limit));
+        }
+        buf.extend_from_slice(&chunk);
+    }
+    Ok(buf)
+}
+#[cfg(test)]
+mod tests {
+    use axum::http::Method;
+    use tokio::sync::{broadcast, mpsc};
+
+    use super::*;
+    use crate::config::DispatcherConfig;
+
+    #[test]
+    fn only_submissions_take_large_bodies() {
+        let (tx, _) = mpsc::channel(1);
+        let (events, _) = broadcast::channel(1);
+        let cfg = DispatcherConfig::default();
+        let h = Handle::new(
+            &cfg,
+            &crate::policy::Policy::from_config(&cfg).unwrap(),
+            tx,
+            events,
+        );
+        assert_eq!(body_limit(&h, &Method::POST, "/v1/jobs"), 96 << 20);
+        assert_eq!(body_limit(&h, &Method::GET, "/v1/jobs"), SMALL_BODY);
+        assert_eq!(body_limit(&h, &Method::DELETE, "/v1/jobs/x"), SMALL_BODY);
+    }
+}

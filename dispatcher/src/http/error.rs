@@ -1,0 +1,97 @@
+//! The API's one error type: every refusal on a request's way (authentication, limits, a bad
+//! field, an answer of the connection task) becomes an [`ApiError`], and leaves as an HTTP
+//! status with a JSON body naming the condition and, where there is one, the field.
+
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::json;
+use spine_protocol::{Condition, SpineError};
+
+/// An API error: HTTP status and a JSON body `{"error": ..., "field": ...}`.
+#[derive(Debug)]
+pub(crate) struct ApiError {
+    pub(super) status: StatusCode,
+    pub(super) condition: &'static str,
+    pub(super) message: String,
+    pub(super) field: Option<String>,
+}
+
+impl ApiError {
+    pub(super) fn new(
+        status: StatusCode,
+        condition: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status,
+            condition,
+            message: message.into(),
+            field: None,
+        }
+    }
+    pub(super) fn field(field: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            field: Some(field.to_owned()),
+            ..Self::new(StatusCode::BAD_REQUEST, "bad-request", message)
+        }
+    }
+    pub(super) fn unavailable() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "the dispatcher is shutting down",
+        )
+    }
+}
+
+impl From<SpineError> for ApiError {
+    fn from(e: SpineError) -> Self {
+        let status = match e.condition {
+            Condition::QueueFull | Condition::Busy => StatusCode::TOO_MANY_REQUESTS,
+            Condition::UnknownJob | Condition::NoAgent => StatusCode::NOT_FOUND,
+            // The request is well formed and the endpoint exists, but it names a capability
+            // this dispatcher has never seen: 404 would read as "no such endpoint".
+            Condition::UnknownCapability => StatusCode::UNPROCESSABLE_ENTITY,
+            Condition::NotAuthorized => StatusCode::FORBIDDEN,
+            Condition::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Condition::BadArguments | Condition::Malformed => StatusCode::BAD_REQUEST,
+            _ => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        ApiError {
+            status,
+            condition: e.condition.as_str(),
+            message: e.text.unwrap_or_else(|| e.condition.to_string()),
+            field: e.field,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.condition, "message": self.message });
+        if let Some(f) = self.field {
+            body["field"] = json!(f);
+        }
+        (self.status, Json(body)).into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unknown_capability_is_422_not_404() {
+        let e =
+            ApiError::from(SpineError::new(Condition::UnknownCapability).with_field("capability"));
+        assert_eq!(
+            (e.status, e.condition, e.field.as_deref()),
+            (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "unknown-capability",
+                Some("capability")
+            )
+        );
+    }
+}

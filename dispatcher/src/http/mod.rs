@@ -1,0 +1,128 @@
+//! The HTTP/JSON API (axum): what web apps use to submit jobs, follow them and choose agents.
+//!
+//! Handlers never touch the dispatcher's state: they send a [`Command`] with a `oneshot` reply
+//! to the connection task (the one owner of the registry, jobs and store) through a cloneable
+//! [`Handle`]. Progress and outcomes reach `GET /v1/jobs/{id}/events` (server-sent events)
+//! through a broadcast channel.
+//!
+//! A request's way through the modules: [`serve`] (`serve.rs`) accepts the connection within
+//! the connection limit and hands it to hyper; `admit` (`auth.rs`) authenticates the caller
+//! from the headers alone, refuses a declared body over the route's limit, and bounds the
+//! request's time; the route handler (`routes.rs`) reads the body, turns it into a
+//! [`JobSpec`] (`request.rs`) or a query, sends a [`Command`] through the [`Handle`] and
+//! answers with a JSON view of what comes back (`views.rs`); any refusal on the way is an
+//! `ApiError` (`error.rs`). Authentication: bearer tokens from the configuration, each allowed
+//! a set of capabilities. With no token configured the API serves loopback clients only.
+
+mod auth;
+mod error;
+mod request;
+mod routes;
+mod serve;
+mod views;
+
+use std::sync::Arc;
+
+use spine_protocol::{AgentInfo, AttrName, CapabilityName, Filter, JobId, JobState, SpineError};
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use crate::config::DispatcherConfig;
+use crate::jobs::{JobRecord, JobSpec};
+use crate::policy::{Capabilities, Grant, HttpToken, Policy};
+
+pub use request::SubmitRequest;
+pub(crate) use routes::router;
+pub(crate) use serve::{ensure_open_files, serve};
+pub use views::job_json;
+
+use serve::{ConnCounts, Limits, Streams};
+
+/// Largest HTTP request body for a dispatcher whose largest input is `max_input` bytes (its
+/// `max_blob`): room for that input in base64 inside a JSON body (4/3 of it, and the rest of
+/// the request). 96 MiB with the default `max_blob` of 64 MiB.
+pub fn max_body(max_input: u64) -> usize {
+    usize::try_from(max_input.saturating_add(max_input / 2)).unwrap_or(usize::MAX)
+}
+
+/// Largest body of any request but a submission, and of every request before it is
+/// authenticated (the router's default, for any extractor that reads a body).
+pub const SMALL_BODY: usize = 64 * 1024;
+
+/// A request from an HTTP handler to the connection task.
+pub(crate) enum Command {
+    Submit {
+        spec: Box<JobSpec>,
+        /// Accept it even if no agent ever offered its capabilities.
+        wait_for_agent: bool,
+        /// The capabilities the caller may run (an `unknown-capability` answer lists only
+        /// those).
+        visible: Capabilities,
+        reply: oneshot::Sender<Result<(JobId, JobState), SpineError>>,
+    },
+    Get {
+        id: JobId,
+        reply: oneshot::Sender<Option<JobRecord>>,
+    },
+    Cancel {
+        id: JobId,
+        reply: oneshot::Sender<Result<JobState, SpineError>>,
+    },
+    Agents {
+        capability: CapabilityName,
+        filter: Option<Filter>,
+        sort: Option<AttrName>,
+        limit: Option<usize>,
+        reply: oneshot::Sender<Vec<AgentInfo>>,
+    },
+    Capabilities {
+        reply: oneshot::Sender<Vec<(CapabilityName, usize, usize)>>,
+    },
+    List {
+        state: Option<JobState>,
+        /// Only this submitter's jobs.
+        submitter: Option<String>,
+        limit: usize,
+        reply: oneshot::Sender<Vec<JobRecord>>,
+    },
+    Metrics {
+        reply: oneshot::Sender<String>,
+    },
+}
+
+pub use crate::core::JobEvent;
+
+/// Cloneable access to the connection task, for HTTP handlers.
+#[derive(Clone)]
+pub(crate) struct Handle {
+    pub(crate) tx: mpsc::Sender<Command>,
+    pub(crate) events: broadcast::Sender<JobEvent>,
+    /// The configured tokens with their grants (capability patterns parsed once, at start).
+    pub(crate) tokens: Arc<Vec<(HttpToken, Grant)>>,
+    pub(crate) max_attempts: u64,
+    pub(crate) max_input: u64,
+    limits: Arc<Limits>,
+    streams: Arc<Streams>,
+    conns: Arc<ConnCounts>,
+}
+
+impl Handle {
+    /// The handle of a dispatcher configured by `cfg`, whose policy (built once, at start)
+    /// is `policy`, sending to `tx` and `events`.
+    pub(crate) fn new(
+        cfg: &DispatcherConfig,
+        policy: &Policy,
+        tx: mpsc::Sender<Command>,
+        events: broadcast::Sender<JobEvent>,
+    ) -> Self {
+        Handle {
+            tx,
+            events,
+            tokens: Arc::new(policy.http_tokens().to_vec()),
+            max_attempts: cfg.max_attempts,
+            max_input: cfg.max_blob.as_u64(),
+            limits: Arc::new(Limits::from_config(cfg)),
+            streams: Arc::default(),
+            conns: Arc::default(),
+        }
+    }
+}

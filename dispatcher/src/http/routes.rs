@@ -1,0 +1,422 @@
+//! The routes and their handlers: each one takes the [`Caller`] that admission let in, turns
+//! the request into a [`Command`] for the connection task (through the [`Handle`]), and
+//! answers with a JSON view of the reply. `GET /v1/jobs/{id}/events` follows a job through
+//! the broadcast channel of [`JobEvent`](super::JobEvent)s until its final event.
+
+use std::convert::Infallible;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use futures::Stream;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use spine_protocol::{AttrName, CapabilityName, Filter, JobId, JobState};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tracing::debug;
+
+use super::auth::{admit, read_body, Caller};
+use super::error::ApiError;
+use super::request::{body_form, job_id, parse_request, query_as_json, spec_from, BodyForm};
+use super::views::{agent_json, job_json, job_listed_json};
+use super::{max_body, Command, Handle, SMALL_BODY};
+use crate::jobs::JobRecord;
+
+async fn ask<T>(
+    h: &Handle,
+    make: impl FnOnce(oneshot::Sender<T>) -> Command,
+) -> Result<T, ApiError> {
+    let (tx, rx) = oneshot::channel();
+    h.tx.send(make(tx))
+        .await
+        .map_err(|_| ApiError::unavailable())?;
+    rx.await.map_err(|_| ApiError::unavailable())
+}
+
+/// `POST /v1/jobs`: a JSON body (input as base64), or a raw upload (any other Content-Type:
+/// the body is the input, the job's fields are query parameters). [`admit`] authenticated the
+/// caller and checked the declared length before this reads the body.
+async fn submit(
+    State(h): State<Handle>,
+    caller: Caller,
+    headers: HeaderMap,
+    uri: axum::http::Uri,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let declared = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .unwrap_or(0);
+    let body = read_body(body, max_body(h.max_input), declared).await?;
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("application/json");
+    let (req, raw) = match body_form(content_type, uri.query(), &body)? {
+        BodyForm::Json => (parse_request(&body, "JSON body")?, None),
+        BodyForm::Raw => {
+            let fields = query_as_json(uri.query())?;
+            if fields.get("capability").is_none() {
+                return Err(ApiError::field(
+                    "capability",
+                    format!(
+                        "missing: a body of Content-Type {content_type} is a raw upload (the job's input), and its job fields, capability first, go in the query string (?capability=…); to send the job as JSON, send Content-Type: application/json"
+                    ),
+                ));
+            }
+            let req = parse_request(fields.to_string().as_bytes(), "query parameters")?;
+            (req, Some((body, content_type.to_owned())))
+        }
+    };
+    let wait_for_agent = req.wait_for_agent.unwrap_or(false);
+    let mut spec = spec_from(req, &caller, h.max_attempts, h.max_input)?;
+    if let Some((input, mime)) = raw {
+        if input.len() as u64 > h.max_input {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                format!(
+                    "input of {} bytes is over the limit of {}",
+                    input.len(),
+                    h.max_input
+                ),
+            ));
+        }
+        spec.input = input;
+        spec.input_mime = Some(mime);
+    }
+    let (id, state) = ask(&h, |reply| Command::Submit {
+        spec: Box::new(spec),
+        wait_for_agent,
+        visible: caller.grant.capabilities.clone(),
+        reply,
+    })
+    .await??;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "id": id, "state": state })),
+    )
+        .into_response())
+}
+
+async fn get_job(
+    State(h): State<Handle>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = job_id(&id)?;
+    let rec = find_job(&h, &id).await?;
+    caller.check_sees(&rec)?;
+    Ok(Json(job_json(&rec)))
+}
+
+/// The job `id`, or 404.
+async fn find_job(h: &Handle, id: &JobId) -> Result<JobRecord, ApiError> {
+    ask(h, |reply| Command::Get {
+        id: id.clone(),
+        reply,
+    })
+    .await?
+    .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown-job", format!("no job {id}")))
+}
+
+async fn cancel_job(
+    State(h): State<Handle>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let id = job_id(&id)?;
+    // A job's submitter never changes, so checking before the cancel is not a race.
+    caller.check_sees(&find_job(&h, &id).await?)?;
+    let state = ask(&h, |reply| Command::Cancel {
+        id: id.clone(),
+        reply,
+    })
+    .await??;
+    Ok(Json(json!({ "id": id, "state": state })))
+}
+
+async fn events(
+    State(h): State<Handle>,
+    caller: Caller,
+    Path(id): Path<String>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let id = job_id(&id)?;
+    // Counted from here until the stream's task ends (the job ended or the client left).
+    let slot = h.streams.open(&caller.name, &h.limits)?;
+    // Subscribe before reading the state, so nothing falls between the two.
+    let mut rx = h.events.subscribe();
+    let rec = find_job(&h, &id).await?;
+    caller.check_sees(&rec)?;
+    let h2 = h.clone();
+    let stream = async_stream(move |tx| async move {
+        let _slot = slot;
+        let done = rec.state.is_final();
+        if tx
+            .send(
+                SseEvent::default()
+                    .event(if done { "final" } else { "state" })
+                    .data(job_json(&rec).to_string()),
+            )
+            .await
+            .is_err()
+            || done
+        {
+            return;
+        }
+        loop {
+            // Both branches are cancellation-safe: `closed` keeps no state, and a broadcast
+            // receiver keeps its place. Without the first, a stream whose client left would
+            // live (and count) until its job's next event.
+            let ev = tokio::select! {
+                _ = tx.closed() => return,
+                ev = rx.recv() => ev,
+            };
+            match ev {
+                Ok(ev) if ev.job == id => {
+                    let last = ev.kind == crate::core::EventKind::Final;
+                    if tx
+                        .send(
+                            SseEvent::default()
+                                .event(ev.kind.as_str())
+                                .data(ev.data.to_string()),
+                        )
+                        .await
+                        .is_err()
+                        || last
+                    {
+                        return;
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    if tx
+                        .send(
+                            SseEvent::default()
+                                .event("lagged")
+                                .data(json!({ "missed": n }).to_string()),
+                        )
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    // The missed events may have held the final one: look at the job again.
+                    let (rtx, rrx) = oneshot::channel();
+                    if h2
+                        .tx
+                        .send(Command::Get {
+                            id: id.clone(),
+                            reply: rtx,
+                        })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    if let Ok(Some(j)) = rrx.await {
+                        if j.state.is_final() {
+                            // The stream ends here whether or not the client still reads.
+                            let last = SseEvent::default()
+                                .event("final")
+                                .data(job_json(&j).to_string());
+                            if tx.send(last).await.is_err() {
+                                debug!(job = %id, "event stream closed before its final event");
+                            }
+                            return;
+                        }
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => return,
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
+}
+
+/// A stream fed by a task through a small channel.
+fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<SseEvent, Infallible>>
+where
+    F: FnOnce(mpsc::Sender<SseEvent>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(f(tx));
+    futures::stream::unfold(
+        rx,
+        |mut rx| async move { rx.recv().await.map(|e| (Ok(e), rx)) },
+    )
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn list_jobs(
+    State(h): State<Handle>,
+    caller: Caller,
+    q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e.body_text()))?;
+    let state = match q.state {
+        None => None,
+        Some(s) => Some(
+            s.parse::<JobState>()
+                .map_err(|e| ApiError::field("state", e))?,
+        ),
+    };
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let jobs = ask(&h, |reply| Command::List {
+        state,
+        // Without all_jobs a token lists its own jobs only.
+        submitter: (!caller.grant.all_jobs).then(|| caller.submitter()),
+        limit,
+        reply,
+    })
+    .await?;
+    let list: Vec<Value> = jobs.iter().map(job_listed_json).collect();
+    Ok(Json(json!({ "jobs": list })))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AgentsQuery {
+    capability: Option<String>,
+    filter: Option<String>,
+    sort: Option<String>,
+    limit: Option<usize>,
+}
+
+async fn agents(
+    State(h): State<Handle>,
+    caller: Caller,
+    q: Result<Query<AgentsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Query(q) =
+        q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e.body_text()))?;
+    let capability: CapabilityName = q
+        .capability
+        .ok_or_else(|| ApiError::field("capability", "required"))?
+        .parse()
+        .map_err(|e: String| ApiError::field("capability", e))?;
+    caller.check_may_run(&capability)?;
+    let filter = match q.filter {
+        None => None,
+        Some(f) => Some(
+            f.parse::<Filter>()
+                .map_err(|e| ApiError::field("filter", e.to_string()))?,
+        ),
+    };
+    let sort = match q.sort {
+        None => None,
+        Some(s) => Some(
+            s.parse::<AttrName>()
+                .map_err(|e| ApiError::field("sort", e))?,
+        ),
+    };
+    let list = ask(&h, |reply| Command::Agents {
+        capability: capability.clone(),
+        filter,
+        sort,
+        limit: q.limit,
+        reply,
+    })
+    .await?;
+    let agents: Vec<Value> = list.iter().map(agent_json).collect();
+    Ok(Json(json!({ "capability": capability, "agents": agents })))
+}
+
+/// The capabilities the caller may run, with their agents and queues (a limited token does
+/// not learn what else the bus offers).
+async fn capabilities(State(h): State<Handle>, caller: Caller) -> Result<Json<Value>, ApiError> {
+    let list = ask(&h, |reply| Command::Capabilities { reply }).await?;
+    let caps: Vec<Value> = list
+        .into_iter()
+        .filter(|(c, _, _)| caller.may_run(c))
+        .map(|(c, agents, queued)| json!({ "name": c, "agents": agents, "queued": queued }))
+        .collect();
+    Ok(Json(json!({ "capabilities": caps })))
+}
+
+/// Prometheus metrics, for operators only: they show every capability and queue.
+async fn metrics(State(h): State<Handle>, caller: Caller) -> Result<Response, ApiError> {
+    if !caller.metrics {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not-authorized",
+            format!(
+                "token '{}' may not read metrics (it needs metrics = true, or capabilities [\"*\"] with all_jobs)",
+                caller.name
+            ),
+        ));
+    }
+    let mut text = ask(&h, |reply| Command::Metrics { reply }).await?;
+    text.push_str(&format!(
+        "# HELP spine_http_connections Open connections to the HTTP API.\n\
+         # TYPE spine_http_connections gauge\n\
+         spine_http_connections {}\n\
+         # HELP spine_http_connections_refused_total Connections refused at http_max_connections.\n\
+         # TYPE spine_http_connections_refused_total counter\n\
+         spine_http_connections_refused_total {}\n\
+         # HELP spine_http_event_streams Open event streams.\n\
+         # TYPE spine_http_event_streams gauge\n\
+         spine_http_event_streams {}\n",
+        h.conns.open.load(Ordering::Acquire),
+        h.conns.refused.load(Ordering::Acquire),
+        h.streams.total(),
+    ));
+    Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
+}
+
+async fn healthz(State(h): State<Handle>) -> Response {
+    if h.tx.is_closed() {
+        (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response()
+    } else {
+        (StatusCode::OK, "ok\n").into_response()
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "not-found",
+        "no such endpoint (see docs/dispatcher.md)",
+    )
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "this endpoint does not take that method (see docs/dispatcher.md)",
+    )
+}
+
+/// The API's routes: every one but `/healthz` behind [`admit`]; a body of at most
+/// [`SMALL_BODY`] for any extractor (a submission reads its own, after admission).
+pub(crate) fn router(h: Handle) -> Router {
+    Router::new()
+        .route("/v1/jobs", axum::routing::post(submit).get(list_jobs))
+        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
+        .route("/v1/jobs/{id}/events", get(events))
+        .route("/v1/agents", get(agents))
+        .route("/v1/capabilities", get(capabilities))
+        .route("/metrics", get(metrics))
+        .route_layer(axum::middleware::from_fn_with_state(h.clone(), admit))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(SMALL_BODY))
+        .with_state(h)
+}
