@@ -402,22 +402,26 @@ impl IqSetPayload for Chunk {}
 
 /// Cuts `bytes` into the chunks of blob `blob`, each at most [`INLINE_LIMIT`] bytes.
 pub fn chunks(blob: &BlobId, bytes: &[u8]) -> Vec<Chunk> {
-    if bytes.is_empty() {
-        return vec![Chunk {
-            blob: blob.clone(),
-            offset: 0,
-            total: 0,
-            bytes: Vec::new(),
-        }];
-    }
-    bytes
-        .chunks(INLINE_LIMIT)
-        .enumerate()
-        .map(|(i, part)| Chunk {
-            blob: blob.clone(),
-            offset: (i * INLINE_LIMIT) as u64,
-            total: bytes.len() as u64,
-            bytes: part.to_vec(),
-        })
+    (0..chunk_count(bytes.len()))
+        .map(|i| chunk_at(blob, bytes, i))
         .collect()
+}
+
+/// How many chunks [`chunks`] cuts `len` bytes into: an empty blob is still one (empty) chunk,
+/// so that its receiver learns its size.
+pub(crate) fn chunk_count(len: usize) -> usize {
+    len.div_ceil(INLINE_LIMIT).max(1)
+}
+
+/// Chunk `index` of [`chunks`] alone, so that an upload can cut its chunks as it sends them
+/// ([`crate::upload::UploadWindow`]) instead of holding a second copy of the bytes.
+pub(crate) fn chunk_at(blob: &BlobId, bytes: &[u8], index: usize) -> Chunk {
+    let start = (index * INLINE_LIMIT).min(bytes.len());
+    let end = (start + INLINE_LIMIT).min(bytes.len());
+    Chunk {
+        blob: blob.clone(),
+        offset: start as u64,
+        total: bytes.len() as u64,
+        bytes: bytes[start..end].to_vec(),
+    }
 }

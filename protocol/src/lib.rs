@@ -27,6 +27,7 @@ pub mod fragments;
 pub mod job;
 pub mod names;
 pub mod presence;
+pub mod upload;
 
 pub use client::{
     Accepted, AgentInfo, Agents, Discover, Failure, JobState, JobStatus, Limit, MapReduce, Outcome,
@@ -43,6 +44,7 @@ pub use presence::{
     presence_payloads, Advertise, AgentState, CapLoad, CapabilityAd, DispatcherHello, Load,
     PresencePayloads, ProtocolVersion,
 };
+pub use upload::UploadWindow;
 
 /// Bytes as standard base64 text in serde formats: `#[serde(with = "spine_protocol::serde_base64")]`.
 pub mod serde_base64 {
