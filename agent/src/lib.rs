@@ -3,8 +3,10 @@
 //!
 //! An agent joins the XMPP server, advertises its capabilities and load to its dispatchers
 //! (directed presence, docs/PROTOCOL.md §4–5), runs the jobs they send within its slots and
-//! deadlines, and reports progress and results. One task owns the connection (`runtime`);
-//! handlers run in their own tasks and talk to it through channels.
+//! deadlines, and reports progress and results. One task owns the connection (`driver`); it
+//! feeds every event to an I/O-free state machine (`machine`, after `inbound` has classified
+//! the stanza) and performs the effects it returns; handlers run in tasks of their own
+//! (`supervisor`) and talk to the driver through channels.
 //!
 //! ```no_run
 //! use spine_agent::{Agent, AgentConfig, JobContext, Output, JobError};
@@ -24,12 +26,15 @@
 
 pub mod args;
 pub mod config;
+mod driver;
 pub mod error;
 pub mod exec;
 pub mod handler;
 pub mod http;
-mod runtime;
+mod inbound;
+mod machine;
 mod store;
+mod supervisor;
 pub mod sysload;
 
 use std::collections::BTreeMap;
@@ -102,7 +107,7 @@ impl Agent {
         self,
         shutdown: impl Future<Output = impl Sized> + Send,
     ) -> Result<(), AgentError> {
-        runtime::run(self, shutdown).await
+        driver::run(self, shutdown).await
     }
 
     /// The capabilities offered.

@@ -1,0 +1,147 @@
+//! The agent's connection task: the one owner of the XMPP connection, and the thin driver of
+//! the state machine.
+//!
+//! A `select!` loop over the shutdown signal, the core's next deadline
+//! ([`Core::poll_timeout`]), stanzas and session resets from the server, reconnect status,
+//! job ends and handlers' reports from [`crate::supervisor`]. Each event becomes one call into
+//! [`Core`] with the current time; then the driver performs the core's [`Ready`] in a fixed
+//! order: stop handlers, start handlers, send stanzas (adding the machine's load figures to
+//! load reports). The driver decides nothing about jobs; it only knows when to give up on the
+//! connection.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+
+use jid::Jid;
+use rand::Rng as _;
+use spine_xmpp::stanzastream::{Event, StreamEvent};
+use spine_xmpp::{Connection, Status};
+use tokio::time::Instant;
+use tracing::{debug, error, info};
+use xmpp_parsers::presence::Presence;
+
+use crate::error::AgentError;
+use crate::machine::{Core, Out, Ready, Stop};
+use crate::supervisor::Supervisor;
+use crate::Agent;
+
+/// Consecutive reconnects refused for credentials before the agent gives up.
+const MAX_AUTH_REFUSALS: u32 = 3;
+
+pub(crate) async fn run(
+    agent: Agent,
+    shutdown: impl Future<Output = impl Sized> + Send,
+) -> Result<(), AgentError> {
+    let resolved = agent.config.resolve()?;
+    let opts = resolved.options.clone();
+    let server = opts.addr;
+    let mut conn = spine_xmpp::connect(opts).await?;
+    let mut status_rx = conn
+        .take_status()
+        .ok_or_else(|| AgentError::Reconnect("connection status already taken".into()))?;
+    info!(jid = %conn.jid(), server = %server, capabilities = agent.caps.len(), "agent connected");
+    let mut ads = BTreeMap::new();
+    let mut handlers = BTreeMap::new();
+    for (name, c) in agent.caps {
+        ads.insert(name.clone(), c.ad);
+        handlers.insert(name, c.handler);
+    }
+    let mut core = Core::new(
+        &agent.config,
+        resolved.dispatchers,
+        ads,
+        agent.attrs,
+        rand::rng().random(),
+        Instant::now(),
+    );
+    let (mut sup, mut inbox) = Supervisor::new(handlers);
+    core.session_started(Instant::now());
+    perform(&conn, &mut sup, core.take_ready()).await;
+
+    tokio::pin!(shutdown);
+    let mut auth_refusals = 0u32;
+    while !core.is_gone() {
+        let wake = core.poll_timeout();
+        tokio::select! {
+            // Every branch is cancellation-safe: `Connection::next`, `recv` and timers keep
+            // their state outside the future that lost the race.
+            _ = &mut shutdown, if core.is_serving() => core.shutdown(Instant::now()),
+            _ = tokio::time::sleep_until(wake) => core.tick(Instant::now()),
+            ev = conn.next() => match ev {
+                Some(Event::Stanza(st)) => core.stanza(st, Instant::now()),
+                Some(Event::Stream(StreamEvent::Reset { bound_jid, .. })) => {
+                    info!(jid = %bound_jid, "session re-established: advertising again");
+                    auth_refusals = 0;
+                    core.session_started(Instant::now());
+                }
+                Some(Event::Stream(other)) => debug!("stream event {other:?}"),
+                None => {
+                    error!("connection worker ended");
+                    return Err(AgentError::Reconnect("the connection closed for good".into()));
+                }
+            },
+            Some(status) = status_rx.recv() => {
+                let Status::ReconnectFailed { error, auth, .. } = status;
+                if auth {
+                    auth_refusals += 1;
+                    error!("server refuses the agent's credentials ({auth_refusals}/{MAX_AUTH_REFUSALS}): {error}");
+                    if auth_refusals >= MAX_AUTH_REFUSALS {
+                        return Err(AgentError::Reconnect(error));
+                    }
+                }
+            }
+            Some(done) = inbox.done.recv() => {
+                sup.finished(&done.id);
+                core.job_done(done, Instant::now());
+            }
+            Some((id, attempt, report)) = inbox.reports.recv() => core.report(id, attempt, report),
+        }
+        perform(&conn, &mut sup, core.take_ready()).await;
+    }
+    debug!(running = core.running(), "closing the connection");
+    conn.close().await;
+    Ok(())
+}
+
+/// Performs the core's effects: stops, then starts, then stanzas in order.
+async fn perform(conn: &Connection, sup: &mut Supervisor, ready: Ready) {
+    for s in ready.stops {
+        match s {
+            Stop::Job(id) => sup.cancel(&id),
+            Stop::All => sup.stop_all(),
+        }
+    }
+    for s in ready.starts {
+        sup.start(s);
+    }
+    for out in ready.out {
+        match out {
+            Out::Stanza(st) => {
+                conn.send(st).await;
+            }
+            Out::Load {
+                to,
+                advertise,
+                mut load,
+            } => {
+                load.loadavg = crate::sysload::loadavg();
+                let mem = crate::sysload::memory();
+                load.mem_used = mem.map(|m| m.0);
+                load.mem_total = mem.map(|m| m.1);
+                conn.send(presence(to, advertise.map(|a| *a), load)).await;
+            }
+        }
+    }
+}
+
+fn presence(
+    to: Jid,
+    advertise: Option<spine_protocol::Advertise>,
+    load: spine_protocol::Load,
+) -> Presence {
+    let p = Presence::available().with_to(to);
+    match advertise {
+        Some(a) => p.with_payload(a).with_payload(load),
+        None => p.with_payload(load),
+    }
+}

@@ -1,0 +1,589 @@
+//! The agent's state machine: everything the agent decides, with no I/O.
+//!
+//! [`crate::driver`] feeds [`Core`] its inputs, each with the time as a parameter — a session
+//! start, a stanza (classified by [`crate::inbound`]), a finished job from
+//! [`crate::supervisor`], a handler's progress report, the shutdown, a timer — and then takes
+//! the effects from [`Core::take_ready`]: jobs to stop, handler invocations to start, stanzas to
+//! send. The core owns the running jobs and their slots, the outcome cache, the input blobs
+//! being assembled, the output uploads (`outputs`, windowed), the phase (serving,
+//! draining, stopping, gone) and the load reports with their sequence numbers (`load`). It has no
+//! `async fn`, reads no clock, no file and no socket, so plain `#[test]`s drive it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use jid::{BareJid, Jid};
+use rand::rngs::StdRng;
+use rand::{Rng as _, SeedableRng as _};
+use serde_json::{Map, Value};
+use spine_protocol::blob::BlobStore;
+use spine_protocol::{
+    Advertise, Attributes, Cancel, CapabilityAd, CapabilityName, Condition, Data, Job, JobId,
+    JobResult, Load, Partial, Progress, SpineError, INLINE_LIMIT,
+};
+use tokio::time::Instant;
+use tokio_xmpp::Stanza;
+use tracing::{debug, info, warn};
+use xmpp_parsers::iq::Iq;
+use xmpp_parsers::message::{Message, MessageType};
+use xmpp_parsers::presence::{Presence, Type as PresenceType};
+use xmpp_parsers::stanza_error::StanzaError;
+
+use crate::config::AgentConfig;
+use crate::handler::{Output, Report};
+use crate::inbound::{classify, Inbound};
+use crate::store::{Outcome, OutcomeCache};
+
+mod load;
+mod outputs;
+
+/// Unacknowledged chunks in flight per blob upload (PROTOCOL.md §13).
+pub(crate) const CHUNK_WINDOW: usize = 8;
+/// How long an incomplete incoming blob is kept after its last chunk.
+const BLOB_IDLE_TTL: Duration = Duration::from_secs(300);
+/// How long stopped jobs may take to report their outcome once the drain grace is over.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// A handler invocation to start: everything its [`crate::JobContext`] gets but the
+/// cancellation token and the report channel, which the supervisor adds.
+#[derive(Debug)]
+pub(crate) struct Start {
+    pub(crate) id: JobId,
+    pub(crate) capability: CapabilityName,
+    pub(crate) attempt: u64,
+    pub(crate) args: Map<String, Value>,
+    pub(crate) input: Vec<u8>,
+    pub(crate) input_mime: Option<String>,
+    pub(crate) deadline: Option<Instant>,
+    pub(crate) submitter: Option<String>,
+}
+
+/// A handler invocation's end, as the supervisor reports it.
+#[derive(Debug)]
+pub(crate) struct Done {
+    pub(crate) id: JobId,
+    pub(crate) attempt: u64,
+    pub(crate) result: Result<Output, SpineError>,
+    pub(crate) elapsed: Duration,
+}
+
+/// Handlers to stop.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Stop {
+    /// The dispatcher cancelled this job.
+    Job(JobId),
+    /// The drain grace is over: every running job is stopped (their outcome is `retryable`).
+    All,
+}
+
+/// Something to send.
+// Stanzas are the common case and the large one; boxing them would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub(crate) enum Out {
+    /// A stanza, as it is.
+    Stanza(Stanza),
+    /// A directed presence with a load report, and the advertisement when the dispatcher needs
+    /// it (session start, hello). The driver adds the machine's load average and memory,
+    /// which the core does not read.
+    Load {
+        to: Jid,
+        advertise: Option<Box<Advertise>>,
+        load: Load,
+    },
+}
+
+/// The effects of the inputs since the last [`Core::take_ready`], performed by the driver in
+/// this order: stop handlers, start handlers, then send the stanzas in order. A start's
+/// "started" progress notification is in `out`, so it leaves before anything the new handler
+/// reports.
+#[derive(Debug, Default)]
+pub(crate) struct Ready {
+    pub(crate) stops: Vec<Stop>,
+    pub(crate) starts: Vec<Start>,
+    pub(crate) out: Vec<Out>,
+}
+
+/// A job whose handler is running.
+struct Running {
+    capability: CapabilityName,
+    from_bare: BareJid,
+    /// Full JID to send progress, and an output's chunks, to.
+    reply_to: Jid,
+    /// IQs waiting for the outcome (the first request and any duplicates).
+    waiters: Vec<(Jid, String)>,
+    progress: bool,
+    attempt: u64,
+    /// Sequence number of the next partial result of this attempt.
+    next_partial: u64,
+}
+
+/// Where the agent is in its life.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Phase {
+    /// Taking jobs.
+    Serving,
+    /// Shutdown asked: no new jobs; running ones may finish until then.
+    Draining(Instant),
+    /// Grace over: running jobs were stopped; their outcomes may arrive until then.
+    Stopping(Instant),
+    /// Unavailable presence queued: the driver closes the connection.
+    Gone,
+}
+
+/// The agent's settings the core needs, taken from the configuration once.
+struct Settings {
+    slots: u64,
+    heartbeat: Duration,
+    load_debounce: Duration,
+    drain_grace: Duration,
+    max_input_size: u64,
+}
+
+/// The agent's state machine (see the module documentation).
+pub(crate) struct Core {
+    settings: Settings,
+    dispatchers: Vec<BareJid>,
+    caps: BTreeMap<CapabilityName, CapabilityAd>,
+    attrs: Attributes,
+    /// Identifies this run of the agent in advertisements.
+    instance: String,
+    gen: u64,
+    /// Sequence number of the last load report (one sequence for every dispatcher).
+    seq: u64,
+    rng: StdRng,
+    running: HashMap<JobId, Running>,
+    cache: OutcomeCache,
+    blobs: BlobStore,
+    uploads: HashMap<u64, outputs::Upload>,
+    /// Chunk IQ id → upload key.
+    chunk_iqs: HashMap<String, u64>,
+    next_id: u64,
+    phase: Phase,
+    load_dirty: bool,
+    last_load: Instant,
+    /// The heartbeat's current interval: 0.5 s after a session start, doubling up to the
+    /// configured heartbeat (a dispatcher that came online after us hears a load report
+    /// within a second, answers with a hello, and we advertise).
+    beat_step: Duration,
+    next_beat: Instant,
+    ready: Ready,
+}
+
+fn iq_error(id: String, to: Jid, e: SpineError) -> Iq {
+    Iq::from_error(id, StanzaError::from(e)).with_to(to)
+}
+
+fn headline(to: Jid, payload: impl xmpp_parsers::message::MessagePayload) -> Message {
+    let mut m = Message::new(Some(to));
+    m.type_ = MessageType::Headline;
+    m.payloads.push(payload.into());
+    m
+}
+
+impl Core {
+    /// A core for `caps`, serving `dispatchers`; `seed` makes its random choices (instance
+    /// id, output blob ids). Nothing is sent before [`Core::session_started`].
+    pub(crate) fn new(
+        config: &AgentConfig,
+        dispatchers: Vec<BareJid>,
+        caps: BTreeMap<CapabilityName, CapabilityAd>,
+        attrs: Attributes,
+        seed: u64,
+        now: Instant,
+    ) -> Self {
+        let mut rng = StdRng::seed_from_u64(seed);
+        Core {
+            settings: Settings {
+                slots: config.slots,
+                heartbeat: config.heartbeat,
+                load_debounce: config.load_debounce,
+                drain_grace: config.drain_grace,
+                max_input_size: config.max_input_size.as_u64(),
+            },
+            dispatchers,
+            caps,
+            attrs,
+            instance: format!("{:016x}", rng.random::<u64>()),
+            gen: 1,
+            seq: 0,
+            rng,
+            running: HashMap::new(),
+            cache: OutcomeCache::new(config.result_cache, config.result_ttl),
+            blobs: BlobStore::new(config.max_input_size.as_u64(), BLOB_IDLE_TTL),
+            uploads: HashMap::new(),
+            chunk_iqs: HashMap::new(),
+            next_id: 0,
+            phase: Phase::Serving,
+            load_dirty: false,
+            last_load: now,
+            beat_step: Duration::ZERO,
+            next_beat: now + config.heartbeat,
+            ready: Ready::default(),
+        }
+    }
+
+    /// The effects of the inputs so far, leaving none.
+    pub(crate) fn take_ready(&mut self) -> Ready {
+        std::mem::take(&mut self.ready)
+    }
+
+    /// When [`Core::tick`] must be called next: the heartbeat, a debounced load report, or
+    /// the end of the drain or stop grace, whichever is first.
+    pub(crate) fn poll_timeout(&self) -> Instant {
+        let mut at = self.next_beat;
+        if self.load_dirty {
+            at = at.min(self.last_load + self.settings.load_debounce);
+        }
+        if let Phase::Draining(t) | Phase::Stopping(t) = self.phase {
+            at = at.min(t);
+        }
+        at
+    }
+
+    /// Still taking jobs (no shutdown asked).
+    pub(crate) fn is_serving(&self) -> bool {
+        self.phase == Phase::Serving
+    }
+
+    /// Done: the unavailable presence is queued; the driver closes the connection.
+    pub(crate) fn is_gone(&self) -> bool {
+        self.phase == Phase::Gone
+    }
+
+    /// Jobs whose handler is running.
+    pub(crate) fn running(&self) -> usize {
+        self.running.len()
+    }
+
+    /// The XMPP session (re)started: initial presence, the advertisement to every dispatcher,
+    /// the heartbeat from its shortest step, and output uploads from their first chunk (the
+    /// acknowledgements of the old session are lost).
+    pub(crate) fn session_started(&mut self, now: Instant) {
+        self.push(Presence::available());
+        for d in self.dispatchers.clone() {
+            self.send_advertisement(Jid::from(d), now);
+        }
+        self.beat_step = Duration::from_millis(500).min(self.settings.heartbeat);
+        self.next_beat = now + self.beat_step;
+        self.restart_uploads(now);
+    }
+
+    /// A stanza from the server.
+    pub(crate) fn stanza(&mut self, st: Stanza, now: Instant) {
+        let Some(inbound) = classify(st, &self.dispatchers) else {
+            return;
+        };
+        match inbound {
+            Inbound::Job { from, id, job } => self.on_job(from, id, job, now),
+            Inbound::Cancel { from, id, cancel } => {
+                let r = self.on_cancel(cancel, now);
+                self.answer(from, id, r);
+            }
+            Inbound::Chunk { from, id, chunk } => {
+                let r = self
+                    .blobs
+                    .put(from.to_bare().as_str(), chunk, now.into_std());
+                self.answer(from, id, r);
+            }
+            Inbound::DiscoInfo { from, id } => {
+                let info = spine_protocol::disco::agent_disco_info(self.caps.keys());
+                self.push(Iq::from_result(id, Some(info)).with_to(from));
+            }
+            Inbound::Reply { id, error } => self.on_chunk_reply(&id, error, now),
+            Inbound::Hello { from } => {
+                debug!(dispatcher = %from, "hello: advertising");
+                self.send_advertisement(from, now);
+            }
+            Inbound::Refused { to, id, error } => {
+                self.push(Iq::from_error(id, error).with_to(to));
+            }
+        }
+        self.check_end();
+    }
+
+    /// A handler's progress or partial output, sent only when the dispatcher asked for
+    /// progress and only for the attempt that is running (PROTOCOL.md §8).
+    pub(crate) fn report(&mut self, id: JobId, attempt: u64, report: Report) {
+        let Some(r) = self.running.get_mut(&id) else {
+            return;
+        };
+        if !r.progress || r.attempt != attempt {
+            return;
+        }
+        let to = r.reply_to.clone();
+        let m = match report {
+            Report::Progress { percent, message } => headline(
+                to,
+                Progress {
+                    job: id,
+                    attempt,
+                    percent,
+                    message,
+                },
+            ),
+            Report::Partial { mime, bytes } => {
+                let seq = r.next_partial;
+                r.next_partial += 1;
+                headline(
+                    to,
+                    Partial {
+                        job: id,
+                        attempt,
+                        seq,
+                        mime,
+                        bytes,
+                    },
+                )
+            }
+        };
+        self.push(m);
+    }
+
+    /// A handler ended: its outcome to every waiting IQ (after uploading a large output), the
+    /// cache, and a load report.
+    pub(crate) fn job_done(&mut self, d: Done, now: Instant) {
+        let Some(r) = self.running.remove(&d.id) else {
+            return;
+        };
+        let elapsed_ms = d.elapsed.as_millis() as u64;
+        match &d.result {
+            Ok(_) => info!(job = %d.id, elapsed_ms, "job succeeded"),
+            Err(e) => info!(job = %d.id, elapsed_ms, "job failed: {e}"),
+        }
+        match d.result {
+            Ok(out) if out.bytes.len() > INLINE_LIMIT => {
+                self.start_upload(d.id, d.attempt, elapsed_ms, out, r, now)
+            }
+            Ok(out) => {
+                let output =
+                    (!out.bytes.is_empty() || out.mime.is_some()).then_some(Data::Inline {
+                        mime: out.mime,
+                        bytes: out.bytes,
+                    });
+                let res = JobResult {
+                    job: d.id.clone(),
+                    attempt: d.attempt,
+                    elapsed_ms: Some(elapsed_ms),
+                    meta: out.meta.into(),
+                    output,
+                };
+                self.finish(d.id, Outcome::Result(res), r.waiters, now);
+            }
+            Err(e) => self.finish(d.id, Outcome::Error(e), r.waiters, now),
+        }
+        self.mark_load_dirty(now);
+        self.check_end();
+    }
+
+    /// Shutdown asked: no new jobs; running ones may finish within the drain grace.
+    pub(crate) fn shutdown(&mut self, now: Instant) {
+        if self.phase != Phase::Serving {
+            return;
+        }
+        info!(running = self.running.len(), grace = ?self.settings.drain_grace, "draining: no new jobs");
+        self.phase = Phase::Draining(now + self.settings.drain_grace);
+        self.send_load(now);
+        self.check_end();
+    }
+
+    /// Time passed: the drain or stop grace may be over, a load report due.
+    pub(crate) fn tick(&mut self, now: Instant) {
+        match self.phase {
+            Phase::Draining(t) if now >= t => {
+                warn!(
+                    running = self.running.len(),
+                    "drain grace over: stopping running jobs"
+                );
+                self.ready.stops.push(Stop::All);
+                self.phase = Phase::Stopping(now + STOP_GRACE);
+            }
+            Phase::Stopping(t) if now >= t => {
+                warn!(
+                    running = self.running.len(),
+                    "jobs did not stop in time; leaving without their outcomes"
+                );
+                self.go_unavailable();
+                return;
+            }
+            _ => {}
+        }
+        if now >= self.next_beat {
+            self.send_load(now);
+            self.beat_step = (self.beat_step * 2).min(self.settings.heartbeat);
+            self.next_beat = now + self.beat_step;
+        } else if self.load_dirty && now >= self.last_load + self.settings.load_debounce {
+            self.send_load(now);
+        }
+    }
+
+    fn push(&mut self, st: impl Into<Stanza>) {
+        self.ready.out.push(Out::Stanza(st.into()));
+    }
+
+    /// Answers an IQ set with an empty result or the error.
+    fn answer(&mut self, to: Jid, id: String, r: Result<(), SpineError>) {
+        let iq = match r {
+            Ok(()) => Iq::empty_result(to, id),
+            Err(e) => iq_error(id, to, e),
+        };
+        self.push(iq);
+    }
+
+    /// Leaves once a shutdown was asked and nothing is left to report.
+    fn check_end(&mut self) {
+        if matches!(self.phase, Phase::Draining(_) | Phase::Stopping(_))
+            && self.running.is_empty()
+            && self.uploads.is_empty()
+        {
+            self.go_unavailable();
+        }
+    }
+
+    fn go_unavailable(&mut self) {
+        info!("agent stopping: going unavailable");
+        self.push(Presence::new(PresenceType::Unavailable));
+        self.phase = Phase::Gone;
+    }
+
+    fn new_iq_id(&mut self) -> String {
+        self.next_id += 1;
+        format!("a{}", self.next_id)
+    }
+
+    fn on_cancel(&mut self, c: Cancel, now: Instant) -> Result<(), SpineError> {
+        if self.running.contains_key(&c.job) {
+            info!(job = %c.job, "cancel requested");
+            self.ready.stops.push(Stop::Job(c.job));
+            return Ok(());
+        }
+        if self.cache.get(&c.job, now).is_some() {
+            return Ok(()); // already finished: cancel is a no-op
+        }
+        Err(SpineError::new(Condition::UnknownJob).with_text(format!("no job {} here", c.job)))
+    }
+
+    fn on_job(&mut self, from: Jid, iq_id: String, job: Job, now: Instant) {
+        if let Some(outcome) = self.cache.get(&job.id, now).cloned() {
+            debug!(job = %job.id, "duplicate of a finished job: resending its outcome");
+            self.reply(from, iq_id, &outcome);
+            return;
+        }
+        if let Some(r) = self.running.get_mut(&job.id) {
+            debug!(job = %job.id, "duplicate of a running job: attached");
+            r.waiters.push((from, iq_id));
+            return;
+        }
+        let Some((from, iq_id)) = self.attach_to_upload(&job.id, from, iq_id) else {
+            return;
+        };
+        match self.start_job(&from, &job, now) {
+            Ok(()) => {
+                if let Some(r) = self.running.get_mut(&job.id) {
+                    r.waiters.push((from, iq_id));
+                }
+                self.mark_load_dirty(now);
+            }
+            Err(e) => {
+                debug!(job = %job.id, "refused: {e}");
+                self.push(iq_error(iq_id, from, e));
+            }
+        }
+    }
+
+    /// Takes a slot and queues the handler's start, or says why not.
+    fn start_job(&mut self, from: &Jid, job: &Job, now: Instant) -> Result<(), SpineError> {
+        let Some(cap) = self.caps.get(&job.capability) else {
+            return Err(SpineError::new(Condition::UnknownCapability)
+                .with_text(format!("this agent does not offer {}", job.capability)));
+        };
+        if self.phase != Phase::Serving {
+            return Err(SpineError::new(Condition::Draining).with_text("agent is shutting down"));
+        }
+        if self.running.len() as u64 >= self.settings.slots {
+            return Err(SpineError::new(Condition::Busy)
+                .with_text(format!("all {} slots are busy", self.settings.slots)));
+        }
+        if let Some(slots) = cap.slots {
+            if self.in_flight(&job.capability) as u64 >= slots {
+                return Err(SpineError::new(Condition::Busy)
+                    .with_text(format!("all {slots} slots of {} are busy", job.capability)));
+            }
+        }
+        let from_bare = from.to_bare();
+        let (input, input_mime) = match &job.input {
+            None => (Vec::new(), None),
+            Some(Data::Inline { mime, bytes }) => (bytes.clone(), mime.clone()),
+            Some(Data::Blob(r)) => {
+                let max = self.settings.max_input_size;
+                if r.size > max {
+                    let mut e = SpineError::new(Condition::TooLarge)
+                        .with_text(format!("input of {} bytes is over the limit", r.size));
+                    e.max = Some(max);
+                    return Err(e);
+                }
+                (self.blobs.take(from_bare.as_str(), r)?, r.mime.clone())
+            }
+        };
+        info!(job = %job.id, capability = %job.capability, attempt = job.attempt, from = %from, "job started");
+        self.ready.starts.push(Start {
+            id: job.id.clone(),
+            capability: job.capability.clone(),
+            attempt: job.attempt,
+            args: job.args.0.clone(),
+            input,
+            input_mime,
+            deadline: job.deadline_ms.map(|ms| now + Duration::from_millis(ms)),
+            submitter: job.submitter.clone(),
+        });
+        self.running.insert(
+            job.id.clone(),
+            Running {
+                capability: job.capability.clone(),
+                from_bare,
+                reply_to: from.clone(),
+                waiters: Vec::new(),
+                progress: job.progress,
+                attempt: job.attempt,
+                next_partial: 0,
+            },
+        );
+        if job.progress {
+            let p = Progress {
+                job: job.id.clone(),
+                attempt: job.attempt,
+                percent: Some(0),
+                message: Some("started".into()),
+            };
+            self.push(headline(from.clone(), p));
+        }
+        Ok(())
+    }
+
+    /// The outcome to every waiting IQ; a final one is kept to answer a repeated job id.
+    fn finish(&mut self, id: JobId, outcome: Outcome, waiters: Vec<(Jid, String)>, now: Instant) {
+        for (to, iq_id) in waiters {
+            self.reply(to, iq_id, &outcome);
+        }
+        // Only final outcomes answer a repeated job id: after a retryable failure the
+        // dispatcher's next attempt (maybe on this same agent) must really run.
+        let is_final = match &outcome {
+            Outcome::Result(_) => true,
+            Outcome::Error(e) => !e.condition.is_retryable(),
+        };
+        if is_final {
+            self.cache.insert(id, outcome, now);
+        }
+    }
+
+    fn reply(&mut self, to: Jid, iq_id: String, outcome: &Outcome) {
+        let iq = match outcome {
+            Outcome::Result(r) => Iq::from_result(iq_id, Some(r.clone())).with_to(to),
+            Outcome::Error(e) => iq_error(iq_id, to, e.clone()),
+        };
+        self.push(iq);
+    }
+}
+
+#[cfg(test)]
+mod tests;

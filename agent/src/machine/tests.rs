@@ -1,0 +1,459 @@
+//! The agent's core driven with plain `#[test]`s at fixed times, asserting on its effects:
+//! no connection, no handler runs, no clock.
+
+use super::*;
+use crate::handler::Output;
+use sha2::{Digest, Sha256};
+use spine_protocol::{chunks, AgentState, BlobId, BlobRef, Chunk, ProtocolVersion};
+
+const DISPATCHER: &str = "dispatcher@localhost/d1";
+const OTHER_DISPATCHER: &str = "backup@localhost/d2";
+const MS: Duration = Duration::from_millis(1);
+
+fn jid(s: &str) -> Jid {
+    s.parse().expect("valid JID")
+}
+
+fn job_id(s: &str) -> JobId {
+    s.parse().expect("valid job id")
+}
+
+fn cap(s: &str) -> CapabilityName {
+    s.parse().expect("valid capability name")
+}
+
+/// A core with `slots` slots serving two dispatchers, offering `test.echo` (no slots of its
+/// own) and `test.one` (one slot), its session started at `t0`, the start's effects taken.
+fn core(slots: u64, t0: Instant) -> Core {
+    let config = AgentConfig {
+        slots,
+        ..AgentConfig::default()
+    };
+    let mut caps = BTreeMap::new();
+    caps.insert(cap("test.echo"), CapabilityAd::new(cap("test.echo")));
+    let mut one = CapabilityAd::new(cap("test.one"));
+    one.slots = Some(1);
+    caps.insert(cap("test.one"), one);
+    let dispatchers = vec![jid(DISPATCHER).to_bare(), jid(OTHER_DISPATCHER).to_bare()];
+    let mut c = Core::new(&config, dispatchers, caps, Attributes::new(), 7, t0);
+    c.session_started(t0);
+    c.take_ready();
+    c
+}
+
+fn job(id: &str, capability: &str) -> Job {
+    Job::new(job_id(id), cap(capability))
+}
+
+fn send_job(c: &mut Core, from: &str, iq: &str, j: Job, now: Instant) -> Ready {
+    c.stanza(Iq::from_set(iq, j).with_from(jid(from)).into(), now);
+    c.take_ready()
+}
+
+fn send_set(c: &mut Core, iq: &str, p: impl xmpp_parsers::iq::IqSetPayload, now: Instant) -> Ready {
+    c.stanza(Iq::from_set(iq, p).with_from(jid(DISPATCHER)).into(), now);
+    c.take_ready()
+}
+
+fn done(id: &str, result: Result<Output, SpineError>) -> Done {
+    Done {
+        id: job_id(id),
+        attempt: 1,
+        result,
+        elapsed: Duration::from_millis(20),
+    }
+}
+
+fn iqs(r: &Ready) -> Vec<&Iq> {
+    r.out
+        .iter()
+        .filter_map(|o| match o {
+            Out::Stanza(Stanza::Iq(iq)) => Some(iq),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The answer to IQ `id`: Ok(payload of a result) or Err(the Spine error).
+fn answer(r: &Ready, id: &str) -> Option<Result<Option<minidom::Element>, SpineError>> {
+    iqs(r).into_iter().find_map(|iq| match iq {
+        Iq::Result { id: i, payload, .. } if i == id => Some(Ok(payload.clone())),
+        Iq::Error { id: i, error, .. } if i == id => {
+            Some(Err(SpineError::from_stanza_error(error)
+                .expect("valid condition")
+                .expect("a Spine condition")))
+        }
+        _ => None,
+    })
+}
+
+fn result_of(r: &Ready, id: &str) -> JobResult {
+    let payload = answer(r, id)
+        .expect("an answer")
+        .expect("a result")
+        .expect("a payload");
+    JobResult::try_from(payload).expect("a job result")
+}
+
+fn condition_of(r: &Ready, id: &str) -> Condition {
+    answer(r, id)
+        .expect("an answer")
+        .expect_err("an error")
+        .condition
+}
+
+fn loads(r: &Ready) -> Vec<(Jid, &Load, bool)> {
+    r.out
+        .iter()
+        .filter_map(|o| match o {
+            Out::Load {
+                to,
+                advertise,
+                load,
+            } => Some((to.clone(), load, advertise.is_some())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn the_session_start_advertises_to_every_dispatcher() {
+    let t0 = Instant::now();
+    let config = AgentConfig::default();
+    let mut c = Core::new(
+        &config,
+        vec![jid(DISPATCHER).to_bare(), jid(OTHER_DISPATCHER).to_bare()],
+        BTreeMap::from([(cap("test.echo"), CapabilityAd::new(cap("test.echo")))]),
+        Attributes::new(),
+        7,
+        t0,
+    );
+    c.session_started(t0);
+    let r = c.take_ready();
+    assert!(matches!(&r.out[0], Out::Stanza(Stanza::Presence(p)) if p.to.is_none()));
+    let l = loads(&r);
+    assert_eq!(l.len(), 2);
+    assert_eq!(l[0].0, Jid::from(jid(DISPATCHER).to_bare()));
+    assert!(l[0].2 && l[1].2, "each load goes with the advertisement");
+    assert_eq!((l[0].1.seq, l[1].1.seq), (1, 2));
+    assert_eq!(l[0].1.state, AgentState::Ready);
+    // The heartbeat starts at half a second after a session start.
+    assert_eq!(c.poll_timeout(), t0 + 500 * MS);
+}
+
+#[test]
+fn a_job_from_a_jid_that_is_not_a_dispatcher_is_refused() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    let r = send_job(
+        &mut c,
+        "intruder@localhost/x",
+        "j1",
+        job("a", "test.echo"),
+        t0,
+    );
+    assert_eq!(condition_of(&r, "j1"), Condition::NotAuthorized);
+    assert!(r.starts.is_empty());
+    assert_eq!(c.running(), 0);
+}
+
+#[test]
+fn a_job_starts_with_its_deadline_a_started_notification_and_a_load_report() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    let mut j = job("a", "test.echo");
+    j.progress = true;
+    j.deadline_ms = Some(1500);
+    j.args.0.insert("n".into(), 3.into());
+    j.input = Some(Data::Inline {
+        mime: Some("text/plain".into()),
+        bytes: b"hi".to_vec(),
+    });
+    let now = t0 + Duration::from_secs(1);
+    let r = send_job(&mut c, DISPATCHER, "j1", j, now);
+    assert_eq!(r.starts.len(), 1);
+    let s = &r.starts[0];
+    assert_eq!((s.id.as_str(), s.attempt), ("a", 1));
+    assert_eq!(s.deadline, Some(now + 1500 * MS));
+    assert_eq!(s.input, b"hi");
+    assert_eq!(s.input_mime.as_deref(), Some("text/plain"));
+    assert_eq!(s.args.get("n"), Some(&serde_json::json!(3)));
+    // No answer yet; the start notification, then a load report per dispatcher.
+    assert!(answer(&r, "j1").is_none());
+    match &r.out[0] {
+        Out::Stanza(Stanza::Message(m)) => {
+            let p = Progress::try_from(m.payloads[0].clone()).expect("progress");
+            assert_eq!(
+                (p.percent, p.message.as_deref()),
+                (Some(0), Some("started"))
+            );
+            assert_eq!(m.to, Some(jid(DISPATCHER)));
+        }
+        other => panic!("expected the start notification, got {other:?}"),
+    }
+    let l = loads(&r);
+    assert_eq!(l.len(), 2);
+    assert_eq!((l[0].1.in_flight, l[0].1.yours), (1, 1));
+    assert_eq!((l[1].1.in_flight, l[1].1.yours), (1, 0));
+}
+
+#[test]
+fn a_repeated_job_id_attaches_to_the_running_job() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    assert_eq!(
+        send_job(&mut c, DISPATCHER, "j1", job("a", "test.echo"), t0)
+            .starts
+            .len(),
+        1
+    );
+    let r = send_job(&mut c, DISPATCHER, "j2", job("a", "test.echo"), t0 + MS);
+    assert!(r.starts.is_empty() && r.out.is_empty(), "{r:?}");
+    c.job_done(done("a", Ok(Output::bytes("out"))), t0 + 10 * MS);
+    let r = c.take_ready();
+    for iq in ["j1", "j2"] {
+        let res = result_of(&r, iq);
+        assert_eq!(res.job.as_str(), "a");
+        assert_eq!(res.elapsed_ms, Some(20));
+        assert_eq!(
+            res.output,
+            Some(Data::Inline {
+                mime: None,
+                bytes: b"out".to_vec()
+            })
+        );
+    }
+}
+
+#[test]
+fn a_finished_jobs_repeat_is_answered_from_the_cache_but_a_retryable_one_runs_again() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    send_job(&mut c, DISPATCHER, "j1", job("a", "test.echo"), t0);
+    send_job(&mut c, DISPATCHER, "j2", job("b", "test.echo"), t0);
+    c.job_done(done("a", Ok(Output::bytes("once"))), t0 + MS);
+    let e = SpineError::new(Condition::Retryable).with_text("transient");
+    c.job_done(done("b", Err(e)), t0 + MS);
+    let r = c.take_ready();
+    assert_eq!(condition_of(&r, "j2"), Condition::Retryable);
+
+    let r = send_job(&mut c, DISPATCHER, "j3", job("a", "test.echo"), t0 + 2 * MS);
+    assert!(r.starts.is_empty());
+    assert_eq!(
+        result_of(&r, "j3").output,
+        Some(Data::Inline {
+            mime: None,
+            bytes: b"once".to_vec()
+        })
+    );
+    let mut again = job("b", "test.echo");
+    again.attempt = 2;
+    let r = send_job(&mut c, DISPATCHER, "j4", again, t0 + 2 * MS);
+    assert_eq!(r.starts.len(), 1, "a retryable outcome is not cached");
+    assert_eq!(r.starts[0].attempt, 2);
+}
+
+#[test]
+fn busy_when_the_agents_or_the_capabilitys_slots_are_full() {
+    let t0 = Instant::now();
+    let mut c = core(2, t0);
+    send_job(&mut c, DISPATCHER, "j1", job("a", "test.one"), t0);
+    // test.one has one slot of its own.
+    let r = send_job(&mut c, DISPATCHER, "j2", job("b", "test.one"), t0);
+    assert_eq!(condition_of(&r, "j2"), Condition::Busy);
+    let r = send_job(&mut c, DISPATCHER, "j3", job("c", "test.echo"), t0);
+    assert_eq!(r.starts.len(), 1);
+    // Both agent slots taken.
+    let r = send_job(&mut c, DISPATCHER, "j4", job("d", "test.echo"), t0);
+    assert!(r.starts.is_empty());
+    let Some(Err(e)) = answer(&r, "j4") else {
+        panic!("expected a refusal");
+    };
+    assert_eq!(e.condition, Condition::Busy);
+    assert_eq!(e.text.as_deref(), Some("all 2 slots are busy"));
+    // A slot is free again once the job's end is taken.
+    c.job_done(done("c", Ok(Output::default())), t0 + MS);
+    c.take_ready();
+    let r = send_job(&mut c, DISPATCHER, "j5", job("d", "test.echo"), t0 + MS);
+    assert_eq!(r.starts.len(), 1);
+}
+
+#[test]
+fn unknown_capability_and_too_large_input_are_refused() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    let r = send_job(&mut c, DISPATCHER, "j1", job("a", "test.none"), t0);
+    assert_eq!(condition_of(&r, "j1"), Condition::UnknownCapability);
+    let mut j = job("b", "test.echo");
+    j.input = Some(Data::Blob(BlobRef {
+        blob: "in-1".parse().expect("blob id"),
+        size: u64::MAX,
+        sha256: [0; 32],
+        mime: None,
+    }));
+    let r = send_job(&mut c, DISPATCHER, "j2", j, t0);
+    assert_eq!(condition_of(&r, "j2"), Condition::TooLarge);
+    assert_eq!(c.running(), 0);
+}
+
+#[test]
+fn an_input_blob_is_assembled_from_chunks_then_given_to_the_job() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    let input: Vec<u8> = (0..150_000u32).map(|i| (i % 253) as u8).collect();
+    let blob: BlobId = "in-1".parse().expect("blob id");
+    for (i, ch) in chunks(&blob, &input).into_iter().enumerate() {
+        let iq = format!("c{i}");
+        let r = send_set(&mut c, &iq, ch, t0);
+        assert_eq!(answer(&r, &iq), Some(Ok(None)));
+    }
+    let mut j = job("a", "test.echo");
+    j.input = Some(Data::Blob(BlobRef {
+        blob,
+        size: input.len() as u64,
+        sha256: Sha256::digest(&input).into(),
+        mime: Some("application/octet-stream".into()),
+    }));
+    let r = send_job(&mut c, DISPATCHER, "j1", j, t0);
+    assert_eq!(r.starts.len(), 1);
+    assert_eq!(r.starts[0].input, input);
+}
+
+#[test]
+fn draining_refuses_new_work_and_leaves_when_the_last_job_ends() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    send_job(&mut c, DISPATCHER, "j1", job("a", "test.echo"), t0);
+    c.shutdown(t0 + MS);
+    let r = c.take_ready();
+    let l = loads(&r);
+    assert_eq!(l.len(), 2);
+    assert!(l.iter().all(|(_, l, _)| l.state == AgentState::Draining));
+    assert!(!c.is_serving() && !c.is_gone());
+    let r = send_job(&mut c, DISPATCHER, "j2", job("b", "test.echo"), t0 + 2 * MS);
+    assert_eq!(condition_of(&r, "j2"), Condition::Draining);
+    // The running job still reports its outcome; then the agent goes unavailable.
+    c.job_done(done("a", Ok(Output::bytes("x"))), t0 + 3 * MS);
+    let r = c.take_ready();
+    assert_eq!(result_of(&r, "j1").job.as_str(), "a");
+    assert!(matches!(
+        r.out.last(),
+        Some(Out::Stanza(Stanza::Presence(p))) if p.type_ == PresenceType::Unavailable
+    ));
+    assert!(c.is_gone());
+}
+
+#[test]
+fn the_drain_grace_stops_running_jobs_and_the_stop_grace_ends_the_wait() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    send_job(&mut c, DISPATCHER, "j1", job("a", "test.echo"), t0);
+    c.shutdown(t0);
+    c.take_ready();
+    let grace = AgentConfig::default().drain_grace;
+    assert!(c.poll_timeout() <= t0 + grace);
+    c.tick(t0 + grace);
+    assert_eq!(c.take_ready().stops, vec![Stop::All]);
+    assert!(c.poll_timeout() <= t0 + grace + STOP_GRACE);
+    c.tick(t0 + grace + STOP_GRACE);
+    assert!(c.is_gone());
+}
+
+#[test]
+fn shutdown_with_nothing_running_leaves_at_once() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    c.shutdown(t0);
+    assert!(c.is_gone());
+}
+
+#[test]
+fn a_cancel_stops_the_right_job() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    send_job(&mut c, DISPATCHER, "j1", job("a", "test.echo"), t0);
+    send_job(&mut c, DISPATCHER, "j2", job("b", "test.echo"), t0);
+    let r = send_set(&mut c, "x1", Cancel { job: job_id("b") }, t0);
+    assert_eq!(r.stops, vec![Stop::Job(job_id("b"))]);
+    assert_eq!(answer(&r, "x1"), Some(Ok(None)));
+    // The supervisor reports the cancelled handler's end.
+    let e = SpineError::new(Condition::Cancelled).with_text("cancelled by the dispatcher");
+    c.job_done(done("b", Err(e)), t0 + MS);
+    let r = c.take_ready();
+    assert_eq!(condition_of(&r, "j2"), Condition::Cancelled);
+    assert_eq!(c.running(), 1);
+    // Cancelling again is a no-op; an unknown job is an error.
+    let r = send_set(&mut c, "x2", Cancel { job: job_id("b") }, t0 + MS);
+    assert!(r.stops.is_empty());
+    assert_eq!(answer(&r, "x2"), Some(Ok(None)));
+    let r = send_set(&mut c, "x3", Cancel { job: job_id("zz") }, t0 + MS);
+    assert_eq!(condition_of(&r, "x3"), Condition::UnknownJob);
+}
+
+#[test]
+fn progress_goes_only_where_asked_and_for_the_running_attempt() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    let mut j = job("p", "test.echo");
+    j.progress = true;
+    send_job(&mut c, DISPATCHER, "j1", j, t0);
+    send_job(&mut c, DISPATCHER, "j2", job("q", "test.echo"), t0);
+    let progress = || Report::Progress {
+        percent: Some(50),
+        message: Some("half".into()),
+    };
+    c.report(job_id("q"), 1, progress());
+    c.report(job_id("p"), 2, progress());
+    assert!(c.take_ready().out.is_empty());
+    c.report(job_id("p"), 1, progress());
+    for _ in 0..2 {
+        c.report(
+            job_id("p"),
+            1,
+            Report::Partial {
+                mime: None,
+                bytes: b"x".to_vec(),
+            },
+        );
+    }
+    let r = c.take_ready();
+    assert_eq!(r.out.len(), 3);
+    let seqs: Vec<u64> = r
+        .out
+        .iter()
+        .filter_map(|o| match o {
+            Out::Stanza(Stanza::Message(m)) => Partial::try_from(m.payloads[0].clone()).ok(),
+            _ => None,
+        })
+        .map(|p| p.seq)
+        .collect();
+    assert_eq!(seqs, [0, 1]);
+}
+
+#[test]
+fn disco_info_is_answered_for_anyone_and_other_gets_are_refused() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    let get = Iq::from_get("d1", xmpp_parsers::disco::DiscoInfoQuery { node: None })
+        .with_from(jid("someone@localhost/x"));
+    c.stanza(get.into(), t0);
+    let r = c.take_ready();
+    let info = xmpp_parsers::disco::DiscoInfoResult::try_from(
+        answer(&r, "d1")
+            .expect("answer")
+            .expect("result")
+            .expect("payload"),
+    )
+    .expect("disco info");
+    let caps = spine_protocol::disco::capabilities_in(&info);
+    assert_eq!(
+        caps.iter().map(|c| c.as_str()).collect::<Vec<_>>(),
+        ["test.echo", "test.one"]
+    );
+    let ping = Iq::from_get("p1", xmpp_parsers::ping::Ping).with_from(jid(DISPATCHER));
+    c.stanza(ping.into(), t0);
+    let r = c.take_ready();
+    assert!(matches!(iqs(&r)[..], [Iq::Error { .. }]));
+}
+
+mod uploads_and_loads;
