@@ -13,7 +13,6 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 use rand::Rng as _;
-use spine_protocol::{JobId, JobState, SpineError};
 use spine_xmpp::stanzastream::{Event, StreamEvent};
 use spine_xmpp::Connection;
 use tokio::sync::{broadcast, oneshot};
@@ -22,11 +21,9 @@ use xmpp_parsers::presence::{Presence, Type as PresenceType};
 
 use crate::audit::AuditLog;
 use crate::config::DispatcherConfig;
-use crate::core::{
-    Answer, ApiReply, ApiRequest, ApiToken, Core, JobEvent, Now, Query, Ready, Restored,
-};
+use crate::core::{ApiReply, ApiToken, Command, Core, JobEvent, Now, Ready, Restored};
 use crate::error::DispatcherError;
-use crate::http::{Command, Handle};
+use crate::http::Handle;
 use crate::jobs::JobRecord;
 use crate::policy::Policy;
 use crate::store::{Batch, Store};
@@ -84,12 +81,6 @@ pub async fn run(
     Dispatcher::bind(cfg).await?.run(shutdown).await
 }
 
-/// An HTTP request waiting for the commit of the changes it made.
-enum Waiting {
-    Submit(oneshot::Sender<Result<(JobId, JobState), SpineError>>),
-    Cancel(oneshot::Sender<Result<JobState, SpineError>>),
-}
-
 /// The driver's state: the core and the I/O it performs for it.
 struct Driver {
     core: Core,
@@ -101,7 +92,8 @@ struct Driver {
     /// When the audit file was last synced to disk.
     audit_synced: Instant,
     events: broadcast::Sender<JobEvent>,
-    waiting: HashMap<ApiToken, Waiting>,
+    /// HTTP requests waiting for the commit of the changes they made.
+    waiting: HashMap<ApiToken, oneshot::Sender<ApiReply>>,
     next_token: ApiToken,
 }
 
@@ -251,81 +243,18 @@ impl Driver {
 
     /// One HTTP command: a read is answered at once, a change after the commit.
     fn on_command(&mut self, cmd: Command) {
-        // A dropped reply channel means the HTTP client went away: nothing to do.
-        let read = |core: &Core, q: Query| core.query(q);
         match cmd {
-            Command::Submit {
-                spec,
-                wait_for_agent,
-                visible,
-                reply,
-            } => {
-                let req = ApiRequest::Submit {
-                    spec,
-                    wait_for_agent,
-                    visible,
-                };
-                self.change(req, Waiting::Submit(reply));
+            Command::Read { query, reply } => {
+                // A dropped reply channel means the HTTP client went away: nothing to do.
+                let _ = reply.send(self.core.query(query));
             }
-            Command::Cancel { id, reply } => {
-                self.change(ApiRequest::Cancel { id }, Waiting::Cancel(reply));
-            }
-            Command::Get { id, reply } => {
-                if let Answer::Job(j) = read(&self.core, Query::Get { id }) {
-                    let _ = reply.send(j.map(|b| *b));
-                }
-            }
-            Command::Agents {
-                capability,
-                filter,
-                sort,
-                limit,
-                reply,
-            } => {
-                let q = Query::Agents {
-                    capability,
-                    filter,
-                    sort,
-                    limit,
-                };
-                if let Answer::Agents(a) = read(&self.core, q) {
-                    let _ = reply.send(a);
-                }
-            }
-            Command::Capabilities { reply } => {
-                if let Answer::Capabilities(c) = read(&self.core, Query::Capabilities) {
-                    let _ = reply.send(c);
-                }
-            }
-            Command::List {
-                state,
-                submitter,
-                limit,
-                reply,
-            } => {
-                let q = Query::List {
-                    state,
-                    submitter,
-                    limit,
-                };
-                if let Answer::Jobs(list) = read(&self.core, q) {
-                    let _ = reply.send(list);
-                }
-            }
-            Command::Metrics { reply } => {
-                if let Answer::Metrics(text) = read(&self.core, Query::Metrics) {
-                    let _ = reply.send(text);
-                }
+            Command::Change { request, reply } => {
+                self.next_token += 1;
+                let token = self.next_token;
+                self.waiting.insert(token, reply);
+                self.core.api(token, request, now());
             }
         }
-    }
-
-    /// A change for the core; its answer waits for the commit.
-    fn change(&mut self, req: ApiRequest, waiting: Waiting) {
-        self.next_token += 1;
-        let token = self.next_token;
-        self.waiting.insert(token, waiting);
-        self.core.api(token, req, now());
     }
 
     /// Performs what the core decided: stores every change in one durable transaction, then
@@ -382,14 +311,8 @@ impl Driver {
             self.conn.send(st).await;
         }
         for (token, reply) in ready.replies {
-            match (self.waiting.remove(&token), reply) {
-                (Some(Waiting::Submit(tx)), ApiReply::Submitted(r)) => {
-                    let _ = tx.send(r);
-                }
-                (Some(Waiting::Cancel(tx)), ApiReply::Cancelled(r)) => {
-                    let _ = tx.send(r);
-                }
-                _ => error!(token, "an API answer of the wrong kind (a bug): dropped"),
+            if let Some(tx) = self.waiting.remove(&token) {
+                let _ = tx.send(reply);
             }
         }
         for ev in ready.events {

@@ -2,15 +2,16 @@
 //! for changes, answered after the commit; [`Query`] for reads, answered at once) and what it
 //! says about jobs ([`JobEvent`], for event streams).
 //!
-//! The driver ([`crate::driver`]) turns each HTTP command into a call of the core and keeps
-//! its reply sender until the core's [`Ready`] names the answer (a change is answered only
-//! once it is stored).
+//! The HTTP layer sends a [`Command`] (one of these with a reply sender) to the driver
+//! ([`crate::driver`]), which calls the core and keeps the reply sender of a change until the
+//! core's [`Ready`] names its answer (a change is answered only once it is stored).
 //!
 //! [`Ready`]: super::Ready
 
 use serde::Serialize;
 use serde_json::Value;
 use spine_protocol::{AgentInfo, AttrName, CapabilityName, Filter, JobId, JobState, SpineError};
+use tokio::sync::oneshot;
 
 use crate::jobs::{JobRecord, JobSpec};
 use crate::policy::Capabilities;
@@ -74,6 +75,21 @@ pub(crate) enum Answer {
     Capabilities(Vec<(CapabilityName, usize, usize)>),
     Jobs(Vec<JobRecord>),
     Metrics(String),
+}
+
+/// A request from an HTTP handler to the driver, with where its answer goes.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// A change: answered once the changes it made are stored.
+    Change {
+        request: ApiRequest,
+        reply: oneshot::Sender<ApiReply>,
+    },
+    /// A read: answered at once.
+    Read {
+        query: Query,
+        reply: oneshot::Sender<Answer>,
+    },
 }
 
 /// What happened to a job, in an event stream.

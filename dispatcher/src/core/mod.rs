@@ -43,9 +43,10 @@ use crate::jobs::{JobRecord, JobTable};
 use crate::policy::Policy;
 use crate::registry::Registry;
 
-pub(crate) use api::{Answer, ApiReply, ApiRequest, ApiToken, Query};
+pub(crate) use api::{Answer, ApiReply, ApiRequest, ApiToken, Command, Query};
 pub use api::{EventKind, JobEvent};
 use requests::Requests;
+pub use views::job_json;
 
 /// Incomplete blobs are dropped this long after their last chunk.
 const BLOB_IDLE_TTL: Duration = Duration::from_secs(300);

@@ -325,7 +325,7 @@ impl Core {
             return;
         };
         // Event streams (HTTP SSE) get the whole job, after the commit.
-        let data = crate::http::job_json(rec);
+        let data = super::views::job_json(rec);
         let watch = rec
             .spec
             .watch

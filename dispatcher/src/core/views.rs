@@ -1,6 +1,7 @@
 //! What the core shows of jobs: the `<job-status>` of a job for XMPP submitters (large
-//! outputs first, through [`crate::deliver`]), progress and partial results forwarded to
-//! watchers and event streams, and the Prometheus text of `/metrics`.
+//! outputs first, through [`crate::deliver`]), its JSON view for HTTP and event streams,
+//! progress and partial results forwarded to watchers and event streams, and the Prometheus
+//! text of `/metrics`.
 //!
 //! Called by [`super::outcomes`] (a job ended), [`super::submit`] (`<status/>`),
 //! [`super::inbound`] (progress reports) and [`super::Core::query`] (metrics). Every count
@@ -16,6 +17,8 @@ use xmpp_parsers::message::{Message, MessageType};
 use super::{Core, EventKind, Now, BUCKETS};
 use crate::deliver::{Out, Request, Via};
 use crate::jobs::{JobRecord, Recorded};
+use base64::Engine as _;
+use serde_json::{json, Value};
 
 /// A job's `<job-status>` (its output inline when it fits; see [`Core::send_status`]).
 pub(crate) fn status(job: &JobRecord) -> JobStatus {
@@ -57,6 +60,65 @@ pub(crate) fn status(job: &JobRecord) -> JobStatus {
         percent: job.percent,
         outcome,
     }
+}
+
+/// The JSON view of a job (the HTTP API's, and the data of its `final` event).
+pub fn job_json(j: &JobRecord) -> Value {
+    let mut v = json!({
+        "id": j.id,
+        "capability": j.spec.capability,
+        "state": j.state,
+        "attempts": j.attempts,
+        "agent": j.agent,
+        "percent": j.percent,
+        "submitter": j.spec.submitter,
+    });
+    if !j.children.is_empty() {
+        v["children"] = json!(j.children);
+    }
+    if let Some(p) = &j.spec.parent {
+        v["parent"] = json!(p);
+    }
+    if let Some(m) = &j.spec.mapreduce {
+        v["reduce"] = json!(m.reduce);
+        v["split"] = json!(m.split);
+        v["fan_in"] = json!(m.fan_in);
+    }
+    if let Some(st) = &j.mr {
+        let (md, mt, rd, rt) = st.counts();
+        v["mapreduce"] = json!({
+            "fragments": mt, "fragments_done": md,
+            "reduce_steps": rt, "reduce_steps_done": rd,
+            "speculative": st.speculative,
+        });
+    }
+    match &j.outcome {
+        Some(Recorded::Succeeded {
+            meta,
+            output,
+            mime,
+            elapsed_ms,
+        }) => {
+            v["result"] = json!({
+                "output": base64::engine::general_purpose::STANDARD.encode(output),
+                "type": mime,
+                "meta": meta,
+                "elapsed_ms": elapsed_ms,
+            });
+        }
+        Some(Recorded::Failure {
+            condition,
+            message,
+            field,
+        }) => {
+            v["error"] = json!({ "condition": condition, "message": message });
+            if let Some(f) = field {
+                v["error"]["field"] = json!(f);
+            }
+        }
+        None => {}
+    }
+    v
 }
 
 impl Core {

@@ -23,12 +23,10 @@ mod views;
 
 use std::sync::Arc;
 
-use spine_protocol::{AgentInfo, AttrName, CapabilityName, Filter, JobId, JobState, SpineError};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc};
 
 use crate::config::DispatcherConfig;
-use crate::jobs::{JobRecord, JobSpec};
-use crate::policy::{Capabilities, Grant, HttpToken, Policy};
+use crate::policy::{Grant, HttpToken, Policy};
 
 pub use request::SubmitRequest;
 pub(crate) use routes::router;
@@ -48,47 +46,7 @@ pub fn max_body(max_input: u64) -> usize {
 /// authenticated (the router's default, for any extractor that reads a body).
 pub const SMALL_BODY: usize = 64 * 1024;
 
-/// A request from an HTTP handler to the connection task.
-pub(crate) enum Command {
-    Submit {
-        spec: Box<JobSpec>,
-        /// Accept it even if no agent ever offered its capabilities.
-        wait_for_agent: bool,
-        /// The capabilities the caller may run (an `unknown-capability` answer lists only
-        /// those).
-        visible: Capabilities,
-        reply: oneshot::Sender<Result<(JobId, JobState), SpineError>>,
-    },
-    Get {
-        id: JobId,
-        reply: oneshot::Sender<Option<JobRecord>>,
-    },
-    Cancel {
-        id: JobId,
-        reply: oneshot::Sender<Result<JobState, SpineError>>,
-    },
-    Agents {
-        capability: CapabilityName,
-        filter: Option<Filter>,
-        sort: Option<AttrName>,
-        limit: Option<usize>,
-        reply: oneshot::Sender<Vec<AgentInfo>>,
-    },
-    Capabilities {
-        reply: oneshot::Sender<Vec<(CapabilityName, usize, usize)>>,
-    },
-    List {
-        state: Option<JobState>,
-        /// Only this submitter's jobs.
-        submitter: Option<String>,
-        limit: usize,
-        reply: oneshot::Sender<Vec<JobRecord>>,
-    },
-    Metrics {
-        reply: oneshot::Sender<String>,
-    },
-}
-
+pub(crate) use crate::core::Command;
 pub use crate::core::JobEvent;
 
 /// Cloneable access to the connection task, for HTTP handlers.

@@ -26,17 +26,31 @@ use super::error::ApiError;
 use super::request::{body_form, job_id, parse_request, query_as_json, spec_from, BodyForm};
 use super::views::{agent_json, job_json, job_listed_json};
 use super::{max_body, Command, Handle, SMALL_BODY};
+use crate::core::{Answer, ApiReply, ApiRequest, Query as Lookup};
 use crate::jobs::JobRecord;
 
-async fn ask<T>(
-    h: &Handle,
-    make: impl FnOnce(oneshot::Sender<T>) -> Command,
-) -> Result<T, ApiError> {
-    let (tx, rx) = oneshot::channel();
-    h.tx.send(make(tx))
+/// Asks the driver for a change (answered once it is stored).
+async fn change(h: &Handle, request: ApiRequest) -> Result<ApiReply, ApiError> {
+    let (reply, rx) = oneshot::channel();
+    h.tx.send(Command::Change { request, reply })
         .await
         .map_err(|_| ApiError::unavailable())?;
     rx.await.map_err(|_| ApiError::unavailable())
+}
+
+/// Asks the driver for a read (answered at once).
+async fn read(h: &Handle, query: Lookup) -> Result<Answer, ApiError> {
+    let (reply, rx) = oneshot::channel();
+    h.tx.send(Command::Read { query, reply })
+        .await
+        .map_err(|_| ApiError::unavailable())?;
+    rx.await.map_err(|_| ApiError::unavailable())
+}
+
+/// An answer of another kind than asked for: a bug, reported as the API being unavailable.
+fn mismatch() -> ApiError {
+    tracing::error!("the dispatcher answered an HTTP request with an answer of another kind");
+    ApiError::unavailable()
 }
 
 /// `POST /v1/jobs`: a JSON body (input as base64), or a raw upload (any other Content-Type:
@@ -92,13 +106,15 @@ async fn submit(
         spec.input = input;
         spec.input_mime = Some(mime);
     }
-    let (id, state) = ask(&h, |reply| Command::Submit {
+    let request = ApiRequest::Submit {
         spec: Box::new(spec),
         wait_for_agent,
         visible: caller.grant.capabilities.clone(),
-        reply,
-    })
-    .await??;
+    };
+    let ApiReply::Submitted(answer) = change(&h, request).await? else {
+        return Err(mismatch());
+    };
+    let (id, state) = answer?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "id": id, "state": state })),
@@ -119,12 +135,11 @@ async fn get_job(
 
 /// The job `id`, or 404.
 async fn find_job(h: &Handle, id: &JobId) -> Result<JobRecord, ApiError> {
-    ask(h, |reply| Command::Get {
-        id: id.clone(),
-        reply,
-    })
-    .await?
-    .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown-job", format!("no job {id}")))
+    let Answer::Job(job) = read(h, Lookup::Get { id: id.clone() }).await? else {
+        return Err(mismatch());
+    };
+    job.map(|j| *j)
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown-job", format!("no job {id}")))
 }
 
 async fn cancel_job(
@@ -135,11 +150,11 @@ async fn cancel_job(
     let id = job_id(&id)?;
     // A job's submitter never changes, so checking before the cancel is not a race.
     caller.check_sees(&find_job(&h, &id).await?)?;
-    let state = ask(&h, |reply| Command::Cancel {
-        id: id.clone(),
-        reply,
-    })
-    .await??;
+    let ApiReply::Cancelled(answer) = change(&h, ApiRequest::Cancel { id: id.clone() }).await?
+    else {
+        return Err(mismatch());
+    };
+    let state = answer?;
     Ok(Json(json!({ "id": id, "state": state })))
 }
 
@@ -209,20 +224,9 @@ async fn events(
                         return;
                     }
                     // The missed events may have held the final one: look at the job again.
-                    let (rtx, rrx) = oneshot::channel();
-                    if h2
-                        .tx
-                        .send(Command::Get {
-                            id: id.clone(),
-                            reply: rtx,
-                        })
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                    if let Ok(Some(j)) = rrx.await {
-                        if j.state.is_final() {
+                    match read(&h2, Lookup::Get { id: id.clone() }).await {
+                        Err(_) => return,
+                        Ok(Answer::Job(Some(j))) if j.state.is_final() => {
                             // The stream ends here whether or not the client still reads.
                             let last = SseEvent::default()
                                 .event("final")
@@ -232,6 +236,7 @@ async fn events(
                             }
                             return;
                         }
+                        Ok(_) => {}
                     }
                 }
                 Err(broadcast::error::RecvError::Closed) => return,
@@ -277,14 +282,15 @@ async fn list_jobs(
         ),
     };
     let limit = q.limit.unwrap_or(100).min(10_000);
-    let jobs = ask(&h, |reply| Command::List {
+    let query = Lookup::List {
         state,
         // Without all_jobs a token lists its own jobs only.
         submitter: (!caller.grant.all_jobs).then(|| caller.submitter()),
         limit,
-        reply,
-    })
-    .await?;
+    };
+    let Answer::Jobs(jobs) = read(&h, query).await? else {
+        return Err(mismatch());
+    };
     let list: Vec<Value> = jobs.iter().map(job_listed_json).collect();
     Ok(Json(json!({ "jobs": list })))
 }
@@ -325,14 +331,15 @@ async fn agents(
                 .map_err(|e| ApiError::field("sort", e))?,
         ),
     };
-    let list = ask(&h, |reply| Command::Agents {
+    let query = Lookup::Agents {
         capability: capability.clone(),
         filter,
         sort,
         limit: q.limit,
-        reply,
-    })
-    .await?;
+    };
+    let Answer::Agents(list) = read(&h, query).await? else {
+        return Err(mismatch());
+    };
     let agents: Vec<Value> = list.iter().map(agent_json).collect();
     Ok(Json(json!({ "capability": capability, "agents": agents })))
 }
@@ -340,7 +347,9 @@ async fn agents(
 /// The capabilities the caller may run, with their agents and queues (a limited token does
 /// not learn what else the bus offers).
 async fn capabilities(State(h): State<Handle>, caller: Caller) -> Result<Json<Value>, ApiError> {
-    let list = ask(&h, |reply| Command::Capabilities { reply }).await?;
+    let Answer::Capabilities(list) = read(&h, Lookup::Capabilities).await? else {
+        return Err(mismatch());
+    };
     let caps: Vec<Value> = list
         .into_iter()
         .filter(|(c, _, _)| caller.may_run(c))
@@ -361,7 +370,9 @@ async fn metrics(State(h): State<Handle>, caller: Caller) -> Result<Response, Ap
             ),
         ));
     }
-    let mut text = ask(&h, |reply| Command::Metrics { reply }).await?;
+    let Answer::Metrics(mut text) = read(&h, Lookup::Metrics).await? else {
+        return Err(mismatch());
+    };
     text.push_str(&format!(
         "# HELP spine_http_connections Open connections to the HTTP API.\n\
          # TYPE spine_http_connections gauge\n\
