@@ -85,38 +85,12 @@ impl Store {
         audit: &[(String, Vec<u8>)],
         audited: &[String],
     ) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(e)?;
-        {
-            let mut outbox = tx.open_table(AUDIT_OUTBOX).map_err(e)?;
-            for job in audited {
-                outbox.remove(job.as_str()).map_err(e)?;
-            }
-            for (job, line) in audit {
-                outbox.insert(job.as_str(), line.as_slice()).map_err(e)?;
-            }
-        }
-        {
-            let mut t = tx.open_table(JOBS).map_err(e)?;
-            let mut inputs = tx.open_table(INPUTS).map_err(e)?;
-            let mut idem = tx.open_table(IDEMPOTENCY).map_err(e)?;
-            for j in jobs {
-                let bytes = serde_json::to_vec(j).map_err(e)?;
-                t.insert(j.id.as_str(), bytes.as_slice()).map_err(e)?;
-                // The input once; dropped when the job let go of it (a started map/reduce).
-                if j.spec.input.is_empty() {
-                    inputs.remove(j.id.as_str()).map_err(e)?;
-                } else if inputs.get(j.id.as_str()).map_err(e)?.is_none() {
-                    inputs
-                        .insert(j.id.as_str(), j.spec.input.as_slice())
-                        .map_err(e)?;
-                }
-                if let Some(k) = &j.spec.idempotency_key {
-                    idem.insert(idem_key(&j.spec.submitter, k).as_str(), j.id.as_str())
-                        .map_err(e)?;
-                }
-            }
-        }
-        tx.commit().map_err(e)
+        self.commit(&Batch {
+            jobs,
+            audit,
+            audited,
+            ..Batch::default()
+        })
     }
 
     /// Stores one batch of the dispatcher's changes in one durable transaction: jobs new or

@@ -394,18 +394,8 @@ impl Sim {
         let duration = self.rng.random_range(10..400);
         let a = &mut self.agents[i];
         match st {
-            Stanza::Iq(Iq::Set { id, payload, .. }) if !a.up => {
-                let _ = payload;
-                let e = StanzaError::new(
-                    ErrorType::Cancel,
-                    DefinedCondition::ServiceUnavailable,
-                    "en",
-                    "offline",
-                );
-                let iq = Iq::from_error(id, e).with_from(Jid::from(a.jid.clone()));
-                self.post(true, iq.into());
-            }
-            Stanza::Iq(Iq::Get { id, .. }) if !a.up => {
+            Stanza::Iq(Iq::Set { id, .. } | Iq::Get { id, .. }) if !a.up => {
+                // The server bounces a request to a session that is gone.
                 let e = StanzaError::new(
                     ErrorType::Cancel,
                     DefinedCondition::ServiceUnavailable,

@@ -155,6 +155,14 @@ impl World {
         }
     }
 
+    /// A load report of `agent` (one slot, idle).
+    pub(crate) fn report(&mut self, agent: &FullJid, seq: u64) {
+        let p = Presence::available()
+            .with_from(Jid::from(agent.clone()))
+            .with_payloads(vec![load(seq, 1, 0).into()]);
+        self.core.stanza(p.into(), self.now);
+    }
+
     pub(crate) fn ready(&mut self) -> Ready {
         self.core.take_ready()
     }
@@ -336,10 +344,7 @@ fn a_silent_agent_is_pinged_then_declared_gone_and_its_job_retried_elsewhere() {
     // Agent 2 keeps reporting; agent 1 falls silent for more than 3 heartbeats (1 s each).
     for seq in 2..=4 {
         w.advance(1000);
-        let p = Presence::available()
-            .with_from(Jid::from(b.clone()))
-            .with_payloads(vec![load(seq, 1, 0).into()]);
-        w.core.stanza(p.into(), w.now);
+        w.report(&b, seq);
         w.tick();
     }
     w.advance(300);
@@ -350,10 +355,7 @@ fn a_silent_agent_is_pinged_then_declared_gone_and_its_job_retried_elsewhere() {
     assert_eq!(p[0].1, Jid::from(a.clone()));
     w.advance(5_100);
     // Agent 2 still reports (so that only agent 1 is silent).
-    let p = Presence::available()
-        .with_from(Jid::from(b.clone()))
-        .with_payloads(vec![load(5, 1, 0).into()]);
-    w.core.stanza(p.into(), w.now);
+    w.report(&b, 5);
     w.tick();
     assert_eq!(
         w.state(&id),
@@ -408,10 +410,7 @@ fn after_a_restart_a_job_in_flight_waits_for_its_agent_within_the_grace() {
     let b = w3.agent(2, 1);
     w3.advance(RESUME_GRACE.as_millis() as u64 + 100);
     // Agent 2 reported meanwhile (it is not silent).
-    let p = Presence::available()
-        .with_from(Jid::from(b.clone()))
-        .with_payloads(vec![load(2, 1, 0).into()]);
-    w3.core.stanza(p.into(), w3.now);
+    w3.report(&b, 2);
     w3.tick();
     let moved = jobs_sent(&w3.ready().stanzas);
     assert_eq!(moved.len(), 1);
