@@ -311,7 +311,11 @@ async fn payload(mib: usize, runs: usize) -> Result<serde_json::Value> {
 }
 
 /// Waits (up to 30 s) until the dispatcher at `api` lists `n` agents offering `capability`.
-pub(crate) async fn wait_for_agents(api: &spine_client::Client, capability: &str, n: usize) -> Result<()> {
+pub(crate) async fn wait_for_agents(
+    api: &spine_client::Client,
+    capability: &str,
+    n: usize,
+) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let a = api

@@ -914,15 +914,12 @@ impl Runtime {
 
     /// Fans every queued `all` job out to the capable agents (after the filter and limit).
     fn fan_out_all(&mut self, now: u64) -> Result<(), DispatcherError> {
+        // From the table's index: no walk over the jobs held.
         let parents: Vec<JobRecord> = self
             .jobs
+            .queued_all_parents()
             .iter()
-            .filter(|j| {
-                j.state == JobState::Queued
-                    && j.spec.strategy == spine_protocol::Strategy::All
-                    && j.spec.parent.is_none()
-            })
-            .cloned()
+            .filter_map(|id| self.jobs.get(id).cloned())
             .collect();
         for p in parents {
             let filter = p.spec.parsed_filter();
@@ -960,13 +957,7 @@ impl Runtime {
 
     /// Starts every queued map/reduce job: its split or map steps are queued as jobs.
     async fn start_mapreduces(&mut self, now: u64) -> Result<(), DispatcherError> {
-        let queued: Vec<JobId> = self
-            .jobs
-            .iter()
-            .filter(|j| j.state == JobState::Queued && j.spec.mapreduce.is_some())
-            .map(|j| j.id.clone())
-            .collect();
-        for p in queued {
+        for p in self.jobs.queued_mapreduces() {
             let adv = self.jobs.start_mapreduce(&p, now);
             info!(job = %p, steps = adv.created.len(), "map/reduce started");
             self.apply_advance(&p, adv).await?;
@@ -1376,18 +1367,11 @@ impl Runtime {
         if now >= self.next_prune_ms {
             self.next_prune_ms =
                 now + (self.cfg.retention.as_millis() as u64 / 2).clamp(100, 60_000);
-            let old: Vec<JobRecord> = self
-                .jobs
-                .iter()
-                .filter(|j| {
-                    j.state.is_final()
-                        && now.saturating_sub(j.updated_ms) > self.cfg.retention.as_millis() as u64
-                })
-                .cloned()
-                .collect();
+            // The due jobs only (an index by end time), forgotten without copies; a failed
+            // delete stops the dispatcher, and the next start loads and prunes them again.
+            let old = self.jobs.prune(now, self.cfg.retention.as_millis() as u64);
             if !old.is_empty() {
                 self.store.delete(&old)?;
-                self.jobs.prune(now, self.cfg.retention.as_millis() as u64);
                 info!(
                     jobs = old.len(),
                     "forgot finished jobs past their retention"
@@ -1759,15 +1743,13 @@ impl Runtime {
                 limit,
                 reply,
             } => {
-                let mut list: Vec<JobRecord> = self
+                // A page from the table's ordered indexes: only the listed jobs are copied.
+                let list: Vec<JobRecord> = self
                     .jobs
-                    .iter()
-                    .filter(|j| state.is_none_or(|s| j.state == s))
-                    .filter(|j| submitter.as_ref().is_none_or(|s| *s == j.spec.submitter))
+                    .page(state, submitter.as_deref(), None, limit)
+                    .into_iter()
                     .cloned()
                     .collect();
-                list.sort_by(|a, b| b.accepted_ms.cmp(&a.accepted_ms).then(b.seq.cmp(&a.seq)));
-                list.truncate(limit);
                 let _ = reply.send(list);
             }
             Command::Metrics { reply } => {

@@ -42,12 +42,7 @@ struct Figures {
 }
 
 /// Runs the scenario: `runs` × (no jobs held, `retained` held), medians and their ratio.
-pub(super) async fn run(
-    retained: usize,
-    jobs: usize,
-    window: usize,
-    runs: usize,
-) -> Result<Value> {
+pub(super) async fn run(retained: usize, jobs: usize, window: usize, runs: usize) -> Result<Value> {
     println!(
         "retained: {jobs} no-op jobs ({NOOP}, {window} in flight over HTTP) per run on a fresh farm of 2 agents, with 0 and with {retained} finished jobs held; {runs} runs"
     );
@@ -246,7 +241,9 @@ fn fill(path: &std::path::Path, n: usize) -> Result<()> {
     for i in 0..n {
         let at = now - (n - i) as u64;
         batch.push(JobRecord {
-            id: format!("retained-{i}").parse().map_err(anyhow::Error::msg)?,
+            id: format!("retained-{i}")
+                .parse()
+                .map_err(anyhow::Error::msg)?,
             spec: spec.clone(),
             state: JobState::Succeeded,
             attempts: 1,
