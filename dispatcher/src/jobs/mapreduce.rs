@@ -440,7 +440,7 @@ impl JobTable {
         let cancel = self.get(parent).map_or_else(Vec::new, |p| {
             p.children
                 .iter()
-                .filter(|c| self.get(*c).is_some_and(|j| !j.state.is_final()))
+                .filter(|c| self.get(c).is_some_and(|j| !j.state.is_final()))
                 .cloned()
                 .collect()
         });
