@@ -18,7 +18,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use spine_dispatcher::jobs::{JobRecord, JobSpec, Recorded};
 use spine_dispatcher::store::Store;
-use spine_protocol::{JobState, Strategy};
+use spine_protocol::JobState;
 
 use super::{median, wait_for_agents};
 
@@ -213,28 +213,8 @@ fn fill(path: &std::path::Path, n: usize) -> Result<()> {
         .duration_since(std::time::UNIX_EPOCH)
         .context("the clock is before 1970")?
         .as_millis() as u64;
-    let spec = JobSpec {
-        capability: NOOP.parse().map_err(anyhow::Error::msg)?,
-        strategy: Strategy::LeastLoaded,
-        filter: None,
-        sort: None,
-        affinity_key: None,
-        args: serde_json::Map::new(),
-        input: Vec::new(),
-        input_mime: None,
-        deadline_ms: None,
-        priority: 0,
-        max_attempts: 3,
-        submitter: "http:local".into(),
-        idempotency_key: None,
-        progress: false,
-        watch: None,
-        limit: None,
-        batch: None,
-        target: None,
-        parent: None,
-        mapreduce: None,
-    };
+    let mut spec = JobSpec::new(NOOP.parse().map_err(anyhow::Error::msg)?, "http:local");
+    spec.max_attempts = 3;
     let mut batch = Vec::with_capacity(10_000);
     for i in 0..n {
         let at = now - (n - i) as u64;

@@ -68,6 +68,33 @@ pub struct JobSpec {
 }
 
 impl JobSpec {
+    /// A plain job of `capability` from `submitter`: least-loaded placement, one attempt, no
+    /// arguments, input, deadline or options (set the fields that differ).
+    pub fn new(capability: CapabilityName, submitter: impl Into<String>) -> JobSpec {
+        JobSpec {
+            capability,
+            strategy: Strategy::LeastLoaded,
+            filter: None,
+            sort: None,
+            affinity_key: None,
+            args: serde_json::Map::new(),
+            input: Vec::new(),
+            input_mime: None,
+            deadline_ms: None,
+            priority: 0,
+            max_attempts: 1,
+            submitter: submitter.into(),
+            idempotency_key: None,
+            progress: false,
+            watch: None,
+            limit: None,
+            batch: None,
+            target: None,
+            parent: None,
+            mapreduce: None,
+        }
+    }
+
     /// What must hold of a job before it is stored, so that it is refused at once instead of
     /// failing (or worse, running otherwise) later: its stored filter text parses (placement
     /// reads it back with [`JobSpec::parsed_filter`]), and a map/reduce job without a split

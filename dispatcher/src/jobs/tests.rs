@@ -100,28 +100,13 @@ fn spec(cap: usize, submitter: usize, priority: i64, kind: u8, attempts: u64) ->
         }
         _ => (Placement::LeastLoaded, None),
     };
-    JobSpec {
-        capability: CAPS[cap].parse().unwrap(),
-        strategy,
-        filter: None,
-        sort: None,
-        affinity_key: None,
-        args: Default::default(),
-        input,
-        input_mime: None,
-        deadline_ms: None,
-        priority,
-        max_attempts: attempts,
-        submitter: SUBMITTERS[submitter].into(),
-        idempotency_key: None,
-        progress: false,
-        watch: None,
-        limit: None,
-        batch: None,
-        target: None,
-        parent: None,
-        mapreduce,
-    }
+    let mut s = JobSpec::new(CAPS[cap].parse().unwrap(), SUBMITTERS[submitter]);
+    s.strategy = strategy;
+    s.input = input;
+    s.priority = priority;
+    s.max_attempts = attempts;
+    s.mapreduce = mapreduce;
+    s
 }
 
 /// The jobs of the table, steps and children included (their ids grow suffixes), in a fixed
