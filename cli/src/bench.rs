@@ -7,6 +7,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use spine_dispatcher::sim::{placement, timed, Workload};
 
+mod retained;
+
 /// Arguments of `spine bench`.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
@@ -70,6 +72,29 @@ enum Scenario {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// No-op job throughput with no finished jobs held and with many (as 24 h of retention
+    /// holds them), each on a fresh one-agent local farm, in alternating runs; also the time
+    /// of `GET /v1/jobs?limit=100` and `GET /metrics` at both sizes.
+    Retained {
+        /// Finished jobs held in the second configuration (written to the store before the
+        /// dispatcher starts, which loads them into its table).
+        #[arg(long, default_value_t = 100_000)]
+        retained: usize,
+        /// No-op jobs measured per run.
+        #[arg(long, default_value_t = 4_000)]
+        jobs: usize,
+        /// Jobs in flight at once (each submitted over HTTP and followed over an event stream
+        /// to its end; the dispatcher lets one token hold 32 streams, and a finished one may
+        /// count for a moment after its job ended).
+        #[arg(long, default_value_t = 16)]
+        window: usize,
+        /// Runs of each configuration (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
 }
 
 pub fn run(a: BenchArgs) -> Result<bool> {
@@ -89,6 +114,24 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let r = rt.block_on(mapreduce(mib, &agents, fragment_mib, fan_in))?;
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(true)
+        }
+        Scenario::Retained {
+            retained,
+            jobs,
+            window,
+            runs,
+            json,
+        } => {
+            if jobs == 0 || window == 0 || runs == 0 {
+                anyhow::bail!("--jobs, --window and --runs must be at least 1");
+            }
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let r = rt.block_on(retained::run(retained, jobs, window, runs))?;
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&r)?)
                     .with_context(|| format!("writing {}", path.display()))?;
@@ -171,7 +214,7 @@ pub fn run(a: BenchArgs) -> Result<bool> {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
 }
@@ -270,7 +313,11 @@ async fn payload(mib: usize, runs: usize) -> Result<serde_json::Value> {
 }
 
 /// Waits (up to 30 s) until the dispatcher at `api` lists `n` agents offering `capability`.
-async fn wait_for_agents(api: &spine_client::Client, capability: &str, n: usize) -> Result<()> {
+pub(crate) async fn wait_for_agents(
+    api: &spine_client::Client,
+    capability: &str,
+    n: usize,
+) -> Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let a = api

@@ -123,3 +123,54 @@ fn mapreduce_runs_small_and_matches_the_single_process_count() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--agents"));
 }
+
+#[test]
+fn retained_runs_small_with_the_jobs_really_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("retained.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args([
+            "bench",
+            "retained",
+            "--retained",
+            "500",
+            "--jobs",
+            "60",
+            "--window",
+            "8",
+            "--runs",
+            "1",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("with none held (baseline)"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let runs = r["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    assert_eq!(runs[0]["retained"], 0);
+    assert_eq!(runs[0]["held"], 0);
+    // The 500 jobs written to the store are in the dispatcher's table (its /metrics says so).
+    assert_eq!(runs[1]["retained"], 500);
+    assert_eq!(runs[1]["held"], 500);
+    for run in runs {
+        assert!(run["jobs_per_s"].as_f64().unwrap() > 0.0, "{run}");
+        assert!(run["list_ms"].as_f64().unwrap() > 0.0, "{run}");
+        assert!(run["metrics_ms"].as_f64().unwrap() > 0.0, "{run}");
+    }
+    assert!(r["ratio"].as_f64().unwrap() > 0.0, "{r}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args(["bench", "retained", "--window", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--window"));
+}

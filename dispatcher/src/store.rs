@@ -216,19 +216,40 @@ impl Store {
         Ok(out)
     }
 
-    /// Deletes jobs (after their retention) and their idempotency keys.
-    pub fn delete(&self, jobs: &[JobRecord]) -> Result<(), StoreError> {
+    /// Deletes jobs (after their retention) and their idempotency keys. Takes ids, so that
+    /// the job table can forget its records without copying them: the idempotency key is
+    /// read from the stored record (only its submitter and key are decoded).
+    pub fn delete(&self, jobs: &[JobId]) -> Result<(), StoreError> {
+        /// The part of a stored record that names its idempotency key.
+        #[derive(serde::Deserialize)]
+        struct Keyed {
+            spec: KeyedSpec,
+        }
+        #[derive(serde::Deserialize)]
+        struct KeyedSpec {
+            submitter: String,
+            idempotency_key: Option<String>,
+        }
         let tx = self.db.begin_write().map_err(e)?;
         {
             let mut t = tx.open_table(JOBS).map_err(e)?;
             let mut inputs = tx.open_table(INPUTS).map_err(e)?;
             let mut idem = tx.open_table(IDEMPOTENCY).map_err(e)?;
-            for j in jobs {
-                t.remove(j.id.as_str()).map_err(e)?;
-                inputs.remove(j.id.as_str()).map_err(e)?;
-                if let Some(k) = &j.spec.idempotency_key {
-                    idem.remove(idem_key(&j.spec.submitter, k).as_str())
-                        .map_err(e)?;
+            for id in jobs {
+                let keyed = t
+                    .remove(id.as_str())
+                    .map_err(e)?
+                    .and_then(|v| serde_json::from_slice::<Keyed>(v.value()).ok());
+                inputs.remove(id.as_str()).map_err(e)?;
+                if let Some(Keyed {
+                    spec:
+                        KeyedSpec {
+                            submitter,
+                            idempotency_key: Some(k),
+                        },
+                }) = keyed
+                {
+                    idem.remove(idem_key(&submitter, &k).as_str()).map_err(e)?;
                 }
             }
         }
@@ -472,7 +493,7 @@ mod tests {
                 .state,
             JobState::Succeeded
         );
-        s.delete(&[done]).unwrap();
+        s.delete(&[done.id.clone()]).unwrap();
         assert_eq!(s.load().unwrap().len(), 1);
         assert_eq!(s.idempotent("http:app", "upload-1").unwrap(), None);
     }
@@ -520,7 +541,7 @@ mod tests {
         // Deleting the job deletes its input.
         a.spec.input = vec![9];
         s.put(&[&a]).unwrap();
-        s.delete(&[a]).unwrap();
+        s.delete(&[a.id.clone()]).unwrap();
         assert_eq!(input_of(&s), None);
     }
 

@@ -17,7 +17,6 @@ pub(crate) mod api;
 #[cfg(test)]
 mod harness;
 pub(crate) mod inbound;
-mod jobs_shim;
 pub(crate) mod outcomes;
 pub(crate) mod place;
 pub(crate) mod requests;
@@ -320,7 +319,9 @@ impl Core {
                 .values()
                 .min()
                 .map(|t| t + self.cfg.no_agent_wait.as_millis() as u64 + 1),
-            (!self.jobs.is_empty()).then_some(self.next_prune_ms),
+            self.jobs
+                .next_prune_at(self.cfg.retention.as_millis() as u64)
+                .map(|t| t.max(self.next_prune_ms)),
         ];
         for t in wall.into_iter().flatten() {
             wake = wake.min(at_ms(t));
@@ -372,14 +373,18 @@ impl Core {
         }
     }
 
-    /// Retention: finished jobs (and their idempotency keys) are forgotten, from the
-    /// table's time-ordered index, once a minute at most.
+    /// Retention: finished jobs (and their idempotency keys) are forgotten when due, from the
+    /// table's time-ordered index, in batches at most every `prune_every`.
     fn prune(&mut self, now: Now) {
-        if now.ms < self.next_prune_ms {
+        let retention = self.cfg.retention.as_millis() as u64;
+        let due = self
+            .jobs
+            .next_prune_at(retention)
+            .is_some_and(|t| t <= now.ms);
+        if now.ms < self.next_prune_ms || !due {
             return;
         }
-        let retention = self.cfg.retention.as_millis() as u64;
-        self.next_prune_ms = now.ms + (retention / 2).clamp(100, 60_000);
+        self.next_prune_ms = now.ms + self.prune_every();
         let old = self.jobs.prune(now.ms, retention);
         if old.is_empty() {
             return;
@@ -395,6 +400,12 @@ impl Core {
             "forgot finished jobs past their retention"
         );
         self.ready.delete.extend(old);
+    }
+
+    /// How often retention forgets jobs at most (ms): half the retention, from 100 ms to a
+    /// minute, so that a steady stream of jobs ending does not wake the driver for each one.
+    fn prune_every(&self) -> u64 {
+        (self.cfg.retention.as_millis() as u64 / 2).clamp(100, 60_000)
     }
 
     /// A new globally unique job id: 128 bits, time-ordered prefix (UUIDv7 layout: 48 bits

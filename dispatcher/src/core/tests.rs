@@ -7,7 +7,7 @@ use jid::{FullJid, Jid};
 use spine_protocol::fragments::{self, Fragment};
 use spine_protocol::{
     Advertise, AgentState, CapabilityAd, Condition, Data, Job, JobId, JobResult, JobState, Load,
-    MapReduce, ProtocolVersion, SpineError, Strategy, INLINE_LIMIT,
+    MapReduce, ProtocolVersion, SpineError, INLINE_LIMIT,
 };
 use tokio_xmpp::Stanza;
 use xmpp_parsers::iq::Iq;
@@ -42,26 +42,8 @@ pub(crate) fn agent(n: usize) -> FullJid {
 
 pub(crate) fn spec(cap: &str) -> JobSpec {
     JobSpec {
-        capability: cap.parse().unwrap(),
-        strategy: Strategy::LeastLoaded,
-        filter: None,
-        sort: None,
-        affinity_key: None,
-        args: Default::default(),
-        input: Vec::new(),
-        input_mime: None,
-        deadline_ms: None,
-        priority: 0,
         max_attempts: 3,
-        submitter: "http:test".into(),
-        idempotency_key: None,
-        progress: false,
-        watch: None,
-        limit: None,
-        batch: None,
-        target: None,
-        parent: None,
-        mapreduce: None,
+        ..JobSpec::new(cap.parse().unwrap(), "http:test")
     }
 }
 
@@ -589,4 +571,34 @@ fn the_driver_is_woken_by_the_earliest_deadline_not_a_sweep() {
     w.submit_waiting(s, true).unwrap();
     let wake = w.core.next_wake(w.now);
     assert!(wake <= Duration::from_millis(120), "{wake:?}");
+}
+
+#[test]
+fn finished_jobs_are_forgotten_after_their_retention_with_their_keys() {
+    let cfg = DispatcherConfig {
+        retention: Duration::from_secs(1),
+        ..config()
+    };
+    let mut w = World::with(cfg, Restored::default());
+    let a = w.agent(1, 1);
+    let mut s = spec(CAP);
+    s.idempotency_key = Some("once".into());
+    let (id, _) = w.submit(s.clone()).unwrap();
+    let sent = jobs_sent(&w.ready().stanzas).remove(0);
+    w.succeed(&sent, &a);
+    w.ready();
+    w.advance(900);
+    w.tick();
+    assert!(w.ready().delete.is_empty(), "kept within the retention");
+    let wake = w.core.next_wake(w.now);
+    assert!(
+        wake <= Duration::from_millis(101),
+        "wakes when it is due: {wake:?}"
+    );
+    w.advance(200);
+    w.tick();
+    assert_eq!(w.ready().delete, vec![id.clone()]);
+    assert!(w.core.record(&id).is_none());
+    let (again, _) = w.submit(s).unwrap();
+    assert_ne!(again, id, "the key went with its job: a new job");
 }

@@ -16,8 +16,13 @@
 //!
 //! [`JobTable::advance`] is idempotent: it reads the children's states and moves the parent on,
 //! so it is called after any child ends and once for every running parent after a restart.
+//! Like every change of a record, each step here goes through [`JobTable::update`], so the
+//! table's indexes (queued and running map/reduce jobs among them) follow.
 
-use super::*;
+use serde::{Deserialize, Serialize};
+use spine_protocol::{CapabilityName, Condition, JobId, JobState};
+
+use super::{JobSpec, JobTable, Recorded};
 use spine_protocol::fragments::{self, Fragment};
 use spine_protocol::FRAGMENTS_MIME;
 
@@ -158,31 +163,30 @@ impl JobTable {
     /// Starts a queued map/reduce job: its split step, or (input given as a fragment list) its
     /// map steps. The parent runs until its last reduce ends.
     pub fn start_mapreduce(&mut self, parent: &JobId, now_ms: u64) -> Advance {
-        self.dequeue(parent);
-        let Some(p) = self.jobs.get_mut(parent) else {
+        let started = self.update(parent, |p| {
+            let mr = p.spec.mapreduce.clone()?;
+            // The steps carry the input from here on: one copy, not two.
+            let input = std::mem::take(&mut p.spec.input);
+            p.state = JobState::Running;
+            p.attempts = 1;
+            p.percent = Some(0);
+            p.updated_ms = now_ms;
+            p.mr = Some(MapReduceState::default());
+            Some((mr, input, p.spec.clone()))
+        });
+        let Some((mr, input, spec)) = started.flatten() else {
             return Advance::default();
         };
-        let Some(mr) = p.spec.mapreduce.clone() else {
-            return Advance::default();
-        };
-        // The steps carry the input from here on: one copy, not two.
-        let input = std::mem::take(&mut p.spec.input);
-        p.state = JobState::Running;
-        p.attempts = 1;
-        p.percent = Some(0);
-        p.updated_ms = now_ms;
-        p.mr = Some(MapReduceState::default());
-        let spec = p.spec.clone();
         match (mr.split, child_id(parent, "split")) {
             (Some(split), Some(id)) => {
                 let s = step_spec(&spec, parent, split, input, spec.input_mime.clone());
                 self.insert_queued(id.clone(), s, now_ms);
-                if let Some(p) = self.jobs.get_mut(parent) {
+                self.update(parent, |p| {
                     p.children.push(id.clone());
                     if let Some(st) = &mut p.mr {
                         st.split = Some(id.clone());
                     }
-                }
+                });
                 Advance {
                     created: vec![id],
                     ..Default::default()
@@ -209,7 +213,7 @@ impl JobTable {
 
     /// The fragments are known: one map step each, and the empty reduce tree above them.
     fn plan(&mut self, parent: &JobId, frags: Vec<Fragment>, now_ms: u64) -> Advance {
-        let Some(spec) = self.jobs.get(parent).map(|p| p.spec.clone()) else {
+        let Some(spec) = self.get(parent).map(|p| p.spec.clone()) else {
             return Advance::default();
         };
         let fan_in = spec.mapreduce.as_ref().map_or(2, |m| m.fan_in as usize);
@@ -231,12 +235,12 @@ impl JobTable {
         let reduces = reduce_levels(maps.len(), fan_in);
         let mut levels = vec![maps];
         levels.extend(reduces.into_iter().map(|n| vec![Task::default(); n]));
-        if let Some(p) = self.jobs.get_mut(parent) {
+        self.update(parent, |p| {
             p.children.extend(created.iter().cloned());
             if let Some(st) = &mut p.mr {
                 st.levels = levels;
             }
-        }
+        });
         // With no fragments, the one reduce (over an empty list) can start at once.
         let mut adv = self.advance(parent, now_ms);
         created.append(&mut adv.created);
@@ -249,7 +253,7 @@ impl JobTable {
     /// reduce's result, or fails it when a step failed for good.
     pub fn advance(&mut self, parent: &JobId, now_ms: u64) -> Advance {
         let mut adv = Advance::default();
-        let Some(p) = self.jobs.get(parent) else {
+        let Some(p) = self.get(parent) else {
             return adv;
         };
         let Some(mut st) = p.mr.clone().filter(|_| !p.state.is_final()) else {
@@ -263,7 +267,7 @@ impl JobTable {
             let Some(split) = st.split.clone() else {
                 return adv;
             };
-            let Some(j) = self.jobs.get(&split).filter(|j| j.state.is_final()) else {
+            let Some(j) = self.get(&split).filter(|j| j.state.is_final()) else {
                 return adv;
             };
             return match &j.outcome {
@@ -294,7 +298,7 @@ impl JobTable {
                 if t.winner.is_some() || t.jobs.is_empty() {
                     continue;
                 }
-                let state_of = |id: &JobId| self.jobs.get(id).map(|j| j.state);
+                let state_of = |id: &JobId| self.get(id).map(|j| j.state);
                 if let Some(w) = t
                     .jobs
                     .iter()
@@ -313,7 +317,7 @@ impl JobTable {
                         .iter()
                         .all(|id| state_of(id).is_none_or(JobState::is_final))
                 {
-                    let last = t.jobs.last().and_then(|id| self.jobs.get(id));
+                    let last = t.jobs.last().and_then(|id| self.get(id));
                     let (c, m) = failure_of(&last.and_then(|j| j.outcome.clone()));
                     let what = if level == 0 {
                         format!("fragment {i}")
@@ -326,9 +330,7 @@ impl JobTable {
             }
         }
         if let Some((c, m)) = failed {
-            if let Some(p) = self.jobs.get_mut(parent) {
-                p.mr = Some(st);
-            }
+            self.update(parent, |p| p.mr = Some(st));
             let mut more = self.fail_mapreduce(parent, c, m, now_ms);
             more.progressed |= adv.progressed;
             return more;
@@ -348,7 +350,7 @@ impl JobTable {
                 let inputs: Vec<Fragment> = below[range]
                     .iter()
                     .map(|t| {
-                        let out = t.winner.as_ref().and_then(|w| self.jobs.get(w));
+                        let out = t.winner.as_ref().and_then(|w| self.get(w));
                         match out.and_then(|j| j.outcome.as_ref()) {
                             Some(Recorded::Succeeded { output, mime, .. }) => Fragment {
                                 name: t.name.clone(),
@@ -386,21 +388,24 @@ impl JobTable {
         let percent = st.percent();
         let (maps, _, _, reduces) = st.counts();
         let speculative = st.speculative;
-        let Some(p) = self.jobs.get_mut(parent) else {
+        let moved = adv.progressed || !adv.created.is_empty();
+        let updated = self.update(parent, |p| {
+            p.children.extend(adv.created.iter().cloned());
+            p.mr = Some(st);
+            p.percent = Some(percent);
+            if moved {
+                p.updated_ms = now_ms;
+            }
+        });
+        if updated.is_none() {
             return adv;
-        };
-        p.children.extend(adv.created.iter().cloned());
-        p.mr = Some(st);
-        p.percent = Some(percent);
-        if adv.progressed || !adv.created.is_empty() {
-            p.updated_ms = now_ms;
         }
         let Some(winner) = last else {
             return adv;
         };
         let Some(Recorded::Succeeded {
             meta, output, mime, ..
-        }) = self.jobs.get(&winner).and_then(|j| j.outcome.clone())
+        }) = self.get(&winner).and_then(|j| j.outcome.clone())
         else {
             return adv;
         };
@@ -408,7 +413,7 @@ impl JobTable {
         meta.insert("fragments".into(), maps.into());
         meta.insert("reduce_steps".into(), reduces.into());
         meta.insert("speculative".into(), speculative.into());
-        if let Some(p) = self.jobs.get_mut(parent) {
+        self.update(parent, |p| {
             p.state = JobState::Succeeded;
             p.percent = Some(100);
             p.outcome = Some(Recorded::Succeeded {
@@ -418,7 +423,7 @@ impl JobTable {
                 elapsed_ms: Some(now_ms.saturating_sub(p.accepted_ms)),
             });
             p.updated_ms = now_ms;
-        }
+        });
         adv.ended = true;
         adv
     }
@@ -432,10 +437,10 @@ impl JobTable {
         now_ms: u64,
     ) -> Advance {
         self.finalize(parent, JobState::Failed, condition, Some(message), now_ms);
-        let cancel = self.jobs.get(parent).map_or_else(Vec::new, |p| {
+        let cancel = self.get(parent).map_or_else(Vec::new, |p| {
             p.children
                 .iter()
-                .filter(|c| self.jobs.get(*c).is_some_and(|j| !j.state.is_final()))
+                .filter(|c| self.get(c).is_some_and(|j| !j.state.is_final()))
                 .cloned()
                 .collect()
         });
@@ -454,14 +459,15 @@ impl JobTable {
         if factor <= 0.0 {
             return out;
         }
-        for p in self.jobs.values() {
+        // Only the running map/reduce jobs (an index), not every job held.
+        for p in self.running_mapreduce_records() {
             let Some(st) = p.mr.as_ref().filter(|_| p.state == JobState::Running) else {
                 continue;
             };
             for tasks in &st.levels {
                 let mut times: Vec<u64> = tasks
                     .iter()
-                    .filter_map(|t| t.winner.as_ref().and_then(|w| self.jobs.get(w)))
+                    .filter_map(|t| t.winner.as_ref().and_then(|w| self.get(w)))
                     .map(|j| j.updated_ms.saturating_sub(j.dispatched_ms))
                     .collect();
                 if times.is_empty() || times.len() < tasks.len().div_ceil(4) {
@@ -474,7 +480,7 @@ impl JobTable {
                     .iter()
                     .filter(|t| t.winner.is_none() && t.jobs.len() == 1)
                 {
-                    let Some(j) = self.jobs.get(&t.jobs[0]) else {
+                    let Some(j) = self.get(&t.jobs[0]) else {
                         continue;
                     };
                     let running = now_ms.saturating_sub(j.dispatched_ms);
@@ -498,37 +504,28 @@ impl JobTable {
     /// Queues a speculative copy of a straggling step, kept off the straggler's agent and
     /// ahead of its siblings in the queue. Returns the copy's id.
     pub fn speculate(&mut self, s: &Straggler, now_ms: u64) -> Option<JobId> {
-        let orig = self.jobs.get(&s.job)?;
+        let orig = self.get(&s.job)?;
         let mut spec = orig.spec.clone();
         spec.priority = spec.priority.saturating_add(1);
         let id = child_id(&s.job, "b")?;
-        if self.jobs.contains_key(&id) {
+        if self.get(&id).is_some() {
             return None;
         }
         self.insert_queued(id.clone(), spec, now_ms);
-        if let Some(j) = self.jobs.get_mut(&id) {
-            j.excluded.push(s.agent.clone());
-        }
-        let p = self.jobs.get_mut(&s.parent)?;
-        p.children.push(id.clone());
-        let st = p.mr.as_mut()?;
-        st.speculative += 1;
-        let task = st
-            .levels
-            .iter_mut()
-            .flatten()
-            .find(|t| t.jobs.first() == Some(&s.job))?;
-        task.jobs.push(id.clone());
+        self.update(&id, |j| j.excluded.push(s.agent.clone()));
+        self.update(&s.parent, |p| {
+            p.children.push(id.clone());
+            let st = p.mr.as_mut()?;
+            st.speculative += 1;
+            let task = st
+                .levels
+                .iter_mut()
+                .flatten()
+                .find(|t| t.jobs.first() == Some(&s.job))?;
+            task.jobs.push(id.clone());
+            Some(())
+        })??;
         Some(id)
-    }
-
-    /// Running map/reduce jobs (to move on after a restart).
-    pub fn running_mapreduces(&self) -> Vec<JobId> {
-        self.jobs
-            .values()
-            .filter(|j| j.mr.is_some() && !j.state.is_final())
-            .map(|j| j.id.clone())
-            .collect()
     }
 }
 

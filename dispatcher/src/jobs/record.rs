@@ -1,0 +1,170 @@
+//! A job as the dispatcher keeps it ([`JobRecord`], stored as JSON by [`crate::store`]) and
+//! how it ended ([`Recorded`]), with the answers the job table's events return (what follows
+//! a failed attempt, why a submission was refused, a duplicate result) and two pure rules the
+//! table and the connection task share: the retry backoff and which request to blame for a
+//! session that ended.
+
+use serde::{Deserialize, Serialize};
+use spine_protocol::{CapabilityName, JobId, JobState};
+
+use super::{base64_bytes, JobSpec, MapReduceState};
+
+/// How a job ended, as recorded.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Recorded {
+    /// The result (output inline; large outputs are assembled before recording).
+    Succeeded {
+        /// Metadata JSON.
+        meta: serde_json::Map<String, serde_json::Value>,
+        /// Output bytes.
+        #[serde(with = "base64_bytes")]
+        output: Vec<u8>,
+        /// Output MIME type.
+        mime: Option<String>,
+        /// Handler time.
+        elapsed_ms: Option<u64>,
+    },
+    /// Failed, cancelled or timed out.
+    Failure {
+        /// Spine condition.
+        condition: String,
+        /// Message.
+        message: Option<String>,
+        /// For `bad-arguments`: the argument the agent (or the dispatcher) named, passed on to
+        /// every submitter (`error.field` over HTTP, `field` of `<failure>` over XMPP).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        field: Option<String>,
+    },
+}
+
+/// One job.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobRecord {
+    /// Id.
+    pub id: JobId,
+    /// The request.
+    pub spec: JobSpec,
+    /// State.
+    pub state: JobState,
+    /// Attempts made.
+    pub attempts: u64,
+    /// Agent of the current or last attempt.
+    pub agent: Option<String>,
+    /// Agents that failed this job (not used again unless nothing else is left).
+    pub excluded: Vec<String>,
+    /// Outcome once final.
+    pub outcome: Option<Recorded>,
+    /// Last progress.
+    pub percent: Option<u8>,
+    /// When it was accepted.
+    pub accepted_ms: u64,
+    /// Last change.
+    pub updated_ms: u64,
+    /// Not to be dispatched before (retry backoff).
+    pub not_before_ms: u64,
+    /// Order of submission (FIFO among equal priorities).
+    pub seq: u64,
+    /// An `all` job: one child per agent; a map/reduce job: every step it created.
+    #[serde(default)]
+    pub children: Vec<JobId>,
+    /// A map/reduce job's plan and progress, once started.
+    #[serde(default)]
+    pub mr: Option<MapReduceState>,
+    /// When the current or last attempt was sent (ms since the UNIX epoch).
+    #[serde(default)]
+    pub dispatched_ms: u64,
+    /// Restored after a restart while it was on `agent`: send it back there with the same
+    /// attempt number (the agent attaches it to the running job or answers from its cache).
+    #[serde(default)]
+    pub resume: bool,
+}
+
+/// What to do after an attempt failed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AfterFailure {
+    /// Queued again; not before the given time.
+    Retry {
+        /// Earliest dispatch time.
+        not_before_ms: u64,
+    },
+    /// The job ended.
+    Final(JobState),
+}
+
+/// Why a submission was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SubmitError {
+    /// The capability's queue is full.
+    #[error("the queue for {capability} is full ({limit} jobs)")]
+    QueueFull {
+        /// The capability.
+        capability: CapabilityName,
+        /// The bound.
+        limit: usize,
+    },
+    /// The submitter already has its share of the capability's queue.
+    #[error("{submitter} already has {limit} jobs queued for {capability}, its share of the queue (max_queued)")]
+    SubmitterQuota {
+        /// The submitter.
+        submitter: String,
+        /// The capability.
+        capability: CapabilityName,
+        /// Its share.
+        limit: usize,
+    },
+    /// The id is taken.
+    #[error("job id {0} already exists")]
+    Exists(JobId),
+}
+
+/// What became of a job whose request went out just before the dispatcher's XMPP session
+/// ended ([`super::JobTable::session_lost`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionLost {
+    /// Counted as a failed attempt; it goes to its agent again as this attempt.
+    Resend {
+        /// The new attempt number.
+        attempt: u64,
+    },
+    /// That was its last attempt: it failed.
+    Final,
+}
+
+/// Which requests to blame for a session that ended: among those sent from `since` to `died`
+/// (each a key, its stanza's size in bytes and when it was sent), the largest. A server closes
+/// a session for a stanza over its size limit (`policy-violation`), and that stanza is then
+/// at least as large as any other sent with it; when the session ended for another reason
+/// (a server restart), this blames one request, which costs it one attempt.
+pub fn blame<K, T: Ord + Copy>(
+    sent: impl IntoIterator<Item = (K, usize, T)>,
+    since: T,
+    died: T,
+) -> Vec<K> {
+    let recent: Vec<(K, usize)> = sent
+        .into_iter()
+        .filter(|(_, _, at)| since <= *at && *at <= died)
+        .map(|(k, bytes, _)| (k, bytes))
+        .collect();
+    let Some(largest) = recent.iter().map(|(_, b)| *b).max() else {
+        return Vec::new();
+    };
+    recent
+        .into_iter()
+        .filter(|(_, b)| *b == largest)
+        .map(|(k, _)| k)
+        .collect()
+}
+
+/// The job id is not known.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no job {0}")]
+pub struct UnknownJob(pub JobId);
+
+/// A result for a job that already has its outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Duplicate;
+
+/// Retry backoff after the `attempt`-th failure: 200 ms doubling, at most 10 s.
+pub fn backoff_ms(attempt: u64) -> u64 {
+    (200u64 << attempt.saturating_sub(1).min(6)).min(10_000)
+}

@@ -1,0 +1,348 @@
+//! The [`JobTable`]: every job the dispatcher knows, from submission until its retention
+//! ends, with the indexes that answer the connection task's questions (what to place next,
+//! what waits for fan-out or a map/reduce start, what is due to time out or be forgotten,
+//! counts, the newest jobs) without walking it.
+//!
+//! This file holds the records themselves and the one step that changes them,
+//! [`JobTable::update`]: it takes the record's index keys, applies the change, and moves the
+//! record in the indexes whose keys moved. The lifecycle events (`attempts.rs`), the `all`
+//! fan-out (`all.rs`) and map/reduce (`mapreduce.rs`) change records only through it, and
+//! only this file can reach the map of records, so the compiler keeps that promise.
+
+use std::collections::HashMap;
+
+use spine_protocol::{CapabilityName, Condition, JobId, JobState};
+
+use super::index::{Index, Keys};
+use super::{JobRecord, JobSpec, SubmitError};
+
+/// All jobs the dispatcher knows, and the queues of those waiting for an agent.
+#[derive(Debug, Default)]
+pub struct JobTable {
+    /// The records; changed only through [`JobTable::update`], [`JobTable::put`] and
+    /// [`JobTable::take`], which keep `index` right.
+    jobs: HashMap<JobId, JobRecord>,
+    index: Index,
+    next_seq: u64,
+    max_queue: usize,
+}
+
+impl JobTable {
+    /// A table whose per-capability queues hold at most `max_queue` jobs.
+    pub fn new(max_queue: usize) -> Self {
+        JobTable {
+            max_queue,
+            ..Default::default()
+        }
+    }
+
+    /// Changes the record `id` with `f`, and its place in every index with it. `None` if
+    /// there is no such job. `f` must not change the record's id.
+    pub(super) fn update<R>(
+        &mut self,
+        id: &JobId,
+        f: impl FnOnce(&mut JobRecord) -> R,
+    ) -> Option<R> {
+        let j = self.jobs.get_mut(id)?;
+        let old = Keys::of(j);
+        let r = f(j);
+        debug_assert_eq!(&j.id, id, "a job's id changed");
+        self.index.change(id, &old, &Keys::of(j));
+        Some(r)
+    }
+
+    /// Adds a record (replacing one with its id), indexed.
+    fn put(&mut self, rec: JobRecord) {
+        let id = rec.id.clone();
+        let keys = Keys::of(&rec);
+        if let Some(old) = self.jobs.insert(id.clone(), rec) {
+            self.index.remove(&id, &Keys::of(&old));
+        }
+        self.index.add(&id, &keys);
+    }
+
+    /// Removes a record and its index entries.
+    fn take(&mut self, id: &JobId) -> Option<JobRecord> {
+        let rec = self.jobs.remove(id)?;
+        self.index.remove(id, &Keys::of(&rec));
+        Some(rec)
+    }
+
+    /// A job by id.
+    pub fn get(&self, id: &JobId) -> Option<&JobRecord> {
+        self.jobs.get(id)
+    }
+
+    /// Every job known.
+    pub fn iter(&self) -> impl Iterator<Item = &JobRecord> {
+        self.jobs.values()
+    }
+
+    /// Number of jobs known.
+    pub fn len(&self) -> usize {
+        self.jobs.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+    }
+
+    /// Jobs queued for `cap`.
+    pub fn queued(&self, cap: &CapabilityName) -> usize {
+        self.index.queues.get(cap).map_or(0, |q| q.len())
+    }
+
+    /// Capabilities with queued jobs.
+    pub fn queued_capabilities(&self) -> Vec<CapabilityName> {
+        self.index.queues.keys().cloned().collect()
+    }
+
+    /// Counts by (capability, state), for metrics (kept up to date, not counted).
+    pub fn counts(&self) -> HashMap<(CapabilityName, JobState), u64> {
+        self.index.counts.clone()
+    }
+
+    /// Jobs of `submitter` queued for `cap` (counted against its share, `max_queued`).
+    pub fn queued_by(&self, submitter: &str, cap: &CapabilityName) -> usize {
+        self.index
+            .queued_by
+            .get(&(submitter.to_owned(), cap.clone()))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Accepts a new job (queued at once).
+    pub fn submit(
+        &mut self,
+        id: JobId,
+        spec: JobSpec,
+        now_ms: u64,
+    ) -> Result<&JobRecord, SubmitError> {
+        self.submit_within(id, spec, now_ms, usize::MAX)
+    }
+
+    /// Accepts a new job if its capability's queue has room and its submitter has fewer than
+    /// `max_queued` jobs queued for that capability.
+    pub fn submit_within(
+        &mut self,
+        id: JobId,
+        spec: JobSpec,
+        now_ms: u64,
+        max_queued: usize,
+    ) -> Result<&JobRecord, SubmitError> {
+        if self.jobs.contains_key(&id) {
+            return Err(SubmitError::Exists(id));
+        }
+        if self.queued(&spec.capability) >= self.max_queue {
+            return Err(SubmitError::QueueFull {
+                capability: spec.capability,
+                limit: self.max_queue,
+            });
+        }
+        if self.queued_by(&spec.submitter, &spec.capability) >= max_queued {
+            return Err(SubmitError::SubmitterQuota {
+                submitter: spec.submitter,
+                capability: spec.capability,
+                limit: max_queued,
+            });
+        }
+        self.insert_queued(id.clone(), spec, now_ms);
+        Ok(&self.jobs[&id])
+    }
+
+    /// Records a new job, queued, with the next submission order.
+    pub(super) fn insert_queued(&mut self, id: JobId, spec: JobSpec, now_ms: u64) {
+        self.next_seq += 1;
+        self.put(JobRecord {
+            id,
+            spec,
+            state: JobState::Queued,
+            attempts: 0,
+            agent: None,
+            excluded: Vec::new(),
+            outcome: None,
+            percent: None,
+            accepted_ms: now_ms,
+            updated_ms: now_ms,
+            not_before_ms: 0,
+            seq: self.next_seq,
+            children: Vec::new(),
+            mr: None,
+            dispatched_ms: 0,
+            resume: false,
+        });
+    }
+
+    /// Restores a job read from the store after a restart. Jobs that were dispatched are
+    /// queued again (their agent may have finished them while we were down: the agent's
+    /// outcome cache answers the re-sent job without running it twice).
+    pub fn restore(&mut self, mut rec: JobRecord) {
+        self.next_seq = self.next_seq.max(rec.seq);
+        // A parent of an `all` or map/reduce job stays running: its children carry the work.
+        if rec.children.is_empty()
+            && rec.mr.is_none()
+            && matches!(
+                rec.state,
+                JobState::Accepted | JobState::Dispatched | JobState::Running
+            )
+        {
+            rec.resume = rec.state != JobState::Accepted && rec.agent.is_some();
+            rec.state = JobState::Queued;
+        }
+        self.put(rec);
+    }
+
+    /// The next job of `cap` to place: highest priority, then oldest; skipping those in
+    /// backoff.
+    pub fn next_for(&self, cap: &CapabilityName, now_ms: u64) -> Option<&JobRecord> {
+        self.index
+            .queues
+            .get(cap)?
+            .iter()
+            .filter_map(|(_, _, id)| self.jobs.get(id))
+            .find(|j| j.not_before_ms <= now_ms)
+    }
+
+    /// Up to `limit` queued jobs of `cap` ready to place, in placement order.
+    pub fn queued_in_order(&self, cap: &CapabilityName, now_ms: u64, limit: usize) -> Vec<JobId> {
+        let Some(q) = self.index.queues.get(cap) else {
+            return Vec::new();
+        };
+        q.iter()
+            .filter_map(|(_, _, id)| self.jobs.get(id))
+            .filter(|j| j.not_before_ms <= now_ms)
+            .take(limit)
+            .map(|j| j.id.clone())
+            .collect()
+    }
+
+    /// Queued `all` jobs (not children) waiting to be fanned out, in submission order.
+    pub fn queued_all_parents(&self) -> Vec<JobId> {
+        self.index
+            .all_parents
+            .iter()
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
+    /// Queued map/reduce jobs waiting to start, in submission order.
+    pub fn queued_mapreduces(&self) -> Vec<JobId> {
+        self.index
+            .mr_queued
+            .iter()
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
+    /// Running map/reduce jobs, in submission order (to move on after a restart).
+    pub fn running_mapreduces(&self) -> Vec<JobId> {
+        self.index
+            .mr_running
+            .iter()
+            .map(|(_, id)| id.clone())
+            .collect()
+    }
+
+    /// Running map/reduce parents, in submission order.
+    pub(super) fn running_mapreduce_records(&self) -> impl Iterator<Item = &JobRecord> {
+        self.index
+            .mr_running
+            .iter()
+            .filter_map(|(_, id)| self.jobs.get(id))
+    }
+
+    /// A page of the job list, newest first by (accepted, submission order): up to `limit`
+    /// jobs in `state` and of `submitter` when given, accepted before the job whose
+    /// (`accepted_ms`, `seq`) is `before` when given (the last of the previous page). Read
+    /// from ordered indexes, whatever the filters, and without copying a record: its cost
+    /// does not grow with the jobs held (see `Index::page`).
+    pub fn page(
+        &self,
+        state: Option<JobState>,
+        submitter: Option<&str>,
+        before: Option<(u64, u64)>,
+        limit: usize,
+    ) -> Vec<&JobRecord> {
+        self.index
+            .page(state, submitter, before, limit)
+            .into_iter()
+            .filter_map(|id| self.jobs.get(id))
+            .collect()
+    }
+
+    /// Jobs whose deadline passed: timed out now. Returns them with the agent each was on.
+    /// Only the due jobs are looked at (a deadline index).
+    pub fn expire(&mut self, now_ms: u64) -> Vec<(JobId, Option<String>)> {
+        let due: Vec<JobId> = self
+            .index
+            .deadlines
+            .iter()
+            .take_while(|(d, _)| *d <= now_ms)
+            .map(|(_, id)| id.clone())
+            .collect();
+        let mut out = Vec::with_capacity(due.len());
+        for id in due {
+            let agent = self.get(&id).and_then(|j| {
+                matches!(j.state, JobState::Dispatched | JobState::Running)
+                    .then(|| j.agent.clone())
+                    .flatten()
+            });
+            self.finalize(
+                &id,
+                JobState::TimedOut,
+                Condition::DeadlineExceeded,
+                Some("deadline passed".into()),
+                now_ms,
+            );
+            out.push((id, agent));
+        }
+        out
+    }
+
+    /// The earliest deadline of a job not ended yet (ms since the UNIX epoch): when
+    /// [`JobTable::expire`] next has something to do.
+    pub fn next_deadline(&self) -> Option<u64> {
+        self.index.deadlines.first().map(|(d, _)| *d)
+    }
+
+    /// Forgets final jobs older than `retention_ms`; returns their ids (to delete from the
+    /// store). Only the due jobs are looked at (an index of final jobs by when they ended).
+    pub fn prune(&mut self, now_ms: u64, retention_ms: u64) -> Vec<JobId> {
+        let old: Vec<JobId> = self
+            .index
+            .ended
+            .iter()
+            .take_while(|(t, _)| now_ms.saturating_sub(*t) > retention_ms)
+            .map(|(_, id)| id.clone())
+            .collect();
+        for id in &old {
+            self.take(id);
+        }
+        old
+    }
+
+    /// When [`JobTable::prune`] with `retention_ms` next has a job to forget (ms since the
+    /// UNIX epoch), if any job has ended.
+    pub fn next_prune_at(&self, retention_ms: u64) -> Option<u64> {
+        self.index
+            .ended
+            .first()
+            .map(|(t, _)| t.saturating_add(retention_ms).saturating_add(1))
+    }
+
+    /// The indexes rebuilt from the records, for the property test to compare with the ones
+    /// kept up to date.
+    #[cfg(test)]
+    pub(super) fn check_index(&self) -> Result<(), String> {
+        let mut fresh = Index::default();
+        for j in self.jobs.values() {
+            fresh.add(&j.id, &Keys::of(j));
+        }
+        if fresh == self.index {
+            Ok(())
+        } else {
+            Err(format!("kept: {:#?}\nrebuilt: {fresh:#?}", self.index))
+        }
+    }
+}

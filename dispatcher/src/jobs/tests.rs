@@ -1,0 +1,401 @@
+//! The job table's indexes against the records: random sequences of every kind of event
+//! (submissions of plain, `all` and map/reduce jobs, dispatch, progress, results, failures,
+//! refusals, lost sessions, cancels, fan-out, map/reduce steps, stragglers, expiry, retention,
+//! restores), and after each one the indexes kept up to date must equal indexes rebuilt from
+//! scratch over the records, and every indexed read must give what a scan of the records
+//! gives.
+
+use std::collections::HashMap;
+
+use jid::FullJid;
+use proptest::prelude::*;
+use spine_protocol::fragments::{self, Fragment};
+use spine_protocol::Strategy as Placement;
+use spine_protocol::{Condition, JobId, JobResult, JobState, MapReduce, SpineError};
+
+use super::{JobRecord, JobSpec, JobTable};
+
+const IDS: usize = 8;
+const CAPS: [&str; 2] = ["cap.a", "cap.b"];
+const SUBMITTERS: [&str; 2] = ["http:one", "alice@example.com/x"];
+
+#[derive(Debug, Clone)]
+enum Op {
+    Submit {
+        job: usize,
+        cap: usize,
+        submitter: usize,
+        priority: i64,
+        deadline: Option<u64>,
+        kind: u8,
+        attempts: u64,
+    },
+    Dispatched(usize, u8),
+    Progress(usize),
+    Succeeded(usize),
+    Failed(usize, bool),
+    Refused(usize),
+    SessionLost(usize),
+    Cancel(usize),
+    NoAgent(usize),
+    FanOut(usize, u8),
+    StartMapReduce(usize),
+    Advance(usize),
+    Gather(usize),
+    Speculate,
+    Restore(usize),
+    Expire,
+    Prune(u64),
+    Wait(u64),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let j = 0..IDS;
+    prop_oneof![
+        4 => (j.clone(), 0..2usize, 0..2usize, -1..2i64, prop::option::of(0..400u64), 0..4u8, 1..4u64)
+            .prop_map(|(job, cap, submitter, priority, deadline, kind, attempts)| Op::Submit {
+                job, cap, submitter, priority, deadline, kind, attempts
+            }),
+        3 => (j.clone(), 0..3u8).prop_map(|(a, b)| Op::Dispatched(a, b)),
+        1 => j.clone().prop_map(Op::Progress),
+        3 => j.clone().prop_map(Op::Succeeded),
+        2 => (j.clone(), any::<bool>()).prop_map(|(a, b)| Op::Failed(a, b)),
+        1 => j.clone().prop_map(Op::Refused),
+        1 => j.clone().prop_map(Op::SessionLost),
+        1 => j.clone().prop_map(Op::Cancel),
+        1 => j.clone().prop_map(Op::NoAgent),
+        1 => (j.clone(), 0..3u8).prop_map(|(a, b)| Op::FanOut(a, b)),
+        1 => j.clone().prop_map(Op::StartMapReduce),
+        1 => j.clone().prop_map(Op::Advance),
+        1 => j.clone().prop_map(Op::Gather),
+        1 => Just(Op::Speculate),
+        1 => j.clone().prop_map(Op::Restore),
+        1 => Just(Op::Expire),
+        1 => (0..300u64).prop_map(Op::Prune),
+        2 => (0..200u64).prop_map(Op::Wait),
+    ]
+}
+
+fn jid(n: u8) -> FullJid {
+    format!("agent{n}@example.com/w").parse().unwrap()
+}
+
+fn spec(cap: usize, submitter: usize, priority: i64, kind: u8, attempts: u64) -> JobSpec {
+    let mut input = Vec::new();
+    let (strategy, mapreduce) = match kind {
+        1 => (Placement::All, None),
+        2 => {
+            input = fragments::encode(&[
+                Fragment {
+                    name: Some("f0".into()),
+                    mime: None,
+                    data: b"x".to_vec(),
+                },
+                Fragment::default(),
+                Fragment::default(),
+            ]);
+            let mut m = MapReduce::new(CAPS[1].parse().unwrap());
+            m.fan_in = 2;
+            (Placement::LeastLoaded, Some(m))
+        }
+        _ => (Placement::LeastLoaded, None),
+    };
+    let mut s = JobSpec::new(CAPS[cap].parse().unwrap(), SUBMITTERS[submitter]);
+    s.strategy = strategy;
+    s.input = input;
+    s.priority = priority;
+    s.max_attempts = attempts;
+    s.mapreduce = mapreduce;
+    s
+}
+
+/// The jobs of the table, steps and children included (their ids grow suffixes), in a fixed
+/// order, so that an operation on job `n` reaches them too.
+fn ids(t: &JobTable) -> Vec<JobId> {
+    let mut v: Vec<JobId> = t.iter().map(|j| j.id.clone()).collect();
+    v.sort();
+    v
+}
+
+fn pick(t: &JobTable, n: usize) -> Option<JobId> {
+    let v = ids(t);
+    (!v.is_empty()).then(|| v[n % v.len()].clone())
+}
+
+fn apply(t: &mut JobTable, op: &Op, now: &mut u64) {
+    let result = |id: &JobId| JobResult {
+        job: id.clone(),
+        attempt: 1,
+        elapsed_ms: Some(1),
+        meta: Default::default(),
+        output: None,
+    };
+    match op.clone() {
+        Op::Submit {
+            job,
+            cap,
+            submitter,
+            priority,
+            deadline,
+            kind,
+            attempts,
+        } => {
+            let mut s = spec(cap, submitter, priority, kind, attempts);
+            s.deadline_ms = deadline.map(|d| *now + d);
+            let id: JobId = format!("j{job}").parse().unwrap();
+            let _ = t.submit_within(id, s, *now, 3);
+        }
+        Op::Dispatched(n, a) => {
+            if let Some(id) = pick(t, n) {
+                t.dispatched(&id, &jid(a), *now);
+            }
+        }
+        Op::Progress(n) => {
+            if let Some(id) = pick(t, n) {
+                t.progress(&id, Some(50), *now);
+            }
+        }
+        Op::Succeeded(n) => {
+            if let Some(id) = pick(t, n) {
+                let _ = t.succeeded(&id, &result(&id), fragments::encode(&[]), None, *now);
+            }
+        }
+        Op::Failed(n, retryable) => {
+            if let Some(id) = pick(t, n) {
+                let c = if retryable {
+                    Condition::Retryable
+                } else {
+                    Condition::Failed
+                };
+                t.attempt_failed(&id, Some(&jid(0)), Some(&SpineError::new(c)), *now);
+            }
+        }
+        Op::Refused(n) => {
+            if let Some(id) = pick(t, n) {
+                t.refused(&id, *now);
+            }
+        }
+        Op::SessionLost(n) => {
+            if let Some(id) = pick(t, n) {
+                t.session_lost(&id, *now);
+            }
+        }
+        Op::Cancel(n) => {
+            if let Some(id) = pick(t, n) {
+                let _ = t.cancel(&id, *now);
+            }
+        }
+        Op::NoAgent(n) => {
+            if let Some(id) = pick(t, n) {
+                t.no_agent(&id, *now);
+            }
+        }
+        Op::FanOut(n, k) => {
+            if let Some(id) = t.queued_all_parents().get(n % IDS).cloned() {
+                let targets: Vec<String> = (0..=k).map(|a| jid(a).to_string()).collect();
+                t.fan_out(&id, &targets, *now);
+            }
+        }
+        Op::StartMapReduce(n) => {
+            if let Some(id) = t.queued_mapreduces().get(n % IDS).cloned() {
+                t.start_mapreduce(&id, *now);
+            }
+        }
+        Op::Advance(n) => {
+            if let Some(id) = pick(t, n) {
+                t.advance(&id, *now);
+            }
+        }
+        Op::Gather(n) => {
+            if let Some(id) = pick(t, n) {
+                t.gather(&id, *now);
+            }
+        }
+        Op::Speculate => {
+            for s in t.stragglers(*now, 1.0, 0) {
+                t.speculate(&s, *now);
+            }
+        }
+        Op::Restore(n) => {
+            // A record coming back from the store (as after a restart), over its old self.
+            if let Some(rec) = pick(t, n).and_then(|id| t.get(&id).cloned()) {
+                t.restore(rec);
+            }
+        }
+        Op::Expire => {
+            let due: Vec<JobId> = t
+                .iter()
+                .filter(|j| !j.state.is_final() && j.spec.deadline_ms.is_some_and(|d| d <= *now))
+                .map(|j| j.id.clone())
+                .collect();
+            let mut got: Vec<JobId> = t.expire(*now).into_iter().map(|(id, _)| id).collect();
+            got.sort();
+            let mut due = due;
+            due.sort();
+            assert_eq!(got, due, "expire took other jobs than the due ones");
+        }
+        Op::Prune(retention) => {
+            let mut due: Vec<JobId> = t
+                .iter()
+                .filter(|j| j.state.is_final() && now.saturating_sub(j.updated_ms) > retention)
+                .map(|j| j.id.clone())
+                .collect();
+            let mut got = t.prune(*now, retention);
+            got.sort();
+            due.sort();
+            assert_eq!(got, due, "prune took other jobs than the due ones");
+        }
+        Op::Wait(ms) => *now += ms,
+    }
+}
+
+/// Every indexed read against a scan of the records.
+fn check_reads(t: &JobTable) {
+    if let Err(e) = t.check_index() {
+        panic!("the kept indexes differ from a rebuild:\n{e}");
+    }
+    let all: Vec<&JobRecord> = t.iter().collect();
+    let mut counts = HashMap::new();
+    for j in &all {
+        *counts
+            .entry((j.spec.capability.clone(), j.state))
+            .or_insert(0u64) += 1;
+    }
+    assert_eq!(t.counts(), counts);
+    let scan = |f: &dyn Fn(&JobRecord) -> bool| {
+        let mut v: Vec<(u64, JobId)> = all
+            .iter()
+            .filter(|j| f(j))
+            .map(|j| (j.seq, j.id.clone()))
+            .collect();
+        v.sort();
+        v.into_iter().map(|(_, id)| id).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        t.queued_all_parents(),
+        scan(&|j| j.state == JobState::Queued
+            && j.spec.strategy == Placement::All
+            && j.spec.parent.is_none())
+    );
+    assert_eq!(
+        t.queued_mapreduces(),
+        scan(&|j| j.state == JobState::Queued && j.spec.mapreduce.is_some())
+    );
+    assert_eq!(
+        t.running_mapreduces(),
+        scan(&|j| j.mr.is_some() && !j.state.is_final())
+    );
+    assert_eq!(
+        t.next_deadline(),
+        all.iter()
+            .filter(|j| !j.state.is_final())
+            .filter_map(|j| j.spec.deadline_ms)
+            .min()
+    );
+    assert_eq!(
+        t.next_prune_at(100),
+        all.iter()
+            .filter(|j| j.state.is_final())
+            .map(|j| j.updated_ms + 101)
+            .min()
+    );
+    for cap in caps() {
+        let queued = all
+            .iter()
+            .filter(|j| j.state == JobState::Queued && j.spec.capability == cap)
+            .count();
+        assert_eq!(t.queued(&cap), queued);
+        for s in SUBMITTERS {
+            let mine = all
+                .iter()
+                .filter(|j| {
+                    j.state == JobState::Queued && j.spec.capability == cap && j.spec.submitter == s
+                })
+                .count();
+            assert_eq!(t.queued_by(s, &cap), mine);
+        }
+    }
+    // Pages: every filter, walked page by page with the cursor, against a sorted scan.
+    let states = std::iter::once(None).chain(JobState::ALL.into_iter().map(Some));
+    for state in states {
+        for submitter in [None, Some(SUBMITTERS[0]), Some(SUBMITTERS[1])] {
+            let mut want: Vec<&JobRecord> = all
+                .iter()
+                .copied()
+                .filter(|j| state.is_none_or(|s| j.state == s))
+                .filter(|j| submitter.is_none_or(|s| j.spec.submitter == s))
+                .collect();
+            want.sort_by(|a, b| (b.accepted_ms, b.seq, &b.id).cmp(&(a.accepted_ms, a.seq, &a.id)));
+            let mut got: Vec<&JobRecord> = Vec::new();
+            let mut before = None;
+            loop {
+                let page = t.page(state, submitter, before, 3);
+                let Some(last) = page.last() else { break };
+                before = Some((last.accepted_ms, last.seq));
+                got.extend(page);
+            }
+            let ids = |v: &[&JobRecord]| v.iter().map(|j| j.id.clone()).collect::<Vec<_>>();
+            assert_eq!(ids(&got), ids(&want), "page of {state:?} by {submitter:?}");
+        }
+    }
+}
+
+fn caps() -> Vec<spine_protocol::CapabilityName> {
+    CAPS.iter().map(|c| c.parse().unwrap()).collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn indexes_follow_the_records(ops in prop::collection::vec(op(), 1..80)) {
+        let mut t = JobTable::new(6);
+        let mut now = 1_000u64;
+        for op in &ops {
+            apply(&mut t, op, &mut now);
+            check_reads(&t);
+        }
+    }
+}
+
+#[test]
+fn pages_filters_and_retention_read_from_the_indexes() {
+    // 2,000 succeeded jobs and one failed: the failed one is the first of its page.
+    let mut t = JobTable::new(usize::MAX);
+    for i in 0..2_000u64 {
+        let id: JobId = format!("ok{i}").parse().unwrap();
+        t.submit(id.clone(), spec(0, 0, 0, 0, 1), i).unwrap();
+        t.dispatched(&id, &jid(1), i);
+        let r = JobResult {
+            job: id.clone(),
+            attempt: 1,
+            elapsed_ms: None,
+            meta: Default::default(),
+            output: None,
+        };
+        t.succeeded(&id, &r, Vec::new(), None, i).unwrap();
+    }
+    let bad: JobId = "bad".parse().unwrap();
+    t.submit(bad.clone(), spec(0, 0, 0, 0, 1), 5).unwrap();
+    t.cancel(&bad, 6).unwrap();
+    let page = t.page(Some(JobState::Cancelled), None, None, 100);
+    assert_eq!(page.len(), 1);
+    assert_eq!(page[0].id, bad);
+    let newest = t.page(None, Some(SUBMITTERS[0]), None, 2);
+    assert_eq!(
+        newest.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+        ["ok1999", "ok1998"]
+    );
+    assert!(t.page(None, Some("nobody"), None, 10).is_empty());
+    // Retention takes the oldest only, and says when the next one is due.
+    assert_eq!(t.next_prune_at(1_000), Some(1_001));
+    let gone = t.prune(1_500, 1_000);
+    assert_eq!(
+        gone.len(),
+        501,
+        "the jobs that ended at 0..=499 (and the one cancelled at 6) are over 1,000 ms old"
+    );
+    assert!(gone.contains(&bad));
+    assert_eq!(t.next_prune_at(1_000), Some(500 + 1_001));
+    assert_eq!(t.len(), 2_001 - 501);
+}
