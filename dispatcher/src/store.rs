@@ -385,7 +385,7 @@ mod tests {
         JobSpec {
             capability: "c".parse().unwrap(),
             strategy: Strategy::LeastLoaded,
-            filter: Some("gpu".into()),
+            filter: Some("gpu".parse().unwrap()),
             sort: None,
             affinity_key: None,
             args: serde_json::json!({"n": 9007199254740993u64})

@@ -69,7 +69,7 @@ fn a_job_that_ends_the_session_each_time_fails_after_its_attempts() {
         Some(Recorded::Failure {
             condition, message, ..
         }) => {
-            assert_eq!(condition, "retryable");
+            assert_eq!(condition.as_str(), "retryable");
             let m = message.as_deref().unwrap_or_default();
             assert!(
                 m.contains("gave up after 3 attempts") && m.contains("session"),

@@ -126,6 +126,20 @@ impl fmt::Display for Condition {
     }
 }
 
+/// Stored as its wire name (`busy`, `no-agent`, …).
+impl serde::Serialize for Condition {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Condition {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 impl FromStr for Condition {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

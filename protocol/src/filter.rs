@@ -190,6 +190,20 @@ impl FromStr for Filter {
     }
 }
 
+/// Stored and sent as its text (what [`Filter::parse`] reads back).
+impl serde::Serialize for Filter {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Filter {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Filter::parse(&text).map_err(serde::de::Error::custom)
+    }
+}
+
 impl crate::xml::FromAttr for Filter {
     fn from_attr(s: &str) -> Result<Self, String> {
         Filter::parse(s).map_err(|e| e.to_string())

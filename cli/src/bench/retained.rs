@@ -225,7 +225,7 @@ fn fill(path: &std::path::Path, n: usize) -> Result<()> {
             spec: spec.clone(),
             state: JobState::Succeeded,
             attempts: 1,
-            agent: Some(format!("agent{}@localhost/up", 1 + i % 2)),
+            agent: format!("agent{}@localhost/up", 1 + i % 2).parse().ok(),
             excluded: Vec::new(),
             outcome: Some(Recorded::Succeeded {
                 meta: serde_json::Map::new(),

@@ -196,10 +196,7 @@ impl Core {
 
     /// The agent of a job's current or last attempt.
     pub(super) fn agent_of(&self, job: &JobId) -> Option<FullJid> {
-        self.jobs
-            .get(job)
-            .and_then(|j| j.agent.as_deref())
-            .and_then(|a| a.parse::<FullJid>().ok())
+        self.jobs.get(job).and_then(|j| j.agent.clone())
     }
 
     /// Cancels a job for any front end: the agent running it is told, and cancelling an `all`
@@ -217,7 +214,6 @@ impl Core {
         let was_final = self.jobs.get(job).is_some_and(|j| j.state.is_final());
         match self.jobs.cancel(job, now.ms) {
             Ok(agent) => {
-                let agent = agent.and_then(|a| a.parse::<FullJid>().ok());
                 if let Some(a) = &agent {
                     self.send_cancel(a, job);
                 }
@@ -243,7 +239,7 @@ impl Core {
             self.audit_record(job, now);
         }
         let agent = match cancelled {
-            Ok(Some(a)) => a.parse::<FullJid>().ok(),
+            Ok(Some(a)) => Some(a),
             _ => None,
         };
         if let Some(a) = &agent {
@@ -326,11 +322,7 @@ impl Core {
         };
         // Event streams (HTTP SSE) get the whole job, after the commit.
         let data = super::views::job_json(rec);
-        let watch = rec
-            .spec
-            .watch
-            .as_deref()
-            .and_then(|w| jid::Jid::new(w).ok());
+        let watch = rec.spec.watch.clone();
         self.publish(job, EventKind::Final, data);
         if let Some(watch) = watch {
             // A watch message is never refused (it waits its turn behind other transfers).
@@ -354,7 +346,6 @@ impl Core {
     pub(super) fn expire_deadlines(&mut self, now: Now) {
         for (job, agent) in self.jobs.expire(now.ms) {
             info!(job = %job, "job timed out");
-            let agent = agent.and_then(|a| a.parse::<FullJid>().ok());
             if let Some(a) = &agent {
                 self.send_cancel(a, &job);
             }

@@ -70,18 +70,17 @@ impl Core {
             let Some(p) = self.jobs.get(&id) else {
                 continue;
             };
-            let filter = p.spec.parsed_filter();
-            let mut targets: Vec<String> = self
+            let mut targets: Vec<FullJid> = self
                 .registry
                 .rank(
                     &p.spec.capability,
-                    filter.as_ref(),
+                    p.spec.filter.as_ref(),
                     p.spec.sort.as_ref(),
                     None,
                 )
                 .into_iter()
                 .filter(|a| a.state == AgentState::Ready)
-                .map(|a| a.jid.to_string())
+                .filter_map(|a| a.jid.try_into_full().ok())
                 .collect();
             if targets.is_empty() {
                 self.no_agent_since.entry(id).or_insert(now.ms);
@@ -115,9 +114,9 @@ impl Core {
         // Restored in flight: back to its agent (whatever its load: it attaches the repeat to
         // the running job), or, once that agent has had time to return, anywhere.
         if job.resume {
-            if let Some(agent) = job.agent.as_deref().and_then(|a| a.parse::<FullJid>().ok()) {
-                if self.registry.id_of(&agent).is_some() {
-                    return Ok(agent);
+            if let Some(agent) = &job.agent {
+                if self.registry.id_of(agent).is_some() {
+                    return Ok(agent.clone());
                 }
                 if now.mono.saturating_duration_since(self.started) < RESUME_GRACE {
                     return Err(NoPick::AllBusy);
@@ -126,24 +125,21 @@ impl Core {
         }
         // A child of an `all` job runs on its own agent or waits for it.
         if let Some(target) = &job.spec.target {
-            let agent: FullJid = target.parse().map_err(|_| NoPick::NoCapableAgent)?;
-            return match self.registry.id_of(&agent) {
-                Some(a) if self.registry.has_room(a, &job.spec.capability) => Ok(agent),
+            return match self.registry.id_of(target) {
+                Some(a) if self.registry.has_room(a, &job.spec.capability) => Ok(target.clone()),
                 Some(_) => Err(NoPick::AllBusy),
                 None => Err(NoPick::NoCapableAgent),
             };
         }
-        let filter = job.spec.parsed_filter();
         let excluded: Vec<_> = job
             .excluded
             .iter()
-            .filter_map(|a| a.parse::<FullJid>().ok())
-            .filter_map(|a| self.registry.id_of(&a))
+            .filter_map(|a| self.registry.id_of(a))
             .collect();
         let mut req = PickRequest {
             capability: &job.spec.capability,
             strategy: job.spec.strategy,
-            filter: filter.as_ref(),
+            filter: job.spec.filter.as_ref(),
             sort: job.spec.sort.as_ref(),
             affinity_key: job.spec.affinity_key.as_deref(),
             exclude: &excluded,
@@ -239,12 +235,16 @@ impl Core {
             let Some(spec) = self.jobs.get(&s.job).map(|j| &j.spec) else {
                 continue;
             };
-            let filter = spec.parsed_filter();
             let elsewhere = self
                 .registry
-                .rank(&spec.capability, filter.as_ref(), spec.sort.as_ref(), None)
+                .rank(
+                    &spec.capability,
+                    spec.filter.as_ref(),
+                    spec.sort.as_ref(),
+                    None,
+                )
                 .iter()
-                .any(|a| a.state == AgentState::Ready && a.jid.as_str() != s.agent);
+                .any(|a| a.state == AgentState::Ready && a.jid.as_str() != s.agent.as_str());
             if !elsewhere {
                 continue;
             }
@@ -285,5 +285,9 @@ fn stanza_bytes(job: &Job) -> usize {
 
 /// Whether `from` is the agent `job` runs on (progress counts only from there).
 pub(super) fn runs_on(rec: Option<&JobRecord>, from: &Jid) -> bool {
-    rec.is_some_and(|j| j.agent.as_deref() == Some(from.as_str()))
+    rec.is_some_and(|j| {
+        j.agent
+            .as_ref()
+            .is_some_and(|a| a.as_str() == from.as_str())
+    })
 }

@@ -250,7 +250,7 @@ impl Core {
         let spec = JobSpec {
             capability: s.capability,
             strategy: s.strategy,
-            filter: s.filter.map(|f| f.to_string()),
+            filter: s.filter,
             sort: s.sort,
             affinity_key: s.affinity_key,
             args: s.args.0,
@@ -262,7 +262,7 @@ impl Core {
             submitter: from.to_bare().to_string(),
             idempotency_key: s.idempotency_key,
             progress: s.watch,
-            watch: s.watch.then(|| from.to_string()),
+            watch: s.watch.then(|| from.clone()),
             limit: s.limit,
             batch: s.batch,
             mapreduce: s.mapreduce,

@@ -478,7 +478,7 @@ fn a_job_no_capable_agent_takes_fails_after_no_agent_wait() {
         .any(|e| e.job == id && e.kind == EventKind::Final));
     match &w.core.record(&id).unwrap().outcome {
         Some(crate::jobs::Recorded::Failure { condition, .. }) => {
-            assert_eq!(condition, Condition::NoAgent.as_str())
+            assert_eq!(*condition, Condition::NoAgent)
         }
         other => panic!("{other:?}"),
     }

@@ -9,8 +9,7 @@
 
 use jid::Jid;
 use spine_protocol::{
-    Condition, Data, Failure, JobId, JobResult, JobStatus, Outcome, Progress, SpineError,
-    INLINE_LIMIT,
+    Data, Failure, JobId, JobResult, JobStatus, Outcome, Progress, SpineError, INLINE_LIMIT,
 };
 use xmpp_parsers::message::{Message, MessageType};
 
@@ -45,7 +44,7 @@ pub(crate) fn status(job: &JobRecord) -> JobStatus {
             message,
             field,
         }) => Some(Outcome::Failure(Failure {
-            condition: condition.parse().unwrap_or(Condition::Failed),
+            condition: *condition,
             message: message.clone(),
             field: field.clone(),
         })),
@@ -56,7 +55,7 @@ pub(crate) fn status(job: &JobRecord) -> JobStatus {
         capability: job.spec.capability.clone(),
         state: job.state,
         attempts: job.attempts,
-        agent: job.agent.as_deref().and_then(|a| Jid::new(a).ok()),
+        agent: job.agent.clone().map(Jid::from),
         percent: job.percent,
         outcome,
     }
@@ -196,12 +195,7 @@ impl Core {
             (EventKind::Partial, data)
         };
         self.publish(job, kind, data);
-        let Some(watch) = self
-            .jobs
-            .get(job)
-            .and_then(|j| j.spec.watch.as_deref())
-            .and_then(|w| Jid::new(w).ok())
-        else {
+        let Some(watch) = self.jobs.get(job).and_then(|j| j.spec.watch.clone()) else {
             return;
         };
         let mut m = Message::new(Some(watch));

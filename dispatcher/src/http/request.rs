@@ -7,7 +7,7 @@ use axum::http::StatusCode;
 use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use spine_protocol::{AttrName, CapabilityName, Filter, JobId, Strategy};
+use spine_protocol::{AttrName, CapabilityName, Condition, Filter, JobId, SpineError, Strategy};
 
 use super::auth::Caller;
 use super::error::ApiError;
@@ -169,7 +169,17 @@ pub(super) fn spec_from(
     Ok(JobSpec {
         capability,
         strategy,
-        filter: req.filter,
+        filter: req
+            .filter
+            .map(|f| f.parse::<Filter>())
+            .transpose()
+            .map_err(|e| {
+                ApiError::from(
+                    SpineError::new(Condition::BadArguments)
+                        .with_field("filter")
+                        .with_text(e.to_string()),
+                )
+            })?,
         sort,
         affinity_key: req.affinity_key,
         args: req.args.unwrap_or_default(),

@@ -3,6 +3,7 @@
 //! ordinary job pinned to its agent; the parent runs until every child has ended, then
 //! [`JobTable::gather`] records its outcome, a report of each agent's.
 
+use jid::FullJid;
 use spine_protocol::{Condition, JobId, JobState, Strategy};
 
 use super::{JobRecord, JobTable, Recorded};
@@ -10,7 +11,7 @@ use super::{JobRecord, JobTable, Recorded};
 impl JobTable {
     /// Fans an `all` job out: one child per agent in `targets`, queued; the parent runs until
     /// they have all ended. Returns the children.
-    pub fn fan_out(&mut self, parent: &JobId, targets: &[String], now_ms: u64) -> Vec<JobId> {
+    pub fn fan_out(&mut self, parent: &JobId, targets: &[FullJid], now_ms: u64) -> Vec<JobId> {
         let Some(spec) = self.get(parent).map(|p| p.spec.clone()) else {
             return Vec::new();
         };
@@ -116,7 +117,7 @@ impl JobTable {
             } else {
                 rec.state = JobState::Failed;
                 rec.outcome = Some(Recorded::Failure {
-                    condition: Condition::Failed.as_str().to_owned(),
+                    condition: Condition::Failed,
                     message: Some(format!(
                         "the job failed on all {total} agents: {}",
                         serde_json::Value::Array(report)

@@ -13,16 +13,15 @@ use super::{SessionLost, UnknownJob};
 impl JobTable {
     /// The job was sent to `agent`.
     pub fn dispatched(&mut self, id: &JobId, agent: &FullJid, now_ms: u64) -> Option<&JobRecord> {
-        let agent = agent.to_string();
         self.update(id, |j| {
             j.state = JobState::Dispatched;
             // Sent back to the agent that had it before a restart: the same attempt.
-            let same = j.resume && j.agent.as_deref() == Some(agent.as_str());
+            let same = j.resume && j.agent.as_ref() == Some(agent);
             if !same || j.attempts == 0 {
                 j.attempts += 1;
             }
             j.resume = false;
-            j.agent = Some(agent);
+            j.agent = Some(agent.clone());
             j.updated_ms = now_ms;
             j.dispatched_ms = now_ms;
         })?;
@@ -94,7 +93,7 @@ impl JobTable {
         self.update(id, |j| {
             j.state = state;
             j.outcome = Some(Recorded::Failure {
-                condition: condition.as_str().to_owned(),
+                condition,
                 message,
                 field,
             });
@@ -117,9 +116,8 @@ impl JobTable {
                 return None; // already decided (or a stale report of an earlier attempt)
             }
             if let Some(a) = agent {
-                let a = a.to_string();
-                if !j.excluded.contains(&a) {
-                    j.excluded.push(a);
+                if !j.excluded.contains(a) {
+                    j.excluded.push(a.clone());
                 }
             }
             let time_left = j.spec.deadline_ms.is_none_or(|d| now_ms < d);
@@ -226,7 +224,7 @@ impl JobTable {
 
     /// Cancels a job. Returns the agent running it (to send `<cancel/>` to), if any.
     /// `Err` if the job is unknown; a final job stays as it is.
-    pub fn cancel(&mut self, id: &JobId, now_ms: u64) -> Result<Option<String>, UnknownJob> {
+    pub fn cancel(&mut self, id: &JobId, now_ms: u64) -> Result<Option<FullJid>, UnknownJob> {
         self.cancel_because(id, "cancelled by the submitter", now_ms)
     }
 
@@ -236,7 +234,7 @@ impl JobTable {
         id: &JobId,
         reason: &str,
         now_ms: u64,
-    ) -> Result<Option<String>, UnknownJob> {
+    ) -> Result<Option<FullJid>, UnknownJob> {
         let j = self.get(id).ok_or_else(|| UnknownJob(id.clone()))?;
         if j.state.is_final() {
             return Ok(None);
@@ -272,9 +270,9 @@ impl JobTable {
         );
     }
 
-    /// Whether `agent` (full JID text) failed this job before.
+    /// Whether `agent` failed this job before.
     pub fn is_excluded(&self, id: &JobId, agent: &Jid) -> bool {
         self.get(id)
-            .is_some_and(|j| j.excluded.iter().any(|a| a == agent.as_str()))
+            .is_some_and(|j| j.excluded.iter().any(|a| a.as_str() == agent.as_str()))
     }
 }

@@ -19,6 +19,7 @@
 //! Like every change of a record, each step here goes through [`JobTable::update`], so the
 //! table's indexes (queued and running map/reduce jobs among them) follow.
 
+use jid::FullJid;
 use serde::{Deserialize, Serialize};
 use spine_protocol::{CapabilityName, Condition, JobId, JobState};
 
@@ -100,7 +101,7 @@ pub struct Straggler {
     /// The running copy.
     pub job: JobId,
     /// Its agent.
-    pub agent: String,
+    pub agent: FullJid,
     /// How long it has run.
     pub running_ms: u64,
     /// The median time of its finished siblings.
@@ -484,13 +485,15 @@ impl JobTable {
                         continue;
                     };
                     let running = now_ms.saturating_sub(j.dispatched_ms);
-                    if matches!(j.state, JobState::Dispatched | JobState::Running)
-                        && running > limit
-                    {
+                    let agent = j
+                        .agent
+                        .clone()
+                        .filter(|_| matches!(j.state, JobState::Dispatched | JobState::Running));
+                    if let Some(agent) = agent.filter(|_| running > limit) {
                         out.push(Straggler {
                             parent: p.id.clone(),
                             job: j.id.clone(),
-                            agent: j.agent.clone().unwrap_or_default(),
+                            agent,
                             running_ms: running,
                             median_ms: median,
                         });
@@ -537,7 +540,7 @@ fn failure_of(outcome: &Option<Recorded>) -> (Condition, String) {
             message,
             field,
         }) => (
-            condition.parse().unwrap_or(Condition::Failed),
+            *condition,
             match field {
                 Some(f) => format!(
                     "{condition}: field '{f}': {}",

@@ -4,8 +4,9 @@
 //! table and the connection task share: the retry backoff and which request to blame for a
 //! session that ended.
 
+use jid::FullJid;
 use serde::{Deserialize, Serialize};
-use spine_protocol::{CapabilityName, JobId, JobState};
+use spine_protocol::{CapabilityName, Condition, JobId, JobState};
 
 use super::{base64_bytes, JobSpec, MapReduceState};
 
@@ -27,7 +28,7 @@ pub enum Recorded {
     /// Failed, cancelled or timed out.
     Failure {
         /// Spine condition.
-        condition: String,
+        condition: Condition,
         /// Message.
         message: Option<String>,
         /// For `bad-arguments`: the argument the agent (or the dispatcher) named, passed on to
@@ -49,9 +50,9 @@ pub struct JobRecord {
     /// Attempts made.
     pub attempts: u64,
     /// Agent of the current or last attempt.
-    pub agent: Option<String>,
+    pub agent: Option<FullJid>,
     /// Agents that failed this job (not used again unless nothing else is left).
-    pub excluded: Vec<String>,
+    pub excluded: Vec<FullJid>,
     /// Outcome once final.
     pub outcome: Option<Recorded>,
     /// Last progress.

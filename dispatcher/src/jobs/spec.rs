@@ -4,6 +4,7 @@
 //! fragment list decodes, its arguments fit a job stanza, its attempts and priority are within
 //! its submitter's limits.
 
+use jid::{FullJid, Jid};
 use serde::{Deserialize, Serialize};
 use spine_protocol::{
     AttrName, CapabilityName, Condition, Filter, JobId, MapReduce, SpineError, Strategy,
@@ -18,8 +19,8 @@ pub struct JobSpec {
     pub capability: CapabilityName,
     /// Placement strategy.
     pub strategy: Strategy,
-    /// Attribute filter (its canonical text).
-    pub filter: Option<String>,
+    /// Attribute filter, parsed once at submission (stored as its canonical text).
+    pub filter: Option<Filter>,
     /// Numeric attribute to sort agents by.
     pub sort: Option<AttrName>,
     /// Key of the affinity strategy.
@@ -49,7 +50,7 @@ pub struct JobSpec {
     /// Whether progress reports are wanted.
     pub progress: bool,
     /// Full JID to push progress and the final status to (XMPP watch mode).
-    pub watch: Option<String>,
+    pub watch: Option<Jid>,
     /// `all` strategy: how many capable agents to use.
     #[serde(default)]
     pub limit: Option<spine_protocol::Limit>,
@@ -58,7 +59,7 @@ pub struct JobSpec {
     pub batch: Option<u64>,
     /// A child of an `all` job: the agent (full JID) it must run on.
     #[serde(default)]
-    pub target: Option<String>,
+    pub target: Option<FullJid>,
     /// A child of an `all` or map/reduce job: its parent.
     #[serde(default)]
     pub parent: Option<JobId>,
@@ -96,17 +97,9 @@ impl JobSpec {
     }
 
     /// What must hold of a job before it is stored, so that it is refused at once instead of
-    /// failing (or worse, running otherwise) later: its stored filter text parses (placement
-    /// reads it back with [`JobSpec::parsed_filter`]), and a map/reduce job without a split
-    /// step has a fragment list as its input.
+    /// failing (or worse, running otherwise) later: a map/reduce job without a split step has
+    /// a fragment list as its input. (Its filter was parsed by the front end that built it.)
     pub fn check_input(&self) -> Result<(), SpineError> {
-        if let Some(f) = &self.filter {
-            f.parse::<Filter>().map_err(|e| {
-                SpineError::new(Condition::BadArguments)
-                    .with_field("filter")
-                    .with_text(e.to_string())
-            })?;
-        }
         match &self.mapreduce {
             Some(m) if m.split.is_none() => spine_protocol::fragments::decode(&self.input)
                 .map(|_| ())
@@ -117,11 +110,6 @@ impl JobSpec {
                 }),
             _ => Ok(()),
         }
-    }
-
-    /// The parsed filter, if any (it parses: [`JobSpec::check_input`] saw to that).
-    pub fn parsed_filter(&self) -> Option<Filter> {
-        self.filter.as_deref().and_then(|f| f.parse().ok())
     }
 
     /// Its arguments fit `max_args` bytes as they travel in the job stanza, so that no job

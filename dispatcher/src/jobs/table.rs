@@ -11,6 +11,7 @@
 
 use std::collections::HashMap;
 
+use jid::FullJid;
 use spine_protocol::{CapabilityName, Condition, JobId, JobState};
 
 use super::index::{Index, Keys};
@@ -273,7 +274,7 @@ impl JobTable {
 
     /// Jobs whose deadline passed: timed out now. Returns them with the agent each was on.
     /// Only the due jobs are looked at (a deadline index).
-    pub fn expire(&mut self, now_ms: u64) -> Vec<(JobId, Option<String>)> {
+    pub fn expire(&mut self, now_ms: u64) -> Vec<(JobId, Option<FullJid>)> {
         let due: Vec<JobId> = self
             .index
             .deadlines

@@ -192,7 +192,7 @@ fn apply(t: &mut JobTable, op: &Op, now: &mut u64) {
         }
         Op::FanOut(n, k) => {
             if let Some(id) = t.queued_all_parents().get(n % IDS).cloned() {
-                let targets: Vec<String> = (0..=k).map(|a| jid(a).to_string()).collect();
+                let targets: Vec<FullJid> = (0..=k).map(jid).collect();
                 t.fan_out(&id, &targets, *now);
             }
         }
