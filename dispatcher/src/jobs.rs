@@ -1,7 +1,7 @@
 //! The job lifecycle as a pure state machine: accepted → queued → dispatched(agent, attempt)
 //! → running → succeeded | failed | cancelled | timed-out, with retries.
 //!
-//! The dispatcher's connection task feeds it events (submitted, dispatched, started, result,
+//! The dispatcher's core feeds it events (submitted, dispatched, started, result,
 //! attempt failed, agent gone, cancel, time passing) with the time as a parameter (milliseconds
 //! since the UNIX epoch, so deadlines survive a restart) and acts on the decisions it returns:
 //! which job to place next, which agent to tell to cancel, which jobs timed out. Each job ends

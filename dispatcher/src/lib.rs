@@ -1,12 +1,16 @@
 //! `spine-dispatcher`: the agent registry and scheduler and the job lifecycle (pure state
-//! machines), the durable job store, and the connection task serving the HTTP and XMPP APIs.
+//! machines), the dispatcher's core that joins them (no I/O), the driver that performs the
+//! core's effects, the durable job store, and the HTTP API.
 //!
-//! Data flow: agents' advertisements and load reports arrive as presence; the connection task
-//! feeds them to the [`registry::Registry`] as events, with the current time as a parameter;
-//! for every job it asks the registry to `pick` an agent by the job's strategy and tells it
-//! when the job was assigned and when it finished. The registry does no I/O and reads no
-//! clock, which is what makes it testable with plain `#[test]`s and fast enough for 50,000
-//! agents.
+//! Data flow: stanzas, HTTP requests and timers reach the driver ([`driver`]), which feeds
+//! each to the core with the time as a parameter; the core updates the
+//! [`registry::Registry`] (agents' advertisements and load) and the [`jobs::JobTable`]
+//! (accepted jobs, their queues and outcomes), asks the registry to `pick` an agent for each
+//! queued job, and returns its effects in order — what to store, what to send, whom to
+//! answer — which the driver performs: commit, then send, then answer. Nothing below the
+//! driver does I/O or reads a clock, which is what makes the whole dispatcher testable with
+//! plain `#[test]`s and simulable in virtual time. docs/dispatcher.md §10 follows one job
+//! through the files.
 
 #![forbid(unsafe_code)]
 

@@ -222,13 +222,7 @@ fn deadlines_cancel_no_agent_and_late_results() {
     assert!(t.expire(99).is_empty());
     let mut expired = t.expire(100);
     expired.sort();
-    assert_eq!(
-        expired,
-        vec![
-            (id("d"), Some(agent(7))),
-            (id("q"), None)
-        ]
-    );
+    assert_eq!(expired, vec![(id("d"), Some(agent(7))), (id("q"), None)]);
     assert_eq!(t.get(&id("q")).unwrap().state, JobState::TimedOut);
     assert_eq!(t.queued(&"c".parse().unwrap()), 0);
 
@@ -244,10 +238,7 @@ fn deadlines_cancel_no_agent_and_late_results() {
     assert_eq!(t.cancel(&id("c1"), 2), Ok(None));
     t.submit(id("c2"), spec("c", 0), 1).unwrap();
     t.dispatched(&id("c2"), &agent(2), 2);
-    assert_eq!(
-        t.cancel(&id("c2"), 3),
-        Ok(Some(agent(2)))
-    );
+    assert_eq!(t.cancel(&id("c2"), 3), Ok(Some(agent(2))));
     assert_eq!(t.get(&id("c2")).unwrap().state, JobState::Cancelled);
     assert_eq!(t.cancel(&id("nope"), 3), Err(UnknownJob(id("nope"))));
 
@@ -376,6 +367,8 @@ fn a_filter_is_kept_parsed_and_stored_as_its_text() {
     // A record whose filter text does not parse is refused with the reason.
     let mut bad = json;
     bad["filter"] = "zone in (eu-1".into();
-    let e = serde_json::from_value::<JobSpec>(bad).unwrap_err().to_string();
+    let e = serde_json::from_value::<JobSpec>(bad)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("zone") || e.contains(")"), "{e}");
 }

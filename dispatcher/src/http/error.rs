@@ -1,5 +1,5 @@
 //! The API's one error type: every refusal on a request's way (authentication, limits, a bad
-//! field, an answer of the connection task) becomes an [`ApiError`], and leaves as an HTTP
+//! field, an answer of the core) becomes an [`ApiError`], and leaves as an HTTP
 //! status with a JSON body naming the condition and, where there is one, the field.
 
 use axum::http::StatusCode;

@@ -1,7 +1,7 @@
 //! The HTTP/JSON API (axum): what web apps use to submit jobs, follow them and choose agents.
 //!
 //! Handlers never touch the dispatcher's state: they send a [`Command`] with a `oneshot` reply
-//! to the connection task (the one owner of the registry, jobs and store) through a cloneable
+//! to the driver (the one task that owns the core, the connection and the store) through a cloneable
 //! [`Handle`]. Progress and outcomes reach `GET /v1/jobs/{id}/events` (server-sent events)
 //! through a broadcast channel.
 //!
@@ -49,7 +49,7 @@ pub const SMALL_BODY: usize = 64 * 1024;
 pub(crate) use crate::core::Command;
 pub use crate::core::JobEvent;
 
-/// Cloneable access to the connection task, for HTTP handlers.
+/// Cloneable access to the core, for HTTP handlers.
 #[derive(Clone)]
 pub(crate) struct Handle {
     pub(crate) tx: mpsc::Sender<Command>,

@@ -1,7 +1,7 @@
 //! From request to [`JobSpec`]: a submission's body is read as JSON or as a raw upload whose
 //! fields are in the query string ([`body_form`]), deserialised into a [`SubmitRequest`] that
-//! names the field at fault, and checked into the spec the connection task accepts (the
-//! caller may run every capability it names). Nothing here talks to the connection task.
+//! names the field at fault, and checked into the spec the core accepts (the
+//! caller may run every capability it names). Nothing here talks to the core.
 
 use axum::http::StatusCode;
 use base64::Engine as _;

@@ -1,5 +1,5 @@
 //! The routes and their handlers: each one takes the [`Caller`] that admission let in, turns
-//! the request into a [`Command`] for the connection task (through the [`Handle`]), and
+//! the request into a [`Command`] for the core (through the [`Handle`]), and
 //! answers with a JSON view of the reply. `GET /v1/jobs/{id}/events` follows a job through
 //! the broadcast channel of [`JobEvent`](super::JobEvent)s until its final event.
 

@@ -1,4 +1,4 @@
-//! A job's attempts, as the connection task reports them to the [`JobTable`]: sent to an
+//! A job's attempts, as the core reports them to the [`JobTable`]: sent to an
 //! agent, started (progress), succeeded, failed (retried with backoff while attempts and time
 //! remain), refused without running (`busy`), lost with the dispatcher's session, cancelled,
 //! or left without an agent. Each event is one [`JobTable::update`] (or

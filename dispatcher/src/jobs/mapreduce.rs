@@ -80,7 +80,7 @@ impl MapReduceState {
     }
 }
 
-/// What [`JobTable::advance`] did, for the connection task to act on.
+/// What [`JobTable::advance`] did, for the core to act on.
 #[derive(Debug, Default, PartialEq)]
 pub struct Advance {
     /// New child jobs, queued.

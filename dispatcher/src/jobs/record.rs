@@ -1,7 +1,7 @@
 //! A job as the dispatcher keeps it ([`JobRecord`], stored as JSON by [`crate::store`]) and
 //! how it ended ([`Recorded`]), with the answers the job table's events return (what follows
 //! a failed attempt, why a submission was refused, a duplicate result) and two pure rules the
-//! table and the connection task share: the retry backoff and which request to blame for a
+//! table and the core share: the retry backoff and which request to blame for a
 //! session that ended.
 
 use jid::FullJid;

@@ -1,5 +1,5 @@
 //! The [`JobTable`]: every job the dispatcher knows, from submission until its retention
-//! ends, with the indexes that answer the connection task's questions (what to place next,
+//! ends, with the indexes that answer the core's questions (what to place next,
 //! what waits for fan-out or a map/reduce start, what is due to time out or be forgotten,
 //! counts, the newest jobs) without walking it.
 //!
