@@ -1,4 +1,4 @@
-//! The wall clock, read in one place: the core and the HTTP front end take the
+//! The wall clock, read in one place: the driver and the HTTP front end take the
 //! time from here and pass it to the pure state machines (registry, jobs) as a parameter.
 
 use std::time::{SystemTime, UNIX_EPOCH};

@@ -3,7 +3,7 @@
 //! HTTP tokens carry the same grant ([`HttpToken`]). Pure logic, no I/O.
 //!
 //! Data flow: the configuration's rule keys ([`rules`]) are checked and turned into a
-//! [`Policy`] once, at start ([`Policy::new`]); the connection task asks it about every
+//! [`Policy`] once, at start ([`Policy::new`]); the core asks it about every
 //! submitter and agent, and the HTTP front end authenticates tokens against its grants.
 //! Everything not granted is refused: a JID that matches no rule may not submit, and an
 //! account that matches no agent rule is not registered. This module does not know the
