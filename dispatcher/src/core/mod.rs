@@ -164,6 +164,9 @@ pub(crate) struct Core {
     known_agents: HashMap<String, u64>,
     /// When this core started (the resume grace counts from it).
     started: Instant,
+    /// Jobs restored in flight wait for their agents until the resume grace ends; placement
+    /// runs again then.
+    grace_pending: bool,
     /// When retry backoffs end (ms): placement runs again then.
     retry_at: BinaryHeap<Reverse<u64>>,
     next_prune_ms: u64,
@@ -202,6 +205,7 @@ impl Core {
             idempotency_of: HashMap::new(),
             known_agents: restored.agents.into_iter().collect(),
             started: now.mono,
+            grace_pending: false,
             retry_at: BinaryHeap::new(),
             next_prune_ms: 0,
             next_housekeeping: now.mono,
@@ -232,6 +236,16 @@ impl Core {
             core.index_key(&id);
         }
         core.registry = registry;
+        // Backoffs that were running at the stop end when they were due to; jobs restored in
+        // flight are placed again when the resume grace ends.
+        let mut retry_at = Vec::new();
+        for j in core.jobs.iter() {
+            if j.state == spine_protocol::JobState::Queued && j.not_before_ms > now.ms {
+                retry_at.push(Reverse(j.not_before_ms));
+            }
+            core.grace_pending |= j.resume;
+        }
+        core.retry_at.extend(retry_at);
         core
     }
 
@@ -284,6 +298,10 @@ impl Core {
     pub(crate) fn tick(&mut self, now: Now) {
         self.expire_deadlines(now);
         self.expire_no_agent(now);
+        if self.grace_pending && now.mono.saturating_duration_since(self.started) >= RESUME_GRACE {
+            self.grace_pending = false;
+            self.place_pending = true;
+        }
         while self.retry_at.peek().is_some_and(|Reverse(t)| *t <= now.ms) {
             self.retry_at.pop();
             self.place_pending = true;
@@ -325,6 +343,9 @@ impl Core {
         ];
         for t in wall.into_iter().flatten() {
             wake = wake.min(at_ms(t));
+        }
+        if self.grace_pending {
+            wake = wake.min(self.started + RESUME_GRACE);
         }
         if let Some(t) = self.requests.next_ping_timeout() {
             wake = wake.min(t + Duration::from_millis(1));
