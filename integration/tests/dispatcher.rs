@@ -137,7 +137,11 @@ async fn five_hundred_jobs_on_four_agents_of_unequal_speed() {
     let server = TestServer::start(ACCOUNTS).await;
     let dir = tempfile::tempdir().unwrap();
     let dispatcher = start_dispatcher(&server, dir.path());
-    let speeds = [5u64, 10, 20, 40];
+    // Jobs long enough that 500 of them queue at the dispatcher (the four agents together take
+    // about 375 a second), so each agent's share follows its speed, not how fast a loaded
+    // machine can submit: with 5-40 ms jobs a debug dispatcher sharing two cores with other
+    // tests could not keep the fast agents busy, and the shares came out nearly equal.
+    let speeds = [20u64, 40, 80, 160];
     let runs: Vec<Arc<AtomicUsize>> = (0..4).map(|_| Arc::new(AtomicUsize::new(0))).collect();
     let agents: Vec<Running> = (0..4)
         .map(|i| start_agent(&server, i + 1, 4, speeds[i], runs[i].clone()))
@@ -172,7 +176,7 @@ async fn five_hundred_jobs_on_four_agents_of_unequal_speed() {
         done += 1;
     }
     let ran: Vec<usize> = runs.iter().map(|r| r.load(Ordering::SeqCst)).collect();
-    println!("jobs per agent (5, 10, 20, 40 ms per job): {ran:?}; by status: {by_agent:?}");
+    println!("jobs per agent (20, 40, 80, 160 ms per job): {ran:?}; by status: {by_agent:?}");
     assert_eq!(ran.iter().sum::<usize>(), 500, "each job ran once");
     assert!(
         ran[0] * 2 > ran[3] * 3,
