@@ -193,7 +193,7 @@ mod tests {
             sort: None,
             affinity_key: None,
             args: Default::default(),
-            input: Vec::new(),
+            input: Default::default(),
             input_mime: None,
             deadline_ms: None,
             priority: 0,

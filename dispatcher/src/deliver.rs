@@ -281,11 +281,11 @@ impl Deliveries {
     }
 
     /// What to send now: chunks up to each window, the statuses of transfers that ended
-    /// (all acknowledged, or given up). `output(job)` is the job's whole output, if it is
-    /// still held.
-    pub(crate) fn poll<'a>(
+    /// (all acknowledged, or given up). `output(job, offset, end)` reads bytes `offset..end`
+    /// of the job's output: `Err` if it is no longer held (or not of the size announced).
+    pub(crate) fn poll(
         &mut self,
-        output: impl Fn(&JobId) -> Option<&'a [u8]>,
+        output: impl Fn(&JobId, u64, u64) -> Result<Vec<u8>, String>,
         now: Instant,
     ) -> Vec<Out> {
         if self.transfers.is_empty() {
@@ -308,21 +308,17 @@ impl Deliveries {
     }
 
     /// Moves one transfer on: more chunks, or its end.
-    fn step<'a>(
+    fn step(
         &mut self,
         key: u64,
-        output: &impl Fn(&JobId) -> Option<&'a [u8]>,
+        output: &impl Fn(&JobId, u64, u64) -> Result<Vec<u8>, String>,
         now: Instant,
         out: &mut Vec<Out>,
     ) {
         let Some(t) = self.transfers.get_mut(&key) else {
             return;
         };
-        let bytes = output(&t.req.job).filter(|b| b.len() as u64 == t.req.size);
-        if bytes.is_none() && t.failed.is_none() {
-            t.failed = Some("the job's output is no longer held".into());
-        }
-        if let (Some(bytes), None) = (bytes, &t.failed) {
+        if t.failed.is_none() {
             while t.in_flight < WINDOW {
                 let offset = match t.resend.pop_front() {
                     Some(o) => o,
@@ -334,8 +330,12 @@ impl Deliveries {
                     None => break,
                 };
                 let end = (offset + INLINE_LIMIT as u64).min(t.req.size);
-                let Some(piece) = bytes.get(offset as usize..end as usize) else {
-                    break;
+                let piece = match output(&t.req.job, offset, end) {
+                    Ok(p) => p,
+                    Err(why) => {
+                        t.failed = Some(why);
+                        break;
+                    }
                 };
                 self.next += 1;
                 let id = format!("o{}-{}", self.prefix, self.next);
@@ -348,11 +348,13 @@ impl Deliveries {
                         blob: t.blob.clone(),
                         offset,
                         total: t.req.size,
-                        bytes: piece.to_vec(),
+                        bytes: piece,
                     },
                 });
             }
-            if t.in_flight > 0 || t.next < t.req.size || !t.resend.is_empty() {
+            if t.failed.is_none()
+                && (t.in_flight > 0 || t.next < t.req.size || !t.resend.is_empty())
+            {
                 return;
             }
         }

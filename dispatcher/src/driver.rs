@@ -166,7 +166,21 @@ async fn run_inner(
     }
     drop(cmd_tx);
     let t = now();
-    let core = Core::new(cfg, policy, restored, rand::rng().random(), t);
+    let blob_dir = cfg.data_dir.join("blobs");
+    let blob_store = std::sync::Arc::new(crate::blobs::BlobStore::open(blob_dir.clone()).map_err(
+        |e| DispatcherError::Blobs {
+            path: blob_dir,
+            why: e.to_string(),
+        },
+    )?);
+    let core = Core::new(
+        cfg,
+        policy,
+        restored,
+        rand::rng().random(),
+        t,
+        Box::new(blob_store.clone()),
+    );
     let mut d = Driver {
         core,
         conn,

@@ -12,6 +12,14 @@ pub enum DispatcherError {
     /// The job store failed.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    /// The blob store (large payloads) could not be opened.
+    #[error("blob store {path}: {why}")]
+    Blobs {
+        /// Its directory.
+        path: std::path::PathBuf,
+        /// What failed.
+        why: String,
+    },
     /// The connection ended for good.
     #[error("connection lost: {0}")]
     Connection(String),

@@ -20,10 +20,9 @@
 //! the one function that moves a record's keys), `attempts` (dispatch, results, failures,
 //! cancel), `all` (the `all` strategy's fan-out), `mapreduce` (map/reduce jobs).
 
-use spine_protocol::serde_base64 as base64_bytes;
-
 mod all;
 mod attempts;
+mod body;
 mod index;
 mod mapreduce;
 mod record;
@@ -32,6 +31,7 @@ mod table;
 #[cfg(test)]
 mod tests;
 
+pub use body::{BlobAccess, BlobRefused, Body, MemoryBlobs};
 pub use mapreduce::{Advance, MapReduceState, Straggler, Task};
 pub use record::{
     backoff_ms, blame, AfterFailure, Duplicate, JobRecord, Recorded, SessionLost, SubmitError,

@@ -20,7 +20,7 @@ use std::path::Path;
 use redb::{Database, ReadableTable, TableDefinition};
 use spine_protocol::{CapabilityName, JobId};
 
-use crate::jobs::JobRecord;
+use crate::jobs::{Body, JobRecord};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const INPUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("inputs");
@@ -115,13 +115,17 @@ impl Store {
             for j in b.jobs {
                 let bytes = serde_json::to_vec(j).map_err(e)?;
                 t.insert(j.id.as_str(), bytes.as_slice()).map_err(e)?;
-                // The input once; dropped when the job let go of it (a started map/reduce).
-                if j.spec.input.is_empty() {
-                    inputs.remove(j.id.as_str()).map_err(e)?;
-                } else if inputs.get(j.id.as_str()).map_err(e)?.is_none() {
-                    inputs
-                        .insert(j.id.as_str(), j.spec.input.as_slice())
-                        .map_err(e)?;
+                // An inline input once; dropped when the job let go of it (a started
+                // map/reduce). A stored input is in the record (its hash and size).
+                match j.spec.input.inline() {
+                    Some(i) if !i.is_empty() => {
+                        if inputs.get(j.id.as_str()).map_err(e)?.is_none() {
+                            inputs.insert(j.id.as_str(), i).map_err(e)?;
+                        }
+                    }
+                    _ => {
+                        inputs.remove(j.id.as_str()).map_err(e)?;
+                    }
                 }
                 if let Some(k) = &j.spec.idempotency_key {
                     idem.insert(idem_key(&j.spec.submitter, k).as_str(), j.id.as_str())
@@ -205,7 +209,7 @@ impl Store {
                 Ok(mut j) => {
                     if j.spec.input.is_empty() {
                         if let Some(i) = inputs.get(k.value()).map_err(e)? {
-                            j.spec.input = i.value().to_vec();
+                            j.spec.input = Body::Inline(i.value().to_vec());
                         }
                     }
                     out.push(j)
@@ -392,7 +396,7 @@ mod tests {
                 .as_object()
                 .cloned()
                 .unwrap(),
-            input: vec![0, 1, 2, 255],
+            input: vec![0, 1, 2, 255].into(),
             input_mime: Some("application/octet-stream".into()),
             deadline_ms: Some(1_900_000_000_000),
             priority: -2,
@@ -519,9 +523,12 @@ mod tests {
         assert_eq!(input_of(&s), Some(vec![0, 1, 2, 255]));
         a.state = JobState::Running;
         s.put(&[&a]).unwrap();
-        assert_eq!(s.load().unwrap()[0].spec.input, vec![0, 1, 2, 255]);
+        assert_eq!(
+            s.load().unwrap()[0].spec.input,
+            Body::Inline(vec![0, 1, 2, 255])
+        );
         // A job that let its input go (a started map/reduce) drops it from the store.
-        a.spec.input.clear();
+        a.spec.input = Body::default();
         s.put(&[&a]).unwrap();
         assert_eq!(input_of(&s), None);
         assert!(s.load().unwrap()[0].spec.input.is_empty());
@@ -537,9 +544,21 @@ mod tests {
             }
             tx.commit().unwrap();
         }
-        assert_eq!(s.load().unwrap()[0].spec.input, vec![0, 1, 2, 255]);
+        assert_eq!(
+            s.load().unwrap()[0].spec.input,
+            Body::Inline(vec![0, 1, 2, 255])
+        );
+        // A stored input is in the record, its hash and size, and not in the table.
+        let stored = crate::blobs::Stored {
+            sha256: [7; 32],
+            size: 1 << 20,
+        };
+        a.spec.input = Body::Stored(stored);
+        s.put(&[&a]).unwrap();
+        assert_eq!(input_of(&s), None);
+        assert_eq!(s.load().unwrap()[0].spec.input, Body::Stored(stored));
         // Deleting the job deletes its input.
-        a.spec.input = vec![9];
+        a.spec.input = vec![9].into();
         s.put(&[&a]).unwrap();
         s.delete(&[a.id.clone()]).unwrap();
         assert_eq!(input_of(&s), None);

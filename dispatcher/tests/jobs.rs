@@ -19,7 +19,7 @@ fn spec(cap: &str, priority: i64) -> JobSpec {
         sort: None,
         affinity_key: None,
         args: Default::default(),
-        input: b"in".to_vec(),
+        input: b"in".to_vec().into(),
         input_mime: None,
         deadline_ms: None,
         priority,
@@ -100,20 +100,22 @@ fn happy_path_and_duplicate_results() {
         .succeeded(
             &id("j"),
             &result("j"),
-            b"out".to_vec(),
+            b"out".to_vec().into(),
             Some("text/plain".into()),
             4,
         )
         .unwrap();
     assert_eq!(j.state, JobState::Succeeded);
-    assert!(matches!(&j.outcome, Some(Recorded::Succeeded { output, .. }) if output == b"out"));
+    assert!(
+        matches!(&j.outcome, Some(Recorded::Succeeded { output, .. }) if output.inline() == Some(&b"out"[..]))
+    );
     assert_eq!(
-        t.succeeded(&id("j"), &result("j"), b"other".to_vec(), None, 5),
+        t.succeeded(&id("j"), &result("j"), b"other".to_vec().into(), None, 5),
         Err(Duplicate),
         "first outcome wins"
     );
     assert!(
-        matches!(&t.get(&id("j")).unwrap().outcome, Some(Recorded::Succeeded { output, .. }) if output == b"out")
+        matches!(&t.get(&id("j")).unwrap().outcome, Some(Recorded::Succeeded { output, .. }) if output.inline() == Some(&b"out"[..]))
     );
     assert_eq!(
         t.cancel(&id("j"), 6),
@@ -253,7 +255,7 @@ fn deadlines_cancel_no_agent_and_late_results() {
     t.dispatched(&id("late"), &agent(1), 1);
     t.attempt_failed(&id("late"), Some(&agent(1)), None, 2);
     assert!(t
-        .succeeded(&id("late"), &result("late"), vec![], None, 3)
+        .succeeded(&id("late"), &result("late"), Default::default(), None, 3)
         .is_ok());
     assert!(t.next_for(&"c".parse().unwrap(), 1_000_000).is_none());
 }
@@ -265,7 +267,7 @@ fn restore_requeues_unfinished_jobs_and_prune_forgets_old_ones() {
     t.dispatched(&id("a"), &agent(1), 2);
     t.submit(id("b"), spec("c", 0), 1).unwrap();
     t.dispatched(&id("b"), &agent(1), 2);
-    t.succeeded(&id("b"), &result("b"), vec![1], None, 3)
+    t.succeeded(&id("b"), &result("b"), vec![1].into(), None, 3)
         .unwrap();
     // What the store holds is serde JSON; read it back as a restarted dispatcher would.
     let saved: Vec<String> = ["a", "b"]

@@ -27,9 +27,9 @@ fn spec(frags: &[&str], fan_in: u64, split: bool) -> JobSpec {
         affinity_key: None,
         args: Default::default(),
         input: if split {
-            b"raw text".to_vec()
+            b"raw text".to_vec().into()
         } else {
-            fragments::encode(&list)
+            fragments::encode(&list).into()
         },
         input_mime: None,
         deadline_ms: None,
@@ -59,19 +59,25 @@ fn ok(t: &mut JobTable, job: &JobId, output: &[u8], now: u64) {
         meta: Default::default(),
         output: None,
     };
-    t.succeeded(job, &r, output.to_vec(), Some("text/plain".into()), now)
-        .unwrap();
+    t.succeeded(
+        job,
+        &r,
+        output.to_vec().into(),
+        Some("text/plain".into()),
+        now,
+    )
+    .unwrap();
 }
 
 /// Runs `job` on `agent` at `start` and succeeds it at `end`, then advances the parent.
 fn run(t: &mut JobTable, p: &JobId, job: &JobId, out: &[u8], start: u64, end: u64) -> Advance {
     t.dispatched(job, &agent(1), start).unwrap();
     ok(t, job, out, end);
-    t.advance(p, end)
+    t.advance(p, end, &MemoryBlobs::default())
 }
 
 fn input_of(t: &JobTable, job: &JobId) -> Vec<Fragment> {
-    fragments::decode(&t.get(job).unwrap().spec.input).unwrap()
+    fragments::decode(t.get(job).unwrap().spec.input.inline().unwrap()).unwrap()
 }
 
 #[test]
@@ -80,7 +86,7 @@ fn reduce_tree_runs_in_fragment_order_and_ends_with_the_last_reduce() {
     let p = id("mr");
     t.submit(p.clone(), spec(&["a", "b", "c", "d", "e"], 2, false), 0)
         .unwrap();
-    let adv = t.start_mapreduce(&p, 1);
+    let adv = t.start_mapreduce(&p, 1, &MemoryBlobs::default());
     let maps: Vec<JobId> = (0..5).map(|i| id(&format!("mr.m{i}"))).collect();
     assert_eq!(adv.created, maps);
     assert_eq!(t.get(&p).unwrap().state, JobState::Running);
@@ -149,7 +155,10 @@ fn reduce_tree_runs_in_fragment_order_and_ends_with_the_last_reduce() {
         other => panic!("{other:?}"),
     }
     // Idempotent: advancing an ended job does nothing.
-    assert_eq!(t.advance(&p, 30), Advance::default());
+    assert_eq!(
+        t.advance(&p, 30, &MemoryBlobs::default()),
+        Advance::default()
+    );
 }
 
 #[test]
@@ -157,7 +166,7 @@ fn no_fragments_is_one_reduce_over_an_empty_list() {
     let mut t = JobTable::new(100);
     let p = id("mr");
     t.submit(p.clone(), spec(&[], 16, false), 0).unwrap();
-    let adv = t.start_mapreduce(&p, 1);
+    let adv = t.start_mapreduce(&p, 1, &MemoryBlobs::default());
     assert_eq!(adv.created, vec![id("mr.r1.0")]);
     assert!(input_of(&t, &id("mr.r1.0")).is_empty());
     assert_eq!(
@@ -171,7 +180,7 @@ fn split_step_output_becomes_the_map_steps() {
     let mut t = JobTable::new(100);
     let p = id("mr");
     t.submit(p.clone(), spec(&[], 16, true), 0).unwrap();
-    let adv = t.start_mapreduce(&p, 1);
+    let adv = t.start_mapreduce(&p, 1, &MemoryBlobs::default());
     let split = id("mr.split");
     assert_eq!(adv.created, vec![split.clone()]);
     assert_eq!(t.get(&split).unwrap().spec.input, b"raw text");
@@ -182,18 +191,18 @@ fn split_step_output_becomes_the_map_steps() {
     ]);
     t.dispatched(&split, &agent(1), 2).unwrap();
     ok(&mut t, &split, &list, 3);
-    let adv = t.advance(&p, 3);
+    let adv = t.advance(&p, 3, &MemoryBlobs::default());
     assert_eq!(adv.created, vec![id("mr.m0"), id("mr.m1")]);
     assert_eq!(t.get(&id("mr.m1")).unwrap().spec.input, b"text");
 
     // A split whose output is not a fragment list fails the job, naming the problem.
     let q = id("mr2");
     t.submit(q.clone(), spec(&[], 16, true), 0).unwrap();
-    t.start_mapreduce(&q, 1);
+    t.start_mapreduce(&q, 1, &MemoryBlobs::default());
     let s2 = id("mr2.split");
     t.dispatched(&s2, &agent(1), 2).unwrap();
     ok(&mut t, &s2, b"not json", 3);
-    assert!(t.advance(&q, 3).ended);
+    assert!(t.advance(&q, 3, &MemoryBlobs::default()).ended);
     match &t.get(&q).unwrap().outcome {
         Some(Recorded::Failure { message, .. }) => {
             assert!(
@@ -214,7 +223,7 @@ fn a_step_that_fails_for_good_fails_the_job_and_cancels_the_rest() {
     let p = id("mr");
     t.submit(p.clone(), spec(&["a", "b", "c"], 16, false), 0)
         .unwrap();
-    t.start_mapreduce(&p, 1);
+    t.start_mapreduce(&p, 1, &MemoryBlobs::default());
     let m1 = id("mr.m1");
     t.dispatched(&id("mr.m0"), &agent(1), 2).unwrap();
     // A transient failure is retried like any job (max_attempts = 2)...
@@ -224,12 +233,15 @@ fn a_step_that_fails_for_good_fails_the_job_and_cancels_the_rest() {
         t.attempt_failed(&m1, Some(&agent(2)), Some(&e), 3),
         Some(AfterFailure::Retry { .. })
     ));
-    assert_eq!(t.advance(&p, 3), Advance::default());
+    assert_eq!(
+        t.advance(&p, 3, &MemoryBlobs::default()),
+        Advance::default()
+    );
     // ... and the second failure is final: the job fails and its running steps are cancelled.
     t.dispatched(&m1, &agent(3), 1000).unwrap();
     let e = SpineError::new(Condition::BadArguments).with_text("not UTF-8");
     t.attempt_failed(&m1, Some(&agent(3)), Some(&e), 1001);
-    let adv = t.advance(&p, 1001);
+    let adv = t.advance(&p, 1001, &MemoryBlobs::default());
     assert!(adv.ended);
     let mut cancel = adv.cancel.clone();
     cancel.sort();
@@ -257,7 +269,7 @@ fn straggler_gets_a_copy_elsewhere_and_the_first_result_wins() {
     let p = id("mr");
     let frags = ["a"; 8];
     t.submit(p.clone(), spec(&frags, 16, false), 0).unwrap();
-    t.start_mapreduce(&p, 0);
+    t.start_mapreduce(&p, 0, &MemoryBlobs::default());
     let maps: Vec<JobId> = (0..8).map(|i| id(&format!("mr.m{i}"))).collect();
     for m in &maps {
         t.dispatched(m, &agent(1), 0).unwrap();
@@ -265,11 +277,11 @@ fn straggler_gets_a_copy_elsewhere_and_the_first_result_wins() {
     t.dispatched(&maps[7], &agent(9), 0).unwrap();
     // Too few siblings finished for a median: no straggler yet.
     ok(&mut t, &maps[0], b"x", 100);
-    t.advance(&p, 100);
+    t.advance(&p, 100, &MemoryBlobs::default());
     assert!(t.stragglers(10_000, 4.0, 2_000).is_empty());
     for m in &maps[1..6] {
         ok(&mut t, m, b"x", 100);
-        t.advance(&p, 100);
+        t.advance(&p, 100, &MemoryBlobs::default());
     }
     // m6 and m7 still run. Under max(4 × 100 ms, 2 s) nothing straggles...
     assert!(t.stragglers(1_999, 4.0, 2_000).is_empty());
@@ -293,7 +305,7 @@ fn straggler_gets_a_copy_elsewhere_and_the_first_result_wins() {
     // The copy finishes first: it wins and the original is to be cancelled.
     t.dispatched(&copy, &agent(2), 5_010).unwrap();
     ok(&mut t, &copy, b"x", 5_020);
-    let adv = t.advance(&p, 5_020);
+    let adv = t.advance(&p, 5_020, &MemoryBlobs::default());
     assert_eq!(adv.cancel, vec![maps[7].clone()]);
     let st = t.get(&p).unwrap().mr.clone().unwrap();
     assert_eq!(st.levels[0][7].winner, Some(copy.clone()));
@@ -302,7 +314,7 @@ fn straggler_gets_a_copy_elsewhere_and_the_first_result_wins() {
     t.cancel_because(&maps[7], "another copy finished first", 5_021)
         .unwrap();
     ok(&mut t, &maps[6], b"x", 6_000);
-    let adv = t.advance(&p, 6_000);
+    let adv = t.advance(&p, 6_000, &MemoryBlobs::default());
     assert_eq!(adv.created, vec![id("mr.r1.0")]);
 }
 
@@ -314,11 +326,11 @@ fn a_running_map_reduce_survives_a_store_round_trip() {
     let p = id("mr");
     t.submit(p.clone(), spec(&["a", "b"], 16, false), 0)
         .unwrap();
-    t.start_mapreduce(&p, 1);
+    t.start_mapreduce(&p, 1, &MemoryBlobs::default());
     t.dispatched(&id("mr.m0"), &agent(1), 2).unwrap();
     t.dispatched(&id("mr.m1"), &agent(1), 2).unwrap();
     ok(&mut t, &id("mr.m0"), b"A", 3);
-    t.advance(&p, 3);
+    t.advance(&p, 3, &MemoryBlobs::default());
     // m1 ended but the crash came before the parent moved on.
     ok(&mut t, &id("mr.m1"), b"B", 4);
     let all: Vec<&JobRecord> = t.iter().collect();
@@ -332,7 +344,7 @@ fn a_running_map_reduce_survives_a_store_round_trip() {
     }
     assert_eq!(t2.get(&p).unwrap().state, JobState::Running);
     assert_eq!(t2.running_mapreduces(), vec![p.clone()]);
-    let adv = t2.advance(&p, 10);
+    let adv = t2.advance(&p, 10, &MemoryBlobs::default());
     assert_eq!(adv.created, vec![id("mr.r1.0")]);
     let data: Vec<Vec<u8>> = input_of(&t2, &id("mr.r1.0"))
         .into_iter()
@@ -344,11 +356,13 @@ fn a_running_map_reduce_survives_a_store_round_trip() {
 #[test]
 fn bad_fragment_list_is_refused_at_submission() {
     let mut s = spec(&["a"], 16, false);
-    s.input = b"[{\"data\": 5}]".to_vec();
-    let e = s.check_input().unwrap_err();
+    s.input = b"[{\"data\": 5}]".to_vec().into();
+    let e = s.check_input(&MemoryBlobs::default()).unwrap_err();
     assert_eq!(e.condition, Condition::BadArguments);
     assert_eq!(e.field.as_deref(), Some("input"));
     assert!(e.text.unwrap().contains("not a fragment list"));
     // With a split step the input is anything.
-    assert!(spec(&[], 16, true).check_input().is_ok());
+    assert!(spec(&[], 16, true)
+        .check_input(&MemoryBlobs::default())
+        .is_ok());
 }

@@ -229,7 +229,7 @@ fn fill(path: &std::path::Path, n: usize) -> Result<()> {
             excluded: Vec::new(),
             outcome: Some(Recorded::Succeeded {
                 meta: serde_json::Map::new(),
-                output: Vec::new(),
+                output: Default::default(),
                 mime: Some("text/plain; charset=utf-8".into()),
                 elapsed_ms: Some(0),
             }),

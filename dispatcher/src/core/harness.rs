@@ -292,7 +292,14 @@ impl Sim {
         // Stanzas already on their way to the old process are lost with its session.
         let net = std::mem::take(&mut self.net);
         self.net = net.into_iter().filter(|f| !f.0.to_core).collect();
-        self.core = Core::new(cfg, policy, restored, self.rng.random(), self.now);
+        self.core = Core::new(
+            cfg,
+            policy,
+            restored,
+            self.rng.random(),
+            self.now,
+            Box::new(crate::jobs::MemoryBlobs::default()),
+        );
         self.core.session_started(self.now);
         self.core.recover(self.now);
         self.commit();

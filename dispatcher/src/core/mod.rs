@@ -10,7 +10,13 @@
 //! classifies stanzas, [`agents`] keeps the fleet and its liveness, [`place`] places and
 //! dispatches queued jobs, [`outcomes`] settles attempts and moves `all` and map/reduce jobs
 //! on, [`submit`] serves submitters over XMPP and HTTP alike, [`views`] renders statuses,
-//! events and metrics, [`requests`] tracks the requests in flight.
+//! events and metrics, [`requests`] tracks the requests in flight, [`payloads`] moves large
+//! payloads to the blob store.
+//!
+//! The one exception to "no file": the blob store's bytes, which the core reads and writes
+//! only through the [`BlobAccess`](crate::jobs::BlobAccess) the driver gives it, as raft-rs's
+//! `RawNode` reads its log through the `Storage` it is given; the core's tests give it
+//! memory.
 
 pub(crate) mod agents;
 pub(crate) mod api;
@@ -18,6 +24,7 @@ pub(crate) mod api;
 mod harness;
 pub(crate) mod inbound;
 pub(crate) mod outcomes;
+pub(crate) mod payloads;
 pub(crate) mod place;
 pub(crate) mod requests;
 pub(crate) mod submit;
@@ -38,7 +45,7 @@ use tokio_xmpp::Stanza;
 
 use crate::config::DispatcherConfig;
 use crate::deliver::Deliveries;
-use crate::jobs::{JobRecord, JobTable};
+use crate::jobs::{BlobAccess, JobRecord, JobTable};
 use crate::policy::Policy;
 use crate::registry::Registry;
 
@@ -96,6 +103,9 @@ pub(crate) struct Ready {
     pub replies: Vec<(ApiToken, ApiReply)>,
     /// Events for the HTTP event streams.
     pub events: Vec<JobEvent>,
+    /// Blobs no held job references any more: the driver deletes each after a grace, if it
+    /// is still unreferenced then ([`Core::blob_refs`]).
+    pub released: Vec<crate::blobs::Stored>,
 }
 
 impl Ready {
@@ -153,6 +163,8 @@ pub(crate) struct Core {
     requests: Requests,
     /// Chunks of large inputs and outputs being assembled.
     blobs: BlobStore,
+    /// The blob store, where payloads over the inline limit are kept.
+    blob_store: Box<dyn BlobAccess>,
     /// Large outputs on their way to XMPP submitters, ahead of their statuses.
     deliveries: Deliveries,
     /// Queued jobs that found no capable agent, since when (ms).
@@ -190,6 +202,7 @@ impl Core {
         restored: Restored,
         seed: u64,
         now: Now,
+        blob_store: Box<dyn BlobAccess>,
     ) -> Core {
         let mut rng = StdRng::seed_from_u64(seed);
         let prefix = format!("{:08x}", rng.random::<u32>());
@@ -198,6 +211,7 @@ impl Core {
         registry.remember(restored.capabilities);
         let mut core = Core {
             blobs: BlobStore::with_limits(cfg.blob_limits(BLOB_IDLE_TTL)),
+            blob_store,
             deliveries: Deliveries::new(format!("{:08x}", rng.random::<u32>())),
             requests: Requests::new(prefix),
             no_agent_since: HashMap::new(),
@@ -252,7 +266,7 @@ impl Core {
     /// After a restart: map/reduce jobs whose last step ended just before the stop move on.
     pub(crate) fn recover(&mut self, now: Now) {
         for parent in self.jobs.running_mapreduces() {
-            let adv = self.jobs.advance(&parent, now.ms);
+            let adv = self.jobs.advance(&parent, now.ms, self.blob_store.as_ref());
             self.apply_advance(&parent, adv, now);
         }
     }
@@ -357,7 +371,19 @@ impl Core {
     pub(crate) fn take_ready(&mut self) -> Ready {
         let mut ready = std::mem::take(&mut self.ready);
         ready.persist = self.dirty.drain().collect();
+        ready.released = self.jobs.take_released();
         ready
+    }
+
+    /// How many held jobs reference `blob`: the driver deletes a released blob only when
+    /// none does (a new job may have taken it since).
+    pub(crate) fn blob_refs(&self, blob: &crate::blobs::Stored) -> u32 {
+        self.jobs.blob_refs(blob)
+    }
+
+    /// Every blob a held job references (the start-up sweep keeps these).
+    pub(crate) fn referenced_blobs(&self) -> HashSet<crate::blobs::Stored> {
+        self.jobs.referenced_blobs().copied().collect()
     }
 
     /// A job held, to store it (see [`Ready::persist`]).

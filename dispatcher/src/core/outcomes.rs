@@ -19,7 +19,7 @@ use xmpp_parsers::stanza_error::{ErrorType, StanzaError};
 use super::requests::Sent;
 use super::{Core, EventKind, Now};
 use crate::deliver::Via;
-use crate::jobs::{Advance, AfterFailure, SessionLost};
+use crate::jobs::{Advance, AfterFailure, Body, SessionLost};
 
 /// A session that ends within this time of sending a job request blames the largest such
 /// request (a stanza over the server's size limit makes the server close the session).
@@ -109,6 +109,18 @@ impl Core {
                 }
             },
         };
+        // A large output goes to the blob store before the record holding it is kept; if the
+        // store refuses it (its quota), the job store keeps it, as before the blob store.
+        let output = match self.keep_body(Body::Inline(output), "output") {
+            Ok(b) => b,
+            Err(e) => {
+                warn!(job = %s.job, "output kept in the job store: {e}");
+                match &result.output {
+                    Some(Data::Inline { bytes, .. }) => Body::Inline(bytes.clone()),
+                    _ => return self.fail_attempt(&s, e, now),
+                }
+            }
+        };
         let how = match self.jobs.succeeded(&s.job, &result, output, mime, now.ms) {
             Ok(_) => {
                 info!(job = %s.job, agent = %s.agent, attempt = s.attempt, "job succeeded");
@@ -153,7 +165,7 @@ impl Core {
     }
 
     /// An attempt failed with `e`: retried or ended.
-    fn fail_attempt(&mut self, s: &Sent, e: SpineError, now: Now) {
+    pub(super) fn fail_attempt(&mut self, s: &Sent, e: SpineError, now: Now) {
         debug!(job = %s.job, agent = %s.agent, "attempt {} failed: {e}", s.attempt);
         let after = self
             .jobs
@@ -270,6 +282,7 @@ impl Core {
         for c in &adv.cancel {
             self.cancel_step(c, reason, now);
         }
+        self.keep_step_inputs(&adv.created);
         for c in &adv.created {
             self.persist(c);
         }
@@ -304,7 +317,7 @@ impl Core {
             return;
         };
         if self.jobs.get(&parent).is_some_and(|p| p.mr.is_some()) {
-            let adv = self.jobs.advance(&parent, now.ms);
+            let adv = self.jobs.advance(&parent, now.ms, self.blob_store.as_ref());
             return self.apply_advance(&parent, adv, now);
         }
         if self.jobs.gather(&parent, now.ms) {

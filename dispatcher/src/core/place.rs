@@ -10,13 +10,13 @@
 use std::sync::Arc;
 
 use jid::{FullJid, Jid};
-use spine_protocol::{AgentState, Data, Job, JobId, Strategy, INLINE_LIMIT};
-use tracing::{debug, info};
+use spine_protocol::{AgentState, Condition, Data, Job, JobId, SpineError, Strategy, INLINE_LIMIT};
+use tracing::{debug, info, warn};
 use xmpp_parsers::iq::Iq;
 
 use super::requests::Sent;
 use super::{Core, Now, RESUME_GRACE};
-use crate::jobs::JobRecord;
+use crate::jobs::{Body, JobRecord};
 use crate::registry::{NoPick, PickRequest};
 
 /// Queued jobs looked at per capability per placement round (bounds head-of-line scans).
@@ -102,7 +102,9 @@ impl Core {
     /// Starts every queued map/reduce job: its split or map steps are queued as jobs.
     fn start_mapreduces(&mut self, now: Now) {
         for p in self.jobs.queued_mapreduces() {
-            let adv = self.jobs.start_mapreduce(&p, now.ms);
+            let adv = self
+                .jobs
+                .start_mapreduce(&p, now.ms, self.blob_store.as_ref());
             info!(job = %p, steps = adv.created.len(), "map/reduce started");
             self.apply_advance(&p, adv, now);
         }
@@ -170,19 +172,23 @@ impl Core {
         }
         let mut j = job_request(rec, now);
         let capability = rec.spec.capability.clone();
-        let input = (rec.spec.input.len() > INLINE_LIMIT).then(|| {
-            (
-                Arc::new(rec.spec.input.clone()),
+        // Too large for the job stanza: sent ahead in chunks (the bytes are read below, once
+        // the job's bookkeeping is done).
+        let large = match &rec.spec.input {
+            Body::Stored(b) => Some((Large::Stored(*b), rec.spec.input_mime.clone())),
+            Body::Inline(b) if b.len() > INLINE_LIMIT => Some((
+                Large::Held(Arc::new(b.clone())),
                 rec.spec.input_mime.clone(),
-            )
-        });
+            )),
+            Body::Inline(_) => None,
+        };
         let attempt = rec.attempts;
         self.persist(id);
         if let Some(a) = self.registry.id_of(&agent) {
             self.registry
                 .on_assigned(a, id.clone(), capability, &mut self.rng);
         }
-        let Some((data, mime)) = input else {
+        let Some((large, mime)) = large else {
             let iq_id = self.requests.id("j");
             debug!(job = %id, agent = %agent, attempt, "dispatching");
             let sent = Sent {
@@ -198,12 +204,36 @@ impl Core {
             return;
         };
         // Too large to travel in the job: chunks first, the job when they are all in.
+        let data = match large {
+            Large::Held(d) => Ok(d),
+            Large::Stored(b) => self.blob_store.read(&b).map(Arc::new).map_err(|e| {
+                warn!(job = %id, blob = %b.hex(), "the job's input cannot be read from the blob store: {e}");
+                e
+            }),
+        };
+        let data = match data {
+            Ok(d) => d,
+            Err(e) => {
+                let e = SpineError::new(Condition::Failed).with_text(format!(
+                    "the input cannot be read from the dispatcher's blob store: {e}"
+                ));
+                let sent = Sent {
+                    job: id.clone(),
+                    agent,
+                    attempt,
+                    bytes: 0,
+                    payload: j,
+                    at: now.mono,
+                };
+                return self.fail_attempt(&sent, e, now);
+            }
+        };
         use sha2::Digest as _;
+        let sha256: [u8; 32] = sha2::Sha256::digest(data.as_slice()).into();
         let key = self.requests.number();
         let blob: spine_protocol::BlobId = format!("in-{}-{key}", self.requests.prefix())
             .parse()
             .expect("generated blob id is valid");
-        let sha256: [u8; 32] = sha2::Sha256::digest(data.as_slice()).into();
         j.input = Some(Data::Blob(spine_protocol::BlobRef {
             blob: blob.clone(),
             size: data.len() as u64,
@@ -258,6 +288,15 @@ impl Core {
     }
 }
 
+/// A job's input too large for its job stanza.
+enum Large {
+    /// In the blob store.
+    Stored(crate::blobs::Stored),
+    /// Inline in the record (a record of an earlier version, or a map/reduce step's input the
+    /// store's quota refused).
+    Held(Arc<Vec<u8>>),
+}
+
 /// The job request for a job's current attempt (input inline when it fits; the caller
 /// replaces it with a blob reference otherwise).
 fn job_request(rec: &JobRecord, now: Now) -> Job {
@@ -267,10 +306,15 @@ fn job_request(rec: &JobRecord, now: Now) -> Job {
     j.submitter = Some(rec.spec.submitter.clone());
     j.progress = rec.spec.progress || rec.spec.watch.is_some();
     j.args = rec.spec.args.clone().into();
-    if !rec.spec.input.is_empty() && rec.spec.input.len() <= INLINE_LIMIT {
+    if let Some(bytes) = rec
+        .spec
+        .input
+        .inline()
+        .filter(|b| !b.is_empty() && b.len() <= INLINE_LIMIT)
+    {
         j.input = Some(Data::Inline {
             mime: rec.spec.input_mime.clone(),
-            bytes: rec.spec.input.clone(),
+            bytes: bytes.to_vec(),
         });
     }
     j

@@ -19,7 +19,7 @@ use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 use super::api::{Answer, ApiReply, ApiRequest, ApiToken, Query};
 use super::{Core, Now};
 use crate::deliver::Via;
-use crate::jobs::{JobSpec, SubmitError};
+use crate::jobs::{Body, JobSpec, SubmitError};
 use crate::policy::{Capabilities, Grant};
 
 impl Core {
@@ -102,7 +102,9 @@ impl Core {
                 return Ok((existing.clone(), state));
             }
         }
-        spec.check_input()?;
+        let mut spec = spec;
+        spec.input = self.keep_body(std::mem::take(&mut spec.input), "input")?;
+        spec.check_input(self.blob_store.as_ref())?;
         spec.check_args(self.cfg.max_args.as_u64())?;
         let limits = self.policy.limits(&spec.submitter);
         spec.check_limits(&limits)?;
@@ -254,7 +256,7 @@ impl Core {
             sort: s.sort,
             affinity_key: s.affinity_key,
             args: s.args.0,
-            input: input.0,
+            input: Body::Inline(input.0),
             input_mime: input.1,
             deadline_ms: s.deadline_ms.map(|d| now.ms + d),
             priority: s.priority,

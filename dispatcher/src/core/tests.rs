@@ -67,7 +67,14 @@ impl World {
             ms: 1_700_000_000_000,
             mono: Instant::now(),
         };
-        let mut core = Core::new(cfg, policy, restored, 7, now);
+        let mut core = Core::new(
+            cfg,
+            policy,
+            restored,
+            7,
+            now,
+            Box::new(crate::jobs::MemoryBlobs::default()),
+        );
         core.session_started(now);
         core.recover(now);
         core.take_ready();
@@ -413,8 +420,14 @@ fn a_large_input_goes_as_chunks_at_most_eight_unacknowledged_then_the_job() {
     let mut w = World::new();
     let a = w.agent(1, 1);
     let mut s = spec(CAP);
-    s.input = vec![1u8; INLINE_LIMIT * 10 + 5];
+    s.input = vec![1u8; INLINE_LIMIT * 10 + 5].into();
     let (id, _) = w.submit(s).unwrap();
+    let stored = w.core.record(&id).unwrap().spec.input.stored();
+    assert_eq!(
+        stored.map(|b| b.size),
+        Some(INLINE_LIMIT as u64 * 10 + 5),
+        "the record holds the blob's hash and size, not the bytes"
+    );
     let r = w.ready();
     let chunks = iq_sets(&r.stanzas, "chunk");
     assert_eq!(chunks.len(), 8, "the window");
@@ -527,7 +540,7 @@ fn cancelling_a_map_reduce_job_cancels_its_running_steps() {
         .map(|i| Fragment::new(format!("text {i}").into_bytes()))
         .collect();
     let mut s = spec("wc.map");
-    s.input = fragments::encode(&list);
+    s.input = fragments::encode(&list).into();
     s.mapreduce = Some(MapReduce::new("wc.reduce".parse().unwrap()));
     let (parent, _) = w.submit(s).unwrap();
     let maps = jobs_sent(&w.ready().stanzas);
@@ -610,4 +623,42 @@ fn finished_jobs_are_forgotten_after_their_retention_with_their_keys() {
     assert!(w.core.record(&id).is_none());
     let (again, _) = w.submit(s).unwrap();
     assert_ne!(again, id, "the key went with its job: a new job");
+}
+
+#[test]
+fn jobs_with_the_same_large_input_share_one_blob_released_with_the_last_of_them() {
+    let cfg = DispatcherConfig {
+        retention: Duration::from_secs(1),
+        ..config()
+    };
+    let mut w = World::with(cfg, Restored::default());
+    let mut s = spec(CAP);
+    s.input = vec![9u8; INLINE_LIMIT + 1].into();
+    let (first, _) = w.submit_waiting(s.clone(), true).unwrap();
+    w.advance(10);
+    let (second, _) = w.submit_waiting(s, true).unwrap();
+    let blob = w.core.record(&first).unwrap().spec.input.stored().unwrap();
+    assert_eq!(
+        w.core.record(&second).unwrap().spec.input.stored(),
+        Some(blob)
+    );
+    assert_eq!(w.core.blob_refs(&blob), 2);
+    assert!(w.ready().released.is_empty());
+    w.core.cancel_job(&first, w.now).unwrap();
+    w.advance(500);
+    w.core.cancel_job(&second, w.now).unwrap();
+    w.ready();
+    // The first is forgotten: the blob stays, the second holds it.
+    w.advance(600);
+    w.tick();
+    let r = w.ready();
+    assert_eq!(r.delete, vec![first]);
+    assert!(r.released.is_empty());
+    assert_eq!(w.core.blob_refs(&blob), 1);
+    w.advance(600);
+    w.tick();
+    let r = w.ready();
+    assert_eq!(r.delete, vec![second]);
+    assert_eq!(r.released, vec![blob], "released once, with its last job");
+    assert_eq!(w.core.blob_refs(&blob), 0);
 }

@@ -15,7 +15,7 @@ use xmpp_parsers::message::{Message, MessageType};
 
 use super::{Core, EventKind, Now, BUCKETS};
 use crate::deliver::{Out, Request, Via};
-use crate::jobs::{JobRecord, Recorded};
+use crate::jobs::{Body, JobRecord, Recorded};
 use base64::Engine as _;
 use serde_json::{json, Value};
 
@@ -34,10 +34,13 @@ pub(crate) fn status(job: &JobRecord) -> JobStatus {
             meta: meta.clone().into(),
             // Outputs over the inline limit would break stanza limits: `send_status` sends
             // them in chunks ahead of the status, which then references them.
-            output: (!output.is_empty() && output.len() <= INLINE_LIMIT).then(|| Data::Inline {
-                mime: mime.clone(),
-                bytes: output.clone(),
-            }),
+            output: output
+                .inline()
+                .filter(|b| !b.is_empty() && b.len() <= INLINE_LIMIT)
+                .map(|b| Data::Inline {
+                    mime: mime.clone(),
+                    bytes: b.to_vec(),
+                }),
         })),
         Some(Recorded::Failure {
             condition,
@@ -98,12 +101,25 @@ pub fn job_json(j: &JobRecord) -> Value {
             mime,
             elapsed_ms,
         }) => {
-            v["result"] = json!({
-                "output": base64::engine::general_purpose::STANDARD.encode(output),
-                "type": mime,
-                "meta": meta,
-                "elapsed_ms": elapsed_ms,
-            });
+            // Small outputs inline; a large one by its URL (streamed from the blob store).
+            v["result"] = match output.inline().filter(|b| b.len() <= INLINE_LIMIT) {
+                Some(b) => json!({
+                    "output": base64::engine::general_purpose::STANDARD.encode(b),
+                    "output_size": b.len(),
+                    "type": mime,
+                    "meta": meta,
+                    "elapsed_ms": elapsed_ms,
+                }),
+                None => json!({
+                    "output": null,
+                    "output_size": output.len(),
+                    "output_url": format!("/v1/jobs/{}/output", j.id),
+                    "output_sha256": output.stored().map(|s| s.hex()),
+                    "type": mime,
+                    "meta": meta,
+                    "elapsed_ms": elapsed_ms,
+                }),
+            };
         }
         Some(Recorded::Failure {
             condition,
@@ -138,7 +154,16 @@ impl Core {
         };
         let st = status(rec);
         let large = match &rec.outcome {
-            Some(Recorded::Succeeded { output, mime, .. }) if output.len() > INLINE_LIMIT => {
+            Some(Recorded::Succeeded {
+                output: Body::Stored(b),
+                mime,
+                ..
+            }) => Some((b.size, b.sha256, mime.clone())),
+            Some(Recorded::Succeeded {
+                output: Body::Inline(output),
+                mime,
+                ..
+            }) if output.len() > INLINE_LIMIT => {
                 let sha256 = self.deliveries.digest(job, output);
                 Some((output.len() as u64, sha256, mime.clone()))
             }
@@ -170,11 +195,27 @@ impl Core {
     /// statuses of the transfers that ended.
     pub(super) fn pump_deliveries(&mut self, now: Now) {
         let jobs = &self.jobs;
-        let held = |job: &JobId| match jobs.get(job).and_then(|j| j.outcome.as_ref()) {
-            Some(Recorded::Succeeded { output, .. }) => Some(output.as_slice()),
-            _ => None,
+        let store = self.blob_store.as_ref();
+        let read = |job: &JobId, offset: u64, end: u64| {
+            let gone = || "the job's output is no longer held".to_owned();
+            match jobs.get(job).and_then(|j| j.outcome.as_ref()) {
+                Some(Recorded::Succeeded {
+                    output: Body::Inline(b),
+                    ..
+                }) => b
+                    .get(offset as usize..end as usize)
+                    .map(<[u8]>::to_vec)
+                    .ok_or_else(gone),
+                Some(Recorded::Succeeded {
+                    output: Body::Stored(b),
+                    ..
+                }) => store
+                    .read_at(b, offset, (end - offset) as usize)
+                    .map_err(|e| format!("the output cannot be read from the blob store: {e}")),
+                _ => Err(gone()),
+            }
         };
-        let out = self.deliveries.poll(held, now.mono);
+        let out = self.deliveries.poll(read, now.mono);
         self.ready.stanzas.extend(out.into_iter().map(Into::into));
     }
 

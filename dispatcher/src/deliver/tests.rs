@@ -60,6 +60,22 @@ fn statuses(out: Vec<Out>) -> Vec<(Jid, Via, JobStatus)> {
         .collect()
 }
 
+/// Reads of `bytes` as the output of `only` (of any job if `None`).
+fn reader<'a>(
+    only: Option<&'a JobId>,
+    bytes: &'a [u8],
+) -> impl Fn(&JobId, u64, u64) -> Result<Vec<u8>, String> + 'a {
+    move |id, start, end| {
+        if only.is_some_and(|j| j != id) {
+            return Err("not held".into());
+        }
+        bytes
+            .get(start as usize..end as usize)
+            .map(<[u8]>::to_vec)
+            .ok_or_else(|| "out of range".into())
+    }
+}
+
 /// The whole transfer: chunks within the window, acknowledged one by one, then the status
 /// referencing a blob that a receiver's BlobStore assembles to the same bytes.
 #[test]
@@ -74,8 +90,8 @@ fn an_output_goes_in_windowed_chunks_then_the_status_references_it() {
         t0,
     )
     .unwrap();
-    let held = |id: &JobId| (id == &j).then_some(bytes.as_slice());
-    let mut sent = chunks(&d.poll(held, t0));
+    let held = reader(Some(&j), &bytes);
+    let mut sent = chunks(&d.poll(&held, t0));
     assert_eq!(sent.len(), WINDOW, "a window of 8 unacknowledged chunks");
     let mut store = BlobStore::new(1 << 30, Duration::from_secs(60));
     let mut done = Vec::new();
@@ -84,7 +100,7 @@ fn an_output_goes_in_windowed_chunks_then_the_status_references_it() {
         n += 1;
         store.put("dispatcher@localhost", c, t0).unwrap();
         assert!(d.on_reply(&id, Some(&to), None, t0));
-        let out = d.poll(held, t0);
+        let out = d.poll(&held, t0);
         sent.extend(chunks(&out));
         done.extend(statuses(out));
         assert!(sent.len() <= WINDOW);
@@ -122,7 +138,7 @@ fn a_transfer_that_cannot_finish_marks_the_output_truncated() {
     // Refused: the first error ends it.
     let mut d = Deliveries::new("5eed0001".into());
     let j = job(1);
-    let held = |id: &JobId| (id == &j).then_some(bytes.as_slice());
+    let held = reader(Some(&j), &bytes);
     d.offer(
         request(
             "py@localhost/slix",
@@ -133,7 +149,7 @@ fn a_transfer_that_cannot_finish_marks_the_output_truncated() {
         t0,
     )
     .unwrap();
-    let sent = chunks(&d.poll(held, t0));
+    let sent = chunks(&d.poll(&held, t0));
     assert_eq!(sent.len(), 5);
     // A reply from someone else is not the recipient's.
     let stranger: Jid = "eve@localhost/x".parse().unwrap();
@@ -145,7 +161,7 @@ fn a_transfer_that_cannot_finish_marks_the_output_truncated() {
         "no handler",
     );
     assert!(d.on_reply(&sent[0].0, Some(&to), Some(&refusal), t0));
-    let [(_, via, st)] = <[_; 1]>::try_from(statuses(d.poll(held, t0))).unwrap();
+    let [(_, via, st)] = <[_; 1]>::try_from(statuses(d.poll(&held, t0))).unwrap();
     assert_eq!(via, Via::Reply("q1".into()));
     assert!(truncated(&st), "{st:?}");
     // Late replies to the other chunks are not ours any more.
@@ -158,9 +174,9 @@ fn a_transfer_that_cannot_finish_marks_the_output_truncated() {
         t0,
     )
     .unwrap();
-    assert_eq!(chunks(&d.poll(held, t0)).len(), 5);
-    assert!(statuses(d.poll(held, t0 + IDLE - Duration::from_secs(2))).is_empty());
-    let [(_, _, st)] = <[_; 1]>::try_from(statuses(d.poll(held, t0 + IDLE))).unwrap();
+    assert_eq!(chunks(&d.poll(&held, t0)).len(), 5);
+    assert!(statuses(d.poll(&held, t0 + IDLE - Duration::from_secs(2))).is_empty());
+    let [(_, _, st)] = <[_; 1]>::try_from(statuses(d.poll(&held, t0 + IDLE))).unwrap();
     assert!(truncated(&st), "{st:?}");
 
     // Gone from the job table (retention) before the transfer could start.
@@ -170,7 +186,10 @@ fn a_transfer_that_cannot_finish_marks_the_output_truncated() {
         t0,
     )
     .unwrap();
-    let [(_, _, st)] = <[_; 1]>::try_from(statuses(d.poll(|_| None, t0))).unwrap();
+    let [(_, _, st)] = <[_; 1]>::try_from(statuses(
+        d.poll(|_: &JobId, _, _| Err("gone".to_owned()), t0),
+    ))
+    .unwrap();
     assert!(truncated(&st), "{st:?}");
 }
 
@@ -180,7 +199,7 @@ fn transfers_to_one_recipient_are_bounded_and_queued_in_order() {
     let to: Jid = "webapp@localhost/app".parse().unwrap();
     let t0 = Instant::now();
     let mut d = Deliveries::new("5eed0001".into());
-    let held = |_: &JobId| Some(bytes.as_slice());
+    let held = reader(None, &bytes);
     for i in 0..ACTIVE_PER_RECIPIENT + QUEUED_REPLIES {
         d.offer(
             request(
@@ -225,7 +244,7 @@ fn transfers_to_one_recipient_are_bounded_and_queued_in_order() {
     // Two chunks (70 KiB) per transfer; acknowledging everything as it comes drains every
     // queue, in order.
     let mut order = Vec::new();
-    let mut sent: VecDeque<_> = chunks(&d.poll(held, t0)).into();
+    let mut sent: VecDeque<_> = chunks(&d.poll(&held, t0)).into();
     assert_eq!(sent.len(), 2 * (ACTIVE_PER_RECIPIENT + 1));
     while let Some((id, c)) = sent.pop_front() {
         assert_eq!(c.total, 70 * KIB);
@@ -233,7 +252,7 @@ fn transfers_to_one_recipient_are_bounded_and_queued_in_order() {
             let other: Jid = "other@localhost/app".parse().unwrap();
             assert!(d.on_reply(&id, Some(&other), None, t0));
         }
-        let out = d.poll(held, t0);
+        let out = d.poll(&held, t0);
         sent.extend(chunks(&out));
         order.extend(
             statuses(out)
@@ -257,18 +276,18 @@ fn chunks_in_flight_are_sent_again_after_our_reconnect() {
     let to: Jid = "webapp@localhost/app".parse().unwrap();
     let t0 = Instant::now();
     let mut d = Deliveries::new("5eed0001".into());
-    let held = |_: &JobId| Some(bytes.as_slice());
+    let held = reader(None, &bytes);
     d.offer(
         request("webapp@localhost/app", Via::Message, job(1), &bytes),
         t0,
     )
     .unwrap();
-    let first = chunks(&d.poll(held, t0));
+    let first = chunks(&d.poll(&held, t0));
     assert_eq!(first.len(), 4);
     assert!(d.on_reply(&first[0].0, Some(&to), None, t0));
-    let _ = d.poll(held, t0);
+    let _ = d.poll(&held, t0);
     d.on_session_reset(t0);
-    let again = chunks(&d.poll(held, t0));
+    let again = chunks(&d.poll(&held, t0));
     let mut offsets: Vec<u64> = again.iter().map(|(_, c)| c.offset).collect();
     offsets.sort_unstable();
     assert_eq!(offsets, vec![64 * KIB, 128 * KIB, 192 * KIB]);
@@ -280,7 +299,7 @@ fn chunks_in_flight_are_sent_again_after_our_reconnect() {
     for (id, c) in again {
         store.put("d", c, t0).unwrap();
         assert!(d.on_reply(&id, Some(&to), None, t0));
-        done.extend(statuses(d.poll(held, t0)));
+        done.extend(statuses(d.poll(&held, t0)));
     }
     let [(_, _, st)] = <[_; 1]>::try_from(done).unwrap();
     let Some(Outcome::Result(JobResult {

@@ -183,7 +183,7 @@ pub(super) fn spec_from(
         sort,
         affinity_key: req.affinity_key,
         args: req.args.unwrap_or_default(),
-        input,
+        input: crate::jobs::Body::Inline(input),
         input_mime: input_type,
         deadline_ms,
         priority: req.priority.unwrap_or(0),

@@ -103,7 +103,7 @@ async fn submit(
                 ),
             ));
         }
-        spec.input = input;
+        spec.input = crate::jobs::Body::Inline(input);
         spec.input_mime = Some(mime);
     }
     let request = ApiRequest::Submit {

@@ -6,7 +6,7 @@
 use jid::FullJid;
 use spine_protocol::{Condition, JobId, JobState, Strategy};
 
-use super::{JobRecord, JobTable, Recorded};
+use super::{Body, JobRecord, JobTable, Recorded};
 
 impl JobTable {
     /// Fans an `all` job out: one child per agent in `targets`, queued; the parent runs until
@@ -79,8 +79,20 @@ impl JobTable {
                     output, mime, meta, ..
                 }) => {
                     succeeded += 1;
-                    entry["output"] =
-                        serde_json::json!(base64::engine::general_purpose::STANDARD.encode(output));
+                    // Each child's output is in the report when it is inline; a large one is
+                    // read from its own job (`output_url`).
+                    match output.inline() {
+                        Some(b) => {
+                            entry["output"] = serde_json::json!(
+                                base64::engine::general_purpose::STANDARD.encode(b)
+                            )
+                        }
+                        None => {
+                            entry["output_size"] = serde_json::json!(output.len());
+                            entry["output_url"] =
+                                serde_json::json!(format!("/v1/jobs/{}/output", c.id));
+                        }
+                    }
                     entry["type"] = serde_json::json!(mime);
                     entry["meta"] = serde_json::json!(meta);
                 }
@@ -110,7 +122,7 @@ impl JobTable {
                 rec.state = JobState::Succeeded;
                 rec.outcome = Some(Recorded::Succeeded {
                     meta,
-                    output: serde_json::Value::Array(report).to_string().into_bytes(),
+                    output: Body::Inline(serde_json::Value::Array(report).to_string().into_bytes()),
                     mime: Some("application/json".into()),
                     elapsed_ms: None,
                 });

@@ -7,7 +7,7 @@
 use jid::{FullJid, Jid};
 use spine_protocol::{Condition, JobId, JobResult, JobState, SpineError};
 
-use super::{backoff_ms, AfterFailure, Duplicate, JobRecord, JobTable, Recorded};
+use super::{backoff_ms, AfterFailure, Body, Duplicate, JobRecord, JobTable, Recorded};
 use super::{SessionLost, UnknownJob};
 
 impl JobTable {
@@ -47,7 +47,7 @@ impl JobTable {
         &mut self,
         id: &JobId,
         result: &JobResult,
-        output: Vec<u8>,
+        output: Body,
         mime: Option<String>,
         now_ms: u64,
     ) -> Result<&JobRecord, Duplicate> {

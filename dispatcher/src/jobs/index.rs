@@ -18,6 +18,7 @@ use std::collections::{BTreeSet, HashMap};
 use spine_protocol::{CapabilityName, JobId, JobState, Strategy};
 
 use super::JobRecord;
+use crate::blobs::Stored;
 
 /// Placement order in a capability's queue: highest priority, then oldest.
 pub(super) type QueueKey = (Reverse<i64>, u64, JobId);
@@ -46,6 +47,8 @@ pub(super) struct Keys {
     mr_queued: bool,
     /// A map/reduce job started and not ended.
     mr_running: bool,
+    /// The blobs it holds: its input's and its output's, when they are in the blob store.
+    blobs: [Option<Stored>; 2],
 }
 
 impl Keys {
@@ -65,6 +68,13 @@ impl Keys {
             all_parent: queued && j.spec.strategy == Strategy::All && j.spec.parent.is_none(),
             mr_queued: queued && j.spec.mapreduce.is_some(),
             mr_running: j.mr.is_some() && !fin,
+            blobs: [
+                j.spec.input.stored(),
+                match &j.outcome {
+                    Some(super::Recorded::Succeeded { output, .. }) => output.stored(),
+                    _ => None,
+                },
+            ],
         }
     }
 
@@ -115,6 +125,22 @@ pub(super) struct Index {
     by_state: ByState,
     /// Every job by submitter and state, in listing order.
     by_submitter: HashMap<String, ByState>,
+    /// How many held jobs reference each blob (as input or output).
+    pub(super) blob_refs: HashMap<Stored, u32>,
+    /// Blobs whose last reference went since the core last took them.
+    pub(super) released: Released,
+}
+
+/// Blobs no job references any more, to be deleted (after a grace: see `crate::driver`).
+/// Not part of the index's value: two indexes of the same records are equal whatever each has
+/// released.
+#[derive(Debug, Default)]
+pub(super) struct Released(pub(super) Vec<Stored>);
+
+impl PartialEq for Released {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
 }
 
 impl Index {
@@ -124,6 +150,7 @@ impl Index {
         self.state(id, k, true);
         self.times(id, k, true);
         self.flags(id, k, true);
+        self.blobs(k, true);
     }
 
     /// Forgets a record.
@@ -132,6 +159,7 @@ impl Index {
         self.state(id, k, false);
         self.times(id, k, false);
         self.flags(id, k, false);
+        self.blobs(k, false);
     }
 
     /// Moves a changed record (keys `old` before, `new` after) in the indexes whose keys
@@ -160,6 +188,26 @@ impl Index {
         {
             self.flags(id, old, false);
             self.flags(id, new, true);
+        }
+        if old.blobs != new.blobs {
+            // Add first, so a blob kept across the change is never released.
+            self.blobs(new, true);
+            self.blobs(old, false);
+        }
+    }
+
+    /// The reference counts of a record's blobs.
+    fn blobs(&mut self, k: &Keys, on: bool) {
+        for b in k.blobs.iter().flatten() {
+            if on {
+                *self.blob_refs.entry(*b).or_insert(0) += 1;
+            } else if let Some(n) = self.blob_refs.get_mut(b) {
+                *n -= 1;
+                if *n == 0 {
+                    self.blob_refs.remove(b);
+                    self.released.0.push(*b);
+                }
+            }
         }
     }
 

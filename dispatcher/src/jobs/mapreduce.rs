@@ -23,7 +23,7 @@ use jid::FullJid;
 use serde::{Deserialize, Serialize};
 use spine_protocol::{CapabilityName, Condition, JobId, JobState};
 
-use super::{JobSpec, JobTable, Recorded};
+use super::{BlobAccess, Body, JobSpec, JobTable, Recorded};
 use spine_protocol::fragments::{self, Fragment};
 use spine_protocol::FRAGMENTS_MIME;
 
@@ -133,7 +133,7 @@ fn step_spec(
     parent: &JobSpec,
     parent_id: &JobId,
     capability: CapabilityName,
-    input: Vec<u8>,
+    input: Body,
     mime: Option<String>,
 ) -> JobSpec {
     JobSpec {
@@ -163,7 +163,15 @@ fn step_spec(
 impl JobTable {
     /// Starts a queued map/reduce job: its split step, or (input given as a fragment list) its
     /// map steps. The parent runs until its last reduce ends.
-    pub fn start_mapreduce(&mut self, parent: &JobId, now_ms: u64) -> Advance {
+    ///
+    /// A fragment list in the blob store is read through `blobs`; the map steps' inputs are
+    /// inline bodies here, and the core moves those over the inline limit to the store.
+    pub fn start_mapreduce(
+        &mut self,
+        parent: &JobId,
+        now_ms: u64,
+        blobs: &dyn BlobAccess,
+    ) -> Advance {
         let started = self.update(parent, |p| {
             let mr = p.spec.mapreduce.clone()?;
             // The steps carry the input from here on: one copy, not two.
@@ -193,8 +201,12 @@ impl JobTable {
                     ..Default::default()
                 }
             }
-            _ => match fragments::decode(&input) {
-                Ok(f) => self.plan(parent, f, now_ms),
+            _ => match input
+                .bytes(blobs)
+                .map_err(|e| format!("the stored input cannot be read: {e}"))
+                .and_then(|b| fragments::decode(&b).map_err(|e| e.to_string()))
+            {
+                Ok(f) => self.plan(parent, f, now_ms, blobs),
                 Err(e) => {
                     self.finalize(
                         parent,
@@ -213,7 +225,13 @@ impl JobTable {
     }
 
     /// The fragments are known: one map step each, and the empty reduce tree above them.
-    fn plan(&mut self, parent: &JobId, frags: Vec<Fragment>, now_ms: u64) -> Advance {
+    fn plan(
+        &mut self,
+        parent: &JobId,
+        frags: Vec<Fragment>,
+        now_ms: u64,
+        blobs: &dyn BlobAccess,
+    ) -> Advance {
         let Some(spec) = self.get(parent).map(|p| p.spec.clone()) else {
             return Advance::default();
         };
@@ -224,7 +242,13 @@ impl JobTable {
             let Some(id) = child_id(parent, &format!("m{i}")) else {
                 continue;
             };
-            let s = step_spec(&spec, parent, spec.capability.clone(), f.data, f.mime);
+            let s = step_spec(
+                &spec,
+                parent,
+                spec.capability.clone(),
+                Body::Inline(f.data),
+                f.mime,
+            );
             self.insert_queued(id.clone(), s, now_ms);
             maps.push(Task {
                 name: f.name,
@@ -243,7 +267,7 @@ impl JobTable {
             }
         });
         // With no fragments, the one reduce (over an empty list) can start at once.
-        let mut adv = self.advance(parent, now_ms);
+        let mut adv = self.advance(parent, now_ms, blobs);
         created.append(&mut adv.created);
         adv.created = created;
         adv
@@ -252,7 +276,10 @@ impl JobTable {
     /// Moves a running map/reduce job on from its children's states: records the step
     /// winners, starts the reduces whose inputs are all done, ends the job with the last
     /// reduce's result, or fails it when a step failed for good.
-    pub fn advance(&mut self, parent: &JobId, now_ms: u64) -> Advance {
+    ///
+    /// Outputs in the blob store are read through `blobs` (a split step's fragment list, the
+    /// outputs a reduce step takes as its input).
+    pub fn advance(&mut self, parent: &JobId, now_ms: u64, blobs: &dyn BlobAccess) -> Advance {
         let mut adv = Advance::default();
         let Some(p) = self.get(parent) else {
             return adv;
@@ -272,8 +299,12 @@ impl JobTable {
                 return adv;
             };
             return match &j.outcome {
-                Some(Recorded::Succeeded { output, .. }) => match fragments::decode(output) {
-                    Ok(f) => self.plan(parent, f, now_ms),
+                Some(Recorded::Succeeded { output, .. }) => match output
+                    .bytes(blobs)
+                    .map_err(|e| format!("cannot be read from the blob store: {e}"))
+                    .and_then(|b| fragments::decode(&b).map_err(|e| e.to_string()))
+                {
+                    Ok(f) => self.plan(parent, f, now_ms, blobs),
                     Err(e) => self.fail_mapreduce(
                         parent,
                         Condition::Failed,
@@ -348,20 +379,41 @@ impl JobTable {
                 if below[range.clone()].iter().any(|t| t.winner.is_none()) {
                     continue;
                 }
-                let inputs: Vec<Fragment> = below[range]
+                let inputs: Result<Vec<Fragment>, String> = below[range]
                     .iter()
                     .map(|t| {
                         let out = t.winner.as_ref().and_then(|w| self.get(w));
-                        match out.and_then(|j| j.outcome.as_ref()) {
+                        Ok(match out.and_then(|j| j.outcome.as_ref()) {
                             Some(Recorded::Succeeded { output, mime, .. }) => Fragment {
                                 name: t.name.clone(),
                                 mime: mime.clone(),
-                                data: output.clone(),
+                                data: output
+                                    .bytes(blobs)
+                                    .map_err(|e| {
+                                        format!(
+                                            "the output of step {} cannot be read from the blob store: {e}",
+                                            t.winner.as_ref().map_or("?", |w| w.as_str())
+                                        )
+                                    })?
+                                    .into_owned(),
                             },
                             _ => Fragment::default(),
-                        }
+                        })
                     })
                     .collect();
+                let inputs = match inputs {
+                    Ok(i) => i,
+                    Err(m) => {
+                        self.update(parent, |p| {
+                            p.children.extend(adv.created.iter().cloned());
+                            p.mr = Some(st);
+                        });
+                        let mut more = self.fail_mapreduce(parent, Condition::Failed, m, now_ms);
+                        more.progressed |= adv.progressed;
+                        more.created.append(&mut adv.created);
+                        return more;
+                    }
+                };
                 let Some(id) = child_id(parent, &format!("r{level}.{j}")) else {
                     continue;
                 };
@@ -369,7 +421,7 @@ impl JobTable {
                     &spec,
                     parent,
                     mr.reduce.clone(),
-                    fragments::encode(&inputs),
+                    Body::Inline(fragments::encode(&inputs)),
                     Some(FRAGMENTS_MIME.into()),
                 );
                 self.insert_queued(id.clone(), s, now_ms);

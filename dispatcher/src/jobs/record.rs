@@ -8,7 +8,7 @@ use jid::FullJid;
 use serde::{Deserialize, Serialize};
 use spine_protocol::{CapabilityName, Condition, JobId, JobState};
 
-use super::{base64_bytes, JobSpec, MapReduceState};
+use super::{Body, JobSpec, MapReduceState};
 
 /// How a job ended, as recorded.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -17,9 +17,8 @@ pub enum Recorded {
     Succeeded {
         /// Metadata JSON.
         meta: serde_json::Map<String, serde_json::Value>,
-        /// Output bytes.
-        #[serde(with = "base64_bytes")]
-        output: Vec<u8>,
+        /// Output: inline (base64 in the JSON) or in the blob store.
+        output: Body,
         /// Output MIME type.
         mime: Option<String>,
         /// Handler time.

@@ -10,7 +10,7 @@ use spine_protocol::{
     AttrName, CapabilityName, Condition, Filter, JobId, MapReduce, SpineError, Strategy,
 };
 
-use super::base64_bytes;
+use super::Body;
 
 /// What the submitter asked for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,14 +27,11 @@ pub struct JobSpec {
     pub affinity_key: Option<String>,
     /// Arguments (a JSON object).
     pub args: serde_json::Map<String, serde_json::Value>,
-    /// Input bytes. Not part of the record's JSON: the store keeps inputs in a table of their
-    /// own, written once (records written by earlier versions, input included, still load).
-    #[serde(
-        default,
-        skip_serializing,
-        deserialize_with = "base64_bytes::deserialize"
-    )]
-    pub input: Vec<u8>,
+    /// Input. An inline input is not part of the record's JSON: the store keeps it in a table
+    /// of its own, written once (records written by earlier versions, input included, still
+    /// load). A stored one is: its hash and size.
+    #[serde(default, skip_serializing_if = "Body::is_inline")]
+    pub input: Body,
     /// Input MIME type.
     pub input_mime: Option<String>,
     /// Absolute deadline, ms since the UNIX epoch.
@@ -79,7 +76,7 @@ impl JobSpec {
             sort: None,
             affinity_key: None,
             args: serde_json::Map::new(),
-            input: Vec::new(),
+            input: Body::default(),
             input_mime: None,
             deadline_ms: None,
             priority: 0,
@@ -99,15 +96,21 @@ impl JobSpec {
     /// What must hold of a job before it is stored, so that it is refused at once instead of
     /// failing (or worse, running otherwise) later: a map/reduce job without a split step has
     /// a fragment list as its input. (Its filter was parsed by the front end that built it.)
-    pub fn check_input(&self) -> Result<(), SpineError> {
+    pub fn check_input(&self, blobs: &dyn super::BlobAccess) -> Result<(), SpineError> {
         match &self.mapreduce {
-            Some(m) if m.split.is_none() => spine_protocol::fragments::decode(&self.input)
-                .map(|_| ())
-                .map_err(|e| {
-                    SpineError::new(Condition::BadArguments)
-                        .with_field("input")
-                        .with_text(e)
-                }),
+            Some(m) if m.split.is_none() => {
+                let bytes = self.input.bytes(blobs).map_err(|e| {
+                    SpineError::new(Condition::Failed)
+                        .with_text(format!("the stored input cannot be read: {e}"))
+                })?;
+                spine_protocol::fragments::decode(&bytes)
+                    .map(|_| ())
+                    .map_err(|e| {
+                        SpineError::new(Condition::BadArguments)
+                            .with_field("input")
+                            .with_text(e)
+                    })
+            }
             _ => Ok(()),
         }
     }

@@ -15,7 +15,8 @@ use jid::FullJid;
 use spine_protocol::{CapabilityName, Condition, JobId, JobState};
 
 use super::index::{Index, Keys};
-use super::{JobRecord, JobSpec, SubmitError};
+use super::{Body, JobRecord, JobSpec, Recorded, SubmitError};
+use crate::blobs::Stored;
 
 /// All jobs the dispatcher knows, and the queues of those waiting for an agent.
 #[derive(Debug, Default)]
@@ -87,6 +88,36 @@ impl JobTable {
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
         self.jobs.is_empty()
+    }
+
+    /// How many held jobs reference `blob` (as input or output).
+    pub fn blob_refs(&self, blob: &Stored) -> u32 {
+        self.index.blob_refs.get(blob).copied().unwrap_or(0)
+    }
+
+    /// Blobs whose last referencing job went (or let go of them) since the last call.
+    pub fn take_released(&mut self) -> Vec<Stored> {
+        std::mem::take(&mut self.index.released.0)
+    }
+
+    /// Every blob held jobs reference, for the start-up sweep of the blob store.
+    pub fn referenced_blobs(&self) -> impl Iterator<Item = &Stored> {
+        self.index.blob_refs.keys()
+    }
+
+    /// Replaces a job's input (the core moves large inline inputs to the blob store).
+    pub fn set_input(&mut self, id: &JobId, input: Body) {
+        self.update(id, |j| j.spec.input = input);
+    }
+
+    /// Replaces a succeeded job's output (the core moves a large inline output to the blob
+    /// store).
+    pub fn set_output(&mut self, id: &JobId, body: Body) {
+        self.update(id, |j| {
+            if let Some(Recorded::Succeeded { output, .. }) = &mut j.outcome {
+                *output = body;
+            }
+        });
     }
 
     /// Jobs queued for `cap`.

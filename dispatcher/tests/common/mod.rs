@@ -17,7 +17,7 @@ pub fn spec(cap: &str, submitter: &str) -> JobSpec {
         sort: None,
         affinity_key: None,
         args: Default::default(),
-        input: Vec::new(),
+        input: Default::default(),
         input_mime: None,
         deadline_ms: None,
         priority: 0,
