@@ -108,6 +108,13 @@ impl Core {
                     return self.fail_attempt(&s, e, now);
                 }
             },
+            // Protocol 1.1 (PROTOCOL.md §13.4); this dispatcher offers no upload slots yet, so
+            // no agent has one to refer to.
+            Some(Data::Ref(_)) => {
+                let e = SpineError::new(Condition::Malformed)
+                    .with_text("output by reference without an upload slot from this dispatcher");
+                return self.fail_attempt(&s, e, now);
+            }
         };
         let how = match self.jobs.succeeded(&s.job, &result, output, mime, now.ms) {
             Ok(_) => {
