@@ -524,6 +524,10 @@ impl Core {
                 }
                 (self.blobs.take(from_bare.as_str(), r)?, r.mime.clone())
             }
+            Some(Data::Ref(_)) => {
+                return Err(SpineError::new(Condition::FetchFailed)
+                    .with_text("this agent does not fetch inputs over HTTP yet"))
+            }
         };
         info!(job = %job.id, capability = %job.capability, attempt = job.attempt, from = %from, "job started");
         self.ready.starts.push(Start {

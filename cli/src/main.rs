@@ -190,5 +190,10 @@ fn describe(p: &Payload) -> String {
         Payload::JobStatus(s) => format!("job {} is {}", s.job, s.state),
         Payload::Discover(d) => format!("discover agents for {}", d.capability),
         Payload::Agents(a) => format!("{} agents for {}", a.agents.len(), a.capability),
+        Payload::RequestSlot(r) => format!(
+            "upload slot request for {} bytes of job {} (attempt {})",
+            r.size, r.job, r.attempt
+        ),
+        Payload::Slot(s) => format!("upload slot for job {}, valid {} ms", s.job, s.expires_ms),
     }
 }

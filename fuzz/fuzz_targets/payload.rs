@@ -1,4 +1,4 @@
-//! Every Spine payload parser (`parse_payload` covers all fifteen elements), the presence
+//! Every Spine payload parser (`parse_payload` covers all seventeen elements), the presence
 //! reader and the condition reader on arbitrary text: no input may panic, and whatever parses
 //! serialises and parses again to the same value.
 #![no_main]

@@ -331,7 +331,9 @@ impl BlobStore {
     /// data as it came, a blob reference [taken](Self::take) from the blobs `from` sent before
     /// it (complete, of the referenced size and SHA-256, or `malformed`). What a receiver of a
     /// referencing stanza (a dispatcher reading a result, a submitter reading a status) does
-    /// with every `Data` it gets.
+    /// with every `Data` it gets. A reference to bytes over HTTP (protocol 1.1) is not in this
+    /// store: it is `malformed` here, and a receiver that accepts references handles them
+    /// before calling this.
     pub fn resolve(
         &mut self,
         from: &str,
@@ -340,6 +342,10 @@ impl BlobStore {
         match data {
             Data::Inline { mime, bytes } => Ok((bytes, mime)),
             Data::Blob(r) => self.take(from, &r).map(|bytes| (bytes, r.mime)),
+            Data::Ref(_) => Err(err(
+                Condition::Malformed,
+                "a reference to bytes over HTTP is not a blob sent in chunks".to_owned(),
+            )),
         }
     }
 

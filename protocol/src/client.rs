@@ -401,6 +401,14 @@ impl TryFrom<Element> for Submit {
             None => None,
         };
         let (args, input) = parse_args_input(&r)?;
+        if let Some(Data::Ref(_)) = &input {
+            // References come from a dispatcher's blob store; a submitter sends its bytes
+            // inline or in chunks (or uses the HTTP API's input_ref).
+            return Err(ParseError::Invalid {
+                element: "input",
+                reason: "a submit's input is inline or a blob, not a reference with <hash/>".into(),
+            });
+        }
         r.finish()?;
         Ok(Submit {
             capability,

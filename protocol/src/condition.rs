@@ -48,11 +48,16 @@ pub enum Condition {
     Retryable,
     /// The payload is in a Spine namespace of another major version.
     UnsupportedVersion,
+    /// The agent could not fetch a job's input by reference (protocol 1.1); the dispatcher
+    /// sends the same attempt again with the input in chunks.
+    FetchFailed,
+    /// The dispatcher's blob store is over its disk quota (protocol 1.1). Retry later.
+    StorageFull,
 }
 
 impl Condition {
     /// Every condition, in table order.
-    pub const ALL: [Condition; 15] = [
+    pub const ALL: [Condition; 17] = [
         Condition::Busy,
         Condition::Draining,
         Condition::QueueFull,
@@ -68,6 +73,8 @@ impl Condition {
         Condition::Failed,
         Condition::Retryable,
         Condition::UnsupportedVersion,
+        Condition::FetchFailed,
+        Condition::StorageFull,
     ];
 
     /// The element name of this condition.
@@ -88,6 +95,8 @@ impl Condition {
             Condition::Failed => "failed",
             Condition::Retryable => "retryable",
             Condition::UnsupportedVersion => "unsupported-version",
+            Condition::FetchFailed => "fetch-failed",
+            Condition::StorageFull => "storage-full",
         }
     }
 
@@ -111,6 +120,8 @@ impl Condition {
             Condition::Failed => (D::UndefinedCondition, T::Cancel),
             Condition::Retryable => (D::InternalServerError, T::Wait),
             Condition::UnsupportedVersion => (D::FeatureNotImplemented, T::Cancel),
+            Condition::FetchFailed => (D::RecipientUnavailable, T::Wait),
+            Condition::StorageFull => (D::ResourceConstraint, T::Wait),
         }
     }
 
@@ -331,7 +342,12 @@ mod tests {
             assert_eq!(c.as_str().parse::<Condition>(), Ok(c));
             let retry = matches!(
                 c,
-                Condition::Busy | Condition::Draining | Condition::QueueFull | Condition::Retryable
+                Condition::Busy
+                    | Condition::Draining
+                    | Condition::QueueFull
+                    | Condition::Retryable
+                    | Condition::FetchFailed
+                    | Condition::StorageFull
             );
             assert_eq!(c.is_retryable(), retry, "{c}");
             let se = StanzaError::from(SpineError::new(c));
@@ -376,7 +392,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn roundtrip(idx in 0usize..15, text in proptest::option::of("[ -~]{1,40}"),
+        fn roundtrip(idx in 0usize..Condition::ALL.len(), text in proptest::option::of("[ -~]{1,40}"),
                      field in proptest::option::of("[a-z]{1,10}"), max in proptest::option::of(any::<u64>())) {
             let e = SpineError { condition: Condition::ALL[idx], text, field, max, supported: None };
             let se = StanzaError::from(e.clone());

@@ -1,5 +1,6 @@
 //! Pieces shared by several payloads: agent attributes, JSON arguments and binary data
-//! (inline base64 or a reference to a blob sent in chunks).
+//! (inline base64, a reference to a blob sent in chunks, or — protocol 1.1 — a reference to
+//! bytes fetched over HTTP by URL and checked against their size and SHA-256).
 
 use std::collections::BTreeMap;
 
@@ -9,7 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::error::ParseError;
 use crate::names::{AttrName, BlobId, MAX_ATTR_VALUE_LEN};
-use crate::xml::{Builder, Reader};
+use crate::xml::{set_once, unknown_child, Builder, Reader};
 
 /// Most bytes an `<input>`, `<output>`, `<partial>` or `<chunk>` carries inline (decoded).
 /// Larger payloads travel as a blob in chunks of at most this size.
@@ -124,6 +125,33 @@ pub struct BlobRef {
     pub mime: Option<String>,
 }
 
+/// Namespace of the XEP-0300 `<hash/>` in the reference form of `<input>`/`<output>`.
+pub const NS_HASHES: &str = "urn:xmpp:hashes:2";
+/// Namespace of the XEP-0103 `<url-data/>` that names one source of a reference.
+pub const NS_URL_DATA: &str = "http://jabber.org/protocol/url-data";
+/// Most `<url-data/>` sources one reference may list.
+pub const MAX_SOURCES: usize = 8;
+/// Longest source URL, in characters.
+pub const MAX_URL_LEN: usize = 4096;
+
+/// Bytes fetched by URL (protocol 1.1, PROTOCOL.md §13.4): the reference form of `<input>`
+/// and `<output>`, selected by its `<hash/>` child. The receiver fetches a source and checks
+/// the size and SHA-256 itself, so a source needs no more trust than the XMPP channel that
+/// named it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DataRef {
+    /// Length in bytes.
+    pub size: u64,
+    /// SHA-256 of the bytes; the receiver checks it.
+    pub sha256: [u8; 32],
+    /// MIME type, if known.
+    pub mime: Option<String>,
+    /// `http://` or `https://` URLs to try in order (1 to [`MAX_SOURCES`] in a job's input);
+    /// empty in a result's output, meaning "the bytes I PUT to this job attempt's upload
+    /// slot".
+    pub sources: Vec<String>,
+}
+
 /// Binary data carried by `<input>` or `<output>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Data {
@@ -136,6 +164,8 @@ pub enum Data {
     },
     /// A larger payload sent as a blob.
     Blob(BlobRef),
+    /// A payload fetched over HTTP (protocol 1.1).
+    Ref(DataRef),
 }
 
 impl Data {
@@ -152,6 +182,7 @@ impl Data {
         match self {
             Data::Inline { mime, .. } => mime.as_deref(),
             Data::Blob(b) => b.mime.as_deref(),
+            Data::Ref(r) => r.mime.as_deref(),
         }
     }
 
@@ -160,6 +191,7 @@ impl Data {
         match self {
             Data::Inline { bytes, .. } => bytes.len() as u64,
             Data::Blob(b) => b.size,
+            Data::Ref(r) => r.size,
         }
     }
 
@@ -169,6 +201,10 @@ impl Data {
     }
 
     pub(crate) fn parse(el: &Element, name: &'static str) -> Result<Self, ParseError> {
+        // Only the reference form has child elements.
+        if el.children().next().is_some() {
+            return DataRef::parse(el, name).map(Data::Ref);
+        }
         let mut r = Reader::unchecked(el, name);
         let mime = r.opt::<Mime>("type")?.map(|m| m.0);
         let size = r.opt::<u64>("size")?;
@@ -228,7 +264,155 @@ impl Data {
                 .attr("size", b.size)
                 .attr("sha256", hex(&b.sha256))
                 .build(),
+            Data::Ref(r) => {
+                let hash = Builder::in_ns("hash", NS_HASHES)
+                    .attr("algo", "sha-256")
+                    .text(encode_base64(&r.sha256))
+                    .build();
+                let mut b = Builder::new(name)
+                    .attr("size", r.size)
+                    .opt("type", r.mime.as_deref())
+                    .child(hash);
+                if !r.sources.is_empty() {
+                    b = b.child(
+                        Builder::new("sources")
+                            .children(r.sources.iter().map(|u| {
+                                Builder::in_ns("url-data", NS_URL_DATA)
+                                    .attr("target", u.as_str())
+                                    .build()
+                            }))
+                            .build(),
+                    );
+                }
+                b.build()
+            }
         }
+    }
+}
+
+impl DataRef {
+    /// Reads the reference form of `<input>`/`<output>` (the caller saw a child element).
+    fn parse(el: &Element, name: &'static str) -> Result<Self, ParseError> {
+        let mut r = Reader::unchecked(el, name);
+        let mime = r.opt::<Mime>("type")?.map(|m| m.0);
+        let size = r.req::<u64>("size")?;
+        if el.attr("blob").is_some() || el.attr("sha256").is_some() {
+            return Err(ParseError::Invalid {
+                element: name,
+                reason: "a reference with <hash/> takes no 'blob' or 'sha256' attribute".into(),
+            });
+        }
+        r.no_text()?;
+        r.finish()?;
+        let (mut sha256, mut sources) = (None, None);
+        for c in el.children() {
+            if c.is("hash", NS_HASHES) {
+                if let Some(digest) = read_sha256_hash(c)? {
+                    if sha256.replace(digest).is_some() {
+                        return Err(ParseError::Invalid {
+                            element: name,
+                            reason: "more than one <hash algo='sha-256'/>".into(),
+                        });
+                    }
+                }
+            } else if c.is("sources", crate::NS) {
+                set_once(&mut sources, read_sources(c)?, name, "sources")?;
+            } else {
+                return Err(unknown_child(name, c));
+            }
+        }
+        let sha256 = sha256.ok_or(ParseError::MissingChild {
+            element: name,
+            child: "hash algo='sha-256'",
+        })?;
+        Ok(DataRef {
+            size,
+            sha256,
+            mime,
+            sources: sources.unwrap_or_default(),
+        })
+    }
+}
+
+/// The digest of a XEP-0300 `<hash/>` if its algorithm is SHA-256; `None` for another
+/// algorithm (a sender may add several, and the receiver uses the one it knows).
+fn read_sha256_hash(el: &Element) -> Result<Option<[u8; 32]>, ParseError> {
+    let mut r = Reader::unchecked(el, "hash");
+    let algo: String = r.req("algo")?;
+    if algo != "sha-256" {
+        return Ok(None);
+    }
+    r.no_children()?;
+    r.finish()?;
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(el.text().trim())
+        .map_err(|e| ParseError::InvalidBase64 {
+            element: "hash",
+            reason: e.to_string(),
+        })?;
+    let digest: [u8; 32] = bytes.try_into().map_err(|b: Vec<u8>| ParseError::Invalid {
+        element: "hash",
+        reason: format!("a SHA-256 digest has 32 bytes, this one {}", b.len()),
+    })?;
+    Ok(Some(digest))
+}
+
+/// `<sources>`: 1 to [`MAX_SOURCES`] `<url-data target='…'/>`.
+fn read_sources(el: &Element) -> Result<Vec<String>, ParseError> {
+    let r = Reader::unchecked(el, "sources");
+    r.no_text()?;
+    r.finish()?;
+    let mut urls = Vec::new();
+    for c in el.children() {
+        if !c.is("url-data", NS_URL_DATA) {
+            return Err(unknown_child("sources", c));
+        }
+        let mut u = Reader::unchecked(c, "url-data");
+        let target: SourceUrl = u.req("target")?;
+        u.no_text()?;
+        u.no_children()?;
+        u.finish()?;
+        if urls.len() == MAX_SOURCES {
+            return Err(ParseError::Invalid {
+                element: "sources",
+                reason: format!("more than {MAX_SOURCES} <url-data/>"),
+            });
+        }
+        urls.push(target.0);
+    }
+    if urls.is_empty() {
+        return Err(ParseError::MissingChild {
+            element: "sources",
+            child: "url-data",
+        });
+    }
+    Ok(urls)
+}
+
+/// An `http://` or `https://` URL of at most [`MAX_URL_LEN`] characters, without spaces or
+/// control characters.
+pub(crate) struct SourceUrl(pub String);
+
+impl crate::xml::FromAttr for SourceUrl {
+    fn from_attr(s: &str) -> Result<Self, String> {
+        let lower = s.get(..8).unwrap_or(s).to_ascii_lowercase();
+        let rest = if lower.starts_with("https://") {
+            &s[8..]
+        } else if lower.starts_with("http://") {
+            &s[7..]
+        } else {
+            return Err("expected an http:// or https:// URL".to_owned());
+        };
+        if s.chars().count() > MAX_URL_LEN {
+            return Err(format!("longer than {MAX_URL_LEN} characters"));
+        }
+        if rest.is_empty() || rest.starts_with('/') {
+            return Err("the URL names no host".to_owned());
+        }
+        if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err("a URL has no spaces or control characters".to_owned());
+        }
+        Ok(SourceUrl(s.to_owned()))
     }
 }
 

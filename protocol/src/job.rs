@@ -103,6 +103,14 @@ impl TryFrom<Element> for Job {
         let submitter = r.opt("submitter")?;
         let progress = r.opt("progress")?.unwrap_or(false);
         let (args, input) = parse_args_input(&r)?;
+        if let Some(Data::Ref(d)) = &input {
+            if d.sources.is_empty() {
+                return Err(ParseError::MissingChild {
+                    element: "input",
+                    child: "sources",
+                });
+            }
+        }
         r.finish()?;
         Ok(Job {
             id,
@@ -165,6 +173,16 @@ impl TryFrom<Element> for JobResult {
                 "meta" => set_once(&mut meta, Args::parse(c, "meta")?, "result", "meta")?,
                 "output" => set_once(&mut output, Data::parse(c, "output")?, "result", "output")?,
                 _ => return Err(unknown_child("result", c)),
+            }
+        }
+        if let Some(Data::Ref(d)) = &output {
+            if !d.sources.is_empty() {
+                return Err(ParseError::Invalid {
+                    element: "output",
+                    reason: "a result's reference has no <sources>: its bytes are those PUT to \
+                             the job attempt's upload slot"
+                        .into(),
+                });
             }
         }
         r.finish()?;

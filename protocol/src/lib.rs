@@ -27,6 +27,7 @@ pub mod fragments;
 pub mod job;
 pub mod names;
 pub mod presence;
+pub mod slot;
 pub mod units;
 pub mod upload;
 
@@ -35,7 +36,7 @@ pub use client::{
     Status, Strategy, Submit, DEFAULT_FAN_IN, MAX_FAN_IN,
 };
 pub use condition::{classify, Condition, Disposition, SpineError};
-pub use data::{Args, Attributes, BlobRef, Data, INLINE_LIMIT};
+pub use data::{Args, Attributes, BlobRef, Data, DataRef, INLINE_LIMIT};
 pub use error::ParseError;
 pub use filter::{Clause, Filter, FilterError, Op};
 pub use fragments::{Fragment, FRAGMENTS_MIME};
@@ -45,6 +46,7 @@ pub use presence::{
     presence_payloads, Advertise, AgentState, CapLoad, CapabilityAd, DispatcherHello, Load,
     PresencePayloads, ProtocolVersion,
 };
+pub use slot::{RequestSlot, Slot};
 pub use upload::UploadWindow;
 
 /// Bytes as standard base64 text in serde formats: `#[serde(with = "spine_protocol::serde_base64")]`.
@@ -105,6 +107,10 @@ pub enum Payload {
     Discover(Discover),
     /// `<agents/>` (IQ result)
     Agents(Agents),
+    /// `<request-slot/>` (IQ get, protocol 1.1)
+    RequestSlot(RequestSlot),
+    /// `<slot/>` (IQ result, protocol 1.1)
+    Slot(Slot),
 }
 
 /// Reads any top-level Spine payload.
@@ -143,6 +149,8 @@ pub fn parse_payload(el: Element) -> Result<Payload, ParseError> {
         "job-status" => Payload::JobStatus(el.try_into()?),
         "discover" => Payload::Discover(el.try_into()?),
         "agents" => Payload::Agents(el.try_into()?),
+        "request-slot" => Payload::RequestSlot(el.try_into()?),
+        "slot" => Payload::Slot(el.try_into()?),
         _ => {
             return Err(ParseError::WrongElement {
                 expected: "a Spine payload",
@@ -172,6 +180,8 @@ impl From<Payload> for Element {
             Payload::JobStatus(x) => x.into(),
             Payload::Discover(x) => x.into(),
             Payload::Agents(x) => x.into(),
+            Payload::RequestSlot(x) => x.into(),
+            Payload::Slot(x) => x.into(),
         }
     }
 }

@@ -30,6 +30,10 @@ pub struct ProtocolVersion {
 impl ProtocolVersion {
     /// The version this crate implements.
     pub const CURRENT: ProtocolVersion = ProtocolVersion { major: 1, minor: 0 };
+    /// 1.1: payloads by reference over HTTP, `<request-slot/>`/`<slot/>`, the conditions
+    /// `fetch-failed` and `storage-full` (PROTOCOL.md §13.4). A peer uses them only with a
+    /// peer that announced at least this version.
+    pub const V1_1: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
 }
 
 impl Default for ProtocolVersion {

@@ -314,8 +314,13 @@ pub(crate) struct Builder {
 
 impl Builder {
     pub(crate) fn new(name: &str) -> Self {
+        Self::in_ns(name, NS)
+    }
+
+    /// An element of another namespace (the XEP-0300 hash, XEP-0103 url-data).
+    pub(crate) fn in_ns(name: &str, ns: &str) -> Self {
         Builder {
-            el: Element::bare(name, NS),
+            el: Element::bare(name, ns),
         }
     }
 

@@ -70,6 +70,8 @@ fn payload_name(p: &Payload) -> &'static str {
         Payload::JobStatus(_) => "job-status",
         Payload::Discover(_) => "discover",
         Payload::Agents(_) => "agents",
+        Payload::RequestSlot(_) => "request-slot",
+        Payload::Slot(_) => "slot",
     }
 }
 
@@ -203,6 +205,8 @@ fn every_example_parses() {
         "job-status",
         "discover",
         "agents",
+        "request-slot",
+        "slot",
     ]
     .into_iter()
     .collect();
@@ -217,6 +221,7 @@ fn every_example_parses() {
         "deadline-exceeded",
         "cancelled",
         "unsupported-version",
+        "fetch-failed",
     ] {
         assert!(
             seen.conditions.contains(c),
@@ -252,5 +257,5 @@ fn condition_table_matches_code() {
         );
         rows += 1;
     }
-    assert_eq!(rows, 15);
+    assert_eq!(rows, Condition::ALL.len());
 }

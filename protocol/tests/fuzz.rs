@@ -24,6 +24,10 @@ const VALID: &[&str] = &[
     "<job-status xmlns='urn:spine:1' job='j1' capability='c' state='failed' attempts='3'><failure condition='failed'>exit 2</failure></job-status>",
     "<discover xmlns='urn:spine:1' capability='image.thumbnail' filter='gpu' limit='10'/>",
     "<agents xmlns='urn:spine:1' capability='c'><agent jid='a@b.c/d' state='ready' load='0.5' in-flight='1' slots='2'/></agents>",
+    "<job xmlns='urn:spine:1' id='j1' capability='c' attempt='1'><input size='5' type='image/png'><hash xmlns='urn:xmpp:hashes:2' algo='sha-256'>LPJNul+wow4m6DsqxbninhsWHlwfp0JecwQzYpOLmCQ=</hash><sources><url-data xmlns='http://jabber.org/protocol/url-data' target='https://d.example.com:8443/v1/blobs/2c?job=j1&amp;sig=x'/></sources></input></job>",
+    "<result xmlns='urn:spine:1' job='j1' attempt='1'><output size='5'><hash xmlns='urn:xmpp:hashes:2' algo='sha-256'>LPJNul+wow4m6DsqxbninhsWHlwfp0JecwQzYpOLmCQ=</hash></output></result>",
+    "<request-slot xmlns='urn:spine:1' job='j1' attempt='1' size='5' sha256='2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824' type='text/plain'/>",
+    "<slot xmlns='urn:spine:1' job='j1' put='https://d.example.com/v1/uploads/j1?attempt=1&amp;sig=x' expires-ms='300000'/>",
 ];
 
 fn exercise(el: Element) {
@@ -73,7 +77,7 @@ proptest! {
     #[test]
     fn mutated_valid_payloads(doc in proptest::sample::select(VALID), i in any::<usize>(),
                               value in prop_oneof!["[ -~]{0,20}", "[0-9]{1,25}", "-[0-9]{1,5}", Just(String::new())],
-                              child in proptest::option::of(prop_oneof![Just("attr"), Just("capability"), Just("args"), Just("input"), Just("cap"), Just("x")])) {
+                              child in proptest::option::of(prop_oneof![Just("attr"), Just("capability"), Just("args"), Just("input"), Just("cap"), Just("sources"), Just("x")])) {
         if let Some(el) = mutate(doc, i, &value, child) { exercise(el) }
     }
 

@@ -527,3 +527,180 @@ fn a_submitters_bad_attribute_is_a_named_bad_argument() {
     .to_spine_error();
     assert_eq!(e.condition, Condition::Malformed);
 }
+
+/// The reference form of PROTOCOL.md §13.4.
+const REF_HASH: &str = "zVLYHiXzcub6TbLA3861mGLBlpyrFwlto1KzSVDJc8w=";
+const REF_HEX: &str = "cd52d81e25f372e6fa4db2c0dfceb59862c1969cab17096da352b34950c973cc";
+
+fn ref_job(input_children: &str, input_attrs: &str) -> Result<Job, ParseError> {
+    Job::try_from(el(&format!(
+        "<job xmlns='urn:spine:1' id='{JOB_ID}' capability='image.thumbnail' attempt='2'>
+           <input {input_attrs}>{input_children}</input>
+         </job>"
+    )))
+}
+
+fn sources(n: usize) -> String {
+    let urls: String = (0..n)
+        .map(|i| format!("<url-data xmlns='http://jabber.org/protocol/url-data' target='https://d{i}.example.com:8443/v1/blobs/{REF_HEX}?job=j&amp;sig=x'/>"))
+        .collect();
+    format!("<sources>{urls}</sources>")
+}
+
+fn hash(algo: &str, value: &str) -> String {
+    format!("<hash xmlns='urn:xmpp:hashes:2' algo='{algo}'>{value}</hash>")
+}
+
+#[test]
+fn input_reference_literal() {
+    let j = ref_job(
+        &format!(
+            "{}{}{}",
+            hash("sha-512", "AAAA"),
+            hash("sha-256", REF_HASH),
+            sources(2)
+        ),
+        "size='20971520' type='image/png'",
+    )
+    .unwrap();
+    let Some(Data::Ref(r)) = j.input else {
+        panic!("not a reference: {:?}", j.input)
+    };
+    assert_eq!(r.size, 20_971_520);
+    assert_eq!(r.mime.as_deref(), Some("image/png"));
+    assert_eq!(data::hex(&r.sha256), REF_HEX);
+    assert_eq!(r.sources.len(), 2);
+    assert_eq!(
+        r.sources[1],
+        format!("https://d1.example.com:8443/v1/blobs/{REF_HEX}?job=j&sig=x")
+    );
+}
+
+#[test]
+fn output_reference_literal_has_no_sources() {
+    let res = JobResult::try_from(el(&format!(
+        "<result xmlns='urn:spine:1' job='{JOB_ID}' attempt='1'><output size='1048576'>{}</output></result>",
+        hash("sha-256", REF_HASH)
+    )))
+    .unwrap();
+    let Some(Data::Ref(r)) = res.output else {
+        panic!("not a reference")
+    };
+    assert_eq!((r.size, r.sources.len(), r.mime), (1_048_576, 0, None));
+    // With sources it is refused (1.1 outputs are uploaded to the slot).
+    let e = JobResult::try_from(el(&format!(
+        "<result xmlns='urn:spine:1' job='{JOB_ID}' attempt='1'><output size='1'>{}{}</output></result>",
+        hash("sha-256", REF_HASH),
+        sources(1)
+    )))
+    .unwrap_err();
+    assert!(e.to_string().contains("<sources>"), "{e}");
+}
+
+#[test]
+fn invalid_references_are_refused() {
+    let h = hash("sha-256", REF_HASH);
+    let s1 = sources(1);
+    let cases: Vec<(String, &str, &str)> = vec![
+        // A job's reference needs sources.
+        (h.clone(), "size='1'", "sources"),
+        // size is required; blob/sha256 attributes belong to the chunked form.
+        (format!("{h}{s1}"), "", "size"),
+        (format!("{h}{s1}"), "size='1' blob='b1'", "blob"),
+        (format!("{h}{s1}"), "size='1' sha256='00'", "sha256"),
+        // No sha-256 hash, two of them, a wrong length, not base64.
+        (format!("{}{s1}", hash("sha-512", "AAAA")), "size='1'", "hash"),
+        (format!("{h}{h}{s1}"), "size='1'", "more than one"),
+        (format!("{}{s1}", hash("sha-256", "AAAA")), "size='1'", "32 bytes"),
+        (format!("{}{s1}", hash("sha-256", "!!")), "size='1'", "base64"),
+        // Sources: 1 to 8, http(s) only, nothing else inside.
+        (format!("{h}<sources/>"), "size='1'", "url-data"),
+        (format!("{h}{}", sources(9)), "size='1'", "more than 8"),
+        (
+            format!("{h}<sources><url-data xmlns='http://jabber.org/protocol/url-data' target='ftp://x/y'/></sources>"),
+            "size='1'",
+            "http",
+        ),
+        (
+            format!("{h}<sources><url-data xmlns='http://jabber.org/protocol/url-data' target='https://x/{}'/></sources>", "a".repeat(4100)),
+            "size='1'",
+            "4096",
+        ),
+        (
+            format!("{h}<sources><url-data xmlns='http://jabber.org/protocol/url-data' target='https://x/' sid='1'/></sources>"),
+            "size='1'",
+            "sid",
+        ),
+        (format!("{h}{s1}{s1}"), "size='1'", "sources"),
+        (format!("{h}{s1}<extra/>"), "size='1'", "extra"),
+        (format!("{h}{s1}text"), "size='1'", "text"),
+    ];
+    for (children, attrs, needle) in cases {
+        let e = ref_job(&children, attrs).expect_err(&children);
+        assert!(
+            e.to_string().contains(needle),
+            "expected '{needle}' in: {e}\n{children} {attrs}"
+        );
+        assert_eq!(e.to_spine_error().condition, Condition::Malformed);
+    }
+    // A submitter cannot hand the dispatcher a reference.
+    let e = Submit::try_from(el(&format!(
+        "<submit xmlns='urn:spine:1' capability='c'><input size='1'>{h}{s1}</input></submit>"
+    )))
+    .unwrap_err();
+    assert!(e.to_string().contains("reference"), "{e}");
+}
+
+#[test]
+fn request_slot_and_slot_literals() {
+    let r = RequestSlot::try_from(el(&format!(
+        "<request-slot xmlns='urn:spine:1' job='{JOB_ID}' attempt='1' size='1048576' sha256='{REF_HEX}' type='image/png'/>"
+    )))
+    .unwrap();
+    assert_eq!((r.job.as_str(), r.attempt, r.size), (JOB_ID, 1, 1_048_576));
+    assert_eq!(data::hex(&r.sha256), REF_HEX);
+    assert_eq!(r.mime.as_deref(), Some("image/png"));
+    let s = Slot::try_from(el(&format!(
+        "<slot xmlns='urn:spine:1' job='{JOB_ID}' put='https://d.example.com:8443/v1/uploads/{JOB_ID}?attempt=1&amp;sig=x' expires-ms='300000'/>"
+    )))
+    .unwrap();
+    assert_eq!(s.expires_ms, 300_000);
+    assert_eq!(
+        s.put,
+        format!("https://d.example.com:8443/v1/uploads/{JOB_ID}?attempt=1&sig=x")
+    );
+    for bad in [
+        format!("<request-slot xmlns='urn:spine:1' job='{JOB_ID}' attempt='0' size='1' sha256='{REF_HEX}'/>"),
+        format!("<request-slot xmlns='urn:spine:1' job='{JOB_ID}' attempt='1' sha256='{REF_HEX}'/>"),
+        format!("<request-slot xmlns='urn:spine:1' job='{JOB_ID}' attempt='1' size='1' sha256='abc'/>"),
+        format!("<request-slot xmlns='urn:spine:1' job='{JOB_ID}' attempt='1' size='1' sha256='{REF_HEX}' x='1'/>"),
+    ] {
+        assert!(RequestSlot::try_from(el(&bad)).is_err(), "{bad}");
+    }
+    for bad in [
+        format!(
+            "<slot xmlns='urn:spine:1' job='{JOB_ID}' put='file:///etc/passwd' expires-ms='1'/>"
+        ),
+        format!("<slot xmlns='urn:spine:1' job='{JOB_ID}' put='https://d/x'/>"),
+        format!(
+            "<slot xmlns='urn:spine:1' job='{JOB_ID}' put='https://d/x' expires-ms='1'><x/></slot>"
+        ),
+    ] {
+        assert!(Slot::try_from(el(&bad)).is_err(), "{bad}");
+    }
+}
+
+#[test]
+fn fetch_failed_and_storage_full_travel_as_wait() {
+    use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType};
+    assert_eq!(
+        Condition::FetchFailed.xmpp(),
+        (DefinedCondition::RecipientUnavailable, ErrorType::Wait)
+    );
+    assert_eq!(
+        Condition::StorageFull.xmpp(),
+        (DefinedCondition::ResourceConstraint, ErrorType::Wait)
+    );
+    assert_eq!("fetch-failed".parse(), Ok(Condition::FetchFailed));
+    assert_eq!("storage-full".parse(), Ok(Condition::StorageFull));
+}

@@ -80,6 +80,39 @@ fn data() -> impl Strategy<Value = Data> {
             })),
     ]
 }
+/// `http://` or `https://` URLs of the shapes a dispatcher signs (query strings, escapes).
+fn url() -> impl Strategy<Value = String> {
+    (
+        prop_oneof![Just("http"), Just("https"), Just("HTTPS")],
+        "[a-z0-9.-]{1,20}(:[0-9]{1,5})?",
+        "(/[A-Za-z0-9._~%-]{0,12}){0,4}(\\?[a-z]{1,5}=[A-Za-z0-9%&=._-]{0,30})?",
+    )
+        .prop_map(|(scheme, host, rest)| format!("{scheme}://{host}{rest}"))
+}
+fn data_ref(sources: bool) -> impl Strategy<Value = Data> {
+    (
+        any::<u64>(),
+        any::<[u8; 32]>(),
+        option::of(mime()),
+        vec(url(), if sources { 1..=8 } else { 0..=0 }),
+    )
+        .prop_map(|(size, sha256, mime, sources)| {
+            Data::Ref(DataRef {
+                size,
+                sha256,
+                mime,
+                sources,
+            })
+        })
+}
+/// A job's input: inline, a blob, or a reference with sources.
+fn input_data() -> impl Strategy<Value = Data> {
+    prop_oneof![data(), data_ref(true)]
+}
+/// A result's output: inline, a blob, or a reference without sources.
+fn output_data() -> impl Strategy<Value = Data> {
+    prop_oneof![data(), data_ref(false)]
+}
 fn filter() -> impl Strategy<Value = Filter> {
     prop_oneof![
         Just("gpu=true, zone in (eu-1,eu-2)"),
@@ -198,7 +231,7 @@ fn job() -> impl Strategy<Value = Job> {
         option::of(nonempty_text()),
         any::<bool>(),
         args(),
-        option::of(data()),
+        option::of(input_data()),
     )
         .prop_map(
             |(id, capability, attempt, deadline_ms, submitter, progress, args, input)| Job {
@@ -220,7 +253,7 @@ fn job_result() -> impl Strategy<Value = JobResult> {
         1u64..,
         option::of(any::<u64>()),
         args(),
-        option::of(data()),
+        option::of(output_data()),
     )
         .prop_map(|(job, attempt, elapsed_ms, meta, output)| JobResult {
             job,
@@ -430,6 +463,14 @@ proptest! {
     #[test] fn discover_roundtrip(capability in cap(), filter in option::of(filter()), sort in option::of("[a-z]{1,5}".prop_map(|s| s.parse::<AttrName>().unwrap())), limit in option::of(any::<u64>())) {
         let x = Discover { capability, filter, sort, limit };
         prop_assert_eq!(through_wire(Payload::Discover(x.clone())), Payload::Discover(x));
+    }
+    #[test] fn request_slot_roundtrip(job in job_id(), attempt in 1u64.., size in any::<u64>(), sha256 in any::<[u8; 32]>(), mime in option::of(mime())) {
+        let x = RequestSlot { job, attempt, size, sha256, mime };
+        prop_assert_eq!(through_wire(Payload::RequestSlot(x.clone())), Payload::RequestSlot(x));
+    }
+    #[test] fn slot_roundtrip(job in job_id(), put in url(), expires_ms in any::<u64>()) {
+        let x = Slot { job, put, expires_ms };
+        prop_assert_eq!(through_wire(Payload::Slot(x.clone())), Payload::Slot(x));
     }
     #[test] fn agents_roundtrip(x in agents()) { prop_assert_eq!(through_wire(Payload::Agents(x.clone())), Payload::Agents(x)); }
 }

@@ -108,6 +108,13 @@ impl Core {
                     return self.fail_attempt(&s, e, now);
                 }
             },
+            // Protocol 1.1 (PROTOCOL.md §13.4); this dispatcher offers no upload slots yet, so
+            // no agent has one to refer to.
+            Some(Data::Ref(_)) => {
+                let e = SpineError::new(Condition::Malformed)
+                    .with_text("output by reference without an upload slot from this dispatcher");
+                return self.fail_attempt(&s, e, now);
+            }
         };
         // A large output goes to the blob store before the record holding it is kept; if the
         // store refuses it (its quota), the job store keeps it, as before the blob store.

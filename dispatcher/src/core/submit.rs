@@ -248,6 +248,12 @@ impl Core {
                 Ok(bytes) => (bytes, r.mime.clone()),
                 Err(e) => return self.reply_error(from, id, e),
             },
+            // The parser refuses a reference in <submit> (PROTOCOL.md §13.4).
+            Some(Data::Ref(_)) => {
+                let e = SpineError::new(Condition::Malformed)
+                    .with_text("a submit's input is inline or a blob, not a reference");
+                return self.reply_error(from, id, e);
+            }
         };
         let spec = JobSpec {
             capability: s.capability,
