@@ -8,7 +8,7 @@
 //! going ([`super::place`]).
 
 use jid::{FullJid, Jid};
-use spine_protocol::{presence_payloads, DispatcherHello, JobId};
+use spine_protocol::{presence_payloads, DispatcherHello, JobId, ProtocolVersion};
 use tracing::{debug, info, warn};
 use xmpp_parsers::iq::Iq;
 use xmpp_parsers::presence::{Presence, Type as PresenceType};
@@ -44,10 +44,17 @@ impl Core {
 
     /// Asks an agent (or every resource of an account) to advertise (PROTOCOL.md §4.4).
     pub(super) fn hello(&mut self, to: Jid) {
+        // 1.1 when this dispatcher offers the fast path for large payloads (PROTOCOL.md
+        // §13.4); agents then use its constructs toward us.
+        let protocol = if self.offers_references() {
+            ProtocolVersion::V1_1
+        } else {
+            ProtocolVersion::CURRENT
+        };
         self.send(
             Presence::available()
                 .with_to(to)
-                .with_payload(DispatcherHello::default()),
+                .with_payload(DispatcherHello { protocol }),
         );
     }
 
@@ -92,10 +99,12 @@ impl Core {
                     }
                     return;
                 }
-                match self
-                    .registry
-                    .on_advertise(&from, &ad, &load, now.mono, &mut self.rng)
-                {
+                let outcome =
+                    self.registry
+                        .on_advertise(&from, &ad, &load, now.mono, &mut self.rng);
+                let new = !matches!(outcome, AdvertiseOutcome::Updated(_));
+                self.agent_version(&from, ad.protocol.minor, new);
+                match outcome {
                     AdvertiseOutcome::Added(_) => {
                         info!(agent = %from, capabilities = ad.capabilities.len(), slots = ad.slots, "agent registered");
                         let account = from.to_bare().to_string();
@@ -131,6 +140,7 @@ impl Core {
         let lost = self.registry.on_agent_gone(agent);
         info!(agent = %agent, jobs = lost.len(), "agent gone ({why})");
         self.requests.forget_agent(agent);
+        self.http_agents.remove(agent);
         self.retry_lost(agent, lost, now);
     }
 

@@ -30,6 +30,14 @@ pub(crate) enum ApiRequest {
     },
     /// Cancel a job (and its children).
     Cancel { id: JobId },
+    /// The HTTP side stored an agent's upload to the slot of `job`'s `attempt` (its signature
+    /// named `agent`, a bare JID; its size and hash matched the slot's).
+    SlotFilled {
+        job: JobId,
+        attempt: u64,
+        agent: String,
+        blob: crate::blobs::Stored,
+    },
 }
 
 /// The answer to an [`ApiRequest`].
@@ -39,6 +47,7 @@ pub(crate) enum ApiReply {
     Submitted(Result<(JobId, JobState), SpineError>),
     /// The cancelled job's final state.
     Cancelled(Result<JobState, SpineError>),
+    SlotFilled(Result<(), SpineError>),
 }
 
 /// Names an [`ApiRequest`] so its answer in [`super::Ready::replies`] finds its asker.

@@ -20,6 +20,9 @@
 
 pub(crate) mod agents;
 pub(crate) mod api;
+pub(crate) mod data;
+#[cfg(test)]
+mod data_tests;
 #[cfg(test)]
 mod harness;
 pub(crate) mod inbound;
@@ -165,6 +168,12 @@ pub(crate) struct Core {
     blobs: BlobStore,
     /// The blob store, where payloads over the inline limit are kept.
     blob_store: Box<dyn BlobAccess>,
+    /// The fast path for large payloads, when the HTTP API has a public URL.
+    data: Option<data::DataPlane>,
+    /// Agents that announced protocol 1.1 (they fetch and upload over HTTP).
+    http_agents: HashMap<jid::FullJid, data::AgentData>,
+    /// Upload slots granted, by (job, attempt).
+    slots: data::Slots,
     /// Large outputs on their way to XMPP submitters, ahead of their statuses.
     deliveries: Deliveries,
     /// Queued jobs that found no capable agent, since when (ms).
@@ -212,6 +221,9 @@ impl Core {
         let mut core = Core {
             blobs: BlobStore::with_limits(cfg.blob_limits(BLOB_IDLE_TTL)),
             blob_store,
+            data: None,
+            http_agents: HashMap::new(),
+            slots: HashMap::new(),
             deliveries: Deliveries::new(format!("{:08x}", rng.random::<u32>())),
             requests: Requests::new(prefix),
             no_agent_since: HashMap::new(),

@@ -55,6 +55,7 @@ impl Core {
     /// everyone told ([`Core::notify_final`]).
     pub(super) fn settle(&mut self, job: &JobId, agent: Option<&FullJid>, how: Settled, now: Now) {
         self.release(job, agent);
+        self.forget_slots(job);
         match how {
             Settled::Unchanged => {}
             Settled::Retry(at) => {
@@ -108,27 +109,44 @@ impl Core {
                     return self.fail_attempt(&s, e, now);
                 }
             },
-            // Protocol 1.1 (PROTOCOL.md §13.4); this dispatcher offers no upload slots yet, so
-            // no agent has one to refer to.
-            Some(Data::Ref(_)) => {
-                let e = SpineError::new(Condition::Malformed)
-                    .with_text("output by reference without an upload slot from this dispatcher");
-                return self.fail_attempt(&s, e, now);
-            }
+            // Uploaded to the slot this attempt was granted (PROTOCOL.md §13.4).
+            Some(Data::Ref(r)) => match self.slot_output(&s.job, s.attempt, r) {
+                Ok(b) => return self.succeeded(&s, &result, Body::Stored(b), r.mime.clone(), now),
+                Err(why) => {
+                    warn!(job = %s.job, agent = %s.agent, "output by reference refused: {why}");
+                    let e = SpineError::new(Condition::Retryable)
+                        .with_text(format!("output by reference: {why}"));
+                    return self.fail_attempt(&s, e, now);
+                }
+            },
         };
         // A large output goes to the blob store before the record holding it is kept; if the
         // store refuses it (its quota), the job store keeps it, as before the blob store.
-        let output = match self.keep_body(Body::Inline(output), "output") {
-            Ok(b) => b,
-            Err(e) => {
-                warn!(job = %s.job, "output kept in the job store: {e}");
-                match &result.output {
-                    Some(Data::Inline { bytes, .. }) => Body::Inline(bytes.clone()),
-                    _ => return self.fail_attempt(&s, e, now),
+        let output = if output.len() > spine_protocol::INLINE_LIMIT {
+            match self.blob_store.put(&output) {
+                Ok(b) => Body::Stored(b),
+                Err(e) => {
+                    warn!(job = %s.job, "output kept in the job store: {e}");
+                    Body::Inline(output)
                 }
             }
+        } else {
+            Body::Inline(output)
         };
-        let how = match self.jobs.succeeded(&s.job, &result, output, mime, now.ms) {
+        self.succeeded(&s, &result, output, mime, now);
+    }
+
+    /// A result's outcome, its output kept where it belongs: recorded, unless the job already
+    /// has one.
+    fn succeeded(
+        &mut self,
+        s: &Sent,
+        result: &JobResult,
+        output: Body,
+        mime: Option<String>,
+        now: Now,
+    ) {
+        let how = match self.jobs.succeeded(&s.job, result, output, mime, now.ms) {
             Ok(_) => {
                 info!(job = %s.job, agent = %s.agent, attempt = s.attempt, "job succeeded");
                 Settled::Ended(JobState::Succeeded)
@@ -157,6 +175,12 @@ impl Core {
                 };
                 SpineError::new(c).with_text(format!("{:?}", error.defined_condition))
             });
+        if e.condition == Condition::FetchFailed && matches!(s.payload.input, Some(Data::Ref(_))) {
+            // The agent could not fetch the input by its URL: the same attempt goes again, in
+            // chunks (PROTOCOL.md §13.4).
+            let why = e.text.clone().unwrap_or_else(|| "no reason given".into());
+            return self.fetch_failed(&s.job, &s.agent, &why, now);
+        }
         if matches!(e.condition, Condition::Busy | Condition::Draining) {
             // Refused, not run: our view of its load was behind. Place it again at once,
             // without spending an attempt.

@@ -170,46 +170,62 @@ impl Core {
             self.latency
                 .observe(now.ms.saturating_sub(rec.accepted_ms) as f64 / 1000.0);
         }
-        let mut j = job_request(rec, now);
         let capability = rec.spec.capability.clone();
-        // Too large for the job stanza: sent ahead in chunks (the bytes are read below, once
-        // the job's bookkeeping is done).
-        let large = match &rec.spec.input {
-            Body::Stored(b) => Some((Large::Stored(*b), rec.spec.input_mime.clone())),
-            Body::Inline(b) if b.len() > INLINE_LIMIT => Some((
-                Large::Held(Arc::new(b.clone())),
-                rec.spec.input_mime.clone(),
-            )),
-            Body::Inline(_) => None,
-        };
-        let attempt = rec.attempts;
         self.persist(id);
         if let Some(a) = self.registry.id_of(&agent) {
             self.registry
                 .on_assigned(a, id.clone(), capability, &mut self.rng);
         }
-        let Some((large, mime)) = large else {
-            let iq_id = self.requests.id("j");
-            debug!(job = %id, agent = %agent, attempt, "dispatching");
-            let sent = Sent {
-                job: id.clone(),
-                agent: agent.clone(),
-                attempt,
-                bytes: stanza_bytes(&j),
-                payload: j.clone(),
-                at: now.mono,
-            };
-            self.requests.job_sent(iq_id.clone(), sent);
-            self.send(Iq::from_set(iq_id, j).with_to(agent.into()));
+        self.send_job(id, &agent, now);
+    }
+
+    /// Sends the current attempt of a job dispatched to `agent`: its input inline when it
+    /// fits the job stanza; by reference when it is stored and the agent fetches over HTTP
+    /// (PROTOCOL.md §13.4); otherwise in chunks ahead of the job (§13.1). Also how a job goes
+    /// again, in chunks, after the agent could not fetch it ([`Core::fetch_failed`]).
+    pub(super) fn send_job(&mut self, id: &JobId, agent: &FullJid, now: Now) {
+        let Some(rec) = self.jobs.get(id) else {
             return;
         };
-        // Too large to travel in the job: chunks first, the job when they are all in.
+        let mut j = job_request(rec, now);
+        let attempt = rec.attempts;
+        let mime = rec.spec.input_mime.clone();
+        // Too large for the job stanza: by reference, or in chunks.
+        let large = match &rec.spec.input {
+            Body::Stored(b) => Some(Large::Stored(*b)),
+            Body::Inline(b) if b.len() > INLINE_LIMIT => Some(Large::Held(Arc::new(b.clone()))),
+            Body::Inline(_) => None,
+        };
+        let reference = match &large {
+            Some(Large::Stored(b)) => self.input_reference(b, mime.clone(), id, agent, now),
+            _ => None,
+        };
+        let sent = |j: Job, bytes: usize| Sent {
+            job: id.clone(),
+            agent: agent.clone(),
+            attempt,
+            bytes,
+            payload: j,
+            at: now.mono,
+        };
+        if let Some(r) = reference {
+            j.input = Some(Data::Ref(r));
+        }
+        if large.is_none() || matches!(j.input, Some(Data::Ref(_))) {
+            let iq_id = self.requests.id("j");
+            debug!(job = %id, agent = %agent, attempt, "dispatching");
+            let s = sent(j.clone(), stanza_bytes(&j));
+            self.requests.job_sent(iq_id.clone(), s);
+            self.send(Iq::from_set(iq_id, j).with_to(agent.clone().into()));
+            return;
+        }
         let data = match large {
-            Large::Held(d) => Ok(d),
-            Large::Stored(b) => self.blob_store.read(&b).map(Arc::new).map_err(|e| {
+            Some(Large::Held(d)) => Ok(d),
+            Some(Large::Stored(b)) => self.blob_store.read(&b).map(Arc::new).map_err(|e| {
                 warn!(job = %id, blob = %b.hex(), "the job's input cannot be read from the blob store: {e}");
                 e
             }),
+            None => Ok(Arc::new(Vec::new())),
         };
         let data = match data {
             Ok(d) => d,
@@ -217,15 +233,7 @@ impl Core {
                 let e = SpineError::new(Condition::Failed).with_text(format!(
                     "the input cannot be read from the dispatcher's blob store: {e}"
                 ));
-                let sent = Sent {
-                    job: id.clone(),
-                    agent,
-                    attempt,
-                    bytes: 0,
-                    payload: j,
-                    at: now.mono,
-                };
-                return self.fail_attempt(&sent, e, now);
+                return self.fail_attempt(&sent(j, 0), e, now);
             }
         };
         use sha2::Digest as _;
@@ -241,16 +249,9 @@ impl Core {
             mime,
         }));
         debug!(job = %id, agent = %agent, bytes = data.len(), "uploading the input before the job");
-        let sent = Sent {
-            job: id.clone(),
-            agent,
-            attempt,
-            bytes: stanza_bytes(&j),
-            payload: j,
-            at: now.mono,
-        };
+        let s = sent(j.clone(), stanza_bytes(&j));
         self.requests
-            .start_upload(key, sent, blob, data, &mut self.ready.stanzas, now.mono);
+            .start_upload(key, s, blob, data, &mut self.ready.stanzas, now.mono);
     }
 
     /// Starts a speculative copy of each straggling map/reduce step that has another capable

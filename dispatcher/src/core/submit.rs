@@ -32,6 +32,12 @@ impl Core {
                 visible,
             } => ApiReply::Submitted(self.accept(*spec, wait_for_agent, &visible, now)),
             ApiRequest::Cancel { id } => ApiReply::Cancelled(self.cancel_job(&id, now)),
+            ApiRequest::SlotFilled {
+                job,
+                attempt,
+                agent,
+                blob,
+            } => ApiReply::SlotFilled(self.slot_filled(&job, attempt, &agent, blob)),
         };
         self.ready.replies.push((token, reply));
         if std::mem::take(&mut self.place_pending) {
@@ -157,7 +163,7 @@ impl Core {
             .is_none_or(|j| grant.may_see(from.to_bare().as_str(), &j.spec.submitter))
     }
 
-    fn reply_error(&mut self, to: Jid, id: String, e: SpineError) {
+    pub(super) fn reply_error(&mut self, to: Jid, id: String, e: SpineError) {
         self.send(Iq::from_error(id, StanzaError::from(e)).with_to(to));
     }
 
@@ -289,6 +295,15 @@ impl Core {
     pub(super) fn on_get(&mut self, from: Jid, id: String, payload: minidom::Element, now: Now) {
         if !payload.ns().starts_with(spine_protocol::NS_PREFIX) {
             return self.not_ours(from, id);
+        }
+        // An agent's request for an upload slot: answered by whether the job runs there, not
+        // by a submitter's grant.
+        if payload.name() == "request-slot" {
+            return match spine_protocol::parse_payload(payload) {
+                Ok(Payload::RequestSlot(r)) => self.on_request_slot(from, id, r, now),
+                Ok(_) => self.reply_error(from, id, SpineError::new(Condition::Malformed)),
+                Err(e) => self.reply_error(from, id, e.to_spine_error()),
+            };
         }
         let Some(grant) = self.grant(&from) else {
             let e = SpineError::new(Condition::NotAuthorized)

@@ -28,6 +28,8 @@ pub(crate) struct World {
     instance: u64,
     /// The heartbeat agents advertise (ms).
     pub heartbeat_ms: u64,
+    /// The protocol version agents announce.
+    pub protocol: ProtocolVersion,
 }
 
 /// A job request the core sent.
@@ -84,6 +86,7 @@ impl World {
             token: 0,
             instance: 0,
             heartbeat_ms: 1000,
+            protocol: ProtocolVersion::CURRENT,
         }
     }
 
@@ -99,7 +102,7 @@ impl World {
     pub(crate) fn agent_with(&mut self, n: usize, slots: u64, caps: &[&str]) -> FullJid {
         self.instance += 1;
         let ad = Advertise {
-            protocol: ProtocolVersion::CURRENT,
+            protocol: self.protocol,
             instance: format!("00000000-0000-0000-0000-{:012}", self.instance),
             gen: 1,
             slots,

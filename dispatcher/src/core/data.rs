@@ -1,0 +1,305 @@
+//! The fast path for large payloads (protocol 1.1, PROTOCOL.md §13.4): agents that announced
+//! 1.1 get a large input as a reference — its size, SHA-256 and a signed, expiring URL of
+//! this dispatcher's HTTP API — instead of chunks, and upload a large output to a slot this
+//! dispatcher grants before referring to it in their result.
+//!
+//! Part of the [`Core`](super::Core): placement asks [`Core::input_reference`] whether a
+//! stored input may go by reference to an agent; an agent's `fetch-failed` sends the same job
+//! again in chunks ([`Core::fetch_failed`]) and that agent gets chunks for
+//! [`CHUNKS_AFTER_FETCH_FAILED`]; `<request-slot/>` is answered here; the HTTP side reports a
+//! filled slot ([`Core::slot_filled`]) before the agent's result, which
+//! [`Core::slot_output`] then resolves. Signing is pure (a key and the time given), so the
+//! core stays free of I/O; the HTTP side checks what is signed here with the same parts
+//! ([`fetch_parts`], [`put_parts`]).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use jid::{BareJid, FullJid, Jid};
+use spine_protocol::{Condition, DataRef, JobId, RequestSlot, Slot, SpineError};
+use tracing::{info, warn};
+use xmpp_parsers::iq::Iq;
+
+use super::{Core, Now};
+use crate::blobs::Stored;
+use crate::signing::UrlKey;
+
+/// How long an agent whose fetch failed gets chunks before HTTP is tried again.
+pub(crate) const CHUNKS_AFTER_FETCH_FAILED: Duration = Duration::from_secs(600);
+
+/// What the core needs to hand out URLs: where agents reach this dispatcher's HTTP API, the
+/// key that signs, and how long a URL is valid.
+pub(crate) struct DataPlane {
+    /// The API's base URL as agents reach it (`public_url`), without a trailing slash.
+    pub base: String,
+    /// The signing key.
+    pub key: Arc<UrlKey>,
+    /// Lifetime of a signed URL.
+    pub ttl: Duration,
+}
+
+/// What the core knows of an agent that announced 1.1.
+#[derive(Debug, Default)]
+pub(crate) struct AgentData {
+    /// After a failed fetch: chunks until then.
+    chunks_until: Option<Instant>,
+}
+
+/// An upload slot granted: what the agent said it will put there, and whether it did.
+#[derive(Debug)]
+pub(crate) struct Granted {
+    agent: BareJid,
+    want: Stored,
+    filled: bool,
+}
+
+/// The signed parts of an input's fetch URL.
+pub(crate) fn fetch_parts(blob: &Stored, agent: &str, job: &str) -> [String; 4] {
+    [
+        "GET".into(),
+        format!("/v1/blobs/{}", blob.hex()),
+        agent.into(),
+        job.into(),
+    ]
+}
+
+/// The signed parts of an upload slot's URL.
+pub(crate) fn put_parts(job: &str, agent: &str, attempt: u64, want: &Stored) -> [String; 6] {
+    [
+        "PUT".into(),
+        format!("/v1/uploads/{job}"),
+        agent.into(),
+        attempt.to_string(),
+        want.size.to_string(),
+        want.hex(),
+    ]
+}
+
+fn sign(key: &UrlKey, parts: &[String], exp: u64) -> String {
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    key.sign(&parts, exp)
+}
+
+impl DataPlane {
+    fn exp(&self, now: Now) -> u64 {
+        (now.ms / 1000).saturating_add(self.ttl.as_secs().max(1))
+    }
+
+    /// A signed URL for `agent` to fetch `blob`, the input of `job`.
+    fn fetch_url(&self, blob: &Stored, job: &JobId, agent: &BareJid, now: Now) -> String {
+        let exp = self.exp(now);
+        let sig = sign(
+            &self.key,
+            &fetch_parts(blob, agent.as_str(), job.as_str()),
+            exp,
+        );
+        let query = serde_urlencoded::to_string([
+            ("job", job.as_str()),
+            ("agent", agent.as_str()),
+            ("exp", &exp.to_string()),
+            ("sig", &sig),
+        ])
+        .unwrap_or_default();
+        format!("{}/v1/blobs/{}?{query}", self.base, blob.hex())
+    }
+
+    /// A signed upload URL for `agent`'s output of `job`'s attempt.
+    fn put_url(
+        &self,
+        job: &JobId,
+        attempt: u64,
+        agent: &BareJid,
+        want: &Stored,
+        now: Now,
+    ) -> String {
+        let exp = self.exp(now);
+        let sig = sign(
+            &self.key,
+            &put_parts(job.as_str(), agent.as_str(), attempt, want),
+            exp,
+        );
+        let query = serde_urlencoded::to_string([
+            ("attempt", attempt.to_string().as_str()),
+            ("agent", agent.as_str()),
+            ("size", &want.size.to_string()),
+            ("sha256", &want.hex()),
+            ("exp", &exp.to_string()),
+            ("sig", &sig),
+        ])
+        .unwrap_or_default();
+        format!("{}/v1/uploads/{job}?{query}", self.base)
+    }
+}
+
+impl Core {
+    /// Turns the fast path on: `<dispatcher protocol='1.1'/>` hellos, references, slots.
+    pub(crate) fn set_data_plane(&mut self, dp: DataPlane) {
+        info!(base = %dp.base, "large payloads go by reference to agents that fetch over HTTP");
+        self.data = Some(dp);
+    }
+
+    /// Whether this dispatcher offers the fast path (and announces 1.1).
+    pub(super) fn offers_references(&self) -> bool {
+        self.data.is_some()
+    }
+
+    /// An agent announced its protocol version: 1.1 agents can fetch and upload over HTTP.
+    /// `new`: it was just registered (or restarted), so it gets a hello telling it our
+    /// version, which it answers with its advertisement.
+    pub(super) fn agent_version(&mut self, agent: &FullJid, minor: u32, new: bool) {
+        if minor < 1 || !self.offers_references() {
+            self.http_agents.remove(agent);
+            return;
+        }
+        self.http_agents.entry(agent.clone()).or_default();
+        if new {
+            self.hello(Jid::from(agent.clone()));
+        }
+    }
+
+    /// The reference form of a stored input for `agent`, if it may fetch it over HTTP.
+    pub(super) fn input_reference(
+        &self,
+        blob: &Stored,
+        mime: Option<String>,
+        job: &JobId,
+        agent: &FullJid,
+        now: Now,
+    ) -> Option<DataRef> {
+        let dp = self.data.as_ref()?;
+        let a = self.http_agents.get(agent)?;
+        if a.chunks_until.is_some_and(|t| now.mono < t) {
+            return None;
+        }
+        Some(DataRef {
+            size: blob.size,
+            sha256: blob.sha256,
+            mime,
+            sources: vec![dp.fetch_url(blob, job, &agent.to_bare(), now)],
+        })
+    }
+
+    /// An agent could not fetch an input: it gets chunks for a while (logged once until
+    /// then), and this job goes to it again at once, in chunks, as the same attempt.
+    pub(super) fn fetch_failed(&mut self, job: &JobId, agent: &FullJid, why: &str, now: Now) {
+        let a = self.http_agents.entry(agent.clone()).or_default();
+        if a.chunks_until.is_none_or(|t| now.mono >= t) {
+            warn!(agent = %agent, "agent could not fetch an input over HTTP ({why}): it gets chunks for {} s", CHUNKS_AFTER_FETCH_FAILED.as_secs());
+        }
+        a.chunks_until = Some(now.mono + CHUNKS_AFTER_FETCH_FAILED);
+        self.send_job(job, agent, now);
+    }
+
+    /// `<request-slot/>` from an agent: a signed upload URL for its output, if the job runs
+    /// on that agent in that attempt.
+    pub(super) fn on_request_slot(&mut self, from: Jid, id: String, r: RequestSlot, now: Now) {
+        let refuse = |c: Condition, text: String| SpineError::new(c).with_text(text);
+        let Some(dp) = self.data.as_ref() else {
+            let e = refuse(
+                Condition::Malformed,
+                "this dispatcher offers no upload slots (no public_url for its HTTP API): send the output in chunks".into(),
+            );
+            return self.reply_error(from, id, e);
+        };
+        let runs_here = self.jobs.get(&r.job).is_some_and(|j| {
+            !j.state.is_final()
+                && j.attempts == r.attempt
+                && j.agent
+                    .as_ref()
+                    .is_some_and(|a| a.as_str() == from.as_str())
+        });
+        if !runs_here {
+            let e = refuse(
+                Condition::UnknownJob,
+                format!(
+                    "job {} attempt {} is not running on {from}",
+                    r.job, r.attempt
+                ),
+            );
+            return self.reply_error(from, id, e);
+        }
+        let max = self.cfg.max_blob.as_u64();
+        if r.size > max {
+            let mut e = SpineError::new(Condition::TooLarge).with_text(format!(
+                "an output of {} bytes is over this dispatcher's limit of {max} (max_blob)",
+                r.size
+            ));
+            e.max = Some(max);
+            return self.reply_error(from, id, e);
+        }
+        let want = Stored {
+            sha256: r.sha256,
+            size: r.size,
+        };
+        let agent = from.to_bare();
+        let put = dp.put_url(&r.job, r.attempt, &agent, &want, now);
+        let expires_ms = dp.ttl.as_millis() as u64;
+        self.slots.insert(
+            (r.job.clone(), r.attempt),
+            Granted {
+                agent,
+                want,
+                filled: false,
+            },
+        );
+        let slot = Slot {
+            job: r.job,
+            put,
+            expires_ms,
+        };
+        self.send(Iq::from_result(id, Some(slot)).with_to(from));
+    }
+
+    /// The HTTP side stored the bytes of a slot (their size and hash checked against what
+    /// was signed): the agent's result may refer to them now.
+    pub(super) fn slot_filled(
+        &mut self,
+        job: &JobId,
+        attempt: u64,
+        agent: &str,
+        got: Stored,
+    ) -> Result<(), SpineError> {
+        match self.slots.get_mut(&(job.clone(), attempt)) {
+            Some(g) if g.agent.as_str() == agent && g.want == got => {
+                g.filled = true;
+                Ok(())
+            }
+            _ => Err(SpineError::new(Condition::UnknownJob).with_text(format!(
+                "no upload slot for job {job} attempt {attempt} (the attempt ended, or the slot was never granted)"
+            ))),
+        }
+    }
+
+    /// The output a result refers to by reference without sources: the bytes put to this
+    /// attempt's slot, if they were put and match.
+    pub(super) fn slot_output(
+        &mut self,
+        job: &JobId,
+        attempt: u64,
+        r: &DataRef,
+    ) -> Result<Stored, String> {
+        let got = Stored {
+            sha256: r.sha256,
+            size: r.size,
+        };
+        match self.slots.remove(&(job.clone(), attempt)) {
+            Some(g) if g.filled && g.want == got && self.blob_store.contains(&got) => Ok(got),
+            Some(g) if !g.filled => {
+                Err("the output was not uploaded to its slot before the result".into())
+            }
+            Some(_) => Err("the output's size or hash differs from what was uploaded".into()),
+            None => Err("no upload slot was granted for this attempt".into()),
+        }
+    }
+
+    /// Forgets the slots of a job's attempts that ended (called when it settles).
+    pub(super) fn forget_slots(&mut self, job: &JobId) {
+        if !self.slots.is_empty() {
+            self.slots.retain(|(j, _), _| j != job);
+        }
+    }
+}
+
+/// For the core's maps.
+pub(crate) type Slots = HashMap<(JobId, u64), Granted>;

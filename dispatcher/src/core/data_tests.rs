@@ -1,0 +1,286 @@
+//! The fast path for large payloads, decided by the core (PROTOCOL.md §13.4): references to
+//! 1.1 agents, chunks to 1.0 agents and after a failed fetch, upload slots and the results
+//! that refer to them.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use jid::Jid;
+use spine_protocol::{
+    Condition, Data, DataRef, JobResult, JobState, ProtocolVersion, RequestSlot, Slot, SpineError,
+    INLINE_LIMIT,
+};
+use tokio_xmpp::Stanza;
+use xmpp_parsers::iq::Iq;
+
+use super::data::DataPlane;
+use super::tests::{jobs_sent, spec, World};
+use super::*;
+use crate::blobs::Stored;
+use crate::jobs::JobSpec;
+use crate::signing::UrlKey;
+
+const CAP: &str = "c.work";
+
+fn world() -> World {
+    let mut w = World::new();
+    w.core.set_data_plane(DataPlane {
+        base: "http://127.0.0.1:8080".into(),
+        key: Arc::new(UrlKey::from_bytes([3; 32])),
+        ttl: Duration::from_secs(300),
+    });
+    w.protocol = ProtocolVersion::V1_1;
+    w
+}
+
+fn large() -> JobSpec {
+    let mut s = spec(CAP);
+    s.input = vec![5u8; INLINE_LIMIT * 3].into();
+    s.input_mime = Some("image/png".into());
+    s
+}
+
+fn hellos(stanzas: &[Stanza]) -> Vec<(Jid, String)> {
+    stanzas
+        .iter()
+        .filter_map(|s| match s {
+            Stanza::Presence(p) => {
+                let e = p.payloads.iter().find(|e| e.name() == "dispatcher")?;
+                Some((p.to.clone()?, e.attr("protocol")?.to_owned()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn chunk_count(stanzas: &[Stanza]) -> usize {
+    stanzas
+        .iter()
+        .filter(|s| matches!(s, Stanza::Iq(Iq::Set { payload, .. }) if payload.name() == "chunk"))
+        .count()
+}
+
+#[test]
+fn a_new_1_1_agent_is_told_the_dispatchers_version_and_gets_large_inputs_by_reference() {
+    let mut w = world();
+    let a = w.agent(1, 1);
+    let r = w.ready();
+    assert_eq!(
+        hellos(&r.stanzas),
+        vec![(Jid::from(a.clone()), "1.1".to_owned())],
+        "one hello, to the agent's full JID"
+    );
+    let (id, _) = w.submit(large()).unwrap();
+    let blob = w.core.record(&id).unwrap().spec.input.stored().unwrap();
+    let r = w.ready();
+    assert_eq!(
+        chunk_count(&r.stanzas),
+        0,
+        "no chunks to an agent that fetches"
+    );
+    let sent = jobs_sent(&r.stanzas).remove(0);
+    let Some(Data::Ref(DataRef {
+        size,
+        sha256,
+        mime,
+        sources,
+    })) = sent.job.input
+    else {
+        panic!("not a reference: {:?}", sent.job.input);
+    };
+    assert_eq!((size, sha256), (blob.size, blob.sha256));
+    assert_eq!(mime.as_deref(), Some("image/png"));
+    let [url] = <[String; 1]>::try_from(sources).unwrap();
+    let prefix = format!("http://127.0.0.1:8080/v1/blobs/{}?job={id}", blob.hex());
+    assert!(url.starts_with(&prefix), "{url}");
+    assert!(url.contains("agent=agent1%40localhost&"), "{url}");
+    assert!(url.contains("&exp=1700000300&sig="), "{url}");
+}
+
+#[test]
+fn a_1_0_agent_gets_chunks_and_no_hello() {
+    let mut w = world();
+    w.protocol = ProtocolVersion::CURRENT;
+    w.agent(1, 1);
+    assert!(hellos(&w.ready().stanzas).is_empty());
+    w.submit(large()).unwrap();
+    let r = w.ready();
+    assert_eq!(chunk_count(&r.stanzas), 3);
+    assert!(
+        jobs_sent(&r.stanzas).is_empty(),
+        "the job follows its chunks"
+    );
+}
+
+#[test]
+fn without_a_public_url_even_a_1_1_agent_gets_chunks() {
+    let mut w = World::new();
+    w.protocol = ProtocolVersion::V1_1;
+    w.agent(1, 1);
+    assert!(hellos(&w.ready().stanzas).is_empty());
+    w.submit(large()).unwrap();
+    assert_eq!(chunk_count(&w.ready().stanzas), 3);
+}
+
+#[test]
+fn after_a_failed_fetch_the_same_attempt_goes_again_in_chunks_and_the_agent_gets_chunks() {
+    let mut w = world();
+    w.agent(1, 2);
+    w.ready();
+    let (id, _) = w.submit(large()).unwrap();
+    let sent = jobs_sent(&w.ready().stanzas).remove(0);
+    w.refuse(
+        &sent,
+        SpineError::new(Condition::FetchFailed).with_text("127.0.0.1: connection refused"),
+    );
+    let r = w.ready();
+    assert_eq!(chunk_count(&r.stanzas), 3, "the input in chunks");
+    let rec = w.core.record(&id).unwrap();
+    assert_eq!(
+        (rec.state, rec.attempts),
+        (JobState::Dispatched, 1),
+        "the same attempt, still on its agent"
+    );
+    // The next job to that agent goes in chunks too.
+    w.submit(large()).unwrap();
+    let r = w.ready();
+    assert!(jobs_sent(&r.stanzas).is_empty());
+    assert_eq!(chunk_count(&r.stanzas), 3);
+}
+
+/// An output of 1 MiB, put in the core's store as the HTTP side would.
+fn output(w: &mut World) -> Stored {
+    w.core.blob_store.put(&vec![7u8; 1 << 20]).unwrap()
+}
+
+fn request_slot(
+    w: &mut World,
+    from: &jid::FullJid,
+    job: &JobId,
+    attempt: u64,
+    blob: Stored,
+) -> Result<Slot, SpineError> {
+    let r = RequestSlot {
+        job: job.clone(),
+        attempt,
+        size: blob.size,
+        sha256: blob.sha256,
+        mime: Some("image/png".into()),
+    };
+    let iq = Iq::from_get("s1", r).with_from(Jid::from(from.clone()));
+    w.core.stanza(iq.into(), w.now);
+    let r = w.ready();
+    for s in r.stanzas {
+        match s {
+            Stanza::Iq(Iq::Result {
+                id,
+                payload: Some(p),
+                ..
+            }) if id == "s1" => return Ok(Slot::try_from(p).unwrap()),
+            Stanza::Iq(Iq::Error { id, error, .. }) if id == "s1" => {
+                return Err(SpineError::from_stanza_error(&error).unwrap().unwrap())
+            }
+            _ => {}
+        }
+    }
+    panic!("no answer to the slot request");
+}
+
+fn result_by_reference(w: &mut World, sent: &tests::SentJob, from: &jid::FullJid, blob: Stored) {
+    let r = JobResult {
+        job: sent.job.id.clone(),
+        attempt: sent.job.attempt,
+        elapsed_ms: Some(1),
+        meta: Default::default(),
+        output: Some(Data::Ref(DataRef {
+            size: blob.size,
+            sha256: blob.sha256,
+            mime: Some("image/png".into()),
+            sources: vec![],
+        })),
+    };
+    let iq = Iq::from_result(sent.iq.clone(), Some(r)).with_from(Jid::from(from.clone()));
+    w.core.stanza(iq.into(), w.now);
+}
+
+#[test]
+fn an_output_uploaded_to_its_slot_becomes_the_jobs_stored_output() {
+    let mut w = world();
+    let a = w.agent(1, 1);
+    let (id, _) = w.submit(spec(CAP)).unwrap();
+    let sent = jobs_sent(&w.ready().stanzas).remove(0);
+    let blob = output(&mut w);
+    let slot = request_slot(&mut w, &a, &id, 1, blob).unwrap();
+    assert_eq!(slot.job, id);
+    assert_eq!(slot.expires_ms, 300_000);
+    assert!(
+        slot.put.starts_with(&format!(
+            "http://127.0.0.1:8080/v1/uploads/{id}?attempt=1&agent=agent1%40localhost&size=1048576&sha256={}&exp=",
+            blob.hex()
+        )),
+        "{}",
+        slot.put
+    );
+    // The HTTP side stored the bytes (`output` above) and says so.
+    w.core.api(
+        99,
+        ApiRequest::SlotFilled {
+            job: id.clone(),
+            attempt: 1,
+            agent: "agent1@localhost".into(),
+            blob,
+        },
+        w.now,
+    );
+    assert_eq!(w.ready().replies, vec![(99, ApiReply::SlotFilled(Ok(())))]);
+    result_by_reference(&mut w, &sent, &a, blob);
+    w.ready();
+    let rec = w.core.record(&id).unwrap();
+    assert_eq!(rec.state, JobState::Succeeded);
+    match &rec.outcome {
+        Some(crate::jobs::Recorded::Succeeded { output, mime, .. }) => {
+            assert_eq!(output.stored(), Some(blob));
+            assert_eq!(mime.as_deref(), Some("image/png"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(w.core.blob_refs(&blob), 1);
+}
+
+#[test]
+fn a_slot_is_granted_only_to_the_agent_running_that_attempt_and_a_result_needs_the_upload() {
+    let mut w = world();
+    let a = w.agent(1, 1);
+    let b = w.agent(2, 1);
+    let (id, _) = w.submit(spec(CAP)).unwrap();
+    let sent = jobs_sent(&w.ready().stanzas).remove(0);
+    let runner = sent.to.clone();
+    let other = if runner == a { b } else { a };
+    let blob = output(&mut w);
+    assert_eq!(
+        request_slot(&mut w, &other, &id, 1, blob)
+            .unwrap_err()
+            .condition,
+        Condition::UnknownJob
+    );
+    assert_eq!(
+        request_slot(&mut w, &runner, &id, 2, blob)
+            .unwrap_err()
+            .condition,
+        Condition::UnknownJob,
+        "another attempt"
+    );
+    request_slot(&mut w, &runner, &id, 1, blob).unwrap();
+    // The filled report must come from the slot's agent.
+    assert!(w
+        .core
+        .slot_filled(&id, 1, other.to_bare().as_str(), blob)
+        .is_err());
+    // A result referring to an upload that never came: the attempt fails (retried).
+    result_by_reference(&mut w, &sent, &runner, blob);
+    w.ready();
+    let rec = w.core.record(&id).unwrap();
+    assert_ne!(rec.state, JobState::Succeeded);
+    assert_eq!(rec.attempts, 1);
+    assert!(rec.not_before_ms > 0 || rec.state == JobState::Queued);
+}
