@@ -55,10 +55,10 @@ pub(crate) struct Granted {
 }
 
 /// The signed parts of an input's fetch URL.
-pub(crate) fn fetch_parts(blob: &Stored, agent: &str, job: &str) -> [String; 4] {
+pub(crate) fn fetch_parts(blob_hex: &str, agent: &str, job: &str) -> [String; 4] {
     [
         "GET".into(),
-        format!("/v1/blobs/{}", blob.hex()),
+        format!("/v1/blobs/{blob_hex}"),
         agent.into(),
         job.into(),
     ]
@@ -91,7 +91,7 @@ impl DataPlane {
         let exp = self.exp(now);
         let sig = sign(
             &self.key,
-            &fetch_parts(blob, agent.as_str(), job.as_str()),
+            &fetch_parts(&blob.hex(), agent.as_str(), job.as_str()),
             exp,
         );
         let query = serde_urlencoded::to_string([

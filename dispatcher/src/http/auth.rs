@@ -145,6 +145,8 @@ fn authenticate(h: &Handle, headers: &HeaderMap, peer: SocketAddr) -> Result<Cal
 fn body_limit(h: &Handle, method: &Method, path: &str) -> usize {
     if method == Method::POST && path == "/v1/jobs" {
         max_body(h.max_input)
+    } else if method == Method::PUT && path == "/v1/blobs" {
+        usize::try_from(h.max_input).unwrap_or(usize::MAX)
     } else {
         SMALL_BODY
     }

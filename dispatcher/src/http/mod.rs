@@ -15,6 +15,7 @@
 //! a set of capabilities. With no token configured the API serves loopback clients only.
 
 mod auth;
+mod data;
 mod error;
 mod request;
 mod routes;
@@ -33,6 +34,7 @@ pub(crate) use routes::router;
 pub(crate) use serve::{ensure_open_files, serve};
 pub use views::job_json;
 
+use data::DataHandle;
 use serve::{ConnCounts, Limits, Streams};
 
 /// Largest HTTP request body for a dispatcher whose largest input is `max_input` bytes (its
@@ -61,6 +63,8 @@ pub(crate) struct Handle {
     limits: Arc<Limits>,
     streams: Arc<Streams>,
     conns: Arc<ConnCounts>,
+    /// The blob store's endpoints, when the data plane is on.
+    pub(crate) data: Option<DataHandle>,
 }
 
 impl Handle {
@@ -81,6 +85,17 @@ impl Handle {
             limits: Arc::new(Limits::from_config(cfg)),
             streams: Arc::default(),
             conns: Arc::default(),
+            data: None,
         }
+    }
+
+    /// With the blob store's endpoints (the data plane, docs/dispatcher.md §4).
+    pub(crate) fn with_data(mut self, blobs: crate::blobs::BlobStore, key: Arc<crate::signing::UrlKey>) -> Self {
+        self.data = Some(DataHandle {
+            blobs,
+            key,
+            counters: Arc::default(),
+        });
+        self
     }
 }

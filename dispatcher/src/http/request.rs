@@ -22,6 +22,8 @@ pub struct SubmitRequest {
     args: Option<serde_json::Map<String, Value>>,
     /// Input bytes, base64.
     input: Option<String>,
+    /// Input already in the blob store (`PUT /v1/blobs`): its SHA-256, hex.
+    pub(super) input_ref: Option<String>,
     input_type: Option<String>,
     strategy: Option<String>,
     filter: Option<String>,

@@ -22,15 +22,16 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::debug;
 
 use super::auth::{admit, read_body, Caller};
+use super::data;
 use super::error::ApiError;
 use super::request::{body_form, job_id, parse_request, query_as_json, spec_from, BodyForm};
 use super::views::{agent_json, job_json, job_listed_json};
 use super::{max_body, Command, Handle, SMALL_BODY};
 use crate::core::{Answer, ApiReply, ApiRequest, Query as Lookup};
-use crate::jobs::JobRecord;
+use crate::jobs::{Body as JobBody, JobRecord};
 
 /// Asks the driver for a change (answered once it is stored).
-async fn change(h: &Handle, request: ApiRequest) -> Result<ApiReply, ApiError> {
+pub(super) async fn change(h: &Handle, request: ApiRequest) -> Result<ApiReply, ApiError> {
     let (reply, rx) = oneshot::channel();
     h.tx.send(Command::Change { request, reply })
         .await
@@ -48,7 +49,7 @@ async fn read(h: &Handle, query: Lookup) -> Result<Answer, ApiError> {
 }
 
 /// An answer of another kind than asked for: a bug, reported as the API being unavailable.
-fn mismatch() -> ApiError {
+pub(super) fn mismatch() -> ApiError {
     tracing::error!("the dispatcher answered an HTTP request with an answer of another kind");
     ApiError::unavailable()
 }
@@ -63,48 +64,62 @@ async fn submit(
     uri: axum::http::Uri,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let declared = headers
-        .get(axum::http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(0);
-    let body = read_body(body, max_body(h.max_input), declared).await?;
     let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
-        .unwrap_or("application/json");
-    let (req, raw) = match body_form(content_type, uri.query(), &body)? {
-        BodyForm::Json => (parse_request(&body, "JSON body")?, None),
-        BodyForm::Raw => {
-            let fields = query_as_json(uri.query())?;
-            if fields.get("capability").is_none() {
-                return Err(ApiError::field(
-                    "capability",
-                    format!(
-                        "missing: a body of Content-Type {content_type} is a raw upload (the job's input), and its job fields, capability first, go in the query string (?capability=…); to send the job as JSON, send Content-Type: application/json"
-                    ),
-                ));
-            }
-            let req = parse_request(fields.to_string().as_bytes(), "query parameters")?;
-            (req, Some((body, content_type.to_owned())))
-        }
-    };
-    let wait_for_agent = req.wait_for_agent.unwrap_or(false);
-    let mut spec = spec_from(req, &caller, h.max_attempts, h.max_input)?;
-    if let Some((input, mime)) = raw {
-        if input.len() as u64 > h.max_input {
-            return Err(ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too-large",
+        .unwrap_or("application/json")
+        .to_owned();
+    let declared = data::content_length(&headers);
+    // A raw upload is told by its Content-Type alone (a form-encoded body needs a look at
+    // its first byte): its body streams to the blob store, never whole into memory.
+    let raw = !matches!(
+        body_form(&content_type, uri.query(), b"{"),
+        Ok(BodyForm::Json)
+    );
+    let (mut req, body) = if raw {
+        let fields = query_as_json(uri.query())?;
+        if fields.get("capability").is_none() {
+            return Err(ApiError::field(
+                "capability",
                 format!(
-                    "input of {} bytes is over the limit of {}",
-                    input.len(),
-                    h.max_input
+                    "missing: a body of Content-Type {content_type} is a raw upload (the job's input), and its job fields, capability first, go in the query string (?capability=…); to send the job as JSON, send Content-Type: application/json"
                 ),
             ));
         }
-        spec.input = crate::jobs::Body::Inline(input);
-        spec.input_mime = Some(mime);
+        (
+            parse_request(fields.to_string().as_bytes(), "query parameters")?,
+            Some(body),
+        )
+    } else {
+        let small = usize::try_from(declared.unwrap_or(0)).unwrap_or(usize::MAX);
+        let bytes = read_body(body, max_body(h.max_input), small).await?;
+        body_form(&content_type, uri.query(), &bytes)?;
+        (parse_request(&bytes, "JSON body")?, None)
+    };
+    let wait_for_agent = req.wait_for_agent.unwrap_or(false);
+    let input_ref = req.input_ref.take();
+    let mut spec = spec_from(req, &caller, h.max_attempts, h.max_input)?;
+    if let Some(body) = body {
+        spec.input = match (&h.data, declared) {
+            (Some(d), n) if n.is_none_or(|n| n > spine_protocol::INLINE_LIMIT as u64) => {
+                JobBody::Stored(data::store_body(&d.blobs, body, n, h.max_input, None).await?)
+            }
+            _ => {
+                let limit = usize::try_from(h.max_input).unwrap_or(usize::MAX);
+                let small = usize::try_from(declared.unwrap_or(0)).unwrap_or(usize::MAX);
+                JobBody::Inline(read_body(body, limit, small).await?)
+            }
+        };
+        spec.input_mime = Some(content_type);
+    }
+    if let Some(hex) = input_ref {
+        if !spec.input.is_empty() {
+            return Err(ApiError::field(
+                "input_ref",
+                "give an input, fragments or an input_ref, one of them",
+            ));
+        }
+        spec.input = JobBody::Stored(data::stored_ref(&h, &hex)?);
     }
     let request = ApiRequest::Submit {
         spec: Box::new(spec),
@@ -134,7 +149,7 @@ async fn get_job(
 }
 
 /// The job `id`, or 404.
-async fn find_job(h: &Handle, id: &JobId) -> Result<JobRecord, ApiError> {
+pub(super) async fn find_job(h: &Handle, id: &JobId) -> Result<JobRecord, ApiError> {
     let Answer::Job(job) = read(h, Lookup::Get { id: id.clone() }).await? else {
         return Err(mismatch());
     };
@@ -387,6 +402,9 @@ async fn metrics(State(h): State<Handle>, caller: Caller) -> Result<Response, Ap
         h.conns.refused.load(Ordering::Acquire),
         h.streams.total(),
     ));
+    if let Some(d) = &h.data {
+        text.push_str(&d.counters.render(&d.blobs));
+    }
     Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
 }
 
@@ -421,11 +439,16 @@ pub(crate) fn router(h: Handle) -> Router {
         .route("/v1/jobs", axum::routing::post(submit).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/events", get(events))
+        .route("/v1/jobs/{id}/output", get(data::get_output))
+        .route("/v1/blobs", axum::routing::put(data::put_blob))
         .route("/v1/agents", get(agents))
         .route("/v1/capabilities", get(capabilities))
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(h.clone(), admit))
         .route("/healthz", get(healthz))
+        // Signed URLs are their own credential (PROTOCOL.md §13.4): no token.
+        .route("/v1/blobs/{sha256}", get(data::fetch_blob))
+        .route("/v1/uploads/{job}", axum::routing::put(data::put_upload))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(SMALL_BODY))

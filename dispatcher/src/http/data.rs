@@ -1,0 +1,507 @@
+//! The HTTP side of the data plane (docs/dispatcher.md §4, PROTOCOL.md §13.4): large
+//! payloads stream between the blob store ([`crate::blobs`]) and the network, never through
+//! the dispatcher's core, a JSON body or base64.
+//!
+//! - `GET /v1/blobs/{sha256}?job&agent&exp&sig` — an agent fetches a job's input by the URL
+//!   its job IQ carried; the signature (made by the core, [`crate::core::data`]) is the only
+//!   credential, so these routes sit outside token authentication.
+//! - `PUT /v1/uploads/{job}?attempt&agent&size&sha256&exp&sig` — an agent uploads an output
+//!   to the slot it was granted; the bytes must have the size and hash it announced. The core
+//!   is told before the 201, so the agent's result (sent after) finds them.
+//! - `PUT /v1/blobs` — a web app uploads bytes once (token-authenticated) and names them by
+//!   hash in jobs (`input_ref`).
+//! - `GET /v1/jobs/{id}/output` — a job's output as raw bytes.
+//!
+//! Downloads answer a single `Range` (RFC 9110 §14); several ranges get the whole body, which
+//! the RFC allows. A small hand-written parser rather than tower-http's `ServeFile`: outputs
+//! may be inline in the job record, not files, and the file's name is the blob's hash.
+
+use std::io::SeekFrom;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt as _;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
+
+use super::auth::Caller;
+use super::error::ApiError;
+use super::request::job_id;
+use super::routes::{change, find_job, mismatch};
+use super::Handle;
+use crate::blobs::{parse_sha256, BlobError, BlobStore, Stored};
+use crate::core::data::{fetch_parts, put_parts};
+use crate::core::{ApiReply, ApiRequest};
+use crate::jobs::{Body as JobBody, Recorded};
+use crate::signing::UrlKey;
+
+/// A transfer that moves no byte for this long is cut off.
+const IDLE: Duration = Duration::from_secs(30);
+
+/// Read size when streaming a file out.
+const READ_BUF: usize = 256 * 1024;
+
+/// What the data routes share: the store, the signing key, and counters for `/metrics`.
+#[derive(Clone)]
+pub(crate) struct DataHandle {
+    pub(crate) blobs: BlobStore,
+    pub(crate) key: Arc<UrlKey>,
+    pub(crate) counters: Arc<Counters>,
+}
+
+/// Refusals of signed URLs, by reason.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) bad_signature: AtomicU64,
+    pub(crate) expired: AtomicU64,
+    pub(crate) not_found: AtomicU64,
+    pub(crate) fetched: AtomicU64,
+    pub(crate) uploaded: AtomicU64,
+}
+
+impl Counters {
+    /// The counters as Prometheus text.
+    pub(crate) fn render(&self, blobs: &BlobStore) -> String {
+        let m = blobs.metrics();
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        format!(
+            "# HELP spine_blob_store_bytes Bytes in the blob store (complete blobs).\n\
+             # TYPE spine_blob_store_bytes gauge\n\
+             spine_blob_store_bytes {}\n\
+             # HELP spine_blob_store_blobs Blobs in the blob store.\n\
+             # TYPE spine_blob_store_blobs gauge\n\
+             spine_blob_store_blobs {}\n\
+             # HELP spine_blob_store_quota_bytes The blob store's quota (0: none).\n\
+             # TYPE spine_blob_store_quota_bytes gauge\n\
+             spine_blob_store_quota_bytes {}\n\
+             # HELP spine_blob_quota_refusals_total Uploads and payloads refused at the blob store's quota.\n\
+             # TYPE spine_blob_quota_refusals_total counter\n\
+             spine_blob_quota_refusals_total {}\n\
+             # HELP spine_blob_dedup_total Writes whose bytes were already stored.\n\
+             # TYPE spine_blob_dedup_total counter\n\
+             spine_blob_dedup_total {}\n\
+             # HELP spine_blob_url_refusals_total Signed URLs refused (403), by reason.\n\
+             # TYPE spine_blob_url_refusals_total counter\n\
+             spine_blob_url_refusals_total{{reason=\"signature\"}} {}\n\
+             spine_blob_url_refusals_total{{reason=\"expired\"}} {}\n\
+             # HELP spine_blob_fetches_total Inputs fetched by agents over HTTP.\n\
+             # TYPE spine_blob_fetches_total counter\n\
+             spine_blob_fetches_total {}\n\
+             # HELP spine_blob_uploads_total Outputs uploaded by agents to their slots.\n\
+             # TYPE spine_blob_uploads_total counter\n\
+             spine_blob_uploads_total {}\n",
+            m.used_bytes,
+            m.blobs,
+            m.quota.unwrap_or(0),
+            m.quota_refusals,
+            m.dedup_hits,
+            get(&self.bad_signature),
+            get(&self.expired),
+            get(&self.fetched),
+            get(&self.uploaded),
+        )
+    }
+}
+
+fn forbidden(message: impl Into<String>) -> ApiError {
+    ApiError::new(StatusCode::FORBIDDEN, "not-authorized", message)
+}
+
+fn data_of(h: &Handle) -> Result<&DataHandle, ApiError> {
+    h.data.as_ref().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            "this dispatcher has no blob store endpoints (no public_url)",
+        )
+    })
+}
+
+/// The query of a signed URL, every field optional so that a missing one is named.
+#[derive(Debug, Default, Deserialize)]
+struct Signed {
+    job: Option<String>,
+    agent: Option<String>,
+    attempt: Option<u64>,
+    size: Option<u64>,
+    sha256: Option<String>,
+    exp: Option<u64>,
+    sig: Option<String>,
+}
+
+impl Signed {
+    fn parse(query: Option<&str>) -> Result<Signed, ApiError> {
+        serde_urlencoded::from_str(query.unwrap_or(""))
+            .map_err(|e| forbidden(format!("not a signed URL: {e}")))
+    }
+}
+
+fn need<T>(v: Option<T>, name: &str) -> Result<T, ApiError> {
+    v.ok_or_else(|| forbidden(format!("not a signed URL: `{name}` is missing")))
+}
+
+/// Checks a signature over `parts` and the expiry; counts and refuses (403) what fails.
+fn check(
+    d: &DataHandle,
+    parts: &[String],
+    exp: u64,
+    sig: &str,
+) -> Result<(), ApiError> {
+    let now = crate::clock::now_ms() / 1000;
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    match d.key.verify(&parts, exp, sig, now) {
+        Ok(()) => Ok(()),
+        Err(crate::signing::SigError::Expired) => {
+            d.counters.expired.fetch_add(1, Ordering::Relaxed);
+            Err(forbidden(
+                "this URL expired: the job's sender gives a fresh one with the next attempt",
+            ))
+        }
+        Err(_) => {
+            d.counters.bad_signature.fetch_add(1, Ordering::Relaxed);
+            Err(forbidden(
+                "the URL's signature does not match (it was changed, or made for another agent, job or blob)",
+            ))
+        }
+    }
+}
+
+/// `GET /v1/blobs/{sha256}`: a job's input, for the agent its URL was signed for.
+pub(super) async fn fetch_blob(
+    State(h): State<Handle>,
+    Path(hex): Path<String>,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let d = data_of(&h)?;
+    let q = Signed::parse(uri.query())?;
+    let (job, agent) = (need(q.job, "job")?, need(q.agent, "agent")?);
+    let (exp, sig) = (need(q.exp, "exp")?, need(q.sig, "sig")?);
+    check(d, &fetch_parts(&hex, &agent, &job), exp, &sig)?;
+    let sha = parse_sha256(&hex).map_err(|_| not_found(d))?;
+    let file = d.blobs.file(&sha).map_err(|_| not_found(d))?;
+    d.counters.fetched.fetch_add(1, Ordering::Relaxed);
+    serve_file(tokio::fs::File::from_std(file), &headers, None).await
+}
+
+fn not_found(d: &DataHandle) -> ApiError {
+    d.counters.not_found.fetch_add(1, Ordering::Relaxed);
+    ApiError::new(StatusCode::NOT_FOUND, "not-found", "no such blob")
+}
+
+/// `PUT /v1/uploads/{job}`: an agent's output, into the slot it was granted.
+pub(super) async fn put_upload(
+    State(h): State<Handle>,
+    Path(job): Path<String>,
+    uri: axum::http::Uri,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let d = data_of(&h)?;
+    let q = Signed::parse(uri.query())?;
+    let agent = need(q.agent, "agent")?;
+    let (attempt, size) = (need(q.attempt, "attempt")?, need(q.size, "size")?);
+    let hex = need(q.sha256, "sha256")?;
+    let (exp, sig) = (need(q.exp, "exp")?, need(q.sig, "sig")?);
+    let sha = parse_sha256(&hex).map_err(|e| forbidden(format!("not a signed URL: {e}")))?;
+    let want = Stored { sha256: sha, size };
+    check(d, &put_parts(&job, &agent, attempt, &want), exp, &sig)?;
+    let job = job_id(&job)?;
+    let blob = store_body(&d.blobs, body, Some(size), u64::MAX, Some(want)).await?;
+    let request = ApiRequest::SlotFilled {
+        job: job.clone(),
+        attempt,
+        agent,
+        blob,
+    };
+    let ApiReply::SlotFilled(answer) = change(&h, request).await? else {
+        return Err(mismatch());
+    };
+    answer.map_err(|e| ApiError::new(StatusCode::CONFLICT, "unknown-job", e.to_string()))?;
+    d.counters.uploaded.fetch_add(1, Ordering::Relaxed);
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({ "sha256": blob.hex(), "size": blob.size })),
+    )
+        .into_response())
+}
+
+/// `PUT /v1/blobs`: bytes a web app names by hash in later jobs (`input_ref`).
+pub(super) async fn put_blob(
+    State(h): State<Handle>,
+    _caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let d = data_of(&h)?;
+    let declared = content_length(&headers);
+    let blob = store_body(&d.blobs, body, declared, h.max_input, None).await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({ "sha256": blob.hex(), "size": blob.size })),
+    )
+        .into_response())
+}
+
+/// `GET /v1/jobs/{id}/output`: a finished job's output, raw, with its type.
+pub(super) async fn get_output(
+    State(h): State<Handle>,
+    caller: Caller,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let id = job_id(&id)?;
+    let rec = find_job(&h, &id).await?;
+    caller.check_sees(&rec)?;
+    let Some(Recorded::Succeeded { output, mime, .. }) = rec.outcome else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "no-output",
+            format!("job {id} has no output: it is {}", rec.state),
+        ));
+    };
+    let mime = mime.unwrap_or_else(|| "application/octet-stream".into());
+    match output {
+        JobBody::Inline(bytes) => serve_bytes(bytes, &headers, &mime),
+        JobBody::Stored(b) => {
+            let d = data_of(&h)?;
+            let file = d.blobs.file(&b.sha256).map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    format!("the output of job {id} cannot be read from the blob store: {e}"),
+                )
+            })?;
+            serve_file(tokio::fs::File::from_std(file), &headers, Some(&mime)).await
+        }
+    }
+}
+
+/// The blob a job's `input_ref` names, with its size: it must be in the store.
+pub(super) fn stored_ref(h: &Handle, hex: &str) -> Result<Stored, ApiError> {
+    let d = data_of(h).map_err(|_| {
+        ApiError::field(
+            "input_ref",
+            "this dispatcher has no blob store endpoints (no public_url): send the input itself",
+        )
+    })?;
+    let sha = parse_sha256(hex).map_err(|e| ApiError::field("input_ref", e.to_string()))?;
+    let size = d.blobs.len(&sha).map_err(|_| {
+        ApiError::field(
+            "input_ref",
+            format!("blob {hex} is not in the blob store: upload it with PUT /v1/blobs first (blobs no job holds are deleted after blob_orphan_ttl)"),
+        )
+    })?;
+    Ok(Stored { sha256: sha, size })
+}
+
+pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Streams a request body into the blob store: at most `max` bytes (`size` exactly, when
+/// declared), checked against `expect` when given. Nothing is stored unless all of it came.
+pub(super) async fn store_body(
+    blobs: &BlobStore,
+    body: Body,
+    size: Option<u64>,
+    max: u64,
+    expect: Option<Stored>,
+) -> Result<Stored, ApiError> {
+    if let Some(n) = size.filter(|n| *n > max) {
+        return Err(too_large(n, max));
+    }
+    let mut w = blobs.writer(size).map_err(blob_error)?;
+    let mut stream = body.into_data_stream();
+    loop {
+        let piece = match tokio::time::timeout(IDLE, stream.next()).await {
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request-timeout",
+                    format!("no byte of the body for {} s", IDLE.as_secs()),
+                ))
+            }
+            Ok(None) => break,
+            Ok(Some(Err(e))) => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    "bad-request",
+                    format!("the body could not be read: {e}"),
+                ))
+            }
+            Ok(Some(Ok(p))) => p,
+        };
+        if w.received() + piece.len() as u64 > max {
+            return Err(too_large(w.received() + piece.len() as u64, max));
+        }
+        w.write(&piece).await.map_err(blob_error)?;
+    }
+    w.finish(expect.map(|e| (e.size, e.sha256)))
+        .await
+        .map_err(blob_error)
+}
+
+fn too_large(n: u64, max: u64) -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "too-large",
+        format!("a body of {n} bytes is over the limit of {max} (max_blob)"),
+    )
+}
+
+/// The answer for a blob the store did not take.
+fn blob_error(e: BlobError) -> ApiError {
+    match e {
+        BlobError::QuotaExceeded { .. } => {
+            ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "storage-full", e.to_string())
+        }
+        BlobError::SizeMismatch { .. } | BlobError::HashMismatch { .. } => {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e.to_string())
+        }
+        other => ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            other.to_string(),
+        ),
+    }
+}
+
+/// A single byte range of a body of `len` bytes, from a `Range` header: `None` for the whole
+/// body (no header, or one this does not serve: several ranges, another unit), `Err` if it
+/// cannot be satisfied.
+fn range(headers: &HeaderMap, len: u64) -> Result<Option<(u64, u64)>, ()> {
+    let Some(spec) = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().strip_prefix("bytes="))
+    else {
+        return Ok(None);
+    };
+    if spec.contains(',') {
+        return Ok(None);
+    }
+    let Some((a, b)) = spec.split_once('-') else {
+        return Ok(None);
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let r = match (a.parse::<u64>(), b.parse::<u64>()) {
+        // `bytes=-N`: the last N bytes.
+        (Err(_), Ok(n)) if a.is_empty() && n > 0 => (len.saturating_sub(n), len),
+        (Ok(s), Err(_)) if b.is_empty() => (s, len),
+        (Ok(s), Ok(e)) if e >= s => (s, e.saturating_add(1).min(len)),
+        _ => return Ok(None),
+    };
+    if r.0 >= len {
+        return Err(());
+    }
+    Ok(Some(r))
+}
+
+fn unsatisfiable(len: u64) -> Response {
+    let mut r = ApiError::new(
+        StatusCode::RANGE_NOT_SATISFIABLE,
+        "range-not-satisfiable",
+        format!("the body has {len} bytes"),
+    )
+    .into_response();
+    if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+        r.headers_mut().insert(header::CONTENT_RANGE, v);
+    }
+    r
+}
+
+fn head(status: StatusCode, mime: &str, len: u64, r: Option<(u64, u64)>, total: u64) -> axum::http::response::Builder {
+    let mut b = Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, mime)
+        .header(header::CONTENT_LENGTH, len)
+        .header(header::ACCEPT_RANGES, "bytes");
+    if let Some((s, e)) = r {
+        b = b.header(header::CONTENT_RANGE, format!("bytes {s}-{}/{total}", e - 1));
+    }
+    b
+}
+
+fn serve_bytes(bytes: Vec<u8>, headers: &HeaderMap, mime: &str) -> Result<Response, ApiError> {
+    let len = bytes.len() as u64;
+    let r = match range(headers, len) {
+        Ok(r) => r,
+        Err(()) => return Ok(unsatisfiable(len)),
+    };
+    let (status, body) = match r {
+        Some((s, e)) => (
+            StatusCode::PARTIAL_CONTENT,
+            bytes[s as usize..e as usize].to_vec(),
+        ),
+        None => (StatusCode::OK, bytes),
+    };
+    head(status, mime, body.len() as u64, r, len)
+        .body(Body::from(body))
+        .map_err(internal)
+}
+
+async fn serve_file(
+    mut file: tokio::fs::File,
+    headers: &HeaderMap,
+    mime: Option<&str>,
+) -> Result<Response, ApiError> {
+    let len = file.metadata().await.map_err(internal)?.len();
+    let r = match range(headers, len) {
+        Ok(r) => r,
+        Err(()) => return Ok(unsatisfiable(len)),
+    };
+    let (status, start, end) = match r {
+        Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e),
+        None => (StatusCode::OK, 0, len),
+    };
+    if start > 0 {
+        file.seek(SeekFrom::Start(start)).await.map_err(internal)?;
+    }
+    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(end - start), READ_BUF);
+    head(
+        status,
+        mime.unwrap_or("application/octet-stream"),
+        end - start,
+        r,
+        len,
+    )
+    .body(Body::from_stream(stream))
+    .map_err(internal)
+}
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_range(v: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(header::RANGE, HeaderValue::from_str(v).unwrap());
+        h
+    }
+
+    #[test]
+    fn one_byte_range_is_served_and_others_get_the_whole_body() {
+        assert_eq!(range(&HeaderMap::new(), 100), Ok(None));
+        assert_eq!(range(&with_range("bytes=0-9"), 100), Ok(Some((0, 10))));
+        assert_eq!(range(&with_range("bytes=90-"), 100), Ok(Some((90, 100))));
+        assert_eq!(range(&with_range("bytes=-5"), 100), Ok(Some((95, 100))));
+        assert_eq!(range(&with_range("bytes=50-500"), 100), Ok(Some((50, 100))));
+        assert_eq!(range(&with_range("bytes=0-1,5-6"), 100), Ok(None));
+        assert_eq!(range(&with_range("items=0-1"), 100), Ok(None));
+        assert_eq!(range(&with_range("bytes=9-3"), 100), Ok(None));
+        assert_eq!(range(&with_range("bytes=100-"), 100), Err(()));
+    }
+}
