@@ -109,7 +109,7 @@ impl Core {
     /// A cancel of a job still fetching its input: the fetch is aborted and the job answered
     /// `cancelled` at once (no handler ran). False if the job is not fetching.
     pub(super) fn cancel_fetch(&mut self, job: &JobId, now: Instant) -> bool {
-        if !self.running.get(job).is_some_and(|r| r.fetching.is_some()) {
+        if self.running.get(job).is_none_or(|r| r.fetching.is_none()) {
             return false;
         }
         let Some(r) = self.running.remove(job) else {
