@@ -3,9 +3,10 @@
 //!
 //! A `select!` loop over the shutdown signal, the core's next deadline
 //! ([`Core::poll_timeout`]), stanzas and session resets from the server, reconnect status,
-//! job ends and handlers' reports from [`crate::supervisor`]. Each event becomes one call into
-//! [`Core`] with the current time; then the driver performs the core's [`Ready`] in a fixed
-//! order: stop handlers, start handlers, send stanzas (adding the machine's load figures to
+//! job ends and handlers' reports from [`crate::supervisor`], HTTP transfers' ends from
+//! [`crate::dataplane`]. Each event becomes one call into [`Core`] with the current time; then
+//! the driver performs the core's [`Ready`] in a fixed order: stop handlers and abort
+//! transfers, start handlers and transfers, send stanzas (adding the machine's load figures to
 //! load reports). The driver decides nothing about jobs; it only knows when to give up on the
 //! connection.
 
@@ -20,6 +21,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info};
 use xmpp_parsers::presence::Presence;
 
+use crate::dataplane::{DataPlane, Transfer};
 use crate::error::AgentError;
 use crate::machine::{Core, Out, Ready, Stop};
 use crate::supervisor::Supervisor;
@@ -55,8 +57,9 @@ pub(crate) async fn run(
         Instant::now(),
     );
     let (mut sup, mut inbox) = Supervisor::new(handlers);
+    let (mut plane, mut transfers) = DataPlane::new(crate::dataplane::client(&agent.config));
     core.session_started(Instant::now());
-    perform(&conn, &mut sup, core.take_ready()).await;
+    perform(&conn, &mut sup, &mut plane, core.take_ready()).await;
 
     tokio::pin!(shutdown);
     let mut auth_refusals = 0u32;
@@ -95,24 +98,44 @@ pub(crate) async fn run(
                 core.job_done(done, Instant::now());
             }
             Some((id, attempt, report)) = inbox.reports.recv() => core.report(id, attempt, report),
+            Some(t) = transfers.recv() => match t {
+                Transfer::Fetched { key, result } => {
+                    plane.finished(key);
+                    core.fetched(key, result, Instant::now());
+                }
+                Transfer::Put { key, result } => {
+                    plane.finished(key);
+                    core.put_done(key, result, Instant::now());
+                }
+            },
         }
-        perform(&conn, &mut sup, core.take_ready()).await;
+        perform(&conn, &mut sup, &mut plane, core.take_ready()).await;
     }
     debug!(running = core.running(), "closing the connection");
     conn.close().await;
     Ok(())
 }
 
-/// Performs the core's effects: stops, then starts, then stanzas in order.
-async fn perform(conn: &Connection, sup: &mut Supervisor, ready: Ready) {
+/// Performs the core's effects: stops and aborts, then starts and transfers, then stanzas in
+/// order.
+async fn perform(conn: &Connection, sup: &mut Supervisor, plane: &mut DataPlane, ready: Ready) {
     for s in ready.stops {
         match s {
             Stop::Job(id) => sup.cancel(&id),
             Stop::All => sup.stop_all(),
         }
     }
+    for key in ready.aborts {
+        plane.abort(key);
+    }
     for s in ready.starts {
         sup.start(s);
+    }
+    for f in ready.fetches {
+        plane.fetch(f);
+    }
+    for p in ready.puts {
+        plane.put(p);
     }
     for out in ready.out {
         match out {

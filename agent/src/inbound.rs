@@ -32,13 +32,18 @@ pub(crate) enum Inbound {
     /// A disco#info query without a node, from anyone: answered with the capabilities.
     DiscoInfo { from: Jid, id: String },
     /// A configured dispatcher's answer to one of the agent's IQs (a chunk of an output
-    /// upload): acknowledged, or refused with `error`.
+    /// upload, a slot request): acknowledged with its `payload`, or refused with `error`.
     Reply {
         id: String,
+        payload: Option<minidom::Element>,
         error: Option<StanzaError>,
     },
-    /// A configured dispatcher's hello: it wants our advertisement.
-    Hello { from: Jid },
+    /// A configured dispatcher's hello: it wants our advertisement, and says which protocol
+    /// version it speaks.
+    Hello {
+        from: Jid,
+        protocol: spine_protocol::ProtocolVersion,
+    },
     /// A request refused as it arrived: answer `id` to `to` with `error`.
     Refused {
         to: Jid,
@@ -122,8 +127,13 @@ pub(crate) fn classify(st: Stanza, dispatchers: &[BareJid]) -> Option<Inbound> {
         Stanza::Iq(Iq::Result {
             from: Some(from),
             id,
+            payload,
             ..
-        }) if is_dispatcher(&from) => Some(Inbound::Reply { id, error: None }),
+        }) if is_dispatcher(&from) => Some(Inbound::Reply {
+            id,
+            payload,
+            error: None,
+        }),
         Stanza::Iq(Iq::Error {
             from: Some(from),
             id,
@@ -131,6 +141,7 @@ pub(crate) fn classify(st: Stanza, dispatchers: &[BareJid]) -> Option<Inbound> {
             ..
         }) if is_dispatcher(&from) => Some(Inbound::Reply {
             id,
+            payload: None,
             error: Some(error),
         }),
         Stanza::Presence(p) => {
@@ -143,8 +154,10 @@ pub(crate) fn classify(st: Stanza, dispatchers: &[BareJid]) -> Option<Inbound> {
                 return None;
             }
             match spine_protocol::presence_payloads(&p.payloads) {
-                Ok(found) if found.hello.is_some() => Some(Inbound::Hello { from }),
-                Ok(_) => None,
+                Ok(found) => found.hello.map(|h| Inbound::Hello {
+                    from,
+                    protocol: h.protocol,
+                }),
                 Err(e) => {
                     warn!(dispatcher = %from, "ignoring presence: {e}");
                     None

@@ -26,6 +26,7 @@
 
 pub mod args;
 pub mod config;
+mod dataplane;
 mod driver;
 pub mod error;
 pub mod exec;

@@ -5,11 +5,14 @@
 //! [`crate::supervisor`], a handler's progress report, the shutdown, a timer — and then takes
 //! the effects from [`Core::take_ready`]: jobs to stop, handler invocations to start, stanzas to
 //! send. The core owns the running jobs and their slots, the outcome cache, the input blobs
-//! being assembled, the output uploads (`outputs`, windowed), the phase (serving,
+//! being assembled, the inputs fetched and outputs uploaded over HTTP (`refs`, protocol 1.1:
+//! the transfers themselves are the driver's), the output uploads in chunks (`outputs`,
+//! windowed), the phase (serving,
 //! draining, stopping, gone) and the load reports with their sequence numbers (`load`). It has no
 //! `async fn`, reads no clock, no file and no socket, so plain `#[test]`s drive it.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::sync::Arc;
 use std::time::Duration;
 
 use jid::{BareJid, Jid};
@@ -18,8 +21,8 @@ use rand::{Rng as _, SeedableRng as _};
 use serde_json::{Map, Value};
 use spine_protocol::blob::BlobStore;
 use spine_protocol::{
-    Advertise, Attributes, Cancel, CapabilityAd, CapabilityName, Condition, Data, Job, JobId,
-    JobResult, Load, Partial, Progress, SpineError, INLINE_LIMIT,
+    Advertise, Attributes, Cancel, CapabilityAd, CapabilityName, Condition, Data, DataRef, Job,
+    JobId, JobResult, Load, Partial, Progress, ProtocolVersion, SpineError, INLINE_LIMIT,
 };
 use tokio::time::Instant;
 use tokio_xmpp::Stanza;
@@ -36,6 +39,7 @@ use crate::store::{Outcome, OutcomeCache};
 
 mod load;
 mod outputs;
+mod refs;
 
 /// Unacknowledged chunks in flight per blob upload (PROTOCOL.md §13).
 pub(crate) const CHUNK_WINDOW: usize = 8;
@@ -67,6 +71,31 @@ pub(crate) struct Done {
     pub(crate) elapsed: Duration,
 }
 
+/// An input to fetch over HTTP (protocol 1.1): the driver GETs the sources in order, checks
+/// size and SHA-256, and calls [`Core::fetched`] with `key`.
+#[derive(Debug)]
+pub(crate) struct Fetch {
+    pub(crate) key: u64,
+    pub(crate) source: DataRef,
+    /// The whole fetch ends by then (the job's deadline, or [`FETCH_TIMEOUT`]).
+    pub(crate) deadline: Instant,
+}
+
+/// An output to upload to its slot: the driver PUTs the bytes and calls [`Core::put_done`]
+/// with `key` (success only on `201`).
+#[derive(Debug)]
+pub(crate) struct Put {
+    pub(crate) key: u64,
+    pub(crate) url: String,
+    pub(crate) bytes: Arc<Vec<u8>>,
+    pub(crate) mime: Option<String>,
+    /// The upload ends by then (the slot's validity, bounded).
+    pub(crate) deadline: Instant,
+}
+
+/// How long an input fetch may take when the job has no deadline.
+pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Handlers to stop.
 #[derive(Debug, PartialEq)]
 pub(crate) enum Stop {
@@ -94,13 +123,17 @@ pub(crate) enum Out {
 }
 
 /// The effects of the inputs since the last [`Core::take_ready`], performed by the driver in
-/// this order: stop handlers, start handlers, then send the stanzas in order. A start's
-/// "started" progress notification is in `out`, so it leaves before anything the new handler
-/// reports.
+/// this order: stop handlers and abort transfers, start handlers and transfers, then send the
+/// stanzas in order. A start's "started" progress notification is in `out`, so it leaves
+/// before anything the new handler reports.
 #[derive(Debug, Default)]
 pub(crate) struct Ready {
     pub(crate) stops: Vec<Stop>,
+    /// HTTP transfers no longer wanted (by key).
+    pub(crate) aborts: Vec<u64>,
     pub(crate) starts: Vec<Start>,
+    pub(crate) fetches: Vec<Fetch>,
+    pub(crate) puts: Vec<Put>,
     pub(crate) out: Vec<Out>,
 }
 
@@ -116,6 +149,9 @@ struct Running {
     attempt: u64,
     /// Sequence number of the next partial result of this attempt.
     next_partial: u64,
+    /// The input is being fetched over HTTP (transfer key): the handler starts with
+    /// [`Start`] once the bytes are in.
+    fetching: Option<(u64, Start)>,
 }
 
 /// Where the agent is in its life.
@@ -138,6 +174,7 @@ struct Settings {
     load_debounce: Duration,
     drain_grace: Duration,
     max_input_size: u64,
+    http_data: bool,
 }
 
 /// The agent's state machine (see the module documentation).
@@ -158,6 +195,18 @@ pub(crate) struct Core {
     uploads: HashMap<u64, outputs::Upload>,
     /// Chunk IQ id → upload key.
     chunk_iqs: HashMap<String, u64>,
+    /// Outputs going to an upload slot over HTTP, by key.
+    puts: HashMap<u64, refs::PutUpload>,
+    /// Slot request IQ id → put key.
+    slot_iqs: HashMap<String, u64>,
+    /// When each unanswered slot request is given up, in time order.
+    slot_deadlines: BTreeSet<(Instant, u64)>,
+    /// Dispatchers known to speak protocol 1.1 (from their hello, or a job with a reference).
+    speaks_1_1: HashSet<BareJid>,
+    /// Dispatchers whose input fetch failed, or whose upload fell back to chunks, since the
+    /// last success: their next failure is logged at debug level only.
+    fetch_warned: HashSet<BareJid>,
+    upload_warned: HashSet<BareJid>,
     next_id: u64,
     phase: Phase,
     load_dirty: bool,
@@ -200,6 +249,7 @@ impl Core {
                 load_debounce: config.load_debounce,
                 drain_grace: config.drain_grace,
                 max_input_size: config.max_input_size.as_u64(),
+                http_data: config.http_data,
             },
             dispatchers,
             caps,
@@ -213,6 +263,12 @@ impl Core {
             blobs: BlobStore::new(config.max_input_size.as_u64(), BLOB_IDLE_TTL),
             uploads: HashMap::new(),
             chunk_iqs: HashMap::new(),
+            puts: HashMap::new(),
+            slot_iqs: HashMap::new(),
+            slot_deadlines: BTreeSet::new(),
+            speaks_1_1: HashSet::new(),
+            fetch_warned: HashSet::new(),
+            upload_warned: HashSet::new(),
             next_id: 0,
             phase: Phase::Serving,
             load_dirty: false,
@@ -236,6 +292,9 @@ impl Core {
             at = at.min(self.last_load + self.settings.load_debounce);
         }
         if let Phase::Draining(t) | Phase::Stopping(t) = self.phase {
+            at = at.min(t);
+        }
+        if let Some(&(t, _)) = self.slot_deadlines.first() {
             at = at.min(t);
         }
         at
@@ -267,6 +326,8 @@ impl Core {
         self.beat_step = Duration::from_millis(500).min(self.settings.heartbeat);
         self.next_beat = now + self.beat_step;
         self.restart_uploads(now);
+        // Answers to slot requests of the old session are lost: those outputs go in chunks.
+        self.slots_lost(now);
     }
 
     /// A stanza from the server.
@@ -290,9 +351,17 @@ impl Core {
                 let info = spine_protocol::disco::agent_disco_info(self.caps.keys());
                 self.push(Iq::from_result(id, Some(info)).with_to(from));
             }
-            Inbound::Reply { id, error } => self.on_chunk_reply(&id, error, now),
-            Inbound::Hello { from } => {
-                debug!(dispatcher = %from, "hello: advertising");
+            Inbound::Reply { id, payload, error } if self.slot_iqs.contains_key(&id) => {
+                self.on_slot_reply(&id, payload, error, now)
+            }
+            Inbound::Reply { id, error, .. } => self.on_chunk_reply(&id, error, now),
+            Inbound::Hello { from, protocol } => {
+                debug!(dispatcher = %from, %protocol, "hello: advertising");
+                if protocol >= ProtocolVersion::V1_1 {
+                    self.speaks_1_1.insert(from.to_bare());
+                } else {
+                    self.speaks_1_1.remove(&from.to_bare());
+                }
                 self.send_advertisement(from, now);
             }
             Inbound::Refused { to, id, error } => {
@@ -353,7 +422,22 @@ impl Core {
         }
         match d.result {
             Ok(out) if out.bytes.len() > INLINE_LIMIT => {
-                self.start_upload(d.id, d.attempt, elapsed_ms, out, r, now)
+                let fin = outputs::Finished {
+                    job: d.id,
+                    attempt: d.attempt,
+                    elapsed_ms,
+                    meta: out.meta.into(),
+                    mime: out.mime,
+                    bytes: Arc::new(out.bytes),
+                    to: r.reply_to,
+                    from_bare: r.from_bare,
+                    waiters: r.waiters,
+                };
+                if self.settings.http_data && self.speaks_1_1.contains(&fin.from_bare) {
+                    self.request_slot(fin, now)
+                } else {
+                    self.start_upload(fin, now)
+                }
             }
             Ok(out) => {
                 let output =
@@ -396,6 +480,7 @@ impl Core {
                     "drain grace over: stopping running jobs"
                 );
                 self.ready.stops.push(Stop::All);
+                self.stop_fetches(now);
                 self.phase = Phase::Stopping(now + STOP_GRACE);
             }
             Phase::Stopping(t) if now >= t => {
@@ -415,6 +500,7 @@ impl Core {
         } else if self.load_dirty && now >= self.last_load + self.settings.load_debounce {
             self.send_load(now);
         }
+        self.slot_timeouts(now);
     }
 
     fn push(&mut self, st: impl Into<Stanza>) {
@@ -435,6 +521,7 @@ impl Core {
         if matches!(self.phase, Phase::Draining(_) | Phase::Stopping(_))
             && self.running.is_empty()
             && self.uploads.is_empty()
+            && self.puts.is_empty()
         {
             self.go_unavailable();
         }
@@ -452,6 +539,9 @@ impl Core {
     }
 
     fn on_cancel(&mut self, c: Cancel, now: Instant) -> Result<(), SpineError> {
+        if self.cancel_fetch(&c.job, now) {
+            return Ok(());
+        }
         if self.running.contains_key(&c.job) {
             info!(job = %c.job, "cancel requested");
             self.ready.stops.push(Stop::Job(c.job));
@@ -511,6 +601,7 @@ impl Core {
             }
         }
         let from_bare = from.to_bare();
+        let mut fetch = None;
         let (input, input_mime) = match &job.input {
             None => (Vec::new(), None),
             Some(Data::Inline { mime, bytes }) => (bytes.clone(), mime.clone()),
@@ -524,13 +615,26 @@ impl Core {
                 }
                 (self.blobs.take(from_bare.as_str(), r)?, r.mime.clone())
             }
-            Some(Data::Ref(_)) => {
-                return Err(SpineError::new(Condition::FetchFailed)
-                    .with_text("this agent does not fetch inputs over HTTP yet"))
+            Some(Data::Ref(r)) => {
+                // A job with a reference comes only from a dispatcher that speaks 1.1.
+                self.speaks_1_1.insert(from_bare.clone());
+                if !self.settings.http_data {
+                    return Err(SpineError::new(Condition::FetchFailed).with_text(
+                        "this agent does not fetch inputs over HTTP (http_data = false)",
+                    ));
+                }
+                let max = self.settings.max_input_size;
+                if r.size > max {
+                    let mut e = SpineError::new(Condition::TooLarge)
+                        .with_text(format!("input of {} bytes is over the limit", r.size));
+                    e.max = Some(max);
+                    return Err(e);
+                }
+                fetch = Some(r.clone());
+                (Vec::new(), r.mime.clone())
             }
         };
-        info!(job = %job.id, capability = %job.capability, attempt = job.attempt, from = %from, "job started");
-        self.ready.starts.push(Start {
+        let start = Start {
             id: job.id.clone(),
             capability: job.capability.clone(),
             attempt: job.attempt,
@@ -539,7 +643,25 @@ impl Core {
             input_mime,
             deadline: job.deadline_ms.map(|ms| now + Duration::from_millis(ms)),
             submitter: job.submitter.clone(),
-        });
+        };
+        let fetching = match fetch {
+            Some(source) => {
+                self.next_id += 1;
+                let key = self.next_id;
+                info!(job = %job.id, capability = %job.capability, attempt = job.attempt, from = %from, bytes = source.size, "job accepted: fetching its input over HTTP");
+                self.ready.fetches.push(Fetch {
+                    key,
+                    source,
+                    deadline: start.deadline.unwrap_or(now + FETCH_TIMEOUT),
+                });
+                Some((key, start))
+            }
+            None => {
+                info!(job = %job.id, capability = %job.capability, attempt = job.attempt, from = %from, "job started");
+                self.ready.starts.push(start);
+                None
+            }
+        };
         self.running.insert(
             job.id.clone(),
             Running {
@@ -550,8 +672,16 @@ impl Core {
                 progress: job.progress,
                 attempt: job.attempt,
                 next_partial: 0,
+                fetching: None,
             },
         );
+        if let Some(f) = fetching {
+            // The handler starts, and "started" is reported, when the input is in.
+            if let Some(r) = self.running.get_mut(&job.id) {
+                r.fetching = Some(f);
+            }
+            return Ok(());
+        }
         if job.progress {
             let p = Progress {
                 job: job.id.clone(),

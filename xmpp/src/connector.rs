@@ -33,6 +33,45 @@ pub enum Trust {
     System,
 }
 
+impl Trust {
+    /// A rustls client configuration trusting these certificates, with the ring provider.
+    /// The agent's HTTPS data plane uses the same one as its XMPP connection.
+    pub fn client_config(&self) -> Result<ClientConfig, String> {
+        let mut roots = RootCertStore::empty();
+        match self {
+            Trust::Pem(pem) => {
+                for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+                    let cert = cert.map_err(|e| format!("CA certificate PEM: {e}"))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("CA certificate: {e}"))?;
+                }
+            }
+            Trust::System => {
+                // Unreadable entries are skipped; an empty store is refused below.
+                let found = rustls_native_certs::load_native_certs();
+                for cert in found.certs {
+                    let _ = roots.add(cert);
+                }
+                if roots.is_empty() {
+                    return Err(format!(
+                        "the operating system's certificate store is empty or unreadable ({} errors); set tls.ca_file",
+                        found.errors.len()
+                    ));
+                }
+            }
+        }
+        if roots.is_empty() {
+            return Err("no CA certificate to trust".to_owned());
+        }
+        // Explicit provider: no panic if another crypto backend is ever linked in.
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())
+            .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+    }
+}
+
 impl std::fmt::Debug for Trust {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
@@ -100,40 +139,7 @@ impl StartTlsConnector {
     /// A connector trusting `trust`. `channel_binding`: offer tls-exporter binding to SASL, so
     /// that SCRAM-*-PLUS is used (without it tokio-xmpp picks plain SCRAM).
     pub fn new(addr: SocketAddr, trust: &Trust, channel_binding: bool) -> Result<Self, String> {
-        let mut roots = RootCertStore::empty();
-        match trust {
-            Trust::Pem(pem) => {
-                for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                    let cert = cert.map_err(|e| format!("CA certificate PEM: {e}"))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| format!("CA certificate: {e}"))?;
-                }
-            }
-            Trust::System => {
-                // Unreadable entries are skipped; an empty store is refused below.
-                let found = rustls_native_certs::load_native_certs();
-                for cert in found.certs {
-                    let _ = roots.add(cert);
-                }
-                if roots.is_empty() {
-                    return Err(format!(
-                        "the operating system's certificate store is empty or unreadable ({} errors); set tls.ca_file",
-                        found.errors.len()
-                    ));
-                }
-            }
-        }
-        if roots.is_empty() {
-            return Err("no CA certificate to trust".to_owned());
-        }
-        // Explicit provider: no panic if another crypto backend is ever linked in.
-        let config =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_safe_default_protocol_versions()
-                .map_err(|e| e.to_string())?
-                .with_root_certificates(roots)
-                .with_no_client_auth();
+        let config = trust.client_config()?;
         Ok(StartTlsConnector {
             addr,
             config: Arc::new(config),

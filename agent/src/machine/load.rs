@@ -12,7 +12,11 @@ use super::{Core, Out, Phase};
 impl Core {
     fn advertise(&self) -> Advertise {
         Advertise {
-            protocol: ProtocolVersion::CURRENT,
+            protocol: if self.settings.http_data {
+                ProtocolVersion::V1_1
+            } else {
+                ProtocolVersion::CURRENT
+            },
             instance: self.instance.clone(),
             gen: self.gen,
             slots: self.settings.slots,

@@ -3,21 +3,39 @@
 //! ([`UploadWindow`], shared with the dispatcher), and answers the job's waiting IQs with a
 //! result referring to the blob once the last chunk is acknowledged (docs/PROTOCOL.md §13).
 //! A refused chunk fails the job with `retryable`; a new session starts every upload over.
+//! This is also where an output goes whose upload over HTTP failed (`refs`).
 
-use jid::Jid;
+use std::sync::Arc;
+
+use jid::{BareJid, Jid};
 use rand::Rng as _;
 use sha2::{Digest, Sha256};
 use spine_protocol::{
-    BlobId, BlobRef, Condition, Data, JobId, JobResult, SpineError, UploadWindow,
+    Args, BlobId, BlobRef, Condition, Data, JobId, JobResult, SpineError, UploadWindow,
 };
 use tokio::time::Instant;
 use tracing::debug;
 use xmpp_parsers::iq::Iq;
 use xmpp_parsers::stanza_error::StanzaError;
 
-use super::{Core, Running, CHUNK_WINDOW};
-use crate::handler::Output;
+use super::{Core, CHUNK_WINDOW};
 use crate::store::Outcome;
+
+/// A job that succeeded with an output over the inline limit, on its way to the dispatcher
+/// (over HTTP, or in chunks).
+pub(super) struct Finished {
+    pub(super) job: JobId,
+    pub(super) attempt: u64,
+    pub(super) elapsed_ms: u64,
+    pub(super) meta: Args,
+    pub(super) mime: Option<String>,
+    pub(super) bytes: Arc<Vec<u8>>,
+    /// The dispatcher's full JID (the job IQ's sender).
+    pub(super) to: Jid,
+    pub(super) from_bare: BareJid,
+    /// IQs waiting for the outcome.
+    pub(super) waiters: Vec<(Jid, String)>,
+}
 
 /// A finished job whose output is being uploaded in chunks before its result can be sent.
 pub(super) struct Upload {
@@ -30,44 +48,36 @@ pub(super) struct Upload {
 
 impl Core {
     /// Output over the inline limit: send it as a blob (chunks, windowed), then the result.
-    pub(super) fn start_upload(
-        &mut self,
-        job: JobId,
-        attempt: u64,
-        elapsed_ms: u64,
-        out: Output,
-        r: Running,
-        now: Instant,
-    ) {
+    pub(super) fn start_upload(&mut self, f: Finished, now: Instant) {
         let blob: BlobId = format!("out-{:032x}", self.rng.random::<u128>())
             .parse()
             .expect("generated blob id is valid");
-        let sha256: [u8; 32] = Sha256::digest(&out.bytes).into();
-        let size = out.bytes.len();
+        let sha256: [u8; 32] = Sha256::digest(f.bytes.as_slice()).into();
+        let size = f.bytes.len();
         let result = JobResult {
-            job: job.clone(),
-            attempt,
-            elapsed_ms: Some(elapsed_ms),
-            meta: out.meta.into(),
+            job: f.job.clone(),
+            attempt: f.attempt,
+            elapsed_ms: Some(f.elapsed_ms),
+            meta: f.meta,
             output: Some(Data::Blob(BlobRef {
                 blob: blob.clone(),
                 size: size as u64,
                 sha256,
-                mime: out.mime,
+                mime: f.mime,
             })),
         };
-        debug!(job = %job, bytes = size, "uploading output as blob {blob}");
-        let window = UploadWindow::new(blob, std::sync::Arc::new(out.bytes), CHUNK_WINDOW);
+        debug!(job = %f.job, bytes = size, "uploading output as blob {blob}");
+        let window = UploadWindow::new(blob, f.bytes, CHUNK_WINDOW);
         self.next_id += 1;
         let key = self.next_id;
         self.uploads.insert(
             key,
             Upload {
-                to: r.reply_to,
+                to: f.to,
                 window,
-                job,
+                job: f.job,
                 result,
-                waiters: r.waiters,
+                waiters: f.waiters,
             },
         );
         self.pump_upload(key, now);
@@ -142,13 +152,15 @@ impl Core {
         from: Jid,
         iq_id: String,
     ) -> Option<(Jid, String)> {
-        match self.uploads.values_mut().find(|u| &u.job == job) {
-            Some(u) => {
-                debug!(job = %job, "duplicate of a job uploading its output: attached");
-                u.waiters.push((from, iq_id));
-                None
-            }
-            None => Some((from, iq_id)),
-        }
+        let waiters = match self.uploads.values_mut().find(|u| &u.job == job) {
+            Some(u) => &mut u.waiters,
+            None => match self.puts.values_mut().find(|u| &u.fin.job == job) {
+                Some(u) => &mut u.fin.waiters,
+                None => return Some((from, iq_id)),
+            },
+        };
+        debug!(job = %job, "duplicate of a job uploading its output: attached");
+        waiters.push((from, iq_id));
+        None
     }
 }

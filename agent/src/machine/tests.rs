@@ -456,4 +456,5 @@ fn disco_info_is_answered_for_anyone_and_other_gets_are_refused() {
     assert!(matches!(iqs(&r)[..], [Iq::Error { .. }]));
 }
 
+mod references;
 mod uploads_and_loads;

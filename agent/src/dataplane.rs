@@ -1,0 +1,235 @@
+//! The agent's HTTP data plane (protocol 1.1, docs/PROTOCOL.md §13.4): where the core's
+//! [`Fetch`] and [`Put`] effects become HTTP requests and their ends come back as
+//! [`Transfer`] inputs.
+//!
+//! [`crate::driver`] hands each effect to [`DataPlane`], which runs it in a task of its own
+//! (so a slow dispatcher never holds up the connection task) and sends one [`Transfer`] on the
+//! channel the driver reads; the driver passes it to [`crate::machine::Core::fetched`] or
+//! [`crate::machine::Core::put_done`]. Nothing here decides what a failure means: the core
+//! answers `fetch-failed` or falls back to chunks. HTTPS trusts what the XMPP connection
+//! trusts (`tls.ca_file`, or else the system's store), with rustls and the ring provider.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+use tracing::warn;
+
+use crate::config::AgentConfig;
+use crate::machine::{Fetch, Put};
+
+/// How long establishing one connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The end of one transfer, keyed as the core asked for it.
+#[derive(Debug)]
+pub(crate) enum Transfer {
+    /// An input fetch: the verified bytes, or `host: reason` for every source tried.
+    Fetched {
+        key: u64,
+        result: Result<Vec<u8>, String>,
+    },
+    /// An output upload: stored (`201`), or why not.
+    Put {
+        key: u64,
+        result: Result<(), String>,
+    },
+}
+
+/// Runs transfers in tasks; aborts them on request.
+pub(crate) struct DataPlane {
+    client: reqwest::Client,
+    tasks: HashMap<u64, AbortHandle>,
+    tx: mpsc::UnboundedSender<Transfer>,
+}
+
+/// The output bytes as a request body, shared with the core's copy (kept for the chunk
+/// fallback).
+struct Shared(Arc<Vec<u8>>);
+
+impl AsRef<[u8]> for Shared {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// The HTTP client of the data plane: no redirects (a signed URL names exactly what it
+/// fetches), no proxy from the environment, a 5 s connect timeout, and the XMPP side's trust.
+pub(crate) fn client(config: &AgentConfig) -> reqwest::Client {
+    let trust = match &config.tls.ca_file {
+        Some(f) => std::fs::read_to_string(f)
+            .map(spine_xmpp::Trust::Pem)
+            .map_err(|e| format!("tls.ca_file {}: {e}", f.display())),
+        None => Ok(spine_xmpp::Trust::System),
+    };
+    let tls = trust.and_then(|t| t.client_config());
+    let builder = reqwest::Client::builder()
+        .connect_timeout(CONNECT_TIMEOUT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .tcp_nodelay(true);
+    let builder = match tls {
+        Ok(tls) => builder.use_preconfigured_tls(tls),
+        Err(e) => {
+            if config.http_data {
+                warn!("no CA to verify HTTPS data transfers with ({e}): https:// sources will fail and fall back to chunks");
+            }
+            builder
+        }
+    };
+    builder.build().unwrap_or_else(|e| {
+        warn!("HTTP client with the configured trust failed ({e}); using the defaults");
+        reqwest::Client::new()
+    })
+}
+
+impl DataPlane {
+    /// A data plane using `client`, and the channel its tasks report on.
+    pub(crate) fn new(client: reqwest::Client) -> (Self, mpsc::UnboundedReceiver<Transfer>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let plane = DataPlane {
+            client,
+            tasks: HashMap::new(),
+            tx,
+        };
+        (plane, rx)
+    }
+
+    /// Fetches a job's input: the sources in order until one gives the referenced bytes.
+    pub(crate) fn fetch(&mut self, f: Fetch) {
+        let key = f.key;
+        let (client, tx) = (self.client.clone(), self.tx.clone());
+        let task = tokio::spawn(async move {
+            let result = fetch_sources(&client, &f).await;
+            let _ = tx.send(Transfer::Fetched { key: f.key, result });
+        });
+        self.tasks.insert(key, task.abort_handle());
+    }
+
+    /// Uploads an output to its slot.
+    pub(crate) fn put(&mut self, p: Put) {
+        let key = p.key;
+        let (client, tx) = (self.client.clone(), self.tx.clone());
+        let task = tokio::spawn(async move {
+            let result = match tokio::time::timeout_at(p.deadline, put(&client, &p)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("{}: timed out", host(&p.url))),
+            };
+            let _ = tx.send(Transfer::Put { key: p.key, result });
+        });
+        self.tasks.insert(key, task.abort_handle());
+    }
+
+    /// Stops a transfer the core no longer wants (its job was cancelled or stopped).
+    pub(crate) fn abort(&mut self, key: u64) {
+        if let Some(t) = self.tasks.remove(&key) {
+            t.abort();
+        }
+    }
+
+    /// A transfer's end was taken.
+    pub(crate) fn finished(&mut self, key: u64) {
+        self.tasks.remove(&key);
+    }
+}
+
+/// `host[:port]` of a URL, for messages (never the signed query).
+fn host(url: &str) -> String {
+    match reqwest::Url::parse(url) {
+        Ok(u) => match (u.host_str(), u.port()) {
+            (Some(h), Some(p)) => format!("{h}:{p}"),
+            (Some(h), None) => h.to_owned(),
+            _ => "?".to_owned(),
+        },
+        Err(_) => "an unparsable URL".to_owned(),
+    }
+}
+
+/// A reqwest error without its URL (which carries a signature), with its causes.
+fn describe(e: reqwest::Error) -> String {
+    let timeout = e.is_timeout();
+    let e = e.without_url();
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    if timeout {
+        text.push_str(" (timed out)");
+    }
+    text
+}
+
+async fn fetch_sources(client: &reqwest::Client, f: &Fetch) -> Result<Vec<u8>, String> {
+    let mut reasons = Vec::new();
+    for url in &f.source.sources {
+        match tokio::time::timeout_at(f.deadline, fetch_one(client, url, f)).await {
+            Ok(Ok(bytes)) => return Ok(bytes),
+            Ok(Err(reason)) => reasons.push(format!("{}: {reason}", host(url))),
+            Err(_) => {
+                reasons.push(format!("{}: timed out", host(url)));
+                break;
+            }
+        }
+    }
+    Err(reasons.join("; "))
+}
+
+/// GETs one source, hashing while it reads, and never holds more than the referenced size.
+async fn fetch_one(client: &reqwest::Client, url: &str, f: &Fetch) -> Result<Vec<u8>, String> {
+    let size = f.source.size;
+    let mut resp = client.get(url).send().await.map_err(describe)?;
+    if resp.status() != reqwest::StatusCode::OK {
+        return Err(format!("HTTP status {}", resp.status()));
+    }
+    if let Some(len) = resp.content_length() {
+        if len != size {
+            return Err(format!("the body has {len} bytes, the reference {size}"));
+        }
+    }
+    let mut hasher = Sha256::new();
+    // Reserve what the reference promises, at most 1 MiB ahead: a lying length costs little.
+    let mut bytes = Vec::with_capacity(size.min(1 << 20) as usize);
+    while let Some(chunk) = resp.chunk().await.map_err(describe)? {
+        if bytes.len() as u64 + chunk.len() as u64 > size {
+            return Err(format!("the body runs past the {size} bytes referenced"));
+        }
+        hasher.update(&chunk);
+        bytes.extend_from_slice(&chunk);
+    }
+    if bytes.len() as u64 != size {
+        return Err(format!(
+            "the body ended after {} of {size} bytes",
+            bytes.len()
+        ));
+    }
+    let digest: [u8; 32] = hasher.finalize().into();
+    if digest != f.source.sha256 {
+        return Err("the bytes do not match the referenced SHA-256".to_owned());
+    }
+    Ok(bytes)
+}
+
+async fn put(client: &reqwest::Client, p: &Put) -> Result<(), String> {
+    let body = bytes::Bytes::from_owner(Shared(p.bytes.clone()));
+    let mut req = client
+        .put(&p.url)
+        .header(reqwest::header::CONTENT_LENGTH, p.bytes.len())
+        .body(body);
+    if let Some(m) = &p.mime {
+        req = req.header(reqwest::header::CONTENT_TYPE, m.as_str());
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| format!("{}: {}", host(&p.url), describe(e)))?;
+    match resp.status() {
+        reqwest::StatusCode::CREATED => Ok(()),
+        s => Err(format!("{}: HTTP status {s} (expected 201)", host(&p.url))),
+    }
+}

@@ -1,0 +1,323 @@
+//! Protocol 1.1 in the core: inputs fetched by reference, outputs uploaded to a slot, and the
+//! fallbacks to chunks, at fixed times (the transfers are the driver's; here their ends are
+//! fed in by hand).
+
+use super::*;
+use spine_protocol::{RequestSlot, Slot};
+
+fn data_ref(bytes: &[u8]) -> DataRef {
+    DataRef {
+        size: bytes.len() as u64,
+        sha256: Sha256::digest(bytes).into(),
+        mime: Some("image/png".into()),
+        sources: vec!["http://127.0.0.1:9/v1/blobs/x?sig=s".into()],
+    }
+}
+
+fn ref_job(id: &str, bytes: &[u8]) -> Job {
+    let mut j = job(id, "test.echo");
+    j.input = Some(Data::Ref(data_ref(bytes)));
+    j.progress = true;
+    j
+}
+
+fn hello(c: &mut Core, minor: u32, now: Instant) {
+    let p = Presence::available()
+        .with_from(jid(DISPATCHER))
+        .with_payload(spine_protocol::DispatcherHello {
+            protocol: ProtocolVersion { major: 1, minor },
+        });
+    c.stanza(p.into(), now);
+    c.take_ready();
+}
+
+fn advertised_version(r: &Ready) -> Vec<ProtocolVersion> {
+    r.out
+        .iter()
+        .filter_map(|o| match o {
+            Out::Load {
+                advertise: Some(a), ..
+            } => Some(a.protocol),
+            _ => None,
+        })
+        .collect()
+}
+
+fn request_slots(r: &Ready) -> Vec<(String, RequestSlot)> {
+    iqs(r)
+        .into_iter()
+        .filter_map(|iq| match iq {
+            Iq::Get { id, payload, .. } => {
+                Some((id.clone(), RequestSlot::try_from(payload.clone()).ok()?))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn chunk_count(r: &Ready) -> usize {
+    iqs(r)
+        .into_iter()
+        .filter(|iq| matches!(iq, Iq::Set { payload, .. } if payload.name() == "chunk"))
+        .count()
+}
+
+#[test]
+fn http_data_decides_the_announced_version() {
+    let t0 = Instant::now();
+    let caps = BTreeMap::from([(cap("test.echo"), CapabilityAd::new(cap("test.echo")))]);
+    for (http_data, minor) in [(true, 1), (false, 0)] {
+        let config = AgentConfig {
+            http_data,
+            ..AgentConfig::default()
+        };
+        let mut c = Core::new(
+            &config,
+            vec![jid(DISPATCHER).to_bare()],
+            caps.clone(),
+            Attributes::new(),
+            7,
+            t0,
+        );
+        c.session_started(t0);
+        let r = c.take_ready();
+        assert_eq!(
+            advertised_version(&r),
+            [ProtocolVersion { major: 1, minor }]
+        );
+    }
+}
+
+#[test]
+fn a_reference_input_is_fetched_then_the_handler_starts_with_its_bytes() {
+    let t0 = Instant::now();
+    let mut c = core(1, t0);
+    let mut j = ref_job("j1", b"input bytes");
+    j.deadline_ms = Some(20_000);
+    let r = send_job(&mut c, DISPATCHER, "d1", j, t0);
+    assert!(r.starts.is_empty() && iqs(&r).is_empty(), "{r:?}");
+    let [f] = &r.fetches[..] else {
+        panic!("one fetch: {r:?}")
+    };
+    assert_eq!(f.source, data_ref(b"input bytes"));
+    assert_eq!(f.deadline, t0 + Duration::from_secs(20));
+    // The fetching job holds the agent's one slot.
+    let r = send_job(&mut c, DISPATCHER, "d2", job("j2", "test.echo"), t0);
+    assert_eq!(condition_of(&r, "d2"), Condition::Busy);
+
+    c.fetched(f.key, Ok(b"input bytes".to_vec()), t0 + 5 * MS);
+    let r = c.take_ready();
+    let [s] = &r.starts[..] else {
+        panic!("one start: {r:?}")
+    };
+    assert_eq!(
+        (s.input.as_slice(), s.input_mime.as_deref()),
+        (&b"input bytes"[..], Some("image/png"))
+    );
+    assert_eq!(s.deadline, Some(t0 + Duration::from_secs(20)));
+    assert_eq!(r.out.len(), 1, "the started progress: {r:?}");
+    c.job_done(done("j1", Ok(Output::bytes("ok"))), t0 + 10 * MS);
+    let r = c.take_ready();
+    assert_eq!(
+        result_of(&r, "d1").output,
+        Some(Data::Inline {
+            mime: None,
+            bytes: b"ok".to_vec()
+        })
+    );
+}
+
+#[test]
+fn a_failed_fetch_answers_fetch_failed_and_the_same_attempt_in_chunks_runs() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    let r = send_job(&mut c, DISPATCHER, "d1", ref_job("j1", b"abc"), t0);
+    let key = r.fetches[0].key;
+    c.fetched(
+        key,
+        Err("127.0.0.1:9: HTTP status 403 Forbidden".into()),
+        t0,
+    );
+    let r = c.take_ready();
+    let e = answer(&r, "d1").expect("answer").expect_err("an error");
+    assert_eq!(e.condition, Condition::FetchFailed);
+    assert_eq!(
+        e.text.as_deref(),
+        Some("127.0.0.1:9: HTTP status 403 Forbidden")
+    );
+    assert!(r.starts.is_empty());
+    assert_eq!(c.running(), 0);
+    // A late end of the same transfer changes nothing.
+    c.fetched(key, Ok(b"abc".to_vec()), t0);
+    assert!(c.take_ready().starts.is_empty());
+    // The dispatcher resends the same id and attempt, inline this time: it runs.
+    let mut again = job("j1", "test.echo");
+    again.input = Some(Data::inline(b"abc".to_vec()));
+    let r = send_job(&mut c, DISPATCHER, "d2", again, t0 + MS);
+    assert_eq!(r.starts.len(), 1);
+    assert_eq!(r.starts[0].input, b"abc");
+}
+
+#[test]
+fn a_cancel_while_fetching_aborts_the_transfer_and_answers_cancelled() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    let r = send_job(&mut c, DISPATCHER, "d1", ref_job("j1", b"abc"), t0);
+    let key = r.fetches[0].key;
+    let r = send_set(&mut c, "c1", Cancel { job: job_id("j1") }, t0);
+    assert_eq!(r.aborts, [key]);
+    assert_eq!(condition_of(&r, "d1"), Condition::Cancelled);
+    assert!(matches!(answer(&r, "c1"), Some(Ok(None))));
+    assert_eq!(c.running(), 0);
+}
+
+#[test]
+fn with_http_data_off_a_reference_is_refused_with_fetch_failed() {
+    let t0 = Instant::now();
+    let config = AgentConfig {
+        http_data: false,
+        ..AgentConfig::default()
+    };
+    let caps = BTreeMap::from([(cap("test.echo"), CapabilityAd::new(cap("test.echo")))]);
+    let mut c = Core::new(
+        &config,
+        vec![jid(DISPATCHER).to_bare()],
+        caps,
+        Attributes::new(),
+        7,
+        t0,
+    );
+    c.session_started(t0);
+    c.take_ready();
+    let r = send_job(&mut c, DISPATCHER, "d1", ref_job("j1", b"abc"), t0);
+    assert!(r.fetches.is_empty());
+    assert_eq!(condition_of(&r, "d1"), Condition::FetchFailed);
+}
+
+/// The chunks of [`big`] (all within the window).
+const BIG_CHUNKS: usize = 200_000usize.div_ceil(INLINE_LIMIT);
+
+fn big() -> Vec<u8> {
+    (0..200_000u32).map(|i| (i % 251) as u8).collect()
+}
+
+/// A 1.1 dispatcher's job whose handler returned a large output: the slot request sent.
+fn large_output(c: &mut Core, t0: Instant) -> (String, RequestSlot) {
+    hello(c, 1, t0);
+    send_job(c, DISPATCHER, "d1", job("j1", "test.echo"), t0);
+    c.job_done(
+        done("j1", Ok(Output::bytes(big()).with_mime("image/png"))),
+        t0 + MS,
+    );
+    let r = c.take_ready();
+    assert_eq!(chunk_count(&r), 0);
+    let mut slots = request_slots(&r);
+    assert_eq!(slots.len(), 1, "{r:?}");
+    slots.remove(0)
+}
+
+fn slot_answer(iq: &str, job: &str) -> Stanza {
+    Iq::from_result(
+        iq,
+        Some(Slot {
+            job: job_id(job),
+            put: "http://127.0.0.1:9/v1/uploads/j1?sig=s".into(),
+            expires_ms: 300_000,
+        }),
+    )
+    .with_from(jid(DISPATCHER))
+    .into()
+}
+
+#[test]
+fn a_large_output_goes_to_an_upload_slot_and_the_result_refers_to_it() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    let (iq, req) = large_output(&mut c, t0);
+    let sha: [u8; 32] = Sha256::digest(big()).into();
+    assert_eq!(
+        (
+            req.job.as_str(),
+            req.attempt,
+            req.size,
+            req.sha256,
+            req.mime.as_deref()
+        ),
+        ("j1", 1, 200_000, sha, Some("image/png"))
+    );
+    c.stanza(slot_answer(&iq, "j1"), t0 + 2 * MS);
+    let r = c.take_ready();
+    let [p] = &r.puts[..] else {
+        panic!("one PUT: {r:?}")
+    };
+    assert_eq!(p.url, "http://127.0.0.1:9/v1/uploads/j1?sig=s");
+    assert_eq!(p.bytes.as_slice(), big().as_slice());
+    assert_eq!(p.mime.as_deref(), Some("image/png"));
+    c.put_done(p.key, Ok(()), t0 + 3 * MS);
+    let r = c.take_ready();
+    assert_eq!(
+        result_of(&r, "d1").output,
+        Some(Data::Ref(DataRef {
+            size: 200_000,
+            sha256: sha,
+            mime: Some("image/png".into()),
+            sources: vec![],
+        }))
+    );
+}
+
+#[test]
+fn a_refused_slot_a_failed_put_or_no_answer_sends_the_output_in_chunks() {
+    let t0 = Instant::now();
+    // Refused.
+    let mut c = core(4, t0);
+    let (iq, _) = large_output(&mut c, t0);
+    let refusal = Iq::from_error(
+        iq,
+        StanzaError::from(SpineError::new(Condition::StorageFull)),
+    )
+    .with_from(jid(DISPATCHER));
+    c.stanza(refusal.into(), t0 + 2 * MS);
+    assert_eq!(chunk_count(&c.take_ready()), BIG_CHUNKS);
+    // The PUT failed.
+    let mut c = core(4, t0);
+    let (iq, _) = large_output(&mut c, t0);
+    c.stanza(slot_answer(&iq, "j1"), t0 + 2 * MS);
+    let key = c.take_ready().puts[0].key;
+    c.put_done(key, Err("127.0.0.1:9: HTTP status 507".into()), t0 + 3 * MS);
+    assert_eq!(chunk_count(&c.take_ready()), BIG_CHUNKS);
+    // A slot for another job is not used.
+    let mut c = core(4, t0);
+    let (iq, _) = large_output(&mut c, t0);
+    c.stanza(slot_answer(&iq, "other"), t0 + 2 * MS);
+    let r = c.take_ready();
+    assert!(r.puts.is_empty());
+    assert_eq!(chunk_count(&r), BIG_CHUNKS);
+    // No answer: the core wakes at the slot timeout and sends chunks.
+    let mut c = core(4, t0);
+    large_output(&mut c, t0);
+    let at = t0 + MS + refs::SLOT_TIMEOUT;
+    assert!(c.poll_timeout() <= at);
+    c.tick(at);
+    assert_eq!(chunk_count(&c.take_ready()), BIG_CHUNKS);
+}
+
+#[test]
+fn a_dispatcher_is_known_to_speak_1_1_from_its_hello_or_a_reference() {
+    let t0 = Instant::now();
+    // A 1.0 hello: chunks.
+    let mut c = core(4, t0);
+    hello(&mut c, 0, t0);
+    send_job(&mut c, DISPATCHER, "d1", job("j1", "test.echo"), t0);
+    c.job_done(done("j1", Ok(Output::bytes(big()))), t0 + MS);
+    let r = c.take_ready();
+    assert!(request_slots(&r).is_empty());
+    assert_eq!(chunk_count(&r), BIG_CHUNKS);
+    // No hello, but a job with a reference: a slot.
+    let mut c = core(4, t0);
+    let r = send_job(&mut c, DISPATCHER, "d1", ref_job("j1", b"abc"), t0);
+    c.fetched(r.fetches[0].key, Ok(b"abc".to_vec()), t0);
+    c.take_ready();
+    c.job_done(done("j1", Ok(Output::bytes(big()))), t0 + MS);
+    assert_eq!(request_slots(&c.take_ready()).len(), 1);
+}
