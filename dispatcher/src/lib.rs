@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+pub mod blobs;
 mod clock;
 pub mod config;
 mod core;
