@@ -424,7 +424,8 @@ impl BlobStore {
             received: 0,
             reservation: Some(reservation),
             batch_size: BATCH,
-            buf: Vec::with_capacity(BATCH),
+            // A small upload of known size does not hold a whole batch's buffer.
+            buf: Vec::with_capacity(size.map_or(BATCH, |s| s.min(BATCH as u64) as usize)),
             batch: None,
             spare: None,
             hasher: Some(Sha256::new()),
@@ -508,25 +509,20 @@ impl Reservation {
         if wanted == 0 {
             return Ok(());
         }
-        match i.quota {
-            None => {
-                i.committed.fetch_add(wanted, Ordering::AcqRel);
-            }
-            Some(quota) => {
-                i.committed
-                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
-                        c.checked_add(wanted).filter(|&n| n <= quota)
-                    })
-                    .map_err(|used| {
-                        i.quota_refusals.fetch_add(1, Ordering::Relaxed);
-                        BlobError::QuotaExceeded {
-                            used,
-                            quota,
-                            wanted,
-                        }
-                    })?;
-            }
-        }
+        // Without a quota the bound is u64::MAX: the counter never wraps.
+        let quota = i.quota.unwrap_or(u64::MAX);
+        i.committed
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |c| {
+                c.checked_add(wanted).filter(|&n| n <= quota)
+            })
+            .map_err(|used| {
+                i.quota_refusals.fetch_add(1, Ordering::Relaxed);
+                BlobError::QuotaExceeded {
+                    used,
+                    quota,
+                    wanted,
+                }
+            })?;
         self.bytes += wanted;
         Ok(())
     }
