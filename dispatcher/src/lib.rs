@@ -26,6 +26,7 @@ pub mod http;
 pub mod jobs;
 pub mod policy;
 pub mod registry;
+pub mod signing;
 pub mod sim;
 pub mod store;
 
