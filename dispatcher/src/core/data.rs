@@ -8,9 +8,9 @@
 //! again in chunks ([`Core::fetch_failed`]) and that agent gets chunks for
 //! [`CHUNKS_AFTER_FETCH_FAILED`]; `<request-slot/>` is answered here; the HTTP side reports a
 //! filled slot ([`Core::slot_filled`]) before the agent's result, which
-//! [`Core::slot_output`] then resolves. Signing is pure (a key and the time given), so the
-//! core stays free of I/O; the HTTP side checks what is signed here with the same parts
-//! ([`fetch_parts`], [`put_parts`]).
+//! [`Core::slot_output`] then resolves. Signing is pure (a key and the time given,
+//! [`crate::signing`]), so the core stays free of I/O; the HTTP side parses and checks the
+//! same grants.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -23,7 +23,7 @@ use xmpp_parsers::iq::Iq;
 
 use super::{Core, Now};
 use crate::blobs::Stored;
-use crate::signing::UrlKey;
+use crate::signing::{BlobGrant, UploadGrant, UrlKey};
 
 /// How long an agent whose fetch failed gets chunks before HTTP is tried again.
 pub(crate) const CHUNKS_AFTER_FETCH_FAILED: Duration = Duration::from_secs(600);
@@ -54,33 +54,6 @@ pub(crate) struct Granted {
     filled: bool,
 }
 
-/// The signed parts of an input's fetch URL.
-pub(crate) fn fetch_parts(blob_hex: &str, agent: &str, job: &str) -> [String; 4] {
-    [
-        "GET".into(),
-        format!("/v1/blobs/{blob_hex}"),
-        agent.into(),
-        job.into(),
-    ]
-}
-
-/// The signed parts of an upload slot's URL.
-pub(crate) fn put_parts(job: &str, agent: &str, attempt: u64, want: &Stored) -> [String; 6] {
-    [
-        "PUT".into(),
-        format!("/v1/uploads/{job}"),
-        agent.into(),
-        attempt.to_string(),
-        want.size.to_string(),
-        want.hex(),
-    ]
-}
-
-fn sign(key: &UrlKey, parts: &[String], exp: u64) -> String {
-    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
-    key.sign(&parts, exp)
-}
-
 impl DataPlane {
     fn exp(&self, now: Now) -> u64 {
         (now.ms / 1000).saturating_add(self.ttl.as_secs().max(1))
@@ -88,20 +61,12 @@ impl DataPlane {
 
     /// A signed URL for `agent` to fetch `blob`, the input of `job`.
     fn fetch_url(&self, blob: &Stored, job: &JobId, agent: &BareJid, now: Now) -> String {
-        let exp = self.exp(now);
-        let sig = sign(
-            &self.key,
-            &fetch_parts(&blob.hex(), agent.as_str(), job.as_str()),
-            exp,
-        );
-        let query = serde_urlencoded::to_string([
-            ("job", job.as_str()),
-            ("agent", agent.as_str()),
-            ("exp", &exp.to_string()),
-            ("sig", &sig),
-        ])
-        .unwrap_or_default();
-        format!("{}/v1/blobs/{}?{query}", self.base, blob.hex())
+        let grant = BlobGrant {
+            sha256: blob.sha256,
+            job: job.clone(),
+            agent: agent.clone(),
+        };
+        grant.url(&self.base, self.exp(now), &self.key)
     }
 
     /// A signed upload URL for `agent`'s output of `job`'s attempt.
@@ -113,22 +78,14 @@ impl DataPlane {
         want: &Stored,
         now: Now,
     ) -> String {
-        let exp = self.exp(now);
-        let sig = sign(
-            &self.key,
-            &put_parts(job.as_str(), agent.as_str(), attempt, want),
-            exp,
-        );
-        let query = serde_urlencoded::to_string([
-            ("attempt", attempt.to_string().as_str()),
-            ("agent", agent.as_str()),
-            ("size", &want.size.to_string()),
-            ("sha256", &want.hex()),
-            ("exp", &exp.to_string()),
-            ("sig", &sig),
-        ])
-        .unwrap_or_default();
-        format!("{}/v1/uploads/{job}?{query}", self.base)
+        let grant = UploadGrant {
+            job: job.clone(),
+            agent: agent.clone(),
+            attempt,
+            size: want.size,
+            sha256: want.sha256,
+        };
+        grant.url(&self.base, self.exp(now), &self.key)
     }
 }
 

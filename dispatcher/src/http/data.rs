@@ -34,9 +34,9 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::request::job_id;
 use super::routes::{change, find_job, mismatch};
+use crate::signing::{BlobGrant, Grant, QueryError, SigError, SignedUrl, UploadGrant};
 use super::Handle;
 use crate::blobs::{parse_sha256, BlobError, BlobStore, Stored};
-use crate::core::data::{fetch_parts, put_parts};
 use crate::core::{ApiReply, ApiRequest};
 use crate::jobs::{Body as JobBody, Recorded};
 use crate::signing::UrlKey;
@@ -123,41 +123,12 @@ fn data_of(h: &Handle) -> Result<&DataHandle, ApiError> {
     })
 }
 
-/// The query of a signed URL, every field optional so that a missing one is named.
-#[derive(Debug, Default, Deserialize)]
-struct Signed {
-    job: Option<String>,
-    agent: Option<String>,
-    attempt: Option<u64>,
-    size: Option<u64>,
-    sha256: Option<String>,
-    exp: Option<u64>,
-    sig: Option<String>,
-}
-
-impl Signed {
-    fn parse(query: Option<&str>) -> Result<Signed, ApiError> {
-        serde_urlencoded::from_str(query.unwrap_or(""))
-            .map_err(|e| forbidden(format!("not a signed URL: {e}")))
-    }
-}
-
-fn need<T>(v: Option<T>, name: &str) -> Result<T, ApiError> {
-    v.ok_or_else(|| forbidden(format!("not a signed URL: `{name}` is missing")))
-}
-
-/// Checks a signature over `parts` and the expiry; counts and refuses (403) what fails.
-fn check(
-    d: &DataHandle,
-    parts: &[String],
-    exp: u64,
-    sig: &str,
-) -> Result<(), ApiError> {
+/// Checks a signed URL's signature and expiry; counts and refuses (403) what fails.
+fn check<'a, G: Grant>(d: &DataHandle, url: &'a SignedUrl<G>) -> Result<&'a G, ApiError> {
     let now = crate::clock::now_ms() / 1000;
-    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
-    match d.key.verify(&parts, exp, sig, now) {
-        Ok(()) => Ok(()),
-        Err(crate::signing::SigError::Expired) => {
+    match url.verify(&d.key, now) {
+        Ok(g) => Ok(g),
+        Err(SigError::Expired) => {
             d.counters.expired.fetch_add(1, Ordering::Relaxed);
             Err(forbidden(
                 "this URL expired: the job's sender gives a fresh one with the next attempt",
@@ -172,6 +143,11 @@ fn check(
     }
 }
 
+fn unsigned(d: &DataHandle, e: QueryError) -> ApiError {
+    d.counters.bad_signature.fetch_add(1, Ordering::Relaxed);
+    forbidden(format!("not a signed URL of this dispatcher: {e}"))
+}
+
 /// `GET /v1/blobs/{sha256}`: a job's input, for the agent its URL was signed for.
 pub(super) async fn fetch_blob(
     State(h): State<Handle>,
@@ -180,11 +156,15 @@ pub(super) async fn fetch_blob(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let d = data_of(&h)?;
-    let q = Signed::parse(uri.query())?;
-    let (job, agent) = (need(q.job, "job")?, need(q.agent, "agent")?);
-    let (exp, sig) = (need(q.exp, "exp")?, need(q.sig, "sig")?);
-    check(d, &fetch_parts(&hex, &agent, &job), exp, &sig)?;
-    let sha = parse_sha256(&hex).map_err(|_| not_found(d))?;
+    let url = BlobGrant::parse(&hex, uri.query().unwrap_or("")).map_err(|e| {
+        // A path that is no blob's name is simply not found; anything else is refused.
+        if parse_sha256(&hex).is_err() {
+            not_found(d)
+        } else {
+            unsigned(d, e)
+        }
+    })?;
+    let sha = check(d, &url)?.sha256;
     let file = d.blobs.file(&sha).map_err(|_| not_found(d))?;
     d.counters.fetched.fetch_add(1, Ordering::Relaxed);
     serve_file(tokio::fs::File::from_std(file), &headers, None).await
@@ -203,16 +183,14 @@ pub(super) async fn put_upload(
     body: Body,
 ) -> Result<Response, ApiError> {
     let d = data_of(&h)?;
-    let q = Signed::parse(uri.query())?;
-    let agent = need(q.agent, "agent")?;
-    let (attempt, size) = (need(q.attempt, "attempt")?, need(q.size, "size")?);
-    let hex = need(q.sha256, "sha256")?;
-    let (exp, sig) = (need(q.exp, "exp")?, need(q.sig, "sig")?);
-    let sha = parse_sha256(&hex).map_err(|e| forbidden(format!("not a signed URL: {e}")))?;
-    let want = Stored { sha256: sha, size };
-    check(d, &put_parts(&job, &agent, attempt, &want), exp, &sig)?;
-    let job = job_id(&job)?;
-    let blob = store_body(&d.blobs, body, Some(size), u64::MAX, Some(want)).await?;
+    let url = UploadGrant::parse(&job, uri.query().unwrap_or("")).map_err(|e| unsigned(d, e))?;
+    let g = check(d, &url)?.clone();
+    let want = Stored {
+        sha256: g.sha256,
+        size: g.size,
+    };
+    let blob = store_body(&d.blobs, body, Some(g.size), u64::MAX, Some(want)).await?;
+    let (job, attempt, agent) = (g.job, g.attempt, g.agent.to_string());
     let request = ApiRequest::SlotFilled {
         job: job.clone(),
         attempt,
