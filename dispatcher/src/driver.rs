@@ -42,21 +42,28 @@ pub(crate) fn now() -> Now {
 /// A dispatcher with its HTTP listener open (port 0 allowed: see [`Dispatcher::http_addr`]).
 pub struct Dispatcher {
     cfg: DispatcherConfig,
-    http: Option<tokio::net::TcpListener>,
+    http: Option<crate::http::Listener>,
 }
 
 impl Dispatcher {
-    /// Validates the configuration and opens the HTTP listener.
-    pub async fn bind(cfg: DispatcherConfig) -> Result<Self, DispatcherError> {
+    /// Validates the configuration and opens the HTTP listener (HTTPS with `http_tls_cert`);
+    /// from then on the configuration's `public_url` is the API's effective base URL.
+    pub async fn bind(mut cfg: DispatcherConfig) -> Result<Self, DispatcherError> {
         cfg.validate()?;
         crate::http::ensure_open_files(&cfg)?;
-        let http = match cfg.http_listen {
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                DispatcherError::Config(format!("http_listen: cannot listen on {addr}: {e}"))
-            })?),
-            None => None,
-        };
+        let http = crate::http::Listener::bind(&cfg).await?;
+        if let Some(l) = &http {
+            let addr = l.local_addr().map_err(|e| {
+                DispatcherError::Config(format!("http_listen: the listener's address: {e}"))
+            })?;
+            cfg.public_url = Some(cfg.public_url_or_default(addr)?);
+        }
         Ok(Dispatcher { cfg, http })
+    }
+
+    /// The HTTP API's base URL (`public_url`, or derived from the listener), if it has one.
+    pub fn public_url(&self) -> Option<&str> {
+        self.cfg.public_url.as_deref()
     }
 
     /// Where the HTTP API listens.
@@ -135,7 +142,7 @@ fn open_audit(cfg: &DispatcherConfig, store: &Store) -> Result<Option<AuditLog>,
 
 async fn run_inner(
     cfg: DispatcherConfig,
-    http: Option<tokio::net::TcpListener>,
+    http: Option<crate::http::Listener>,
     shutdown: impl Future<Output = impl Sized> + Send,
 ) -> Result<(), DispatcherError> {
     let opts = cfg.connect_options()?;
@@ -160,7 +167,9 @@ async fn run_inner(
     if let Some(listener) = http {
         let handle = Handle::new(&cfg, &policy, cmd_tx.clone(), events.clone());
         if let Ok(addr) = listener.local_addr() {
-            info!(%addr, "HTTP API listening");
+            let scheme = listener.scheme();
+            let public_url = cfg.public_url.as_deref().unwrap_or_default();
+            info!(%addr, scheme, public_url, "HTTP API listening");
         }
         tokio::spawn(crate::http::serve(listener, handle, http_stop.clone()));
     }

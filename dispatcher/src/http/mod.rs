@@ -30,6 +30,7 @@ use crate::policy::{Grant, HttpToken, Policy};
 
 pub use request::SubmitRequest;
 pub(crate) use routes::router;
+pub(crate) use serve::Listener;
 pub(crate) use serve::{ensure_open_files, serve};
 pub use views::job_json;
 
