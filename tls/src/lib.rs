@@ -148,6 +148,18 @@ pub fn client_config(trust: &Trust) -> Result<ClientConfig, TlsError> {
         .with_no_client_auth())
 }
 
+/// [`client_config`] of [`Trust::from_ca_file`]: what a client with a `ca_file` option uses.
+/// Errors about the file's contents name the file.
+pub fn client_config_for_ca_file(ca_file: Option<&Path>) -> Result<ClientConfig, TlsError> {
+    client_config(&Trust::from_ca_file(ca_file)?).map_err(|e| match (e, ca_file) {
+        (TlsError::Ca { path: None, reason }, Some(f)) => TlsError::Ca {
+            path: Some(f.to_path_buf()),
+            reason,
+        },
+        (e, _) => e,
+    })
+}
+
 /// The certificate chain of a PEM file, server certificate first, and the file's text (what a
 /// client of a self-signed server puts in its CA file).
 pub fn read_cert_chain(
@@ -208,29 +220,32 @@ pub fn server_config_from_files(cert: &Path, key: &Path) -> Result<ServerConfig,
     server_config(certs, read_key(key)?)
 }
 
-/// Whether `e`, or an error it wraps (also inside an `io::Error`, whose `source` skips the
-/// error it carries), is rustls refusing the server's certificate: what a client turns into
-/// "verify the server with a CA file" advice.
-pub fn is_certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
+/// rustls refusing the server's certificate, if that is what `e` is or wraps (also inside an
+/// `io::Error`, whose `source` skips the error it carries): what a client turns into "verify
+/// the server with a CA file" advice rather than a transport error.
+pub fn certificate_error<'a>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a rustls::Error> {
     let mut cur = Some(e);
     while let Some(err) = cur {
         if let Some(r) = err.downcast_ref::<rustls::Error>() {
             return matches!(
                 r,
                 rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented
-            );
+            )
+            .then_some(r);
         }
         if let Some(inner) = err
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
         {
-            if is_certificate_error(inner) {
-                return true;
+            if let Some(r) = certificate_error(inner) {
+                return Some(r);
             }
         }
         cur = err.source();
     }
-    false
+    None
 }
 
 #[cfg(test)]
@@ -285,8 +300,9 @@ mod tests {
         let trust = Trust::from_ca_file(Some(&ca)).unwrap();
         assert_eq!(root_store(&trust).unwrap().len(), 1);
         let junk = write(dir.path(), "junk.pem", "nothing");
-        let e = root_store(&Trust::from_ca_file(Some(&junk)).unwrap()).unwrap_err();
+        let e = client_config_for_ca_file(Some(&junk)).unwrap_err();
         assert!(matches!(e, TlsError::Ca { .. }), "{e}");
+        assert!(e.to_string().contains("junk.pem: no PEM CA certificate"), "{e}");
         let e = Trust::from_ca_file(Some(&dir.path().join("missing.pem"))).unwrap_err();
         assert!(e.to_string().contains("missing.pem"), "{e}");
         assert!(matches!(Trust::from_ca_file(None).unwrap(), Trust::System));
@@ -296,8 +312,11 @@ mod tests {
     fn a_certificate_error_is_found_inside_io_errors() {
         let inner = rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer);
         let io = std::io::Error::new(std::io::ErrorKind::InvalidData, inner);
-        assert!(is_certificate_error(&io));
+        assert_eq!(
+            certificate_error(&io).map(ToString::to_string).as_deref(),
+            Some("invalid peer certificate: UnknownIssuer")
+        );
         let other = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
-        assert!(!is_certificate_error(&other));
+        assert!(certificate_error(&other).is_none());
     }
 }
