@@ -133,7 +133,9 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             json,
         } => {
             if seq_jobs == 0 || par_jobs == 0 || window == 0 || connections == 0 || runs == 0 {
-                anyhow::bail!("--seq-jobs, --par-jobs, --window, --connections and --runs must be at least 1");
+                anyhow::bail!(
+                    "--seq-jobs, --par-jobs, --window, --connections and --runs must be at least 1"
+                );
             }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let r = rt.block_on(https::run(seq_jobs, par_jobs, window, connections, runs))?;

@@ -159,6 +159,9 @@ pub fn run(args: UpArgs) -> Result<()> {
     })
 }
 
+/// A change to the farm's dispatcher configuration.
+pub type DispatcherChange = Box<dyn FnOnce(&mut DispatcherConfig) + Send>;
+
 /// What a local farm is made of.
 pub struct FarmOptions {
     /// Local agents.
@@ -174,7 +177,7 @@ pub struct FarmOptions {
     /// The dispatcher's `max_blob` (largest input and output), when not the default.
     pub max_blob: Option<bytesize::ByteSize>,
     /// Changes to the dispatcher's configuration beyond these (benchmarks: HTTPS, limits).
-    pub dispatcher: Option<Box<dyn FnOnce(&mut DispatcherConfig) + Send>>,
+    pub dispatcher: Option<DispatcherChange>,
 }
 
 /// The whole bus in this process: the embedded server, a dispatcher and local agents offering

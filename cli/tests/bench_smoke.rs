@@ -209,7 +209,9 @@ fn https_runs_small_over_both_schemes() {
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let runs = r["runs"].as_array().unwrap();
     assert_eq!(
-        runs.iter().map(|r| r["scheme"].as_str().unwrap()).collect::<Vec<_>>(),
+        runs.iter()
+            .map(|r| r["scheme"].as_str().unwrap())
+            .collect::<Vec<_>>(),
         ["http", "https"]
     );
     for run in runs {

@@ -199,7 +199,9 @@ async fn off_loopback_without_a_certificate_the_dispatcher_refuses_to_start() {
     // With both, the configuration is valid (printed, not run).
     std::fs::write(
         &config,
-        format!("http_allow_plaintext = true\npublic_url = \"http://spine.example.com:8443/\"\n{base}"),
+        format!(
+            "http_allow_plaintext = true\npublic_url = \"http://spine.example.com:8443/\"\n{base}"
+        ),
     )
     .unwrap();
     let (code, out, err) = spine(&["dispatcher", "--config", c, "--print-config"]).await;

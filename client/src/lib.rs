@@ -234,13 +234,10 @@ impl Client {
         // Talks to the configured URL only: no proxy from the environment.
         let mut builder = reqwest::Client::builder().no_proxy();
         if base.trim_start().to_ascii_lowercase().starts_with("https:") {
-            let tls =
-                spine_tls::client_config_for_ca_file(ca_file).map_err(ClientError::Trust)?;
+            let tls = spine_tls::client_config_for_ca_file(ca_file).map_err(ClientError::Trust)?;
             builder = builder.use_preconfigured_tls(tls);
         }
-        let http = builder
-            .build()
-            .map_err(http("building the HTTP client"))?;
+        let http = builder.build().map_err(http("building the HTTP client"))?;
         Ok(Client {
             base: base.trim_end_matches('/').to_owned(),
             token,

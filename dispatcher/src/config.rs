@@ -343,7 +343,9 @@ impl DispatcherConfig {
         self.validate_http_limits()?;
         self.http_tls()?;
         if let Some(addr) = self.http_listen {
-            if !addr.ip().is_loopback() && self.http_tls_cert.is_none() && !self.http_allow_plaintext
+            if !addr.ip().is_loopback()
+                && self.http_tls_cert.is_none()
+                && !self.http_allow_plaintext
             {
                 return Err(bad("http_listen", format!("{addr} is not a loopback address and the HTTP API has no certificate: set http_tls_cert and http_tls_key (PEM files) to serve HTTPS, or http_allow_plaintext = true if a TLS-terminating proxy or a trusted network protects it (tokens and job data then cross the network in clear)")));
             }
@@ -383,7 +385,11 @@ impl DispatcherConfig {
             TlsError::Key { .. } => bad("http_tls_key", e),
             e => bad(
                 "http_tls_key",
-                format!("{e} (http_tls_cert {}, http_tls_key {})", cert.display(), key.display()),
+                format!(
+                    "{e} (http_tls_cert {}, http_tls_key {})",
+                    cert.display(),
+                    key.display()
+                ),
             ),
         })?;
         tls.alpn_protocols = vec![b"http/1.1".to_vec()];
@@ -673,7 +679,13 @@ mod tests {
         let e = DispatcherConfig::from_toml(&format!("http_listen = \"0.0.0.0:8443\"\n{token}"))
             .unwrap_err()
             .to_string();
-        for part in ["http_listen", "0.0.0.0:8443", "http_tls_cert", "http_tls_key", "http_allow_plaintext = true"] {
+        for part in [
+            "http_listen",
+            "0.0.0.0:8443",
+            "http_tls_cert",
+            "http_tls_key",
+            "http_allow_plaintext = true",
+        ] {
             assert!(e.contains(part), "{part} in {e}");
         }
         let e = DispatcherConfig::from_toml(&format!("http_listen = \"192.0.2.7:8480\"\n{token}"))
@@ -685,7 +697,10 @@ mod tests {
         ))
         .unwrap_err()
         .to_string();
-        assert!(e.contains("public_url: required when http_listen is [::]:8480"), "{e}");
+        assert!(
+            e.contains("public_url: required when http_listen is [::]:8480"),
+            "{e}"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let write = |name: &str, text: &str| {
@@ -708,7 +723,8 @@ mod tests {
         .unwrap();
         assert!(cfg.http_tls().unwrap().is_some());
         assert_eq!(
-            cfg.public_url_or_default("0.0.0.0:8443".parse().unwrap()).unwrap(),
+            cfg.public_url_or_default("0.0.0.0:8443".parse().unwrap())
+                .unwrap(),
             "https://spine.example.com:8443"
         );
         for (toml, key_at_fault, says) in [
@@ -716,14 +732,37 @@ mod tests {
             (tls(&junk, &key), "http_tls_cert", "BEGIN CERTIFICATE"),
             (tls(&cert, &junk), "http_tls_key", "BEGIN PRIVATE KEY"),
             (tls(&cert, &other_key), "http_tls_key", "does not fit"),
-            (format!("http_tls_cert = \"{cert}\"\n"), "http_tls_key", "not set"),
-            (format!("http_tls_key = \"{key}\"\n"), "http_tls_cert", "not set"),
-            ("public_url = \"ftp://x\"\n".to_owned(), "public_url", "http or https"),
-            ("public_url = \"https://x/?a=b\"\n".to_owned(), "public_url", "no query"),
-            ("public_url = \"/v1\"\n".to_owned(), "public_url", "https://dispatcher.example.com"),
+            (
+                format!("http_tls_cert = \"{cert}\"\n"),
+                "http_tls_key",
+                "not set",
+            ),
+            (
+                format!("http_tls_key = \"{key}\"\n"),
+                "http_tls_cert",
+                "not set",
+            ),
+            (
+                "public_url = \"ftp://x\"\n".to_owned(),
+                "public_url",
+                "http or https",
+            ),
+            (
+                "public_url = \"https://x/?a=b\"\n".to_owned(),
+                "public_url",
+                "no query",
+            ),
+            (
+                "public_url = \"/v1\"\n".to_owned(),
+                "public_url",
+                "https://dispatcher.example.com",
+            ),
         ] {
             let e = DispatcherConfig::from_toml(&toml).unwrap_err().to_string();
-            assert!(e.contains(&format!("{key_at_fault}: ")) && e.contains(says), "{toml} -> {e}");
+            assert!(
+                e.contains(&format!("{key_at_fault}: ")) && e.contains(says),
+                "{toml} -> {e}"
+            );
         }
 
         // The default URL: the listener's address and scheme.
@@ -733,11 +772,16 @@ mod tests {
             ("[::1]:8480", "http://[::1]:8480"),
             ("192.0.2.7:8480", "http://192.0.2.7:8480"),
         ] {
-            assert_eq!(plain.public_url_or_default(addr.parse().unwrap()).unwrap(), url);
+            assert_eq!(
+                plain.public_url_or_default(addr.parse().unwrap()).unwrap(),
+                url
+            );
         }
         let https = DispatcherConfig::from_toml(&tls(&cert, &key)).unwrap();
         assert_eq!(
-            https.public_url_or_default("127.0.0.1:8443".parse().unwrap()).unwrap(),
+            https
+                .public_url_or_default("127.0.0.1:8443".parse().unwrap())
+                .unwrap(),
             "https://127.0.0.1:8443"
         );
     }

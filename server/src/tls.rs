@@ -36,8 +36,8 @@ pub fn setup(cfg: &TlsConfig, domain: &str) -> Result<TlsSetup, ServerError> {
         (Some(cert), Some(key)) => {
             let (cert_pem, certs) = spine_tls::read_cert_chain(cert)
                 .map_err(|e| ServerError::Tls(format!("tls.cert {e}")))?;
-            let key = spine_tls::read_key(key)
-                .map_err(|e| ServerError::Tls(format!("tls.key {e}")))?;
+            let key =
+                spine_tls::read_key(key).map_err(|e| ServerError::Tls(format!("tls.key {e}")))?;
             Ok(TlsSetup {
                 config: server_config(certs, key)?,
                 cert_pem,

@@ -108,10 +108,7 @@ pub fn root_store(trust: &Trust) -> Result<RootCertStore, TlsError> {
     let mut roots = RootCertStore::empty();
     match trust {
         Trust::Pem(pem) => {
-            let ca = |reason: String| TlsError::Ca {
-                path: None,
-                reason,
-            };
+            let ca = |reason: String| TlsError::Ca { path: None, reason };
             for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
                 let cert = cert.map_err(|e| ca(format!("CA certificate PEM: {e}")))?;
                 roots
@@ -119,7 +116,9 @@ pub fn root_store(trust: &Trust) -> Result<RootCertStore, TlsError> {
                     .map_err(|e| ca(format!("CA certificate: {e}")))?;
             }
             if roots.is_empty() {
-                return Err(ca("no PEM CA certificate (expected -----BEGIN CERTIFICATE-----)".to_owned()));
+                return Err(ca(
+                    "no PEM CA certificate (expected -----BEGIN CERTIFICATE-----)".to_owned(),
+                ));
             }
         }
         Trust::System => {
@@ -162,9 +161,7 @@ pub fn client_config_for_ca_file(ca_file: Option<&Path>) -> Result<ClientConfig,
 
 /// The certificate chain of a PEM file, server certificate first, and the file's text (what a
 /// client of a self-signed server puts in its CA file).
-pub fn read_cert_chain(
-    path: &Path,
-) -> Result<(String, Vec<CertificateDer<'static>>), TlsError> {
+pub fn read_cert_chain(path: &Path) -> Result<(String, Vec<CertificateDer<'static>>), TlsError> {
     let bad = |reason: String| TlsError::Cert {
         path: path.to_path_buf(),
         reason,
@@ -302,7 +299,10 @@ mod tests {
         let junk = write(dir.path(), "junk.pem", "nothing");
         let e = client_config_for_ca_file(Some(&junk)).unwrap_err();
         assert!(matches!(e, TlsError::Ca { .. }), "{e}");
-        assert!(e.to_string().contains("junk.pem: no PEM CA certificate"), "{e}");
+        assert!(
+            e.to_string().contains("junk.pem: no PEM CA certificate"),
+            "{e}"
+        );
         let e = Trust::from_ca_file(Some(&dir.path().join("missing.pem"))).unwrap_err();
         assert!(e.to_string().contains("missing.pem"), "{e}");
         assert!(matches!(Trust::from_ca_file(None).unwrap(), Trust::System));

@@ -62,7 +62,8 @@ pub(super) async fn run(
         }
     }
     let med = |v: &[Figures], k: fn(&Figures) -> f64| median(v.iter().map(k).collect());
-    let pairs: [(&str, fn(&Figures) -> f64); 3] = [
+    type Figure = fn(&Figures) -> f64;
+    let pairs: [(&str, Figure); 3] = [
         ("seq", |f| f.seq_per_s),
         ("par", |f| f.par_per_s),
         ("fresh", |f| f.fresh_per_s),
@@ -112,15 +113,17 @@ async fn farm_run(
         http_listen: "127.0.0.1:0".parse()?,
         data_dir: dir.path().to_path_buf(),
         max_blob: None,
-        dispatcher: Some(Box::new(move |cfg: &mut spine_dispatcher::DispatcherConfig| {
-            // Every job in flight holds an event stream of the one local caller.
-            cfg.http_max_event_streams_per_token = (window * 2).max(32);
-            cfg.http_max_event_streams = cfg.http_max_event_streams.max(window * 2);
-            if https {
-                cfg.http_tls_cert = Some(cert);
-                cfg.http_tls_key = Some(key);
-            }
-        })),
+        dispatcher: Some(Box::new(
+            move |cfg: &mut spine_dispatcher::DispatcherConfig| {
+                // Every job in flight holds an event stream of the one local caller.
+                cfg.http_max_event_streams_per_token = (window * 2).max(32);
+                cfg.http_max_event_streams = cfg.http_max_event_streams.max(window * 2);
+                if https {
+                    cfg.http_tls_cert = Some(cert);
+                    cfg.http_tls_key = Some(key);
+                }
+            },
+        )),
     })
     .await?;
     let scheme = if https { "https" } else { "http" };
@@ -157,7 +160,9 @@ async fn measure(
     };
     let t = Instant::now();
     for _ in 0..connections {
-        let mut b = reqwest::Client::builder().no_proxy().pool_max_idle_per_host(0);
+        let mut b = reqwest::Client::builder()
+            .no_proxy()
+            .pool_max_idle_per_host(0);
         if let Some(c) = &tls {
             b = b.use_preconfigured_tls(c.clone());
         }

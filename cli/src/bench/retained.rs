@@ -157,11 +157,7 @@ async fn measure(api: &spine_client::Client, jobs: usize, window: usize) -> Resu
 
 /// `n` no-op jobs, `window` in flight, each submitted and followed to its end; all must
 /// succeed.
-pub(super) async fn noop_jobs(
-    api: &spine_client::Client,
-    n: usize,
-    window: usize,
-) -> Result<()> {
+pub(super) async fn noop_jobs(api: &spine_client::Client, n: usize, window: usize) -> Result<()> {
     let mut running = tokio::task::JoinSet::new();
     let mut started = 0;
     while started < n || !running.is_empty() {

@@ -348,7 +348,8 @@ async fn starts_with_tls_record(stream: &TcpStream) -> std::io::Result<bool> {
 /// connection does ([`linger`]), so that the unread request does not turn the close into a
 /// reset that destroys the answer.
 async fn answer_plain_http(stream: TcpStream) {
-    const BODY: &str = r#"{"error":"tls-required","message":"this port serves HTTPS only: use an https:// URL"}"#;
+    const BODY: &str =
+        r#"{"error":"tls-required","message":"this port serves HTTPS only: use an https:// URL"}"#;
     let answer = format!(
         "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
         BODY.len()
