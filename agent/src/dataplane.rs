@@ -59,13 +59,9 @@ impl AsRef<[u8]> for Shared {
 /// The HTTP client of the data plane: no redirects (a signed URL names exactly what it
 /// fetches), no proxy from the environment, a 5 s connect timeout, and the XMPP side's trust.
 pub(crate) fn client(config: &AgentConfig) -> reqwest::Client {
-    let trust = match &config.tls.ca_file {
-        Some(f) => std::fs::read_to_string(f)
-            .map(spine_xmpp::Trust::Pem)
-            .map_err(|e| format!("tls.ca_file {}: {e}", f.display())),
-        None => Ok(spine_xmpp::Trust::System),
-    };
-    let tls = trust.and_then(|t| t.client_config());
+    // The same trust as the XMPP side: `tls.ca_file`, or the system store.
+    let tls = spine_tls::client_config_for_ca_file(config.tls.ca_file.as_deref())
+        .map_err(|e| format!("tls.ca_file: {e}"));
     let builder = reqwest::Client::builder()
         .connect_timeout(CONNECT_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())

@@ -7,6 +7,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use spine_dispatcher::sim::{placement, timed, Workload};
 
+mod https;
 mod retained;
 
 /// Arguments of `spine bench`.
@@ -72,6 +73,30 @@ enum Scenario {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The HTTP API over plain HTTP and over HTTPS in the same run, on fresh local farms in
+    /// alternating runs: no-op jobs submitted and followed to their end as `spine submit
+    /// --wait` does, one at a time and many in flight, and requests on fresh connections
+    /// (what a TLS handshake costs).
+    Https {
+        /// No-op jobs one at a time, per run and scheme.
+        #[arg(long, default_value_t = 500)]
+        seq_jobs: usize,
+        /// No-op jobs with --window in flight, per run and scheme.
+        #[arg(long, default_value_t = 3000)]
+        par_jobs: usize,
+        /// Jobs in flight in the second measurement.
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        /// `GET /healthz` requests, each on a new connection.
+        #[arg(long, default_value_t = 300)]
+        connections: usize,
+        /// Runs of each scheme (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// No-op job throughput with no finished jobs held and with many (as 24 h of retention
     /// holds them), each on a fresh one-agent local farm, in alternating runs; also the time
     /// of `GET /v1/jobs?limit=100` and `GET /metrics` at both sizes.
@@ -99,6 +124,27 @@ enum Scenario {
 
 pub fn run(a: BenchArgs) -> Result<bool> {
     match a.scenario {
+        Scenario::Https {
+            seq_jobs,
+            par_jobs,
+            window,
+            connections,
+            runs,
+            json,
+        } => {
+            if seq_jobs == 0 || par_jobs == 0 || window == 0 || connections == 0 || runs == 0 {
+                anyhow::bail!(
+                    "--seq-jobs, --par-jobs, --window, --connections and --runs must be at least 1"
+                );
+            }
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let r = rt.block_on(https::run(seq_jobs, par_jobs, window, connections, runs))?;
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(true)
+        }
         Scenario::Mapreduce {
             mib,
             agents,
@@ -272,6 +318,7 @@ async fn payload(mib: usize, runs: usize) -> Result<serde_json::Value> {
         http_listen: "127.0.0.1:0".parse()?,
         data_dir: dir.path().to_path_buf(),
         max_blob: None,
+        dispatcher: None,
     })
     .await?;
     let api = spine_client::Client::new(&format!("http://{}", farm.http), None)?;
@@ -388,6 +435,7 @@ async fn mapreduce(
             max_blob: Some(bytesize::ByteSize::b(
                 (mib as u64 * 1024 * 1024) * 3 / 2 + 16 * 1024 * 1024,
             )),
+            dispatcher: None,
         })
         .await?;
         let api = spine_client::Client::new(&format!("http://{}", farm.http), None)?;

@@ -120,6 +120,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             }),
             data_dir: data_dir.clone(),
             max_blob: None,
+            dispatcher: None,
         })
         .await?;
         let (xmpp, http) = (farm.xmpp, farm.http);
@@ -158,6 +159,9 @@ pub fn run(args: UpArgs) -> Result<()> {
     })
 }
 
+/// A change to the farm's dispatcher configuration.
+pub type DispatcherChange = Box<dyn FnOnce(&mut DispatcherConfig) + Send>;
+
 /// What a local farm is made of.
 pub struct FarmOptions {
     /// Local agents.
@@ -172,6 +176,8 @@ pub struct FarmOptions {
     pub data_dir: PathBuf,
     /// The dispatcher's `max_blob` (largest input and output), when not the default.
     pub max_blob: Option<bytesize::ByteSize>,
+    /// Changes to the dispatcher's configuration beyond these (benchmarks: HTTPS, limits).
+    pub dispatcher: Option<DispatcherChange>,
 }
 
 /// The whole bus in this process: the embedded server, a dispatcher and local agents offering
@@ -230,7 +236,7 @@ impl Farm {
         let (agents_stop, agents_rx) = watch::channel(false);
         let server_task = tokio::spawn(server.run(stopped(server_rx)));
 
-        let dcfg = DispatcherConfig {
+        let mut dcfg = DispatcherConfig {
             jid: "dispatcher@localhost/up".into(),
             password: Some(dispatcher_pw),
             server: xmpp.to_string(),
@@ -239,6 +245,9 @@ impl Farm {
             max_blob: o.max_blob.unwrap_or(DispatcherConfig::default().max_blob),
             ..DispatcherConfig::default()
         };
+        if let Some(change) = o.dispatcher {
+            change(&mut dcfg);
+        }
         let dispatcher = Dispatcher::bind(dcfg).await.map_err(|e| {
             let hint = if e.to_string().contains("in use") {
                 " (another process holds the port: pass --http-listen 127.0.0.1:0 to take a free one)"

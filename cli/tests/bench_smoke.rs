@@ -174,3 +174,54 @@ fn retained_runs_small_with_the_jobs_really_held() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--window"));
 }
+
+/// `spine bench https`: both schemes measured on their own farm, every figure a real rate.
+#[test]
+fn https_runs_small_over_both_schemes() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("https.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args([
+            "bench",
+            "https",
+            "--seq-jobs",
+            "10",
+            "--par-jobs",
+            "40",
+            "--window",
+            "8",
+            "--connections",
+            "10",
+            "--runs",
+            "1",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("plain HTTP (baseline) → HTTPS"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let runs = r["runs"].as_array().unwrap();
+    assert_eq!(
+        runs.iter()
+            .map(|r| r["scheme"].as_str().unwrap())
+            .collect::<Vec<_>>(),
+        ["http", "https"]
+    );
+    for run in runs {
+        for k in ["seq_jobs_per_s", "par_jobs_per_s", "new_connections_per_s"] {
+            assert!(run[k].as_f64().unwrap() > 0.0, "{k} in {run}");
+        }
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args(["bench", "https", "--window", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

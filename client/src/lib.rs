@@ -54,6 +54,22 @@ pub enum ClientError {
         /// For people.
         message: String,
     },
+    /// The server's certificate was refused (unknown issuer, wrong name, expired).
+    #[error("{context}: the TLS certificate of {host} was refused ({reason}); if the dispatcher's certificate comes from a private CA or is self-signed, pass that CA's certificate with --ca-file (SPINE_CA_FILE)")]
+    Certificate {
+        /// What was being done.
+        context: String,
+        /// The host whose certificate it was.
+        host: String,
+        /// rustls's reason.
+        reason: String,
+        /// The transport error (not a `source`: `reason` says what it adds).
+        error: reqwest::Error,
+    },
+    /// The TLS trust settings are unusable (the CA file cannot be read or holds no
+    /// certificate, or the system's store is empty).
+    #[error("--ca-file (SPINE_CA_FILE): {0}")]
+    Trust(spine_tls::TlsError),
     /// An answer that does not fit the API.
     #[error("unexpected answer from the dispatcher: {0}")]
     Protocol(String),
@@ -73,17 +89,35 @@ pub enum ClientError {
     },
 }
 
+/// A transport error of `context`, telling a refused certificate apart (it needs a CA file,
+/// not a retry).
 fn http(context: &str) -> impl FnOnce(reqwest::Error) -> ClientError + '_ {
-    move |source| ClientError::Http {
-        context: context.to_owned(),
-        source,
+    move |source| {
+        if let Some(reason) = spine_tls::certificate_error(&source).map(ToString::to_string) {
+            let host = source
+                .url()
+                .and_then(|u| u.host_str())
+                .unwrap_or("the server")
+                .to_owned();
+            return ClientError::Certificate {
+                context: context.to_owned(),
+                host,
+                reason,
+                error: source,
+            };
+        }
+        ClientError::Http {
+            context: context.to_owned(),
+            source,
+        }
     }
 }
 
 /// Command-line options that say where the API is and how to authenticate, for
 /// `#[command(flatten)]`: `--api URL` (or `SPINE_API`, default http://127.0.0.1:8480), the
 /// token from `SPINE_TOKEN`, `--token-file FILE` (or `SPINE_TOKEN_FILE`) or `--token TOKEN`,
-/// and `--insecure` to send a token over plain HTTP to a non-loopback address.
+/// `--ca-file FILE` (or `SPINE_CA_FILE`) to verify an `https://` API against a private CA, and
+/// `--insecure` to send a token over plain HTTP to a non-loopback address.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ApiArgs {
     /// Base URL of the dispatcher's HTTP API.
@@ -97,9 +131,14 @@ pub struct ApiArgs {
     #[arg(long, env = "SPINE_TOKEN_FILE", value_name = "FILE")]
     pub token_file: Option<PathBuf>,
     /// Send the token even over plain http:// to an address that is not loopback, where
-    /// anyone on the way can read it (the client has no TLS).
+    /// anyone on the way can read it (prefer an https:// URL).
     #[arg(long, env = "SPINE_INSECURE")]
     pub insecure: bool,
+    /// CA certificates (PEM) to verify an https:// API with, instead of the operating
+    /// system's store: the dispatcher's private CA, or its self-signed certificate (the same
+    /// meaning as `ca_file` in the agent's and dispatcher's `[tls]`).
+    #[arg(long, env = "SPINE_CA_FILE", value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl ApiArgs {
@@ -144,7 +183,7 @@ impl ApiArgs {
                 );
             }
         }
-        Client::new(&self.api, token)
+        Client::with_ca_file(&self.api, token, self.ca_file.as_deref())
     }
 }
 
@@ -177,13 +216,28 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client of the API at `base` (such as `http://127.0.0.1:8480`).
+    /// A client of the API at `base` (such as `http://127.0.0.1:8480`); an `https://` API is
+    /// verified against the operating system's certificate store.
     pub fn new(base: &str, token: Option<String>) -> Result<Self, ClientError> {
+        Client::with_ca_file(base, token, None)
+    }
+
+    /// A client of the API at `base`; an `https://` API is verified against the CA
+    /// certificates of `ca_file` (PEM) only, or without one the operating system's store.
+    /// The trust is loaded only for an `https://` base, so that a plain-HTTP client works on a
+    /// machine without a certificate store.
+    pub fn with_ca_file(
+        base: &str,
+        token: Option<String>,
+        ca_file: Option<&Path>,
+    ) -> Result<Self, ClientError> {
         // Talks to the configured URL only: no proxy from the environment.
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .map_err(http("building the HTTP client"))?;
+        let mut builder = reqwest::Client::builder().no_proxy();
+        if base.trim_start().to_ascii_lowercase().starts_with("https:") {
+            let tls = spine_tls::client_config_for_ca_file(ca_file).map_err(ClientError::Trust)?;
+            builder = builder.use_preconfigured_tls(tls);
+        }
+        let http = builder.build().map_err(http("building the HTTP client"))?;
         Ok(Client {
             base: base.trim_end_matches('/').to_owned(),
             token,
@@ -425,6 +479,7 @@ mod tests {
             token: token.map(str::to_owned),
             token_file: None,
             insecure,
+            ca_file: None,
         }
     }
 

@@ -56,9 +56,30 @@ pub struct DispatcherConfig {
     /// Retention of finished jobs.
     #[serde(with = "spine_protocol::units::duration")]
     pub retention: Duration,
-    /// Largest blob from an agent.
+    /// Largest payload sent in chunks over XMPP (assembled in memory): an output from an
+    /// agent that does not upload over HTTP, an input to one that does not fetch, a
+    /// submitter's chunked input.
     #[serde(with = "spine_protocol::units::size")]
     pub max_blob: ByteSize,
+    /// Largest input or output that travels over HTTP (streamed to and from the blob store,
+    /// never held in memory): uploads, `PUT /v1/blobs`, agents' upload slots.
+    #[serde(with = "spine_protocol::units::size")]
+    pub max_input: ByteSize,
+    /// Disk the blob store may use (large inputs, outputs and map/reduce data); unset: the
+    /// file system's free space is the limit. New payloads over it are refused (HTTP 507,
+    /// XMPP `storage-full`).
+    #[serde(
+        with = "spine_protocol::units::size::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub blob_quota: Option<ByteSize>,
+    /// A blob no job references is deleted once it is older than this (uploads awaiting
+    /// the job that names them, outputs of jobs forgotten by retention).
+    #[serde(with = "spine_protocol::units::duration")]
+    pub blob_orphan_ttl: Duration,
+    /// How long a signed blob URL (an agent's fetch or upload) stays valid.
+    #[serde(with = "spine_protocol::units::duration")]
+    pub blob_url_ttl: Duration,
     /// The audit log (JSON lines, one per job that ended): a path, relative to `data_dir`
     /// unless absolute, or `"off"`.
     pub audit_log: String,
@@ -106,6 +127,21 @@ pub struct DispatcherConfig {
     /// Address of the HTTP API, or none (`"off"`) for no HTTP API.
     #[serde(with = "listen_or_off")]
     pub http_listen: Option<std::net::SocketAddr>,
+    /// HTTP API: certificate chain (PEM, server certificate first) for HTTPS. With it and
+    /// `http_tls_key` the listener speaks HTTPS only; without, plain HTTP, which only a
+    /// loopback address or `http_allow_plaintext` allows.
+    pub http_tls_cert: Option<PathBuf>,
+    /// HTTP API: the private key (PEM) of `http_tls_cert`.
+    pub http_tls_key: Option<PathBuf>,
+    /// HTTP API: serve plain HTTP on an address that is not loopback (behind a TLS-terminating
+    /// proxy, or on a network trusted as it is): tokens and job data then cross it in clear.
+    pub http_allow_plaintext: bool,
+    /// The base URL agents and web apps reach the HTTP API at (what signed blob URLs start
+    /// with), e.g. `https://dispatcher.example.com:8443`. Optional when `http_listen` is a
+    /// concrete address (then derived from it); required for `0.0.0.0` / `[::]`. After
+    /// [`crate::Dispatcher::bind`] it holds the effective URL (the derived default filled in,
+    /// port 0 resolved, no trailing `/`).
+    pub public_url: Option<String>,
     /// HTTP API tokens. None configured: loopback clients only.
     #[serde(rename = "http_token")]
     pub http_tokens: Vec<HttpToken>,
@@ -156,6 +192,10 @@ impl Default for DispatcherConfig {
             no_agent_wait: Duration::from_secs(30),
             retention: Duration::from_secs(86_400),
             max_blob: ByteSize::mib(64),
+            max_input: ByteSize::gib(4),
+            blob_quota: None,
+            blob_orphan_ttl: Duration::from_secs(15 * 60),
+            blob_url_ttl: Duration::from_secs(5 * 60),
             audit_log: "audit.jsonl".into(),
             audit_max_size: ByteSize::mib(64),
             audit_keep: 5,
@@ -171,6 +211,10 @@ impl Default for DispatcherConfig {
             submitter_max_priority: 1000,
             tls: TlsConfig::default(),
             http_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8480))),
+            http_tls_cert: None,
+            http_tls_key: None,
+            http_allow_plaintext: false,
+            public_url: None,
             http_tokens: Vec::new(),
             http_header_timeout: Duration::from_secs(10),
             http_request_timeout: Duration::from_secs(120),
@@ -205,6 +249,32 @@ mod listen_or_off {
             ))
         })
     }
+}
+
+/// `public_url` checked (an http or https URL with a host, no query or fragment) and without
+/// its trailing `/`, so that callers append paths such as `/v1/blobs/…`.
+fn normalise_public_url(u: &str) -> Result<String, DispatcherError> {
+    let why = |w: &str| {
+        bad(
+            "public_url",
+            format!("'{u}': {w} (expected a base URL such as https://dispatcher.example.com:8443)"),
+        )
+    };
+    let uri: axum::http::Uri = u.parse().map_err(|e| why(&format!("{e}")))?;
+    match uri.scheme_str() {
+        Some("http" | "https") => {}
+        _ => return Err(why("the scheme must be http or https")),
+    }
+    if uri.host().is_none_or(str::is_empty) {
+        return Err(why("no host"));
+    }
+    if uri.query().is_some() || u.contains('#') {
+        return Err(why("no query or fragment allowed"));
+    }
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err(why("no user or password allowed"));
+    }
+    Ok(u.trim_end_matches('/').to_owned())
 }
 
 fn bad(key: &str, why: impl std::fmt::Display) -> DispatcherError {
@@ -296,7 +366,16 @@ impl DispatcherConfig {
             }
         }
         self.validate_http_limits()?;
+        self.validate_blobs()?;
+        self.http_tls()?;
         if let Some(addr) = self.http_listen {
+            if !addr.ip().is_loopback()
+                && self.http_tls_cert.is_none()
+                && !self.http_allow_plaintext
+            {
+                return Err(bad("http_listen", format!("{addr} is not a loopback address and the HTTP API has no certificate: set http_tls_cert and http_tls_key (PEM files) to serve HTTPS, or http_allow_plaintext = true if a TLS-terminating proxy or a trusted network protects it (tokens and job data then cross the network in clear)")));
+            }
+            self.public_url_or_default(addr)?;
             if !addr.ip().is_loopback() && self.http_tokens.is_empty() {
                 return Err(bad("http_listen", format!("{addr} is not a loopback address: configure [[http_token]] entries (without them the API serves loopback clients only)")));
             }
@@ -304,7 +383,101 @@ impl DispatcherConfig {
         Ok(())
     }
 
+    /// The HTTPS configuration of the HTTP listener, from `http_tls_cert` and `http_tls_key`
+    /// (read and checked now: files missing, not PEM, or a key that is not the certificate's
+    /// are refused naming the key), or none for plain HTTP. ALPN offers HTTP/1.1 only.
+    pub fn http_tls(
+        &self,
+    ) -> Result<Option<std::sync::Arc<spine_tls::rustls::ServerConfig>>, DispatcherError> {
+        let (cert, key) = match (&self.http_tls_cert, &self.http_tls_key) {
+            (None, None) => return Ok(None),
+            (Some(c), Some(k)) => (c, k),
+            (Some(_), None) => {
+                return Err(bad(
+                    "http_tls_key",
+                    "not set: http_tls_cert needs the private key (PEM) that goes with it",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(bad(
+                    "http_tls_cert",
+                    "not set: http_tls_key needs the certificate chain (PEM) that goes with it",
+                ))
+            }
+        };
+        use spine_tls::TlsError;
+        let mut tls = spine_tls::server_config_from_files(cert, key).map_err(|e| match e {
+            TlsError::Cert { .. } => bad("http_tls_cert", e),
+            TlsError::Key { .. } => bad("http_tls_key", e),
+            e => bad(
+                "http_tls_key",
+                format!(
+                    "{e} (http_tls_cert {}, http_tls_key {})",
+                    cert.display(),
+                    key.display()
+                ),
+            ),
+        })?;
+        tls.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(Some(std::sync::Arc::new(tls)))
+    }
+
+    /// The base URL of the HTTP API listening on `bound`: `public_url` as configured (without
+    /// a trailing `/`), or else `http(s)://address:port` of the listener. Refused for a
+    /// listener on every interface without `public_url`: no address there names the machine.
+    pub fn public_url_or_default(
+        &self,
+        bound: std::net::SocketAddr,
+    ) -> Result<String, DispatcherError> {
+        if let Some(u) = &self.public_url {
+            return normalise_public_url(u);
+        }
+        if bound.ip().is_unspecified() {
+            return Err(bad(
+                "public_url",
+                format!("required when http_listen is {bound} (every interface): the base URL agents and web apps reach this API at, e.g. {}://dispatcher.example.com:{}", self.http_scheme(), bound.port()),
+            ));
+        }
+        Ok(format!("{}://{bound}", self.http_scheme()))
+    }
+
+    /// `https` with a certificate, else `http`.
+    fn http_scheme(&self) -> &'static str {
+        if self.http_tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+
     /// The HTTP API's timeouts and limits (docs/dispatcher.md §6, "Limits").
+    fn validate_blobs(&self) -> Result<(), DispatcherError> {
+        if self.max_input.as_u64() < self.max_blob.as_u64() {
+            return Err(bad(
+                "max_input",
+                format!("must be at least max_blob ({})", self.max_blob),
+            ));
+        }
+        if let Some(q) = self.blob_quota {
+            if q.as_u64() < self.max_input.as_u64() {
+                return Err(bad("blob_quota", format!("must be at least max_input ({}), or no input of that size could ever be stored", self.max_input)));
+            }
+        }
+        if self.blob_orphan_ttl < Duration::from_secs(60) {
+            return Err(bad(
+                "blob_orphan_ttl",
+                "must be at least 1m (a web app uploads a blob, then names it in jobs)",
+            ));
+        }
+        if !(Duration::from_secs(10)..=Duration::from_secs(3600)).contains(&self.blob_url_ttl) {
+            return Err(bad(
+                "blob_url_ttl",
+                "must be 10s to 1h (an agent fetches its input when the job arrives)",
+            ));
+        }
+        Ok(())
+    }
+
     fn validate_http_limits(&self) -> Result<(), DispatcherError> {
         let between = |key: &str, v: Duration, lo: Duration, hi: Duration| {
             if v < lo || v > hi {
@@ -495,6 +668,7 @@ mod tests {
         let cfg = DispatcherConfig::from_toml(
             "retention = \"1day\"\nno_agent_wait = \"1m 30s\"\nspeculation_min = \"250ms\"\n\
              max_blob = \"1000\"\nmax_open_blob_bytes = \"1.5GiB\"\nhttp_listen = \"0.0.0.0:8480\"\n\
+             http_allow_plaintext = true\npublic_url = \"http://spine.example.com:8480\"\n\
              submitters = [\"ops@example.com\"]\n\
              [[submitter]]\njid = \"*@example.org\"\ncapabilities = [\"image.*\"]\nmax_queued = \"10%\"\n\
              [[http_token]]\nname = \"web\"\ntoken = \"0123456789abcdef\"\ncapabilities = [\"*\"]\nmax_queued = 7\n",
@@ -547,5 +721,121 @@ mod tests {
             let e = DispatcherConfig::from_toml(toml).unwrap_err().to_string();
             assert!(e.contains(key), "{toml} -> {e}");
         }
+    }
+
+    /// A listener off loopback needs a certificate or an explicit `http_allow_plaintext`, and
+    /// on every interface a `public_url`; the certificate files are checked at start, each
+    /// error naming its key (issue 17, item 4).
+    #[test]
+    fn https_settings_are_checked_and_errors_name_the_key_and_the_fix() {
+        let token = "[[http_token]]\nname = \"web\"\ntoken = \"0123456789abcdef\"\ncapabilities = [\"*\"]\n";
+        let e = DispatcherConfig::from_toml(&format!("http_listen = \"0.0.0.0:8443\"\n{token}"))
+            .unwrap_err()
+            .to_string();
+        for part in [
+            "http_listen",
+            "0.0.0.0:8443",
+            "http_tls_cert",
+            "http_tls_key",
+            "http_allow_plaintext = true",
+        ] {
+            assert!(e.contains(part), "{part} in {e}");
+        }
+        let e = DispatcherConfig::from_toml(&format!("http_listen = \"192.0.2.7:8480\"\n{token}"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("http_tls_cert"), "{e}");
+        let e = DispatcherConfig::from_toml(&format!(
+            "http_listen = \"[::]:8480\"\nhttp_allow_plaintext = true\n{token}"
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("public_url: required when http_listen is [::]:8480"),
+            "{e}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            p.display().to_string()
+        };
+        let a = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let b = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let cert = write("cert.pem", &a.cert.pem());
+        let key = write("key.pem", &a.key_pair.serialize_pem());
+        let other_key = write("other.pem", &b.key_pair.serialize_pem());
+        let junk = write("junk.pem", "not PEM\n");
+        let missing = dir.path().join("missing.pem").display().to_string();
+        let tls = |c: &str, k: &str| format!("http_tls_cert = \"{c}\"\nhttp_tls_key = \"{k}\"\n");
+        let cfg = DispatcherConfig::from_toml(&format!(
+            "http_listen = \"0.0.0.0:8443\"\npublic_url = \"https://spine.example.com:8443/\"\n{}{token}",
+            tls(&cert, &key)
+        ))
+        .unwrap();
+        assert!(cfg.http_tls().unwrap().is_some());
+        assert_eq!(
+            cfg.public_url_or_default("0.0.0.0:8443".parse().unwrap())
+                .unwrap(),
+            "https://spine.example.com:8443"
+        );
+        for (toml, key_at_fault, says) in [
+            (tls(&missing, &key), "http_tls_cert", "missing.pem"),
+            (tls(&junk, &key), "http_tls_cert", "BEGIN CERTIFICATE"),
+            (tls(&cert, &junk), "http_tls_key", "BEGIN PRIVATE KEY"),
+            (tls(&cert, &other_key), "http_tls_key", "does not fit"),
+            (
+                format!("http_tls_cert = \"{cert}\"\n"),
+                "http_tls_key",
+                "not set",
+            ),
+            (
+                format!("http_tls_key = \"{key}\"\n"),
+                "http_tls_cert",
+                "not set",
+            ),
+            (
+                "public_url = \"ftp://x\"\n".to_owned(),
+                "public_url",
+                "http or https",
+            ),
+            (
+                "public_url = \"https://x/?a=b\"\n".to_owned(),
+                "public_url",
+                "no query",
+            ),
+            (
+                "public_url = \"/v1\"\n".to_owned(),
+                "public_url",
+                "https://dispatcher.example.com",
+            ),
+        ] {
+            let e = DispatcherConfig::from_toml(&toml).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{key_at_fault}: ")) && e.contains(says),
+                "{toml} -> {e}"
+            );
+        }
+
+        // The default URL: the listener's address and scheme.
+        let plain = DispatcherConfig::default();
+        for (addr, url) in [
+            ("127.0.0.1:8480", "http://127.0.0.1:8480"),
+            ("[::1]:8480", "http://[::1]:8480"),
+            ("192.0.2.7:8480", "http://192.0.2.7:8480"),
+        ] {
+            assert_eq!(
+                plain.public_url_or_default(addr.parse().unwrap()).unwrap(),
+                url
+            );
+        }
+        let https = DispatcherConfig::from_toml(&tls(&cert, &key)).unwrap();
+        assert_eq!(
+            https
+                .public_url_or_default("127.0.0.1:8443".parse().unwrap())
+                .unwrap(),
+            "https://127.0.0.1:8443"
+        );
     }
 }

@@ -10,22 +10,27 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rand::Rng as _;
 use spine_xmpp::stanzastream::{Event, StreamEvent};
 use spine_xmpp::Connection;
 use tokio::sync::{broadcast, oneshot};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use xmpp_parsers::presence::{Presence, Type as PresenceType};
 
 use crate::audit::AuditLog;
+use crate::blob_gc::BlobGc;
+use crate::blobs::BlobStore;
 use crate::config::DispatcherConfig;
+use crate::core::data::DataPlane;
 use crate::core::{ApiReply, ApiToken, Command, Core, JobEvent, Now, Ready, Restored};
 use crate::error::DispatcherError;
 use crate::http::Handle;
 use crate::jobs::JobRecord;
 use crate::policy::Policy;
+use crate::signing::UrlKey;
 use crate::store::{Batch, Store};
 
 /// Most events handled before the changes they made are committed and their replies sent.
@@ -42,21 +47,28 @@ pub(crate) fn now() -> Now {
 /// A dispatcher with its HTTP listener open (port 0 allowed: see [`Dispatcher::http_addr`]).
 pub struct Dispatcher {
     cfg: DispatcherConfig,
-    http: Option<tokio::net::TcpListener>,
+    http: Option<crate::http::Listener>,
 }
 
 impl Dispatcher {
-    /// Validates the configuration and opens the HTTP listener.
-    pub async fn bind(cfg: DispatcherConfig) -> Result<Self, DispatcherError> {
+    /// Validates the configuration and opens the HTTP listener (HTTPS with `http_tls_cert`);
+    /// from then on the configuration's `public_url` is the API's effective base URL.
+    pub async fn bind(mut cfg: DispatcherConfig) -> Result<Self, DispatcherError> {
         cfg.validate()?;
         crate::http::ensure_open_files(&cfg)?;
-        let http = match cfg.http_listen {
-            Some(addr) => Some(tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-                DispatcherError::Config(format!("http_listen: cannot listen on {addr}: {e}"))
-            })?),
-            None => None,
-        };
+        let http = crate::http::Listener::bind(&cfg).await?;
+        if let Some(l) = &http {
+            let addr = l.local_addr().map_err(|e| {
+                DispatcherError::Config(format!("http_listen: the listener's address: {e}"))
+            })?;
+            cfg.public_url = Some(cfg.public_url_or_default(addr)?);
+        }
         Ok(Dispatcher { cfg, http })
+    }
+
+    /// The HTTP API's base URL (`public_url`, or derived from the listener), if it has one.
+    pub fn public_url(&self) -> Option<&str> {
+        self.cfg.public_url.as_deref()
     }
 
     /// Where the HTTP API listens.
@@ -95,6 +107,8 @@ struct Driver {
     /// HTTP requests waiting for the commit of the changes they made.
     waiting: HashMap<ApiToken, oneshot::Sender<ApiReply>>,
     next_token: ApiToken,
+    /// Deletes blobs no job holds.
+    blob_gc: BlobGc,
 }
 
 /// Opens the audit log named by the configuration (`off`: none), appending the lines of jobs
@@ -135,7 +149,7 @@ fn open_audit(cfg: &DispatcherConfig, store: &Store) -> Result<Option<AuditLog>,
 
 async fn run_inner(
     cfg: DispatcherConfig,
-    http: Option<tokio::net::TcpListener>,
+    http: Option<crate::http::Listener>,
     shutdown: impl Future<Output = impl Sized> + Send,
 ) -> Result<(), DispatcherError> {
     let opts = cfg.connect_options()?;
@@ -157,30 +171,54 @@ async fn run_inner(
     let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<Command>(1024);
     let (events, _) = broadcast::channel::<JobEvent>(4096);
     let http_stop = tokio_util::sync::CancellationToken::new();
+    // Payloads over the inline limit live in the blob store; agents fetch and upload them
+    // over HTTP with URLs this key signs (kept in the data directory: they survive a restart).
+    let blob_dir = cfg.data_dir.join("blobs");
+    let blobs_err = |why: String| DispatcherError::Blobs {
+        path: blob_dir.clone(),
+        why,
+    };
+    let (blobs, found) = BlobStore::open(&blob_dir, cfg.blob_quota.map(|q| q.as_u64()))
+        .map_err(|e| blobs_err(e.to_string()))?;
+    let key = Arc::new(
+        UrlKey::load_or_create(&cfg.data_dir.join("url.key"))
+            .map_err(|e| blobs_err(format!("url.key: {e}")))?,
+    );
+    let mut data_plane = None;
     if let Some(listener) = http {
-        let handle = Handle::new(&cfg, &policy, cmd_tx.clone(), events.clone());
+        let handle = Handle::new(&cfg, &policy, cmd_tx.clone(), events.clone())
+            .with_data(blobs.clone(), key.clone());
         if let Ok(addr) = listener.local_addr() {
-            info!(%addr, "HTTP API listening");
+            let scheme = listener.scheme();
+            match cfg.public_url_or_default(addr) {
+                Ok(base) => {
+                    info!(%addr, scheme, public_url = %base, "HTTP API listening");
+                    data_plane = Some(DataPlane {
+                        base,
+                        key: key.clone(),
+                        ttl: cfg.blob_url_ttl,
+                    });
+                }
+                Err(e) => warn!(%addr, scheme, "HTTP API listening; large payloads go in chunks: {e}"),
+            }
         }
         tokio::spawn(crate::http::serve(listener, handle, http_stop.clone()));
     }
     drop(cmd_tx);
     let t = now();
-    let blob_dir = cfg.data_dir.join("blobs");
-    let blob_store = std::sync::Arc::new(crate::blobs::BlobStore::open(blob_dir.clone()).map_err(
-        |e| DispatcherError::Blobs {
-            path: blob_dir,
-            why: e.to_string(),
-        },
-    )?);
-    let core = Core::new(
+    let orphan_ttl = cfg.blob_orphan_ttl;
+    let mut core = Core::new(
         cfg,
         policy,
         restored,
         rand::rng().random(),
         t,
-        Box::new(blob_store.clone()),
+        Box::new(blobs.clone()),
     );
+    if let Some(dp) = data_plane {
+        core.set_data_plane(dp);
+    }
+    let blob_gc = BlobGc::new(blobs, orphan_ttl, found, &core.referenced_blobs());
     let mut d = Driver {
         core,
         conn,
@@ -191,6 +229,7 @@ async fn run_inner(
         events,
         waiting: HashMap::new(),
         next_token: 0,
+        blob_gc,
     };
     d.core.session_started(t);
     d.core.recover(t);
@@ -198,13 +237,17 @@ async fn run_inner(
     let mut auth_refusals = 0u32;
     tokio::pin!(shutdown);
     loop {
-        let wake = d.core.next_wake(now());
+        let wake = d.core.next_wake(now()).min(d.blob_gc.next_wake());
         tokio::select! {
             // Cancellation-safe branches: the connection, the channels and the sleep keep
             // no state a cancelled branch would lose.
             _ = &mut shutdown => break,
             ev = d.conn.next() => d.on_event(ev)?,
-            _ = tokio::time::sleep(wake) => d.core.tick(now()),
+            _ = tokio::time::sleep(wake) => {
+                d.core.tick(now());
+                let core = &d.core;
+                d.blob_gc.run(|b| core.blob_refs(b));
+            }
             Some(cmd) = cmd_rx.recv() => d.on_command(cmd),
             Some(spine_xmpp::Status::ReconnectFailed { error, auth, .. }) = status_rx.recv() => {
                 if auth {
@@ -274,7 +317,7 @@ impl Driver {
     /// Performs what the core decided: stores every change in one durable transaction, then
     /// writes the audit lines, sends the stanzas, and answers.
     async fn commit(&mut self) -> Result<(), DispatcherError> {
-        let ready = self.core.take_ready();
+        let mut ready = self.core.take_ready();
         // Lines leave the store's outbox once the file holding them is on disk: synced at
         // most once a second, so a power loss cannot lose a line either.
         let mut written = Vec::new();
@@ -307,6 +350,8 @@ impl Driver {
                 return Err(e.into());
             }
         }
+        // The jobs that let these blobs go are forgotten on disk now.
+        self.blob_gc.released(std::mem::take(&mut ready.released));
         self.deliver(ready).await;
         Ok(())
     }

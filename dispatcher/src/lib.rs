@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod audit;
+mod blob_gc;
 pub mod blobs;
 mod clock;
 pub mod config;

@@ -9,6 +9,7 @@ pub mod bench;
 pub mod dispatcher;
 pub mod ejabberd;
 pub mod farm;
+pub mod pki;
 pub mod prosody;
 pub mod servers;
 pub mod swarm;

@@ -390,10 +390,12 @@ async fn connections_over_the_limit_are_refused_but_loopback_keeps_its_reserve()
         eprintln!("skipped: this machine has no non-loopback address to connect from");
         return;
     };
-    // Not loopback: tokens are required, and clients connecting to `ip` are not local.
+    // Not loopback: tokens are required (and plain HTTP must be allowed, and a public URL
+    // given), and clients connecting to `ip` are not local.
     let bus = Bus::start(
         "0.0.0.0:0",
-        "http_max_connections = 40\nhttp_loopback_reserve = 8\nhttp_header_timeout = \"30s\"\n",
+        "http_max_connections = 40\nhttp_loopback_reserve = 8\nhttp_header_timeout = \"30s\"\n\
+         http_allow_plaintext = true\npublic_url = \"http://spine.test\"\n",
     )
     .await;
     let port = bus.port;

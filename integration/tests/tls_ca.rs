@@ -7,33 +7,9 @@ use std::path::{Path, PathBuf};
 
 use spine_agent::{Agent, JobContext, JobError, Output};
 use spine_integration::farm::{agent_config, run_agent, start_http_dispatcher, wait_for_agents};
+use spine_integration::pki::pki;
 use spine_integration::TestServer;
 use spine_xmpp::{TlsConfig, TlsMode};
-
-/// A CA and a server certificate it signed for `names`: (CA PEM path, cert path, key path).
-fn pki(dir: &Path, names: &[&str]) -> (PathBuf, PathBuf, PathBuf) {
-    std::fs::create_dir_all(dir).unwrap();
-    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(rcgen::DnType::CommonName, "Spine test CA");
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let leaf =
-        rcgen::CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
-            .unwrap();
-    let leaf_key = rcgen::KeyPair::generate().unwrap();
-    let leaf_cert = leaf.signed_by(&leaf_key, &ca_cert, &ca_key).unwrap();
-    let paths = (
-        dir.join("ca.pem"),
-        dir.join("cert.pem"),
-        dir.join("key.pem"),
-    );
-    std::fs::write(&paths.0, ca_cert.pem()).unwrap();
-    std::fs::write(&paths.1, leaf_cert.pem()).unwrap();
-    std::fs::write(&paths.2, leaf_key.serialize_pem()).unwrap();
-    paths
-}
 
 async fn server_with(cert: PathBuf, key: PathBuf) -> TestServer {
     TestServer::start_with(

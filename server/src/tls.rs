@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio_rustls::rustls::{self, ServerConfig};
+use tokio_rustls::rustls::ServerConfig;
 
 use crate::config::TlsConfig;
 use crate::error::ServerError;
@@ -19,21 +19,14 @@ pub struct TlsSetup {
     pub cert_pem: String,
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
-}
-
+/// The shared rustls set-up (ring), with this server's error type.
 fn server_config(
     certs: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<Arc<ServerConfig>, ServerError> {
-    let cfg = ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .map_err(|e| ServerError::Tls(e.to_string()))?
-        .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .map_err(|e| ServerError::Tls(format!("certificate and key do not fit: {e}")))?;
-    Ok(Arc::new(cfg))
+    spine_tls::server_config(certs, key)
+        .map(Arc::new)
+        .map_err(|e| ServerError::Tls(format!("tls.key: {e}")))
 }
 
 /// Loads the configured certificate and key, or generates a self-signed certificate valid for
@@ -41,19 +34,10 @@ fn server_config(
 pub fn setup(cfg: &TlsConfig, domain: &str) -> Result<TlsSetup, ServerError> {
     match (&cfg.cert, &cfg.key) {
         (Some(cert), Some(key)) => {
-            let cert_pem = std::fs::read_to_string(cert)
-                .map_err(|e| ServerError::Tls(format!("tls.cert {}: {e}", cert.display())))?;
-            let certs = CertificateDer::pem_slice_iter(cert_pem.as_bytes())
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| ServerError::Tls(format!("tls.cert {}: {e}", cert.display())))?;
-            if certs.is_empty() {
-                return Err(ServerError::Tls(format!(
-                    "tls.cert {}: no certificate in file",
-                    cert.display()
-                )));
-            }
-            let key = PrivateKeyDer::from_pem_file(key)
-                .map_err(|e| ServerError::Tls(format!("tls.key {}: {e}", key.display())))?;
+            let (cert_pem, certs) = spine_tls::read_cert_chain(cert)
+                .map_err(|e| ServerError::Tls(format!("tls.cert {e}")))?;
+            let key =
+                spine_tls::read_key(key).map_err(|e| ServerError::Tls(format!("tls.key {e}")))?;
             Ok(TlsSetup {
                 config: server_config(certs, key)?,
                 cert_pem,

@@ -7,13 +7,12 @@ use std::sync::Arc;
 
 use crate::guard::DepthFiltered;
 use futures::{SinkExt, StreamExt};
-use rustls_pki_types::pem::PemObject as _;
-use rustls_pki_types::{CertificateDer, ServerName};
+use rustls_pki_types::ServerName;
 use sasl::common::ChannelBinding;
 use tokio::io::BufStream;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
-use tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+use tokio_rustls::rustls::{self, ClientConfig};
 use tokio_rustls::TlsConnector;
 use tokio_xmpp::connect::ServerConnector;
 use tokio_xmpp::jid::Jid;
@@ -23,63 +22,7 @@ use tokio_xmpp::xmlstream::{
     XmppStreamElement,
 };
 
-/// Certificates a client trusts.
-#[derive(Clone)]
-pub enum Trust {
-    /// Exactly the CA certificates in this PEM text (a private CA, or the embedded server's
-    /// self-signed certificate).
-    Pem(String),
-    /// The operating system's certificate store (servers with publicly issued certificates).
-    System,
-}
-
-impl Trust {
-    /// A rustls client configuration trusting these certificates, with the ring provider.
-    /// The agent's HTTPS data plane uses the same one as its XMPP connection.
-    pub fn client_config(&self) -> Result<ClientConfig, String> {
-        let mut roots = RootCertStore::empty();
-        match self {
-            Trust::Pem(pem) => {
-                for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
-                    let cert = cert.map_err(|e| format!("CA certificate PEM: {e}"))?;
-                    roots
-                        .add(cert)
-                        .map_err(|e| format!("CA certificate: {e}"))?;
-                }
-            }
-            Trust::System => {
-                // Unreadable entries are skipped; an empty store is refused below.
-                let found = rustls_native_certs::load_native_certs();
-                for cert in found.certs {
-                    let _ = roots.add(cert);
-                }
-                if roots.is_empty() {
-                    return Err(format!(
-                        "the operating system's certificate store is empty or unreadable ({} errors); set tls.ca_file",
-                        found.errors.len()
-                    ));
-                }
-            }
-        }
-        if roots.is_empty() {
-            return Err("no CA certificate to trust".to_owned());
-        }
-        // Explicit provider: no panic if another crypto backend is ever linked in.
-        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())
-            .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-    }
-}
-
-impl std::fmt::Debug for Trust {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Trust::Pem(_) => f.write_str("Trust::Pem(..)"),
-            Trust::System => f.write_str("Trust::System"),
-        }
-    }
-}
+pub use spine_tls::Trust;
 
 fn io_err(e: impl std::fmt::Display) -> tokio_xmpp::Error {
     tokio_xmpp::Error::Io(std::io::Error::other(e.to_string()))
@@ -139,7 +82,12 @@ impl StartTlsConnector {
     /// A connector trusting `trust`. `channel_binding`: offer tls-exporter binding to SASL, so
     /// that SCRAM-*-PLUS is used (without it tokio-xmpp picks plain SCRAM).
     pub fn new(addr: SocketAddr, trust: &Trust, channel_binding: bool) -> Result<Self, String> {
-        let config = trust.client_config()?;
+        // The shared set-up (ring, explicit trust store): `ca_file` means the same here as
+        // for the HTTP clients.
+        let config = spine_tls::client_config(trust).map_err(|e| match e {
+            spine_tls::TlsError::SystemStore { .. } => format!("{e} (tls.ca_file)"),
+            e => e.to_string(),
+        })?;
         Ok(StartTlsConnector {
             addr,
             config: Arc::new(config),

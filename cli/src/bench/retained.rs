@@ -23,7 +23,7 @@ use spine_protocol::JobState;
 use super::{median, wait_for_agents};
 
 /// The no-op capability every local agent offers.
-const NOOP: &str = "text.upper";
+pub(super) const NOOP: &str = "text.upper";
 /// Jobs run before the measurement on each farm (connections, caches).
 const WARM_UP: usize = 200;
 /// Requests timed for the list and metrics figures (the median is reported).
@@ -105,6 +105,7 @@ async fn farm_run(held: usize, jobs: usize, window: usize) -> Result<Figures> {
         http_listen: "127.0.0.1:0".parse()?,
         data_dir: dir.path().to_path_buf(),
         max_blob: None,
+        dispatcher: None,
     })
     .await?;
     let api = spine_client::Client::new(&format!("http://{}", farm.http), None)?;
@@ -156,7 +157,7 @@ async fn measure(api: &spine_client::Client, jobs: usize, window: usize) -> Resu
 
 /// `n` no-op jobs, `window` in flight, each submitted and followed to its end; all must
 /// succeed.
-async fn noop_jobs(api: &spine_client::Client, n: usize, window: usize) -> Result<()> {
+pub(super) async fn noop_jobs(api: &spine_client::Client, n: usize, window: usize) -> Result<()> {
     let mut running = tokio::task::JoinSet::new();
     let mut started = 0;
     while started < n || !running.is_empty() {

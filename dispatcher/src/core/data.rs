@@ -176,10 +176,10 @@ impl Core {
             );
             return self.reply_error(from, id, e);
         }
-        let max = self.cfg.max_blob.as_u64();
+        let max = self.cfg.max_input.as_u64();
         if r.size > max {
             let mut e = SpineError::new(Condition::TooLarge).with_text(format!(
-                "an output of {} bytes is over this dispatcher's limit of {max} (max_blob)",
+                "an output of {} bytes is over this dispatcher's limit of {max} (max_input)",
                 r.size
             ));
             e.max = Some(max);

@@ -219,6 +219,17 @@ impl Core {
             self.send(Iq::from_set(iq_id, j).with_to(agent.clone().into()));
             return;
         }
+        // In chunks the input is held in memory while it goes: at most `max_blob` of it.
+        if let Some(Large::Stored(b)) = &large {
+            let max = self.cfg.max_blob.as_u64();
+            if b.size > max {
+                let e = SpineError::new(Condition::TooLarge).with_text(format!(
+                    "the input of {} bytes is over max_blob ({max}), the most sent in chunks, and {agent} does not fetch over HTTP (protocol 1.1, PROTOCOL.md §13.4)",
+                    b.size
+                ));
+                return self.fail_attempt(&sent(j, 0), e, now);
+            }
+        }
         let data = match large {
             Some(Large::Held(d)) => Ok(d),
             Some(Large::Stored(b)) => self.blob_store.read(&b).map(Arc::new).map_err(|e| {

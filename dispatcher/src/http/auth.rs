@@ -144,7 +144,8 @@ fn authenticate(h: &Handle, headers: &HeaderMap, peer: SocketAddr) -> Result<Cal
 /// The largest body `method path` may carry: a submission's, or [`SMALL_BODY`].
 fn body_limit(h: &Handle, method: &Method, path: &str) -> usize {
     if method == Method::POST && path == "/v1/jobs" {
-        max_body(h.max_input)
+        // A JSON body is read whole (its input in base64); a raw upload streams to disk.
+        max_body(h.max_json_input).max(usize::try_from(h.max_input).unwrap_or(usize::MAX))
     } else if method == Method::PUT && path == "/v1/blobs" {
         usize::try_from(h.max_input).unwrap_or(usize::MAX)
     } else {
@@ -240,7 +241,7 @@ mod tests {
     use crate::config::DispatcherConfig;
 
     #[test]
-    fn only_submissions_take_large_bodies() {
+    fn only_submissions_and_blob_uploads_take_large_bodies() {
         let (tx, _) = mpsc::channel(1);
         let (events, _) = broadcast::channel(1);
         let cfg = DispatcherConfig::default();
@@ -250,7 +251,11 @@ mod tests {
             tx,
             events,
         );
-        assert_eq!(body_limit(&h, &Method::POST, "/v1/jobs"), 96 << 20);
+        // A submission: a raw upload of max_input (streamed to disk), or a JSON body with
+        // max_blob of base64 (96 MiB for 64 MiB).
+        assert_eq!(body_limit(&h, &Method::POST, "/v1/jobs"), 4 << 30);
+        assert_eq!(body_limit(&h, &Method::PUT, "/v1/blobs"), 4 << 30);
+        assert_eq!(max_body(h.max_json_input), 96 << 20);
         assert_eq!(body_limit(&h, &Method::GET, "/v1/jobs"), SMALL_BODY);
         assert_eq!(body_limit(&h, &Method::DELETE, "/v1/jobs/x"), SMALL_BODY);
     }

@@ -26,7 +26,6 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt as _;
-use serde::Deserialize;
 use serde_json::json;
 use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
@@ -332,7 +331,7 @@ fn too_large(n: u64, max: u64) -> ApiError {
     ApiError::new(
         StatusCode::PAYLOAD_TOO_LARGE,
         "too-large",
-        format!("a body of {n} bytes is over the limit of {max} (max_blob)"),
+        format!("a body of {n} bytes is over the limit of {max} (max_input)"),
     )
 }
 

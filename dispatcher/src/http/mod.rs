@@ -31,6 +31,7 @@ use crate::policy::{Grant, HttpToken, Policy};
 
 pub use request::SubmitRequest;
 pub(crate) use routes::router;
+pub(crate) use serve::Listener;
 pub(crate) use serve::{ensure_open_files, serve};
 pub use views::job_json;
 
@@ -60,6 +61,8 @@ pub(crate) struct Handle {
     pub(crate) tokens: Arc<Vec<(HttpToken, Grant)>>,
     pub(crate) max_attempts: u64,
     pub(crate) max_input: u64,
+    /// Largest input inline in a JSON body (base64, read whole): `max_blob`.
+    pub(crate) max_json_input: u64,
     limits: Arc<Limits>,
     streams: Arc<Streams>,
     conns: Arc<ConnCounts>,
@@ -81,7 +84,8 @@ impl Handle {
             events,
             tokens: Arc::new(policy.http_tokens().to_vec()),
             max_attempts: cfg.max_attempts,
-            max_input: cfg.max_blob.as_u64(),
+            max_input: cfg.max_input.as_u64(),
+            max_json_input: cfg.max_blob.as_u64(),
             limits: Arc::new(Limits::from_config(cfg)),
             streams: Arc::default(),
             conns: Arc::default(),

@@ -92,13 +92,13 @@ async fn submit(
         )
     } else {
         let small = usize::try_from(declared.unwrap_or(0)).unwrap_or(usize::MAX);
-        let bytes = read_body(body, max_body(h.max_input), small).await?;
+        let bytes = read_body(body, max_body(h.max_json_input), small).await?;
         body_form(&content_type, uri.query(), &bytes)?;
         (parse_request(&bytes, "JSON body")?, None)
     };
     let wait_for_agent = req.wait_for_agent.unwrap_or(false);
     let input_ref = req.input_ref.take();
-    let mut spec = spec_from(req, &caller, h.max_attempts, h.max_input)?;
+    let mut spec = spec_from(req, &caller, h.max_attempts, h.max_json_input)?;
     if let Some(body) = body {
         spec.input = match (&h.data, declared) {
             (Some(d), n) if n.is_none_or(|n| n > spine_protocol::INLINE_LIMIT as u64) => {

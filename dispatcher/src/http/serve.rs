@@ -1,5 +1,6 @@
-//! The HTTP front end below the router: the accept loop ([`serve`]) with its connection limit
-//! (room kept for loopback clients), one hyper task per connection with TCP_NODELAY and the
+//! The HTTP front end below the router: the listener ([`Listener`], plain or HTTPS), the accept
+//! loop ([`serve`]) with its connection limit (room kept for loopback clients), one task per
+//! connection with TCP_NODELAY, the TLS handshake (when configured) and hyper with the
 //! header-read timeout, the count of open event streams, and the lingering close that lets a
 //! client read an early answer. Connections come in here and leave as requests for the router
 //! of `routes.rs`; nothing here looks at a request's contents.
@@ -14,8 +15,10 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, Request};
 use axum::http::StatusCode;
 use axum::Router;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -174,11 +177,48 @@ impl Drop for StreamSlot {
     }
 }
 
+/// The HTTP API's open listening socket, and the TLS configuration its connections are
+/// accepted with (HTTPS only), if any.
+pub struct Listener {
+    tcp: TcpListener,
+    tls: Option<TlsAcceptor>,
+}
+
+impl Listener {
+    /// Opens the listener of `http_listen` (none for `"off"`), with the certificate of
+    /// `http_tls_cert` when set (read and checked here, at start).
+    pub(crate) async fn bind(cfg: &DispatcherConfig) -> Result<Option<Self>, DispatcherError> {
+        let Some(addr) = cfg.http_listen else {
+            return Ok(None);
+        };
+        let tls = cfg.http_tls()?.map(TlsAcceptor::from);
+        let tcp = TcpListener::bind(addr).await.map_err(|e| {
+            DispatcherError::Config(format!("http_listen: cannot listen on {addr}: {e}"))
+        })?;
+        Ok(Some(Listener { tcp, tls }))
+    }
+
+    /// The address it listens on (port 0 resolved).
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
+
+    /// `https` or `http`, for logs.
+    pub fn scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
 /// Serves the API on `listener` until `stop`: one task per connection, at most
 /// `http_max_connections` of them, the last `http_loopback_reserve` for loopback clients only.
 /// A connection over the limit is answered 503 (JSON) and closed at once, so that the
 /// listener's backlog keeps moving and a loopback client still gets in; nothing of it is read.
-pub(crate) async fn serve(listener: TcpListener, h: Handle, stop: CancellationToken) {
+pub(crate) async fn serve(listener: Listener, h: Handle, stop: CancellationToken) {
+    let Listener { tcp: listener, tls } = listener;
     let limits = h.limits.clone();
     let conns = h.conns.clone();
     let app = router(h);
@@ -229,6 +269,7 @@ pub(crate) async fn serve(listener: TcpListener, h: Handle, stop: CancellationTo
         tokio::spawn(serve_connection(
             stream,
             peer,
+            tls.clone(),
             app.clone(),
             limits.clone(),
             stop.clone(),
@@ -255,22 +296,85 @@ fn refuse(stream: TcpStream) {
     }
 }
 
-/// Serves one connection with hyper: TCP_NODELAY, the header-read timeout and a bounded read
-/// buffer; on `stop`, a graceful shutdown of at most [`SHUTDOWN_GRACE`]; then [`linger`].
+/// Serves one connection: TCP_NODELAY; with `tls`, the handshake (within the header-read
+/// timeout, which thus also bounds a client that never finishes it) and HTTPS only; then
+/// [`serve_http`].
 async fn serve_connection(
     stream: TcpStream,
     peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
     app: Router,
     limits: Arc<Limits>,
     stop: CancellationToken,
-    _slot: ConnSlot,
+    slot: ConnSlot,
 ) {
-    use tower::ServiceExt as _;
     // Without it each small write (an event, a JSON answer) may wait for the client's delayed
     // acknowledgement of the previous one: about 40 ms per event stream event.
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%peer, "HTTP API: TCP_NODELAY: {e}");
     }
+    let Some(tls) = tls else {
+        return serve_http(stream, peer, app, limits, stop, slot).await;
+    };
+    let handshake = async {
+        if !starts_with_tls_record(&stream).await? {
+            answer_plain_http(stream).await;
+            return Ok(None);
+        }
+        tls.accept(stream).await.map(Some)
+    };
+    let accepted = tokio::select! {
+        r = tokio::time::timeout(limits.header_timeout, handshake) => r,
+        _ = stop.cancelled() => return,
+    };
+    match accepted {
+        Ok(Ok(Some(s))) => serve_http(s, peer, app, limits, stop, slot).await,
+        Ok(Ok(None)) => debug!(%peer, "HTTP API: plain HTTP on the HTTPS port, answered 400"),
+        Ok(Err(e)) => debug!(%peer, "HTTP API: TLS handshake failed: {e}"),
+        Err(_) => debug!(%peer, "HTTP API: TLS handshake not finished within http_header_timeout"),
+    }
+}
+
+/// Whether the client's first byte opens a TLS handshake record (content type 22), without
+/// consuming it. A client speaking plain HTTP starts with a method's letter instead.
+async fn starts_with_tls_record(stream: &TcpStream) -> std::io::Result<bool> {
+    let mut first = [0u8; 1];
+    let n = stream.peek(&mut first).await?;
+    Ok(n == 1 && first[0] == 0x16)
+}
+
+/// Tells a client that sent plain HTTP to the HTTPS port what to do, rather than leaving it
+/// with a closed connection (curl and browsers show the body), then closes as an answered
+/// connection does ([`linger`]), so that the unread request does not turn the close into a
+/// reset that destroys the answer.
+async fn answer_plain_http(stream: TcpStream) {
+    const BODY: &str =
+        r#"{"error":"tls-required","message":"this port serves HTTPS only: use an https:// URL"}"#;
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{BODY}",
+        BODY.len()
+    );
+    // A fresh socket's send buffer takes these few bytes at once.
+    if let Err(e) = stream.try_write(answer.as_bytes()) {
+        debug!("HTTP API: answering plain HTTP on the HTTPS port: {e}");
+        return;
+    }
+    linger(stream).await;
+}
+
+/// Serves one connection (plain or TLS) with hyper: the header-read timeout and a bounded
+/// read buffer; on `stop`, a graceful shutdown of at most [`SHUTDOWN_GRACE`]; then [`linger`].
+async fn serve_http<S>(
+    stream: S,
+    peer: SocketAddr,
+    app: Router,
+    limits: Arc<Limits>,
+    stop: CancellationToken,
+    _slot: ConnSlot,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    use tower::ServiceExt as _;
     // Boxed futures keep the connection `Unpin`, which `poll_without_shutdown` needs.
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let mut req = req.map(Body::new);
@@ -322,8 +426,9 @@ const LINGER_TIME: Duration = Duration::from_secs(1);
 /// answer (401, 413) leaves the client still sending its body, and closing a socket with
 /// unread data resets the connection, which can destroy the answer before the client read it
 /// (it then sees "broken pipe" instead of the 413). Go's net/http and nginx linger likewise.
-/// The bytes are dropped as they come, never kept.
-async fn linger(mut tcp: TcpStream) {
+/// The bytes are dropped as they come, never kept. Over TLS our half's close is a
+/// close_notify and then the FIN.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(mut tcp: S) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     if tcp.shutdown().await.is_err() {
         return;
