@@ -1112,6 +1112,31 @@ mod tests {
         assert_eq!((m.used_bytes, m.reserved_bytes, m.blobs), (0, 0, 0));
     }
 
+    #[tokio::test]
+    async fn a_cancelled_write_breaks_the_writer_and_leaves_nothing() {
+        use futures::FutureExt as _;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path(), Some(100 << 20));
+        let mut w = store.writer(None).expect("w");
+        let piece = pattern(BATCH, 10);
+        // The first full batch is handed to the blocking pool without waiting.
+        w.write(&piece).await.expect("first batch");
+        // The second must wait for the first: poll once, then drop the future mid-way.
+        let mut cancelled = false;
+        for _ in 0..100 {
+            if w.write(&piece).now_or_never().is_none() {
+                cancelled = true;
+                break;
+            }
+        }
+        assert!(cancelled, "no write ever had to wait");
+        assert!(matches!(w.write(b"x").await, Err(BlobError::Broken)));
+        assert!(matches!(w.finish(None).await, Err(BlobError::Broken)));
+        wait_until(|| tmp_count(dir.path()) == 0);
+        let m = store.metrics();
+        assert_eq!((m.used_bytes, m.reserved_bytes, m.blobs), (0, 0, 0));
+    }
+
     #[test]
     fn open_sweeps_torn_writes_and_junk() {
         let dir = tempfile::tempdir().expect("tempdir");

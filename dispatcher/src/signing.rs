@@ -280,18 +280,11 @@ impl BlobGrant {
     /// `https://dispatcher.example.com:8443`; a trailing `/` is ignored), valid before
     /// `exp_unix_s`.
     pub fn url(&self, base: &str, exp_unix_s: u64, key: &UrlKey) -> String {
-        let parts = self.signed_parts();
-        let sig = key.sign(
-            &parts.iter().map(String::as_str).collect::<Vec<_>>(),
-            exp_unix_s,
-        );
-        let query = form(&[
-            ("job", self.job.as_str()),
-            ("agent", &self.agent.to_string()),
-            ("exp", &exp_unix_s.to_string()),
-            ("sig", &sig),
-        ]);
-        format!("{}{}?{query}", base.trim_end_matches('/'), self.path())
+        let params = [
+            ("job", self.job.to_string()),
+            ("agent", self.agent.to_string()),
+        ];
+        signed_url(self, &self.path(), &params, base, exp_unix_s, key)
     }
 
     /// Reads a request for `/v1/blobs/{sha256_hex}?{query}` (the path segment and the raw
@@ -348,20 +341,13 @@ impl UploadGrant {
 
     /// The signed URL under `base` (as for [`BlobGrant::url`]), valid before `exp_unix_s`.
     pub fn url(&self, base: &str, exp_unix_s: u64, key: &UrlKey) -> String {
-        let parts = self.signed_parts();
-        let sig = key.sign(
-            &parts.iter().map(String::as_str).collect::<Vec<_>>(),
-            exp_unix_s,
-        );
-        let query = form(&[
-            ("attempt", &self.attempt.to_string()),
-            ("agent", &self.agent.to_string()),
-            ("size", &self.size.to_string()),
-            ("sha256", &sha256_hex(&self.sha256)),
-            ("exp", &exp_unix_s.to_string()),
-            ("sig", &sig),
-        ]);
-        format!("{}{}?{query}", base.trim_end_matches('/'), self.path())
+        let params = [
+            ("attempt", self.attempt.to_string()),
+            ("agent", self.agent.to_string()),
+            ("size", self.size.to_string()),
+            ("sha256", sha256_hex(&self.sha256)),
+        ];
+        signed_url(self, &self.path(), &params, base, exp_unix_s, key)
     }
 
     /// Reads a request for `/v1/uploads/{job}?{query}` (the path segment and the raw query
@@ -387,11 +373,25 @@ impl UploadGrant {
     }
 }
 
-/// Form-encodes the pairs (`@` becomes `%40`).
-fn form(pairs: &[(&str, &str)]) -> String {
+/// `base` + `path` + `?` + the grant's `params`, `exp` and `sig`, form-encoded (`@` becomes
+/// `%40`).
+fn signed_url(
+    grant: &impl Grant,
+    path: &str,
+    params: &[(&str, String)],
+    base: &str,
+    exp_unix_s: u64,
+    key: &UrlKey,
+) -> String {
+    let parts = grant.signed_parts();
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let mut pairs: Vec<(&str, String)> = params.to_vec();
+    pairs.push(("exp", exp_unix_s.to_string()));
+    pairs.push(("sig", key.sign(&parts, exp_unix_s)));
     // Serialising string pairs cannot fail.
-    serde_urlencoded::to_string(pairs)
-        .unwrap_or_else(|x| unreachable!("form-encoding string pairs failed: {x}"))
+    let query = serde_urlencoded::to_string(&pairs)
+        .unwrap_or_else(|x| unreachable!("form-encoding string pairs failed: {x}"));
+    format!("{}{path}?{query}", base.trim_end_matches('/'))
 }
 
 fn invalid(field: &'static str, reason: impl fmt::Display) -> QueryError {
