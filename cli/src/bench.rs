@@ -338,7 +338,7 @@ async fn payload(mib: usize, runs: usize) -> Result<serde_json::Value> {
         let id = accepted["id"].as_str().context("no job id")?.to_owned();
         let job = api.follow(&id, |_, _| {}).await?;
         bus.push(t.elapsed().as_secs_f64());
-        let out = spine_client::output(&job)?;
+        let out = api.output(&job).await?;
         anyhow::ensure!(
             out == expected.as_bytes(),
             "the agent hashed something else: {}",
@@ -444,7 +444,7 @@ async fn mapreduce(
         let id = api.submit(&body).await?;
         let job = api.follow(&id, |_, _| {}).await?;
         let took = t.elapsed().as_secs_f64();
-        let out = spine_client::output(&job)?;
+        let out = api.output(&job).await?;
         let counts: Vec<(String, u64)> =
             serde_json::from_slice(&out).context("reading the word counts")?;
         farm.stop().await;

@@ -166,7 +166,7 @@ pub fn submit(a: SubmitArgs) -> Result<bool> {
         }
         eprintln!("job {id} accepted");
         let job = c.follow_with_bar(&id, "").await?;
-        match spine_client::output(&job) {
+        match c.output(&job).await {
             Ok(out) => {
                 match &a.output {
                     Some(p) => std::fs::write(p, &out)

@@ -122,7 +122,7 @@ async fn image_batch(
         }))
         .await?;
     let job = api.follow_with_bar(&id, "image batch").await?;
-    let sheet = spine_client::output(&job)?;
+    let sheet = api.output(&job).await?;
     let elapsed = started.elapsed();
     let decoded = image::load_from_memory(&sheet).context("decoding the contact sheet")?;
     // 4 columns of 96 px cells with 8 px gaps.
@@ -173,7 +173,7 @@ async fn word_count(
         }))
         .await?;
     let job = api.follow_with_bar(&id, "word count ").await?;
-    let output = spine_client::output(&job)?;
+    let output = api.output(&job).await?;
     let elapsed = started.elapsed();
     let farm: Vec<(String, u64)> =
         serde_json::from_slice(&output).context("reading the word counts")?;

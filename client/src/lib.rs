@@ -277,6 +277,28 @@ impl Client {
             .ok_or_else(|| ClientError::Protocol(format!("no job id in {accepted}")))
     }
 
+    /// A finished job's output: inline in the job (up to 64 KiB), or read from its
+    /// `output_url` (`GET /v1/jobs/{id}/output`, streamed from the dispatcher's blob store).
+    /// A job that did not succeed is [`ClientError::JobFailed`].
+    pub async fn output(&self, job: &Value) -> Result<Vec<u8>, ClientError> {
+        match (job["state"].as_str(), job["result"]["output_url"].as_str()) {
+            (Some("succeeded"), Some(url)) if job["result"]["output"].is_null() => {
+                let context = "reading the output";
+                let resp = self
+                    .request(reqwest::Method::GET, url)
+                    .send()
+                    .await
+                    .map_err(http(context))?;
+                if !resp.status().is_success() {
+                    return check(resp, context).await.map(|_| Vec::new());
+                }
+                let bytes = resp.bytes().await.map_err(http(context))?;
+                Ok(bytes.to_vec())
+            }
+            _ => output(job),
+        }
+    }
+
     /// `GET /v1/jobs/{id}`: the job, with its output once it succeeded.
     pub async fn job(&self, id: &str) -> Result<Value, ClientError> {
         let req = self.request(reqwest::Method::GET, &format!("/v1/jobs/{id}"));
@@ -401,6 +423,12 @@ async fn check(resp: reqwest::Response, context: &str) -> Result<Value, ClientEr
 pub fn output(job: &Value) -> Result<Vec<u8>, ClientError> {
     let id = job["id"].as_str().unwrap_or("").to_owned();
     match job["state"].as_str() {
+        Some("succeeded") if job["result"]["output"].is_null() && !job["result"]["output_url"].is_null() => {
+            Err(ClientError::Protocol(format!(
+                "the output of {id} ({} bytes) is not inline: read it from its output_url ({}), as Client::output does",
+                job["result"]["output_size"], job["result"]["output_url"]
+            )))
+        }
         Some("succeeded") => base64::engine::general_purpose::STANDARD
             .decode(job["result"]["output"].as_str().unwrap_or(""))
             .map_err(|e| ClientError::Protocol(format!("output of {id} is not base64: {e}"))),

@@ -215,7 +215,10 @@ async fn a_submitter_that_refuses_chunks_is_told_what_was_left_out() {
 
     // Where the status says to fetch it: the HTTP API, whole.
     let api = spine_client::Client::new(&bus.base, None).unwrap();
-    let out = spine_client::output(&api.job(job.as_str()).await.unwrap()).unwrap();
+    let out = api
+        .output(&api.job(job.as_str()).await.unwrap())
+        .await
+        .unwrap();
     assert_eq!(sha256(&out), sha256(&want));
     let w = &mut bus.w;
 

@@ -237,7 +237,11 @@ async fn scenarios(kind: Kind) {
         .unwrap()
         .to_owned();
     let j = api.finished(&id, Duration::from_secs(120)).await;
-    let out = spine_client::output(&j).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let out = api
+        .client
+        .output(&j)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
     assert_eq!(out.len(), big.len(), "{name}");
     assert_eq!(
         sha2::Sha256::digest(&out),

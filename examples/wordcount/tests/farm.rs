@@ -139,8 +139,8 @@ async fn in_flight(base: &str, who: &str) -> Option<u64> {
         .and_then(|a| a["in_flight"].as_u64())
 }
 
-async fn counts_of(job: &Value) -> Vec<(String, u64)> {
-    serde_json::from_slice(&spine_client::output(job).expect("the job succeeded")).unwrap()
+async fn counts_of(api: &spine_client::Client, job: &Value) -> Vec<(String, u64)> {
+    serde_json::from_slice(&api.output(job).await.expect("the job succeeded")).unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -219,7 +219,7 @@ async fn word_count_over_64_fragments_survives_an_agent_killed_mid_run() {
         "{reports:?}"
     );
     assert_eq!(job["state"], "succeeded", "{job}");
-    let farm = counts_of(&job).await;
+    let farm = counts_of(&api, &job).await;
     let expected = reference(&texts);
     assert_eq!(farm.len(), expected.len());
     assert_eq!(
@@ -299,7 +299,7 @@ async fn a_straggling_fragment_is_re_executed_on_another_agent() {
         .unwrap();
     let elapsed = started.elapsed();
     assert_eq!(job["state"], "succeeded", "{job}");
-    assert_eq!(counts_of(&job).await, reference(&texts));
+    assert_eq!(counts_of(&api, &job).await, reference(&texts));
     assert!(
         elapsed < Duration::from_secs(10),
         "took {elapsed:?}; the slow agent needs {SLOW:?} per fragment"

@@ -69,7 +69,7 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     eprintln!("job {id}: {n} images");
     let job = api.follow_with_bar(&id, "image batch").await?;
-    let sheet = spine_client::output(&job)?;
+    let sheet = api.output(&job).await?;
     std::fs::write(&a.output, &sheet)
         .map_err(|e| format!("writing {}: {e}", a.output.display()))?;
     let meta = &job["result"]["meta"];

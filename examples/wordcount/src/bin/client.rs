@@ -67,7 +67,7 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         .await?;
     eprintln!("job {id}: {n} fragments");
     let job = api.follow_with_bar(&id, "word count").await?;
-    let output = spine_client::output(&job)?;
+    let output = api.output(&job).await?;
     let counts: Vec<(String, u64)> = serde_json::from_slice(&output)?;
     if a.top == 0 {
         println!("{}", String::from_utf8_lossy(&output));
