@@ -242,6 +242,52 @@ async fn counter(http: &reqwest::Client, base: &str, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
 }
 
+/// Submits `input` to `bytes.reverse` as a raw upload, waits for the job, and checks that it
+/// succeeded on the Python agent with the input reversed as its output (`GET …/output`).
+async fn reverse(
+    http: &reqwest::Client,
+    api: &spine_client::Client,
+    base: &str,
+    input: &[u8],
+    log: impl Fn() -> String,
+) -> Value {
+    let resp = http
+        .post(format!("{base}/v1/jobs?capability=bytes.reverse"))
+        .header("content-type", "application/octet-stream")
+        .body(input.to_vec())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 202);
+    let accepted: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
+    let id = accepted["id"].as_str().expect("a job id").to_owned();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let job = loop {
+        let j = api.job(&id).await.unwrap();
+        if j["state"] == "succeeded" || j["state"] == "failed" {
+            break j;
+        }
+        assert!(Instant::now() < deadline, "{j}\n{}", log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(job["state"], "succeeded", "{job}\n{}", log());
+    assert_eq!(job["agent"], "pyagent@localhost/py");
+    let resp = http
+        .get(format!("{base}/v1/jobs/{id}/output"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let output = resp.bytes().await.unwrap();
+    assert!(
+        output.iter().eq(input.iter().rev()),
+        "the output ({} bytes) is not the input ({} bytes) reversed",
+        output.len(),
+        input.len()
+    );
+    job
+}
+
 /// Large payloads (PROTOCOL.md §13): a 5 MiB input submitted as a raw upload reaches the
 /// Python agent by reference over HTTP, and its 5 MiB output (`bytes.reverse`) comes back
 /// through an upload slot (§13.4); with `--no-http-data` the agent announces 1.0 and the same
@@ -265,7 +311,6 @@ async fn the_python_agent_moves_large_payloads_over_http_and_in_chunks() {
     let input: Vec<u8> = (0..5 * 1024 * 1024u32)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
-    let reversed: Vec<u8> = input.iter().rev().copied().collect();
 
     for (round, over_http) in [(1, true), (2, false)] {
         let log_path = dir.path().join(format!("agent-{round}.log"));
@@ -277,40 +322,8 @@ async fn the_python_agent_moves_large_payloads_over_http_and_in_chunks() {
         let uploads = counter(&http, &base, "spine_blob_uploads_total").await;
 
         let started = Instant::now();
-        let resp = http
-            .post(format!("{base}/v1/jobs?capability=bytes.reverse"))
-            .header("content-type", "application/octet-stream")
-            .body(input.clone())
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 202);
-        let accepted: Value = serde_json::from_str(&resp.text().await.unwrap()).unwrap();
-        let id = accepted["id"].as_str().expect("a job id").to_owned();
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let job = loop {
-            let j = api.job(&id).await.unwrap();
-            if j["state"] == "succeeded" || j["state"] == "failed" {
-                break j;
-            }
-            assert!(Instant::now() < deadline, "{j}\n{}", log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        reverse(&http, &api, &base, &input, log).await;
         let took = started.elapsed();
-        assert_eq!(job["state"], "succeeded", "{job}\n{}", log());
-        assert_eq!(job["agent"], "pyagent@localhost/py");
-        let resp = http
-            .get(format!("{base}/v1/jobs/{id}/output"))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(resp.status().as_u16(), 200);
-        let output = resp.bytes().await.unwrap();
-        assert!(
-            output[..] == reversed[..],
-            "round {round}: the output ({} bytes) is not the input reversed",
-            output.len()
-        );
         let fetched = counter(&http, &base, "spine_blob_fetches_total").await - fetches;
         let uploaded = counter(&http, &base, "spine_blob_uploads_total").await - uploads;
         eprintln!(
@@ -328,5 +341,61 @@ async fn the_python_agent_moves_large_payloads_over_http_and_in_chunks() {
         stop_agent(&mut agent, log).await;
         wait_agents(&api, "bytes.reverse", 0, log).await;
     }
+    dispatcher.stop();
+}
+
+/// The fast path offered but unreachable: the dispatcher's `public_url` names a closed port.
+/// The Python agent answers the reference with `fetch-failed`, forgets the job, and runs the
+/// same attempt when it comes again in chunks; its upload to the slot fails too, and the
+/// output goes in chunks. The job succeeds in one attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_agent_falls_back_to_chunks_when_http_fails() {
+    let Some(py) = python_or_skip() else {
+        return;
+    };
+    let accounts = [("dispatcher", "pw-d"), ("pyagent", "pw-py")];
+    let Some(server) = AnyServer::start(Kind::Prosody, &accounts).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (dispatcher, base) = start_http_dispatcher(
+        &server,
+        dir.path(),
+        &format!("public_url = \"http://{closed}\"\n"),
+    )
+    .await;
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, server.cert_pem()).unwrap();
+    let api = spine_client::Client::new(&base, None).unwrap();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let log_path = dir.path().join("agent.log");
+    let mut agent = start_agent(&py, &server, &ca, &log_path, &[]);
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    wait_agents(&api, "bytes.reverse", 1, log).await;
+
+    let input: Vec<u8> = (0..1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let job = reverse(&http, &api, &base, &input, log).await;
+    assert_eq!(job["attempts"], 1, "fetch-failed spends no attempt: {job}");
+    let refused = format!("{}: connection refused", closed.ip());
+    let l = log();
+    assert!(
+        l.contains(&format!(
+            "fetching the input of job {}",
+            job["id"].as_str().unwrap()
+        )) && l.contains(&refused),
+        "the agent tried the reference and says why it failed:\n{l}"
+    );
+    assert!(
+        l.contains("uploading the output") && l.contains("sent in chunks"),
+        "{l}"
+    );
+    for name in ["spine_blob_fetches_total", "spine_blob_uploads_total"] {
+        assert_eq!(counter(&http, &base, name).await, 0, "{name}");
+    }
+    stop_agent(&mut agent, log).await;
     dispatcher.stop();
 }
