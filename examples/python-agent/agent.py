@@ -170,7 +170,8 @@ def parse_minor(protocol):
 def error_of(iq):
     """'condition: text' of an IQ error, the Spine condition if there is one (§7.5)."""
     err = iq.xml.find("{jabber:client}error")
-    spine = [local_name(c.tag) for c in (err if err is not None else []) if c.tag.startswith(f"{{{NS}}}")]
+    children = list(err) if err is not None else []
+    spine = [local_name(c.tag) for c in children if c.tag.startswith(f"{{{NS}}}")]
     condition = spine[0] if spine else iq["error"]["condition"]
     text = iq["error"]["text"]
     return f"{condition}: {text}" if text else condition
@@ -321,7 +322,8 @@ class Agent(slixmpp.ClientXMPP):
         pres = self.make_presence(pto=self.targets.get(dispatcher, dispatcher))
         if advertise:
             adv = ET.Element(f"{{{NS}}}advertise", {
-                "protocol": "1.1" if self.http else "1.0", "instance": self.instance, "gen": str(self.gen),
+                "protocol": "1.1" if self.http else "1.0",
+                "instance": self.instance, "gen": str(self.gen),
                 "slots": str(self.opts.slots), "heartbeat-ms": str(self.opts.heartbeat_ms)})
             ET.SubElement(adv, f"{{{NS}}}attr", {"name": "runtime", "value": "python"})
             for cap in CAPABILITIES:
@@ -520,7 +522,8 @@ class Agent(slixmpp.ClientXMPP):
                 self.load_changed()
                 return
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            out, mime, meta = await asyncio.wait_for(asyncio.to_thread(handler, args, data), left)
+            work = asyncio.to_thread(handler, args, data)
+            out, mime, meta = await asyncio.wait_for(work, left)
             elapsed_ms = int((time.monotonic() - started) * 1000)
             output = await self.output_of(run, bytes(out), mime)
             result = ET.Element(f"{{{NS}}}result", {
@@ -597,12 +600,14 @@ class Agent(slixmpp.ClientXMPP):
         except IqError as e:
             raise payloads.TransferError(f"the slot request was refused ({error_of(e.iq)})")
         except IqTimeout:
-            raise payloads.TransferError(f"no answer to the slot request within {IQ_TIMEOUT_S} s")
+            raise payloads.TransferError(
+                f"no answer to the slot request within {IQ_TIMEOUT_S} s")
         slot = reply.xml.find(f"{{{NS}}}slot")
         if slot is None or slot.get("job") != run.id or not slot.get("put"):
             raise payloads.TransferError("the answer to the slot request is not a <slot> for "
                                          f"job {run.id} with a put URL")
-        await self.loop.run_in_executor(self.transfers, self.http.put, slot.get("put"), out, mime)
+        await self.loop.run_in_executor(
+            self.transfers, self.http.put, slot.get("put"), out, mime)
 
     async def send_chunks(self, to, blob_id, data):
         """Sends `data` as blob `blob_id` to `to`, at most CHUNK_WINDOW chunks unacknowledged
