@@ -296,6 +296,7 @@ class Agent(slixmpp.ClientXMPP):
         def beat():
             for d in self.dispatchers:
                 self.send_load(d)
+            self.blobs.expire(time.monotonic())  # chunked inputs no job came for (§13.2)
             self.schedule_heartbeat(min(interval * 2, self.opts.heartbeat_ms / 1000))
 
         self.heartbeat_handle = self.loop.call_later(interval, beat)
@@ -306,7 +307,10 @@ class Agent(slixmpp.ClientXMPP):
             return  # hellos from anyone else are ignored (§4.4)
         self.targets[bare] = str(pres["from"])
         hello = pres.xml.find(f"{{{NS}}}dispatcher")
-        self.minor[bare] = parse_minor(hello.get("protocol"))
+        minor = parse_minor(hello.get("protocol"))
+        if self.minor.get(bare) != minor:
+            logging.info("dispatcher %s speaks protocol 1.%d", pres["from"], minor)
+        self.minor[bare] = minor
         self.send_load(bare, advertise=True)
 
     def on_unavailable(self, pres):

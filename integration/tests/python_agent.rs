@@ -332,6 +332,12 @@ async fn the_python_agent_moves_large_payloads_over_http_and_in_chunks() {
         );
         if over_http {
             assert_eq!((fetched, uploaded), (1, 1), "{}", log());
+            // The hello that told the agent the dispatcher's version (PROTOCOL.md §13.4).
+            assert!(
+                log().contains("dispatcher@localhost/d1 speaks protocol 1.1"),
+                "{}",
+                log()
+            );
             assert!(log().contains("fetched over HTTP"), "{}", log());
             assert!(log().contains("uploaded over HTTP"), "{}", log());
         } else {
