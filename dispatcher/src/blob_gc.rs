@@ -57,10 +57,7 @@ impl BlobGc {
     }
 
     fn schedule(&mut self, blob: Stored, modified: SystemTime) {
-        self.due
-            .entry(modified + self.ttl)
-            .or_default()
-            .push(blob);
+        self.due.entry(modified + self.ttl).or_default().push(blob);
     }
 
     /// Blobs whose last job went (the commit that forgot it is done).
@@ -77,7 +74,8 @@ impl BlobGc {
     pub(crate) fn next_wake(&self) -> Duration {
         let walk = self.next_walk.saturating_duration_since(Instant::now());
         let due = self.due.keys().next().map_or(walk, |t| {
-            t.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO)
+            t.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
         });
         walk.min(due)
     }

@@ -844,6 +844,31 @@ impl BlobWriter {
     }
 }
 
+/// The store as the dispatcher's core sees it ([`BlobAccess`](crate::jobs::BlobAccess)): the
+/// core moves payloads over the inline limit here and reads them back for agents that take
+/// chunks.
+impl crate::jobs::BlobAccess for BlobStore {
+    fn read(&self, blob: &Stored) -> io::Result<Vec<u8>> {
+        let len = usize::try_from(blob.size).map_err(io::Error::other)?;
+        self.read_at(&blob.sha256, 0, len)
+    }
+
+    fn read_at(&self, blob: &Stored, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+        BlobStore::read_at(self, &blob.sha256, offset, len)
+    }
+
+    fn put(&self, bytes: &[u8]) -> Result<Stored, crate::jobs::BlobRefused> {
+        BlobStore::put(self, bytes).map_err(|e| match e {
+            BlobError::QuotaExceeded { .. } => crate::jobs::BlobRefused::Quota(e.to_string()),
+            other => crate::jobs::BlobRefused::Io(other.to_string()),
+        })
+    }
+
+    fn contains(&self, blob: &Stored) -> bool {
+        self.len(&blob.sha256).is_ok_and(|n| n == blob.size)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1329,30 +1354,5 @@ mod tests {
                 );
             }
         }
-    }
-}
-
-/// The store as the dispatcher's core sees it ([`BlobAccess`](crate::jobs::BlobAccess)): the
-/// core moves payloads over the inline limit here and reads them back for agents that take
-/// chunks.
-impl crate::jobs::BlobAccess for BlobStore {
-    fn read(&self, blob: &Stored) -> io::Result<Vec<u8>> {
-        let len = usize::try_from(blob.size).map_err(io::Error::other)?;
-        self.read_at(&blob.sha256, 0, len)
-    }
-
-    fn read_at(&self, blob: &Stored, offset: u64, len: usize) -> io::Result<Vec<u8>> {
-        BlobStore::read_at(self, &blob.sha256, offset, len)
-    }
-
-    fn put(&self, bytes: &[u8]) -> Result<Stored, crate::jobs::BlobRefused> {
-        BlobStore::put(self, bytes).map_err(|e| match e {
-            BlobError::QuotaExceeded { .. } => crate::jobs::BlobRefused::Quota(e.to_string()),
-            other => crate::jobs::BlobRefused::Io(other.to_string()),
-        })
-    }
-
-    fn contains(&self, blob: &Stored) -> bool {
-        self.len(&blob.sha256).is_ok_and(|n| n == blob.size)
     }
 }

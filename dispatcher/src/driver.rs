@@ -199,7 +199,9 @@ async fn run_inner(
                         ttl: cfg.blob_url_ttl,
                     });
                 }
-                Err(e) => warn!(%addr, scheme, "HTTP API listening; large payloads go in chunks: {e}"),
+                Err(e) => {
+                    warn!(%addr, scheme, "HTTP API listening; large payloads go in chunks: {e}")
+                }
             }
         }
         tokio::spawn(crate::http::serve(listener, handle, http_stop.clone()));

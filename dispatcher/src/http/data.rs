@@ -33,12 +33,12 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::request::job_id;
 use super::routes::{change, find_job, mismatch};
-use crate::signing::{BlobGrant, Grant, QueryError, SigError, SignedUrl, UploadGrant};
 use super::Handle;
 use crate::blobs::{parse_sha256, BlobError, BlobStore, Stored};
 use crate::core::{ApiReply, ApiRequest};
 use crate::jobs::{Body as JobBody, Recorded};
 use crate::signing::UrlKey;
+use crate::signing::{BlobGrant, Grant, QueryError, SigError, SignedUrl, UploadGrant};
 
 /// A transfer that moves no byte for this long is cut off.
 const IDLE: Duration = Duration::from_secs(30);
@@ -338,9 +338,11 @@ fn too_large(n: u64, max: u64) -> ApiError {
 /// The answer for a blob the store did not take.
 fn blob_error(e: BlobError) -> ApiError {
     match e {
-        BlobError::QuotaExceeded { .. } => {
-            ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "storage-full", e.to_string())
-        }
+        BlobError::QuotaExceeded { .. } => ApiError::new(
+            StatusCode::INSUFFICIENT_STORAGE,
+            "storage-full",
+            e.to_string(),
+        ),
         BlobError::SizeMismatch { .. } | BlobError::HashMismatch { .. } => {
             ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e.to_string())
         }
@@ -396,14 +398,23 @@ fn unsatisfiable(len: u64) -> Response {
     r
 }
 
-fn head(status: StatusCode, mime: &str, len: u64, r: Option<(u64, u64)>, total: u64) -> axum::http::response::Builder {
+fn head(
+    status: StatusCode,
+    mime: &str,
+    len: u64,
+    r: Option<(u64, u64)>,
+    total: u64,
+) -> axum::http::response::Builder {
     let mut b = Response::builder()
         .status(status)
         .header(header::CONTENT_TYPE, mime)
         .header(header::CONTENT_LENGTH, len)
         .header(header::ACCEPT_RANGES, "bytes");
     if let Some((s, e)) = r {
-        b = b.header(header::CONTENT_RANGE, format!("bytes {s}-{}/{total}", e - 1));
+        b = b.header(
+            header::CONTENT_RANGE,
+            format!("bytes {s}-{}/{total}", e - 1),
+        );
     }
     b
 }

@@ -94,7 +94,11 @@ impl Handle {
     }
 
     /// With the blob store's endpoints (the data plane, docs/dispatcher.md §4).
-    pub(crate) fn with_data(mut self, blobs: crate::blobs::BlobStore, key: Arc<crate::signing::UrlKey>) -> Self {
+    pub(crate) fn with_data(
+        mut self,
+        blobs: crate::blobs::BlobStore,
+        key: Arc<crate::signing::UrlKey>,
+    ) -> Self {
         self.data = Some(DataHandle {
             blobs,
             key,
