@@ -463,10 +463,10 @@ impl DispatcherConfig {
                 return Err(bad("blob_quota", format!("must be at least max_input ({}), or no input of that size could ever be stored", self.max_input)));
             }
         }
-        if self.blob_orphan_ttl < Duration::from_secs(60) {
+        if self.blob_orphan_ttl < Duration::from_secs(1) {
             return Err(bad(
                 "blob_orphan_ttl",
-                "must be at least 1m (a web app uploads a blob, then names it in jobs)",
+                "must be at least 1s (minutes are wise: a web app uploads a blob, then names it in jobs)",
             ));
         }
         if !(Duration::from_secs(10)..=Duration::from_secs(3600)).contains(&self.blob_url_ttl) {
