@@ -105,10 +105,6 @@ pub fn submit(a: SubmitArgs) -> Result<bool> {
         let c = a.api.client()?;
         let mut body =
             json!({ "capability": a.capability, "args": parse_args(&a.args)?, "progress": a.wait });
-        if let Some(p) = &a.input {
-            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-            body["input"] = json!(spine_client::base64(&bytes));
-        }
         let mut fragments = Vec::new();
         if let Some(d) = &a.fragments_dir {
             fragments = spine_client::fragments_from_dir(d, |_| true)?;
@@ -159,7 +155,18 @@ pub fn submit(a: SubmitArgs) -> Result<bool> {
         if a.wait_for_agent {
             body["wait_for_agent"] = json!(true);
         }
-        let id = c.submit(&body).await?;
+        // A file goes as a raw upload, streamed: the dispatcher keeps it in its blob store.
+        let id = match &a.input {
+            Some(p) => {
+                let mime = body
+                    .as_object_mut()
+                    .and_then(|m| m.remove("input_type"))
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "application/octet-stream".to_owned());
+                c.submit_file(&body, p, &mime).await?
+            }
+            None => c.submit(&body).await?,
+        };
         if !a.wait {
             println!("{id}");
             return Ok(true);

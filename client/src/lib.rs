@@ -277,6 +277,45 @@ impl Client {
             .ok_or_else(|| ClientError::Protocol(format!("no job id in {accepted}")))
     }
 
+    /// `POST /v1/jobs` as a raw upload: the file at `input` is the body, streamed (never held
+    /// whole in memory; the dispatcher streams it to its blob store), with `mime` as its
+    /// Content-Type; `fields` (a JSON object of the job's other fields, `args` included) go in
+    /// the query string. Returns the job id.
+    pub async fn submit_file(
+        &self,
+        fields: &Value,
+        input: &Path,
+        mime: &str,
+    ) -> Result<String, ClientError> {
+        let mut query = Vec::new();
+        for (k, v) in fields.as_object().into_iter().flatten() {
+            match v {
+                Value::Null => {}
+                Value::String(s) => query.push((k.clone(), s.clone())),
+                other => query.push((k.clone(), other.to_string())),
+            }
+        }
+        let query = serde_urlencoded::to_string(&query)
+            .map_err(|e| ClientError::Protocol(format!("encoding the job's fields: {e}")))?;
+        let file = tokio::fs::File::open(input).await.map_err(|e| {
+            ClientError::Protocol(format!("reading {}: {e}", input.display()))
+        })?;
+        let len = file.metadata().await.map(|m| m.len()).ok();
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+        let mut req = self
+            .request(reqwest::Method::POST, &format!("/v1/jobs?{query}"))
+            .header("content-type", mime)
+            .body(reqwest::Body::wrap_stream(stream));
+        if let Some(n) = len {
+            req = req.header("content-length", n);
+        }
+        let accepted = self.call(req, "uploading the input").await?;
+        accepted["id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| ClientError::Protocol(format!("no job id in {accepted}")))
+    }
+
     /// A finished job's output: inline in the job (up to 64 KiB), or read from its
     /// `output_url` (`GET /v1/jobs/{id}/output`, streamed from the dispatcher's blob store).
     /// A job that did not succeed is [`ClientError::JobFailed`].
