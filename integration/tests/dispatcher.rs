@@ -547,13 +547,14 @@ async fn http_api_submit_follow_cancel_and_errors() {
         }
     }
 
-    // A body over the limit: the API's JSON error too, not plain text.
+    // A JSON body over the limit (it is read whole: 1.5 × max_blob; a raw upload streams to
+    // the blob store, up to max_input): the API's JSON error too, not plain text.
     let resp = reqwest::Client::builder()
         .no_proxy()
         .build()
         .unwrap()
-        .post(format!("{base}/v1/jobs?capability=work.sleep"))
-        .header("content-type", "application/octet-stream")
+        .post(format!("{base}/v1/jobs"))
+        .header("content-type", "application/json")
         .body(vec![
             0u8;
             spine_dispatcher::http::max_body(64 * 1024 * 1024) + 1
