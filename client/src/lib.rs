@@ -297,9 +297,9 @@ impl Client {
         }
         let query = serde_urlencoded::to_string(&query)
             .map_err(|e| ClientError::Protocol(format!("encoding the job's fields: {e}")))?;
-        let file = tokio::fs::File::open(input).await.map_err(|e| {
-            ClientError::Protocol(format!("reading {}: {e}", input.display()))
-        })?;
+        let file = tokio::fs::File::open(input)
+            .await
+            .map_err(|e| ClientError::Protocol(format!("reading {}: {e}", input.display())))?;
         let len = file.metadata().await.map(|m| m.len()).ok();
         let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
         let mut req = self

@@ -207,6 +207,7 @@ mod tests {
             target: None,
             parent: None,
             mapreduce: None,
+            output_refs: false,
         };
         let id = id.parse().unwrap();
         t.submit(id, spec, 1).unwrap().clone()

@@ -408,6 +408,7 @@ mod tests {
             limit: None,
             batch: None,
             mapreduce: None,
+            output_refs: false,
             target: None,
             parent: None,
         }

@@ -31,6 +31,7 @@ fn spec(cap: &str, priority: i64) -> JobSpec {
         limit: None,
         batch: None,
         mapreduce: None,
+        output_refs: false,
         target: None,
         parent: None,
     }

@@ -48,6 +48,7 @@ fn spec(frags: &[&str], fan_in: u64, split: bool) -> JobSpec {
             split: split.then(|| "wc.split".parse().unwrap()),
             fan_in,
         }),
+        output_refs: false,
     }
 }
 

@@ -288,7 +288,8 @@ impl TestDispatcher {
     }
 
     /// A `<job-status>` from `from` with its output whole: a blob output (PROTOCOL.md §11.3,
-    /// an output over the inline limit sent in chunks first) becomes inline bytes.
+    /// an output over the inline limit sent in chunks first) becomes inline bytes. An output
+    /// by reference (a URL, §13.4) is left as it is, for the test to fetch.
     pub fn resolve_status(
         &mut self,
         from: Option<&Jid>,
@@ -296,7 +297,10 @@ impl TestDispatcher {
     ) -> Result<JobStatus, SpineError> {
         if let Some(Outcome::Result(r)) = &mut st.outcome {
             if let Some(out) = r.output.take() {
-                r.output = Some(self.resolve(from, out)?);
+                r.output = Some(match out {
+                    Data::Ref(d) => Data::Ref(d),
+                    out => self.resolve(from, out)?,
+                });
             }
         }
         Ok(st)

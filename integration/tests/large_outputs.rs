@@ -74,7 +74,7 @@ impl Bus {
 fn big_agent(server: &TestServer) -> Running {
     let agent = Agent::builder(agent_config(server, 1, ""))
         .capability("work.big", None, |ctx: JobContext| async move {
-            let n = ctx.arg_u64("bytes", 0..=(16 << 20))?;
+            let n = ctx.arg_u64("bytes", 0..=(64 << 20))?;
             let seed = ctx.arg_u64("seed", 0..=u64::MAX)?;
             Ok::<_, JobError>(
                 Output::bytes(pattern(n, seed))
@@ -89,8 +89,14 @@ fn big_agent(server: &TestServer) -> Running {
 
 /// Submits a `work.big` job of `bytes` bytes over XMPP, watched; returns its id.
 async fn submit(w: &mut TestDispatcher, bytes: u64, seed: u64) -> JobId {
+    submit_with(w, bytes, seed, false).await
+}
+
+/// The same, taking a large output by reference (`refs='true'`, protocol 1.1) or not.
+async fn submit_with(w: &mut TestDispatcher, bytes: u64, seed: u64, refs: bool) -> JobId {
     let mut s = Submit::new("work.big".parse().unwrap());
     s.watch = true;
+    s.refs = refs;
     s.args = Args(
         serde_json::json!({ "bytes": bytes, "seed": seed })
             .as_object()
@@ -226,5 +232,45 @@ async fn a_submitter_that_refuses_chunks_is_told_what_was_left_out() {
     w.refuse_chunks = false;
     let job = submit(w, LARGE, 6).await;
     check_whole(&w.wait_final_status(&job).await, LARGE, 6, "watch message");
+    bus.stop();
+}
+
+/// A submitter that asked for references (`refs='true'`) gets a 50 MiB output as a signed URL
+/// in its watch message and status reply, and fetches it whole over HTTP: the bytes never
+/// cross the XMPP server (issue 17). The agent uploaded it to its slot (protocol 1.1).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_xmpp_submitter_fetches_a_50_mib_output_by_its_url() {
+    const BIG: u64 = 50 << 20;
+    let mut bus = Bus::start().await;
+    let w = &mut bus.w;
+    let job = submit_with(w, BIG, 21, true).await;
+    let pushed = w.wait_final_status(&job).await;
+    let asked = w.status(&dispatcher(), &job).await.expect("status reply");
+    let want = sha256(&pattern(BIG, 21));
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    for (st, how) in [(&pushed, "watch message"), (&asked, "status reply")] {
+        assert_eq!(st.state, JobState::Succeeded, "{how}: {st:?}");
+        let Some(Outcome::Result(r)) = &st.outcome else {
+            panic!("{how}: {st:?}");
+        };
+        let Some(Data::Ref(d)) = &r.output else {
+            panic!("{how}: not a reference: {:?}", r.output);
+        };
+        assert_eq!((d.size, d.sha256), (BIG, want), "{how}");
+        let url = &d.sources[0];
+        assert!(url.contains("agent=webapp%40localhost"), "{how}: {url}");
+        let body = http.get(url).send().await.unwrap();
+        assert_eq!(body.status().as_u16(), 200, "{how}");
+        let bytes = body.bytes().await.unwrap();
+        assert_eq!(bytes.len() as u64, BIG, "{how}");
+        assert_eq!(sha256(&bytes), want, "{how}: the bytes behind the URL");
+        // Signed for this submitter and job: another's name in it is refused.
+        let forged = url.replace("agent=webapp%40localhost", "agent=other%40localhost");
+        assert_eq!(
+            http.get(&forged).send().await.unwrap().status().as_u16(),
+            403,
+            "{how}"
+        );
+    }
     bus.stop();
 }

@@ -289,6 +289,10 @@ pub struct Submit {
     /// dispatcher (which otherwise refuses it at once with `unknown-capability`): it then
     /// waits for one like a job whose agents are momentarily absent (PROTOCOL.md §11.1).
     pub wait_for_agent: bool,
+    /// Protocol 1.1: the submitter takes an output over the inline limit by reference — a
+    /// signed URL of the dispatcher's HTTP API in the `<job-status>` — instead of in chunks
+    /// (PROTOCOL.md §11.3, §13.4).
+    pub refs: bool,
     /// With the `all` strategy: how many capable agents to use (default: every one).
     pub limit: Option<Limit>,
     /// With the `all` strategy: how many agents run it at once (default: all at once).
@@ -316,6 +320,7 @@ impl Submit {
             idempotency_key: None,
             watch: false,
             wait_for_agent: false,
+            refs: false,
             limit: None,
             batch: None,
             mapreduce: None,
@@ -364,6 +369,7 @@ impl TryFrom<Element> for Submit {
         }
         let watch = r.opt("watch")?.unwrap_or(false);
         let wait_for_agent = r.opt("wait-for-agent")?.unwrap_or(false);
+        let refs = r.opt("refs")?.unwrap_or(false);
         let limit: Option<Limit> = r.opt("limit")?;
         let batch: Option<u64> = r.opt("batch")?;
         if batch == Some(0) {
@@ -422,6 +428,7 @@ impl TryFrom<Element> for Submit {
             idempotency_key,
             watch,
             wait_for_agent,
+            refs,
             limit,
             batch,
             mapreduce,
@@ -448,6 +455,7 @@ impl From<Submit> for Element {
             .opt("idempotency-key", s.idempotency_key.as_deref())
             .opt("watch", s.watch.then_some(true))
             .opt("wait-for-agent", s.wait_for_agent.then_some(true))
+            .opt("refs", s.refs.then_some(true))
             .opt("limit", s.limit)
             .opt("batch", s.batch)
             .opt("reduce", s.mapreduce.as_ref().map(|m| m.reduce.as_str()))
@@ -582,6 +590,27 @@ fn status_result(c: &Element) -> Result<Outcome, ParseError> {
     let truncated = c
         .children()
         .find(|o| o.is("output", crate::NS) && o.attr("truncated").is_some());
+    // An output by reference with its sources (protocol 1.1, to a submitter that asked for
+    // references): a `<result>` from an agent never has sources, so it is read apart.
+    let by_url = c.children().find(|o| {
+        o.is("output", crate::NS)
+            && o.children().any(|s| s.is("sources", crate::NS))
+            && o.children().any(|h| h.is("hash", crate::data::NS_HASHES))
+    });
+    if let Some(o) = by_url {
+        let output = Data::parse(o, "output")?;
+        let mut rest = c.clone();
+        rest.remove_child("output", crate::NS);
+        let mut result = JobResult::try_from(rest)?;
+        if result.output.is_some() {
+            return Err(ParseError::DuplicateChild {
+                element: "result",
+                child: "output",
+            });
+        }
+        result.output = Some(output);
+        return Ok(Outcome::Result(result));
+    }
     let Some(t) = truncated else {
         return Ok(Outcome::Result(JobResult::try_from(c.clone())?));
     };

@@ -335,6 +335,7 @@ fn submit() -> impl Strategy<Value = Submit> {
                     watch,
                     // Drawn from the priority's bits, like the map/reduce below.
                     wait_for_agent: priority % 5 == 0,
+                    refs: priority % 7 == 0,
                     limit,
                     batch,
                     mapreduce,

@@ -137,6 +137,34 @@ impl Core {
         })
     }
 
+    /// The reference form of a job's stored output for the XMPP submitter `to`, if the job
+    /// was submitted with `refs='true'` and this dispatcher offers references.
+    pub(super) fn output_reference(
+        &self,
+        rec: &crate::jobs::JobRecord,
+        to: &Jid,
+        now: Now,
+    ) -> Option<DataRef> {
+        let dp = self.data.as_ref()?;
+        if !rec.spec.output_refs {
+            return None;
+        }
+        let Some(crate::jobs::Recorded::Succeeded {
+            output: crate::jobs::Body::Stored(b),
+            mime,
+            ..
+        }) = &rec.outcome
+        else {
+            return None;
+        };
+        Some(DataRef {
+            size: b.size,
+            sha256: b.sha256,
+            mime: mime.clone(),
+            sources: vec![dp.fetch_url(b, &rec.id, &to.to_bare(), now)],
+        })
+    }
+
     /// An agent could not fetch an input: it gets chunks for a while (logged once until
     /// then), and this job goes to it again at once, in chunks, as the same attempt.
     pub(super) fn fetch_failed(&mut self, job: &JobId, agent: &FullJid, why: &str, now: Now) {

@@ -284,3 +284,58 @@ fn a_slot_is_granted_only_to_the_agent_running_that_attempt_and_a_result_needs_t
     assert_eq!(rec.attempts, 1);
     assert!(rec.not_before_ms > 0 || rec.state == JobState::Queued);
 }
+
+#[test]
+fn a_submitter_that_asked_for_references_gets_a_large_output_as_a_signed_url() {
+    let mut w = world();
+    let a = w.agent(1, 1);
+    let watcher: Jid = "webapp@localhost/app".parse().unwrap();
+    let mut s = spec(CAP);
+    s.watch = Some(watcher.clone());
+    s.output_refs = true;
+    let (id, _) = w.submit(s).unwrap();
+    let sent = jobs_sent(&w.ready().stanzas).remove(0);
+    let blob = output(&mut w);
+    request_slot(&mut w, &a, &id, 1, blob).unwrap();
+    w.core.api(
+        7,
+        ApiRequest::SlotFilled {
+            job: id.clone(),
+            attempt: 1,
+            agent: "agent1@localhost".into(),
+            blob,
+        },
+        w.now,
+    );
+    w.ready();
+    result_by_reference(&mut w, &sent, &a, blob);
+    let r = w.ready();
+    let status = r
+        .stanzas
+        .iter()
+        .find_map(|s| match s {
+            Stanza::Message(m) if m.to.as_ref() == Some(&watcher) => m
+                .payloads
+                .iter()
+                .find(|p| p.name() == "job-status")
+                .map(|p| spine_protocol::JobStatus::try_from(p.clone()).unwrap()),
+            _ => None,
+        })
+        .expect("a final status to the watcher");
+    assert_eq!(chunk_count(&r.stanzas), 0, "no chunks to the submitter");
+    let Some(spine_protocol::Outcome::Result(res)) = status.outcome else {
+        panic!("{:?}", status.outcome);
+    };
+    let Some(Data::Ref(d)) = res.output else {
+        panic!("not a reference: {:?}", res.output);
+    };
+    assert_eq!((d.size, d.sha256), (blob.size, blob.sha256));
+    let [url] = <[String; 1]>::try_from(d.sources).unwrap();
+    assert!(
+        url.starts_with(&format!(
+            "http://127.0.0.1:8080/v1/blobs/{}?job={id}&agent=webapp%40localhost&exp=",
+            blob.hex()
+        )),
+        "signed for the submitter: {url}"
+    );
+}

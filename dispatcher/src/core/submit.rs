@@ -280,6 +280,7 @@ impl Core {
             limit: s.limit,
             batch: s.batch,
             mapreduce: s.mapreduce,
+            output_refs: s.refs,
             target: None,
             parent: None,
         };

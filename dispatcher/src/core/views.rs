@@ -152,7 +152,20 @@ impl Core {
         let Some(rec) = self.jobs.get(job) else {
             return Ok(());
         };
-        let st = status(rec);
+        let mut st = status(rec);
+        // A submitter that asked for references gets a large stored output as a signed URL
+        // (protocol 1.1): no chunks through the XMPP server.
+        if let Some(r) = self.output_reference(rec, &to, now) {
+            if let Some(Outcome::Result(res)) = &mut st.outcome {
+                res.output = Some(Data::Ref(r));
+            }
+            self.send(Out::Status {
+                to,
+                via,
+                status: Box::new(st),
+            });
+            return Ok(());
+        }
         let large = match &rec.outcome {
             Some(Recorded::Succeeded {
                 output: Body::Stored(b),

@@ -197,6 +197,7 @@ pub(super) fn spec_from(
         limit,
         batch: req.batch,
         mapreduce,
+        output_refs: false,
         target: None,
         parent: None,
     })

@@ -157,6 +157,7 @@ fn step_spec(
         target: None,
         parent: Some(parent_id.clone()),
         mapreduce: None,
+        output_refs: false,
     }
 }
 

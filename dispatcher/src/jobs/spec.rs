@@ -63,6 +63,10 @@ pub struct JobSpec {
     /// A map/reduce job: `capability` is the map step.
     #[serde(default)]
     pub mapreduce: Option<MapReduce>,
+    /// An XMPP submitter that takes a large output by reference (a signed URL) in its
+    /// `<job-status>` rather than in chunks (protocol 1.1, `refs='true'`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub output_refs: bool,
 }
 
 impl JobSpec {
@@ -90,6 +94,7 @@ impl JobSpec {
             target: None,
             parent: None,
             mapreduce: None,
+            output_refs: false,
         }
     }
 

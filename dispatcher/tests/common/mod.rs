@@ -29,6 +29,7 @@ pub fn spec(cap: &str, submitter: &str) -> JobSpec {
         limit: None,
         batch: None,
         mapreduce: None,
+        output_refs: false,
         target: None,
         parent: None,
     }
