@@ -6,6 +6,10 @@
 //! - the dispatcher is `kill -9`ed and restarted, twice;
 //! - an agent is frozen with SIGSTOP for longer than its heartbeat timeout, then resumed.
 //!
+//! One job in 25 has a 1 MiB input, kept in the dispatcher's blob store and fetched by its
+//! agent over HTTP, so kills land during large transfers too; afterwards no torn upload is
+//! left in the blob store's `tmp/`.
+//!
 //! Afterwards every accepted job must have exactly one final outcome, succeeded with the right
 //! output, and none may be recorded twice (the audit log has at most one line per job). The
 //! run prints: accepted, succeeded, retried, duplicates suppressed, re-executions, lost.
@@ -191,8 +195,22 @@ impl AgentProc {
     }
 }
 
+/// Every `LARGE_EVERY`th job has an input of `LARGE` bytes: it is kept in the dispatcher's blob
+/// store and fetched by its agent over HTTP (protocol 1.1), through the same kills.
+const LARGE_EVERY: usize = 25;
+const LARGE: usize = 1 << 20;
+
+/// Job `i`'s input.
+fn input(i: usize) -> Vec<u8> {
+    let small = format!("job-{i}").into_bytes();
+    if i % LARGE_EVERY != 0 {
+        return small;
+    }
+    small.iter().copied().cycle().take(LARGE).collect()
+}
+
 fn expected_output(i: usize) -> Vec<u8> {
-    let hex: String = sha2::Sha256::digest(format!("job-{i}").as_bytes())
+    let hex: String = sha2::Sha256::digest(input(i))
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
@@ -204,7 +222,7 @@ fn expected_output(i: usize) -> Vec<u8> {
 async fn submit(http: &reqwest::Client, base: &str, i: usize) -> String {
     let body = json!({
         "capability": "fault.work",
-        "input": spine_client::base64(format!("job-{i}").as_bytes()),
+        "input": spine_client::base64(&input(i)),
         "idempotency_key": format!("k-{i}"),
     });
     let deadline = Instant::now() + Duration::from_secs(90);
@@ -444,6 +462,28 @@ async fn run(kind: &str, mut xmpp: Xmpp, dir: &Path) {
         gone + restarted >= 5,
         "{kind}: {gone} gone, {restarted} restarted"
     );
+    // The large inputs went over HTTP, and no upload cut short by a kill was left behind
+    // (the start-up sweep of the blob store's tmp/).
+    let fetched = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("spine_blob_fetches_total ")?
+                .parse::<u64>()
+                .ok()
+        })
+        .unwrap_or(0);
+    assert!(fetched > 0, "{kind}: no input was fetched over HTTP");
+    let torn: Vec<_> = std::fs::read_dir(data.join("blobs").join("tmp"))
+        .map(|d| d.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    assert!(torn.is_empty(), "{kind}: torn uploads left: {torn:?}");
 
     signal(&dispatcher.child, Signal::SIGTERM);
     for a in &agents {
