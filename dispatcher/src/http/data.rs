@@ -323,7 +323,7 @@ pub(super) async fn store_body(
         if w.received() + piece.len() as u64 > max {
             return Err(too_large(w.received() + piece.len() as u64, max));
         }
-        w.write(&piece).await.map_err(blob_error)?;
+        w.write_bytes(piece).await.map_err(blob_error)?;
     }
     w.finish(expect.map(|e| (e.size, e.sha256)))
         .await
