@@ -189,8 +189,16 @@ async fn fetch_one(client: &reqwest::Client, url: &str, f: &Fetch) -> Result<Vec
         }
     }
     let mut hasher = Sha256::new();
-    // Reserve what the reference promises, at most 1 MiB ahead: a lying length costs little.
-    let mut bytes = Vec::with_capacity(size.min(1 << 20) as usize);
+    // The whole referenced size at once: the core checked it against `max_input_size`, and
+    // the body may not run past it. Growing by doubling from a small start copied a large
+    // input about once more and faulted in every page twice. The reservation only maps
+    // memory: a body that ends short touches no more than it brought.
+    let cap = usize::try_from(size)
+        .map_err(|_| format!("{size} bytes do not fit in this machine's memory"))?;
+    let mut bytes = Vec::new();
+    bytes
+        .try_reserve_exact(cap)
+        .map_err(|e| format!("cannot hold the {size} bytes referenced: {e}"))?;
     while let Some(chunk) = resp.chunk().await.map_err(describe)? {
         if bytes.len() as u64 + chunk.len() as u64 > size {
             return Err(format!("the body runs past the {size} bytes referenced"));

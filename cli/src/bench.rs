@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use spine_dispatcher::sim::{placement, timed, Workload};
 
 mod https;
+mod payload;
 mod retained;
 
 /// Arguments of `spine bench`.
@@ -41,15 +42,22 @@ enum Scenario {
         #[arg(long)]
         json: Option<PathBuf>,
     },
-    /// A large input through the bus (HTTP upload, dispatcher, chunks over XMPP to an agent
-    /// that hashes it), beside a raw TCP loopback copy of the same bytes.
+    /// A large payload through the data plane, leg by leg (upload into the blob store, a
+    /// stored blob fetched and hashed, and end to end: upload, agent fetch, `hash.sha256`,
+    /// result), beside a raw TCP loopback copy of the same bytes, with the peak RSS growth.
     Payload {
-        /// Input size in MiB.
+        /// Payload size in MiB.
         #[arg(long, default_value_t = 20)]
         mib: usize,
         /// Runs (the median is reported).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// HTTPS on the dispatcher (a self-signed certificate the client and agent trust).
+        #[arg(long)]
+        tls: bool,
+        /// The agent without the HTTP data plane (`http_data = false`): chunks over XMPP.
+        #[arg(long)]
+        in_band: bool,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -184,19 +192,18 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             }
             Ok(true)
         }
-        Scenario::Payload { mib, runs, json } => {
+        Scenario::Payload {
+            mib,
+            runs,
+            tls,
+            in_band,
+            json,
+        } => {
             if mib == 0 || runs == 0 {
                 anyhow::bail!("--mib and --runs must be at least 1");
             }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            let r = rt.block_on(payload(mib, runs))?;
-            println!(
-                "payload: {mib} MiB, {runs} runs (medians): raw TCP loopback copy {:.1} MB/s; through the bus {:.1} MB/s ({:.2} s); bus ÷ raw = {:.4}",
-                r["raw_mb_s"].as_f64().unwrap_or(0.0),
-                r["bus_mb_s"].as_f64().unwrap_or(0.0),
-                r["bus_s"].as_f64().unwrap_or(0.0),
-                r["ratio"].as_f64().unwrap_or(0.0)
-            );
+            let r = rt.block_on(payload::run(mib, runs, payload::Mode { tls, in_band }))?;
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&r)?)
                     .with_context(|| format!("writing {}", path.display()))?;
@@ -263,100 +270,6 @@ pub fn run(a: BenchArgs) -> Result<bool> {
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     v[v.len() / 2]
-}
-
-/// Bytes that do not compress and are the same every run.
-fn payload_bytes(len: usize) -> Vec<u8> {
-    (0..len as u32)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
-        .collect()
-}
-
-/// The raw baseline: the same bytes over one loopback TCP connection, seconds.
-async fn raw_copy(data: &[u8]) -> Result<f64> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let len = data.len();
-    let reader = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await?;
-        let mut buf = vec![0u8; 64 * 1024];
-        let mut got = 0;
-        while got < len {
-            let n = s.read(&mut buf).await?;
-            if n == 0 {
-                break;
-            }
-            got += n;
-        }
-        Ok::<usize, std::io::Error>(got)
-    });
-    let t = std::time::Instant::now();
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.set_nodelay(true)?;
-    s.write_all(data).await?;
-    s.shutdown().await?;
-    let got = reader.await??;
-    anyhow::ensure!(got == len, "raw copy moved {got} of {len} bytes");
-    Ok(t.elapsed().as_secs_f64())
-}
-
-/// The bus: `hash.sha256` of the bytes on a one-agent local farm, from the upload to the
-/// result; checks the hash.
-async fn payload(mib: usize, runs: usize) -> Result<serde_json::Value> {
-    use sha2::Digest as _;
-    let data = payload_bytes(mib * 1024 * 1024);
-    let expected: String = sha2::Sha256::digest(&data)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    let dir = tempfile::tempdir().context("temporary directory")?;
-    let farm = crate::up::Farm::start(crate::up::FarmOptions {
-        agents: 1,
-        slots: 1,
-        xmpp_listen: "127.0.0.1:0".parse()?,
-        http_listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().to_path_buf(),
-        max_blob: None,
-        dispatcher: None,
-    })
-    .await?;
-    let api = spine_client::Client::new(&format!("http://{}", farm.http), None)?;
-    wait_for_agents(&api, "hash.sha256", 1).await?;
-    let (mut raw, mut bus) = (Vec::new(), Vec::new());
-    for _ in 0..runs {
-        raw.push(raw_copy(&data).await?);
-        let t = std::time::Instant::now();
-        let accepted = api
-            .call(
-                api.request(reqwest::Method::POST, "/v1/jobs?capability=hash.sha256")
-                    .header("content-type", "application/octet-stream")
-                    .body(data.clone()),
-                "uploading",
-            )
-            .await?;
-        let id = accepted["id"].as_str().context("no job id")?.to_owned();
-        let job = api.follow(&id, |_, _| {}).await?;
-        bus.push(t.elapsed().as_secs_f64());
-        let out = api.output(&job).await?;
-        anyhow::ensure!(
-            out == expected.as_bytes(),
-            "the agent hashed something else: {}",
-            String::from_utf8_lossy(&out)
-        );
-    }
-    farm.stop().await;
-    let mb = data.len() as f64 / 1e6;
-    let (raw_s, bus_s) = (median(raw.clone()), median(bus.clone()));
-    Ok(serde_json::json!({
-        "bytes": data.len(),
-        "runs": runs,
-        "raw_s": raw, "bus_s_runs": bus,
-        "raw_mb_s": mb / raw_s,
-        "bus_mb_s": mb / bus_s,
-        "bus_s": bus_s,
-        "ratio": raw_s / bus_s,
-    }))
 }
 
 /// Waits (up to 30 s) until the dispatcher at `api` lists `n` agents offering `capability`.
@@ -436,6 +349,7 @@ async fn mapreduce(
                 (mib as u64 * 1024 * 1024) * 3 / 2 + 16 * 1024 * 1024,
             )),
             dispatcher: None,
+            agent: None,
         })
         .await?;
         let api = spine_client::Client::new(&format!("http://{}", farm.http), None)?;

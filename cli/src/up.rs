@@ -121,6 +121,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             data_dir: data_dir.clone(),
             max_blob: None,
             dispatcher: None,
+            agent: None,
         })
         .await?;
         let (xmpp, http) = (farm.xmpp, farm.http);
@@ -162,6 +163,10 @@ pub fn run(args: UpArgs) -> Result<()> {
 /// A change to the farm's dispatcher configuration.
 pub type DispatcherChange = Box<dyn FnOnce(&mut DispatcherConfig) + Send>;
 
+/// A change to each local agent's configuration (benchmarks: the CA of an HTTPS dispatcher,
+/// `http_data = false`, input limits).
+pub type AgentChange = Box<dyn Fn(&mut AgentConfig) + Send>;
+
 /// What a local farm is made of.
 pub struct FarmOptions {
     /// Local agents.
@@ -178,6 +183,8 @@ pub struct FarmOptions {
     pub max_blob: Option<bytesize::ByteSize>,
     /// Changes to the dispatcher's configuration beyond these (benchmarks: HTTPS, limits).
     pub dispatcher: Option<DispatcherChange>,
+    /// Changes to every agent's configuration beyond these.
+    pub agent: Option<AgentChange>,
 }
 
 /// The whole bus in this process: the embedded server, a dispatcher and local agents offering
@@ -264,7 +271,7 @@ impl Farm {
 
         let mut agent_tasks = Vec::new();
         for i in 1..=o.agents {
-            let acfg = AgentConfig {
+            let mut acfg = AgentConfig {
                 jid: format!("agent{i}@localhost/up"),
                 password: Some(agent_pw.clone()),
                 server: xmpp.to_string(),
@@ -273,6 +280,9 @@ impl Farm {
                 drain_grace: Duration::from_secs(10),
                 ..AgentConfig::default()
             };
+            if let Some(change) = &o.agent {
+                change(&mut acfg);
+            }
             let agent = builtin(Agent::builder(acfg))
                 .build()
                 .context("building a local agent")?;

@@ -21,13 +21,14 @@
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write as _};
+use std::io::{self, IoSlice, Write as _};
 use std::os::unix::fs::{DirBuilderExt as _, FileExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use bytes::Bytes;
 use rand::Rng as _;
 use sha2::{Digest as _, Sha256};
 use tokio::task::{spawn_blocking, JoinHandle};
@@ -425,10 +426,8 @@ impl BlobStore {
             received: 0,
             reservation: Some(reservation),
             batch_size: BATCH,
-            // A small upload of known size does not hold a whole batch's buffer.
-            buf: Vec::with_capacity(size.map_or(BATCH, |s| s.min(BATCH as u64) as usize)),
-            batch: None,
-            spare: None,
+            pieces: Vec::new(),
+            filled: 0,
             hasher: Some(Sha256::new()),
             hashing: None,
             temp: Some(None),
@@ -581,6 +580,24 @@ impl TempFile {
         self.len += bytes.len() as u64;
         Ok(())
     }
+
+    /// Writes the pieces in order, as few system calls as the kernel takes them in.
+    fn write_pieces(&mut self, pieces: &[Bytes]) -> Result<(), BlobError> {
+        let mut slices: Vec<IoSlice<'_>> = pieces.iter().map(|p| IoSlice::new(p)).collect();
+        let mut rest = &mut slices[..];
+        while !rest.is_empty() {
+            match self.file.write_vectored(rest) {
+                Ok(0) => return Err(io_err(&self.path)(io::ErrorKind::WriteZero.into())),
+                Ok(n) => {
+                    self.len += n as u64;
+                    IoSlice::advance_slices(&mut rest, n);
+                }
+                Err(x) if x.kind() == io::ErrorKind::Interrupted => {}
+                Err(x) => return Err(io_err(&self.path)(x)),
+            }
+        }
+        Ok(())
+    }
 }
 
 impl Drop for TempFile {
@@ -660,11 +677,11 @@ fn commit(
 }
 
 /// Streams bytes that arrive in pieces (HTTP request bodies) into the store, without
-/// blocking the runtime: pieces are gathered into ~1 MiB batches; each batch is hashed and
-/// written by two tasks of the blocking pool at once (hashing costs about as much as
-/// writing), while the next batch fills. Dropping the writer (or a failure) removes the
-/// temporary file and releases its reservation; nothing is stored until
-/// [`BlobWriter::finish`] succeeds.
+/// blocking the runtime: pieces are gathered, as they came (not copied), into ~1 MiB
+/// batches; each batch is hashed and written by two tasks of the blocking pool at once
+/// (hashing costs about as much as writing), while the next batch fills. Dropping the
+/// writer (or a failure) removes the temporary file and releases its reservation; nothing
+/// is stored until [`BlobWriter::finish`] succeeds.
 pub struct BlobWriter {
     store: BlobStore,
     declared: Option<u64>,
@@ -674,11 +691,10 @@ pub struct BlobWriter {
     reservation: Option<Reservation>,
     /// [`BATCH`], except in the benchmark that compares sizes.
     batch_size: usize,
-    /// The batch filling.
-    buf: Vec<u8>,
-    /// The batch being hashed and written, shared by both tasks; its buffer is reused.
-    batch: Option<Arc<Vec<u8>>>,
-    spare: Option<Vec<u8>>,
+    /// The batch filling: the pieces as they came (an HTTP body's are slices of hyper's
+    /// read buffer, so holding them copies nothing), `filled` bytes in all.
+    pieces: Vec<Bytes>,
+    filled: usize,
     /// `None` while in `hashing`.
     hasher: Option<Sha256>,
     hashing: Option<JoinHandle<Sha256>>,
@@ -709,10 +725,17 @@ impl BlobWriter {
         self.received
     }
 
-    /// Accepts the next piece. Fails at once if it would exceed the declared size or the
-    /// quota (the writer is then broken: drop it). Cancel safety: a cancelled `write`
-    /// breaks the writer, and its temporary file is still removed.
+    /// Accepts the next piece (copied: [`write_bytes`](Self::write_bytes) takes a piece
+    /// the caller already holds as [`Bytes`] without a copy).
     pub async fn write(&mut self, piece: &[u8]) -> Result<(), BlobError> {
+        self.write_bytes(Bytes::copy_from_slice(piece)).await
+    }
+
+    /// Accepts the next piece, kept as it is until its batch is written. Fails at once if
+    /// it would exceed the declared size or the quota (the writer is then broken: drop it).
+    /// Cancel safety: a cancelled `write_bytes` breaks the writer, and its temporary file is
+    /// still removed.
+    pub async fn write_bytes(&mut self, piece: Bytes) -> Result<(), BlobError> {
         let n = piece.len() as u64;
         let got = self.received + n;
         let Some(reservation) = self.reservation.as_mut() else {
@@ -732,8 +755,11 @@ impl BlobWriter {
             .inner
             .bytes_written
             .fetch_add(n, Ordering::Relaxed);
-        self.buf.extend_from_slice(piece);
-        if self.buf.len() >= self.batch_size {
+        self.filled += piece.len();
+        if !piece.is_empty() {
+            self.pieces.push(piece);
+        }
+        if self.filled >= self.batch_size {
             let r = self.reservation.take();
             let out = self.flush().await;
             self.reservation = r;
@@ -745,48 +771,41 @@ impl BlobWriter {
         Ok(())
     }
 
-    /// Waits for the batch in flight, then sends the full buffer to be hashed and written.
+    /// Waits for the batch in flight, then sends the full batch to be hashed and written.
     async fn flush(&mut self) -> Result<(), BlobError> {
         self.wait().await?;
         let (Some(mut hasher), Some(temp)) = (self.hasher.take(), self.temp.take()) else {
             return Err(BlobError::Broken);
         };
-        let next = self
-            .spare
-            .take()
-            .unwrap_or_else(|| Vec::with_capacity(self.batch_size));
-        let batch = Arc::new(std::mem::replace(&mut self.buf, next));
+        self.filled = 0;
+        let batch = Arc::new(std::mem::take(&mut self.pieces));
         let b = batch.clone();
         self.hashing = Some(spawn_blocking(move || {
-            hasher.update(&*b);
+            for p in b.iter() {
+                hasher.update(p);
+            }
             hasher
         }));
-        let b = batch.clone();
+        let b = batch;
         let tmp_dir = self.store.inner.tmp.clone();
         self.writing = Some(spawn_blocking(move || {
             let mut temp = match temp {
                 Some(t) => t,
                 None => TempFile::create(&tmp_dir)?,
             };
-            temp.write(&b)?;
+            temp.write_pieces(&b)?;
             Ok(temp)
         }));
-        self.batch = Some(batch);
         Ok(())
     }
 
-    /// Waits for the batch in flight, if any, and takes its buffer back.
+    /// Waits for the batch in flight, if any.
     async fn wait(&mut self) -> Result<(), BlobError> {
         if let Some(h) = self.hashing.take() {
             self.hasher = Some(h.await.map_err(join_error)?);
         }
         if let Some(w) = self.writing.take() {
             self.temp = Some(Some(w.await.map_err(join_error)??));
-        }
-        // Both tasks have ended, and dropped their references.
-        if let Some(Ok(mut v)) = self.batch.take().map(Arc::try_unwrap) {
-            v.clear();
-            self.spare = Some(v);
         }
         Ok(())
     }
@@ -795,7 +814,8 @@ impl BlobWriter {
         self.reservation = None;
         self.hasher = None;
         self.temp = None;
-        self.buf = Vec::new();
+        self.pieces = Vec::new();
+        self.filled = 0;
     }
 
     /// Writes what is left, checks the bytes against `expect` (size, SHA-256) and the
@@ -820,17 +840,19 @@ impl BlobWriter {
         ) else {
             return Err(BlobError::Broken);
         };
-        let buf = std::mem::take(&mut self.buf);
+        let pieces = std::mem::take(&mut self.pieces);
         let store = self.store.clone();
         // Everything from here runs to completion on the blocking pool even if this future
         // is dropped, so the counters always match the files.
         spawn_blocking(move || {
-            hasher.update(&buf);
+            for p in &pieces {
+                hasher.update(p);
+            }
             let mut temp = match temp {
                 Some(t) => t,
                 None => TempFile::create(&store.inner.tmp)?,
             };
-            temp.write(&buf)?;
+            temp.write_pieces(&pieces)?;
             commit(
                 &store,
                 temp,
@@ -1047,6 +1069,41 @@ mod tests {
         assert!(store.list().expect("list").is_empty());
         assert_eq!(store.metrics().used_bytes, 0);
         assert_eq!(store.metrics().reserved_bytes, 0);
+        assert_eq!(tmp_count(dir.path()), 0);
+    }
+
+    /// Pieces kept as they came: thousands of small ones per batch (more than one
+    /// `writev` takes), empty ones, and pieces larger than a batch, in one blob.
+    #[tokio::test]
+    async fn pieces_of_any_size_are_stored_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open(dir.path(), None);
+        let bytes = Bytes::from(pattern(3 * BATCH + 12_345, 11));
+        let mut w = store.writer(Some(bytes.len() as u64)).expect("w");
+        let mut at = 0;
+        for (i, size) in std::iter::repeat([100usize, 0, 7, 300, 2 * BATCH + 5])
+            .flatten()
+            .enumerate()
+        {
+            // 12,000 small pieces (1.2 MB: the first batch, and more than the 1,024 slices
+            // one `writev` takes), then the large piece, cut at the end of the bytes.
+            let size = if size > BATCH && i < 3000 * 5 {
+                1
+            } else {
+                size
+            };
+            let n = size.min(bytes.len() - at);
+            w.write_bytes(bytes.slice(at..at + n)).await.expect("write");
+            at += n;
+            if at == bytes.len() {
+                break;
+            }
+        }
+        let s = w
+            .finish(Some((bytes.len() as u64, sha(&bytes))))
+            .await
+            .expect("stored");
+        assert_eq!(std::fs::read(store.path(&s.sha256)).expect("read"), bytes);
         assert_eq!(tmp_count(dir.path()), 0);
     }
 

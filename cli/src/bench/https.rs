@@ -124,6 +124,7 @@ async fn farm_run(
                 }
             },
         )),
+        agent: None,
     })
     .await?;
     let scheme = if https { "https" } else { "http" };

@@ -106,6 +106,7 @@ async fn farm_run(held: usize, jobs: usize, window: usize) -> Result<Figures> {
         data_dir: dir.path().to_path_buf(),
         max_blob: None,
         dispatcher: None,
+        agent: None,
     })
     .await?;
     let api = spine_client::Client::new(&format!("http://{}", farm.http), None)?;

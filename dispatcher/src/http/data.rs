@@ -16,7 +16,6 @@
 //! the RFC allows. A small hand-written parser rather than tower-http's `ServeFile`: outputs
 //! may be inline in the job record, not files, and the file's name is the blob's hash.
 
-use std::io::SeekFrom;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +26,6 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt as _;
 use serde_json::json;
-use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _};
 
 use super::auth::Caller;
 use super::error::ApiError;
@@ -43,8 +41,13 @@ use crate::signing::{BlobGrant, Grant, QueryError, SigError, SignedUrl, UploadGr
 /// A transfer that moves no byte for this long is cut off.
 const IDLE: Duration = Duration::from_secs(30);
 
-/// Read size when streaming a file out.
-const READ_BUF: usize = 256 * 1024;
+/// One blocking read per piece when streaming a file out: large enough that the hop to the
+/// blocking pool and the socket write per piece are noise.
+const READ_BUF: usize = 1 << 20;
+
+/// Pieces read ahead of the socket: the disk read of the next piece overlaps the network
+/// write of this one, at a cost of this many pieces of memory per download.
+const READ_AHEAD: usize = 2;
 
 /// What the data routes share: the store, the signing key, and counters for `/metrics`.
 #[derive(Clone)]
@@ -166,7 +169,7 @@ pub(super) async fn fetch_blob(
     let sha = check(d, &url)?.sha256;
     let file = d.blobs.file(&sha).map_err(|_| not_found(d))?;
     d.counters.fetched.fetch_add(1, Ordering::Relaxed);
-    serve_file(tokio::fs::File::from_std(file), &headers, None).await
+    serve_file(file, &headers, None).await
 }
 
 fn not_found(d: &DataHandle) -> ApiError {
@@ -254,7 +257,7 @@ pub(super) async fn get_output(
                     format!("the output of job {id} cannot be read from the blob store: {e}"),
                 )
             })?;
-            serve_file(tokio::fs::File::from_std(file), &headers, Some(&mime)).await
+            serve_file(file, &headers, Some(&mime)).await
         }
     }
 }
@@ -320,7 +323,7 @@ pub(super) async fn store_body(
         if w.received() + piece.len() as u64 > max {
             return Err(too_large(w.received() + piece.len() as u64, max));
         }
-        w.write(&piece).await.map_err(blob_error)?;
+        w.write_bytes(piece).await.map_err(blob_error)?;
     }
     w.finish(expect.map(|e| (e.size, e.sha256)))
         .await
@@ -438,11 +441,11 @@ fn serve_bytes(bytes: Vec<u8>, headers: &HeaderMap, mime: &str) -> Result<Respon
 }
 
 async fn serve_file(
-    mut file: tokio::fs::File,
+    file: std::fs::File,
     headers: &HeaderMap,
     mime: Option<&str>,
 ) -> Result<Response, ApiError> {
-    let len = file.metadata().await.map_err(internal)?.len();
+    let len = file.metadata().map_err(internal)?.len();
     let r = match range(headers, len) {
         Ok(r) => r,
         Err(()) => return Ok(unsatisfiable(len)),
@@ -451,10 +454,6 @@ async fn serve_file(
         Some((s, e)) => (StatusCode::PARTIAL_CONTENT, s, e),
         None => (StatusCode::OK, 0, len),
     };
-    if start > 0 {
-        file.seek(SeekFrom::Start(start)).await.map_err(internal)?;
-    }
-    let stream = tokio_util::io::ReaderStream::with_capacity(file.take(end - start), READ_BUF);
     head(
         status,
         mime.unwrap_or("application/octet-stream"),
@@ -462,8 +461,51 @@ async fn serve_file(
         r,
         len,
     )
-    .body(Body::from_stream(stream))
+    .body(Body::from_stream(file_stream(file, start, end - start)))
     .map_err(internal)
+}
+
+/// `len` bytes of `file` from `start`, as a stream of pieces read ahead of the consumer.
+///
+/// Not `ReaderStream` over `tokio::fs::File`: that reads a piece only when the previous one
+/// was taken (disk and network in turn, never at once), and copies each piece twice (into
+/// the file's buffer, then into the stream's). Here each piece is read once into its own
+/// buffer by a blocking task, while the one before is on the way out; a blocking thread is
+/// held only during a read, never while a slow client keeps the channel full.
+fn file_stream(
+    file: std::fs::File,
+    start: u64,
+    len: u64,
+) -> impl futures::Stream<Item = std::io::Result<axum::body::Bytes>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+    let file = Arc::new(file);
+    tokio::spawn(async move {
+        let mut offset = start;
+        let end = start + len;
+        while offset < end {
+            let n = (end - offset).min(READ_BUF as u64) as usize;
+            let f = file.clone();
+            let piece = tokio::task::spawn_blocking(move || read_exact_at(&f, offset, n))
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+            let failed = piece.is_err();
+            // The receiver is gone when the client left: stop reading.
+            if tx.send(piece).await.is_err() || failed {
+                return;
+            }
+            offset += n as u64;
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|p| (p, rx)) })
+}
+
+/// Exactly `n` bytes at `offset`; a file shorter than that (it never shrinks in the store)
+/// is an error, so that a response never ends short of its `Content-Length` silently.
+fn read_exact_at(f: &std::fs::File, offset: u64, n: usize) -> std::io::Result<axum::body::Bytes> {
+    use std::os::unix::fs::FileExt as _;
+    let mut buf = vec![0u8; n];
+    f.read_exact_at(&mut buf, offset)?;
+    Ok(buf.into())
 }
 
 fn internal(e: impl std::fmt::Display) -> ApiError {
@@ -478,6 +520,49 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(header::RANGE, HeaderValue::from_str(v).unwrap());
         h
+    }
+
+    async fn collect(
+        stream: impl futures::Stream<Item = std::io::Result<axum::body::Bytes>>,
+    ) -> (Vec<u8>, usize, Option<std::io::Error>) {
+        let mut stream = std::pin::pin!(stream);
+        let (mut bytes, mut pieces) = (Vec::new(), 0);
+        while let Some(p) = stream.next().await {
+            match p {
+                Ok(p) => {
+                    assert!(p.len() <= READ_BUF);
+                    bytes.extend_from_slice(&p);
+                    pieces += 1;
+                }
+                Err(e) => return (bytes, pieces, Some(e)),
+            }
+        }
+        (bytes, pieces, None)
+    }
+
+    #[tokio::test]
+    async fn a_file_streams_in_read_ahead_pieces_and_a_short_file_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..3 * READ_BUF + 1000).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &data).expect("write");
+        let open = || std::fs::File::open(&path).expect("open");
+        let (all, pieces, err) = collect(file_stream(open(), 0, data.len() as u64)).await;
+        assert!(err.is_none(), "{err:?}");
+        assert_eq!((all.len(), pieces), (data.len(), 4));
+        assert!(all == data);
+        // A range in the middle, across a piece boundary.
+        let (s, e) = (READ_BUF as u64 - 10, 2 * READ_BUF as u64 + 10);
+        let (part, _, err) = collect(file_stream(open(), s, e - s)).await;
+        assert!(err.is_none(), "{err:?}");
+        assert!(part == data[s as usize..e as usize]);
+        // Asked for more than the file holds: the stream ends with an error, not short.
+        let (got, _, err) = collect(file_stream(open(), 0, data.len() as u64 + 1)).await;
+        assert_eq!(
+            err.map(|e| e.kind()),
+            Some(std::io::ErrorKind::UnexpectedEof)
+        );
+        assert!(got.len() < data.len() + 1);
     }
 
     #[test]
