@@ -91,8 +91,18 @@ async fn submit(
             Some(body),
         )
     } else {
+        // A JSON body is read whole: one declared over its limit is refused before a byte of
+        // it is read (admit allowed it for a raw upload's larger limit).
+        let limit = max_body(h.max_json_input);
+        if declared.is_some_and(|n| n > limit as u64) {
+            return Err(ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too-large",
+                format!("a JSON body is at most {limit} bytes (1.5 × max_blob, its input in base64): send a large input as a raw upload (the body is the input, the job's fields in the query string), or upload it with PUT /v1/blobs and give its input_ref"),
+            ));
+        }
         let small = usize::try_from(declared.unwrap_or(0)).unwrap_or(usize::MAX);
-        let bytes = read_body(body, max_body(h.max_json_input), small).await?;
+        let bytes = read_body(body, limit, small).await?;
         body_form(&content_type, uri.query(), &bytes)?;
         (parse_request(&bytes, "JSON body")?, None)
     };
