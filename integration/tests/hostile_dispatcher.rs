@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use base64::Engine as _;
 use jid::Jid;
 use minidom::Element;
 use sha2::{Digest, Sha256};
