@@ -18,11 +18,16 @@ use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 use tracing::warn;
 
+use spine_protocol::fragments::{self, Fragment, FragmentRef, FRAGMENTS_MIME};
+use spine_protocol::DataRef;
+
 use crate::config::AgentConfig;
-use crate::machine::{Fetch, Put};
+use crate::machine::{Fetch, Put, Source};
 
 /// How long establishing one connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Blobs of one fragment list fetched at once.
+const FRAGMENT_FETCHES: usize = 4;
 
 /// The end of one transfer, keyed as the core asked for it.
 #[derive(Debug)]
@@ -99,7 +104,11 @@ impl DataPlane {
         let key = f.key;
         let (client, tx) = (self.client.clone(), self.tx.clone());
         let task = tokio::spawn(async move {
-            let result = fetch_sources(&client, &f).await;
+            let result = match tokio::time::timeout_at(f.deadline, fetch_sources(&client, &f)).await
+            {
+                Ok(r) => r,
+                Err(_) => Err("timed out".to_owned()),
+            };
             let _ = tx.send(Transfer::Fetched { key: f.key, result });
         });
         self.tasks.insert(key, task.abort_handle());
@@ -161,24 +170,80 @@ fn describe(e: reqwest::Error) -> String {
     text
 }
 
+/// Fetches what `f` names: the referenced input, and the blobs a fragment list names.
 async fn fetch_sources(client: &reqwest::Client, f: &Fetch) -> Result<Vec<u8>, String> {
-    let mut reasons = Vec::new();
-    for url in &f.source.sources {
-        match tokio::time::timeout_at(f.deadline, fetch_one(client, url, f)).await {
-            Ok(Ok(bytes)) => return Ok(bytes),
-            Ok(Err(reason)) => reasons.push(format!("{}: {reason}", host(url))),
-            Err(_) => {
-                reasons.push(format!("{}: timed out", host(url)));
-                break;
+    match &f.source {
+        Source::Ref(r) => {
+            let bytes = fetch_ref(client, r).await?;
+            if r.mime.as_deref() != Some(FRAGMENTS_MIME) {
+                return Ok(bytes);
             }
+            // A fragment list too long for the job stanza may name blobs too.
+            match fragments::decode(&bytes) {
+                Ok(list) if list.iter().any(|f| f.source.is_some()) => {
+                    resolve_fragments(client, list).await
+                }
+                _ => Ok(bytes),
+            }
+        }
+        Source::Fragments(list) => resolve_fragments(client, list.clone()).await,
+    }
+}
+
+/// The sources of one reference in order, until one gives the referenced bytes.
+async fn fetch_ref(client: &reqwest::Client, r: &DataRef) -> Result<Vec<u8>, String> {
+    let mut reasons = Vec::new();
+    for url in &r.sources {
+        match fetch_one(client, url, r.size, &r.sha256).await {
+            Ok(bytes) => return Ok(bytes),
+            Err(reason) => reasons.push(format!("{}: {reason}", host(url))),
         }
     }
     Err(reasons.join("; "))
 }
 
+/// Puts every fragment's bytes inline: each reference fetched from its URL and checked
+/// against its hash, a few at a time. One that fails fails the whole (the dispatcher then
+/// sends the list with the bytes inline).
+async fn resolve_fragments(
+    client: &reqwest::Client,
+    mut list: Vec<Fragment>,
+) -> Result<Vec<u8>, String> {
+    use futures::{StreamExt as _, TryStreamExt as _};
+    let wanted: Vec<(usize, FragmentRef)> = list
+        .iter()
+        .enumerate()
+        .filter_map(|(i, f)| f.source.clone().map(|r| (i, r)))
+        .collect();
+    let fetched: Vec<(usize, Vec<u8>)> = futures::stream::iter(wanted)
+        .map(|(i, r)| async move {
+            let Some(url) = r.url.as_deref() else {
+                return Err(format!("fragment {i} names a blob without a URL"));
+            };
+            fetch_one(client, url, r.size, &r.sha256)
+                .await
+                .map(|bytes| (i, bytes))
+                .map_err(|reason| format!("fragment {i}: {}: {reason}", host(url)))
+        })
+        .buffer_unordered(FRAGMENT_FETCHES)
+        .try_collect()
+        .await?;
+    for (i, bytes) in fetched {
+        if let Some(f) = list.get_mut(i) {
+            f.data = bytes;
+            f.source = None;
+        }
+    }
+    Ok(fragments::encode(&list))
+}
+
 /// GETs one source, hashing while it reads, and never holds more than the referenced size.
-async fn fetch_one(client: &reqwest::Client, url: &str, f: &Fetch) -> Result<Vec<u8>, String> {
-    let size = f.source.size;
+async fn fetch_one(
+    client: &reqwest::Client,
+    url: &str,
+    size: u64,
+    sha256: &[u8; 32],
+) -> Result<Vec<u8>, String> {
     let mut resp = client.get(url).send().await.map_err(describe)?;
     if resp.status() != reqwest::StatusCode::OK {
         return Err(format!("HTTP status {}", resp.status()));
@@ -213,7 +278,7 @@ async fn fetch_one(client: &reqwest::Client, url: &str, f: &Fetch) -> Result<Vec
         ));
     }
     let digest: [u8; 32] = hasher.finalize().into();
-    if digest != f.source.sha256 {
+    if &digest != sha256 {
         return Err("the bytes do not match the referenced SHA-256".to_owned());
     }
     Ok(bytes)

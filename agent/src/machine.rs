@@ -76,9 +76,29 @@ pub(crate) struct Done {
 #[derive(Debug)]
 pub(crate) struct Fetch {
     pub(crate) key: u64,
-    pub(crate) source: DataRef,
+    pub(crate) source: Source,
     /// The whole fetch ends by then (the job's deadline, or [`FETCH_TIMEOUT`]).
     pub(crate) deadline: Instant,
+}
+
+/// What an input fetch gets.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Source {
+    /// The input by reference; when it is a fragment list, the blobs it names too.
+    Ref(DataRef),
+    /// A fragment list that came inline and names blobs by signed URL (PROTOCOL.md
+    /// §11.7.1): each is fetched, and the handler gets the list with every fragment inline.
+    Fragments(Vec<spine_protocol::Fragment>),
+}
+
+impl Source {
+    /// Bytes it brings in, at most (what is checked against `max_input_size`).
+    pub(crate) fn size(&self) -> u64 {
+        match self {
+            Source::Ref(r) => r.size,
+            Source::Fragments(f) => f.iter().map(spine_protocol::Fragment::size).sum(),
+        }
+    }
 }
 
 /// An output to upload to its slot: the driver PUTs the bytes and calls [`Core::put_done`]
@@ -604,7 +624,28 @@ impl Core {
         let mut fetch = None;
         let (input, input_mime) = match &job.input {
             None => (Vec::new(), None),
-            Some(Data::Inline { mime, bytes }) => (bytes.clone(), mime.clone()),
+            Some(Data::Inline { mime, bytes }) => match fragment_refs(mime.as_deref(), bytes) {
+                Some(list) => {
+                    if !self.settings.http_data {
+                        return Err(SpineError::new(Condition::FetchFailed).with_text(
+                            "this agent does not fetch inputs over HTTP (http_data = false)",
+                        ));
+                    }
+                    let source = Source::Fragments(list);
+                    let max = self.settings.max_input_size;
+                    if source.size() > max {
+                        let mut e = SpineError::new(Condition::TooLarge).with_text(format!(
+                            "the input's fragments take {} bytes, over the limit",
+                            source.size()
+                        ));
+                        e.max = Some(max);
+                        return Err(e);
+                    }
+                    fetch = Some(source);
+                    (Vec::new(), mime.clone())
+                }
+                None => (bytes.clone(), mime.clone()),
+            },
             Some(Data::Blob(r)) => {
                 let max = self.settings.max_input_size;
                 if r.size > max {
@@ -630,7 +671,7 @@ impl Core {
                     e.max = Some(max);
                     return Err(e);
                 }
-                fetch = Some(r.clone());
+                fetch = Some(Source::Ref(r.clone()));
                 (Vec::new(), r.mime.clone())
             }
         };
@@ -648,7 +689,7 @@ impl Core {
             Some(source) => {
                 self.next_id += 1;
                 let key = self.next_id;
-                info!(job = %job.id, capability = %job.capability, attempt = job.attempt, from = %from, bytes = source.size, "job accepted: fetching its input over HTTP");
+                info!(job = %job.id, capability = %job.capability, attempt = job.attempt, from = %from, bytes = source.size(), "job accepted: fetching its input over HTTP");
                 self.ready.fetches.push(Fetch {
                     key,
                     source,
@@ -717,6 +758,19 @@ impl Core {
         };
         self.push(iq);
     }
+}
+
+/// The fragment list of an inline input, when it names blobs by signed URL (a reduce step's
+/// map outputs, PROTOCOL.md §11.7.1); `None` for any other input. A list that does not parse
+/// goes to the handler as it is, which says what is wrong with it.
+fn fragment_refs(mime: Option<&str>, bytes: &[u8]) -> Option<Vec<spine_protocol::Fragment>> {
+    if mime != Some(spine_protocol::FRAGMENTS_MIME) {
+        return None;
+    }
+    let list = spine_protocol::fragments::decode(bytes).ok()?;
+    list.iter()
+        .any(|f| f.source.as_ref().is_some_and(|r| r.url.is_some()))
+        .then_some(list)
 }
 
 #[cfg(test)]

@@ -63,6 +63,16 @@ pub struct SubmitArgs {
     /// Map/reduce: every file of this folder is one fragment (in name order).
     #[arg(long, value_name = "DIR", requires = "reduce")]
     fragments_dir: Option<PathBuf>,
+    /// Map/reduce: split the text file --input into fragments of about this size, cut at
+    /// line ends, here (the file is read a fragment at a time and each is uploaded to the
+    /// blob store), instead of by a --split capability. E.g. "4MiB".
+    #[arg(
+        long,
+        value_name = "SIZE",
+        requires = "reduce",
+        conflicts_with = "split"
+    )]
+    split_lines: Option<bytesize::ByteSize>,
     /// Attempts before the job fails (default: the dispatcher's max_attempts).
     #[arg(long)]
     max_attempts: Option<u64>,
@@ -105,23 +115,23 @@ pub fn submit(a: SubmitArgs) -> Result<bool> {
         let c = a.api.client()?;
         let mut body =
             json!({ "capability": a.capability, "args": parse_args(&a.args)?, "progress": a.wait });
-        let mut fragments = Vec::new();
-        if let Some(d) = &a.fragments_dir {
-            fragments = spine_client::fragments_from_dir(d, |_| true)?;
-        }
-        for p in &a.fragments {
-            let bytes = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
-            let name = p.file_name().map(|n| n.to_string_lossy().into_owned());
-            fragments.push(spine_protocol::Fragment {
-                name,
-                mime: None,
-                data: bytes,
-            });
-        }
         if a.reduce.is_some() && a.split.is_none() {
-            if a.input.is_some() {
-                bail!("--input with --reduce needs --split (or give the fragments with --fragment / --fragments-dir)");
-            }
+            let fragments = match (&a.input, a.split_lines) {
+                (Some(p), Some(size)) => {
+                    let size = usize::try_from(size.as_u64()).unwrap_or(usize::MAX);
+                    c.put_file_split(p, size).await?
+                }
+                (Some(_), None) => bail!("--input with --reduce needs --split CAPABILITY or --split-lines SIZE (or give the fragments with --fragment / --fragments-dir)"),
+                (None, Some(_)) => bail!("--split-lines splits the file given with --input"),
+                (None, None) => {
+                    let mut files = Vec::new();
+                    if let Some(d) = &a.fragments_dir {
+                        files = spine_client::files_in_dir(d, |_| true)?;
+                    }
+                    files.extend(a.fragments.iter().cloned());
+                    fragments_of(&c, &files).await?
+                }
+            };
             body["fragments"] = json!(fragments);
         }
         for (k, v) in [
@@ -156,7 +166,8 @@ pub fn submit(a: SubmitArgs) -> Result<bool> {
             body["wait_for_agent"] = json!(true);
         }
         // A file goes as a raw upload, streamed: the dispatcher keeps it in its blob store.
-        let id = match &a.input {
+        let input = a.input.as_ref().filter(|_| a.split_lines.is_none());
+        let id = match input {
             Some(p) => {
                 let mime = body
                     .as_object_mut()
@@ -188,6 +199,36 @@ pub fn submit(a: SubmitArgs) -> Result<bool> {
             }
         }
     })
+}
+
+/// The fragments of a map/reduce job over these files: each uploaded to the dispatcher's blob
+/// store, streamed, and named by reference (stored once, fetched by the agent that maps it);
+/// inline, read here, when the dispatcher has no blob endpoints (no `public_url`).
+async fn fragments_of(
+    c: &spine_client::Client,
+    files: &[PathBuf],
+) -> Result<Vec<spine_protocol::Fragment>> {
+    let mut out = Vec::with_capacity(files.len());
+    for p in files {
+        match c.put_file(p).await {
+            Ok(f) => out.push(f),
+            Err(spine_client::ClientError::Api { status: 404, .. }) if out.is_empty() => {
+                eprintln!("the dispatcher has no blob store endpoints (no public_url): the fragments go inline in the request");
+                return files
+                    .iter()
+                    .map(|p| {
+                        let data =
+                            std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
+                        let mut f = spine_protocol::Fragment::new(data);
+                        f.name = p.file_name().map(|n| n.to_string_lossy().into_owned());
+                        Ok(f)
+                    })
+                    .collect();
+            }
+            Err(e) => return Err(e).with_context(|| format!("uploading {}", p.display())),
+        }
+    }
+    Ok(out)
 }
 
 /// Arguments of `spine agents`.

@@ -316,6 +316,98 @@ impl Client {
             .ok_or_else(|| ClientError::Protocol(format!("no job id in {accepted}")))
     }
 
+    /// `PUT /v1/blobs`: stores `body` (`len` bytes) in the dispatcher's blob store and
+    /// returns a fragment naming it (`{"sha256", "size"}`, PROTOCOL.md §11.7.1), for a
+    /// map/reduce job's fragment list. A dispatcher without blob endpoints (no `public_url`)
+    /// answers [`ClientError::Api`] with status 404.
+    pub async fn put_blob(
+        &self,
+        body: impl Into<reqwest::Body>,
+        len: u64,
+    ) -> Result<Fragment, ClientError> {
+        let req = self
+            .request(reqwest::Method::PUT, "/v1/blobs")
+            .header("content-type", "application/octet-stream")
+            .header("content-length", len)
+            .body(body);
+        let stored = self.call(req, "uploading a blob").await?;
+        let (Some(hex), Some(size)) = (stored["sha256"].as_str(), stored["size"].as_u64()) else {
+            return Err(ClientError::Protocol(format!(
+                "no sha256 and size in {stored}"
+            )));
+        };
+        let sha256 = parse_sha256(hex)
+            .ok_or_else(|| ClientError::Protocol(format!("sha256 '{hex}' is not 64 hex digits")))?;
+        Ok(Fragment::reference(sha256, size))
+    }
+
+    /// [`Client::put_blob`] of a file, streamed (never held whole in memory), labelled with
+    /// its file name.
+    pub async fn put_file(&self, path: &Path) -> Result<Fragment, ClientError> {
+        let err = |source| ClientError::File {
+            path: path.display().to_string(),
+            source,
+        };
+        let file = tokio::fs::File::open(path).await.map_err(err)?;
+        let len = file.metadata().await.map_err(err)?.len();
+        let stream = tokio_util::io::ReaderStream::with_capacity(file, 256 * 1024);
+        let mut f = self
+            .put_blob(reqwest::Body::wrap_stream(stream), len)
+            .await?;
+        f.name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+        Ok(f)
+    }
+
+    /// Splits a text file into fragments of about `size` bytes, each cut after a newline
+    /// (a line longer than `size` is cut where it is), and uploads each to the blob store:
+    /// the fragment list of a map/reduce job over the file, by reference. The file is read
+    /// one fragment at a time, so a file far larger than memory splits (into fragments that
+    /// fit it). Fragments are labelled `name:index`.
+    pub async fn put_file_split(
+        &self,
+        path: &Path,
+        size: usize,
+    ) -> Result<Vec<Fragment>, ClientError> {
+        use tokio::io::AsyncReadExt as _;
+        let err = |source| ClientError::File {
+            path: path.display().to_string(),
+            source,
+        };
+        let size = size.max(1);
+        let name = path
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        let mut file = tokio::fs::File::open(path).await.map_err(err)?;
+        let mut out = Vec::new();
+        // What was read past the last cut: the start of the next fragment.
+        let mut carry: Vec<u8> = Vec::new();
+        let mut eof = false;
+        while !eof || !carry.is_empty() {
+            let mut piece = std::mem::take(&mut carry);
+            while !eof && piece.len() < size {
+                let start = piece.len();
+                piece.resize(size, 0);
+                let n = file.read(&mut piece[start..]).await.map_err(err)?;
+                piece.truncate(start + n);
+                eof = n == 0;
+            }
+            if piece.is_empty() {
+                break;
+            }
+            if !eof {
+                // Cut after the last newline of the piece; the rest starts the next one.
+                if let Some(nl) = piece.iter().rposition(|b| *b == b'\n') {
+                    carry = piece.split_off(nl + 1);
+                }
+            }
+            let len = piece.len() as u64;
+            let mut f = self.put_blob(piece, len).await?;
+            f.name = Some(format!("{name}:{}", out.len()));
+            out.push(f);
+        }
+        Ok(out)
+    }
+
     /// A finished job's output: inline in the job (up to 64 KiB), or read from its
     /// `output_url` (`GET /v1/jobs/{id}/output`, streamed from the dispatcher's blob store).
     /// A job that did not succeed is [`ClientError::JobFailed`].
@@ -481,17 +573,47 @@ pub fn output(job: &Value) -> Result<Vec<u8>, ClientError> {
     }
 }
 
+/// 64 hex digits as the 32 bytes of a SHA-256.
+fn parse_sha256(hex: &str) -> Option<[u8; 32]> {
+    if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, b) in out.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(out)
+}
+
 /// Base64 of bytes, as the API's `input` field takes them.
 pub fn base64(bytes: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(bytes)
 }
 
 /// One fragment per regular file of `dir` whose name passes `keep`, in name order, labelled
-/// with the file name: the input of a map/reduce job over a folder.
+/// with the file name: the input of a map/reduce job over a folder, inline (see
+/// [`Client::put_file`] for the same by reference).
 pub fn fragments_from_dir(
     dir: &Path,
     keep: impl Fn(&str) -> bool,
 ) -> Result<Vec<Fragment>, ClientError> {
+    files_in_dir(dir, keep)?
+        .into_iter()
+        .map(|path| {
+            let data = std::fs::read(&path).map_err(|source| ClientError::File {
+                path: path.display().to_string(),
+                source,
+            })?;
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned());
+            let mut f = Fragment::new(data);
+            f.name = name;
+            Ok(f)
+        })
+        .collect()
+}
+
+/// The regular files of `dir` whose names pass `keep`, in name order.
+pub fn files_in_dir(dir: &Path, keep: impl Fn(&str) -> bool) -> Result<Vec<PathBuf>, ClientError> {
     let err = |path: &Path| {
         let path = path.display().to_string();
         move |source| ClientError::File { path, source }
@@ -505,13 +627,7 @@ pub fn fragments_from_dir(
         }
     }
     files.sort();
-    files
-        .into_iter()
-        .map(|(name, path)| {
-            let data = std::fs::read(&path).map_err(err(&path))?;
-            Ok(Fragment::new(data).with_name(name))
-        })
-        .collect()
+    Ok(files.into_iter().map(|(_, p)| p).collect())
 }
 
 #[cfg(test)]

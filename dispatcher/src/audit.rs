@@ -208,6 +208,7 @@ mod tests {
             parent: None,
             mapreduce: None,
             output_refs: false,
+            input_blobs: Vec::new(),
         };
         let id = id.parse().unwrap();
         t.submit(id, spec, 1).unwrap().clone()

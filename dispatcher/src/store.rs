@@ -409,6 +409,7 @@ mod tests {
             batch: None,
             mapreduce: None,
             output_refs: false,
+            input_blobs: Vec::new(),
             target: None,
             parent: None,
         }

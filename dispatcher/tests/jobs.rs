@@ -32,6 +32,7 @@ fn spec(cap: &str, priority: i64) -> JobSpec {
         batch: None,
         mapreduce: None,
         output_refs: false,
+        input_blobs: Vec::new(),
         target: None,
         parent: None,
     }

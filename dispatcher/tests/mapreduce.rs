@@ -49,6 +49,7 @@ fn spec(frags: &[&str], fan_in: u64, split: bool) -> JobSpec {
             fan_in,
         }),
         output_refs: false,
+        input_blobs: Vec::new(),
     }
 }
 

@@ -48,6 +48,7 @@ NS = "urn:spine:1"
 HASHES_NS = "urn:xmpp:hashes:2"  # XEP-0300
 URL_DATA_NS = "http://jabber.org/protocol/url-data"  # XEP-0103
 INLINE_LIMIT = 65536
+FRAGMENTS_MIME = "application/vnd.spine.fragments+json"  # §11.7
 CHUNK_WINDOW = 8  # chunks unacknowledged at once (§13.1)
 CHUNK_TRIES = 5  # sends of one chunk that got a `wait` error or no answer
 IQ_TIMEOUT_S = 30  # for a chunk's acknowledgement and a slot request's answer
@@ -191,6 +192,7 @@ class Job:
         self.iqs = []
         self.task = None
         self.stop = threading.Event()  # ends an HTTP transfer of this job in its thread
+        self.input_type = None  # the <input type>: a fragment list may name blobs (§11.7.1)
 
 
 class Agent(slixmpp.ClientXMPP):
@@ -430,6 +432,7 @@ class Agent(slixmpp.ClientXMPP):
         if len(self.running) >= self.opts.slots:  # rule 6
             return self.reply_error(iq, "busy", f"all {self.opts.slots} slots are busy")
         run = Job(job_id, dispatcher, attempt, iq["from"])
+        run.input_type = input_el.get("type") if input_el is not None else None
         run.iqs.append(iq)
         self.running[job_id] = run
         self.load_changed()
@@ -473,6 +476,21 @@ class Agent(slixmpp.ClientXMPP):
     async def input_of(self, run, source, deadline):
         """The job's input bytes. Raises JobError for a refusal that is not an outcome: a
         blob that does not check out (`malformed`), a fetch that failed (`fetch-failed`)."""
+        data = await self.input_bytes(run, source, deadline)
+        if run.input_type != FRAGMENTS_MIME or self.http is None:
+            return data
+        # A reduce step's fragment list names the map outputs by signed URL (§11.7.1): the
+        # handler gets every fragment inline.
+        try:
+            return await self.loop.run_in_executor(
+                self.transfers, self.http.resolve_fragments, data, run.stop, deadline)
+        except payloads.TransferError as e:
+            self.log_once("fetch", run.dispatcher, f"fetching the fragments of job {run.id} "
+                          f"over HTTP failed: {e}; the dispatcher sends them again inline")
+            raise JobError("fetch-failed", str(e))
+
+    async def input_bytes(self, run, source, deadline):
+        """The input as it came: inline, from chunks, or fetched by its reference."""
         if source[0] == "inline":
             return source[1]
         if source[0] == "blob":

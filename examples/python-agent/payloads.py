@@ -15,6 +15,7 @@ separate idle timeout.
 import base64
 import hashlib
 import http.client
+import json
 import socket
 import ssl
 import time
@@ -166,6 +167,30 @@ class HttpData:
             if stop.is_set():
                 break
         raise TransferError("; ".join(reasons))
+
+    def resolve_fragments(self, data, stop, deadline):
+        """A fragment list (§11.7) with every fragment inline: each one that names a blob
+        (`sha256`, `size`, `url`) is fetched and checked, in order. Bytes that are not such a
+        list come back as they are, for the handler to judge. Raises TransferError."""
+        try:
+            items = json.loads(data)
+        except ValueError:
+            return data
+        if not isinstance(items, list) or not any(
+                isinstance(f, dict) and "url" in f for f in items):
+            return data
+        out = []
+        for i, f in enumerate(items):
+            if isinstance(f, dict) and "url" in f:
+                try:
+                    size, sha256 = int(f["size"]), bytes.fromhex(f["sha256"])
+                except (KeyError, TypeError, ValueError) as e:
+                    raise TransferError(f"fragment {i}: not a reference: {e}")
+                blob = self.fetch([f["url"]], size, sha256, stop, deadline)
+                f = {k: v for k, v in f.items() if k not in ("sha256", "size", "url")}
+                f["data"] = base64.b64encode(blob).decode("ascii")
+            out.append(f)
+        return json.dumps(out).encode()
 
     def _fetch_one(self, url, size, sha256, stop, deadline):
         host = urlsplit(url).hostname

@@ -34,6 +34,12 @@ struct Bus {
 
 impl Bus {
     async fn start(extra: &str, with_agent: bool) -> Bus {
+        Bus::start_with(extra, with_agent.then_some("")).await
+    }
+
+    /// As [`Bus::start`], the agent (if any) with `agent_extra` in its configuration.
+    async fn start_with(extra: &str, agent_extra: Option<&str>) -> Bus {
+        let with_agent = agent_extra.is_some();
         let server = TestServer::start(ACCOUNTS).await;
         let dir = tempfile::tempdir().unwrap();
         let (dispatcher, base) = start_http_dispatcher(&server, dir.path(), extra).await;
@@ -52,8 +58,8 @@ impl Bus {
             assert!(Instant::now() < deadline, "the dispatcher never started");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let agent = with_agent.then(|| {
-            let agent = Agent::builder(agent_config(&server, 1, ""))
+        let agent = agent_extra.map(|extra| {
+            let agent = Agent::builder(agent_config(&server, 1, extra))
                 .capability("hash.sha256", None, |ctx: JobContext| async move {
                     Ok::<_, JobError>(Output::bytes(hex(&Sha256::digest(&ctx.input))))
                 })
@@ -61,6 +67,18 @@ impl Bus {
                     let text = String::from_utf8(ctx.input)
                         .map_err(|_| JobError::bad_argument("input", "must be UTF-8 text"))?;
                     Ok::<_, JobError>(Output::bytes(text.to_uppercase()).with_mime("text/plain"))
+                })
+                // A reduce step: its fragments' bytes, concatenated in order.
+                .capability("concat.reduce", None, |ctx: JobContext| async move {
+                    let list = spine_protocol::fragments::decode(&ctx.input)
+                        .map_err(|e| JobError::bad_argument("input", e))?;
+                    if list.iter().any(|f| f.source.is_some()) {
+                        return Err(JobError::Failed(
+                            "the handler got a fragment by reference".into(),
+                        ));
+                    }
+                    let all: Vec<u8> = list.into_iter().flat_map(|f| f.data).collect();
+                    Ok::<_, JobError>(Output::bytes(all).with_mime("text/plain"))
                 })
                 .build()
                 .unwrap();
@@ -538,4 +556,145 @@ async fn blobs_no_job_holds_are_deleted_after_retention_and_the_orphan_ttl() {
     let (status, _) = bus.get(&format!("/v1/jobs/{id}"), None).await;
     assert_eq!(status, 404, "retention forgot the job");
     assert_eq!(bus.metric("spine_blob_store_blobs").await, 0);
+}
+
+/// A map/reduce job over fragments uploaded once (`PUT /v1/blobs`) and named by reference
+/// (PROTOCOL.md §11.7.1): each map step fetches its own fragment, each reduce step the map
+/// outputs it takes, by signed URL; an agent that does not fetch over HTTP gets the same bytes
+/// inline; a list naming a blob the store does not hold, or carrying a URL, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn map_reduce_fragments_by_reference_are_stored_once_and_fetched_by_their_steps() {
+    for agent_extra in ["", "http_data = false\n"] {
+        let http = agent_extra.is_empty();
+        let bus = Bus::start_with("", Some(agent_extra)).await;
+        wait_for_agents(&bus.base, "concat.reduce", 1).await;
+        // Three fragments of 100 kB: each map output (the fragment upper-cased) is over the
+        // inline limit, so it is kept in the blob store and named in its reduce's list.
+        let pieces: Vec<Vec<u8>> = (0..3).map(|i| text(100_000 + i)).collect();
+        let mut fragments = Vec::new();
+        for (i, p) in pieces.iter().enumerate() {
+            let (status, v) = bus.put_blob(p.clone().into()).await;
+            assert_eq!(status, 201, "{v}");
+            assert_eq!(v["size"], p.len());
+            fragments.push(serde_json::json!({
+                "name": format!("p{i}"), "type": "text/plain",
+                "sha256": v["sha256"], "size": v["size"],
+            }));
+        }
+        let blobs_before = bus.metric("spine_blob_store_blobs").await;
+        let submit = |fragments: Value| {
+            let body = serde_json::json!({
+                "capability": "text.upper", "reduce": "concat.reduce", "fan_in": 2,
+                "fragments": fragments,
+            });
+            let http = bus.http.clone();
+            let url = format!("{}/v1/jobs", bus.base);
+            async move {
+                let r = http
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .body(body.to_string())
+                    .send()
+                    .await
+                    .expect("the API answers");
+                let status = r.status().as_u16();
+                let bytes = r.bytes().await.unwrap_or_default();
+                (
+                    status,
+                    serde_json::from_slice::<Value>(&bytes).unwrap_or_default(),
+                )
+            }
+        };
+        let (status, v) = submit(Value::Array(fragments.clone())).await;
+        assert_eq!(status, 202, "{v}");
+        let job = bus.wait_final(v["id"].as_str().unwrap()).await;
+        assert_eq!(job["state"], "succeeded", "{job}");
+        assert_eq!(job["result"]["meta"]["fragments"], 3, "{job}");
+        assert_eq!(job["result"]["meta"]["reduce_steps"], 3, "{job}");
+        let (status, out) = bus
+            .get(
+                &format!("/v1/jobs/{}/output", v["id"].as_str().unwrap()),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200);
+        let want: Vec<u8> = pieces.concat().to_ascii_uppercase();
+        assert!(
+            out == want,
+            "the reduced output is every fragment, upper-cased, in order"
+        );
+        // The fragments were not stored again: the new blobs are the outputs of the 3 map
+        // and 3 reduce steps, less one (reduce r1.1 of the one fragment p2 has the same bytes
+        // as map m2's output, stored once).
+        assert_eq!(
+            bus.metric("spine_blob_store_blobs").await,
+            blobs_before + 5,
+            "agent {agent_extra:?}"
+        );
+        let fetches = bus.metric("spine_blob_fetches_total").await;
+        if http {
+            // 3 fragments, 3 map outputs by the first level's reduces, 2 of their outputs
+            // by the last.
+            assert!(fetches >= 8, "fetched over HTTP: {fetches}");
+        } else {
+            assert_eq!(fetches, 0, "an agent without http_data fetches nothing");
+        }
+
+        // A blob the store does not hold, and a URL from a submitter, are refused.
+        let mut missing = fragments.clone();
+        missing[1]["sha256"] = Value::String("ab".repeat(32));
+        let (status, v) = submit(Value::Array(missing)).await;
+        assert_eq!(status, 400, "{v}");
+        assert_eq!(v["field"], "input", "{v}");
+        let message = v["message"].as_str().unwrap_or_default();
+        assert!(message.contains("fragment 1 names blob abab"), "{v}");
+        assert!(message.contains("PUT /v1/blobs"), "{v}");
+        if http {
+            // A text file split at line ends by the client (`spine submit --split-lines`),
+            // one fragment uploaded at a time.
+            let lines: Vec<u8> = (0..6000)
+                .flat_map(|i| format!("line {i} {}\n", "x".repeat(i % 40)).into_bytes())
+                .collect();
+            let file = bus.data().join("lines.txt");
+            std::fs::write(&file, &lines).unwrap();
+            let client = spine_client::Client::new(&bus.base, None).unwrap();
+            let split = client.put_file_split(&file, 40_000).await.unwrap();
+            assert!(
+                split.len() >= lines.len() / 40_000,
+                "{} fragments",
+                split.len()
+            );
+            assert_eq!(
+                split.iter().map(|f| f.size()).sum::<u64>(),
+                lines.len() as u64
+            );
+            assert!(split.iter().all(|f| f.size() <= 40_000));
+            assert_eq!(split[1].name.as_deref(), Some("lines.txt:1"));
+            let (status, v) = submit(serde_json::to_value(&split).unwrap()).await;
+            assert_eq!(status, 202, "{v}");
+            let id = v["id"].as_str().unwrap().to_owned();
+            let job = bus.wait_final(&id).await;
+            assert_eq!(job["state"], "succeeded", "{job}");
+            let (_, out) = bus.get(&format!("/v1/jobs/{id}/output"), None).await;
+            assert!(
+                out == lines.to_ascii_uppercase(),
+                "every line, once, in order"
+            );
+            // Each fragment but the last ends at a line end: no line was cut.
+            let (_, m0) = bus.get(&format!("/v1/jobs/{id}.m0/output"), None).await;
+            assert_eq!(m0.last(), Some(&b'\n'));
+        }
+
+        let mut with_url = fragments.clone();
+        with_url[0]["url"] = Value::String(format!("{}/v1/blobs/x", bus.base));
+        let (status, v) = submit(Value::Array(with_url)).await;
+        assert_eq!(status, 400, "{v}");
+        assert!(
+            v["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("fragment 0 has a url"),
+            "{v}"
+        );
+    }
 }

@@ -39,7 +39,7 @@ pub use condition::{classify, Condition, Disposition, SpineError};
 pub use data::{Args, Attributes, BlobRef, Data, DataRef, INLINE_LIMIT};
 pub use error::ParseError;
 pub use filter::{Clause, Filter, FilterError, Op};
-pub use fragments::{Fragment, FRAGMENTS_MIME};
+pub use fragments::{Fragment, FragmentRef, FRAGMENTS_MIME};
 pub use job::{chunks, Cancel, Chunk, Job, JobResult, Partial, Progress};
 pub use names::{AttrName, BlobId, CapabilityName, JobId};
 pub use presence::{

@@ -259,3 +259,35 @@ fn condition_table_matches_code() {
     }
     assert_eq!(rows, Condition::ALL.len());
 }
+
+/// Every ```json block of the spec is a fragment list (§11.7, §11.7.1) this crate reads and
+/// writes back the same.
+#[test]
+fn json_examples_are_fragment_lists() {
+    let mut blocks = Vec::new();
+    let mut current: Option<(usize, String)> = None;
+    for (n, line) in SPEC.lines().enumerate() {
+        match &mut current {
+            None if line.trim_start().starts_with("```json") => {
+                current = Some((n + 1, String::new()))
+            }
+            Some(_) if line.trim_start().starts_with("```") => blocks.extend(current.take()),
+            Some((_, text)) => text.push_str(line),
+            None => {}
+        }
+    }
+    assert!(blocks.len() >= 3, "the spec's fragment list examples");
+    let mut named = 0;
+    for (line, text) in blocks {
+        let list = fragments::decode(text.as_bytes())
+            .unwrap_or_else(|e| panic!("PROTOCOL.md line {line}: {e}"));
+        named += list.iter().filter(|f| f.source.is_some()).count();
+        let again: serde_json::Value = serde_json::from_slice(&fragments::encode(&list)).unwrap();
+        let original: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(again, original, "PROTOCOL.md line {line}");
+    }
+    assert!(
+        named >= 2,
+        "the spec shows fragments by reference, with and without url"
+    );
+}

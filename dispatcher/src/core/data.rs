@@ -17,6 +17,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jid::{BareJid, FullJid, Jid};
+use spine_protocol::fragments::{self, Fragment};
 use spine_protocol::{Condition, DataRef, JobId, RequestSlot, Slot, SpineError};
 use tracing::{info, warn};
 use xmpp_parsers::iq::Iq;
@@ -124,17 +125,74 @@ impl Core {
         agent: &FullJid,
         now: Now,
     ) -> Option<DataRef> {
-        let dp = self.data.as_ref()?;
-        let a = self.http_agents.get(agent)?;
-        if a.chunks_until.is_some_and(|t| now.mono < t) {
+        if !self.fetches_over_http(agent, now) {
             return None;
         }
+        let dp = self.data.as_ref()?;
         Some(DataRef {
             size: blob.size,
             sha256: blob.sha256,
             mime,
             sources: vec![dp.fetch_url(blob, job, &agent.to_bare(), now)],
         })
+    }
+
+    /// Whether `agent` gets this job's stored data by reference now: this dispatcher offers
+    /// HTTP, the agent fetches over it, and it has not failed a fetch lately.
+    fn fetches_over_http(&self, agent: &FullJid, now: Now) -> bool {
+        self.data.is_some()
+            && self
+                .http_agents
+                .get(agent)
+                .is_some_and(|a| a.chunks_until.is_none_or(|t| now.mono >= t))
+    }
+
+    /// A fragment list that names blobs (a reduce step's map outputs, PROTOCOL.md §11.7.1) as
+    /// `agent` gets it in `job`: every reference with a signed URL when the agent fetches
+    /// over HTTP, otherwise each blob's bytes inline, read from the store here (at most
+    /// `max_blob` of them, what chunks carry).
+    pub(super) fn fragments_for(
+        &self,
+        list: &[u8],
+        job: &JobId,
+        agent: &FullJid,
+        now: Now,
+    ) -> Result<Vec<u8>, SpineError> {
+        let failed = |text: String| SpineError::new(Condition::Failed).with_text(text);
+        let mut frags = fragments::decode(list).map_err(|e| failed(format!("input: {e}")))?;
+        if let (true, Some(dp)) = (self.fetches_over_http(agent, now), self.data.as_ref()) {
+            let bare = agent.to_bare();
+            for r in frags.iter_mut().filter_map(|f| f.source.as_mut()) {
+                let b = Stored {
+                    sha256: r.sha256,
+                    size: r.size,
+                };
+                r.url = Some(dp.fetch_url(&b, job, &bare, now));
+            }
+            return Ok(fragments::encode(&frags));
+        }
+        let total: u64 = frags.iter().map(Fragment::size).sum();
+        let max = self.cfg.max_blob.as_u64();
+        if total > max {
+            return Err(SpineError::new(Condition::TooLarge).with_text(format!(
+                "the input's fragments take {total} bytes, over max_blob ({max}), the most sent in chunks, and {agent} does not fetch over HTTP (protocol 1.1, PROTOCOL.md §13.4)"
+            )));
+        }
+        for f in &mut frags {
+            if let Some(r) = f.source.take() {
+                let b = Stored {
+                    sha256: r.sha256,
+                    size: r.size,
+                };
+                f.data = self.blob_store.read(&b).map_err(|e| {
+                    failed(format!(
+                        "fragment {} cannot be read from the dispatcher's blob store: {e}",
+                        b.hex()
+                    ))
+                })?;
+            }
+        }
+        Ok(fragments::encode(&frags))
     }
 
     /// The reference form of a job's stored output for the XMPP submitter `to`, if the job

@@ -339,3 +339,100 @@ fn a_submitter_that_asked_for_references_gets_a_large_output_as_a_signed_url() {
         "signed for the submitter: {url}"
     );
 }
+
+/// Ends a job as an agent that uploaded `bytes` to a slot would: slot, upload, result.
+fn succeed_stored(w: &mut World, sent: &tests::SentJob, bytes: &[u8]) -> Stored {
+    let blob = w.core.blob_store.put(bytes).unwrap();
+    request_slot(w, &sent.to, &sent.job.id, sent.job.attempt, blob).unwrap();
+    w.core.api(
+        98,
+        ApiRequest::SlotFilled {
+            job: sent.job.id.clone(),
+            attempt: sent.job.attempt,
+            agent: sent.to.to_bare().to_string(),
+            blob,
+        },
+        w.now,
+    );
+    result_by_reference(w, sent, &sent.to, blob);
+    blob
+}
+
+#[test]
+fn fragments_by_reference_are_map_inputs_as_stored_and_reduce_inputs_by_url_or_inline() {
+    use spine_protocol::fragments::{self, Fragment};
+    let mut w = world();
+    w.agent_with(1, 1, &["wc.map", "wc.reduce"]);
+    w.ready();
+    // Two fragments already in the store (PUT /v1/blobs), named by the job.
+    let f: Vec<Stored> = (0..2u8)
+        .map(|i| w.core.blob_store.put(&vec![i; 100_000]).unwrap())
+        .collect();
+    let list: Vec<Fragment> = f
+        .iter()
+        .map(|b| Fragment::reference(b.sha256, b.size))
+        .collect();
+    let mut s = spec("wc.map");
+    s.input = fragments::encode(&list).into();
+    s.input_mime = Some(spine_protocol::FRAGMENTS_MIME.into());
+    s.mapreduce = Some(spine_protocol::MapReduce::new("wc.reduce".parse().unwrap()));
+    let (parent, _) = w.submit(s).unwrap();
+    assert_eq!(w.core.blob_refs(&f[0]), 1, "held by its map step only");
+
+    // Each map step's input is its fragment's blob, as stored: no copy.
+    let mut outputs = Vec::new();
+    for (i, fragment) in f.iter().enumerate() {
+        let sent = jobs_sent(&w.ready().stanzas).remove(0);
+        assert_eq!(sent.job.id.as_str(), format!("{parent}.m{i}"));
+        let Some(Data::Ref(r)) = &sent.job.input else {
+            panic!("map input by reference: {:?}", sent.job.input)
+        };
+        assert_eq!((r.sha256, r.size), (fragment.sha256, fragment.size));
+        outputs.push(succeed_stored(&mut w, &sent, &vec![10 + i as u8; 90_000]));
+    }
+
+    // The reduce step's list names the two outputs, each with a URL for this job and agent.
+    let sent = jobs_sent(&w.ready().stanzas).remove(0);
+    assert_eq!(sent.job.id.as_str(), format!("{parent}.r1.0"));
+    let Some(Data::Inline { bytes, mime }) = &sent.job.input else {
+        panic!("a small inline list: {:?}", sent.job.input)
+    };
+    assert_eq!(mime.as_deref(), Some(spine_protocol::FRAGMENTS_MIME));
+    let got = fragments::decode(bytes).unwrap();
+    assert_eq!(got.len(), 2);
+    for (g, out) in got.iter().zip(&outputs) {
+        let r = g.source.as_ref().expect("by reference");
+        assert_eq!((r.sha256, r.size), (out.sha256, out.size));
+        let url = r.url.as_deref().expect("a signed URL");
+        let want = format!(
+            "http://127.0.0.1:8080/v1/blobs/{}?job={parent}.r1.0&agent=agent1%40localhost&",
+            out.hex()
+        );
+        assert!(url.starts_with(&want), "{url}");
+    }
+    assert_eq!(
+        w.core.blob_refs(&outputs[0]),
+        2,
+        "its map step and the reduce"
+    );
+
+    // The agent cannot fetch them: the same attempt goes again with the bytes, in chunks.
+    w.refuse(
+        &sent,
+        SpineError::new(Condition::FetchFailed).with_text("127.0.0.1: connection refused"),
+    );
+    let r = w.ready();
+    assert!(
+        jobs_sent(&r.stanzas).is_empty(),
+        "the job follows its chunks"
+    );
+    let inline = fragments::encode(&[
+        Fragment::new(vec![10u8; 90_000]),
+        Fragment::new(vec![11u8; 90_000]),
+    ]);
+    assert_eq!(
+        chunk_count(&r.stanzas),
+        inline.len().div_ceil(INLINE_LIMIT),
+        "the list with both outputs inline"
+    );
+}

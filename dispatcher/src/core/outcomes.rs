@@ -175,9 +175,14 @@ impl Core {
                 };
                 SpineError::new(c).with_text(format!("{:?}", error.defined_condition))
             });
-        if e.condition == Condition::FetchFailed && matches!(s.payload.input, Some(Data::Ref(_))) {
-            // The agent could not fetch the input by its URL: the same attempt goes again, in
-            // chunks (PROTOCOL.md §13.4).
+        let by_url = matches!(s.payload.input, Some(Data::Ref(_)))
+            || self
+                .jobs
+                .get(&s.job)
+                .is_some_and(|j| !j.spec.input_blobs.is_empty());
+        if e.condition == Condition::FetchFailed && by_url {
+            // The agent could not fetch the input (or the fragments it names) by URL: the same
+            // attempt goes again, in chunks (PROTOCOL.md §13.4, §11.7.1).
             let why = e.text.clone().unwrap_or_else(|| "no reason given".into());
             return self.fetch_failed(&s.job, &s.agent, &why, now);
         }

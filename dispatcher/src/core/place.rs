@@ -190,8 +190,38 @@ impl Core {
         let mut j = job_request(rec, now);
         let attempt = rec.attempts;
         let mime = rec.spec.input_mime.clone();
+        // A fragment list naming blobs goes with their URLs, or their bytes, for this agent.
+        let resolved = match rec.spec.input.inline() {
+            Some(list) if !rec.spec.input_blobs.is_empty() => {
+                Some(self.fragments_for(list, id, agent, now))
+            }
+            _ => None,
+        };
+        let input = match resolved {
+            Some(Ok(list)) => {
+                if list.len() <= INLINE_LIMIT {
+                    j.input = Some(Data::Inline {
+                        mime: mime.clone(),
+                        bytes: list.clone(),
+                    });
+                }
+                std::borrow::Cow::Owned(Body::Inline(list))
+            }
+            Some(Err(e)) => {
+                let s = Sent {
+                    job: id.clone(),
+                    agent: agent.clone(),
+                    attempt,
+                    bytes: 0,
+                    payload: j,
+                    at: now.mono,
+                };
+                return self.fail_attempt(&s, e, now);
+            }
+            None => std::borrow::Cow::Borrowed(&rec.spec.input),
+        };
         // Too large for the job stanza: by reference, or in chunks.
-        let large = match &rec.spec.input {
+        let large = match input.as_ref() {
             Body::Stored(b) => Some(Large::Stored(*b)),
             Body::Inline(b) if b.len() > INLINE_LIMIT => Some(Large::Held(Arc::new(b.clone()))),
             Body::Inline(_) => None,

@@ -110,7 +110,7 @@ impl Core {
         }
         let mut spec = spec;
         spec.input = self.keep_body(std::mem::take(&mut spec.input), "input")?;
-        spec.check_input(self.blob_store.as_ref())?;
+        spec.input_blobs = spec.check_input(self.blob_store.as_ref())?;
         spec.check_args(self.cfg.max_args.as_u64())?;
         let limits = self.policy.limits(&spec.submitter);
         spec.check_limits(&limits)?;
@@ -281,6 +281,7 @@ impl Core {
             batch: s.batch,
             mapreduce: s.mapreduce,
             output_refs: s.refs,
+            input_blobs: Vec::new(),
             target: None,
             parent: None,
         };

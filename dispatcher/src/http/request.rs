@@ -198,6 +198,7 @@ pub(super) fn spec_from(
         batch: req.batch,
         mapreduce,
         output_refs: false,
+        input_blobs: Vec::new(),
         target: None,
         parent: None,
     })

@@ -49,6 +49,9 @@ pub(super) struct Keys {
     mr_running: bool,
     /// The blobs it holds: its input's and its output's, when they are in the blob store.
     blobs: [Option<Stored>; 2],
+    /// The blobs its input names (a fragment list's references; empty, and so no allocation,
+    /// for almost every job).
+    named: Vec<Stored>,
 }
 
 impl Keys {
@@ -75,6 +78,7 @@ impl Keys {
                     _ => None,
                 },
             ],
+            named: j.spec.input_blobs.clone(),
         }
     }
 
@@ -189,7 +193,7 @@ impl Index {
             self.flags(id, old, false);
             self.flags(id, new, true);
         }
-        if old.blobs != new.blobs {
+        if old.blobs != new.blobs || old.named != new.named {
             // Add first, so a blob kept across the change is never released.
             self.blobs(new, true);
             self.blobs(old, false);
@@ -198,7 +202,7 @@ impl Index {
 
     /// The reference counts of a record's blobs.
     fn blobs(&mut self, k: &Keys, on: bool) {
-        for b in k.blobs.iter().flatten() {
+        for b in k.blobs.iter().flatten().chain(&k.named) {
             if on {
                 *self.blob_refs.entry(*b).or_insert(0) += 1;
             } else if let Some(n) = self.blob_refs.get_mut(b) {

@@ -24,6 +24,7 @@ use serde::{Deserialize, Serialize};
 use spine_protocol::{CapabilityName, Condition, JobId, JobState};
 
 use super::{BlobAccess, Body, JobSpec, JobTable, Recorded};
+use crate::blobs::Stored;
 use spine_protocol::fragments::{self, Fragment};
 use spine_protocol::FRAGMENTS_MIME;
 
@@ -158,6 +159,7 @@ fn step_spec(
         parent: Some(parent_id.clone()),
         mapreduce: None,
         output_refs: false,
+        input_blobs: Vec::new(),
     }
 }
 
@@ -177,6 +179,7 @@ impl JobTable {
             let mr = p.spec.mapreduce.clone()?;
             // The steps carry the input from here on: one copy, not two.
             let input = std::mem::take(&mut p.spec.input);
+            p.spec.input_blobs.clear();
             p.state = JobState::Running;
             p.attempts = 1;
             p.percent = Some(0);
@@ -237,19 +240,43 @@ impl JobTable {
             return Advance::default();
         };
         let fan_in = spec.mapreduce.as_ref().map_or(2, |m| m.fan_in as usize);
+        // A split step's list may name blobs too: each must be there for its map step.
+        let missing = frags.iter().enumerate().find_map(|(i, f)| {
+            let r = f.source.as_ref()?;
+            let b = Stored {
+                sha256: r.sha256,
+                size: r.size,
+            };
+            (!blobs.contains(&b)).then_some((i, b))
+        });
+        if let Some((i, b)) = missing {
+            return self.fail_mapreduce(
+                parent,
+                Condition::BadArguments,
+                format!(
+                    "fragment {i} names blob {} of {} bytes, which is not in the blob store",
+                    b.hex(),
+                    b.size
+                ),
+                now_ms,
+            );
+        }
         let mut maps = Vec::with_capacity(frags.len());
         let mut created = Vec::with_capacity(frags.len());
         for (i, f) in frags.into_iter().enumerate() {
             let Some(id) = child_id(parent, &format!("m{i}")) else {
                 continue;
             };
-            let s = step_spec(
-                &spec,
-                parent,
-                spec.capability.clone(),
-                Body::Inline(f.data),
-                f.mime,
-            );
+            // A fragment by reference is its map step's input as it is: stored once, fetched
+            // by the agent that maps it.
+            let input = match f.source {
+                Some(r) => Body::Stored(Stored {
+                    sha256: r.sha256,
+                    size: r.size,
+                }),
+                None => Body::Inline(f.data),
+            };
+            let s = step_spec(&spec, parent, spec.capability.clone(), input, f.mime);
             self.insert_queued(id.clone(), s, now_ms);
             maps.push(Task {
                 name: f.name,
@@ -380,51 +407,43 @@ impl JobTable {
                 if below[range.clone()].iter().any(|t| t.winner.is_none()) {
                     continue;
                 }
-                let inputs: Result<Vec<Fragment>, String> = below[range]
+                // The map outputs by reference when they are in the blob store (the agent
+                // fetches them, or the dispatcher inlines them for one that cannot), inline
+                // when they are small: the list itself stays a few bytes per input, and
+                // nothing is read from the store here.
+                let mut named = Vec::new();
+                let inputs: Vec<Fragment> = below[range]
                     .iter()
                     .map(|t| {
                         let out = t.winner.as_ref().and_then(|w| self.get(w));
-                        Ok(match out.and_then(|j| j.outcome.as_ref()) {
-                            Some(Recorded::Succeeded { output, mime, .. }) => Fragment {
-                                name: t.name.clone(),
-                                mime: mime.clone(),
-                                data: output
-                                    .bytes(blobs)
-                                    .map_err(|e| {
-                                        format!(
-                                            "the output of step {} cannot be read from the blob store: {e}",
-                                            t.winner.as_ref().map_or("?", |w| w.as_str())
-                                        )
-                                    })?
-                                    .into_owned(),
-                            },
+                        match out.and_then(|j| j.outcome.as_ref()) {
+                            Some(Recorded::Succeeded { output, mime, .. }) => {
+                                let mut f = match output {
+                                    Body::Stored(b) => {
+                                        named.push(*b);
+                                        Fragment::reference(b.sha256, b.size)
+                                    }
+                                    Body::Inline(bytes) => Fragment::new(bytes.clone()),
+                                };
+                                f.name = t.name.clone();
+                                f.mime = mime.clone();
+                                f
+                            }
                             _ => Fragment::default(),
-                        })
+                        }
                     })
                     .collect();
-                let inputs = match inputs {
-                    Ok(i) => i,
-                    Err(m) => {
-                        self.update(parent, |p| {
-                            p.children.extend(adv.created.iter().cloned());
-                            p.mr = Some(st);
-                        });
-                        let mut more = self.fail_mapreduce(parent, Condition::Failed, m, now_ms);
-                        more.progressed |= adv.progressed;
-                        more.created.append(&mut adv.created);
-                        return more;
-                    }
-                };
                 let Some(id) = child_id(parent, &format!("r{level}.{j}")) else {
                     continue;
                 };
-                let s = step_spec(
+                let mut s = step_spec(
                     &spec,
                     parent,
                     mr.reduce.clone(),
                     Body::Inline(fragments::encode(&inputs)),
                     Some(FRAGMENTS_MIME.into()),
                 );
+                s.input_blobs = named;
                 self.insert_queued(id.clone(), s, now_ms);
                 st.levels[level][j].jobs.push(id.clone());
                 // Its inputs travel in this job now; the next level inherits the first label.

@@ -11,6 +11,7 @@ use spine_protocol::{
 };
 
 use super::Body;
+use crate::blobs::Stored;
 
 /// What the submitter asked for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,6 +68,11 @@ pub struct JobSpec {
     /// `<job-status>` rather than in chunks (protocol 1.1, `refs='true'`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub output_refs: bool,
+    /// Blobs its input names without carrying them (the references of a fragment list,
+    /// PROTOCOL.md §11.7.1): held by this job like its own input, so that retention releases
+    /// them only with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub input_blobs: Vec<Stored>,
 }
 
 impl JobSpec {
@@ -95,28 +101,52 @@ impl JobSpec {
             parent: None,
             mapreduce: None,
             output_refs: false,
+            input_blobs: Vec::new(),
         }
     }
 
     /// What must hold of a job before it is stored, so that it is refused at once instead of
     /// failing (or worse, running otherwise) later: a map/reduce job without a split step has
-    /// a fragment list as its input. (Its filter was parsed by the front end that built it.)
-    pub fn check_input(&self, blobs: &dyn super::BlobAccess) -> Result<(), SpineError> {
+    /// a fragment list as its input, and every blob the list names is in the store (a
+    /// submitter never gives their URLs). (Its filter was parsed by the front end that built
+    /// it.) Returns the blobs the list names, for [`JobSpec::input_blobs`].
+    pub fn check_input(&self, blobs: &dyn super::BlobAccess) -> Result<Vec<Stored>, SpineError> {
+        let bad = |text: String| {
+            SpineError::new(Condition::BadArguments)
+                .with_field("input")
+                .with_text(text)
+        };
         match &self.mapreduce {
             Some(m) if m.split.is_none() => {
                 let bytes = self.input.bytes(blobs).map_err(|e| {
                     SpineError::new(Condition::Failed)
                         .with_text(format!("the stored input cannot be read: {e}"))
                 })?;
-                spine_protocol::fragments::decode(&bytes)
-                    .map(|_| ())
-                    .map_err(|e| {
-                        SpineError::new(Condition::BadArguments)
-                            .with_field("input")
-                            .with_text(e)
-                    })
+                let list = spine_protocol::fragments::decode(&bytes).map_err(bad)?;
+                let mut named = Vec::new();
+                for (i, f) in list.iter().enumerate() {
+                    let Some(r) = &f.source else { continue };
+                    if r.url.is_some() {
+                        return Err(bad(format!(
+                            "fragment {i} has a url: name a blob by its sha256 and size only (the dispatcher gives agents the URLs)"
+                        )));
+                    }
+                    let b = Stored {
+                        sha256: r.sha256,
+                        size: r.size,
+                    };
+                    if !blobs.contains(&b) {
+                        return Err(bad(format!(
+                            "fragment {i} names blob {} of {} bytes, which is not in the blob store: upload it with PUT /v1/blobs first (blobs no job holds are deleted after blob_orphan_ttl)",
+                            b.hex(),
+                            b.size
+                        )));
+                    }
+                    named.push(b);
+                }
+                Ok(named)
             }
-            _ => Ok(()),
+            _ => Ok(Vec::new()),
         }
     }
 

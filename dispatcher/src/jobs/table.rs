@@ -97,7 +97,13 @@ impl JobTable {
 
     /// Blobs whose last referencing job went (or let go of them) since the last call.
     pub fn take_released(&mut self) -> Vec<Stored> {
-        std::mem::take(&mut self.index.released.0)
+        let mut released = std::mem::take(&mut self.index.released.0);
+        // A blob let go of and taken again in the same step (a map/reduce job's fragment
+        // handed to its map step) is not released.
+        released.retain(|b| !self.index.blob_refs.contains_key(b));
+        released.sort_unstable_by_key(|b| b.sha256);
+        released.dedup();
+        released
     }
 
     /// Every blob held jobs reference, for the start-up sweep of the blob store.

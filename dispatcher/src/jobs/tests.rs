@@ -86,11 +86,7 @@ fn spec(cap: usize, submitter: usize, priority: i64, kind: u8, attempts: u64) ->
         1 => (Placement::All, None),
         2 => {
             input = fragments::encode(&[
-                Fragment {
-                    name: Some("f0".into()),
-                    mime: None,
-                    data: b"x".to_vec(),
-                },
+                Fragment::new(b"x".to_vec()).with_name("f0"),
                 Fragment::default(),
                 Fragment::default(),
             ]);

@@ -30,6 +30,7 @@ pub fn spec(cap: &str, submitter: &str) -> JobSpec {
         batch: None,
         mapreduce: None,
         output_refs: false,
+        input_blobs: Vec::new(),
         target: None,
         parent: None,
     }

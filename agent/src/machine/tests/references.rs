@@ -99,7 +99,7 @@ fn a_reference_input_is_fetched_then_the_handler_starts_with_its_bytes() {
     let [f] = &r.fetches[..] else {
         panic!("one fetch: {r:?}")
     };
-    assert_eq!(f.source, data_ref(b"input bytes"));
+    assert_eq!(f.source, Source::Ref(data_ref(b"input bytes")));
     assert_eq!(f.deadline, t0 + Duration::from_secs(20));
     // The fetching job holds the agent's one slot.
     let r = send_job(&mut c, DISPATCHER, "d2", job("j2", "test.echo"), t0);
@@ -171,16 +171,11 @@ fn a_cancel_while_fetching_aborts_the_transfer_and_answers_cancelled() {
     assert_eq!(c.running(), 0);
 }
 
-#[test]
-fn with_http_data_off_a_reference_is_refused_with_fetch_failed() {
-    let t0 = Instant::now();
-    let config = AgentConfig {
-        http_data: false,
-        ..AgentConfig::default()
-    };
+/// A started core of one dispatcher offering `test.echo`, configured by `config`.
+fn echo_core(config: &AgentConfig, t0: Instant) -> Core {
     let caps = BTreeMap::from([(cap("test.echo"), CapabilityAd::new(cap("test.echo")))]);
     let mut c = Core::new(
-        &config,
+        config,
         vec![jid(DISPATCHER).to_bare()],
         caps,
         Attributes::new(),
@@ -189,9 +184,85 @@ fn with_http_data_off_a_reference_is_refused_with_fetch_failed() {
     );
     c.session_started(t0);
     c.take_ready();
+    c
+}
+
+#[test]
+fn with_http_data_off_a_reference_is_refused_with_fetch_failed() {
+    let t0 = Instant::now();
+    let config = AgentConfig {
+        http_data: false,
+        ..AgentConfig::default()
+    };
+    let mut c = echo_core(&config, t0);
     let r = send_job(&mut c, DISPATCHER, "d1", ref_job("j1", b"abc"), t0);
     assert!(r.fetches.is_empty());
     assert_eq!(condition_of(&r, "d1"), Condition::FetchFailed);
+    let r = send_job(&mut c, DISPATCHER, "d2", list_job("j2", true), t0);
+    assert!(r.fetches.is_empty());
+    assert_eq!(condition_of(&r, "d2"), Condition::FetchFailed);
+}
+
+/// An inline fragment list whose fragments name blobs by URL (a reduce step's map outputs).
+fn list_job(id: &str, with_urls: bool) -> Job {
+    let mut named = spine_protocol::Fragment::reference([7; 32], 5).with_name("m0");
+    if let Some(r) = named.source.as_mut().filter(|_| with_urls) {
+        r.url = Some("http://127.0.0.1:9/v1/blobs/07?sig=s".into());
+    }
+    let list = vec![named, spine_protocol::Fragment::new(b"inline".to_vec())];
+    let mut j = job(id, "test.echo");
+    j.input = Some(Data::Inline {
+        mime: Some(spine_protocol::FRAGMENTS_MIME.into()),
+        bytes: spine_protocol::fragments::encode(&list),
+    });
+    j
+}
+
+#[test]
+fn a_fragment_list_naming_blobs_is_fetched_before_the_handler_starts() {
+    let t0 = Instant::now();
+    let mut c = core(1, t0);
+    let r = send_job(&mut c, DISPATCHER, "d1", list_job("j1", true), t0);
+    assert!(r.starts.is_empty(), "{r:?}");
+    let [f] = &r.fetches[..] else {
+        panic!("one fetch: {r:?}")
+    };
+    let Source::Fragments(list) = &f.source else {
+        panic!("the list's references: {f:?}")
+    };
+    assert_eq!(list.len(), 2);
+    assert_eq!(f.source.size(), 5 + 6, "what the fetch brings in, at most");
+    // The data plane hands back the list with every fragment inline.
+    let resolved = spine_protocol::fragments::encode(&[
+        spine_protocol::Fragment::new(b"fetch".to_vec()).with_name("m0"),
+        spine_protocol::Fragment::new(b"inline".to_vec()),
+    ]);
+    c.fetched(f.key, Ok(resolved.clone()), t0 + 5 * MS);
+    let r = c.take_ready();
+    let [s] = &r.starts[..] else {
+        panic!("one start: {r:?}")
+    };
+    assert_eq!(s.input, resolved);
+    assert_eq!(
+        s.input_mime.as_deref(),
+        Some(spine_protocol::FRAGMENTS_MIME)
+    );
+
+    // A list whose references carry no URL goes to the handler as it came.
+    let mut c = core(1, t0);
+    let r = send_job(&mut c, DISPATCHER, "d1", list_job("j2", false), t0);
+    assert!(r.fetches.is_empty());
+    assert_eq!(r.starts.len(), 1);
+
+    // Over max_input_size: too-large, nothing fetched.
+    let config = AgentConfig {
+        max_input_size: bytesize::ByteSize::b(10),
+        ..AgentConfig::default()
+    };
+    let mut c = echo_core(&config, t0);
+    let r = send_job(&mut c, DISPATCHER, "d1", list_job("j3", true), t0);
+    assert!(r.fetches.is_empty());
+    assert_eq!(condition_of(&r, "d1"), Condition::TooLarge);
 }
 
 /// The chunks of [`big`] (all within the window).
