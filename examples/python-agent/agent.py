@@ -94,6 +94,11 @@ CAPABILITIES = {
     "text.lower": lambda args, data: (text_of(data).lower().encode(), "text/plain", {}),
     # An output as large as its input: a large job exercises both directions of §13.
     "bytes.reverse": lambda args, data: (data[::-1], "application/octet-stream", {}),
+    # A reduce step (§11.7): its fragments' bytes, concatenated in order. Fragments that name
+    # blobs by URL (§11.7.1) were fetched before the handler runs: it reads `data` only.
+    "fragments.concat": lambda args, data: (
+        b"".join(base64.b64decode(f["data"]) for f in json.loads(data)),
+        "application/octet-stream", {}),
 }
 
 

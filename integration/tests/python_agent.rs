@@ -344,6 +344,35 @@ async fn the_python_agent_moves_large_payloads_over_http_and_in_chunks() {
             assert_eq!((fetched, uploaded), (0, 0), "{}", log());
             assert!(log().contains("sent in chunks"), "{}", log());
         }
+
+        // A map/reduce over two fragments uploaded once (PROTOCOL.md §11.7.1): the map
+        // outputs (over 64 KiB) are kept in the blob store, and the reduce step's list names
+        // them — by signed URL, fetched by the Python agent, or inline after --no-http-data.
+        let pieces: Vec<Vec<u8>> = (0..2u8)
+            .map(|i| vec![b'a' + i; 100_000 + i as usize])
+            .collect();
+        let mut fragments = Vec::new();
+        for p in &pieces {
+            fragments.push(api.put_blob(p.clone(), p.len() as u64).await.unwrap());
+        }
+        let fetches = counter(&http, &base, "spine_blob_fetches_total").await;
+        let body = serde_json::json!({
+            "capability": "bytes.reverse", "reduce": "fragments.concat", "fan_in": 2,
+            "fragments": fragments,
+        });
+        let id = api.submit(&body).await.unwrap();
+        let job = api.follow(&id, |_, _| {}).await.unwrap();
+        assert_eq!(job["state"], "succeeded", "{job}\n{}", log());
+        let out = api.output(&job).await.unwrap();
+        let want: Vec<u8> = pieces
+            .iter()
+            .flat_map(|p| p.iter().rev().copied())
+            .collect();
+        assert!(out == want, "the reversed fragments, in order\n{}", log());
+        let fetched = counter(&http, &base, "spine_blob_fetches_total").await - fetches;
+        // Two fragments, then the two map outputs named in the reduce's list.
+        assert_eq!(fetched, if over_http { 4 } else { 0 }, "{}", log());
+
         stop_agent(&mut agent, log).await;
         wait_agents(&api, "bytes.reverse", 0, log).await;
     }
