@@ -78,6 +78,10 @@ enum Scenario {
         /// Reduce fan-in.
         #[arg(long, default_value_t = 16)]
         fan_in: u64,
+        /// Runs of the whole set; each farm run is preceded by its own single-process count,
+        /// so that the machine's drift falls on both (medians are reported).
+        #[arg(long, default_value_t = 1)]
+        runs: usize,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -163,16 +167,24 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             agents,
             fragment_mib,
             fan_in,
+            runs,
             json,
         } => {
-            if mib == 0 || fragment_mib == 0 || agents.is_empty() || agents.contains(&0) {
-                anyhow::bail!("--mib, --fragment-mib and every --agents count must be at least 1");
+            if mib == 0
+                || fragment_mib == 0
+                || runs == 0
+                || agents.is_empty()
+                || agents.contains(&0)
+            {
+                anyhow::bail!(
+                    "--mib, --fragment-mib, --runs and every --agents count must be at least 1"
+                );
             }
             if !(2..=spine_protocol::MAX_FAN_IN).contains(&fan_in) {
                 anyhow::bail!("--fan-in must be from 2 to {}", spine_protocol::MAX_FAN_IN);
             }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            let r = rt.block_on(mapreduce(mib, &agents, fragment_mib, fan_in))?;
+            let r = rt.block_on(mapreduce(mib, &agents, fragment_mib, fan_in, runs))?;
             if let Some(path) = json {
                 std::fs::write(&path, serde_json::to_string_pretty(&r)?)
                     .with_context(|| format!("writing {}", path.display()))?;
@@ -311,105 +323,160 @@ async fn mapreduce(
     agent_counts: &[usize],
     fragment_mib: usize,
     fan_in: u64,
+    runs: usize,
 ) -> Result<serde_json::Value> {
     use spine_example_wordcount as wc;
     let text = wc::generated_corpus(mib * 1024 * 1024);
-    let t = std::time::Instant::now();
-    let mut local = wc::Counts::new();
-    wc::count_into(&mut local, &text);
-    let local = wc::sorted(local);
-    let local_s = t.elapsed().as_secs_f64();
+    // The single process: one count over the text in memory, sorted as the reduce sorts.
+    let single = |text: &str| {
+        let t = std::time::Instant::now();
+        let mut local = wc::Counts::new();
+        wc::count_into(&mut local, text);
+        (wc::sorted(local), t.elapsed().as_secs_f64())
+    };
+    let (local, _) = single(&text);
     let pieces: Vec<bytes::Bytes> = wc::split(&text, fragment_mib * 1024 * 1024)
         .into_iter()
         .map(|p| bytes::Bytes::copy_from_slice(p.as_bytes()))
         .collect();
     let n_fragments = pieces.len();
-    drop(text);
     println!(
-        "mapreduce: word count of a generated {mib} MiB corpus ({n_fragments} fragments of {fragment_mib} MiB, fan-in {fan_in}), shipped through the bus; {} cores",
+        "mapreduce: word count of a generated {mib} MiB corpus ({n_fragments} fragments of {fragment_mib} MiB, fan-in {fan_in}), shipped through the bus; {} cores; {runs} run(s), each farm run after its own single-process count",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    println!("single process (baseline): {local_s:.2} s");
     println!(
-        "{:>7} {:>10} {:>9} {:>8} {:>15} {:>9} {:>22}",
-        "agents", "time", "speedup", "÷ ideal", "÷ single proc.", "upload", "after upload ÷ single"
+        "{:>4} {:>7} {:>9} {:>10} {:>15} {:>9} {:>22}",
+        "run", "agents", "single", "time", "÷ single proc.", "upload", "after upload ÷ single"
     );
     let mut rows = Vec::new();
-    let mut one_agent_s = None;
+    for run in 1..=runs {
+        for &n in agent_counts {
+            let (_, local_s) = single(&text);
+            let (took, uploaded, reduce_steps) =
+                mapreduce_farm(n, &pieces, &local, mib, fan_in).await?;
+            println!(
+                "{run:>4} {n:>7} {local_s:>8.2}s {took:>9.2}s {:>15.2} {uploaded:>8.2}s {:>22.2}",
+                took / local_s,
+                (took - uploaded) / local_s
+            );
+            rows.push(serde_json::json!({
+                "run": run, "agents": n, "seconds": took, "single_process_s": local_s,
+                "over_single_process": took / local_s, "upload_seconds": uploaded,
+                "after_upload_over_single_process": (took - uploaded) / local_s,
+                "reduce_steps": reduce_steps,
+            }));
+        }
+    }
+    println!("medians:");
+    println!(
+        "{:>7} {:>10} {:>9} {:>8} {:>15} {:>22}",
+        "agents", "time", "speedup", "÷ ideal", "÷ single proc.", "after upload ÷ single"
+    );
+    let of = |n: usize, key: &str| {
+        median(
+            rows.iter()
+                .filter(|r| r["agents"] == n)
+                .filter_map(|r| r[key].as_f64())
+                .collect(),
+        )
+    };
+    let base = of(agent_counts[0], "seconds");
+    let mut medians = Vec::new();
     for &n in agent_counts {
-        let dir = tempfile::tempdir().context("temporary directory")?;
-        let farm = crate::up::Farm::start(crate::up::FarmOptions {
-            agents: n,
-            slots: 1,
-            xmpp_listen: "127.0.0.1:0".parse()?,
-            http_listen: "127.0.0.1:0".parse()?,
-            data_dir: dir.path().to_path_buf(),
-            max_blob: Some(bytesize::ByteSize::b(
-                (mib as u64 * 1024 * 1024) * 3 / 2 + 16 * 1024 * 1024,
-            )),
-            dispatcher: None,
-            agent: None,
-        })
-        .await?;
-        let api = spine_client::Client::new(&format!("http://{}", farm.http), None)?;
-        wait_for_agents(&api, "wordcount.map", n).await?;
-        // The fragments go to the blob store (PUT /v1/blobs, stored once), and the job names
-        // them: the time counts the uploads.
-        let t = std::time::Instant::now();
-        // Four uploads at once, as a client with many files would: the disk's fsyncs overlap
-        // the transfers.
-        let fragments: Vec<spine_protocol::Fragment> = futures::stream::iter(&pieces)
-            .map(|p| {
-                let api = &api;
-                async move {
-                    api.put_blob(p.clone(), p.len() as u64)
-                        .await
-                        .map(|f| f.with_mime("text/plain; charset=utf-8"))
-                }
-            })
-            .buffered(4)
-            .try_collect()
-            .await?;
-        let body = serde_json::json!({
-            "capability": "wordcount.map",
-            "reduce": "wordcount.reduce",
-            "fan_in": fan_in,
-            "fragments": fragments,
-        });
-        let uploaded = t.elapsed().as_secs_f64();
-        let id = api.submit(&body).await?;
-        let job = api.follow(&id, |_, _| {}).await?;
-        let took = t.elapsed().as_secs_f64();
-        let out = api.output(&job).await?;
-        let counts: Vec<(String, u64)> =
-            serde_json::from_slice(&out).context("reading the word counts")?;
-        farm.stop().await;
-        anyhow::ensure!(
-            counts == local,
-            "{n} agents counted differently from the single process ({} vs {} distinct words)",
-            counts.len(),
-            local.len()
-        );
-        let base = *one_agent_s.get_or_insert(took);
+        let took = of(n, "seconds");
         let speedup = base / took;
-        // The ideal counts agents relative to the first run's (1 unless told otherwise).
+        // The ideal counts agents relative to the first count's (1 unless told otherwise).
         let ideal = n as f64 / agent_counts[0] as f64;
-        println!(
-            "{n:>7} {took:>9.2}s {speedup:>9.2} {:>8.2} {:>15.2} {uploaded:>8.2}s {:>22.2}",
-            speedup / ideal,
-            took / local_s,
-            (took - uploaded) / local_s
+        let (ratio, after) = (
+            of(n, "over_single_process"),
+            of(n, "after_upload_over_single_process"),
         );
-        rows.push(serde_json::json!({
+        println!(
+            "{n:>7} {took:>9.2}s {speedup:>9.2} {:>8.2} {ratio:>15.2} {after:>22.2}",
+            speedup / ideal
+        );
+        medians.push(serde_json::json!({
             "agents": n, "seconds": took, "speedup": speedup, "ideal": ideal,
-            "speedup_over_ideal": speedup / ideal, "over_single_process": took / local_s,
-            "upload_seconds": uploaded,
-            "after_upload_over_single_process": (took - uploaded) / local_s,
-            "reduce_steps": job["result"]["meta"]["reduce_steps"],
+            "speedup_over_ideal": speedup / ideal, "over_single_process": ratio,
+            "after_upload_over_single_process": after,
         }));
     }
+    let local_s = median(
+        rows.iter()
+            .filter_map(|r| r["single_process_s"].as_f64())
+            .collect(),
+    );
     Ok(serde_json::json!({
         "mib": mib, "fragments": n_fragments, "fragment_mib": fragment_mib, "fan_in": fan_in,
-        "single_process_s": local_s, "runs": rows,
+        "single_process_s": local_s, "runs": rows, "medians": medians,
     }))
+}
+
+/// One run on a fresh farm of `n` agents: the fragments uploaded (`PUT /v1/blobs`, four at
+/// once) and named in the job, which is followed to its end; the counts are checked against
+/// the single process's. Returns (seconds in all, seconds of the uploads, reduce steps).
+async fn mapreduce_farm(
+    n: usize,
+    pieces: &[bytes::Bytes],
+    local: &[(String, u64)],
+    mib: usize,
+    fan_in: u64,
+) -> Result<(f64, f64, serde_json::Value)> {
+    let dir = tempfile::tempdir().context("temporary directory")?;
+    let farm = crate::up::Farm::start(crate::up::FarmOptions {
+        agents: n,
+        slots: 1,
+        xmpp_listen: "127.0.0.1:0".parse()?,
+        http_listen: "127.0.0.1:0".parse()?,
+        data_dir: dir.path().to_path_buf(),
+        max_blob: Some(bytesize::ByteSize::b(
+            (mib as u64 * 1024 * 1024) * 3 / 2 + 16 * 1024 * 1024,
+        )),
+        dispatcher: None,
+        agent: None,
+    })
+    .await?;
+    let api = spine_client::Client::new(&format!("http://{}", farm.http), None)?;
+    wait_for_agents(&api, "wordcount.map", n).await?;
+    // The fragments go to the blob store (PUT /v1/blobs, stored once), and the job names
+    // them: the time counts the uploads. Four at once, as a client with many files would:
+    // the disk's fsyncs overlap the transfers.
+    let t = std::time::Instant::now();
+    let fragments: Vec<spine_protocol::Fragment> = futures::stream::iter(pieces)
+        .map(|p| {
+            let api = &api;
+            async move {
+                api.put_blob(p.clone(), p.len() as u64)
+                    .await
+                    .map(|f| f.with_mime("text/plain; charset=utf-8"))
+            }
+        })
+        .buffered(4)
+        .try_collect()
+        .await?;
+    let uploaded = t.elapsed().as_secs_f64();
+    let body = serde_json::json!({
+        "capability": "wordcount.map",
+        "reduce": "wordcount.reduce",
+        "fan_in": fan_in,
+        "fragments": fragments,
+    });
+    let id = api.submit(&body).await?;
+    let job = api.follow(&id, |_, _| {}).await?;
+    let took = t.elapsed().as_secs_f64();
+    let out = api.output(&job).await?;
+    let counts: Vec<(String, u64)> =
+        serde_json::from_slice(&out).context("reading the word counts")?;
+    farm.stop().await;
+    anyhow::ensure!(
+        counts == local,
+        "{n} agents counted differently from the single process ({} vs {} distinct words)",
+        counts.len(),
+        local.len()
+    );
+    Ok((
+        took,
+        uploaded,
+        job["result"]["meta"]["reduce_steps"].clone(),
+    ))
 }

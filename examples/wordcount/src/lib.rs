@@ -78,20 +78,27 @@ pub fn sorted(counts: Counts) -> Vec<(String, u64)> {
 
 /// The wire form of counts: `[[word, count], …]`, sorted.
 pub fn to_json(counts: Counts) -> Vec<u8> {
-    let list: Vec<Value> = sorted(counts)
-        .into_iter()
-        .map(|(w, n)| Value::Array(vec![Value::String(w), Value::from(n)]))
-        .collect();
-    Value::Array(list).to_string().into_bytes()
+    // Written straight from the pairs (no JSON value tree: a map step's output has tens of
+    // thousands of them). Strings and integers always serialise.
+    serde_json::to_vec(&sorted(counts)).unwrap_or_else(|_| b"[]".to_vec())
 }
+
+/// One `[word, count]` pair of the wire form, the word borrowed from the input when it has no
+/// escapes (so merging a word already counted allocates nothing).
+#[derive(serde::Deserialize)]
+struct Pair<'a>(#[serde(borrow)] std::borrow::Cow<'a, str>, u64);
 
 /// Reads counts in their wire form, adding them to `counts`.
 pub fn add_json(counts: &mut Counts, bytes: &[u8]) -> Result<(), String> {
-    let list: Vec<(String, u64)> = serde_json::from_slice(bytes)
+    let list: Vec<Pair<'_>> = serde_json::from_slice(bytes)
         .map_err(|e| format!("not word counts (a JSON array of [word, count] pairs): {e}"))?;
-    for (w, n) in list {
-        let c = counts.entry(w).or_insert(0);
-        *c = c.saturating_add(n);
+    for Pair(w, n) in list {
+        match counts.get_mut(w.as_ref()) {
+            Some(c) => *c = c.saturating_add(n),
+            None => {
+                counts.insert(w.into_owned(), n);
+            }
+        }
     }
     Ok(())
 }
