@@ -9,6 +9,7 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use spine_dispatcher::sim::{placement, timed, Workload};
 
 mod https;
+mod images;
 mod payload;
 mod retained;
 
@@ -59,6 +60,38 @@ enum Scenario {
         /// The agent without the HTTP data plane (`http_data = false`): chunks over XMPP.
         #[arg(long)]
         in_band: bool,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The image workload (issue 17): thumbnails of generated JPEG photos of several MB,
+    /// each uploaded as a job's raw input and thumbnailed by `image.thumbnail` on a fresh
+    /// local farm, beside one process making the same thumbnails with the same handler in
+    /// the same run; every thumbnail is checked byte for byte.
+    Images {
+        /// Photos to generate (deterministically, into a temporary directory).
+        #[arg(long, default_value_t = 200)]
+        photos: usize,
+        /// Smallest photo file size, MiB.
+        #[arg(long, default_value_t = 5.0)]
+        min_mib: f64,
+        /// Largest photo file size, MiB (sizes spread evenly between the two).
+        #[arg(long, default_value_t = 20.0)]
+        max_mib: f64,
+        /// Agent counts to run (one slot each, a fresh farm per count and run),
+        /// comma-separated: `1,2` shows the scaling.
+        #[arg(long, value_delimiter = ',', default_value = "2")]
+        agents: Vec<usize>,
+        /// Thumbnail size: fit inside SIZE × SIZE pixels.
+        #[arg(long, default_value_t = 256)]
+        size: u32,
+        /// Runs (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Jobs in flight (default: twice the farm's agents, so that each agent has its next
+        /// photo uploaded while it works on one).
+        #[arg(long)]
+        window: Option<usize>,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -141,6 +174,48 @@ pub fn run(a: BenchArgs) -> Result<bool> {
         crate::server::init_logging("warn");
     }
     match a.scenario {
+        Scenario::Images {
+            photos,
+            min_mib,
+            max_mib,
+            agents,
+            size,
+            runs,
+            window,
+            json,
+        } => {
+            if photos == 0
+                || runs == 0
+                || window == Some(0)
+                || agents.is_empty()
+                || agents.contains(&0)
+            {
+                anyhow::bail!(
+                    "--photos, --runs, --window and every --agents count must be at least 1"
+                );
+            }
+            if !(min_mib > 0.0 && min_mib <= max_mib && max_mib <= 1024.0) {
+                anyhow::bail!("--min-mib must be above 0 and at most --max-mib, and --max-mib at most 1024 (sizes in MiB, e.g. --min-mib 5 --max-mib 20)");
+            }
+            if !(1..=spine_example_image::MAX_SIDE).contains(&size) {
+                anyhow::bail!("--size must be from 1 to {}", spine_example_image::MAX_SIDE);
+            }
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let r = rt.block_on(images::run(images::Options {
+                photos,
+                min_mib,
+                max_mib,
+                agents,
+                size,
+                runs,
+                window,
+            }))?;
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
+                    .with_context(|| format!("writing {}", path.display()))?;
+            }
+            Ok(true)
+        }
         Scenario::Https {
             seq_jobs,
             par_jobs,

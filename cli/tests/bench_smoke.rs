@@ -240,3 +240,92 @@ fn https_runs_small_over_both_schemes() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `spine bench images`: three small photos through farms of 1 and 2 agents, every thumbnail
+/// checked against the single process's, every figure a real rate.
+#[test]
+fn images_runs_small_and_checks_every_thumbnail() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("images.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args([
+            "bench",
+            "images",
+            "--photos",
+            "3",
+            "--min-mib",
+            "0.2",
+            "--max-mib",
+            "0.5",
+            "--agents",
+            "1,2",
+            "--size",
+            "64",
+            "--runs",
+            "1",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("medians: single process"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(r["photos_done"], 3, "{r}");
+    // 3 photos on each of the two farms, each output equal to the single process's bytes.
+    assert_eq!(r["thumbnails_checked"], 6, "{r}");
+    assert_eq!(r["size"], 64);
+    // The sizes were asked in MiB and land near them (within 10 %).
+    let (min, max) = (
+        r["photo_bytes"]["min"].as_f64().unwrap(),
+        r["photo_bytes"]["max"].as_f64().unwrap(),
+    );
+    assert!(
+        min > 0.9 * 0.2 * 1048576.0 && max < 1.1 * 0.5 * 1048576.0 && min < max,
+        "{r}"
+    );
+    let total = r["photo_bytes"]["total"].as_f64().unwrap();
+    let single = &r["single_process"];
+    assert!(single["photos_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    let s = single["s"].as_f64().unwrap();
+    assert!(
+        (single["mb_s"].as_f64().unwrap() - total / 1e6 / s).abs() < 1e-6,
+        "{r}"
+    );
+    let farms = r["spine"].as_array().unwrap();
+    assert_eq!(
+        farms
+            .iter()
+            .map(|f| f["agents"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [1, 2]
+    );
+    for f in farms {
+        let s = f["s"].as_f64().unwrap();
+        assert!(s > 0.0, "{f}");
+        assert!(
+            (f["photos_per_s"].as_f64().unwrap() - 3.0 / s).abs() < 1e-6,
+            "{f}"
+        );
+        assert!(f["mb_s"].as_f64().unwrap() > 0.0, "{f}");
+        assert_eq!(f["window"], 2 * f["agents"].as_u64().unwrap(), "{f}");
+        let ratio = f["over_single_process"].as_f64().unwrap();
+        assert!(
+            (ratio - s / single["s"].as_f64().unwrap()).abs() < 1e-6,
+            "{f}"
+        );
+    }
+
+    // Nonsense is refused with the option named.
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args(["bench", "images", "--min-mib", "5", "--max-mib", "1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--min-mib"));
+}

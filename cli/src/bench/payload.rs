@@ -92,13 +92,13 @@ fn status_bytes(field: &str) -> Option<u64> {
 
 /// Resets the process's peak RSS to its current RSS; returns that RSS (`None` if the kernel
 /// does not allow it, then the peak is the process's since its start).
-fn reset_peak() -> Option<u64> {
+pub(super) fn reset_peak() -> Option<u64> {
     std::fs::write("/proc/self/clear_refs", "5").ok()?;
     status_bytes("VmRSS")
 }
 
 /// How much the peak RSS grew since `base` (from [`reset_peak`]).
-fn peak_growth(base: Option<u64>) -> Option<u64> {
+pub(super) fn peak_growth(base: Option<u64>) -> Option<u64> {
     Some(status_bytes("VmHWM")?.saturating_sub(base?))
 }
 
