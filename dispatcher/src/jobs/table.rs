@@ -81,6 +81,12 @@ impl JobTable {
         Some(rec)
     }
 
+    /// Slots of the record map (the test of its shrinking reads it).
+    #[cfg(test)]
+    pub(super) fn capacity(&self) -> usize {
+        self.jobs.capacity()
+    }
+
     /// A job by id.
     pub fn get(&self, id: &JobId) -> Option<&JobRecord> {
         self.jobs.get(id)
