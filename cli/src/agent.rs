@@ -22,6 +22,11 @@ pub struct AgentArgs {
     /// Log filter (RUST_LOG syntax).
     #[arg(long, default_value = "info")]
     log: String,
+    /// Also offer the in-process capabilities of `spine up`'s local agents (`text.upper`,
+    /// `hash.sha256`, the image and word-count examples). Hidden: it exists so that `spine
+    /// bench soak` can run its agents as separate processes, each with its own memory figure.
+    #[arg(long, hide = true)]
+    builtin: bool,
 }
 
 pub fn run(args: AgentArgs) -> Result<()> {
@@ -50,7 +55,11 @@ pub fn run(args: AgentArgs) -> Result<()> {
     if args.check {
         return check(args.config.as_deref(), cfg);
     }
-    let agent = Agent::builder(cfg).build().context("building the agent")?;
+    let mut builder = Agent::builder(cfg);
+    if args.builtin {
+        builder = crate::up::builtin(builder);
+    }
+    let agent = builder.build().context("building the agent")?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(agent.run(crate::server::shutdown_signal()))
         .context("agent stopped with an error")?;

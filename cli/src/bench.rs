@@ -12,6 +12,7 @@ mod https;
 mod images;
 mod payload;
 mod retained;
+mod soak;
 
 /// Arguments of `spine bench`.
 #[derive(Args, Debug)]
@@ -166,6 +167,52 @@ enum Scenario {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// Memory over time (issue 17, item 7): server, dispatcher and 2 agents as separate
+    /// processes under a steady mix of jobs for minutes with a short retention, then idle for
+    /// retention + 60 s; every sample the RSS of each process, the job store's and the blob
+    /// store's size, the jobs held and the throughput.
+    Soak {
+        /// Seconds of load.
+        #[arg(long, default_value_t = 600)]
+        seconds: u64,
+        /// Callers, each submitting a job over HTTP and following it to its end, in a loop.
+        #[arg(long, default_value_t = 24)]
+        callers: usize,
+        /// Share of the jobs with a large input (hash.sha256 of it), percent; the rest are
+        /// text.upper of a short text.
+        #[arg(long, default_value_t = 5)]
+        large_percent: u32,
+        /// Size of a large input, KiB.
+        #[arg(long, default_value_t = 200)]
+        large_kib: usize,
+        /// The dispatcher's retention of finished jobs (also its blob_orphan_ttl).
+        #[arg(long, default_value = "60s", value_parser = duration_arg)]
+        retention: std::time::Duration,
+        /// Time between samples.
+        #[arg(long, default_value = "5s", value_parser = duration_arg)]
+        sample: std::time::Duration,
+        /// How long to keep sampling after the load [default: retention + 60s].
+        #[arg(long, value_parser = duration_arg)]
+        after: Option<std::time::Duration>,
+        /// Also write the results (every sample) as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+}
+
+/// A duration with its unit (`"60s"`, `"2m"`), as in the configuration files.
+fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    spine_protocol::units::parse_duration(s)
+        .map_err(|e| format!("expected a duration such as \"60s\": {e}"))
+}
+
+/// Writes a benchmark's results to `--json FILE`, when given.
+fn write_json(json: Option<PathBuf>, r: &serde_json::Value) -> Result<()> {
+    if let Some(path) = json {
+        std::fs::write(&path, serde_json::to_string_pretty(r)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
 }
 
 pub fn run(a: BenchArgs) -> Result<bool> {
@@ -210,11 +257,46 @@ pub fn run(a: BenchArgs) -> Result<bool> {
                 runs,
                 window,
             }))?;
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
+            write_json(json, &r)?;
             Ok(true)
+        }
+        Scenario::Soak {
+            seconds,
+            callers,
+            large_percent,
+            large_kib,
+            retention,
+            sample,
+            after,
+            json,
+        } => {
+            if seconds == 0 || callers == 0 || large_kib == 0 {
+                anyhow::bail!("--seconds, --callers and --large-kib must be at least 1");
+            }
+            if large_percent > 100 {
+                anyhow::bail!("--large-percent must be from 0 to 100");
+            }
+            if large_kib > 64 * 1024 {
+                anyhow::bail!("--large-kib must be at most 65536 (the agents' max_input_size)");
+            }
+            if retention < std::time::Duration::from_secs(1)
+                || sample < std::time::Duration::from_millis(100)
+            {
+                anyhow::bail!("--retention must be at least 1s and --sample at least 100ms");
+            }
+            let mix = soak::Mix {
+                seconds,
+                callers,
+                large_percent,
+                large_kib,
+                retention,
+                sample,
+                after: after.unwrap_or(retention + std::time::Duration::from_secs(60)),
+            };
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let (r, passed) = rt.block_on(soak::run(mix))?;
+            write_json(json, &r)?;
+            Ok(passed)
         }
         Scenario::Https {
             seq_jobs,
@@ -231,10 +313,7 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let r = rt.block_on(https::run(seq_jobs, par_jobs, window, connections, runs))?;
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
+            write_json(json, &r)?;
             Ok(true)
         }
         Scenario::Mapreduce {
@@ -260,10 +339,7 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let r = rt.block_on(mapreduce(mib, &agents, fragment_mib, fan_in, runs))?;
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
+            write_json(json, &r)?;
             Ok(true)
         }
         Scenario::Retained {
@@ -278,10 +354,7 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let r = rt.block_on(retained::run(retained, jobs, window, runs))?;
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
+            write_json(json, &r)?;
             Ok(true)
         }
         Scenario::Payload {
@@ -296,10 +369,7 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let r = rt.block_on(payload::run(mib, runs, payload::Mode { tls, in_band }))?;
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
+            write_json(json, &r)?;
             Ok(true)
         }
         Scenario::Placement {
@@ -350,13 +420,19 @@ pub fn run(a: BenchArgs) -> Result<bool> {
                 );
             }
             println!("(computed in {:.2} s of wall time)", took.as_secs_f64());
-            if let Some(path) = json {
-                std::fs::write(&path, serde_json::to_string_pretty(&r)?)
-                    .with_context(|| format!("writing {}", path.display()))?;
-            }
+            write_json(json, &serde_json::to_value(&r)?)?;
             Ok(true)
         }
     }
+}
+
+/// A `/proc/<pid>/status` field (`VmRSS`, `VmHWM`) in bytes, of `pid` or `"self"`; `None`
+/// off Linux or when the process is gone.
+pub(crate) fn proc_status_bytes(pid: &str, field: &str) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = s.lines().find(|l| l.starts_with(field))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }
 
 pub(crate) fn median(mut v: Vec<f64>) -> f64 {

@@ -57,7 +57,7 @@ fn secret() -> String {
 
 /// The capabilities every local agent offers. `text.upper` and `hash.sha256` take no
 /// arguments: a job giving any is refused with `bad-arguments` naming it.
-fn builtin(builder: spine_agent::AgentBuilder) -> spine_agent::AgentBuilder {
+pub(crate) fn builtin(builder: spine_agent::AgentBuilder) -> spine_agent::AgentBuilder {
     spine_example_wordcount::register(spine_example_image::register(builder))
         .capability_args("text.upper", None, &[], |ctx: JobContext| async move {
             let text = String::from_utf8(ctx.input)
@@ -160,6 +160,81 @@ pub fn run(args: UpArgs) -> Result<()> {
     })
 }
 
+/// The accounts of a local farm (a dispatcher and `agents` agents, each with a random password
+/// for this run only) and the configuration of each part that uses them: [`Farm`] runs the
+/// parts in this process, `spine bench soak` writes the same configurations to files for
+/// `spine server`, `spine dispatcher` and `spine agent` child processes.
+pub(crate) struct FarmAccounts {
+    agents: usize,
+    dispatcher_pw: String,
+    agent_pw: String,
+}
+
+impl FarmAccounts {
+    pub(crate) fn new(agents: usize) -> FarmAccounts {
+        FarmAccounts {
+            agents,
+            dispatcher_pw: secret(),
+            agent_pw: secret(),
+        }
+    }
+
+    /// The embedded server on `listen`, with one account per part; its self-signed
+    /// certificate is kept under `data_dir/tls`.
+    pub(crate) fn server_config(
+        &self,
+        listen: SocketAddr,
+        data_dir: &std::path::Path,
+    ) -> ServerConfig {
+        let mut scfg = ServerConfig {
+            listen,
+            ..ServerConfig::default()
+        };
+        scfg.tls.self_signed_dir = Some(data_dir.join("tls"));
+        let account = |user: String, pw: &str| spine_server::config::AccountConfig {
+            user,
+            password: Some(pw.to_owned()),
+            scram_sha256: None,
+            scram_sha1: None,
+        };
+        scfg.accounts = std::iter::once(account("dispatcher".into(), &self.dispatcher_pw))
+            .chain((1..=self.agents).map(|i| account(format!("agent{i}"), &self.agent_pw)))
+            .collect();
+        scfg
+    }
+
+    /// The dispatcher, logging in to the server at `xmpp`, its HTTP API on `http_listen`, its
+    /// job store under `data_dir/dispatcher`.
+    pub(crate) fn dispatcher_config(
+        &self,
+        xmpp: SocketAddr,
+        http_listen: SocketAddr,
+        data_dir: &std::path::Path,
+    ) -> DispatcherConfig {
+        DispatcherConfig {
+            jid: "dispatcher@localhost/up".into(),
+            password: Some(self.dispatcher_pw.clone()),
+            server: xmpp.to_string(),
+            data_dir: data_dir.join("dispatcher"),
+            http_listen: Some(http_listen),
+            ..DispatcherConfig::default()
+        }
+    }
+
+    /// Agent number `i` (from 1), logging in to the server at `xmpp`.
+    pub(crate) fn agent_config(&self, i: usize, xmpp: SocketAddr, slots: u64) -> AgentConfig {
+        AgentConfig {
+            jid: format!("agent{i}@localhost/up"),
+            password: Some(self.agent_pw.clone()),
+            server: xmpp.to_string(),
+            dispatchers: vec!["dispatcher@localhost".into()],
+            slots,
+            drain_grace: Duration::from_secs(10),
+            ..AgentConfig::default()
+        }
+    }
+}
+
 /// A change to the farm's dispatcher configuration.
 pub type DispatcherChange = Box<dyn FnOnce(&mut DispatcherConfig) + Send>;
 
@@ -206,22 +281,8 @@ impl Farm {
     /// Starts the server, the dispatcher and the agents.
     pub async fn start(o: FarmOptions) -> Result<Farm> {
         // Server, with one account per component.
-        let dispatcher_pw = secret();
-        let agent_pw = secret();
-        let mut scfg = ServerConfig {
-            listen: o.xmpp_listen,
-            ..ServerConfig::default()
-        };
-        scfg.tls.self_signed_dir = Some(o.data_dir.join("tls"));
-        let account = |user: String, pw: &str| spine_server::config::AccountConfig {
-            user,
-            password: Some(pw.to_owned()),
-            scram_sha256: None,
-            scram_sha1: None,
-        };
-        scfg.accounts = std::iter::once(account("dispatcher".into(), &dispatcher_pw))
-            .chain((1..=o.agents).map(|i| account(format!("agent{i}"), &agent_pw)))
-            .collect();
+        let accounts = FarmAccounts::new(o.agents);
+        let scfg = accounts.server_config(o.xmpp_listen, &o.data_dir);
         let server = Server::bind(scfg).await.map_err(|e| {
             let hint = match &e {
                 spine_server::ServerError::Bind { error, .. }
@@ -243,15 +304,10 @@ impl Farm {
         let (agents_stop, agents_rx) = watch::channel(false);
         let server_task = tokio::spawn(server.run(stopped(server_rx)));
 
-        let mut dcfg = DispatcherConfig {
-            jid: "dispatcher@localhost/up".into(),
-            password: Some(dispatcher_pw),
-            server: xmpp.to_string(),
-            data_dir: o.data_dir.join("dispatcher"),
-            http_listen: Some(o.http_listen),
-            max_blob: o.max_blob.unwrap_or(DispatcherConfig::default().max_blob),
-            ..DispatcherConfig::default()
-        };
+        let mut dcfg = accounts.dispatcher_config(xmpp, o.http_listen, &o.data_dir);
+        if let Some(max_blob) = o.max_blob {
+            dcfg.max_blob = max_blob;
+        }
         if let Some(change) = o.dispatcher {
             change(&mut dcfg);
         }
@@ -271,15 +327,7 @@ impl Farm {
 
         let mut agent_tasks = Vec::new();
         for i in 1..=o.agents {
-            let mut acfg = AgentConfig {
-                jid: format!("agent{i}@localhost/up"),
-                password: Some(agent_pw.clone()),
-                server: xmpp.to_string(),
-                dispatchers: vec!["dispatcher@localhost".into()],
-                slots: o.slots,
-                drain_grace: Duration::from_secs(10),
-                ..AgentConfig::default()
-            };
+            let mut acfg = accounts.agent_config(i, xmpp, o.slots);
             if let Some(change) = &o.agent {
                 change(&mut acfg);
             }

@@ -329,3 +329,76 @@ fn images_runs_small_and_checks_every_thumbnail() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--min-mib"));
 }
+
+/// `spine bench soak`: every part is its own process with a memory figure, jobs run with none
+/// failing, and after the retention the dispatcher holds nothing and the blob store is empty.
+#[test]
+fn soak_runs_small_and_lets_go_of_every_job() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("soak.json");
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args([
+            "bench",
+            "soak",
+            "--seconds",
+            "6",
+            "--callers",
+            "8",
+            "--large-percent",
+            "20",
+            "--retention",
+            "2s",
+            "--sample",
+            "1s",
+            "--after",
+            "6s",
+            "--json",
+        ])
+        .arg(&json)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("dispatcher MiB"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    assert_eq!(r["failed"], 0, "{r}");
+    let completed = r["completed"].as_u64().unwrap();
+    let large = r["large_completed"].as_u64().unwrap();
+    assert!(completed > 0 && large > 0, "{r}");
+    // One job in five is large (each caller finishes the job it has in flight at the end).
+    assert!(large.abs_diff(completed / 5) <= 8, "{large} of {completed}");
+    let samples = r["samples"].as_array().unwrap();
+    // One a second for 6 s of load and 6 s after (fewer when a sample waits on a busy machine).
+    assert!((6..=13).contains(&samples.len()), "{}", samples.len());
+    for s in samples {
+        for p in ["server", "dispatcher", "agent1", "agent2", "bench"] {
+            assert!(s["rss_bytes"][p].as_u64().unwrap() > 1 << 20, "{p} in {s}");
+        }
+        assert!(s["jobs_redb_bytes"].as_u64().unwrap() > 0, "{s}");
+    }
+    let during: Vec<_> = samples.iter().filter(|s| s["phase"] == "load").collect();
+    assert!(during
+        .iter()
+        .all(|s| s["jobs_per_s"].as_f64().unwrap() > 0.0));
+    assert!(during.iter().any(|s| s["held"].as_u64().unwrap() > 0));
+    assert!(during
+        .iter()
+        .any(|s| s["blobs_bytes"].as_u64().unwrap() > 200 * 1024));
+    // Retention 2 s (and blob_orphan_ttl 2 s): nothing held, no blob left at the end.
+    let last = samples.last().unwrap();
+    assert_eq!(last["phase"], "after");
+    assert_eq!(last["held"], 0, "{last}");
+    assert_eq!(last["blobs_bytes"], 0, "{last}");
+    assert_eq!(last["blob_files"], 0, "{last}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args(["bench", "soak", "--large-percent", "101"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--large-percent"));
+}

@@ -73,6 +73,11 @@ pub struct DispatcherConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub blob_quota: Option<ByteSize>,
+    /// Memory redb may use to cache pages of the job store (`jobs.redb`), on top of what the
+    /// dispatcher holds itself. redb's own default is 1 GiB, which a busy store fills: the
+    /// cache, not the jobs, then sets the dispatcher's resident memory.
+    #[serde(with = "spine_protocol::units::size")]
+    pub store_cache: ByteSize,
     /// A blob no job references is deleted once it is older than this (uploads awaiting
     /// the job that names them, outputs of jobs forgotten by retention).
     #[serde(with = "spine_protocol::units::duration")]
@@ -194,6 +199,7 @@ impl Default for DispatcherConfig {
             max_blob: ByteSize::mib(64),
             max_input: ByteSize::gib(4),
             blob_quota: None,
+            store_cache: ByteSize::b(crate::store::DEFAULT_CACHE),
             blob_orphan_ttl: Duration::from_secs(15 * 60),
             blob_url_ttl: Duration::from_secs(5 * 60),
             audit_log: "audit.jsonl".into(),
@@ -463,6 +469,15 @@ impl DispatcherConfig {
                 return Err(bad("blob_quota", format!("must be at least max_input ({}), or no input of that size could ever be stored", self.max_input)));
             }
         }
+        if !(1 << 20..=1 << 40).contains(&self.store_cache.as_u64()) {
+            return Err(bad(
+                "store_cache",
+                format!(
+                    "{} is outside 1MiB to 1TiB (a size such as \"64MiB\": memory for redb's page cache of jobs.redb)",
+                    spine_protocol::units::format_size(self.store_cache.as_u64())
+                ),
+            ));
+        }
         if self.blob_orphan_ttl < Duration::from_secs(1) {
             return Err(bad(
                 "blob_orphan_ttl",
@@ -684,6 +699,7 @@ mod tests {
             "max_open_blob_bytes = \"1536MiB\"",
             "audit_max_size = \"64MiB\"",
             "max_args = \"64KiB\"",
+            "store_cache = \"64MiB\"",
         ] {
             assert!(printed.lines().any(|l| l == line), "{line} in\n{printed}");
         }
@@ -703,6 +719,8 @@ mod tests {
             ("speculation_factor = 0.5", "speculation_factor"),
             ("audit_log = \"\"", "audit_log"),
             ("audit_max_size = \"1KiB\"", "audit_max_size"),
+            ("store_cache = \"512KiB\"", "store_cache"),
+            ("store_cache = 64", "store_cache"),
             ("speculation_min = 2", "speculation_min"),
             ("no_agent_wait = 30", "no_agent_wait"),
             ("http_listen = \"nowhere\"", "http_listen"),

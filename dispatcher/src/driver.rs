@@ -153,7 +153,7 @@ async fn run_inner(
     shutdown: impl Future<Output = impl Sized> + Send,
 ) -> Result<(), DispatcherError> {
     let opts = cfg.connect_options()?;
-    let store = Store::open(&cfg.data_dir.join("jobs.redb"))?;
+    let store = Store::open_with_cache(&cfg.data_dir.join("jobs.redb"), cfg.store_cache.as_u64())?;
     let restored = Restored {
         jobs: store.load()?,
         capabilities: store.known_capabilities()?,

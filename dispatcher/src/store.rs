@@ -40,6 +40,10 @@ fn e(x: impl std::fmt::Display) -> StoreError {
     StoreError(x.to_string())
 }
 
+/// redb's page cache when the caller does not choose (the dispatcher's `store_cache`
+/// default): 64 MiB, not redb's 1 GiB.
+pub const DEFAULT_CACHE: u64 = 64 << 20;
+
 /// The store.
 pub struct Store {
     db: Database,
@@ -52,12 +56,21 @@ fn idem_key(submitter: &str, key: &str) -> String {
 impl Store {
     /// Opens (or creates) the store at `path`; its directory and file are made private.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        Self::open_with_cache(path, DEFAULT_CACHE)
+    }
+
+    /// [`Store::open`] with at most `cache` bytes of redb's page cache (the dispatcher's
+    /// `store_cache`; redb's own default, 1 GiB, is what a busy store keeps resident).
+    pub fn open_with_cache(path: &Path, cache: u64) -> Result<Self, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             private_dir(dir).map_err(|x| e(format!("{}: {x}", dir.display())))?;
         }
         // redb creates its file with the process's umask (0644 usually): create it first.
         private_file(path, true).map_err(|x| e(format!("{}: {x}", path.display())))?;
-        let db = Database::create(path).map_err(|x| e(format!("{}: {x}", path.display())))?;
+        let db = redb::Builder::new()
+            .set_cache_size(usize::try_from(cache).unwrap_or(usize::MAX))
+            .create(path)
+            .map_err(|x| e(format!("{}: {x}", path.display())))?;
         let tx = db.begin_write().map_err(e)?;
         {
             tx.open_table(JOBS).map_err(e)?;

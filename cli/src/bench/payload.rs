@@ -84,10 +84,7 @@ async fn raw_copy(data: &[u8]) -> Result<f64> {
 
 /// A `/proc/self/status` field in bytes (`VmRSS`, `VmHWM`); `None` off Linux.
 fn status_bytes(field: &str) -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = s.lines().find(|l| l.starts_with(field))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    super::proc_status_bytes("self", field)
 }
 
 /// Resets the process's peak RSS to its current RSS; returns that RSS (`None` if the kernel

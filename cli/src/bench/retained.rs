@@ -183,7 +183,7 @@ pub(super) async fn noop_jobs(api: &spine_client::Client, n: usize, window: usiz
     Ok(())
 }
 
-async fn metrics(api: &spine_client::Client) -> Result<String> {
+pub(super) async fn metrics(api: &spine_client::Client) -> Result<String> {
     let r = api
         .request(reqwest::Method::GET, "/metrics")
         .send()
@@ -193,16 +193,21 @@ async fn metrics(api: &spine_client::Client) -> Result<String> {
     r.text().await.context("reading /metrics")
 }
 
+/// The `spine_jobs` gauges of a `/metrics` text: (state, jobs), one per capability and state.
+pub(super) fn job_gauges(text: &str) -> impl Iterator<Item = (&str, u64)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("spine_jobs{"))
+        .filter_map(|l| {
+            let state = l.split("state=\"").nth(1)?.split('"').next()?;
+            Some((state, l.rsplit(' ').next()?.parse::<u64>().ok()?))
+        })
+}
+
 /// Finished jobs in a `/metrics` text: the `spine_jobs` gauges of final states.
 fn finished(text: &str) -> u64 {
-    text.lines()
-        .filter(|l| l.starts_with("spine_jobs{"))
-        .filter(|l| {
-            ["succeeded", "failed", "cancelled", "timed-out"]
-                .iter()
-                .any(|s| l.contains(&format!("state=\"{s}\"")))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    job_gauges(text)
+        .filter(|(state, _)| ["succeeded", "failed", "cancelled", "timed-out"].contains(state))
+        .map(|(_, n)| n)
         .sum()
 }
 

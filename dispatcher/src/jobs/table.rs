@@ -18,6 +18,9 @@ use super::index::{Index, Keys};
 use super::{Body, JobRecord, JobSpec, Recorded, SubmitError};
 use crate::blobs::Stored;
 
+/// Below this many slots the job table is not shrunk (a rehash of a small table gains nothing).
+const MIN_CAPACITY: usize = 1024;
+
 /// All jobs the dispatcher knows, and the queues of those waiting for an agent.
 #[derive(Debug, Default)]
 pub struct JobTable {
@@ -67,7 +70,21 @@ impl JobTable {
     fn take(&mut self, id: &JobId) -> Option<JobRecord> {
         let rec = self.jobs.remove(id)?;
         self.index.remove(id, &Keys::of(&rec));
+        // A HashMap keeps its capacity when emptied, and this one holds the records inline
+        // (hundreds of bytes a slot): after a busy hour the slots of its peak stayed resident
+        // with no job held (the soak benchmark, BENCHMARKS.md). Give them back once the table
+        // is three-quarters empty; each shrink at least halves it, so the rehash costs O(1)
+        // per removal over time.
+        if self.jobs.capacity() > 4 * self.jobs.len().max(MIN_CAPACITY) {
+            self.jobs.shrink_to(2 * self.jobs.len().max(MIN_CAPACITY));
+        }
         Some(rec)
+    }
+
+    /// Slots of the record map (the test of its shrinking reads it).
+    #[cfg(test)]
+    pub(super) fn capacity(&self) -> usize {
+        self.jobs.capacity()
     }
 
     /// A job by id.

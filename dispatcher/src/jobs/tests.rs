@@ -405,3 +405,29 @@ fn pages_filters_and_retention_read_from_the_indexes() {
     assert_eq!(t.next_prune_at(1_000), Some(500 + 1_001));
     assert_eq!(t.len(), 2_001 - 501);
 }
+
+/// The soak benchmark (BENCHMARKS.md, "Soak"): after a burst the table's slots of its peak
+/// stayed resident with no job held. Once the retention has forgotten most jobs, the table
+/// gives them back; it never shrinks below what it holds.
+#[test]
+fn the_table_gives_back_its_slots_when_retention_empties_it() {
+    let mut t = JobTable::new(usize::MAX);
+    for i in 0..20_000u64 {
+        let id: JobId = format!("j{i}").parse().unwrap();
+        t.submit(id.clone(), spec(0, 0, 0, 0, 1), i).unwrap();
+        t.cancel(&id, i).unwrap();
+    }
+    let peak = t.capacity();
+    assert!(peak >= 20_000, "{peak}");
+    // Half forgotten: not shrunk yet (a table that refills would rehash for nothing). The
+    // capacity a HashMap reports dips a little as removals leave tombstones.
+    assert_eq!(t.prune(10_000 + 1_000, 1_000).len(), 10_000);
+    assert!(t.capacity() > peak * 3 / 4, "{} of {peak}", t.capacity());
+    // 1,000 left of 20,000: a table for about twice that.
+    assert_eq!(t.prune(19_000 + 1_000, 1_000).len(), 9_000);
+    assert_eq!(t.len(), 1_000);
+    assert!(t.capacity() < peak / 4, "{} of {peak}", t.capacity());
+    assert!(t.capacity() >= 1_000);
+    // Every job left is still found.
+    assert!((19_000..20_000).all(|i| t.get(&format!("j{i}").parse().unwrap()).is_some()));
+}
