@@ -3,35 +3,42 @@
 
 use std::process::Command;
 
-#[test]
-fn placement_runs_small_and_writes_json() {
+/// Runs `spine bench ARGS --json FILE` and asserts that it succeeded; returns what it printed
+/// and the JSON it wrote.
+fn bench(args: &[&str]) -> (String, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("placement.json");
+    let json = dir.path().join("bench.json");
     let out = Command::new(env!("CARGO_BIN_EXE_spine"))
-        .args([
-            "bench",
-            "placement",
-            "--agents",
-            "8",
-            "--jobs",
-            "500",
-            "--bursts",
-            "2",
-            "--burst-interval",
-            "1",
-            "--json",
-        ])
+        .arg("bench")
+        .args(args)
+        .arg("--json")
         .arg(&json)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let r = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    (stdout, r)
+}
+
+#[test]
+fn placement_runs_small_and_writes_json() {
+    let (stdout, r) = bench(&[
+        "placement",
+        "--agents",
+        "8",
+        "--jobs",
+        "500",
+        "--bursts",
+        "2",
+        "--burst-interval",
+        "1",
+    ]);
     assert!(stdout.contains("stale least-loaded"), "{stdout}");
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let outcomes = r["outcomes"].as_array().unwrap();
     assert_eq!(outcomes.len(), 6);
     for o in outcomes {
@@ -51,21 +58,8 @@ fn placement_runs_small_and_writes_json() {
 
 #[test]
 fn payload_runs_small_and_checks_the_hash() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("payload.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
-        .args(["bench", "payload", "--mib", "1", "--runs", "1", "--json"])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, r) = bench(&["payload", "--mib", "1", "--runs", "1"]);
     assert!(stdout.contains("medians (plain HTTP)"), "{stdout}");
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(r["bytes"], 1024 * 1024);
     // Every leg measured, each slower than the raw copy beside it.
     let raw = r["raw"]["mb_s"].as_f64().unwrap();
@@ -82,33 +76,18 @@ fn payload_runs_small_and_checks_the_hash() {
 
 #[test]
 fn mapreduce_runs_small_and_matches_the_single_process_count() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("mapreduce.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
-        .args([
-            "bench",
-            "mapreduce",
-            "--mib",
-            "2",
-            "--fragment-mib",
-            "1",
-            "--agents",
-            "1,2",
-            "--fan-in",
-            "2",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, r) = bench(&[
+        "mapreduce",
+        "--mib",
+        "2",
+        "--fragment-mib",
+        "1",
+        "--agents",
+        "1,2",
+        "--fan-in",
+        "2",
+    ]);
     assert!(stdout.contains("medians:"), "{stdout}");
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     // 2 MiB in 1 MiB pieces cut between words: 2 or 3 fragments.
     let fragments = r["fragments"].as_u64().unwrap();
     assert!((2..=3).contains(&fragments), "{r}");
@@ -141,33 +120,18 @@ fn mapreduce_runs_small_and_matches_the_single_process_count() {
 
 #[test]
 fn retained_runs_small_with_the_jobs_really_held() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("retained.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
-        .args([
-            "bench",
-            "retained",
-            "--retained",
-            "500",
-            "--jobs",
-            "60",
-            "--window",
-            "8",
-            "--runs",
-            "1",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, r) = bench(&[
+        "retained",
+        "--retained",
+        "500",
+        "--jobs",
+        "60",
+        "--window",
+        "8",
+        "--runs",
+        "1",
+    ]);
     assert!(stdout.contains("with none held (baseline)"), "{stdout}");
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let runs = r["runs"].as_array().unwrap();
     assert_eq!(runs.len(), 2);
     assert_eq!(runs[0]["retained"], 0);
@@ -193,35 +157,20 @@ fn retained_runs_small_with_the_jobs_really_held() {
 /// `spine bench https`: both schemes measured on their own farm, every figure a real rate.
 #[test]
 fn https_runs_small_over_both_schemes() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("https.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
-        .args([
-            "bench",
-            "https",
-            "--seq-jobs",
-            "10",
-            "--par-jobs",
-            "40",
-            "--window",
-            "8",
-            "--connections",
-            "10",
-            "--runs",
-            "1",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, r) = bench(&[
+        "https",
+        "--seq-jobs",
+        "10",
+        "--par-jobs",
+        "40",
+        "--window",
+        "8",
+        "--connections",
+        "10",
+        "--runs",
+        "1",
+    ]);
     assert!(stdout.contains("plain HTTP (baseline) → HTTPS"), "{stdout}");
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let runs = r["runs"].as_array().unwrap();
     assert_eq!(
         runs.iter()
@@ -245,37 +194,22 @@ fn https_runs_small_over_both_schemes() {
 /// checked against the single process's, every figure a real rate.
 #[test]
 fn images_runs_small_and_checks_every_thumbnail() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("images.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
-        .args([
-            "bench",
-            "images",
-            "--photos",
-            "3",
-            "--min-mib",
-            "0.2",
-            "--max-mib",
-            "0.5",
-            "--agents",
-            "1,2",
-            "--size",
-            "64",
-            "--runs",
-            "1",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, r) = bench(&[
+        "images",
+        "--photos",
+        "3",
+        "--min-mib",
+        "0.2",
+        "--max-mib",
+        "0.5",
+        "--agents",
+        "1,2",
+        "--size",
+        "64",
+        "--runs",
+        "1",
+    ]);
     assert!(stdout.contains("medians: single process"), "{stdout}");
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(r["photos_done"], 3, "{r}");
     // 3 photos on each of the two farms, each output equal to the single process's bytes.
     assert_eq!(r["thumbnails_checked"], 6, "{r}");
@@ -334,37 +268,22 @@ fn images_runs_small_and_checks_every_thumbnail() {
 /// failing, and after the retention the dispatcher holds nothing and the blob store is empty.
 #[test]
 fn soak_runs_small_and_lets_go_of_every_job() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("soak.json");
-    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
-        .args([
-            "bench",
-            "soak",
-            "--seconds",
-            "6",
-            "--callers",
-            "8",
-            "--large-percent",
-            "20",
-            "--retention",
-            "2s",
-            "--sample",
-            "1s",
-            "--after",
-            "6s",
-            "--json",
-        ])
-        .arg(&json)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (stdout, r) = bench(&[
+        "soak",
+        "--seconds",
+        "6",
+        "--callers",
+        "8",
+        "--large-percent",
+        "20",
+        "--retention",
+        "2s",
+        "--sample",
+        "1s",
+        "--after",
+        "6s",
+    ]);
     assert!(stdout.contains("dispatcher MiB"), "{stdout}");
-    let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     assert_eq!(r["failed"], 0, "{r}");
     let completed = r["completed"].as_u64().unwrap();
     let large = r["large_completed"].as_u64().unwrap();
