@@ -626,22 +626,7 @@ impl Core {
             None => (Vec::new(), None),
             Some(Data::Inline { mime, bytes }) => match fragment_refs(mime.as_deref(), bytes) {
                 Some(list) => {
-                    if !self.settings.http_data {
-                        return Err(SpineError::new(Condition::FetchFailed).with_text(
-                            "this agent does not fetch inputs over HTTP (http_data = false)",
-                        ));
-                    }
-                    let source = Source::Fragments(list);
-                    let max = self.settings.max_input_size;
-                    if source.size() > max {
-                        let mut e = SpineError::new(Condition::TooLarge).with_text(format!(
-                            "the input's fragments take {} bytes, over the limit",
-                            source.size()
-                        ));
-                        e.max = Some(max);
-                        return Err(e);
-                    }
-                    fetch = Some(source);
+                    fetch = Some(self.fragments_source(list)?);
                     (Vec::new(), mime.clone())
                 }
                 None => (bytes.clone(), mime.clone()),
@@ -654,7 +639,16 @@ impl Core {
                     e.max = Some(max);
                     return Err(e);
                 }
-                (self.blobs.take(from_bare.as_str(), r)?, r.mime.clone())
+                let bytes = self.blobs.take(from_bare.as_str(), r)?;
+                // A fragment list too long for the job stanza came in chunks: it may name
+                // blobs by URL too.
+                match fragment_refs(r.mime.as_deref(), &bytes) {
+                    Some(list) => {
+                        fetch = Some(self.fragments_source(list)?);
+                        (Vec::new(), r.mime.clone())
+                    }
+                    None => (bytes, r.mime.clone()),
+                }
             }
             Some(Data::Ref(r)) => {
                 // A job with a reference comes only from a dispatcher that speaks 1.1.
@@ -733,6 +727,26 @@ impl Core {
             self.push(headline(from.clone(), p));
         }
         Ok(())
+    }
+
+    /// The fetch of a fragment list's references, if this agent fetches over HTTP and they
+    /// fit `max_input_size`.
+    fn fragments_source(&self, list: Vec<spine_protocol::Fragment>) -> Result<Source, SpineError> {
+        if !self.settings.http_data {
+            return Err(SpineError::new(Condition::FetchFailed)
+                .with_text("this agent does not fetch inputs over HTTP (http_data = false)"));
+        }
+        let source = Source::Fragments(list);
+        let max = self.settings.max_input_size;
+        if source.size() > max {
+            let mut e = SpineError::new(Condition::TooLarge).with_text(format!(
+                "the input's fragments take {} bytes, over the limit",
+                source.size()
+            ));
+            e.max = Some(max);
+            return Err(e);
+        }
+        Ok(source)
     }
 
     /// The outcome to every waiting IQ; a final one is kept to answer a repeated job id.

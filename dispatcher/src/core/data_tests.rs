@@ -358,10 +358,10 @@ fn succeed_stored(w: &mut World, sent: &tests::SentJob, bytes: &[u8]) -> Stored 
     blob
 }
 
-#[test]
-fn fragments_by_reference_are_map_inputs_as_stored_and_reduce_inputs_by_url_or_inline() {
+/// A map/reduce job over two fragments in the store (labelled `label`), its map steps run
+/// with outputs uploaded to slots: (the job, the fragments, the map outputs).
+fn map_phase(w: &mut World, label: &str) -> (JobId, Vec<Stored>, Vec<Stored>) {
     use spine_protocol::fragments::{self, Fragment};
-    let mut w = world();
     w.agent_with(1, 1, &["wc.map", "wc.reduce"]);
     w.ready();
     // Two fragments already in the store (PUT /v1/blobs), named by the job.
@@ -370,7 +370,7 @@ fn fragments_by_reference_are_map_inputs_as_stored_and_reduce_inputs_by_url_or_i
         .collect();
     let list: Vec<Fragment> = f
         .iter()
-        .map(|b| Fragment::reference(b.sha256, b.size))
+        .map(|b| Fragment::reference(b.sha256, b.size).with_name(label))
         .collect();
     let mut s = spec("wc.map");
     s.input = fragments::encode(&list).into();
@@ -388,8 +388,16 @@ fn fragments_by_reference_are_map_inputs_as_stored_and_reduce_inputs_by_url_or_i
             panic!("map input by reference: {:?}", sent.job.input)
         };
         assert_eq!((r.sha256, r.size), (fragment.sha256, fragment.size));
-        outputs.push(succeed_stored(&mut w, &sent, &vec![10 + i as u8; 90_000]));
+        outputs.push(succeed_stored(w, &sent, &vec![10 + i as u8; 90_000]));
     }
+    (parent, f, outputs)
+}
+
+#[test]
+fn fragments_by_reference_are_map_inputs_as_stored_and_reduce_inputs_by_url_or_inline() {
+    use spine_protocol::fragments::{self, Fragment};
+    let mut w = world();
+    let (parent, _, outputs) = map_phase(&mut w, "part");
 
     // The reduce step's list names the two outputs, each with a URL for this job and agent.
     let sent = jobs_sent(&w.ready().stanzas).remove(0);
@@ -435,4 +443,57 @@ fn fragments_by_reference_are_map_inputs_as_stored_and_reduce_inputs_by_url_or_i
         inline.len().div_ceil(INLINE_LIMIT),
         "the list with both outputs inline"
     );
+}
+
+/// A reduce step's list too long for the job stanza (long labels here; a wide fan-in in
+/// practice) is kept in the blob store like any large step input, and still goes with a URL
+/// per named output, in chunks.
+#[test]
+fn a_long_list_of_references_goes_in_chunks_with_its_urls() {
+    use spine_protocol::fragments;
+    let mut w = world();
+    let label = "l".repeat(40_000);
+    let (parent, _, outputs) = map_phase(&mut w, &label);
+    let reduce: JobId = format!("{parent}.r1.0").parse().unwrap();
+    assert!(
+        w.core
+            .record(&reduce)
+            .unwrap()
+            .spec
+            .input
+            .stored()
+            .is_some(),
+        "the list of {} bytes is in the blob store",
+        2 * label.len()
+    );
+    let r = w.ready();
+    assert!(
+        jobs_sent(&r.stanzas).is_empty(),
+        "the job follows its chunks"
+    );
+    let mut chunks: Vec<spine_protocol::Chunk> = r
+        .stanzas
+        .iter()
+        .filter_map(|s| match s {
+            Stanza::Iq(Iq::Set { payload, .. }) if payload.name() == "chunk" => {
+                spine_protocol::Chunk::try_from(payload.clone()).ok()
+            }
+            _ => None,
+        })
+        .collect();
+    chunks.sort_by_key(|c| c.offset);
+    let list: Vec<u8> = chunks.into_iter().flat_map(|c| c.bytes).collect();
+    let got = fragments::decode(&list).unwrap();
+    for (g, out) in got.iter().zip(&outputs) {
+        let r = g.source.as_ref().expect("by reference");
+        assert_eq!((r.sha256, r.size), (out.sha256, out.size));
+        assert!(
+            r.url
+                .as_deref()
+                .is_some_and(|u| u.contains(&format!("job={reduce}&"))),
+            "{:?}",
+            r.url
+        );
+        assert_eq!(g.name.as_deref(), Some(label.as_str()));
+    }
 }

@@ -191,12 +191,15 @@ impl Core {
         let attempt = rec.attempts;
         let mime = rec.spec.input_mime.clone();
         // A fragment list naming blobs goes with their URLs, or their bytes, for this agent.
-        let resolved = match rec.spec.input.inline() {
-            Some(list) if !rec.spec.input_blobs.is_empty() => {
-                Some(self.fragments_for(list, id, agent, now))
+        // (A long list may have been moved to the blob store like any large step input.)
+        let resolved = (!rec.spec.input_blobs.is_empty()).then(|| {
+            match rec.spec.input.bytes(self.blob_store.as_ref()) {
+                Ok(list) => self.fragments_for(&list, id, agent, now),
+                Err(e) => Err(SpineError::new(Condition::Failed).with_text(format!(
+                    "the input cannot be read from the dispatcher's blob store: {e}"
+                ))),
             }
-            _ => None,
-        };
+        });
         let input = match resolved {
             Some(Ok(list)) => {
                 if list.len() <= INLINE_LIMIT {

@@ -265,6 +265,41 @@ fn a_fragment_list_naming_blobs_is_fetched_before_the_handler_starts() {
     assert_eq!(condition_of(&r, "d1"), Condition::TooLarge);
 }
 
+#[test]
+fn a_fragment_list_in_chunks_naming_blobs_is_fetched_too() {
+    let t0 = Instant::now();
+    let mut c = core(1, t0);
+    let named = |i: usize| {
+        let mut f =
+            spine_protocol::Fragment::reference([i as u8; 32], 5).with_name("l".repeat(40_000));
+        if let Some(r) = f.source.as_mut() {
+            r.url = Some(format!("http://127.0.0.1:9/v1/blobs/{i}?sig=s"));
+        }
+        f
+    };
+    let list = spine_protocol::fragments::encode(&[named(1), named(2)]);
+    assert!(list.len() > INLINE_LIMIT);
+    let blob: BlobId = "in-7".parse().expect("blob id");
+    for (i, ch) in spine_protocol::chunks(&blob, &list).into_iter().enumerate() {
+        let iq = format!("c{i}");
+        let r = send_set(&mut c, &iq, ch, t0);
+        assert_eq!(answer(&r, &iq), Some(Ok(None)));
+    }
+    let mut j = job("a", "test.echo");
+    j.input = Some(Data::Blob(spine_protocol::BlobRef {
+        blob,
+        size: list.len() as u64,
+        sha256: Sha256::digest(&list).into(),
+        mime: Some(spine_protocol::FRAGMENTS_MIME.into()),
+    }));
+    let r = send_job(&mut c, DISPATCHER, "j1", j, t0);
+    assert!(r.starts.is_empty(), "{r:?}");
+    let [f] = &r.fetches[..] else {
+        panic!("one fetch: {r:?}")
+    };
+    assert_eq!(f.source, Source::Fragments(vec![named(1), named(2)]));
+}
+
 /// The chunks of [`big`] (all within the window).
 const BIG_CHUNKS: usize = 200_000usize.div_ceil(INLINE_LIMIT);
 
