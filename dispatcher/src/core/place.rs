@@ -190,6 +190,14 @@ impl Core {
         let mut j = job_request(rec, now);
         let attempt = rec.attempts;
         let mime = rec.spec.input_mime.clone();
+        let sent = |j: Job, bytes: usize| Sent {
+            job: id.clone(),
+            agent: agent.clone(),
+            attempt,
+            bytes,
+            payload: j,
+            at: now.mono,
+        };
         // A fragment list naming blobs goes with their URLs, or their bytes, for this agent.
         // (A long list may have been moved to the blob store like any large step input.)
         let resolved = (!rec.spec.input_blobs.is_empty()).then(|| {
@@ -210,17 +218,7 @@ impl Core {
                 }
                 std::borrow::Cow::Owned(Body::Inline(list))
             }
-            Some(Err(e)) => {
-                let s = Sent {
-                    job: id.clone(),
-                    agent: agent.clone(),
-                    attempt,
-                    bytes: 0,
-                    payload: j,
-                    at: now.mono,
-                };
-                return self.fail_attempt(&s, e, now);
-            }
+            Some(Err(e)) => return self.fail_attempt(&sent(j, 0), e, now),
             None => std::borrow::Cow::Borrowed(&rec.spec.input),
         };
         // Too large for the job stanza: by reference, or in chunks.
@@ -232,14 +230,6 @@ impl Core {
         let reference = match &large {
             Some(Large::Stored(b)) => self.input_reference(b, mime.clone(), id, agent, now),
             _ => None,
-        };
-        let sent = |j: Job, bytes: usize| Sent {
-            job: id.clone(),
-            agent: agent.clone(),
-            attempt,
-            bytes,
-            payload: j,
-            at: now.mono,
         };
         if let Some(r) = reference {
             j.input = Some(Data::Ref(r));
