@@ -180,6 +180,28 @@ pub struct AgentConfig {
     /// outputs to, the dispatcher's HTTP port. On, the agent announces protocol 1.1; off, 1.0,
     /// and large payloads always travel as chunks over XMPP.
     pub http_data: bool,
+    /// Map/reduce data locality (docs/PROTOCOL.md §13.5): listen here and serve the outputs
+    /// this agent keeps when a dispatcher asks it to (map steps), so that reduce steps fetch
+    /// them from this agent, or read them from disk when they run here, instead of the
+    /// outputs travelling through the dispatcher. Unset: every output goes to the dispatcher.
+    pub data_listen: Option<std::net::SocketAddr>,
+    /// The base URL other agents reach `data_listen` at (`https://worker1.example.com:7443`).
+    /// Default: the scheme and the listen address as bound; required when that address is
+    /// unspecified (`0.0.0.0`, `[::]`).
+    pub data_url: Option<String>,
+    /// Certificate chain (PEM) `data_listen` serves HTTPS with; with `data_tls_key`.
+    pub data_tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `data_tls_cert`.
+    pub data_tls_key: Option<PathBuf>,
+    /// Serve kept outputs over plain HTTP on an address other than loopback (a network
+    /// trusted not to read or alter them). Off: such an address needs `data_tls_cert`.
+    pub data_allow_plain_http: bool,
+    /// How long a kept output is served after it was made; a reduce that asks later fails
+    /// its fetch, and the dispatcher runs the map step again.
+    #[serde(with = "spine_protocol::units::duration")]
+    pub data_keep_for: Duration,
+    /// Where kept outputs are written. Default: a temporary directory removed at exit.
+    pub data_keep_dir: Option<PathBuf>,
     /// TLS.
     pub tls: TlsConfig,
     /// Agent attributes.
@@ -225,6 +247,13 @@ impl Default for AgentConfig {
             result_ttl: Duration::from_secs(600),
             max_input_size: ByteSize::mib(64),
             http_data: true,
+            data_listen: None,
+            data_url: None,
+            data_tls_cert: None,
+            data_tls_key: None,
+            data_allow_plain_http: false,
+            data_keep_for: Duration::from_secs(3600),
+            data_keep_dir: None,
             tls: TlsConfig::default(),
             attributes: BTreeMap::new(),
             capabilities: Vec::new(),
@@ -251,6 +280,80 @@ fn decl(capability: &str, e: DeclError) -> AgentError {
 }
 
 impl AgentConfig {
+    /// Checks the `data_*` settings of kept outputs.
+    fn validate_data_listen(&self) -> Result<(), AgentError> {
+        let tls = match (&self.data_tls_cert, &self.data_tls_key) {
+            (Some(_), Some(_)) => true,
+            (None, None) => false,
+            (Some(_), None) => return Err(bad("data_tls_key", "data_tls_cert needs data_tls_key")),
+            (None, Some(_)) => return Err(bad("data_tls_cert", "data_tls_key needs data_tls_cert")),
+        };
+        let Some(addr) = self.data_listen else {
+            for (set, key) in [
+                (self.data_url.is_some(), "data_url"),
+                (tls, "data_tls_cert"),
+                (self.data_keep_dir.is_some(), "data_keep_dir"),
+            ] {
+                if set {
+                    return Err(bad(key, "has no effect without data_listen"));
+                }
+            }
+            return Ok(());
+        };
+        if !self.http_data {
+            return Err(bad(
+                "data_listen",
+                "needs http_data = true (kept outputs are protocol 1.1's fast path)",
+            ));
+        }
+        if !tls && !addr.ip().is_loopback() && !self.data_allow_plain_http {
+            return Err(bad(
+                "data_listen",
+                format!(
+                    "{addr} is not a loopback address: serve kept outputs over HTTPS \
+                     (data_tls_cert and data_tls_key), or set data_allow_plain_http = true \
+                     on a network trusted not to read or alter them"
+                ),
+            ));
+        }
+        match &self.data_url {
+            None if addr.ip().is_unspecified() => {
+                return Err(bad(
+                    "data_url",
+                    format!(
+                        "data_listen {addr} listens on every address: say which URL other \
+                         agents reach it at, e.g. {}://worker1.example.com:{}",
+                        if tls { "https" } else { "http" },
+                        addr.port()
+                    ),
+                ))
+            }
+            None => {}
+            Some(u) => {
+                let want = if tls { "https://" } else { "http://" };
+                let rest = u.strip_prefix(want).ok_or_else(|| {
+                    bad(
+                        "data_url",
+                        format!("'{u}' must start with {want} (HTTPS is {})", if tls { "on" } else { "off" }),
+                    )
+                })?;
+                if rest.is_empty() || rest.trim_end_matches('/').contains(['/', '?', '#', '@']) {
+                    return Err(bad(
+                        "data_url",
+                        format!("'{u}': give the scheme, host and port only"),
+                    ));
+                }
+            }
+        }
+        if self.data_keep_for < Duration::from_secs(60) {
+            return Err(bad(
+                "data_keep_for",
+                "must be at least 1m (reduce steps fetch kept outputs minutes later)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Defaults, then the TOML file, then `SPINE_AGENT_*` variables; validated.
     pub fn load(file: Option<&std::path::Path>) -> Result<Self, AgentError> {
         let mut b = config::Config::builder();
@@ -331,6 +434,7 @@ impl AgentConfig {
             k.parse::<AttrName>()
                 .map_err(|e| bad(&format!("attributes.{k}"), e))?;
         }
+        self.validate_data_listen()?;
         let mut names = std::collections::HashSet::new();
         for (i, c) in self.capabilities.iter().enumerate() {
             let key = format!("capability[{i}]");

@@ -22,7 +22,8 @@ use spine_protocol::fragments::{self, Fragment, FragmentRef, FRAGMENTS_MIME};
 use spine_protocol::DataRef;
 
 use crate::config::AgentConfig;
-use crate::machine::{Fetch, Put, Source};
+use crate::held::Held;
+use crate::machine::{Fetch, KeepOut, Put, Source};
 
 /// How long establishing one connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -42,11 +43,19 @@ pub(crate) enum Transfer {
         key: u64,
         result: Result<(), String>,
     },
+    /// An output kept in the keep directory (`data_listen`), or why not.
+    Kept {
+        key: u64,
+        result: Result<(), String>,
+    },
 }
 
 /// Runs transfers in tasks; aborts them on request.
 pub(crate) struct DataPlane {
     client: reqwest::Client,
+    /// The outputs this agent keeps (`data_listen`): written here, and read from disk when a
+    /// fragment's URL is this agent's own.
+    held: Option<Arc<Held>>,
     tasks: HashMap<u64, AbortHandle>,
     tx: mpsc::UnboundedSender<Transfer>,
 }
@@ -89,10 +98,14 @@ pub(crate) fn client(config: &AgentConfig) -> reqwest::Client {
 
 impl DataPlane {
     /// A data plane using `client`, and the channel its tasks report on.
-    pub(crate) fn new(client: reqwest::Client) -> (Self, mpsc::UnboundedReceiver<Transfer>) {
+    pub(crate) fn new(
+        client: reqwest::Client,
+        held: Option<Arc<Held>>,
+    ) -> (Self, mpsc::UnboundedReceiver<Transfer>) {
         let (tx, rx) = mpsc::unbounded_channel();
         let plane = DataPlane {
             client,
+            held,
             tasks: HashMap::new(),
             tx,
         };
@@ -102,10 +115,10 @@ impl DataPlane {
     /// Fetches a job's input: the sources in order until one gives the referenced bytes.
     pub(crate) fn fetch(&mut self, f: Fetch) {
         let key = f.key;
-        let (client, tx) = (self.client.clone(), self.tx.clone());
+        let (client, tx, held) = (self.client.clone(), self.tx.clone(), self.held.clone());
         let task = tokio::spawn(async move {
-            let result = match tokio::time::timeout_at(f.deadline, fetch_sources(&client, &f)).await
-            {
+            let fetch = fetch_sources(&client, held.as_deref(), &f);
+            let result = match tokio::time::timeout_at(f.deadline, fetch).await {
                 Ok(r) => r,
                 Err(_) => Err("timed out".to_owned()),
             };
@@ -126,6 +139,23 @@ impl DataPlane {
             let _ = tx.send(Transfer::Put { key: p.key, result });
         });
         self.tasks.insert(key, task.abort_handle());
+    }
+
+    /// Writes an output to the keep directory (on the blocking pool).
+    pub(crate) fn keep(&mut self, k: KeepOut) {
+        let (held, tx) = (self.held.clone(), self.tx.clone());
+        tokio::spawn(async move {
+            let result = match held {
+                None => Err("this agent has no data_listen".to_owned()),
+                Some(h) => tokio::task::spawn_blocking(move || {
+                    h.put(&k.sha256, &k.bytes, k.holder_key)
+                        .map_err(|e| e.to_string())
+                })
+                .await
+                .unwrap_or_else(|e| Err(e.to_string())),
+            };
+            let _ = tx.send(Transfer::Kept { key: k.key, result });
+        });
     }
 
     /// Stops a transfer the core no longer wants (its job was cancelled or stopped).
@@ -171,7 +201,11 @@ fn describe(e: reqwest::Error) -> String {
 }
 
 /// Fetches what `f` names: the referenced input, and the blobs a fragment list names.
-async fn fetch_sources(client: &reqwest::Client, f: &Fetch) -> Result<Vec<u8>, String> {
+async fn fetch_sources(
+    client: &reqwest::Client,
+    held: Option<&Held>,
+    f: &Fetch,
+) -> Result<Vec<u8>, String> {
     match &f.source {
         Source::Ref(r) => {
             let bytes = fetch_ref(client, r).await?;
@@ -181,12 +215,12 @@ async fn fetch_sources(client: &reqwest::Client, f: &Fetch) -> Result<Vec<u8>, S
             // A fragment list too long for the job stanza may name blobs too.
             match fragments::decode(&bytes) {
                 Ok(list) if list.iter().any(|f| f.source.is_some()) => {
-                    resolve_fragments(client, list).await
+                    resolve_fragments(client, held, list).await
                 }
                 _ => Ok(bytes),
             }
         }
-        Source::Fragments(list) => resolve_fragments(client, list.clone()).await,
+        Source::Fragments(list) => resolve_fragments(client, held, list.clone()).await,
     }
 }
 
@@ -207,6 +241,7 @@ async fn fetch_ref(client: &reqwest::Client, r: &DataRef) -> Result<Vec<u8>, Str
 /// sends the list with the bytes inline).
 async fn resolve_fragments(
     client: &reqwest::Client,
+    held: Option<&Held>,
     mut list: Vec<Fragment>,
 ) -> Result<Vec<u8>, String> {
     use futures::{StreamExt as _, TryStreamExt as _};
@@ -220,6 +255,12 @@ async fn resolve_fragments(
             let Some(url) = r.url.as_deref() else {
                 return Err(format!("fragment {i} names a blob without a URL"));
             };
+            if let Some(path) = held.and_then(|h| h.local(url)) {
+                return read_kept(path, r.size)
+                    .await
+                    .map(|bytes| (i, bytes))
+                    .map_err(|reason| format!("fragment {i}: kept here: {reason}"));
+            }
             fetch_one(client, url, r.size, &r.sha256)
                 .await
                 .map(|bytes| (i, bytes))
@@ -235,6 +276,20 @@ async fn resolve_fragments(
         }
     }
     Ok(fragments::encode(&list))
+}
+
+/// A blob this agent kept itself (a reduce placed where its input is): read from disk, not
+/// fetched. Its size is checked; its hash is its file name, computed from the bytes when they
+/// were written.
+async fn read_kept(path: std::path::PathBuf, size: u64) -> Result<Vec<u8>, String> {
+    let bytes = tokio::task::spawn_blocking(move || std::fs::read(path))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
+    if bytes.len() as u64 != size {
+        return Err(format!("{} bytes on disk, {size} referenced", bytes.len()));
+    }
+    Ok(bytes)
 }
 
 /// GETs one source, hashing while it reads, and never holds more than the referenced size.

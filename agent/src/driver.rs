@@ -57,7 +57,19 @@ pub(crate) async fn run(
         Instant::now(),
     );
     let (mut sup, mut inbox) = Supervisor::new(handlers);
-    let (mut plane, mut transfers) = DataPlane::new(crate::dataplane::client(&agent.config));
+    // Stops the server of kept outputs when the agent ends, however it ends.
+    let serving = tokio_util::sync::CancellationToken::new();
+    let _stop_serving = serving.clone().drop_guard();
+    let held = match agent.config.data_listen {
+        Some(addr) => {
+            let held = crate::held::start(&agent.config, addr, serving.clone()).await?;
+            core.set_serves(held.url_base().to_owned());
+            Some(held)
+        }
+        None => None,
+    };
+    let (mut plane, mut transfers) =
+        DataPlane::new(crate::dataplane::client(&agent.config), held);
     core.session_started(Instant::now());
     perform(&conn, &mut sup, &mut plane, core.take_ready()).await;
 
@@ -107,6 +119,7 @@ pub(crate) async fn run(
                     plane.finished(key);
                     core.put_done(key, result, Instant::now());
                 }
+                Transfer::Kept { key, result } => core.kept(key, result, Instant::now()),
             },
         }
         perform(&conn, &mut sup, &mut plane, core.take_ready()).await;
@@ -136,6 +149,9 @@ async fn perform(conn: &Connection, sup: &mut Supervisor, plane: &mut DataPlane,
     }
     for p in ready.puts {
         plane.put(p);
+    }
+    for k in ready.keeps {
+        plane.keep(k);
     }
     for out in ready.out {
         match out {

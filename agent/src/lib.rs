@@ -31,6 +31,7 @@ mod driver;
 pub mod error;
 pub mod exec;
 pub mod handler;
+mod held;
 pub mod http;
 mod inbound;
 mod machine;

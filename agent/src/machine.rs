@@ -113,6 +113,17 @@ pub(crate) struct Put {
     pub(crate) deadline: Instant,
 }
 
+/// An output to keep and serve (`data_listen`, PROTOCOL.md §13.5): the driver writes it to
+/// the keep directory and calls [`Core::kept`] with `key`.
+#[derive(Debug)]
+pub(crate) struct KeepOut {
+    pub(crate) key: u64,
+    pub(crate) sha256: [u8; 32],
+    pub(crate) bytes: Arc<Vec<u8>>,
+    /// The key the dispatcher's URLs to this agent's blobs are signed with.
+    pub(crate) holder_key: [u8; 32],
+}
+
 /// How long an input fetch may take when the job has no deadline.
 pub(crate) const FETCH_TIMEOUT: Duration = Duration::from_secs(300);
 
@@ -154,6 +165,7 @@ pub(crate) struct Ready {
     pub(crate) starts: Vec<Start>,
     pub(crate) fetches: Vec<Fetch>,
     pub(crate) puts: Vec<Put>,
+    pub(crate) keeps: Vec<KeepOut>,
     pub(crate) out: Vec<Out>,
 }
 
@@ -172,6 +184,9 @@ struct Running {
     /// The input is being fetched over HTTP (transfer key): the handler starts with
     /// [`Start`] once the bytes are in.
     fetching: Option<(u64, Start)>,
+    /// The job's `<keep/>` key, when this agent serves kept outputs: a large output is kept
+    /// here rather than uploaded.
+    keep: Option<[u8; 32]>,
 }
 
 /// Where the agent is in its life.
@@ -195,6 +210,8 @@ struct Settings {
     drain_grace: Duration,
     max_input_size: u64,
     http_data: bool,
+    /// The `serves` URL of `data_listen`, once bound.
+    serves: Option<String>,
 }
 
 /// The agent's state machine (see the module documentation).
@@ -217,6 +234,8 @@ pub(crate) struct Core {
     chunk_iqs: HashMap<String, u64>,
     /// Outputs going to an upload slot over HTTP, by key.
     puts: HashMap<u64, refs::PutUpload>,
+    /// Outputs being written to the keep directory, by key, with their SHA-256.
+    keeps: HashMap<u64, (outputs::Finished, [u8; 32])>,
     /// Slot request IQ id → put key.
     slot_iqs: HashMap<String, u64>,
     /// When each unanswered slot request is given up, in time order.
@@ -270,6 +289,7 @@ impl Core {
                 drain_grace: config.drain_grace,
                 max_input_size: config.max_input_size.as_u64(),
                 http_data: config.http_data,
+                serves: None,
             },
             dispatchers,
             caps,
@@ -284,6 +304,7 @@ impl Core {
             uploads: HashMap::new(),
             chunk_iqs: HashMap::new(),
             puts: HashMap::new(),
+            keeps: HashMap::new(),
             slot_iqs: HashMap::new(),
             slot_deadlines: BTreeSet::new(),
             speaks_1_1: HashSet::new(),
@@ -453,7 +474,9 @@ impl Core {
                     from_bare: r.from_bare,
                     waiters: r.waiters,
                 };
-                if self.settings.http_data && self.speaks_1_1.contains(&fin.from_bare) {
+                if let Some(k) = r.keep.filter(|_| self.settings.serves.is_some()) {
+                    self.keep_output(fin, k)
+                } else if self.settings.http_data && self.speaks_1_1.contains(&fin.from_bare) {
                     self.request_slot(fin, now)
                 } else {
                     self.start_upload(fin, now)
@@ -542,6 +565,7 @@ impl Core {
             && self.running.is_empty()
             && self.uploads.is_empty()
             && self.puts.is_empty()
+            && self.keeps.is_empty()
         {
             self.go_unavailable();
         }
@@ -708,6 +732,11 @@ impl Core {
                 attempt: job.attempt,
                 next_partial: 0,
                 fetching: None,
+                keep: job
+                    .keep
+                    .as_ref()
+                    .filter(|_| self.settings.serves.is_some())
+                    .map(|k| k.key),
             },
         );
         if let Some(f) = fetching {

@@ -37,6 +37,7 @@ fn build(n: usize, rng: &mut StdRng) -> (Registry, Vec<CapabilityName>) {
             slots: 16,
             heartbeat_ms: 10_000,
             attrs: Default::default(),
+            serves: None,
             capabilities: offered
                 .iter()
                 .map(|i| CapabilityAd::new(caps[*i].clone()))

@@ -209,6 +209,8 @@ mod tests {
             mapreduce: None,
             output_refs: false,
             input_blobs: Vec::new(),
+            keep_output: false,
+            input_kept: Vec::new(),
         };
         let id = id.parse().unwrap();
         t.submit(id, spec, 1).unwrap().clone()

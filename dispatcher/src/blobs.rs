@@ -145,35 +145,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> BlobError + '_ {
     }
 }
 
-/// A string that is not a SHA-256 in lowercase hex.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("expected a SHA-256 as 64 lowercase hexadecimal digits, got {0:?}")]
-pub struct ParseSha256Error(pub String);
-
-/// Parses 64 lowercase hex digits (the form in URLs, file names and `<request-slot>`).
-/// Uppercase is refused so that one blob has one name.
-pub fn parse_sha256(s: &str) -> Result<[u8; 32], ParseSha256Error> {
-    let bad = || {
-        let mut shown: String = s.chars().take(80).collect();
-        if shown.len() < s.len() {
-            shown.push('…');
-        }
-        ParseSha256Error(shown)
-    };
-    let digit = |b: u8| match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        _ => None,
-    };
-    if s.len() != 64 {
-        return Err(bad());
-    }
-    let mut out = [0u8; 32];
-    for (o, pair) in out.iter_mut().zip(s.as_bytes().chunks_exact(2)) {
-        *o = (digit(pair[0]).ok_or_else(bad)? << 4) | digit(pair[1]).ok_or_else(bad)?;
-    }
-    Ok(out)
-}
+pub use spine_protocol::data::{parse_sha256, ParseSha256Error};
 
 /// The hash as 64 lowercase hex digits.
 pub fn sha256_hex(sha256: &[u8; 32]) -> String {

@@ -30,7 +30,6 @@ use crate::error::DispatcherError;
 use crate::http::Handle;
 use crate::jobs::JobRecord;
 use crate::policy::Policy;
-use crate::signing::UrlKey;
 use crate::store::{Batch, Store};
 
 /// Most events handled before the changes they made are committed and their replies sent.
@@ -181,7 +180,7 @@ async fn run_inner(
     let (blobs, found) = BlobStore::open(&blob_dir, cfg.blob_quota.map(|q| q.as_u64()))
         .map_err(|e| blobs_err(e.to_string()))?;
     let key = Arc::new(
-        UrlKey::load_or_create(&cfg.data_dir.join("url.key"))
+        crate::signing::load_or_create(&cfg.data_dir.join("url.key"))
             .map_err(|e| blobs_err(format!("url.key: {e}")))?,
     );
     let mut data_plane = None;

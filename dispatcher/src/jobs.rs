@@ -31,7 +31,7 @@ mod table;
 #[cfg(test)]
 mod tests;
 
-pub use body::{BlobAccess, BlobRefused, Body, MemoryBlobs};
+pub use body::{BlobAccess, BlobRefused, Body, Kept, MemoryBlobs};
 pub use mapreduce::{Advance, MapReduceState, Straggler, Task};
 pub use record::{
     backoff_ms, blame, AfterFailure, Duplicate, JobRecord, Recorded, SessionLost, SubmitError,

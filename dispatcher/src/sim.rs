@@ -217,6 +217,7 @@ fn run_registry(
             slots,
             heartbeat_ms: 10_000,
             attrs: Default::default(),
+            serves: None,
             capabilities: vec![c],
         };
         let load = Load {

@@ -423,6 +423,8 @@ mod tests {
             mapreduce: None,
             output_refs: false,
             input_blobs: Vec::new(),
+            keep_output: false,
+            input_kept: Vec::new(),
             target: None,
             parent: None,
         }

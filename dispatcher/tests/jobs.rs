@@ -33,6 +33,8 @@ fn spec(cap: &str, priority: i64) -> JobSpec {
         mapreduce: None,
         output_refs: false,
         input_blobs: Vec::new(),
+        keep_output: false,
+        input_kept: Vec::new(),
         target: None,
         parent: None,
     }

@@ -26,6 +26,7 @@ fn ad(caps: &[&str]) -> Advertise {
         slots: 2,
         heartbeat_ms: 1000,
         attrs: Default::default(),
+        serves: None,
         capabilities: caps.iter().map(|c| CapabilityAd::new(cap(c))).collect(),
     }
 }

@@ -50,6 +50,8 @@ fn spec(frags: &[&str], fan_in: u64, split: bool) -> JobSpec {
         }),
         output_refs: false,
         input_blobs: Vec::new(),
+        keep_output: false,
+        input_kept: Vec::new(),
     }
 }
 

@@ -34,6 +34,7 @@ fn ad(instance: &str, slots: u64, caps: &[CapSpec<'_>]) -> Advertise {
         slots,
         heartbeat_ms: 1000,
         attrs: Default::default(),
+        serves: None,
         capabilities: caps
             .iter()
             .map(|(n, s, attrs)| {

@@ -144,6 +144,7 @@ impl Sim {
             slots: SLOTS,
             heartbeat_ms: self.heartbeat.as_millis() as u64,
             attrs: Default::default(),
+            serves: None,
             capabilities: ["bench.noop", "bench.hold"]
                 .iter()
                 .filter_map(|c| c.parse().ok())

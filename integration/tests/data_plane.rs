@@ -102,7 +102,7 @@ impl Bus {
     }
 
     fn key(&self) -> UrlKey {
-        UrlKey::load_or_create(&self.data().join("url.key")).expect("the dispatcher's key")
+        spine_dispatcher::signing::load_or_create(&self.data().join("url.key")).expect("the dispatcher's key")
     }
 
     /// `GET path` on the API: status and body bytes.

@@ -31,6 +31,45 @@ pub struct Job {
     pub args: Args,
     /// Input data.
     pub input: Option<Data>,
+    /// Protocol 1.1, to an agent that `serves` (PROTOCOL.md §13.5): keep a large output and
+    /// serve it, instead of uploading it to the dispatcher.
+    pub keep: Option<Keep>,
+}
+
+/// `<keep key='…'/>`: an agent that serves outputs keeps this job's output when it is over
+/// the inline limit, serves it at its `serves` URL, and answers with the reference form with
+/// that one source. `key` checks the signed URLs to its blobs
+/// ([`crate::signing::UrlKey::for_holder`]).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Keep {
+    /// The agent's URL key (32 bytes; base64 on the wire).
+    pub key: [u8; 32],
+}
+
+impl std::fmt::Debug for Keep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Keep { key: … }")
+    }
+}
+
+impl Keep {
+    fn parse(el: &Element) -> Result<Keep, ParseError> {
+        let mut r = Reader::new(el, "keep")?;
+        let key: String = r.req("key")?;
+        let key = decode_base64(&key, "keep")
+            .ok()
+            .and_then(|k| <[u8; 32]>::try_from(k).ok())
+            .ok_or_else(|| r.invalid("key", "expected 32 bytes in base64"))?;
+        r.no_text()?;
+        r.finish()?;
+        Ok(Keep { key })
+    }
+
+    fn to_element(&self) -> Element {
+        Builder::new("keep")
+            .attr("key", encode_base64(&self.key).as_str())
+            .build()
+    }
 }
 
 impl Job {
@@ -45,6 +84,7 @@ impl Job {
             progress: false,
             args: Args::default(),
             input: None,
+            keep: None,
         }
     }
 }
@@ -102,7 +142,18 @@ impl TryFrom<Element> for Job {
         let deadline_ms = r.opt("deadline-ms")?;
         let submitter = r.opt("submitter")?;
         let progress = r.opt("progress")?.unwrap_or(false);
-        let (args, input) = parse_args_input(&r)?;
+        r.no_text()?;
+        let (mut args, mut input, mut keep) = (None, None, None);
+        for c in r.children() {
+            let c = c?;
+            match c.name() {
+                "args" => set_once(&mut args, Args::parse(c, "args")?, "job", "args")?,
+                "input" => set_once(&mut input, Data::parse(c, "input")?, "job", "input")?,
+                "keep" => set_once(&mut keep, Keep::parse(c)?, "job", "keep")?,
+                _ => return Err(unknown_child("job", c)),
+            }
+        }
+        let args = args.unwrap_or_default();
         if let Some(Data::Ref(d)) = &input {
             if d.sources.is_empty() {
                 return Err(ParseError::MissingChild {
@@ -121,6 +172,7 @@ impl TryFrom<Element> for Job {
             progress,
             args,
             input,
+            keep,
         })
     }
 }
@@ -135,6 +187,7 @@ impl From<Job> for Element {
             .opt("submitter", j.submitter.as_deref())
             .opt("progress", j.progress.then_some(true))
             .children(args_input_children(&j.args, &j.input))
+            .children(j.keep.as_ref().map(Keep::to_element))
             .build()
     }
 }
@@ -176,11 +229,12 @@ impl TryFrom<Element> for JobResult {
             }
         }
         if let Some(Data::Ref(d)) = &output {
-            if !d.sources.is_empty() {
+            if d.sources.len() > 1 {
                 return Err(ParseError::Invalid {
                     element: "output",
-                    reason: "a result's reference has no <sources>: its bytes are those PUT to \
-                             the job attempt's upload slot"
+                    reason: "a result's reference has no <sources> (its bytes are those PUT to \
+                             the job attempt's upload slot) or one (the URL where the agent \
+                             keeps them)"
                         .into(),
                 });
             }

@@ -27,6 +27,7 @@ pub mod fragments;
 pub mod job;
 pub mod names;
 pub mod presence;
+pub mod signing;
 pub mod slot;
 pub mod units;
 pub mod upload;
@@ -40,7 +41,7 @@ pub use data::{Args, Attributes, BlobRef, Data, DataRef, INLINE_LIMIT};
 pub use error::ParseError;
 pub use filter::{Clause, Filter, FilterError, Op};
 pub use fragments::{Fragment, FragmentRef, FRAGMENTS_MIME};
-pub use job::{chunks, Cancel, Chunk, Job, JobResult, Partial, Progress};
+pub use job::{chunks, Cancel, Chunk, Job, JobResult, Keep, Partial, Progress};
 pub use names::{AttrName, BlobId, CapabilityName, JobId};
 pub use presence::{
     presence_payloads, Advertise, AgentState, CapLoad, CapabilityAd, DispatcherHello, Load,

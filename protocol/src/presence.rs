@@ -152,6 +152,10 @@ pub struct Advertise {
     pub attrs: Attributes,
     /// Offered capabilities, unique by name, at least one.
     pub capabilities: Vec<CapabilityAd>,
+    /// Protocol 1.1: the base URL (`http://` or `https://`, scheme, host and port) where this
+    /// agent serves the outputs it keeps when a job asks it to (`<keep/>`, PROTOCOL.md
+    /// §13.5); absent when it keeps none.
+    pub serves: Option<String>,
 }
 
 impl Advertise {
@@ -192,6 +196,10 @@ impl TryFrom<Element> for Advertise {
                 format!("must be at least {MIN_HEARTBEAT_MS}"),
             ));
         }
+        let serves: Option<String> = r.opt("serves")?;
+        if let Some(s) = &serves {
+            check_serves(s).map_err(|why| r.invalid("serves", why))?;
+        }
         r.no_text()?;
         let mut attrs = Attributes::new();
         let mut capabilities: Vec<CapabilityAd> = Vec::new();
@@ -227,8 +235,27 @@ impl TryFrom<Element> for Advertise {
             heartbeat_ms,
             attrs,
             capabilities,
+            serves,
         })
     }
+}
+
+/// A `serves` base URL: `http://` or `https://`, a host, an optional port, nothing after.
+fn check_serves(s: &str) -> Result<(), String> {
+    let rest = s
+        .strip_prefix("https://")
+        .or_else(|| s.strip_prefix("http://"))
+        .ok_or("must start with http:// or https://")?;
+    if s.len() > crate::data::MAX_URL_LEN {
+        return Err(format!(
+            "longer than {} characters",
+            crate::data::MAX_URL_LEN
+        ));
+    }
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) || rest.contains(char::is_whitespace) {
+        return Err("expected scheme, host and port only, such as https://worker1.example.com:7443".into());
+    }
+    Ok(())
 }
 
 impl From<Advertise> for Element {
@@ -239,6 +266,7 @@ impl From<Advertise> for Element {
             .attr("gen", a.gen)
             .attr("slots", a.slots)
             .attr("heartbeat-ms", a.heartbeat_ms)
+            .opt("serves", a.serves.as_deref())
             .children(attr_elements(&a.attrs))
             .children(a.capabilities.iter().map(CapabilityAd::to_element))
             .build()

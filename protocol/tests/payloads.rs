@@ -577,7 +577,7 @@ fn input_reference_literal() {
 }
 
 #[test]
-fn output_reference_literal_has_no_sources() {
+fn output_reference_literal_has_no_source_or_the_agents_own() {
     let res = JobResult::try_from(el(&format!(
         "<result xmlns='urn:spine:1' job='{JOB_ID}' attempt='1'><output size='1048576'>{}</output></result>",
         hash("sha-256", REF_HASH)
@@ -587,11 +587,22 @@ fn output_reference_literal_has_no_sources() {
         panic!("not a reference")
     };
     assert_eq!((r.size, r.sources.len(), r.mime), (1_048_576, 0, None));
-    // With sources it is refused (1.1 outputs are uploaded to the slot).
-    let e = JobResult::try_from(el(&format!(
+    // One source: the agent keeps the output and serves it there (§13.5).
+    let res = JobResult::try_from(el(&format!(
         "<result xmlns='urn:spine:1' job='{JOB_ID}' attempt='1'><output size='1'>{}{}</output></result>",
         hash("sha-256", REF_HASH),
         sources(1)
+    )))
+    .unwrap();
+    let Some(Data::Ref(r)) = res.output else {
+        panic!("not a reference")
+    };
+    assert_eq!(r.sources.len(), 1);
+    // Two are refused.
+    let e = JobResult::try_from(el(&format!(
+        "<result xmlns='urn:spine:1' job='{JOB_ID}' attempt='1'><output size='1'>{}{}</output></result>",
+        hash("sha-256", REF_HASH),
+        sources(2)
     )))
     .unwrap_err();
     assert!(e.to_string().contains("<sources>"), "{e}");

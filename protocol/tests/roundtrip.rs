@@ -157,9 +157,13 @@ fn advertise() -> impl Strategy<Value = Advertise> {
         100u64..1_000_000,
         attrs(),
         vec(capad, 1..5),
+        option::of(prop_oneof![
+            Just("http://127.0.0.1:7443".to_owned()),
+            Just("https://worker1.example.com:7443".to_owned()),
+        ]),
     )
         .prop_map(
-            |(protocol, instance, gen, slots, heartbeat_ms, attrs, mut capabilities)| {
+            |(protocol, instance, gen, slots, heartbeat_ms, attrs, mut capabilities, serves)| {
                 capabilities.sort_by(|a, b| a.name.cmp(&b.name));
                 capabilities.dedup_by(|a, b| a.name == b.name);
                 Advertise {
@@ -169,6 +173,7 @@ fn advertise() -> impl Strategy<Value = Advertise> {
                     slots,
                     heartbeat_ms,
                     attrs,
+                    serves,
                     capabilities,
                 }
             },
@@ -232,9 +237,10 @@ fn job() -> impl Strategy<Value = Job> {
         any::<bool>(),
         args(),
         option::of(input_data()),
+        option::of(any::<[u8; 32]>()),
     )
         .prop_map(
-            |(id, capability, attempt, deadline_ms, submitter, progress, args, input)| Job {
+            |(id, capability, attempt, deadline_ms, submitter, progress, args, input, keep)| Job {
                 id,
                 capability,
                 attempt,
@@ -243,6 +249,7 @@ fn job() -> impl Strategy<Value = Job> {
                 progress,
                 args,
                 input,
+                keep: keep.map(|key| spine_protocol::Keep { key }),
             },
         )
 }

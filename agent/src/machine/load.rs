@@ -22,6 +22,7 @@ impl Core {
             slots: self.settings.slots,
             heartbeat_ms: self.settings.heartbeat.as_millis() as u64,
             attrs: self.attrs.clone(),
+            serves: self.settings.serves.clone(),
             capabilities: self.caps.values().cloned().collect(),
         }
     }

@@ -252,6 +252,57 @@ impl Core {
         }
     }
 
+    /// The `serves` URL of `data_listen` (bound by the driver before the session starts):
+    /// this agent advertises it and keeps the outputs of jobs that carry `<keep/>`.
+    pub(crate) fn set_serves(&mut self, url: String) {
+        self.settings.serves = Some(url.trim_end_matches('/').to_owned());
+    }
+
+    /// A large output of a job with `<keep/>`: written to the keep directory by the driver,
+    /// then answered with the reference form naming this agent's URL ([`Core::kept`]).
+    pub(super) fn keep_output(&mut self, fin: Finished, holder_key: [u8; 32]) {
+        let sha256: [u8; 32] = Sha256::digest(fin.bytes.as_slice()).into();
+        self.next_id += 1;
+        let key = self.next_id;
+        self.ready.keeps.push(super::KeepOut {
+            key,
+            sha256,
+            bytes: fin.bytes.clone(),
+            holder_key,
+        });
+        self.keeps.insert(key, (fin, sha256));
+    }
+
+    /// The driver kept output `key`, or could not (then it goes to an upload slot, as
+    /// without `data_listen`).
+    pub(crate) fn kept(&mut self, key: u64, result: Result<(), String>, now: Instant) {
+        let Some((f, sha256)) = self.keeps.remove(&key) else {
+            return;
+        };
+        let (Ok(()), Some(base)) = (&result, &self.settings.serves) else {
+            let why = result.err().unwrap_or_default();
+            warn!(job = %f.job, "keeping the output failed ({why}): uploading it to the dispatcher");
+            self.request_slot(f, now);
+            return;
+        };
+        let url = format!("{base}/v1/blobs/{}", spine_protocol::data::hex(&sha256));
+        info!(job = %f.job, bytes = f.bytes.len(), "output kept here for the steps that take it");
+        let res = JobResult {
+            job: f.job.clone(),
+            attempt: f.attempt,
+            elapsed_ms: Some(f.elapsed_ms),
+            meta: f.meta,
+            output: Some(Data::Ref(DataRef {
+                size: f.bytes.len() as u64,
+                sha256,
+                mime: f.mime,
+                sources: vec![url],
+            })),
+        };
+        self.finish(f.job, Outcome::Result(res), f.waiters, now);
+        self.check_end();
+    }
+
     /// Slot requests unanswered for [`SLOT_TIMEOUT`]: their outputs go in chunks.
     pub(super) fn slot_timeouts(&mut self, now: Instant) {
         while let Some(&(t, key)) = self.slot_deadlines.first() {

@@ -103,7 +103,7 @@ impl Core {
                     self.registry
                         .on_advertise(&from, &ad, &load, now.mono, &mut self.rng);
                 let new = !matches!(outcome, AdvertiseOutcome::Updated(_));
-                self.agent_version(&from, ad.protocol.minor, new);
+                self.agent_version(&from, ad.protocol.minor, ad.serves.clone(), new);
                 match outcome {
                     AdvertiseOutcome::Added(_) => {
                         info!(agent = %from, capabilities = ad.capabilities.len(), slots = ad.slots, "agent registered");

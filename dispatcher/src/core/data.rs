@@ -45,6 +45,8 @@ pub(crate) struct DataPlane {
 pub(crate) struct AgentData {
     /// After a failed fetch: chunks until then.
     chunks_until: Option<Instant>,
+    /// The base URL where it serves the outputs it keeps (`data_listen`, §13.5).
+    serves: Option<String>,
 }
 
 /// An upload slot granted: what the agent said it will put there, and whether it did.
@@ -105,12 +107,24 @@ impl Core {
     /// An agent announced its protocol version: 1.1 agents can fetch and upload over HTTP.
     /// `new`: it was just registered (or restarted), so it gets a hello telling it our
     /// version, which it answers with its advertisement.
-    pub(super) fn agent_version(&mut self, agent: &FullJid, minor: u32, new: bool) {
+    pub(super) fn agent_version(
+        &mut self,
+        agent: &FullJid,
+        minor: u32,
+        serves: Option<String>,
+        new: bool,
+    ) {
         if minor < 1 || !self.offers_references() {
             self.http_agents.remove(agent);
             return;
         }
-        self.http_agents.entry(agent.clone()).or_default();
+        let a = self.http_agents.entry(agent.clone()).or_default();
+        if a.serves != serves {
+            if let Some(s) = &serves {
+                info!(agent = %agent, url = %s, "agent keeps map outputs and serves them itself");
+            }
+            a.serves = serves;
+        }
         if new {
             self.hello(Jid::from(agent.clone()));
         }
@@ -147,10 +161,47 @@ impl Core {
                 .is_some_and(|a| a.chunks_until.is_none_or(|t| now.mono >= t))
     }
 
+    /// The `<keep/>` of a job for `agent`: when it serves kept outputs (`data_listen`) and
+    /// fetches over HTTP, the key its URLs are checked with (PROTOCOL.md §13.5).
+    pub(super) fn keep_for(&self, agent: &FullJid, now: Now) -> Option<spine_protocol::Keep> {
+        let dp = self.data.as_ref()?;
+        self.http_agents.get(agent)?.serves.as_ref()?;
+        if !self.fetches_over_http(agent, now) {
+            return None;
+        }
+        Some(spine_protocol::Keep {
+            key: dp.key.for_holder(&agent.to_bare()).to_bytes(),
+        })
+    }
+
+    /// Whether `url` is one `agent` may name for an output it kept: `{serves}/v1/blobs/{hex}`
+    /// of the hash and under the base it advertised.
+    pub(super) fn kept_url_ok(&self, agent: &FullJid, url: &str, sha256: &[u8; 32]) -> bool {
+        self.http_agents
+            .get(agent)
+            .and_then(|a| a.serves.as_deref())
+            .is_some_and(|base| {
+                url == format!("{base}/v1/blobs/{}", spine_protocol::data::hex(sha256))
+            })
+    }
+
+    /// The agent (bare JID) that serves `base` now, if it is connected.
+    fn holder_of(&self, base: &str) -> Option<BareJid> {
+        self.http_agents
+            .iter()
+            .find(|(_, a)| a.serves.as_deref() == Some(base))
+            .map(|(j, _)| j.to_bare())
+    }
+
     /// A fragment list that names blobs (a reduce step's map outputs, PROTOCOL.md §11.7.1) as
     /// `agent` gets it in `job`: every reference with a signed URL when the agent fetches
     /// over HTTP, otherwise each blob's bytes inline, read from the store here (at most
     /// `max_blob` of them, what chunks carry).
+    ///
+    /// A reference to an output an agent keeps (§13.5) gets a URL to that agent signed with
+    /// its key; it cannot be inlined, so an agent that does not fetch over HTTP, or a holder
+    /// no longer connected, is `fetch-failed`, and the caller runs the map steps again
+    /// ([`Core::kept_lost`]).
     pub(super) fn fragments_for(
         &self,
         list: &[u8],
@@ -160,6 +211,7 @@ impl Core {
     ) -> Result<Vec<u8>, SpineError> {
         let failed = |text: String| SpineError::new(Condition::Failed).with_text(text);
         let mut frags = fragments::decode(list).map_err(|e| failed(format!("input: {e}")))?;
+        let lost = |text: String| SpineError::new(Condition::FetchFailed).with_text(text);
         if let (true, Some(dp)) = (self.fetches_over_http(agent, now), self.data.as_ref()) {
             let bare = agent.to_bare();
             for r in frags.iter_mut().filter_map(|f| f.source.as_mut()) {
@@ -167,9 +219,33 @@ impl Core {
                     sha256: r.sha256,
                     size: r.size,
                 };
-                r.url = Some(dp.fetch_url(&b, job, &bare, now));
+                r.url = Some(match r.url.take() {
+                    None => dp.fetch_url(&b, job, &bare, now),
+                    Some(kept) => {
+                        let base = kept
+                            .strip_suffix(&format!("/v1/blobs/{}", b.hex()))
+                            .unwrap_or(&kept);
+                        let holder = self.holder_of(base).ok_or_else(|| {
+                            lost(format!("the agent serving {base} is not connected"))
+                        })?;
+                        let grant = BlobGrant {
+                            sha256: b.sha256,
+                            job: job.clone(),
+                            agent: bare.clone(),
+                        };
+                        grant.url(base, dp.exp(now), &dp.key.for_holder(&holder))
+                    }
+                });
             }
             return Ok(fragments::encode(&frags));
+        }
+        if frags
+            .iter()
+            .any(|f| f.source.as_ref().is_some_and(|r| r.url.is_some()))
+        {
+            return Err(lost(format!(
+                "{agent} does not fetch over HTTP, and agents keep some of this step's inputs"
+            )));
         }
         let total: u64 = frags.iter().map(Fragment::size).sum();
         let max = self.cfg.max_blob.as_u64();

@@ -470,6 +470,7 @@ fn advertisement(a: &mut ScriptedAgent) -> Stanza {
         slots: a.slots,
         heartbeat_ms: 1000,
         attrs: Default::default(),
+        serves: None,
         capabilities: vec![CapabilityAd::new(CAP.parse().expect("capability"))],
     };
     let l = load(a.seq, a.slots, a.running.len() as u64);

@@ -109,6 +109,28 @@ impl Core {
                     return self.fail_attempt(&s, e, now);
                 }
             },
+            // Kept by the agent, which serves it (a map step's output, PROTOCOL.md §13.5).
+            Some(Data::Ref(r)) if !r.sources.is_empty() => {
+                let asked = s.payload.keep.is_some();
+                let url = &r.sources[0];
+                if !asked || !self.kept_url_ok(&s.agent, url, &r.sha256) {
+                    warn!(job = %s.job, agent = %s.agent, "output kept by the agent refused: {}", if asked { "its URL is not under the agent's advertised serves URL" } else { "the job did not ask to keep it" });
+                    let e = SpineError::new(Condition::Retryable).with_text(
+                        "a result names a URL only for a job sent with <keep/>, and only \
+                         {serves}/v1/blobs/{sha256} of the agent's advertised serves URL",
+                    );
+                    return self.fail_attempt(&s, e, now);
+                }
+                let kept = crate::jobs::Kept {
+                    blob: crate::blobs::Stored {
+                        sha256: r.sha256,
+                        size: r.size,
+                    },
+                    agent: s.agent.clone(),
+                    url: url.clone(),
+                };
+                return self.succeeded(&s, &result, Body::Kept(kept), r.mime.clone(), now);
+            }
             // Uploaded to the slot this attempt was granted (PROTOCOL.md §13.4).
             Some(Data::Ref(r)) => match self.slot_output(&s.job, s.attempt, r) {
                 Ok(b) => return self.succeeded(&s, &result, Body::Stored(b), r.mime.clone(), now),
@@ -175,6 +197,15 @@ impl Core {
                 };
                 SpineError::new(c).with_text(format!("{:?}", error.defined_condition))
             });
+        let kept_inputs = self
+            .jobs
+            .get(&s.job)
+            .is_some_and(|j| !j.spec.input_kept.is_empty());
+        if e.condition == Condition::FetchFailed && kept_inputs {
+            // Agents keep some of the inputs (§13.5): the bytes are not here to send instead.
+            let why = e.text.clone().unwrap_or_else(|| "no reason given".into());
+            return self.kept_lost(&s.job, &s.agent, &why, now);
+        }
         let by_url = matches!(s.payload.input, Some(Data::Ref(_)))
             || self
                 .jobs
@@ -295,6 +326,26 @@ impl Core {
         }
         self.release(job, agent.as_ref());
         self.persist(job);
+    }
+
+    /// A reduce step cannot get the map outputs agents keep for it (a holder is gone, its
+    /// file aged out, or `agent` does not fetch over HTTP): the map steps whose outputs were
+    /// kept run again, their outputs going to the dispatcher's blob store this time, and the
+    /// reduce step is replaced by a new one once they are done. The attempt is not counted
+    /// against the step (MapReduce's re-execution of lost map outputs).
+    pub(super) fn kept_lost(&mut self, job: &JobId, agent: &FullJid, why: &str, now: Now) {
+        let Some(parent) = self.jobs.get(job).and_then(|j| j.spec.parent.clone()) else {
+            return;
+        };
+        warn!(job = %job, agent = %agent, "a reduce step cannot fetch the map outputs agents keep ({why}): those map steps run again");
+        let adv = self.jobs.lose_kept(&parent, job, now.ms);
+        self.cancel_step(
+            job,
+            "the map outputs it takes were lost with the agent that kept them; it runs again once they are made again",
+            now,
+        );
+        self.forget_slots(job);
+        self.apply_advance(&parent, adv, now);
     }
 
     /// Tells an agent to stop a job.

@@ -146,7 +146,7 @@ impl Core {
             affinity_key: job.spec.affinity_key.as_deref(),
             exclude: &excluded,
         };
-        let picked = match self.registry.pick(&req, &mut self.rng) {
+        let mut picked = match self.registry.pick(&req, &mut self.rng) {
             // Every capable agent failed this job before: better one of them than none.
             Err(NoPick::NoCapableAgent) if !excluded.is_empty() => {
                 req.exclude = &[];
@@ -154,6 +154,22 @@ impl Core {
             }
             other => other,
         }?;
+        // A reduce step goes where most of its kept input is, when that agent is about as
+        // loaded as the least-loaded one ([`Registry::near_enough`]).
+        if job.spec.strategy == Strategy::LeastLoaded && job.spec.sort.is_none() {
+            let mut holders = job.spec.input_kept.clone();
+            holders.sort_by(|a, b| b.1.cmp(&a.1));
+            if let Some(h) = holders
+                .iter()
+                .filter_map(|(a, _)| self.registry.id_of(a))
+                .find(|h| self.registry.near_enough(*h, picked, &req))
+            {
+                if h != picked {
+                    debug!(job = %id, "placed near its kept input");
+                }
+                picked = h;
+            }
+        }
         self.registry
             .jid_of(picked)
             .cloned()
@@ -200,7 +216,11 @@ impl Core {
         };
         // A fragment list naming blobs goes with their URLs, or their bytes, for this agent.
         // (A long list may have been moved to the blob store like any large step input.)
-        let resolved = (!rec.spec.input_blobs.is_empty()).then(|| {
+        if rec.spec.keep_output {
+            j.keep = self.keep_for(agent, now);
+        }
+        let kept_inputs = !rec.spec.input_kept.is_empty();
+        let resolved = (!rec.spec.input_blobs.is_empty() || kept_inputs).then(|| {
             match rec.spec.input.bytes(self.blob_store.as_ref()) {
                 Ok(list) => self.fragments_for(&list, id, agent, now),
                 Err(e) => Err(SpineError::new(Condition::Failed).with_text(format!(
@@ -218,6 +238,10 @@ impl Core {
                 }
                 std::borrow::Cow::Owned(Body::Inline(list))
             }
+            Some(Err(e)) if kept_inputs && e.condition == Condition::FetchFailed => {
+                let why = e.text.unwrap_or_default();
+                return self.kept_lost(id, agent, &why, now);
+            }
             Some(Err(e)) => return self.fail_attempt(&sent(j, 0), e, now),
             None => std::borrow::Cow::Borrowed(&rec.spec.input),
         };
@@ -226,6 +250,14 @@ impl Core {
             Body::Stored(b) => Some(Large::Stored(*b)),
             Body::Inline(b) if b.len() > INLINE_LIMIT => Some(Large::Held(Arc::new(b.clone()))),
             Body::Inline(_) => None,
+            // Only outputs are kept by agents; a step's input never is.
+            Body::Kept(k) => {
+                let e = SpineError::new(Condition::Failed).with_text(format!(
+                    "the input is an output kept by {}, which a job cannot take whole",
+                    k.agent
+                ));
+                return self.fail_attempt(&sent(j, 0), e, now);
+            }
         };
         let reference = match &large {
             Some(Large::Stored(b)) => self.input_reference(b, mime.clone(), id, agent, now),

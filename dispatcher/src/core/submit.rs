@@ -282,6 +282,8 @@ impl Core {
             mapreduce: s.mapreduce,
             output_refs: s.refs,
             input_blobs: Vec::new(),
+            keep_output: false,
+            input_kept: Vec::new(),
             target: None,
             parent: None,
         };

@@ -108,6 +108,7 @@ impl World {
             slots,
             heartbeat_ms: self.heartbeat_ms,
             attrs: Default::default(),
+            serves: None,
             capabilities: caps
                 .iter()
                 .map(|c| CapabilityAd::new(c.parse().unwrap()))

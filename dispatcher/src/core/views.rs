@@ -110,15 +110,27 @@ pub fn job_json(j: &JobRecord) -> Value {
                     "meta": meta,
                     "elapsed_ms": elapsed_ms,
                 }),
-                None => json!({
-                    "output": null,
-                    "output_size": output.len(),
-                    "output_url": format!("/v1/jobs/{}/output", j.id),
-                    "output_sha256": output.stored().map(|s| s.hex()),
-                    "type": mime,
-                    "meta": meta,
-                    "elapsed_ms": elapsed_ms,
-                }),
+                None => match output {
+                    // A map step's output an agent keeps (data_listen): not served here.
+                    Body::Kept(k) => json!({
+                        "output": null,
+                        "output_size": k.blob.size,
+                        "output_sha256": k.blob.hex(),
+                        "output_kept_by": k.agent.to_string(),
+                        "type": mime,
+                        "meta": meta,
+                        "elapsed_ms": elapsed_ms,
+                    }),
+                    _ => json!({
+                        "output": null,
+                        "output_size": output.len(),
+                        "output_url": format!("/v1/jobs/{}/output", j.id),
+                        "output_sha256": output.stored().map(|s| s.hex()),
+                        "type": mime,
+                        "meta": meta,
+                        "elapsed_ms": elapsed_ms,
+                    }),
+                },
             };
         }
         Some(Recorded::Failure {

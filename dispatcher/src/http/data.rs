@@ -259,6 +259,16 @@ pub(super) async fn get_output(
             })?;
             serve_file(file, &headers, Some(&mime)).await
         }
+        JobBody::Kept(k) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "kept-by-agent",
+            format!(
+                "job {id} is a map/reduce step whose output the agent {} keeps for the steps \
+                 that take it (data_listen); it is not in the dispatcher's blob store. The \
+                 map/reduce job's own output is.",
+                k.agent
+            ),
+        )),
     }
 }
 

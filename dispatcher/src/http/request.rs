@@ -199,6 +199,8 @@ pub(super) fn spec_from(
         mapreduce,
         output_refs: false,
         input_blobs: Vec::new(),
+        keep_output: false,
+        input_kept: Vec::new(),
         target: None,
         parent: None,
     })

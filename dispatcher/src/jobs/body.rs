@@ -66,6 +66,31 @@ pub enum Body {
     Inline(Vec<u8>),
     /// A file of the blob store.
     Stored(Stored),
+    /// An output an agent keeps and serves itself (`data_listen`, PROTOCOL.md §13.5): a map
+    /// step's, read by the reduce steps from that agent. Not in the blob store.
+    Kept(Kept),
+}
+
+/// Where an agent keeps an output: its hash and size, the agent, and the URL (without a
+/// signature) it serves it at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Kept {
+    /// The bytes' hash and length.
+    #[serde(flatten)]
+    pub blob: Stored,
+    /// The agent that keeps them.
+    pub agent: jid::FullJid,
+    /// `{serves}/v1/blobs/{sha256}`: the dispatcher signs it for each reader.
+    pub url: String,
+}
+
+impl Kept {
+    /// The agent's `serves` base of [`Kept::url`].
+    pub fn base(&self) -> &str {
+        self.url
+            .strip_suffix(&format!("/v1/blobs/{}", self.blob.hex()))
+            .unwrap_or(&self.url)
+    }
 }
 
 impl Default for Body {
@@ -99,6 +124,7 @@ impl Body {
         match self {
             Body::Inline(b) => b.len() as u64,
             Body::Stored(s) => s.size,
+            Body::Kept(k) => k.blob.size,
         }
     }
 
@@ -111,14 +137,14 @@ impl Body {
     pub fn inline(&self) -> Option<&[u8]> {
         match self {
             Body::Inline(b) => Some(b),
-            Body::Stored(_) => None,
+            Body::Stored(_) | Body::Kept(_) => None,
         }
     }
 
     /// The blob, if stored.
     pub fn stored(&self) -> Option<Stored> {
         match self {
-            Body::Inline(_) => None,
+            Body::Inline(_) | Body::Kept(_) => None,
             Body::Stored(s) => Some(*s),
         }
     }
@@ -133,6 +159,10 @@ impl Body {
         match self {
             Body::Inline(b) => Ok(Cow::Borrowed(b)),
             Body::Stored(s) => blobs.read(s).map(Cow::Owned),
+            Body::Kept(k) => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("the bytes are kept by the agent {}, not in the blob store", k.agent),
+            )),
         }
     }
 
@@ -193,6 +223,7 @@ impl Serialize for Body {
         match self {
             Body::Inline(b) => spine_protocol::serde_base64::serialize(b, s),
             Body::Stored(st) => st.serialize(s),
+            Body::Kept(k) => k.serialize(s),
         }
     }
 }
@@ -203,6 +234,8 @@ impl<'de> Deserialize<'de> for Body {
         #[serde(untagged)]
         enum Either {
             Text(String),
+            // Before `Stored`, which would take a kept body's hash and size alone.
+            Kept(Kept),
             Stored(Stored),
         }
         match Either::deserialize(d)? {
@@ -213,6 +246,7 @@ impl<'de> Deserialize<'de> for Body {
                     .map(Body::Inline)
                     .map_err(|e| serde::de::Error::custom(format!("data is not base64: {e}")))
             }
+            Either::Kept(k) => Ok(Body::Kept(k)),
             Either::Stored(s) => Ok(Body::Stored(s)),
         }
     }

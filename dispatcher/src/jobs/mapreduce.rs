@@ -38,6 +38,9 @@ pub struct MapReduceState {
     pub levels: Vec<Vec<Task>>,
     /// Speculative copies started.
     pub speculative: u64,
+    /// Steps made again after outputs kept by agents were lost ([`JobTable::lose_kept`]).
+    #[serde(default)]
+    pub remade: u64,
 }
 
 /// One step of a map/reduce job, with its copies.
@@ -160,6 +163,8 @@ fn step_spec(
         mapreduce: None,
         output_refs: false,
         input_blobs: Vec::new(),
+        keep_output: false,
+        input_kept: Vec::new(),
     }
 }
 
@@ -276,7 +281,8 @@ impl JobTable {
                 }),
                 None => Body::Inline(f.data),
             };
-            let s = step_spec(&spec, parent, spec.capability.clone(), input, f.mime);
+            let mut s = step_spec(&spec, parent, spec.capability.clone(), input, f.mime);
+            s.keep_output = true;
             self.insert_queued(id.clone(), s, now_ms);
             maps.push(Task {
                 name: f.name,
@@ -412,6 +418,7 @@ impl JobTable {
                 // when they are small: the list itself stays a few bytes per input, and
                 // nothing is read from the store here.
                 let mut named = Vec::new();
+                let mut kept: Vec<(FullJid, u64)> = Vec::new();
                 let inputs: Vec<Fragment> = below[range]
                     .iter()
                     .map(|t| {
@@ -424,6 +431,19 @@ impl JobTable {
                                         Fragment::reference(b.sha256, b.size)
                                     }
                                     Body::Inline(bytes) => Fragment::new(bytes.clone()),
+                                    // Kept by the agent that made it: named with its URL,
+                                    // which the core signs for the reduce step's agent.
+                                    Body::Kept(k) => {
+                                        match kept.iter_mut().find(|(a, _)| *a == k.agent) {
+                                            Some((_, n)) => *n += k.blob.size,
+                                            None => kept.push((k.agent.clone(), k.blob.size)),
+                                        }
+                                        let mut f = Fragment::reference(k.blob.sha256, k.blob.size);
+                                        if let Some(r) = f.source.as_mut() {
+                                            r.url = Some(k.url.clone());
+                                        }
+                                        f
+                                    }
                                 };
                                 f.name = t.name.clone();
                                 f.mime = mime.clone();
@@ -433,9 +453,17 @@ impl JobTable {
                         }
                     })
                     .collect();
-                let Some(id) = child_id(parent, &format!("r{level}.{j}")) else {
+                // A reduce step made again after its kept inputs were lost needs a new id.
+                let Some(mut id) = child_id(parent, &format!("r{level}.{j}")) else {
                     continue;
                 };
+                if self.get(&id).is_some() {
+                    st.remade += 1;
+                    match child_id(&id, &format!("x{}", st.remade)) {
+                        Some(again) => id = again,
+                        None => continue,
+                    }
+                }
                 let mut s = step_spec(
                     &spec,
                     parent,
@@ -444,6 +472,7 @@ impl JobTable {
                     Some(FRAGMENTS_MIME.into()),
                 );
                 s.input_blobs = named;
+                s.input_kept = kept;
                 self.insert_queued(id.clone(), s, now_ms);
                 st.levels[level][j].jobs.push(id.clone());
                 // Its inputs travel in this job now; the next level inherits the first label.
@@ -498,6 +527,68 @@ impl JobTable {
             p.updated_ms = now_ms;
         });
         adv.ended = true;
+        adv
+    }
+
+    /// The reduce step `reduce` cannot get the outputs agents keep for it: each map step of
+    /// its range whose winning output is [`Body::Kept`] runs again as a new step whose output
+    /// goes to the dispatcher's blob store, and the reduce step leaves its task (the caller
+    /// cancels it), so that [`JobTable::advance`] makes a new one when the maps are done.
+    pub fn lose_kept(&mut self, parent: &JobId, reduce: &JobId, now_ms: u64) -> Advance {
+        let mut adv = Advance::default();
+        let Some(mut st) = self.get(parent).and_then(|p| p.mr.clone()) else {
+            return adv;
+        };
+        let Some(fan_in) = self
+            .get(parent)
+            .and_then(|p| p.spec.mapreduce.as_ref())
+            .map(|m| m.fan_in as usize)
+        else {
+            return adv;
+        };
+        let Some((level, j)) = st.levels.iter().enumerate().skip(1).find_map(|(l, tasks)| {
+            tasks
+                .iter()
+                .position(|t| t.jobs.contains(reduce))
+                .map(|j| (l, j))
+        }) else {
+            return adv;
+        };
+        st.levels[level][j].jobs.clear();
+        let below = st.levels[level - 1].len();
+        for i in (j * fan_in).min(below)..((j + 1) * fan_in).min(below) {
+            let Some(w) = st.levels[level - 1][i].winner.clone() else {
+                continue;
+            };
+            let Some(rec) = self.get(&w) else {
+                continue;
+            };
+            if !matches!(
+                rec.outcome,
+                Some(Recorded::Succeeded {
+                    output: Body::Kept(_),
+                    ..
+                })
+            ) {
+                continue;
+            }
+            let mut spec = rec.spec.clone();
+            spec.keep_output = false;
+            st.remade += 1;
+            let Some(id) = child_id(&w, &format!("x{}", st.remade)) else {
+                continue;
+            };
+            self.insert_queued(id.clone(), spec, now_ms);
+            let t = &mut st.levels[level - 1][i];
+            t.winner = None;
+            t.jobs = vec![id.clone()];
+            adv.created.push(id);
+        }
+        self.update(parent, |p| {
+            p.children.extend(adv.created.iter().cloned());
+            p.mr = Some(st);
+            p.updated_ms = now_ms;
+        });
         adv
     }
 

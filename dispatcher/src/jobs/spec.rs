@@ -73,6 +73,15 @@ pub struct JobSpec {
     /// them only with it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub input_blobs: Vec<Stored>,
+    /// A map/reduce map step: an agent that serves kept outputs (`data_listen`) keeps this
+    /// step's large output instead of uploading it (PROTOCOL.md §13.5).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_output: bool,
+    /// A reduce step whose input list names outputs agents keep: those agents, with the bytes
+    /// each keeps, for placement near the data and for running the map steps again if an
+    /// agent is lost.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub input_kept: Vec<(FullJid, u64)>,
 }
 
 impl JobSpec {
@@ -102,6 +111,8 @@ impl JobSpec {
             mapreduce: None,
             output_refs: false,
             input_blobs: Vec::new(),
+            keep_output: false,
+            input_kept: Vec::new(),
         }
     }
 

@@ -37,6 +37,22 @@ impl Registry {
             .unwrap_or(f64::INFINITY)
     }
 
+    /// Data locality (PROTOCOL.md §13.5): whether `holder`, an agent that keeps some of a
+    /// job's input, should take the job instead of `picked`, the least-loaded choice. It
+    /// must be eligible, and about as loaded: its share of busy slots at most one of its
+    /// slots above `picked`'s (with 4 slots: one more job in flight at most). Reading its
+    /// input from its own disk then saves a network copy that costs more than the slightly
+    /// longer queue (measured in BENCHMARKS.md, map/reduce with `data_listen`).
+    pub fn near_enough(&self, holder: AgentId, picked: AgentId, req: &PickRequest<'_>) -> bool {
+        if holder == picked {
+            return true;
+        }
+        let (Some(h), Some(p)) = (self.get(holder), self.get(picked)) else {
+            return false;
+        };
+        self.eligible(holder, req) && h.key.0 <= p.key.0.saturating_add(1_000_000 / h.slots.max(1))
+    }
+
     /// Chooses an agent for one job of `req.capability`. The caller then calls
     /// [`Registry::on_assigned`]. For [`Strategy::All`] use [`Registry::eligible_agents`].
     pub fn pick(&mut self, req: &PickRequest<'_>, rng: &mut impl Rng) -> Result<AgentId, NoPick> {

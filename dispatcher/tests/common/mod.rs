@@ -31,6 +31,8 @@ pub fn spec(cap: &str, submitter: &str) -> JobSpec {
         mapreduce: None,
         output_refs: false,
         input_blobs: Vec::new(),
+        keep_output: false,
+        input_kept: Vec::new(),
         target: None,
         parent: None,
     }
