@@ -286,7 +286,9 @@ impl AgentConfig {
             (Some(_), Some(_)) => true,
             (None, None) => false,
             (Some(_), None) => return Err(bad("data_tls_key", "data_tls_cert needs data_tls_key")),
-            (None, Some(_)) => return Err(bad("data_tls_cert", "data_tls_key needs data_tls_cert")),
+            (None, Some(_)) => {
+                return Err(bad("data_tls_cert", "data_tls_key needs data_tls_cert"))
+            }
         };
         let Some(addr) = self.data_listen else {
             for (set, key) in [
@@ -334,7 +336,10 @@ impl AgentConfig {
                 let rest = u.strip_prefix(want).ok_or_else(|| {
                     bad(
                         "data_url",
-                        format!("'{u}' must start with {want} (HTTPS is {})", if tls { "on" } else { "off" }),
+                        format!(
+                            "'{u}' must start with {want} (HTTPS is {})",
+                            if tls { "on" } else { "off" }
+                        ),
                     )
                 })?;
                 if rest.is_empty() || rest.trim_end_matches('/').contains(['/', '?', '#', '@']) {

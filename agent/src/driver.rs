@@ -68,8 +68,7 @@ pub(crate) async fn run(
         }
         None => None,
     };
-    let (mut plane, mut transfers) =
-        DataPlane::new(crate::dataplane::client(&agent.config), held);
+    let (mut plane, mut transfers) = DataPlane::new(crate::dataplane::client(&agent.config), held);
     core.session_started(Instant::now());
     perform(&conn, &mut sup, &mut plane, core.take_ready()).await;
 

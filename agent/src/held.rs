@@ -159,7 +159,10 @@ impl Held {
     /// against every key known.
     async fn answer(&self, method: &Method, path: &str, query: &str) -> Response<Full<Bytes>> {
         if method != Method::GET && method != Method::HEAD {
-            return status(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD are served");
+            return status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only GET and HEAD are served",
+            );
         }
         let Some(seg) = path.strip_prefix("/v1/blobs/").filter(|s| !s.contains('/')) else {
             self.not_found.fetch_add(1, Ordering::Relaxed);
@@ -185,7 +188,10 @@ impl Held {
         });
         if !ok {
             self.refused.fetch_add(1, Ordering::Relaxed);
-            let why = why.map_or("no dispatcher has asked this agent to keep outputs".into(), |e| e.to_string());
+            let why = why.map_or(
+                "no dispatcher has asked this agent to keep outputs".into(),
+                |e| e.to_string(),
+            );
             debug!(agent = %url.grant.agent, job = %url.grant.job, "kept output refused: {why}");
             return status(StatusCode::FORBIDDEN, &why);
         }
@@ -267,7 +273,8 @@ pub(crate) async fn start(
     addr: SocketAddr,
     stop: CancellationToken,
 ) -> Result<Arc<Held>, crate::AgentError> {
-    let bad = |key: &str, e: &dyn std::fmt::Display| crate::AgentError::Config(format!("{key}: {e}"));
+    let bad =
+        |key: &str, e: &dyn std::fmt::Display| crate::AgentError::Config(format!("{key}: {e}"));
     let tls = match (&config.data_tls_cert, &config.data_tls_key) {
         (Some(cert), Some(key)) => Some(
             spine_tls::server_config_from_files(cert, key).map_err(|e| bad("data_tls_cert", &e))?,
@@ -369,8 +376,12 @@ mod tests {
     use jid::BareJid;
 
     fn held(dir: &Path) -> Held {
-        Held::open(Some(dir), "http://127.0.0.1:7443/".into(), Duration::from_secs(3600))
-            .expect("open")
+        Held::open(
+            Some(dir),
+            "http://127.0.0.1:7443/".into(),
+            Duration::from_secs(3600),
+        )
+        .expect("open")
     }
 
     #[tokio::test]
@@ -383,8 +394,14 @@ mod tests {
         let bytes = b"kept output".repeat(10_000);
         let sha: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&bytes).into();
         h.put(&sha, &bytes, key.to_bytes()).expect("put");
-        assert_eq!(h.url(&sha), format!("http://127.0.0.1:7443/v1/blobs/{}", hex(&sha)));
-        assert_eq!(h.local(&h.url(&sha)), Some(dir.path().join("sha256").join(hex(&sha))));
+        assert_eq!(
+            h.url(&sha),
+            format!("http://127.0.0.1:7443/v1/blobs/{}", hex(&sha))
+        );
+        assert_eq!(
+            h.local(&h.url(&sha)),
+            Some(dir.path().join("sha256").join(hex(&sha)))
+        );
         assert_eq!(h.local("http://elsewhere:1/v1/blobs/00"), None);
         let grant = BlobGrant {
             sha256: sha,
@@ -410,22 +427,36 @@ mod tests {
         assert_eq!(ask(grant.url(&h.base, exp, &key)).await, StatusCode::OK);
         assert_eq!(h.served.load(Ordering::Relaxed), bytes.len() as u64);
         // Signed with the dispatcher's own key, or another holder's: refused.
-        assert_eq!(ask(grant.url(&h.base, exp, &dispatcher)).await, StatusCode::FORBIDDEN);
+        assert_eq!(
+            ask(grant.url(&h.base, exp, &dispatcher)).await,
+            StatusCode::FORBIDDEN
+        );
         let other = dispatcher.for_holder(&BareJid::new("agent3@example.com").expect("jid"));
-        assert_eq!(ask(grant.url(&h.base, exp, &other)).await, StatusCode::FORBIDDEN);
+        assert_eq!(
+            ask(grant.url(&h.base, exp, &other)).await,
+            StatusCode::FORBIDDEN
+        );
         // Expired; tampered (another job).
-        assert_eq!(ask(grant.url(&h.base, exp - 600, &key)).await, StatusCode::FORBIDDEN);
+        assert_eq!(
+            ask(grant.url(&h.base, exp - 600, &key)).await,
+            StatusCode::FORBIDDEN
+        );
         let tampered = grant.url(&h.base, exp, &key).replace("mr.r1.0", "mr.r1.1");
         assert_eq!(ask(tampered).await, StatusCode::FORBIDDEN);
         assert_eq!(h.refused.load(Ordering::Relaxed), 4);
         // A path outside the store, and a blob not kept: 404.
         assert_eq!(
-            h.answer(&Method::GET, "/v1/blobs/../../etc/passwd", "").await.status(),
+            h.answer(&Method::GET, "/v1/blobs/../../etc/passwd", "")
+                .await
+                .status(),
             StatusCode::NOT_FOUND
         );
         let mut missing = grant.clone();
         missing.sha256 = [1; 32];
-        assert_eq!(ask(missing.url(&h.base, exp, &key)).await, StatusCode::NOT_FOUND);
+        assert_eq!(
+            ask(missing.url(&h.base, exp, &key)).await,
+            StatusCode::NOT_FOUND
+        );
         assert_eq!(
             h.answer(&Method::PUT, "/v1/blobs/x", "").await.status(),
             StatusCode::METHOD_NOT_ALLOWED
@@ -435,8 +466,12 @@ mod tests {
     #[test]
     fn kept_files_age_out() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let h = Held::open(Some(dir.path()), "http://h:1".into(), Duration::from_secs(60))
-            .expect("open");
+        let h = Held::open(
+            Some(dir.path()),
+            "http://h:1".into(),
+            Duration::from_secs(60),
+        )
+        .expect("open");
         h.put(&[1; 32], b"a", [0; 32]).expect("put");
         h.put(&[2; 32], b"b", [0; 32]).expect("put");
         let old = SystemTime::now() - Duration::from_secs(120);

@@ -19,12 +19,47 @@ use spine_integration::{TestServer, PATIENCE};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::Instant;
 
-const ACCOUNTS: &[(&str, &str)] = &[("dispatcher", "pw-d"), ("agent1", "pw")];
+const ACCOUNTS: &[(&str, &str)] = &[("dispatcher", "pw-d"), ("agent1", "pw"), ("agent2", "pw")];
+
+const ALL_CAPS: &[&str] = &["hash.sha256", "text.upper", "concat.reduce"];
+
+/// Test agent `n` with `extra` configuration, offering those of `caps` among
+/// `hash.sha256`, `text.upper` and `concat.reduce` (a reduce step: its fragments' bytes,
+/// concatenated in order).
+fn test_agent(server: &TestServer, n: usize, extra: &str, caps: &[&str]) -> Running {
+    let mut b = Agent::builder(agent_config(server, n, extra));
+    if caps.contains(&"hash.sha256") {
+        b = b.capability("hash.sha256", None, |ctx: JobContext| async move {
+            Ok::<_, JobError>(Output::bytes(hex(&Sha256::digest(&ctx.input))))
+        });
+    }
+    if caps.contains(&"text.upper") {
+        b = b.capability("text.upper", None, |ctx: JobContext| async move {
+            let text = String::from_utf8(ctx.input)
+                .map_err(|_| JobError::bad_argument("input", "must be UTF-8 text"))?;
+            Ok::<_, JobError>(Output::bytes(text.to_uppercase()).with_mime("text/plain"))
+        });
+    }
+    if caps.contains(&"concat.reduce") {
+        b = b.capability("concat.reduce", None, |ctx: JobContext| async move {
+            let list = spine_protocol::fragments::decode(&ctx.input)
+                .map_err(|e| JobError::bad_argument("input", e))?;
+            if list.iter().any(|f| f.source.is_some()) {
+                return Err(JobError::Failed(
+                    "the handler got a fragment by reference".into(),
+                ));
+            }
+            let all: Vec<u8> = list.into_iter().flat_map(|f| f.data).collect();
+            Ok::<_, JobError>(Output::bytes(all).with_mime("text/plain"))
+        });
+    }
+    run_agent(b.build().unwrap())
+}
 
 /// The embedded server, a dispatcher on `dir` (HTTP API at `base`) and, if asked, agent1
 /// offering `hash.sha256` and `text.upper` (as `spine up`'s built-ins).
 struct Bus {
-    _server: TestServer,
+    server: TestServer,
     dir: tempfile::TempDir,
     base: String,
     http: reqwest::Client,
@@ -58,37 +93,12 @@ impl Bus {
             assert!(Instant::now() < deadline, "the dispatcher never started");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let agent = agent_extra.map(|extra| {
-            let agent = Agent::builder(agent_config(&server, 1, extra))
-                .capability("hash.sha256", None, |ctx: JobContext| async move {
-                    Ok::<_, JobError>(Output::bytes(hex(&Sha256::digest(&ctx.input))))
-                })
-                .capability("text.upper", None, |ctx: JobContext| async move {
-                    let text = String::from_utf8(ctx.input)
-                        .map_err(|_| JobError::bad_argument("input", "must be UTF-8 text"))?;
-                    Ok::<_, JobError>(Output::bytes(text.to_uppercase()).with_mime("text/plain"))
-                })
-                // A reduce step: its fragments' bytes, concatenated in order.
-                .capability("concat.reduce", None, |ctx: JobContext| async move {
-                    let list = spine_protocol::fragments::decode(&ctx.input)
-                        .map_err(|e| JobError::bad_argument("input", e))?;
-                    if list.iter().any(|f| f.source.is_some()) {
-                        return Err(JobError::Failed(
-                            "the handler got a fragment by reference".into(),
-                        ));
-                    }
-                    let all: Vec<u8> = list.into_iter().flat_map(|f| f.data).collect();
-                    Ok::<_, JobError>(Output::bytes(all).with_mime("text/plain"))
-                })
-                .build()
-                .unwrap();
-            run_agent(agent)
-        });
+        let agent = agent_extra.map(|extra| test_agent(&server, 1, extra, ALL_CAPS));
         if with_agent {
             wait_for_agents(&base, "text.upper", 1).await;
         }
         Bus {
-            _server: server,
+            server,
             dir,
             base,
             http,
@@ -102,7 +112,8 @@ impl Bus {
     }
 
     fn key(&self) -> UrlKey {
-        spine_dispatcher::signing::load_or_create(&self.data().join("url.key")).expect("the dispatcher's key")
+        spine_dispatcher::signing::load_or_create(&self.data().join("url.key"))
+            .expect("the dispatcher's key")
     }
 
     /// `GET path` on the API: status and body bytes.
@@ -135,6 +146,41 @@ impl Bus {
             status,
             serde_json::from_slice(&r.bytes().await.unwrap()).unwrap_or_default(),
         )
+    }
+
+    /// `POST /v1/jobs` with a JSON body: status and JSON.
+    async fn submit_json(&self, body: &Value) -> (u16, Value) {
+        let r = self
+            .http
+            .post(format!("{}/v1/jobs", self.base))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("the API answers");
+        let status = r.status().as_u16();
+        let bytes = r.bytes().await.unwrap_or_default();
+        (status, serde_json::from_slice(&bytes).unwrap_or_default())
+    }
+
+    /// A job's JSON view.
+    async fn job(&self, id: &str) -> Value {
+        let (_, body) = self.get(&format!("/v1/jobs/{id}"), None).await;
+        serde_json::from_slice(&body).unwrap_or_default()
+    }
+
+    /// Uploads each piece with `PUT /v1/blobs`: the fragment list naming them.
+    async fn fragments(&self, pieces: &[Vec<u8>]) -> Value {
+        let mut list = Vec::new();
+        for (i, p) in pieces.iter().enumerate() {
+            let (status, v) = self.put_blob(p.clone().into()).await;
+            assert_eq!(status, 201, "{v}");
+            list.push(serde_json::json!({
+                "name": format!("p{i}"), "type": "text/plain",
+                "sha256": v["sha256"], "size": v["size"],
+            }));
+        }
+        Value::Array(list)
     }
 
     /// Submits `input` raw to `capability`; returns the job id.
@@ -697,4 +743,126 @@ async fn map_reduce_fragments_by_reference_are_stored_once_and_fetched_by_their_
             "{v}"
         );
     }
+}
+
+/// Map/reduce data locality (PROTOCOL.md §13.5): two agents with `data_listen` keep their
+/// map outputs and serve them; the reduce steps fetch them from the agent that kept them (or
+/// read them from disk when it is the same agent). No map output enters the dispatcher's
+/// blob store; the job's output is right.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_with_data_listen_keep_map_outputs_and_reduces_fetch_them_from_the_agents() {
+    let bus = Bus::start_with("", None).await;
+    let listen = "data_listen = \"127.0.0.1:0\"\n";
+    let agents: Vec<Running> = (1..=2)
+        .map(|n| test_agent(&bus.server, n, listen, &["text.upper", "concat.reduce"]))
+        .collect();
+    wait_for_agents(&bus.base, "concat.reduce", 2).await;
+    // Six fragments of 100 kB: each map output (upper-cased) is over the inline limit.
+    let pieces: Vec<Vec<u8>> = (0..6).map(|i| text(100_000 + i)).collect();
+    let fragments = bus.fragments(&pieces).await;
+    let blobs_before = bus.metric("spine_blob_store_blobs").await;
+    let (status, v) = bus
+        .submit_json(&serde_json::json!({
+            "capability": "text.upper", "reduce": "concat.reduce", "fan_in": 2,
+            "fragments": fragments,
+        }))
+        .await;
+    assert_eq!(status, 202, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    let job = bus.wait_final(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let (status, out) = bus.get(&format!("/v1/jobs/{id}/output"), None).await;
+    assert_eq!(status, 200);
+    assert!(
+        out == pieces.concat().to_ascii_uppercase(),
+        "every fragment, upper-cased, in order"
+    );
+    // Each map step's output is kept by the agent that made it, not served by the dispatcher.
+    for i in 0..6 {
+        let m = bus.job(&format!("{id}.m{i}")).await;
+        let by = m["result"]["output_kept_by"].as_str().unwrap_or_default();
+        assert!(
+            by.starts_with("agent1@") || by.starts_with("agent2@"),
+            "{m}"
+        );
+        let (status, body) = bus.get(&format!("/v1/jobs/{id}.m{i}/output"), None).await;
+        assert_eq!(status, 409, "{}", String::from_utf8_lossy(&body));
+    }
+    // New blobs: the reduce outputs only (r1.0, r1.1, r1.2, r2.0, r3.0; r2.1 has the bytes of
+    // r1.2), none of the six map outputs.
+    assert_eq!(bus.metric("spine_blob_store_blobs").await, blobs_before + 5);
+    for a in agents {
+        a.stop();
+    }
+}
+
+/// The agent keeping the map outputs dies before the reduce runs: the reduce cannot have
+/// them, so the map steps run again (their outputs uploaded to the dispatcher this time) and
+/// a new reduce step takes those. The job succeeds with the right output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_agent_keeping_map_outputs_dies_the_map_steps_run_again() {
+    let bus = Bus::start_with("", None).await;
+    let holder = test_agent(
+        &bus.server,
+        1,
+        "data_listen = \"127.0.0.1:0\"\n",
+        &["text.upper"],
+    );
+    wait_for_agents(&bus.base, "text.upper", 1).await;
+    let pieces: Vec<Vec<u8>> = (0..3).map(|i| text(100_000 + i)).collect();
+    let fragments = bus.fragments(&pieces).await;
+    let (status, v) = bus
+        .submit_json(&serde_json::json!({
+            "capability": "text.upper", "reduce": "concat.reduce", "fragments": fragments,
+            "wait_for_agent": true,
+        }))
+        .await;
+    assert_eq!(status, 202, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    // The maps are done and kept by agent1; no agent offers the reduce yet.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for i in 0..3 {
+        loop {
+            let m = bus.job(&format!("{id}.m{i}")).await;
+            if m["state"] == "succeeded" {
+                assert!(m["result"]["output_kept_by"].is_string(), "{m}");
+                break;
+            }
+            assert!(Instant::now() < deadline, "map step {i} not done: {m}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    holder.kill();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (_, body) = bus.get("/v1/agents?capability=text.upper", None).await;
+        let v: Value = serde_json::from_slice(&body).unwrap_or_default();
+        if v["agents"].as_array().is_some_and(Vec::is_empty) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "agent1 still listed: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let other = test_agent(&bus.server, 2, "", &["text.upper", "concat.reduce"]);
+    let job = bus.wait_final(&id).await;
+    assert_eq!(job["state"], "succeeded", "{job}");
+    let (status, out) = bus.get(&format!("/v1/jobs/{id}/output"), None).await;
+    assert_eq!(status, 200);
+    assert!(
+        out == pieces.concat().to_ascii_uppercase(),
+        "the right output after the loss"
+    );
+    let children: Vec<&str> = job["children"]
+        .as_array()
+        .map(|c| c.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    for i in 0..3 {
+        assert!(
+            children
+                .iter()
+                .any(|c| c.starts_with(&format!("{id}.m{i}.x"))),
+            "map step {i} made again: {children:?}"
+        );
+    }
+    other.stop();
 }

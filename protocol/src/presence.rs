@@ -252,8 +252,11 @@ fn check_serves(s: &str) -> Result<(), String> {
             crate::data::MAX_URL_LEN
         ));
     }
-    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) || rest.contains(char::is_whitespace) {
-        return Err("expected scheme, host and port only, such as https://worker1.example.com:7443".into());
+    if rest.is_empty() || rest.contains(['/', '?', '#', '@']) || rest.contains(char::is_whitespace)
+    {
+        return Err(
+            "expected scheme, host and port only, such as https://worker1.example.com:7443".into(),
+        );
     }
     Ok(())
 }

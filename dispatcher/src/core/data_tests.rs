@@ -497,3 +497,214 @@ fn a_long_list_of_references_goes_in_chunks_with_its_urls() {
         assert_eq!(g.name.as_deref(), Some(label.as_str()));
     }
 }
+
+/// Ends a map step as an agent that keeps its output would (`data_listen`, §13.5): the
+/// result names the agent's own URL of the bytes.
+fn succeed_kept(w: &mut World, sent: &tests::SentJob, n: usize, bytes: &[u8]) -> Stored {
+    use sha2::Digest as _;
+    let blob = Stored {
+        sha256: sha2::Sha256::digest(bytes).into(),
+        size: bytes.len() as u64,
+    };
+    let r = JobResult {
+        job: sent.job.id.clone(),
+        attempt: sent.job.attempt,
+        elapsed_ms: Some(1),
+        meta: Default::default(),
+        output: Some(Data::Ref(DataRef {
+            size: blob.size,
+            sha256: blob.sha256,
+            mime: None,
+            sources: vec![format!("{}/v1/blobs/{}", tests::serves_url(n), blob.hex())],
+        })),
+    };
+    let iq = Iq::from_result(sent.iq.clone(), Some(r)).with_from(Jid::from(sent.to.clone()));
+    w.core.stanza(iq.into(), w.now);
+    blob
+}
+
+/// A map/reduce job over two fragments in the store, submitted: (the job, the fragments).
+fn mapreduce_of_two(w: &mut World) -> (JobId, Vec<Stored>) {
+    use spine_protocol::fragments::{self, Fragment};
+    let f: Vec<Stored> = (0..2u8)
+        .map(|i| w.core.blob_store.put(&vec![i; 100_000]).unwrap())
+        .collect();
+    let list: Vec<Fragment> = f
+        .iter()
+        .map(|b| Fragment::reference(b.sha256, b.size))
+        .collect();
+    let mut s = spec("wc.map");
+    s.input = fragments::encode(&list).into();
+    s.input_mime = Some(spine_protocol::FRAGMENTS_MIME.into());
+    s.mapreduce = Some(spine_protocol::MapReduce::new("wc.reduce".parse().unwrap()));
+    let (parent, _) = w.submit(s).unwrap();
+    (parent, f)
+}
+
+fn key() -> UrlKey {
+    UrlKey::from_bytes([3; 32])
+}
+
+/// Map steps sent to agents that serve kept outputs carry `<keep/>` with each agent's own
+/// key; their outputs stay with them (nothing enters the blob store); the reduce step's list
+/// names them by URLs to the holders, signed with the holder's key for the reduce's agent.
+/// When the reduce cannot fetch them, the map steps run again with their outputs uploaded,
+/// and a new reduce step takes those.
+#[test]
+fn kept_map_outputs_go_to_the_reduce_by_holder_urls_and_are_made_again_when_lost() {
+    use spine_protocol::fragments;
+    use spine_protocol::signing::BlobGrant;
+    let mut w = world();
+    w.serves = true;
+    let a1 = w.agent_with(1, 4, &["wc.map", "wc.reduce"]);
+    w.agent_with(2, 4, &["wc.map", "wc.reduce"]);
+    w.ready();
+    let (parent, _) = mapreduce_of_two(&mut w);
+    let maps = jobs_sent(&w.ready().stanzas);
+    assert_eq!(maps.len(), 2);
+    let mut holders = Vec::new();
+    for (i, m) in maps.iter().enumerate() {
+        assert_eq!(m.job.id.as_str(), format!("{parent}.m{i}"));
+        let k = m
+            .job
+            .keep
+            .as_ref()
+            .expect("a map step to a serving agent carries <keep/>");
+        assert_eq!(k.key, key().for_holder(&m.to.to_bare()).to_bytes());
+        holders.push(if m.to == a1 { 1 } else { 2 });
+    }
+    assert_ne!(holders[0], holders[1], "least-loaded: one map step each");
+    let outputs: Vec<Stored> = maps
+        .iter()
+        .zip(&holders)
+        .enumerate()
+        .map(|(i, (m, n))| succeed_kept(&mut w, m, *n, &vec![20 + i as u8; 90_000]))
+        .collect();
+    for o in &outputs {
+        assert!(!w.core.blob_store.contains(o), "nothing uploaded");
+    }
+    let m0: JobId = format!("{parent}.m0").parse().unwrap();
+    let Some(crate::jobs::Recorded::Succeeded { output, .. }) =
+        &w.core.record(&m0).unwrap().outcome
+    else {
+        panic!("map step 0 succeeded");
+    };
+    assert!(
+        matches!(output, crate::jobs::Body::Kept(k) if k.blob == outputs[0]),
+        "{output:?}"
+    );
+
+    let reduce = jobs_sent(&w.ready().stanzas).remove(0);
+    assert_eq!(reduce.job.id.as_str(), format!("{parent}.r1.0"));
+    assert!(
+        reduce.job.keep.is_none(),
+        "reduce outputs go to the dispatcher"
+    );
+    let Some(Data::Inline { bytes, .. }) = &reduce.job.input else {
+        panic!("an inline list: {:?}", reduce.job.input)
+    };
+    let list = fragments::decode(bytes).unwrap();
+    for ((g, out), n) in list.iter().zip(&outputs).zip(&holders) {
+        let r = g.source.as_ref().expect("by reference");
+        assert_eq!((r.sha256, r.size), (out.sha256, out.size));
+        let url = r.url.as_deref().expect("a URL");
+        let prefix = format!("{}/v1/blobs/", tests::serves_url(*n));
+        let rest = url.strip_prefix(&prefix).unwrap_or_else(|| panic!("{url}"));
+        let (seg, query) = rest.split_once('?').unwrap();
+        let signed = BlobGrant::parse(seg, query).unwrap();
+        assert_eq!(signed.grant.job, reduce.job.id);
+        assert_eq!(signed.grant.agent, reduce.to.to_bare());
+        let holder = tests::agent(*n).to_bare();
+        let now_s = w.now.ms / 1000;
+        assert!(
+            signed.verify(&key().for_holder(&holder), now_s).is_ok(),
+            "the holder's key"
+        );
+        assert!(
+            signed.verify(&key(), now_s).is_err(),
+            "not the dispatcher's own"
+        );
+    }
+
+    // The reduce's agent cannot fetch them: the map steps run again, outputs uploaded.
+    w.refuse(
+        &reduce,
+        SpineError::new(Condition::FetchFailed).with_text("agent1.test: connection refused"),
+    );
+    assert_eq!(w.state(&reduce.job.id), JobState::Cancelled);
+    let again = jobs_sent(&w.ready().stanzas);
+    let ids: Vec<String> = again.iter().map(|s| s.job.id.to_string()).collect();
+    assert_eq!(ids, [format!("{parent}.m0.x1"), format!("{parent}.m1.x2")]);
+    assert!(again.iter().all(|s| s.job.keep.is_none()), "not kept again");
+    for (i, s) in again.iter().enumerate() {
+        succeed_stored(&mut w, s, &vec![20 + i as u8; 90_000]);
+    }
+    let reduce = jobs_sent(&w.ready().stanzas).remove(0);
+    assert_eq!(reduce.job.id.as_str(), format!("{parent}.r1.0.x3"));
+    let Some(Data::Inline { bytes, .. }) = &reduce.job.input else {
+        panic!("an inline list: {:?}", reduce.job.input)
+    };
+    for g in fragments::decode(bytes).unwrap() {
+        let url = g.source.and_then(|r| r.url).expect("a URL");
+        assert!(
+            url.starts_with("http://127.0.0.1:8080/v1/blobs/"),
+            "from the store: {url}"
+        );
+    }
+    w.succeed(&reduce, &reduce.to.clone());
+    w.ready();
+    assert_eq!(w.state(&parent), JobState::Succeeded);
+}
+
+/// The locality rule: a reduce step goes to the agent keeping its input when that agent is
+/// at most one slot busier than the least-loaded one, and elsewhere when it is busier.
+#[test]
+fn a_reduce_goes_where_its_input_is_kept_when_that_agent_is_about_as_loaded() {
+    for (busy, near) in [(0, true), (1, true), (2, false)] {
+        let mut w = world();
+        w.serves = true;
+        let a1 = w.agent_with(1, 4, &["wc.map", "wc.reduce", CAP]);
+        let a2 = w.agent_with(2, 4, &["wc.reduce"]);
+        w.ready();
+        let (_, _) = mapreduce_of_two(&mut w);
+        let maps = jobs_sent(&w.ready().stanzas);
+        assert!(maps.iter().all(|m| m.to == a1), "only agent1 maps");
+        // Other work keeps agent1 busy (never answered).
+        for _ in 0..busy {
+            w.submit(spec(CAP)).unwrap();
+        }
+        w.ready();
+        for (i, m) in maps.iter().enumerate() {
+            succeed_kept(&mut w, m, 1, &vec![30 + i as u8; 80_000]);
+        }
+        let reduce = jobs_sent(&w.ready().stanzas).remove(0);
+        let want = if near { &a1 } else { &a2 };
+        assert_eq!(&reduce.to, want, "{busy} other jobs on the holder");
+    }
+}
+
+/// A result may name the agent's own URL only when its job asked to keep the output, and
+/// only under the `serves` URL it advertised.
+#[test]
+fn a_kept_output_is_refused_unless_asked_for_and_under_the_agents_url() {
+    let mut w = world();
+    w.serves = true;
+    w.agent_with(1, 1, &["wc.map", "wc.reduce", CAP]);
+    w.ready();
+    // A plain job did not ask to keep anything.
+    let (id, _) = w.submit(spec(CAP)).unwrap();
+    let sent = jobs_sent(&w.ready().stanzas).remove(0);
+    assert!(sent.job.keep.is_none());
+    succeed_kept(&mut w, &sent, 1, &[1u8; 90_000]);
+    let rec = w.core.record(&id).unwrap();
+    assert_ne!(rec.state, JobState::Succeeded, "refused: {:?}", rec.outcome);
+    // A map step asked, but the URL is another host's.
+    w.ready();
+    let (parent, _) = mapreduce_of_two(&mut w);
+    let m = jobs_sent(&w.ready().stanzas)
+        .into_iter()
+        .find(|s| s.job.id.as_str() == format!("{parent}.m0"))
+        .expect("map step 0 sent");
+    succeed_kept(&mut w, &m, 2, &[2u8; 90_000]);
+    assert_ne!(w.state(&m.job.id), JobState::Succeeded);
+}

@@ -30,6 +30,14 @@ pub(crate) struct World {
     pub heartbeat_ms: u64,
     /// The protocol version agents announce.
     pub protocol: ProtocolVersion,
+    /// Agents advertise that they serve kept outputs (`data_listen`), agent n at
+    /// [`serves_url`]`(n)`.
+    pub serves: bool,
+}
+
+/// Where agent n serves kept outputs when [`World::serves`] is set.
+pub(crate) fn serves_url(n: usize) -> String {
+    format!("http://agent{n}.test:7443")
 }
 
 /// A job request the core sent.
@@ -87,6 +95,7 @@ impl World {
             instance: 0,
             heartbeat_ms: 1000,
             protocol: ProtocolVersion::CURRENT,
+            serves: false,
         }
     }
 
@@ -108,7 +117,7 @@ impl World {
             slots,
             heartbeat_ms: self.heartbeat_ms,
             attrs: Default::default(),
-            serves: None,
+            serves: self.serves.then(|| serves_url(n)),
             capabilities: caps
                 .iter()
                 .map(|c| CapabilityAd::new(c.parse().unwrap()))

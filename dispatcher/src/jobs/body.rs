@@ -161,7 +161,10 @@ impl Body {
             Body::Stored(s) => blobs.read(s).map(Cow::Owned),
             Body::Kept(k) => Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
-                format!("the bytes are kept by the agent {}, not in the blob store", k.agent),
+                format!(
+                    "the bytes are kept by the agent {}, not in the blob store",
+                    k.agent
+                ),
             )),
         }
     }

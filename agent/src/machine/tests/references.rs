@@ -427,3 +427,71 @@ fn a_dispatcher_is_known_to_speak_1_1_from_its_hello_or_a_reference() {
     c.job_done(done("j1", Ok(Output::bytes(big()))), t0 + MS);
     assert_eq!(request_slots(&c.take_ready()).len(), 1);
 }
+
+/// An agent that serves kept outputs (`data_listen`): it advertises its URL; a job with
+/// `<keep/>` and a large output has it written to the keep directory (by the driver) and
+/// answered with the agent's own URL; when keeping fails the output goes to a slot; a job
+/// without `<keep/>` uploads as before.
+#[test]
+fn a_kept_output_is_answered_with_the_agents_url_and_falls_back_to_a_slot() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    c.set_serves("http://127.0.0.1:7443/".into());
+    c.session_started(t0);
+    let r = c.take_ready();
+    let serves: Vec<Option<String>> = r
+        .out
+        .iter()
+        .filter_map(|o| match o {
+            Out::Load {
+                advertise: Some(a), ..
+            } => Some(a.serves.clone()),
+            _ => None,
+        })
+        .collect();
+    assert!(!serves.is_empty());
+    assert!(serves
+        .iter()
+        .all(|s| s.as_deref() == Some("http://127.0.0.1:7443")));
+    hello(&mut c, 1, t0);
+    let sha: [u8; 32] = Sha256::digest(big()).into();
+    for (n, fails) in [(1, false), (2, true)] {
+        let id = format!("m{n}");
+        let mut j = job(&id, "test.echo");
+        j.keep = Some(spine_protocol::Keep { key: [n; 32] });
+        send_job(&mut c, DISPATCHER, &format!("d{n}"), j, t0);
+        c.job_done(done(&id, Ok(Output::bytes(big()))), t0 + MS);
+        let r = c.take_ready();
+        let [k] = &r.keeps[..] else {
+            panic!("one output to keep: {r:?}")
+        };
+        assert_eq!((k.sha256, k.holder_key), (sha, [n; 32]));
+        assert_eq!(k.bytes.as_slice(), big().as_slice());
+        assert!(request_slots(&r).is_empty() && chunk_count(&r) == 0);
+        let key = k.key;
+        if fails {
+            c.kept(key, Err("disk full".into()), t0 + 2 * MS);
+            let r = c.take_ready();
+            assert_eq!(request_slots(&r).len(), 1, "uploaded instead");
+        } else {
+            c.kept(key, Ok(()), t0 + 2 * MS);
+            let r = c.take_ready();
+            let Some(Data::Ref(d)) = result_of(&r, &format!("d{n}")).output else {
+                panic!("a reference")
+            };
+            assert_eq!(
+                d.sources,
+                vec![format!(
+                    "http://127.0.0.1:7443/v1/blobs/{}",
+                    spine_protocol::data::hex(&sha)
+                )]
+            );
+        }
+    }
+    // Without <keep/>: a slot, as without data_listen.
+    send_job(&mut c, DISPATCHER, "d3", job("j3", "test.echo"), t0);
+    c.job_done(done("j3", Ok(Output::bytes(big()))), t0 + MS);
+    let r = c.take_ready();
+    assert!(r.keeps.is_empty());
+    assert_eq!(request_slots(&r).len(), 1);
+}
