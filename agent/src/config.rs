@@ -678,6 +678,46 @@ mod tests {
     }
 
     #[test]
+    fn data_listen_settings_are_checked_and_errors_name_the_key() {
+        let err = |extra: &str| {
+            AgentConfig::from_toml(&format!("dispatchers = [\"d@x\"]\n{extra}"))
+                .expect_err(extra)
+                .to_string()
+        };
+        let ok = |extra: &str| AgentConfig::from_toml(&format!("dispatchers = [\"d@x\"]\n{extra}"));
+        assert!(ok("data_listen = \"127.0.0.1:0\"").is_ok());
+        assert!(ok("data_listen = \"0.0.0.0:7443\"\ndata_url = \"http://w1:7443\"\ndata_allow_plain_http = true").is_ok());
+        let e = err("data_listen = \"10.0.0.7:7443\"");
+        assert!(
+            e.contains("data_listen") && e.contains("data_tls_cert"),
+            "{e}"
+        );
+        let e = err("data_listen = \"0.0.0.0:7443\"\ndata_allow_plain_http = true");
+        assert!(
+            e.contains("data_url") && e.contains("http://worker1.example.com:7443"),
+            "{e}"
+        );
+        let e = err("data_listen = \"127.0.0.1:0\"\nhttp_data = false");
+        assert!(e.contains("data_listen: needs http_data = true"), "{e}");
+        let e = err("data_listen = \"127.0.0.1:0\"\ndata_tls_cert = \"c.pem\"");
+        assert!(e.contains("data_tls_key"), "{e}");
+        let e = err("data_listen = \"127.0.0.1:0\"\ndata_url = \"https://w1:7443\"");
+        assert!(
+            e.contains("data_url") && e.contains("must start with http://"),
+            "{e}"
+        );
+        let e = err("data_listen = \"127.0.0.1:0\"\ndata_url = \"http://w1:7443/x\"");
+        assert!(e.contains("scheme, host and port only"), "{e}");
+        let e = err("data_listen = \"127.0.0.1:0\"\ndata_keep_for = \"10s\"");
+        assert!(e.contains("data_keep_for"), "{e}");
+        let e = err("data_url = \"http://w1:7443\"");
+        assert!(
+            e.contains("data_url: has no effect without data_listen"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn embedded_default_parses_and_equals_default() {
         let cfg = AgentConfig::from_toml(DEFAULT_CONFIG).unwrap();
         assert_eq!(cfg, AgentConfig::default());

@@ -116,6 +116,11 @@ enum Scenario {
         /// so that the machine's drift falls on both (medians are reported).
         #[arg(long, default_value_t = 1)]
         runs: usize,
+        /// Also run each farm with `data_listen` on every agent (map outputs kept by the
+        /// agents that made them, reduce steps placed near them, PROTOCOL.md §13.5), right
+        /// after the same farm without it.
+        #[arg(long)]
+        data_listen: bool,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -322,6 +327,7 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             fragment_mib,
             fan_in,
             runs,
+            data_listen,
             json,
         } => {
             if mib == 0
@@ -338,7 +344,14 @@ pub fn run(a: BenchArgs) -> Result<bool> {
                 anyhow::bail!("--fan-in must be from 2 to {}", spine_protocol::MAX_FAN_IN);
             }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-            let r = rt.block_on(mapreduce(mib, &agents, fragment_mib, fan_in, runs))?;
+            let r = rt.block_on(mapreduce(
+                mib,
+                &agents,
+                fragment_mib,
+                fan_in,
+                runs,
+                data_listen,
+            ))?;
             write_json(json, &r)?;
             Ok(true)
         }
@@ -475,8 +488,14 @@ async fn mapreduce(
     fragment_mib: usize,
     fan_in: u64,
     runs: usize,
+    data_listen: bool,
 ) -> Result<serde_json::Value> {
     use spine_example_wordcount as wc;
+    let variants: &[bool] = if data_listen {
+        &[false, true]
+    } else {
+        &[false]
+    };
     let text = wc::generated_corpus(mib * 1024 * 1024);
     // The single process: one count over the text in memory, sorted as the reduce sorts.
     let single = |text: &str| {
@@ -496,61 +515,75 @@ async fn mapreduce(
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
     println!(
-        "{:>4} {:>7} {:>9} {:>10} {:>15} {:>9} {:>22}",
-        "run", "agents", "single", "time", "÷ single proc.", "upload", "after upload ÷ single"
+        "{:>4} {:>7} {:>6} {:>9} {:>10} {:>15} {:>9} {:>22}",
+        "run",
+        "agents",
+        "kept",
+        "single",
+        "time",
+        "÷ single proc.",
+        "upload",
+        "after upload ÷ single"
     );
     let mut rows = Vec::new();
     for run in 1..=runs {
         for &n in agent_counts {
-            let (_, local_s) = single(&text);
-            let (took, uploaded, reduce_steps) =
-                mapreduce_farm(n, &pieces, &local, mib, fan_in).await?;
-            println!(
-                "{run:>4} {n:>7} {local_s:>8.2}s {took:>9.2}s {:>15.2} {uploaded:>8.2}s {:>22.2}",
-                took / local_s,
-                (took - uploaded) / local_s
-            );
-            rows.push(serde_json::json!({
-                "run": run, "agents": n, "seconds": took, "single_process_s": local_s,
-                "over_single_process": took / local_s, "upload_seconds": uploaded,
-                "after_upload_over_single_process": (took - uploaded) / local_s,
-                "reduce_steps": reduce_steps,
-            }));
+            for &keep in variants {
+                let (_, local_s) = single(&text);
+                let (took, uploaded, reduce_steps) =
+                    mapreduce_farm(n, &pieces, &local, mib, fan_in, keep).await?;
+                let kept = if keep { "yes" } else { "no" };
+                println!(
+                    "{run:>4} {n:>7} {kept:>6} {local_s:>8.2}s {took:>9.2}s {:>15.2} {uploaded:>8.2}s {:>22.2}",
+                    took / local_s,
+                    (took - uploaded) / local_s
+                );
+                rows.push(serde_json::json!({
+                    "run": run, "agents": n, "data_listen": keep, "seconds": took,
+                    "single_process_s": local_s, "over_single_process": took / local_s,
+                    "upload_seconds": uploaded,
+                    "after_upload_over_single_process": (took - uploaded) / local_s,
+                    "reduce_steps": reduce_steps,
+                }));
+            }
         }
     }
     println!("medians:");
     println!(
-        "{:>7} {:>10} {:>9} {:>8} {:>15} {:>22}",
-        "agents", "time", "speedup", "÷ ideal", "÷ single proc.", "after upload ÷ single"
+        "{:>7} {:>6} {:>10} {:>9} {:>8} {:>15} {:>22}",
+        "agents", "kept", "time", "speedup", "÷ ideal", "÷ single proc.", "after upload ÷ single"
     );
-    let of = |n: usize, key: &str| {
+    let of = |n: usize, keep: bool, key: &str| {
         median(
             rows.iter()
-                .filter(|r| r["agents"] == n)
+                .filter(|r| r["agents"] == n && r["data_listen"] == keep)
                 .filter_map(|r| r[key].as_f64())
                 .collect(),
         )
     };
-    let base = of(agent_counts[0], "seconds");
+    let base = of(agent_counts[0], false, "seconds");
     let mut medians = Vec::new();
     for &n in agent_counts {
-        let took = of(n, "seconds");
-        let speedup = base / took;
-        // The ideal counts agents relative to the first count's (1 unless told otherwise).
-        let ideal = n as f64 / agent_counts[0] as f64;
-        let (ratio, after) = (
-            of(n, "over_single_process"),
-            of(n, "after_upload_over_single_process"),
-        );
-        println!(
-            "{n:>7} {took:>9.2}s {speedup:>9.2} {:>8.2} {ratio:>15.2} {after:>22.2}",
-            speedup / ideal
-        );
-        medians.push(serde_json::json!({
-            "agents": n, "seconds": took, "speedup": speedup, "ideal": ideal,
-            "speedup_over_ideal": speedup / ideal, "over_single_process": ratio,
-            "after_upload_over_single_process": after,
-        }));
+        for &keep in variants {
+            let took = of(n, keep, "seconds");
+            let speedup = base / took;
+            // The ideal counts agents relative to the first count's (1 unless told otherwise).
+            let ideal = n as f64 / agent_counts[0] as f64;
+            let (ratio, after) = (
+                of(n, keep, "over_single_process"),
+                of(n, keep, "after_upload_over_single_process"),
+            );
+            let kept = if keep { "yes" } else { "no" };
+            println!(
+                "{n:>7} {kept:>6} {took:>9.2}s {speedup:>9.2} {:>8.2} {ratio:>15.2} {after:>22.2}",
+                speedup / ideal
+            );
+            medians.push(serde_json::json!({
+                "agents": n, "data_listen": keep, "seconds": took, "speedup": speedup,
+                "ideal": ideal, "speedup_over_ideal": speedup / ideal,
+                "over_single_process": ratio, "after_upload_over_single_process": after,
+            }));
+        }
     }
     let local_s = median(
         rows.iter()
@@ -572,6 +605,7 @@ async fn mapreduce_farm(
     local: &[(String, u64)],
     mib: usize,
     fan_in: u64,
+    data_listen: bool,
 ) -> Result<(f64, f64, serde_json::Value)> {
     let dir = tempfile::tempdir().context("temporary directory")?;
     let farm = crate::up::Farm::start(crate::up::FarmOptions {
@@ -584,7 +618,9 @@ async fn mapreduce_farm(
             (mib as u64 * 1024 * 1024) * 3 / 2 + 16 * 1024 * 1024,
         )),
         dispatcher: None,
-        agent: None,
+        agent: data_listen.then(|| -> crate::up::AgentChange {
+            Box::new(|a| a.data_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))))
+        }),
     })
     .await?;
     let api = spine_client::Client::new(&format!("http://{}", farm.http), None)?;
