@@ -158,7 +158,7 @@ impl Core {
         // loaded as the least-loaded one ([`Registry::near_enough`]).
         if job.spec.strategy == Strategy::LeastLoaded && job.spec.sort.is_none() {
             let mut holders = job.spec.input_kept.clone();
-            holders.sort_by(|a, b| b.1.cmp(&a.1));
+            holders.sort_by_key(|h| std::cmp::Reverse(h.1));
             if let Some(h) = holders
                 .iter()
                 .filter_map(|(a, _)| self.registry.id_of(a))
