@@ -272,7 +272,21 @@ mod tests {
             text,
             format!("{{\"sha256\":\"{}\",\"size\":70000}}", "ab".repeat(32))
         );
-        for b in [inline, stored] {
+        // Kept by an agent (data_listen): the blob, the agent and its URL.
+        let kept = Body::Kept(Kept {
+            blob: Stored {
+                sha256: [0xcd; 32],
+                size: 90_000,
+            },
+            agent: "agent1@example.com/w".parse().unwrap(),
+            url: format!("http://w1:7443/v1/blobs/{}", "cd".repeat(32)),
+        });
+        let text = serde_json::to_string(&kept).unwrap();
+        assert!(text.contains("\"agent\":\"agent1@example.com/w\""), "{text}");
+        if let Body::Kept(k) = &kept {
+            assert_eq!(k.base(), "http://w1:7443");
+        }
+        for b in [inline, stored, kept] {
             let back: Body = serde_json::from_str(&serde_json::to_string(&b).unwrap()).unwrap();
             assert_eq!(back, b);
         }
