@@ -44,7 +44,11 @@ pub(crate) async fn run(
     info!(jid = %conn.jid(), server = %server, capabilities = agent.caps.len(), "agent connected");
     let mut ads = BTreeMap::new();
     let mut handlers = BTreeMap::new();
+    let mut file_inputs = Vec::new();
     for (name, c) in agent.caps {
+        if c.file_input {
+            file_inputs.push(name.clone());
+        }
         ads.insert(name.clone(), c.ad);
         handlers.insert(name, c.handler);
     }
@@ -55,7 +59,8 @@ pub(crate) async fn run(
         agent.attrs,
         rand::rng().random(),
         Instant::now(),
-    );
+    )
+    .with_file_inputs(file_inputs);
     let (mut sup, mut inbox) = Supervisor::new(handlers);
     let (mut plane, mut transfers) = DataPlane::new(crate::dataplane::client(&agent.config));
     core.session_started(Instant::now());
@@ -107,6 +112,11 @@ pub(crate) async fn run(
                     plane.finished(key);
                     core.put_done(key, result, Instant::now());
                 }
+                Transfer::FilePut { key, result } => {
+                    plane.finished(key);
+                    core.file_put_done(key, result, Instant::now());
+                }
+                Transfer::Inlined { key, result } => core.files_inlined(key, result, Instant::now()),
             },
         }
         perform(&conn, &mut sup, &mut plane, core.take_ready()).await;
@@ -136,6 +146,19 @@ async fn perform(conn: &Connection, sup: &mut Supervisor, plane: &mut DataPlane,
     }
     for p in ready.puts {
         plane.put(p);
+    }
+    for p in ready.file_puts {
+        plane.put_file(p);
+    }
+    for i in ready.inlines {
+        plane.inline(i);
+    }
+    if !ready.cleanups.is_empty() {
+        // Deleting a large input file takes a while: not on the connection task.
+        let cleanups = ready.cleanups;
+        drop(tokio::task::spawn_blocking(move || {
+            cleanups.into_iter().for_each(crate::files::Cleanup::delete)
+        }));
     }
     for out in ready.out {
         match out {
