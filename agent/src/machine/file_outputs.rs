@@ -98,7 +98,11 @@ impl Core {
         };
         let http = self.settings.http_data && self.speaks_1_1.contains(&out.fin.from_bare);
         self.file_outputs.insert(key, out);
-        if http {
+        if total <= INLINE_LIMIT as u64 {
+            // Fits the result stanza with the bytes inline: no slot is worth it.
+            debug!("fragment files small enough to go inline");
+            self.inline_files(key, "small enough to go inline", now);
+        } else if http {
             self.pump_files(key, now);
         } else {
             let why = match self.settings.http_data {
@@ -272,11 +276,13 @@ impl Core {
             self.check_end();
             return;
         }
-        log_once(
-            &mut self.upload_warned,
-            &o.fin.from_bare,
-            &format!("uploading fragment files over HTTP: {why}; sending them inline"),
-        );
+        if total > INLINE_LIMIT as u64 {
+            log_once(
+                &mut self.upload_warned,
+                &o.fin.from_bare,
+                &format!("uploading fragment files over HTTP: {why}; sending them inline"),
+            );
+        }
         self.ready.inlines.push(InlineFiles {
             key,
             files: o.files,

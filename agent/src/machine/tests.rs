@@ -465,7 +465,7 @@ mod references;
 mod uploads_and_loads;
 
 /// The core after `test.echo` job `id` ran on a dispatcher that said hello with protocol 1.1,
-/// its handler ended with `n` fragment files of 1,000 bytes each (file `i` hashed as `[i; 32]`).
+/// its handler ended with `n` fragment files of 100,000 bytes each (over the inline limit together) (file `i` hashed as `[i; 32]`).
 fn files_done(n: usize, t0: Instant) -> (Core, Ready) {
     let mut c = core(4, t0);
     let hello = Presence::available()
@@ -482,7 +482,7 @@ fn files_done(n: usize, t0: Instant) -> (Core, Ready) {
             path: std::env::temp_dir().join(format!("spine-core-test-{i}-does-not-exist")),
             name: Some(format!("part-{i}")),
             mime: Some("text/plain".into()),
-            size: 1000,
+            size: 100_000,
             sha256: [i as u8; 32],
         })
         .collect();
@@ -531,13 +531,13 @@ fn fragment_files_go_to_a_slot_each_four_at_a_time_and_the_result_names_them() {
     let reqs = slot_requests(&r);
     assert_eq!(reqs.len(), FILE_TRANSFERS, "four files in flight at most");
     assert_eq!(reqs[1].1.sha256, [1; 32]);
-    assert_eq!((reqs[1].1.size, reqs[1].1.attempt), (1000, 1));
+    assert_eq!((reqs[1].1.size, reqs[1].1.attempt), (100_000, 1));
     assert!(answer(&r, "j1").is_none(), "no result before the uploads");
     let mut puts = Vec::new();
     for (i, (iq, _)) in reqs.iter().enumerate() {
         let r = grant(&mut c, iq, i as u8, t0);
         let [p] = <[FilePut; 1]>::try_from(r.file_puts).unwrap();
-        assert_eq!(p.size, 1000);
+        assert_eq!(p.size, 100_000);
         puts.push(p);
     }
     // One upload done: the fifth file's slot is asked for.
@@ -566,7 +566,7 @@ fn fragment_files_go_to_a_slot_each_four_at_a_time_and_the_result_names_them() {
     assert_eq!(list.len(), 6);
     for (i, f) in list.iter().enumerate() {
         let s = f.source.as_ref().expect("by reference");
-        assert_eq!((s.sha256, s.size), ([i as u8; 32], 1000));
+        assert_eq!((s.sha256, s.size), ([i as u8; 32], 100_000));
         assert_eq!(f.name, Some(format!("part-{i}")));
         assert!(f.data.is_empty());
     }
@@ -613,7 +613,7 @@ fn fragment_files_over_max_input_size_without_http_fail_naming_the_limit() {
     let t0 = Instant::now();
     let mut c = core(4, t0);
     c.settings.http_data = false;
-    c.settings.max_input_size = 2500;
+    c.settings.max_input_size = 250_000;
     send_job(&mut c, DISPATCHER, "j1", job("f1", "test.echo"), t0);
     let mut d = done("f1", Ok(Output::default()));
     d.files = (0..3)
@@ -621,7 +621,7 @@ fn fragment_files_over_max_input_size_without_http_fail_naming_the_limit() {
             path: std::env::temp_dir().join(format!("spine-core-test-big-{i}-does-not-exist")),
             name: None,
             mime: None,
-            size: 1000,
+            size: 100_000,
             sha256: [0; 32],
         })
         .collect();
@@ -631,6 +631,6 @@ fn fragment_files_over_max_input_size_without_http_fail_naming_the_limit() {
     let e = answer(&r, "j1").unwrap().unwrap_err();
     assert_eq!(e.condition, Condition::Failed);
     let text = e.text.unwrap_or_default();
-    assert!(text.contains("max_input_size (2500)"), "{text}");
+    assert!(text.contains("max_input_size (250000)"), "{text}");
     assert!(text.contains("http_data is off"), "{text}");
 }
