@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 use spine_agent::{AgentBuilder, FragmentFile, JobContext, JobError, Output};
-use spine_protocol::fragments::{self, Fragment};
+use spine_protocol::fragments;
 
 /// The bundled corpus (`spine up --demo` counts it): the texts in `corpus/` and the project's
 /// own documentation, as (name, text).
@@ -422,6 +422,7 @@ pub fn generated_corpus(bytes: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use spine_protocol::Fragment;
 
     fn counts(text: &str) -> Vec<(String, u64)> {
         let mut c = Counts::new();
