@@ -28,7 +28,7 @@ use spine_protocol::DataRef;
 
 use crate::config::AgentConfig;
 use crate::files::WorkDir;
-use crate::machine::{Fetch, FilePut, Fetched, InlineFiles, Put, Source};
+use crate::machine::{Fetch, Fetched, FilePut, InlineFiles, Put, Source};
 
 /// How long establishing one connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -124,7 +124,9 @@ impl DataPlane {
         let task = tokio::spawn(async move {
             let fetch = async {
                 match (&f.source, f.to_file) {
-                    (Source::Ref(r), true) => fetch_ref_to_file(&client, r).await.map(Fetched::File),
+                    (Source::Ref(r), true) => {
+                        fetch_ref_to_file(&client, r).await.map(Fetched::File)
+                    }
                     _ => fetch_sources(&client, &f).await.map(Fetched::Bytes),
                 }
             };

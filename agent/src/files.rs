@@ -192,12 +192,17 @@ mod tests {
         std::fs::write(&a, b"alpha\n").unwrap();
         std::fs::write(&b, vec![b'x'; 3 * READ_BUF + 5]).unwrap();
         let files = hash_files(vec![
-            FragmentFile::new(&a).with_name("part-0").with_mime("text/plain"),
+            FragmentFile::new(&a)
+                .with_name("part-0")
+                .with_mime("text/plain"),
             FragmentFile::new(&b),
         ])
         .unwrap();
         assert_eq!(files[0].size, 6);
-        assert_eq!(files[0].sha256, <[u8; 32]>::from(Sha256::digest(b"alpha\n")));
+        assert_eq!(
+            files[0].sha256,
+            <[u8; 32]>::from(Sha256::digest(b"alpha\n"))
+        );
         assert_eq!(files[1].size, 3 * READ_BUF as u64 + 5);
         let refs = fragments::decode(&reference_list(&files)).unwrap();
         assert_eq!(refs[0].source.as_ref().map(|r| r.size), Some(6));

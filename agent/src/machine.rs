@@ -350,7 +350,10 @@ impl Core {
     }
 
     /// The same core with these capabilities taking their input as a file.
-    pub(crate) fn with_file_inputs(mut self, caps: impl IntoIterator<Item = CapabilityName>) -> Self {
+    pub(crate) fn with_file_inputs(
+        mut self,
+        caps: impl IntoIterator<Item = CapabilityName>,
+    ) -> Self {
         self.settings.file_inputs = caps.into_iter().collect();
         self
     }

@@ -8,6 +8,11 @@
 //! reads, after the handler's future is gone; the driver passes it to
 //! [`crate::machine::Core::job_done`]. Handlers' progress reports travel on the second
 //! channel to [`crate::machine::Core::report`].
+//!
+//! Around a handler the task also does the disk work of files ([`crate::files`]): for a
+//! capability that takes its input as a file it writes an input that came in memory to the
+//! attempt's work directory first, and after the handler it hashes the fragment files the
+//! handler returned; both travel back in the [`Done`], for the core to upload and delete.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -226,7 +231,9 @@ async fn output_files(mut out: Output) -> Result<(Output, Vec<OutFile>), JobErro
     }
     let files = std::mem::take(&mut out.fragment_files);
     if !out.bytes.is_empty() {
-        drop(tokio::task::spawn_blocking(move || crate::files::discard(files)));
+        drop(tokio::task::spawn_blocking(move || {
+            crate::files::discard(files)
+        }));
         return Err(JobError::Failed(
             "the handler returned both output bytes and fragment files: an output is one or the other".into(),
         ));

@@ -172,8 +172,8 @@ enum Scenario {
     /// process splitting an input of each size (written to disk, uploaded to a fresh local
     /// farm, named by `input_ref`), against that size; map and reduce steps run elsewhere.
     Split {
-        /// Input sizes in GiB, comma-separated: `1,10` (needs about 4× the largest free on
-        /// disk: the input, the blob store's copy, the agent's copy and the fragments).
+        /// Input sizes in GiB, comma-separated: `1,10` (needs about 3× the largest free on
+        /// disk: the blob store's copy, the agent's copy and the fragments).
         #[arg(long, value_delimiter = ',', default_value = "1")]
         gib: Vec<f64>,
         /// The split step's fragment size in MiB.
@@ -287,7 +287,9 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             json,
         } => {
             if gib.is_empty() || gib.iter().any(|g| !(*g > 0.0 && *g <= 1024.0)) {
-                anyhow::bail!("every --gib size must be above 0 and at most 1024 (e.g. --gib 1,10)");
+                anyhow::bail!(
+                    "every --gib size must be above 0 and at most 1024 (e.g. --gib 1,10)"
+                );
             }
             if !(1..=1024).contains(&fragment_mib) {
                 anyhow::bail!("--fragment-mib must be from 1 to 1024");

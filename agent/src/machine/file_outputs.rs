@@ -79,11 +79,13 @@ impl Core {
     /// A handler returned fragment files: upload them to slots, or send them inline.
     pub(super) fn start_file_output(
         &mut self,
-        fin: Finished,
+        mut fin: Finished,
         files: Vec<OutFile>,
         work: Option<WorkDir>,
         now: Instant,
     ) {
+        // Whatever the handler said, the output is a fragment list.
+        fin.mime = Some(FRAGMENTS_MIME.to_owned());
         self.next_id += 1;
         let key = self.next_id;
         let total: u64 = files.iter().map(|f| f.size).sum();
@@ -298,7 +300,12 @@ impl Core {
 
     /// The files of output `key` were read back (and deleted): send the list, inline if
     /// small, else in chunks.
-    pub(crate) fn files_inlined(&mut self, key: u64, result: Result<Vec<u8>, String>, now: Instant) {
+    pub(crate) fn files_inlined(
+        &mut self,
+        key: u64,
+        result: Result<Vec<u8>, String>,
+        now: Instant,
+    ) {
         let Some(i) = self.inlining.remove(&key) else {
             return;
         };
@@ -329,7 +336,7 @@ impl Core {
             elapsed_ms: Some(fin.elapsed_ms),
             meta: fin.meta,
             output: Some(Data::Inline {
-                mime: Some(fin.mime.unwrap_or_else(|| FRAGMENTS_MIME.to_owned())),
+                mime: fin.mime,
                 bytes: Arc::unwrap_or_clone(fin.bytes),
             }),
         };

@@ -43,7 +43,11 @@ pub(super) struct PutUpload {
 
 /// Logs a data-plane failure at `warn` the first time for a dispatcher (until a success clears
 /// it), at `debug` after that.
-pub(super) fn log_once(warned: &mut std::collections::HashSet<BareJid>, dispatcher: &BareJid, what: &str) {
+pub(super) fn log_once(
+    warned: &mut std::collections::HashSet<BareJid>,
+    dispatcher: &BareJid,
+    what: &str,
+) {
     if warned.insert(dispatcher.clone()) {
         warn!(dispatcher = %dispatcher, "{what} (logged once per dispatcher until HTTP works again)");
     } else {

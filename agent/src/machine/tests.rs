@@ -3,11 +3,11 @@
 
 use super::*;
 use crate::handler::Output;
+use file_outputs::FILE_TRANSFERS;
 use sha2::{Digest, Sha256};
 use spine_protocol::{
     chunks, AgentState, BlobId, BlobRef, Chunk, ProtocolVersion, RequestSlot, Slot,
 };
-use file_outputs::FILE_TRANSFERS;
 
 const DISPATCHER: &str = "dispatcher@localhost/d1";
 const OTHER_DISPATCHER: &str = "backup@localhost/d2";
@@ -571,7 +571,9 @@ fn fragment_files_go_to_a_slot_each_four_at_a_time_and_the_result_names_them() {
         assert!(f.data.is_empty());
     }
     assert!(
-        r.cleanups.iter().any(|c| matches!(c, Cleanup::Files(f) if f.len() == 6)),
+        r.cleanups
+            .iter()
+            .any(|c| matches!(c, Cleanup::Files(f) if f.len() == 6)),
         "the files are deleted"
     );
 }

@@ -9,7 +9,8 @@
 //! each to a slot); the map and reduce steps (`bench.lines`, `bench.sum`: bytes and lines) run
 //! on an agent in this process, so the child does nothing but split. The child's resident set
 //! before the job (`VmRSS`) and its peak after (`VmHWM`, which the kernel keeps) give the
-//! growth; the lines and bytes the farm counted must equal the file's.
+//! growth; the lines and bytes the farm counted must equal the file's. Disk: about three
+//! times the input at the peak (the blob store's copy, the agent's, and the fragments).
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -38,12 +39,15 @@ pub(super) struct Options {
 /// Bytes and line ends of `bytes`, as JSON.
 fn lines_of(bytes: &[u8]) -> Vec<u8> {
     let lines = bytes.iter().filter(|&&b| b == b'\n').count();
-    json!({"bytes": bytes.len(), "lines": lines}).to_string().into_bytes()
+    json!({"bytes": bytes.len(), "lines": lines})
+        .to_string()
+        .into_bytes()
 }
 
 /// The sum of a fragment list of [`lines_of`] outputs.
 fn sum(list: &[u8]) -> Result<Output, JobError> {
-    let list = spine_protocol::fragments::decode(list).map_err(|e| JobError::bad_argument("input", e))?;
+    let list =
+        spine_protocol::fragments::decode(list).map_err(|e| JobError::bad_argument("input", e))?;
     let (mut bytes, mut lines) = (0u64, 0u64);
     for f in list {
         let v: Value = serde_json::from_slice(&f.data)
@@ -51,7 +55,9 @@ fn sum(list: &[u8]) -> Result<Output, JobError> {
         bytes += v["bytes"].as_u64().unwrap_or(0);
         lines += v["lines"].as_u64().unwrap_or(0);
     }
-    Ok(Output::bytes(json!({"bytes": bytes, "lines": lines}).to_string()))
+    Ok(Output::bytes(
+        json!({"bytes": bytes, "lines": lines}).to_string(),
+    ))
 }
 
 /// Writes `size` bytes or a little more (whole copies of the corpus) to `path`: (bytes, line
@@ -60,13 +66,15 @@ fn write_input(path: &Path, size: u64) -> Result<(u64, u64)> {
     let base = spine_example_wordcount::generated_corpus(BASE_MIB << 20);
     let lines = base.bytes().filter(|&b| b == b'\n').count() as u64;
     let copies = size.div_ceil(base.len() as u64).max(1);
-    let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let file =
+        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut out = std::io::BufWriter::with_capacity(8 << 20, file);
     for _ in 0..copies {
         out.write_all(base.as_bytes())
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    out.flush().with_context(|| format!("writing {}", path.display()))?;
+    out.flush()
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok((copies * base.len() as u64, copies * lines))
 }
 
@@ -114,11 +122,10 @@ async fn one(size: u64, o: &Options) -> Result<Value> {
     let (bytes, lines) = write_input(&input, size)?;
 
     let accounts = crate::up::FarmAccounts::new(2);
-    let server = spine_server::Server::bind(
-        accounts.server_config("127.0.0.1:0".parse()?, dir.path()),
-    )
-    .await
-    .context("starting the XMPP server")?;
+    let server =
+        spine_server::Server::bind(accounts.server_config("127.0.0.1:0".parse()?, dir.path()))
+            .await
+            .context("starting the XMPP server")?;
     let xmpp = server.local_addr();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
@@ -132,7 +139,9 @@ async fn one(size: u64, o: &Options) -> Result<Value> {
     let dispatcher = spine_dispatcher::Dispatcher::bind(dcfg)
         .await
         .context("starting the dispatcher")?;
-    let http = dispatcher.http_addr().context("the HTTP API has no address")?;
+    let http = dispatcher
+        .http_addr()
+        .context("the HTTP API has no address")?;
     let dispatcher_task = tokio::spawn(dispatcher.run(stopped(stop_rx.clone())));
 
     // The splitter: a child process, its work files under the run's directory.
@@ -162,7 +171,9 @@ async fn one(size: u64, o: &Options) -> Result<Value> {
         .capability("bench.lines", None, |ctx: JobContext| async move {
             Ok::<_, JobError>(Output::bytes(lines_of(&ctx.input)))
         })
-        .capability("bench.sum", None, |ctx: JobContext| async move { sum(&ctx.input) })
+        .capability("bench.sum", None, |ctx: JobContext| async move {
+            sum(&ctx.input)
+        })
         .build()
         .context("building the counting agent")?;
     let counter_task = tokio::spawn(counter.run(stopped(stop_rx)));
@@ -172,7 +183,13 @@ async fn one(size: u64, o: &Options) -> Result<Value> {
         wait_for_agents(&api, "wordcount.split", 1).await?;
         wait_for_agents(&api, "bench.lines", 1).await?;
         let blob = api.put_file(&input).await?;
-        let sha256 = blob.source.as_ref().context("the upload's reference")?.sha256;
+        let sha256 = blob
+            .source
+            .as_ref()
+            .context("the upload's reference")?
+            .sha256;
+        // Stored: the disk is needed for the agent's copy and the fragments.
+        std::fs::remove_file(&input).with_context(|| format!("deleting {}", input.display()))?;
         // Idle, registered: the baseline.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let before = proc_status_bytes(&pid, "VmRSS").context("the split agent's VmRSS")?;
@@ -191,7 +208,10 @@ async fn one(size: u64, o: &Options) -> Result<Value> {
         let job = api.follow(&id, |_, _| {}).await?;
         let job_s = t.elapsed().as_secs_f64();
         let peak = proc_status_bytes(&pid, "VmHWM").context("the split agent's VmHWM")?;
-        anyhow::ensure!(job["state"] == "succeeded", "the job did not succeed: {job}");
+        anyhow::ensure!(
+            job["state"] == "succeeded",
+            "the job did not succeed: {job}"
+        );
         let counted: Value = serde_json::from_slice(&api.output(&job).await?)?;
         anyhow::ensure!(
             counted == json!({"bytes": bytes, "lines": lines}),
@@ -212,7 +232,10 @@ async fn one(size: u64, o: &Options) -> Result<Value> {
             eprintln!("split: SIGTERM to the agent: {e}");
         }
     }
-    if tokio::time::timeout(Duration::from_secs(30), child.wait()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .is_err()
+    {
         eprintln!("split: the agent did not stop within 30 s: killed");
         let _ = child.kill().await;
     }

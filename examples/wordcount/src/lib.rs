@@ -281,7 +281,10 @@ pub fn split_stream<W: std::io::Write>(
         if buf.is_empty() {
             break;
         }
-        let room = |limit: u64| buf.len().min(usize::try_from(limit - len).unwrap_or(usize::MAX));
+        let room = |limit: u64| {
+            buf.len()
+                .min(usize::try_from(limit - len).unwrap_or(usize::MAX))
+        };
         let (take, cut) = if len < target {
             // A line that ends exactly at the target ends the piece.
             let n = room(target);
@@ -293,7 +296,10 @@ pub fn split_stream<W: std::io::Write>(
                 None => (lim, false),
             }
         } else {
-            match buf.iter().position(|b| b.is_ascii() && !b.is_ascii_alphanumeric()) {
+            match buf
+                .iter()
+                .position(|b| b.is_ascii() && !b.is_ascii_alphanumeric())
+            {
                 Some(p) => (p + 1, true),
                 None => (buf.len(), false),
             }
@@ -375,7 +381,13 @@ pub fn register(builder: AgentBuilder) -> AgentBuilder {
                         ..
                     } = ctx;
                     tokio::task::spawn_blocking(move || match (cap, input_file, work_dir) {
-                        ("wordcount.split", Some(file), Some(dir)) => split_file(&args, &file, &dir),
+                        ("wordcount.split", Some(file), Some(dir)) => {
+                            let out = split_file(&args, &file, &dir);
+                            // Read: its disk is free for the fragments' uploads now (if this
+                            // fails, the agent deletes it after the job anyway).
+                            std::fs::remove_file(&file).ok();
+                            out
+                        }
                         ("wordcount.split", ..) => Err(JobError::Failed(
                             "wordcount.split takes its input as a file".into(),
                         )),
@@ -582,7 +594,10 @@ mod tests {
     #[test]
     fn empty_input_no_trailing_newline_and_multibyte_text() {
         assert!(pieces(b"", 10, 4).unwrap().is_empty());
-        assert_eq!(pieces(b"no newline at all", 100, 4).unwrap(), ["no newline at all"]);
+        assert_eq!(
+            pieces(b"no newline at all", 100, 4).unwrap(),
+            ["no newline at all"]
+        );
         assert_eq!(
             pieces(b"ab\ncd", 2, 4).unwrap(),
             ["ab\n", "cd"],

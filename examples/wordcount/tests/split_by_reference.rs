@@ -164,7 +164,10 @@ async fn a_large_input_is_split_by_reference_into_fragment_files_uploaded_to_slo
         assert_eq!(f.name, Some(format!("part-{i:05}")));
     }
     let uploads = metric(&base, "spine_blob_uploads_total").await - uploads_before;
-    assert!(uploads >= 16, "{uploads} slot uploads: the 16 fragments and map outputs");
+    assert!(
+        uploads >= 16,
+        "{uploads} slot uploads: the 16 fragments and map outputs"
+    );
     // The split agent says how its input came and how its fragments left.
     let logs: String = (1..=2)
         .map(|n| std::fs::read_to_string(dir.path().join(format!("agent{n}.log"))).unwrap())
@@ -217,7 +220,8 @@ async fn a_split_agent_without_http_sends_its_fragments_inline() {
     assert_eq!(counts_of(&api, &job).await, expected, "equal to one count");
     assert_eq!(list.len(), 8);
     assert!(
-        list.iter().all(|f| f.source.is_none() && !f.data.is_empty()),
+        list.iter()
+            .all(|f| f.source.is_none() && !f.data.is_empty()),
         "every fragment inline"
     );
     assert_eq!(metric(&base, "spine_blob_fetches_total").await, 0);

@@ -105,7 +105,11 @@ fn a_reference_input_is_fetched_then_the_handler_starts_with_its_bytes() {
     let r = send_job(&mut c, DISPATCHER, "d2", job("j2", "test.echo"), t0);
     assert_eq!(condition_of(&r, "d2"), Condition::Busy);
 
-    c.fetched(f.key, Ok(Fetched::Bytes(b"input bytes".to_vec())), t0 + 5 * MS);
+    c.fetched(
+        f.key,
+        Ok(Fetched::Bytes(b"input bytes".to_vec())),
+        t0 + 5 * MS,
+    );
     let r = c.take_ready();
     let [s] = &r.starts[..] else {
         panic!("one start: {r:?}")
