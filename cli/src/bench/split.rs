@@ -23,7 +23,7 @@ use spine_agent::{Agent, JobContext, JobError, Output};
 use super::{proc_status_bytes, wait_for_agents};
 
 const MIB: u64 = 1 << 20;
-/// The generated corpus repeated to make the input.
+/// The generated corpus repeated to make the input (a smaller input is one corpus).
 const BASE_MIB: usize = 64;
 
 /// What to measure.
@@ -63,7 +63,7 @@ fn sum(list: &[u8]) -> Result<Output, JobError> {
 /// Writes `size` bytes or a little more (whole copies of the corpus) to `path`: (bytes, line
 /// ends).
 fn write_input(path: &Path, size: u64) -> Result<(u64, u64)> {
-    let base = spine_example_wordcount::generated_corpus(BASE_MIB << 20);
+    let base = spine_example_wordcount::generated_corpus((BASE_MIB << 20).min(size as usize));
     let lines = base.bytes().filter(|&b| b == b'\n').count() as u64;
     let copies = size.div_ceil(base.len() as u64).max(1);
     let file =
