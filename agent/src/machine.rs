@@ -648,7 +648,7 @@ impl Core {
     }
 
     fn on_cancel(&mut self, c: Cancel, now: Instant) -> Result<(), SpineError> {
-        if self.cancel_fetch(&c.job, now) {
+        if self.cancel_fetch(&c.job, now) || self.cancel_file_output(&c.job, now) {
             return Ok(());
         }
         if self.running.contains_key(&c.job) {

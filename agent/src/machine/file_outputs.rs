@@ -244,26 +244,7 @@ impl Core {
         let Some(o) = self.file_outputs.remove(&key) else {
             return;
         };
-        let puts: Vec<u64> = self
-            .file_put_keys
-            .iter()
-            .filter(|(_, (k, _))| *k == key)
-            .map(|(p, _)| *p)
-            .collect();
-        for p in puts {
-            self.file_put_keys.remove(&p);
-            self.ready.aborts.push(p);
-        }
-        let iqs: Vec<String> = self
-            .file_slot_iqs
-            .iter()
-            .filter(|(_, (k, _))| *k == key)
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in iqs {
-            self.file_slot_iqs.remove(&id);
-            self.file_slot_deadlines.retain(|(_, i)| *i != id);
-        }
+        self.stop_file_transfers(key);
         let total: u64 = o.files.iter().map(|f| f.size).sum();
         let max = self.settings.max_input_size;
         if total > max {
@@ -362,6 +343,54 @@ impl Core {
         let keys: Vec<u64> = self.file_slot_iqs.values().map(|(k, _)| *k).collect();
         for key in keys {
             self.inline_files(key, "the session restarted before the slot answer", now);
+        }
+    }
+
+    /// A cancel of a job whose fragment files are on their way: its uploads stop, its files
+    /// are deleted and it is answered `cancelled` (a long upload of a large split is not
+    /// finished for nothing). False if no files of that job are on their way.
+    pub(super) fn cancel_file_output(&mut self, job: &JobId, now: Instant) -> bool {
+        let Some(key) = self
+            .file_outputs
+            .iter()
+            .find(|(_, o)| &o.fin.job == job)
+            .map(|(k, _)| *k)
+        else {
+            return false;
+        };
+        self.stop_file_transfers(key);
+        let Some(o) = self.file_outputs.remove(&key) else {
+            return false;
+        };
+        info!(job = %job, "cancelled while its fragment files were being uploaded");
+        self.clean_up(o.work, o.files);
+        let e = SpineError::new(Condition::Cancelled).with_text("cancelled by the dispatcher");
+        self.finish(o.fin.job, Outcome::Error(e), o.fin.waiters, now);
+        self.check_end();
+        true
+    }
+
+    /// Forgets the slot requests of output `key` and aborts its uploads.
+    fn stop_file_transfers(&mut self, key: u64) {
+        let puts: Vec<u64> = self
+            .file_put_keys
+            .iter()
+            .filter(|(_, (k, _))| *k == key)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in puts {
+            self.file_put_keys.remove(&p);
+            self.ready.aborts.push(p);
+        }
+        let iqs: Vec<String> = self
+            .file_slot_iqs
+            .iter()
+            .filter(|(_, (k, _))| *k == key)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in iqs {
+            self.file_slot_iqs.remove(&id);
+            self.file_slot_deadlines.retain(|(_, i)| *i != id);
         }
     }
 

@@ -636,3 +636,25 @@ fn fragment_files_over_max_input_size_without_http_fail_naming_the_limit() {
     assert!(text.contains("max_input_size (250000)"), "{text}");
     assert!(text.contains("http_data is off"), "{text}");
 }
+
+#[test]
+fn a_cancel_while_fragment_files_upload_stops_them_and_deletes_the_files() {
+    let t0 = Instant::now();
+    let (mut c, r) = files_done(6, t0);
+    let reqs = slot_requests(&r);
+    let put = grant(&mut c, &reqs[0].0, 0, t0).file_puts.remove(0);
+    let r = send_set(&mut c, "x1", Cancel { job: job_id("f1") }, t0);
+    assert_eq!(answer(&r, "x1"), Some(Ok(None)));
+    assert_eq!(condition_of(&r, "j1"), Condition::Cancelled);
+    assert_eq!(r.aborts, vec![put.key], "the running upload is stopped");
+    assert!(
+        r.cleanups
+            .iter()
+            .any(|c| matches!(c, Cleanup::Files(f) if f.len() == 6)),
+        "the files are deleted"
+    );
+    // Late answers change nothing.
+    assert!(grant(&mut c, &reqs[1].0, 1, t0).file_puts.is_empty());
+    c.file_put_done(put.key, Ok(()), t0);
+    assert!(iqs(&c.take_ready()).is_empty());
+}
