@@ -176,6 +176,10 @@ pub struct AgentConfig {
     /// Largest job input.
     #[serde(with = "spine_protocol::units::size")]
     pub max_input_size: ByteSize,
+    /// Largest input by reference of a capability that takes its input as a file: streamed
+    /// to disk, so bounded by the disk rather than by memory.
+    #[serde(with = "spine_protocol::units::size")]
+    pub max_file_input_size: ByteSize,
     /// Protocol 1.1's fast path (docs/PROTOCOL.md §13.4): fetch job inputs from, and upload
     /// outputs to, the dispatcher's HTTP port. On, the agent announces protocol 1.1; off, 1.0,
     /// and large payloads always travel as chunks over XMPP.
@@ -246,6 +250,7 @@ impl Default for AgentConfig {
             result_cache: 4096,
             result_ttl: Duration::from_secs(600),
             max_input_size: ByteSize::mib(64),
+            max_file_input_size: ByteSize::tib(1),
             http_data: true,
             data_listen: None,
             data_url: None,

@@ -8,6 +8,11 @@
 //! [`crate::machine::Core::put_done`]. Nothing here decides what a failure means: the core
 //! answers `fetch-failed` or falls back to chunks. HTTPS trusts what the XMPP connection
 //! trusts (`tls.ca_file`, or else the system's store), with rustls and the ring provider.
+//!
+//! For a capability that takes its input as a file, a referenced input is streamed into a new
+//! work directory ([`crate::files::WorkDir`]) while it is hashed; a handler's fragment files
+//! are PUT streamed from disk ([`FilePut`]) and, when HTTP is not possible, read back here
+//! into an inline list ([`InlineFiles`]) off the connection task.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -22,13 +27,16 @@ use spine_protocol::fragments::{self, Fragment, FragmentRef, FRAGMENTS_MIME};
 use spine_protocol::DataRef;
 
 use crate::config::AgentConfig;
+use crate::files::WorkDir;
 use crate::held::Held;
-use crate::machine::{Fetch, KeepOut, Put, Source};
+use crate::machine::{Fetch, Fetched, FilePut, InlineFiles, KeepOut, Put, Source};
 
 /// How long establishing one connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Blobs of one fragment list fetched at once.
 const FRAGMENT_FETCHES: usize = 4;
+/// Bytes buffered when streaming a body to or from a file.
+const FILE_BUF: usize = 256 * 1024;
 
 /// The end of one transfer, keyed as the core asked for it.
 #[derive(Debug)]
@@ -36,7 +44,7 @@ pub(crate) enum Transfer {
     /// An input fetch: the verified bytes, or `host: reason` for every source tried.
     Fetched {
         key: u64,
-        result: Result<Vec<u8>, String>,
+        result: Result<Fetched, String>,
     },
     /// An output upload: stored (`201`), or why not.
     Put {
@@ -47,6 +55,16 @@ pub(crate) enum Transfer {
     Kept {
         key: u64,
         result: Result<(), String>,
+    },
+    /// A fragment file's upload: stored (`201`), or why not.
+    FilePut {
+        key: u64,
+        result: Result<(), String>,
+    },
+    /// Fragment files read back into a list with the bytes inline (and deleted), or why not.
+    Inlined {
+        key: u64,
+        result: Result<Vec<u8>, String>,
     },
 }
 
@@ -117,7 +135,14 @@ impl DataPlane {
         let key = f.key;
         let (client, tx, held) = (self.client.clone(), self.tx.clone(), self.held.clone());
         let task = tokio::spawn(async move {
-            let fetch = fetch_sources(&client, held.as_deref(), &f);
+            let fetch = async {
+                match (&f.source, f.to_file) {
+                    (Source::Ref(r), true) => {
+                        fetch_ref_to_file(&client, r).await.map(Fetched::File)
+                    }
+                    _ => fetch_sources(&client, held.as_deref(), &f).await.map(Fetched::Bytes),
+                }
+            };
             let result = match tokio::time::timeout_at(f.deadline, fetch).await {
                 Ok(r) => r,
                 Err(_) => Err("timed out".to_owned()),
@@ -155,6 +180,33 @@ impl DataPlane {
                 .unwrap_or_else(|e| Err(e.to_string())),
             };
             let _ = tx.send(Transfer::Kept { key: k.key, result });
+        });
+    }
+
+    /// Uploads a fragment file to its slot, streamed from disk.
+    pub(crate) fn put_file(&mut self, p: FilePut) {
+        let key = p.key;
+        let (client, tx) = (self.client.clone(), self.tx.clone());
+        let task = tokio::spawn(async move {
+            let result = match tokio::time::timeout_at(p.deadline, put_file(&client, &p)).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("{}: timed out", host(&p.url))),
+            };
+            let _ = tx.send(Transfer::FilePut { key: p.key, result });
+        });
+        self.tasks.insert(key, task.abort_handle());
+    }
+
+    /// Reads fragment files back into a list with the bytes inline, on the blocking pool; the
+    /// files are deleted after.
+    pub(crate) fn inline(&mut self, i: InlineFiles) {
+        let tx = self.tx.clone();
+        tokio::spawn(async move {
+            let InlineFiles { key, files } = i;
+            let result = tokio::task::spawn_blocking(move || crate::files::inline_list(&files))
+                .await
+                .unwrap_or_else(|e| Err(format!("reading the fragment files: {e}")));
+            let _ = tx.send(Transfer::Inlined { key, result });
         });
     }
 
@@ -236,6 +288,56 @@ async fn fetch_ref(client: &reqwest::Client, r: &DataRef) -> Result<Vec<u8>, Str
     Err(reasons.join("; "))
 }
 
+/// The sources of one reference in order, until one has streamed the referenced bytes into
+/// the input file of a new work directory (the directory is deleted after a failure).
+async fn fetch_ref_to_file(client: &reqwest::Client, r: &DataRef) -> Result<WorkDir, String> {
+    let work = tokio::task::spawn_blocking(WorkDir::create)
+        .await
+        .map_err(|e| format!("creating the job directory: {e}"))??;
+    let mut reasons = Vec::new();
+    for url in &r.sources {
+        match fetch_one_to_file(client, url, r.size, &r.sha256, &work.input()).await {
+            Ok(()) => return Ok(work),
+            Err(reason) => reasons.push(format!("{}: {reason}", host(url))),
+        }
+    }
+    drop(tokio::task::spawn_blocking(move || drop(work)));
+    Err(reasons.join("; "))
+}
+
+/// GETs one source into `path` (created or truncated), hashing while it writes: memory holds
+/// one buffer, never the input.
+async fn fetch_one_to_file(
+    client: &reqwest::Client,
+    url: &str,
+    size: u64,
+    sha256: &[u8; 32],
+    path: &std::path::Path,
+) -> Result<(), String> {
+    use tokio::io::AsyncWriteExt as _;
+    let mut resp = get_checked(client, url, size).await?;
+    let file = tokio::fs::File::create(path)
+        .await
+        .map_err(|e| format!("creating {}: {e}", path.display()))?;
+    let mut out = tokio::io::BufWriter::with_capacity(FILE_BUF, file);
+    let mut hasher = Sha256::new();
+    let mut got = 0u64;
+    while let Some(chunk) = resp.chunk().await.map_err(describe)? {
+        got += chunk.len() as u64;
+        if got > size {
+            return Err(format!("the body runs past the {size} bytes referenced"));
+        }
+        hasher.update(&chunk);
+        out.write_all(&chunk)
+            .await
+            .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    }
+    out.flush()
+        .await
+        .map_err(|e| format!("writing {}: {e}", path.display()))?;
+    check_end(got, size, hasher, sha256)
+}
+
 /// Puts every fragment's bytes inline: each reference fetched from its URL and checked
 /// against its hash, a few at a time. One that fails fails the whole (the dispatcher then
 /// sends the list with the bytes inline).
@@ -299,15 +401,7 @@ async fn fetch_one(
     size: u64,
     sha256: &[u8; 32],
 ) -> Result<Vec<u8>, String> {
-    let mut resp = client.get(url).send().await.map_err(describe)?;
-    if resp.status() != reqwest::StatusCode::OK {
-        return Err(format!("HTTP status {}", resp.status()));
-    }
-    if let Some(len) = resp.content_length() {
-        if len != size {
-            return Err(format!("the body has {len} bytes, the reference {size}"));
-        }
-    }
+    let mut resp = get_checked(client, url, size).await?;
     let mut hasher = Sha256::new();
     // The whole referenced size at once: the core checked it against `max_input_size`, and
     // the body may not run past it. Growing by doubling from a small start copied a large
@@ -326,17 +420,38 @@ async fn fetch_one(
         hasher.update(&chunk);
         bytes.extend_from_slice(&chunk);
     }
-    if bytes.len() as u64 != size {
-        return Err(format!(
-            "the body ended after {} of {size} bytes",
-            bytes.len()
-        ));
+    check_end(bytes.len() as u64, size, hasher, sha256)?;
+    Ok(bytes)
+}
+
+/// A GET of `url` answered `200` with no other length than `size`.
+async fn get_checked(
+    client: &reqwest::Client,
+    url: &str,
+    size: u64,
+) -> Result<reqwest::Response, String> {
+    let resp = client.get(url).send().await.map_err(describe)?;
+    if resp.status() != reqwest::StatusCode::OK {
+        return Err(format!("HTTP status {}", resp.status()));
+    }
+    if let Some(len) = resp.content_length() {
+        if len != size {
+            return Err(format!("the body has {len} bytes, the reference {size}"));
+        }
+    }
+    Ok(resp)
+}
+
+/// A body that ended after `got` bytes hashed into `hasher`: the referenced size and hash?
+fn check_end(got: u64, size: u64, hasher: Sha256, sha256: &[u8; 32]) -> Result<(), String> {
+    if got != size {
+        return Err(format!("the body ended after {got} of {size} bytes"));
     }
     let digest: [u8; 32] = hasher.finalize().into();
     if &digest != sha256 {
         return Err("the bytes do not match the referenced SHA-256".to_owned());
     }
-    Ok(bytes)
+    Ok(())
 }
 
 async fn put(client: &reqwest::Client, p: &Put) -> Result<(), String> {
@@ -345,6 +460,30 @@ async fn put(client: &reqwest::Client, p: &Put) -> Result<(), String> {
         .put(&p.url)
         .header(reqwest::header::CONTENT_LENGTH, p.bytes.len())
         .body(body);
+    if let Some(m) = &p.mime {
+        req = req.header(reqwest::header::CONTENT_TYPE, m.as_str());
+    }
+    let resp = req
+        .send()
+        .await
+        .map_err(|e| format!("{}: {}", host(&p.url), describe(e)))?;
+    match resp.status() {
+        reqwest::StatusCode::CREATED => Ok(()),
+        s => Err(format!("{}: HTTP status {s} (expected 201)", host(&p.url))),
+    }
+}
+
+/// PUTs a fragment file, streamed from disk with its length declared (the slot was granted
+/// for that size and hash; the dispatcher checks both).
+async fn put_file(client: &reqwest::Client, p: &FilePut) -> Result<(), String> {
+    let file = tokio::fs::File::open(&p.path)
+        .await
+        .map_err(|e| format!("opening {}: {e}", p.path.display()))?;
+    let stream = tokio_util::io::ReaderStream::with_capacity(file, FILE_BUF);
+    let mut req = client
+        .put(&p.url)
+        .header(reqwest::header::CONTENT_LENGTH, p.size)
+        .body(reqwest::Body::wrap_stream(stream));
     if let Some(m) = &p.mime {
         req = req.header(reqwest::header::CONTENT_TYPE, m.as_str());
     }

@@ -44,7 +44,11 @@ pub(crate) async fn run(
     info!(jid = %conn.jid(), server = %server, capabilities = agent.caps.len(), "agent connected");
     let mut ads = BTreeMap::new();
     let mut handlers = BTreeMap::new();
+    let mut file_inputs = Vec::new();
     for (name, c) in agent.caps {
+        if c.file_input {
+            file_inputs.push(name.clone());
+        }
         ads.insert(name.clone(), c.ad);
         handlers.insert(name, c.handler);
     }
@@ -55,7 +59,8 @@ pub(crate) async fn run(
         agent.attrs,
         rand::rng().random(),
         Instant::now(),
-    );
+    )
+    .with_file_inputs(file_inputs);
     let (mut sup, mut inbox) = Supervisor::new(handlers);
     // Stops the server of kept outputs when the agent ends, however it ends.
     let serving = tokio_util::sync::CancellationToken::new();
@@ -119,6 +124,11 @@ pub(crate) async fn run(
                     core.put_done(key, result, Instant::now());
                 }
                 Transfer::Kept { key, result } => core.kept(key, result, Instant::now()),
+                Transfer::FilePut { key, result } => {
+                    plane.finished(key);
+                    core.file_put_done(key, result, Instant::now());
+                }
+                Transfer::Inlined { key, result } => core.files_inlined(key, result, Instant::now()),
             },
         }
         perform(&conn, &mut sup, &mut plane, core.take_ready()).await;
@@ -151,6 +161,19 @@ async fn perform(conn: &Connection, sup: &mut Supervisor, plane: &mut DataPlane,
     }
     for k in ready.keeps {
         plane.keep(k);
+    }
+    for p in ready.file_puts {
+        plane.put_file(p);
+    }
+    for i in ready.inlines {
+        plane.inline(i);
+    }
+    if !ready.cleanups.is_empty() {
+        // Deleting a large input file takes a while: not on the connection task.
+        let cleanups = ready.cleanups;
+        drop(tokio::task::spawn_blocking(move || {
+            cleanups.into_iter().for_each(crate::files::Cleanup::delete)
+        }));
     }
     for out in ready.out {
         match out {

@@ -30,6 +30,7 @@ mod dataplane;
 mod driver;
 pub mod error;
 pub mod exec;
+mod files;
 pub mod handler;
 mod held;
 pub mod http;
@@ -47,7 +48,7 @@ use spine_protocol::{AttrName, Attributes, CapabilityAd, CapabilityName};
 
 pub use config::{AgentConfig, DEFAULT_CONFIG};
 pub use error::AgentError;
-pub use handler::{Handler, JobContext, JobError, Output, SharedHandler};
+pub use handler::{FragmentFile, Handler, JobContext, JobError, Output, SharedHandler};
 
 /// Warns about an exec capability whose `{arg.NAME}` placeholders are not declared: each then
 /// takes any string that does not start with `-`, a file name included.
@@ -72,6 +73,8 @@ fn undeclared_warning(capability: &str, argv: &[String], declared: bool) {
 pub(crate) struct Capability {
     pub(crate) ad: CapabilityAd,
     pub(crate) handler: SharedHandler,
+    /// The handler gets its input as a file ([`AgentBuilder::file_input`]).
+    pub(crate) file_input: bool,
 }
 
 /// Builds an [`Agent`]: capabilities from code, plus those wrapped in the configuration.
@@ -79,6 +82,8 @@ pub struct AgentBuilder {
     config: AgentConfig,
     caps: Vec<Capability>,
     attrs: Vec<(String, String)>,
+    /// Capabilities that take their input as a file, as named to [`AgentBuilder::file_input`].
+    file_inputs: Vec<String>,
     errors: Vec<String>,
 }
 
@@ -96,6 +101,7 @@ impl Agent {
             config,
             caps: Vec::new(),
             attrs: Vec::new(),
+            file_inputs: Vec::new(),
             errors: Vec::new(),
         }
     }
@@ -187,7 +193,24 @@ impl AgentBuilder {
                     .push(format!("capability '{}' attribute '{k}': {e}", ad.name)),
             }
         }
-        self.caps.push(Capability { ad, handler });
+        self.caps.push(Capability {
+            ad,
+            handler,
+            file_input: false,
+        });
+        self
+    }
+
+    /// Makes the capability `name` (added before or after this call) take its input as a
+    /// file: its handler finds the input at [`JobContext::input_file`], not in
+    /// [`JobContext::input`], and gets a directory of its own for output files
+    /// ([`JobContext::work_dir`]). An input by reference is then streamed to that file while
+    /// its size and SHA-256 are checked, never held in memory, up to `max_file_input_size`
+    /// instead of `max_input_size`; an input that came inline or in chunks is written there
+    /// too, so the handler sees one shape. Both are deleted after the job. For handlers that
+    /// read large inputs piece by piece (a split step).
+    pub fn file_input(mut self, name: &str) -> Self {
+        self.file_inputs.push(name.to_owned());
         self
     }
 
@@ -249,6 +272,14 @@ impl AgentBuilder {
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
             self = self.capability_with(&c.name, c.version.as_deref(), c.slots, &attrs, handler);
+        }
+        for name in std::mem::take(&mut self.file_inputs) {
+            match self.caps.iter_mut().find(|c| c.ad.name.as_str() == name) {
+                Some(c) => c.file_input = true,
+                None => self.errors.push(format!(
+                    "file_input: no capability '{name}' (add it with AgentBuilder::capability)"
+                )),
+            }
         }
         if !self.errors.is_empty() {
             return Err(AgentError::Config(self.errors.join("; ")));

@@ -7,7 +7,8 @@
 //! send. The core owns the running jobs and their slots, the outcome cache, the input blobs
 //! being assembled, the inputs fetched and outputs uploaded over HTTP (`refs`, protocol 1.1:
 //! the transfers themselves are the driver's), the output uploads in chunks (`outputs`,
-//! windowed), the phase (serving,
+//! windowed), the fragment files a handler returned, each to a slot of its own
+//! (`file_outputs`), the phase (serving,
 //! draining, stopping, gone) and the load reports with their sequence numbers (`load`). It has no
 //! `async fn`, reads no clock, no file and no socket, so plain `#[test]`s drive it.
 
@@ -33,13 +34,17 @@ use xmpp_parsers::presence::{Presence, Type as PresenceType};
 use xmpp_parsers::stanza_error::StanzaError;
 
 use crate::config::AgentConfig;
+use crate::files::{Cleanup, OutFile, WorkDir};
 use crate::handler::{Output, Report};
 use crate::inbound::{classify, Inbound};
 use crate::store::{Outcome, OutcomeCache};
 
+mod file_outputs;
 mod load;
 mod outputs;
 mod refs;
+
+pub(crate) use file_outputs::{FilePut, InlineFiles};
 
 /// Unacknowledged chunks in flight per blob upload (PROTOCOL.md §13).
 pub(crate) const CHUNK_WINDOW: usize = 8;
@@ -60,6 +65,10 @@ pub(crate) struct Start {
     pub(crate) input_mime: Option<String>,
     pub(crate) deadline: Option<Instant>,
     pub(crate) submitter: Option<String>,
+    /// The capability takes its input as a file ([`crate::AgentBuilder::file_input`]).
+    pub(crate) file_input: bool,
+    /// The work directory the input was fetched into, when it was.
+    pub(crate) work: Option<WorkDir>,
 }
 
 /// A handler invocation's end, as the supervisor reports it.
@@ -69,6 +78,11 @@ pub(crate) struct Done {
     pub(crate) attempt: u64,
     pub(crate) result: Result<Output, SpineError>,
     pub(crate) elapsed: Duration,
+    /// The attempt's work directory (file-input capabilities), to delete once the outcome is
+    /// sent.
+    pub(crate) work: Option<WorkDir>,
+    /// The fragment files the handler returned, hashed (the output then has none).
+    pub(crate) files: Vec<OutFile>,
 }
 
 /// An input to fetch over HTTP (protocol 1.1): the driver GETs the sources in order, checks
@@ -79,6 +93,16 @@ pub(crate) struct Fetch {
     pub(crate) source: Source,
     /// The whole fetch ends by then (the job's deadline, or [`FETCH_TIMEOUT`]).
     pub(crate) deadline: Instant,
+    /// Stream the input into the input file of a new work directory instead of memory
+    /// (a file-input capability's input by reference, not a fragment list).
+    pub(crate) to_file: bool,
+}
+
+/// A fetched input: bytes, or the work directory whose input file holds it.
+#[derive(Debug)]
+pub(crate) enum Fetched {
+    Bytes(Vec<u8>),
+    File(WorkDir),
 }
 
 /// What an input fetch gets.
@@ -166,6 +190,12 @@ pub(crate) struct Ready {
     pub(crate) fetches: Vec<Fetch>,
     pub(crate) puts: Vec<Put>,
     pub(crate) keeps: Vec<KeepOut>,
+    /// Fragment files to PUT to their slots, streamed from disk.
+    pub(crate) file_puts: Vec<FilePut>,
+    /// Fragment files to read back into a list with the bytes inline (HTTP not possible).
+    pub(crate) inlines: Vec<InlineFiles>,
+    /// Work directories and files to delete, off the connection task.
+    pub(crate) cleanups: Vec<Cleanup>,
     pub(crate) out: Vec<Out>,
 }
 
@@ -209,9 +239,12 @@ struct Settings {
     load_debounce: Duration,
     drain_grace: Duration,
     max_input_size: u64,
+    max_file_input_size: u64,
     http_data: bool,
     /// The `serves` URL of `data_listen`, once bound.
     serves: Option<String>,
+    /// Capabilities that take their input as a file.
+    file_inputs: HashSet<CapabilityName>,
 }
 
 /// The agent's state machine (see the module documentation).
@@ -246,6 +279,16 @@ pub(crate) struct Core {
     /// last success: their next failure is logged at debug level only.
     fetch_warned: HashSet<BareJid>,
     upload_warned: HashSet<BareJid>,
+    /// Fragment files on their way to slots, by key.
+    file_outputs: HashMap<u64, file_outputs::FileOutput>,
+    /// Slot request IQ id → (file output key, file index).
+    file_slot_iqs: HashMap<String, (u64, usize)>,
+    /// When each unanswered slot request of a file is given up, in time order.
+    file_slot_deadlines: BTreeSet<(Instant, String)>,
+    /// PUT transfer key → (file output key, file index).
+    file_put_keys: HashMap<u64, (u64, usize)>,
+    /// Fragment files being read back into an inline list, by key.
+    inlining: HashMap<u64, file_outputs::Inlining>,
     next_id: u64,
     phase: Phase,
     load_dirty: bool,
@@ -288,8 +331,10 @@ impl Core {
                 load_debounce: config.load_debounce,
                 drain_grace: config.drain_grace,
                 max_input_size: config.max_input_size.as_u64(),
+                max_file_input_size: config.max_file_input_size.as_u64(),
                 http_data: config.http_data,
                 serves: None,
+                file_inputs: HashSet::new(),
             },
             dispatchers,
             caps,
@@ -310,6 +355,11 @@ impl Core {
             speaks_1_1: HashSet::new(),
             fetch_warned: HashSet::new(),
             upload_warned: HashSet::new(),
+            file_outputs: HashMap::new(),
+            file_slot_iqs: HashMap::new(),
+            file_slot_deadlines: BTreeSet::new(),
+            file_put_keys: HashMap::new(),
+            inlining: HashMap::new(),
             next_id: 0,
             phase: Phase::Serving,
             load_dirty: false,
@@ -318,6 +368,15 @@ impl Core {
             next_beat: now + config.heartbeat,
             ready: Ready::default(),
         }
+    }
+
+    /// The same core with these capabilities taking their input as a file.
+    pub(crate) fn with_file_inputs(
+        mut self,
+        caps: impl IntoIterator<Item = CapabilityName>,
+    ) -> Self {
+        self.settings.file_inputs = caps.into_iter().collect();
+        self
     }
 
     /// The effects of the inputs so far, leaving none.
@@ -337,6 +396,9 @@ impl Core {
         }
         if let Some(&(t, _)) = self.slot_deadlines.first() {
             at = at.min(t);
+        }
+        if let Some((t, _)) = self.file_slot_deadlines.first() {
+            at = at.min(*t);
         }
         at
     }
@@ -369,6 +431,7 @@ impl Core {
         self.restart_uploads(now);
         // Answers to slot requests of the old session are lost: those outputs go in chunks.
         self.slots_lost(now);
+        self.file_slots_lost(now);
     }
 
     /// A stanza from the server.
@@ -394,6 +457,9 @@ impl Core {
             }
             Inbound::Reply { id, payload, error } if self.slot_iqs.contains_key(&id) => {
                 self.on_slot_reply(&id, payload, error, now)
+            }
+            Inbound::Reply { id, payload, error } if self.file_slot_iqs.contains_key(&id) => {
+                self.on_file_slot_reply(&id, payload, error, now)
             }
             Inbound::Reply { id, error, .. } => self.on_chunk_reply(&id, error, now),
             Inbound::Hello { from, protocol } => {
@@ -452,8 +518,10 @@ impl Core {
 
     /// A handler ended: its outcome to every waiting IQ (after uploading a large output), the
     /// cache, and a load report.
-    pub(crate) fn job_done(&mut self, d: Done, now: Instant) {
+    pub(crate) fn job_done(&mut self, mut d: Done, now: Instant) {
+        let files = std::mem::take(&mut d.files);
         let Some(r) = self.running.remove(&d.id) else {
+            self.clean_up(d.work, files);
             return;
         };
         let elapsed_ms = d.elapsed.as_millis() as u64;
@@ -462,6 +530,23 @@ impl Core {
             Err(e) => info!(job = %d.id, elapsed_ms, "job failed: {e}"),
         }
         match d.result {
+            Ok(out) if !files.is_empty() => {
+                let fin = outputs::Finished {
+                    job: d.id,
+                    attempt: d.attempt,
+                    elapsed_ms,
+                    meta: out.meta.into(),
+                    mime: out.mime,
+                    bytes: Arc::new(Vec::new()),
+                    to: r.reply_to,
+                    from_bare: r.from_bare,
+                    waiters: r.waiters,
+                };
+                self.start_file_output(fin, files, d.work, now);
+                self.mark_load_dirty(now);
+                self.check_end();
+                return;
+            }
             Ok(out) if out.bytes.len() > INLINE_LIMIT => {
                 let fin = outputs::Finished {
                     job: d.id,
@@ -499,6 +584,7 @@ impl Core {
             }
             Err(e) => self.finish(d.id, Outcome::Error(e), r.waiters, now),
         }
+        self.clean_up(d.work, files);
         self.mark_load_dirty(now);
         self.check_end();
     }
@@ -544,6 +630,7 @@ impl Core {
             self.send_load(now);
         }
         self.slot_timeouts(now);
+        self.file_slot_timeouts(now);
     }
 
     fn push(&mut self, st: impl Into<Stanza>) {
@@ -566,6 +653,8 @@ impl Core {
             && self.uploads.is_empty()
             && self.puts.is_empty()
             && self.keeps.is_empty()
+            && self.file_outputs.is_empty()
+            && self.inlining.is_empty()
         {
             self.go_unavailable();
         }
@@ -583,7 +672,7 @@ impl Core {
     }
 
     fn on_cancel(&mut self, c: Cancel, now: Instant) -> Result<(), SpineError> {
-        if self.cancel_fetch(&c.job, now) {
+        if self.cancel_fetch(&c.job, now) || self.cancel_file_output(&c.job, now) {
             return Ok(());
         }
         if self.running.contains_key(&c.job) {
@@ -609,6 +698,9 @@ impl Core {
             return;
         }
         let Some((from, iq_id)) = self.attach_to_upload(&job.id, from, iq_id) else {
+            return;
+        };
+        let Some((from, iq_id)) = self.attach_to_file_output(&job.id, from, iq_id) else {
             return;
         };
         match self.start_job(&from, &job, now) {
@@ -645,7 +737,9 @@ impl Core {
             }
         }
         let from_bare = from.to_bare();
+        let file_input = self.settings.file_inputs.contains(&job.capability);
         let mut fetch = None;
+        let mut to_file = false;
         let (input, input_mime) = match &job.input {
             None => (Vec::new(), None),
             Some(Data::Inline { mime, bytes }) => match fragment_refs(mime.as_deref(), bytes) {
@@ -682,10 +776,17 @@ impl Core {
                         "this agent does not fetch inputs over HTTP (http_data = false)",
                     ));
                 }
-                let max = self.settings.max_input_size;
+                // A file input streamed to disk is bounded by the disk, not by memory.
+                to_file = file_input && r.mime.as_deref() != Some(spine_protocol::FRAGMENTS_MIME);
+                let (max, key) = match to_file {
+                    true => (self.settings.max_file_input_size, "max_file_input_size"),
+                    false => (self.settings.max_input_size, "max_input_size"),
+                };
                 if r.size > max {
-                    let mut e = SpineError::new(Condition::TooLarge)
-                        .with_text(format!("input of {} bytes is over the limit", r.size));
+                    let mut e = SpineError::new(Condition::TooLarge).with_text(format!(
+                        "input of {} bytes is over the limit ({key})",
+                        r.size
+                    ));
                     e.max = Some(max);
                     return Err(e);
                 }
@@ -702,6 +803,8 @@ impl Core {
             input_mime,
             deadline: job.deadline_ms.map(|ms| now + Duration::from_millis(ms)),
             submitter: job.submitter.clone(),
+            file_input,
+            work: None,
         };
         let fetching = match fetch {
             Some(source) => {
@@ -712,6 +815,7 @@ impl Core {
                     key,
                     source,
                     deadline: start.deadline.unwrap_or(now + FETCH_TIMEOUT),
+                    to_file,
                 });
                 Some((key, start))
             }

@@ -8,6 +8,11 @@
 //! reads, after the handler's future is gone; the driver passes it to
 //! [`crate::machine::Core::job_done`]. Handlers' progress reports travel on the second
 //! channel to [`crate::machine::Core::report`].
+//!
+//! Around a handler the task also does the disk work of files ([`crate::files`]): for a
+//! capability that takes its input as a file it writes an input that came in memory to the
+//! attempt's work directory first, and after the handler it hashes the fragment files the
+//! handler returned; both travel back in the [`Done`], for the core to upload and delete.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -18,7 +23,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-use crate::handler::{JobContext, JobError, Report, SharedHandler};
+use crate::files::{OutFile, WorkDir};
+use crate::handler::{JobContext, JobError, Output, Report, SharedHandler};
 use crate::machine::{Done, Start};
 
 /// A handler's progress report: job, attempt, report.
@@ -99,15 +105,20 @@ impl Supervisor {
                 result: Err(SpineError::new(Condition::UnknownCapability)
                     .with_text(format!("this agent does not offer {}", s.capability))),
                 elapsed: Duration::ZERO,
+                work: s.work,
+                files: Vec::new(),
             });
             return;
         };
-        let ctx = JobContext {
+        let (file_input, work) = (s.file_input, s.work);
+        let mut ctx = JobContext {
             id: s.id.clone(),
             capability: s.capability,
             attempt: s.attempt,
             args: s.args,
             input: s.input,
+            input_file: None,
+            work_dir: None,
             input_mime: s.input_mime,
             deadline: s.deadline,
             cancel: cancel.clone(),
@@ -119,13 +130,38 @@ impl Supervisor {
         let (id, attempt, deadline, token) = (s.id, s.attempt, s.deadline, cancel);
         tokio::spawn(async move {
             let started = Instant::now();
+            let work = match file_input {
+                true => match input_file(&mut ctx, work).await {
+                    Ok(w) => Some(w),
+                    Err(why) => {
+                        let _ = done_tx.send(Done {
+                            id,
+                            attempt,
+                            result: Err(SpineError::new(Condition::Retryable).with_text(why)),
+                            elapsed: started.elapsed(),
+                            work: None,
+                            files: Vec::new(),
+                        });
+                        return;
+                    }
+                },
+                false => work,
+            };
             // The handler runs in a task of its own: a panic there is a JoinError here, and
-            // `abort` drops its future (an exec child's process group is killed then).
-            let mut inner = tokio::spawn(handler.call(ctx));
+            // `abort` drops its future (an exec child's process group is killed then). Its
+            // output files are hashed there too, so that a cancel stops that as well.
+            let mut inner = tokio::spawn(async move {
+                let out = handler.call(ctx).await?;
+                output_files(out).await
+            });
             let far = Instant::now() + Duration::from_secs(100 * 365 * 86400);
+            let mut files = Vec::new();
             let result = tokio::select! {
                 r = &mut inner => match r {
-                    Ok(Ok(out)) => Ok(out),
+                    Ok(Ok((out, f))) => {
+                        files = f;
+                        Ok(out)
+                    }
                     Ok(Err(e)) => Err(job_error(e)),
                     Err(je) if je.is_panic() => {
                         let msg = je.into_panic();
@@ -159,7 +195,52 @@ impl Supervisor {
                 attempt,
                 result,
                 elapsed: started.elapsed(),
+                work,
+                files,
             });
         });
     }
+}
+
+/// Gives a file-input handler its input as a file: the one fetched into `work` over HTTP, or
+/// else the bytes that came inline or in chunks, written to a new work directory.
+async fn input_file(ctx: &mut JobContext, work: Option<WorkDir>) -> Result<WorkDir, String> {
+    let work = match work {
+        Some(w) => w,
+        None => {
+            let w = tokio::task::spawn_blocking(WorkDir::create)
+                .await
+                .map_err(|e| format!("creating the job directory: {e}"))??;
+            let bytes = std::mem::take(&mut ctx.input);
+            tokio::fs::write(w.input(), bytes)
+                .await
+                .map_err(|e| format!("writing the input file {}: {e}", w.input().display()))?;
+            w
+        }
+    };
+    ctx.input_file = Some(work.input());
+    ctx.work_dir = Some(work.path().to_owned());
+    Ok(work)
+}
+
+/// A handler's fragment files, hashed (on the blocking pool): the output without them, and
+/// them. Bytes and files together are refused.
+async fn output_files(mut out: Output) -> Result<(Output, Vec<OutFile>), JobError> {
+    if out.fragment_files.is_empty() {
+        return Ok((out, Vec::new()));
+    }
+    let files = std::mem::take(&mut out.fragment_files);
+    if !out.bytes.is_empty() {
+        drop(tokio::task::spawn_blocking(move || {
+            crate::files::discard(files)
+        }));
+        return Err(JobError::Failed(
+            "the handler returned both output bytes and fragment files: an output is one or the other".into(),
+        ));
+    }
+    let files = tokio::task::spawn_blocking(move || crate::files::hash_files(files))
+        .await
+        .map_err(|e| JobError::Failed(format!("hashing the fragment files: {e}")))?
+        .map_err(JobError::Failed)?;
+    Ok((out, files))
 }

@@ -13,6 +13,7 @@ mod images;
 mod payload;
 mod retained;
 mod soak;
+mod split;
 
 /// Arguments of `spine bench`.
 #[derive(Args, Debug)]
@@ -172,6 +173,25 @@ enum Scenario {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// The split step by reference (issue 17, item 5): the peak RSS of a `spine agent`
+    /// process splitting an input of each size (written to disk, uploaded to a fresh local
+    /// farm, named by `input_ref`), against that size; map and reduce steps run elsewhere.
+    Split {
+        /// Input sizes in GiB, comma-separated: `1,10` (needs about 3× the largest free on
+        /// disk: the blob store's copy, the agent's copy and the fragments).
+        #[arg(long, value_delimiter = ',', default_value = "1")]
+        gib: Vec<f64>,
+        /// The split step's fragment size in MiB.
+        #[arg(long, default_value_t = 64)]
+        fragment_mib: u64,
+        /// Directory for the inputs, the blob store and the agent's work files (default: the
+        /// system's temporary directory); each run's files are deleted after it.
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Memory over time (issue 17, item 7): server, dispatcher and 2 agents as separate
     /// processes under a steady mix of jobs for minutes with a short retention, then idle for
     /// retention + 60 s; every sample the RSS of each process, the job store's and the blob
@@ -261,6 +281,29 @@ pub fn run(a: BenchArgs) -> Result<bool> {
                 size,
                 runs,
                 window,
+            }))?;
+            write_json(json, &r)?;
+            Ok(true)
+        }
+        Scenario::Split {
+            gib,
+            fragment_mib,
+            dir,
+            json,
+        } => {
+            if gib.is_empty() || gib.iter().any(|g| !(*g > 0.0 && *g <= 1024.0)) {
+                anyhow::bail!(
+                    "every --gib size must be above 0 and at most 1024 (e.g. --gib 1,10)"
+                );
+            }
+            if !(1..=1024).contains(&fragment_mib) {
+                anyhow::bail!("--fragment-mib must be from 1 to 1024");
+            }
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let r = rt.block_on(split::run(split::Options {
+                gib,
+                fragment_mib,
+                dir,
             }))?;
             write_json(json, &r)?;
             Ok(true)

@@ -321,3 +321,27 @@ fn soak_runs_small_and_lets_go_of_every_job() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--large-percent"));
 }
+
+#[test]
+fn split_runs_small_and_counts_every_byte() {
+    let (stdout, r) = bench(&["split", "--gib", "0.004", "--fragment-mib", "1"]);
+    assert!(stdout.contains("peak RSS"), "{stdout}");
+    let [run] = r["runs"].as_array().unwrap().as_slice() else {
+        panic!("{r}")
+    };
+    // About 4 MiB in fragments of 1 MiB, each cut at a line end after 1 MiB.
+    assert!(
+        (4..=5).contains(&run["fragments"].as_u64().unwrap()),
+        "{run}"
+    );
+    assert!(run["input_bytes"].as_u64().unwrap() >= 4_000_000, "{run}");
+    assert!(run["peak_rss"].as_u64().unwrap() >= run["rss_before"].as_u64().unwrap());
+    assert!(run["rss_before"].as_u64().unwrap() > 0, "{run}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args(["bench", "split", "--gib", "0"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--gib"));
+}

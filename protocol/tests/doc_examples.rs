@@ -291,3 +291,48 @@ fn json_examples_are_fragment_lists() {
         "the spec shows fragments by reference, with and without url"
     );
 }
+
+/// §11.7.1's split step answering with its fragments by reference: the result parses, and its
+/// inline output is a fragment list naming every fragment by SHA-256 and size, with no bytes
+/// and no URL (the agent uploaded each to a slot of its own, §13.4).
+#[test]
+fn the_split_result_by_reference_names_every_fragment() {
+    let (line, text) = xml_blocks()
+        .into_iter()
+        .find(|(_, t)| t.contains("job='wc7.split'"))
+        .expect("PROTOCOL.md shows a split step's result by reference");
+    let el: minidom::Element = with_client_ns(&text)
+        .parse()
+        .unwrap_or_else(|e| panic!("PROTOCOL.md line {line}: {e}"));
+    let Iq::Result {
+        payload: Some(p), ..
+    } = Iq::try_from(el).unwrap()
+    else {
+        panic!("PROTOCOL.md line {line}: not a result IQ with a payload");
+    };
+    let r = JobResult::try_from(p).unwrap();
+    let Some(Data::Inline { mime, bytes }) = r.output else {
+        panic!(
+            "PROTOCOL.md line {line}: the list goes inline: {:?}",
+            r.output
+        );
+    };
+    assert_eq!(mime.as_deref(), Some(FRAGMENTS_MIME));
+    let list = fragments::decode(&bytes).unwrap();
+    assert_eq!(list.len(), 2);
+    for f in &list {
+        let s = f.source.as_ref().expect("by reference");
+        assert!(s.url.is_none() && f.data.is_empty(), "line {line}");
+    }
+    assert_eq!(list.iter().map(Fragment::size).sum::<u64>(), 5_242_993);
+    // The same list as the JSON example just above it.
+    let json_line = SPEC[..SPEC.find(&text).unwrap()]
+        .rfind("```json")
+        .map(|at| &SPEC[at + 7..])
+        .and_then(|rest| rest.split("```").next())
+        .unwrap();
+    assert_eq!(
+        fragments::decode(json_line.trim().as_bytes()).unwrap(),
+        list
+    );
+}

@@ -23,7 +23,7 @@ use xmpp_parsers::iq::Iq;
 use xmpp_parsers::stanza_error::StanzaError;
 
 use super::outputs::Finished;
-use super::{headline, iq_error, Core, Put};
+use super::{headline, iq_error, Core, Fetched, Put};
 use crate::store::Outcome;
 
 /// How long the dispatcher has to answer a slot request before the output goes in chunks.
@@ -43,7 +43,11 @@ pub(super) struct PutUpload {
 
 /// Logs a data-plane failure at `warn` the first time for a dispatcher (until a success clears
 /// it), at `debug` after that.
-fn log_once(warned: &mut std::collections::HashSet<BareJid>, dispatcher: &BareJid, what: &str) {
+pub(super) fn log_once(
+    warned: &mut std::collections::HashSet<BareJid>,
+    dispatcher: &BareJid,
+    what: &str,
+) {
     if warned.insert(dispatcher.clone()) {
         warn!(dispatcher = %dispatcher, "{what} (logged once per dispatcher until HTTP works again)");
     } else {
@@ -51,20 +55,29 @@ fn log_once(warned: &mut std::collections::HashSet<BareJid>, dispatcher: &BareJi
     }
 }
 
+/// How long one PUT may take: the slot's validity, bounded.
+pub(super) fn put_window(expires_ms: u64) -> Duration {
+    Duration::from_millis(expires_ms).clamp(PUT_MIN, PUT_MAX)
+}
+
 impl Core {
     /// The data plane finished fetching input `key`: start the handler, or answer
     /// `fetch-failed` and forget the job.
-    pub(crate) fn fetched(&mut self, key: u64, result: Result<Vec<u8>, String>, now: Instant) {
+    pub(crate) fn fetched(&mut self, key: u64, result: Result<Fetched, String>, now: Instant) {
         let Some(id) = self
             .running
             .iter()
             .find(|(_, r)| matches!(r.fetching, Some((k, _)) if k == key))
             .map(|(id, _)| id.clone())
         else {
-            return; // cancelled or stopped meanwhile
+            // Cancelled or stopped meanwhile: a fetched file is deleted off this task.
+            if let Ok(Fetched::File(work)) = result {
+                self.clean_up(Some(work), Vec::new());
+            }
+            return;
         };
         match result {
-            Ok(bytes) => {
+            Ok(fetched) => {
                 let Some(r) = self.running.get_mut(&id) else {
                     return;
                 };
@@ -72,8 +85,16 @@ impl Core {
                     return;
                 };
                 self.fetch_warned.remove(&r.from_bare);
-                info!(job = %id, bytes = bytes.len(), "input fetched over HTTP: job started");
-                start.input = bytes;
+                match fetched {
+                    Fetched::Bytes(bytes) => {
+                        info!(job = %id, bytes = bytes.len(), "input fetched over HTTP: job started");
+                        start.input = bytes;
+                    }
+                    Fetched::File(work) => {
+                        info!(job = %id, file = %work.input().display(), "input fetched over HTTP into a file: job started");
+                        start.work = Some(work);
+                    }
+                }
                 let progress = r.progress.then(|| (r.reply_to.clone(), r.attempt));
                 self.ready.starts.push(start);
                 if let Some((to, attempt)) = progress {
@@ -208,7 +229,7 @@ impl Core {
         };
         match slot {
             Ok(s) => {
-                let valid = Duration::from_millis(s.expires_ms).clamp(PUT_MIN, PUT_MAX);
+                let valid = put_window(s.expires_ms);
                 debug!(job = %u.fin.job, "uploading the output to its slot");
                 self.ready.puts.push(Put {
                     key,

@@ -3,8 +3,11 @@
 
 use super::*;
 use crate::handler::Output;
+use file_outputs::FILE_TRANSFERS;
 use sha2::{Digest, Sha256};
-use spine_protocol::{chunks, AgentState, BlobId, BlobRef, Chunk, ProtocolVersion};
+use spine_protocol::{
+    chunks, AgentState, BlobId, BlobRef, Chunk, ProtocolVersion, RequestSlot, Slot,
+};
 
 const DISPATCHER: &str = "dispatcher@localhost/d1";
 const OTHER_DISPATCHER: &str = "backup@localhost/d2";
@@ -61,6 +64,8 @@ fn done(id: &str, result: Result<Output, SpineError>) -> Done {
         attempt: 1,
         result,
         elapsed: Duration::from_millis(20),
+        work: None,
+        files: Vec::new(),
     }
 }
 
@@ -458,3 +463,198 @@ fn disco_info_is_answered_for_anyone_and_other_gets_are_refused() {
 
 mod references;
 mod uploads_and_loads;
+
+/// The core after `test.echo` job `id` ran on a dispatcher that said hello with protocol 1.1,
+/// its handler ended with `n` fragment files of 100,000 bytes each (over the inline limit together) (file `i` hashed as `[i; 32]`).
+fn files_done(n: usize, t0: Instant) -> (Core, Ready) {
+    let mut c = core(4, t0);
+    let hello = Presence::available()
+        .with_from(jid(DISPATCHER))
+        .with_payload(spine_protocol::DispatcherHello {
+            protocol: ProtocolVersion::V1_1,
+        });
+    c.stanza(hello.into(), t0);
+    c.take_ready();
+    send_job(&mut c, DISPATCHER, "j1", job("f1", "test.echo"), t0);
+    let files = (0..n)
+        .map(|i| OutFile {
+            // Never created: deleting a missing file is fine.
+            path: std::env::temp_dir().join(format!("spine-core-test-{i}-does-not-exist")),
+            name: Some(format!("part-{i}")),
+            mime: Some("text/plain".into()),
+            size: 100_000,
+            sha256: [i as u8; 32],
+        })
+        .collect();
+    let mut d = done("f1", Ok(Output::fragment_files(Vec::new())));
+    if let Ok(o) = &mut d.result {
+        o.bytes.clear();
+    }
+    d.files = files;
+    c.job_done(d, t0);
+    let r = c.take_ready();
+    (c, r)
+}
+
+/// The slot requests in `r`: (IQ id, request).
+fn slot_requests(r: &Ready) -> Vec<(String, RequestSlot)> {
+    iqs(r)
+        .into_iter()
+        .filter_map(|iq| match iq {
+            Iq::Get { id, payload, .. } => {
+                Some((id.clone(), RequestSlot::try_from(payload.clone()).ok()?))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn grant(c: &mut Core, iq: &str, n: u8, now: Instant) -> Ready {
+    let slot = Slot {
+        job: job_id("f1"),
+        put: format!("http://127.0.0.1:1/v1/uploads/f1?n={n}"),
+        expires_ms: 60_000,
+    };
+    c.stanza(
+        Iq::from_result(iq, Some(slot))
+            .with_from(jid(DISPATCHER))
+            .into(),
+        now,
+    );
+    c.take_ready()
+}
+
+#[test]
+fn fragment_files_go_to_a_slot_each_four_at_a_time_and_the_result_names_them() {
+    let t0 = Instant::now();
+    let (mut c, r) = files_done(6, t0);
+    let reqs = slot_requests(&r);
+    assert_eq!(reqs.len(), FILE_TRANSFERS, "four files in flight at most");
+    assert_eq!(reqs[1].1.sha256, [1; 32]);
+    assert_eq!((reqs[1].1.size, reqs[1].1.attempt), (100_000, 1));
+    assert!(answer(&r, "j1").is_none(), "no result before the uploads");
+    let mut puts = Vec::new();
+    for (i, (iq, _)) in reqs.iter().enumerate() {
+        let r = grant(&mut c, iq, i as u8, t0);
+        let [p] = <[FilePut; 1]>::try_from(r.file_puts).unwrap();
+        assert_eq!(p.size, 100_000);
+        puts.push(p);
+    }
+    // One upload done: the fifth file's slot is asked for.
+    c.file_put_done(puts[0].key, Ok(()), t0);
+    let reqs2 = slot_requests(&c.take_ready());
+    assert_eq!(reqs2.len(), 1);
+    assert_eq!(reqs2[0].1.sha256, [4; 32]);
+    for p in &puts[1..] {
+        c.file_put_done(p.key, Ok(()), t0);
+    }
+    let reqs3 = slot_requests(&c.take_ready());
+    assert_eq!(reqs3.len(), 1, "the sixth");
+    for (iq, _) in reqs2.iter().chain(&reqs3) {
+        let r = grant(&mut c, iq, 9, t0);
+        for p in r.file_puts {
+            c.file_put_done(p.key, Ok(()), t0);
+        }
+    }
+    let r = c.take_ready();
+    let res = result_of(&r, "j1");
+    let Some(Data::Inline { mime, bytes }) = res.output else {
+        panic!("{:?}", res.output)
+    };
+    assert_eq!(mime.as_deref(), Some(spine_protocol::FRAGMENTS_MIME));
+    let list = spine_protocol::fragments::decode(&bytes).unwrap();
+    assert_eq!(list.len(), 6);
+    for (i, f) in list.iter().enumerate() {
+        let s = f.source.as_ref().expect("by reference");
+        assert_eq!((s.sha256, s.size), ([i as u8; 32], 100_000));
+        assert_eq!(f.name, Some(format!("part-{i}")));
+        assert!(f.data.is_empty());
+    }
+    assert!(
+        r.cleanups
+            .iter()
+            .any(|c| matches!(c, Cleanup::Files(f) if f.len() == 6)),
+        "the files are deleted"
+    );
+}
+
+#[test]
+fn a_refused_slot_sends_the_fragment_files_inline() {
+    let t0 = Instant::now();
+    let (mut c, r) = files_done(3, t0);
+    let reqs = slot_requests(&r);
+    let r = grant(&mut c, &reqs[0].0, 0, t0);
+    assert_eq!(r.file_puts.len(), 1);
+    let put_key = r.file_puts[0].key;
+    let refusal = Iq::from_error(
+        reqs[1].0.clone(),
+        StanzaError::from(SpineError::new(Condition::TooLarge).with_text("no")),
+    )
+    .with_from(jid(DISPATCHER));
+    c.stanza(refusal.into(), t0);
+    let r = c.take_ready();
+    assert_eq!(r.aborts, vec![put_key], "the running upload is stopped");
+    let [inline] = <[InlineFiles; 1]>::try_from(r.inlines).unwrap();
+    assert_eq!(inline.files.len(), 3);
+    // A late answer to the third request changes nothing.
+    assert!(grant(&mut c, &reqs[2].0, 2, t0).file_puts.is_empty());
+    let list = spine_protocol::fragments::encode(&[spine_protocol::Fragment::new(b"x".to_vec())]);
+    c.files_inlined(inline.key, Ok(list.clone()), t0);
+    let res = result_of(&c.take_ready(), "j1");
+    assert_eq!(
+        res.output,
+        Some(Data::Inline {
+            mime: Some(spine_protocol::FRAGMENTS_MIME.into()),
+            bytes: list
+        })
+    );
+}
+
+#[test]
+fn fragment_files_over_max_input_size_without_http_fail_naming_the_limit() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    c.settings.http_data = false;
+    c.settings.max_input_size = 250_000;
+    send_job(&mut c, DISPATCHER, "j1", job("f1", "test.echo"), t0);
+    let mut d = done("f1", Ok(Output::default()));
+    d.files = (0..3)
+        .map(|i| OutFile {
+            path: std::env::temp_dir().join(format!("spine-core-test-big-{i}-does-not-exist")),
+            name: None,
+            mime: None,
+            size: 100_000,
+            sha256: [0; 32],
+        })
+        .collect();
+    c.job_done(d, t0);
+    let r = c.take_ready();
+    assert!(r.inlines.is_empty());
+    let e = answer(&r, "j1").unwrap().unwrap_err();
+    assert_eq!(e.condition, Condition::Failed);
+    let text = e.text.unwrap_or_default();
+    assert!(text.contains("max_input_size (250000)"), "{text}");
+    assert!(text.contains("http_data is off"), "{text}");
+}
+
+#[test]
+fn a_cancel_while_fragment_files_upload_stops_them_and_deletes_the_files() {
+    let t0 = Instant::now();
+    let (mut c, r) = files_done(6, t0);
+    let reqs = slot_requests(&r);
+    let put = grant(&mut c, &reqs[0].0, 0, t0).file_puts.remove(0);
+    let r = send_set(&mut c, "x1", Cancel { job: job_id("f1") }, t0);
+    assert_eq!(answer(&r, "x1"), Some(Ok(None)));
+    assert_eq!(condition_of(&r, "j1"), Condition::Cancelled);
+    assert_eq!(r.aborts, vec![put.key], "the running upload is stopped");
+    assert!(
+        r.cleanups
+            .iter()
+            .any(|c| matches!(c, Cleanup::Files(f) if f.len() == 6)),
+        "the files are deleted"
+    );
+    // Late answers change nothing.
+    assert!(grant(&mut c, &reqs[1].0, 1, t0).file_puts.is_empty());
+    c.file_put_done(put.key, Ok(()), t0);
+    assert!(iqs(&c.take_ready()).is_empty());
+}

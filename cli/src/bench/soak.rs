@@ -138,7 +138,7 @@ impl Children {
 }
 
 /// Writes a configuration file (TOML `text`) readable by this user only (it holds a password).
-fn write_config(path: &Path, text: Result<String, toml::ser::Error>) -> Result<()> {
+pub(super) fn write_config(path: &Path, text: Result<String, toml::ser::Error>) -> Result<()> {
     use std::io::Write as _;
     use std::os::unix::fs::OpenOptionsExt as _;
     let text = text.with_context(|| format!("writing {}", path.display()))?;

@@ -311,7 +311,10 @@ impl Core {
     }
 
     /// `<request-slot/>` from an agent: a signed upload URL for its output, if the job runs
-    /// on that agent in that attempt.
+    /// on that agent in that attempt. An attempt may hold several slots, one per distinct
+    /// SHA-256: a split step uploads each fragment file to a slot of its own and then answers
+    /// with a fragment list naming them (PROTOCOL.md §13.4). Asking again for the same bytes
+    /// grants the same slot anew.
     pub(super) fn on_request_slot(&mut self, from: Jid, id: String, r: RequestSlot, now: Now) {
         let refuse = |c: Condition, text: String| SpineError::new(c).with_text(text);
         let Some(dp) = self.data.as_ref() else {
@@ -355,7 +358,7 @@ impl Core {
         let put = dp.put_url(&r.job, r.attempt, &agent, &want, now);
         let expires_ms = dp.ttl.as_millis() as u64;
         self.slots.insert(
-            (r.job.clone(), r.attempt),
+            (r.job.clone(), r.attempt, r.sha256),
             Granted {
                 agent,
                 want,
@@ -379,7 +382,7 @@ impl Core {
         agent: &str,
         got: Stored,
     ) -> Result<(), SpineError> {
-        match self.slots.get_mut(&(job.clone(), attempt)) {
+        match self.slots.get_mut(&(job.clone(), attempt, got.sha256)) {
             Some(g) if g.agent.as_str() == agent && g.want == got => {
                 g.filled = true;
                 Ok(())
@@ -402,23 +405,24 @@ impl Core {
             sha256: r.sha256,
             size: r.size,
         };
-        match self.slots.remove(&(job.clone(), attempt)) {
+        match self.slots.remove(&(job.clone(), attempt, got.sha256)) {
             Some(g) if g.filled && g.want == got && self.blob_store.contains(&got) => Ok(got),
             Some(g) if !g.filled => {
                 Err("the output was not uploaded to its slot before the result".into())
             }
             Some(_) => Err("the output's size or hash differs from what was uploaded".into()),
-            None => Err("no upload slot was granted for this attempt".into()),
+            None => Err("no upload slot was granted for these bytes in this attempt".into()),
         }
     }
 
     /// Forgets the slots of a job's attempts that ended (called when it settles).
     pub(super) fn forget_slots(&mut self, job: &JobId) {
         if !self.slots.is_empty() {
-            self.slots.retain(|(j, _), _| j != job);
+            self.slots.retain(|(j, _, _), _| j != job);
         }
     }
 }
 
-/// For the core's maps.
-pub(crate) type Slots = HashMap<(JobId, u64), Granted>;
+/// For the core's maps: the slots granted, by job, attempt and the SHA-256 the agent named
+/// (several per attempt when a split step uploads its fragment files one by one).
+pub(crate) type Slots = HashMap<(JobId, u64, [u8; 32]), Granted>;

@@ -708,3 +708,43 @@ fn a_kept_output_is_refused_unless_asked_for_and_under_the_agents_url() {
     succeed_kept(&mut w, &m, 2, &[2u8; 90_000]);
     assert_ne!(w.state(&m.job.id), JobState::Succeeded);
 }
+
+/// A split step uploads each fragment file to a slot of its own: one attempt holds several
+/// slots, one per SHA-256, each filled and resolved on its own.
+#[test]
+fn an_attempt_holds_a_slot_per_blob() {
+    let mut w = world();
+    let a = w.agent(1, 1);
+    let (id, _) = w.submit(spec(CAP)).unwrap();
+    let sent = jobs_sent(&w.ready().stanzas).remove(0);
+    let blobs: Vec<Stored> = (0..3u8)
+        .map(|i| w.core.blob_store.put(&vec![i; 70_000]).unwrap())
+        .collect();
+    let urls: Vec<String> = blobs
+        .iter()
+        .map(|b| request_slot(&mut w, &a, &id, 1, *b).unwrap().put)
+        .collect();
+    for (u, b) in urls.iter().zip(&blobs) {
+        assert!(u.contains(&format!("sha256={}", b.hex())), "{u}");
+    }
+    for b in &blobs {
+        assert_eq!(w.core.slot_filled(&id, 1, "agent1@localhost", *b), Ok(()));
+    }
+    // Each resolves to its own bytes, once.
+    let r = DataRef {
+        size: blobs[1].size,
+        sha256: blobs[1].sha256,
+        mime: None,
+        sources: vec![],
+    };
+    assert_eq!(w.core.slot_output(&id, 1, &r), Ok(blobs[1]));
+    assert!(w.core.slot_output(&id, 1, &r).is_err());
+    result_by_reference(&mut w, &sent, &a, blobs[2]);
+    w.ready();
+    assert_eq!(w.core.record(&id).unwrap().state, JobState::Succeeded);
+    // The job settled: its other slots are forgotten.
+    assert!(w
+        .core
+        .slot_filled(&id, 1, "agent1@localhost", blobs[0])
+        .is_err());
+}

@@ -172,7 +172,7 @@ pub(crate) struct Core {
     data: Option<data::DataPlane>,
     /// Agents that announced protocol 1.1 (they fetch and upload over HTTP).
     http_agents: HashMap<jid::FullJid, data::AgentData>,
-    /// Upload slots granted, by (job, attempt).
+    /// Upload slots granted, by (job, attempt, SHA-256).
     slots: data::Slots,
     /// Large outputs on their way to XMPP submitters, ahead of their statuses.
     deliveries: Deliveries,

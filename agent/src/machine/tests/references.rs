@@ -105,7 +105,11 @@ fn a_reference_input_is_fetched_then_the_handler_starts_with_its_bytes() {
     let r = send_job(&mut c, DISPATCHER, "d2", job("j2", "test.echo"), t0);
     assert_eq!(condition_of(&r, "d2"), Condition::Busy);
 
-    c.fetched(f.key, Ok(b"input bytes".to_vec()), t0 + 5 * MS);
+    c.fetched(
+        f.key,
+        Ok(Fetched::Bytes(b"input bytes".to_vec())),
+        t0 + 5 * MS,
+    );
     let r = c.take_ready();
     let [s] = &r.starts[..] else {
         panic!("one start: {r:?}")
@@ -148,7 +152,7 @@ fn a_failed_fetch_answers_fetch_failed_and_the_same_attempt_in_chunks_runs() {
     assert!(r.starts.is_empty());
     assert_eq!(c.running(), 0);
     // A late end of the same transfer changes nothing.
-    c.fetched(key, Ok(b"abc".to_vec()), t0);
+    c.fetched(key, Ok(Fetched::Bytes(b"abc".to_vec())), t0);
     assert!(c.take_ready().starts.is_empty());
     // The dispatcher resends the same id and attempt, inline this time: it runs.
     let mut again = job("j1", "test.echo");
@@ -237,7 +241,7 @@ fn a_fragment_list_naming_blobs_is_fetched_before_the_handler_starts() {
         spine_protocol::Fragment::new(b"fetch".to_vec()).with_name("m0"),
         spine_protocol::Fragment::new(b"inline".to_vec()),
     ]);
-    c.fetched(f.key, Ok(resolved.clone()), t0 + 5 * MS);
+    c.fetched(f.key, Ok(Fetched::Bytes(resolved.clone())), t0 + 5 * MS);
     let r = c.take_ready();
     let [s] = &r.starts[..] else {
         panic!("one start: {r:?}")
@@ -422,7 +426,7 @@ fn a_dispatcher_is_known_to_speak_1_1_from_its_hello_or_a_reference() {
     // No hello, but a job with a reference: a slot.
     let mut c = core(4, t0);
     let r = send_job(&mut c, DISPATCHER, "d1", ref_job("j1", b"abc"), t0);
-    c.fetched(r.fetches[0].key, Ok(b"abc".to_vec()), t0);
+    c.fetched(r.fetches[0].key, Ok(Fetched::Bytes(b"abc".to_vec())), t0);
     c.take_ready();
     c.job_done(done("j1", Ok(Output::bytes(big()))), t0 + MS);
     assert_eq!(request_slots(&c.take_ready()).len(), 1);
