@@ -282,7 +282,10 @@ mod tests {
             url: format!("http://w1:7443/v1/blobs/{}", "cd".repeat(32)),
         });
         let text = serde_json::to_string(&kept).unwrap();
-        assert!(text.contains("\"agent\":\"agent1@example.com/w\""), "{text}");
+        assert!(
+            text.contains("\"agent\":\"agent1@example.com/w\""),
+            "{text}"
+        );
         if let Body::Kept(k) = &kept {
             assert_eq!(k.base(), "http://w1:7443");
         }
