@@ -140,7 +140,9 @@ impl DataPlane {
                     (Source::Ref(r), true) => {
                         fetch_ref_to_file(&client, r).await.map(Fetched::File)
                     }
-                    _ => fetch_sources(&client, held.as_deref(), &f).await.map(Fetched::Bytes),
+                    _ => fetch_sources(&client, held.as_deref(), &f)
+                        .await
+                        .map(Fetched::Bytes),
                 }
             };
             let result = match tokio::time::timeout_at(f.deadline, fetch).await {
