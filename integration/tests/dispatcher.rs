@@ -1227,3 +1227,132 @@ async fn every_ended_job_has_one_audit_line() {
     agent.stop();
     dispatcher.stop();
 }
+
+/// Submit and wait in one request (`POST /v1/jobs?wait=`), the long poll (`GET
+/// /v1/jobs/{id}?wait=`), and `POST /v1/jobs:batch`, against a real dispatcher and agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_api_submit_and_wait_long_poll_and_batch() {
+    use base64::Engine as _;
+    let server = TestServer::start(ACCOUNTS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (dispatcher, addr) = start_http_dispatcher(&server, dir.path(), "").await;
+    let base = format!("http://{addr}");
+    // Each job takes 300 ms.
+    let agent = start_agent(&server, 1, 4, 300, Arc::new(AtomicUsize::new(0)));
+    spine_integration::farm::wait_for_agents(&base, "work.sleep", 1).await;
+    let output = |j: &serde_json::Value| {
+        let b64 = j["result"]["output"].as_str().unwrap_or_default();
+        String::from_utf8(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap(),
+        )
+        .unwrap()
+    };
+
+    // One request: 200 with the final job, its output inline.
+    let t = tokio::time::Instant::now();
+    let (st, j) = http(
+        "POST",
+        format!("{base}/v1/jobs?wait=20s"),
+        None,
+        Some(r#"{"capability":"work.sleep"}"#),
+    )
+    .await;
+    assert_eq!(st, 200, "{j}");
+    assert_eq!(j["state"], "succeeded", "{j}");
+    let id = j["id"].as_str().unwrap().to_owned();
+    assert_eq!(output(&j), format!("{id} done by agent1"));
+    assert!(
+        t.elapsed() < Duration::from_secs(15),
+        "answered when it ended"
+    );
+
+    // A wait shorter than the job: 202 with the job as it is, then a long poll to its end.
+    let (st, j) = http(
+        "POST",
+        format!("{base}/v1/jobs?wait=50ms"),
+        None,
+        Some(r#"{"capability":"work.sleep"}"#),
+    )
+    .await;
+    assert_eq!(st, 202, "{j}");
+    assert!(
+        matches!(
+            j["state"].as_str(),
+            Some("queued" | "dispatched" | "running")
+        ),
+        "{j}"
+    );
+    let id = j["id"].as_str().unwrap().to_owned();
+    let (st, j) = http("GET", format!("{base}/v1/jobs/{id}?wait=20s"), None, None).await;
+    assert_eq!((st, j["state"].as_str()), (200, Some("succeeded")), "{j}");
+    // A long poll of a finished job answers at once.
+    let (st, j) = http("GET", format!("{base}/v1/jobs/{id}?wait=20s"), None, None).await;
+    assert_eq!((st, j["state"].as_str()), (200, Some("succeeded")), "{j}");
+
+    // A raw upload waits the same way (`wait` is not a job field).
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let r = client
+        .post(format!("{base}/v1/jobs?capability=work.sleep&wait=20s"))
+        .header("content-type", "application/octet-stream")
+        .body("raw input")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let j: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+    assert_eq!(j["state"], "succeeded", "{j}");
+
+    // Bad waits name the field.
+    for (q, says) in [("wait=soon", "not a duration"), ("wait=10m", "at most")] {
+        let (st, e) = http(
+            "POST",
+            format!("{base}/v1/jobs?{q}"),
+            None,
+            Some(r#"{"capability":"work.sleep"}"#),
+        )
+        .await;
+        assert_eq!((st, e["field"].as_str()), (400, Some("wait")), "{e}");
+        assert!(e["message"].as_str().unwrap().contains(says), "{e}");
+    }
+    let (st, e) = http("GET", format!("{base}/v1/jobs/{id}?wiat=1s"), None, None).await;
+    assert_eq!(st, 400, "{e}");
+
+    // A batch: each job accepted or refused on its own, in order; idempotency keys hold.
+    let batch = r#"{"jobs":[
+        {"capability":"work.sleep","idempotency_key":"batch-1"},
+        {"capability":"no.such"},
+        {"capability":"work.sleep","args":{"n":2}}
+    ]}"#;
+    let (st, b) = http("POST", format!("{base}/v1/jobs:batch"), None, Some(batch)).await;
+    assert_eq!(st, 200, "{b}");
+    let jobs = b["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 3);
+    assert!(
+        jobs[0]["id"].is_string() && jobs[2]["id"].is_string(),
+        "{b}"
+    );
+    assert_eq!(jobs[1]["error"], "unknown-capability", "{b}");
+    assert_eq!(
+        (jobs[1]["status"].as_u64(), jobs[1]["field"].as_str()),
+        (Some(422), Some("capability"))
+    );
+    let (_, again) = http("POST", format!("{base}/v1/jobs:batch"), None, Some(batch)).await;
+    assert_eq!(
+        again["jobs"][0]["id"], jobs[0]["id"],
+        "the same key, the same job"
+    );
+    assert_ne!(again["jobs"][2]["id"], jobs[2]["id"], "no key, a new job");
+    for j in [&jobs[0], &jobs[2]] {
+        let id = j["id"].as_str().unwrap();
+        let (_, done) = http("GET", format!("{base}/v1/jobs/{id}?wait=20s"), None, None).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+    }
+    for (body, field) in [(r#"{"jobs":[]}"#, Some("jobs")), (r#"{"job":[]}"#, None)] {
+        let (st, e) = http("POST", format!("{base}/v1/jobs:batch"), None, Some(body)).await;
+        assert_eq!((st, e["field"].as_str()), (400, field), "{e}");
+    }
+    agent.stop();
+    dispatcher.stop();
+}

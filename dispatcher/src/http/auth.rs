@@ -143,7 +143,10 @@ fn authenticate(h: &Handle, headers: &HeaderMap, peer: SocketAddr) -> Result<Cal
 
 /// The largest body `method path` may carry: a submission's, or [`SMALL_BODY`].
 fn body_limit(h: &Handle, method: &Method, path: &str) -> usize {
-    if method == Method::POST && path == "/v1/jobs" {
+    if method == Method::POST && path == "/v1/jobs:batch" {
+        // Many JSON jobs, read whole.
+        max_body(h.max_json_input)
+    } else if method == Method::POST && path == "/v1/jobs" {
         // A JSON body is read whole (its input in base64); a raw upload streams to disk.
         max_body(h.max_json_input).max(usize::try_from(h.max_input).unwrap_or(usize::MAX))
     } else if method == Method::PUT && path == "/v1/blobs" {

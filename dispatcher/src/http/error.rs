@@ -36,6 +36,19 @@ impl ApiError {
             ..Self::new(StatusCode::BAD_REQUEST, "bad-request", message)
         }
     }
+    /// The JSON body, with the HTTP status it goes with (`status`, for a batch's items).
+    pub(super) fn to_json(&self) -> serde_json::Value {
+        let mut body = json!({
+            "error": self.condition,
+            "message": self.message,
+            "status": self.status.as_u16(),
+        });
+        if let Some(f) = &self.field {
+            body["field"] = json!(f);
+        }
+        body
+    }
+
     pub(super) fn unavailable() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -69,11 +82,12 @@ impl From<SpineError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({ "error": self.condition, "message": self.message });
-        if let Some(f) = self.field {
-            body["field"] = json!(f);
+        let status = self.status;
+        let mut body = self.to_json();
+        if let Some(m) = body.as_object_mut() {
+            m.remove("status");
         }
-        (self.status, Json(body)).into_response()
+        (status, Json(body)).into_response()
     }
 }
 

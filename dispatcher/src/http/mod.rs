@@ -21,6 +21,7 @@ mod request;
 mod routes;
 mod serve;
 mod views;
+mod wait;
 
 use std::sync::Arc;
 
@@ -68,6 +69,8 @@ pub(crate) struct Handle {
     conns: Arc<ConnCounts>,
     /// The blob store's endpoints, when the data plane is on.
     pub(crate) data: Option<DataHandle>,
+    /// Requests waiting for jobs to end (`?wait=`).
+    waiters: Arc<wait::Waiters>,
 }
 
 impl Handle {
@@ -90,6 +93,7 @@ impl Handle {
             streams: Arc::default(),
             conns: Arc::default(),
             data: None,
+            waiters: Arc::default(),
         }
     }
 

@@ -72,12 +72,12 @@ async fn submit(
     let declared = data::content_length(&headers);
     // A raw upload is told by its Content-Type alone (a form-encoded body needs a look at
     // its first byte): its body streams to the blob store, never whole into memory.
-    let raw = !matches!(
-        body_form(&content_type, uri.query(), b"{"),
-        Ok(BodyForm::Json)
-    );
+    // `wait` is the request's, not the job's: taken out of the query before the job's fields.
+    let (wait, query) = wait_param(uri.query(), &h)?;
+    let query = query.as_deref();
+    let raw = !matches!(body_form(&content_type, query, b"{"), Ok(BodyForm::Json));
     let (mut req, body) = if raw {
-        let fields = query_as_json(uri.query())?;
+        let fields = query_as_json(query)?;
         if fields.get("capability").is_none() {
             return Err(ApiError::field(
                 "capability",
@@ -103,7 +103,7 @@ async fn submit(
         }
         let small = usize::try_from(declared.unwrap_or(0)).unwrap_or(usize::MAX);
         let bytes = read_body(body, limit, small).await?;
-        body_form(&content_type, uri.query(), &bytes)?;
+        body_form(&content_type, query, &bytes)?;
         (parse_request(&bytes, "JSON body")?, None)
     };
     let wait_for_agent = req.wait_for_agent.unwrap_or(false);
@@ -140,22 +140,176 @@ async fn submit(
         return Err(mismatch());
     };
     let (id, state) = answer?;
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({ "id": id, "state": state })),
-    )
-        .into_response())
+    let Some(wait) = wait else {
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "id": id, "state": state })),
+        )
+            .into_response());
+    };
+    // Submit and wait: the final job (200), or the job as it is when the wait is over (202).
+    let (done, job) = waited(&h, &id, wait).await?;
+    let status = if done {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
+    Ok((status, Json(job)).into_response())
 }
 
+/// Jobs one `POST /v1/jobs:batch` may submit.
+const MAX_BATCH: usize = 1000;
+
+/// `POST /v1/jobs:batch`: `{"jobs": [job, …]}`, each job the JSON body `POST /v1/jobs` takes
+/// (its own `idempotency_key` included). Each is checked and accepted or refused on its own;
+/// the answer lists, in order, `{"id", "state"}` or the error `POST /v1/jobs` would have
+/// answered with its `status`. The submissions go to the core together, so they share group
+/// commits instead of waiting for one each.
+async fn submit_batch(
+    State(h): State<Handle>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let limit = max_body(h.max_json_input);
+    let small = usize::try_from(data::content_length(&headers).unwrap_or(0)).unwrap_or(usize::MAX);
+    let bytes = read_body(body, limit, small).await?;
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Batch {
+        jobs: Vec<Value>,
+    }
+    let batch: Batch = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!(
+                "the body must be {{\"jobs\": [job, …]}}, each job as POST /v1/jobs takes it: {e}"
+            ),
+        )
+    })?;
+    if batch.jobs.is_empty() || batch.jobs.len() > MAX_BATCH {
+        return Err(ApiError::field(
+            "jobs",
+            format!("from 1 to {MAX_BATCH} jobs, not {}", batch.jobs.len()),
+        ));
+    }
+    let one = |job: Value| {
+        let (h, caller) = (&h, &caller);
+        async move {
+            let mut req = parse_request(job.to_string().as_bytes(), "job")?;
+            let wait_for_agent = req.wait_for_agent.unwrap_or(false);
+            let input_ref = req.input_ref.take();
+            let mut spec = spec_from(req, caller, h.max_attempts, h.max_json_input)?;
+            if let Some(hex) = input_ref {
+                if !spec.input.is_empty() {
+                    return Err(ApiError::field(
+                        "input_ref",
+                        "give an input, fragments or an input_ref, one of them",
+                    ));
+                }
+                spec.input = JobBody::Stored(data::stored_ref(h, &hex)?);
+            }
+            let request = ApiRequest::Submit {
+                spec: Box::new(spec),
+                wait_for_agent,
+                visible: caller.grant.capabilities.clone(),
+            };
+            let ApiReply::Submitted(answer) = change(h, request).await? else {
+                return Err(mismatch());
+            };
+            let (id, state) = answer?;
+            Ok::<_, ApiError>(json!({ "id": id, "state": state }))
+        }
+    };
+    let answers = futures::future::join_all(batch.jobs.into_iter().map(one)).await;
+    let jobs: Vec<Value> = answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|e| e.to_json()))
+        .collect();
+    Ok((StatusCode::OK, Json(json!({ "jobs": jobs }))).into_response())
+}
+
+/// `wait` taken out of a query string: its duration, and the query without it.
+fn wait_param(
+    query: Option<&str>,
+    h: &Handle,
+) -> Result<(Option<Duration>, Option<String>), ApiError> {
+    let Some(q) = query.filter(|q| q.split('&').any(|p| p == "wait" || p.starts_with("wait=")))
+    else {
+        return Ok((None, query.map(str::to_owned)));
+    };
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(q).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!("invalid query string: {e}"),
+        )
+    })?;
+    let mut wait = None;
+    let mut rest = Vec::new();
+    for (k, v) in pairs {
+        if k == "wait" {
+            if wait.is_some() {
+                return Err(ApiError::field("wait", "given twice"));
+            }
+            wait = Some(super::wait::parse_wait(&v, h.limits.request_timeout)?);
+        } else {
+            rest.push((k, v));
+        }
+    }
+    let rest = serde_urlencoded::to_string(&rest)
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e.to_string()))?;
+    Ok((wait, (!rest.is_empty()).then_some(rest)))
+}
+
+/// Waits up to `wait` for job `id` to end: (whether it ended, the job's JSON then).
+async fn waited(h: &Handle, id: &JobId, wait: Duration) -> Result<(bool, Value), ApiError> {
+    let read_final = || async {
+        let rec = find_job(h, id).await?;
+        Ok(rec.state.is_final().then(|| job_json(&rec)))
+    };
+    match super::wait::until_final(h, id, wait, read_final).await? {
+        Some(job) => Ok((true, job)),
+        None => Ok((false, job_json(&find_job(h, id).await?))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GetQuery {
+    wait: Option<String>,
+}
+
+/// `GET /v1/jobs/{id}`, with `?wait=30s` a long poll: answered when the job ends, or with the
+/// job as it is when the wait is over (200 either way; its `state` says which).
 async fn get_job(
     State(h): State<Handle>,
     caller: Caller,
     Path(id): Path<String>,
+    q: Result<Query<GetQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let Query(q) = q.map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!("{e} (GET /v1/jobs/{{id}} takes only wait)"),
+        )
+    })?;
     let id = job_id(&id)?;
     let rec = find_job(&h, &id).await?;
     caller.check_sees(&rec)?;
-    Ok(Json(job_json(&rec)))
+    match q.wait {
+        Some(w) if !rec.state.is_final() => {
+            let wait = super::wait::parse_wait(&w, h.limits.request_timeout)?;
+            Ok(Json(waited(&h, &id, wait).await?.1))
+        }
+        Some(w) => {
+            super::wait::parse_wait(&w, h.limits.request_timeout)?;
+            Ok(Json(job_json(&rec)))
+        }
+        None => Ok(Json(job_json(&rec))),
+    }
 }
 
 /// The job `id`, or 404.
@@ -447,6 +601,7 @@ async fn method_not_allowed() -> ApiError {
 pub(crate) fn router(h: Handle) -> Router {
     Router::new()
         .route("/v1/jobs", axum::routing::post(submit).get(list_jobs))
+        .route("/v1/jobs:batch", axum::routing::post(submit_batch))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/events", get(events))
         .route("/v1/jobs/{id}/output", get(data::get_output))

@@ -1,0 +1,209 @@
+//! Submit-and-wait and long polls: `POST /v1/jobs?wait=30s` and `GET /v1/jobs/{id}?wait=30s`
+//! answer with the final job as soon as it ends (or the job as it is when the wait is over),
+//! so that a web app needs one round trip per job and no polling.
+//!
+//! One task reads the broadcast of [`JobEvent`]s for every waiting request ([`Waiters`]),
+//! and hands each final event to the requests waiting for that job through a oneshot: a
+//! thousand waiting requests cost one receiver and a map lookup per event, not a thousand
+//! receivers each cloning every event. A waiter registers before it reads the job's state,
+//! so a job that ends between the two is not missed; when the task falls behind (a lagged
+//! broadcast), every waiter is woken to read its job again.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use serde_json::Value;
+use spine_protocol::JobId;
+use tokio::sync::{broadcast, oneshot};
+
+use super::error::ApiError;
+use super::Handle;
+use crate::core::{EventKind, JobEvent};
+
+/// What a waiting request is told: the final job's JSON, or `None` to read it again.
+type Wake = Option<Value>;
+
+/// The requests waiting for jobs to end.
+#[derive(Default)]
+pub(crate) struct Waiters {
+    map: Mutex<HashMap<JobId, Vec<oneshot::Sender<Wake>>>>,
+    /// The task reading the events, started by the first wait.
+    task: OnceLock<()>,
+}
+
+impl Waiters {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<JobId, Vec<oneshot::Sender<Wake>>>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A receiver woken when `id` ends (or when the events were missed).
+    fn register(
+        self: &Arc<Self>,
+        id: &JobId,
+        events: &broadcast::Sender<JobEvent>,
+    ) -> oneshot::Receiver<Wake> {
+        self.task.get_or_init(|| {
+            let me = self.clone();
+            let rx = events.subscribe();
+            tokio::spawn(async move { me.run(rx).await });
+        });
+        let (tx, rx) = oneshot::channel();
+        self.lock().entry(id.clone()).or_default().push(tx);
+        rx
+    }
+
+    /// Drops the waiters of `id` whose requests are gone (their wait ended).
+    fn forget_gone(&self, id: &JobId) {
+        let mut map = self.lock();
+        if let Some(v) = map.get_mut(id) {
+            v.retain(|s| !s.is_closed());
+            if v.is_empty() {
+                map.remove(id);
+            }
+        }
+    }
+
+    /// Hands final events to their waiters until the broadcast closes (the dispatcher stops:
+    /// the waiters' senders are dropped, and they answer with what they can read).
+    async fn run(&self, mut rx: broadcast::Receiver<JobEvent>) {
+        loop {
+            match rx.recv().await {
+                Ok(ev) if ev.kind == EventKind::Final => {
+                    let waiting = self.lock().remove(&ev.job);
+                    for s in waiting.into_iter().flatten() {
+                        let _ = s.send(Some(ev.data.clone()));
+                    }
+                }
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    // The missed events may have been final ones: everyone reads again.
+                    let all: Vec<_> = self.lock().drain().collect();
+                    for s in all.into_iter().flat_map(|(_, v)| v) {
+                        let _ = s.send(None);
+                    }
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    self.lock().clear();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// The `wait` of a request: a duration (`30s`, `1m`, `500ms`) of at most the request timeout
+/// less a second, so that the answer always comes before `http_request_timeout` cuts it.
+pub(super) fn parse_wait(text: &str, request_timeout: Duration) -> Result<Duration, ApiError> {
+    let wait = spine_protocol::units::parse_duration(text).map_err(|e| {
+        ApiError::field(
+            "wait",
+            format!("'{text}' is not a duration such as 30s, 1m or 500ms: {e}"),
+        )
+    })?;
+    let max = request_timeout.saturating_sub(Duration::from_secs(1));
+    if wait > max {
+        return Err(ApiError::field(
+            "wait",
+            format!(
+                "at most {} (http_request_timeout less a second); a longer wait is a loop of \
+                 waits, or the job's event stream (GET /v1/jobs/{{id}}/events)",
+                spine_protocol::units::format_duration(max)
+            ),
+        ));
+    }
+    Ok(wait)
+}
+
+/// Waits up to `wait` for job `id` to end: its final JSON, or `None` when the wait is over
+/// first. `current` reads the job as it is now (`Some` JSON when it has ended).
+pub(super) async fn until_final<F, Fut>(
+    h: &Handle,
+    id: &JobId,
+    wait: Duration,
+    mut current: F,
+) -> Result<Option<Value>, ApiError>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<Value>, ApiError>>,
+{
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let woken = h.waiters.register(id, &h.events);
+        if let Some(done) = current().await? {
+            h.waiters.forget_gone(id);
+            return Ok(Some(done));
+        }
+        match tokio::time::timeout_at(deadline, woken).await {
+            Ok(Ok(Some(done))) => return Ok(Some(done)),
+            // Woken to look again (missed events), or the dispatcher is stopping.
+            Ok(Ok(None)) => continue,
+            Ok(Err(_)) => return current().await,
+            Err(_) => {
+                h.waiters.forget_gone(id);
+                return Ok(None);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wait_is_a_duration_below_the_request_timeout() {
+        let t = Duration::from_secs(120);
+        assert_eq!(parse_wait("30s", t).unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_wait("500ms", t).unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_wait("119s", t).unwrap(), Duration::from_secs(119));
+        let e = parse_wait("2m", t).unwrap_err().message;
+        assert!(
+            e.contains("at most 1m 59s") || e.contains("at most 119s"),
+            "{e}"
+        );
+        let e = parse_wait("soon", t).unwrap_err().message;
+        assert!(e.contains("'soon' is not a duration"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_final_event_wakes_every_waiter_of_its_job_and_only_those() {
+        let (events, _) = broadcast::channel(16);
+        let w = Arc::new(Waiters::default());
+        let a: JobId = "job-a".parse().unwrap();
+        let b: JobId = "job-b".parse().unwrap();
+        let (a1, a2, b1) = (
+            w.register(&a, &events),
+            w.register(&a, &events),
+            w.register(&b, &events),
+        );
+        // Not final: nobody wakes.
+        events
+            .send(JobEvent {
+                job: a.clone(),
+                kind: EventKind::Progress,
+                data: serde_json::json!({"state": "running"}),
+            })
+            .unwrap();
+        events
+            .send(JobEvent {
+                job: a.clone(),
+                kind: EventKind::Final,
+                data: serde_json::json!({"state": "succeeded"}),
+            })
+            .unwrap();
+        for rx in [a1, a2] {
+            let v = tokio::time::timeout(Duration::from_secs(5), rx)
+                .await
+                .unwrap()
+                .unwrap();
+            assert_eq!(v, Some(serde_json::json!({"state": "succeeded"})));
+        }
+        let mut b1 = b1;
+        assert!(b1.try_recv().is_err(), "job b has not ended");
+        assert!(!w.lock().contains_key(&a), "job a's waiters are gone");
+        drop(b1);
+        w.forget_gone(&b);
+        assert!(w.lock().is_empty());
+    }
+}
