@@ -183,7 +183,13 @@ pub fn submit(a: SubmitArgs) -> Result<bool> {
             return Ok(true);
         }
         eprintln!("job {id} accepted");
-        let job = c.follow_with_bar(&id, "").await?;
+        let job = tokio::select! {
+            job = c.follow_with_bar(&id, "") => job?,
+            _ = tokio::signal::ctrl_c() => {
+                eprintln!("\nstopped waiting: job {id} goes on; `spine jobs {id} --follow` follows it again, `spine cancel {id}` cancels it");
+                return Ok(false);
+            }
+        };
         match c.output(&job).await {
             Ok(out) => {
                 match &a.output {
@@ -234,9 +240,10 @@ async fn fragments_of(
 /// Arguments of `spine agents`.
 #[derive(Args, Debug)]
 pub struct AgentsArgs {
-    /// Capability.
+    /// Capability. Without: every agent of every capability this token may run, with the
+    /// capabilities each offers.
     #[arg(long)]
-    capability: String,
+    capability: Option<String>,
     /// Attribute filter.
     #[arg(long = "where")]
     filter: Option<String>,
@@ -254,7 +261,10 @@ pub fn agents(a: AgentsArgs) -> Result<bool> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let c = a.api.client()?;
-        let mut q = vec![("capability", a.capability.clone())];
+        let Some(capability) = a.capability.clone() else {
+            return all_agents(&c, a.filter.as_deref()).await;
+        };
+        let mut q = vec![("capability", capability)];
         if let Some(f) = a.filter {
             q.push(("filter", f));
         }
@@ -300,6 +310,130 @@ pub fn agents(a: AgentsArgs) -> Result<bool> {
     })
 }
 
+/// `spine agents` without a capability: each capability's agents (`--where` applied),
+/// merged by agent, with the capabilities each offers.
+async fn all_agents(c: &spine_client::Client, filter: Option<&str>) -> Result<bool> {
+    let caps = c
+        .call(
+            c.request(reqwest::Method::GET, "/v1/capabilities"),
+            "listing capabilities",
+        )
+        .await?;
+    let mut agents: std::collections::BTreeMap<String, (Value, Vec<String>)> = Default::default();
+    for cap in caps["capabilities"].as_array().into_iter().flatten() {
+        let Some(name) = cap["name"].as_str() else {
+            continue;
+        };
+        let mut q = vec![("capability", name.to_owned())];
+        if let Some(f) = filter {
+            q.push(("filter", f.to_owned()));
+        }
+        let body = c
+            .call(
+                c.request(reqwest::Method::GET, "/v1/agents").query(&q),
+                "asking for agents",
+            )
+            .await?;
+        for ag in body["agents"].as_array().into_iter().flatten() {
+            let jid = ag["jid"].as_str().unwrap_or("").to_owned();
+            agents
+                .entry(jid)
+                .or_insert_with(|| (ag.clone(), Vec::new()))
+                .1
+                .push(name.to_owned());
+        }
+    }
+    println!(
+        "{:<40} {:>8} {:>9} {:>8}  capabilities",
+        "agent", "state", "in-flight", "loadavg"
+    );
+    for (jid, (ag, caps)) in &agents {
+        let in_flight = format!("{}/{}", ag["in_flight"], ag["slots"]);
+        println!(
+            "{:<40} {:>8} {:>9} {:>8}  {}",
+            jid,
+            ag["state"].as_str().unwrap_or(""),
+            in_flight,
+            ag["loadavg"]
+                .as_f64()
+                .map(|l| format!("{l:.2}"))
+                .unwrap_or_else(|| "-".into()),
+            caps.join(" ")
+        );
+    }
+    Ok(true)
+}
+
+/// Arguments of `spine cancel`.
+#[derive(Args, Debug)]
+pub struct CancelArgs {
+    /// The jobs to cancel.
+    #[arg(required = true)]
+    ids: Vec<String>,
+    #[command(flatten)]
+    api: Api,
+}
+
+/// `spine cancel ID…`: each job's state after the cancel; exit 1 if any could not be
+/// cancelled (unknown, not the caller's).
+pub fn cancel(a: CancelArgs) -> Result<bool> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let c = a.api.client()?;
+        let mut ok = true;
+        for id in &a.ids {
+            if let Err(e) = id.parse::<spine_protocol::JobId>() {
+                eprintln!("{id}: not a job id: {e}");
+                ok = false;
+                continue;
+            }
+            let path = format!("/v1/jobs/{id}");
+            match c
+                .call(c.request(reqwest::Method::DELETE, &path), "cancelling")
+                .await
+            {
+                Ok(v) => println!("{id} {}", v["state"].as_str().unwrap_or("?")),
+                Err(e) => {
+                    eprintln!("{id}: {e}");
+                    ok = false;
+                }
+            }
+        }
+        Ok(ok)
+    })
+}
+
+/// Arguments of `spine capabilities`.
+#[derive(Args, Debug)]
+pub struct CapabilitiesArgs {
+    #[command(flatten)]
+    api: Api,
+}
+
+/// `spine capabilities`: each capability with its agents and queued jobs.
+pub fn capabilities(a: CapabilitiesArgs) -> Result<bool> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let c = a.api.client()?;
+        let body = c
+            .call(
+                c.request(reqwest::Method::GET, "/v1/capabilities"),
+                "listing capabilities",
+            )
+            .await?;
+        println!("{:<40} {:>7} {:>7}", "capability", "agents", "queued");
+        for cap in body["capabilities"].as_array().into_iter().flatten() {
+            println!(
+                "{:<40} {:>7} {:>7}",
+                cap["name"].as_str().unwrap_or(""),
+                cap["agents"],
+                cap["queued"]
+            );
+        }
+        Ok(true)
+    })
+}
+
 /// Arguments of `spine jobs`.
 #[derive(Args, Debug)]
 pub struct JobsArgs {
@@ -311,6 +445,12 @@ pub struct JobsArgs {
     /// List at most this many.
     #[arg(long, default_value_t = 20)]
     limit: usize,
+    /// With an id: follow the job to its end (a progress bar), then show it.
+    #[arg(long, requires = "id")]
+    follow: bool,
+    /// With an id: write the job's output to this file (once it succeeded).
+    #[arg(long, requires = "id")]
+    output: Option<PathBuf>,
     #[command(flatten)]
     api: Api,
 }
@@ -320,8 +460,33 @@ pub fn jobs(a: JobsArgs) -> Result<bool> {
     rt.block_on(async move {
         let c = a.api.client()?;
         if let Some(id) = a.id {
-            println!("{}", serde_json::to_string_pretty(&c.job(&id).await?)?);
-            return Ok(true);
+            let job = if a.follow {
+                tokio::select! {
+                    job = c.follow_with_bar(&id, "") => job?,
+                    _ = tokio::signal::ctrl_c() => {
+                        eprintln!("\nstopped following: job {id} goes on");
+                        return Ok(false);
+                    }
+                }
+            } else {
+                c.job(&id).await?
+            };
+            if let Some(p) = &a.output {
+                return match c.output(&job).await {
+                    Ok(out) => {
+                        std::fs::write(p, &out)
+                            .with_context(|| format!("writing {}", p.display()))?;
+                        eprintln!("{} bytes written to {}", out.len(), p.display());
+                        Ok(true)
+                    }
+                    Err(e) => {
+                        eprintln!("{e}");
+                        Ok(false)
+                    }
+                };
+            }
+            println!("{}", serde_json::to_string_pretty(&job)?);
+            return Ok(job["state"] != "failed" && job["state"] != "timed-out");
         }
         let mut q = vec![("limit", a.limit.to_string())];
         if let Some(s) = a.state {

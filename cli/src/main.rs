@@ -54,8 +54,12 @@ enum Command {
     Dispatcher(dispatcher::DispatcherArgs),
     /// Submit a job to a dispatcher's HTTP API (--wait to follow it and print the output).
     Submit(Box<client::SubmitArgs>),
-    /// List the agents offering a capability, least loaded first.
+    /// List the agents offering a capability, least loaded first (without one: every agent).
     Agents(client::AgentsArgs),
+    /// List the capabilities offered, with their agents and queued jobs.
+    Capabilities(client::CapabilitiesArgs),
+    /// Cancel jobs.
+    Cancel(client::CancelArgs),
     /// Show a job, or list recent jobs.
     Jobs(client::JobsArgs),
     /// Run a benchmark (BENCHMARKS.md); prints a table, --json writes the figures.
@@ -92,6 +96,8 @@ fn main() -> ExitCode {
         Command::Dispatcher(args) => dispatcher::run(args).map(|()| true),
         Command::Submit(args) => client::submit(*args),
         Command::Agents(args) => client::agents(args),
+        Command::Capabilities(args) => client::capabilities(args),
+        Command::Cancel(args) => client::cancel(args),
         Command::Jobs(args) => client::jobs(args),
         Command::Bench(args) => bench::run(args),
     };

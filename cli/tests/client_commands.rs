@@ -132,6 +132,55 @@ async fn submit_wait_agents_and_jobs() {
     let (code, out, _) = spine(&["jobs", &id, "--api", &api]).await;
     assert_eq!(code, 0);
     assert!(out.contains("\"state\": \"succeeded\""), "{out}");
+    // Its output to a file; --follow of a finished job shows it at once.
+    let outfile2 = dir.path().join("out2.txt");
+    let out2 = outfile2.display().to_string();
+    let (code, _, err) = spine(&["jobs", &id, "--output", &out2, "--api", &api]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read_to_string(&outfile2).unwrap(), "HELLO");
+    let (code, out, err) = spine(&["jobs", &id, "--follow", "--api", &api]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"state\": \"succeeded\""), "{out}");
+
+    // Every agent, with the capabilities each offers; the capabilities with their agents.
+    let (code, out, err) = spine(&["agents", "--api", &api]).await;
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("agent1@localhost/w"))
+        .unwrap_or_default();
+    assert!(
+        line.contains("text.upper") && line.contains("ready"),
+        "{out}"
+    );
+    let (code, out, err) = spine(&["agents", "--where", "zone == \"us-1\"", "--api", &api]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(!out.contains("agent1@localhost/w"), "filtered out:\n{out}");
+    let (code, out, err) = spine(&["capabilities", "--api", &api]).await;
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("text.upper"))
+        .unwrap_or_default();
+    assert_eq!(
+        line.split_whitespace().collect::<Vec<_>>(),
+        ["text.upper", "1", "0"],
+        "{out}"
+    );
+
+    // Cancel: a job that has not ended, then an unknown one (exit 1, named).
+    let (code, id, err) = spine(&["submit", "text.upper", "--input", &in_arg, "--api", &api]).await;
+    assert_eq!(code, 0, "{err}");
+    let id = id.trim().to_owned();
+    let (code, out, err) = spine(&["cancel", &id, "--api", &api]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.trim() == format!("{id} cancelled") || out.trim() == format!("{id} succeeded"),
+        "cancelled, or already done: {out}"
+    );
+    let (code, _, err) = spine(&["cancel", "no-such-job", "--api", &api]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no-such-job") && err.contains("404"), "{err}");
 
     let (code, _, err) = spine(&[
         "submit",
