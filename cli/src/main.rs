@@ -62,6 +62,16 @@ enum Command {
     Cancel(client::CancelArgs),
     /// Show a job, or list recent jobs.
     Jobs(client::JobsArgs),
+    /// Print a shell completion script: `spine completions bash > /etc/bash_completion.d/spine`.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+    /// Write man pages (spine.1 and one per command, spine-submit.1, …) into a directory.
+    Man {
+        /// The directory (created if missing).
+        dir: PathBuf,
+    },
     /// Run a benchmark (BENCHMARKS.md); prints a table, --json writes the figures.
     Bench(bench::BenchArgs),
     /// Check that an XML stanza or payload follows the Spine wire protocol (docs/PROTOCOL.md).
@@ -100,6 +110,12 @@ fn main() -> ExitCode {
         Command::Cancel(args) => client::cancel(args),
         Command::Jobs(args) => client::jobs(args),
         Command::Bench(args) => bench::run(args),
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "spine", &mut std::io::stdout());
+            Ok(true)
+        }
+        Command::Man { dir } => man_pages(&dir),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
@@ -109,6 +125,27 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Writes `spine.1` and a page per command (`spine-submit.1`, …) into `dir`.
+fn man_pages(dir: &std::path::Path) -> Result<bool> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let cmd = <Cli as clap::CommandFactory>::command();
+    let write = |name: &str, page: clap::Command| -> Result<()> {
+        let path = dir.join(format!("{name}.1"));
+        let mut out = Vec::new();
+        clap_mangen::Man::new(page)
+            .render(&mut out)
+            .with_context(|| format!("rendering {name}.1"))?;
+        std::fs::write(&path, out).with_context(|| format!("writing {}", path.display()))
+    };
+    for sub in cmd.get_subcommands().filter(|s| !s.is_hide_set()) {
+        let name = format!("spine-{}", sub.get_name());
+        write(&name, sub.clone().name(name.clone()))?;
+    }
+    write("spine", cmd)?;
+    println!("man pages written to {}", dir.display());
+    Ok(true)
 }
 
 /// Validates the document in `file`; `Ok(false)` when a payload is invalid.
