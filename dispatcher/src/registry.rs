@@ -213,6 +213,21 @@ impl Registry {
         self.by_jid.len()
     }
 
+    /// Every registered agent's (full JID, effective in-flight, slots), by JID: for the
+    /// per-agent gauges of /metrics.
+    pub fn loads(&self) -> Vec<(FullJid, u64, u64)> {
+        let mut v: Vec<_> = self
+            .by_jid
+            .iter()
+            .filter_map(|(jid, id)| {
+                let a = self.get(*id)?;
+                Some((jid.clone(), a.effective_in_flight(), a.slots))
+            })
+            .collect();
+        v.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+        v
+    }
+
     /// Whether no agent is registered.
     pub fn is_empty(&self) -> bool {
         self.by_jid.is_empty()

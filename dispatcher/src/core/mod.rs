@@ -30,6 +30,7 @@ pub(crate) mod outcomes;
 pub(crate) mod payloads;
 pub(crate) mod place;
 pub(crate) mod requests;
+mod stats;
 pub(crate) mod submit;
 #[cfg(test)]
 mod tests;
@@ -193,6 +194,8 @@ pub(crate) struct Core {
     next_prune_ms: u64,
     next_housekeeping: Instant,
     latency: Histogram,
+    /// Per-capability counters and latencies for /metrics.
+    stats: stats::Stats,
     /// When the XMPP session ended, until the next one starts.
     session_died: Option<Instant>,
     /// Jobs changed since the last `take_ready`.
@@ -236,6 +239,7 @@ impl Core {
             next_prune_ms: 0,
             next_housekeeping: now.mono,
             latency: Histogram::default(),
+            stats: stats::Stats::default(),
             session_died: None,
             dirty: HashSet::new(),
             place_pending: true,

@@ -174,6 +174,9 @@ impl Core {
                 Settled::Ended(JobState::Succeeded)
             }
             Err(_) => {
+                if let Some(j) = self.jobs.get(&s.job) {
+                    self.stats.duplicate(&j.spec.capability);
+                }
                 info!(job = %s.job, agent = %s.agent, "duplicate result dropped (the job already has its outcome)");
                 Settled::Unchanged
             }
@@ -240,6 +243,9 @@ impl Core {
         let how = Settled::from_failure(after);
         if let Settled::Ended(state) = how {
             info!(job = %s.job, %state, "job ended: {e}");
+        }
+        if let (Settled::Retry(_), Some(j)) = (how, self.jobs.get(&s.job)) {
+            self.stats.retried(&j.spec.capability);
         }
         self.settle(&s.job, Some(&s.agent), how, now);
     }
@@ -434,12 +440,15 @@ impl Core {
 
     /// Queues the audit line of a job that ended (stored with the outcome, then written).
     fn audit_record(&mut self, job: &JobId, now: Now) {
+        let Some(rec) = self.jobs.get(job).filter(|r| r.state.is_final()) else {
+            return;
+        };
+        // Counted here: like the audit line, once per job that ends.
+        self.stats.ended(rec, now.ms);
         if self.cfg.audit_log.trim() == "off" {
             return;
         }
-        if let Some(rec) = self.jobs.get(job).filter(|r| r.state.is_final()) {
-            self.ready.audit.push(crate::audit::line(rec, now.ms));
-        }
+        self.ready.audit.push(crate::audit::line(rec, now.ms));
     }
 
     /// Jobs whose deadline passed time out (from the table's deadline index).

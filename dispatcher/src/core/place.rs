@@ -183,8 +183,9 @@ impl Core {
             return;
         };
         if rec.attempts == 1 {
-            self.latency
-                .observe(now.ms.saturating_sub(rec.accepted_ms) as f64 / 1000.0);
+            let secs = now.ms.saturating_sub(rec.accepted_ms) as f64 / 1000.0;
+            self.latency.observe(secs);
+            self.stats.dispatched(&rec.spec.capability, secs);
         }
         let capability = rec.spec.capability.clone();
         self.persist(id);

@@ -99,6 +99,22 @@ impl Core {
         visible: &Capabilities,
         now: Now,
     ) -> Result<(JobId, JobState), SpineError> {
+        let cap = spec.capability.clone();
+        let r = self.accept_counted(spec, wait_for_agent, visible, now);
+        match &r {
+            Ok(_) => {}
+            Err(e) => self.stats.refused(&cap, e.condition),
+        }
+        r
+    }
+
+    fn accept_counted(
+        &mut self,
+        spec: JobSpec,
+        wait_for_agent: bool,
+        visible: &Capabilities,
+        now: Now,
+    ) -> Result<(JobId, JobState), SpineError> {
         if let Some(key) = &spec.idempotency_key {
             if let Some(existing) = self.idempotency.get(&(spec.submitter.clone(), key.clone())) {
                 let state = self
@@ -135,6 +151,7 @@ impl Core {
         ) {
             Ok(r) => {
                 info!(job = %job_id, capability = %r.spec.capability, submitter = %r.spec.submitter, "job accepted");
+                self.stats.submitted(&r.spec.capability);
                 r.state
             }
             Err(e @ (SubmitError::QueueFull { .. } | SubmitError::SubmitterQuota { .. })) => {

@@ -675,3 +675,55 @@ fn jobs_with_the_same_large_input_share_one_blob_released_with_the_last_of_them(
     assert_eq!(r.released, vec![blob], "released once, with its last job");
     assert_eq!(w.core.blob_refs(&blob), 0);
 }
+
+/// The counters operators alert on: submitted, refused by reason, retried, ended by state and
+/// duplicate results per capability; per-agent in-flight and slots; latency histograms per
+/// capability.
+#[test]
+fn metrics_count_jobs_per_capability_and_show_each_agents_load() {
+    let mut w = World::new();
+    let a = w.agent(1, 2);
+    w.ready();
+    let (id, _) = w.submit(spec(CAP)).unwrap();
+    // A capability nobody offers is refused.
+    assert!(w.submit(spec("no.such")).is_err());
+    let sent = jobs_sent(&w.ready().stanzas).remove(0);
+    // First attempt fails retryably, the second succeeds; its result repeated is a stale
+    // reply (its request is answered), not a duplicate outcome.
+    w.refuse(
+        &sent,
+        SpineError::new(Condition::Retryable).with_text("try again"),
+    );
+    w.advance(2_000);
+    w.tick();
+    let again = jobs_sent(&w.ready().stanzas).remove(0);
+    assert_eq!(again.job.attempt, 2);
+    w.succeed(&again, &a);
+    w.succeed(&again, &a);
+    w.ready();
+    assert_eq!(w.state(&id), JobState::Succeeded);
+    let m = w.core.metrics();
+    let has = |line: &str| assert!(m.lines().any(|l| l == line), "{line} not in\n{m}");
+    has(&format!(
+        "spine_jobs_submitted_total{{capability=\"{CAP}\"}} 1"
+    ));
+    has("spine_jobs_refused_total{capability=\"no.such\",reason=\"unknown-capability\"} 1");
+    has(&format!(
+        "spine_jobs_retried_total{{capability=\"{CAP}\"}} 1"
+    ));
+    has(&format!(
+        "spine_jobs_ended_total{{capability=\"{CAP}\",state=\"succeeded\"}} 1"
+    ));
+    assert!(!m.contains("spine_duplicate_results_total{"), "{m}");
+    has("spine_agent_in_flight{agent=\"agent1@localhost/w\"} 0");
+    has("spine_agent_slots{agent=\"agent1@localhost/w\"} 2");
+    has(&format!(
+        "spine_job_dispatch_seconds_count{{capability=\"{CAP}\"}} 1"
+    ));
+    has(&format!(
+        "spine_job_end_to_end_seconds_count{{capability=\"{CAP}\"}} 1"
+    ));
+    has(&format!(
+        "spine_job_end_to_end_seconds_bucket{{capability=\"{CAP}\",le=\"5\"}} 1"
+    ));
+}

@@ -318,6 +318,18 @@ impl Core {
             "spine_dispatch_latency_seconds_count {}",
             self.latency.n
         );
+        out.push_str("# HELP spine_agent_in_flight Jobs running on each agent (its report and ours).\n# TYPE spine_agent_in_flight gauge\n");
+        let agents = self.registry.loads();
+        for (jid, in_flight, _) in &agents {
+            let _ = writeln!(out, "spine_agent_in_flight{{agent=\"{jid}\"}} {in_flight}");
+        }
+        out.push_str(
+            "# HELP spine_agent_slots Slots of each agent.\n# TYPE spine_agent_slots gauge\n",
+        );
+        for (jid, _, slots) in &agents {
+            let _ = writeln!(out, "spine_agent_slots{{agent=\"{jid}\"}} {slots}");
+        }
+        self.stats.write(&mut out);
         out
     }
 }
