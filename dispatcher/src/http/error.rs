@@ -87,7 +87,16 @@ impl IntoResponse for ApiError {
         if let Some(m) = body.as_object_mut() {
             m.remove("status");
         }
-        (status, Json(body)).into_response()
+        let mut r = (status, Json(body)).into_response();
+        if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
+            // A full queue drains, a stream slot frees, a restarting dispatcher returns: a
+            // client (and a proxy) retries after a second rather than at once.
+            r.headers_mut().insert(
+                axum::http::header::RETRY_AFTER,
+                axum::http::HeaderValue::from_static("1"),
+            );
+        }
+        r
     }
 }
 
@@ -107,5 +116,15 @@ mod tests {
                 Some("capability")
             )
         );
+    }
+
+    #[test]
+    fn a_full_queue_says_when_to_retry() {
+        let r =
+            ApiError::from(SpineError::new(Condition::QueueFull).with_text("full")).into_response();
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[axum::http::header::RETRY_AFTER], "1");
+        let r = ApiError::field("wait", "bad").into_response();
+        assert!(r.headers().get(axum::http::header::RETRY_AFTER).is_none());
     }
 }
