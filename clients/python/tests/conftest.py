@@ -25,7 +25,9 @@ def _spine_bin() -> Path:
     if not path.is_absolute():
         path = REPO / path
     if not path.exists():
-        pytest.fail(f"no spine binary at {path}: build it with `cargo build -p spine`, or set SPINE_BIN")
+        pytest.fail(
+            f"no spine binary at {path}: build it with `cargo build -p spine`, or set SPINE_BIN"
+        )
     return path
 
 
@@ -35,9 +37,18 @@ def spine_url():
     local agent has registered, so the first job meets no unknown capability."""
     data = tempfile.mkdtemp(prefix="spine-pytest-")
     cmd = [
-        str(_spine_bin()), "up",
-        "--http-listen", "127.0.0.1:0", "--xmpp-listen", "127.0.0.1:0",
-        "--data-dir", data, "--agents", "2", "--slots", "8",
+        str(_spine_bin()),
+        "up",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--xmpp-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data,
+        "--agents",
+        "2",
+        "--slots",
+        "8",
     ]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     found: dict = {}
@@ -50,6 +61,7 @@ def spine_url():
             m = BANNER.search(line)
             if m and "url" not in found:
                 found["url"] = m.group(1)
+
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
     deadline = time.monotonic() + 90
@@ -57,7 +69,9 @@ def spine_url():
         time.sleep(0.05)
     try:
         if "url" not in found:
-            pytest.fail(f"spine up did not become ready (exit {proc.poll()}):\n{''.join(lines[-40:])}")
+            pytest.fail(
+                f"spine up did not become ready (exit {proc.poll()}):\n{''.join(lines[-40:])}"
+            )
         yield found["url"]
     finally:
         if proc.poll() is None:

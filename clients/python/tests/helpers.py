@@ -14,13 +14,26 @@ def png(width: int, height: int) -> bytes:
     rows = bytearray()
     for y in range(height):
         rows.append(0)
-        rows.extend(bytes(((x * 7 + y) % 256, (y * 3) % 256, (x ^ y) % 256)[i % 3] for x in range(width) for i in range(3)))
+        rows.extend(
+            bytes(
+                ((x * 7 + y) % 256, (y * 3) % 256, (x ^ y) % 256)[i % 3]
+                for x in range(width)
+                for i in range(3)
+            )
+        )
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(rows))) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(bytes(rows)))
+        + chunk(b"IEND", b"")
+    )
 
 
 WORDS = "the cat sat on a mat while spine agents count every word in these fragments".split()

@@ -33,7 +33,9 @@ class Recording(httpx.BaseTransport):
         if self.fail_after_send > 0:
             self.fail_after_send -= 1
             response.read()
-            self.lost_answers.append(httpx.Response(response.status_code, content=response.content).json())
+            self.lost_answers.append(
+                httpx.Response(response.status_code, content=response.content).json()
+            )
             raise httpx.ReadError("connection reset (injected by the test)", request=request)
         return response
 
@@ -144,7 +146,9 @@ def test_wait_timeout_leaves_the_job_running(spine, slow_image):
 
 def test_run_times_out_with_wait_timeout(spine, slow_image):
     with pytest.raises(sc.WaitTimeout) as e:
-        spine.run("image.blur", {"sigma": 30}, input=slow_image, input_type="image/png", timeout=0.3)
+        spine.run(
+            "image.blur", {"sigma": 30}, input=slow_image, input_type="image/png", timeout=0.3
+        )
     spine.job(e.value.job_id).cancel()
 
 
@@ -245,16 +249,31 @@ def test_connection_errors_are_retried_then_raised():
     with sc.Client(f"http://127.0.0.1:{port}", retries=2) as spine:
         with pytest.raises(sc.ConnectionFailed) as e:
             spine.run("text.upper", input="x")
-    assert "after 3 attempts" in e.value.message and isinstance(e.value.__cause__, httpx.ConnectError)
+    assert "after 3 attempts" in e.value.message and isinstance(
+        e.value.__cause__, httpx.ConnectError
+    )
 
 
 def test_the_request_forms_without_a_server():
     fields = _common.job_fields(
-        "text.upper", {"a": 1}, idempotency_key="k", priority=None, deadline=2.5, filter=None, more={}
+        "text.upper",
+        {"a": 1},
+        idempotency_key="k",
+        priority=None,
+        deadline=2.5,
+        filter=None,
+        more={},
     )
-    assert fields == {"capability": "text.upper", "args": {"a": 1}, "idempotency_key": "k", "deadline": "2500ms"}
+    assert fields == {
+        "capability": "text.upper",
+        "args": {"a": 1},
+        "idempotency_key": "k",
+        "deadline": "2500ms",
+    }
     raw = _common.submit_request(fields, _common.read_input(b"x" * 70_000, None), wait=5)
     assert raw.json is None and raw.params["args"] == '{"a":1}' and raw.params["wait"] == "5000ms"
     # A large JSON input would be read as the job itself: it stays inline.
-    js = _common.submit_request(fields, _common.read_input(b"{}" * 40_000, "application/json"), None)
+    js = _common.submit_request(
+        fields, _common.read_input(b"{}" * 40_000, "application/json"), None
+    )
     assert js.json is not None and js.json["input_type"] == "application/json"

@@ -83,9 +83,7 @@ class AsyncJob:
     async def events(self) -> AsyncIterator[c.Event]:
         client = self._client
         timeout = httpx.Timeout(client.timeout, read=max(client.timeout, 40.0))
-        async with client._http.stream(
-            "GET", f"/v1/jobs/{self.id}/events", timeout=timeout
-        ) as r:
+        async with client._http.stream("GET", f"/v1/jobs/{self.id}/events", timeout=timeout) as r:
             if r.status_code >= 400:
                 c.check(r.status_code, await r.aread())
             parser = c.SseParser()
@@ -162,14 +160,20 @@ class AsyncClient:
                 if req.path_body is not None:
                     content = _file_chunks(req.path_body)
                 return await self._http.request(
-                    req.method, req.path, params=req.params, json=req.json,
-                    content=content, headers=req.headers, timeout=timeout,
+                    req.method,
+                    req.path,
+                    params=req.params,
+                    json=req.json,
+                    content=content,
+                    headers=req.headers,
+                    timeout=timeout,
                 )
             except httpx.TransportError as e:
                 if attempt > self.retries:
                     raise ConnectionFailed(
                         "connection-failed",
-                        f"{req.method} {self.base_url}{req.path} failed after {attempt} attempts: {e!r}",
+                        f"{req.method} {self.base_url}{req.path} failed after {attempt} "
+                        f"attempts: {e!r}",
                     ) from e
                 await asyncio.sleep(c.backoff(attempt))
 
@@ -196,13 +200,19 @@ class AsyncClient:
         **more: Any,
     ) -> AsyncJob:
         fields = c.job_fields(
-            capability, args, idempotency_key=idempotency_key, priority=priority,
-            deadline=deadline, filter=filter, more=more,
+            capability,
+            args,
+            idempotency_key=idempotency_key,
+            priority=priority,
+            deadline=deadline,
+            filter=filter,
+            more=more,
         )
         payload = c.read_input(input, input_type)
         if payload.path is not None and payload.size <= c.INLINE_LIMIT:
             payload = c.Payload(
-                data=await asyncio.to_thread(_read, payload.path), size=payload.size,
+                data=await asyncio.to_thread(_read, payload.path),
+                size=payload.size,
                 mime=payload.mime,
             )
         req = c.submit_request(fields, payload, wait)
@@ -243,8 +253,14 @@ class AsyncClient:
     async def put_blob(self, data: Union[bytes, str, "os.PathLike[str]"]) -> Dict[str, Any]:
         payload = c.read_input(data, None)
         req = c.Request(
-            "PUT", "/v1/blobs", content=payload.data, path_body=payload.path,
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(payload.size)},
+            "PUT",
+            "/v1/blobs",
+            content=payload.data,
+            path_body=payload.path,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(payload.size),
+            },
         )
         r = await self._send(req)
         return c.decode_json(r.status_code, r.content)
@@ -271,8 +287,13 @@ class AsyncClient:
             *(upload(f, n) for f, n in zip(fragments, c.fragment_names(len(fragments), names)))
         )
         return await self.submit(
-            map_capability, args, wait=wait, reduce=reduce_capability, fan_in=fan_in,
-            fragments=list(refs), **more,
+            map_capability,
+            args,
+            wait=wait,
+            reduce=reduce_capability,
+            fan_in=fan_in,
+            fragments=list(refs),
+            **more,
         )
 
     async def agents(
@@ -283,9 +304,16 @@ class AsyncClient:
         sort: Optional[str] = None,
         limit: Optional[int] = None,
     ) -> List[Dict[str, Any]]:
-        params = {k: str(v) for k, v in
-                  {"capability": capability, "filter": filter, "sort": sort, "limit": limit}.items()
-                  if v is not None}
+        params = {
+            k: str(v)
+            for k, v in {
+                "capability": capability,
+                "filter": filter,
+                "sort": sort,
+                "limit": limit,
+            }.items()
+            if v is not None
+        }
         r = await self._send(c.Request("GET", "/v1/agents", params=params))
         return list(c.decode_json(r.status_code, r.content).get("agents", []))
 

@@ -75,7 +75,8 @@ def read_input(value: Any, input_type: Optional[str]) -> Payload:
             data = data.encode("utf-8")
         return Payload(data=bytes(data), size=len(data), mime=input_type)
     raise TypeError(
-        f"input must be bytes, str, a path (pathlib.Path) or a file object, not {type(value).__name__}"
+        "input must be bytes, str, a path (pathlib.Path) or a file object, "
+        f"not {type(value).__name__}"
     )
 
 
@@ -138,7 +139,11 @@ def submit_request(fields: Dict[str, Any], payload: Payload, wait: Optional[floa
     )
     if large and not json_like:
         for k, v in fields.items():
-            params[k] = json.dumps(v, separators=(",", ":")) if isinstance(v, (dict, list)) else _query_value(v)
+            params[k] = (
+                json.dumps(v, separators=(",", ":"))
+                if isinstance(v, (dict, list))
+                else _query_value(v)
+            )
         return Request(
             "POST",
             "/v1/jobs",
@@ -214,7 +219,10 @@ def decode_json(status: int, body: bytes) -> Any:
         return json.loads(body)
     except ValueError as e:
         raise SpineError(
-            "bad-answer", f"expected JSON from the dispatcher, got {body[:100]!r}: {e}", None, status
+            "bad-answer",
+            f"expected JSON from the dispatcher, got {body[:100]!r}: {e}",
+            None,
+            status,
         ) from e
 
 

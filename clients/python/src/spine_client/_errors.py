@@ -236,9 +236,7 @@ def error_for(
 ) -> SpineError:
     """The exception for an API condition (also used for the per-item errors of a batch)."""
     if condition == "not-authorized":
-        cls: Type[SpineError] = {401: Unauthorized, 403: Forbidden}.get(
-            status or 0, NotAuthorized
-        )
+        cls: Type[SpineError] = {401: Unauthorized, 403: Forbidden}.get(status or 0, NotAuthorized)
     else:
         cls = _BY_CONDITION.get(condition, SpineError)
     return cls(condition, message, field, status)

@@ -165,18 +165,28 @@ class Client:
                 if req.path_body is not None:
                     with open(req.path_body, "rb") as f:
                         return self._http.request(
-                            req.method, req.path, params=req.params, content=f,
-                            headers=req.headers, timeout=timeout,
+                            req.method,
+                            req.path,
+                            params=req.params,
+                            content=f,
+                            headers=req.headers,
+                            timeout=timeout,
                         )
                 return self._http.request(
-                    req.method, req.path, params=req.params, json=req.json,
-                    content=req.content, headers=req.headers, timeout=timeout,
+                    req.method,
+                    req.path,
+                    params=req.params,
+                    json=req.json,
+                    content=req.content,
+                    headers=req.headers,
+                    timeout=timeout,
                 )
             except httpx.TransportError as e:
                 if attempt > self.retries:
                     raise ConnectionFailed(
                         "connection-failed",
-                        f"{req.method} {self.base_url}{req.path} failed after {attempt} attempts: {e!r}",
+                        f"{req.method} {self.base_url}{req.path} failed after {attempt} "
+                        f"attempts: {e!r}",
                     ) from e
                 time.sleep(c.backoff(attempt))
 
@@ -213,8 +223,13 @@ class Client:
         ``max_attempts``, ``progress``, ``wait_for_agent``…) go in ``more``.
         """
         fields = c.job_fields(
-            capability, args, idempotency_key=idempotency_key, priority=priority,
-            deadline=deadline, filter=filter, more=more,
+            capability,
+            args,
+            idempotency_key=idempotency_key,
+            priority=priority,
+            deadline=deadline,
+            filter=filter,
+            more=more,
         )
         req = c.submit_request(fields, c.read_input(input, input_type), wait)
         if wait is not None:
@@ -260,8 +275,14 @@ class Client:
         returns ``{"sha256": …, "size": …}``. A path is streamed from the file."""
         payload = c.read_input(data, None)
         req = c.Request(
-            "PUT", "/v1/blobs", content=payload.data, path_body=payload.path,
-            headers={"Content-Type": "application/octet-stream", "Content-Length": str(payload.size)},
+            "PUT",
+            "/v1/blobs",
+            content=payload.data,
+            path_body=payload.path,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(payload.size),
+            },
         )
         r = self._send(req)
         return c.decode_json(r.status_code, r.content)
@@ -286,8 +307,13 @@ class Client:
             for f, n in zip(fragments, c.fragment_names(len(fragments), names))
         ]
         return self.submit(
-            map_capability, args, wait=wait, reduce=reduce_capability, fan_in=fan_in,
-            fragments=refs, **more,
+            map_capability,
+            args,
+            wait=wait,
+            reduce=reduce_capability,
+            fan_in=fan_in,
+            fragments=refs,
+            **more,
         )
 
     def agents(
@@ -299,9 +325,16 @@ class Client:
         limit: Optional[int] = None,
     ) -> List[Dict[str, Any]]:
         """The agents offering ``capability`` that pass ``filter``, least loaded first."""
-        params = {k: str(v) for k, v in
-                  {"capability": capability, "filter": filter, "sort": sort, "limit": limit}.items()
-                  if v is not None}
+        params = {
+            k: str(v)
+            for k, v in {
+                "capability": capability,
+                "filter": filter,
+                "sort": sort,
+                "limit": limit,
+            }.items()
+            if v is not None
+        }
         r = self._send(c.Request("GET", "/v1/agents", params=params))
         return list(c.decode_json(r.status_code, r.content).get("agents", []))
 
@@ -312,8 +345,10 @@ def _batch_answers(client: Any, doc: Mapping[str, Any], job_cls: Any) -> List[An
         if "error" in item:
             out.append(
                 error_for(
-                    str(item["error"]), str(item.get("message") or ""),
-                    item.get("field"), item.get("status"),
+                    str(item["error"]),
+                    str(item.get("message") or ""),
+                    item.get("field"),
+                    item.get("status"),
                 )
             )
         else:
