@@ -47,7 +47,7 @@ def test_async_large_input_and_path(spine_url, tmp_path):
 
 
 def test_async_events_cancel_and_errors(spine_url):
-    image = helpers.png(600, 600)
+    image = helpers.png(500, 500)
 
     async def main():
         async with sc.AsyncClient(spine_url) as spine:

@@ -53,7 +53,7 @@ def spine(spine_url):
 def slow_image():
     """An image `image.blur` with a large sigma takes seconds on (a debug build of) the
     agents: the slow job for cancel, deadline and client-side timeout tests."""
-    return helpers.png(800, 800)
+    return helpers.png(500, 500)
 
 
 def test_run_returns_the_agents_output(spine):
@@ -80,6 +80,8 @@ def test_a_small_input_goes_as_json(spine_url):
     rec = Recording()
     with sc.Client(spine_url, transport=rec) as spine:
         assert spine.run("text.upper", input="small") == b"SMALL"
+    # A job that ends within the wait costs one request: no poll, no second fetch.
+    assert len(rec.requests) == 1
     post = rec.requests[0]
     assert post.headers["content-type"] == "application/json"
     assert b'"input":"c21hbGw="' in post.content.replace(b" ", b"")
@@ -102,7 +104,7 @@ def test_submit_then_result(spine):
 
 
 def test_a_large_output_is_fetched_from_its_url(spine, slow_image):
-    # A grayscale PNG of 800×800 is over 64 KiB: the view carries output_url, not output.
+    # A grayscale PNG of 500×500 is over 64 KiB: the view carries output_url, not output.
     job = spine.submit("image.grayscale", input=slow_image, input_type="image/png", wait=60)
     out = job.result(timeout=60)
     assert job.view["result"]["output_url"] == f"/v1/jobs/{job.id}/output"
