@@ -664,6 +664,7 @@ async fn mapreduce_farm(
         agent: data_listen.then(|| -> crate::up::AgentChange {
             Box::new(|a| a.data_listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0))))
         }),
+        extra_agents: Vec::new(),
     })
     .await?;
     let api = spine_client::Client::new(&format!("http://{}", farm.http), None)?;

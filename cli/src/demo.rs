@@ -33,6 +33,39 @@ pub async fn run(api: &spine_client::Client, out_dir: &Path, kept: bool) -> Resu
 }
 
 /// Until every local agent offers the demo capabilities (at most 30 s).
+/// Waits (30 s at most) until each of `caps` has an agent.
+pub(crate) async fn wait_for_capabilities(
+    api: &spine_client::Client,
+    caps: &[String],
+) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed = api
+            .call(
+                api.request(reqwest::Method::GET, "/v1/capabilities"),
+                "listing capabilities",
+            )
+            .await?;
+        let missing: Vec<&String> = caps
+            .iter()
+            .filter(|name| {
+                !listed["capabilities"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["name"] == name.as_str() && c["agents"].as_u64() >= Some(1))
+            })
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("no agent offered {missing:?} within 30 s (see the log for the agent's error)");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub(crate) async fn wait_for_agents(api: &spine_client::Client, agents: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {

@@ -49,6 +49,11 @@ pub struct UpArgs {
     /// Log filter (RUST_LOG syntax); default "warn,spine=info", with --demo "warn".
     #[arg(long)]
     log: Option<String>,
+    /// Also run an agent from this agent configuration (docs/agent.md): its wrapped `exec`
+    /// and `http` capabilities, slots and attributes, joined to this bus (its jid, password,
+    /// server and dispatchers are replaced by the local ones). Repeatable.
+    #[arg(long = "agent-config", value_name = "FILE")]
+    agent_configs: Vec<PathBuf>,
 }
 
 fn secret() -> String {
@@ -105,6 +110,24 @@ pub fn run(args: UpArgs) -> Result<()> {
     });
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
+    let extra: Vec<(String, AgentConfig)> = args
+        .agent_configs
+        .iter()
+        .map(|p| {
+            let cfg = AgentConfig::load(Some(p))
+                .map_err(|e| anyhow::anyhow!("--agent-config {}: {e}", p.display()))?;
+            anyhow::ensure!(
+                !cfg.capabilities.is_empty(),
+                "--agent-config {}: it wraps no capability ([[capability]] sections): nothing to run",
+                p.display()
+            );
+            Ok((p.display().to_string(), cfg))
+        })
+        .collect::<Result<_>>()?;
+    let extra_caps: Vec<String> = extra
+        .iter()
+        .flat_map(|(_, c)| c.capabilities.iter().map(|c| c.name.clone()))
+        .collect();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let farm = Farm::start(FarmOptions {
@@ -122,6 +145,7 @@ pub fn run(args: UpArgs) -> Result<()> {
             max_blob: None,
             dispatcher: None,
             agent: None,
+            extra_agents: extra,
         })
         .await?;
         let (xmpp, http) = (farm.xmpp, farm.http);
@@ -129,8 +153,12 @@ pub fn run(args: UpArgs) -> Result<()> {
         // local agent has registered, so no job meets an unknown capability.
         let api = spine_client::Client::new(&format!("http://{http}"), None)?;
         crate::demo::wait_for_agents(&api, n_agents).await?;
+        crate::demo::wait_for_capabilities(&api, &extra_caps).await?;
         println!("spine up: XMPP server {xmpp} (domain localhost), HTTP API http://{http}, {n_agents} agents with {} slots each", args.slots);
         println!("capabilities: text.upper, hash.sha256, image.thumbnail, image.resize, image.grayscale, image.blur, image.contact-sheet, wordcount.split, wordcount.map, wordcount.reduce");
+        if !extra_caps.is_empty() {
+            println!("from --agent-config: {}", extra_caps.join(", "));
+        }
         println!("try: spine submit text.upper --input FILE --wait --api http://{http}");
         println!("data: {}{}", data_dir.display(), if temp.is_some() { " (temporary)" } else { "" });
         use std::io::Write as _;
@@ -165,6 +193,7 @@ pub fn run(args: UpArgs) -> Result<()> {
 /// parts in this process, `spine bench soak` writes the same configurations to files for
 /// `spine server`, `spine dispatcher` and `spine agent` child processes.
 pub(crate) struct FarmAccounts {
+    /// Agent accounts: `agent1` … `agent<agents>`.
     agents: usize,
     dispatcher_pw: String,
     agent_pw: String,
@@ -260,6 +289,9 @@ pub struct FarmOptions {
     pub dispatcher: Option<DispatcherChange>,
     /// Changes to every agent's configuration beyond these.
     pub agent: Option<AgentChange>,
+    /// Agents from agent configurations (`spine up --agent-config`), each with where it came
+    /// from: their wrapped capabilities only, joined to this bus.
+    pub extra_agents: Vec<(String, AgentConfig)>,
 }
 
 /// The whole bus in this process: the embedded server, a dispatcher and local agents offering
@@ -281,7 +313,7 @@ impl Farm {
     /// Starts the server, the dispatcher and the agents.
     pub async fn start(o: FarmOptions) -> Result<Farm> {
         // Server, with one account per component.
-        let accounts = FarmAccounts::new(o.agents);
+        let accounts = FarmAccounts::new(o.agents + o.extra_agents.len());
         let scfg = accounts.server_config(o.xmpp_listen, &o.data_dir);
         let server = Server::bind(scfg).await.map_err(|e| {
             let hint = match &e {
@@ -326,6 +358,23 @@ impl Farm {
         let dispatcher_task = tokio::spawn(dispatcher.run(stopped(dispatcher_rx)));
 
         let mut agent_tasks = Vec::new();
+        for (k, (from, cfg)) in o.extra_agents.into_iter().enumerate() {
+            // Its capabilities, slots and attributes; the account and bus are the farm's.
+            let local = accounts.agent_config(o.agents + 1 + k, xmpp, cfg.slots);
+            let acfg = AgentConfig {
+                jid: local.jid,
+                password: local.password,
+                password_file: None,
+                server: local.server,
+                dispatchers: local.dispatchers,
+                tls: local.tls,
+                ..cfg
+            };
+            let agent = Agent::builder(acfg)
+                .build()
+                .with_context(|| format!("--agent-config {from}"))?;
+            agent_tasks.push(tokio::spawn(agent.run(stopped(agents_rx.clone()))));
+        }
         for i in 1..=o.agents {
             let mut acfg = accounts.agent_config(i, xmpp, o.slots);
             if let Some(change) = &o.agent {

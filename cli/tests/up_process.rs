@@ -262,3 +262,91 @@ async fn a_taken_port_is_one_line_with_a_hint_and_exit_2() {
         "{stderr}"
     );
 }
+
+/// `spine up --agent-config FILE` runs an agent from an ordinary agent configuration (its
+/// wrapped program), joined to the local bus whatever account and server the file names; a
+/// file that wraps nothing is refused naming it.
+#[tokio::test]
+async fn up_runs_an_agent_from_an_agent_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("legacy.toml");
+    std::fs::write(
+        &cfg,
+        "jid = \"build-07@example.com\"\npassword = \"not used\"\nserver = \"xmpp.example.com:5222\"\n\
+         dispatchers = [\"dispatcher@example.com\"]\nslots = 3\n[attributes]\nsite = \"lab\"\n\
+         [[capability]]\nname = \"legacy.shout\"\nkind = \"exec\"\nargv = [\"tr\", \"a-z\", \"A-Z\"]\n",
+    )
+    .unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args(["up", "--agents", "1", "--xmpp-listen", "127.0.0.1:0"])
+        .args(["--http-listen", "127.0.0.1:0", "--agent-config"])
+        .arg(&cfg)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start spine up");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (api, banner) = tokio::time::timeout(PATIENCE, async {
+        let mut api = None;
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.split("HTTP API ").nth(1) {
+                api = Some(rest.split(',').next().unwrap().to_owned());
+            }
+            if line.starts_with("from --agent-config") {
+                return (api.expect("the API line comes first"), line);
+            }
+        }
+        panic!("spine up did not announce the configured agent");
+    })
+    .await
+    .expect("spine up started");
+    assert_eq!(banner, "from --agent-config: legacy.shout");
+    let (code, out, err) = spine(&["agents", "--capability", "legacy.shout", "--api", &api]).await;
+    assert_eq!(code, 0, "{err}");
+    let line = out
+        .lines()
+        .find(|l| l.contains("@localhost/up"))
+        .unwrap_or_default();
+    assert!(line.contains("0/3") && line.contains("site=lab"), "{out}");
+    let input = dir.path().join("in.txt");
+    std::fs::write(&input, "wrapped").unwrap();
+    let (code, out, err) = spine(&[
+        "submit",
+        "legacy.shout",
+        "--input",
+        &input.display().to_string(),
+        "--wait",
+        "--api",
+        &api,
+    ])
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out, "WRAPPED");
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status}");
+
+    // A configuration that wraps nothing: refused at once, naming the file.
+    let empty = dir.path().join("empty.toml");
+    std::fs::write(&empty, "jid = \"a@b\"\ndispatchers = [\"d@b\"]\n").unwrap();
+    let (code, _, err) = spine(&[
+        "up",
+        "--xmpp-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--agent-config",
+        &empty.display().to_string(),
+    ])
+    .await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("empty.toml") && err.contains("wraps no capability"),
+        "{err}"
+    );
+}

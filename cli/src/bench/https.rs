@@ -125,6 +125,7 @@ async fn farm_run(
             },
         )),
         agent: None,
+        extra_agents: Vec::new(),
     })
     .await?;
     let scheme = if https { "https" } else { "http" };

@@ -234,6 +234,7 @@ async fn spine_run(
         agent: Some(Box::new(move |cfg: &mut spine_agent::AgentConfig| {
             cfg.max_input_size = cfg.max_input_size.max(limit);
         })),
+        extra_agents: Vec::new(),
     })
     .await?;
     let result = submit_all(&farm, photos, thumbs, agents, window, size).await;

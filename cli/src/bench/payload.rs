@@ -155,6 +155,7 @@ pub(super) async fn run(mib: usize, runs: usize, mode: Mode) -> Result<Value> {
                 cfg.tls.ca_file = Some(ca.clone());
             }
         })),
+        extra_agents: Vec::new(),
     })
     .await?;
     let result = measure(&farm, mib, runs, mode, dir.path()).await;

@@ -107,6 +107,7 @@ async fn farm_run(held: usize, jobs: usize, window: usize) -> Result<Figures> {
         max_blob: None,
         dispatcher: None,
         agent: None,
+        extra_agents: Vec::new(),
     })
     .await?;
     let api = spine_client::Client::new(&format!("http://{}", farm.http), None)?;
