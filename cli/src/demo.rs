@@ -33,6 +33,16 @@ pub async fn run(api: &spine_client::Client, out_dir: &Path, kept: bool) -> Resu
 }
 
 /// Until every local agent offers the demo capabilities (at most 30 s).
+/// `GET /v1/capabilities`.
+async fn capabilities(api: &spine_client::Client) -> Result<serde_json::Value> {
+    Ok(api
+        .call(
+            api.request(reqwest::Method::GET, "/v1/capabilities"),
+            "listing capabilities",
+        )
+        .await?)
+}
+
 /// Waits (30 s at most) until each of `caps` has an agent.
 pub(crate) async fn wait_for_capabilities(
     api: &spine_client::Client,
@@ -40,12 +50,7 @@ pub(crate) async fn wait_for_capabilities(
 ) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let listed = api
-            .call(
-                api.request(reqwest::Method::GET, "/v1/capabilities"),
-                "listing capabilities",
-            )
-            .await?;
+        let listed = capabilities(api).await?;
         let missing: Vec<&String> = caps
             .iter()
             .filter(|name| {
@@ -69,12 +74,7 @@ pub(crate) async fn wait_for_capabilities(
 pub(crate) async fn wait_for_agents(api: &spine_client::Client, agents: usize) -> Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let caps = api
-            .call(
-                api.request(reqwest::Method::GET, "/v1/capabilities"),
-                "listing capabilities",
-            )
-            .await?;
+        let caps = capabilities(api).await?;
         let ready = |name: &str| {
             caps["capabilities"]
                 .as_array()
