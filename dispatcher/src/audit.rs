@@ -196,6 +196,7 @@ mod tests {
             input: Default::default(),
             input_mime: None,
             deadline_ms: None,
+            not_before_ms: None,
             priority: 0,
             max_attempts: 1,
             submitter: "http:app".into(),

@@ -48,6 +48,11 @@ pub struct DispatcherConfig {
     pub agent_rules: Vec<AgentRule>,
     /// Queue bound per capability.
     pub max_queue: usize,
+    /// Delayed jobs (`not_before`) waiting for their time, at most, in all.
+    pub max_delayed: usize,
+    /// How far ahead `not_before` may be.
+    #[serde(with = "spine_protocol::units::duration")]
+    pub max_delay: Duration,
     /// Default attempts per job.
     pub max_attempts: u64,
     /// Wait for a capable agent.
@@ -127,6 +132,9 @@ pub struct DispatcherConfig {
     pub submitter_max_attempts: u64,
     /// Highest priority a submitter may ask for, unless its rule says otherwise.
     pub submitter_max_priority: i64,
+    /// Submissions a submitter may make, unless its rule says otherwise (none: no limit).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitter_rate: Option<crate::policy::Rate>,
     /// TLS.
     pub tls: TlsConfig,
     /// Address of the HTTP API, or none (`"off"`) for no HTTP API.
@@ -193,6 +201,8 @@ impl Default for DispatcherConfig {
             agents: Vec::new(),
             agent_rules: Vec::new(),
             max_queue: 10_000,
+            max_delayed: 100_000,
+            max_delay: Duration::from_secs(720 * 3600),
             max_attempts: 3,
             no_agent_wait: Duration::from_secs(30),
             retention: Duration::from_secs(86_400),
@@ -215,6 +225,7 @@ impl Default for DispatcherConfig {
             submitter_max_queued: QueueShare::Percent(50),
             submitter_max_attempts: 100,
             submitter_max_priority: 1000,
+            submitter_rate: None,
             tls: TlsConfig::default(),
             http_listen: Some(std::net::SocketAddr::from(([127, 0, 0, 1], 8480))),
             http_tls_cert: None,
@@ -333,6 +344,12 @@ impl DispatcherConfig {
         Policy::from_config(self)?;
         if self.max_queue == 0 {
             return Err(bad("max_queue", "must be at least 1"));
+        }
+        if self.max_delay.is_zero() {
+            return Err(bad(
+                "max_delay",
+                "must be more than 0 (set max_delayed = 0 to refuse delayed jobs)",
+            ));
         }
         if self.max_attempts == 0 {
             return Err(bad("max_attempts", "must be at least 1"));
@@ -622,6 +639,7 @@ impl DispatcherConfig {
                 submitter_max_queued: self.submitter_max_queued,
                 submitter_max_attempts: self.submitter_max_attempts,
                 submitter_max_priority: self.submitter_max_priority,
+                submitter_rate: self.submitter_rate,
             },
         }
     }

@@ -14,7 +14,7 @@ pub mod rules;
 use jid::BareJid;
 use spine_protocol::CapabilityName;
 
-pub use self::rules::{AgentRule, HttpToken, QueueShare, SubmitterRule};
+pub use self::rules::{AgentRule, HttpToken, QueueShare, Rate, SubmitterRule};
 use crate::error::DispatcherError;
 
 /// Capability patterns: exact names, `prefix.*` (everything under the prefix) or `*`.
@@ -58,6 +58,13 @@ impl Capabilities {
 
     fn extend(&mut self, other: &Capabilities) {
         self.0.extend(other.0.iter().cloned());
+    }
+}
+
+/// The patterns as configured, joined with `, `.
+impl std::fmt::Display for Capabilities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0.join(", "))
     }
 }
 
@@ -114,8 +121,8 @@ impl Grant {
 }
 
 /// What one submitter may ask of the queues: how many of its jobs may wait per capability,
-/// and the highest `max-attempts` and `priority` its jobs may ask for (issue 14, finding 11).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// the highest `max-attempts` and `priority` its jobs may ask for, and how fast it may submit.
+#[derive(Debug, Clone, PartialEq)]
 pub struct SubmitLimits {
     /// Its queued jobs per capability at most (`max_queued`, resolved against `max_queue`).
     pub max_queued: usize,
@@ -123,6 +130,10 @@ pub struct SubmitLimits {
     pub max_attempts: u64,
     /// Highest priority a job may ask for (`max_priority` of its rule).
     pub max_priority: i64,
+    /// Its submissions, all capabilities together (`rate`, else `submitter_rate`).
+    pub rate: Option<Rate>,
+    /// Its submissions per capability pattern (`capability_rates`), each its own budget.
+    pub capability_rates: std::sync::Arc<[(Capabilities, Rate)]>,
 }
 
 impl Default for SubmitLimits {
@@ -132,31 +143,58 @@ impl Default for SubmitLimits {
             max_queued: usize::MAX,
             max_attempts: u64::MAX,
             max_priority: i64::MAX,
+            rate: None,
+            capability_rates: std::sync::Arc::new([]),
         }
     }
 }
 
 impl SubmitLimits {
     /// The top-level defaults (`submitter_max_queued`, …) overridden by a rule's own keys.
-    fn of(
-        d: &DefaultLimits,
-        queued: Option<QueueShare>,
-        attempts: Option<u64>,
-        priority: Option<i64>,
-    ) -> Self {
-        SubmitLimits {
-            max_queued: queued.unwrap_or(d.submitter_max_queued).of(d.max_queue),
-            max_attempts: attempts.unwrap_or(d.submitter_max_attempts),
-            max_priority: priority.unwrap_or(d.submitter_max_priority),
+    fn of(d: &DefaultLimits, rule: RuleLimits<'_>, key: &str) -> Result<Self, DispatcherError> {
+        let mut capability_rates = Vec::new();
+        for (pattern, rate) in rule.capability_rates {
+            let caps = Capabilities::parse(
+                std::slice::from_ref(pattern),
+                &format!("{key}.capability_rates"),
+            )?;
+            capability_rates.push((caps, *rate));
         }
+        Ok(SubmitLimits {
+            max_queued: rule
+                .max_queued
+                .unwrap_or(d.submitter_max_queued)
+                .of(d.max_queue),
+            max_attempts: rule.max_attempts.unwrap_or(d.submitter_max_attempts),
+            max_priority: rule.max_priority.unwrap_or(d.submitter_max_priority),
+            rate: rule.rate.or(d.submitter_rate),
+            capability_rates: capability_rates.into(),
+        })
     }
 
-    /// The most generous of two (rules naming the same account add up).
+    /// The most generous of two (rules naming the same account add up): a rate one rule
+    /// leaves unlimited is unlimited.
     fn max(self, o: SubmitLimits) -> SubmitLimits {
+        let faster = |a: Option<Rate>, b: Option<Rate>| match (a, b) {
+            (Some(a), Some(b)) => Some(if a.per_sec >= b.per_sec { a } else { b }),
+            _ => None,
+        };
+        // Per pattern: the faster of the two when both rules name it, else no budget (one
+        // rule lets it through).
+        let capability_rates: Vec<(Capabilities, Rate)> = self
+            .capability_rates
+            .iter()
+            .filter_map(|(p, r)| {
+                let other = o.capability_rates.iter().find(|(q, _)| q == p)?;
+                Some((p.clone(), faster(Some(*r), Some(other.1))?))
+            })
+            .collect();
         SubmitLimits {
             max_queued: self.max_queued.max(o.max_queued),
             max_attempts: self.max_attempts.max(o.max_attempts),
             max_priority: self.max_priority.max(o.max_priority),
+            rate: faster(self.rate, o.rate),
+            capability_rates: capability_rates.into(),
         }
     }
 }
@@ -183,6 +221,19 @@ pub struct DefaultLimits {
     pub submitter_max_attempts: u64,
     /// `submitter_max_priority`.
     pub submitter_max_priority: i64,
+    /// `submitter_rate`.
+    pub submitter_rate: Option<Rate>,
+}
+
+/// A rule's own limit keys (`[[submitter]]`, `[[http_token]]`), each falling back on the
+/// top-level default.
+#[derive(Debug, Clone, Copy)]
+struct RuleLimits<'a> {
+    max_queued: Option<QueueShare>,
+    max_attempts: Option<u64>,
+    max_priority: Option<i64>,
+    rate: Option<Rate>,
+    capability_rates: &'a std::collections::BTreeMap<String, Rate>,
 }
 
 /// What a policy is built from: the rule keys of the configuration, borrowed (`config.rs`
@@ -261,26 +312,48 @@ impl Policy {
             .map(|j| j.domain().as_str().to_owned())
             .map_err(|e| DispatcherError::Config(format!("jid: {e}")))?;
         let d = &cfg.defaults;
-        let defaults = SubmitLimits::of(d, None, None, None);
+        let none = std::collections::BTreeMap::new();
+        let defaults = SubmitLimits::of(
+            d,
+            RuleLimits {
+                max_queued: None,
+                max_attempts: None,
+                max_priority: None,
+                rate: None,
+                capability_rates: &none,
+            },
+            "submitter_rate",
+        )?;
+        let mut limits = vec![defaults.clone(); cfg.submitters.len()];
+        for (i, r) in cfg.submitter_rules.iter().enumerate() {
+            let own = RuleLimits {
+                max_queued: r.max_queued,
+                max_attempts: r.max_attempts,
+                max_priority: r.max_priority,
+                rate: r.rate,
+                capability_rates: &r.capability_rates,
+            };
+            limits.push(SubmitLimits::of(d, own, &format!("submitter[{i}]"))?);
+        }
         let rules = submitters
             .iter()
             .map(|(who, _)| who.clone())
-            .zip(
-                std::iter::repeat_n(defaults, cfg.submitters.len()).chain(
-                    cfg.submitter_rules
-                        .iter()
-                        .map(|r| SubmitLimits::of(d, r.max_queued, r.max_attempts, r.max_priority)),
-                ),
-            )
+            .zip(limits)
             .collect();
-        let tokens = cfg
-            .http_tokens
-            .iter()
-            .map(|t| {
-                let l = SubmitLimits::of(d, t.max_queued, t.max_attempts, t.max_priority);
-                (t.name.clone(), l)
-            })
-            .collect();
+        let mut tokens = std::collections::HashMap::new();
+        for (i, t) in cfg.http_tokens.iter().enumerate() {
+            let own = RuleLimits {
+                max_queued: t.max_queued,
+                max_attempts: t.max_attempts,
+                max_priority: t.max_priority,
+                rate: t.rate,
+                capability_rates: &t.capability_rates,
+            };
+            tokens.insert(
+                t.name.clone(),
+                SubmitLimits::of(d, own, &format!("http_token[{i}]"))?,
+            );
+        }
         Ok(Policy {
             submitters,
             agents: (!agents.is_empty()).then_some(agents),
@@ -299,17 +372,21 @@ impl Policy {
     pub fn limits(&self, submitter: &str) -> SubmitLimits {
         let l = &self.limits;
         if let Some(name) = submitter.strip_prefix("http:") {
-            return l.tokens.get(name).copied().unwrap_or(l.defaults);
+            return l
+                .tokens
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| l.defaults.clone());
         }
         let Ok(jid) = BareJid::new(submitter) else {
-            return l.defaults;
+            return l.defaults.clone();
         };
         l.rules
             .iter()
             .filter(|(who, _)| who.matches(&jid))
-            .map(|(_, lim)| *lim)
+            .map(|(_, lim)| lim.clone())
             .reduce(SubmitLimits::max)
-            .unwrap_or(l.defaults)
+            .unwrap_or_else(|| l.defaults.clone())
     }
 
     /// The HTTP tokens with their grants (`capabilities`, `all_jobs`).
@@ -416,6 +493,7 @@ mod tests {
                 submitter_max_queued: QueueShare::Percent(50),
                 submitter_max_attempts: 100,
                 submitter_max_priority: 1000,
+                submitter_rate: None,
             },
         })
     }

@@ -412,6 +412,7 @@ mod tests {
             input: vec![0, 1, 2, 255].into(),
             input_mime: Some("application/octet-stream".into()),
             deadline_ms: Some(1_900_000_000_000),
+            not_before_ms: None,
             priority: -2,
             max_attempts: 3,
             submitter: "http:app".into(),

@@ -22,6 +22,7 @@ fn spec(cap: &str, priority: i64) -> JobSpec {
         input: b"in".to_vec().into(),
         input_mime: None,
         deadline_ms: None,
+        not_before_ms: None,
         priority,
         max_attempts: 3,
         submitter: "http:test".into(),

@@ -33,6 +33,7 @@ fn spec(frags: &[&str], fan_in: u64, split: bool) -> JobSpec {
         },
         input_mime: None,
         deadline_ms: None,
+        not_before_ms: None,
         priority: 0,
         max_attempts: 2,
         submitter: "http:test".into(),

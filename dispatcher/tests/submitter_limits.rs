@@ -16,6 +16,7 @@ fn attempts_and_priority_are_bounded_per_submitter_naming_the_field() {
         max_queued: 10,
         max_attempts: 2,
         max_priority: 5,
+        ..SubmitLimits::default()
     };
     let mut s = spec("c", "http:web");
     s.max_attempts = 2;
@@ -109,6 +110,7 @@ fn rules_and_tokens_set_their_own_limits_and_the_rest_get_the_defaults() {
         max_queued: 20,
         max_attempts: 7,
         max_priority: 3,
+        ..SubmitLimits::default()
     };
     assert_eq!(p.limits("ops@example.com"), defaults);
     assert_eq!(p.limits("http:plain"), defaults);
@@ -122,7 +124,8 @@ fn rules_and_tokens_set_their_own_limits_and_the_rest_get_the_defaults() {
         SubmitLimits {
             max_queued: 5,
             max_attempts: 7,
-            max_priority: 1
+            max_priority: 1,
+            ..SubmitLimits::default()
         }
     );
     assert_eq!(
@@ -130,7 +133,8 @@ fn rules_and_tokens_set_their_own_limits_and_the_rest_get_the_defaults() {
         SubmitLimits {
             max_queued: 100,
             max_attempts: 20,
-            max_priority: 3
+            max_priority: 3,
+            ..SubmitLimits::default()
         }
     );
     assert_eq!(
@@ -138,7 +142,8 @@ fn rules_and_tokens_set_their_own_limits_and_the_rest_get_the_defaults() {
         SubmitLimits {
             max_queued: 3,
             max_attempts: 1,
-            max_priority: -1
+            max_priority: -1,
+            ..SubmitLimits::default()
         }
     );
 }

@@ -1356,3 +1356,149 @@ async fn http_api_submit_and_wait_long_poll_and_batch() {
     agent.stop();
     dispatcher.stop();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_answer_429_with_retry_after_and_delayed_jobs_wait_their_time() {
+    let server = TestServer::start(ACCOUNTS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = "submitter_rate = \"1000/s\"\n\
+        [[http_token]]\nname = \"web\"\ntoken = \"0123456789abcdef-web\"\ncapabilities = [\"work.*\"]\n\
+        rate = \"3/min burst 3\"\ncapability_rates = { \"work.sleep\" = \"1/min\" }\n\
+        [[http_token]]\nname = \"ops\"\ntoken = \"0123456789abcdef-ops\"\ncapabilities = [\"*\"]\nmetrics = true\n";
+    let (dispatcher, addr) = start_http_dispatcher(&server, dir.path(), tokens).await;
+    let base = format!("http://{addr}");
+    let agent = start_agent(&server, 1, 2, 300, Arc::new(AtomicUsize::new(0)));
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    let post = |token: &'static str, body: &'static str| {
+        let client = client.clone();
+        let url = format!("{base}/v1/jobs");
+        async move {
+            let r = client
+                .post(url)
+                .bearer_auth(token)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().parse::<u64>().unwrap());
+            let body: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+            (status, retry, body)
+        }
+    };
+    const WEB: &str = "0123456789abcdef-web";
+    const OPS: &str = "0123456789abcdef-ops";
+    // Wait for the agent with the operator's token (the web token's budget is small).
+    for _ in 0..200 {
+        let r = client
+            .get(format!("{base}/v1/agents?capability=work.sleep"))
+            .bearer_auth(OPS)
+            .send()
+            .await
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        if v["agents"].as_array().is_some_and(|a| !a.is_empty()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // work.sleep has its own budget of one a minute.
+    let sleep = r#"{"capability":"work.sleep","idempotency_key":"k1"}"#;
+    let (st, _, first) = post(WEB, sleep).await;
+    assert_eq!(st, 202, "{first}");
+    let (st, retry, b) = post(WEB, r#"{"capability":"work.sleep"}"#).await;
+    assert_eq!(
+        (st, b["error"].as_str()),
+        (429, Some("rate-limited")),
+        "{b}"
+    );
+    let retry = retry.expect("Retry-After");
+    assert!((55..=60).contains(&retry), "{retry}");
+    assert_eq!(b["retry_after"], retry, "{b}");
+    let msg = b["message"].as_str().unwrap();
+    assert!(
+        msg.contains("http:web") && msg.contains("capability_rates.\"work.sleep\""),
+        "{msg}"
+    );
+    // A repeat of an accepted submission costs nothing and answers the same job.
+    let (st, _, again) = post(WEB, sleep).await;
+    assert_eq!((st, &again["id"]), (202, &first["id"]), "{again}");
+    // Other capabilities draw on `rate` (3 at once, one spent above).
+    let other = r#"{"capability":"work.other","wait_for_agent":true}"#;
+    for _ in 0..2 {
+        let (st, _, b) = post(WEB, other).await;
+        assert_eq!(st, 202, "{b}");
+    }
+    let (st, retry, b) = post(WEB, other).await;
+    assert_eq!(
+        (st, b["error"].as_str()),
+        (429, Some("rate-limited")),
+        "{b}"
+    );
+    assert!(b["message"].as_str().unwrap().contains("(rate = "), "{b}");
+    assert!(retry.is_some_and(|s| (15..=20).contains(&s)), "{retry:?}");
+    // Another token has its own budget.
+    let (st, _, b) = post(OPS, other).await;
+    assert_eq!(st, 202, "{b}");
+    // The refusals are counted by reason.
+    let m = client
+        .get(format!("{base}/metrics"))
+        .bearer_auth(OPS)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("spine_jobs_refused_total{capability=\"work.sleep\",reason=\"rate-limited\"} 1"),
+        "{m}"
+    );
+
+    // A delayed job: accepted at once, placed at its time.
+    let t0 = tokio::time::Instant::now();
+    let (st, _, b) = post(OPS, r#"{"capability":"work.sleep","not_before":"2s"}"#).await;
+    assert_eq!((st, b["state"].as_str()), (202, Some("accepted")), "{b}");
+    let id = b["id"].as_str().unwrap().to_owned();
+    let (_, j) = http("GET", format!("{base}/v1/jobs/{id}"), Some(OPS), None).await;
+    assert_eq!(j["state"], "accepted", "{j}");
+    assert!(
+        j["not_before"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{j}"
+    );
+    let (st, j) = http(
+        "GET",
+        format!("{base}/v1/jobs/{id}?wait=20s"),
+        Some(OPS),
+        None,
+    )
+    .await;
+    assert_eq!((st, j["state"].as_str()), (200, Some("succeeded")), "{j}");
+    assert!(t0.elapsed() >= Duration::from_secs(2), "{:?}", t0.elapsed());
+    // One far ahead is cancelled while it waits; one too far ahead or unreadable is refused.
+    let (st, _, b) = post(
+        OPS,
+        r#"{"capability":"work.sleep","not_before":"2099-01-01T00:00:00Z"}"#,
+    )
+    .await;
+    assert_eq!((st, b["field"].as_str()), (400, Some("not_before")), "{b}");
+    assert!(b["message"].as_str().unwrap().contains("max_delay"), "{b}");
+    let (st, _, b) = post(
+        OPS,
+        r#"{"capability":"work.sleep","not_before":"tomorrow"}"#,
+    )
+    .await;
+    assert_eq!((st, b["field"].as_str()), (400, Some("not_before")), "{b}");
+    let (st, _, b) = post(OPS, r#"{"capability":"work.sleep","not_before":"1h"}"#).await;
+    assert_eq!(st, 202, "{b}");
+    let id = b["id"].as_str().unwrap().to_owned();
+    let (st, b) = http("DELETE", format!("{base}/v1/jobs/{id}"), Some(OPS), None).await;
+    assert_eq!((st, b["state"].as_str()), (200, Some("cancelled")), "{b}");
+    agent.stop();
+    dispatcher.stop();
+}

@@ -53,11 +53,14 @@ pub enum Condition {
     FetchFailed,
     /// The dispatcher's blob store is over its disk quota (protocol 1.1). Retry later.
     StorageFull,
+    /// The submitter is over its rate limit (the HTTP API's condition; over XMPP a
+    /// dispatcher sends `queue-full` to submitters, which speak 1.0). Retry later.
+    RateLimited,
 }
 
 impl Condition {
     /// Every condition, in table order.
-    pub const ALL: [Condition; 17] = [
+    pub const ALL: [Condition; 18] = [
         Condition::Busy,
         Condition::Draining,
         Condition::QueueFull,
@@ -75,6 +78,7 @@ impl Condition {
         Condition::UnsupportedVersion,
         Condition::FetchFailed,
         Condition::StorageFull,
+        Condition::RateLimited,
     ];
 
     /// The element name of this condition.
@@ -97,6 +101,7 @@ impl Condition {
             Condition::UnsupportedVersion => "unsupported-version",
             Condition::FetchFailed => "fetch-failed",
             Condition::StorageFull => "storage-full",
+            Condition::RateLimited => "rate-limited",
         }
     }
 
@@ -122,6 +127,7 @@ impl Condition {
             Condition::UnsupportedVersion => (D::FeatureNotImplemented, T::Cancel),
             Condition::FetchFailed => (D::RecipientUnavailable, T::Wait),
             Condition::StorageFull => (D::ResourceConstraint, T::Wait),
+            Condition::RateLimited => (D::ResourceConstraint, T::Wait),
         }
     }
 
@@ -176,6 +182,10 @@ pub struct SpineError {
     pub max: Option<u64>,
     /// For `unsupported-version`: the namespace(s) the sender of the error speaks.
     pub supported: Option<String>,
+    /// For a refusal that passes (`queue-full`, `rate-limited`): when to try again, in
+    /// seconds. Not an attribute on the wire (1.0 has none): a dispatcher says it in the
+    /// `<text>`; the HTTP API sends it as `Retry-After`.
+    pub retry_after: Option<u64>,
 }
 
 impl SpineError {
@@ -187,7 +197,14 @@ impl SpineError {
             field: None,
             max: None,
             supported: None,
+            retry_after: None,
         }
+    }
+
+    /// The same error saying when to try again (seconds).
+    pub fn with_retry_after(mut self, secs: u64) -> Self {
+        self.retry_after = Some(secs);
+        self
     }
 
     /// The same error with a human-readable text.
@@ -234,6 +251,7 @@ impl SpineError {
             field,
             max,
             supported,
+            retry_after: None,
         })
     }
 
@@ -348,6 +366,7 @@ mod tests {
                     | Condition::Retryable
                     | Condition::FetchFailed
                     | Condition::StorageFull
+                    | Condition::RateLimited
             );
             assert_eq!(c.is_retryable(), retry, "{c}");
             let se = StanzaError::from(SpineError::new(c));
@@ -394,7 +413,7 @@ mod tests {
         #[test]
         fn roundtrip(idx in 0usize..Condition::ALL.len(), text in proptest::option::of("[ -~]{1,40}"),
                      field in proptest::option::of("[a-z]{1,10}"), max in proptest::option::of(any::<u64>())) {
-            let e = SpineError { condition: Condition::ALL[idx], text, field, max, supported: None };
+            let e = SpineError { condition: Condition::ALL[idx], text, field, max, supported: None, retry_after: None };
             let se = StanzaError::from(e.clone());
             let el: Element = se.into();
             let back = StanzaError::try_from(el).unwrap();

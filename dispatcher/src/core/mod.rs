@@ -29,6 +29,7 @@ pub(crate) mod inbound;
 pub(crate) mod outcomes;
 pub(crate) mod payloads;
 pub(crate) mod place;
+mod rates;
 pub(crate) mod requests;
 mod stats;
 pub(crate) mod submit;
@@ -56,7 +57,7 @@ use crate::registry::Registry;
 pub(crate) use api::{Answer, ApiReply, ApiRequest, ApiToken, Command, Query};
 pub use api::{EventKind, JobEvent};
 use requests::Requests;
-pub use views::job_json;
+pub use views::{job_json, FailureView, JobStateName, JobView, MapReduceView, ResultView};
 
 /// Incomplete blobs are dropped this long after their last chunk.
 const BLOB_IDLE_TTL: Duration = Duration::from_secs(300);
@@ -196,6 +197,8 @@ pub(crate) struct Core {
     latency: Histogram,
     /// Per-capability counters and latencies for /metrics.
     stats: stats::Stats,
+    /// Submitters' rate-limit buckets.
+    rates: rates::RateLimits,
     /// When the XMPP session ended, until the next one starts.
     session_died: Option<Instant>,
     /// Jobs changed since the last `take_ready`.
@@ -218,7 +221,7 @@ impl Core {
     ) -> Core {
         let mut rng = StdRng::seed_from_u64(seed);
         let prefix = format!("{:08x}", rng.random::<u32>());
-        let mut jobs = JobTable::new(cfg.max_queue);
+        let mut jobs = JobTable::new(cfg.max_queue).with_max_delayed(cfg.max_delayed);
         let mut registry = Registry::new();
         registry.remember(restored.capabilities);
         let mut core = Core {
@@ -240,6 +243,7 @@ impl Core {
             next_housekeeping: now.mono,
             latency: Histogram::default(),
             stats: stats::Stats::default(),
+            rates: rates::RateLimits::default(),
             session_died: None,
             dirty: HashSet::new(),
             place_pending: true,
@@ -336,6 +340,7 @@ impl Core {
             self.retry_at.pop();
             self.place_pending = true;
         }
+        self.release_delayed(now);
         if now.mono >= self.next_housekeeping {
             self.next_housekeeping = now.mono + HOUSEKEEPING;
             // Idle blobs go even when no chunk comes (in deadline order: nothing is scanned).
@@ -344,6 +349,7 @@ impl Core {
             self.pump_deliveries(now);
             self.check_silent(now);
             self.speculate(now);
+            self.rates.forget_full(now.mono);
         }
         for agent in self.requests.overdue_pings(now.mono) {
             self.agent_gone(&agent, "no answer to a ping", now);
@@ -362,6 +368,7 @@ impl Core {
         let at_ms = |ms: u64| now.mono + Duration::from_millis(ms.saturating_sub(now.ms));
         let wall = [
             self.jobs.next_deadline(),
+            self.jobs.next_due(),
             self.retry_at.peek().map(|Reverse(t)| *t),
             self.no_agent_since
                 .values()
@@ -405,6 +412,15 @@ impl Core {
     /// A job held, to store it (see [`Ready::persist`]).
     pub(crate) fn record(&self, id: &JobId) -> Option<&JobRecord> {
         self.jobs.get(id)
+    }
+
+    /// Delayed jobs whose time has come join their queues (stored, then placed).
+    fn release_delayed(&mut self, now: Now) {
+        for id in self.jobs.release_due(now.ms) {
+            tracing::info!(job = %id, "delayed job due: queued");
+            self.persist(&id);
+            self.place_pending = true;
+        }
     }
 
     /// Marks a job changed: stored before anything said about it leaves.

@@ -142,6 +142,18 @@ impl Core {
             self.registry
                 .check_known(&steps, |c| visible.allows(c), hint)?;
         }
+        let passed = self
+            .rates
+            .check(&spec.submitter, &spec.capability, &limits, now.mono)
+            .map_err(|over| {
+                let secs = over.retry_after_secs();
+                SpineError::new(Condition::RateLimited)
+                    .with_text(format!(
+                        "{} is over its rate limit for {} ({} = {}); retry in {secs} s",
+                        spec.submitter, spec.capability, over.limit, over.rate
+                    ))
+                    .with_retry_after(secs)
+            })?;
         let job_id = self.new_job_id(now);
         let accepted = match self.jobs.submit_within(
             job_id.clone(),
@@ -150,12 +162,20 @@ impl Core {
             limits.max_queued,
         ) {
             Ok(r) => {
+                self.rates.take(passed, now.mono);
                 info!(job = %job_id, capability = %r.spec.capability, submitter = %r.spec.submitter, "job accepted");
                 self.stats.submitted(&r.spec.capability);
                 r.state
             }
-            Err(e @ (SubmitError::QueueFull { .. } | SubmitError::SubmitterQuota { .. })) => {
-                return Err(SpineError::new(Condition::QueueFull).with_text(e.to_string()))
+            Err(
+                e @ (SubmitError::QueueFull { .. }
+                | SubmitError::SubmitterQuota { .. }
+                | SubmitError::TooManyDelayed { .. }),
+            ) => {
+                // A queue drains in about a second at the rates agents work at.
+                return Err(SpineError::new(Condition::QueueFull)
+                    .with_text(format!("{e}; retry in 1 s"))
+                    .with_retry_after(1));
             }
             Err(e) => return Err(SpineError::new(Condition::Malformed).with_text(e.to_string())),
         };
@@ -288,6 +308,7 @@ impl Core {
             input: Body::Inline(input.0),
             input_mime: input.1,
             deadline_ms: s.deadline_ms.map(|d| now.ms + d),
+            not_before_ms: None,
             priority: s.priority,
             max_attempts: s.max_attempts.unwrap_or(self.cfg.max_attempts),
             submitter: from.to_bare().to_string(),
@@ -307,6 +328,15 @@ impl Core {
         match self.accept(spec, s.wait_for_agent, &visible, now) {
             Ok((job, state)) => {
                 self.send(Iq::from_result(id, Some(Accepted { job, state })).with_to(from))
+            }
+            // Submitters speak 1.0 (PROTOCOL.md §2.1): a rate limit goes as `queue-full`,
+            // its text saying which limit and when to come back.
+            Err(e) if e.condition == Condition::RateLimited => {
+                let e = SpineError {
+                    condition: Condition::QueueFull,
+                    ..e
+                };
+                self.reply_error(from, id, e)
             }
             Err(e) => self.reply_error(from, id, e),
         }

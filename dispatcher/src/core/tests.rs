@@ -727,3 +727,81 @@ fn metrics_count_jobs_per_capability_and_show_each_agents_load() {
         "spine_job_end_to_end_seconds_bucket{{capability=\"{CAP}\",le=\"5\"}} 1"
     ));
 }
+
+#[test]
+fn a_delayed_job_waits_accepted_until_its_time_even_across_a_restart() {
+    let mut w = World::new();
+    let a = w.agent(1, 2);
+    w.ready();
+    let at = w.now.ms + 10_000;
+    let (id, state) = w
+        .submit(JobSpec {
+            not_before_ms: Some(at),
+            ..spec(CAP)
+        })
+        .unwrap();
+    assert_eq!(state, JobState::Accepted, "held back, with a free slot");
+    let r = w.ready();
+    assert_eq!(r.persist, vec![id.clone()], "stored like any job");
+    assert!(jobs_sent(&r.stanzas).is_empty());
+    // A job without delay submitted after it goes first.
+    let (now_id, _) = w.submit(spec(CAP)).unwrap();
+    assert_eq!(jobs_sent(&w.ready().stanzas)[0].job.id, now_id);
+    // The driver is woken at its time, not earlier.
+    let wake = w.core.next_wake(w.now);
+    assert!(wake <= Duration::from_millis(10_000), "{wake:?}");
+    w.advance(9_000);
+    w.tick();
+    assert!(jobs_sent(&w.ready().stanzas).is_empty());
+    assert_eq!(w.state(&id), JobState::Accepted);
+
+    // A restart before its time: still waiting, then placed when due.
+    let stored = w.core.record(&id).unwrap().clone();
+    let mut w2 = World::with(
+        config(),
+        Restored {
+            jobs: vec![stored],
+            ..Restored::default()
+        },
+    );
+    w2.now.ms = w.now.ms;
+    let b = w2.agent(2, 1);
+    w2.tick();
+    assert_eq!(w2.state(&id), JobState::Accepted);
+    assert!(jobs_sent(&w2.ready().stanzas).is_empty());
+    w2.now.ms = at;
+    w2.tick();
+    let r = w2.ready();
+    assert!(r.persist.contains(&id), "queued, and stored so");
+    let sent = jobs_sent(&r.stanzas);
+    assert_eq!(sent.len(), 1, "placed at its time");
+    assert_eq!((&sent[0].job.id, &sent[0].to), (&id, &b));
+    let _ = a;
+}
+
+#[test]
+fn a_delayed_job_can_be_cancelled_before_its_time_and_delayed_jobs_are_bounded() {
+    let mut cfg = config();
+    cfg.max_delayed = 1;
+    let mut w = World::with(cfg, Restored::default());
+    w.agent(1, 1);
+    let at = w.now.ms + 60_000;
+    let delayed = || JobSpec {
+        not_before_ms: Some(at),
+        ..spec(CAP)
+    };
+    let (id, _) = w.submit(delayed()).unwrap();
+    let e = w.submit(delayed()).unwrap_err();
+    assert_eq!(e.condition, Condition::QueueFull);
+    assert!(e.to_string().contains("max_delayed"), "{e}");
+    w.ready();
+    w.core
+        .api(w.token, ApiRequest::Cancel { id: id.clone() }, w.now);
+    w.ready();
+    assert_eq!(w.state(&id), JobState::Cancelled);
+    w.advance(61_000);
+    w.tick();
+    assert!(jobs_sent(&w.ready().stanzas).is_empty(), "never placed");
+    // The slot it held among delayed jobs is free again.
+    assert!(w.submit(delayed()).is_ok());
+}

@@ -7,10 +7,13 @@
 //! [`super::inbound`] (progress reports) and [`super::Core::query`] (metrics). Every count
 //! here comes from counters and indexes kept with the job table, never from a scan of it.
 
-use jid::Jid;
+use jid::{FullJid, Jid};
+use serde::Serialize;
 use spine_protocol::{
-    Data, Failure, JobId, JobResult, JobStatus, Outcome, Progress, SpineError, INLINE_LIMIT,
+    CapabilityName, Condition, Data, Failure, JobId, JobResult, JobState, JobStatus, Outcome,
+    Progress, SpineError, INLINE_LIMIT,
 };
+use utoipa::ToSchema;
 use xmpp_parsers::message::{Message, MessageType};
 
 use super::{Core, EventKind, Now, BUCKETS};
@@ -64,88 +67,238 @@ pub(crate) fn status(job: &JobRecord) -> JobStatus {
     }
 }
 
-/// The JSON view of a job (the HTTP API's, and the data of its `final` event).
-pub fn job_json(j: &JobRecord) -> Value {
-    let mut v = json!({
-        "id": j.id,
-        "capability": j.spec.capability,
-        "state": j.state,
-        "attempts": j.attempts,
-        "agent": j.agent,
-        "percent": j.percent,
-        "submitter": j.spec.submitter,
-    });
-    if !j.children.is_empty() {
-        v["children"] = json!(j.children);
-    }
-    if let Some(p) = &j.spec.parent {
-        v["parent"] = json!(p);
-    }
-    if let Some(m) = &j.spec.mapreduce {
-        v["reduce"] = json!(m.reduce);
-        v["split"] = json!(m.split);
-        v["fan_in"] = json!(m.fan_in);
-    }
-    if let Some(st) = &j.mr {
-        let (md, mt, rd, rt) = st.counts();
-        v["mapreduce"] = json!({
-            "fragments": mt, "fragments_done": md,
-            "reduce_steps": rt, "reduce_steps_done": rd,
-            "speculative": st.speculative,
-        });
-    }
-    match &j.outcome {
-        Some(Recorded::Succeeded {
-            meta,
-            output,
-            mime,
-            elapsed_ms,
-        }) => {
-            // Small outputs inline; a large one by its URL (streamed from the blob store).
-            v["result"] = match output.inline().filter(|b| b.len() <= INLINE_LIMIT) {
-                Some(b) => json!({
-                    "output": base64::engine::general_purpose::STANDARD.encode(b),
-                    "output_size": b.len(),
-                    "type": mime,
-                    "meta": meta,
-                    "elapsed_ms": elapsed_ms,
+// The OpenAPI document's `Job` schema is derived from this type (its doc comments are the
+// descriptions), so the document cannot drift from what is served.
+/// A job (`GET /v1/jobs/{id}`, the answer of a submission that waited, the data of its
+/// events).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = Job)]
+pub struct JobView {
+    /// The job's id, as `POST /v1/jobs` answered it.
+    #[schema(value_type = String, example = "j-01JD5T6W3K8Q0N6Y7M2S4B1C9E")]
+    pub id: JobId,
+    /// The capability that runs it (a map/reduce job's: its map step).
+    #[schema(value_type = String, example = "image.thumbnail")]
+    pub capability: CapabilityName,
+    /// Where the job is in its life.
+    #[schema(value_type = JobStateName)]
+    pub state: JobState,
+    /// Attempts so far (dispatches to an agent; a busy agent's refusal is not one).
+    pub attempts: u64,
+    /// The agent running it or that ran it last (a full JID), if any.
+    #[schema(value_type = Option<String>)]
+    pub agent: Option<FullJid>,
+    /// The last progress the agent reported, 0–100.
+    #[schema(maximum = 100)]
+    pub percent: Option<u8>,
+    /// Who submitted it: `http:NAME` over HTTP (the token's name), the bare JID over XMPP.
+    pub submitter: String,
+    /// A delayed job: when it may start (RFC 3339, UTC). It is `accepted` until then.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "2026-11-26T18:00:00.000Z")]
+    pub not_before: Option<String>,
+    /// The jobs this one made (map/reduce steps, an `all` job's copies).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[schema(value_type = Vec<String>)]
+    pub children: Vec<JobId>,
+    /// The job this one is a step of.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub parent: Option<JobId>,
+    /// Map/reduce: the reduce capability.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub reduce: Option<CapabilityName>,
+    /// Map/reduce: the split capability, when the job has one (`null` when it has none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Option<String>>)]
+    pub split: Option<Option<CapabilityName>>,
+    /// Map/reduce: outputs per reduce step.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fan_in: Option<u64>,
+    /// Map/reduce: how far the steps are.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mapreduce: Option<MapReduceView>,
+    /// The result, once the job succeeded.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub result: Option<ResultView>,
+    /// Why the job failed, was cancelled or timed out.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<FailureView>,
+}
+
+// A schema only, for `spine_protocol::JobState` (a unit test checks the two agree).
+/// Where a job is in its life. Final: succeeded, failed, cancelled, timed-out.
+#[derive(Serialize, ToSchema)]
+#[schema(as = JobState)]
+#[allow(dead_code)]
+#[serde(rename_all = "kebab-case")]
+pub enum JobStateName {
+    Accepted,
+    Queued,
+    Dispatched,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+}
+
+/// A map/reduce job's progress.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = MapReduceProgress)]
+pub struct MapReduceView {
+    /// Map steps (one per fragment; 0 until the split step has answered).
+    pub fragments: u64,
+    /// Map steps done.
+    pub fragments_done: u64,
+    /// Reduce steps, every level.
+    pub reduce_steps: u64,
+    /// Reduce steps done.
+    pub reduce_steps_done: u64,
+    /// Speculative copies started for stragglers.
+    pub speculative: u64,
+}
+
+/// A succeeded job's result: its output inline (base64) when it is at most 48 KiB, otherwise
+/// by `output_url` (or, for a map step whose agent keeps it, `output_kept_by`).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = JobResult)]
+pub struct ResultView {
+    /// The output, base64; `null` when it is served by `output_url` (or kept by an agent).
+    pub output: Option<String>,
+    /// The output's length in bytes.
+    pub output_size: u64,
+    /// Where to GET a large output (with the same token).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_url: Option<String>,
+    /// The SHA-256 of a large output, hex.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_sha256: Option<String>,
+    /// A map step's output kept by the agent that made it (PROTOCOL.md §13.5): its bare JID.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub output_kept_by: Option<String>,
+    /// The output's MIME type, when the agent gave one.
+    #[serde(rename = "type")]
+    pub mime: Option<String>,
+    /// Metadata the handler returned.
+    #[schema(value_type = Object)]
+    pub meta: serde_json::Map<String, Value>,
+    /// The handler's time, in milliseconds.
+    pub elapsed_ms: Option<u64>,
+}
+
+/// Why a job failed, was cancelled or timed out.
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = JobFailure)]
+pub struct FailureView {
+    /// The condition (PROTOCOL.md §9): `bad-arguments`, `handler-failed`, `timed-out`, …
+    #[schema(value_type = String, example = "bad-arguments")]
+    pub condition: Condition,
+    /// A message for people.
+    pub message: Option<String>,
+    /// For `bad-arguments`: the argument at fault.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+}
+
+impl JobView {
+    /// The view of `j`.
+    pub fn of(j: &JobRecord) -> JobView {
+        let mr = j.spec.mapreduce.as_ref();
+        JobView {
+            id: j.id.clone(),
+            capability: j.spec.capability.clone(),
+            state: j.state,
+            attempts: j.attempts,
+            agent: j.agent.clone(),
+            percent: j.percent,
+            submitter: j.spec.submitter.clone(),
+            not_before: j.spec.not_before_ms.map(|ms| {
+                let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+                humantime::format_rfc3339_millis(t).to_string()
+            }),
+            children: j.children.clone(),
+            parent: j.spec.parent.clone(),
+            reduce: mr.map(|m| m.reduce.clone()),
+            split: mr.map(|m| m.split.clone()),
+            fan_in: mr.map(|m| m.fan_in),
+            mapreduce: j.mr.as_ref().map(|st| {
+                let (md, mt, rd, rt) = st.counts();
+                MapReduceView {
+                    fragments: mt as u64,
+                    fragments_done: md as u64,
+                    reduce_steps: rt as u64,
+                    reduce_steps_done: rd as u64,
+                    speculative: st.speculative,
+                }
+            }),
+            result: match &j.outcome {
+                Some(Recorded::Succeeded {
+                    meta,
+                    output,
+                    mime,
+                    elapsed_ms,
+                }) => Some(result_view(&j.id, meta, output, mime, *elapsed_ms)),
+                _ => None,
+            },
+            error: match &j.outcome {
+                Some(Recorded::Failure {
+                    condition,
+                    message,
+                    field,
+                }) => Some(FailureView {
+                    condition: *condition,
+                    message: message.clone(),
+                    field: field.clone(),
                 }),
-                None => match output {
-                    // A map step's output an agent keeps (data_listen): not served here.
-                    Body::Kept(k) => json!({
-                        "output": null,
-                        "output_size": k.blob.size,
-                        "output_sha256": k.blob.hex(),
-                        "output_kept_by": k.agent.to_string(),
-                        "type": mime,
-                        "meta": meta,
-                        "elapsed_ms": elapsed_ms,
-                    }),
-                    _ => json!({
-                        "output": null,
-                        "output_size": output.len(),
-                        "output_url": format!("/v1/jobs/{}/output", j.id),
-                        "output_sha256": output.stored().map(|s| s.hex()),
-                        "type": mime,
-                        "meta": meta,
-                        "elapsed_ms": elapsed_ms,
-                    }),
-                },
-            };
+                _ => None,
+            },
         }
-        Some(Recorded::Failure {
-            condition,
-            message,
-            field,
-        }) => {
-            v["error"] = json!({ "condition": condition, "message": message });
-            if let Some(f) = field {
-                v["error"]["field"] = json!(f);
-            }
+    }
+}
+
+/// Small outputs inline; a large one by its URL (streamed from the blob store), or by the
+/// agent that keeps it.
+fn result_view(
+    id: &JobId,
+    meta: &serde_json::Map<String, Value>,
+    output: &Body,
+    mime: &Option<String>,
+    elapsed_ms: Option<u64>,
+) -> ResultView {
+    let mut v = ResultView {
+        output: None,
+        output_size: output.len(),
+        output_url: None,
+        output_sha256: None,
+        output_kept_by: None,
+        mime: mime.clone(),
+        meta: meta.clone(),
+        elapsed_ms,
+    };
+    match (output.inline().filter(|b| b.len() <= INLINE_LIMIT), output) {
+        (Some(b), _) => v.output = Some(base64::engine::general_purpose::STANDARD.encode(b)),
+        (None, Body::Kept(k)) => {
+            v.output_size = k.blob.size;
+            v.output_sha256 = Some(k.blob.hex());
+            v.output_kept_by = Some(k.agent.to_string());
         }
-        None => {}
+        (None, _) => {
+            v.output_url = Some(format!("/v1/jobs/{id}/output"));
+            v.output_sha256 = output.stored().map(|s| s.hex());
+        }
     }
     v
+}
+
+/// The JSON view of a job (the HTTP API's, and the data of its `final` event): [`JobView`].
+pub fn job_json(j: &JobRecord) -> Value {
+    serde_json::to_value(JobView::of(j)).unwrap_or_else(|e| {
+        // Every field is a string, a number, a list or a map with string keys.
+        tracing::error!(job = %j.id, "a job's view did not serialise: {e}");
+        json!({ "id": j.id, "state": j.state })
+    })
 }
 
 impl Core {

@@ -25,10 +25,10 @@ use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt as _;
-use serde_json::json;
 
 use super::auth::Caller;
 use super::error::ApiError;
+use super::openapi::{BlobStored, ErrorBody};
 use super::request::job_id;
 use super::routes::{change, find_job, mismatch};
 use super::Handle;
@@ -206,12 +206,26 @@ pub(super) async fn put_upload(
     d.counters.uploaded.fetch_add(1, Ordering::Relaxed);
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({ "sha256": blob.hex(), "size": blob.size })),
+        axum::Json(BlobStored {
+            sha256: blob.hex(),
+            size: blob.size,
+        }),
     )
         .into_response())
 }
 
 /// `PUT /v1/blobs`: bytes a web app names by hash in later jobs (`input_ref`).
+#[utoipa::path(
+    put, path = "/v1/blobs", tag = "data",
+    summary = "Store bytes that later jobs name by their SHA-256 (`input_ref`)",
+    request_body(description = "The bytes", content((String = "application/octet-stream"))),
+    responses(
+        (status = 201, description = "Stored", body = BlobStored),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 413, description = "Over the dispatcher's max_input", body = ErrorBody),
+        (status = 503, description = "The dispatcher has no blob store", body = ErrorBody),
+    ),
+)]
 pub(super) async fn put_blob(
     State(h): State<Handle>,
     _caller: Caller,
@@ -223,12 +237,26 @@ pub(super) async fn put_blob(
     let blob = store_body(&d.blobs, body, declared, h.max_input, None).await?;
     Ok((
         StatusCode::CREATED,
-        axum::Json(json!({ "sha256": blob.hex(), "size": blob.size })),
+        axum::Json(BlobStored {
+            sha256: blob.hex(),
+            size: blob.size,
+        }),
     )
         .into_response())
 }
 
 /// `GET /v1/jobs/{id}/output`: a finished job's output, raw, with its type.
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/output", tag = "data",
+    summary = "A succeeded job's output, raw, with its type (ranges supported)",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The output; Content-Type is the job's output type", content_type = "application/octet-stream", body = String),
+        (status = 206, description = "The requested range (`Range: bytes=…`)", content_type = "application/octet-stream", body = String),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 409, description = "The job has not succeeded, or its output is kept by an agent (`kept-by-agent`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn get_output(
     State(h): State<Handle>,
     caller: Caller,

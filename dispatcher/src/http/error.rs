@@ -5,16 +5,19 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 use spine_protocol::{Condition, SpineError};
 
-/// An API error: HTTP status and a JSON body `{"error": ..., "field": ...}`.
+use super::openapi::ErrorBody;
+
+/// An API error: HTTP status and a JSON body ([`ErrorBody`]) naming the condition and the field.
 #[derive(Debug)]
 pub(crate) struct ApiError {
     pub(super) status: StatusCode,
     pub(super) condition: &'static str,
     pub(super) message: String,
     pub(super) field: Option<String>,
+    /// Seconds until a retry may succeed (429, 503): `Retry-After`.
+    pub(super) retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -28,6 +31,7 @@ impl ApiError {
             condition,
             message: message.into(),
             field: None,
+            retry_after: None,
         }
     }
     pub(super) fn field(field: &str, message: impl Into<String>) -> Self {
@@ -36,19 +40,6 @@ impl ApiError {
             ..Self::new(StatusCode::BAD_REQUEST, "bad-request", message)
         }
     }
-    /// The JSON body, with the HTTP status it goes with (`status`, for a batch's items).
-    pub(super) fn to_json(&self) -> serde_json::Value {
-        let mut body = json!({
-            "error": self.condition,
-            "message": self.message,
-            "status": self.status.as_u16(),
-        });
-        if let Some(f) = &self.field {
-            body["field"] = json!(f);
-        }
-        body
-    }
-
     pub(super) fn unavailable() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -61,7 +52,9 @@ impl ApiError {
 impl From<SpineError> for ApiError {
     fn from(e: SpineError) -> Self {
         let status = match e.condition {
-            Condition::QueueFull | Condition::Busy => StatusCode::TOO_MANY_REQUESTS,
+            Condition::QueueFull | Condition::Busy | Condition::RateLimited => {
+                StatusCode::TOO_MANY_REQUESTS
+            }
             Condition::UnknownJob | Condition::NoAgent => StatusCode::NOT_FOUND,
             // The request is well formed and the endpoint exists, but it names a capability
             // this dispatcher has never seen: 404 would read as "no such endpoint".
@@ -76,6 +69,7 @@ impl From<SpineError> for ApiError {
             condition: e.condition.as_str(),
             message: e.text.unwrap_or_else(|| e.condition.to_string()),
             field: e.field,
+            retry_after: e.retry_after,
         }
     }
 }
@@ -83,17 +77,15 @@ impl From<SpineError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let status = self.status;
-        let mut body = self.to_json();
-        if let Some(m) = body.as_object_mut() {
-            m.remove("status");
-        }
-        let mut r = (status, Json(body)).into_response();
+        let mut r = (status, Json(ErrorBody::from(&self))).into_response();
         if status == StatusCode::TOO_MANY_REQUESTS || status == StatusCode::SERVICE_UNAVAILABLE {
-            // A full queue drains, a stream slot frees, a restarting dispatcher returns: a
-            // client (and a proxy) retries after a second rather than at once.
+            // A rate limit says when it has room; a full queue drains, a stream slot frees, a
+            // restarting dispatcher returns: a client (and a proxy) retries after a second
+            // rather than at once.
+            let secs = self.retry_after.unwrap_or(1).max(1);
             r.headers_mut().insert(
                 axum::http::header::RETRY_AFTER,
-                axum::http::HeaderValue::from_static("1"),
+                axum::http::HeaderValue::from(secs),
             );
         }
         r

@@ -17,6 +17,7 @@
 mod auth;
 mod data;
 mod error;
+pub mod openapi;
 mod request;
 mod routes;
 mod serve;
@@ -61,6 +62,8 @@ pub(crate) struct Handle {
     /// The configured tokens with their grants (capability patterns parsed once, at start).
     pub(crate) tokens: Arc<Vec<(HttpToken, Grant)>>,
     pub(crate) max_attempts: u64,
+    /// How far ahead `not_before` may be (`max_delay`).
+    pub(crate) max_delay: std::time::Duration,
     pub(crate) max_input: u64,
     /// Largest input inline in a JSON body (base64, read whole): `max_blob`.
     pub(crate) max_json_input: u64,
@@ -87,6 +90,7 @@ impl Handle {
             events,
             tokens: Arc::new(policy.http_tokens().to_vec()),
             max_attempts: cfg.max_attempts,
+            max_delay: cfg.max_delay,
             max_input: cfg.max_input.as_u64(),
             max_json_input: cfg.max_blob.as_u64(),
             limits: Arc::new(Limits::from_config(cfg)),

@@ -13,27 +13,50 @@ use super::auth::Caller;
 use super::error::ApiError;
 use crate::jobs::JobSpec;
 
-/// `POST /v1/jobs` body.
-#[derive(Debug, Deserialize)]
+/// `POST /v1/jobs`'s body (for a raw upload: its query string). Unknown fields are refused,
+/// naming the field.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct SubmitRequest {
+    /// The capability to run (a map/reduce job's: its map step).
+    #[schema(example = "image.thumbnail")]
     capability: String,
+    /// The handler's arguments.
     #[serde(default)]
+    #[schema(value_type = Option<Object>, example = json!({"size": 128}))]
     args: Option<serde_json::Map<String, Value>>,
-    /// Input bytes, base64.
+    /// Input bytes, base64 (or send them raw: any Content-Type but JSON makes the body the
+    /// input).
     input: Option<String>,
     /// Input already in the blob store (`PUT /v1/blobs`): its SHA-256, hex.
     pub(super) input_ref: Option<String>,
+    /// The input's MIME type.
     input_type: Option<String>,
+    /// `least-loaded` (the default), `any`, `all` (every matching agent) or `affinity`.
     strategy: Option<String>,
+    /// Only agents whose attributes match, like `gpu, mem>=16` (docs/dispatcher.md).
     filter: Option<String>,
+    /// Prefer agents by this attribute instead of by load.
     sort: Option<String>,
+    /// `affinity` strategy: jobs with the same key go to the same agent while it can take
+    /// them.
     affinity_key: Option<String>,
-    /// Like "30s".
+    /// Give up on the job after this long, like `30s` (counted from `not_before` for a
+    /// delayed job).
     deadline: Option<String>,
+    /// A delayed job: not placed before this time, an RFC 3339 time
+    /// (`2026-11-26T18:00:00Z`) or a countdown (`90s`, `2h`). Until then the job is
+    /// `accepted`, stored like any other.
+    #[schema(example = "10m")]
+    not_before: Option<String>,
+    /// Higher first; default 0.
     priority: Option<i64>,
+    /// Attempts before the job fails (at most the dispatcher's max_attempts).
     max_attempts: Option<u64>,
+    /// A key that makes resubmitting safe: the same key (for the same caller) answers with
+    /// the job it first made.
     idempotency_key: Option<String>,
+    /// Forward the agent's progress reports (events of `GET /v1/jobs/{id}/events`).
     #[serde(default)]
     progress: bool,
     /// Accept the job even if no agent has offered its capabilities yet (it then waits
@@ -50,7 +73,56 @@ pub struct SubmitRequest {
     /// Map/reduce: outputs per reduce step.
     fan_in: Option<u64>,
     /// Map/reduce: the fragments, instead of `input`.
+    #[schema(value_type = Option<Vec<Fragment>>)]
     fragments: Option<Vec<spine_protocol::Fragment>>,
+}
+
+/// `not_before`: an RFC 3339 time, or a countdown from `now_ms`; at most `max_delay` ahead.
+/// A time already past is allowed (the job is queued at once): clocks differ a little.
+fn not_before(text: &str, now_ms: u64, max_delay: std::time::Duration) -> Result<u64, ApiError> {
+    let at_ms = match humantime::parse_duration(text) {
+        Ok(d) => now_ms.saturating_add(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+        Err(_) => {
+            let t = humantime::parse_rfc3339_weak(text).map_err(|e| {
+                ApiError::field(
+                    "not_before",
+                    format!("'{text}': {e}; give an RFC 3339 time (\"2026-11-26T18:00:00Z\") or a countdown (\"90s\", \"2h\")"),
+                )
+            })?;
+            let since = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        }
+    };
+    let limit = now_ms.saturating_add(u64::try_from(max_delay.as_millis()).unwrap_or(u64::MAX));
+    if at_ms > limit {
+        return Err(ApiError::field(
+            "not_before",
+            format!(
+                "'{text}' is more than {} ahead (the dispatcher's max_delay)",
+                humantime::format_duration(max_delay)
+            ),
+        ));
+    }
+    Ok(at_ms)
+}
+
+/// A map/reduce fragment: `data` (base64), or `sha256` and `size` of a blob stored with
+/// `PUT /v1/blobs`.
+// A schema only, for `spine_protocol::Fragment`'s JSON form.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code)]
+pub struct Fragment {
+    /// A label (a file name, say), passed to the reduce that uses this fragment's output.
+    name: Option<String>,
+    /// The bytes' MIME type.
+    #[schema(rename = "type")]
+    mime: Option<String>,
+    /// The bytes, base64.
+    data: Option<String>,
+    /// Or: the SHA-256 of a stored blob, hex.
+    sha256: Option<String>,
+    /// With `sha256`: its length.
+    size: Option<u64>,
 }
 
 pub(super) fn spec_from(
@@ -58,6 +130,7 @@ pub(super) fn spec_from(
     caller: &Caller,
     max_attempts: u64,
     max_input: u64,
+    max_delay: std::time::Duration,
 ) -> Result<JobSpec, ApiError> {
     let capability: CapabilityName = req
         .capability
@@ -119,13 +192,18 @@ pub(super) fn spec_from(
         Some(0) => return Err(ApiError::field("batch", "must be at least 1")),
         _ => {}
     }
+    let now_ms = crate::clock::now_ms();
+    let not_before_ms = match &req.not_before {
+        None => None,
+        Some(t) => Some(not_before(t, now_ms, max_delay)?),
+    };
     let deadline_ms = match &req.deadline {
         None => None,
         Some(d) => {
             let dur = humantime::parse_duration(d).map_err(|e| {
                 ApiError::field("deadline", format!("'{d}': {e} (use units, e.g. \"30s\")"))
             })?;
-            Some(crate::clock::now_ms() + dur.as_millis() as u64)
+            Some(not_before_ms.unwrap_or(now_ms) + dur.as_millis() as u64)
         }
     };
     let mapreduce = mapreduce_from(&req, strategy, caller)?;
@@ -188,6 +266,7 @@ pub(super) fn spec_from(
         input: crate::jobs::Body::Inline(input),
         input_mime: input_type,
         deadline_ms,
+        not_before_ms,
         priority: req.priority.unwrap_or(0),
         max_attempts: req.max_attempts.unwrap_or(max_attempts),
         submitter: caller.submitter(),

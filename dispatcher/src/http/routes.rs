@@ -24,10 +24,16 @@ use tracing::debug;
 use super::auth::{admit, read_body, Caller};
 use super::data;
 use super::error::ApiError;
+use super::openapi::{
+    AgentList, AgentView, BatchAnswer, BatchItem, BatchRequest, CapabilityList, CapabilityView,
+    ErrorBody, JobList, SubmitAnswer, Submitted,
+};
+use super::request::SubmitRequest;
 use super::request::{body_form, job_id, parse_request, query_as_json, spec_from, BodyForm};
-use super::views::{agent_json, job_json, job_listed_json};
+use super::views::{job_json, job_listed};
 use super::{max_body, Command, Handle, SMALL_BODY};
 use crate::core::{Answer, ApiReply, ApiRequest, Query as Lookup};
+use crate::core::{JobStateName, JobView};
 use crate::jobs::{Body as JobBody, JobRecord};
 
 /// Asks the driver for a change (answered once it is stored).
@@ -57,7 +63,31 @@ pub(super) fn mismatch() -> ApiError {
 /// `POST /v1/jobs`: a JSON body (input as base64), or a raw upload (any other Content-Type:
 /// the body is the input, the job's fields are query parameters). [`admit`] authenticated the
 /// caller and checked the declared length before this reads the body.
-async fn submit(
+#[utoipa::path(
+    post, path = "/v1/jobs", tag = "jobs",
+    summary = "Submit a job (and, with `wait`, wait for it)",
+    description = "A JSON body, or a raw upload: any other Content-Type makes the body the job's input, and the job's fields (capability first) go in the query string. With `wait`, the answer is the final job (200) when it ends within the wait, otherwise the job as it is (202).",
+    params(
+        ("wait" = Option<String>, Query, description = "Wait up to this long for the job to end, like `30s` (at most the dispatcher's request timeout)"),
+        ("Idempotency-Key" = Option<String>, Header, description = "The same as the body's `idempotency_key`"),
+    ),
+    request_body(
+        description = "The job (JSON), or its input (any other Content-Type, fields in the query string)",
+        content((SubmitRequest = "application/json"), (String = "application/octet-stream")),
+    ),
+    responses(
+        (status = 200, description = "With `wait`: the job ended within the wait", body = JobView),
+        (status = 202, description = "Accepted: `{id, state}`, or with `wait` the job as it is when the wait is over", body = SubmitAnswer),
+        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token may not do this", body = ErrorBody),
+        (status = 413, description = "The input is over the dispatcher's limit", body = ErrorBody),
+        (status = 422, description = "No agent has ever offered the capability", body = ErrorBody),
+        (status = 429, description = "Rate limit or full queue; retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        (status = 503, description = "The dispatcher is stopping; retry after `Retry-After` seconds", body = ErrorBody),
+    ),
+)]
+pub(super) async fn submit(
     State(h): State<Handle>,
     caller: Caller,
     headers: HeaderMap,
@@ -108,7 +138,7 @@ async fn submit(
     };
     let wait_for_agent = req.wait_for_agent.unwrap_or(false);
     let input_ref = req.input_ref.take();
-    let mut spec = spec_from(req, &caller, h.max_attempts, h.max_json_input)?;
+    let mut spec = spec_from(req, &caller, h.max_attempts, h.max_json_input, h.max_delay)?;
     if let Some(body) = body {
         spec.input = match (&h.data, declared) {
             (Some(d), n) if n.is_none_or(|n| n > spine_protocol::INLINE_LIMIT as u64) => {
@@ -141,11 +171,7 @@ async fn submit(
     };
     let (id, state) = answer?;
     let Some(wait) = wait else {
-        return Ok((
-            StatusCode::ACCEPTED,
-            Json(json!({ "id": id, "state": state })),
-        )
-            .into_response());
+        return Ok((StatusCode::ACCEPTED, Json(Submitted { id, state })).into_response());
     };
     // Submit and wait: the final job (200), or the job as it is when the wait is over (202).
     let (done, job) = waited(&h, &id, wait).await?;
@@ -165,7 +191,19 @@ const MAX_BATCH: usize = 1000;
 /// the answer lists, in order, `{"id", "state"}` or the error `POST /v1/jobs` would have
 /// answered with its `status`. The submissions go to the core together, so they share group
 /// commits instead of waiting for one each.
-async fn submit_batch(
+#[utoipa::path(
+    post, path = "/v1/jobs:batch", tag = "jobs",
+    summary = "Submit up to 1000 jobs in one request",
+    request_body = BatchRequest,
+    responses(
+        (status = 200, description = "One item per job, in order: accepted, or the error `POST /v1/jobs` would have answered (with its `status`)", body = BatchAnswer),
+        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token may not do this", body = ErrorBody),        (status = 429, description = "Rate limit or full queue; retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32, description = "Seconds to wait"))),
+        (status = 503, description = "The dispatcher is stopping; retry after `Retry-After` seconds", body = ErrorBody),
+    ),
+)]
+pub(super) async fn submit_batch(
     State(h): State<Handle>,
     caller: Caller,
     headers: HeaderMap,
@@ -174,12 +212,7 @@ async fn submit_batch(
     let limit = max_body(h.max_json_input);
     let small = usize::try_from(data::content_length(&headers).unwrap_or(0)).unwrap_or(usize::MAX);
     let bytes = read_body(body, limit, small).await?;
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Batch {
-        jobs: Vec<Value>,
-    }
-    let batch: Batch = serde_json::from_slice(&bytes).map_err(|e| {
+    let batch: BatchRequest = serde_json::from_slice(&bytes).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "bad-request",
@@ -200,7 +233,7 @@ async fn submit_batch(
             let mut req = parse_request(job.to_string().as_bytes(), "job")?;
             let wait_for_agent = req.wait_for_agent.unwrap_or(false);
             let input_ref = req.input_ref.take();
-            let mut spec = spec_from(req, caller, h.max_attempts, h.max_json_input)?;
+            let mut spec = spec_from(req, caller, h.max_attempts, h.max_json_input, h.max_delay)?;
             if let Some(hex) = input_ref {
                 if !spec.input.is_empty() {
                     return Err(ApiError::field(
@@ -219,15 +252,18 @@ async fn submit_batch(
                 return Err(mismatch());
             };
             let (id, state) = answer?;
-            Ok::<_, ApiError>(json!({ "id": id, "state": state }))
+            Ok::<_, ApiError>(Submitted { id, state })
         }
     };
     let answers = futures::future::join_all(batch.jobs.into_iter().map(one)).await;
-    let jobs: Vec<Value> = answers
+    let jobs = answers
         .into_iter()
-        .map(|a| a.unwrap_or_else(|e| e.to_json()))
+        .map(|a| match a {
+            Ok(s) => BatchItem::Submitted(s),
+            Err(e) => BatchItem::Refused(ErrorBody::from(&e)),
+        })
         .collect();
-    Ok((StatusCode::OK, Json(json!({ "jobs": jobs }))).into_response())
+    Ok((StatusCode::OK, Json(BatchAnswer { jobs })).into_response())
 }
 
 /// `wait` taken out of a query string: its duration, and the query without it.
@@ -277,13 +313,28 @@ async fn waited(h: &Handle, id: &JobId, wait: Duration) -> Result<(bool, Value),
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct GetQuery {
+pub(super) struct GetQuery {
     wait: Option<String>,
 }
 
 /// `GET /v1/jobs/{id}`, with `?wait=30s` a long poll: answered when the job ends, or with the
 /// job as it is when the wait is over (200 either way; its `state` says which).
-async fn get_job(
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}", tag = "jobs",
+    summary = "A job; with `wait`, a long poll until it ends",
+    params(
+        ("id" = String, Path, description = "The job's id"),
+        ("wait" = Option<String>, Query, description = "Answer when the job ends, or when this long (like `30s`) has passed; its `state` says which"),
+    ),
+    responses(
+        (status = 200, description = "The job", body = JobView),
+        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token may not do this", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+    ),
+)]
+pub(super) async fn get_job(
     State(h): State<Handle>,
     caller: Caller,
     Path(id): Path<String>,
@@ -321,11 +372,24 @@ pub(super) async fn find_job(h: &Handle, id: &JobId) -> Result<JobRecord, ApiErr
         .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown-job", format!("no job {id}")))
 }
 
-async fn cancel_job(
+#[utoipa::path(
+    delete, path = "/v1/jobs/{id}", tag = "jobs",
+    summary = "Cancel a job",
+    description = "A job that has not ended is cancelled (its agent is told to stop); one that has ended keeps its outcome. Either way the answer is its state after.",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "The job's state after the cancel", body = Submitted),
+        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token may not do this", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+    ),
+)]
+pub(super) async fn cancel_job(
     State(h): State<Handle>,
     caller: Caller,
     Path(id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<Submitted>, ApiError> {
     let id = job_id(&id)?;
     // A job's submitter never changes, so checking before the cancel is not a race.
     caller.check_sees(&find_job(&h, &id).await?)?;
@@ -334,10 +398,24 @@ async fn cancel_job(
         return Err(mismatch());
     };
     let state = answer?;
-    Ok(Json(json!({ "id": id, "state": state })))
+    Ok(Json(Submitted { id, state }))
 }
 
-async fn events(
+#[utoipa::path(
+    get, path = "/v1/jobs/{id}/events", tag = "jobs",
+    summary = "Follow a job: server-sent events until its end",
+    description = "The first event is `state` (or `final`, if the job has ended) with the whole job; then `state`, `progress` and `partial` events as they happen, and `final` with the whole job, after which the stream ends. `lagged` (`{\"missed\": n}`) says events were dropped for a slow reader.",
+    params(("id" = String, Path, description = "The job's id")),
+    responses(
+        (status = 200, description = "An event stream; each event's data is JSON (`state`/`final`: a Job)", content_type = "text/event-stream", body = String),
+        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token may not do this", body = ErrorBody),
+        (status = 404, description = "No such job", body = ErrorBody),
+        (status = 429, description = "Too many event streams open for this token", body = ErrorBody),
+    ),
+)]
+pub(super) async fn events(
     State(h): State<Handle>,
     caller: Caller,
     Path(id): Path<String>,
@@ -441,16 +519,30 @@ where
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct ListQuery {
+pub(super) struct ListQuery {
     state: Option<String>,
     limit: Option<usize>,
 }
 
-async fn list_jobs(
+#[utoipa::path(
+    get, path = "/v1/jobs", tag = "jobs",
+    summary = "The newest jobs (the caller's own, unless its token has all_jobs)",
+    params(
+        ("state" = Option<JobStateName>, Query, description = "Only jobs in this state"),
+        ("limit" = Option<usize>, Query, description = "At most this many (default 100, at most 10000)"),
+    ),
+    responses(
+        (status = 200, description = "The jobs, newest first, without outputs", body = JobList),
+        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token may not do this", body = ErrorBody),
+    ),
+)]
+pub(super) async fn list_jobs(
     State(h): State<Handle>,
     caller: Caller,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<JobList>, ApiError> {
     let Query(q) =
         q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e.body_text()))?;
     let state = match q.state {
@@ -470,24 +562,41 @@ async fn list_jobs(
     let Answer::Jobs(jobs) = read(&h, query).await? else {
         return Err(mismatch());
     };
-    let list: Vec<Value> = jobs.iter().map(job_listed_json).collect();
-    Ok(Json(json!({ "jobs": list })))
+    Ok(Json(JobList {
+        jobs: jobs.iter().map(job_listed).collect(),
+    }))
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct AgentsQuery {
+pub(super) struct AgentsQuery {
     capability: Option<String>,
     filter: Option<String>,
     sort: Option<String>,
     limit: Option<usize>,
 }
 
-async fn agents(
+#[utoipa::path(
+    get, path = "/v1/agents", tag = "fleet",
+    summary = "The agents of a capability, as placement sees them",
+    params(
+        ("capability" = String, Query, description = "The capability"),
+        ("filter" = Option<String>, Query, description = "Only agents whose attributes match (the filter grammar, docs/dispatcher.md), like `gpu, mem>=16`"),
+        ("sort" = Option<String>, Query, description = "Order by this attribute instead of by load"),
+        ("limit" = Option<usize>, Query, description = "At most this many"),
+    ),
+    responses(
+        (status = 200, description = "The agents", body = AgentList),
+        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token may not do this", body = ErrorBody),
+    ),
+)]
+pub(super) async fn agents(
     State(h): State<Handle>,
     caller: Caller,
     q: Result<Query<AgentsQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AgentList>, ApiError> {
     let Query(q) =
         q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e.body_text()))?;
     let capability: CapabilityName = q
@@ -519,26 +628,55 @@ async fn agents(
     let Answer::Agents(list) = read(&h, query).await? else {
         return Err(mismatch());
     };
-    let agents: Vec<Value> = list.iter().map(agent_json).collect();
-    Ok(Json(json!({ "capability": capability, "agents": agents })))
+    Ok(Json(AgentList {
+        capability,
+        agents: list.iter().map(AgentView::of).collect(),
+    }))
 }
 
 /// The capabilities the caller may run, with their agents and queues (a limited token does
 /// not learn what else the bus offers).
-async fn capabilities(State(h): State<Handle>, caller: Caller) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get, path = "/v1/capabilities", tag = "fleet",
+    summary = "The capabilities the caller may run, with their agents and queues",
+    responses(
+        (status = 200, description = "The capabilities", body = CapabilityList),
+        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token may not do this", body = ErrorBody),
+    ),
+)]
+pub(super) async fn capabilities(
+    State(h): State<Handle>,
+    caller: Caller,
+) -> Result<Json<CapabilityList>, ApiError> {
     let Answer::Capabilities(list) = read(&h, Lookup::Capabilities).await? else {
         return Err(mismatch());
     };
-    let caps: Vec<Value> = list
+    let capabilities = list
         .into_iter()
         .filter(|(c, _, _)| caller.may_run(c))
-        .map(|(c, agents, queued)| json!({ "name": c, "agents": agents, "queued": queued }))
+        .map(|(name, agents, queued)| CapabilityView {
+            name,
+            agents: agents as u64,
+            queued: queued as u64,
+        })
         .collect();
-    Ok(Json(json!({ "capabilities": caps })))
+    Ok(Json(CapabilityList { capabilities }))
 }
 
 /// Prometheus metrics, for operators only: they show every capability and queue.
-async fn metrics(State(h): State<Handle>, caller: Caller) -> Result<Response, ApiError> {
+#[utoipa::path(
+    get, path = "/metrics", tag = "operations",
+    summary = "Prometheus metrics (tokens with `metrics = true`)",
+    responses(
+        (status = 200, description = "The Prometheus text format", content_type = "text/plain", body = String),
+        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token may not do this", body = ErrorBody),
+    ),
+)]
+pub(super) async fn metrics(State(h): State<Handle>, caller: Caller) -> Result<Response, ApiError> {
     if !caller.metrics {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -572,12 +710,31 @@ async fn metrics(State(h): State<Handle>, caller: Caller) -> Result<Response, Ap
     Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
 }
 
-async fn healthz(State(h): State<Handle>) -> Response {
+#[utoipa::path(
+    get, path = "/healthz", tag = "operations", security(()),
+    summary = "Whether the dispatcher serves (no token)",
+    responses(
+        (status = 200, description = "`ok`", content_type = "text/plain", body = String),
+        (status = 503, description = "`stopping`", content_type = "text/plain", body = String),
+    ),
+)]
+pub(super) async fn healthz(State(h): State<Handle>) -> Response {
     if h.tx.is_closed() {
         (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response()
     } else {
         (StatusCode::OK, "ok\n").into_response()
     }
+}
+
+#[utoipa::path(
+    get, path = "/v1/openapi.json", tag = "operations", security(()),
+    summary = "This document (no token)",
+    responses((status = 200, description = "The OpenAPI 3.1 document", content_type = "application/json", body = Object)),
+)]
+pub(super) async fn openapi_json() -> Response {
+    static DOC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let doc = DOC.get_or_init(super::openapi::document).clone();
+    ([("content-type", "application/json")], doc).into_response()
 }
 
 async fn not_found() -> ApiError {
@@ -611,6 +768,7 @@ pub(crate) fn router(h: Handle) -> Router {
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(h.clone(), admit))
         .route("/healthz", get(healthz))
+        .route("/v1/openapi.json", get(openapi_json))
         // Signed URLs are their own credential (PROTOCOL.md §13.4): no token.
         .route("/v1/blobs/{sha256}", get(data::fetch_blob))
         .route("/v1/uploads/{job}", axum::routing::put(data::put_upload))

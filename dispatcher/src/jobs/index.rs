@@ -7,7 +7,8 @@
 //! function of the records, which the property test in `jobs/tests.rs` checks against a
 //! rebuild from scratch after every operation. What each index answers: the per-capability
 //! queues (placement), each submitter's share of them (`max_queued`), counts by capability
-//! and state (`/metrics`), deadlines in time order (`expire`, `next_deadline`), final jobs by
+//! and state (`/metrics`), deadlines in time order (`expire`, `next_deadline`), delayed jobs
+//! by when they are due (`release_due`, `next_due`), final jobs by
 //! the time they ended (`prune`, `next_prune_at`), queued `all` parents and queued map/reduce
 //! jobs (started after each event), running map/reduce jobs (stragglers), and the
 //! newest-first listing per state and per submitter and state (`GET /v1/jobs`).
@@ -39,6 +40,8 @@ pub(super) struct Keys {
     state: JobState,
     /// The deadline of a job that has not ended.
     deadline: Option<u64>,
+    /// When a delayed job (accepted, `not_before`) is due.
+    due: Option<u64>,
     /// When a final job ended (its last change).
     ended: Option<u64>,
     /// Queued, strategy `all`, not a child: waits for fan-out.
@@ -67,6 +70,10 @@ impl Keys {
             accepted_ms: j.accepted_ms,
             state: j.state,
             deadline: j.spec.deadline_ms.filter(|_| !fin),
+            due: j
+                .spec
+                .not_before_ms
+                .filter(|_| j.state == JobState::Accepted),
             ended: fin.then_some(j.updated_ms),
             all_parent: queued && j.spec.strategy == Strategy::All && j.spec.parent.is_none(),
             mr_queued: queued && j.spec.mapreduce.is_some(),
@@ -117,6 +124,8 @@ pub(super) struct Index {
     pub(super) counts: HashMap<(CapabilityName, JobState), u64>,
     /// Jobs not ended that have a deadline, by deadline.
     pub(super) deadlines: BTreeSet<(u64, JobId)>,
+    /// Delayed jobs waiting for their time, by when they are due.
+    pub(super) delayed: BTreeSet<(u64, JobId)>,
     /// Final jobs by the time they ended.
     pub(super) ended: BTreeSet<(u64, JobId)>,
     /// Queued `all` parents, in submission order.
@@ -183,7 +192,7 @@ impl Index {
             self.state(id, old, false);
             self.state(id, new, true);
         }
-        if (old.deadline, old.ended) != (new.deadline, new.ended) {
+        if (old.deadline, old.ended, old.due) != (new.deadline, new.ended, new.due) {
             self.times(id, old, false);
             self.times(id, new, true);
         }
@@ -281,6 +290,7 @@ impl Index {
         for (set, at) in [
             (&mut self.deadlines, k.deadline),
             (&mut self.ended, k.ended),
+            (&mut self.delayed, k.due),
         ] {
             if let Some(at) = at {
                 if on {

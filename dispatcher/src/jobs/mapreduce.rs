@@ -150,6 +150,7 @@ fn step_spec(
         input,
         input_mime: mime,
         deadline_ms: parent.deadline_ms,
+        not_before_ms: None,
         priority: parent.priority,
         max_attempts: parent.max_attempts,
         submitter: parent.submitter.clone(),

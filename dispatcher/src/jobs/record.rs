@@ -112,6 +112,12 @@ pub enum SubmitError {
         /// Its share.
         limit: usize,
     },
+    /// As many delayed jobs as `max_delayed` wait for their time.
+    #[error("{limit} delayed jobs are already waiting for their time (max_delayed)")]
+    TooManyDelayed {
+        /// The bound.
+        limit: usize,
+    },
     /// The id is taken.
     #[error("job id {0} already exists")]
     Exists(JobId),

@@ -37,6 +37,10 @@ pub struct JobSpec {
     pub input_mime: Option<String>,
     /// Absolute deadline, ms since the UNIX epoch.
     pub deadline_ms: Option<u64>,
+    /// A delayed job: not placed before this time (ms since the UNIX epoch). It stays
+    /// `accepted` until then, outside the queues.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before_ms: Option<u64>,
     /// Higher first.
     pub priority: i64,
     /// Attempts before failing.
@@ -98,6 +102,7 @@ impl JobSpec {
             input: Body::default(),
             input_mime: None,
             deadline_ms: None,
+            not_before_ms: None,
             priority: 0,
             max_attempts: 1,
             submitter: submitter.into(),

@@ -30,6 +30,8 @@ pub struct JobTable {
     index: Index,
     next_seq: u64,
     max_queue: usize,
+    /// Delayed jobs waiting, at most.
+    max_delayed: usize,
 }
 
 impl JobTable {
@@ -37,8 +39,15 @@ impl JobTable {
     pub fn new(max_queue: usize) -> Self {
         JobTable {
             max_queue,
+            max_delayed: 100_000,
             ..Default::default()
         }
+    }
+
+    /// The same table holding at most `max_delayed` delayed jobs (`not_before`) at once.
+    pub fn with_max_delayed(mut self, max_delayed: usize) -> Self {
+        self.max_delayed = max_delayed;
+        self
     }
 
     /// Changes the record `id` with `f`, and its place in every index with it. `None` if
@@ -189,6 +198,17 @@ impl JobTable {
         if self.jobs.contains_key(&id) {
             return Err(SubmitError::Exists(id));
         }
+        if spec.not_before_ms.is_some_and(|t| t > now_ms) {
+            // Delayed: outside the queues (and their bounds) until due; bounded on its own.
+            if self.index.delayed.len() >= self.max_delayed {
+                return Err(SubmitError::TooManyDelayed {
+                    limit: self.max_delayed,
+                });
+            }
+            self.insert_queued(id.clone(), spec, now_ms);
+            self.update(&id, |j| j.state = JobState::Accepted);
+            return Ok(&self.jobs[&id]);
+        }
         if self.queued(&spec.capability) >= self.max_queue {
             return Err(SubmitError::QueueFull {
                 capability: spec.capability,
@@ -204,6 +224,30 @@ impl JobTable {
         }
         self.insert_queued(id.clone(), spec, now_ms);
         Ok(&self.jobs[&id])
+    }
+
+    /// Delayed jobs whose time has come, queued now (placement order then is priority and
+    /// submission order, as for any job); their ids.
+    pub fn release_due(&mut self, now_ms: u64) -> Vec<JobId> {
+        let due: Vec<JobId> = self
+            .index
+            .delayed
+            .iter()
+            .take_while(|(t, _)| *t <= now_ms)
+            .map(|(_, id)| id.clone())
+            .collect();
+        for id in &due {
+            self.update(id, |j| {
+                j.state = JobState::Queued;
+                j.updated_ms = now_ms;
+            });
+        }
+        due
+    }
+
+    /// When the next delayed job is due (ms since the UNIX epoch).
+    pub fn next_due(&self) -> Option<u64> {
+        self.index.delayed.first().map(|(t, _)| *t)
     }
 
     /// Records a new job, queued, with the next submission order.
@@ -235,8 +279,11 @@ impl JobTable {
     pub fn restore(&mut self, mut rec: JobRecord) {
         self.next_seq = self.next_seq.max(rec.seq);
         // A parent of an `all` or map/reduce job stays running: its children carry the work.
+        // A delayed job that was waiting for its time keeps waiting (`release_due`).
+        let delayed = rec.state == JobState::Accepted && rec.spec.not_before_ms.is_some();
         if rec.children.is_empty()
             && rec.mr.is_none()
+            && !delayed
             && matches!(
                 rec.state,
                 JobState::Accepted | JobState::Dispatched | JobState::Running

@@ -26,6 +26,14 @@ pub struct SubmitterRule {
     /// Highest priority its jobs may ask for (default `submitter_max_priority`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_priority: Option<i64>,
+    /// Its submissions at most, all capabilities together (default `submitter_rate`):
+    /// `"50/s"`, `"600/min"`, `"100/h"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+    /// Its submissions at most per capability pattern (`"image.*" = "10/s"`), each pattern
+    /// its own budget, on top of `rate`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub capability_rates: std::collections::BTreeMap<String, Rate>,
 }
 
 /// An `[[agent]]` rule: an account (or `*@domain`) and the capabilities it may offer.
@@ -63,6 +71,85 @@ pub struct HttpToken {
     /// Highest priority its jobs may ask for (default `submitter_max_priority`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_priority: Option<i64>,
+    /// Its submissions at most, all capabilities together (default `submitter_rate`):
+    /// `"50/s"`, `"600/min"`, `"100/h"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate: Option<Rate>,
+    /// Its submissions at most per capability pattern (`"image.*" = "10/s"`), each pattern
+    /// its own budget, on top of `rate`.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub capability_rates: std::collections::BTreeMap<String, Rate>,
+}
+
+/// A submission rate (a token bucket): `per_sec` sustained, bursts of `burst` at once.
+/// Written `"N/s"`, `"N/min"` or `"N/h"` (N may have decimals); the burst is the count of
+/// one second, at least 1 (`"50/s"`: 50 at once, then 50 a second; `"10/min"`: 1 at once,
+/// then one every 6 s). A `"N/s burst M"` suffix sets the burst.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Submissions a second, sustained.
+    pub per_sec: f64,
+    /// Submissions at once after a quiet time.
+    pub burst: f64,
+}
+
+impl std::str::FromStr for Rate {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = || {
+            format!(
+                "'{s}': a rate like \"50/s\", \"600/min\" or \"100/h\" (optionally \"… burst 20\")"
+            )
+        };
+        let (rate, burst) = match s.split_once("burst") {
+            Some((r, b)) => (r.trim(), Some(b.trim())),
+            None => (s.trim(), None),
+        };
+        let (n, unit) = rate.split_once('/').ok_or_else(bad)?;
+        let n: f64 = n.trim().parse().map_err(|_| bad())?;
+        let secs = match unit.trim() {
+            "s" | "sec" | "second" => 1.0,
+            "m" | "min" | "minute" => 60.0,
+            "h" | "hour" => 3600.0,
+            _ => return Err(bad()),
+        };
+        if !(n.is_finite() && n > 0.0) {
+            return Err(format!("'{s}': the rate must be more than 0"));
+        }
+        let per_sec = n / secs;
+        let burst = match burst {
+            None => per_sec.ceil().max(1.0),
+            Some(b) => match b.parse::<u32>() {
+                Ok(b @ 1..) => f64::from(b),
+                _ => {
+                    return Err(format!(
+                        "'{s}': the burst must be a whole number, at least 1"
+                    ))
+                }
+            },
+        };
+        Ok(Rate { per_sec, burst })
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/s burst {}", self.per_sec, self.burst)
+    }
+}
+
+impl Serialize for Rate {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// A part of a queue: a number of jobs, or a percentage of `max_queue` (`"50%"`).

@@ -20,6 +20,7 @@ pub fn spec(cap: &str, submitter: &str) -> JobSpec {
         input: Default::default(),
         input_mime: None,
         deadline_ms: None,
+        not_before_ms: None,
         priority: 0,
         max_attempts: 3,
         submitter: submitter.into(),

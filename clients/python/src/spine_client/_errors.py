@@ -16,6 +16,7 @@ __all__ = [
     "BadArguments",
     "UnknownCapability",
     "QueueFull",
+    "RateLimited",
     "NotFound",
     "UnknownJob",
     "NoOutput",
@@ -83,6 +84,13 @@ class UnknownCapability(SpineError):
 
 class QueueFull(SpineError):
     """429: the capability's queue, or this token's share of it, is full. Try again later."""
+
+
+class RateLimited(QueueFull):
+    """429 ``rate-limited``: this token is over its rate limit (the message names it).
+    ``retry_after`` is the dispatcher's ``Retry-After``: seconds until a submission fits."""
+
+    retry_after: Optional[int] = None
 
 
 class NotFound(SpineError):
@@ -199,6 +207,7 @@ _BY_CONDITION: Dict[str, Type[SpineError]] = {
     "malformed": BadArguments,
     "unknown-capability": UnknownCapability,
     "queue-full": QueueFull,
+    "rate-limited": RateLimited,
     "busy": QueueFull,
     "not-found": NotFound,
     "unknown-job": UnknownJob,
@@ -228,7 +237,11 @@ def api_error(status: int, body: bytes) -> SpineError:
         field = doc.get("field") if isinstance(doc.get("field"), str) else None
     else:
         message = body[:200].decode("utf-8", "replace") or "(no body)"
-    return error_for(condition, message, field, status)
+    err = error_for(condition, message, field, status)
+    if isinstance(err, RateLimited) and isinstance(doc, dict):
+        retry = doc.get("retry_after")
+        err.retry_after = retry if isinstance(retry, int) else None
+    return err
 
 
 def error_for(
