@@ -115,3 +115,12 @@ def test_spine_unreachable_is_503(serve):
     assert "Spine is unreachable" in r.text
     assert f"No dispatcher answers at {dead}" in r.text
     assert r.headers["retry-after"] == "5"
+
+
+def test_a_job_still_running_after_the_wait_is_504(spine_url, serve):
+    # A wait of a millisecond: a 2000×2000 picture is not thumbnailed in that time.
+    base = serve(example.create_app(spine_url, wait=0.001))
+    r = upload(base, picture(2000, 2000))
+    assert r.status_code == 504, r.text
+    assert "The thumbnail is taking too long" in r.text
+    assert "it goes on" in r.text
