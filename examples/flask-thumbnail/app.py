@@ -83,7 +83,10 @@ def create_app(
     def page(status: int, title: str = "", detail: str = "", **headers: str) -> Response:
         error = ""
         if title:
-            error = f'<div class="error"><h2>{html.escape(title)}</h2><p>{html.escape(detail)}</p></div>'
+            error = (
+                f'<div class="error"><h2>{html.escape(title)}</h2>'
+                f"<p>{html.escape(detail)}</p></div>"
+            )
         body = PAGE % {
             "error": error,
             "max_mib": max_upload // (1024 * 1024),
@@ -138,11 +141,10 @@ def create_app(
         except spine_client.JobBadArguments as e:
             # The agent refused the job: the API names the argument at fault (`input` for a
             # picture it cannot decode), which is what the user has to change.
+            where = f"field '{e.field}', " if e.field else ""
+            headers = {"X_Spine_Field": e.field} if e.field else {}
             return page(
-                422,
-                "The picture was refused",
-                f"{e.message} (field '{e.field or 'input'}', job {e.job_id}).",
-                X_Spine_Field=e.field or "",
+                422, "The picture was refused", f"{e.message} ({where}job {e.job_id}).", **headers
             )
         except spine_client.JobError as e:
             return page(
@@ -155,7 +157,8 @@ def create_app(
             return page(
                 504,
                 "The thumbnail is taking too long",
-                f"Job {e.job_id} is still {e.state} after {e.waited:g} s; it goes on.",
+                f"Job {e.job_id} is still {e.state} after {wait:g} s; it goes on (the page "
+                "does not follow it: upload the picture again later).",
             )
         except spine_client.ConnectionFailed:
             return page(
@@ -182,7 +185,7 @@ def create_app(
             # The dispatcher refused the request for another reason (a token it does not
             # know, a field it refused): show its words, they name what to fix.
             return page(502, "Spine refused the job", str(e))
-        meta = job.view.get("result", {}).get("meta", {})
+        meta = (job.view.get("result") or {}).get("meta") or {}
         return Response(
             png,
             mimetype="image/png",
