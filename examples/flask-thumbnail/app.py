@@ -213,7 +213,9 @@ def _size(raw: str | None) -> tuple[int, str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description="Thumbnails of uploaded pictures, made by a Spine farm (see README.md)."
+    )
     parser.add_argument("--listen", default="127.0.0.1:8091", help="host:port to serve on")
     parser.add_argument(
         "--api",
