@@ -1,4 +1,4 @@
-"""The same no-op job submitted from Python three ways, measured in one run:
+"""The same no-op job submitted from Python four ways, measured in one run:
 
   spine_client   the Python client (clients/python): ``Client.run("text.upper", input=…)``, one
                  ``POST /v1/jobs?wait=`` that answers when the job has ended; one ``Client``
@@ -14,7 +14,7 @@ Each is run one job at a time (latency p50/p99 and jobs/s) and with 64 threads i
 Celery. Spine is a ``spine up`` of the given binary with its job store on disk (not tmpfs);
 Redis is the system's ``redis-server`` with its default configuration, started here on a free
 loopback port; the Celery worker is started here with one process per core. All three are
-children of this script and are stopped by their PIDs at the end.
+children of this script and are stopped by their PIDs at the end (or when one fails to start).
 
     python bench/python_vs_celery/bench.py --spine target/release/spine
 """
@@ -119,7 +119,11 @@ def start_spine(binary: Path, data: Path, agents: int, slots: int) -> tuple:
             found["url"] = line.split("HTTP API ", 1)[1].split(",", 1)[0].strip()
 
     threading.Thread(target=drain, args=(proc, lines, on_line), daemon=True).start()
-    wait_until(lambda: "url" in found, "spine up did not become ready", proc, lines, 90)
+    try:
+        wait_until(lambda: "url" in found, "spine up did not become ready", proc, lines, 90)
+    except BaseException:
+        stop(proc, "spine up")
+        raise
     return proc, found["url"]
 
 
@@ -137,7 +141,11 @@ def start_redis(binary: str, data: Path) -> tuple:
             ready.set()
 
     threading.Thread(target=drain, args=(proc, lines, on_line), daemon=True).start()
-    wait_until(ready.is_set, "redis-server did not become ready", proc, lines, 30)
+    try:
+        wait_until(ready.is_set, "redis-server did not become ready", proc, lines, 30)
+    except BaseException:
+        stop(proc, "redis-server")
+        raise
     return proc, f"redis://127.0.0.1:{port}"
 
 
@@ -165,7 +173,7 @@ def start_celery_worker(redis_url: str, concurrency: int) -> subprocess.Popen:
     return proc
 
 
-# -- the three ways to run a job ------------------------------------------------------------
+# -- the ways to run a job ---------------------------------------------------------------
 
 
 def spine_client_runner(url: str, per_thread: bool) -> Callable[[], Callable[[], None]]:
