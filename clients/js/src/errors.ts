@@ -104,7 +104,8 @@ export class JobError extends SpineError {
   readonly job: JobView;
 
   constructor(condition: string, detail: string, field: string | null, job: JobView) {
-    super(condition, `job ${job.id}: ${detail}`, field, null);
+    super(condition, detail, field, null);
+    this.message = `job ${job.id}: ${this.message}`;
     this.jobId = job.id;
     this.job = job;
   }
