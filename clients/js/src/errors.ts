@@ -59,6 +59,12 @@ export class UnknownCapability extends SpineError {}
 /** 429: the capability's queue, or this token's share of it, is full. */
 export class QueueFull extends SpineError {}
 
+/**
+ * 429: this token sent more requests than its rate allows (`rate-limited`, when the
+ * dispatcher limits rates); `retryAfterMs` says when the next one is welcome.
+ */
+export class RateLimited extends SpineError {}
+
 /** 404: no such endpoint (`not-found`). */
 export class NotFound extends SpineError {}
 
@@ -174,6 +180,7 @@ const BY_CONDITION: Record<string, ErrorClass> = {
   "unknown-capability": UnknownCapability,
   "queue-full": QueueFull,
   busy: QueueFull,
+  "rate-limited": RateLimited,
   "not-found": NotFound,
   "unknown-job": UnknownJob,
   "no-output": NoOutput,

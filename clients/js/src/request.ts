@@ -100,8 +100,8 @@ export function fromBase64(text: string): Uint8Array {
   return out;
 }
 
-/** The camelCase options and the API's names for them. */
-const FIELD_NAMES: Record<string, string> = {
+/** The camelCase options and the API's names for them (the OpenAPI test checks them against `SubmitRequest`). */
+export const FIELD_NAMES: Record<string, string> = {
   inputRef: "input_ref",
   filter: "filter",
   priority: "priority",

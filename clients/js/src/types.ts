@@ -12,6 +12,7 @@
 
 /** A job's state (§4 of docs/dispatcher.md). The last four never change. */
 export type JobState =
+  | "accepted"
   | "queued"
   | "dispatched"
   | "running"
@@ -112,9 +113,10 @@ export interface Agent {
   slots: number;
   /** `ready`, `busy`, `draining`… */
   state: string;
-  loadavg: number | null;
-  mem_used: number | null;
-  mem_total: number | null;
+  /** The agent's load average, memory used and total (bytes); `null` when it does not report them. */
+  loadavg?: number | null;
+  mem_used?: number | null;
+  mem_total?: number | null;
 }
 
 /** A capability as `GET /v1/capabilities` lists it. */
