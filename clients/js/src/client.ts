@@ -34,7 +34,6 @@ import {
 import { events as sseEvents } from "./sse.js";
 import type {
   Agent,
-
   BatchAnswer,
   BatchJob,
   BlobRef,
@@ -164,13 +163,17 @@ export class Job {
     if (typeof result.output === "string") {
       return new Output(fromBase64(result.output), result.type ?? null);
     }
-    if (!result.output_url && !result.output_size) return new Output(new Uint8Array(), result.type ?? null);
+    if (!result.output_url && !result.output_size)
+      return new Output(new Uint8Array(), result.type ?? null);
     return this.output(opts);
   }
 
   /** The raw output (`GET /v1/jobs/{id}/output`), whatever its size. */
   async output(opts: { signal?: AbortSignal } = {}): Promise<Output> {
-    const a = await this.client.send(get(`/v1/jobs/${encodeURIComponent(this.id)}/output`), opts.signal);
+    const a = await this.client.send(
+      get(`/v1/jobs/${encodeURIComponent(this.id)}/output`),
+      opts.signal,
+    );
     check(a);
     return new Output(a.body, a.headers.get("content-type"));
   }
@@ -193,13 +196,30 @@ export class Job {
    * submitted with `progress: true`. Leaving the loop early (`break`) closes the stream.
    */
   async *events(opts: { signal?: AbortSignal } = {}): AsyncGenerator<SpineEvent> {
-    const res = await this.client.open(get(`/v1/jobs/${encodeURIComponent(this.id)}/events`), opts.signal);
-    if (res.body === null) return;
-    for await (const ev of sseEvents(res.body)) {
-      if (ev.kind === "state" || ev.kind === "final") this.merge(ev.data);
-      yield ev;
-      if (ev.kind === "final") return;
+    const path = `/v1/jobs/${encodeURIComponent(this.id)}/events`;
+    const res = await this.client.open(get(path), opts.signal);
+    const broken = (why: string, cause?: unknown): ConnectionFailed =>
+      new ConnectionFailed(
+        "connection-failed",
+        `the event stream of job ${this.id} ${why}; the job goes on: follow it again with ` +
+          `job.events(), or wait for it with job.result()`,
+        null,
+        null,
+        { cause },
+      );
+    if (res.body === null) throw broken("had no body");
+    try {
+      for await (const ev of sseEvents(res.body)) {
+        if (ev.kind === "state" || ev.kind === "final") this.merge(ev.data);
+        yield ev;
+        if (ev.kind === "final") return;
+      }
+    } catch (e) {
+      if (opts.signal?.aborted) throw e;
+      throw broken(`broke: ${describeError(e)}`, e);
     }
+    // The dispatcher closes a stream after its final event; an end before it is a cut.
+    throw broken("ended before the job's final event");
   }
 
   private merge(view: Partial<JobView>): void {
@@ -249,7 +269,11 @@ export class Client {
    * Submits a job and returns its output: one round trip (`POST /v1/jobs?wait=`) when it ends
    * within `timeoutMs` (default 30 s). Throws like {@link Job.result}.
    */
-  async run(capability: string, args?: Record<string, unknown>, opts: RunOptions = {}): Promise<Output> {
+  async run(
+    capability: string,
+    args?: Record<string, unknown>,
+    opts: RunOptions = {},
+  ): Promise<Output> {
     const { timeoutMs = 30_000, signal, ...fields } = opts;
     const started = Date.now();
     const job = await this.submit(capability, args, { ...fields, waitMs: timeoutMs, signal });
@@ -266,7 +290,10 @@ export class Client {
    * order, a {@link Job} for each accepted job or the {@link SpineError} refusing it: a refused
    * item does not throw.
    */
-  async submitBatch(jobs: BatchJob[], opts: { signal?: AbortSignal } = {}): Promise<(Job | SpineError)[]> {
+  async submitBatch(
+    jobs: BatchJob[],
+    opts: { signal?: AbortSignal } = {},
+  ): Promise<(Job | SpineError)[]> {
     const items = await Promise.all(jobs.map(batchItem));
     const out: (Job | SpineError)[] = [];
     for (let i = 0; i < items.length; i += BATCH_LIMIT) {
@@ -280,7 +307,14 @@ export class Client {
       const doc = decodeJson<{ jobs: BatchAnswer[] }>(await this.send(req, opts.signal));
       for (const a of doc.jobs) {
         if ("error" in a) {
-          out.push(errorFor(a.error, a.message ?? "", typeof a.field === "string" ? a.field : null, a.status));
+          out.push(
+            errorFor(
+              a.error,
+              a.message ?? "",
+              typeof a.field === "string" ? a.field : null,
+              a.status,
+            ),
+          );
         } else {
           out.push(new Job(this, a));
         }
@@ -327,7 +361,12 @@ export class Client {
     };
     await Promise.all(Array.from({ length: Math.min(8, fragments.length) }, worker));
     const refs = blobs.map((b, i) => fragmentRef(b, names ? names[i] : `part-${i}`));
-    return this.submit(mapCapability, args, { ...rest, reduce: reduceCapability, fanIn, fragments: refs });
+    return this.submit(mapCapability, args, {
+      ...rest,
+      reduce: reduceCapability,
+      fanIn,
+      fragments: refs,
+    });
   }
 
   /** The agents offering `capability` that pass `filter`, ranked (`GET /v1/agents`). */
@@ -346,14 +385,19 @@ export class Client {
 
   /** The capabilities this caller may run, with their agents and queued jobs (`GET /v1/capabilities`). */
   async capabilities(opts: { signal?: AbortSignal } = {}): Promise<Capability[]> {
-    return decodeJson<{ capabilities: Capability[] }>(await this.send(get("/v1/capabilities"), opts.signal))
-      .capabilities;
+    return decodeJson<{ capabilities: Capability[] }>(
+      await this.send(get("/v1/capabilities"), opts.signal),
+    ).capabilities;
   }
 
   // -- sending -------------------------------------------------------------------------
 
   /** @internal `GET /v1/jobs/{id}`, as a long poll when `waitMs` is given. */
-  async jobView(id: string, waitMs: number | undefined, signal: AbortSignal | undefined): Promise<JobView> {
+  async jobView(
+    id: string,
+    waitMs: number | undefined,
+    signal: AbortSignal | undefined,
+  ): Promise<JobView> {
     const req = get(`/v1/jobs/${encodeURIComponent(id)}`);
     if (waitMs !== undefined) {
       req.query.wait = waitParam(waitMs);
@@ -377,7 +421,12 @@ export class Client {
    */
   async open(req: Request, signal?: AbortSignal): Promise<Response> {
     return this.attempt(req, signal, true, async (res) => {
-      if (res.status >= 400) check({ status: res.status, headers: res.headers, body: new Uint8Array(await res.arrayBuffer()) });
+      if (res.status >= 400)
+        check({
+          status: res.status,
+          headers: res.headers,
+          body: new Uint8Array(await res.arrayBuffer()),
+        });
       return res;
     });
   }
@@ -408,7 +457,10 @@ export class Client {
           signal: both,
         });
         if (stream) clearTimeout(timeout);
-        const wait = res.status === 429 || res.status === 503 ? retryAfterMs(res.headers.get("retry-after")) : null;
+        const wait =
+          res.status === 429 || res.status === 503
+            ? retryAfterMs(res.headers.get("retry-after"))
+            : null;
         if (wait !== null && attempt <= this.retries) {
           // The dispatcher refused for now and said when to come back: nothing was created
           // (a submission keeps its idempotency key anyway), so the same request goes again.
@@ -453,7 +505,11 @@ function query(q: Record<string, string>): string {
 /** Throws the typed error for an error answer. */
 function check(a: Answer): void {
   if (a.status >= 400) {
-    throw apiError(a.status, new TextDecoder().decode(a.body), retryAfterMs(a.headers.get("retry-after")));
+    throw apiError(
+      a.status,
+      new TextDecoder().decode(a.body),
+      retryAfterMs(a.headers.get("retry-after")),
+    );
   }
 }
 
@@ -494,4 +550,3 @@ function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
     );
   });
 }
-

@@ -47,7 +47,20 @@ export function duration(value: string | number): string {
 
 /** An idempotency key for a submission the caller gave none: a retried POST then finds the job its first attempt created. */
 export function newKey(): string {
-  return `js-${crypto.randomUUID()}`;
+  return `js-${uuid()}`;
+}
+
+/**
+ * A random (version 4) UUID. Browsers offer `crypto.randomUUID` only to pages served over
+ * HTTPS or from localhost; `getRandomValues` everywhere.
+ */
+function uuid(): string {
+  if (typeof crypto.randomUUID === "function") return crypto.randomUUID();
+  const b = crypto.getRandomValues(new Uint8Array(16));
+  b[6] = ((b[6] ?? 0) & 0x0f) | 0x40;
+  b[8] = ((b[8] ?? 0) & 0x3f) | 0x80;
+  const hex = Array.from(b, (x) => x.toString(16).padStart(2, "0")).join("");
+  return `${hex.slice(0, 8)}-${hex.slice(8, 12)}-${hex.slice(12, 16)}-${hex.slice(16, 20)}-${hex.slice(20)}`;
 }
 
 /** A job's input once read: bytes in memory or a `Blob`, with its size and type. */
@@ -59,12 +72,14 @@ export interface Payload {
 
 /** Normalises an input: a string is UTF-8 text, an `ArrayBuffer` its bytes, a `Blob` keeps its own type. */
 export function readInput(value: Input | undefined, inputType: string | undefined): Payload {
-  if (value === undefined || value === null) return { data: null, size: 0, type: inputType ?? null };
+  if (value === undefined || value === null)
+    return { data: null, size: 0, type: inputType ?? null };
   if (typeof value === "string") {
     const data = new TextEncoder().encode(value);
     return { data, size: data.length, type: inputType ?? "text/plain; charset=utf-8" };
   }
-  if (value instanceof Uint8Array) return { data: value, size: value.length, type: inputType ?? null };
+  if (value instanceof Uint8Array)
+    return { data: value, size: value.length, type: inputType ?? null };
   if (value instanceof ArrayBuffer) {
     return { data: new Uint8Array(value), size: value.byteLength, type: inputType ?? null };
   }
@@ -122,7 +137,15 @@ export const FIELD_NAMES: Record<string, string> = {
 };
 
 /** Options that are the request's, not the job's: they never reach the JSON body. */
-const NOT_FIELDS = new Set(["input", "inputType", "waitMs", "timeoutMs", "signal", "capability", "args"]);
+const NOT_FIELDS = new Set([
+  "input",
+  "inputType",
+  "waitMs",
+  "timeoutMs",
+  "signal",
+  "capability",
+  "args",
+]);
 
 /**
  * The job's JSON fields without its input, `undefined` values left out and an idempotency key

@@ -117,7 +117,11 @@ describe("running jobs", () => {
 
   test("image.thumbnail of a real PNG fits the size asked for", async () => {
     const input = png(320, 160);
-    const out = await client.run("image.thumbnail", { size: 64 }, { input, inputType: "image/png" });
+    const out = await client.run(
+      "image.thumbnail",
+      { size: 64 },
+      { input, inputType: "image/png" },
+    );
     assert.deepEqual(pngSize(out.bytes), { width: 64, height: 32 });
     assert.equal(out.type, "image/png");
     // A Blob (a browser File from a form) is an input too, its type taken from the Blob.
@@ -140,7 +144,11 @@ describe("running jobs", () => {
   });
 
   test("a large output is fetched from its URL", async () => {
-    const job = await client.submit("image.grayscale", {}, { input: png(500, 500), inputType: "image/png", waitMs: 60_000 });
+    const job = await client.submit(
+      "image.grayscale",
+      {},
+      { input: png(500, 500), inputType: "image/png", waitMs: 60_000 },
+    );
     const out = await job.result({ timeoutMs: 60_000 });
     const result = job.view.result;
     assert.ok(result);
@@ -155,13 +163,19 @@ describe("running jobs", () => {
     const blob = await client.putBlob(data);
     assert.deepEqual(blob, { sha256: sha256(data), size: data.length });
     for (let i = 0; i < 2; i++) {
-      assert.equal((await client.run("hash.sha256", {}, { inputRef: blob.sha256 })).text(), blob.sha256);
+      assert.equal(
+        (await client.run("hash.sha256", {}, { inputRef: blob.sha256 })).text(),
+        blob.sha256,
+      );
     }
   });
 
   test("mapReduce equals a local word count, and its events end with final", async () => {
     const texts = corpus(6);
-    const job = await client.mapReduce("wordcount.map", "wordcount.reduce", texts, { fanIn: 2, progress: true });
+    const job = await client.mapReduce("wordcount.map", "wordcount.reduce", texts, {
+      fanIn: 2,
+      progress: true,
+    });
     const kinds = [];
     for await (const ev of job.events()) {
       kinds.push(ev.kind);
@@ -267,12 +281,15 @@ describe("batches and errors", () => {
       assert.equal(e.condition, "bad-arguments");
       return true;
     });
-    await assert.rejects(client.submit("text.upper", {}, { input: "x", priority: 100_000 }), (e) => {
-      assert.ok(e instanceof BadArguments && isBadArguments(e));
-      assert.equal(e.status, 400);
-      assert.equal(e.field, "priority");
-      return true;
-    });
+    await assert.rejects(
+      client.submit("text.upper", {}, { input: "x", priority: 100_000 }),
+      (e) => {
+        assert.ok(e instanceof BadArguments && isBadArguments(e));
+        assert.equal(e.status, 400);
+        assert.equal(e.field, "priority");
+        return true;
+      },
+    );
     await assert.rejects(client.submit("text.upper", {}, { input: "x", deadline: "30" }), (e) => {
       assert.ok(e instanceof BadRequest);
       assert.equal(e.field, "deadline");

@@ -7,6 +7,9 @@ import { test } from "node:test";
 
 import {
   BadArguments,
+  Client,
+  ConnectionFailed,
+  Job,
   Forbidden,
   JobBadArguments,
   JobCancelled,
@@ -19,20 +22,30 @@ import {
   isBadArguments,
 } from "../dist/index.js";
 import { apiError, errorFor, jobError } from "../dist/errors.js";
-import { INLINE_LIMIT, jobFields, readInput, retryAfterMs, submitRequest } from "../dist/request.js";
+import {
+  INLINE_LIMIT,
+  jobFields,
+  readInput,
+  retryAfterMs,
+  submitRequest,
+} from "../dist/request.js";
 import { events } from "../dist/sse.js";
 
 test("job fields: camelCase options become the API's names; deadline numbers are milliseconds", () => {
-  const fields = jobFields("text.upper", { a: 1 }, {
-    idempotencyKey: "k",
-    deadline: 2500,
-    maxAttempts: 2,
-    waitForAgent: true,
-    affinityKey: "user-7",
-    fanIn: 4,
-    inputRef: "ab".repeat(32),
-    priority: undefined,
-  });
+  const fields = jobFields(
+    "text.upper",
+    { a: 1 },
+    {
+      idempotencyKey: "k",
+      deadline: 2500,
+      maxAttempts: 2,
+      waitForAgent: true,
+      affinityKey: "user-7",
+      fanIn: 4,
+      inputRef: "ab".repeat(32),
+      priority: undefined,
+    },
+  );
   assert.deepEqual(fields, {
     capability: "text.upper",
     args: { a: 1 },
@@ -51,7 +64,10 @@ test("job fields: camelCase options become the API's names; deadline numbers are
 test("an unknown option is refused by the client, naming it", () => {
   assert.throws(
     () => jobFields("x", undefined, /** @type {any} */ ({ priorty: 3 })),
-    (e) => e instanceof TypeError && /unknown option 'priorty'/.test(e.message) && /priority/.test(e.message),
+    (e) =>
+      e instanceof TypeError &&
+      /unknown option 'priorty'/.test(e.message) &&
+      /priority/.test(e.message),
   );
 });
 
@@ -76,11 +92,21 @@ test("inputs: text is UTF-8, a Blob keeps its type, other values are refused", a
 
 test("a large input is a raw upload, unless its type is JSON (it would be read as the job)", async () => {
   const big = new Uint8Array(INLINE_LIMIT + 1);
-  const fields = { capability: "hash.sha256", args: { a: 1 }, idempotency_key: "k", progress: true };
+  const fields = {
+    capability: "hash.sha256",
+    args: { a: 1 },
+    idempotency_key: "k",
+    progress: true,
+  };
   const raw = await submitRequest(fields, readInput(big, undefined), undefined);
   assert.equal(raw.body, big);
   assert.equal(raw.headers["Content-Type"], "application/octet-stream");
-  assert.deepEqual(raw.query, { capability: "hash.sha256", args: '{"a":1}', idempotency_key: "k", progress: "true" });
+  assert.deepEqual(raw.query, {
+    capability: "hash.sha256",
+    args: '{"a":1}',
+    idempotency_key: "k",
+    progress: "true",
+  });
   const js = await submitRequest(fields, readInput(big, "application/json"), undefined);
   assert.equal(js.headers["Content-Type"], "application/json");
   assert.equal(JSON.parse(String(js.body)).input_type, "application/json");
@@ -99,9 +125,9 @@ function streamOf(pieces) {
 
 test("the event-stream parser, whatever the pieces and line endings", async () => {
   const text =
-    ": keep-alive\r\n\r\nevent: state\r\ndata: {\"id\":\"j1\",\"state\":\"queued\"}\r\n\r\n" +
-    "event: progress\ndata: {\"message\":\"résumé\",\"percent\":40}\n\n" +
-    "event: final\rdata: {\"id\":\"j1\",\"state\":\"succeeded\"}\r\r";
+    ': keep-alive\r\n\r\nevent: state\r\ndata: {"id":"j1","state":"queued"}\r\n\r\n' +
+    'event: progress\ndata: {"message":"résumé","percent":40}\n\n' +
+    'event: final\rdata: {"id":"j1","state":"succeeded"}\r\r';
   const want = [
     { kind: "state", data: { id: "j1", state: "queued" } },
     { kind: "progress", data: { message: "résumé", percent: 40 } },
@@ -127,7 +153,11 @@ test("the event-stream parser, whatever the pieces and line endings", async () =
 });
 
 test("errors from answers: JSON bodies, bodiless answers, statuses that decide", () => {
-  const e = apiError(400, '{"error":"bad-arguments","field":"priority","message":"over the bound"}', null);
+  const e = apiError(
+    400,
+    '{"error":"bad-arguments","field":"priority","message":"over the bound"}',
+    null,
+  );
   assert.ok(e instanceof BadArguments && isBadArguments(e));
   assert.equal(e.field, "priority");
   assert.equal(e.detail, "over the bound");
@@ -145,12 +175,18 @@ test("errors from answers: JSON bodies, bodiless answers, statuses that decide",
   const full = apiError(429, '{"error":"queue-full","message":"full"}', retryAfterMs("1"));
   assert.ok(full instanceof QueueFull);
   assert.equal(full.retryAfterMs, 1000);
-  assert.ok(apiError(503, '{"error":"too-many-connections","message":"m"}', 1000) instanceof Unavailable);
+  assert.ok(
+    apiError(503, '{"error":"too-many-connections","message":"m"}', 1000) instanceof Unavailable,
+  );
   assert.equal(retryAfterMs("Wed, 21 Oct 2015 07:28:00 GMT"), null);
 });
 
 test("job outcomes become JobError subclasses", () => {
-  const bad = jobError({ id: "j", state: "failed", error: { condition: "bad-arguments", field: "size", message: "m" } });
+  const bad = jobError({
+    id: "j",
+    state: "failed",
+    error: { condition: "bad-arguments", field: "size", message: "m" },
+  });
   assert.ok(bad instanceof JobBadArguments && isBadArguments(bad));
   assert.equal(bad.field, "size");
   assert.equal(bad.jobId, "j");
@@ -158,4 +194,37 @@ test("job outcomes become JobError subclasses", () => {
   const late = jobError({ id: "j", state: "timed-out", error: { condition: "deadline-exceeded" } });
   assert.ok(late instanceof JobTimedOut);
   assert.equal(late.condition, "deadline-exceeded");
+});
+
+test("an event stream cut before its final event is ConnectionFailed, naming the job", async () => {
+  // A loopback server standing in for a dispatcher that goes away mid-stream: one state
+  // event, then the connection closes.
+  const { createServer } = await import("node:http");
+  const server = createServer((req, res) => {
+    res.writeHead(200, { "content-type": "text/event-stream" });
+    res.end('event: state\ndata: {"id":"j1","state":"running"}\n\n');
+  });
+  await new Promise((ok) => server.listen(0, "127.0.0.1", () => ok(undefined)));
+  try {
+    const addr = server.address();
+    assert.ok(addr !== null && typeof addr === "object");
+    const client = new Client({ url: `http://127.0.0.1:${addr.port}` });
+    const job = new Job(client, { id: "j1", state: "queued" });
+    /** @type {string[]} */
+    const seen = [];
+    await assert.rejects(
+      (async () => {
+        for await (const ev of job.events()) seen.push(ev.kind);
+      })(),
+      (e) => {
+        assert.ok(e instanceof ConnectionFailed);
+        assert.match(e.message, /event stream of job j1 ended before the job's final event/);
+        return true;
+      },
+    );
+    assert.deepEqual(seen, ["state"]);
+    assert.equal(job.state, "running");
+  } finally {
+    server.close();
+  }
 });

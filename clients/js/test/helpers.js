@@ -66,7 +66,9 @@ export function pngSize(bytes) {
   return { width: b.readUInt32BE(16), height: b.readUInt32BE(20) };
 }
 
-const WORDS = "the cat sat on a mat while spine agents count every word in these fragments".split(" ");
+const WORDS = "the cat sat on a mat while spine agents count every word in these fragments".split(
+  " ",
+);
 
 /** `n` ASCII texts of a few hundred words each, different from one another. @param {number} n */
 export function corpus(n) {

@@ -22,7 +22,9 @@ function openapi() {
   try {
     return JSON.parse(readFileSync(OPENAPI, "utf8"));
   } catch (e) {
-    throw new Error(`cannot read the API's OpenAPI document at ${OPENAPI} (set SPINE_OPENAPI to another): ${e}`);
+    throw new Error(
+      `cannot read the API's OpenAPI document at ${OPENAPI} (set SPINE_OPENAPI to another): ${e}`,
+    );
   }
 }
 
@@ -60,7 +62,9 @@ function typeMembers(name) {
       const parts = t.types.map(walk);
       return {
         names: new Set(parts.flatMap((p) => [...p.names])),
-        required: new Set([...(parts[0]?.required ?? [])].filter((r) => parts.every((p) => p.required.has(r)))),
+        required: new Set(
+          [...(parts[0]?.required ?? [])].filter((r) => parts.every((p) => p.required.has(r))),
+        ),
       };
     }
     throw new Error(`${name}: cannot read a ${ts.SyntaxKind[t.kind]}`);
@@ -111,24 +115,37 @@ for (const [mine, theirs] of SAME) {
     assert.deepEqual(sorted(names), sorted(props), `${mine} against ${theirs}`);
     const apiRequired = new Set(schema.required ?? []);
     for (const r of required) {
-      assert.ok(apiRequired.has(r), `${mine}.${r} is required by the client but optional in ${theirs}`);
+      assert.ok(
+        apiRequired.has(r),
+        `${mine}.${r} is required by the client but optional in ${theirs}`,
+      );
     }
   });
 }
 
 test("JobState has the states of the schema JobState", () => {
-  assert.deepEqual(sorted(literals("JobState")), sorted(openapi().components.schemas.JobState.enum));
+  assert.deepEqual(
+    sorted(literals("JobState")),
+    sorted(openapi().components.schemas.JobState.enum),
+  );
 });
 
 test("every field of SubmitRequest can be set, and the client sends no other", () => {
   const schema = openapi().components.schemas.SubmitRequest;
   // `capability` and `args` are arguments of submit; `input` and `input_type` come from
   // `input` and `inputType`; the rest are options, named in FIELD_NAMES.
-  const sent = new Set(["capability", "args", "input", "input_type", ...Object.values(FIELD_NAMES)]);
+  const sent = new Set([
+    "capability",
+    "args",
+    "input",
+    "input_type",
+    ...Object.values(FIELD_NAMES),
+  ]);
   assert.deepEqual(sorted(sent), sorted(Object.keys(schema.properties)));
   // And each option is a property of JobFields.
   const { names } = typeMembers("JobFields");
-  for (const option of Object.keys(FIELD_NAMES)) assert.ok(names.has(option), `JobFields has no ${option}`);
+  for (const option of Object.keys(FIELD_NAMES))
+    assert.ok(names.has(option), `JobFields has no ${option}`);
 });
 
 test("every endpoint and query parameter the client uses is in the document", () => {
@@ -153,6 +170,7 @@ test("every endpoint and query parameter the client uses is in the document", ()
         .filter((/** @type {any} */ p) => p.in === "query")
         .map((/** @type {any} */ p) => p.name),
     );
-    for (const p of params) assert.ok(declared.has(p), `${method.toUpperCase()} ${path} has no query parameter ${p}`);
+    for (const p of params)
+      assert.ok(declared.has(p), `${method.toUpperCase()} ${path} has no query parameter ${p}`);
   }
 });

@@ -17,7 +17,9 @@ function spineBin() {
   const given = process.env.SPINE_BIN ?? "target/debug/spine";
   const path = isAbsolute(given) ? given : join(REPO, given);
   if (!existsSync(path)) {
-    throw new Error(`no spine binary at ${path}: build it with \`cargo build -p spine\`, or set SPINE_BIN`);
+    throw new Error(
+      `no spine binary at ${path}: build it with \`cargo build -p spine\`, or set SPINE_BIN`,
+    );
   }
   return path;
 }
@@ -29,15 +31,31 @@ function spineBin() {
  */
 export async function startSpine({ agents = 2, slots = 8 } = {}) {
   const data = mkdtempSync(join(tmpdir(), "spine-nodetest-"));
-  const args = ["up", "--http-listen", "127.0.0.1:0", "--xmpp-listen", "127.0.0.1:0", "--data-dir", data];
+  const args = [
+    "up",
+    "--http-listen",
+    "127.0.0.1:0",
+    "--xmpp-listen",
+    "127.0.0.1:0",
+    "--data-dir",
+    data,
+  ];
   args.push("--agents", String(agents), "--slots", String(slots));
   const proc = spawn(spineBin(), args, { stdio: ["ignore", "pipe", "pipe"] });
   /** @type {string[]} */
   const lines = [];
   let exited = false;
-  const exit = new Promise((done) => proc.once("exit", () => { exited = true; done(undefined); }));
+  const exit = new Promise((done) =>
+    proc.once("exit", () => {
+      exited = true;
+      done(undefined);
+    }),
+  );
   const url = await new Promise((ok, fail) => {
-    const timer = setTimeout(() => fail(new Error(`spine up printed no banner in 90 s:\n${lines.slice(-40).join("\n")}`)), 90_000);
+    const timer = setTimeout(
+      () => fail(new Error(`spine up printed no banner in 90 s:\n${lines.slice(-40).join("\n")}`)),
+      90_000,
+    );
     let buf = "";
     const onData = (/** @type {Buffer} */ chunk) => {
       buf += chunk.toString();
@@ -56,13 +74,18 @@ export async function startSpine({ agents = 2, slots = 8 } = {}) {
     proc.stderr.on("data", onData);
     proc.once("exit", (code) => {
       clearTimeout(timer);
-      fail(new Error(`spine up exited (${code}) before it was ready:\n${lines.slice(-40).join("\n")}`));
+      fail(
+        new Error(`spine up exited (${code}) before it was ready:\n${lines.slice(-40).join("\n")}`),
+      );
     });
   });
   const stop = async () => {
     if (!exited && proc.pid !== undefined) {
       process.kill(proc.pid, "SIGTERM");
-      const killed = setTimeout(() => proc.pid !== undefined && !exited && process.kill(proc.pid, "SIGKILL"), 20_000);
+      const killed = setTimeout(
+        () => proc.pid !== undefined && !exited && process.kill(proc.pid, "SIGKILL"),
+        20_000,
+      );
       await exit;
       clearTimeout(killed);
     }
