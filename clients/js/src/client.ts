@@ -163,8 +163,9 @@ export class Job {
     if (typeof result.output === "string") {
       return new Output(fromBase64(result.output), result.type ?? null);
     }
-    if (!result.output_url && !result.output_size)
+    if (!result.output_url && !result.output_size) {
       return new Output(new Uint8Array(), result.type ?? null);
+    }
     return this.output(opts);
   }
 
@@ -421,12 +422,13 @@ export class Client {
    */
   async open(req: Request, signal?: AbortSignal): Promise<Response> {
     return this.attempt(req, signal, true, async (res) => {
-      if (res.status >= 400)
+      if (res.status >= 400) {
         check({
           status: res.status,
           headers: res.headers,
           body: new Uint8Array(await res.arrayBuffer()),
         });
+      }
       return res;
     });
   }
@@ -537,16 +539,17 @@ function describeError(e: unknown): string {
   return String(e);
 }
 
+/** Waits `ms`, or until `signal` aborts (then rejects with its reason). */
 function sleep(ms: number, signal: AbortSignal | undefined): Promise<void> {
   return new Promise((resolve, reject) => {
-    const t = setTimeout(resolve, ms);
-    signal?.addEventListener(
-      "abort",
-      () => {
-        clearTimeout(t);
-        reject(signal.reason);
-      },
-      { once: true },
-    );
+    const onAbort = (): void => {
+      clearTimeout(t);
+      reject(signal?.reason);
+    };
+    const t = setTimeout(() => {
+      signal?.removeEventListener("abort", onAbort);
+      resolve();
+    }, ms);
+    signal?.addEventListener("abort", onAbort, { once: true });
   });
 }

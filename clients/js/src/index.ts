@@ -13,6 +13,32 @@
  */
 
 export { Client, Job, Output, DEFAULT_URL, type ClientOptions } from "./client.js";
-export * from "./errors.js";
+export {
+  SpineError,
+  BadRequest,
+  BadArguments,
+  UnknownCapability,
+  QueueFull,
+  RateLimited,
+  NotFound,
+  UnknownJob,
+  NoOutput,
+  NotAuthorized,
+  Unauthorized,
+  Forbidden,
+  TooLarge,
+  StorageFull,
+  RequestTimeout,
+  TooManyStreams,
+  Unavailable,
+  ConnectionFailed,
+  JobError,
+  JobFailed,
+  JobBadArguments,
+  JobCancelled,
+  JobTimedOut,
+  WaitTimeout,
+  isBadArguments,
+} from "./errors.js";
 export { INLINE_LIMIT, MAX_WAIT_MS, BATCH_LIMIT } from "./request.js";
 export type * from "./types.js";
