@@ -138,8 +138,11 @@ test("the client works in headless Chromium, same-origin through a proxy", async
       `${site.url}/page.html`,
     ],
     // Its own process group: Chromium starts helpers (zygote, renderer), stopped with it.
-    { stdio: "ignore", detached: true },
+    { stdio: ["ignore", "ignore", "pipe"], detached: true },
   );
+  // The end of Chromium's own log, for a failure's message.
+  let log = "";
+  browser.stderr?.on("data", (c) => (log = (log + c).slice(-4000)));
   const exited = new Promise((ok) => browser.once("exit", () => ok(undefined)));
   /** @type {NodeJS.Timeout | undefined} */
   let timer;
@@ -147,9 +150,12 @@ test("the client works in headless Chromium, same-origin through a proxy", async
     /** @type {any} */
     const report = await Promise.race([
       site.report,
-      exited.then(() => assert.fail("Chromium exited before the page reported")),
+      exited.then(() => assert.fail(`Chromium exited before the page reported:\n${log}`)),
       new Promise((_, fail) => {
-        timer = setTimeout(() => fail(new Error("no report from the page in 60 s")), 60_000);
+        timer = setTimeout(
+          () => fail(new Error(`no report from the page in 60 s; Chromium said:\n${log}`)),
+          60_000,
+        );
       }),
     ]);
     assert.equal(report.failure, undefined, report.failure);
@@ -158,7 +164,11 @@ test("the client works in headless Chromium, same-origin through a proxy", async
     assert.equal(report.digest, createHash("sha256").update(BLOB_TEXT).digest("hex"));
     assert.deepEqual(report.thumb, { type: "image/png", width: 64, height: 32 });
     assert.equal(report.events.at(-1), "final");
-    assert.ok(report.events.every((/** @type {string} */ k) => ["state", "final"].includes(k)));
+    const kinds = ["state", "progress", "partial", "final"];
+    assert.ok(
+      report.events.every((/** @type {string} */ k) => kinds.includes(k)),
+      report.events.join(", "),
+    );
     assert.equal(report.final, "EVENTS");
     assert.deepEqual(report.error, {
       typed: true,

@@ -382,14 +382,25 @@ describe("retries", () => {
       return true;
     });
     // With retries, the client waits the second the dispatcher asked for; a stream closes
-    // meanwhile, and the retry gets its place.
-    const started = Date.now();
-    const retried = (await client.job(job.id)).events();
+    // meanwhile (once the refusal has come), and the retry gets its place.
+    /** @type {(at: number) => void} */
+    let refused = () => {};
+    const refusal = new Promise((ok) => (refused = ok));
+    /** @type {typeof fetch} */
+    const watching = async (input, init) => {
+      const res = await fetch(input, init);
+      if (res.status === 429) refused(Date.now());
+      return res;
+    };
+    const retrying = new Client({ url: spine.url, fetch: watching });
+    const retried = (await retrying.job(job.id)).events();
     const pending = retried.next();
+    const refusedAt = await refusal;
     await iterators[0]?.return(undefined);
     const ev = await pending;
     assert.equal(ev.value?.kind, "state");
-    assert.ok(Date.now() - started >= 900, `answered after ${Date.now() - started} ms`);
+    const waited = Date.now() - refusedAt;
+    assert.ok(waited >= 900 && waited < 5000, `retried ${waited} ms after the 429`);
     await job.cancel();
     // The cancel ends every stream with its final event.
     assert.equal((await retried.next()).value?.kind, "final");
