@@ -15,6 +15,7 @@ import {
   JobCancelled,
   JobError,
   JobFailed,
+  JobTimedOut,
   NotFound,
   SpineError,
   TooManyStreams,
@@ -232,6 +233,21 @@ describe("cancel and waiting", () => {
     assert.ok(Date.now() - started < 5_000);
     assert.equal((await job.refresh()).state, "queued");
     await job.cancel();
+  });
+
+  test("a deadline in milliseconds ends the job timed-out: JobTimedOut", async () => {
+    const job = await client.submit(
+      "test.never-offered",
+      {},
+      { input: "x", waitForAgent: true, deadline: 300 },
+    );
+    await assert.rejects(job.result({ timeoutMs: 30_000 }), (e) => {
+      assert.ok(e instanceof JobTimedOut && e instanceof JobError);
+      assert.equal(e.condition, "deadline-exceeded");
+      assert.equal(e.jobId, job.id);
+      return true;
+    });
+    assert.equal(job.state, "timed-out");
   });
 
   test("an event stream of a cancelled job ends with final", async () => {
