@@ -45,6 +45,11 @@ export function duration(value: string | number): string {
   return typeof value === "string" ? value : waitParam(value);
 }
 
+/** `notBefore` as the API takes it: a `Date` as its RFC 3339 time, a number as a countdown. */
+export function notBefore(value: string | number | Date): string {
+  return value instanceof Date ? value.toISOString() : duration(value);
+}
+
 /** An idempotency key for a submission the caller gave none: a retried POST then finds the job its first attempt created. */
 export function newKey(): string {
   return `js-${uuid()}`;
@@ -121,6 +126,7 @@ export const FIELD_NAMES: Record<string, string> = {
   filter: "filter",
   priority: "priority",
   deadline: "deadline",
+  notBefore: "not_before",
   idempotencyKey: "idempotency_key",
   strategy: "strategy",
   sort: "sort",
@@ -167,7 +173,12 @@ export function jobFields(
         `unknown option '${k}'; a job takes ${Object.keys(FIELD_NAMES).join(", ")}`,
       );
     }
-    fields[name] = k === "deadline" ? duration(v as string | number) : v;
+    fields[name] =
+      k === "deadline"
+        ? duration(v as string | number)
+        : k === "notBefore"
+          ? notBefore(v as string | number | Date)
+          : v;
   }
   if (fields.idempotency_key === undefined) fields.idempotency_key = newKey();
   return fields;

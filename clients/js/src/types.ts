@@ -86,6 +86,8 @@ export interface JobView {
   split?: string;
   fan_in?: number;
   mapreduce?: MapReduceProgress;
+  /** A delayed job: when it may start (RFC 3339, UTC); it is `accepted` until then. */
+  not_before?: string;
   [more: string]: unknown;
 }
 
@@ -96,8 +98,10 @@ export interface ApiErrorBody {
   message: string;
   /** The request field at fault, when one is. */
   field?: string;
-  /** Only in a batch's per-item answers: the status `POST /v1/jobs` would have answered. */
+  /** The HTTP status it goes with (in a batch's items: the one `POST /v1/jobs` would have answered). */
   status?: number;
+  /** For 429 and 503: seconds until a retry may succeed (the `Retry-After` header). */
+  retry_after?: number;
 }
 
 /** One answer of `POST /v1/jobs:batch`: the accepted job, or the error refusing it. */
@@ -161,6 +165,12 @@ export interface JobFields {
   priority?: number;
   /** A duration with units (`"30s"`, `"1h 30m"`), or a number of milliseconds. */
   deadline?: string | number;
+  /**
+   * A delayed job: not started before this time. A `Date`, an RFC 3339 time
+   * (`"2026-11-26T18:00:00Z"`), a countdown with units (`"90s"`, `"2h"`), or a number of
+   * milliseconds from now. The job is `accepted` until then.
+   */
+  notBefore?: string | number | Date;
   /**
    * Makes a resubmission find the job instead of creating a second one. The client makes one
    * (`js-<uuid>`) for every submission that has none, so its own retries are safe.
