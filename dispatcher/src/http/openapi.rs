@@ -74,6 +74,36 @@ impl From<&ApiError> for ErrorBody {
     }
 }
 
+// The two response sets below are schemas only: the handlers answer `ApiError`s, whose body
+// is `ErrorBody`.
+
+/// The refusals of every endpoint that takes a token.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum Refusals {
+    /// A field is wrong: `field` names it
+    #[response(status = 400)]
+    BadRequest(ErrorBody),
+    /// No token, or an unknown one
+    #[response(status = 401)]
+    Unauthorized(ErrorBody),
+    /// The token may not do this
+    #[response(status = 403)]
+    Forbidden(ErrorBody),
+}
+
+/// The refusals that pass: come back after `Retry-After` seconds.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub enum Later {
+    /// A rate limit (`rate-limited`) or a full queue (`queue-full`)
+    #[response(status = 429, headers(("Retry-After" = u32, description = "Seconds to wait")))]
+    TooMany(ErrorBody),
+    /// The dispatcher is stopping (`unavailable`)
+    #[response(status = 503, headers(("Retry-After" = u32, description = "Seconds to wait")))]
+    Unavailable(ErrorBody),
+}
+
 /// `POST /v1/jobs:batch`'s body.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]

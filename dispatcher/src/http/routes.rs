@@ -26,7 +26,7 @@ use super::data;
 use super::error::ApiError;
 use super::openapi::{
     AgentList, AgentView, BatchAnswer, BatchItem, BatchRequest, CapabilityList, CapabilityView,
-    ErrorBody, JobList, SubmitAnswer, Submitted,
+    ErrorBody, JobList, Later, Refusals, SubmitAnswer, Submitted,
 };
 use super::request::SubmitRequest;
 use super::request::{body_form, job_id, parse_request, query_as_json, spec_from, BodyForm};
@@ -78,13 +78,10 @@ pub(super) fn mismatch() -> ApiError {
     responses(
         (status = 200, description = "With `wait`: the job ended within the wait", body = JobView),
         (status = 202, description = "Accepted: `{id, state}`, or with `wait` the job as it is when the wait is over", body = SubmitAnswer),
-        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token may not do this", body = ErrorBody),
+        Refusals,
         (status = 413, description = "The input is over the dispatcher's limit", body = ErrorBody),
         (status = 422, description = "No agent has ever offered the capability", body = ErrorBody),
-        (status = 429, description = "Rate limit or full queue; retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32, description = "Seconds to wait"))),
-        (status = 503, description = "The dispatcher is stopping; retry after `Retry-After` seconds", body = ErrorBody),
+        Later,
     ),
 )]
 pub(super) async fn submit(
@@ -199,8 +196,7 @@ const MAX_BATCH: usize = 1000;
         (status = 200, description = "One item per job, in order: accepted, or the error `POST /v1/jobs` would have answered (with its `status`)", body = BatchAnswer),
         (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
         (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token may not do this", body = ErrorBody),        (status = 429, description = "Rate limit or full queue; retry after `Retry-After` seconds", body = ErrorBody, headers(("Retry-After" = u32, description = "Seconds to wait"))),
-        (status = 503, description = "The dispatcher is stopping; retry after `Retry-After` seconds", body = ErrorBody),
+        (status = 403, description = "The token may not do this", body = ErrorBody),        Later,
     ),
 )]
 pub(super) async fn submit_batch(
@@ -328,9 +324,7 @@ pub(super) struct GetQuery {
     ),
     responses(
         (status = 200, description = "The job", body = JobView),
-        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token may not do this", body = ErrorBody),
+        Refusals,
         (status = 404, description = "No such job", body = ErrorBody),
     ),
 )]
@@ -379,9 +373,7 @@ pub(super) async fn find_job(h: &Handle, id: &JobId) -> Result<JobRecord, ApiErr
     params(("id" = String, Path, description = "The job's id")),
     responses(
         (status = 200, description = "The job's state after the cancel", body = Submitted),
-        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token may not do this", body = ErrorBody),
+        Refusals,
         (status = 404, description = "No such job", body = ErrorBody),
     ),
 )]
@@ -408,9 +400,7 @@ pub(super) async fn cancel_job(
     params(("id" = String, Path, description = "The job's id")),
     responses(
         (status = 200, description = "An event stream; each event's data is JSON (`state`/`final`: a Job)", content_type = "text/event-stream", body = String),
-        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token may not do this", body = ErrorBody),
+        Refusals,
         (status = 404, description = "No such job", body = ErrorBody),
         (status = 429, description = "Too many event streams open for this token", body = ErrorBody),
     ),
@@ -533,9 +523,7 @@ pub(super) struct ListQuery {
     ),
     responses(
         (status = 200, description = "The jobs, newest first, without outputs", body = JobList),
-        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token may not do this", body = ErrorBody),
+        Refusals,
     ),
 )]
 pub(super) async fn list_jobs(
@@ -587,9 +575,7 @@ pub(super) struct AgentsQuery {
     ),
     responses(
         (status = 200, description = "The agents", body = AgentList),
-        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token may not do this", body = ErrorBody),
+        Refusals,
     ),
 )]
 pub(super) async fn agents(
@@ -641,9 +627,7 @@ pub(super) async fn agents(
     summary = "The capabilities the caller may run, with their agents and queues",
     responses(
         (status = 200, description = "The capabilities", body = CapabilityList),
-        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token may not do this", body = ErrorBody),
+        Refusals,
     ),
 )]
 pub(super) async fn capabilities(
@@ -671,9 +655,7 @@ pub(super) async fn capabilities(
     summary = "Prometheus metrics (tokens with `metrics = true`)",
     responses(
         (status = 200, description = "The Prometheus text format", content_type = "text/plain", body = String),
-        (status = 400, description = "A field is wrong: `field` names it", body = ErrorBody),
-        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
-        (status = 403, description = "The token may not do this", body = ErrorBody),
+        Refusals,
     ),
 )]
 pub(super) async fn metrics(State(h): State<Handle>, caller: Caller) -> Result<Response, ApiError> {
