@@ -48,7 +48,7 @@ impl StateRequests {
     /// An answer from anyone but the agent is `Some(Err(()))` and leaves the request waiting.
     pub(crate) fn take(&mut self, id: &str, from: Option<&Jid>) -> Option<Result<Pending, ()>> {
         let p = self.by_id.get(id)?;
-        if !from.is_some_and(|f| f.as_str() == p.agent.as_str()) {
+        if from.is_none_or(|f| f.as_str() != p.agent.as_str()) {
             return Some(Err(()));
         }
         let p = self.by_id.remove(id)?;
