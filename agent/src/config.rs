@@ -206,6 +206,9 @@ pub struct AgentConfig {
     pub data_keep_for: Duration,
     /// Where kept outputs are written. Default: a temporary directory removed at exit.
     pub data_keep_dir: Option<PathBuf>,
+    /// Where the agent keeps an operator's drain (`spine agent drain`, PROTOCOL.md §5.6)
+    /// across restarts. Unset: a drain lasts until the process ends.
+    pub state_file: Option<PathBuf>,
     /// TLS.
     pub tls: TlsConfig,
     /// Agent attributes.
@@ -259,6 +262,7 @@ impl Default for AgentConfig {
             data_allow_plain_http: false,
             data_keep_for: Duration::from_secs(3600),
             data_keep_dir: None,
+            state_file: None,
             tls: TlsConfig::default(),
             attributes: BTreeMap::new(),
             capabilities: Vec::new(),

@@ -18,7 +18,7 @@ use rand::Rng as _;
 use spine_xmpp::stanzastream::{Event, StreamEvent};
 use spine_xmpp::{Connection, Status};
 use tokio::time::Instant;
-use tracing::{debug, error, info};
+use tracing::{debug, error, info, warn};
 use xmpp_parsers::presence::Presence;
 
 use crate::dataplane::{DataPlane, Transfer};
@@ -61,6 +61,20 @@ pub(crate) async fn run(
         Instant::now(),
     )
     .with_file_inputs(file_inputs);
+    let state_file = agent.config.state_file.clone();
+    if let Some(path) = &state_file {
+        match crate::store::load_drained(path).map_err(AgentError::Config)? {
+            Some(d) if d.drained => {
+                warn!(
+                    state_file = %path.display(),
+                    reason = d.reason.as_deref().unwrap_or(""),
+                    "drained by an operator before this start: taking no jobs until `spine agent undrain`"
+                );
+                core = core.with_drained(d.reason);
+            }
+            _ => {}
+        }
+    }
     let (mut sup, mut inbox) = Supervisor::new(handlers);
     // Stops the server of kept outputs when the agent ends, however it ends.
     let serving = tokio_util::sync::CancellationToken::new();
@@ -75,7 +89,14 @@ pub(crate) async fn run(
     };
     let (mut plane, mut transfers) = DataPlane::new(crate::dataplane::client(&agent.config), held);
     core.session_started(Instant::now());
-    perform(&conn, &mut sup, &mut plane, core.take_ready()).await;
+    perform(
+        &conn,
+        &mut sup,
+        &mut plane,
+        core.take_ready(),
+        state_file.as_deref(),
+    )
+    .await;
 
     tokio::pin!(shutdown);
     let mut auth_refusals = 0u32;
@@ -131,16 +152,41 @@ pub(crate) async fn run(
                 Transfer::Inlined { key, result } => core.files_inlined(key, result, Instant::now()),
             },
         }
-        perform(&conn, &mut sup, &mut plane, core.take_ready()).await;
+        perform(
+            &conn,
+            &mut sup,
+            &mut plane,
+            core.take_ready(),
+            state_file.as_deref(),
+        )
+        .await;
     }
     debug!(running = core.running(), "closing the connection");
     conn.close().await;
     Ok(())
 }
 
-/// Performs the core's effects: stops and aborts, then starts and transfers, then stanzas in
-/// order.
-async fn perform(conn: &Connection, sup: &mut Supervisor, plane: &mut DataPlane, ready: Ready) {
+/// Performs the core's effects: the operator's drain to the state file, stops and aborts, then
+/// starts and transfers, then stanzas in order (a drain's answer leaves once it is kept).
+async fn perform(
+    conn: &Connection,
+    sup: &mut Supervisor,
+    plane: &mut DataPlane,
+    ready: Ready,
+    state_file: Option<&std::path::Path>,
+) {
+    match (&ready.save, state_file) {
+        (Some(d), Some(path)) => {
+            // A few bytes, synced: the connection task may wait for them.
+            if let Err(e) = crate::store::save_drained(path, d) {
+                error!(state_file = %path.display(), "cannot keep the drain state; it holds until this process ends: {e}");
+            }
+        }
+        (Some(d), None) if d.drained => {
+            info!("the drain holds until this process ends (no state_file to keep it across a restart)")
+        }
+        _ => {}
+    }
     for s in ready.stops {
         match s {
             Stop::Job(id) => sup.cancel(&id),

@@ -2,13 +2,13 @@
 //! the connection (read by [`crate::driver`]) and the state machine ([`crate::machine::Core`]).
 //!
 //! [`classify`] turns a [`Stanza`] into one [`Inbound`] variant and is the one place where the
-//! sender is checked: only a configured dispatcher may send jobs, cancels, chunks, chunk
-//! acknowledgements and hellos; disco#info is answered for anyone. A request that is refused
+//! sender is checked: only a configured dispatcher may send jobs, cancels, chunks, drains and
+//! undrains, chunk acknowledgements and hellos; disco#info is answered for anyone. A request that is refused
 //! before any state is looked at (not a Spine payload, not from a dispatcher, unparsable)
 //! comes out as [`Inbound::Refused`] with the error to answer, so the core's `match` is flat.
 
 use jid::{BareJid, Jid};
-use spine_protocol::{Cancel, Chunk, Condition, Job, SpineError};
+use spine_protocol::{Cancel, Chunk, Condition, Drain, Job, SpineError};
 use tokio_xmpp::Stanza;
 use tracing::{debug, warn};
 use xmpp_parsers::disco::DiscoInfoQuery;
@@ -29,6 +29,13 @@ pub(crate) enum Inbound {
     },
     /// A chunk of an input blob from a configured dispatcher (IQ set).
     Chunk { from: Jid, id: String, chunk: Chunk },
+    /// An operator's drain (`Some`, with its reason) or undrain (`None`), relayed by a
+    /// configured dispatcher (IQ set, PROTOCOL.md §5.6).
+    Drain {
+        from: Jid,
+        id: String,
+        drain: Option<Drain>,
+    },
     /// A disco#info query without a node, from anyone: answered with the capabilities.
     DiscoInfo { from: Jid, id: String },
     /// A configured dispatcher's answer to one of the agent's IQs (a chunk of an output
@@ -90,18 +97,29 @@ pub(crate) fn classify(st: Stanza, dispatchers: &[BareJid]) -> Option<Inbound> {
             if !is_dispatcher(&from) {
                 warn!(from = %from, "refused request from a JID that is not a configured dispatcher");
                 let e = SpineError::new(Condition::NotAuthorized)
-                    .with_text("only configured dispatchers may send jobs to this agent");
+                    .with_text("only configured dispatchers may send requests to this agent");
                 return Some(refused(from, id, e));
             }
             Some(match spine_protocol::parse_payload(payload) {
                 Ok(spine_protocol::Payload::Job(job)) => Inbound::Job { from, id, job },
                 Ok(spine_protocol::Payload::Cancel(cancel)) => Inbound::Cancel { from, id, cancel },
                 Ok(spine_protocol::Payload::Chunk(chunk)) => Inbound::Chunk { from, id, chunk },
+                Ok(spine_protocol::Payload::Drain(d)) => Inbound::Drain {
+                    from,
+                    id,
+                    drain: Some(d),
+                },
+                Ok(spine_protocol::Payload::Undrain(_)) => Inbound::Drain {
+                    from,
+                    id,
+                    drain: None,
+                },
                 Ok(_) => refused(
                     from,
                     id,
-                    SpineError::new(Condition::Malformed)
-                        .with_text("an agent takes only <job/>, <cancel/> and <chunk/> requests"),
+                    SpineError::new(Condition::Malformed).with_text(
+                        "an agent takes only <job/>, <cancel/>, <chunk/>, <drain/> and <undrain/> requests",
+                    ),
                 ),
                 Err(e) => refused(from, id, e.to_spine_error()),
             })

@@ -9,7 +9,8 @@
 //! the transfers themselves are the driver's), the output uploads in chunks (`outputs`,
 //! windowed), the fragment files a handler returned, each to a slot of its own
 //! (`file_outputs`), the phase (serving,
-//! draining, stopping, gone) and the load reports with their sequence numbers (`load`). It has no
+//! draining, stopping, gone), the operator's drain (which only refuses new jobs: the process
+//! stays) and the load reports with their sequence numbers (`load`). It has no
 //! `async fn`, reads no clock, no file and no socket, so plain `#[test]`s drive it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
@@ -37,7 +38,7 @@ use crate::config::AgentConfig;
 use crate::files::{Cleanup, OutFile, WorkDir};
 use crate::handler::{Output, Report};
 use crate::inbound::{classify, Inbound};
-use crate::store::{Outcome, OutcomeCache};
+use crate::store::{Drained, Outcome, OutcomeCache};
 
 mod file_outputs;
 mod load;
@@ -196,6 +197,9 @@ pub(crate) struct Ready {
     pub(crate) inlines: Vec<InlineFiles>,
     /// Work directories and files to delete, off the connection task.
     pub(crate) cleanups: Vec<Cleanup>,
+    /// The operator's drain changed: the driver writes it to the state file first, before
+    /// anything in `out` (its answer among them) leaves.
+    pub(crate) save: Option<Drained>,
     pub(crate) out: Vec<Out>,
 }
 
@@ -291,6 +295,10 @@ pub(crate) struct Core {
     inlining: HashMap<u64, file_outputs::Inlining>,
     next_id: u64,
     phase: Phase,
+    /// An operator drained the agent (PROTOCOL.md §5.6): no new jobs, with this reason, until
+    /// an undrain. Apart from `phase`: the process keeps running, and a shutdown still
+    /// drains and ends it.
+    drained: Option<Option<String>>,
     load_dirty: bool,
     last_load: Instant,
     /// The heartbeat's current interval: 0.5 s after a session start, doubling up to the
@@ -362,6 +370,7 @@ impl Core {
             inlining: HashMap::new(),
             next_id: 0,
             phase: Phase::Serving,
+            drained: None,
             load_dirty: false,
             last_load: now,
             beat_step: Duration::ZERO,
@@ -376,6 +385,13 @@ impl Core {
         caps: impl IntoIterator<Item = CapabilityName>,
     ) -> Self {
         self.settings.file_inputs = caps.into_iter().collect();
+        self
+    }
+
+    /// The same core, drained by an operator before this process started (the state file
+    /// said so): it takes no jobs until an undrain.
+    pub(crate) fn with_drained(mut self, reason: Option<String>) -> Self {
+        self.drained = Some(reason);
         self
     }
 
@@ -444,6 +460,20 @@ impl Core {
             Inbound::Cancel { from, id, cancel } => {
                 let r = self.on_cancel(cancel, now);
                 self.answer(from, id, r);
+            }
+            Inbound::Drain {
+                from,
+                id,
+                drain: None,
+            } if self.phase != Phase::Serving => {
+                let e = SpineError::new(Condition::Draining)
+                    .with_text("agent is shutting down: an undrain cannot stop that");
+                self.answer(from, id, Err(e));
+            }
+            Inbound::Drain { from, id, drain } => {
+                self.on_drain(drain.map(|d| d.reason), now);
+                // After the load that tells every dispatcher (PROTOCOL.md §5.6).
+                self.answer(from, id, Ok(()));
             }
             Inbound::Chunk { from, id, chunk } => {
                 let r = self
@@ -671,6 +701,33 @@ impl Core {
         format!("a{}", self.next_id)
     }
 
+    /// An operator's drain (`Some(reason)`) or undrain (`None`): kept, and reported to every
+    /// dispatcher at once, without the debounce, so none of them places another job here.
+    /// Running jobs are untouched.
+    fn on_drain(&mut self, drain: Option<Option<String>>, now: Instant) {
+        match &drain {
+            Some(reason) => info!(
+                running = self.running.len(),
+                reason = reason.as_deref().unwrap_or(""),
+                "drained by an operator: taking no new jobs, running ones continue"
+            ),
+            None if self.drained.is_some() => info!("undrained by an operator: taking jobs again"),
+            None => debug!("undrain of an agent that was not drained"),
+        }
+        self.ready.save = Some(Drained {
+            drained: drain.is_some(),
+            reason: drain.clone().flatten(),
+        });
+        self.drained = drain;
+        self.send_load(now);
+    }
+
+    /// Drained by an operator (new jobs are refused, the process stays).
+    #[cfg(test)]
+    pub(crate) fn is_drained(&self) -> bool {
+        self.drained.is_some()
+    }
+
     fn on_cancel(&mut self, c: Cancel, now: Instant) -> Result<(), SpineError> {
         if self.cancel_fetch(&c.job, now) || self.cancel_file_output(&c.job, now) {
             return Ok(());
@@ -725,6 +782,13 @@ impl Core {
         };
         if self.phase != Phase::Serving {
             return Err(SpineError::new(Condition::Draining).with_text("agent is shutting down"));
+        }
+        if let Some(reason) = &self.drained {
+            let text = match reason {
+                Some(r) => format!("agent is drained by an operator: {r}"),
+                None => "agent is drained by an operator".to_owned(),
+            };
+            return Err(SpineError::new(Condition::Draining).with_text(text));
         }
         if self.running.len() as u64 >= self.settings.slots {
             return Err(SpineError::new(Condition::Busy)

@@ -1,8 +1,14 @@
-//! Bounded bookkeeping the agent's connection task keeps: finished outcomes, to answer a
-//! repeated job id without running it again.
+//! What the agent keeps: in memory, the finished outcomes that answer a repeated job id
+//! without running it again; on disk (`state_file`), the operator's drain, so that an agent
+//! drained for maintenance stays out of rotation when its machine reboots. The core decides
+//! (a [`Drained`] in its `Ready`); the driver writes it here before the answer leaves, and reads
+//! it back at start.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use spine_protocol::{JobId, SpineError};
 use tokio::time::Instant;
@@ -66,10 +72,83 @@ impl OutcomeCache {
     }
 }
 
+/// The operator's drain (PROTOCOL.md §5.6), as the state file keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Drained {
+    /// The agent takes no new jobs.
+    pub(crate) drained: bool,
+    /// Why, as the operator said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<String>,
+}
+
+/// The drain kept in `path`: `None` when the file does not exist (never drained, or a fresh
+/// machine). A file that exists but cannot be read is an error naming it: starting in
+/// rotation against the operator's word would be worse than not starting.
+pub(crate) fn load_drained(path: &Path) -> Result<Option<Drained>, String> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("state_file: reading {}: {e}", path.display())),
+    };
+    serde_json::from_str::<Drained>(&text).map(Some).map_err(|e| {
+        format!(
+            "state_file: {} is not a state this agent wrote ({e}); fix or delete it (deleted, the agent starts taking jobs)",
+            path.display()
+        )
+    })
+}
+
+/// Writes the drain to `path` durably: a temporary file beside it, synced, then renamed over
+/// it, so that a crash leaves the old state or the new one, never half a file.
+pub(crate) fn save_drained(path: &Path, state: &Drained) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let text = serde_json::to_string(state).map_err(std::io::Error::other)?;
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        // The rename itself is durable once the directory is synced.
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use spine_protocol::Condition;
+
+    #[test]
+    fn the_drain_survives_in_its_file_and_a_foreign_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.state");
+        assert_eq!(load_drained(&path).unwrap(), None, "no file: never drained");
+        let d = Drained {
+            drained: true,
+            reason: Some("rack 4 \"maintenance\"".into()),
+        };
+        save_drained(&path, &d).unwrap();
+        assert_eq!(load_drained(&path).unwrap(), Some(d));
+        let undrained = Drained {
+            drained: false,
+            reason: None,
+        };
+        save_drained(&path, &undrained).unwrap();
+        assert_eq!(load_drained(&path).unwrap(), Some(undrained));
+        std::fs::write(&path, "drained = yes").unwrap();
+        let e = load_drained(&path).unwrap_err();
+        assert!(
+            e.starts_with("state_file: ") && e.contains("delete it"),
+            "{e}"
+        );
+    }
 
     fn id(s: &str) -> JobId {
         s.parse().unwrap()

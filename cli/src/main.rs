@@ -102,7 +102,7 @@ fn main() -> ExitCode {
         Command::Check { file } => check(&file),
         Command::Up(args) => up::run(args).map(|()| true),
         Command::Server(args) => server::run(args).map(|()| true),
-        Command::Agent(args) => agent::run(args).map(|()| true),
+        Command::Agent(args) => agent::main(args),
         Command::Dispatcher(args) => dispatcher::run(args).map(|()| true),
         Command::Submit(args) => client::submit(*args),
         Command::Agents(args) => client::agents(args),
@@ -247,5 +247,10 @@ fn describe(p: &Payload) -> String {
             r.size, r.job, r.attempt
         ),
         Payload::Slot(s) => format!("upload slot for job {}, valid {} ms", s.job, s.expires_ms),
+        Payload::Drain(d) => match &d.reason {
+            Some(r) => format!("drain the agent (take no new jobs): {r}"),
+            None => "drain the agent (take no new jobs)".to_owned(),
+        },
+        Payload::Undrain(_) => "undrain the agent (take jobs again)".to_owned(),
     }
 }

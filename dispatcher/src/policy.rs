@@ -45,6 +45,11 @@ impl Capabilities {
         Ok(Capabilities(list.to_vec()))
     }
 
+    /// Whether they are every capability (`*` among them): with `all_jobs`, an operator's.
+    pub fn is_all(&self) -> bool {
+        self.0.iter().any(|p| p == "*")
+    }
+
     /// Whether `cap` is among them.
     pub fn allows(&self, cap: &CapabilityName) -> bool {
         let cap = cap.as_str();

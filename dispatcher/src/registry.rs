@@ -476,6 +476,8 @@ impl Registry {
 }
 
 mod known;
+mod operator;
 mod pick;
 
 pub use known::submission_steps;
+pub use operator::Unresolved;

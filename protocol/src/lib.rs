@@ -26,6 +26,7 @@ pub mod filter;
 pub mod fragments;
 pub mod job;
 pub mod names;
+pub mod operator;
 pub mod presence;
 pub mod signing;
 pub mod slot;
@@ -43,6 +44,7 @@ pub use filter::{Clause, Filter, FilterError, Op};
 pub use fragments::{Fragment, FragmentRef, FRAGMENTS_MIME};
 pub use job::{chunks, Cancel, Chunk, Job, JobResult, Keep, Partial, Progress};
 pub use names::{AttrName, BlobId, CapabilityName, JobId};
+pub use operator::{Drain, Undrain};
 pub use presence::{
     presence_payloads, Advertise, AgentState, CapLoad, CapabilityAd, DispatcherHello, Load,
     PresencePayloads, ProtocolVersion,
@@ -112,6 +114,10 @@ pub enum Payload {
     RequestSlot(RequestSlot),
     /// `<slot/>` (IQ result, protocol 1.1)
     Slot(Slot),
+    /// `<drain/>` (IQ set, operator)
+    Drain(Drain),
+    /// `<undrain/>` (IQ set, operator)
+    Undrain(Undrain),
 }
 
 /// Reads any top-level Spine payload.
@@ -152,6 +158,8 @@ pub fn parse_payload(el: Element) -> Result<Payload, ParseError> {
         "agents" => Payload::Agents(el.try_into()?),
         "request-slot" => Payload::RequestSlot(el.try_into()?),
         "slot" => Payload::Slot(el.try_into()?),
+        "drain" => Payload::Drain(el.try_into()?),
+        "undrain" => Payload::Undrain(el.try_into()?),
         _ => {
             return Err(ParseError::WrongElement {
                 expected: "a Spine payload",
@@ -183,6 +191,8 @@ impl From<Payload> for Element {
             Payload::Agents(x) => x.into(),
             Payload::RequestSlot(x) => x.into(),
             Payload::Slot(x) => x.into(),
+            Payload::Drain(x) => x.into(),
+            Payload::Undrain(x) => x.into(),
         }
     }
 }

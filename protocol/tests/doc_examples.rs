@@ -72,6 +72,8 @@ fn payload_name(p: &Payload) -> &'static str {
         Payload::Agents(_) => "agents",
         Payload::RequestSlot(_) => "request-slot",
         Payload::Slot(_) => "slot",
+        Payload::Drain(_) => "drain",
+        Payload::Undrain(_) => "undrain",
     }
 }
 
@@ -207,6 +209,8 @@ fn every_example_parses() {
         "agents",
         "request-slot",
         "slot",
+        "drain",
+        "undrain",
     ]
     .into_iter()
     .collect();

@@ -376,6 +376,10 @@ const INVALID: &[(&str, &str)] = &[
     ("<agents xmlns='urn:spine:1' capability='c'><agent jid='a@b/c' state='ready' in-flight='0' slots='1'/></agents>", "'load'"),
     ("<status xmlns='urn:spine:1'/>", "'job'"),
     ("<cancel xmlns='urn:spine:1' job='a'><x/></cancel>", "unexpected child"),
+    ("<drain xmlns='urn:spine:1' why='rack 4'/>", "unknown attribute 'why'"),
+    ("<drain xmlns='urn:spine:1'>rack 4</drain>", "must not contain text"),
+    ("<undrain xmlns='urn:spine:1' reason='done'/>", "unknown attribute 'reason'"),
+    ("<undrain xmlns='urn:spine:1'><drain/></undrain>", "unexpected child"),
 ];
 
 #[test]
@@ -714,4 +718,37 @@ fn fetch_failed_and_storage_full_travel_as_wait() {
     );
     assert_eq!("fetch-failed".parse(), Ok(Condition::FetchFailed));
     assert_eq!("storage-full".parse(), Ok(Condition::StorageFull));
+}
+
+#[test]
+fn drain_and_undrain_literals() {
+    let p = parse_payload(el(
+        "<drain xmlns='urn:spine:1' reason='kernel upgrade on rack 4 &amp; reboot'/>",
+    ))
+    .unwrap();
+    assert_eq!(
+        p,
+        Payload::Drain(Drain {
+            reason: Some("kernel upgrade on rack 4 & reboot".into())
+        })
+    );
+    assert_eq!(
+        parse_payload(el("<drain xmlns='urn:spine:1'/>")).unwrap(),
+        Payload::Drain(Drain { reason: None })
+    );
+    assert_eq!(
+        parse_payload(el("<undrain xmlns='urn:spine:1'/>")).unwrap(),
+        Payload::Undrain(Undrain)
+    );
+    // A reason is a line, not a document.
+    let long = format!(
+        "<drain xmlns='urn:spine:1' reason='{}'/>",
+        "x".repeat(operator::MAX_REASON + 1)
+    );
+    let e = parse_payload(el(&long)).unwrap_err();
+    assert!(e.to_string().contains("at most 1024 characters"), "{e}");
+    assert_eq!(e.to_spine_error().condition, Condition::Malformed);
+    // What an agent that predates drain answers (PROTOCOL.md §2.1): malformed, naming it.
+    let old = e.to_spine_error();
+    assert!(old.text.is_some());
 }

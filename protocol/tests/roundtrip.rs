@@ -480,5 +480,10 @@ proptest! {
         let x = Slot { job, put, expires_ms };
         prop_assert_eq!(through_wire(Payload::Slot(x.clone())), Payload::Slot(x));
     }
+    #[test] fn drain_roundtrip(reason in option::of(nonempty_text())) {
+        let x = Drain { reason };
+        prop_assert_eq!(through_wire(Payload::Drain(x.clone())), Payload::Drain(x));
+        prop_assert_eq!(through_wire(Payload::Undrain(Undrain)), Payload::Undrain(Undrain));
+    }
     #[test] fn agents_roundtrip(x in agents()) { prop_assert_eq!(through_wire(Payload::Agents(x.clone())), Payload::Agents(x)); }
 }

@@ -42,7 +42,7 @@ impl Core {
         Load {
             seq: self.seq,
             gen: self.gen,
-            state: if self.phase == Phase::Serving {
+            state: if self.phase == Phase::Serving && self.drained.is_none() {
                 AgentState::Ready
             } else {
                 AgentState::Draining

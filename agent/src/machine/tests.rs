@@ -373,6 +373,138 @@ fn shutdown_with_nothing_running_leaves_at_once() {
 }
 
 #[test]
+fn an_operator_drain_refuses_new_jobs_finishes_running_ones_and_keeps_the_agent() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    send_job(&mut c, DISPATCHER, "j1", job("a", "test.echo"), t0);
+    let drain = spine_protocol::Drain {
+        reason: Some("rack 4".into()),
+    };
+    let r = send_set(&mut c, "d1", drain, t0 + MS);
+    // Kept first, then a draining load to every dispatcher (not debounced), then the answer.
+    assert_eq!(
+        r.save,
+        Some(Drained {
+            drained: true,
+            reason: Some("rack 4".into())
+        })
+    );
+    let l = loads(&r);
+    assert_eq!(l.len(), 2, "every dispatcher hears of it");
+    assert!(l
+        .iter()
+        .all(|(_, load, _)| load.state == AgentState::Draining));
+    let answered_at = r
+        .out
+        .iter()
+        .position(|o| matches!(o, Out::Stanza(Stanza::Iq(_))))
+        .expect("an answer");
+    let last_load = r
+        .out
+        .iter()
+        .rposition(|o| matches!(o, Out::Load { .. }))
+        .expect("loads");
+    assert!(last_load < answered_at, "the loads leave before the answer");
+    assert_eq!(answer(&r, "d1"), Some(Ok(None)));
+    assert!(r.stops.is_empty(), "running jobs continue");
+    // A new job is refused; the running one finishes and is answered.
+    let r = send_job(&mut c, DISPATCHER, "j2", job("b", "test.echo"), t0 + 2 * MS);
+    assert_eq!(condition_of(&r, "j2"), Condition::Draining);
+    c.job_done(done("a", Ok(Output::default())), t0 + 3 * MS);
+    let r = c.take_ready();
+    assert_eq!(result_of(&r, "j1").job, job_id("a"));
+    // Nothing running, yet the agent stays: a drain is not a shutdown.
+    assert!(!c.is_gone() && c.is_serving() && c.is_drained());
+    c.tick(t0 + Duration::from_secs(3600));
+    assert!(!c.is_gone());
+    assert!(c
+        .take_ready()
+        .out
+        .iter()
+        .all(|o| !matches!(o, Out::Load { load, .. } if load.state == AgentState::Ready)));
+    // Undrain: ready again, told at once, and the next job runs.
+    let r = send_set(
+        &mut c,
+        "u1",
+        spine_protocol::Undrain,
+        t0 + Duration::from_secs(3601),
+    );
+    assert_eq!(
+        r.save,
+        Some(Drained {
+            drained: false,
+            reason: None
+        })
+    );
+    assert!(loads(&r)
+        .iter()
+        .all(|(_, load, _)| load.state == AgentState::Ready));
+    assert_eq!(answer(&r, "u1"), Some(Ok(None)));
+    let r = send_job(
+        &mut c,
+        DISPATCHER,
+        "j3",
+        job("c", "test.echo"),
+        t0 + Duration::from_secs(3602),
+    );
+    assert_eq!(r.starts.len(), 1);
+    // A shutdown still drains and ends the agent, drained or not; an undrain cannot stop it.
+    c.shutdown(t0 + Duration::from_secs(3603));
+    assert!(!c.is_serving());
+    let r = send_set(
+        &mut c,
+        "u2",
+        spine_protocol::Undrain,
+        t0 + Duration::from_secs(3604),
+    );
+    assert_eq!(condition_of(&r, "u2"), Condition::Draining);
+    assert!(r.save.is_none());
+}
+
+#[test]
+fn a_drain_from_a_stranger_is_refused_and_changes_nothing() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    c.stanza(
+        Iq::from_set("x1", spine_protocol::Drain::default())
+            .with_from(jid("mallory@localhost/laptop"))
+            .into(),
+        t0,
+    );
+    let r = c.take_ready();
+    assert_eq!(condition_of(&r, "x1"), Condition::NotAuthorized);
+    assert!(r.save.is_none() && loads(&r).is_empty());
+    assert!(!c.is_drained());
+}
+
+#[test]
+fn an_agent_drained_before_its_start_advertises_draining_and_refuses_jobs() {
+    let t0 = Instant::now();
+    let config = AgentConfig::default();
+    let mut c = Core::new(
+        &config,
+        vec![jid(DISPATCHER).to_bare()],
+        BTreeMap::from([(cap("test.echo"), CapabilityAd::new(cap("test.echo")))]),
+        Attributes::new(),
+        7,
+        t0,
+    )
+    .with_drained(Some("rack 4".into()));
+    c.session_started(t0);
+    let r = c.take_ready();
+    assert!(loads(&r)
+        .iter()
+        .all(|(_, load, ad)| *ad && load.state == AgentState::Draining));
+    let r = send_job(&mut c, DISPATCHER, "j1", job("a", "test.echo"), t0);
+    let e = answer(&r, "j1").unwrap().unwrap_err();
+    assert_eq!(e.condition, Condition::Draining);
+    assert_eq!(
+        e.text.as_deref(),
+        Some("agent is drained by an operator: rack 4")
+    );
+}
+
+#[test]
 fn a_cancel_stops_the_right_job() {
     let t0 = Instant::now();
     let mut c = core(4, t0);

@@ -30,6 +30,14 @@ pub(crate) enum ApiRequest {
     },
     /// Cancel a job (and its children).
     Cancel { id: JobId },
+    /// An operator's drain (`drain: true`, with its reason) or undrain of the agent named by
+    /// `agent` (a full JID, or a bare JID with one agent on it): answered when the agent
+    /// answered, or after [`super::operator::STATE_TIMEOUT`].
+    SetAgentState {
+        agent: jid::Jid,
+        drain: bool,
+        reason: Option<String>,
+    },
     /// The HTTP side stored an agent's upload to the slot of `job`'s `attempt` (its signature
     /// named `agent`, a bare JID; its size and hash matched the slot's).
     SlotFilled {
@@ -48,6 +56,28 @@ pub(crate) enum ApiReply {
     /// The cancelled job's final state.
     Cancelled(Result<JobState, SpineError>),
     SlotFilled(Result<(), SpineError>),
+    /// The agent after its drain or undrain, as the registry sees it.
+    AgentState(Result<AgentInfo, StateError>),
+}
+
+/// Why a drain or undrain did not happen (each maps to its own HTTP status).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum StateError {
+    /// No agent registered under the JID given.
+    UnknownAgent(String),
+    /// A bare JID with several agents on it: these full JIDs.
+    Ambiguous { given: String, agents: Vec<String> },
+    /// The agent did not answer in time.
+    NoAnswer { agent: String, waited_ms: u64 },
+    /// The agent does not implement drain (an older or another implementation).
+    NotSupported { agent: String, said: String },
+    /// The agent, or the server for it, refused: the Spine condition (or XMPP condition),
+    /// and the text.
+    Refused {
+        agent: String,
+        condition: String,
+        text: String,
+    },
 }
 
 /// Names an [`ApiRequest`] so its answer in [`super::Ready::replies`] finds its asker.

@@ -32,6 +32,11 @@ pub(crate) enum Inbound {
         sent: Sent,
         error: StanzaError,
     },
+    /// The agent's answer to an operator's drain or undrain.
+    StateAnswer {
+        pending: super::operator::Pending,
+        answer: Result<(), StanzaError>,
+    },
     /// A pinged agent answered.
     PingAnswer(FullJid),
     /// A pinged agent answered with an error: it is gone.
@@ -116,6 +121,16 @@ impl Core {
         reply: Result<Option<minidom::Element>, StanzaError>,
         now: Now,
     ) -> Inbound {
+        match self.state_requests.take(&id, from.as_ref()) {
+            Some(Ok(pending)) => {
+                return Inbound::StateAnswer {
+                    pending,
+                    answer: reply.map(|_| ()),
+                }
+            }
+            Some(Err(())) => return Inbound::WrongSender { from },
+            None => {}
+        }
         match (self.requests.take_reply(&id, from.as_ref()), reply) {
             (Matched::Job(sent), Ok(payload)) => Inbound::JobResult {
                 sent: *sent,
@@ -188,6 +203,7 @@ impl Core {
         match inbound {
             Inbound::JobResult { sent, payload } => self.on_job_result(sent, payload, now),
             Inbound::JobError { sent, error } => self.on_job_error(sent, error, now),
+            Inbound::StateAnswer { pending, answer } => self.state_answered(pending, answer),
             Inbound::PingAnswer(agent) => self.ping_answered(agent),
             Inbound::PingError(agent) => self.agent_gone(&agent, "ping failed", now),
             Inbound::ChunkReply {

@@ -11,7 +11,7 @@
 //! dispatches queued jobs, [`outcomes`] settles attempts and moves `all` and map/reduce jobs
 //! on, [`submit`] serves submitters over XMPP and HTTP alike, [`views`] renders statuses,
 //! events and metrics, [`requests`] tracks the requests in flight, [`payloads`] moves large
-//! payloads to the blob store.
+//! payloads to the blob store, [`operator`] relays an operator's drain or undrain to an agent.
 //!
 //! The one exception to "no file": the blob store's bytes, which the core reads and writes
 //! only through the [`BlobAccess`](crate::jobs::BlobAccess) the driver gives it, as raft-rs's
@@ -26,6 +26,7 @@ mod data_tests;
 #[cfg(test)]
 mod harness;
 pub(crate) mod inbound;
+pub(crate) mod operator;
 pub(crate) mod outcomes;
 pub(crate) mod payloads;
 pub(crate) mod place;
@@ -166,6 +167,8 @@ pub(crate) struct Core {
     jobs: JobTable,
     rng: StdRng,
     requests: Requests,
+    /// Operators' drains and undrains waiting for their agents' answers.
+    state_requests: operator::StateRequests,
     /// Chunks of large inputs and outputs being assembled.
     blobs: BlobStore,
     /// The blob store, where payloads over the inline limit are kept.
@@ -232,6 +235,7 @@ impl Core {
             slots: HashMap::new(),
             deliveries: Deliveries::new(format!("{:08x}", rng.random::<u32>())),
             requests: Requests::new(prefix),
+            state_requests: operator::StateRequests::default(),
             no_agent_since: HashMap::new(),
             idempotency: HashMap::new(),
             idempotency_of: HashMap::new(),
@@ -354,6 +358,7 @@ impl Core {
         for agent in self.requests.overdue_pings(now.mono) {
             self.agent_gone(&agent, "no answer to a ping", now);
         }
+        self.expire_state_requests(now);
         self.prune(now);
         if std::mem::take(&mut self.place_pending) {
             self.place(now);
@@ -386,6 +391,9 @@ impl Core {
         }
         if let Some(t) = self.requests.next_ping_timeout() {
             wake = wake.min(t + Duration::from_millis(1));
+        }
+        if let Some(t) = self.state_requests.next_deadline() {
+            wake = wake.min(t);
         }
         wake.saturating_duration_since(now.mono)
     }

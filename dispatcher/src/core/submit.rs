@@ -32,6 +32,15 @@ impl Core {
                 visible,
             } => ApiReply::Submitted(self.accept(*spec, wait_for_agent, &visible, now)),
             ApiRequest::Cancel { id } => ApiReply::Cancelled(self.cancel_job(&id, now)),
+            ApiRequest::SetAgentState {
+                agent,
+                drain,
+                reason,
+            } => {
+                // Answered when the agent answers (or does not, in time).
+                self.set_agent_state(token, &agent, drain, reason, now);
+                return;
+            }
             ApiRequest::SlotFilled {
                 job,
                 attempt,

@@ -18,7 +18,7 @@ use super::*;
 use crate::jobs::JobSpec;
 use crate::policy::Capabilities;
 
-const CAP: &str = "c.work";
+pub(crate) const CAP: &str = "c.work";
 
 /// A core and the time, with helpers to play agents and submitters.
 pub(crate) struct World {

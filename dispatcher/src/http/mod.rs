@@ -16,6 +16,7 @@
 
 mod auth;
 mod data;
+mod drain;
 mod error;
 pub mod openapi;
 mod request;

@@ -746,6 +746,14 @@ pub(crate) fn router(h: Handle) -> Router {
         .route("/v1/jobs/{id}/output", get(data::get_output))
         .route("/v1/blobs", axum::routing::put(data::put_blob))
         .route("/v1/agents", get(agents))
+        .route(
+            "/v1/agents/{jid}/drain",
+            axum::routing::post(super::drain::drain),
+        )
+        .route(
+            "/v1/agents/{jid}/undrain",
+            axum::routing::post(super::drain::undrain),
+        )
         .route("/v1/capabilities", get(capabilities))
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(h.clone(), admit))
