@@ -11,44 +11,74 @@ use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::Json;
 use serde::Deserialize;
-use serde_json::Value;
 use spine_protocol::operator::MAX_REASON;
 
 use super::auth::{read_body, Caller};
 use super::error::ApiError;
+use super::openapi::{AgentView, ErrorBody, Refusals};
 use super::routes::{change, mismatch};
-use super::views::agent_json;
 use super::{Handle, SMALL_BODY};
 use crate::core::api::StateError;
 use crate::core::{ApiReply, ApiRequest};
 
-/// The optional body of both routes.
-#[derive(Debug, Default, Deserialize)]
+/// The optional body of a drain.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct StateBody {
-    /// Why (drain only): for the agent's log and state file.
+#[schema(as = DrainRequest)]
+pub struct StateBody {
+    /// Why: for the agent's log, its state file and its refusals of jobs (one line, at most
+    /// 1024 characters).
+    #[schema(example = "kernel upgrade")]
     reason: Option<String>,
 }
 
 /// `POST /v1/agents/{jid}/drain`, body `{"reason": "…"}` or none.
+#[utoipa::path(
+    post, path = "/v1/agents/{jid}/drain", tag = "fleet",
+    summary = "Take an agent out of rotation (operator tokens)",
+    description = "The agent finishes the jobs it runs, takes no new ones from any dispatcher, and keeps running (PROTOCOL.md §5.6); with its state_file set it stays drained across restarts. Answered once the agent has.",
+    params(("jid" = String, Path, description = "The agent's full JID (the `/` as `%2F`), or its bare JID when one agent runs on that account")),
+    request_body(content = Option<StateBody>, description = "Optional: why"),
+    responses(
+        (status = 200, description = "The agent as the dispatcher sees it after its answer", body = AgentView),
+        Refusals,
+        (status = 404, description = "No agent with that JID is registered (`unknown-agent`)", body = ErrorBody),
+        (status = 409, description = "A bare JID that names several agents (`ambiguous-agent`): give the full JID", body = ErrorBody),
+        (status = 502, description = "The agent refused (`agent-refused`) or does not support it (`not-supported`)", body = ErrorBody),
+        (status = 504, description = "The agent did not answer within 10 s (`agent-timeout`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn drain(
     State(h): State<Handle>,
     caller: Caller,
     Path(jid): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AgentView>, ApiError> {
     set_state(h, caller, jid, true, headers, body).await
 }
 
 /// `POST /v1/agents/{jid}/undrain`, no body (or `{}`).
+#[utoipa::path(
+    post, path = "/v1/agents/{jid}/undrain", tag = "fleet",
+    summary = "Put a drained agent back in rotation (operator tokens)",
+    params(("jid" = String, Path, description = "The agent's full JID (the `/` as `%2F`), or its bare JID when one agent runs on that account")),
+    responses(
+        (status = 200, description = "The agent as the dispatcher sees it after its answer", body = AgentView),
+        Refusals,
+        (status = 404, description = "No agent with that JID is registered (`unknown-agent`)", body = ErrorBody),
+        (status = 409, description = "A bare JID that names several agents (`ambiguous-agent`): give the full JID", body = ErrorBody),
+        (status = 502, description = "The agent refused (`agent-refused`) or does not support it (`not-supported`)", body = ErrorBody),
+        (status = 504, description = "The agent did not answer within 10 s (`agent-timeout`)", body = ErrorBody),
+    ),
+)]
 pub(super) async fn undrain(
     State(h): State<Handle>,
     caller: Caller,
     Path(jid): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AgentView>, ApiError> {
     set_state(h, caller, jid, false, headers, body).await
 }
 
@@ -59,7 +89,7 @@ async fn set_state(
     drain: bool,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<AgentView>, ApiError> {
     let verb = if drain { "drain" } else { "undrain" };
     // Taking capacity away from everyone is an operator's decision, as reading every
     // capability's metrics is: the local operator, or a token for every capability and job.
@@ -120,7 +150,7 @@ async fn set_state(
         return Err(mismatch());
     };
     match answer {
-        Ok(info) => Ok(Json(agent_json(&info))),
+        Ok(info) => Ok(Json(AgentView::of(&info))),
         Err(e) => Err(state_error(e, verb)),
     }
 }

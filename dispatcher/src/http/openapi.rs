@@ -241,6 +241,8 @@ pub struct BlobStored {
         super::data::get_output,
         super::data::put_blob,
         super::routes::agents,
+        super::drain::drain,
+        super::drain::undrain,
         super::routes::capabilities,
         super::routes::metrics,
         super::routes::healthz,
@@ -249,7 +251,7 @@ pub struct BlobStored {
     components(schemas(
         JobView, JobStateName, MapReduceView, ResultView, FailureView, Submitted, ErrorBody,
         BatchRequest, BatchItem, BatchAnswer, SubmitAnswer, JobList, AgentView, AgentList, CapabilityView,
-        CapabilityList, BlobStored, SubmitRequest, Fragment,
+        CapabilityList, BlobStored, SubmitRequest, Fragment, super::drain::StateBody,
     )),
     modifiers(&Tokens),
     security(("token" = [])),
