@@ -1,12 +1,14 @@
 """The blocking client: a web view (Flask, Django) calls ``Client.run`` or ``Client.submit``
 and gets bytes or a :class:`Job` back. Each call becomes a request built in ``_common`` and is
-sent over one pooled ``httpx.Client``; connection errors are retried (submissions carry an
+sent over a kept-alive connection of its own; connection errors are retried (submissions carry an
 idempotency key, so a retry never makes a second job), HTTP errors become typed exceptions.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 import time
 from typing import Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
@@ -100,7 +102,9 @@ class Job:
         only for jobs submitted with ``progress=True``."""
         client = self._client
         timeout = httpx.Timeout(client.timeout, read=max(client.timeout, 40.0))
-        with client._http.stream("GET", f"/v1/jobs/{self.id}/events", timeout=timeout) as r:
+        with client._http() as http, http.stream(
+            "GET", f"/v1/jobs/{self.id}/events", timeout=timeout
+        ) as r:
             if r.status_code >= 400:
                 c.check(r.status_code, r.read())
             for ev in c.parse_lines(r.iter_lines()):
@@ -112,11 +116,16 @@ class Job:
 
 
 class Client:
-    """A client of a Spine dispatcher's HTTP API, with pooled connections.
+    """A client of a Spine dispatcher's HTTP API, with kept-alive connections.
 
     ``timeout`` bounds each request (seconds); a request that waits for a job gets its wait
     on top. ``retries`` is how many times a request is sent again after a connection error
     (never after an HTTP error answer). Use it as a context manager, or call ``close()``.
+
+    One ``Client`` is meant to be shared by every thread of a web app: each request uses a
+    kept-alive connection no other request uses at the same time, taken from the idle ones
+    (any thread's) or opened; at most ``max_connections`` are open, and a request beyond waits
+    for one.
     """
 
     def __init__(
@@ -132,15 +141,49 @@ class Client:
         self.base_url = base_url.rstrip("/")
         self.timeout = float(timeout)
         self.retries = int(retries)
-        self._http = httpx.Client(
-            base_url=self.base_url,
-            headers=c.auth_headers(token),
-            timeout=self.timeout,
-            limits=httpx.Limits(
-                max_connections=max_connections, max_keepalive_connections=max_connections
-            ),
-            transport=transport,
-        )
+        self._token = token
+        self._transport = transport
+        # httpx's pool takes one lock for every request and answer and scans every connection
+        # under it: 64 threads sharing one pool spent half their time there (BENCHMARKS.md,
+        # "Python client against Celery"). So each request checks out an httpx.Client that
+        # only it uses (its own kept-alive connection), from a stack of idle ones, and puts it
+        # back: connections are reused across threads, and at most `max_connections` exist.
+        self._idle: List[httpx.Client] = []
+        self._every: List[httpx.Client] = []
+        self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_connections)
+        self._closed = False
+
+    @contextlib.contextmanager
+    def _http(self) -> Iterator[httpx.Client]:
+        """An httpx.Client for one request (or one event stream), this caller's alone until it
+        is done; waits while `max_connections` are in use."""
+        self._slots.acquire()
+        try:
+            with self._lock:
+                if self._closed:
+                    raise RuntimeError("this spine_client.Client is closed")
+                http = self._idle.pop() if self._idle else None
+            if http is None:
+                http = httpx.Client(
+                    base_url=self.base_url,
+                    headers=c.auth_headers(self._token),
+                    timeout=self.timeout,
+                    limits=httpx.Limits(max_connections=1, max_keepalive_connections=1),
+                    transport=self._transport,
+                )
+                with self._lock:
+                    self._every.append(http)
+            try:
+                yield http
+            finally:
+                with self._lock:
+                    if self._closed:
+                        http.close()
+                    else:
+                        self._idle.append(http)
+        finally:
+            self._slots.release()
 
     def __enter__(self) -> "Client":
         return self
@@ -149,7 +192,11 @@ class Client:
         self.close()
 
     def close(self) -> None:
-        self._http.close()
+        with self._lock:
+            self._closed = True
+            every, self._every, self._idle = self._every, [], []
+        for http in every:
+            http.close()
 
     # -- sending ------------------------------------------------------------------------
 
@@ -163,8 +210,8 @@ class Client:
             attempt += 1
             try:
                 if req.path_body is not None:
-                    with open(req.path_body, "rb") as f:
-                        return self._http.request(
+                    with open(req.path_body, "rb") as f, self._http() as http:
+                        return http.request(
                             req.method,
                             req.path,
                             params=req.params,
@@ -172,15 +219,16 @@ class Client:
                             headers=req.headers,
                             timeout=timeout,
                         )
-                return self._http.request(
-                    req.method,
-                    req.path,
-                    params=req.params,
-                    json=req.json,
-                    content=req.content,
-                    headers=req.headers,
-                    timeout=timeout,
-                )
+                with self._http() as http:
+                    return http.request(
+                        req.method,
+                        req.path,
+                        params=req.params,
+                        json=req.json,
+                        content=req.content,
+                        headers=req.headers,
+                        timeout=timeout,
+                    )
             except httpx.TransportError as e:
                 if attempt > self.retries:
                     raise ConnectionFailed(
