@@ -275,8 +275,10 @@ pub struct Submit {
     pub sort: Option<AttrName>,
     /// Key for the `affinity` strategy (required with it, refused without it).
     pub affinity_key: Option<String>,
-    /// Deadline from acceptance, in milliseconds.
+    /// Deadline from acceptance, in milliseconds (from the end of `delay_ms` when given).
     pub deadline_ms: Option<u64>,
+    /// A delayed job: not placed before this long after acceptance, in milliseconds.
+    pub delay_ms: Option<u64>,
     /// Higher runs first when jobs queue.
     pub priority: i64,
     /// Attempts before the job fails.
@@ -315,6 +317,7 @@ impl Submit {
             sort: None,
             affinity_key: None,
             deadline_ms: None,
+            delay_ms: None,
             priority: 0,
             max_attempts: None,
             idempotency_key: None,
@@ -352,6 +355,7 @@ impl TryFrom<Element> for Submit {
             _ => {}
         }
         let deadline_ms = r.opt("deadline-ms")?;
+        let delay_ms = r.opt("delay-ms")?;
         let priority = r.opt("priority")?.unwrap_or(0);
         let max_attempts = r.opt::<u64>("max-attempts")?;
         if max_attempts == Some(0) {
@@ -423,6 +427,7 @@ impl TryFrom<Element> for Submit {
             sort,
             affinity_key,
             deadline_ms,
+            delay_ms,
             priority,
             max_attempts,
             idempotency_key,
@@ -450,6 +455,7 @@ impl From<Submit> for Element {
             .opt("sort", s.sort.as_ref().map(|x| x.as_str()))
             .opt("affinity-key", s.affinity_key.as_deref())
             .opt("deadline-ms", s.deadline_ms)
+            .opt("delay-ms", s.delay_ms)
             .opt("priority", (s.priority != 0).then_some(s.priority))
             .opt("max-attempts", s.max_attempts)
             .opt("idempotency-key", s.idempotency_key.as_deref())

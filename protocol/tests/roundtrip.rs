@@ -336,6 +336,8 @@ fn submit() -> impl Strategy<Value = Submit> {
                     sort,
                     affinity_key,
                     deadline_ms,
+                    // Drawn from the deadline's bits.
+                    delay_ms: deadline_ms.filter(|d| d % 2 == 0),
                     priority,
                     max_attempts,
                     idempotency_key,

@@ -292,6 +292,15 @@ impl Core {
 
     /// `<submit/>` over XMPP: the job's spec from the request.
     fn on_submit(&mut self, from: Jid, id: String, s: Submit, visible: Capabilities, now: Now) {
+        let max_delay = u64::try_from(self.cfg.max_delay.as_millis()).unwrap_or(u64::MAX);
+        if let Some(d) = s.delay_ms.filter(|d| *d > max_delay) {
+            let e = SpineError::new(Condition::BadArguments)
+                .with_field("delay-ms")
+                .with_text(format!(
+                    "a delay of {d} ms is more than the dispatcher's max_delay ({max_delay} ms)"
+                ));
+            return self.reply_error(from, id, e);
+        }
         let input = match s.input {
             None => (Vec::new(), None),
             Some(Data::Inline { bytes, mime }) => (bytes, mime),
@@ -316,8 +325,9 @@ impl Core {
             args: s.args.0,
             input: Body::Inline(input.0),
             input_mime: input.1,
-            deadline_ms: s.deadline_ms.map(|d| now.ms + d),
-            not_before_ms: None,
+            // A delayed job's deadline counts from the end of its delay.
+            deadline_ms: s.deadline_ms.map(|d| now.ms + s.delay_ms.unwrap_or(0) + d),
+            not_before_ms: s.delay_ms.map(|d| now.ms + d),
             priority: s.priority,
             max_attempts: s.max_attempts.unwrap_or(self.cfg.max_attempts),
             submitter: from.to_bare().to_string(),

@@ -805,3 +805,79 @@ fn a_delayed_job_can_be_cancelled_before_its_time_and_delayed_jobs_are_bounded()
     // The slot it held among delayed jobs is free again.
     assert!(w.submit(delayed()).is_ok());
 }
+
+/// An XMPP `<submit/>` from webapp@localhost/app; the dispatcher's answer to it.
+fn xmpp_submit(w: &mut World, id: &str, s: spine_protocol::Submit) -> Iq {
+    let from: Jid = "webapp@localhost/app".parse().unwrap();
+    let iq = Iq::from_set(id.to_owned(), s).with_from(from);
+    w.core.stanza(iq.into(), w.now);
+    let r = w.ready();
+    r.stanzas
+        .iter()
+        .find_map(|st| match st {
+            Stanza::Iq(iq) if iq.id() == id => Some(iq.clone()),
+            _ => None,
+        })
+        .expect("an answer to the submit")
+}
+
+#[test]
+fn xmpp_submitters_get_delayed_jobs_and_rate_limits_as_queue_full_with_when_to_retry() {
+    let mut cfg = config();
+    cfg.submitter_rate = Some("1/min".parse().unwrap());
+    let mut w = World::with(cfg, Restored::default());
+    let a = w.agent(1, 1);
+    w.ready();
+    let submit = |delay_ms| spine_protocol::Submit {
+        delay_ms,
+        ..spine_protocol::Submit::new(CAP.parse().unwrap())
+    };
+    // A delayed job: accepted, then placed when its delay has passed.
+    let answer = xmpp_submit(&mut w, "s1", submit(Some(5_000)));
+    let Iq::Result {
+        payload: Some(el), ..
+    } = answer
+    else {
+        panic!("accepted: {answer:?}");
+    };
+    let accepted = spine_protocol::Accepted::try_from(el).unwrap();
+    assert_eq!(accepted.state, JobState::Accepted);
+    // The next submission is over the rate (one a minute): queue-full, with when to retry.
+    let answer = xmpp_submit(&mut w, "s2", submit(None));
+    let Iq::Error { error: e, .. } = answer else {
+        panic!("refused: {answer:?}");
+    };
+    assert_eq!(e.type_, xmpp_parsers::stanza_error::ErrorType::Wait);
+    let spine = SpineError::from_stanza_error(&e).unwrap().unwrap();
+    assert_eq!(
+        spine.condition,
+        Condition::QueueFull,
+        "1.0 toward submitters"
+    );
+    let text = spine.text.unwrap();
+    assert!(
+        text.contains("webapp@localhost is over its rate limit") && text.ends_with("retry in 60 s"),
+        "{text}"
+    );
+    // A delay beyond max_delay names the attribute.
+    let answer = xmpp_submit(&mut w, "s3", submit(Some(31 * 86_400_000)));
+    let Iq::Error { error: e, .. } = answer else {
+        panic!("refused: {answer:?}");
+    };
+    let spine = SpineError::from_stanza_error(&e).unwrap().unwrap();
+    assert_eq!(
+        (spine.condition, spine.field.as_deref()),
+        (Condition::BadArguments, Some("delay-ms"))
+    );
+    // The delayed job goes out at its time (the agent keeps reporting meanwhile).
+    w.advance(4_000);
+    w.report(&a, 2);
+    w.tick();
+    assert!(jobs_sent(&w.ready().stanzas).is_empty());
+    w.advance(1_000);
+    w.report(&a, 3);
+    w.tick();
+    let sent = jobs_sent(&w.ready().stanzas);
+    assert_eq!((sent.len(), &sent[0].to), (1, &a));
+    assert_eq!(sent[0].job.id, accepted.job);
+}
