@@ -6,6 +6,7 @@
 //! stanzas, or a socket dropped without a stream close.
 
 pub mod bench;
+pub mod browser;
 pub mod dispatcher;
 pub mod ejabberd;
 pub mod farm;
