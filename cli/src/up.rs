@@ -2,8 +2,13 @@
 //! dispatcher and local agents — until Ctrl-C or SIGTERM, then a clean shutdown (agents drain,
 //! the dispatcher stops, the server closes every stream).
 //!
+//! The banner's first line is the web console's URL (`/ui` on the dispatcher's HTTP API,
+//! docs/console.md), where a person watches the fleet and the jobs of this farm.
+//!
 //! With `--demo` it runs the example workloads end to end instead of waiting for a signal
-//! (see `demo.rs`), then shuts down the same way and exits 0 if they succeeded.
+//! (see `demo.rs`), then shuts down the same way and exits 0 if they succeeded; with
+//! `--demo --stay` it stays up after the demo until a signal, so that the demo's jobs can be
+//! looked at in the console, and still exits with the demo's outcome.
 //!
 //! Accounts get random passwords for this run only (never printed); state (job store,
 //! certificate) goes in `--data-dir` or a temporary directory.
@@ -46,6 +51,10 @@ pub struct UpArgs {
     /// timings, stop, and exit 0 if both succeeded. Results go in --data-dir when given.
     #[arg(long)]
     demo: bool,
+    /// With --demo: keep running after the demo (to look at its jobs in the console) until
+    /// Ctrl-C or SIGTERM; the exit code is still the demo's.
+    #[arg(long, requires = "demo")]
+    stay: bool,
     /// Log filter (RUST_LOG syntax); default "warn,spine=info", with --demo "warn".
     #[arg(long)]
     log: Option<String>,
@@ -154,6 +163,9 @@ pub fn run(args: UpArgs) -> Result<()> {
         let api = spine_client::Client::new(&format!("http://{http}"), None)?;
         crate::demo::wait_for_agents(&api, n_agents).await?;
         crate::demo::wait_for_capabilities(&api, &extra_caps).await?;
+        let console = console_url(http);
+        // First, so that a person (or a script) finds it without reading the rest.
+        println!("console: {console}");
         println!("spine up: XMPP server {xmpp} (domain localhost), HTTP API http://{http}, {n_agents} agents with {} slots each", args.slots);
         println!("capabilities: text.upper, hash.sha256, image.thumbnail, image.resize, image.grayscale, image.blur, image.contact-sheet, wordcount.split, wordcount.map, wordcount.reduce");
         if !extra_caps.is_empty() {
@@ -166,7 +178,7 @@ pub fn run(args: UpArgs) -> Result<()> {
 
         let outcome = if args.demo {
             let started = std::time::Instant::now();
-            tokio::select! {
+            let r = tokio::select! {
                 r = crate::demo::run(&api, &data_dir, temp.is_none()) => {
                     match &r {
                         Ok(()) => println!("demo finished in {:.2} s{}", started.elapsed().as_secs_f64(),
@@ -175,17 +187,43 @@ pub fn run(args: UpArgs) -> Result<()> {
                     }
                     r
                 }
-                _ = crate::server::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+                _ = crate::server::shutdown_signal() => return stop(farm, temp, Err(anyhow::anyhow!("interrupted"))).await,
+            };
+            if args.stay {
+                println!("open the console at {console} to look at the demo's jobs; Ctrl-C stops");
+                let _ = std::io::stdout().flush();
+                crate::server::shutdown_signal().await;
+            } else {
+                println!("open the console at {console}: run `spine up --demo --stay` to keep it up after the demo");
             }
+            r
         } else {
             crate::server::shutdown_signal().await;
             Ok(())
         };
-        eprintln!("spine up: stopping (agents drain, then the dispatcher and the server)");
-        farm.stop().await;
-        drop(temp);
-        outcome
+        stop(farm, temp, outcome).await
     })
+}
+
+/// Stops the farm cleanly, removes the temporary data directory, and returns `outcome`.
+async fn stop(farm: Farm, temp: Option<tempfile::TempDir>, outcome: Result<()>) -> Result<()> {
+    eprintln!("spine up: stopping (agents drain, then the dispatcher and the server)");
+    farm.stop().await;
+    drop(temp);
+    outcome
+}
+
+/// The console's URL on the HTTP API bound at `http`: an unspecified address (`0.0.0.0`,
+/// `::`) is shown as loopback, which a browser on this machine can open.
+fn console_url(http: SocketAddr) -> String {
+    let mut at = http;
+    if at.ip().is_unspecified() {
+        at.set_ip(match at {
+            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    format!("http://{at}/ui")
 }
 
 /// The accounts of a local farm (a dispatcher and `agents` agents, each with a random password

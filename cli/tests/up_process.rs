@@ -48,16 +48,19 @@ async fn up_runs_jobs_and_stops_cleanly() {
         .spawn()
         .expect("start spine up");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let api = tokio::time::timeout(PATIENCE, async {
+    let (console, api) = tokio::time::timeout(PATIENCE, async {
+        // The console's URL comes first, on a line of its own.
+        let first = lines.next_line().await.unwrap().expect("a banner");
         while let Ok(Some(line)) = lines.next_line().await {
             if let Some(rest) = line.split("HTTP API ").nth(1) {
-                return rest.split(',').next().unwrap().to_owned();
+                return (first, rest.split(',').next().unwrap().to_owned());
             }
         }
         panic!("spine up printed no HTTP API address");
     })
     .await
     .expect("spine up started");
+    assert_eq!(console, format!("console: {api}/ui"));
 
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
@@ -190,6 +193,19 @@ async fn up_demo_exits_0_and_its_counts_equal_a_single_process_count() {
         "{stdout}"
     );
     assert!(stdout.contains("demo finished in"), "{stdout}");
+    // The console first; at the end, how to keep it up to look at the demo's jobs.
+    let lines: Vec<&str> = stdout.lines().collect();
+    let api = stdout
+        .split("HTTP API ")
+        .nth(1)
+        .and_then(|rest| rest.split(',').next())
+        .expect("the banner names the HTTP API");
+    assert_eq!(lines[0], format!("console: {api}/ui"), "{stdout}");
+    assert_eq!(
+        lines.last().copied(),
+        Some(format!("open the console at {api}/ui: run `spine up --demo --stay` to keep it up after the demo").as_str()),
+        "{stdout}"
+    );
 
     // The word counts, against a plain count of the same bundled corpus.
     let counts: Vec<(String, u64)> =
@@ -228,6 +244,82 @@ async fn up_demo_exits_0_and_its_counts_equal_a_single_process_count() {
     }
 }
 
+/// `spine up --demo --stay`: the demo runs and succeeds, then the farm stays up (its API
+/// still answers) with the console's URL printed, until SIGTERM; the exit code is the demo's.
+#[tokio::test]
+async fn up_demo_stay_keeps_the_farm_up_until_sigterm() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    // The default ports taken (by us, or by whoever holds them already): --demo picks free
+    // ones by itself.
+    let _hold = hold_default_ports();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args([
+            "up",
+            "--demo",
+            "--stay",
+            "--agents",
+            "2",
+            "--data-dir",
+            &data,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run spine up --demo --stay");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut stdout = Vec::new();
+    tokio::time::timeout(Duration::from_secs(300), async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            let done = line.starts_with("open the console at ");
+            stdout.push(line);
+            if done {
+                return;
+            }
+        }
+        panic!("spine up --demo --stay ended early:\n{}", stdout.join("\n"));
+    })
+    .await
+    .expect("the demo finishes");
+    let api = stdout
+        .iter()
+        .find_map(|l| l.split("HTTP API ").nth(1))
+        .and_then(|rest| rest.split(',').next())
+        .expect("the banner names the HTTP API")
+        .to_owned();
+    assert_eq!(stdout[0], format!("console: {api}/ui"), "the console first");
+    assert_eq!(
+        stdout.last().map(String::as_str),
+        Some(
+            format!("open the console at {api}/ui to look at the demo's jobs; Ctrl-C stops")
+                .as_str()
+        )
+    );
+    // Still up after the demo: the API answers.
+    let (code, out, err) = spine(&["agents", "--capability", "text.upper", "--api", &api]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        out.lines().filter(|l| l.contains("@localhost/up")).count(),
+        2,
+        "{out}"
+    );
+    let pid = nix::unistd::Pid::from_raw(child.id().unwrap() as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
+    let status = tokio::time::timeout(PATIENCE, child.wait())
+        .await
+        .expect("stops in time")
+        .unwrap();
+    let stdout = stdout.join("\n");
+    assert!(status.success(), "{status}\n{stdout}");
+    assert!(
+        stdout.contains("equal to a single-process count"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("demo finished in"), "{stdout}");
+}
+
 /// Listeners on 127.0.0.1:5222 and :8480 where they are free (where they are not, someone else
 /// holds them, which serves as well).
 fn hold_default_ports() -> Vec<std::net::TcpListener> {
@@ -235,6 +327,14 @@ fn hold_default_ports() -> Vec<std::net::TcpListener> {
         .into_iter()
         .filter_map(|p| std::net::TcpListener::bind(("127.0.0.1", p)).ok())
         .collect()
+}
+
+/// `--stay` means "after the demo": alone it is refused, naming what it needs.
+#[tokio::test]
+async fn stay_without_demo_is_refused() {
+    let (code, _, err) = spine(&["up", "--stay"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--demo"), "{err}");
 }
 
 #[tokio::test]
