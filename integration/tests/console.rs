@@ -353,6 +353,32 @@ async fn login_then_the_fleet_shows_every_agent_as_the_api_does() {
     let Some((farm, b)) = setup().await else {
         return;
     };
+    // Every test here runs the page under the contract's policy: no inline script or style.
+    let shell = farm
+        .http
+        .get(format!("{}/ui", farm.base))
+        .send()
+        .await
+        .expect("GET /ui");
+    assert_eq!(shell.status(), 200);
+    let csp = shell
+        .headers()
+        .get("content-security-policy")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    // The contract's directives, every one (the server may add stricter ones).
+    let directives: Vec<&str> = csp.split(';').map(str::trim).collect();
+    for d in [
+        "default-src 'self'",
+        "img-src 'self' blob: data:",
+        "style-src 'self'",
+        "script-src 'self'",
+        "connect-src 'self'",
+        "frame-ancestors 'none'",
+    ] {
+        assert!(directives.contains(&d), "{d:?} in {csp:?}");
+    }
 
     b.goto(&format!("{}/ui", farm.base)).await;
     b.wait_for(
@@ -701,12 +727,14 @@ async fn a_mapreduce_tree_fills_in_to_succeeded() {
     farm.stop().await;
 }
 
-/// Opens `GET /v1/jobs/events` as `token` and keeps appending what it carries to `seen`
-/// (until the task is aborted or the stream ends).
+/// Opens `GET /v1/jobs/events` as `token`, says so on `open` once the answer's head came, and
+/// keeps appending what the stream carries to `seen` (until the task is aborted or the stream
+/// ends).
 async fn read_events(
     http: reqwest::Client,
     url: String,
     token: &'static str,
+    open: tokio::sync::oneshot::Sender<()>,
     seen: Arc<std::sync::Mutex<String>>,
 ) {
     let mut resp = http
@@ -716,6 +744,7 @@ async fn read_events(
         .await
         .expect("the jobs' event stream");
     assert_eq!(resp.status(), 200, "the jobs' event stream");
+    let _ = open.send(());
     while let Ok(Some(c)) = resp.chunk().await {
         if let Ok(mut s) = seen.lock() {
             s.push_str(&String::from_utf8_lossy(&c));
@@ -733,15 +762,20 @@ async fn a_restricted_token_never_sees_another_tokens_jobs() {
         return;
     };
     let seen = Arc::new(std::sync::Mutex::new(String::new()));
+    let (open, opened) = tokio::sync::oneshot::channel();
     let events = tokio::spawn(read_events(
         farm.http.clone(),
         format!("{}/v1/jobs/events", farm.base),
         BOB,
+        open,
         seen.clone(),
     ));
     let read = || seen.lock().map(|s| s.clone()).unwrap_or_default();
-    // The stream is open (its headers came) before the jobs start.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The stream is open (its head came) before the jobs start.
+    tokio::time::timeout(PATIENCE, opened)
+        .await
+        .expect("bob's event stream opens")
+        .expect("bob's event stream opens");
     // Alice's jobs run while bob listens, and bob's own, so that his stream is seen to work.
     let mut alices = Vec::new();
     for ms in [300, 600, 900] {
@@ -763,8 +797,8 @@ async fn a_restricted_token_never_sees_another_tokens_jobs() {
         let job = farm.wait_final(id).await;
         assert_eq!(job["state"], "succeeded", "{job}");
     }
-    // Bob's own final event shows the stream carries what it should; a second more for
-    // anything of alice's that would trail it.
+    // Bob's own final event shows the stream carries what it should. Alice's jobs ended
+    // before it was looked for; a second more catches an event of hers that would trail it.
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while !(read().contains(&bobs) && read().contains("final")) {
         assert!(
