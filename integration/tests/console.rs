@@ -536,11 +536,8 @@ async fn a_job_page_shows_its_timeline_and_output_image() {
     sign_in(&b, &farm, OPS, "ops").await;
     b.goto(&farm.page(&format!("/jobs/{id}"))).await;
     wait_text(&b, "#job-state", |t| t == "succeeded", "the job's state").await;
-    assert_eq!(
-        b.text("h1").await.contains(&id),
-        true,
-        "the heading names {id}"
-    );
+    let heading = b.text("h1").await;
+    assert!(heading.contains(&id), "the heading {heading:?} names {id}");
     assert_eq!(b.text("#job-capability").await, "image.thumbnail");
     b.wait_for("#timeline li[data-state='succeeded']", PAGE_PATIENCE)
         .await;
