@@ -61,6 +61,15 @@ async fn up_runs_jobs_and_stops_cleanly() {
     .await
     .expect("spine up started");
     assert_eq!(console, format!("console: {api}/ui"));
+    // The console is there: its page, embedded in the binary.
+    let page = reqwest::get(format!("{api}/ui")).await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|t| t.starts_with("text/html")));
+    assert!(page.text().await.unwrap().contains("<main id=\"main\""));
 
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
