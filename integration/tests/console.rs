@@ -853,8 +853,9 @@ async fn a_restricted_token_never_sees_another_tokens_jobs() {
     farm.stop().await;
 }
 
-/// (g) The capabilities page's numbers are the API's: agents, slots, queued, succeeded and
-/// failed per capability, after jobs that succeeded and one that failed.
+/// (g) The capabilities page's numbers are the API's: agents, slots, in flight, queued,
+/// succeeded, failed, retried and the latency percentiles per capability, after jobs that
+/// succeeded and one that failed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_capabilities_page_agrees_with_the_api() {
     let _one = ONE_BROWSER.lock().await;
@@ -892,7 +893,21 @@ async fn the_capabilities_page_agrees_with_the_api() {
     b.goto(&farm.page("/capabilities")).await;
     b.wait_for("tr[data-capability='slow.sleep']", PAGE_PATIENCE)
         .await;
-    let fields = ["agents", "slots", "queued", "succeeded", "failed"];
+    // (cell class, the API's field): counts as the API gives them.
+    let fields = [
+        ("agents", "agents"),
+        ("slots", "slots"),
+        ("in-flight", "in_flight"),
+        ("queued", "queued"),
+        ("succeeded", "succeeded"),
+        ("failed", "failed"),
+        ("retried", "retried"),
+    ];
+    let cells: Vec<&str> = fields
+        .iter()
+        .map(|(cell, _)| *cell)
+        .chain(["p50", "p95", "p99"])
+        .collect();
     // The page refreshes every 2 s: wait for a view that agrees, and say what differed.
     let deadline = tokio::time::Instant::now() + PAGE_PATIENCE;
     loop {
@@ -903,8 +918,11 @@ async fn the_capabilities_page_agrees_with_the_api() {
             .iter()
             .map(|c| {
                 let mut row = json!({"name": c["name"]});
-                for f in fields {
-                    row[f] = Value::String(c[f].to_string());
+                for (cell, field) in fields {
+                    row[cell] = Value::String(c[field].to_string());
+                }
+                for p in ["p50", "p95", "p99"] {
+                    row[p] = c["latency_ms"][p].clone();
                 }
                 row
             })
@@ -917,7 +935,7 @@ async fn the_capabilities_page_agrees_with_the_api() {
                      for (const f of fields) { const td = tr.querySelector("td." + f); row[f] = td ? td.textContent.trim() : null; }
                      return row;
                    });"#,
-                vec![json!(fields)],
+                vec![json!(cells)],
             )
             .await;
         let sorted = |v: Value| {
@@ -925,7 +943,24 @@ async fn the_capabilities_page_agrees_with_the_api() {
             a.sort_by_key(|r| r["name"].to_string());
             a
         };
-        let (shown, expected) = (sorted(shown), sorted(Value::Array(expected)));
+        let (mut shown, expected) = (sorted(shown), sorted(Value::Array(expected)));
+        // Latency is shown to 0.1 ms (JavaScript's rounding of ties), a dash when there is
+        // none: a shown value within half a tenth of the API's is the API's.
+        for (row, api) in shown.iter_mut().zip(&expected) {
+            for p in ["p50", "p95", "p99"] {
+                let text = row[p].as_str().unwrap_or_default().to_owned();
+                let agrees = match api[p].as_f64() {
+                    Some(ms) => text.parse::<f64>().is_ok_and(|v| {
+                        (v - ms).abs() <= 0.05 + 1e-9
+                            && text.split('.').nth(1).map(str::len) == Some(1)
+                    }),
+                    None => text == "–",
+                };
+                if agrees {
+                    row[p] = api[p].clone();
+                }
+            }
+        }
         let slow = expected.iter().find(|r| r["name"] == "slow.sleep");
         assert_eq!(
             slow.map(|r| (r["agents"].clone(), r["succeeded"].clone())),
