@@ -980,6 +980,30 @@ async fn the_capabilities_page_agrees_with_the_api() {
     }
     b.screenshot("capabilities").await;
 
+    // The same jobs on the jobs page, newest first, as `GET /v1/jobs` lists them.
+    b.goto(&farm.page("/jobs")).await;
+    let (_, list) = farm.get(OPS, "/v1/jobs").await;
+    let api_ids: Vec<Value> = list["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .map(|j| j["id"].clone())
+        .collect();
+    assert_eq!(api_ids.len(), ids.len() + 1, "{list}");
+    let shown = b
+        .wait_until(
+            "every job listed",
+            &format!(
+                "const r = Array.from(document.querySelectorAll('tr[data-job]')).map(tr => tr.dataset.job);
+                 return r.length === {} ? r : null;",
+                api_ids.len()
+            ),
+            PAGE_PATIENCE,
+        )
+        .await;
+    assert_eq!(shown, Value::Array(api_ids));
+    b.screenshot("jobs").await;
+
     b.close().await;
     farm.stop().await;
 }
