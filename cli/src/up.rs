@@ -163,7 +163,9 @@ pub fn run(args: UpArgs) -> Result<()> {
         let api = spine_client::Client::new(&format!("http://{http}"), None)?;
         crate::demo::wait_for_agents(&api, n_agents).await?;
         crate::demo::wait_for_capabilities(&api, &extra_caps).await?;
-        let console = console_url(http);
+        // `spine up` serves loopback only (it has no tokens), so this address is one a
+        // browser on this machine opens.
+        let console = format!("http://{http}/ui");
         // First, so that a person (or a script) finds it without reading the rest.
         println!("console: {console}");
         println!("spine up: XMPP server {xmpp} (domain localhost), HTTP API http://{http}, {n_agents} agents with {} slots each", args.slots);
@@ -211,19 +213,6 @@ async fn stop(farm: Farm, temp: Option<tempfile::TempDir>, outcome: Result<()>) 
     farm.stop().await;
     drop(temp);
     outcome
-}
-
-/// The console's URL on the HTTP API bound at `http`: an unspecified address (`0.0.0.0`,
-/// `::`) is shown as loopback, which a browser on this machine can open.
-fn console_url(http: SocketAddr) -> String {
-    let mut at = http;
-    if at.ip().is_unspecified() {
-        at.set_ip(match at {
-            SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-            SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-        });
-    }
-    format!("http://{at}/ui")
 }
 
 /// The accounts of a local farm (a dispatcher and `agents` agents, each with a random password
