@@ -237,7 +237,7 @@ function liveStream(url, handlers, status, onFail) {
       es.close();
       if (stopped) return;
       if (!opened && (await (onFail || probeAccess)())) {
-        setStatus("Stopped", "error");
+        setStatus("Not connected: see the message above", "error");
         return;
       }
       const secs = Math.round(delay / 1000);
@@ -318,9 +318,16 @@ const FLEET_COLUMNS = [
   { key: "last_heard", label: "Last heard", value: (a) => a.last_heard_ms },
 ];
 
+/** Drain and undrain are an operator's (docs/dispatcher.md): others would only meet a 403. */
+function isOperator() {
+  return Boolean(me && (me.tokens === false || (me.all_jobs && (me.capabilities || []).includes("*"))));
+}
+
 function fleetRow(agent) {
   const draining = agent.state === "draining";
-  const action = draining
+  const action = !isOperator()
+    ? "–"
+    : draining
     ? el("button", { type: "button", class: "undrain", text: "Undrain" })
     : el("button", { type: "button", class: "drain", text: "Drain" });
   const mem = agent.mem_used === null || agent.mem_used === undefined
@@ -812,6 +819,15 @@ function pageJob(id) {
       }
     }
   };
+  // A job we may not see (or that does not exist) will not stream either: stop, do not retry.
+  const explain = async () => {
+    try {
+      await api("GET", base);
+      return false;
+    } catch (err) {
+      return [401, 403, 404].includes(err.status);
+    }
+  };
   liveStream(`${base}/events`, {
     state: load,
     final: load,
@@ -824,7 +840,7 @@ function pageJob(id) {
       const p = $("#job-partials");
       if (p) p.textContent = `${state.partials} partial result${state.partials === 1 ? "" : "s"} received`;
     },
-  }, status);
+  }, status, explain);
   // The tree of a running map/reduce job moves without events on the parent: poll it.
   every(1000, () => {
     const job = state.job;
