@@ -79,8 +79,8 @@ function fmtNum(v, digits) {
 
 function fmtAgo(ms) {
   if (ms === null || ms === undefined) return "–";
-  if (ms < 1000) return `${ms} ms ago`;
-  if (ms < 120000) return `${(ms / 1000).toFixed(1)} s ago`;
+  if (ms < 1000) return "just now";
+  if (ms < 120000) return `${Math.round(ms / 1000)} s ago`;
   return `${Math.round(ms / 60000)} min ago`;
 }
 
@@ -315,7 +315,7 @@ const FLEET_COLUMNS = [
   { key: "load", label: "Load", value: (a) => a.load },
   { key: "loadavg", label: "Load avg", value: (a) => a.loadavg },
   { key: "mem", label: "Memory", value: (a) => a.mem_used },
-  { key: "last_heard", label: "Last heard", value: (a) => a.last_heard_ms },
+  { key: "last_heard", label: "Last heard", value: (a) => -a.heard_at },
 ];
 
 /** Drain and undrain are an operator's (docs/dispatcher.md): others would only meet a 403. */
@@ -342,7 +342,7 @@ function fleetRow(agent) {
     el("td", { class: "load num", text: fmtNum(agent.load, 2) }),
     el("td", { class: "loadavg num", text: fmtNum(agent.loadavg, 2) }),
     el("td", { class: "mem", text: mem }),
-    el("td", { class: "last-heard", text: fmtAgo(agent.last_heard_ms) }),
+    el("td", { class: "last-heard", text: fmtAgo(Date.now() - agent.heard_at) }),
     el("td", { class: "caps", text: (agent.capabilities || []).join(", ") }),
     el("td", { class: "attrs", text: attrs || "–" }),
     el("td", { class: "actions" }, action));
@@ -399,16 +399,28 @@ function pageFleet(params) {
     if (!stillOn(token)) return;
     const column = FLEET_COLUMNS.find((c) => c.key === fleet.sort.key);
     const sorted = Array.from(fleet.agents.values()).sort(compareBy(column, fleet.sort.dir));
-    const frag = document.createDocumentFragment();
-    for (const agent of sorted.slice(0, fleet.limit)) {
+    // A changed agent's row is rebuilt; if it held the keyboard focus (a Drain button), the
+    // focus moves to the same place in the new row rather than back to the page's top.
+    const focused = document.activeElement;
+    const focusedRow = focused && tbody.contains(focused) ? focused.closest("tr").dataset.agent : null;
+    const wanted = sorted.slice(0, fleet.limit).map((agent) => {
       let row = fleet.rows.get(agent.jid);
       if (!row) {
         row = fleetRow(agent);
         fleet.rows.set(agent.jid, row);
       }
-      frag.append(row);
+      return row;
+    });
+    // Moving a row blurs it, so rows are only re-inserted when the order or a row changed.
+    const current = tbody.rows;
+    if (wanted.length !== current.length || wanted.some((row, i) => row !== current[i])) {
+      tbody.replaceChildren(...wanted);
     }
-    tbody.replaceChildren(frag);
+    if (focusedRow && document.activeElement !== focused) {
+      const again = fleet.rows.get(focusedRow);
+      const target = again && again.isConnected ? $("button", again) : null;
+      if (target) target.focus();
+    }
     const n = fleet.agents.size;
     count.textContent = `${n} ${n === 1 ? "agent" : "agents"}`;
     count.dataset.count = String(n);
@@ -468,12 +480,24 @@ function pageFleet(params) {
     capSelect.value = wanted;
   }
 
+  // `last_heard_ms` is as of the event; turned into a local time so the cell can keep ageing
+  // between events (an agent that is not in an update did not change, but did age).
   function upsert(agents) {
+    const now = Date.now();
     for (const agent of agents) {
+      agent.heard_at = now - (agent.last_heard_ms || 0);
       fleet.agents.set(agent.jid, agent);
       fleet.rows.delete(agent.jid);
     }
   }
+
+  every(1000, () => {
+    const now = Date.now();
+    for (const row of tbody.rows) {
+      const agent = fleet.agents.get(row.dataset.agent);
+      if (agent) $("td.last-heard", row).textContent = fmtAgo(now - agent.heard_at);
+    }
+  });
 
   const handlers = {
     snapshot(data) {
@@ -568,19 +592,25 @@ function pageFleet(params) {
 async function drainAgent(button, fleet, scheduleRender) {
   const jid = button.closest("tr").dataset.agent;
   const action = button.classList.contains("drain") ? "drain" : "undrain";
-  button.disabled = true;
+  // Not `disabled`: a disabled button drops the keyboard focus, which the new row then could
+  // not take back. A busy mark ignores a second click instead.
+  if (button.getAttribute("aria-busy") === "true") return;
+  button.setAttribute("aria-busy", "true");
   try {
     const agent = await api("POST", `/v1/agents/${encodeURIComponent(jid)}/${action}`, {});
     showAlert("");
-    if (agent && agent.jid && fleet.agents.has(agent.jid)) {
-      fleet.agents.set(agent.jid, { ...fleet.agents.get(agent.jid), ...agent });
-      fleet.rows.delete(agent.jid);
+    // The answer is the agent as GET /v1/agents shows it (attributes shared by its
+    // capabilities, not the fleet's shape): take only its new state; the stream brings the rest.
+    const known = fleet.agents.get(jid);
+    if (agent && agent.state && known) {
+      fleet.agents.set(jid, { ...known, state: agent.state });
+      fleet.rows.delete(jid);
       scheduleRender();
     }
   } catch (err) {
     report(err);
   } finally {
-    button.disabled = false;
+    button.removeAttribute("aria-busy");
   }
 }
 
