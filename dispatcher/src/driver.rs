@@ -304,7 +304,7 @@ impl Driver {
         match cmd {
             Command::Read { query, reply } => {
                 // A dropped reply channel means the HTTP client went away: nothing to do.
-                let _ = reply.send(self.core.query(query));
+                let _ = reply.send(self.core.query(query, now()));
             }
             Command::Change { request, reply } => {
                 self.next_token += 1;

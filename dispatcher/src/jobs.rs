@@ -34,8 +34,8 @@ mod tests;
 pub use body::{BlobAccess, BlobRefused, Body, Kept, MemoryBlobs};
 pub use mapreduce::{Advance, MapReduceState, Straggler, Task};
 pub use record::{
-    backoff_ms, blame, AfterFailure, Duplicate, JobRecord, Recorded, SessionLost, SubmitError,
-    UnknownJob,
+    backoff_ms, blame, AfterFailure, Duplicate, JobRecord, Recorded, SessionLost, Step,
+    SubmitError, UnknownJob, MAX_HISTORY,
 };
 pub use spec::{args_wire_size, serialized_size, JobSpec};
-pub use table::JobTable;
+pub use table::{JobFilter, JobTable, Page};

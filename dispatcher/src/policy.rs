@@ -22,6 +22,11 @@ use crate::error::DispatcherError;
 pub struct Capabilities(Vec<String>);
 
 impl Capabilities {
+    /// The patterns, as configured (`*`, `image.*`, `text.upper`).
+    pub fn patterns(&self) -> &[String] {
+        &self.0
+    }
+
     /// Every capability.
     pub fn all() -> Self {
         Capabilities(vec!["*".into()])

@@ -78,6 +78,9 @@ struct AgentEntry {
     outstanding: HashMap<JobId, CapabilityName>,
     salt: u32,
     key: LoadKey,
+    /// The registry's [`Registry::version`] when this entry last changed (the console's
+    /// fleet stream sends only the agents changed since its last event).
+    stamp: u64,
 }
 
 impl AgentEntry {
@@ -200,6 +203,11 @@ pub struct Registry {
     known: BTreeSet<CapabilityName>,
     /// Capabilities first offered since the last [`Registry::take_learned`], to be stored.
     learned: Vec<CapabilityName>,
+    /// Grows with every change of an agent (see [`Registry::version`]).
+    clock: u64,
+    /// Agents that left, with the version at which they left, oldest first (at most
+    /// [`fleet::GONE_KEPT`]).
+    gone: std::collections::VecDeque<(u64, FullJid)>,
 }
 
 impl Registry {
@@ -264,6 +272,8 @@ impl Registry {
             return;
         };
         a.salt = rng.random();
+        self.clock += 1;
+        a.stamp = self.clock;
         let old = a.key;
         let new = a.compute_key(id);
         a.key = new;
@@ -355,6 +365,7 @@ impl Registry {
             outstanding,
             salt: 0,
             key: (0, 0, 0, id),
+            stamp: 0,
         };
         let cap_names: Vec<CapabilityName> = entry.caps.keys().cloned().collect();
         self.agents[id.0 as usize] = Some(entry);
@@ -367,6 +378,8 @@ impl Registry {
         // Insert into every capability index with a fresh key.
         if let Some(a) = self.agents[id.0 as usize].as_mut() {
             a.salt = rng.random();
+            self.clock += 1;
+            a.stamp = self.clock;
             a.key = a.compute_key(id);
             let key = a.key;
             for cap in a.caps.keys() {
@@ -455,6 +468,11 @@ impl Registry {
             .map(|a| a.outstanding.into_keys().collect())
             .unwrap_or_default();
         self.free_ids.push(id);
+        self.clock += 1;
+        self.gone.push_back((self.clock, jid.clone()));
+        if self.gone.len() > fleet::GONE_KEPT {
+            self.gone.pop_front();
+        }
         lost
     }
 
@@ -468,6 +486,8 @@ impl Registry {
                 && now.saturating_duration_since(a.last_seen) > a.heartbeat * MISSED_HEARTBEATS
             {
                 a.suspect = true;
+                self.clock += 1;
+                a.stamp = self.clock;
                 out.push(a.jid.clone());
             }
         }
@@ -475,9 +495,11 @@ impl Registry {
     }
 }
 
+mod fleet;
 mod known;
 mod operator;
 mod pick;
 
+pub use fleet::{FleetAgent, FleetChanges, FleetView};
 pub use known::submission_steps;
 pub use operator::Unresolved;

@@ -13,7 +13,7 @@ use serde_json::Value;
 use spine_protocol::{AgentInfo, AttrName, CapabilityName, Filter, JobId, JobState, SpineError};
 use tokio::sync::oneshot;
 
-use crate::jobs::{JobRecord, JobSpec};
+use crate::jobs::{JobFilter, JobRecord, JobSpec};
 use crate::policy::Capabilities;
 
 /// A request that changes jobs: answered after the changes it made are stored.
@@ -96,13 +96,47 @@ pub(crate) enum Query {
         limit: Option<usize>,
     },
     Capabilities,
+    /// A page of jobs ([`crate::jobs::JobTable::find`]).
     List {
-        state: Option<JobState>,
-        /// Only this submitter's jobs.
-        submitter: Option<String>,
+        filter: JobFilter,
+        /// After the job with this (accepted, order).
+        before: Option<(u64, u64)>,
         limit: usize,
     },
     Metrics,
+    /// The fleet (every agent of the view), or what changed in it since a version.
+    Fleet {
+        capability: Option<CapabilityName>,
+        filter: Option<Filter>,
+        /// The capabilities the reader may see.
+        visible: Capabilities,
+        since: Option<u64>,
+    },
+    /// A job's tree of steps.
+    Tree {
+        id: JobId,
+    },
+}
+
+/// A capability as the console's capabilities page shows it.
+#[derive(Debug)]
+pub(crate) struct CapabilityStats {
+    pub name: CapabilityName,
+    pub agents: u64,
+    pub queued: u64,
+    pub slots: u64,
+    pub in_flight: u64,
+    pub window: super::recent::Window,
+}
+
+/// The fleet, or what changed in it, with every visible capability's load.
+#[derive(Debug)]
+pub(crate) struct FleetAnswer {
+    pub changes: crate::registry::FleetChanges,
+    /// (name, agents, slots, in-flight, queued).
+    pub capabilities: Vec<(CapabilityName, u64, u64, u64, u64)>,
+    /// When (ms since the UNIX epoch).
+    pub at_ms: u64,
 }
 
 /// The answer to a [`Query`].
@@ -110,10 +144,16 @@ pub(crate) enum Query {
 pub(crate) enum Answer {
     Job(Option<Box<JobRecord>>),
     Agents(Vec<AgentInfo>),
-    /// Each capability with its registered agents and queued jobs.
-    Capabilities(Vec<(CapabilityName, usize, usize)>),
-    Jobs(Vec<JobRecord>),
+    /// Each capability offered or queued, with its agents, queue and last minutes.
+    Capabilities(Vec<CapabilityStats>),
+    /// A page of jobs and where the next starts.
+    Jobs {
+        jobs: Vec<JobRecord>,
+        next: Option<(u64, u64)>,
+    },
     Metrics(String),
+    Fleet(Box<FleetAnswer>),
+    Tree(Option<super::tree::TreeView>),
 }
 
 /// A request from an HTTP handler to the driver, with where its answer goes.
@@ -159,6 +199,9 @@ impl EventKind {
 pub struct JobEvent {
     /// The job.
     pub job: JobId,
+    /// Who submitted it (event streams of many jobs show each reader only its own).
+    #[serde(skip)]
+    pub submitter: String,
     /// What happened.
     pub kind: EventKind,
     /// Event data (JSON).

@@ -31,11 +31,13 @@ pub(crate) mod outcomes;
 pub(crate) mod payloads;
 pub(crate) mod place;
 mod rates;
+pub(crate) mod recent;
 pub(crate) mod requests;
 mod stats;
 pub(crate) mod submit;
 #[cfg(test)]
 mod tests;
+pub(crate) mod tree;
 pub(crate) mod views;
 
 use std::cmp::Reverse;
@@ -55,10 +57,15 @@ use crate::jobs::{BlobAccess, JobRecord, JobTable};
 use crate::policy::Policy;
 use crate::registry::Registry;
 
-pub(crate) use api::{Answer, ApiReply, ApiRequest, ApiToken, Command, Query};
+pub(crate) use api::{
+    Answer, ApiReply, ApiRequest, ApiToken, CapabilityStats, Command, FleetAnswer, Query,
+};
 pub use api::{EventKind, JobEvent};
 use requests::Requests;
-pub use views::{job_json, FailureView, JobStateName, JobView, MapReduceView, ResultView};
+pub use views::{
+    job_json, rfc3339_ms, FailureView, InputView, JobStateName, JobView, MapReduceView, ResultView,
+    StepView,
+};
 
 /// Incomplete blobs are dropped this long after their last chunk.
 const BLOB_IDLE_TTL: Duration = Duration::from_secs(300);
@@ -354,6 +361,7 @@ impl Core {
             self.check_silent(now);
             self.speculate(now);
             self.rates.forget_full(now.mono);
+            self.sample_capabilities(now);
         }
         for agent in self.requests.overdue_pings(now.mono) {
             self.agent_gone(&agent, "no answer to a ping", now);
@@ -443,8 +451,14 @@ impl Core {
 
     /// Queues an event for the HTTP event streams.
     fn publish(&mut self, job: &JobId, kind: EventKind, data: serde_json::Value) {
+        let submitter = self
+            .jobs
+            .get(job)
+            .map(|j| j.spec.submitter.clone())
+            .unwrap_or_default();
         self.ready.events.push(JobEvent {
             job: job.clone(),
+            submitter,
             kind,
             data,
         });

@@ -245,7 +245,7 @@ impl Core {
             info!(job = %s.job, %state, "job ended: {e}");
         }
         if let (Settled::Retry(_), Some(j)) = (how, self.jobs.get(&s.job)) {
-            self.stats.retried(&j.spec.capability);
+            self.stats.retried(&j.spec.capability, now.ms);
         }
         self.settle(&s.job, Some(&s.agent), how, now);
     }

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
-use spine_protocol::{CapabilityName, Condition};
+use spine_protocol::{CapabilityName, Condition, JobState};
 
 use super::{Histogram, BUCKETS};
 use crate::jobs::JobRecord;
@@ -24,6 +24,8 @@ pub(crate) struct Stats {
     duplicates: BTreeMap<CapabilityName, u64>,
     dispatch: BTreeMap<CapabilityName, Histogram>,
     end_to_end: BTreeMap<CapabilityName, Histogram>,
+    /// The last minutes, for the console (`GET /v1/capabilities`).
+    pub(super) recent: super::recent::Recent,
 }
 
 fn bump<K: Ord>(m: &mut BTreeMap<K, u64>, k: K) {
@@ -39,8 +41,9 @@ impl Stats {
         bump(&mut self.refused, (cap.clone(), why.to_string()));
     }
 
-    pub(super) fn retried(&mut self, cap: &CapabilityName) {
+    pub(super) fn retried(&mut self, cap: &CapabilityName, now_ms: u64) {
         bump(&mut self.retried, cap.clone());
+        self.recent.retried(cap, now_ms);
     }
 
     pub(super) fn duplicate(&mut self, cap: &CapabilityName) {
@@ -56,7 +59,13 @@ impl Stats {
     pub(super) fn ended(&mut self, rec: &JobRecord, now_ms: u64) {
         let cap = &rec.spec.capability;
         bump(&mut self.ended, (cap.clone(), rec.state.as_str()));
-        let secs = now_ms.saturating_sub(rec.accepted_ms) as f64 / 1000.0;
+        let ms = now_ms.saturating_sub(rec.accepted_ms);
+        match rec.state {
+            JobState::Succeeded => self.recent.ended(cap, Some(ms), now_ms),
+            JobState::Failed | JobState::TimedOut => self.recent.ended(cap, None, now_ms),
+            _ => {}
+        }
+        let secs = ms as f64 / 1000.0;
         self.end_to_end
             .entry(cap.clone())
             .or_default()

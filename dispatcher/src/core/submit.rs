@@ -55,7 +55,7 @@ impl Core {
     }
 
     /// A read, answered at once from the core's state.
-    pub(crate) fn query(&self, q: Query) -> Answer {
+    pub(crate) fn query(&self, q: Query, now: Now) -> Answer {
         match q {
             Query::Get { id } => Answer::Job(self.jobs.get(&id).cloned().map(Box::new)),
             Query::Agents {
@@ -69,29 +69,47 @@ impl Core {
                 sort.as_ref(),
                 limit,
             )),
-            Query::Capabilities => {
-                let mut caps: std::collections::BTreeMap<_, (usize, usize)> = self
-                    .registry
-                    .capabilities()
-                    .into_iter()
-                    .map(|(c, n)| (c, (n, 0)))
-                    .collect();
-                for c in self.jobs.queued_capabilities() {
-                    caps.entry(c.clone()).or_default().1 = self.jobs.queued(&c);
-                }
-                Answer::Capabilities(caps.into_iter().map(|(c, (a, q))| (c, a, q)).collect())
-            }
+            Query::Capabilities => Answer::Capabilities(self.capability_stats(now)),
             Query::List {
-                state,
-                submitter,
+                filter,
+                before,
                 limit,
-            } => Answer::Jobs(
-                self.jobs
-                    .page(state, submitter.as_deref(), None, limit)
+            } => {
+                // At most this many records are looked at per page (see JobTable::find).
+                const BUDGET: usize = 20_000;
+                let page = self.jobs.find(&filter, before, limit, BUDGET);
+                Answer::Jobs {
+                    jobs: page.jobs.into_iter().cloned().collect(),
+                    next: page.next,
+                }
+            }
+            Query::Fleet {
+                capability,
+                filter,
+                visible,
+                since,
+            } => {
+                let see = |c: &spine_protocol::CapabilityName| visible.allows(c);
+                let view = crate::registry::FleetView {
+                    capability: capability.as_ref(),
+                    filter: filter.as_ref(),
+                    visible: &see,
+                };
+                let changes = self.registry.fleet(&view, since, now.mono);
+                let capabilities = self
+                    .capability_loads()
                     .into_iter()
-                    .cloned()
-                    .collect(),
-            ),
+                    .filter(|(c, ..)| visible.allows(c))
+                    .collect();
+                Answer::Fleet(Box::new(super::FleetAnswer {
+                    changes,
+                    capabilities,
+                    at_ms: now.ms,
+                }))
+            }
+            Query::Tree { id } => {
+                Answer::Tree(self.jobs.get(&id).map(|p| super::tree::tree(&self.jobs, p)))
+            }
             Query::Metrics => Answer::Metrics(self.metrics()),
         }
     }

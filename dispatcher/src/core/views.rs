@@ -93,6 +93,31 @@ pub struct JobView {
     pub percent: Option<u8>,
     /// Who submitted it: `http:NAME` over HTTP (the token's name), the bare JID over XMPP.
     pub submitter: String,
+    /// Its placement priority (higher first).
+    pub priority: i64,
+    /// Its arguments (not in listings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub args: Option<serde_json::Map<String, Value>>,
+    /// Its input: size and type (the bytes are the agent's; not in listings).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input: Option<InputView>,
+    /// When it was accepted (RFC 3339, UTC).
+    #[schema(example = "2026-11-26T09:30:00.000Z")]
+    pub accepted_at: String,
+    /// When it last changed.
+    pub updated_at: String,
+    /// When its current or last attempt was sent to an agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dispatched_at: Option<String>,
+    /// When it ended (a final job's last change).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ended_at: Option<String>,
+    /// The timeline of its life, oldest first (not in listings): every change of state, each
+    /// dispatch with its agent and attempt, retries with why, the outcome. The first step and
+    /// the newest 47 are kept.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<StepView>,
     /// A delayed job: when it may start (RFC 3339, UTC). It is `accepted` until then.
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schema(example = "2026-11-26T18:00:00.000Z")]
@@ -125,6 +150,39 @@ pub struct JobView {
     /// Why the job failed, was cancelled or timed out.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<FailureView>,
+}
+
+/// A job's input as its page shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct InputView {
+    /// Its length in bytes (a fragment list's own length for a map/reduce job).
+    pub size: u64,
+    /// Its type, when the submitter gave one.
+    pub mime: Option<String>,
+}
+
+/// One step of a job's life (`history`).
+#[derive(Debug, Serialize, ToSchema)]
+#[schema(as = JobStep)]
+pub struct StepView {
+    /// When (RFC 3339, UTC).
+    pub at: String,
+    /// The state the job entered (or kept, for a note).
+    #[schema(value_type = JobStateName)]
+    pub state: JobState,
+    /// The attempt at that point (0 before the first dispatch).
+    pub attempt: u64,
+    /// The agent of the attempt, once dispatched.
+    #[schema(value_type = Option<String>)]
+    pub agent: Option<FullJid>,
+    /// Why: a retry's failure, a busy agent, the outcome's message.
+    pub note: Option<String>,
+}
+
+/// `ms` since the UNIX epoch as RFC 3339 (UTC, milliseconds).
+pub fn rfc3339_ms(ms: u64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    humantime::format_rfc3339_millis(t).to_string()
 }
 
 // A schema only, for `spine_protocol::JobState` (a unit test checks the two agree).
@@ -214,10 +272,28 @@ impl JobView {
             agent: j.agent.clone(),
             percent: j.percent,
             submitter: j.spec.submitter.clone(),
-            not_before: j.spec.not_before_ms.map(|ms| {
-                let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
-                humantime::format_rfc3339_millis(t).to_string()
+            priority: j.spec.priority,
+            args: Some(j.spec.args.clone()),
+            input: (!j.spec.input.is_empty()).then(|| InputView {
+                size: j.spec.input.len(),
+                mime: j.spec.input_mime.clone(),
             }),
+            accepted_at: rfc3339_ms(j.accepted_ms),
+            updated_at: rfc3339_ms(j.updated_ms),
+            dispatched_at: (j.dispatched_ms > 0).then(|| rfc3339_ms(j.dispatched_ms)),
+            ended_at: j.state.is_final().then(|| rfc3339_ms(j.updated_ms)),
+            history: j
+                .history
+                .iter()
+                .map(|st| StepView {
+                    at: rfc3339_ms(st.at_ms),
+                    state: st.state,
+                    attempt: st.attempt,
+                    agent: st.agent.clone(),
+                    note: st.note.clone(),
+                })
+                .collect(),
+            not_before: j.spec.not_before_ms.map(rfc3339_ms),
             children: j.children.clone(),
             parent: j.spec.parent.clone(),
             reduce: mr.map(|m| m.reduce.clone()),

@@ -86,7 +86,100 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
-fn authenticate(h: &Handle, headers: &HeaderMap, peer: SocketAddr) -> Result<Caller, ApiError> {
+/// The console's cookie holding the token (HTTP-only: the page's script never sees it).
+pub(super) const TOKEN_COOKIE: &str = "spine_token";
+/// The console's CSRF cookie: the page echoes its value in [`CSRF_HEADER`] on every change,
+/// which a page of another site cannot read nor send.
+pub(super) const CSRF_COOKIE: &str = "spine_csrf";
+/// The header a cookie-authenticated change must carry.
+pub(super) const CSRF_HEADER: &str = "x-spine-csrf";
+
+/// A `Set-Cookie` value for the console: path `/`, `SameSite=Strict` (a page of another site
+/// never sends it), HTTP-only for the token, `Secure` when the API is served over HTTPS.
+pub(super) fn cookie(name: &str, value: &str, http_only: bool, secure: bool) -> String {
+    let mut c = format!("{name}={value}; Path=/; SameSite=Strict");
+    if http_only {
+        c.push_str("; HttpOnly");
+    }
+    if secure {
+        c.push_str("; Secure");
+    }
+    c
+}
+
+/// A token as a cookie value (base64url: a token may hold characters a cookie may not).
+pub(super) fn encode_cookie(token: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token)
+}
+
+fn decode_cookie(v: &str) -> Option<String> {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(v)
+        .ok()?;
+    String::from_utf8(bytes).ok()
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(axum::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|kv| kv.trim().split_once('='))
+        .find(|(k, _)| *k == name)
+        .map(|(_, v)| v)
+}
+
+/// Refuses a change a page of another site (or another port of this host) asked for: the
+/// browser says so in `Sec-Fetch-Site`. Without tokens the API trusts loopback clients, and a
+/// page in the operator's browser is one; API clients (curl, the client libraries) send no
+/// such header.
+pub(super) fn check_same_origin(headers: &HeaderMap) -> Result<(), ApiError> {
+    match headers.get("sec-fetch-site").and_then(|v| v.to_str().ok()) {
+        Some("cross-site") | Some("same-site") => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "cross-origin",
+            "a page of another origin may not change anything here (Sec-Fetch-Site)",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// The configured token equal to `given`, compared by SHA-256 digests, every byte of every
+/// token: timing says nothing about which prefix matched nor how long the configured tokens
+/// are.
+pub(super) fn find_token<'a>(
+    h: &'a Handle,
+    given: &str,
+) -> Option<&'a (crate::policy::HttpToken, Grant)> {
+    use sha2::Digest as _;
+    let given = sha2::Sha256::digest(given.as_bytes());
+    let mut found = None;
+    for entry in h.tokens.iter() {
+        let same = sha2::Sha256::digest(entry.0.token.as_bytes())
+            .iter()
+            .zip(given.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+        if same {
+            found = Some(entry);
+        }
+    }
+    found
+}
+
+fn authenticate(
+    h: &Handle,
+    method: &Method,
+    headers: &HeaderMap,
+    peer: SocketAddr,
+) -> Result<Caller, ApiError> {
+    if method != Method::GET && method != Method::HEAD {
+        check_same_origin(headers)?;
+    }
     if h.tokens.is_empty() {
         if is_loopback(peer) {
             // Without tokens the API is the local operator's: everything, every job.
@@ -105,33 +198,38 @@ fn authenticate(h: &Handle, headers: &HeaderMap, peer: SocketAddr) -> Result<Cal
             "no API tokens are configured: only loopback clients are served",
         ));
     }
-    let given = headers
+    let bearer = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "not-authorized",
-                "missing 'Authorization: Bearer <token>'",
-            )
-        })?;
-    // Compare SHA-256 digests, every byte of every token: timing says nothing about which
-    // prefix matched nor how long the configured tokens are.
-    use sha2::Digest as _;
-    let given = sha2::Sha256::digest(given.as_bytes());
-    let mut found = None;
-    for (t, grant) in h.tokens.iter() {
-        let same = sha2::Sha256::digest(t.token.as_bytes())
-            .iter()
-            .zip(given.iter())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-        if same {
-            found = Some((t, grant));
+        .map(str::to_owned);
+    let given = match bearer {
+        Some(b) => b,
+        None => {
+            // The console's cookie, and for a change the CSRF header that proves the page
+            // that sent it is the console's own.
+            let Some(token) = cookie_value(headers, TOKEN_COOKIE).and_then(decode_cookie) else {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "not-authorized",
+                    "missing 'Authorization: Bearer <token>' (or sign in to the console at /ui)",
+                ));
+            };
+            if method != Method::GET && method != Method::HEAD {
+                let want = cookie_value(headers, CSRF_COOKIE);
+                let got = headers.get(CSRF_HEADER).and_then(|v| v.to_str().ok());
+                if want.is_none() || want != got {
+                    return Err(ApiError::new(
+                        StatusCode::FORBIDDEN,
+                        "csrf",
+                        "a change signed in by the console's cookie needs the X-Spine-CSRF header equal to the spine_csrf cookie",
+                    ));
+                }
+            }
+            token
         }
-    }
-    let (t, grant) = found.ok_or_else(|| {
+    };
+    let (t, grant) = find_token(h, &given).ok_or_else(|| {
         ApiError::new(StatusCode::UNAUTHORIZED, "not-authorized", "unknown token")
     })?;
     Ok(Caller {
@@ -183,7 +281,7 @@ pub(super) async fn admit(State(h): State<Handle>, mut req: Request, next: Next)
         )
         .into_response();
     };
-    let caller = match authenticate(&h, req.headers(), peer) {
+    let caller = match authenticate(&h, req.method(), req.headers(), peer) {
         Ok(c) => c,
         Err(e) => return e.into_response(),
     };

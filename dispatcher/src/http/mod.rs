@@ -15,6 +15,7 @@
 //! a set of capabilities. With no token configured the API serves loopback clients only.
 
 mod auth;
+mod console;
 mod data;
 mod drain;
 mod error;
@@ -75,6 +76,8 @@ pub(crate) struct Handle {
     pub(crate) data: Option<DataHandle>,
     /// Requests waiting for jobs to end (`?wait=`).
     waiters: Arc<wait::Waiters>,
+    /// Served over HTTPS (the console's cookies are `Secure`).
+    pub(crate) https: bool,
 }
 
 impl Handle {
@@ -99,6 +102,7 @@ impl Handle {
             conns: Arc::default(),
             data: None,
             waiters: Arc::default(),
+            https: cfg.http_tls_cert.is_some(),
         }
     }
 

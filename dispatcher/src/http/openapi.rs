@@ -135,6 +135,8 @@ pub struct BatchAnswer {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct JobList {
     pub jobs: Vec<JobView>,
+    /// The cursor of the next page (pass it as `before`), when there may be more.
+    pub next: Option<String>,
 }
 
 /// An agent, as `GET /v1/agents` shows it.
@@ -206,6 +208,49 @@ pub struct CapabilityView {
     pub agents: u64,
     /// Jobs waiting for a slot.
     pub queued: u64,
+    /// Its agents' slots for it.
+    pub slots: u64,
+    /// Its jobs running on its agents now (effective in-flight, as placement counts them).
+    pub in_flight: u64,
+    /// The seconds the counts and latencies below cover (the last five minutes).
+    pub window_s: u64,
+    /// Jobs that succeeded in the window.
+    pub succeeded: u64,
+    /// Jobs that failed or timed out in the window.
+    pub failed: u64,
+    /// Attempts that failed and were retried in the window.
+    pub retried: u64,
+    /// Jobs ended per minute over the window.
+    pub per_minute: f64,
+    /// Acceptance to end of the jobs that succeeded in the window, in milliseconds.
+    pub latency_ms: Option<crate::core::recent::Percentiles>,
+    /// Its load every 5 s over the last 10 minutes, oldest first.
+    pub samples: Vec<crate::core::recent::Sample>,
+}
+
+impl CapabilityView {
+    /// The view of `c`.
+    pub(crate) fn of(c: crate::core::CapabilityStats) -> CapabilityView {
+        let w = c.window;
+        CapabilityView {
+            name: c.name,
+            agents: c.agents,
+            queued: c.queued,
+            slots: c.slots,
+            in_flight: c.in_flight,
+            window_s: crate::core::recent::WINDOW_S,
+            succeeded: w.succeeded,
+            failed: w.failed,
+            retried: w.retried,
+            per_minute: ((w.succeeded + w.failed) as f64 * 60.0
+                / crate::core::recent::WINDOW_S as f64
+                * 10.0)
+                .round()
+                / 10.0,
+            latency_ms: w.latency_ms,
+            samples: w.samples,
+        }
+    }
 }
 
 /// `GET /v1/capabilities`'s answer.
@@ -238,12 +283,18 @@ pub struct BlobStored {
         super::routes::get_job,
         super::routes::cancel_job,
         super::routes::events,
+        super::console::jobs_events,
+        super::console::tree,
+        super::console::retry,
         super::data::get_output,
         super::data::put_blob,
         super::routes::agents,
         super::drain::drain,
         super::drain::undrain,
         super::routes::capabilities,
+        super::console::fleet,
+        super::console::fleet_events,
+        super::console::whoami,
         super::routes::metrics,
         super::routes::healthz,
         super::routes::openapi_json,
@@ -252,6 +303,11 @@ pub struct BlobStored {
         JobView, JobStateName, MapReduceView, ResultView, FailureView, Submitted, ErrorBody,
         BatchRequest, BatchItem, BatchAnswer, SubmitAnswer, JobList, AgentView, AgentList, CapabilityView,
         CapabilityList, BlobStored, SubmitRequest, Fragment, super::drain::StateBody,
+        crate::core::InputView, crate::core::StepView, crate::core::recent::Sample,
+        crate::core::recent::Percentiles, crate::core::tree::TreeView, crate::core::tree::LevelView,
+        crate::core::tree::StepBox, crate::core::tree::CopyView, crate::registry::FleetAgent,
+        super::console::Fleet, super::console::FleetCapability, super::console::Retried,
+        super::console::WhoAmI,
     )),
     modifiers(&Tokens),
     security(("token" = [])),

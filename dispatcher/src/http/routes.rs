@@ -22,6 +22,7 @@ use tokio::sync::{broadcast, mpsc, oneshot};
 use tracing::debug;
 
 use super::auth::{admit, read_body, Caller};
+use super::console;
 use super::data;
 use super::error::ApiError;
 use super::openapi::{
@@ -46,7 +47,7 @@ pub(super) async fn change(h: &Handle, request: ApiRequest) -> Result<ApiReply, 
 }
 
 /// Asks the driver for a read (answered at once).
-async fn read(h: &Handle, query: Lookup) -> Result<Answer, ApiError> {
+pub(super) async fn read(h: &Handle, query: Lookup) -> Result<Answer, ApiError> {
     let (reply, rx) = oneshot::channel();
     h.tx.send(Command::Read { query, reply })
         .await
@@ -494,7 +495,7 @@ pub(super) async fn events(
 }
 
 /// A stream fed by a task through a small channel.
-fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<SseEvent, Infallible>>
+pub(super) fn async_stream<F, Fut>(f: F) -> impl Stream<Item = Result<SseEvent, Infallible>>
 where
     F: FnOnce(mpsc::Sender<SseEvent>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
@@ -511,18 +512,59 @@ where
 #[serde(deny_unknown_fields)]
 pub(super) struct ListQuery {
     state: Option<String>,
+    capability: Option<String>,
+    submitter: Option<String>,
+    agent: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    before: Option<String>,
     limit: Option<usize>,
+}
+
+/// A time bound of a listing: RFC 3339, or ms since the UNIX epoch.
+fn time_param(field: &str, v: &str) -> Result<u64, ApiError> {
+    if let Ok(ms) = v.parse::<u64>() {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(v)
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as u64)
+        .ok_or_else(|| {
+            ApiError::field(
+                field,
+                format!("'{v}' is not a time: give RFC 3339 (2026-11-26T09:30:00Z) or ms since the UNIX epoch"),
+            )
+        })
+}
+
+/// A listing cursor: `ACCEPTED_MS.ORDER`, as `next` gave it.
+fn cursor(v: &str) -> Result<(u64, u64), ApiError> {
+    v.split_once('.')
+        .and_then(|(a, s)| Some((a.parse().ok()?, s.parse().ok()?)))
+        .ok_or_else(|| {
+            ApiError::field(
+                "before",
+                format!("'{v}' is not a cursor: pass back the `next` of the previous page"),
+            )
+        })
 }
 
 #[utoipa::path(
     get, path = "/v1/jobs", tag = "jobs",
-    summary = "The newest jobs (the caller's own, unless its token has all_jobs)",
+    summary = "A page of jobs, newest first (the caller's own, unless its token has all_jobs)",
     params(
         ("state" = Option<JobStateName>, Query, description = "Only jobs in this state"),
+        ("capability" = Option<String>, Query, description = "Only jobs of this capability"),
+        ("submitter" = Option<String>, Query, description = "Only jobs of this submitter (tokens with all_jobs; others see their own)"),
+        ("agent" = Option<String>, Query, description = "Only jobs whose current or last agent is this one (a full JID, or a bare JID for every agent on it)"),
+        ("since" = Option<String>, Query, description = "Accepted at or after (RFC 3339, or ms since the UNIX epoch)"),
+        ("until" = Option<String>, Query, description = "Accepted at or before"),
+        ("before" = Option<String>, Query, description = "The `next` of the previous page"),
         ("limit" = Option<usize>, Query, description = "At most this many (default 100, at most 10000)"),
     ),
     responses(
-        (status = 200, description = "The jobs, newest first, without outputs", body = JobList),
+        (status = 200, description = "The jobs, newest first, without outputs, and the next page's cursor", body = JobList),
         Refusals,
     ),
 )]
@@ -533,25 +575,51 @@ pub(super) async fn list_jobs(
 ) -> Result<Json<JobList>, ApiError> {
     let Query(q) =
         q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e.body_text()))?;
-    let state = match q.state {
+    let state = match q.state.filter(|s| !s.is_empty()) {
         None => None,
         Some(s) => Some(
             s.parse::<JobState>()
                 .map_err(|e| ApiError::field("state", e))?,
         ),
     };
-    let limit = q.limit.unwrap_or(100).min(10_000);
-    let query = Lookup::List {
+    let capability = match q.capability.filter(|s| !s.is_empty()) {
+        None => None,
+        Some(c) => Some(
+            c.parse::<CapabilityName>()
+                .map_err(|e: String| ApiError::field("capability", e))?,
+        ),
+    };
+    let nonempty = |v: Option<String>| v.filter(|s| !s.is_empty());
+    let filter = crate::jobs::JobFilter {
         state,
         // Without all_jobs a token lists its own jobs only.
-        submitter: (!caller.grant.all_jobs).then(|| caller.submitter()),
+        submitter: if caller.grant.all_jobs {
+            nonempty(q.submitter)
+        } else {
+            Some(caller.submitter())
+        },
+        capability,
+        agent: nonempty(q.agent),
+        since_ms: nonempty(q.since)
+            .map(|v| time_param("since", &v))
+            .transpose()?,
+        until_ms: nonempty(q.until)
+            .map(|v| time_param("until", &v))
+            .transpose()?,
+    };
+    let before = nonempty(q.before).map(|v| cursor(&v)).transpose()?;
+    let limit = q.limit.unwrap_or(100).min(10_000);
+    let query = Lookup::List {
+        filter,
+        before,
         limit,
     };
-    let Answer::Jobs(jobs) = read(&h, query).await? else {
+    let Answer::Jobs { jobs, next } = read(&h, query).await? else {
         return Err(mismatch());
     };
     Ok(Json(JobList {
         jobs: jobs.iter().map(job_listed).collect(),
+        next: next.map(|(at, seq)| format!("{at}.{seq}")),
     }))
 }
 
@@ -624,7 +692,7 @@ pub(super) async fn agents(
 /// not learn what else the bus offers).
 #[utoipa::path(
     get, path = "/v1/capabilities", tag = "fleet",
-    summary = "The capabilities the caller may run, with their agents and queues",
+    summary = "The capabilities the caller may run, with their agents, queues and last minutes",
     responses(
         (status = 200, description = "The capabilities", body = CapabilityList),
         Refusals,
@@ -639,12 +707,8 @@ pub(super) async fn capabilities(
     };
     let capabilities = list
         .into_iter()
-        .filter(|(c, _, _)| caller.may_run(c))
-        .map(|(name, agents, queued)| CapabilityView {
-            name,
-            agents: agents as u64,
-            queued: queued as u64,
-        })
+        .filter(|c| caller.may_run(&c.name))
+        .map(CapabilityView::of)
         .collect();
     Ok(Json(CapabilityList { capabilities }))
 }
@@ -755,9 +819,22 @@ pub(crate) fn router(h: Handle) -> Router {
             axum::routing::post(super::drain::undrain),
         )
         .route("/v1/capabilities", get(capabilities))
+        .route("/v1/fleet", get(console::fleet))
+        .route("/v1/fleet/events", get(console::fleet_events))
+        .route("/v1/jobs/events", get(console::jobs_events))
+        .route("/v1/jobs/{id}/tree", get(console::tree))
+        .route("/v1/jobs/{id}/retry", axum::routing::post(console::retry))
+        .route("/v1/whoami", get(console::whoami))
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(h.clone(), admit))
         .route("/healthz", get(healthz))
+        .route("/", get(console::root))
+        .route("/ui", get(console::index))
+        .route("/ui/", get(console::index))
+        .route("/ui/console.js", get(console::script))
+        .route("/ui/console.css", get(console::style))
+        .route("/ui/login", axum::routing::post(console::login))
+        .route("/ui/logout", axum::routing::post(console::logout))
         .route("/v1/openapi.json", get(openapi_json))
         // Signed URLs are their own credential (PROTOCOL.md §13.4): no token.
         .route("/v1/blobs/{sha256}", get(data::fetch_blob))

@@ -181,6 +181,7 @@ mod tests {
         events
             .send(JobEvent {
                 job: a.clone(),
+                submitter: "http:web".into(),
                 kind: EventKind::Progress,
                 data: serde_json::json!({"state": "running"}),
             })
@@ -188,6 +189,7 @@ mod tests {
         events
             .send(JobEvent {
                 job: a.clone(),
+                submitter: "http:web".into(),
                 kind: EventKind::Final,
                 data: serde_json::json!({"state": "succeeded"}),
             })

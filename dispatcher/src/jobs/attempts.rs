@@ -163,7 +163,22 @@ impl JobTable {
         })??;
         let (state, condition, message) = match ending {
             Ok(end) => end,
-            Err(retry) => return Some(retry),
+            Err(retry) => {
+                let on = agent.map_or_else(String::new, |a| format!(" on {a}"));
+                let why = match error {
+                    Some(e) => format!(
+                        "attempt failed{on}: {}{}; retrying",
+                        e.condition,
+                        e.text
+                            .as_deref()
+                            .map(|t| format!(": {t}"))
+                            .unwrap_or_default()
+                    ),
+                    None => format!("the agent was lost{on}; retrying"),
+                };
+                self.update(id, |j| j.note(why));
+                return Some(retry);
+            }
         };
         // The agent's `field` (the argument it refused) goes with the job's outcome.
         let field = error.and_then(|e| e.field.clone());
@@ -209,17 +224,28 @@ impl JobTable {
     /// The agent refused the attempt without running it (`busy`, `draining`): queue the job
     /// again without counting the attempt or excluding the agent; it was only unlucky timing.
     pub fn refused(&mut self, id: &JobId, now_ms: u64) -> bool {
-        self.update(id, |j| {
-            if !matches!(j.state, JobState::Dispatched | JobState::Running) {
-                return false;
-            }
-            j.state = JobState::Queued;
-            j.attempts = j.attempts.saturating_sub(1);
-            j.not_before_ms = now_ms + 50;
-            j.updated_ms = now_ms;
-            true
-        })
-        .unwrap_or(false)
+        let refused = self
+            .update(id, |j| {
+                if !matches!(j.state, JobState::Dispatched | JobState::Running) {
+                    return false;
+                }
+                j.state = JobState::Queued;
+                j.attempts = j.attempts.saturating_sub(1);
+                j.not_before_ms = now_ms + 50;
+                j.updated_ms = now_ms;
+                true
+            })
+            .unwrap_or(false);
+        if refused {
+            self.update(id, |j| {
+                let who = j
+                    .agent
+                    .as_ref()
+                    .map_or("the agent".into(), |a| a.to_string());
+                j.note(format!("{who} was busy or draining: placed again"));
+            });
+        }
+        refused
     }
 
     /// Cancels a job. Returns the agent running it (to send `<cancel/>` to), if any.

@@ -104,6 +104,17 @@ impl Keys {
     }
 }
 
+/// Which listing sets a walk reads.
+#[derive(Debug, Clone, Copy)]
+pub(super) enum Family<'a> {
+    /// Every job.
+    All,
+    /// One submitter's jobs.
+    Submitter(&'a str),
+    /// One capability's jobs.
+    Capability(&'a CapabilityName),
+}
+
 /// Position of a state in [`JobState::ALL`], for the per-state listing.
 fn slot(s: JobState) -> usize {
     JobState::ALL.iter().position(|x| *x == s).unwrap_or(0)
@@ -138,6 +149,8 @@ pub(super) struct Index {
     by_state: ByState,
     /// Every job by submitter and state, in listing order.
     by_submitter: HashMap<String, ByState>,
+    /// Every job by capability and state, in listing order.
+    by_capability: HashMap<CapabilityName, ByState>,
     /// How many held jobs reference each blob (as input or output).
     pub(super) blob_refs: HashMap<Stored, u32>,
     /// Blobs whose last reference went since the core last took them.
@@ -267,7 +280,8 @@ impl Index {
         if on {
             *self.counts.entry(count).or_default() += 1;
             self.by_state[s].insert(key.clone());
-            self.by_submitter.entry(k.submitter.clone()).or_default()[s].insert(key);
+            self.by_submitter.entry(k.submitter.clone()).or_default()[s].insert(key.clone());
+            self.by_capability.entry(k.capability.clone()).or_default()[s].insert(key);
             return;
         }
         if let Some(n) = self.counts.get_mut(&count) {
@@ -281,6 +295,12 @@ impl Index {
             mine[s].remove(&key);
             if mine.iter().all(BTreeSet::is_empty) {
                 self.by_submitter.remove(&k.submitter);
+            }
+        }
+        if let Some(theirs) = self.by_capability.get_mut(&k.capability) {
+            theirs[s].remove(&key);
+            if theirs.iter().all(BTreeSet::is_empty) {
+                self.by_capability.remove(&k.capability);
             }
         }
     }
@@ -319,37 +339,43 @@ impl Index {
         }
     }
 
-    /// Up to `limit` jobs, newest first by (accepted, submission order), of `state` and
-    /// `submitter` when given, accepted before the job `before` when given.
+    /// Visits the listing keys of `family` (and `state` when given), newest first by
+    /// (accepted, submission order), below `upper` when given and accepted at or after
+    /// `since_ms` when given, until `visit` says stop (returns `false`).
     ///
-    /// Bounded whatever the filters: every job is in one listing set per state (and one per
-    /// submitter and state), so a filter picks its sets instead of skipping what does not
-    /// match, and the page is a merge of at most eight of them (the states): O(8 · (log n +
-    /// limit)). A rare state (`failed` among 100,000 `succeeded`) costs no more than a common
-    /// one; the price is two ordered-set entries per job.
-    pub(super) fn page(
-        &self,
+    /// Bounded whatever the filters: every job is in one listing set per state, one per
+    /// submitter and state and one per capability and state, so a filter on any of those
+    /// picks its sets instead of skipping what does not match, and the walk is a merge of at
+    /// most eight of them (the states): O(8 · (log n + visited)). A rare state (`failed`
+    /// among 100,000 `succeeded`) costs no more than a common one; the price is three
+    /// ordered-set entries per job.
+    pub(super) fn walk<'s>(
+        &'s self,
+        family: Family<'_>,
         state: Option<JobState>,
-        submitter: Option<&str>,
-        before: Option<(u64, u64)>,
-        limit: usize,
-    ) -> Vec<&JobId> {
-        let sets: &ByState = match submitter {
-            None => &self.by_state,
-            Some(s) => match self.by_submitter.get(s) {
+        upper: Option<&ListKey>,
+        since_ms: Option<u64>,
+        mut visit: impl FnMut(&'s ListKey) -> bool,
+    ) {
+        let sets: &'s ByState = match family {
+            Family::All => &self.by_state,
+            Family::Submitter(s) => match self.by_submitter.get(s) {
                 Some(mine) => mine,
-                None => return Vec::new(),
+                None => return,
+            },
+            Family::Capability(c) => match self.by_capability.get(c) {
+                Some(theirs) => theirs,
+                None => return,
             },
         };
-        let chosen: Vec<&BTreeSet<ListKey>> = match state {
+        let chosen: Vec<&'s BTreeSet<ListKey>> = match state {
             Some(s) => vec![&sets[slot(s)]],
             None => sets.iter().collect(),
         };
-        let bound = before.map(|(at, seq)| (at, seq, None));
         let mut heads: Vec<_> = chosen
             .into_iter()
             .map(|set| {
-                match &bound {
+                match upper {
                     Some(b) => set.range(..b.clone()),
                     None => set.range(..),
                 }
@@ -357,8 +383,7 @@ impl Index {
                 .peekable()
             })
             .collect();
-        let mut out = Vec::with_capacity(limit.min(1024));
-        while out.len() < limit {
+        loop {
             // The newest of the sets' next entries.
             let Some(next) = heads
                 .iter_mut()
@@ -367,12 +392,39 @@ impl Index {
                 .max_by(|a, b| a.1.cmp(b.1))
                 .map(|(i, _)| i)
             else {
-                break;
+                return;
             };
-            if let Some((_, _, Some(id))) = heads[next].next() {
-                out.push(id);
+            let Some(key) = heads[next].next() else {
+                return;
+            };
+            if since_ms.is_some_and(|t| key.0 < t) || !visit(key) {
+                return;
             }
         }
+    }
+
+    /// Up to `limit` jobs, newest first by (accepted, submission order), of `state` and
+    /// `submitter` when given, accepted before the job `before` when given (see
+    /// [`Index::walk`]).
+    pub(super) fn page(
+        &self,
+        state: Option<JobState>,
+        submitter: Option<&str>,
+        before: Option<(u64, u64)>,
+        limit: usize,
+    ) -> Vec<&JobId> {
+        let family = submitter.map_or(Family::All, Family::Submitter);
+        let bound = before.map(|(at, seq)| (at, seq, None));
+        let mut out = Vec::with_capacity(limit.min(1024));
+        if limit == 0 {
+            return out;
+        }
+        self.walk(family, state, bound.as_ref(), None, |k| {
+            if let (_, _, Some(id)) = k {
+                out.push(id);
+            }
+            out.len() < limit
+        });
         out
     }
 }

@@ -77,6 +77,57 @@ pub struct JobRecord {
     /// attempt number (the agent attaches it to the running job or answers from its cache).
     #[serde(default)]
     pub resume: bool,
+    /// The timeline of its life: one step per change of state, dispatch or agent, with why
+    /// (the console's job page, `history` in the job's JSON). Written by
+    /// [`super::JobTable::update`], bounded by [`MAX_HISTORY`].
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<Step>,
+}
+
+/// Steps kept per job: the first (its acceptance) and the newest. A job's steps grow with its
+/// attempts (about four each), which `max_attempts` bounds; this bounds the rest (a job
+/// refused by busy agents over and over).
+pub const MAX_HISTORY: usize = 48;
+
+/// One step of a job's life.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    /// When (ms since the UNIX epoch).
+    pub at_ms: u64,
+    /// The state it entered (or kept, for a new dispatch or a note).
+    pub state: JobState,
+    /// The attempt at that point (0 before the first dispatch).
+    pub attempt: u64,
+    /// The agent of the attempt, once dispatched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<FullJid>,
+    /// Why: a retry's failure, a refusal, the outcome's message.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+impl JobRecord {
+    /// Appends a step at `at_ms` in the record's present state, dropping the oldest but the
+    /// first beyond [`MAX_HISTORY`].
+    pub fn log(&mut self, at_ms: u64, note: Option<String>) {
+        if self.history.len() >= MAX_HISTORY {
+            self.history.remove(1);
+        }
+        self.history.push(Step {
+            at_ms,
+            state: self.state,
+            attempt: self.attempts,
+            agent: self.agent.clone().filter(|_| self.attempts > 0),
+            note,
+        });
+    }
+
+    /// Sets the note of the newest step (the reason for what the last change did).
+    pub fn note(&mut self, note: String) {
+        if let Some(s) = self.history.last_mut() {
+            s.note = Some(note);
+        }
+    }
 }
 
 /// What to do after an attempt failed.

@@ -14,7 +14,7 @@ use std::collections::HashMap;
 use jid::FullJid;
 use spine_protocol::{CapabilityName, Condition, JobId, JobState};
 
-use super::index::{Index, Keys};
+use super::index::{Family, Index, Keys};
 use super::{Body, JobRecord, JobSpec, Recorded, SubmitError};
 use crate::blobs::Stored;
 
@@ -59,8 +59,25 @@ impl JobTable {
     ) -> Option<R> {
         let j = self.jobs.get_mut(id)?;
         let old = Keys::of(j);
+        let before = (j.state, j.attempts, j.agent.is_some());
         let r = f(j);
         debug_assert_eq!(&j.id, id, "a job's id changed");
+        // The timeline follows every change of state and every new attempt, whoever made it.
+        if (j.state, j.attempts, j.agent.is_some()) != before {
+            let note = match (&j.outcome, j.state.is_final()) {
+                (
+                    Some(Recorded::Failure {
+                        condition, message, ..
+                    }),
+                    true,
+                ) => Some(match message {
+                    Some(m) => format!("{condition}: {m}"),
+                    None => condition.to_string(),
+                }),
+                _ => None,
+            };
+            j.log(j.updated_ms, note);
+        }
         self.index.change(id, &old, &Keys::of(j));
         Some(r)
     }
@@ -206,7 +223,11 @@ impl JobTable {
                 });
             }
             self.insert_queued(id.clone(), spec, now_ms);
-            self.update(&id, |j| j.state = JobState::Accepted);
+            self.update(&id, |j| {
+                // Its timeline starts accepted (the step `update` logs), not queued.
+                j.history.clear();
+                j.state = JobState::Accepted;
+            });
             return Ok(&self.jobs[&id]);
         }
         if self.queued(&spec.capability) >= self.max_queue {
@@ -270,6 +291,13 @@ impl JobTable {
             mr: None,
             dispatched_ms: 0,
             resume: false,
+            history: vec![super::Step {
+                at_ms: now_ms,
+                state: JobState::Queued,
+                attempt: 0,
+                agent: None,
+                note: None,
+            }],
         });
     }
 
@@ -373,6 +401,65 @@ impl JobTable {
             .collect()
     }
 
+    /// A page of the jobs matching `f`, newest first, accepted before the job whose
+    /// (`accepted_ms`, `seq`) is `before` when given: up to `limit` jobs, and the cursor of
+    /// the next page when there may be more. The walk reads the listing index of the
+    /// submitter, else of the capability, else of every job (the state picks sets in each);
+    /// the other filters (the agent, a capability with a submitter) are checked per record,
+    /// and at most `budget` records are looked at, so a page never costs a scan of the table:
+    /// when the budget runs out first, the page is short and `next` continues from there.
+    pub fn find(
+        &self,
+        f: &JobFilter,
+        before: Option<(u64, u64)>,
+        limit: usize,
+        budget: usize,
+    ) -> Page<'_> {
+        let family = match (&f.submitter, &f.capability) {
+            (Some(s), _) => Family::Submitter(s),
+            (None, Some(c)) => Family::Capability(c),
+            (None, None) => Family::All,
+        };
+        let upper = match (before, f.until_ms) {
+            (Some((at, _)), Some(u)) if at > u => (u.saturating_add(1), 0, None),
+            (Some((at, seq)), _) => (at, seq, None),
+            (None, Some(u)) => (u.saturating_add(1), 0, None),
+            (None, None) => (u64::MAX, u64::MAX, None),
+        };
+        let mut page = Page {
+            jobs: Vec::with_capacity(limit.min(1024)),
+            next: None,
+        };
+        let mut looked = 0usize;
+        self.index.walk(
+            family,
+            f.state,
+            Some(&upper),
+            f.since_ms,
+            |(at, seq, id)| {
+                let Some(j) = id.as_ref().and_then(|id| self.jobs.get(id)) else {
+                    return true;
+                };
+                if page.jobs.len() == limit {
+                    // One more matches: there is a next page, from the last one taken.
+                    if f.matches(j) {
+                        page.next = page.jobs.last().map(|l| (l.accepted_ms, l.seq));
+                        return false;
+                    }
+                } else if f.matches(j) {
+                    page.jobs.push(j);
+                }
+                looked += 1;
+                if looked >= budget {
+                    page.next = Some((*at, *seq));
+                    return false;
+                }
+                true
+            },
+        );
+        page
+    }
+
     /// Jobs whose deadline passed: timed out now. Returns them with the agent each was on.
     /// Only the due jobs are looked at (a deadline index).
     pub fn expire(&mut self, now_ms: u64) -> Vec<(JobId, Option<FullJid>)> {
@@ -447,4 +534,45 @@ impl JobTable {
             Err(format!("kept: {:#?}\nrebuilt: {fresh:#?}", self.index))
         }
     }
+}
+
+/// What a job listing asks for ([`JobTable::find`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct JobFilter {
+    /// In this state.
+    pub state: Option<JobState>,
+    /// Submitted by this submitter.
+    pub submitter: Option<String>,
+    /// Of this capability.
+    pub capability: Option<CapabilityName>,
+    /// Whose current or last agent is this one (a full JID, or a bare JID for every agent on
+    /// that account).
+    pub agent: Option<String>,
+    /// Accepted at or after (ms since the UNIX epoch).
+    pub since_ms: Option<u64>,
+    /// Accepted at or before.
+    pub until_ms: Option<u64>,
+}
+
+impl JobFilter {
+    /// Whether `j` matches the filters a walk does not pick its index by.
+    fn matches(&self, j: &JobRecord) -> bool {
+        self.capability
+            .as_ref()
+            .is_none_or(|c| *c == j.spec.capability)
+            && self.agent.as_deref().is_none_or(|want| {
+                j.agent.as_ref().is_some_and(|a| {
+                    a.as_str() == want || (!want.contains('/') && a.to_bare().as_str() == want)
+                })
+            })
+    }
+}
+
+/// A page of a job listing.
+#[derive(Debug)]
+pub struct Page<'a> {
+    /// The jobs, newest first.
+    pub jobs: Vec<&'a JobRecord>,
+    /// Where the next page starts (pass it as `before`), when there may be one.
+    pub next: Option<(u64, u64)>,
 }

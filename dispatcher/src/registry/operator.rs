@@ -51,6 +51,8 @@ impl Registry {
         };
         if let Some(a) = self.agents.get_mut(id.0 as usize).and_then(Option::as_mut) {
             a.state = state;
+            self.clock += 1;
+            a.stamp = self.clock;
         }
     }
 
