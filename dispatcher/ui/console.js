@@ -795,6 +795,8 @@ function pageJobs(params) {
   };
   liveStream("/v1/jobs/events", {
     progress: (d) => updateRow(d.job, "running", d.percent),
+    // The stream fell behind and skipped events: re-read the page rather than show stale rows.
+    lagged: load,
     final: (job) => {
       const row = rows.get(job.id);
       if (!row) return;
@@ -909,7 +911,7 @@ function renderJob(job, state) {
     el("div", { class: "job-grid" },
       el("section", {}, fields,
         job.error ? el("div", { id: "job-error", class: "error-box" },
-          el("strong", { text: job.error.condition }), ": ", job.error.message,
+          el("strong", { text: job.error.condition }), job.error.message ? `: ${job.error.message}` : "",
           job.error.field ? ` (field ${job.error.field})` : "") : null,
         el("h2", { text: "Output" }), jobOutput(job)),
       el("section", {}, el("h2", { text: "Timeline" }), timeline(job.history || [])),
@@ -931,8 +933,13 @@ function jobOutput(job) {
     return box;
   }
   const url = `/v1/jobs/${encodeURIComponent(job.id)}/output`;
-  const mime = result.mime || "application/octet-stream";
+  // The dispatcher names the type `type` in a result (the contract said `mime`): read either.
+  const mime = result.mime || result.type || "application/octet-stream";
   box.append(el("p", { text: `${fmtBytes(result.output_size)}, ${mime}` }));
+  if (result.output_kept_by) {
+    box.append(el("p", { class: "muted", text: `Kept by the agent ${result.output_kept_by} for the next step.` }));
+    return box;
+  }
   if (mime.startsWith("image/")) {
     box.append(el("img", { id: "output-image", src: url, alt: `Output of job ${job.id}` }));
   }
@@ -1090,7 +1097,10 @@ function pageSubmit() {
 // lives in JavaScript.
 
 function pageLogin(params) {
-  const errors = { "unknown-token": "That token is not known to this dispatcher. Check it and try again." };
+  const errors = {
+    "unknown-token": "That token is not known to this dispatcher. Check it and try again.",
+    "bad-form": "The sign-in form arrived incomplete. Enter the token and sign in again.",
+  };
   const error = params.get("error");
   const message = error ? errors[error] || `Sign-in failed (${error}).` : null;
   const input = el("input", { id: "token", name: "token", type: "password", autocomplete: "current-password", required: true,
