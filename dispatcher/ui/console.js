@@ -237,7 +237,7 @@ function liveStream(url, handlers, status, onFail) {
       es.close();
       if (stopped) return;
       if (!opened && (await (onFail || probeAccess)())) {
-        setStatus("Not connected: see the message above", "error");
+        setStatus("Not connected", "error");
         return;
       }
       const secs = Math.round(delay / 1000);
@@ -839,6 +839,7 @@ function pageJob(id) {
       if (!stillOn(token)) return;
       state.job = job;
       body.replaceChildren(...renderJob(job, state));
+      if (FINAL_STATES.has(job.state)) finish();
       if (job.mapreduce || (job.children && job.children.length)) loadTree(base, token);
     } catch (err) {
       if (err.status === 404) body.replaceChildren(el("p", { text: `No job ${id} (or not yours to see).` }));
@@ -860,7 +861,13 @@ function pageJob(id) {
       return [401, 403, 404].includes(err.status);
     }
   };
-  liveStream(`${base}/events`, {
+  // A finished job has nothing more to say: its stream is closed rather than reopened.
+  const finish = () => {
+    stopStream();
+    status.textContent = "Finished";
+    status.className = "status";
+  };
+  const stopStream = liveStream(`${base}/events`, {
     state: load,
     final: load,
     progress: (d) => {
@@ -1004,9 +1011,11 @@ function treeStep(step, job) {
   const classes = ["step", `state-${job.state}`];
   if (job.speculative) classes.push("speculative");
   if (job.straggler) classes.push("straggler");
-  if (step.winner && step.winner === job.id) classes.push("winner");
+  // "Winner" only means something when copies raced for the step.
+  const winner = step.jobs.length > 1 && step.winner === job.id;
+  if (winner) classes.push("winner");
   const marks = [job.speculative ? "speculative copy" : null, job.straggler ? "straggler" : null,
-    step.winner === job.id ? "winner" : null].filter(Boolean).join(", ");
+    winner ? "winner" : null].filter(Boolean).join(", ");
   return el("div", { class: classes.join(" "), "data-job": job.id, "data-state": job.state },
     el("a", { href: `#/jobs/${encodeURIComponent(job.id)}`, text: step.name || job.id }),
     el("span", { class: "step-state", text: job.state + (job.percent !== null && job.percent !== undefined && job.state === "running" ? ` ${job.percent}%` : "") }),
