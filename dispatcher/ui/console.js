@@ -343,9 +343,10 @@ function fleetRow(agent) {
     el("td", { class: "loadavg num", text: fmtNum(agent.loadavg, 2) }),
     el("td", { class: "mem", text: mem }),
     el("td", { class: "last-heard", text: fmtAgo(Date.now() - agent.heard_at) }),
+    // Actions before the long lists, so Drain is on screen without scrolling sideways.
+    el("td", { class: "actions" }, action),
     el("td", { class: "caps", text: (agent.capabilities || []).join(", ") }),
-    el("td", { class: "attrs", text: attrs || "–" }),
-    el("td", { class: "actions" }, action));
+    el("td", { class: "attrs", text: attrs || "–" }));
 }
 
 function compareBy(column, dir) {
@@ -439,7 +440,7 @@ function pageFleet(params) {
   // keyboard focus from a sort button.
   headRow.append(...FLEET_COLUMNS.map((c) => el("th", { scope: "col" },
     el("button", { type: "button", class: "sort", "data-sort": c.key, text: c.label }))),
-  ...["Capabilities", "Attributes", "Actions"].map((t) => el("th", { scope: "col", text: t })));
+  ...["Actions", "Capabilities", "Attributes"].map((t) => el("th", { scope: "col", text: t })));
 
   function renderHeader() {
     for (const c of FLEET_COLUMNS) {
