@@ -56,7 +56,7 @@ function tableWrap(table) {
 function timeEl(iso) {
   if (!iso) return el("span", { class: "muted", text: "–" });
   const date = new Date(iso);
-  const text = isNaN(date) ? iso : date.toLocaleString();
+  const text = isNaN(date) ? iso : date.toLocaleString(undefined, { dateStyle: "short", timeStyle: "medium" });
   return el("time", { datetime: iso, title: iso, text });
 }
 
@@ -843,7 +843,10 @@ function pageJob(id) {
       if (FINAL_STATES.has(job.state)) finish();
       if (job.mapreduce || (job.children && job.children.length)) loadTree(base, token);
     } catch (err) {
-      if (err.status === 404) body.replaceChildren(el("p", { text: `No job ${id} (or not yours to see).` }));
+      // Say why in the page too, not only in the alert line above it.
+      const why = err.status === 404 ? `There is no job ${id}.`
+        : err.status === 403 ? "This job is not yours to see." : "The job could not be read.";
+      if (err.status !== 401) body.replaceChildren(el("p", { text: why }));
       report(err);
     } finally {
       state.loading = false;
@@ -913,20 +916,20 @@ function renderJob(job, state) {
     ? el("section", { class: "wide" }, el("h2", { text: "Steps" }),
       el("div", { id: "tree", class: "tree" }, el("p", { class: "muted", text: "Loading…" })))
     : null;
-  // Facts and output on the left, the timeline on the right; the tree spans both.
+  // Facts beside the timeline, then the tree across both, then output beside arguments/input.
   return [
     jobActions(job),
     el("div", { class: "job-grid" },
       el("section", {}, fields,
         job.error ? el("div", { id: "job-error", class: "error-box" },
           el("strong", { text: job.error.condition }), job.error.message ? `: ${job.error.message}` : "",
-          job.error.field ? ` (field ${job.error.field})` : "") : null,
-        el("h2", { text: "Output" }), jobOutput(job)),
+          job.error.field ? ` (field ${job.error.field})` : "") : null),
       el("section", {}, el("h2", { text: "Timeline" }), timeline(job.history || [])),
       tree,
-      el("section", {}, el("h2", { text: "Arguments" }),
-        el("pre", { id: "job-args", text: JSON.stringify(job.args || {}, null, 2) })),
-      el("section", {}, el("h2", { text: "Input" }), el("p", { id: "job-input", text: input })))];
+      el("section", {}, el("h2", { text: "Output" }), jobOutput(job)),
+      el("section", {},
+        el("h2", { text: "Input" }), el("p", { id: "job-input", text: input }),
+        el("h2", { text: "Arguments" }), el("pre", { id: "job-args", text: JSON.stringify(job.args || {}, null, 2) })))];
 }
 
 function fact(label, value) {
@@ -944,6 +947,7 @@ function jobOutput(job) {
   // The dispatcher names the type `type` in a result (the contract said `mime`): read either.
   const mime = result.mime || result.type || "application/octet-stream";
   box.append(el("p", { text: `${fmtBytes(result.output_size)}, ${mime}` }));
+  if (result.output_size === 0) return box;
   if (result.output_kept_by) {
     box.append(el("p", { class: "muted", text: `Kept by the agent ${result.output_kept_by} for the next step.` }));
     return box;
