@@ -236,7 +236,10 @@ function liveStream(url, handlers, status, onFail) {
     es.onerror = async () => {
       es.close();
       if (stopped) return;
-      if (!opened && (await (onFail || probeAccess)())) {
+      const hopeless = !opened && (await (onFail || probeAccess)());
+      // The page may have been left while we asked why: then nothing is to be reopened.
+      if (stopped) return;
+      if (hopeless) {
         setStatus("Not connected", "error");
         return;
       }
@@ -589,7 +592,7 @@ function pageFleet(params) {
   ];
 }
 
-/** Drains or undrains an agent; the answer is the agent, so its row is redrawn from it. */
+/** Drains or undrains an agent, and redraws its row with the state the answer gives. */
 async function drainAgent(button, fleet, scheduleRender) {
   const jid = button.closest("tr").dataset.agent;
   const action = button.classList.contains("drain") ? "drain" : "undrain";
@@ -642,7 +645,8 @@ function pageCapabilities() {
     "Failed", "Retried", "p50 ms", "p95 ms", "p99 ms", "In flight / slots"];
   const tbody = el("tbody");
   const note = el("p", { class: "muted", id: "capabilities-window" });
-  const status = el("p", { class: "status", role: "status", text: "Loading…" });
+  // No role="status" here: a screen reader would announce the refresh every 2 s.
+  const status = el("p", { class: "status", text: "Loading…" });
   let busy = false;
   const load = async () => {
     if (busy) return;
