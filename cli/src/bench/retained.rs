@@ -250,6 +250,7 @@ fn fill(path: &std::path::Path, n: usize) -> Result<()> {
             mr: None,
             dispatched_ms: at,
             resume: false,
+            history: Vec::new(),
         });
         if batch.len() == batch.capacity() || i + 1 == n {
             store.put(&batch.iter().collect::<Vec<_>>())?;

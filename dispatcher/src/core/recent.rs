@@ -214,6 +214,62 @@ impl Recent {
     }
 }
 
+impl super::Core {
+    /// Every capability offered or queued: (name, agents, slots, in-flight, queued), by name.
+    pub(crate) fn capability_loads(&self) -> Vec<(CapabilityName, u64, u64, u64, u64)> {
+        let mut caps: BTreeMap<CapabilityName, (u64, u64, u64, u64)> = self
+            .registry
+            .capability_loads(&|_| true)
+            .into_iter()
+            .map(|(c, agents, slots, in_flight)| (c, (agents, slots, in_flight, 0)))
+            .collect();
+        for c in self.jobs.queued_capabilities() {
+            caps.entry(c.clone()).or_default().3 = self.jobs.queued(&c) as u64;
+        }
+        caps.into_iter()
+            .map(|(c, (a, s, f, q))| (c, a, s, f, q))
+            .collect()
+    }
+
+    /// Every capability offered, queued or recently used, with its last minutes.
+    pub(crate) fn capability_stats(&self, now: super::Now) -> Vec<super::CapabilityStats> {
+        let mut loads: BTreeMap<CapabilityName, (u64, u64, u64, u64)> = self
+            .capability_loads()
+            .into_iter()
+            .map(|(c, a, s, f, q)| (c, (a, s, f, q)))
+            .collect();
+        for c in self.stats.recent.caps.keys() {
+            loads.entry(c.clone()).or_default();
+        }
+        loads
+            .into_iter()
+            .map(
+                |(name, (agents, slots, in_flight, queued))| super::CapabilityStats {
+                    window: self.stats.recent.window(&name, now.ms),
+                    name,
+                    agents,
+                    queued,
+                    slots,
+                    in_flight,
+                },
+            )
+            .collect()
+    }
+
+    /// Takes the capabilities' samples when one is due (called at housekeeping).
+    pub(crate) fn sample_capabilities(&mut self, now: super::Now) {
+        if !self.stats.recent.sample_due(now.ms) {
+            return;
+        }
+        let loads = self
+            .capability_loads()
+            .into_iter()
+            .map(|(c, _, slots, in_flight, queued)| (c, slots, in_flight, queued))
+            .collect();
+        self.stats.recent.sample(now.ms, loads);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -281,61 +337,5 @@ mod tests {
         let p = w.latency_ms.expect("percentiles");
         assert_eq!(p.p99, 100.0);
         assert_eq!(p.p95, 100.0);
-    }
-}
-
-impl super::Core {
-    /// Every capability offered or queued: (name, agents, slots, in-flight, queued), by name.
-    pub(crate) fn capability_loads(&self) -> Vec<(CapabilityName, u64, u64, u64, u64)> {
-        let mut caps: BTreeMap<CapabilityName, (u64, u64, u64, u64)> = self
-            .registry
-            .capability_loads(&|_| true)
-            .into_iter()
-            .map(|(c, agents, slots, in_flight)| (c, (agents, slots, in_flight, 0)))
-            .collect();
-        for c in self.jobs.queued_capabilities() {
-            caps.entry(c.clone()).or_default().3 = self.jobs.queued(&c) as u64;
-        }
-        caps.into_iter()
-            .map(|(c, (a, s, f, q))| (c, a, s, f, q))
-            .collect()
-    }
-
-    /// Every capability offered, queued or recently used, with its last minutes.
-    pub(crate) fn capability_stats(&self, now: super::Now) -> Vec<super::CapabilityStats> {
-        let mut loads: BTreeMap<CapabilityName, (u64, u64, u64, u64)> = self
-            .capability_loads()
-            .into_iter()
-            .map(|(c, a, s, f, q)| (c, (a, s, f, q)))
-            .collect();
-        for c in self.stats.recent.caps.keys() {
-            loads.entry(c.clone()).or_default();
-        }
-        loads
-            .into_iter()
-            .map(
-                |(name, (agents, slots, in_flight, queued))| super::CapabilityStats {
-                    window: self.stats.recent.window(&name, now.ms),
-                    name,
-                    agents,
-                    queued,
-                    slots,
-                    in_flight,
-                },
-            )
-            .collect()
-    }
-
-    /// Takes the capabilities' samples when one is due (called at housekeeping).
-    pub(crate) fn sample_capabilities(&mut self, now: super::Now) {
-        if !self.stats.recent.sample_due(now.ms) {
-            return;
-        }
-        let loads = self
-            .capability_loads()
-            .into_iter()
-            .map(|(c, _, slots, in_flight, queued)| (c, slots, in_flight, queued))
-            .collect();
-        self.stats.recent.sample(now.ms, loads);
     }
 }

@@ -13,7 +13,7 @@ use spine_protocol::fragments::{self, Fragment};
 use spine_protocol::Strategy as Placement;
 use spine_protocol::{Condition, JobId, JobResult, JobState, MapReduce, SpineError};
 
-use super::{JobRecord, JobSpec, JobTable};
+use super::{JobFilter, JobRecord, JobSpec, JobTable, MAX_HISTORY};
 
 const IDS: usize = 8;
 const CAPS: [&str; 2] = ["cap.a", "cap.b"];
@@ -344,6 +344,65 @@ fn check_reads(t: &JobTable) {
             assert_eq!(ids(&got), ids(&want), "page of {state:?} by {submitter:?}");
         }
     }
+    // Listings with every filter (the capability and the agent too, time bounds), walked with
+    // the cursor through pages of 2 and a budget of 3 records looked at per page, against a
+    // sorted scan.
+    let agents = [
+        None,
+        Some(jid(1).to_string()),
+        Some(jid(1).to_bare().to_string()),
+    ];
+    for state in [None, Some(JobState::Queued), Some(JobState::Succeeded)] {
+        for submitter in [None, Some(SUBMITTERS[0])] {
+            for cap in [None, Some(CAPS[0])] {
+                for agent in &agents {
+                    for (since_ms, until_ms) in [(None, None), (Some(1_050), Some(1_300))] {
+                        let f = JobFilter {
+                            state,
+                            submitter: submitter.map(str::to_owned),
+                            capability: cap.map(|c| c.parse().unwrap()),
+                            agent: agent.clone(),
+                            since_ms,
+                            until_ms,
+                        };
+                        let mut want: Vec<&JobRecord> = all
+                            .iter()
+                            .copied()
+                            .filter(|j| state.is_none_or(|s| j.state == s))
+                            .filter(|j| submitter.is_none_or(|s| j.spec.submitter == s))
+                            .filter(|j| cap.is_none_or(|c| j.spec.capability.as_str() == c))
+                            .filter(|j| {
+                                agent.as_ref().is_none_or(|a| {
+                                    j.agent.as_ref().is_some_and(|x| {
+                                        x.as_str() == a || x.to_bare().as_str() == a
+                                    })
+                                })
+                            })
+                            .filter(|j| since_ms.is_none_or(|t| j.accepted_ms >= t))
+                            .filter(|j| until_ms.is_none_or(|t| j.accepted_ms <= t))
+                            .collect();
+                        want.sort_by(|a, b| {
+                            (b.accepted_ms, b.seq, &b.id).cmp(&(a.accepted_ms, a.seq, &a.id))
+                        });
+                        let mut got: Vec<&JobRecord> = Vec::new();
+                        let mut before = None;
+                        for _ in 0..=all.len() + 1 {
+                            let page = t.find(&f, before, 2, 3);
+                            assert!(page.jobs.len() <= 2);
+                            got.extend(page.jobs);
+                            match page.next {
+                                Some(n) => before = Some(n),
+                                None => break,
+                            }
+                        }
+                        let ids =
+                            |v: &[&JobRecord]| v.iter().map(|j| j.id.clone()).collect::<Vec<_>>();
+                        assert_eq!(ids(&got), ids(&want), "listing {f:?}");
+                    }
+                }
+            }
+        }
+    }
 }
 
 fn caps() -> Vec<spine_protocol::CapabilityName> {
@@ -430,4 +489,70 @@ fn the_table_gives_back_its_slots_when_retention_empties_it() {
     assert!(t.capacity() >= 1_000);
     // Every job left is still found.
     assert!((19_000..20_000).all(|i| t.get(&format!("j{i}").parse().unwrap()).is_some()));
+}
+
+/// The timeline: each dispatch, retry (with why), busy refusal and the outcome is a step; a
+/// job refused over and over keeps its first step and the newest.
+#[test]
+fn a_job_keeps_a_bounded_timeline_of_its_life() {
+    let mut t = JobTable::new(usize::MAX);
+    let id: JobId = "j".parse().unwrap();
+    t.submit(id.clone(), spec(0, 0, 0, 0, 3), 10).unwrap();
+    t.dispatched(&id, &jid(1), 11);
+    t.progress(&id, Some(5), 12);
+    let e = SpineError::new(Condition::Retryable).with_text("disk full");
+    t.attempt_failed(&id, Some(&jid(1)), Some(&e), 13);
+    t.dispatched(&id, &jid(2), 14);
+    t.cancel(&id, 15).unwrap();
+    let steps: Vec<(JobState, u64, Option<String>)> = t
+        .get(&id)
+        .unwrap()
+        .history
+        .iter()
+        .map(|s| (s.state, s.attempt, s.agent.as_ref().map(|a| a.to_string())))
+        .collect();
+    let a = |n| Some(jid(n).to_string());
+    assert_eq!(
+        steps,
+        [
+            (JobState::Queued, 0, None),
+            (JobState::Dispatched, 1, a(1)),
+            (JobState::Running, 1, a(1)),
+            (JobState::Queued, 1, a(1)),
+            (JobState::Dispatched, 2, a(2)),
+            (JobState::Cancelled, 2, a(2)),
+        ]
+    );
+    let h = &t.get(&id).unwrap().history;
+    assert_eq!(
+        h[3].note.as_deref(),
+        Some(
+            format!(
+                "attempt failed on {}: retryable: disk full; retrying",
+                jid(1)
+            )
+            .as_str()
+        )
+    );
+    assert_eq!(
+        h[5].note.as_deref(),
+        Some("cancelled: cancelled by the submitter")
+    );
+    assert_eq!((h[0].at_ms, h[5].at_ms), (10, 15));
+
+    let busy: JobId = "busy".parse().unwrap();
+    t.submit(busy.clone(), spec(0, 0, 0, 0, 3), 20).unwrap();
+    for i in 0..100 {
+        t.dispatched(&busy, &jid(1), 21 + i);
+        assert!(t.refused(&busy, 21 + i));
+    }
+    let h = &t.get(&busy).unwrap().history;
+    assert_eq!(h.len(), MAX_HISTORY);
+    assert_eq!((h[0].state, h[0].at_ms), (JobState::Queued, 20));
+    let last = h.last().unwrap();
+    assert_eq!(last.state, JobState::Queued);
+    assert_eq!(
+        last.note.as_deref(),
+        Some(format!("{} was busy or draining: placed again", jid(1)).as_str())
+    );
 }
