@@ -8,6 +8,7 @@ use clap::{Args, Subcommand};
 use futures::{StreamExt as _, TryStreamExt as _};
 use spine_dispatcher::sim::{placement, timed, Workload};
 
+mod console;
 mod https;
 mod images;
 mod payload;
@@ -166,6 +167,24 @@ enum Scenario {
         /// count for a moment after its job ended).
         #[arg(long, default_value_t = 16)]
         window: usize,
+        /// Runs of each configuration (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// The console's requests (docs/console.md): jobs pages with each filter, a deep page, one
+    /// job, the capabilities and the fleet, timed with many finished jobs held and with none,
+    /// each on a fresh local farm, in alternating runs.
+    Console {
+        /// Finished jobs held in the second configuration (written to the store before the
+        /// dispatcher starts).
+        #[arg(long, default_value_t = 100_000)]
+        held: usize,
+        /// Requests timed per figure (the median is kept).
+        #[arg(long, default_value_t = 7)]
+        probes: usize,
         /// Runs of each configuration (the median is reported).
         #[arg(long, default_value_t = 3)]
         runs: usize,
@@ -410,6 +429,20 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let r = rt.block_on(retained::run(retained, jobs, window, runs))?;
+            write_json(json, &r)?;
+            Ok(true)
+        }
+        Scenario::Console {
+            held,
+            probes,
+            runs,
+            json,
+        } => {
+            if probes == 0 || runs == 0 {
+                anyhow::bail!("--probes and --runs must be at least 1");
+            }
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let r = rt.block_on(console::run(held, runs, probes))?;
             write_json(json, &r)?;
             Ok(true)
         }

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
-use spine_dispatcher::jobs::{JobRecord, JobSpec, Recorded};
+use spine_dispatcher::jobs::{JobRecord, JobSpec, Recorded, Step};
 use spine_dispatcher::store::Store;
 use spine_protocol::JobState;
 
@@ -213,9 +213,10 @@ fn finished(text: &str) -> u64 {
 }
 
 /// Writes `n` finished no-op jobs, as the dispatcher records them, into a new job store:
-/// accepted over the last `n` milliseconds (well inside the default 24 h retention), each
-/// succeeded on a local agent with an empty output.
-fn fill(path: &std::path::Path, n: usize) -> Result<()> {
+/// accepted over the last `n` milliseconds (well inside the default 24 h retention), on the
+/// two local agents in turn, each with its timeline; every 100th failed, the others succeeded
+/// with an empty output.
+pub(super) fn fill(path: &std::path::Path, n: usize) -> Result<()> {
     let store = Store::open(path)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -226,21 +227,45 @@ fn fill(path: &std::path::Path, n: usize) -> Result<()> {
     let mut batch = Vec::with_capacity(10_000);
     for i in 0..n {
         let at = now - (n - i) as u64;
+        let agent: Option<jid::FullJid> = format!("agent{}@localhost/up", 1 + i % 2).parse().ok();
+        let failed = i % 100 == 99;
+        let (state, outcome) = if failed {
+            (
+                JobState::Failed,
+                Recorded::Failure {
+                    condition: spine_protocol::Condition::Failed,
+                    message: Some("the input was not text".into()),
+                    field: None,
+                },
+            )
+        } else {
+            (
+                JobState::Succeeded,
+                Recorded::Succeeded {
+                    meta: serde_json::Map::new(),
+                    output: Default::default(),
+                    mime: Some("text/plain; charset=utf-8".into()),
+                    elapsed_ms: Some(0),
+                },
+            )
+        };
+        let step = |state, attempt, agent: Option<jid::FullJid>| Step {
+            at_ms: at,
+            state,
+            attempt,
+            agent,
+            note: None,
+        };
         batch.push(JobRecord {
             id: format!("retained-{i}")
                 .parse()
                 .map_err(anyhow::Error::msg)?,
             spec: spec.clone(),
-            state: JobState::Succeeded,
+            state,
             attempts: 1,
-            agent: format!("agent{}@localhost/up", 1 + i % 2).parse().ok(),
+            agent: agent.clone(),
             excluded: Vec::new(),
-            outcome: Some(Recorded::Succeeded {
-                meta: serde_json::Map::new(),
-                output: Default::default(),
-                mime: Some("text/plain; charset=utf-8".into()),
-                elapsed_ms: Some(0),
-            }),
+            outcome: Some(outcome),
             percent: Some(100),
             accepted_ms: at,
             updated_ms: at,
@@ -250,7 +275,12 @@ fn fill(path: &std::path::Path, n: usize) -> Result<()> {
             mr: None,
             dispatched_ms: at,
             resume: false,
-            history: Vec::new(),
+            history: vec![
+                step(JobState::Queued, 0, None),
+                step(JobState::Dispatched, 1, agent.clone()),
+                step(JobState::Running, 1, agent.clone()),
+                step(state, 1, agent),
+            ],
         });
         if batch.len() == batch.capacity() || i + 1 == n {
             store.put(&batch.iter().collect::<Vec<_>>())?;
