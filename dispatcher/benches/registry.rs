@@ -7,13 +7,17 @@
 //! Each agent offers 5 of the 100 capabilities (so ~2,500 agents per capability at 50,000),
 //! has 16 slots and starts with a random number of them busy; a tenth of the agents are
 //! draining, so `pick` has to skip some.
+//!
+//! The `fleet` group times the console's fleet reads (`GET /v1/fleet` and each second of a
+//! fleet stream), which run in the dispatcher's core task: a snapshot of every agent, and a
+//! delta with nothing changed and with 1 % of the agents changed.
 
 use std::time::Instant;
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use spine_dispatcher::registry::{PickRequest, Registry};
+use spine_dispatcher::registry::{FleetView, PickRequest, Registry};
 use spine_protocol::{
     Advertise, AgentState, CapabilityAd, CapabilityName, JobId, Load, ProtocolVersion,
 };
@@ -108,5 +112,40 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The console's fleet reads, which run in the core's task: a whole snapshot, and a second's
+/// delta when nothing changed and when 1 % of the agents did (a busy fleet's second).
+fn fleet(c: &mut Criterion) {
+    let mut g = c.benchmark_group("fleet");
+    let all = |_: &CapabilityName| true;
+    let view = FleetView {
+        capability: None,
+        filter: None,
+        visible: &all,
+    };
+    for n in [1_000usize, 10_000] {
+        let mut rng = StdRng::seed_from_u64(1);
+        let (mut reg, caps) = build(n, &mut rng);
+        let now = Instant::now();
+        g.bench_with_input(BenchmarkId::new("snapshot", n), &n, |b, _| {
+            b.iter(|| black_box(reg.fleet(&view, None, now).agents.len()))
+        });
+        let v = reg.version();
+        g.bench_with_input(BenchmarkId::new("delta_unchanged", n), &n, |b, _| {
+            b.iter(|| black_box(reg.fleet(&view, Some(v), now).agents.len()))
+        });
+        let job: JobId = "bench-job".parse().unwrap();
+        for i in 0..n / 100 {
+            let cap = &caps[i % CAPS];
+            if let Ok(id) = reg.pick(&PickRequest::least_loaded(cap), &mut rng) {
+                reg.on_assigned(id, job.clone(), cap.clone(), &mut rng);
+            }
+        }
+        g.bench_with_input(BenchmarkId::new("delta_1pct_changed", n), &n, |b, _| {
+            b.iter(|| black_box(reg.fleet(&view, Some(v), now).agents.len()))
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, fleet);
 criterion_main!(benches);

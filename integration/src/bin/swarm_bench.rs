@@ -8,7 +8,10 @@
 //! before the agents came), and no-op jobs per second (64 in flight, submitted over XMPP in
 //! watch mode) with the fleet idle and busy (every agent holding one job in one of its two
 //! slots). The baseline beside the busy figure is the idle one, and beside both the
-//! one-agent run (the first size when it is 1).
+//! one-agent run (the first size when it is 1). Then the console's view of the busy fleet:
+//! `GET /v1/fleet` (time and size), and the busy jobs again with a fleet stream
+//! (`GET /v1/fleet/events`) open — its first snapshot's time, its updates per second and
+//! bytes, and the throughput with the stream beside the throughput without.
 //!
 //! The same binary is the child: `--role server` and `--role dispatcher` run the real
 //! `spine_server` and `spine_dispatcher` (what `spine server` and `spine dispatcher` run),
@@ -174,6 +177,16 @@ async fn parent(args: &[String]) -> Result<(), String> {
             r["busy"]["per_sec"].as_f64().unwrap_or(0.0),
             r["busy_over_idle"].as_f64().unwrap_or(0.0),
         );
+        let fs = &r["fleet_stream"];
+        println!(
+            "{n:>7} console: GET /v1/fleet {:.1} ms ({:.0} KiB); fleet stream: snapshot in {:.1} ms, {:.2} updates/s, {:.1} KiB/s; busy jobs/s with the stream open ÷ without: {:.2}",
+            r["console"]["fleet_ms"].as_f64().unwrap_or(0.0),
+            r["console"]["fleet_bytes"].as_f64().unwrap_or(0.0) / 1024.0,
+            fs["snapshot_ms"].as_f64().unwrap_or(0.0),
+            fs["updates_per_s"].as_f64().unwrap_or(0.0),
+            fs["update_bytes_per_s"].as_f64().unwrap_or(0.0) / 1024.0,
+            r["streamed_over_busy"].as_f64().unwrap_or(0.0),
+        );
         rows.push(r);
     }
     let out = serde_json::json!({ "jobs": o.jobs, "window": 64, "slots_per_agent": swarm::SLOTS, "sizes": rows });
@@ -335,6 +348,20 @@ async fn one_size(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let busy = measure_jobs(&mut sub, &d, &noop, jobs, 64).await?;
+
+    // The console's view of this fleet: `GET /v1/fleet` (every agent, busy), and the same jobs
+    // again with a fleet stream open, whose updates are counted.
+    let console = console_figures(&http, &base, n).await?;
+    let seen = Arc::new(StreamCounts::default());
+    let stream = tokio::spawn(fleet_stream(http.clone(), base.clone(), seen.clone()));
+    let t = Instant::now();
+    while seen.snapshot_ms.load(Ordering::Relaxed) == 0 && t.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let streamed_from = Instant::now();
+    let busy_streamed = measure_jobs(&mut sub, &d, &noop, jobs, 64).await?;
+    let streamed_s = streamed_from.elapsed().as_secs_f64();
+    stream.abort();
     sub.close().await;
 
     let _ = stop_tx.send(true);
@@ -353,6 +380,15 @@ async fn one_size(
         "idle": figures(&idle),
         "busy": figures(&busy),
         "busy_over_idle": busy.per_sec / idle.per_sec,
+        "console": console,
+        "busy_with_fleet_stream": figures(&busy_streamed),
+        "fleet_stream": {
+            "snapshot_ms": seen.snapshot_ms.load(Ordering::Relaxed) as f64 / 1e3,
+            "snapshot_bytes": seen.snapshot_bytes.load(Ordering::Relaxed),
+            "updates_per_s": seen.updates.load(Ordering::Relaxed) as f64 / streamed_s,
+            "update_bytes_per_s": seen.update_bytes.load(Ordering::Relaxed) as f64 / streamed_s,
+        },
+        "streamed_over_busy": busy_streamed.per_sec / busy.per_sec,
         "answered": counters.answered.load(Ordering::Relaxed),
     }))
 }
@@ -385,4 +421,71 @@ async fn submit_held(sub: &mut spine_xmpp::Connection, d: &Jid, n: usize) -> Res
         }
     }
     Ok(())
+}
+
+/// What a fleet stream reader saw.
+#[derive(Default)]
+struct StreamCounts {
+    /// Microseconds from the request to the whole first snapshot (0 until it came).
+    snapshot_ms: std::sync::atomic::AtomicU64,
+    snapshot_bytes: std::sync::atomic::AtomicU64,
+    updates: std::sync::atomic::AtomicU64,
+    update_bytes: std::sync::atomic::AtomicU64,
+}
+
+/// Reads `GET /v1/fleet/events` until aborted, counting its events and bytes.
+async fn fleet_stream(http: reqwest::Client, base: String, seen: Arc<StreamCounts>) {
+    use futures::StreamExt as _;
+    let t = Instant::now();
+    let Ok(r) = http.get(format!("{base}/v1/fleet/events")).send().await else {
+        return;
+    };
+    let mut body = r.bytes_stream();
+    let mut buf = Vec::new();
+    while let Some(Ok(chunk)) = body.next().await {
+        buf.extend_from_slice(&chunk);
+        while let Some(end) = buf.windows(2).position(|w| w == b"\n\n") {
+            let event: Vec<u8> = buf.drain(..end + 2).collect();
+            let bytes = event.len() as u64;
+            if event.starts_with(b"event: snapshot") || event.starts_with(b"event:snapshot") {
+                seen.snapshot_bytes.store(bytes, Ordering::Relaxed);
+                seen.snapshot_ms
+                    .store(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+            } else if event.starts_with(b"event: update") || event.starts_with(b"event:update") {
+                seen.updates.fetch_add(1, Ordering::Relaxed);
+                seen.update_bytes.fetch_add(bytes, Ordering::Relaxed);
+            }
+        }
+    }
+}
+
+/// `GET /v1/fleet` on a fleet of `n` agents: its time (median of 5) and size, checked to
+/// hold every agent.
+async fn console_figures(
+    http: &reqwest::Client,
+    base: &str,
+    n: usize,
+) -> Result<serde_json::Value, String> {
+    let mut times = Vec::new();
+    let mut bytes = 0;
+    for _ in 0..5 {
+        let t = Instant::now();
+        let body = http
+            .get(format!("{base}/v1/fleet"))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .bytes()
+            .await
+            .map_err(|e| e.to_string())?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+        bytes = body.len();
+        let v: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+        let agents = v["agents"].as_array().map_or(0, Vec::len);
+        if agents != n {
+            return Err(format!("GET /v1/fleet listed {agents} agents of {n}"));
+        }
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(serde_json::json!({ "fleet_ms": times[times.len() / 2], "fleet_bytes": bytes }))
 }
