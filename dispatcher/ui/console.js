@@ -461,7 +461,7 @@ function pageFleet(params) {
         sparkline(samples, cap.name),
         el("figcaption", {},
           el("strong", { text: cap.name }),
-          ` ${cap.in_flight} / ${cap.slots} slots · ${cap.agents} agents · ${cap.queued} queued`));
+          ` ${cap.in_flight} / ${cap.slots} slots · ${cap.agents} ${cap.agents === 1 ? "agent" : "agents"} · ${cap.queued} queued`));
     }));
   }
 
@@ -1010,13 +1010,19 @@ async function loadTree(base, token) {
     if (!stillOn(token) || !box) return;
     box.replaceChildren(...(tree.levels || []).map((level) => el("div", { class: "level", "data-kind": level.kind },
       el("h3", { text: `${level.kind} (level ${level.level})` }),
-      el("div", { class: "steps" }, level.steps.flatMap((step) => step.jobs.map((j) => treeStep(step, j)))))));
+      el("div", { class: "steps" }, level.steps.flatMap((step) => step.jobs.map((j) => treeStep(tree.id, step, j)))))));
   } catch (err) {
     if (err.status !== 404) report(err);
   }
 }
 
-function treeStep(step, job) {
+/** A step's label: its fragment's name (a map step), else its id without the parent's. */
+function stepLabel(parent, step, job) {
+  if (step.name) return step.name;
+  return job.id.startsWith(`${parent}.`) ? job.id.slice(parent.length + 1) : job.id;
+}
+
+function treeStep(parent, step, job) {
   const classes = ["step", `state-${job.state}`];
   if (job.speculative) classes.push("speculative");
   if (job.straggler) classes.push("straggler");
@@ -1026,7 +1032,7 @@ function treeStep(step, job) {
   const marks = [job.speculative ? "speculative copy" : null, job.straggler ? "straggler" : null,
     winner ? "winner" : null].filter(Boolean).join(", ");
   return el("div", { class: classes.join(" "), "data-job": job.id, "data-state": job.state },
-    el("a", { href: `#/jobs/${encodeURIComponent(job.id)}`, text: step.name || job.id }),
+    el("a", { href: `#/jobs/${encodeURIComponent(job.id)}`, text: stepLabel(parent, step, job) }),
     el("span", { class: "step-state", text: job.state + (job.percent !== null && job.percent !== undefined && job.state === "running" ? ` ${job.percent}%` : "") }),
     job.agent ? el("span", { class: "step-agent", text: job.agent }) : null,
     marks ? el("span", { class: "step-marks", text: marks }) : null);

@@ -39,7 +39,7 @@ pub struct LevelView {
 #[derive(Debug, Serialize, ToSchema)]
 #[schema(as = JobTreeStep)]
 pub struct StepBox {
-    /// A map step's fragment label.
+    /// A map step's fragment label (`null` for other steps).
     pub name: Option<String>,
     /// The copy whose result counts, once one finished.
     pub winner: Option<String>,
@@ -96,7 +96,9 @@ pub(crate) fn tree(jobs: &JobTable, parent: &JobRecord) -> TreeView {
                 .map(|t| {
                     let copied = t.jobs.len() > 1;
                     StepBox {
-                        name: t.name.clone(),
+                        // A reduce step carries its first input's label on to its own reduce;
+                        // it names a fragment only on a map step.
+                        name: t.name.clone().filter(|_| k == 0),
                         winner: t.winner.as_ref().map(|w| w.to_string()),
                         jobs: t
                             .jobs

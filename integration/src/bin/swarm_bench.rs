@@ -178,6 +178,16 @@ async fn parent(args: &[String]) -> Result<(), String> {
             r["busy_over_idle"].as_f64().unwrap_or(0.0),
         );
         let fs = &r["fleet_stream"];
+        if let Some(b) = r["console"]["browser"].as_object() {
+            println!(
+                "{n:>7} console in Chromium: the fleet page's first view {:.0} ms after navigation (median of {}; mark {:?})",
+                b.get("first_view_ms").and_then(|v| v.as_f64()).unwrap_or(0.0),
+                b.get("runs").and_then(|v| v.as_u64()).unwrap_or(0),
+                b.get("marks_ms"),
+            );
+        } else {
+            println!("{n:>7} console in Chromium: {}", r["console"]["browser"]);
+        }
         println!(
             "{n:>7} console: GET /v1/fleet {:.1} ms ({:.0} KiB); fleet stream: snapshot in {:.1} ms, {:.2} updates/s, {:.1} KiB/s; busy jobs/s with the stream open ÷ without: {:.2}",
             r["console"]["fleet_ms"].as_f64().unwrap_or(0.0),
@@ -351,7 +361,8 @@ async fn one_size(
 
     // The console's view of this fleet: `GET /v1/fleet` (every agent, busy), and the same jobs
     // again with a fleet stream open, whose updates are counted.
-    let console = console_figures(&http, &base, n).await?;
+    let mut console = console_figures(&http, &base, n).await?;
+    console["browser"] = browser_first_view(&base, n).await;
     let seen = Arc::new(StreamCounts::default());
     let stream = tokio::spawn(fleet_stream(http.clone(), base.clone(), seen.clone()));
     let t = Instant::now();
@@ -488,4 +499,43 @@ async fn console_figures(
     }
     times.sort_by(f64::total_cmp);
     Ok(serde_json::json!({ "fleet_ms": times[times.len() / 2], "fleet_bytes": bytes }))
+}
+
+/// The console's fleet page in headless Chromium on this fleet: the time from navigation to
+/// the first view of all `n` agents (the page's `spine-fleet-first-render` mark), three
+/// loads, median. A string saying why when Chromium or chromedriver is missing.
+async fn browser_first_view(base: &str, n: usize) -> serde_json::Value {
+    use spine_integration::browser::{Browser, PAGE_PATIENCE};
+    let Some(browser) = Browser::start().await else {
+        return serde_json::json!(format!(
+            "skipped: {}",
+            spine_integration::browser::missing().unwrap_or_else(|| "no browser".into())
+        ));
+    };
+    let mut marks = Vec::new();
+    for _ in 0..3 {
+        browser.goto("about:blank").await;
+        browser.goto(&format!("{base}/ui#/fleet")).await;
+        browser
+            .wait_until(
+                "the fleet's count",
+                &format!(
+                    "const c = document.querySelector('#fleet-count'); return c && c.dataset.count === '{n}';"
+                ),
+                PAGE_PATIENCE,
+            )
+            .await;
+        let mark = browser
+            .wait_until(
+                "the first-render mark",
+                "const m = performance.getEntriesByName('spine-fleet-first-render')[0]; return m ? m.startTime : null;",
+                PAGE_PATIENCE,
+            )
+            .await;
+        marks.push(mark.as_f64().unwrap_or(f64::NAN));
+    }
+    browser.close().await;
+    let mut sorted = marks.clone();
+    sorted.sort_by(f64::total_cmp);
+    serde_json::json!({ "first_view_ms": sorted[1], "marks_ms": marks, "runs": 3 })
 }
