@@ -154,6 +154,32 @@ fn retained_runs_small_with_the_jobs_really_held() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("--window"));
 }
 
+/// `spine bench console`: every request of the console timed on an empty farm and on one
+/// holding jobs, each answered (the benchmark checks that every filtered page found jobs).
+#[test]
+fn console_runs_small_with_the_jobs_held() {
+    let (stdout, r) = bench(&["console", "--held", "2000", "--runs", "1", "--probes", "2"]);
+    assert!(
+        stdout.contains("slowest jobs page with 2000 held"),
+        "{stdout}"
+    );
+    assert_eq!(r["held"], 2000);
+    let rows = r["requests"].as_array().unwrap();
+    assert_eq!(rows.len(), 10, "{r}");
+    for row in rows {
+        assert!(row["empty_ms"].as_f64().unwrap() > 0.0, "{row}");
+        assert!(row["held_ms"].as_f64().unwrap() > 0.0, "{row}");
+    }
+    assert!(r["slowest_page_ms"].as_f64().unwrap() > 0.0, "{r}");
+
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args(["bench", "console", "--probes", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--probes"));
+}
+
 /// `spine bench https`: both schemes measured on their own farm, every figure a real rate.
 #[test]
 fn https_runs_small_over_both_schemes() {

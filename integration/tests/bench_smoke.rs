@@ -52,7 +52,8 @@ fn bus_bench_runs_small() {
 }
 
 /// The swarm benchmark at a tiny size: the server and the dispatcher run as child processes,
-/// every simulated agent registers, jobs run with the fleet idle and busy, and memory is read.
+/// every simulated agent registers, jobs run with the fleet idle and busy (and busy with a
+/// fleet stream open), memory is read, and the console's fleet page is timed.
 #[test]
 fn swarm_bench_runs_small() {
     let dir = tempfile::tempdir().unwrap();
@@ -78,8 +79,26 @@ fn swarm_bench_runs_small() {
         assert!(s["dispatcher_rss_after"].as_u64().unwrap() > 0, "{s}");
         assert_eq!(s["idle"]["n"], 50, "{s}");
         assert_eq!(s["busy"]["n"], 50, "{s}");
-        // Every no-op job (warm-up, idle, busy) was answered by a simulated agent.
-        assert_eq!(s["answered"], 5 + 50 + 50, "{s}");
+        // Every no-op job (warm-up, idle, busy, busy with a fleet stream open) was answered
+        // by a simulated agent.
+        assert_eq!(s["answered"], 5 + 50 + 50 + 50, "{s}");
+        assert_eq!(s["busy_with_fleet_stream"]["n"], 50, "{s}");
+        // The console's view: the fleet listed whole (checked by the benchmark), the stream's
+        // snapshot came, and the page drew the fleet in Chromium where there is one.
+        assert!(s["console"]["fleet_ms"].as_f64().unwrap() > 0.0, "{s}");
+        assert!(s["console"]["fleet_bytes"].as_u64().unwrap() > 0, "{s}");
+        assert!(
+            s["fleet_stream"]["snapshot_ms"].as_f64().unwrap() > 0.0,
+            "{s}"
+        );
+        match s["console"]["browser"]["first_view_ms"].as_f64() {
+            Some(ms) => assert!(ms > 0.0, "{s}"),
+            None => assert!(
+                spine_integration::browser::missing().is_some()
+                    && !spine_integration::servers::required(),
+                "no first view measured with a browser installed: {s}"
+            ),
+        }
     }
 
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_swarm-bench"))
