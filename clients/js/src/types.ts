@@ -88,7 +88,40 @@ export interface JobView {
   mapreduce?: MapReduceProgress;
   /** A delayed job: when it may start (RFC 3339, UTC); it is `accepted` until then. */
   not_before?: string;
+  /** Its placement priority (higher first). */
+  priority?: number;
+  /** Its arguments (not in listings). */
+  args?: Record<string, unknown>;
+  /** Its input's size and type (not in listings). */
+  input?: JobInput;
+  /** When it was accepted, last changed, last dispatched and ended (RFC 3339, UTC). */
+  accepted_at?: string;
+  updated_at?: string;
+  dispatched_at?: string;
+  ended_at?: string;
+  /** Its timeline, oldest first (not in listings). */
+  history?: JobStep[];
   [more: string]: unknown;
+}
+
+/** A job's input as `GET /v1/jobs/{id}` shows it. */
+export interface JobInput {
+  size: number;
+  mime?: string | null;
+}
+
+/** One step of a job's life (`history`). */
+export interface JobStep {
+  /** When (RFC 3339, UTC). */
+  at: string;
+  /** The state it entered. */
+  state: JobState;
+  /** The attempt then (0 before the first dispatch). */
+  attempt: number;
+  /** The agent of the attempt, once dispatched. */
+  agent?: string | null;
+  /** Why: a retry's failure, a busy agent, the outcome's message. */
+  note?: string | null;
 }
 
 /** The body of every error answer of the API (§6, "Errors"). */
@@ -130,6 +163,21 @@ export interface Capability {
   agents: number;
   /** Jobs queued for it, retry backoff included. */
   queued: number;
+  /** Its agents' slots for it, and its jobs running on them now. */
+  slots: number;
+  in_flight: number;
+  /** The seconds the counts and latencies cover (the last five minutes). */
+  window_s: number;
+  succeeded: number;
+  /** Failed or timed out. */
+  failed: number;
+  retried: number;
+  /** Jobs ended per minute over the window. */
+  per_minute: number;
+  /** Acceptance to end of the jobs that succeeded, in ms; `null` when none did. */
+  latency_ms?: { p50: number; p95: number; p99: number } | null;
+  /** Its load every 5 s over the last 10 minutes, oldest first. */
+  samples: { at_ms: number; in_flight: number; slots: number; queued: number }[];
 }
 
 /** A blob uploaded with `PUT /v1/blobs`: what `input_ref` and fragment references name. */

@@ -104,6 +104,8 @@ const SAME = [
   ["Capability", "Capability"],
   ["BlobRef", "BlobStored"],
   ["Fragment", "Fragment"],
+  ["JobInput", "InputView"],
+  ["JobStep", "JobStep"],
 ];
 
 for (const [mine, theirs] of SAME) {
