@@ -208,3 +208,71 @@ async fn off_loopback_without_a_certificate_the_dispatcher_refuses_to_start() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("http_allow_plaintext = true"), "{out}");
 }
+
+/// (e) The web console over HTTPS: its page is served, and signing in sets both of its
+/// cookies `Secure` (a browser then never sends the token over plain HTTP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_over_https_signs_in_with_secure_cookies() {
+    let server = TestServer::start(&[("dispatcher", "pw-d")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = pki(&dir.path().join("pki"), &["127.0.0.1", "localhost"]);
+    let port = free_port().unwrap();
+    let config = dir.path().join("dispatcher.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nhttp_listen = \"127.0.0.1:{port}\"\nhttp_tls_cert = \"{}\"\nhttp_tls_key = \"{}\"\n\n[[http_token]]\nname = \"ops\"\ntoken = \"token-ops-0123456789\"\ncapabilities = [\"*\"]\nall_jobs = true\n",
+            server.addr,
+            dir.path().join("data").display(),
+            cert.display(),
+            key.display()
+        ),
+    )
+    .unwrap();
+    let mut child = spawn_dispatcher(&config);
+    let base = format!("https://127.0.0.1:{port}");
+    wait_healthy(&base, &ca).await;
+    let tls = spine_tls::client_config_for_ca_file(Some(&ca)).expect("the test CA");
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .redirect(reqwest::redirect::Policy::none())
+        .use_preconfigured_tls(tls)
+        .build()
+        .unwrap();
+
+    let page = http.get(format!("{base}/ui")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("<main id=\"main\""));
+
+    let r = http
+        .post(format!("{base}/ui/login"))
+        .form(&[("token", "token-ops-0123456789")])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 303);
+    let cookies: Vec<String> = r
+        .headers()
+        .get_all("set-cookie")
+        .iter()
+        .map(|v| v.to_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(cookies.len(), 2, "{cookies:?}");
+    assert!(
+        cookies.iter().all(|c| c.ends_with("; Secure")),
+        "{cookies:?}"
+    );
+    let jar: Vec<&str> = cookies
+        .iter()
+        .map(|c| c.split(';').next().unwrap())
+        .collect();
+    let me = http
+        .get(format!("{base}/v1/whoami"))
+        .header("cookie", jar.join("; "))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(me.status(), 200);
+    assert!(me.text().await.unwrap().contains("\"name\":\"ops\""));
+    child.kill().await.expect("stop the dispatcher");
+}
