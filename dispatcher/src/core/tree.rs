@@ -138,3 +138,107 @@ pub(crate) fn tree(jobs: &JobTable, parent: &JobRecord) -> TreeView {
         levels,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use jid::FullJid;
+    use spine_protocol::fragments::{self, Fragment};
+    use spine_protocol::{JobId, JobResult, MapReduce};
+
+    use super::*;
+    use crate::jobs::{JobSpec, MemoryBlobs};
+
+    fn id(s: &str) -> JobId {
+        s.parse().unwrap()
+    }
+
+    fn agent(n: u32) -> FullJid {
+        format!("agent{n}@localhost/w").parse().unwrap()
+    }
+
+    fn ok(t: &mut JobTable, job: &JobId, now: u64) {
+        let r = JobResult {
+            job: job.clone(),
+            attempt: 1,
+            elapsed_ms: None,
+            meta: Default::default(),
+            output: None,
+        };
+        t.succeeded(job, &r, b"x".to_vec().into(), None, now)
+            .unwrap();
+    }
+
+    #[test]
+    fn a_straggler_and_its_speculative_copy_are_marked_and_reduce_steps_are_unnamed() {
+        let mut t = JobTable::new(100);
+        let p = id("mr");
+        let list: Vec<Fragment> = (0..4)
+            .map(|i| Fragment::new(b"a".to_vec()).with_name(format!("part-{i}")))
+            .collect();
+        let mut spec = JobSpec::new("wc.map".parse().unwrap(), "http:test");
+        spec.input = fragments::encode(&list).into();
+        spec.mapreduce = Some(MapReduce {
+            reduce: "wc.reduce".parse().unwrap(),
+            split: None,
+            fan_in: 16,
+        });
+        t.submit(p.clone(), spec, 0).unwrap();
+        t.start_mapreduce(&p, 0, &MemoryBlobs::default());
+        let maps: Vec<JobId> = (0..4).map(|i| id(&format!("mr.m{i}"))).collect();
+        for m in &maps {
+            t.dispatched(m, &agent(1), 0).unwrap();
+        }
+        for m in &maps[..3] {
+            ok(&mut t, m, 100);
+            t.advance(&p, 100, &MemoryBlobs::default());
+        }
+        let s = t.stragglers(5_000, 4.0, 2_000);
+        assert_eq!(s.len(), 1);
+        let copy = t.speculate(&s[0], 5_000).unwrap();
+
+        let view = tree(&t, t.get(&p).unwrap());
+        assert_eq!(view.levels.len(), 2, "map and reduce levels");
+        let map = &view.levels[0];
+        assert_eq!((map.kind, map.level, map.steps.len()), ("map", 0, 4));
+        assert_eq!(map.steps[0].name.as_deref(), Some("part-0"));
+        assert_eq!(map.steps[0].winner.as_deref(), Some("mr.m0"));
+        let slow = &map.steps[3];
+        assert_eq!(slow.jobs.len(), 2);
+        assert_eq!(slow.jobs[0].id, "mr.m3");
+        assert!(slow.jobs[0].straggler && !slow.jobs[0].speculative);
+        assert_eq!(slow.jobs[1].id, copy.to_string());
+        assert!(slow.jobs[1].speculative && !slow.jobs[1].straggler);
+        assert_eq!(slow.jobs[1].state, JobState::Queued);
+        assert!(map.steps[..3]
+            .iter()
+            .all(|s| s.jobs.len() == 1 && !s.jobs[0].straggler && !s.jobs[0].speculative));
+        // The reduce level: planned, not started, and named by no fragment.
+        let reduce = &view.levels[1];
+        assert_eq!((reduce.kind, reduce.level), ("reduce", 1));
+        assert!(reduce
+            .steps
+            .iter()
+            .all(|s| s.name.is_none() && s.jobs.is_empty()));
+
+        // The copy wins: the step's winner is the copy.
+        t.dispatched(&copy, &agent(2), 5_010).unwrap();
+        ok(&mut t, &copy, 5_020);
+        t.advance(&p, 5_020, &MemoryBlobs::default());
+        let view = tree(&t, t.get(&p).unwrap());
+        assert_eq!(
+            view.levels[0].steps[3].winner.as_deref(),
+            Some(copy.as_str())
+        );
+        assert_eq!(view.levels[1].steps[0].jobs[0].id, "mr.r1.0");
+
+        // A job without steps has no levels.
+        let plain = id("plain");
+        t.submit(
+            plain.clone(),
+            JobSpec::new("x.y".parse().unwrap(), "http:test"),
+            0,
+        )
+        .unwrap();
+        assert!(tree(&t, t.get(&plain).unwrap()).levels.is_empty());
+    }
+}
