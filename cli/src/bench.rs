@@ -427,6 +427,10 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             if jobs == 0 || window == 0 || runs == 0 {
                 anyhow::bail!("--jobs, --window and --runs must be at least 1");
             }
+            if retained == 0 {
+                // Its figure is the rate with jobs held beside the rate with none.
+                anyhow::bail!("--retained must be at least 1 (the jobs held in the second configuration; the first holds none)");
+            }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let r = rt.block_on(retained::run(retained, jobs, window, runs))?;
             write_json(json, &r)?;

@@ -152,6 +152,13 @@ fn retained_runs_small_with_the_jobs_really_held() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--window"));
+    // Nothing held in the second configuration either: refused, not a panic.
+    let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args(["bench", "retained", "--retained", "0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--retained must be at least 1"));
 }
 
 /// `spine bench console`: every request of the console timed on an empty farm and on one
