@@ -20,26 +20,17 @@ use futures::Stream;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use spine_protocol::{CapabilityName, Filter, JobState};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::broadcast;
 use utoipa::ToSchema;
 
 use super::auth::{cookie, find_token, Caller, CSRF_COOKIE, TOKEN_COOKIE};
 use super::error::ApiError;
 use super::openapi::{ErrorBody, Refusals, Submitted};
 use super::request::job_id;
-use super::routes::{async_stream, change, find_job, mismatch};
-use super::{Command, Handle};
+use super::routes::{async_stream, change, find_job, mismatch, read};
+use super::Handle;
 use crate::core::{Answer, ApiReply, ApiRequest, FleetAnswer, Query as Lookup};
 use crate::registry::FleetAgent;
-
-/// Asks the driver for a read.
-async fn read(h: &Handle, query: Lookup) -> Result<Answer, ApiError> {
-    let (reply, rx) = oneshot::channel();
-    h.tx.send(Command::Read { query, reply })
-        .await
-        .map_err(|_| ApiError::unavailable())?;
-    rx.await.map_err(|_| ApiError::unavailable())
-}
 
 /// How often the fleet stream sends what changed (at most; nothing when nothing did).
 const FLEET_EVERY: Duration = Duration::from_secs(1);
