@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use serde_json::{json, Value};
 
 use super::median;
-use super::retained::{fill, NOOP};
+use super::retained::{held_farm, NOOP};
 use super::wait_for_agents;
 
 /// The requests timed, by name: (name, path). `{cursor}`, `{since}`, `{until}` and `{job}` are
@@ -97,25 +97,7 @@ fn paths(mid_ms: u64, mid_seq: u64, newest: &str) -> Vec<String> {
 /// One farm: fill its store with `held` jobs, start it, time every request, stop it.
 async fn farm_run(held: usize, probes: usize) -> Result<Vec<f64>> {
     let dir = tempfile::tempdir().context("temporary directory")?;
-    if held > 0 {
-        let store = dir.path().join("dispatcher").join("jobs.redb");
-        tokio::task::spawn_blocking(move || fill(&store, held))
-            .await
-            .context("filling the store")??;
-    }
-    let farm = crate::up::Farm::start(crate::up::FarmOptions {
-        agents: 2,
-        slots: 2,
-        xmpp_listen: "127.0.0.1:0".parse()?,
-        http_listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().to_path_buf(),
-        max_blob: None,
-        dispatcher: None,
-        agent: None,
-        extra_agents: Vec::new(),
-    })
-    .await?;
-    let api = spine_client::Client::new(&format!("http://{}", farm.http), None)?;
+    let (farm, api) = held_farm(dir.path(), held, 2).await?;
     let r = measure(&api, held, probes).await;
     farm.stop().await;
     r

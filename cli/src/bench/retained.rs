@@ -89,21 +89,25 @@ pub(super) async fn run(retained: usize, jobs: usize, window: usize, runs: usize
     }))
 }
 
-/// One farm: fill its store with `held` finished jobs, start it, measure, stop it.
-async fn farm_run(held: usize, jobs: usize, window: usize) -> Result<Figures> {
-    let dir = tempfile::tempdir().context("temporary directory")?;
+/// A local farm of 2 agents with `slots` each in `dir`, whose job store holds `held` finished
+/// jobs (written by [`fill`] before the dispatcher starts), and a client of its API.
+pub(super) async fn held_farm(
+    dir: &std::path::Path,
+    held: usize,
+    slots: u64,
+) -> Result<(crate::up::Farm, spine_client::Client)> {
     if held > 0 {
-        let store = dir.path().join("dispatcher").join("jobs.redb");
+        let store = dir.join("dispatcher").join("jobs.redb");
         tokio::task::spawn_blocking(move || fill(&store, held))
             .await
             .context("filling the store")??;
     }
     let farm = crate::up::Farm::start(crate::up::FarmOptions {
         agents: 2,
-        slots: window.div_ceil(2) as u64,
+        slots,
         xmpp_listen: "127.0.0.1:0".parse()?,
         http_listen: "127.0.0.1:0".parse()?,
-        data_dir: dir.path().to_path_buf(),
+        data_dir: dir.to_path_buf(),
         max_blob: None,
         dispatcher: None,
         agent: None,
@@ -111,6 +115,13 @@ async fn farm_run(held: usize, jobs: usize, window: usize) -> Result<Figures> {
     })
     .await?;
     let api = spine_client::Client::new(&format!("http://{}", farm.http), None)?;
+    Ok((farm, api))
+}
+
+/// One farm: fill its store with `held` finished jobs, start it, measure, stop it.
+async fn farm_run(held: usize, jobs: usize, window: usize) -> Result<Figures> {
+    let dir = tempfile::tempdir().context("temporary directory")?;
+    let (farm, api) = held_farm(dir.path(), held, window.div_ceil(2) as u64).await?;
     let r = measure(&api, jobs, window).await;
     farm.stop().await;
     let f = r?;
