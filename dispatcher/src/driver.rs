@@ -2,11 +2,18 @@
 //! file, and the [`Core`]. It reads the clock, feeds the core every input, and performs what
 //! the core decided, in the order [`Ready`] states: store, then send, then answer.
 //!
-//! A `select!` loop over stanzas, HTTP commands, the connection's status and a timer set to
-//! the core's next deadline ([`Core::next_wake`]). While events are ready (up to [`BATCH`]),
-//! they are all fed to the core before one commit — **group commit**: one fsync per batch
-//! instead of three per job, and no stanza or answer leaves before the changes it tells of
-//! are durable.
+//! A `select!` loop over stanzas, HTTP commands, the connection's status, the commit in
+//! flight and a timer set to the core's next deadline ([`Core::next_wake`]). While events are
+//! ready (up to [`BATCH`]), they are all fed to the core before anything is committed.
+//!
+//! **The commit pipeline.** Commits run on a blocking thread while the core goes on: at most
+//! one at a time, and all the changes made while one runs go into the next — group commit,
+//! one fsync for every job that changed meanwhile, and no stanza or answer leaves before the
+//! changes it tells of are durable. Two things do not wait: job requests to agents
+//! ([`Core::take_early`]: they promise nothing, so a job runs while its acceptance is being
+//! stored), and changes no one waits for yet ([`Pending::Lazy`]), which wait up to
+//! [`LINGER`] for a commit something else asks for — so a fast job's acceptance and outcome
+//! are stored in one commit.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -25,15 +32,21 @@ use crate::blob_gc::BlobGc;
 use crate::blobs::BlobStore;
 use crate::config::DispatcherConfig;
 use crate::core::data::DataPlane;
-use crate::core::{ApiReply, ApiToken, Command, Core, JobEvent, Now, Ready, Restored};
+use crate::core::{ApiReply, ApiToken, Command, Core, JobEvent, Now, Pending, Ready, Restored};
 use crate::error::DispatcherError;
 use crate::http::Handle;
 use crate::jobs::JobRecord;
 use crate::policy::Policy;
-use crate::store::{Batch, Store};
+use crate::store::{Batch, OwnedBatch, Store, StoreError};
 
-/// Most events handled before the changes they made are committed and their replies sent.
+/// Most events handled in one turn of the loop, before the commit pipeline is looked at.
 const BATCH: usize = 256;
+
+/// How long changes no one waits for yet ([`Pending::Lazy`]) may wait for a commit that
+/// something else asks for: longer than a no-op job's round trip to an agent (about 0.2 ms on
+/// loopback), so that its acceptance and outcome share a commit; short enough that an
+/// accepted job is not held unstored for long.
+const LINGER: Duration = Duration::from_millis(2);
 
 /// The time now, read once per input.
 pub(crate) fn now() -> Now {
@@ -96,7 +109,7 @@ pub async fn run(
 struct Driver {
     core: Core,
     conn: Connection,
-    store: Store,
+    store: Arc<Store>,
     audit: Option<AuditLog>,
     /// Jobs whose audit lines reached the file since it was last synced (to leave the outbox).
     audited: Vec<String>,
@@ -108,6 +121,26 @@ struct Driver {
     next_token: ApiToken,
     /// Deletes blobs no job holds.
     blob_gc: BlobGc,
+    /// The commit running on a blocking thread, and what waits for it.
+    in_flight: Option<InFlight>,
+    /// Since when changes no one waits for have been waiting ([`LINGER`]).
+    lazy_since: Option<Instant>,
+}
+
+/// A commit on its way to disk, and what leaves once it is there.
+struct InFlight {
+    done: tokio::task::JoinHandle<Result<(), StoreError>>,
+    ready: Ready,
+}
+
+/// The end of the commit in flight (never, if there is none).
+async fn committed(
+    slot: &mut Option<InFlight>,
+) -> Result<Result<(), StoreError>, tokio::task::JoinError> {
+    match slot {
+        Some(f) => (&mut f.done).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Opens the audit log named by the configuration (`off`: none), appending the lines of jobs
@@ -152,7 +185,10 @@ async fn run_inner(
     shutdown: impl Future<Output = impl Sized> + Send,
 ) -> Result<(), DispatcherError> {
     let opts = cfg.connect_options()?;
-    let store = Store::open_with_cache(&cfg.data_dir.join("jobs.redb"), cfg.store_cache.as_u64())?;
+    let store = Arc::new(Store::open_with_cache(
+        &cfg.data_dir.join("jobs.redb"),
+        cfg.store_cache.as_u64(),
+    )?);
     let restored = Restored {
         jobs: store.load()?,
         capabilities: store.known_capabilities()?,
@@ -231,19 +267,27 @@ async fn run_inner(
         waiting: HashMap::new(),
         next_token: 0,
         blob_gc,
+        in_flight: None,
+        lazy_since: None,
     };
     d.core.session_started(t);
     d.core.recover(t);
-    d.commit().await?;
+    d.commit_all().await?;
     let mut auth_refusals = 0u32;
     tokio::pin!(shutdown);
     loop {
-        let wake = d.core.next_wake(now()).min(d.blob_gc.next_wake());
+        let mut wake = d.core.next_wake(now()).min(d.blob_gc.next_wake());
+        // Lingering changes start a commit when the linger is over (with one in flight,
+        // they join the next when it ends).
+        if let (Some(since), None) = (d.lazy_since, &d.in_flight) {
+            wake = wake.min(LINGER.saturating_sub(since.elapsed()));
+        }
         tokio::select! {
-            // Cancellation-safe branches: the connection, the channels and the sleep keep
-            // no state a cancelled branch would lose.
+            // Cancellation-safe branches: the connection, the channels, the join handle and
+            // the sleep keep no state a cancelled branch would lose.
             _ = &mut shutdown => break,
             ev = d.conn.next() => d.on_event(ev)?,
+            r = committed(&mut d.in_flight), if d.in_flight.is_some() => d.on_committed(r).await?,
             _ = tokio::time::sleep(wake) => {
                 d.core.tick(now());
                 let core = &d.core;
@@ -272,11 +316,11 @@ async fn run_inner(
                 break;
             }
         }
-        d.commit().await?;
+        d.flush().await?;
     }
     http_stop.cancel();
     info!("dispatcher stopping");
-    d.commit().await?;
+    d.commit_all().await?;
     d.conn.send(Presence::new(PresenceType::Unavailable)).await;
     d.conn.close().await;
     Ok(())
@@ -315,10 +359,78 @@ impl Driver {
         }
     }
 
-    /// Performs what the core decided: stores every change in one durable transaction, then
-    /// writes the audit lines, sends the stanzas, and answers.
-    async fn commit(&mut self) -> Result<(), DispatcherError> {
-        let mut ready = self.core.take_ready();
+    /// After a turn of the loop: job requests go to agents at once; a commit starts if none
+    /// is running and something waits for one (or has lingered long enough).
+    async fn flush(&mut self) -> Result<(), DispatcherError> {
+        for st in self.core.take_early() {
+            self.conn.send(st).await;
+        }
+        if self.in_flight.is_some() {
+            // The changes join the next commit, which starts when this one ends.
+            return Ok(());
+        }
+        match self.core.pending() {
+            Pending::Nothing => self.lazy_since = None,
+            Pending::Urgent => self.start_commit().await?,
+            Pending::Lazy => {
+                let since = *self.lazy_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= LINGER {
+                    self.start_commit().await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The commit in flight ended: what waited for it leaves, and the next one starts if
+    /// something waits.
+    async fn on_committed(
+        &mut self,
+        r: Result<Result<(), StoreError>, tokio::task::JoinError>,
+    ) -> Result<(), DispatcherError> {
+        let Some(f) = self.in_flight.take() else {
+            return Ok(());
+        };
+        match r {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                // The store failed: nothing can be promised any more.
+                error!("{e}");
+                return Err(e.into());
+            }
+            Err(e) => {
+                error!("the job store's commit did not finish: {e}");
+                return Err(StoreError(format!("the commit did not finish: {e}")).into());
+            }
+        }
+        self.stored(f.ready).await;
+        self.flush().await
+    }
+
+    /// Commits everything the core decided and waits for it (at start and at shutdown).
+    async fn commit_all(&mut self) -> Result<(), DispatcherError> {
+        loop {
+            for st in self.core.take_early() {
+                self.conn.send(st).await;
+            }
+            if self.in_flight.is_none() {
+                if self.core.pending() == Pending::Nothing {
+                    return Ok(());
+                }
+                self.start_commit().await?;
+            }
+            if self.in_flight.is_some() {
+                let r = committed(&mut self.in_flight).await;
+                self.on_committed(r).await?;
+            }
+        }
+    }
+
+    /// Takes what the core decided and stores it on a blocking thread ([`InFlight`]); with
+    /// nothing to store, it leaves at once.
+    async fn start_commit(&mut self) -> Result<(), DispatcherError> {
+        self.lazy_since = None;
+        let ready = self.core.take_ready();
         // Lines leave the store's outbox once the file holding them is on disk: synced at
         // most once a second, so a power loss cannot lose a line either.
         let mut written = Vec::new();
@@ -331,30 +443,38 @@ impl Driver {
             }
             self.audit_synced = Instant::now();
         }
-        if ready.must_store() || !written.is_empty() {
-            let jobs: Vec<&JobRecord> = ready
-                .persist
-                .iter()
-                .filter_map(|id| self.core.record(id))
-                .collect();
-            let batch = Batch {
-                jobs: &jobs,
-                delete: &ready.delete,
-                audit: &ready.audit,
-                audited: &written,
-                agents: &ready.agents_seen,
-                capabilities: &ready.capabilities_learned,
-            };
-            if let Err(e) = self.store.commit(&batch) {
-                // The store failed: nothing can be promised any more.
-                error!("{e}");
-                return Err(e.into());
-            }
+        if !ready.must_store() && written.is_empty() {
+            self.stored(ready).await;
+            return Ok(());
         }
+        let jobs: Vec<&JobRecord> = ready
+            .persist
+            .iter()
+            .filter_map(|id| self.core.record(id))
+            .collect();
+        let batch = OwnedBatch::encode(&Batch {
+            jobs: &jobs,
+            delete: &ready.delete,
+            audit: &ready.audit,
+            audited: &written,
+            agents: &ready.agents_seen,
+            capabilities: &ready.capabilities_learned,
+        })
+        .map_err(|e| {
+            error!("{e}");
+            DispatcherError::from(e)
+        })?;
+        let store = self.store.clone();
+        let done = tokio::task::spawn_blocking(move || store.commit_owned(&batch));
+        self.in_flight = Some(InFlight { done, ready });
+        Ok(())
+    }
+
+    /// What may leave once the changes are stored.
+    async fn stored(&mut self, mut ready: Ready) {
         // The jobs that let these blobs go are forgotten on disk now.
         self.blob_gc.released(std::mem::take(&mut ready.released));
         self.deliver(ready).await;
-        Ok(())
     }
 
     /// The second half of a commit: what may leave once the changes are stored.
@@ -367,7 +487,7 @@ impl Driver {
                 Err(e) => error!("cannot write the audit log: {e}"),
             }
         }
-        for st in ready.stanzas {
+        for st in ready.early.into_iter().chain(ready.stanzas) {
             self.conn.send(st).await;
         }
         for (token, reply) in ready.replies {

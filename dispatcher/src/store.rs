@@ -34,7 +34,7 @@ const AUDIT_OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_o
 /// HTTP 503 / XMPP `internal-server-error`) rather than acknowledging a job it did not store.
 #[derive(Debug, thiserror::Error)]
 #[error("job store: {0}")]
-pub struct StoreError(String);
+pub struct StoreError(pub(crate) String);
 
 fn e(x: impl std::fmt::Display) -> StoreError {
     StoreError(x.to_string())
@@ -111,13 +111,19 @@ impl Store {
     /// inputs and keys), audit lines added to the outbox and those the audit file now holds
     /// removed, agents seen and capabilities offered for the first time.
     pub fn commit(&self, b: &Batch<'_>) -> Result<(), StoreError> {
+        self.commit_owned(&OwnedBatch::encode(b)?)
+    }
+
+    /// [`Store::commit`] of a batch already encoded ([`OwnedBatch::encode`]): what the
+    /// dispatcher's commit pipeline runs on a thread of its own while the dispatcher goes on.
+    pub fn commit_owned(&self, b: &OwnedBatch) -> Result<(), StoreError> {
         let tx = self.db.begin_write().map_err(e)?;
         {
             let mut outbox = tx.open_table(AUDIT_OUTBOX).map_err(e)?;
-            for job in b.audited {
+            for job in &b.audited {
                 outbox.remove(job.as_str()).map_err(e)?;
             }
-            for (job, line) in b.audit {
+            for (job, line) in &b.audit {
                 outbox.insert(job.as_str(), line.as_slice()).map_err(e)?;
             }
         }
@@ -125,27 +131,25 @@ impl Store {
             let mut t = tx.open_table(JOBS).map_err(e)?;
             let mut inputs = tx.open_table(INPUTS).map_err(e)?;
             let mut idem = tx.open_table(IDEMPOTENCY).map_err(e)?;
-            for j in b.jobs {
-                let bytes = serde_json::to_vec(j).map_err(e)?;
-                t.insert(j.id.as_str(), bytes.as_slice()).map_err(e)?;
+            for j in &b.jobs {
+                t.insert(j.id.as_str(), j.record.as_slice()).map_err(e)?;
                 // An inline input once; dropped when the job let go of it (a started
                 // map/reduce). A stored input is in the record (its hash and size).
-                match j.spec.input.inline() {
-                    Some(i) if !i.is_empty() => {
+                match &j.input {
+                    Some(i) => {
                         if inputs.get(j.id.as_str()).map_err(e)?.is_none() {
-                            inputs.insert(j.id.as_str(), i).map_err(e)?;
+                            inputs.insert(j.id.as_str(), i.as_slice()).map_err(e)?;
                         }
                     }
-                    _ => {
+                    None => {
                         inputs.remove(j.id.as_str()).map_err(e)?;
                     }
                 }
-                if let Some(k) = &j.spec.idempotency_key {
-                    idem.insert(idem_key(&j.spec.submitter, k).as_str(), j.id.as_str())
-                        .map_err(e)?;
+                if let Some(k) = &j.idempotency {
+                    idem.insert(k.as_str(), j.id.as_str()).map_err(e)?;
                 }
             }
-            for id in b.delete {
+            for id in &b.delete {
                 // The key is in the stored record (the job is no longer held in memory).
                 let removed = t.remove(id.as_str()).map_err(e)?;
                 let key = removed
@@ -163,13 +167,13 @@ impl Store {
         }
         if !b.agents.is_empty() {
             let mut t = tx.open_table(AGENTS).map_err(e)?;
-            for (jid, at) in b.agents {
+            for (jid, at) in &b.agents {
                 t.insert(jid.as_str(), *at).map_err(e)?;
             }
         }
         if !b.capabilities.is_empty() {
             let mut t = tx.open_table(CAPABILITIES).map_err(e)?;
-            for (c, at) in b.capabilities {
+            for (c, at) in &b.capabilities {
                 if t.get(c.as_str()).map_err(e)?.is_none() {
                     t.insert(c.as_str(), *at).map_err(e)?;
                 }
@@ -346,6 +350,85 @@ pub struct Batch<'a> {
     pub agents: &'a [(String, u64)],
     /// Capabilities offered for the first time, with when.
     pub capabilities: &'a [(CapabilityName, u64)],
+}
+
+/// A [`Batch`] that owns its data, the job records already encoded: it can cross to another
+/// thread while the job table goes on changing.
+#[derive(Debug, Default)]
+pub struct OwnedBatch {
+    /// Jobs new or changed.
+    pub jobs: Vec<EncodedJob>,
+    /// Jobs to forget.
+    pub delete: Vec<JobId>,
+    /// Audit lines to add to the outbox: (job id, line).
+    pub audit: Vec<(String, Vec<u8>)>,
+    /// Jobs whose audit lines the audit file now holds.
+    pub audited: Vec<String>,
+    /// Agents (bare JIDs) seen, with when.
+    pub agents: Vec<(String, u64)>,
+    /// Capabilities offered for the first time, with when.
+    pub capabilities: Vec<(CapabilityName, u64)>,
+}
+
+impl OwnedBatch {
+    /// Encodes the records of `b` and copies the rest.
+    pub fn encode(b: &Batch<'_>) -> Result<OwnedBatch, StoreError> {
+        Ok(OwnedBatch {
+            jobs: b
+                .jobs
+                .iter()
+                .map(|j| EncodedJob::new(j))
+                .collect::<Result<_, _>>()?,
+            delete: b.delete.to_vec(),
+            audit: b.audit.to_vec(),
+            audited: b.audited.to_vec(),
+            agents: b.agents.to_vec(),
+            capabilities: b.capabilities.to_vec(),
+        })
+    }
+
+    /// Whether there is nothing to store.
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty()
+            && self.delete.is_empty()
+            && self.audit.is_empty()
+            && self.audited.is_empty()
+            && self.agents.is_empty()
+            && self.capabilities.is_empty()
+    }
+}
+
+/// One job record as the store writes it.
+#[derive(Debug)]
+pub struct EncodedJob {
+    id: String,
+    /// The record as JSON, without its input.
+    record: Vec<u8>,
+    /// An inline input (written once), or none (a stored input, or one the job let go of).
+    input: Option<Vec<u8>>,
+    /// The idempotency key, as the `idempotency` table's key.
+    idempotency: Option<String>,
+}
+
+impl EncodedJob {
+    /// Encodes `j`.
+    pub fn new(j: &JobRecord) -> Result<EncodedJob, StoreError> {
+        Ok(EncodedJob {
+            id: j.id.as_str().to_owned(),
+            record: serde_json::to_vec(j).map_err(e)?,
+            input: j
+                .spec
+                .input
+                .inline()
+                .filter(|i| !i.is_empty())
+                .map(<[u8]>::to_vec),
+            idempotency: j
+                .spec
+                .idempotency_key
+                .as_ref()
+                .map(|k| idem_key(&j.spec.submitter, k)),
+        })
+    }
 }
 
 /// Creates `dir` (and missing parents) with mode 0700, or tightens an existing one that other

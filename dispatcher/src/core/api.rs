@@ -27,6 +27,9 @@ pub(crate) enum ApiRequest {
         /// The capabilities the caller may run (an `unknown-capability` answer lists only
         /// those).
         visible: Capabilities,
+        /// The caller waits for the job's end (`?wait=`), so the answer may wait for a
+        /// commit something else asks for ([`super::Pending::Lazy`]).
+        wait: bool,
     },
     /// Cancel a job (and its children).
     Cancel { id: JobId },

@@ -119,6 +119,8 @@ struct Sim {
     fail_rate: f64,
     inputs_since_commit: usize,
     batch: usize,
+    /// Since when changes no one waits for have waited for a commit.
+    lazy_since_ms: Option<u64>,
 }
 
 impl Sim {
@@ -155,6 +157,7 @@ impl Sim {
             fail_rate,
             inputs_since_commit: 0,
             batch: batch.max(1),
+            lazy_since_ms: None,
         };
         for i in 0..agents {
             sim.start_agent(i);
@@ -209,6 +212,7 @@ impl Sim {
     /// batch can be lost.
     fn commit(&mut self) {
         self.inputs_since_commit = 0;
+        self.lazy_since_ms = None;
         let ready = self.core.take_ready();
         for id in &ready.persist {
             let Some(rec) = self.core.record(id) else {
@@ -233,7 +237,7 @@ impl Sim {
         for (c, _) in &ready.capabilities_learned {
             self.caps_seen.push(c.clone());
         }
-        for st in ready.stanzas {
+        for st in ready.early.into_iter().chain(ready.stanzas) {
             self.post(false, st);
         }
         for (token, reply) in ready.replies {
@@ -250,8 +254,12 @@ impl Sim {
         self.wake_ms = self.ms() + self.core.next_wake(self.now).as_millis() as u64;
     }
 
-    /// After each input: commit every `batch` inputs (group commit).
+    /// After each input: job requests leave at once (before any commit, as the driver sends
+    /// them); commit every `batch` inputs (group commit).
     fn after_input(&mut self) {
+        for st in self.core.take_early() {
+            self.post(false, st);
+        }
         self.inputs_since_commit += 1;
         if self.inputs_since_commit >= self.batch {
             self.commit();
@@ -259,6 +267,8 @@ impl Sim {
     }
 
     fn submit(&mut self, key: Option<String>) {
+        // Half the submitters wait for the end: their acceptance is lazy.
+        let wait = self.rng.random_bool(0.5);
         let mut s = spec(CAP);
         s.max_attempts = 5;
         s.idempotency_key = key;
@@ -268,6 +278,7 @@ impl Sim {
             spec: Box::new(s),
             wait_for_agent: true,
             visible: Capabilities::all(),
+            wait,
         };
         self.core.api(self.next_token, req, self.now);
         self.after_input();
@@ -345,8 +356,15 @@ impl Sim {
             self.core.tick(self.now);
             self.after_input();
         }
-        if self.inputs_since_commit > 0 {
-            self.commit();
+        // As the driver: commit when something waits; changes no one waits for linger (one
+        // step here) for a commit to share.
+        match self.core.pending() {
+            Pending::Urgent => self.commit(),
+            Pending::Lazy if self.lazy_since_ms.is_some_and(|t| ms > t) => self.commit(),
+            Pending::Lazy => {
+                self.lazy_since_ms.get_or_insert(ms);
+            }
+            Pending::Nothing => self.lazy_since_ms = None,
         }
     }
 

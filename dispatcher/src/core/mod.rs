@@ -97,9 +97,15 @@ impl Now {
 /// What the core decided since the last [`Core::take_ready`], in the order the driver must
 /// act on it: **store** (`persist`, `delete`, `audit`, `agents_seen`, `capabilities_learned`,
 /// in one transaction), then **send** `stanzas`, then **answer** (`replies`, `events`).
-/// Nothing about a change leaves before the change is durable.
+/// Nothing about a change leaves before the change is durable — except `early`: job requests
+/// to agents, which promise nothing to anyone ([`Core::take_early`]).
 #[derive(Debug, Default)]
 pub(crate) struct Ready {
+    /// Job requests to agents, which may leave before the commit: see [`Core::take_early`].
+    pub early: Vec<Stanza>,
+    /// How many of `stanzas` and `replies` may wait for a commit that something else asks
+    /// for ([`Core::pending`]).
+    pub lazy: usize,
     /// Jobs new or changed (read them with [`Core::record`]).
     pub persist: Vec<JobId>,
     /// Jobs past their retention, to delete.
@@ -119,6 +125,19 @@ pub(crate) struct Ready {
     /// Blobs no held job references any more: the driver deletes each after a grace, if it
     /// is still unreferenced then ([`Core::blob_refs`]).
     pub released: Vec<crate::blobs::Stored>,
+}
+
+/// What waits for a commit ([`Core::pending`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Pending {
+    /// Nothing: no commit is needed.
+    Nothing,
+    /// Changes no one waits for yet: a job accepted for a submitter who waits for its end, a
+    /// job dispatched, progress. They may wait a moment (the driver's linger) to share a
+    /// commit with what comes next — a fast job's outcome, typically.
+    Lazy,
+    /// Someone waits: an answer, a stanza, a job's end to announce.
+    Urgent,
 }
 
 impl Ready {
@@ -407,6 +426,41 @@ impl Core {
     }
 
     /// Everything decided since the last call, in the order to act on it.
+    /// Job requests to agents decided since the last call, which the driver sends at once,
+    /// before the commit of the changes that decided them: telling an agent to run a job
+    /// promises nothing to its submitter or anyone else. If the dispatcher dies before the
+    /// commit, the stored record still says what it said before (queued, or no job at all if
+    /// its acceptance was not stored either, which no one was told of then), and the agent's
+    /// answer goes to a request id the next process does not know; a job placed again goes out
+    /// with the same id and attempt, which the agent attaches to the one it runs
+    /// (PROTOCOL.md §5.3). Saving this wait is what lets a job run while its acceptance is
+    /// being stored, and a fast job's acceptance and outcome share one commit.
+    pub(crate) fn take_early(&mut self) -> Vec<Stanza> {
+        std::mem::take(&mut self.ready.early)
+    }
+
+    /// Whether a commit is needed now ([`Pending::Urgent`]), may wait a moment
+    /// ([`Pending::Lazy`]), or is not needed.
+    pub(crate) fn pending(&self) -> Pending {
+        let r = &self.ready;
+        if r.stanzas.len() + r.replies.len() > r.lazy
+            || r.events.iter().any(|e| e.kind == EventKind::Final)
+        {
+            Pending::Urgent
+        } else if r.must_store()
+            || !self.dirty.is_empty()
+            || !r.stanzas.is_empty()
+            || !r.replies.is_empty()
+            || !r.events.is_empty()
+            || !r.released.is_empty()
+            || !r.early.is_empty()
+        {
+            Pending::Lazy
+        } else {
+            Pending::Nothing
+        }
+    }
+
     pub(crate) fn take_ready(&mut self) -> Ready {
         let mut ready = std::mem::take(&mut self.ready);
         ready.persist = self.dirty.drain().collect();
@@ -447,6 +501,17 @@ impl Core {
     /// Queues a stanza (sent after the commit).
     fn send(&mut self, st: impl Into<Stanza>) {
         self.ready.stanzas.push(st.into());
+    }
+
+    /// Queues a stanza sent after the commit, which need not hurry it ([`Pending::Lazy`]).
+    fn send_lazy(&mut self, st: impl Into<Stanza>) {
+        self.ready.stanzas.push(st.into());
+        self.ready.lazy += 1;
+    }
+
+    /// Queues a job request to an agent, sent before the commit ([`Core::take_early`]).
+    fn send_early(&mut self, st: impl Into<Stanza>) {
+        self.ready.early.push(st.into());
     }
 
     /// Queues an event for the HTTP event streams.

@@ -272,7 +272,7 @@ impl Core {
             debug!(job = %id, agent = %agent, attempt, "dispatching");
             let s = sent(j.clone(), stanza_bytes(&j));
             self.requests.job_sent(iq_id.clone(), s);
-            self.send(Iq::from_set(iq_id, j).with_to(agent.clone().into()));
+            self.send_early(Iq::from_set(iq_id, j).with_to(agent.clone().into()));
             return;
         }
         // In chunks the input is held in memory while it goes: at most `max_blob` of it.

@@ -30,7 +30,16 @@ impl Core {
                 spec,
                 wait_for_agent,
                 visible,
-            } => ApiReply::Submitted(self.accept(*spec, wait_for_agent, &visible, now)),
+                wait,
+            } => {
+                let answer = self.accept(*spec, wait_for_agent, &visible, now);
+                // A caller who waits for the job's end hears nothing before it (or its wait)
+                // is over: its acceptance can share a commit with a fast job's outcome.
+                if wait && answer.is_ok() {
+                    self.ready.lazy += 1;
+                }
+                ApiReply::Submitted(answer)
+            }
             ApiRequest::Cancel { id } => ApiReply::Cancelled(self.cancel_job(&id, now)),
             ApiRequest::SetAgentState {
                 agent,
@@ -362,7 +371,13 @@ impl Core {
             target: None,
             parent: None,
         };
+        let watched = spec.watch.is_some();
         match self.accept(spec, s.wait_for_agent, &visible, now) {
+            // A watcher hears of the job's end too: its acceptance need not hurry the commit,
+            // and shares one with a fast job's outcome.
+            Ok((job, state)) if watched => {
+                self.send_lazy(Iq::from_result(id, Some(Accepted { job, state })).with_to(from))
+            }
             Ok((job, state)) => {
                 self.send(Iq::from_result(id, Some(Accepted { job, state })).with_to(from))
             }

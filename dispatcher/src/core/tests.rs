@@ -149,6 +149,7 @@ impl World {
             spec: Box::new(spec),
             wait_for_agent,
             visible: Capabilities::all(),
+            wait: false,
         };
         self.core.api(token, req, self.now);
         let replies = std::mem::take(&mut self.core.ready.replies);
@@ -168,8 +169,13 @@ impl World {
         self.core.stanza(p.into(), self.now);
     }
 
+    /// What the core decided, the job requests that leave before the commit
+    /// ([`Core::take_early`]) first among the stanzas, in the order the driver sends them.
     pub(crate) fn ready(&mut self) -> Ready {
-        self.core.take_ready()
+        let mut r = self.core.take_ready();
+        let early = std::mem::take(&mut r.early);
+        r.stanzas.splice(0..0, early);
+        r
     }
 
     pub(crate) fn state(&self, job: &JobId) -> JobState {
@@ -268,6 +274,7 @@ fn an_accepted_job_is_stored_before_it_is_acknowledged_and_sent() {
         spec: Box::new(spec(CAP)),
         wait_for_agent: false,
         visible: Capabilities::all(),
+        wait: false,
     };
     w.core.api(w.token, req, w.now);
     let r = w.ready();
@@ -286,6 +293,72 @@ fn an_accepted_job_is_stored_before_it_is_acknowledged_and_sent() {
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].to, a);
     assert_eq!(&sent[0].job.id, id);
+}
+
+#[test]
+fn a_job_request_leaves_before_the_commit_and_a_waiting_callers_acceptance_may_linger() {
+    let mut w = World::new();
+    let a = w.agent(1, 4);
+    w.ready();
+    assert_eq!(w.core.pending(), Pending::Nothing);
+    let submit = |w: &mut World, wait: bool| {
+        w.token += 1;
+        let req = ApiRequest::Submit {
+            spec: Box::new(spec(CAP)),
+            wait_for_agent: false,
+            visible: Capabilities::all(),
+            wait,
+        };
+        w.core.api(w.token, req, w.now);
+    };
+    // A caller who waits for the end: the job request goes at once, nothing hurries the
+    // commit of its acceptance.
+    submit(&mut w, true);
+    let early = w.core.take_early();
+    let sent = jobs_sent(&early);
+    assert_eq!(sent.len(), 1, "the job request leaves before the commit");
+    assert_eq!(sent[0].to, a);
+    assert_eq!(w.core.pending(), Pending::Lazy);
+    // Its outcome makes the commit urgent: acceptance and outcome are stored together.
+    w.succeed(&sent[0], &a);
+    assert_eq!(w.core.pending(), Pending::Urgent);
+    let r = w.core.take_ready();
+    assert_eq!(
+        r.persist,
+        vec![sent[0].job.id.clone()],
+        "one record, one write"
+    );
+    assert_eq!(w.state(&sent[0].job.id), JobState::Succeeded);
+    assert!(matches!(
+        r.replies.as_slice(),
+        [(_, ApiReply::Submitted(Ok(_)))]
+    ));
+    assert!(r.events.iter().any(|e| e.kind == EventKind::Final));
+    assert_eq!(w.core.pending(), Pending::Nothing);
+    // A caller told only "accepted" waits for that answer: urgent at once.
+    submit(&mut w, false);
+    assert_eq!(jobs_sent(&w.core.take_early()).len(), 1);
+    assert_eq!(w.core.pending(), Pending::Urgent);
+    w.ready();
+    // An XMPP submitter who watches the job: its <accepted> may linger too.
+    let from: Jid = "webapp@localhost/app".parse().unwrap();
+    let xmpp = |w: &mut World, id: &str, watch: bool| {
+        let s = spine_protocol::Submit {
+            watch,
+            ..spine_protocol::Submit::new(CAP.parse().unwrap())
+        };
+        let iq = Iq::from_set(id.to_owned(), s).with_from(from.clone());
+        w.core.stanza(iq.into(), w.now);
+    };
+    xmpp(&mut w, "s1", true);
+    assert_eq!(jobs_sent(&w.core.take_early()).len(), 1);
+    assert_eq!(w.core.pending(), Pending::Lazy);
+    xmpp(&mut w, "s2", false);
+    assert_eq!(
+        w.core.pending(),
+        Pending::Urgent,
+        "an unwatched <accepted> does not wait"
+    );
 }
 
 #[test]

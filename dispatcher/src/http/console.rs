@@ -373,6 +373,7 @@ pub(super) async fn retry(
         spec: Box::new(spec),
         wait_for_agent: true,
         visible: caller.grant.capabilities.clone(),
+        wait: false,
     };
     let ApiReply::Submitted(answer) = change(&h, request).await? else {
         return Err(mismatch());

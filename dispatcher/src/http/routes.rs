@@ -163,6 +163,7 @@ pub(super) async fn submit(
         spec: Box::new(spec),
         wait_for_agent,
         visible: caller.grant.capabilities.clone(),
+        wait: wait.is_some(),
     };
     let ApiReply::Submitted(answer) = change(&h, request).await? else {
         return Err(mismatch());
@@ -244,6 +245,7 @@ pub(super) async fn submit_batch(
                 spec: Box::new(spec),
                 wait_for_agent,
                 visible: caller.grant.capabilities.clone(),
+                wait: false,
             };
             let ApiReply::Submitted(answer) = change(h, request).await? else {
                 return Err(mismatch());
