@@ -116,9 +116,11 @@ pub(super) async fn run(o: Options) -> Result<Value> {
         parent.display(),
         filesystem(&parent)
     );
+    let defaults = spine_dispatcher::DispatcherConfig::default();
     println!(
-        "limits: the loopback caller (http:local) has no rate limit (submitter_rate unset, the default) and may queue {} jobs (submitter_max_queued = max_queue); http_max_connections {}: nothing throttles {} in flight",
-        spine_dispatcher::DispatcherConfig::default().max_queue,
+        "limits: the loopback caller (http:local) has no rate limit (submitter_rate unset, the default) and may have {} jobs queued (submitter_max_queued, of max_queue {}); http_max_connections {}: nothing throttles {} in flight",
+        defaults.submitter_max_queued.of(defaults.max_queue),
+        defaults.max_queue,
         max_connections(o.window),
         o.window
     );
