@@ -9,9 +9,11 @@ use futures::{StreamExt as _, TryStreamExt as _};
 use spine_dispatcher::sim::{placement, timed, Workload};
 
 mod console;
+mod cost;
 mod https;
 mod images;
 mod payload;
+mod procs;
 mod retained;
 mod soak;
 mod split;
@@ -211,6 +213,36 @@ enum Scenario {
         #[arg(long)]
         json: Option<PathBuf>,
     },
+    /// CPU time and latency per no-op job over HTTP (issue 19): `POST /v1/jobs?wait=30s`
+    /// one at a time and many in flight on a fresh farm of separate processes (server,
+    /// dispatcher, one agent), the CPU each used per job read from /proc, the job store on
+    /// the disk of --dir; with --against, alternating runs of another `spine` build.
+    Cost {
+        /// No-op jobs one at a time, per run.
+        #[arg(long, default_value_t = 2_000)]
+        seq_jobs: usize,
+        /// No-op jobs with --window in flight, per run.
+        #[arg(long, default_value_t = 20_000)]
+        jobs: usize,
+        /// Jobs in flight in the warm-up and the throughput phase (also the agent's slots).
+        #[arg(long, default_value_t = 64)]
+        window: usize,
+        /// Runs (the median is reported).
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// An existing directory in which each run's farm gets a fresh directory (configs,
+        /// logs, job store), deleted after the run: the disk the store is measured on
+        /// [default: the current directory, since /tmp may be memory].
+        #[arg(long)]
+        dir: Option<PathBuf>,
+        /// Another `spine` binary (an older build) to measure the same way, one run of it
+        /// after each run of this one; prints the ratios this ÷ that.
+        #[arg(long)]
+        against: Option<PathBuf>,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Memory over time (issue 17, item 7): server, dispatcher and 2 agents as separate
     /// processes under a steady mix of jobs for minutes with a short retention, then idle for
     /// retention + 60 s; every sample the RSS of each process, the job store's and the blob
@@ -364,6 +396,40 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             let (r, passed) = rt.block_on(soak::run(mix))?;
             write_json(json, &r)?;
             Ok(passed)
+        }
+        Scenario::Cost {
+            seq_jobs,
+            jobs,
+            window,
+            runs,
+            dir,
+            against,
+            json,
+        } => {
+            for (flag, n) in [
+                ("--seq-jobs", seq_jobs),
+                ("--jobs", jobs),
+                ("--window", window),
+                ("--runs", runs),
+            ] {
+                if n == 0 {
+                    anyhow::bail!("{flag} must be at least 1 (it was 0)");
+                }
+            }
+            if window > 1000 {
+                anyhow::bail!("--window must be at most 1000 (each job in flight holds a connection and an agent slot)");
+            }
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let r = rt.block_on(cost::run(cost::Options {
+                seq_jobs,
+                jobs,
+                window,
+                runs,
+                dir,
+                against,
+            }))?;
+            write_json(json, &r)?;
+            Ok(true)
         }
         Scenario::Https {
             seq_jobs,

@@ -378,3 +378,87 @@ fn split_runs_small_and_counts_every_byte() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--gib"));
 }
+
+/// `spine bench cost`: a farm of separate processes measured phase by phase, every part with
+/// CPU time of its own, and `--against` with this same binary as the other build: the runs
+/// alternate, the other side's JSON is read back and the ratios are computed from both.
+#[test]
+fn cost_runs_small_against_itself() {
+    let store = tempfile::tempdir().unwrap();
+    let dir = store.path().to_str().unwrap();
+    let (stdout, r) = bench(&[
+        "cost",
+        "--runs",
+        "1",
+        "--jobs",
+        "200",
+        "--seq-jobs",
+        "20",
+        "--window",
+        "8",
+        "--dir",
+        dir,
+        "--against",
+        env!("CARGO_BIN_EXE_spine"),
+    ]);
+    assert!(stdout.contains("nothing throttles 8 in flight"), "{stdout}");
+    assert!(stdout.contains("after (this binary) ÷ before"), "{stdout}");
+    for side in [&r, &r["against"]] {
+        let runs = side["runs"].as_array().unwrap();
+        assert_eq!(runs.len(), 1, "{side}");
+        let run = &runs[0];
+        assert_eq!(run["seq_jobs"], 20, "{run}");
+        assert_eq!(run["jobs"], 200, "{run}");
+        assert_eq!(run["window"], 8, "{run}");
+        assert!(run["jobs_per_s"].as_f64().unwrap() > 0.0, "{run}");
+        assert!(run["seq_p50_ms"].as_f64().unwrap() > 0.0, "{run}");
+        let (p50, p99) = (
+            run["par_p50_ms"].as_f64().unwrap(),
+            run["par_p99_ms"].as_f64().unwrap(),
+        );
+        assert!(p50 > 0.0 && p99 >= p50, "{run}");
+        // CPU times come in clock ticks (10 ms): 200 jobs take each part past one; 20 jobs
+        // one at a time may not, so there only the total must be positive.
+        for part in ["server", "dispatcher", "agent"] {
+            assert!(
+                run[format!("par_cpu_us_{part}")].as_f64().unwrap() > 0.0,
+                "{part}: {run}"
+            );
+            assert!(
+                run[format!("seq_cpu_us_{part}")].as_f64().unwrap() >= 0.0,
+                "{part}: {run}"
+            );
+        }
+        let total = run["par_cpu_us_total"].as_f64().unwrap();
+        let parts: f64 = ["server", "dispatcher", "agent"]
+            .iter()
+            .map(|p| run[format!("par_cpu_us_{p}")].as_f64().unwrap())
+            .sum();
+        assert!((total - parts).abs() < 1e-6, "{run}");
+        assert!(run["seq_cpu_us_total"].as_f64().unwrap() > 0.0, "{run}");
+        assert!(run["filesystem"].as_str().unwrap().contains(dir), "{run}");
+    }
+    // The ratios are this side's medians over the other side's.
+    let ratio = r["ratios"]["jobs_per_s"].as_f64().unwrap();
+    let expected = r["medians"]["jobs_per_s"].as_f64().unwrap()
+        / r["against"]["medians"]["jobs_per_s"].as_f64().unwrap();
+    assert!((ratio - expected).abs() < 1e-9, "{r}");
+    for key in ["seq_cpu_us_total", "par_cpu_us_total", "seq_p50_ms"] {
+        assert!(r["ratios"][key].as_f64().unwrap() > 0.0, "{key}: {r}");
+    }
+    // Each run's farm directory (store, logs, configs) is gone.
+    assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 0);
+
+    for flag in ["--window", "--runs", "--seq-jobs", "--jobs"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_spine"))
+            .args(["bench", "cost", flag, "0"])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            stderr.contains(&format!("{flag} must be at least 1")),
+            "{stderr}"
+        );
+    }
+}

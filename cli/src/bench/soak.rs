@@ -16,7 +16,7 @@
 //! sets to the retention (the default is 15 minutes), so the blob store can empty too.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,10 +25,10 @@ use anyhow::{Context, Result};
 use bytes::Bytes;
 use serde_json::{json, Value};
 use sha2::Digest as _;
-use tokio::process::{Child, Command};
 
+use super::proc_status_bytes;
+use super::procs::{self, Children, Plan};
 use super::retained::{job_gauges, metrics, NOOP};
-use super::{proc_status_bytes, wait_for_agents};
 
 /// The capability of the large jobs: it reads its whole input.
 const LARGE: &str = "hash.sha256";
@@ -36,9 +36,6 @@ const LARGE: &str = "hash.sha256";
 const AGENTS: usize = 2;
 /// A job that has not ended after this long counts as failed (its caller goes on).
 const JOB_PATIENCE: Duration = Duration::from_secs(120);
-/// How long a child may take to start (the server to listen, the dispatcher to answer, the
-/// agents to register) and to stop after SIGTERM.
-const START_PATIENCE: Duration = Duration::from_secs(30);
 
 /// What to run.
 #[derive(Clone, Copy, Debug)]
@@ -59,180 +56,24 @@ pub(super) struct Mix {
     pub(super) after: Duration,
 }
 
-/// The child processes, in start order; stopped in the reverse order (the agents drain first).
-struct Children {
-    procs: Vec<(String, Child)>,
-    logs: PathBuf,
-}
-
-impl Children {
-    /// Starts `spine <args>` as the part `name`, its output in `logs/<name>.log`.
-    fn spawn(&mut self, name: &str, args: &[&str], config: &Path) -> Result<()> {
-        let exe = std::env::current_exe().context("finding this executable")?;
-        let log = self.logs.join(format!("{name}.log"));
-        let out =
-            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let err = out.try_clone().context("sharing the log file")?;
-        let child = Command::new(exe)
-            .args(args)
-            .arg("--config")
-            .arg(config)
-            .args(["--log", "warn"])
-            .stdin(std::process::Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            // A last resort only (an early `?` in the caller): `stop` ends them with SIGTERM.
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting the {name}"))?;
-        self.procs.push((name.to_owned(), child));
-        Ok(())
-    }
-
-    fn pids(&self) -> Vec<(String, Option<u32>)> {
-        self.procs
-            .iter()
-            .map(|(n, c)| (n.clone(), c.id()))
-            .collect()
-    }
-
-    /// An error if a child has exited, with the end of its log.
-    fn check_alive(&mut self) -> Result<()> {
-        for (name, child) in &mut self.procs {
-            if let Some(status) = child.try_wait().context("polling a child")? {
-                let log = std::fs::read_to_string(self.logs.join(format!("{name}.log")))
-                    .unwrap_or_default();
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                anyhow::bail!(
-                    "the {name} exited ({status}); the end of its log:\n{}",
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// SIGTERM to each child, last started first, and a wait for its exit (SIGKILL after
-    /// [`START_PATIENCE`]).
-    async fn stop(mut self) {
-        while let Some((name, mut child)) = self.procs.pop() {
-            if let Some(pid) = child.id() {
-                let pid = nix::unistd::Pid::from_raw(pid as i32);
-                if let Err(e) = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM) {
-                    eprintln!("soak: SIGTERM to the {name}: {e}");
-                }
-            }
-            match tokio::time::timeout(START_PATIENCE, child.wait()).await {
-                Ok(Ok(s)) if !s.success() => eprintln!("soak: the {name} stopped with {s}"),
-                Ok(Ok(_)) => {}
-                Ok(Err(e)) => eprintln!("soak: waiting for the {name}: {e}"),
-                Err(_) => {
-                    eprintln!("soak: the {name} did not stop within 30 s after SIGTERM: killed");
-                    if let Err(e) = child.kill().await {
-                        eprintln!("soak: killing the {name}: {e}");
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Writes a configuration file (TOML `text`) readable by this user only (it holds a password).
-pub(super) fn write_config(path: &Path, text: Result<String, toml::ser::Error>) -> Result<()> {
-    use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
-    let text = text.with_context(|| format!("writing {}", path.display()))?;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| f.write_all(text.as_bytes()))
-        .with_context(|| format!("writing {}", path.display()))
-}
-
-/// A free loopback address: bind port 0, read the port, release it (the window before the
-/// child binds it is small).
-fn free_loopback() -> Result<std::net::SocketAddr> {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .context("finding a free loopback port")
-}
-
 /// Runs the soak and returns its figures; `passed` is false when a job failed.
 pub(super) async fn run(mix: Mix) -> Result<(Value, bool)> {
     let dir = tempfile::tempdir().context("temporary directory")?;
-    let (xmpp, http) = (free_loopback()?, free_loopback()?);
-    let accounts = crate::up::FarmAccounts::new(AGENTS);
-    let mut dcfg = accounts.dispatcher_config(xmpp, http, dir.path());
-    dcfg.retention = mix.retention;
-    // Released blobs go when older than this: the default (15 min) would keep every large
-    // input of the last quarter hour, whatever the retention.
-    dcfg.blob_orphan_ttl = mix.retention;
-    let data = dcfg.data_dir.clone();
-    let configs = dir.path().join("config");
-    std::fs::create_dir(&configs).context("creating the configuration directory")?;
-    let server_toml = configs.join("server.toml");
-    write_config(
-        &server_toml,
-        toml::to_string_pretty(&accounts.server_config(xmpp, dir.path())),
-    )?;
-    let dispatcher_toml = configs.join("dispatcher.toml");
-    write_config(&dispatcher_toml, toml::to_string_pretty(&dcfg))?;
-    let slots = mix.callers.div_ceil(AGENTS) as u64;
-    let mut agent_tomls = Vec::new();
-    for i in 1..=AGENTS {
-        let path = configs.join(format!("agent{i}.toml"));
-        write_config(
-            &path,
-            toml::to_string_pretty(&accounts.agent_config(i, xmpp, slots)),
-        )?;
-        agent_tomls.push(path);
-    }
-    let mut children = Children {
-        procs: Vec::new(),
-        logs: dir.path().to_path_buf(),
+    let plan = Plan {
+        agents: AGENTS,
+        slots: mix.callers.div_ceil(AGENTS) as u64,
+        capability: LARGE,
     };
-    let result = async {
-        children.spawn("server", &["server"], &server_toml)?;
-        wait_until(&mut children, "the XMPP server to listen", || async {
-            tokio::net::TcpStream::connect(xmpp).await.is_ok()
-        })
-        .await?;
-        children.spawn("dispatcher", &["dispatcher"], &dispatcher_toml)?;
-        let api = spine_client::Client::new(&format!("http://{http}"), None)?;
-        wait_until(&mut children, "the dispatcher's HTTP API", || async {
-            api.request(reqwest::Method::GET, "/healthz")
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        })
-        .await?;
-        for (i, path) in agent_tomls.iter().enumerate() {
-            children.spawn(&format!("agent{}", i + 1), &["agent", "--builtin"], path)?;
-        }
-        wait_for_agents(&api, LARGE, AGENTS).await?;
-        children.check_alive()?;
-        soak(&mut children, &api, mix, &data).await
-    }
-    .await;
-    children.stop().await;
+    let mut farm = procs::start(dir.path(), plan, |dcfg| {
+        dcfg.retention = mix.retention;
+        // Released blobs go when older than this: the default (15 min) would keep every large
+        // input of the last quarter hour, whatever the retention.
+        dcfg.blob_orphan_ttl = mix.retention;
+    })
+    .await?;
+    let result = soak(&mut farm.children, &farm.api, mix, &farm.data).await;
+    farm.children.stop().await;
     result
-}
-
-/// Polls `ready` until it holds, failing if a child exits or after [`START_PATIENCE`].
-async fn wait_until<F: std::future::Future<Output = bool>>(
-    children: &mut Children,
-    what: &str,
-    ready: impl Fn() -> F,
-) -> Result<()> {
-    let deadline = Instant::now() + START_PATIENCE;
-    while !ready().await {
-        children.check_alive()?;
-        anyhow::ensure!(Instant::now() < deadline, "waited 30 s for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    Ok(())
 }
 
 /// What the callers count, shared with the sampler.

@@ -146,7 +146,7 @@ async fn one(size: u64, o: &Options) -> Result<Value> {
 
     // The splitter: a child process, its work files under the run's directory.
     let config = dir.path().join("agent1.toml");
-    super::soak::write_config(
+    super::procs::write_config(
         &config,
         toml::to_string_pretty(&accounts.agent_config(1, xmpp, 1)),
     )?;

@@ -1,0 +1,470 @@
+//! `spine bench cost`: what one no-op job costs the farm when a web app submits it over HTTP
+//! and waits for its answer (issue 19): the CPU time of each part per job and the latency, one
+//! job at a time and many in flight, with the job store on a real disk.
+//!
+//! Each run starts a fresh farm of separate child processes ([`super::procs`]: `spine
+//! server`, `spine dispatcher`, one `spine agent --builtin`), so that the CPU time each process
+//! used during a phase can be read from `/proc/<pid>/stat` before and after it. Every job is
+//! one `POST /v1/jobs?wait=30s` of `{"capability":"text.upper"}` on one keep-alive client,
+//! answered 200 with the job `succeeded`. With `--against BIN` the same run is made by another
+//! `spine` binary (an older build) after each run of this one, so that the machine's drift
+//! falls on both, and the ratios after ÷ before are reported; the other side's figures are
+//! read from the JSON it writes, one flat object per run ([`Figures`]), which both sides must
+//! therefore agree on.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use futures::{StreamExt as _, TryStreamExt as _};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::median;
+use super::procs::{self, Plan};
+use super::retained::NOOP;
+
+/// Jobs run before the measurement (connections, caches, the store's first pages).
+const WARM_UP: usize = 500;
+/// The request of every job: the web app's path, one round trip per job.
+const SUBMIT: &str = "/v1/jobs?wait=30s";
+/// The body of every job: `text.upper` of no input.
+const BODY: &str = r#"{"capability":"text.upper"}"#;
+/// The parts whose CPU time is measured, as [`procs`] names them.
+const PARTS: [&str; 3] = ["server", "dispatcher", "agent1"];
+
+/// What to run.
+#[derive(Clone, Debug)]
+pub(super) struct Options {
+    pub(super) seq_jobs: usize,
+    pub(super) jobs: usize,
+    pub(super) window: usize,
+    pub(super) runs: usize,
+    /// Where each run's farm directory is made (default: the current directory).
+    pub(super) dir: Option<PathBuf>,
+    /// Another `spine` binary measured in alternation with this one.
+    pub(super) against: Option<PathBuf>,
+}
+
+/// The figures of one run: a flat object, the JSON both sides of `--against` read and write
+/// (so a key is renamed only with both builds in mind). CPU figures are µs per job.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub(super) struct Figures {
+    pub(super) seq_jobs: usize,
+    pub(super) seq_p50_ms: f64,
+    pub(super) seq_p90_ms: f64,
+    pub(super) seq_p99_ms: f64,
+    pub(super) seq_cpu_us_server: f64,
+    pub(super) seq_cpu_us_dispatcher: f64,
+    pub(super) seq_cpu_us_agent: f64,
+    pub(super) seq_cpu_us_total: f64,
+    /// This benchmark's own process (the HTTP client), not in the total.
+    pub(super) seq_cpu_us_client: f64,
+    pub(super) jobs: usize,
+    pub(super) window: usize,
+    pub(super) jobs_per_s: f64,
+    pub(super) par_p50_ms: f64,
+    pub(super) par_p99_ms: f64,
+    pub(super) par_cpu_us_server: f64,
+    pub(super) par_cpu_us_dispatcher: f64,
+    pub(super) par_cpu_us_agent: f64,
+    pub(super) par_cpu_us_total: f64,
+    pub(super) par_cpu_us_client: f64,
+    /// The file system the farm's data directory was on.
+    pub(super) filesystem: String,
+}
+
+/// The figures compared between the two binaries: key and label.
+const COMPARED: [(&str, &str); 4] = [
+    ("seq_cpu_us_total", "CPU µs/job, one at a time"),
+    ("par_cpu_us_total", "CPU µs/job, in flight"),
+    ("seq_p50_ms", "latency p50 ms, one at a time"),
+    ("jobs_per_s", "jobs/s in flight"),
+];
+
+/// Runs the scenario: `runs` runs of this binary (each followed by one of `against`), their
+/// medians and, with `against`, its medians and the ratios this ÷ that.
+pub(super) async fn run(o: Options) -> Result<Value> {
+    let parent = o.dir.clone().unwrap_or_else(|| PathBuf::from("."));
+    anyhow::ensure!(
+        parent.is_dir(),
+        "--dir {}: not a directory (give an existing directory on the disk to measure)",
+        parent.display()
+    );
+    if let Some(bin) = &o.against {
+        anyhow::ensure!(
+            bin.is_file(),
+            "--against {}: no such file (give the path of another spine binary)",
+            bin.display()
+        );
+    }
+    println!(
+        "cost: no-op jobs ({NOOP}, no input), each one POST {SUBMIT}, on a fresh farm of separate processes per run (spine server, spine dispatcher, one spine agent --builtin with {} slots); warm-up {WARM_UP} jobs, then {} one at a time, then {} with {} in flight; {} run(s){}; {} cores",
+        o.window,
+        o.seq_jobs,
+        o.jobs,
+        o.window,
+        o.runs,
+        o.against
+            .as_ref()
+            .map_or(String::new(), |b| format!(", each followed by the same run of {}", b.display())),
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    println!(
+        "store: a fresh directory under {} on {}",
+        parent.display(),
+        filesystem(&parent)
+    );
+    let defaults = spine_dispatcher::DispatcherConfig::default();
+    println!(
+        "limits: the loopback caller (http:local) has no rate limit (submitter_rate unset, the default) and may have {} jobs queued (submitter_max_queued, of max_queue {}); http_max_connections {}: nothing throttles {} in flight",
+        defaults.submitter_max_queued.of(defaults.max_queue),
+        defaults.max_queue,
+        max_connections(o.window),
+        o.window
+    );
+    println!("CPU: utime + stime of each process over the phase, µs per job; total = server + dispatcher + agent (the client, this process, beside it)");
+    println!(
+        "{:>4} {:>7} | {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} | {:>8} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7}",
+        "run", "binary", "seq p50", "p90", "p99", "server", "disp.", "agent", "total",
+        "jobs/s", "p50", "p99", "server", "disp.", "agent", "total"
+    );
+    let mut mine = Vec::new();
+    let mut theirs = Vec::new();
+    for k in 1..=o.runs {
+        let f = one_run(&o, &parent).await?;
+        print_row(k, "this", &f);
+        mine.push(f);
+        if let Some(bin) = &o.against {
+            let f = other_run(bin, &o).await?;
+            print_row(k, "against", &f);
+            theirs.push(f);
+        }
+    }
+    let this = medians(&mine)?;
+    println!("medians of this binary:");
+    print_medians(&this);
+    let mut out = json!({
+        "seq_jobs": o.seq_jobs, "jobs": o.jobs, "window": o.window, "warm_up": WARM_UP,
+        "runs": mine, "medians": this,
+    });
+    if let Some(bin) = &o.against {
+        let that = medians(&theirs)?;
+        println!("medians of {}:", bin.display());
+        print_medians(&that);
+        let mut ratios = BTreeMap::new();
+        println!("after (this binary) ÷ before ({}):", bin.display());
+        for (key, label) in COMPARED {
+            let r = this[key] / that[key];
+            println!(
+                "  {label:<32} {:>10.3} ÷ {:>10.3} = {r:.3}",
+                this[key], that[key]
+            );
+            ratios.insert(key, r);
+        }
+        out["against"] = json!({
+            "binary": bin.display().to_string(), "runs": theirs, "medians": that,
+        });
+        out["ratios"] = json!(ratios);
+    }
+    Ok(out)
+}
+
+/// The dispatcher's connection limit for `window` requests in flight, with room to spare.
+fn max_connections(window: usize) -> usize {
+    (window + 64).max(spine_dispatcher::DispatcherConfig::default().http_max_connections)
+}
+
+fn print_row(k: usize, who: &str, f: &Figures) {
+    println!(
+        "{k:>4} {who:>7} | {:>7.3} {:>7.3} {:>7.3} {:>7.0} {:>7.0} {:>7.0} {:>7.0} | {:>8.0} {:>7.2} {:>7.2} {:>7.0} {:>7.0} {:>7.0} {:>7.0}",
+        f.seq_p50_ms, f.seq_p90_ms, f.seq_p99_ms,
+        f.seq_cpu_us_server, f.seq_cpu_us_dispatcher, f.seq_cpu_us_agent, f.seq_cpu_us_total,
+        f.jobs_per_s, f.par_p50_ms, f.par_p99_ms,
+        f.par_cpu_us_server, f.par_cpu_us_dispatcher, f.par_cpu_us_agent, f.par_cpu_us_total,
+    );
+}
+
+fn print_medians(m: &BTreeMap<String, f64>) {
+    println!(
+        "  one at a time: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms; CPU per job: server {:.0} µs, dispatcher {:.0} µs, agent {:.0} µs, total {:.0} µs (client {:.0} µs)",
+        m["seq_p50_ms"], m["seq_p90_ms"], m["seq_p99_ms"], m["seq_cpu_us_server"],
+        m["seq_cpu_us_dispatcher"], m["seq_cpu_us_agent"], m["seq_cpu_us_total"],
+        m["seq_cpu_us_client"]
+    );
+    println!(
+        "  in flight: {:.0} jobs/s, p50 {:.2} ms, p99 {:.2} ms; CPU per job: server {:.0} µs, dispatcher {:.0} µs, agent {:.0} µs, total {:.0} µs (client {:.0} µs)",
+        m["jobs_per_s"], m["par_p50_ms"], m["par_p99_ms"], m["par_cpu_us_server"],
+        m["par_cpu_us_dispatcher"], m["par_cpu_us_agent"], m["par_cpu_us_total"],
+        m["par_cpu_us_client"]
+    );
+}
+
+/// The median of every numeric figure over the runs.
+fn medians(runs: &[Figures]) -> Result<BTreeMap<String, f64>> {
+    let mut columns: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+    for f in runs {
+        let Value::Object(m) = serde_json::to_value(f)? else {
+            anyhow::bail!("the figures of a run are not a JSON object");
+        };
+        for (k, v) in m {
+            if let Some(x) = v.as_f64() {
+                columns.entry(k).or_default().push(x);
+            }
+        }
+    }
+    Ok(columns.into_iter().map(|(k, v)| (k, median(v))).collect())
+}
+
+/// One run of `BIN bench cost --runs 1` with the same sizes, its figures read from its JSON.
+async fn other_run(bin: &Path, o: &Options) -> Result<Figures> {
+    let tmp = tempfile::tempdir().context("temporary directory")?;
+    let json = tmp.path().join("cost.json");
+    let mut cmd = tokio::process::Command::new(bin);
+    cmd.args(["bench", "cost", "--runs", "1"])
+        .args(["--jobs", &o.jobs.to_string()])
+        .args(["--seq-jobs", &o.seq_jobs.to_string()])
+        .args(["--window", &o.window.to_string()])
+        .arg("--json")
+        .arg(&json)
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(dir) = &o.dir {
+        cmd.arg("--dir").arg(dir);
+    }
+    let out = cmd
+        .output()
+        .await
+        .with_context(|| format!("running {} bench cost", bin.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} bench cost failed ({}):\n{}{}",
+        bin.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read(&json).with_context(|| format!("reading {}", json.display()))?;
+    let r: Value = serde_json::from_slice(&text)
+        .with_context(|| format!("{} bench cost wrote no JSON", bin.display()))?;
+    serde_json::from_value(r["runs"][0].clone()).with_context(|| {
+        format!(
+            "{} bench cost wrote a run in another form than this build's: {}",
+            bin.display(),
+            r["runs"][0]
+        )
+    })
+}
+
+/// One run on a fresh farm in a fresh directory under `parent`, deleted afterwards.
+async fn one_run(o: &Options, parent: &Path) -> Result<Figures> {
+    let dir = tempfile::Builder::new()
+        .prefix("spine-bench-cost-")
+        .tempdir_in(parent)
+        .with_context(|| format!("creating a directory under {}", parent.display()))?;
+    let plan = Plan {
+        agents: 1,
+        slots: o.window as u64,
+        capability: NOOP,
+    };
+    let window = o.window;
+    let mut farm = procs::start(dir.path(), plan, |cfg| {
+        // The loopback caller's limits (docs/dispatcher.md, "Rate limits", "Queues",
+        // "Limits"): none on its rate, a share of the queue far above the window, and a
+        // connection for every job in flight.
+        cfg.submitter_rate = None;
+        cfg.http_max_connections = max_connections(window);
+    })
+    .await?;
+    let r = measure(&mut farm, o, dir.path()).await;
+    farm.children.stop().await;
+    r
+}
+
+async fn measure(farm: &mut procs::ProcFarm, o: &Options, dir: &Path) -> Result<Figures> {
+    let http = reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(o.window)
+        .tcp_nodelay(true)
+        .build()
+        .context("building the HTTP client")?;
+    let url = format!("http://{}{SUBMIT}", farm.http);
+    let pids: Vec<(String, Option<u32>)> = farm.children.pids();
+    let pid_of = |name: &str| -> Result<String> {
+        pids.iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, p)| *p)
+            .map(|p| p.to_string())
+            .with_context(|| format!("the {name} has no process id"))
+    };
+    let parts: Vec<String> = PARTS
+        .iter()
+        .map(|p| pid_of(p))
+        .chain([Ok("self".to_owned())])
+        .collect::<Result<_>>()?;
+    let tick = clock_tick()?;
+    let cpu = || -> Result<Vec<f64>> { parts.iter().map(|p| cpu_seconds(p, tick)).collect() };
+
+    jobs(&http, &url, WARM_UP, o.window).await?;
+    farm.children.check_alive()?;
+
+    let before = cpu()?;
+    let mut seq = jobs(&http, &url, o.seq_jobs, 1).await?;
+    let seq_cpu = per_job(&before, &cpu()?, o.seq_jobs);
+    farm.children.check_alive()?;
+
+    let before = cpu()?;
+    let t = Instant::now();
+    let mut par = jobs(&http, &url, o.jobs, o.window).await?;
+    let took = t.elapsed().as_secs_f64();
+    let par_cpu = per_job(&before, &cpu()?, o.jobs);
+    farm.children.check_alive()?;
+
+    seq.sort_by(f64::total_cmp);
+    par.sort_by(f64::total_cmp);
+    Ok(Figures {
+        seq_jobs: o.seq_jobs,
+        seq_p50_ms: percentile(&seq, 0.50),
+        seq_p90_ms: percentile(&seq, 0.90),
+        seq_p99_ms: percentile(&seq, 0.99),
+        seq_cpu_us_server: seq_cpu[0],
+        seq_cpu_us_dispatcher: seq_cpu[1],
+        seq_cpu_us_agent: seq_cpu[2],
+        seq_cpu_us_total: seq_cpu[..3].iter().sum(),
+        seq_cpu_us_client: seq_cpu[3],
+        jobs: o.jobs,
+        window: o.window,
+        jobs_per_s: o.jobs as f64 / took,
+        par_p50_ms: percentile(&par, 0.50),
+        par_p99_ms: percentile(&par, 0.99),
+        par_cpu_us_server: par_cpu[0],
+        par_cpu_us_dispatcher: par_cpu[1],
+        par_cpu_us_agent: par_cpu[2],
+        par_cpu_us_total: par_cpu[..3].iter().sum(),
+        par_cpu_us_client: par_cpu[3],
+        filesystem: filesystem(dir),
+    })
+}
+
+/// The CPU µs per job of each process between two readings (seconds).
+fn per_job(before: &[f64], after: &[f64], jobs: usize) -> Vec<f64> {
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| (a - b) * 1e6 / jobs as f64)
+        .collect()
+}
+
+/// The value at quantile `q` of sorted `v` (nearest rank).
+fn percentile(v: &[f64], q: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+/// `n` no-op jobs, `window` at a time, each one request; the latency of each in ms.
+async fn jobs(http: &reqwest::Client, url: &str, n: usize, window: usize) -> Result<Vec<f64>> {
+    futures::stream::iter(0..n)
+        .map(|_| job(http, url))
+        .buffer_unordered(window)
+        .try_collect()
+        .await
+}
+
+/// One job: `POST /v1/jobs?wait=30s`, which must answer 200 with the job succeeded.
+async fn job(http: &reqwest::Client, url: &str) -> Result<f64> {
+    let t = Instant::now();
+    let r = http
+        .post(url)
+        .header("content-type", "application/json")
+        .body(BODY)
+        .timeout(Duration::from_secs(60))
+        .send()
+        .await
+        .with_context(|| format!("POST {SUBMIT}"))?;
+    let status = r.status();
+    let text = r
+        .text()
+        .await
+        .with_context(|| format!("reading the answer to POST {SUBMIT}"))?;
+    let ms = t.elapsed().as_secs_f64() * 1e3;
+    let state = serde_json::from_str::<Value>(&text).map(|v| v["state"].clone());
+    anyhow::ensure!(
+        status == reqwest::StatusCode::OK && state.is_ok_and(|s| s == "succeeded"),
+        "a no-op job: POST {SUBMIT} answered {status} (expected 200 with state succeeded): {text}"
+    );
+    Ok(ms)
+}
+
+/// Clock ticks per second, the unit of `/proc/<pid>/stat`'s CPU times.
+fn clock_tick() -> Result<f64> {
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(t)) if t > 0 => Ok(t as f64),
+        r => anyhow::bail!("sysconf(_SC_CLK_TCK) gave {r:?}, not a tick rate"),
+    }
+}
+
+/// User + system CPU seconds used so far by process `pid` (or `"self"`), from
+/// `/proc/<pid>/stat` (its threads included).
+fn cpu_seconds(pid: &str, tick: f64) -> Result<f64> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // The command name (field 2) is in parentheses and may hold spaces: count after it.
+    // After it come state (3), …, utime (14) and stime (15).
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .with_context(|| format!("{path}: no command name in {stat:?}"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| -> Result<f64> {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<u64>().ok())
+            .map(|t| t as f64)
+            .with_context(|| format!("{path}: field {} is not a tick count: {stat:?}", i + 3))
+    };
+    Ok((ticks(11)? + ticks(12)?) / tick)
+}
+
+/// The file system `path` is on, from `/proc/self/mounts` (the longest mount point that
+/// holds it): `ext4 /dev/sda1 on /`.
+fn filesystem(path: &Path) -> String {
+    let Ok(path) = std::fs::canonicalize(path) else {
+        return format!("{} (not found)", path.display());
+    };
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    mounts
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() >= 3 && path.starts_with(f[1])).then(|| (f[1].len(), f[2], f[0], f[1]))
+        })
+        .max_by_key(|m| m.0)
+        .map_or_else(
+            || format!("{} (file system unknown)", path.display()),
+            |(_, fs, dev, on)| format!("{fs} {dev} on {on} ({})", path.display()),
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_take_the_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), 51.0);
+        assert_eq!(percentile(&v, 0.99), 99.0);
+        assert_eq!(percentile(&[3.0], 0.99), 3.0);
+    }
+
+    #[test]
+    fn the_cpu_time_of_this_process_is_read() {
+        let tick = clock_tick().unwrap();
+        assert!(tick >= 1.0);
+        let s = cpu_seconds("self", tick).unwrap();
+        assert!((0.0..3600.0).contains(&s), "{s}");
+    }
+}
