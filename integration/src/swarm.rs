@@ -5,7 +5,11 @@
 //! nothing behind it: it advertises `bench.noop` (answered at once) and `bench.hold` (held
 //! until the agent stops), answers hellos, and sends a heartbeat load. It does not send a
 //! load on every job change (§5.1 says it should; the dispatcher's own in-flight accounting
-//! makes placement right without it), which keeps a fleet of thousands light.
+//! makes placement right without it), which keeps a fleet of thousands light. Heartbeats are
+//! spread evenly over the interval (agent `i` at its own phase), as in a fleet whose agents
+//! started at different times: a fleet that logged in within seconds would otherwise send
+//! every load in one wave a heartbeat after the logins, and whichever phase the benchmark
+//! is in then pays for all of them.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -85,8 +89,10 @@ pub async fn sim_agent(
     };
     conn.send(Presence::available()).await;
     agent.advertise(&conn, dispatcher.clone().into()).await;
-    let mut beat = tokio::time::interval(heartbeat);
-    beat.tick().await;
+    let mut beat = tokio::time::interval_at(
+        tokio::time::Instant::now() + heartbeat.mul_f64(heartbeat_phase(i)),
+        heartbeat,
+    );
     loop {
         tokio::select! {
             _ = stop.changed() => break,
@@ -108,6 +114,12 @@ pub async fn sim_agent(
         .held
         .fetch_sub(agent.held as usize, Ordering::Relaxed);
     conn.close().await;
+}
+
+/// Where in the heartbeat interval agent `i` sends its loads, in [0, 1): the fractional
+/// parts of multiples of the golden ratio, which spread any number of agents evenly.
+pub fn heartbeat_phase(i: usize) -> f64 {
+    (i as f64 * 0.618_033_988_749_895).fract()
 }
 
 struct Sim {
@@ -254,6 +266,11 @@ impl Child {
         rss_of(pid)
     }
 
+    /// The CPU time it has used so far.
+    pub fn cpu(&self) -> Option<Duration> {
+        cpu_of(self.child.id()?)
+    }
+
     /// Closes its standard input and waits (up to 30 s) for it to exit.
     pub async fn stop(mut self) {
         drop(self.child.stdin.take());
@@ -272,6 +289,18 @@ pub fn rss_of(pid: u32) -> Option<u64> {
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb * 1024)
+}
+
+/// CPU time a process has used (user and system, every thread), from /proc/PID/stat.
+pub fn cpu_of(pid: u32) -> Option<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), from field 3 on: utime and
+    // stime are fields 14 and 15, in clock ticks of USER_HZ, which Linux fixes at 100.
+    let rest = stat.rsplit_once(')')?.1;
+    let mut f = rest.split_whitespace().skip(11);
+    let utime: u64 = f.next()?.parse().ok()?;
+    let stime: u64 = f.next()?.parse().ok()?;
+    Some(Duration::from_millis((utime + stime) * 10))
 }
 
 /// Resolves when standard input closes (the parent ended or let go).
@@ -314,4 +343,44 @@ pub fn ephemeral_ports() -> Option<u64> {
         return None;
     };
     Some(hi.saturating_sub(lo) + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heartbeat_phases_spread_a_fleet_evenly() {
+        // 10,000 agents: every tenth of the interval holds close to a tenth of them, so the
+        // loads arrive at a steady ~333/s with a 30 s heartbeat instead of in one wave.
+        let mut tenths = [0usize; 10];
+        for i in 0..10_000 {
+            let p = heartbeat_phase(i);
+            assert!((0.0..1.0).contains(&p), "phase {p} of agent {i}");
+            tenths[(p * 10.0) as usize] += 1;
+        }
+        for (k, n) in tenths.iter().enumerate() {
+            assert!((990..=1010).contains(n), "tenth {k} holds {n} agents");
+        }
+    }
+
+    #[test]
+    fn cpu_of_reads_this_process_and_grows_with_work() {
+        let before = cpu_of(std::process::id()).expect("/proc/self/stat");
+        // Work until 50 ms of CPU more are counted (a loaded machine may take longer).
+        let t = std::time::Instant::now();
+        let mut x = 0u64;
+        let mut now = before;
+        while now < before + Duration::from_millis(50) && t.elapsed() < Duration::from_secs(20) {
+            for _ in 0..100_000 {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            now = cpu_of(std::process::id()).expect("/proc/self/stat");
+        }
+        assert!(
+            now >= before + Duration::from_millis(50),
+            "{before:?} → {now:?}"
+        );
+        assert_eq!(cpu_of(u32::MAX), None, "no such process");
+    }
 }

@@ -72,6 +72,19 @@ fn swarm_bench_runs_small() {
     let r: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
     let sizes = r["sizes"].as_array().unwrap();
     assert_eq!(sizes.len(), 2, "{r}");
+    // CPU per job of the server and the dispatcher in each phase, read from /proc: each a
+    // number, and together more than nothing (one reading may round to no clock tick).
+    let mut cpu = 0.0;
+    for s in sizes {
+        for phase in ["idle", "busy"] {
+            for process in ["server", "dispatcher"] {
+                let ms = s["cpu_ms_per_job"][phase][process].as_f64();
+                assert!(ms.is_some_and(|ms| ms >= 0.0), "{phase} {process}: {s}");
+                cpu += ms.unwrap_or(0.0);
+            }
+        }
+    }
+    assert!(cpu > 0.0, "no CPU time read: {r}");
     for (s, n) in sizes.iter().zip([3u64, 30]) {
         assert_eq!(s["agents"], n, "{s}");
         assert!(s["register_s"].as_f64().unwrap() > 0.0, "{s}");

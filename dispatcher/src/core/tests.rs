@@ -954,3 +954,52 @@ fn xmpp_submitters_get_delayed_jobs_and_rate_limits_as_queue_full_with_when_to_r
     assert_eq!((sent.len(), &sent[0].to), (1, &a));
     assert_eq!(sent[0].job.id, accepted.job);
 }
+
+/// A busy fleet's heartbeats cost no store write: with a job running on every agent (what
+/// swarm-bench's busy phase holds), each agent's load report stores nothing, sends nothing and
+/// publishes nothing — so the driver commits no transaction (no fsync) for it — and the next
+/// job still goes at once to an agent with a free slot.
+#[test]
+fn heartbeats_of_a_busy_fleet_store_and_send_nothing() {
+    const N: usize = 2_000;
+    let mut w = World::new();
+    let agents: Vec<FullJid> = (0..N).map(|n| w.agent(n, 2)).collect();
+    w.ready();
+    for _ in 0..N {
+        w.submit(spec(CAP)).expect("accepted");
+    }
+    let sent = jobs_sent(&w.ready().stanzas);
+    let on: std::collections::HashSet<&FullJid> = sent.iter().map(|s| &s.to).collect();
+    assert_eq!(
+        (sent.len(), on.len()),
+        (N, N),
+        "one job on every agent (least-loaded spreads them)"
+    );
+    for (i, a) in agents.iter().enumerate() {
+        let p = Presence::available()
+            .with_from(Jid::from(a.clone()))
+            .with_payloads(vec![load(2, 2, 1).into()]);
+        w.core.stanza(p.into(), w.now);
+        let r = w.ready();
+        assert!(
+            !r.must_store(),
+            "load {i} wants a commit: persist {:?}, agents seen {:?}",
+            r.persist,
+            r.agents_seen
+        );
+        assert!(
+            r.stanzas.is_empty() && r.events.is_empty() && r.replies.is_empty(),
+            "load {i} sent {:?}",
+            r.stanzas
+        );
+    }
+    let (id, state) = w.submit(spec(CAP)).expect("accepted");
+    assert_eq!(
+        state,
+        JobState::Dispatched,
+        "a free slot was left on every agent"
+    );
+    let sent = jobs_sent(&w.ready().stanzas);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].job.id, id);
+}

@@ -8,7 +8,9 @@
 //! before the agents came), and no-op jobs per second (64 in flight, submitted over XMPP in
 //! watch mode) with the fleet idle and busy (every agent holding one job in one of its two
 //! slots). The baseline beside the busy figure is the idle one, and beside both the
-//! one-agent run (the first size when it is 1). Then the console's view of the busy fleet:
+//! one-agent run (the first size when it is 1). Beside the rates, the CPU time the server and
+//! the dispatcher spent per job in each phase (from /proc), which other work on the machine
+//! disturbs far less than the rates. Then the console's view of the busy fleet:
 //! `GET /v1/fleet` (time and size), and the busy jobs again with a fleet stream
 //! (`GET /v1/fleet/events`) open — its first snapshot's time, its updates per second and
 //! bytes, and the throughput with the stream beside the throughput without.
@@ -177,6 +179,18 @@ async fn parent(args: &[String]) -> Result<(), String> {
             r["busy"]["per_sec"].as_f64().unwrap_or(0.0),
             r["busy_over_idle"].as_f64().unwrap_or(0.0),
         );
+        let cpu = |phase: &str, process: &str| {
+            r["cpu_ms_per_job"][phase][process]
+                .as_f64()
+                .unwrap_or(f64::NAN)
+        };
+        println!(
+            "{n:>7} CPU ms per job, idle → busy: server {:.3} → {:.3}, dispatcher {:.3} → {:.3}",
+            cpu("idle", "server"),
+            cpu("busy", "server"),
+            cpu("idle", "dispatcher"),
+            cpu("busy", "dispatcher"),
+        );
         let fs = &r["fleet_stream"];
         if let Some(b) = r["console"]["browser"].as_object() {
             println!(
@@ -343,7 +357,9 @@ async fn one_size(
         .map_err(|e| format!("{e}"))?;
     let noop: spine_protocol::CapabilityName = "bench.noop".parse()?;
     measure_jobs(&mut sub, &d, &noop, (jobs / 10).max(1), 64).await?; // warm-up
+    let before = Cpu::of(&server, &dispatcher);
     let idle = measure_jobs(&mut sub, &d, &noop, jobs, 64).await?;
+    let idle_cpu = Cpu::of(&server, &dispatcher).per_job_since(&before, jobs);
 
     // Busy: one held job on every agent (half of each one's slots), then the same jobs.
     submit_held(&mut sub, &d, n).await?;
@@ -357,7 +373,9 @@ async fn one_size(
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let before = Cpu::of(&server, &dispatcher);
     let busy = measure_jobs(&mut sub, &d, &noop, jobs, 64).await?;
+    let busy_cpu = Cpu::of(&server, &dispatcher).per_job_since(&before, jobs);
 
     // The console's view of this fleet: `GET /v1/fleet` (every agent, busy), and the same jobs
     // again with a fleet stream open, whose updates are counted.
@@ -391,6 +409,7 @@ async fn one_size(
         "idle": figures(&idle),
         "busy": figures(&busy),
         "busy_over_idle": busy.per_sec / idle.per_sec,
+        "cpu_ms_per_job": { "idle": idle_cpu, "busy": busy_cpu },
         "console": console,
         "busy_with_fleet_stream": figures(&busy_streamed),
         "fleet_stream": {
@@ -402,6 +421,35 @@ async fn one_size(
         "streamed_over_busy": busy_streamed.per_sec / busy.per_sec,
         "answered": counters.answered.load(Ordering::Relaxed),
     }))
+}
+
+/// The CPU time the server and the dispatcher have used: read before and after a run of
+/// jobs, it gives each one's cost per job, which a machine busy with other work changes far
+/// less than it changes jobs per second.
+struct Cpu {
+    server: Option<Duration>,
+    dispatcher: Option<Duration>,
+}
+
+impl Cpu {
+    fn of(server: &Child, dispatcher: &Child) -> Cpu {
+        Cpu {
+            server: server.cpu(),
+            dispatcher: dispatcher.cpu(),
+        }
+    }
+
+    /// Milliseconds of CPU per job of each process since `before` (null where /proc could
+    /// not be read).
+    fn per_job_since(&self, before: &Cpu, jobs: usize) -> serde_json::Value {
+        let per = |a: Option<Duration>, b: Option<Duration>| {
+            Some(a?.saturating_sub(b?).as_secs_f64() * 1e3 / jobs as f64)
+        };
+        serde_json::json!({
+            "server": per(self.server, before.server),
+            "dispatcher": per(self.dispatcher, before.dispatcher),
+        })
+    }
 }
 
 /// Submits `n` `bench.hold` jobs (not watched) and waits until the dispatcher accepted all.
