@@ -433,7 +433,7 @@ impl Core {
     /// its acceptance was not stored either, which no one was told of then), and the agent's
     /// answer goes to a request id the next process does not know; a job placed again goes out
     /// with the same id and attempt, which the agent attaches to the one it runs
-    /// (PROTOCOL.md §5.3). Saving this wait is what lets a job run while its acceptance is
+    /// (PROTOCOL.md §10). Saving this wait is what lets a job run while its acceptance is
     /// being stored, and a fast job's acceptance and outcome share one commit.
     pub(crate) fn take_early(&mut self) -> Vec<Stanza> {
         std::mem::take(&mut self.ready.early)
