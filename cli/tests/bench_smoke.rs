@@ -446,6 +446,18 @@ fn cost_runs_small_against_itself() {
     for key in ["seq_cpu_us_total", "par_cpu_us_total", "seq_p50_ms"] {
         assert!(r["ratios"][key].as_f64().unwrap() > 0.0, "{key}: {r}");
     }
+    // With one run on each side, the median of the run-by-run ratios is that run's ratio.
+    for key in [
+        "seq_cpu_us_total",
+        "par_cpu_us_total",
+        "seq_p50_ms",
+        "jobs_per_s",
+    ] {
+        let paired = r["paired_ratios"][key].as_f64().unwrap();
+        let expected =
+            r["runs"][0][key].as_f64().unwrap() / r["against"]["runs"][0][key].as_f64().unwrap();
+        assert!((paired - expected).abs() < 1e-9, "{key}: {r}");
+    }
     // Each run's farm directory (store, logs, configs) is gone.
     assert_eq!(std::fs::read_dir(store.path()).unwrap().count(), 0);
 

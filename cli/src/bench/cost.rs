@@ -154,19 +154,34 @@ pub(super) async fn run(o: Options) -> Result<Value> {
         println!("medians of {}:", bin.display());
         print_medians(&that);
         let mut ratios = BTreeMap::new();
-        println!("after (this binary) ÷ before ({}):", bin.display());
+        let mut paired = BTreeMap::new();
+        let mine_cols = columns(&mine)?;
+        let theirs_cols = columns(&theirs)?;
+        println!(
+            "after (this binary) ÷ before ({}): ratio of the medians; median of the run-by-run ratios (each run beside the one right after it, so that drift cancels)",
+            bin.display()
+        );
         for (key, label) in COMPARED {
             let r = this[key] / that[key];
+            let p = median(
+                mine_cols[key]
+                    .iter()
+                    .zip(&theirs_cols[key])
+                    .map(|(a, b)| a / b)
+                    .collect(),
+            );
             println!(
-                "  {label:<32} {:>10.3} ÷ {:>10.3} = {r:.3}",
+                "  {label:<32} {:>10.3} ÷ {:>10.3} = {r:.3}; paired {p:.3}",
                 this[key], that[key]
             );
             ratios.insert(key, r);
+            paired.insert(key, p);
         }
         out["against"] = json!({
             "binary": bin.display().to_string(), "runs": theirs, "medians": that,
         });
         out["ratios"] = json!(ratios);
+        out["paired_ratios"] = json!(paired);
     }
     Ok(out)
 }
@@ -201,8 +216,8 @@ fn print_medians(m: &BTreeMap<String, f64>) {
     );
 }
 
-/// The median of every numeric figure over the runs.
-fn medians(runs: &[Figures]) -> Result<BTreeMap<String, f64>> {
+/// Every numeric figure over the runs, in run order.
+fn columns(runs: &[Figures]) -> Result<BTreeMap<String, Vec<f64>>> {
     let mut columns: BTreeMap<String, Vec<f64>> = BTreeMap::new();
     for f in runs {
         let Value::Object(m) = serde_json::to_value(f)? else {
@@ -214,7 +229,15 @@ fn medians(runs: &[Figures]) -> Result<BTreeMap<String, f64>> {
             }
         }
     }
-    Ok(columns.into_iter().map(|(k, v)| (k, median(v))).collect())
+    Ok(columns)
+}
+
+/// The median of every numeric figure over the runs.
+fn medians(runs: &[Figures]) -> Result<BTreeMap<String, f64>> {
+    Ok(columns(runs)?
+        .into_iter()
+        .map(|(k, v)| (k, median(v)))
+        .collect())
 }
 
 /// One run of `BIN bench cost --runs 1` with the same sizes, its figures read from its JSON.
