@@ -190,18 +190,34 @@ impl DepthGuard {
         step
     }
 
+    /// How many of the first bytes of `input` leave the state as it is (no quote, tag end or
+    /// other byte the current state reacts to): the run a loop may pass over in one search
+    /// instead of stepping byte by byte. Text between tags is most of a large payload, the
+    /// names and attribute values inside tags most of a small stanza.
+    fn inert(&self, input: &[u8]) -> usize {
+        // memchr's searches are vectorised (long runs: text, attribute values); the runs of
+        // a tag between its quotes are a few bytes, where a plain loop is as fast.
+        let at = match self.state {
+            State::Text => memchr::memchr(b'<', input),
+            State::Start => input
+                .iter()
+                .position(|&b| matches!(b, b'"' | b'\'' | b'/' | b'>')),
+            State::Quoted(q) => memchr::memchr(q, input),
+            State::End | State::Decl => memchr::memchr(b'>', input),
+            _ => Some(0),
+        };
+        at.unwrap_or(input.len())
+    }
+
     /// Checks `input`, the next bytes of the stream. Fails at the first start tag that would
     /// open more than the limit; the guard is then spent (the stream should be closed).
     pub fn scan(&mut self, input: &[u8]) -> Result<(), TooDeep> {
         let mut i = 0;
         while i < input.len() {
-            // Fast path: text between tags (base64 chunks, say) is most of any payload; skip
-            // to the next '<' in one search instead of stepping byte by byte.
-            if self.state == State::Text {
-                match input[i..].iter().position(|&b| b == b'<') {
-                    Some(at) => i += at,
-                    None => return Ok(()),
-                }
+            // Fast path: bytes that change nothing are passed over in one search.
+            i += self.inert(&input[i..]);
+            if i == input.len() {
+                return Ok(());
             }
             if self.step(input[i]) == Step::Open && self.depth > self.limit {
                 return Err(TooDeep { limit: self.limit });
@@ -220,13 +236,13 @@ impl DepthGuard {
         out.reserve(input.len() + 1);
         let mut i = 0;
         while i < input.len() {
-            // Fast path: a run of text outside any left-out element is copied in one go.
-            if self.eliding.is_none() && !self.held_lt && self.state == State::Text {
-                let run = input[i..]
-                    .iter()
-                    .position(|&b| b == b'<')
-                    .unwrap_or(input.len() - i);
-                out.extend_from_slice(&input[i..i + run]);
+            // Fast path: a run of bytes that change nothing is copied in one go, or dropped in
+            // one go inside a left-out element (a withheld '<' waits for the next byte).
+            if !self.held_lt {
+                let run = self.inert(&input[i..]);
+                if self.eliding.is_none() {
+                    out.extend_from_slice(&input[i..i + run]);
+                }
                 i += run;
                 if i == input.len() {
                     break;
