@@ -306,7 +306,8 @@ async fn run_inner(
                 }
             }
         }
-        // Whatever else is ready joins the batch, then one commit for all of it.
+        // Whatever else is ready joins the turn; then job requests leave and, if nothing is
+        // being committed, a commit starts for what waits (see `flush`).
         for _ in 1..BATCH {
             if let Some(ev) = futures::FutureExt::now_or_never(d.conn.next()) {
                 d.on_event(ev)?;
