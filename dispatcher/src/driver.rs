@@ -11,7 +11,8 @@
 //! one fsync for every job that changed meanwhile, and no stanza or answer leaves before the
 //! changes it tells of are durable. Two things do not wait: job requests to agents
 //! ([`Core::take_early`]: they promise nothing, so a job runs while its acceptance is being
-//! stored), and changes no one waits for yet ([`Pending::Lazy`]), which wait up to
+//! stored; each is first written to the [`SentAheadLog`], so that after a crash the job goes
+//! back to the same agent instead of running on another), and changes no one waits for yet ([`Pending::Lazy`]), which wait up to
 //! [`LINGER`] for a commit something else asks for — so a fast job's acceptance and outcome
 //! are stored in one commit.
 
@@ -32,11 +33,14 @@ use crate::blob_gc::BlobGc;
 use crate::blobs::BlobStore;
 use crate::config::DispatcherConfig;
 use crate::core::data::DataPlane;
-use crate::core::{ApiReply, ApiToken, Command, Core, JobEvent, Now, Pending, Ready, Restored};
+use crate::core::{
+    ApiReply, ApiToken, Command, Core, Early, JobEvent, Now, Pending, Ready, Restored,
+};
 use crate::error::DispatcherError;
 use crate::http::Handle;
 use crate::jobs::JobRecord;
 use crate::policy::Policy;
+use crate::sent_ahead::SentAheadLog;
 use crate::store::{Batch, OwnedBatch, Store, StoreError};
 
 /// Most events handled in one turn of the loop, before the commit pipeline is looked at.
@@ -125,6 +129,8 @@ struct Driver {
     in_flight: Option<InFlight>,
     /// Since when changes no one waits for have been waiting ([`LINGER`]).
     lazy_since: Option<Instant>,
+    /// Job requests sent ahead of their commit, recorded for the next process.
+    sent_ahead: SentAheadLog,
 }
 
 /// A commit on its way to disk, and what leaves once it is there.
@@ -197,6 +203,18 @@ async fn run_inner(
     let held = restored.jobs.len();
     let unfinished = restored.jobs.iter().filter(|j| !j.state.is_final()).count();
     let audit = open_audit(&cfg, &store)?;
+    let (sent_ahead, sent_before) = SentAheadLog::open(&cfg.data_dir).map_err(|e| {
+        DispatcherError::Store(StoreError(format!(
+            "{}: the file of jobs sent ahead of their commit: {e}",
+            cfg.data_dir.display()
+        )))
+    })?;
+    if !sent_before.is_empty() {
+        info!(
+            jobs = sent_before.len(),
+            "the last process sent jobs ahead of their commit: they go back to their agents"
+        );
+    }
     let policy = Policy::from_config(&cfg)?;
     let mut conn = spine_xmpp::connect(opts).await?;
     let mut status_rx = conn
@@ -269,10 +287,13 @@ async fn run_inner(
         blob_gc,
         in_flight: None,
         lazy_since: None,
+        sent_ahead,
     };
     d.core.session_started(t);
-    d.core.recover(t);
+    d.core.recover(sent_before, t);
     d.commit_all().await?;
+    // What the last process sent ahead is stored now (as jobs restored in flight).
+    d.sent_ahead.clear();
     let mut auth_refusals = 0u32;
     tokio::pin!(shutdown);
     loop {
@@ -363,9 +384,8 @@ impl Driver {
     /// After a turn of the loop: job requests go to agents at once; a commit starts if none
     /// is running and something waits for one (or has lingered long enough).
     async fn flush(&mut self) -> Result<(), DispatcherError> {
-        for st in self.core.take_early() {
-            self.conn.send(st).await;
-        }
+        let early = self.core.take_early();
+        self.send_early(early).await;
         if self.in_flight.is_some() {
             // The changes join the next commit, which starts when this one ends.
             return Ok(());
@@ -381,6 +401,14 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// Job requests that leave before their commit: recorded first ([`SentAheadLog`]).
+    async fn send_early(&mut self, early: Early) {
+        self.sent_ahead.record(&early.sent);
+        for st in early.stanzas {
+            self.conn.send(st).await;
+        }
     }
 
     /// The commit in flight ended: what waited for it leaves, and the next one starts if
@@ -404,6 +432,7 @@ impl Driver {
                 return Err(StoreError(format!("the commit did not finish: {e}")).into());
             }
         }
+        self.sent_ahead.committed();
         self.stored(f.ready).await;
         self.flush().await
     }
@@ -411,9 +440,8 @@ impl Driver {
     /// Commits everything the core decided and waits for it (at start and at shutdown).
     async fn commit_all(&mut self) -> Result<(), DispatcherError> {
         loop {
-            for st in self.core.take_early() {
-                self.conn.send(st).await;
-            }
+            let early = self.core.take_early();
+            self.send_early(early).await;
             if self.in_flight.is_none() {
                 if self.core.pending() == Pending::Nothing {
                     return Ok(());
@@ -431,6 +459,7 @@ impl Driver {
     /// nothing to store, it leaves at once.
     async fn start_commit(&mut self) -> Result<(), DispatcherError> {
         self.lazy_since = None;
+        self.sent_ahead.commit_started();
         let ready = self.core.take_ready();
         // Lines leave the store's outbox once the file holding them is on disk: synced at
         // most once a second, so a power loss cannot lose a line either.
@@ -445,6 +474,7 @@ impl Driver {
             self.audit_synced = Instant::now();
         }
         if !ready.must_store() && written.is_empty() {
+            self.sent_ahead.committed();
             self.stored(ready).await;
             return Ok(());
         }

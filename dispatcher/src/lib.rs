@@ -27,6 +27,7 @@ pub mod http;
 pub mod jobs;
 pub mod policy;
 pub mod registry;
+mod sent_ahead;
 pub mod signing;
 pub mod sim;
 pub mod store;

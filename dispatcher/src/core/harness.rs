@@ -121,6 +121,13 @@ struct Sim {
     batch: usize,
     /// Since when changes no one waits for have waited for a commit.
     lazy_since_ms: Option<u64>,
+    /// The driver's file of jobs sent ahead of their commit: it survives the process and is
+    /// emptied by each commit.
+    sent_ahead: Vec<SentAhead>,
+    /// Where each job's handler first started (agent, instance).
+    started: HashMap<JobId, (usize, u64)>,
+    /// Jobs that may run again elsewhere: a run failed, its agent crashed, it was cancelled.
+    may_rerun: HashSet<JobId>,
 }
 
 impl Sim {
@@ -158,6 +165,9 @@ impl Sim {
             inputs_since_commit: 0,
             batch: batch.max(1),
             lazy_since_ms: None,
+            sent_ahead: Vec::new(),
+            started: HashMap::new(),
+            may_rerun: HashSet::new(),
         };
         for i in 0..agents {
             sim.start_agent(i);
@@ -201,8 +211,9 @@ impl Sim {
             return;
         }
         a.up = false;
-        a.running.clear();
-        a.cache.clear();
+        // What it ran or remembered is lost with it: those jobs may run elsewhere.
+        self.may_rerun.extend(a.running.drain().map(|(j, _)| j));
+        self.may_rerun.extend(a.cache.drain().map(|(j, _)| j));
         // The server announces the session's end.
         let p = Presence::new(PresenceType::Unavailable).with_from(Jid::from(a.jid.clone()));
         self.post(true, p.into());
@@ -211,6 +222,7 @@ impl Sim {
     /// The driver's commit: store, then send, then answer. After a commit nothing of the
     /// batch can be lost.
     fn commit(&mut self) {
+        self.sent_ahead.clear();
         self.inputs_since_commit = 0;
         self.lazy_since_ms = None;
         let ready = self.core.take_ready();
@@ -257,7 +269,9 @@ impl Sim {
     /// After each input: job requests leave at once (before any commit, as the driver sends
     /// them); commit every `batch` inputs (group commit).
     fn after_input(&mut self) {
-        for st in self.core.take_early() {
+        let early = self.core.take_early();
+        self.sent_ahead.extend(early.sent);
+        for st in early.stanzas {
             self.post(false, st);
         }
         self.inputs_since_commit += 1;
@@ -312,7 +326,8 @@ impl Sim {
             Box::new(crate::jobs::MemoryBlobs::default()),
         );
         self.core.session_started(self.now);
-        self.core.recover(self.now);
+        let sent = std::mem::take(&mut self.sent_ahead);
+        self.core.recover(sent, self.now);
         self.commit();
     }
 
@@ -445,6 +460,23 @@ impl Sim {
                         .with_from(Jid::from(a.jid.clone()));
                     self.post(true, iq.into());
                 } else {
+                    // With no speculative copies, a job runs on a second agent only after
+                    // its run failed or its agent crashed.
+                    let here = (i, a.instance);
+                    match self.started.get(&job.id) {
+                        Some(first) if *first != here && !self.may_rerun.contains(&job.id) => {
+                            self.violations.push(format!(
+                                "job {} started on agent {} (instance {}) and again on agent {i}",
+                                job.id, first.0, first.1
+                            ));
+                        }
+                        _ => {
+                            self.started.insert(job.id.clone(), here);
+                        }
+                    }
+                    if fail {
+                        self.may_rerun.insert(job.id.clone());
+                    }
                     a.running.insert(
                         job.id,
                         Running {
@@ -457,6 +489,7 @@ impl Sim {
             }
             Stanza::Iq(Iq::Set { id, payload, .. }) if payload.is("cancel", spine_protocol::NS) => {
                 if let Some(job) = payload.attr("job").and_then(|j| j.parse::<JobId>().ok()) {
+                    self.may_rerun.insert(job.clone());
                     a.running.remove(&job);
                 }
                 let iq = Iq::empty_result(Jid::from(a.jid.clone()), id)

@@ -103,6 +103,8 @@ impl Now {
 pub(crate) struct Ready {
     /// Job requests to agents, which may leave before the commit: see [`Core::take_early`].
     pub early: Vec<Stanza>,
+    /// What `early` sends, for the driver's log of jobs sent ahead of their commit.
+    pub sent_ahead: Vec<SentAhead>,
     /// How many of `stanzas` and `replies` may wait for a commit that something else asks
     /// for ([`Core::pending`]).
     pub lazy: usize,
@@ -149,6 +151,27 @@ impl Ready {
             && self.agents_seen.is_empty()
             && self.capabilities_learned.is_empty())
     }
+}
+
+/// A job request that left before the commit of its dispatch ([`Core::take_early`]). The
+/// driver writes these to a file before the requests leave and empties it once a commit
+/// covers them; after a crash, [`Core::recover`] sends such a job back to the same agent with
+/// the same attempt, where it attaches to the run (PROTOCOL.md §10), instead of placing it
+/// afresh — possibly on another agent, where it would run a second time.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct SentAhead {
+    pub job: JobId,
+    pub attempt: u64,
+    pub agent: jid::FullJid,
+}
+
+/// Job requests to send now, before the commit ([`Core::take_early`]).
+#[derive(Debug, Default)]
+pub(crate) struct Early {
+    /// The requests.
+    pub stanzas: Vec<Stanza>,
+    /// What they send, to record before they leave.
+    pub sent: Vec<SentAhead>,
 }
 
 /// What the store held at start.
@@ -313,11 +336,22 @@ impl Core {
         core
     }
 
-    /// After a restart: map/reduce jobs whose last step ended just before the stop move on.
-    pub(crate) fn recover(&mut self, now: Now) {
+    /// After a restart: map/reduce jobs whose last step ended just before the stop move on;
+    /// then jobs the last process sent ahead of their commit ([`SentAhead`], read back from
+    /// the driver's file) go back to the agent they went to, as jobs restored in flight do
+    /// (after the map/reduce steps, which may only now be made again, under the same ids).
+    pub(crate) fn recover(&mut self, sent_ahead: Vec<SentAhead>, now: Now) {
         for parent in self.jobs.running_mapreduces() {
             let adv = self.jobs.advance(&parent, now.ms, self.blob_store.as_ref());
             self.apply_advance(&parent, adv, now);
+        }
+        for s in sent_ahead {
+            if self.jobs.sent_ahead(&s.job, s.attempt, &s.agent, now.ms) {
+                tracing::info!(job = %s.job, agent = %s.agent, attempt = s.attempt,
+                    "restored as sent before the stop: back to its agent");
+                self.grace_pending = true;
+                self.persist(&s.job);
+            }
         }
     }
 
@@ -425,18 +459,24 @@ impl Core {
         wake.saturating_duration_since(now.mono)
     }
 
-    /// Everything decided since the last call, in the order to act on it.
     /// Job requests to agents decided since the last call, which the driver sends at once,
     /// before the commit of the changes that decided them: telling an agent to run a job
-    /// promises nothing to its submitter or anyone else. If the dispatcher dies before the
-    /// commit, the stored record still says what it said before (queued, or no job at all if
-    /// its acceptance was not stored either, which no one was told of then), and the agent's
-    /// answer goes to a request id the next process does not know; a job placed again goes out
-    /// with the same id and attempt, which the agent attaches to the one it runs
-    /// (PROTOCOL.md §10). Saving this wait is what lets a job run while its acceptance is
-    /// being stored, and a fast job's acceptance and outcome share one commit.
-    pub(crate) fn take_early(&mut self) -> Vec<Stanza> {
-        std::mem::take(&mut self.ready.early)
+    /// promises nothing to its submitter or anyone else. Saving this wait is what lets a job
+    /// run while its acceptance is being stored, and a fast job's acceptance and outcome
+    /// share one commit.
+    ///
+    /// If the dispatcher dies before the commit, the stored record still says what it said
+    /// before (queued, or no job at all if its acceptance was not stored either, which no one
+    /// was told of then), and the agent's answer goes to a request id the next process does
+    /// not know. The driver records each request ([`Early::sent`]) before it leaves, so the
+    /// next process sends the job back to the same agent with the same attempt, which the
+    /// agent attaches to the run or answers from its outcome cache (PROTOCOL.md §10; see
+    /// [`Core::recover`]).
+    pub(crate) fn take_early(&mut self) -> Early {
+        Early {
+            stanzas: std::mem::take(&mut self.ready.early),
+            sent: std::mem::take(&mut self.ready.sent_ahead),
+        }
     }
 
     /// Whether a commit is needed now ([`Pending::Urgent`]), may wait a moment
@@ -461,6 +501,7 @@ impl Core {
         }
     }
 
+    /// Everything decided since the last call, in the order to act on it.
     pub(crate) fn take_ready(&mut self) -> Ready {
         let mut ready = std::mem::take(&mut self.ready);
         ready.persist = self.dirty.drain().collect();
@@ -510,8 +551,9 @@ impl Core {
     }
 
     /// Queues a job request to an agent, sent before the commit ([`Core::take_early`]).
-    fn send_early(&mut self, st: impl Into<Stanza>) {
+    fn send_early(&mut self, st: impl Into<Stanza>, sent: SentAhead) {
         self.ready.early.push(st.into());
+        self.ready.sent_ahead.push(sent);
     }
 
     /// Queues an event for the HTTP event streams.

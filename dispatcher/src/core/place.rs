@@ -272,7 +272,12 @@ impl Core {
             debug!(job = %id, agent = %agent, attempt, "dispatching");
             let s = sent(j.clone(), stanza_bytes(&j));
             self.requests.job_sent(iq_id.clone(), s);
-            self.send_early(Iq::from_set(iq_id, j).with_to(agent.clone().into()));
+            let ahead = super::SentAhead {
+                job: id.clone(),
+                attempt,
+                agent: agent.clone(),
+            };
+            self.send_early(Iq::from_set(iq_id, j).with_to(agent.clone().into()), ahead);
             return;
         }
         // In chunks the input is held in memory while it goes: at most `max_blob` of it.

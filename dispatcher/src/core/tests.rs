@@ -72,6 +72,15 @@ impl World {
     }
 
     pub(crate) fn with(cfg: DispatcherConfig, restored: Restored) -> World {
+        World::restarted(cfg, restored, Vec::new())
+    }
+
+    /// A core started on what a previous one stored and sent ahead of its commits.
+    pub(crate) fn restarted(
+        cfg: DispatcherConfig,
+        restored: Restored,
+        sent_ahead: Vec<SentAhead>,
+    ) -> World {
         let policy = Policy::from_config(&cfg).expect("test policy");
         let now = Now {
             ms: 1_700_000_000_000,
@@ -86,7 +95,7 @@ impl World {
             Box::new(crate::jobs::MemoryBlobs::default()),
         );
         core.session_started(now);
-        core.recover(now);
+        core.recover(sent_ahead, now);
         core.take_ready();
         World {
             core,
@@ -174,6 +183,7 @@ impl World {
     pub(crate) fn ready(&mut self) -> Ready {
         let mut r = self.core.take_ready();
         let early = std::mem::take(&mut r.early);
+        r.sent_ahead.clear();
         r.stanzas.splice(0..0, early);
         r
     }
@@ -315,7 +325,7 @@ fn a_job_request_leaves_before_the_commit_and_a_waiting_callers_acceptance_may_l
     // commit of its acceptance.
     submit(&mut w, true);
     let early = w.core.take_early();
-    let sent = jobs_sent(&early);
+    let sent = jobs_sent(&early.stanzas);
     assert_eq!(sent.len(), 1, "the job request leaves before the commit");
     assert_eq!(sent[0].to, a);
     assert_eq!(w.core.pending(), Pending::Lazy);
@@ -337,7 +347,7 @@ fn a_job_request_leaves_before_the_commit_and_a_waiting_callers_acceptance_may_l
     assert_eq!(w.core.pending(), Pending::Nothing);
     // A caller told only "accepted" waits for that answer: urgent at once.
     submit(&mut w, false);
-    assert_eq!(jobs_sent(&w.core.take_early()).len(), 1);
+    assert_eq!(jobs_sent(&w.core.take_early().stanzas).len(), 1);
     assert_eq!(w.core.pending(), Pending::Urgent);
     w.ready();
     // An XMPP submitter who watches the job: its <accepted> may linger too.
@@ -351,7 +361,7 @@ fn a_job_request_leaves_before_the_commit_and_a_waiting_callers_acceptance_may_l
         w.core.stanza(iq.into(), w.now);
     };
     xmpp(&mut w, "s1", true);
-    assert_eq!(jobs_sent(&w.core.take_early()).len(), 1);
+    assert_eq!(jobs_sent(&w.core.take_early().stanzas).len(), 1);
     assert_eq!(w.core.pending(), Pending::Lazy);
     xmpp(&mut w, "s2", false);
     assert_eq!(
@@ -446,6 +456,75 @@ fn a_silent_agent_is_pinged_then_declared_gone_and_its_job_retried_elsewhere() {
     assert_eq!(retried.len(), 1);
     assert_eq!(retried[0].to, b, "elsewhere");
     assert_eq!(retried[0].job.attempt, 2);
+}
+
+#[test]
+fn a_job_sent_ahead_of_its_commit_goes_back_to_the_same_agent_after_a_crash() {
+    // Stored queued (no agent yet); then agent 1 comes and the job request leaves at once.
+    let mut w = World::new();
+    let (id, _) = w.submit_waiting(spec(CAP), true).unwrap();
+    w.ready();
+    let stored = w.core.record(&id).unwrap().clone();
+    assert_eq!(stored.state, JobState::Queued);
+    let a = w.agent(1, 2);
+    let early = w.core.take_early();
+    assert_eq!(jobs_sent(&early.stanzas).len(), 1);
+    assert_eq!(
+        early.sent,
+        vec![SentAhead {
+            job: id.clone(),
+            attempt: 1,
+            agent: a.clone()
+        }],
+        "recorded for the next process"
+    );
+    // The process dies before the dispatch is committed. Without the record, the next one
+    // would place the job afresh: on idle agent 2, while agent 1 runs it.
+    let restored = || Restored {
+        jobs: vec![stored.clone()],
+        ..Restored::default()
+    };
+    let mut blind = World::with(config(), restored());
+    blind.agent(2, 1);
+    let elsewhere = jobs_sent(&blind.ready().stanzas);
+    assert_eq!(elsewhere.len(), 1);
+    assert_eq!(elsewhere[0].to, agent(2));
+    // With it, the job is restored in flight on agent 1 and waits for it.
+    let mut w2 = World::restarted(config(), restored(), early.sent);
+    let rec = w2.core.record(&id).unwrap();
+    assert!(rec.resume, "{rec:?}");
+    assert_eq!((rec.attempts, rec.agent.as_ref()), (1, Some(&a)));
+    w2.agent(2, 1);
+    assert!(
+        jobs_sent(&w2.ready().stanzas).is_empty(),
+        "not to another agent"
+    );
+    w2.agent(1, 2);
+    let back = jobs_sent(&w2.ready().stanzas);
+    assert_eq!(back.len(), 1);
+    assert_eq!(back[0].to, a, "back to its agent");
+    assert_eq!(
+        back[0].job.attempt, 1,
+        "the same attempt: the agent attaches it"
+    );
+    // A record that was stored after the request left is not changed.
+    let mut rec = stored.clone();
+    rec.attempts = 1;
+    let mut w3 = World::restarted(
+        config(),
+        Restored {
+            jobs: vec![rec],
+            ..Restored::default()
+        },
+        vec![SentAhead {
+            job: id.clone(),
+            attempt: 1,
+            agent: a,
+        }],
+    );
+    assert!(!w3.core.record(&id).unwrap().resume);
+    w3.agent(2, 1);
+    assert_eq!(jobs_sent(&w3.ready().stanzas).len(), 1);
 }
 
 #[test]

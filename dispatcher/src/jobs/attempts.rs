@@ -28,6 +28,27 @@ impl JobTable {
         self.get(id)
     }
 
+    /// After a restart: the job was sent to `agent` as attempt `attempt` just before the stop,
+    /// and the dispatch was not stored. If the record is still one attempt behind and waiting,
+    /// it becomes that attempt, restored in flight on that agent ([`JobRecord::resume`]), so
+    /// that it goes back there; true if it changed.
+    pub fn sent_ahead(&mut self, id: &JobId, attempt: u64, agent: &FullJid, now_ms: u64) -> bool {
+        let Some(j) = self.get(id) else {
+            return false;
+        };
+        if j.state != JobState::Queued || j.attempts + 1 != attempt {
+            return false;
+        }
+        self.update(id, |j| {
+            j.attempts = attempt;
+            j.agent = Some(agent.clone());
+            j.resume = true;
+            j.updated_ms = now_ms;
+            j.dispatched_ms = now_ms;
+        })
+        .is_some()
+    }
+
     /// The agent reported progress (the first report means it started).
     pub fn progress(&mut self, id: &JobId, percent: Option<u8>, now_ms: u64) {
         self.update(id, |j| {
