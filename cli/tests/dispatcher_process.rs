@@ -1,5 +1,6 @@
 //! `spine dispatcher` as a real process: `kill -9` with jobs in flight, restart on the same data
-//! directory, and every accepted job still ends succeeded exactly once, with no job run twice.
+//! directory (and job store: redb, or PostgreSQL), and every accepted job still ends succeeded
+//! exactly once, with no job run twice.
 
 use std::collections::{HashMap, HashSet};
 use std::process::Stdio;
@@ -72,6 +73,30 @@ async fn registered_for(w: &mut TestDispatcher, capability: &str, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_restart_loses_no_accepted_job_and_runs_none_twice() {
+    kill_9_and_restart("").await;
+}
+
+/// The same with the job store on PostgreSQL (a child process of the test).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_and_restart_on_postgres_loses_no_accepted_job_and_runs_none_twice() {
+    let pg = match spine_integration::postgres::Postgres::start() {
+        Ok(pg) => pg,
+        Err(e) if !spine_integration::servers::required() => {
+            println!("skipped: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    kill_9_and_restart(&format!("store = \"{}\"\n", pg.url())).await;
+    let stored = pg
+        .psql("spine", "SELECT count(*) FROM spine_jobs")
+        .expect("psql");
+    assert_eq!(stored, "20", "the 20 jobs are PostgreSQL's rows");
+}
+
+/// 20 jobs of 700 ms on two agents of 3 slots; `kill -9` of the dispatcher while 6 run and
+/// 14 wait; a new process on the same store finishes every one, none twice.
+async fn kill_9_and_restart(store_config: &str) {
     let server = TestServer::start(&[
         ("dispatcher", "pw-d"),
         ("webapp", "pw-w"),
@@ -84,7 +109,7 @@ async fn kill_9_and_restart_loses_no_accepted_job_and_runs_none_twice() {
     std::fs::write(
         &config,
         format!(
-            "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nsubmitters = [\"webapp@localhost\"]\nhttp_listen = \"127.0.0.1:0\"\n",
+            "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nsubmitters = [\"webapp@localhost\"]\nhttp_listen = \"127.0.0.1:0\"\n{store_config}",
             server.addr,
             dir.path().join("data").display()
         ),

@@ -83,6 +83,21 @@ pub struct DispatcherConfig {
     /// cache, not the jobs, then sets the dispatcher's resident memory.
     #[serde(with = "spine_protocol::units::size")]
     pub store_cache: ByteSize,
+    /// Where jobs are stored: unset or `"redb"`, the embedded store in `data_dir/jobs.redb`;
+    /// or a PostgreSQL URL (`"postgres://spine@db.example.com:5432/spine?sslmode=require"`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store: Option<String>,
+    /// A file holding the PostgreSQL password (instead of one in the URL).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_password_file: Option<PathBuf>,
+    /// CA certificates (PEM) that PostgreSQL's certificate is verified against, instead of
+    /// the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub store_ca: Option<PathBuf>,
+    /// How long a commit keeps trying to reach PostgreSQL (reconnecting) before the
+    /// dispatcher gives up and stops.
+    #[serde(with = "spine_protocol::units::duration")]
+    pub store_timeout: Duration,
     /// A blob no job references is deleted once it is older than this (uploads awaiting
     /// the job that names them, outputs of jobs forgotten by retention).
     #[serde(with = "spine_protocol::units::duration")]
@@ -210,6 +225,10 @@ impl Default for DispatcherConfig {
             max_input: ByteSize::gib(4),
             blob_quota: None,
             store_cache: ByteSize::b(crate::store::DEFAULT_CACHE),
+            store: None,
+            store_password_file: None,
+            store_ca: None,
+            store_timeout: Duration::from_secs(30),
             blob_orphan_ttl: Duration::from_secs(15 * 60),
             blob_url_ttl: Duration::from_secs(5 * 60),
             audit_log: "audit.jsonl".into(),
@@ -495,6 +514,13 @@ impl DispatcherConfig {
                 ),
             ));
         }
+        crate::store::target(self.store.as_deref(), None).map_err(|m| bad("store", m))?;
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.store_timeout) {
+            return Err(bad(
+                "store_timeout",
+                "must be 1s to 1h (how long a commit waits for PostgreSQL to come back)",
+            ));
+        }
         if self.blob_orphan_ttl < Duration::from_secs(1) {
             return Err(bad(
                 "blob_orphan_ttl",
@@ -659,6 +685,22 @@ impl DispatcherConfig {
                 .map_or(max.saturating_mul(16), |b| b.as_u64()),
             idle_ttl,
         }
+    }
+
+    /// The PostgreSQL store the configuration names (its password file read), or none for
+    /// the embedded store.
+    pub fn store_target(&self) -> Result<Option<crate::store::postgres::PgTarget>, String> {
+        let password = match &self.store_password_file {
+            None => None,
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| format!("store_password_file: {}: {e}", f.display()))?
+                    .trim_end_matches(['\r', '\n'])
+                    .to_owned(),
+            ),
+        };
+        crate::store::target(self.store.as_deref(), password.as_deref())
+            .map_err(|m| format!("store: {m}"))
     }
 
     /// Connection options (password read, address resolved, TLS decided).

@@ -41,7 +41,7 @@ use crate::http::Handle;
 use crate::jobs::JobRecord;
 use crate::policy::Policy;
 use crate::sent_ahead::SentAheadLog;
-use crate::store::{Batch, OwnedBatch, Store, StoreError};
+use crate::store::{Batch, JobStore, OwnedBatch, StoreError};
 
 /// Most events handled in one turn of the loop, before the commit pipeline is looked at.
 const BATCH: usize = 256;
@@ -113,7 +113,7 @@ pub async fn run(
 struct Driver {
     core: Core,
     conn: Connection,
-    store: Arc<Store>,
+    store: JobStore,
     audit: Option<AuditLog>,
     /// Jobs whose audit lines reached the file since it was last synced (to leave the outbox).
     audited: Vec<String>,
@@ -151,7 +151,10 @@ async fn committed(
 
 /// Opens the audit log named by the configuration (`off`: none), appending the lines of jobs
 /// that ended just before the last stop, which the store's outbox holds.
-fn open_audit(cfg: &DispatcherConfig, store: &Store) -> Result<Option<AuditLog>, DispatcherError> {
+async fn open_audit(
+    cfg: &DispatcherConfig,
+    store: &JobStore,
+) -> Result<Option<AuditLog>, DispatcherError> {
     let mut audit = match cfg.audit_log.trim() {
         "off" => None,
         name => {
@@ -163,7 +166,7 @@ fn open_audit(cfg: &DispatcherConfig, store: &Store) -> Result<Option<AuditLog>,
             )
         }
     };
-    let outbox = store.audit_outbox()?;
+    let outbox = store.audit_outbox().await?;
     if !outbox.is_empty() {
         if let Some(a) = audit.as_mut() {
             let n = a.recover(&outbox).map_err(|e| {
@@ -177,10 +180,14 @@ fn open_audit(cfg: &DispatcherConfig, store: &Store) -> Result<Option<AuditLog>,
             }
         }
         let done: Vec<String> = outbox.into_iter().map(|(j, _)| j).collect();
-        store.commit(&Batch {
-            audited: &done,
-            ..Batch::default()
-        })?;
+        let batch = OwnedBatch {
+            audited: done,
+            ..OwnedBatch::default()
+        };
+        store
+            .commit(batch)
+            .await
+            .map_err(|e| StoreError(format!("the commit did not finish: {e}")))??;
     }
     Ok(audit)
 }
@@ -191,18 +198,16 @@ async fn run_inner(
     shutdown: impl Future<Output = impl Sized> + Send,
 ) -> Result<(), DispatcherError> {
     let opts = cfg.connect_options()?;
-    let store = Arc::new(Store::open_with_cache(
-        &cfg.data_dir.join("jobs.redb"),
-        cfg.store_cache.as_u64(),
-    )?);
+    let store = JobStore::open(&cfg).await?;
+    let h = store.held().await?;
     let restored = Restored {
-        jobs: store.load()?,
-        capabilities: store.known_capabilities()?,
-        agents: store.agents()?,
+        jobs: h.jobs,
+        capabilities: h.capabilities,
+        agents: h.agents,
     };
     let held = restored.jobs.len();
     let unfinished = restored.jobs.iter().filter(|j| !j.state.is_final()).count();
-    let audit = open_audit(&cfg, &store)?;
+    let audit = open_audit(&cfg, &store).await?;
     let (sent_ahead, sent_before) = SentAheadLog::open(&cfg.data_dir).map_err(|e| {
         DispatcherError::Store(StoreError(format!(
             "{}: the file of jobs sent ahead of their commit: {e}",
@@ -220,7 +225,7 @@ async fn run_inner(
     let mut status_rx = conn
         .take_status()
         .ok_or_else(|| DispatcherError::Connection("connection status already taken".into()))?;
-    info!(jid = %conn.jid(), jobs = held, unfinished, "dispatcher connected");
+    info!(jid = %conn.jid(), jobs = held, unfinished, store = %store.describe(), "dispatcher connected");
     let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<Command>(1024);
     let (events, _) = broadcast::channel::<JobEvent>(4096);
     let http_stop = tokio_util::sync::CancellationToken::new();
@@ -495,8 +500,7 @@ impl Driver {
             error!("{e}");
             DispatcherError::from(e)
         })?;
-        let store = self.store.clone();
-        let done = tokio::task::spawn_blocking(move || store.commit_owned(&batch));
+        let done = self.store.commit(batch);
         self.in_flight = Some(InFlight { done, ready });
         Ok(())
     }

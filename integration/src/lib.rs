@@ -11,6 +11,7 @@ pub mod dispatcher;
 pub mod ejabberd;
 pub mod farm;
 pub mod pki;
+pub mod postgres;
 pub mod prosody;
 pub mod servers;
 pub mod swarm;

@@ -40,7 +40,7 @@ fn as_prosody(program: &str) -> Command {
     }
 }
 
-fn unsafe_is_root() -> bool {
+pub(crate) fn unsafe_is_root() -> bool {
     // Without libc: /proc tells the effective uid.
     std::fs::read_to_string("/proc/self/status")
         .ok()

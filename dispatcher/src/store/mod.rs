@@ -1,4 +1,7 @@
-//! The durable job store (redb): every accepted job is written, and the transaction committed
+//! The durable job store. This module is the embedded one (redb), the default; [`postgres`]
+//! keeps the same tables on PostgreSQL, and [`JobStore`] is whichever the configuration names.
+//!
+//! The embedded store (redb): every accepted job is written, and the transaction committed
 //! to disk, before the submitter hears "accepted"; state changes are written as they happen;
 //! a restarted dispatcher reloads unfinished jobs and the agents it knew.
 //!
@@ -21,6 +24,12 @@ use redb::{Database, ReadableTable, TableDefinition};
 use spine_protocol::{CapabilityName, JobId};
 
 use crate::jobs::{Body, JobRecord};
+
+mod backend;
+pub mod postgres;
+
+pub(crate) use backend::target;
+pub use backend::{Held, JobStore};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const INPUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("inputs");
@@ -222,17 +231,11 @@ impl Store {
         let mut out = Vec::new();
         for row in t.iter().map_err(e)? {
             let (k, v) = row.map_err(e)?;
-            match serde_json::from_slice::<JobRecord>(v.value()) {
-                Ok(mut j) => {
-                    if j.spec.input.is_empty() {
-                        if let Some(i) = inputs.get(k.value()).map_err(e)? {
-                            j.spec.input = Body::Inline(i.value().to_vec());
-                        }
-                    }
-                    out.push(j)
-                }
-                Err(x) => return Err(e(format!("job {} is unreadable: {x}", k.value()))),
-            }
+            let input = inputs
+                .get(k.value())
+                .map_err(e)?
+                .map(|i| i.value().to_vec());
+            out.push(decode_job(k.value(), v.value(), input)?);
         }
         Ok(out)
     }
@@ -333,6 +336,16 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// A stored record with its input (stored apart, [`EncodedJob`]).
+fn decode_job(id: &str, record: &[u8], input: Option<Vec<u8>>) -> Result<JobRecord, StoreError> {
+    let mut j = serde_json::from_slice::<JobRecord>(record)
+        .map_err(|x| e(format!("job {id} is unreadable: {x}")))?;
+    if let Some(i) = input.filter(|_| j.spec.input.is_empty()) {
+        j.spec.input = Body::Inline(i);
+    }
+    Ok(j)
 }
 
 /// One batch of changes for [`Store::commit`].

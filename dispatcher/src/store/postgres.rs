@@ -1,0 +1,573 @@
+//! The job store on PostgreSQL (`store = "postgres://…"`): the same tables and promises as the
+//! embedded redb store (docs/dispatcher.md §5) — a batch of changes is one transaction,
+//! committed (PostgreSQL's `synchronous_commit`, on by default: the WAL is flushed) before
+//! anything it tells of leaves — on the database a web app already runs, and the ground the
+//! several-dispatcher work stands on.
+//!
+//! - **Schema**: versioned SQL files in `dispatcher/migrations/`, compiled in and applied at
+//!   start, each in a transaction, under an advisory lock (two dispatchers starting at once
+//!   apply each once); `spine_migrations` records them. A database migrated by a newer Spine
+//!   is refused rather than misread.
+//! - **Writes**: one statement per table per batch, its rows as arrays (`UNNEST`), prepared
+//!   once per connection; every write is an upsert or a delete by key, so a batch whose commit
+//!   was cut off by a lost connection is simply written again on a new one.
+//! - **Connection**: one, since the dispatcher commits one batch at a time. When it is lost,
+//!   a commit reconnects (backing off up to 2 s) and retries for up to `store_timeout`; beyond
+//!   that the dispatcher stops rather than acknowledge what it did not store.
+//! - **TLS**: off loopback, the URL must say `sslmode=require`; the server's certificate is
+//!   then verified (rustls with ring) against the system's roots or `store_ca`.
+
+use std::collections::HashMap;
+use std::str::FromStr as _;
+use std::time::{Duration, Instant};
+
+use spine_protocol::CapabilityName;
+use tokio_postgres::config::{Host, SslMode};
+use tokio_postgres::{Client, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
+use tracing::{info, warn};
+
+use super::{decode_job, OwnedBatch, StoreError};
+use crate::jobs::JobRecord;
+
+/// The schema, in order: (version, name, SQL).
+const MIGRATIONS: &[(i32, &str, &str)] =
+    &[(1, "jobs", include_str!("../../migrations/0001_jobs.sql"))];
+
+/// The advisory lock held while migrations run (any fixed number; "spine" in ASCII).
+const MIGRATION_LOCK: i64 = 0x0073_7069_6e65;
+
+fn e(x: impl std::fmt::Display) -> StoreError {
+    StoreError(x.to_string())
+}
+
+/// A parsed `store` URL, checked: where it points (without the password) and whether TLS
+/// is required for it.
+#[derive(Clone)]
+pub struct PgTarget {
+    config: tokio_postgres::Config,
+    /// host:port/db, for messages.
+    name: String,
+}
+
+impl std::fmt::Debug for PgTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the password.
+        write!(f, "PgTarget({})", self.name)
+    }
+}
+
+impl PgTarget {
+    /// Parses `url` (a `postgres://` URL or a `key=value` string, as libpq takes) with the
+    /// password from `password` if given. Off loopback the URL must require TLS.
+    pub fn parse(url: &str, password: Option<&str>) -> Result<PgTarget, String> {
+        let mut config = tokio_postgres::Config::from_str(url).map_err(|x| {
+            format!(
+                "not a PostgreSQL URL ({x}); for example \"postgres://spine@127.0.0.1:5432/spine\""
+            )
+        })?;
+        if let Some(p) = password {
+            config.password(p);
+        }
+        if config.get_user().is_none() {
+            return Err("names no user: \"postgres://USER@host/db\"".into());
+        }
+        let hosts = config.get_hosts();
+        if hosts.is_empty() {
+            return Err("names no host: \"postgres://user@HOST:5432/db\"".into());
+        }
+        let port = config.get_ports().first().copied().unwrap_or(5432);
+        let db = config
+            .get_dbname()
+            .or(config.get_user())
+            .unwrap_or_default()
+            .to_owned();
+        let mut remote = Vec::new();
+        let mut names = Vec::new();
+        for h in hosts {
+            match h {
+                Host::Tcp(name) => {
+                    if !is_loopback(name) {
+                        remote.push(name.clone());
+                    }
+                    names.push(format!("{name}:{port}"));
+                }
+                Host::Unix(dir) => names.push(format!("{}", dir.display())),
+            }
+        }
+        if !remote.is_empty() && config.get_ssl_mode() != SslMode::Require {
+            return Err(format!(
+                "{} is not on loopback: add sslmode=require to the URL (\"…/{db}?sslmode=require\"); the server's certificate is verified against the system's roots, or store_ca",
+                remote.join(", ")
+            ));
+        }
+        config.connect_timeout(Duration::from_secs(10));
+        config.application_name("spine-dispatcher");
+        Ok(PgTarget {
+            config,
+            name: format!("{}/{db}", names.join(",")),
+        })
+    }
+
+    /// host:port/database (no user, no password).
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    host == "localhost"
+        || host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The prepared statements of one connection.
+struct Statements {
+    upsert_jobs: Statement,
+    insert_inputs: Statement,
+    delete_inputs: Statement,
+    upsert_idempotency: Statement,
+    delete_idempotency_of: Statement,
+    delete_jobs: Statement,
+    delete_audit: Statement,
+    upsert_audit: Statement,
+    upsert_agents: Statement,
+    insert_capabilities: Statement,
+}
+
+struct Conn {
+    client: Client,
+    st: Statements,
+}
+
+/// The store (see the module documentation).
+pub struct PgStore {
+    target: PgTarget,
+    tls: MakeRustlsConnect,
+    conn: tokio::sync::Mutex<Option<Conn>>,
+    /// How long a commit keeps trying to reach the database.
+    timeout: Duration,
+}
+
+impl PgStore {
+    /// Connects, applies the migrations this build has and the database lacks, and prepares
+    /// the statements.
+    pub async fn open(
+        target: PgTarget,
+        tls: tokio_rustls::rustls::ClientConfig,
+        timeout: Duration,
+    ) -> Result<PgStore, StoreError> {
+        let store = PgStore {
+            target,
+            tls: MakeRustlsConnect::new(tls),
+            conn: tokio::sync::Mutex::new(None),
+            timeout,
+        };
+        // A dispatcher that starts before its database (boot order) waits for it.
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(200);
+        let mut client = loop {
+            match store.connect_client().await {
+                Ok(c) => break c,
+                Err(x) if started.elapsed() + pause < store.timeout => {
+                    warn!("cannot reach PostgreSQL yet, trying again in {pause:?}: {x}");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err(x) => return Err(x),
+            }
+        };
+        migrate(&mut client)
+            .await
+            .map_err(|x| e(format!("{}: applying the schema: {x}", store.target.name)))?;
+        let st = prepare(&client).await.map_err(|x| store.err(x))?;
+        *store.conn.lock().await = Some(Conn { client, st });
+        Ok(store)
+    }
+
+    /// Where it is (no password), for logs.
+    pub fn name(&self) -> &str {
+        self.target.name()
+    }
+
+    fn err(&self, x: tokio_postgres::Error) -> StoreError {
+        e(format!("{}: {}", self.target.name, describe(&x)))
+    }
+
+    async fn connect_client(&self) -> Result<Client, StoreError> {
+        let (client, connection) = self
+            .target
+            .config
+            .connect(self.tls.clone())
+            .await
+            .map_err(|x| self.err(x))?;
+        let name = self.target.name.clone();
+        tokio::spawn(async move {
+            if let Err(x) = connection.await {
+                warn!(store = %name, "PostgreSQL connection ended: {}", describe(&x));
+            }
+        });
+        Ok(client)
+    }
+
+    /// A live connection, made again if it was lost.
+    async fn live<'a>(&self, slot: &'a mut Option<Conn>) -> Result<&'a mut Conn, StoreError> {
+        if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
+            *slot = None;
+            let client = self.connect_client().await?;
+            let st = prepare(&client).await.map_err(|x| self.err(x))?;
+            info!(store = %self.target.name, "connected to PostgreSQL again");
+            *slot = Some(Conn { client, st });
+        }
+        slot.as_mut().ok_or_else(|| e("no connection"))
+    }
+
+    /// Stores one batch in one transaction (see [`super::Store::commit`]). A lost connection
+    /// is made again and the batch written again (every write is by key), for up to the
+    /// store's timeout.
+    pub async fn commit(&self, b: &OwnedBatch) -> Result<(), StoreError> {
+        if b.is_empty() {
+            return Ok(());
+        }
+        let started = Instant::now();
+        let mut pause = Duration::from_millis(100);
+        let mut slot = self.conn.lock().await;
+        loop {
+            let attempt = match self.live(&mut slot).await {
+                Ok(c) => write(c, b).await.map_err(|x| {
+                    let lost = c.client.is_closed();
+                    (self.err(x), lost)
+                }),
+                // Could not connect: the database is down or unreachable.
+                Err(x) => Err((x, true)),
+            };
+            match attempt {
+                Ok(()) => return Ok(()),
+                Err((x, true)) if started.elapsed() + pause < self.timeout => {
+                    warn!(store = %self.target.name, "commit failed, trying again in {pause:?}: {x}");
+                    *slot = None;
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                Err((x, _)) => return Err(x),
+            }
+        }
+    }
+
+    /// Every stored job, with its input.
+    pub async fn load(&self) -> Result<Vec<JobRecord>, StoreError> {
+        let mut slot = self.conn.lock().await;
+        let c = self.live(&mut slot).await?;
+        let mut inputs: HashMap<String, Vec<u8>> = HashMap::new();
+        for row in c
+            .client
+            .query("SELECT id, input FROM spine_inputs", &[])
+            .await
+            .map_err(|x| self.err(x))?
+        {
+            inputs.insert(row.get(0), row.get(1));
+        }
+        let rows = c
+            .client
+            .query("SELECT id, record FROM spine_jobs", &[])
+            .await
+            .map_err(|x| self.err(x))?;
+        rows.iter()
+            .map(|row| {
+                let id: &str = row.get(0);
+                let record: &[u8] = row.get(1);
+                decode_job(id, record, inputs.remove(id))
+            })
+            .collect()
+    }
+
+    /// Every agent (bare JID) seen, with when (ms).
+    pub async fn agents(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        let rows = self.query("SELECT jid, seen_ms FROM spine_agents").await?;
+        Ok(rows
+            .iter()
+            .map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1).max(0) as u64))
+            .collect())
+    }
+
+    /// Every capability an agent has offered.
+    pub async fn known_capabilities(&self) -> Result<Vec<CapabilityName>, StoreError> {
+        let rows = self.query("SELECT name FROM spine_capabilities").await?;
+        rows.iter()
+            .map(|r| {
+                let name: &str = r.get(0);
+                name.parse().map_err(|x: String| {
+                    e(format!(
+                        "spine_capabilities: '{name}' is not a capability name: {x}"
+                    ))
+                })
+            })
+            .collect()
+    }
+
+    /// The audit lines stored but perhaps not yet in the audit file.
+    pub async fn audit_outbox(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        let rows = self
+            .query("SELECT job, line FROM spine_audit_outbox")
+            .await?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    async fn query(&self, sql: &str) -> Result<Vec<tokio_postgres::Row>, StoreError> {
+        let mut slot = self.conn.lock().await;
+        let c = self.live(&mut slot).await?;
+        c.client.query(sql, &[]).await.map_err(|x| self.err(x))
+    }
+}
+
+/// An error with PostgreSQL's own message and code when it has them (the `Display` of
+/// tokio-postgres says only "db error").
+fn describe(x: &tokio_postgres::Error) -> String {
+    match x.as_db_error() {
+        Some(db) => format!("{} ({}): {}", db.severity(), db.code().code(), db.message()),
+        None => x.to_string(),
+    }
+}
+
+async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
+    Ok(Statements {
+        upsert_jobs: c
+            .prepare(
+                "INSERT INTO spine_jobs (id, record) SELECT * FROM UNNEST($1::text[], $2::bytea[]) \
+                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+            )
+            .await?,
+        insert_inputs: c
+            .prepare(
+                "INSERT INTO spine_inputs (id, input) SELECT * FROM UNNEST($1::text[], $2::bytea[]) \
+                 ON CONFLICT (id) DO NOTHING",
+            )
+            .await?,
+        delete_inputs: c
+            .prepare("DELETE FROM spine_inputs WHERE id = ANY($1::text[])")
+            .await?,
+        upsert_idempotency: c
+            .prepare(
+                "INSERT INTO spine_idempotency (key, job) SELECT * FROM UNNEST($1::bytea[], $2::text[]) \
+                 ON CONFLICT (key) DO UPDATE SET job = EXCLUDED.job",
+            )
+            .await?,
+        delete_idempotency_of: c
+            .prepare("DELETE FROM spine_idempotency WHERE job = ANY($1::text[])")
+            .await?,
+        delete_jobs: c
+            .prepare("DELETE FROM spine_jobs WHERE id = ANY($1::text[])")
+            .await?,
+        delete_audit: c
+            .prepare("DELETE FROM spine_audit_outbox WHERE job = ANY($1::text[])")
+            .await?,
+        upsert_audit: c
+            .prepare(
+                "INSERT INTO spine_audit_outbox (job, line) SELECT * FROM UNNEST($1::text[], $2::bytea[]) \
+                 ON CONFLICT (job) DO UPDATE SET line = EXCLUDED.line",
+            )
+            .await?,
+        upsert_agents: c
+            .prepare(
+                "INSERT INTO spine_agents (jid, seen_ms) SELECT * FROM UNNEST($1::text[], $2::int8[]) \
+                 ON CONFLICT (jid) DO UPDATE SET seen_ms = GREATEST(spine_agents.seen_ms, EXCLUDED.seen_ms)",
+            )
+            .await?,
+        insert_capabilities: c
+            .prepare(
+                "INSERT INTO spine_capabilities (name, first_ms) SELECT * FROM UNNEST($1::text[], $2::int8[]) \
+                 ON CONFLICT (name) DO NOTHING",
+            )
+            .await?,
+    })
+}
+
+/// One statement of a batch, on its way.
+type Step<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>,
+>;
+
+/// One entry per key, with the latest time: an upsert may not touch a row twice in one
+/// statement, and a batch may name an agent or a capability twice.
+fn latest<'a>(pairs: impl Iterator<Item = (&'a str, u64)>) -> (Vec<&'a str>, Vec<i64>) {
+    let mut m: HashMap<&str, i64> = HashMap::new();
+    for (k, t) in pairs {
+        let t = i64::try_from(t).unwrap_or(i64::MAX);
+        let e = m.entry(k).or_insert(t);
+        *e = (*e).max(t);
+    }
+    m.into_iter().unzip()
+}
+
+/// One batch in one transaction; the statements of the batch are pipelined.
+async fn write(c: &mut Conn, b: &OwnedBatch) -> Result<(), tokio_postgres::Error> {
+    let st = &c.st;
+    let tx = c.client.transaction().await?;
+    let ids: Vec<&str> = b.jobs.iter().map(|j| j.id.as_str()).collect();
+    let records: Vec<&[u8]> = b.jobs.iter().map(|j| j.record.as_slice()).collect();
+    let (with_input, inputs): (Vec<&str>, Vec<&[u8]>) = b
+        .jobs
+        .iter()
+        .filter_map(|j| j.input.as_deref().map(|i| (j.id.as_str(), i)))
+        .unzip();
+    let without_input: Vec<&str> = b
+        .jobs
+        .iter()
+        .filter(|j| j.input.is_none())
+        .map(|j| j.id.as_str())
+        .collect();
+    let mut idem: HashMap<&[u8], &str> = HashMap::new();
+    for j in &b.jobs {
+        if let Some(k) = &j.idempotency {
+            idem.insert(k.as_bytes(), j.id.as_str());
+        }
+    }
+    let (idem_keys, idem_jobs): (Vec<&[u8]>, Vec<&str>) = idem.into_iter().unzip();
+    let deleted: Vec<&str> = b.delete.iter().map(|j| j.as_str()).collect();
+    let audited: Vec<&str> = b.audited.iter().map(String::as_str).collect();
+    let mut audit: HashMap<&str, &[u8]> = HashMap::new();
+    for (job, line) in &b.audit {
+        audit.insert(job.as_str(), line.as_slice());
+    }
+    let (audit_jobs, audit_lines): (Vec<&str>, Vec<&[u8]>) = audit.into_iter().unzip();
+    let (agents, seen) = latest(b.agents.iter().map(|(a, t)| (a.as_str(), *t)));
+    let (caps, first) = latest(b.capabilities.iter().map(|(c, t)| (c.as_str(), *t)));
+    // Deletions first (an audit line removed and added in one batch ends added), then
+    // writes. The statements go out together; PostgreSQL runs them in order.
+    let mut steps: Vec<Step<'_>> = Vec::new();
+    if !audited.is_empty() {
+        steps.push(Box::pin(async {
+            tx.execute(&st.delete_audit, &[&audited]).await
+        }));
+    }
+    if !deleted.is_empty() {
+        steps.push(Box::pin(async {
+            tx.execute(&st.delete_idempotency_of, &[&deleted]).await
+        }));
+        steps.push(Box::pin(async {
+            tx.execute(&st.delete_inputs, &[&deleted]).await
+        }));
+        steps.push(Box::pin(async {
+            tx.execute(&st.delete_jobs, &[&deleted]).await
+        }));
+    }
+    if !without_input.is_empty() {
+        steps.push(Box::pin(async {
+            tx.execute(&st.delete_inputs, &[&without_input]).await
+        }));
+    }
+    if !ids.is_empty() {
+        steps.push(Box::pin(async {
+            tx.execute(&st.upsert_jobs, &[&ids, &records]).await
+        }));
+    }
+    if !with_input.is_empty() {
+        steps.push(Box::pin(async {
+            tx.execute(&st.insert_inputs, &[&with_input, &inputs]).await
+        }));
+    }
+    if !idem_keys.is_empty() {
+        steps.push(Box::pin(async {
+            tx.execute(&st.upsert_idempotency, &[&idem_keys, &idem_jobs])
+                .await
+        }));
+    }
+    if !audit_jobs.is_empty() {
+        steps.push(Box::pin(async {
+            tx.execute(&st.upsert_audit, &[&audit_jobs, &audit_lines])
+                .await
+        }));
+    }
+    if !agents.is_empty() {
+        steps.push(Box::pin(async {
+            tx.execute(&st.upsert_agents, &[&agents, &seen]).await
+        }));
+    }
+    if !caps.is_empty() {
+        steps.push(Box::pin(async {
+            tx.execute(&st.insert_capabilities, &[&caps, &first]).await
+        }));
+    }
+    futures::future::try_join_all(steps).await?;
+    tx.commit().await
+}
+
+/// Applies the migrations the database lacks, under an advisory lock.
+async fn migrate(client: &mut Client) -> Result<(), String> {
+    let describe = |x: tokio_postgres::Error| describe(&x);
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .map_err(describe)?;
+    let result = async {
+        client
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS spine_migrations (
+                    version    integer     PRIMARY KEY,
+                    name       text        NOT NULL,
+                    applied_at timestamptz NOT NULL DEFAULT now()
+                )",
+            )
+            .await
+            .map_err(describe)?;
+        let applied: i32 = client
+            .query_one("SELECT COALESCE(MAX(version), 0) FROM spine_migrations", &[])
+            .await
+            .map_err(describe)?
+            .get(0);
+        let known = MIGRATIONS.last().map_or(0, |m| m.0);
+        if applied > known {
+            return Err(format!(
+                "the database is at schema version {applied}, which a newer Spine applied; this dispatcher knows versions up to {known}: run the newer dispatcher, or another database"
+            ));
+        }
+        for (version, name, sql) in MIGRATIONS.iter().filter(|m| m.0 > applied) {
+            let tx = client.transaction().await.map_err(describe)?;
+            tx.batch_execute(sql)
+                .await
+                .map_err(|x| format!("migration {version} ({name}): {}", describe(x)))?;
+            tx.execute(
+                "INSERT INTO spine_migrations (version, name) VALUES ($1, $2)",
+                &[version, name],
+            )
+            .await
+            .map_err(describe)?;
+            tx.commit().await.map_err(describe)?;
+            info!(version, name, "job store: schema migration applied");
+        }
+        Ok(())
+    }
+    .await;
+    // The lock ends with the session anyway; released now so others need not wait.
+    let _ = client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await;
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_off_loopback_must_require_tls_and_messages_never_show_the_password() {
+        let t = PgTarget::parse("postgres://spine:secret@127.0.0.1:5433/jobs", None).unwrap();
+        assert_eq!(t.name(), "127.0.0.1:5433/jobs");
+        assert!(!format!("{t:?}").contains("secret"));
+        assert!(PgTarget::parse("postgres://spine@localhost/jobs", None).is_ok());
+        assert!(PgTarget::parse("postgres://spine@[::1]:5432/jobs", None).is_ok());
+        assert!(PgTarget::parse("host=/run/postgresql user=spine dbname=jobs", None).is_ok());
+        let off = PgTarget::parse("postgres://spine@db.internal/jobs", None).unwrap_err();
+        assert!(off.contains("db.internal is not on loopback"), "{off}");
+        assert!(off.contains("sslmode=require"), "{off}");
+        let t = PgTarget::parse("postgres://spine@db.internal/jobs?sslmode=require", None).unwrap();
+        assert_eq!(t.name(), "db.internal:5432/jobs");
+        let bad = PgTarget::parse("mysql://x", None).unwrap_err();
+        assert!(bad.contains("not a PostgreSQL URL"), "{bad}");
+        let nouser = PgTarget::parse("host=127.0.0.1 dbname=jobs", None).unwrap_err();
+        assert!(nouser.contains("no user"), "{nouser}");
+    }
+}

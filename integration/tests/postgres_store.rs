@@ -1,0 +1,222 @@
+//! The job store's promises on both backends: what one batch commits is what the next process
+//! loads — records with their inputs, agents, capabilities, the audit outbox — and deletions
+//! take the inputs and idempotency keys with them. PostgreSQL runs as a child process
+//! (`spine_integration::postgres`); its schema is migrated at open, once, and a database
+//! migrated by a newer Spine is refused. A commit outlives a PostgreSQL restart.
+
+use std::time::Duration;
+
+use spine_dispatcher::config::DispatcherConfig;
+use spine_dispatcher::jobs::{JobRecord, JobSpec, JobTable};
+use spine_dispatcher::store::{Batch, JobStore, OwnedBatch};
+use spine_integration::postgres::Postgres;
+
+fn postgres() -> Option<Postgres> {
+    match Postgres::start() {
+        Ok(pg) => Some(pg),
+        Err(e) if !spine_integration::servers::required() => {
+            println!("skipped: {e}");
+            None
+        }
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn config(dir: &std::path::Path, store: Option<String>) -> DispatcherConfig {
+    DispatcherConfig {
+        data_dir: dir.to_path_buf(),
+        store,
+        store_timeout: Duration::from_secs(20),
+        ..DispatcherConfig::default()
+    }
+}
+
+async fn commit(s: &JobStore, b: Batch<'_>) {
+    s.commit(OwnedBatch::encode(&b).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+}
+
+fn sorted(mut jobs: Vec<JobRecord>) -> Vec<JobRecord> {
+    jobs.sort_by(|a, b| a.id.as_str().cmp(b.id.as_str()));
+    jobs
+}
+
+/// One scenario, run on a store as `open` opens it (each call a new process's view).
+async fn keeps_its_promises(cfg: &DispatcherConfig) {
+    let s = JobStore::open(cfg).await.unwrap();
+    let held = s.held().await.unwrap();
+    assert!(held.jobs.is_empty() && held.agents.is_empty() && held.capabilities.is_empty());
+
+    let mut t = JobTable::new(10);
+    let mut spec = JobSpec::new("image.thumbnail".parse().unwrap(), "http:app");
+    spec.input = vec![0u8, 1, 2, 255].into();
+    spec.idempotency_key = Some("upload-1".into());
+    let a = t.submit("job-a".parse().unwrap(), spec, 5).unwrap().clone();
+    let b = t
+        .submit(
+            "job-b".parse().unwrap(),
+            JobSpec::new("wordcount.map".parse().unwrap(), "http:app"),
+            6,
+        )
+        .unwrap()
+        .clone();
+    let line = ("job-b".to_string(), b"{\"job\":\"job-b\"}\n".to_vec());
+    let agents = [
+        ("agent1@localhost".to_string(), 5),
+        ("agent1@localhost".to_string(), 7),
+    ];
+    let caps = [
+        ("image.thumbnail".parse().unwrap(), 5),
+        ("image.thumbnail".parse().unwrap(), 6),
+    ];
+    // A batch may name an agent or a capability twice (seen twice in one turn).
+    commit(
+        &s,
+        Batch {
+            jobs: &[&a, &b],
+            audit: std::slice::from_ref(&line),
+            agents: &agents,
+            capabilities: &caps,
+            ..Batch::default()
+        },
+    )
+    .await;
+    drop(s);
+
+    let s = JobStore::open(cfg).await.unwrap();
+    let held = s.held().await.unwrap();
+    assert_eq!(
+        sorted(held.jobs),
+        vec![a.clone(), b.clone()],
+        "with a's input"
+    );
+    assert_eq!(held.agents, vec![("agent1@localhost".to_string(), 7)]);
+    assert_eq!(held.capabilities, vec!["image.thumbnail".parse().unwrap()]);
+    assert_eq!(s.audit_outbox().await.unwrap(), vec![line]);
+
+    // a changes (written again, its input not); b's line reached the file; b is forgotten.
+    let agent1: jid::FullJid = "agent1@localhost/w".parse().unwrap();
+    let a2 = t.dispatched(&a.id, &agent1, 9).unwrap().clone();
+    assert_ne!(a2, a);
+    commit(
+        &s,
+        Batch {
+            jobs: &[&a2],
+            audited: &["job-b".to_string()],
+            delete: std::slice::from_ref(&b.id),
+            ..Batch::default()
+        },
+    )
+    .await;
+    drop(s);
+    let s = JobStore::open(cfg).await.unwrap();
+    assert_eq!(s.held().await.unwrap().jobs, vec![a2.clone()]);
+    assert!(s.audit_outbox().await.unwrap().is_empty());
+    commit(
+        &s,
+        Batch {
+            delete: std::slice::from_ref(&a2.id),
+            ..Batch::default()
+        },
+    )
+    .await;
+    assert!(s.held().await.unwrap().jobs.is_empty());
+}
+
+#[tokio::test]
+async fn the_embedded_store_keeps_its_promises() {
+    let dir = tempfile::tempdir().unwrap();
+    keeps_its_promises(&config(dir.path(), None)).await;
+}
+
+#[tokio::test]
+async fn the_postgres_store_keeps_the_same_promises_and_migrates_once() {
+    let Some(pg) = postgres() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), Some(pg.url()));
+    keeps_its_promises(&cfg).await;
+    // Deleting the jobs took their inputs and idempotency keys; the schema was applied once
+    // although the store was opened four times.
+    for table in ["spine_jobs", "spine_inputs", "spine_idempotency"] {
+        let n = pg
+            .psql("spine", &format!("SELECT count(*) FROM {table}"))
+            .unwrap();
+        assert_eq!(n, "0", "{table}");
+    }
+    assert_eq!(
+        pg.psql(
+            "spine",
+            "SELECT string_agg(version::text, ',') FROM spine_migrations"
+        )
+        .unwrap(),
+        "1"
+    );
+    // A database a newer Spine migrated is refused, with what to do.
+    pg.psql(
+        "spine",
+        "INSERT INTO spine_migrations (version, name) VALUES (99, 'future')",
+    )
+    .unwrap();
+    let Err(e) = JobStore::open(&cfg).await else {
+        panic!("opened a store of schema version 99")
+    };
+    let e = e.to_string();
+    assert!(
+        e.contains("schema version 99") && e.contains("newer Spine"),
+        "{e}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_waits_for_postgres_to_come_back() {
+    let Some(mut pg) = postgres() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), Some(pg.url()));
+    let s = JobStore::open(&cfg).await.unwrap();
+    let mut t = JobTable::new(10);
+    let a = t
+        .submit(
+            "job-a".parse().unwrap(),
+            JobSpec::new("c".parse().unwrap(), "http:app"),
+            5,
+        )
+        .unwrap()
+        .clone();
+    pg.stop();
+    let pending = s.commit(
+        OwnedBatch::encode(&Batch {
+            jobs: &[&a],
+            ..Batch::default()
+        })
+        .unwrap(),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !pending.is_finished(),
+        "the commit waits while PostgreSQL is down"
+    );
+    pg.launch().unwrap();
+    tokio::time::timeout(Duration::from_secs(15), pending)
+        .await
+        .expect("the commit ends once PostgreSQL is back")
+        .unwrap()
+        .unwrap();
+    let again = JobStore::open(&cfg).await.unwrap();
+    assert_eq!(again.held().await.unwrap().jobs, vec![a]);
+}
+
+#[tokio::test]
+async fn a_store_url_off_loopback_without_tls_is_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(
+        dir.path(),
+        Some("postgres://spine@db.example.com/spine".into()),
+    );
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("store") && e.contains("sslmode=require"), "{e}");
+    cfg.store = Some("mysql://spine@127.0.0.1/spine".into());
+    let e = cfg.validate().unwrap_err().to_string();
+    assert!(e.contains("store") && e.contains("postgres://"), "{e}");
+}
