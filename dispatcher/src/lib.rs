@@ -22,6 +22,7 @@ pub mod config;
 mod core;
 mod deliver;
 mod driver;
+pub mod election;
 pub mod error;
 pub mod http;
 pub mod jobs;
