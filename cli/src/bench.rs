@@ -236,9 +236,16 @@ enum Scenario {
         #[arg(long)]
         dir: Option<PathBuf>,
         /// Another `spine` binary (an older build) to measure the same way, one run of it
-        /// after each run of this one; prints the ratios this ÷ that.
+        /// after each run of this one; prints the ratios this ÷ that. It runs with the
+        /// embedded store whatever --store says: `--store URL --against <this binary>` gives
+        /// PostgreSQL ÷ redb.
         #[arg(long)]
         against: Option<PathBuf>,
+        /// The dispatcher's job store: a PostgreSQL URL of a scratch database, whose Spine
+        /// tables are dropped before each run [default: the embedded store in the run's
+        /// directory].
+        #[arg(long)]
+        store: Option<String>,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -404,6 +411,7 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             runs,
             dir,
             against,
+            store,
             json,
         } => {
             for (flag, n) in [
@@ -427,6 +435,7 @@ pub fn run(a: BenchArgs) -> Result<bool> {
                 runs,
                 dir,
                 against,
+                store,
             }))?;
             write_json(json, &r)?;
             Ok(true)

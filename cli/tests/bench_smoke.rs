@@ -382,6 +382,40 @@ fn split_runs_small_and_counts_every_byte() {
 /// `spine bench cost`: a farm of separate processes measured phase by phase, every part with
 /// CPU time of its own, and `--against` with this same binary as the other build: the runs
 /// alternate, the other side's JSON is read back and the ratios are computed from both.
+/// `--store` puts the dispatcher's jobs in PostgreSQL: the jobs of the run are its rows.
+#[test]
+fn cost_runs_small_on_postgres() {
+    let pg = match spine_integration::postgres::Postgres::start() {
+        Ok(pg) => pg,
+        Err(e) if !spine_integration::servers::required() => {
+            println!("skipped: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, r) = bench(&[
+        "cost",
+        "--runs",
+        "1",
+        "--jobs",
+        "100",
+        "--seq-jobs",
+        "10",
+        "--window",
+        "4",
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--store",
+        &pg.url(),
+    ]);
+    assert!(stdout.contains("store: PostgreSQL 127.0.0.1:"), "{stdout}");
+    assert!(r["medians"]["jobs_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    // Warm-up 500, then 10 one at a time and 100 in flight: each a row.
+    let rows = pg.psql("spine", "SELECT count(*) FROM spine_jobs").unwrap();
+    assert_eq!(rows, "610", "{stdout}");
+}
+
 #[test]
 fn cost_runs_small_against_itself() {
     let store = tempfile::tempdir().unwrap();

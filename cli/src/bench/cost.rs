@@ -45,6 +45,8 @@ pub(super) struct Options {
     pub(super) dir: Option<PathBuf>,
     /// Another `spine` binary measured in alternation with this one.
     pub(super) against: Option<PathBuf>,
+    /// A scratch PostgreSQL database for the job store (emptied before each run).
+    pub(super) store: Option<String>,
 }
 
 /// The figures of one run: a flat object, the JSON both sides of `--against` read and write
@@ -111,11 +113,26 @@ pub(super) async fn run(o: Options) -> Result<Value> {
             .map_or(String::new(), |b| format!(", each followed by the same run of {}", b.display())),
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
-    println!(
-        "store: a fresh directory under {} on {}",
-        parent.display(),
-        filesystem(&parent)
-    );
+    match &o.store {
+        None => println!(
+            "store: redb in a fresh directory under {} on {}",
+            parent.display(),
+            filesystem(&parent)
+        ),
+        Some(url) => {
+            let name = spine_dispatcher::store::postgres::PgTarget::parse(url, None)
+                .map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+            println!(
+                "store: PostgreSQL {} (emptied before each run){}",
+                name.name(),
+                if o.against.is_some() {
+                    "; the --against runs use redb"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
     let defaults = spine_dispatcher::DispatcherConfig::default();
     println!(
         "limits: the loopback caller (http:local) has no rate limit (submitter_rate unset, the default) and may have {} jobs queued (submitter_max_queued, of max_queue {}); http_max_connections {}: nothing throttles {} in flight",
@@ -292,7 +309,16 @@ async fn one_run(o: &Options, parent: &Path) -> Result<Figures> {
         capability: NOOP,
     };
     let window = o.window;
+    if let Some(url) = &o.store {
+        let target = spine_dispatcher::store::postgres::PgTarget::parse(url, None)
+            .map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+        spine_dispatcher::store::postgres::drop_schema(&target)
+            .await
+            .context("--store: emptying the scratch database")?;
+    }
+    let store = o.store.clone();
     let mut farm = procs::start(dir.path(), plan, |cfg| {
+        cfg.store = store;
         // The loopback caller's limits (docs/dispatcher.md, "Rate limits", "Queues",
         // "Limits"): none on its rate, a share of the queue far above the window, and a
         // connection for every job in flight.

@@ -323,6 +323,30 @@ impl PgStore {
     }
 }
 
+/// Drops every table of Spine's schema from the database `target` names, so that the next
+/// dispatcher starts on an empty store: for benchmarks and tests on a scratch database.
+pub async fn drop_schema(target: &PgTarget) -> Result<(), StoreError> {
+    let tls = MakeRustlsConnect::new(
+        spine_tls::client_config_for_ca_file(None).map_err(|x| e(x.to_string()))?,
+    );
+    let (client, connection) = target
+        .config
+        .connect(tls)
+        .await
+        .map_err(|x| e(format!("{}: {}", target.name, describe(&x))))?;
+    let task = tokio::spawn(connection);
+    let r = client
+        .batch_execute(
+            "DROP TABLE IF EXISTS spine_jobs, spine_inputs, spine_idempotency, spine_agents, \
+             spine_capabilities, spine_audit_outbox, spine_migrations",
+        )
+        .await
+        .map_err(|x| e(format!("{}: {}", target.name, describe(&x))));
+    drop(client);
+    let _ = task.await;
+    r
+}
+
 /// An error with PostgreSQL's own message and code when it has them (the `Display` of
 /// tokio-postgres says only "db error").
 fn describe(x: &tokio_postgres::Error) -> String {
