@@ -137,8 +137,8 @@ async fn the_postgres_store_keeps_the_same_promises_and_migrates_once() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), Some(pg.url()));
     keeps_its_promises(&cfg).await;
-    // Deleting the jobs took their inputs and idempotency keys; the schema was applied once
-    // although the store was opened four times.
+    // Deleting the jobs took their inputs and idempotency keys; each migration was applied
+    // once although the store was opened four times.
     for table in ["spine_jobs", "spine_inputs", "spine_idempotency"] {
         let n = pg
             .psql("spine", &format!("SELECT count(*) FROM {table}"))
@@ -151,7 +151,7 @@ async fn the_postgres_store_keeps_the_same_promises_and_migrates_once() {
             "SELECT string_agg(version::text, ',') FROM spine_migrations"
         )
         .unwrap(),
-        "1"
+        "1,2"
     );
     // A database a newer Spine migrated is refused, with what to do.
     pg.psql(
@@ -219,4 +219,79 @@ async fn a_store_url_off_loopback_without_tls_is_refused_naming_the_key() {
     cfg.store = Some("mysql://spine@127.0.0.1/spine".into());
     let e = cfg.validate().unwrap_err().to_string();
     assert!(e.contains("store") && e.contains("postgres://"), "{e}");
+}
+
+/// Leadership over the lease row (migration 2): one holder at a time, a new epoch at each
+/// taking, and a leader whose lease was taken while it was paused stores nothing more.
+#[tokio::test]
+async fn a_deposed_leader_stores_nothing() {
+    use spine_dispatcher::election::{Answer, Ask};
+    let Some(pg) = postgres() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), Some(pg.url()));
+    let open = || async {
+        match JobStore::open(&cfg).await.unwrap() {
+            JobStore::Postgres(p) => p,
+            JobStore::Redb(_) => panic!("not the PostgreSQL store"),
+        }
+    };
+    let (a, b) = (open().await, open().await);
+    let lease = Duration::from_millis(800);
+    assert_eq!(
+        a.lease("d1", Ask::Take, lease).await,
+        Answer::Took { epoch: 1 }
+    );
+    assert_eq!(b.lease("d2", Ask::Take, lease).await, Answer::HeldByOther);
+    let mut t = JobTable::new(10);
+    let mut job = |id: &str| {
+        t.submit(
+            id.parse().unwrap(),
+            JobSpec::new("c".parse().unwrap(), "http:app"),
+            5,
+        )
+        .unwrap()
+        .clone()
+    };
+    let (x, y) = (job("job-x"), job("job-y"));
+    let batch = |j: &JobRecord| {
+        OwnedBatch::encode(&Batch {
+            jobs: &[j],
+            ..Batch::default()
+        })
+        .unwrap()
+    };
+    a.commit(&batch(&x)).await.expect("the leader stores");
+    assert_eq!(
+        a.lease("d1", Ask::Renew { epoch: 1 }, lease).await,
+        Answer::Renewed
+    );
+    // d1 is paused past its lease; d2 takes over with the next epoch.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert_eq!(
+        b.lease("d2", Ask::Take, lease).await,
+        Answer::Took { epoch: 2 }
+    );
+    let e = a.commit(&batch(&y)).await.unwrap_err().to_string();
+    assert!(e.contains("deposed") && e.contains("epoch 1"), "{e}");
+    let held = b.load().await.unwrap();
+    assert_eq!(held, vec![x], "nothing of the deposed leader's commit");
+    assert_eq!(
+        a.lease("d1", Ask::Renew { epoch: 1 }, lease).await,
+        Answer::Lost
+    );
+    b.commit(&batch(&y)).await.expect("the new leader stores");
+    // A clean stop frees the row at once.
+    assert_eq!(
+        b.lease("d2", Ask::Release { epoch: 2 }, lease).await,
+        Answer::Released
+    );
+    assert_eq!(
+        a.lease("d1", Ask::Take, lease).await,
+        Answer::Took { epoch: 3 }
+    );
+    assert_eq!(
+        pg.psql("spine", "SELECT holder || ' ' || epoch FROM spine_lease")
+            .unwrap(),
+        "d1 3"
+    );
 }

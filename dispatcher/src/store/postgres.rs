@@ -28,11 +28,14 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{info, warn};
 
 use super::{decode_job, OwnedBatch, StoreError};
+use crate::election::{Answer, Ask};
 use crate::jobs::JobRecord;
 
 /// The schema, in order: (version, name, SQL).
-const MIGRATIONS: &[(i32, &str, &str)] =
-    &[(1, "jobs", include_str!("../../migrations/0001_jobs.sql"))];
+const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "jobs", include_str!("../../migrations/0001_jobs.sql")),
+    (2, "lease", include_str!("../../migrations/0002_lease.sql")),
+];
 
 /// The advisory lock held while migrations run (any fixed number; "spine" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0073_7069_6e65;
@@ -126,6 +129,10 @@ fn is_loopback(host: &str) -> bool {
 
 /// The prepared statements of one connection.
 struct Statements {
+    fence: Statement,
+    take: Statement,
+    renew: Statement,
+    release: Statement,
     upsert_jobs: Statement,
     insert_inputs: Statement,
     delete_inputs: Statement,
@@ -150,7 +157,13 @@ pub struct PgStore {
     conn: tokio::sync::Mutex<Option<Conn>>,
     /// How long a commit keeps trying to reach the database.
     timeout: Duration,
+    /// The lease a leader's commits are fenced by (holder, epoch): each commit stores
+    /// nothing unless the lease row still says so.
+    fence: std::sync::Mutex<Option<(String, i64)>>,
 }
+
+/// A commit of a leader whose lease row names another holder or epoch: it stored nothing.
+pub const DEPOSED: &str = "deposed";
 
 impl PgStore {
     /// Connects, applies the migrations this build has and the database lacks, and prepares
@@ -165,6 +178,7 @@ impl PgStore {
             tls: MakeRustlsConnect::new(tls),
             conn: tokio::sync::Mutex::new(None),
             timeout,
+            fence: std::sync::Mutex::new(None),
         };
         // A dispatcher that starts before its database (boot order) waits for it.
         let started = Instant::now();
@@ -232,15 +246,25 @@ impl PgStore {
         if b.is_empty() {
             return Ok(());
         }
+        let fence = self.fence.lock().map(|f| f.clone()).unwrap_or(None);
         let started = Instant::now();
         let mut pause = Duration::from_millis(100);
         let mut slot = self.conn.lock().await;
         loop {
             let attempt = match self.live(&mut slot).await {
-                Ok(c) => write(c, b).await.map_err(|x| {
-                    let lost = c.client.is_closed();
-                    (self.err(x), lost)
-                }),
+                Ok(c) => match write(c, b, fence.as_ref()).await {
+                    Ok(true) => Ok(()),
+                    Ok(false) => {
+                        let (holder, epoch) = fence.clone().unwrap_or_default();
+                        return Err(e(format!(
+                            "{DEPOSED}: the lease is no longer {holder}'s at epoch {epoch}; nothing of this commit was stored"
+                        )));
+                    }
+                    Err(x) => {
+                        let lost = c.client.is_closed();
+                        Err((self.err(x), lost))
+                    }
+                },
                 // Could not connect: the database is down or unreachable.
                 Err(x) => Err((x, true)),
             };
@@ -255,6 +279,60 @@ impl PgStore {
                 Err((x, _)) => return Err(x),
             }
         }
+    }
+
+    /// Asks the lease row ([`crate::election`]) as `holder`, with a lease of `lease`; the
+    /// answer. A leader's commits are fenced by the epoch it took or renewed from then on, and
+    /// by none once it lost or released it.
+    pub async fn lease(&self, holder: &str, ask: Ask, lease: Duration) -> Answer {
+        let ms = lease.as_secs_f64() * 1e3;
+        let mut slot = self.conn.lock().await;
+        let c = match self.live(&mut slot).await {
+            Ok(c) => c,
+            Err(x) => {
+                warn!(store = %self.target.name, "lease: {x}");
+                return Answer::Failed;
+            }
+        };
+        let epoch_of = |e: u64| i64::try_from(e).unwrap_or(i64::MAX);
+        let rows = match ask {
+            Ask::Take => c.client.query(&c.st.take, &[&holder, &ms]).await,
+            Ask::Renew { epoch } => {
+                c.client
+                    .query(&c.st.renew, &[&holder, &epoch_of(epoch), &ms])
+                    .await
+            }
+            Ask::Release { epoch } => {
+                c.client
+                    .query(&c.st.release, &[&holder, &epoch_of(epoch)])
+                    .await
+            }
+        };
+        let rows = match rows {
+            Ok(r) => r,
+            Err(x) => {
+                warn!(store = %self.target.name, "lease: {}", describe(&x));
+                return Answer::Failed;
+            }
+        };
+        let got: Option<i64> = rows.first().map(|r| r.get(0));
+        let answer = match (ask, got) {
+            (Ask::Take, Some(e)) => Answer::Took {
+                epoch: e.max(0) as u64,
+            },
+            (Ask::Take, None) => Answer::HeldByOther,
+            (Ask::Renew { .. }, Some(_)) => Answer::Renewed,
+            (Ask::Release { .. }, Some(_)) => Answer::Released,
+            (_, None) => Answer::Lost,
+        };
+        if let Ok(mut f) = self.fence.lock() {
+            match answer {
+                Answer::Took { epoch } => *f = Some((holder.to_owned(), epoch_of(epoch))),
+                Answer::Lost | Answer::Released => *f = None,
+                _ => {}
+            }
+        }
+        answer
     }
 
     /// Every stored job, with its input.
@@ -338,7 +416,7 @@ pub async fn drop_schema(target: &PgTarget) -> Result<(), StoreError> {
     let r = client
         .batch_execute(
             "DROP TABLE IF EXISTS spine_jobs, spine_inputs, spine_idempotency, spine_agents, \
-             spine_capabilities, spine_audit_outbox, spine_migrations",
+             spine_capabilities, spine_audit_outbox, spine_lease, spine_migrations",
         )
         .await
         .map_err(|x| e(format!("{}: {}", target.name, describe(&x))));
@@ -358,6 +436,33 @@ fn describe(x: &tokio_postgres::Error) -> String {
 
 async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
     Ok(Statements {
+        // The lease row (migration 2), in the database's clock (`clock_timestamp`, not the
+        // transaction's start).
+        fence: c
+            .prepare(
+                "SELECT 1 FROM spine_lease WHERE name = 'leader' AND holder = $1 AND epoch = $2 FOR SHARE",
+            )
+            .await?,
+        take: c
+            .prepare(
+                "UPDATE spine_lease SET holder = $1, epoch = epoch + 1, \
+                 expires_at = clock_timestamp() + $2::float8 * interval '1 millisecond' \
+                 WHERE name = 'leader' AND (holder = '' OR holder = $1 OR expires_at <= clock_timestamp()) \
+                 RETURNING epoch",
+            )
+            .await?,
+        renew: c
+            .prepare(
+                "UPDATE spine_lease SET expires_at = clock_timestamp() + $3::float8 * interval '1 millisecond' \
+                 WHERE name = 'leader' AND holder = $1 AND epoch = $2 RETURNING epoch",
+            )
+            .await?,
+        release: c
+            .prepare(
+                "UPDATE spine_lease SET holder = '', expires_at = '-infinity' \
+                 WHERE name = 'leader' AND holder = $1 AND epoch = $2 RETURNING epoch",
+            )
+            .await?,
         upsert_jobs: c
             .prepare(
                 "INSERT INTO spine_jobs (id, record) SELECT * FROM UNNEST($1::text[], $2::bytea[]) \
@@ -426,8 +531,14 @@ fn latest<'a>(pairs: impl Iterator<Item = (&'a str, u64)>) -> (Vec<&'a str>, Vec
     m.into_iter().unzip()
 }
 
-/// One batch in one transaction; the statements of the batch are pipelined.
-async fn write(c: &mut Conn, b: &OwnedBatch) -> Result<(), tokio_postgres::Error> {
+/// One batch in one transaction; the statements of the batch are pipelined. With a fence,
+/// the lease row is checked first (and held against a taking until the commit): false, and
+/// nothing stored, if it names another holder or epoch.
+async fn write(
+    c: &mut Conn,
+    b: &OwnedBatch,
+    fence: Option<&(String, i64)>,
+) -> Result<bool, tokio_postgres::Error> {
     let st = &c.st;
     let tx = c.client.transaction().await?;
     let ids: Vec<&str> = b.jobs.iter().map(|j| j.id.as_str()).collect();
@@ -462,6 +573,13 @@ async fn write(c: &mut Conn, b: &OwnedBatch) -> Result<(), tokio_postgres::Error
     // Deletions first (an audit line removed and added in one batch ends added), then
     // writes. The statements go out together; PostgreSQL runs them in order.
     let mut steps: Vec<Step<'_>> = Vec::new();
+    if let Some((holder, epoch)) = fence {
+        steps.push(Box::pin(async {
+            tx.query(&st.fence, &[holder, epoch])
+                .await
+                .map(|r| r.len() as u64)
+        }));
+    }
     if !audited.is_empty() {
         steps.push(Box::pin(async {
             tx.execute(&st.delete_audit, &[&audited]).await
@@ -515,8 +633,13 @@ async fn write(c: &mut Conn, b: &OwnedBatch) -> Result<(), tokio_postgres::Error
             tx.execute(&st.insert_capabilities, &[&caps, &first]).await
         }));
     }
-    futures::future::try_join_all(steps).await?;
-    tx.commit().await
+    let done = futures::future::try_join_all(steps).await?;
+    if fence.is_some() && done.first() != Some(&1) {
+        // Deposed: dropping the transaction rolls every write of it back.
+        return Ok(false);
+    }
+    tx.commit().await?;
+    Ok(true)
 }
 
 /// Applies the migrations the database lacks, under an advisory lock.
