@@ -73,7 +73,15 @@ async fn registered_for(w: &mut TestDispatcher, capability: &str, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_restart_loses_no_accepted_job_and_runs_none_twice() {
-    kill_9_and_restart("").await;
+    kill_9_and_restart("", Fault::Kill9).await;
+}
+
+/// What happens to the dispatcher mid-run.
+enum Fault<'a> {
+    /// `kill -9`, then a new process on the same store.
+    Kill9,
+    /// Its PostgreSQL stops for 3 s and starts again; the same process goes on.
+    PostgresOutage(&'a mut spine_integration::postgres::Postgres),
 }
 
 /// The same with the job store on PostgreSQL (a child process of the test).
@@ -87,16 +95,44 @@ async fn kill_9_and_restart_on_postgres_loses_no_accepted_job_and_runs_none_twic
         }
         Err(e) => panic!("{e}"),
     };
-    kill_9_and_restart(&format!("store = \"{}\"\n", pg.url())).await;
+    kill_9_and_restart(&format!("store = \"{}\"\n", pg.url()), Fault::Kill9).await;
     let stored = pg
         .psql("spine", "SELECT count(*) FROM spine_jobs")
         .expect("psql");
     assert_eq!(stored, "20", "the 20 jobs are PostgreSQL's rows");
 }
 
-/// 20 jobs of 700 ms on two agents of 3 slots; `kill -9` of the dispatcher while 6 run and
-/// 14 wait; a new process on the same store finishes every one, none twice.
-async fn kill_9_and_restart(store_config: &str) {
+/// A PostgreSQL restart while jobs run and finish: their commits wait for it (reconnecting),
+/// the dispatcher does not stop, and every accepted job ends once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_mid_run_loses_no_accepted_job() {
+    let mut pg = match spine_integration::postgres::Postgres::start() {
+        Ok(pg) => pg,
+        Err(e) if !spine_integration::servers::required() => {
+            println!("skipped: {e}");
+            return;
+        }
+        Err(e) => panic!("{e}"),
+    };
+    let url = pg.url();
+    kill_9_and_restart(
+        &format!("store = \"{url}\"\n"),
+        Fault::PostgresOutage(&mut pg),
+    )
+    .await;
+    let succeeded = pg
+        .psql(
+            "spine",
+            "SELECT count(*) FROM spine_jobs WHERE convert_from(record, 'UTF8')::jsonb->>'state' = 'succeeded'",
+        )
+        .expect("psql");
+    assert_eq!(succeeded, "20", "every job's outcome is PostgreSQL's");
+}
+
+/// 20 jobs of 700 ms on two agents of 3 slots; `fault` strikes while 6 run and 14 wait (a
+/// `kill -9` of the dispatcher, then a new process on the same store; or an outage of its
+/// PostgreSQL); every one finishes, none twice.
+async fn kill_9_and_restart(store_config: &str, fault: Fault<'_>) {
     let server = TestServer::start(&[
         ("dispatcher", "pw-d"),
         ("webapp", "pw-w"),
@@ -160,13 +196,24 @@ async fn kill_9_and_restart(store_config: &str) {
             .expect("payload");
         accepted.insert(Accepted::try_from(p).unwrap().job.to_string());
     }
-    // Jobs are running on both agents (6 slots) and 14 wait in the queue: crash now.
+    // Jobs are running on both agents (6 slots) and 14 wait in the queue: strike now.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
-    let _ = child.wait().await;
-
-    let mut child = spawn_dispatcher(&config);
+    let outage = matches!(fault, Fault::PostgresOutage(_));
+    let mut child = match fault {
+        Fault::Kill9 => {
+            let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
+            nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+            let _ = child.wait().await;
+            spawn_dispatcher(&config)
+        }
+        Fault::PostgresOutage(pg) => {
+            // The 6 running jobs end during the outage: their outcomes wait for it.
+            tokio::task::block_in_place(|| pg.stop());
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            tokio::task::block_in_place(|| pg.launch()).expect("PostgreSQL starts again");
+            child
+        }
+    };
     let mut outcomes: HashMap<String, JobState> = HashMap::new();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while outcomes.len() < accepted.len() {
@@ -211,6 +258,12 @@ async fn kill_9_and_restart(store_config: &str) {
     );
     assert_eq!(distinct.len(), accepted.len());
     assert_eq!(ran.len(), accepted.len(), "no job ran twice");
+    if outage {
+        assert!(
+            child.try_wait().expect("status").is_none(),
+            "the dispatcher waited for PostgreSQL instead of stopping"
+        );
+    }
     let _ = child.kill().await;
     drop(stops);
 }
