@@ -142,10 +142,11 @@ async fn kill_9_and_restart(store_config: &str, fault: Fault<'_>) {
     .await;
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("dispatcher.toml");
+    let http = format!("127.0.0.1:{}", spine_integration::free_port().unwrap());
     std::fs::write(
         &config,
         format!(
-            "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nsubmitters = [\"webapp@localhost\"]\nhttp_listen = \"127.0.0.1:0\"\n{store_config}",
+            "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nsubmitters = [\"webapp@localhost\"]\nhttp_listen = \"{http}\"\n{store_config}",
             server.addr,
             dir.path().join("data").display()
         ),
@@ -207,10 +208,55 @@ async fn kill_9_and_restart(store_config: &str, fault: Fault<'_>) {
             spawn_dispatcher(&config)
         }
         Fault::PostgresOutage(pg) => {
-            // The 6 running jobs end during the outage: their outcomes wait for it.
+            // The 6 running jobs end during the outage: their outcomes wait for it. A change
+            // asked for meanwhile is refused at once, to be retried (not left hanging), and
+            // health says why.
             tokio::task::block_in_place(|| pg.stop());
-            tokio::time::sleep(Duration::from_secs(3)).await;
+            let api = reqwest::Client::new();
+            let probe = || async {
+                let submit = api
+                    .post(format!("http://{http}/v1/jobs"))
+                    .header("content-type", "application/json")
+                    .body(r#"{"capability":"nothing.here"}"#)
+                    .timeout(Duration::from_secs(5))
+                    .send()
+                    .await
+                    .expect("an answer, not a hang");
+                let health = api
+                    .get(format!("http://{http}/healthz"))
+                    .send()
+                    .await
+                    .expect("healthz");
+                (submit, health.status().as_u16())
+            };
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (refused, health) = probe().await;
+            assert_eq!(refused.status().as_u16(), 503);
+            assert_eq!(health, 503);
+            assert_eq!(
+                refused.headers().get("retry-after").map(|v| v.as_bytes()),
+                Some(&b"1"[..])
+            );
+            let body: serde_json::Value =
+                serde_json::from_slice(&refused.bytes().await.expect("body")).expect("JSON");
+            assert_eq!(body["error"], "unavailable", "{body}");
+            tokio::time::sleep(Duration::from_millis(2_500)).await;
             tokio::task::block_in_place(|| pg.launch()).expect("PostgreSQL starts again");
+            // Back within a second or so (a commit or the store's probe reconnects): the same
+            // request reaches the dispatcher again (422: nobody offers that capability).
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            loop {
+                let (answer, health) = probe().await;
+                if answer.status().as_u16() == 422 && health == 200 {
+                    break;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "still refused after PostgreSQL came back: {}",
+                    answer.status()
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
             child
         }
     };

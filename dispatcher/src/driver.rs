@@ -245,7 +245,8 @@ async fn run_inner(
     let mut data_plane = None;
     if let Some(listener) = http {
         let handle = Handle::new(&cfg, &policy, cmd_tx.clone(), events.clone())
-            .with_data(blobs.clone(), key.clone());
+            .with_data(blobs.clone(), key.clone())
+            .with_store_health(store.unreachable());
         if let Ok(addr) = listener.local_addr() {
             let scheme = listener.scheme();
             match cfg.public_url_or_default(addr) {

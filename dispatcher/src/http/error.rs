@@ -40,6 +40,17 @@ impl ApiError {
             ..Self::new(StatusCode::BAD_REQUEST, "bad-request", message)
         }
     }
+    /// The job store cannot be reached: nothing new can be stored until it is back.
+    pub(super) fn store_down() -> Self {
+        ApiError {
+            retry_after: Some(1),
+            ..Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                "the job store (PostgreSQL) cannot be reached: nothing can be stored until it is back; retry",
+            )
+        }
+    }
     pub(super) fn unavailable() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -78,6 +78,9 @@ pub(crate) struct Handle {
     waiters: Arc<wait::Waiters>,
     /// Served over HTTPS (the console's cookies are `Secure`).
     pub(crate) https: bool,
+    /// Set while the job store cannot be reached ([`crate::store::JobStore::unreachable`]):
+    /// changes are then refused at once (503) instead of waiting for it.
+    store_down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Handle {
@@ -103,7 +106,19 @@ impl Handle {
             data: None,
             waiters: Arc::default(),
             https: cfg.http_tls_cert.is_some(),
+            store_down: Arc::default(),
         }
+    }
+
+    /// Refuses changes while this flag says the job store cannot be reached.
+    pub(crate) fn with_store_health(mut self, down: Arc<std::sync::atomic::AtomicBool>) -> Self {
+        self.store_down = down;
+        self
+    }
+
+    /// Whether the job store cannot be reached now.
+    pub(crate) fn store_down(&self) -> bool {
+        self.store_down.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// With the blob store's endpoints (the data plane, docs/dispatcher.md §4).

@@ -37,8 +37,12 @@ use crate::core::{Answer, ApiReply, ApiRequest, Query as Lookup};
 use crate::core::{JobStateName, JobView};
 use crate::jobs::{Body as JobBody, JobRecord};
 
-/// Asks the driver for a change (answered once it is stored).
+/// Asks the driver for a change (answered once it is stored). While the job store cannot be
+/// reached nothing can be stored: refused at once, to be retried, rather than left waiting.
 pub(super) async fn change(h: &Handle, request: ApiRequest) -> Result<ApiReply, ApiError> {
+    if h.store_down() {
+        return Err(ApiError::store_down());
+    }
     let (reply, rx) = oneshot::channel();
     h.tx.send(Command::Change { request, reply })
         .await
@@ -763,12 +767,14 @@ pub(super) async fn metrics(State(h): State<Handle>, caller: Caller) -> Result<R
     summary = "Whether the dispatcher serves (no token)",
     responses(
         (status = 200, description = "`ok`", content_type = "text/plain", body = String),
-        (status = 503, description = "`stopping`", content_type = "text/plain", body = String),
+        (status = 503, description = "`stopping`, or `store unreachable` while the job store (PostgreSQL) cannot be reached", content_type = "text/plain", body = String),
     ),
 )]
 pub(super) async fn healthz(State(h): State<Handle>) -> Response {
     if h.tx.is_closed() {
         (StatusCode::SERVICE_UNAVAILABLE, "stopping\n").into_response()
+    } else if h.store_down() {
+        (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n").into_response()
     } else {
         (StatusCode::OK, "ok\n").into_response()
     }

@@ -42,8 +42,9 @@ impl JobStore {
             Some(target) => {
                 let tls = spine_tls::client_config_for_ca_file(cfg.store_ca.as_deref())
                     .map_err(|x| StoreError(format!("store_ca: {x}")))?;
-                let pg = PgStore::open(target, tls, cfg.store_timeout).await?;
-                Ok(JobStore::Postgres(Arc::new(pg)))
+                let pg = Arc::new(PgStore::open(target, tls, cfg.store_timeout).await?);
+                pg.watch();
+                Ok(JobStore::Postgres(pg))
             }
         }
     }
@@ -53,6 +54,15 @@ impl JobStore {
         match self {
             JobStore::Redb(_) => "redb".into(),
             JobStore::Postgres(p) => format!("postgres {}", p.name()),
+        }
+    }
+
+    /// Set while the store cannot be reached (never for the embedded store, whose failures
+    /// stop the dispatcher).
+    pub fn unreachable(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        match self {
+            JobStore::Redb(_) => Arc::default(),
+            JobStore::Postgres(p) => p.health(),
         }
     }
 

@@ -19,6 +19,8 @@
 
 use std::collections::HashMap;
 use std::str::FromStr as _;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use spine_protocol::CapabilityName;
@@ -160,6 +162,9 @@ pub struct PgStore {
     /// The lease a leader's commits are fenced by (holder, epoch): each commit stores
     /// nothing unless the lease row still says so.
     fence: std::sync::Mutex<Option<(String, i64)>>,
+    /// Set while the database cannot be reached: from a lost connection or a failed commit
+    /// until a connection is made again ([`PgStore::watch`]).
+    down: Arc<AtomicBool>,
 }
 
 /// A commit of a leader whose lease row names another holder or epoch: it stored nothing.
@@ -179,6 +184,7 @@ impl PgStore {
             conn: tokio::sync::Mutex::new(None),
             timeout,
             fence: std::sync::Mutex::new(None),
+            down: Arc::default(),
         };
         // A dispatcher that starts before its database (boot order) waits for it.
         let started = Instant::now();
@@ -202,6 +208,36 @@ impl PgStore {
         Ok(store)
     }
 
+    /// Set while the database cannot be reached.
+    pub fn health(&self) -> Arc<AtomicBool> {
+        self.down.clone()
+    }
+
+    /// While the database cannot be reached, tries to connect every half second, and clears
+    /// [`PgStore::health`] when it can (a commit that succeeds clears it too); ends with the
+    /// store.
+    pub fn watch(self: &Arc<Self>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                let Some(store) = weak.upgrade() else { return };
+                if !store.down.load(Ordering::Relaxed) {
+                    continue;
+                }
+                let mut slot = store.conn.lock().await;
+                let ok = match store.live(&mut slot).await {
+                    Ok(c) => c.client.simple_query("SELECT 1").await.is_ok(),
+                    Err(_) => false,
+                };
+                if ok {
+                    info!(store = %store.target.name, "PostgreSQL can be reached again");
+                    store.down.store(false, Ordering::Relaxed);
+                }
+            }
+        });
+    }
+
     /// Where it is (no password), for logs.
     pub fn name(&self) -> &str {
         self.target.name()
@@ -219,9 +255,11 @@ impl PgStore {
             .await
             .map_err(|x| self.err(x))?;
         let name = self.target.name.clone();
+        let down = self.down.clone();
         tokio::spawn(async move {
             if let Err(x) = connection.await {
                 warn!(store = %name, "PostgreSQL connection ended: {}", describe(&x));
+                down.store(true, Ordering::Relaxed);
             }
         });
         Ok(client)
@@ -269,8 +307,12 @@ impl PgStore {
                 Err(x) => Err((x, true)),
             };
             match attempt {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    self.down.store(false, Ordering::Relaxed);
+                    return Ok(());
+                }
                 Err((x, true)) if started.elapsed() + pause < self.timeout => {
+                    self.down.store(true, Ordering::Relaxed);
                     warn!(store = %self.target.name, "commit failed, trying again in {pause:?}: {x}");
                     *slot = None;
                     tokio::time::sleep(pause).await;
