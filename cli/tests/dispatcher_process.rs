@@ -227,12 +227,25 @@ async fn kill_9_and_restart(store_config: &str, fault: Fault<'_>) {
                     .send()
                     .await
                     .expect("healthz");
-                (submit, health.status().as_u16())
+                let metrics = api
+                    .get(format!("http://{http}/metrics"))
+                    .send()
+                    .await
+                    .expect("metrics")
+                    .text()
+                    .await
+                    .expect("metrics text");
+                let reachable = metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix("spine_store_reachable "))
+                    .map(str::to_owned);
+                (submit, health.status().as_u16(), reachable)
             };
             tokio::time::sleep(Duration::from_millis(500)).await;
-            let (refused, health) = probe().await;
+            let (refused, health, reachable) = probe().await;
             assert_eq!(refused.status().as_u16(), 503);
             assert_eq!(health, 503);
+            assert_eq!(reachable.as_deref(), Some("0"), "the gauge says so");
             assert_eq!(
                 refused.headers().get("retry-after").map(|v| v.as_bytes()),
                 Some(&b"1"[..])
@@ -246,8 +259,11 @@ async fn kill_9_and_restart(store_config: &str, fault: Fault<'_>) {
             // request reaches the dispatcher again (422: nobody offers that capability).
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
             loop {
-                let (answer, health) = probe().await;
-                if answer.status().as_u16() == 422 && health == 200 {
+                let (answer, health, reachable) = probe().await;
+                if answer.status().as_u16() == 422
+                    && health == 200
+                    && reachable.as_deref() == Some("1")
+                {
                     break;
                 }
                 assert!(

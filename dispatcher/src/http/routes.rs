@@ -751,10 +751,14 @@ pub(super) async fn metrics(State(h): State<Handle>, caller: Caller) -> Result<R
          spine_http_connections_refused_total {}\n\
          # HELP spine_http_event_streams Open event streams.\n\
          # TYPE spine_http_event_streams gauge\n\
-         spine_http_event_streams {}\n",
+         spine_http_event_streams {}\n\
+         # HELP spine_store_reachable Whether the job store can be reached (0 while PostgreSQL cannot: changes are refused with 503).\n\
+         # TYPE spine_store_reachable gauge\n\
+         spine_store_reachable {}\n",
         h.conns.open.load(Ordering::Acquire),
         h.conns.refused.load(Ordering::Acquire),
         h.streams.total(),
+        u8::from(!h.store_down()),
     ));
     if let Some(d) = &h.data {
         text.push_str(&d.counters.render(&d.blobs));
