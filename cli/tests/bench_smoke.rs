@@ -385,13 +385,8 @@ fn split_runs_small_and_counts_every_byte() {
 /// `--store` puts the dispatcher's jobs in PostgreSQL: the jobs of the run are its rows.
 #[test]
 fn cost_runs_small_on_postgres() {
-    let pg = match spine_integration::postgres::Postgres::start() {
-        Ok(pg) => pg,
-        Err(e) if !spine_integration::servers::required() => {
-            println!("skipped: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
+    let Some(pg) = spine_integration::postgres::Postgres::start_or_skip() else {
+        return;
     };
     let dir = tempfile::tempdir().unwrap();
     let (stdout, r) = bench(&[

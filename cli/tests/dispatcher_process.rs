@@ -87,13 +87,8 @@ enum Fault<'a> {
 /// The same with the job store on PostgreSQL (a child process of the test).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_and_restart_on_postgres_loses_no_accepted_job_and_runs_none_twice() {
-    let pg = match spine_integration::postgres::Postgres::start() {
-        Ok(pg) => pg,
-        Err(e) if !spine_integration::servers::required() => {
-            println!("skipped: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
+    let Some(pg) = spine_integration::postgres::Postgres::start_or_skip() else {
+        return;
     };
     kill_9_and_restart(&format!("store = \"{}\"\n", pg.url()), Fault::Kill9).await;
     let stored = pg
@@ -106,13 +101,8 @@ async fn kill_9_and_restart_on_postgres_loses_no_accepted_job_and_runs_none_twic
 /// the dispatcher does not stop, and every accepted job ends once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_mid_run_loses_no_accepted_job() {
-    let mut pg = match spine_integration::postgres::Postgres::start() {
-        Ok(pg) => pg,
-        Err(e) if !spine_integration::servers::required() => {
-            println!("skipped: {e}");
-            return;
-        }
-        Err(e) => panic!("{e}"),
+    let Some(mut pg) = spine_integration::postgres::Postgres::start_or_skip() else {
+        return;
     };
     let url = pg.url();
     kill_9_and_restart(

@@ -105,6 +105,19 @@ impl Postgres {
         Ok(pg)
     }
 
+    /// [`Postgres::start`] for a test: none, with the reason printed, when PostgreSQL is not
+    /// installed — unless `SPINE_REQUIRE_SERVERS=1` (as in CI), when the test fails instead.
+    pub fn start_or_skip() -> Option<Postgres> {
+        match Postgres::start() {
+            Ok(pg) => Some(pg),
+            Err(e) if !crate::servers::required() => {
+                println!("skipped: {e}");
+                None
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
     /// Starts the server on a new free port (after [`Postgres::start`], or again after
     /// [`Postgres::stop`]); waits until it accepts connections.
     pub fn launch(&mut self) -> Result<(), String> {

@@ -11,17 +11,6 @@ use spine_dispatcher::jobs::{JobRecord, JobSpec, JobTable};
 use spine_dispatcher::store::{Batch, JobStore, OwnedBatch};
 use spine_integration::postgres::Postgres;
 
-fn postgres() -> Option<Postgres> {
-    match Postgres::start() {
-        Ok(pg) => Some(pg),
-        Err(e) if !spine_integration::servers::required() => {
-            println!("skipped: {e}");
-            None
-        }
-        Err(e) => panic!("{e}"),
-    }
-}
-
 fn config(dir: &std::path::Path, store: Option<String>) -> DispatcherConfig {
     DispatcherConfig {
         data_dir: dir.to_path_buf(),
@@ -133,7 +122,9 @@ async fn the_embedded_store_keeps_its_promises() {
 
 #[tokio::test]
 async fn the_postgres_store_keeps_the_same_promises_and_migrates_once() {
-    let Some(pg) = postgres() else { return };
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), Some(pg.url()));
     keeps_its_promises(&cfg).await;
@@ -171,7 +162,9 @@ async fn the_postgres_store_keeps_the_same_promises_and_migrates_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_waits_for_postgres_to_come_back() {
-    let Some(mut pg) = postgres() else { return };
+    let Some(mut pg) = Postgres::start_or_skip() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), Some(pg.url()));
     let s = JobStore::open(&cfg).await.unwrap();
@@ -226,7 +219,9 @@ async fn a_store_url_off_loopback_without_tls_is_refused_naming_the_key() {
 #[tokio::test]
 async fn a_deposed_leader_stores_nothing() {
     use spine_dispatcher::election::{Answer, Ask};
-    let Some(pg) = postgres() else { return };
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), Some(pg.url()));
     let open = || async {
