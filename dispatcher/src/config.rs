@@ -98,6 +98,16 @@ pub struct DispatcherConfig {
     /// dispatcher gives up and stops.
     #[serde(with = "spine_protocol::units::duration")]
     pub store_timeout: Duration,
+    /// Several dispatchers on one PostgreSQL store: how long a leader's lease lasts (in the
+    /// database's clock). A dead leader is replaced within about this plus `lease_poll`.
+    #[serde(with = "spine_protocol::units::duration")]
+    pub lease: Duration,
+    /// How often a leader renews its lease (under half of `lease`).
+    #[serde(with = "spine_protocol::units::duration")]
+    pub lease_renew: Duration,
+    /// How often a standby asks for the lease.
+    #[serde(with = "spine_protocol::units::duration")]
+    pub lease_poll: Duration,
     /// A blob no job references is deleted once it is older than this (uploads awaiting
     /// the job that names them, outputs of jobs forgotten by retention).
     #[serde(with = "spine_protocol::units::duration")]
@@ -229,6 +239,9 @@ impl Default for DispatcherConfig {
             store_password_file: None,
             store_ca: None,
             store_timeout: Duration::from_secs(30),
+            lease: crate::election::Timing::default().lease,
+            lease_renew: crate::election::Timing::default().renew,
+            lease_poll: crate::election::Timing::default().poll,
             blob_orphan_ttl: Duration::from_secs(15 * 60),
             blob_url_ttl: Duration::from_secs(5 * 60),
             audit_log: "audit.jsonl".into(),
@@ -318,6 +331,16 @@ fn bad(key: &str, why: impl std::fmt::Display) -> DispatcherError {
 }
 
 impl DispatcherConfig {
+    /// The election's times, from `lease`, `lease_renew` and `lease_poll`.
+    pub fn election_timing(&self) -> crate::election::Timing {
+        crate::election::Timing {
+            lease: self.lease,
+            renew: self.lease_renew,
+            poll: self.lease_poll,
+            ..crate::election::Timing::default()
+        }
+    }
+
     /// Defaults, then the TOML file, then `SPINE_DISPATCHER_*` variables; validated.
     pub fn load(file: Option<&std::path::Path>) -> Result<Self, DispatcherError> {
         let mut b = config::Config::builder();
@@ -519,6 +542,29 @@ impl DispatcherConfig {
             return Err(bad(
                 "store_timeout",
                 "must be 1s to 1h (how long a commit waits for PostgreSQL to come back)",
+            ));
+        }
+        if !(Duration::from_millis(300)..=Duration::from_secs(600)).contains(&self.lease) {
+            return Err(bad(
+                "lease",
+                "must be 300ms to 10m (a dead leader is replaced about this long after it dies)",
+            ));
+        }
+        if let Err(m) = self.election_timing().check() {
+            let field = if self.lease_poll.is_zero() {
+                "lease_poll"
+            } else {
+                "lease_renew"
+            };
+            return Err(bad(field, m));
+        }
+        if self.lease_poll > self.lease {
+            return Err(bad(
+                "lease_poll",
+                format!(
+                    "must not exceed lease ({:?}): standbys would notice a dead leader late",
+                    self.lease
+                ),
             ));
         }
         if self.blob_orphan_ttl < Duration::from_secs(1) {

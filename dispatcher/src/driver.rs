@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use rand::Rng as _;
 use spine_xmpp::stanzastream::{Event, StreamEvent};
 use spine_xmpp::Connection;
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, watch};
 use tracing::{error, info, warn};
 use xmpp_parsers::presence::{Presence, Type as PresenceType};
 
@@ -39,9 +39,11 @@ use crate::core::{
 use crate::error::DispatcherError;
 use crate::http::Handle;
 use crate::jobs::JobRecord;
+use crate::leadership::{Campaign, Leadership};
 use crate::policy::Policy;
 use crate::sent_ahead::SentAheadLog;
-use crate::store::{Batch, JobStore, OwnedBatch, StoreError};
+use crate::store::postgres::Contact;
+use crate::store::{Batch, Fence, JobStore, OwnedBatch, StoreError};
 
 /// Most events handled in one turn of the loop, before the commit pipeline is looked at.
 const BATCH: usize = 256;
@@ -131,6 +133,36 @@ struct Driver {
     lazy_since: Option<Instant>,
     /// Job requests sent ahead of their commit, recorded for the next process.
     sent_ahead: SentAheadLog,
+    /// Among dispatchers electing a leader (PostgreSQL): this one's part. None: it always
+    /// leads (the embedded store).
+    elected: Option<Elected>,
+}
+
+/// A dispatcher that leads only when elected ([`crate::leadership`]).
+struct Elected {
+    /// Its id in the lease row.
+    holder: String,
+    /// The epoch the core leads with; None while it stands by.
+    epoch: Option<u64>,
+    rx: watch::Receiver<Leadership>,
+    /// What a fresh standby core is made of, when this one stops leading.
+    cfg: DispatcherConfig,
+    policy: Policy,
+    blobs: BlobStore,
+    data_plane: Option<DataPlane>,
+}
+
+fn holder_of(rx: &watch::Receiver<Leadership>) -> String {
+    rx.borrow().holder.clone()
+}
+
+/// The next change of this process's part in the election (never, when it does not take part,
+/// or once the election has ended).
+async fn leadership_changed(elected: &mut Option<Elected>) -> Option<()> {
+    match elected {
+        Some(e) => e.rx.changed().await.ok(),
+        None => std::future::pending().await,
+    }
 }
 
 /// A commit on its way to disk, and what leaves once it is there.
@@ -149,47 +181,54 @@ async fn committed(
     }
 }
 
-/// Opens the audit log named by the configuration (`off`: none), appending the lines of jobs
-/// that ended just before the last stop, which the store's outbox holds.
-async fn open_audit(
-    cfg: &DispatcherConfig,
-    store: &JobStore,
-) -> Result<Option<AuditLog>, DispatcherError> {
-    let mut audit = match cfg.audit_log.trim() {
-        "off" => None,
+/// Opens the audit log named by the configuration (`off`: none).
+fn open_audit(cfg: &DispatcherConfig) -> Result<Option<AuditLog>, DispatcherError> {
+    match cfg.audit_log.trim() {
+        "off" => Ok(None),
         name => {
             let path = cfg.data_dir.join(name);
-            Some(
+            Ok(Some(
                 AuditLog::open(&path, cfg.audit_max_size.as_u64(), cfg.audit_keep).map_err(
                     |e| DispatcherError::Config(format!("audit_log: {}: {e}", path.display())),
                 )?,
-            )
+            ))
         }
-    };
-    let outbox = store.audit_outbox().await?;
-    if !outbox.is_empty() {
-        if let Some(a) = audit.as_mut() {
-            let n = a.recover(&outbox).map_err(|e| {
-                DispatcherError::Config(format!("audit_log: recovering stored lines: {e}"))
-            })?;
-            if n > 0 {
-                info!(
-                    lines = n,
-                    "audit log: appended the lines of jobs that ended just before the last stop"
-                );
-            }
-        }
-        let done: Vec<String> = outbox.into_iter().map(|(j, _)| j).collect();
-        let batch = OwnedBatch {
-            audited: done,
-            ..OwnedBatch::default()
-        };
-        store
-            .commit(batch)
-            .await
-            .map_err(|e| StoreError(format!("the commit did not finish: {e}")))??;
     }
-    Ok(audit)
+}
+
+/// Appends to the audit log the lines of jobs that ended just before the last leader stopped,
+/// which the store's outbox holds, and empties the outbox (a commit fenced by `fence`).
+async fn recover_audit(
+    audit: Option<&mut AuditLog>,
+    store: &JobStore,
+    fence: Option<Fence>,
+) -> Result<(), DispatcherError> {
+    let outbox = store.audit_outbox().await?;
+    if outbox.is_empty() {
+        return Ok(());
+    }
+    if let Some(a) = audit {
+        let n = a.recover(&outbox).map_err(|e| {
+            DispatcherError::Config(format!("audit_log: recovering stored lines: {e}"))
+        })?;
+        if n > 0 {
+            info!(
+                lines = n,
+                "audit log: appended the lines of jobs that ended just before the last stop"
+            );
+        }
+    }
+    let done: Vec<String> = outbox.into_iter().map(|(j, _)| j).collect();
+    let batch = OwnedBatch {
+        audited: done,
+        ..OwnedBatch::default()
+    }
+    .fenced(fence);
+    store
+        .commit(batch)
+        .await
+        .map_err(|e| StoreError(format!("the commit did not finish: {e}")))??;
+    Ok(())
 }
 
 async fn run_inner(
@@ -199,7 +238,16 @@ async fn run_inner(
 ) -> Result<(), DispatcherError> {
     let opts = cfg.connect_options()?;
     let store = JobStore::open(&cfg).await?;
-    let h = store.held().await?;
+    // On PostgreSQL, dispatchers elect a leader (several may share the store): this one
+    // starts as a standby that holds no job, and loads them when it wins.
+    let elected = matches!(store, JobStore::Postgres(_));
+    let mut audit = open_audit(&cfg)?;
+    let h = if elected {
+        store.fleet().await?
+    } else {
+        recover_audit(audit.as_mut(), &store, None).await?;
+        store.held().await?
+    };
     let restored = Restored {
         jobs: h.jobs,
         capabilities: h.capabilities,
@@ -207,7 +255,6 @@ async fn run_inner(
     };
     let held = restored.jobs.len();
     let unfinished = restored.jobs.iter().filter(|j| !j.state.is_final()).count();
-    let audit = open_audit(&cfg, &store).await?;
     let (sent_ahead, sent_before) = SentAheadLog::open(&cfg.data_dir).map_err(|e| {
         DispatcherError::Store(StoreError(format!(
             "{}: the file of jobs sent ahead of their commit: {e}",
@@ -225,7 +272,27 @@ async fn run_inner(
     let mut status_rx = conn
         .take_status()
         .ok_or_else(|| DispatcherError::Connection("connection status already taken".into()))?;
-    info!(jid = %conn.jid(), jobs = held, unfinished, store = %store.describe(), "dispatcher connected");
+    if elected {
+        info!(jid = %conn.jid(), store = %store.describe(), "dispatcher connected: standing by until it wins the election");
+    } else {
+        info!(jid = %conn.jid(), jobs = held, unfinished, store = %store.describe(), "dispatcher connected");
+    }
+    let campaign = match &store {
+        JobStore::Postgres(pg) => {
+            let holder = format!("{}#{:016x}", conn.jid(), rand::rng().random::<u64>());
+            let contact = Contact {
+                url: cfg.public_url.clone().unwrap_or_default(),
+                jid: conn.jid().to_string(),
+            };
+            Some(Campaign::start(
+                pg.clone(),
+                holder,
+                contact,
+                cfg.election_timing(),
+            ))
+        }
+        JobStore::Redb(_) => None,
+    };
     let (cmd_tx, mut cmd_rx) = tokio::sync::mpsc::channel::<Command>(1024);
     let (events, _) = broadcast::channel::<JobEvent>(4096);
     let http_stop = tokio_util::sync::CancellationToken::new();
@@ -246,7 +313,8 @@ async fn run_inner(
     if let Some(listener) = http {
         let handle = Handle::new(&cfg, &policy, cmd_tx.clone(), events.clone())
             .with_data(blobs.clone(), key.clone())
-            .with_store_health(store.unreachable());
+            .with_store_health(store.unreachable())
+            .with_leadership(campaign.as_ref().map(|(_, rx)| rx.clone()));
         if let Ok(addr) = listener.local_addr() {
             let scheme = listener.scheme();
             match cfg.public_url_or_default(addr) {
@@ -268,14 +336,46 @@ async fn run_inner(
     drop(cmd_tx);
     let t = now();
     let orphan_ttl = cfg.blob_orphan_ttl;
-    let mut core = Core::new(
-        cfg,
-        policy,
-        restored,
-        rand::rng().random(),
-        t,
-        Box::new(blobs.clone()),
-    );
+    let (campaign, elected) = match campaign {
+        Some((c, rx)) => (
+            Some(c),
+            Some(Elected {
+                holder: holder_of(&rx),
+                epoch: None,
+                rx,
+                cfg: cfg.clone(),
+                policy: policy.clone(),
+                blobs: blobs.clone(),
+                data_plane: data_plane.clone(),
+            }),
+        ),
+        None => (None, None),
+    };
+    let mut core = if elected.is_some() {
+        if !sent_before.is_empty() {
+            warn!(
+                jobs = sent_before.len(),
+                "jobs sent ahead of their commit by an earlier run on the embedded store are ignored on PostgreSQL"
+            );
+        }
+        Core::standby(
+            cfg,
+            policy,
+            restored,
+            rand::rng().random(),
+            t,
+            Box::new(blobs.clone()),
+        )
+    } else {
+        Core::new(
+            cfg,
+            policy,
+            restored,
+            rand::rng().random(),
+            t,
+            Box::new(blobs.clone()),
+        )
+    };
     if let Some(dp) = data_plane {
         core.set_data_plane(dp);
     }
@@ -294,9 +394,12 @@ async fn run_inner(
         in_flight: None,
         lazy_since: None,
         sent_ahead,
+        elected,
     };
     d.core.session_started(t);
-    d.core.recover(sent_before, t);
+    if d.elected.is_none() {
+        d.core.recover(sent_before, t);
+    }
     d.commit_all().await?;
     // What the last process sent ahead is stored now (as jobs restored in flight).
     d.sent_ahead.clear();
@@ -317,9 +420,13 @@ async fn run_inner(
             r = committed(&mut d.in_flight), if d.in_flight.is_some() => d.on_committed(r).await?,
             _ = tokio::time::sleep(wake) => {
                 d.core.tick(now());
-                let core = &d.core;
-                d.blob_gc.run(|b| core.blob_refs(b));
+                // A standby holds no job: the blobs here wait for it to lead.
+                if d.core.leads() {
+                    let core = &d.core;
+                    d.blob_gc.run(|b| core.blob_refs(b));
+                }
             }
+            Some(()) = leadership_changed(&mut d.elected) => d.on_leadership().await?,
             Some(cmd) = cmd_rx.recv() => d.on_command(cmd),
             Some(spine_xmpp::Status::ReconnectFailed { error, auth, .. }) = status_rx.recv() => {
                 if auth {
@@ -348,7 +455,12 @@ async fn run_inner(
     }
     http_stop.cancel();
     info!("dispatcher stopping");
-    d.commit_all().await?;
+    let last = d.commit_all().await;
+    // Leading, it hands over at once: a standby takes the released lease.
+    if let Some(c) = campaign {
+        c.stop().await;
+    }
+    last?;
     d.conn.send(Presence::new(PresenceType::Unavailable)).await;
     d.conn.close().await;
     Ok(())
@@ -378,6 +490,9 @@ impl Driver {
                 // A dropped reply channel means the HTTP client went away: nothing to do.
                 let _ = reply.send(self.core.query(query, now()));
             }
+            // A standby accepts nothing: the HTTP side answers 503 `standby` when the reply
+            // channel closes (a change that reached it as it stopped leading).
+            Command::Change { .. } if !self.core.leads() => {}
             Command::Change { request, reply } => {
                 self.next_token += 1;
                 let token = self.next_token;
@@ -390,8 +505,7 @@ impl Driver {
     /// After a turn of the loop: job requests go to agents at once; a commit starts if none
     /// is running and something waits for one (or has lingered long enough).
     async fn flush(&mut self) -> Result<(), DispatcherError> {
-        let early = self.core.take_early();
-        self.send_early(early).await;
+        self.send_early().await;
         if self.in_flight.is_some() {
             // The changes join the next commit, which starts when this one ends.
             return Ok(());
@@ -399,6 +513,8 @@ impl Driver {
         match self.core.pending() {
             Pending::Nothing => self.lazy_since = None,
             Pending::Urgent => self.start_commit().await?,
+            // Job requests wait for their commit here: one need not linger.
+            Pending::Lazy if self.core.has_early() => self.start_commit().await?,
             Pending::Lazy => {
                 let since = *self.lazy_since.get_or_insert_with(Instant::now);
                 if since.elapsed() >= LINGER {
@@ -409,8 +525,15 @@ impl Driver {
         Ok(())
     }
 
-    /// Job requests that leave before their commit: recorded first ([`SentAheadLog`]).
-    async fn send_early(&mut self, early: Early) {
+    /// Job requests that leave before their commit: recorded first ([`SentAheadLog`]). Not
+    /// among elected dispatchers: the record is on this machine, and the next leader may be
+    /// on another; there a job request leaves after the commit of its dispatch, so that a new
+    /// leader sends the job back to the agent that has it.
+    async fn send_early(&mut self) {
+        if self.elected.is_some() {
+            return;
+        }
+        let early: Early = self.core.take_early();
         self.sent_ahead.record(&early.sent);
         for st in early.stanzas {
             self.conn.send(st).await;
@@ -428,6 +551,13 @@ impl Driver {
         };
         match r {
             Ok(Ok(())) => {}
+            // Among elected dispatchers a failed commit (deposed, or the database gone past
+            // store_timeout) ends this leadership, not the process: what it held is in the
+            // store, and the next leader (perhaps this one again) goes on from there.
+            Ok(Err(e)) if self.elected.is_some() => {
+                self.stand_by(&e.to_string()).await;
+                return Ok(());
+            }
             Ok(Err(e)) => {
                 // The store failed: nothing can be promised any more.
                 error!("{e}");
@@ -446,8 +576,7 @@ impl Driver {
     /// Commits everything the core decided and waits for it (at start and at shutdown).
     async fn commit_all(&mut self) -> Result<(), DispatcherError> {
         loop {
-            let early = self.core.take_early();
-            self.send_early(early).await;
+            self.send_early().await;
             if self.in_flight.is_none() {
                 if self.core.pending() == Pending::Nothing {
                     return Ok(());
@@ -501,7 +630,7 @@ impl Driver {
             error!("{e}");
             DispatcherError::from(e)
         })?;
-        let done = self.store.commit(batch);
+        let done = self.store.commit(batch.fenced(self.fence()));
         self.in_flight = Some(InFlight { done, ready });
         Ok(())
     }
@@ -535,5 +664,109 @@ impl Driver {
             // No receiver is fine.
             let _ = self.events.send(ev);
         }
+    }
+
+    /// The lease this core's commits are conditional on (none when it always leads).
+    fn fence(&self) -> Option<Fence> {
+        let e = self.elected.as_ref()?;
+        Some(Fence {
+            holder: e.holder.clone(),
+            epoch: e.epoch?,
+        })
+    }
+
+    /// This process's part in the election changed: it leads now, or no longer.
+    async fn on_leadership(&mut self) -> Result<(), DispatcherError> {
+        let Some(e) = self.elected.as_mut() else {
+            return Ok(());
+        };
+        let l = e.rx.borrow_and_update().clone();
+        self.core.set_leader_hint(l.leader_jid().map(str::to_owned));
+        match (e.epoch, l.epoch()) {
+            (None, Some(epoch)) => self.lead(epoch).await,
+            (Some(a), Some(b)) if a == b => Ok(()),
+            (Some(a), Some(b)) => {
+                self.stand_by(&format!(
+                    "the lease of epoch {a} ran out before it was renewed"
+                ))
+                .await;
+                self.lead(b).await
+            }
+            (Some(a), None) => {
+                self.stand_by(&format!("the lease of epoch {a} ran out or was taken"))
+                    .await;
+                Ok(())
+            }
+            (None, None) => Ok(()),
+        }
+    }
+
+    /// Won the election with `epoch`: what the standby still had to store goes first, then
+    /// the jobs are read from the store (every commit of the last leader is in it: its commits
+    /// and this taking are ordered by the lease row's lock) and the core leads.
+    async fn lead(&mut self, epoch: u64) -> Result<(), DispatcherError> {
+        self.commit_all().await?;
+        let started = Instant::now();
+        let h = self.store.held().await?;
+        let Some(e) = self.elected.as_mut() else {
+            return Ok(());
+        };
+        e.epoch = Some(epoch);
+        let fence = self.fence();
+        recover_audit(self.audit.as_mut(), &self.store, fence).await?;
+        let (jobs, unfinished) = (
+            h.jobs.len(),
+            h.jobs.iter().filter(|j| !j.state.is_final()).count(),
+        );
+        let t = now();
+        self.core.lead(
+            Restored {
+                jobs: h.jobs,
+                capabilities: h.capabilities,
+                agents: h.agents,
+            },
+            t,
+        );
+        self.core.recover(Vec::new(), t);
+        self.commit_all().await?;
+        info!(
+            epoch,
+            jobs,
+            unfinished,
+            agents = self.core.agent_count(),
+            load_ms = started.elapsed().as_millis() as u64,
+            "leading: jobs loaded from the store, the fleet already known"
+        );
+        Ok(())
+    }
+
+    /// No longer leads: the core is replaced by a standby that greets the fleet afresh. What
+    /// waited for a commit is dropped (HTTP callers get 503 `standby`; agents keep their
+    /// outcomes for the next leader, which sends their jobs again, PROTOCOL.md §10).
+    async fn stand_by(&mut self, why: &str) {
+        let Some(e) = self.elected.as_mut() else {
+            return;
+        };
+        warn!("no longer leading: {why}; standing by (the new leader goes on from the store)");
+        e.epoch = None;
+        self.in_flight = None;
+        self.lazy_since = None;
+        self.waiting.clear();
+        self.audited.clear();
+        let t = now();
+        let mut core = Core::standby(
+            e.cfg.clone(),
+            e.policy.clone(),
+            self.core.fleet_memory(),
+            rand::rng().random(),
+            t,
+            Box::new(e.blobs.clone()),
+        );
+        if let Some(dp) = &e.data_plane {
+            core.set_data_plane(dp.clone());
+        }
+        core.set_leader_hint(e.rx.borrow().leader_jid().map(str::to_owned));
+        self.core = core;
+        self.core.session_started(t);
     }
 }

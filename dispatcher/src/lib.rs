@@ -26,6 +26,7 @@ pub mod election;
 pub mod error;
 pub mod http;
 pub mod jobs;
+pub mod leadership;
 pub mod policy;
 pub mod registry;
 mod sent_ahead;

@@ -142,7 +142,7 @@ async fn the_postgres_store_keeps_the_same_promises_and_migrates_once() {
             "SELECT string_agg(version::text, ',') FROM spine_migrations"
         )
         .unwrap(),
-        "1,2"
+        "1,2,3"
     );
     // A database a newer Spine migrated is refused, with what to do.
     pg.psql(
@@ -219,6 +219,8 @@ async fn a_store_url_off_loopback_without_tls_is_refused_naming_the_key() {
 #[tokio::test]
 async fn a_deposed_leader_stores_nothing() {
     use spine_dispatcher::election::{Answer, Ask};
+    use spine_dispatcher::store::postgres::Contact;
+    use spine_dispatcher::store::Fence;
     let Some(pg) = Postgres::start_or_skip() else {
         return;
     };
@@ -232,11 +234,34 @@ async fn a_deposed_leader_stores_nothing() {
     };
     let (a, b) = (open().await, open().await);
     let lease = Duration::from_millis(800);
+    let contact = Contact {
+        url: "http://127.0.0.1:8081".into(),
+        jid: "dispatcher@localhost/d1".into(),
+    };
     assert_eq!(
-        a.lease("d1", Ask::Take, lease).await,
+        a.lease("d1", Ask::Take, lease, &contact).await,
         Answer::Took { epoch: 1 }
     );
-    assert_eq!(b.lease("d2", Ask::Take, lease).await, Answer::HeldByOther);
+    // Standbys read who leads, and how to reach it.
+    let row = b.leader().await.unwrap();
+    assert_eq!(
+        (
+            row.holder.as_str(),
+            row.epoch,
+            row.url.as_str(),
+            row.jid.as_str()
+        ),
+        ("d1", 1, "http://127.0.0.1:8081", "dispatcher@localhost/d1")
+    );
+    assert!(
+        row.expires_in_ms > 0.0 && row.expires_in_ms <= 800.0,
+        "{}",
+        row.expires_in_ms
+    );
+    assert_eq!(
+        b.lease("d2", Ask::Take, lease, &Contact::default()).await,
+        Answer::HeldByOther
+    );
     let mut t = JobTable::new(10);
     let mut job = |id: &str| {
         t.submit(
@@ -248,40 +273,51 @@ async fn a_deposed_leader_stores_nothing() {
         .clone()
     };
     let (x, y) = (job("job-x"), job("job-y"));
-    let batch = |j: &JobRecord| {
+    let batch = |j: &JobRecord, holder: &str, epoch: u64| {
         OwnedBatch::encode(&Batch {
             jobs: &[j],
             ..Batch::default()
         })
         .unwrap()
+        .fenced(Some(Fence {
+            holder: holder.into(),
+            epoch,
+        }))
     };
-    a.commit(&batch(&x)).await.expect("the leader stores");
+    a.commit(&batch(&x, "d1", 1))
+        .await
+        .expect("the leader stores");
     assert_eq!(
-        a.lease("d1", Ask::Renew { epoch: 1 }, lease).await,
+        a.lease("d1", Ask::Renew { epoch: 1 }, lease, &Contact::default())
+            .await,
         Answer::Renewed
     );
     // d1 is paused past its lease; d2 takes over with the next epoch.
     tokio::time::sleep(Duration::from_millis(900)).await;
     assert_eq!(
-        b.lease("d2", Ask::Take, lease).await,
+        b.lease("d2", Ask::Take, lease, &Contact::default()).await,
         Answer::Took { epoch: 2 }
     );
-    let e = a.commit(&batch(&y)).await.unwrap_err().to_string();
+    let e = a.commit(&batch(&y, "d1", 1)).await.unwrap_err().to_string();
     assert!(e.contains("deposed") && e.contains("epoch 1"), "{e}");
     let held = b.load().await.unwrap();
     assert_eq!(held, vec![x], "nothing of the deposed leader's commit");
     assert_eq!(
-        a.lease("d1", Ask::Renew { epoch: 1 }, lease).await,
+        a.lease("d1", Ask::Renew { epoch: 1 }, lease, &Contact::default())
+            .await,
         Answer::Lost
     );
-    b.commit(&batch(&y)).await.expect("the new leader stores");
+    b.commit(&batch(&y, "d2", 2))
+        .await
+        .expect("the new leader stores");
     // A clean stop frees the row at once.
     assert_eq!(
-        b.lease("d2", Ask::Release { epoch: 2 }, lease).await,
+        b.lease("d2", Ask::Release { epoch: 2 }, lease, &Contact::default())
+            .await,
         Answer::Released
     );
     assert_eq!(
-        a.lease("d1", Ask::Take, lease).await,
+        a.lease("d1", Ask::Take, lease, &Contact::default()).await,
         Answer::Took { epoch: 3 }
     );
     assert_eq!(

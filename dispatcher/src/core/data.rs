@@ -31,6 +31,7 @@ pub(crate) const CHUNKS_AFTER_FETCH_FAILED: Duration = Duration::from_secs(600);
 
 /// What the core needs to hand out URLs: where agents reach this dispatcher's HTTP API, the
 /// key that signs, and how long a URL is valid.
+#[derive(Clone)]
 pub(crate) struct DataPlane {
     /// The API's base URL as agents reach it (`public_url`), without a trailing slash.
     pub base: String,

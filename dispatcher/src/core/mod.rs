@@ -258,6 +258,10 @@ pub(crate) struct Core {
     /// Placement may have something to do (a job queued, a slot freed, an agent came).
     place_pending: bool,
     ready: Ready,
+    /// False for a standby ([`Core::standby`]) until it leads.
+    leads: bool,
+    /// A standby's word on who leads (the leader's JID), for its refusals.
+    leader_hint: Option<String>,
 }
 
 impl Core {
@@ -273,7 +277,6 @@ impl Core {
     ) -> Core {
         let mut rng = StdRng::seed_from_u64(seed);
         let prefix = format!("{:08x}", rng.random::<u32>());
-        let mut jobs = JobTable::new(cfg.max_queue).with_max_delayed(cfg.max_delayed);
         let mut registry = Registry::new();
         registry.remember(restored.capabilities);
         let mut core = Core {
@@ -301,39 +304,102 @@ impl Core {
             dirty: HashSet::new(),
             place_pending: true,
             ready: Ready::default(),
+            leads: true,
+            leader_hint: None,
+            jobs: JobTable::new(cfg.max_queue).with_max_delayed(cfg.max_delayed),
             cfg,
             policy,
-            registry: Registry::new(),
-            jobs: JobTable::new(0),
+            registry,
             rng,
         };
+        core.load_jobs(restored.jobs, now);
+        core
+    }
+
+    /// A standby among several dispatchers ([`crate::election`]): it keeps the fleet's
+    /// registry warm (advertisements, loads, liveness) and holds no job; it places nothing and
+    /// refuses submitters' requests, naming the leader ([`Core::set_leader_hint`]), until
+    /// [`Core::lead`].
+    pub(crate) fn standby(
+        cfg: DispatcherConfig,
+        policy: Policy,
+        fleet: Restored,
+        seed: u64,
+        now: Now,
+        blob_store: Box<dyn BlobAccess>,
+    ) -> Core {
+        let mut core = Core::new(cfg, policy, fleet, seed, now, blob_store);
+        core.leads = false;
+        core
+    }
+
+    /// A standby won the election: it takes the jobs the store holds (`restored`, read after
+    /// the taking, so every commit of the last leader is in it) and leads, with the fleet it
+    /// already knows. Jobs that were in flight go back to their agents, which attach them
+    /// (the resume grace counts from now); [`Core::recover`] follows.
+    pub(crate) fn lead(&mut self, restored: Restored, now: Now) {
+        self.leads = true;
+        self.leader_hint = None;
+        self.started = now.mono;
+        self.registry.remember(restored.capabilities);
+        for (a, t) in restored.agents {
+            let seen = self.known_agents.entry(a).or_insert(t);
+            *seen = (*seen).max(t);
+        }
+        self.load_jobs(restored.jobs, now);
+        self.place_pending = true;
+    }
+
+    /// Whether this core leads (places jobs, accepts submissions): always, but for a standby.
+    pub(crate) fn leads(&self) -> bool {
+        self.leads
+    }
+
+    /// What a standby says of the leader when it refuses a request (its JID), if known.
+    pub(crate) fn set_leader_hint(&mut self, leader: Option<String>) {
+        self.leader_hint = leader;
+    }
+
+    /// The fleet this core remembers (agents seen, capabilities known), for the standby that
+    /// replaces it when it stops leading.
+    pub(crate) fn fleet_memory(&self) -> Restored {
+        Restored {
+            jobs: Vec::new(),
+            capabilities: self.registry.known_capabilities(),
+            agents: self
+                .known_agents
+                .iter()
+                .map(|(a, t)| (a.clone(), *t))
+                .collect(),
+        }
+    }
+
+    /// Takes jobs from the store into the table, their idempotency keys, the capabilities of
+    /// those that reached an agent, and their timers.
+    fn load_jobs(&mut self, jobs: Vec<JobRecord>, now: Now) {
         let mut ids = Vec::new();
-        for j in restored.jobs {
+        for j in jobs {
             // Capabilities of stored jobs that reached an agent (a store written before the
             // list of capabilities existed).
             if j.agent.is_some() {
-                registry.remember([j.spec.capability.clone()]);
+                self.registry.remember([j.spec.capability.clone()]);
             }
             let id = j.id.clone();
-            jobs.restore(j);
+            self.jobs.restore(j);
             ids.push(id);
         }
-        core.jobs = jobs;
-        for id in ids {
-            core.index_key(&id);
-        }
-        core.registry = registry;
         // Backoffs that were running at the stop end when they were due to; jobs restored in
         // flight are placed again when the resume grace ends.
-        let mut retry_at = Vec::new();
-        for j in core.jobs.iter() {
+        for id in ids {
+            self.index_key(&id);
+            let Some(j) = self.jobs.get(&id) else {
+                continue;
+            };
             if j.state == spine_protocol::JobState::Queued && j.not_before_ms > now.ms {
-                retry_at.push(Reverse(j.not_before_ms));
+                self.retry_at.push(Reverse(j.not_before_ms));
             }
-            core.grace_pending |= j.resume;
+            self.grace_pending |= j.resume;
         }
-        core.retry_at.extend(retry_at);
-        core
     }
 
     /// After a restart: map/reduce jobs whose last step ended just before the stop move on;
@@ -477,6 +543,16 @@ impl Core {
             stanzas: std::mem::take(&mut self.ready.early),
             sent: std::mem::take(&mut self.ready.sent_ahead),
         }
+    }
+
+    /// Whether job requests wait to be sent ([`Core::take_early`]).
+    pub(crate) fn has_early(&self) -> bool {
+        !self.ready.early.is_empty()
+    }
+
+    /// How many agents the registry holds.
+    pub(crate) fn agent_count(&self) -> usize {
+        self.registry.len()
     }
 
     /// Whether a commit is needed now ([`Pending::Urgent`]), may wait a moment

@@ -25,6 +25,9 @@ const PLACE_SCAN: usize = 64;
 impl Core {
     /// Places queued jobs on agents with room.
     pub(super) fn place(&mut self, now: Now) {
+        if !self.leads {
+            return;
+        }
         self.fan_out_all(now);
         self.start_mapreduces(now);
         for cap in self.jobs.queued_capabilities() {

@@ -251,10 +251,29 @@ impl Core {
         self.send(Iq::from_error(id, e).with_to(to));
     }
 
+    /// A standby's answer to any request (PROTOCOL.md §11.8): try again in a moment, at the
+    /// leader it names if it knows one.
+    fn standby_refusal(&mut self, to: Jid, id: String) {
+        let text = match &self.leader_hint {
+            Some(l) => format!("standby: this dispatcher does not lead; the leader is {l}"),
+            None => "standby: this dispatcher does not lead, and no leader is known yet".into(),
+        };
+        let e = StanzaError::new(
+            ErrorType::Wait,
+            DefinedCondition::ServiceUnavailable,
+            "en",
+            text,
+        );
+        self.send(Iq::from_error(id, e).with_to(to));
+    }
+
     /// An IQ set: a chunk (from agents and submitters), `<submit/>` or `<cancel/>`.
     pub(super) fn on_set(&mut self, from: Jid, id: String, payload: minidom::Element, now: Now) {
         if !payload.ns().starts_with(spine_protocol::NS_PREFIX) {
             return self.not_ours(from, id);
+        }
+        if !self.leads {
+            return self.standby_refusal(from, id);
         }
         let parsed = spine_protocol::parse_payload(payload);
         // Chunks come from agents (their outputs) and submitters (their inputs).
@@ -398,6 +417,9 @@ impl Core {
     pub(super) fn on_get(&mut self, from: Jid, id: String, payload: minidom::Element, now: Now) {
         if !payload.ns().starts_with(spine_protocol::NS_PREFIX) {
             return self.not_ours(from, id);
+        }
+        if !self.leads {
+            return self.standby_refusal(from, id);
         }
         // An agent's request for an upload slot: answered by whether the job runs there, not
         // by a submitter's grant.

@@ -247,6 +247,9 @@ pub(super) async fn jobs_events(
     State(h): State<Handle>,
     caller: Caller,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    if let Some(e) = h.standby() {
+        return Err(e);
+    }
     let slot = h.streams.open(&caller.name, &h.limits)?;
     let mut rx = h.events.subscribe();
     let me = caller.submitter();

@@ -18,6 +18,8 @@ pub(crate) struct ApiError {
     pub(super) field: Option<String>,
     /// Seconds until a retry may succeed (429, 503): `Retry-After`.
     pub(super) retry_after: Option<u64>,
+    /// For `standby`: the leader's base URL.
+    pub(super) leader: Option<String>,
 }
 
 impl ApiError {
@@ -32,6 +34,7 @@ impl ApiError {
             message: message.into(),
             field: None,
             retry_after: None,
+            leader: None,
         }
     }
     pub(super) fn field(field: &str, message: impl Into<String>) -> Self {
@@ -49,6 +52,19 @@ impl ApiError {
                 "unavailable",
                 "the job store (PostgreSQL) cannot be reached: nothing can be stored until it is back; retry",
             )
+        }
+    }
+    /// A standby among several dispatchers: only the leader serves jobs. The body names the
+    /// leader's base URL (`leader`) when it is known.
+    pub(crate) fn standby(leader: Option<&str>) -> Self {
+        let message = match leader {
+            Some(url) => format!("this dispatcher is a standby; the leader is {url}: send it there, or retry"),
+            None => "this dispatcher is a standby and no leader is known yet (an election is under way): retry".to_owned(),
+        };
+        ApiError {
+            retry_after: Some(1),
+            leader: leader.map(str::to_owned),
+            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "standby", message)
         }
     }
     pub(super) fn unavailable() -> Self {
@@ -81,6 +97,7 @@ impl From<SpineError> for ApiError {
             message: e.text.unwrap_or_else(|| e.condition.to_string()),
             field: e.field,
             retry_after: e.retry_after,
+            leader: None,
         }
     }
 }

@@ -81,6 +81,8 @@ pub(crate) struct Handle {
     /// Set while the job store cannot be reached ([`crate::store::JobStore::unreachable`]):
     /// changes are then refused at once (503) instead of waiting for it.
     store_down: Arc<std::sync::atomic::AtomicBool>,
+    /// This dispatcher's part among several (PostgreSQL); None: it always leads.
+    leadership: Option<tokio::sync::watch::Receiver<crate::leadership::Leadership>>,
 }
 
 impl Handle {
@@ -107,6 +109,31 @@ impl Handle {
             waiters: Arc::default(),
             https: cfg.http_tls_cert.is_some(),
             store_down: Arc::default(),
+            leadership: None,
+        }
+    }
+
+    /// Follows this dispatcher's part in the election: a standby refuses what only the
+    /// leader can do (503 `standby`, naming the leader).
+    pub(crate) fn with_leadership(
+        mut self,
+        rx: Option<tokio::sync::watch::Receiver<crate::leadership::Leadership>>,
+    ) -> Self {
+        self.leadership = rx;
+        self
+    }
+
+    /// This dispatcher's part, if it takes part in an election.
+    pub(crate) fn leadership(&self) -> Option<crate::leadership::Leadership> {
+        self.leadership.as_ref().map(|rx| rx.borrow().clone())
+    }
+
+    /// The refusal of a standby, naming the leader; None when this dispatcher leads.
+    pub(crate) fn standby(&self) -> Option<error::ApiError> {
+        let l = self.leadership.as_ref()?.borrow();
+        match l.role {
+            crate::election::Role::Leader { .. } => None,
+            crate::election::Role::Standby => Some(error::ApiError::standby(l.leader_url())),
         }
     }
 

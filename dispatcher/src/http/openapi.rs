@@ -42,7 +42,8 @@ pub enum SubmitAnswer {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
     /// The condition: `bad-request`, `unknown-capability`, `not-authorized`, `rate-limited`
-    /// (a rate limit), `queue-full`, `too-large`, `unknown-job`, `unavailable`, …
+    /// (a rate limit), `queue-full`, `too-large`, `unknown-job`, `unavailable`, `standby`
+    /// (one of several dispatchers that does not lead), …
     #[schema(example = "bad-request")]
     pub error: String,
     /// What went wrong and how to fix it, for people.
@@ -58,6 +59,10 @@ pub struct ErrorBody {
     /// too for a batch's items).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
+    /// For `standby`: the leading dispatcher's API base URL, where to send the request.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(example = "https://d2.example.com:8443")]
+    pub leader: Option<String>,
 }
 
 impl From<&ApiError> for ErrorBody {
@@ -70,6 +75,7 @@ impl From<&ApiError> for ErrorBody {
             retry_after: e
                 .retry_after
                 .or(matches!(e.status.as_u16(), 429 | 503).then_some(1)),
+            leader: e.leader.clone(),
         }
     }
 }

@@ -43,15 +43,30 @@ pub(super) async fn change(h: &Handle, request: ApiRequest) -> Result<ApiReply, 
     if h.store_down() {
         return Err(ApiError::store_down());
     }
+    if let Some(e) = h.standby() {
+        return Err(e);
+    }
     let (reply, rx) = oneshot::channel();
     h.tx.send(Command::Change { request, reply })
         .await
         .map_err(|_| ApiError::unavailable())?;
-    rx.await.map_err(|_| ApiError::unavailable())
+    // Dropped unanswered: the dispatcher is stopping, or stopped leading meanwhile.
+    rx.await
+        .map_err(|_| h.standby().unwrap_or_else(ApiError::unavailable))
 }
 
-/// Asks the driver for a read (answered at once).
+/// Asks the driver for a read (answered at once). A standby holds no job: it answers what it
+/// knows (the fleet, its metrics) and refuses the rest with 503 `standby`.
 pub(super) async fn read(h: &Handle, query: Lookup) -> Result<Answer, ApiError> {
+    let about_the_fleet = matches!(
+        query,
+        Lookup::Metrics | Lookup::Fleet { .. } | Lookup::Agents { .. } | Lookup::Capabilities
+    );
+    if !about_the_fleet {
+        if let Some(e) = h.standby() {
+            return Err(e);
+        }
+    }
     let (reply, rx) = oneshot::channel();
     h.tx.send(Command::Read { query, reply })
         .await
@@ -760,17 +775,47 @@ pub(super) async fn metrics(State(h): State<Handle>, caller: Caller) -> Result<R
         h.streams.total(),
         u8::from(!h.store_down()),
     ));
+    if let Some(l) = h.leadership() {
+        text.push_str(&leadership_metrics(&l));
+    }
     if let Some(d) = &h.data {
         text.push_str(&d.counters.render(&d.blobs));
     }
     Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
 }
 
+/// The election's figures (several dispatchers on PostgreSQL).
+fn leadership_metrics(l: &crate::leadership::Leadership) -> String {
+    let (leader, epoch) = match l.role {
+        crate::election::Role::Leader { epoch } => (1, epoch),
+        crate::election::Role::Standby => (0, l.leader.as_ref().map_or(0, |r| r.epoch)),
+    };
+    let age = l.renewed.map_or(-1.0, |t| t.elapsed().as_secs_f64());
+    format!(
+        "# HELP spine_leader Whether this dispatcher leads (1) or stands by (0).\n\
+         # TYPE spine_leader gauge\n\
+         spine_leader {leader}\n\
+         # HELP spine_leader_epoch The epoch of the lease row (the fencing token) as this dispatcher last saw it.\n\
+         # TYPE spine_leader_epoch gauge\n\
+         spine_leader_epoch {epoch}\n\
+         # HELP spine_lease_age_seconds Seconds since this dispatcher last took or renewed the lease (-1: never).\n\
+         # TYPE spine_lease_age_seconds gauge\n\
+         spine_lease_age_seconds {age:.3}\n\
+         # HELP spine_elections_total Times this dispatcher became leader.\n\
+         # TYPE spine_elections_total counter\n\
+         spine_elections_total {}\n\
+         # HELP spine_failovers_total Leaders replaced without releasing the lease, as this dispatcher saw it.\n\
+         # TYPE spine_failovers_total counter\n\
+         spine_failovers_total {}\n",
+        l.elections, l.failovers
+    )
+}
+
 #[utoipa::path(
     get, path = "/healthz", tag = "operations", security(()),
     summary = "Whether the dispatcher serves (no token)",
     responses(
-        (status = 200, description = "`ok`", content_type = "text/plain", body = String),
+        (status = 200, description = "`ok`; among several dispatchers `ok leader` or `ok standby`", content_type = "text/plain", body = String),
         (status = 503, description = "`stopping`, or `store unreachable` while the job store (PostgreSQL) cannot be reached", content_type = "text/plain", body = String),
     ),
 )]
@@ -780,7 +825,13 @@ pub(super) async fn healthz(State(h): State<Handle>) -> Response {
     } else if h.store_down() {
         (StatusCode::SERVICE_UNAVAILABLE, "store unreachable\n").into_response()
     } else {
-        (StatusCode::OK, "ok\n").into_response()
+        // Among several dispatchers, the part this one plays (a standby is healthy too).
+        let role = match h.leadership().map(|l| l.role) {
+            None => "",
+            Some(crate::election::Role::Leader { .. }) => " leader",
+            Some(crate::election::Role::Standby) => " standby",
+        };
+        (StatusCode::OK, format!("ok{role}\n")).into_response()
     }
 }
 

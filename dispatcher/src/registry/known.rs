@@ -15,6 +15,11 @@ impl Registry {
         self.known.extend(caps);
     }
 
+    /// Every known capability.
+    pub fn known_capabilities(&self) -> Vec<CapabilityName> {
+        self.known.iter().cloned().collect()
+    }
+
     /// Whether an agent has offered `cap` since the start, or did in an earlier run.
     pub fn is_known(&self, cap: &CapabilityName) -> bool {
         self.known.contains(cap)

@@ -42,7 +42,7 @@ impl JobStore {
             Some(target) => {
                 let tls = spine_tls::client_config_for_ca_file(cfg.store_ca.as_deref())
                     .map_err(|x| StoreError(format!("store_ca: {x}")))?;
-                let pg = Arc::new(PgStore::open(target, tls, cfg.store_timeout).await?);
+                let pg = Arc::new(PgStore::open(target, tls, cfg.store_timeout, cfg.lease).await?);
                 pg.watch();
                 Ok(JobStore::Postgres(pg))
             }
@@ -76,6 +76,22 @@ impl JobStore {
             }),
             JobStore::Postgres(p) => Ok(Held {
                 jobs: p.load().await?,
+                capabilities: p.known_capabilities().await?,
+                agents: p.agents().await?,
+            }),
+        }
+    }
+
+    /// The fleet it remembers, without the jobs (what a standby starts from).
+    pub async fn fleet(&self) -> Result<Held, StoreError> {
+        match self {
+            JobStore::Redb(s) => Ok(Held {
+                jobs: Vec::new(),
+                capabilities: s.known_capabilities()?,
+                agents: s.agents()?,
+            }),
+            JobStore::Postgres(p) => Ok(Held {
+                jobs: Vec::new(),
                 capabilities: p.known_capabilities().await?,
                 agents: p.agents().await?,
             }),

@@ -381,9 +381,36 @@ pub struct OwnedBatch {
     pub agents: Vec<(String, u64)>,
     /// Capabilities offered for the first time, with when.
     pub capabilities: Vec<(CapabilityName, u64)>,
+    /// A leader's commit among several dispatchers (PostgreSQL): stored only if the lease row
+    /// still names this holder and epoch when the transaction runs, else nothing of it is
+    /// (`deposed`). None: unconditional (a lone dispatcher on redb; a standby's agents).
+    pub fence: Option<Fence>,
+}
+
+/// The lease a leader's commit is conditional on ([`OwnedBatch::fence`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    /// The holder's id in the lease row.
+    pub holder: String,
+    /// The epoch it took.
+    pub epoch: u64,
 }
 
 impl OwnedBatch {
+    /// The batch, conditional on `fence`.
+    pub fn fenced(mut self, fence: Option<Fence>) -> OwnedBatch {
+        self.fence = fence;
+        self
+    }
+
+    /// Whether it changes any job (anything but the agents and capabilities seen).
+    pub fn holds_jobs(&self) -> bool {
+        !(self.jobs.is_empty()
+            && self.delete.is_empty()
+            && self.audit.is_empty()
+            && self.audited.is_empty())
+    }
+
     /// Encodes the records of `b` and copies the rest.
     pub fn encode(b: &Batch<'_>) -> Result<OwnedBatch, StoreError> {
         Ok(OwnedBatch {
@@ -397,6 +424,7 @@ impl OwnedBatch {
             audited: b.audited.to_vec(),
             agents: b.agents.to_vec(),
             capabilities: b.capabilities.to_vec(),
+            fence: None,
         })
     }
 

@@ -37,6 +37,11 @@ use crate::jobs::JobRecord;
 const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "jobs", include_str!("../../migrations/0001_jobs.sql")),
     (2, "lease", include_str!("../../migrations/0002_lease.sql")),
+    (
+        3,
+        "leader contact",
+        include_str!("../../migrations/0003_leader_contact.sql"),
+    ),
 ];
 
 /// The advisory lock held while migrations run (any fixed number; "spine" in ASCII).
@@ -133,6 +138,7 @@ fn is_loopback(host: &str) -> bool {
 struct Statements {
     fence: Statement,
     take: Statement,
+    leader: Statement,
     renew: Statement,
     release: Statement,
     upsert_jobs: Statement,
@@ -157,11 +163,14 @@ pub struct PgStore {
     target: PgTarget,
     tls: MakeRustlsConnect,
     conn: tokio::sync::Mutex<Option<Conn>>,
+    /// The election's own connection: a commit retrying through an outage holds `conn`, and
+    /// must not keep a leader from renewing (or a standby from asking) meanwhile.
+    lease_conn: tokio::sync::Mutex<Option<Conn>>,
     /// How long a commit keeps trying to reach the database.
     timeout: Duration,
-    /// The lease a leader's commits are fenced by (holder, epoch): each commit stores
-    /// nothing unless the lease row still says so.
-    fence: std::sync::Mutex<Option<(String, i64)>>,
+    /// The election's lease: no session may sit in a transaction, or wait for a lock, longer
+    /// (see [`PgStore::connect_client`]).
+    lease: Duration,
     /// Set while the database cannot be reached: from a lost connection or a failed commit
     /// until a connection is made again ([`PgStore::watch`]).
     down: Arc<AtomicBool>,
@@ -170,6 +179,31 @@ pub struct PgStore {
 /// A commit of a leader whose lease row names another holder or epoch: it stored nothing.
 pub const DEPOSED: &str = "deposed";
 
+/// Who holds the lease row, read by [`PgStore::leader`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaderRow {
+    /// The holder's id ("" when the row is free).
+    pub holder: String,
+    /// The epoch of the last taking.
+    pub epoch: u64,
+    /// The holder's HTTP API base URL ("" if it has none).
+    pub url: String,
+    /// The holder's XMPP full JID.
+    pub jid: String,
+    /// Milliseconds until the lease runs out, in the database's clock (negative: ran out, or
+    /// free).
+    pub expires_in_ms: f64,
+}
+
+/// How a candidate can be reached, written into the row when it takes it.
+#[derive(Debug, Clone, Default)]
+pub struct Contact {
+    /// Its HTTP API base URL ("" if it has none).
+    pub url: String,
+    /// Its XMPP full JID.
+    pub jid: String,
+}
+
 impl PgStore {
     /// Connects, applies the migrations this build has and the database lacks, and prepares
     /// the statements.
@@ -177,13 +211,15 @@ impl PgStore {
         target: PgTarget,
         tls: tokio_rustls::rustls::ClientConfig,
         timeout: Duration,
+        lease: Duration,
     ) -> Result<PgStore, StoreError> {
         let store = PgStore {
+            lease,
             target,
             tls: MakeRustlsConnect::new(tls),
             conn: tokio::sync::Mutex::new(None),
+            lease_conn: tokio::sync::Mutex::new(None),
             timeout,
-            fence: std::sync::Mutex::new(None),
             down: Arc::default(),
         };
         // A dispatcher that starts before its database (boot order) waits for it.
@@ -247,6 +283,11 @@ impl PgStore {
         e(format!("{}: {}", self.target.name, describe(&x)))
     }
 
+    /// A new session. A leader's commit holds the lease row (FOR SHARE) until it ends; a
+    /// leader paused mid-transaction (SIGSTOP, a VM frozen) would thus keep every standby from
+    /// taking over for as long as it stays paused. So no session may sit idle in a transaction
+    /// longer than the lease (PostgreSQL then ends it, which rolls it back), and none waits
+    /// longer than that for a lock (the question fails, and is asked again).
     async fn connect_client(&self) -> Result<Client, StoreError> {
         let (client, connection) = self
             .target
@@ -262,6 +303,13 @@ impl PgStore {
                 down.store(true, Ordering::Relaxed);
             }
         });
+        let ms = self.lease.as_millis().max(100);
+        client
+            .batch_execute(&format!(
+                "SET idle_in_transaction_session_timeout = {ms}; SET lock_timeout = {ms}"
+            ))
+            .await
+            .map_err(|x| self.err(x))?;
         Ok(client)
     }
 
@@ -284,7 +332,10 @@ impl PgStore {
         if b.is_empty() {
             return Ok(());
         }
-        let fence = self.fence.lock().map(|f| f.clone()).unwrap_or(None);
+        let fence = b
+            .fence
+            .as_ref()
+            .map(|f| (f.holder.clone(), i64::try_from(f.epoch).unwrap_or(i64::MAX)));
         let started = Instant::now();
         let mut pause = Duration::from_millis(100);
         let mut slot = self.conn.lock().await;
@@ -324,11 +375,18 @@ impl PgStore {
     }
 
     /// Asks the lease row ([`crate::election`]) as `holder`, with a lease of `lease`; the
-    /// answer. A leader's commits are fenced by the epoch it took or renewed from then on, and
-    /// by none once it lost or released it.
-    pub async fn lease(&self, holder: &str, ask: Ask, lease: Duration) -> Answer {
+    /// answer. A taking writes `contact` into the row, for standbys to name the leader. Runs
+    /// on a connection of its own, so that a commit retrying through an outage does not hold
+    /// the election up. (A leader's commits name their epoch: [`OwnedBatch::fence`].)
+    pub async fn lease(
+        &self,
+        holder: &str,
+        ask: Ask,
+        lease: Duration,
+        contact: &Contact,
+    ) -> Answer {
         let ms = lease.as_secs_f64() * 1e3;
-        let mut slot = self.conn.lock().await;
+        let mut slot = self.lease_conn.lock().await;
         let c = match self.live(&mut slot).await {
             Ok(c) => c,
             Err(x) => {
@@ -338,7 +396,11 @@ impl PgStore {
         };
         let epoch_of = |e: u64| i64::try_from(e).unwrap_or(i64::MAX);
         let rows = match ask {
-            Ask::Take => c.client.query(&c.st.take, &[&holder, &ms]).await,
+            Ask::Take => {
+                c.client
+                    .query(&c.st.take, &[&holder, &ms, &contact.url, &contact.jid])
+                    .await
+            }
             Ask::Renew { epoch } => {
                 c.client
                     .query(&c.st.renew, &[&holder, &epoch_of(epoch), &ms])
@@ -358,7 +420,7 @@ impl PgStore {
             }
         };
         let got: Option<i64> = rows.first().map(|r| r.get(0));
-        let answer = match (ask, got) {
+        match (ask, got) {
             (Ask::Take, Some(e)) => Answer::Took {
                 epoch: e.max(0) as u64,
             },
@@ -366,15 +428,25 @@ impl PgStore {
             (Ask::Renew { .. }, Some(_)) => Answer::Renewed,
             (Ask::Release { .. }, Some(_)) => Answer::Released,
             (_, None) => Answer::Lost,
-        };
-        if let Ok(mut f) = self.fence.lock() {
-            match answer {
-                Answer::Took { epoch } => *f = Some((holder.to_owned(), epoch_of(epoch))),
-                Answer::Lost | Answer::Released => *f = None,
-                _ => {}
-            }
         }
-        answer
+    }
+
+    /// Who holds the lease row now (on the election's connection).
+    pub async fn leader(&self) -> Result<LeaderRow, StoreError> {
+        let mut slot = self.lease_conn.lock().await;
+        let c = self.live(&mut slot).await?;
+        let row = c
+            .client
+            .query_one(&c.st.leader, &[])
+            .await
+            .map_err(|x| self.err(x))?;
+        Ok(LeaderRow {
+            holder: row.get(0),
+            epoch: row.get::<_, i64>(1).max(0) as u64,
+            url: row.get(2),
+            jid: row.get(3),
+            expires_in_ms: row.get(4),
+        })
     }
 
     /// Every stored job, with its input.
@@ -488,9 +560,18 @@ async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
         take: c
             .prepare(
                 "UPDATE spine_lease SET holder = $1, epoch = epoch + 1, \
-                 expires_at = clock_timestamp() + $2::float8 * interval '1 millisecond' \
+                 expires_at = clock_timestamp() + $2::float8 * interval '1 millisecond', \
+                 url = $3, jid = $4 \
                  WHERE name = 'leader' AND (holder = '' OR holder = $1 OR expires_at <= clock_timestamp()) \
                  RETURNING epoch",
+            )
+            .await?,
+        leader: c
+            .prepare(
+                "SELECT holder, epoch, url, jid, \
+                 CASE WHEN holder = '' OR expires_at = '-infinity' THEN -1::float8 \
+                 ELSE EXTRACT(EPOCH FROM (expires_at - clock_timestamp()))::float8 * 1000 END \
+                 FROM spine_lease WHERE name = 'leader'",
             )
             .await?,
         renew: c
