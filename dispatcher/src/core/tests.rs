@@ -12,7 +12,7 @@ use spine_protocol::{
 use tokio_xmpp::Stanza;
 use xmpp_parsers::iq::Iq;
 use xmpp_parsers::presence::Presence;
-use xmpp_parsers::stanza_error::StanzaError;
+use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
 use super::*;
 use crate::jobs::JobSpec;
@@ -1081,4 +1081,75 @@ fn heartbeats_of_a_busy_fleet_store_and_send_nothing() {
     let sent = jobs_sent(&w.ready().stanzas);
     assert_eq!(sent.len(), 1);
     assert_eq!(sent[0].job.id, id);
+}
+
+#[test]
+fn a_standby_keeps_the_fleet_places_nothing_and_on_winning_sends_running_jobs_back_to_their_agents()
+{
+    // The leader dispatched a job to agent 1 and stored it; then it died.
+    let mut leader = World::new();
+    let a = leader.agent(1, 2);
+    let (id, _) = leader.submit(spec(CAP)).unwrap();
+    let sent = jobs_sent(&leader.ready().stanzas);
+    assert_eq!(sent.len(), 1);
+    let stored = leader.core.record(&id).unwrap().clone();
+    assert_eq!(stored.agent.as_ref(), Some(&a));
+
+    // A standby: the same fleet reaches it (advertisements go to the shared bare JID).
+    let mut w = World::new();
+    let cfg = config();
+    let policy = Policy::from_config(&cfg).unwrap();
+    w.core = Core::standby(
+        cfg,
+        policy,
+        Restored::default(),
+        9,
+        w.now,
+        Box::new(crate::jobs::MemoryBlobs::default()),
+    );
+    w.core.session_started(w.now);
+    w.core.take_ready();
+    w.core
+        .set_leader_hint(Some("dispatcher@localhost/d1".to_owned()));
+    w.agent(1, 2);
+    w.agent(2, 2);
+    assert_eq!(w.core.agent_count(), 2, "the registry is warm");
+    assert!(!w.core.leads());
+    // It refuses submitters, naming the leader, and stores nothing.
+    let answer = xmpp_submit(
+        &mut w,
+        "s1",
+        spine_protocol::Submit::new(CAP.parse().unwrap()),
+    );
+    let Iq::Error { error, .. } = answer else {
+        panic!("refused: {answer:?}")
+    };
+    assert_eq!(
+        (error.type_, error.defined_condition),
+        (ErrorType::Wait, DefinedCondition::ServiceUnavailable)
+    );
+    let text = error.texts.values().next().cloned().unwrap_or_default();
+    assert!(text.contains("dispatcher@localhost/d1"), "{text}");
+    assert!(!w.ready().must_store(), "nothing stored");
+
+    // It wins: the stored job goes back to agent 1 (not idle agent 2) with the same attempt.
+    w.core.lead(
+        Restored {
+            jobs: vec![stored],
+            ..Restored::default()
+        },
+        w.now,
+    );
+    w.core.recover(Vec::new(), w.now);
+    w.tick();
+    let back = jobs_sent(&w.ready().stanzas);
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert_eq!(back[0].to, a, "back to the agent that runs it");
+    assert_eq!(
+        back[0].job.attempt, 1,
+        "the same attempt: the agent attaches it"
+    );
+    // And it accepts submissions now.
+    let (id2, _) = w.submit(spec(CAP)).unwrap();
+    assert_eq!(jobs_sent(&w.ready().stanzas).len(), 1, "placed: {id2}");
 }
