@@ -81,8 +81,8 @@ impl BlobGc {
     }
 
     /// Deletes what is due and unreferenced (`refs` counts a blob's held jobs, from the
-    /// core); walks the store when its time comes.
-    pub(crate) fn run(&mut self, refs: impl Fn(&Stored) -> u32) {
+    /// core); walks the store when its time comes. The blobs deleted.
+    pub(crate) fn run(&mut self, refs: impl Fn(&Stored) -> u32) -> Vec<Stored> {
         let now = SystemTime::now();
         if Instant::now() >= self.next_walk {
             self.next_walk = Instant::now() + self.ttl;
@@ -97,7 +97,7 @@ impl BlobGc {
         }
         let later = self.due.split_off(&now);
         let due = std::mem::replace(&mut self.due, later);
-        let mut deleted = 0u64;
+        let mut deleted = Vec::new();
         let mut seen = HashSet::new();
         for b in due.into_values().flatten() {
             if !seen.insert(b) || refs(&b) > 0 {
@@ -108,15 +108,16 @@ impl BlobGc {
             match modified {
                 Ok(m) if m + self.ttl > now => self.schedule(b, m),
                 Ok(_) => match self.store.remove(&b.sha256) {
-                    Ok(_) => deleted += 1,
+                    Ok(_) => deleted.push(b),
                     Err(e) => warn!(blob = %b.hex(), "cannot delete an unreferenced blob: {e}"),
                 },
                 Err(_) => {}
             }
         }
-        if deleted > 0 {
-            debug!(deleted, "unreferenced blobs deleted");
+        if !deleted.is_empty() {
+            debug!(deleted = deleted.len(), "unreferenced blobs deleted");
         }
+        deleted
     }
 }
 

@@ -16,7 +16,7 @@
 //! [`LINGER`] for a commit something else asks for — so a fast job's acceptance and outcome
 //! are stored in one commit.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -150,6 +150,21 @@ struct Elected {
     policy: Policy,
     blobs: BlobStore,
     data_plane: Option<DataPlane>,
+    /// Blobs known to be in the shared store (PostgreSQL), so that a commit copies each once.
+    mirrored: HashSet<[u8; 32]>,
+    /// Blobs deleted here (no job holds them), to delete from the shared store with the next
+    /// commit.
+    blob_deletes: Vec<[u8; 32]>,
+}
+
+impl Elected {
+    /// Blobs deleted from this dispatcher's store: from the shared one too, next commit.
+    fn forget_blobs(&mut self, deleted: Vec<crate::blobs::Stored>) {
+        for b in deleted {
+            self.mirrored.remove(&b.sha256);
+            self.blob_deletes.push(b.sha256);
+        }
+    }
 }
 
 fn holder_of(rx: &watch::Receiver<Leadership>) -> String {
@@ -347,6 +362,8 @@ async fn run_inner(
                 policy: policy.clone(),
                 blobs: blobs.clone(),
                 data_plane: data_plane.clone(),
+                mirrored: HashSet::new(),
+                blob_deletes: Vec::new(),
             }),
         ),
         None => (None, None),
@@ -423,7 +440,10 @@ async fn run_inner(
                 // A standby holds no job: the blobs here wait for it to lead.
                 if d.core.leads() {
                     let core = &d.core;
-                    d.blob_gc.run(|b| core.blob_refs(b));
+                    let deleted = d.blob_gc.run(|b| core.blob_refs(b));
+                    if let Some(e) = d.elected.as_mut() {
+                        e.forget_blobs(deleted);
+                    }
                 }
             }
             Some(()) = leadership_changed(&mut d.elected) => d.on_leadership().await?,
@@ -630,7 +650,20 @@ impl Driver {
             error!("{e}");
             DispatcherError::from(e)
         })?;
-        let done = self.store.commit(batch.fenced(self.fence()));
+        let mut batch = batch.fenced(self.fence());
+        if let (Some(e), Some(_)) = (self.elected.as_mut(), batch.fence.as_ref()) {
+            // The next leader may be on another machine: the blobs these jobs reference go
+            // to the shared store first, and blobs deleted here leave it.
+            for j in &jobs {
+                for s in j.blobs() {
+                    if e.mirrored.insert(s.sha256) {
+                        batch.blobs.push((s, e.blobs.path(&s.sha256)));
+                    }
+                }
+            }
+            batch.blob_deletes = std::mem::take(&mut e.blob_deletes);
+        }
+        let done = self.store.commit(batch);
         self.in_flight = Some(InFlight { done, ready });
         Ok(())
     }
@@ -712,6 +745,29 @@ impl Driver {
             return Ok(());
         };
         e.epoch = Some(epoch);
+        // Blobs the jobs reference that this machine lacks come from the shared store before
+        // anything is placed (an agent fetches inputs from the leader).
+        if let JobStore::Postgres(pg) = &self.store {
+            let mut want: Vec<crate::blobs::Stored> =
+                h.jobs.iter().flat_map(|j| j.blobs()).collect();
+            want.sort_unstable_by_key(|s| s.sha256);
+            want.dedup();
+            e.mirrored = want.iter().map(|s| s.sha256).collect();
+            let t0 = Instant::now();
+            let (bytes, missing) = pg.fetch_blobs(&want, &e.blobs).await?;
+            if bytes > 0 || !missing.is_empty() {
+                info!(
+                    bytes,
+                    ms = t0.elapsed().as_millis() as u64,
+                    missing = missing.len(),
+                    "blobs copied from the shared store"
+                );
+            }
+            for m in missing {
+                e.mirrored.remove(&m.sha256);
+                warn!(blob = %m.hex(), "a blob a job references is in neither this dispatcher's store nor the shared one");
+            }
+        }
         let fence = self.fence();
         recover_audit(self.audit.as_mut(), &self.store, fence).await?;
         let (jobs, unfinished) = (
@@ -749,6 +805,8 @@ impl Driver {
         };
         warn!("no longer leading: {why}; standing by (the new leader goes on from the store)");
         e.epoch = None;
+        e.mirrored.clear();
+        e.blob_deletes.clear();
         self.in_flight = None;
         self.lazy_since = None;
         self.waiting.clear();

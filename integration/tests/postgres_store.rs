@@ -142,7 +142,7 @@ async fn the_postgres_store_keeps_the_same_promises_and_migrates_once() {
             "SELECT string_agg(version::text, ',') FROM spine_migrations"
         )
         .unwrap(),
-        "1,2,3"
+        "1,2,3,4"
     );
     // A database a newer Spine migrated is refused, with what to do.
     pg.psql(
@@ -324,5 +324,54 @@ async fn a_deposed_leader_stores_nothing() {
         pg.psql("spine", "SELECT holder || ' ' || epoch FROM spine_lease")
             .unwrap(),
         "d1 3"
+    );
+}
+
+/// Blobs in PostgreSQL (migration 4): a leader's copies reach a dispatcher on another machine
+/// (another blob directory), checked; a blob copied twice is stored once; one never copied is
+/// reported missing; a deleted one is gone.
+#[tokio::test]
+async fn blobs_go_through_postgres_to_another_machine() {
+    use spine_dispatcher::blobs::BlobStore;
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), Some(pg.url()));
+    let JobStore::Postgres(store) = JobStore::open(&cfg).await.unwrap() else {
+        panic!("not the PostgreSQL store")
+    };
+    let (here, _) = BlobStore::open(&dir.path().join("here"), None).unwrap();
+    let (there, _) = BlobStore::open(&dir.path().join("there"), None).unwrap();
+    // 2.5 MiB: three chunks, the last one short; and an empty blob.
+    let big: Vec<u8> = (0..5 * 512 * 1024).map(|i| (i % 251) as u8).collect();
+    let a = here.put(&big).unwrap();
+    let e = here.put(b"").unwrap();
+    let lost = here.put(b"never copied").unwrap();
+    let files = vec![(a, here.path(&a.sha256)), (e, here.path(&e.sha256))];
+    assert_eq!(store.put_blobs(&files).await.unwrap(), a.size);
+    assert_eq!(store.put_blobs(&files).await.unwrap(), 0, "each blob once");
+    assert_eq!(
+        pg.psql("spine", "SELECT count(*) FROM spine_blob_chunks")
+            .unwrap(),
+        "4"
+    );
+    let (bytes, missing) = store.fetch_blobs(&[a, e, lost], &there).await.unwrap();
+    assert_eq!((bytes, missing), (a.size, vec![lost]));
+    assert_eq!(there.read_at(&a.sha256, 0, big.len()).unwrap(), big);
+    assert!(there.contains(&e.sha256));
+    // Deleted with a commit.
+    let batch = OwnedBatch {
+        blob_deletes: vec![a.sha256],
+        ..OwnedBatch::default()
+    };
+    store.commit(&batch).await.unwrap();
+    assert_eq!(
+        pg.psql(
+            "spine",
+            "SELECT count(*) FROM spine_blobs UNION ALL SELECT count(*) FROM spine_blob_chunks"
+        )
+        .unwrap(),
+        "1\n1"
     );
 }

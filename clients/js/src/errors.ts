@@ -190,6 +190,7 @@ const BY_CONDITION: Record<string, ErrorClass> = {
   "too-many-streams": TooManyStreams,
   "too-many-connections": Unavailable,
   unavailable: Unavailable,
+  standby: Unavailable,
 };
 
 /** The error for an API condition; also used for the per-item errors of a batch. */

@@ -135,6 +135,8 @@ export interface ApiErrorBody {
   status?: number;
   /** For 429 and 503: seconds until a retry may succeed (the `Retry-After` header). */
   retry_after?: number;
+  /** For `standby` (one of several dispatchers that does not lead): the leader's base URL. */
+  leader?: string;
 }
 
 /** One answer of `POST /v1/jobs:batch`: the accepted job, or the error refusing it. */

@@ -232,6 +232,10 @@ pub(super) async fn put_blob(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // A standby's store is not where the leader reads: refused before any byte is read.
+    if let Some(e) = h.standby() {
+        return Err(e);
+    }
     let d = data_of(&h)?;
     let declared = content_length(&headers);
     let blob = store_body(&d.blobs, body, declared, h.max_input, None).await?;

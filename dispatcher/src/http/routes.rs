@@ -111,6 +111,10 @@ pub(super) async fn submit(
     uri: axum::http::Uri,
     body: Body,
 ) -> Result<Response, ApiError> {
+    // Refused before the body is read (a raw upload would go to this dispatcher's blobs).
+    if let Some(e) = h.standby() {
+        return Err(e);
+    }
     let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())

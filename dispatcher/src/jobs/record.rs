@@ -107,6 +107,21 @@ pub struct Step {
 }
 
 impl JobRecord {
+    /// The blobs it references: its input's and its output's when they are in the blob store,
+    /// and those its input names (a fragment list's references).
+    pub fn blobs(&self) -> impl Iterator<Item = crate::blobs::Stored> + '_ {
+        let output = match &self.outcome {
+            Some(Recorded::Succeeded { output, .. }) => output.stored(),
+            _ => None,
+        };
+        self.spec
+            .input
+            .stored()
+            .into_iter()
+            .chain(output)
+            .chain(self.spec.input_blobs.iter().copied())
+    }
+
     /// Appends a step at `at_ms` in the record's present state, dropping the oldest but the
     /// first beyond [`MAX_HISTORY`].
     pub fn log(&mut self, at_ms: u64, note: Option<String>) {

@@ -385,6 +385,12 @@ pub struct OwnedBatch {
     /// still names this holder and epoch when the transaction runs, else nothing of it is
     /// (`deposed`). None: unconditional (a lone dispatcher on redb; a standby's agents).
     pub fence: Option<Fence>,
+    /// Blobs to copy into a shared store before the batch is stored (PostgreSQL among several
+    /// dispatchers: the next leader reads them there), with their local files.
+    pub blobs: Vec<(crate::blobs::Stored, std::path::PathBuf)>,
+    /// Blobs deleted from this dispatcher's store (no job holds them), to delete from the
+    /// shared store too.
+    pub blob_deletes: Vec<[u8; 32]>,
 }
 
 /// The lease a leader's commit is conditional on ([`OwnedBatch::fence`]).
@@ -403,14 +409,6 @@ impl OwnedBatch {
         self
     }
 
-    /// Whether it changes any job (anything but the agents and capabilities seen).
-    pub fn holds_jobs(&self) -> bool {
-        !(self.jobs.is_empty()
-            && self.delete.is_empty()
-            && self.audit.is_empty()
-            && self.audited.is_empty())
-    }
-
     /// Encodes the records of `b` and copies the rest.
     pub fn encode(b: &Batch<'_>) -> Result<OwnedBatch, StoreError> {
         Ok(OwnedBatch {
@@ -425,6 +423,8 @@ impl OwnedBatch {
             agents: b.agents.to_vec(),
             capabilities: b.capabilities.to_vec(),
             fence: None,
+            blobs: Vec::new(),
+            blob_deletes: Vec::new(),
         })
     }
 
@@ -436,6 +436,8 @@ impl OwnedBatch {
             && self.audited.is_empty()
             && self.agents.is_empty()
             && self.capabilities.is_empty()
+            && self.blobs.is_empty()
+            && self.blob_deletes.is_empty()
     }
 }
 

@@ -17,7 +17,8 @@
 //! - **TLS**: off loopback, the URL must say `sslmode=require`; the server's certificate is
 //!   then verified (rustls with ring) against the system's roots or `store_ca`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::str::FromStr as _;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -30,6 +31,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 use tracing::{info, warn};
 
 use super::{decode_job, OwnedBatch, StoreError};
+use crate::blobs::Stored;
 use crate::election::{Answer, Ask};
 use crate::jobs::JobRecord;
 
@@ -42,7 +44,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "leader contact",
         include_str!("../../migrations/0003_leader_contact.sql"),
     ),
+    (4, "blobs", include_str!("../../migrations/0004_blobs.sql")),
 ];
+
+/// Bytes of a blob per row of `spine_blob_chunks`.
+const BLOB_CHUNK: usize = 1 << 20;
 
 /// The advisory lock held while migrations run (any fixed number; "spine" in ASCII).
 const MIGRATION_LOCK: i64 = 0x0073_7069_6e65;
@@ -166,6 +172,9 @@ pub struct PgStore {
     /// The election's own connection: a commit retrying through an outage holds `conn`, and
     /// must not keep a leader from renewing (or a standby from asking) meanwhile.
     lease_conn: tokio::sync::Mutex<Option<Conn>>,
+    /// Blob copies' own connection: a large blob takes a while, and must not hold the
+    /// election up, nor the commits of jobs that need no blob.
+    blob_conn: tokio::sync::Mutex<Option<Conn>>,
     /// How long a commit keeps trying to reach the database.
     timeout: Duration,
     /// The election's lease: no session may sit in a transaction, or wait for a lock, longer
@@ -219,6 +228,7 @@ impl PgStore {
             tls: MakeRustlsConnect::new(tls),
             conn: tokio::sync::Mutex::new(None),
             lease_conn: tokio::sync::Mutex::new(None),
+            blob_conn: tokio::sync::Mutex::new(None),
             timeout,
             down: Arc::default(),
         };
@@ -336,6 +346,8 @@ impl PgStore {
             .fence
             .as_ref()
             .map(|f| (f.holder.clone(), i64::try_from(f.epoch).unwrap_or(i64::MAX)));
+        // The blobs the batch's jobs reference are in the database before the jobs are.
+        self.put_blobs(&b.blobs).await?;
         let started = Instant::now();
         let mut pause = Duration::from_millis(100);
         let mut slot = self.conn.lock().await;
@@ -429,6 +441,130 @@ impl PgStore {
             (Ask::Release { .. }, Some(_)) => Answer::Released,
             (_, None) => Answer::Lost,
         }
+    }
+
+    /// Copies blobs into the database (`spine_blobs`, `spine_blob_chunks`) unless it has them,
+    /// reading their local files a MiB at a time; each blob in one transaction, its
+    /// `spine_blobs` row last. A file that is gone is skipped with a warning (its job then
+    /// fails on the next leader as it would here). The bytes copied.
+    pub async fn put_blobs(&self, blobs: &[(Stored, PathBuf)]) -> Result<u64, StoreError> {
+        use tokio::io::AsyncReadExt as _;
+        if blobs.is_empty() {
+            return Ok(0);
+        }
+        let mut slot = self.blob_conn.lock().await;
+        let c = self.live(&mut slot).await?;
+        let shas: Vec<&[u8]> = blobs.iter().map(|(s, _)| &s.sha256[..]).collect();
+        let have: HashSet<Vec<u8>> = c
+            .client
+            .query(
+                "SELECT sha256 FROM spine_blobs WHERE sha256 = ANY($1)",
+                &[&shas],
+            )
+            .await
+            .map_err(|x| self.err(x))?
+            .iter()
+            .map(|r| r.get::<_, Vec<u8>>(0))
+            .collect();
+        let mut copied = 0;
+        let mut buf = vec![0u8; BLOB_CHUNK];
+        for (s, path) in blobs {
+            if have.contains(&s.sha256[..]) {
+                continue;
+            }
+            let mut f = match tokio::fs::File::open(path).await {
+                Ok(f) => f,
+                Err(x) => {
+                    warn!(blob = %s.hex(), path = %path.display(), "cannot copy a blob to PostgreSQL: {x}");
+                    continue;
+                }
+            };
+            let tx = c.client.transaction().await.map_err(|x| self.err(x))?;
+            let mut n: i32 = 0;
+            loop {
+                let mut filled = 0;
+                while filled < buf.len() {
+                    let k = f
+                        .read(&mut buf[filled..])
+                        .await
+                        .map_err(|x| e(format!("{}: {x}", path.display())))?;
+                    if k == 0 {
+                        break;
+                    }
+                    filled += k;
+                }
+                if filled == 0 && n > 0 {
+                    break;
+                }
+                tx.execute(
+                    "INSERT INTO spine_blob_chunks (sha256, n, data) VALUES ($1, $2, $3) \
+                     ON CONFLICT DO NOTHING",
+                    &[&&s.sha256[..], &n, &&buf[..filled]],
+                )
+                .await
+                .map_err(|x| self.err(x))?;
+                n += 1;
+                if filled < buf.len() {
+                    break;
+                }
+            }
+            let size = i64::try_from(s.size).unwrap_or(i64::MAX);
+            let now = i64::try_from(crate::clock::now_ms()).unwrap_or(i64::MAX);
+            tx.execute(
+                "INSERT INTO spine_blobs (sha256, size, stored_ms) VALUES ($1, $2, $3) \
+                 ON CONFLICT DO NOTHING",
+                &[&&s.sha256[..], &size, &now],
+            )
+            .await
+            .map_err(|x| self.err(x))?;
+            tx.commit().await.map_err(|x| self.err(x))?;
+            copied += s.size;
+        }
+        Ok(copied)
+    }
+
+    /// Copies into `local` the blobs of `want` it lacks, from the database, each checked
+    /// against its size and SHA-256. The bytes copied, and the blobs the database lacks too.
+    pub async fn fetch_blobs(
+        &self,
+        want: &[Stored],
+        local: &crate::blobs::BlobStore,
+    ) -> Result<(u64, Vec<Stored>), StoreError> {
+        use futures::TryStreamExt as _;
+        let mut slot = self.blob_conn.lock().await;
+        let c = self.live(&mut slot).await?;
+        let mut bytes = 0;
+        let mut missing = Vec::new();
+        for s in want {
+            if local.contains(&s.sha256) {
+                continue;
+            }
+            let sha: &[u8] = &s.sha256;
+            let rows = c
+                .client
+                .query_raw(
+                    "SELECT data FROM spine_blob_chunks WHERE sha256 = $1 ORDER BY n",
+                    [sha],
+                )
+                .await
+                .map_err(|x| self.err(x))?;
+            futures::pin_mut!(rows);
+            let blob_err = |x: crate::blobs::BlobError| e(format!("blob {}: {x}", s.hex()));
+            let mut w = local.writer(Some(s.size)).map_err(blob_err)?;
+            let mut any = false;
+            while let Some(row) = rows.try_next().await.map_err(|x| self.err(x))? {
+                let data: &[u8] = row.get(0);
+                w.write(data).await.map_err(blob_err)?;
+                any = true;
+            }
+            if !any {
+                missing.push(*s);
+                continue;
+            }
+            w.finish(Some((s.size, s.sha256))).await.map_err(blob_err)?;
+            bytes += s.size;
+        }
+        Ok((bytes, missing))
     }
 
     /// Who holds the lease row now (on the election's connection).
@@ -530,7 +666,8 @@ pub async fn drop_schema(target: &PgTarget) -> Result<(), StoreError> {
     let r = client
         .batch_execute(
             "DROP TABLE IF EXISTS spine_jobs, spine_inputs, spine_idempotency, spine_agents, \
-             spine_capabilities, spine_audit_outbox, spine_lease, spine_migrations",
+             spine_capabilities, spine_audit_outbox, spine_lease, spine_blobs, \
+             spine_blob_chunks, spine_migrations",
         )
         .await
         .map_err(|x| e(format!("{}: {}", target.name, describe(&x))));
@@ -685,6 +822,7 @@ async fn write(
     }
     let (idem_keys, idem_jobs): (Vec<&[u8]>, Vec<&str>) = idem.into_iter().unzip();
     let deleted: Vec<&str> = b.delete.iter().map(|j| j.as_str()).collect();
+    let dropped: Vec<&[u8]> = b.blob_deletes.iter().map(|s| &s[..]).collect();
     let audited: Vec<&str> = b.audited.iter().map(String::as_str).collect();
     let mut audit: HashMap<&str, &[u8]> = HashMap::new();
     for (job, line) in &b.audit {
@@ -706,6 +844,22 @@ async fn write(
     if !audited.is_empty() {
         steps.push(Box::pin(async {
             tx.execute(&st.delete_audit, &[&audited]).await
+        }));
+    }
+    if !dropped.is_empty() {
+        steps.push(Box::pin(async {
+            tx.execute(
+                "DELETE FROM spine_blob_chunks WHERE sha256 = ANY($1)",
+                &[&dropped],
+            )
+            .await
+        }));
+        steps.push(Box::pin(async {
+            tx.execute(
+                "DELETE FROM spine_blobs WHERE sha256 = ANY($1)",
+                &[&dropped],
+            )
+            .await
         }));
     }
     if !deleted.is_empty() {

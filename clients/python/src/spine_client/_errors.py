@@ -135,7 +135,8 @@ class TooManyStreams(SpineError):
 
 
 class Unavailable(SpineError):
-    """503: the dispatcher is stopping or has no connection left."""
+    """503: the dispatcher is stopping or has no connection left, or (``standby``) it is one
+    of several dispatchers and does not lead: the message names the leader's URL."""
 
 
 class ConnectionFailed(SpineError):
@@ -218,6 +219,7 @@ _BY_CONDITION: Dict[str, Type[SpineError]] = {
     "too-many-streams": TooManyStreams,
     "too-many-connections": Unavailable,
     "unavailable": Unavailable,
+    "standby": Unavailable,
 }
 
 
