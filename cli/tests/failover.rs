@@ -1,7 +1,7 @@
 //! Several `spine dispatcher` processes on one PostgreSQL store (docs/dispatcher.md, "Running
 //! several dispatchers"): three dispatchers, four agents, jobs submitted over HTTP at a steady
-//! rate by a client that moves on to another dispatcher when one refuses (`standby`) or is
-//! gone; the leader is killed with SIGKILL again and again, and once paused (SIGSTOP) past its
+//! rate to each dispatcher in turn (standbys store submissions for the leader) by a client that
+//! moves on to another when one refuses or is gone, and read back from any of them; the leader is killed with SIGKILL again and again, and once paused (SIGSTOP) past its
 //! lease and woken. Every accepted job ends succeeded exactly once with its right output, no
 //! handler runs twice, the paused leader is fenced off, and the failover times are printed.
 //!
@@ -141,9 +141,10 @@ fn expected(n: usize) -> Vec<u8> {
     }
 }
 
-/// Submits job `n` to whichever dispatcher accepts it, starting with the one that accepted the
-/// last; the idempotency key makes a retry after a lost answer the same job. A large job's
-/// input is the raw body (it goes to the blob store).
+/// Submits job `n` to the dispatcher after the one that took the last (the leader or a
+/// standby: both store submissions), moving on when one refuses or does not answer; the
+/// idempotency key makes a retry after a lost answer the same job. A large job's input is the
+/// raw body (it goes to the blob store).
 async fn submit_any(
     api: &reqwest::Client,
     https: &[String],
@@ -184,7 +185,8 @@ async fn submit_any(
             match status {
                 200..=202 => {
                     let v: serde_json::Value = serde_json::from_str(&text).expect("JSON answer");
-                    *start = i;
+                    // The next job goes to the next dispatcher: standbys take submissions.
+                    *start = i + 1;
                     return v["id"].as_str().expect("job id").to_owned();
                 }
                 503 => {
@@ -438,9 +440,11 @@ async fn fail_over(kind: Kind, jobs: usize, kills: usize) {
         );
         let l = leader(&api, &nodes, Duration::from_secs(10)).await;
         let ids: Vec<(String, usize)> = pending.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        for (id, n) in ids {
+        for (k, (id, n)) in ids.into_iter().enumerate() {
+            // Any dispatcher answers: a standby reads the shared store.
+            let reader = &nodes[(l + k) % nodes.len()];
             let Ok(r) = api
-                .get(format!("http://{}/v1/jobs/{id}", nodes[l].http))
+                .get(format!("http://{}/v1/jobs/{id}", reader.http))
                 .bearer_auth(TOKEN)
                 .send()
                 .await
@@ -469,6 +473,17 @@ async fn fail_over(kind: Kind, jobs: usize, kills: usize) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    let taken: usize = nodes
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(&n.log)
+                .unwrap_or_default()
+                .matches("job accepted by a standby: taken")
+                .count()
+        })
+        .sum();
+    println!("{}: {taken} jobs were accepted by a standby", kind.name());
+    assert!(taken > 0, "standbys accepted submissions for the leader");
     let ran = runs.lock().unwrap().clone();
     let distinct: HashSet<&String> = ran.iter().collect();
     assert_eq!(distinct.len(), jobs, "every job ran");

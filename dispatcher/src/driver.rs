@@ -34,7 +34,7 @@ use crate::blobs::BlobStore;
 use crate::config::DispatcherConfig;
 use crate::core::data::DataPlane;
 use crate::core::{
-    ApiReply, ApiToken, Command, Core, Early, JobEvent, Now, Pending, Ready, Restored,
+    ApiReply, ApiRequest, ApiToken, Command, Core, Early, JobEvent, Now, Pending, Ready, Restored,
 };
 use crate::error::DispatcherError;
 use crate::http::Handle;
@@ -155,6 +155,10 @@ struct Elected {
     /// Blobs deleted here (no job holds them), to delete from the shared store with the next
     /// commit.
     blob_deletes: Vec<[u8; 32]>,
+    /// Jobs standbys stored that this leader took, to strike from their table next commit.
+    adopted: Vec<String>,
+    /// Woken when a standby stored a submission ([`crate::store::postgres::PgStore::listen`]).
+    submitted: tokio::sync::mpsc::Receiver<()>,
 }
 
 impl Elected {
@@ -171,11 +175,21 @@ fn holder_of(rx: &watch::Receiver<Leadership>) -> String {
     rx.borrow().holder.clone()
 }
 
-/// The next change of this process's part in the election (never, when it does not take part,
-/// or once the election has ended).
-async fn leadership_changed(elected: &mut Option<Elected>) -> Option<()> {
+/// What woke an elected dispatcher's driver.
+enum Wake {
+    /// Its part in the election changed.
+    Leadership,
+    /// A standby stored a submission (or a second went by: [`crate::store::postgres::PgStore::listen`]).
+    Submitted,
+}
+
+/// The next [`Wake`] (never without an election, or once the election has ended).
+async fn elected_wake(elected: &mut Option<Elected>) -> Option<Wake> {
     match elected {
-        Some(e) => e.rx.changed().await.ok(),
+        Some(e) => tokio::select! {
+            r = e.rx.changed() => r.ok().map(|()| Wake::Leadership),
+            r = e.submitted.recv() => r.map(|()| Wake::Submitted),
+        },
         None => std::future::pending().await,
     }
 }
@@ -329,7 +343,11 @@ async fn run_inner(
         let handle = Handle::new(&cfg, &policy, cmd_tx.clone(), events.clone())
             .with_data(blobs.clone(), key.clone())
             .with_store_health(store.unreachable())
-            .with_leadership(campaign.as_ref().map(|(_, rx)| rx.clone()));
+            .with_leadership(campaign.as_ref().map(|(_, rx)| rx.clone()))
+            .with_shared(match &store {
+                JobStore::Postgres(pg) => Some(pg.clone()),
+                JobStore::Redb(_) => None,
+            });
         if let Ok(addr) = listener.local_addr() {
             let scheme = listener.scheme();
             match cfg.public_url_or_default(addr) {
@@ -364,6 +382,14 @@ async fn run_inner(
                 data_plane: data_plane.clone(),
                 mirrored: HashSet::new(),
                 blob_deletes: Vec::new(),
+                adopted: Vec::new(),
+                submitted: {
+                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    if let JobStore::Postgres(pg) = &store {
+                        pg.listen(tx);
+                    }
+                    rx
+                },
             }),
         ),
         None => (None, None),
@@ -446,7 +472,10 @@ async fn run_inner(
                     }
                 }
             }
-            Some(()) = leadership_changed(&mut d.elected) => d.on_leadership().await?,
+            Some(wake) = elected_wake(&mut d.elected) => match wake {
+                Wake::Leadership => d.on_leadership().await?,
+                Wake::Submitted => d.take_submitted().await,
+            },
             Some(cmd) = cmd_rx.recv() => d.on_command(cmd),
             Some(spine_xmpp::Status::ReconnectFailed { error, auth, .. }) = status_rx.recv() => {
                 if auth {
@@ -510,9 +539,11 @@ impl Driver {
                 // A dropped reply channel means the HTTP client went away: nothing to do.
                 let _ = reply.send(self.core.query(query, now()));
             }
-            // A standby accepts nothing: the HTTP side answers 503 `standby` when the reply
-            // channel closes (a change that reached it as it stopped leading).
-            Command::Change { .. } if !self.core.leads() => {}
+            // A standby accepts submissions (it stores them for the leader) and nothing else:
+            // the HTTP side answers 503 `standby` when the reply channel closes (a change
+            // that reached it as it stopped leading).
+            Command::Change { request, .. }
+                if !self.core.leads() && !matches!(request, ApiRequest::Submit { .. }) => {}
             Command::Change { request, reply } => {
                 self.next_token += 1;
                 let token = self.next_token;
@@ -651,7 +682,7 @@ impl Driver {
             DispatcherError::from(e)
         })?;
         let mut batch = batch.fenced(self.fence());
-        if let (Some(e), Some(_)) = (self.elected.as_mut(), batch.fence.as_ref()) {
+        if let Some(e) = self.elected.as_mut() {
             // The next leader may be on another machine: the blobs these jobs reference go
             // to the shared store first, and blobs deleted here leave it.
             for j in &jobs {
@@ -661,7 +692,13 @@ impl Driver {
                     }
                 }
             }
-            batch.blob_deletes = std::mem::take(&mut e.blob_deletes);
+            if batch.fence.is_some() {
+                batch.blob_deletes = std::mem::take(&mut e.blob_deletes);
+                batch.adopted = std::mem::take(&mut e.adopted);
+            } else {
+                // A standby's jobs are its submissions: the leader takes them from the store.
+                batch.submitted = jobs.iter().map(|j| j.id.to_string()).collect();
+            }
         }
         let done = self.store.commit(batch);
         self.in_flight = Some(InFlight { done, ready });
@@ -670,6 +707,8 @@ impl Driver {
 
     /// What may leave once the changes are stored.
     async fn stored(&mut self, mut ready: Ready) {
+        // A standby's submissions are the leader's now.
+        self.core.hand_over(&ready.persist);
         // The jobs that let these blobs go are forgotten on disk now.
         self.blob_gc.released(std::mem::take(&mut ready.released));
         self.deliver(ready).await;
@@ -696,6 +735,39 @@ impl Driver {
         for ev in ready.events {
             // No receiver is fine.
             let _ = self.events.send(ev);
+        }
+    }
+
+    /// Leading: takes the jobs standbys stored ([`Core::adopt`]), with the blobs they
+    /// reference that this machine lacks; their rows in the store's table of submissions go
+    /// with the next commit. A failure to read is logged and tried again at the next wake-up.
+    async fn take_submitted(&mut self) {
+        let (Some(e), JobStore::Postgres(pg)) = (self.elected.as_mut(), &self.store) else {
+            return;
+        };
+        if e.epoch.is_none() {
+            return;
+        }
+        let records = match pg.submitted().await {
+            Ok(r) if r.is_empty() => return,
+            Ok(r) => r,
+            Err(x) => {
+                warn!("cannot read the jobs standbys stored: {x}");
+                return;
+            }
+        };
+        let mut want: Vec<crate::blobs::Stored> = records.iter().flat_map(|j| j.blobs()).collect();
+        want.sort_unstable_by_key(|s| s.sha256);
+        want.dedup();
+        if let Err(x) = pg.fetch_blobs(&want, &e.blobs).await {
+            warn!("cannot copy the blobs of jobs standbys stored: {x}");
+            return;
+        }
+        e.mirrored.extend(want.iter().map(|s| s.sha256));
+        e.adopted.extend(records.iter().map(|r| r.id.to_string()));
+        self.core.adopt(records, now());
+        if let Err(x) = self.flush().await {
+            warn!("{x}");
         }
     }
 
@@ -807,6 +879,7 @@ impl Driver {
         e.epoch = None;
         e.mirrored.clear();
         e.blob_deletes.clear();
+        e.adopted.clear();
         self.in_flight = None;
         self.lazy_since = None;
         self.waiting.clear();

@@ -350,6 +350,43 @@ impl Core {
         self.place_pending = true;
     }
 
+    /// A standby's submissions are stored (for the leader, which takes them from the store):
+    /// it lets them go.
+    pub(crate) fn hand_over(&mut self, ids: &[JobId]) {
+        if self.leads {
+            return;
+        }
+        for id in ids {
+            if self.jobs.hand_over(id).is_some() {
+                if let Some(key) = self.idempotency_of.remove(id) {
+                    self.idempotency.remove(&key);
+                }
+                self.no_agent_since.remove(id);
+            }
+        }
+    }
+
+    /// The leader takes jobs that standbys accepted and stored; those it holds already (it
+    /// loaded them from the store) are left as they are. They are stored: nothing to commit
+    /// for them until they change. The ids taken.
+    pub(crate) fn adopt(&mut self, records: Vec<JobRecord>, now: Now) -> Vec<JobId> {
+        let new: Vec<JobRecord> = records
+            .into_iter()
+            .filter(|r| self.jobs.get(&r.id).is_none())
+            .collect();
+        let ids: Vec<JobId> = new.iter().map(|r| r.id.clone()).collect();
+        for r in &new {
+            tracing::info!(job = %r.id, capability = %r.spec.capability, "job accepted by a standby: taken");
+            self.stats.submitted(&r.spec.capability);
+        }
+        self.load_jobs(new, now);
+        self.place_pending = true;
+        if std::mem::take(&mut self.place_pending) {
+            self.place(now);
+        }
+        ids
+    }
+
     /// Whether this core leads (places jobs, accepts submissions): always, but for a standby.
     pub(crate) fn leads(&self) -> bool {
         self.leads
@@ -460,8 +497,13 @@ impl Core {
     /// Timers: deadlines, retry backoffs, agents that found no job, pings, retention,
     /// stragglers. Call it at [`Core::next_wake`] (earlier is harmless).
     pub(crate) fn tick(&mut self, now: Now) {
-        self.expire_deadlines(now);
-        self.expire_no_agent(now);
+        // A standby's jobs wait only for their commit, after which the leader has them: their
+        // timers are the leader's.
+        if self.leads {
+            self.expire_deadlines(now);
+            self.expire_no_agent(now);
+            self.release_delayed(now);
+        }
         if self.grace_pending && now.mono.saturating_duration_since(self.started) >= RESUME_GRACE {
             self.grace_pending = false;
             self.place_pending = true;
@@ -470,7 +512,6 @@ impl Core {
             self.retry_at.pop();
             self.place_pending = true;
         }
-        self.release_delayed(now);
         if now.mono >= self.next_housekeeping {
             self.next_housekeeping = now.mono + HOUSEKEEPING;
             // Idle blobs go even when no chunk comes (in deadline order: nothing is scanned).

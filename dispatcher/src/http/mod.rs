@@ -83,6 +83,8 @@ pub(crate) struct Handle {
     store_down: Arc<std::sync::atomic::AtomicBool>,
     /// This dispatcher's part among several (PostgreSQL); None: it always leads.
     leadership: Option<tokio::sync::watch::Receiver<crate::leadership::Leadership>>,
+    /// The store several dispatchers share (PostgreSQL): a standby reads jobs there.
+    shared: Option<Arc<crate::store::postgres::PgStore>>,
 }
 
 impl Handle {
@@ -110,6 +112,7 @@ impl Handle {
             https: cfg.http_tls_cert.is_some(),
             store_down: Arc::default(),
             leadership: None,
+            shared: None,
         }
     }
 
@@ -121,6 +124,21 @@ impl Handle {
     ) -> Self {
         self.leadership = rx;
         self
+    }
+
+    /// With the store several dispatchers share: a standby then stores submissions for the
+    /// leader and reads jobs there.
+    pub(crate) fn with_shared(
+        mut self,
+        store: Option<Arc<crate::store::postgres::PgStore>>,
+    ) -> Self {
+        self.shared = store;
+        self
+    }
+
+    /// The shared store, while this dispatcher stands by (None while it leads, or alone).
+    pub(crate) fn standby_store(&self) -> Option<&Arc<crate::store::postgres::PgStore>> {
+        self.standby().and(self.shared.as_ref())
     }
 
     /// This dispatcher's part, if it takes part in an election.

@@ -40,10 +40,12 @@ use crate::jobs::{Body as JobBody, JobRecord};
 /// Asks the driver for a change (answered once it is stored). While the job store cannot be
 /// reached nothing can be stored: refused at once, to be retried, rather than left waiting.
 pub(super) async fn change(h: &Handle, request: ApiRequest) -> Result<ApiReply, ApiError> {
+    // A standby takes submissions (it stores them for the leader), nothing else.
+    let submission = matches!(request, ApiRequest::Submit { .. }) && h.shared.is_some();
     if h.store_down() {
         return Err(ApiError::store_down());
     }
-    if let Some(e) = h.standby() {
+    if let Some(e) = h.standby().filter(|_| !submission) {
         return Err(e);
     }
     let (reply, rx) = oneshot::channel();
@@ -111,10 +113,6 @@ pub(super) async fn submit(
     uri: axum::http::Uri,
     body: Body,
 ) -> Result<Response, ApiError> {
-    // Refused before the body is read (a raw upload would go to this dispatcher's blobs).
-    if let Some(e) = h.standby() {
-        return Err(e);
-    }
     let content_type = headers
         .get("content-type")
         .and_then(|v| v.to_str().ok())
@@ -182,16 +180,7 @@ pub(super) async fn submit(
         }
         spec.input = JobBody::Stored(data::stored_ref(&h, &hex)?);
     }
-    let request = ApiRequest::Submit {
-        spec: Box::new(spec),
-        wait_for_agent,
-        visible: caller.grant.capabilities.clone(),
-        wait: wait.is_some(),
-    };
-    let ApiReply::Submitted(answer) = change(&h, request).await? else {
-        return Err(mismatch());
-    };
-    let (id, state) = answer?;
+    let (id, state) = submit_one(&h, spec, wait_for_agent, &caller, wait.is_some()).await?;
     let Some(wait) = wait else {
         return Ok((StatusCode::ACCEPTED, Json(Submitted { id, state })).into_response());
     };
@@ -203,6 +192,38 @@ pub(super) async fn submit(
         StatusCode::ACCEPTED
     };
     Ok((status, Json(job)).into_response())
+}
+
+/// One submission, to the core. A standby stores it for the leader (docs/dispatcher.md,
+/// "Running several dispatchers"); an idempotency key the shared store knows already answers
+/// its job there, since a standby holds no job to find it in.
+async fn submit_one(
+    h: &Handle,
+    spec: crate::jobs::JobSpec,
+    wait_for_agent: bool,
+    caller: &Caller,
+    wait: bool,
+) -> Result<(JobId, spine_protocol::JobState), ApiError> {
+    if let (Some(pg), Some(key)) = (h.standby_store(), &spec.idempotency_key) {
+        match pg.idempotent(&spec.submitter, key).await {
+            Ok(Some(rec)) => return Ok((rec.id, rec.state)),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!("a standby could not look an idempotency key up: {e}");
+                return Err(ApiError::store_down());
+            }
+        }
+    }
+    let request = ApiRequest::Submit {
+        spec: Box::new(spec),
+        wait_for_agent,
+        visible: caller.grant.capabilities.clone(),
+        wait,
+    };
+    let ApiReply::Submitted(answer) = change(h, request).await? else {
+        return Err(mismatch());
+    };
+    Ok(answer?)
 }
 
 /// Jobs one `POST /v1/jobs:batch` may submit.
@@ -264,16 +285,7 @@ pub(super) async fn submit_batch(
                 }
                 spec.input = JobBody::Stored(data::stored_ref(h, &hex)?);
             }
-            let request = ApiRequest::Submit {
-                spec: Box::new(spec),
-                wait_for_agent,
-                visible: caller.grant.capabilities.clone(),
-                wait: false,
-            };
-            let ApiReply::Submitted(answer) = change(h, request).await? else {
-                return Err(mismatch());
-            };
-            let (id, state) = answer?;
+            let (id, state) = submit_one(h, spec, wait_for_agent, caller, false).await?;
             Ok::<_, ApiError>(Submitted { id, state })
         }
     };
@@ -385,11 +397,20 @@ pub(super) async fn get_job(
 
 /// The job `id`, or 404.
 pub(super) async fn find_job(h: &Handle, id: &JobId) -> Result<JobRecord, ApiError> {
-    let Answer::Job(job) = read(h, Lookup::Get { id: id.clone() }).await? else {
-        return Err(mismatch());
+    let job = match h.standby_store() {
+        // A standby holds no job: it reads the shared store, as of the leader's last commit.
+        Some(pg) => pg.job(id.as_str()).await.map_err(|e| {
+            tracing::warn!("a standby could not read a job: {e}");
+            ApiError::store_down()
+        })?,
+        None => {
+            let Answer::Job(job) = read(h, Lookup::Get { id: id.clone() }).await? else {
+                return Err(mismatch());
+            };
+            job.map(|j| *j)
+        }
     };
-    job.map(|j| *j)
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown-job", format!("no job {id}")))
+    job.ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown-job", format!("no job {id}")))
 }
 
 #[utoipa::path(

@@ -115,6 +115,9 @@ pub(super) fn parse_wait(text: &str, request_timeout: Duration) -> Result<Durati
     Ok(wait)
 }
 
+/// How often a standby looks at a job a caller waits for.
+const STANDBY_POLL: Duration = Duration::from_millis(50);
+
 /// Waits up to `wait` for job `id` to end: its final JSON, or `None` when the wait is over
 /// first. `current` reads the job as it is now (`Some` JSON when it has ended).
 pub(super) async fn until_final<F, Fut>(
@@ -128,6 +131,19 @@ where
     Fut: std::future::Future<Output = Result<Option<Value>, ApiError>>,
 {
     let deadline = tokio::time::Instant::now() + wait;
+    // A standby hears no job events: it looks at the shared store every 50 ms.
+    if h.standby_store().is_some() {
+        loop {
+            if let Some(done) = current().await? {
+                return Ok(Some(done));
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Ok(None);
+            }
+            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + STANDBY_POLL))
+                .await;
+        }
+    }
     loop {
         let woken = h.waiters.register(id, &h.events);
         if let Some(done) = current().await? {

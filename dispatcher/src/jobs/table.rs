@@ -92,6 +92,11 @@ impl JobTable {
         self.index.add(&id, &keys);
     }
 
+    /// Lets a job go that another holds now (a standby's submission, stored for the leader).
+    pub fn hand_over(&mut self, id: &JobId) -> Option<JobRecord> {
+        self.take(id)
+    }
+
     /// Removes a record and its index entries.
     fn take(&mut self, id: &JobId) -> Option<JobRecord> {
         let rec = self.jobs.remove(id)?;

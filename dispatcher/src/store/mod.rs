@@ -391,6 +391,11 @@ pub struct OwnedBatch {
     /// Blobs deleted from this dispatcher's store (no job holds them), to delete from the
     /// shared store too.
     pub blob_deletes: Vec<[u8; 32]>,
+    /// Jobs a standby accepted in this batch, for the leader to take (PostgreSQL: the
+    /// `spine_submitted` table and channel).
+    pub submitted: Vec<String>,
+    /// Jobs standbys accepted that the leader took into its table.
+    pub adopted: Vec<String>,
 }
 
 /// The lease a leader's commit is conditional on ([`OwnedBatch::fence`]).
@@ -425,6 +430,8 @@ impl OwnedBatch {
             fence: None,
             blobs: Vec::new(),
             blob_deletes: Vec::new(),
+            submitted: Vec::new(),
+            adopted: Vec::new(),
         })
     }
 
@@ -438,6 +445,8 @@ impl OwnedBatch {
             && self.capabilities.is_empty()
             && self.blobs.is_empty()
             && self.blob_deletes.is_empty()
+            && self.submitted.is_empty()
+            && self.adopted.is_empty()
     }
 }
 

@@ -45,7 +45,15 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../migrations/0003_leader_contact.sql"),
     ),
     (4, "blobs", include_str!("../../migrations/0004_blobs.sql")),
+    (
+        5,
+        "submitted",
+        include_str!("../../migrations/0005_submitted.sql"),
+    ),
 ];
+
+/// The channel a standby notifies when it stored a submission for the leader.
+const SUBMITTED: &str = "spine_submitted";
 
 /// Bytes of a blob per row of `spine_blob_chunks`.
 const BLOB_CHUNK: usize = 1 << 20;
@@ -354,8 +362,13 @@ impl PgStore {
         loop {
             let attempt = match self.live(&mut slot).await {
                 Ok(c) => match write(c, b, fence.as_ref()).await {
-                    Ok(true) => Ok(()),
-                    Ok(false) => {
+                    Ok(Written::Stored) => Ok(()),
+                    Ok(Written::KeyTaken) => {
+                        return Err(e(
+                            "an idempotency key of this batch names another job, which another dispatcher accepted meanwhile; nothing of this commit was stored",
+                        ));
+                    }
+                    Ok(Written::Deposed) => {
                         let (holder, epoch) = fence.clone().unwrap_or_default();
                         return Err(e(format!(
                             "{DEPOSED}: the lease is no longer {holder}'s at epoch {epoch}; nothing of this commit was stored"
@@ -441,6 +454,108 @@ impl PgStore {
             (Ask::Release { .. }, Some(_)) => Answer::Released,
             (_, None) => Answer::Lost,
         }
+    }
+
+    /// A stored job, with its input (a standby's answer to a status request).
+    pub async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
+        self.jobs_where("j.id = $1", &[&id])
+            .await
+            .map(|mut v| v.pop())
+    }
+
+    /// The job an idempotency key of a submitter created, if it is stored.
+    pub async fn idempotent(
+        &self,
+        submitter: &str,
+        key: &str,
+    ) -> Result<Option<JobRecord>, StoreError> {
+        let k = format!("{submitter}\u{0}{key}").into_bytes();
+        self.jobs_where(
+            "j.id = (SELECT job FROM spine_idempotency WHERE key = $1)",
+            &[&k],
+        )
+        .await
+        .map(|mut v| v.pop())
+    }
+
+    /// The jobs standbys accepted that the leader has not taken yet ([`OwnedBatch::adopted`]).
+    pub async fn submitted(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.jobs_where("j.id IN (SELECT id FROM spine_submitted)", &[])
+            .await
+    }
+
+    async fn jobs_where(
+        &self,
+        cond: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<JobRecord>, StoreError> {
+        let mut slot = self.conn.lock().await;
+        let c = self.live(&mut slot).await?;
+        let rows = c
+            .client
+            .query(
+                &format!(
+                    "SELECT j.id, j.record, i.input FROM spine_jobs j \
+                     LEFT JOIN spine_inputs i ON i.id = j.id WHERE {cond}"
+                ),
+                params,
+            )
+            .await
+            .map_err(|x| self.err(x))?;
+        rows.iter()
+            .map(|row| decode_job(row.get(0), row.get(1), row.get(2)))
+            .collect()
+    }
+
+    /// Wakes `tx` whenever a standby stored a submission (the `spine_submitted` channel), on
+    /// a connection of its own, made again when lost; also once a second and after each
+    /// reconnection, so a notification lost with a connection delays a job by a second at
+    /// most.
+    pub fn listen(self: &Arc<Self>, tx: tokio::sync::mpsc::Sender<()>) {
+        let weak = Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                let Some(store) = weak.upgrade() else { return };
+                let conn = store.target.config.connect(store.tls.clone()).await;
+                drop(store);
+                let (client, mut connection) = match conn {
+                    Ok(c) => c,
+                    Err(_) => {
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                        continue;
+                    }
+                };
+                let (ntx, mut nrx) = tokio::sync::mpsc::unbounded_channel();
+                let driver = tokio::spawn(async move {
+                    let mut messages =
+                        futures::stream::poll_fn(move |cx| connection.poll_message(cx));
+                    while let Some(Ok(m)) = futures::StreamExt::next(&mut messages).await {
+                        if let tokio_postgres::AsyncMessage::Notification(_) = m {
+                            let _ = ntx.send(());
+                        }
+                    }
+                });
+                if client
+                    .batch_execute(&format!("LISTEN {SUBMITTED}"))
+                    .await
+                    .is_ok()
+                {
+                    let _ = tx.try_send(());
+                    loop {
+                        tokio::select! {
+                            n = nrx.recv() => if n.is_none() { break },
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                        if tx.is_closed() {
+                            return;
+                        }
+                        let _ = tx.try_send(());
+                    }
+                }
+                driver.abort();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        });
     }
 
     /// Copies blobs into the database (`spine_blobs`, `spine_blob_chunks`) unless it has them,
@@ -667,7 +782,7 @@ pub async fn drop_schema(target: &PgTarget) -> Result<(), StoreError> {
         .batch_execute(
             "DROP TABLE IF EXISTS spine_jobs, spine_inputs, spine_idempotency, spine_agents, \
              spine_capabilities, spine_audit_outbox, spine_lease, spine_blobs, \
-             spine_blob_chunks, spine_migrations",
+             spine_blob_chunks, spine_submitted, spine_migrations",
         )
         .await
         .map_err(|x| e(format!("{}: {}", target.name, describe(&x))));
@@ -741,7 +856,8 @@ async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
         upsert_idempotency: c
             .prepare(
                 "INSERT INTO spine_idempotency (key, job) SELECT * FROM UNNEST($1::bytea[], $2::text[]) \
-                 ON CONFLICT (key) DO UPDATE SET job = EXCLUDED.job",
+                 ON CONFLICT (key) DO UPDATE SET job = EXCLUDED.job \
+                 WHERE spine_idempotency.job = EXCLUDED.job",
             )
             .await?,
         delete_idempotency_of: c
@@ -798,7 +914,7 @@ async fn write(
     c: &mut Conn,
     b: &OwnedBatch,
     fence: Option<&(String, i64)>,
-) -> Result<bool, tokio_postgres::Error> {
+) -> Result<Written, tokio_postgres::Error> {
     let st = &c.st;
     let tx = c.client.transaction().await?;
     let ids: Vec<&str> = b.jobs.iter().map(|j| j.id.as_str()).collect();
@@ -823,6 +939,9 @@ async fn write(
     let (idem_keys, idem_jobs): (Vec<&[u8]>, Vec<&str>) = idem.into_iter().unzip();
     let deleted: Vec<&str> = b.delete.iter().map(|j| j.as_str()).collect();
     let dropped: Vec<&[u8]> = b.blob_deletes.iter().map(|s| &s[..]).collect();
+    let now = i64::try_from(crate::clock::now_ms()).unwrap_or(i64::MAX);
+    let submitted: Vec<&str> = b.submitted.iter().map(String::as_str).collect();
+    let adopted: Vec<&str> = b.adopted.iter().map(String::as_str).collect();
     let audited: Vec<&str> = b.audited.iter().map(String::as_str).collect();
     let mut audit: HashMap<&str, &[u8]> = HashMap::new();
     for (job, line) in &b.audit {
@@ -888,10 +1007,35 @@ async fn write(
             tx.execute(&st.insert_inputs, &[&with_input, &inputs]).await
         }));
     }
+    // A key is written again with each change of its job; one that names another job (a
+    // standby accepted the same key meanwhile) is not overwritten, and fails the batch.
+    let idem_step = (!idem_keys.is_empty()).then_some(steps.len());
     if !idem_keys.is_empty() {
         steps.push(Box::pin(async {
             tx.execute(&st.upsert_idempotency, &[&idem_keys, &idem_jobs])
                 .await
+        }));
+    }
+    if !submitted.is_empty() {
+        steps.push(Box::pin(async {
+            tx.execute(
+                "INSERT INTO spine_submitted (id, at_ms) SELECT id, $2 FROM UNNEST($1::text[]) AS id \
+                 ON CONFLICT DO NOTHING",
+                &[&submitted, &now],
+            )
+            .await
+        }));
+        steps.push(Box::pin(async {
+            tx.execute("SELECT pg_notify($1, '')", &[&SUBMITTED]).await
+        }));
+    }
+    if !adopted.is_empty() {
+        steps.push(Box::pin(async {
+            tx.execute(
+                "DELETE FROM spine_submitted WHERE id = ANY($1)",
+                &[&adopted],
+            )
+            .await
         }));
     }
     if !audit_jobs.is_empty() {
@@ -911,12 +1055,25 @@ async fn write(
         }));
     }
     let done = futures::future::try_join_all(steps).await?;
+    // Dropping the transaction rolls every write of it back.
     if fence.is_some() && done.first() != Some(&1) {
-        // Deposed: dropping the transaction rolls every write of it back.
-        return Ok(false);
+        return Ok(Written::Deposed);
+    }
+    if idem_step.is_some_and(|i| done.get(i) != Some(&(idem_keys.len() as u64))) {
+        return Ok(Written::KeyTaken);
     }
     tx.commit().await?;
-    Ok(true)
+    Ok(Written::Stored)
+}
+
+/// How a batch's transaction ended.
+enum Written {
+    Stored,
+    /// The lease names another holder or epoch: nothing stored.
+    Deposed,
+    /// An idempotency key of the batch names another job (accepted by a standby meanwhile):
+    /// nothing stored.
+    KeyTaken,
 }
 
 /// Applies the migrations the database lacks, under an advisory lock.
