@@ -246,6 +246,10 @@ enum Scenario {
         /// directory].
         #[arg(long)]
         store: Option<String>,
+        /// Dispatchers sharing the --store (PostgreSQL): one leads, the others stand by, and
+        /// the jobs are submitted to each in turn (standbys store them for the leader).
+        #[arg(long, default_value_t = 1)]
+        dispatchers: usize,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -412,6 +416,7 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             dir,
             against,
             store,
+            dispatchers,
             json,
         } => {
             for (flag, n) in [
@@ -419,6 +424,7 @@ pub fn run(a: BenchArgs) -> Result<bool> {
                 ("--jobs", jobs),
                 ("--window", window),
                 ("--runs", runs),
+                ("--dispatchers", dispatchers),
             ] {
                 if n == 0 {
                     anyhow::bail!("{flag} must be at least 1 (it was 0)");
@@ -426,6 +432,12 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             }
             if window > 1000 {
                 anyhow::bail!("--window must be at most 1000 (each job in flight holds a connection and an agent slot)");
+            }
+            if dispatchers > 1 && store.is_none() {
+                anyhow::bail!("--dispatchers {dispatchers} needs --store: several dispatchers share a PostgreSQL store");
+            }
+            if dispatchers > 9 {
+                anyhow::bail!("--dispatchers must be at most 9");
             }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let r = rt.block_on(cost::run(cost::Options {
@@ -436,6 +448,7 @@ pub fn run(a: BenchArgs) -> Result<bool> {
                 dir,
                 against,
                 store,
+                dispatchers,
             }))?;
             write_json(json, &r)?;
             Ok(true)

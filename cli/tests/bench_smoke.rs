@@ -411,6 +411,41 @@ fn cost_runs_small_on_postgres() {
     assert_eq!(rows, "610", "{stdout}");
 }
 
+/// `--dispatchers 3`: three dispatchers on the store, the jobs submitted to each in turn; the
+/// standbys' submissions reach the leader (every job a row, all succeeded, none left for it
+/// to take).
+#[test]
+fn cost_runs_small_on_three_dispatchers() {
+    let Some(pg) = spine_integration::postgres::Postgres::start_or_skip() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, r) = bench(&[
+        "cost",
+        "--runs",
+        "1",
+        "--jobs",
+        "60",
+        "--seq-jobs",
+        "9",
+        "--window",
+        "4",
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--store",
+        &pg.url(),
+        "--dispatchers",
+        "3",
+    ]);
+    assert!(r["medians"]["jobs_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    let rows = pg.psql("spine", "SELECT count(*) FROM spine_jobs").unwrap();
+    assert_eq!(rows, "569", "{stdout}");
+    let waiting = pg
+        .psql("spine", "SELECT count(*) FROM spine_submitted")
+        .unwrap();
+    assert_eq!(waiting, "0", "the leader took every standby's job");
+}
+
 #[test]
 fn cost_runs_small_against_itself() {
     let store = tempfile::tempdir().unwrap();

@@ -306,6 +306,8 @@ async fn run_inner(
     } else {
         info!(jid = %conn.jid(), jobs = held, unfinished, store = %store.describe(), "dispatcher connected");
     }
+    // Ids of jobs the leader announces ended, for the callers a standby has waiting.
+    let ended = elected.then(|| broadcast::channel::<String>(4096).0);
     let campaign = match &store {
         JobStore::Postgres(pg) => {
             let holder = format!("{}#{:016x}", conn.jid(), rand::rng().random::<u64>());
@@ -344,10 +346,13 @@ async fn run_inner(
             .with_data(blobs.clone(), key.clone())
             .with_store_health(store.unreachable())
             .with_leadership(campaign.as_ref().map(|(_, rx)| rx.clone()))
-            .with_shared(match &store {
-                JobStore::Postgres(pg) => Some(pg.clone()),
-                JobStore::Redb(_) => None,
-            });
+            .with_shared(
+                match &store {
+                    JobStore::Postgres(pg) => Some(pg.clone()),
+                    JobStore::Redb(_) => None,
+                },
+                ended.clone(),
+            );
         if let Ok(addr) = listener.local_addr() {
             let scheme = listener.scheme();
             match cfg.public_url_or_default(addr) {
@@ -385,8 +390,8 @@ async fn run_inner(
                 adopted: Vec::new(),
                 submitted: {
                     let (tx, rx) = tokio::sync::mpsc::channel(1);
-                    if let JobStore::Postgres(pg) = &store {
-                        pg.listen(tx);
+                    if let (JobStore::Postgres(pg), Some(ended)) = (&store, &ended) {
+                        pg.listen(tx, ended.clone());
                     }
                     rx
                 },
@@ -695,6 +700,12 @@ impl Driver {
             if batch.fence.is_some() {
                 batch.blob_deletes = std::mem::take(&mut e.blob_deletes);
                 batch.adopted = std::mem::take(&mut e.adopted);
+                // Callers waiting at standbys hear of these once they are stored.
+                batch.ended = jobs
+                    .iter()
+                    .filter(|j| j.state.is_final())
+                    .map(|j| j.id.to_string())
+                    .collect();
             } else {
                 // A standby's jobs are its submissions: the leader takes them from the store.
                 batch.submitted = jobs.iter().map(|j| j.id.to_string()).collect();

@@ -47,6 +47,8 @@ pub(super) struct Options {
     pub(super) against: Option<PathBuf>,
     /// A scratch PostgreSQL database for the job store (emptied before each run).
     pub(super) store: Option<String>,
+    /// Dispatchers sharing `store`; jobs go to each in turn.
+    pub(super) dispatchers: usize,
 }
 
 /// The figures of one run: a flat object, the JSON both sides of `--against` read and write
@@ -307,6 +309,7 @@ async fn one_run(o: &Options, parent: &Path) -> Result<Figures> {
         agents: 1,
         slots: o.window as u64,
         capability: NOOP,
+        dispatchers: o.dispatchers,
     };
     let window = o.window;
     if let Some(url) = &o.store {
@@ -338,7 +341,11 @@ async fn measure(farm: &mut procs::ProcFarm, o: &Options, dir: &Path) -> Result<
         .tcp_nodelay(true)
         .build()
         .context("building the HTTP client")?;
-    let url = format!("http://{}{SUBMIT}", farm.http);
+    let urls: Vec<String> = farm
+        .https
+        .iter()
+        .map(|h| format!("http://{h}{SUBMIT}"))
+        .collect();
     let pids: Vec<(String, Option<u32>)> = farm.children.pids();
     let pid_of = |name: &str| -> Result<String> {
         pids.iter()
@@ -352,20 +359,33 @@ async fn measure(farm: &mut procs::ProcFarm, o: &Options, dir: &Path) -> Result<
         .map(|p| pid_of(p))
         .chain([Ok("self".to_owned())])
         .collect::<Result<_>>()?;
+    // The other dispatchers count as the dispatcher.
+    let more: Vec<String> = (2..=o.dispatchers)
+        .map(|k| pid_of(&format!("dispatcher{k}")))
+        .collect::<Result<_>>()?;
     let tick = clock_tick()?;
-    let cpu = || -> Result<Vec<f64>> { parts.iter().map(|p| cpu_seconds(p, tick)).collect() };
+    let cpu = || -> Result<Vec<f64>> {
+        let mut v: Vec<f64> = parts
+            .iter()
+            .map(|p| cpu_seconds(p, tick))
+            .collect::<Result<_>>()?;
+        for p in &more {
+            v[1] += cpu_seconds(p, tick)?;
+        }
+        Ok(v)
+    };
 
-    jobs(&http, &url, WARM_UP, o.window).await?;
+    jobs(&http, &urls, WARM_UP, o.window).await?;
     farm.children.check_alive()?;
 
     let before = cpu()?;
-    let mut seq = jobs(&http, &url, o.seq_jobs, 1).await?;
+    let mut seq = jobs(&http, &urls, o.seq_jobs, 1).await?;
     let seq_cpu = per_job(&before, &cpu()?, o.seq_jobs);
     farm.children.check_alive()?;
 
     let before = cpu()?;
     let t = Instant::now();
-    let mut par = jobs(&http, &url, o.jobs, o.window).await?;
+    let mut par = jobs(&http, &urls, o.jobs, o.window).await?;
     let took = t.elapsed().as_secs_f64();
     let par_cpu = per_job(&before, &cpu()?, o.jobs);
     farm.children.check_alive()?;
@@ -413,10 +433,16 @@ fn percentile(v: &[f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
-/// `n` no-op jobs, `window` at a time, each one request; the latency of each in ms.
-async fn jobs(http: &reqwest::Client, url: &str, n: usize, window: usize) -> Result<Vec<f64>> {
+/// `n` no-op jobs, `window` at a time, each one request, to each of `urls` in turn; the
+/// latency of each in ms.
+async fn jobs(
+    http: &reqwest::Client,
+    urls: &[String],
+    n: usize,
+    window: usize,
+) -> Result<Vec<f64>> {
     futures::stream::iter(0..n)
-        .map(|_| job(http, url))
+        .map(|i| job(http, &urls[i % urls.len()]))
         .buffer_unordered(window)
         .try_collect()
         .await

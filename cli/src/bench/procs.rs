@@ -150,6 +150,10 @@ pub(super) struct Plan<'a> {
     pub(super) slots: u64,
     /// The start is over when every agent offers this capability.
     pub(super) capability: &'a str,
+    /// `spine dispatcher` processes (`dispatcher`, `dispatcher2`, …): more than one share a
+    /// PostgreSQL store (the configuration's `store`), each with its own resource, port and
+    /// data directory.
+    pub(super) dispatchers: usize,
 }
 
 /// A running child-process farm.
@@ -158,8 +162,8 @@ pub(super) struct ProcFarm {
     pub(super) children: Children,
     /// A client of the dispatcher's HTTP API (the loopback caller, no token).
     pub(super) api: spine_client::Client,
-    /// The dispatcher's HTTP API.
-    pub(super) http: SocketAddr,
+    /// Every dispatcher's HTTP API, the first's first.
+    pub(super) https: Vec<SocketAddr>,
     /// The dispatcher's data directory (job store, blob store).
     pub(super) data: PathBuf,
 }
@@ -186,6 +190,19 @@ pub(super) async fn start(
     )?;
     let dispatcher_toml = configs.join("dispatcher.toml");
     write_config(&dispatcher_toml, toml::to_string_pretty(&dcfg))?;
+    let mut https = vec![http];
+    let mut more = Vec::new();
+    for k in 2..=plan.dispatchers {
+        let mut c = dcfg.clone();
+        let h = free_loopback()?;
+        c.jid = format!("dispatcher@localhost/up{k}");
+        c.http_listen = Some(h);
+        c.data_dir = dir.join(format!("dispatcher{k}"));
+        let path = configs.join(format!("dispatcher{k}.toml"));
+        write_config(&path, toml::to_string_pretty(&c))?;
+        https.push(h);
+        more.push((format!("dispatcher{k}"), path, h));
+    }
     let mut agent_tomls = Vec::new();
     for i in 1..=plan.agents {
         let path = configs.join(format!("agent{i}.toml"));
@@ -211,6 +228,17 @@ pub(super) async fn start(
                 .is_ok_and(|r| r.status().is_success())
         })
         .await?;
+        for (name, path, h) in &more {
+            children.spawn(name, &["dispatcher"], path)?;
+            let api = spine_client::Client::new(&format!("http://{h}"), None)?;
+            wait_until(&mut children, "another dispatcher's HTTP API", || async {
+                api.request(reqwest::Method::GET, "/healthz")
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            })
+            .await?;
+        }
         for (i, path) in agent_tomls.iter().enumerate() {
             children.spawn(&format!("agent{}", i + 1), &["agent", "--builtin"], path)?;
         }
@@ -222,7 +250,7 @@ pub(super) async fn start(
         Ok(()) => Ok(ProcFarm {
             children,
             api,
-            http,
+            https,
             data,
         }),
         Err(e) => {

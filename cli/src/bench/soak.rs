@@ -63,6 +63,7 @@ pub(super) async fn run(mix: Mix) -> Result<(Value, bool)> {
         agents: AGENTS,
         slots: mix.callers.div_ceil(AGENTS) as u64,
         capability: LARGE,
+        dispatchers: 1,
     };
     let mut farm = procs::start(dir.path(), plan, |dcfg| {
         dcfg.retention = mix.retention;

@@ -85,6 +85,8 @@ pub(crate) struct Handle {
     leadership: Option<tokio::sync::watch::Receiver<crate::leadership::Leadership>>,
     /// The store several dispatchers share (PostgreSQL): a standby reads jobs there.
     shared: Option<Arc<crate::store::postgres::PgStore>>,
+    /// Ids of jobs the leader announced ended (a standby's waiting callers look again).
+    pub(crate) ended: Option<broadcast::Sender<String>>,
 }
 
 impl Handle {
@@ -113,6 +115,7 @@ impl Handle {
             store_down: Arc::default(),
             leadership: None,
             shared: None,
+            ended: None,
         }
     }
 
@@ -131,8 +134,10 @@ impl Handle {
     pub(crate) fn with_shared(
         mut self,
         store: Option<Arc<crate::store::postgres::PgStore>>,
+        ended: Option<broadcast::Sender<String>>,
     ) -> Self {
         self.shared = store;
+        self.ended = ended;
         self
     }
 

@@ -115,8 +115,8 @@ pub(super) fn parse_wait(text: &str, request_timeout: Duration) -> Result<Durati
     Ok(wait)
 }
 
-/// How often a standby looks at a job a caller waits for.
-const STANDBY_POLL: Duration = Duration::from_millis(50);
+/// How often a standby looks at a job a caller waits for, whatever it hears.
+const STANDBY_POLL: Duration = Duration::from_secs(1);
 
 /// Waits up to `wait` for job `id` to end: its final JSON, or `None` when the wait is over
 /// first. `current` reads the job as it is now (`Some` JSON when it has ended).
@@ -131,17 +131,37 @@ where
     Fut: std::future::Future<Output = Result<Option<Value>, ApiError>>,
 {
     let deadline = tokio::time::Instant::now() + wait;
-    // A standby hears no job events: it looks at the shared store every 50 ms.
+    // A standby holds no job: it reads the shared store again when the leader announces the
+    // job ended (PostgreSQL's `spine_ended`), and at least every STANDBY_POLL.
     if h.standby_store().is_some() {
+        let mut ended = h.ended.as_ref().map(broadcast::Sender::subscribe);
         loop {
             if let Some(done) = current().await? {
                 return Ok(Some(done));
             }
-            if tokio::time::Instant::now() >= deadline {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 return Ok(None);
             }
-            tokio::time::sleep_until(deadline.min(tokio::time::Instant::now() + STANDBY_POLL))
-                .await;
+            let nap = deadline.min(now + STANDBY_POLL);
+            match ended.as_mut() {
+                Some(rx) => {
+                    let announced = async {
+                        loop {
+                            match rx.recv().await {
+                                Ok(j) if j == id.as_str() => return,
+                                Ok(_) => {}
+                                Err(broadcast::error::RecvError::Lagged(_)) => return,
+                                Err(broadcast::error::RecvError::Closed) => {
+                                    std::future::pending::<()>().await
+                                }
+                            }
+                        }
+                    };
+                    let _ = tokio::time::timeout_at(nap, announced).await;
+                }
+                None => tokio::time::sleep_until(nap).await,
+            }
         }
     }
     loop {

@@ -396,6 +396,9 @@ pub struct OwnedBatch {
     pub submitted: Vec<String>,
     /// Jobs standbys accepted that the leader took into its table.
     pub adopted: Vec<String>,
+    /// Jobs that ended in this batch, announced to the other dispatchers once it is stored
+    /// (PostgreSQL: the `spine_ended` channel), whose callers may wait for them.
+    pub ended: Vec<String>,
 }
 
 /// The lease a leader's commit is conditional on ([`OwnedBatch::fence`]).
@@ -432,6 +435,7 @@ impl OwnedBatch {
             blob_deletes: Vec::new(),
             submitted: Vec::new(),
             adopted: Vec::new(),
+            ended: Vec::new(),
         })
     }
 

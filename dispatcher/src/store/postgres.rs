@@ -54,6 +54,10 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
 
 /// The channel a standby notifies when it stored a submission for the leader.
 const SUBMITTED: &str = "spine_submitted";
+/// The channel the leader notifies with the ids of jobs that ended (comma-separated).
+const ENDED: &str = "spine_ended";
+/// Job ids per notification of [`ENDED`] (a payload holds under 8000 bytes).
+const ENDED_PER_NOTIFY: usize = 150;
 
 /// Bytes of a blob per row of `spine_blob_chunks`.
 const BLOB_CHUNK: usize = 1 << 20;
@@ -510,8 +514,13 @@ impl PgStore {
     /// Wakes `tx` whenever a standby stored a submission (the `spine_submitted` channel), on
     /// a connection of its own, made again when lost; also once a second and after each
     /// reconnection, so a notification lost with a connection delays a job by a second at
-    /// most.
-    pub fn listen(self: &Arc<Self>, tx: tokio::sync::mpsc::Sender<()>) {
+    /// most. Sends on `ended` the id of each job the leader announces ended (`spine_ended`),
+    /// for the callers a standby has waiting.
+    pub fn listen(
+        self: &Arc<Self>,
+        tx: tokio::sync::mpsc::Sender<()>,
+        ended: tokio::sync::broadcast::Sender<String>,
+    ) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
             loop {
@@ -526,17 +535,25 @@ impl PgStore {
                     }
                 };
                 let (ntx, mut nrx) = tokio::sync::mpsc::unbounded_channel();
+                let ended = ended.clone();
                 let driver = tokio::spawn(async move {
                     let mut messages =
                         futures::stream::poll_fn(move |cx| connection.poll_message(cx));
                     while let Some(Ok(m)) = futures::StreamExt::next(&mut messages).await {
-                        if let tokio_postgres::AsyncMessage::Notification(_) = m {
-                            let _ = ntx.send(());
+                        if let tokio_postgres::AsyncMessage::Notification(n) = m {
+                            if n.channel() == ENDED {
+                                for id in n.payload().split(',') {
+                                    // No standby waiting is fine.
+                                    let _ = ended.send(id.to_owned());
+                                }
+                            } else {
+                                let _ = ntx.send(());
+                            }
                         }
                     }
                 });
                 if client
-                    .batch_execute(&format!("LISTEN {SUBMITTED}"))
+                    .batch_execute(&format!("LISTEN {SUBMITTED}; LISTEN {ENDED}"))
                     .await
                     .is_ok()
                 {
@@ -942,6 +959,11 @@ async fn write(
     let now = i64::try_from(crate::clock::now_ms()).unwrap_or(i64::MAX);
     let submitted: Vec<&str> = b.submitted.iter().map(String::as_str).collect();
     let adopted: Vec<&str> = b.adopted.iter().map(String::as_str).collect();
+    let ended: Vec<String> = b
+        .ended
+        .chunks(ENDED_PER_NOTIFY)
+        .map(|c| c.join(","))
+        .collect();
     let audited: Vec<&str> = b.audited.iter().map(String::as_str).collect();
     let mut audit: HashMap<&str, &[u8]> = HashMap::new();
     for (job, line) in &b.audit {
@@ -1036,6 +1058,13 @@ async fn write(
                 &[&adopted],
             )
             .await
+        }));
+    }
+    for payload in &ended {
+        let tx = &tx;
+        steps.push(Box::pin(async move {
+            tx.execute("SELECT pg_notify($1, $2)", &[&ENDED, payload])
+                .await
         }));
     }
     if !audit_jobs.is_empty() {
