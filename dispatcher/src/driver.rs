@@ -159,6 +159,10 @@ struct Elected {
     adopted: Vec<String>,
     /// Woken when a standby stored a submission ([`crate::store::postgres::PgStore::listen`]).
     submitted: tokio::sync::mpsc::Receiver<()>,
+    /// The read of the standbys' submissions under way, and whether a wake-up came since it
+    /// started (another read follows).
+    reading: Option<Reading>,
+    read_again: bool,
 }
 
 impl Elected {
@@ -181,14 +185,30 @@ enum Wake {
     Leadership,
     /// A standby stored a submission (or a second went by: [`crate::store::postgres::PgStore::listen`]).
     Submitted,
+    /// The read of the standbys' submissions ended.
+    Read(Result<Vec<JobRecord>, String>),
 }
+
+/// The read of the standbys' submissions, with the blobs they reference: on a task of its own,
+/// so the driver goes on meanwhile.
+type Reading = tokio::task::JoinHandle<Result<Vec<JobRecord>, String>>;
 
 /// The next [`Wake`] (never without an election, or once the election has ended).
 async fn elected_wake(elected: &mut Option<Elected>) -> Option<Wake> {
+    async fn read_end(r: &mut Option<Reading>) -> Result<Vec<JobRecord>, String> {
+        match r {
+            Some(h) => h.await.unwrap_or_else(|e| Err(e.to_string())),
+            None => std::future::pending().await,
+        }
+    }
     match elected {
         Some(e) => tokio::select! {
             r = e.rx.changed() => r.ok().map(|()| Wake::Leadership),
             r = e.submitted.recv() => r.map(|()| Wake::Submitted),
+            r = read_end(&mut e.reading) => {
+                e.reading = None;
+                Some(Wake::Read(r))
+            }
         },
         None => std::future::pending().await,
     }
@@ -388,6 +408,8 @@ async fn run_inner(
                 mirrored: HashSet::new(),
                 blob_deletes: Vec::new(),
                 adopted: Vec::new(),
+                reading: None,
+                read_again: false,
                 submitted: {
                     let (tx, rx) = tokio::sync::mpsc::channel(1);
                     if let (JobStore::Postgres(pg), Some(ended)) = (&store, &ended) {
@@ -479,7 +501,8 @@ async fn run_inner(
             }
             Some(wake) = elected_wake(&mut d.elected) => match wake {
                 Wake::Leadership => d.on_leadership().await?,
-                Wake::Submitted => d.take_submitted().await,
+                Wake::Submitted => d.read_submitted(),
+                Wake::Read(r) => d.take_submitted(r).await,
             },
             Some(cmd) = cmd_rx.recv() => d.on_command(cmd),
             Some(spine_xmpp::Status::ReconnectFailed { error, auth, .. }) = status_rx.recv() => {
@@ -749,32 +772,60 @@ impl Driver {
         }
     }
 
-    /// Leading: takes the jobs standbys stored ([`Core::adopt`]), with the blobs they
-    /// reference that this machine lacks; their rows in the store's table of submissions go
-    /// with the next commit. A failure to read is logged and tried again at the next wake-up.
-    async fn take_submitted(&mut self) {
+    /// Leading: reads the jobs standbys stored, with the blobs they reference that this
+    /// machine lacks, on a task of its own (one at a time: a wake-up meanwhile reads again
+    /// after it).
+    fn read_submitted(&mut self) {
         let (Some(e), JobStore::Postgres(pg)) = (self.elected.as_mut(), &self.store) else {
             return;
         };
         if e.epoch.is_none() {
             return;
         }
-        let records = match pg.submitted().await {
-            Ok(r) if r.is_empty() => return,
+        if e.reading.is_some() {
+            e.read_again = true;
+            return;
+        }
+        let (pg, blobs) = (pg.clone(), e.blobs.clone());
+        e.reading = Some(tokio::spawn(async move {
+            let records = pg.submitted().await.map_err(|x| x.to_string())?;
+            let mut want: Vec<crate::blobs::Stored> =
+                records.iter().flat_map(|j| j.blobs()).collect();
+            want.sort_unstable_by_key(|s| s.sha256);
+            want.dedup();
+            pg.fetch_blobs(&want, &blobs)
+                .await
+                .map_err(|x| x.to_string())?;
+            Ok(records)
+        }));
+    }
+
+    /// The read of the standbys' submissions ended: the leader takes the jobs
+    /// ([`Core::adopt`]); their rows in the store's table of submissions go with the next
+    /// commit. A failure is logged and the read made again at the next wake-up.
+    async fn take_submitted(&mut self, read: Result<Vec<JobRecord>, String>) {
+        let Some(e) = self.elected.as_mut() else {
+            return;
+        };
+        if std::mem::take(&mut e.read_again) {
+            self.read_submitted();
+        }
+        let records = match read {
             Ok(r) => r,
             Err(x) => {
                 warn!("cannot read the jobs standbys stored: {x}");
                 return;
             }
         };
-        let mut want: Vec<crate::blobs::Stored> = records.iter().flat_map(|j| j.blobs()).collect();
-        want.sort_unstable_by_key(|s| s.sha256);
-        want.dedup();
-        if let Err(x) = pg.fetch_blobs(&want, &e.blobs).await {
-            warn!("cannot copy the blobs of jobs standbys stored: {x}");
+        let Some(e) = self.elected.as_mut() else {
+            return;
+        };
+        // Stood down meanwhile: the next leader takes them.
+        if records.is_empty() || e.epoch.is_none() {
             return;
         }
-        e.mirrored.extend(want.iter().map(|s| s.sha256));
+        e.mirrored
+            .extend(records.iter().flat_map(|j| j.blobs()).map(|s| s.sha256));
         e.adopted.extend(records.iter().map(|r| r.id.to_string()));
         self.core.adopt(records, now());
         if let Err(x) = self.flush().await {
@@ -891,6 +942,10 @@ impl Driver {
         e.mirrored.clear();
         e.blob_deletes.clear();
         e.adopted.clear();
+        if let Some(r) = e.reading.take() {
+            r.abort();
+        }
+        e.read_again = false;
         self.in_flight = None;
         self.lazy_since = None;
         self.waiting.clear();

@@ -35,7 +35,8 @@ impl Core {
                 let answer = self.accept(*spec, wait_for_agent, &visible, now);
                 // A caller who waits for the job's end hears nothing before it (or its wait)
                 // is over: its acceptance can share a commit with a fast job's outcome.
-                if wait && answer.is_ok() {
+                // (Not at a standby: the job ends at the leader, nothing joins its commit.)
+                if wait && answer.is_ok() && self.leads {
                     self.ready.lazy += 1;
                 }
                 ApiReply::Submitted(answer)

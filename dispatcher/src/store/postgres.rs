@@ -59,6 +59,9 @@ const ENDED: &str = "spine_ended";
 /// Job ids per notification of [`ENDED`] (a payload holds under 8000 bytes).
 const ENDED_PER_NOTIFY: usize = 150;
 
+/// Connections for reads ([`PgStore::job`] and the like).
+const READERS: usize = 4;
+
 /// Bytes of a blob per row of `spine_blob_chunks`.
 const BLOB_CHUNK: usize = 1 << 20;
 
@@ -152,8 +155,18 @@ fn is_loopback(host: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
+/// What [`PgStore::read_jobs`] reads.
+enum Read<'a> {
+    Job(&'a str),
+    Key(&'a [u8]),
+    Submitted,
+}
+
 /// The prepared statements of one connection.
 struct Statements {
+    read_jobs: Statement,
+    read_key: Statement,
+    read_submitted: Statement,
     fence: Statement,
     take: Statement,
     leader: Statement,
@@ -187,6 +200,13 @@ pub struct PgStore {
     /// Blob copies' own connection: a large blob takes a while, and must not hold the
     /// election up, nor the commits of jobs that need no blob.
     blob_conn: tokio::sync::Mutex<Option<Conn>>,
+    /// Connections for reads of single jobs and of the standbys' submissions (a standby's
+    /// status answers and waits, the leader's taking of submissions), taken in turn, so that
+    /// they neither wait behind a commit nor behind one another. (Four slots with the same
+    /// reconnection as the others rather than a pool crate: what a slot holds besides the
+    /// client — its prepared statements — is this store's.)
+    read_conns: [tokio::sync::Mutex<Option<Conn>>; READERS],
+    next_read: std::sync::atomic::AtomicUsize,
     /// How long a commit keeps trying to reach the database.
     timeout: Duration,
     /// The election's lease: no session may sit in a transaction, or wait for a lock, longer
@@ -241,6 +261,8 @@ impl PgStore {
             conn: tokio::sync::Mutex::new(None),
             lease_conn: tokio::sync::Mutex::new(None),
             blob_conn: tokio::sync::Mutex::new(None),
+            read_conns: Default::default(),
+            next_read: Default::default(),
             timeout,
             down: Arc::default(),
         };
@@ -462,9 +484,7 @@ impl PgStore {
 
     /// A stored job, with its input (a standby's answer to a status request).
     pub async fn job(&self, id: &str) -> Result<Option<JobRecord>, StoreError> {
-        self.jobs_where("j.id = $1", &[&id])
-            .await
-            .map(|mut v| v.pop())
+        self.read_jobs(Read::Job(id)).await.map(|mut v| v.pop())
     }
 
     /// The job an idempotency key of a submitter created, if it is stored.
@@ -474,36 +494,46 @@ impl PgStore {
         key: &str,
     ) -> Result<Option<JobRecord>, StoreError> {
         let k = format!("{submitter}\u{0}{key}").into_bytes();
-        self.jobs_where(
-            "j.id = (SELECT job FROM spine_idempotency WHERE key = $1)",
-            &[&k],
-        )
-        .await
-        .map(|mut v| v.pop())
+        self.read_jobs(Read::Key(&k)).await.map(|mut v| v.pop())
     }
 
-    /// The jobs standbys accepted that the leader has not taken yet ([`OwnedBatch::adopted`]).
+    /// The jobs standbys accepted that the leader has not taken yet ([`OwnedBatch::adopted`]),
+    /// the oldest first, a thousand at most.
     pub async fn submitted(&self) -> Result<Vec<JobRecord>, StoreError> {
-        self.jobs_where("j.id IN (SELECT id FROM spine_submitted)", &[])
-            .await
+        self.read_jobs(Read::Submitted).await
     }
 
-    async fn jobs_where(
-        &self,
-        cond: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<JobRecord>, StoreError> {
-        let mut slot = self.conn.lock().await;
+    /// Reads jobs on a read connection, each by its primary key (prepared statements, no
+    /// scan of the jobs' table however large it is).
+    async fn read_jobs(&self, what: Read<'_>) -> Result<Vec<JobRecord>, StoreError> {
+        let i = self.next_read.fetch_add(1, Ordering::Relaxed) % READERS;
+        let mut slot = self.read_conns[i].lock().await;
         let c = self.live(&mut slot).await?;
+        let ids: Vec<String> = match what {
+            Read::Job(id) => vec![id.to_owned()],
+            Read::Key(k) => c
+                .client
+                .query(&c.st.read_key, &[&k])
+                .await
+                .map_err(|x| self.err(x))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+            Read::Submitted => c
+                .client
+                .query(&c.st.read_submitted, &[])
+                .await
+                .map_err(|x| self.err(x))?
+                .iter()
+                .map(|r| r.get(0))
+                .collect(),
+        };
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let rows = c
             .client
-            .query(
-                &format!(
-                    "SELECT j.id, j.record, i.input FROM spine_jobs j \
-                     LEFT JOIN spine_inputs i ON i.id = j.id WHERE {cond}"
-                ),
-                params,
-            )
+            .query(&c.st.read_jobs, &[&ids])
             .await
             .map_err(|x| self.err(x))?;
         rows.iter()
@@ -819,6 +849,18 @@ fn describe(x: &tokio_postgres::Error) -> String {
 
 async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
     Ok(Statements {
+        read_jobs: c
+            .prepare(
+                "SELECT j.id, j.record, i.input FROM spine_jobs j \
+                 LEFT JOIN spine_inputs i ON i.id = j.id WHERE j.id = ANY($1::text[])",
+            )
+            .await?,
+        read_key: c
+            .prepare("SELECT job FROM spine_idempotency WHERE key = $1")
+            .await?,
+        read_submitted: c
+            .prepare("SELECT id FROM spine_submitted ORDER BY at_ms LIMIT 1000")
+            .await?,
         // The lease row (migration 2), in the database's clock (`clock_timestamp`, not the
         // transaction's start).
         fence: c
