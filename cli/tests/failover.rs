@@ -528,3 +528,105 @@ async fn fail_over(kind: Kind, jobs: usize, kills: usize) {
     }
     drop(stops);
 }
+
+/// A standby passes a cancel on to the leader and answers with the job's end, and its event
+/// stream of a job ends with the job's final event (the leader's announcement).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let server =
+        spine_integration::TestServer::start(&[("dispatcher", "pw-d"), ("agent1", "pw")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<Node> = (1..=2)
+        .map(|n| {
+            let http = format!("127.0.0.1:{}", spine_integration::free_port().unwrap());
+            Node {
+                data: dir.path().join(format!("data{n}")),
+                config: config(
+                    dir.path(),
+                    n,
+                    &server.addr.to_string(),
+                    &pg.url(),
+                    &http,
+                    "",
+                ),
+                log: dir.path().join(format!("d{n}.log")),
+                http,
+                child: None,
+            }
+        })
+        .collect();
+    let cfg = spine_integration::farm::agent_config(&server, 1, "slots = 4");
+    let agent = Agent::builder(cfg)
+        .capability("work.sleep", None, |ctx: JobContext| async move {
+            let ms = ctx.args.get("ms").and_then(|v| v.as_u64()).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, JobError>(Output::bytes(format!("slept {ms}")))
+        })
+        .build()
+        .unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(agent.run(async move {
+        let _ = rx.await;
+    }));
+    nodes[0].spawn();
+    let api = reqwest::Client::new();
+    leader(&api, &nodes, Duration::from_secs(20)).await;
+    nodes[1].spawn();
+    let standby = nodes[1].http.clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while health(&api, &standby).await.as_deref() != Some("ok standby") {
+        assert!(tokio::time::Instant::now() < deadline, "no standby");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let submit = |ms: u64| {
+        api.post(format!("http://{standby}/v1/jobs"))
+            .bearer_auth(TOKEN)
+            .json(&serde_json::json!({
+                "capability": "work.sleep", "args": {"ms": ms}, "wait_for_agent": true
+            }))
+            .send()
+    };
+    // A short job, followed through the standby's event stream to its end.
+    let short: serde_json::Value = submit(300).await.unwrap().json().await.unwrap();
+    let short = short["id"].as_str().expect("id").to_owned();
+    let events = api
+        .get(format!("http://{standby}/v1/jobs/{short}/events"))
+        .bearer_auth(TOKEN)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(events.contains("event: final"), "{events}");
+    assert!(events.contains("\"state\":\"succeeded\""), "{events}");
+    // A long one, cancelled at the standby: the answer is its end.
+    let long: serde_json::Value = submit(30_000).await.unwrap().json().await.unwrap();
+    let long = long["id"].as_str().expect("id").to_owned();
+    let cancelled: serde_json::Value = api
+        .delete(format!("http://{standby}/v1/jobs/{long}"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
+    assert_eq!(
+        pg.psql("spine", "SELECT count(*) FROM spine_cancels")
+            .unwrap(),
+        "0",
+        "the leader made the cancel and struck it"
+    );
+    for n in &mut nodes {
+        if let Some(mut c) = n.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+    drop(stop);
+}

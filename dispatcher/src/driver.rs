@@ -157,6 +157,8 @@ struct Elected {
     blob_deletes: Vec<[u8; 32]>,
     /// Jobs standbys stored that this leader took, to strike from their table next commit.
     adopted: Vec<String>,
+    /// Cancels asked of standbys that this leader made, likewise.
+    cancelled: Vec<String>,
     /// Woken when a standby stored a submission ([`crate::store::postgres::PgStore::listen`]).
     submitted: tokio::sync::mpsc::Receiver<()>,
     /// The read of the standbys' submissions under way, and whether a wake-up came since it
@@ -186,16 +188,19 @@ enum Wake {
     /// A standby stored a submission (or a second went by: [`crate::store::postgres::PgStore::listen`]).
     Submitted,
     /// The read of the standbys' submissions ended.
-    Read(Result<Vec<JobRecord>, String>),
+    Read(Result<Submissions, String>),
 }
 
 /// The read of the standbys' submissions, with the blobs they reference: on a task of its own,
 /// so the driver goes on meanwhile.
-type Reading = tokio::task::JoinHandle<Result<Vec<JobRecord>, String>>;
+type Reading = tokio::task::JoinHandle<Result<Submissions, String>>;
+
+/// What standbys stored for the leader: jobs, and ids of jobs to cancel.
+type Submissions = (Vec<JobRecord>, Vec<String>);
 
 /// The next [`Wake`] (never without an election, or once the election has ended).
 async fn elected_wake(elected: &mut Option<Elected>) -> Option<Wake> {
-    async fn read_end(r: &mut Option<Reading>) -> Result<Vec<JobRecord>, String> {
+    async fn read_end(r: &mut Option<Reading>) -> Result<Submissions, String> {
         match r {
             Some(h) => h.await.unwrap_or_else(|e| Err(e.to_string())),
             None => std::future::pending().await,
@@ -408,6 +413,7 @@ async fn run_inner(
                 mirrored: HashSet::new(),
                 blob_deletes: Vec::new(),
                 adopted: Vec::new(),
+                cancelled: Vec::new(),
                 reading: None,
                 read_again: false,
                 submitted: {
@@ -723,6 +729,7 @@ impl Driver {
             if batch.fence.is_some() {
                 batch.blob_deletes = std::mem::take(&mut e.blob_deletes);
                 batch.adopted = std::mem::take(&mut e.adopted);
+                batch.cancelled = std::mem::take(&mut e.cancelled);
                 // Callers waiting at standbys hear of these once they are stored.
                 batch.ended = jobs
                     .iter()
@@ -796,21 +803,22 @@ impl Driver {
             pg.fetch_blobs(&want, &blobs)
                 .await
                 .map_err(|x| x.to_string())?;
-            Ok(records)
+            let cancels = pg.cancels().await.map_err(|x| x.to_string())?;
+            Ok((records, cancels))
         }));
     }
 
     /// The read of the standbys' submissions ended: the leader takes the jobs
     /// ([`Core::adopt`]); their rows in the store's table of submissions go with the next
     /// commit. A failure is logged and the read made again at the next wake-up.
-    async fn take_submitted(&mut self, read: Result<Vec<JobRecord>, String>) {
+    async fn take_submitted(&mut self, read: Result<Submissions, String>) {
         let Some(e) = self.elected.as_mut() else {
             return;
         };
         if std::mem::take(&mut e.read_again) {
             self.read_submitted();
         }
-        let records = match read {
+        let (records, cancels) = match read {
             Ok(r) => r,
             Err(x) => {
                 warn!("cannot read the jobs standbys stored: {x}");
@@ -821,13 +829,17 @@ impl Driver {
             return;
         };
         // Stood down meanwhile: the next leader takes them.
-        if records.is_empty() || e.epoch.is_none() {
+        if (records.is_empty() && cancels.is_empty()) || e.epoch.is_none() {
             return;
         }
         e.mirrored
             .extend(records.iter().flat_map(|j| j.blobs()).map(|s| s.sha256));
         e.adopted.extend(records.iter().map(|r| r.id.to_string()));
-        self.core.adopt(records, now());
+        let t = now();
+        self.core.adopt(records, t);
+        // After the taking: a cancel may name a job just taken.
+        self.core.cancel_for_standby(&cancels, t);
+        e.cancelled.extend(cancels);
         if let Err(x) = self.flush().await {
             warn!("{x}");
         }
@@ -942,6 +954,7 @@ impl Driver {
         e.mirrored.clear();
         e.blob_deletes.clear();
         e.adopted.clear();
+        e.cancelled.clear();
         if let Some(r) = e.reading.take() {
             r.abort();
         }

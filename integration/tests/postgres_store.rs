@@ -142,7 +142,7 @@ async fn the_postgres_store_keeps_the_same_promises_and_migrates_once() {
             "SELECT string_agg(version::text, ',') FROM spine_migrations"
         )
         .unwrap(),
-        "1,2,3,4,5"
+        "1,2,3,4,5,6"
     );
     // A database a newer Spine migrated is refused, with what to do.
     pg.psql(

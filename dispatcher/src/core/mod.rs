@@ -387,6 +387,18 @@ impl Core {
         ids
     }
 
+    /// The leader makes cancels that standbys were asked for (an unknown or ended job: nothing
+    /// to do).
+    pub(crate) fn cancel_for_standby(&mut self, jobs: &[String], now: Now) {
+        for j in jobs {
+            let Ok(id) = j.parse::<JobId>() else { continue };
+            match self.cancel_job(&id, now) {
+                Ok(state) => tracing::info!(job = %id, ?state, "cancel asked of a standby: made"),
+                Err(e) => tracing::debug!(job = %id, "cancel asked of a standby: {e}"),
+            }
+        }
+    }
+
     /// Whether this core leads (places jobs, accepts submissions): always, but for a standby.
     pub(crate) fn leads(&self) -> bool {
         self.leads

@@ -300,6 +300,9 @@ pub(super) async fn submit_batch(
     Ok((StatusCode::OK, Json(BatchAnswer { jobs })).into_response())
 }
 
+/// How long a standby's cancel waits for the leader to end the job before answering.
+const STANDBY_CANCEL_WAIT: Duration = Duration::from_secs(5);
+
 /// `wait` taken out of a query string: its duration, and the query without it.
 fn wait_param(
     query: Option<&str>,
@@ -431,7 +434,25 @@ pub(super) async fn cancel_job(
 ) -> Result<Json<Submitted>, ApiError> {
     let id = job_id(&id)?;
     // A job's submitter never changes, so checking before the cancel is not a race.
-    caller.check_sees(&find_job(&h, &id).await?)?;
+    let rec = find_job(&h, &id).await?;
+    caller.check_sees(&rec)?;
+    if let Some(pg) = h.standby_store() {
+        // A standby asks the leader through the store, and answers once the job has ended
+        // (or with its state then, after a few seconds).
+        if rec.state.is_final() {
+            return Ok(Json(Submitted {
+                id,
+                state: rec.state,
+            }));
+        }
+        pg.request_cancel(id.as_str()).await.map_err(|e| {
+            tracing::warn!("a standby could not pass a cancel on: {e}");
+            ApiError::store_down()
+        })?;
+        let (_, job) = waited(&h, &id, STANDBY_CANCEL_WAIT).await?;
+        let state = serde_json::from_value(job["state"].clone()).unwrap_or(rec.state);
+        return Ok(Json(Submitted { id, state }));
+    }
     let ApiReply::Cancelled(answer) = change(&h, ApiRequest::Cancel { id: id.clone() }).await?
     else {
         return Err(mismatch());
@@ -479,6 +500,24 @@ pub(super) async fn events(
             || done
         {
             return;
+        }
+        // A standby hears only that a job ended (the leader's announcement): its stream
+        // carries the final event and no progress.
+        while h2.standby_store().is_some() {
+            let ended = tokio::select! {
+                _ = tx.closed() => return,
+                r = waited(&h2, &id, Duration::from_secs(60)) => r,
+            };
+            match ended {
+                Ok((true, job)) => {
+                    let _ = tx
+                        .send(SseEvent::default().event("final").data(job.to_string()))
+                        .await;
+                    return;
+                }
+                Ok((false, _)) => {}
+                Err(_) => return,
+            }
         }
         loop {
             // Both branches are cancellation-safe: `closed` keeps no state, and a broadcast

@@ -399,6 +399,8 @@ pub struct OwnedBatch {
     /// Jobs that ended in this batch, announced to the other dispatchers once it is stored
     /// (PostgreSQL: the `spine_ended` channel), whose callers may wait for them.
     pub ended: Vec<String>,
+    /// Cancels asked of standbys that the leader made.
+    pub cancelled: Vec<String>,
 }
 
 /// The lease a leader's commit is conditional on ([`OwnedBatch::fence`]).
@@ -436,6 +438,7 @@ impl OwnedBatch {
             submitted: Vec::new(),
             adopted: Vec::new(),
             ended: Vec::new(),
+            cancelled: Vec::new(),
         })
     }
 
@@ -451,6 +454,7 @@ impl OwnedBatch {
             && self.blob_deletes.is_empty()
             && self.submitted.is_empty()
             && self.adopted.is_empty()
+            && self.cancelled.is_empty()
     }
 }
 

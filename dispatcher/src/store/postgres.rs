@@ -50,6 +50,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "submitted",
         include_str!("../../migrations/0005_submitted.sql"),
     ),
+    (
+        6,
+        "cancels",
+        include_str!("../../migrations/0006_cancels.sql"),
+    ),
 ];
 
 /// The channel a standby notifies when it stored a submission for the leader.
@@ -167,6 +172,7 @@ struct Statements {
     read_jobs: Statement,
     read_key: Statement,
     read_submitted: Statement,
+    read_cancels: Statement,
     fence: Statement,
     take: Statement,
     leader: Statement,
@@ -503,6 +509,40 @@ impl PgStore {
         self.read_jobs(Read::Submitted).await
     }
 
+    /// Asks the leader to cancel `job` (a standby's cancel): stored, then the leader is woken
+    /// (`spine_submitted`).
+    pub async fn request_cancel(&self, job: &str) -> Result<(), StoreError> {
+        let i = self.next_read.fetch_add(1, Ordering::Relaxed) % READERS;
+        let mut slot = self.read_conns[i].lock().await;
+        let c = self.live(&mut slot).await?;
+        let now = i64::try_from(crate::clock::now_ms()).unwrap_or(i64::MAX);
+        let tx = c.client.transaction().await.map_err(|x| self.err(x))?;
+        tx.execute(
+            "INSERT INTO spine_cancels (job, at_ms) VALUES ($1, $2) ON CONFLICT DO NOTHING",
+            &[&job, &now],
+        )
+        .await
+        .map_err(|x| self.err(x))?;
+        tx.execute("SELECT pg_notify($1, '')", &[&SUBMITTED])
+            .await
+            .map_err(|x| self.err(x))?;
+        tx.commit().await.map_err(|x| self.err(x))
+    }
+
+    /// The cancels standbys were asked for that the leader has not made yet.
+    pub async fn cancels(&self) -> Result<Vec<String>, StoreError> {
+        let i = self.next_read.fetch_add(1, Ordering::Relaxed) % READERS;
+        let mut slot = self.read_conns[i].lock().await;
+        let c = self.live(&mut slot).await?;
+        Ok(c.client
+            .query(&c.st.read_cancels, &[])
+            .await
+            .map_err(|x| self.err(x))?
+            .iter()
+            .map(|r| r.get(0))
+            .collect())
+    }
+
     /// Reads jobs on a read connection, each by its primary key (prepared statements, no
     /// scan of the jobs' table however large it is).
     async fn read_jobs(&self, what: Read<'_>) -> Result<Vec<JobRecord>, StoreError> {
@@ -829,7 +869,7 @@ pub async fn drop_schema(target: &PgTarget) -> Result<(), StoreError> {
         .batch_execute(
             "DROP TABLE IF EXISTS spine_jobs, spine_inputs, spine_idempotency, spine_agents, \
              spine_capabilities, spine_audit_outbox, spine_lease, spine_blobs, \
-             spine_blob_chunks, spine_submitted, spine_migrations",
+             spine_blob_chunks, spine_submitted, spine_cancels, spine_migrations",
         )
         .await
         .map_err(|x| e(format!("{}: {}", target.name, describe(&x))));
@@ -860,6 +900,9 @@ async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
             .await?,
         read_submitted: c
             .prepare("SELECT id FROM spine_submitted ORDER BY at_ms LIMIT 1000")
+            .await?,
+        read_cancels: c
+            .prepare("SELECT job FROM spine_cancels ORDER BY at_ms LIMIT 1000")
             .await?,
         // The lease row (migration 2), in the database's clock (`clock_timestamp`, not the
         // transaction's start).
@@ -1006,6 +1049,7 @@ async fn write(
         .chunks(ENDED_PER_NOTIFY)
         .map(|c| c.join(","))
         .collect();
+    let cancelled: Vec<&str> = b.cancelled.iter().map(String::as_str).collect();
     let audited: Vec<&str> = b.audited.iter().map(String::as_str).collect();
     let mut audit: HashMap<&str, &[u8]> = HashMap::new();
     for (job, line) in &b.audit {
@@ -1098,6 +1142,15 @@ async fn write(
             tx.execute(
                 "DELETE FROM spine_submitted WHERE id = ANY($1)",
                 &[&adopted],
+            )
+            .await
+        }));
+    }
+    if !cancelled.is_empty() {
+        steps.push(Box::pin(async {
+            tx.execute(
+                "DELETE FROM spine_cancels WHERE job = ANY($1)",
+                &[&cancelled],
             )
             .await
         }));
