@@ -795,7 +795,10 @@ impl Driver {
         }
         let (pg, blobs) = (pg.clone(), e.blobs.clone());
         e.reading = Some(tokio::spawn(async move {
-            let records = pg.submitted().await.map_err(|x| x.to_string())?;
+            // Both on read connections of their own, at once.
+            let (records, cancels) = tokio::join!(pg.submitted(), pg.cancels());
+            let records = records.map_err(|x| x.to_string())?;
+            let cancels = cancels.map_err(|x| x.to_string())?;
             let mut want: Vec<crate::blobs::Stored> =
                 records.iter().flat_map(|j| j.blobs()).collect();
             want.sort_unstable_by_key(|s| s.sha256);
@@ -803,7 +806,6 @@ impl Driver {
             pg.fetch_blobs(&want, &blobs)
                 .await
                 .map_err(|x| x.to_string())?;
-            let cancels = pg.cancels().await.map_err(|x| x.to_string())?;
             Ok((records, cancels))
         }));
     }
