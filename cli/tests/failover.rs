@@ -567,6 +567,9 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
             tokio::time::sleep(Duration::from_millis(ms)).await;
             Ok::<_, JobError>(Output::bytes(format!("slept {ms}")))
         })
+        .capability("work.big", None, |_ctx: JobContext| async move {
+            Ok::<_, JobError>(Output::bytes(large_input(7)))
+        })
         .build()
         .unwrap();
     let (stop, rx) = tokio::sync::oneshot::channel::<()>();
@@ -606,6 +609,30 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
         .unwrap();
     assert!(events.contains("event: final"), "{events}");
     assert!(events.contains("\"state\":\"succeeded\""), "{events}");
+    // A large output (a blob the leader stored) read at the standby, whose blob directory
+    // never had it.
+    let big: serde_json::Value = api
+        .post(format!("http://{standby}/v1/jobs?wait=20s"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"capability": "work.big", "wait_for_agent": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(big["state"], "succeeded", "{big}");
+    let output = api
+        .get(format!(
+            "http://{standby}/v1/jobs/{}/output",
+            big["id"].as_str().expect("id")
+        ))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(output.status().as_u16(), 200);
+    assert_eq!(output.bytes().await.unwrap().to_vec(), large_input(7));
     // A long one, cancelled at the standby: the answer is its end.
     let long: serde_json::Value = submit(30_000).await.unwrap().json().await.unwrap();
     let long = long["id"].as_str().expect("id").to_owned();

@@ -282,6 +282,14 @@ pub(super) async fn get_output(
         JobBody::Inline(bytes) => serve_bytes(bytes, &headers, &mime),
         JobBody::Stored(b) => {
             let d = data_of(&h)?;
+            // Among several dispatchers the output may have been stored by another: it is in
+            // the shared store too (docs/dispatcher.md §5, "PostgreSQL").
+            if let (false, Some(pg)) = (d.blobs.contains(&b.sha256), h.shared.as_ref()) {
+                pg.fetch_blobs(&[b], &d.blobs).await.map_err(|e| {
+                    tracing::warn!(job = %id, "cannot copy an output from the shared store: {e}");
+                    ApiError::store_down()
+                })?;
+            }
             let file = d.blobs.file(&b.sha256).map_err(|e| {
                 ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
