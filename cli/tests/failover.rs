@@ -224,6 +224,23 @@ fn config(dir: &Path, n: usize, server: &str, store: &str, http: &str, tls: &str
     path
 }
 
+/// `count` dispatchers (not started) on the XMPP server at `server` and the store at `store`,
+/// each with its own port, data directory and log under `dir`.
+fn nodes(count: usize, dir: &Path, server: &str, store: &str, tls: &str) -> Vec<Node> {
+    (1..=count)
+        .map(|n| {
+            let http = format!("127.0.0.1:{}", spine_integration::free_port().unwrap());
+            Node {
+                data: dir.join(format!("data{n}")),
+                config: config(dir, n, server, store, &http, tls),
+                log: dir.join(format!("d{n}.log")),
+                http,
+                child: None,
+            }
+        })
+        .collect()
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -267,25 +284,7 @@ async fn fail_over(kind: Kind, jobs: usize, kills: usize) {
     let ca = dir.path().join("xmpp-ca.pem");
     std::fs::write(&ca, server.cert_pem()).expect("CA file");
     let tls = format!("[tls]\nca_file = \"{}\"\n", ca.display());
-    let mut nodes: Vec<Node> = (1..=3)
-        .map(|n| {
-            let http = format!("127.0.0.1:{}", spine_integration::free_port().unwrap());
-            Node {
-                data: dir.path().join(format!("data{n}")),
-                config: config(
-                    dir.path(),
-                    n,
-                    &server.addr.to_string(),
-                    &pg.url(),
-                    &http,
-                    &tls,
-                ),
-                log: dir.path().join(format!("d{n}.log")),
-                http,
-                child: None,
-            }
-        })
-        .collect();
+    let mut nodes = nodes(3, dir.path(), &server.addr.to_string(), &pg.url(), &tls);
 
     // Four agents; every handler run is recorded by job id.
     let runs: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
@@ -541,25 +540,7 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
     let server =
         spine_integration::TestServer::start(&[("dispatcher", "pw-d"), ("agent1", "pw")]).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes: Vec<Node> = (1..=2)
-        .map(|n| {
-            let http = format!("127.0.0.1:{}", spine_integration::free_port().unwrap());
-            Node {
-                data: dir.path().join(format!("data{n}")),
-                config: config(
-                    dir.path(),
-                    n,
-                    &server.addr.to_string(),
-                    &pg.url(),
-                    &http,
-                    "",
-                ),
-                log: dir.path().join(format!("d{n}.log")),
-                http,
-                child: None,
-            }
-        })
-        .collect();
+    let mut nodes = nodes(2, dir.path(), &server.addr.to_string(), &pg.url(), "");
     let cfg = spine_integration::farm::agent_config(&server, 1, "slots = 4");
     let agent = Agent::builder(cfg)
         .capability("work.sleep", None, |ctx: JobContext| async move {
