@@ -212,6 +212,7 @@ mod tests {
             input_blobs: Vec::new(),
             keep_output: false,
             input_kept: Vec::new(),
+            event: None,
         };
         let id = id.parse().unwrap();
         t.submit(id, spec, 1).unwrap().clone()

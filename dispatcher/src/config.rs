@@ -183,6 +183,13 @@ pub struct DispatcherConfig {
     /// HTTP API tokens. None configured: loopback clients only.
     #[serde(rename = "http_token")]
     pub http_tokens: Vec<HttpToken>,
+    /// Event rules (`[[rule]]`, docs/events.md): on an event, when a condition holds, do a
+    /// job.
+    #[serde(rename = "rule", skip_serializing_if = "Vec::is_empty")]
+    pub rules: Vec<crate::triggers::RuleConfig>,
+    /// Webhook senders that sign instead of holding a token (`[[webhook]]`, docs/events.md).
+    #[serde(rename = "webhook", skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<crate::triggers::WebhookConfig>,
     /// HTTP API: time a client has to send a request's headers, from the connection's start
     /// or the end of its previous answer (so also how long an idle connection stays open).
     #[serde(with = "spine_protocol::units::duration")]
@@ -265,6 +272,8 @@ impl Default for DispatcherConfig {
             http_allow_plaintext: false,
             public_url: None,
             http_tokens: Vec::new(),
+            rules: Vec::new(),
+            webhooks: Vec::new(),
             http_header_timeout: Duration::from_secs(10),
             http_request_timeout: Duration::from_secs(120),
             http_max_connections: 512,
@@ -412,6 +421,8 @@ impl DispatcherConfig {
             return Err(bad("audit_keep", "at most 1000 rotated files"));
         }
         self.validate_limits()?;
+        crate::triggers::Rules::new(&self.rules).map_err(DispatcherError::Config)?;
+        crate::triggers::webhooks(&self.webhooks, false).map_err(DispatcherError::Config)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(bad("data_dir", "must not be empty"));
         }

@@ -365,9 +365,13 @@ async fn run_inner(
         crate::signing::load_or_create(&cfg.data_dir.join("url.key"))
             .map_err(|e| blobs_err(format!("url.key: {e}")))?,
     );
+    // Webhooks' secret files are read once, at start.
+    let webhooks =
+        crate::triggers::webhooks(&cfg.webhooks, true).map_err(DispatcherError::Config)?;
     let mut data_plane = None;
     if let Some(listener) = http {
         let handle = Handle::new(&cfg, &policy, cmd_tx.clone(), events.clone())
+            .with_webhooks(webhooks)
             .with_data(blobs.clone(), key.clone())
             .with_store_health(store.unreachable())
             .with_leadership(campaign.as_ref().map(|(_, rx)| rx.clone()))

@@ -37,5 +37,5 @@ pub use record::{
     backoff_ms, blame, AfterFailure, Duplicate, JobRecord, Recorded, SessionLost, Step,
     SubmitError, UnknownJob, MAX_HISTORY,
 };
-pub use spec::{args_wire_size, serialized_size, JobSpec};
+pub use spec::{args_wire_size, serialized_size, EventRef, JobSpec};
 pub use table::{JobFilter, JobTable, Page};

@@ -33,6 +33,7 @@ mod sent_ahead;
 pub mod signing;
 pub mod sim;
 pub mod store;
+pub mod triggers;
 
 pub use config::{DispatcherConfig, DEFAULT_CONFIG};
 pub use driver::{run, Dispatcher};

@@ -445,8 +445,9 @@ fn http_tokens(tokens: &[HttpToken]) -> Result<Vec<(HttpToken, Grant)>, Dispatch
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            // A scraper's token (`metrics = true`) may run nothing.
-            let capabilities = if t.metrics && t.capabilities.is_empty() {
+            // A scraper's token (`metrics = true`) or a sender of events (`events = true`)
+            // may run nothing.
+            let capabilities = if (t.metrics || t.events) && t.capabilities.is_empty() {
                 Capabilities::default()
             } else {
                 Capabilities::parse(&t.capabilities, &format!("http_token[{i}].capabilities"))?

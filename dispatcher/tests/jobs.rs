@@ -36,6 +36,7 @@ fn spec(cap: &str, priority: i64) -> JobSpec {
         input_blobs: Vec::new(),
         keep_output: false,
         input_kept: Vec::new(),
+        event: None,
         target: None,
         parent: None,
     }

@@ -53,6 +53,7 @@ fn spec(frags: &[&str], fan_in: u64, split: bool) -> JobSpec {
         input_blobs: Vec::new(),
         keep_output: false,
         input_kept: Vec::new(),
+        event: None,
     }
 }
 

@@ -33,6 +33,8 @@ pub(crate) enum ApiRequest {
     },
     /// Cancel a job (and its children).
     Cancel { id: JobId },
+    /// An event for the rules (docs/events.md): answered with the jobs it made, once stored.
+    Event { event: Box<crate::triggers::Event> },
     /// An operator's drain (`drain: true`, with its reason) or undrain of the agent named by
     /// `agent` (a full JID, or a bare JID with one agent on it): answered when the agent
     /// answered, or after [`super::operator::STATE_TIMEOUT`].
@@ -58,6 +60,8 @@ pub(crate) enum ApiReply {
     Submitted(Result<(JobId, JobState), SpineError>),
     /// The cancelled job's final state.
     Cancelled(Result<JobState, SpineError>),
+    /// The jobs an event made (or had made, sent before).
+    Event(Result<Vec<super::events::Fired>, SpineError>),
     SlotFilled(Result<(), SpineError>),
     /// The agent after its drain or undrain, as the registry sees it.
     AgentState(Result<AgentInfo, StateError>),
@@ -119,6 +123,8 @@ pub(crate) enum Query {
     Tree {
         id: JobId,
     },
+    /// The event rules with their counters.
+    Rules,
 }
 
 /// A capability as the console's capabilities page shows it.
@@ -157,6 +163,7 @@ pub(crate) enum Answer {
     Metrics(String),
     Fleet(Box<FleetAnswer>),
     Tree(Option<super::tree::TreeView>),
+    Rules(Vec<(crate::triggers::RuleConfig, super::events::RuleCounts)>),
 }
 
 /// A request from an HTTP handler to the driver, with where its answer goes.

@@ -23,6 +23,7 @@ pub(crate) mod api;
 pub(crate) mod data;
 #[cfg(test)]
 mod data_tests;
+pub(crate) mod events;
 #[cfg(test)]
 mod harness;
 pub(crate) mod inbound;
@@ -262,6 +263,12 @@ pub(crate) struct Core {
     leads: bool,
     /// A standby's word on who leads (the leader's JID), for its refusals.
     leader_hint: Option<String>,
+    /// Event rules (`[[rule]]`).
+    triggers: crate::triggers::Rules,
+    /// Each rule's counters.
+    rule_counts: HashMap<String, events::RuleCounts>,
+    /// Events of jobs that ended in this step, for the rules ([`Core::fire_outcomes`]).
+    outcomes: Vec<crate::triggers::Event>,
 }
 
 impl Core {
@@ -306,6 +313,13 @@ impl Core {
             ready: Ready::default(),
             leads: true,
             leader_hint: None,
+            triggers: crate::triggers::Rules::new(&cfg.rules).unwrap_or_else(|e| {
+                // `DispatcherConfig::validate` refused such a configuration at load.
+                tracing::error!("event rules not loaded: {e}");
+                crate::triggers::Rules::default()
+            }),
+            rule_counts: HashMap::new(),
+            outcomes: Vec::new(),
             jobs: JobTable::new(cfg.max_queue).with_max_delayed(cfg.max_delayed),
             cfg,
             policy,
@@ -381,6 +395,7 @@ impl Core {
         }
         self.load_jobs(new, now);
         self.place_pending = true;
+        self.fire_outcomes(now);
         if std::mem::take(&mut self.place_pending) {
             self.place(now);
         }
@@ -501,6 +516,7 @@ impl Core {
         for inbound in self.classify(st, now) {
             self.handle(inbound, now);
         }
+        self.fire_outcomes(now);
         if std::mem::take(&mut self.place_pending) {
             self.place(now);
         }
@@ -540,6 +556,7 @@ impl Core {
         }
         self.expire_state_requests(now);
         self.prune(now);
+        self.fire_outcomes(now);
         if std::mem::take(&mut self.place_pending) {
             self.place(now);
         }

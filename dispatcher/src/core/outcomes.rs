@@ -423,6 +423,7 @@ impl Core {
     /// Tells the audit log, the event streams and the XMPP watcher that `job` ended.
     pub(super) fn notify_one(&mut self, job: &JobId, now: Now) {
         self.audit_record(job, now);
+        self.outcome_event(job);
         let Some(rec) = self.jobs.get(job) else {
             return;
         };

@@ -42,6 +42,7 @@ impl Core {
                 ApiReply::Submitted(answer)
             }
             ApiRequest::Cancel { id } => ApiReply::Cancelled(self.cancel_job(&id, now)),
+            ApiRequest::Event { event } => ApiReply::Event(self.event(&event, now)),
             ApiRequest::SetAgentState {
                 agent,
                 drain,
@@ -59,6 +60,7 @@ impl Core {
             } => ApiReply::SlotFilled(self.slot_filled(&job, attempt, &agent, blob)),
         };
         self.ready.replies.push((token, reply));
+        self.fire_outcomes(now);
         if std::mem::take(&mut self.place_pending) {
             self.place(now);
         }
@@ -121,6 +123,7 @@ impl Core {
                 Answer::Tree(self.jobs.get(&id).map(|p| super::tree::tree(&self.jobs, p)))
             }
             Query::Metrics => Answer::Metrics(self.metrics()),
+            Query::Rules => Answer::Rules(self.rules_view()),
         }
     }
 
@@ -388,6 +391,7 @@ impl Core {
             input_blobs: Vec::new(),
             keep_output: false,
             input_kept: Vec::new(),
+            event: None,
             target: None,
             parent: None,
         };

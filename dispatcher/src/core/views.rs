@@ -150,6 +150,10 @@ pub struct JobView {
     /// Why the job failed, was cancelled or timed out.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<FailureView>,
+    /// A job an event rule made (docs/events.md): the rule and the event.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<Object>)]
+    pub event: Option<crate::jobs::EventRef>,
 }
 
 /// A job's input as its page shows it.
@@ -330,6 +334,7 @@ impl JobView {
                 }),
                 _ => None,
             },
+            event: j.spec.event.clone(),
         }
     }
 }
@@ -559,6 +564,7 @@ impl Core {
             let _ = writeln!(out, "spine_agent_slots{{agent=\"{jid}\"}} {slots}");
         }
         self.stats.write(&mut out);
+        self.rule_metrics(&mut out);
         out
     }
 }

@@ -30,6 +30,9 @@ pub(super) struct Caller {
     /// May read `/metrics`: the local operator, an operator token (every capability and
     /// every job) or a token with `metrics = true`.
     pub(super) metrics: bool,
+    /// May post events (`POST /v1/events`): the local operator, an operator token or a token
+    /// with `events = true`.
+    pub(super) events: bool,
 }
 
 impl Caller {
@@ -190,6 +193,7 @@ fn authenticate(
                     all_jobs: true,
                 },
                 metrics: true,
+                events: true,
             });
         }
         return Err(ApiError::new(
@@ -232,16 +236,18 @@ fn authenticate(
     let (t, grant) = find_token(h, &given).ok_or_else(|| {
         ApiError::new(StatusCode::UNAUTHORIZED, "not-authorized", "unknown token")
     })?;
+    let operator = grant.all_jobs && t.capabilities.iter().any(|c| c == "*");
     Ok(Caller {
         name: t.name.clone(),
         grant: grant.clone(),
-        metrics: t.metrics || (grant.all_jobs && t.capabilities.iter().any(|c| c == "*")),
+        metrics: t.metrics || operator,
+        events: t.events || operator,
     })
 }
 
 /// The largest body `method path` may carry: a submission's, or [`SMALL_BODY`].
 fn body_limit(h: &Handle, method: &Method, path: &str) -> usize {
-    if method == Method::POST && path == "/v1/jobs:batch" {
+    if method == Method::POST && (path == "/v1/jobs:batch" || path == "/v1/events") {
         // Many JSON jobs, read whole.
         max_body(h.max_json_input)
     } else if method == Method::POST && path == "/v1/jobs" {
@@ -359,5 +365,49 @@ mod tests {
         assert_eq!(max_body(h.max_json_input), 96 << 20);
         assert_eq!(body_limit(&h, &Method::GET, "/v1/jobs"), SMALL_BODY);
         assert_eq!(body_limit(&h, &Method::DELETE, "/v1/jobs/x"), SMALL_BODY);
+    }
+
+    #[test]
+    fn events_are_posted_by_tokens_that_may_and_by_operators() {
+        let (tx, _) = mpsc::channel(1);
+        let (events, _) = broadcast::channel(1);
+        let cfg = DispatcherConfig::from_toml(
+            r#"
+            [[http_token]]
+            name = "ops"
+            token = "ops-secret-0123456789"
+            capabilities = ["*"]
+            all_jobs = true
+            [[http_token]]
+            name = "hook"
+            token = "hook-secret-0123456789"
+            capabilities = []
+            events = true
+            [[http_token]]
+            name = "app"
+            token = "app-secret-0123456789"
+            capabilities = ["text.*"]
+            "#,
+        )
+        .unwrap();
+        let h = Handle::new(
+            &cfg,
+            &crate::policy::Policy::from_config(&cfg).unwrap(),
+            tx,
+            events,
+        );
+        let peer: SocketAddr = "192.0.2.1:4000".parse().unwrap();
+        let caller = |token: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+            authenticate(&h, &Method::POST, &headers, peer).unwrap()
+        };
+        let ops = caller("ops-secret-0123456789");
+        let hook = caller("hook-secret-0123456789");
+        let app = caller("app-secret-0123456789");
+        assert_eq!((ops.events, hook.events, app.events), (true, true, false));
+        // The sender of events runs nothing itself.
+        assert!(!hook.may_run(&"text.upper".parse().unwrap()));
+        assert_eq!(body_limit(&h, &Method::POST, "/v1/events"), 96 << 20);
     }
 }

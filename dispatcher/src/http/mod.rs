@@ -19,6 +19,7 @@ mod console;
 mod data;
 mod drain;
 mod error;
+mod events;
 pub mod openapi;
 mod request;
 mod routes;
@@ -87,6 +88,8 @@ pub(crate) struct Handle {
     shared: Option<Arc<crate::store::postgres::PgStore>>,
     /// Ids of jobs the leader announced ended (a standby's waiting callers look again).
     pub(crate) ended: Option<broadcast::Sender<String>>,
+    /// Webhook senders that sign their requests (`[[webhook]]`), by name.
+    pub(crate) webhooks: Arc<std::collections::HashMap<String, crate::triggers::Webhook>>,
 }
 
 impl Handle {
@@ -116,7 +119,17 @@ impl Handle {
             leadership: None,
             shared: None,
             ended: None,
+            webhooks: Arc::default(),
         }
+    }
+
+    /// With the webhooks (their secrets read at start).
+    pub(crate) fn with_webhooks(
+        mut self,
+        webhooks: std::collections::HashMap<String, crate::triggers::Webhook>,
+    ) -> Self {
+        self.webhooks = Arc::new(webhooks);
+        self
     }
 
     /// Follows this dispatcher's part in the election: a standby refuses what only the

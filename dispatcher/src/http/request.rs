@@ -280,6 +280,7 @@ pub(super) fn spec_from(
         input_blobs: Vec::new(),
         keep_output: false,
         input_kept: Vec::new(),
+        event: None,
         target: None,
         parent: None,
     })

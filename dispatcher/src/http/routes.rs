@@ -952,6 +952,8 @@ pub(crate) fn router(h: Handle) -> Router {
         .route("/v1/jobs/{id}/tree", get(console::tree))
         .route("/v1/jobs/{id}/retry", axum::routing::post(console::retry))
         .route("/v1/whoami", get(console::whoami))
+        .route("/v1/events", axum::routing::post(super::events::post_event))
+        .route("/v1/rules", get(super::events::rules))
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(h.clone(), admit))
         .route("/healthz", get(healthz))
@@ -966,6 +968,11 @@ pub(crate) fn router(h: Handle) -> Router {
         // Signed URLs are their own credential (PROTOCOL.md §13.4): no token.
         .route("/v1/blobs/{sha256}", get(data::fetch_blob))
         .route("/v1/uploads/{job}", axum::routing::put(data::put_upload))
+        // Signed by the sender (HMAC), not by a token.
+        .route(
+            "/v1/events/{webhook}",
+            axum::routing::post(super::events::post_webhook),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(SMALL_BODY))

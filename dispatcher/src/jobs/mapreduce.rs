@@ -166,6 +166,7 @@ fn step_spec(
         input_blobs: Vec::new(),
         keep_output: false,
         input_kept: Vec::new(),
+        event: None,
     }
 }
 

@@ -86,6 +86,26 @@ pub struct JobSpec {
     /// agent is lost.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub input_kept: Vec<(FullJid, u64)>,
+    /// A job a rule made from an event (docs/events.md): which rule, which event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub event: Option<EventRef>,
+}
+
+/// The event a rule made a job from, and the rule.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventRef {
+    /// The rule.
+    pub rule: String,
+    /// The event's `id`.
+    pub id: String,
+    /// The event's `source`.
+    pub source: String,
+    /// The event's `type`.
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// Rules that led to the event (0: it came from outside).
+    #[serde(default)]
+    pub depth: u32,
 }
 
 impl JobSpec {
@@ -118,6 +138,7 @@ impl JobSpec {
             input_blobs: Vec::new(),
             keep_output: false,
             input_kept: Vec::new(),
+            event: None,
         }
     }
 

@@ -62,6 +62,10 @@ pub struct HttpToken {
     /// May read `GET /metrics` (a scraper's token; `capabilities` may then be empty).
     #[serde(default)]
     pub metrics: bool,
+    /// May post events (`POST /v1/events`, docs/events.md): a webhook sender's token
+    /// (`capabilities` may then be empty; the rules' jobs run as the rules).
+    #[serde(default)]
+    pub events: bool,
     /// Its queued jobs per capability at most (default `submitter_max_queued`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queued: Option<QueueShare>,

@@ -569,6 +569,7 @@ mod tests {
             input_blobs: Vec::new(),
             keep_output: false,
             input_kept: Vec::new(),
+            event: None,
             target: None,
             parent: None,
         }

@@ -34,6 +34,7 @@ pub fn spec(cap: &str, submitter: &str) -> JobSpec {
         input_blobs: Vec::new(),
         keep_output: false,
         input_kept: Vec::new(),
+        event: None,
         target: None,
         parent: None,
     }

@@ -1,0 +1,441 @@
+//! Event rules (docs/events.md) through a real `spine dispatcher` process: CloudEvents in
+//! structured, binary and batched modes, a signed webhook, a rule on a job's outcome, a dead
+//! letter, and an event sent again after `kill -9` and a restart making no second job.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use hmac::Mac as _;
+use serde_json::{json, Value};
+use spine_agent::{Agent, JobContext, JobError, Output};
+use spine_integration::farm::{run_agent, wait_for_agents};
+use spine_integration::{TestServer, PATIENCE};
+use tokio::process::{Child, Command};
+
+const SECRET: &str = "a-webhook-secret-of-some-length";
+
+fn rules(webhook_secret_file: &std::path::Path) -> String {
+    format!(
+        r#"
+[[rule]]
+name = "upper"
+on = {{ type = "com.example.note.*", source = "/notes" }}
+when = "data.lang = en"
+do = {{ capability = "text.upper", args = {{ lang = "{{{{data.lang}}}}" }}, input = "{{{{data.text}}}}" }}
+
+[[rule]]
+name = "raw"
+on = {{ type = "com.example.raw" }}
+do = {{ capability = "text.upper", input = "{{{{data}}}}" }}
+
+[[rule]]
+name = "index-upper"
+on = {{ type = "spine.job.succeeded", subject = "text.upper" }}
+when = "data.submitter = rule:upper"
+do = {{ capability = "notes.index", args = {{ of = "{{{{data.id}}}}" }} }}
+
+[[rule]]
+name = "on-push"
+on = {{ type = "com.github.push", source = "/webhooks/github" }}
+do = {{ capability = "text.upper", input = "{{{{data.ref}}}}" }}
+
+[[rule]]
+name = "broken"
+on = {{ type = "com.example.broken" }}
+do = {{ capability = "notes.fail" }}
+retry = {{ attempts = 1, max_age = "1h" }}
+
+[[webhook]]
+name = "github"
+secret_file = "{}"
+type = "com.github"
+type_header = "X-GitHub-Event"
+id_header = "X-GitHub-Delivery"
+"#,
+        webhook_secret_file.display()
+    )
+}
+
+fn spawn_dispatcher(config: &std::path::Path) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args(["dispatcher", "--config"])
+        .arg(config)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start spine dispatcher")
+}
+
+struct Api {
+    base: String,
+    http: reqwest::Client,
+}
+
+async fn json_of(r: reqwest::Response) -> (u16, Value) {
+    let status = r.status().as_u16();
+    let text = r.text().await.unwrap();
+    let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"));
+    (status, v)
+}
+
+impl Api {
+    async fn post(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<String>,
+    ) -> (u16, Value) {
+        let mut r = self.http.post(format!("{}{path}", self.base));
+        for (k, v) in headers {
+            r = r.header(*k, *v);
+        }
+        json_of(r.body(body.into()).send().await.unwrap()).await
+    }
+
+    async fn get(&self, path: &str) -> Value {
+        let (status, v) = json_of(
+            self.http
+                .get(format!("{}{path}", self.base))
+                .send()
+                .await
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(status, 200, "GET {path}: {v}");
+        v
+    }
+
+    /// Job `id` once it ended (it must, within the wait).
+    async fn ended(&self, id: &str) -> Value {
+        let j = self.get(&format!("/v1/jobs/{id}?wait=20s")).await;
+        let state = j["state"].as_str().unwrap_or("");
+        assert!(
+            ["succeeded", "failed", "timed-out", "cancelled"].contains(&state),
+            "{j}"
+        );
+        j
+    }
+
+    async fn output(&self, id: &str) -> String {
+        let j = self.ended(id).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+        self.http
+            .get(format!("{}/v1/jobs/{id}/output", self.base))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    async fn structured(&self, ev: Value) -> (u16, Value) {
+        self.post(
+            "/v1/events",
+            &[("content-type", "application/cloudevents+json")],
+            ev.to_string(),
+        )
+        .await
+    }
+
+    /// The one job an answer names, by its rule.
+    fn job_of(answer: &Value, rule: &str) -> String {
+        let jobs = answer["jobs"].as_array().expect("jobs");
+        assert_eq!(jobs.len(), 1, "{answer}");
+        assert_eq!(jobs[0]["rule"], rule, "{answer}");
+        jobs[0]["id"].as_str().unwrap().to_owned()
+    }
+
+    async fn until_up(&self) {
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        while self
+            .http
+            .get(format!("{}/healthz", self.base))
+            .send()
+            .await
+            .map(|r| !r.status().is_success())
+            .unwrap_or(true)
+        {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the dispatcher did not come up"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+fn note(id: &str, text: &str) -> Value {
+    json!({
+        "specversion": "1.0", "id": id, "source": "/notes", "type": "com.example.note.created",
+        "data": { "text": text, "lang": "en" },
+    })
+}
+
+fn signed(body: &str) -> String {
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
+    mac.update(body.as_bytes());
+    let sig: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={sig}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_make_jobs_once_through_rules_webhooks_outcomes_and_a_kill_9() {
+    let server = TestServer::start(&[("dispatcher", "pw-d"), ("agent1", "pw")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secret_file = dir.path().join("github.secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let config = dir.path().join("dispatcher.toml");
+    let port = spine_integration::free_port().unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\ndata_dir = \"{}\"\nhttp_listen = \"127.0.0.1:{port}\"\nno_agent_wait = \"2s\"\n{}",
+            server.addr,
+            dir.path().join("data").display(),
+            rules(&secret_file)
+        ),
+    )
+    .unwrap();
+    let agent = Agent::builder(spine_integration::farm::agent_config(
+        &server,
+        1,
+        "slots = 4",
+    ))
+    .capability("text.upper", None, |ctx: JobContext| async move {
+        Ok::<_, JobError>(Output::bytes(
+            String::from_utf8_lossy(&ctx.input).to_uppercase(),
+        ))
+    })
+    .capability("notes.index", None, |ctx: JobContext| async move {
+        Ok::<_, JobError>(Output::bytes(format!("indexed {}", ctx.arg_str("of")?)))
+    })
+    .capability("notes.fail", None, |_ctx: JobContext| async move {
+        Err::<Output, _>(JobError::Failed("this capability is broken".into()))
+    })
+    .build()
+    .unwrap();
+    let _agent = run_agent(agent);
+    let mut child = spawn_dispatcher(&config);
+    let api = Api {
+        base: format!("http://127.0.0.1:{port}"),
+        http: reqwest::Client::builder().no_proxy().build().unwrap(),
+    };
+    api.until_up().await;
+    wait_for_agents(&api.base, "notes.fail", 1).await;
+
+    // Structured mode: the rule's job runs with the event's data as input.
+    let (status, answer) = api.structured(note("n-1", "hello")).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        (answer["id"].as_str(), answer["source"].as_str()),
+        (Some("n-1"), Some("/notes"))
+    );
+    let upper = Api::job_of(&answer, "upper");
+    assert_eq!(api.output(&upper).await, "HELLO");
+    let job = api.ended(&upper).await;
+    assert_eq!(job["submitter"], "rule:upper");
+    assert_eq!(job["args"]["lang"], "en");
+    assert_eq!(job["event"]["id"], "n-1");
+    assert_eq!(job["event"]["rule"], "upper");
+    // The same event again: the same job.
+    let (status, again) = api.structured(note("n-1", "hello")).await;
+    assert_eq!(status, 202, "{again}");
+    assert_eq!(Api::job_of(&again, "upper"), upper);
+
+    // Its success fired the rule on outcomes: a job that names it.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let indexed = loop {
+        let list = api.get("/v1/jobs?submitter=rule:index-upper").await;
+        if let Some(j) = list["jobs"].as_array().and_then(|a| a.first()) {
+            break j["id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no job of index-upper: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(api.output(&indexed).await, format!("indexed {upper}"));
+    let j = api.ended(&indexed).await;
+    assert_eq!(
+        (j["event"]["type"].as_str(), j["event"]["depth"].as_u64()),
+        (Some("spine.job.succeeded"), Some(1))
+    );
+
+    // Binary mode: the body is the data, bytes as they came.
+    let (status, answer) = api
+        .post(
+            "/v1/events",
+            &[
+                ("ce-specversion", "1.0"),
+                ("ce-id", "r-1"),
+                ("ce-source", "/raw"),
+                ("ce-type", "com.example.raw"),
+                ("content-type", "text/plain"),
+            ],
+            "binary note",
+        )
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        api.output(&Api::job_of(&answer, "raw")).await,
+        "BINARY NOTE"
+    );
+
+    // A batch: each event answered in order, an invalid one refused on its own.
+    let (status, batch) = api
+        .post(
+            "/v1/events",
+            &[("content-type", "application/cloudevents-batch+json")],
+            json!([note("n-2", "two"), {"specversion": "1.0", "id": "x", "source": "/notes"}, note("n-3", "three")]).to_string(),
+        )
+        .await;
+    assert_eq!(status, 200, "{batch}");
+    let items = batch["events"].as_array().unwrap();
+    assert_eq!(items.len(), 3);
+    assert_eq!(api.output(&Api::job_of(&items[0], "upper")).await, "TWO");
+    assert_eq!(
+        (items[1]["error"].as_str(), items[1]["field"].as_str()),
+        (Some("bad-request"), Some("[1]")),
+        "{batch}"
+    );
+    assert_eq!(api.output(&Api::job_of(&items[2], "upper")).await, "THREE");
+
+    // A webhook that signs: a plain JSON body becomes an event of its type and id headers.
+    let push = json!({ "ref": "refs/heads/main" }).to_string();
+    let sig = signed(&push);
+    let hook = |sig: &str| {
+        vec![
+            ("content-type", "application/json"),
+            ("X-GitHub-Event", "push"),
+            ("X-GitHub-Delivery", "delivery-1"),
+            ("X-Hub-Signature-256", sig),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k, v.to_owned()))
+        .collect::<Vec<_>>()
+    };
+    let headers = hook(&sig);
+    let hdrs: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, answer) = api.post("/v1/events/github", &hdrs, push.clone()).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["id"], "delivery-1");
+    assert_eq!(
+        api.output(&Api::job_of(&answer, "on-push")).await,
+        "REFS/HEADS/MAIN"
+    );
+    let bad = hook(&signed("another body"));
+    let hdrs: Vec<(&str, &str)> = bad.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let (status, refused) = api.post("/v1/events/github", &hdrs, push.clone()).await;
+    assert_eq!(status, 401, "{refused}");
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("does not match"),
+        "{refused}"
+    );
+    let (status, _) = api.post("/v1/events/gitlab", &hdrs, push).await;
+    assert_eq!(status, 404);
+
+    // An event older than its rule's max_age (6 h by default): its job times out at once,
+    // a dead letter.
+    let mut stale = note("n-old", "late");
+    stale["time"] = json!("2020-01-01T00:00:00Z");
+    let (status, answer) = api.structured(stale).await;
+    assert_eq!(status, 202, "{answer}");
+    let late = api.ended(&Api::job_of(&answer, "upper")).await;
+    assert_eq!(late["state"], "timed-out", "{late}");
+
+    // Refusals name what is wrong.
+    let (status, e) = api
+        .post("/v1/events", &[("content-type", "application/json")], "{}")
+        .await;
+    assert_eq!(
+        (status, e["field"].as_str()),
+        (400, Some("ce-specversion")),
+        "{e}"
+    );
+    let mut lacking = note("n-9", "x");
+    lacking["data"] = json!({ "lang": "en" });
+    let (status, e) = api.structured(lacking).await;
+    assert_eq!(status, 400, "{e}");
+    assert_eq!(
+        e["message"],
+        "rule 'upper': do.input: the event has no data.text"
+    );
+
+    // A rule whose job fails: a dead letter, listed and counted.
+    let (status, answer) = api
+        .structured(json!({"specversion": "1.0", "id": "b-1", "source": "/b", "type": "com.example.broken"}))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let broken = Api::job_of(&answer, "broken");
+    assert_eq!(api.ended(&broken).await["state"], "failed");
+    let rules = api.get("/v1/rules").await;
+    let rule = |name: &str| {
+        rules["rules"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("no rule {name}: {rules}"))
+            .clone()
+    };
+    assert_eq!(rule("broken")["counts"]["dead_letters"], 1, "{rules}");
+    assert_eq!(rule("upper")["counts"]["jobs"], 4, "{rules}");
+    assert_eq!(rule("upper")["counts"]["dead_letters"], 1, "{rules}");
+    assert_eq!(rule("upper")["counts"]["duplicates"], 1, "{rules}");
+    assert_eq!(rule("upper")["counts"]["errors"], 1, "{rules}");
+    let dead = api
+        .get(rule("broken")["dead_letters"].as_str().unwrap())
+        .await;
+    let dead_ids: Vec<&str> = dead["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|j| j["id"].as_str())
+        .collect();
+    assert_eq!(dead_ids, vec![broken.as_str()]);
+    let metrics = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "spine_rule_jobs_total{rule=\"upper\"} 4",
+        "spine_rule_dead_letters_total{rule=\"broken\"} 1",
+        "spine_rule_jobs_total{rule=\"index-upper\"} 3",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in\n{metrics}"
+        );
+    }
+
+    // kill -9, restart: the event sent again finds the job it made (stored before the 202).
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    let _ = child.wait().await;
+    let _child = spawn_dispatcher(&config);
+    api.until_up().await;
+    let (status, after) = api.structured(note("n-1", "hello")).await;
+    assert_eq!(status, 202, "{after}");
+    assert_eq!(
+        Api::job_of(&after, "upper"),
+        upper,
+        "no second job after the restart"
+    );
+}

@@ -1,0 +1,389 @@
+//! Events into jobs (docs/events.md): an event from outside ([`Core::event`], answered after
+//! the commit that stores its jobs) or a job's end ([`Core::fire_outcomes`], its jobs stored
+//! in the commit that stores the end) fires the rules it matches ([`crate::triggers`]). Each
+//! rule's job has the event's key and the rule as submitter, so an event sent twice, or an
+//! outcome handled again after a restart, makes no second job.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use spine_protocol::{Condition, JobId, JobState, SpineError};
+use tracing::{info, warn};
+
+use super::{Core, Now};
+use crate::jobs::JobRecord;
+use crate::policy::Capabilities;
+use crate::triggers::{Event, EventData, JOB_SOURCE};
+
+/// A job a rule made of an event (or found made by the same event before).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Fired {
+    /// The rule.
+    pub rule: String,
+    /// Its job.
+    pub id: JobId,
+    /// The job's state.
+    pub state: JobState,
+}
+
+/// A rule's counters since the dispatcher started, for `/metrics` and `GET /v1/rules`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct RuleCounts {
+    /// Events that matched it.
+    pub matched: u64,
+    /// Jobs it made.
+    pub jobs: u64,
+    /// Events it had made a job of already (sent again).
+    pub duplicates: u64,
+    /// Events it could not make a job of (a field the template names was missing, the
+    /// queue was full, …).
+    pub errors: u64,
+    /// Its jobs that ended without success (failed, timed out, cancelled): dead letters.
+    pub dead_letters: u64,
+}
+
+impl Core {
+    /// An event from outside: the jobs of every rule it matches, accepted (or, sent again, the
+    /// ones it made before). One rule's refusal refuses the event (so its sender tries again;
+    /// the rules that did make their job find it then).
+    pub(crate) fn event(&mut self, ev: &Event, now: Now) -> Result<Vec<Fired>, SpineError> {
+        let mut fired = Vec::new();
+        let rules: Vec<_> = self.triggers.matching(ev).cloned().collect();
+        for rule in rules {
+            let counts = self.rule_counts.entry(rule.name.clone()).or_default();
+            counts.matched += 1;
+            let spec = rule.job(ev, now.ms).map_err(|e| {
+                counts.errors += 1;
+                SpineError::new(Condition::BadArguments).with_text(e.to_string())
+            })?;
+            let key = (spec.submitter.clone(), ev.key());
+            let before = self.idempotency.contains_key(&key);
+            match self.accept(spec, true, &Capabilities::all(), now) {
+                Ok((id, state)) => {
+                    let counts = self.rule_counts.entry(rule.name.clone()).or_default();
+                    if before {
+                        counts.duplicates += 1;
+                    } else {
+                        counts.jobs += 1;
+                        info!(rule = %rule.name, event = %ev.id, source = %ev.source, job = %id, "rule fired");
+                    }
+                    fired.push(Fired {
+                        rule: rule.name.clone(),
+                        id,
+                        state,
+                    });
+                }
+                Err(e) => {
+                    self.rule_counts
+                        .entry(rule.name.clone())
+                        .or_default()
+                        .errors += 1;
+                    let text = format!("rule '{}': {}", rule.name, e.text.as_deref().unwrap_or(""));
+                    return Err(SpineError {
+                        text: Some(text),
+                        ..e
+                    });
+                }
+            }
+        }
+        Ok(fired)
+    }
+
+    /// Queues the event of a job's end, for the rules (called once per job that ends), and
+    /// counts a rule's job that ended without success.
+    pub(super) fn outcome_event(&mut self, job: &JobId) {
+        let Some(rec) = self.jobs.get(job).filter(|r| r.state.is_final()) else {
+            return;
+        };
+        // Steps of a map/reduce or `all` job are the parent's business; a rule sees the parent.
+        if rec.spec.parent.is_some() {
+            return;
+        }
+        if let Some(e) = &rec.spec.event {
+            if rec.state != JobState::Succeeded {
+                self.rule_counts
+                    .entry(e.rule.clone())
+                    .or_default()
+                    .dead_letters += 1;
+                warn!(job = %rec.id, rule = %e.rule, event = %e.id, state = %rec.state, "a rule's job ended without success: a dead letter");
+            }
+        }
+        if self.triggers.is_empty() {
+            return;
+        }
+        let depth = rec.spec.event.as_ref().map_or(0, |e| e.depth + 1);
+        let ev = outcome(rec, depth);
+        self.outcomes.push(ev);
+    }
+
+    /// Fires the rules for the jobs that ended in this step; their jobs are stored in the
+    /// same commit as the ends. A job a rule cannot make is logged and counted (no one waits
+    /// on the other end to try again).
+    pub(super) fn fire_outcomes(&mut self, now: Now) {
+        // A rule's job may end at once (refused by every agent): its event comes next turn.
+        let events = std::mem::take(&mut self.outcomes);
+        for ev in events {
+            if ev.depth > crate::triggers::MAX_CHAIN
+                && self.triggers.all().iter().any(|r| r.matches(&ev))
+            {
+                warn!(job = %ev.id, depth = ev.depth, "a job's end fires no rule: {} rules led to it already", crate::triggers::MAX_CHAIN);
+                continue;
+            }
+            if let Err(e) = self.event(&ev, now) {
+                warn!(job = %ev.id, "a job's end did not become a rule's job: {e}");
+            }
+        }
+    }
+
+    /// Every rule with its counters, for `GET /v1/rules`.
+    pub(crate) fn rules_view(&self) -> Vec<(crate::triggers::RuleConfig, RuleCounts)> {
+        self.triggers
+            .all()
+            .iter()
+            .map(|r| {
+                let c = self.rule_counts.get(&r.name).copied().unwrap_or_default();
+                (r.config.clone(), c)
+            })
+            .collect()
+    }
+
+    /// The rules' counters as `/metrics` lines.
+    pub(super) fn rule_metrics(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        if self.triggers.is_empty() {
+            return;
+        }
+        let counts: BTreeMap<&str, RuleCounts> = self
+            .triggers
+            .all()
+            .iter()
+            .map(|r| {
+                (
+                    r.name.as_str(),
+                    self.rule_counts.get(&r.name).copied().unwrap_or_default(),
+                )
+            })
+            .collect();
+        type Family = (&'static str, &'static str, fn(&RuleCounts) -> u64);
+        let families: [Family; 5] = [
+            (
+                "spine_rule_events_total",
+                "Events that matched the rule.",
+                |c| c.matched,
+            ),
+            ("spine_rule_jobs_total", "Jobs the rule made.", |c| c.jobs),
+            (
+                "spine_rule_duplicates_total",
+                "Events sent again that the rule had made a job of already.",
+                |c| c.duplicates,
+            ),
+            (
+                "spine_rule_errors_total",
+                "Events the rule could not make a job of.",
+                |c| c.errors,
+            ),
+            (
+                "spine_rule_dead_letters_total",
+                "The rule's jobs that ended without success.",
+                |c| c.dead_letters,
+            ),
+        ];
+        for (name, help, get) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (rule, c) in &counts {
+                let _ = writeln!(out, "{name}{{rule=\"{rule}\"}} {}", get(c));
+            }
+        }
+    }
+}
+
+/// The event of `rec`'s end: `spine.job.<state>`, the capability as subject, the job as the
+/// HTTP API shows it as data.
+fn outcome(rec: &JobRecord, depth: u32) -> Event {
+    Event {
+        id: rec.id.to_string(),
+        source: JOB_SOURCE.into(),
+        ty: format!("spine.job.{}", rec.state),
+        subject: Some(rec.spec.capability.to_string()),
+        time_ms: Some(rec.updated_ms),
+        mime: Some("application/json".into()),
+        data: EventData::Json(super::views::job_json(rec)),
+        depth,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use spine_protocol::{Condition, SpineError};
+
+    use super::super::tests::{jobs_sent, spec, World, CAP};
+    use super::super::{ApiReply, ApiRequest, Restored};
+    use super::*;
+    use crate::config::DispatcherConfig;
+
+    fn world(rules: &str) -> World {
+        let cfg = DispatcherConfig {
+            submitters: vec!["webapp@localhost".into()],
+            ..DispatcherConfig::from_toml(rules).expect("rules")
+        };
+        World::with(cfg, Restored::default())
+    }
+
+    fn post(w: &mut World, ev: Event) -> Result<Vec<Fired>, SpineError> {
+        w.core.api(
+            99,
+            ApiRequest::Event {
+                event: Box::new(ev),
+            },
+            w.now,
+        );
+        let replies = std::mem::take(&mut w.core.ready.replies);
+        match replies.into_iter().last() {
+            Some((99, ApiReply::Event(r))) => r,
+            other => panic!("not an event's answer: {other:?}"),
+        }
+    }
+
+    fn note(id: &str, text: &str) -> Event {
+        Event {
+            id: id.into(),
+            source: "/notes".into(),
+            ty: "com.example.note.created".into(),
+            subject: None,
+            time_ms: None,
+            mime: Some("application/json".into()),
+            data: EventData::Json(json!({ "text": text, "lang": "en" })),
+            depth: 0,
+        }
+    }
+
+    const RULES: &str = r#"
+        [[rule]]
+        name = "upper"
+        on = { type = "com.example.note.*" }
+        when = "data.lang = en"
+        do = { capability = "c.work", args = { lang = "{{data.lang}}" }, input = "{{data.text}}" }
+        retry = { attempts = 1 }
+
+        [[rule]]
+        name = "other"
+        on = { type = "com.example.other" }
+        do = { capability = "c.work" }
+
+        [[rule]]
+        name = "after-upper"
+        on = { type = "spine.job.succeeded", source = "/spine/jobs", subject = "c.work" }
+        when = "data.submitter = rule:upper"
+        do = { capability = "c.work", args = { of = "{{data.id}}" } }
+    "#;
+
+    #[test]
+    fn an_event_makes_the_job_of_each_rule_it_matches_once() {
+        let mut w = world(RULES);
+        w.agent(1, 4);
+        w.ready();
+        let fired = post(&mut w, note("n-1", "hello")).unwrap();
+        assert_eq!(fired.len(), 1, "{fired:?}");
+        assert_eq!(fired[0].rule, "upper");
+        let id = fired[0].id.clone();
+        let rec = w.core.record(&id).expect("stored").clone();
+        assert_eq!(rec.spec.submitter, "rule:upper");
+        assert_eq!(rec.spec.args["lang"], json!("en"));
+        assert_eq!(rec.spec.input, crate::jobs::Body::Inline(b"hello".to_vec()));
+        assert_eq!(rec.spec.event.as_ref().unwrap().id, "n-1");
+        let r = w.ready();
+        assert!(r.replies.is_empty(), "the answer was taken above");
+        assert_eq!(jobs_sent(&r.stanzas).len(), 1);
+        // The same event again: the same job, nothing new.
+        let again = post(&mut w, note("n-1", "hello")).unwrap();
+        assert_eq!(again[0].id, id);
+        assert!(jobs_sent(&w.ready().stanzas).is_empty());
+        // Another id of the same source is another event.
+        let other = post(&mut w, note("n-2", "x")).unwrap();
+        assert_ne!(other[0].id, id);
+        // An event no rule takes makes nothing, and is answered.
+        let mut french = note("n-3", "bonjour");
+        french.data = EventData::Json(json!({ "text": "bonjour", "lang": "fr" }));
+        assert_eq!(post(&mut w, french).unwrap(), vec![]);
+        let m = w.core.metrics();
+        for line in [
+            "spine_rule_events_total{rule=\"upper\"} 3",
+            "spine_rule_jobs_total{rule=\"upper\"} 2",
+            "spine_rule_duplicates_total{rule=\"upper\"} 1",
+            "spine_rule_jobs_total{rule=\"other\"} 0",
+        ] {
+            assert!(m.lines().any(|l| l == line), "{line} not in\n{m}");
+        }
+    }
+
+    #[test]
+    fn a_rule_that_cannot_make_its_job_refuses_the_event_naming_the_field() {
+        let mut w = world(RULES);
+        w.agent(1, 4);
+        let mut ev = note("n-1", "x");
+        ev.data = EventData::Json(json!({ "lang": "en" }));
+        let e = post(&mut w, ev).unwrap_err();
+        assert_eq!(e.condition, Condition::BadArguments);
+        assert_eq!(
+            e.text.as_deref(),
+            Some("rule 'upper': do.input: the event has no data.text")
+        );
+        assert_eq!(w.core.rules_view()[0].1.errors, 1);
+    }
+
+    #[test]
+    fn a_jobs_end_fires_rules_in_the_same_commit_and_failures_are_dead_letters() {
+        let mut w = world(RULES);
+        let a = w.agent(1, 4);
+        w.ready();
+        let first = post(&mut w, note("n-1", "hello")).unwrap()[0].id.clone();
+        let sent = jobs_sent(&w.ready().stanzas);
+        w.succeed(&sent[0], &a);
+        // The next job is made in the step that ended the first: stored with its end.
+        let r = w.ready();
+        let next = jobs_sent(&r.stanzas);
+        assert_eq!(next.len(), 1, "the rule on the first job's success");
+        let rec = w.core.record(&next[0].job.id).unwrap().clone();
+        assert_eq!(rec.spec.submitter, "rule:after-upper");
+        assert_eq!(rec.spec.args["of"], json!(first.to_string()));
+        let ev = rec.spec.event.as_ref().unwrap();
+        assert_eq!((ev.id.as_str(), ev.depth), (first.as_str(), 1));
+        // Its own success is a rule's job's success, but not rule:upper's: nothing more.
+        w.succeed(&next[0], &a);
+        assert!(jobs_sent(&w.ready().stanzas).is_empty());
+        // A rule's job that fails is a dead letter.
+        post(&mut w, note("n-2", "x")).unwrap();
+        let sent = jobs_sent(&w.ready().stanzas);
+        w.refuse(
+            &sent[0],
+            SpineError::new(Condition::BadArguments).with_text("no"),
+        );
+        w.ready();
+        assert_eq!(w.state(&sent[0].job.id), JobState::Failed);
+        let upper = w.core.rules_view()[0].1;
+        assert_eq!((upper.jobs, upper.dead_letters), (2, 1));
+    }
+
+    #[test]
+    fn a_rule_that_matches_its_own_jobs_ends_after_the_chain_bound() {
+        let mut w = world(
+            r#"[[rule]]
+            name = "again"
+            on = { type = "spine.job.succeeded" }
+            do = { capability = "c.work" }"#,
+        );
+        let a = w.agent(1, 4);
+        w.ready();
+        w.submit(spec(CAP)).unwrap();
+        let mut made = 0;
+        let mut sent = jobs_sent(&w.ready().stanzas);
+        while let Some(s) = sent.pop() {
+            w.succeed(&s, &a);
+            sent = jobs_sent(&w.ready().stanzas);
+            made += sent.len();
+            assert!(made < 100, "the chain does not end");
+        }
+        assert_eq!(made as u32, crate::triggers::MAX_CHAIN + 1);
+    }
+}

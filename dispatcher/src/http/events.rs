@@ -1,0 +1,504 @@
+//! Events in (`POST /v1/events`, the CloudEvents HTTP binding: structured, binary and batched
+//! modes) and the rules they fire (`GET /v1/rules`); docs/events.md.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use utoipa::ToSchema;
+
+use super::auth::{read_body, Caller};
+use super::data::content_length;
+use super::error::ApiError;
+use super::openapi::ErrorBody;
+use super::routes::{change, mismatch, read};
+use super::{max_body, Handle};
+use crate::core::{Answer, ApiReply, ApiRequest, Query};
+use crate::triggers::{Event, EventData};
+
+/// Longest `id`, `source`, `type` or `subject` taken, in bytes.
+const MAX_ATTRIBUTE: usize = 1024;
+
+/// Events one batch may carry.
+const MAX_BATCH: usize = 1000;
+
+/// A job an event made.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FiredView {
+    /// The rule that made it.
+    pub rule: String,
+    /// The job.
+    pub id: String,
+    /// Its state.
+    #[schema(value_type = crate::core::JobStateName)]
+    pub state: spine_protocol::JobState,
+}
+
+/// `POST /v1/events`'s answer: the event, stored with the jobs it made.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct EventAnswer {
+    /// The event's `id`.
+    pub id: String,
+    /// The event's `source`.
+    pub source: String,
+    /// The jobs of the rules it matched (none: it matched no rule). Sent again, the same
+    /// jobs.
+    pub jobs: Vec<FiredView>,
+}
+
+/// One item of a batch's answer: the event's answer, or its error.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum BatchEventItem {
+    Stored(EventAnswer),
+    Refused(ErrorBody),
+}
+
+/// A batch's answer, one item per event, in order.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BatchEventAnswer {
+    pub events: Vec<BatchEventItem>,
+}
+
+/// A structured-mode event (`application/cloudevents+json`).
+#[derive(Debug, Deserialize, ToSchema)]
+pub struct StructuredEvent {
+    /// `1.0`.
+    pub specversion: String,
+    /// Unique within its source: an event sent again with the same `source` and `id` makes
+    /// no second job.
+    pub id: String,
+    /// Who produced it (a URI reference).
+    pub source: String,
+    /// What happened.
+    #[serde(rename = "type")]
+    pub ty: String,
+    /// What it is about.
+    #[serde(default)]
+    pub subject: Option<String>,
+    /// When it happened (RFC 3339).
+    #[serde(default)]
+    pub time: Option<String>,
+    /// Its data's media type (JSON when absent).
+    #[serde(default)]
+    pub datacontenttype: Option<String>,
+    /// Its data.
+    #[serde(default)]
+    #[schema(value_type = Option<Object>)]
+    pub data: Option<Value>,
+    /// Its data, binary, in base64.
+    #[serde(default)]
+    pub data_base64: Option<String>,
+    // Extension attributes are accepted and not used (serde skips unknown fields).
+}
+
+fn is_json(mime: &str) -> bool {
+    let m = mime
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    m == "application/json" || m == "text/json" || m.ends_with("+json")
+}
+
+/// Checks the attributes every event has, naming the one at fault.
+#[allow(clippy::too_many_arguments)]
+fn event(
+    specversion: &str,
+    id: String,
+    source: String,
+    ty: String,
+    subject: Option<String>,
+    time: Option<&str>,
+    mime: Option<String>,
+    data: EventData,
+    prefix: &str,
+) -> Result<Event, ApiError> {
+    let name = |k: &str| format!("{prefix}{k}");
+    if specversion != "1.0" {
+        return Err(ApiError::field(
+            &name("specversion"),
+            format!("'{specversion}': this dispatcher takes CloudEvents 1.0"),
+        ));
+    }
+    for (k, v) in [("id", &id), ("source", &source), ("type", &ty)] {
+        if v.is_empty() {
+            return Err(ApiError::field(&name(k), "missing or empty: required"));
+        }
+    }
+    for (k, v) in [
+        ("id", Some(&id)),
+        ("source", Some(&source)),
+        ("type", Some(&ty)),
+        ("subject", subject.as_ref()),
+    ] {
+        if v.is_some_and(|v| v.len() > MAX_ATTRIBUTE) {
+            return Err(ApiError::field(
+                &name(k),
+                format!("at most {MAX_ATTRIBUTE} bytes"),
+            ));
+        }
+    }
+    let time_ms = time
+        .map(|t| {
+            chrono::DateTime::parse_from_rfc3339(t)
+                .map(|d| u64::try_from(d.timestamp_millis()).unwrap_or(0))
+                .map_err(|e| {
+                    ApiError::field(
+                        &name("time"),
+                        format!("'{t}' is not an RFC 3339 time ({e}), like 2026-11-26T10:00:00Z"),
+                    )
+                })
+        })
+        .transpose()?;
+    Ok(Event {
+        id,
+        source,
+        ty,
+        subject,
+        time_ms,
+        mime,
+        data,
+        depth: 0,
+    })
+}
+
+fn structured(e: StructuredEvent, prefix: &str) -> Result<Event, ApiError> {
+    let data = match (e.data, e.data_base64) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::field(
+                &format!("{prefix}data_base64"),
+                "give data or data_base64, not both",
+            ))
+        }
+        (None, Some(b64)) => EventData::Bytes(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.as_bytes())
+                .map_err(|err| {
+                    ApiError::field(
+                        &format!("{prefix}data_base64"),
+                        format!("not base64: {err}"),
+                    )
+                })?,
+        ),
+        // Text data of a type that is not JSON is the text's bytes.
+        (Some(Value::String(s)), None)
+            if e.datacontenttype.as_deref().is_some_and(|m| !is_json(m)) =>
+        {
+            EventData::Bytes(s.into_bytes())
+        }
+        (Some(v), None) => EventData::Json(v),
+        (None, None) => EventData::None,
+    };
+    event(
+        &e.specversion,
+        e.id,
+        e.source,
+        e.ty,
+        e.subject,
+        e.time.as_deref(),
+        e.datacontenttype,
+        data,
+        prefix,
+    )
+}
+
+fn binary(
+    headers: &HeaderMap,
+    content_type: Option<String>,
+    body: Vec<u8>,
+) -> Result<Event, ApiError> {
+    let header = |k: &str| -> Result<Option<String>, ApiError> {
+        headers
+            .get(k)
+            .map(|v| {
+                v.to_str()
+                    .map(str::to_owned)
+                    .map_err(|_| ApiError::field(k, "not visible ASCII text"))
+            })
+            .transpose()
+    };
+    let Some(specversion) = header("ce-specversion")? else {
+        return Err(ApiError::field(
+            "ce-specversion",
+            "missing: send the event as Content-Type: application/cloudevents+json (structured mode), as application/cloudevents-batch+json (a list), or with ce-specversion, ce-id, ce-source and ce-type headers and its data as the body (binary mode)",
+        ));
+    };
+    let data = data_of(content_type.as_deref(), &body)?;
+    event(
+        &specversion,
+        header("ce-id")?.unwrap_or_default(),
+        header("ce-source")?.unwrap_or_default(),
+        header("ce-type")?.unwrap_or_default(),
+        header("ce-subject")?,
+        header("ce-time")?.as_deref(),
+        content_type,
+        data,
+        "ce-",
+    )
+}
+
+/// One event to the core: stored with its jobs before the answer.
+async fn fire(h: &Handle, ev: Event) -> Result<EventAnswer, ApiError> {
+    let (id, source) = (ev.id.clone(), ev.source.clone());
+    let ApiReply::Event(answer) = change(
+        h,
+        ApiRequest::Event {
+            event: Box::new(ev),
+        },
+    )
+    .await?
+    else {
+        return Err(mismatch());
+    };
+    let jobs = answer?
+        .into_iter()
+        .map(|f| FiredView {
+            rule: f.rule,
+            id: f.id.to_string(),
+            state: f.state,
+        })
+        .collect();
+    Ok(EventAnswer { id, source, jobs })
+}
+
+/// `POST /v1/events`.
+#[utoipa::path(
+    post, path = "/v1/events", tag = "events",
+    summary = "Post an event (CloudEvents 1.0): the rules it matches make their jobs",
+    description = "Structured mode (`Content-Type: application/cloudevents+json`, the event as JSON), binary mode (`ce-specversion`, `ce-id`, `ce-source`, `ce-type` headers, optionally `ce-subject` and `ce-time`; the body is the data, its Content-Type the data's) or a batch (`application/cloudevents-batch+json`, a list of structured events; the answer lists each one's outcome). Answered once the event's jobs are stored; the same `source` and `id` sent again makes no second job and answers the jobs it made. The token needs `events = true` (or is an operator's).",
+    request_body(content((StructuredEvent = "application/cloudevents+json"), (String = "application/octet-stream"))),
+    responses(
+        (status = 202, description = "Stored: the jobs it made (none when it matched no rule)", body = EventAnswer),
+        (status = 200, description = "A batch: one item per event", body = BatchEventAnswer),
+        (status = 400, description = "An attribute is wrong (`field` names it), or a rule could not make its job of the event (a field its template names is missing: the message names the rule and the field)", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "The token may not post events", body = ErrorBody),
+        (status = 429, description = "A rule's job was refused for now (queue full, rate limit): retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = "Unavailable (a standby, the store down): retry", body = ErrorBody),
+    ),
+)]
+pub(super) async fn post_event(
+    State(h): State<Handle>,
+    caller: Caller,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if !caller.events {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not-authorized",
+            format!(
+                "token '{}' may not post events: give it events = true in its [[http_token]]",
+                caller.name
+            ),
+        ));
+    }
+    let bytes = read_event(&h, &headers, body).await?;
+    take(&h, &headers, bytes, None).await
+}
+
+/// An event request's body, read: CloudEvents in any mode, or, from a `webhook` that is
+/// not CloudEvents-aware, a plain body it maps to an event.
+async fn take(
+    h: &Handle,
+    headers: &HeaderMap,
+    bytes: Vec<u8>,
+    webhook: Option<&crate::triggers::Webhook>,
+) -> Result<Response, ApiError> {
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let kind = content_type.as_deref().map(|c| {
+        c.split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    });
+    let not_json = |e: serde_json::Error, what: &str| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad-request",
+            format!("the body is not {what}: {e}"),
+        )
+    };
+    match kind.as_deref() {
+        Some("application/cloudevents+json") => {
+            let e: StructuredEvent = serde_json::from_slice(&bytes)
+                .map_err(|e| not_json(e, "a CloudEvent (specversion, id, source, type, …)"))?;
+            let answer = fire(h, structured(e, "")?).await?;
+            Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+        }
+        Some("application/cloudevents-batch+json") => {
+            let list: Vec<Value> =
+                serde_json::from_slice(&bytes).map_err(|e| not_json(e, "a list of CloudEvents"))?;
+            if list.is_empty() || list.len() > MAX_BATCH {
+                return Err(ApiError::field(
+                    "events",
+                    format!("from 1 to {MAX_BATCH} events, not {}", list.len()),
+                ));
+            }
+            let mut events = Vec::with_capacity(list.len());
+            // In order: a later event may rely on an earlier one's job existing.
+            for (i, v) in list.into_iter().enumerate() {
+                let prefix = format!("[{i}].");
+                let one = match serde_json::from_value::<StructuredEvent>(v) {
+                    Ok(e) => match structured(e, &prefix) {
+                        Ok(ev) => fire(h, ev).await,
+                        Err(e) => Err(e),
+                    },
+                    Err(e) => Err(ApiError::field(
+                        &format!("[{i}]"),
+                        format!("not a CloudEvent: {e}"),
+                    )),
+                };
+                events.push(match one {
+                    Ok(a) => BatchEventItem::Stored(a),
+                    Err(e) => BatchEventItem::Refused(ErrorBody::from(&e)),
+                });
+            }
+            Ok((StatusCode::OK, Json(BatchEventAnswer { events })).into_response())
+        }
+        _ => {
+            let ev = match webhook {
+                Some(w) if !headers.contains_key("ce-specversion") => {
+                    let data = data_of(content_type.as_deref(), &bytes)?;
+                    let header = |k: &str| headers.get(k).and_then(|v| v.to_str().ok());
+                    w.event(header, content_type, bytes, data)
+                }
+                _ => binary(headers, content_type, bytes)?,
+            };
+            let answer = fire(h, ev).await?;
+            Ok((StatusCode::ACCEPTED, Json(answer)).into_response())
+        }
+    }
+}
+
+/// `POST /v1/events/{webhook}`: an event from a sender that signs (`[[webhook]]`).
+#[utoipa::path(
+    post, path = "/v1/events/{webhook}", tag = "events",
+    summary = "Post an event signed with a webhook's secret (no token)",
+    description = "The body is signed: the `X-Hub-Signature-256` header (or the webhook's `signature_header`) is `sha256=` and the hex HMAC-SHA256 of the body with the webhook's secret, as GitHub sends it. A CloudEvent (any mode) is taken as `POST /v1/events` takes it; any other body becomes an event of the webhook's `source` and `type` (with the value of its `type_header`), its `id` from `id_header` or the body's SHA-256, the body as data.",
+    params(("webhook" = String, Path, description = "The webhook's name")),
+    request_body(content((StructuredEvent = "application/cloudevents+json"), (String = "application/json"))),
+    responses(
+        (status = 202, description = "Stored: the jobs it made (none when it matched no rule)", body = EventAnswer),
+        (status = 400, description = "An attribute is wrong (`field` names it), or a rule could not make its job", body = ErrorBody),
+        (status = 401, description = "The signature is missing, malformed or does not match", body = ErrorBody),
+        (status = 404, description = "No such webhook", body = ErrorBody),
+        (status = 429, description = "A rule's job was refused for now: retry after `Retry-After`", body = ErrorBody),
+        (status = 503, description = "Unavailable (a standby, the store down): retry", body = ErrorBody),
+    ),
+    security(()),
+)]
+pub(super) async fn post_webhook(
+    State(h): State<Handle>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Some(w) = h.webhooks.get(&name).cloned() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("no webhook '{name}' ([[webhook]] in the dispatcher's configuration)"),
+        ));
+    };
+    let bytes = read_event(&h, &headers, body).await?;
+    let signature = headers
+        .get(w.config.signature_header.as_str())
+        .and_then(|v| v.to_str().ok());
+    w.verify(signature, &bytes).map_err(|e| {
+        tracing::warn!(webhook = %name, "webhook request refused: {e}");
+        ApiError::new(StatusCode::UNAUTHORIZED, "not-authorized", e.to_string())
+    })?;
+    take(&h, &headers, bytes, Some(&w)).await
+}
+
+/// An event request's body, read whole within the limit of a JSON job (`max_blob` in base64).
+async fn read_event(h: &Handle, headers: &HeaderMap, body: Body) -> Result<Vec<u8>, ApiError> {
+    let limit = max_body(h.max_json_input);
+    let small = usize::try_from(content_length(headers).unwrap_or(0)).unwrap_or(usize::MAX);
+    read_body(body, limit, small).await
+}
+
+/// A plain body's data: JSON when its type is (or none is given), else its bytes.
+fn data_of(content_type: Option<&str>, body: &[u8]) -> Result<EventData, ApiError> {
+    if body.is_empty() {
+        Ok(EventData::None)
+    } else if content_type.is_none_or(is_json) {
+        Ok(EventData::Json(serde_json::from_slice(body).map_err(
+            |e| {
+                ApiError::field(
+                    "body",
+                    format!("the data is not JSON ({e}); send another Content-Type for other data"),
+                )
+            },
+        )?))
+    } else {
+        Ok(EventData::Bytes(body.to_vec()))
+    }
+}
+
+/// A rule, as `GET /v1/rules` shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RuleView {
+    /// As configured (`[[rule]]`: name, on, when, do, retry).
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub config: crate::triggers::RuleConfig,
+    /// Its counters since the dispatcher started.
+    #[schema(value_type = Object)]
+    pub counts: crate::core::events::RuleCounts,
+    /// Where its dead letters are listed: its jobs that failed (also `timed-out` and
+    /// `cancelled`).
+    pub dead_letters: String,
+}
+
+/// `GET /v1/rules`' answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RuleList {
+    pub rules: Vec<RuleView>,
+}
+
+/// `GET /v1/rules`.
+#[utoipa::path(
+    get, path = "/v1/rules", tag = "events",
+    summary = "The event rules, with their counters",
+    responses(
+        (status = 200, description = "Every rule, in configuration order", body = RuleList),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "Only an operator (all_jobs) sees the rules", body = ErrorBody),
+    ),
+)]
+pub(super) async fn rules(State(h): State<Handle>, caller: Caller) -> Result<Response, ApiError> {
+    if !caller.grant.all_jobs {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not-authorized",
+            format!(
+                "token '{}' may not see the rules (an operator's token, with all_jobs, may)",
+                caller.name
+            ),
+        ));
+    }
+    let Answer::Rules(rules) = read(&h, Query::Rules).await? else {
+        return Err(mismatch());
+    };
+    let rules = rules
+        .into_iter()
+        .map(|(config, counts)| RuleView {
+            dead_letters: format!("/v1/jobs?submitter=rule:{}&state=failed", config.name),
+            config,
+            counts,
+        })
+        .collect();
+    Ok(Json(RuleList { rules }).into_response())
+}
