@@ -366,6 +366,20 @@ mod tests {
     }
 
     #[test]
+    fn an_event_older_than_its_rules_max_age_is_a_dead_letter_that_never_runs() {
+        let mut w = world(RULES);
+        w.agent(1, 4);
+        w.ready();
+        let mut old = note("n-old", "late");
+        // Seven hours before now: past the default max_age of six.
+        old.time_ms = Some(w.now.ms - 7 * 3_600_000);
+        let fired = post(&mut w, old).unwrap();
+        assert_eq!(fired[0].state, JobState::TimedOut);
+        assert!(jobs_sent(&w.ready().stanzas).is_empty(), "nothing sent");
+        assert_eq!(w.core.rules_view()[0].1.dead_letters, 1);
+    }
+
+    #[test]
     fn a_rule_that_matches_its_own_jobs_ends_after_the_chain_bound() {
         let mut w = world(
             r#"[[rule]]

@@ -221,6 +221,16 @@ impl Core {
         };
         self.index_key(&job_id);
         self.persist(&job_id);
+        // A deadline already past (an event older than its rule's max_age): the job times out
+        // now rather than run late.
+        if self
+            .jobs
+            .get(&job_id)
+            .and_then(|j| j.spec.deadline_ms)
+            .is_some_and(|d| d <= now.ms)
+        {
+            self.expire_deadlines(now);
+        }
         // Placed at once, so the acknowledgement says whether it is already on its way.
         self.place(now);
         let state = self.jobs.get(&job_id).map_or(accepted, |j| j.state);
