@@ -439,3 +439,106 @@ async fn events_make_jobs_once_through_rules_webhooks_outcomes_and_a_kill_9() {
         "no second job after the restart"
     );
 }
+
+/// A schedule firing every second for 30 s of real time, its dispatcher killed (-9) and
+/// started again in the middle: every tick ran once or is counted missed by the dispatcher
+/// that came back (catch_up = "once": of the ticks missed while it was down, the latest ran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schedule_every_second_survives_a_kill_9_without_a_tick_doubled() {
+    let server = TestServer::start(&[("dispatcher", "pw-d"), ("agent1", "pw")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dispatcher.toml");
+    let port = spine_integration::free_port().unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            r#"jid = "dispatcher@localhost/d1"
+password = "pw-d"
+server = "{}"
+data_dir = "{}"
+http_listen = "127.0.0.1:{port}"
+
+[[schedule]]
+name = "every-second"
+cron = "* * * * * *"
+catch_up = "once"
+
+[[rule]]
+name = "tick"
+on = {{ type = "spine.schedule", subject = "every-second" }}
+do = {{ capability = "notes.index", args = {{ of = "{{{{data.tick}}}}" }} }}
+"#,
+            server.addr,
+            dir.path().join("data").display(),
+        ),
+    )
+    .unwrap();
+    let agent = Agent::builder(spine_integration::farm::agent_config(
+        &server,
+        1,
+        "slots = 4",
+    ))
+    .capability("notes.index", None, |ctx: JobContext| async move {
+        Ok::<_, JobError>(Output::bytes(ctx.arg_str("of")?.to_owned()))
+    })
+    .build()
+    .unwrap();
+    let _agent = run_agent(agent);
+    let api = Api {
+        base: format!("http://127.0.0.1:{port}"),
+        http: reqwest::Client::builder().no_proxy().build().unwrap(),
+    };
+    let started = tokio::time::Instant::now();
+    let mut child = spawn_dispatcher(&config);
+    api.until_up().await;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    let _ = child.wait().await;
+    // Down for two seconds and more: ticks are missed.
+    tokio::time::sleep(Duration::from_millis(2_500)).await;
+    let _child = spawn_dispatcher(&config);
+    api.until_up().await;
+    tokio::time::sleep(Duration::from_secs(30).saturating_sub(started.elapsed())).await;
+
+    let list = api.get("/v1/jobs?submitter=rule:tick&limit=1000").await;
+    let mut ticks: Vec<i64> = list["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| {
+            let id = j["event"]["id"]
+                .as_str()
+                .expect("a tick's job names its tick");
+            chrono_secs(id)
+        })
+        .collect();
+    let n = ticks.len();
+    ticks.sort_unstable();
+    ticks.dedup();
+    assert_eq!(ticks.len(), n, "a tick made two jobs: {list}");
+    assert!(n >= 20, "{n} ticks in 30 s");
+    let (first, last) = (ticks[0], ticks[n - 1]);
+    let absent = (last - first + 1) as u64 - n as u64;
+    assert!(absent >= 1, "a kill -9 of 2.5 s missed no tick: {ticks:?}");
+    eprintln!("schedule: {n} ticks ran once each, {absent} absent over the kill -9 and restart");
+    let rules = api.get("/v1/rules").await;
+    let s = &rules["schedules"][0];
+    assert_eq!(s["name"], "every-second", "{rules}");
+    assert_eq!(
+        s["counts"]["missed"].as_u64(),
+        Some(absent),
+        "every tick absent is one the dispatcher that came back counted missed: {ticks:?} {rules}"
+    );
+    for j in list["jobs"].as_array().unwrap() {
+        let id = j["id"].as_str().unwrap();
+        let done = api.ended(id).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+    }
+}
+
+/// Seconds since the UNIX epoch of an RFC 3339 time like `2026-11-26T10:00:01.000Z`.
+fn chrono_secs(t: &str) -> i64 {
+    let d = humantime::parse_rfc3339(t).unwrap_or_else(|e| panic!("{t}: {e}"));
+    d.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
+}

@@ -187,6 +187,9 @@ pub struct DispatcherConfig {
     /// job.
     #[serde(rename = "rule", skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<crate::triggers::RuleConfig>,
+    /// Schedules whose ticks are events for the rules (`[[schedule]]`, docs/events.md).
+    #[serde(rename = "schedule", skip_serializing_if = "Vec::is_empty")]
+    pub schedules: Vec<crate::schedules::ScheduleConfig>,
     /// Webhook senders that sign instead of holding a token (`[[webhook]]`, docs/events.md).
     #[serde(rename = "webhook", skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<crate::triggers::WebhookConfig>,
@@ -274,6 +277,7 @@ impl Default for DispatcherConfig {
             http_tokens: Vec::new(),
             rules: Vec::new(),
             webhooks: Vec::new(),
+            schedules: Vec::new(),
             http_header_timeout: Duration::from_secs(10),
             http_request_timeout: Duration::from_secs(120),
             http_max_connections: 512,
@@ -423,6 +427,7 @@ impl DispatcherConfig {
         self.validate_limits()?;
         crate::triggers::Rules::new(&self.rules).map_err(DispatcherError::Config)?;
         crate::triggers::webhooks(&self.webhooks, false).map_err(DispatcherError::Config)?;
+        crate::schedules::schedules(&self.schedules).map_err(DispatcherError::Config)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(bad("data_dir", "must not be empty"));
         }

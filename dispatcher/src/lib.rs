@@ -29,6 +29,7 @@ pub mod jobs;
 pub mod leadership;
 pub mod policy;
 pub mod registry;
+pub mod schedules;
 mod sent_ahead;
 pub mod signing;
 pub mod sim;

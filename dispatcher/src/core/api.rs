@@ -148,6 +148,15 @@ pub(crate) struct FleetAnswer {
     pub at_ms: u64,
 }
 
+/// The rules with their counters, and the schedules with where they stand.
+#[derive(Debug)]
+pub(crate) struct RulesAnswer {
+    pub rules: Vec<(crate::triggers::RuleConfig, super::events::RuleCounts)>,
+    pub schedules: Vec<super::ticks::Ticking>,
+    /// Whether this dispatcher leads (a standby fires no tick).
+    pub leads: bool,
+}
+
 /// The answer to a [`Query`].
 #[derive(Debug)]
 pub(crate) enum Answer {
@@ -163,7 +172,7 @@ pub(crate) enum Answer {
     Metrics(String),
     Fleet(Box<FleetAnswer>),
     Tree(Option<super::tree::TreeView>),
-    Rules(Vec<(crate::triggers::RuleConfig, super::events::RuleCounts)>),
+    Rules(Box<RulesAnswer>),
 }
 
 /// A request from an HTTP handler to the driver, with where its answer goes.

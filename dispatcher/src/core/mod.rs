@@ -38,6 +38,7 @@ mod stats;
 pub(crate) mod submit;
 #[cfg(test)]
 mod tests;
+pub(crate) mod ticks;
 pub(crate) mod tree;
 pub(crate) mod views;
 
@@ -269,6 +270,8 @@ pub(crate) struct Core {
     rule_counts: HashMap<String, events::RuleCounts>,
     /// Events of jobs that ended in this step, for the rules ([`Core::fire_outcomes`]).
     outcomes: Vec<crate::triggers::Event>,
+    /// Schedules (`[[schedule]]`), whose ticks the leader fires.
+    schedules: Vec<ticks::Ticking>,
 }
 
 impl Core {
@@ -320,6 +323,15 @@ impl Core {
             }),
             rule_counts: HashMap::new(),
             outcomes: Vec::new(),
+            schedules: crate::schedules::schedules(&cfg.schedules)
+                .unwrap_or_else(|e| {
+                    // `DispatcherConfig::validate` refused such a configuration at load.
+                    tracing::error!("schedules not loaded: {e}");
+                    Vec::new()
+                })
+                .into_iter()
+                .map(ticks::Ticking::new)
+                .collect(),
             jobs: JobTable::new(cfg.max_queue).with_max_delayed(cfg.max_delayed),
             cfg,
             policy,
@@ -327,6 +339,7 @@ impl Core {
             rng,
         };
         core.load_jobs(restored.jobs, now);
+        core.start_schedules(now);
         core
     }
 
@@ -361,6 +374,7 @@ impl Core {
             *seen = (*seen).max(t);
         }
         self.load_jobs(restored.jobs, now);
+        self.start_schedules(now);
         self.place_pending = true;
     }
 
@@ -531,6 +545,7 @@ impl Core {
             self.expire_deadlines(now);
             self.expire_no_agent(now);
             self.release_delayed(now);
+            self.fire_schedules(now);
         }
         if self.grace_pending && now.mono.saturating_duration_since(self.started) >= RESUME_GRACE {
             self.grace_pending = false;
@@ -579,6 +594,7 @@ impl Core {
             self.jobs
                 .next_prune_at(self.cfg.retention.as_millis() as u64)
                 .map(|t| t.max(self.next_prune_ms)),
+            self.next_tick(),
         ];
         for t in wall.into_iter().flatten() {
             wake = wake.min(at_ms(t));

@@ -123,7 +123,11 @@ impl Core {
                 Answer::Tree(self.jobs.get(&id).map(|p| super::tree::tree(&self.jobs, p)))
             }
             Query::Metrics => Answer::Metrics(self.metrics()),
-            Query::Rules => Answer::Rules(self.rules_view()),
+            Query::Rules => Answer::Rules(Box::new(super::api::RulesAnswer {
+                rules: self.rules_view(),
+                schedules: self.schedules_view(),
+                leads: self.leads,
+            })),
         }
     }
 

@@ -462,16 +462,33 @@ pub struct RuleView {
     pub dead_letters: String,
 }
 
+/// A schedule, as `GET /v1/rules` shows it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ScheduleView {
+    /// As configured (`[[schedule]]`: name, cron, timezone, prohibit_overlap, catch_up).
+    #[serde(flatten)]
+    #[schema(value_type = Object)]
+    pub config: crate::schedules::ScheduleConfig,
+    /// Its next tick (RFC 3339, UTC); none at a standby, which fires no tick.
+    pub next_tick: Option<String>,
+    /// The last tick fired (by this dispatcher, or found in the jobs it holds).
+    pub last_tick: Option<String>,
+    /// Its counters since the dispatcher started.
+    #[schema(value_type = Object)]
+    pub counts: crate::core::ticks::ScheduleCounts,
+}
+
 /// `GET /v1/rules`' answer.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct RuleList {
     pub rules: Vec<RuleView>,
+    pub schedules: Vec<ScheduleView>,
 }
 
 /// `GET /v1/rules`.
 #[utoipa::path(
     get, path = "/v1/rules", tag = "events",
-    summary = "The event rules, with their counters",
+    summary = "The event rules and schedules, with their counters",
     responses(
         (status = 200, description = "Every rule, in configuration order", body = RuleList),
         (status = 401, description = "No token, or an unknown one", body = ErrorBody),
@@ -489,10 +506,22 @@ pub(super) async fn rules(State(h): State<Handle>, caller: Caller) -> Result<Res
             ),
         ));
     }
-    let Answer::Rules(rules) = read(&h, Query::Rules).await? else {
+    let Answer::Rules(answer) = read(&h, Query::Rules).await? else {
         return Err(mismatch());
     };
-    let rules = rules
+    let leads = answer.leads;
+    let schedules = answer
+        .schedules
+        .into_iter()
+        .map(|t| ScheduleView {
+            next_tick: t.next_ms.filter(|_| leads).map(crate::core::rfc3339_ms),
+            last_tick: t.last_ms.map(crate::core::rfc3339_ms),
+            counts: t.counts,
+            config: t.schedule.config,
+        })
+        .collect();
+    let rules = answer
+        .rules
         .into_iter()
         .map(|(config, counts)| RuleView {
             dead_letters: format!("/v1/jobs?submitter=rule:{}&state=failed", config.name),
@@ -500,5 +529,5 @@ pub(super) async fn rules(State(h): State<Handle>, caller: Caller) -> Result<Res
             counts,
         })
         .collect();
-    Ok(Json(RuleList { rules }).into_response())
+    Ok(Json(RuleList { rules, schedules }).into_response())
 }

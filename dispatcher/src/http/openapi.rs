@@ -318,7 +318,7 @@ pub struct BlobStored {
         super::console::Fleet, super::console::FleetCapability, super::console::Retried,
         super::console::WhoAmI, super::events::StructuredEvent, super::events::EventAnswer,
         super::events::FiredView, super::events::BatchEventAnswer, super::events::BatchEventItem,
-        super::events::RuleView, super::events::RuleList,
+        super::events::RuleView, super::events::RuleList, super::events::ScheduleView,
     )),
     modifiers(&Tokens),
     security(("token" = [])),
