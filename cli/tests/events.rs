@@ -131,6 +131,18 @@ impl Api {
             .unwrap()
     }
 
+    /// An open event stream.
+    async fn sse(&self, path: &str) -> reqwest::Response {
+        let r = self
+            .http
+            .get(format!("{}{path}", self.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        r
+    }
+
     async fn structured(&self, ev: Value) -> (u16, Value) {
         self.post(
             "/v1/events",
@@ -164,6 +176,27 @@ impl Api {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+}
+
+/// The next `data:` of an event stream, as JSON (within the test's patience).
+async fn next_event(r: &mut reqwest::Response) -> Value {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let mut buf = String::new();
+    loop {
+        if let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            if let Some(data) = block.lines().find_map(|l| l.strip_prefix("data:")) {
+                return serde_json::from_str(data.trim()).unwrap();
+            }
+            continue;
+        }
+        let chunk = tokio::time::timeout_at(deadline, r.chunk())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .expect("the stream open");
+        buf.push_str(&String::from_utf8_lossy(&chunk));
     }
 }
 
@@ -231,6 +264,12 @@ async fn events_make_jobs_once_through_rules_webhooks_outcomes_and_a_kill_9() {
     api.until_up().await;
     wait_for_agents(&api.base, "notes.fail", 1).await;
 
+    // Followers of the outbound stream: rules' firings, and text.upper jobs' successes.
+    let mut fired = api.sse("/v1/events/stream?type=spine.rule.fired").await;
+    let mut succeeded = api
+        .sse("/v1/events/stream?type=spine.job.succeeded&subject=text.upper")
+        .await;
+
     // Structured mode: the rule's job runs with the event's data as input.
     let (status, answer) = api.structured(note("n-1", "hello")).await;
     assert_eq!(status, 202, "{answer}");
@@ -245,6 +284,22 @@ async fn events_make_jobs_once_through_rules_webhooks_outcomes_and_a_kill_9() {
     assert_eq!(job["args"]["lang"], "en");
     assert_eq!(job["event"]["id"], "n-1");
     assert_eq!(job["event"]["rule"], "upper");
+    // Both streams told of it, as CloudEvents.
+    let ce = next_event(&mut fired).await;
+    assert_eq!(
+        (ce["type"].as_str(), ce["subject"].as_str()),
+        (Some("spine.rule.fired"), Some("upper")),
+        "{ce}"
+    );
+    assert_eq!(ce["data"]["job"], upper.as_str());
+    assert_eq!(ce["data"]["event"]["id"], "n-1");
+    let ce = next_event(&mut succeeded).await;
+    assert_eq!(
+        (ce["id"].as_str(), ce["source"].as_str()),
+        (Some(upper.as_str()), Some("/spine/jobs")),
+        "{ce}"
+    );
+    assert_eq!(ce["data"]["state"], "succeeded");
     // The same event again: the same job.
     let (status, again) = api.structured(note("n-1", "hello")).await;
     assert_eq!(status, 202, "{again}");

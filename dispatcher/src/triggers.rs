@@ -609,9 +609,9 @@ impl Webhook {
             && c.name
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
-        if !valid_name {
+        if !valid_name || c.name == "stream" {
             return Err(format!(
-                "{}: '{}': 1 to 64 letters, digits, '_' or '-'",
+                "{}: '{}': 1 to 64 letters, digits, '_' or '-', not 'stream' (GET /v1/events/stream)",
                 key("name"),
                 c.name
             ));

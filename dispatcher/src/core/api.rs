@@ -200,6 +200,9 @@ pub enum EventKind {
     Partial,
     /// The job ended (the data is the whole job).
     Final,
+    /// A rule made the job of an event (the data names the rule and the event); only on
+    /// the CloudEvents stream (`GET /v1/events/stream`).
+    Fired,
 }
 
 impl EventKind {
@@ -209,6 +212,7 @@ impl EventKind {
             EventKind::Progress => "progress",
             EventKind::Partial => "partial",
             EventKind::Final => "final",
+            EventKind::Fired => "fired",
         }
     }
 }

@@ -66,6 +66,15 @@ impl Core {
                     } else {
                         counts.jobs += 1;
                         info!(rule = %rule.name, event = %ev.id, source = %ev.source, job = %id, "rule fired");
+                        let data = serde_json::json!({
+                            "rule": rule.name,
+                            "job": id,
+                            "event": {
+                                "id": ev.id, "source": ev.source, "type": ev.ty,
+                                "subject": ev.subject,
+                            },
+                        });
+                        self.publish(&id, super::EventKind::Fired, data);
                     }
                     fired.push(Fired {
                         rule: rule.name.clone(),

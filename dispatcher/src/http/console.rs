@@ -261,7 +261,10 @@ pub(super) async fn jobs_events(
                 ev = rx.recv() => ev,
             };
             let event = match ev {
-                Ok(ev) if caller.grant.may_see(&me, &ev.submitter) => {
+                Ok(ev)
+                    if ev.kind != crate::core::EventKind::Fired
+                        && caller.grant.may_see(&me, &ev.submitter) =>
+                {
                     let mut data = ev.data;
                     if let Some(o) = data.as_object_mut() {
                         o.entry("job").or_insert_with(|| json!(ev.job));

@@ -531,3 +531,126 @@ pub(super) async fn rules(State(h): State<Handle>, caller: Caller) -> Result<Res
         .collect();
     Ok(Json(RuleList { rules, schedules }).into_response())
 }
+
+/// `GET /v1/events/stream`'s filters: each exact, `prefix*` or `*`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct StreamFilter {
+    /// The events' `type` (`spine.job.*`, `spine.job.failed`, `spine.rule.fired`).
+    #[serde(rename = "type")]
+    pub ty: Option<String>,
+    /// The events' `source` (`/spine/jobs`, `/spine/rules/*`).
+    pub source: Option<String>,
+    /// The events' `subject` (a job's capability, a rule's name).
+    pub subject: Option<String>,
+}
+
+fn pattern_matches(pattern: Option<&str>, value: Option<&str>) -> bool {
+    let Some(p) = pattern else {
+        return true;
+    };
+    let Some(v) = value else {
+        return false;
+    };
+    match p.strip_suffix('*') {
+        Some(prefix) => v.starts_with(prefix),
+        None => p == v,
+    }
+}
+
+/// A job's event as a CloudEvent (structured mode), or none for progress.
+fn cloud_event(ev: &crate::core::JobEvent) -> Option<Value> {
+    use crate::core::EventKind;
+    match ev.kind {
+        EventKind::Final => {
+            let state = ev.data["state"].as_str().unwrap_or("ended");
+            Some(serde_json::json!({
+                "specversion": "1.0",
+                "id": ev.job,
+                "source": crate::triggers::JOB_SOURCE,
+                "type": format!("spine.job.{state}"),
+                "subject": ev.data["capability"],
+                "time": ev.data["ended_at"],
+                "datacontenttype": "application/json",
+                "data": ev.data,
+            }))
+        }
+        EventKind::Fired => {
+            let rule = ev.data["rule"].as_str().unwrap_or("");
+            Some(serde_json::json!({
+                "specversion": "1.0",
+                "id": format!("{rule}/{}", ev.job),
+                "source": format!("/spine/rules/{rule}"),
+                "type": "spine.rule.fired",
+                "subject": rule,
+                "datacontenttype": "application/json",
+                "data": ev.data,
+            }))
+        }
+        EventKind::Progress | EventKind::Partial => None,
+    }
+}
+
+/// `GET /v1/events/stream`.
+#[utoipa::path(
+    get, path = "/v1/events/stream", tag = "events",
+    summary = "Jobs' ends and rules' firings as CloudEvents, on one stream",
+    description = "Server-sent events, each one's data a CloudEvent in structured mode: `spine.job.succeeded` (`failed`, `cancelled`, `timed-out`) with the capability as subject and the job as data, and `spine.rule.fired` with the rule as subject and the rule, its job and the event that fired it as data. Only events of jobs the caller may see (its own, or all with all_jobs). A reader that falls behind gets a `lagged` event with how many it missed.",
+    params(StreamFilter),
+    responses(
+        (status = 200, description = "Server-sent events", content_type = "text/event-stream", body = String),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 429, description = "Too many event streams open for this token", body = ErrorBody),
+        (status = 503, description = "A standby: the leader's stream has them", body = ErrorBody),
+    ),
+)]
+pub(super) async fn stream(
+    State(h): State<Handle>,
+    caller: Caller,
+    axum::extract::Query(filter): axum::extract::Query<StreamFilter>,
+) -> Result<
+    axum::response::sse::Sse<
+        impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
+    >,
+    ApiError,
+> {
+    use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+    use tokio::sync::broadcast;
+    if let Some(e) = h.standby() {
+        return Err(e);
+    }
+    let slot = h.streams.open(&caller.name, &h.limits)?;
+    let mut rx = h.events.subscribe();
+    let me = caller.submitter();
+    let stream = super::routes::async_stream(move |tx| async move {
+        let _slot = slot;
+        loop {
+            let ev = tokio::select! {
+                _ = tx.closed() => return,
+                ev = rx.recv() => ev,
+            };
+            let event = match ev {
+                Ok(ev) if caller.grant.may_see(&me, &ev.submitter) => {
+                    let Some(ce) = cloud_event(&ev) else { continue };
+                    let wanted = pattern_matches(filter.ty.as_deref(), ce["type"].as_str())
+                        && pattern_matches(filter.source.as_deref(), ce["source"].as_str())
+                        && pattern_matches(filter.subject.as_deref(), ce["subject"].as_str());
+                    if !wanted {
+                        continue;
+                    }
+                    SseEvent::default()
+                        .id(ce["id"].as_str().unwrap_or_default())
+                        .data(ce.to_string())
+                }
+                Ok(_) => continue,
+                Err(broadcast::error::RecvError::Lagged(n)) => SseEvent::default()
+                    .event("lagged")
+                    .data(serde_json::json!({ "missed": n }).to_string()),
+                Err(broadcast::error::RecvError::Closed) => return,
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15))))
+}

@@ -304,6 +304,7 @@ pub struct BlobStored {
         super::events::post_event,
         super::events::post_webhook,
         super::events::rules,
+        super::events::stream,
         super::routes::metrics,
         super::routes::healthz,
         super::routes::openapi_json,

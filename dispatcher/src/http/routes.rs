@@ -528,7 +528,7 @@ pub(super) async fn events(
                 ev = rx.recv() => ev,
             };
             match ev {
-                Ok(ev) if ev.job == id => {
+                Ok(ev) if ev.job == id && ev.kind != crate::core::EventKind::Fired => {
                     let last = ev.kind == crate::core::EventKind::Final;
                     if tx
                         .send(
@@ -954,6 +954,7 @@ pub(crate) fn router(h: Handle) -> Router {
         .route("/v1/whoami", get(console::whoami))
         .route("/v1/events", axum::routing::post(super::events::post_event))
         .route("/v1/rules", get(super::events::rules))
+        .route("/v1/events/stream", get(super::events::stream))
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(h.clone(), admit))
         .route("/healthz", get(healthz))
