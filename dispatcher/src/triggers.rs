@@ -959,6 +959,20 @@ mod tests {
         );
     }
 
+    /// Every TOML example of docs/events.md is a valid configuration.
+    #[test]
+    fn docs_examples_parse() {
+        let doc = include_str!("../../docs/events.md");
+        let mut blocks = 0;
+        for block in doc.split("```toml\n").skip(1) {
+            let toml_text = block.split("```").next().unwrap();
+            crate::config::DispatcherConfig::from_toml(toml_text)
+                .unwrap_or_else(|e| panic!("{e}\n{toml_text}"));
+            blocks += 1;
+        }
+        assert_eq!(blocks, 5);
+    }
+
     fn rule_config_default() -> RuleConfig {
         RuleConfig {
             name: "x".into(),
