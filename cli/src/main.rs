@@ -252,5 +252,7 @@ fn describe(p: &Payload) -> String {
             None => "drain the agent (take no new jobs)".to_owned(),
         },
         Payload::Undrain(_) => "undrain the agent (take jobs again)".to_owned(),
+        Payload::Event(e) => format!("event {} of type {} from {}", e.id, e.ty, e.source),
+        Payload::Fired(f) => format!("event {} made {} jobs", f.event, f.jobs.len()),
     }
 }

@@ -8,6 +8,7 @@ use std::time::Duration;
 use hmac::Mac as _;
 use serde_json::{json, Value};
 use spine_agent::{Agent, JobContext, JobError, Output};
+use spine_integration::dispatcher::TestDispatcher;
 use spine_integration::farm::{run_agent, wait_for_agents};
 use spine_integration::{TestServer, PATIENCE};
 use tokio::process::{Child, Command};
@@ -44,6 +45,15 @@ name = "broken"
 on = {{ type = "com.example.broken" }}
 do = {{ capability = "notes.fail" }}
 retry = {{ attempts = 1, max_age = "1h" }}
+
+[[submitter]]
+jid = "uploads@localhost"
+capabilities = []
+events = true
+
+[[submitter]]
+jid = "app@localhost"
+capabilities = ["text.*"]
 
 [[webhook]]
 name = "github"
@@ -221,7 +231,13 @@ fn signed(body: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_make_jobs_once_through_rules_webhooks_outcomes_and_a_kill_9() {
-    let server = TestServer::start(&[("dispatcher", "pw-d"), ("agent1", "pw")]).await;
+    let server = TestServer::start(&[
+        ("dispatcher", "pw-d"),
+        ("agent1", "pw"),
+        ("uploads", "pw-u"),
+        ("app", "pw-a"),
+    ])
+    .await;
     let dir = tempfile::tempdir().unwrap();
     let secret_file = dir.path().join("github.secret");
     std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
@@ -364,6 +380,48 @@ async fn events_make_jobs_once_through_rules_webhooks_outcomes_and_a_kill_9() {
     );
     assert_eq!(api.output(&Api::job_of(&items[2], "upper")).await, "THREE");
 
+    // Over XMPP: <event/> from an account allowed to send events, answered with <fired/>.
+    let to: jid::Jid = "dispatcher@localhost/d1".parse().unwrap();
+    let mut uploads = TestDispatcher::new(server.client("uploads", "pw-u").await).await;
+    let ev = spine_protocol::events::Event {
+        id: "x-1".into(),
+        source: "/notes".into(),
+        ty: "com.example.note.created".into(),
+        subject: None,
+        time: None,
+        data: spine_protocol::events::EventData::Json(json!({ "text": "over xmpp", "lang": "en" })),
+    };
+    let id = uploads.send_set(&to, ev.clone()).await;
+    let reply = uploads
+        .wait_reply(&id)
+        .await
+        .expect("fired")
+        .expect("a payload");
+    let fired = spine_protocol::events::Fired::try_from(reply).unwrap();
+    assert_eq!(fired.event, "x-1");
+    assert_eq!(fired.jobs.len(), 1);
+    assert_eq!(fired.jobs[0].rule, "upper");
+    let over_xmpp = fired.jobs[0].job.to_string();
+    assert_eq!(api.output(&over_xmpp).await, "OVER XMPP");
+    // Sent again: the same job.
+    let id = uploads.send_set(&to, ev.clone()).await;
+    let again =
+        spine_protocol::events::Fired::try_from(uploads.wait_reply(&id).await.unwrap().unwrap())
+            .unwrap();
+    assert_eq!(again.jobs[0].job.to_string(), over_xmpp);
+    // An account that may submit text.* but not send events is refused.
+    let mut app = TestDispatcher::new(server.client("app", "pw-a").await).await;
+    let id = app.send_set(&to, ev).await;
+    let refused = app.wait_reply(&id).await.unwrap_err();
+    assert_eq!(
+        spine_protocol::SpineError::from_stanza_error(&refused)
+            .unwrap()
+            .expect("a Spine condition")
+            .condition,
+        spine_protocol::Condition::NotAuthorized,
+        "{refused:?}"
+    );
+
     // A webhook that signs: a plain JSON body becomes an event of its type and id headers.
     let push = json!({ "ref": "refs/heads/main" }).to_string();
     let sig = signed(&push);
@@ -446,9 +504,9 @@ async fn events_make_jobs_once_through_rules_webhooks_outcomes_and_a_kill_9() {
             .clone()
     };
     assert_eq!(rule("broken")["counts"]["dead_letters"], 1, "{rules}");
-    assert_eq!(rule("upper")["counts"]["jobs"], 4, "{rules}");
+    assert_eq!(rule("upper")["counts"]["jobs"], 5, "{rules}");
     assert_eq!(rule("upper")["counts"]["dead_letters"], 1, "{rules}");
-    assert_eq!(rule("upper")["counts"]["duplicates"], 1, "{rules}");
+    assert_eq!(rule("upper")["counts"]["duplicates"], 2, "{rules}");
     assert_eq!(rule("upper")["counts"]["errors"], 1, "{rules}");
     let dead = api
         .get(rule("broken")["dead_letters"].as_str().unwrap())
@@ -470,9 +528,9 @@ async fn events_make_jobs_once_through_rules_webhooks_outcomes_and_a_kill_9() {
         .await
         .unwrap();
     for line in [
-        "spine_rule_jobs_total{rule=\"upper\"} 4",
+        "spine_rule_jobs_total{rule=\"upper\"} 5",
         "spine_rule_dead_letters_total{rule=\"broken\"} 1",
-        "spine_rule_jobs_total{rule=\"index-upper\"} 3",
+        "spine_rule_jobs_total{rule=\"index-upper\"} 4",
     ] {
         assert!(
             metrics.lines().any(|l| l == line),

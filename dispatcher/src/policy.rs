@@ -120,6 +120,8 @@ pub struct Grant {
     pub capabilities: Capabilities,
     /// Whether it may read and cancel jobs other submitters submitted (an operator).
     pub all_jobs: bool,
+    /// Whether it may send events for the rules (docs/events.md).
+    pub events: bool,
 }
 
 impl Grant {
@@ -287,19 +289,26 @@ impl Policy {
             let who = Accounts::parse(s, &format!("submitters[{i}]"))?;
             submitters.push((
                 who,
+                // May run anything, so may send events too.
                 Grant {
                     capabilities: Capabilities::all(),
                     all_jobs: false,
+                    events: true,
                 },
             ));
         }
         for (i, r) in cfg.submitter_rules.iter().enumerate() {
             let who = Accounts::parse(&r.jid, &format!("submitter[{i}].jid"))?;
-            let caps =
-                Capabilities::parse(&r.capabilities, &format!("submitter[{i}].capabilities"))?;
+            // A sender of events (`events = true`) may run nothing itself.
+            let caps = if r.events && r.capabilities.is_empty() {
+                Capabilities::default()
+            } else {
+                Capabilities::parse(&r.capabilities, &format!("submitter[{i}].capabilities"))?
+            };
             submitters.push((
                 who,
                 Grant {
+                    events: r.events || (r.all_jobs && caps.is_all()),
                     capabilities: caps,
                     all_jobs: r.all_jobs,
                 },
@@ -431,6 +440,7 @@ impl Policy {
                     .map(|(_, c)| Grant {
                         capabilities: c.clone(),
                         all_jobs: false,
+                        events: false,
                     })
                     .collect();
                 merge(grants.iter()).map(|g| g.capabilities)
@@ -452,9 +462,11 @@ fn http_tokens(tokens: &[HttpToken]) -> Result<Vec<(HttpToken, Grant)>, Dispatch
             } else {
                 Capabilities::parse(&t.capabilities, &format!("http_token[{i}].capabilities"))?
             };
+            let operator = t.all_jobs && t.capabilities.iter().any(|c| c == "*");
             let grant = Grant {
                 capabilities,
                 all_jobs: t.all_jobs,
+                events: t.events || operator,
             };
             Ok((t.clone(), grant))
         })
@@ -467,6 +479,7 @@ fn merge<'a>(grants: impl Iterator<Item = &'a Grant>) -> Option<Grant> {
         let o = out.get_or_insert_with(Grant::default);
         o.capabilities.extend(&g.capabilities);
         o.all_jobs |= g.all_jobs;
+        o.events |= g.events;
     }
     out
 }

@@ -22,6 +22,7 @@ pub mod data;
 pub mod depth;
 pub mod disco;
 pub mod error;
+pub mod events;
 pub mod filter;
 pub mod fragments;
 pub mod job;
@@ -118,6 +119,10 @@ pub enum Payload {
     Drain(Drain),
     /// `<undrain/>` (IQ set, operator)
     Undrain(Undrain),
+    /// `<event/>` (IQ set, submitter → dispatcher)
+    Event(events::Event),
+    /// `<fired/>` (IQ result)
+    Fired(events::Fired),
 }
 
 /// Reads any top-level Spine payload.
@@ -160,6 +165,8 @@ pub fn parse_payload(el: Element) -> Result<Payload, ParseError> {
         "slot" => Payload::Slot(el.try_into()?),
         "drain" => Payload::Drain(el.try_into()?),
         "undrain" => Payload::Undrain(el.try_into()?),
+        "event" => Payload::Event(el.try_into()?),
+        "fired" => Payload::Fired(el.try_into()?),
         _ => {
             return Err(ParseError::WrongElement {
                 expected: "a Spine payload",
@@ -193,6 +200,8 @@ impl From<Payload> for Element {
             Payload::Slot(x) => x.into(),
             Payload::Drain(x) => x.into(),
             Payload::Undrain(x) => x.into(),
+            Payload::Event(x) => x.into(),
+            Payload::Fired(x) => x.into(),
         }
     }
 }

@@ -74,6 +74,8 @@ fn payload_name(p: &Payload) -> &'static str {
         Payload::Slot(_) => "slot",
         Payload::Drain(_) => "drain",
         Payload::Undrain(_) => "undrain",
+        Payload::Event(_) => "event",
+        Payload::Fired(_) => "fired",
     }
 }
 
@@ -198,6 +200,8 @@ fn every_example_parses() {
         "job",
         "result",
         "cancel",
+        "event",
+        "fired",
         "progress",
         "partial",
         "chunk",

@@ -98,6 +98,61 @@ impl Core {
         Ok(fired)
     }
 
+    /// `<event/>` from an XMPP submitter allowed to send events: answered with `<fired/>`
+    /// after the commit that stores the jobs, or with the error that refused it.
+    pub(super) fn on_event(
+        &mut self,
+        from: jid::Jid,
+        id: String,
+        e: spine_protocol::events::Event,
+        now: Now,
+    ) {
+        use spine_protocol::events::{EventData as Wire, Fired as WireFired, FiredJob};
+        let time_ms = match e.time.as_deref().map(chrono::DateTime::parse_from_rfc3339) {
+            None => None,
+            Some(Ok(t)) => Some(u64::try_from(t.timestamp_millis()).unwrap_or(0)),
+            Some(Err(err)) => {
+                let bad = SpineError::new(Condition::BadArguments)
+                    .with_text(format!("time: not an RFC 3339 time ({err})"))
+                    .with_field("time");
+                return self.reply_error(from, id, bad);
+            }
+        };
+        let (mime, data) = match e.data {
+            Wire::None => (None, EventData::None),
+            Wire::Json(v) => (Some("application/json".to_owned()), EventData::Json(v)),
+            Wire::Bytes { mime, bytes } => (mime, EventData::Bytes(bytes)),
+        };
+        let ev = Event {
+            id: e.id,
+            source: e.source,
+            ty: e.ty,
+            subject: e.subject,
+            time_ms,
+            mime,
+            data,
+            depth: 0,
+        };
+        match self.event(&ev, now) {
+            Ok(fired) => {
+                let answer = WireFired {
+                    event: ev.id,
+                    jobs: fired
+                        .into_iter()
+                        .map(|f| FiredJob {
+                            rule: f.rule,
+                            job: f.id,
+                            state: f.state,
+                        })
+                        .collect(),
+                };
+                let iq = xmpp_parsers::iq::Iq::from_result(id, Some(answer)).with_to(from);
+                self.send(iq);
+            }
+            Err(err) => self.reply_error(from, id, err),
+        }
+    }
+
     /// Queues the event of a job's end, for the rules (called once per job that ends), and
     /// counts a rule's job that ended without success.
     pub(super) fn outcome_event(&mut self, job: &JobId) {

@@ -337,6 +337,13 @@ impl Core {
                 }
                 self.on_submit(from, id, s, grant.capabilities, now)
             }
+            Ok(Payload::Event(e)) if !grant.events => {
+                warn!(from = %from, event = %e.id, "refused an event from a submitter that may not send events");
+                let err = SpineError::new(Condition::NotAuthorized)
+                    .with_text("this JID may not send events (events = true in its [[submitter]])");
+                self.reply_error(from, id, err)
+            }
+            Ok(Payload::Event(e)) => self.on_event(from, id, e, now),
             Ok(Payload::Cancel(c)) if !self.may_see(&grant, &from, &c.job) => {
                 self.reply_error(from, id, not_yours(&c.job))
             }
@@ -347,8 +354,9 @@ impl Core {
             Ok(_) => self.reply_error(
                 from,
                 id,
-                SpineError::new(Condition::Malformed)
-                    .with_text("a dispatcher takes <submit/>, <cancel/> and <chunk/> requests"),
+                SpineError::new(Condition::Malformed).with_text(
+                    "a dispatcher takes <submit/>, <cancel/>, <event/> and <chunk/> requests",
+                ),
             ),
             Err(e) => self.reply_error(from, id, e.to_spine_error()),
         }

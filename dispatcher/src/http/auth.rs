@@ -30,9 +30,6 @@ pub(super) struct Caller {
     /// May read `/metrics`: the local operator, an operator token (every capability and
     /// every job) or a token with `metrics = true`.
     pub(super) metrics: bool,
-    /// May post events (`POST /v1/events`): the local operator, an operator token or a token
-    /// with `events = true`.
-    pub(super) events: bool,
 }
 
 impl Caller {
@@ -191,9 +188,9 @@ fn authenticate(
                 grant: Grant {
                     capabilities: Capabilities::all(),
                     all_jobs: true,
+                    events: true,
                 },
                 metrics: true,
-                events: true,
             });
         }
         return Err(ApiError::new(
@@ -241,7 +238,6 @@ fn authenticate(
         name: t.name.clone(),
         grant: grant.clone(),
         metrics: t.metrics || operator,
-        events: t.events || operator,
     })
 }
 
@@ -405,7 +401,10 @@ mod tests {
         let ops = caller("ops-secret-0123456789");
         let hook = caller("hook-secret-0123456789");
         let app = caller("app-secret-0123456789");
-        assert_eq!((ops.events, hook.events, app.events), (true, true, false));
+        assert_eq!(
+            (ops.grant.events, hook.grant.events, app.grant.events),
+            (true, true, false)
+        );
         // The sender of events runs nothing itself.
         assert!(!hook.may_run(&"text.upper".parse().unwrap()));
         assert_eq!(body_limit(&h, &Method::POST, "/v1/events"), 96 << 20);

@@ -289,7 +289,7 @@ pub(super) async fn post_event(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    if !caller.events {
+    if !caller.grant.events {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "not-authorized",

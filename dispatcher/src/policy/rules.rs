@@ -17,6 +17,10 @@ pub struct SubmitterRule {
     /// May read and cancel other submitters' jobs too.
     #[serde(default)]
     pub all_jobs: bool,
+    /// May send events for the rules (`<event/>`, docs/events.md); an operator (`all_jobs`
+    /// and `*`) may anyway.
+    #[serde(default)]
+    pub events: bool,
     /// Its queued jobs per capability at most (default `submitter_max_queued`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_queued: Option<QueueShare>,
