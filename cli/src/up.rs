@@ -63,6 +63,39 @@ pub struct UpArgs {
     /// server and dispatchers are replaced by the local ones). Repeatable.
     #[arg(long = "agent-config", value_name = "FILE")]
     agent_configs: Vec<PathBuf>,
+    /// Run canary jobs for the built-in text.upper and hash.sha256 on every local agent every
+    /// CANARIES (like "1m"; docs/events.md, "Canaries"): an agent whose canaries fail gets no
+    /// real jobs of that capability until they pass. They are jobs of their own, listed
+    /// with the others.
+    #[arg(long, value_name = "INTERVAL", value_parser = humantime::parse_duration)]
+    canaries: Option<std::time::Duration>,
+}
+
+/// The canaries of the built-in capabilities (`spine up --canaries`), every `interval`.
+pub(crate) fn builtin_canaries(
+    interval: std::time::Duration,
+) -> Vec<spine_dispatcher::canaries::CanaryConfig> {
+    let canary =
+        |capability: &str, input: &str, expect: String| spine_dispatcher::canaries::CanaryConfig {
+            capability: capability.into(),
+            args: Default::default(),
+            input: Some(input.into()),
+            input_base64: None,
+            expect: Some(expect),
+            expect_sha256: None,
+            interval,
+            timeout: std::time::Duration::from_secs(30),
+            quarantine_after: 3,
+            release_after: 2,
+        };
+    let digest: String = sha2::Sha256::digest(b"spine canary")
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    vec![
+        canary("text.upper", "spine canary", "SPINE CANARY".into()),
+        canary("hash.sha256", "spine canary", digest),
+    ]
 }
 
 fn secret() -> String {
@@ -152,7 +185,9 @@ pub fn run(args: UpArgs) -> Result<()> {
             }),
             data_dir: data_dir.clone(),
             max_blob: None,
-            dispatcher: None,
+            dispatcher: args.canaries.map(|interval| -> crate::up::DispatcherChange {
+                Box::new(move |d: &mut DispatcherConfig| d.canaries = builtin_canaries(interval))
+            }),
             agent: None,
             extra_agents: extra,
         })

@@ -655,3 +655,196 @@ fn chrono_secs(t: &str) -> i64 {
     let d = humantime::parse_rfc3339(t).unwrap_or_else(|e| panic!("{t}: {e}"));
     d.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64
 }
+
+/// A capability broken on one of two agents (it answers garbage): its canaries quarantine it
+/// within two intervals, real jobs stop going there, and it comes back once it is fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_agent_is_quarantined_by_its_canaries_and_released_when_fixed() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let server =
+        TestServer::start(&[("dispatcher", "pw-d"), ("agent1", "pw"), ("agent2", "pw")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("dispatcher.toml");
+    let port = spine_integration::free_port().unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            r#"jid = "dispatcher@localhost/d1"
+password = "pw-d"
+server = "{}"
+data_dir = "{}"
+http_listen = "127.0.0.1:{port}"
+
+[[canary]]
+capability = "text.upper"
+input = "ping"
+expect = "PING"
+interval = "1s"
+timeout = "5s"
+quarantine_after = 2
+release_after = 2
+"#,
+            server.addr,
+            dir.path().join("data").display(),
+        ),
+    )
+    .unwrap();
+    let broken = Arc::new(AtomicBool::new(true));
+    let mut agents = Vec::new();
+    for n in 1..=2 {
+        let broken = broken.clone();
+        let agent = Agent::builder(spine_integration::farm::agent_config(
+            &server,
+            n,
+            "slots = 4",
+        ))
+        .capability("text.upper", None, move |ctx: JobContext| {
+            let garbage = n == 2 && broken.load(Ordering::SeqCst);
+            async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let text = String::from_utf8_lossy(&ctx.input);
+                Ok::<_, JobError>(Output::bytes(if garbage {
+                    text.chars().rev().collect::<String>()
+                } else {
+                    text.to_uppercase()
+                }))
+            }
+        })
+        .build()
+        .unwrap();
+        agents.push(run_agent(agent));
+    }
+    let _child = spawn_dispatcher(&config);
+    let api = Api {
+        base: format!("http://127.0.0.1:{port}"),
+        http: reqwest::Client::builder().no_proxy().build().unwrap(),
+    };
+    api.until_up().await;
+    wait_for_agents(&api.base, "text.upper", 2).await;
+    let registered = tokio::time::Instant::now();
+    let canary = |list: &Value, agent: &str| {
+        list["canaries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["agent"] == agent)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    const A1: &str = "agent1@localhost/w";
+    const A2: &str = "agent2@localhost/w";
+    // Quarantined within two intervals (and the housekeeping and the jobs' own time).
+    let quarantined_after = loop {
+        let list = api.get("/v1/canaries").await;
+        if canary(&list, A2)["quarantined"] == true {
+            assert_eq!(canary(&list, A1)["quarantined"], false, "{list}");
+            assert!(
+                canary(&list, A2)["last_error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("not the expected one")),
+                "{list}"
+            );
+            break registered.elapsed();
+        }
+        assert!(
+            registered.elapsed() < PATIENCE,
+            "agent2 never quarantined: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        quarantined_after < Duration::from_millis(3_000),
+        "quarantined after {quarantined_after:?}: more than two 1 s intervals and their slack"
+    );
+    eprintln!("canaries: agent2 quarantined {quarantined_after:?} after it registered");
+
+    // Real jobs all go to agent1 while agent2 is quarantined.
+    let batch = |n: usize| {
+        json!({ "jobs": (0..n).map(|i| json!({
+            "capability": "text.upper", "input": base64_of(&format!("job {i}")),
+        })).collect::<Vec<_>>() })
+        .to_string()
+    };
+    let (status, answer) = api
+        .post(
+            "/v1/jobs:batch",
+            &[("content-type", "application/json")],
+            batch(16),
+        )
+        .await;
+    assert_eq!(status, 200, "{answer}");
+    let ran_on = agents_of(&api, answer).await;
+    assert!(
+        ran_on.iter().all(|a| a == A1),
+        "a real job went to the quarantined agent: {ran_on:?}"
+    );
+
+    // Fixed: two passing canaries release it, and it gets real jobs again.
+    broken.store(false, Ordering::SeqCst);
+    let fixed = tokio::time::Instant::now();
+    loop {
+        let list = api.get("/v1/canaries").await;
+        if canary(&list, A2)["quarantined"] == false {
+            break;
+        }
+        assert!(fixed.elapsed() < PATIENCE, "agent2 never released: {list}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "canaries: agent2 released {:?} after it was fixed",
+        fixed.elapsed()
+    );
+    let (_, answer) = api
+        .post(
+            "/v1/jobs:batch",
+            &[("content-type", "application/json")],
+            batch(16),
+        )
+        .await;
+    let ran_on = agents_of(&api, answer).await;
+    assert!(
+        ran_on.iter().any(|a| a == A2),
+        "agent2 got no job after its release: {ran_on:?}"
+    );
+    let metrics = api
+        .http
+        .get(format!("{}/metrics", api.base))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "spine_quarantines_total 1".to_owned(),
+        format!("spine_agent_quarantined{{capability=\"text.upper\",agent=\"{A2}\"}} 0"),
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} not in\n{metrics}"
+        );
+    }
+}
+
+fn base64_of(s: &str) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(s)
+}
+
+/// The agent each job of a batch's answer ran on, once it succeeded.
+async fn agents_of(api: &Api, answer: Value) -> Vec<String> {
+    let ids: Vec<String> = answer["jobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["id"].as_str().expect("accepted").to_owned())
+        .collect();
+    let mut out = Vec::new();
+    for id in ids {
+        let j = api.ended(&id).await;
+        assert_eq!(j["state"], "succeeded", "{j}");
+        out.push(j["agent"].as_str().unwrap().to_owned());
+    }
+    out
+}

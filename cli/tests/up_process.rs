@@ -459,3 +459,67 @@ async fn up_runs_an_agent_from_an_agent_config() {
         "{err}"
     );
 }
+
+/// `spine up --canaries 1s`: the built-in capabilities' canaries run on every local agent and
+/// pass (their expected outputs are what the built-in handlers give).
+#[tokio::test]
+async fn up_canaries_run_on_every_local_agent_and_pass() {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args([
+            "up",
+            "--agents",
+            "2",
+            "--xmpp-listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--canaries",
+            "1s",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start spine up");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let api = tokio::time::timeout(PATIENCE, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.split("HTTP API ").nth(1) {
+                return rest.split(',').next().unwrap().to_owned();
+            }
+        }
+        panic!("spine up printed no HTTP API address");
+    })
+    .await
+    .expect("spine up started");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let list: serde_json::Value = serde_json::from_str(
+            &reqwest::get(format!("{api}/v1/canaries"))
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+        )
+        .unwrap();
+        let all = list["canaries"].as_array().cloned().unwrap_or_default();
+        let passed = all
+            .iter()
+            .filter(|c| c["last_ok"] == true && c["quarantined"] == false)
+            .count();
+        // Two agents, two capabilities each.
+        if all.len() == 4 && passed == 4 {
+            break;
+        }
+        assert!(
+            all.iter().all(|c| c["failed"] == 0),
+            "a built-in canary failed: {list}"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the canaries did not all pass: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -190,6 +190,9 @@ pub struct DispatcherConfig {
     /// Schedules whose ticks are events for the rules (`[[schedule]]`, docs/events.md).
     #[serde(rename = "schedule", skip_serializing_if = "Vec::is_empty")]
     pub schedules: Vec<crate::schedules::ScheduleConfig>,
+    /// Canary jobs proving each capability on each agent (`[[canary]]`, docs/events.md).
+    #[serde(rename = "canary", skip_serializing_if = "Vec::is_empty")]
+    pub canaries: Vec<crate::canaries::CanaryConfig>,
     /// Webhook senders that sign instead of holding a token (`[[webhook]]`, docs/events.md).
     #[serde(rename = "webhook", skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<crate::triggers::WebhookConfig>,
@@ -278,6 +281,7 @@ impl Default for DispatcherConfig {
             rules: Vec::new(),
             webhooks: Vec::new(),
             schedules: Vec::new(),
+            canaries: Vec::new(),
             http_header_timeout: Duration::from_secs(10),
             http_request_timeout: Duration::from_secs(120),
             http_max_connections: 512,
@@ -428,6 +432,7 @@ impl DispatcherConfig {
         crate::triggers::Rules::new(&self.rules).map_err(DispatcherError::Config)?;
         crate::triggers::webhooks(&self.webhooks, false).map_err(DispatcherError::Config)?;
         crate::schedules::schedules(&self.schedules).map_err(DispatcherError::Config)?;
+        crate::canaries::canaries(&self.canaries).map_err(DispatcherError::Config)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(bad("data_dir", "must not be empty"));
         }

@@ -17,6 +17,7 @@
 pub mod audit;
 mod blob_gc;
 pub mod blobs;
+pub mod canaries;
 mod clock;
 pub mod config;
 mod core;

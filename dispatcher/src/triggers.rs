@@ -970,7 +970,7 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}\n{toml_text}"));
             blocks += 1;
         }
-        assert_eq!(blocks, 5);
+        assert_eq!(blocks, 6);
     }
 
     fn rule_config_default() -> RuleConfig {

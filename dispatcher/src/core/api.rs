@@ -125,6 +125,8 @@ pub(crate) enum Query {
     },
     /// The event rules with their counters.
     Rules,
+    /// Each agent's canaries.
+    Canaries,
 }
 
 /// A capability as the console's capabilities page shows it.
@@ -173,6 +175,7 @@ pub(crate) enum Answer {
     Fleet(Box<FleetAnswer>),
     Tree(Option<super::tree::TreeView>),
     Rules(Box<RulesAnswer>),
+    Canaries(Vec<super::canary::CanaryView>),
 }
 
 /// A request from an HTTP handler to the driver, with where its answer goes.

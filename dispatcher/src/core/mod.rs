@@ -20,6 +20,7 @@
 
 pub(crate) mod agents;
 pub(crate) mod api;
+pub(crate) mod canary;
 pub(crate) mod data;
 #[cfg(test)]
 mod data_tests;
@@ -272,6 +273,8 @@ pub(crate) struct Core {
     outcomes: Vec<crate::triggers::Event>,
     /// Schedules (`[[schedule]]`), whose ticks the leader fires.
     schedules: Vec<ticks::Ticking>,
+    /// Canaries (`[[canary]]`) and each agent's health by them.
+    canaries: canary::Canaries,
 }
 
 impl Core {
@@ -332,6 +335,13 @@ impl Core {
                 .into_iter()
                 .map(ticks::Ticking::new)
                 .collect(),
+            canaries: canary::Canaries::new(
+                crate::canaries::canaries(&cfg.canaries).unwrap_or_else(|e| {
+                    // `DispatcherConfig::validate` refused such a configuration at load.
+                    tracing::error!("canaries not loaded: {e}");
+                    Vec::new()
+                }),
+            ),
             jobs: JobTable::new(cfg.max_queue).with_max_delayed(cfg.max_delayed),
             cfg,
             policy,
@@ -565,6 +575,7 @@ impl Core {
             self.speculate(now);
             self.rates.forget_full(now.mono);
             self.sample_capabilities(now);
+            self.run_canaries(now);
         }
         for agent in self.requests.overdue_pings(now.mono) {
             self.agent_gone(&agent, "no answer to a ping", now);

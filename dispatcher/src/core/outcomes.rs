@@ -424,6 +424,7 @@ impl Core {
     pub(super) fn notify_one(&mut self, job: &JobId, now: Now) {
         self.audit_record(job, now);
         self.outcome_event(job);
+        self.canary_outcome(job, now);
         let Some(rec) = self.jobs.get(job) else {
             return;
         };

@@ -84,6 +84,7 @@ impl Core {
                 .into_iter()
                 .filter(|a| a.state == AgentState::Ready)
                 .filter_map(|a| a.jid.try_into_full().ok())
+                .filter(|a| !self.quarantined(&p.spec.capability).contains(a))
                 .collect();
             if targets.is_empty() {
                 self.no_agent_since.entry(id).or_insert(now.ms);
@@ -136,11 +137,19 @@ impl Core {
                 None => Err(NoPick::NoCapableAgent),
             };
         }
-        let excluded: Vec<_> = job
+        // Agents quarantined for the capability by its canaries get none of its jobs.
+        let quarantined: Vec<_> = self
+            .quarantined(&job.spec.capability)
+            .iter()
+            .filter_map(|a| self.registry.id_of(a))
+            .collect();
+        let mut excluded: Vec<_> = job
             .excluded
             .iter()
             .filter_map(|a| self.registry.id_of(a))
             .collect();
+        let failed_here = excluded.len();
+        excluded.extend(quarantined.iter().copied());
         let mut req = PickRequest {
             capability: &job.spec.capability,
             strategy: job.spec.strategy,
@@ -151,8 +160,8 @@ impl Core {
         };
         let mut picked = match self.registry.pick(&req, &mut self.rng) {
             // Every capable agent failed this job before: better one of them than none.
-            Err(NoPick::NoCapableAgent) if !excluded.is_empty() => {
-                req.exclude = &[];
+            Err(NoPick::NoCapableAgent) if failed_here > 0 => {
+                req.exclude = &quarantined;
                 self.registry.pick(&req, &mut self.rng)
             }
             other => other,

@@ -123,6 +123,7 @@ impl Core {
                 Answer::Tree(self.jobs.get(&id).map(|p| super::tree::tree(&self.jobs, p)))
             }
             Query::Metrics => Answer::Metrics(self.metrics()),
+            Query::Canaries => Answer::Canaries(self.canaries_view()),
             Query::Rules => Answer::Rules(Box::new(super::api::RulesAnswer {
                 rules: self.rules_view(),
                 schedules: self.schedules_view(),

@@ -566,6 +566,7 @@ impl Core {
         self.stats.write(&mut out);
         self.rule_metrics(&mut out);
         self.schedule_metrics(&mut out);
+        self.canary_metrics(&mut out);
         out
     }
 }

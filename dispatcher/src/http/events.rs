@@ -654,3 +654,43 @@ pub(super) async fn stream(
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15))))
 }
+
+/// `GET /v1/canaries`' answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CanaryList {
+    /// Each agent with each capability that has a canary, by capability then agent.
+    #[schema(value_type = Vec<Object>)]
+    pub canaries: Vec<crate::core::canary::CanaryView>,
+}
+
+/// `GET /v1/canaries`.
+#[utoipa::path(
+    get, path = "/v1/canaries", tag = "events",
+    summary = "Each agent's canaries, and which agents are quarantined",
+    description = "For every agent that offers a capability with a `[[canary]]`: whether it is quarantined (it gets no real jobs of the capability), its failures and passes in a row, the last outcome and error, the last success, the last duration, the canaries passed, failed and skipped (the agent busy until the timeout), and when the next one runs.",
+    responses(
+        (status = 200, description = "The canaries", body = CanaryList),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "Only an operator or a token with metrics sees them", body = ErrorBody),
+        (status = 503, description = "A standby: the leader runs the canaries", body = ErrorBody),
+    ),
+)]
+pub(super) async fn canaries(
+    State(h): State<Handle>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    if !caller.grant.all_jobs && !caller.metrics {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "not-authorized",
+            format!(
+                "token '{}' may not see the canaries (an operator's token or one with metrics = true may)",
+                caller.name
+            ),
+        ));
+    }
+    let Answer::Canaries(canaries) = read(&h, Query::Canaries).await? else {
+        return Err(mismatch());
+    };
+    Ok(Json(CanaryList { canaries }).into_response())
+}

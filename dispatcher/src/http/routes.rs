@@ -955,6 +955,7 @@ pub(crate) fn router(h: Handle) -> Router {
         .route("/v1/events", axum::routing::post(super::events::post_event))
         .route("/v1/rules", get(super::events::rules))
         .route("/v1/events/stream", get(super::events::stream))
+        .route("/v1/canaries", get(super::events::canaries))
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(h.clone(), admit))
         .route("/healthz", get(healthz))
