@@ -10,6 +10,7 @@ use spine_dispatcher::sim::{placement, timed, Workload};
 
 mod console;
 mod cost;
+mod events;
 mod https;
 mod images;
 mod payload;
@@ -149,6 +150,32 @@ enum Scenario {
         /// Runs of each scheme (the median is reported).
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Also write the results as JSON to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
+    /// Webhook events at a steady rate into a rule (docs/events.md) on a farm of separate
+    /// processes, with a kill -9 of the dispatcher in the middle: latency from each event's
+    /// time to its 202 (its job stored, and placed when an agent is free), and every event
+    /// making exactly one job.
+    Events {
+        /// Events a second.
+        #[arg(long, default_value_t = 1000)]
+        rate: u64,
+        /// For this many seconds.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Seconds into the run at which the dispatcher is killed (-9) and started again
+        /// [default: half of --seconds].
+        #[arg(long, conflicts_with = "no_kill")]
+        kill_at: Option<u64>,
+        /// No kill.
+        #[arg(long)]
+        no_kill: bool,
+        /// An existing directory for the farm (configs, logs, job store), removed after the
+        /// run [default: the current directory, since /tmp may be memory].
+        #[arg(long)]
+        dir: Option<PathBuf>,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -521,6 +548,30 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             }
             let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             let r = rt.block_on(retained::run(retained, jobs, window, runs))?;
+            write_json(json, &r)?;
+            Ok(true)
+        }
+        Scenario::Events {
+            rate,
+            seconds,
+            kill_at,
+            no_kill,
+            dir,
+            json,
+        } => {
+            if rate == 0 || seconds == 0 || rate > 100_000 {
+                anyhow::bail!("--rate must be 1 to 100000 and --seconds at least 1");
+            }
+            let kill_at = (!no_kill).then(|| kill_at.unwrap_or(seconds / 2));
+            if kill_at.is_some_and(|k| k >= seconds) {
+                anyhow::bail!("--kill-at must be less than --seconds");
+            }
+            let dir = match dir {
+                Some(d) => d,
+                None => std::env::current_dir().context("the current directory")?,
+            };
+            let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            let r = rt.block_on(events::run(rate, seconds, kill_at, &dir))?;
             write_json(json, &r)?;
             Ok(true)
         }

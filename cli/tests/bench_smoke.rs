@@ -538,3 +538,40 @@ fn cost_runs_small_against_itself() {
         );
     }
 }
+
+#[test]
+fn events_runs_small_through_a_kill_9_with_one_job_per_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, r) = bench(&[
+        "events",
+        "--rate",
+        "100",
+        "--seconds",
+        "4",
+        "--kill-at",
+        "2",
+        "--dir",
+        &dir.path().display().to_string(),
+    ]);
+    assert!(
+        stdout.contains("jobs of the rule: 400 for 400 events"),
+        "{stdout}"
+    );
+    assert_eq!(
+        (r["jobs"].as_u64(), r["distinct_events"].as_u64()),
+        (Some(400), Some(400))
+    );
+    assert!(r["p99_ms"].as_f64().unwrap() > 0.0, "{r}");
+    assert!(
+        r["outage_ms"].as_f64().unwrap() > 0.0,
+        "the dispatcher was killed: {r}"
+    );
+    assert!(
+        r["retried"].as_u64().unwrap() > 0,
+        "events sent during the outage were retried: {r}"
+    );
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+        "the farm's directory is removed"
+    );
+}

@@ -308,13 +308,23 @@ async fn run(kind: &str, addr: SocketAddr, dir: &Path) {
         want,
         "{kind}: the hash of the whole input"
     );
-    let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap_or_default();
-    let recorded = audit
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<Value>(l).is_ok_and(|v| v["job"].as_str() == Some(id.as_str()))
-        })
-        .count();
+    // The audit line is written once the outcome is stored, which a status read (answered
+    // from memory) may precede by a commit's time: wait for it, then count.
+    let audit_deadline = Instant::now() + Duration::from_secs(5);
+    let recorded = loop {
+        let audit = std::fs::read_to_string(data.join("audit.jsonl")).unwrap_or_default();
+        let n = audit
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<Value>(l)
+                    .is_ok_and(|v| v["job"].as_str() == Some(id.as_str()))
+            })
+            .count();
+        if n > 0 || Instant::now() >= audit_deadline {
+            break n;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
     assert_eq!(recorded, 1, "{kind}: outcomes recorded for the job");
     let runs = std::fs::read_to_string(&runlog).unwrap_or_default();
 

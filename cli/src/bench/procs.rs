@@ -80,6 +80,25 @@ impl Children {
         Ok(())
     }
 
+    /// SIGKILL to the part `name` (a crash), waited for; it leaves the list, so that the
+    /// part can be started again under the same name.
+    pub(super) async fn kill9(&mut self, name: &str) -> Result<()> {
+        let i = self
+            .procs
+            .iter()
+            .position(|(n, _)| n == name)
+            .with_context(|| format!("no {name} to kill"))?;
+        let (_, mut child) = self.procs.remove(i);
+        child
+            .start_kill()
+            .with_context(|| format!("SIGKILL to the {name}"))?;
+        child
+            .wait()
+            .await
+            .with_context(|| format!("waiting for the {name}"))?;
+        Ok(())
+    }
+
     /// SIGTERM to each child, last started first, and a wait for its exit (SIGKILL after
     /// [`START_PATIENCE`]).
     pub(super) async fn stop(mut self) {
