@@ -27,6 +27,9 @@ const CAPABILITY: &str = "text.upper";
 /// Requests in flight at most (a bound on the client, far above what the rate needs).
 const MAX_IN_FLIGHT: usize = 2048;
 
+/// When the dispatcher was killed, and when it answered again.
+type Outage = (Instant, Option<Instant>);
+
 /// One event's fate.
 struct Sent {
     latency_ms: f64,
@@ -82,7 +85,7 @@ pub(super) async fn run(
         .build()
         .context("the HTTP client")?;
     let permits = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
-    let outage: Arc<std::sync::Mutex<Option<(Instant, Option<Instant>)>>> = Arc::default();
+    let outage: Arc<std::sync::Mutex<Option<Outage>>> = Arc::default();
     let start = Instant::now() + Duration::from_millis(200);
     let mut tasks = Vec::with_capacity(events as usize);
     let dispatcher_toml = work.path().join("config/dispatcher.toml");
