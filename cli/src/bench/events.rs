@@ -39,7 +39,13 @@ struct Sent {
     placed: bool,
     /// Sent while the dispatcher was down or restarting.
     in_outage: bool,
+    /// Sent within [`RECOVERY`] after the dispatcher answered again (the retried events and
+    /// the restart's own work compete with these).
+    recovering: bool,
 }
+
+/// How long after a restart an event counts as sent while the dispatcher recovers.
+const RECOVERY: Duration = Duration::from_secs(5);
 
 /// Runs the scenario; `kill_at`: seconds into the run (none: no kill).
 pub(super) async fn run(
@@ -147,7 +153,9 @@ pub(super) async fn run(
                     .await;
                 if let Ok(r) = r {
                     if r.status().as_u16() == 202 {
-                        let answer: Value = r.json().await.unwrap_or(Value::Null);
+                        let answer: Value =
+                            serde_json::from_str(&r.text().await.unwrap_or_default())
+                                .unwrap_or(Value::Null);
                         let placed = answer["jobs"][0]["state"]
                             .as_str()
                             .is_some_and(|s| s != "queued" && s != "accepted");
@@ -181,6 +189,9 @@ pub(super) async fn run(
             in_outage: outage.is_some_and(|(from, to)| {
                 at >= from - Duration::from_millis(20) && to.is_none_or(|to| at <= to)
             }),
+            recovering: outage
+                .and_then(|(_, to)| to)
+                .is_some_and(|to| at > to && at <= to + RECOVERY),
         })
         .collect();
     // Every event made exactly one job.
@@ -199,6 +210,16 @@ pub(super) async fn run(
         .filter(|s| !s.in_outage)
         .map(|s| s.latency_ms)
         .collect();
+    let mut settled: Vec<f64> = sent
+        .iter()
+        .filter(|s| !s.in_outage && !s.recovering)
+        .map(|s| s.latency_ms)
+        .collect();
+    let recovering: Vec<f64> = sent
+        .iter()
+        .filter(|s| s.recovering)
+        .map(|s| s.latency_ms)
+        .collect();
     let retried = sent.iter().filter(|s| s.tries > 1).count();
     let placed = sent.iter().filter(|s| s.placed).count();
     let outage_ms = outage.and_then(|(a, b)| b.map(|b| b.duration_since(a).as_secs_f64() * 1000.0));
@@ -210,6 +231,11 @@ pub(super) async fn run(
         "steady_events": steady.len(),
         "steady_p50_ms": pct(&mut steady.clone(), 0.5), "steady_p99_ms": pct(&mut steady.clone(), 0.99),
         "steady_max_ms": pct(&mut steady, 1.0),
+        "settled_events": settled.len(),
+        "settled_p50_ms": pct(&mut settled.clone(), 0.5), "settled_p99_ms": pct(&mut settled.clone(), 0.99),
+        "settled_max_ms": pct(&mut settled, 1.0),
+        "recovering_events": recovering.len(),
+        "recovering_p50_ms": pct(&mut recovering.clone(), 0.5), "recovering_p99_ms": pct(&mut recovering.clone(), 0.99),
         "retried": retried, "placed_at_answer": placed,
         "jobs": jobs, "distinct_events": distinct,
     });
@@ -220,6 +246,12 @@ pub(super) async fn run(
     );
     if let Some(ms) = outage_ms {
         println!("outage: the dispatcher answered again {ms:.0} ms after its kill -9; {retried} events were sent more than once");
+        println!(
+            "in the {} s after it answered again ({} events): p50 {:.2} ms, p99 {:.2} ms; the rest, outside outage and recovery ({} events): p50 {:.2} ms, p99 {:.2} ms, max {:.1} ms",
+            RECOVERY.as_secs(),
+            r["recovering_events"], r["recovering_p50_ms"].as_f64().unwrap_or(0.0), r["recovering_p99_ms"].as_f64().unwrap_or(0.0),
+            r["settled_events"], r["settled_p50_ms"].as_f64().unwrap_or(0.0), r["settled_p99_ms"].as_f64().unwrap_or(0.0), r["settled_max_ms"].as_f64().unwrap_or(0.0),
+        );
     }
     println!(
         "jobs of the rule: {jobs} for {events} events, {distinct} distinct events ({placed} placed by the time of their 202)"
@@ -241,14 +273,15 @@ async fn jobs_of_the_rule(http: &reqwest::Client, base: &str, events: u64) -> Re
         if let Some(b) = &before {
             url.push_str(&format!("&before={b}"));
         }
-        let page: Value = http
+        let text = http
             .get(&url)
             .send()
             .await
             .context("listing the rule's jobs")?
-            .json()
+            .text()
             .await
             .context("the list of jobs")?;
+        let page: Value = serde_json::from_str(&text).context("the list of jobs")?;
         let list = page["jobs"].as_array().cloned().unwrap_or_default();
         for j in &list {
             jobs += 1;
