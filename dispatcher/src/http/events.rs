@@ -534,6 +534,7 @@ pub(super) async fn rules(State(h): State<Handle>, caller: Caller) -> Result<Res
 
 /// `GET /v1/events/stream`'s filters: each exact, `prefix*` or `*`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 pub struct StreamFilter {
     /// The events' `type` (`spine.job.*`, `spine.job.failed`, `spine.rule.fired`).
     #[serde(rename = "type")]
