@@ -101,7 +101,20 @@ export interface JobView {
   ended_at?: string;
   /** Its timeline, oldest first (not in listings). */
   history?: JobStep[];
+  /** A job an event rule made (docs/events.md): the rule and the event it came from. */
+  event?: JobEventRef;
   [more: string]: unknown;
+}
+
+/** The rule and the event that made a job (`JobView.event`). */
+export interface JobEventRef {
+  rule: string;
+  /** The event's `id`, `source` and `type`. */
+  id: string;
+  source: string;
+  type: string;
+  /** Rules that led to the event (0: it came from outside). */
+  depth: number;
 }
 
 /** A job's input as `GET /v1/jobs/{id}` shows it. */
