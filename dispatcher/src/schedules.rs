@@ -63,18 +63,7 @@ impl Schedule {
     /// Checks `c` (the `i`th schedule); errors name the key.
     pub fn new(i: usize, c: &ScheduleConfig) -> Result<Schedule, String> {
         let key = |k: &str| format!("schedule[{i}].{k}");
-        let valid_name = !c.name.is_empty()
-            && c.name.len() <= 64
-            && c.name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !valid_name {
-            return Err(format!(
-                "{}: '{}': 1 to 64 letters, digits, '.', '_' or '-'",
-                key("name"),
-                c.name
-            ));
-        }
+        crate::triggers::check_name(&key("name"), &c.name, true)?;
         let cron = CronParser::builder()
             .seconds(Seconds::Optional)
             .build()

@@ -121,6 +121,23 @@ fn text(v: Value) -> Option<String> {
     }
 }
 
+/// Checks the name of a rule, schedule or webhook (`key` names it in the error): 1 to 64
+/// ASCII letters, digits, `_`, `-`, and `.` when `dot`.
+pub(crate) fn check_name(key: &str, name: &str, dot: bool) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || (dot && b == b'.'));
+    if ok {
+        return Ok(());
+    }
+    let allowed = if dot { "'.', '_' or '-'" } else { "'_' or '-'" };
+    Err(format!(
+        "{key}: '{name}': 1 to 64 letters, digits, {allowed}"
+    ))
+}
+
 /// The roots a template or a `when` may name.
 const ROOTS: [&str; 7] = [
     "id",
@@ -343,18 +360,7 @@ impl Rule {
     /// Checks `c` (the `i`th rule): every error names its key, as `rule[i].field`.
     pub fn new(i: usize, c: &RuleConfig) -> Result<Rule, String> {
         let key = |k: &str| format!("rule[{i}].{k}");
-        let valid_name = !c.name.is_empty()
-            && c.name.len() <= 64
-            && c.name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
-        if !valid_name {
-            return Err(format!(
-                "{}: '{}': 1 to 64 letters, digits, '.', '_' or '-'",
-                key("name"),
-                c.name
-            ));
-        }
+        check_name(&key("name"), &c.name, true)?;
         if c.on.ty.is_empty() {
             return Err(format!(
                 "{}: empty: an event type, 'prefix*' or '*'",
@@ -604,16 +610,12 @@ impl Webhook {
     /// Checks `c` (the `i`th webhook); reads its secret file when `read` (not at `--check`).
     pub fn new(i: usize, c: &WebhookConfig, read: bool) -> Result<Webhook, String> {
         let key = |k: &str| format!("webhook[{i}].{k}");
-        let valid_name = !c.name.is_empty()
-            && c.name.len() <= 64
-            && c.name
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
-        if !valid_name || c.name == "stream" {
+        // The last part of a URL path, beside `GET /v1/events/stream`.
+        check_name(&key("name"), &c.name, false)?;
+        if c.name == "stream" {
             return Err(format!(
-                "{}: '{}': 1 to 64 letters, digits, '_' or '-', not 'stream' (GET /v1/events/stream)",
-                key("name"),
-                c.name
+                "{}: 'stream' is taken (GET /v1/events/stream)",
+                key("name")
             ));
         }
         let secret = match (&c.secret, &c.secret_file) {
@@ -952,6 +954,14 @@ mod tests {
         assert!(Webhook::new(3, &short, true)
             .unwrap_err()
             .starts_with("webhook[3].secret: at least 16 bytes"));
+        let stream = WebhookConfig {
+            name: "stream".into(),
+            ..c.clone()
+        };
+        assert_eq!(
+            Webhook::new(0, &stream, true).unwrap_err(),
+            "webhook[0].name: 'stream' is taken (GET /v1/events/stream)"
+        );
         let two = [c.clone(), c];
         assert_eq!(
             webhooks(&two, true).unwrap_err(),
