@@ -216,6 +216,9 @@ pub struct AgentConfig {
     /// Wrapped capabilities.
     #[serde(rename = "capability")]
     pub capabilities: Vec<CapabilityConfig>,
+    /// Watchers: events for the dispatcher's rules (docs/agent.md, "Watchers").
+    #[serde(rename = "watch", skip_serializing_if = "Vec::is_empty")]
+    pub watches: Vec<crate::watch::WatchConfig>,
 }
 
 impl std::fmt::Debug for AgentConfig {
@@ -233,6 +236,10 @@ impl std::fmt::Debug for AgentConfig {
                     .iter()
                     .map(|c| &c.name)
                     .collect::<Vec<_>>(),
+            )
+            .field(
+                "watches",
+                &self.watches.iter().map(|w| &w.name).collect::<Vec<_>>(),
             )
             .finish_non_exhaustive()
     }
@@ -266,6 +273,7 @@ impl Default for AgentConfig {
             tls: TlsConfig::default(),
             attributes: BTreeMap::new(),
             capabilities: Vec::new(),
+            watches: Vec::new(),
         }
     }
 }
@@ -449,6 +457,23 @@ impl AgentConfig {
                 .map_err(|e| bad(&format!("attributes.{k}"), e))?;
         }
         self.validate_data_listen()?;
+        let mut watch_names = std::collections::HashSet::new();
+        for (i, w) in self.watches.iter().enumerate() {
+            let key = format!("watch[{i}]");
+            w.validate(&key).map_err(AgentError::Config)?;
+            if !watch_names.insert(w.name.as_str()) {
+                return Err(bad(
+                    &format!("{key}.name"),
+                    format!("'{}' is used twice", w.name),
+                ));
+            }
+            if w.directory.is_some() && !self.http_data {
+                return Err(bad(
+                    &format!("{key}.directory"),
+                    "needs http_data = true (files go to the dispatcher by reference, over HTTP)",
+                ));
+            }
+        }
         let mut names = std::collections::HashSet::new();
         for (i, c) in self.capabilities.iter().enumerate() {
             let key = format!("capability[{i}]");

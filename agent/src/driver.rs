@@ -88,6 +88,13 @@ pub(crate) async fn run(
         None => None,
     };
     let (mut plane, mut transfers) = DataPlane::new(crate::dataplane::client(&agent.config), held);
+    // Watchers stop with the agent, however it ends.
+    let watching = tokio_util::sync::CancellationToken::new();
+    let _stop_watching = watching.clone().drop_guard();
+    let mut sightings = crate::watch::start(&agent.config.watches, watching.clone());
+    let mut acks: std::collections::HashMap<u64, tokio::sync::oneshot::Sender<crate::watch::Ack>> =
+        std::collections::HashMap::new();
+    let mut next_sighting = 0u64;
     core.session_started(Instant::now());
     perform(
         &conn,
@@ -95,6 +102,7 @@ pub(crate) async fn run(
         &mut plane,
         core.take_ready(),
         state_file.as_deref(),
+        &mut acks,
     )
     .await;
 
@@ -135,6 +143,12 @@ pub(crate) async fn run(
                 core.job_done(done, Instant::now());
             }
             Some((id, attempt, report)) = inbox.reports.recv() => core.report(id, attempt, report),
+            // A full outbox leaves the next sighting in its channel: the watcher waits.
+            Some(s) = sightings.recv(), if core.can_take_event() && core.is_serving() => {
+                next_sighting += 1;
+                acks.insert(next_sighting, s.ack);
+                core.watched(next_sighting, s.event, Instant::now());
+            }
             Some(t) = transfers.recv() => match t {
                 Transfer::Fetched { key, result } => {
                     plane.finished(key);
@@ -158,6 +172,7 @@ pub(crate) async fn run(
             &mut plane,
             core.take_ready(),
             state_file.as_deref(),
+            &mut acks,
         )
         .await;
     }
@@ -174,7 +189,14 @@ async fn perform(
     plane: &mut DataPlane,
     ready: Ready,
     state_file: Option<&std::path::Path>,
+    acks: &mut std::collections::HashMap<u64, tokio::sync::oneshot::Sender<crate::watch::Ack>>,
 ) {
+    for (key, ack) in ready.acks {
+        if let Some(tx) = acks.remove(&key) {
+            // The watcher may have ended (shutdown): nothing waits then.
+            let _ = tx.send(ack);
+        }
+    }
     match (&ready.save, state_file) {
         (Some(d), Some(path)) => {
             // A few bytes, synced: the connection task may wait for them.

@@ -39,6 +39,7 @@ mod machine;
 mod store;
 mod supervisor;
 pub mod sysload;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::future::Future;

@@ -40,11 +40,13 @@ use crate::handler::{Output, Report};
 use crate::inbound::{classify, Inbound};
 use crate::store::{Drained, Outcome, OutcomeCache};
 
+mod events;
 mod file_outputs;
 mod load;
 mod outputs;
 mod refs;
 
+pub(crate) use events::EventAck;
 pub(crate) use file_outputs::{FilePut, InlineFiles};
 
 /// Unacknowledged chunks in flight per blob upload (PROTOCOL.md §13).
@@ -200,6 +202,9 @@ pub(crate) struct Ready {
     /// The operator's drain changed: the driver writes it to the state file first, before
     /// anything in `out` (its answer among them) leaves.
     pub(crate) save: Option<Drained>,
+    /// Watched events taken by a dispatcher (with the jobs made) or given up, for their
+    /// watchers.
+    pub(crate) acks: Vec<EventAck>,
     pub(crate) out: Vec<Out>,
 }
 
@@ -291,6 +296,18 @@ pub(crate) struct Core {
     file_slot_deadlines: BTreeSet<(Instant, String)>,
     /// PUT transfer key → (file output key, file index).
     file_put_keys: HashMap<u64, (u64, usize)>,
+    /// This agent's bare JID (its watchers' events come from `/agents/<it>/…`).
+    me: BareJid,
+    /// Watched events on their way to a dispatcher, by key ([`crate::watch`]).
+    outgoing: BTreeMap<u64, events::Outgoing>,
+    /// Event and event-slot IQ id → event key.
+    event_iqs: HashMap<String, u64>,
+    /// PUT transfer key → event key.
+    event_puts: HashMap<u64, u64>,
+    /// The full JID of the dispatcher that last sent a hello or a job: where events go.
+    heard_from: Option<Jid>,
+    /// The leader a standby named when it refused an event.
+    leader_hint: Option<Jid>,
     /// Fragment files being read back into an inline list, by key.
     inlining: HashMap<u64, file_outputs::Inlining>,
     next_id: u64,
@@ -367,6 +384,16 @@ impl Core {
             file_slot_iqs: HashMap::new(),
             file_slot_deadlines: BTreeSet::new(),
             file_put_keys: HashMap::new(),
+            me: config
+                .jid
+                .parse::<Jid>()
+                .map(|j| j.to_bare())
+                .unwrap_or_else(|_| BareJid::new("agent@invalid").expect("a valid JID")),
+            outgoing: BTreeMap::new(),
+            event_iqs: HashMap::new(),
+            event_puts: HashMap::new(),
+            heard_from: None,
+            leader_hint: None,
             inlining: HashMap::new(),
             next_id: 0,
             phase: Phase::Serving,
@@ -416,6 +443,9 @@ impl Core {
         if let Some((t, _)) = self.file_slot_deadlines.first() {
             at = at.min(*t);
         }
+        if let Some(t) = self.events_timeout() {
+            at = at.min(t);
+        }
         at
     }
 
@@ -448,6 +478,7 @@ impl Core {
         // Answers to slot requests of the old session are lost: those outputs go in chunks.
         self.slots_lost(now);
         self.file_slots_lost(now);
+        self.events_session_started(now);
     }
 
     /// A stanza from the server.
@@ -491,9 +522,13 @@ impl Core {
             Inbound::Reply { id, payload, error } if self.file_slot_iqs.contains_key(&id) => {
                 self.on_file_slot_reply(&id, payload, error, now)
             }
+            Inbound::Reply { id, payload, error } if self.is_event_reply(&id) => {
+                self.on_event_reply(&id, payload, error, now)
+            }
             Inbound::Reply { id, error, .. } => self.on_chunk_reply(&id, error, now),
             Inbound::Hello { from, protocol } => {
                 debug!(dispatcher = %from, %protocol, "hello: advertising");
+                self.heard_from = Some(from.clone());
                 if protocol >= ProtocolVersion::V1_1 {
                     self.speaks_1_1.insert(from.to_bare());
                 } else {
@@ -661,6 +696,7 @@ impl Core {
         }
         self.slot_timeouts(now);
         self.file_slot_timeouts(now);
+        self.events_tick(now);
     }
 
     fn push(&mut self, st: impl Into<Stanza>) {
@@ -744,6 +780,8 @@ impl Core {
     }
 
     fn on_job(&mut self, from: Jid, iq_id: String, job: Job, now: Instant) {
+        // Jobs come from the leader: where events go too.
+        self.heard_from = Some(from.clone());
         if let Some(outcome) = self.cache.get(&job.id, now).cloned() {
             debug!(job = %job.id, "duplicate of a finished job: resending its outcome");
             self.reply(from, iq_id, &outcome);

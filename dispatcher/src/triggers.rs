@@ -57,6 +57,22 @@ pub enum EventData {
     Json(Value),
     /// Anything else (`data_base64`, or a binary event's body).
     Bytes(Vec<u8>),
+    /// Bytes in the blob store, named by reference (an agent's watcher put them to an event
+    /// slot, PROTOCOL.md §11.9.1). Rules see `data.sha256` and `data.size`; `input =
+    /// "{{data}}"` gives the job these bytes by reference, not a copy.
+    Stored(crate::blobs::Stored),
+}
+
+impl EventData {
+    /// The data as JSON, for filters and templates: a stored blob is `{"sha256", "size"}`.
+    fn json(&self) -> Option<Value> {
+        match self {
+            EventData::None => None,
+            EventData::Json(v) => Some(v.clone()),
+            EventData::Bytes(b) => Some(Value::String(String::from_utf8_lossy(b).into())),
+            EventData::Stored(s) => Some(serde_json::json!({"sha256": s.hex(), "size": s.size})),
+        }
+    }
 }
 
 impl Event {
@@ -87,16 +103,13 @@ impl Event {
             ("time", None) => self
                 .time_ms
                 .map(|ms| Value::String(crate::core::rfc3339_ms(ms))),
-            ("data", None) => match &self.data {
-                EventData::None => None,
-                EventData::Json(v) => Some(v.clone()),
-                EventData::Bytes(b) => Some(Value::String(String::from_utf8_lossy(b).into())),
-            },
+            ("data", None) => self.data.json(),
             ("data", Some(rest)) => {
-                let EventData::Json(root) = &self.data else {
-                    return None;
+                let root = match &self.data {
+                    EventData::Json(_) | EventData::Stored(_) => self.data.json()?,
+                    EventData::None | EventData::Bytes(_) => return None,
                 };
-                let mut v = root;
+                let mut v = &root;
                 for part in rest.split('.') {
                     v = match v {
                         Value::Object(m) => m.get(part)?,
@@ -451,21 +464,31 @@ impl Rule {
             spec.args.insert(k.clone(), filled);
         }
         if let Some(input) = &a.input {
-            let (bytes, mime) = if input.trim() == "{{data}}" || input.trim() == "{{ data }}" {
+            let (body, mime) = if input.trim() == "{{data}}" || input.trim() == "{{ data }}" {
                 match &ev.data {
                     EventData::None => return Err(err("do.input: the event has no data".into())),
-                    EventData::Json(v) => (json_bytes(v), Some("application/json".to_owned())),
-                    EventData::Bytes(b) => (b.clone(), ev.mime.clone()),
+                    EventData::Json(v) => (
+                        Body::Inline(json_bytes(v)),
+                        Some("application/json".to_owned()),
+                    ),
+                    EventData::Bytes(b) => (Body::Inline(b.clone()), ev.mime.clone()),
+                    // By reference: the job names the stored bytes, no copy.
+                    EventData::Stored(s) => (Body::Stored(*s), ev.mime.clone()),
                 }
             } else {
                 match fill(&Value::String(input.clone()), ev)
                     .map_err(|e| err(format!("do.input: {e}")))?
                 {
-                    Value::String(s) => (s.into_bytes(), Some("text/plain".to_owned())),
-                    other => (json_bytes(&other), Some("application/json".to_owned())),
+                    Value::String(s) => {
+                        (Body::Inline(s.into_bytes()), Some("text/plain".to_owned()))
+                    }
+                    other => (
+                        Body::Inline(json_bytes(&other)),
+                        Some("application/json".to_owned()),
+                    ),
                 }
             };
-            spec.input = Body::Inline(bytes);
+            spec.input = body;
             spec.input_mime = mime;
         }
         if let Some(s) = a.strategy {

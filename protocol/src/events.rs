@@ -1,13 +1,15 @@
 //! Events for a dispatcher's rules over XMPP (PROTOCOL.md §11.9, docs/events.md): `<event/>`
 //! (IQ set, submitter → dispatcher) carries one CloudEvent — its attributes and its data as
 //! JSON (`<json/>`) or bytes (`<data/>`); `<fired/>` (IQ result) answers with the jobs the
-//! rules made of it, once they are stored.
+//! rules made of it, once they are stored. An agent's watcher (§11.9.1) sends larger bytes by
+//! reference: it asks for an upload URL with `<request-event-slot/>`, answered with
+//! `<event-slot/>`, puts the bytes there over HTTP and names them in the event's `<data>`.
 
 use minidom::Element;
-use xmpp_parsers::iq::{IqResultPayload, IqSetPayload};
+use xmpp_parsers::iq::{IqGetPayload, IqResultPayload, IqSetPayload};
 
 use crate::client::JobState;
-use crate::data::{Data, INLINE_LIMIT};
+use crate::data::{hex, Data, DataRef, Mime, Sha256Hex, SourceUrl, INLINE_LIMIT};
 use crate::error::ParseError;
 use crate::names::JobId;
 use crate::xml::{set_once, unknown_child, Builder, Reader};
@@ -30,6 +32,9 @@ pub enum EventData {
         /// The bytes.
         bytes: Vec<u8>,
     },
+    /// Bytes the sender put to an event slot (`<data>` in the reference form without
+    /// sources, §11.9.1): their size, SHA-256 and type; `sources` is empty.
+    Ref(DataRef),
 }
 
 /// `<event/>`: one event (CloudEvents 1.0 attributes).
@@ -94,10 +99,20 @@ impl TryFrom<Element> for Event {
                 }
                 "data" => match Data::parse(c, "data")? {
                     Data::Inline { mime, bytes } => EventData::Bytes { mime, bytes },
-                    _ => {
+                    Data::Ref(r) if r.sources.is_empty() => EventData::Ref(r),
+                    Data::Ref(_) => {
                         return Err(ParseError::Invalid {
                             element: "data",
-                            reason: "an event's data is inline (base64), not a blob or a reference"
+                            reason: "an event's data by reference names no <sources>: it is \
+                                     the bytes put to an event slot (request-event-slot)"
+                                .into(),
+                        })
+                    }
+                    Data::Blob(_) => {
+                        return Err(ParseError::Invalid {
+                            element: "data",
+                            reason: "an event's data is inline (base64) or by reference to \
+                                     an event slot, not a blob of chunks"
                                 .into(),
                         })
                     }
@@ -134,6 +149,7 @@ impl From<Event> for Element {
             EventData::Bytes { mime, bytes } => b
                 .child(Data::Inline { mime, bytes }.to_element("data"))
                 .build(),
+            EventData::Ref(r) => b.child(Data::Ref(r).to_element("data")).build(),
         }
     }
 }
@@ -204,6 +220,78 @@ impl From<Fired> for Element {
 
 impl IqResultPayload for Fired {}
 
+/// `<request-event-slot/>`: where may an agent put `size` bytes with this SHA-256, to name
+/// in an event's data (§11.9.1)? Agent → dispatcher, IQ get.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestEventSlot {
+    /// Length in bytes.
+    pub size: u64,
+    /// SHA-256 of the bytes; the dispatcher refuses a `PUT` of other bytes.
+    pub sha256: [u8; 32],
+    /// MIME type, if known.
+    pub mime: Option<String>,
+}
+
+impl TryFrom<Element> for RequestEventSlot {
+    type Error = ParseError;
+    fn try_from(el: Element) -> Result<Self, ParseError> {
+        let mut r = Reader::new(&el, "request-event-slot")?;
+        let size = r.req("size")?;
+        let sha256 = r.req::<Sha256Hex>("sha256")?.0;
+        let mime = r.opt::<Mime>("type")?.map(|m| m.0);
+        r.no_text()?;
+        r.no_children()?;
+        r.finish()?;
+        Ok(RequestEventSlot { size, sha256, mime })
+    }
+}
+
+impl From<RequestEventSlot> for Element {
+    fn from(s: RequestEventSlot) -> Element {
+        Builder::new("request-event-slot")
+            .attr("size", s.size)
+            .attr("sha256", hex(&s.sha256))
+            .opt("type", s.mime.as_deref())
+            .build()
+    }
+}
+
+impl IqGetPayload for RequestEventSlot {}
+
+/// `<event-slot/>`: the answer to [`RequestEventSlot`]: a signed URL to `PUT` the bytes to,
+/// valid for `expires_ms` milliseconds, opaque to the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventSlot {
+    /// Where to `PUT` the bytes (an `http://` or `https://` URL).
+    pub put: String,
+    /// How long the URL stays valid, in milliseconds.
+    pub expires_ms: u64,
+}
+
+impl TryFrom<Element> for EventSlot {
+    type Error = ParseError;
+    fn try_from(el: Element) -> Result<Self, ParseError> {
+        let mut r = Reader::new(&el, "event-slot")?;
+        let put = r.req::<SourceUrl>("put")?.0;
+        let expires_ms = r.req("expires-ms")?;
+        r.no_text()?;
+        r.no_children()?;
+        r.finish()?;
+        Ok(EventSlot { put, expires_ms })
+    }
+}
+
+impl From<EventSlot> for Element {
+    fn from(s: EventSlot) -> Element {
+        Builder::new("event-slot")
+            .attr("put", s.put)
+            .attr("expires-ms", s.expires_ms)
+            .build()
+    }
+}
+
+impl IqResultPayload for EventSlot {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,6 +309,12 @@ mod tests {
                 mime: Some("text/plain".into()),
                 bytes: b"raw bytes".to_vec(),
             },
+            EventData::Ref(DataRef {
+                size: 3,
+                sha256: [7; 32],
+                mime: Some("image/png".into()),
+                sources: Vec::new(),
+            }),
         ] {
             let e = Event {
                 id: "u-1".into(),
@@ -242,6 +336,20 @@ mod tests {
             }],
         };
         assert_eq!(Fired::try_from(Element::from(f.clone())).unwrap(), f);
+        let r = RequestEventSlot {
+            size: 1 << 40,
+            sha256: [9; 32],
+            mime: None,
+        };
+        assert_eq!(
+            RequestEventSlot::try_from(Element::from(r.clone())).unwrap(),
+            r
+        );
+        let s = EventSlot {
+            put: "https://d.example.com/v1/uploads/events?x=1".into(),
+            expires_ms: 300_000,
+        };
+        assert_eq!(EventSlot::try_from(Element::from(s.clone())).unwrap(), s);
     }
 
     #[test]

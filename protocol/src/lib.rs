@@ -123,6 +123,10 @@ pub enum Payload {
     Event(events::Event),
     /// `<fired/>` (IQ result)
     Fired(events::Fired),
+    /// `<request-event-slot/>` (IQ get, agent → dispatcher)
+    RequestEventSlot(events::RequestEventSlot),
+    /// `<event-slot/>` (IQ result)
+    EventSlot(events::EventSlot),
 }
 
 /// Reads any top-level Spine payload.
@@ -167,6 +171,8 @@ pub fn parse_payload(el: Element) -> Result<Payload, ParseError> {
         "undrain" => Payload::Undrain(el.try_into()?),
         "event" => Payload::Event(el.try_into()?),
         "fired" => Payload::Fired(el.try_into()?),
+        "request-event-slot" => Payload::RequestEventSlot(el.try_into()?),
+        "event-slot" => Payload::EventSlot(el.try_into()?),
         _ => {
             return Err(ParseError::WrongElement {
                 expected: "a Spine payload",
@@ -202,6 +208,8 @@ impl From<Payload> for Element {
             Payload::Undrain(x) => x.into(),
             Payload::Event(x) => x.into(),
             Payload::Fired(x) => x.into(),
+            Payload::RequestEventSlot(x) => x.into(),
+            Payload::EventSlot(x) => x.into(),
         }
     }
 }

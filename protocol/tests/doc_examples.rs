@@ -76,6 +76,8 @@ fn payload_name(p: &Payload) -> &'static str {
         Payload::Undrain(_) => "undrain",
         Payload::Event(_) => "event",
         Payload::Fired(_) => "fired",
+        Payload::RequestEventSlot(_) => "request-event-slot",
+        Payload::EventSlot(_) => "event-slot",
     }
 }
 
@@ -202,6 +204,8 @@ fn every_example_parses() {
         "cancel",
         "event",
         "fired",
+        "request-event-slot",
+        "event-slot",
         "progress",
         "partial",
         "chunk",

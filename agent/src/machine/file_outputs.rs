@@ -203,6 +203,9 @@ impl Core {
 
     /// The data plane finished uploading a fragment file: the next one, or fall back.
     pub(crate) fn file_put_done(&mut self, put_key: u64, result: Result<(), String>, now: Instant) {
+        if self.event_put_done(put_key, &result, now) {
+            return;
+        }
         let Some((key, _)) = self.file_put_keys.remove(&put_key) else {
             return;
         };

@@ -593,6 +593,7 @@ fn disco_info_is_answered_for_anyone_and_other_gets_are_refused() {
     assert!(matches!(iqs(&r)[..], [Iq::Error { .. }]));
 }
 
+mod events;
 mod references;
 mod uploads_and_loads;
 

@@ -94,6 +94,22 @@ impl DataPlane {
 }
 
 impl Core {
+    /// A signed URL for `agent` to put the bytes of an event (PROTOCOL.md §11.9.1), and how
+    /// long it is valid (ms); `None` without a data plane.
+    pub(super) fn event_slot_url(
+        &self,
+        agent: &BareJid,
+        want: &Stored,
+        now: Now,
+    ) -> Option<(String, u64)> {
+        let dp = self.data.as_ref()?;
+        let job: JobId = super::events::EVENT_UPLOADS.parse().ok()?;
+        Some((
+            dp.put_url(&job, 0, agent, want, now),
+            dp.ttl.as_millis() as u64,
+        ))
+    }
+
     /// Turns the fast path on: `<dispatcher protocol='1.1'/>` hellos, references, slots.
     pub(crate) fn set_data_plane(&mut self, dp: DataPlane) {
         info!(base = %dp.base, "large payloads go by reference to agents that fetch over HTTP");
@@ -383,6 +399,10 @@ impl Core {
         agent: &str,
         got: Stored,
     ) -> Result<(), SpineError> {
+        // Attempts count from 1: attempt 0 is an event slot (PROTOCOL.md §11.9.1).
+        if attempt == 0 && job.as_str() == super::events::EVENT_UPLOADS {
+            return self.event_slot_filled(agent, got);
+        }
         match self.slots.get_mut(&(job.clone(), attempt, got.sha256)) {
             Some(g) if g.agent.as_str() == agent && g.want == got => {
                 g.filled = true;

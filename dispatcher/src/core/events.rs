@@ -4,16 +4,43 @@
 //! rule's job has the event's key and the rule as submitter, so an event sent twice, or an
 //! outcome handled again after a restart, makes no second job.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
+use jid::BareJid;
 use serde::Serialize;
-use spine_protocol::{Condition, JobId, JobState, SpineError};
-use tracing::{info, warn};
+use spine_protocol::events::{EventSlot, RequestEventSlot};
+use spine_protocol::{Condition, DataRef, JobId, JobState, SpineError};
+use tracing::{debug, info, warn};
 
 use super::{Core, Now};
+use crate::blobs::Stored;
 use crate::jobs::JobRecord;
 use crate::policy::Capabilities;
 use crate::triggers::{Event, EventData, JOB_SOURCE};
+
+/// The job name in an event slot's upload URL (`/v1/uploads/events?attempt=0&…`): attempts
+/// count from 1, so attempt 0 of this name is no job's.
+pub(crate) const EVENT_UPLOADS: &str = "events";
+
+/// How long an event slot is kept for the event that names its bytes.
+const EVENT_SLOT_TTL: Duration = Duration::from_secs(600);
+
+/// At most this many event slots are held at once (every agent's together): an agent that
+/// asks for slots and never sends the events cannot grow the dispatcher's memory.
+const MAX_EVENT_SLOTS: usize = 10_000;
+
+/// Event slots granted, by agent and SHA-256.
+pub(super) type EventSlots = HashMap<(BareJid, [u8; 32]), EventSlotGrant>;
+
+/// An event slot granted to an agent: the bytes it said it will put, whether it did, and
+/// until when the grant is kept.
+#[derive(Debug)]
+pub(super) struct EventSlotGrant {
+    want: Stored,
+    filled: bool,
+    until: std::time::Instant,
+}
 
 /// A job a rule made of an event (or found made by the same event before).
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -122,6 +149,15 @@ impl Core {
             Wire::None => (None, EventData::None),
             Wire::Json(v) => (Some("application/json".to_owned()), EventData::Json(v)),
             Wire::Bytes { mime, bytes } => (mime, EventData::Bytes(bytes)),
+            Wire::Ref(r) => match self.event_slot_bytes(&from.to_bare(), &r) {
+                Ok(stored) => (r.mime, EventData::Stored(stored)),
+                Err(why) => {
+                    let bad = SpineError::new(Condition::BadArguments)
+                        .with_text(format!("data: {why}"))
+                        .with_field("data");
+                    return self.reply_error(from, id, bad);
+                }
+            },
         };
         let ev = Event {
             id: e.id,
@@ -150,6 +186,118 @@ impl Core {
                 self.send(iq);
             }
             Err(err) => self.reply_error(from, id, err),
+        }
+    }
+
+    /// Whether an event from `from` may come in as an agent's (PROTOCOL.md §11.9.1): `from` is
+    /// a registered agent and the event's source is under `/agents/<its bare JID>/`.
+    pub(super) fn agent_event(&self, from: &jid::Jid, e: &spine_protocol::events::Event) -> bool {
+        let registered = from
+            .clone()
+            .try_into_full()
+            .ok()
+            .and_then(|f| self.registry.id_of(&f))
+            .is_some();
+        registered && e.source.starts_with(&agent_source_prefix(&from.to_bare()))
+    }
+
+    /// `<request-event-slot/>` from a registered agent: a signed URL to put the bytes an event
+    /// of its will name.
+    pub(super) fn on_request_event_slot(
+        &mut self,
+        from: jid::Jid,
+        id: String,
+        r: RequestEventSlot,
+        now: Now,
+    ) {
+        let registered = from
+            .clone()
+            .try_into_full()
+            .ok()
+            .and_then(|f| self.registry.id_of(&f))
+            .is_some();
+        if !registered {
+            let e = SpineError::new(Condition::NotAuthorized)
+                .with_text("only registered agents ask for event slots");
+            return self.reply_error(from, id, e);
+        }
+        let max = self.cfg.max_input.as_u64();
+        if r.size > max {
+            let mut e = SpineError::new(Condition::TooLarge).with_text(format!(
+                "event data of {} bytes is over this dispatcher's limit of {max} (max_input)",
+                r.size
+            ));
+            e.max = Some(max);
+            return self.reply_error(from, id, e);
+        }
+        let agent = from.to_bare();
+        self.event_slots.retain(|_, g| g.until > now.mono);
+        if self.event_slots.len() >= MAX_EVENT_SLOTS {
+            let e = SpineError::new(Condition::Busy).with_text(format!(
+                "{MAX_EVENT_SLOTS} event slots are open: send the event again in a moment"
+            ));
+            return self.reply_error(from, id, e);
+        }
+        let want = Stored {
+            sha256: r.sha256,
+            size: r.size,
+        };
+        let Some((put, expires_ms)) = self.event_slot_url(&agent, &want, now) else {
+            let e = SpineError::new(Condition::Malformed).with_text(
+                "this dispatcher offers no upload slots (no public_url for its HTTP API): \
+                 send events whose data fits inline",
+            );
+            return self.reply_error(from, id, e);
+        };
+        self.event_slots.insert(
+            (agent, r.sha256),
+            EventSlotGrant {
+                want,
+                filled: false,
+                until: now.mono + EVENT_SLOT_TTL,
+            },
+        );
+        self.send(
+            xmpp_parsers::iq::Iq::from_result(id, Some(EventSlot { put, expires_ms }))
+                .with_to(from),
+        );
+    }
+
+    /// The HTTP side stored the bytes of an event slot of `agent`.
+    pub(super) fn event_slot_filled(&mut self, agent: &str, got: Stored) -> Result<(), SpineError> {
+        let key = agent.parse::<BareJid>().ok().map(|a| (a, got.sha256));
+        match key.and_then(|k| self.event_slots.get_mut(&k)) {
+            Some(g) if g.want == got => {
+                g.filled = true;
+                Ok(())
+            }
+            _ => Err(SpineError::new(Condition::UnknownJob).with_text(format!(
+                "no event slot for these bytes of {agent} (it expired, or was never granted)"
+            ))),
+        }
+    }
+
+    /// The stored bytes an agent's event names by reference: put by that agent to an event
+    /// slot, and still in the blob store.
+    fn event_slot_bytes(&mut self, agent: &BareJid, r: &DataRef) -> Result<Stored, String> {
+        let got = Stored {
+            sha256: r.sha256,
+            size: r.size,
+        };
+        match self.event_slots.get(&(agent.clone(), r.sha256)) {
+            Some(g) if g.filled && g.want == got && self.blob_store.contains(&got) => {
+                debug!(agent = %agent, sha256 = %got.hex(), "event data by reference");
+                Ok(got)
+            }
+            Some(g) if !g.filled => {
+                Err("the bytes were not put to their event slot before the event".into())
+            }
+            Some(_) => Err("the size or hash differs from what was put to the event slot".into()),
+            None => Err(
+                "no event slot was granted to this agent for these bytes (or it expired): ask \
+                 with <request-event-slot/> and put them first"
+                    .into(),
+            ),
         }
     }
 
@@ -259,6 +407,11 @@ impl Core {
             }
         }
     }
+}
+
+/// The start every source of `agent`'s events has: `/agents/<bare JID>/`.
+pub(crate) fn agent_source_prefix(agent: &BareJid) -> String {
+    format!("/agents/{agent}/")
 }
 
 /// The event of `rec`'s end: `spine.job.<state>`, the capability as subject, the job as the
@@ -463,5 +616,136 @@ mod tests {
             assert!(made < 100, "the chain does not end");
         }
         assert_eq!(made as u32, crate::triggers::MAX_CHAIN + 1);
+    }
+
+    /// The answer to IQ `id` among the stanzas: its payload, or its error.
+    fn answer(stanzas: &[tokio_xmpp::Stanza], id: &str) -> Result<minidom::Element, SpineError> {
+        use xmpp_parsers::iq::Iq;
+        for s in stanzas {
+            match s {
+                tokio_xmpp::Stanza::Iq(Iq::Result {
+                    id: i,
+                    payload: Some(p),
+                    ..
+                }) if i == id => return Ok(p.clone()),
+                tokio_xmpp::Stanza::Iq(Iq::Error { id: i, error, .. }) if i == id => {
+                    return Err(SpineError::from_stanza_error(error).unwrap().unwrap())
+                }
+                _ => {}
+            }
+        }
+        panic!("no answer to {id}");
+    }
+
+    #[test]
+    fn an_agents_file_goes_to_an_event_slot_and_the_rules_job_takes_it_by_reference() {
+        use spine_protocol::events::{
+            Event as WireEvent, EventData as Wire, EventSlot, Fired as WireFired, RequestEventSlot,
+        };
+        use xmpp_parsers::iq::Iq;
+        let mut w = world(
+            r#"
+            [[rule]]
+            name = "thumbs"
+            on = { type = "spine.file.created", source = "/agents/*" }
+            when = "data.size > 2"
+            do = { capability = "c.work", args = { name = "{{subject}}" }, input = "{{data}}" }
+            "#,
+        );
+        w.core.set_data_plane(super::super::data::DataPlane {
+            base: "http://127.0.0.1:8080".into(),
+            key: std::sync::Arc::new(crate::signing::UrlKey::from_bytes([3; 32])),
+            ttl: std::time::Duration::from_secs(300),
+        });
+        let a = w.agent(1, 4);
+        w.ready();
+        let bytes = b"a photo".to_vec();
+        let blob = w.core.blob_store.put(&bytes).unwrap();
+        let from = jid::Jid::from(a.clone());
+        let ask = |w: &mut World, id: &str| {
+            let r = RequestEventSlot {
+                size: blob.size,
+                sha256: blob.sha256,
+                mime: Some("image/jpeg".into()),
+            };
+            w.core
+                .stanza(Iq::from_get(id, r).with_from(from.clone()).into(), w.now);
+            answer(&w.ready().stanzas, id)
+        };
+        let slot = EventSlot::try_from(ask(&mut w, "s1").unwrap()).unwrap();
+        assert!(
+            slot.put.starts_with(&format!(
+                "http://127.0.0.1:8080/v1/uploads/events?attempt=0&agent=agent1%40localhost&size=7&sha256={}",
+                blob.hex()
+            )),
+            "{}",
+            slot.put
+        );
+        let event = |id: &str, source: &str| WireEvent {
+            id: id.into(),
+            source: source.into(),
+            ty: "spine.file.created".into(),
+            subject: Some("cat.jpg".into()),
+            time: None,
+            data: Wire::Ref(DataRef {
+                size: blob.size,
+                sha256: blob.sha256,
+                mime: Some("image/jpeg".into()),
+                sources: Vec::new(),
+            }),
+        };
+        let send = |w: &mut World, iq: &str, e: WireEvent| {
+            w.core
+                .stanza(Iq::from_set(iq, e).with_from(from.clone()).into(), w.now);
+            answer(&w.ready().stanzas, iq)
+        };
+        // Named before the bytes were put: refused, naming data.
+        let e = send(&mut w, "e0", event("f1", "/agents/agent1@localhost/up")).unwrap_err();
+        assert_eq!(e.condition, Condition::BadArguments);
+        assert!(e.text.unwrap().contains("not put to their event slot"));
+        // The HTTP side stored them.
+        let filled =
+            w.core
+                .slot_filled(&EVENT_UPLOADS.parse().unwrap(), 0, "agent1@localhost", blob);
+        assert_eq!(filled, Ok(()));
+        // Another agent's source: not this agent's to send (and it is no submitter).
+        let e = send(&mut w, "e1", event("f1", "/agents/agent2@localhost/up")).unwrap_err();
+        assert_eq!(e.condition, Condition::NotAuthorized);
+        let fired = WireFired::try_from(
+            send(&mut w, "e2", event("f1", "/agents/agent1@localhost/up")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(fired.jobs.len(), 1);
+        let rec = w.core.record(&fired.jobs[0].job).unwrap().clone();
+        assert_eq!(rec.spec.input, crate::jobs::Body::Stored(blob));
+        assert_eq!(rec.spec.input_mime.as_deref(), Some("image/jpeg"));
+        assert_eq!(rec.spec.args["name"], serde_json::json!("cat.jpg"));
+        // Sent again (the agent restarted): the same job.
+        let again = WireFired::try_from(
+            send(&mut w, "e3", event("f1", "/agents/agent1@localhost/up")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(again.jobs[0].job, fired.jobs[0].job);
+        // Bytes never put to a slot of this agent are refused.
+        let other = w.core.blob_store.put(b"someone else's").unwrap();
+        let mut e = event("f2", "/agents/agent1@localhost/up");
+        e.data = Wire::Ref(DataRef {
+            size: other.size,
+            sha256: other.sha256,
+            mime: None,
+            sources: Vec::new(),
+        });
+        let err = send(&mut w, "e4", e).unwrap_err();
+        assert!(err.text.unwrap().contains("no event slot"), "refused");
+        // Over max_input: too large, naming the limit.
+        let r = RequestEventSlot {
+            size: u64::MAX,
+            sha256: [1; 32],
+            mime: None,
+        };
+        w.core
+            .stanza(Iq::from_get("s2", r).with_from(from.clone()).into(), w.now);
+        let e = answer(&w.ready().stanzas, "s2").unwrap_err();
+        assert_eq!(e.condition, Condition::TooLarge);
     }
 }

@@ -231,6 +231,8 @@ pub(crate) struct Core {
     http_agents: HashMap<jid::FullJid, data::AgentData>,
     /// Upload slots granted, by (job, attempt, SHA-256).
     slots: data::Slots,
+    /// Event slots granted to agents' watchers (PROTOCOL.md §11.9.1).
+    event_slots: events::EventSlots,
     /// Large outputs on their way to XMPP submitters, ahead of their statuses.
     deliveries: Deliveries,
     /// Queued jobs that found no capable agent, since when (ms).
@@ -298,6 +300,7 @@ impl Core {
             data: None,
             http_agents: HashMap::new(),
             slots: HashMap::new(),
+            event_slots: HashMap::new(),
             deliveries: Deliveries::new(format!("{:08x}", rng.random::<u32>())),
             requests: Requests::new(prefix),
             state_requests: operator::StateRequests::default(),

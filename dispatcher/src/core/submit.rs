@@ -317,6 +317,13 @@ impl Core {
                 Err(e) => self.reply_error(from, id, e),
             };
         }
+        // An agent's watcher sends events of its own source (PROTOCOL.md §11.9.1).
+        let parsed = match parsed {
+            Ok(Payload::Event(e)) if self.agent_event(&from, &e) => {
+                return self.on_event(from, id, e, now);
+            }
+            other => other,
+        };
         let Some(grant) = self.grant(&from) else {
             warn!(from = %from, "refused XMPP API request from a JID not in `submitters` or [[submitter]]");
             let e = SpineError::new(Condition::NotAuthorized)
@@ -451,9 +458,10 @@ impl Core {
         }
         // An agent's request for an upload slot: answered by whether the job runs there, not
         // by a submitter's grant.
-        if payload.name() == "request-slot" {
+        if payload.name() == "request-slot" || payload.name() == "request-event-slot" {
             return match spine_protocol::parse_payload(payload) {
                 Ok(Payload::RequestSlot(r)) => self.on_request_slot(from, id, r, now),
+                Ok(Payload::RequestEventSlot(r)) => self.on_request_event_slot(from, id, r, now),
                 Ok(_) => self.reply_error(from, id, SpineError::new(Condition::Malformed)),
                 Err(e) => self.reply_error(from, id, e.to_spine_error()),
             };
