@@ -691,6 +691,28 @@ mod tests {
         w.watch[0].validate("watch[0]")
     }
 
+    /// The agents' blocks of docs/events.md and docs/agent.md are configurations that load.
+    #[test]
+    fn the_docs_watchers_load() {
+        let mut n = 0;
+        for doc in [
+            include_str!("../../docs/events.md"),
+            include_str!("../../docs/agent.md"),
+        ] {
+            for block in doc.split("```toml\n").skip(1) {
+                let text = block.split("```").next().unwrap_or("");
+                if !text.contains("[[watch]]") {
+                    continue;
+                }
+                let cfg =
+                    crate::AgentConfig::from_toml(text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+                cfg.validate().unwrap_or_else(|e| panic!("{e}\n{text}"));
+                n += 1;
+            }
+        }
+        assert!(n >= 2, "{n} watcher examples");
+    }
+
     #[test]
     fn bad_watchers_are_refused_naming_the_key() {
         assert_eq!(

@@ -254,5 +254,7 @@ fn describe(p: &Payload) -> String {
         Payload::Undrain(_) => "undrain the agent (take jobs again)".to_owned(),
         Payload::Event(e) => format!("event {} of type {} from {}", e.id, e.ty, e.source),
         Payload::Fired(f) => format!("event {} made {} jobs", f.event, f.jobs.len()),
+        Payload::RequestEventSlot(r) => format!("an upload URL for {} bytes of an event", r.size),
+        Payload::EventSlot(s) => format!("an event's upload URL, valid {} ms", s.expires_ms),
     }
 }

@@ -141,6 +141,12 @@ impl Api {
             .unwrap()
     }
 
+    /// `/metrics`, as text.
+    async fn metrics(&self) -> String {
+        let r = self.http.get(format!("{}/metrics", self.base)).send();
+        r.await.unwrap().text().await.unwrap()
+    }
+
     /// An open event stream.
     async fn sse(&self, path: &str) -> reqwest::Response {
         let r = self
@@ -518,15 +524,7 @@ async fn events_make_jobs_once_through_rules_webhooks_outcomes_and_a_kill_9() {
         .filter_map(|j| j["id"].as_str())
         .collect();
     assert_eq!(dead_ids, vec![broken.as_str()]);
-    let metrics = api
-        .http
-        .get(format!("{}/metrics", api.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api.metrics().await;
     for line in [
         "spine_rule_jobs_total{rule=\"upper\"} 5",
         "spine_rule_dead_letters_total{rule=\"broken\"} 1",
@@ -807,15 +805,7 @@ release_after = 2
         ran_on.iter().any(|a| a == A2),
         "agent2 got no job after its release: {ran_on:?}"
     );
-    let metrics = api
-        .http
-        .get(format!("{}/metrics", api.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api.metrics().await;
     for line in [
         "spine_quarantines_total 1".to_owned(),
         format!("spine_agent_quarantined{{capability=\"text.upper\",agent=\"{A2}\"}} 0"),
@@ -847,4 +837,289 @@ async fn agents_of(api: &Api, answer: Value) -> Vec<String> {
         out.push(j["agent"].as_str().unwrap().to_owned());
     }
     out
+}
+
+/// The TOML block after `<!-- example: NAME -->` in docs/events.md.
+fn docs_example(name: &str) -> String {
+    let doc = include_str!("../../docs/events.md");
+    let marker = format!("<!-- example: {name} -->\n```toml\n");
+    let start = doc
+        .find(&marker)
+        .unwrap_or_else(|| panic!("no example {name}"))
+        + marker.len();
+    doc[start..].split("```").next().unwrap().to_owned()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The seeds' two examples as docs/events.md writes them: an upload directory watched by a
+/// real `spine agent` process (files written slowly, in pieces, by another process; the
+/// watcher killed with -9 and restarted in the middle), each file making exactly one job with
+/// the file as its input by reference; and a change event whose job's end reaches the exams
+/// office's XMPP account as a message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_examples_run_as_written() {
+    use sha2::Digest as _;
+    let server = TestServer::start(&[
+        ("dispatcher", "pw-d"),
+        ("agent1", "pw"),
+        ("agent2", "pw"),
+        ("exams", "pw-e"),
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let incoming = dir.path().join("incoming");
+    std::fs::create_dir(&incoming).unwrap();
+    let config = dir.path().join("dispatcher.toml");
+    let port = spine_integration::free_port().unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\n\
+             data_dir = \"{}\"\nhttp_listen = \"127.0.0.1:{port}\"\n\n{}\n{}",
+            server.addr,
+            dir.path().join("data").display(),
+            docs_example("uploads-rule").replace("ftp1@example.com", "agent2@localhost"),
+            docs_example("marks").replace("exams@example.com", "exams@localhost"),
+        ),
+    )
+    .unwrap();
+    // The worker: thumbnails (the SHA-256 of the input, to prove it is the file) and updates.
+    let worker = Agent::builder(spine_integration::farm::agent_config(
+        &server,
+        1,
+        "slots = 4",
+    ))
+    .capability("image.thumbnail", None, |ctx: JobContext| async move {
+        let digest = sha2::Sha256::digest(&ctx.input);
+        let name = ctx.arg_str("name")?.to_owned();
+        Ok::<_, JobError>(Output::bytes(format!("{}:{name}", hex(&digest))))
+    })
+    .capability("exams.update", None, |ctx: JobContext| async move {
+        let change: Value = serde_json::from_slice(&ctx.input)
+            .map_err(|e| JobError::bad_argument("input", e.to_string()))?;
+        Ok::<_, JobError>(
+            Output::bytes(format!(
+                "{} changed the {} marks of {} students",
+                ctx.arg_str("teacher")?,
+                ctx.arg_str("course")?,
+                change["students"]
+            ))
+            .with_mime("text/plain"),
+        )
+    })
+    .build()
+    .unwrap();
+    let _worker = run_agent(worker);
+    let _dispatcher = spawn_dispatcher(&config);
+    let api = Api {
+        base: format!("http://127.0.0.1:{port}"),
+        http: reqwest::Client::builder().no_proxy().build().unwrap(),
+    };
+    api.until_up().await;
+    wait_for_agents(&api.base, "image.thumbnail", 1).await;
+
+    // The watcher: a real `spine agent` with the docs' [[watch]], on agent2@localhost.
+    let agent_toml = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!(
+            "jid = \"agent2@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\n\
+             dispatchers = [\"dispatcher@localhost\"]\nheartbeat = \"1s\"\n\
+             [[capability]]\nname = \"files.noop\"\nkind = \"exec\"\nargv = [\"true\"]\n\n{}",
+            server.addr,
+            docs_example("uploads-agent").replace("/srv/ftp/incoming", incoming.to_str().unwrap()),
+        ),
+    )
+    .unwrap();
+    let spawn_watcher = || {
+        Command::new(env!("CARGO_BIN_EXE_spine"))
+            .args(["agent", "--config"])
+            .arg(&agent_toml)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start spine agent")
+    };
+    let mut watcher = spawn_watcher();
+    wait_for_agents(&api.base, "files.noop", 1).await;
+    // Another process writes six photos, each in four pieces 0.4 s apart (under the 2 s
+    // settle), two at a time; and a file the pattern does not take.
+    const FILES: usize = 6;
+    let script = format!(
+        "cd '{}' && for i in 1 2 3 4 5 6; do \
+           (for p in 1 2 3 4; do head -c 50000 /dev/urandom >> photo$i.jpg; sleep 0.4; done) & \
+           if [ $((i % 2)) = 0 ]; then wait; fi; \
+         done; wait; echo skip > notes.txt",
+        incoming.display()
+    );
+    let mut writer = Command::new("bash")
+        .args(["-c", &script])
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the writer");
+    // The watcher dies mid-way and comes back: files it had sent are sent again under the
+    // same ids and make no second job.
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    let pid = nix::unistd::Pid::from_raw(watcher.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    let _ = watcher.wait().await;
+    let mut _watcher = spawn_watcher();
+    assert!(writer.wait().await.unwrap().success(), "the writer failed");
+    // Every photo's job, and the directory emptied of photos (after = "delete").
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let jobs = loop {
+        let list = api
+            .get("/v1/jobs?submitter=rule:thumbnail-uploads&limit=100")
+            .await;
+        let photos_left = std::fs::read_dir(&incoming)
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("photo"))
+            })
+            .count();
+        let jobs = list["jobs"].as_array().unwrap().clone();
+        if jobs.len() >= FILES && photos_left == 0 {
+            break jobs;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{} jobs, {photos_left} photos left: {list}",
+            jobs.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    // Nothing more comes (a settle and more later).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let list = api
+        .get("/v1/jobs?submitter=rule:thumbnail-uploads&limit=100")
+        .await;
+    assert_eq!(
+        list["jobs"].as_array().unwrap().len(),
+        FILES,
+        "one job per file: {list}"
+    );
+    let mut names = Vec::new();
+    for j in &jobs {
+        let id = j["id"].as_str().unwrap();
+        let done = api.ended(id).await;
+        assert_eq!(done["state"], "succeeded", "{done}");
+        assert_eq!(
+            done["event"]["source"], "/agents/agent2@localhost/uploads",
+            "{done}"
+        );
+        // By reference: the job's input is the whole file, 4 × 50,000 bytes, in the store.
+        assert_eq!(done["input"]["size"], 200_000, "{done}");
+        let out = api.output(id).await;
+        let (digest, name) = out.split_once(':').expect("digest:name");
+        assert_eq!(digest.len(), 64, "{out}");
+        names.push(name.to_owned());
+    }
+    names.sort();
+    assert_eq!(
+        names,
+        (1..=FILES)
+            .map(|i| format!("photo{i}.jpg"))
+            .collect::<Vec<_>>()
+    );
+    assert!(
+        incoming.join("notes.txt").exists(),
+        "not a *.jpg: left alone"
+    );
+    // A file kept after its event (after = "keep"), and the watcher killed and restarted:
+    // it sees the file again, sends the same event, and the dispatcher makes no second job.
+    let kept = std::fs::read_to_string(&agent_toml)
+        .unwrap()
+        .replace("after = \"delete\"", "after = \"keep\"");
+    std::fs::write(&agent_toml, kept).unwrap();
+    let kill9 = |c: &tokio::process::Child| {
+        let pid = nix::unistd::Pid::from_raw(c.id().expect("pid") as i32);
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    };
+    kill9(&_watcher);
+    let _ = _watcher.wait().await;
+    let mut watcher = spawn_watcher();
+    std::fs::write(incoming.join("kept.jpg"), vec![9u8; 70_000]).unwrap();
+    let count = |list: &Value| list["jobs"].as_array().map_or(0, Vec::len);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let kept_job = loop {
+        let list = api
+            .get("/v1/jobs?submitter=rule:thumbnail-uploads&limit=100")
+            .await;
+        if count(&list) == FILES + 1 {
+            // Listed newest first.
+            break list["jobs"][0]["id"].as_str().unwrap().to_owned();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no job for kept.jpg: {list}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(api.output(&kept_job).await.ends_with(":kept.jpg"));
+    kill9(&watcher);
+    let _ = watcher.wait().await;
+    let _watcher = spawn_watcher();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let counts = loop {
+        let rules = api.get("/v1/rules").await;
+        let counts = rules["rules"][0]["counts"].clone();
+        if counts["duplicates"].as_u64() >= Some(1) {
+            break counts;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the restarted watcher did not send kept.jpg again: {rules}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let list = api
+        .get("/v1/jobs?submitter=rule:thumbnail-uploads&limit=100")
+        .await;
+    assert_eq!(count(&list), FILES + 1, "kept.jpg made one job: {list}");
+    assert!(incoming.join("kept.jpg").exists());
+    eprintln!("uploads: {FILES} files and one kept, {} jobs, across three kill -9s of the watcher: {counts}", FILES + 1);
+
+    // The marks change: the exams office hears of the update by message.
+    let mut exams =
+        spine_integration::dispatcher::TestDispatcher::new(server.client("exams", "pw-e").await)
+            .await;
+    let (status, answer) = api
+        .structured(json!({
+            "specversion": "1.0", "id": "marks-7", "source": "/gradebook",
+            "type": "com.example.marks.changed",
+            "data": { "teacher": "alice", "course": "maths", "students": 3 },
+        }))
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let job = Api::job_of(&answer, "marks-to-exams-office");
+    let (body, ev) = exams
+        .wait_for("the exams office's message", |st| match st {
+            tokio_xmpp::Stanza::Message(m) => {
+                let ev = m.payloads.iter().find(|p| p.name() == "event")?;
+                let ev = spine_protocol::events::Event::try_from(ev.clone()).ok()?;
+                Some((m.bodies.values().next()?.clone(), ev))
+            }
+            _ => None,
+        })
+        .await;
+    assert_eq!(ev.ty, "spine.job.succeeded");
+    assert_eq!(ev.id, job);
+    assert_eq!(ev.subject.as_deref(), Some("exams.update"));
+    assert_eq!(
+        body,
+        "spine.job.succeeded exams.update: alice changed the maths marks of 3 students"
+    );
+    let metrics = api.metrics().await;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "spine_subscription_messages_total{subscription=\"exams-office\"} 1"),
+        "{metrics}"
+    );
 }

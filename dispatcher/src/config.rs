@@ -196,6 +196,9 @@ pub struct DispatcherConfig {
     /// Webhook senders that sign instead of holding a token (`[[webhook]]`, docs/events.md).
     #[serde(rename = "webhook", skip_serializing_if = "Vec::is_empty")]
     pub webhooks: Vec<crate::triggers::WebhookConfig>,
+    /// XMPP accounts told of events by message (`[[subscription]]`, docs/events.md).
+    #[serde(rename = "subscription", skip_serializing_if = "Vec::is_empty")]
+    pub subscriptions: Vec<crate::subscriptions::SubscriptionConfig>,
     /// HTTP API: time a client has to send a request's headers, from the connection's start
     /// or the end of its previous answer (so also how long an idle connection stays open).
     #[serde(with = "spine_protocol::units::duration")]
@@ -280,6 +283,7 @@ impl Default for DispatcherConfig {
             http_tokens: Vec::new(),
             rules: Vec::new(),
             webhooks: Vec::new(),
+            subscriptions: Vec::new(),
             schedules: Vec::new(),
             canaries: Vec::new(),
             http_header_timeout: Duration::from_secs(10),
@@ -433,6 +437,8 @@ impl DispatcherConfig {
         crate::triggers::webhooks(&self.webhooks, false).map_err(DispatcherError::Config)?;
         crate::schedules::schedules(&self.schedules).map_err(DispatcherError::Config)?;
         crate::canaries::canaries(&self.canaries).map_err(DispatcherError::Config)?;
+        crate::subscriptions::Subscriptions::new(&self.subscriptions)
+            .map_err(DispatcherError::Config)?;
         if self.data_dir.as_os_str().is_empty() {
             return Err(bad("data_dir", "must not be empty"));
         }

@@ -35,6 +35,7 @@ mod sent_ahead;
 pub mod signing;
 pub mod sim;
 pub mod store;
+pub mod subscriptions;
 pub mod triggers;
 
 pub use config::{DispatcherConfig, DEFAULT_CONFIG};

@@ -75,8 +75,9 @@ impl Core {
     /// the rules that did make their job find it then).
     pub(crate) fn event(&mut self, ev: &Event, now: Now) -> Result<Vec<Fired>, SpineError> {
         let mut fired = Vec::new();
+        let mut new_jobs = 0;
         let rules: Vec<_> = self.triggers.matching(ev).cloned().collect();
-        for rule in rules {
+        for rule in &rules {
             let counts = self.rule_counts.entry(rule.name.clone()).or_default();
             counts.matched += 1;
             let spec = rule.job(ev, now.ms).map_err(|e| {
@@ -92,6 +93,7 @@ impl Core {
                         counts.duplicates += 1;
                     } else {
                         counts.jobs += 1;
+                        new_jobs += 1;
                         info!(rule = %rule.name, event = %ev.id, source = %ev.source, job = %id, "rule fired");
                         let data = serde_json::json!({
                             "rule": rule.name,
@@ -101,6 +103,9 @@ impl Core {
                                 "subject": ev.subject,
                             },
                         });
+                        if !self.subscriptions.is_empty() {
+                            self.notify(&fired_event(&rule.name, &id, data.clone(), now));
+                        }
                         self.publish(&id, super::EventKind::Fired, data);
                     }
                     fired.push(Fired {
@@ -122,7 +127,28 @@ impl Core {
                 }
             }
         }
+        // An event sent again that every rule had made its job of tells no one again.
+        if rules.is_empty() || new_jobs > 0 {
+            self.notify(ev);
+        }
         Ok(fired)
+    }
+
+    /// Tells every subscription that takes `ev` (`[[subscription]]`), by message.
+    fn notify(&mut self, ev: &Event) {
+        if self.subscriptions.is_empty() {
+            return;
+        }
+        let to: Vec<(String, jid::Jid)> = self
+            .subscriptions
+            .matching(ev)
+            .map(|s| (s.name.clone(), s.jid.clone()))
+            .collect();
+        for (name, jid) in to {
+            debug!(subscription = %name, event = %ev.id, ty = %ev.ty, "telling a subscriber");
+            *self.notified.entry(name).or_default() += 1;
+            self.send(crate::subscriptions::message(jid, ev));
+        }
     }
 
     /// `<event/>` from an XMPP submitter allowed to send events: answered with `<fired/>`
@@ -320,7 +346,7 @@ impl Core {
                 warn!(job = %rec.id, rule = %e.rule, event = %e.id, state = %rec.state, "a rule's job ended without success: a dead letter");
             }
         }
-        if self.triggers.is_empty() {
+        if self.triggers.is_empty() && self.subscriptions.is_empty() {
             return;
         }
         let depth = rec.spec.event.as_ref().map_or(0, |e| e.depth + 1);
@@ -359,9 +385,20 @@ impl Core {
             .collect()
     }
 
-    /// The rules' counters as `/metrics` lines.
+    /// The rules' counters as `/metrics` lines (and the subscriptions' messages).
     pub(super) fn rule_metrics(&self, out: &mut String) {
         use std::fmt::Write as _;
+        if !self.subscriptions.is_empty() {
+            let name = "spine_subscription_messages_total";
+            let _ = writeln!(
+                out,
+                "# HELP {name} Events told to the subscription's account.\n# TYPE {name} counter"
+            );
+            for s in self.subscriptions.all() {
+                let n = self.notified.get(&s.name).copied().unwrap_or(0);
+                let _ = writeln!(out, "{name}{{subscription=\"{}\"}} {n}", s.name);
+            }
+        }
         if self.triggers.is_empty() {
             return;
         }
@@ -406,6 +443,20 @@ impl Core {
                 let _ = writeln!(out, "{name}{{rule=\"{rule}\"}} {}", get(c));
             }
         }
+    }
+}
+
+/// A rule's firing as an event (`spine.rule.fired`), as the event stream shows it.
+fn fired_event(rule: &str, job: &JobId, data: serde_json::Value, now: Now) -> Event {
+    Event {
+        id: format!("{rule}/{job}"),
+        source: format!("/spine/rules/{rule}"),
+        ty: "spine.rule.fired".into(),
+        subject: Some(rule.to_owned()),
+        time_ms: Some(now.ms),
+        mime: Some("application/json".into()),
+        data: EventData::Json(data),
+        depth: 0,
     }
 }
 
@@ -747,5 +798,74 @@ mod tests {
             .stanza(Iq::from_get("s2", r).with_from(from.clone()).into(), w.now);
         let e = answer(&w.ready().stanzas, "s2").unwrap_err();
         assert_eq!(e.condition, Condition::TooLarge);
+    }
+
+    #[test]
+    fn subscribers_hear_of_new_events_rule_firings_and_job_ends_once() {
+        let mut w = world(&format!(
+            "{RULES}\n{}",
+            r#"
+            [[subscription]]
+            name = "notes"
+            jid = "office@localhost"
+            on = { type = "com.example.note.*" }
+
+            [[subscription]]
+            name = "ends"
+            jid = "ops@localhost/console"
+            on = { type = "spine.*" }
+            when = "subject != other"
+            "#
+        ));
+        let a = w.agent(1, 4);
+        w.ready();
+        let told = |stanzas: &[tokio_xmpp::Stanza]| -> Vec<(String, String)> {
+            stanzas
+                .iter()
+                .filter_map(|s| match s {
+                    tokio_xmpp::Stanza::Message(m) => {
+                        let e =
+                            spine_protocol::events::Event::try_from(m.payloads[0].clone()).ok()?;
+                        Some((m.to.as_ref()?.to_string(), e.ty))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        post(&mut w, note("n-1", "hello")).unwrap();
+        let r = w.ready();
+        assert_eq!(
+            told(&r.stanzas),
+            [
+                (
+                    "ops@localhost/console".to_owned(),
+                    "spine.rule.fired".to_owned()
+                ),
+                (
+                    "office@localhost".to_owned(),
+                    "com.example.note.created".to_owned()
+                ),
+            ]
+        );
+        // Sent again: the same job, no one told again.
+        post(&mut w, note("n-1", "hello")).unwrap();
+        assert!(told(&w.ready().stanzas).is_empty());
+        // The job's end: told once (and the rule it fires: told of that firing).
+        let sent = jobs_sent(&r.stanzas);
+        w.succeed(&sent[0], &a);
+        let ends: Vec<_> = told(&w.ready().stanzas);
+        assert!(
+            ends.contains(&(
+                "ops@localhost/console".to_owned(),
+                "spine.job.succeeded".to_owned()
+            )),
+            "{ends:?}"
+        );
+        let m = w.core.metrics();
+        assert!(
+            m.lines()
+                .any(|l| l == "spine_subscription_messages_total{subscription=\"notes\"} 1"),
+            "{m}"
+        );
     }
 }

@@ -273,6 +273,10 @@ pub(crate) struct Core {
     rule_counts: HashMap<String, events::RuleCounts>,
     /// Events of jobs that ended in this step, for the rules ([`Core::fire_outcomes`]).
     outcomes: Vec<crate::triggers::Event>,
+    /// XMPP accounts told of events (`[[subscription]]`).
+    subscriptions: crate::subscriptions::Subscriptions,
+    /// Messages sent per subscription since the start.
+    notified: HashMap<String, u64>,
     /// Schedules (`[[schedule]]`), whose ticks the leader fires.
     schedules: Vec<ticks::Ticking>,
     /// Canaries (`[[canary]]`) and each agent's health by them.
@@ -329,6 +333,13 @@ impl Core {
             }),
             rule_counts: HashMap::new(),
             outcomes: Vec::new(),
+            subscriptions: crate::subscriptions::Subscriptions::new(&cfg.subscriptions)
+                .unwrap_or_else(|e| {
+                    // `DispatcherConfig::validate` refused such a configuration at load.
+                    tracing::error!("subscriptions not loaded: {e}");
+                    crate::subscriptions::Subscriptions::default()
+                }),
+            notified: HashMap::new(),
             schedules: crate::schedules::schedules(&cfg.schedules)
                 .unwrap_or_else(|e| {
                     // `DispatcherConfig::validate` refused such a configuration at load.
