@@ -66,6 +66,25 @@ id_header = "X-GitHub-Delivery"
     )
 }
 
+/// A dispatcher's configuration in `dir`: its account on `server`, its HTTP API on `port`,
+/// then `extra` (rules, schedules, …).
+fn dispatcher_config(
+    dir: &std::path::Path,
+    server: &TestServer,
+    port: u16,
+    extra: &str,
+) -> std::path::PathBuf {
+    let config = dir.join("dispatcher.toml");
+    let text = format!(
+        "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\n\
+         data_dir = \"{}\"\nhttp_listen = \"127.0.0.1:{port}\"\n\n{extra}",
+        server.addr,
+        dir.join("data").display(),
+    );
+    std::fs::write(&config, text).unwrap();
+    config
+}
+
 fn spawn_dispatcher(config: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_spine"))
         .args(["dispatcher", "--config"])
@@ -81,6 +100,16 @@ fn spawn_dispatcher(config: &std::path::Path) -> Child {
 struct Api {
     base: String,
     http: reqwest::Client,
+}
+
+impl Api {
+    /// The API of a dispatcher on loopback `port`.
+    fn at(port: u16) -> Api {
+        Api {
+            base: format!("http://127.0.0.1:{port}"),
+            http: reqwest::Client::builder().no_proxy().build().unwrap(),
+        }
+    }
 }
 
 async fn json_of(r: reqwest::Response) -> (u16, Value) {
@@ -872,20 +901,13 @@ async fn the_seeds_examples_run_as_written() {
     let dir = tempfile::tempdir().unwrap();
     let incoming = dir.path().join("incoming");
     std::fs::create_dir(&incoming).unwrap();
-    let config = dir.path().join("dispatcher.toml");
     let port = spine_integration::free_port().unwrap();
-    std::fs::write(
-        &config,
-        format!(
-            "jid = \"dispatcher@localhost/d1\"\npassword = \"pw-d\"\nserver = \"{}\"\n\
-             data_dir = \"{}\"\nhttp_listen = \"127.0.0.1:{port}\"\n\n{}\n{}",
-            server.addr,
-            dir.path().join("data").display(),
-            docs_example("uploads-rule").replace("ftp1@example.com", "agent2@localhost"),
-            docs_example("marks").replace("exams@example.com", "exams@localhost"),
-        ),
-    )
-    .unwrap();
+    let rules = format!(
+        "{}\n{}",
+        docs_example("uploads-rule").replace("ftp1@example.com", "agent2@localhost"),
+        docs_example("marks").replace("exams@example.com", "exams@localhost"),
+    );
+    let config = dispatcher_config(dir.path(), &server, port, &rules);
     // The worker: thumbnails (the SHA-256 of the input, to prove it is the file) and updates.
     let worker = Agent::builder(spine_integration::farm::agent_config(
         &server,
@@ -914,10 +936,7 @@ async fn the_seeds_examples_run_as_written() {
     .unwrap();
     let _worker = run_agent(worker);
     let _dispatcher = spawn_dispatcher(&config);
-    let api = Api {
-        base: format!("http://127.0.0.1:{port}"),
-        http: reqwest::Client::builder().no_proxy().build().unwrap(),
-    };
+    let api = Api::at(port);
     api.until_up().await;
     wait_for_agents(&api.base, "image.thumbnail", 1).await;
 
@@ -1122,4 +1141,110 @@ async fn the_seeds_examples_run_as_written() {
             .any(|l| l == "spine_subscription_messages_total{subscription=\"exams-office\"} 1"),
         "{metrics}"
     );
+}
+
+/// Rules made over the HTTP API: checked, stored before the answer, firing, still there
+/// after a `kill -9` and a restart, deleted; the configuration's own rules are read-only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_made_over_the_api_hold_across_a_kill_9() {
+    let server = TestServer::start(&[("dispatcher", "pw-d"), ("agent1", "pw")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = spine_integration::free_port().unwrap();
+    let config = dispatcher_config(
+        dir.path(),
+        &server,
+        port,
+        "[[rule]]\nname = \"configured\"\non = { type = \"com.example.other\" }\n\
+         do = { capability = \"text.upper\" }\n",
+    );
+    let agent = Agent::builder(spine_integration::farm::agent_config(
+        &server,
+        1,
+        "slots = 4",
+    ))
+    .capability("text.upper", None, |ctx: JobContext| async move {
+        Ok::<_, JobError>(Output::bytes(
+            String::from_utf8_lossy(&ctx.input).to_uppercase(),
+        ))
+    })
+    .build()
+    .unwrap();
+    let _agent = run_agent(agent);
+    let mut child = spawn_dispatcher(&config);
+    let api = Api::at(port);
+    api.until_up().await;
+    wait_for_agents(&api.base, "text.upper", 1).await;
+    let put = |name: &str, body: Value| {
+        let r = api
+            .http
+            .put(format!("{}/v1/rules/{name}", api.base))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send();
+        async move { json_of(r.await.unwrap()).await }
+    };
+    let shout = json!({
+        "on": {"type": "com.example.shout"},
+        "do": {"capability": "text.upper", "input": "{{data.text}}"},
+    });
+    let (status, made) = put("shout", shout.clone()).await;
+    assert_eq!(status, 201, "{made}");
+    assert_eq!(
+        (made["name"].as_str(), made["origin"].as_str()),
+        (Some("shout"), Some("api"))
+    );
+    let (status, again) = put("shout", shout.clone()).await;
+    assert_eq!(status, 200, "replaced: {again}");
+    let (status, bad) = put(
+        "broken",
+        json!({"on": {"type": "t"}, "do": {"capability": "no capability"}}),
+    )
+    .await;
+    assert_eq!(
+        (status, bad["field"].as_str()),
+        (400, Some("do.capability")),
+        "{bad}"
+    );
+    let (status, conflict) = put("configured", shout.clone()).await;
+    assert_eq!(status, 409, "{conflict}");
+    let event = |id: &str| {
+        json!({"specversion": "1.0", "id": id, "source": "/shouts", "type": "com.example.shout",
+               "data": {"text": "hello"}})
+    };
+    let (status, answer) = api.structured(event("s-1")).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(api.output(&Api::job_of(&answer, "shout")).await, "HELLO");
+
+    // kill -9 and a restart: the rule was stored, it is there and fires.
+    let pid = nix::unistd::Pid::from_raw(child.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).expect("SIGKILL");
+    let _ = child.wait().await;
+    let _child = spawn_dispatcher(&config);
+    api.until_up().await;
+    let rules = api.get("/v1/rules").await;
+    let origins: Vec<(&str, &str)> = rules["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap(), r["origin"].as_str().unwrap()))
+        .collect();
+    assert_eq!(origins, [("configured", "configuration"), ("shout", "api")]);
+    wait_for_agents(&api.base, "text.upper", 1).await;
+    let (_, answer) = api.structured(event("s-2")).await;
+    assert_eq!(api.output(&Api::job_of(&answer, "shout")).await, "HELLO");
+
+    // Deleted: events of its type make nothing; deleting again is 404.
+    let delete = || {
+        api.http
+            .delete(format!("{}/v1/rules/shout", api.base))
+            .send()
+    };
+    assert_eq!(delete().await.unwrap().status(), 204);
+    let (status, answer) = api.structured(event("s-3")).await;
+    assert_eq!(
+        (status, answer["jobs"].as_array().map(Vec::len)),
+        (202, Some(0)),
+        "{answer}"
+    );
+    assert_eq!(delete().await.unwrap().status(), 404);
 }

@@ -306,6 +306,7 @@ async fn run_inner(
         jobs: h.jobs,
         capabilities: h.capabilities,
         agents: h.agents,
+        rules: h.rules,
     };
     let held = restored.jobs.len();
     let unfinished = restored.jobs.iter().filter(|j| !j.state.is_final()).count();
@@ -720,6 +721,14 @@ impl Driver {
             DispatcherError::from(e)
         })?;
         let mut batch = batch.fenced(self.fence());
+        for (name, rule) in &ready.rules {
+            let json = rule
+                .as_ref()
+                .map(serde_json::to_vec)
+                .transpose()
+                .map_err(|e| DispatcherError::Store(StoreError(format!("rule {name}: {e}"))))?;
+            batch.rules.push((name.clone(), json));
+        }
         if let Some(e) = self.elected.as_mut() {
             // The next leader may be on another machine: the blobs these jobs reference go
             // to the shared store first, and blobs deleted here leave it.
@@ -932,6 +941,7 @@ impl Driver {
                 jobs: h.jobs,
                 capabilities: h.capabilities,
                 agents: h.agents,
+                rules: h.rules,
             },
             t,
         );

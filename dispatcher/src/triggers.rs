@@ -583,6 +583,32 @@ impl Rules {
     pub fn is_empty(&self) -> bool {
         self.rules.is_empty()
     }
+
+    /// The rule named `name`.
+    pub fn get(&self, name: &str) -> Option<&Rule> {
+        self.rules.iter().find(|r| r.name == name)
+    }
+
+    /// Adds `rule`, or replaces the rule of its name in place; true if it is new.
+    pub fn put(&mut self, rule: Rule) -> bool {
+        match self.rules.iter_mut().find(|r| r.name == rule.name) {
+            Some(old) => {
+                *old = rule;
+                false
+            }
+            None => {
+                self.rules.push(rule);
+                true
+            }
+        }
+    }
+
+    /// Removes the rule named `name`; false if there was none.
+    pub fn remove(&mut self, name: &str) -> bool {
+        let before = self.rules.len();
+        self.rules.retain(|r| r.name != name);
+        self.rules.len() != before
+    }
 }
 
 /// `[[webhook]]` as written in the configuration: a sender that signs its requests with a

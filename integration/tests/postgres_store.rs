@@ -112,6 +112,29 @@ async fn keeps_its_promises(cfg: &DispatcherConfig) {
     )
     .await;
     assert!(s.held().await.unwrap().jobs.is_empty());
+
+    // Rules made over the API: stored, replaced, deleted.
+    let rule = |ty: &str| {
+        let v = serde_json::json!({"name": "r1", "on": {"type": ty}, "do": {"capability": "c.x"}});
+        serde_json::from_value::<spine_dispatcher::triggers::RuleConfig>(v).unwrap()
+    };
+    let put = |name: &str, r: Option<&spine_dispatcher::triggers::RuleConfig>| OwnedBatch {
+        rules: vec![(name.to_owned(), r.map(|r| serde_json::to_vec(r).unwrap()))],
+        ..OwnedBatch::default()
+    };
+    s.commit(put("r1", Some(&rule("a"))))
+        .await
+        .unwrap()
+        .unwrap();
+    s.commit(put("r1", Some(&rule("b"))))
+        .await
+        .unwrap()
+        .unwrap();
+    drop(s);
+    let s = JobStore::open(cfg).await.unwrap();
+    assert_eq!(s.held().await.unwrap().rules, vec![rule("b")]);
+    s.commit(put("r1", None)).await.unwrap().unwrap();
+    assert!(s.held().await.unwrap().rules.is_empty());
 }
 
 #[tokio::test]
@@ -142,7 +165,7 @@ async fn the_postgres_store_keeps_the_same_promises_and_migrates_once() {
             "SELECT string_agg(version::text, ',') FROM spine_migrations"
         )
         .unwrap(),
-        "1,2,3,4,5,6"
+        "1,2,3,4,5,6,7"
     );
     // A database a newer Spine migrated is refused, with what to do.
     pg.psql(

@@ -43,6 +43,12 @@ pub(crate) enum ApiRequest {
         drain: bool,
         reason: Option<String>,
     },
+    /// Make or replace an event rule (`PUT /v1/rules/{name}`): answered once it is stored.
+    PutRule {
+        rule: Box<crate::triggers::RuleConfig>,
+    },
+    /// Delete an event rule made over the API (`DELETE /v1/rules/{name}`).
+    DeleteRule { name: String },
     /// The HTTP side stored an agent's upload to the slot of `job`'s `attempt` (its signature
     /// named `agent`, a bare JID; its size and hash matched the slot's).
     SlotFilled {
@@ -63,8 +69,25 @@ pub(crate) enum ApiReply {
     /// The jobs an event made (or had made, sent before).
     Event(Result<Vec<super::events::Fired>, SpineError>),
     SlotFilled(Result<(), SpineError>),
+    /// A rule made (`true`: new; `false`: replaced), or why not.
+    RulePut(Result<bool, RuleChangeError>),
+    /// A rule deleted, or why not.
+    RuleDeleted(Result<(), RuleChangeError>),
     /// The agent after its drain or undrain, as the registry sees it.
     AgentState(Result<AgentInfo, StateError>),
+}
+
+/// Why a rule was not made or deleted (each maps to its own HTTP status).
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum RuleChangeError {
+    /// The rule is invalid: the message names the field.
+    Invalid(String),
+    /// The rule is in the configuration file, which the API does not change.
+    Configured(String),
+    /// No rule of that name was made over the API.
+    Unknown(String),
+    /// A standby changes no rule.
+    Standby,
 }
 
 /// Why a drain or undrain did not happen (each maps to its own HTTP status).
@@ -153,7 +176,8 @@ pub(crate) struct FleetAnswer {
 /// The rules with their counters, and the schedules with where they stand.
 #[derive(Debug)]
 pub(crate) struct RulesAnswer {
-    pub rules: Vec<(crate::triggers::RuleConfig, super::events::RuleCounts)>,
+    /// Each rule, its counters, and whether it was made over the API (not configured).
+    pub rules: Vec<(crate::triggers::RuleConfig, super::events::RuleCounts, bool)>,
     pub schedules: Vec<super::ticks::Ticking>,
     /// Whether this dispatcher leads (a standby fires no tick).
     pub leads: bool,

@@ -374,15 +374,74 @@ impl Core {
     }
 
     /// Every rule with its counters, for `GET /v1/rules`.
-    pub(crate) fn rules_view(&self) -> Vec<(crate::triggers::RuleConfig, RuleCounts)> {
+    pub(crate) fn rules_view(&self) -> Vec<(crate::triggers::RuleConfig, RuleCounts, bool)> {
         self.triggers
             .all()
             .iter()
             .map(|r| {
                 let c = self.rule_counts.get(&r.name).copied().unwrap_or_default();
-                (r.config.clone(), c)
+                let api = !self.cfg.rules.iter().any(|k| k.name == r.name);
+                (r.config.clone(), c, api)
             })
             .collect()
+    }
+
+    /// The rules made over the API that the store held, after the configured ones; one whose
+    /// name the configuration uses now is left out (the file wins), with a warning.
+    pub(super) fn load_api_rules(&mut self, rules: Vec<crate::triggers::RuleConfig>) {
+        for c in rules {
+            if self.cfg.rules.iter().any(|k| k.name == c.name) {
+                warn!(rule = %c.name, "a rule made over the API has the name of a configured rule: the configured one holds (delete the other with DELETE /v1/rules/{})", c.name);
+                continue;
+            }
+            match crate::triggers::Rule::new(0, &c) {
+                Ok(r) => {
+                    self.triggers.put(r);
+                }
+                Err(e) => warn!(rule = %c.name, "a stored rule no longer loads: {e}"),
+            }
+        }
+    }
+
+    /// `PUT /v1/rules/{name}`: makes or replaces a rule (not one of the configuration),
+    /// stored in the commit before the answer.
+    pub(super) fn put_rule(
+        &mut self,
+        c: crate::triggers::RuleConfig,
+    ) -> Result<bool, super::api::RuleChangeError> {
+        use super::api::RuleChangeError as E;
+        if !self.leads {
+            return Err(E::Standby);
+        }
+        if self.cfg.rules.iter().any(|k| k.name == c.name) {
+            return Err(E::Configured(c.name));
+        }
+        let rule = crate::triggers::Rule::new(0, &c).map_err(|e| {
+            // `rule[0].on.type: …` names a field of the body: the body is one rule.
+            E::Invalid(e.strip_prefix("rule[0].").unwrap_or(&e).to_owned())
+        })?;
+        let new = self.triggers.put(rule);
+        info!(rule = %c.name, new, "rule made over the API");
+        self.ready.rules.push((c.name.clone(), Some(c)));
+        Ok(new)
+    }
+
+    /// `DELETE /v1/rules/{name}`: deletes a rule made over the API; its counters and its
+    /// jobs stay.
+    pub(super) fn delete_rule(&mut self, name: &str) -> Result<(), super::api::RuleChangeError> {
+        use super::api::RuleChangeError as E;
+        if !self.leads {
+            return Err(E::Standby);
+        }
+        if self.cfg.rules.iter().any(|k| k.name == name) {
+            return Err(E::Configured(name.to_owned()));
+        }
+        if !self.triggers.remove(name) {
+            return Err(E::Unknown(name.to_owned()));
+        }
+        info!(rule = %name, "rule deleted over the API");
+        self.ready.rules.push((name.to_owned(), None));
+        Ok(())
     }
 
     /// The rules' counters as `/metrics` lines (and the subscriptions' messages).
@@ -866,6 +925,101 @@ mod tests {
             m.lines()
                 .any(|l| l == "spine_subscription_messages_total{subscription=\"notes\"} 1"),
             "{m}"
+        );
+    }
+
+    #[test]
+    fn rules_made_over_the_api_are_stored_fire_and_hold_across_a_restart() {
+        use super::super::api::RuleChangeError as E;
+        let mut w = world(RULES);
+        w.agent(1, 4);
+        w.ready();
+        let api_rule = |ty: &str| -> crate::triggers::RuleConfig {
+            serde_json::from_value(json!({
+                "name": "by-api",
+                "on": {"type": ty},
+                "do": {"capability": "c.work", "args": {"n": "{{data.n}}"}},
+            }))
+            .unwrap()
+        };
+        let put = |w: &mut World, r: crate::triggers::RuleConfig| {
+            w.core
+                .api(98, ApiRequest::PutRule { rule: Box::new(r) }, w.now);
+            let ready = w.ready();
+            (ready.replies.clone(), ready)
+        };
+        let (replies, _) = put(&mut w, api_rule("com.example.api"));
+        assert_eq!(replies, vec![(98, ApiReply::RulePut(Ok(true)))]);
+        assert!(w.core.rules_view().last().unwrap().2, "made over the API");
+        // Stored in the commit before the answer.
+        w.core.api(
+            98,
+            ApiRequest::PutRule {
+                rule: Box::new(api_rule("com.example.api2")),
+            },
+            w.now,
+        );
+        let stored = std::mem::take(&mut w.core.ready.rules);
+        assert_eq!(
+            stored,
+            vec![("by-api".to_owned(), Some(api_rule("com.example.api2")))]
+        );
+        w.ready();
+        let mut ev = note("a-1", "x");
+        ev.ty = "com.example.api2".into();
+        ev.data = EventData::Json(json!({"n": 7}));
+        let fired = post(&mut w, ev.clone()).unwrap();
+        assert_eq!(fired[0].rule, "by-api");
+        // A configured rule is not the API's to change; a bad one names its field.
+        let mut configured = api_rule("x");
+        configured.name = "upper".into();
+        let (replies, _) = put(&mut w, configured);
+        assert_eq!(
+            replies,
+            vec![(98, ApiReply::RulePut(Err(E::Configured("upper".into()))))]
+        );
+        let mut bad = api_rule("x");
+        bad.action.capability = "not a capability".into();
+        let (replies, _) = put(&mut w, bad);
+        let [(_, ApiReply::RulePut(Err(E::Invalid(why))))] = &replies[..] else {
+            panic!("{replies:?}")
+        };
+        assert!(why.starts_with("do.capability:"), "{why}");
+        // A restart loads the stored rule after the configured ones.
+        let cfg = w.core.cfg.clone();
+        let mut w = World::with(
+            cfg,
+            Restored {
+                rules: vec![api_rule("com.example.api2")],
+                ..Restored::default()
+            },
+        );
+        w.agent(1, 4);
+        w.ready();
+        let names: Vec<_> = w.core.rules_view().into_iter().map(|r| r.0.name).collect();
+        assert_eq!(names, ["upper", "other", "after-upper", "by-api"]);
+        ev.id = "a-2".into();
+        assert_eq!(post(&mut w, ev).unwrap()[0].rule, "by-api");
+        // Deleted: gone, and stored as gone.
+        w.core.api(
+            97,
+            ApiRequest::DeleteRule {
+                name: "by-api".into(),
+            },
+            w.now,
+        );
+        assert_eq!(w.core.ready.rules, vec![("by-api".to_owned(), None)]);
+        assert_eq!(w.ready().replies, vec![(97, ApiReply::RuleDeleted(Ok(())))]);
+        w.core.api(
+            97,
+            ApiRequest::DeleteRule {
+                name: "by-api".into(),
+            },
+            w.now,
+        );
+        assert_eq!(
+            w.ready().replies,
+            vec![(97, ApiReply::RuleDeleted(Err(E::Unknown("by-api".into()))))]
         );
     }
 }

@@ -313,6 +313,7 @@ impl Sim {
                 .iter()
                 .map(|(a, t)| (a.clone(), *t))
                 .collect(),
+            rules: Vec::new(),
         };
         // Stanzas already on their way to the old process are lost with its session.
         let net = std::mem::take(&mut self.net);

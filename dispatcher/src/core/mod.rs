@@ -62,6 +62,7 @@ use crate::registry::Registry;
 
 pub(crate) use api::{
     Answer, ApiReply, ApiRequest, ApiToken, CapabilityStats, Command, FleetAnswer, Query,
+    RuleChangeError,
 };
 pub use api::{EventKind, JobEvent};
 use requests::Requests;
@@ -121,6 +122,8 @@ pub(crate) struct Ready {
     pub agents_seen: Vec<(String, u64)>,
     /// Capabilities offered for the first time, with when (ms).
     pub capabilities_learned: Vec<(CapabilityName, u64)>,
+    /// Event rules made (`Some`) or deleted (`None`) over the HTTP API, by name.
+    pub rules: Vec<(String, Option<crate::triggers::RuleConfig>)>,
     /// Stanzas to send, in order.
     pub stanzas: Vec<Stanza>,
     /// Answers to API requests.
@@ -152,7 +155,8 @@ impl Ready {
             && self.delete.is_empty()
             && self.audit.is_empty()
             && self.agents_seen.is_empty()
-            && self.capabilities_learned.is_empty())
+            && self.capabilities_learned.is_empty()
+            && self.rules.is_empty())
     }
 }
 
@@ -185,6 +189,8 @@ pub(crate) struct Restored {
     pub capabilities: Vec<CapabilityName>,
     /// Agents (bare JIDs) with when they were last seen (ms).
     pub agents: Vec<(String, u64)>,
+    /// Event rules made over the HTTP API.
+    pub rules: Vec<crate::triggers::RuleConfig>,
 }
 
 /// Dispatch latency (accepted → first dispatch), for /metrics.
@@ -363,6 +369,7 @@ impl Core {
             rng,
         };
         core.load_jobs(restored.jobs, now);
+        core.load_api_rules(restored.rules);
         core.start_schedules(now);
         core
     }
@@ -398,6 +405,7 @@ impl Core {
             *seen = (*seen).max(t);
         }
         self.load_jobs(restored.jobs, now);
+        self.load_api_rules(restored.rules);
         self.start_schedules(now);
         self.place_pending = true;
     }
@@ -473,6 +481,7 @@ impl Core {
                 .iter()
                 .map(|(a, t)| (a.clone(), *t))
                 .collect(),
+            rules: Vec::new(),
         }
     }
 

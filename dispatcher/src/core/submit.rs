@@ -43,6 +43,8 @@ impl Core {
             }
             ApiRequest::Cancel { id } => ApiReply::Cancelled(self.cancel_job(&id, now)),
             ApiRequest::Event { event } => ApiReply::Event(self.event(&event, now)),
+            ApiRequest::PutRule { rule } => ApiReply::RulePut(self.put_rule(*rule)),
+            ApiRequest::DeleteRule { name } => ApiReply::RuleDeleted(self.delete_rule(&name)),
             ApiRequest::SetAgentState {
                 agent,
                 drain,

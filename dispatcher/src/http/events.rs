@@ -460,6 +460,9 @@ pub struct RuleView {
     /// Where its dead letters are listed: its jobs that failed (also `timed-out` and
     /// `cancelled`).
     pub dead_letters: String,
+    /// `configuration` (a `[[rule]]` of the dispatcher's file: read-only here) or `api` (made
+    /// with `PUT /v1/rules/{name}`, stored with the jobs).
+    pub origin: &'static str,
 }
 
 /// A schedule, as `GET /v1/rules` shows it.
@@ -496,16 +499,7 @@ pub struct RuleList {
     ),
 )]
 pub(super) async fn rules(State(h): State<Handle>, caller: Caller) -> Result<Response, ApiError> {
-    if !caller.grant.all_jobs {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "not-authorized",
-            format!(
-                "token '{}' may not see the rules (an operator's token, with all_jobs, may)",
-                caller.name
-            ),
-        ));
-    }
+    operator_only(&caller, "see the rules")?;
     let Answer::Rules(answer) = read(&h, Query::Rules).await? else {
         return Err(mismatch());
     };
@@ -523,13 +517,162 @@ pub(super) async fn rules(State(h): State<Handle>, caller: Caller) -> Result<Res
     let rules = answer
         .rules
         .into_iter()
-        .map(|(config, counts)| RuleView {
+        .map(|(config, counts, api)| RuleView {
             dead_letters: format!("/v1/jobs?submitter=rule:{}&state=failed", config.name),
             config,
             counts,
+            origin: if api { "api" } else { "configuration" },
         })
         .collect();
     Ok(Json(RuleList { rules, schedules }).into_response())
+}
+
+/// Only an operator (a token with `all_jobs`, or the local caller) reads or changes rules.
+fn operator_only(caller: &Caller, what: &str) -> Result<(), ApiError> {
+    if caller.grant.all_jobs {
+        return Ok(());
+    }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "not-authorized",
+        format!(
+            "token '{}' may not {what} (an operator's token, with all_jobs, may)",
+            caller.name
+        ),
+    ))
+}
+
+/// `PUT /v1/rules/{name}`.
+#[utoipa::path(
+    put, path = "/v1/rules/{name}", tag = "events",
+    summary = "Make or replace an event rule (stored with the jobs, durable)",
+    description = "The body is one rule as JSON, in the shape of a `[[rule]]` of the configuration: `on` (`type`, `source`, `subject`), `when`, `do` (`capability`, `args`, `input`, `strategy`, `filter`, `priority`), `retry` (`attempts`, `max_age`); `name` may be left out (the path names it). The rule is stored before the answer and holds across restarts and failovers. Rules of the configuration file cannot be changed here (409).",
+    params(("name" = String, Path, description = "The rule's name: letters, digits, `.`, `_`, `-`")),
+    request_body(content = Object, description = "The rule", content_type = "application/json"),
+    responses(
+        (status = 201, description = "Made", body = RuleView),
+        (status = 200, description = "Replaced", body = RuleView),
+        (status = 400, description = "Not a valid rule: `field` names what is wrong", body = ErrorBody),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "Only an operator (all_jobs) changes rules", body = ErrorBody),
+        (status = 409, description = "A rule of the configuration file has this name", body = ErrorBody),
+        (status = 503, description = "A standby, or the store is down", body = ErrorBody),
+    ),
+)]
+pub(super) async fn put_rule(
+    State(h): State<Handle>,
+    caller: Caller,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    operator_only(&caller, "change the rules")?;
+    let bytes = read_event(&h, &headers, body).await?;
+    let mut v: Value = serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::field("body", format!("not JSON: {e}")))?;
+    let Some(obj) = v.as_object_mut() else {
+        return Err(ApiError::field(
+            "body",
+            "a rule is a JSON object: {\"on\": {\"type\": …}, \"do\": {\"capability\": …}}",
+        ));
+    };
+    match obj.get("name") {
+        None => {
+            obj.insert("name".into(), Value::String(name.clone()));
+        }
+        Some(Value::String(n)) if *n == name => {}
+        Some(other) => {
+            return Err(ApiError::field(
+                "name",
+                format!("{other} differs from the path's '{name}'"),
+            ))
+        }
+    }
+    let rule: crate::triggers::RuleConfig = serde_json::from_value(v).map_err(|e| {
+        ApiError::field(
+            "body",
+            format!("not a rule: {e} (docs/events.md, \"Rules\")"),
+        )
+    })?;
+    let ApiReply::RulePut(answer) = change(
+        &h,
+        ApiRequest::PutRule {
+            rule: Box::new(rule.clone()),
+        },
+    )
+    .await?
+    else {
+        return Err(mismatch());
+    };
+    let new = answer.map_err(rule_change_error)?;
+    tracing::info!(rule = %name, by = %caller.name, new, "rule stored over the API");
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let view = RuleView {
+        dead_letters: format!("/v1/jobs?submitter=rule:{name}&state=failed"),
+        config: rule,
+        counts: Default::default(),
+        origin: "api",
+    };
+    Ok((status, Json(view)).into_response())
+}
+
+/// `DELETE /v1/rules/{name}`.
+#[utoipa::path(
+    delete, path = "/v1/rules/{name}", tag = "events",
+    summary = "Delete an event rule made over the API (its jobs stay)",
+    params(("name" = String, Path, description = "The rule's name")),
+    responses(
+        (status = 204, description = "Deleted"),
+        (status = 401, description = "No token, or an unknown one", body = ErrorBody),
+        (status = 403, description = "Only an operator (all_jobs) changes rules", body = ErrorBody),
+        (status = 404, description = "No rule of this name was made over the API", body = ErrorBody),
+        (status = 409, description = "A rule of the configuration file has this name", body = ErrorBody),
+        (status = 503, description = "A standby, or the store is down", body = ErrorBody),
+    ),
+)]
+pub(super) async fn delete_rule(
+    State(h): State<Handle>,
+    caller: Caller,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Response, ApiError> {
+    operator_only(&caller, "change the rules")?;
+    let ApiReply::RuleDeleted(answer) =
+        change(&h, ApiRequest::DeleteRule { name: name.clone() }).await?
+    else {
+        return Err(mismatch());
+    };
+    answer.map_err(rule_change_error)?;
+    tracing::info!(rule = %name, by = %caller.name, "rule deleted over the API");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn rule_change_error(e: crate::core::RuleChangeError) -> ApiError {
+    use crate::core::RuleChangeError as E;
+    match e {
+        E::Invalid(why) => {
+            let field = why.split(':').next().unwrap_or("body").to_owned();
+            ApiError::field(&field, why)
+        }
+        E::Configured(name) => ApiError::new(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("rule '{name}' is in the dispatcher's configuration file: change it there (the API changes only rules made with it)"),
+        ),
+        E::Unknown(name) => ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not-found",
+            format!("no rule '{name}' was made over the API (GET /v1/rules lists them)"),
+        ),
+        E::Standby => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "standby",
+            "this dispatcher does not lead: change rules at the leader",
+        ),
+    }
 }
 
 /// `GET /v1/events/stream`'s filters: each exact, `prefix*` or `*`.

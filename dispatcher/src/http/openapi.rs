@@ -304,6 +304,8 @@ pub struct BlobStored {
         super::events::post_event,
         super::events::post_webhook,
         super::events::rules,
+        super::events::put_rule,
+        super::events::delete_rule,
         super::events::stream,
         super::events::canaries,
         super::routes::metrics,

@@ -954,6 +954,10 @@ pub(crate) fn router(h: Handle) -> Router {
         .route("/v1/whoami", get(console::whoami))
         .route("/v1/events", axum::routing::post(super::events::post_event))
         .route("/v1/rules", get(super::events::rules))
+        .route(
+            "/v1/rules/{name}",
+            axum::routing::put(super::events::put_rule).delete(super::events::delete_rule),
+        )
         .route("/v1/events/stream", get(super::events::stream))
         .route("/v1/canaries", get(super::events::canaries))
         .route("/metrics", get(metrics))

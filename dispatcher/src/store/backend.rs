@@ -29,6 +29,8 @@ pub struct Held {
     pub capabilities: Vec<CapabilityName>,
     /// Agents (bare JIDs) with when they were last seen (ms).
     pub agents: Vec<(String, u64)>,
+    /// Event rules made over the HTTP API.
+    pub rules: Vec<crate::triggers::RuleConfig>,
 }
 
 impl JobStore {
@@ -73,11 +75,13 @@ impl JobStore {
                 jobs: s.load()?,
                 capabilities: s.known_capabilities()?,
                 agents: s.agents()?,
+                rules: s.rules()?,
             }),
             JobStore::Postgres(p) => Ok(Held {
                 jobs: p.load().await?,
                 capabilities: p.known_capabilities().await?,
                 agents: p.agents().await?,
+                rules: p.rules().await?,
             }),
         }
     }
@@ -89,11 +93,13 @@ impl JobStore {
                 jobs: Vec::new(),
                 capabilities: s.known_capabilities()?,
                 agents: s.agents()?,
+                rules: s.rules()?,
             }),
             JobStore::Postgres(p) => Ok(Held {
                 jobs: Vec::new(),
                 capabilities: p.known_capabilities().await?,
                 agents: p.agents().await?,
+                rules: p.rules().await?,
             }),
         }
     }

@@ -38,6 +38,8 @@ const AGENTS: TableDefinition<&str, u64> = TableDefinition::new("agents");
 const CAPABILITIES: TableDefinition<&str, u64> = TableDefinition::new("capabilities");
 /// Audit lines of jobs that ended, stored with their outcomes until the audit file has them.
 const AUDIT_OUTBOX: TableDefinition<&str, &[u8]> = TableDefinition::new("audit_outbox");
+/// Event rules made over the HTTP API (`PUT /v1/rules/{name}`): name → the rule as JSON.
+const RULES: TableDefinition<&str, &[u8]> = TableDefinition::new("rules");
 
 /// Why the store failed. Fatal for the operation that asked; the dispatcher reports it (an
 /// HTTP 503 / XMPP `internal-server-error`) rather than acknowledging a job it did not store.
@@ -88,6 +90,7 @@ impl Store {
             tx.open_table(AGENTS).map_err(e)?;
             tx.open_table(CAPABILITIES).map_err(e)?;
             tx.open_table(AUDIT_OUTBOX).map_err(e)?;
+            tx.open_table(RULES).map_err(e)?;
         }
         tx.commit().map_err(e)?;
         Ok(Store { db })
@@ -188,7 +191,28 @@ impl Store {
                 }
             }
         }
+        if !b.rules.is_empty() {
+            let mut t = tx.open_table(RULES).map_err(e)?;
+            for (name, rule) in &b.rules {
+                match rule {
+                    Some(json) => t.insert(name.as_str(), json.as_slice()).map_err(e)?,
+                    None => t.remove(name.as_str()).map_err(e)?,
+                };
+            }
+        }
         tx.commit().map_err(e)
+    }
+
+    /// The event rules made over the HTTP API.
+    pub fn rules(&self) -> Result<Vec<crate::triggers::RuleConfig>, StoreError> {
+        let tx = self.db.begin_read().map_err(e)?;
+        let t = tx.open_table(RULES).map_err(e)?;
+        let mut out = Vec::new();
+        for row in t.iter().map_err(e)? {
+            let (k, v) = row.map_err(e)?;
+            out.push(decode_rule(k.value(), v.value())?);
+        }
+        Ok(out)
     }
 
     /// Every agent (bare JID) seen, with when (ms since the UNIX epoch).
@@ -339,6 +363,15 @@ impl Store {
 }
 
 /// A stored record with its input (stored apart, [`EncodedJob`]).
+/// A stored rule: unreadable is an error, not a rule silently gone.
+pub(crate) fn decode_rule(
+    name: &str,
+    json: &[u8],
+) -> Result<crate::triggers::RuleConfig, StoreError> {
+    serde_json::from_slice(json)
+        .map_err(|x| e(format!("rules table: rule '{name}' is unreadable: {x}")))
+}
+
 fn decode_job(id: &str, record: &[u8], input: Option<Vec<u8>>) -> Result<JobRecord, StoreError> {
     let mut j = serde_json::from_slice::<JobRecord>(record)
         .map_err(|x| e(format!("job {id} is unreadable: {x}")))?;
@@ -381,6 +414,8 @@ pub struct OwnedBatch {
     pub agents: Vec<(String, u64)>,
     /// Capabilities offered for the first time, with when.
     pub capabilities: Vec<(CapabilityName, u64)>,
+    /// Event rules made (the rule as JSON) or deleted (`None`) over the HTTP API.
+    pub rules: Vec<(String, Option<Vec<u8>>)>,
     /// A leader's commit among several dispatchers (PostgreSQL): stored only if the lease row
     /// still names this holder and epoch when the transaction runs, else nothing of it is
     /// (`deposed`). None: unconditional (a lone dispatcher on redb; a standby's agents).
@@ -432,6 +467,7 @@ impl OwnedBatch {
             audited: b.audited.to_vec(),
             agents: b.agents.to_vec(),
             capabilities: b.capabilities.to_vec(),
+            rules: Vec::new(),
             fence: None,
             blobs: Vec::new(),
             blob_deletes: Vec::new(),
@@ -450,6 +486,7 @@ impl OwnedBatch {
             && self.audited.is_empty()
             && self.agents.is_empty()
             && self.capabilities.is_empty()
+            && self.rules.is_empty()
             && self.blobs.is_empty()
             && self.blob_deletes.is_empty()
             && self.submitted.is_empty()

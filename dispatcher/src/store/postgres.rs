@@ -55,6 +55,7 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "cancels",
         include_str!("../../migrations/0006_cancels.sql"),
     ),
+    (7, "rules", include_str!("../../migrations/0007_rules.sql")),
 ];
 
 /// The channel a standby notifies when it stored a submission for the leader.
@@ -823,6 +824,16 @@ impl PgStore {
             .collect())
     }
 
+    /// The event rules made over the HTTP API.
+    pub async fn rules(&self) -> Result<Vec<crate::triggers::RuleConfig>, StoreError> {
+        let rows = self
+            .query("SELECT name, config FROM spine_rules ORDER BY name")
+            .await?;
+        rows.iter()
+            .map(|r| super::decode_rule(r.get::<_, &str>(0), r.get::<_, &[u8]>(1)))
+            .collect()
+    }
+
     /// Every capability an agent has offered.
     pub async fn known_capabilities(&self) -> Result<Vec<CapabilityName>, StoreError> {
         let rows = self.query("SELECT name FROM spine_capabilities").await?;
@@ -869,7 +880,7 @@ pub async fn drop_schema(target: &PgTarget) -> Result<(), StoreError> {
         .batch_execute(
             "DROP TABLE IF EXISTS spine_jobs, spine_inputs, spine_idempotency, spine_agents, \
              spine_capabilities, spine_audit_outbox, spine_lease, spine_blobs, \
-             spine_blob_chunks, spine_submitted, spine_cancels, spine_migrations",
+             spine_blob_chunks, spine_submitted, spine_cancels, spine_rules, spine_migrations",
         )
         .await
         .map_err(|x| e(format!("{}: {}", target.name, describe(&x))));
@@ -1176,6 +1187,27 @@ async fn write(
     if !caps.is_empty() {
         steps.push(Box::pin(async {
             tx.execute(&st.insert_capabilities, &[&caps, &first]).await
+        }));
+    }
+    // Rules made over the API: few and rare, so unprepared; last, so that the indices of
+    // the steps above stay as checked below.
+    for (name, rule) in &b.rules {
+        let (tx, now) = (&tx, &now);
+        steps.push(Box::pin(async move {
+            match rule {
+                Some(json) => {
+                    tx.execute(
+                        "INSERT INTO spine_rules (name, config, updated_ms) VALUES ($1, $2, $3) \
+                         ON CONFLICT (name) DO UPDATE SET config = $2, updated_ms = $3",
+                        &[name, json, now],
+                    )
+                    .await
+                }
+                None => {
+                    tx.execute("DELETE FROM spine_rules WHERE name = $1", &[name])
+                        .await
+                }
+            }
         }));
     }
     let done = futures::future::try_join_all(steps).await?;
