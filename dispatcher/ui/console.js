@@ -1159,6 +1159,145 @@ async function loadWhoami() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Events page: the rules (where each came from, what it takes, its counters and dead letters),
+// the schedules and the canaries with their quarantines, refreshed every 2 s from
+// GET /v1/rules and GET /v1/canaries; and the event stream live (GET /v1/events/stream): the
+// last 50 jobs' ends and rules' firings, newest first.
+
+const FEED_MAX = 50;
+
+function ruleRow(rule) {
+  const on = rule.on || {};
+  const pick = [on.type, on.source && `source ${on.source}`, on.subject && `subject ${on.subject}`]
+    .filter(Boolean).join(", ");
+  const c = rule.counts || {};
+  const dead = el("a", { href: `#/jobs?submitter=${encodeURIComponent(`rule:${rule.name}`)}&state=failed`, text: c.dead_letters ?? 0 });
+  return el("tr", { "data-rule": rule.name },
+    el("td", { class: "name", text: rule.name }),
+    el("td", { class: "origin", text: rule.origin === "api" ? "API" : "configuration" }),
+    el("td", { class: "on", text: pick }),
+    el("td", { class: "when", text: rule.when || "–" }),
+    el("td", { class: "do", text: (rule.do && rule.do.capability) || "–" }),
+    el("td", { class: "matched num", text: c.matched ?? 0 }),
+    el("td", { class: "jobs num", text: c.jobs ?? 0 }),
+    el("td", { class: "duplicates num", text: c.duplicates ?? 0 }),
+    el("td", { class: "errors num", text: c.errors ?? 0 }),
+    el("td", { class: "dead-letters num" }, dead));
+}
+
+function scheduleRow(s) {
+  const c = s.counts || {};
+  return el("tr", { "data-schedule": s.name },
+    el("td", { class: "name", text: s.name }),
+    el("td", { class: "cron", text: `${s.cron} (${s.timezone || "UTC"})` }),
+    el("td", { class: "next" }, timeEl(s.next_tick)),
+    el("td", { class: "last" }, timeEl(s.last_tick)),
+    el("td", { class: "fired num", text: c.ticks ?? 0 }),
+    el("td", { class: "missed num", text: c.missed ?? 0 }));
+}
+
+function canaryRow(c) {
+  const last = c.last_ok === true ? "passed" : c.last_ok === false ? "failed" : "not yet";
+  const health = c.quarantined ? "quarantined" : c.last_ok === false ? "failing" : "ok";
+  const state = { quarantined: "failed", failing: "draining", ok: "succeeded" }[health];
+  return el("tr", { "data-canary": `${c.capability} ${c.agent}` },
+    el("td", { class: "capability", text: c.capability }),
+    el("td", { class: "agent", text: c.agent }),
+    el("td", { class: "health" }, el("span", { class: `badge state-${state}`, text: health })),
+    el("td", { class: "last", text: last }),
+    el("td", { class: "failures num", text: c.failures ?? 0 }),
+    el("td", { class: "passed num", text: c.passed ?? 0 }),
+    el("td", { class: "failed num", text: c.failed ?? 0 }),
+    el("td", { class: "last-success" }, c.last_success_ms ? timeEl(new Date(c.last_success_ms).toISOString()) : timeEl(null)),
+    el("td", { class: "last-error", text: c.last_error || "–" }));
+}
+
+/** One CloudEvent of the stream, as a line: its time, type, subject, and the job it names. */
+function feedItem(ce) {
+  const data = ce.data || {};
+  const job = ce.type === "spine.rule.fired" ? data.job : data.id;
+  return el("li", { "data-type": ce.type },
+    timeEl(ce.time || new Date().toISOString()), " ",
+    el("span", { class: "type", text: ce.type }), " ",
+    el("span", { class: "subject", text: ce.subject || "" }), " ",
+    job ? el("a", { href: `#/jobs/${encodeURIComponent(job)}`, text: job }) : null);
+}
+
+function dataTable(id, heads, tbody) {
+  return tableWrap(el("table", { id, class: "data" },
+    el("thead", {}, el("tr", {}, heads.map((h) => el("th", { scope: "col", text: h })))), tbody));
+}
+
+function pageEvents() {
+  const token = pageToken;
+  const ruleHeads = ["Rule", "Origin", "On", "When", "Job", "Matched", "Jobs", "Duplicates", "Errors", "Dead letters"];
+  const schedHeads = ["Schedule", "Cron", "Next tick", "Last tick", "Fired", "Missed"];
+  const canHeads = ["Capability", "Agent", "Health", "Last canary", "Failures in a row", "Passed", "Failed", "Last success", "Last error"];
+  const rulesBody = el("tbody");
+  const schedBody = el("tbody");
+  const canBody = el("tbody");
+  const status = el("p", { class: "status", text: "Loading…" });
+  const feedStatus = el("p", { class: "status", text: "Connecting…" });
+  const feed = el("ol", { id: "event-feed", class: "event-feed", reversed: true });
+  const empty = (tbody, n, text) => tbody.replaceChildren(el("tr", {}, el("td", { colspan: n, class: "empty", text })));
+  let busy = false;
+  const load = async () => {
+    if (busy) return;
+    busy = true;
+    try {
+      const [rules, canaries] = await Promise.all([
+        api("GET", "/v1/rules").catch((err) => (err.status === 403 ? null : Promise.reject(err))),
+        api("GET", "/v1/canaries").catch((err) => (err.status === 403 ? null : Promise.reject(err))),
+      ]);
+      if (!stillOn(token)) return;
+      if (!rules) {
+        empty(rulesBody, ruleHeads.length, "Only an operator (a token with all_jobs) sees the rules.");
+        empty(schedBody, schedHeads.length, "Only an operator sees the schedules.");
+      } else {
+        rulesBody.replaceChildren(...rules.rules.map(ruleRow));
+        if (!rules.rules.length) empty(rulesBody, ruleHeads.length, "No rules: [[rule]] in the configuration, or PUT /v1/rules/{name}.");
+        schedBody.replaceChildren(...rules.schedules.map(scheduleRow));
+        if (!rules.schedules.length) empty(schedBody, schedHeads.length, "No schedules.");
+      }
+      if (!canaries) {
+        empty(canBody, canHeads.length, "Only an operator sees the canaries.");
+      } else {
+        const list = canaries.canaries || [];
+        canBody.replaceChildren(...list.map(canaryRow));
+        if (!list.length) empty(canBody, canHeads.length, "No canaries: [[canary]] in the configuration.");
+      }
+      status.textContent = `Updated ${new Date().toLocaleTimeString()}`;
+      status.className = "status live";
+    } catch (err) {
+      status.textContent = "Refresh failed";
+      status.className = "status error";
+      report(err);
+    } finally {
+      busy = false;
+    }
+  };
+  load();
+  every(2000, load);
+  liveStream("/v1/events/stream", {
+    message: (ce) => {
+      feed.prepend(feedItem(ce));
+      while (feed.children.length > FEED_MAX) feed.lastChild.remove();
+    },
+  }, feedStatus);
+  return [
+    el("div", { class: "page-head" }, el("h1", { text: "Events" }), status),
+    el("h2", { text: "Rules" }),
+    dataTable("rules-table", ruleHeads, rulesBody),
+    el("h2", { text: "Schedules" }),
+    dataTable("schedules-table", schedHeads, schedBody),
+    el("h2", { text: "Canaries" }),
+    dataTable("canaries-table", canHeads, canBody),
+    el("div", { class: "page-head" }, el("h2", { text: "Live: jobs' ends and rules' firings" }), feedStatus),
+    feed,
+  ];
+}
+
+// ---------------------------------------------------------------------------------------------
 // Router.
 
 const PAGES = {
@@ -1166,6 +1305,7 @@ const PAGES = {
   capabilities: () => pageCapabilities(),
   jobs: (rest, params) => (rest ? pageJob(rest) : pageJobs(params)),
   submit: () => pageSubmit(),
+  events: () => pageEvents(),
   login: (rest, params) => pageLogin(params),
 };
 

@@ -118,9 +118,15 @@ fn slow_sleep(
 
 impl Farm {
     async fn start() -> Farm {
+        Farm::start_with("").await
+    }
+
+    /// A farm whose dispatcher has `extra` configuration after [`TOKENS`].
+    async fn start_with(extra: &str) -> Farm {
         let server = TestServer::start(ACCOUNTS).await;
         let dir = tempfile::tempdir().expect("a data directory");
-        let (dispatcher, base) = start_http_dispatcher(&server, dir.path(), TOKENS).await;
+        let config = format!("{TOKENS}\n{extra}");
+        let (dispatcher, base) = start_http_dispatcher(&server, dir.path(), &config).await;
         let stopped = Arc::new(AtomicUsize::new(0));
         let slots = format!("slots = {SLOTS}\n");
         let a1 = spine_example_image::register(Agent::builder(agent_config(&server, 1, &slots)));
@@ -165,6 +171,34 @@ impl Farm {
         let body = serde_json::from_str(&text)
             .unwrap_or_else(|e| panic!("GET {path}: {status} answered {text:?}, not JSON: {e}"));
         (status, body)
+    }
+
+    /// `method path` with a JSON `body` as `token`: the status and the JSON answer.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        token: &str,
+        path: &str,
+        body: Value,
+    ) -> (u16, Value) {
+        // A body with `specversion` is a CloudEvent, of its own content type.
+        let ctype = if body.get("specversion").is_some() {
+            "application/cloudevents+json"
+        } else {
+            "application/json"
+        };
+        let resp = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .bearer_auth(token)
+            .header("content-type", ctype)
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
     }
 
     /// `POST /v1/jobs` as `token`; returns the job id.
@@ -1095,4 +1129,116 @@ async fn phone_width_and_keyboard() {
 
     b.close().await;
     farm.stop().await;
+}
+
+/// The events page (issue 22): the rules with their origin and counters, the canaries of
+/// every agent, and the live feed of jobs' ends and rules' firings — each as the API says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_events_page_shows_rules_canaries_and_the_live_feed() {
+    let _one = ONE_BROWSER.lock().await;
+    let Some(browser) = Browser::start().await else {
+        return;
+    };
+    let farm = Farm::start_with(
+        r#"
+[[rule]]
+name = "nap"
+on = { type = "com.example.nap" }
+do = { capability = "slow.sleep", args = { ms = 20 } }
+
+[[canary]]
+capability = "slow.sleep"
+args = { ms = 5 }
+expect = "slept"
+interval = "1s"
+"#,
+    )
+    .await;
+    let b = browser;
+    sign_in(&b, &farm, OPS, "ops").await;
+    b.goto(&farm.page("/events")).await;
+    wait_text(
+        &b,
+        "tr[data-rule='nap'] td.origin",
+        |t| t == "configuration",
+        "the configured rule",
+    )
+    .await;
+    // A rule made over the API shows up at the next refresh, as made over the API.
+    let (status, made) = farm
+        .send(
+            reqwest::Method::PUT,
+            OPS,
+            "/v1/rules/nap-api",
+            json!({"on": {"type": "com.example.nap2"}, "do": {"capability": "slow.sleep", "args": {"ms": 5}}}),
+        )
+        .await;
+    assert_eq!(status, 201, "{made}");
+    wait_text(
+        &b,
+        "tr[data-rule='nap-api'] td.origin",
+        |t| t == "API",
+        "the API's rule",
+    )
+    .await;
+    // Both agents' canaries pass.
+    for agent in ["agent1@localhost/w", "agent2@localhost/w"] {
+        let sel = format!("tr[data-canary='slow.sleep {agent}'] td.health");
+        wait_text(&b, &sel, |t| t == "ok", &format!("{agent}'s canary")).await;
+    }
+    // An event: its rule fires and its job ends, live in the feed; the counters agree with
+    // GET /v1/rules.
+    let (status, answer) = farm
+        .send(
+            reqwest::Method::POST,
+            OPS,
+            "/v1/events",
+            json!({"specversion": "1.0", "id": "nap-1", "source": "/console-test", "type": "com.example.nap"}),
+        )
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    let job = answer["jobs"][0]["id"].as_str().expect("a job").to_owned();
+    farm.wait_final(&job).await;
+    wait_text(
+        &b,
+        "#event-feed",
+        |t| t.contains("spine.rule.fired") && t.contains("spine.job.succeeded") && t.contains(&job),
+        "the feed",
+    )
+    .await;
+    wait_text(
+        &b,
+        "tr[data-rule='nap'] td.jobs",
+        |t| t == "1",
+        "the rule's job count",
+    )
+    .await;
+    let (_, rules) = farm.get(OPS, "/v1/rules").await;
+    let nap = rules["rules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "nap")
+        .unwrap()
+        .clone();
+    assert_eq!(nap["counts"]["jobs"], 1, "{rules}");
+    assert_eq!(nap["counts"]["matched"], 1, "{rules}");
+    let (_, canaries) = farm.get(OPS, "/v1/canaries").await;
+    assert_eq!(
+        canaries["canaries"].as_array().map(Vec::len),
+        Some(2),
+        "{canaries}"
+    );
+    b.screenshot("events").await;
+    // A token that is no operator sees why the rules are not shown.
+    sign_in(&b, &farm, ALICE, "alice").await;
+    b.goto(&farm.page("/events")).await;
+    wait_text(
+        &b,
+        "#rules-table td.empty",
+        |t| t.contains("Only an operator"),
+        "the operator-only note",
+    )
+    .await;
+    b.close().await;
 }
