@@ -25,6 +25,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
+mod socket;
+
 /// Longest name of a watcher (it is the last part of its events' source).
 const MAX_NAME: usize = 64;
 /// At most this much of a probe's stdout and stderr each goes into its event.
@@ -54,7 +56,7 @@ pub enum Emit {
     Always,
 }
 
-/// One `[[watch]]`: a directory (`directory`) or a probe (`command`).
+/// One `[[watch]]`: a directory (`directory`), a probe (`command`) or a socket (`socket`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WatchConfig {
@@ -66,6 +68,10 @@ pub struct WatchConfig {
     /// A probe: the program and its arguments (no shell).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub command: Option<Vec<String>>,
+    /// A Unix socket the agent listens on: a local service writes one JSON event per line
+    /// and reads one answer per line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<PathBuf>,
     /// The events' type. Default `spine.file.created` (directory) or `spine.probe.result`.
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     pub ty: Option<String>,
@@ -129,17 +135,35 @@ impl WatchConfig {
                 self.name
             ));
         }
+        let kinds = [
+            self.directory.is_some(),
+            self.command.is_some(),
+            self.socket.is_some(),
+        ];
+        match kinds.iter().filter(|k| **k).count() {
+            0 => {
+                return Err(format!(
+                    "{key}: give directory (a directory watcher), command (a probe) or socket \
+                     (events from a local service)"
+                ))
+            }
+            1 => {}
+            _ => {
+                return Err(format!(
+                    "{key}: give one of directory, command and socket, not several"
+                ))
+            }
+        }
+        if let Some(p) = &self.socket {
+            if !p.is_absolute() {
+                return Err(format!(
+                    "{key}.socket: '{}' must be an absolute path",
+                    p.display()
+                ));
+            }
+        }
         match (&self.directory, &self.command) {
-            (Some(_), Some(_)) => {
-                return Err(format!(
-                    "{key}: give directory (a directory watcher) or command (a probe), not both"
-                ))
-            }
-            (None, None) => {
-                return Err(format!(
-                    "{key}: give directory (a directory watcher) or command (a probe)"
-                ))
-            }
+            (Some(_), Some(_)) | (None, None) => {}
             (Some(d), None) => {
                 if !d.is_absolute() {
                     return Err(format!(
@@ -189,6 +213,8 @@ impl WatchConfig {
         self.ty.clone().unwrap_or_else(|| {
             if self.directory.is_some() {
                 "spine.file.created".into()
+            } else if self.socket.is_some() {
+                "spine.service.event".into()
             } else {
                 "spine.probe.result".into()
             }
@@ -253,6 +279,9 @@ pub(crate) fn start(
 }
 
 async fn run(w: WatchConfig, tx: mpsc::Sender<Sighting>) {
+    if let Some(path) = &w.socket {
+        return crate::watch::socket::serve(path.clone(), &w, tx).await;
+    }
     match (&w.directory, &w.command) {
         (Some(dir), _) => {
             info!(watch = %w.name, directory = %dir.display(), "watching a directory");
@@ -728,8 +757,9 @@ mod tests {
             ("name = \"a\"", "give directory"),
             (
                 "name = \"a\"\ndirectory = \"/x\"\ncommand = [\"x\"]",
-                "not both",
+                "not several",
             ),
+            ("name = \"a\"\nsocket = \"rel.sock\"", "watch[0].socket"),
             ("name = \"a\"\ndirectory = \"rel\"", "watch[0].directory"),
             (
                 "name = \"a\"\ndirectory = \"/x\"\npattern = \"[\"",

@@ -1248,3 +1248,111 @@ async fn rules_made_over_the_api_hold_across_a_kill_9() {
     );
     assert_eq!(delete().await.unwrap().status(), 404);
 }
+
+/// A legacy service (another process, here a Python script) emits events by writing JSON
+/// lines to a `spine agent`'s socket watcher: each line is answered with the jobs its event
+/// made, a bad line with why, and the same id sent again with the same job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_legacy_service_emits_events_through_the_agents_socket() {
+    let server =
+        TestServer::start(&[("dispatcher", "pw-d"), ("agent1", "pw"), ("agent2", "pw")]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = spine_integration::free_port().unwrap();
+    let config = dispatcher_config(
+        dir.path(),
+        &server,
+        port,
+        "[[rule]]\nname = \"reports\"\n\
+         on = { type = \"com.example.report.done\", source = \"/agents/agent2@localhost/legacy\" }\n\
+         do = { capability = \"text.upper\", input = \"{{data.name}}\" }\n",
+    );
+    let worker = Agent::builder(spine_integration::farm::agent_config(
+        &server,
+        1,
+        "slots = 4",
+    ))
+    .capability("text.upper", None, |ctx: JobContext| async move {
+        Ok::<_, JobError>(Output::bytes(
+            String::from_utf8_lossy(&ctx.input).to_uppercase(),
+        ))
+    })
+    .build()
+    .unwrap();
+    let _worker = run_agent(worker);
+    let _dispatcher = spawn_dispatcher(&config);
+    let api = Api::at(port);
+    api.until_up().await;
+    wait_for_agents(&api.base, "text.upper", 1).await;
+    let socket = dir.path().join("legacy.sock");
+    let agent_toml = dir.path().join("agent.toml");
+    std::fs::write(
+        &agent_toml,
+        format!(
+            "jid = \"agent2@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\n\
+             dispatchers = [\"dispatcher@localhost\"]\nheartbeat = \"1s\"\n\
+             [[capability]]\nname = \"files.noop\"\nkind = \"exec\"\nargv = [\"true\"]\n\n\
+             [[watch]]\nname = \"legacy\"\nsocket = \"{}\"\n",
+            server.addr,
+            socket.display()
+        ),
+    )
+    .unwrap();
+    let _watcher = Command::new(env!("CARGO_BIN_EXE_spine"))
+        .args(["agent", "--config"])
+        .arg(&agent_toml)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start spine agent");
+    wait_for_agents(&api.base, "files.noop", 1).await;
+    // The service: three lines on one connection, the answers printed as they come.
+    let script = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rw")
+for line in ['{"type": "com.example.report.done", "id": "r-7", "data": {"name": "report-7"}}',
+             'not json',
+             '{"type": "com.example.report.done", "id": "r-7", "data": {"name": "report-7"}}']:
+    f.write(line + "\n"); f.flush()
+    print(f.readline().strip(), flush=True)
+"#;
+    let out = tokio::time::timeout(
+        PATIENCE,
+        Command::new("python3")
+            .args(["-c", script])
+            .arg(&socket)
+            .output(),
+    )
+    .await
+    .expect("the service finished")
+    .expect("python3 runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let answers: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    assert_eq!(answers[0]["ok"], true, "{answers:?}");
+    let job = answers[0]["jobs"][0].as_str().expect("a job").to_owned();
+    assert!(
+        answers[1]["error"]
+            .as_str()
+            .is_some_and(|e| e.starts_with("line 2: not JSON")),
+        "{answers:?}"
+    );
+    assert_eq!(
+        answers[2]["jobs"],
+        json!([job]),
+        "the same event, the same job"
+    );
+    assert_eq!(api.output(&job).await, "REPORT-7");
+    let done = api.ended(&job).await;
+    assert_eq!(done["event"]["source"], "/agents/agent2@localhost/legacy");
+}
