@@ -1233,6 +1233,36 @@ async fn rules_made_over_the_api_hold_across_a_kill_9() {
     let (_, answer) = api.structured(event("s-2")).await;
     assert_eq!(api.output(&Api::job_of(&answer, "shout")).await, "HELLO");
 
+    // A rule whose job takes a blob the event names (uploaded with PUT /v1/blobs).
+    let (status, _) = put(
+        "by-ref",
+        json!({"on": {"type": "com.example.blob"},
+               "do": {"capability": "text.upper", "input_ref": "{{data.sha256}}", "deadline": "20s"}}),
+    )
+    .await;
+    assert_eq!(status, 201);
+    let stored: Value = api
+        .http
+        .put(format!("{}/v1/blobs", api.base))
+        .body("a stored note")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (status, answer) = api
+        .structured(
+            json!({"specversion": "1.0", "id": "b-1", "source": "/blobs",
+                           "type": "com.example.blob", "data": {"sha256": stored["sha256"]}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        api.output(&Api::job_of(&answer, "by-ref")).await,
+        "A STORED NOTE"
+    );
+
     // Deleted: events of its type make nothing; deleting again is 404.
     let delete = || {
         api.http

@@ -861,6 +861,14 @@ impl crate::jobs::BlobAccess for BlobStore {
     fn contains(&self, blob: &Stored) -> bool {
         self.len(&blob.sha256).is_ok_and(|n| n == blob.size)
     }
+
+    fn find(&self, sha256: &[u8; 32]) -> Option<Stored> {
+        let size = self.len(sha256).ok()?;
+        Some(Stored {
+            sha256: *sha256,
+            size,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -299,6 +299,18 @@ pub struct ActionConfig {
     /// `"{{data}}"` gives the event's data as it came (bytes stay bytes). None: no input.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input: Option<String>,
+    /// Instead of `input`: a template naming a blob of the dispatcher's store by its SHA-256
+    /// (64 hex digits; uploaded with `PUT /v1/blobs`), e.g. `"{{data.sha256}}"`: the job's
+    /// input by reference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub input_ref: Option<String>,
+    /// How long the job may take from its acceptance (`"30s"`), within the rule's `max_age`.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "opt_duration"
+    )]
+    pub deadline: Option<Duration>,
     /// Placement strategy (default least-loaded).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strategy: Option<Strategy>,
@@ -450,6 +462,18 @@ impl Rule {
         if let Some(input) = &c.action.input {
             references(input).map_err(|e| format!("{}: {e}", key("do.input")))?;
         }
+        if let Some(r) = &c.action.input_ref {
+            if c.action.input.is_some() {
+                return Err(format!(
+                    "{}: give input or input_ref, not both",
+                    key("do.input_ref")
+                ));
+            }
+            references(r).map_err(|e| format!("{}: {e}", key("do.input_ref")))?;
+        }
+        if c.action.deadline.is_some_and(|d| d.is_zero()) {
+            return Err(format!("{}: must be more than 0", key("do.deadline")));
+        }
         if c.retry.attempts == 0 {
             return Err(format!("{}: must be at least 1", key("retry.attempts")));
         }
@@ -475,8 +499,14 @@ impl Rule {
         self.selector.matches(ev)
     }
 
-    /// The job `ev` makes, at `now_ms`; `Err` names the field the event lacks.
-    pub fn job(&self, ev: &Event, now_ms: u64) -> Result<JobSpec, RuleError> {
+    /// The job `ev` makes, at `now_ms`; `Err` names the field the event lacks. `find` looks a
+    /// blob up in the store by its SHA-256 (for `input_ref`).
+    pub fn job(
+        &self,
+        ev: &Event,
+        now_ms: u64,
+        find: impl Fn(&[u8; 32]) -> Option<crate::blobs::Stored>,
+    ) -> Result<JobSpec, RuleError> {
         let err = |why: String| RuleError {
             rule: self.name.clone(),
             why,
@@ -515,6 +545,26 @@ impl Rule {
             spec.input = body;
             spec.input_mime = mime;
         }
+        if let Some(r) = &a.input_ref {
+            let hex = match fill(&Value::String(r.clone()), ev)
+                .map_err(|e| err(format!("do.input_ref: {e}")))?
+            {
+                Value::String(s) => s,
+                other => other.to_string(),
+            };
+            let sha = spine_protocol::data::parse_sha256(hex.trim()).map_err(|e| {
+                err(format!(
+                    "do.input_ref: '{hex}' is not a SHA-256 (64 hex digits): {e}"
+                ))
+            })?;
+            let stored = find(&sha).ok_or_else(|| {
+                err(format!(
+                    "do.input_ref: blob {hex} is not in the blob store (upload it with PUT /v1/blobs first)"
+                ))
+            })?;
+            spec.input = Body::Stored(stored);
+            spec.input_mime = None;
+        }
         if let Some(s) = a.strategy {
             spec.strategy = s;
         }
@@ -522,7 +572,11 @@ impl Rule {
         spec.priority = a.priority;
         spec.max_attempts = self.config.retry.attempts;
         let since = ev.time_ms.map_or(now_ms, |t| t.min(now_ms));
-        spec.deadline_ms = Some(since.saturating_add(self.config.retry.max_age.as_millis() as u64));
+        let max_age = since.saturating_add(self.config.retry.max_age.as_millis() as u64);
+        spec.deadline_ms = Some(match a.deadline {
+            Some(d) => max_age.min(now_ms.saturating_add(d.as_millis() as u64)),
+            None => max_age,
+        });
         spec.idempotency_key = Some(ev.key());
         spec.event = Some(crate::jobs::EventRef {
             rule: self.name.clone(),
@@ -537,6 +591,27 @@ impl Rule {
 
 fn json_bytes(v: &Value) -> Vec<u8> {
     serde_json::to_vec(v).unwrap_or_default()
+}
+
+/// An optional duration in the configuration's forms (`"30s"`, `"1h 30m"`).
+mod opt_duration {
+    use std::time::Duration;
+
+    use serde::{Deserialize as _, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_str(&spine_protocol::units::format_duration(*d)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let text = String::deserialize(d)?;
+        spine_protocol::units::parse_duration(&text)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// The attribute names a filter reads.
@@ -872,7 +947,7 @@ mod tests {
         let r = rule(THUMBS).unwrap();
         let ev = upload(json!({"size": 5000, "kind": "jpeg", "width": 256, "name": "cat"}));
         let now = 1_700_000_005_000;
-        let spec = r.job(&ev, now).unwrap();
+        let spec = r.job(&ev, now, |_| None).unwrap();
         assert_eq!(spec.capability.as_str(), "image.thumbnail");
         assert_eq!(spec.submitter, "rule:thumbs");
         assert_eq!(
@@ -899,7 +974,7 @@ mod tests {
         assert_eq!(ev.key().len(), 70);
         // A missing field is named.
         let lacking = upload(json!({"size": 5000, "kind": "jpeg", "name": "cat"}));
-        let e = r.job(&lacking, now).unwrap_err();
+        let e = r.job(&lacking, now, |_| None).unwrap_err();
         assert_eq!(
             e.to_string(),
             "rule 'thumbs': do.args.width: the event has no data.width"
@@ -916,12 +991,12 @@ mod tests {
         )
         .unwrap();
         let mut ev = upload(json!({"a": [1, 2]}));
-        let spec = r.job(&ev, 0).unwrap();
+        let spec = r.job(&ev, 0, |_| None).unwrap();
         assert_eq!(spec.input, Body::Inline(br#"{"a":[1,2]}"#.to_vec()));
         assert_eq!(spec.input_mime.as_deref(), Some("application/json"));
         ev.data = EventData::Bytes(vec![0, 159, 146, 150]);
         ev.mime = Some("application/octet-stream".into());
-        let spec = r.job(&ev, 0).unwrap();
+        let spec = r.job(&ev, 0, |_| None).unwrap();
         assert_eq!(spec.input, Body::Inline(vec![0, 159, 146, 150]));
         assert_eq!(spec.input_mime.as_deref(), Some("application/octet-stream"));
         assert_eq!(ev.field("data.a"), None, "bytes have no fields");
@@ -1073,11 +1148,47 @@ mod tests {
                 capability: "a.b".into(),
                 args: Map::new(),
                 input: None,
+                input_ref: None,
+                deadline: None,
                 strategy: None,
                 filter: None,
                 priority: 0,
             },
             retry: RetryConfig::default(),
         }
+    }
+
+    #[test]
+    fn input_ref_names_a_stored_blob_and_deadline_bounds_the_job() {
+        let c: RuleConfig = serde_json::from_value(json!({
+            "name": "by-ref",
+            "on": {"type": "t"},
+            "do": {"capability": "a.b", "input_ref": "{{data.sha256}}", "deadline": "30s"},
+        }))
+        .unwrap();
+        let r = Rule::new(0, &c).unwrap();
+        let blob = crate::blobs::Stored {
+            sha256: [0xab; 32],
+            size: 9,
+        };
+        let mut ev = upload(json!({"sha256": blob.hex()}));
+        ev.time_ms = None;
+        let spec = r
+            .job(&ev, 1_000, |s| (*s == blob.sha256).then_some(blob))
+            .unwrap();
+        assert_eq!(spec.input, Body::Stored(blob));
+        assert_eq!(spec.deadline_ms, Some(31_000), "30 s, within max_age");
+        let e = r.job(&ev, 1_000, |_| None).unwrap_err();
+        assert!(e.why.contains("not in the blob store"), "{e}");
+        ev.data = EventData::Json(json!({"sha256": "xyz"}));
+        let e = r.job(&ev, 1_000, |_| Some(blob)).unwrap_err();
+        assert!(e.why.contains("not a SHA-256"), "{e}");
+        let mut both = c.clone();
+        both.action.input = Some("x".into());
+        let e = Rule::new(0, &both).unwrap_err();
+        assert!(
+            e.starts_with("rule[0].do.input_ref: give input or input_ref"),
+            "{e}"
+        );
     }
 }

@@ -80,10 +80,12 @@ impl Core {
         for rule in &rules {
             let counts = self.rule_counts.entry(rule.name.clone()).or_default();
             counts.matched += 1;
-            let spec = rule.job(ev, now.ms).map_err(|e| {
-                counts.errors += 1;
-                SpineError::new(Condition::BadArguments).with_text(e.to_string())
-            })?;
+            let spec = rule
+                .job(ev, now.ms, |s| self.blob_store.find(s))
+                .map_err(|e| {
+                    counts.errors += 1;
+                    SpineError::new(Condition::BadArguments).with_text(e.to_string())
+                })?;
             let key = (spec.submitter.clone(), ev.key());
             let before = self.idempotency.contains_key(&key);
             match self.accept(spec, true, &Capabilities::all(), now) {

@@ -26,6 +26,8 @@ pub trait BlobAccess: Send {
     fn put(&self, bytes: &[u8]) -> Result<Stored, BlobRefused>;
     /// Whether the blob is in the store, complete.
     fn contains(&self, blob: &Stored) -> bool;
+    /// The blob named by `sha256`, with its size, if the store has it.
+    fn find(&self, sha256: &[u8; 32]) -> Option<Stored>;
 }
 
 /// A shared store (the driver keeps one handle for its deletions and the HTTP side another).
@@ -44,6 +46,10 @@ impl<T: BlobAccess + Sync> BlobAccess for std::sync::Arc<T> {
 
     fn contains(&self, blob: &Stored) -> bool {
         (**self).contains(blob)
+    }
+
+    fn find(&self, sha256: &[u8; 32]) -> Option<Stored> {
+        (**self).find(sha256)
     }
 }
 
@@ -218,6 +224,11 @@ impl BlobAccess for MemoryBlobs {
 
     fn contains(&self, blob: &Stored) -> bool {
         self.0.lock().is_ok_and(|m| m.contains_key(blob))
+    }
+
+    fn find(&self, sha256: &[u8; 32]) -> Option<Stored> {
+        let m = self.0.lock().ok()?;
+        m.keys().find(|s| s.sha256 == *sha256).copied()
     }
 }
 
