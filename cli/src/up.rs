@@ -83,6 +83,7 @@ pub(crate) fn builtin_canaries(
             input_base64: None,
             expect: Some(expect),
             expect_sha256: None,
+            expect_json: None,
             interval,
             timeout: std::time::Duration::from_secs(30),
             quarantine_after: 3,

@@ -30,6 +30,10 @@ pub struct CanaryConfig {
     /// The output it must give, as text; or `expect_sha256`; neither: success is enough.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect: Option<String>,
+    /// A JSON assertion: the output must be JSON holding this value (every field of an object
+    /// given, recursively, with an equal value; anything else equal), e.g. `{ count = 3 }`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expect_json: Option<Value>,
     /// The SHA-256 (hex) of the output it must give.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expect_sha256: Option<String>,
@@ -102,6 +106,17 @@ impl Canary {
                 spine_protocol::INLINE_LIMIT
             ));
         }
+        let given = [
+            c.expect.is_some(),
+            c.expect_sha256.is_some(),
+            c.expect_json.is_some(),
+        ];
+        if given.iter().filter(|g| **g).count() > 1 {
+            return Err(format!(
+                "{}: give one of expect, expect_sha256 and expect_json",
+                key("expect")
+            ));
+        }
         let expect =
             match (&c.expect, &c.expect_sha256) {
                 (Some(_), Some(_)) => {
@@ -139,6 +154,36 @@ impl Canary {
     /// Whether an output whose SHA-256 is `sha256` is the expected one.
     pub fn output_ok(&self, sha256: &[u8; 32]) -> bool {
         self.expect.is_none_or(|e| &e == sha256)
+    }
+
+    /// Whether `output` passes the JSON assertion (`expect_json`); `Err` says where it differs.
+    pub fn json_ok(&self, output: &[u8]) -> Result<(), String> {
+        let Some(want) = &self.config.expect_json else {
+            return Ok(());
+        };
+        let got: Value =
+            serde_json::from_slice(output).map_err(|e| format!("its output is not JSON ({e})"))?;
+        holds(&got, want, "output")
+    }
+}
+
+/// Whether `got` holds `want`: every field of a `want` object present in `got` and holding
+/// its value, recursively; numbers equal as numbers; anything else equal.
+fn holds(got: &Value, want: &Value, path: &str) -> Result<(), String> {
+    match (got, want) {
+        (Value::Object(g), Value::Object(w)) => {
+            for (k, wv) in w {
+                let p = format!("{path}.{k}");
+                match g.get(k) {
+                    Some(gv) => holds(gv, wv, &p)?,
+                    None => return Err(format!("{p} is missing")),
+                }
+            }
+            Ok(())
+        }
+        (Value::Number(g), Value::Number(w)) if g.as_f64() == w.as_f64() => Ok(()),
+        (g, w) if g == w => Ok(()),
+        (g, w) => Err(format!("{path} is {g}, not {w}")),
     }
 }
 
@@ -283,11 +328,32 @@ mod tests {
         assert_eq!(k.input, b"hello");
         let any = Canary::new(0, &config("capability = \"text.upper\"")).unwrap();
         assert!(any.output_ok(&[0; 32]), "no expectation: success is enough");
+        let json = Canary::new(
+            0,
+            &config("capability = \"wordcount.map\"\ninput = \"a b a\"\nexpect_json = { a = 2, counts = { b = 1 } }"),
+        )
+        .unwrap();
+        assert_eq!(
+            json.json_ok(br#"{"a": 2.0, "counts": {"b": 1, "c": 9}, "x": 1}"#),
+            Ok(())
+        );
+        assert_eq!(
+            json.json_ok(br#"{"a": 2, "counts": {"b": 2}}"#),
+            Err("output.counts.b is 2, not 1".into())
+        );
+        assert_eq!(
+            json.json_ok(br#"{"counts": {}}"#),
+            Err("output.a is missing".into())
+        );
+        assert!(json
+            .json_ok(b"garbage")
+            .unwrap_err()
+            .starts_with("its output is not JSON"));
         let cases = [
             ("capability = \"Bad Cap\"", "canary[0].capability"),
             (
                 "capability = \"a.b\"\nexpect = \"x\"\nexpect_sha256 = \"00\"",
-                "canary[0].expect: give expect or expect_sha256",
+                "canary[0].expect: give one of expect, expect_sha256 and expect_json",
             ),
             (
                 "capability = \"a.b\"\nexpect_sha256 = \"zz\"",

@@ -291,6 +291,9 @@ async fn run_inner(
     shutdown: impl Future<Output = impl Sized> + Send,
 ) -> Result<(), DispatcherError> {
     let opts = cfg.connect_options()?;
+    // The XMPP login goes on while the store is read (a restart with many jobs held spends
+    // most of its time reading them).
+    let connecting = tokio::spawn(spine_xmpp::connect(opts));
     let store = JobStore::open(&cfg).await?;
     // On PostgreSQL, dispatchers elect a leader (several may share the store): this one
     // starts as a standby that holds no job, and loads them when it wins.
@@ -323,7 +326,9 @@ async fn run_inner(
         );
     }
     let policy = Policy::from_config(&cfg)?;
-    let mut conn = spine_xmpp::connect(opts).await?;
+    let mut conn = connecting
+        .await
+        .map_err(|e| DispatcherError::Connection(format!("the XMPP login task failed: {e}")))??;
     let mut status_rx = conn
         .take_status()
         .ok_or_else(|| DispatcherError::Connection("connection status already taken".into()))?;

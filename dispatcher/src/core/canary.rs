@@ -147,13 +147,23 @@ impl Core {
                     Body::Stored(s) => s.sha256,
                     Body::Kept(k) => k.blob.sha256,
                 };
-                if canary.output_ok(&sha) {
-                    Ok(())
-                } else {
+                if !canary.output_ok(&sha) {
                     Err(format!(
                         "its output (sha256 {}) is not the expected one",
                         crate::blobs::sha256_hex(&sha)
                     ))
+                } else if canary.config.expect_json.is_some() {
+                    let bytes = match output {
+                        Body::Inline(b) => Ok(b.clone()),
+                        Body::Stored(s) => self
+                            .blob_store
+                            .read(s)
+                            .map_err(|e| format!("its output could not be read: {e}")),
+                        Body::Kept(_) => Err("its output is kept by the agent".to_owned()),
+                    };
+                    bytes.and_then(|b| canary.json_ok(&b))
+                } else {
+                    Ok(())
                 }
             }
             (JobState::TimedOut, _) if rec.attempts == 0 => {

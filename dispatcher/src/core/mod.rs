@@ -488,7 +488,10 @@ impl Core {
     /// Takes jobs from the store into the table, their idempotency keys, the capabilities of
     /// those that reached an agent, and their timers.
     fn load_jobs(&mut self, jobs: Vec<JobRecord>, now: Now) {
-        let mut ids = Vec::new();
+        self.jobs.reserve(jobs.len());
+        self.idempotency.reserve(jobs.len());
+        self.idempotency_of.reserve(jobs.len());
+        let mut ids = Vec::with_capacity(jobs.len());
         for j in jobs {
             // Capabilities of stored jobs that reached an agent (a store written before the
             // list of capabilities existed).

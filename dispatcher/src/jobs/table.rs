@@ -306,6 +306,12 @@ impl JobTable {
         });
     }
 
+    /// Room for `n` more records without growing the map (a restart restores many at once:
+    /// growing moves every record held, which are hundreds of bytes each, again and again).
+    pub fn reserve(&mut self, n: usize) {
+        self.jobs.reserve(n);
+    }
+
     /// Restores a job read from the store after a restart. Jobs that were dispatched are
     /// queued again (their agent may have finished them while we were down: the agent's
     /// outcome cache answers the re-sent job without running it twice).
