@@ -85,16 +85,56 @@ fn dispatcher_config(
     config
 }
 
-fn spawn_dispatcher(config: &std::path::Path) -> Child {
+/// A `spine agent` configuration in `dir` for agent2 with `watches` (`[[watch]]` sections) and
+/// a capability of its own (an agent offers at least one).
+fn watcher_config(dir: &std::path::Path, server: &TestServer, watches: &str) -> std::path::PathBuf {
+    let path = dir.join("agent.toml");
+    let text = format!(
+        "jid = \"agent2@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\n\
+         dispatchers = [\"dispatcher@localhost\"]\nheartbeat = \"1s\"\n\
+         [[capability]]\nname = \"files.noop\"\nkind = \"exec\"\nargv = [\"true\"]\n\n{watches}",
+        server.addr,
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// `spine <part> --config config` (`agent`, `dispatcher`), killed when dropped.
+fn spawn_spine(part: &str, config: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_spine"))
-        .args(["dispatcher", "--config"])
+        .args([part, "--config"])
         .arg(config)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .kill_on_drop(true)
         .spawn()
-        .expect("start spine dispatcher")
+        .unwrap_or_else(|e| panic!("start spine {part}: {e}"))
+}
+
+fn spawn_agent(config: &std::path::Path) -> Child {
+    spawn_spine("agent", config)
+}
+
+fn spawn_dispatcher(config: &std::path::Path) -> Child {
+    spawn_spine("dispatcher", config)
+}
+
+/// agent1, offering `text.upper` (its input in upper case), in this process.
+fn upper_agent(server: &TestServer) -> spine_integration::farm::Running {
+    let agent = Agent::builder(spine_integration::farm::agent_config(
+        server,
+        1,
+        "slots = 4",
+    ))
+    .capability("text.upper", None, |ctx: JobContext| async move {
+        Ok::<_, JobError>(Output::bytes(
+            String::from_utf8_lossy(&ctx.input).to_uppercase(),
+        ))
+    })
+    .build()
+    .unwrap();
+    run_agent(agent)
 }
 
 struct Api {
@@ -941,29 +981,10 @@ async fn the_seeds_examples_run_as_written() {
     wait_for_agents(&api.base, "image.thumbnail", 1).await;
 
     // The watcher: a real `spine agent` with the docs' [[watch]], on agent2@localhost.
-    let agent_toml = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_toml,
-        format!(
-            "jid = \"agent2@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\n\
-             dispatchers = [\"dispatcher@localhost\"]\nheartbeat = \"1s\"\n\
-             [[capability]]\nname = \"files.noop\"\nkind = \"exec\"\nargv = [\"true\"]\n\n{}",
-            server.addr,
-            docs_example("uploads-agent").replace("/srv/ftp/incoming", incoming.to_str().unwrap()),
-        ),
-    )
-    .unwrap();
-    let spawn_watcher = || {
-        Command::new(env!("CARGO_BIN_EXE_spine"))
-            .args(["agent", "--config"])
-            .arg(&agent_toml)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start spine agent")
-    };
+    let watches =
+        docs_example("uploads-agent").replace("/srv/ftp/incoming", incoming.to_str().unwrap());
+    let agent_toml = watcher_config(dir.path(), &server, &watches);
+    let spawn_watcher = || spawn_agent(&agent_toml);
     let mut watcher = spawn_watcher();
     wait_for_agents(&api.base, "files.noop", 1).await;
     // Another process writes six photos, each in four pieces 0.4 s apart (under the 2 s
@@ -1157,19 +1178,7 @@ async fn rules_made_over_the_api_hold_across_a_kill_9() {
         "[[rule]]\nname = \"configured\"\non = { type = \"com.example.other\" }\n\
          do = { capability = \"text.upper\" }\n",
     );
-    let agent = Agent::builder(spine_integration::farm::agent_config(
-        &server,
-        1,
-        "slots = 4",
-    ))
-    .capability("text.upper", None, |ctx: JobContext| async move {
-        Ok::<_, JobError>(Output::bytes(
-            String::from_utf8_lossy(&ctx.input).to_uppercase(),
-        ))
-    })
-    .build()
-    .unwrap();
-    let _agent = run_agent(agent);
+    let _agent = upper_agent(&server);
     let mut child = spawn_dispatcher(&config);
     let api = Api::at(port);
     api.until_up().await;
@@ -1296,46 +1305,17 @@ async fn a_legacy_service_emits_events_through_the_agents_socket() {
          on = { type = \"com.example.report.done\", source = \"/agents/agent2@localhost/legacy\" }\n\
          do = { capability = \"text.upper\", input = \"{{data.name}}\" }\n",
     );
-    let worker = Agent::builder(spine_integration::farm::agent_config(
-        &server,
-        1,
-        "slots = 4",
-    ))
-    .capability("text.upper", None, |ctx: JobContext| async move {
-        Ok::<_, JobError>(Output::bytes(
-            String::from_utf8_lossy(&ctx.input).to_uppercase(),
-        ))
-    })
-    .build()
-    .unwrap();
-    let _worker = run_agent(worker);
+    let _worker = upper_agent(&server);
     let _dispatcher = spawn_dispatcher(&config);
     let api = Api::at(port);
     api.until_up().await;
     wait_for_agents(&api.base, "text.upper", 1).await;
     let socket = dir.path().join("legacy.sock");
-    let agent_toml = dir.path().join("agent.toml");
-    std::fs::write(
-        &agent_toml,
-        format!(
-            "jid = \"agent2@localhost/w\"\npassword = \"pw\"\nserver = \"{}\"\n\
-             dispatchers = [\"dispatcher@localhost\"]\nheartbeat = \"1s\"\n\
-             [[capability]]\nname = \"files.noop\"\nkind = \"exec\"\nargv = [\"true\"]\n\n\
-             [[watch]]\nname = \"legacy\"\nsocket = \"{}\"\n",
-            server.addr,
-            socket.display()
-        ),
-    )
-    .unwrap();
-    let _watcher = Command::new(env!("CARGO_BIN_EXE_spine"))
-        .args(["agent", "--config"])
-        .arg(&agent_toml)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start spine agent");
+    let watches = format!(
+        "[[watch]]\nname = \"legacy\"\nsocket = \"{}\"\n",
+        socket.display()
+    );
+    let _watcher = spawn_agent(&watcher_config(dir.path(), &server, &watches));
     wait_for_agents(&api.base, "files.noop", 1).await;
     // The service: three lines on one connection, the answers printed as they come.
     let script = r#"

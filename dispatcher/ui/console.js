@@ -199,6 +199,31 @@ function every(ms, fn) {
 }
 
 /**
+ * Runs `load` now and every `ms` (never two at once), saying in `status` when it last worked;
+ * a failure says so there and in the alert region.
+ */
+function refreshEvery(ms, status, load) {
+  let busy = false;
+  const run = async () => {
+    if (busy) return;
+    busy = true;
+    try {
+      if ((await load()) === false) return;
+      status.textContent = `Updated ${new Date().toLocaleTimeString()}`;
+      status.className = "status live";
+    } catch (err) {
+      status.textContent = "Refresh failed";
+      status.className = "status error";
+      report(err);
+    } finally {
+      busy = false;
+    }
+  };
+  run();
+  every(ms, run);
+}
+
+/**
  * An EventSource that reconnects with backoff (1 s doubling to 30 s) and says so in a status
  * line. EventSource retries by itself only on network errors; an HTTP error closes it for good,
  * so we own the retry loop. `onFail` may explain a stream that never opened (e.g. a bad filter).
@@ -647,30 +672,16 @@ function pageCapabilities() {
   const note = el("p", { class: "muted", id: "capabilities-window" });
   // No role="status" here: a screen reader would announce the refresh every 2 s.
   const status = el("p", { class: "status", text: "Loading…" });
-  let busy = false;
-  const load = async () => {
-    if (busy) return;
-    busy = true;
-    try {
-      const data = await api("GET", "/v1/capabilities");
-      if (!stillOn(token)) return;
-      const caps = data.capabilities || [];
-      tbody.replaceChildren(...caps.map(capRow));
-      if (!caps.length) tbody.append(el("tr", {}, el("td", { colspan: heads.length, class: "empty", text: "No capabilities you may run." })));
-      const win = caps.length ? caps[0].window_s : 300;
-      note.textContent = `Counts, throughput and latency (acceptance to end of succeeded jobs) over the last ${Math.round(win / 60)} min; refreshed every 2 s.`;
-      status.textContent = `Updated ${new Date().toLocaleTimeString()}`;
-      status.className = "status live";
-    } catch (err) {
-      status.textContent = "Refresh failed";
-      status.className = "status error";
-      report(err);
-    } finally {
-      busy = false;
-    }
-  };
-  load();
-  every(2000, load);
+  refreshEvery(2000, status, async () => {
+    const data = await api("GET", "/v1/capabilities");
+    if (!stillOn(token)) return false;
+    const caps = data.capabilities || [];
+    tbody.replaceChildren(...caps.map(capRow));
+    if (!caps.length) tbody.append(el("tr", {}, el("td", { colspan: heads.length, class: "empty", text: "No capabilities you may run." })));
+    const win = caps.length ? caps[0].window_s : 300;
+    note.textContent = `Counts, throughput and latency (acceptance to end of succeeded jobs) over the last ${Math.round(win / 60)} min; refreshed every 2 s.`;
+    return true;
+  });
   return [
     el("div", { class: "page-head" }, el("h1", { text: "Capabilities" }), status),
     note,
@@ -1240,44 +1251,30 @@ function pageEvents() {
   const feedStatus = el("p", { class: "status", text: "Connecting…" });
   const feed = el("ol", { id: "event-feed", class: "event-feed", reversed: true });
   const empty = (tbody, n, text) => tbody.replaceChildren(el("tr", {}, el("td", { colspan: n, class: "empty", text })));
-  let busy = false;
-  const load = async () => {
-    if (busy) return;
-    busy = true;
-    try {
-      const [rules, canaries] = await Promise.all([
-        api("GET", "/v1/rules").catch((err) => (err.status === 403 ? null : Promise.reject(err))),
-        api("GET", "/v1/canaries").catch((err) => (err.status === 403 ? null : Promise.reject(err))),
-      ]);
-      if (!stillOn(token)) return;
-      if (!rules) {
-        empty(rulesBody, ruleHeads.length, "Only an operator (a token with all_jobs) sees the rules.");
-        empty(schedBody, schedHeads.length, "Only an operator sees the schedules.");
-      } else {
-        rulesBody.replaceChildren(...rules.rules.map(ruleRow));
-        if (!rules.rules.length) empty(rulesBody, ruleHeads.length, "No rules: [[rule]] in the configuration, or PUT /v1/rules/{name}.");
-        schedBody.replaceChildren(...rules.schedules.map(scheduleRow));
-        if (!rules.schedules.length) empty(schedBody, schedHeads.length, "No schedules.");
-      }
-      if (!canaries) {
-        empty(canBody, canHeads.length, "Only an operator sees the canaries.");
-      } else {
-        const list = canaries.canaries || [];
-        canBody.replaceChildren(...list.map(canaryRow));
-        if (!list.length) empty(canBody, canHeads.length, "No canaries: [[canary]] in the configuration.");
-      }
-      status.textContent = `Updated ${new Date().toLocaleTimeString()}`;
-      status.className = "status live";
-    } catch (err) {
-      status.textContent = "Refresh failed";
-      status.className = "status error";
-      report(err);
-    } finally {
-      busy = false;
+  refreshEvery(2000, status, async () => {
+    const [rules, canaries] = await Promise.all([
+      api("GET", "/v1/rules").catch((err) => (err.status === 403 ? null : Promise.reject(err))),
+      api("GET", "/v1/canaries").catch((err) => (err.status === 403 ? null : Promise.reject(err))),
+    ]);
+    if (!stillOn(token)) return false;
+    if (!rules) {
+      empty(rulesBody, ruleHeads.length, "Only an operator (a token with all_jobs) sees the rules.");
+      empty(schedBody, schedHeads.length, "Only an operator sees the schedules.");
+    } else {
+      rulesBody.replaceChildren(...rules.rules.map(ruleRow));
+      if (!rules.rules.length) empty(rulesBody, ruleHeads.length, "No rules: [[rule]] in the configuration, or PUT /v1/rules/{name}.");
+      schedBody.replaceChildren(...rules.schedules.map(scheduleRow));
+      if (!rules.schedules.length) empty(schedBody, schedHeads.length, "No schedules.");
     }
-  };
-  load();
-  every(2000, load);
+    if (!canaries) {
+      empty(canBody, canHeads.length, "Only an operator sees the canaries.");
+    } else {
+      const list = canaries.canaries || [];
+      canBody.replaceChildren(...list.map(canaryRow));
+      if (!list.length) empty(canBody, canHeads.length, "No canaries: [[canary]] in the configuration.");
+    }
+    return true;
+  });
   liveStream("/v1/events/stream", {
     message: (ce) => {
       feed.prepend(feedItem(ce));
