@@ -220,13 +220,7 @@ impl Core {
     /// Whether an event from `from` may come in as an agent's (PROTOCOL.md §11.9.1): `from` is
     /// a registered agent and the event's source is under `/agents/<its bare JID>/`.
     pub(super) fn agent_event(&self, from: &jid::Jid, e: &spine_protocol::events::Event) -> bool {
-        let registered = from
-            .clone()
-            .try_into_full()
-            .ok()
-            .and_then(|f| self.registry.id_of(&f))
-            .is_some();
-        registered && e.source.starts_with(&agent_source_prefix(&from.to_bare()))
+        self.is_registered(from) && e.source.starts_with(&agent_source_prefix(&from.to_bare()))
     }
 
     /// `<request-event-slot/>` from a registered agent: a signed URL to put the bytes an event
@@ -238,13 +232,7 @@ impl Core {
         r: RequestEventSlot,
         now: Now,
     ) {
-        let registered = from
-            .clone()
-            .try_into_full()
-            .ok()
-            .and_then(|f| self.registry.id_of(&f))
-            .is_some();
-        if !registered {
+        if !self.is_registered(&from) {
             let e = SpineError::new(Condition::NotAuthorized)
                 .with_text("only registered agents ask for event slots");
             return self.reply_error(from, id, e);

@@ -245,6 +245,15 @@ impl Core {
     }
 
     /// What `from` may do as a submitter (`submitters` and `[[submitter]]`).
+    /// Whether `from` is a registered agent (a full JID that advertised).
+    pub(super) fn is_registered(&self, from: &Jid) -> bool {
+        from.clone()
+            .try_into_full()
+            .ok()
+            .and_then(|f| self.registry.id_of(&f))
+            .is_some()
+    }
+
     fn grant(&self, from: &Jid) -> Option<Grant> {
         self.policy.submitter(&from.to_bare())
     }
@@ -299,13 +308,7 @@ impl Core {
         let parsed = spine_protocol::parse_payload(payload);
         // Chunks come from agents (their outputs) and submitters (their inputs).
         if let Ok(Payload::Chunk(c)) = parsed {
-            let known = from
-                .clone()
-                .try_into_full()
-                .ok()
-                .and_then(|f| self.registry.id_of(&f))
-                .is_some()
-                || self.grant(&from).is_some();
+            let known = self.is_registered(&from) || self.grant(&from).is_some();
             let reply = if known {
                 self.blobs
                     .put(from.to_bare().as_str(), c, now.mono)
