@@ -148,9 +148,12 @@ fn run(args: AgentArgs) -> Result<()> {
         builder = crate::up::builtin(builder);
     }
     let agent = builder.build().context("building the agent")?;
-    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    rt.block_on(agent.run(crate::server::shutdown_signal()))
-        .context("agent stopped with an error")?;
+    crate::server::run_spawned("agent", async move {
+        agent
+            .run(crate::server::shutdown_signal())
+            .await
+            .context("agent stopped with an error")
+    })?;
     tracing::info!("agent stopped");
     Ok(())
 }

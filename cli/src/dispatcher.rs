@@ -45,9 +45,11 @@ pub fn run(args: DispatcherArgs) -> Result<()> {
         return Ok(());
     }
     crate::server::init_logging(&args.log);
-    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    rt.block_on(spine_dispatcher::run(cfg, crate::server::shutdown_signal()))
-        .context("dispatcher stopped with an error")?;
+    crate::server::run_spawned("dispatcher", async move {
+        spine_dispatcher::run(cfg, crate::server::shutdown_signal())
+            .await
+            .context("dispatcher stopped with an error")
+    })?;
     tracing::info!("dispatcher stopped");
     Ok(())
 }
