@@ -37,10 +37,20 @@ impl JobStore {
     /// Opens the store the configuration names.
     pub async fn open(cfg: &DispatcherConfig) -> Result<JobStore, StoreError> {
         match cfg.store_target().map_err(StoreError)? {
-            None => Ok(JobStore::Redb(Arc::new(Store::open_with_cache(
-                &cfg.data_dir.join("jobs.redb"),
-                cfg.store_cache.as_u64(),
-            )?))),
+            None => {
+                let s = Store::open_with_cache(
+                    &cfg.data_dir.join("jobs.redb"),
+                    cfg.store_cache.as_u64(),
+                )?;
+                if s.replayed() > 0 {
+                    tracing::info!(
+                        batches = s.replayed(),
+                        "job store: the last stop was not clean; applied again the {} batches the journal held since the last checkpoint",
+                        s.replayed()
+                    );
+                }
+                Ok(JobStore::Redb(Arc::new(s)))
+            }
             Some(target) => {
                 let tls = spine_tls::client_config_for_ca_file(cfg.store_ca.as_deref())
                     .map_err(|x| StoreError(format!("store_ca: {x}")))?;
@@ -118,7 +128,7 @@ impl JobStore {
         match self {
             JobStore::Redb(s) => {
                 let s = s.clone();
-                tokio::task::spawn_blocking(move || s.commit_owned(&b))
+                tokio::task::spawn_blocking(move || s.commit_owned(b))
             }
             JobStore::Postgres(p) => {
                 let p = p.clone();

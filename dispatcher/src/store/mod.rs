@@ -19,13 +19,15 @@
 
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
 
-use redb::{Database, ReadableTable, TableDefinition};
+use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
 use spine_protocol::{CapabilityName, JobId};
 
 use crate::jobs::{Body, JobRecord};
 
 mod backend;
+mod journal;
 pub mod postgres;
 
 pub(crate) use backend::target;
@@ -55,9 +57,68 @@ fn e(x: impl std::fmt::Display) -> StoreError {
 /// default): 64 MiB, not redb's 1 GiB.
 pub const DEFAULT_CACHE: u64 = 64 << 20;
 
+/// The journal starts over (after a durable redb commit, the checkpoint) once it holds this
+/// many bytes of frames: bounds what a start after a crash applies again.
+const CHECKPOINT_BYTES: u64 = 16 << 20;
+/// … or once this many batches were applied: redb frees the pages a commit replaced only at
+/// a durable commit, so the database file grows with the commits between checkpoints
+/// (about 30 KiB each).
+const CHECKPOINT_COMMITS: u32 = 1024;
+
 /// The store.
+///
+/// A commit is durable once its batch is a frame of the journal on disk ([`journal`]); a
+/// thread of the store's own (`spine-store`) then applies the batches to redb, in order,
+/// without waiting for the disk, and makes them durable there now and then (the
+/// checkpoint). There are two journal files, `jobs.journal` and `jobs.journal2`: at a
+/// checkpoint the commits move to the other one, so that they never wait for the checkpoint's
+/// long write; once it is on disk, the first starts over (a generation above the other's).
+/// Reads wait until every batch committed before them is applied.
 pub struct Store {
-    db: Database,
+    db: Arc<Database>,
+    journal: Arc<Mutex<Journaled>>,
+    applied: Arc<(Mutex<Applied>, Condvar)>,
+    applier: Option<std::thread::JoinHandle<()>>,
+    /// Batches the journal held at open, applied again (a crash since the last checkpoint).
+    replayed: usize,
+}
+
+/// The journal, and the queue to the applier (fed under the same lock, so in the journal's
+/// order).
+struct Journaled {
+    files: [journal::Journal; 2],
+    /// The file commits go to.
+    active: usize,
+    queue: Option<mpsc::Sender<ToApply>>,
+    /// The sequence number of the last batch appended.
+    appended: u64,
+}
+
+/// How long the applier waits for more batches to apply with the first (see [`applier`]).
+const APPLY_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
+/// … and how many it applies in one transaction at most.
+const APPLY_GROUP: usize = 512;
+
+/// What the applier's queue carries.
+enum ToApply {
+    /// A batch committed (in the journal).
+    Batch(Box<Applying>),
+    /// A reader waits: apply what is queued without lingering.
+    Now,
+}
+
+/// A batch on its way to redb.
+struct Applying {
+    seq: u64,
+    batch: OwnedBatch,
+    bytes: u64,
+}
+
+/// How far the applier got, and why it stopped if it did.
+#[derive(Default)]
+struct Applied {
+    seq: u64,
+    failed: Option<String>,
 }
 
 fn idem_key(submitter: &str, key: &str) -> String {
@@ -93,9 +154,265 @@ impl Store {
             tx.open_table(RULES).map_err(e)?;
         }
         tx.commit().map_err(e)?;
-        Ok(Store { db })
+        // The batches committed since the last checkpoint, which a crash took from redb: the
+        // older generation's first.
+        let mut files = Vec::new();
+        let mut replayed = 0;
+        for p in [
+            path.with_extension("journal"),
+            path.with_extension("journal2"),
+        ] {
+            private_file(&p, false).map_err(|x| e(format!("{}: {x}", p.display())))?;
+            let (j, frames) =
+                journal::Journal::open(&p).map_err(|x| e(format!("{}: {x}", p.display())))?;
+            files.push((j, frames, p));
+        }
+        files.sort_by_key(|(j, _, _)| j.generation());
+        for (_, frames, p) in &files {
+            for (i, frame) in frames.iter().enumerate() {
+                let b = decode_frame(frame).map_err(|x| {
+                    e(format!(
+                        "{}: batch {} of {}: {x}",
+                        p.display(),
+                        i + 1,
+                        frames.len()
+                    ))
+                })?;
+                apply(&db, &b)?;
+                replayed += 1;
+            }
+        }
+        let top = files.last().map_or(0, |(j, _, _)| j.generation());
+        let mut files = files.into_iter().map(|(j, _, _)| j);
+        let (Some(mut first), Some(mut second)) = (files.next(), files.next()) else {
+            return Err(e("the store's journals did not open"));
+        };
+        if replayed > 0 {
+            checkpoint(&db)?;
+        }
+        // Both start over (a clean stop left them empty; else the checkpoint has them).
+        for (j, generation) in [(&mut first, top + 1), (&mut second, top + 2)] {
+            j.restart(generation)
+                .map_err(|x| e(format!("{}: {x}", j.path().display())))?;
+        }
+        let db = Arc::new(db);
+        let (queue, rx) = mpsc::channel();
+        let journal = Arc::new(Mutex::new(Journaled {
+            files: [first, second],
+            active: 0,
+            queue: Some(queue),
+            appended: 0,
+        }));
+        let applied = Arc::new((Mutex::new(Applied::default()), Condvar::new()));
+        let applier = {
+            let (db, journal, applied) = (db.clone(), journal.clone(), applied.clone());
+            std::thread::Builder::new()
+                .name("spine-store".into())
+                .spawn(move || applier(&db, &journal, &applied, &rx))
+                .map_err(|x| e(format!("starting the store's thread: {x}")))?
+        };
+        Ok(Store {
+            db,
+            journal,
+            applied,
+            applier: Some(applier),
+            replayed,
+        })
     }
 
+    /// How many batches the journal held at open and were applied again (after a crash).
+    pub fn replayed(&self) -> usize {
+        self.replayed
+    }
+
+    /// Waits until every batch committed so far is in redb (before a read).
+    fn settle(&self) -> Result<(), StoreError> {
+        let want = {
+            let j = lock(&self.journal);
+            if let Some(q) = &j.queue {
+                // Nothing to apply is fine: the applier may have stopped (its reason below).
+                let _ = q.send(ToApply::Now);
+            }
+            j.appended
+        };
+        let (m, cv) = &*self.applied;
+        let mut a = lock(m);
+        while a.seq < want && a.failed.is_none() {
+            a = cv
+                .wait(a)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
+        match &a.failed {
+            Some(x) => Err(e(x)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// A lock, whether or not a thread panicked holding it: nothing under these locks is left
+/// half-done by a panic that matters (a frame is whole or ends the journal; redb's
+/// transaction rolls back).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Writes one batch to redb without waiting for the disk (the journal holds it).
+fn apply(db: &Database, b: &OwnedBatch) -> Result<(), StoreError> {
+    let mut tx = db.begin_write().map_err(e)?;
+    tx.set_durability(Durability::None);
+    write(&tx, b)?;
+    tx.commit().map_err(e)
+}
+
+/// [`apply`] of several batches, in order, in one transaction.
+fn apply_all(
+    db: &Database,
+    batches: impl Iterator<Item = Box<Applying>>,
+) -> Result<(), StoreError> {
+    let mut tx = db.begin_write().map_err(e)?;
+    tx.set_durability(Durability::None);
+    for w in batches {
+        write(&tx, &w.batch)?;
+    }
+    tx.commit().map_err(e)
+}
+
+/// Makes every batch applied so far durable in redb.
+fn checkpoint(db: &Database) -> Result<(), StoreError> {
+    let mut tx = db.begin_write().map_err(e)?;
+    tx.set_durability(Durability::Immediate);
+    // The allocator's state with it: a start after a crash then need not walk the whole
+    // database to rebuild it (redb's "quick repair").
+    tx.set_quick_repair(true);
+    tx.commit().map_err(e)
+}
+
+impl Journaled {
+    /// Moves the commits to the other file; returns the one they left.
+    fn switch(&mut self) -> usize {
+        let left = self.active;
+        self.active = 1 - left;
+        left
+    }
+
+    /// Starts file `i` over, above both files' generations (what it held is in redb).
+    fn restart(&mut self, i: usize) -> Result<(), StoreError> {
+        let top = self.files[0].generation().max(self.files[1].generation());
+        let j = &mut self.files[i];
+        j.restart(top + 1)
+            .map_err(|x| e(format!("{}: {x}", j.path().display())))
+    }
+}
+
+/// The `spine-store` thread: applies the batches in order, many to a redb transaction, and
+/// checkpoints now and then, until the queue closes (the store is dropped) or redb fails
+/// (then every later commit and read fails with the reason, and the dispatcher stops; the
+/// journal still holds the batches).
+///
+/// It lingers up to [`APPLY_LINGER`] after a batch for more: the journal already made them
+/// durable, so nothing waits for redb, and one transaction of many jobs costs little more than
+/// one of a single job (the same B-tree pages are copied once, not once per job).
+fn applier(
+    db: &Database,
+    journal: &Mutex<Journaled>,
+    applied: &(Mutex<Applied>, Condvar),
+    rx: &mpsc::Receiver<ToApply>,
+) {
+    let done = |seq: u64, r: Result<(), StoreError>| {
+        let mut a = lock(&applied.0);
+        match r {
+            Ok(()) => a.seq = a.seq.max(seq),
+            Err(x) => a.failed = Some(format!("applying committed batches: {}", x.0)),
+        }
+        applied.1.notify_all();
+        a.failed.is_none()
+    };
+    let (mut commits, mut bytes) = (0u32, 0u64);
+    let mut group: Vec<Box<Applying>> = Vec::new();
+    let mut open = true;
+    while open {
+        // A group: the first batch, then what comes within the linger (less if a reader
+        // waits, the group is large, or the queue closed).
+        match rx.recv() {
+            Ok(ToApply::Batch(w)) => group.push(w),
+            Ok(ToApply::Now) => {}
+            Err(_) => break,
+        }
+        let until = std::time::Instant::now() + APPLY_LINGER;
+        while !group.is_empty() && group.len() < APPLY_GROUP {
+            match rx.recv_timeout(until.saturating_duration_since(std::time::Instant::now())) {
+                Ok(ToApply::Batch(w)) => group.push(w),
+                Ok(ToApply::Now) | Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    open = false;
+                    break;
+                }
+            }
+        }
+        if group.is_empty() {
+            // Asked to apply now with nothing waiting: say so to the reader.
+            applied.1.notify_all();
+            continue;
+        }
+        commits += group.len() as u32;
+        bytes += group.iter().map(|w| w.bytes).sum::<u64>();
+        let last = group.last().map_or(0, |w| w.seq);
+        if !done(last, apply_all(db, group.drain(..))) {
+            return;
+        }
+        if commits >= CHECKPOINT_COMMITS || bytes >= CHECKPOINT_BYTES {
+            // Under the journal's lock, every batch appended is already queued: apply them
+            // all, then move the commits to the other file. The checkpoint covers every frame
+            // of the file they left, which then starts over.
+            let left = {
+                let mut j = lock(journal);
+                let rest: Vec<Box<Applying>> = rx
+                    .try_iter()
+                    .filter_map(|m| match m {
+                        ToApply::Batch(w) => Some(w),
+                        ToApply::Now => None,
+                    })
+                    .collect();
+                let last = rest.last().map_or(0, |w| w.seq);
+                if !rest.is_empty() && !done(last, apply_all(db, rest.into_iter())) {
+                    return;
+                }
+                j.switch()
+            };
+            let r = checkpoint(db).and_then(|()| lock(journal).restart(left));
+            if let Err(x) = r {
+                done(0, Err(x));
+                return;
+            }
+            (commits, bytes) = (0, 0);
+        }
+    }
+}
+
+impl Drop for Store {
+    /// Closes the queue, lets the applier finish, and checkpoints: a clean stop leaves the
+    /// journal empty, and the next start has nothing to apply again.
+    fn drop(&mut self) {
+        lock(&self.journal).queue = None;
+        if let Some(h) = self.applier.take() {
+            let _ = h.join();
+        }
+        if lock(&self.applied.0).failed.is_some() {
+            return;
+        }
+        let mut j = lock(&self.journal);
+        if j.files.iter().any(|f| f.len() > 0) {
+            let r = checkpoint(&self.db)
+                .and_then(|()| j.restart(0))
+                .and_then(|()| j.restart(1));
+            if let Err(x) = r {
+                tracing::warn!("job store: the checkpoint at close failed ({x}); the next start applies the journal again");
+            }
+        }
+    }
+}
+
+impl Store {
     /// Writes jobs (new or changed) in one durable transaction; records idempotency keys of
     /// new ones.
     pub fn put(&self, jobs: &[&JobRecord]) -> Result<(), StoreError> {
@@ -123,88 +440,36 @@ impl Store {
     /// inputs and keys), audit lines added to the outbox and those the audit file now holds
     /// removed, agents seen and capabilities offered for the first time.
     pub fn commit(&self, b: &Batch<'_>) -> Result<(), StoreError> {
-        self.commit_owned(&OwnedBatch::encode(b)?)
+        self.commit_owned(OwnedBatch::encode(b)?)
     }
 
     /// [`Store::commit`] of a batch already encoded ([`OwnedBatch::encode`]): what the
     /// dispatcher's commit pipeline runs on a thread of its own while the dispatcher goes on.
-    pub fn commit_owned(&self, b: &OwnedBatch) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(e)?;
-        {
-            let mut outbox = tx.open_table(AUDIT_OUTBOX).map_err(e)?;
-            for job in &b.audited {
-                outbox.remove(job.as_str()).map_err(e)?;
-            }
-            for (job, line) in &b.audit {
-                outbox.insert(job.as_str(), line.as_slice()).map_err(e)?;
-            }
+    pub fn commit_owned(&self, b: OwnedBatch) -> Result<(), StoreError> {
+        let frame = encode_frame(&b)?;
+        let mut j = lock(&self.journal);
+        if let Some(x) = &lock(&self.applied.0).failed {
+            return Err(e(x));
         }
-        {
-            let mut t = tx.open_table(JOBS).map_err(e)?;
-            let mut inputs = tx.open_table(INPUTS).map_err(e)?;
-            let mut idem = tx.open_table(IDEMPOTENCY).map_err(e)?;
-            for j in &b.jobs {
-                t.insert(j.id.as_str(), j.record.as_slice()).map_err(e)?;
-                // An inline input once; dropped when the job let go of it (a started
-                // map/reduce). A stored input is in the record (its hash and size).
-                match &j.input {
-                    Some(i) => {
-                        if inputs.get(j.id.as_str()).map_err(e)?.is_none() {
-                            inputs.insert(j.id.as_str(), i.as_slice()).map_err(e)?;
-                        }
-                    }
-                    None => {
-                        inputs.remove(j.id.as_str()).map_err(e)?;
-                    }
-                }
-                if let Some(k) = &j.idempotency {
-                    idem.insert(k.as_str(), j.id.as_str()).map_err(e)?;
-                }
-            }
-            for id in &b.delete {
-                // The key is in the stored record (the job is no longer held in memory).
-                let removed = t.remove(id.as_str()).map_err(e)?;
-                let key = removed
-                    .and_then(|v| serde_json::from_slice::<JobRecord>(v.value()).ok())
-                    .and_then(|j| {
-                        j.spec
-                            .idempotency_key
-                            .map(|k| idem_key(&j.spec.submitter, &k))
-                    });
-                if let Some(k) = key {
-                    idem.remove(k.as_str()).map_err(e)?;
-                }
-                inputs.remove(id.as_str()).map_err(e)?;
-            }
+        let active = j.active;
+        let file = &mut j.files[active];
+        file.append(&frame)
+            .map_err(|x| e(format!("{}: {x}", file.path().display())))?;
+        j.appended += 1;
+        let w = Applying {
+            seq: j.appended,
+            batch: b,
+            bytes: frame.len() as u64,
+        };
+        match &j.queue {
+            Some(q) if q.send(ToApply::Batch(Box::new(w))).is_ok() => Ok(()),
+            _ => Err(e("the store's thread stopped (the batch is in the journal: the next start applies it)")),
         }
-        if !b.agents.is_empty() {
-            let mut t = tx.open_table(AGENTS).map_err(e)?;
-            for (jid, at) in &b.agents {
-                t.insert(jid.as_str(), *at).map_err(e)?;
-            }
-        }
-        if !b.capabilities.is_empty() {
-            let mut t = tx.open_table(CAPABILITIES).map_err(e)?;
-            for (c, at) in &b.capabilities {
-                if t.get(c.as_str()).map_err(e)?.is_none() {
-                    t.insert(c.as_str(), *at).map_err(e)?;
-                }
-            }
-        }
-        if !b.rules.is_empty() {
-            let mut t = tx.open_table(RULES).map_err(e)?;
-            for (name, rule) in &b.rules {
-                match rule {
-                    Some(json) => t.insert(name.as_str(), json.as_slice()).map_err(e)?,
-                    None => t.remove(name.as_str()).map_err(e)?,
-                };
-            }
-        }
-        tx.commit().map_err(e)
     }
 
     /// The event rules made over the HTTP API.
     pub fn rules(&self) -> Result<Vec<crate::triggers::RuleConfig>, StoreError> {
+        self.settle()?;
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(RULES).map_err(e)?;
         let mut out = Vec::new();
@@ -217,6 +482,7 @@ impl Store {
 
     /// Every agent (bare JID) seen, with when (ms since the UNIX epoch).
     pub fn agents(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        self.settle()?;
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(AGENTS).map_err(e)?;
         let mut out = Vec::new();
@@ -229,6 +495,7 @@ impl Store {
 
     /// The audit lines stored but perhaps not yet in the audit file (after a crash).
     pub fn audit_outbox(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
+        self.settle()?;
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(AUDIT_OUTBOX).map_err(e)?;
         let mut out = Vec::new();
@@ -241,6 +508,7 @@ impl Store {
 
     /// The job an idempotency key of a submitter already created.
     pub fn idempotent(&self, submitter: &str, key: &str) -> Result<Option<JobId>, StoreError> {
+        self.settle()?;
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(IDEMPOTENCY).map_err(e)?;
         let got = t.get(idem_key(submitter, key).as_str()).map_err(e)?;
@@ -249,6 +517,7 @@ impl Store {
 
     /// Every stored job.
     pub fn load(&self) -> Result<Vec<JobRecord>, StoreError> {
+        self.settle()?;
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(JOBS).map_err(e)?;
         let inputs = tx.open_table(INPUTS).map_err(e)?;
@@ -269,72 +538,33 @@ impl Store {
 
     /// Deletes jobs (after their retention) and their idempotency keys. Takes ids, so that
     /// the job table can forget its records without copying them: the idempotency key is
-    /// read from the stored record (only its submitter and key are decoded).
+    /// read from the stored record.
     pub fn delete(&self, jobs: &[JobId]) -> Result<(), StoreError> {
-        /// The part of a stored record that names its idempotency key.
-        #[derive(serde::Deserialize)]
-        struct Keyed {
-            spec: KeyedSpec,
-        }
-        #[derive(serde::Deserialize)]
-        struct KeyedSpec {
-            submitter: String,
-            idempotency_key: Option<String>,
-        }
-        let tx = self.db.begin_write().map_err(e)?;
-        {
-            let mut t = tx.open_table(JOBS).map_err(e)?;
-            let mut inputs = tx.open_table(INPUTS).map_err(e)?;
-            let mut idem = tx.open_table(IDEMPOTENCY).map_err(e)?;
-            for id in jobs {
-                let keyed = t
-                    .remove(id.as_str())
-                    .map_err(e)?
-                    .and_then(|v| serde_json::from_slice::<Keyed>(v.value()).ok());
-                inputs.remove(id.as_str()).map_err(e)?;
-                if let Some(Keyed {
-                    spec:
-                        KeyedSpec {
-                            submitter,
-                            idempotency_key: Some(k),
-                        },
-                }) = keyed
-                {
-                    idem.remove(idem_key(&submitter, &k).as_str()).map_err(e)?;
-                }
-            }
-        }
-        tx.commit().map_err(e)
+        self.commit_owned(OwnedBatch {
+            delete: jobs.to_vec(),
+            ..OwnedBatch::default()
+        })
     }
 
     /// Remembers agents (bare JIDs) seen, for the hello after a restart.
     pub fn saw_agents(&self, agents: &[(String, u64)]) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(e)?;
-        {
-            let mut t = tx.open_table(AGENTS).map_err(e)?;
-            for (jid, at) in agents {
-                t.insert(jid.as_str(), *at).map_err(e)?;
-            }
-        }
-        tx.commit().map_err(e)
+        self.commit_owned(OwnedBatch {
+            agents: agents.to_vec(),
+            ..OwnedBatch::default()
+        })
     }
 
     /// Remembers capabilities offered for the first time, at `at` (ms since the UNIX epoch).
     pub fn saw_capabilities(&self, caps: &[CapabilityName], at: u64) -> Result<(), StoreError> {
-        let tx = self.db.begin_write().map_err(e)?;
-        {
-            let mut t = tx.open_table(CAPABILITIES).map_err(e)?;
-            for c in caps {
-                if t.get(c.as_str()).map_err(e)?.is_none() {
-                    t.insert(c.as_str(), at).map_err(e)?;
-                }
-            }
-        }
-        tx.commit().map_err(e)
+        self.commit_owned(OwnedBatch {
+            capabilities: caps.iter().map(|c| (c.clone(), at)).collect(),
+            ..OwnedBatch::default()
+        })
     }
 
     /// Every capability an agent has offered in this store's life.
     pub fn known_capabilities(&self) -> Result<Vec<CapabilityName>, StoreError> {
+        self.settle()?;
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(CAPABILITIES).map_err(e)?;
         let mut out = Vec::new();
@@ -352,6 +582,7 @@ impl Store {
 
     /// Agents seen since `since_ms`.
     pub fn known_agents(&self, since_ms: u64) -> Result<Vec<String>, StoreError> {
+        self.settle()?;
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(AGENTS).map_err(e)?;
         let mut out = Vec::new();
@@ -545,12 +776,14 @@ impl OwnedBatch {
 }
 
 /// One job record as the store writes it.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub struct EncodedJob {
     id: String,
     /// The record as JSON, without its input.
+    #[serde(with = "serde_bytes")]
     record: Vec<u8>,
     /// An inline input (written once), or none (a stored input, or one the job let go of).
+    #[serde(with = "serde_bytes")]
     input: Option<Vec<u8>>,
     /// The idempotency key, as the `idempotency` table's key.
     idempotency: Option<String>,
@@ -575,6 +808,146 @@ impl EncodedJob {
                 .map(|k| idem_key(&j.spec.submitter, k)),
         })
     }
+}
+
+/// Writes a batch's tables in `tx` (the caller commits).
+fn write(tx: &WriteTransaction, b: &OwnedBatch) -> Result<(), StoreError> {
+    {
+        let mut outbox = tx.open_table(AUDIT_OUTBOX).map_err(e)?;
+        for job in &b.audited {
+            outbox.remove(job.as_str()).map_err(e)?;
+        }
+        for (job, line) in &b.audit {
+            outbox.insert(job.as_str(), line.as_slice()).map_err(e)?;
+        }
+    }
+    {
+        let mut t = tx.open_table(JOBS).map_err(e)?;
+        let mut inputs = tx.open_table(INPUTS).map_err(e)?;
+        let mut idem = tx.open_table(IDEMPOTENCY).map_err(e)?;
+        for j in &b.jobs {
+            t.insert(j.id.as_str(), j.record.as_slice()).map_err(e)?;
+            // An inline input once; dropped when the job let go of it (a started
+            // map/reduce). A stored input is in the record (its hash and size).
+            match &j.input {
+                Some(i) => {
+                    if inputs.get(j.id.as_str()).map_err(e)?.is_none() {
+                        inputs.insert(j.id.as_str(), i.as_slice()).map_err(e)?;
+                    }
+                }
+                None => {
+                    inputs.remove(j.id.as_str()).map_err(e)?;
+                }
+            }
+            if let Some(k) = &j.idempotency {
+                idem.insert(k.as_str(), j.id.as_str()).map_err(e)?;
+            }
+        }
+        for id in &b.delete {
+            // The key is in the stored record (the job is no longer held in memory).
+            let removed = t.remove(id.as_str()).map_err(e)?;
+            let key = removed
+                .and_then(|v| serde_json::from_slice::<JobRecord>(v.value()).ok())
+                .and_then(|j| {
+                    j.spec
+                        .idempotency_key
+                        .map(|k| idem_key(&j.spec.submitter, &k))
+                });
+            if let Some(k) = key {
+                idem.remove(k.as_str()).map_err(e)?;
+            }
+            inputs.remove(id.as_str()).map_err(e)?;
+        }
+    }
+    if !b.agents.is_empty() {
+        let mut t = tx.open_table(AGENTS).map_err(e)?;
+        for (jid, at) in &b.agents {
+            t.insert(jid.as_str(), *at).map_err(e)?;
+        }
+    }
+    if !b.capabilities.is_empty() {
+        let mut t = tx.open_table(CAPABILITIES).map_err(e)?;
+        for (c, at) in &b.capabilities {
+            if t.get(c.as_str()).map_err(e)?.is_none() {
+                t.insert(c.as_str(), *at).map_err(e)?;
+            }
+        }
+    }
+    if !b.rules.is_empty() {
+        let mut t = tx.open_table(RULES).map_err(e)?;
+        for (name, rule) in &b.rules {
+            match rule {
+                Some(json) => t.insert(name.as_str(), json.as_slice()).map_err(e)?,
+                None => t.remove(name.as_str()).map_err(e)?,
+            };
+        }
+    }
+    Ok(())
+}
+
+/// A batch's tables as a journal frame.
+fn encode_frame(b: &OwnedBatch) -> Result<Vec<u8>, StoreError> {
+    #[derive(serde::Serialize)]
+    struct Frame<'a> {
+        jobs: &'a [EncodedJob],
+        delete: &'a [JobId],
+        audit: Vec<(&'a str, &'a serde_bytes::Bytes)>,
+        audited: &'a [String],
+        agents: &'a [(String, u64)],
+        capabilities: &'a [(CapabilityName, u64)],
+        rules: Vec<(&'a str, Option<&'a serde_bytes::Bytes>)>,
+    }
+    postcard::to_allocvec(&Frame {
+        jobs: &b.jobs,
+        delete: &b.delete,
+        audit: b
+            .audit
+            .iter()
+            .map(|(j, l)| (j.as_str(), serde_bytes::Bytes::new(l)))
+            .collect(),
+        audited: &b.audited,
+        agents: &b.agents,
+        capabilities: &b.capabilities,
+        rules: b
+            .rules
+            .iter()
+            .map(|(n, r)| (n.as_str(), r.as_deref().map(serde_bytes::Bytes::new)))
+            .collect(),
+    })
+    .map_err(|x| e(format!("encoding a batch for the journal: {x}")))
+}
+
+/// [`encode_frame`] undone: the batch's tables (nothing else of a batch is journaled).
+fn decode_frame(frame: &[u8]) -> Result<OwnedBatch, String> {
+    #[derive(serde::Deserialize)]
+    struct Frame {
+        jobs: Vec<EncodedJob>,
+        delete: Vec<JobId>,
+        audit: Vec<(String, serde_bytes::ByteBuf)>,
+        audited: Vec<String>,
+        agents: Vec<(String, u64)>,
+        capabilities: Vec<(CapabilityName, u64)>,
+        rules: Vec<(String, Option<serde_bytes::ByteBuf>)>,
+    }
+    let f: Frame = postcard::from_bytes(frame).map_err(|x| x.to_string())?;
+    Ok(OwnedBatch {
+        jobs: f.jobs,
+        delete: f.delete,
+        audit: f
+            .audit
+            .into_iter()
+            .map(|(j, l)| (j, l.into_vec()))
+            .collect(),
+        audited: f.audited,
+        agents: f.agents,
+        capabilities: f.capabilities,
+        rules: f
+            .rules
+            .into_iter()
+            .map(|(n, r)| (n, r.map(serde_bytes::ByteBuf::into_vec)))
+            .collect(),
+        ..OwnedBatch::default()
+    })
 }
 
 /// Creates `dir` (and missing parents) with mode 0700, or tightens an existing one that other
@@ -764,6 +1137,7 @@ mod tests {
         let json = serde_json::to_string(&a).unwrap();
         assert!(!json.contains("AAEC/w=="), "{json}");
         let input_of = |s: &Store| {
+            s.settle().unwrap();
             let tx = s.db.begin_read().unwrap();
             let t = tx.open_table(INPUTS).unwrap();
             t.get("a").unwrap().map(|v| v.value().to_vec())
@@ -821,8 +1195,12 @@ mod tests {
         let dir = root.path().join("a/data");
         let path = dir.join("jobs.redb");
         drop(Store::open(&path).unwrap());
+        let journals = [dir.join("jobs.journal"), dir.join("jobs.journal2")];
         assert_eq!(mode(&dir), 0o700);
         assert_eq!(mode(&path), 0o600);
+        for j in &journals {
+            assert_eq!(mode(j), 0o600, "{}", j.display());
+        }
         // Found open to others (an earlier version, or a careless copy): tightened at start,
         // the jobs still there.
         let mut t = JobTable::new(10);
@@ -833,8 +1211,12 @@ mod tests {
         Store::open(&path).unwrap().put(&[&a]).unwrap();
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        std::fs::set_permissions(&journals[1], std::fs::Permissions::from_mode(0o644)).unwrap();
         let s = Store::open(&path).unwrap();
-        assert_eq!((mode(&dir), mode(&path)), (0o700, 0o600));
+        assert_eq!(
+            (mode(&dir), mode(&path), mode(&journals[1])),
+            (0o700, 0o600, 0o600)
+        );
         assert_eq!(s.load().unwrap().len(), 1);
     }
 
@@ -851,5 +1233,224 @@ mod tests {
         tx.commit().unwrap();
         let err = s.load().unwrap_err().to_string();
         assert!(err.contains("job broken is unreadable"), "{err}");
+    }
+
+    /// Four batches of every kind the journal carries: jobs with and without a key, an audit
+    /// line and its removal, a deletion, a key used again by a later job, agents and
+    /// capabilities.
+    fn four_batches() -> Vec<OwnedBatch> {
+        let mut t = JobTable::new(10);
+        let mut job = |id: &str, key: Option<&str>, order: u64| {
+            t.submit(id.parse().unwrap(), spec(key), order)
+                .unwrap()
+                .clone()
+        };
+        let (a, b) = (job("a", Some("upload-1"), 5), job("b", None, 6));
+        let c = job("c", Some("upload-1"), 7);
+        let enc = |j: &JobRecord| EncodedJob::new(j).unwrap();
+        vec![
+            OwnedBatch {
+                jobs: vec![enc(&a), enc(&b)],
+                audit: vec![("a".into(), b"{\"job\":\"a\"}\n".to_vec())],
+                ..OwnedBatch::default()
+            },
+            OwnedBatch {
+                delete: vec!["a".parse().unwrap()],
+                agents: vec![("agent1@x".into(), 100)],
+                ..OwnedBatch::default()
+            },
+            OwnedBatch {
+                jobs: vec![enc(&c)],
+                audited: vec!["a".into()],
+                capabilities: vec![("c".parse().unwrap(), 7)],
+                ..OwnedBatch::default()
+            },
+            OwnedBatch {
+                agents: vec![("agent1@x".into(), 200), ("agent2@x".into(), 150)],
+                capabilities: vec![("c".parse().unwrap(), 9), ("d".parse().unwrap(), 9)],
+                ..OwnedBatch::default()
+            },
+        ]
+    }
+
+    /// What a store holds, for comparing.
+    fn held(s: &Store) -> String {
+        let mut jobs = s.load().unwrap();
+        jobs.sort_by(|x, y| x.id.cmp(&y.id));
+        let ids: Vec<String> = jobs.iter().map(|j| j.id.to_string()).collect();
+        let mut agents = s.agents().unwrap();
+        agents.sort();
+        format!(
+            "jobs {ids:?} key {:?} agents {agents:?} caps {:?} outbox {:?}",
+            s.idempotent("http:app", "upload-1").unwrap(),
+            s.known_capabilities().unwrap(),
+            s.audit_outbox().unwrap()
+        )
+    }
+
+    const EXPECTED: &str = "jobs [\"b\", \"c\"] key Some(JobId(\"c\")) agents [(\"agent1@x\", 200), (\"agent2@x\", 150)] caps [CapabilityName(\"c\"), CapabilityName(\"d\")] outbox []";
+
+    #[test]
+    fn applying_batches_the_store_already_holds_changes_nothing() {
+        // A crash after a checkpoint and before the journal started over: every batch of the
+        // journal is applied again over a database that holds them all.
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("jobs.redb")).unwrap();
+        for b in four_batches() {
+            s.commit_owned(b).unwrap();
+        }
+        assert_eq!(held(&s), EXPECTED);
+        for b in four_batches() {
+            let frame = encode_frame(&b).unwrap();
+            let tx = s.db.begin_write().unwrap();
+            write(&tx, &decode_frame(&frame).unwrap()).unwrap();
+            tx.commit().unwrap();
+        }
+        assert_eq!(held(&s), EXPECTED);
+    }
+
+    /// Runs `child` in a process of its own (this test binary again, this test alone) that
+    /// dies at once when it returns (abort: no destructor, no checkpoint), as a `kill -9`
+    /// leaves the store; returns the store's directory.
+    fn crashed(test: &str, child: impl FnOnce(&Store)) -> Option<tempfile::TempDir> {
+        if let Ok(d) = std::env::var("SPINE_STORE_CRASH_DIR") {
+            let s = Store::open(&std::path::Path::new(&d).join("jobs.redb")).unwrap();
+            child(&s);
+            std::process::abort();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", test, "--nocapture"])
+            .env("SPINE_STORE_CRASH_DIR", dir.path())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "the child aborted");
+        Some(dir)
+    }
+
+    #[test]
+    fn a_crash_loses_no_commit_the_journal_holds_them() {
+        let dir = crashed(
+            "store::tests::a_crash_loses_no_commit_the_journal_holds_them",
+            |s| {
+                for b in four_batches() {
+                    s.commit_owned(b).unwrap();
+                }
+            },
+        )
+        .unwrap();
+        let s = Store::open(&dir.path().join("jobs.redb")).unwrap();
+        assert_eq!(s.replayed(), 4, "the journal held the four batches");
+        assert_eq!(held(&s), EXPECTED);
+        drop(s);
+        // A clean close checkpointed: nothing to apply again.
+        let s = Store::open(&dir.path().join("jobs.redb")).unwrap();
+        assert_eq!(s.replayed(), 0);
+        assert_eq!(held(&s), EXPECTED);
+    }
+
+    #[test]
+    fn a_crash_after_checkpoints_loses_nothing_either() {
+        // Past two checkpoints: the commits moved from one journal file to the other and
+        // back; what the last checkpoint left in them is applied again in order.
+        let n = 2 * CHECKPOINT_COMMITS as u64 + 300;
+        let dir = crashed(
+            "store::tests::a_crash_after_checkpoints_loses_nothing_either",
+            |s| {
+                for i in 0..n {
+                    s.commit_owned(OwnedBatch {
+                        agents: vec![(format!("agent{}@x", i % 500), i)],
+                        ..OwnedBatch::default()
+                    })
+                    .unwrap();
+                    if i % 512 == 511 {
+                        // Lets the applier catch up and finish its checkpoint (on a fast
+                        // disk the commits run far ahead of it).
+                        s.settle().unwrap();
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                    }
+                }
+            },
+        )
+        .unwrap();
+        let s = Store::open(&dir.path().join("jobs.redb")).unwrap();
+        assert!(
+            s.replayed() > 0 && s.replayed() < 2 * CHECKPOINT_COMMITS as usize,
+            "{} applied again",
+            s.replayed()
+        );
+        let agents = s.agents().unwrap();
+        assert_eq!(agents.len(), 500);
+        // Each agent's last sighting is the last batch that named it.
+        assert!(
+            agents
+                .iter()
+                .all(|(jid, at)| *at >= n - 500 && format!("agent{}@x", at % 500) == *jid),
+            "{:?}",
+            &agents[..3]
+        );
+    }
+
+    #[test]
+    #[ignore = "a measurement, not a test (BENCHMARKS.md, \"The store's journal\"): cargo test --release -p spine-dispatcher --lib commit_latency -- --ignored --nocapture"]
+    fn commit_latency() {
+        // One job's batch at a time, 3,000 per mode and round, in a directory under
+        // SPINE_TIMING_DIR (default: the current one, on the disk being measured). Modes: a
+        // durable redb transaction (the store before the journal), a journaled commit, the
+        // journal's append alone, and a redb transaction without durability.
+        let dir = std::env::var("SPINE_TIMING_DIR").unwrap_or_else(|_| ".".into());
+        let dir = tempfile::tempdir_in(dir).unwrap();
+        let s = Store::open(&dir.path().join("jobs.redb")).unwrap();
+        let mut t = JobTable::new(100_000);
+        let mut n = 0;
+        let mut time = |mode: u8| {
+            let mut ts = Vec::new();
+            for _ in 0..3000 {
+                n += 1;
+                let a = t
+                    .submit(format!("j{n}").parse().unwrap(), spec(None), 5)
+                    .unwrap()
+                    .clone();
+                let b = OwnedBatch {
+                    jobs: vec![EncodedJob::new(&a).unwrap()],
+                    ..OwnedBatch::default()
+                };
+                let at = std::time::Instant::now();
+                match mode {
+                    0 => {
+                        let tx = s.db.begin_write().unwrap();
+                        write(&tx, &b).unwrap();
+                        tx.commit().unwrap();
+                    }
+                    1 => s.commit_owned(b).unwrap(),
+                    2 => {
+                        let mut tx = s.db.begin_write().unwrap();
+                        tx.set_durability(Durability::None);
+                        write(&tx, &b).unwrap();
+                        tx.commit().unwrap();
+                    }
+                    _ => {
+                        let f = encode_frame(&b).unwrap();
+                        let mut j = lock(&s.journal);
+                        let a = j.active;
+                        j.files[a].append(&f).unwrap();
+                    }
+                }
+                ts.push(at.elapsed().as_micros());
+            }
+            ts.sort();
+            (
+                ts[ts.len() / 2],
+                ts[ts.len() * 9 / 10],
+                ts[ts.len() * 99 / 100],
+            )
+        };
+        for round in 0..3 {
+            let d = time(0);
+            let j = time(1);
+            let n = time(2);
+            let a = time(3);
+            println!("round {round}: redb durable p50/p90/p99 {d:?} us; journaled {j:?} us; redb non-durable {n:?}; journal append {a:?}");
+        }
     }
 }
