@@ -64,6 +64,9 @@ pub(crate) enum ApiRequest {
 pub(crate) enum ApiReply {
     /// The job accepted (or the one its idempotency key created before), with its state.
     Submitted(Result<(JobId, JobState), SpineError>),
+    /// A submission whose caller waits for the job's end, answered with it: the job ended
+    /// before its acceptance was stored (they share the commit).
+    Ended(Box<crate::jobs::JobRecord>),
     /// The cancelled job's final state.
     Cancelled(Result<JobState, SpineError>),
     /// The jobs an event made (or had made, sent before).

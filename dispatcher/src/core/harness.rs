@@ -254,8 +254,14 @@ impl Sim {
         }
         for (token, reply) in ready.replies {
             self.pending.remove(&token);
-            if let ApiReply::Submitted(Ok((id, _))) = reply {
-                self.acked.insert(id);
+            match reply {
+                ApiReply::Submitted(Ok((id, _))) => {
+                    self.acked.insert(id);
+                }
+                ApiReply::Ended(rec) => {
+                    self.acked.insert(rec.id);
+                }
+                _ => {}
             }
         }
         for ev in ready.events {

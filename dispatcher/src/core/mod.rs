@@ -128,6 +128,9 @@ pub(crate) struct Ready {
     pub stanzas: Vec<Stanza>,
     /// Answers to API requests.
     pub replies: Vec<(ApiToken, ApiReply)>,
+    /// The `replies` of submissions whose caller waits for the job's end: one that ended
+    /// before its acceptance left is answered with its end ([`ApiReply::Ended`]).
+    pub waiting: Vec<ApiToken>,
     /// Events for the HTTP event streams.
     pub events: Vec<JobEvent>,
     /// Blobs no held job references any more: the driver deletes each after a grace, if it
@@ -705,6 +708,21 @@ impl Core {
         let mut ready = std::mem::take(&mut self.ready);
         ready.persist = self.dirty.drain().collect();
         ready.released = self.jobs.take_released();
+        // A submitter waiting for the end of a job that ended already (within the linger,
+        // so in this very commit) gets it with the acceptance: no second request to the core
+        // after it, no wait for the event.
+        for token in std::mem::take(&mut ready.waiting) {
+            for (t, reply) in &mut ready.replies {
+                if *t != token {
+                    continue;
+                }
+                if let ApiReply::Submitted(Ok((id, _))) = reply {
+                    if let Some(rec) = self.jobs.get(id).filter(|r| r.state.is_final()) {
+                        *reply = ApiReply::Ended(Box::new(rec.clone()));
+                    }
+                }
+            }
+        }
         ready
     }
 

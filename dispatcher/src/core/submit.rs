@@ -38,6 +38,7 @@ impl Core {
                 // (Not at a standby: the job ends at the leader, nothing joins its commit.)
                 if wait && answer.is_ok() && self.leads {
                     self.ready.lazy += 1;
+                    self.ready.waiting.push(token);
                 }
                 ApiReply::Submitted(answer)
             }

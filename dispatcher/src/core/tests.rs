@@ -339,12 +339,21 @@ fn a_job_request_leaves_before_the_commit_and_a_waiting_callers_acceptance_may_l
         "one record, one write"
     );
     assert_eq!(w.state(&sent[0].job.id), JobState::Succeeded);
-    assert!(matches!(
-        r.replies.as_slice(),
-        [(_, ApiReply::Submitted(Ok(_)))]
-    ));
+    // The caller hears the end with the acceptance: it need not ask again.
+    let [(_, ApiReply::Ended(rec))] = r.replies.as_slice() else {
+        panic!("the job's end as the answer: {:?}", r.replies);
+    };
+    assert_eq!((&rec.id, rec.state), (&sent[0].job.id, JobState::Succeeded));
     assert!(r.events.iter().any(|e| e.kind == EventKind::Final));
     assert_eq!(w.core.pending(), Pending::Nothing);
+    // A waiting caller whose job is still running when its acceptance is stored hears
+    // "accepted" (and waits for the event).
+    submit(&mut w, true);
+    assert_eq!(jobs_sent(&w.core.take_early().stanzas).len(), 1);
+    assert!(matches!(
+        w.core.take_ready().replies.as_slice(),
+        [(_, ApiReply::Submitted(Ok((_, JobState::Dispatched))))]
+    ));
     // A caller told only "accepted" waits for that answer: urgent at once.
     submit(&mut w, false);
     assert_eq!(jobs_sent(&w.core.take_early().stanzas).len(), 1);

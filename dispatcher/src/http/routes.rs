@@ -180,10 +180,13 @@ pub(super) async fn submit(
         }
         spec.input = JobBody::Stored(data::stored_ref(&h, &hex)?);
     }
-    let (id, state) = submit_one(&h, spec, wait_for_agent, &caller, wait.is_some()).await?;
+    let (id, state, ended) = submit_one(&h, spec, wait_for_agent, &caller, wait.is_some()).await?;
     let Some(wait) = wait else {
         return Ok((StatusCode::ACCEPTED, Json(Submitted { id, state })).into_response());
     };
+    if let Some(rec) = ended {
+        return Ok((StatusCode::OK, Json(job_json(&rec))).into_response());
+    }
     // Submit and wait: the final job (200), or the job as it is when the wait is over (202).
     let (done, job) = waited(&h, &id, wait).await?;
     let status = if done {
@@ -197,16 +200,17 @@ pub(super) async fn submit(
 /// One submission, to the core. A standby stores it for the leader (docs/dispatcher.md,
 /// "Running several dispatchers"); an idempotency key the shared store knows already answers
 /// its job there, since a standby holds no job to find it in.
+/// With `wait`, the job itself when it ended before its acceptance was stored.
 async fn submit_one(
     h: &Handle,
     spec: crate::jobs::JobSpec,
     wait_for_agent: bool,
     caller: &Caller,
     wait: bool,
-) -> Result<(JobId, spine_protocol::JobState), ApiError> {
+) -> Result<(JobId, spine_protocol::JobState, Option<Box<JobRecord>>), ApiError> {
     if let (Some(pg), Some(key)) = (h.standby_store(), &spec.idempotency_key) {
         match pg.idempotent(&spec.submitter, key).await {
-            Ok(Some(rec)) => return Ok((rec.id, rec.state)),
+            Ok(Some(rec)) => return Ok((rec.id, rec.state, None)),
             Ok(None) => {}
             Err(e) => {
                 tracing::warn!("a standby could not look an idempotency key up: {e}");
@@ -220,10 +224,14 @@ async fn submit_one(
         visible: caller.grant.capabilities.clone(),
         wait,
     };
-    let ApiReply::Submitted(answer) = change(h, request).await? else {
-        return Err(mismatch());
-    };
-    Ok(answer?)
+    match change(h, request).await? {
+        ApiReply::Submitted(answer) => {
+            let (id, state) = answer?;
+            Ok((id, state, None))
+        }
+        ApiReply::Ended(rec) => Ok((rec.id.clone(), rec.state, Some(rec))),
+        _ => Err(mismatch()),
+    }
 }
 
 /// Jobs one `POST /v1/jobs:batch` may submit.
@@ -285,7 +293,7 @@ pub(super) async fn submit_batch(
                 }
                 spec.input = JobBody::Stored(data::stored_ref(h, &hex)?);
             }
-            let (id, state) = submit_one(h, spec, wait_for_agent, caller, false).await?;
+            let (id, state, _) = submit_one(h, spec, wait_for_agent, caller, false).await?;
             Ok::<_, ApiError>(Submitted { id, state })
         }
     };
