@@ -122,6 +122,8 @@ struct Driver {
     /// When the audit file was last synced to disk.
     audit_synced: Instant,
     events: broadcast::Sender<JobEvent>,
+    /// The HTTP requests waiting for jobs to end, woken by the final events.
+    waiters: Option<Arc<crate::http::wait::Waiters>>,
     /// HTTP requests waiting for the commit of the changes they made.
     waiting: HashMap<ApiToken, oneshot::Sender<ApiReply>>,
     next_token: ApiToken,
@@ -375,6 +377,7 @@ async fn run_inner(
     let webhooks =
         crate::triggers::webhooks(&cfg.webhooks, true).map_err(DispatcherError::Config)?;
     let mut data_plane = None;
+    let mut waiters = None;
     if let Some(listener) = http {
         let handle = Handle::new(&cfg, &policy, cmd_tx.clone(), events.clone())
             .with_webhooks(webhooks)
@@ -404,6 +407,7 @@ async fn run_inner(
                 }
             }
         }
+        waiters = Some(handle.waiters.clone());
         tokio::spawn(crate::http::serve(listener, handle, http_stop.clone()));
     }
     drop(cmd_tx);
@@ -474,6 +478,7 @@ async fn run_inner(
         audited: Vec::new(),
         audit_synced: Instant::now(),
         events,
+        waiters,
         waiting: HashMap::new(),
         next_token: 0,
         blob_gc,
@@ -548,6 +553,9 @@ async fn run_inner(
     }
     http_stop.cancel();
     info!("dispatcher stopping");
+    if let Some(w) = &d.waiters {
+        w.close();
+    }
     let last = d.commit_all().await;
     // Leading, it hands over at once: a standby takes the released lease.
     if let Some(c) = campaign {
@@ -792,6 +800,9 @@ impl Driver {
             }
         }
         for ev in ready.events {
+            if let Some(w) = &self.waiters {
+                w.event(&ev);
+            }
             // No receiver is fine.
             let _ = self.events.send(ev);
         }

@@ -25,7 +25,7 @@ mod request;
 mod routes;
 mod serve;
 mod views;
-mod wait;
+pub(crate) mod wait;
 
 use std::sync::Arc;
 
@@ -75,8 +75,8 @@ pub(crate) struct Handle {
     conns: Arc<ConnCounts>,
     /// The blob store's endpoints, when the data plane is on.
     pub(crate) data: Option<DataHandle>,
-    /// Requests waiting for jobs to end (`?wait=`).
-    waiters: Arc<wait::Waiters>,
+    /// Requests waiting for jobs to end (`?wait=`), told by the driver.
+    pub(crate) waiters: Arc<wait::Waiters>,
     /// Served over HTTPS (the console's cookies are `Secure`).
     pub(crate) https: bool,
     /// Set while the job store cannot be reached ([`crate::store::JobStore::unreachable`]):

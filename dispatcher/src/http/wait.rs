@@ -2,15 +2,14 @@
 //! answer with the final job as soon as it ends (or the job as it is when the wait is over),
 //! so that a web app needs one round trip per job and no polling.
 //!
-//! One task reads the broadcast of [`JobEvent`]s for every waiting request ([`Waiters`]),
-//! and hands each final event to the requests waiting for that job through a oneshot: a
-//! thousand waiting requests cost one receiver and a map lookup per event, not a thousand
-//! receivers each cloning every event. A waiter registers before it reads the job's state,
-//! so a job that ends between the two is not missed; when the task falls behind (a lagged
-//! broadcast), every waiter is woken to read its job again.
+//! The driver hands each final event to the requests waiting for that job ([`Waiters`])
+//! through a oneshot, when it sends the event out: a thousand waiting requests cost a map
+//! lookup per final event, not a thousand receivers each cloning every event, and no task
+//! is woken for the events no one waits for. A waiter registers before it reads the job's
+//! state, so a job that ends between the two is not missed.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -28,8 +27,6 @@ type Wake = Option<Value>;
 #[derive(Default)]
 pub(crate) struct Waiters {
     map: Mutex<HashMap<JobId, Vec<oneshot::Sender<Wake>>>>,
-    /// The task reading the events, started by the first wait.
-    task: OnceLock<()>,
 }
 
 impl Waiters {
@@ -37,17 +34,8 @@ impl Waiters {
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A receiver woken when `id` ends (or when the events were missed).
-    fn register(
-        self: &Arc<Self>,
-        id: &JobId,
-        events: &broadcast::Sender<JobEvent>,
-    ) -> oneshot::Receiver<Wake> {
-        self.task.get_or_init(|| {
-            let me = self.clone();
-            let rx = events.subscribe();
-            tokio::spawn(async move { me.run(rx).await });
-        });
+    /// A receiver woken when `id` ends (or dropped when the dispatcher stops).
+    fn register(&self, id: &JobId) -> oneshot::Receiver<Wake> {
         let (tx, rx) = oneshot::channel();
         self.lock().entry(id.clone()).or_default().push(tx);
         rx
@@ -64,30 +52,19 @@ impl Waiters {
         }
     }
 
-    /// Hands final events to their waiters until the broadcast closes (the dispatcher stops:
-    /// the waiters' senders are dropped, and they answer with what they can read).
-    async fn run(&self, mut rx: broadcast::Receiver<JobEvent>) {
-        loop {
-            match rx.recv().await {
-                Ok(ev) if ev.kind == EventKind::Final => {
-                    let waiting = self.lock().remove(&ev.job);
-                    for s in waiting.into_iter().flatten() {
-                        let _ = s.send(Some(ev.data.clone()));
-                    }
-                }
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    // The missed events may have been final ones: everyone reads again.
-                    let all: Vec<_> = self.lock().drain().collect();
-                    for s in all.into_iter().flat_map(|(_, v)| v) {
-                        let _ = s.send(None);
-                    }
-                }
-                Err(broadcast::error::RecvError::Closed) => {
-                    self.lock().clear();
-                    return;
-                }
-            }
+    /// The driver, stopping: every waiting request answers with the job as it is.
+    pub(crate) fn close(&self) {
+        self.lock().clear();
+    }
+
+    /// The driver, for each event it sends out: a final one wakes its job's waiters.
+    pub(crate) fn event(&self, ev: &JobEvent) {
+        if ev.kind != EventKind::Final {
+            return;
+        }
+        let waiting = self.lock().remove(&ev.job);
+        for s in waiting.into_iter().flatten() {
+            let _ = s.send(Some(ev.data.clone()));
         }
     }
 }
@@ -165,7 +142,7 @@ where
         }
     }
     loop {
-        let woken = h.waiters.register(id, &h.events);
+        let woken = h.waiters.register(id);
         if let Some(done) = current().await? {
             h.waiters.forget_gone(id);
             return Ok(Some(done));
@@ -204,32 +181,20 @@ mod tests {
 
     #[tokio::test]
     async fn a_final_event_wakes_every_waiter_of_its_job_and_only_those() {
-        let (events, _) = broadcast::channel(16);
-        let w = Arc::new(Waiters::default());
+        let w = Waiters::default();
         let a: JobId = "job-a".parse().unwrap();
         let b: JobId = "job-b".parse().unwrap();
-        let (a1, a2, b1) = (
-            w.register(&a, &events),
-            w.register(&a, &events),
-            w.register(&b, &events),
-        );
+        let (a1, a2, b1) = (w.register(&a), w.register(&a), w.register(&b));
+        let event = |kind, state: &str| JobEvent {
+            job: a.clone(),
+            submitter: "http:web".into(),
+            kind,
+            data: serde_json::json!({ "state": state }),
+        };
         // Not final: nobody wakes.
-        events
-            .send(JobEvent {
-                job: a.clone(),
-                submitter: "http:web".into(),
-                kind: EventKind::Progress,
-                data: serde_json::json!({"state": "running"}),
-            })
-            .unwrap();
-        events
-            .send(JobEvent {
-                job: a.clone(),
-                submitter: "http:web".into(),
-                kind: EventKind::Final,
-                data: serde_json::json!({"state": "succeeded"}),
-            })
-            .unwrap();
+        w.event(&event(EventKind::Progress, "running"));
+        assert_eq!(w.lock()[&a].len(), 2);
+        w.event(&event(EventKind::Final, "succeeded"));
         for rx in [a1, a2] {
             let v = tokio::time::timeout(Duration::from_secs(5), rx)
                 .await
