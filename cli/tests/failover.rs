@@ -208,14 +208,23 @@ async fn submit_any(
 }
 
 /// Dispatcher `n`'s configuration: the shared account with resource `d{n}`, its own data
-/// directory and port, the shared store, and the XMPP server's certificate to trust (`tls`).
-fn config(dir: &Path, n: usize, server: &str, store: &str, http: &str, tls: &str) -> PathBuf {
+/// directory and port, the shared store, the XMPP server's certificate to trust (`tls`), and
+/// more top-level settings (`extra`).
+fn config(
+    dir: &Path,
+    n: usize,
+    server: &str,
+    store: &str,
+    http: &str,
+    tls: &str,
+    extra: &str,
+) -> PathBuf {
     let path = dir.join(format!("d{n}.toml"));
     std::fs::write(
         &path,
         format!(
             "jid = \"dispatcher@localhost/d{n}\"\npassword = \"pw-d\"\nserver = \"{server}\"\n\
-             data_dir = \"{}\"\nhttp_listen = \"{http}\"\nstore = \"{store}\"\n\
+             data_dir = \"{}\"\nhttp_listen = \"{http}\"\nstore = \"{store}\"\n{extra}\
              [[http_token]]\nname = \"web\"\ntoken = \"{TOKEN}\"\ncapabilities = [\"*\"]\n{tls}",
             dir.join(format!("data{n}")).display()
         ),
@@ -227,12 +236,24 @@ fn config(dir: &Path, n: usize, server: &str, store: &str, http: &str, tls: &str
 /// `count` dispatchers (not started) on the XMPP server at `server` and the store at `store`,
 /// each with its own port, data directory and log under `dir`.
 fn nodes(count: usize, dir: &Path, server: &str, store: &str, tls: &str) -> Vec<Node> {
+    nodes_with(count, dir, server, store, tls, "")
+}
+
+/// [`nodes`] with more top-level settings in each configuration.
+fn nodes_with(
+    count: usize,
+    dir: &Path,
+    server: &str,
+    store: &str,
+    tls: &str,
+    extra: &str,
+) -> Vec<Node> {
     (1..=count)
         .map(|n| {
             let http = format!("127.0.0.1:{}", spine_integration::free_port().unwrap());
             Node {
                 data: dir.join(format!("data{n}")),
-                config: config(dir, n, server, store, &http, tls),
+                config: config(dir, n, server, store, &http, tls, extra),
                 log: dir.join(format!("d{n}.log")),
                 http,
                 child: None,
@@ -540,7 +561,16 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
     let server =
         spine_integration::TestServer::start(&[("dispatcher", "pw-d"), ("agent1", "pw")]).await;
     let dir = tempfile::tempdir().unwrap();
-    let mut nodes = nodes(2, dir.path(), &server.addr.to_string(), &pg.url(), "");
+    // The leader sweeps the shared store's blobs every second (blob_orphan_ttl); a blob
+    // copied there long ago for a commit that failed, which no job references, leaves it.
+    let mut nodes = nodes_with(
+        2,
+        dir.path(),
+        &server.addr.to_string(),
+        &pg.url(),
+        "",
+        "blob_orphan_ttl = \"1s\"\n",
+    );
     let cfg = spine_integration::farm::agent_config(&server, 1, "slots = 4");
     let agent = Agent::builder(cfg)
         .capability("work.sleep", None, |ctx: JobContext| async move {
@@ -560,6 +590,15 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
     nodes[0].spawn();
     let api = reqwest::Client::new();
     leader(&api, &nodes, Duration::from_secs(20)).await;
+    let leaked = "'\\x".to_owned() + &"ab".repeat(32) + "'::bytea";
+    pg.psql(
+        "spine",
+        &format!(
+            "INSERT INTO spine_blobs VALUES ({leaked}, 3, 1); \
+             INSERT INTO spine_blob_chunks VALUES ({leaked}, 0, 'abc')"
+        ),
+    )
+    .unwrap();
     nodes[1].spawn();
     let standby = nodes[1].http.clone();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
@@ -632,6 +671,31 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
             .unwrap(),
         "0",
         "the leader made the cancel and struck it"
+    );
+    // The leaked blob leaves at the leader's first sweep (a second after it began to lead);
+    // the large output, which a held job references, stays.
+    let count = |table: &str| {
+        pg.psql(
+            "spine",
+            &format!("SELECT count(*) FROM {table} WHERE sha256 = {leaked}"),
+        )
+        .unwrap()
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while count("spine_blobs") != "0" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leaked blob stayed: {}",
+            std::fs::read_to_string(&nodes[0].log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(count("spine_blob_chunks"), "0");
+    assert_eq!(
+        pg.psql("spine", "SELECT count(*) FROM spine_blobs")
+            .unwrap(),
+        "1",
+        "the job's output"
     );
     for n in &mut nodes {
         if let Some(mut c) = n.child.take() {

@@ -167,7 +167,17 @@ struct Elected {
     /// started (another read follows).
     reading: Option<Reading>,
     read_again: bool,
+    /// The sweep of the shared store's blobs under way (see [`Driver::sweep_shared`]), with
+    /// the epoch it began in, and when the next one begins.
+    sweeping: Option<(u64, Sweeping)>,
+    next_sweep: tokio::time::Instant,
 }
+
+/// The read of the shared store's old blobs, on a task of its own.
+type Sweeping = tokio::task::JoinHandle<Result<Vec<crate::blobs::Stored>, String>>;
+
+/// Blobs one sweep looks at.
+const SHARED_SWEEP_BATCH: i64 = 10_000;
 
 impl Elected {
     /// Blobs deleted from this dispatcher's store: from the shared one too, next commit.
@@ -191,6 +201,10 @@ enum Wake {
     Submitted,
     /// The read of the standbys' submissions ended.
     Read(Result<Submissions, String>),
+    /// Time to sweep the shared store's blobs.
+    Sweep,
+    /// The sweep's read ended (begun in that epoch).
+    Swept(u64, Result<Vec<crate::blobs::Stored>, String>),
 }
 
 /// The read of the standbys' submissions, with the blobs they reference: on a task of its own,
@@ -215,6 +229,16 @@ async fn elected_wake(elected: &mut Option<Elected>) -> Option<Wake> {
             r = read_end(&mut e.reading) => {
                 e.reading = None;
                 Some(Wake::Read(r))
+            }
+            _ = tokio::time::sleep_until(e.next_sweep), if e.sweeping.is_none() => Some(Wake::Sweep),
+            r = async {
+                match &mut e.sweeping {
+                    Some((epoch, h)) => (*epoch, h.await.unwrap_or_else(|x| Err(x.to_string()))),
+                    None => std::future::pending().await,
+                }
+            } => {
+                e.sweeping = None;
+                Some(Wake::Swept(r.0, r.1))
             }
         },
         None => std::future::pending().await,
@@ -430,6 +454,8 @@ async fn run_inner(
                 cancelled: Vec::new(),
                 reading: None,
                 read_again: false,
+                sweeping: None,
+                next_sweep: tokio::time::Instant::now() + orphan_ttl,
                 submitted: {
                     let (tx, rx) = tokio::sync::mpsc::channel(1);
                     if let (JobStore::Postgres(pg), Some(ended)) = (&store, &ended) {
@@ -524,6 +550,8 @@ async fn run_inner(
                 Wake::Leadership => d.on_leadership().await?,
                 Wake::Submitted => d.read_submitted(),
                 Wake::Read(r) => d.take_submitted(r).await,
+                Wake::Sweep => d.sweep_shared(orphan_ttl),
+                Wake::Swept(epoch, r) => d.swept(epoch, r).await?,
             },
             Some(cmd) = cmd_rx.recv() => d.on_command(cmd),
             Some(spine_xmpp::Status::ReconnectFailed { error, auth, .. }) = status_rx.recv() => {
@@ -711,7 +739,12 @@ impl Driver {
             }
             self.audit_synced = Instant::now();
         }
-        if !ready.must_store() && written.is_empty() {
+        // A leader's blobs to delete from the shared store go with any commit, or alone.
+        let shared = self
+            .elected
+            .as_ref()
+            .is_some_and(|e| e.epoch.is_some() && !e.blob_deletes.is_empty());
+        if !ready.must_store() && written.is_empty() && !shared {
             self.sent_ahead.committed();
             self.stored(ready).await;
             return Ok(());
@@ -754,6 +787,9 @@ impl Driver {
             }
             if batch.fence.is_some() {
                 batch.blob_deletes = std::mem::take(&mut e.blob_deletes);
+                // A blob this batch copies (a job took it again since it was let go) stays.
+                let copied: HashSet<[u8; 32]> = batch.blobs.iter().map(|(b, _)| b.sha256).collect();
+                batch.blob_deletes.retain(|s| !copied.contains(s));
                 batch.adopted = std::mem::take(&mut e.adopted);
                 batch.cancelled = std::mem::take(&mut e.cancelled);
                 // Callers waiting at standbys hear of these once they are stored.
@@ -811,6 +847,77 @@ impl Driver {
     /// Leading: reads the jobs standbys stored, with the blobs they reference that this
     /// machine lacks, on a task of its own (one at a time: a wake-up meanwhile reads again
     /// after it).
+    /// A leader's sweep of the shared store (PostgreSQL), every `blob_orphan_ttl`: the blobs
+    /// copied there more than `blob_orphan_ttl` ago (at least a minute) are read on a task of
+    /// their own; those no held job references
+    /// then go with the next commit. A blob copied for a commit that failed (the leader
+    /// deposed, a key conflict) is referenced by no job, and this dispatcher's collector never
+    /// saw it referenced, so nothing else would delete it.
+    fn sweep_shared(&mut self, orphan_ttl: Duration) {
+        let (Some(e), JobStore::Postgres(pg)) = (self.elected.as_mut(), &self.store) else {
+            return;
+        };
+        e.next_sweep = tokio::time::Instant::now() + orphan_ttl;
+        let Some(epoch) = e.epoch else {
+            return;
+        };
+        // At least a minute: a standby's submission copies its blobs before the leader takes
+        // the job (within a second, normally).
+        let grace = orphan_ttl.max(Duration::from_secs(60));
+        let before = crate::clock::now_ms()
+            .saturating_sub(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
+        let pg = pg.clone();
+        e.sweeping = Some((
+            epoch,
+            tokio::spawn(async move {
+                pg.stale_blobs(before, SHARED_SWEEP_BATCH)
+                    .await
+                    .map_err(|x| x.to_string())
+            }),
+        ));
+    }
+
+    /// The sweep's read ended: the blobs no held job references leave the shared store with
+    /// the next commit, if this dispatcher still leads in the epoch the sweep began in.
+    async fn swept(
+        &mut self,
+        epoch: u64,
+        r: Result<Vec<crate::blobs::Stored>, String>,
+    ) -> Result<(), DispatcherError> {
+        let Some(e) = self.elected.as_mut() else {
+            return Ok(());
+        };
+        if e.epoch != Some(epoch) || !self.core.leads() {
+            return Ok(());
+        }
+        match r {
+            Ok(old) => {
+                let before = e.blob_deletes.len();
+                for b in old {
+                    if self.core.blob_refs(&b) == 0 && !e.blob_deletes.contains(&b.sha256) {
+                        e.mirrored.remove(&b.sha256);
+                        e.blob_deletes.push(b.sha256);
+                    }
+                }
+                let n = e.blob_deletes.len() - before;
+                if n > 0 {
+                    info!(
+                        blobs = n,
+                        "shared store: blobs no job references, copied over blob_orphan_ttl ago, leave it"
+                    );
+                    // With a commit of their own if none is under way.
+                    if self.in_flight.is_none() {
+                        self.start_commit().await?;
+                    }
+                }
+            }
+            Err(x) => {
+                warn!("shared store: the sweep of old blobs failed ({x}); it runs again later")
+            }
+        }
+        Ok(())
+    }
+
     fn read_submitted(&mut self) {
         let (Some(e), JobStore::Postgres(pg)) = (self.elected.as_mut(), &self.store) else {
             return;
@@ -989,6 +1096,9 @@ impl Driver {
         e.cancelled.clear();
         if let Some(r) = e.reading.take() {
             r.abort();
+        }
+        if let Some((_, h)) = e.sweeping.take() {
+            h.abort();
         }
         e.read_again = false;
         self.in_flight = None;

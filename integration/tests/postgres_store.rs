@@ -381,6 +381,20 @@ async fn blobs_go_through_postgres_to_another_machine() {
     );
     let (bytes, missing) = store.fetch_blobs(&[a, e, lost], &there).await.unwrap();
     assert_eq!((bytes, missing), (a.size, vec![lost]));
+    // The leader's sweep reads the blobs copied before a time, with their sizes.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut old = store.stale_blobs(now + 1_000, 100).await.unwrap();
+    old.sort_by_key(|b| b.size);
+    assert_eq!(old, vec![e, a]);
+    assert_eq!(store.stale_blobs(now + 1_000, 1).await.unwrap().len(), 1);
+    assert!(store
+        .stale_blobs(now - 60_000, 100)
+        .await
+        .unwrap()
+        .is_empty());
     assert_eq!(there.read_at(&a.sha256, 0, big.len()).unwrap(), big);
     assert!(there.contains(&e.sha256));
     // Deleted with a commit.

@@ -544,6 +544,33 @@ impl PgStore {
             .collect())
     }
 
+    /// Blobs in the shared store copied before `before_ms` (ms since the UNIX epoch), at most
+    /// `limit` of them: what the leader's sweep looks at (a blob copied for a commit that then
+    /// failed is referenced by no job, and nothing else would delete it).
+    pub async fn stale_blobs(&self, before_ms: u64, limit: i64) -> Result<Vec<Stored>, StoreError> {
+        let i = self.next_read.fetch_add(1, Ordering::Relaxed) % READERS;
+        let mut slot = self.read_conns[i].lock().await;
+        let c = self.live(&mut slot).await?;
+        let before = i64::try_from(before_ms).unwrap_or(i64::MAX);
+        let rows = c
+            .client
+            .query(
+                "SELECT sha256, size FROM spine_blobs WHERE stored_ms < $1 LIMIT $2",
+                &[&before, &limit],
+            )
+            .await
+            .map_err(|x| self.err(x))?;
+        rows.iter()
+            .map(|r| {
+                let sha: &[u8] = r.get(0);
+                let sha256 = <[u8; 32]>::try_from(sha)
+                    .map_err(|_| e(format!("spine_blobs: a name of {} bytes", sha.len())))?;
+                let size = u64::try_from(r.get::<_, i64>(1)).unwrap_or(0);
+                Ok(Stored { sha256, size })
+            })
+            .collect()
+    }
+
     /// Reads jobs on a read connection, each by its primary key (prepared statements, no
     /// scan of the jobs' table however large it is).
     async fn read_jobs(&self, what: Read<'_>) -> Result<Vec<JobRecord>, StoreError> {
