@@ -672,6 +672,39 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
         "0",
         "the leader made the cancel and struck it"
     );
+    // Retried at the standby: a new job, stored there for the leader, which runs it.
+    let retried = api
+        .post(format!("http://{standby}/v1/jobs/{long}/retry"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status().as_u16(), 202);
+    let retried: serde_json::Value = retried.json().await.unwrap();
+    let again = retried["id"].as_str().expect("id").to_owned();
+    assert_ne!(again, long);
+    assert_eq!(retried["retry_of"], long.as_str());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let job: serde_json::Value = api
+            .get(format!("http://{standby}/v1/jobs/{again}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        // (A standby reads the shared store, where a job on its agent is "dispatched":
+        // "running" is progress, kept in the leader's memory.)
+        if job["state"] == "dispatched" || job["state"] == "running" {
+            assert_eq!(job["args"]["ms"], 30_000, "{job}");
+            assert_eq!(job["agent"], "agent1@localhost/w", "{job}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not placed: {job}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // The leaked blob leaves at the leader's first sweep (a second after it began to lead);
     // the large output, which a held job references, stays.
     let count = |table: &str| {
