@@ -614,9 +614,29 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
             }))
             .send()
     };
+    // Every job's events at the standby: the final ones, read from the shared store.
+    let mut all = api
+        .get(format!("http://{standby}/v1/jobs/events"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(all.status().as_u16(), 200);
     // A short job, followed through the standby's event stream to its end.
     let short: serde_json::Value = submit(300).await.unwrap().json().await.unwrap();
     let short = short["id"].as_str().expect("id").to_owned();
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !seen.contains(&format!("\"id\":\"{short}\"")) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, all.chunk()).await {
+            Ok(Ok(Some(c))) => seen.push_str(&String::from_utf8_lossy(&c)),
+            other => panic!("the every-job stream ended or stalled ({other:?}): {seen}"),
+        }
+    }
+    assert!(seen.contains("event: final"), "{seen}");
+    assert!(seen.contains("\"state\":\"succeeded\""), "{seen}");
+    drop(all);
     let events = api
         .get(format!("http://{standby}/v1/jobs/{short}/events"))
         .bearer_auth(TOKEN)

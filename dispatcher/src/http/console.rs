@@ -28,6 +28,7 @@ use super::error::ApiError;
 use super::openapi::{ErrorBody, Refusals, Submitted};
 use super::request::job_id;
 use super::routes::{async_stream, change, find_job, mismatch, read};
+use super::views::job_json;
 use super::Handle;
 use crate::core::{Answer, ApiReply, ApiRequest, FleetAnswer, Query as Lookup};
 use crate::registry::FleetAgent;
@@ -236,7 +237,7 @@ fn sse(kind: &str, data: &impl Serialize) -> SseEvent {
 #[utoipa::path(
     get, path = "/v1/jobs/events", tag = "jobs",
     summary = "Every job's events the caller may see, on one stream",
-    description = "`progress`, `partial` and `final` events (as on a job's own stream) of every job the caller may see: its own, or all with all_jobs. Each event's data names its job (`id` in a final Job, `job` otherwise).",
+    description = "`progress`, `partial` and `final` events (as on a job's own stream) of every job the caller may see: its own, or all with all_jobs. Each event's data names its job (`id` in a final Job, `job` otherwise). At a standby (several dispatchers): `final` events only, read from the shared store when the leader announces the ends.",
     responses(
         (status = 200, description = "Server-sent events", content_type = "text/event-stream", body = String),
         Refusals,
@@ -247,14 +248,46 @@ pub(super) async fn jobs_events(
     State(h): State<Handle>,
     caller: Caller,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
-    if let Some(e) = h.standby() {
-        return Err(e);
-    }
     let slot = h.streams.open(&caller.name, &h.limits)?;
     let mut rx = h.events.subscribe();
+    let mut ended = h.ended.as_ref().map(broadcast::Sender::subscribe);
     let me = caller.submitter();
+    let h2 = h.clone();
     let stream = async_stream(move |tx| async move {
         let _slot = slot;
+        // A standby hears only that jobs ended (the leader's announcements): it reads each
+        // from the shared store and sends its final event; no progress. It looks every
+        // second whether it leads now, and then follows the events as the leader does.
+        while let (Some(pg), Some(ended)) = (h2.standby_store().cloned(), ended.as_mut()) {
+            let id = tokio::select! {
+                _ = tx.closed() => return,
+                r = tokio::time::timeout(Duration::from_secs(1), ended.recv()) => r,
+            };
+            let event = match id {
+                Err(_) => continue,
+                Ok(Ok(id)) => match pg.job(&id).await {
+                    Ok(Some(rec)) if caller.grant.may_see(&me, &rec.spec.submitter) => {
+                        let mut data = job_json(&rec);
+                        if let Some(o) = data.as_object_mut() {
+                            o.entry("job").or_insert_with(|| json!(rec.id));
+                        }
+                        SseEvent::default().event("final").data(data.to_string())
+                    }
+                    Ok(_) => continue,
+                    Err(e) => {
+                        tracing::warn!("a standby could not read a job that ended: {e}");
+                        continue;
+                    }
+                },
+                Ok(Err(broadcast::error::RecvError::Lagged(n))) => SseEvent::default()
+                    .event("lagged")
+                    .data(json!({ "missed": n }).to_string()),
+                Ok(Err(broadcast::error::RecvError::Closed)) => return,
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
         loop {
             let ev = tokio::select! {
                 _ = tx.closed() => return,
