@@ -673,6 +673,27 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
         .unwrap();
     assert_eq!(output.status().as_u16(), 200);
     assert_eq!(output.bytes().await.unwrap().to_vec(), large_input(7));
+    // The standby kept that output as a copy in its blob store; its collector deletes it once
+    // older than blob_orphan_ttl (a standby holds no job: PostgreSQL has the blob).
+    let blobs = nodes[1].data.join("blobs/sha256");
+    let stored = |dir: &Path| {
+        std::fs::read_dir(dir)
+            .map(|d| {
+                d.flatten()
+                    .map(|sub| std::fs::read_dir(sub.path()).map_or(0, |f| f.count()))
+                    .sum::<usize>()
+            })
+            .unwrap_or(0)
+    };
+    assert_eq!(stored(&blobs), 1, "the output's copy at the standby");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while stored(&blobs) != 0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the standby kept its copy"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     // A long one, cancelled at the standby: the answer is its end.
     let long: serde_json::Value = submit(30_000).await.unwrap().json().await.unwrap();
     let long = long["id"].as_str().expect("id").to_owned();

@@ -537,13 +537,14 @@ async fn run_inner(
             r = committed(&mut d.in_flight), if d.in_flight.is_some() => d.on_committed(r).await?,
             _ = tokio::time::sleep(wake) => {
                 d.core.tick(now());
-                // A standby holds no job: the blobs here wait for it to lead.
-                if d.core.leads() {
-                    let core = &d.core;
-                    let deleted = d.blob_gc.run(|b| core.blob_refs(b));
-                    if let Some(e) = d.elected.as_mut() {
-                        e.forget_blobs(deleted);
-                    }
+                // A standby holds no job (but the submissions it is storing): its blobs —
+                // bodies it stored, outputs it fetched to serve, those of an earlier
+                // leadership — are copies of PostgreSQL's, deleted here like any other
+                // unreferenced blob. Only a leader deletes them from PostgreSQL too.
+                let core = &d.core;
+                let deleted = d.blob_gc.run(|b| core.blob_refs(b));
+                if let (true, Some(e)) = (d.core.leads(), d.elected.as_mut()) {
+                    e.forget_blobs(deleted);
                 }
             }
             Some(wake) = elected_wake(&mut d.elected) => match wake {

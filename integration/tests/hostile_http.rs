@@ -405,8 +405,24 @@ async fn connections_over_the_limit_are_refused_but_loopback_keeps_its_reserve()
     for _ in 0..32 {
         held.push(TcpStream::connect(remote).await.unwrap());
     }
-    // Give the accept loop time to take them all (each counts from its accept).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Until the accept loop has taken them all (each counts from its accept; on a busy
+    // machine that can take longer than any fixed pause): the gauge counts them, and the
+    // loopback connection that reads it.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (got, metrics) = answer(local(port), "GET", "/metrics", Some(OPS), "").await;
+        assert_eq!(got, 200, "{metrics}");
+        let open = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("spine_http_connections "))
+            .and_then(|n| n.trim().parse::<u32>().ok())
+            .unwrap_or(0);
+        if open > 32 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{open} connections taken");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let t = Instant::now();
     let mut refused = 0;
     for _ in 0..10 {
