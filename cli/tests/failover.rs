@@ -122,6 +122,17 @@ async fn leader(api: &reqwest::Client, nodes: &[Node], within: Duration) -> usiz
 const LARGE: usize = 8;
 
 /// Job `n`'s input when it is a large one: 200 KiB, over the inline limit.
+/// Sends `req` with the test's token; the answer's JSON.
+async fn json_of(req: reqwest::RequestBuilder) -> serde_json::Value {
+    req.bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 fn large_input(n: usize) -> Vec<u8> {
     (0..200 * 1024).map(|i| (i * 31 + n) as u8).collect()
 }
@@ -651,16 +662,11 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
     assert!(events.contains("\"state\":\"succeeded\""), "{events}");
     // A large output (a blob the leader stored) read at the standby, whose blob directory
     // never had it.
-    let big: serde_json::Value = api
-        .post(format!("http://{standby}/v1/jobs?wait=20s"))
-        .bearer_auth(TOKEN)
-        .json(&serde_json::json!({"capability": "work.big", "wait_for_agent": true}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let big = json_of(
+        api.post(format!("http://{standby}/v1/jobs?wait=20s"))
+            .json(&serde_json::json!({"capability": "work.big", "wait_for_agent": true})),
+    )
+    .await;
     assert_eq!(big["state"], "succeeded", "{big}");
     let output = api
         .get(format!(
@@ -697,15 +703,8 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
     // A long one, cancelled at the standby: the answer is its end.
     let long: serde_json::Value = submit(30_000).await.unwrap().json().await.unwrap();
     let long = long["id"].as_str().expect("id").to_owned();
-    let cancelled: serde_json::Value = api
-        .delete(format!("http://{standby}/v1/jobs/{long}"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let cancelled: serde_json::Value =
+        json_of(api.delete(format!("http://{standby}/v1/jobs/{long}"))).await;
     assert_eq!(cancelled["state"], "cancelled", "{cancelled}");
     assert_eq!(
         pg.psql("spine", "SELECT count(*) FROM spine_cancels")
@@ -727,15 +726,8 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
     assert_eq!(retried["retry_of"], long.as_str());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let job: serde_json::Value = api
-            .get(format!("http://{standby}/v1/jobs/{again}"))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let job: serde_json::Value =
+            json_of(api.get(format!("http://{standby}/v1/jobs/{again}"))).await;
         // (A standby reads the shared store, where a job on its agent is "dispatched":
         // "running" is progress, kept in the leader's memory.)
         if job["state"] == "dispatched" || job["state"] == "running" {
