@@ -134,7 +134,7 @@ pub fn start_cluster(n: usize, accounts: &[(&str, &str)]) -> Result<EjabberdClus
         std::thread::sleep(Duration::from_millis(100));
     }
     for (user, pw) in accounts {
-        nodes[0].ctl(&["register", user, "localhost", pw])?;
+        nodes[0].register(user, pw)?;
     }
     Ok(EjabberdCluster { nodes, _epmd: epmd })
 }
@@ -149,7 +149,7 @@ impl Ejabberd {
         let cookie = format!("spine-{}-{dist_port}", std::process::id());
         let e = Ejabberd::launch(Dist::Fixed(dist_port), &cookie)?;
         for (user, pw) in accounts {
-            e.ctl(&["register", user, "localhost", pw])?;
+            e.register(user, pw)?;
         }
         Ok(e)
     }
@@ -217,6 +217,21 @@ impl Ejabberd {
             || std::fs::read_to_string(&log_path).unwrap_or_default(),
         )?;
         Ok(e)
+    }
+
+    /// Registers an account. A node that accepts connections may still be creating its Mnesia
+    /// tables (`{aborted,{no_exists,passwd,…}}`, seen once on a loaded machine): tried again
+    /// for up to 10 s.
+    fn register(&self, user: &str, pw: &str) -> Result<String, String> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.ctl(&["register", user, "localhost", pw]) {
+                Err(e) if e.contains("no_exists") && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+                r => return r,
+            }
+        }
     }
 
     /// Runs an `ejabberdctl` command against this node (through its `ejabberd_ctl` module);
