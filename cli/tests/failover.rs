@@ -273,6 +273,37 @@ fn nodes_with(
         .collect()
 }
 
+/// An agent (account agent1) with 4 slots of `work.sleep` (sleeps `ms`, outputs `slept {ms}`)
+/// and `work.big` (a 200 KiB output); it stops when the sender is dropped or sent to.
+fn sleeper(server: &spine_integration::TestServer) -> tokio::sync::oneshot::Sender<()> {
+    let cfg = spine_integration::farm::agent_config(server, 1, "slots = 4");
+    let agent = Agent::builder(cfg)
+        .capability("work.sleep", None, |ctx: JobContext| async move {
+            let ms = ctx.args.get("ms").and_then(|v| v.as_u64()).unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, JobError>(Output::bytes(format!("slept {ms}")))
+        })
+        .capability("work.big", None, |_ctx: JobContext| async move {
+            Ok::<_, JobError>(Output::bytes(large_input(7)))
+        })
+        .build()
+        .unwrap();
+    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(agent.run(async move {
+        let _ = rx.await;
+    }));
+    stop
+}
+
+/// Waits up to 20 s for the dispatcher at `http` to say it stands by.
+async fn until_standby(api: &reqwest::Client, http: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while health(api, http).await.as_deref() != Some("ok standby") {
+        assert!(tokio::time::Instant::now() < deadline, "no standby");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -582,22 +613,7 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
         "",
         "blob_orphan_ttl = \"1s\"\n",
     );
-    let cfg = spine_integration::farm::agent_config(&server, 1, "slots = 4");
-    let agent = Agent::builder(cfg)
-        .capability("work.sleep", None, |ctx: JobContext| async move {
-            let ms = ctx.args.get("ms").and_then(|v| v.as_u64()).unwrap_or(0);
-            tokio::time::sleep(Duration::from_millis(ms)).await;
-            Ok::<_, JobError>(Output::bytes(format!("slept {ms}")))
-        })
-        .capability("work.big", None, |_ctx: JobContext| async move {
-            Ok::<_, JobError>(Output::bytes(large_input(7)))
-        })
-        .build()
-        .unwrap();
-    let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(agent.run(async move {
-        let _ = rx.await;
-    }));
+    let stop = sleeper(&server);
     nodes[0].spawn();
     let api = reqwest::Client::new();
     leader(&api, &nodes, Duration::from_secs(20)).await;
@@ -612,11 +628,7 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
     .unwrap();
     nodes[1].spawn();
     let standby = nodes[1].http.clone();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while health(&api, &standby).await.as_deref() != Some("ok standby") {
-        assert!(tokio::time::Instant::now() < deadline, "no standby");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    until_standby(&api, &standby).await;
     let submit = |ms: u64| {
         api.post(format!("http://{standby}/v1/jobs"))
             .bearer_auth(TOKEN)
@@ -763,6 +775,126 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
         "1",
         "the job's output"
     );
+    for n in &mut nodes {
+        if let Some(mut c) = n.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+    drop(stop);
+}
+
+/// An XMPP submitter served by a standby (PROTOCOL.md §11.8): its `<submit/>` is stored for
+/// the leader, which runs the job and tells the watcher; a keyed submission sent again is
+/// answered with the same job, read from the shared store; `<status/>` and `<cancel/>` work
+/// through the store, `<discover/>` from the standby's warm fleet.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_serves_xmpp_submitters() {
+    use spine_protocol::{Accepted, Agents, Cancel, Discover, JobState, Outcome, Submit};
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let server = spine_integration::TestServer::start(&[
+        ("dispatcher", "pw-d"),
+        ("agent1", "pw"),
+        ("webapp", "pw-w"),
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = nodes_with(
+        2,
+        dir.path(),
+        &server.addr.to_string(),
+        &pg.url(),
+        "",
+        "submitters = [\"webapp@localhost\"]\n",
+    );
+    let stop = sleeper(&server);
+    nodes[0].spawn();
+    let api = reqwest::Client::new();
+    leader(&api, &nodes, Duration::from_secs(20)).await;
+    nodes[1].spawn();
+    until_standby(&api, &nodes[1].http).await;
+    let standby: jid::Jid = "dispatcher@localhost/d2".parse().unwrap();
+    let mut w =
+        spine_integration::dispatcher::TestDispatcher::new(server.client("webapp", "pw-w").await)
+            .await;
+
+    // <discover/> at the standby, from the fleet it keeps warm (the agent may still be on its
+    // way to it).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = Discover {
+            capability: "work.sleep".parse().unwrap(),
+            filter: None,
+            sort: None,
+            limit: None,
+        };
+        let iq = xmpp_parsers::iq::Iq::from_get("disco-1", d).with_to(standby.clone());
+        w.conn.send(iq).await;
+        let el = w
+            .wait_reply("disco-1")
+            .await
+            .expect("agents")
+            .expect("payload");
+        if Agents::try_from(el).unwrap().agents.len() == 1 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the standby never saw the agent"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // A keyed, watched submission at the standby: accepted there, run by the leader, whose
+    // final status reaches the watcher.
+    let keyed = || {
+        let mut s = Submit::new("work.sleep".parse().unwrap());
+        s.args.0.insert("ms".into(), serde_json::json!(50));
+        s.idempotency_key = Some("order-17".into());
+        s.watch = true;
+        s
+    };
+    let id = w.send_set(&standby, keyed()).await;
+    let el = w.wait_reply(&id).await.expect("accepted").expect("payload");
+    let first = Accepted::try_from(el).unwrap();
+    let end = w.wait_final_status(&first.job).await;
+    assert_eq!(end.state, JobState::Succeeded);
+    match &end.outcome {
+        Some(Outcome::Result(r)) => assert!(
+            matches!(&r.output, Some(spine_protocol::Data::Inline { bytes, .. }) if bytes == b"slept 50"),
+            "{r:?}"
+        ),
+        other => panic!("a result: {other:?}"),
+    }
+    // The same key again, at the standby: the same job, read from the shared store.
+    let id = w.send_set(&standby, keyed()).await;
+    let el = w.wait_reply(&id).await.expect("accepted").expect("payload");
+    let again = Accepted::try_from(el).unwrap();
+    assert_eq!((&again.job, again.state), (&first.job, JobState::Succeeded));
+    // <status/> at the standby.
+    let st = w.status(&standby, &first.job).await.expect("a status");
+    assert_eq!(st.state, JobState::Succeeded);
+
+    // A long job submitted at the standby, cancelled at the standby: the leader cancels it.
+    let mut long = Submit::new("work.sleep".parse().unwrap());
+    long.args.0.insert("ms".into(), serde_json::json!(60_000));
+    long.watch = true;
+    let id = w.send_set(&standby, long).await;
+    let el = w.wait_reply(&id).await.expect("accepted").expect("payload");
+    let job = Accepted::try_from(el).unwrap().job;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    // (Placed and sent to the agent: as of the leader's last commit.)
+    while !matches!(
+        w.status(&standby, &job).await.expect("a status").state,
+        JobState::Dispatched | JobState::Running
+    ) {
+        assert!(tokio::time::Instant::now() < deadline, "never placed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let id = w.send_set(&standby, Cancel { job: job.clone() }).await;
+    assert!(w.wait_reply(&id).await.expect("cancel passed on").is_none());
+    assert_eq!(w.wait_final_status(&job).await.state, JobState::Cancelled);
     for n in &mut nodes {
         if let Some(mut c) = n.child.take() {
             let _ = c.kill().await;

@@ -33,6 +33,7 @@ use crate::blob_gc::BlobGc;
 use crate::blobs::BlobStore;
 use crate::config::DispatcherConfig;
 use crate::core::data::DataPlane;
+use crate::core::standby::{Looked, Lookup, LookupFor};
 use crate::core::{
     ApiReply, ApiRequest, ApiToken, Command, Core, Early, JobEvent, Now, Pending, Ready, Restored,
 };
@@ -171,6 +172,9 @@ struct Elected {
     /// the epoch it began in, and when the next one begins.
     sweeping: Option<(u64, Sweeping)>,
     next_sweep: tokio::time::Instant,
+    /// The reads a standby's core asked for ([`Driver::start_lookups`]) end here.
+    looked_tx: tokio::sync::mpsc::UnboundedSender<(Lookup, Looked)>,
+    looked: tokio::sync::mpsc::UnboundedReceiver<(Lookup, Looked)>,
 }
 
 /// The read of the shared store's old blobs, on a task of its own.
@@ -205,6 +209,8 @@ enum Wake {
     Sweep,
     /// The sweep's read ended (begun in that epoch).
     Swept(u64, Result<Vec<crate::blobs::Stored>, String>),
+    /// A read the core asked for ended.
+    Looked(Box<(Lookup, Looked)>),
 }
 
 /// The read of the standbys' submissions, with the blobs they reference: on a task of its own,
@@ -240,6 +246,7 @@ async fn elected_wake(elected: &mut Option<Elected>) -> Option<Wake> {
                 e.sweeping = None;
                 Some(Wake::Swept(r.0, r.1))
             }
+            r = e.looked.recv() => r.map(|l| Wake::Looked(Box::new(l))),
         },
         None => std::future::pending().await,
     }
@@ -437,6 +444,7 @@ async fn run_inner(
     drop(cmd_tx);
     let t = now();
     let orphan_ttl = cfg.blob_orphan_ttl;
+    let looked = tokio::sync::mpsc::unbounded_channel();
     let (campaign, elected) = match campaign {
         Some((c, rx)) => (
             Some(c),
@@ -456,6 +464,8 @@ async fn run_inner(
                 read_again: false,
                 sweeping: None,
                 next_sweep: tokio::time::Instant::now() + orphan_ttl,
+                looked_tx: looked.0,
+                looked: looked.1,
                 submitted: {
                     let (tx, rx) = tokio::sync::mpsc::channel(1);
                     if let (JobStore::Postgres(pg), Some(ended)) = (&store, &ended) {
@@ -553,6 +563,7 @@ async fn run_inner(
                 Wake::Read(r) => d.take_submitted(r).await,
                 Wake::Sweep => d.sweep_shared(orphan_ttl),
                 Wake::Swept(epoch, r) => d.swept(epoch, r).await?,
+                Wake::Looked(l) => d.core.looked_up(l.0, l.1, now()),
             },
             Some(cmd) = cmd_rx.recv() => d.on_command(cmd),
             Some(spine_xmpp::Status::ReconnectFailed { error, auth, .. }) = status_rx.recv() => {
@@ -637,6 +648,7 @@ impl Driver {
     /// After a turn of the loop: job requests go to agents at once; a commit starts if none
     /// is running and something waits for one (or has lingered long enough).
     async fn flush(&mut self) -> Result<(), DispatcherError> {
+        self.start_lookups();
         self.send_early().await;
         if self.in_flight.is_some() {
             // The changes join the next commit, which starts when this one ends.
@@ -655,6 +667,39 @@ impl Driver {
             }
         }
         Ok(())
+    }
+
+    /// The reads of the shared store a standby's core asked for (its XMPP submitters'
+    /// requests: [`crate::core::standby`]), each on a task of its own; the answers come back
+    /// as [`Wake::Looked`]. (The core bounds how many wait at once.)
+    fn start_lookups(&mut self) {
+        let lookups = self.core.take_lookups();
+        if lookups.is_empty() {
+            return;
+        }
+        let (Some(e), JobStore::Postgres(pg)) = (self.elected.as_ref(), &self.store) else {
+            // Only a standby asks, and only dispatchers sharing PostgreSQL stand by.
+            for l in lookups {
+                self.core.looked_up(l, Err("no shared store".into()), now());
+            }
+            return;
+        };
+        for l in lookups {
+            let (pg, tx) = (pg.clone(), e.looked_tx.clone());
+            tokio::spawn(async move {
+                let r = match &l.what {
+                    LookupFor::Key { submitter, key, .. } => pg.idempotent(submitter, key).await,
+                    LookupFor::Status { job, .. } | LookupFor::Cancel { job, .. } => {
+                        pg.job(job.as_str()).await
+                    }
+                    LookupFor::PassCancel { job } => {
+                        pg.request_cancel(job.as_str()).await.map(|()| None)
+                    }
+                };
+                // The driver is gone: nothing to answer.
+                let _ = tx.send((l, r.map_err(|x| x.to_string())));
+            });
+        }
     }
 
     /// Job requests that leave before their commit: recorded first ([`SentAheadLog`]). Not

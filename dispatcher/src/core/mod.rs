@@ -35,6 +35,7 @@ pub(crate) mod place;
 mod rates;
 pub(crate) mod recent;
 pub(crate) mod requests;
+pub(crate) mod standby;
 mod stats;
 pub(crate) mod submit;
 #[cfg(test)]
@@ -276,6 +277,10 @@ pub(crate) struct Core {
     leads: bool,
     /// A standby's word on who leads (the leader's JID), for its refusals.
     leader_hint: Option<String>,
+    /// A standby's reads of the shared store to make ([`standby::Lookup`]), and how many it
+    /// waits for.
+    lookups: Vec<standby::Lookup>,
+    lookups_waiting: usize,
     /// Event rules (`[[rule]]`).
     triggers: crate::triggers::Rules,
     /// Each rule's counters.
@@ -335,6 +340,8 @@ impl Core {
             ready: Ready::default(),
             leads: true,
             leader_hint: None,
+            lookups: Vec::new(),
+            lookups_waiting: 0,
             triggers: crate::triggers::Rules::new(&cfg.rules).unwrap_or_else(|e| {
                 // `DispatcherConfig::validate` refused such a configuration at load.
                 tracing::error!("event rules not loaded: {e}");

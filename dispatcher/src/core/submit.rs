@@ -18,7 +18,6 @@ use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
 use super::api::{Answer, ApiReply, ApiRequest, ApiToken, Query};
 use super::{Core, Now};
-use crate::deliver::Via;
 use crate::jobs::{Body, JobSpec, SubmitError};
 use crate::policy::{Capabilities, Grant};
 
@@ -261,7 +260,7 @@ impl Core {
 
     /// Whether `from` may read or cancel `job`: its own, or any with `all_jobs`. An unknown
     /// job passes (the request then gets `unknown-job`).
-    fn may_see(&self, grant: &Grant, from: &Jid, job: &JobId) -> bool {
+    pub(super) fn may_see(&self, grant: &Grant, from: &Jid, job: &JobId) -> bool {
         self.jobs
             .get(job)
             .is_none_or(|j| grant.may_see(from.to_bare().as_str(), &j.spec.submitter))
@@ -284,11 +283,16 @@ impl Core {
 
     /// A standby's answer to any request (PROTOCOL.md §11.8): try again in a moment, at the
     /// leader it names if it knows one.
-    fn standby_refusal(&mut self, to: Jid, id: String) {
+    pub(super) fn standby_refusal(&mut self, to: Jid, id: String) {
         let text = match &self.leader_hint {
             Some(l) => format!("standby: this dispatcher does not lead; the leader is {l}"),
             None => "standby: this dispatcher does not lead, and no leader is known yet".into(),
         };
+        self.try_again(to, id, &text);
+    }
+
+    /// A refusal of the moment: `service-unavailable` of type `wait`, with why.
+    pub(super) fn try_again(&mut self, to: Jid, id: String, text: &str) {
         let e = StanzaError::new(
             ErrorType::Wait,
             DefinedCondition::ServiceUnavailable,
@@ -303,10 +307,16 @@ impl Core {
         if !payload.ns().starts_with(spine_protocol::NS_PREFIX) {
             return self.not_ours(from, id);
         }
-        if !self.leads {
-            return self.standby_refusal(from, id);
-        }
         let parsed = spine_protocol::parse_payload(payload);
+        if !self.leads {
+            // Its submitters' requests are served (stored for the leader, or read from the
+            // shared store); agents and the rest are told to go to the leader.
+            return match (self.grant(&from), parsed) {
+                (Some(grant), Ok(p)) => self.standby_set(from, id, grant, p, now),
+                (Some(_), Err(e)) => self.reply_error(from, id, e.to_spine_error()),
+                (None, _) => self.standby_refusal(from, id),
+            };
+        }
         // Chunks come from agents (their outputs) and submitters (their inputs).
         if let Ok(Payload::Chunk(c)) = parsed {
             let known = self.is_registered(&from) || self.grant(&from).is_some();
@@ -337,20 +347,10 @@ impl Core {
             return self.reply_error(from, id, e);
         };
         match parsed {
-            Ok(Payload::Submit(s)) => {
-                let steps = std::iter::once(&s.capability).chain(
-                    s.mapreduce
-                        .iter()
-                        .flat_map(|m| std::iter::once(&m.reduce).chain(m.split.as_ref())),
-                );
-                if let Some(c) = steps.into_iter().find(|c| !grant.capabilities.allows(c)) {
-                    warn!(from = %from, capability = %c, "refused a submission of a capability this submitter may not run");
-                    let e = SpineError::new(Condition::NotAuthorized)
-                        .with_text(format!("this JID may not run {c}"));
-                    return self.reply_error(from, id, e);
-                }
-                self.on_submit(from, id, s, grant.capabilities, now)
-            }
+            Ok(Payload::Submit(s)) => match self.refuse_steps(&from, &grant, &s) {
+                Some(e) => self.reply_error(from, id, e),
+                None => self.on_submit(from, id, s, grant.capabilities, now),
+            },
             Ok(Payload::Event(e)) if !grant.events => {
                 warn!(from = %from, event = %e.id, "refused an event from a submitter that may not send events");
                 let err = SpineError::new(Condition::NotAuthorized)
@@ -358,13 +358,7 @@ impl Core {
                 self.reply_error(from, id, err)
             }
             Ok(Payload::Event(e)) => self.on_event(from, id, e, now),
-            Ok(Payload::Cancel(c)) if !self.may_see(&grant, &from, &c.job) => {
-                self.reply_error(from, id, not_yours(&c.job))
-            }
-            Ok(Payload::Cancel(c)) => match self.cancel_job(&c.job, now) {
-                Ok(_) => self.send(Iq::empty_result(from, id)),
-                Err(e) => self.reply_error(from, id, e),
-            },
+            Ok(Payload::Cancel(c)) => self.cancel_of(from, id, c.job, &grant, now),
             Ok(_) => self.reply_error(
                 from,
                 id,
@@ -376,8 +370,31 @@ impl Core {
         }
     }
 
+    /// The refusal of a submission naming a capability (a step's included) the submitter may
+    /// not run, if it does.
+    pub(super) fn refuse_steps(&self, from: &Jid, grant: &Grant, s: &Submit) -> Option<SpineError> {
+        let steps = std::iter::once(&s.capability).chain(
+            s.mapreduce
+                .iter()
+                .flat_map(|m| std::iter::once(&m.reduce).chain(m.split.as_ref())),
+        );
+        let c = steps.into_iter().find(|c| !grant.capabilities.allows(c))?;
+        warn!(from = %from, capability = %c, "refused a submission of a capability this submitter may not run");
+        Some(
+            SpineError::new(Condition::NotAuthorized)
+                .with_text(format!("this JID may not run {c}")),
+        )
+    }
+
     /// `<submit/>` over XMPP: the job's spec from the request.
-    fn on_submit(&mut self, from: Jid, id: String, s: Submit, visible: Capabilities, now: Now) {
+    pub(super) fn on_submit(
+        &mut self,
+        from: Jid,
+        id: String,
+        s: Submit,
+        visible: Capabilities,
+        now: Now,
+    ) {
         let max_delay = u64::try_from(self.cfg.max_delay.as_millis()).unwrap_or(u64::MAX);
         if let Some(d) = s.delay_ms.filter(|d| *d > max_delay) {
             let e = SpineError::new(Condition::BadArguments)
@@ -431,7 +448,9 @@ impl Core {
             target: None,
             parent: None,
         };
-        let watched = spec.watch.is_some();
+        // (A standby's acceptance hurries: the job ends at the leader, which tells the
+        // watcher; nothing joins this commit.)
+        let watched = spec.watch.is_some() && self.leads;
         match self.accept(spec, s.wait_for_agent, &visible, now) {
             // A watcher hears of the job's end too: its acceptance need not hurry the commit,
             // and shares one with a fast job's outcome.
@@ -459,12 +478,15 @@ impl Core {
         if !payload.ns().starts_with(spine_protocol::NS_PREFIX) {
             return self.not_ours(from, id);
         }
-        if !self.leads {
+        // An agent's request for an upload slot: answered by whether the job runs there, not
+        // by a submitter's grant (the leader's).
+        if !self.leads && self.grant(&from).is_none() {
             return self.standby_refusal(from, id);
         }
-        // An agent's request for an upload slot: answered by whether the job runs there, not
-        // by a submitter's grant.
         if payload.name() == "request-slot" || payload.name() == "request-event-slot" {
+            if !self.leads {
+                return self.standby_refusal(from, id);
+            }
             return match spine_protocol::parse_payload(payload) {
                 Ok(Payload::RequestSlot(r)) => self.on_request_slot(from, id, r, now),
                 Ok(Payload::RequestEventSlot(r)) => self.on_request_event_slot(from, id, r, now),
@@ -478,23 +500,16 @@ impl Core {
             return self.reply_error(from, id, e);
         };
         match spine_protocol::parse_payload(payload) {
-            Ok(Payload::Status(Status { job })) if !self.may_see(&grant, &from, &job) => {
-                self.reply_error(from, id, not_yours(&job))
+            // A standby holds no job: it reads the shared store.
+            Ok(Payload::Status(Status { job })) if !self.leads => {
+                self.standby_status(from, id, job, grant)
             }
+            Ok(Payload::Status(Status { job })) => self.status_of(from, id, job, &grant, now),
             Ok(Payload::Discover(Discover { capability, .. }))
                 if !grant.capabilities.allows(&capability) =>
             {
                 let e = SpineError::new(Condition::NotAuthorized)
                     .with_text(format!("this JID may not run {capability}"));
-                self.reply_error(from, id, e)
-            }
-            Ok(Payload::Status(Status { job })) if self.jobs.get(&job).is_some() => {
-                if let Err(e) = self.send_status(from.clone(), Via::Reply(id.clone()), &job, now) {
-                    self.reply_error(from, id, e);
-                }
-            }
-            Ok(Payload::Status(Status { job })) => {
-                let e = SpineError::new(Condition::UnknownJob).with_text(format!("no job {job}"));
                 self.reply_error(from, id, e)
             }
             Ok(Payload::Discover(Discover {
@@ -523,7 +538,7 @@ impl Core {
 }
 
 /// The refusal of a request about another submitter's job.
-fn not_yours(job: &JobId) -> SpineError {
+pub(super) fn not_yours(job: &JobId) -> SpineError {
     SpineError::new(Condition::NotAuthorized)
         .with_text(format!("job {job} was submitted by someone else"))
 }

@@ -1105,31 +1105,26 @@ fn a_standby_keeps_the_fleet_places_nothing_and_on_winning_sends_running_jobs_ba
     assert_eq!(stored.agent.as_ref(), Some(&a));
 
     // A standby: the same fleet reaches it (advertisements go to the shared bare JID).
-    let mut w = World::new();
-    let cfg = config();
-    let policy = Policy::from_config(&cfg).unwrap();
-    w.core = Core::standby(
-        cfg,
-        policy,
-        Restored::default(),
-        9,
-        w.now,
-        Box::new(crate::jobs::MemoryBlobs::default()),
-    );
-    w.core.session_started(w.now);
-    w.core.take_ready();
-    w.core
-        .set_leader_hint(Some("dispatcher@localhost/d1".to_owned()));
-    w.agent(1, 2);
-    w.agent(2, 2);
+    let mut w = standby_world();
     assert_eq!(w.core.agent_count(), 2, "the registry is warm");
     assert!(!w.core.leads());
-    // It refuses submitters, naming the leader, and stores nothing.
-    let answer = xmpp_submit(
-        &mut w,
-        "s1",
-        spine_protocol::Submit::new(CAP.parse().unwrap()),
-    );
+    w.ready();
+    // It refuses a stranger's request (or an agent's), naming the leader, and stores
+    // nothing; its submitters it serves (below).
+    let stranger: Jid = "stranger@localhost/x".parse().unwrap();
+    let iq =
+        Iq::from_set("s1", spine_protocol::Submit::new(CAP.parse().unwrap())).with_from(stranger);
+    w.core.stanza(iq.into(), w.now);
+    let r = w.ready();
+    let answer = r
+        .stanzas
+        .iter()
+        .find_map(|st| match st {
+            Stanza::Iq(iq) if iq.id() == "s1" => Some(iq.clone()),
+            _ => None,
+        })
+        .expect("an answer");
+    assert!(!r.must_store(), "nothing stored");
     let Iq::Error { error, .. } = answer else {
         panic!("refused: {answer:?}")
     };
@@ -1139,7 +1134,6 @@ fn a_standby_keeps_the_fleet_places_nothing_and_on_winning_sends_running_jobs_ba
     );
     let text = error.texts.values().next().cloned().unwrap_or_default();
     assert!(text.contains("dispatcher@localhost/d1"), "{text}");
-    assert!(!w.ready().must_store(), "nothing stored");
 
     // It wins: the stored job goes back to agent 1 (not idle agent 2) with the same attempt.
     w.core.lead(
@@ -1161,4 +1155,306 @@ fn a_standby_keeps_the_fleet_places_nothing_and_on_winning_sends_running_jobs_ba
     // And it accepts submissions now.
     let (id2, _) = w.submit(spec(CAP)).unwrap();
     assert_eq!(jobs_sent(&w.ready().stanzas).len(), 1, "placed: {id2}");
+}
+
+/// A standby as [`World`]'s core, with two agents of `CAP`, whose leader is d1.
+fn standby_world() -> World {
+    let mut w = World::new();
+    let cfg = config();
+    let policy = Policy::from_config(&cfg).unwrap();
+    w.core = Core::standby(
+        cfg,
+        policy,
+        Restored::default(),
+        9,
+        w.now,
+        Box::new(crate::jobs::MemoryBlobs::default()),
+    );
+    w.core.session_started(w.now);
+    w.core
+        .set_leader_hint(Some("dispatcher@localhost/d1".to_owned()));
+    w.agent(1, 2);
+    w.agent(2, 2);
+    w.ready();
+    w
+}
+
+/// The answer to the IQ `id` among `stanzas`.
+fn answer_to(stanzas: &[Stanza], id: &str) -> Option<Iq> {
+    stanzas.iter().find_map(|st| match st {
+        Stanza::Iq(iq) if iq.id() == id => Some(iq.clone()),
+        _ => None,
+    })
+}
+
+/// A job as the shared store holds it, submitted by `submitter` (a bare JID).
+fn stored_job(w: &mut World, submitter: &str, state: JobState) -> crate::jobs::JobRecord {
+    let mut leader = World::new();
+    leader.now = w.now;
+    let mut s = spec(CAP);
+    s.submitter = submitter.to_owned();
+    let (id, _) = leader.submit_waiting(s, true).unwrap();
+    let mut rec = leader.core.record(&id).unwrap().clone();
+    rec.state = state;
+    rec
+}
+
+#[test]
+fn a_standby_serves_xmpp_submitters_storing_their_jobs_and_reading_the_shared_store() {
+    let mut w = standby_world();
+    let me: Jid = "webapp@localhost/app".parse().unwrap();
+    let set = |w: &mut World, id: &str, payload: minidom::Element| {
+        let iq = Iq::Set {
+            from: Some(me.clone()),
+            to: None,
+            id: id.to_owned(),
+            payload,
+        };
+        w.core.stanza(iq.into(), w.now);
+    };
+    let get = |w: &mut World, id: &str, payload: minidom::Element| {
+        let iq = Iq::Get {
+            from: Some(me.clone()),
+            to: None,
+            id: id.to_owned(),
+            payload,
+        };
+        w.core.stanza(iq.into(), w.now);
+    };
+    // A submission without a key: stored for the leader (not placed), then acknowledged.
+    let mut s = spine_protocol::Submit::new(CAP.parse().unwrap());
+    s.watch = true;
+    set(&mut w, "s1", s.into());
+    assert!(w.core.take_lookups().is_empty(), "no read needed");
+    let r = w.ready();
+    assert_eq!(r.persist.len(), 1, "stored for the leader");
+    assert!(jobs_sent(&r.stanzas).is_empty(), "a standby places nothing");
+    let Some(Iq::Result {
+        payload: Some(el), ..
+    }) = answer_to(&r.stanzas, "s1")
+    else {
+        panic!("accepted: {:?}", r.stanzas);
+    };
+    let first = spine_protocol::Accepted::try_from(el).unwrap();
+    let rec = w.core.record(&first.job).unwrap();
+    assert_eq!(
+        rec.spec.watch,
+        Some(me.clone()),
+        "the leader tells the watcher"
+    );
+    assert_eq!(rec.spec.submitter, "webapp@localhost");
+
+    // A keyed submission waits for a read of the key; a key the store knows answers its job.
+    let keyed = || spine_protocol::Submit {
+        idempotency_key: Some("k-1".into()),
+        ..spine_protocol::Submit::new(CAP.parse().unwrap())
+    };
+    set(&mut w, "s2", keyed().into());
+    assert!(
+        answer_to(&w.ready().stanzas, "s2").is_none(),
+        "not before the read"
+    );
+    let mut lookups = w.core.take_lookups();
+    assert_eq!(lookups.len(), 1);
+    match &lookups[0].what {
+        standby::LookupFor::Key { submitter, key, .. } => {
+            assert_eq!(
+                (submitter.as_str(), key.as_str()),
+                ("webapp@localhost", "k-1")
+            )
+        }
+        other => panic!("a key's read: {other:?}"),
+    }
+    let known = stored_job(&mut w, "webapp@localhost", JobState::Running);
+    w.core
+        .looked_up(lookups.remove(0), Ok(Some(known.clone())), w.now);
+    let r = w.ready();
+    assert!(!r.must_store(), "nothing new stored");
+    let Some(Iq::Result {
+        payload: Some(el), ..
+    }) = answer_to(&r.stanzas, "s2")
+    else {
+        panic!("accepted: {:?}", r.stanzas);
+    };
+    let again = spine_protocol::Accepted::try_from(el).unwrap();
+    assert_eq!(
+        (again.job, again.state),
+        (known.id.clone(), JobState::Running)
+    );
+    // A key the store does not know: stored as a new job.
+    set(&mut w, "s3", keyed().into());
+    let l = w.core.take_lookups().remove(0);
+    w.core.looked_up(l, Ok(None), w.now);
+    let r = w.ready();
+    assert_eq!(r.persist.len(), 1);
+    assert!(matches!(
+        answer_to(&r.stanzas, "s3"),
+        Some(Iq::Result { .. })
+    ));
+    // The store cannot be read: try again (wait), nothing stored.
+    set(&mut w, "s4", keyed().into());
+    let l = w.core.take_lookups().remove(0);
+    w.core.looked_up(l, Err("connection refused".into()), w.now);
+    let r = w.ready();
+    assert!(!r.must_store());
+    let Some(Iq::Error { error, .. }) = answer_to(&r.stanzas, "s4") else {
+        panic!("refused: {:?}", r.stanzas);
+    };
+    assert_eq!(
+        (error.type_, error.defined_condition),
+        (ErrorType::Wait, DefinedCondition::ServiceUnavailable)
+    );
+
+    // <status/>: read from the store; another submitter's job is not this one's to see.
+    get(
+        &mut w,
+        "q1",
+        spine_protocol::Status {
+            job: known.id.clone(),
+        }
+        .into(),
+    );
+    let l = w.core.take_lookups().remove(0);
+    w.core.looked_up(l, Ok(Some(known.clone())), w.now);
+    let r = w.ready();
+    let Some(Iq::Result {
+        payload: Some(el), ..
+    }) = answer_to(&r.stanzas, "q1")
+    else {
+        panic!("a status: {:?}", r.stanzas);
+    };
+    let st = spine_protocol::JobStatus::try_from(el).unwrap();
+    assert_eq!((st.job, st.state), (known.id.clone(), JobState::Running));
+    let theirs = stored_job(&mut w, "other@localhost", JobState::Running);
+    get(
+        &mut w,
+        "q2",
+        spine_protocol::Status {
+            job: theirs.id.clone(),
+        }
+        .into(),
+    );
+    let l = w.core.take_lookups().remove(0);
+    w.core.looked_up(l, Ok(Some(theirs.clone())), w.now);
+    let Some(Iq::Error { error, .. }) = answer_to(&w.ready().stanzas, "q2") else {
+        panic!("refused");
+    };
+    let e = SpineError::from_stanza_error(&error).unwrap().unwrap();
+    assert_eq!(e.condition, Condition::NotAuthorized);
+    get(
+        &mut w,
+        "q3",
+        spine_protocol::Status {
+            job: "nosuchjob".parse().unwrap(),
+        }
+        .into(),
+    );
+    let l = w.core.take_lookups().remove(0);
+    w.core.looked_up(l, Ok(None), w.now);
+    let Some(Iq::Error { error, .. }) = answer_to(&w.ready().stanzas, "q3") else {
+        panic!("unknown");
+    };
+    let e = SpineError::from_stanza_error(&error).unwrap().unwrap();
+    assert_eq!(e.condition, Condition::UnknownJob);
+
+    // <cancel/>: read, checked, passed on to the leader through the store, then answered.
+    set(
+        &mut w,
+        "c1",
+        spine_protocol::Cancel {
+            job: known.id.clone(),
+        }
+        .into(),
+    );
+    let l = w.core.take_lookups().remove(0);
+    w.core.looked_up(l, Ok(Some(known.clone())), w.now);
+    assert!(
+        answer_to(&w.ready().stanzas, "c1").is_none(),
+        "not before it is passed on"
+    );
+    let l = w.core.take_lookups().remove(0);
+    assert!(
+        matches!(&l.what, standby::LookupFor::PassCancel { job } if *job == known.id),
+        "{l:?}"
+    );
+    w.core.looked_up(l, Ok(None), w.now);
+    assert!(matches!(
+        answer_to(&w.ready().stanzas, "c1"),
+        Some(Iq::Result { payload: None, .. })
+    ));
+    // An ended job keeps its outcome: answered without passing anything on.
+    let ended = stored_job(&mut w, "webapp@localhost", JobState::Succeeded);
+    set(
+        &mut w,
+        "c2",
+        spine_protocol::Cancel {
+            job: ended.id.clone(),
+        }
+        .into(),
+    );
+    let l = w.core.take_lookups().remove(0);
+    w.core.looked_up(l, Ok(Some(ended)), w.now);
+    assert!(w.core.take_lookups().is_empty());
+    assert!(matches!(
+        answer_to(&w.ready().stanzas, "c2"),
+        Some(Iq::Result { payload: None, .. })
+    ));
+
+    // <discover/>: from the fleet the standby keeps warm.
+    let d = spine_protocol::Discover {
+        capability: CAP.parse().unwrap(),
+        filter: None,
+        sort: None,
+        limit: None,
+    };
+    get(&mut w, "d1", d.into());
+    let Some(Iq::Result {
+        payload: Some(el), ..
+    }) = answer_to(&w.ready().stanzas, "d1")
+    else {
+        panic!("agents");
+    };
+    assert_eq!(
+        spine_protocol::Agents::try_from(el).unwrap().agents.len(),
+        2
+    );
+
+    // Events and chunks stay the leader's: refused, naming it.
+    let chunk_like = spine_protocol::Submit {
+        input: Some(Data::Blob(spine_protocol::BlobRef {
+            blob: "in1".parse().unwrap(),
+            size: 10,
+            sha256: [7; 32],
+            mime: None,
+        })),
+        ..spine_protocol::Submit::new(CAP.parse().unwrap())
+    };
+    set(&mut w, "b1", chunk_like.into());
+    let Some(Iq::Error { error, .. }) = answer_to(&w.ready().stanzas, "b1") else {
+        panic!("refused");
+    };
+    let text = error.texts.values().next().cloned().unwrap_or_default();
+    assert!(text.contains("dispatcher@localhost/d1"), "{text}");
+}
+
+#[test]
+fn a_standby_bounds_the_reads_it_waits_for() {
+    let mut w = standby_world();
+    let me: Jid = "webapp@localhost/app".parse().unwrap();
+    for i in 0..=standby::MAX_LOOKUPS {
+        let iq = Iq::from_get(
+            format!("q{i}"),
+            spine_protocol::Status {
+                job: "somejob".parse().unwrap(),
+            },
+        )
+        .with_from(me.clone());
+        w.core.stanza(iq.into(), w.now);
+    }
+    assert_eq!(w.core.take_lookups().len(), standby::MAX_LOOKUPS);
+    let last = format!("q{}", standby::MAX_LOOKUPS);
+    let Some(Iq::Error { error, .. }) = answer_to(&w.ready().stanzas, &last) else {
+        panic!("the one over the bound is refused");
+    };
+    assert_eq!(error.type_, ErrorType::Wait);
 }
