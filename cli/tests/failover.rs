@@ -273,8 +273,9 @@ fn nodes_with(
         .collect()
 }
 
-/// An agent (account agent1) with 4 slots of `work.sleep` (sleeps `ms`, outputs `slept {ms}`)
-/// and `work.big` (a 200 KiB output); it stops when the sender is dropped or sent to.
+/// An agent (account agent1) with 4 slots of `work.sleep` (sleeps `ms`, outputs `slept {ms}`),
+/// `work.big` (a 200 KiB output) and `work.halves` (reports 50 % after 0.4 s, ends 0.4 s
+/// later); it stops when the sender is dropped or sent to.
 fn sleeper(server: &spine_integration::TestServer) -> tokio::sync::oneshot::Sender<()> {
     let cfg = spine_integration::farm::agent_config(server, 1, "slots = 4");
     let agent = Agent::builder(cfg)
@@ -285,6 +286,12 @@ fn sleeper(server: &spine_integration::TestServer) -> tokio::sync::oneshot::Send
         })
         .capability("work.big", None, |_ctx: JobContext| async move {
             Ok::<_, JobError>(Output::bytes(large_input(7)))
+        })
+        .capability("work.halves", None, |ctx: JobContext| async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            ctx.progress(50, "half way");
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            Ok::<_, JobError>(Output::bytes("done"))
         })
         .build()
         .unwrap();
@@ -302,6 +309,40 @@ async fn until_standby(api: &reqwest::Client, http: &str) {
         assert!(tokio::time::Instant::now() < deadline, "no standby");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// The whole of an event stream that ends (a job's own), read within 20 s.
+async fn stream_text(api: &reqwest::Client, url: String) -> String {
+    api.get(url)
+        .bearer_auth(TOKEN)
+        .timeout(Duration::from_secs(20))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// An open event stream that does not end (every job's).
+async fn open_stream(api: &reqwest::Client, url: String) -> reqwest::Response {
+    let r = api.get(url).bearer_auth(TOKEN).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    r
+}
+
+/// What `stream` sends until it has sent `needle`, within 20 s.
+async fn read_until(stream: &mut reqwest::Response, needle: &str) -> String {
+    let mut seen = String::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !seen.contains(needle) {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(left, stream.chunk()).await {
+            Ok(Ok(Some(c))) => seen.push_str(&String::from_utf8_lossy(&c)),
+            other => panic!("the stream ended or stalled ({other:?}): {seen}"),
+        }
+    }
+    seen
 }
 
 fn percentile(sorted: &[u64], p: f64) -> u64 {
@@ -638,40 +679,44 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
             .send()
     };
     // Every job's events at the standby: the final ones, read from the shared store.
-    let mut all = api
-        .get(format!("http://{standby}/v1/jobs/events"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(all.status().as_u16(), 200);
+    let mut all = open_stream(&api, format!("http://{standby}/v1/jobs/events")).await;
     // A short job, followed through the standby's event stream to its end.
     let short: serde_json::Value = submit(300).await.unwrap().json().await.unwrap();
     let short = short["id"].as_str().expect("id").to_owned();
-    let mut seen = String::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !seen.contains(&format!("\"id\":\"{short}\"")) {
-        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match tokio::time::timeout(left, all.chunk()).await {
-            Ok(Ok(Some(c))) => seen.push_str(&String::from_utf8_lossy(&c)),
-            other => panic!("the every-job stream ended or stalled ({other:?}): {seen}"),
-        }
-    }
+    let seen = read_until(&mut all, &format!("\"id\":\"{short}\"")).await;
     assert!(seen.contains("event: final"), "{seen}");
     assert!(seen.contains("\"state\":\"succeeded\""), "{seen}");
     drop(all);
-    let events = api
-        .get(format!("http://{standby}/v1/jobs/{short}/events"))
-        .bearer_auth(TOKEN)
-        .timeout(Duration::from_secs(20))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let events = stream_text(&api, format!("http://{standby}/v1/jobs/{short}/events")).await;
     assert!(events.contains("event: final"), "{events}");
     assert!(events.contains("\"state\":\"succeeded\""), "{events}");
+    // The leader's progress reaches the standby's streams (relayed through PostgreSQL): the
+    // job's own, and every job's.
+    let mut all = open_stream(&api, format!("http://{standby}/v1/jobs/events")).await;
+    let halves = json_of(api.post(format!("http://{standby}/v1/jobs")).json(
+        &serde_json::json!({"capability": "work.halves", "progress": true, "wait_for_agent": true}),
+    ))
+    .await;
+    let halves = halves["id"].as_str().expect("id").to_owned();
+    let own = stream_text(&api, format!("http://{standby}/v1/jobs/{halves}/events")).await;
+    let progress = own.find("event: progress").unwrap_or_else(|| {
+        panic!(
+            "{own}\n{}\n{}",
+            std::fs::read_to_string(&nodes[0].log).unwrap_or_default(),
+            std::fs::read_to_string(&nodes[1].log).unwrap_or_default()
+        )
+    });
+    assert!(own[progress..].contains("half way"), "{own}");
+    assert!(
+        own[progress..].contains("event: final"),
+        "after the progress: {own}"
+    );
+    let seen = read_until(&mut all, &format!("\"id\":\"{halves}\"")).await;
+    assert!(
+        seen.contains(&format!("\"job\":\"{halves}\"")) && seen.contains("half way"),
+        "{seen}"
+    );
+    drop(all);
     // A large output (a blob the leader stored) read at the standby, whose blob directory
     // never had it.
     let big = json_of(

@@ -35,7 +35,8 @@ use crate::config::DispatcherConfig;
 use crate::core::data::DataPlane;
 use crate::core::standby::{Looked, Lookup, LookupFor};
 use crate::core::{
-    ApiReply, ApiRequest, ApiToken, Command, Core, Early, JobEvent, Now, Pending, Ready, Restored,
+    ApiReply, ApiRequest, ApiToken, Command, Core, Early, EventKind, JobEvent, Now, Pending, Ready,
+    Restored,
 };
 use crate::error::DispatcherError;
 use crate::http::Handle;
@@ -172,6 +173,9 @@ struct Elected {
     /// the epoch it began in, and when the next one begins.
     sweeping: Option<(u64, Sweeping)>,
     next_sweep: tokio::time::Instant,
+    /// Leading, its jobs' progress and partial events go to the standbys' streams through
+    /// this ([`spawn_relay`]).
+    relay: Option<tokio::sync::mpsc::Sender<JobEvent>>,
     /// The reads a standby's core asked for ([`Driver::start_lookups`]) end here.
     looked_tx: tokio::sync::mpsc::UnboundedSender<(Lookup, Looked)>,
     looked: tokio::sync::mpsc::UnboundedReceiver<(Lookup, Looked)>,
@@ -250,6 +254,27 @@ async fn elected_wake(elected: &mut Option<Elected>) -> Option<Wake> {
         },
         None => std::future::pending().await,
     }
+}
+
+/// The task that relays a leader's progress and partial events to the standbys
+/// (PostgreSQL's `spine_events`), as many per notification as fit; best effort, apart from the
+/// commits: an event it cannot send is dropped (a standby's stream misses it).
+fn spawn_relay(pg: Arc<crate::store::postgres::PgStore>) -> tokio::sync::mpsc::Sender<JobEvent> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<JobEvent>(4096);
+    tokio::spawn(async move {
+        let mut batch = Vec::new();
+        while rx.recv_many(&mut batch, 512).await > 0 {
+            let payloads = crate::store::postgres::relay_payloads(&batch);
+            batch.clear();
+            if payloads.is_empty() {
+                continue;
+            }
+            if let Err(e) = pg.relay(&payloads).await {
+                warn!("could not relay events to the standbys: {e}");
+            }
+        }
+    });
+    tx
 }
 
 /// A commit on its way to disk, and what leaves once it is there.
@@ -372,6 +397,8 @@ async fn run_inner(
     }
     // Ids of jobs the leader announces ended, for the callers a standby has waiting.
     let ended = elected.then(|| broadcast::channel::<String>(4096).0);
+    // The leader's progress and partial events, relayed to a standby's event streams.
+    let relayed = elected.then(|| broadcast::channel::<JobEvent>(4096).0);
     let campaign = match &store {
         JobStore::Postgres(pg) => {
             let holder = format!("{}#{:016x}", conn.jid(), rand::rng().random::<u64>());
@@ -421,6 +448,7 @@ async fn run_inner(
                     JobStore::Redb(_) => None,
                 },
                 ended.clone(),
+                relayed.clone(),
             );
         if let Ok(addr) = listener.local_addr() {
             let scheme = listener.scheme();
@@ -468,10 +496,16 @@ async fn run_inner(
                 looked: looked.1,
                 submitted: {
                     let (tx, rx) = tokio::sync::mpsc::channel(1);
-                    if let (JobStore::Postgres(pg), Some(ended)) = (&store, &ended) {
-                        pg.listen(tx, ended.clone());
+                    if let (JobStore::Postgres(pg), Some(ended), Some(relayed)) =
+                        (&store, &ended, &relayed)
+                    {
+                        pg.listen(tx, ended.clone(), relayed.clone());
                     }
                     rx
+                },
+                relay: match &store {
+                    JobStore::Postgres(pg) => Some(spawn_relay(pg.clone())),
+                    JobStore::Redb(_) => None,
                 },
             }),
         ),
@@ -881,9 +915,18 @@ impl Driver {
                 let _ = tx.send(reply);
             }
         }
+        let relay = self
+            .elected
+            .as_ref()
+            .filter(|_| self.core.leads())
+            .and_then(|e| e.relay.as_ref());
         for ev in ready.events {
             if let Some(w) = &self.waiters {
                 w.event(&ev);
+            }
+            if let (Some(r), EventKind::Progress | EventKind::Partial) = (relay, ev.kind) {
+                // A full relay drops the event: a standby's stream misses it, nothing waits.
+                let _ = r.try_send(ev.clone());
             }
             // No receiver is fine.
             let _ = self.events.send(ev);

@@ -228,6 +228,17 @@ pub(super) async fn fleet_events(
     Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15))))
 }
 
+/// A job's event on the every-job stream: its data names the job (`job`).
+fn job_sse(ev: crate::core::JobEvent) -> SseEvent {
+    let mut data = ev.data;
+    if let Some(o) = data.as_object_mut() {
+        o.entry("job").or_insert_with(|| json!(ev.job));
+    }
+    SseEvent::default()
+        .event(ev.kind.as_str())
+        .data(data.to_string())
+}
+
 fn sse(kind: &str, data: &impl Serialize) -> SseEvent {
     SseEvent::default()
         .event(kind)
@@ -237,7 +248,7 @@ fn sse(kind: &str, data: &impl Serialize) -> SseEvent {
 #[utoipa::path(
     get, path = "/v1/jobs/events", tag = "jobs",
     summary = "Every job's events the caller may see, on one stream",
-    description = "`progress`, `partial` and `final` events (as on a job's own stream) of every job the caller may see: its own, or all with all_jobs. Each event's data names its job (`id` in a final Job, `job` otherwise). At a standby (several dispatchers): `final` events only, read from the shared store when the leader announces the ends.",
+    description = "`progress`, `partial` and `final` events (as on a job's own stream) of every job the caller may see: its own, or all with all_jobs. Each event's data names its job (`id` in a final Job, `job` otherwise). At a standby (several dispatchers) the leader's `progress` and `partial` events are relayed (best effort: one over 7,900 bytes is not) and the `final` events read from the shared store when the leader announces the ends.",
     responses(
         (status = 200, description = "Server-sent events", content_type = "text/event-stream", body = String),
         Refusals,
@@ -251,17 +262,37 @@ pub(super) async fn jobs_events(
     let slot = h.streams.open(&caller.name, &h.limits)?;
     let mut rx = h.events.subscribe();
     let mut ended = h.ended.as_ref().map(broadcast::Sender::subscribe);
+    let mut relayed = h.relayed.as_ref().map(broadcast::Sender::subscribe);
     let me = caller.submitter();
     let h2 = h.clone();
     let stream = async_stream(move |tx| async move {
         let _slot = slot;
-        // A standby hears only that jobs ended (the leader's announcements): it reads each
-        // from the shared store and sends its final event; no progress. It looks every
-        // second whether it leads now, and then follows the events as the leader does.
+        // A standby hears of jobs from the leader: progress and partial results relayed
+        // (PostgreSQL's `spine_events`, best effort), and the ends announced, each read from
+        // the shared store for its final event. It looks every second whether it leads now,
+        // and then follows the events as the leader does.
         while let (Some(pg), Some(ended)) = (h2.standby_store().cloned(), ended.as_mut()) {
+            let relayed_event = async {
+                match relayed.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             let id = tokio::select! {
                 _ = tx.closed() => return,
                 r = tokio::time::timeout(Duration::from_secs(1), ended.recv()) => r,
+                ev = relayed_event => {
+                    match ev {
+                        Ok(ev) if caller.grant.may_see(&me, &ev.submitter) => {
+                            if tx.send(job_sse(ev)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => relayed = None,
+                    }
+                    continue;
+                }
             };
             let event = match id {
                 Err(_) => continue,
@@ -298,13 +329,7 @@ pub(super) async fn jobs_events(
                     if ev.kind != crate::core::EventKind::Fired
                         && caller.grant.may_see(&me, &ev.submitter) =>
                 {
-                    let mut data = ev.data;
-                    if let Some(o) = data.as_object_mut() {
-                        o.entry("job").or_insert_with(|| json!(ev.job));
-                    }
-                    SseEvent::default()
-                        .event(ev.kind.as_str())
-                        .data(data.to_string())
+                    job_sse(ev)
                 }
                 Ok(_) => continue,
                 Err(broadcast::error::RecvError::Lagged(n)) => SseEvent::default()

@@ -88,6 +88,8 @@ pub(crate) struct Handle {
     shared: Option<Arc<crate::store::postgres::PgStore>>,
     /// Ids of jobs the leader announced ended (a standby's waiting callers look again).
     pub(crate) ended: Option<broadcast::Sender<String>>,
+    /// The leader's progress and partial events, relayed to a standby's event streams.
+    pub(crate) relayed: Option<broadcast::Sender<crate::core::JobEvent>>,
     /// Webhook senders that sign their requests (`[[webhook]]`), by name.
     pub(crate) webhooks: Arc<std::collections::HashMap<String, crate::triggers::Webhook>>,
 }
@@ -119,6 +121,7 @@ impl Handle {
             leadership: None,
             shared: None,
             ended: None,
+            relayed: None,
             webhooks: Arc::default(),
         }
     }
@@ -148,9 +151,11 @@ impl Handle {
         mut self,
         store: Option<Arc<crate::store::postgres::PgStore>>,
         ended: Option<broadcast::Sender<String>>,
+        relayed: Option<broadcast::Sender<crate::core::JobEvent>>,
     ) -> Self {
         self.shared = store;
         self.ended = ended;
+        self.relayed = relayed;
         self
     }
 

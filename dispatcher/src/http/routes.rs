@@ -491,6 +491,7 @@ pub(super) async fn events(
     let slot = h.streams.open(&caller.name, &h.limits)?;
     // Subscribe before reading the state, so nothing falls between the two.
     let mut rx = h.events.subscribe();
+    let mut relayed = h.relayed.as_ref().map(broadcast::Sender::subscribe);
     let rec = find_job(&h, &id).await?;
     caller.check_sees(&rec)?;
     let h2 = h.clone();
@@ -509,22 +510,39 @@ pub(super) async fn events(
         {
             return;
         }
-        // A standby hears only that a job ended (the leader's announcement): its stream
-        // carries the final event and no progress.
+        // A standby hears of the job from the leader: its progress and partial results
+        // relayed (PostgreSQL's `spine_events`, best effort), and its end announced, after
+        // which the stream's final event is the job read from the shared store.
+        let mut ended = Box::pin(waited(&h2, &id, Duration::from_secs(60)));
         while h2.standby_store().is_some() {
-            let ended = tokio::select! {
-                _ = tx.closed() => return,
-                r = waited(&h2, &id, Duration::from_secs(60)) => r,
-            };
-            match ended {
-                Ok((true, job)) => {
-                    let _ = tx
-                        .send(SseEvent::default().event("final").data(job.to_string()))
-                        .await;
-                    return;
+            let relayed_event = async {
+                match relayed.as_mut() {
+                    Some(r) => r.recv().await,
+                    None => std::future::pending().await,
                 }
-                Ok((false, _)) => {}
-                Err(_) => return,
+            };
+            tokio::select! {
+                _ = tx.closed() => return,
+                r = &mut ended => match r {
+                    Ok((true, job)) => {
+                        let _ = tx
+                            .send(SseEvent::default().event("final").data(job.to_string()))
+                            .await;
+                        return;
+                    }
+                    Ok((false, _)) => ended = Box::pin(waited(&h2, &id, Duration::from_secs(60))),
+                    Err(_) => return,
+                },
+                ev = relayed_event => match ev {
+                    Ok(ev) if ev.job == id => {
+                        let e = SseEvent::default().event(ev.kind.as_str()).data(ev.data.to_string());
+                        if tx.send(e).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => relayed = None,
+                },
             }
         }
         loop {

@@ -32,6 +32,7 @@ use tracing::{info, warn};
 
 use super::{decode_job, OwnedBatch, StoreError};
 use crate::blobs::Stored;
+use crate::core::{EventKind, JobEvent};
 use crate::election::{Answer, Ask};
 use crate::jobs::JobRecord;
 
@@ -64,6 +65,11 @@ const SUBMITTED: &str = "spine_submitted";
 const ENDED: &str = "spine_ended";
 /// Job ids per notification of [`ENDED`] (a payload holds under 8000 bytes).
 const ENDED_PER_NOTIFY: usize = 150;
+/// The channel the leader relays its jobs' progress and partial results on, for the event
+/// streams of standbys ([`relay_payloads`]).
+const EVENTS: &str = "spine_events";
+/// Bytes of one notification of [`EVENTS`] (PostgreSQL's limit is 8000).
+const RELAY_PAYLOAD: usize = 7900;
 
 /// Connections for reads ([`PgStore::job`] and the like).
 const READERS: usize = 4;
@@ -530,6 +536,22 @@ impl PgStore {
         tx.commit().await.map_err(|x| self.err(x))
     }
 
+    /// Relays events to the standbys' event streams ([`EVENTS`]; payloads of
+    /// [`relay_payloads`]), in one statement.
+    pub async fn relay(&self, payloads: &[String]) -> Result<(), StoreError> {
+        let i = self.next_read.fetch_add(1, Ordering::Relaxed) % READERS;
+        let mut slot = self.read_conns[i].lock().await;
+        let c = self.live(&mut slot).await?;
+        c.client
+            .execute(
+                "SELECT pg_notify($1, p) FROM UNNEST($2::text[]) WITH ORDINALITY AS t(p, n) ORDER BY n",
+                &[&EVENTS, &payloads],
+            )
+            .await
+            .map_err(|x| self.err(x))?;
+        Ok(())
+    }
+
     /// The cancels standbys were asked for that the leader has not made yet.
     pub async fn cancels(&self) -> Result<Vec<String>, StoreError> {
         let i = self.next_read.fetch_add(1, Ordering::Relaxed) % READERS;
@@ -618,6 +640,7 @@ impl PgStore {
         self: &Arc<Self>,
         tx: tokio::sync::mpsc::Sender<()>,
         ended: tokio::sync::broadcast::Sender<String>,
+        relayed: tokio::sync::broadcast::Sender<JobEvent>,
     ) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -633,7 +656,7 @@ impl PgStore {
                     }
                 };
                 let (ntx, mut nrx) = tokio::sync::mpsc::unbounded_channel();
-                let ended = ended.clone();
+                let (ended, relayed) = (ended.clone(), relayed.clone());
                 let driver = tokio::spawn(async move {
                     let mut messages =
                         futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -644,6 +667,11 @@ impl PgStore {
                                     // No standby waiting is fine.
                                     let _ = ended.send(id.to_owned());
                                 }
+                            } else if n.channel() == EVENTS {
+                                for ev in relayed_events(n.payload()) {
+                                    // No stream open is fine.
+                                    let _ = relayed.send(ev);
+                                }
                             } else {
                                 let _ = ntx.send(());
                             }
@@ -651,7 +679,9 @@ impl PgStore {
                     }
                 });
                 if client
-                    .batch_execute(&format!("LISTEN {SUBMITTED}; LISTEN {ENDED}"))
+                    .batch_execute(&format!(
+                        "LISTEN {SUBMITTED}; LISTEN {ENDED}; LISTEN {EVENTS}"
+                    ))
                     .await
                     .is_ok()
                 {
@@ -1312,9 +1342,102 @@ async fn migrate(client: &mut Client) -> Result<(), String> {
     result
 }
 
+/// One relayed event, as a line of a notification of [`EVENTS`].
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Relayed<'a> {
+    job: &'a str,
+    submitter: &'a str,
+    kind: &'a str,
+    data: serde_json::Value,
+}
+
+/// The progress and partial events among `events` as payloads of [`EVENTS`]: one JSON object
+/// per line, as many lines per payload as fit in [`RELAY_PAYLOAD`] bytes. An event that alone
+/// does not fit (a partial result of several KiB) is left out: a standby's streams miss it.
+pub fn relay_payloads<'a>(events: impl IntoIterator<Item = &'a JobEvent>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for ev in events {
+        if !matches!(ev.kind, EventKind::Progress | EventKind::Partial) {
+            continue;
+        }
+        let line = serde_json::to_string(&Relayed {
+            job: ev.job.as_str(),
+            submitter: &ev.submitter,
+            kind: ev.kind.as_str(),
+            data: ev.data.clone(),
+        })
+        .unwrap_or_default();
+        if line.is_empty() || line.len() > RELAY_PAYLOAD {
+            tracing::debug!(job = %ev.job, bytes = line.len(), "an event too large to relay to standbys");
+            continue;
+        }
+        if !current.is_empty() && current.len() + 1 + line.len() > RELAY_PAYLOAD {
+            out.push(std::mem::take(&mut current));
+        }
+        if !current.is_empty() {
+            current.push('\n');
+        }
+        current.push_str(&line);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// The events of a payload of [`EVENTS`] (lines that do not parse are skipped).
+fn relayed_events(payload: &str) -> Vec<JobEvent> {
+    payload
+        .lines()
+        .filter_map(|l| {
+            let r: Relayed<'_> = serde_json::from_str(l).ok()?;
+            let kind = match r.kind {
+                "progress" => EventKind::Progress,
+                "partial" => EventKind::Partial,
+                _ => return None,
+            };
+            Some(JobEvent {
+                job: r.job.parse().ok()?,
+                submitter: r.submitter.to_owned(),
+                kind,
+                data: r.data,
+            })
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn relayed_events_fill_payloads_under_the_limit_and_read_back() {
+        let ev = |n: usize, kind: EventKind, bytes: usize| JobEvent {
+            job: format!("job-{n}").parse().unwrap(),
+            submitter: "http:web".into(),
+            kind,
+            data: serde_json::json!({ "percent": n, "message": "x".repeat(bytes) }),
+        };
+        let mut events: Vec<JobEvent> = (0..100).map(|n| ev(n, EventKind::Progress, 100)).collect();
+        events.push(ev(100, EventKind::Final, 10));
+        events.push(ev(101, EventKind::Partial, 9000));
+        events.push(ev(102, EventKind::Partial, 10));
+        let payloads = relay_payloads(&events);
+        assert!(payloads.len() >= 2, "{}", payloads.len());
+        assert!(payloads.iter().all(|p| p.len() <= RELAY_PAYLOAD));
+        let back: Vec<JobEvent> = payloads.iter().flat_map(|p| relayed_events(p)).collect();
+        // The final event is not relayed (standbys read ends from the store), nor the one
+        // too large; the rest arrive in order, whole.
+        assert_eq!(back.len(), 101);
+        assert_eq!(back[0].job.as_str(), "job-0");
+        assert_eq!(back[0].submitter, "http:web");
+        assert_eq!(back[0].kind, EventKind::Progress);
+        assert_eq!(back[0].data, events[0].data);
+        assert_eq!(back[100].job.as_str(), "job-102");
+        assert_eq!(back[100].kind, EventKind::Partial);
+        assert!(relayed_events("not json\n{\"job\":1}").is_empty());
+    }
 
     #[test]
     fn urls_off_loopback_must_require_tls_and_messages_never_show_the_password() {
