@@ -44,7 +44,7 @@ use crate::jobs::JobRecord;
 use crate::leadership::{Campaign, Leadership};
 use crate::policy::Policy;
 use crate::sent_ahead::SentAheadLog;
-use crate::store::postgres::Contact;
+use crate::store::postgres::{Contact, Ended};
 use crate::store::{Batch, Fence, JobStore, OwnedBatch, StoreError};
 
 /// Most events handled in one turn of the loop, before the commit pipeline is looked at.
@@ -161,6 +161,9 @@ struct Elected {
     blob_deletes: Vec<[u8; 32]>,
     /// Jobs standbys stored that this leader took, to strike from their table next commit.
     adopted: Vec<String>,
+    /// Jobs standbys stored that this leader took and that have not ended: announced with
+    /// their views when they end ([`OwnedBatch::ended`]).
+    from_standbys: HashSet<spine_protocol::JobId>,
     /// Cancels asked of standbys that this leader made, likewise.
     cancelled: Vec<String>,
     /// Woken when a standby stored a submission ([`crate::store::postgres::PgStore::listen`]).
@@ -396,7 +399,7 @@ async fn run_inner(
         info!(jid = %conn.jid(), jobs = held, unfinished, store = %store.describe(), "dispatcher connected");
     }
     // Ids of jobs the leader announces ended, for the callers a standby has waiting.
-    let ended = elected.then(|| broadcast::channel::<String>(4096).0);
+    let ended = elected.then(|| broadcast::channel::<Ended>(4096).0);
     // The leader's progress and partial events, relayed to a standby's event streams.
     let relayed = elected.then(|| broadcast::channel::<JobEvent>(4096).0);
     let campaign = match &store {
@@ -487,6 +490,7 @@ async fn run_inner(
                 mirrored: HashSet::new(),
                 blob_deletes: Vec::new(),
                 adopted: Vec::new(),
+                from_standbys: HashSet::new(),
                 cancelled: Vec::new(),
                 reading: None,
                 read_again: false,
@@ -872,11 +876,18 @@ impl Driver {
                 batch.blob_deletes.retain(|s| !copied.contains(s));
                 batch.adopted = std::mem::take(&mut e.adopted);
                 batch.cancelled = std::mem::take(&mut e.cancelled);
-                // Callers waiting at standbys hear of these once they are stored.
+                // Callers waiting at standbys hear of these once they are stored; of a job a
+                // standby accepted, whose caller there most likely waits, with its view.
                 batch.ended = jobs
                     .iter()
                     .filter(|j| j.state.is_final())
-                    .map(|j| j.id.to_string())
+                    .map(|j| {
+                        let view = e
+                            .from_standbys
+                            .remove(&j.id)
+                            .then(|| crate::core::job_json(j).to_string());
+                        (j.id.to_string(), view)
+                    })
                     .collect();
             } else {
                 // A standby's jobs are its submissions: the leader takes them from the store.
@@ -1063,7 +1074,7 @@ impl Driver {
             .extend(records.iter().flat_map(|j| j.blobs()).map(|s| s.sha256));
         e.adopted.extend(records.iter().map(|r| r.id.to_string()));
         let t = now();
-        self.core.adopt(records, t);
+        e.from_standbys.extend(self.core.adopt(records, t));
         // After the taking: a cancel may name a job just taken.
         self.core.cancel_for_standby(&cancels, t);
         e.cancelled.extend(cancels);
@@ -1183,6 +1194,7 @@ impl Driver {
         e.blob_deletes.clear();
         e.adopted.clear();
         e.cancelled.clear();
+        e.from_standbys.clear();
         if let Some(r) = e.reading.take() {
             r.abort();
         }

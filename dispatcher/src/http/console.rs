@@ -296,7 +296,21 @@ pub(super) async fn jobs_events(
             };
             let event = match id {
                 Err(_) => continue,
-                Ok(Ok(id)) => match pg.job(&id).await {
+                // The leader sent the view of a job a standby accepted: no read.
+                Ok(Ok(crate::store::postgres::Ended {
+                    view: Some(view), ..
+                })) => match view.get("submitter").and_then(|s| s.as_str()) {
+                    Some(s) if caller.grant.may_see(&me, s) => {
+                        let mut data = serde_json::Value::clone(&view);
+                        if let Some(o) = data.as_object_mut() {
+                            let id = o.get("id").cloned().unwrap_or_default();
+                            o.entry("job").or_insert(id);
+                        }
+                        SseEvent::default().event("final").data(data.to_string())
+                    }
+                    _ => continue,
+                },
+                Ok(Ok(crate::store::postgres::Ended { id, .. })) => match pg.job(&id).await {
                     Ok(Some(rec)) if caller.grant.may_see(&me, &rec.spec.submitter) => {
                         let mut data = job_json(&rec);
                         if let Some(o) = data.as_object_mut() {

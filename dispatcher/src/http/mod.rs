@@ -87,7 +87,7 @@ pub(crate) struct Handle {
     /// The store several dispatchers share (PostgreSQL): a standby reads jobs there.
     shared: Option<Arc<crate::store::postgres::PgStore>>,
     /// Ids of jobs the leader announced ended (a standby's waiting callers look again).
-    pub(crate) ended: Option<broadcast::Sender<String>>,
+    pub(crate) ended: Option<broadcast::Sender<crate::store::postgres::Ended>>,
     /// The leader's progress and partial events, relayed to a standby's event streams.
     pub(crate) relayed: Option<broadcast::Sender<crate::core::JobEvent>>,
     /// Webhook senders that sign their requests (`[[webhook]]`), by name.
@@ -150,7 +150,7 @@ impl Handle {
     pub(crate) fn with_shared(
         mut self,
         store: Option<Arc<crate::store::postgres::PgStore>>,
-        ended: Option<broadcast::Sender<String>>,
+        ended: Option<broadcast::Sender<crate::store::postgres::Ended>>,
         relayed: Option<broadcast::Sender<crate::core::JobEvent>>,
     ) -> Self {
         self.shared = store;

@@ -32,6 +32,7 @@ use super::openapi::{
 use super::request::SubmitRequest;
 use super::request::{body_form, job_id, parse_request, query_as_json, spec_from, BodyForm};
 use super::views::{job_json, job_listed};
+use super::wait::Fresh;
 use super::{max_body, Command, Handle, SMALL_BODY};
 use crate::core::{Answer, ApiReply, ApiRequest, Query as Lookup};
 use crate::core::{JobStateName, JobView};
@@ -180,6 +181,9 @@ pub(super) async fn submit(
         }
         spec.input = JobBody::Stored(data::stored_ref(&h, &hex)?);
     }
+    // At a standby, the leader's announcements from before the submission: none is missed,
+    // and the wait begins without a read.
+    let fresh = wait.and_then(|_| Fresh::before_submit(&h));
     let (id, state, ended) = submit_one(&h, spec, wait_for_agent, &caller, wait.is_some()).await?;
     let Some(wait) = wait else {
         return Ok((StatusCode::ACCEPTED, Json(Submitted { id, state })).into_response());
@@ -188,7 +192,9 @@ pub(super) async fn submit(
         return Ok((StatusCode::OK, Json(job_json(&rec))).into_response());
     }
     // Submit and wait: the final job (200), or the job as it is when the wait is over (202).
-    let (done, job) = waited(&h, &id, wait).await?;
+    // (A key that named a job which has ended: read it.)
+    let fresh = fresh.filter(|_| !state.is_final());
+    let (done, job) = waited_fresh(&h, &id, wait, fresh).await?;
     let status = if done {
         StatusCode::OK
     } else {
@@ -346,11 +352,21 @@ fn wait_param(
 
 /// Waits up to `wait` for job `id` to end: (whether it ended, the job's JSON then).
 async fn waited(h: &Handle, id: &JobId, wait: Duration) -> Result<(bool, Value), ApiError> {
+    waited_fresh(h, id, wait, None).await
+}
+
+/// [`waited`], for the caller that submitted the job (see [`Fresh`]).
+async fn waited_fresh(
+    h: &Handle,
+    id: &JobId,
+    wait: Duration,
+    fresh: Option<Fresh>,
+) -> Result<(bool, Value), ApiError> {
     let read_final = || async {
         let rec = find_job(h, id).await?;
         Ok(rec.state.is_final().then(|| job_json(&rec)))
     };
-    match super::wait::until_final(h, id, wait, read_final).await? {
+    match super::wait::until_final(h, id, wait, read_final, fresh).await? {
         Some(job) => Ok((true, job)),
         None => Ok((false, job_json(&find_job(h, id).await?))),
     }

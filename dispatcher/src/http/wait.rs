@@ -95,6 +95,19 @@ pub(super) fn parse_wait(text: &str, request_timeout: Duration) -> Result<Durati
 /// How often a standby looks at a job a caller waits for, whatever it hears.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
 
+/// A standby's caller that submitted the job it waits for: it heard the leader's
+/// announcements from before the submission, and knows the job had not ended then, so its
+/// wait begins without a read of the shared store.
+pub(super) struct Fresh(pub broadcast::Receiver<crate::store::postgres::Ended>);
+
+impl Fresh {
+    /// At a standby, before a submission: the announcements from now on.
+    pub(super) fn before_submit(h: &Handle) -> Option<Fresh> {
+        h.standby_store()?;
+        h.ended.as_ref().map(|s| Fresh(s.subscribe()))
+    }
+}
+
 /// Waits up to `wait` for job `id` to end: its final JSON, or `None` when the wait is over
 /// first. `current` reads the job as it is now (`Some` JSON when it has ended).
 pub(super) async fn until_final<F, Fut>(
@@ -102,6 +115,7 @@ pub(super) async fn until_final<F, Fut>(
     id: &JobId,
     wait: Duration,
     mut current: F,
+    fresh: Option<Fresh>,
 ) -> Result<Option<Value>, ApiError>
 where
     F: FnMut() -> Fut,
@@ -109,13 +123,20 @@ where
 {
     let deadline = tokio::time::Instant::now() + wait;
     // A standby holds no job: it reads the shared store again when the leader announces the
-    // job ended (PostgreSQL's `spine_ended`), and at least every STANDBY_POLL.
+    // job ended (PostgreSQL's `spine_ended`; no read when the announcement carries the job's
+    // view), and at least every STANDBY_POLL.
     if h.standby_store().is_some() {
-        let mut ended = h.ended.as_ref().map(broadcast::Sender::subscribe);
+        let (mut ended, mut look) = match fresh {
+            Some(Fresh(rx)) => (Some(rx), false),
+            None => (h.ended.as_ref().map(broadcast::Sender::subscribe), true),
+        };
         loop {
-            if let Some(done) = current().await? {
-                return Ok(Some(done));
+            if look {
+                if let Some(done) = current().await? {
+                    return Ok(Some(done));
+                }
             }
+            look = true;
             let now = tokio::time::Instant::now();
             if now >= deadline {
                 return Ok(None);
@@ -126,16 +147,18 @@ where
                     let announced = async {
                         loop {
                             match rx.recv().await {
-                                Ok(j) if j == id.as_str() => return,
+                                Ok(e) if e.id == id.as_str() => return e.view,
                                 Ok(_) => {}
-                                Err(broadcast::error::RecvError::Lagged(_)) => return,
+                                Err(broadcast::error::RecvError::Lagged(_)) => return None,
                                 Err(broadcast::error::RecvError::Closed) => {
                                     std::future::pending::<()>().await
                                 }
                             }
                         }
                     };
-                    let _ = tokio::time::timeout_at(nap, announced).await;
+                    if let Ok(Some(view)) = tokio::time::timeout_at(nap, announced).await {
+                        return Ok(Some(Value::clone(&view)));
+                    }
                 }
                 None => tokio::time::sleep_until(nap).await,
             }

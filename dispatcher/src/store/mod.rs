@@ -712,8 +712,10 @@ pub struct OwnedBatch {
     /// Jobs standbys accepted that the leader took into its table.
     pub adopted: Vec<String>,
     /// Jobs that ended in this batch, announced to the other dispatchers once it is stored
-    /// (PostgreSQL: the `spine_ended` channel), whose callers may wait for them.
-    pub ended: Vec<String>,
+    /// (PostgreSQL: the `spine_ended` channel), whose callers may wait for them: the id, and
+    /// the job's JSON view (`GET /v1/jobs/{id}`) for a job a standby accepted, whose caller
+    /// there most likely waits for it.
+    pub ended: Vec<(String, Option<String>)>,
     /// Cancels asked of standbys that the leader made.
     pub cancelled: Vec<String>,
 }

@@ -61,14 +61,12 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
 
 /// The channel a standby notifies when it stored a submission for the leader.
 const SUBMITTED: &str = "spine_submitted";
-/// The channel the leader notifies with the ids of jobs that ended (comma-separated).
+/// The channel the leader notifies with the jobs that ended ([`ended_payloads`]).
 const ENDED: &str = "spine_ended";
-/// Job ids per notification of [`ENDED`] (a payload holds under 8000 bytes).
-const ENDED_PER_NOTIFY: usize = 150;
 /// The channel the leader relays its jobs' progress and partial results on, for the event
 /// streams of standbys ([`relay_payloads`]).
 const EVENTS: &str = "spine_events";
-/// Bytes of one notification of [`EVENTS`] (PostgreSQL's limit is 8000).
+/// Bytes of one notification of [`EVENTS`] or [`ENDED`] (PostgreSQL's limit is 8000).
 const RELAY_PAYLOAD: usize = 7900;
 
 /// Connections for reads ([`PgStore::job`] and the like).
@@ -639,7 +637,7 @@ impl PgStore {
     pub fn listen(
         self: &Arc<Self>,
         tx: tokio::sync::mpsc::Sender<()>,
-        ended: tokio::sync::broadcast::Sender<String>,
+        ended: tokio::sync::broadcast::Sender<Ended>,
         relayed: tokio::sync::broadcast::Sender<JobEvent>,
     ) {
         let weak = Arc::downgrade(self);
@@ -663,9 +661,9 @@ impl PgStore {
                     while let Some(Ok(m)) = futures::StreamExt::next(&mut messages).await {
                         if let tokio_postgres::AsyncMessage::Notification(n) = m {
                             if n.channel() == ENDED {
-                                for id in n.payload().split(',') {
+                                for e in ended_announced(n.payload()) {
                                     // No standby waiting is fine.
-                                    let _ = ended.send(id.to_owned());
+                                    let _ = ended.send(e);
                                 }
                             } else if n.channel() == EVENTS {
                                 for ev in relayed_events(n.payload()) {
@@ -1112,11 +1110,7 @@ async fn write(
     let now = i64::try_from(crate::clock::now_ms()).unwrap_or(i64::MAX);
     let submitted: Vec<&str> = b.submitted.iter().map(String::as_str).collect();
     let adopted: Vec<&str> = b.adopted.iter().map(String::as_str).collect();
-    let ended: Vec<String> = b
-        .ended
-        .chunks(ENDED_PER_NOTIFY)
-        .map(|c| c.join(","))
-        .collect();
+    let ended = ended_payloads(&b.ended);
     let cancelled: Vec<&str> = b.cancelled.iter().map(String::as_str).collect();
     let audited: Vec<&str> = b.audited.iter().map(String::as_str).collect();
     let mut audit: HashMap<&str, &[u8]> = HashMap::new();
@@ -1342,6 +1336,62 @@ async fn migrate(client: &mut Client) -> Result<(), String> {
     result
 }
 
+/// A job the leader announced ended ([`ENDED`]), as a standby hears of it.
+#[derive(Debug, Clone)]
+pub struct Ended {
+    pub id: String,
+    /// Its JSON view, when the leader sent it (a job a standby accepted, whose view fit in a
+    /// notification): a caller waiting at a standby is answered without a read.
+    pub view: Option<Arc<serde_json::Value>>,
+}
+
+/// Notifications of [`ENDED`]: one line per job, its id, then a tab and its JSON view if it
+/// has one; as many lines per payload as fit in [`RELAY_PAYLOAD`] bytes. A view that would not
+/// fit is left out (the standby reads the job).
+fn ended_payloads(ended: &[(String, Option<String>)]) -> Vec<String> {
+    pack_lines(ended.iter().map(|(id, view)| match view {
+        Some(v) if id.len() + 1 + v.len() <= RELAY_PAYLOAD => format!("{id}\t{v}"),
+        _ => id.clone(),
+    }))
+}
+
+/// Lines (each at most [`RELAY_PAYLOAD`] bytes) joined into as few payloads as fit.
+fn pack_lines(lines: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut current = String::new();
+    for line in lines {
+        if !current.is_empty() && current.len() + 1 + line.len() > RELAY_PAYLOAD {
+            out.push(std::mem::take(&mut current));
+        }
+        if !current.is_empty() {
+            current.push('\n');
+        }
+        current.push_str(&line);
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// The jobs a notification of [`ENDED`] announces.
+fn ended_announced(payload: &str) -> Vec<Ended> {
+    payload
+        .lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| match l.split_once('\t') {
+            Some((id, view)) => Ended {
+                id: id.to_owned(),
+                view: serde_json::from_str(view).ok().map(Arc::new),
+            },
+            None => Ended {
+                id: l.to_owned(),
+                view: None,
+            },
+        })
+        .collect()
+}
+
 /// One relayed event, as a line of a notification of [`EVENTS`].
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Relayed<'a> {
@@ -1355,11 +1405,9 @@ struct Relayed<'a> {
 /// per line, as many lines per payload as fit in [`RELAY_PAYLOAD`] bytes. An event that alone
 /// does not fit (a partial result of several KiB) is left out: a standby's streams miss it.
 pub fn relay_payloads<'a>(events: impl IntoIterator<Item = &'a JobEvent>) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let mut current = String::new();
-    for ev in events {
+    pack_lines(events.into_iter().filter_map(|ev| {
         if !matches!(ev.kind, EventKind::Progress | EventKind::Partial) {
-            continue;
+            return None;
         }
         let line = serde_json::to_string(&Relayed {
             job: ev.job.as_str(),
@@ -1370,20 +1418,10 @@ pub fn relay_payloads<'a>(events: impl IntoIterator<Item = &'a JobEvent>) -> Vec
         .unwrap_or_default();
         if line.is_empty() || line.len() > RELAY_PAYLOAD {
             tracing::debug!(job = %ev.job, bytes = line.len(), "an event too large to relay to standbys");
-            continue;
+            return None;
         }
-        if !current.is_empty() && current.len() + 1 + line.len() > RELAY_PAYLOAD {
-            out.push(std::mem::take(&mut current));
-        }
-        if !current.is_empty() {
-            current.push('\n');
-        }
-        current.push_str(&line);
-    }
-    if !current.is_empty() {
-        out.push(current);
-    }
-    out
+        Some(line)
+    }))
 }
 
 /// The events of a payload of [`EVENTS`] (lines that do not parse are skipped).
@@ -1410,6 +1448,29 @@ fn relayed_events(payload: &str) -> Vec<JobEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ended_jobs_are_announced_with_their_views_when_they_fit() {
+        let view = serde_json::json!({"id": "j-1", "state": "succeeded", "result": {"output": "ZG9uZQ=="}});
+        let mut ended: Vec<(String, Option<String>)> = vec![("j-1".into(), Some(view.to_string()))];
+        // Job ids are 36 bytes.
+        ended.extend((2..400).map(|n| (format!("j-{n:034}"), None)));
+        ended.push(("j-big".into(), Some(format!("\"{}\"", "x".repeat(8000)))));
+        let payloads = ended_payloads(&ended);
+        assert!(payloads.len() >= 2, "{}", payloads.len());
+        assert!(payloads.iter().all(|p| p.len() <= RELAY_PAYLOAD));
+        let back: Vec<Ended> = payloads.iter().flat_map(|p| ended_announced(p)).collect();
+        assert_eq!(back.len(), 400);
+        assert_eq!(back[0].id, "j-1");
+        assert_eq!(back[0].view.as_deref(), Some(&view));
+        assert_eq!(back[1].id, format!("j-{:034}", 2));
+        assert!(back[1].view.is_none());
+        // A view too large for a notification: the id alone, the standby reads the job.
+        assert_eq!(
+            (back[399].id.as_str(), back[399].view.is_none()),
+            ("j-big", true)
+        );
+    }
 
     #[test]
     fn relayed_events_fill_payloads_under_the_limit_and_read_back() {
