@@ -445,11 +445,30 @@ impl Core {
             .filter(|r| self.jobs.get(&r.id).is_none())
             .collect();
         let ids: Vec<JobId> = new.iter().map(|r| r.id.clone()).collect();
-        for r in &new {
+        for r in new {
             tracing::info!(job = %r.id, capability = %r.spec.capability, "job accepted by a standby: taken");
             self.stats.submitted(&r.spec.capability);
+            // A standby counts only what it accepted itself: the queue's bounds hold here,
+            // where the whole queue is. A job over them ends failed, `queue-full`.
+            let limits = self.policy.limits(&r.spec.submitter);
+            let over = (r.state == spine_protocol::JobState::Queued)
+                .then(|| self.jobs.over_bounds(&r.spec, limits.max_queued))
+                .flatten();
+            let id = r.id.clone();
+            self.load_jobs(vec![r], now);
+            let Some(e) = over else { continue };
+            use spine_protocol::{Condition, JobState};
+            let why = format!(
+                "{e}; it was accepted by a standby, and over the bound when the leader took it"
+            );
+            if self
+                .jobs
+                .fail_queued(&id, Condition::QueueFull, why, now.ms)
+            {
+                tracing::warn!(job = %id, "job accepted by a standby failed: {e}");
+                self.settle(&id, None, outcomes::Settled::Ended(JobState::Failed), now);
+            }
         }
-        self.load_jobs(new, now);
         self.place_pending = true;
         self.fire_outcomes(now);
         if std::mem::take(&mut self.place_pending) {

@@ -1458,3 +1458,46 @@ fn a_standby_bounds_the_reads_it_waits_for() {
     };
     assert_eq!(error.type_, ErrorType::Wait);
 }
+
+#[test]
+fn the_leader_holds_the_queue_bounds_over_jobs_standbys_accepted() {
+    // A standby counts only what it accepted itself; the leader, which holds the whole
+    // queue, ends a job it takes over the bound as failed, queue-full.
+    let mut cfg = config();
+    cfg.max_queue = 2;
+    cfg.submitter_max_queued = crate::policy::QueueShare::Percent(100);
+    let mut w = World::with(cfg, Restored::default());
+    // Three jobs a standby stored (made by another core, queued there).
+    let mut standby = World::new();
+    let records: Vec<crate::jobs::JobRecord> = (0..3)
+        .map(|_| {
+            let (id, _) = standby.submit_waiting(spec(CAP), true).unwrap();
+            standby.core.record(&id).unwrap().clone()
+        })
+        .collect();
+    let ids: Vec<JobId> = records.iter().map(|r| r.id.clone()).collect();
+    let taken = w.core.adopt(records, w.now);
+    assert_eq!(taken, ids, "all three taken");
+    assert_eq!(w.state(&ids[0]), JobState::Queued);
+    assert_eq!(w.state(&ids[1]), JobState::Queued);
+    assert_eq!(w.state(&ids[2]), JobState::Failed);
+    let rec = w.core.record(&ids[2]).unwrap();
+    match &rec.outcome {
+        Some(crate::jobs::Recorded::Failure {
+            condition, message, ..
+        }) => {
+            assert_eq!(*condition, Condition::QueueFull);
+            let m = message.clone().unwrap_or_default();
+            assert!(m.contains("accepted by a standby"), "{m}");
+        }
+        other => panic!("failed queue-full: {other:?}"),
+    }
+    let r = w.ready();
+    assert!(r.persist.contains(&ids[2]), "its end is stored");
+    assert!(
+        r.events
+            .iter()
+            .any(|e| e.job == ids[2] && e.kind == EventKind::Final),
+        "and told"
+    );
+}

@@ -308,13 +308,27 @@ impl JobTable {
         else {
             return;
         };
-        self.finalize(
-            id,
-            JobState::Failed,
-            Condition::NoAgent,
-            Some(format!("no agent offering {cap} appeared in time")),
-            now_ms,
-        );
+        let why = format!("no agent offering {cap} appeared in time");
+        self.fail_queued(id, Condition::NoAgent, why, now_ms);
+    }
+
+    /// Fails a job that has not reached an agent (queued, or accepted and delayed) with
+    /// `condition`; false if it is not such a job.
+    pub fn fail_queued(
+        &mut self,
+        id: &JobId,
+        condition: Condition,
+        why: String,
+        now_ms: u64,
+    ) -> bool {
+        if !self
+            .get(id)
+            .is_some_and(|j| matches!(j.state, JobState::Queued | JobState::Accepted))
+        {
+            return false;
+        }
+        self.finalize(id, JobState::Failed, condition, Some(why), now_ms);
+        true
     }
 
     /// Whether `agent` failed this job before.

@@ -235,21 +235,30 @@ impl JobTable {
             });
             return Ok(&self.jobs[&id]);
         }
+        if let Some(e) = self.over_bounds(&spec, max_queued) {
+            return Err(e);
+        }
+        self.insert_queued(id.clone(), spec, now_ms);
+        Ok(&self.jobs[&id])
+    }
+
+    /// Whether one more queued job of `spec` would be over the queue's bound for its
+    /// capability or over its submitter's share of it (`max_queued`).
+    pub fn over_bounds(&self, spec: &JobSpec, max_queued: usize) -> Option<SubmitError> {
         if self.queued(&spec.capability) >= self.max_queue {
-            return Err(SubmitError::QueueFull {
-                capability: spec.capability,
+            return Some(SubmitError::QueueFull {
+                capability: spec.capability.clone(),
                 limit: self.max_queue,
             });
         }
         if self.queued_by(&spec.submitter, &spec.capability) >= max_queued {
-            return Err(SubmitError::SubmitterQuota {
-                submitter: spec.submitter,
-                capability: spec.capability,
+            return Some(SubmitError::SubmitterQuota {
+                submitter: spec.submitter.clone(),
+                capability: spec.capability.clone(),
                 limit: max_queued,
             });
         }
-        self.insert_queued(id.clone(), spec, now_ms);
-        Ok(&self.jobs[&id])
+        None
     }
 
     /// Delayed jobs whose time has come, queued now (placement order then is priority and
