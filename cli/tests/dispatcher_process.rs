@@ -243,7 +243,29 @@ async fn kill_9_and_restart(store_config: &str, fault: Fault<'_>) {
             let body: serde_json::Value =
                 serde_json::from_slice(&refused.bytes().await.expect("body")).expect("JSON");
             assert_eq!(body["error"], "unavailable", "{body}");
-            tokio::time::sleep(Duration::from_millis(2_500)).await;
+            // An XMPP submitter is refused at once too (type `wait`: to send again), not left
+            // waiting for a commit that cannot happen.
+            let id = w
+                .send_set(&to, Submit::new("work.slow".parse().unwrap()))
+                .await;
+            let asked = tokio::time::Instant::now();
+            let refused = w
+                .wait_reply(&id)
+                .await
+                .expect_err("refused while the store is down");
+            assert!(
+                asked.elapsed() < Duration::from_secs(2),
+                "at once, not after the store's timeout: {:?}",
+                asked.elapsed()
+            );
+            assert_eq!(
+                (refused.type_, refused.defined_condition),
+                (
+                    xmpp_parsers::stanza_error::ErrorType::Wait,
+                    xmpp_parsers::stanza_error::DefinedCondition::ServiceUnavailable
+                )
+            );
+            tokio::time::sleep(Duration::from_millis(2_000)).await;
             tokio::task::block_in_place(|| pg.launch()).expect("PostgreSQL starts again");
             // Back within a second or so (a commit or the store's probe reconnects): the same
             // request reaches the dispatcher again (422: nobody offers that capability).

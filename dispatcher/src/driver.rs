@@ -118,6 +118,8 @@ struct Driver {
     core: Core,
     conn: Connection,
     store: JobStore,
+    /// Set while the job store cannot be reached ([`JobStore::unreachable`]).
+    store_down: Arc<std::sync::atomic::AtomicBool>,
     audit: Option<AuditLog>,
     /// Jobs whose audit lines reached the file since it was last synced (to leave the outbox).
     audited: Vec<String>,
@@ -168,6 +170,8 @@ struct Elected {
     cancelled: Vec<String>,
     /// Woken when a standby stored a submission ([`crate::store::postgres::PgStore::listen`]).
     submitted: tokio::sync::mpsc::Receiver<()>,
+    /// Submissions whose notification held the jobs whole: taken without a read.
+    taken: tokio::sync::mpsc::Receiver<Vec<JobRecord>>,
     /// The read of the standbys' submissions under way, and whether a wake-up came since it
     /// started (another read follows).
     reading: Option<Reading>,
@@ -218,6 +222,8 @@ enum Wake {
     Swept(u64, Result<Vec<crate::blobs::Stored>, String>),
     /// A read the core asked for ended.
     Looked(Box<(Lookup, Looked)>),
+    /// A standby's submissions, whole in their notification.
+    Taken(Vec<JobRecord>),
 }
 
 /// The read of the standbys' submissions, with the blobs they reference: on a task of its own,
@@ -254,6 +260,7 @@ async fn elected_wake(elected: &mut Option<Elected>) -> Option<Wake> {
                 Some(Wake::Swept(r.0, r.1))
             }
             r = e.looked.recv() => r.map(|l| Wake::Looked(Box::new(l))),
+            r = e.taken.recv() => r.map(Wake::Taken),
         },
         None => std::future::pending().await,
     }
@@ -476,6 +483,7 @@ async fn run_inner(
     let t = now();
     let orphan_ttl = cfg.blob_orphan_ttl;
     let looked = tokio::sync::mpsc::unbounded_channel();
+    let taken = tokio::sync::mpsc::channel(1024);
     let (campaign, elected) = match campaign {
         Some((c, rx)) => (
             Some(c),
@@ -498,12 +506,13 @@ async fn run_inner(
                 next_sweep: tokio::time::Instant::now() + orphan_ttl,
                 looked_tx: looked.0,
                 looked: looked.1,
+                taken: taken.1,
                 submitted: {
                     let (tx, rx) = tokio::sync::mpsc::channel(1);
                     if let (JobStore::Postgres(pg), Some(ended), Some(relayed)) =
                         (&store, &ended, &relayed)
                     {
-                        pg.listen(tx, ended.clone(), relayed.clone());
+                        pg.listen(tx, ended.clone(), relayed.clone(), taken.0);
                     }
                     rx
                 },
@@ -547,6 +556,7 @@ async fn run_inner(
     let mut d = Driver {
         core,
         conn,
+        store_down: store.unreachable(),
         store,
         audit,
         audited: Vec::new(),
@@ -602,6 +612,7 @@ async fn run_inner(
                 Wake::Sweep => d.sweep_shared(orphan_ttl),
                 Wake::Swept(epoch, r) => d.swept(epoch, r).await?,
                 Wake::Looked(l) => d.core.looked_up(l.0, l.1, now()),
+                Wake::Taken(jobs) => d.take_notified(jobs).await,
             },
             Some(cmd) = cmd_rx.recv() => d.on_command(cmd),
             Some(spine_xmpp::Status::ReconnectFailed { error, auth, .. }) = status_rx.recv() => {
@@ -649,7 +660,11 @@ impl Driver {
     /// One event of the connection.
     fn on_event(&mut self, ev: Option<Event>) -> Result<(), DispatcherError> {
         match ev {
-            Some(Event::Stanza(st)) => self.core.stanza(st, now()),
+            Some(Event::Stanza(st)) => {
+                self.core
+                    .set_store_down(self.store_down.load(std::sync::atomic::Ordering::Relaxed));
+                self.core.stanza(st, now())
+            }
             Some(Event::Stream(StreamEvent::Suspended)) => self.core.session_suspended(now()),
             Some(Event::Stream(StreamEvent::Reset { .. })) => self.core.session_reset(now()),
             Some(Event::Stream(_)) => {}
@@ -687,6 +702,9 @@ impl Driver {
     /// is running and something waits for one (or has lingered long enough).
     async fn flush(&mut self) -> Result<(), DispatcherError> {
         self.start_lookups();
+        for st in self.core.take_now() {
+            self.conn.send(st).await;
+        }
         self.send_early().await;
         if self.in_flight.is_some() {
             // The changes join the next commit, which starts when this one ends.
@@ -918,7 +936,12 @@ impl Driver {
                 Err(e) => error!("cannot write the audit log: {e}"),
             }
         }
-        for st in ready.early.into_iter().chain(ready.stanzas) {
+        for st in ready
+            .now
+            .into_iter()
+            .chain(ready.early)
+            .chain(ready.stanzas)
+        {
             self.conn.send(st).await;
         }
         for (token, reply) in ready.replies {
@@ -1046,6 +1069,19 @@ impl Driver {
         }));
     }
 
+    /// A standby's submissions, whole in their notification: the leader takes them without a
+    /// read — unless one references a blob, which this machine may lack (the read fetches
+    /// it). A standby lets them be: the next leader reads them.
+    async fn take_notified(&mut self, jobs: Vec<JobRecord>) {
+        if self.elected.as_ref().is_none_or(|e| e.epoch.is_none()) {
+            return;
+        }
+        if jobs.iter().any(|j| j.blobs().next().is_some()) {
+            return self.read_submitted();
+        }
+        self.adopt(jobs, Vec::new()).await;
+    }
+
     /// The read of the standbys' submissions ended: the leader takes the jobs
     /// ([`Core::adopt`]); their rows in the store's table of submissions go with the next
     /// commit. A failure is logged and the read made again at the next wake-up.
@@ -1063,6 +1099,11 @@ impl Driver {
                 return;
             }
         };
+        self.adopt(records, cancels).await;
+    }
+
+    /// Takes jobs standbys stored, and makes the cancels asked of them.
+    async fn adopt(&mut self, records: Vec<JobRecord>, cancels: Vec<String>) {
         let Some(e) = self.elected.as_mut() else {
             return;
         };

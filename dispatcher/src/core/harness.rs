@@ -249,7 +249,12 @@ impl Sim {
         for (c, _) in &ready.capabilities_learned {
             self.caps_seen.push(c.clone());
         }
-        for st in ready.early.into_iter().chain(ready.stanzas) {
+        for st in ready
+            .now
+            .into_iter()
+            .chain(ready.early)
+            .chain(ready.stanzas)
+        {
             self.post(false, st);
         }
         for (token, reply) in ready.replies {

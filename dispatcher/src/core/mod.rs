@@ -106,6 +106,9 @@ impl Now {
 /// to agents, which promise nothing to anyone ([`Core::take_early`]).
 #[derive(Debug, Default)]
 pub(crate) struct Ready {
+    /// Refusals that tell of nothing stored or to store (a standby's, the store's being
+    /// unreachable): they leave at once, even while a commit waits ([`Core::take_now`]).
+    pub now: Vec<Stanza>,
     /// Job requests to agents, which may leave before the commit: see [`Core::take_early`].
     pub early: Vec<Stanza>,
     /// What `early` sends, for the driver's log of jobs sent ahead of their commit.
@@ -281,6 +284,9 @@ pub(crate) struct Core {
     /// waits for.
     lookups: Vec<standby::Lookup>,
     lookups_waiting: usize,
+    /// The job store cannot be reached (the driver says so: [`Core::set_store_down`]):
+    /// submitters' changes are refused at once rather than left waiting for a commit.
+    store_down: bool,
     /// Event rules (`[[rule]]`).
     triggers: crate::triggers::Rules,
     /// Each rule's counters.
@@ -342,6 +348,7 @@ impl Core {
             leader_hint: None,
             lookups: Vec::new(),
             lookups_waiting: 0,
+            store_down: false,
             triggers: crate::triggers::Rules::new(&cfg.rules).unwrap_or_else(|e| {
                 // `DispatcherConfig::validate` refused such a configuration at load.
                 tracing::error!("event rules not loaded: {e}");
@@ -492,6 +499,12 @@ impl Core {
     /// Whether this core leads (places jobs, accepts submissions): always, but for a standby.
     pub(crate) fn leads(&self) -> bool {
         self.leads
+    }
+
+    /// Whether the job store can be reached, as the driver last saw (PostgreSQL: a commit
+    /// is retrying a lost connection).
+    pub(crate) fn set_store_down(&mut self, down: bool) {
+        self.store_down = down;
     }
 
     /// What a standby says of the leader when it refuses a request (its JID), if known.
@@ -695,6 +708,11 @@ impl Core {
             stanzas: std::mem::take(&mut self.ready.early),
             sent: std::mem::take(&mut self.ready.sent_ahead),
         }
+    }
+
+    /// Refusals to send now, whatever the commits ([`Ready::now`]).
+    pub(crate) fn take_now(&mut self) -> Vec<Stanza> {
+        std::mem::take(&mut self.ready.now)
     }
 
     /// Whether job requests wait to be sent ([`Core::take_early`]).

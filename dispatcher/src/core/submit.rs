@@ -291,7 +291,9 @@ impl Core {
         self.try_again(to, id, &text);
     }
 
-    /// A refusal of the moment: `service-unavailable` of type `wait`, with why.
+    /// A refusal of the moment: `service-unavailable` of type `wait`, with why. It tells of
+    /// nothing stored, so it leaves at once ([`super::Ready::now`]), even while a commit
+    /// waits for an unreachable store.
     pub(super) fn try_again(&mut self, to: Jid, id: String, text: &str) {
         let e = StanzaError::new(
             ErrorType::Wait,
@@ -299,7 +301,9 @@ impl Core {
             "en",
             text,
         );
-        self.send(Iq::from_error(id, e).with_to(to));
+        self.ready
+            .now
+            .push(Iq::from_error(id, e).with_to(to).into());
     }
 
     /// An IQ set: a chunk (from agents and submitters), `<submit/>` or `<cancel/>`.
@@ -308,6 +312,20 @@ impl Core {
             return self.not_ours(from, id);
         }
         let parsed = spine_protocol::parse_payload(payload);
+        // A change would wait for a commit that cannot happen: the submitter hears it now
+        // (as an HTTP caller gets 503), and sends it again.
+        if self.store_down
+            && matches!(
+                parsed,
+                Ok(Payload::Submit(_) | Payload::Cancel(_) | Payload::Event(_))
+            )
+        {
+            return self.try_again(
+                from,
+                id,
+                "the job store cannot be reached: nothing can be stored until it is back; try again",
+            );
+        }
         if !self.leads {
             // Its submitters' requests are served (stored for the leader, or read from the
             // shared store); agents and the rest are told to go to the leader.

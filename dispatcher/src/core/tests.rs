@@ -185,6 +185,8 @@ impl World {
         let early = std::mem::take(&mut r.early);
         r.sent_ahead.clear();
         r.stanzas.splice(0..0, early);
+        let now = std::mem::take(&mut r.now);
+        r.stanzas.splice(0..0, now);
         r
     }
 
@@ -1500,4 +1502,34 @@ fn the_leader_holds_the_queue_bounds_over_jobs_standbys_accepted() {
             .any(|e| e.job == ids[2] && e.kind == EventKind::Final),
         "and told"
     );
+}
+
+#[test]
+fn xmpp_changes_are_refused_at_once_while_the_store_cannot_be_reached() {
+    let mut w = World::new();
+    w.agent(1, 2);
+    w.ready();
+    w.core.set_store_down(true);
+    let from: Jid = "webapp@localhost/app".parse().unwrap();
+    let iq = Iq::from_set("s1", spine_protocol::Submit::new(CAP.parse().unwrap()))
+        .with_from(from.clone());
+    w.core.stanza(iq.into(), w.now);
+    // The refusal leaves at once, not behind a commit; nothing is accepted.
+    let now = w.core.take_now();
+    let Some(Stanza::Iq(Iq::Error { error, .. })) = now.first() else {
+        panic!("refused now: {now:?}");
+    };
+    assert_eq!(
+        (error.type_.clone(), error.defined_condition.clone()),
+        (ErrorType::Wait, DefinedCondition::ServiceUnavailable)
+    );
+    assert!(!w.ready().must_store());
+    // A read is answered as ever; once the store is back, submissions are accepted.
+    w.core.set_store_down(false);
+    let answer = xmpp_submit(
+        &mut w,
+        "s2",
+        spine_protocol::Submit::new(CAP.parse().unwrap()),
+    );
+    assert!(matches!(answer, Iq::Result { .. }), "{answer:?}");
 }

@@ -59,7 +59,9 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
     (7, "rules", include_str!("../../migrations/0007_rules.sql")),
 ];
 
-/// The channel a standby notifies when it stored a submission for the leader.
+/// The channel a standby notifies when it stored a submission for the leader, with the jobs
+/// ([`submitted_payloads`]); an empty payload (a cancel asked of a standby) only wakes the
+/// leader to read.
 const SUBMITTED: &str = "spine_submitted";
 /// The channel the leader notifies with the jobs that ended ([`ended_payloads`]).
 const ENDED: &str = "spine_ended";
@@ -639,6 +641,7 @@ impl PgStore {
         tx: tokio::sync::mpsc::Sender<()>,
         ended: tokio::sync::broadcast::Sender<Ended>,
         relayed: tokio::sync::broadcast::Sender<JobEvent>,
+        taken: tokio::sync::mpsc::Sender<Vec<JobRecord>>,
     ) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -654,7 +657,7 @@ impl PgStore {
                     }
                 };
                 let (ntx, mut nrx) = tokio::sync::mpsc::unbounded_channel();
-                let (ended, relayed) = (ended.clone(), relayed.clone());
+                let (ended, relayed, taken) = (ended.clone(), relayed.clone(), taken.clone());
                 let driver = tokio::spawn(async move {
                     let mut messages =
                         futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -669,6 +672,16 @@ impl PgStore {
                                 for ev in relayed_events(n.payload()) {
                                     // No stream open is fine.
                                     let _ = relayed.send(ev);
+                                }
+                            } else if n.channel() == SUBMITTED && !n.payload().is_empty() {
+                                // The jobs, when the payload holds them whole: the leader
+                                // takes them without a read. Any other line: it reads.
+                                let (jobs, whole) = submitted_jobs(n.payload());
+                                if !jobs.is_empty() && taken.try_send(jobs).is_err() {
+                                    let _ = ntx.send(());
+                                }
+                                if !whole {
+                                    let _ = ntx.send(());
                                 }
                             } else {
                                 let _ = ntx.send(());
@@ -1109,6 +1122,7 @@ async fn write(
     let dropped: Vec<&[u8]> = b.blob_deletes.iter().map(|s| &s[..]).collect();
     let now = i64::try_from(crate::clock::now_ms()).unwrap_or(i64::MAX);
     let submitted: Vec<&str> = b.submitted.iter().map(String::as_str).collect();
+    let submitted_notes = submitted_payloads(b);
     let adopted: Vec<&str> = b.adopted.iter().map(String::as_str).collect();
     let ended = ended_payloads(&b.ended);
     let cancelled: Vec<&str> = b.cancelled.iter().map(String::as_str).collect();
@@ -1195,9 +1209,13 @@ async fn write(
             )
             .await
         }));
-        steps.push(Box::pin(async {
-            tx.execute("SELECT pg_notify($1, '')", &[&SUBMITTED]).await
-        }));
+        for payload in &submitted_notes {
+            let tx = &tx;
+            steps.push(Box::pin(async move {
+                tx.execute("SELECT pg_notify($1, $2)", &[&SUBMITTED, payload])
+                    .await
+            }));
+        }
     }
     if !adopted.is_empty() {
         steps.push(Box::pin(async {
@@ -1336,6 +1354,41 @@ async fn migrate(client: &mut Client) -> Result<(), String> {
     result
 }
 
+/// Notifications of [`SUBMITTED`] for a standby's batch: a line per submitted job, its id,
+/// then a tab and its record (JSON) when it has no inline input and the line fits in
+/// [`RELAY_PAYLOAD`] bytes.
+fn submitted_payloads(b: &super::OwnedBatch) -> Vec<String> {
+    let records: HashMap<&str, &super::EncodedJob> =
+        b.jobs.iter().map(|j| (j.id.as_str(), j)).collect();
+    pack_lines(b.submitted.iter().map(|id| {
+        let whole = records
+            .get(id.as_str())
+            .filter(|j| j.input.is_none())
+            .and_then(|j| std::str::from_utf8(&j.record).ok())
+            .filter(|r| id.len() + 1 + r.len() <= RELAY_PAYLOAD);
+        match whole {
+            Some(r) => format!("{id}\t{r}"),
+            None => id.clone(),
+        }
+    }))
+}
+
+/// The jobs a notification of [`SUBMITTED`] holds whole, and whether it held every one so.
+fn submitted_jobs(payload: &str) -> (Vec<JobRecord>, bool) {
+    let mut jobs = Vec::new();
+    let mut whole = true;
+    for line in payload.lines().filter(|l| !l.is_empty()) {
+        match line
+            .split_once('\t')
+            .and_then(|(id, r)| super::decode_job(id, r.as_bytes(), None).ok())
+        {
+            Some(j) => jobs.push(j),
+            None => whole = false,
+        }
+    }
+    (jobs, whole)
+}
+
 /// A job the leader announced ended ([`ENDED`]), as a standby hears of it.
 #[derive(Debug, Clone)]
 pub struct Ended {
@@ -1448,6 +1501,37 @@ fn relayed_events(payload: &str) -> Vec<JobEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn submissions_travel_whole_in_their_notification_unless_they_carry_an_input() {
+        use crate::jobs::{JobSpec, JobTable};
+        let mut t = JobTable::new(10);
+        let plain = JobSpec::new("c.plain".parse().unwrap(), "http:app");
+        let mut with_input = JobSpec::new("c.input".parse().unwrap(), "http:app");
+        with_input.input = vec![1, 2, 3].into();
+        let a = t.submit("a".parse().unwrap(), plain, 5).unwrap().clone();
+        let b = t
+            .submit("b".parse().unwrap(), with_input, 5)
+            .unwrap()
+            .clone();
+        let mut batch = super::super::OwnedBatch::encode(&super::super::Batch {
+            jobs: &[&a, &b],
+            delete: &[],
+            audit: &[],
+            audited: &[],
+            agents: &[],
+            capabilities: &[],
+        })
+        .unwrap();
+        batch.submitted = vec!["a".into(), "b".into()];
+        let payloads = submitted_payloads(&batch);
+        assert_eq!(payloads.len(), 1);
+        let (jobs, whole) = submitted_jobs(&payloads[0]);
+        // The job with an inline input goes by its id: the leader reads it (and its input).
+        assert!(!whole);
+        assert_eq!(jobs, vec![a]);
+        assert_eq!(submitted_jobs(""), (Vec::new(), true));
+    }
 
     #[test]
     fn ended_jobs_are_announced_with_their_views_when_they_fit() {
