@@ -45,7 +45,8 @@ pub fn run(args: DispatcherArgs) -> Result<()> {
         return Ok(());
     }
     crate::server::init_logging(&args.log);
-    crate::server::run_spawned("dispatcher", async move {
+    let threads = Some(cfg.threads);
+    crate::server::run_spawned_on("dispatcher", threads, async move {
         spine_dispatcher::run(cfg, crate::server::shutdown_signal())
             .await
             .context("dispatcher stopped with an error")

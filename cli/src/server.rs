@@ -62,7 +62,23 @@ pub fn run_spawned<T: Send + 'static>(
     what: &str,
     main: impl std::future::Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
-    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    run_spawned_on(what, None, main)
+}
+
+/// [`run_spawned`] on a runtime of `threads` worker threads (None: one per core).
+pub fn run_spawned_on<T: Send + 'static>(
+    what: &str,
+    threads: Option<usize>,
+    main: impl std::future::Future<Output = Result<T>> + Send + 'static,
+) -> Result<T> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        b.worker_threads(n);
+    }
+    let rt = b
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
     rt.block_on(async move {
         match tokio::spawn(main).await {
             Ok(result) => result,

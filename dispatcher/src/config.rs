@@ -46,6 +46,8 @@ pub struct DispatcherConfig {
     /// Agents allowed to offer some capabilities (`[[agent]]`).
     #[serde(rename = "agent")]
     pub agent_rules: Vec<AgentRule>,
+    /// Threads of `spine dispatcher`'s runtime (its HTTP API's, and the one its core runs on).
+    pub threads: usize,
     /// Queue bound per capability.
     pub max_queue: usize,
     /// Delayed jobs (`not_before`) waiting for their time, at most, in all.
@@ -243,6 +245,7 @@ impl Default for DispatcherConfig {
             agent_rules: Vec::new(),
             max_queue: 10_000,
             max_delayed: 100_000,
+            threads: 1,
             max_delay: Duration::from_secs(720 * 3600),
             max_attempts: 3,
             no_agent_wait: Duration::from_secs(30),
@@ -407,6 +410,12 @@ impl DispatcherConfig {
         Policy::from_config(self)?;
         if self.max_queue == 0 {
             return Err(bad("max_queue", "must be at least 1"));
+        }
+        if !(1..=1024).contains(&self.threads) {
+            return Err(bad(
+                "threads",
+                "must be from 1 to 1024 (1, the default, keeps the dispatcher's core, its commits and its connections on one thread)",
+            ));
         }
         if self.max_delay.is_zero() {
             return Err(bad(
@@ -849,6 +858,8 @@ mod tests {
             ("jid = \"nouser\"", "jid"),
             ("submitters = [\"a@b/c\"]", "submitters[0]"),
             ("max_queue = 0", "max_queue"),
+            ("threads = 0", "threads"),
+            ("threads = 2000", "threads"),
             ("speculation_factor = 0.5", "speculation_factor"),
             ("audit_log = \"\"", "audit_log"),
             ("audit_max_size = \"1KiB\"", "audit_max_size"),

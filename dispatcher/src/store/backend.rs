@@ -126,6 +126,11 @@ impl JobStore {
     /// thread; PostgreSQL: an async task), while the caller goes on.
     pub fn commit(&self, b: OwnedBatch) -> JoinHandle<Result<(), StoreError>> {
         match self {
+            // Fast commits on this thread (the join handle is then of a task that is done).
+            JobStore::Redb(s) if s.commits_fast() => {
+                let r = s.commit_owned(b);
+                tokio::spawn(async move { r })
+            }
             JobStore::Redb(s) => {
                 let s = s.clone();
                 tokio::task::spawn_blocking(move || s.commit_owned(b))

@@ -81,7 +81,13 @@ pub struct Store {
     applier: Option<std::thread::JoinHandle<()>>,
     /// Batches the journal held at open, applied again (a crash since the last checkpoint).
     replayed: usize,
+    /// How long a commit took lately (µs, a moving average): see [`Store::commits_fast`].
+    recent_us: std::sync::atomic::AtomicU64,
 }
+
+/// A commit expected to take at most this long (µs) is made on the dispatcher's own thread
+/// ([`Store::commits_fast`]).
+const FAST_COMMIT_US: u64 = 500;
 
 /// The journal, and the queue to the applier (fed under the same lock, so in the journal's
 /// order).
@@ -217,6 +223,7 @@ impl Store {
             applied,
             applier: Some(applier),
             replayed,
+            recent_us: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -446,6 +453,29 @@ impl Store {
     /// [`Store::commit`] of a batch already encoded ([`OwnedBatch::encode`]): what the
     /// dispatcher's commit pipeline runs on a thread of its own while the dispatcher goes on.
     pub fn commit_owned(&self, b: OwnedBatch) -> Result<(), StoreError> {
+        let started = std::time::Instant::now();
+        let r = self.append(b);
+        // A moving average over about the last eight commits.
+        let took = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let avg = self.recent_us.load(std::sync::atomic::Ordering::Relaxed);
+        let avg = avg - avg / 8 + took / 8;
+        self.recent_us
+            .store(avg, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+
+    /// Whether commits have lately been fast (an `fdatasync` of a local SSD: about 0.1 ms
+    /// here): then the dispatcher makes them on its own thread instead of handing each to a
+    /// blocking thread and waiting to be woken — two thread switches that cost a sequential
+    /// job more than the commit (BENCHMARKS.md, "Cost per job over HTTP"). A slow disk (a
+    /// network volume, a spinning one) makes them slow, and the commits go to a blocking
+    /// thread again, so that the dispatcher is not held for milliseconds at a time.
+    pub fn commits_fast(&self) -> bool {
+        self.recent_us.load(std::sync::atomic::Ordering::Relaxed) <= FAST_COMMIT_US
+    }
+
+    /// Appends a batch to the journal (durable on return) and queues it for redb.
+    fn append(&self, b: OwnedBatch) -> Result<(), StoreError> {
         let frame = encode_frame(&b)?;
         let mut j = lock(&self.journal);
         if let Some(x) = &lock(&self.applied.0).failed {
