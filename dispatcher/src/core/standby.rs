@@ -100,7 +100,7 @@ impl Core {
                 Some(rec) if !grant.may_see(from.to_bare().as_str(), &rec.spec.submitter) => {
                     self.reply_error(from, id, super::submit::not_yours(&job))
                 }
-                Some(rec) if in_blob_store(&rec) => self.standby_refusal(from, id),
+                Some(rec) if output_not_inline(&rec) => self.standby_refusal(from, id),
                 Some(rec) => self.send(Out::Status {
                     to: from,
                     via: Via::Reply(id),
@@ -213,21 +213,20 @@ impl Core {
     }
 }
 
-/// Whether a job's output is in the blob store (the leader sends such a status).
-fn in_blob_store(rec: &JobRecord) -> bool {
-    matches!(
-        &rec.outcome,
+/// Whether a job's output is too large for a status to carry inline: the leader sends such a
+/// status (the output in chunks, or by reference).
+fn output_not_inline(rec: &JobRecord) -> bool {
+    match &rec.outcome {
         Some(Recorded::Succeeded {
             output: Body::Stored(_),
             ..
-        })
-    ) || matches!(
-        &rec.outcome,
+        }) => true,
         Some(Recorded::Succeeded {
             output: Body::Inline(b),
             ..
-        }) if b.len() > spine_protocol::INLINE_LIMIT
-    )
+        }) => b.len() > spine_protocol::INLINE_LIMIT,
+        _ => false,
+    }
 }
 
 /// The answer about a job no one knows.
