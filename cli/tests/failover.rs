@@ -81,6 +81,15 @@ impl Node {
     }
 }
 
+/// Kills every dispatcher still running.
+async fn stop_all(nodes: &mut [Node]) {
+    for n in nodes {
+        if let Some(mut c) = n.child.take() {
+            let _ = c.kill().await;
+        }
+    }
+}
+
 /// What `/healthz` says: "ok leader", "ok standby", or nothing (down).
 async fn health(api: &reqwest::Client, http: &str) -> Option<String> {
     let r = api
@@ -626,11 +635,7 @@ async fn fail_over(kind: Kind, jobs: usize, kills: usize) {
         times.iter().all(|t| *t <= 5_000),
         "each failover within 5 s: {times:?}"
     );
-    for n in &mut nodes {
-        if let Some(mut c) = n.child.take() {
-            let _ = c.kill().await;
-        }
-    }
+    stop_all(&mut nodes).await;
     drop(stops);
 }
 
@@ -820,11 +825,7 @@ async fn a_standby_cancels_and_follows_jobs_through_the_leader() {
         "1",
         "the job's output"
     );
-    for n in &mut nodes {
-        if let Some(mut c) = n.child.take() {
-            let _ = c.kill().await;
-        }
-    }
+    stop_all(&mut nodes).await;
     drop(stop);
 }
 
@@ -940,10 +941,6 @@ async fn a_standby_serves_xmpp_submitters() {
     let id = w.send_set(&standby, Cancel { job: job.clone() }).await;
     assert!(w.wait_reply(&id).await.expect("cancel passed on").is_none());
     assert_eq!(w.wait_final_status(&job).await.state, JobState::Cancelled);
-    for n in &mut nodes {
-        if let Some(mut c) = n.child.take() {
-            let _ = c.kill().await;
-        }
-    }
+    stop_all(&mut nodes).await;
     drop(stop);
 }
