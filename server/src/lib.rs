@@ -24,6 +24,7 @@ mod io;
 mod router;
 pub mod scram;
 mod session;
+mod tape;
 pub mod tls;
 
 use std::future::Future;

@@ -18,6 +18,8 @@ use xmpp_parsers::stream_error::StreamError;
 pub(crate) enum Outbound {
     /// A stanza to write to the client (boxed: a stanza is ~400 bytes, queues hold many).
     Stanza(Box<Stanza>),
+    /// A stanza to write as another client sent it ([`crate::tape`]).
+    Tape(Box<crate::tape::Tape>),
     /// Close the stream with this error (a newer session took the resource, shutdown).
     Close(StreamError),
 }
@@ -135,6 +137,27 @@ impl Router {
                 r.priority = priority;
             }
         }
+    }
+
+    /// Queues `out` for the session bound to `full`; gives it back with why when it could not
+    /// be queued (the sender may then answer with an error, or try another way).
+    pub(crate) fn deliver(
+        &self,
+        full: &FullJid,
+        out: Outbound,
+    ) -> Result<(), (Delivery, Outbound)> {
+        let tx = self.accounts.get(&full.to_bare()).and_then(|v| {
+            v.iter()
+                .find(|r| r.name == full.resource().as_str())
+                .map(|r| r.tx.clone())
+        });
+        let Some(tx) = tx else {
+            return Err((Delivery::Offline, out));
+        };
+        tx.try_send(out).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(o) => (Delivery::Full, o),
+            mpsc::error::TrySendError::Closed(o) => (Delivery::Offline, o),
+        })
     }
 
     /// Hands a stanza to the session bound to `full`.

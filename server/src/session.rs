@@ -45,7 +45,8 @@ use crate::Shared;
 
 type Io = BufStream<Limited>;
 type Negotiating = XmlStream<Io, XmppStreamElement>;
-type Established = XmlStream<Io, FallibleStreamElement>;
+/// After bind: stanzas for other clients are kept as read ([`crate::tape`]).
+type Established = XmlStream<Io, crate::tape::Read>;
 
 /// Failed SASL attempts allowed on one connection.
 const MAX_AUTH_ATTEMPTS: usize = 3;
@@ -441,9 +442,18 @@ async fn negotiate(
         NegotiationError::Protocol(format!("user '{user}' makes no valid JID: {e}"))
     })?;
     loop {
-        let el = match xs.next().await {
-            Some(Ok(FallibleStreamElement::Ok(el))) => el,
-            Some(Ok(FallibleStreamElement::Err(e))) => {
+        let el = match xs
+            .next()
+            .await
+            .map(|r| r.map(crate::tape::Read::into_element))
+        {
+            Some(Ok(Ok(FallibleStreamElement::Ok(el)))) => el,
+            Some(Ok(Ok(FallibleStreamElement::Err(e)))) => {
+                return Err(NegotiationError::Protocol(format!(
+                    "invalid element before bind: {e}"
+                )))
+            }
+            Some(Ok(Err(e))) => {
                 return Err(NegotiationError::Protocol(format!(
                     "invalid element before bind: {e}"
                 )))
@@ -751,6 +761,18 @@ impl Session {
                     }
                 }
                 item = xs.next() => {
+                    let item = match item {
+                        Some(Ok(crate::tape::Read::Tape(t))) => match self.forward(t) {
+                            None => {
+                                self.meter.element_done();
+                                continue;
+                            }
+                            Some(t) => Some(t.into_element().map_err(ReadError::ParseError)),
+                        },
+                        Some(Ok(crate::tape::Read::Element(e))) => Some(Ok(*e)),
+                        Some(Err(e)) => Some(Err(e)),
+                        None => None,
+                    };
                     match self.on_read(item) {
                         Ok(Some(st)) => self.on_stanza(st),
                         Ok(None) => {}
@@ -783,6 +805,7 @@ impl Session {
             while let Some(out) = next.take() {
                 match out {
                     Outbound::Stanza(st) => xs.feed(&XmppStreamElement::Stanza(*st)).await?,
+                    Outbound::Tape(t) => xs.feed(&*t).await?,
                     Outbound::Close(e) => {
                         SinkExt::<&XmppStreamElement>::flush(xs).await?;
                         return Ok(Some(e));
@@ -932,6 +955,27 @@ impl Session {
 
     fn server_jid(&self) -> Jid {
         Jid::from(self.shared.domain_jid.clone())
+    }
+
+    /// Sends a stanza for another client's full JID on as it was read, when the typed path would
+    /// pass it unchanged and the recipient's queue takes it ([`crate::tape`]). Gives it back
+    /// otherwise, for the typed path (which answers errors, and sends a message for an absent
+    /// full JID to the bare one).
+    fn forward(&mut self, mut tape: Box<crate::tape::Tape>) -> Option<Box<crate::tape::Tape>> {
+        if !tape.passes_as_read() {
+            return Some(tape);
+        }
+        let to = match tape.attr("to").map(FullJid::new) {
+            Some(Ok(to)) if to.domain().as_str() == self.shared.cfg.domain => to,
+            _ => return Some(tape),
+        };
+        tape.readdress(self.me.as_str(), to.as_str());
+        match self.shared.router.deliver(&to, Outbound::Tape(tape)) {
+            Ok(()) => None,
+            Err((_, Outbound::Tape(t))) => Some(t),
+            // What the router gives back is what it was given.
+            Err(_) => None,
+        }
     }
 
     /// Handles one stanza from the client.
