@@ -20,6 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use sha2::Digest as _;
 use spine_agent::{Agent, JobContext, JobError, Output};
 use spine_integration::postgres::Postgres;
 use spine_integration::servers::{AnyServer, Kind};
@@ -283,8 +284,9 @@ fn nodes_with(
 }
 
 /// An agent (account agent1) with 4 slots of `work.sleep` (sleeps `ms`, outputs `slept {ms}`),
-/// `work.big` (a 200 KiB output) and `work.halves` (reports 50 % after 0.4 s, ends 0.4 s
-/// later); it stops when the sender is dropped or sent to.
+/// `work.big` (a 200 KiB output), `work.halves` (reports 50 % after 0.4 s, ends 0.4 s
+/// later) and `work.digest` ([`digest`] of its input); it stops when the sender is dropped or
+/// sent to.
 fn sleeper(server: &spine_integration::TestServer) -> tokio::sync::oneshot::Sender<()> {
     let cfg = spine_integration::farm::agent_config(server, 1, "slots = 4");
     let agent = Agent::builder(cfg)
@@ -301,6 +303,9 @@ fn sleeper(server: &spine_integration::TestServer) -> tokio::sync::oneshot::Send
             ctx.progress(50, "half way");
             tokio::time::sleep(Duration::from_millis(400)).await;
             Ok::<_, JobError>(Output::bytes("done"))
+        })
+        .capability("work.digest", None, |ctx: JobContext| async move {
+            Ok::<_, JobError>(Output::bytes(digest(&ctx.input)))
         })
         .build()
         .unwrap();
@@ -921,6 +926,35 @@ async fn a_standby_serves_xmpp_submitters() {
     // <status/> at the standby.
     let st = w.status(&standby, &first.job).await.expect("a status");
     assert_eq!(st.state, JobState::Succeeded);
+
+    // A large input sent in chunks to the standby, then submitted there: stored with the job
+    // for the leader, whose agent gets every byte.
+    let input = large_input(3);
+    let blob: spine_protocol::BlobId = "standby-in-1".parse().unwrap();
+    for c in spine_protocol::chunks(&blob, &input) {
+        let id = w.send_set(&standby, c).await;
+        assert!(w.wait_reply(&id).await.expect("chunk taken").is_none());
+    }
+    let mut big = Submit::new("work.digest".parse().unwrap());
+    big.input = Some(spine_protocol::Data::Blob(spine_protocol::BlobRef {
+        blob,
+        size: input.len() as u64,
+        sha256: sha2::Sha256::digest(&input).into(),
+        mime: None,
+    }));
+    big.watch = true;
+    let id = w.send_set(&standby, big).await;
+    let el = w.wait_reply(&id).await.expect("accepted").expect("payload");
+    let job = Accepted::try_from(el).unwrap().job;
+    let end = w.wait_final_status(&job).await;
+    assert_eq!(end.state, JobState::Succeeded);
+    match &end.outcome {
+        Some(Outcome::Result(r)) => assert!(
+            matches!(&r.output, Some(spine_protocol::Data::Inline { bytes, .. }) if bytes == digest(&input).as_bytes()),
+            "{r:?}"
+        ),
+        other => panic!("a result: {other:?}"),
+    }
 
     // A long job submitted at the standby, cancelled at the standby: the leader cancels it.
     let mut long = Submit::new("work.sleep".parse().unwrap());

@@ -6,12 +6,13 @@
 //! driver for one ([`Lookup`], [`Core::take_lookups`]) and goes on when the driver gives the
 //! answer back ([`Core::looked_up`]), as it goes on after a commit.
 //!
-//! What a standby still refuses, naming the leader: chunks (a large input's upload is the
-//! leader's to keep), a `<submit/>` of such an input, events, and a status whose output is in
-//! the blob store (the leader sends it in chunks or as a reference).
+//! A large input's chunks are kept here as at the leader until the `<submit/>` that names
+//! them, whose job is then stored with its input. What a standby still refuses, naming the
+//! leader: events, agents' requests (their outputs' chunks among them), and a status whose
+//! output is in the blob store (the leader sends it in chunks or as a reference).
 
 use jid::Jid;
-use spine_protocol::{Condition, Data, JobId, Payload, SpineError, Submit};
+use spine_protocol::{Condition, JobId, Payload, SpineError, Submit};
 use xmpp_parsers::iq::Iq;
 
 use super::{Core, Now};
@@ -156,10 +157,8 @@ impl Core {
         now: Now,
     ) {
         match parsed {
-            // A large input's chunks went to the leader (or were refused here).
-            Payload::Submit(s) if matches!(s.input, Some(Data::Blob(_))) => {
-                self.standby_refusal(from, id)
-            }
+            // A large input's chunks came here first: the submission takes them, and its
+            // input is stored with it for the leader.
             Payload::Submit(s) => {
                 if let Some(e) = self.refuse_steps(&from, &grant, &s) {
                     return self.reply_error(from, id, e);

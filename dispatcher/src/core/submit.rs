@@ -328,8 +328,10 @@ impl Core {
         }
         if !self.leads {
             // Its submitters' requests are served (stored for the leader, or read from the
-            // shared store); agents and the rest are told to go to the leader.
+            // shared store) — their inputs' chunks too, kept here until their `<submit/>`
+            // takes them; agents and the rest are told to go to the leader.
             return match (self.grant(&from), parsed) {
+                (Some(_), Ok(Payload::Chunk(c))) => self.on_chunk(from, id, c, now),
                 (Some(grant), Ok(p)) => self.standby_set(from, id, grant, p, now),
                 (Some(_), Err(e)) => self.reply_error(from, id, e.to_spine_error()),
                 (None, _) => self.standby_refusal(from, id),
@@ -337,19 +339,12 @@ impl Core {
         }
         // Chunks come from agents (their outputs) and submitters (their inputs).
         if let Ok(Payload::Chunk(c)) = parsed {
-            let known = self.is_registered(&from) || self.grant(&from).is_some();
-            let reply = if known {
-                self.blobs
-                    .put(from.to_bare().as_str(), c, now.mono)
-                    .map(|()| Iq::empty_result(from.clone(), id.clone()))
-            } else {
-                Err(SpineError::new(Condition::NotAuthorized)
-                    .with_text("only registered agents and allowed submitters send chunks"))
-            };
-            return match reply {
-                Ok(iq) => self.send(iq),
-                Err(e) => self.reply_error(from, id, e),
-            };
+            if self.is_registered(&from) || self.grant(&from).is_some() {
+                return self.on_chunk(from, id, c, now);
+            }
+            let e = SpineError::new(Condition::NotAuthorized)
+                .with_text("only registered agents and allowed submitters send chunks");
+            return self.reply_error(from, id, e);
         }
         // An agent's watcher sends events of its own source (PROTOCOL.md §11.9.1).
         let parsed = match parsed {
@@ -385,6 +380,15 @@ impl Core {
                 ),
             ),
             Err(e) => self.reply_error(from, id, e.to_spine_error()),
+        }
+    }
+
+    /// A chunk of a large input or output from a sender that may send one, kept until the
+    /// request that names its blob takes it (PROTOCOL.md §13).
+    fn on_chunk(&mut self, from: Jid, id: String, c: spine_protocol::Chunk, now: Now) {
+        match self.blobs.put(from.to_bare().as_str(), c, now.mono) {
+            Ok(()) => self.send(Iq::empty_result(from, id)),
+            Err(e) => self.reply_error(from, id, e),
         }
     }
 

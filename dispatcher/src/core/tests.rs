@@ -1421,18 +1421,63 @@ fn a_standby_serves_xmpp_submitters_storing_their_jobs_and_reading_the_shared_st
         2
     );
 
-    // Events and chunks stay the leader's: refused, naming it.
-    let chunk_like = spine_protocol::Submit {
+    // A large input's chunks, then its <submit/>: kept here until the submission takes
+    // them, and stored with its job for the leader.
+    let input: Vec<u8> = (0..INLINE_LIMIT * 2 + 7).map(|i| (i % 251) as u8).collect();
+    let blob: spine_protocol::BlobId = "in1".parse().unwrap();
+    for (n, c) in spine_protocol::chunks(&blob, &input)
+        .into_iter()
+        .enumerate()
+    {
+        let cid = format!("c{n}");
+        set(&mut w, &cid, c.into());
+        assert!(
+            matches!(answer_to(&w.ready().stanzas, &cid), Some(Iq::Result { .. })),
+            "chunk {n} taken"
+        );
+    }
+    let big = spine_protocol::Submit {
         input: Some(Data::Blob(spine_protocol::BlobRef {
-            blob: "in1".parse().unwrap(),
-            size: 10,
-            sha256: [7; 32],
+            blob,
+            size: input.len() as u64,
+            sha256: <sha2::Sha256 as sha2::Digest>::digest(&input).into(),
             mime: None,
         })),
         ..spine_protocol::Submit::new(CAP.parse().unwrap())
     };
-    set(&mut w, "b1", chunk_like.into());
-    let Some(Iq::Error { error, .. }) = answer_to(&w.ready().stanzas, "b1") else {
+    set(&mut w, "b1", big.into());
+    let r = w.ready();
+    let Some(Iq::Result {
+        payload: Some(el), ..
+    }) = answer_to(&r.stanzas, "b1")
+    else {
+        panic!("accepted: {:?}", r.stanzas);
+    };
+    let job = spine_protocol::Accepted::try_from(el).unwrap().job;
+    assert!(r.persist.contains(&job), "stored for the leader");
+    assert_eq!(
+        w.core
+            .record(&job)
+            .unwrap()
+            .spec
+            .input
+            .stored()
+            .map(|b| b.size),
+        Some(input.len() as u64),
+        "with its input"
+    );
+
+    // Events stay the leader's: refused, naming it.
+    let event = spine_protocol::events::Event {
+        id: "e1".into(),
+        source: "/test".into(),
+        ty: "thing.happened".into(),
+        subject: None,
+        time: None,
+        data: Default::default(),
+    };
+    set(&mut w, "e1", event.into());
+    let Some(Iq::Error { error, .. }) = answer_to(&w.ready().stanzas, "e1") else {
         panic!("refused");
     };
     let text = error.texts.values().next().cloned().unwrap_or_default();
