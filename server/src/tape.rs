@@ -31,6 +31,13 @@ use xso::{AsXml, Context, FromEventsBuilder, FromXml, Item};
 /// The default namespace of a client's stream.
 const CLIENT_NS: &str = "jabber:client";
 
+/// The attributes of a stanza's head that a tape keeps apart (no namespace).
+const HEAD: [&str; 4] = ["from", "to", "id", "type"];
+
+/// [`HEAD`] as the names the writer takes, made once.
+static HEAD_NAMES: std::sync::LazyLock<[NcName; 4]> =
+    std::sync::LazyLock::new(|| HEAD.map(attr_name));
+
 /// What the server reads from a bound client: a stanza kept as read, or any other element
 /// (and presence) as tokio-xmpp types it.
 #[derive(Debug)]
@@ -55,7 +62,10 @@ impl Read {
 pub(crate) struct Tape {
     /// The stanza's name (its namespace is `jabber:client`).
     name: QName,
-    /// Its attributes.
+    /// The attributes of its head the typed path reads: `from`, `to`, `id`, `type` (in the
+    /// order of [`HEAD`]). Kept apart so that reading and restamping them is no map work.
+    head: [Option<String>; 4],
+    /// Its other attributes (`xml:lang`, unknown ones): for the replay only.
     attrs: AttrMap,
     /// Everything inside it, ending with its own end.
     body: Vec<Event>,
@@ -88,9 +98,10 @@ impl Tape {
         }
     }
 
-    /// An attribute of the stanza's head (no namespace).
+    /// An attribute of the stanza's head: one of [`HEAD`] (others: `None`).
     pub(crate) fn attr(&self, name: &str) -> Option<&str> {
-        self.attrs.get(&Namespace::NONE, name).map(String::as_str)
+        let i = HEAD.iter().position(|h| *h == name)?;
+        self.head[i].as_deref()
     }
 
     /// Whether the typed path would pass this stanza on unchanged, so that it may be written
@@ -120,16 +131,10 @@ impl Tape {
 
     /// Sets the head for the recipient: `from` as the server stamps it, `to` normalised, and
     /// of the rest only what the typed path keeps.
+    /// (The other attributes are not written: [`TapeItems`] writes the head alone.)
     pub(crate) fn readdress(&mut self, from: &str, to: &str) {
-        let mut head = AttrMap::new();
-        for k in ["id", "type"] {
-            if let Some(v) = self.attrs.remove(&Namespace::NONE, k) {
-                head.insert(Namespace::NONE, name(k), v);
-            }
-        }
-        head.insert(Namespace::NONE, name("from"), from.to_owned());
-        head.insert(Namespace::NONE, name("to"), to.to_owned());
-        self.attrs = head;
+        self.head[0] = Some(from.to_owned());
+        self.head[1] = Some(to.to_owned());
     }
 
     /// The element the typed path would have read: the same events, fed to its builder with
@@ -137,12 +142,18 @@ impl Tape {
     pub(crate) fn into_element(self) -> Result<FallibleStreamElement, Error> {
         let Tape {
             name,
-            attrs,
+            head,
+            mut attrs,
             body,
             lang,
             langs,
             ..
         } = self;
+        for (k, v) in HEAD.iter().zip(head) {
+            if let Some(v) = v {
+                attrs.insert(Namespace::NONE, attr_name(k), v);
+            }
+        }
         let ctx = Context::empty().with_language(lang.as_deref());
         let mut builder = match <FallibleStreamElement as FromXml>::from_events(name, attrs, &ctx) {
             Ok(b) => b,
@@ -167,7 +178,7 @@ impl Tape {
 }
 
 /// An attribute name the server writes (constant, valid).
-fn name(s: &str) -> NcName {
+fn attr_name(s: &str) -> NcName {
     NcName::try_from(s).expect("an attribute name of the server's own is a valid NCName")
 }
 
@@ -183,13 +194,15 @@ impl FromXml for Read {
 
     fn from_events(
         name: QName,
-        attrs: AttrMap,
+        mut attrs: AttrMap,
         ctx: &Context<'_>,
     ) -> Result<ReadBuilder, FromEventsError> {
         if name.0 == CLIENT_NS && matches!(name.1.as_str(), "iq" | "message") {
+            let head = HEAD.map(|k| attrs.remove(&Namespace::NONE, k));
             return Ok(ReadBuilder::Tape(
                 Some(Box::new(Tape {
                     name,
+                    head,
                     attrs,
                     body: Vec::new(),
                     lang: ctx.language().map(str::to_owned),
@@ -256,6 +269,8 @@ impl FromEventsBuilder for ReadBuilder {
 /// Writes a tape: its head, then its events.
 pub(crate) struct TapeItems<'x> {
     tape: &'x Tape,
+    /// The next of the stanza's [`HEAD`] attributes to write, while its head is written.
+    head: Option<usize>,
     /// The attributes of the element whose head is being written.
     attrs: Option<rxml::xml_map::Iter<'x, String>>,
     /// Whether that element is empty (closed with `/>`; its end event is skipped).
@@ -268,6 +283,23 @@ impl<'x> Iterator for TapeItems<'x> {
     type Item = Result<Item<'x>, Error>;
 
     fn next(&mut self) -> Option<Self::Item> {
+        if let Some(i) = self.head {
+            let next = (i..HEAD.len()).find(|j| self.tape.head[*j].is_some());
+            return Some(Ok(match next {
+                Some(j) => {
+                    self.head = Some(j + 1);
+                    Item::Attribute(
+                        Namespace::NONE,
+                        Cow::Borrowed(&*HEAD_NAMES[j]),
+                        Cow::Borrowed(self.tape.head[j].as_deref().unwrap_or_default()),
+                    )
+                }
+                None => {
+                    self.head = None;
+                    Item::ElementHeadEnd
+                }
+            }));
+        }
         if let Some(attrs) = self.attrs.as_mut() {
             if let Some(((ns, name), value)) = attrs.next() {
                 return Some(Ok(Item::Attribute(
@@ -286,8 +318,7 @@ impl<'x> Iterator for TapeItems<'x> {
         let body = &self.tape.body;
         let Some(i) = self.next else {
             self.next = Some(0);
-            self.attrs = Some(self.tape.attrs.iter());
-            self.empty = false;
+            self.head = Some(0);
             let (ns, name) = &self.tape.name;
             return Some(Ok(Item::ElementHeadStart(
                 ns.borrow(),
@@ -319,6 +350,7 @@ impl AsXml for Tape {
     fn as_xml_iter(&self) -> Result<TapeItems<'_>, Error> {
         Ok(TapeItems {
             tape: self,
+            head: None,
             attrs: None,
             empty: false,
             next: None,
