@@ -33,6 +33,7 @@ use crate::blob_gc::BlobGc;
 use crate::blobs::BlobStore;
 use crate::config::DispatcherConfig;
 use crate::core::data::DataPlane;
+use crate::core::rates::RateUse;
 use crate::core::standby::{Looked, Lookup, LookupFor};
 use crate::core::{
     ApiReply, ApiRequest, ApiToken, Command, Core, Early, EventKind, JobEvent, Now, Pending, Ready,
@@ -183,6 +184,10 @@ struct Elected {
     /// Leading, its jobs' progress and partial events go to the standbys' streams through
     /// this ([`spawn_relay`]).
     relay: Option<tokio::sync::mpsc::Sender<JobEvent>>,
+    /// What the other dispatchers charged to rate budgets ([`crate::core::rates`]).
+    rates_in: tokio::sync::mpsc::Receiver<Vec<RateUse>>,
+    /// What this one charged goes to them through this ([`spawn_rate_share`]).
+    rates_out: Option<tokio::sync::mpsc::Sender<Vec<RateUse>>>,
     /// The reads a standby's core asked for ([`Driver::start_lookups`]) end here.
     looked_tx: tokio::sync::mpsc::UnboundedSender<(Lookup, Looked)>,
     looked: tokio::sync::mpsc::UnboundedReceiver<(Lookup, Looked)>,
@@ -224,6 +229,8 @@ enum Wake {
     Looked(Box<(Lookup, Looked)>),
     /// A standby's submissions, whole in their notification.
     Taken(Vec<JobRecord>),
+    /// What the other dispatchers charged to rate budgets.
+    Rates(Vec<RateUse>),
 }
 
 /// The read of the standbys' submissions, with the blobs they reference: on a task of its own,
@@ -261,6 +268,7 @@ async fn elected_wake(elected: &mut Option<Elected>) -> Option<Wake> {
             }
             r = e.looked.recv() => r.map(|l| Wake::Looked(Box::new(l))),
             r = e.taken.recv() => r.map(Wake::Taken),
+            r = e.rates_in.recv() => r.map(Wake::Rates),
         },
         None => std::future::pending().await,
     }
@@ -281,6 +289,50 @@ fn spawn_relay(pg: Arc<crate::store::postgres::PgStore>) -> tokio::sync::mpsc::S
             }
             if let Err(e) = pg.relay(&payloads).await {
                 warn!("could not relay events to the standbys: {e}");
+            }
+        }
+    });
+    tx
+}
+
+/// How often a dispatcher tells the others what it charged to rate budgets: the budgets
+/// several dispatchers share may be overrun by about what they accept in this time.
+const RATE_SHARE: Duration = Duration::from_millis(250);
+
+/// The task that tells the other dispatchers sharing the store what this one charged to
+/// submitters' rate budgets (PostgreSQL's `spine_rates`), summed over [`RATE_SHARE`]; best
+/// effort: a report it cannot send leaves the budgets looser for a moment.
+fn spawn_rate_share(
+    pg: Arc<crate::store::postgres::PgStore>,
+    me: String,
+) -> tokio::sync::mpsc::Sender<Vec<RateUse>> {
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<RateUse>>(1024);
+    tokio::spawn(async move {
+        let mut sum: HashMap<(String, Option<usize>), u32> = HashMap::new();
+        while let Some(uses) = rx.recv().await {
+            let until = tokio::time::Instant::now() + RATE_SHARE;
+            let mut next = Some(uses);
+            while let Some(uses) = next.take() {
+                for u in uses {
+                    let n = sum.entry((u.submitter, u.budget)).or_default();
+                    *n = n.saturating_add(u.n);
+                }
+                next = tokio::time::timeout_at(until, rx.recv())
+                    .await
+                    .ok()
+                    .flatten();
+            }
+            let uses = sum
+                .drain()
+                .map(|((submitter, budget), n)| RateUse {
+                    submitter,
+                    budget,
+                    n,
+                })
+                .collect();
+            let payloads = crate::store::postgres::rate_payloads(&me, uses);
+            if let Err(e) = pg.share_rates(&payloads).await {
+                warn!("could not tell the other dispatchers of rate limits used: {e}");
             }
         }
     });
@@ -484,11 +536,32 @@ async fn run_inner(
     let orphan_ttl = cfg.blob_orphan_ttl;
     let looked = tokio::sync::mpsc::unbounded_channel();
     let taken = tokio::sync::mpsc::channel(1024);
+    let rates = tokio::sync::mpsc::channel(1024);
     let (campaign, elected) = match campaign {
         Some((c, rx)) => (
             Some(c),
             Some(Elected {
                 holder: holder_of(&rx),
+                rates_in: rates.1,
+                rates_out: match &store {
+                    JobStore::Postgres(pg) => Some(spawn_rate_share(pg.clone(), holder_of(&rx))),
+                    JobStore::Redb(_) => None,
+                },
+                submitted: {
+                    let (tx, woken) = tokio::sync::mpsc::channel(1);
+                    if let (JobStore::Postgres(pg), Some(ended), Some(relayed)) =
+                        (&store, &ended, &relayed)
+                    {
+                        pg.listen(
+                            tx,
+                            ended.clone(),
+                            relayed.clone(),
+                            taken.0,
+                            (holder_of(&rx), rates.0),
+                        );
+                    }
+                    woken
+                },
                 epoch: None,
                 rx,
                 cfg: cfg.clone(),
@@ -507,15 +580,6 @@ async fn run_inner(
                 looked_tx: looked.0,
                 looked: looked.1,
                 taken: taken.1,
-                submitted: {
-                    let (tx, rx) = tokio::sync::mpsc::channel(1);
-                    if let (JobStore::Postgres(pg), Some(ended), Some(relayed)) =
-                        (&store, &ended, &relayed)
-                    {
-                        pg.listen(tx, ended.clone(), relayed.clone(), taken.0);
-                    }
-                    rx
-                },
                 relay: match &store {
                     JobStore::Postgres(pg) => Some(spawn_relay(pg.clone())),
                     JobStore::Redb(_) => None,
@@ -613,6 +677,7 @@ async fn run_inner(
                 Wake::Swept(epoch, r) => d.swept(epoch, r).await?,
                 Wake::Looked(l) => d.core.looked_up(l.0, l.1, now()),
                 Wake::Taken(jobs) => d.take_notified(jobs).await,
+                Wake::Rates(uses) => d.core.charge_rate_uses(uses, now()),
             },
             Some(cmd) = cmd_rx.recv() => d.on_command(cmd),
             Some(spine_xmpp::Status::ReconnectFailed { error, auth, .. }) = status_rx.recv() => {
@@ -639,6 +704,12 @@ async fn run_inner(
             }
         }
         d.flush().await?;
+        if let Some(tx) = d.elected.as_ref().and_then(|e| e.rates_out.as_ref()) {
+            if d.core.has_rate_uses() {
+                // A full queue: the share task is behind; these are dropped, not waited for.
+                let _ = tx.try_send(d.core.take_rate_uses());
+            }
+        }
     }
     http_stop.cancel();
     info!("dispatcher stopping");

@@ -32,7 +32,7 @@ pub(crate) mod operator;
 pub(crate) mod outcomes;
 pub(crate) mod payloads;
 pub(crate) mod place;
-mod rates;
+pub(crate) mod rates;
 pub(crate) mod recent;
 pub(crate) mod requests;
 pub(crate) mod standby;

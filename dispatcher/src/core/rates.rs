@@ -7,6 +7,14 @@
 //!
 //! Buckets exist only for submitters that submitted lately: one that has refilled to its
 //! burst is the same as none, and [`RateLimits::forget_full`] drops those.
+//!
+//! Several dispatchers sharing a store hold one budget between them (docs/dispatcher.md,
+//! "Running several dispatchers"): each tells the others what it charged
+//! ([`RateLimits::take_report`], a few times a second over PostgreSQL's `NOTIFY`) and charges
+//! what they tell it to its own buckets too ([`RateLimits::charge`]). Every bucket then
+//! drains at what all of them accept, so a submitter that spreads its jobs over them gets its
+//! rate, not a multiple of it; the overshoot is bounded by what they accept between two
+//! reports.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -57,6 +65,18 @@ impl OverRate {
 #[derive(Debug, Default)]
 pub(crate) struct RateLimits {
     buckets: HashMap<Key, Bucket>,
+    /// Submissions charged here since the last [`RateLimits::take_report`], per budget.
+    charged: HashMap<Key, u32>,
+}
+
+/// Submissions one dispatcher charged to one budget: what the others sharing its store
+/// charge to theirs. `budget` is `None` for the submitter's `rate`, else the index of the
+/// pattern in its `capability_rates` (dispatchers sharing a store share their configuration).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub(crate) struct RateUse {
+    pub submitter: String,
+    pub budget: Option<usize>,
+    pub n: u32,
 }
 
 /// The budgets a submission passed, to charge once it is accepted.
@@ -102,6 +122,7 @@ impl RateLimits {
     /// Charges one submission to the budgets it passed.
     pub fn take(&mut self, passed: Passed, now: Instant) {
         for (key, rate) in passed.0 {
+            *self.charged.entry(key.clone()).or_default() += 1;
             let level = self.buckets.get(&key).map_or(rate.burst, |b| b.level(now));
             self.buckets.insert(
                 key,
@@ -114,6 +135,40 @@ impl RateLimits {
         }
     }
 
+    /// What was charged here since the last call (for the other dispatchers).
+    pub fn take_report(&mut self) -> Vec<RateUse> {
+        self.charged
+            .drain()
+            .map(|((submitter, budget), n)| RateUse {
+                submitter,
+                budget,
+                n,
+            })
+            .collect()
+    }
+
+    /// Whether anything was charged since the last report.
+    pub fn has_report(&self) -> bool {
+        !self.charged.is_empty()
+    }
+
+    /// Charges `n` submissions another dispatcher accepted to the budget `key` (of `rate`):
+    /// the bucket may go below zero, and refuses until it has refilled past one.
+    pub fn charge(&mut self, key: Key, n: u32, rate: Rate, now: Instant) {
+        let level = self.buckets.get(&key).map_or(rate.burst, |b| b.level(now));
+        // At most a burst's worth of debt per report: a report cannot lock a submitter out
+        // for longer than its bucket takes to fill.
+        let tokens = (level - f64::from(n)).max(level.min(0.0) - rate.burst);
+        self.buckets.insert(
+            key,
+            Bucket {
+                tokens,
+                at: now,
+                rate,
+            },
+        );
+    }
+
     /// Drops the buckets that have refilled (as good as none): a submitter that stopped
     /// submitting holds no memory. Called with housekeeping.
     pub fn forget_full(&mut self, now: Instant) {
@@ -124,6 +179,35 @@ impl RateLimits {
     #[cfg(test)]
     pub fn len(&self) -> usize {
         self.buckets.len()
+    }
+}
+
+/// Rate budgets shared with the other dispatchers of a store (see the module's comment).
+impl super::Core {
+    /// Whether anything was charged to a rate budget since the last [`Self::take_rate_uses`].
+    pub(crate) fn has_rate_uses(&self) -> bool {
+        self.rates.has_report()
+    }
+
+    /// What this dispatcher charged to rate budgets since the last call, for the others.
+    pub(crate) fn take_rate_uses(&mut self) -> Vec<RateUse> {
+        self.rates.take_report()
+    }
+
+    /// Charges what another dispatcher accepted to this one's budgets too. A budget this
+    /// dispatcher does not have (another configuration) is skipped.
+    pub(crate) fn charge_rate_uses(&mut self, uses: Vec<RateUse>, now: super::Now) {
+        for u in uses {
+            let limits = self.policy.limits(&u.submitter);
+            let rate = match u.budget {
+                None => limits.rate,
+                Some(i) => limits.capability_rates.get(i).map(|(_, r)| *r),
+            };
+            if let Some(rate) = rate {
+                self.rates
+                    .charge((u.submitter, u.budget), u.n, rate, now.mono);
+            }
+        }
     }
 }
 
@@ -207,6 +291,88 @@ mod tests {
             &l,
             t0 + Duration::from_secs(31)
         ));
+    }
+
+    /// Two dispatchers, a submitter sending a job every 10 ms to each in turn for 2 s, its
+    /// `rate` 10/s (burst 10): how many each accepts, with reports exchanged every
+    /// `every` (never: `None`).
+    fn spread(every: Option<Duration>, only_a: bool) -> (usize, usize) {
+        let l = limits("10/s", &[]);
+        let (mut a, mut b) = (RateLimits::default(), RateLimits::default());
+        let t0 = Instant::now();
+        let (mut na, mut nb) = (0, 0);
+        let mut last = t0;
+        for i in 0..200u64 {
+            let now = t0 + Duration::from_millis(10 * i);
+            if every.is_some_and(|e| now - last >= e) {
+                last = now;
+                for u in a.take_report() {
+                    b.charge((u.submitter, u.budget), u.n, l.rate.unwrap(), now);
+                }
+                for u in b.take_report() {
+                    a.charge((u.submitter, u.budget), u.n, l.rate.unwrap(), now);
+                }
+            }
+            if i % 2 == 0 || only_a {
+                na += usize::from(submit(&mut a, "http:web", "a.b", &l, now));
+            } else {
+                nb += usize::from(submit(&mut b, "http:web", "a.b", &l, now));
+            }
+        }
+        (na, nb)
+    }
+
+    #[test]
+    fn dispatchers_that_report_to_each_other_hold_one_budget() {
+        // Alone, each holds its own: twice the rate between them.
+        let (a, b) = spread(None, false);
+        assert!(a + b >= 55, "{a} + {b}");
+        // Reporting every 250 ms: the burst and 2 s of the rate, and what one report's lag
+        // lets through (at most a few).
+        let (a, b) = spread(Some(Duration::from_millis(250)), false);
+        assert!((28..=34).contains(&(a + b)), "{a} + {b}");
+        assert!(a > 0 && b > 0);
+        // A submitter that keeps to one dispatcher still gets its whole rate there.
+        let (a, b) = spread(Some(Duration::from_millis(250)), true);
+        assert_eq!(b, 0);
+        assert!((29..=31).contains(&a), "{a}");
+    }
+
+    #[test]
+    fn a_report_is_what_was_charged_since_the_last_and_cannot_sink_a_bucket_past_a_burst() {
+        let l = limits("10/s", &[("image.*", "1/s")]);
+        let mut r = RateLimits::default();
+        let t0 = Instant::now();
+        assert!(!r.has_report());
+        assert!(submit(&mut r, "u@x", "image.resize", &l, t0));
+        assert!(submit(&mut r, "u@x", "text.upper", &l, t0));
+        let mut report = r.take_report();
+        report.sort_by_key(|u| u.budget);
+        assert_eq!(
+            report,
+            vec![
+                RateUse {
+                    submitter: "u@x".into(),
+                    budget: None,
+                    n: 2
+                },
+                RateUse {
+                    submitter: "u@x".into(),
+                    budget: Some(0),
+                    n: 1
+                },
+            ]
+        );
+        assert!(r.take_report().is_empty(), "taken");
+        // Charged from elsewhere: not reported again; a huge count costs one burst of debt.
+        let mut other = RateLimits::default();
+        other.charge(("u@x".into(), None), 1_000_000, l.rate.unwrap(), t0);
+        assert!(!other.has_report());
+        let e = other
+            .check("u@x", &cap("text.upper"), &l, t0)
+            .err()
+            .unwrap();
+        assert!((e.wait.as_secs_f64() - 1.1).abs() < 1e-6, "{:?}", e.wait);
     }
 
     #[test]

@@ -32,6 +32,7 @@ use tracing::{info, warn};
 
 use super::{decode_job, OwnedBatch, StoreError};
 use crate::blobs::Stored;
+use crate::core::rates::RateUse;
 use crate::core::{EventKind, JobEvent};
 use crate::election::{Answer, Ask};
 use crate::jobs::JobRecord;
@@ -68,6 +69,9 @@ const ENDED: &str = "spine_ended";
 /// The channel the leader relays its jobs' progress and partial results on, for the event
 /// streams of standbys ([`relay_payloads`]).
 const EVENTS: &str = "spine_events";
+/// The channel every dispatcher tells the others on what it charged to submitters' rate
+/// budgets ([`rate_payloads`], [`crate::core::rates`]).
+const RATES: &str = "spine_rates";
 /// Bytes of one notification of [`EVENTS`] or [`ENDED`] (PostgreSQL's limit is 8000).
 const RELAY_PAYLOAD: usize = 7900;
 
@@ -539,13 +543,24 @@ impl PgStore {
     /// Relays events to the standbys' event streams ([`EVENTS`]; payloads of
     /// [`relay_payloads`]), in one statement.
     pub async fn relay(&self, payloads: &[String]) -> Result<(), StoreError> {
+        self.notify_all(EVENTS, payloads).await
+    }
+
+    /// Tells the other dispatchers what this one charged to rate budgets ([`RATES`];
+    /// payloads of [`rate_payloads`]).
+    pub async fn share_rates(&self, payloads: &[String]) -> Result<(), StoreError> {
+        self.notify_all(RATES, payloads).await
+    }
+
+    /// Notifies `channel` with each of `payloads`, in order, in one statement.
+    async fn notify_all(&self, channel: &str, payloads: &[String]) -> Result<(), StoreError> {
         let i = self.next_read.fetch_add(1, Ordering::Relaxed) % READERS;
         let mut slot = self.read_conns[i].lock().await;
         let c = self.live(&mut slot).await?;
         c.client
             .execute(
                 "SELECT pg_notify($1, p) FROM UNNEST($2::text[]) WITH ORDINALITY AS t(p, n) ORDER BY n",
-                &[&EVENTS, &payloads],
+                &[&channel, &payloads],
             )
             .await
             .map_err(|x| self.err(x))?;
@@ -635,13 +650,15 @@ impl PgStore {
     /// a connection of its own, made again when lost; also once a second and after each
     /// reconnection, so a notification lost with a connection delays a job by a second at
     /// most. Sends on `ended` the id of each job the leader announces ended (`spine_ended`),
-    /// for the callers a standby has waiting.
-    pub fn listen(
+    /// for the callers a standby has waiting; on `rates` what the other dispatchers charged
+    /// to rate budgets (`spine_rates`, its own reports, from `rates.0`, left out).
+    pub(crate) fn listen(
         self: &Arc<Self>,
         tx: tokio::sync::mpsc::Sender<()>,
         ended: tokio::sync::broadcast::Sender<Ended>,
         relayed: tokio::sync::broadcast::Sender<JobEvent>,
         taken: tokio::sync::mpsc::Sender<Vec<JobRecord>>,
+        rates: (String, tokio::sync::mpsc::Sender<Vec<RateUse>>),
     ) {
         let weak = Arc::downgrade(self);
         tokio::spawn(async move {
@@ -658,6 +675,7 @@ impl PgStore {
                 };
                 let (ntx, mut nrx) = tokio::sync::mpsc::unbounded_channel();
                 let (ended, relayed, taken) = (ended.clone(), relayed.clone(), taken.clone());
+                let (me, rates_tx) = (rates.0.clone(), rates.1.clone());
                 let driver = tokio::spawn(async move {
                     let mut messages =
                         futures::stream::poll_fn(move |cx| connection.poll_message(cx));
@@ -667,6 +685,13 @@ impl PgStore {
                                 for e in ended_announced(n.payload()) {
                                     // No standby waiting is fine.
                                     let _ = ended.send(e);
+                                }
+                            } else if n.channel() == RATES {
+                                let uses = rates_reported(n.payload(), &me);
+                                // A report lost to a full queue: the budget is a little
+                                // looser for a moment.
+                                if !uses.is_empty() {
+                                    let _ = rates_tx.try_send(uses);
                                 }
                             } else if n.channel() == EVENTS {
                                 for ev in relayed_events(n.payload()) {
@@ -691,7 +716,7 @@ impl PgStore {
                 });
                 if client
                     .batch_execute(&format!(
-                        "LISTEN {SUBMITTED}; LISTEN {ENDED}; LISTEN {EVENTS}"
+                        "LISTEN {SUBMITTED}; LISTEN {ENDED}; LISTEN {EVENTS}; LISTEN {RATES}"
                     ))
                     .await
                     .is_ok()
@@ -1427,6 +1452,38 @@ fn pack_lines(lines: impl Iterator<Item = String>) -> Vec<String> {
     out
 }
 
+/// One line of a [`RATES`] notification: a budget's use, and who reports it.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct RateLine {
+    from: String,
+    #[serde(flatten)]
+    used: RateUse,
+}
+
+/// The notifications of [`RATES`] that tell `uses` from the dispatcher `from`: a JSON line
+/// each, as many per notification as fit.
+pub(crate) fn rate_payloads(from: &str, uses: Vec<RateUse>) -> Vec<String> {
+    pack_lines(uses.into_iter().filter_map(|used| {
+        let line = serde_json::to_string(&RateLine {
+            from: from.to_owned(),
+            used,
+        })
+        .ok()?;
+        (line.len() <= RELAY_PAYLOAD).then_some(line)
+    }))
+}
+
+/// What a [`RATES`] notification tells, unless `me` sent it (lines that do not parse are
+/// skipped).
+fn rates_reported(payload: &str, me: &str) -> Vec<RateUse> {
+    payload
+        .lines()
+        .filter_map(|l| serde_json::from_str::<RateLine>(l).ok())
+        .filter(|l| l.from != me)
+        .map(|l| l.used)
+        .collect()
+}
+
 /// The jobs a notification of [`ENDED`] announces.
 fn ended_announced(payload: &str) -> Vec<Ended> {
     payload
@@ -1582,6 +1639,29 @@ mod tests {
         assert_eq!(back[100].job.as_str(), "job-102");
         assert_eq!(back[100].kind, EventKind::Partial);
         assert!(relayed_events("not json\n{\"job\":1}").is_empty());
+    }
+
+    #[test]
+    fn rate_reports_fill_payloads_under_the_limit_and_skip_their_sender() {
+        let uses: Vec<RateUse> = (0..500)
+            .map(|i| RateUse {
+                submitter: format!("http:token-{i}"),
+                budget: (i % 3 == 0).then_some(i % 7),
+                n: i as u32 + 1,
+            })
+            .collect();
+        let payloads = rate_payloads("d1#01", uses.clone());
+        assert!(payloads.len() > 1, "500 lines do not fit one notification");
+        assert!(payloads.iter().all(|p| p.len() <= RELAY_PAYLOAD));
+        let back: Vec<RateUse> = payloads
+            .iter()
+            .flat_map(|p| rates_reported(p, "d2#02"))
+            .collect();
+        assert_eq!(back, uses);
+        assert!(payloads
+            .iter()
+            .all(|p| rates_reported(p, "d1#01").is_empty()));
+        assert!(rates_reported("not json\n{}", "d2").is_empty());
     }
 
     #[test]
