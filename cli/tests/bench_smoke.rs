@@ -438,6 +438,17 @@ fn cost_runs_small_on_three_dispatchers() {
         "3",
     ]);
     assert!(r["medians"]["jobs_per_s"].as_f64().unwrap() > 0.0, "{r}");
+    // The leader is named, and its CPU is a part of the dispatchers'.
+    let run = &r["runs"][0];
+    assert!(
+        ["dispatcher", "dispatcher2", "dispatcher3"].contains(&run["leader"].as_str().unwrap()),
+        "{r}"
+    );
+    let (leader, all) = (
+        run["par_cpu_us_leader"].as_f64().unwrap(),
+        run["par_cpu_us_dispatcher"].as_f64().unwrap(),
+    );
+    assert!(leader >= 0.0 && leader <= all, "{r}");
     let rows = pg.psql("spine", "SELECT count(*) FROM spine_jobs").unwrap();
     assert_eq!(rows, "569", "{stdout}");
     let waiting = pg

@@ -75,6 +75,15 @@ pub(super) struct Figures {
     pub(super) par_cpu_us_agent: f64,
     pub(super) par_cpu_us_total: f64,
     pub(super) par_cpu_us_client: f64,
+    /// With several dispatchers: the one that led through the run (`dispatcher`,
+    /// `dispatcher2`, …), and its own part of `*_cpu_us_dispatcher` (the bottleneck when each
+    /// has a machine of its own). Empty and 0 with one (and from builds without them).
+    #[serde(default)]
+    pub(super) leader: String,
+    #[serde(default)]
+    pub(super) seq_cpu_us_leader: f64,
+    #[serde(default)]
+    pub(super) par_cpu_us_leader: f64,
     /// The file system the farm's data directory was on.
     pub(super) filesystem: String,
 }
@@ -233,6 +242,12 @@ fn print_medians(m: &BTreeMap<String, f64>) {
         m["par_cpu_us_dispatcher"], m["par_cpu_us_agent"], m["par_cpu_us_total"],
         m["par_cpu_us_client"]
     );
+    if m.get("par_cpu_us_leader").is_some_and(|x| *x > 0.0) {
+        println!(
+            "  of the dispatchers' CPU per job, the leading dispatcher's own: one at a time {:.0} µs, in flight {:.0} µs",
+            m["seq_cpu_us_leader"], m["par_cpu_us_leader"]
+        );
+    }
 }
 
 /// Every numeric figure over the runs, in run order.
@@ -364,6 +379,20 @@ async fn measure(farm: &mut procs::ProcFarm, o: &Options, dir: &Path) -> Result<
         .map(|k| pid_of(&format!("dispatcher{k}")))
         .collect::<Result<_>>()?;
     let tick = clock_tick()?;
+
+    jobs(&http, &urls, WARM_UP, o.window).await?;
+    farm.children.check_alive()?;
+    // Which dispatcher leads (asked after the warm-up, when the election is long over).
+    let leader = if o.dispatchers > 1 {
+        leading(&http, &farm.https).await?
+    } else {
+        String::new()
+    };
+    let leader_pid = if leader.is_empty() {
+        None
+    } else {
+        Some(pid_of(&leader)?)
+    };
     let cpu = || -> Result<Vec<f64>> {
         let mut v: Vec<f64> = parts
             .iter()
@@ -372,11 +401,12 @@ async fn measure(farm: &mut procs::ProcFarm, o: &Options, dir: &Path) -> Result<
         for p in &more {
             v[1] += cpu_seconds(p, tick)?;
         }
+        v.push(match &leader_pid {
+            Some(p) => cpu_seconds(p, tick)?,
+            None => 0.0,
+        });
         Ok(v)
     };
-
-    jobs(&http, &urls, WARM_UP, o.window).await?;
-    farm.children.check_alive()?;
 
     let before = cpu()?;
     let mut seq = jobs(&http, &urls, o.seq_jobs, 1).await?;
@@ -412,8 +442,35 @@ async fn measure(farm: &mut procs::ProcFarm, o: &Options, dir: &Path) -> Result<
         par_cpu_us_agent: par_cpu[2],
         par_cpu_us_total: par_cpu[..3].iter().sum(),
         par_cpu_us_client: par_cpu[3],
+        leader,
+        seq_cpu_us_leader: seq_cpu[4],
+        par_cpu_us_leader: par_cpu[4],
         filesystem: filesystem(dir),
     })
+}
+
+/// The name of the farm's process (`dispatcher`, `dispatcher2`, …) whose `/healthz` at
+/// `https[k]` answers that it leads.
+async fn leading(http: &reqwest::Client, https: &[std::net::SocketAddr]) -> Result<String> {
+    for (k, addr) in https.iter().enumerate() {
+        let r = http
+            .get(format!("http://{addr}/healthz"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .with_context(|| format!("GET /healthz of the dispatcher at {addr}"))?;
+        if r.text().await.unwrap_or_default().contains("leader") {
+            return Ok(if k == 0 {
+                "dispatcher".to_owned()
+            } else {
+                format!("dispatcher{}", k + 1)
+            });
+        }
+    }
+    anyhow::bail!(
+        "none of the {} dispatchers says it leads (GET /healthz)",
+        https.len()
+    )
 }
 
 /// The CPU µs per job of each process between two readings (seconds).
