@@ -14,9 +14,9 @@
 //! subject or thread, each addressed to a valid full JID of this domain. Everything else (a
 //! stanza for the server or a bare JID, an error, presence, anything the typed parse would
 //! refuse) is replayed into the typed parser ([`Tape::into_element`]), which sees exactly the
-//! events it would have seen, and handled as before. A written tape carries the attributes the
-//! typed path keeps (`from`, `to`, `id`, `type`; `xml:lang` on a message): nothing a client
-//! puts on its stanza's head reaches another client unless the typed path would pass it too.
+//! events it would have seen, and handled as before. A written tape's head carries the attributes the
+//! typed path keeps (`from`, `to`, `id`, `type`): nothing a client puts on its stanza's head
+//! reaches another client unless the typed path would pass it too.
 //!
 //! Hand-written because xso reads into types (the tree is what is saved here) and no crate
 //! replays rxml events into xso builders.
