@@ -277,6 +277,10 @@ enum Scenario {
         /// the jobs are submitted to each in turn (standbys store them for the leader).
         #[arg(long, default_value_t = 1)]
         dispatchers: usize,
+        /// With --dispatchers: every job to the leader, the standbys only kept warm (what a
+        /// client that follows the `leader` of a standby's 503 does).
+        #[arg(long)]
+        to_leader: bool,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -444,8 +448,12 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             against,
             store,
             dispatchers,
+            to_leader,
             json,
         } => {
+            if to_leader && dispatchers < 2 {
+                anyhow::bail!("--to-leader needs --dispatchers 2 or more (with one, every job goes to it anyway)");
+            }
             for (flag, n) in [
                 ("--seq-jobs", seq_jobs),
                 ("--jobs", jobs),
@@ -476,6 +484,7 @@ pub fn run(a: BenchArgs) -> Result<bool> {
                 against,
                 store,
                 dispatchers,
+                to_leader,
             }))?;
             write_json(json, &r)?;
             Ok(true)

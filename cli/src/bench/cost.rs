@@ -49,6 +49,8 @@ pub(super) struct Options {
     pub(super) store: Option<String>,
     /// Dispatchers sharing `store`; jobs go to each in turn.
     pub(super) dispatchers: usize,
+    /// Jobs go to the leader alone (the standbys kept warm).
+    pub(super) to_leader: bool,
 }
 
 /// The figures of one run: a flat object, the JSON both sides of `--against` read and write
@@ -133,6 +135,17 @@ pub(super) async fn run(o: Options) -> Result<Value> {
         Some(url) => {
             let name = spine_dispatcher::store::postgres::PgTarget::parse(url, None)
                 .map_err(|e| anyhow::anyhow!("--store: {e}"))?;
+            if o.dispatchers > 1 {
+                println!(
+                    "dispatchers: {} sharing the store; the warm-up's jobs to each in turn, the measured ones {}",
+                    o.dispatchers,
+                    if o.to_leader {
+                        "to the leader alone (the standbys kept warm)"
+                    } else {
+                        "to each in turn (the standbys store theirs for the leader)"
+                    }
+                );
+            }
             println!(
                 "store: PostgreSQL {} (emptied before each run){}",
                 name.name(),
@@ -356,7 +369,7 @@ async fn measure(farm: &mut procs::ProcFarm, o: &Options, dir: &Path) -> Result<
         .tcp_nodelay(true)
         .build()
         .context("building the HTTP client")?;
-    let urls: Vec<String> = farm
+    let mut urls: Vec<String> = farm
         .https
         .iter()
         .map(|h| format!("http://{h}{SUBMIT}"))
@@ -388,6 +401,14 @@ async fn measure(farm: &mut procs::ProcFarm, o: &Options, dir: &Path) -> Result<
     } else {
         String::new()
     };
+    if o.to_leader {
+        let k = match leader.strip_prefix("dispatcher") {
+            Some("") => 0,
+            Some(n) => n.parse::<usize>().context("the leader's name")? - 1,
+            None => anyhow::bail!("no leader to send the jobs to"),
+        };
+        urls = vec![urls[k].clone()];
+    }
     let leader_pid = if leader.is_empty() {
         None
     } else {

@@ -199,6 +199,12 @@ struct Statements {
     upsert_audit: Statement,
     upsert_agents: Statement,
     insert_capabilities: Statement,
+    /// The commit's own statements that were sent unprepared: each cost a round trip to
+    /// prepare before it could run, after the others had.
+    notify: Statement,
+    insert_submitted: Statement,
+    delete_submitted: Statement,
+    delete_cancels: Statement,
 }
 
 struct Conn {
@@ -1093,6 +1099,19 @@ async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
                  ON CONFLICT (name) DO NOTHING",
             )
             .await?,
+        notify: c.prepare("SELECT pg_notify($1, $2)").await?,
+        insert_submitted: c
+            .prepare(
+                "INSERT INTO spine_submitted (id, at_ms) SELECT id, $2 FROM UNNEST($1::text[]) AS id \
+                 ON CONFLICT DO NOTHING",
+            )
+            .await?,
+        delete_submitted: c
+            .prepare("DELETE FROM spine_submitted WHERE id = ANY($1)")
+            .await?,
+        delete_cancels: c
+            .prepare("DELETE FROM spine_cancels WHERE job = ANY($1)")
+            .await?,
     })
 }
 
@@ -1122,7 +1141,11 @@ async fn write(
     fence: Option<&(String, i64)>,
 ) -> Result<Written, tokio_postgres::Error> {
     let st = &c.st;
-    let tx = c.client.transaction().await?;
+    // The transaction is begun, written and checked by hand rather than with
+    // tokio-postgres' `Transaction`, whose `BEGIN` is a round trip of its own before the
+    // first write may go: here it goes out with them (PostgreSQL runs a connection's
+    // requests in order). Every way out before the `COMMIT` rolls back (`rollback`).
+    let tx = &c.client;
     let ids: Vec<&str> = b.jobs.iter().map(|j| j.id.as_str()).collect();
     let records: Vec<&[u8]> = b.jobs.iter().map(|j| j.record.as_slice()).collect();
     let (with_input, inputs): (Vec<&str>, Vec<&[u8]>) = b
@@ -1162,6 +1185,10 @@ async fn write(
     // Deletions first (an audit line removed and added in one batch ends added), then
     // writes. The statements go out together; PostgreSQL runs them in order.
     let mut steps: Vec<Step<'_>> = Vec::new();
+    steps.push(Box::pin(async {
+        tx.batch_execute("BEGIN").await.map(|()| 0)
+    }));
+    let fence_step = fence.is_some().then_some(steps.len());
     if let Some((holder, epoch)) = fence {
         steps.push(Box::pin(async {
             tx.query(&st.fence, &[holder, epoch])
@@ -1227,44 +1254,27 @@ async fn write(
     }
     if !submitted.is_empty() {
         steps.push(Box::pin(async {
-            tx.execute(
-                "INSERT INTO spine_submitted (id, at_ms) SELECT id, $2 FROM UNNEST($1::text[]) AS id \
-                 ON CONFLICT DO NOTHING",
-                &[&submitted, &now],
-            )
-            .await
+            tx.execute(&st.insert_submitted, &[&submitted, &now]).await
         }));
         for payload in &submitted_notes {
-            let tx = &tx;
             steps.push(Box::pin(async move {
-                tx.execute("SELECT pg_notify($1, $2)", &[&SUBMITTED, payload])
-                    .await
+                tx.execute(&st.notify, &[&SUBMITTED, payload]).await
             }));
         }
     }
     if !adopted.is_empty() {
         steps.push(Box::pin(async {
-            tx.execute(
-                "DELETE FROM spine_submitted WHERE id = ANY($1)",
-                &[&adopted],
-            )
-            .await
+            tx.execute(&st.delete_submitted, &[&adopted]).await
         }));
     }
     if !cancelled.is_empty() {
         steps.push(Box::pin(async {
-            tx.execute(
-                "DELETE FROM spine_cancels WHERE job = ANY($1)",
-                &[&cancelled],
-            )
-            .await
+            tx.execute(&st.delete_cancels, &[&cancelled]).await
         }));
     }
     for payload in &ended {
-        let tx = &tx;
         steps.push(Box::pin(async move {
-            tx.execute("SELECT pg_notify($1, $2)", &[&ENDED, payload])
-                .await
+            tx.execute(&st.notify, &[&ENDED, payload]).await
         }));
     }
     if !audit_jobs.is_empty() {
@@ -1286,7 +1296,7 @@ async fn write(
     // Rules made over the API: few and rare, so unprepared; last, so that the indices of
     // the steps above stay as checked below.
     for (name, rule) in &b.rules {
-        let (tx, now) = (&tx, &now);
+        let now = &now;
         steps.push(Box::pin(async move {
             match rule {
                 Some(json) => {
@@ -1304,16 +1314,34 @@ async fn write(
             }
         }));
     }
-    let done = futures::future::try_join_all(steps).await?;
-    // Dropping the transaction rolls every write of it back.
-    if fence.is_some() && done.first() != Some(&1) {
+    let done = match futures::future::try_join_all(steps).await {
+        Ok(done) => done,
+        Err(x) => {
+            rollback(tx).await;
+            return Err(x);
+        }
+    };
+    if fence_step.is_some_and(|i| done.get(i) != Some(&1)) {
+        rollback(tx).await;
         return Ok(Written::Deposed);
     }
     if idem_step.is_some_and(|i| done.get(i) != Some(&(idem_keys.len() as u64))) {
+        rollback(tx).await;
         return Ok(Written::KeyTaken);
     }
-    tx.commit().await?;
+    if let Err(x) = tx.batch_execute("COMMIT").await {
+        rollback(tx).await;
+        return Err(x);
+    }
     Ok(Written::Stored)
+}
+
+/// Ends a transaction [`write`] began without storing anything of it. Best effort: a
+/// connection that cannot take even this is closed, and the next commit makes a new one.
+async fn rollback(client: &Client) {
+    if let Err(e) = client.batch_execute("ROLLBACK").await {
+        tracing::debug!("rollback after a failed commit: {e}");
+    }
 }
 
 /// How a batch's transaction ended.
