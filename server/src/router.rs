@@ -162,14 +162,9 @@ impl Router {
 
     /// Hands a stanza to the session bound to `full`.
     pub(crate) fn to_full(&self, full: &FullJid, st: Stanza) -> Delivery {
-        let tx = self.accounts.get(&full.to_bare()).and_then(|v| {
-            v.iter()
-                .find(|r| r.name == full.resource().as_str())
-                .map(|r| r.tx.clone())
-        });
-        match tx {
-            Some(tx) => send(&tx, st),
-            None => Delivery::Offline,
+        match self.deliver(full, Outbound::Stanza(Box::new(st))) {
+            Ok(()) => Delivery::Delivered,
+            Err((d, _)) => d,
         }
     }
 
