@@ -5,7 +5,6 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use hmac::Mac as _;
 use serde_json::{json, Value};
 use spine_agent::{Agent, JobContext, JobError, Output};
 use spine_integration::dispatcher::TestDispatcher;
@@ -293,15 +292,7 @@ fn note(id: &str, text: &str) -> Value {
 }
 
 fn signed(body: &str) -> String {
-    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(SECRET.as_bytes()).unwrap();
-    mac.update(body.as_bytes());
-    let sig: String = mac
-        .finalize()
-        .into_bytes()
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    format!("sha256={sig}")
+    spine_integration::webhook_signature(SECRET, body.as_bytes())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

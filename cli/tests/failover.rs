@@ -1067,3 +1067,144 @@ async fn two_dispatchers_hold_one_rate_limit() {
     stop_all(&mut nodes).await;
     drop(stop);
 }
+
+/// A standby passes events on to the leader: a webhook sender or a load balancer knows one
+/// URL. Posted to the standby, a CloudEvent and a signed webhook request each make their job
+/// on the leader (the standby's answer is the leader's 202, naming the job), the same event
+/// again makes no second job, a request with a bad signature is refused by the standby itself,
+/// and one passed on already is not passed on again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_passes_events_on_to_the_leader() {
+    const SECRET: &str = "a-webhook-secret-of-some-length";
+    // An operator's token: it may post events, and read the rules' jobs.
+    const EVENTS: &str = "failover-events-token-0123456789";
+    let secrets = tempfile::tempdir().unwrap();
+    let secret_file = secrets.path().join("hook.secret");
+    std::fs::write(&secret_file, format!("{SECRET}\n")).unwrap();
+    let extra = format!(
+        "[[rule]]\nname = \"notes\"\non = {{ type = \"com.example.note\" }}\n\
+         do = {{ capability = \"work.digest\", input = \"{{{{data.text}}}}\" }}\n\
+         [[rule]]\nname = \"pushes\"\non = {{ type = \"com.example.hook.push\" }}\n\
+         do = {{ capability = \"work.digest\", input = \"{{{{data.ref}}}}\" }}\n\
+         [[webhook]]\nname = \"hook\"\nsecret_file = \"{}\"\ntype = \"com.example.hook\"\n\
+         type_header = \"X-Hook-Event\"\nid_header = \"X-Hook-Delivery\"\n\
+         [[http_token]]\nname = \"ops\"\ntoken = \"{EVENTS}\"\ncapabilities = [\"*\"]\nall_jobs = true\n",
+        secret_file.display()
+    );
+    let Some(Pair {
+        pg: _pg,
+        mut nodes,
+        stop,
+        api,
+        server: _server,
+        _dir,
+    }) = pair_leading(&extra).await
+    else {
+        return;
+    };
+    nodes[1].spawn();
+    let (leader_http, standby) = (nodes[0].http.clone(), nodes[1].http.clone());
+    until_standby(&api, &standby).await;
+    let note = serde_json::json!({
+        "specversion": "1.0", "id": "note-1", "source": "/notes",
+        "type": "com.example.note", "data": {"text": "hello, leader"},
+    });
+    let post_note = || {
+        api.post(format!("http://{standby}/v1/events"))
+            .bearer_auth(EVENTS)
+            .header("content-type", "application/cloudevents+json")
+            .body(note.to_string())
+            .send()
+    };
+    // Standing by from its start, the standby names the leader once it has read the lease
+    // row (within `lease_poll`): until then it refuses, naming no one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = post_note().await.unwrap();
+        if r.status().as_u16() != 503 || tokio::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(r.status().as_u16(), 202, "{}", r.text().await.unwrap());
+    let first: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(first["jobs"][0]["rule"], "notes", "{first}");
+    let job = first["jobs"][0]["id"].as_str().expect("a job").to_owned();
+    // The same event again, through the standby: the leader's key makes no second job.
+    let again: serde_json::Value = post_note().await.unwrap().json().await.unwrap();
+    assert_eq!(again["jobs"][0]["id"], job.as_str(), "{again}");
+    // The leader ran it.
+    // (The jobs are the rules', so an operator's token reads them.)
+    let read = |id: String| {
+        let req = api
+            .get(format!("http://{leader_http}/v1/jobs/{id}?wait=20s"))
+            .bearer_auth(EVENTS);
+        async move {
+            req.send()
+                .await
+                .unwrap()
+                .json::<serde_json::Value>()
+                .await
+                .unwrap()
+        }
+    };
+    let done = read(job.clone()).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let out = base64::engine::general_purpose::STANDARD
+        .decode(done["result"]["output"].as_str().expect("output"))
+        .unwrap();
+    assert_eq!(out, digest(b"hello, leader").into_bytes());
+
+    // A signed webhook request, through the standby.
+    let body = r#"{"ref":"refs/heads/main"}"#;
+    let hook = |sig: String| {
+        api.post(format!("http://{standby}/v1/events/hook"))
+            .header("content-type", "application/json")
+            .header("x-hub-signature-256", sig)
+            .header("x-hook-event", "push")
+            .header("x-hook-delivery", "delivery-1")
+            .body(body)
+            .send()
+    };
+    let r = hook(spine_integration::webhook_signature(
+        SECRET,
+        body.as_bytes(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(r.status().as_u16(), 202, "{}", r.text().await.unwrap());
+    let pushed: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(pushed["jobs"][0]["rule"], "pushes", "{pushed}");
+    let push_job = pushed["jobs"][0]["id"].as_str().expect("a job").to_owned();
+    let done = read(push_job).await;
+    assert_eq!(done["state"], "succeeded", "{done}");
+    let out = base64::engine::general_purpose::STANDARD
+        .decode(done["result"]["output"].as_str().expect("output"))
+        .unwrap();
+    assert_eq!(out, digest(b"refs/heads/main").into_bytes());
+    // A bad signature: the standby refuses it itself.
+    let r = hook(format!("sha256={}", "0".repeat(64))).await.unwrap();
+    assert_eq!(r.status().as_u16(), 401);
+
+    // A request passed on already is not passed on again: the standby refuses it, naming the
+    // leader.
+    let r = api
+        .post(format!("http://{standby}/v1/events"))
+        .bearer_auth(EVENTS)
+        .header("content-type", "application/cloudevents+json")
+        .header("spine-forwarded-by", "dispatcher@localhost/elsewhere")
+        .body(note.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 503);
+    let refusal: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(refusal["error"], "standby", "{refusal}");
+    assert_eq!(
+        refusal["leader"].as_str(),
+        Some(format!("http://{leader_http}").as_str()),
+        "{refusal}"
+    );
+    stop_all(&mut nodes).await;
+    drop(stop);
+}

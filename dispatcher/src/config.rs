@@ -96,6 +96,11 @@ pub struct DispatcherConfig {
     /// the system's roots.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store_ca: Option<PathBuf>,
+    /// Several dispatchers: CA certificates (PEM) a standby verifies the leader's HTTPS
+    /// certificate against when it passes an event on to it (`POST /v1/events`), instead of
+    /// the system's roots.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer_ca: Option<PathBuf>,
     /// How long a commit keeps trying to reach PostgreSQL (reconnecting) before the
     /// dispatcher gives up and stops.
     #[serde(with = "spine_protocol::units::duration")]
@@ -257,6 +262,7 @@ impl Default for DispatcherConfig {
             store: None,
             store_password_file: None,
             store_ca: None,
+            peer_ca: None,
             store_timeout: Duration::from_secs(30),
             lease: crate::election::Timing::default().lease,
             lease_renew: crate::election::Timing::default().renew,

@@ -499,7 +499,19 @@ async fn run_inner(
     let mut data_plane = None;
     let mut waiters = None;
     if let Some(listener) = http {
+        // Dispatchers sharing PostgreSQL: a standby passes events on to the leader.
+        let forward = match &store {
+            JobStore::Postgres(_) => Some(
+                crate::http::forward::Forwarder::new(
+                    cfg.peer_ca.as_deref(),
+                    conn.jid().to_string(),
+                )
+                .map_err(DispatcherError::Config)?,
+            ),
+            JobStore::Redb(_) => None,
+        };
         let handle = Handle::new(&cfg, &policy, cmd_tx.clone(), events.clone())
+            .with_forward(forward)
             .with_webhooks(webhooks)
             .with_data(blobs.clone(), key.clone())
             .with_store_health(store.unreachable())

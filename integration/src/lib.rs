@@ -348,6 +348,22 @@ pub async fn connect_from(addr: SocketAddr, from: std::net::IpAddr) -> std::io::
     socket.connect(addr).await
 }
 
+/// The `X-Hub-Signature-256` value of `body` under a webhook's `secret`: `sha256=` and the
+/// hex HMAC-SHA256, as GitHub signs.
+pub fn webhook_signature(secret: &str, body: &[u8]) -> String {
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes())
+        .expect("HMAC takes a key of any length");
+    mac.update(body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={hex}")
+}
+
 /// A free loopback port: bind port 0, read the port, release it. For servers that cannot
 /// report the port they bound (Prosody, ejabberd); the window before they bind it is small.
 pub fn free_port() -> std::io::Result<u16> {

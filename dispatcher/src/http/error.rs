@@ -67,6 +67,15 @@ impl ApiError {
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "standby", message)
         }
     }
+    /// A standby could not pass a request on to the leader at `leader` ([`super::forward`]).
+    pub(super) fn standby_unreachable(leader: &str, why: &str) -> Self {
+        ApiError {
+            message: format!(
+                "this dispatcher is a standby and could not pass the request on to the leader at {leader} ({why}): send it there, or retry"
+            ),
+            ..Self::standby(Some(leader))
+        }
+    }
     pub(super) fn unavailable() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -3,7 +3,7 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 use super::auth::{read_body, Caller};
 use super::data::content_length;
 use super::error::ApiError;
+use super::forward;
 use super::openapi::ErrorBody;
 use super::routes::{change, mismatch, read};
 use super::{max_body, Handle};
@@ -280,12 +281,13 @@ async fn fire(h: &Handle, ev: Event) -> Result<EventAnswer, ApiError> {
         (status = 401, description = "No token, or an unknown one", body = ErrorBody),
         (status = 403, description = "The token may not post events", body = ErrorBody),
         (status = 429, description = "A rule's job was refused for now (queue full, rate limit): retry after `Retry-After`", body = ErrorBody),
-        (status = 503, description = "Unavailable (a standby, the store down): retry", body = ErrorBody),
+        (status = 503, description = "Unavailable (the store down; at a standby, which passes events on to the leader: no leader known, or the leader unreachable): retry", body = ErrorBody),
     ),
 )]
 pub(super) async fn post_event(
     State(h): State<Handle>,
     caller: Caller,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -300,6 +302,10 @@ pub(super) async fn post_event(
         ));
     }
     let bytes = read_event(&h, &headers, body).await?;
+    // A standby: the leader makes the jobs.
+    if let Some(answer) = forward::to_leader(&h, &uri, &headers, &bytes).await? {
+        return Ok(answer);
+    }
     take(&h, &headers, bytes, None).await
 }
 
@@ -394,13 +400,14 @@ async fn take(
         (status = 401, description = "The signature is missing, malformed or does not match", body = ErrorBody),
         (status = 404, description = "No such webhook", body = ErrorBody),
         (status = 429, description = "A rule's job was refused for now: retry after `Retry-After`", body = ErrorBody),
-        (status = 503, description = "Unavailable (a standby, the store down): retry", body = ErrorBody),
+        (status = 503, description = "Unavailable (the store down; at a standby, which passes events on to the leader: no leader known, or the leader unreachable): retry", body = ErrorBody),
     ),
     security(()),
 )]
 pub(super) async fn post_webhook(
     State(h): State<Handle>,
     axum::extract::Path(name): axum::extract::Path<String>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -419,6 +426,10 @@ pub(super) async fn post_webhook(
         tracing::warn!(webhook = %name, "webhook request refused: {e}");
         ApiError::new(StatusCode::UNAUTHORIZED, "not-authorized", e.to_string())
     })?;
+    // A standby: the leader makes the jobs (and checks the signature again).
+    if let Some(answer) = forward::to_leader(&h, &uri, &headers, &bytes).await? {
+        return Ok(answer);
+    }
     take(&h, &headers, bytes, Some(&w)).await
 }
 

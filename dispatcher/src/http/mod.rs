@@ -20,6 +20,7 @@ mod data;
 mod drain;
 mod error;
 mod events;
+pub(crate) mod forward;
 pub mod openapi;
 mod request;
 mod routes;
@@ -92,6 +93,8 @@ pub(crate) struct Handle {
     pub(crate) relayed: Option<broadcast::Sender<crate::core::JobEvent>>,
     /// Webhook senders that sign their requests (`[[webhook]]`), by name.
     pub(crate) webhooks: Arc<std::collections::HashMap<String, crate::triggers::Webhook>>,
+    /// Several dispatchers: how a standby passes events on to the leader.
+    pub(crate) forward: Option<Arc<forward::Forwarder>>,
 }
 
 impl Handle {
@@ -123,7 +126,14 @@ impl Handle {
             ended: None,
             relayed: None,
             webhooks: Arc::default(),
+            forward: None,
         }
+    }
+
+    /// Passing events on to the leader while standing by ([`forward`]).
+    pub(crate) fn with_forward(mut self, forward: Option<forward::Forwarder>) -> Self {
+        self.forward = forward.map(Arc::new);
+        self
     }
 
     /// With the webhooks (their secrets read at start).

@@ -1,0 +1,121 @@
+//! A standby passes events on to the leader (docs/dispatcher.md, "Running several
+//! dispatchers").
+//!
+//! A webhook sender, or a load balancer in front of every dispatcher, knows one URL and does
+//! not follow a standby's `503 standby` to the leader; and an event's jobs are made by the
+//! leader's rules, their keys checked against the leader's jobs. So a standby that takes an
+//! event (`POST /v1/events`, `POST /v1/events/{webhook}`) checks the caller as it would (the
+//! token's grant, the webhook's signature), then sends the same request — path, headers and
+//! body — to the leader's `public_url`, and answers with the leader's answer: the caller's
+//! `202` means the leader stored the jobs. The leader checks the token or the signature again:
+//! the standby adds no authority of its own. It is refused as before (503 `standby`, naming the
+//! leader) when no leader is known, when the leader cannot be reached, or when the request was
+//! passed on already (two dispatchers that each take the other for the leader, for the moment
+//! an election takes, would otherwise bounce it between them).
+
+use std::path::Path;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::{header, HeaderMap, HeaderName, Uri};
+use axum::response::Response;
+
+use super::error::ApiError;
+use super::Handle;
+
+/// The header a passed-on request carries, naming the standby: a standby does not pass such a
+/// request on again.
+pub(crate) const FORWARDED_BY: &str = "spine-forwarded-by";
+
+/// How long a standby waits for the leader's answer (an event's answer comes once its jobs
+/// are stored).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The HTTP client a standby reaches the leader with.
+pub(crate) struct Forwarder {
+    client: reqwest::Client,
+    /// This dispatcher, as the passed-on requests name it ([`FORWARDED_BY`]).
+    by: String,
+}
+
+impl Forwarder {
+    /// A client that verifies the leader's HTTPS certificate against `peer_ca` (or the
+    /// system's roots), follows no redirect and uses no proxy from the environment.
+    pub(crate) fn new(peer_ca: Option<&Path>, by: String) -> Result<Forwarder, String> {
+        let tls =
+            spine_tls::client_config_for_ca_file(peer_ca).map_err(|e| format!("peer_ca: {e}"))?;
+        let client = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .connect_timeout(Duration::from_secs(5))
+            .timeout(ANSWER_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| format!("the HTTP client for reaching the leader: {e}"))?;
+        Ok(Forwarder { client, by })
+    }
+}
+
+/// Headers that belong to one connection, not to the request: not passed on (RFC 9110
+/// §7.6.1), nor `Host` and `Content-Length`, which the client sets for the new request.
+fn connection_header(name: &HeaderName) -> bool {
+    [
+        header::CONNECTION,
+        header::HOST,
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::TE,
+        header::TRAILER,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ]
+    .contains(name)
+        || name.as_str() == "keep-alive"
+}
+
+/// At a standby, the leader's answer to this request (`uri`, `headers` and `body`, sent on
+/// to it); None when this dispatcher leads, or is alone.
+pub(crate) async fn to_leader(
+    h: &Handle,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Option<Response>, ApiError> {
+    let Some(refusal) = h.standby() else {
+        return Ok(None);
+    };
+    let leader = h
+        .leadership()
+        .and_then(|l| l.leader_url().map(str::to_owned));
+    let (Some(fw), Some(leader)) = (h.forward.as_ref(), leader) else {
+        return Err(refusal);
+    };
+    if headers.contains_key(FORWARDED_BY) {
+        return Err(refusal);
+    }
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    let url = format!("{}{path}", leader.trim_end_matches('/'));
+    let mut req = fw.client.post(&url).header(FORWARDED_BY, &fw.by);
+    for (name, value) in headers {
+        if !connection_header(name) {
+            req = req.header(name, value);
+        }
+    }
+    let unreachable = |e: reqwest::Error| {
+        tracing::warn!(leader = %leader, "could not pass an event on to the leader: {e}");
+        ApiError::standby_unreachable(&leader, &e.to_string())
+    };
+    let answer = req.body(body.to_vec()).send().await.map_err(unreachable)?;
+    let mut out = Response::builder().status(answer.status());
+    for name in [header::CONTENT_TYPE, header::RETRY_AFTER] {
+        if let Some(v) = answer.headers().get(&name) {
+            out = out.header(name, v);
+        }
+    }
+    let bytes = answer.bytes().await.map_err(unreachable)?;
+    out.body(Body::from(bytes))
+        .map(Some)
+        .map_err(|e| ApiError::standby_unreachable(&leader, &e.to_string()))
+}
