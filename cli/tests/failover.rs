@@ -1208,3 +1208,55 @@ async fn a_standby_passes_events_on_to_the_leader() {
     stop_all(&mut nodes).await;
     drop(stop);
 }
+
+/// Uploads reach every dispatcher: bytes put with `PUT /v1/blobs` to the standby are named
+/// by a job submitted to the leader, and bytes put to the leader by a job submitted to the
+/// standby (a load balancer sends the upload and the job where it likes); each job's agent
+/// digests every byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_reach_every_dispatcher() {
+    let Some(Pair {
+        pg: _pg,
+        mut nodes,
+        stop,
+        api,
+        server: _server,
+        _dir,
+    }) = pair_leading("").await
+    else {
+        return;
+    };
+    nodes[1].spawn();
+    let (leader_http, standby) = (nodes[0].http.clone(), nodes[1].http.clone());
+    until_standby(&api, &standby).await;
+    for (k, (upload_to, submit_to)) in [(&standby, &leader_http), (&leader_http, &standby)]
+        .into_iter()
+        .enumerate()
+    {
+        let bytes = large_input(100 + k);
+        let r = api
+            .put(format!("http://{upload_to}/v1/blobs"))
+            .bearer_auth(TOKEN)
+            .header("content-type", "application/octet-stream")
+            .body(bytes.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap());
+        let stored: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(stored["size"], bytes.len() as u64, "{stored}");
+        let sha = stored["sha256"].as_str().expect("sha256").to_owned();
+        let done = json_of(
+            api.post(format!("http://{submit_to}/v1/jobs?wait=20s"))
+                .json(&serde_json::json!({"capability": "work.digest", "input_ref": sha})),
+        )
+        .await;
+        assert_eq!(done["state"], "succeeded", "upload {k}: {done}");
+        let out = base64::engine::general_purpose::STANDARD
+            .decode(done["result"]["output"].as_str().expect("output"))
+            .unwrap();
+        assert_eq!(out, digest(&bytes).into_bytes(), "upload {k}");
+    }
+    stop_all(&mut nodes).await;
+    drop(stop);
+}

@@ -9,7 +9,10 @@
 //!   to the slot it was granted; the bytes must have the size and hash it announced. The core
 //!   is told before the 201, so the agent's result (sent after) finds them.
 //! - `PUT /v1/blobs` — a web app uploads bytes once (token-authenticated) and names them by
-//!   hash in jobs (`input_ref`).
+//!   hash in jobs (`input_ref`). Among dispatchers sharing PostgreSQL the bytes are copied
+//!   there before the 201, and a dispatcher asked for a blob it lacks copies it from there
+//!   ([`stored_ref`], [`fetch_fragments`]): the upload and the job may go to different
+//!   dispatchers (a load balancer in front of them).
 //! - `GET /v1/jobs/{id}/output` — a job's output as raw bytes.
 //!
 //! Downloads answer a single `Range` (RFC 9110 §14); several ranges get the whole body, which
@@ -217,13 +220,14 @@ pub(super) async fn put_upload(
 /// `PUT /v1/blobs`: bytes a web app names by hash in later jobs (`input_ref`).
 #[utoipa::path(
     put, path = "/v1/blobs", tag = "data",
-    summary = "Store bytes that later jobs name by their SHA-256 (`input_ref`)",
+    summary = "Store bytes that later jobs name by their SHA-256 (`input_ref`, fragment references)",
+    description = "Among several dispatchers (PostgreSQL) the bytes are copied to the shared store before the answer, so a job naming them may be submitted to any dispatcher.",
     request_body(description = "The bytes", content((String = "application/octet-stream"))),
     responses(
         (status = 201, description = "Stored", body = BlobStored),
         (status = 401, description = "No token, or an unknown one", body = ErrorBody),
         (status = 413, description = "Over the dispatcher's max_input", body = ErrorBody),
-        (status = 503, description = "The dispatcher has no blob store", body = ErrorBody),
+        (status = 503, description = "The shared store (PostgreSQL) cannot be reached: retry", body = ErrorBody),
     ),
 )]
 pub(super) async fn put_blob(
@@ -232,13 +236,19 @@ pub(super) async fn put_blob(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    // A standby's store is not where the leader reads: refused before any byte is read.
-    if let Some(e) = h.standby() {
-        return Err(e);
-    }
     let d = data_of(&h)?;
     let declared = content_length(&headers);
     let blob = store_body(&d.blobs, body, declared, h.max_input, None).await?;
+    // Among several dispatchers, into the shared store too: a job naming the blob may be
+    // submitted to another, and the leader may be another.
+    if let Some(pg) = h.shared.as_ref() {
+        pg.put_blobs(&[(blob, d.blobs.path(&blob.sha256))])
+            .await
+            .map_err(|e| {
+                tracing::warn!(blob = %blob.hex(), "cannot copy an upload to the shared store: {e}");
+                ApiError::store_down()
+            })?;
+    }
     Ok((
         StatusCode::CREATED,
         axum::Json(BlobStored {
@@ -312,8 +322,9 @@ pub(super) async fn get_output(
     }
 }
 
-/// The blob a job's `input_ref` names, with its size: it must be in the store.
-pub(super) fn stored_ref(h: &Handle, hex: &str) -> Result<Stored, ApiError> {
+/// The blob a job's `input_ref` names, with its size: it must be in the store (or, among
+/// several dispatchers, in the shared store, whence it is copied).
+pub(super) async fn stored_ref(h: &Handle, hex: &str) -> Result<Stored, ApiError> {
     let d = data_of(h).map_err(|_| {
         ApiError::field(
             "input_ref",
@@ -321,13 +332,70 @@ pub(super) fn stored_ref(h: &Handle, hex: &str) -> Result<Stored, ApiError> {
         )
     })?;
     let sha = parse_sha256(hex).map_err(|e| ApiError::field("input_ref", e.to_string()))?;
-    let size = d.blobs.len(&sha).map_err(|_| {
-        ApiError::field(
-            "input_ref",
-            format!("blob {hex} is not in the blob store: upload it with PUT /v1/blobs first (blobs no job holds are deleted after blob_orphan_ttl)"),
-        )
-    })?;
-    Ok(Stored { sha256: sha, size })
+    if let Ok(size) = d.blobs.len(&sha) {
+        return Ok(Stored { sha256: sha, size });
+    }
+    if let Some(pg) = h.shared.as_ref() {
+        let size = pg.blob_size(&sha).await.map_err(|e| shared_down(hex, &e))?;
+        if let Some(size) = size {
+            let s = Stored { sha256: sha, size };
+            let (_, missing) = pg
+                .fetch_blobs(&[s], &d.blobs)
+                .await
+                .map_err(|e| shared_down(hex, &e))?;
+            if missing.is_empty() {
+                return Ok(s);
+            }
+        }
+    }
+    Err(ApiError::field(
+        "input_ref",
+        format!("blob {hex} is not in the blob store: upload it with PUT /v1/blobs first (blobs no job holds are deleted after blob_orphan_ttl)"),
+    ))
+}
+
+/// A map/reduce job's fragments named by reference (`sha256`, `size`) that this dispatcher
+/// lacks, copied from the shared store (several dispatchers: uploaded to another), so that
+/// the job's check finds them. A list that cannot be read is left to that check, which names
+/// what is wrong.
+pub(super) async fn fetch_fragments(
+    h: &Handle,
+    spec: &crate::jobs::JobSpec,
+) -> Result<(), ApiError> {
+    let (Some(pg), Some(d)) = (h.shared.as_ref(), h.data.as_ref()) else {
+        return Ok(());
+    };
+    let (Some(m), JobBody::Inline(bytes)) = (&spec.mapreduce, &spec.input) else {
+        return Ok(());
+    };
+    if m.split.is_some() {
+        return Ok(());
+    }
+    let Ok(list) = spine_protocol::fragments::decode(bytes) else {
+        return Ok(());
+    };
+    let want: Vec<Stored> = list
+        .iter()
+        .filter_map(|f| f.source.as_ref())
+        .map(|r| Stored {
+            sha256: r.sha256,
+            size: r.size,
+        })
+        .filter(|s| !d.blobs.contains(&s.sha256))
+        .collect();
+    if want.is_empty() {
+        return Ok(());
+    }
+    pg.fetch_blobs(&want, &d.blobs)
+        .await
+        .map_err(|e| shared_down("of a fragment", &e))?;
+    Ok(())
+}
+
+/// The shared store could not give a blob: 503, as for any change while it is down.
+fn shared_down(blob: &str, e: &crate::store::StoreError) -> ApiError {
+    tracing::warn!(blob, "cannot copy a blob from the shared store: {e}");
+    ApiError::store_down()
 }
 
 pub(super) fn content_length(headers: &HeaderMap) -> Option<u64> {

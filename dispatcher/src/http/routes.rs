@@ -179,8 +179,9 @@ pub(super) async fn submit(
                 "give an input, fragments or an input_ref, one of them",
             ));
         }
-        spec.input = JobBody::Stored(data::stored_ref(&h, &hex)?);
+        spec.input = JobBody::Stored(data::stored_ref(&h, &hex).await?);
     }
+    data::fetch_fragments(&h, &spec).await?;
     // At a standby, the leader's announcements from before the submission: none is missed,
     // and the wait begins without a read.
     let fresh = wait.and_then(|_| Fresh::before_submit(&h));
@@ -297,8 +298,9 @@ pub(super) async fn submit_batch(
                         "give an input, fragments or an input_ref, one of them",
                     ));
                 }
-                spec.input = JobBody::Stored(data::stored_ref(h, &hex)?);
+                spec.input = JobBody::Stored(data::stored_ref(h, &hex).await?);
             }
+            data::fetch_fragments(h, &spec).await?;
             let (id, state, _) = submit_one(h, spec, wait_for_agent, caller, false).await?;
             Ok::<_, ApiError>(Submitted { id, state })
         }

@@ -825,6 +825,20 @@ impl PgStore {
         Ok(copied)
     }
 
+    /// The size of blob `sha256` in the database, if it is there (its row is written with its
+    /// chunks, in one transaction: [`PgStore::put_blobs`]).
+    pub async fn blob_size(&self, sha256: &[u8; 32]) -> Result<Option<u64>, StoreError> {
+        let mut slot = self.blob_conn.lock().await;
+        let c = self.live(&mut slot).await?;
+        let sha: &[u8] = sha256;
+        let row = c
+            .client
+            .query_opt("SELECT size FROM spine_blobs WHERE sha256 = $1", &[&sha])
+            .await
+            .map_err(|x| self.err(x))?;
+        Ok(row.map(|r| u64::try_from(r.get::<_, i64>(0)).unwrap_or(0)))
+    }
+
     /// Copies into `local` the blobs of `want` it lacks, from the database, each checked
     /// against its size and SHA-256. The bytes copied, and the blobs the database lacks too.
     pub async fn fetch_blobs(
