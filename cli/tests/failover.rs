@@ -326,6 +326,14 @@ async fn pair_leading(extra: &str) -> Option<Pair> {
     })
 }
 
+/// [`pair_leading`] with the second dispatcher started and standing by.
+async fn pair_standing_by(extra: &str) -> Option<Pair> {
+    let mut p = pair_leading(extra).await?;
+    p.nodes[1].spawn();
+    until_standby(&p.api, &p.nodes[1].http).await;
+    Some(p)
+}
+
 /// An agent (account agent1) with 4 slots of `work.sleep` (sleeps `ms`, outputs `slept {ms}`),
 /// `work.big` (a 200 KiB output), `work.halves` (reports 50 % after 0.4 s, ends 0.4 s
 /// later) and `work.digest` ([`digest`] of its input); it stops when the sender is dropped or
@@ -882,14 +890,12 @@ async fn a_standby_serves_xmpp_submitters() {
         server,
         mut nodes,
         stop,
-        api,
+        api: _,
         _dir,
-    }) = pair_leading("submitters = [\"webapp@localhost\"]\n").await
+    }) = pair_standing_by("submitters = [\"webapp@localhost\"]\n").await
     else {
         return;
     };
-    nodes[1].spawn();
-    until_standby(&api, &nodes[1].http).await;
     let standby: jid::Jid = "dispatcher@localhost/d2".parse().unwrap();
     let mut w =
         spine_integration::dispatcher::TestDispatcher::new(server.client("webapp", "pw-w").await)
@@ -1016,12 +1022,10 @@ async fn two_dispatchers_hold_one_rate_limit() {
         api,
         server: _server,
         _dir,
-    }) = pair_leading("submitter_rate = \"10/s\"\n").await
+    }) = pair_standing_by("submitter_rate = \"10/s\"\n").await
     else {
         return;
     };
-    nodes[1].spawn();
-    until_standby(&api, &nodes[1].http).await;
     let (mut accepted, mut limited) = ([0usize; 2], 0usize);
     let start = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(10));
@@ -1098,13 +1102,11 @@ async fn a_standby_passes_events_on_to_the_leader() {
         api,
         server: _server,
         _dir,
-    }) = pair_leading(&extra).await
+    }) = pair_standing_by(&extra).await
     else {
         return;
     };
-    nodes[1].spawn();
     let (leader_http, standby) = (nodes[0].http.clone(), nodes[1].http.clone());
-    until_standby(&api, &standby).await;
     let note = serde_json::json!({
         "specversion": "1.0", "id": "note-1", "source": "/notes",
         "type": "com.example.note", "data": {"text": "hello, leader"},
@@ -1222,13 +1224,11 @@ async fn uploads_reach_every_dispatcher() {
         api,
         server: _server,
         _dir,
-    }) = pair_leading("").await
+    }) = pair_standing_by("").await
     else {
         return;
     };
-    nodes[1].spawn();
     let (leader_http, standby) = (nodes[0].http.clone(), nodes[1].http.clone());
-    until_standby(&api, &standby).await;
     for (k, (upload_to, submit_to)) in [(&standby, &leader_http), (&leader_http, &standby)]
         .into_iter()
         .enumerate()
@@ -1248,7 +1248,11 @@ async fn uploads_reach_every_dispatcher() {
         let sha = stored["sha256"].as_str().expect("sha256").to_owned();
         let done = json_of(
             api.post(format!("http://{submit_to}/v1/jobs?wait=20s"))
-                .json(&serde_json::json!({"capability": "work.digest", "input_ref": sha})),
+                .json(&serde_json::json!({
+                    "capability": "work.digest", "input_ref": sha,
+                    // The agent may still be registering.
+                    "wait_for_agent": true,
+                })),
         )
         .await;
         assert_eq!(done["state"], "succeeded", "upload {k}: {done}");
