@@ -1072,13 +1072,14 @@ async fn two_dispatchers_hold_one_rate_limit() {
     drop(stop);
 }
 
-/// A standby passes events on to the leader: a webhook sender or a load balancer knows one
-/// URL. Posted to the standby, a CloudEvent and a signed webhook request each make their job
-/// on the leader (the standby's answer is the leader's 202, naming the job), the same event
-/// again makes no second job, a request with a bad signature is refused by the standby itself,
-/// and one passed on already is not passed on again.
+/// A standby passes events and drains on to the leader: a webhook sender or a load balancer
+/// knows one URL. Posted to the standby, a CloudEvent and a signed webhook request each make
+/// their job on the leader (the standby's answer is the leader's 202, naming the job), the
+/// same event again makes no second job, a request with a bad signature is refused by the
+/// standby itself, a drain and an undrain reach the agent through the leader, and a request
+/// passed on already is not passed on again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_passes_events_on_to_the_leader() {
+async fn a_standby_passes_events_and_drains_on_to_the_leader() {
     const SECRET: &str = "a-webhook-secret-of-some-length";
     // An operator's token: it may post events, and read the rules' jobs.
     const EVENTS: &str = "failover-events-token-0123456789";
@@ -1187,6 +1188,32 @@ async fn a_standby_passes_events_on_to_the_leader() {
     // A bad signature: the standby refuses it itself.
     let r = hook(format!("sha256={}", "0".repeat(64))).await.unwrap();
     assert_eq!(r.status().as_u16(), 401);
+
+    // A drain through the standby: the leader sends it to the agent and answers with the
+    // agent as it sees it; an undrain puts it back.
+    for (verb, body, state) in [
+        ("drain", r#"{"reason":"kernel upgrade"}"#, "draining"),
+        ("undrain", "", "ready"),
+    ] {
+        let r = api
+            .post(format!(
+                "http://{standby}/v1/agents/agent1@localhost/{verb}"
+            ))
+            .bearer_auth(EVENTS)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status().as_u16(),
+            200,
+            "{verb}: {}",
+            r.text().await.unwrap()
+        );
+        let agent: serde_json::Value = r.json().await.unwrap();
+        assert_eq!(agent["state"], state, "{verb}: {agent}");
+    }
 
     // A request passed on already is not passed on again: the standby refuses it, naming the
     // leader.

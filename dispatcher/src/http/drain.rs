@@ -4,17 +4,20 @@
 //! The handler checks that the caller is an operator, reads the optional reason, and asks the
 //! core ([`ApiRequest::SetAgentState`]), which sends the agent `<drain/>` or `<undrain/>` and
 //! answers once the agent did (or after its timeout). The answer is the agent as the registry
-//! then sees it, or an error saying why nothing changed, each with its own status.
+//! then sees it, or an error saying why nothing changed, each with its own status. A standby
+//! passes the request on to the leader, which drains ([`forward`]).
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::{IntoResponse as _, Response};
 use axum::Json;
 use serde::Deserialize;
 use spine_protocol::operator::MAX_REASON;
 
 use super::auth::{read_body, Caller};
 use super::error::ApiError;
+use super::forward;
 use super::openapi::{AgentView, ErrorBody, Refusals};
 use super::routes::{change, mismatch};
 use super::{Handle, SMALL_BODY};
@@ -36,7 +39,7 @@ pub struct StateBody {
 #[utoipa::path(
     post, path = "/v1/agents/{jid}/drain", tag = "fleet",
     summary = "Take an agent out of rotation (operator tokens)",
-    description = "The agent finishes the jobs it runs, takes no new ones from any dispatcher, and keeps running (PROTOCOL.md §5.6); with its state_file set it stays drained across restarts. Answered once the agent has.",
+    description = "The agent finishes the jobs it runs, takes no new ones from any dispatcher, and keeps running (PROTOCOL.md §5.6); with its state_file set it stays drained across restarts. Answered once the agent has. At a standby (several dispatchers) the request is passed on to the leader.",
     params(("jid" = String, Path, description = "The agent's full JID (the `/` as `%2F`), or its bare JID when one agent runs on that account")),
     request_body(content = Option<StateBody>, description = "Optional: why"),
     responses(
@@ -52,10 +55,11 @@ pub(super) async fn drain(
     State(h): State<Handle>,
     caller: Caller,
     Path(jid): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<AgentView>, ApiError> {
-    set_state(h, caller, jid, true, headers, body).await
+) -> Result<Response, ApiError> {
+    set_state(h, caller, jid, true, (uri, headers), body).await
 }
 
 /// `POST /v1/agents/{jid}/undrain`, no body (or `{}`).
@@ -76,10 +80,11 @@ pub(super) async fn undrain(
     State(h): State<Handle>,
     caller: Caller,
     Path(jid): Path<String>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<AgentView>, ApiError> {
-    set_state(h, caller, jid, false, headers, body).await
+) -> Result<Response, ApiError> {
+    set_state(h, caller, jid, false, (uri, headers), body).await
 }
 
 async fn set_state(
@@ -87,9 +92,9 @@ async fn set_state(
     caller: Caller,
     jid: String,
     drain: bool,
-    headers: HeaderMap,
+    (uri, headers): (Uri, HeaderMap),
     body: Body,
-) -> Result<Json<AgentView>, ApiError> {
+) -> Result<Response, ApiError> {
     let verb = if drain { "drain" } else { "undrain" };
     // Taking capacity away from everyone is an operator's decision, as reading every
     // capability's metrics is: the local operator, or a token for every capability and job.
@@ -141,6 +146,11 @@ async fn set_state(
         }
         (r, _) => r.filter(|r| !r.trim().is_empty()),
     };
+    // A standby: the leader sends the agent its drain, and answers with the agent as it sees
+    // it.
+    if let Some(answer) = forward::to_leader(&h, &uri, &headers, &bytes).await? {
+        return Ok(answer);
+    }
     let request = ApiRequest::SetAgentState {
         agent,
         drain,
@@ -150,7 +160,7 @@ async fn set_state(
         return Err(mismatch());
     };
     match answer {
-        Ok(info) => Ok(Json(AgentView::of(&info))),
+        Ok(info) => Ok(Json(AgentView::of(&info)).into_response()),
         Err(e) => Err(state_error(e, verb)),
     }
 }

@@ -1,14 +1,16 @@
-//! A standby passes events on to the leader (docs/dispatcher.md, "Running several
+//! A standby passes events and drains on to the leader (docs/dispatcher.md, "Running several
 //! dispatchers").
 //!
 //! A webhook sender, or a load balancer in front of every dispatcher, knows one URL and does
-//! not follow a standby's `503 standby` to the leader; and an event's jobs are made by the
-//! leader's rules, their keys checked against the leader's jobs. So a standby that takes an
-//! event (`POST /v1/events`, `POST /v1/events/{webhook}`) checks the caller as it would (the
-//! token's grant, the webhook's signature), then sends the same request — path, headers and
-//! body — to the leader's `public_url`, and answers with the leader's answer: the caller's
-//! `202` means the leader stored the jobs. The leader checks the token or the signature again:
-//! the standby adds no authority of its own. It is refused as before (503 `standby`, naming the
+//! not follow a standby's `503 standby` to the leader; and only the leader can do these: an
+//! event's jobs are made by the leader's rules, their keys checked against the leader's jobs,
+//! and a drain is answered once the agent answered the leader. So a standby that takes an
+//! event (`POST /v1/events`, `POST /v1/events/{webhook}`) or a drain (`POST
+//! /v1/agents/{jid}/drain`, `…/undrain`) checks the caller and the request as it would (the
+//! token's grant, the webhook's signature, the body), then sends the same request — path,
+//! headers and body — to the leader's `public_url`, and answers with the leader's answer: the
+//! caller's `202` means the leader stored the jobs. The leader checks the token or the
+//! signature again: the standby adds no authority of its own. It is refused as before (503 `standby`, naming the
 //! leader) when no leader is known, when the leader cannot be reached, or when the request was
 //! passed on already (two dispatchers that each take the other for the leader, for the moment
 //! an election takes, would otherwise bounce it between them).
@@ -104,7 +106,7 @@ pub(crate) async fn to_leader(
         }
     }
     let unreachable = |e: reqwest::Error| {
-        tracing::warn!(leader = %leader, "could not pass an event on to the leader: {e}");
+        tracing::warn!(leader = %leader, "could not pass a request on to the leader: {e}");
         ApiError::standby_unreachable(&leader, &e.to_string())
     };
     let answer = req.body(body.to_vec()).send().await.map_err(unreachable)?;
