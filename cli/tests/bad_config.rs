@@ -45,6 +45,11 @@ fn each_program_names_the_bad_key_and_exits_2() {
             "password = \"x\"\n[[http_token]]\nname = \"w\"\ntoken = \"short\"\ncapabilities = [\"*\"]\n",
             "http_token[0].token",
         ),
+        (
+            "dispatcher",
+            "password = \"x\"\npeer_ca = \"/nonexistent/peers-ca.pem\"\n",
+            "peer_ca: /nonexistent/peers-ca.pem",
+        ),
         ("agent", "password = \"x\"\nslots = 0\n", "slots: must be at least 1"),
         ("agent", "password = \"x\"\nheartbeat = \"soon\"\n", "heartbeat"),
     ];

@@ -475,6 +475,11 @@ impl DispatcherConfig {
         self.validate_http_limits()?;
         self.validate_blobs()?;
         self.http_tls()?;
+        // Read now, so that a bad file stops the start, not the first event a standby passes on.
+        if let Some(ca) = &self.peer_ca {
+            spine_tls::client_config_for_ca_file(Some(ca))
+                .map_err(|e| bad("peer_ca", e.to_string()))?;
+        }
         if let Some(addr) = self.http_listen {
             if !addr.ip().is_loopback()
                 && self.http_tls_cert.is_none()

@@ -121,3 +121,46 @@ pub(crate) async fn to_leader(
         .map(Some)
         .map_err(|e| ApiError::standby_unreachable(&leader, &e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_s_own_headers_go_on_and_the_connection_s_do_not() {
+        let kept = [
+            "authorization",
+            "content-type",
+            "ce-id",
+            "ce-specversion",
+            "x-hub-signature-256",
+            "x-github-event",
+            "origin",
+        ];
+        for name in kept {
+            assert!(!connection_header(&HeaderName::from_static(name)), "{name}");
+        }
+        let dropped = [
+            "connection",
+            "host",
+            "content-length",
+            "transfer-encoding",
+            "te",
+            "trailer",
+            "upgrade",
+            "proxy-authorization",
+            "keep-alive",
+        ];
+        for name in dropped {
+            assert!(connection_header(&HeaderName::from_static(name)), "{name}");
+        }
+    }
+
+    #[test]
+    fn an_unreadable_peer_ca_is_refused_naming_it() {
+        let err = Forwarder::new(Some(Path::new("/nonexistent/ca.pem")), "d@x/1".into())
+            .err()
+            .expect("refused");
+        assert!(err.starts_with("peer_ca: /nonexistent/ca.pem"), "{err}");
+    }
+}
