@@ -1072,14 +1072,15 @@ async fn two_dispatchers_hold_one_rate_limit() {
     drop(stop);
 }
 
-/// A standby passes events and drains on to the leader: a webhook sender or a load balancer
-/// knows one URL. Posted to the standby, a CloudEvent and a signed webhook request each make
-/// their job on the leader (the standby's answer is the leader's 202, naming the job), the
-/// same event again makes no second job, a request with a bad signature is refused by the
-/// standby itself, a drain and an undrain reach the agent through the leader, and a request
-/// passed on already is not passed on again.
+/// A standby passes on to the leader what only the leader does: a webhook sender, the console
+/// or a load balancer knows one URL. Posted to the standby, a CloudEvent and a signed webhook
+/// request each make their job on the leader (the standby's answer is the leader's 202,
+/// naming the job), the same event again makes no second job, a request with a bad signature
+/// is refused by the standby itself, a drain and an undrain reach the agent through the
+/// leader, the job list, a rule made and deleted over the API and the canaries are the
+/// leader's, and a request passed on already is not passed on again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_standby_passes_events_and_drains_on_to_the_leader() {
+async fn a_standby_passes_on_what_only_the_leader_does() {
     const SECRET: &str = "a-webhook-secret-of-some-length";
     // An operator's token: it may post events, and read the rules' jobs.
     const EVENTS: &str = "failover-events-token-0123456789";
@@ -1179,7 +1180,7 @@ async fn a_standby_passes_events_and_drains_on_to_the_leader() {
     let pushed: serde_json::Value = r.json().await.unwrap();
     assert_eq!(pushed["jobs"][0]["rule"], "pushes", "{pushed}");
     let push_job = pushed["jobs"][0]["id"].as_str().expect("a job").to_owned();
-    let done = read(push_job).await;
+    let done = read(push_job.clone()).await;
     assert_eq!(done["state"], "succeeded", "{done}");
     let out = base64::engine::general_purpose::STANDARD
         .decode(done["result"]["output"].as_str().expect("output"))
@@ -1214,6 +1215,68 @@ async fn a_standby_passes_events_and_drains_on_to_the_leader() {
         let agent: serde_json::Value = r.json().await.unwrap();
         assert_eq!(agent["state"], state, "{verb}: {agent}");
     }
+
+    // Reads only the leader can answer, through the standby: the job list (both jobs, the
+    // rules' own), a rule made, listed and deleted over the API, the canaries.
+    let get = |path: &str| {
+        let req = api
+            .get(format!("http://{standby}{path}"))
+            .bearer_auth(EVENTS);
+        async move {
+            let r = req.send().await.unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let (status, list) = get("/v1/jobs?capability=work.digest").await;
+    assert_eq!(status, 200, "{list}");
+    let listed: HashSet<&str> = list["jobs"]
+        .as_array()
+        .expect("jobs")
+        .iter()
+        .filter_map(|j| j["id"].as_str())
+        .collect();
+    assert_eq!(
+        listed,
+        HashSet::from([job.as_str(), push_job.as_str()]),
+        "{list}"
+    );
+    let rule = serde_json::json!({
+        "on": {"type": "com.example.later"},
+        "do": {"capability": "work.digest", "input": "{{data.text}}"},
+    });
+    let r = api
+        .put(format!("http://{standby}/v1/rules/later"))
+        .bearer_auth(EVENTS)
+        .json(&rule)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 201, "{}", r.text().await.unwrap());
+    let (status, rules) = get("/v1/rules").await;
+    assert_eq!(status, 200, "{rules}");
+    let names: Vec<&str> = rules["rules"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .filter_map(|r| r["name"].as_str())
+        .collect();
+    assert!(
+        names.contains(&"later") && names.contains(&"notes"),
+        "{rules}"
+    );
+    let r = api
+        .delete(format!("http://{standby}/v1/rules/later"))
+        .bearer_auth(EVENTS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 204, "{}", r.text().await.unwrap());
+    let (_, rules) = get("/v1/rules").await;
+    assert!(!rules.to_string().contains("\"later\""), "{rules}");
+    let (status, canaries) = get("/v1/canaries").await;
+    assert_eq!(status, 200, "{canaries}");
+    assert!(canaries["canaries"].is_array(), "{canaries}");
 
     // A request passed on already is not passed on again: the standby refuses it, naming the
     // leader.

@@ -97,7 +97,7 @@ pub struct DispatcherConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub store_ca: Option<PathBuf>,
     /// Several dispatchers: CA certificates (PEM) a standby verifies the leader's HTTPS
-    /// certificate against when it passes an event or a drain on to it, instead of
+    /// certificate against when it passes a request on to it, instead of
     /// the system's roots.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer_ca: Option<PathBuf>,

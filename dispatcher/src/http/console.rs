@@ -373,8 +373,15 @@ pub(super) async fn tree(
     State(h): State<Handle>,
     caller: Caller,
     Path(id): Path<String>,
+    uri: axum::http::Uri,
+    headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     let id = job_id(&id)?;
+    // A standby holds no job table: the leader answers.
+    let get = axum::http::Method::GET;
+    if let Some(answer) = super::forward::to_leader(&h, get, &uri, &headers, &[]).await? {
+        return Ok(answer);
+    }
     let rec = find_job(&h, &id).await?;
     caller.check_sees(&rec)?;
     match read(&h, Lookup::Tree { id: id.clone() }).await? {

@@ -9,7 +9,7 @@
 
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse as _, Response};
 use axum::Json;
 use serde::Deserialize;
@@ -148,7 +148,7 @@ async fn set_state(
     };
     // A standby: the leader sends the agent its drain, and answers with the agent as it sees
     // it.
-    if let Some(answer) = forward::to_leader(&h, &uri, &headers, &bytes).await? {
+    if let Some(answer) = forward::to_leader(&h, Method::POST, &uri, &headers, &bytes).await? {
         return Ok(answer);
     }
     let request = ApiRequest::SetAgentState {

@@ -3,7 +3,7 @@
 
 use axum::body::Body;
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use base64::Engine as _;
@@ -303,7 +303,7 @@ pub(super) async fn post_event(
     }
     let bytes = read_event(&h, &headers, body).await?;
     // A standby: the leader makes the jobs.
-    if let Some(answer) = forward::to_leader(&h, &uri, &headers, &bytes).await? {
+    if let Some(answer) = forward::to_leader(&h, Method::POST, &uri, &headers, &bytes).await? {
         return Ok(answer);
     }
     take(&h, &headers, bytes, None).await
@@ -427,7 +427,7 @@ pub(super) async fn post_webhook(
         ApiError::new(StatusCode::UNAUTHORIZED, "not-authorized", e.to_string())
     })?;
     // A standby: the leader makes the jobs (and checks the signature again).
-    if let Some(answer) = forward::to_leader(&h, &uri, &headers, &bytes).await? {
+    if let Some(answer) = forward::to_leader(&h, Method::POST, &uri, &headers, &bytes).await? {
         return Ok(answer);
     }
     take(&h, &headers, bytes, Some(&w)).await
@@ -509,8 +509,17 @@ pub struct RuleList {
         (status = 403, description = "Only an operator (all_jobs) sees the rules", body = ErrorBody),
     ),
 )]
-pub(super) async fn rules(State(h): State<Handle>, caller: Caller) -> Result<Response, ApiError> {
+pub(super) async fn rules(
+    State(h): State<Handle>,
+    caller: Caller,
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     operator_only(&caller, "see the rules")?;
+    // A standby: the leader keeps the rules and their counts.
+    if let Some(answer) = forward::to_leader(&h, Method::GET, &uri, &headers, &[]).await? {
+        return Ok(answer);
+    }
     let Answer::Rules(answer) = read(&h, Query::Rules).await? else {
         return Err(mismatch());
     };
@@ -567,18 +576,23 @@ fn operator_only(caller: &Caller, what: &str) -> Result<(), ApiError> {
         (status = 401, description = "No token, or an unknown one", body = ErrorBody),
         (status = 403, description = "Only an operator (all_jobs) changes rules", body = ErrorBody),
         (status = 409, description = "A rule of the configuration file has this name", body = ErrorBody),
-        (status = 503, description = "A standby, or the store is down", body = ErrorBody),
+        (status = 503, description = "The store is down; or at a standby, which passes the change on to the leader: no leader known, or it is unreachable", body = ErrorBody),
     ),
 )]
 pub(super) async fn put_rule(
     State(h): State<Handle>,
     caller: Caller,
     axum::extract::Path(name): axum::extract::Path<String>,
+    uri: Uri,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
     operator_only(&caller, "change the rules")?;
     let bytes = read_event(&h, &headers, body).await?;
+    // A standby: the leader keeps the rules (and checks this one).
+    if let Some(answer) = forward::to_leader(&h, Method::PUT, &uri, &headers, &bytes).await? {
+        return Ok(answer);
+    }
     let mut v: Value = serde_json::from_slice(&bytes)
         .map_err(|e| ApiError::field("body", format!("not JSON: {e}")))?;
     let Some(obj) = v.as_object_mut() else {
@@ -642,15 +656,21 @@ pub(super) async fn put_rule(
         (status = 403, description = "Only an operator (all_jobs) changes rules", body = ErrorBody),
         (status = 404, description = "No rule of this name was made over the API", body = ErrorBody),
         (status = 409, description = "A rule of the configuration file has this name", body = ErrorBody),
-        (status = 503, description = "A standby, or the store is down", body = ErrorBody),
+        (status = 503, description = "The store is down; or at a standby, which passes the change on to the leader: no leader known, or it is unreachable", body = ErrorBody),
     ),
 )]
 pub(super) async fn delete_rule(
     State(h): State<Handle>,
     caller: Caller,
     axum::extract::Path(name): axum::extract::Path<String>,
+    uri: Uri,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     operator_only(&caller, "change the rules")?;
+    // A standby: the leader keeps the rules.
+    if let Some(answer) = forward::to_leader(&h, Method::DELETE, &uri, &headers, &[]).await? {
+        return Ok(answer);
+    }
     let ApiReply::RuleDeleted(answer) =
         change(&h, ApiRequest::DeleteRule { name: name.clone() }).await?
     else {
@@ -827,12 +847,14 @@ pub struct CanaryList {
         (status = 200, description = "The canaries", body = CanaryList),
         (status = 401, description = "No token, or an unknown one", body = ErrorBody),
         (status = 403, description = "Only an operator or a token with metrics sees them", body = ErrorBody),
-        (status = 503, description = "A standby: the leader runs the canaries", body = ErrorBody),
+        (status = 503, description = "At a standby, which asks the leader (it runs the canaries): no leader known, or it is unreachable", body = ErrorBody),
     ),
 )]
 pub(super) async fn canaries(
     State(h): State<Handle>,
     caller: Caller,
+    uri: Uri,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     if !caller.grant.all_jobs && !caller.metrics {
         return Err(ApiError::new(
@@ -843,6 +865,10 @@ pub(super) async fn canaries(
                 caller.name
             ),
         ));
+    }
+    // A standby: the leader runs the canaries.
+    if let Some(answer) = forward::to_leader(&h, Method::GET, &uri, &headers, &[]).await? {
+        return Ok(answer);
     }
     let Answer::Canaries(canaries) = read(&h, Query::Canaries).await? else {
         return Err(mismatch());

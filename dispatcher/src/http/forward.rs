@@ -1,16 +1,17 @@
-//! A standby passes events and drains on to the leader (docs/dispatcher.md, "Running several
-//! dispatchers").
+//! A standby passes on to the leader what only the leader can do or knows
+//! (docs/dispatcher.md, "Running several dispatchers").
 //!
-//! A webhook sender, or a load balancer in front of every dispatcher, knows one URL and does
-//! not follow a standby's `503 standby` to the leader; and only the leader can do these: an
-//! event's jobs are made by the leader's rules, their keys checked against the leader's jobs,
-//! and a drain is answered once the agent answered the leader. So a standby that takes an
-//! event (`POST /v1/events`, `POST /v1/events/{webhook}`) or a drain (`POST
-//! /v1/agents/{jid}/drain`, `…/undrain`) checks the caller and the request as it would (the
-//! token's grant, the webhook's signature, the body), then sends the same request — path,
-//! headers and body — to the leader's `public_url`, and answers with the leader's answer: the
-//! caller's `202` means the leader stored the jobs. The leader checks the token or the
-//! signature again: the standby adds no authority of its own. It is refused as before (503 `standby`, naming the
+//! A webhook sender, an operator's script, the console or a load balancer in front of every
+//! dispatcher knows one URL and does not follow a standby's `503 standby` to the leader; and
+//! only the leader can do these: an event's jobs are made by the leader's rules, their keys
+//! checked against the leader's jobs; a drain is answered once the agent answered the leader;
+//! the leader keeps the rules, the job table (lists, a job's steps) and runs the canaries. So a
+//! standby asked for one of these (events, drains, rule changes and lists, job lists and
+//! trees, canaries) checks the caller and the request as it would (the token's grant, the
+//! webhook's signature, the body), then sends the same request — method, path, headers and
+//! body — to the leader's `public_url`, and answers with the leader's answer: the caller's
+//! `202` means the leader stored the jobs. The leader checks the token or the signature again:
+//! the standby adds no authority of its own. It is refused as before (503 `standby`, naming the
 //! leader) when no leader is known, when the leader cannot be reached, or when the request was
 //! passed on already (two dispatchers that each take the other for the leader, for the moment
 //! an election takes, would otherwise bounce it between them).
@@ -19,7 +20,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use axum::body::Body;
-use axum::http::{header, HeaderMap, HeaderName, Uri};
+use axum::http::{header, HeaderMap, HeaderName, Method, Uri};
 use axum::response::Response;
 
 use super::error::ApiError;
@@ -30,7 +31,7 @@ use super::Handle;
 pub(crate) const FORWARDED_BY: &str = "spine-forwarded-by";
 
 /// How long a standby waits for the leader's answer (an event's answer comes once its jobs
-/// are stored).
+/// are stored, a drain's once the agent answered: within 10 s).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The HTTP client a standby reaches the leader with.
@@ -77,10 +78,11 @@ fn connection_header(name: &HeaderName) -> bool {
         || name.as_str() == "keep-alive"
 }
 
-/// At a standby, the leader's answer to this request (`uri`, `headers` and `body`, sent on
-/// to it); None when this dispatcher leads, or is alone.
+/// At a standby, the leader's answer to this request (`method`, `uri`, `headers` and `body`,
+/// sent on to it); None when this dispatcher leads, or is alone.
 pub(crate) async fn to_leader(
     h: &Handle,
+    method: Method,
     uri: &Uri,
     headers: &HeaderMap,
     body: &[u8],
@@ -99,7 +101,7 @@ pub(crate) async fn to_leader(
     }
     let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
     let url = format!("{}{path}", leader.trim_end_matches('/'));
-    let mut req = fw.client.post(&url).header(FORWARDED_BY, &fw.by);
+    let mut req = fw.client.request(method, &url).header(FORWARDED_BY, &fw.by);
     for (name, value) in headers {
         if !connection_header(name) {
             req = req.header(name, value);

@@ -93,7 +93,7 @@ pub(crate) struct Handle {
     pub(crate) relayed: Option<broadcast::Sender<crate::core::JobEvent>>,
     /// Webhook senders that sign their requests (`[[webhook]]`), by name.
     pub(crate) webhooks: Arc<std::collections::HashMap<String, crate::triggers::Webhook>>,
-    /// Several dispatchers: how a standby passes events and drains on to the leader.
+    /// Several dispatchers: how a standby passes requests on to the leader.
     pub(crate) forward: Option<Arc<forward::Forwarder>>,
 }
 
@@ -130,7 +130,7 @@ impl Handle {
         }
     }
 
-    /// Passing events and drains on to the leader while standing by ([`forward`]).
+    /// Passing requests on to the leader while standing by ([`forward`]).
     pub(crate) fn with_forward(mut self, forward: Option<forward::Forwarder>) -> Self {
         self.forward = forward.map(Arc::new);
         self

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::body::Body;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -700,10 +700,16 @@ fn cursor(v: &str) -> Result<(u64, u64), ApiError> {
 pub(super) async fn list_jobs(
     State(h): State<Handle>,
     caller: Caller,
+    uri: axum::http::Uri,
+    headers: HeaderMap,
     q: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<JobList>, ApiError> {
+) -> Result<Response, ApiError> {
     let Query(q) =
         q.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad-request", e.body_text()))?;
+    // A standby holds no job table: the leader lists.
+    if let Some(answer) = super::forward::to_leader(&h, Method::GET, &uri, &headers, &[]).await? {
+        return Ok(answer);
+    }
     let state = match q.state.filter(|s| !s.is_empty()) {
         None => None,
         Some(s) => Some(
@@ -749,7 +755,8 @@ pub(super) async fn list_jobs(
     Ok(Json(JobList {
         jobs: jobs.iter().map(job_listed).collect(),
         next: next.map(|(at, seq)| format!("{at}.{seq}")),
-    }))
+    })
+    .into_response())
 }
 
 #[derive(Debug, Deserialize)]
