@@ -1159,6 +1159,16 @@ async fn a_standby_passes_on_what_only_the_leader_does() {
         .unwrap();
     assert_eq!(out, digest(b"hello, leader").into_bytes());
 
+    // The leader's stream of ends and firings, through the standby (opened before the next
+    // event, whose job's end it then carries).
+    let mut ends = api
+        .get(format!("http://{standby}/v1/events/stream"))
+        .bearer_auth(EVENTS)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ends.status().as_u16(), 200);
+
     // A signed webhook request, through the standby.
     let body = r#"{"ref":"refs/heads/main"}"#;
     let hook = |sig: String| {
@@ -1182,6 +1192,11 @@ async fn a_standby_passes_on_what_only_the_leader_does() {
     let push_job = pushed["jobs"][0]["id"].as_str().expect("a job").to_owned();
     let done = read(push_job.clone()).await;
     assert_eq!(done["state"], "succeeded", "{done}");
+    // (Only what happened after it opened: the firing and the end of the webhook's job.)
+    let seen = read_until(&mut ends, "spine.job.succeeded").await;
+    assert!(seen.contains("spine.rule.fired"), "{seen}");
+    assert!(seen.contains(push_job.as_str()), "{seen}");
+    assert!(!seen.contains(job.as_str()), "{seen}");
     let out = base64::engine::general_purpose::STANDARD
         .decode(done["result"]["output"].as_str().expect("output"))
         .unwrap();

@@ -775,23 +775,21 @@ fn cloud_event(ev: &crate::core::JobEvent) -> Option<Value> {
         (status = 200, description = "Server-sent events", content_type = "text/event-stream", body = String),
         (status = 401, description = "No token, or an unknown one", body = ErrorBody),
         (status = 429, description = "Too many event streams open for this token", body = ErrorBody),
-        (status = 503, description = "A standby: the leader's stream has them", body = ErrorBody),
+        (status = 503, description = "At a standby, which passes the leader's stream through: no leader known, or it is unreachable", body = ErrorBody),
     ),
 )]
 pub(super) async fn stream(
     State(h): State<Handle>,
     caller: Caller,
     axum::extract::Query(filter): axum::extract::Query<StreamFilter>,
-) -> Result<
-    axum::response::sse::Sse<
-        impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
-    >,
-    ApiError,
-> {
+    uri: Uri,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
     use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
     use tokio::sync::broadcast;
-    if let Some(e) = h.standby() {
-        return Err(e);
+    // A standby: the leader's stream, passed through.
+    if let Some(answer) = forward::stream_from_leader(&h, &uri, &headers).await? {
+        return Ok(answer);
     }
     let slot = h.streams.open(&caller.name, &h.limits)?;
     let mut rx = h.events.subscribe();
@@ -827,7 +825,9 @@ pub(super) async fn stream(
             }
         }
     });
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15))))
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(std::time::Duration::from_secs(15)))
+        .into_response())
 }
 
 /// `GET /v1/canaries`' answer.

@@ -30,13 +30,19 @@ use super::Handle;
 /// request on again.
 pub(crate) const FORWARDED_BY: &str = "spine-forwarded-by";
 
+/// How long a passed-on event stream may stay silent (the leader's keep-alives come every
+/// 15 s).
+const STREAM_SILENCE: Duration = Duration::from_secs(60);
+
 /// How long a standby waits for the leader's answer (an event's answer comes once its jobs
 /// are stored, a drain's once the agent answered: within 10 s).
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The HTTP client a standby reaches the leader with.
+/// The HTTP clients a standby reaches the leader with.
 pub(crate) struct Forwarder {
     client: reqwest::Client,
+    /// For event streams: no limit on the whole answer, which lasts as long as the stream.
+    streams: reqwest::Client,
     /// This dispatcher, as the passed-on requests name it ([`FORWARDED_BY`]).
     by: String,
 }
@@ -47,16 +53,25 @@ impl Forwarder {
     pub(crate) fn new(peer_ca: Option<&Path>, by: String) -> Result<Forwarder, String> {
         let tls =
             spine_tls::client_config_for_ca_file(peer_ca).map_err(|e| format!("peer_ca: {e}"))?;
-        let client = reqwest::Client::builder()
-            .use_preconfigured_tls(tls)
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(ANSWER_TIMEOUT)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| format!("the HTTP client for reaching the leader: {e}"))?;
-        Ok(Forwarder { client, by })
+        let builder = || {
+            reqwest::Client::builder()
+                .use_preconfigured_tls(tls.clone())
+                .connect_timeout(Duration::from_secs(5))
+                .redirect(reqwest::redirect::Policy::none())
+                .no_proxy()
+                .tcp_nodelay(true)
+        };
+        let built = |b: reqwest::ClientBuilder| {
+            b.build()
+                .map_err(|e| format!("the HTTP client for reaching the leader: {e}"))
+        };
+        Ok(Forwarder {
+            client: built(builder().timeout(ANSWER_TIMEOUT))?,
+            // The leader sends a keep-alive comment every 15 s: a minute of silence is a
+            // leader gone without closing.
+            streams: built(builder().read_timeout(STREAM_SILENCE))?,
+            by,
+        })
     }
 }
 
@@ -87,6 +102,30 @@ pub(crate) async fn to_leader(
     headers: &HeaderMap,
     body: &[u8],
 ) -> Result<Option<Response>, ApiError> {
+    pass_on(h, method, uri, headers, Some(body)).await
+}
+
+/// At a standby, the leader's event stream (`GET /v1/events/stream` with the caller's
+/// filter), passed through as it comes; None when this dispatcher leads. The stream ends when
+/// the leader's does (it stopped leading, or died): the client reconnects, as to any
+/// server-sent event stream, and the standby it reaches passes it on to the next leader.
+pub(crate) async fn stream_from_leader(
+    h: &Handle,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> Result<Option<Response>, ApiError> {
+    pass_on(h, Method::GET, uri, headers, None).await
+}
+
+/// [`to_leader`] with a `body` (the answer read whole, within [`ANSWER_TIMEOUT`]), or
+/// [`stream_from_leader`] without one (the answer passed through as it comes).
+async fn pass_on(
+    h: &Handle,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: Option<&[u8]>,
+) -> Result<Option<Response>, ApiError> {
     let Some(refusal) = h.standby() else {
         return Ok(None);
     };
@@ -101,25 +140,40 @@ pub(crate) async fn to_leader(
     }
     let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
     let url = format!("{}{path}", leader.trim_end_matches('/'));
-    let mut req = fw.client.request(method, &url).header(FORWARDED_BY, &fw.by);
+    let client = if body.is_some() {
+        &fw.client
+    } else {
+        &fw.streams
+    };
+    let mut req = client.request(method, &url).header(FORWARDED_BY, &fw.by);
     for (name, value) in headers {
         if !connection_header(name) {
             req = req.header(name, value);
         }
     }
+    if let Some(body) = body {
+        req = req.body(body.to_vec());
+    }
     let unreachable = |e: reqwest::Error| {
         tracing::warn!(leader = %leader, "could not pass a request on to the leader: {e}");
         ApiError::standby_unreachable(&leader, &e.to_string())
     };
-    let answer = req.body(body.to_vec()).send().await.map_err(unreachable)?;
+    let answer = req.send().await.map_err(unreachable)?;
     let mut out = Response::builder().status(answer.status());
-    for name in [header::CONTENT_TYPE, header::RETRY_AFTER] {
+    for name in [
+        header::CONTENT_TYPE,
+        header::CACHE_CONTROL,
+        header::RETRY_AFTER,
+    ] {
         if let Some(v) = answer.headers().get(&name) {
             out = out.header(name, v);
         }
     }
-    let bytes = answer.bytes().await.map_err(unreachable)?;
-    out.body(Body::from(bytes))
+    let body = match body {
+        Some(_) => Body::from(answer.bytes().await.map_err(unreachable)?),
+        None => Body::from_stream(answer.bytes_stream()),
+    };
+    out.body(body)
         .map(Some)
         .map_err(|e| ApiError::standby_unreachable(&leader, &e.to_string()))
 }
