@@ -499,7 +499,7 @@ async fn run_inner(
     let mut data_plane = None;
     let mut waiters = None;
     if let Some(listener) = http {
-        // Dispatchers sharing PostgreSQL: a standby passes events on to the leader.
+        // Dispatchers sharing PostgreSQL: a standby passes on to the leader what only it does.
         let forward = match &store {
             JobStore::Postgres(_) => Some(
                 crate::http::forward::Forwarder::new(
