@@ -3,7 +3,7 @@
 //!
 //! [`classify`] turns a [`Stanza`] into one [`Inbound`] variant and is the one place where the
 //! sender is checked: only a configured dispatcher may send jobs, cancels, chunks, drains and
-//! undrains, chunk acknowledgements and hellos; disco#info is answered for anyone. A request that is refused
+//! undrains, recalls, chunk acknowledgements and hellos; disco#info is answered for anyone. A request that is refused
 //! before any state is looked at (not a Spine payload, not from a dispatcher, unparsable)
 //! comes out as [`Inbound::Refused`] with the error to answer, so the core's `match` is flat.
 
@@ -36,6 +36,9 @@ pub(crate) enum Inbound {
         id: String,
         drain: Option<Drain>,
     },
+    /// A new leader asks which of its account's jobs this agent has (IQ get, protocol 1.2,
+    /// PROTOCOL.md §10.1).
+    Recall { from: Jid, id: String },
     /// A disco#info query without a node, from anyone: answered with the capabilities.
     DiscoInfo { from: Jid, id: String },
     /// A configured dispatcher's answer to one of the agent's IQs (a chunk of an output
@@ -130,6 +133,17 @@ pub(crate) fn classify(st: Stanza, dispatchers: &[BareJid]) -> Option<Inbound> {
             payload,
             ..
         }) => {
+            if payload.is("recall", spine_protocol::NS) {
+                if !is_dispatcher(&from) {
+                    let e = SpineError::new(Condition::NotAuthorized)
+                        .with_text("only configured dispatchers may ask for their jobs");
+                    return Some(refused(from, id, e));
+                }
+                return Some(match spine_protocol::Recall::try_from(payload) {
+                    Ok(_) => Inbound::Recall { from, id },
+                    Err(e) => refused(from, id, e.to_spine_error()),
+                });
+            }
             if payload.is("query", xmpp_parsers::ns::DISCO_INFO)
                 && DiscoInfoQuery::try_from(payload).is_ok_and(|q| q.node.is_none())
             {

@@ -38,7 +38,7 @@ use crate::config::AgentConfig;
 use crate::files::{Cleanup, OutFile, WorkDir};
 use crate::handler::{Output, Report};
 use crate::inbound::{classify, Inbound};
-use crate::store::{Drained, Outcome, OutcomeCache};
+use crate::store::{Drained, Outcome, OutcomeCache, Received};
 
 mod events;
 mod file_outputs;
@@ -53,6 +53,9 @@ pub(crate) use file_outputs::{FilePut, InlineFiles};
 pub(crate) const CHUNK_WINDOW: usize = 8;
 /// How long an incomplete incoming blob is kept after its last chunk.
 const BLOB_IDLE_TTL: Duration = Duration::from_secs(300);
+/// Job requests remembered per dispatcher account for a new leader's `<recall/>`
+/// (PROTOCOL.md §10.1): repeats take room too, so twice what an answer lists.
+const RECEIVED: usize = 2 * spine_protocol::MAX_RECALLED;
 /// How long stopped jobs may take to report their outcome once the drain grace is over.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -270,6 +273,9 @@ pub(crate) struct Core {
     rng: StdRng,
     running: HashMap<JobId, Running>,
     cache: OutcomeCache,
+    /// The job requests received last from each dispatcher account: a new leader's
+    /// `<recall/>` is answered from here (PROTOCOL.md §10.1).
+    received: Received,
     blobs: BlobStore,
     uploads: HashMap<u64, outputs::Upload>,
     /// Chunk IQ id → upload key.
@@ -370,6 +376,7 @@ impl Core {
             rng,
             running: HashMap::new(),
             cache: OutcomeCache::new(config.result_cache, config.result_ttl),
+            received: Received::new(RECEIVED),
             blobs: BlobStore::new(config.max_input_size.as_u64(), BLOB_IDLE_TTL),
             uploads: HashMap::new(),
             chunk_iqs: HashMap::new(),
@@ -511,6 +518,11 @@ impl Core {
                     .blobs
                     .put(from.to_bare().as_str(), chunk, now.into_std());
                 self.answer(from, id, r);
+            }
+            Inbound::Recall { from, id } => {
+                let had = self.received.recall(&from.to_bare());
+                info!(dispatcher = %from, jobs = had.jobs.len(), "a new leader asked for its jobs");
+                self.push(Iq::from_result(id, Some(had)).with_to(from));
             }
             Inbound::DiscoInfo { from, id } => {
                 let info = spine_protocol::disco::agent_disco_info(self.caps.keys());
@@ -782,6 +794,7 @@ impl Core {
     fn on_job(&mut self, from: Jid, iq_id: String, job: Job, now: Instant) {
         // Jobs come from the leader: where events go too.
         self.heard_from = Some(from.clone());
+        self.received.push(&job.id, job.attempt, &from.to_bare());
         if let Some(outcome) = self.cache.get(&job.id, now).cloned() {
             debug!(job = %job.id, "duplicate of a finished job: resending its outcome");
             self.reply(from, iq_id, &outcome);

@@ -4,13 +4,15 @@
 //! (a [`Drained`] in its `Ready`); the driver writes it here before the answer leaves, and reads
 //! it back at start.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use jid::BareJid;
 use std::path::Path;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use spine_protocol::{JobId, SpineError};
+use spine_protocol::{Had, JobId, Recalled, SpineError, MAX_RECALLED};
 use tokio::time::Instant;
 
 /// A finished job's outcome as the agent replies with it.
@@ -69,6 +71,57 @@ impl OutcomeCache {
     #[cfg(test)]
     pub(crate) fn len(&self) -> usize {
         self.map.len()
+    }
+}
+
+/// The job requests received last from each dispatcher account, with their attempts: what a
+/// new leader's `<recall/>` is answered from (PROTOCOL.md §10.1). Bounded per account (the
+/// accounts are the configured dispatchers): a leader's jobs whose dispatch it had not stored
+/// when it died are the newest it sent, at most a quarter of [`MAX_RECALLED`].
+pub(crate) struct Received {
+    per_account: usize,
+    by_account: HashMap<BareJid, VecDeque<(JobId, u64)>>,
+}
+
+impl Received {
+    /// Remembers the last `per_account` requests of each account (repeats included).
+    pub(crate) fn new(per_account: usize) -> Self {
+        Received {
+            per_account,
+            by_account: HashMap::new(),
+        }
+    }
+
+    /// A job request arrived from `from` (also a repeat, which may carry a later attempt).
+    pub(crate) fn push(&mut self, job: &JobId, attempt: u64, from: &BareJid) {
+        let q = match self.by_account.get_mut(from) {
+            Some(q) => q,
+            None => self.by_account.entry(from.clone()).or_default(),
+        };
+        if q.len() >= self.per_account {
+            q.pop_front();
+        }
+        q.push_back((job.clone(), attempt));
+    }
+
+    /// The jobs `from` sent, newest first, each once with its latest attempt, at most
+    /// [`MAX_RECALLED`].
+    pub(crate) fn recall(&self, from: &BareJid) -> Recalled {
+        let Some(q) = self.by_account.get(from) else {
+            return Recalled::default();
+        };
+        let mut seen = HashSet::new();
+        let jobs = q
+            .iter()
+            .rev()
+            .filter(|(job, _)| seen.insert(job.clone()))
+            .take(MAX_RECALLED)
+            .map(|(job, attempt)| Had {
+                job: job.clone(),
+                attempt: *attempt,
+            })
+            .collect();
+        Recalled { jobs }
     }
 }
 

@@ -256,5 +256,7 @@ fn describe(p: &Payload) -> String {
         Payload::Fired(f) => format!("event {} made {} jobs", f.event, f.jobs.len()),
         Payload::RequestEventSlot(r) => format!("an upload URL for {} bytes of an event", r.size),
         Payload::EventSlot(s) => format!("an event's upload URL, valid {} ms", s.expires_ms),
+        Payload::Recall(_) => "which of our jobs the agent has (a new leader asks)".to_owned(),
+        Payload::Recalled(r) => format!("the agent has {} of our jobs", r.jobs.len()),
     }
 }

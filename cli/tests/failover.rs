@@ -410,6 +410,19 @@ async fn read_until(stream: &mut reqwest::Response, needle: &str) -> String {
     seen
 }
 
+/// How many times `line` is in the dispatchers' logs, all together.
+fn logged(nodes: &[Node], line: &str) -> usize {
+    nodes
+        .iter()
+        .map(|n| {
+            std::fs::read_to_string(&n.log)
+                .unwrap_or_default()
+                .matches(line)
+                .count()
+        })
+        .sum()
+}
+
 fn percentile(sorted: &[u64], p: f64) -> u64 {
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
@@ -643,16 +656,18 @@ async fn fail_over(kind: Kind, jobs: usize, kills: usize) {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let taken: usize = nodes
-        .iter()
-        .map(|n| {
-            std::fs::read_to_string(&n.log)
-                .unwrap_or_default()
-                .matches("job accepted by a standby: taken")
-                .count()
-        })
-        .sum();
+    let taken = logged(&nodes, "job accepted by a standby: taken");
     println!("{}: {taken} jobs were accepted by a standby", kind.name());
+    // Jobs a dead leader sent ahead of their commit, found by the next one from the agents'
+    // answers to <recall/> (PROTOCOL.md §10.1): as many as the kills happened to catch.
+    let recalled = logged(
+        &nodes,
+        "sent by the last leader before its commit: back to its agent",
+    );
+    println!(
+        "{}: {recalled} jobs sent ahead by a dead leader went back to their agents",
+        kind.name()
+    );
     assert!(taken > 0, "standbys accepted submissions for the leader");
     let ran = runs.lock().unwrap().clone();
     let distinct: HashSet<&String> = ran.iter().collect();

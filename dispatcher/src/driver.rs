@@ -191,6 +191,28 @@ struct Elected {
     /// The reads a standby's core asked for ([`Driver::start_lookups`]) end here.
     looked_tx: tokio::sync::mpsc::UnboundedSender<(Lookup, Looked)>,
     looked: tokio::sync::mpsc::UnboundedReceiver<(Lookup, Looked)>,
+    /// Job requests sent ahead of their commit ([`Driver::send_early`]): since the commit in
+    /// flight started, and those it stores.
+    ahead: usize,
+    ahead_committing: usize,
+}
+
+/// Job requests a leader among several dispatchers sends ahead of their commits at most: the
+/// next leader learns of them from the agents, whose answers list their newest jobs
+/// ([`spine_protocol::MAX_RECALLED`]); past this many, requests wait for the commit.
+const MAX_AHEAD: usize = spine_protocol::MAX_RECALLED / 4;
+
+impl Elected {
+    /// Whether a job request may leave before its commit: leading, the lease renewed within
+    /// the last half of its length (a leader paused past its lease, which may have been
+    /// taken over, sends nothing ahead when it wakes), and fewer than [`MAX_AHEAD`] requests
+    /// waiting for their commits.
+    fn may_send_ahead(&self) -> bool {
+        let renewed = self.rx.borrow().renewed;
+        self.epoch.is_some()
+            && renewed.is_some_and(|r| r.elapsed() < self.cfg.lease / 2)
+            && self.ahead + self.ahead_committing < MAX_AHEAD
+    }
 }
 
 /// The read of the shared store's old blobs, on a task of its own.
@@ -591,6 +613,8 @@ async fn run_inner(
                 next_sweep: tokio::time::Instant::now() + orphan_ttl,
                 looked_tx: looked.0,
                 looked: looked.1,
+                ahead: 0,
+                ahead_committing: 0,
                 taken: taken.1,
                 relay: match &store {
                     JobStore::Postgres(pg) => Some(spawn_relay(pg.clone())),
@@ -841,12 +865,21 @@ impl Driver {
         }
     }
 
-    /// Job requests that leave before their commit: recorded first ([`SentAheadLog`]). Not
-    /// among elected dispatchers: the record is on this machine, and the next leader may be
-    /// on another; there a job request leaves after the commit of its dispatch, so that a new
-    /// leader sends the job back to the agent that has it.
+    /// Job requests that leave before their commit: recorded first ([`SentAheadLog`]). Among
+    /// elected dispatchers the next leader may be on another machine, where this file is not:
+    /// it learns from the agents instead (`<recall/>`, [`crate::core::recall`]), so the core
+    /// sends ahead only to agents that answer it, and only while [`Elected::may_send_ahead`];
+    /// otherwise the requests leave after the commit of their dispatch.
     async fn send_early(&mut self) {
-        if self.elected.is_some() {
+        if let Some(e) = self.elected.as_mut() {
+            if !e.may_send_ahead() {
+                return;
+            }
+            let early: Early = self.core.take_early();
+            e.ahead += early.sent.len();
+            for st in early.stanzas {
+                self.conn.send(st).await;
+            }
             return;
         }
         let early: Early = self.core.take_early();
@@ -885,6 +918,9 @@ impl Driver {
             }
         }
         self.sent_ahead.committed();
+        if let Some(e) = self.elected.as_mut() {
+            e.ahead_committing = 0;
+        }
         self.stored(f.ready).await;
         self.flush().await
     }
@@ -911,6 +947,9 @@ impl Driver {
     async fn start_commit(&mut self) -> Result<(), DispatcherError> {
         self.lazy_since = None;
         self.sent_ahead.commit_started();
+        if let Some(e) = self.elected.as_mut() {
+            e.ahead_committing += std::mem::take(&mut e.ahead);
+        }
         let ready = self.core.take_ready();
         // Lines leave the store's outbox once the file holding them is on disk: synced at
         // most once a second, so a power loss cannot lose a line either.
@@ -931,6 +970,9 @@ impl Driver {
             .is_some_and(|e| e.epoch.is_some() && !e.blob_deletes.is_empty());
         if !ready.must_store() && written.is_empty() && !shared {
             self.sent_ahead.committed();
+            if let Some(e) = self.elected.as_mut() {
+                e.ahead_committing = 0;
+            }
             self.stored(ready).await;
             return Ok(());
         }
@@ -1326,6 +1368,8 @@ impl Driver {
             h.abort();
         }
         e.read_again = false;
+        e.ahead = 0;
+        e.ahead_committing = 0;
         self.in_flight = None;
         self.lazy_since = None;
         self.waiting.clear();

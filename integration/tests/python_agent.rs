@@ -332,9 +332,10 @@ async fn the_python_agent_moves_large_payloads_over_http_and_in_chunks() {
         );
         if over_http {
             assert_eq!((fetched, uploaded), (1, 1), "{}", log());
-            // The hello that told the agent the dispatcher's version (PROTOCOL.md §13.4).
+            // The hello that told the agent the dispatcher's version (PROTOCOL.md §13.4): 1.2,
+            // which builds on 1.1.
             assert!(
-                log().contains("dispatcher@localhost/d1 speaks protocol 1.1"),
+                log().contains("dispatcher@localhost/d1 speaks protocol 1.2"),
                 "{}",
                 log()
             );

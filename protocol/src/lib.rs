@@ -29,6 +29,7 @@ pub mod job;
 pub mod names;
 pub mod operator;
 pub mod presence;
+pub mod recall;
 pub mod signing;
 pub mod slot;
 pub mod units;
@@ -50,6 +51,7 @@ pub use presence::{
     presence_payloads, Advertise, AgentState, CapLoad, CapabilityAd, DispatcherHello, Load,
     PresencePayloads, ProtocolVersion,
 };
+pub use recall::{Had, Recall, Recalled, MAX_RECALLED};
 pub use slot::{RequestSlot, Slot};
 pub use upload::UploadWindow;
 
@@ -127,6 +129,10 @@ pub enum Payload {
     RequestEventSlot(events::RequestEventSlot),
     /// `<event-slot/>` (IQ result)
     EventSlot(events::EventSlot),
+    /// `<recall/>` (IQ get, dispatcher → agent, protocol 1.2)
+    Recall(Recall),
+    /// `<recalled/>` (IQ result, protocol 1.2)
+    Recalled(Recalled),
 }
 
 /// Reads any top-level Spine payload.
@@ -173,6 +179,8 @@ pub fn parse_payload(el: Element) -> Result<Payload, ParseError> {
         "fired" => Payload::Fired(el.try_into()?),
         "request-event-slot" => Payload::RequestEventSlot(el.try_into()?),
         "event-slot" => Payload::EventSlot(el.try_into()?),
+        "recall" => Payload::Recall(el.try_into()?),
+        "recalled" => Payload::Recalled(el.try_into()?),
         _ => {
             return Err(ParseError::WrongElement {
                 expected: "a Spine payload",
@@ -210,6 +218,8 @@ impl From<Payload> for Element {
             Payload::Fired(x) => x.into(),
             Payload::RequestEventSlot(x) => x.into(),
             Payload::EventSlot(x) => x.into(),
+            Payload::Recall(x) => x.into(),
+            Payload::Recalled(x) => x.into(),
         }
     }
 }

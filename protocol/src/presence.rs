@@ -34,6 +34,10 @@ impl ProtocolVersion {
     /// `fetch-failed` and `storage-full` (PROTOCOL.md §13.4). A peer uses them only with a
     /// peer that announced at least this version.
     pub const V1_1: ProtocolVersion = ProtocolVersion { major: 1, minor: 1 };
+    /// 1.2: 1.1 and `<recall/>`/`<recalled>` (PROTOCOL.md §10.1): an agent that announces it
+    /// tells a new leader which jobs it has, so a leader among several dispatchers may send it
+    /// jobs before their dispatch is stored.
+    pub const V1_2: ProtocolVersion = ProtocolVersion { major: 1, minor: 2 };
 }
 
 impl Default for ProtocolVersion {

@@ -78,6 +78,8 @@ fn payload_name(p: &Payload) -> &'static str {
         Payload::Fired(_) => "fired",
         Payload::RequestEventSlot(_) => "request-event-slot",
         Payload::EventSlot(_) => "event-slot",
+        Payload::Recall(_) => "recall",
+        Payload::Recalled(_) => "recalled",
     }
 }
 
@@ -219,6 +221,8 @@ fn every_example_parses() {
         "slot",
         "drain",
         "undrain",
+        "recall",
+        "recalled",
     ]
     .into_iter()
     .collect();

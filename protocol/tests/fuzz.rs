@@ -28,6 +28,8 @@ const VALID: &[&str] = &[
     "<result xmlns='urn:spine:1' job='j1' attempt='1'><output size='5'><hash xmlns='urn:xmpp:hashes:2' algo='sha-256'>LPJNul+wow4m6DsqxbninhsWHlwfp0JecwQzYpOLmCQ=</hash></output></result>",
     "<request-slot xmlns='urn:spine:1' job='j1' attempt='1' size='5' sha256='2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824' type='text/plain'/>",
     "<slot xmlns='urn:spine:1' job='j1' put='https://d.example.com/v1/uploads/j1?attempt=1&amp;sig=x' expires-ms='300000'/>",
+    "<recall xmlns='urn:spine:1'/>",
+    "<recalled xmlns='urn:spine:1'><had job='j1' attempt='1'/><had job='j2' attempt='3'/></recalled>",
 ];
 
 fn exercise(el: Element) {

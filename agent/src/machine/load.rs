@@ -12,8 +12,10 @@ use super::{Core, Out, Phase};
 impl Core {
     fn advertise(&self) -> Advertise {
         Advertise {
+            // 1.2 (`<recall/>`, which this agent always answers) builds on 1.1, which it
+            // announces only when it fetches and uploads over HTTP.
             protocol: if self.settings.http_data {
-                ProtocolVersion::V1_1
+                ProtocolVersion::V1_2
             } else {
                 ProtocolVersion::CURRENT
             },

@@ -230,6 +230,66 @@ fn a_repeated_job_id_attaches_to_the_running_job() {
     }
 }
 
+/// `<recall/>` from a dispatcher, answered.
+fn recall(c: &mut Core, from: &str, iq: &str, now: Instant) -> Ready {
+    c.stanza(
+        Iq::from_get(iq, spine_protocol::Recall)
+            .with_from(jid(from))
+            .into(),
+        now,
+    );
+    c.take_ready()
+}
+
+#[test]
+fn a_new_leader_learns_which_of_its_accounts_jobs_the_agent_has() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    // Finished, running, and a later attempt of a job sent again; one from another account.
+    send_job(&mut c, DISPATCHER, "j1", job("a", "test.echo"), t0);
+    c.job_done(done("a", Ok(Output::bytes("out"))), t0 + MS);
+    c.take_ready();
+    send_job(&mut c, DISPATCHER, "j2", job("b", "test.echo"), t0 + 2 * MS);
+    let mut again = job("c", "test.echo");
+    send_job(&mut c, DISPATCHER, "j3", again.clone(), t0 + 3 * MS);
+    again.attempt = 2;
+    send_job(&mut c, DISPATCHER, "j4", again, t0 + 4 * MS);
+    send_job(
+        &mut c,
+        OTHER_DISPATCHER,
+        "j5",
+        job("d", "test.echo"),
+        t0 + 5 * MS,
+    );
+
+    // Another resource of the account asks (a standby that now leads): newest first.
+    let r = recall(&mut c, "dispatcher@localhost/d2", "r1", t0 + 6 * MS);
+    let payload = answer(&r, "r1")
+        .expect("an answer")
+        .expect("a result")
+        .expect("a payload");
+    let had = spine_protocol::Recalled::try_from(payload).expect("a <recalled>");
+    let got: Vec<(&str, u64)> = had
+        .jobs
+        .iter()
+        .map(|h| (h.job.as_str(), h.attempt))
+        .collect();
+    assert_eq!(got, vec![("c", 2), ("b", 1), ("a", 1)]);
+
+    let r = recall(&mut c, OTHER_DISPATCHER, "r2", t0 + 7 * MS);
+    let payload = answer(&r, "r2")
+        .expect("an answer")
+        .expect("a result")
+        .expect("a payload");
+    let had = spine_protocol::Recalled::try_from(payload).expect("a <recalled>");
+    assert_eq!(had.jobs.len(), 1);
+    assert_eq!(had.jobs[0].job.as_str(), "d");
+
+    // Nobody else may ask.
+    let r = recall(&mut c, "stranger@localhost/x", "r3", t0 + 8 * MS);
+    assert_eq!(condition_of(&r, "r3"), Condition::NotAuthorized);
+}
+
 #[test]
 fn a_finished_jobs_repeat_is_answered_from_the_cache_but_a_retryable_one_runs_again() {
     let t0 = Instant::now();

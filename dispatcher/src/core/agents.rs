@@ -47,7 +47,7 @@ impl Core {
         // 1.1 when this dispatcher offers the fast path for large payloads (PROTOCOL.md
         // §13.4); agents then use its constructs toward us.
         let protocol = if self.offers_references() {
-            ProtocolVersion::V1_1
+            ProtocolVersion::V1_2
         } else {
             ProtocolVersion::CURRENT
         };
@@ -142,6 +142,7 @@ impl Core {
         self.requests.forget_agent(agent);
         self.http_agents.remove(agent);
         self.retry_lost(agent, lost, now);
+        self.recall_agent_gone(agent, now);
     }
 
     /// Jobs that were on `agent` when it was lost: each attempt failed (retried or ended).

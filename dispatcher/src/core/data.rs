@@ -48,6 +48,8 @@ pub(crate) struct AgentData {
     chunks_until: Option<Instant>,
     /// The base URL where it serves the outputs it keeps (`data_listen`, §13.5).
     serves: Option<String>,
+    /// It announced 1.2: it answers `<recall/>` (§10.1).
+    pub(super) recalls: bool,
 }
 
 /// An upload slot granted: what the agent said it will put there, and whether it did.
@@ -116,6 +118,12 @@ impl Core {
         self.data = Some(dp);
     }
 
+    /// Whether `agent` announced 1.2 to this dispatcher, which announces it too: it tells a
+    /// new leader which jobs it has (`<recall/>`, [`super::recall`]).
+    pub(super) fn recalls(&self, agent: &jid::FullJid) -> bool {
+        self.http_agents.get(agent).is_some_and(|a| a.recalls)
+    }
+
     /// Whether this dispatcher offers the fast path (and announces 1.1).
     pub(super) fn offers_references(&self) -> bool {
         self.data.is_some()
@@ -136,6 +144,7 @@ impl Core {
             return;
         }
         let a = self.http_agents.entry(agent.clone()).or_default();
+        a.recalls = minor >= 2;
         if a.serves != serves {
             if let Some(s) = &serves {
                 info!(agent = %agent, url = %s, "agent keeps map outputs and serves them itself");

@@ -67,8 +67,8 @@ fn a_new_1_1_agent_is_told_the_dispatchers_version_and_gets_large_inputs_by_refe
     let r = w.ready();
     assert_eq!(
         hellos(&r.stanzas),
-        vec![(Jid::from(a.clone()), "1.1".to_owned())],
-        "one hello, to the agent's full JID"
+        vec![(Jid::from(a.clone()), "1.2".to_owned())],
+        "one hello, to the agent's full JID, with the dispatcher's version (1.2 builds on 1.1)"
     );
     let (id, _) = w.submit(large()).unwrap();
     let blob = w.core.record(&id).unwrap().spec.input.stored().unwrap();

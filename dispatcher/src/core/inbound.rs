@@ -82,6 +82,11 @@ pub(crate) enum Inbound {
         job: JobId,
         payload: minidom::Element,
     },
+    /// An agent's answer to a new leader's `<recall/>` ([`super::recall`]).
+    Recalled {
+        agent: FullJid,
+        reply: Result<Option<minidom::Element>, StanzaError>,
+    },
     /// Nothing for the dispatcher.
     Ignored,
 }
@@ -121,6 +126,9 @@ impl Core {
         reply: Result<Option<minidom::Element>, StanzaError>,
         now: Now,
     ) -> Inbound {
+        if let Some(agent) = self.take_recall(&id, from.as_ref()) {
+            return Inbound::Recalled { agent, reply };
+        }
         match self.state_requests.take(&id, from.as_ref()) {
             Some(Ok(pending)) => {
                 return Inbound::StateAnswer {
@@ -205,6 +213,7 @@ impl Core {
             Inbound::JobError { sent, error } => self.on_job_error(sent, error, now),
             Inbound::StateAnswer { pending, answer } => self.state_answered(pending, answer),
             Inbound::PingAnswer(agent) => self.ping_answered(agent),
+            Inbound::Recalled { agent, reply } => self.recalled(agent, reply, now),
             Inbound::PingError(agent) => self.agent_gone(&agent, "ping failed", now),
             Inbound::ChunkReply {
                 upload,

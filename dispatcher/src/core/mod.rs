@@ -33,6 +33,9 @@ pub(crate) mod outcomes;
 pub(crate) mod payloads;
 pub(crate) mod place;
 pub(crate) mod rates;
+pub(crate) mod recall;
+#[cfg(test)]
+mod recall_tests;
 pub(crate) mod recent;
 pub(crate) mod requests;
 pub(crate) mod standby;
@@ -278,6 +281,13 @@ pub(crate) struct Core {
     ready: Ready,
     /// False for a standby ([`Core::standby`]) until it leads.
     leads: bool,
+    /// One of several dispatchers sharing a store ([`Core::standby`]): a job request leaves
+    /// before its dispatch's commit only to an agent that answers `<recall/>`.
+    among_several: bool,
+    /// A new leader's questions to the agents ([`recall`]), until they are answered.
+    recall: Option<recall::RecallRound>,
+    /// The agents' answers about jobs not held yet ([`recall`]).
+    answers: recall::Answers,
     /// A standby's word on who leads (the leader's JID), for its refusals.
     leader_hint: Option<String>,
     /// A standby's reads of the shared store to make ([`standby::Lookup`]), and how many it
@@ -343,6 +353,9 @@ impl Core {
             session_died: None,
             dirty: HashSet::new(),
             place_pending: true,
+            among_several: false,
+            recall: None,
+            answers: recall::Answers::default(),
             ready: Ready::default(),
             leads: true,
             leader_hint: None,
@@ -405,6 +418,7 @@ impl Core {
     ) -> Core {
         let mut core = Core::new(cfg, policy, fleet, seed, now, blob_store);
         core.leads = false;
+        core.among_several = true;
         core
     }
 
@@ -424,6 +438,7 @@ impl Core {
         self.load_jobs(restored.jobs, now);
         self.load_api_rules(restored.rules);
         self.start_schedules(now);
+        self.start_recall(now);
         self.place_pending = true;
     }
 
@@ -463,6 +478,7 @@ impl Core {
                 .flatten();
             let id = r.id.clone();
             self.load_jobs(vec![r], now);
+            self.recall_adopted(&id, now);
             let Some(e) = over else { continue };
             use spine_protocol::{Condition, JobState};
             let why = format!(
@@ -625,6 +641,7 @@ impl Core {
             self.release_delayed(now);
             self.fire_schedules(now);
         }
+        self.end_recall_if_done(now);
         if self.grace_pending && now.mono.saturating_duration_since(self.started) >= RESUME_GRACE {
             self.grace_pending = false;
             self.place_pending = true;
@@ -685,6 +702,9 @@ impl Core {
             wake = wake.min(t + Duration::from_millis(1));
         }
         if let Some(t) = self.state_requests.next_deadline() {
+            wake = wake.min(t);
+        }
+        if let Some(t) = self.recall_deadline() {
             wake = wake.min(t);
         }
         wake.saturating_duration_since(now.mono)
@@ -811,8 +831,14 @@ impl Core {
         self.ready.lazy += 1;
     }
 
-    /// Queues a job request to an agent, sent before the commit ([`Core::take_early`]).
+    /// Queues a job request to an agent, sent before the commit ([`Core::take_early`]); among
+    /// several dispatchers only to an agent that would tell the next leader it has the job
+    /// (`<recall/>`, [`recall`]), else after the commit.
     fn send_early(&mut self, st: impl Into<Stanza>, sent: SentAhead) {
+        if self.among_several && !self.recalls(&sent.agent) {
+            self.send(st);
+            return;
+        }
         self.ready.early.push(st.into());
         self.ready.sent_ahead.push(sent);
     }

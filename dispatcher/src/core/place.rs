@@ -34,6 +34,10 @@ impl Core {
             // Look past jobs that cannot be placed (a filter nobody matches) instead of letting
             // them block their capability; stop when plain jobs find every agent busy.
             for id in self.jobs.queued_in_order(&cap, now.ms, PLACE_SCAN) {
+                // A new leader's queued jobs wait for the agents' answers ([`super::recall`]).
+                if self.recall_holds(&id) {
+                    continue;
+                }
                 let Some(job) = self.jobs.get(&id) else {
                     continue;
                 };

@@ -1159,19 +1159,24 @@ fn a_standby_keeps_the_fleet_places_nothing_and_on_winning_sends_running_jobs_ba
     assert_eq!(jobs_sent(&w.ready().stanzas).len(), 1, "placed: {id2}");
 }
 
-/// A standby as [`World`]'s core, with two agents of `CAP`, whose leader is d1.
-fn standby_world() -> World {
-    let mut w = World::new();
+/// A standby core (one of several dispatchers) with the test configuration, at `w`'s time.
+pub(crate) fn standby_core(w: &World) -> Core {
     let cfg = config();
     let policy = Policy::from_config(&cfg).unwrap();
-    w.core = Core::standby(
+    Core::standby(
         cfg,
         policy,
         Restored::default(),
         9,
         w.now,
         Box::new(crate::jobs::MemoryBlobs::default()),
-    );
+    )
+}
+
+/// A standby as [`World`]'s core, with two agents of `CAP`, whose leader is d1.
+fn standby_world() -> World {
+    let mut w = World::new();
+    w.core = standby_core(&w);
     w.core.session_started(w.now);
     w.core
         .set_leader_hint(Some("dispatcher@localhost/d1".to_owned()));

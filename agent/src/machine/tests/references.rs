@@ -66,7 +66,8 @@ fn chunk_count(r: &Ready) -> usize {
 fn http_data_decides_the_announced_version() {
     let t0 = Instant::now();
     let caps = BTreeMap::from([(cap("test.echo"), CapabilityAd::new(cap("test.echo")))]);
-    for (http_data, minor) in [(true, 1), (false, 0)] {
+    // 1.2 (`<recall/>`) builds on 1.1 (HTTP transfers).
+    for (http_data, minor) in [(true, 2), (false, 0)] {
         let config = AgentConfig {
             http_data,
             ..AgentConfig::default()
