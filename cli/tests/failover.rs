@@ -1384,3 +1384,143 @@ async fn uploads_reach_every_dispatcher() {
     stop_all(&mut nodes).await;
     drop(stop);
 }
+
+/// A job the leader sent ahead of its commit, the leader killed before that commit: the next
+/// leader learns from the agents which one has it (`<recall/>`, PROTOCOL.md §10.1) and sends
+/// it back there, so it runs once although another agent is idle. The commit is held back
+/// by a lock on the job's row, taken in a `psql` session, so the moment is certain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_sent_ahead_of_its_commit_runs_once_after_the_leader_dies() {
+    let Some(pg) = Postgres::start_or_skip() else {
+        return;
+    };
+    let server = spine_integration::TestServer::start(&[
+        ("dispatcher", "pw-d"),
+        ("agent1", "pw"),
+        ("agent2", "pw"),
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = nodes(2, dir.path(), &server.addr.to_string(), &pg.url(), "");
+    nodes[0].spawn();
+    let api = reqwest::Client::new();
+    assert_eq!(leader(&api, &nodes, Duration::from_secs(20)).await, 0);
+    nodes[1].spawn();
+    until_standby(&api, &nodes[1].http).await;
+
+    // Stored queued: no agent offers the capability yet.
+    let r = api
+        .post(format!("http://{}/v1/jobs", nodes[0].http))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"capability": "work.once", "wait_for_agent": true}))
+        .send()
+        .await
+        .expect("submit");
+    assert_eq!(r.status().as_u16(), 202);
+    let v: serde_json::Value = r.json().await.expect("JSON");
+    let id = v["id"].as_str().expect("job id").to_owned();
+    assert_eq!(v["state"], "queued", "{v}");
+
+    // The job's row locked: the leader's next commit that writes it waits.
+    let mut psql = tokio::process::Command::from(pg.psql_command("spine"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("psql");
+    let mut sql = psql.stdin.take().expect("psql input");
+    let mut out = tokio::io::BufReader::new(psql.stdout.take().expect("psql output"));
+    use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _};
+    sql.write_all(
+        format!("BEGIN;\nSELECT id FROM spine_jobs WHERE id = '{id}' FOR UPDATE;\n").as_bytes(),
+    )
+    .await
+    .expect("lock");
+    let mut line = String::new();
+    tokio::time::timeout(Duration::from_secs(10), out.read_line(&mut line))
+        .await
+        .expect("the row locked in time")
+        .expect("psql output");
+    assert_eq!(line.trim(), id, "the locked row");
+
+    // Two agents come; the job goes ahead to one of them, whose handler runs for 2 s.
+    let runs: Arc<Mutex<Vec<(usize, String)>>> = Arc::new(Mutex::new(Vec::new()));
+    let mut stops = Vec::new();
+    for n in 1..=2 {
+        let cfg = spine_integration::farm::agent_config(&server, n, "slots = 2");
+        let runs = runs.clone();
+        let agent = Agent::builder(cfg)
+            .capability("work.once", None, move |ctx: JobContext| {
+                let runs = runs.clone();
+                async move {
+                    runs.lock().unwrap().push((n, ctx.id.to_string()));
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                    Ok::<_, JobError>(Output::bytes(format!("ran on agent{n}")))
+                }
+            })
+            .build()
+            .unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(agent.run(async move {
+            let _ = rx.await;
+        }));
+        stops.push(tx);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while runs.lock().unwrap().is_empty() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job never reached an agent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (ran_on, _) = runs.lock().unwrap()[0].clone();
+
+    // The leader dies with the dispatch not stored; the lock goes.
+    nodes[0].kill_9().await;
+    sql.write_all(b"ROLLBACK;\n").await.expect("unlock");
+    drop(sql);
+    let _ = tokio::time::timeout(Duration::from_secs(10), psql.wait()).await;
+    assert_eq!(leader(&api, &nodes, Duration::from_secs(10)).await, 1);
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let v = loop {
+        let v: serde_json::Value = api
+            .get(format!("http://{}/v1/jobs/{id}", nodes[1].http))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("status")
+            .json()
+            .await
+            .expect("JSON");
+        if v["state"] == "succeeded" {
+            break v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the job did not end: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let out = base64::engine::general_purpose::STANDARD
+        .decode(v["result"]["output"].as_str().expect("output"))
+        .expect("base64");
+    assert_eq!(
+        String::from_utf8_lossy(&out),
+        format!("ran on agent{ran_on}")
+    );
+    assert_eq!(v["attempts"], 1, "the same attempt: {v}");
+    assert_eq!(
+        runs.lock().unwrap().clone(),
+        vec![(ran_on, id.clone())],
+        "it ran once, although another agent was idle"
+    );
+    let log = std::fs::read_to_string(&nodes[1].log).unwrap_or_default();
+    assert!(
+        log.contains("sent by the last leader before its commit: back to its agent"),
+        "{log}"
+    );
+    stop_all(&mut nodes).await;
+    drop(stops);
+}

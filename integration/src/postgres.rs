@@ -173,17 +173,9 @@ impl Postgres {
 
     /// Runs SQL with psql in `db`; its output.
     pub fn psql(&self, db: &str, sql: &str) -> Result<String, String> {
-        let out = program(&self.bin, "psql")
-            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "spine",
-            ])
-            .args(["-d", db, "-c", sql])
+        let out = self
+            .psql_command(db)
+            .args(["-c", sql])
             .output()
             .map_err(|e| format!("psql: {e}"))?;
         if !out.status.success() {
@@ -193,6 +185,24 @@ impl Postgres {
             ));
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// A `psql` that reads SQL from its standard input, on `db`, for a test that holds a
+    /// transaction open (a row lock) while dispatchers run: the caller pipes its input and
+    /// output.
+    pub fn psql_command(&self, db: &str) -> Command {
+        let mut c = program(&self.bin, "psql");
+        c.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1"])
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "spine",
+            ])
+            .args(["-d", db]);
+        c
     }
 
     /// The server's log so far.

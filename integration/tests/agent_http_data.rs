@@ -130,8 +130,8 @@ async fn start_agent(
         .await;
     assert_eq!(
         ad.protocol,
-        ProtocolVersion::V1_1,
-        "http_data is on by default"
+        ProtocolVersion::V1_2,
+        "http_data is on by default (1.2: 1.1 and <recall/>)"
     );
     (tx, task, jid)
 }
