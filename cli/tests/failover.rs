@@ -1524,3 +1524,87 @@ async fn a_job_sent_ahead_of_its_commit_runs_once_after_the_leader_dies() {
     stop_all(&mut nodes).await;
     drop(stops);
 }
+
+/// A standby passes a submission on to the leader, which stores and places it in one go;
+/// when the leader cannot be reached, the standby stores it for the next leader instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_passes_submissions_on_and_stores_them_when_the_leader_is_gone() {
+    let Some(Pair {
+        pg: _pg,
+        mut nodes,
+        stop,
+        api,
+        server: _server,
+        _dir,
+    }) = pair_standing_by("").await
+    else {
+        return;
+    };
+    let standby = nodes[1].http.clone();
+    let submit = |query: &'static str, key: &'static str| {
+        api.post(format!("http://{standby}/v1/jobs{query}"))
+            .bearer_auth(TOKEN)
+            .header("idempotency-key", key)
+            .json(&serde_json::json!({"capability": "work.sleep", "args": {"ms": 10}}))
+            .send()
+    };
+    // The standby names the leader once it has read the lease row; the agent may not have
+    // reached the leader yet (422 `unknown-capability`).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let r = loop {
+        let r = submit("?wait=10s", "first").await.unwrap();
+        let again = [503, 422].contains(&r.status().as_u16());
+        if !again || tokio::time::Instant::now() > deadline {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(r.status().as_u16(), 200, "{}", r.text().await.unwrap());
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["state"], "succeeded", "{v}");
+    let out = base64::engine::general_purpose::STANDARD
+        .decode(v["result"]["output"].as_str().expect("output"))
+        .expect("base64");
+    assert_eq!(out, b"slept 10");
+    let leader_log = std::fs::read_to_string(&nodes[0].log).unwrap_or_default();
+    assert!(
+        leader_log.contains("job accepted") && !leader_log.contains("job accepted by a standby"),
+        "passed on, not stored by the standby:\n{leader_log}"
+    );
+    let standby_log = std::fs::read_to_string(&nodes[1].log).unwrap_or_default();
+    assert!(!standby_log.contains("job accepted"), "{standby_log}");
+
+    // The leader dies: the standby cannot reach it and stores the job for the next leader
+    // (itself, once the lease runs out).
+    nodes[0].kill_9().await;
+    let r = submit("", "second").await.unwrap();
+    assert_eq!(r.status().as_u16(), 202, "{}", r.text().await.unwrap());
+    let id = r.json::<serde_json::Value>().await.unwrap()["id"]
+        .as_str()
+        .expect("job id")
+        .to_owned();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let v: serde_json::Value = api
+            .get(format!("http://{standby}/v1/jobs/{id}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if v["state"] == "succeeded" {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not run: {v}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = std::fs::read_to_string(&nodes[1].log).unwrap_or_default();
+    assert!(
+        log.contains(&format!("job accepted job={id}")),
+        "stored by the standby (and run once it led):\n{log}"
+    );
+    stop_all(&mut nodes).await;
+    drop(stop);
+}

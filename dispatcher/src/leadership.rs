@@ -22,8 +22,12 @@ pub struct Leadership {
     pub holder: String,
     /// Leader (with the epoch that fences its commits) or standby.
     pub role: Role,
-    /// Who holds the row, as last read (a standby reads it each poll).
+    /// Who holds the row, as last read (a standby reads it each poll), and when.
     pub leader: Option<LeaderRow>,
+    /// When `leader` was read.
+    pub leader_read: Option<Instant>,
+    /// The lease's length (this process's setting; dispatchers sharing a store have one).
+    pub lease: std::time::Duration,
     /// When this process last took or renewed the lease.
     pub renewed: Option<Instant>,
     /// Times this process became leader.
@@ -40,6 +44,8 @@ impl Leadership {
             holder,
             role: Role::Standby,
             leader: None,
+            leader_read: None,
+            lease: crate::election::Timing::default().lease,
             renewed: None,
             elections: 0,
             failovers: 0,
@@ -60,6 +66,17 @@ impl Leadership {
             .as_ref()
             .filter(|l| !l.holder.is_empty() && l.holder != self.holder && !l.url.is_empty())
             .map(|l| l.url.as_str())
+    }
+
+    /// Whether another process leads and renewed its lease lately, by the row as last read:
+    /// more than half a lease left now. A leader that stopped renewing (paused, or dead and
+    /// not yet replaced) is not, well before a standby takes over from it.
+    pub fn leader_lively(&self, now: Instant) -> bool {
+        let (Some(row), Some(read)) = (&self.leader, self.leader_read) else {
+            return false;
+        };
+        let left = row.expires_in_ms - now.saturating_duration_since(read).as_secs_f64() * 1e3;
+        self.leader_url().is_some() && left > self.lease.as_secs_f64() * 1e3 / 2.0
     }
 
     /// The leader's XMPP JID, if another process leads.
@@ -85,7 +102,9 @@ impl Campaign {
         contact: Contact,
         timing: Timing,
     ) -> (Campaign, watch::Receiver<Leadership>) {
-        let (tx, rx) = watch::channel(Leadership::new(holder.clone()));
+        let mut first = Leadership::new(holder.clone());
+        first.lease = timing.lease;
+        let (tx, rx) = watch::channel(first);
         let stop = CancellationToken::new();
         let task = tokio::spawn(run(pg, holder, contact, timing, tx, stop.clone()));
         (Campaign { stop, task }, rx)
@@ -141,6 +160,7 @@ async fn run(
                         }
                     }
                     l.leader = Some(row);
+                    l.leader_read = Some(now);
                 }),
                 Err(e) => warn!("cannot read who leads: {e}"),
             }
@@ -180,4 +200,39 @@ async fn run(
         );
     }
     tx.send_modify(|l| l.role = Role::Standby);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    #[test]
+    fn a_leader_is_lively_while_more_than_half_its_lease_is_left() {
+        let t0 = Instant::now();
+        let mut l = Leadership::new("me".into());
+        l.lease = Duration::from_millis(1200);
+        assert!(!l.leader_lively(t0), "no row read");
+        l.leader = Some(LeaderRow {
+            holder: "other".into(),
+            epoch: 3,
+            url: "http://127.0.0.1:8080".into(),
+            jid: "dispatcher@localhost/d1".into(),
+            expires_in_ms: 1000.0,
+        });
+        l.leader_read = Some(t0);
+        assert!(l.leader_lively(t0));
+        assert!(l.leader_lively(t0 + Duration::from_millis(350)));
+        assert!(
+            !l.leader_lively(t0 + Duration::from_millis(450)),
+            "550 ms left: it has not renewed"
+        );
+        // This process itself, or a leader without a URL, is no one to pass requests to.
+        l.leader.as_mut().unwrap().holder = "me".into();
+        assert!(!l.leader_lively(t0));
+        l.leader.as_mut().unwrap().holder = "other".into();
+        l.leader.as_mut().unwrap().url.clear();
+        assert!(!l.leader_lively(t0));
+    }
 }

@@ -142,7 +142,7 @@ pub(super) async fn run(o: Options) -> Result<Value> {
                     if o.to_leader {
                         "to the leader alone (the standbys kept warm)"
                     } else {
-                        "to each in turn (the standbys store theirs for the leader)"
+                        "to each in turn (the standbys pass theirs on to the leader)"
                     }
                 );
             }

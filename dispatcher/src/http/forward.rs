@@ -15,6 +15,11 @@
 //! leader) when no leader is known, when the leader cannot be reached, or when the request was
 //! passed on already (two dispatchers that each take the other for the leader, for the moment
 //! an election takes, would otherwise bounce it between them).
+//!
+//! A submission (`POST /v1/jobs` with a JSON body) is passed on too, as the quick path
+//! ([`submit_to_leader`]): the leader stores and places it in one commit. A standby can do it
+//! itself, so when the leader is not reachable it stores the job for the leader instead of
+//! refusing.
 
 use std::path::Path;
 use std::time::Duration;
@@ -117,6 +122,58 @@ pub(crate) async fn stream_from_leader(
     pass_on(h, Method::GET, uri, headers, None).await
 }
 
+/// How long a standby waits for the leader's answer to a submission without `wait`: the
+/// leader answers once the job is stored, within milliseconds; a leader that accepted the
+/// connection and says nothing is paused, and the caller had better retry elsewhere.
+const SUBMIT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What became of a submission at a standby ([`submit_to_leader`]).
+pub(crate) enum Passed {
+    /// The leader's answer, for the caller.
+    Answer(Response),
+    /// Not delivered to any leader (this dispatcher leads or is alone, no leader is known or
+    /// it has not renewed its lease lately, the leader refused the connection, or the request
+    /// came passed on already): the submission is stored here, for the leader.
+    StoreHere,
+}
+
+/// At a standby, a submission (`POST /v1/jobs` with a JSON body, checked already) passed on
+/// to the leader, which stores and places it at once: one commit, no hand-over through the
+/// store. `wait` is the caller's, for which the leader holds the request. When the request
+/// did not reach the leader ([`Passed::StoreHere`]) the standby stores the job for it, as
+/// before; when it did and no answer came (a leader paused, or dead in between), the caller
+/// gets 503 `standby` and retries, with its idempotency key, which makes it one job.
+pub(crate) async fn submit_to_leader(
+    h: &Handle,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+    wait: Option<Duration>,
+) -> Result<Passed, ApiError> {
+    if h.standby().is_none() || headers.contains_key(FORWARDED_BY) {
+        return Ok(Passed::StoreHere);
+    }
+    let leader = h
+        .leadership()
+        .filter(|l| l.leader_lively(std::time::Instant::now()))
+        .and_then(|l| l.leader_url().map(str::to_owned));
+    let (Some(fw), Some(leader)) = (h.forward.as_ref(), leader) else {
+        return Ok(Passed::StoreHere);
+    };
+    let timeout = wait.map_or(SUBMIT_TIMEOUT, |w| w + SUBMIT_TIMEOUT);
+    let req = request(fw, &fw.client, &leader, Method::POST, uri, headers)
+        .timeout(timeout)
+        .body(body.to_vec());
+    match req.send().await {
+        Err(e) if e.is_connect() => {
+            tracing::debug!(leader = %leader, "the leader is not reachable: the submission is stored here for it: {e}");
+            Ok(Passed::StoreHere)
+        }
+        Err(e) => Err(unreachable(&leader, e)),
+        Ok(answer) => relay(answer, &leader, true).await.map(Passed::Answer),
+    }
+}
+
 /// [`to_leader`] with a `body` (the answer read whole, within [`ANSWER_TIMEOUT`]), or
 /// [`stream_from_leader`] without one (the answer passed through as it comes).
 async fn pass_on(
@@ -138,27 +195,49 @@ async fn pass_on(
     if headers.contains_key(FORWARDED_BY) {
         return Err(refusal);
     }
-    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
-    let url = format!("{}{path}", leader.trim_end_matches('/'));
     let client = if body.is_some() {
         &fw.client
     } else {
         &fw.streams
     };
+    let mut req = request(fw, client, &leader, method, uri, headers);
+    if let Some(body) = body {
+        req = req.body(body.to_vec());
+    }
+    let answer = req.send().await.map_err(|e| unreachable(&leader, e))?;
+    relay(answer, &leader, body.is_some()).await.map(Some)
+}
+
+/// The same request (method, path and query, the request's own headers) to the leader at
+/// `leader`, marked as passed on by this dispatcher.
+fn request(
+    fw: &Forwarder,
+    client: &reqwest::Client,
+    leader: &str,
+    method: Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+) -> reqwest::RequestBuilder {
+    let path = uri.path_and_query().map_or(uri.path(), |p| p.as_str());
+    let url = format!("{}{path}", leader.trim_end_matches('/'));
     let mut req = client.request(method, &url).header(FORWARDED_BY, &fw.by);
     for (name, value) in headers {
         if !connection_header(name) {
             req = req.header(name, value);
         }
     }
-    if let Some(body) = body {
-        req = req.body(body.to_vec());
-    }
-    let unreachable = |e: reqwest::Error| {
-        tracing::warn!(leader = %leader, "could not pass a request on to the leader: {e}");
-        ApiError::standby_unreachable(&leader, &e.to_string())
-    };
-    let answer = req.send().await.map_err(unreachable)?;
+    req
+}
+
+/// 503 `standby` naming the leader, which could not be reached or did not answer.
+fn unreachable(leader: &str, e: reqwest::Error) -> ApiError {
+    tracing::warn!(leader = %leader, "could not pass a request on to the leader: {e}");
+    ApiError::standby_unreachable(leader, &e.to_string())
+}
+
+/// The leader's answer as this dispatcher's: its status, type, caching and `Retry-After`,
+/// and its body — read `whole`, or passed through as it comes (a stream).
+async fn relay(answer: reqwest::Response, leader: &str, whole: bool) -> Result<Response, ApiError> {
     let mut out = Response::builder().status(answer.status());
     for name in [
         header::CONTENT_TYPE,
@@ -169,13 +248,13 @@ async fn pass_on(
             out = out.header(name, v);
         }
     }
-    let body = match body {
-        Some(_) => Body::from(answer.bytes().await.map_err(unreachable)?),
-        None => Body::from_stream(answer.bytes_stream()),
+    let body = if whole {
+        Body::from(answer.bytes().await.map_err(|e| unreachable(leader, e))?)
+    } else {
+        Body::from_stream(answer.bytes_stream())
     };
     out.body(body)
-        .map(Some)
-        .map_err(|e| ApiError::standby_unreachable(&leader, &e.to_string()))
+        .map_err(|e| ApiError::standby_unreachable(leader, &e.to_string()))
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@ use super::auth::{admit, read_body, Caller};
 use super::console;
 use super::data;
 use super::error::ApiError;
+use super::forward::{submit_to_leader, Passed};
 use super::openapi::{
     AgentList, AgentView, BatchAnswer, BatchItem, BatchRequest, CapabilityList, CapabilityView,
     ErrorBody, JobList, Later, Refusals, SubmitAnswer, Submitted,
@@ -126,6 +127,7 @@ pub(super) async fn submit(
     let (wait, query) = wait_param(uri.query(), &h)?;
     let query = query.as_deref();
     let raw = !matches!(body_form(&content_type, query, b"{"), Ok(BodyForm::Json));
+    let mut json = None;
     let (mut req, body) = if raw {
         let fields = query_as_json(query)?;
         if fields.get("capability").is_none() {
@@ -154,11 +156,20 @@ pub(super) async fn submit(
         let small = usize::try_from(declared.unwrap_or(0)).unwrap_or(usize::MAX);
         let bytes = read_body(body, limit, small).await?;
         body_form(&content_type, query, &bytes)?;
-        (parse_request(&bytes, "JSON body")?, None)
+        let req = parse_request(&bytes, "JSON body")?;
+        json = Some(bytes);
+        (req, None)
     };
     let wait_for_agent = req.wait_for_agent.unwrap_or(false);
     let input_ref = req.input_ref.take();
     let mut spec = spec_from(req, &caller, h.max_attempts, h.max_json_input, h.max_delay)?;
+    // At a standby, a JSON submission, checked, goes on to the leader, which stores and
+    // places it in one go; stored here for the leader only when the leader is not reachable.
+    if let Some(bytes) = &json {
+        if let Passed::Answer(r) = submit_to_leader(&h, &uri, &headers, bytes, wait).await? {
+            return Ok(r);
+        }
+    }
     if let Some(body) = body {
         spec.input = match (&h.data, declared) {
             (Some(d), n) if n.is_none_or(|n| n > spine_protocol::INLINE_LIMIT as u64) => {
