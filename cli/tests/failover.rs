@@ -669,10 +669,35 @@ async fn fail_over(kind: Kind, jobs: usize, kills: usize) {
         kind.name()
     );
     assert!(taken > 0, "standbys accepted submissions for the leader");
+    // Every accepted job ran exactly once. A submission whose answer the client never got
+    // (the leader died after sending the job ahead and before storing its acceptance, and the
+    // client sent it again: a new job) may have run too, once, as on a lone dispatcher after a
+    // kill -9 (docs/dispatcher.md §5): at most one per fault, the client sending one at a time.
     let ran = runs.lock().unwrap().clone();
-    let distinct: HashSet<&String> = ran.iter().collect();
-    assert_eq!(distinct.len(), jobs, "every job ran");
-    assert_eq!(ran.len(), jobs, "no job ran twice");
+    let mut times_run: HashMap<&String, usize> = HashMap::new();
+    for id in &ran {
+        *times_run.entry(id).or_default() += 1;
+    }
+    for id in &distinct_ids {
+        assert_eq!(times_run.get(id), Some(&1), "accepted job {id} ran once");
+    }
+    let unacknowledged: Vec<&&String> = times_run
+        .keys()
+        .filter(|id| !distinct_ids.contains(**id))
+        .collect();
+    println!(
+        "{}: {} runs of submissions never acknowledged (sent ahead, the leader dead before their acceptance was stored)",
+        kind.name(),
+        unacknowledged.len()
+    );
+    assert!(
+        times_run.values().all(|n| *n == 1),
+        "no job ran twice: {times_run:?}"
+    );
+    assert!(
+        unacknowledged.len() <= kills + 1,
+        "at most one unacknowledged submission per fault: {unacknowledged:?}"
+    );
 
     // Failover: a leader's death to the first placement after it (by the next leader).
     killed_at.push(stopped_at);

@@ -157,7 +157,10 @@ pub(super) async fn submit(
         let bytes = read_body(body, limit, small).await?;
         body_form(&content_type, query, &bytes)?;
         let req = parse_request(&bytes, "JSON body")?;
-        json = Some(bytes);
+        // Kept only where it may go on to the leader (a leader frees it now).
+        if h.standby().is_some() {
+            json = Some(bytes);
+        }
         (req, None)
     };
     let wait_for_agent = req.wait_for_agent.unwrap_or(false);
