@@ -246,7 +246,7 @@ fn config(
         format!(
             "jid = \"dispatcher@localhost/d{n}\"\npassword = \"pw-d\"\nserver = \"{server}\"\n\
              data_dir = \"{}\"\nhttp_listen = \"{http}\"\nstore = \"{store}\"\n{extra}\
-             [[http_token]]\nname = \"web\"\ntoken = \"{TOKEN}\"\ncapabilities = [\"*\"]\n{tls}",
+             [[http_token]]\nname = \"web\"\ntoken = \"{TOKEN}\"\ncapabilities = [\"*\"]\nmetrics = true\n{tls}",
             dir.join(format!("data{n}")).display()
         ),
     )
@@ -1598,6 +1598,98 @@ async fn a_standby_passes_submissions_on_and_stores_them_when_the_leader_is_gone
     );
     let standby_log = std::fs::read_to_string(&nodes[1].log).unwrap_or_default();
     assert!(!standby_log.contains("job accepted"), "{standby_log}");
+    let first = v["id"].as_str().expect("job id").to_owned();
+
+    // Many at once: gathered into fewer requests to the leader, each answered on its own;
+    // the same idempotency key (as a header) answers with the job it made.
+    let keys: Vec<String> = (0..40).map(|i| format!("many-{i}")).collect();
+    let answers = futures::future::join_all(keys.iter().map(|k| {
+        api.post(format!("http://{standby}/v1/jobs"))
+            .bearer_auth(TOKEN)
+            .header("idempotency-key", k.as_str())
+            .json(&serde_json::json!({"capability": "work.sleep", "args": {"ms": 1}}))
+            .send()
+    }))
+    .await;
+    let mut ids = std::collections::HashSet::new();
+    for r in answers {
+        let r = r.unwrap();
+        assert_eq!(r.status().as_u16(), 202, "{}", r.text().await.unwrap());
+        let v: serde_json::Value = r.json().await.unwrap();
+        ids.insert(v["id"].as_str().expect("job id").to_owned());
+    }
+    assert_eq!(ids.len(), 40, "one job per key");
+    let r = submit("", "first").await.unwrap();
+    assert_eq!(r.status().as_u16(), 202, "{}", r.text().await.unwrap());
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["id"], first.as_str(), "the key's job: {v}");
+    let metrics = api
+        .get(format!("http://{standby}/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let figure = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in\n{metrics}"))
+    };
+    let (passed, requests) = (
+        figure("spine_passed_submissions_total"),
+        figure("spine_passed_requests_total"),
+    );
+    println!("passed on: {passed} submissions in {requests} requests");
+    // (The first one's tries while the agent was not yet known to the leader count too.)
+    assert!(
+        passed >= 42,
+        "every submission went to the leader: {passed}"
+    );
+    assert!(
+        requests < passed,
+        "gathered: {requests} requests for {passed}"
+    );
+
+    // The leader's end of it takes only what a standby passes on, and checks each
+    // submission's own token.
+    let leader = nodes[0].http.clone();
+    let passed_on = |by: Option<&'static str>, at: &str| {
+        let mut r = api.post(format!("http://{at}/v1/jobs:passed"));
+        if let Some(by) = by {
+            r = r.header("spine-forwarded-by", by);
+        }
+        r.json(&serde_json::json!({"submissions": [
+            {"headers": [["authorization", format!("Bearer {TOKEN}")]], "wait": false,
+             "body": {"capability": "work.sleep", "args": {"ms": 1}}},
+            {"headers": [["authorization", "Bearer not-a-token"]], "wait": false,
+             "body": {"capability": "work.sleep", "args": {"ms": 1}}},
+            {"headers": [["authorization", format!("Bearer {TOKEN}")]], "wait": false,
+             "body": {"capability": "work.sleep", "bogus": 1}},
+        ]}))
+        .send()
+    };
+    let r = passed_on(Some("test"), &leader).await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: serde_json::Value = r.json().await.unwrap();
+    let statuses: Vec<u64> = v["answers"]
+        .as_array()
+        .expect("answers")
+        .iter()
+        .map(|a| a["status"].as_u64().expect("status"))
+        .collect();
+    assert_eq!(statuses, [202, 401, 400], "{v}");
+    assert_eq!(v["answers"][1]["body"]["error"], "not-authorized", "{v}");
+    let refused = v["answers"][2]["body"]["message"]
+        .as_str()
+        .expect("message");
+    assert!(refused.contains("bogus"), "{v}");
+    let r = passed_on(None, &leader).await.unwrap();
+    assert_eq!(r.status().as_u16(), 400, "{}", r.text().await.unwrap());
+    let r = passed_on(Some("test"), &standby).await.unwrap();
+    assert_eq!(r.status().as_u16(), 503, "a standby takes none");
 
     // The leader dies: the standby cannot reach it and stores the job for the next leader
     // (itself, once the lease runs out).

@@ -171,7 +171,7 @@ pub(super) fn find_token<'a>(
     found
 }
 
-fn authenticate(
+pub(super) fn authenticate(
     h: &Handle,
     method: &Method,
     headers: &HeaderMap,

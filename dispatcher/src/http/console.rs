@@ -299,9 +299,13 @@ pub(super) async fn jobs_events(
                 // The leader sent the view of a job a standby accepted: no read.
                 Ok(Ok(crate::store::postgres::Ended {
                     view: Some(view), ..
-                })) => match view.get("submitter").and_then(|s| s.as_str()) {
-                    Some(s) if caller.grant.may_see(&me, s) => {
-                        let mut data = serde_json::Value::clone(&view);
+                })) => match serde_json::from_str::<serde_json::Value>(&view) {
+                    Ok(mut data)
+                        if data
+                            .get("submitter")
+                            .and_then(|s| s.as_str())
+                            .is_some_and(|s| caller.grant.may_see(&me, s)) =>
+                    {
                         if let Some(o) = data.as_object_mut() {
                             let id = o.get("id").cloned().unwrap_or_default();
                             o.entry("job").or_insert(id);
@@ -459,6 +463,7 @@ pub(super) async fn retry(
         wait_for_agent: true,
         visible: caller.grant.capabilities.clone(),
         wait: false,
+        announce: false,
     };
     let ApiReply::Submitted(answer) = change(&h, request).await? else {
         return Err(mismatch());

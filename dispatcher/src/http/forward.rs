@@ -17,9 +17,9 @@
 //! an election takes, would otherwise bounce it between them).
 //!
 //! A submission (`POST /v1/jobs` with a JSON body) is passed on too, as the quick path
-//! ([`submit_to_leader`]): the leader stores and places it in one commit. A standby can do it
-//! itself, so when the leader is not reachable it stores the job for the leader instead of
-//! refusing.
+//! ([`submit_to_leader`]): the leader stores and places it in one commit — a small one
+//! gathered with others into one request ([`super::pass`]). A standby can do it itself, so
+//! when the leader is not reachable it stores the job for the leader instead of refusing.
 
 use std::path::Path;
 use std::time::Duration;
@@ -28,7 +28,10 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderName, Method, Uri};
 use axum::response::Response;
 
+use spine_protocol::{JobId, JobState};
+
 use super::error::ApiError;
+use super::pass::{response, Accepted, Outcome, Passer, MAX_ITEM_BODY};
 use super::Handle;
 
 /// The header a passed-on request carries, naming the standby: a standby does not pass such a
@@ -50,6 +53,8 @@ pub(crate) struct Forwarder {
     streams: reqwest::Client,
     /// This dispatcher, as the passed-on requests name it ([`FORWARDED_BY`]).
     by: String,
+    /// Small submissions, passed on several at a time (started on first use).
+    passer: std::sync::OnceLock<Passer>,
 }
 
 impl Forwarder {
@@ -76,7 +81,31 @@ impl Forwarder {
             // leader gone without closing.
             streams: built(builder().read_timeout(STREAM_SILENCE))?,
             by,
+            passer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// The queue of submissions for the leader ([`super::pass`]), started on first use.
+    pub(crate) fn passer(&self) -> &Passer {
+        self.passer
+            .get_or_init(|| Passer::start(self.client.clone(), self.by.clone()))
+    }
+
+    /// The passed-on submissions' figures for `/metrics`, once any went.
+    pub(crate) fn metrics(&self) -> String {
+        let Some(p) = self.passer.get() else {
+            return String::new();
+        };
+        format!(
+            "# HELP spine_passed_submissions_total Submissions this dispatcher passed on to the leader while standing by, several per request.\n\
+             # TYPE spine_passed_submissions_total counter\n\
+             spine_passed_submissions_total {}\n\
+             # HELP spine_passed_requests_total Requests that carried them to the leader.\n\
+             # TYPE spine_passed_requests_total counter\n\
+             spine_passed_requests_total {}\n",
+            p.submissions.load(std::sync::atomic::Ordering::Relaxed),
+            p.requests.load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 }
 
@@ -131,6 +160,9 @@ const SUBMIT_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) enum Passed {
     /// The leader's answer, for the caller.
     Answer(Response),
+    /// The leader stored the job (its id and state then); the caller's wait, if it has one,
+    /// is this dispatcher's to serve.
+    Stored(JobId, JobState),
     /// Not delivered to any leader (this dispatcher leads or is alone, no leader is known or
     /// it has not renewed its lease lately, the leader refused the connection, or the request
     /// came passed on already): the submission is stored here, for the leader.
@@ -160,6 +192,30 @@ pub(crate) async fn submit_to_leader(
     let (Some(fw), Some(leader)) = (h.forward.as_ref(), leader) else {
         return Ok(Passed::StoreHere);
     };
+    if body.len() <= MAX_ITEM_BODY {
+        // Gathered with others: the caller's own headers (each a string, as a small JSON
+        // submission's are; one that is not goes on alone).
+        let own: Option<Vec<(&str, &str)>> = headers
+            .iter()
+            .filter(|(name, _)| !connection_header(name))
+            .map(|(name, value)| value.to_str().ok().map(|v| (name.as_str(), v)))
+            .collect();
+        if let Some(own) = own {
+            return match fw.passer().pass(&leader, &own, wait.is_some(), body).await {
+                Outcome::Answer(202, answer, _) if wait.is_some() => {
+                    match serde_json::from_str::<Accepted>(answer.get()) {
+                        Ok(a) => Ok(Passed::Stored(a.id, a.state)),
+                        Err(e) => Err(ApiError::standby_unreachable(&leader, &e.to_string())),
+                    }
+                }
+                Outcome::Answer(status, answer, retry) => {
+                    Ok(Passed::Answer(response(status, answer, retry)))
+                }
+                Outcome::StoreHere => Ok(Passed::StoreHere),
+                Outcome::Lost(why) => Err(ApiError::standby_unreachable(&leader, &why)),
+            };
+        }
+    }
     let timeout = wait.map_or(SUBMIT_TIMEOUT, |w| w + SUBMIT_TIMEOUT);
     let req = request(fw, &fw.client, &leader, Method::POST, uri, headers)
         .timeout(timeout)

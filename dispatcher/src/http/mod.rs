@@ -22,6 +22,7 @@ mod error;
 mod events;
 pub(crate) mod forward;
 pub mod openapi;
+mod pass;
 mod request;
 mod routes;
 mod serve;
@@ -87,8 +88,10 @@ pub(crate) struct Handle {
     leadership: Option<tokio::sync::watch::Receiver<crate::leadership::Leadership>>,
     /// The store several dispatchers share (PostgreSQL): a standby reads jobs there.
     shared: Option<Arc<crate::store::postgres::PgStore>>,
-    /// Ids of jobs the leader announced ended (a standby's waiting callers look again).
+    /// Ids of jobs the leader announced ended (a standby's event streams).
     pub(crate) ended: Option<broadcast::Sender<crate::store::postgres::Ended>>,
+    /// The same, for a standby's callers waiting for their jobs' ends.
+    pub(crate) announced: Option<Arc<wait::Announced>>,
     /// The leader's progress and partial events, relayed to a standby's event streams.
     pub(crate) relayed: Option<broadcast::Sender<crate::core::JobEvent>>,
     /// Webhook senders that sign their requests (`[[webhook]]`), by name.
@@ -124,6 +127,7 @@ impl Handle {
             leadership: None,
             shared: None,
             ended: None,
+            announced: None,
             relayed: None,
             webhooks: Arc::default(),
             forward: None,
@@ -164,6 +168,11 @@ impl Handle {
         relayed: Option<broadcast::Sender<crate::core::JobEvent>>,
     ) -> Self {
         self.shared = store;
+        if let Some(tx) = &ended {
+            let heard = Arc::new(wait::Announced::default());
+            heard.clone().follow(tx.subscribe());
+            self.announced = Some(heard);
+        }
         self.ended = ended;
         self.relayed = relayed;
         self

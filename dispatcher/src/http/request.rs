@@ -77,6 +77,22 @@ pub struct SubmitRequest {
     fragments: Option<Vec<spine_protocol::Fragment>>,
 }
 
+impl SubmitRequest {
+    /// The `Idempotency-Key` header's `key`: the job's key, unless the body names another.
+    pub(super) fn set_idempotency_key(&mut self, key: &str) -> Result<(), ApiError> {
+        match &self.idempotency_key {
+            Some(k) if k != key => Err(ApiError::field(
+                "idempotency_key",
+                "the body's idempotency_key and the Idempotency-Key header differ: give one, or the same key in both",
+            )),
+            _ => {
+                self.idempotency_key = Some(key.to_owned());
+                Ok(())
+            }
+        }
+    }
+}
+
 /// `not_before`: an RFC 3339 time, or a countdown from `now_ms`; at most `max_delay` ahead.
 /// A time already past is allowed (the job is queued at once): clocks differ a little.
 fn not_before(text: &str, now_ms: u64, max_delay: std::time::Duration) -> Result<u64, ApiError> {

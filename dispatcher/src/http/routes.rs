@@ -138,10 +138,9 @@ pub(super) async fn submit(
                 ),
             ));
         }
-        (
-            parse_request(fields.to_string().as_bytes(), "query parameters")?,
-            Some(body),
-        )
+        let mut req = parse_request(fields.to_string().as_bytes(), "query parameters")?;
+        key_header(&mut req, &headers)?;
+        (req, Some(body))
     } else {
         // A JSON body is read whole: one declared over its limit is refused before a byte of
         // it is read (admit allowed it for a raw upload's larger limit).
@@ -156,7 +155,8 @@ pub(super) async fn submit(
         let small = usize::try_from(declared.unwrap_or(0)).unwrap_or(usize::MAX);
         let bytes = read_body(body, limit, small).await?;
         body_form(&content_type, query, &bytes)?;
-        let req = parse_request(&bytes, "JSON body")?;
+        let mut req = parse_request(&bytes, "JSON body")?;
+        key_header(&mut req, &headers)?;
         // Kept only where it may go on to the leader (a leader frees it now).
         if h.standby().is_some() {
             json = Some(bytes);
@@ -168,9 +168,15 @@ pub(super) async fn submit(
     let mut spec = spec_from(req, &caller, h.max_attempts, h.max_json_input, h.max_delay)?;
     // At a standby, a JSON submission, checked, goes on to the leader, which stores and
     // places it in one go; stored here for the leader only when the leader is not reachable.
+    // (The leader's announcements from before the submission, for the wait: none is missed.)
     if let Some(bytes) = &json {
-        if let Passed::Answer(r) = submit_to_leader(&h, &uri, &headers, bytes, wait).await? {
-            return Ok(r);
+        let fresh = wait.and_then(|_| Fresh::before_submit(&h));
+        match submit_to_leader(&h, &uri, &headers, bytes, wait).await? {
+            Passed::Answer(r) => return Ok(r),
+            Passed::Stored(id, state) => {
+                return answer_waited(&h, id, state, None, wait, fresh).await;
+            }
+            Passed::StoreHere => {}
         }
     }
     if let Some(body) = body {
@@ -199,23 +205,83 @@ pub(super) async fn submit(
     // At a standby, the leader's announcements from before the submission: none is missed,
     // and the wait begins without a read.
     let fresh = wait.and_then(|_| Fresh::before_submit(&h));
-    let (id, state, ended) = submit_one(&h, spec, wait_for_agent, &caller, wait.is_some()).await?;
+    let (id, state, ended) =
+        submit_one(&h, spec, wait_for_agent, &caller, wait.is_some(), false).await?;
+    answer_waited(&h, id, state, ended, wait, fresh).await
+}
+
+/// A submission's answer: without `wait`, `{id, state}` (202); with it, the final job (200),
+/// or the job as it is when the wait is over (202). `ended`: the job, when it ended before
+/// its acceptance was stored.
+async fn answer_waited(
+    h: &Handle,
+    id: JobId,
+    state: JobState,
+    ended: Option<Box<JobRecord>>,
+    wait: Option<Duration>,
+    fresh: Option<Fresh>,
+) -> Result<Response, ApiError> {
     let Some(wait) = wait else {
         return Ok((StatusCode::ACCEPTED, Json(Submitted { id, state })).into_response());
     };
     if let Some(rec) = ended {
         return Ok((StatusCode::OK, Json(job_json(&rec))).into_response());
     }
-    // Submit and wait: the final job (200), or the job as it is when the wait is over (202).
     // (A key that named a job which has ended: read it.)
     let fresh = fresh.filter(|_| !state.is_final());
-    let (done, job) = waited_fresh(&h, &id, wait, fresh).await?;
+    let (done, job) = waited_fresh(h, &id, wait, fresh).await?;
     let status = if done {
         StatusCode::OK
     } else {
         StatusCode::ACCEPTED
     };
     Ok((status, Json(job)).into_response())
+}
+
+/// The `Idempotency-Key` header, as the body's `idempotency_key` (the same key in both is
+/// fine; two different ones are refused).
+fn key_header(req: &mut SubmitRequest, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(v) = headers.get("idempotency-key") else {
+        return Ok(());
+    };
+    let key = v.to_str().map_err(|_| {
+        ApiError::field(
+            "Idempotency-Key",
+            "the header must be visible ASCII (up to 256 bytes)",
+        )
+    })?;
+    req.set_idempotency_key(key)
+}
+
+/// A JSON submission (the body `POST /v1/jobs` takes, `json`) by `caller` with its request
+/// `headers`, checked and accepted: what `POST /v1/jobs:batch` does for each of its jobs,
+/// and a leader for each submission a standby passed on (`announce`: its caller waits
+/// there). With `announce`, the job itself when it ended before its acceptance was stored.
+pub(super) async fn accept_json(
+    h: &Handle,
+    caller: &Caller,
+    headers: Option<&HeaderMap>,
+    json: &[u8],
+    announce: bool,
+) -> Result<(JobId, JobState, Option<Box<JobRecord>>), ApiError> {
+    let mut req = parse_request(json, "job")?;
+    if let Some(headers) = headers {
+        key_header(&mut req, headers)?;
+    }
+    let wait_for_agent = req.wait_for_agent.unwrap_or(false);
+    let input_ref = req.input_ref.take();
+    let mut spec = spec_from(req, caller, h.max_attempts, h.max_json_input, h.max_delay)?;
+    if let Some(hex) = input_ref {
+        if !spec.input.is_empty() {
+            return Err(ApiError::field(
+                "input_ref",
+                "give an input, fragments or an input_ref, one of them",
+            ));
+        }
+        spec.input = JobBody::Stored(data::stored_ref(h, &hex).await?);
+    }
+    data::fetch_fragments(h, &spec).await?;
+    submit_one(h, spec, wait_for_agent, caller, announce, announce).await
 }
 
 /// One submission, to the core. A standby stores it for the leader (docs/dispatcher.md,
@@ -228,6 +294,7 @@ async fn submit_one(
     wait_for_agent: bool,
     caller: &Caller,
     wait: bool,
+    announce: bool,
 ) -> Result<(JobId, spine_protocol::JobState, Option<Box<JobRecord>>), ApiError> {
     if let (Some(pg), Some(key)) = (h.standby_store(), &spec.idempotency_key) {
         match pg.idempotent(&spec.submitter, key).await {
@@ -244,6 +311,7 @@ async fn submit_one(
         wait_for_agent,
         visible: caller.grant.capabilities.clone(),
         wait,
+        announce,
     };
     match change(h, request).await? {
         ApiReply::Submitted(answer) => {
@@ -301,21 +369,8 @@ pub(super) async fn submit_batch(
     let one = |job: Value| {
         let (h, caller) = (&h, &caller);
         async move {
-            let mut req = parse_request(job.to_string().as_bytes(), "job")?;
-            let wait_for_agent = req.wait_for_agent.unwrap_or(false);
-            let input_ref = req.input_ref.take();
-            let mut spec = spec_from(req, caller, h.max_attempts, h.max_json_input, h.max_delay)?;
-            if let Some(hex) = input_ref {
-                if !spec.input.is_empty() {
-                    return Err(ApiError::field(
-                        "input_ref",
-                        "give an input, fragments or an input_ref, one of them",
-                    ));
-                }
-                spec.input = JobBody::Stored(data::stored_ref(h, &hex).await?);
-            }
-            data::fetch_fragments(h, &spec).await?;
-            let (id, state, _) = submit_one(h, spec, wait_for_agent, caller, false).await?;
+            let json = job.to_string();
+            let (id, state, _) = accept_json(h, caller, None, json.as_bytes(), false).await?;
             Ok::<_, ApiError>(Submitted { id, state })
         }
     };
@@ -910,6 +965,9 @@ pub(super) async fn metrics(State(h): State<Handle>, caller: Caller) -> Result<R
     if let Some(d) = &h.data {
         text.push_str(&d.counters.render(&d.blobs));
     }
+    if let Some(f) = &h.forward {
+        text.push_str(&f.metrics());
+    }
     Ok(([("content-type", "text/plain; version=0.0.4")], text).into_response())
 }
 
@@ -1027,6 +1085,11 @@ pub(crate) fn router(h: Handle) -> Router {
         .route("/v1/canaries", get(super::events::canaries))
         .route("/metrics", get(metrics))
         .route_layer(axum::middleware::from_fn_with_state(h.clone(), admit))
+        // A standby's gathered submissions: each is authenticated on its own.
+        .route(
+            super::pass::PASSED_PATH,
+            axum::routing::post(super::pass::passed),
+        )
         .route("/healthz", get(healthz))
         .route("/", get(console::root))
         .route("/ui", get(console::index))

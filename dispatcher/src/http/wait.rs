@@ -9,7 +9,7 @@
 //! state, so a job that ends between the two is not missed.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -95,17 +95,155 @@ pub(super) fn parse_wait(text: &str, request_timeout: Duration) -> Result<Durati
 /// How often a standby looks at a job a caller waits for, whatever it hears.
 const STANDBY_POLL: Duration = Duration::from_secs(1);
 
-/// A standby's caller that submitted the job it waits for: it heard the leader's
-/// announcements from before the submission, and knows the job had not ended then, so its
-/// wait begins without a read of the shared store.
-pub(super) struct Fresh(pub broadcast::Receiver<crate::store::postgres::Ended>);
+/// Announcements a standby keeps (about a second's worth under load), for the callers whose
+/// submissions were stored before they began to wait.
+const RECENT: usize = 8192;
+
+/// What a standby heard of a job's end: its view as the leader sent it, if it did.
+type View = Option<Arc<str>>;
+
+/// A standby's callers waiting for jobs to end, and the ends the leader announced lately
+/// (PostgreSQL's `spine_ended`). As on the leader ([`Waiters`]), an announcement costs a map
+/// lookup, not a wake-up of every waiting request; and a job's view is parsed by the one
+/// standby whose caller waits for it, once.
+///
+/// A caller learns its job's id only once the leader stored it, and the job may end before
+/// the caller registers: so the announcements are numbered and the latest [`RECENT`] kept. A
+/// caller that took a [`Fresh`] mark before its submission finds its job among them, or
+/// knows (when none after its mark was let go) that it has not ended, without a read.
+#[derive(Default)]
+pub(crate) struct Announced {
+    inner: Mutex<Heard>,
+}
+
+#[derive(Default)]
+struct Heard {
+    waiting: HashMap<Arc<str>, Vec<oneshot::Sender<View>>>,
+    /// The latest announcements, oldest first: (number, id).
+    order: std::collections::VecDeque<(u64, Arc<str>)>,
+    /// The same, by id: (number, view).
+    recent: HashMap<Arc<str>, (u64, View)>,
+    /// The number of the next announcement.
+    next: u64,
+    /// Every announcement from this number on is in `recent` (earlier ones were let go, or
+    /// lost to a lagging channel).
+    kept_from: u64,
+}
+
+/// What [`Announced::register`] found.
+enum Registered {
+    /// The job's end was announced already.
+    Ended(View),
+    /// Woken when it is; `complete`: no announcement since the caller's mark was missed, so
+    /// the job has not ended yet.
+    Waiting(oneshot::Receiver<View>, bool),
+}
+
+impl Announced {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Heard> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The mark a caller takes before submitting: the number of the next announcement.
+    fn mark(&self) -> u64 {
+        self.lock().next
+    }
+
+    /// The leader announced that `id` ended: its waiters are told.
+    pub(crate) fn announce(&self, id: Arc<str>, view: View) {
+        let mut h = self.lock();
+        let n = h.next;
+        h.next += 1;
+        if let Some(waiting) = h.waiting.remove(&id) {
+            for w in waiting {
+                let _ = w.send(view.clone());
+            }
+        }
+        h.order.push_back((n, id.clone()));
+        h.recent.insert(id, (n, view));
+        while h.order.len() > RECENT {
+            let Some((m, old)) = h.order.pop_front() else {
+                break;
+            };
+            h.kept_from = m + 1;
+            // (Announced again since: kept.)
+            if h.recent.get(&old).is_some_and(|(k, _)| *k == m) {
+                h.recent.remove(&old);
+            }
+        }
+    }
+
+    /// Announcements were lost (the channel lagged): every waiter looks for itself, and no
+    /// mark from before now is complete.
+    pub(crate) fn lost(&self) {
+        let mut h = self.lock();
+        // The lost ones count as one announcement, let go.
+        h.next += 1;
+        h.kept_from = h.next;
+        for (_, waiting) in h.waiting.drain() {
+            for w in waiting {
+                let _ = w.send(None);
+            }
+        }
+    }
+
+    fn register(&self, id: &str, since: Option<u64>) -> Registered {
+        let mut h = self.lock();
+        if let Some((_, view)) = h.recent.get(id) {
+            return Registered::Ended(view.clone());
+        }
+        let complete = since.is_some_and(|s| h.kept_from <= s);
+        let (tx, rx) = oneshot::channel();
+        h.waiting.entry(id.into()).or_default().push(tx);
+        Registered::Waiting(rx, complete)
+    }
+
+    fn forget_gone(&self, id: &str) {
+        let mut h = self.lock();
+        if let Some(v) = h.waiting.get_mut(id) {
+            v.retain(|s| !s.is_closed());
+            if v.is_empty() {
+                h.waiting.remove(id);
+            }
+        }
+    }
+
+    /// Feeds it from the listener's `ended` channel, until that closes.
+    pub(crate) fn follow(
+        self: Arc<Self>,
+        mut rx: broadcast::Receiver<crate::store::postgres::Ended>,
+    ) {
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await {
+                    Ok(e) => self.announce(e.id, e.view),
+                    Err(broadcast::error::RecvError::Lagged(_)) => self.lost(),
+                    Err(broadcast::error::RecvError::Closed) => return,
+                }
+            }
+        });
+    }
+}
+
+/// A standby's caller that submitted the job it waits for: the number of the first
+/// announcement after its submission began ([`Announced`]), so that its wait begins without
+/// a read of the shared store.
+pub(super) struct Fresh(u64);
 
 impl Fresh {
-    /// At a standby, before a submission: the announcements from now on.
+    /// At a standby, before a submission: its mark.
     pub(super) fn before_submit(h: &Handle) -> Option<Fresh> {
         h.standby_store()?;
-        h.ended.as_ref().map(|s| Fresh(s.subscribe()))
+        h.announced.as_ref().map(|a| Fresh(a.mark()))
     }
+}
+
+/// A view the leader sent, parsed for its caller.
+fn parsed(view: &str) -> Result<Value, ApiError> {
+    serde_json::from_str(view).map_err(|e| {
+        tracing::error!("the leader announced a job's end with a view that is not JSON: {e}");
+        ApiError::unavailable()
+    })
 }
 
 /// Waits up to `wait` for job `id` to end: its final JSON, or `None` when the wait is over
@@ -122,44 +260,37 @@ where
     Fut: std::future::Future<Output = Result<Option<Value>, ApiError>>,
 {
     let deadline = tokio::time::Instant::now() + wait;
-    // A standby holds no job: it reads the shared store again when the leader announces the
-    // job ended (PostgreSQL's `spine_ended`; no read when the announcement carries the job's
-    // view), and at least every STANDBY_POLL.
-    if h.standby_store().is_some() {
-        let (mut ended, mut look) = match fresh {
-            Some(Fresh(rx)) => (Some(rx), false),
-            None => (h.ended.as_ref().map(broadcast::Sender::subscribe), true),
-        };
+    // A standby holds no job: it reads the shared store unless the leader's announcement
+    // (with the job's view) tells, and at least every STANDBY_POLL.
+    if let (Some(_), Some(heard)) = (h.standby_store(), h.announced.as_ref()) {
+        let mut since = fresh.map(|Fresh(n)| n);
         loop {
+            let (woken, look) = match heard.register(id.as_str(), since.take()) {
+                Registered::Ended(Some(view)) => return parsed(&view).map(Some),
+                Registered::Ended(None) => (None, true),
+                Registered::Waiting(rx, complete) => (Some(rx), !complete),
+            };
             if look {
                 if let Some(done) = current().await? {
+                    heard.forget_gone(id.as_str());
                     return Ok(Some(done));
                 }
             }
-            look = true;
             let now = tokio::time::Instant::now();
             if now >= deadline {
+                heard.forget_gone(id.as_str());
                 return Ok(None);
             }
             let nap = deadline.min(now + STANDBY_POLL);
-            match ended.as_mut() {
-                Some(rx) => {
-                    let announced = async {
-                        loop {
-                            match rx.recv().await {
-                                Ok(e) if e.id == id.as_str() => return e.view,
-                                Ok(_) => {}
-                                Err(broadcast::error::RecvError::Lagged(_)) => return None,
-                                Err(broadcast::error::RecvError::Closed) => {
-                                    std::future::pending::<()>().await
-                                }
-                            }
-                        }
-                    };
-                    if let Ok(Some(view)) = tokio::time::timeout_at(nap, announced).await {
-                        return Ok(Some(Value::clone(&view)));
-                    }
-                }
+            match woken {
+                Some(rx) => match tokio::time::timeout_at(nap, rx).await {
+                    Ok(Ok(Some(view))) => return parsed(&view).map(Some),
+                    // Announced without a view, or announcements lost: look.
+                    Ok(Ok(None)) => {}
+                    // Dropped: the dispatcher is stopping.
+                    Ok(Err(_)) => return current().await,
+                    Err(_) => heard.forget_gone(id.as_str()),
+                },
                 None => tokio::time::sleep_until(nap).await,
             }
         }
@@ -200,6 +331,70 @@ mod tests {
         );
         let e = parse_wait("soon", t).unwrap_err().message;
         assert!(e.contains("'soon' is not a duration"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_standby_s_waiter_hears_its_job_s_end_before_or_after_it_registers() {
+        let a = Announced::default();
+        let view = |s: &str| Some(Arc::<str>::from(s));
+        let mark = a.mark();
+        // Announced before the caller registered (the job ended while its acceptance was
+        // on its way back): found among the recent ones.
+        a.announce("j-1".into(), view("{\"state\":\"succeeded\"}"));
+        match a.register("j-1", Some(mark)) {
+            Registered::Ended(v) => assert_eq!(v.as_deref(), Some("{\"state\":\"succeeded\"}")),
+            Registered::Waiting(..) => panic!("announced already"),
+        }
+        // Not announced since the mark: it has not ended, no read needed.
+        let Registered::Waiting(rx, complete) = a.register("j-2", Some(mark)) else {
+            panic!("not announced")
+        };
+        assert!(complete);
+        // Only its own job's announcement wakes it, with the view.
+        a.announce("j-3".into(), None);
+        a.announce("j-2".into(), view("{}"));
+        let v = tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(v.as_deref(), Some("{}"));
+        assert!(a.lock().waiting.is_empty());
+        // Without a mark, a waiter reads the job first.
+        let Registered::Waiting(_, complete) = a.register("j-4", None) else {
+            panic!("not announced")
+        };
+        assert!(!complete);
+    }
+
+    #[tokio::test]
+    async fn a_mark_older_than_the_kept_announcements_reads_the_job() {
+        let a = Announced::default();
+        let mark = a.mark();
+        for n in 0..=RECENT {
+            a.announce(format!("j-{n}").into(), None);
+        }
+        // The first one was let go: a caller marked before it cannot know it did not miss
+        // its own job's end.
+        assert!(matches!(
+            a.register("j-0", Some(mark)),
+            Registered::Waiting(_, false)
+        ));
+        assert!(matches!(
+            a.register("j-1", Some(mark)),
+            Registered::Ended(None)
+        ));
+        assert_eq!(a.lock().recent.len(), RECENT);
+        // Announcements lost: every waiter is woken to look, and no earlier mark is whole.
+        let later = a.mark();
+        let Registered::Waiting(rx, true) = a.register("j-x", Some(later)) else {
+            panic!("nothing missed since the mark")
+        };
+        a.lost();
+        assert_eq!(rx.await.unwrap(), None);
+        assert!(matches!(
+            a.register("j-y", Some(later)),
+            Registered::Waiting(_, false)
+        ));
     }
 
     #[tokio::test]

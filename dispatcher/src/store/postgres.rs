@@ -1459,10 +1459,11 @@ fn submitted_jobs(payload: &str) -> (Vec<JobRecord>, bool) {
 /// A job the leader announced ended ([`ENDED`]), as a standby hears of it.
 #[derive(Debug, Clone)]
 pub struct Ended {
-    pub id: String,
-    /// Its JSON view, when the leader sent it (a job a standby accepted, whose view fit in a
-    /// notification): a caller waiting at a standby is answered without a read.
-    pub view: Option<Arc<serde_json::Value>>,
+    pub id: Arc<str>,
+    /// Its JSON view as the leader sent it, unparsed (a job whose caller waits at a standby,
+    /// whose view fit in a notification): that caller is answered without a read, and the
+    /// standbys where no one waits for the job do not parse it.
+    pub view: Option<Arc<str>>,
 }
 
 /// Notifications of [`ENDED`]: one line per job, its id, then a tab and its JSON view if it
@@ -1533,11 +1534,11 @@ fn ended_announced(payload: &str) -> Vec<Ended> {
         .filter(|l| !l.is_empty())
         .map(|l| match l.split_once('\t') {
             Some((id, view)) => Ended {
-                id: id.to_owned(),
-                view: serde_json::from_str(view).ok().map(Arc::new),
+                id: id.into(),
+                view: Some(view.into()),
             },
             None => Ended {
-                id: l.to_owned(),
+                id: l.into(),
                 view: None,
             },
         })
@@ -1644,15 +1645,14 @@ mod tests {
         assert!(payloads.iter().all(|p| p.len() <= RELAY_PAYLOAD));
         let back: Vec<Ended> = payloads.iter().flat_map(|p| ended_announced(p)).collect();
         assert_eq!(back.len(), 400);
-        assert_eq!(back[0].id, "j-1");
-        assert_eq!(back[0].view.as_deref(), Some(&view));
-        assert_eq!(back[1].id, format!("j-{:034}", 2));
+        assert_eq!(&*back[0].id, "j-1");
+        let parsed: serde_json::Value =
+            serde_json::from_str(back[0].view.as_deref().expect("a view")).unwrap();
+        assert_eq!(parsed, view);
+        assert_eq!(&*back[1].id, format!("j-{:034}", 2));
         assert!(back[1].view.is_none());
         // A view too large for a notification: the id alone, the standby reads the job.
-        assert_eq!(
-            (back[399].id.as_str(), back[399].view.is_none()),
-            ("j-big", true)
-        );
+        assert_eq!((&*back[399].id, back[399].view.is_none()), ("j-big", true));
     }
 
     #[test]
