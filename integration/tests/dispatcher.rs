@@ -400,6 +400,29 @@ async fn http_api_submit_follow_cancel_and_errors() {
         (202, Some(id.as_str())),
         "same idempotency key, same job"
     );
+    // The key as the Idempotency-Key header: the same job; a different key in the body
+    // beside it is refused, naming the field.
+    let keyed = |body: &'static str| {
+        reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .unwrap()
+            .post(format!("{base}/v1/jobs"))
+            .header("idempotency-key", "k-1")
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let r = keyed(r#"{"capability":"work.sleep"}"#).await.unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["id"].as_str(), Some(id.as_str()), "the header's key: {v}");
+    let r = keyed(r#"{"capability":"work.sleep","idempotency_key":"k-2"}"#)
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 400);
+    let v: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(v["field"], "idempotency_key", "{v}");
     let done = loop {
         let (st, j) = http("GET", format!("{base}/v1/jobs/{id}"), None, None).await;
         assert_eq!(st, 200);
