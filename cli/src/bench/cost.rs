@@ -86,6 +86,10 @@ pub(super) struct Figures {
     pub(super) seq_cpu_us_leader: f64,
     #[serde(default)]
     pub(super) par_cpu_us_leader: f64,
+    /// Several dispatchers, jobs to each in turn: the submissions the standbys passed on to
+    /// the leader per request, in flight (0: none passed, or a build that does not count).
+    #[serde(default)]
+    pub(super) par_passed_per_request: f64,
     /// The file system the farm's data directory was on.
     pub(super) filesystem: String,
 }
@@ -261,6 +265,12 @@ fn print_medians(m: &BTreeMap<String, f64>) {
             m["seq_cpu_us_leader"], m["par_cpu_us_leader"]
         );
     }
+    if m.get("par_passed_per_request").is_some_and(|x| *x > 0.0) {
+        println!(
+            "  the standbys passed submissions on to the leader {:.1} per request, in flight",
+            m["par_passed_per_request"]
+        );
+    }
 }
 
 /// Every numeric figure over the runs, in run order.
@@ -434,12 +444,20 @@ async fn measure(farm: &mut procs::ProcFarm, o: &Options, dir: &Path) -> Result<
     let seq_cpu = per_job(&before, &cpu()?, o.seq_jobs);
     farm.children.check_alive()?;
 
+    let passed_before = passed(&http, &farm.https).await;
     let before = cpu()?;
     let t = Instant::now();
     let mut par = jobs(&http, &urls, o.jobs, o.window).await?;
     let took = t.elapsed().as_secs_f64();
     let par_cpu = per_job(&before, &cpu()?, o.jobs);
     farm.children.check_alive()?;
+    let passed_after = passed(&http, &farm.https).await;
+    let requests = passed_after.1 - passed_before.1;
+    let par_passed_per_request = if requests > 0.0 {
+        (passed_after.0 - passed_before.0) / requests
+    } else {
+        0.0
+    };
 
     seq.sort_by(f64::total_cmp);
     par.sort_by(f64::total_cmp);
@@ -466,6 +484,7 @@ async fn measure(farm: &mut procs::ProcFarm, o: &Options, dir: &Path) -> Result<
         leader,
         seq_cpu_us_leader: seq_cpu[4],
         par_cpu_us_leader: par_cpu[4],
+        par_passed_per_request,
         filesystem: filesystem(dir),
     })
 }
@@ -492,6 +511,34 @@ async fn leading(http: &reqwest::Client, https: &[std::net::SocketAddr]) -> Resu
         "none of the {} dispatchers says it leads (GET /healthz)",
         https.len()
     )
+}
+
+/// The submissions the dispatchers at `https` passed on to their leader, and the requests
+/// that carried them (`/metrics`; 0 from a dispatcher that does not count them).
+async fn passed(http: &reqwest::Client, https: &[std::net::SocketAddr]) -> (f64, f64) {
+    let mut sum = (0.0, 0.0);
+    if https.len() < 2 {
+        return sum;
+    }
+    for addr in https {
+        let Ok(r) = http
+            .get(format!("http://{addr}/metrics"))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+        else {
+            continue;
+        };
+        let text = r.text().await.unwrap_or_default();
+        let figure = |name: &str| -> f64 {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+                .unwrap_or(0.0)
+        };
+        sum.0 += figure("spine_passed_submissions_total");
+        sum.1 += figure("spine_passed_requests_total");
+    }
+    sum
 }
 
 /// The CPU µs per job of each process between two readings (seconds).
