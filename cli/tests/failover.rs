@@ -1662,30 +1662,42 @@ async fn a_standby_passes_submissions_on_and_stores_them_when_the_leader_is_gone
             r = r.header("spine-forwarded-by", by);
         }
         r.json(&serde_json::json!({"submissions": [
-            {"headers": [["authorization", format!("Bearer {TOKEN}")]], "wait": false,
+            {"headers": [["authorization", format!("Bearer {TOKEN}")]],
              "body": {"capability": "work.sleep", "args": {"ms": 1}}},
-            {"headers": [["authorization", "Bearer not-a-token"]], "wait": false,
+            {"headers": [["authorization", "Bearer not-a-token"]],
              "body": {"capability": "work.sleep", "args": {"ms": 1}}},
-            {"headers": [["authorization", format!("Bearer {TOKEN}")]], "wait": false,
+            {"headers": [["authorization", format!("Bearer {TOKEN}")]],
              "body": {"capability": "work.sleep", "bogus": 1}},
+            {"headers": [["authorization", format!("Bearer {TOKEN}")]], "wait_ms": 10000,
+             "body": {"capability": "work.sleep", "args": {"ms": 300}}},
         ]}))
         .send()
     };
     let r = passed_on(Some("test"), &leader).await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
-    let v: serde_json::Value = r.json().await.unwrap();
-    let statuses: Vec<u64> = v["answers"]
-        .as_array()
-        .expect("answers")
-        .iter()
-        .map(|a| a["status"].as_u64().expect("status"))
+    // A line per answer as it is known, and the mark once all are stored: the waiting
+    // caller's answer comes after it, when its job ends.
+    let text = r.text().await.unwrap();
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect();
-    assert_eq!(statuses, [202, 401, 400], "{v}");
-    assert_eq!(v["answers"][1]["body"]["error"], "not-authorized", "{v}");
-    let refused = v["answers"][2]["body"]["message"]
-        .as_str()
-        .expect("message");
-    assert!(refused.contains("bogus"), "{v}");
+    let order: Vec<String> = lines
+        .iter()
+        .map(|l| match l["i"].as_u64() {
+            Some(i) => format!("{i}:{}", l["status"]),
+            None => format!("stored:{}", l["stored"]),
+        })
+        .collect();
+    assert_eq!(
+        order,
+        ["0:202", "1:401", "2:400", "stored:true", "3:200"],
+        "{text}"
+    );
+    assert_eq!(lines[1]["body"]["error"], "not-authorized", "{text}");
+    let refused = lines[2]["body"]["message"].as_str().expect("message");
+    assert!(refused.contains("bogus"), "{text}");
+    assert_eq!(lines[4]["body"]["state"], "succeeded", "{text}");
     let r = passed_on(None, &leader).await.unwrap();
     assert_eq!(r.status().as_u16(), 400, "{}", r.text().await.unwrap());
     let r = passed_on(Some("test"), &standby).await.unwrap();

@@ -950,11 +950,7 @@ impl Driver {
         if let Some(e) = self.elected.as_mut() {
             e.ahead_committing += std::mem::take(&mut e.ahead);
         }
-        let mut ready = self.core.take_ready();
-        if let Some(e) = self.elected.as_mut() {
-            // Jobs whose callers wait at standbys: announced with their views when they end.
-            e.from_standbys.extend(std::mem::take(&mut ready.announce));
-        }
+        let ready = self.core.take_ready();
         // Lines leave the store's outbox once the file holding them is on disk: synced at
         // most once a second, so a power loss cannot lose a line either.
         let mut written = Vec::new();

@@ -30,10 +30,6 @@ pub(crate) enum ApiRequest {
         /// The caller waits for the job's end (`?wait=`), so the answer may wait for a
         /// commit something else asks for ([`super::Pending::Lazy`]).
         wait: bool,
-        /// The caller waits at a standby, which passed the submission on
-        /// (docs/dispatcher.md, "What a standby serves"): the job's end is announced with
-        /// its view ([`super::Ready::announce`]).
-        announce: bool,
     },
     /// Cancel a job (and its children).
     Cancel { id: JobId },

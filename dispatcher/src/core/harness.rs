@@ -304,7 +304,6 @@ impl Sim {
             wait_for_agent: true,
             visible: Capabilities::all(),
             wait,
-            announce: false,
         };
         self.core.api(self.next_token, req, self.now);
         self.after_input();

@@ -140,9 +140,6 @@ pub(crate) struct Ready {
     pub waiting: Vec<ApiToken>,
     /// Events for the HTTP event streams.
     pub events: Vec<JobEvent>,
-    /// Jobs accepted for callers that wait at standbys (several dispatchers): the leader
-    /// announces their ends with their views, so that the standbys answer without a read.
-    pub announce: Vec<JobId>,
     /// Blobs no held job references any more: the driver deletes each after a grace, if it
     /// is still unreferenced then ([`Core::blob_refs`]).
     pub released: Vec<crate::blobs::Stored>,

@@ -30,12 +30,8 @@ impl Core {
                 wait_for_agent,
                 visible,
                 wait,
-                announce,
             } => {
                 let answer = self.accept(*spec, wait_for_agent, &visible, now);
-                if let (true, true, Ok((id, _))) = (announce, self.leads, &answer) {
-                    self.ready.announce.push(id.clone());
-                }
                 // A caller who waits for the job's end hears nothing before it (or its wait)
                 // is over: its acceptance can share a commit with a fast job's outcome.
                 // (Not at a standby: the job ends at the leader, nothing joins its commit.)

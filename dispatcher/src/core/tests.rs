@@ -159,7 +159,6 @@ impl World {
             wait_for_agent,
             visible: Capabilities::all(),
             wait: false,
-            announce: false,
         };
         self.core.api(token, req, self.now);
         let replies = std::mem::take(&mut self.core.ready.replies);
@@ -288,7 +287,6 @@ fn an_accepted_job_is_stored_before_it_is_acknowledged_and_sent() {
         wait_for_agent: false,
         visible: Capabilities::all(),
         wait: false,
-        announce: false,
     };
     w.core.api(w.token, req, w.now);
     let r = w.ready();
@@ -322,7 +320,6 @@ fn a_job_request_leaves_before_the_commit_and_a_waiting_callers_acceptance_may_l
             wait_for_agent: false,
             visible: Capabilities::all(),
             wait,
-            announce: false,
         };
         w.core.api(w.token, req, w.now);
     };

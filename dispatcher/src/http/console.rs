@@ -463,7 +463,6 @@ pub(super) async fn retry(
         wait_for_agent: true,
         visible: caller.grant.capabilities.clone(),
         wait: false,
-        announce: false,
     };
     let ApiReply::Submitted(answer) = change(&h, request).await? else {
         return Err(mismatch());

@@ -28,10 +28,8 @@ use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderName, Method, Uri};
 use axum::response::Response;
 
-use spine_protocol::{JobId, JobState};
-
 use super::error::ApiError;
-use super::pass::{response, Accepted, Outcome, Passer, MAX_ITEM_BODY};
+use super::pass::{response, Outcome, Passer, MAX_ITEM_BODY};
 use super::Handle;
 
 /// The header a passed-on request carries, naming the standby: a standby does not pass such a
@@ -160,9 +158,6 @@ const SUBMIT_TIMEOUT: Duration = Duration::from_secs(2);
 pub(crate) enum Passed {
     /// The leader's answer, for the caller.
     Answer(Response),
-    /// The leader stored the job (its id and state then); the caller's wait, if it has one,
-    /// is this dispatcher's to serve.
-    Stored(JobId, JobState),
     /// Not delivered to any leader (this dispatcher leads or is alone, no leader is known or
     /// it has not renewed its lease lately, the leader refused the connection, or the request
     /// came passed on already): the submission is stored here, for the leader.
@@ -201,13 +196,7 @@ pub(crate) async fn submit_to_leader(
             .map(|(name, value)| value.to_str().ok().map(|v| (name.as_str(), v)))
             .collect();
         if let Some(own) = own {
-            return match fw.passer().pass(&leader, &own, wait.is_some(), body).await {
-                Outcome::Answer(202, answer, _) if wait.is_some() => {
-                    match serde_json::from_str::<Accepted>(answer.get()) {
-                        Ok(a) => Ok(Passed::Stored(a.id, a.state)),
-                        Err(e) => Err(ApiError::standby_unreachable(&leader, &e.to_string())),
-                    }
-                }
+            return match fw.passer().pass(&leader, &own, wait, body).await {
                 Outcome::Answer(status, answer, retry) => {
                     Ok(Passed::Answer(response(status, answer, retry)))
                 }

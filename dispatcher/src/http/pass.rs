@@ -6,23 +6,22 @@
 //! job, on top of the caller's own request: with the jobs sent to three dispatchers in turn,
 //! that relay was the largest cost the standbys added (BENCHMARKS.md). So a standby gathers
 //! the small submissions that arrive while its earlier ones are on their way
-//! ([`Passer`]: at most [`IN_FLIGHT`] requests to the leader at once, each taking whatever
-//! waits, up to [`MAX_ITEMS`]) and sends them together; under load each request carries many,
-//! and one submission alone goes at once. The leader checks each one as if its caller had
-//! sent it ([`passed`]: the caller's own headers, so its token, its same-origin headers and
-//! its `Idempotency-Key`), gives them to the core together (they share a commit), and answers
-//! with one answer per submission, in order. The standby answers each caller with its own.
+//! ([`Passer`]: at most [`IN_FLIGHT`] requests to the leader storing at once, each taking
+//! whatever waits, up to [`MAX_ITEMS`]) and sends them together; under load each request
+//! carries many, and one submission alone goes at once. The leader checks each one as if its
+//! caller had sent it ([`passed`]: the caller's own headers, so its token, its same-origin
+//! headers and its `Idempotency-Key`), gives them to the core together (they share a commit),
+//! and answers each as `POST /v1/jobs` would have, as a line of its own in a stream
+//! (`{"i", "status", "body", "retry_after"}`): first, once every submission is stored or
+//! refused, the answers of those whose callers do not wait (and of jobs that ended already)
+//! and a `{"stored": true}` line — the request no longer counts against [`IN_FLIGHT`] — then
+//! each waiting caller's answer when its job ends or its wait is over, as the leader answers
+//! its own callers. The standby answers each caller with its own line.
 //!
-//! A caller that waits (`?wait=`) is answered by the leader when its job is stored — with the
-//! final job when it ended before that commit, as a fast job does — and otherwise waits at
-//! the standby, which hears of the job's end from the leader's announcement (PostgreSQL's
-//! `spine_ended`, carrying the job's view: the leader marks these jobs, as it marks those a
-//! standby stored).
-//!
-//! Nothing of a request the leader refused as a whole (any answer but 200) was stored: the
+//! Nothing of a request the leader refused as a whole (any status but 200) was stored: the
 //! standby then stores those submissions itself, for the leader, as when the leader cannot be
-//! reached at all. A request that reached the leader and got no answer in time leaves its
-//! callers with 503 `standby`: they retry, with their idempotency keys.
+//! reached at all. A caller whose answer did not come (the leader died or stalled) gets 503
+//! `standby`, and retries with its idempotency key.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,10 +32,9 @@ use axum::body::Body;
 use axum::extract::{ConnectInfo, State};
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use spine_protocol::{JobId, JobState};
+use spine_protocol::JobId;
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use super::auth::{authenticate, read_body};
@@ -59,13 +57,13 @@ pub(crate) const MAX_ITEM_BODY: usize = 16 * 1024;
 /// The largest request to [`PASSED_PATH`]: [`MAX_ITEMS`] bodies with their headers.
 const MAX_PASSED_BODY: usize = MAX_ITEMS * (MAX_ITEM_BODY + 8 * 1024);
 
-/// Requests to the leader under way at once: while they are, what arrives gathers for the
-/// next one.
+/// Requests to the leader storing at once: while they are, what arrives gathers for the next
+/// one. (Measured with three dispatchers on two cores: 2 beat 1, 8 and 32.)
 const IN_FLIGHT: usize = 2;
 
-/// How long a standby waits for the leader's answers: the leader answers once the
-/// submissions are stored, within milliseconds; a leader that took the request and says
-/// nothing is paused, and the callers had better retry elsewhere.
+/// How long a standby waits for the leader's answers beyond the longest wait of a request:
+/// the leader answers once the submissions are stored, within milliseconds; a leader that
+/// took the request and says nothing is paused, and the callers had better retry elsewhere.
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What became of one submission at the leader.
@@ -79,11 +77,12 @@ pub(crate) enum Outcome {
     Lost(String),
 }
 
-/// A submission waiting to go: its part of the request (`{"headers":…,"wait":…,"body":…}`),
-/// the leader it goes to and who hears the outcome.
+/// A submission waiting to go: its part of the request (`{"headers":…,"wait_ms":…,"body":…}`),
+/// the leader it goes to, its caller's wait and who hears the outcome.
 struct Waiting {
     item: Vec<u8>,
     leader: String,
+    wait: Duration,
     reply: oneshot::Sender<Outcome>,
 }
 
@@ -111,13 +110,13 @@ impl Passer {
     }
 
     /// Passes one submission on to `leader`: its caller's `headers` (those of the request,
-    /// not of its connection), whether its caller waits, and its JSON `body` (checked
-    /// already: valid JSON).
+    /// not of its connection), its caller's `wait` (`?wait=`, for the leader to serve), and
+    /// its JSON `body` (checked already: valid JSON).
     pub(crate) async fn pass(
         &self,
         leader: &str,
         headers: &[(&str, &str)],
-        wait: bool,
+        wait: Option<Duration>,
         body: &[u8],
     ) -> Outcome {
         let mut item = Vec::with_capacity(body.len() + 128);
@@ -125,11 +124,10 @@ impl Passer {
         if serde_json::to_writer(&mut item, headers).is_err() {
             return Outcome::StoreHere;
         }
-        item.extend_from_slice(if wait {
-            b",\"wait\":true,\"body\":"
-        } else {
-            b",\"wait\":false,\"body\":"
-        });
+        if let Some(w) = wait {
+            item.extend_from_slice(format!(",\"wait_ms\":{}", w.as_millis()).as_bytes());
+        }
+        item.extend_from_slice(b",\"body\":");
         // Checked as JSON by the caller (parse_request): it goes in as it is.
         item.extend_from_slice(body);
         item.push(b'}');
@@ -137,6 +135,7 @@ impl Passer {
         let w = Waiting {
             item,
             leader: leader.to_owned(),
+            wait: wait.unwrap_or_default(),
             reply,
         };
         if self.tx.send(w).await.is_err() {
@@ -185,16 +184,20 @@ async fn gather(
         counts.0.fetch_add(1, Ordering::Relaxed);
         counts.1.fetch_add(batch.len() as u64, Ordering::Relaxed);
         let (client, by) = (client.clone(), by.clone());
-        tokio::spawn(async move {
-            send(&client, &by, batch).await;
-            drop(slot);
-        });
+        tokio::spawn(async move { send(&client, &by, batch, slot).await });
     }
 }
 
-/// One request to the leader with `batch`; each submission's caller hears its outcome.
-async fn send(client: &reqwest::Client, by: &str, batch: Vec<Waiting>) {
+/// One request to the leader with `batch`; each submission's caller hears its outcome. The
+/// `slot` is let go once the leader said the submissions are stored (or the request failed).
+async fn send(
+    client: &reqwest::Client,
+    by: &str,
+    batch: Vec<Waiting>,
+    slot: tokio::sync::OwnedSemaphorePermit,
+) {
     let leader = batch[0].leader.trim_end_matches('/').to_owned();
+    let longest = batch.iter().map(|w| w.wait).max().unwrap_or_default();
     let mut body = Vec::with_capacity(batch.iter().map(|w| w.item.len() + 1).sum::<usize>() + 20);
     body.extend_from_slice(b"{\"submissions\":[");
     for (i, w) in batch.iter().enumerate() {
@@ -208,11 +211,11 @@ async fn send(client: &reqwest::Client, by: &str, batch: Vec<Waiting>) {
         .post(format!("{leader}{PASSED_PATH}"))
         .header(FORWARDED_BY, by)
         .header(header::CONTENT_TYPE, "application/json")
-        .timeout(ANSWER_TIMEOUT)
+        .timeout(longest + ANSWER_TIMEOUT)
         .body(body)
         .send()
         .await;
-    let answers = match sent {
+    let answer = match sent {
         Err(e) if e.is_connect() => {
             tracing::debug!(leader = %leader, "the leader is not reachable: {} submission(s) stored here for it: {e}", batch.len());
             return tell(batch, || Outcome::StoreHere);
@@ -228,28 +231,47 @@ async fn send(client: &reqwest::Client, by: &str, batch: Vec<Waiting>) {
             tracing::debug!(leader = %leader, status = %r.status(), "the leader refused passed submissions: stored here for it");
             return tell(batch, || Outcome::StoreHere);
         }
-        Ok(r) => match r.bytes().await {
-            Ok(b) => serde_json::from_slice::<Answers>(&b).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        },
+        Ok(r) => r,
     };
-    match answers {
-        Ok(a) if a.answers.len() == batch.len() => {
-            for (w, a) in batch.into_iter().zip(a.answers) {
-                let _ = w
-                    .reply
-                    .send(Outcome::Answer(a.status, a.body, a.retry_after));
+    let mut replies: Vec<Option<oneshot::Sender<Outcome>>> =
+        batch.into_iter().map(|w| Some(w.reply)).collect();
+    let mut slot = Some(slot);
+    let mut stream = answer.bytes_stream();
+    let mut buf: Vec<u8> = Vec::new();
+    let why = loop {
+        match futures::StreamExt::next(&mut stream).await {
+            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+            Some(Err(e)) => break e.to_string(),
+            None => break "the leader's answer ended early".to_owned(),
+        }
+        let mut start = 0;
+        while let Some(n) = buf[start..].iter().position(|b| *b == b'\n') {
+            let line = &buf[start..start + n];
+            start += n + 1;
+            if line.starts_with(STORED) {
+                drop(slot.take());
+                continue;
+            }
+            match serde_json::from_slice::<Answer>(line) {
+                Ok(a) => {
+                    if let Some(reply) = replies.get_mut(a.i).and_then(Option::take) {
+                        let _ = reply.send(Outcome::Answer(a.status, a.body, a.retry_after));
+                    }
+                }
+                Err(e) => {
+                    tracing::error!(leader = %leader, "a line of the leader's answer to passed submissions could not be read: {e}");
+                }
             }
         }
-        Ok(a) => {
-            let why = format!("{} answers to {} submissions", a.answers.len(), batch.len());
-            tracing::error!(leader = %leader, "the leader's answer to passed submissions: {why}");
-            tell(batch, || Outcome::Lost(why.clone()));
+        buf.drain(..start);
+        if replies.iter().all(Option::is_none) {
+            return;
         }
-        Err(why) => {
-            tracing::warn!(leader = %leader, "the leader's answer to passed submissions could not be read: {why}");
-            tell(batch, || Outcome::Lost(why.clone()));
-        }
+    };
+    let left = replies.iter().filter(|r| r.is_some()).count();
+    tracing::warn!(leader = %leader, "{left} passed submission(s) got no answer from the leader: {why}");
+    for reply in replies.into_iter().flatten() {
+        let _ = reply.send(Outcome::Lost(why.clone()));
     }
 }
 
@@ -276,41 +298,33 @@ pub(crate) fn response(status: u16, body: Box<RawValue>, retry_after: Option<u64
     r
 }
 
-/// An accepted submission's answer (`{"id", "state"}`), read back at the standby.
-#[derive(Deserialize)]
-pub(crate) struct Accepted {
-    pub(crate) id: JobId,
-    pub(crate) state: JobState,
-}
-
 /// `POST /v1/jobs:passed`'s body: the submissions a standby gathered.
 #[derive(Deserialize)]
-struct Submissions<'a> {
-    #[serde(borrow)]
-    submissions: Vec<Submission<'a>>,
+struct Submissions {
+    submissions: Vec<Submission>,
 }
 
 #[derive(Deserialize)]
-struct Submission<'a> {
+struct Submission {
     /// The caller's request headers, as name and value.
-    #[serde(borrow)]
-    headers: Vec<(std::borrow::Cow<'a, str>, std::borrow::Cow<'a, str>)>,
-    /// Its caller waits for the job's end (at the standby).
-    wait: bool,
+    headers: Vec<(String, String)>,
+    /// The caller's `?wait=`, in milliseconds.
+    #[serde(default)]
+    wait_ms: Option<u64>,
     /// The JSON body `POST /v1/jobs` takes.
-    #[serde(borrow)]
-    body: &'a RawValue,
+    body: Box<RawValue>,
 }
 
-/// `POST /v1/jobs:passed`'s answer: one per submission, in order.
-#[derive(Serialize, Deserialize)]
-struct Answers {
-    answers: Vec<Answer>,
-}
+/// The line of `POST /v1/jobs:passed`'s answer that says every submission is stored or
+/// refused: the rest of the answers are the waiting callers'.
+const STORED: &[u8] = b"{\"stored\":true}";
 
+/// One submission's answer: what `POST /v1/jobs` would have answered.
 #[derive(Serialize, Deserialize)]
 struct Answer {
-    /// The status `POST /v1/jobs` would have answered with.
+    /// Which submission, from 0, in the request's order.
+    i: usize,
+    /// The status.
     status: u16,
     /// Its JSON body.
     body: Box<RawValue>,
@@ -319,11 +333,29 @@ struct Answer {
     retry_after: Option<u64>,
 }
 
+impl Answer {
+    /// One line of the answer's stream.
+    fn line(&self) -> axum::body::Bytes {
+        let mut v = serde_json::to_vec(self).unwrap_or_default();
+        v.push(b'\n');
+        v.into()
+    }
+}
+
+/// What became of a submission at the leader once it was stored (or refused).
+enum Took {
+    /// Its answer.
+    Done(Answer),
+    /// Stored; its caller waits up to this long for the job's end.
+    Waits(usize, JobId, Duration),
+}
+
 /// At the leader, `POST /v1/jobs:passed` (from a standby, [`FORWARDED_BY`]): each submission
 /// checked as if its caller had sent it — authenticated from its own headers, from the
-/// standby's address — and accepted or refused on its own. Not behind the admission layer:
-/// the request has no caller of its own, each submission has one. Refused as a whole (and
-/// nothing stored) by a standby, and while the job store cannot be reached.
+/// standby's address — and accepted or refused on its own; a waiting caller's answer comes
+/// when its job ends, or its wait is over. Not behind the admission layer: the request has
+/// no caller of its own, each submission has one. Refused as a whole (and nothing stored) by
+/// a standby, and while the job store cannot be reached.
 pub(super) async fn passed(
     State(h): State<Handle>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
@@ -352,13 +384,13 @@ pub(super) async fn passed(
         ));
     }
     let small = usize::try_from(declared.unwrap_or(0)).unwrap_or(usize::MAX);
-    let answer = async {
+    let took = async {
         let bytes = read_body(body, MAX_PASSED_BODY, small).await?;
-        let batch: Submissions<'_> = serde_json::from_slice(&bytes).map_err(|e| {
+        let batch: Submissions = serde_json::from_slice(&bytes).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "bad-request",
-                format!("the body must be {{\"submissions\": [{{\"headers\", \"wait\", \"body\"}}, …]}}: {e}"),
+                format!("the body must be {{\"submissions\": [{{\"headers\", \"wait_ms\", \"body\"}}, …]}}: {e}"),
             )
         })?;
         if batch.submissions.is_empty() || batch.submissions.len() > MAX_ITEMS {
@@ -370,30 +402,62 @@ pub(super) async fn passed(
                 ),
             ));
         }
-        let answers =
-            futures::future::join_all(batch.submissions.iter().map(|s| one(&h, peer, s))).await;
-        Ok::<_, ApiError>(Answers { answers })
+        let took = batch
+            .submissions
+            .iter()
+            .enumerate()
+            .map(|(i, s)| take(&h, peer, i, s));
+        Ok::<_, ApiError>(futures::future::join_all(took).await)
     };
-    match tokio::time::timeout(h.limits.request_timeout, answer).await {
-        Ok(a) => Ok((StatusCode::OK, Json(a?)).into_response()),
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request-timeout",
-            "the passed submissions took longer than http_request_timeout",
-        )),
+    let took = match tokio::time::timeout(h.limits.request_timeout, took).await {
+        Ok(t) => t?,
+        Err(_) => {
+            return Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "the passed submissions took longer than http_request_timeout to store",
+            ))
+        }
+    };
+    // The answers known now, the mark, then each waiting caller's as its job ends.
+    let mut first = Vec::new();
+    let waiting = futures::stream::FuturesUnordered::new();
+    for t in took {
+        match t {
+            Took::Done(a) => first.extend_from_slice(&a.line()),
+            Took::Waits(i, id, wait) => {
+                let h = h.clone();
+                waiting.push(async move { waited_answer(&h, i, &id, wait).await.line() });
+            }
+        }
     }
+    first.extend_from_slice(STORED);
+    first.push(b'\n');
+    let first = futures::stream::once(async move { axum::body::Bytes::from(first) });
+    let lines = futures::StreamExt::map(
+        futures::StreamExt::chain(first, waiting),
+        Ok::<_, std::convert::Infallible>,
+    );
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/x-ndjson")],
+        Body::from_stream(lines),
+    )
+        .into_response())
 }
 
-/// `v` as JSON (the views and errors here always serialise).
-fn raw<T: Serialize>(v: &T) -> Box<RawValue> {
-    serde_json::value::to_raw_value(v).unwrap_or_else(|e| {
-        tracing::error!("a passed submission's answer did not serialise: {e}");
-        Box::default()
-    })
-}
-
-/// One passed submission, as `POST /v1/jobs` with a JSON body would have answered it.
-async fn one(h: &Handle, peer: SocketAddr, s: &Submission<'_>) -> Answer {
+/// One passed submission (the `i`th), as `POST /v1/jobs` with a JSON body would have
+/// taken it: its answer, or its job's id when its caller waits and the job has not ended.
+async fn take(h: &Handle, peer: SocketAddr, i: usize, s: &Submission) -> Took {
+    let wait = match s.wait_ms.map(Duration::from_millis) {
+        Some(w) if w >= h.limits.request_timeout => {
+            return Took::Done(refused(
+                i,
+                ApiError::field("wait", "at most http_request_timeout less a second"),
+            ))
+        }
+        w => w,
+    };
     let accepted = async {
         let mut headers = HeaderMap::with_capacity(s.headers.len());
         for (name, value) in &s.headers {
@@ -406,22 +470,58 @@ async fn one(h: &Handle, peer: SocketAddr, s: &Submission<'_>) -> Answer {
             headers.append(name, value);
         }
         let caller = authenticate(h, &Method::POST, &headers, peer)?;
-        super::routes::accept_json(h, &caller, Some(&headers), s.body.get().as_bytes(), s.wait)
-            .await
+        let json = s.body.get().as_bytes();
+        super::routes::accept_json(h, &caller, Some(&headers), json, wait.is_some()).await
     };
-    let (status, body, retry_after) = match accepted.await {
-        Ok((_, _, Some(rec))) => (StatusCode::OK, raw(&job_json(&rec)), None),
-        Ok((id, state, None)) => (StatusCode::ACCEPTED, raw(&Submitted { id, state }), None),
-        Err(e) => {
-            let retry = (e.status == StatusCode::TOO_MANY_REQUESTS
-                || e.status == StatusCode::SERVICE_UNAVAILABLE)
-                .then(|| e.retry_after.unwrap_or(1).max(1));
-            (e.status, raw(&ErrorBody::from(&e)), retry)
-        }
-    };
+    match (accepted.await, wait) {
+        (Ok((_, _, Some(rec))), _) => Took::Done(Answer {
+            i,
+            status: StatusCode::OK.as_u16(),
+            body: raw(&job_json(&rec)),
+            retry_after: None,
+        }),
+        (Ok((id, state, None)), Some(wait)) if !state.is_final() => Took::Waits(i, id, wait),
+        (Ok((id, state, None)), _) => Took::Done(Answer {
+            i,
+            status: StatusCode::ACCEPTED.as_u16(),
+            body: raw(&Submitted { id, state }),
+            retry_after: None,
+        }),
+        (Err(e), _) => Took::Done(refused(i, e)),
+    }
+}
+
+/// A waiting caller's answer: the final job (200), or the job as it is when the wait is over
+/// (202), as `POST /v1/jobs?wait=` answers.
+async fn waited_answer(h: &Handle, i: usize, id: &JobId, wait: Duration) -> Answer {
+    match super::routes::waited_job(h, id, wait).await {
+        Ok((done, job)) => Answer {
+            i,
+            status: if done { 200 } else { 202 },
+            body: raw(&job),
+            retry_after: None,
+        },
+        Err(e) => refused(i, e),
+    }
+}
+
+/// The `i`th submission's refusal.
+fn refused(i: usize, e: ApiError) -> Answer {
+    let retry_after = (e.status == StatusCode::TOO_MANY_REQUESTS
+        || e.status == StatusCode::SERVICE_UNAVAILABLE)
+        .then(|| e.retry_after.unwrap_or(1).max(1));
     Answer {
-        status: status.as_u16(),
-        body,
+        i,
+        status: e.status.as_u16(),
+        body: raw(&ErrorBody::from(&e)),
         retry_after,
     }
+}
+
+/// `v` as JSON (the views and errors here always serialise).
+fn raw<T: Serialize>(v: &T) -> Box<RawValue> {
+    serde_json::value::to_raw_value(v).unwrap_or_else(|e| {
+        tracing::error!("a passed submission's answer did not serialise: {e}");
+        Box::default()
+    })
 }

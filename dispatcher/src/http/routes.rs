@@ -168,15 +168,9 @@ pub(super) async fn submit(
     let mut spec = spec_from(req, &caller, h.max_attempts, h.max_json_input, h.max_delay)?;
     // At a standby, a JSON submission, checked, goes on to the leader, which stores and
     // places it in one go; stored here for the leader only when the leader is not reachable.
-    // (The leader's announcements from before the submission, for the wait: none is missed.)
     if let Some(bytes) = &json {
-        let fresh = wait.and_then(|_| Fresh::before_submit(&h));
-        match submit_to_leader(&h, &uri, &headers, bytes, wait).await? {
-            Passed::Answer(r) => return Ok(r),
-            Passed::Stored(id, state) => {
-                return answer_waited(&h, id, state, None, wait, fresh).await;
-            }
-            Passed::StoreHere => {}
+        if let Passed::Answer(r) = submit_to_leader(&h, &uri, &headers, bytes, wait).await? {
+            return Ok(r);
         }
     }
     if let Some(body) = body {
@@ -205,8 +199,7 @@ pub(super) async fn submit(
     // At a standby, the leader's announcements from before the submission: none is missed,
     // and the wait begins without a read.
     let fresh = wait.and_then(|_| Fresh::before_submit(&h));
-    let (id, state, ended) =
-        submit_one(&h, spec, wait_for_agent, &caller, wait.is_some(), false).await?;
+    let (id, state, ended) = submit_one(&h, spec, wait_for_agent, &caller, wait.is_some()).await?;
     answer_waited(&h, id, state, ended, wait, fresh).await
 }
 
@@ -255,14 +248,14 @@ fn key_header(req: &mut SubmitRequest, headers: &HeaderMap) -> Result<(), ApiErr
 
 /// A JSON submission (the body `POST /v1/jobs` takes, `json`) by `caller` with its request
 /// `headers`, checked and accepted: what `POST /v1/jobs:batch` does for each of its jobs,
-/// and a leader for each submission a standby passed on (`announce`: its caller waits
-/// there). With `announce`, the job itself when it ended before its acceptance was stored.
+/// and a leader for each submission a standby passed on. With `wait` (its caller waits for
+/// the job's end), the job itself when it ended before its acceptance was stored.
 pub(super) async fn accept_json(
     h: &Handle,
     caller: &Caller,
     headers: Option<&HeaderMap>,
     json: &[u8],
-    announce: bool,
+    wait: bool,
 ) -> Result<(JobId, JobState, Option<Box<JobRecord>>), ApiError> {
     let mut req = parse_request(json, "job")?;
     if let Some(headers) = headers {
@@ -281,7 +274,7 @@ pub(super) async fn accept_json(
         spec.input = JobBody::Stored(data::stored_ref(h, &hex).await?);
     }
     data::fetch_fragments(h, &spec).await?;
-    submit_one(h, spec, wait_for_agent, caller, announce, announce).await
+    submit_one(h, spec, wait_for_agent, caller, wait).await
 }
 
 /// One submission, to the core. A standby stores it for the leader (docs/dispatcher.md,
@@ -294,7 +287,6 @@ async fn submit_one(
     wait_for_agent: bool,
     caller: &Caller,
     wait: bool,
-    announce: bool,
 ) -> Result<(JobId, spine_protocol::JobState, Option<Box<JobRecord>>), ApiError> {
     if let (Some(pg), Some(key)) = (h.standby_store(), &spec.idempotency_key) {
         match pg.idempotent(&spec.submitter, key).await {
@@ -311,7 +303,6 @@ async fn submit_one(
         wait_for_agent,
         visible: caller.grant.capabilities.clone(),
         wait,
-        announce,
     };
     match change(h, request).await? {
         ApiReply::Submitted(answer) => {
@@ -424,6 +415,15 @@ fn wait_param(
 /// Waits up to `wait` for job `id` to end: (whether it ended, the job's JSON then).
 async fn waited(h: &Handle, id: &JobId, wait: Duration) -> Result<(bool, Value), ApiError> {
     waited_fresh(h, id, wait, None).await
+}
+
+/// [`waited`], for a caller a standby passed on ([`super::pass`]).
+pub(super) async fn waited_job(
+    h: &Handle,
+    id: &JobId,
+    wait: Duration,
+) -> Result<(bool, Value), ApiError> {
+    waited(h, id, wait).await
 }
 
 /// [`waited`], for the caller that submitted the job (see [`Fresh`]).
