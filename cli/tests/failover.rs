@@ -102,6 +102,22 @@ async fn health(api: &reqwest::Client, http: &str) -> Option<String> {
     Some(r.text().await.ok()?.trim().to_owned())
 }
 
+/// Whether every thread of process `pid` is stopped (state `T` in `/proc/<pid>/task/*/stat`).
+fn every_thread_stopped(pid: Pid) -> bool {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    tasks.flatten().all(|t| {
+        std::fs::read_to_string(t.path().join("stat"))
+            .ok()
+            .and_then(|st| {
+                st.rsplit_once(") ")
+                    .and_then(|(_, rest)| rest.chars().next())
+            })
+            .is_some_and(|state| state == 'T' || state == 't')
+    })
+}
+
 /// The index of the one node that says it leads, waiting up to `within`; every other answering
 /// node must say standby.
 async fn leader(api: &reqwest::Client, nodes: &[Node], within: Duration) -> usize {
@@ -578,6 +594,16 @@ async fn fail_over(kind: Kind, jobs: usize, kills: usize) {
     let paused = nodes[l].pid();
     kill(paused, Signal::SIGSTOP).expect("SIGSTOP");
     let stopped_at = now_ms();
+    // The stop takes hold once one of the process's threads is scheduled to handle it; until
+    // then the others run on (a loaded machine: milliseconds), and may still say they lead.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while !every_thread_stopped(paused) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader did not stop"
+        );
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
     let next = leader(&api, &nodes, Duration::from_secs(10)).await;
     assert_ne!(next, l, "a paused leader was replaced");
     tokio::time::sleep(Duration::from_millis(1_500)).await;
