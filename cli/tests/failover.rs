@@ -1729,6 +1729,26 @@ async fn a_standby_passes_submissions_on_and_stores_them_when_the_leader_is_gone
     let r = passed_on(Some("test"), &standby).await.unwrap();
     assert_eq!(r.status().as_u16(), 503, "a standby takes none");
 
+    // A paused leader: a caller that waits hears within seconds (503 `standby` when its
+    // submission went on to the paused leader, or its job's end when the standby stored it
+    // and ran it once it led), not after its wait.
+    let paused = nodes[0].pid();
+    kill(paused, Signal::SIGSTOP).expect("SIGSTOP");
+    while !every_thread_stopped(paused) {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let t = std::time::Instant::now();
+    let r = submit("?wait=10s", "paused").await.unwrap();
+    let took = t.elapsed();
+    let status = r.status().as_u16();
+    assert!(
+        [200, 503].contains(&status),
+        "{status}: {}",
+        r.text().await.unwrap()
+    );
+    assert!(took < Duration::from_secs(6), "answered after {took:?}");
+    println!("a submission while the leader was paused: {status} after {took:?}");
+
     // The leader dies: the standby cannot reach it and stores the job for the next leader
     // (itself, once the lease runs out).
     nodes[0].kill_9().await;

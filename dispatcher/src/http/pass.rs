@@ -207,14 +207,26 @@ async fn send(
         body.extend_from_slice(&w.item);
     }
     body.extend_from_slice(b"]}");
+    // The leader says the submissions are stored within ANSWER_TIMEOUT, or it is stalled
+    // (paused): then its callers hear so, and the slot goes to the next request, at once
+    // rather than after the longest wait.
+    let stored_by = tokio::time::Instant::now() + ANSWER_TIMEOUT;
     let sent = client
         .post(format!("{leader}{PASSED_PATH}"))
         .header(FORWARDED_BY, by)
         .header(header::CONTENT_TYPE, "application/json")
         .timeout(longest + ANSWER_TIMEOUT)
         .body(body)
-        .send()
-        .await;
+        .send();
+    let sent = match tokio::time::timeout_at(stored_by, sent).await {
+        Ok(sent) => sent,
+        Err(_) => {
+            tracing::warn!(leader = %leader, "passed {} submission(s) on to the leader and got no answer within {ANSWER_TIMEOUT:?}", batch.len());
+            return tell(batch, || {
+                Outcome::Lost("no answer from the leader in time".into())
+            });
+        }
+    };
     let answer = match sent {
         Err(e) if e.is_connect() => {
             tracing::debug!(leader = %leader, "the leader is not reachable: {} submission(s) stored here for it: {e}", batch.len());
@@ -239,7 +251,16 @@ async fn send(
     let mut stream = answer.bytes_stream();
     let mut buf: Vec<u8> = Vec::new();
     let why = loop {
-        match futures::StreamExt::next(&mut stream).await {
+        let next = futures::StreamExt::next(&mut stream);
+        let got = if slot.is_some() {
+            match tokio::time::timeout_at(stored_by, next).await {
+                Ok(got) => got,
+                Err(_) => break "the leader did not say in time that it stored them".to_owned(),
+            }
+        } else {
+            next.await
+        };
+        match got {
             Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
             Some(Err(e)) => break e.to_string(),
             None => break "the leader's answer ended early".to_owned(),
