@@ -449,6 +449,13 @@ fn cost_runs_small_on_three_dispatchers() {
         run["par_cpu_us_dispatcher"].as_f64().unwrap(),
     );
     assert!(leader >= 0.0 && leader <= all, "{r}");
+    // The standbys passed their callers' submissions on (one or more per request).
+    let per_request = run["par_passed_per_request"].as_f64().unwrap();
+    assert!(per_request >= 1.0, "{r}");
+    assert!(
+        stdout.contains("the standbys passed submissions on to the leader"),
+        "{stdout}"
+    );
     let rows = pg.psql("spine", "SELECT count(*) FROM spine_jobs").unwrap();
     assert_eq!(rows, "569", "{stdout}");
     let waiting = pg
