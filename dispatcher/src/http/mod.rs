@@ -59,9 +59,22 @@ pub const SMALL_BODY: usize = 64 * 1024;
 pub(crate) use crate::core::Command;
 pub use crate::core::JobEvent;
 
-/// Cloneable access to the core, for HTTP handlers.
+/// Cloneable access to the core, for HTTP handlers: one reference count to bump per request
+/// and per handler (axum clones the state for each), not one per field.
 #[derive(Clone)]
-pub(crate) struct Handle {
+pub(crate) struct Handle(Arc<HandleState>);
+
+impl std::ops::Deref for Handle {
+    type Target = HandleState;
+    fn deref(&self) -> &HandleState {
+        &self.0
+    }
+}
+
+/// What a [`Handle`] holds: set while the dispatcher starts (the `with_*` builders), then
+/// shared by every request.
+#[derive(Clone)]
+pub(crate) struct HandleState {
     pub(crate) tx: mpsc::Sender<Command>,
     pub(crate) events: broadcast::Sender<JobEvent>,
     /// The configured tokens with their grants (capability patterns parsed once, at start).
@@ -109,7 +122,7 @@ impl Handle {
         tx: mpsc::Sender<Command>,
         events: broadcast::Sender<JobEvent>,
     ) -> Self {
-        Handle {
+        Handle(Arc::new(HandleState {
             tx,
             events,
             tokens: Arc::new(policy.http_tokens().to_vec()),
@@ -131,12 +144,17 @@ impl Handle {
             relayed: None,
             webhooks: Arc::default(),
             forward: None,
-        }
+        }))
+    }
+
+    /// The state, to set while starting (cloned if a request holds it already: none does).
+    fn state(&mut self) -> &mut HandleState {
+        Arc::make_mut(&mut self.0)
     }
 
     /// Passing requests on to the leader while standing by ([`forward`]).
     pub(crate) fn with_forward(mut self, forward: Option<forward::Forwarder>) -> Self {
-        self.forward = forward.map(Arc::new);
+        self.state().forward = forward.map(Arc::new);
         self
     }
 
@@ -145,7 +163,7 @@ impl Handle {
         mut self,
         webhooks: std::collections::HashMap<String, crate::triggers::Webhook>,
     ) -> Self {
-        self.webhooks = Arc::new(webhooks);
+        self.state().webhooks = Arc::new(webhooks);
         self
     }
 
@@ -155,7 +173,7 @@ impl Handle {
         mut self,
         rx: Option<tokio::sync::watch::Receiver<crate::leadership::Leadership>>,
     ) -> Self {
-        self.leadership = rx;
+        self.state().leadership = rx;
         self
     }
 
@@ -167,14 +185,14 @@ impl Handle {
         ended: Option<broadcast::Sender<crate::store::postgres::Ended>>,
         relayed: Option<broadcast::Sender<crate::core::JobEvent>>,
     ) -> Self {
-        self.shared = store;
+        self.state().shared = store;
         if let Some(tx) = &ended {
             let heard = Arc::new(wait::Announced::default());
             heard.clone().follow(tx.subscribe());
-            self.announced = Some(heard);
+            self.state().announced = Some(heard);
         }
-        self.ended = ended;
-        self.relayed = relayed;
+        self.state().ended = ended;
+        self.state().relayed = relayed;
         self
     }
 
@@ -199,7 +217,7 @@ impl Handle {
 
     /// Refuses changes while this flag says the job store cannot be reached.
     pub(crate) fn with_store_health(mut self, down: Arc<std::sync::atomic::AtomicBool>) -> Self {
-        self.store_down = down;
+        self.state().store_down = down;
         self
     }
 
@@ -214,7 +232,7 @@ impl Handle {
         blobs: crate::blobs::BlobStore,
         key: Arc<crate::signing::UrlKey>,
     ) -> Self {
-        self.data = Some(DataHandle {
+        self.state().data = Some(DataHandle {
             blobs,
             key,
             counters: Arc::default(),
