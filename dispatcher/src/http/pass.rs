@@ -260,18 +260,15 @@ async fn send(
         } else {
             next.await
         };
-        match got {
-            Some(Ok(chunk)) => buf.extend_from_slice(&chunk),
+        let chunk = match got {
+            Some(Ok(chunk)) => chunk,
             Some(Err(e)) => break e.to_string(),
             None => break "the leader's answer ended early".to_owned(),
-        }
-        let mut start = 0;
-        while let Some(n) = buf[start..].iter().position(|b| *b == b'\n') {
-            let line = &buf[start..start + n];
-            start += n + 1;
+        };
+        each_line(&mut buf, &chunk, |line| {
             if line.starts_with(STORED) {
                 drop(slot.take());
-                continue;
+                return;
             }
             match serde_json::from_slice::<Answer>(line) {
                 Ok(a) => {
@@ -283,8 +280,7 @@ async fn send(
                     tracing::error!(leader = %leader, "a line of the leader's answer to passed submissions could not be read: {e}");
                 }
             }
-        }
-        buf.drain(..start);
+        });
         if replies.iter().all(Option::is_none) {
             return;
         }
@@ -294,6 +290,18 @@ async fn send(
     for reply in replies.into_iter().flatten() {
         let _ = reply.send(Outcome::Lost(why.clone()));
     }
+}
+
+/// Calls `f` with each whole line (without its `\n`) of what `buf` held and `chunk` adds;
+/// keeps the unfinished last line in `buf` for the next chunk.
+fn each_line(buf: &mut Vec<u8>, chunk: &[u8], mut f: impl FnMut(&[u8])) {
+    buf.extend_from_slice(chunk);
+    let mut start = 0;
+    while let Some(n) = buf[start..].iter().position(|b| *b == b'\n') {
+        f(&buf[start..start + n]);
+        start += n + 1;
+    }
+    buf.drain(..start);
 }
 
 /// Tells every caller of `batch` the same outcome.
@@ -545,4 +553,49 @@ fn raw<T: Serialize>(v: &T) -> Box<RawValue> {
         tracing::error!("a passed submission's answer did not serialise: {e}");
         Box::default()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lines_are_read_whole_across_chunks() {
+        let mut buf = Vec::new();
+        let mut seen: Vec<String> = Vec::new();
+        let mut feed = |buf: &mut Vec<u8>, chunk: &str| {
+            each_line(buf, chunk.as_bytes(), |l| {
+                seen.push(String::from_utf8(l.to_vec()).unwrap())
+            })
+        };
+        feed(&mut buf, "{\"i\":0}\n{\"i\":1}\n{\"sto");
+        feed(&mut buf, "red\":true}");
+        feed(&mut buf, "\n");
+        feed(&mut buf, "");
+        feed(&mut buf, "{\"i\":2}\n{\"i\"");
+        assert_eq!(
+            seen,
+            ["{\"i\":0}", "{\"i\":1}", "{\"stored\":true}", "{\"i\":2}"]
+        );
+        assert_eq!(buf, b"{\"i\"");
+    }
+
+    #[test]
+    fn an_answer_line_reads_back_with_its_body_as_sent() {
+        let a = Answer {
+            i: 3,
+            status: 429,
+            body: raw(&serde_json::json!({"error": "rate-limited", "status": 429})),
+            retry_after: Some(2),
+        };
+        let line = a.line();
+        assert!(line.ends_with(b"\n") && !line.starts_with(STORED));
+        let back: Answer = serde_json::from_slice(line.trim_ascii_end()).unwrap();
+        assert_eq!((back.i, back.status, back.retry_after), (3, 429, Some(2)));
+        assert_eq!(back.body.get(), r#"{"error":"rate-limited","status":429}"#);
+        let r = response(back.status, back.body, back.retry_after);
+        assert_eq!(r.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(r.headers()[header::RETRY_AFTER], "2");
+        assert_eq!(r.headers()[header::CONTENT_TYPE], "application/json");
+    }
 }
