@@ -523,7 +523,7 @@ async fn take(h: &Handle, peer: SocketAddr, i: usize, s: &Submission) -> Took {
 /// A waiting caller's answer: the final job (200), or the job as it is when the wait is over
 /// (202), as `POST /v1/jobs?wait=` answers.
 async fn waited_answer(h: &Handle, i: usize, id: &JobId, wait: Duration) -> Answer {
-    match super::routes::waited_job(h, id, wait).await {
+    match super::routes::waited(h, id, wait).await {
         Ok((done, job)) => Answer {
             i,
             status: if done { 200 } else { 202 },

@@ -413,17 +413,12 @@ fn wait_param(
 }
 
 /// Waits up to `wait` for job `id` to end: (whether it ended, the job's JSON then).
-async fn waited(h: &Handle, id: &JobId, wait: Duration) -> Result<(bool, Value), ApiError> {
-    waited_fresh(h, id, wait, None).await
-}
-
-/// [`waited`], for a caller a standby passed on ([`super::pass`]).
-pub(super) async fn waited_job(
+pub(super) async fn waited(
     h: &Handle,
     id: &JobId,
     wait: Duration,
 ) -> Result<(bool, Value), ApiError> {
-    waited(h, id, wait).await
+    waited_fresh(h, id, wait, None).await
 }
 
 /// [`waited`], for the caller that submitted the job (see [`Fresh`]).
