@@ -165,7 +165,28 @@ async fn the_postgres_store_keeps_the_same_promises_and_migrates_once() {
             "SELECT string_agg(version::text, ',') FROM spine_migrations"
         )
         .unwrap(),
-        "1,2,3,4,5,6,7"
+        "1,2,3,4,5,6,7,8"
+    );
+    // Version 8: job keys compare byte by byte, and the records' table leaves room for
+    // updates in place.
+    assert_eq!(
+        pg.psql(
+            "spine",
+            "SELECT string_agg(DISTINCT collation_name, ',') FROM information_schema.columns \
+             WHERE (table_name, column_name) IN (('spine_jobs', 'id'), ('spine_inputs', 'id'), \
+             ('spine_idempotency', 'job'), ('spine_audit_outbox', 'job'), \
+             ('spine_submitted', 'id'), ('spine_cancels', 'job'))"
+        )
+        .unwrap(),
+        "C"
+    );
+    assert_eq!(
+        pg.psql(
+            "spine",
+            "SELECT array_to_string(reloptions, ',') FROM pg_class WHERE relname = 'spine_jobs'"
+        )
+        .unwrap(),
+        "fillfactor=60"
     );
     // A database a newer Spine migrated is refused, with what to do.
     pg.psql(

@@ -58,6 +58,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../../migrations/0006_cancels.sql"),
     ),
     (7, "rules", include_str!("../../migrations/0007_rules.sql")),
+    (
+        8,
+        "byte-order keys",
+        include_str!("../../migrations/0008_byte_order_keys.sql"),
+    ),
 ];
 
 /// The channel a standby notifies when it stored a submission for the leader, with the jobs
