@@ -38,6 +38,11 @@ pub enum Recorded {
 }
 
 /// One job.
+///
+/// As the store writes it (JSON), an empty field is left out: `None`, and the empty, zero or
+/// false value of a field marked `default`. Only fields that every earlier version also reads
+/// when absent are left out, so a dispatcher of an earlier version (a rolling upgrade, a
+/// rollback) still loads these records. The same holds for [`JobSpec`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct JobRecord {
     /// Id.
@@ -49,12 +54,15 @@ pub struct JobRecord {
     /// Attempts made.
     pub attempts: u64,
     /// Agent of the current or last attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent: Option<FullJid>,
     /// Agents that failed this job (not used again unless nothing else is left).
     pub excluded: Vec<FullJid>,
     /// Outcome once final.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outcome: Option<Recorded>,
     /// Last progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub percent: Option<u8>,
     /// When it was accepted.
     pub accepted_ms: u64,
@@ -65,23 +73,28 @@ pub struct JobRecord {
     /// Order of submission (FIFO among equal priorities).
     pub seq: u64,
     /// An `all` job: one child per agent; a map/reduce job: every step it created.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub children: Vec<JobId>,
     /// A map/reduce job's plan and progress, once started.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mr: Option<MapReduceState>,
     /// When the current or last attempt was sent (ms since the UNIX epoch).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_zero")]
     pub dispatched_ms: u64,
     /// Restored after a restart while it was on `agent`: send it back there with the same
     /// attempt number (the agent attaches it to the running job or answers from its cache).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub resume: bool,
     /// The timeline of its life: one step per change of state, dispatch or agent, with why
     /// (the console's job page, `history` in the job's JSON). Written by
     /// [`super::JobTable::update`], bounded by [`MAX_HISTORY`].
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<Step>,
+}
+
+/// For `skip_serializing_if`: a zero that needs no writing.
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// Steps kept per job: the first (its acceptance) and the newest. A job's steps grow with its

@@ -21,10 +21,13 @@ pub struct JobSpec {
     /// Placement strategy.
     pub strategy: Strategy,
     /// Attribute filter, parsed once at submission (stored as its canonical text).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<Filter>,
     /// Numeric attribute to sort agents by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sort: Option<AttrName>,
     /// Key of the affinity strategy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub affinity_key: Option<String>,
     /// Arguments (a JSON object).
     pub args: serde_json::Map<String, serde_json::Value>,
@@ -34,8 +37,10 @@ pub struct JobSpec {
     #[serde(default, skip_serializing_if = "Body::is_inline")]
     pub input: Body,
     /// Input MIME type.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub input_mime: Option<String>,
     /// Absolute deadline, ms since the UNIX epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline_ms: Option<u64>,
     /// A delayed job: not placed before this time (ms since the UNIX epoch). It stays
     /// `accepted` until then, outside the queues.
@@ -48,25 +53,27 @@ pub struct JobSpec {
     /// Who submitted (JID or `http:<token>`).
     pub submitter: String,
     /// Idempotency key given by the submitter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
     /// Whether progress reports are wanted.
     pub progress: bool,
     /// Full JID to push progress and the final status to (XMPP watch mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub watch: Option<Jid>,
     /// `all` strategy: how many capable agents to use.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub limit: Option<spine_protocol::Limit>,
     /// `all` strategy: how many children run at once.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub batch: Option<u64>,
     /// A child of an `all` job: the agent (full JID) it must run on.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<FullJid>,
     /// A child of an `all` or map/reduce job: its parent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub parent: Option<JobId>,
     /// A map/reduce job: `capability` is the map step.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mapreduce: Option<MapReduce>,
     /// An XMPP submitter that takes a large output by reference (a signed URL) in its
     /// `<job-status>` rather than in chunks (protocol 1.1, `refs='true'`).

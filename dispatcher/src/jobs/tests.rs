@@ -261,6 +261,16 @@ fn check_reads(t: &JobTable) {
         panic!("the kept indexes differ from a rebuild:\n{e}");
     }
     let all: Vec<&JobRecord> = t.iter().collect();
+    // Every record reads back as it was written (the store's JSON leaves empty fields out;
+    // an inline input is stored beside it).
+    for j in &all {
+        let json = serde_json::to_vec(j).unwrap();
+        let mut back: JobRecord = serde_json::from_slice(&json).unwrap();
+        if j.spec.input.inline().is_some() {
+            back.spec.input = j.spec.input.clone();
+        }
+        assert_eq!(&&back, j, "{}", String::from_utf8_lossy(&json));
+    }
     let mut counts = HashMap::new();
     for j in &all {
         *counts
@@ -555,4 +565,74 @@ fn a_job_keeps_a_bounded_timeline_of_its_life() {
         last.note.as_deref(),
         Some(format!("{} was busy or draining: placed again", jid(1)).as_str())
     );
+}
+
+#[test]
+fn a_record_leaves_its_empty_fields_out_and_an_earlier_one_with_them_still_loads() {
+    let mut t = JobTable::new(10);
+    let job: JobId = "j1".parse().unwrap();
+    t.submit(
+        job.clone(),
+        JobSpec::new("cap.a".parse().unwrap(), "http:one"),
+        1_000,
+    )
+    .unwrap();
+    let rec = t.get(&job).unwrap();
+    let json: serde_json::Value = serde_json::to_value(rec).unwrap();
+    for absent in [
+        "agent",
+        "outcome",
+        "percent",
+        "mr",
+        "children",
+        "dispatched_ms",
+        "resume",
+    ] {
+        assert!(json.get(absent).is_none(), "{absent} in {json}");
+    }
+    for absent in [
+        "filter",
+        "sort",
+        "deadline_ms",
+        "idempotency_key",
+        "watch",
+        "parent",
+        "mapreduce",
+    ] {
+        assert!(
+            json["spec"].get(absent).is_none(),
+            "spec.{absent} in {json}"
+        );
+    }
+    // As an earlier version wrote it: every field, empty ones as null, [] or 0.
+    let mut earlier = json.clone();
+    for (k, v) in [
+        ("agent", serde_json::Value::Null),
+        ("outcome", serde_json::Value::Null),
+        ("percent", serde_json::Value::Null),
+        ("mr", serde_json::Value::Null),
+        ("children", serde_json::json!([])),
+        ("dispatched_ms", serde_json::json!(0)),
+        ("resume", serde_json::json!(false)),
+    ] {
+        earlier[k] = v;
+    }
+    for k in [
+        "filter",
+        "sort",
+        "affinity_key",
+        "input_mime",
+        "deadline_ms",
+        "idempotency_key",
+        "watch",
+        "limit",
+        "batch",
+        "target",
+        "parent",
+        "mapreduce",
+    ] {
+        earlier["spec"][k] = serde_json::Value::Null;
+    }
+    let loaded: JobRecord = serde_json::from_value(earlier).unwrap();
+    assert_eq!(&loaded, rec);
 }
