@@ -3,7 +3,8 @@
 -- Job ids are opaque: their keys compare byte by byte (collation "C") rather than by the
 -- database's language rules (C.UTF-8, en_US.UTF-8: a strcoll per comparison in every
 -- index probe). No query orders by them, so nothing a reader sees changes. Changing a
--- column's collation rebuilds its indexes, not its table.
+-- column's collation rebuilds its indexes, not its table, under an exclusive lock: 86 ms for
+-- a table of 100,000 records here, during which the other dispatchers' writes wait.
 ALTER TABLE spine_jobs ALTER COLUMN id TYPE text COLLATE "C";
 ALTER TABLE spine_inputs ALTER COLUMN id TYPE text COLLATE "C";
 ALTER TABLE spine_idempotency ALTER COLUMN job TYPE text COLLATE "C";
