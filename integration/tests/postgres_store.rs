@@ -165,7 +165,7 @@ async fn the_postgres_store_keeps_the_same_promises_and_migrates_once() {
             "SELECT string_agg(version::text, ',') FROM spine_migrations"
         )
         .unwrap(),
-        "1,2,3,4,5,6,7,8"
+        "1,2,3,4,5,6,7,8,9"
     );
     // Version 8: job keys compare byte by byte, and the records' table leaves room for
     // updates in place.
@@ -188,6 +188,43 @@ async fn the_postgres_store_keeps_the_same_promises_and_migrates_once() {
         .unwrap(),
         "fillfactor=60"
     );
+    // Version 9: a commit's audit lines are one row. A line an earlier version left in the
+    // outbox is read first and goes the same way.
+    pg.psql(
+        "spine",
+        "INSERT INTO spine_audit_outbox (job, line) VALUES ('job-old', '\\x6f6c640a')",
+    )
+    .unwrap();
+    let s = JobStore::open(&cfg).await.unwrap();
+    let lines: Vec<(String, Vec<u8>)> = ["job-x", "job-y"]
+        .map(|j| (j.to_string(), format!("{{\"job\":\"{j}\"}}\n").into_bytes()))
+        .into();
+    commit(
+        &s,
+        Batch {
+            audit: &lines,
+            ..Batch::default()
+        },
+    )
+    .await;
+    let rows = pg
+        .psql("spine", "SELECT count(*) FROM spine_audit_batches")
+        .unwrap();
+    assert_eq!(rows, "1");
+    let mut expected = vec![("job-old".to_string(), b"old\n".to_vec())];
+    expected.extend(lines.iter().cloned());
+    assert_eq!(s.audit_outbox().await.unwrap(), expected);
+    let all: Vec<String> = expected.iter().map(|(j, _)| j.clone()).collect();
+    commit(
+        &s,
+        Batch {
+            audited: &all,
+            ..Batch::default()
+        },
+    )
+    .await;
+    assert!(s.audit_outbox().await.unwrap().is_empty());
+    drop(s);
     // A database a newer Spine migrated is refused, with what to do.
     pg.psql(
         "spine",

@@ -90,6 +90,13 @@ pub(super) struct Figures {
     /// the leader per request, in flight (0: none passed, or a build that does not count).
     #[serde(default)]
     pub(super) par_passed_per_request: f64,
+    /// With `--store`: the PostgreSQL server's processes (all of them: the dispatchers'
+    /// backends, the WAL writer, …), µs per job, not in the total; 0 when the server is not
+    /// on this machine (and from builds that do not count it).
+    #[serde(default)]
+    pub(super) seq_cpu_us_store: f64,
+    #[serde(default)]
+    pub(super) par_cpu_us_store: f64,
     /// The file system the farm's data directory was on.
     pub(super) filesystem: String,
 }
@@ -265,6 +272,12 @@ fn print_medians(m: &BTreeMap<String, f64>) {
             m["seq_cpu_us_leader"], m["par_cpu_us_leader"]
         );
     }
+    if m.get("par_cpu_us_store").is_some_and(|x| *x > 0.0) {
+        println!(
+            "  PostgreSQL's processes, beside the total: one at a time {:.0} µs per job, in flight {:.0} µs",
+            m["seq_cpu_us_store"], m["par_cpu_us_store"]
+        );
+    }
     if m.get("par_passed_per_request").is_some_and(|x| *x > 0.0) {
         println!(
             "  the standbys passed submissions on to the leader {:.1} per request, in flight",
@@ -350,12 +363,16 @@ async fn one_run(o: &Options, parent: &Path) -> Result<Figures> {
         dispatchers: o.dispatchers,
     };
     let window = o.window;
+    let mut postmaster = None;
     if let Some(url) = &o.store {
         let target = spine_dispatcher::store::postgres::PgTarget::parse(url, None)
             .map_err(|e| anyhow::anyhow!("--store: {e}"))?;
         spine_dispatcher::store::postgres::drop_schema(&target)
             .await
             .context("--store: emptying the scratch database")?;
+        postmaster = spine_dispatcher::store::postgres::server_process(&target)
+            .await
+            .context("--store: finding the server's process")?;
     }
     let store = o.store.clone();
     let mut farm = procs::start(dir.path(), plan, |cfg| {
@@ -367,12 +384,18 @@ async fn one_run(o: &Options, parent: &Path) -> Result<Figures> {
         cfg.http_max_connections = max_connections(window);
     })
     .await?;
-    let r = measure(&mut farm, o, dir.path()).await;
+    let r = measure(&mut farm, o, dir.path(), postmaster).await;
     farm.children.stop().await;
     r
 }
 
-async fn measure(farm: &mut procs::ProcFarm, o: &Options, dir: &Path) -> Result<Figures> {
+/// One run's figures; `postmaster`: the PostgreSQL server's main process, to count its CPU.
+async fn measure(
+    farm: &mut procs::ProcFarm,
+    o: &Options,
+    dir: &Path,
+    postmaster: Option<u32>,
+) -> Result<Figures> {
     let http = reqwest::Client::builder()
         .no_proxy()
         .pool_max_idle_per_host(o.window)
@@ -436,6 +459,10 @@ async fn measure(farm: &mut procs::ProcFarm, o: &Options, dir: &Path) -> Result<
             Some(p) => cpu_seconds(p, tick)?,
             None => 0.0,
         });
+        v.push(match postmaster {
+            Some(p) => server_cpu_seconds(p, tick)?,
+            None => 0.0,
+        });
         Ok(v)
     };
 
@@ -485,6 +512,8 @@ async fn measure(farm: &mut procs::ProcFarm, o: &Options, dir: &Path) -> Result<
         seq_cpu_us_leader: seq_cpu[4],
         par_cpu_us_leader: par_cpu[4],
         par_passed_per_request,
+        seq_cpu_us_store: seq_cpu[5],
+        par_cpu_us_store: par_cpu[5],
         filesystem: filesystem(dir),
     })
 }
@@ -628,6 +657,41 @@ fn cpu_seconds(pid: &str, tick: f64) -> Result<f64> {
     Ok((ticks(11)? + ticks(12)?) / tick)
 }
 
+/// User + system CPU seconds of a server: its main process `pid`, its children alive (for
+/// PostgreSQL the backends, the WAL writer, …) and those it reaped (backends whose
+/// connection ended), from `/proc`.
+fn server_cpu_seconds(pid: u32, tick: f64) -> Result<f64> {
+    let main = stat_fields(pid).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    // utime, stime, cutime, cstime: fields 14–17.
+    let mut ticks: u64 = main[11..15].iter().sum();
+    for entry in std::fs::read_dir("/proc").context("reading /proc")? {
+        let Some(child) = entry
+            .ok()
+            .and_then(|e| e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()))
+        else {
+            continue;
+        };
+        // A process that ended meanwhile is left out (its parent's reaped count has it).
+        if let Some(f) = stat_fields(child).filter(|f| f[1] == u64::from(pid)) {
+            ticks += f[11] + f[12];
+        }
+    }
+    Ok(ticks as f64 / tick)
+}
+
+/// The numeric fields of `/proc/<pid>/stat` after the command name, from the state on
+/// (index 0: state as 0, 1: parent, 11: utime, 12: stime, 13: cutime, 14: cstime).
+fn stat_fields(pid: u32) -> Option<Vec<u64>> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = stat.rsplit_once(')')?.1;
+    let v: Vec<u64> = rest
+        .split_whitespace()
+        .take(15)
+        .map(|f| f.parse::<u64>().unwrap_or(0))
+        .collect();
+    (v.len() == 15).then_some(v)
+}
+
 /// The file system `path` is on, from `/proc/self/mounts` (the longest mount point that
 /// holds it): `ext4 /dev/sda1 on /`.
 fn filesystem(path: &Path) -> String {
@@ -666,5 +730,22 @@ mod tests {
         assert!(tick >= 1.0);
         let s = cpu_seconds("self", tick).unwrap();
         assert!((0.0..3600.0).contains(&s), "{s}");
+    }
+
+    #[test]
+    fn a_servers_cpu_time_counts_its_children() {
+        let tick = clock_tick().unwrap();
+        let me = std::process::id();
+        let mut child = std::process::Command::new("sleep")
+            .arg("5")
+            .spawn()
+            .unwrap();
+        let f = stat_fields(child.id()).unwrap();
+        assert_eq!(f[1], u64::from(me), "the parent field");
+        let own = cpu_seconds("self", tick).unwrap();
+        let all = server_cpu_seconds(me, tick).unwrap();
+        assert!(all >= own && all < own + 3600.0, "{all} against {own}");
+        child.kill().unwrap();
+        child.wait().unwrap();
     }
 }

@@ -63,6 +63,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         "byte-order keys",
         include_str!("../../migrations/0008_byte_order_keys.sql"),
     ),
+    (
+        9,
+        "audit batches",
+        include_str!("../../migrations/0009_audit_batches.sql"),
+    ),
 ];
 
 /// The channel a standby notifies when it stored a submission for the leader, with the jobs
@@ -201,7 +206,8 @@ struct Statements {
     delete_idempotency_of: Statement,
     delete_jobs: Statement,
     delete_audit: Statement,
-    upsert_audit: Statement,
+    delete_audit_batches: Statement,
+    insert_audit_batch: Statement,
     upsert_agents: Statement,
     insert_capabilities: Statement,
     /// The commit's own statements that were sent unprepared: each cost a round trip to
@@ -967,12 +973,21 @@ impl PgStore {
             .collect()
     }
 
-    /// The audit lines stored but perhaps not yet in the audit file.
+    /// The audit lines stored but perhaps not yet in the audit file, in the order they were
+    /// stored, one per job: the rows an earlier version left in the outbox, then the batches.
     pub async fn audit_outbox(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         let rows = self
-            .query("SELECT job, line FROM spine_audit_outbox")
+            .query(
+                "SELECT job, line FROM (\
+                   SELECT 0::bigint AS n, 0::bigint AS k, job, line FROM spine_audit_outbox \
+                   UNION ALL \
+                   SELECT b.n, u.k, u.job, u.line FROM spine_audit_batches b, \
+                     UNNEST(b.jobs, b.lines) WITH ORDINALITY AS u(job, line, k)\
+                 ) AS t ORDER BY n, k",
+            )
             .await?;
-        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+        let lines = rows.iter().map(|r| (r.get::<_, String>(0), r.get(1)));
+        Ok(one_per_job(lines))
     }
 
     async fn query(&self, sql: &str) -> Result<Vec<tokio_postgres::Row>, StoreError> {
@@ -985,6 +1000,31 @@ impl PgStore {
 /// Drops every table of Spine's schema from the database `target` names, so that the next
 /// dispatcher starts on an empty store: for benchmarks and tests on a scratch database.
 pub async fn drop_schema(target: &PgTarget) -> Result<(), StoreError> {
+    let (client, task) = scratch_connection(target).await?;
+    let r = client
+        .batch_execute(
+            "DROP TABLE IF EXISTS spine_jobs, spine_inputs, spine_idempotency, spine_agents, \
+             spine_capabilities, spine_audit_outbox, spine_audit_batches, spine_lease, spine_blobs, \
+             spine_blob_chunks, spine_submitted, spine_cancels, spine_rules, spine_migrations",
+        )
+        .await
+        .map_err(|x| e(format!("{}: {}", target.name, describe(&x))));
+    drop(client);
+    let _ = task.await;
+    r
+}
+
+/// A connection of its own to `target` (for [`drop_schema`], [`server_process`]), and the
+/// task that drives it, which ends once the client is dropped.
+async fn scratch_connection(
+    target: &PgTarget,
+) -> Result<
+    (
+        Client,
+        tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    ),
+    StoreError,
+> {
     let tls = MakeRustlsConnect::new(
         spine_tls::client_config_for_ca_file(None).map_err(|x| e(x.to_string()))?,
     );
@@ -993,18 +1033,35 @@ pub async fn drop_schema(target: &PgTarget) -> Result<(), StoreError> {
         .connect(tls)
         .await
         .map_err(|x| e(format!("{}: {}", target.name, describe(&x))))?;
-    let task = tokio::spawn(connection);
+    Ok((client, tokio::spawn(connection)))
+}
+
+/// The PostgreSQL server's main process (the postmaster) when it runs on this machine and
+/// `/proc` shows it: the parent of this connection's backend. For benchmarks that count the
+/// database's CPU beside the dispatchers'. None for a server elsewhere.
+pub async fn server_process(target: &PgTarget) -> Result<Option<u32>, StoreError> {
+    let (client, task) = scratch_connection(target).await?;
     let r = client
-        .batch_execute(
-            "DROP TABLE IF EXISTS spine_jobs, spine_inputs, spine_idempotency, spine_agents, \
-             spine_capabilities, spine_audit_outbox, spine_lease, spine_blobs, \
-             spine_blob_chunks, spine_submitted, spine_cancels, spine_rules, spine_migrations",
-        )
+        .query_one("SELECT pg_backend_pid()", &[])
         .await
-        .map_err(|x| e(format!("{}: {}", target.name, describe(&x))));
+        .map_err(|x| e(format!("{}: {}", target.name, describe(&x))))
+        // Read while the backend lives (it ends with the connection).
+        .map(|row| parent_of(row.get::<_, i32>(0)));
     drop(client);
     let _ = task.await;
     r
+}
+
+/// The parent of process `pid` on this machine, from `/proc/<pid>/stat` (None if it is not
+/// here, or not a PostgreSQL process).
+fn parent_of(pid: i32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (name, rest) = stat.split_once(" (")?.1.rsplit_once(')')?;
+    if !name.starts_with("postgres") {
+        return None;
+    }
+    // After the name: state, then the parent's id.
+    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// An error with PostgreSQL's own message and code when it has them (the `Display` of
@@ -1100,11 +1157,11 @@ async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
         delete_audit: c
             .prepare("DELETE FROM spine_audit_outbox WHERE job = ANY($1::text[])")
             .await?,
-        upsert_audit: c
-            .prepare(
-                "INSERT INTO spine_audit_outbox (job, line) SELECT * FROM UNNEST($1::text[], $2::bytea[]) \
-                 ON CONFLICT (job) DO UPDATE SET line = EXCLUDED.line",
-            )
+        delete_audit_batches: c
+            .prepare("DELETE FROM spine_audit_batches WHERE jobs[1] = ANY($1::text[])")
+            .await?,
+        insert_audit_batch: c
+            .prepare("INSERT INTO spine_audit_batches (jobs, lines) VALUES ($1::text[], $2::bytea[])")
             .await?,
         upsert_agents: c
             .prepare(
@@ -1132,6 +1189,40 @@ async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
             .prepare("DELETE FROM spine_cancels WHERE job = ANY($1)")
             .await?,
     })
+}
+
+/// A commit's audit lines as one row's two arrays, one line per job (the last given), in
+/// the order given.
+fn audit_batch(audit: &[(String, Vec<u8>)]) -> (Vec<&str>, Vec<&[u8]>) {
+    let mut at: HashMap<&str, usize> = HashMap::new();
+    let (mut jobs, mut lines): (Vec<&str>, Vec<&[u8]>) = (Vec::new(), Vec::new());
+    for (job, line) in audit {
+        match at.get(job.as_str()) {
+            Some(&i) => lines[i] = line.as_slice(),
+            None => {
+                at.insert(job.as_str(), jobs.len());
+                jobs.push(job.as_str());
+                lines.push(line.as_slice());
+            }
+        }
+    }
+    (jobs, lines)
+}
+
+/// Stored audit lines, one per job (the last stored), in the order first stored.
+fn one_per_job(lines: impl Iterator<Item = (String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    for (job, line) in lines {
+        match at.get(&job) {
+            Some(&i) => out[i].1 = line,
+            None => {
+                at.insert(job.clone(), out.len());
+                out.push((job, line));
+            }
+        }
+    }
+    out
 }
 
 /// One statement of a batch, on its way.
@@ -1194,11 +1285,7 @@ async fn write(
     let ended = ended_payloads(&b.ended);
     let cancelled: Vec<&str> = b.cancelled.iter().map(String::as_str).collect();
     let audited: Vec<&str> = b.audited.iter().map(String::as_str).collect();
-    let mut audit: HashMap<&str, &[u8]> = HashMap::new();
-    for (job, line) in &b.audit {
-        audit.insert(job.as_str(), line.as_slice());
-    }
-    let (audit_jobs, audit_lines): (Vec<&str>, Vec<&[u8]>) = audit.into_iter().unzip();
+    let (audit_jobs, audit_lines) = audit_batch(&b.audit);
     let (agents, seen) = latest(b.agents.iter().map(|(a, t)| (a.as_str(), *t)));
     let (caps, first) = latest(b.capabilities.iter().map(|(c, t)| (c.as_str(), *t)));
     // Deletions first (an audit line removed and added in one batch ends added), then
@@ -1216,8 +1303,12 @@ async fn write(
         }));
     }
     if !audited.is_empty() {
+        // Rows of the outbox an earlier version wrote, and the batches these jobs open.
         steps.push(Box::pin(async {
             tx.execute(&st.delete_audit, &[&audited]).await
+        }));
+        steps.push(Box::pin(async {
+            tx.execute(&st.delete_audit_batches, &[&audited]).await
         }));
     }
     if !dropped.is_empty() {
@@ -1298,7 +1389,7 @@ async fn write(
     }
     if !audit_jobs.is_empty() {
         steps.push(Box::pin(async {
-            tx.execute(&st.upsert_audit, &[&audit_jobs, &audit_lines])
+            tx.execute(&st.insert_audit_batch, &[&audit_jobs, &audit_lines])
                 .await
         }));
     }
@@ -1606,6 +1697,33 @@ fn relayed_events(payload: &str) -> Vec<JobEvent> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_commits_audit_lines_go_in_one_row_and_come_back_one_per_job_in_order() {
+        let given = vec![
+            ("b".to_string(), b"b1".to_vec()),
+            ("a".to_string(), b"a1".to_vec()),
+            ("b".to_string(), b"b2".to_vec()),
+        ];
+        let (jobs, lines) = audit_batch(&given);
+        assert_eq!(jobs, ["b", "a"]);
+        assert_eq!(lines, [&b"b2"[..], &b"a1"[..]]);
+        // Read back: an earlier version's outbox row first, then two batches naming "a" twice.
+        let stored = [
+            ("z", "z1"),
+            ("b", "b2"),
+            ("a", "a1"),
+            ("c", "c1"),
+            ("a", "a2"),
+        ]
+        .map(|(j, l)| (j.to_string(), l.as_bytes().to_vec()));
+        let read = one_per_job(stored.into_iter());
+        let read: Vec<(&str, &[u8])> = read.iter().map(|(j, l)| (j.as_str(), &l[..])).collect();
+        assert_eq!(
+            read,
+            [("z", &b"z1"[..]), ("b", b"b2"), ("a", b"a2"), ("c", b"c1")]
+        );
+    }
 
     #[test]
     fn submissions_travel_whole_in_their_notification_unless_they_carry_an_input() {
