@@ -270,7 +270,8 @@ enum Scenario {
         against: Option<PathBuf>,
         /// The dispatcher's job store: a PostgreSQL URL of a scratch database, whose Spine
         /// tables are dropped before each run [default: the embedded store in the run's
-        /// directory].
+        /// directory]. A server on this machine has its processes' CPU per job counted too,
+        /// beside the total.
         #[arg(long)]
         store: Option<String>,
         /// Dispatchers sharing the --store (PostgreSQL): one leads, the others stand by, and
