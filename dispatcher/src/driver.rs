@@ -592,6 +592,7 @@ async fn run_inner(
                             relayed.clone(),
                             taken.0,
                             (holder_of(&rx), rates.0),
+                            rx.clone(),
                         );
                     }
                     woken

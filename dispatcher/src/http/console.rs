@@ -296,6 +296,7 @@ pub(super) async fn jobs_events(
             };
             let event = match id {
                 Err(_) => continue,
+                Ok(Ok(e)) if e.is_missed() => continue,
                 // The leader sent the view of a job a standby accepted: no read.
                 Ok(Ok(crate::store::postgres::Ended {
                     view: Some(view), ..

@@ -216,6 +216,7 @@ impl Announced {
         tokio::spawn(async move {
             loop {
                 match rx.recv().await {
+                    Ok(e) if e.is_missed() => self.lost(),
                     Ok(e) => self.announce(e.id, e.view),
                     Err(broadcast::error::RecvError::Lagged(_)) => self.lost(),
                     Err(broadcast::error::RecvError::Closed) => return,
@@ -394,6 +395,37 @@ mod tests {
         assert!(matches!(
             a.register("j-y", Some(later)),
             Registered::Waiting(_, false)
+        ));
+    }
+
+    #[tokio::test]
+    async fn listening_begun_again_wakes_the_waiters_to_look_for_themselves() {
+        use crate::store::postgres::Ended;
+        let a = Arc::new(Announced::default());
+        let (tx, rx) = broadcast::channel(16);
+        a.clone().follow(rx);
+        let mark = a.mark();
+        let Registered::Waiting(first, true) = a.register("j-1", Some(mark)) else {
+            panic!("nothing missed since the mark")
+        };
+        // The standby listens again (a new connection, or it stood by again after leading):
+        // what was announced meanwhile may be lost.
+        tx.send(Ended::missed()).unwrap();
+        let woken = tokio::time::timeout(Duration::from_secs(5), first).await;
+        assert_eq!(woken.expect("woken").unwrap(), None);
+        let Registered::Waiting(second, false) = a.register("j-2", Some(mark)) else {
+            panic!("a mark from before the gap is not whole")
+        };
+        // Ends announced after it reach their waiters as before.
+        tx.send(Ended {
+            id: Arc::from("j-2"),
+            view: Some(Arc::from("{}")),
+        })
+        .unwrap();
+        assert_eq!(second.await.unwrap().as_deref(), Some("{}"));
+        assert!(matches!(
+            a.register("j-2", None),
+            Registered::Ended(Some(_))
         ));
     }
 

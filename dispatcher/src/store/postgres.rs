@@ -669,6 +669,12 @@ impl PgStore {
     /// most. Sends on `ended` the id of each job the leader announces ended (`spine_ended`),
     /// for the callers a standby has waiting; on `rates` what the other dispatchers charged
     /// to rate budgets (`spine_rates`, its own reports, from `rates.0`, left out).
+    ///
+    /// The ends and events are for a standby's callers: while `leadership` says this
+    /// dispatcher leads, the connection does not listen to them (they are its own, and its
+    /// callers hear of them directly), and PostgreSQL does not send them to it. Whenever it
+    /// begins to listen to them (standing by again, or on a new connection), it sends
+    /// [`Ended::missed`] on `ended`: what was announced before may not have been heard.
     pub(crate) fn listen(
         self: &Arc<Self>,
         tx: tokio::sync::mpsc::Sender<()>,
@@ -676,8 +682,13 @@ impl PgStore {
         relayed: tokio::sync::broadcast::Sender<JobEvent>,
         taken: tokio::sync::mpsc::Sender<Vec<JobRecord>>,
         rates: (String, tokio::sync::mpsc::Sender<Vec<RateUse>>),
+        leadership: tokio::sync::watch::Receiver<crate::leadership::Leadership>,
     ) {
         let weak = Arc::downgrade(self);
+        let leads = |l: &tokio::sync::watch::Receiver<crate::leadership::Leadership>| {
+            matches!(l.borrow().role, crate::election::Role::Leader { .. })
+        };
+        let standby_channels = format!("{ENDED}; LISTEN {EVENTS}");
         tokio::spawn(async move {
             loop {
                 let Some(store) = weak.upgrade() else { return };
@@ -691,6 +702,7 @@ impl PgStore {
                     }
                 };
                 let (ntx, mut nrx) = tokio::sync::mpsc::unbounded_channel();
+                let heard = ended.clone();
                 let (ended, relayed, taken) = (ended.clone(), relayed.clone(), taken.clone());
                 let (me, rates_tx) = (rates.0.clone(), rates.1.clone());
                 let driver = tokio::spawn(async move {
@@ -731,18 +743,41 @@ impl PgStore {
                         }
                     }
                 });
-                if client
-                    .batch_execute(&format!(
-                        "LISTEN {SUBMITTED}; LISTEN {ENDED}; LISTEN {EVENTS}; LISTEN {RATES}"
-                    ))
-                    .await
-                    .is_ok()
-                {
+                let mut leadership = leadership.clone();
+                let mut following = !leads(&leadership);
+                let mut sql = format!("LISTEN {SUBMITTED}; LISTEN {RATES}");
+                if following {
+                    sql = format!("{sql}; LISTEN {standby_channels}");
+                }
+                if client.batch_execute(&sql).await.is_ok() {
+                    if following {
+                        let _ = heard.send(Ended::missed());
+                    }
                     let _ = tx.try_send(());
+                    let mut watching = true;
                     loop {
                         tokio::select! {
                             n = nrx.recv() => if n.is_none() { break },
                             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            changed = leadership.changed(), if watching => {
+                                watching = changed.is_ok();
+                                let follow = !leads(&leadership);
+                                if follow != following {
+                                    let sql = if follow {
+                                        format!("LISTEN {standby_channels}")
+                                    } else {
+                                        format!("UNLISTEN {ENDED}; UNLISTEN {EVENTS}")
+                                    };
+                                    if client.batch_execute(&sql).await.is_err() {
+                                        break;
+                                    }
+                                    following = follow;
+                                    if follow {
+                                        let _ = heard.send(Ended::missed());
+                                    }
+                                }
+                                continue;
+                            }
                         }
                         if tx.is_closed() {
                             return;
@@ -1560,6 +1595,22 @@ pub struct Ended {
     /// whose view fit in a notification): that caller is answered without a read, and the
     /// standbys where no one waits for the job do not parse it.
     pub view: Option<Arc<str>>,
+}
+
+impl Ended {
+    /// Not an end: the standby began to listen (again), and ends announced before may not
+    /// have reached it; its waiting callers look for themselves.
+    pub fn missed() -> Ended {
+        Ended {
+            id: Arc::from(""),
+            view: None,
+        }
+    }
+
+    /// Whether this is [`Ended::missed`].
+    pub fn is_missed(&self) -> bool {
+        self.id.is_empty()
+    }
 }
 
 /// Notifications of [`ENDED`]: one line per job, its id, then a tab and its JSON view if it
