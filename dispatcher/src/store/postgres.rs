@@ -688,7 +688,7 @@ impl PgStore {
         let leads = |l: &tokio::sync::watch::Receiver<crate::leadership::Leadership>| {
             matches!(l.borrow().role, crate::election::Role::Leader { .. })
         };
-        let standby_channels = format!("{ENDED}; LISTEN {EVENTS}");
+        let standby_listen = format!("LISTEN {ENDED}; LISTEN {EVENTS}");
         tokio::spawn(async move {
             loop {
                 let Some(store) = weak.upgrade() else { return };
@@ -747,7 +747,7 @@ impl PgStore {
                 let mut following = !leads(&leadership);
                 let mut sql = format!("LISTEN {SUBMITTED}; LISTEN {RATES}");
                 if following {
-                    sql = format!("{sql}; LISTEN {standby_channels}");
+                    sql = format!("{sql}; {standby_listen}");
                 }
                 if client.batch_execute(&sql).await.is_ok() {
                     if following {
@@ -764,7 +764,7 @@ impl PgStore {
                                 let follow = !leads(&leadership);
                                 if follow != following {
                                     let sql = if follow {
-                                        format!("LISTEN {standby_channels}")
+                                        standby_listen.clone()
                                     } else {
                                         format!("UNLISTEN {ENDED}; UNLISTEN {EVENTS}")
                                     };
