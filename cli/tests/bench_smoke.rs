@@ -61,14 +61,14 @@ fn payload_runs_small_and_checks_the_hash() {
     let (stdout, r) = bench(&["payload", "--mib", "1", "--runs", "1"]);
     assert!(stdout.contains("medians (plain HTTP)"), "{stdout}");
     assert_eq!(r["bytes"], 1024 * 1024);
-    // Every leg measured, each slower than the raw copy beside it.
+    // Every leg measured, and its ratio to the raw copy beside it. (Not which is quicker: a
+    // leg of 1 MiB takes milliseconds, and on a busy machine the upload once beat the raw
+    // copy, 3.8 against 4.4 ms. BENCHMARKS.md has the figures at full size.)
     let raw = r["raw"]["mb_s"].as_f64().unwrap();
+    assert!(raw > 0.0, "{r}");
     for leg in ["upload", "fetch", "end_to_end"] {
         let mb_s = r[leg]["mb_s"].as_f64().unwrap_or(0.0);
-        assert!(
-            mb_s > 0.0 && mb_s < raw,
-            "{leg}: {mb_s} MB/s against raw {raw}: {r}"
-        );
+        assert!(mb_s > 0.0, "{leg}: {mb_s} MB/s: {r}");
         let ratio = r[leg]["ratio_to_raw"].as_f64().unwrap();
         assert!((ratio - mb_s / raw).abs() < 1e-6, "{leg}: {r}");
     }
