@@ -1229,25 +1229,22 @@ async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
 /// A commit's audit lines as one row's two arrays, one line per job (the last given), in
 /// the order given.
 fn audit_batch(audit: &[(String, Vec<u8>)]) -> (Vec<&str>, Vec<&[u8]>) {
-    let mut at: HashMap<&str, usize> = HashMap::new();
-    let (mut jobs, mut lines): (Vec<&str>, Vec<&[u8]>) = (Vec::new(), Vec::new());
-    for (job, line) in audit {
-        match at.get(job.as_str()) {
-            Some(&i) => lines[i] = line.as_slice(),
-            None => {
-                at.insert(job.as_str(), jobs.len());
-                jobs.push(job.as_str());
-                lines.push(line.as_slice());
-            }
-        }
-    }
-    (jobs, lines)
+    last_per_job(audit.iter().map(|(j, l)| (j.as_str(), l.as_slice())))
+        .into_iter()
+        .unzip()
 }
 
 /// Stored audit lines, one per job (the last stored), in the order first stored.
 fn one_per_job(lines: impl Iterator<Item = (String, Vec<u8>)>) -> Vec<(String, Vec<u8>)> {
-    let mut at: HashMap<String, usize> = HashMap::new();
-    let mut out: Vec<(String, Vec<u8>)> = Vec::new();
+    last_per_job(lines)
+}
+
+/// One line per job, the last of each, in the order the jobs first come.
+fn last_per_job<K: Eq + std::hash::Hash + Clone, L>(
+    lines: impl Iterator<Item = (K, L)>,
+) -> Vec<(K, L)> {
+    let mut at: HashMap<K, usize> = HashMap::new();
+    let mut out: Vec<(K, L)> = Vec::new();
     for (job, line) in lines {
         match at.get(&job) {
             Some(&i) => out[i].1 = line,
