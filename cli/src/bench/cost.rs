@@ -638,30 +638,16 @@ fn clock_tick() -> Result<f64> {
 /// User + system CPU seconds used so far by process `pid` (or `"self"`), from
 /// `/proc/<pid>/stat` (its threads included).
 fn cpu_seconds(pid: &str, tick: f64) -> Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // The command name (field 2) is in parentheses and may hold spaces: count after it.
-    // After it come state (3), …, utime (14) and stime (15).
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .with_context(|| format!("{path}: no command name in {stat:?}"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> Result<f64> {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .map(|t| t as f64)
-            .with_context(|| format!("{path}: field {} is not a tick count: {stat:?}", i + 3))
-    };
-    Ok((ticks(11)? + ticks(12)?) / tick)
+    let f = stat_fields(pid).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    Ok((f[11] + f[12]) as f64 / tick)
 }
 
 /// User + system CPU seconds of a server: its main process `pid`, its children alive (for
 /// PostgreSQL the backends, the WAL writer, …) and those it reaped (backends whose
 /// connection ended), from `/proc`.
 fn server_cpu_seconds(pid: u32, tick: f64) -> Result<f64> {
-    let main = stat_fields(pid).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let main =
+        stat_fields(&pid.to_string()).with_context(|| format!("reading /proc/{pid}/stat"))?;
     // utime, stime, cutime, cstime: fields 14–17.
     let mut ticks: u64 = main[11..15].iter().sum();
     for entry in std::fs::read_dir("/proc").context("reading /proc")? {
@@ -672,16 +658,17 @@ fn server_cpu_seconds(pid: u32, tick: f64) -> Result<f64> {
             continue;
         };
         // A process that ended meanwhile is left out (its parent's reaped count has it).
-        if let Some(f) = stat_fields(child).filter(|f| f[1] == u64::from(pid)) {
+        if let Some(f) = stat_fields(&child.to_string()).filter(|f| f[1] == u64::from(pid)) {
             ticks += f[11] + f[12];
         }
     }
     Ok(ticks as f64 / tick)
 }
 
-/// The numeric fields of `/proc/<pid>/stat` after the command name, from the state on
-/// (index 0: state as 0, 1: parent, 11: utime, 12: stime, 13: cutime, 14: cstime).
-fn stat_fields(pid: u32) -> Option<Vec<u64>> {
+/// The numeric fields of `/proc/<pid>/stat` (`pid` or `"self"`) after the command name, which
+/// is in parentheses and may hold spaces, from the state on (index 0: state as 0, 1: parent,
+/// 11: utime, 12: stime, 13: cutime, 14: cstime).
+fn stat_fields(pid: &str) -> Option<Vec<u64>> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let rest = stat.rsplit_once(')')?.1;
     let v: Vec<u64> = rest
@@ -740,7 +727,7 @@ mod tests {
             .arg("5")
             .spawn()
             .unwrap();
-        let f = stat_fields(child.id()).unwrap();
+        let f = stat_fields(&child.id().to_string()).unwrap();
         assert_eq!(f[1], u64::from(me), "the parent field");
         let own = cpu_seconds("self", tick).unwrap();
         let all = server_cpu_seconds(me, tick).unwrap();
