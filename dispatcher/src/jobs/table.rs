@@ -25,8 +25,11 @@ const MIN_CAPACITY: usize = 1024;
 #[derive(Debug, Default)]
 pub struct JobTable {
     /// The records; changed only through [`JobTable::update`], [`JobTable::put`] and
-    /// [`JobTable::take`], which keep `index` right.
-    jobs: HashMap<JobId, JobRecord>,
+    /// [`JobTable::take`], which keep `index` right. Boxed: a record is hundreds of bytes,
+    /// and a growing map moves every slot at each rehash (a tenth of the dispatcher's
+    /// acceptance of a job in a profile of 100,000 jobs, with page faults for the new
+    /// slots), where a box moves a pointer.
+    jobs: HashMap<JobId, Box<JobRecord>>,
     index: Index,
     next_seq: u64,
     max_queue: usize,
@@ -86,7 +89,7 @@ impl JobTable {
     fn put(&mut self, rec: JobRecord) {
         let id = rec.id.clone();
         let keys = Keys::of(&rec);
-        if let Some(old) = self.jobs.insert(id.clone(), rec) {
+        if let Some(old) = self.jobs.insert(id.clone(), Box::new(rec)) {
             self.index.remove(&id, &Keys::of(&old));
         }
         self.index.add(&id, &keys);
@@ -101,15 +104,14 @@ impl JobTable {
     fn take(&mut self, id: &JobId) -> Option<JobRecord> {
         let rec = self.jobs.remove(id)?;
         self.index.remove(id, &Keys::of(&rec));
-        // A HashMap keeps its capacity when emptied, and this one holds the records inline
-        // (hundreds of bytes a slot): after a busy hour the slots of its peak stayed resident
-        // with no job held (the soak benchmark, BENCHMARKS.md). Give them back once the table
-        // is three-quarters empty; each shrink at least halves it, so the rehash costs O(1)
-        // per removal over time.
+        // A HashMap keeps its capacity when emptied: after a busy hour the slots of its peak
+        // stayed resident with no job held (the soak benchmark, BENCHMARKS.md). Give them
+        // back once the table is three-quarters empty; each shrink at least halves it, so
+        // the rehash costs O(1) per removal over time.
         if self.jobs.capacity() > 4 * self.jobs.len().max(MIN_CAPACITY) {
             self.jobs.shrink_to(2 * self.jobs.len().max(MIN_CAPACITY));
         }
-        Some(rec)
+        Some(*rec)
     }
 
     /// Slots of the record map (the test of its shrinking reads it).
@@ -120,12 +122,12 @@ impl JobTable {
 
     /// A job by id.
     pub fn get(&self, id: &JobId) -> Option<&JobRecord> {
-        self.jobs.get(id)
+        self.jobs.get(id).map(|j| &**j)
     }
 
     /// Every job known.
     pub fn iter(&self) -> impl Iterator<Item = &JobRecord> {
-        self.jobs.values()
+        self.jobs.values().map(|j| &**j)
     }
 
     /// Number of jobs known.
@@ -316,7 +318,7 @@ impl JobTable {
     }
 
     /// Room for `n` more records without growing the map (a restart restores many at once:
-    /// growing moves every record held, which are hundreds of bytes each, again and again).
+    /// growing rehashes every record held, again and again).
     pub fn reserve(&mut self, n: usize) {
         self.jobs.reserve(n);
     }
@@ -350,7 +352,7 @@ impl JobTable {
             .queues
             .get(cap)?
             .iter()
-            .filter_map(|(_, _, id)| self.jobs.get(id))
+            .filter_map(|(_, _, id)| self.get(id))
             .find(|j| j.not_before_ms <= now_ms)
     }
 
@@ -360,7 +362,7 @@ impl JobTable {
             return Vec::new();
         };
         q.iter()
-            .filter_map(|(_, _, id)| self.jobs.get(id))
+            .filter_map(|(_, _, id)| self.get(id))
             .filter(|j| j.not_before_ms <= now_ms)
             .take(limit)
             .map(|j| j.id.clone())
@@ -399,7 +401,7 @@ impl JobTable {
         self.index
             .mr_running
             .iter()
-            .filter_map(|(_, id)| self.jobs.get(id))
+            .filter_map(|(_, id)| self.get(id))
     }
 
     /// A page of the job list, newest first by (accepted, submission order): up to `limit`
@@ -417,7 +419,7 @@ impl JobTable {
         self.index
             .page(state, submitter, before, limit)
             .into_iter()
-            .filter_map(|id| self.jobs.get(id))
+            .filter_map(|id| self.get(id))
             .collect()
     }
 
@@ -457,7 +459,7 @@ impl JobTable {
             Some(&upper),
             f.since_ms,
             |(at, seq, id)| {
-                let Some(j) = id.as_ref().and_then(|id| self.jobs.get(id)) else {
+                let Some(j) = id.as_ref().and_then(|id| self.get(id)) else {
                     return true;
                 };
                 if page.jobs.len() == limit {

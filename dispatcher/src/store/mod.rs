@@ -271,16 +271,16 @@ fn apply(db: &Database, b: &OwnedBatch) -> Result<(), StoreError> {
     tx.commit().map_err(e)
 }
 
-/// [`apply`] of several batches, in order, in one transaction.
+/// [`apply`] of several batches, in order, in one transaction: what they leave, written once
+/// ([`Net`]).
 fn apply_all(
     db: &Database,
     batches: impl Iterator<Item = Box<Applying>>,
 ) -> Result<(), StoreError> {
+    let batches: Vec<Box<Applying>> = batches.collect();
     let mut tx = db.begin_write().map_err(e)?;
     tx.set_durability(Durability::None);
-    for w in batches {
-        write(&tx, &w.batch)?;
-    }
+    write_net(&tx, &Net::of(batches.iter().map(|w| &w.batch)))?;
     tx.commit().map_err(e)
 }
 
@@ -844,70 +844,148 @@ impl EncodedJob {
 
 /// Writes a batch's tables in `tx` (the caller commits).
 fn write(tx: &WriteTransaction, b: &OwnedBatch) -> Result<(), StoreError> {
-    {
-        let mut outbox = tx.open_table(AUDIT_OUTBOX).map_err(e)?;
-        for job in &b.audited {
-            outbox.remove(job.as_str()).map_err(e)?;
+    write_net(tx, &Net::of(std::iter::once(b)))
+}
+
+/// What a job's changes in several batches leave: a delete (of the record stored before
+/// them), then the last record written after it, if any.
+#[derive(Default)]
+struct NetJob<'a> {
+    delete: bool,
+    write: Option<&'a EncodedJob>,
+}
+
+/// What several batches, applied in order, leave in the tables: each job written once with
+/// its last record, each audit line added or removed once. In one transaction this is what
+/// writing them one after the other would leave (a batch's jobs are written before its
+/// deletes, its `audited` removed before its `audit` added), with fewer B-tree changes: a job
+/// accepted in one batch and ended in the next is written once, not twice, and a job written
+/// and forgotten within them never is.
+#[derive(Default)]
+struct Net<'a> {
+    jobs: Vec<(&'a str, NetJob<'a>)>,
+    /// Where each job is in `jobs`.
+    job_at: std::collections::HashMap<&'a str, usize>,
+    /// Audit lines to add (`Some`) or remove, in the order first seen.
+    audit: Vec<(&'a str, Option<&'a [u8]>)>,
+    audit_at: std::collections::HashMap<&'a str, usize>,
+    agents: Vec<&'a (String, u64)>,
+    capabilities: Vec<&'a (CapabilityName, u64)>,
+    rules: Vec<&'a (String, Option<Vec<u8>>)>,
+}
+
+impl<'a> Net<'a> {
+    fn of(batches: impl Iterator<Item = &'a OwnedBatch>) -> Net<'a> {
+        let mut n = Net::default();
+        for b in batches {
+            for j in &b.jobs {
+                n.job(&j.id).write = Some(j);
+            }
+            for id in &b.delete {
+                *n.job(id.as_str()) = NetJob {
+                    delete: true,
+                    write: None,
+                };
+            }
+            for job in &b.audited {
+                n.audit(job, None);
+            }
+            for (job, line) in &b.audit {
+                n.audit(job, Some(line));
+            }
+            n.agents.extend(&b.agents);
+            n.capabilities.extend(&b.capabilities);
+            n.rules.extend(&b.rules);
         }
-        for (job, line) in &b.audit {
-            outbox.insert(job.as_str(), line.as_slice()).map_err(e)?;
+        n
+    }
+
+    fn job(&mut self, id: &'a str) -> &mut NetJob<'a> {
+        let at = *self.job_at.entry(id).or_insert_with(|| {
+            self.jobs.push((id, NetJob::default()));
+            self.jobs.len() - 1
+        });
+        &mut self.jobs[at].1
+    }
+
+    fn audit(&mut self, job: &'a str, line: Option<&'a [u8]>) {
+        match self.audit_at.get(job) {
+            Some(&at) => self.audit[at].1 = line,
+            None => {
+                self.audit_at.insert(job, self.audit.len());
+                self.audit.push((job, line));
+            }
         }
     }
-    {
+}
+
+/// Writes what batches leave ([`Net`]) in `tx` (the caller commits).
+fn write_net(tx: &WriteTransaction, n: &Net<'_>) -> Result<(), StoreError> {
+    if !n.audit.is_empty() {
+        let mut outbox = tx.open_table(AUDIT_OUTBOX).map_err(e)?;
+        for (job, line) in &n.audit {
+            match line {
+                Some(line) => outbox.insert(*job, *line).map_err(e)?,
+                None => outbox.remove(*job).map_err(e)?,
+            };
+        }
+    }
+    if !n.jobs.is_empty() {
         let mut t = tx.open_table(JOBS).map_err(e)?;
         let mut inputs = tx.open_table(INPUTS).map_err(e)?;
         let mut idem = tx.open_table(IDEMPOTENCY).map_err(e)?;
-        for j in &b.jobs {
-            t.insert(j.id.as_str(), j.record.as_slice()).map_err(e)?;
+        for (id, job) in &n.jobs {
+            if job.delete {
+                // The key is in the stored record (the job is no longer held in memory).
+                let removed = t.remove(*id).map_err(e)?;
+                let key = removed
+                    .and_then(|v| serde_json::from_slice::<JobRecord>(v.value()).ok())
+                    .and_then(|j| {
+                        j.spec
+                            .idempotency_key
+                            .map(|k| idem_key(&j.spec.submitter, &k))
+                    });
+                if let Some(k) = key {
+                    idem.remove(k.as_str()).map_err(e)?;
+                }
+                inputs.remove(*id).map_err(e)?;
+            }
+            let Some(j) = job.write else { continue };
+            t.insert(*id, j.record.as_slice()).map_err(e)?;
             // An inline input once; dropped when the job let go of it (a started
             // map/reduce). A stored input is in the record (its hash and size).
             match &j.input {
                 Some(i) => {
-                    if inputs.get(j.id.as_str()).map_err(e)?.is_none() {
-                        inputs.insert(j.id.as_str(), i.as_slice()).map_err(e)?;
+                    if inputs.get(*id).map_err(e)?.is_none() {
+                        inputs.insert(*id, i.as_slice()).map_err(e)?;
                     }
                 }
                 None => {
-                    inputs.remove(j.id.as_str()).map_err(e)?;
+                    inputs.remove(*id).map_err(e)?;
                 }
             }
             if let Some(k) = &j.idempotency {
-                idem.insert(k.as_str(), j.id.as_str()).map_err(e)?;
+                idem.insert(k.as_str(), *id).map_err(e)?;
             }
-        }
-        for id in &b.delete {
-            // The key is in the stored record (the job is no longer held in memory).
-            let removed = t.remove(id.as_str()).map_err(e)?;
-            let key = removed
-                .and_then(|v| serde_json::from_slice::<JobRecord>(v.value()).ok())
-                .and_then(|j| {
-                    j.spec
-                        .idempotency_key
-                        .map(|k| idem_key(&j.spec.submitter, &k))
-                });
-            if let Some(k) = key {
-                idem.remove(k.as_str()).map_err(e)?;
-            }
-            inputs.remove(id.as_str()).map_err(e)?;
         }
     }
-    if !b.agents.is_empty() {
+    if !n.agents.is_empty() {
         let mut t = tx.open_table(AGENTS).map_err(e)?;
-        for (jid, at) in &b.agents {
+        for (jid, at) in &n.agents {
             t.insert(jid.as_str(), *at).map_err(e)?;
         }
     }
-    if !b.capabilities.is_empty() {
+    if !n.capabilities.is_empty() {
         let mut t = tx.open_table(CAPABILITIES).map_err(e)?;
-        for (c, at) in &b.capabilities {
+        for (c, at) in &n.capabilities {
             if t.get(c.as_str()).map_err(e)?.is_none() {
                 t.insert(c.as_str(), *at).map_err(e)?;
             }
         }
     }
-    if !b.rules.is_empty() {
+    if !n.rules.is_empty() {
         let mut t = tx.open_table(RULES).map_err(e)?;
-        for (name, rule) in &b.rules {
+        for (name, rule) in &n.rules {
             match rule {
                 Some(json) => t.insert(name.as_str(), json.as_slice()).map_err(e)?,
                 None => t.remove(name.as_str()).map_err(e)?,
@@ -1321,6 +1399,152 @@ mod tests {
     }
 
     const EXPECTED: &str = "jobs [\"b\", \"c\"] key Some(JobId(\"c\")) agents [(\"agent1@x\", 200), (\"agent2@x\", 150)] caps [CapabilityName(\"c\"), CapabilityName(\"d\")] outbox []";
+
+    /// Every table's rows, for comparing two databases.
+    fn dump(db: &Database) -> String {
+        use redb::TableHandle as _;
+        let tx = db.begin_read().unwrap();
+        let mut out = String::new();
+        for def in [JOBS, INPUTS, AUDIT_OUTBOX, RULES] {
+            let t = tx.open_table(def).unwrap();
+            for row in t.iter().unwrap() {
+                let (k, v) = row.unwrap();
+                out += &format!(
+                    "{} {} {}\n",
+                    def.name(),
+                    k.value(),
+                    String::from_utf8_lossy(v.value())
+                );
+            }
+        }
+        let t = tx.open_table(IDEMPOTENCY).unwrap();
+        for row in t.iter().unwrap() {
+            let (k, v) = row.unwrap();
+            out += &format!("idempotency {} {}\n", k.value(), v.value());
+        }
+        for def in [AGENTS, CAPABILITIES] {
+            let t = tx.open_table(def).unwrap();
+            for row in t.iter().unwrap() {
+                let (k, v) = row.unwrap();
+                out += &format!("{} {} {}\n", def.name(), k.value(), v.value());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn batches_applied_together_leave_what_they_leave_one_by_one() {
+        let mut t = JobTable::new(10);
+        let mut job = |id: &str, key: Option<&str>, order: u64| {
+            t.submit(id.parse().unwrap(), spec(key), order)
+                .unwrap()
+                .clone()
+        };
+        let (a, b) = (job("a", Some("k-a"), 5), job("b", Some("k-b"), 6));
+        let (c, d) = (job("c", Some("k-c"), 7), job("d", None, 8));
+        let enc = |j: &JobRecord| EncodedJob::new(j).unwrap();
+        let mut a_ended = a.clone();
+        a_ended.state = JobState::Succeeded;
+        let mut c_again = c.clone();
+        c_again.spec.idempotency_key = Some("k-c2".into());
+        c_again.spec.input = Vec::new().into();
+        let mut b_let_go = b.clone();
+        b_let_go.spec.input = Vec::new().into();
+        let line = |s: &str| (s.to_owned(), format!("{{\"job\":\"{s}\"}}\n").into_bytes());
+        let rule = |s: &str| (s.to_owned(), Some(s.as_bytes().to_vec()));
+        // Stored before the group: c with its key and input, an audit line for d, a rule.
+        let before = OwnedBatch {
+            jobs: vec![enc(&c)],
+            audit: vec![line("d")],
+            rules: vec![rule("r1")],
+            ..OwnedBatch::default()
+        };
+        let group = || {
+            vec![
+                // a accepted, b accepted; d's line written to the file; r1 deleted.
+                OwnedBatch {
+                    jobs: vec![enc(&a), enc(&b)],
+                    audited: vec!["d".into()],
+                    rules: vec![("r1".into(), None)],
+                    agents: vec![("agent1@x".into(), 100)],
+                    ..OwnedBatch::default()
+                },
+                // a ends (its audit line); c and d forgotten (d never stored); b lets its
+                // input go; d's line comes again; a rule made.
+                OwnedBatch {
+                    jobs: vec![enc(&a_ended), enc(&b_let_go), enc(&d)],
+                    delete: vec!["c".parse().unwrap(), "d".parse().unwrap()],
+                    audit: vec![line("a"), line("d")],
+                    rules: vec![rule("r2")],
+                    capabilities: vec![("c".parse().unwrap(), 7)],
+                    ..OwnedBatch::default()
+                },
+                // c written again under a new key, without its input; a's line in the file.
+                OwnedBatch {
+                    jobs: vec![enc(&c_again)],
+                    audited: vec!["a".into()],
+                    agents: vec![("agent1@x".into(), 200)],
+                    capabilities: vec![("c".parse().unwrap(), 9)],
+                    ..OwnedBatch::default()
+                },
+            ]
+        };
+        let open = |dir: &tempfile::TempDir| {
+            let s = Store::open(&dir.path().join("jobs.redb")).unwrap();
+            apply(&s.db, &before).unwrap();
+            s
+        };
+        let (one_by_one, together) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let s1 = open(&one_by_one);
+        for b in group() {
+            apply(&s1.db, &b).unwrap();
+        }
+        let s2 = open(&together);
+        let batches: Vec<Box<Applying>> = group()
+            .into_iter()
+            .enumerate()
+            .map(|(i, batch)| {
+                Box::new(Applying {
+                    seq: i as u64,
+                    batch,
+                    bytes: 0,
+                })
+            })
+            .collect();
+        apply_all(&s2.db, batches.into_iter()).unwrap();
+        let (d1, d2) = (dump(&s1.db), dump(&s2.db));
+        assert_eq!(d1, d2);
+        // And what that is, in words: a ended, b without its input, c under its new key only,
+        // d gone with its input but its second audit line kept.
+        assert!(d1.contains("\"state\":\"succeeded\""), "{d1}");
+        assert!(
+            !d1.contains("inputs b ") && !d1.contains("inputs c ") && !d1.contains("inputs d "),
+            "{d1}"
+        );
+        assert!(d1.contains("inputs a "), "{d1}");
+        assert!(d1.contains("idempotency http:app\u{0}k-c2 c\n"), "{d1}");
+        assert!(!d1.contains("k-c c"), "{d1}");
+        assert!(
+            d1.contains("audit_outbox d ") && !d1.contains("audit_outbox a "),
+            "{d1}"
+        );
+        assert!(
+            d1.contains("rules r2 ") && !d1.contains("rules r1 "),
+            "{d1}"
+        );
+        assert!(d1.contains("agents agent1@x 200"), "{d1}");
+        assert!(d1.contains("capabilities c 7"), "{d1}");
+        // Written once each: a and b once, not twice; d, written and forgotten, never.
+        let group = group();
+        let net = Net::of(group.iter());
+        let writes: Vec<&str> = net
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.write.is_some())
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(writes, ["a", "b", "c"]);
+    }
 
     #[test]
     fn applying_batches_the_store_already_holds_changes_nothing() {
