@@ -1029,7 +1029,7 @@ impl Driver {
                         let view = e
                             .from_standbys
                             .remove(&j.id)
-                            .then(|| crate::core::job_json(j).to_string());
+                            .then(|| crate::core::Rendered::job(j).get().to_owned());
                         (j.id.to_string(), view)
                     })
                     .collect();

@@ -9,7 +9,6 @@
 //! [`Ready`]: super::Ready
 
 use serde::Serialize;
-use serde_json::Value;
 use spine_protocol::{AgentInfo, AttrName, CapabilityName, Filter, JobId, JobState, SpineError};
 use tokio::sync::oneshot;
 
@@ -258,5 +257,5 @@ pub struct JobEvent {
     /// What happened.
     pub kind: EventKind,
     /// Event data (JSON).
-    pub data: Value,
+    pub data: super::Rendered,
 }

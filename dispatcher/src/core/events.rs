@@ -108,7 +108,7 @@ impl Core {
                         if !self.subscriptions.is_empty() {
                             self.notify(&fired_event(&rule.name, &id, data.clone(), now));
                         }
-                        self.publish(&id, super::EventKind::Fired, data);
+                        self.publish(&id, super::EventKind::Fired, super::Rendered::of(&data));
                     }
                     fired.push(Fired {
                         rule: rule.name.clone(),

@@ -71,8 +71,8 @@ pub(crate) use api::{
 pub use api::{EventKind, JobEvent};
 use requests::Requests;
 pub use views::{
-    job_json, rfc3339_ms, FailureView, InputView, JobStateName, JobView, MapReduceView, ResultView,
-    StepView,
+    job_json, rfc3339_ms, FailureView, InputView, JobStateName, JobView, MapReduceView, Rendered,
+    ResultView, StepView,
 };
 
 /// Incomplete blobs are dropped this long after their last chunk.
@@ -844,7 +844,7 @@ impl Core {
     }
 
     /// Queues an event for the HTTP event streams.
-    fn publish(&mut self, job: &JobId, kind: EventKind, data: serde_json::Value) {
+    fn publish(&mut self, job: &JobId, kind: EventKind, data: Rendered) {
         let submitter = self
             .jobs
             .get(job)

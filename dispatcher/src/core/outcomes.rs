@@ -428,8 +428,9 @@ impl Core {
         let Some(rec) = self.jobs.get(job) else {
             return;
         };
-        // Event streams (HTTP SSE) get the whole job, after the commit.
-        let data = super::views::job_json(rec);
+        // Event streams (HTTP SSE) and waiting requests get the whole job, after the commit,
+        // rendered once for all of them.
+        let data = super::Rendered::job(rec);
         let watch = rec.spec.watch.clone();
         self.publish(job, EventKind::Final, data);
         if let Some(watch) = watch {

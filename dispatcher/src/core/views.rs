@@ -373,6 +373,67 @@ fn result_view(
     v
 }
 
+/// JSON rendered once and shared: a job's view or an event's data, which every reader
+/// (waiting requests, event streams, the standbys' relay) sends as it is. A clone is a
+/// reference count, not a copy of a tree; it serialises as the JSON it holds.
+#[derive(Clone, Debug)]
+pub struct Rendered(std::sync::Arc<serde_json::value::RawValue>);
+
+impl Rendered {
+    /// `v` rendered (`{}`, logged, if it does not serialise: the views here always do).
+    pub fn of<T: Serialize + ?Sized>(v: &T) -> Rendered {
+        match serde_json::value::to_raw_value(v) {
+            Ok(raw) => Rendered(raw.into()),
+            Err(e) => {
+                tracing::error!("a view did not serialise: {e}");
+                Rendered::parse("{}").unwrap_or_else(|_| unreachable!("{{}} is JSON"))
+            }
+        }
+    }
+
+    /// The JSON view of job `j`, rendered: [`job_json`] without the tree.
+    pub fn job(j: &JobRecord) -> Rendered {
+        match serde_json::value::to_raw_value(&JobView::of(j)) {
+            Ok(raw) => Rendered(raw.into()),
+            Err(_) => Rendered::of(&job_json(j)),
+        }
+    }
+
+    /// `text`, checked to be one JSON value.
+    pub fn parse(text: &str) -> Result<Rendered, serde_json::Error> {
+        serde_json::value::RawValue::from_string(text.to_owned()).map(|raw| Rendered(raw.into()))
+    }
+
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+
+    /// Parsed, for the few readers that look inside (webhook subscriptions, the console's
+    /// every-job stream).
+    pub fn value(&self) -> Value {
+        serde_json::from_str(self.get()).unwrap_or_default()
+    }
+}
+
+impl PartialEq for Rendered {
+    fn eq(&self, other: &Rendered) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Serialize for Rendered {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        self.0.serialize(s)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Rendered {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Rendered, D::Error> {
+        Box::<serde_json::value::RawValue>::deserialize(d).map(|raw| Rendered(raw.into()))
+    }
+}
+
 /// The JSON view of a job (the HTTP API's, and the data of its `final` event): [`JobView`].
 pub fn job_json(j: &JobRecord) -> Value {
     serde_json::to_value(JobView::of(j)).unwrap_or_else(|e| {
@@ -494,7 +555,7 @@ impl Core {
                 .unwrap_or_default();
             (EventKind::Partial, data)
         };
-        self.publish(job, kind, data);
+        self.publish(job, kind, Rendered::of(&data));
         let Some(watch) = self.jobs.get(job).and_then(|j| j.spec.watch.clone()) else {
             return;
         };
@@ -568,5 +629,37 @@ impl Core {
         self.schedule_metrics(&mut out);
         self.canary_metrics(&mut out);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::jobs::{JobSpec, JobTable};
+
+    #[test]
+    fn a_rendered_job_is_its_json_view_and_serialises_as_that_json() {
+        let mut t = JobTable::new(10);
+        let spec = JobSpec {
+            input: b"hello".to_vec().into(),
+            idempotency_key: Some("k\"1".into()),
+            ..JobSpec::new("text.upper".parse().unwrap(), "http:app")
+        };
+        let rec = t.submit("j1".parse().unwrap(), spec, 5).unwrap().clone();
+        let r = Rendered::job(&rec);
+        assert_eq!(r.value(), job_json(&rec), "the same view, without the tree");
+        assert_eq!(r.value()["id"], "j1");
+        // Inside another document it is the JSON it holds, as it is (not a string of it),
+        // and it reads back from there (the standbys' relay).
+        #[derive(serde::Serialize, serde::Deserialize)]
+        struct Outer {
+            data: Rendered,
+        }
+        let outer = serde_json::to_string(&Outer { data: r.clone() }).unwrap();
+        assert_eq!(outer, format!("{{\"data\":{}}}", r.get()));
+        let o: Outer = serde_json::from_str(&outer).unwrap();
+        assert_eq!(o.data, r);
+        assert!(Rendered::parse("{\"a\":").is_err(), "not JSON");
+        assert_eq!(Rendered::parse(" [1, 2] ").unwrap().value(), json!([1, 2]));
     }
 }

@@ -230,7 +230,7 @@ pub(super) async fn fleet_events(
 
 /// A job's event on the every-job stream: its data names the job (`job`).
 fn job_sse(ev: crate::core::JobEvent) -> SseEvent {
-    let mut data = ev.data;
+    let mut data = ev.data.value();
     if let Some(o) = data.as_object_mut() {
         o.entry("job").or_insert_with(|| json!(ev.job));
     }

@@ -735,22 +735,26 @@ fn pattern_matches(pattern: Option<&str>, value: Option<&str>) -> bool {
 /// A job's event as a CloudEvent (structured mode), or none for progress.
 fn cloud_event(ev: &crate::core::JobEvent) -> Option<Value> {
     use crate::core::EventKind;
+    if matches!(ev.kind, EventKind::Progress | EventKind::Partial) {
+        return None;
+    }
+    let data = ev.data.value();
     match ev.kind {
         EventKind::Final => {
-            let state = ev.data["state"].as_str().unwrap_or("ended");
+            let state = data["state"].as_str().unwrap_or("ended");
             Some(serde_json::json!({
                 "specversion": "1.0",
                 "id": ev.job,
                 "source": crate::triggers::JOB_SOURCE,
                 "type": format!("spine.job.{state}"),
-                "subject": ev.data["capability"],
-                "time": ev.data["ended_at"],
+                "subject": data["capability"],
+                "time": data["ended_at"],
                 "datacontenttype": "application/json",
-                "data": ev.data,
+                "data": data,
             }))
         }
         EventKind::Fired => {
-            let rule = ev.data["rule"].as_str().unwrap_or("");
+            let rule = data["rule"].as_str().unwrap_or("");
             Some(serde_json::json!({
                 "specversion": "1.0",
                 "id": format!("{rule}/{}", ev.job),
@@ -758,7 +762,7 @@ fn cloud_event(ev: &crate::core::JobEvent) -> Option<Value> {
                 "type": "spine.rule.fired",
                 "subject": rule,
                 "datacontenttype": "application/json",
-                "data": ev.data,
+                "data": data,
             }))
         }
         EventKind::Progress | EventKind::Partial => None,

@@ -41,7 +41,6 @@ use super::auth::{authenticate, read_body};
 use super::error::ApiError;
 use super::forward::FORWARDED_BY;
 use super::openapi::{ErrorBody, Submitted};
-use super::views::job_json;
 use super::Handle;
 
 /// Where a standby sends its callers' submissions, several at a time.
@@ -506,7 +505,7 @@ async fn take(h: &Handle, peer: SocketAddr, i: usize, s: &Submission) -> Took {
         (Ok((_, _, Some(rec))), _) => Took::Done(Answer {
             i,
             status: StatusCode::OK.as_u16(),
-            body: raw(&job_json(&rec)),
+            body: raw(&crate::core::Rendered::job(&rec)),
             retry_after: None,
         }),
         (Ok((id, state, None)), Some(wait)) if !state.is_final() => Took::Waits(i, id, wait),

@@ -32,11 +32,11 @@ use super::openapi::{
 };
 use super::request::SubmitRequest;
 use super::request::{body_form, job_id, parse_request, query_as_json, spec_from, BodyForm};
-use super::views::{job_json, job_listed};
+use super::views::job_listed;
 use super::wait::Fresh;
 use super::{max_body, Command, Handle, SMALL_BODY};
 use crate::core::{Answer, ApiReply, ApiRequest, Query as Lookup};
-use crate::core::{JobStateName, JobView};
+use crate::core::{JobStateName, JobView, Rendered};
 use crate::jobs::{Body as JobBody, JobRecord};
 
 /// Asks the driver for a change (answered once it is stored). While the job store cannot be
@@ -218,7 +218,7 @@ async fn answer_waited(
         return Ok((StatusCode::ACCEPTED, Json(Submitted { id, state })).into_response());
     };
     if let Some(rec) = ended {
-        return Ok((StatusCode::OK, Json(job_json(&rec))).into_response());
+        return Ok((StatusCode::OK, Rendered::job(&rec)).into_response());
     }
     // (A key that named a job which has ended: read it.)
     let fresh = fresh.filter(|_| !state.is_final());
@@ -228,7 +228,7 @@ async fn answer_waited(
     } else {
         StatusCode::ACCEPTED
     };
-    Ok((status, Json(job)).into_response())
+    Ok((status, job).into_response())
 }
 
 /// The `Idempotency-Key` header, as the body's `idempotency_key` (the same key in both is
@@ -417,7 +417,7 @@ pub(super) async fn waited(
     h: &Handle,
     id: &JobId,
     wait: Duration,
-) -> Result<(bool, Value), ApiError> {
+) -> Result<(bool, Rendered), ApiError> {
     waited_fresh(h, id, wait, None).await
 }
 
@@ -427,14 +427,14 @@ async fn waited_fresh(
     id: &JobId,
     wait: Duration,
     fresh: Option<Fresh>,
-) -> Result<(bool, Value), ApiError> {
+) -> Result<(bool, Rendered), ApiError> {
     let read_final = || async {
         let rec = find_job(h, id).await?;
-        Ok(rec.state.is_final().then(|| job_json(&rec)))
+        Ok(rec.state.is_final().then(|| Rendered::job(&rec)))
     };
     match super::wait::until_final(h, id, wait, read_final, fresh).await? {
         Some(job) => Ok((true, job)),
-        None => Ok((false, job_json(&find_job(h, id).await?))),
+        None => Ok((false, Rendered::job(&find_job(h, id).await?))),
     }
 }
 
@@ -464,7 +464,7 @@ pub(super) async fn get_job(
     caller: Caller,
     Path(id): Path<String>,
     q: Result<Query<GetQuery>, axum::extract::rejection::QueryRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Rendered, ApiError> {
     let Query(q) = q.map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -478,13 +478,13 @@ pub(super) async fn get_job(
     match q.wait {
         Some(w) if !rec.state.is_final() => {
             let wait = super::wait::parse_wait(&w, h.limits.request_timeout)?;
-            Ok(Json(waited(&h, &id, wait).await?.1))
+            Ok(waited(&h, &id, wait).await?.1)
         }
         Some(w) => {
             super::wait::parse_wait(&w, h.limits.request_timeout)?;
-            Ok(Json(job_json(&rec)))
+            Ok(Rendered::job(&rec))
         }
-        None => Ok(Json(job_json(&rec))),
+        None => Ok(Rendered::job(&rec)),
     }
 }
 
@@ -540,7 +540,7 @@ pub(super) async fn cancel_job(
             ApiError::store_down()
         })?;
         let (_, job) = waited(&h, &id, STANDBY_CANCEL_WAIT).await?;
-        let state = serde_json::from_value(job["state"].clone()).unwrap_or(rec.state);
+        let state = serde_json::from_value(job.value()["state"].clone()).unwrap_or(rec.state);
         return Ok(Json(Submitted { id, state }));
     }
     let ApiReply::Cancelled(answer) = change(&h, ApiRequest::Cancel { id: id.clone() }).await?
@@ -584,7 +584,7 @@ pub(super) async fn events(
             .send(
                 SseEvent::default()
                     .event(if done { "final" } else { "state" })
-                    .data(job_json(&rec).to_string()),
+                    .data(Rendered::job(&rec).get()),
             )
             .await
             .is_err()
@@ -608,7 +608,7 @@ pub(super) async fn events(
                 r = &mut ended => match r {
                     Ok((true, job)) => {
                         let _ = tx
-                            .send(SseEvent::default().event("final").data(job.to_string()))
+                            .send(SseEvent::default().event("final").data(job.get()))
                             .await;
                         return;
                     }
@@ -617,7 +617,7 @@ pub(super) async fn events(
                 },
                 ev = relayed_event => match ev {
                     Ok(ev) if ev.job == id => {
-                        let e = SseEvent::default().event(ev.kind.as_str()).data(ev.data.to_string());
+                        let e = SseEvent::default().event(ev.kind.as_str()).data(ev.data.get());
                         if tx.send(e).await.is_err() {
                             return;
                         }
@@ -642,7 +642,7 @@ pub(super) async fn events(
                         .send(
                             SseEvent::default()
                                 .event(ev.kind.as_str())
-                                .data(ev.data.to_string()),
+                                .data(ev.data.get()),
                         )
                         .await
                         .is_err()
@@ -671,7 +671,7 @@ pub(super) async fn events(
                             // The stream ends here whether or not the client still reads.
                             let last = SseEvent::default()
                                 .event("final")
-                                .data(job_json(&j).to_string());
+                                .data(Rendered::job(&j).get());
                             if tx.send(last).await.is_err() {
                                 debug!(job = %id, "event stream closed before its final event");
                             }

@@ -12,16 +12,15 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::Value;
 use spine_protocol::JobId;
 use tokio::sync::{broadcast, oneshot};
 
 use super::error::ApiError;
 use super::Handle;
-use crate::core::{EventKind, JobEvent};
+use crate::core::{EventKind, JobEvent, Rendered};
 
 /// What a waiting request is told: the final job's JSON, or `None` to read it again.
-type Wake = Option<Value>;
+type Wake = Option<Rendered>;
 
 /// The requests waiting for jobs to end.
 #[derive(Default)]
@@ -239,9 +238,9 @@ impl Fresh {
     }
 }
 
-/// A view the leader sent, parsed for its caller.
-fn parsed(view: &str) -> Result<Value, ApiError> {
-    serde_json::from_str(view).map_err(|e| {
+/// A view the leader sent, checked for its caller.
+fn parsed(view: &str) -> Result<Rendered, ApiError> {
+    Rendered::parse(view).map_err(|e| {
         tracing::error!("the leader announced a job's end with a view that is not JSON: {e}");
         ApiError::unavailable()
     })
@@ -255,10 +254,10 @@ pub(super) async fn until_final<F, Fut>(
     wait: Duration,
     mut current: F,
     fresh: Option<Fresh>,
-) -> Result<Option<Value>, ApiError>
+) -> Result<Option<Rendered>, ApiError>
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<Option<Value>, ApiError>>,
+    Fut: std::future::Future<Output = Result<Option<Rendered>, ApiError>>,
 {
     let deadline = tokio::time::Instant::now() + wait;
     // A standby holds no job: it reads the shared store unless the leader's announcement
@@ -439,7 +438,7 @@ mod tests {
             job: a.clone(),
             submitter: "http:web".into(),
             kind,
-            data: serde_json::json!({ "state": state }),
+            data: Rendered::of(&serde_json::json!({ "state": state })),
         };
         // Not final: nobody wakes.
         w.event(&event(EventKind::Progress, "running"));
@@ -450,7 +449,10 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap();
-            assert_eq!(v, Some(serde_json::json!({"state": "succeeded"})));
+            assert_eq!(
+                v.map(|v| v.value()),
+                Some(serde_json::json!({"state": "succeeded"}))
+            );
         }
         let mut b1 = b1;
         assert!(b1.try_recv().is_err(), "job b has not ended");

@@ -1695,7 +1695,7 @@ struct Relayed<'a> {
     job: &'a str,
     submitter: &'a str,
     kind: &'a str,
-    data: serde_json::Value,
+    data: crate::core::Rendered,
 }
 
 /// The progress and partial events among `events` as payloads of [`EVENTS`]: one JSON object
@@ -1832,7 +1832,9 @@ mod tests {
             job: format!("job-{n}").parse().unwrap(),
             submitter: "http:web".into(),
             kind,
-            data: serde_json::json!({ "percent": n, "message": "x".repeat(bytes) }),
+            data: crate::core::Rendered::of(
+                &serde_json::json!({ "percent": n, "message": "x".repeat(bytes) }),
+            ),
         };
         let mut events: Vec<JobEvent> = (0..100).map(|n| ev(n, EventKind::Progress, 100)).collect();
         events.push(ev(100, EventKind::Final, 10));
