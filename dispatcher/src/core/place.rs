@@ -223,11 +223,10 @@ impl Core {
         let mut j = job_request(rec, now);
         let attempt = rec.attempts;
         let mime = rec.spec.input_mime.clone();
-        let sent = |j: Job, bytes: usize| Sent {
+        let sent = |j: Job| Sent {
             job: id.clone(),
             agent: agent.clone(),
             attempt,
-            bytes,
             payload: j,
             at: now.mono,
         };
@@ -259,7 +258,7 @@ impl Core {
                 let why = e.text.unwrap_or_default();
                 return self.kept_lost(id, agent, &why, now);
             }
-            Some(Err(e)) => return self.fail_attempt(&sent(j, 0), e, now),
+            Some(Err(e)) => return self.fail_attempt(&sent(j), e, now),
             None => std::borrow::Cow::Borrowed(&rec.spec.input),
         };
         // Too large for the job stanza: by reference, or in chunks.
@@ -273,7 +272,7 @@ impl Core {
                     "the input is an output kept by {}, which a job cannot take whole",
                     k.agent
                 ));
-                return self.fail_attempt(&sent(j, 0), e, now);
+                return self.fail_attempt(&sent(j), e, now);
             }
         };
         let reference = match &large {
@@ -286,7 +285,7 @@ impl Core {
         if large.is_none() || matches!(j.input, Some(Data::Ref(_))) {
             let iq_id = self.requests.id("j");
             debug!(job = %id, agent = %agent, attempt, "dispatching");
-            let s = sent(j.clone(), stanza_bytes(&j));
+            let s = sent(j.clone());
             self.requests.job_sent(iq_id.clone(), s);
             let ahead = super::SentAhead {
                 job: id.clone(),
@@ -304,7 +303,7 @@ impl Core {
                     "the input of {} bytes is over max_blob ({max}), the most sent in chunks, and {agent} does not fetch over HTTP (protocol 1.1, PROTOCOL.md §13.4)",
                     b.size
                 ));
-                return self.fail_attempt(&sent(j, 0), e, now);
+                return self.fail_attempt(&sent(j), e, now);
             }
         }
         let data = match large {
@@ -321,7 +320,7 @@ impl Core {
                 let e = SpineError::new(Condition::Failed).with_text(format!(
                     "the input cannot be read from the dispatcher's blob store: {e}"
                 ));
-                return self.fail_attempt(&sent(j, 0), e, now);
+                return self.fail_attempt(&sent(j), e, now);
             }
         };
         use sha2::Digest as _;
@@ -337,7 +336,7 @@ impl Core {
             mime,
         }));
         debug!(job = %id, agent = %agent, bytes = data.len(), "uploading the input before the job");
-        let s = sent(j.clone(), stanza_bytes(&j));
+        let s = sent(j.clone());
         self.requests
             .start_upload(key, s, blob, data, &mut self.ready.stanzas, now.mono);
     }
@@ -407,13 +406,6 @@ fn job_request(rec: &JobRecord, now: Now) -> Job {
         });
     }
     j
-}
-
-/// The size of a job IQ's payload as serialised (what counts against a server's stanza
-/// limit, less the few bytes of the `<iq>` around it).
-fn stanza_bytes(job: &Job) -> usize {
-    let size = crate::jobs::serialized_size(&minidom::Element::from(job.clone()));
-    usize::try_from(size).unwrap_or(usize::MAX)
 }
 
 /// Whether `from` is the agent `job` runs on (progress counts only from there).

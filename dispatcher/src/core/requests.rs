@@ -30,10 +30,16 @@ pub(crate) struct Sent {
     pub attempt: u64,
     /// The request, to send again after our own reconnect (its reply may have been lost).
     pub payload: Job,
-    /// When it was last sent, and its size as serialised: if the session ends right after,
-    /// the largest recent request is blamed ([`crate::jobs::blame`]).
+    /// When it was last sent: if the session ends right after, the largest recent request
+    /// is blamed ([`crate::jobs::blame`]; its size counted then, not for every request).
     pub at: Instant,
-    pub bytes: usize,
+}
+
+/// The size of a job IQ's payload as serialised (what counts against a server's stanza
+/// limit, less the few bytes of the `<iq>` around it).
+fn stanza_bytes(job: &Job) -> usize {
+    let size = crate::jobs::serialized_size(&minidom::Element::from(job.clone()));
+    usize::try_from(size).unwrap_or(usize::MAX)
 }
 
 /// A large input being sent to an agent in chunks before its job (PROTOCOL.md §13).
@@ -330,9 +336,12 @@ impl Requests {
     /// Every request with when it (or its last chunk) was sent and its stanza size, for
     /// blaming a session that ended ([`crate::jobs::blame`]).
     pub(crate) fn sent_sizes(&self) -> Vec<(JobId, usize, Instant)> {
-        let sent = self.jobs.values().map(|s| (s.job.clone(), s.bytes, s.at));
+        let sent = self
+            .jobs
+            .values()
+            .map(|s| (s.job.clone(), stanza_bytes(&s.payload), s.at));
         let chunks = self.uploads.values().filter_map(|u| {
-            let bytes = u.window.largest_stanza().max(u.sent.bytes);
+            let bytes = u.window.largest_stanza().max(stanza_bytes(&u.sent.payload));
             u.last_chunk.map(|at| (u.sent.job.clone(), bytes, at))
         });
         sent.chain(chunks).collect()
@@ -365,7 +374,6 @@ mod tests {
             attempt: 1,
             payload: Job::new(job.parse().unwrap(), "c.x".parse().unwrap()),
             at: Instant::now(),
-            bytes: 100,
         }
     }
 
