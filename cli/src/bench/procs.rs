@@ -138,12 +138,49 @@ pub(super) fn write_config(path: &Path, text: Result<String, toml::ser::Error>) 
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// A free loopback address: bind port 0, read the port, release it (the window before the
-/// child binds it is small).
+/// A free loopback address for a child to listen on: a port found free and released, which
+/// the child binds a moment later. Taken below the kernel's ephemeral range when there is
+/// room: a port of that range (what binding port 0 gives) may be taken meanwhile by any
+/// outgoing connection of the machine, which made a farm's start fail with "Address already
+/// in use" once in some thirty runs. Never the same port twice in one process.
 pub(super) fn free_loopback() -> Result<SocketAddr> {
-    std::net::TcpListener::bind("127.0.0.1:0")
+    use std::sync::Mutex;
+    static GIVEN: Mutex<Vec<u16>> = Mutex::new(Vec::new());
+    const FLOOR: u32 = 10_000;
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|t| t.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32_768)
+        .min(65_536);
+    if low > FLOOR + 1_000 {
+        let span = low - FLOOR;
+        // A start that differs between processes (several benchmarks at once), then a prime
+        // stride through the span.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let start = (std::process::id() ^ nanos) % span;
+        for i in 0..512u32 {
+            let port = (FLOOR + (start + i * 7_919) % span) as u16;
+            if given.contains(&port) {
+                continue;
+            }
+            if let Ok(addr) =
+                std::net::TcpListener::bind(("127.0.0.1", port)).and_then(|l| l.local_addr())
+            {
+                given.push(port);
+                return Ok(addr);
+            }
+        }
+    }
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
-        .context("finding a free loopback port")
+        .context("finding a free loopback port")?;
+    given.push(addr.port());
+    Ok(addr)
 }
 
 /// Polls `ready` until it holds, failing if a child exits or after [`START_PATIENCE`].
@@ -276,5 +313,32 @@ pub(super) async fn start(
             children.stop().await;
             Err(e)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn free_ports_are_loopback_distinct_bindable_and_below_the_ephemeral_range() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|t| t.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32_768);
+        let addrs: Vec<SocketAddr> = (0..50).map(|_| free_loopback().unwrap()).collect();
+        let mut ports: Vec<u16> = addrs.iter().map(SocketAddr::port).collect();
+        ports.sort_unstable();
+        ports.dedup();
+        assert_eq!(ports.len(), 50, "never the same port twice");
+        for a in &addrs {
+            assert!(a.ip().is_loopback(), "{a}");
+            if low > 11_000 {
+                assert!((10_000..low).contains(&a.port()), "{a} below {low}");
+            }
+        }
+        // What a child does with one: bind it.
+        let l = std::net::TcpListener::bind(addrs[0]).unwrap();
+        assert_eq!(l.local_addr().unwrap(), addrs[0]);
     }
 }
