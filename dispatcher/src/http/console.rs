@@ -239,6 +239,39 @@ fn job_sse(ev: crate::core::JobEvent) -> SseEvent {
         .data(data.to_string())
 }
 
+/// At a standby, the `final` event of a job the leader announced ended, if `may_see` its
+/// submitter: from the view the leader sent (a job a standby accepted), or else read from
+/// the shared store.
+async fn final_heard(
+    pg: &crate::store::postgres::PgStore,
+    id: &str,
+    view: Option<&str>,
+    may_see: impl Fn(&str) -> bool,
+) -> Option<SseEvent> {
+    let mut data = match view {
+        Some(view) => serde_json::from_str::<serde_json::Value>(view)
+            .ok()
+            .filter(|d| {
+                d.get("submitter")
+                    .and_then(|s| s.as_str())
+                    .is_some_and(&may_see)
+            })?,
+        None => match pg.job(id).await {
+            Ok(Some(rec)) if may_see(&rec.spec.submitter) => job_json(&rec),
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::warn!("a standby could not read a job that ended: {e}");
+                return None;
+            }
+        },
+    };
+    if let Some(o) = data.as_object_mut() {
+        let id = o.get("id").cloned().unwrap_or_else(|| json!(id));
+        o.entry("job").or_insert(id);
+    }
+    Some(SseEvent::default().event("final").data(data.to_string()))
+}
+
 fn sse(kind: &str, data: &impl Serialize) -> SseEvent {
     SseEvent::default()
         .event(kind)
@@ -278,7 +311,7 @@ pub(super) async fn jobs_events(
                     None => std::future::pending().await,
                 }
             };
-            let id = tokio::select! {
+            let heard = tokio::select! {
                 _ = tx.closed() => return,
                 r = tokio::time::timeout(Duration::from_secs(1), ended.recv()) => r,
                 ev = relayed_event => {
@@ -294,48 +327,30 @@ pub(super) async fn jobs_events(
                     continue;
                 }
             };
-            let event = match id {
+            let heard = match heard {
                 Err(_) => continue,
-                Ok(Ok(e)) if e.is_missed() => continue,
-                // The leader sent the view of a job a standby accepted: no read.
-                Ok(Ok(crate::store::postgres::Ended {
-                    view: Some(view), ..
-                })) => match serde_json::from_str::<serde_json::Value>(&view) {
-                    Ok(mut data)
-                        if data
-                            .get("submitter")
-                            .and_then(|s| s.as_str())
-                            .is_some_and(|s| caller.grant.may_see(&me, s)) =>
-                    {
-                        if let Some(o) = data.as_object_mut() {
-                            let id = o.get("id").cloned().unwrap_or_default();
-                            o.entry("job").or_insert(id);
-                        }
-                        SseEvent::default().event("final").data(data.to_string())
+                Ok(Ok(heard)) => heard,
+                // `missed` counts the leader's announcements, each the ends of one commit.
+                Ok(Err(broadcast::error::RecvError::Lagged(n))) => {
+                    let lagged = SseEvent::default()
+                        .event("lagged")
+                        .data(json!({ "missed": n }).to_string());
+                    if tx.send(lagged).await.is_err() {
+                        return;
                     }
-                    _ => continue,
-                },
-                Ok(Ok(crate::store::postgres::Ended { id, .. })) => match pg.job(&id).await {
-                    Ok(Some(rec)) if caller.grant.may_see(&me, &rec.spec.submitter) => {
-                        let mut data = job_json(&rec);
-                        if let Some(o) = data.as_object_mut() {
-                            o.entry("job").or_insert_with(|| json!(rec.id));
-                        }
-                        SseEvent::default().event("final").data(data.to_string())
-                    }
-                    Ok(_) => continue,
-                    Err(e) => {
-                        tracing::warn!("a standby could not read a job that ended: {e}");
-                        continue;
-                    }
-                },
-                Ok(Err(broadcast::error::RecvError::Lagged(n))) => SseEvent::default()
-                    .event("lagged")
-                    .data(json!({ "missed": n }).to_string()),
+                    continue;
+                }
                 Ok(Err(broadcast::error::RecvError::Closed)) => return,
             };
-            if tx.send(event).await.is_err() {
-                return;
+            for (id, view) in heard.jobs() {
+                let Some(event) =
+                    final_heard(&pg, id, view, |s| caller.grant.may_see(&me, s)).await
+                else {
+                    continue;
+                };
+                if tx.send(event).await.is_err() {
+                    return;
+                }
             }
         }
         loop {

@@ -18,6 +18,7 @@ use tokio::sync::{broadcast, oneshot};
 use super::error::ApiError;
 use super::Handle;
 use crate::core::{EventKind, JobEvent, Rendered};
+use crate::store::postgres::{ended_lines, Ended};
 
 /// What a waiting request is told: the final job's JSON, or `None` to read it again.
 type Wake = Option<Rendered>;
@@ -110,6 +111,12 @@ type View = Option<Arc<str>>;
 /// the caller registers: so the announcements are numbered and the latest [`RECENT`] kept. A
 /// caller that took a [`Fresh`] mark before its submission finds its job among them, or
 /// knows (when none after its mark was let go) that it has not ended, without a read.
+///
+/// Every standby hears the end of every job of the farm, most of them of no interest to its
+/// callers (the jobs it passed on are answered by the leader directly). So the leader's
+/// notifications are kept as they came, and looked at line by line only while callers wait
+/// (to wake them) or when one registers (the lines not yet indexed are then indexed, each
+/// once): a standby no one waits at spends on an announcement a count of its lines.
 #[derive(Default)]
 pub(crate) struct Announced {
     inner: Mutex<Heard>,
@@ -118,15 +125,75 @@ pub(crate) struct Announced {
 #[derive(Default)]
 struct Heard {
     waiting: HashMap<Arc<str>, Vec<oneshot::Sender<View>>>,
-    /// The latest announcements, oldest first: (number, id).
-    order: std::collections::VecDeque<(u64, Arc<str>)>,
-    /// The same, by id: (number, view).
+    /// The latest notifications, oldest first: the number of their first announcement,
+    /// their payload (a job per line), and how many they hold.
+    notes: std::collections::VecDeque<(u64, Arc<str>, u64)>,
+    /// The announcements `notes` hold.
+    kept: u64,
+    /// The announcements of `notes` numbered below `indexed`, by id: (number, view).
     recent: HashMap<Arc<str>, (u64, View)>,
+    /// Every announcement numbered below this one and kept is in `recent`.
+    indexed: u64,
     /// The number of the next announcement.
     next: u64,
-    /// Every announcement from this number on is in `recent` (earlier ones were let go, or
+    /// Every announcement from this number on is in `notes` (earlier ones were let go, or
     /// lost to a lagging channel).
     kept_from: u64,
+}
+
+impl Heard {
+    /// Indexes the announcements kept and not yet indexed.
+    fn index(&mut self) {
+        if self.indexed >= self.next {
+            return;
+        }
+        let from = self.indexed;
+        let Heard { notes, recent, .. } = self;
+        for (first, payload, count) in notes.iter().rev() {
+            if first + count <= from {
+                break;
+            }
+            for (k, (id, view)) in ended_lines(payload).enumerate() {
+                let n = first + k as u64;
+                if n < from {
+                    continue;
+                }
+                // A later announcement of the same job wins (indexed in any order).
+                match recent.get_mut(id) {
+                    Some(had) if had.0 > n => {}
+                    Some(had) => *had = (n, view.map(Arc::from)),
+                    None => {
+                        recent.insert(Arc::from(id), (n, view.map(Arc::from)));
+                    }
+                }
+            }
+        }
+        self.indexed = self.next;
+    }
+
+    /// Lets go of the oldest notifications beyond [`RECENT`] announcements.
+    fn let_go(&mut self) {
+        while self.kept > RECENT as u64 {
+            let Some((first, payload, count)) = self.notes.pop_front() else {
+                break;
+            };
+            self.kept -= count;
+            // (Never back: announcements lost later than these were let go keep it higher.)
+            self.kept_from = self.kept_from.max(first + count);
+            if self.indexed > first {
+                for (k, (id, _)) in ended_lines(&payload).enumerate() {
+                    // (Announced again since: kept.)
+                    if self
+                        .recent
+                        .get(id)
+                        .is_some_and(|(n, _)| *n == first + k as u64)
+                    {
+                        self.recent.remove(id);
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// What [`Announced::register`] found.
@@ -148,28 +215,31 @@ impl Announced {
         self.lock().next
     }
 
-    /// The leader announced that `id` ended: its waiters are told.
-    pub(crate) fn announce(&self, id: Arc<str>, view: View) {
+    /// The leader announced that the jobs of `payload` ended (a line each: the id, then a tab
+    /// and the job's view if it sent one): their waiters are told.
+    pub(crate) fn announce(&self, payload: Arc<str>) {
         let mut h = self.lock();
-        let n = h.next;
-        h.next += 1;
-        if let Some(waiting) = h.waiting.remove(&id) {
-            for w in waiting {
-                let _ = w.send(view.clone());
+        let mut count = 0u64;
+        for (id, view) in ended_lines(&payload) {
+            count += 1;
+            if h.waiting.is_empty() {
+                continue;
+            }
+            if let Some(waiting) = h.waiting.remove(id) {
+                let view: View = view.map(Arc::from);
+                for w in waiting {
+                    let _ = w.send(view.clone());
+                }
             }
         }
-        h.order.push_back((n, id.clone()));
-        h.recent.insert(id, (n, view));
-        while h.order.len() > RECENT {
-            let Some((m, old)) = h.order.pop_front() else {
-                break;
-            };
-            h.kept_from = m + 1;
-            // (Announced again since: kept.)
-            if h.recent.get(&old).is_some_and(|(k, _)| *k == m) {
-                h.recent.remove(&old);
-            }
+        if count == 0 {
+            return;
         }
+        let first = h.next;
+        h.next += count;
+        h.kept += count;
+        h.notes.push_back((first, payload, count));
+        h.let_go();
     }
 
     /// Announcements were lost (the channel lagged): every waiter looks for itself, and no
@@ -188,6 +258,7 @@ impl Announced {
 
     fn register(&self, id: &str, since: Option<u64>) -> Registered {
         let mut h = self.lock();
+        h.index();
         if let Some((_, view)) = h.recent.get(id) {
             return Registered::Ended(view.clone());
         }
@@ -208,15 +279,12 @@ impl Announced {
     }
 
     /// Feeds it from the listener's `ended` channel, until that closes.
-    pub(crate) fn follow(
-        self: Arc<Self>,
-        mut rx: broadcast::Receiver<crate::store::postgres::Ended>,
-    ) {
+    pub(crate) fn follow(self: Arc<Self>, mut rx: broadcast::Receiver<Ended>) {
         tokio::spawn(async move {
             loop {
                 match rx.recv().await {
-                    Ok(e) if e.is_missed() => self.lost(),
-                    Ok(e) => self.announce(e.id, e.view),
+                    Ok(Ended::Missed) => self.lost(),
+                    Ok(Ended::Jobs(payload)) => self.announce(payload),
                     Err(broadcast::error::RecvError::Lagged(_)) => self.lost(),
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
@@ -336,11 +404,10 @@ mod tests {
     #[tokio::test]
     async fn a_standby_s_waiter_hears_its_job_s_end_before_or_after_it_registers() {
         let a = Announced::default();
-        let view = |s: &str| Some(Arc::<str>::from(s));
         let mark = a.mark();
         // Announced before the caller registered (the job ended while its acceptance was
         // on its way back): found among the recent ones.
-        a.announce("j-1".into(), view("{\"state\":\"succeeded\"}"));
+        a.announce("j-0\nj-1\t{\"state\":\"succeeded\"}".into());
         match a.register("j-1", Some(mark)) {
             Registered::Ended(v) => assert_eq!(v.as_deref(), Some("{\"state\":\"succeeded\"}")),
             Registered::Waiting(..) => panic!("announced already"),
@@ -351,16 +418,22 @@ mod tests {
         };
         assert!(complete);
         // Only its own job's announcement wakes it, with the view.
-        a.announce("j-3".into(), None);
-        a.announce("j-2".into(), view("{}"));
+        a.announce("j-3".into());
+        let Registered::Waiting(mut other, _) = a.register("j-5", Some(mark)) else {
+            panic!("not announced")
+        };
+        a.announce("j-4\nj-2\t{}".into());
+        assert!(other.try_recv().is_err(), "j-5 has not ended");
         let v = tokio::time::timeout(Duration::from_secs(5), rx)
             .await
             .unwrap()
             .unwrap();
         assert_eq!(v.as_deref(), Some("{}"));
+        drop(other);
+        a.forget_gone("j-5");
         assert!(a.lock().waiting.is_empty());
         // Without a mark, a waiter reads the job first.
-        let Registered::Waiting(_, complete) = a.register("j-4", None) else {
+        let Registered::Waiting(_, complete) = a.register("j-9", None) else {
             panic!("not announced")
         };
         assert!(!complete);
@@ -371,7 +444,7 @@ mod tests {
         let a = Announced::default();
         let mark = a.mark();
         for n in 0..=RECENT {
-            a.announce(format!("j-{n}").into(), None);
+            a.announce(format!("j-{n}").into());
         }
         // The first one was let go: a caller marked before it cannot know it did not miss
         // its own job's end.
@@ -398,8 +471,75 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn announcements_no_one_waits_for_are_kept_as_they_came_and_read_when_someone_asks() {
+        let a = Announced::default();
+        let mark = a.mark();
+        // Three notifications of 3,000 ends each, no caller waiting: nothing indexed.
+        let note = |from: usize| -> Arc<str> {
+            (from..from + 3000)
+                .map(|n| format!("j-{n}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+                .into()
+        };
+        a.announce(note(0));
+        a.announce(note(3000));
+        a.announce("j-6000\t{\"id\":\"j-6000\"}\nj-6001".into());
+        assert!(a.lock().recent.is_empty(), "no one asked: nothing indexed");
+        assert_eq!(a.lock().kept, 6002);
+        // A caller registering indexes what is kept, once.
+        assert!(matches!(
+            a.register("j-1", Some(mark)),
+            Registered::Ended(None)
+        ));
+        assert_eq!(a.lock().recent.len(), 6002);
+        match a.register("j-6000", Some(mark)) {
+            Registered::Ended(v) => assert_eq!(v.as_deref(), Some("{\"id\":\"j-6000\"}")),
+            Registered::Waiting(..) => panic!("announced already"),
+        }
+        // Past RECENT, the oldest notification goes whole, with its index entries; an end
+        // announced again later stays.
+        a.announce("j-2\tagain".into());
+        a.announce(note(7000));
+        let h = a.lock();
+        assert_eq!(h.kept, 3000 + 2 + 1 + 3000);
+        assert_eq!(h.kept_from, 3000);
+        assert!(!h.recent.contains_key("j-1"));
+        assert!(h.recent.contains_key("j-3000"));
+        drop(h);
+        match a.register("j-2", None) {
+            Registered::Ended(v) => assert_eq!(v.as_deref(), Some("again"), "the later end"),
+            Registered::Waiting(..) => panic!("announced again after"),
+        }
+        // A mark from before the let-go notification is not whole; one after it is.
+        assert!(matches!(
+            a.register("j-1", Some(mark)),
+            Registered::Waiting(_, false)
+        ));
+        assert!(matches!(
+            a.register("j-7000", Some(3000)),
+            Registered::Ended(None)
+        ));
+        assert!(matches!(
+            a.register("j-x", Some(3000)),
+            Registered::Waiting(_, true)
+        ));
+        // Lost announcements: a later let-go does not make an older mark whole again.
+        a.lost();
+        let h = a.lock();
+        let lost_at = h.kept_from;
+        drop(h);
+        a.announce(note(20_000));
+        a.announce(note(30_000));
+        assert!(a.lock().kept_from >= lost_at);
+        assert!(matches!(
+            a.register("j-y", Some(lost_at - 1)),
+            Registered::Waiting(_, false)
+        ));
+    }
+
+    #[tokio::test]
     async fn listening_begun_again_wakes_the_waiters_to_look_for_themselves() {
-        use crate::store::postgres::Ended;
         let a = Arc::new(Announced::default());
         let (tx, rx) = broadcast::channel(16);
         a.clone().follow(rx);
@@ -409,18 +549,14 @@ mod tests {
         };
         // The standby listens again (a new connection, or it stood by again after leading):
         // what was announced meanwhile may be lost.
-        tx.send(Ended::missed()).unwrap();
+        tx.send(Ended::Missed).unwrap();
         let woken = tokio::time::timeout(Duration::from_secs(5), first).await;
         assert_eq!(woken.expect("woken").unwrap(), None);
         let Registered::Waiting(second, false) = a.register("j-2", Some(mark)) else {
             panic!("a mark from before the gap is not whole")
         };
         // Ends announced after it reach their waiters as before.
-        tx.send(Ended {
-            id: Arc::from("j-2"),
-            view: Some(Arc::from("{}")),
-        })
-        .unwrap();
+        tx.send(Ended::Jobs(Arc::from("j-2\t{}"))).unwrap();
         assert_eq!(second.await.unwrap().as_deref(), Some("{}"));
         assert!(matches!(
             a.register("j-2", None),

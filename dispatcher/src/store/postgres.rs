@@ -674,7 +674,7 @@ impl PgStore {
     /// dispatcher leads, the connection does not listen to them (they are its own, and its
     /// callers hear of them directly), and PostgreSQL does not send them to it. Whenever it
     /// begins to listen to them (standing by again, or on a new connection), it sends
-    /// [`Ended::missed`] on `ended`: what was announced before may not have been heard.
+    /// [`Ended::Missed`] on `ended`: what was announced before may not have been heard.
     pub(crate) fn listen(
         self: &Arc<Self>,
         tx: tokio::sync::mpsc::Sender<()>,
@@ -711,10 +711,8 @@ impl PgStore {
                     while let Some(Ok(m)) = futures::StreamExt::next(&mut messages).await {
                         if let tokio_postgres::AsyncMessage::Notification(n) = m {
                             if n.channel() == ENDED {
-                                for e in ended_announced(n.payload()) {
-                                    // No standby waiting is fine.
-                                    let _ = ended.send(e);
-                                }
+                                // No standby waiting is fine.
+                                let _ = ended.send(Ended::Jobs(Arc::from(n.payload())));
                             } else if n.channel() == RATES {
                                 let uses = rates_reported(n.payload(), &me);
                                 // A report lost to a full queue: the budget is a little
@@ -751,7 +749,7 @@ impl PgStore {
                 }
                 if client.batch_execute(&sql).await.is_ok() {
                     if following {
-                        let _ = heard.send(Ended::missed());
+                        let _ = heard.send(Ended::Missed);
                     }
                     let _ = tx.try_send(());
                     let mut watching = true;
@@ -773,7 +771,7 @@ impl PgStore {
                                     }
                                     following = follow;
                                     if follow {
-                                        let _ = heard.send(Ended::missed());
+                                        let _ = heard.send(Ended::Missed);
                                     }
                                 }
                                 continue;
@@ -1584,30 +1582,42 @@ fn submitted_jobs(payload: &str) -> (Vec<JobRecord>, bool) {
     (jobs, whole)
 }
 
-/// A job the leader announced ended ([`ENDED`]), as a standby hears of it.
+/// What a standby hears on [`ENDED`]: the jobs of one notification of the leader's, as sent.
+///
+/// A notification is passed on whole, unparsed: a standby where no caller waits for any of
+/// its jobs only counts its lines ([`crate::http`]'s `Announced` reads them when a caller
+/// registers), rather than making an entry for each ended job of the whole farm.
 #[derive(Debug, Clone)]
-pub struct Ended {
-    pub id: Arc<str>,
-    /// Its JSON view as the leader sent it, unparsed (a job whose caller waits at a standby,
-    /// whose view fit in a notification): that caller is answered without a read, and the
-    /// standbys where no one waits for the job do not parse it.
-    pub view: Option<Arc<str>>,
+pub enum Ended {
+    /// One notification's payload: a line per job, its id, then a tab and its JSON view if
+    /// the leader sent one (a job whose caller waits at a standby, whose view fit).
+    Jobs(Arc<str>),
+    /// Not an end: the standby began to listen (again), and ends announced before may not
+    /// have reached it; its waiting callers look for themselves.
+    Missed,
 }
 
 impl Ended {
-    /// Not an end: the standby began to listen (again), and ends announced before may not
-    /// have reached it; its waiting callers look for themselves.
-    pub fn missed() -> Ended {
-        Ended {
-            id: Arc::from(""),
-            view: None,
-        }
+    /// The jobs announced: each one's id and, when the leader sent it, its JSON view
+    /// (unparsed; none for [`Ended::Missed`]).
+    pub fn jobs(&self) -> impl Iterator<Item = (&str, Option<&str>)> {
+        let payload = match self {
+            Ended::Jobs(p) => &p[..],
+            Ended::Missed => "",
+        };
+        ended_lines(payload)
     }
+}
 
-    /// Whether this is [`Ended::missed`].
-    pub fn is_missed(&self) -> bool {
-        self.id.is_empty()
-    }
+/// The lines of a notification of [`ENDED`]: each job's id and its view, if it has one.
+pub(crate) fn ended_lines(payload: &str) -> impl Iterator<Item = (&str, Option<&str>)> {
+    payload
+        .split('\n')
+        .filter(|l| !l.is_empty())
+        .map(|l| match l.split_once('\t') {
+            Some((id, view)) => (id, Some(view)),
+            None => (l, None),
+        })
 }
 
 /// Notifications of [`ENDED`]: one line per job, its id, then a tab and its JSON view if it
@@ -1668,24 +1678,6 @@ fn rates_reported(payload: &str, me: &str) -> Vec<RateUse> {
         .filter_map(|l| serde_json::from_str::<RateLine>(l).ok())
         .filter(|l| l.from != me)
         .map(|l| l.used)
-        .collect()
-}
-
-/// The jobs a notification of [`ENDED`] announces.
-fn ended_announced(payload: &str) -> Vec<Ended> {
-    payload
-        .lines()
-        .filter(|l| !l.is_empty())
-        .map(|l| match l.split_once('\t') {
-            Some((id, view)) => Ended {
-                id: id.into(),
-                view: Some(view.into()),
-            },
-            None => Ended {
-                id: l.into(),
-                view: None,
-            },
-        })
         .collect()
 }
 
@@ -1814,16 +1806,19 @@ mod tests {
         let payloads = ended_payloads(&ended);
         assert!(payloads.len() >= 2, "{}", payloads.len());
         assert!(payloads.iter().all(|p| p.len() <= RELAY_PAYLOAD));
-        let back: Vec<Ended> = payloads.iter().flat_map(|p| ended_announced(p)).collect();
+        let heard: Vec<Ended> = payloads
+            .iter()
+            .map(|p| Ended::Jobs(Arc::from(p.as_str())))
+            .collect();
+        let back: Vec<(&str, Option<&str>)> = heard.iter().flat_map(Ended::jobs).collect();
         assert_eq!(back.len(), 400);
-        assert_eq!(&*back[0].id, "j-1");
-        let parsed: serde_json::Value =
-            serde_json::from_str(back[0].view.as_deref().expect("a view")).unwrap();
+        assert_eq!(back[0].0, "j-1");
+        let parsed: serde_json::Value = serde_json::from_str(back[0].1.expect("a view")).unwrap();
         assert_eq!(parsed, view);
-        assert_eq!(&*back[1].id, format!("j-{:034}", 2));
-        assert!(back[1].view.is_none());
+        assert_eq!(back[1], (format!("j-{:034}", 2).as_str(), None));
         // A view too large for a notification: the id alone, the standby reads the job.
-        assert_eq!((&*back[399].id, back[399].view.is_none()), ("j-big", true));
+        assert_eq!(back[399], ("j-big", None));
+        assert_eq!(Ended::Missed.jobs().count(), 0);
     }
 
     #[test]
