@@ -25,6 +25,7 @@ mod deliver;
 mod driver;
 pub mod election;
 pub mod error;
+mod fastmap;
 pub mod http;
 pub mod jobs;
 pub mod leadership;

@@ -25,7 +25,8 @@
 //! instead of scanning the fleet. The salt is redrawn on every update, which breaks ties at
 //! random.
 
-use std::collections::{BTreeSet, HashMap};
+use crate::fastmap::HashMap;
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use jid::FullJid;
@@ -332,7 +333,11 @@ impl Registry {
                 self.unindex(id);
                 if old.0 != ad.instance {
                     let lost: Vec<JobId> = old.1.keys().cloned().collect();
-                    (id, AdvertiseOutcome::Restarted(id, lost), HashMap::new())
+                    (
+                        id,
+                        AdvertiseOutcome::Restarted(id, lost),
+                        HashMap::default(),
+                    )
                 } else {
                     (id, AdvertiseOutcome::Updated(id), old.1)
                 }
@@ -343,7 +348,7 @@ impl Registry {
                     AgentId((self.agents.len() - 1) as u32)
                 });
                 self.by_jid.insert(jid.clone(), id);
-                (id, AdvertiseOutcome::Added(id), HashMap::new())
+                (id, AdvertiseOutcome::Added(id), HashMap::default())
             }
         };
         let entry = AgentEntry {

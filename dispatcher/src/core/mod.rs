@@ -47,8 +47,9 @@ pub(crate) mod ticks;
 pub(crate) mod tree;
 pub(crate) mod views;
 
+use crate::fastmap::{HashMap, HashSet};
 use std::cmp::Reverse;
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::BinaryHeap;
 use std::time::{Duration, Instant};
 
 use jid::BareJid;
@@ -254,7 +255,7 @@ pub(crate) struct Core {
     /// Queued jobs that found no capable agent, since when (ms).
     no_agent_since: HashMap<JobId, u64>,
     /// Idempotency keys ((submitter, key) → job) of the jobs held, and back.
-    idempotency: HashMap<(String, String), JobId>,
+    idempotency: std::collections::HashMap<(String, String), JobId>,
     idempotency_of: HashMap<JobId, (String, String)>,
     /// Agents (bare JIDs) seen, with when (ms): greeted after a restart.
     known_agents: HashMap<String, u64>,
@@ -332,15 +333,15 @@ impl Core {
             blobs: BlobStore::with_limits(cfg.blob_limits(BLOB_IDLE_TTL)),
             blob_store,
             data: None,
-            http_agents: HashMap::new(),
-            slots: HashMap::new(),
-            event_slots: HashMap::new(),
+            http_agents: HashMap::default(),
+            slots: Default::default(),
+            event_slots: Default::default(),
             deliveries: Deliveries::new(format!("{:08x}", rng.random::<u32>())),
             requests: Requests::new(prefix),
             state_requests: operator::StateRequests::default(),
-            no_agent_since: HashMap::new(),
-            idempotency: HashMap::new(),
-            idempotency_of: HashMap::new(),
+            no_agent_since: HashMap::default(),
+            idempotency: std::collections::HashMap::new(),
+            idempotency_of: HashMap::default(),
             known_agents: restored.agents.into_iter().collect(),
             started: now.mono,
             grace_pending: false,
@@ -351,7 +352,7 @@ impl Core {
             stats: stats::Stats::default(),
             rates: rates::RateLimits::default(),
             session_died: None,
-            dirty: HashSet::new(),
+            dirty: HashSet::default(),
             place_pending: true,
             among_several: false,
             recall: None,
@@ -367,7 +368,7 @@ impl Core {
                 tracing::error!("event rules not loaded: {e}");
                 crate::triggers::Rules::default()
             }),
-            rule_counts: HashMap::new(),
+            rule_counts: HashMap::default(),
             outcomes: Vec::new(),
             subscriptions: crate::subscriptions::Subscriptions::new(&cfg.subscriptions)
                 .unwrap_or_else(|e| {
@@ -375,7 +376,7 @@ impl Core {
                     tracing::error!("subscriptions not loaded: {e}");
                     crate::subscriptions::Subscriptions::default()
                 }),
-            notified: HashMap::new(),
+            notified: HashMap::default(),
             schedules: crate::schedules::schedules(&cfg.schedules)
                 .unwrap_or_else(|e| {
                     // `DispatcherConfig::validate` refused such a configuration at load.
@@ -797,7 +798,7 @@ impl Core {
     }
 
     /// Every blob a held job references (the start-up sweep keeps these).
-    pub(crate) fn referenced_blobs(&self) -> HashSet<crate::blobs::Stored> {
+    pub(crate) fn referenced_blobs(&self) -> std::collections::HashSet<crate::blobs::Stored> {
         self.jobs.referenced_blobs().copied().collect()
     }
 

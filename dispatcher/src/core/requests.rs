@@ -7,7 +7,7 @@
 //! A job has at most one request in flight, so forgetting a job's request (cancelled, timed
 //! out, its agent gone) is one lookup.
 
-use std::collections::HashMap;
+use crate::fastmap::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -89,11 +89,11 @@ impl Requests {
         Requests {
             prefix,
             next: 0,
-            jobs: HashMap::new(),
-            by_job: HashMap::new(),
-            uploads: HashMap::new(),
-            chunk_iqs: HashMap::new(),
-            pings: HashMap::new(),
+            jobs: HashMap::default(),
+            by_job: HashMap::default(),
+            uploads: HashMap::default(),
+            chunk_iqs: HashMap::default(),
+            pings: HashMap::default(),
         }
     }
 

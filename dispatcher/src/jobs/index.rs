@@ -13,8 +13,9 @@
 //! jobs (started after each event), running map/reduce jobs (stragglers), and the
 //! newest-first listing per state and per submitter and state (`GET /v1/jobs`).
 
+use crate::fastmap::HashMap;
 use std::cmp::Reverse;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use spine_protocol::{CapabilityName, JobId, JobState, Strategy};
 

@@ -9,7 +9,7 @@
 //! fan-out (`all.rs`) and map/reduce (`mapreduce.rs`) change records only through it, and
 //! only this file can reach the map of records, so the compiler keeps that promise.
 
-use std::collections::HashMap;
+use crate::fastmap::HashMap;
 
 use jid::FullJid;
 use spine_protocol::{CapabilityName, Condition, JobId, JobState};

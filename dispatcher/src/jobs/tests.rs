@@ -5,8 +5,6 @@
 //! scratch over the records, and every indexed read must give what a scan of the records
 //! gives.
 
-use std::collections::HashMap;
-
 use jid::FullJid;
 use proptest::prelude::*;
 use spine_protocol::fragments::{self, Fragment};
@@ -271,7 +269,7 @@ fn check_reads(t: &JobTable) {
         }
         assert_eq!(&&back, j, "{}", String::from_utf8_lossy(&json));
     }
-    let mut counts = HashMap::new();
+    let mut counts = crate::fastmap::HashMap::default();
     for j in &all {
         *counts
             .entry((j.spec.capability.clone(), j.state))
