@@ -336,16 +336,22 @@ pub(super) async fn stored_ref(h: &Handle, hex: &str) -> Result<Stored, ApiError
         return Ok(Stored { sha256: sha, size });
     }
     if let Some(pg) = h.shared.as_ref() {
-        let size = pg.blob_size(&sha).await.map_err(|e| shared_down(hex, &e))?;
-        if let Some(size) = size {
+        // Boxed: reads of the shared store and file writes make a large future, which every
+        // submission's future would otherwise carry inline (and move) for this rare case.
+        let copied = Box::pin(async {
+            let size = pg.blob_size(&sha).await.map_err(|e| shared_down(hex, &e))?;
+            let Some(size) = size else {
+                return Ok(None);
+            };
             let s = Stored { sha256: sha, size };
             let (_, missing) = pg
                 .fetch_blobs(&[s], &d.blobs)
                 .await
                 .map_err(|e| shared_down(hex, &e))?;
-            if missing.is_empty() {
-                return Ok(s);
-            }
+            Ok::<_, ApiError>(missing.is_empty().then_some(s))
+        });
+        if let Some(s) = copied.await? {
+            return Ok(s);
         }
     }
     Err(ApiError::field(
@@ -386,7 +392,8 @@ pub(super) async fn fetch_fragments(
     if want.is_empty() {
         return Ok(());
     }
-    pg.fetch_blobs(&want, &d.blobs)
+    // (Boxed, as in `stored_ref`.)
+    Box::pin(pg.fetch_blobs(&want, &d.blobs))
         .await
         .map_err(|e| shared_down("of a fragment", &e))?;
     Ok(())

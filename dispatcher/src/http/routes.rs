@@ -176,7 +176,9 @@ pub(super) async fn submit(
     if let Some(body) = body {
         spec.input = match (&h.data, declared) {
             (Some(d), n) if n.is_none_or(|n| n > spine_protocol::INLINE_LIMIT as u64) => {
-                JobBody::Stored(data::store_body(&d.blobs, body, n, h.max_input, None).await?)
+                // (Boxed: a large future, for raw uploads only.)
+                let stored = Box::pin(data::store_body(&d.blobs, body, n, h.max_input, None));
+                JobBody::Stored(stored.await?)
             }
             _ => {
                 let limit = usize::try_from(h.max_input).unwrap_or(usize::MAX);
@@ -289,7 +291,9 @@ async fn submit_one(
     wait: bool,
 ) -> Result<(JobId, spine_protocol::JobState, Option<Box<JobRecord>>), ApiError> {
     if let (Some(pg), Some(key)) = (h.standby_store(), &spec.idempotency_key) {
-        match pg.idempotent(&spec.submitter, key).await {
+        // (Boxed: a read of the shared store is a large future, which every submission's
+        // would otherwise carry inline and move with it.)
+        match Box::pin(pg.idempotent(&spec.submitter, key)).await {
             Ok(Some(rec)) => return Ok((rec.id, rec.state, None)),
             Ok(None) => {}
             Err(e) => {

@@ -395,10 +395,17 @@ impl PgStore {
     async fn live<'a>(&self, slot: &'a mut Option<Conn>) -> Result<&'a mut Conn, StoreError> {
         if slot.as_ref().is_none_or(|c| c.client.is_closed()) {
             *slot = None;
-            let client = self.connect_client().await?;
-            let st = prepare(&client).await.map_err(|x| self.err(x))?;
+            // Boxed: connecting is rare and its future large (the TLS and protocol
+            // handshakes, the statements prepared), and every future awaiting `live` —
+            // an HTTP request's read of a job at a standby, say — would carry it inline.
+            let conn = Box::pin(async {
+                let client = self.connect_client().await?;
+                let st = prepare(&client).await.map_err(|x| self.err(x))?;
+                Ok::<_, StoreError>(Conn { client, st })
+            })
+            .await?;
             info!(store = %self.target.name, "connected to PostgreSQL again");
-            *slot = Some(Conn { client, st });
+            *slot = Some(conn);
         }
         slot.as_mut().ok_or_else(|| e("no connection"))
     }
