@@ -583,7 +583,10 @@ mod tests {
         let took = std::mem::size_of_val(&take(&h, peer, 0, &s));
         let waits = std::mem::size_of_val(&waited_answer(&h, 0, &id, Duration::ZERO));
         assert!(took < 6 * 1024, "a submission's future is {took} bytes");
-        assert!(waits < 3 * 1024, "a waiting caller's future is {waits} bytes");
+        assert!(
+            waits < 3 * 1024,
+            "a waiting caller's future is {waits} bytes"
+        );
     }
 
     #[test]
