@@ -562,10 +562,10 @@ fn raw<T: Serialize>(v: &T) -> Box<RawValue> {
 mod tests {
     use super::*;
 
-    /// A passed submission's futures sit side by side, one per submission, and are moved
-    /// as they are created: the rare paths that read the shared store (reconnecting, a
-    /// blob copied, an idempotency key looked up) are boxed so that they are not carried
-    /// inline. Before, a submission's future was 8 KiB and a waiting caller's 5.5 KiB.
+    /// A request's passed submissions each have a future, allocated and moved as it is
+    /// created: the rare paths that read the shared store (reconnecting, a blob copied, an
+    /// idempotency key looked up) are boxed so that they are not carried inline. Before, a
+    /// submission's future was 8 KiB and a waiting caller's 5.5 KiB.
     #[test]
     fn a_submission_s_futures_do_not_carry_the_shared_store_s_inline() {
         let (tx, _) = tokio::sync::mpsc::channel(1);
