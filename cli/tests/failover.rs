@@ -1557,8 +1557,26 @@ async fn a_job_sent_ahead_of_its_commit_runs_once_after_the_leader_dies() {
     }
     let (ran_on, _) = runs.lock().unwrap()[0].clone();
 
-    // The leader dies with the dispatch not stored; the lock goes.
+    // The leader dies with the dispatch not stored, and its connection with it (its commit,
+    // one statement in autocommit, would otherwise run on once the lock goes, and land
+    // before the next leader's epoch: see docs/dispatcher.md); then the lock goes.
     nodes[0].kill_9().await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while pg
+        .psql(
+            "spine",
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+             WHERE wait_event_type = 'Lock' AND query LIKE 'SELECT spine_commit(%'",
+        )
+        .unwrap()
+        != "1"
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the leader's commit never waited on the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     sql.write_all(b"ROLLBACK;\n").await.expect("unlock");
     drop(sql);
     let _ = tokio::time::timeout(Duration::from_secs(10), psql.wait()).await;

@@ -165,7 +165,7 @@ async fn the_postgres_store_keeps_the_same_promises_and_migrates_once() {
             "SELECT string_agg(version::text, ',') FROM spine_migrations"
         )
         .unwrap(),
-        "1,2,3,4,5,6,7,8,9"
+        "1,2,3,4,5,6,7,8,9,10"
     );
     // Version 8: job keys compare byte by byte, and the records' table leaves room for
     // updates in place.
@@ -405,6 +405,35 @@ async fn a_deposed_leader_stores_nothing() {
         pg.psql("spine", "SELECT holder || ' ' || epoch FROM spine_lease")
             .unwrap(),
         "d1 3"
+    );
+    // Two dispatchers accept the same submitter's key for two jobs: the first stored keeps
+    // it; nothing of the second's commit is stored, not even its other job.
+    let z = job("job-z");
+    let mut keyed = |id: &str| {
+        let mut spec = JobSpec::new("c".parse().unwrap(), "http:app");
+        spec.idempotency_key = Some("order-7".into());
+        t.submit(id.parse().unwrap(), spec, 5).unwrap().clone()
+    };
+    let (k1, k2) = (keyed("job-k1"), keyed("job-k2"));
+    a.commit(&batch(&k1, "d1", 3))
+        .await
+        .expect("the key's first job");
+    let both = OwnedBatch::encode(&Batch {
+        jobs: &[&z, &k2],
+        ..Batch::default()
+    })
+    .unwrap();
+    let e = b.commit(&both).await.unwrap_err().to_string();
+    assert!(e.contains("idempotency key"), "{e}");
+    let ids: Vec<String> = sorted(b.load().await.unwrap())
+        .into_iter()
+        .map(|j| j.id.as_str().to_owned())
+        .collect();
+    assert_eq!(ids, ["job-k1", "job-x", "job-y"]);
+    assert_eq!(
+        pg.psql("spine", "SELECT job FROM spine_idempotency")
+            .unwrap(),
+        "job-k1"
     );
 }
 

@@ -8,9 +8,10 @@
 //!   start, each in a transaction, under an advisory lock (two dispatchers starting at once
 //!   apply each once); `spine_migrations` records them. A database migrated by a newer Spine
 //!   is refused rather than misread.
-//! - **Writes**: one statement per table per batch, its rows as arrays (`UNNEST`), prepared
-//!   once per connection; every write is an upsert or a delete by key, so a batch whose commit
-//!   was cut off by a lost connection is simply written again on a new one.
+//! - **Writes**: a batch is one call of the function `spine_commit` (migration 10) in
+//!   autocommit, its rows as arrays (`UNNEST`), prepared once per connection: one round trip
+//!   and one transaction. Every write is an upsert or a delete by key, so a batch whose
+//!   commit was cut off by a lost connection is simply written again on a new one.
 //! - **Connection**: one, since the dispatcher commits one batch at a time. When it is lost,
 //!   a commit reconnects (backing off up to 2 s) and retries for up to `store_timeout`; beyond
 //!   that the dispatcher stops rather than acknowledge what it did not store.
@@ -67,6 +68,11 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
         9,
         "audit batches",
         include_str!("../../migrations/0009_audit_batches.sql"),
+    ),
+    (
+        10,
+        "commit function",
+        include_str!("../../migrations/0010_commit_function.sql"),
     ),
 ];
 
@@ -194,28 +200,12 @@ struct Statements {
     read_key: Statement,
     read_submitted: Statement,
     read_cancels: Statement,
-    fence: Statement,
     take: Statement,
     leader: Statement,
     renew: Statement,
     release: Statement,
-    upsert_jobs: Statement,
-    insert_inputs: Statement,
-    delete_inputs: Statement,
-    upsert_idempotency: Statement,
-    delete_idempotency_of: Statement,
-    delete_jobs: Statement,
-    delete_audit: Statement,
-    delete_audit_batches: Statement,
-    insert_audit_batch: Statement,
-    upsert_agents: Statement,
-    insert_capabilities: Statement,
-    /// The commit's own statements that were sent unprepared: each cost a round trip to
-    /// prepare before it could run, after the others had.
-    notify: Statement,
-    insert_submitted: Statement,
-    delete_submitted: Statement,
-    delete_cancels: Statement,
+    /// A batch's writes: `spine_commit` (migration 10).
+    commit: Statement,
 }
 
 struct Conn {
@@ -253,6 +243,12 @@ pub struct PgStore {
 
 /// A commit of a leader whose lease row names another holder or epoch: it stored nothing.
 pub const DEPOSED: &str = "deposed";
+
+/// The SQLSTATE `spine_commit` raises when the lease no longer names the caller (migration
+/// 10).
+const DEPOSED_CODE: &str = "SP001";
+/// The SQLSTATE `spine_commit` raises when an idempotency key names another job.
+const KEY_TAKEN_CODE: &str = "SP002";
 
 /// Who holds the lease row, read by [`PgStore::leader`].
 #[derive(Debug, Clone, PartialEq)]
@@ -1037,7 +1033,7 @@ impl PgStore {
     }
 }
 
-/// Drops every table of Spine's schema from the database `target` names, so that the next
+/// Drops every table (and the function) of Spine's schema from the database `target` names, so that the next
 /// dispatcher starts on an empty store: for benchmarks and tests on a scratch database.
 pub async fn drop_schema(target: &PgTarget) -> Result<(), StoreError> {
     let (client, task) = scratch_connection(target).await?;
@@ -1045,7 +1041,8 @@ pub async fn drop_schema(target: &PgTarget) -> Result<(), StoreError> {
         .batch_execute(
             "DROP TABLE IF EXISTS spine_jobs, spine_inputs, spine_idempotency, spine_agents, \
              spine_capabilities, spine_audit_outbox, spine_audit_batches, spine_lease, spine_blobs, \
-             spine_blob_chunks, spine_submitted, spine_cancels, spine_rules, spine_migrations",
+             spine_blob_chunks, spine_submitted, spine_cancels, spine_rules, spine_migrations; \
+             DROP FUNCTION IF EXISTS spine_commit",
         )
         .await
         .map_err(|x| e(format!("{}: {}", target.name, describe(&x))));
@@ -1132,11 +1129,6 @@ async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
             .await?,
         // The lease row (migration 2), in the database's clock (`clock_timestamp`, not the
         // transaction's start).
-        fence: c
-            .prepare(
-                "SELECT 1 FROM spine_lease WHERE name = 'leader' AND holder = $1 AND epoch = $2 FOR SHARE",
-            )
-            .await?,
         take: c
             .prepare(
                 "UPDATE spine_lease SET holder = $1, epoch = epoch + 1, \
@@ -1166,67 +1158,10 @@ async fn prepare(c: &Client) -> Result<Statements, tokio_postgres::Error> {
                  WHERE name = 'leader' AND holder = $1 AND epoch = $2 RETURNING epoch",
             )
             .await?,
-        upsert_jobs: c
+        commit: c
             .prepare(
-                "INSERT INTO spine_jobs (id, record) SELECT * FROM UNNEST($1::text[], $2::bytea[]) \
-                 ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+                "SELECT spine_commit($1::text, $2::int8, $3::text[], $4::bytea[], $5::text[], $6::text[], $7::text[], $8::bytea[], $9::text[], $10::bytea[], $11::bytea[], $12::text[], $13::text[], $14::int8, $15::text[], $16::text[], $17::text[], $18::text[], $19::text[], $20::bytea[], $21::text[], $22::int8[], $23::text[], $24::int8[], $25::text[], $26::bytea[])",
             )
-            .await?,
-        insert_inputs: c
-            .prepare(
-                "INSERT INTO spine_inputs (id, input) SELECT * FROM UNNEST($1::text[], $2::bytea[]) \
-                 ON CONFLICT (id) DO NOTHING",
-            )
-            .await?,
-        delete_inputs: c
-            .prepare("DELETE FROM spine_inputs WHERE id = ANY($1::text[])")
-            .await?,
-        upsert_idempotency: c
-            .prepare(
-                "INSERT INTO spine_idempotency (key, job) SELECT * FROM UNNEST($1::bytea[], $2::text[]) \
-                 ON CONFLICT (key) DO UPDATE SET job = EXCLUDED.job \
-                 WHERE spine_idempotency.job = EXCLUDED.job",
-            )
-            .await?,
-        delete_idempotency_of: c
-            .prepare("DELETE FROM spine_idempotency WHERE job = ANY($1::text[])")
-            .await?,
-        delete_jobs: c
-            .prepare("DELETE FROM spine_jobs WHERE id = ANY($1::text[])")
-            .await?,
-        delete_audit: c
-            .prepare("DELETE FROM spine_audit_outbox WHERE job = ANY($1::text[])")
-            .await?,
-        delete_audit_batches: c
-            .prepare("DELETE FROM spine_audit_batches WHERE jobs[1] = ANY($1::text[])")
-            .await?,
-        insert_audit_batch: c
-            .prepare("INSERT INTO spine_audit_batches (jobs, lines) VALUES ($1::text[], $2::bytea[])")
-            .await?,
-        upsert_agents: c
-            .prepare(
-                "INSERT INTO spine_agents (jid, seen_ms) SELECT * FROM UNNEST($1::text[], $2::int8[]) \
-                 ON CONFLICT (jid) DO UPDATE SET seen_ms = GREATEST(spine_agents.seen_ms, EXCLUDED.seen_ms)",
-            )
-            .await?,
-        insert_capabilities: c
-            .prepare(
-                "INSERT INTO spine_capabilities (name, first_ms) SELECT * FROM UNNEST($1::text[], $2::int8[]) \
-                 ON CONFLICT (name) DO NOTHING",
-            )
-            .await?,
-        notify: c.prepare("SELECT pg_notify($1, $2)").await?,
-        insert_submitted: c
-            .prepare(
-                "INSERT INTO spine_submitted (id, at_ms) SELECT id, $2 FROM UNNEST($1::text[]) AS id \
-                 ON CONFLICT DO NOTHING",
-            )
-            .await?,
-        delete_submitted: c
-            .prepare("DELETE FROM spine_submitted WHERE id = ANY($1)")
-            .await?,
-        delete_cancels: c
-            .prepare("DELETE FROM spine_cancels WHERE job = ANY($1)")
             .await?,
     })
 }
@@ -1262,11 +1197,6 @@ fn last_per_job<K: Eq + std::hash::Hash + Clone, L>(
     out
 }
 
-/// One statement of a batch, on its way.
-type Step<'a> = std::pin::Pin<
-    Box<dyn std::future::Future<Output = Result<u64, tokio_postgres::Error>> + Send + 'a>,
->;
-
 /// One entry per key, with the latest time: an upsert may not touch a row twice in one
 /// statement, and a batch may name an agent or a capability twice.
 fn latest<'a>(pairs: impl Iterator<Item = (&'a str, u64)>) -> (Vec<&'a str>, Vec<i64>) {
@@ -1287,12 +1217,6 @@ async fn write(
     b: &OwnedBatch,
     fence: Option<&(String, i64)>,
 ) -> Result<Written, tokio_postgres::Error> {
-    let st = &c.st;
-    // The transaction is begun, written and checked by hand rather than with
-    // tokio-postgres' `Transaction`, whose `BEGIN` is a round trip of its own before the
-    // first write may go: here it goes out with them (PostgreSQL runs a connection's
-    // requests in order). Every way out before the `COMMIT` rolls back (`rollback`).
-    let tx = &c.client;
     let ids: Vec<&str> = b.jobs.iter().map(|j| j.id.as_str()).collect();
     let records: Vec<&[u8]> = b.jobs.iter().map(|j| j.record.as_slice()).collect();
     let (with_input, inputs): (Vec<&str>, Vec<&[u8]>) = b
@@ -1325,169 +1249,58 @@ async fn write(
     let (audit_jobs, audit_lines) = audit_batch(&b.audit);
     let (agents, seen) = latest(b.agents.iter().map(|(a, t)| (a.as_str(), *t)));
     let (caps, first) = latest(b.capabilities.iter().map(|(c, t)| (c.as_str(), *t)));
-    // Deletions first (an audit line removed and added in one batch ends added), then
-    // writes. The statements go out together; PostgreSQL runs them in order.
-    let mut steps: Vec<Step<'_>> = Vec::new();
-    steps.push(Box::pin(async {
-        tx.batch_execute("BEGIN").await.map(|()| 0)
-    }));
-    let fence_step = fence.is_some().then_some(steps.len());
-    if let Some((holder, epoch)) = fence {
-        steps.push(Box::pin(async {
-            tx.query(&st.fence, &[holder, epoch])
-                .await
-                .map(|r| r.len() as u64)
-        }));
-    }
-    if !audited.is_empty() {
-        // Rows of the outbox an earlier version wrote, and the batches these jobs open.
-        steps.push(Box::pin(async {
-            tx.execute(&st.delete_audit, &[&audited]).await
-        }));
-        steps.push(Box::pin(async {
-            tx.execute(&st.delete_audit_batches, &[&audited]).await
-        }));
-    }
-    if !dropped.is_empty() {
-        steps.push(Box::pin(async {
-            tx.execute(
-                "DELETE FROM spine_blob_chunks WHERE sha256 = ANY($1)",
-                &[&dropped],
-            )
-            .await
-        }));
-        steps.push(Box::pin(async {
-            tx.execute(
-                "DELETE FROM spine_blobs WHERE sha256 = ANY($1)",
-                &[&dropped],
-            )
-            .await
-        }));
-    }
-    if !deleted.is_empty() {
-        steps.push(Box::pin(async {
-            tx.execute(&st.delete_idempotency_of, &[&deleted]).await
-        }));
-        steps.push(Box::pin(async {
-            tx.execute(&st.delete_inputs, &[&deleted]).await
-        }));
-        steps.push(Box::pin(async {
-            tx.execute(&st.delete_jobs, &[&deleted]).await
-        }));
-    }
-    if !without_input.is_empty() {
-        steps.push(Box::pin(async {
-            tx.execute(&st.delete_inputs, &[&without_input]).await
-        }));
-    }
-    if !ids.is_empty() {
-        steps.push(Box::pin(async {
-            tx.execute(&st.upsert_jobs, &[&ids, &records]).await
-        }));
-    }
-    if !with_input.is_empty() {
-        steps.push(Box::pin(async {
-            tx.execute(&st.insert_inputs, &[&with_input, &inputs]).await
-        }));
-    }
-    // A key is written again with each change of its job; one that names another job (a
-    // standby accepted the same key meanwhile) is not overwritten, and fails the batch.
-    let idem_step = (!idem_keys.is_empty()).then_some(steps.len());
-    if !idem_keys.is_empty() {
-        steps.push(Box::pin(async {
-            tx.execute(&st.upsert_idempotency, &[&idem_keys, &idem_jobs])
-                .await
-        }));
-    }
-    if !submitted.is_empty() {
-        steps.push(Box::pin(async {
-            tx.execute(&st.insert_submitted, &[&submitted, &now]).await
-        }));
-        for payload in &submitted_notes {
-            steps.push(Box::pin(async move {
-                tx.execute(&st.notify, &[&SUBMITTED, payload]).await
-            }));
-        }
-    }
-    if !adopted.is_empty() {
-        steps.push(Box::pin(async {
-            tx.execute(&st.delete_submitted, &[&adopted]).await
-        }));
-    }
-    if !cancelled.is_empty() {
-        steps.push(Box::pin(async {
-            tx.execute(&st.delete_cancels, &[&cancelled]).await
-        }));
-    }
-    for payload in &ended {
-        steps.push(Box::pin(async move {
-            tx.execute(&st.notify, &[&ENDED, payload]).await
-        }));
-    }
-    if !audit_jobs.is_empty() {
-        steps.push(Box::pin(async {
-            tx.execute(&st.insert_audit_batch, &[&audit_jobs, &audit_lines])
-                .await
-        }));
-    }
-    if !agents.is_empty() {
-        steps.push(Box::pin(async {
-            tx.execute(&st.upsert_agents, &[&agents, &seen]).await
-        }));
-    }
-    if !caps.is_empty() {
-        steps.push(Box::pin(async {
-            tx.execute(&st.insert_capabilities, &[&caps, &first]).await
-        }));
-    }
-    // Rules made over the API: few and rare, so unprepared; last, so that the indices of
-    // the steps above stay as checked below.
-    for (name, rule) in &b.rules {
-        let now = &now;
-        steps.push(Box::pin(async move {
-            match rule {
-                Some(json) => {
-                    tx.execute(
-                        "INSERT INTO spine_rules (name, config, updated_ms) VALUES ($1, $2, $3) \
-                         ON CONFLICT (name) DO UPDATE SET config = $2, updated_ms = $3",
-                        &[name, json, now],
-                    )
-                    .await
-                }
-                None => {
-                    tx.execute("DELETE FROM spine_rules WHERE name = $1", &[name])
-                        .await
-                }
-            }
-        }));
-    }
-    let done = match futures::future::try_join_all(steps).await {
-        Ok(done) => done,
-        Err(x) => {
-            rollback(tx).await;
-            return Err(x);
-        }
+    let (rule_names, rule_configs): (Vec<&str>, Vec<Option<&[u8]>>) = b
+        .rules
+        .iter()
+        .map(|(name, rule)| (name.as_str(), rule.as_deref()))
+        .unzip();
+    let (holder, epoch) = match fence {
+        Some((holder, epoch)) => (Some(holder.as_str()), Some(*epoch)),
+        None => (None, None),
     };
-    if fence_step.is_some_and(|i| done.get(i) != Some(&1)) {
-        rollback(tx).await;
-        return Ok(Written::Deposed);
-    }
-    if idem_step.is_some_and(|i| done.get(i) != Some(&(idem_keys.len() as u64))) {
-        rollback(tx).await;
-        return Ok(Written::KeyTaken);
-    }
-    if let Err(x) = tx.batch_execute("COMMIT").await {
-        rollback(tx).await;
-        return Err(x);
-    }
-    Ok(Written::Stored)
-}
-
-/// Ends a transaction [`write`] began without storing anything of it. Best effort: a
-/// connection that cannot take even this is closed, and the next commit makes a new one.
-async fn rollback(client: &Client) {
-    if let Err(e) = client.batch_execute("ROLLBACK").await {
-        tracing::debug!("rollback after a failed commit: {e}");
+    // One statement in autocommit: one round trip, one transaction (migration 10). The
+    // function's checks raise, which stores nothing of the call.
+    let called = c
+        .client
+        .execute(
+            &c.st.commit,
+            &[
+                &holder,
+                &epoch,
+                &audited,
+                &dropped,
+                &deleted,
+                &without_input,
+                &ids,
+                &records,
+                &with_input,
+                &inputs,
+                &idem_keys,
+                &idem_jobs,
+                &submitted,
+                &now,
+                &submitted_notes,
+                &adopted,
+                &cancelled,
+                &ended,
+                &audit_jobs,
+                &audit_lines,
+                &agents,
+                &seen,
+                &caps,
+                &first,
+                &rule_names,
+                &rule_configs,
+            ],
+        )
+        .await;
+    match called {
+        Ok(_) => Ok(Written::Stored),
+        Err(x) => match x.code().map(|c| c.code()) {
+            Some(DEPOSED_CODE) => Ok(Written::Deposed),
+            Some(KEY_TAKEN_CODE) => Ok(Written::KeyTaken),
+            _ => Err(x),
+        },
     }
 }
 
