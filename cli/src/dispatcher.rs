@@ -45,7 +45,7 @@ pub fn run(args: DispatcherArgs) -> Result<()> {
         return Ok(());
     }
     crate::server::init_logging(&args.log);
-    let threads = Some(cfg.threads);
+    let threads = Some(cfg.runtime_threads());
     crate::server::run_spawned_on("dispatcher", threads, async move {
         spine_dispatcher::run(cfg, crate::server::shutdown_signal())
             .await

@@ -46,8 +46,10 @@ pub struct DispatcherConfig {
     /// Agents allowed to offer some capabilities (`[[agent]]`).
     #[serde(rename = "agent")]
     pub agent_rules: Vec<AgentRule>,
-    /// Threads of `spine dispatcher`'s runtime (its HTTP API's, and the one its core runs on).
-    pub threads: usize,
+    /// Threads of `spine dispatcher`'s runtime (its HTTP API's, and the one its core runs on);
+    /// unset: [`DispatcherConfig::runtime_threads`] chooses by the store.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threads: Option<usize>,
     /// Queue bound per capability.
     pub max_queue: usize,
     /// Delayed jobs (`not_before`) waiting for their time, at most, in all.
@@ -250,7 +252,7 @@ impl Default for DispatcherConfig {
             agent_rules: Vec::new(),
             max_queue: 10_000,
             max_delayed: 100_000,
-            threads: 1,
+            threads: None,
             max_delay: Duration::from_secs(720 * 3600),
             max_attempts: 3,
             no_agent_wait: Duration::from_secs(30),
@@ -417,10 +419,10 @@ impl DispatcherConfig {
         if self.max_queue == 0 {
             return Err(bad("max_queue", "must be at least 1"));
         }
-        if !(1..=1024).contains(&self.threads) {
+        if self.threads.is_some_and(|n| !(1..=1024).contains(&n)) {
             return Err(bad(
                 "threads",
-                "must be from 1 to 1024 (1, the default, keeps the dispatcher's core, its commits and its connections on one thread)",
+                "must be from 1 to 1024 (unset: 1 with the embedded store, which keeps the dispatcher's core, its commits and its connections on one thread; 2 with PostgreSQL)",
             ));
         }
         if self.max_delay.is_zero() {
@@ -780,6 +782,17 @@ impl DispatcherConfig {
         }
     }
 
+    /// Threads of `spine dispatcher`'s runtime: `threads`, or by the store. On the embedded
+    /// store 1: a job's whole path (HTTP, the core, XMPP, the journal's write) stays on one
+    /// thread and wakes no other. On PostgreSQL 2: a commit is a round trip on the database
+    /// connection's task, which on one thread waits behind the core and the HTTP API (measured:
+    /// one PostgreSQL dispatcher 0.98 of redb's jobs a second on 2 threads, 0.91 on 1;
+    /// BENCHMARKS.md, "The PostgreSQL store against redb").
+    pub fn runtime_threads(&self) -> usize {
+        let postgres = self.store.as_deref().is_some_and(crate::store::is_postgres);
+        self.threads.unwrap_or(if postgres { 2 } else { 1 })
+    }
+
     /// The PostgreSQL store the configuration names (its password file read), or none for
     /// the embedded store.
     pub fn store_target(&self) -> Result<Option<crate::store::postgres::PgTarget>, String> {
@@ -857,6 +870,19 @@ mod tests {
             assert!(printed.lines().any(|l| l == line), "{line} in\n{printed}");
         }
         assert_eq!(DispatcherConfig::from_toml(&printed).unwrap(), cfg);
+    }
+
+    #[test]
+    fn runtime_threads_follow_the_store_unless_set() {
+        let with = |toml: &str| DispatcherConfig::from_toml(toml).unwrap().runtime_threads();
+        assert_eq!(with(""), 1);
+        assert_eq!(with("store = \"redb\""), 1);
+        assert_eq!(with("store = \"postgres://spine@127.0.0.1:5432/spine\""), 2);
+        assert_eq!(
+            with("store = \"postgresql://spine@127.0.0.1/spine\"\nthreads = 1"),
+            1
+        );
+        assert_eq!(with("threads = 4"), 4);
     }
 
     #[test]

@@ -143,6 +143,13 @@ impl JobStore {
     }
 }
 
+/// Whether the configuration's `store` names PostgreSQL (a URL; the rest of it checked by
+/// [`target`]).
+pub(crate) fn is_postgres(url: &str) -> bool {
+    let u = url.trim();
+    u.starts_with("postgres://") || u.starts_with("postgresql://")
+}
+
 /// Parses the configuration's `store` (none: the embedded store).
 pub(crate) fn target(
     url: Option<&str>,
@@ -150,9 +157,7 @@ pub(crate) fn target(
 ) -> Result<Option<PgTarget>, String> {
     match url.map(str::trim) {
         None | Some("") | Some("redb") => Ok(None),
-        Some(u) if u.starts_with("postgres://") || u.starts_with("postgresql://") => {
-            PgTarget::parse(u, password).map(Some)
-        }
+        Some(u) if is_postgres(u) => PgTarget::parse(u, password).map(Some),
         Some(other) => Err(format!(
             "'{}' is not a store: \"redb\" (the default, data_dir/jobs.redb) or a PostgreSQL URL \"postgres://user@host:5432/db\"",
             other.chars().take(40).collect::<String>()

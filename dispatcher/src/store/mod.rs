@@ -30,7 +30,7 @@ mod backend;
 mod journal;
 pub mod postgres;
 
-pub(crate) use backend::target;
+pub(crate) use backend::{is_postgres, target};
 pub use backend::{Held, JobStore};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
