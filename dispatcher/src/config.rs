@@ -786,8 +786,8 @@ impl DispatcherConfig {
     /// store 1: a job's whole path (HTTP, the core, XMPP, the journal's write) stays on one
     /// thread and wakes no other. On PostgreSQL 2: a commit is a round trip on the database
     /// connection's task, which on one thread waits behind the core and the HTTP API (measured:
-    /// one PostgreSQL dispatcher 0.98 of redb's jobs a second on 2 threads, 0.91 on 1;
-    /// BENCHMARKS.md, "The PostgreSQL store against redb").
+    /// one PostgreSQL dispatcher 0.97–0.98 of redb's jobs a second on 2 threads, 0.85–0.91 on
+    /// 1; BENCHMARKS.md, "The PostgreSQL store against redb").
     pub fn runtime_threads(&self) -> usize {
         let postgres = self.store.as_deref().is_some_and(crate::store::is_postgres);
         self.threads.unwrap_or(if postgres { 2 } else { 1 })
