@@ -78,9 +78,10 @@ const MIGRATIONS: &[(i32, &str, &str)] = &[
 
 /// The channel a standby notifies when it stored a submission for the leader, with the jobs
 /// ([`submitted_payloads`]); an empty payload (a cancel asked of a standby) only wakes the
-/// leader to read.
+/// leader to read. `spine_commit` (migration 10) names it too.
 const SUBMITTED: &str = "spine_submitted";
-/// The channel the leader notifies with the jobs that ended ([`ended_payloads`]).
+/// The channel the leader notifies with the jobs that ended ([`ended_payloads`]);
+/// `spine_commit` (migration 10) names it too.
 const ENDED: &str = "spine_ended";
 /// The channel the leader relays its jobs' progress and partial results on, for the event
 /// streams of standbys ([`relay_payloads`]).
@@ -1033,8 +1034,9 @@ impl PgStore {
     }
 }
 
-/// Drops every table (and the function) of Spine's schema from the database `target` names, so that the next
-/// dispatcher starts on an empty store: for benchmarks and tests on a scratch database.
+/// Drops every table (and the function) of Spine's schema from the database `target` names,
+/// so that the next dispatcher starts on an empty store: for benchmarks and tests on a
+/// scratch database.
 pub async fn drop_schema(target: &PgTarget) -> Result<(), StoreError> {
     let (client, task) = scratch_connection(target).await?;
     let r = client
