@@ -461,12 +461,6 @@ async fn run_inner(
             cfg.data_dir.display()
         )))
     })?;
-    if !sent_before.is_empty() {
-        info!(
-            jobs = sent_before.len(),
-            "the last process sent jobs ahead of their commit: they go back to their agents"
-        );
-    }
     let policy = Policy::from_config(&cfg)?;
     let mut conn = connecting
         .await
@@ -628,8 +622,8 @@ async fn run_inner(
     let mut core = if elected.is_some() {
         if !sent_before.is_empty() {
             warn!(
-                jobs = sent_before.len(),
-                "jobs sent ahead of their commit by an earlier run on the embedded store are ignored on PostgreSQL"
+                lines = sent_before.len(),
+                "the files of jobs sent ahead of their commit by an earlier run on the embedded store are ignored on PostgreSQL"
             );
         }
         Core::standby(
@@ -674,7 +668,17 @@ async fn run_inner(
     };
     d.core.session_started(t);
     if d.elected.is_none() {
-        d.core.recover(sent_before, t);
+        // The files also hold lines of dispatches stored since (stale): the core leaves
+        // those jobs alone and counts the others.
+        let lines = sent_before.len();
+        let back = d.core.recover(sent_before, t);
+        if back > 0 {
+            info!(
+                jobs = back,
+                lines,
+                "the last process sent jobs ahead of their commit: they go back to their agents"
+            );
+        }
     }
     d.commit_all().await?;
     // What the last process sent ahead is stored now (as jobs restored in flight).
@@ -759,6 +763,8 @@ async fn run_inner(
         c.stop().await;
     }
     last?;
+    // Every dispatch sent ahead is stored now: a clean stop leaves the files empty.
+    d.sent_ahead.clear();
     d.conn.send(Presence::new(PresenceType::Unavailable)).await;
     d.conn.close().await;
     Ok(())

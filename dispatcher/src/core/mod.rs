@@ -579,19 +579,24 @@ impl Core {
     /// then jobs the last process sent ahead of their commit ([`SentAhead`], read back from
     /// the driver's file) go back to the agent they went to, as jobs restored in flight do
     /// (after the map/reduce steps, which may only now be made again, under the same ids).
-    pub(crate) fn recover(&mut self, sent_ahead: Vec<SentAhead>, now: Now) {
+    /// Returns how many jobs go back to their agent (a line whose dispatch was stored since,
+    /// or whose job is gone, changes nothing).
+    pub(crate) fn recover(&mut self, sent_ahead: Vec<SentAhead>, now: Now) -> usize {
         for parent in self.jobs.running_mapreduces() {
             let adv = self.jobs.advance(&parent, now.ms, self.blob_store.as_ref());
             self.apply_advance(&parent, adv, now);
         }
+        let mut back = 0;
         for s in sent_ahead {
             if self.jobs.sent_ahead(&s.job, s.attempt, &s.agent, now.ms) {
                 tracing::info!(job = %s.job, agent = %s.agent, attempt = s.attempt,
                     "restored as sent before the stop: back to its agent");
                 self.grace_pending = true;
                 self.persist(&s.job);
+                back += 1;
             }
         }
+        back
     }
 
     /// The XMPP session (re)started: initial presence, then a hello to every agent seen in the
