@@ -282,6 +282,12 @@ enum Scenario {
         /// client that follows the `leader` of a standby's 503 does).
         #[arg(long)]
         to_leader: bool,
+        /// Where the client of the jobs one at a time runs: "own" (a thread and a
+        /// single-threaded runtime of its own, as a web app's request handler) or "shared"
+        /// (the benchmark's multi-thread runtime, the only client of builds before this
+        /// option; --against such a build uses it on both sides).
+        #[arg(long, value_enum, default_value = "own")]
+        seq_client: cost::SeqClient,
         /// Also write the results as JSON to this file.
         #[arg(long)]
         json: Option<PathBuf>,
@@ -450,6 +456,7 @@ pub fn run(a: BenchArgs) -> Result<bool> {
             store,
             dispatchers,
             to_leader,
+            seq_client,
             json,
         } => {
             if to_leader && dispatchers < 2 {
@@ -486,6 +493,7 @@ pub fn run(a: BenchArgs) -> Result<bool> {
                 store,
                 dispatchers,
                 to_leader,
+                seq_client,
             }))?;
             write_json(json, &r)?;
             Ok(true)

@@ -485,6 +485,10 @@ fn cost_runs_small_against_itself() {
     ]);
     assert!(stdout.contains("nothing throttles 8 in flight"), "{stdout}");
     assert!(stdout.contains("after (this binary) ÷ before"), "{stdout}");
+    // The default client of the jobs one at a time, on both sides (the other build knows
+    // the option, so nothing is switched for the comparison).
+    assert!(stdout.contains("client: one at a time own ("), "{stdout}");
+    assert!(!stdout.contains("has only the client"), "{stdout}");
     for side in [&r, &r["against"]] {
         let runs = side["runs"].as_array().unwrap();
         assert_eq!(runs.len(), 1, "{side}");

@@ -5,12 +5,14 @@
 //! Each run starts a fresh farm of separate child processes ([`super::procs`]: `spine
 //! server`, `spine dispatcher`, one `spine agent --builtin`), so that the CPU time each process
 //! used during a phase can be read from `/proc/<pid>/stat` before and after it. Every job is
-//! one `POST /v1/jobs?wait=30s` of `{"capability":"text.upper"}` on one keep-alive client,
-//! answered 200 with the job `succeeded`. With `--against BIN` the same run is made by another
-//! `spine` binary (an older build) after each run of this one, so that the machine's drift
-//! falls on both, and the ratios after ÷ before are reported; the other side's figures are
-//! read from the JSON it writes, one flat object per run ([`Figures`]), which both sides must
-//! therefore agree on.
+//! one `POST /v1/jobs?wait=30s` of `{"capability":"text.upper"}` on a keep-alive client,
+//! answered 200 with the job `succeeded`: one at a time from a client with a thread and a
+//! runtime of its own ([`SeqClient::Own`], as a web app's request handler calls out on its
+//! thread), many in flight from the benchmark's multi-thread runtime. With `--against BIN` the
+//! same run is made by another `spine` binary (an older build) after each run of this one,
+//! so that the machine's drift falls on both, and the ratios after ÷ before are reported; the
+//! other side's figures are read from the JSON it writes, one flat object per run
+//! ([`Figures`]), which both sides must therefore agree on.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -51,6 +53,30 @@ pub(super) struct Options {
     pub(super) dispatchers: usize,
     /// Jobs go to the leader alone (the standbys kept warm).
     pub(super) to_leader: bool,
+    /// Where the client of the jobs one at a time runs.
+    pub(super) seq_client: SeqClient,
+}
+
+/// Where the client of the jobs one at a time runs (`--seq-client`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum SeqClient {
+    /// On a thread of its own, with a single-threaded runtime: the request, its answer and
+    /// the next request stay on one thread, as in a web app's request handler.
+    Own,
+    /// On the benchmark's multi-thread runtime, driven from its main thread: each job then
+    /// also pays two wake-ups of another thread inside the client (the connection's task and
+    /// the caller), 60–70 µs of the client's CPU a job and up to a tenth of the p50 on a
+    /// 2-core VM (BENCHMARKS.md). The only client of builds before this option.
+    Shared,
+}
+
+impl SeqClient {
+    fn name(self) -> &'static str {
+        match self {
+            SeqClient::Own => "own",
+            SeqClient::Shared => "shared",
+        }
+    }
 }
 
 /// The figures of one run: a flat object, the JSON both sides of `--against` read and write
@@ -118,13 +144,23 @@ pub(super) async fn run(o: Options) -> Result<Value> {
         "--dir {}: not a directory (give an existing directory on the disk to measure)",
         parent.display()
     );
+    let mut o = o;
     if let Some(bin) = &o.against {
         anyhow::ensure!(
             bin.is_file(),
             "--against {}: no such file (give the path of another spine binary)",
             bin.display()
         );
+        // Both sides measure with the same client, or the ratios would include the client's.
+        if o.seq_client != SeqClient::Shared && !knows_seq_client(bin).await? {
+            println!(
+                "note: {} has only the client on the shared runtime for the jobs one at a time: this binary uses it too (--seq-client shared), so that both are measured alike",
+                bin.display()
+            );
+            o.seq_client = SeqClient::Shared;
+        }
     }
+    let o = o;
     println!(
         "cost: no-op jobs ({NOOP}, no input), each one POST {SUBMIT}, on a fresh farm of separate processes per run (spine server, spine dispatcher, one spine agent --builtin with {} slots); warm-up {WARM_UP} jobs, then {} one at a time, then {} with {} in flight; {} run(s){}; {} cores",
         o.window,
@@ -175,6 +211,15 @@ pub(super) async fn run(o: Options) -> Result<Value> {
         defaults.max_queue,
         max_connections(o.window),
         o.window
+    );
+    println!(
+        "client: one at a time {} ({}), in flight on the benchmark's multi-thread runtime",
+        o.seq_client.name(),
+        match o.seq_client {
+            SeqClient::Own => "a thread and a single-threaded runtime of its own",
+            SeqClient::Shared =>
+                "the benchmark's multi-thread runtime, driven from its main thread",
+        }
     );
     println!("CPU: utime + stime of each process over the phase, µs per job; total = server + dispatcher + agent (the client, this process, beside it)");
     println!(
@@ -310,6 +355,17 @@ fn medians(runs: &[Figures]) -> Result<BTreeMap<String, f64>> {
         .collect())
 }
 
+/// Whether another `spine` build has `bench cost --seq-client` (builds before it do not).
+async fn knows_seq_client(bin: &Path) -> Result<bool> {
+    let out = tokio::process::Command::new(bin)
+        .args(["bench", "cost", "--help"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("running {} bench cost --help", bin.display()))?;
+    Ok(String::from_utf8_lossy(&out.stdout).contains("--seq-client"))
+}
+
 /// One run of `BIN bench cost --runs 1` with the same sizes, its figures read from its JSON.
 async fn other_run(bin: &Path, o: &Options) -> Result<Figures> {
     let tmp = tempfile::tempdir().context("temporary directory")?;
@@ -325,6 +381,10 @@ async fn other_run(bin: &Path, o: &Options) -> Result<Figures> {
         .kill_on_drop(true);
     if let Some(dir) = &o.dir {
         cmd.arg("--dir").arg(dir);
+    }
+    // (`run` made this binary's client the other's only one when the other lacks the option.)
+    if o.seq_client != SeqClient::Shared || knows_seq_client(bin).await? {
+        cmd.args(["--seq-client", o.seq_client.name()]);
     }
     let out = cmd
         .output()
@@ -396,12 +456,7 @@ async fn measure(
     dir: &Path,
     postmaster: Option<u32>,
 ) -> Result<Figures> {
-    let http = reqwest::Client::builder()
-        .no_proxy()
-        .pool_max_idle_per_host(o.window)
-        .tcp_nodelay(true)
-        .build()
-        .context("building the HTTP client")?;
+    let http = client(o.window)?;
     let mut urls: Vec<String> = farm
         .https
         .iter()
@@ -466,8 +521,19 @@ async fn measure(
         Ok(v)
     };
 
+    // The client of the jobs one at a time, its connection made (outside the measurement).
+    let own = match o.seq_client {
+        SeqClient::Own => {
+            let health = farm.https.iter().map(|h| format!("http://{h}/healthz"));
+            Some(OwnClient::start(urls.clone(), health.collect()).await?)
+        }
+        SeqClient::Shared => None,
+    };
     let before = cpu()?;
-    let mut seq = jobs(&http, &urls, o.seq_jobs, 1).await?;
+    let mut seq = match &own {
+        Some(c) => c.jobs(o.seq_jobs).await?,
+        None => jobs(&http, &urls, o.seq_jobs, 1).await?,
+    };
     let seq_cpu = per_job(&before, &cpu()?, o.seq_jobs);
     farm.children.check_alive()?;
 
@@ -585,6 +651,80 @@ fn percentile(v: &[f64], q: f64) -> f64 {
         return f64::NAN;
     }
     v[((v.len() - 1) as f64 * q).round() as usize]
+}
+
+/// The client of [`SeqClient::Own`]: a thread with a single-threaded runtime and a
+/// keep-alive client, which runs the jobs it is asked for one at a time.
+struct OwnClient {
+    ask: std::sync::mpsc::Sender<Ask>,
+}
+
+/// A request to [`OwnClient`]'s thread: how many jobs, and where their latencies go.
+type Ask = (usize, tokio::sync::oneshot::Sender<Result<Vec<f64>>>);
+
+impl OwnClient {
+    /// Starts the thread, whose client makes its connections with a `GET` of each of
+    /// `health` (no job: the jobs counted stay those of the phases).
+    async fn start(urls: Vec<String>, health: Vec<String>) -> Result<OwnClient> {
+        let (ask, asked) = std::sync::mpsc::channel::<Ask>();
+        let (ready_tx, ready) = tokio::sync::oneshot::channel();
+        std::thread::Builder::new()
+            .name("cost-client".into())
+            .spawn(move || {
+                let started = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .context("starting the client's runtime")
+                    .and_then(|rt| Ok((rt, client(1)?)));
+                let (rt, http) = match started {
+                    Ok(x) => x,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let warm = rt.block_on(async {
+                    for u in &health {
+                        http.get(u)
+                            .send()
+                            .await
+                            .and_then(|r| r.error_for_status())
+                            .with_context(|| format!("GET {u}"))?
+                            .bytes()
+                            .await
+                            .with_context(|| format!("reading the answer to GET {u}"))?;
+                    }
+                    Ok(())
+                });
+                let _ = ready_tx.send(warm);
+                // Until the benchmark drops its end of the channel.
+                while let Ok((n, reply)) = asked.recv() {
+                    let _ = reply.send(rt.block_on(jobs(&http, &urls, n, 1)));
+                }
+            })
+            .context("starting the client's thread")?;
+        ready.await.context("the client's thread ended")??;
+        Ok(OwnClient { ask })
+    }
+
+    /// `n` jobs one at a time, their latencies in ms.
+    async fn jobs(&self, n: usize) -> Result<Vec<f64>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.ask
+            .send((n, tx))
+            .map_err(|_| anyhow::anyhow!("the client's thread ended"))?;
+        rx.await.context("the client's thread ended")?
+    }
+}
+
+/// A keep-alive HTTP client for `window` requests at a time.
+fn client(window: usize) -> Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .no_proxy()
+        .pool_max_idle_per_host(window)
+        .tcp_nodelay(true)
+        .build()
+        .context("building the HTTP client")
 }
 
 /// `n` no-op jobs, `window` at a time, each one request, to each of `urls` in turn; the
