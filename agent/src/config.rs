@@ -159,6 +159,11 @@ pub struct AgentConfig {
     pub dispatchers: Vec<String>,
     /// Total slots.
     pub slots: u64,
+    /// Worker threads of `spine agent`'s runtime (1 to 1024). The agent's own work — the XMPP
+    /// stream, job bookkeeping, HTTP transfers, child processes' pipes — is I/O; CPU-heavy
+    /// handlers run on the blocking pool, whatever this says. An agent built with the
+    /// library runs on the caller's runtime and ignores it.
+    pub threads: usize,
     /// Heartbeat interval.
     #[serde(with = "spine_protocol::units::duration")]
     pub heartbeat: Duration,
@@ -254,6 +259,7 @@ impl Default for AgentConfig {
             server: "127.0.0.1:5222".into(),
             dispatchers: vec!["dispatcher@localhost".into()],
             slots: 4,
+            threads: 1,
             heartbeat: Duration::from_secs(10),
             load_debounce: Duration::from_millis(50),
             drain_grace: Duration::from_secs(30),
@@ -439,6 +445,12 @@ impl AgentConfig {
         }
         if self.slots == 0 {
             return Err(bad("slots", "must be at least 1"));
+        }
+        if !(1..=1024).contains(&self.threads) {
+            return Err(bad(
+                "threads",
+                format!("must be 1 to 1024 (it was {})", self.threads),
+            ));
         }
         if self.heartbeat < Duration::from_millis(spine_protocol::presence::MIN_HEARTBEAT_MS) {
             return Err(bad("heartbeat", "must be at least 100ms"));
@@ -802,6 +814,8 @@ mod tests {
             ("dispatchers = []", "dispatchers"),
             ("dispatchers = [\"a@b/c\"]", "dispatchers[0]"),
             ("slots = 0", "slots"),
+            ("threads = 0", "threads"),
+            ("threads = 2000", "threads"),
             ("heartbeat = \"10ms\"", "heartbeat"),
             ("heartbeat = 10", "heartbeat"),
             ("[attributes]\n\"9x\" = \"1\"", "attributes.9x"),

@@ -143,12 +143,13 @@ fn run(args: AgentArgs) -> Result<()> {
     if args.check {
         return check(args.config.as_deref(), cfg);
     }
+    let threads = cfg.threads;
     let mut builder = Agent::builder(cfg);
     if args.builtin {
         builder = crate::up::builtin(builder);
     }
     let agent = builder.build().context("building the agent")?;
-    crate::server::run_spawned("agent", async move {
+    crate::server::run_spawned_on("agent", Some(threads), async move {
         agent
             .run(crate::server::shutdown_signal())
             .await

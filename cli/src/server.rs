@@ -50,22 +50,15 @@ pub use crate::logging::init as init_logging;
 
 pub use spine_agent::shutdown_signal;
 
-/// Runs a component's main future on a multi-threaded runtime **as a spawned task**, not on
-/// the thread that called `block_on`. `block_on`'s thread is not one of the runtime's workers:
-/// every wake-up between a future running there (the dispatcher's or the agent's driver) and
-/// the tasks it talks to (HTTP connections, the XMPP stream, the commit thread's answers) is a
-/// futex wake of another thread. Spawned, the driver runs on the workers beside those tasks,
-/// and a task it wakes usually runs next on the same thread. Measured with
-/// `spine bench cost` (BENCHMARKS.md, "Cost per job over HTTP"): a sequential job's p50 and
-/// CPU drop by about a sixth; the jobs per second in flight do not fall.
-pub fn run_spawned<T: Send + 'static>(
-    what: &str,
-    main: impl std::future::Future<Output = Result<T>> + Send + 'static,
-) -> Result<T> {
-    run_spawned_on(what, None, main)
-}
-
-/// [`run_spawned`] on a runtime of `threads` worker threads (None: one per core).
+/// Runs a component's main future on a multi-threaded runtime of `threads` worker threads
+/// (None: one per core) **as a spawned task**, not on the thread that called `block_on`.
+/// `block_on`'s thread is not one of the runtime's workers: every wake-up between a future
+/// running there (the dispatcher's or the agent's driver) and the tasks it talks to (HTTP
+/// connections, the XMPP stream, the commit thread's answers) is a futex wake of another
+/// thread. Spawned, the driver runs on the workers beside those tasks, and a task it wakes
+/// usually runs next on the same thread. Measured with `spine bench cost` (BENCHMARKS.md,
+/// "Cost per job over HTTP"): a sequential job's p50 and CPU drop by about a sixth; the jobs
+/// per second in flight do not fall.
 pub fn run_spawned_on<T: Send + 'static>(
     what: &str,
     threads: Option<usize>,
