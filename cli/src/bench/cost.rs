@@ -145,14 +145,17 @@ pub(super) async fn run(o: Options) -> Result<Value> {
         parent.display()
     );
     let mut o = o;
+    // Whether the other build has --seq-client (asked once, passed to each of its runs).
+    let mut other_knows = false;
     if let Some(bin) = &o.against {
         anyhow::ensure!(
             bin.is_file(),
             "--against {}: no such file (give the path of another spine binary)",
             bin.display()
         );
+        other_knows = knows_seq_client(bin).await?;
         // Both sides measure with the same client, or the ratios would include the client's.
-        if o.seq_client != SeqClient::Shared && !knows_seq_client(bin).await? {
+        if o.seq_client != SeqClient::Shared && !other_knows {
             println!(
                 "note: {} has only the client on the shared runtime for the jobs one at a time: this binary uses it too (--seq-client shared), so that both are measured alike",
                 bin.display()
@@ -234,7 +237,7 @@ pub(super) async fn run(o: Options) -> Result<Value> {
         print_row(k, "this", &f);
         mine.push(f);
         if let Some(bin) = &o.against {
-            let f = other_run(bin, &o).await?;
+            let f = other_run(bin, &o, other_knows).await?;
             print_row(k, "against", &f);
             theirs.push(f);
         }
@@ -367,7 +370,8 @@ async fn knows_seq_client(bin: &Path) -> Result<bool> {
 }
 
 /// One run of `BIN bench cost --runs 1` with the same sizes, its figures read from its JSON.
-async fn other_run(bin: &Path, o: &Options) -> Result<Figures> {
+/// `knows`: whether `bin` has `--seq-client` ([`knows_seq_client`]).
+async fn other_run(bin: &Path, o: &Options, knows: bool) -> Result<Figures> {
     let tmp = tempfile::tempdir().context("temporary directory")?;
     let json = tmp.path().join("cost.json");
     let mut cmd = tokio::process::Command::new(bin);
@@ -383,7 +387,7 @@ async fn other_run(bin: &Path, o: &Options) -> Result<Figures> {
         cmd.arg("--dir").arg(dir);
     }
     // (`run` made this binary's client the other's only one when the other lacks the option.)
-    if o.seq_client != SeqClient::Shared || knows_seq_client(bin).await? {
+    if knows {
         cmd.args(["--seq-client", o.seq_client.name()]);
     }
     let out = cmd
