@@ -13,7 +13,7 @@
 //! stays) and the load reports with their sequence numbers (`load`). It has no
 //! `async fn`, reads no clock, no file and no socket, so plain `#[test]`s drive it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -185,8 +185,8 @@ pub(crate) enum Out {
 
 /// The effects of the inputs since the last [`Core::take_ready`], performed by the driver in
 /// this order: stop handlers and abort transfers, start handlers and transfers, then send the
-/// stanzas in order. A start's "started" progress notification is in `out`, so it leaves
-/// before anything the new handler reports.
+/// stanzas in order. A start's "started" progress notification is held back for
+/// [`START_NOTICE_HOLD`] and goes into `out` before anything the new handler reports.
 #[derive(Debug, Default)]
 pub(crate) struct Ready {
     pub(crate) stops: Vec<Stop>,
@@ -221,6 +221,8 @@ struct Running {
     waiters: Vec<(Jid, String)>,
     progress: bool,
     attempt: u64,
+    /// The start notification is held back ([`START_NOTICE_HOLD`]) and not sent yet.
+    start_notice: bool,
     /// Sequence number of the next partial result of this attempt.
     next_partial: u64,
     /// The input is being fetched over HTTP (transfer key): the handler starts with
@@ -272,6 +274,9 @@ pub(crate) struct Core {
     seq: u64,
     rng: StdRng,
     running: HashMap<JobId, Running>,
+    /// Start notifications held back, with when each is due, in time order (a job's entry
+    /// may outlive its notification: the job ended or reported first).
+    start_notices: VecDeque<(Instant, JobId, u64)>,
     cache: OutcomeCache,
     /// The job requests received last from each dispatcher account: a new leader's
     /// `<recall/>` is answered from here (PROTOCOL.md §10.1).
@@ -336,6 +341,26 @@ fn iq_error(id: String, to: Jid, e: SpineError) -> Iq {
     Iq::from_error(id, StanzaError::from(e)).with_to(to)
 }
 
+/// How long a job's start notification is held back (PROTOCOL.md §8.1). A job that ends
+/// within it is reported by its outcome alone: two stanzas fewer through the server for a
+/// watched job (the notification and the dispatcher's relay to the watcher), and one change of
+/// state fewer in the dispatcher's store. Short enough that no one watching sees the
+/// difference.
+pub(crate) const START_NOTICE_HOLD: Duration = Duration::from_millis(10);
+
+/// The start notification of attempt `attempt` of job `job` (PROTOCOL.md §8.1), to `to`.
+fn start_notice(to: Jid, job: JobId, attempt: u64) -> Message {
+    headline(
+        to,
+        Progress {
+            job,
+            attempt,
+            percent: Some(0),
+            message: Some("started".into()),
+        },
+    )
+}
+
 fn headline(to: Jid, payload: impl xmpp_parsers::message::MessagePayload) -> Message {
     let mut m = Message::new(Some(to));
     m.type_ = MessageType::Headline;
@@ -375,6 +400,7 @@ impl Core {
             seq: 0,
             rng,
             running: HashMap::new(),
+            start_notices: VecDeque::new(),
             cache: OutcomeCache::new(config.result_cache, config.result_ttl),
             received: Received::new(RECEIVED),
             blobs: BlobStore::new(config.max_input_size.as_u64(), BLOB_IDLE_TTL),
@@ -451,6 +477,9 @@ impl Core {
             at = at.min(*t);
         }
         if let Some(t) = self.events_timeout() {
+            at = at.min(t);
+        }
+        if let Some(&(t, _, _)) = self.start_notices.front() {
             at = at.min(t);
         }
         at
@@ -565,6 +594,14 @@ impl Core {
             return;
         }
         let to = r.reply_to.clone();
+        if std::mem::take(&mut r.start_notice) {
+            // The handler speaks first: its start was before, and is reported before.
+            let n = start_notice(to.clone(), id.clone(), attempt);
+            self.push(n);
+        }
+        let Some(r) = self.running.get_mut(&id) else {
+            return;
+        };
         let m = match report {
             Report::Progress { percent, message } => headline(
                 to,
@@ -601,6 +638,16 @@ impl Core {
             self.clean_up(d.work, files);
             return;
         };
+        self.forget_start_notices();
+        // An outcome that leaves now makes a held start notification needless; one that
+        // waits for an upload first does not.
+        let outcome_waits = match &d.result {
+            Ok(out) => !files.is_empty() || out.bytes.len() > INLINE_LIMIT,
+            Err(_) => false,
+        };
+        if r.start_notice && outcome_waits {
+            self.push(start_notice(r.reply_to.clone(), d.id.clone(), r.attempt));
+        }
         let elapsed_ms = d.elapsed.as_millis() as u64;
         match &d.result {
             Ok(_) => info!(job = %d.id, elapsed_ms, "job succeeded"),
@@ -709,6 +756,58 @@ impl Core {
         self.slot_timeouts(now);
         self.file_slot_timeouts(now);
         self.events_tick(now);
+        self.start_notices_due(now);
+    }
+
+    /// Holds back the start notification of a job just started, if its dispatcher asked
+    /// for progress: it goes out at [`START_NOTICE_HOLD`] unless the job reports or ends
+    /// first.
+    fn hold_start_notice(&mut self, id: &JobId, now: Instant) {
+        let Some(r) = self.running.get_mut(id) else {
+            return;
+        };
+        if !r.progress {
+            return;
+        }
+        r.start_notice = true;
+        let attempt = r.attempt;
+        self.start_notices
+            .push_back((now + START_NOTICE_HOLD, id.clone(), attempt));
+    }
+
+    /// Sends the held start notifications that are due.
+    fn start_notices_due(&mut self, now: Instant) {
+        while let Some((at, _, _)) = self.start_notices.front() {
+            if *at > now {
+                break;
+            }
+            let Some((_, id, attempt)) = self.start_notices.pop_front() else {
+                break;
+            };
+            let Some(r) = self.running.get_mut(&id) else {
+                continue;
+            };
+            if r.attempt == attempt && std::mem::take(&mut r.start_notice) {
+                let to = r.reply_to.clone();
+                self.push(start_notice(to, id, attempt));
+            }
+        }
+        self.forget_start_notices();
+    }
+
+    /// Drops the entries at the front of the queue whose notification is no longer held
+    /// (the job ended or reported), so that the timer does not wake for them.
+    fn forget_start_notices(&mut self) {
+        while let Some((_, id, attempt)) = self.start_notices.front() {
+            let held = self
+                .running
+                .get(id)
+                .is_some_and(|r| r.attempt == *attempt && r.start_notice);
+            if held {
+                break;
+            }
+            self.start_notices.pop_front();
+        }
     }
 
     fn push(&mut self, st: impl Into<Stanza>) {
@@ -949,6 +1048,7 @@ impl Core {
                 waiters: Vec::new(),
                 progress: job.progress,
                 attempt: job.attempt,
+                start_notice: false,
                 next_partial: 0,
                 fetching: None,
                 keep: job
@@ -965,15 +1065,7 @@ impl Core {
             }
             return Ok(());
         }
-        if job.progress {
-            let p = Progress {
-                job: job.id.clone(),
-                attempt: job.attempt,
-                percent: Some(0),
-                message: Some("started".into()),
-            };
-            self.push(headline(from.clone(), p));
-        }
+        self.hold_start_notice(&job.id, now);
         Ok(())
     }
 

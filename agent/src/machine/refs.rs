@@ -23,7 +23,7 @@ use xmpp_parsers::iq::Iq;
 use xmpp_parsers::stanza_error::StanzaError;
 
 use super::outputs::Finished;
-use super::{headline, iq_error, Core, Fetched, Put};
+use super::{iq_error, Core, Fetched, Put};
 use crate::store::Outcome;
 
 /// How long the dispatcher has to answer a slot request before the output goes in chunks.
@@ -95,17 +95,8 @@ impl Core {
                         start.work = Some(work);
                     }
                 }
-                let progress = r.progress.then(|| (r.reply_to.clone(), r.attempt));
                 self.ready.starts.push(start);
-                if let Some((to, attempt)) = progress {
-                    let p = spine_protocol::Progress {
-                        job: id,
-                        attempt,
-                        percent: Some(0),
-                        message: Some("started".into()),
-                    };
-                    self.push(headline(to, p));
-                }
+                self.hold_start_notice(&id, now);
             }
             Err(reason) => {
                 let Some(r) = self.running.remove(&id) else {

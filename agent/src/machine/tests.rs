@@ -162,8 +162,23 @@ fn a_job_from_a_jid_that_is_not_a_dispatcher_is_refused() {
     assert_eq!(c.running(), 0);
 }
 
+/// The start notifications (progress `percent='0'`, "started") in `r`, with their
+/// recipient and job.
+fn start_notices(r: &Ready) -> Vec<(Jid, String)> {
+    r.out
+        .iter()
+        .filter_map(|o| match o {
+            Out::Stanza(Stanza::Message(m)) => Progress::try_from(m.payloads[0].clone())
+                .ok()
+                .filter(|p| p.percent == Some(0) && p.message.as_deref() == Some("started"))
+                .map(|p| (m.to.clone().expect("to"), p.job.to_string())),
+            _ => None,
+        })
+        .collect()
+}
+
 #[test]
-fn a_job_starts_with_its_deadline_a_started_notification_and_a_load_report() {
+fn a_job_starts_with_its_deadline_a_load_report_and_a_held_start_notification() {
     let t0 = Instant::now();
     let mut c = core(4, t0);
     let mut j = job("a", "test.echo");
@@ -183,23 +198,82 @@ fn a_job_starts_with_its_deadline_a_started_notification_and_a_load_report() {
     assert_eq!(s.input, b"hi");
     assert_eq!(s.input_mime.as_deref(), Some("text/plain"));
     assert_eq!(s.args.get("n"), Some(&serde_json::json!(3)));
-    // No answer yet; the start notification, then a load report per dispatcher.
+    // No answer yet, a load report per dispatcher, and the start notification held back.
     assert!(answer(&r, "j1").is_none());
-    match &r.out[0] {
-        Out::Stanza(Stanza::Message(m)) => {
-            let p = Progress::try_from(m.payloads[0].clone()).expect("progress");
-            assert_eq!(
-                (p.percent, p.message.as_deref()),
-                (Some(0), Some("started"))
-            );
-            assert_eq!(m.to, Some(jid(DISPATCHER)));
-        }
-        other => panic!("expected the start notification, got {other:?}"),
-    }
+    assert_eq!(r.out.len(), 2);
     let l = loads(&r);
     assert_eq!(l.len(), 2);
     assert_eq!((l[0].1.in_flight, l[0].1.yours), (1, 1));
     assert_eq!((l[1].1.in_flight, l[1].1.yours), (1, 0));
+    // The job still runs when the hold is over: the notification goes to its dispatcher.
+    assert!(c.poll_timeout() <= now + START_NOTICE_HOLD);
+    c.tick(now + START_NOTICE_HOLD - MS);
+    assert!(start_notices(&c.take_ready()).is_empty());
+    c.tick(now + START_NOTICE_HOLD);
+    let r = c.take_ready();
+    assert_eq!(start_notices(&r), [(jid(DISPATCHER), "a".to_owned())]);
+    assert_eq!(r.out.len(), 1);
+    assert!(c.poll_timeout() > now + START_NOTICE_HOLD);
+    c.tick(now + 2 * START_NOTICE_HOLD);
+    assert!(start_notices(&c.take_ready()).is_empty());
+}
+
+#[test]
+fn a_job_that_ends_within_the_hold_is_reported_by_its_outcome_alone() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    let mut j = job("a", "test.echo");
+    j.progress = true;
+    send_job(&mut c, DISPATCHER, "j1", j, t0);
+    c.job_done(done("a", Ok(Output::bytes("out"))), t0 + MS);
+    let r = c.take_ready();
+    assert_eq!(result_of(&r, "j1").job.as_str(), "a");
+    assert!(start_notices(&r).is_empty());
+    // Nothing is held any more: no timer for it, nothing sent when it would have been due.
+    assert!(c.poll_timeout() > t0 + START_NOTICE_HOLD);
+    c.tick(t0 + START_NOTICE_HOLD);
+    assert!(start_notices(&c.take_ready()).is_empty());
+    // Not asked for progress: never a notification.
+    send_job(&mut c, DISPATCHER, "j2", job("b", "test.echo"), t0 + 2 * MS);
+    c.tick(t0 + 2 * MS + START_NOTICE_HOLD);
+    assert!(start_notices(&c.take_ready()).is_empty());
+}
+
+#[test]
+fn a_held_start_notification_goes_before_the_handlers_report_and_a_delayed_outcome() {
+    let t0 = Instant::now();
+    let mut c = core(4, t0);
+    let mut j = job("a", "test.echo");
+    j.progress = true;
+    send_job(&mut c, DISPATCHER, "j1", j, t0);
+    c.report(
+        job_id("a"),
+        1,
+        Report::Progress {
+            percent: Some(30),
+            message: None,
+        },
+    );
+    let r = c.take_ready();
+    assert_eq!(start_notices(&r), [(jid(DISPATCHER), "a".to_owned())]);
+    assert_eq!(
+        r.out.len(),
+        2,
+        "the notification, then the handler's progress"
+    );
+    c.tick(t0 + START_NOTICE_HOLD);
+    assert!(start_notices(&c.take_ready()).is_empty(), "sent once");
+
+    // An output too large to answer inline waits for its upload: the start is reported
+    // before that wait.
+    let mut j = job("b", "test.echo");
+    j.progress = true;
+    send_job(&mut c, DISPATCHER, "j2", j, t0 + MS);
+    let big = vec![b'x'; INLINE_LIMIT + 1];
+    c.job_done(done("b", Ok(Output::bytes(big))), t0 + 2 * MS);
+    let r = c.take_ready();
+    assert!(answer(&r, "j2").is_none());
+    assert_eq!(start_notices(&r), [(jid(DISPATCHER), "b".to_owned())]);
 }
 
 #[test]
@@ -614,7 +688,9 @@ fn progress_goes_only_where_asked_and_for_the_running_attempt() {
         );
     }
     let r = c.take_ready();
-    assert_eq!(r.out.len(), 3);
+    // The held start notification, then the progress and the two partials.
+    assert_eq!(r.out.len(), 4);
+    assert_eq!(start_notices(&r), [(jid(DISPATCHER), "p".to_owned())]);
     let seqs: Vec<u64> = r
         .out
         .iter()

@@ -120,8 +120,13 @@ fn a_reference_input_is_fetched_then_the_handler_starts_with_its_bytes() {
         (&b"input bytes"[..], Some("image/png"))
     );
     assert_eq!(s.deadline, Some(t0 + Duration::from_secs(20)));
-    assert_eq!(r.out.len(), 1, "the started progress: {r:?}");
-    c.job_done(done("j1", Ok(Output::bytes("ok"))), t0 + 10 * MS);
+    // The start notification is held back from the start, not from the job's arrival.
+    assert!(r.out.is_empty(), "{r:?}");
+    c.tick(t0 + 4 * MS + START_NOTICE_HOLD);
+    assert!(c.take_ready().out.is_empty());
+    c.tick(t0 + 5 * MS + START_NOTICE_HOLD);
+    assert_eq!(start_notices(&c.take_ready()).len(), 1);
+    c.job_done(done("j1", Ok(Output::bytes("ok"))), t0 + 20 * MS);
     let r = c.take_ready();
     assert_eq!(
         result_of(&r, "d1").output,
