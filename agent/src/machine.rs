@@ -598,6 +598,7 @@ impl Core {
             // The handler speaks first: its start was before, and is reported before.
             let n = start_notice(to.clone(), id.clone(), attempt);
             self.push(n);
+            self.forget_start_notices();
         }
         let Some(r) = self.running.get_mut(&id) else {
             return;
