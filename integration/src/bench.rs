@@ -93,16 +93,74 @@ fn figures(n: usize, window: usize, elapsed: Duration, mut lat: Vec<Duration>) -
     }
 }
 
-/// Submits `n` jobs of `capability` over XMPP to the dispatcher `to` in watch mode, keeping
-/// `window` unfinished, and measures each from the `<submit>` to the pushed final
-/// `<job-status>` (all must succeed).
+/// How [`measure_jobs`] hears of a job's end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submitting {
+    /// `<submit watch='true'>`: `<accepted>`, then the final status in a message (five
+    /// stanzas through the server per job).
+    Watch,
+    /// `<submit watch='true' wait-ms='60000'>` (protocol 1.3): the final status answers the
+    /// submit (four stanzas per job).
+    Wait,
+}
+
+/// Submits `n` jobs of `capability` over XMPP to the dispatcher `to` in watch mode (waiting
+/// for the end in the answer with [`Submitting::Wait`]), keeping `window` unfinished, and
+/// measures each from the `<submit>` to its final `<job-status>` (all must succeed).
 pub async fn measure_jobs(
     conn: &mut Connection,
     to: &Jid,
     capability: &spine_protocol::CapabilityName,
     n: usize,
     window: usize,
+    how: Submitting,
 ) -> Result<RoundTrips, String> {
+    let (lat, elapsed) = sample_jobs(conn, to, capability, n, window, how).await?;
+    Ok(figures(n, window, elapsed, lat))
+}
+
+/// Compares two ways of submitting in one run: `n` jobs each, in the order A B B A (half of
+/// each at a time), so that a drift over the run (the dispatcher's tables growing, the
+/// machine's load) weighs on both alike. The figures of `a` and of `b`.
+pub async fn measure_jobs_abba(
+    conn: &mut Connection,
+    to: &Jid,
+    capability: &spine_protocol::CapabilityName,
+    n: usize,
+    window: usize,
+    (a, b): (Submitting, Submitting),
+) -> Result<(RoundTrips, RoundTrips), String> {
+    let first = n.div_ceil(2);
+    let mut got = [
+        (Vec::with_capacity(n), Duration::ZERO),
+        (Vec::with_capacity(n), Duration::ZERO),
+    ];
+    for (i, how, count) in [
+        (0, a, first),
+        (1, b, first),
+        (1, b, n - first),
+        (0, a, n - first),
+    ] {
+        if count == 0 {
+            continue;
+        }
+        let (lat, elapsed) = sample_jobs(conn, to, capability, count, window, how).await?;
+        got[i].0.extend(lat);
+        got[i].1 += elapsed;
+    }
+    let [(la, ta), (lb, tb)] = got;
+    Ok((figures(n, window, ta, la), figures(n, window, tb, lb)))
+}
+
+/// [`measure_jobs`]'s latencies and the time they took.
+async fn sample_jobs(
+    conn: &mut Connection,
+    to: &Jid,
+    capability: &spine_protocol::CapabilityName,
+    n: usize,
+    window: usize,
+    how: Submitting,
+) -> Result<(Vec<Duration>, Duration), String> {
     use spine_protocol::{Accepted, JobState, JobStatus, Submit};
     let mut submitted: HashMap<String, Instant> = HashMap::with_capacity(window);
     let mut running: HashMap<String, Instant> = HashMap::with_capacity(window);
@@ -116,6 +174,9 @@ pub async fn measure_jobs(
             let id = format!("s{sent}");
             let mut s = Submit::new(capability.clone());
             s.watch = true;
+            if how == Submitting::Wait {
+                s.wait_ms = Some(60_000);
+            }
             submitted.insert(id.clone(), Instant::now());
             conn.send(Iq::from_set(id, s).with_to(to.clone())).await;
             sent += 1;
@@ -126,7 +187,20 @@ pub async fn measure_jobs(
                 payload: Some(p),
                 ..
             })))) => {
-                let (Some(t), Ok(a)) = (submitted.remove(&id), Accepted::try_from(p)) else {
+                let Some(t) = submitted.remove(&id) else {
+                    continue;
+                };
+                // A submit that waited is answered by the job's end.
+                if p.name() == "job-status" {
+                    let st = JobStatus::try_from(p).map_err(|e| e.to_string())?;
+                    if st.state != JobState::Succeeded {
+                        return Err(format!("job {} ended {}", st.job, st.state));
+                    }
+                    lat.push(t.elapsed());
+                    done += 1;
+                    continue;
+                }
+                let Ok(a) = Accepted::try_from(p) else {
                     continue;
                 };
                 let job = a.job.to_string();
@@ -177,5 +251,5 @@ pub async fn measure_jobs(
             }
         }
     }
-    Ok(figures(n, window, t0.elapsed(), lat))
+    Ok((lat, t0.elapsed()))
 }

@@ -1,5 +1,5 @@
 //! The bus-versus-transport benchmark runs at a tiny size in the test command, so it cannot
-//! rot: it exits 0 and writes its four measurements and the ratios, for every installed server
+//! rot: it exits 0 and writes its six measurements and the ratios, for every installed server
 //! (all three required under `SPINE_REQUIRE_SERVERS=1`, as in CI).
 
 #[test]
@@ -30,14 +30,22 @@ fn bus_bench_runs_small() {
             "raw_window64",
             "bus_sequential",
             "bus_window64",
+            "wait_sequential",
+            "wait_window64",
         ] {
             assert!(r[k]["per_sec"].as_f64().unwrap() > 0.0, "{kind} {k}: {r}");
             assert!(r[k]["p50_ms"].as_f64().unwrap() > 0.0, "{kind} {k}: {r}");
         }
         assert_eq!(r["bus_window64"]["n"], 40, "{kind}");
+        assert_eq!(r["wait_window64"]["n"], 40, "{kind}");
         assert!(r["throughput_ratio"]["window64"].as_f64().unwrap() > 0.0);
+        assert!(r["throughput_ratio"]["wait_window64"].as_f64().unwrap() > 0.0);
         assert!(
             stdout.contains(&format!("{kind:<10} bus ÷ raw")),
+            "{stdout}"
+        );
+        assert!(
+            stdout.contains(&format!("{kind:<10} waited ÷ raw")),
             "{stdout}"
         );
     }

@@ -192,6 +192,77 @@ async fn five_hundred_jobs_on_four_agents_of_unequal_speed() {
     dispatcher.stop();
 }
 
+/// `<submit wait-ms>` (protocol 1.3, PROTOCOL.md §11.2.1) through the embedded server: a job
+/// that ends within the wait answers the submit with its end, one that outlasts it with
+/// `<accepted>` and then the watch message, and the same key again answers at once.
+#[tokio::test]
+async fn a_submit_that_waits_is_answered_by_the_jobs_end() {
+    let server = TestServer::start(ACCOUNTS).await;
+    let dir = tempfile::tempdir().unwrap();
+    let dispatcher = start_dispatcher(&server, dir.path());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let agent = start_agent(&server, 1, 2, 400, runs.clone());
+    let mut w = TestDispatcher::new(server.client("webapp", "pw-w").await).await;
+    wait_agents(&mut w, 1).await;
+    let waiting = |wait_ms: u64, key: &str| {
+        let mut s = Submit::new("work.sleep".parse().unwrap());
+        s.watch = true;
+        s.wait_ms = Some(wait_ms);
+        s.idempotency_key = Some(key.to_owned());
+        s
+    };
+
+    // Ends within the wait: the answer is the final status, and no watch message follows.
+    let id = w.send_set(&dispatcher_jid(), waiting(10_000, "w1")).await;
+    let p = w
+        .wait_reply(&id)
+        .await
+        .expect("an answer")
+        .expect("a payload");
+    assert_eq!(p.name(), "job-status", "{p:?}");
+    let st = JobStatus::try_from(p).unwrap();
+    assert_eq!(st.state, JobState::Succeeded, "{st:?}");
+    let Some(Outcome::Result(r)) = &st.outcome else {
+        panic!("the result in the answer: {st:?}");
+    };
+    let Some(spine_protocol::Data::Inline { bytes, .. }) = &r.output else {
+        panic!("an inline output: {r:?}");
+    };
+    assert_eq!(bytes, format!("{} done by agent1", st.job).as_bytes());
+    assert!(
+        final_status(&mut w, Duration::from_millis(500))
+            .await
+            .is_none(),
+        "the end is not told twice"
+    );
+
+    // The same key again: that job's end at once, and it did not run again.
+    let again = w.send_set(&dispatcher_jid(), waiting(10_000, "w1")).await;
+    let p = w.wait_reply(&again).await.unwrap().unwrap();
+    let same = JobStatus::try_from(p).unwrap();
+    assert_eq!((&same.job, same.state), (&st.job, JobState::Succeeded));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+
+    // Outlasts the wait: <accepted> with the state then, and the watch message at the end.
+    let id = w.send_set(&dispatcher_jid(), waiting(100, "w2")).await;
+    let p = w.wait_reply(&id).await.unwrap().unwrap();
+    let a = Accepted::try_from(p).unwrap();
+    assert!(!a.state.is_final(), "{a:?}");
+    let end = final_status(&mut w, PATIENCE)
+        .await
+        .expect("the watch message");
+    assert_eq!((&end.job, end.state), (&a.job, JobState::Succeeded));
+
+    // A wait over the protocol's limit is refused, naming the attribute.
+    let id = w.send_set(&dispatcher_jid(), waiting(300_001, "w3")).await;
+    let e = w.wait_reply(&id).await.expect_err("refused");
+    let e = SpineError::from_stanza_error(&e).unwrap().unwrap();
+    assert_eq!(e.condition, Condition::BadArguments, "{e:?}");
+    assert_eq!(e.field.as_deref(), Some("wait-ms"), "{e:?}");
+    agent.stop();
+    dispatcher.stop();
+}
+
 #[tokio::test]
 async fn a_job_on_a_lost_agent_runs_again_elsewhere_once() {
     let server = TestServer::start(ACCOUNTS).await;

@@ -23,6 +23,11 @@ use crate::xml::{set_once, unknown_child, Builder, NonNegative, Reader};
 /// Longest idempotency key, in bytes.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 256;
 
+/// The longest `wait-ms` a `<submit>` may ask for (protocol 1.3, PROTOCOL.md §11.2.1): five
+/// minutes. A submitter's IQ timeout must be longer than the wait it asks for, and a wait the
+/// length of a long job belongs to watch mode, not to an unanswered request.
+pub const MAX_SUBMIT_WAIT_MS: u64 = 300_000;
+
 /// How the dispatcher places a job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -287,6 +292,10 @@ pub struct Submit {
     pub idempotency_key: Option<String>,
     /// Push progress, partial results and the final status to the submitter.
     pub watch: bool,
+    /// Protocol 1.3: answer the `<submit>` when the job ends, with its final `<job-status>`,
+    /// or after this many milliseconds with `<accepted>` (PROTOCOL.md §11.2.1). At most
+    /// [`MAX_SUBMIT_WAIT_MS`].
+    pub wait_ms: Option<u64>,
     /// Accept the job even when no agent has ever offered its capabilities to this
     /// dispatcher (which otherwise refuses it at once with `unknown-capability`): it then
     /// waits for one like a job whose agents are momentarily absent (PROTOCOL.md §11.1).
@@ -322,6 +331,7 @@ impl Submit {
             max_attempts: None,
             idempotency_key: None,
             watch: false,
+            wait_ms: None,
             wait_for_agent: false,
             refs: false,
             limit: None,
@@ -372,6 +382,13 @@ impl TryFrom<Element> for Submit {
             ));
         }
         let watch = r.opt("watch")?.unwrap_or(false);
+        let wait_ms: Option<u64> = r.opt("wait-ms")?;
+        if wait_ms.is_some_and(|w| w > MAX_SUBMIT_WAIT_MS) {
+            return Err(r.invalid(
+                "wait-ms",
+                format!("must be at most {MAX_SUBMIT_WAIT_MS} (five minutes); watch a longer job"),
+            ));
+        }
         let wait_for_agent = r.opt("wait-for-agent")?.unwrap_or(false);
         let refs = r.opt("refs")?.unwrap_or(false);
         let limit: Option<Limit> = r.opt("limit")?;
@@ -432,6 +449,7 @@ impl TryFrom<Element> for Submit {
             max_attempts,
             idempotency_key,
             watch,
+            wait_ms,
             wait_for_agent,
             refs,
             limit,
@@ -460,6 +478,7 @@ impl From<Submit> for Element {
             .opt("max-attempts", s.max_attempts)
             .opt("idempotency-key", s.idempotency_key.as_deref())
             .opt("watch", s.watch.then_some(true))
+            .opt("wait-ms", s.wait_ms)
             .opt("wait-for-agent", s.wait_for_agent.then_some(true))
             .opt("refs", s.refs.then_some(true))
             .opt("limit", s.limit)

@@ -37,7 +37,7 @@ pub mod upload;
 
 pub use client::{
     Accepted, AgentInfo, Agents, Discover, Failure, JobState, JobStatus, Limit, MapReduce, Outcome,
-    Status, Strategy, Submit, DEFAULT_FAN_IN, MAX_FAN_IN,
+    Status, Strategy, Submit, DEFAULT_FAN_IN, MAX_FAN_IN, MAX_SUBMIT_WAIT_MS,
 };
 pub use condition::{classify, Condition, Disposition, SpineError};
 pub use data::{Args, Attributes, BlobRef, Data, DataRef, INLINE_LIMIT};

@@ -342,6 +342,10 @@ fn submit() -> impl Strategy<Value = Submit> {
                     max_attempts,
                     idempotency_key,
                     watch,
+                    // Drawn from the deadline's bits, within the protocol's limit.
+                    wait_ms: deadline_ms
+                        .filter(|d| d % 3 == 0)
+                        .map(|d| d % (spine_protocol::MAX_SUBMIT_WAIT_MS + 1)),
                     // Drawn from the priority's bits, like the map/reduce below.
                     wait_for_agent: priority % 5 == 0,
                     refs: priority % 7 == 0,

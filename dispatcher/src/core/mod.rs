@@ -46,6 +46,7 @@ mod tests;
 pub(crate) mod ticks;
 pub(crate) mod tree;
 pub(crate) mod views;
+mod waits;
 
 use crate::fastmap::{HashMap, HashSet};
 use std::cmp::Reverse;
@@ -312,6 +313,8 @@ pub(crate) struct Core {
     schedules: Vec<ticks::Ticking>,
     /// Canaries (`[[canary]]`) and each agent's health by them.
     canaries: canary::Canaries,
+    /// `<submit wait-ms>` requests waiting for their jobs' ends ([`waits`]).
+    submit_waits: waits::SubmitWaits,
 }
 
 impl Core {
@@ -394,6 +397,7 @@ impl Core {
                 }),
             ),
             jobs: JobTable::new(cfg.max_queue).with_max_delayed(cfg.max_delayed),
+            submit_waits: waits::SubmitWaits::default(),
             cfg,
             policy,
             registry,
@@ -672,6 +676,7 @@ impl Core {
             self.agent_gone(&agent, "no answer to a ping", now);
         }
         self.expire_state_requests(now);
+        self.expire_submit_waits(now);
         self.prune(now);
         self.fire_outcomes(now);
         if std::mem::take(&mut self.place_pending) {
@@ -697,6 +702,7 @@ impl Core {
                 .next_prune_at(self.cfg.retention.as_millis() as u64)
                 .map(|t| t.max(self.next_prune_ms)),
             self.next_tick(),
+            self.submit_waits.next_due(),
         ];
         for t in wall.into_iter().flatten() {
             wake = wake.min(at_ms(t));

@@ -10,7 +10,8 @@
 
 use jid::FullJid;
 use spine_protocol::{
-    classify, Condition, Data, Disposition, JobId, JobResult, JobState, Progress, SpineError,
+    classify, Accepted, Condition, Data, Disposition, JobId, JobResult, JobState, Progress,
+    SpineError,
 };
 use tracing::{debug, info, warn};
 use xmpp_parsers::iq::Iq;
@@ -431,8 +432,19 @@ impl Core {
         // Event streams (HTTP SSE) and waiting requests get the whole job, after the commit,
         // rendered once for all of them.
         let data = super::Rendered::job(rec);
-        let watch = rec.spec.watch.clone();
+        let mut watch = rec.spec.watch.clone();
         self.publish(job, EventKind::Final, data);
+        // Submissions waiting for this end (protocol 1.3) are answered with it; a watcher
+        // that waits gets it in the answer, not again in a message.
+        for w in self.submit_waits.take(job) {
+            if watch.as_ref() == Some(&w.to) {
+                watch = None;
+            }
+            if let Err(e) = self.send_status(w.to.clone(), Via::Reply(w.id.clone()), job, now) {
+                warn!(job = %job, "final status not sent to a waiting submitter: {e}");
+                self.reply_error(w.to, w.id, e);
+            }
+        }
         if let Some(watch) = watch {
             // A watch message is never refused (it waits its turn behind other transfers).
             if let Err(e) = self.send_status(watch, Via::Message, job, now) {
@@ -452,6 +464,15 @@ impl Core {
             return;
         }
         self.ready.audit.push(crate::audit::line(rec, now.ms));
+    }
+
+    /// Submissions whose wait is over before their job's end are answered with `<accepted>`
+    /// and the job's state then (protocol 1.3, PROTOCOL.md §11.2.1).
+    pub(super) fn expire_submit_waits(&mut self, now: Now) {
+        for (job, w) in self.submit_waits.expired(now.ms) {
+            let state = self.jobs.get(&job).map_or(w.state, |r| r.state);
+            self.send(Iq::from_result(w.id, Some(Accepted { job, state })).with_to(w.to));
+        }
     }
 
     /// Jobs whose deadline passed time out (from the table's deadline index).

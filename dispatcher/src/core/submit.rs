@@ -18,6 +18,7 @@ use xmpp_parsers::stanza_error::{DefinedCondition, ErrorType, StanzaError};
 
 use super::api::{Answer, ApiReply, ApiRequest, ApiToken, Query};
 use super::{Core, Now};
+use crate::deliver::Via;
 use crate::jobs::{Body, JobSpec, SubmitError};
 use crate::policy::{Capabilities, Grant};
 
@@ -417,6 +418,7 @@ impl Core {
         visible: Capabilities,
         now: Now,
     ) {
+        let wait_ms = s.wait_ms;
         let max_delay = u64::try_from(self.cfg.max_delay.as_millis()).unwrap_or(u64::MAX);
         if let Some(d) = s.delay_ms.filter(|d| *d > max_delay) {
             let e = SpineError::new(Condition::BadArguments)
@@ -471,9 +473,32 @@ impl Core {
             parent: None,
         };
         // (A standby's acceptance hurries: the job ends at the leader, which tells the
-        // watcher; nothing joins this commit.)
+        // watcher; nothing joins this commit. Nor does a standby wait for the end: it
+        // answers `<accepted>` at once, which a waiting submitter must accept.)
         let watched = spec.watch.is_some() && self.leads;
+        let wait = wait_ms.filter(|w| *w > 0 && self.leads);
         match self.accept(spec, s.wait_for_agent, &visible, now) {
+            // Protocol 1.3: the answer waits for the job's end ([`super::waits`]). Nothing is
+            // sent now, so the acceptance's commit need not hurry: it shares one with a fast
+            // job's outcome, after which the final status answers.
+            Ok((job, state)) if wait.is_some() => {
+                if state.is_final() {
+                    // The same idempotency key again, for a job that ended: its end at once.
+                    if let Err(e) =
+                        self.send_status(from.clone(), Via::Reply(id.clone()), &job, now)
+                    {
+                        self.reply_error(from, id, e);
+                    }
+                } else {
+                    let until = now.ms.saturating_add(wait.unwrap_or(0));
+                    if !self
+                        .submit_waits
+                        .add(job.clone(), from.clone(), id.clone(), state, until)
+                    {
+                        self.send(Iq::from_result(id, Some(Accepted { job, state })).with_to(from));
+                    }
+                }
+            }
             // A watcher hears of the job's end too: its acceptance need not hurry the commit,
             // and shares one with a fast job's outcome.
             Ok((job, state)) if watched => {

@@ -383,6 +383,82 @@ fn a_job_request_leaves_before_the_commit_and_a_waiting_callers_acceptance_may_l
 }
 
 #[test]
+fn a_submit_that_waits_is_answered_once_by_the_jobs_end_or_when_its_wait_is_over() {
+    let mut w = World::new();
+    let a = w.agent(1, 1);
+    let from: Jid = "webapp@localhost/app".parse().unwrap();
+    let xmpp = |w: &mut World, id: &str, wait_ms: u64, key: &str| {
+        let s = spine_protocol::Submit {
+            watch: true,
+            wait_ms: Some(wait_ms),
+            idempotency_key: Some(key.to_owned()),
+            ..spine_protocol::Submit::new(CAP.parse().unwrap())
+        };
+        let iq = Iq::from_set(id.to_owned(), s).with_from(from.clone());
+        w.core.stanza(iq.into(), w.now);
+    };
+    let status_in = |iq: Option<Iq>| match iq {
+        Some(Iq::Result {
+            payload: Some(el), ..
+        }) => spine_protocol::JobStatus::try_from(el).ok(),
+        _ => None,
+    };
+    // Accepted, sent to the agent, stored: nothing answers yet, so nothing hurries the commit.
+    xmpp(&mut w, "s1", 5_000, "k1");
+    let r = w.ready();
+    let sent = jobs_sent(&r.stanzas).remove(0);
+    assert!(answer_to(&r.stanzas, "s1").is_none(), "no <accepted>");
+    assert!(r.persist.contains(&sent.job.id));
+    // It ends within the wait: its final status is the answer, and the watcher, who is the
+    // waiting submitter, gets no message besides.
+    w.succeed(&sent, &a);
+    let r = w.ready();
+    let st = status_in(answer_to(&r.stanzas, "s1")).expect("the final status as the answer");
+    assert_eq!((&st.job, st.state), (&sent.job.id, JobState::Succeeded));
+    let messages = r
+        .stanzas
+        .iter()
+        .filter(|st| matches!(st, Stanza::Message(_)))
+        .count();
+    assert_eq!(messages, 0, "no final message: {:?}", r.stanzas);
+    // The same key again, for the job that ended: its end at once.
+    xmpp(&mut w, "s2", 5_000, "k1");
+    let st = status_in(answer_to(&w.ready().stanzas, "s2")).expect("the end at once");
+    assert_eq!((&st.job, st.state), (&sent.job.id, JobState::Succeeded));
+    // A job that outlasts its wait: <accepted> with its state when the wait is over, then
+    // the watcher's final message as usual.
+    xmpp(&mut w, "s3", 1_000, "k3");
+    let sent = jobs_sent(&w.ready().stanzas).remove(0);
+    w.advance(600);
+    w.tick();
+    assert!(answer_to(&w.ready().stanzas, "s3").is_none());
+    let wake = w.core.next_wake(w.now);
+    assert!(
+        wake <= Duration::from_millis(401),
+        "wakes when the wait ends: {wake:?}"
+    );
+    w.advance(401);
+    w.tick();
+    let Some(Iq::Result {
+        payload: Some(el), ..
+    }) = answer_to(&w.ready().stanzas, "s3")
+    else {
+        panic!("<accepted> when the wait is over");
+    };
+    let acc = spine_protocol::Accepted::try_from(el).unwrap();
+    assert_eq!((&acc.job, acc.state), (&sent.job.id, JobState::Dispatched));
+    assert_eq!(w.core.submit_waits.len(), 0);
+    w.succeed(&sent, &a);
+    let r = w.ready();
+    assert!(answer_to(&r.stanzas, "s3").is_none(), "answered once");
+    let watched = r
+        .stanzas
+        .iter()
+        .any(|st| matches!(st, Stanza::Message(m) if m.to.as_ref() == Some(&from)));
+    assert!(watched, "the watcher's final message: {:?}", r.stanzas);
+}
+
+#[test]
 fn a_busy_refusal_costs_no_attempt_and_the_job_is_placed_again() {
     let mut w = World::new();
     w.agent(1, 1);

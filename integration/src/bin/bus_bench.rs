@@ -5,13 +5,18 @@
 //! (a) raw IQ request/response between two plain tokio-xmpp clients (the `xmpp-bench`
 //! measurement); (b) no-op Spine jobs: a submitter sends `<submit watch='true'>` over XMPP to a
 //! real dispatcher, which stores the job, sends it to a real agent with a no-op capability and
-//! pushes the final status back. Both sequentially and with 64 in flight. Prints throughput,
+//! pushes the final status back (five stanzas through the server); (c) the same with
+//! `wait-ms` (protocol 1.3): the final status answers the submit (four stanzas). Each
+//! sequentially and with 64 in flight; (b) and (c) in the order b c c b, half of each at a
+//! time, so that a drift over the run weighs on both. Prints throughput,
 //! p50/p99 and the ratios bus ÷ raw per server; writes JSON (an object keyed by server) to
 //! target/bench/bus-vs-transport.json.
 
 use jid::Jid;
 use spine_agent::{Agent, JobContext, JobError, Output};
-use spine_integration::bench::{measure, measure_jobs, responder, RoundTrips};
+use spine_integration::bench::{
+    measure, measure_jobs, measure_jobs_abba, responder, RoundTrips, Submitting,
+};
 use spine_integration::farm::{agent_config, run_agent, start_http_dispatcher};
 use spine_integration::servers::{AnyServer, Kind};
 use spine_xmpp::{ConnectOptions, Security};
@@ -34,12 +39,14 @@ fn json(name: &str, r: &RoundTrips) -> serde_json::Value {
     })
 }
 
-/// The four measurements on one server.
+/// The six measurements on one server.
 struct Measured {
     raw_seq: RoundTrips,
     raw_par: RoundTrips,
     bus_seq: RoundTrips,
     bus_par: RoundTrips,
+    wait_seq: RoundTrips,
+    wait_par: RoundTrips,
 }
 
 async fn measure_on(server: &AnyServer, n: usize) -> Result<Measured, String> {
@@ -91,9 +98,11 @@ async fn measure_on(server: &AnyServer, n: usize) -> Result<Measured, String> {
         .await;
     let d: Jid = "dispatcher@localhost/d1".parse().expect("jid");
     let cap = "bench.noop".parse().expect("capability");
-    measure_jobs(&mut sub, &d, &cap, 200.min(n), 1).await?; // warm-up
-    let bus_seq = measure_jobs(&mut sub, &d, &cap, (n / 4).max(1), 1).await?;
-    let bus_par = measure_jobs(&mut sub, &d, &cap, n, 64).await?;
+    let ways = (Submitting::Watch, Submitting::Wait);
+    measure_jobs(&mut sub, &d, &cap, 200.min(n), 1, ways.0).await?; // warm-up
+    let (bus_seq, wait_seq) =
+        measure_jobs_abba(&mut sub, &d, &cap, (n / 4).max(1), 1, ways).await?;
+    let (bus_par, wait_par) = measure_jobs_abba(&mut sub, &d, &cap, n, 64, ways).await?;
     sub.close().await;
     agent.stop();
     dispatcher.stop();
@@ -102,6 +111,8 @@ async fn measure_on(server: &AnyServer, n: usize) -> Result<Measured, String> {
         raw_par,
         bus_seq,
         bus_par,
+        wait_seq,
+        wait_par,
     })
 }
 
@@ -180,6 +191,8 @@ async fn run() -> Result<(), String> {
             ("raw IQ, 64 in flight", &m.raw_par),
             ("no-op job, sequential", &m.bus_seq),
             ("no-op job, 64 in flight", &m.bus_par),
+            ("waited job, sequential", &m.wait_seq),
+            ("waited job, 64 in flight", &m.wait_par),
         ] {
             println!("{:<10} {}", kind.name(), row(name, r));
         }
@@ -191,8 +204,14 @@ async fn run() -> Result<(), String> {
         };
         let (ts, ls) = ratio(&m.bus_seq, &m.raw_seq);
         let (tp, lp) = ratio(&m.bus_par, &m.raw_par);
+        let (ws, wls) = ratio(&m.wait_seq, &m.raw_seq);
+        let (wp, wlp) = ratio(&m.wait_par, &m.raw_par);
         println!(
             "{:<10} bus ÷ raw: sequential throughput {ts:.3}, p50 latency {ls:.2}; 64 in flight throughput {tp:.3}, p50 latency {lp:.2}",
+            kind.name()
+        );
+        println!(
+            "{:<10} waited ÷ raw: sequential throughput {ws:.3}, p50 latency {wls:.2}; 64 in flight throughput {wp:.3}, p50 latency {wlp:.2}",
             kind.name()
         );
         results.insert(
@@ -202,8 +221,16 @@ async fn run() -> Result<(), String> {
                 "raw_window64": json("raw/window64", &m.raw_par),
                 "bus_sequential": json("bus/sequential", &m.bus_seq),
                 "bus_window64": json("bus/window64", &m.bus_par),
-                "throughput_ratio": { "sequential": ts, "window64": tp },
-                "p50_latency_ratio": { "sequential": ls, "window64": lp },
+                "wait_sequential": json("wait/sequential", &m.wait_seq),
+                "wait_window64": json("wait/window64", &m.wait_par),
+                "throughput_ratio": {
+                    "sequential": ts, "window64": tp,
+                    "wait_sequential": ws, "wait_window64": wp,
+                },
+                "p50_latency_ratio": {
+                    "sequential": ls, "window64": lp,
+                    "wait_sequential": wls, "wait_window64": wlp,
+                },
             }),
         );
     }

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use jid::{BareJid, Jid};
-use spine_integration::bench::{measure_jobs, RoundTrips};
+use spine_integration::bench::{measure_jobs, RoundTrips, Submitting};
 use spine_integration::swarm::{self, Child, FleetCounters};
 use spine_xmpp::{ConnectOptions, Security};
 use tokio_xmpp::stanzastream::Event;
@@ -356,9 +356,17 @@ async fn one_size(
         .parse()
         .map_err(|e| format!("{e}"))?;
     let noop: spine_protocol::CapabilityName = "bench.noop".parse()?;
-    measure_jobs(&mut sub, &d, &noop, (jobs / 10).max(1), 64).await?; // warm-up
+    measure_jobs(
+        &mut sub,
+        &d,
+        &noop,
+        (jobs / 10).max(1),
+        64,
+        Submitting::Watch,
+    )
+    .await?; // warm-up
     let before = Cpu::of(&server, &dispatcher);
-    let idle = measure_jobs(&mut sub, &d, &noop, jobs, 64).await?;
+    let idle = measure_jobs(&mut sub, &d, &noop, jobs, 64, Submitting::Watch).await?;
     let idle_cpu = Cpu::of(&server, &dispatcher).per_job_since(&before, jobs);
 
     // Busy: one held job on every agent (half of each one's slots), then the same jobs.
@@ -374,7 +382,7 @@ async fn one_size(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let before = Cpu::of(&server, &dispatcher);
-    let busy = measure_jobs(&mut sub, &d, &noop, jobs, 64).await?;
+    let busy = measure_jobs(&mut sub, &d, &noop, jobs, 64, Submitting::Watch).await?;
     let busy_cpu = Cpu::of(&server, &dispatcher).per_job_since(&before, jobs);
 
     // The console's view of this fleet: `GET /v1/fleet` (every agent, busy), and the same jobs
@@ -388,7 +396,7 @@ async fn one_size(
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let streamed_from = Instant::now();
-    let busy_streamed = measure_jobs(&mut sub, &d, &noop, jobs, 64).await?;
+    let busy_streamed = measure_jobs(&mut sub, &d, &noop, jobs, 64, Submitting::Watch).await?;
     let streamed_s = streamed_from.elapsed().as_secs_f64();
     stream.abort();
     sub.close().await;
