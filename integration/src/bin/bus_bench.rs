@@ -21,6 +21,13 @@ use spine_integration::farm::{agent_config, run_agent, start_http_dispatcher};
 use spine_integration::servers::{AnyServer, Kind};
 use spine_xmpp::{ConnectOptions, Security};
 
+/// The `spine` binary's allocator (cli/src/main.rs): the server, the dispatcher and the agent
+/// run here as they run in production. (With glibc's malloc, allocation took about 15 % of
+/// this benchmark's CPU with 64 jobs in flight, BENCHMARKS.md.)
+#[cfg(not(target_env = "msvc"))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn row(name: &str, r: &RoundTrips) -> String {
     format!(
         "{name:<26} {:>7} {:>6} {:>10.0} {:>10.3} {:>10.3}",
