@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Submit a Spine job over XMPP with slixmpp and wait for its outcome (PROTOCOL.md §11).
 
-Sends <submit watch='true'> to the dispatcher's full JID, reads the <accepted> job id, then
-waits for the <job-status> message the dispatcher pushes when the job ends. Prints the output
-on standard output and exits 0 on success; prints the failure and exits 1 otherwise.
+Sends <submit watch='true' wait-ms='…'> to the dispatcher's full JID (protocol 1.3, §11.2.1):
+a job that ends within the wait is answered with its final <job-status>; otherwise the answer
+is <accepted> with the job id, and the <job-status> message the dispatcher pushes when the job
+ends follows. A dispatcher older than 1.3 refuses wait-ms as malformed: the submit is sent
+again without it. Prints the output on standard output and exits 0 on success; prints the
+failure and exits 1 otherwise.
 
     echo hello | SPINE_PASSWORD=... python3 submit.py --jid webapp@bus.example.com \\
         --server 127.0.0.1:5222 --dispatcher dispatcher@bus.example.com/d1 text.upper
@@ -17,6 +20,7 @@ import logging
 import os
 import ssl
 import sys
+import uuid
 import xml.etree.ElementTree as ET
 
 import slixmpp
@@ -25,6 +29,8 @@ from slixmpp.xmlstream.handler import Callback
 from slixmpp.xmlstream.matcher import MatchXPath
 
 NS = "urn:spine:1"
+MAX_WAIT_MS = 300_000  # the protocol's limit on wait-ms (PROTOCOL.md §11.1)
+FINAL = ("succeeded", "failed", "cancelled", "timed-out")
 
 
 class Submitter(slixmpp.ClientXMPP):
@@ -56,7 +62,7 @@ class Submitter(slixmpp.ClientXMPP):
 
     def check(self):
         status = self.statuses.get(self.job)
-        if status is None or status.get("state") not in ("succeeded", "failed", "cancelled", "timed-out"):
+        if status is None or status.get("state") not in FINAL:
             return
         if status.get("state") == "succeeded":
             out = status.find(f"{{{NS}}}result/{{{NS}}}output")
@@ -77,22 +83,50 @@ class Submitter(slixmpp.ClientXMPP):
             text = (failure.text or "") if failure is not None else ""
             self.finish(1, f"job {self.job} {status.get('state')}: {text} ({cond})")
 
-    async def on_start(self, _):
-        self.send_presence()  # the pushed status goes to this full JID
+    async def submit(self, key, wait_ms):
+        """Sends the submit; its reply, or raises IqError / IqTimeout."""
         iq = self.make_iq_set(ito=self.opts.dispatcher)
-        submit = ET.Element(f"{{{NS}}}submit", {"capability": self.opts.capability, "watch": "true"})
+        attrs = {"capability": self.opts.capability, "watch": "true", "idempotency-key": key}
+        if wait_ms:
+            attrs["wait-ms"] = str(wait_ms)
+        submit = ET.Element(f"{{{NS}}}submit", attrs)
         if self.data:
             inp = ET.SubElement(submit, f"{{{NS}}}input", {"type": self.opts.type})
             inp.text = base64.b64encode(self.data).decode()
         iq.append(submit)
-        try:
-            reply = await iq.send(timeout=30)
-        except IqError as e:
-            err = e.iq["error"]
-            spine = next((c.tag.split("}")[1] for c in err.xml if c.tag.startswith(f"{{{NS}}}")), "?")
-            return self.finish(1, f"submit refused: {err['text']} ({spine})")
-        except IqTimeout:
-            return self.finish(1, "no answer from the dispatcher within 30 s")
+        # The answer may wait for the job's end: the IQ's timeout is longer than the wait.
+        return await iq.send(timeout=wait_ms / 1000 + 30)
+
+    async def on_start(self, _):
+        self.send_presence()  # the pushed status goes to this full JID
+        # The same key if the submit is sent again: one job, however often it is asked for.
+        key = str(uuid.uuid4())
+        wait_ms = int(max(0, min(self.opts.timeout - 5, MAX_WAIT_MS / 1000)) * 1000)
+        for attempt in range(3):
+            try:
+                reply = await self.submit(key, wait_ms)
+                break
+            except IqError as e:
+                err = e.iq["error"]
+                spine = next((c.tag.split("}")[1] for c in err.xml if c.tag.startswith(f"{{{NS}}}")), "?")
+                if wait_ms and spine == "malformed" and "wait-ms" in (err["text"] or ""):
+                    logging.info("the dispatcher does not take wait-ms (before protocol 1.3): submitting without it")
+                    wait_ms = 0
+                    continue
+                return self.finish(1, f"submit refused: {err['text']} ({spine})")
+            except IqTimeout:
+                # The answer is not stored (the dispatcher restarted, or its session ended):
+                # ask again with the same key.
+                logging.info("no answer to the submit: sending it again with the same key")
+        else:
+            return self.finish(1, "no answer from the dispatcher to three submits")
+        status = reply.xml.find(f"{{{NS}}}job-status")
+        if status is not None:
+            # The job ended within the wait: its end is the answer.
+            self.job = status.get("job")
+            self.statuses[self.job] = status
+            logging.info("job %s ended within the wait (%s)", self.job, status.get("state"))
+            return self.check()
         accepted = reply.xml.find(f"{{{NS}}}accepted")
         self.job = accepted.get("job")
         logging.info("job %s accepted (%s)", self.job, accepted.get("state"))
@@ -107,9 +141,12 @@ def main():
     p.add_argument("--type", default="text/plain", help="MIME type of the input")
     p.add_argument("--ca-file", help="PEM file of the CA certificate(s) to trust (default: the system's)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the outcome")
+    p.add_argument("-v", "--verbose", action="store_true", help="say how the job was answered")
     p.add_argument("capability")
     opts = p.parse_args()
-    logging.basicConfig(level="WARNING", format="%(levelname)s %(message)s")
+    logging.basicConfig(level="INFO" if opts.verbose else "WARNING", format="%(levelname)s %(message)s")
+    if not opts.verbose:
+        logging.getLogger("slixmpp").setLevel("WARNING")
     opts.password = os.environ.get("SPINE_PASSWORD")
     if not opts.password:
         p.error("set the password in SPINE_PASSWORD")

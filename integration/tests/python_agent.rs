@@ -198,7 +198,7 @@ async fn the_python_agent_runs_jobs_from_the_rust_dispatcher_through_prosody() {
         .arg(server.addr.to_string())
         .args(["--dispatcher", "dispatcher@localhost/d1", "--ca-file"])
         .arg(&ca)
-        .arg("text.upper")
+        .args(["--verbose", "text.upper"])
         .env("SPINE_PASSWORD", "pw-w")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -220,6 +220,9 @@ async fn the_python_agent_runs_jobs_from_the_rust_dispatcher_through_prosody() {
         log()
     );
     assert_eq!(out.stdout, b"HELLO FROM PYTHON");
+    // Answered by the job's end (protocol 1.3, `wait-ms`), not by <accepted> and a message.
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(said.contains("ended within the wait (succeeded)"), "{said}");
 
     // SIGTERM: the agent drains, goes unavailable and exits 0; the dispatcher forgets it.
     stop_agent(&mut agent, log).await;
