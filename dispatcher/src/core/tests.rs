@@ -1283,6 +1283,60 @@ fn stored_job(w: &mut World, submitter: &str, state: JobState) -> crate::jobs::J
 }
 
 #[test]
+fn a_waiting_submit_hears_of_a_cancel_and_a_standby_answers_it_at_once() {
+    let mut w = World::new();
+    w.agent(1, 1);
+    let from: Jid = "webapp@localhost/app".parse().unwrap();
+    let waiting = |wait_ms| spine_protocol::Submit {
+        wait_ms: Some(wait_ms),
+        ..spine_protocol::Submit::new(CAP.parse().unwrap())
+    };
+    let set = |w: &mut World, id: &str, payload: minidom::Element| {
+        let iq = Iq::Set {
+            from: Some(from.clone()),
+            to: None,
+            id: id.to_owned(),
+            payload,
+        };
+        w.core.stanza(iq.into(), w.now);
+    };
+    // Not watched: the wait alone holds the answer.
+    set(&mut w, "s1", waiting(60_000).into());
+    let sent = jobs_sent(&w.ready().stanzas).remove(0);
+    set(
+        &mut w,
+        "c1",
+        spine_protocol::Cancel {
+            job: sent.job.id.clone(),
+        }
+        .into(),
+    );
+    let r = w.ready();
+    let Some(Iq::Result {
+        payload: Some(el), ..
+    }) = answer_to(&r.stanzas, "s1")
+    else {
+        panic!("the end answers the submit: {:?}", r.stanzas);
+    };
+    let st = spine_protocol::JobStatus::try_from(el).unwrap();
+    assert_eq!((&st.job, st.state), (&sent.job.id, JobState::Cancelled));
+    assert_eq!(w.core.submit_waits.len(), 0);
+
+    // A standby stores the job for the leader and answers <accepted> at once.
+    let mut w = standby_world();
+    set(&mut w, "s2", waiting(60_000).into());
+    let r = w.ready();
+    let Some(Iq::Result {
+        payload: Some(el), ..
+    }) = answer_to(&r.stanzas, "s2")
+    else {
+        panic!("accepted at once: {:?}", r.stanzas);
+    };
+    assert!(spine_protocol::Accepted::try_from(el).is_ok());
+    assert_eq!(w.core.submit_waits.len(), 0);
+}
+
+#[test]
 fn a_standby_serves_xmpp_submitters_storing_their_jobs_and_reading_the_shared_store() {
     let mut w = standby_world();
     let me: Jid = "webapp@localhost/app".parse().unwrap();
