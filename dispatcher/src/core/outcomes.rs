@@ -437,12 +437,14 @@ impl Core {
         // Submissions waiting for this end (protocol 1.3) are answered with it; a watcher
         // that waits gets it in the answer, not again in a message.
         for w in self.submit_waits.take(job) {
-            if watch.as_ref() == Some(&w.to) {
-                watch = None;
-            }
-            if let Err(e) = self.send_status(w.to.clone(), Via::Reply(w.id.clone()), job, now) {
-                warn!(job = %job, "final status not sent to a waiting submitter: {e}");
-                self.reply_error(w.to, w.id, e);
+            match self.send_status(w.to.clone(), Via::Reply(w.id.clone()), job, now) {
+                Ok(()) if watch.as_ref() == Some(&w.to) => watch = None,
+                Ok(()) => {}
+                Err(e) => {
+                    // (The watch message, if any, is still tried below.)
+                    warn!(job = %job, "final status not sent to a waiting submitter: {e}");
+                    self.reply_error(w.to, w.id, e);
+                }
             }
         }
         if let Some(watch) = watch {
