@@ -99,8 +99,9 @@ pub enum Submitting {
     /// `<submit watch='true'>`: `<accepted>`, then the final status in a message (five
     /// stanzas through the server per job).
     Watch,
-    /// `<submit watch='true' wait-ms='60000'>` (protocol 1.3): the final status answers the
-    /// submit (four stanzas per job).
+    /// `<submit wait-ms='60000'>` (protocol 1.3), not watched, like a web app's `POST
+    /// /v1/jobs?wait=`: the final status answers the submit (four stanzas per job). A wait
+    /// that ends first is an error of the measurement.
     Wait,
 }
 
@@ -173,9 +174,9 @@ async fn sample_jobs(
         while sent < n && submitted.len() + running.len() < window {
             let id = format!("s{sent}");
             let mut s = Submit::new(capability.clone());
-            s.watch = true;
-            if how == Submitting::Wait {
-                s.wait_ms = Some(60_000);
+            match how {
+                Submitting::Watch => s.watch = true,
+                Submitting::Wait => s.wait_ms = Some(60_000),
             }
             submitted.insert(id.clone(), Instant::now());
             conn.send(Iq::from_set(id, s).with_to(to.clone())).await;
@@ -203,6 +204,9 @@ async fn sample_jobs(
                 let Ok(a) = Accepted::try_from(p) else {
                     continue;
                 };
+                if how == Submitting::Wait {
+                    return Err(format!("job {} outlasted its wait of 60 s", a.job));
+                }
                 let job = a.job.to_string();
                 match early.remove(&job) {
                     Some(end) => {

@@ -5,8 +5,9 @@
 //! (a) raw IQ request/response between two plain tokio-xmpp clients (the `xmpp-bench`
 //! measurement); (b) no-op Spine jobs: a submitter sends `<submit watch='true'>` over XMPP to a
 //! real dispatcher, which stores the job, sends it to a real agent with a no-op capability and
-//! pushes the final status back (five stanzas through the server); (c) the same with
-//! `wait-ms` (protocol 1.3): the final status answers the submit (four stanzas). Each
+//! pushes the final status back (five stanzas through the server); (c) the same job submitted
+//! with `wait-ms` (protocol 1.3) and not watched, like a web app's `POST /v1/jobs?wait=`: the
+//! final status answers the submit (four stanzas). Each
 //! sequentially and with 64 in flight; (b) and (c) in the order b c c b, half of each at a
 //! time, so that a drift over the run weighs on both. Prints throughput,
 //! p50/p99 and the ratios bus ÷ raw per server; writes JSON (an object keyed by server) to
