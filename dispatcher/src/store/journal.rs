@@ -17,6 +17,14 @@
 //! (a crash after a checkpoint, before the journal started over) changes nothing once the
 //! batches after it are applied too.
 //!
+//! Where the file system takes it (ext4, XFS; not tmpfs), frames go down through a second
+//! descriptor opened `O_DIRECT | O_DSYNC`: one system call that returns once the frame is on
+//! the disk, instead of a `pwrite` into the page cache and an `fdatasync` that finds it there
+//! (a probe on this project's test machine: 0.080 against 0.097 ms p50, and less CPU).
+//! Direct I/O writes whole aligned blocks, so the journal keeps the last, partly filled block
+//! in memory and writes it again with each frame: the bytes already acknowledged are written
+//! again unchanged, so a write torn at any sector leaves them as they were.
+//!
 //! Format (all integers little-endian). Bytes 0..4096, the header: `SPINEJL1`, then the
 //! generation (u64), then the CRC-32 of those 16 bytes. From byte 4096, frames, one per
 //! batch: `SJF1`, the generation (u64), the payload's length (u32), the CRC-32 of generation,
@@ -43,6 +51,9 @@ const FRAME_HEAD: usize = 4 + 8 + 4 + 4;
 const PREALLOCATE: u64 = 4 << 20;
 /// No batch is this large; a length beyond it is damage, not a frame.
 const MAX_FRAME: u32 = 1 << 30;
+/// Direct I/O's alignment of offsets, lengths and memory: a page, which covers disks of 512-
+/// and 4096-byte sectors alike.
+const ALIGN: usize = 4096;
 
 /// The journal file, open for appending frames.
 pub(super) struct Journal {
@@ -51,6 +62,11 @@ pub(super) struct Journal {
     generation: u64,
     /// Where the next frame goes.
     end: u64,
+    /// The file again, opened `O_DIRECT | O_DSYNC` for frames (see the module's comment), or
+    /// `None` where the file system refuses it.
+    direct: Option<File>,
+    /// The bytes of the block `end` is in, before `end` (written again with the next frame).
+    tail: Vec<u8>,
 }
 
 impl Journal {
@@ -72,11 +88,14 @@ impl Journal {
         } else {
             false
         };
+        let direct = open_direct(path);
         let mut j = Journal {
             file,
             path: path.to_owned(),
             generation: 0,
             end: FRAMES,
+            direct,
+            tail: Vec::new(),
         };
         if !have || head.iter().all(|b| *b == 0) {
             // New (or created and never written): zeros first, then the header.
@@ -100,7 +119,29 @@ impl Journal {
         }
         j.generation = u64_at(&head, 8);
         let frames = j.read_frames(len)?;
+        j.read_tail()?;
         Ok((j, frames))
+    }
+
+    /// [`Journal::open`] without direct I/O (the measurement compares the two).
+    #[cfg(test)]
+    pub(super) fn open_buffered(path: &Path) -> io::Result<(Journal, Vec<Vec<u8>>)> {
+        let (mut j, frames) = Journal::open(path)?;
+        j.direct = None;
+        Ok((j, frames))
+    }
+
+    /// Whether frames go down with direct I/O.
+    #[cfg(test)]
+    pub(super) fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    /// Reads the part of `end`'s block before `end` (the next direct write starts there).
+    fn read_tail(&mut self) -> io::Result<()> {
+        let start = self.end - self.end % ALIGN as u64;
+        self.tail = vec![0u8; (self.end - start) as usize];
+        self.file.read_exact_at(&mut self.tail, start)
     }
 
     /// The frames of the current generation, from the start until the first that is not.
@@ -150,9 +191,55 @@ impl Journal {
         let sum = crc(&[&frame[4..16], payload]);
         frame.extend_from_slice(&sum.to_le_bytes());
         frame.extend_from_slice(payload);
+        if self.direct.is_some() {
+            match self.append_direct(&frame) {
+                Ok(()) => return Ok(()),
+                // A file system that opened the file for direct I/O but refuses its writes:
+                // the frame goes the buffered way, and every one after it.
+                Err(e) if e.raw_os_error() == Some(EINVAL) => {
+                    tracing::warn!(
+                        "{}: direct I/O refused ({e}); frames go through the page cache and fdatasync",
+                        self.path.display()
+                    );
+                    self.direct = None;
+                }
+                Err(e) => return Err(e),
+            }
+        }
         self.file.write_all_at(&frame, self.end)?;
         self.file.sync_data()?;
         self.end += frame.len() as u64;
+        self.tail.clear();
+        Ok(())
+    }
+
+    /// Writes `frame` at `end` with direct I/O: the blocks from the one `end` is in, the kept
+    /// bytes of that block first and zeros after the frame. On disk when it returns
+    /// (`O_DSYNC`).
+    fn append_direct(&mut self, frame: &[u8]) -> io::Result<()> {
+        let start = self.end - self.end % ALIGN as u64;
+        if self.tail.len() as u64 != self.end - start {
+            // After a buffered append (the fallback) the kept bytes are not those of `end`'s
+            // block: read them again.
+            self.read_tail()?;
+        }
+        let Some(direct) = &self.direct else {
+            return Err(io::Error::from_raw_os_error(EINVAL));
+        };
+        let used = self.tail.len() + frame.len();
+        let len = used.next_multiple_of(ALIGN);
+        // Memory aligned for direct I/O without an allocator of its own: a buffer one
+        // alignment longer, used from its first aligned byte.
+        let mut raw = vec![0u8; len + ALIGN];
+        let at = raw.as_ptr().align_offset(ALIGN);
+        let buf = &mut raw[at..at + len];
+        buf[..self.tail.len()].copy_from_slice(&self.tail);
+        buf[self.tail.len()..used].copy_from_slice(frame);
+        direct.write_all_at(buf, start)?;
+        self.end += frame.len() as u64;
+        let keep = (self.end % ALIGN as u64) as usize;
+        self.tail.clear();
+        self.tail.extend_from_slice(&buf[used - keep..used]);
         Ok(())
     }
 
@@ -183,6 +270,7 @@ impl Journal {
         self.file.sync_data()?;
         self.generation = generation;
         self.end = FRAMES;
+        self.tail.clear();
         Ok(())
     }
 
@@ -190,6 +278,25 @@ impl Journal {
     pub(super) fn path(&self) -> &Path {
         &self.path
     }
+}
+
+/// `EINVAL`: what Linux answers a direct write it cannot do.
+const EINVAL: i32 = nix::libc::EINVAL;
+
+/// The journal opened `O_DIRECT | O_DSYNC` for its frames, or `None` where the file system
+/// refuses it (tmpfs) or the system has no such flags.
+#[cfg(target_os = "linux")]
+fn open_direct(path: &Path) -> Option<File> {
+    std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(nix::libc::O_DIRECT | nix::libc::O_DSYNC)
+        .open(path)
+        .ok()
+}
+
+#[cfg(not(target_os = "linux"))]
+fn open_direct(_path: &Path) -> Option<File> {
+    None
 }
 
 fn crc(parts: &[&[u8]]) -> u32 {
@@ -248,6 +355,44 @@ mod tests {
         let (j, found) = Journal::open(&path).unwrap();
         assert_eq!(found, vec![b"new".to_vec()]);
         assert_eq!(j.len(), FRAME_HEAD as u64 + 3);
+    }
+
+    #[test]
+    fn frames_of_every_size_across_blocks_come_back_written_directly_or_buffered() {
+        // Frames of sizes that end anywhere in a block, across many blocks; then the journal
+        // opened again, buffered, appends more after them, and again with direct I/O where the
+        // file system takes it (the kept part of the last block read back from the file).
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("j");
+        let sizes = [0usize, 1, 4075, 4076, 4077, 9000, 3, 12_288, 17, 4096, 100];
+        let frame = |i: usize, n: usize| vec![(i % 251) as u8; n];
+        let (mut j, _) = Journal::open(&path).unwrap();
+        let direct = j.is_direct();
+        for (i, n) in sizes.iter().enumerate() {
+            j.append(&frame(i, *n)).unwrap();
+        }
+        drop(j);
+        let (mut j, found) = Journal::open_buffered(&path).unwrap();
+        let want: Vec<Vec<u8>> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| frame(i, *n))
+            .collect();
+        assert_eq!(found, want, "direct I/O: {direct}");
+        j.append(b"buffered").unwrap();
+        drop(j);
+        let (mut j, found) = Journal::open(&path).unwrap();
+        assert_eq!(found.len(), sizes.len() + 1);
+        assert_eq!(found.last().unwrap(), b"buffered");
+        j.append(b"after").unwrap();
+        j.append(&[9u8; 5000]).unwrap();
+        let end = j.end;
+        drop(j);
+        let (j, found) = Journal::open(&path).unwrap();
+        assert_eq!(found.len(), sizes.len() + 3, "direct I/O: {direct}");
+        assert_eq!(found[sizes.len() + 1], b"after");
+        assert_eq!(found[sizes.len() + 2], vec![9u8; 5000]);
+        assert_eq!(j.end, end);
     }
 
     #[test]

@@ -1653,12 +1653,17 @@ mod tests {
         // One job's batch at a time, 3,000 per mode and round, in a directory under
         // SPINE_TIMING_DIR (default: the current one, on the disk being measured). Modes: a
         // durable redb transaction (the store before the journal), a journaled commit, the
-        // journal's append alone, and a redb transaction without durability.
+        // journal's append alone (direct I/O where the file system takes it), a redb
+        // transaction without durability, and the append through the page cache and
+        // `fdatasync` (the journal before direct I/O).
         let dir = std::env::var("SPINE_TIMING_DIR").unwrap_or_else(|_| ".".into());
         let dir = tempfile::tempdir_in(dir).unwrap();
         let s = Store::open(&dir.path().join("jobs.redb")).unwrap();
         let mut t = JobTable::new(100_000);
         let mut n = 0;
+        let (mut buffered, _) =
+            journal::Journal::open_buffered(&dir.path().join("buffered.journal")).unwrap();
+        let direct = lock(&s.journal).files[0].is_direct();
         let mut time = |mode: u8| {
             let mut ts = Vec::new();
             for _ in 0..3000 {
@@ -1685,12 +1690,13 @@ mod tests {
                         write(&tx, &b).unwrap();
                         tx.commit().unwrap();
                     }
-                    _ => {
+                    3 => {
                         let f = encode_frame(&b).unwrap();
                         let mut j = lock(&s.journal);
                         let a = j.active;
                         j.files[a].append(&f).unwrap();
                     }
+                    _ => buffered.append(&encode_frame(&b).unwrap()).unwrap(),
                 }
                 ts.push(at.elapsed().as_micros());
             }
@@ -1706,7 +1712,8 @@ mod tests {
             let j = time(1);
             let n = time(2);
             let a = time(3);
-            println!("round {round}: redb durable p50/p90/p99 {d:?} us; journaled {j:?} us; redb non-durable {n:?}; journal append {a:?}");
+            let b = time(4);
+            println!("round {round}: redb durable p50/p90/p99 {d:?} us; journaled {j:?} us; redb non-durable {n:?}; journal append (direct I/O: {direct}) {a:?}; buffered append + fdatasync {b:?}");
         }
     }
 }
