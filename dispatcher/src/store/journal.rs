@@ -196,7 +196,7 @@ impl Journal {
                 Ok(()) => return Ok(()),
                 // A file system that opened the file for direct I/O but refuses its writes:
                 // the frame goes the buffered way, and every one after it.
-                Err(e) if e.raw_os_error() == Some(EINVAL) => {
+                Err(e) if matches!(e.raw_os_error(), Some(EINVAL | EOPNOTSUPP)) => {
                     tracing::warn!(
                         "{}: direct I/O refused ({e}); frames go through the page cache and fdatasync",
                         self.path.display()
@@ -280,8 +280,9 @@ impl Journal {
     }
 }
 
-/// `EINVAL`: what Linux answers a direct write it cannot do.
+/// What Linux answers a direct write a file system cannot do.
 const EINVAL: i32 = nix::libc::EINVAL;
+const EOPNOTSUPP: i32 = nix::libc::EOPNOTSUPP;
 
 /// The journal opened `O_DIRECT | O_DSYNC` for its frames, or `None` where the file system
 /// refuses it (tmpfs) or the system has no such flags.
