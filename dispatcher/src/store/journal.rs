@@ -209,7 +209,6 @@ impl Journal {
         self.file.write_all_at(&frame, self.end)?;
         self.file.sync_data()?;
         self.end += frame.len() as u64;
-        self.tail.clear();
         Ok(())
     }
 
@@ -218,11 +217,9 @@ impl Journal {
     /// (`O_DSYNC`).
     fn append_direct(&mut self, frame: &[u8]) -> io::Result<()> {
         let start = self.end - self.end % ALIGN as u64;
-        if self.tail.len() as u64 != self.end - start {
-            // After a buffered append (the fallback) the kept bytes are not those of `end`'s
-            // block: read them again.
-            self.read_tail()?;
-        }
+        // `tail` follows `end` (opening reads it, starting over empties it; once buffered,
+        // a journal never writes directly again).
+        debug_assert_eq!(self.tail.len() as u64, self.end - start);
         let Some(direct) = &self.direct else {
             return Err(io::Error::from_raw_os_error(EINVAL));
         };
