@@ -363,7 +363,7 @@ fn spawn_rate_share(
 
 /// A commit on its way to disk, and what leaves once it is there.
 struct InFlight {
-    done: tokio::task::JoinHandle<Result<(), StoreError>>,
+    done: crate::store::Committing,
     ready: Ready,
 }
 
@@ -1060,14 +1060,6 @@ impl Driver {
 
     /// The second half of a commit: what may leave once the changes are stored.
     async fn deliver(&mut self, ready: Ready) {
-        if let Some(a) = self.audit.as_mut() {
-            // The outcomes are stored now; an audit write failure is reported, not fatal
-            // (the lines stay in the outbox and are written at the next start).
-            match a.append(&ready.audit) {
-                Ok(()) => self.audited.extend(ready.audit.into_iter().map(|(j, _)| j)),
-                Err(e) => error!("cannot write the audit log: {e}"),
-            }
-        }
         for st in ready
             .now
             .into_iter()
@@ -1096,6 +1088,15 @@ impl Driver {
             }
             // No receiver is fine.
             let _ = self.events.send(ev);
+        }
+        // After the answers: a sequential job's end need not wait for this write. The
+        // outcomes are stored now; an audit write failure is reported, not fatal (the lines
+        // stay in the outbox and are written at the next start).
+        if let Some(a) = self.audit.as_mut() {
+            match a.append(&ready.audit) {
+                Ok(()) => self.audited.extend(ready.audit.into_iter().map(|(j, _)| j)),
+                Err(e) => error!("cannot write the audit log: {e}"),
+            }
         }
     }
 

@@ -122,23 +122,61 @@ impl JobStore {
         }
     }
 
-    /// Stores a batch in one durable transaction, on a task of its own (redb: a blocking
-    /// thread; PostgreSQL: an async task), while the caller goes on.
-    pub fn commit(&self, b: OwnedBatch) -> JoinHandle<Result<(), StoreError>> {
+    /// Stores a batch in one durable transaction while the caller goes on: redb on a blocking
+    /// thread, PostgreSQL on an async task. A fast redb commit ([`Store::commits_fast`]) is
+    /// made here, on the caller's thread, and the [`Committing`] it returns is already done.
+    pub fn commit(&self, b: OwnedBatch) -> Committing {
         match self {
-            // Fast commits on this thread (the join handle is then of a task that is done).
             JobStore::Redb(s) if s.commits_fast() => {
-                let r = s.commit_owned(b);
-                tokio::spawn(async move { r })
+                Committing::Done(std::future::ready(s.commit_owned(b)))
             }
             JobStore::Redb(s) => {
                 let s = s.clone();
-                tokio::task::spawn_blocking(move || s.commit_owned(b))
+                Committing::Running(tokio::task::spawn_blocking(move || s.commit_owned(b)))
             }
             JobStore::Postgres(p) => {
                 let p = p.clone();
-                tokio::spawn(async move { p.commit(&b).await })
+                Committing::Running(tokio::spawn(async move { p.commit(&b).await }))
             }
+        }
+    }
+}
+
+/// A commit started by [`JobStore::commit`]: it resolves when the batch is stored (or could
+/// not be), like the join handle of the task that stores it.
+///
+/// A commit made on the caller's thread is [`Committing::Done`] at once. It was a task spawned
+/// only to hold its result until then: the task's completion woke the dispatcher's, often
+/// through a parked runtime worker (a futex wake, 10–17 µs on this machine's 2 vCPUs), on
+/// the critical path of every sequential job (BENCHMARKS.md).
+pub enum Committing {
+    /// Made already, on the caller's thread.
+    Done(std::future::Ready<Result<(), StoreError>>),
+    /// Being made on a task of its own.
+    Running(JoinHandle<Result<(), StoreError>>),
+}
+
+impl Committing {
+    /// Whether the commit has ended (made, or failed).
+    pub fn is_finished(&self) -> bool {
+        match self {
+            Committing::Done(_) => true,
+            Committing::Running(h) => h.is_finished(),
+        }
+    }
+}
+
+impl std::future::Future for Committing {
+    type Output = Result<Result<(), StoreError>, tokio::task::JoinError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        // Both are Unpin.
+        match self.get_mut() {
+            Committing::Done(r) => std::pin::Pin::new(r).poll(cx).map(Ok),
+            Committing::Running(h) => std::pin::Pin::new(h).poll(cx),
         }
     }
 }
@@ -162,5 +200,42 @@ pub(crate) fn target(
             "'{}' is not a store: \"redb\" (the default, data_dir/jobs.redb) or a PostgreSQL URL \"postgres://user@host:5432/db\"",
             other.chars().take(40).collect::<String>()
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::FutureExt as _;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_commit_made_here_is_done_at_once_and_one_on_a_task_when_the_task_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = JobStore::Redb(Arc::new(
+            Store::open(&dir.path().join("jobs.redb")).unwrap(),
+        ));
+        // A new store has made no slow commit: the next is made here, done before any poll
+        // of the runtime.
+        let c = store.commit(OwnedBatch::default());
+        assert!(matches!(c, Committing::Done(_)) && c.is_finished());
+        assert!(matches!(c.now_or_never(), Some(Ok(Ok(())))));
+
+        // A failed commit is reported the same way either side.
+        let failed = Committing::Done(std::future::ready(Err(StoreError("disk full".into()))));
+        match failed.await {
+            Ok(Err(StoreError(m))) => assert_eq!(m, "disk full"),
+            other => panic!("expected the store's error, got {other:?}"),
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let mut running = Committing::Running(tokio::spawn(async move {
+            rx.await.map_err(|_| StoreError("dropped".into()))
+        }));
+        assert!(
+            (&mut running).now_or_never().is_none(),
+            "the task has not ended"
+        );
+        tx.send(()).unwrap();
+        assert!(matches!(running.await, Ok(Ok(()))));
     }
 }

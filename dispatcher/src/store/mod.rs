@@ -31,7 +31,7 @@ mod journal;
 pub mod postgres;
 
 pub(crate) use backend::{is_postgres, target};
-pub use backend::{Held, JobStore};
+pub use backend::{Committing, Held, JobStore};
 
 const JOBS: TableDefinition<&str, &[u8]> = TableDefinition::new("jobs");
 const INPUTS: TableDefinition<&str, &[u8]> = TableDefinition::new("inputs");
