@@ -1,5 +1,5 @@
 //! The bus-versus-transport benchmark runs at a tiny size in the test command, so it cannot
-//! rot: it exits 0 and writes its six measurements and the ratios, for every installed server
+//! rot: it exits 0 and writes its eight measurements and the ratios, for every installed server
 //! (all three required under `SPINE_REQUIRE_SERVERS=1`, as in CI).
 
 #[test]
@@ -32,6 +32,8 @@ fn bus_bench_runs_small() {
             "bus_window64",
             "wait_sequential",
             "wait_window64",
+            "raw_sequential_worker",
+            "wait_sequential_worker",
         ] {
             assert!(r[k]["per_sec"].as_f64().unwrap() > 0.0, "{kind} {k}: {r}");
             assert!(r[k]["p50_ms"].as_f64().unwrap() > 0.0, "{kind} {k}: {r}");
@@ -46,6 +48,16 @@ fn bus_bench_runs_small() {
         );
         assert!(
             stdout.contains(&format!("{kind:<10} waited ÷ raw")),
+            "{stdout}"
+        );
+        assert!(
+            r["p50_latency_ratio"]["wait_sequential_worker"]
+                .as_f64()
+                .unwrap()
+                > 0.0
+        );
+        assert!(
+            stdout.contains(&format!("{kind:<10} waited ÷ raw, both on a worker")),
             "{stdout}"
         );
     }

@@ -9,8 +9,10 @@
 //! with `wait-ms` (protocol 1.3) and not watched, like a web app's `POST /v1/jobs?wait=`: the
 //! final status answers the submit (four stanzas). Each
 //! sequentially and with 64 in flight; (b) and (c) in the order b c c b, half of each at a
-//! time, so that a drift over the run weighs on both. Prints throughput,
-//! p50/p99 and the ratios bus ÷ raw per server; writes JSON (an object keyed by server) to
+//! time, so that a drift over the run weighs on both. And (a) and (c) one at a time once
+//! more with the measuring loop on a runtime worker instead of the main thread
+//! ([`on_worker`]): the raw figure then is the transport's own. Prints throughput, p50/p99
+//! and the ratios bus ÷ raw per server; writes JSON (an object keyed by server) to
 //! target/bench/bus-vs-transport.json.
 
 use jid::Jid;
@@ -47,14 +49,48 @@ fn json(name: &str, r: &RoundTrips) -> serde_json::Value {
     })
 }
 
-/// The six measurements on one server.
+/// The measurements on one server.
 struct Measured {
     raw_seq: RoundTrips,
+    /// [`Measured::raw_seq`] with the loop on a runtime worker (see [`on_worker`]).
+    raw_seq_worker: RoundTrips,
     raw_par: RoundTrips,
     bus_seq: RoundTrips,
     bus_par: RoundTrips,
     wait_seq: RoundTrips,
     wait_par: RoundTrips,
+    /// [`Measured::wait_seq`] with the loop on a runtime worker.
+    wait_seq_worker: RoundTrips,
+}
+
+/// Runs a measurement of `conn` on a task of the runtime (a worker thread) and gives the
+/// connection back.
+///
+/// The other measurements run their loop in `main`'s `block_on`, on the main thread, which is
+/// not one of the runtime's workers: each answer read by the connection's task (on a worker)
+/// wakes the main thread, and each request it sends wakes a worker again. One at a time, those
+/// two hand-offs were about 0.07 ms of a raw round trip's 0.125 ms p50 on the test machine
+/// (BENCHMARKS.md). On a worker, the raw figure is the transport's own; with 64 in flight the
+/// two ways measure the same.
+async fn on_worker<F>(
+    mut conn: spine_xmpp::Connection,
+    f: F,
+) -> Result<(spine_xmpp::Connection, RoundTrips), String>
+where
+    F: for<'c> FnOnce(
+            &'c mut spine_xmpp::Connection,
+        ) -> std::pin::Pin<
+            Box<dyn std::future::Future<Output = Result<RoundTrips, String>> + Send + 'c>,
+        > + Send
+        + 'static,
+{
+    tokio::spawn(async move {
+        let r = f(&mut conn).await;
+        (conn, r)
+    })
+    .await
+    .map_err(|e| format!("the measurement's task failed: {e}"))
+    .and_then(|(conn, r)| r.map(|r| (conn, r)))
 }
 
 async fn measure_on(server: &AnyServer, n: usize) -> Result<Measured, String> {
@@ -80,6 +116,11 @@ async fn measure_on(server: &AnyServer, n: usize) -> Result<Measured, String> {
         .map_err(|e| e.to_string())?;
     measure(&mut req, &to, 500, 1).await?; // warm-up
     let raw_seq = measure(&mut req, &to, n, 1).await?;
+    let to_w = to.clone();
+    let (mut req, raw_seq_worker) = on_worker(req, move |c| {
+        Box::pin(async move { measure(c, &to_w, n, 1).await })
+    })
+    .await?;
     let raw_par = measure(&mut req, &to, n * 4, 64).await?;
     req.close().await;
 
@@ -111,16 +152,24 @@ async fn measure_on(server: &AnyServer, n: usize) -> Result<Measured, String> {
     let (bus_seq, wait_seq) =
         measure_jobs_abba(&mut sub, &d, &cap, (n / 4).max(1), 1, ways).await?;
     let (bus_par, wait_par) = measure_jobs_abba(&mut sub, &d, &cap, n, 64, ways).await?;
+    let (d_w, cap_w) = (d.clone(), cap.clone());
+    let seq_n = (n / 4).max(1);
+    let (sub, wait_seq_worker) = on_worker(sub, move |c| {
+        Box::pin(async move { measure_jobs(c, &d_w, &cap_w, seq_n, 1, Submitting::Wait).await })
+    })
+    .await?;
     sub.close().await;
     agent.stop();
     dispatcher.stop();
     Ok(Measured {
         raw_seq,
+        raw_seq_worker,
         raw_par,
         bus_seq,
         bus_par,
         wait_seq,
         wait_par,
+        wait_seq_worker,
     })
 }
 
@@ -201,6 +250,8 @@ async fn run() -> Result<(), String> {
             ("no-op job, 64 in flight", &m.bus_par),
             ("waited job, sequential", &m.wait_seq),
             ("waited job, 64 in flight", &m.wait_par),
+            ("raw IQ, seq., on a worker", &m.raw_seq_worker),
+            ("waited job, seq., worker", &m.wait_seq_worker),
         ] {
             println!("{:<10} {}", kind.name(), row(name, r));
         }
@@ -214,12 +265,17 @@ async fn run() -> Result<(), String> {
         let (tp, lp) = ratio(&m.bus_par, &m.raw_par);
         let (ws, wls) = ratio(&m.wait_seq, &m.raw_seq);
         let (wp, wlp) = ratio(&m.wait_par, &m.raw_par);
+        let (wws, wwls) = ratio(&m.wait_seq_worker, &m.raw_seq_worker);
         println!(
             "{:<10} bus ÷ raw: sequential throughput {ts:.3}, p50 latency {ls:.2}; 64 in flight throughput {tp:.3}, p50 latency {lp:.2}",
             kind.name()
         );
         println!(
             "{:<10} waited ÷ raw: sequential throughput {ws:.3}, p50 latency {wls:.2}; 64 in flight throughput {wp:.3}, p50 latency {wlp:.2}",
+            kind.name()
+        );
+        println!(
+            "{:<10} waited ÷ raw, both on a worker: sequential throughput {wws:.3}, p50 latency {wwls:.2}",
             kind.name()
         );
         results.insert(
@@ -231,13 +287,17 @@ async fn run() -> Result<(), String> {
                 "bus_window64": json("bus/window64", &m.bus_par),
                 "wait_sequential": json("wait/sequential", &m.wait_seq),
                 "wait_window64": json("wait/window64", &m.wait_par),
+                "raw_sequential_worker": json("raw/sequential/worker", &m.raw_seq_worker),
+                "wait_sequential_worker": json("wait/sequential/worker", &m.wait_seq_worker),
                 "throughput_ratio": {
                     "sequential": ts, "window64": tp,
                     "wait_sequential": ws, "wait_window64": wp,
+                    "wait_sequential_worker": wws,
                 },
                 "p50_latency_ratio": {
                     "sequential": ls, "window64": lp,
                     "wait_sequential": wls, "wait_window64": wlp,
+                    "wait_sequential_worker": wwls,
                 },
             }),
         );
