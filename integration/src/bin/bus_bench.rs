@@ -149,11 +149,11 @@ async fn measure_on(server: &AnyServer, n: usize) -> Result<Measured, String> {
     let cap = "bench.noop".parse().expect("capability");
     let ways = (Submitting::Watch, Submitting::Wait);
     measure_jobs(&mut sub, &d, &cap, 200.min(n), 1, ways.0).await?; // warm-up
-    let (bus_seq, wait_seq) =
-        measure_jobs_abba(&mut sub, &d, &cap, (n / 4).max(1), 1, ways).await?;
+                                                                    // Jobs one at a time: a quarter of N of each way.
+    let seq_n = (n / 4).max(1);
+    let (bus_seq, wait_seq) = measure_jobs_abba(&mut sub, &d, &cap, seq_n, 1, ways).await?;
     let (bus_par, wait_par) = measure_jobs_abba(&mut sub, &d, &cap, n, 64, ways).await?;
     let (d_w, cap_w) = (d.clone(), cap.clone());
-    let seq_n = (n / 4).max(1);
     let (sub, wait_seq_worker) = on_worker(sub, move |c| {
         Box::pin(async move { measure_jobs(c, &d_w, &cap_w, seq_n, 1, Submitting::Wait).await })
     })
