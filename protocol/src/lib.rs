@@ -30,6 +30,7 @@ pub mod names;
 pub mod operator;
 pub mod presence;
 pub mod recall;
+pub mod scan;
 pub mod signing;
 pub mod slot;
 pub mod units;
