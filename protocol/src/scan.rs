@@ -32,6 +32,7 @@ use std::borrow::Cow;
 
 use quick_xml::errors::{Error as QxError, IllFormedError, SyntaxError};
 use quick_xml::events::Event;
+use smallvec::SmallVec;
 
 /// The namespace of the stream's own elements (`stream:` prefix).
 pub const STREAM_NS: &str = "http://etherx.jabber.org/streams";
@@ -53,6 +54,10 @@ pub struct Scope<'s> {
 
 /// What the start of a buffer holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "a stanza is what nearly every scan finds: boxing it would allocate each time"
+)]
 pub enum Scan<'a> {
     /// Only whitespace, or the beginning of a stanza: more bytes are needed.
     Incomplete,
@@ -81,11 +86,14 @@ pub struct Stanza<'a> {
     /// Its namespace.
     pub ns: Cow<'a, str>,
     /// Its attributes as written (namespace declarations included), values unescaped.
-    pub attrs: Vec<Attr<'a>>,
+    pub attrs: Attrs<'a>,
     /// Elements directly inside it.
     pub children: u32,
     /// Whether one of those is in the stream's default namespace (`<body/>`, `<error/>`).
     pub default_ns_child: bool,
+    /// Whether text other than white space is directly inside it (written, referenced or in
+    /// a CDATA section).
+    pub text: bool,
     /// Whether every prefix used inside it is declared inside it (or is `xml`): its bytes
     /// then mean the same in another stream with the same default namespace.
     pub self_contained: bool,
@@ -100,6 +108,9 @@ impl Stanza<'_> {
             .map(|a| a.value.as_ref())
     }
 }
+
+/// A start tag's attributes: a stanza's head has a few (kept without an allocation).
+pub type Attrs<'a> = SmallVec<[Attr<'a>; 6]>;
 
 /// An attribute of a stanza's start tag.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,7 +178,7 @@ pub fn scan<'a>(input: &'a str, scope: &Scope<'a>) -> Result<Scan<'a>, ScanError
     let mut ns = Namespaces::default();
     let mut top: Option<Stanza<'a>> = None;
     // The names of the open elements, for an end tag cut short.
-    let mut open: Vec<&'a str> = Vec::new();
+    let mut open: SmallVec<[&'a str; 8]> = SmallVec::new();
     loop {
         let at = r.buffer_position() as usize;
         let ev = match r.read_event() {
@@ -213,8 +224,13 @@ pub fn scan<'a>(input: &'a str, scope: &Scope<'a>) -> Result<Scan<'a>, ScanError
                     }
                 } else {
                     chars(s, at)?;
-                    if let Some(i) = s.find("]]>") {
-                        return Err(bad(at + i, "']]>' in text"));
+                    if memchr::memchr(b']', s.as_bytes()).is_some() {
+                        if let Some(i) = s.find("]]>") {
+                            return Err(bad(at + i, "']]>' in text"));
+                        }
+                    }
+                    if depth == 1 {
+                        mark_text(&mut top, s);
                     }
                 }
                 continue;
@@ -223,7 +239,10 @@ pub fn scan<'a>(input: &'a str, scope: &Scope<'a>) -> Result<Scan<'a>, ScanError
                 if depth == 0 {
                     return Err(bad(at, "a reference outside a stanza"));
                 }
-                reference(&g, at)?;
+                let c = reference(&g, at)?;
+                if depth == 1 {
+                    mark_text(&mut top, c.encode_utf8(&mut [0; 4]));
+                }
                 continue;
             }
             Event::CData(c) => {
@@ -232,6 +251,9 @@ pub fn scan<'a>(input: &'a str, scope: &Scope<'a>) -> Result<Scan<'a>, ScanError
                 }
                 let s: &str = &c;
                 chars(s, at)?;
+                if depth == 1 {
+                    mark_text(&mut top, s);
+                }
                 continue;
             }
             Event::Comment(_) => return Err(bad(at, "a comment (XMPP allows none)")),
@@ -250,7 +272,7 @@ pub fn scan<'a>(input: &'a str, scope: &Scope<'a>) -> Result<Scan<'a>, ScanError
         // The tag's content (name and attributes) as a slice of the input, which it is: the
         // reader borrows from `input`, just after the `<`.
         let content: &'a str = match input.get(at + 1..at + 1 + e.len()) {
-            Some(c) if c == &*e => c,
+            Some(c) if std::ptr::eq(c.as_ptr(), (*e).as_ptr()) => c,
             _ => return Err(bad(at, "a start tag the scanner could not place")),
         };
         let qname: &'a str = &content[..e.name().0.len()];
@@ -283,6 +305,7 @@ pub fn scan<'a>(input: &'a str, scope: &Scope<'a>) -> Result<Scan<'a>, ScanError
                 attrs,
                 children: 0,
                 default_ns_child: false,
+                text: false,
                 self_contained: contained,
             });
         } else if let Some(t) = top.as_mut() {
@@ -301,6 +324,106 @@ pub fn scan<'a>(input: &'a str, scope: &Scope<'a>) -> Result<Scan<'a>, ScanError
             depth = level;
             open.push(qname);
         }
+    }
+}
+
+/// A stream's bytes as they are read, and the stanzas in them: [`scan`] over a buffer that
+/// grows by reads and shrinks by stanzas.
+///
+/// It checks that the bytes are UTF-8 once each (a character cut by a read waits for the
+/// next), and scans again after an incomplete stanza only once a `>` has come (no stanza ends
+/// without one), so that a large stanza arriving in many reads is not scanned from its start
+/// after every read. The size limit holds between scans too.
+#[derive(Debug)]
+pub struct Reader {
+    buf: Vec<u8>,
+    /// Where the unread part of `buf` begins.
+    start: usize,
+    /// How much of `buf` is known to be UTF-8.
+    valid: usize,
+    /// The end of `buf` when a scan last found the stanza incomplete.
+    waited: Option<usize>,
+    scope: Scope<'static>,
+}
+
+impl Reader {
+    /// A reader of a stream in `scope`.
+    pub fn new(scope: Scope<'static>) -> Reader {
+        Reader {
+            buf: Vec::new(),
+            start: 0,
+            valid: 0,
+            waited: None,
+            scope,
+        }
+    }
+
+    /// Appends bytes read from the stream.
+    pub fn extend(&mut self, bytes: &[u8]) {
+        if self.start > 0 && self.start >= self.buf.len() / 2 {
+            // Most of the buffer is read: move the rest to the front.
+            self.buf.drain(..self.start);
+            self.valid -= self.start;
+            self.waited = self.waited.map(|w| w - self.start);
+            self.start = 0;
+        }
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes read and not yet taken by [`Reader::consume`].
+    pub fn buffered(&self) -> usize {
+        self.buf.len() - self.start
+    }
+
+    /// The next stanza or the stream's end, if all of it has been read; `Ok(None)` until
+    /// then. What it returns borrows the buffer: [`Reader::consume`] its `len` after use.
+    pub fn next_stanza(&mut self) -> Result<Option<Scan<'_>>, ScanError> {
+        match std::str::from_utf8(&self.buf[self.valid..]) {
+            Ok(_) => self.valid = self.buf.len(),
+            Err(e) => {
+                self.valid += e.valid_up_to();
+                if e.error_len().is_some() {
+                    return Err(bad(self.valid - self.start, "bytes that are not UTF-8"));
+                }
+            }
+        }
+        if let Some(w) = self.waited {
+            if memchr::memchr(b'>', &self.buf[w..self.valid]).is_none() {
+                if self.valid - self.start > self.scope.max_bytes {
+                    return Err(ScanError::TooLarge {
+                        limit: self.scope.max_bytes,
+                    });
+                }
+                return Ok(None);
+            }
+        }
+        // Checked above, up to `valid`.
+        let Ok(text) = std::str::from_utf8(&self.buf[self.start..self.valid]) else {
+            return Err(bad(0, "bytes that are not UTF-8"));
+        };
+        match scan(text, &self.scope)? {
+            Scan::Incomplete => {
+                self.waited = Some(self.valid);
+                Ok(None)
+            }
+            found => {
+                self.waited = None;
+                Ok(Some(found))
+            }
+        }
+    }
+
+    /// Takes `n` bytes (a stanza's `len`) off the front.
+    pub fn consume(&mut self, n: usize) {
+        self.start = (self.start + n).min(self.buf.len());
+        self.waited = None;
+    }
+}
+
+/// Notes text directly inside the stanza unless it is white space.
+fn mark_text(top: &mut Option<Stanza<'_>>, s: &str) {
+    if let Some(t) = top.as_mut() {
+        t.text |= !s.bytes().all(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n'));
     }
 }
 
@@ -363,21 +486,36 @@ fn need_more(e: &QxError, input: &str, at: usize) -> bool {
 
 /// Prefix and local part of a name (None: not a valid QName).
 fn split_qname(q: &str) -> Option<(Option<&str>, &str)> {
-    let (prefix, local) = match q.split_once(':') {
-        Some((p, l)) => (Some(p), l),
+    let (prefix, local) = match memchr::memchr(b':', q.as_bytes()) {
+        Some(i) => (Some(&q[..i]), &q[i + 1..]),
         None => (None, q),
     };
-    if let Some(p) = prefix {
-        rxml_validation::validate_ncname(p).ok()?;
-    }
-    rxml_validation::validate_ncname(local).ok()?;
-    Some((prefix, local))
+    (prefix.is_none_or(ncname) && ncname(local)).then_some((prefix, local))
 }
 
 /// Checks the characters of text, of a CDATA section or of an attribute value.
 fn chars(s: &str, at: usize) -> Result<(), ScanError> {
+    // Printable ASCII and the three white space controls need no table.
+    if s.bytes()
+        .all(|b| matches!(b, 0x20..=0x7f | b'\t' | b'\n' | b'\r'))
+    {
+        return Ok(());
+    }
     rxml_validation::validate_cdata(s)
         .map_err(|e| bad(at, format!("a character XML does not allow ({e})")))
+}
+
+/// Whether `s` is an NCName (a name without a colon), as rxml's character classes say.
+fn ncname(s: &str) -> bool {
+    let b = s.as_bytes();
+    if s.is_ascii() {
+        return b
+            .first()
+            .is_some_and(|c| c.is_ascii_alphabetic() || *c == b'_')
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'-' | b'.'));
+    }
+    rxml_validation::validate_ncname(s).is_ok()
 }
 
 /// The most digits a character reference may have: rxml refuses more (leading zeros count),
@@ -439,20 +577,31 @@ fn reference(name: &str, at: usize) -> Result<char, ScanError> {
 /// refuses it before most characters and drops it before others, and what reaches the parsers
 /// behind the scanner must be what they accept and read alike.
 fn value(raw: &str, at: usize) -> Result<Cow<'_, str>, ScanError> {
-    if raw.contains('<') {
-        return Err(bad(at, "'<' in an attribute value"));
-    }
-    chars(raw, at)?;
     let b = raw.as_bytes();
-    if memchr::memchr_iter(b'\r', b).any(|i| b.get(i + 1) != Some(&b'\n')) {
-        return Err(bad(
-            at,
-            "a carriage return without a line feed in an attribute value",
-        ));
+    // One pass: what is refused at once, and whether anything needs a closer look (a
+    // character outside printable ASCII) or a change (a reference, white space to normalise).
+    let (mut table, mut plain) = (false, true);
+    for (i, &c) in b.iter().enumerate() {
+        match c {
+            b'<' => return Err(bad(at, "'<' in an attribute value")),
+            b'\r' if b.get(i + 1) != Some(&b'\n') => {
+                return Err(bad(
+                    at,
+                    "a carriage return without a line feed in an attribute value",
+                ))
+            }
+            b'&' | b'\t' | b'\n' | b'\r' => plain = false,
+            0x00..=0x1f | 0x80.. => table = true,
+            _ => {}
+        }
     }
-    let Some(first) = raw.find(['&', '\t', '\r', '\n']) else {
+    if table {
+        chars(raw, at)?;
+    }
+    if plain {
         return Ok(Cow::Borrowed(raw));
-    };
+    }
+    let first = raw.find(['&', '\t', '\r', '\n']).unwrap_or(raw.len());
     let mut out = String::with_capacity(raw.len());
     out.push_str(&raw[..first]);
     let mut rest = &raw[first..];
@@ -522,11 +671,8 @@ fn ref_begun(name: &str, at: usize) -> Result<(), ScanError> {
 /// Whether a name cut by the end of the input can still become a valid QName.
 fn name_begun(name: &str) -> bool {
     match name.split_once(':') {
-        None => rxml_validation::validate_ncname(name).is_ok(),
-        Some((p, l)) => {
-            rxml_validation::validate_ncname(p).is_ok()
-                && (l.is_empty() || rxml_validation::validate_ncname(l).is_ok())
-        }
+        None => ncname(name),
+        Some((p, l)) => ncname(p) && (l.is_empty() || ncname(l)),
     }
 }
 
@@ -539,8 +685,8 @@ fn attributes<'a>(
     level: u32,
     ns: &mut Namespaces<'a>,
     partial: bool,
-) -> Result<Vec<Attr<'a>>, ScanError> {
-    let mut out = Vec::new();
+) -> Result<Attrs<'a>, ScanError> {
+    let mut out = Attrs::new();
     let b = raw.as_bytes();
     let space = |i: &mut usize| {
         while *i < b.len() && matches!(b[*i], b' ' | b'\t' | b'\r' | b'\n') {
@@ -558,8 +704,9 @@ fn attributes<'a>(
         if i == ws {
             return Err(bad(at, "no whitespace between attributes"));
         }
-        let name_end = raw[i..]
-            .find(['=', ' ', '\t', '\r', '\n'])
+        let name_end = b[i..]
+            .iter()
+            .position(|c| matches!(c, b'=' | b' ' | b'\t' | b'\r' | b'\n'))
             .map(|n| i + n);
         let name = &raw[i..name_end.unwrap_or(b.len())];
         let Some(name_end) = name_end else {
@@ -603,7 +750,7 @@ fn attributes<'a>(
                 ))
             }
         };
-        let Some(close) = raw[i + 1..].find(q as char).map(|n| i + 1 + n) else {
+        let Some(close) = memchr::memchr(q, &b[i + 1..]).map(|n| i + 1 + n) else {
             return match partial {
                 true => value_begun(&raw[i + 1..], at).map(|()| out),
                 false => Err(bad(
@@ -716,7 +863,7 @@ fn check_attribute_names<'a>(
     scope: &Scope<'a>,
     contained: &mut bool,
 ) -> Result<(), ScanError> {
-    let mut seen: Vec<(Cow<'a, str>, &str)> = Vec::new();
+    let mut seen: SmallVec<[(Cow<'a, str>, &str); 4]> = SmallVec::new();
     for a in attrs {
         let Some((Some(p), local)) = split_qname(a.name) else {
             continue;
@@ -740,10 +887,14 @@ fn check_attribute_names<'a>(
     Ok(())
 }
 
+/// A namespace declaration: the level of the element making it, the prefix (None: the default
+/// namespace), the namespace.
+type Decl<'a> = (u32, Option<&'a str>, Cow<'a, str>);
+
 /// Namespace declarations made inside the stanza, innermost last.
 #[derive(Default)]
 struct Namespaces<'a> {
-    decls: Vec<(u32, Option<&'a str>, Cow<'a, str>)>,
+    decls: SmallVec<[Decl<'a>; 4]>,
 }
 
 impl<'a> Namespaces<'a> {
@@ -831,6 +982,8 @@ pub mod differential {
             children: u32,
             /// Whether one of those is in the stream's default namespace.
             default_ns_child: bool,
+            /// Whether text other than white space is directly inside.
+            text: bool,
         },
         /// The stream's end tag, and the bytes it takes.
         StreamEnd(usize),
@@ -876,6 +1029,7 @@ pub mod differential {
                             namespaced,
                             children: 0,
                             default_ns_child: false,
+                            text: false,
                         });
                     } else if depth == 3 {
                         if let Some(Verdict::Stanza {
@@ -905,8 +1059,12 @@ pub mod differential {
                     }
                 }
                 rxml::Event::Text(_, t) => {
-                    if depth == 1 && !t.chars().all(|c| matches!(c, ' ' | '\t' | '\r' | '\n')) {
+                    let blank = t.chars().all(|c| matches!(c, ' ' | '\t' | '\r' | '\n'));
+                    if depth == 1 && !blank {
                         return Verdict::Malformed;
+                    }
+                    if let (2, Some(Verdict::Stanza { text, .. })) = (depth, top.as_mut()) {
+                        *text |= !blank;
                     }
                 }
             }
@@ -940,6 +1098,7 @@ pub mod differential {
                     namespaced,
                     children: st.children,
                     default_ns_child: st.default_ns_child,
+                    text: st.text,
                 }
             }
             Err(ScanError::Malformed { .. }) => Verdict::Malformed,
@@ -992,11 +1151,13 @@ pub mod differential {
     /// declarations of one prefix (or of the default namespace) on one element, which XML
     /// forbids (an attribute twice).
     /// And a carriage return alone in an attribute value, which rxml drops before `&` or the
-    /// closing quote (XML makes it a space) and refuses elsewhere.
+    /// closing quote (XML makes it a space) and refuses elsewhere. And a character reference
+    /// between stanzas, which rxml reads as text (white space, if it is `&#9;`).
     fn stricter(s: &str) -> bool {
         matches!(scan(s, &SCOPE), Err(ScanError::Malformed { what, .. })
             if (what.starts_with("the attribute 'xmlns") && what.ends_with("twice"))
-                || what.starts_with("a carriage return without a line feed"))
+                || what.starts_with("a carriage return without a line feed")
+                || what == "a reference outside a stanza")
     }
 
     /// Whether the scanner and rxml read `s` alike: `Err` says how they differ.
@@ -1038,6 +1199,10 @@ mod tests {
         "</stream:stream>",
         "<iq type='set' id='d'><a xmlns=''><b/></a></iq>",
         "<iq type='set' id='bom'><a xmlns='urn:a'>\u{feff}</a></iq>",
+        "<message to='a@b'> \n <x xmlns='urn:x'/>\t</message>",
+        "<message to='a@b'>&#32;&#x9;<x xmlns='urn:x'/>&#65;</message>",
+        "<message to='a@b'><![CDATA[ ]]><x xmlns='urn:x'/><![CDATA[t]]></message>",
+        "<message to='a@b'>&amp;<x xmlns='urn:x'/></message>",
     ];
 
     /// Pieces a mutation inserts.
@@ -1209,6 +1374,89 @@ mod tests {
             panic!("a stanza");
         };
         assert_eq!((st.head_end, st.end_tag, st.len), (11, None, 11));
+    }
+
+    /// The corpus as one stream's stanzas, the stream's end last.
+    fn stream() -> (String, Vec<&'static str>) {
+        let mut stanzas: Vec<&str> = CORPUS
+            .iter()
+            .copied()
+            .filter(|s| *s != "</stream:stream>")
+            .collect();
+        stanzas.push("</stream:stream>");
+        (stanzas.concat(), stanzas)
+    }
+
+    /// What a reader fed `bytes` in reads of `step` gives: each stanza's text, in order.
+    fn read_in_steps(bytes: &[u8], step: usize) -> Result<Vec<String>, ScanError> {
+        let mut r = Reader::new(SCOPE);
+        let (mut out, mut at) = (Vec::new(), 0);
+        for read in bytes.chunks(step) {
+            r.extend(read);
+            loop {
+                let len = match r.next_stanza()? {
+                    None => break,
+                    Some(Scan::Stanza(st)) => st.len,
+                    Some(Scan::StreamEnd { len }) => len,
+                    Some(Scan::Incomplete) => unreachable!("a reader returns None instead"),
+                };
+                out.push(String::from_utf8_lossy(&bytes[at..at + len]).into_owned());
+                r.consume(len);
+                at += len;
+            }
+        }
+        assert_eq!(r.buffered(), 0, "everything read was taken");
+        Ok(out)
+    }
+
+    #[test]
+    fn a_reader_gives_the_same_stanzas_whatever_the_reads() {
+        let (text, stanzas) = stream();
+        for step in (1..64).chain([100, 333, 1000, text.len()]) {
+            assert_eq!(
+                read_in_steps(text.as_bytes(), step),
+                Ok(stanzas.iter().map(|s| s.to_string()).collect()),
+                "reads of {step} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reader_refuses_bytes_that_are_not_utf8_and_a_stanza_past_the_limit() {
+        let mut r = Reader::new(SCOPE);
+        r.extend(b"<iq type='get' id='a'><q xmlns='urn:q'>\xff</q></iq>");
+        assert!(
+            matches!(r.next_stanza(), Err(ScanError::Malformed { what, .. }) if what.contains("UTF-8"))
+        );
+
+        // A character cut by a read waits for the rest.
+        let mut r = Reader::new(SCOPE);
+        let s = "<message to='a@b'><x xmlns='urn:x'>€</x></message>".as_bytes();
+        let cut = s.iter().position(|b| *b == 0xe2).expect("the euro sign") + 1;
+        r.extend(&s[..cut]);
+        assert_eq!(r.next_stanza(), Ok(None));
+        r.extend(&s[cut..]);
+        assert!(matches!(r.next_stanza(), Ok(Some(Scan::Stanza(st))) if st.len == s.len()));
+
+        // No `>` for a long time: the limit still holds, without a scan.
+        let mut r = Reader::new(Scope {
+            max_bytes: 1000,
+            ..SCOPE
+        });
+        r.extend(b"<message to='a@b'><x xmlns='urn:x'>");
+        assert_eq!(r.next_stanza(), Ok(None));
+        for _ in 0..30 {
+            r.extend(&[b'y'; 40]);
+            match r.next_stanza() {
+                Ok(None) => {}
+                Err(e) => {
+                    assert_eq!(e, ScanError::TooLarge { limit: 1000 });
+                    return;
+                }
+                Ok(Some(other)) => panic!("{other:?}"),
+            }
+        }
+        panic!("the limit did not hold");
     }
 
     #[test]

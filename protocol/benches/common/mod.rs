@@ -19,5 +19,8 @@ pub const JOB: &str = concat!(
 );
 
 /// How many stanzas [`JOB`] holds.
-#[allow(dead_code, reason = "each benchmark includes this module; only `scan` counts")]
+#[allow(
+    dead_code,
+    reason = "each benchmark includes this module; only `scan` counts"
+)]
 pub const JOB_STANZAS: usize = 6;
