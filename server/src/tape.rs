@@ -531,4 +531,72 @@ mod tests {
         assert_eq!(m.bodies.get("de").map(|b| b.as_str()), Some("hallo"));
         assert!(!m.bodies.contains_key("fr"));
     }
+
+    /// What reading and writing a job request costs the server per stanza: the tape (rxml's
+    /// events kept, then encoded again) against the stanza scanner with the bytes relayed as
+    /// read and the head written anew (a prototype of the relay, here only). Run by hand:
+    /// `cargo test --release -p spine-server --lib tape_against_scanner -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a measurement, not a check"]
+    fn tape_against_scanner_cost_per_stanza() {
+        use spine_protocol::scan::{scan, Scan, Scope};
+        const N: u32 = 100_000;
+        let scope = Scope {
+            default_ns: CLIENT_NS,
+            max_bytes: 1 << 20,
+            max_depth: 64,
+        };
+        let escape = |v: &str, out: &mut Vec<u8>| {
+            for b in v.bytes() {
+                match b {
+                    b'<' => out.extend_from_slice(b"&lt;"),
+                    b'&' => out.extend_from_slice(b"&amp;"),
+                    b'\'' => out.extend_from_slice(b"&apos;"),
+                    _ => out.push(b),
+                }
+            }
+        };
+        for round in 0..3 {
+            let started = std::time::Instant::now();
+            let mut bytes = 0;
+            for _ in 0..N {
+                let mut t = tape(JOB);
+                t.readdress("disp@example.org/d", "agent@example.org/w1");
+                bytes += xso::to_vec(&*t).expect("writes").len();
+            }
+            let taped = started.elapsed() / N;
+            let started = std::time::Instant::now();
+            let mut relayed = 0;
+            for _ in 0..N {
+                let Ok(Scan::Stanza(st)) = scan(JOB, &scope) else {
+                    panic!("a stanza")
+                };
+                let mut out = Vec::with_capacity(st.len + 64);
+                out.extend_from_slice(b"<iq");
+                for (k, v) in [
+                    ("from", Some("disp@example.org/d")),
+                    ("to", Some("agent@example.org/w1")),
+                    ("id", st.attr("id")),
+                    ("type", st.attr("type")),
+                ] {
+                    if let Some(v) = v {
+                        out.extend_from_slice(format!(" {k}='").as_bytes());
+                        escape(v, &mut out);
+                        out.push(b'\'');
+                    }
+                }
+                out.push(b'>');
+                out.extend_from_slice(&JOB.as_bytes()[st.head_end..st.end_tag.expect("an end")]);
+                out.extend_from_slice(b"</iq>");
+                relayed += out.len();
+            }
+            let scanned = started.elapsed() / N;
+            println!(
+                "round {round}: tape (parse, keep, encode) {taped:?} per stanza ({} B out); \
+                 scanned and relayed {scanned:?} ({} B out)",
+                bytes / N as usize,
+                relayed / N as usize
+            );
+        }
+    }
 }
