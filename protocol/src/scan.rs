@@ -175,13 +175,13 @@ pub fn scan<'a>(input: &'a str, scope: &Scope<'a>) -> Result<Scan<'a>, ScanError
         c.trim_text(false);
         c.allow_dangling_amp = false;
     }
-    // Open elements (the stanza is 1).
-    let mut depth = 0u32;
     let mut ns = Namespaces::default();
     let mut top: Option<Stanza<'a>> = None;
-    // The names of the open elements, for an end tag cut short.
+    // The names of the open elements (the stanza's first), for an end tag cut short.
     let mut open: SmallVec<[&'a str; 8]> = SmallVec::new();
     loop {
+        // Open elements (the stanza is 1).
+        let depth = open.len() as u32;
         let at = r.buffer_position() as usize;
         let ev = match r.read_event() {
             Ok(ev) => ev,
@@ -212,8 +212,7 @@ pub fn scan<'a>(input: &'a str, scope: &Scope<'a>) -> Result<Scan<'a>, ScanError
                 }
                 ns.close(depth);
                 open.pop();
-                depth -= 1;
-                if depth == 0 {
+                if open.is_empty() {
                     return done(top, r.buffer_position() as usize, Some(at), scope);
                 }
                 continue;
@@ -283,7 +282,6 @@ pub fn scan<'a>(input: &'a str, scope: &Scope<'a>) -> Result<Scan<'a>, ScanError
         if prefix == Some("xmlns") {
             return Err(bad(at, "an element cannot have the prefix xmlns"));
         }
-        ns.close(level);
         let attrs = attributes(&content[qname.len()..], at, level, &mut ns, false)?;
         let uri = ns.resolve(prefix, scope).ok_or_else(|| {
             bad(
@@ -323,7 +321,6 @@ pub fn scan<'a>(input: &'a str, scope: &Scope<'a>) -> Result<Scan<'a>, ScanError
                 return done(top, r.buffer_position() as usize, None, scope);
             }
         } else {
-            depth = level;
             open.push(qname);
         }
     }
@@ -902,7 +899,7 @@ struct Namespaces<'a> {
 }
 
 impl<'a> Namespaces<'a> {
-    /// The element at `level` closed (or a new one opens there): its declarations go.
+    /// The element at `level` closed: its declarations go.
     fn close(&mut self, level: u32) {
         while self.decls.last().is_some_and(|d| d.0 >= level) {
             self.decls.pop();
