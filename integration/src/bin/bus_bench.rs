@@ -148,8 +148,8 @@ async fn measure_on(server: &AnyServer, n: usize) -> Result<Measured, String> {
     let d: Jid = "dispatcher@localhost/d1".parse().expect("jid");
     let cap = "bench.noop".parse().expect("capability");
     let ways = (Submitting::Watch, Submitting::Wait);
-    measure_jobs(&mut sub, &d, &cap, 200.min(n), 1, ways.0).await?; // warm-up
-                                                                    // Jobs one at a time: a quarter of N of each way.
+    // A warm-up, then jobs one at a time: a quarter of N of each way.
+    measure_jobs(&mut sub, &d, &cap, 200.min(n), 1, ways.0).await?;
     let seq_n = (n / 4).max(1);
     let (bus_seq, wait_seq) = measure_jobs_abba(&mut sub, &d, &cap, seq_n, 1, ways).await?;
     let (bus_par, wait_par) = measure_jobs_abba(&mut sub, &d, &cap, n, 64, ways).await?;
