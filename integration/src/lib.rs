@@ -205,6 +205,19 @@ impl RawClient {
         password: &str,
         resource: &str,
     ) -> RawClient {
+        Self::login_sending(addr, domain, user, password, resource, "").await
+    }
+
+    /// [`RawClient::login`], with `early` written in the same write as the bind request and the
+    /// initial presence, before the bind's answer (a client that pipelines).
+    pub async fn login_sending(
+        addr: SocketAddr,
+        domain: &str,
+        user: &str,
+        password: &str,
+        resource: &str,
+        early: &str,
+    ) -> RawClient {
         use base64::Engine as _;
         let mut c = Self::open(addr, domain).await;
         let creds =
@@ -214,7 +227,8 @@ impl RawClient {
         ))
         .await;
         c.read_until("<success").await;
-        c.restart_and_bind(domain, user, resource).await;
+        c.restart_and_bind_sending(domain, user, resource, early)
+            .await;
         c
     }
 
@@ -266,16 +280,34 @@ impl RawClient {
     }
 
     async fn restart_and_bind(&mut self, domain: &str, user: &str, resource: &str) {
+        self.restart_and_bind_sending(domain, user, resource, "")
+            .await
+    }
+
+    async fn restart_and_bind_sending(
+        &mut self,
+        domain: &str,
+        user: &str,
+        resource: &str,
+        early: &str,
+    ) {
         self.send(&format!("<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='{domain}' version='1.0'>")).await;
         self.read_until("</stream:features>").await;
-        self.send(&format!("<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>")).await;
+        let bind = format!("<iq type='set' id='bind1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>");
+        if early.is_empty() {
+            self.send(&bind).await;
+        } else {
+            self.send(&format!("{bind}<presence/>{early}")).await;
+        }
         let got = self.read_until("</iq>").await;
         assert!(
             got.contains("type='result'") || got.contains("type=\"result\""),
             "bind failed: {got}"
         );
         self.jid = format!("{user}@{domain}/{resource}");
-        self.send("<presence/>").await;
+        if early.is_empty() {
+            self.send("<presence/>").await;
+        }
     }
 
     /// Writes raw bytes.

@@ -290,6 +290,37 @@ mod bytesize_compat {
     pub use spine_server::config::ByteSize;
 }
 
+/// The server reads a bound session's stream with its own reader, taking over from the one
+/// that negotiated it: what a client sent right behind its bind request (before the answer)
+/// is read, relayed and answered all the same.
+#[tokio::test]
+async fn stanzas_sent_before_the_bind_answer_are_not_lost() {
+    let server = TestServer::start(USERS).await;
+    let mut bob = RawClient::login(server.addr, &server.domain, "bob", "pw-bob", "b").await;
+    let early = format!(
+        "<message to='bob@{d}/b' id='m1'><x xmlns='urn:t'>early</x></message>\
+         <iq type='get' id='p1' to='{d}'><ping xmlns='urn:xmpp:ping'/></iq>",
+        d = server.domain
+    );
+    let mut alice = RawClient::login_sending(
+        server.addr,
+        &server.domain,
+        "alice",
+        "pw-alice",
+        "early",
+        &early,
+    )
+    .await;
+    let got = bob.read_until("</message>").await;
+    assert!(got.contains("early"), "bob got: {got}");
+    assert!(
+        got.contains(&format!("from='alice@{}/early'", server.domain)),
+        "stamped with alice's full JID: {got}"
+    );
+    let pong = alice.read_until("id='p1'").await;
+    assert!(pong.contains("type='result'"), "{pong}");
+}
+
 #[tokio::test]
 async fn garbage_gets_a_stream_error_and_others_keep_working() {
     let server = TestServer::start(USERS).await;

@@ -332,7 +332,9 @@ pub fn scan<'a>(input: &'a str, scope: &Scope<'a>) -> Result<Scan<'a>, ScanError
 /// It checks that the bytes are UTF-8 once each (a character cut by a read waits for the
 /// next), and scans again after an incomplete stanza only once a `>` has come (no stanza ends
 /// without one), so that a large stanza arriving in many reads is not scanned from its start
-/// after every read. The size limit holds between scans too.
+/// after every read. The size limit holds between scans too. So what is wrong inside a stanza
+/// that has begun is refused at the next `>` (or the limit), where rxml refuses it at once;
+/// before a stanza begins, every read is scanned.
 #[derive(Debug)]
 pub struct Reader {
     buf: Vec<u8>,
@@ -377,6 +379,12 @@ impl Reader {
     /// The next stanza or the stream's end, if all of it has been read; `Ok(None)` until
     /// then. What it returns borrows the buffer: [`Reader::consume`] its `len` after use.
     pub fn next_stanza(&mut self) -> Result<Option<Scan<'_>>, ScanError> {
+        Ok(self.next_with_text()?.map(|(found, _)| found))
+    }
+
+    /// [`Reader::next_stanza`], with the text its offsets count in (from the first byte not
+    /// yet consumed): a relay takes a stanza's bytes from it.
+    pub fn next_with_text(&mut self) -> Result<Option<(Scan<'_>, &str)>, ScanError> {
         match std::str::from_utf8(&self.buf[self.valid..]) {
             Ok(_) => self.valid = self.buf.len(),
             Err(e) => {
@@ -402,12 +410,16 @@ impl Reader {
         };
         match scan(text, &self.scope)? {
             Scan::Incomplete => {
-                self.waited = Some(self.valid);
+                // Until a stanza has begun, every read is scanned: what comes first may be
+                // refused at once (`<<`), and white space costs nothing to scan.
+                if memchr::memchr(b'<', text.as_bytes()).is_some() {
+                    self.waited = Some(self.valid);
+                }
                 Ok(None)
             }
             found => {
                 self.waited = None;
-                Ok(Some(found))
+                Ok(Some((found, text)))
             }
         }
     }
@@ -1447,6 +1459,27 @@ mod tests {
                 read_in_steps(text.as_bytes(), step),
                 Ok(stanzas.iter().map(|s| s.to_string()).collect()),
                 "reads of {step} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reader_refuses_what_cannot_begin_a_stanza_at_once() {
+        for first in ["", "  \n", "<iq type='get' id='a'><q xmlns='urn:q'/></iq>"] {
+            let mut r = Reader::new(SCOPE);
+            r.extend(first.as_bytes());
+            loop {
+                let len = match r.next_stanza().expect("well-formed") {
+                    Some(Scan::Stanza(st)) => st.len,
+                    None => break,
+                    Some(other) => panic!("{other:?}"),
+                };
+                r.consume(len);
+            }
+            r.extend(b"<<<not xml");
+            assert!(
+                matches!(r.next_stanza(), Err(ScanError::Malformed { .. })),
+                "after {first:?}"
             );
         }
     }

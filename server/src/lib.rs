@@ -24,8 +24,8 @@ mod io;
 mod router;
 pub mod scram;
 mod session;
-mod tape;
 pub mod tls;
+mod wire;
 
 use std::future::Future;
 use std::net::SocketAddr;

@@ -18,8 +18,8 @@ use xmpp_parsers::stream_error::StreamError;
 pub(crate) enum Outbound {
     /// A stanza to write to the client (boxed: a stanza is ~400 bytes, queues hold many).
     Stanza(Box<Stanza>),
-    /// A stanza to write as another client sent it ([`crate::tape`]).
-    Tape(Box<crate::tape::Tape>),
+    /// A stanza another client sent, written for this one ([`crate::wire`]).
+    Relayed(Vec<u8>),
     /// Close the stream with this error (a newer session took the resource, shutdown).
     Close(StreamError),
 }

@@ -43,10 +43,11 @@ use crate::router::{Delivery, Outbound};
 use crate::scram::{Binding, Hash, ScramServer};
 use crate::Shared;
 
-type Io = BufStream<Limited>;
+pub(crate) type Io = BufStream<Limited>;
 type Negotiating = XmlStream<Io, XmppStreamElement>;
-/// After bind: stanzas for other clients are kept as read ([`crate::tape`]).
-type Established = XmlStream<Io, crate::tape::Read>;
+/// After bind: read with the stanza scanner, stanzas for other clients relayed as read
+/// ([`crate::wire`]).
+type Established = crate::wire::Wire;
 
 /// Failed SASL attempts allowed on one connection.
 const MAX_AUTH_ATTEMPTS: usize = 3;
@@ -77,7 +78,18 @@ fn stream_error(condition: StreamCondition, text: &str) -> StreamError {
         application_specific: Vec::new(),
     };
     if !text.is_empty() {
-        e.texts.insert(Default::default(), text.to_owned());
+        // The text may quote what the client sent: characters XML cannot carry are replaced,
+        // or the error could not be written at all.
+        let text = text
+            .chars()
+            .map(|c| match c {
+                // XML 1.0's `Char`.
+                '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' => c,
+                '\u{10000}'.. => c,
+                _ => char::REPLACEMENT_CHARACTER,
+            })
+            .collect();
+        e.texts.insert(Default::default(), text);
     }
     e
 }
@@ -437,27 +449,13 @@ async fn negotiate(
         bind: Some(BindFeature { required: true }),
         ..Default::default()
     };
-    let mut xs: Established = send_features(acc, shared, &feats).await?;
+    let mut xs: Negotiating = send_features(acc, shared, &feats).await?;
     let bare = BareJid::new(&format!("{user}@{}", shared.cfg.domain)).map_err(|e| {
         NegotiationError::Protocol(format!("user '{user}' makes no valid JID: {e}"))
     })?;
     loop {
-        let el = match xs
-            .next()
-            .await
-            .map(|r| r.map(crate::tape::Read::into_element))
-        {
-            Some(Ok(Ok(FallibleStreamElement::Ok(el)))) => el,
-            Some(Ok(Ok(FallibleStreamElement::Err(e)))) => {
-                return Err(NegotiationError::Protocol(format!(
-                    "invalid element before bind: {e}"
-                )))
-            }
-            Some(Ok(Err(e))) => {
-                return Err(NegotiationError::Protocol(format!(
-                    "invalid element before bind: {e}"
-                )))
-            }
+        let el = match xs.next().await {
+            Some(Ok(el)) => el,
             Some(Err(ReadError::SoftTimeout)) => continue,
             Some(Err(ReadError::StreamFooterReceived)) | None => {
                 return Err(NegotiationError::Closed)
@@ -495,7 +493,15 @@ async fn negotiate(
                     Iq::from_result(id, Some(BindResponse { jid: full.clone() })).into(),
                 ))
                 .await?;
-                return Ok((xs, full, meter));
+                // The scanner reads on from the transport, with what tokio-xmpp's parser left
+                // in its buffer (a client may send on before the answer).
+                let wire = crate::wire::Wire::new(
+                    xs.into_inner(),
+                    &full,
+                    usize::try_from(shared.cfg.max_stanza_size.as_u64()).unwrap_or(usize::MAX),
+                    timeouts(shared),
+                );
+                return Ok((wire, full, meter));
             }
             // Legacy RFC 3921 session establishment some clients still send.
             XmppStreamElement::Stanza(Stanza::Iq(Iq::Set { id, payload, .. }))
@@ -762,14 +768,14 @@ impl Session {
                 }
                 item = xs.next() => {
                     let item = match item {
-                        Some(Ok(crate::tape::Read::Tape(t))) => match self.forward(t) {
+                        Some(Ok(crate::wire::Read::Relay(r))) => match self.forward(r) {
                             None => {
                                 self.meter.element_done();
                                 continue;
                             }
-                            Some(t) => Some(t.into_element().map_err(ReadError::ParseError)),
+                            Some(r) => Some(r.into_element()),
                         },
-                        Some(Ok(crate::tape::Read::Element(e))) => Some(Ok(*e)),
+                        Some(Ok(crate::wire::Read::Element(e))) => Some(Ok(*e)),
                         Some(Err(e)) => Some(Err(e)),
                         None => None,
                     };
@@ -804,10 +810,10 @@ impl Session {
             let mut n = 0;
             while let Some(out) = next.take() {
                 match out {
-                    Outbound::Stanza(st) => xs.feed(&XmppStreamElement::Stanza(*st)).await?,
-                    Outbound::Tape(t) => xs.feed(&*t).await?,
+                    Outbound::Stanza(st) => xs.feed(&XmppStreamElement::Stanza(*st))?,
+                    Outbound::Relayed(bytes) => xs.feed_relayed(&bytes),
                     Outbound::Close(e) => {
-                        SinkExt::<&XmppStreamElement>::flush(xs).await?;
+                        xs.flush().await?;
                         return Ok(Some(e));
                     }
                 }
@@ -816,7 +822,7 @@ impl Session {
                     next = rx.try_recv().ok();
                 }
             }
-            SinkExt::<&XmppStreamElement>::flush(xs).await?;
+            xs.flush().await?;
             Ok(None)
         };
         match tokio::time::timeout(WRITE_TIMEOUT, fut).await {
@@ -886,7 +892,9 @@ impl Session {
                 ))))
             }
             Some(Err(ReadError::HardError(e))) => {
-                if let Some(text) = limit_violation(&self.shared, &self.meter) {
+                if let Some(text) = limit_violation(&self.shared, &self.meter)
+                    .or_else(|| crate::wire::limit_exceeded(&e))
+                {
                     info!(jid = %self.me, "{text}: closing (policy-violation)");
                     Err(ReadOutcome::Close(Some(stream_error(
                         StreamCondition::PolicyViolation,
@@ -957,22 +965,18 @@ impl Session {
         Jid::from(self.shared.domain_jid.clone())
     }
 
-    /// Sends a stanza for another client's full JID on as it was read, when the typed path would
-    /// pass it unchanged and the recipient's queue takes it ([`crate::tape`]). Gives it back
+    /// Sends a stanza for another client's full JID on as it was read, when it is for a client
+    /// of this server and the recipient's queue takes it ([`crate::wire`]). Gives it back
     /// otherwise, for the typed path (which answers errors, and sends a message for an absent
     /// full JID to the bare one).
-    fn forward(&mut self, mut tape: Box<crate::tape::Tape>) -> Option<Box<crate::tape::Tape>> {
-        if !tape.passes_as_read() {
-            return Some(tape);
+    fn forward(&mut self, relay: crate::wire::Relay) -> Option<crate::wire::Relay> {
+        if relay.to.domain().as_str() != self.shared.cfg.domain {
+            return Some(relay);
         }
-        let to = match tape.attr("to").map(FullJid::new) {
-            Some(Ok(to)) if to.domain().as_str() == self.shared.cfg.domain => to,
-            _ => return Some(tape),
-        };
-        tape.readdress(self.me.as_str(), to.as_str());
-        match self.shared.router.deliver(&to, Outbound::Tape(tape)) {
+        let crate::wire::Relay { to, bytes } = relay;
+        match self.shared.router.deliver(&to, Outbound::Relayed(bytes)) {
             Ok(()) => None,
-            Err((_, Outbound::Tape(t))) => Some(t),
+            Err((_, Outbound::Relayed(bytes))) => Some(crate::wire::Relay { to, bytes }),
             // What the router gives back is what it was given.
             Err(_) => None,
         }
@@ -1291,13 +1295,7 @@ impl Session {
     async fn end(mut self, mut xs: Established, reason: Option<StreamError>) {
         self.shared.router.unbind(&self.me, self.conn);
         self.send_unavailable_to_directed();
-        let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
-            if let Some(e) = &reason {
-                xs.send(e).await?;
-            }
-            xs.shutdown().await
-        })
-        .await;
+        let _ = tokio::time::timeout(WRITE_TIMEOUT, xs.close(reason.as_ref())).await;
         info!(jid = %self.me, peer = %self.peer, reason = reason.as_ref().map(|e| e.to_string()).unwrap_or_else(|| "closed".into()), "session ended");
     }
 }
@@ -1318,7 +1316,11 @@ enum ReadOutcome {
 
 /// Writes one stanza and flushes (used for the keepalive ping).
 async fn send_now(xs: &mut Established, st: Stanza) -> Result<(), std::io::Error> {
-    match tokio::time::timeout(WRITE_TIMEOUT, xs.send(&XmppStreamElement::Stanza(st))).await {
+    let sent = async {
+        xs.feed(&XmppStreamElement::Stanza(st))?;
+        xs.flush().await
+    };
+    match tokio::time::timeout(WRITE_TIMEOUT, sent).await {
         Ok(r) => r,
         Err(_) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
