@@ -571,6 +571,108 @@ mod tests {
         }
     }
 
+    /// Stanzas that are relayed, mutated where namespaces, prefixes and heads can go wrong:
+    /// whatever the scanner takes and the wire relays reads, in the recipient's stream, as the
+    /// typed path would have sent it, and nothing the scanner takes makes the wire panic.
+    #[test]
+    fn mutated_relays_read_as_the_typed_path_would_send_them() {
+        use rand::{Rng as _, SeedableRng as _};
+        const CORPUS: &[&str] = &[
+            JOB,
+            "<iq type='result' id='r' to='a@c/d'><accepted xmlns='urn:spine:1' job='J'/></iq>",
+            "<iq type='get' id='g' to='a@c/d' xmlns:s='urn:x'><s:q s:a='1'><s:r/>t</s:q></iq>",
+            "<message to='a@c/d' id='m'><job-status xmlns='urn:spine:1' job='J'><output>&lt;b&gt;</output></job-status></message>",
+            "<message type='headline' to='a@c/d' xml:lang='de'><x xmlns='y'>a</x></message>",
+        ];
+        const PIECES: &[&str] = &[
+            " xmlns:s='urn:s'",
+            " xmlns:t='urn:t'",
+            " xmlns='jabber:client'",
+            " xmlns='urn:other'",
+            " xmlns=''",
+            " xmlns:c='jabber:client'",
+            "s:",
+            "t:",
+            "c:",
+            " s:a='1'",
+            " xml:lang='fr'",
+            " to='b@c/e'",
+            " to='b@c'",
+            " from='x@y/z'",
+            " type='result'",
+            " type='error'",
+            " id='&amp;&#10;'",
+            "<body>b</body>",
+            "<error type='cancel'/>",
+            "<y xmlns='urn:y'/>",
+            "<s:z/>",
+            "text",
+            "&lt;",
+            "<![CDATA[<]]>",
+            "\r\n",
+            "/",
+            ">",
+            "'",
+        ];
+        let me: Jid = Jid::new(ME).expect("jid");
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x3e1a);
+        let (mut relayed, mut typed_only) = (0, 0);
+        for _ in 0..60_000 {
+            let mut s = CORPUS[rng.random_range(0..CORPUS.len())].to_string();
+            for _ in 0..rng.random_range(1..=3) {
+                let at = loop {
+                    let i = rng.random_range(0..=s.len());
+                    if s.is_char_boundary(i) {
+                        break i;
+                    }
+                };
+                if rng.random_range(0..3) == 0 {
+                    let end = (at + rng.random_range(1..6)).min(s.len());
+                    if s.is_char_boundary(end) {
+                        s.replace_range(at..end, "");
+                    }
+                } else {
+                    s.insert_str(at, PIECES[rng.random_range(0..PIECES.len())]);
+                }
+            }
+            let Ok(Scan::Stanza(st)) = scan(&s, &SCOPE) else {
+                continue;
+            };
+            let r = match take(&st, &s, ME) {
+                Ok(Read::Relay(r)) => r,
+                _ => {
+                    typed_only += 1;
+                    continue;
+                }
+            };
+            relayed += 1;
+            let out = String::from_utf8(r.bytes).expect("utf-8");
+            let got = match decode(out.as_bytes()) {
+                Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(got))) => got,
+                other => panic!("{s}\nrelayed as {out}\nreads as {other:?}"),
+            };
+            let mut sent = received(&s.as_bytes()[st.start..st.len]);
+            let to: Jid = r.to.into();
+            match &mut sent {
+                Stanza::Iq(iq) => {
+                    *iq.from_mut() = Some(me.clone());
+                    *iq.to_mut() = Some(to);
+                }
+                Stanza::Message(m) => {
+                    m.from = Some(me.clone());
+                    m.to = Some(to);
+                }
+                Stanza::Presence(_) => panic!("presence relayed: {s}"),
+            }
+            assert_eq!(as_typed(&got), as_typed(&sent), "{s}\nrelayed as {out}");
+        }
+        // The mutations reach both paths, not only one (most are not well-formed at all).
+        assert!(
+            relayed > 2_000 && typed_only > 1_000,
+            "{relayed} relayed, {typed_only} typed"
+        );
+    }
+
     #[test]
     fn the_typed_path_has_the_language_in_force() {
         let xml = "<message xmlns='jabber:client' xml:lang='de' to='b@c/d' id='m'>\
@@ -672,7 +774,10 @@ mod tests {
         assert_eq!(
             got,
             "<iq type='result' to='me@example.org/e' id='x'></iq>\
-             <message from='a@c/d' to='me@example.org/e'/></stream:stream>"
+             <message from='a@c/d' to='me@example.org/e'/>\
+             <stream:error><not-well-formed xmlns='urn:ietf:params:xml:ns:xmpp-streams'>\
+             </not-well-formed><text xmlns='urn:ietf:params:xml:ns:xmpp-streams' \
+             xml:lang='en'>malformed</text></stream:error></stream:stream>"
         );
     }
 
