@@ -339,6 +339,39 @@ impl RawClient {
         }
     }
 
+    /// Reads up to the end of the IQ whose id is `id` (written `<iq …/>` or `<iq …>…</iq>`,
+    /// either quote); returns everything up to it.
+    pub async fn read_iq(&mut self, id: &str) -> String {
+        let marks = [format!("id='{id}'"), format!("id=\"{id}\"")];
+        loop {
+            let head = marks.iter().filter_map(|m| self.buf.find(m.as_str())).min();
+            if let Some(at) = head {
+                let end = self.buf[at..].find('>').map(|gt| at + gt);
+                let close = match end {
+                    Some(gt) if self.buf[..gt].ends_with('/') => Some(gt + 1),
+                    Some(gt) => self.buf[gt..].find("</iq>").map(|c| gt + c + "</iq>".len()),
+                    None => None,
+                };
+                if let Some(close) = close {
+                    let rest = self.buf.split_off(close);
+                    return std::mem::replace(&mut self.buf, rest);
+                }
+            }
+            self.read_more(&format!("the end of IQ {id}")).await;
+        }
+    }
+
+    /// Reads what arrives next into the buffer; panics after [`PATIENCE`] without any.
+    async fn read_more(&mut self, what: &str) {
+        let mut chunk = [0u8; 8192];
+        match tokio::time::timeout(PATIENCE, self.tcp.read(&mut chunk)).await {
+            Ok(Ok(0)) => panic!("connection closed before {what}; received: {}", self.buf),
+            Ok(Ok(n)) => self.buf.push_str(&String::from_utf8_lossy(&chunk[..n])),
+            Ok(Err(e)) => panic!("read error before {what}: {e}; received: {}", self.buf),
+            Err(_) => panic!("no {what} within {PATIENCE:?}; received: {}", self.buf),
+        }
+    }
+
     /// Reads for at most `within` or until the server closes the connection; returns what
     /// was received.
     pub async fn read_to_close_or(&mut self, within: Duration) -> String {

@@ -317,7 +317,7 @@ async fn stanzas_sent_before_the_bind_answer_are_not_lost() {
         got.contains(&format!("from='alice@{}/early'", server.domain)),
         "stamped with alice's full JID: {got}"
     );
-    let pong = alice.read_until("id='p1'").await;
+    let pong = alice.read_iq("p1").await;
     assert!(pong.contains("type='result'"), "{pong}");
 }
 
@@ -351,7 +351,7 @@ async fn invalid_stanza_gets_bad_request_and_the_stream_stays_open() {
     // An IQ get must carry exactly one payload; this one carries none.
     raw.send("<iq type='get' id='bad1' to='bob@localhost/x'/>")
         .await;
-    let reply = raw.read_until("</iq>").await;
+    let reply = raw.read_iq("bad1").await;
     assert!(
         reply.contains("bad-request") && reply.contains("bad1"),
         "got: {reply}"
@@ -377,9 +377,9 @@ async fn server_answers_ping_disco_and_roster() {
     let mut raw = RawClient::login(server.addr, &server.domain, "alice", "pw-alice", "r").await;
     raw.send("<iq type='get' id='p1' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>")
         .await;
-    assert!(raw.read_until("</iq>").await.contains("result"));
+    assert!(raw.read_iq("p1").await.contains("result"));
     raw.send("<iq type='get' id='d1' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>").await;
-    let disco = raw.read_until("</iq>").await;
+    let disco = raw.read_iq("d1").await;
     assert!(
         disco.contains("category='server'") || disco.contains("category=\"server\""),
         "{disco}"
@@ -387,14 +387,14 @@ async fn server_answers_ping_disco_and_roster() {
     assert!(disco.contains("urn:xmpp:ping"), "{disco}");
     raw.send("<iq type='get' id='r1'><query xmlns='jabber:iq:roster'/></iq>")
         .await;
-    let roster = raw.read_until("</iq>").await;
+    let roster = raw.read_iq("r1").await;
     assert!(
         roster.contains("r1") && roster.contains("result") && roster.contains("jabber:iq:roster"),
         "{roster}"
     );
     raw.send("<iq type='get' id='v1' to='localhost'><query xmlns='jabber:iq:version'/></iq>")
         .await;
-    let version = raw.read_until("</iq>").await;
+    let version = raw.read_iq("v1").await;
     assert!(
         version.contains("v1") && version.contains("service-unavailable"),
         "{version}"

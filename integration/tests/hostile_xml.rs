@@ -34,15 +34,9 @@ fn nested(depth: usize) -> String {
     format!("{}{}", "<a>".repeat(depth), "</a>".repeat(depth))
 }
 
-/// Reads stanzas up to the error reply to the IQ `id` (every reply awaited here is an error,
-/// which has children, so it ends with `</iq>`), and returns it.
+/// Reads stanzas up to the reply to the IQ `id`, and returns them.
 async fn reply_to(c: &mut RawClient, id: &str) -> String {
-    loop {
-        let st = c.read_until("</iq>").await;
-        if st.contains(&format!("id='{id}'")) || st.contains(&format!("id=\"{id}\"")) {
-            return st;
-        }
-    }
+    c.read_iq(id).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

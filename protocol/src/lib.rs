@@ -21,6 +21,7 @@ pub mod condition;
 pub mod data;
 pub mod depth;
 pub mod disco;
+pub mod emit;
 pub mod error;
 pub mod events;
 pub mod filter;

@@ -810,7 +810,7 @@ impl Session {
             let mut n = 0;
             while let Some(out) = next.take() {
                 match out {
-                    Outbound::Stanza(st) => xs.feed(&XmppStreamElement::Stanza(*st))?,
+                    Outbound::Stanza(st) => xs.feed_stanza(*st)?,
                     Outbound::Relayed(bytes) => xs.feed_relayed(&bytes),
                     Outbound::Close(e) => {
                         xs.flush().await?;
@@ -1317,7 +1317,7 @@ enum ReadOutcome {
 /// Writes one stanza and flushes (used for the keepalive ping).
 async fn send_now(xs: &mut Established, st: Stanza) -> Result<(), std::io::Error> {
     let sent = async {
-        xs.feed(&XmppStreamElement::Stanza(st))?;
+        xs.feed_stanza(st)?;
         xs.flush().await
     };
     match tokio::time::timeout(WRITE_TIMEOUT, sent).await {

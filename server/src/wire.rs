@@ -40,8 +40,9 @@ use minidom::rxml::{self, xml_lang::XmlLangStack, Encoder, Event};
 use spine_protocol::scan::{Reader, Scan, ScanError, Scope, Stanza as Found, STREAM_NS};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_xmpp::xmlstream::{FallibleStreamElement, ReadError, Timeouts};
+use tokio_xmpp::xmlstream::{FallibleStreamElement, ReadError, Timeouts, XmppStreamElement};
 use tracing::debug;
+use xmpp_parsers::stanza::Stanza;
 use xso::error::{Error, FromEventsError};
 use xso::{AsXml, Context, FromEventsBuilder, FromXml};
 
@@ -210,6 +211,17 @@ impl Wire {
             self.out.truncate(mark);
         }
         result
+    }
+
+    /// Encodes a stanza for the next flush: directly if [`spine_protocol::emit`] takes it,
+    /// with the general writer otherwise.
+    pub(crate) fn feed_stanza(&mut self, st: Stanza) -> io::Result<()> {
+        match spine_protocol::emit::stanza(&st, &mut self.out) {
+            Ok(true) => Ok(()),
+            // Another shape, or something the direct writer refuses: the general writer
+            // then writes it or says why not.
+            Ok(false) | Err(_) => self.feed(&XmppStreamElement::Stanza(st)),
+        }
     }
 
     /// Adds a relayed stanza for the next flush.
@@ -408,9 +420,7 @@ pub(crate) fn limit_exceeded(e: &io::Error) -> Option<String> {
 mod tests {
     use super::*;
     use spine_protocol::scan::scan;
-    use tokio_xmpp::xmlstream::XmppStreamElement;
     use xmpp_parsers::iq::Iq;
-    use xmpp_parsers::stanza::Stanza;
 
     const SCOPE: Scope<'static> = Scope {
         default_ns: CLIENT_NS,
@@ -757,9 +767,14 @@ mod tests {
         ));
         let mut client = writer.await.expect("writer");
 
-        wire.feed(&XmppStreamElement::Stanza(Stanza::Iq(Iq::empty_result(
+        wire.feed_stanza(Stanza::Iq(Iq::empty_result(
             Jid::new(ME).expect("jid"),
             "x".to_owned(),
+        )))
+        .expect("feeds");
+        wire.feed(&XmppStreamElement::Stanza(Stanza::Iq(Iq::empty_result(
+            Jid::new(ME).expect("jid"),
+            "y".to_owned(),
         ))))
         .expect("feeds");
         wire.feed_relayed(b"<message from='a@c/d' to='me@example.org/e'/>");
@@ -773,7 +788,8 @@ mod tests {
         client.read_to_string(&mut got).await.expect("reads");
         assert_eq!(
             got,
-            "<iq type='result' to='me@example.org/e' id='x'></iq>\
+            "<iq type='result' id='x' to='me@example.org/e'/>\
+             <iq type='result' to='me@example.org/e' id='y'></iq>\
              <message from='a@c/d' to='me@example.org/e'/>\
              <stream:error><not-well-formed xmlns='urn:ietf:params:xml:ns:xmpp-streams'>\
              </not-well-formed><text xmlns='urn:ietf:params:xml:ns:xmpp-streams' \
