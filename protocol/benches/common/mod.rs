@@ -21,6 +21,6 @@ pub const JOB: &str = concat!(
 /// How many stanzas [`JOB`] holds.
 #[allow(
     dead_code,
-    reason = "each benchmark includes this module; only `scan` counts"
+    reason = "each benchmark includes this module; not every one counts stanzas"
 )]
 pub const JOB_STANZAS: usize = 6;
