@@ -23,7 +23,7 @@ fn writing(c: &mut Criterion) {
         "</message>",
     ] {
         let at = rest.find(end).expect("the stanza's end") + end.len();
-        let st: Stanza = xso::from_bytes(rest[..at].as_bytes()).expect("a stanza");
+        let st: Stanza = xso::from_bytes(&rest.as_bytes()[..at]).expect("a stanza");
         rest = &rest[at..];
         if !matches!(st, Stanza::Presence(_)) {
             stanzas.push(st);
