@@ -86,13 +86,13 @@ fn write_iq(iq: &Iq, stream_ns: &str, out: &mut Vec<u8>) -> Result<bool, EmitErr
         Iq::Error { .. } => return Ok(false),
     };
     head_start(b"iq", stream_ns, out)?;
-    attr(out, "type", type_)?;
-    attr(out, "id", id)?;
+    attribute(out, "type", type_)?;
+    attribute(out, "id", id)?;
     if let Some(f) = from {
-        attr(out, "from", f.as_str())?;
+        attribute(out, "from", f.as_str())?;
     }
     if let Some(t) = to {
-        attr(out, "to", t.as_str())?;
+        attribute(out, "to", t.as_str())?;
     }
     match payload {
         None => out.extend_from_slice(b"/>"),
@@ -117,15 +117,15 @@ fn write_message(m: &Message, stream_ns: &str, out: &mut Vec<u8>) -> Result<bool
         MessageType::Headline => "headline",
         MessageType::Normal => "normal",
     };
-    attr(out, "type", type_)?;
+    attribute(out, "type", type_)?;
     if let Some(id) = &m.id {
-        attr(out, "id", &id.0)?;
+        attribute(out, "id", &id.0)?;
     }
     if let Some(f) = &m.from {
-        attr(out, "from", f.as_str())?;
+        attribute(out, "from", f.as_str())?;
     }
     if let Some(t) = &m.to {
-        attr(out, "to", t.as_str())?;
+        attribute(out, "to", t.as_str())?;
     }
     if m.payloads.is_empty() {
         out.extend_from_slice(b"/>");
@@ -144,7 +144,7 @@ fn head_start(name: &[u8], stream_ns: &str, out: &mut Vec<u8>) -> Result<(), Emi
     out.push(b'<');
     out.extend_from_slice(name);
     if stream_ns != CLIENT_NS {
-        attr(out, "xmlns", CLIENT_NS)?;
+        attribute(out, "xmlns", CLIENT_NS)?;
     }
     Ok(())
 }
@@ -167,7 +167,7 @@ fn element(
     out.extend_from_slice(name.as_bytes());
     let ns = el.ns();
     if ns != parent_ns {
-        attr(out, "xmlns", &ns)?;
+        attribute(out, "xmlns", &ns)?;
     }
     // Prefixes made up for attributes in a namespace, per namespace.
     let mut prefixes: BTreeMap<&str, usize> = BTreeMap::new();
@@ -175,7 +175,7 @@ fn element(
         ncname(aname.as_str())?;
         let ans = ans.as_str();
         if ans.is_empty() {
-            attr(out, aname.as_str(), value)?;
+            attribute(out, aname.as_str(), value)?;
         } else if ans == XML_NS {
             out.extend_from_slice(b" xml:");
             attr_value_after_name(out, aname.as_str(), value)?;
@@ -215,8 +215,12 @@ fn element(
     Ok(())
 }
 
-/// ` name='value'`.
-fn attr(out: &mut Vec<u8>, name: &str, value: &str) -> Result<(), EmitError> {
+/// Writes ` name='value'`, the value escaped so that it reads back as it is: markup and the
+/// quote as entities, white space that attribute normalisation would turn into a space as
+/// character references (the escapers of XML crates leave that white space). An error, with
+/// part of it written, for a character XML cannot carry. The server's relay writes a
+/// stanza's new head with it.
+pub fn attribute(out: &mut Vec<u8>, name: &str, value: &str) -> Result<(), EmitError> {
     out.push(b' ');
     attr_value_after_name(out, name, value)
 }
@@ -262,16 +266,19 @@ fn text(out: &mut Vec<u8>, t: &str) -> Result<(), EmitError> {
     Ok(())
 }
 
-/// A character XML 1.0 allows (`Char`), as UTF-8.
+/// Whether XML 1.0 allows `c` (its `Char` production).
+pub fn is_xml_char(c: char) -> bool {
+    matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
+}
+
+/// A character XML 1.0 allows, as UTF-8.
 fn push_char(out: &mut Vec<u8>, c: char) -> Result<(), EmitError> {
-    match c {
-        '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'.. => {
-            let mut buf = [0u8; 4];
-            out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-            Ok(())
-        }
-        _ => Err(EmitError::Char(c as u32)),
+    if !is_xml_char(c) {
+        return Err(EmitError::Char(c as u32));
     }
+    let mut buf = [0u8; 4];
+    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+    Ok(())
 }
 
 /// An XML name without a colon (rxml's rule for element and attribute names).

@@ -82,11 +82,12 @@ fn stream_error(condition: StreamCondition, text: &str) -> StreamError {
         // or the error could not be written at all.
         let text = text
             .chars()
-            .map(|c| match c {
-                // XML 1.0's `Char`.
-                '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' => c,
-                '\u{10000}'.. => c,
-                _ => char::REPLACEMENT_CHARACTER,
+            .map(|c| {
+                if spine_protocol::emit::is_xml_char(c) {
+                    c
+                } else {
+                    char::REPLACEMENT_CHARACTER
+                }
             })
             .collect();
         e.texts.insert(Default::default(), text);

@@ -37,6 +37,7 @@ use std::io::Read as _;
 use jid::{FullJid, Jid};
 use minidom::rxml::writer::{SimpleNamespaces, TrackNamespace};
 use minidom::rxml::{self, xml_lang::XmlLangStack, Encoder, Event};
+use spine_protocol::emit::{attribute, EmitError};
 use spine_protocol::scan::{Reader, Scan, ScanError, Scope, Stanza as Found, STREAM_NS};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::time::Instant;
@@ -258,13 +259,12 @@ fn invalid_input(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::
 
 /// What the scanner found, relayed or typed.
 fn take(st: &Found<'_>, text: &str, me: &str) -> Result<Read, ReadError> {
-    match relayable(st, text) {
-        Some(to) => {
-            let bytes = relayed(st, text, me, &to);
-            Ok(Read::Relay(Relay { to, bytes }))
+    if let Some(to) = relayable(st, text) {
+        if let Ok(bytes) = relayed(st, text, me, &to) {
+            return Ok(Read::Relay(Relay { to, bytes }));
         }
-        None => decode(&text.as_bytes()[st.start..st.len]).map(|e| Read::Element(Box::new(e))),
     }
+    decode(&text.as_bytes()[st.start..st.len]).map(|e| Read::Element(Box::new(e)))
 }
 
 /// The recipient, if the typed path would pass this stanza on unchanged (the module's rules;
@@ -307,20 +307,23 @@ fn relayable(st: &Found<'_>, text: &str) -> Option<FullJid> {
 }
 
 /// The stanza as its recipient gets it: a new head, then its inside as read.
-fn relayed(st: &Found<'_>, text: &str, me: &str, to: &FullJid) -> Vec<u8> {
+///
+/// An error only for a value with a character XML cannot carry, which the scanner never lets
+/// through (the caller then takes the typed path).
+fn relayed(st: &Found<'_>, text: &str, me: &str, to: &FullJid) -> Result<Vec<u8>, EmitError> {
     let inside = st.end_tag.map_or("", |end| &text[st.head_end..end]);
     let mut out = Vec::with_capacity(inside.len() + me.len() + 96);
     out.push(b'<');
     out.extend_from_slice(st.name.as_bytes());
-    attr(&mut out, "from", me);
-    attr(&mut out, "to", to.as_str());
+    attribute(&mut out, "from", me)?;
+    attribute(&mut out, "to", to.as_str())?;
     for name in ["id", "type"] {
         if let Some(v) = st.attr(name) {
-            attr(&mut out, name, v);
+            attribute(&mut out, name, v)?;
         }
     }
     for a in st.attrs.iter().filter(|a| a.name.starts_with("xmlns:")) {
-        attr(&mut out, a.name, &a.value);
+        attribute(&mut out, a.name, &a.value)?;
     }
     if st.end_tag.is_none() {
         out.extend_from_slice(b"/>");
@@ -331,28 +334,7 @@ fn relayed(st: &Found<'_>, text: &str, me: &str, to: &FullJid) -> Vec<u8> {
         out.extend_from_slice(st.name.as_bytes());
         out.push(b'>');
     }
-    out
-}
-
-/// Writes ` name='value'`, the value escaped so that it reads back as it is: markup and the
-/// quote as entities, white space that attribute normalisation would turn into a space as
-/// character references. (Hand-written: the escapers of XML crates leave that white space.)
-fn attr(out: &mut Vec<u8>, name: &str, value: &str) {
-    out.push(b' ');
-    out.extend_from_slice(name.as_bytes());
-    out.extend_from_slice(b"='");
-    for b in value.bytes() {
-        match b {
-            b'<' => out.extend_from_slice(b"&lt;"),
-            b'&' => out.extend_from_slice(b"&amp;"),
-            b'\'' => out.extend_from_slice(b"&apos;"),
-            b'\t' => out.extend_from_slice(b"&#9;"),
-            b'\n' => out.extend_from_slice(b"&#10;"),
-            b'\r' => out.extend_from_slice(b"&#13;"),
-            _ => out.push(b),
-        }
-    }
-    out.push(b'\'');
+    Ok(out)
 }
 
 /// A stanza's bytes (from its `<` to its end) as tokio-xmpp reads them in a client stream: the
