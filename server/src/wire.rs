@@ -32,29 +32,20 @@
 //! fuzz target.
 
 use std::io;
-use std::io::Read as _;
 
 use jid::{FullJid, Jid};
-use minidom::rxml::writer::{SimpleNamespaces, TrackNamespace};
-use minidom::rxml::{self, xml_lang::XmlLangStack, Encoder, Event};
 use spine_protocol::emit::{attribute, EmitError};
-use spine_protocol::scan::{Reader, Scan, ScanError, Scope, Stanza as Found, STREAM_NS};
+use spine_protocol::scan::{Reader, Scan, ScanError, Scope, Stanza as Found};
+pub(crate) use spine_xmpp::codec::decode;
+use spine_xmpp::codec::{StanzaEncoder, CLIENT_NS};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::time::Instant;
-use tokio_xmpp::xmlstream::{FallibleStreamElement, ReadError, Timeouts, XmppStreamElement};
+use tokio_xmpp::xmlstream::{FallibleStreamElement, ReadError, Timeouts};
 use tracing::debug;
 use xmpp_parsers::stanza::Stanza;
-use xso::error::{Error, FromEventsError};
-use xso::{AsXml, Context, FromEventsBuilder, FromXml};
+use xso::AsXml;
 
 use crate::session::Io;
-
-/// The default namespace of a client's stream.
-const CLIENT_NS: &str = "jabber:client";
-
-/// The header a stanza is parsed under on the typed path: a client stream's namespaces.
-const HEADER: &str =
-    "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
 
 /// What the server reads from a bound client.
 #[derive(Debug)]
@@ -87,7 +78,7 @@ pub(crate) struct Wire {
     reader: Reader,
     /// The client's full JID: `from` on what it sends.
     me: String,
-    encoder: Encoder<SimpleNamespaces>,
+    encoder: StanzaEncoder,
     /// Encoded and not yet written.
     out: Vec<u8>,
     timeouts: Timeouts,
@@ -103,24 +94,6 @@ impl Wire {
     /// Takes over a client's transport after binding. `io` may hold bytes already read (a
     /// client that sent on before the bind's answer).
     pub(crate) fn new(io: Io, me: &FullJid, max_bytes: usize, timeouts: Timeouts) -> Wire {
-        let stream = rxml::NcName::try_from("stream").expect("a valid name");
-        let mut encoder = Encoder::new();
-        encoder
-            .ns_tracker_mut()
-            .declare_fixed(Some(&stream), STREAM_NS.into());
-        encoder
-            .ns_tracker_mut()
-            .declare_fixed(None, CLIENT_NS.into());
-        // The encoder writes inside the stream's element, whose header is already sent: open
-        // it on a scratch buffer so that stanzas are its children, not documents of their own.
-        let mut scratch = Vec::new();
-        for item in [
-            rxml::Item::ElementHeadStart(rxml::Namespace::from(STREAM_NS), &stream),
-            rxml::Item::ElementHeadEnd,
-        ] {
-            // An element head the encoder is given first: nothing to refuse.
-            let _ = encoder.encode(item, &mut scratch);
-        }
         Wire {
             io,
             reader: Reader::new(Scope {
@@ -131,7 +104,7 @@ impl Wire {
                 max_depth: spine_protocol::depth::MAX_STREAM_DEPTH - 1,
             }),
             me: me.to_string(),
-            encoder,
+            encoder: StanzaEncoder::new(),
             out: Vec::with_capacity(4096),
             deadline: Instant::now() + timeouts.read_timeout,
             timeouts,
@@ -198,31 +171,13 @@ impl Wire {
 
     /// Encodes `x` for the next flush; nothing of it if it cannot be encoded.
     pub(crate) fn feed<T: AsXml>(&mut self, x: &T) -> io::Result<()> {
-        let mark = self.out.len();
-        let result = (|| {
-            for item in x.as_xml_iter().map_err(invalid_input)? {
-                let item = item.map_err(invalid_input)?;
-                self.encoder
-                    .encode(item.as_rxml_item(), &mut self.out)
-                    .map_err(invalid_input)?;
-            }
-            Ok(())
-        })();
-        if result.is_err() {
-            self.out.truncate(mark);
-        }
-        result
+        self.encoder.encode(x, &mut self.out)
     }
 
     /// Encodes a stanza for the next flush: directly if [`spine_protocol::emit`] takes it,
     /// with the general writer otherwise.
     pub(crate) fn feed_stanza(&mut self, st: Stanza) -> io::Result<()> {
-        match spine_protocol::emit::stanza(&st, &mut self.out) {
-            Ok(true) => Ok(()),
-            // Another shape, or something the direct writer refuses: the general writer
-            // then writes it or says why not.
-            Ok(false) | Err(_) => self.feed(&XmppStreamElement::Stanza(st)),
-        }
+        self.encoder.encode_stanza(st, &mut self.out)
     }
 
     /// Adds a relayed stanza for the next flush.
@@ -251,10 +206,6 @@ impl Wire {
         self.flush().await?;
         self.io.shutdown().await
     }
-}
-
-fn invalid_input(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidInput, e)
 }
 
 /// What the scanner found, relayed or typed.
@@ -337,55 +288,6 @@ fn relayed(st: &Found<'_>, text: &str, me: &str, to: &FullJid) -> Result<Vec<u8>
     Ok(out)
 }
 
-/// A stanza's bytes (from its `<` to its end) as tokio-xmpp reads them in a client stream: the
-/// same events, with the same language in force at each, fed to its types.
-pub(crate) fn decode(stanza: &[u8]) -> Result<FallibleStreamElement, ReadError> {
-    let hard = |e: io::Error| ReadError::HardError(e);
-    let malformed =
-        |what: &'static str| ReadError::HardError(io::Error::new(io::ErrorKind::InvalidData, what));
-    let mut reader = rxml::Reader::new(HEADER.as_bytes().chain(stanza));
-    let mut langs = XmlLangStack::new();
-    match reader.read().map_err(hard)? {
-        Some(ev @ Event::StartElement(..)) => langs.handle_event(&ev),
-        _ => return Err(malformed("the stream's header did not parse")),
-    }
-    let (name, attrs) = match reader.read().map_err(hard)? {
-        Some(ev @ Event::StartElement(..)) => {
-            langs.handle_event(&ev);
-            match ev {
-                Event::StartElement(_, name, attrs) => (name, attrs),
-                _ => return Err(malformed("not an element")),
-            }
-        }
-        _ => return Err(malformed("not an element")),
-    };
-    let ctx = Context::empty().with_language(langs.current());
-    let mut builder = match <FallibleStreamElement as FromXml>::from_events(name, attrs, &ctx) {
-        Ok(b) => b,
-        Err(FromEventsError::Invalid(e)) => return Err(ReadError::ParseError(e)),
-        Err(FromEventsError::Mismatch { .. }) => {
-            return Err(ReadError::ParseError(Error::TypeMismatch))
-        }
-    };
-    loop {
-        let Some(ev) = reader.read().map_err(hard)? else {
-            return Err(malformed("the stanza ended early"));
-        };
-        langs.handle_event(&ev);
-        let ctx = Context::empty().with_language(langs.current());
-        match builder.feed(ev, &ctx) {
-            Ok(Some(el)) => return Ok(el),
-            Ok(None) => {}
-            Err(e) => {
-                return Err(ReadError::HardError(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    e,
-                )))
-            }
-        }
-    }
-}
-
 /// The limit a scan error is about, as the text of a `policy-violation`, if it is one.
 pub(crate) fn limit_exceeded(e: &io::Error) -> Option<String> {
     match e.get_ref()?.downcast_ref::<ScanError>()? {
@@ -402,6 +304,7 @@ pub(crate) fn limit_exceeded(e: &io::Error) -> Option<String> {
 mod tests {
     use super::*;
     use spine_protocol::scan::scan;
+    use tokio_xmpp::xmlstream::XmppStreamElement;
     use xmpp_parsers::iq::Iq;
 
     const SCOPE: Scope<'static> = Scope {

@@ -8,9 +8,10 @@
 //!
 //! - [`connect`] makes the first login itself and returns a clear [`ConnectError`] (wrong
 //!   password, unreachable server, TLS failure) instead of retrying;
-//! - the connection is a tokio-xmpp `StanzaStream` owned by one task (the caller's), with a
-//!   reconnector that backs off exponentially with jitter and reports failures on
-//!   [`Connection::status`];
+//! - the login binds the session itself; the session is then served by Spine's own stanza
+//!   stream (`stream`: the stanza scanner to read, the direct writer to write; one task per
+//!   connection), which logs in again after a loss, backing off exponentially with jitter,
+//!   and reports failures on [`Connection::take_status`];
 //! - both connectors set `TCP_NODELAY`; TLS is STARTTLS with rustls (ring) and an explicit
 //!   trust store, required unless the server is on a loopback address.
 //!
@@ -20,25 +21,27 @@
 #![forbid(unsafe_code)]
 
 pub mod account;
+pub mod codec;
 mod connector;
 pub mod guard;
 mod sasl_login;
+mod stream;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use futures::StreamExt as _;
+use futures::{SinkExt as _, StreamExt as _};
 use jid::{FullJid, Jid};
 use rand::Rng as _;
 use sasl::common::ChannelBinding;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
+use tokio_xmpp::parsers::bind::{BindQuery, BindResponse};
 use tokio_xmpp::parsers::iq::Iq;
 use tokio_xmpp::parsers::ns;
-use tokio_xmpp::stanzastream::{
-    Connection as RawConnection, Event, StanzaStream, StanzaToken, StreamEvent,
-};
-use tokio_xmpp::xmlstream::{StreamHeader, Timeouts};
+use tokio_xmpp::parsers::stream_features::StreamFeatures;
+use tokio_xmpp::stanzastream::{Event, StreamEvent};
+use tokio_xmpp::xmlstream::{ReadError, StreamHeader, Timeouts, XmlStream, XmppStreamElement};
 use tokio_xmpp::Stanza;
 
 pub use account::{connect_options, KeyError, TlsConfig, TlsMode};
@@ -153,24 +156,20 @@ pub enum Status {
 ///
 /// Poll [`Connection::next`] continuously (the worker stalls when its event queue is full).
 pub struct Connection {
-    stream: StanzaStream,
+    /// To the connection's task: what to send, in order.
+    cmds: mpsc::Sender<Stanza>,
+    /// From the connection's task.
+    events: mpsc::Receiver<Event>,
     bound: FullJid,
     status: Option<mpsc::UnboundedReceiver<Status>>,
-    /// Set by [`Connection::close`]: the reconnector stops trying.
-    closing: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    worker: tokio::task::JoinHandle<()>,
 }
 
 /// The longest [`Connection::close`] waits for the stream to close.
 const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
-/// A session that ends sooner than this after its login "died young": the next login waits
-/// (backoff), so that two processes using one account and resource — which the server
-/// resolves by closing the older session with `conflict`, over and over — do not take turns
-/// hundreds of times a second, and neither does a client whose session something else keeps
-/// ending at once.
-const SHORT_SESSION: Duration = Duration::from_secs(5);
-
-static SHORT_SESSIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+pub(crate) static SHORT_SESSIONS: std::sync::atomic::AtomicU64 =
+    std::sync::atomic::AtomicU64::new(0);
 
 /// Sessions of this process that ended within 5 s of their login (each made the next login
 /// wait): a count for metrics. Repeated ones usually mean another process uses the same
@@ -184,13 +183,19 @@ const BACKOFF_START: Duration = Duration::from_millis(250);
 /// Largest delay of the reconnect backoff.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
 
-/// Connects and authenticates (no bind: the stanza stream binds). tokio-xmpp keeps its own
-/// `client_auth` private, and its SASL step sends PLAIN on any transport and never checks
-/// the server's SCRAM signature; this is the same sequence with `sasl_login` instead.
+/// The id of the resource-binding request.
+const BIND_ID: &str = "spine-bind";
+
+/// A stream on which the login's steps are typed by tokio-xmpp.
+type LoginStream = XmlStream<stream::Io, XmppStreamElement>;
+
+/// Connects and authenticates. tokio-xmpp keeps its own `client_auth` private, and its SASL
+/// step sends PLAIN on any transport and never checks the server's SCRAM signature; this is
+/// the same sequence with `sasl_login` instead.
 async fn authenticate<C: tokio_xmpp::connect::ServerConnector>(
     connector: C,
     opts: &ConnectOptions,
-) -> Result<RawConnection, ConnectError> {
+) -> Result<(StreamFeatures, LoginStream), ConnectError> {
     let connect_err = |e: tokio_xmpp::Error| ConnectError::Connect {
         addr: opts.addr,
         detail: e.to_string(),
@@ -245,7 +250,7 @@ async fn authenticate<C: tokio_xmpp::connect::ServerConnector>(
         from: None,
         id: None,
     };
-    let (mut features, stream) = stream
+    let (mut features, stream): (StreamFeatures, XmlStream<_, XmppStreamElement>) = stream
         .send_header(header)
         .await
         .map_err(|e| connect_err(e.into()))?
@@ -258,18 +263,76 @@ async fn authenticate<C: tokio_xmpp::connect::ServerConnector>(
     // reconnect already re-sends what was in flight). tokio-xmpp enables it whenever the
     // features list it, so it is taken off the list.
     features.stream_management = None;
-    Ok(RawConnection {
-        stream: stream.box_stream(),
-        features,
-        identity: opts.jid.clone(),
-    })
+    Ok((features, stream.box_stream()))
 }
 
+/// Binds a resource (the one of `opts.jid`, or one the server picks), then hands over the
+/// transport: bytes the server sent after the bind's answer stay in its buffer.
+async fn bind(
+    mut xs: LoginStream,
+    opts: &ConnectOptions,
+) -> Result<(FullJid, stream::Io), ConnectError> {
+    let failed = |detail: String| ConnectError::Bind {
+        addr: opts.addr,
+        detail,
+    };
+    let resource = opts.jid.resource().map(|r| r.as_str().to_owned());
+    let request = Iq::from_set(BIND_ID, BindQuery::new(resource));
+    xs.send(&XmppStreamElement::Stanza(request.into()))
+        .await
+        .map_err(|e| ConnectError::Connect {
+            addr: opts.addr,
+            detail: e.to_string(),
+        })?;
+    let patience = opts.timeouts.read_timeout + opts.timeouts.response_timeout;
+    let answer = tokio::time::timeout(patience, async {
+        loop {
+            match xs.next().await {
+                Some(Ok(XmppStreamElement::Stanza(Stanza::Iq(iq)))) if iq.id() == BIND_ID => {
+                    return Ok(iq)
+                }
+                Some(Ok(XmppStreamElement::StreamError(e))) => {
+                    return Err(failed(format!("stream error: {e:?}")))
+                }
+                Some(Ok(other)) => tracing::debug!("before the bind's answer, ignored {other:?}"),
+                Some(Err(ReadError::SoftTimeout)) => {}
+                Some(Err(e)) => return Err(failed(e.to_string())),
+                None => return Err(failed("the server closed the stream".into())),
+            }
+        }
+    })
+    .await
+    .map_err(|_| failed(format!("no answer to the bind request within {patience:?}")))??;
+    let bound = match answer {
+        Iq::Result {
+            payload: Some(payload),
+            ..
+        } => BindResponse::try_from(payload)
+            .map(FullJid::from)
+            .map_err(|e| failed(format!("unreadable bind answer: {e}")))?,
+        Iq::Error { error, .. } => {
+            return Err(failed(format!(
+                "the server refused: {:?}",
+                error.defined_condition
+            )))
+        }
+        other => return Err(failed(format!("unexpected answer {other:?}"))),
+    };
+    Ok((bound, xs.into_inner()))
+}
+
+/// Connects, authenticates and binds.
 async fn login<C: tokio_xmpp::connect::ServerConnector>(
     connector: C,
     opts: &ConnectOptions,
-) -> Result<RawConnection, ConnectError> {
-    authenticate(connector, opts).await
+) -> Result<stream::Session, ConnectError> {
+    let (features, xs) = authenticate(connector, opts).await?;
+    let (bound, io) = bind(xs, opts).await?;
+    Ok(stream::Session {
+        io,
+        bound,
+        features,
+    })
 }
 
 fn backoff(attempt: u32) -> Duration {
@@ -313,129 +376,26 @@ async fn start<C: tokio_xmpp::connect::ServerConnector>(
     opts: ConnectOptions,
 ) -> Result<Connection, ConnectError> {
     let first = login(connector.clone(), &opts).await?;
+    let bound = first.bound.clone();
     let (status_tx, status) = mpsc::unbounded_channel();
-    let mut first = Some(first);
-    let reconnect_opts = opts.clone();
-    // When the current session began, and how many sessions in a row died young.
-    let began = std::sync::Arc::new(std::sync::Mutex::new(std::time::Instant::now()));
-    let closing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stop = closing.clone();
-    let mut young_in_a_row = 0u32;
-    let reconnector = Box::new(
-        move |_location: Option<String>, slot: oneshot::Sender<RawConnection>| {
-            if let Some(conn) = first.take() {
-                *began.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
-                let _ = slot.send(conn);
-                return;
-            }
-            let lived = began.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
-            let wait = if lived < SHORT_SESSION {
-                SHORT_SESSIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                young_in_a_row += 1;
-                let wait = backoff(young_in_a_row - 1);
-                if young_in_a_row >= 2 {
-                    tracing::warn!(
-                        jid = %reconnect_opts.jid,
-                        "the session ended {} ms after it began ({young_in_a_row} times in a row): \
-                         if another process uses {} with the same resource, the server replaces \
-                         one session with the other (stream error 'conflict'); check that only \
-                         one process uses this account and resource. Next login in {:.1} s",
-                        lived.as_millis(),
-                        reconnect_opts.jid,
-                        wait.as_secs_f64()
-                    );
-                }
-                Some(wait)
-            } else {
-                young_in_a_row = 0;
-                None
-            };
-            let connector = connector.clone();
-            let opts = reconnect_opts.clone();
-            let status_tx = status_tx.clone();
-            let began = began.clone();
-            let stop = stop.clone();
-            tokio::spawn(async move {
-                if let Some(wait) = wait {
-                    tokio::time::sleep(wait).await;
-                }
-                let mut attempt = 0u32;
-                loop {
-                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
-                        // The owner is closing: no more attempts. Dropping the slot would make
-                        // tokio-xmpp's worker panic, so it is left unanswered instead (the
-                        // worker waits on it until the process ends, which is imminent).
-                        std::mem::forget(slot);
-                        return;
-                    }
-                    match login(connector.clone(), &opts).await {
-                        Ok(conn) => {
-                            tracing::info!(jid = %opts.jid, "reconnected");
-                            *began.lock().unwrap_or_else(|p| p.into_inner()) =
-                                std::time::Instant::now();
-                            let _ = slot.send(conn);
-                            return;
-                        }
-                        Err(e) => {
-                            if slot.is_closed() {
-                                return; // the stream worker is gone: nobody waits
-                            }
-                            let retry_in = backoff(attempt);
-                            attempt = attempt.saturating_add(1);
-                            let auth = matches!(e, ConnectError::Auth { .. });
-                            // The owner may have dropped its `Connection` meanwhile; the
-                            // worker still waits for this slot, and tokio-xmpp panics if the
-                            // slot is dropped unanswered, so keep trying (quietly) until the
-                            // worker itself goes away.
-                            let owner = status_tx
-                                .send(Status::ReconnectFailed {
-                                    error: e.to_string(),
-                                    auth,
-                                    retry_in,
-                                })
-                                .is_ok();
-                            if owner {
-                                tracing::warn!(jid = %opts.jid, "reconnect failed: {e}; next attempt in {retry_in:?}");
-                            } else {
-                                tracing::debug!(jid = %opts.jid, "reconnect failed after the owner left: {e}");
-                            }
-                            tokio::time::sleep(retry_in).await;
-                        }
-                    }
-                }
-            });
-        },
-    );
-    let mut stream = StanzaStream::new(reconnector, opts.queue_depth);
-    // The first event is the bind of the connection made above.
-    let bound = loop {
-        match tokio::time::timeout(opts.timeouts.read_timeout, stream.next()).await {
-            Ok(Some(Event::Stream(StreamEvent::Reset { bound_jid, .. }))) => {
-                break bound_jid.try_into_full().map_err(|j| ConnectError::Bind {
-                    addr: opts.addr,
-                    detail: format!("server bound a bare JID {j}"),
-                })?
-            }
-            Ok(Some(other)) => tracing::debug!("event before bind: {other:?}"),
-            Ok(None) => {
-                return Err(ConnectError::Bind {
-                    addr: opts.addr,
-                    detail: "stream closed".into(),
-                })
-            }
-            Err(_) => {
-                return Err(ConnectError::Bind {
-                    addr: opts.addr,
-                    detail: "no bind within the read timeout".into(),
-                })
-            }
-        }
+    let depth = opts.queue_depth.max(1);
+    let (cmds_tx, cmds) = mpsc::channel(depth);
+    let (events, events_rx) = mpsc::channel(depth);
+    let worker = stream::Worker {
+        connector,
+        opts,
+        cmds,
+        events,
+        status: status_tx,
+        probes: rand::rng().random(),
     };
+    let worker = tokio::spawn(worker.run(first));
     Ok(Connection {
-        stream,
+        cmds: cmds_tx,
+        events: events_rx,
         bound,
         status: Some(status),
-        closing,
+        worker,
     })
 }
 
@@ -449,45 +409,25 @@ impl Connection {
     ///
     /// Cancellation-safe (a `select!` branch that loses loses nothing).
     ///
-    /// XEP-0199 pings are answered here and not returned: every Spine client must answer them
+    /// XEP-0199 pings are answered by the connection's task and not returned: every Spine client must answer them
     /// (servers use them to tell live sessions from dead ones).
     pub async fn next(&mut self) -> Option<Event> {
-        loop {
-            let ev = self.stream.next().await;
-            match &ev {
-                Some(Event::Stream(StreamEvent::Reset { bound_jid, .. })) => {
-                    if let Ok(full) = bound_jid.clone().try_into_full() {
-                        self.bound = full;
-                    }
-                }
-                Some(Event::Stanza(Stanza::Iq(Iq::Get {
-                    id, from, payload, ..
-                }))) if payload.is("ping", ns::PING) => {
-                    let mut pong = Iq::empty_result(
-                        from.clone().unwrap_or_else(|| self.bound.to_bare().into()),
-                        id.clone(),
-                    );
-                    if from.is_none() {
-                        // A ping without 'from' comes from our own server on our behalf.
-                        pong = Iq::Result {
-                            from: None,
-                            to: None,
-                            id: id.clone(),
-                            payload: None,
-                        };
-                    }
-                    self.stream.send(Box::new(pong.into())).await;
-                    continue;
-                }
-                _ => {}
+        let ev = self.events.recv().await;
+        if let Some(Event::Stream(StreamEvent::Reset { bound_jid, .. })) = &ev {
+            if let Ok(full) = bound_jid.clone().try_into_full() {
+                self.bound = full;
             }
-            return ev;
         }
+        ev
     }
 
-    /// Queues a stanza for sending; waits only for queue space.
-    pub async fn send(&self, stanza: impl Into<Stanza>) -> StanzaToken {
-        self.stream.send(Box::new(stanza.into())).await
+    /// Queues a stanza for sending; waits only for queue space. Stanzas are written in the
+    /// order they were queued; one queued while the connection is down is written on the next
+    /// session. After [`Connection::close`] nothing is sent.
+    pub async fn send(&self, stanza: impl Into<Stanza>) {
+        if self.cmds.send(stanza.into()).await.is_err() {
+            tracing::debug!("a stanza was not sent: the connection is closed");
+        }
     }
 
     /// The receiver of reconnect status reports, so that an event loop can wait on it beside
@@ -500,15 +440,23 @@ impl Connection {
     /// the server unreachable the connection worker is in a reconnect that will not finish,
     /// and a process shutting down must not wait for it. Reconnect attempts stop.
     pub async fn close(self) {
-        self.closing
-            .store(true, std::sync::atomic::Ordering::Relaxed);
-        if tokio::time::timeout(CLOSE_GRACE, self.stream.close())
+        let Connection {
+            cmds,
+            events,
+            mut worker,
+            ..
+        } = self;
+        // The task writes what was queued, then the stream's end, and stops logging in again.
+        drop(cmds);
+        drop(events);
+        if tokio::time::timeout(CLOSE_GRACE, &mut worker)
             .await
             .is_err()
         {
             tracing::info!(
                 "the stream did not close within {CLOSE_GRACE:?} (server unreachable?): leaving it"
             );
+            worker.abort();
         }
     }
 }
