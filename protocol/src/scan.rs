@@ -432,6 +432,126 @@ impl Reader {
     }
 }
 
+/// The child elements of a stanza the scanner found in `text`, built as minidom elements the
+/// way rxml's events build them (xso's `minidom_compat`): a second, cheaper pass than parsing
+/// the stanza again with rxml, for a reader that types the stanza itself.
+///
+/// Only for what needs no namespace prefixes: `None` (the caller then parses the general way)
+/// when an element or attribute inside has a prefixed name (`xml:lang` included), when a
+/// default namespace is declared empty, or for a CDATA section or a carriage return in text.
+/// Text directly inside the stanza is left out (a caller checks [`Stanza::text`]); text inside
+/// the children is kept, white space included, one node per run between two tags.
+///
+/// `default_ns`: the namespace the stanza's unprefixed children are in. Assumes `st` was
+/// found in `text` by [`scan`] or [`Reader`] (so the bytes are well-formed): anything else
+/// gives `None` too.
+pub fn children(text: &str, st: &Stanza<'_>, default_ns: &str) -> Option<Vec<minidom::Element>> {
+    use minidom::rxml::{Namespace, NcName};
+    use minidom::Element;
+    let Some(end) = st.end_tag else {
+        return Some(Vec::new());
+    };
+    let inside = text.get(st.head_end..end)?;
+    let mut r = quick_xml::Reader::from_str(inside);
+    {
+        let c = r.config_mut();
+        c.allow_unmatched_ends = false;
+        c.check_end_names = false;
+        c.expand_empty_elements = false;
+        c.trim_text(false);
+    }
+    // The open elements with their namespaces; the text run not yet added.
+    let mut open: SmallVec<[(Element, String); 8]> = SmallVec::new();
+    let mut run = String::new();
+    let mut out = Vec::new();
+    loop {
+        let ev = r.read_event().ok()?;
+        let (e, empty) = match ev {
+            Event::Start(e) => (e, false),
+            Event::Empty(e) => (e, true),
+            Event::End(_) => {
+                let (mut el, _) = open.pop()?;
+                if !run.is_empty() {
+                    el.append_text_node(std::mem::take(&mut run));
+                }
+                match open.last_mut() {
+                    Some((parent, _)) => {
+                        parent.append_child(el);
+                    }
+                    None => out.push(el),
+                }
+                continue;
+            }
+            Event::Text(t) => {
+                if !open.is_empty() {
+                    let s: &str = &t;
+                    if memchr::memchr(b'\r', s.as_bytes()).is_some() {
+                        return None;
+                    }
+                    run.push_str(s);
+                }
+                continue;
+            }
+            Event::GeneralRef(g) => {
+                if !open.is_empty() {
+                    run.push(reference(&g, 0).ok()?);
+                }
+                continue;
+            }
+            Event::Eof if open.is_empty() => return Some(out),
+            _ => return None,
+        };
+        let content: &str = &e;
+        let name = content.get(..e.name().0.len())?;
+        if name.contains(':') {
+            return None;
+        }
+        if let Some((parent, _)) = open.last_mut() {
+            if !run.is_empty() {
+                parent.append_text_node(std::mem::take(&mut run));
+            }
+        }
+        run.clear();
+        let attrs = attributes(
+            &content[name.len()..],
+            0,
+            1,
+            &mut Namespaces::default(),
+            false,
+        )
+        .ok()?;
+        let mut ns = open
+            .last()
+            .map_or(default_ns, |(_, ns)| ns.as_str())
+            .to_owned();
+        if let Some(a) = attrs.iter().find(|a| a.name == "xmlns") {
+            if a.value.is_empty() {
+                return None;
+            }
+            ns.clear();
+            ns.push_str(&a.value);
+        }
+        let mut el = Element::builder(name, ns.as_str()).build();
+        for a in attrs.iter().filter(|a| a.name != "xmlns") {
+            if a.name.contains(':') {
+                return None;
+            }
+            let n = NcName::try_from(a.name).ok()?;
+            el.set_attr(Namespace::NONE, n, a.value.clone().into_owned());
+        }
+        if empty {
+            match open.last_mut() {
+                Some((parent, _)) => {
+                    parent.append_child(el);
+                }
+                None => out.push(el),
+            }
+        } else {
+            open.push((el, ns));
+        }
+    }
+}
+
 /// Notes text directly inside the stanza unless it is white space.
 fn mark_text(top: &mut Option<Stanza<'_>>, s: &str) {
     if let Some(t) = top.as_mut() {

@@ -5,7 +5,7 @@
 //! typed stanzas and wrote every stanza back through its serialiser and a watch channel per
 //! stanza: in a no-op job's cost the agent spent about 64 % of its CPU in that stream and the
 //! dispatcher about 25 % (issue 19, BENCHMARKS.md). Here stanzas are found by the stanza
-//! scanner ([`spine_protocol::scan`]), typed by [`crate::codec::decode`], and written by
+//! scanner ([`spine_protocol::scan`]), typed by [`crate::codec::decode_found`], and written by
 //! [`crate::codec::StanzaEncoder`] (the direct writer for a job's stanzas).
 //!
 //! What the owner sees is what tokio-xmpp's stream gave it (docs/client-stream.md has the list
@@ -39,7 +39,7 @@ use tokio_xmpp::xmlstream::{FallibleStreamElement, XmppStreamElement};
 use tokio_xmpp::Stanza;
 use xmpp_parsers::stream_features::StreamFeatures;
 
-use crate::codec::{decode, StanzaEncoder, CLIENT_NS};
+use crate::codec::{decode_found, StanzaEncoder, CLIENT_NS};
 use crate::{ConnectError, ConnectOptions, Status};
 
 /// A connection's transport after login and bind (TLS or not, read through the nesting
@@ -292,7 +292,7 @@ impl<C: tokio_xmpp::connect::ServerConnector> Worker<C> {
                     loop {
                         let (len, found) = match reader.next_with_text() {
                             Ok(Some((Scan::Stanza(st), text))) => {
-                                (st.len, Some(decode(&text.as_bytes()[st.start..st.len])))
+                                (st.len, Some(decode_found(&st, text)))
                             }
                             Ok(Some((Scan::StreamEnd { len }, _))) => (len, None),
                             Ok(Some((Scan::Incomplete, _)) | None) => break,
