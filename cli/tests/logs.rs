@@ -102,7 +102,7 @@ async fn text_logs_have_no_colour_codes_and_say_what_happened() {
     let agent = Command::new(env!("CARGO_BIN_EXE_spine"))
         .args(["agent", "--config"])
         .arg(&agent_cfg)
-        .env("RUST_LOG", "info")
+        .env("RUST_LOG", "info,spine_xmpp::wire=trace")
         .env_remove("NO_COLOR")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&agent_log).unwrap())
@@ -114,6 +114,9 @@ async fn text_logs_have_no_colour_codes_and_say_what_happened() {
     server.wait().await.unwrap();
     let text = wait_log(&agent_log, "it is shutting down (system-shutdown)").await;
     assert!(!text.contains("StreamError"), "{text}");
+    // The stanza trace: the agent's advertisement out, the server's stream error in.
+    assert!(text.contains("SEND <presence"), "{text}");
+    assert!(text.contains("RECV <stream:error"), "{text}");
     drop(agent);
 
     for log in [&server_log, &agent_log] {

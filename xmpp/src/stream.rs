@@ -37,6 +37,7 @@ use tokio_xmpp::parsers::ping::Ping;
 use tokio_xmpp::stanzastream::{Event, StreamEvent};
 use tokio_xmpp::xmlstream::{FallibleStreamElement, XmppStreamElement};
 use tokio_xmpp::Stanza;
+use xmpp_parsers::stream_error::{DefinedCondition, StreamError};
 use xmpp_parsers::stream_features::StreamFeatures;
 
 use crate::codec::{decode_found, StanzaEncoder, CLIENT_NS};
@@ -62,6 +63,9 @@ const HIGH_WATER: usize = 64 << 10;
 
 /// Bytes read from the transport at a time.
 const READ_CHUNK: usize = 16 << 10;
+
+/// The log target of every stanza sent and received (`--log info,spine_xmpp::wire=trace`).
+const WIRE: &str = "spine_xmpp::wire";
 
 /// The id prefix of the stream's own liveness pings (their answers are not passed on).
 const PROBE_PREFIX: &str = "spine-liveness-";
@@ -292,6 +296,7 @@ impl<C: tokio_xmpp::connect::ServerConnector> Worker<C> {
                     loop {
                         let (len, found) = match reader.next_with_text() {
                             Ok(Some((Scan::Stanza(st), text))) => {
+                                tracing::trace!(target: WIRE, "RECV {}", &text[st.start..st.len]);
                                 (st.len, Some(decode_found(&st, text)))
                             }
                             Ok(Some((Scan::StreamEnd { len }, _))) => (len, None),
@@ -330,7 +335,7 @@ impl<C: tokio_xmpp::connect::ServerConnector> Worker<C> {
                                 }
                             }
                             XmppStreamElement::StreamError(e) => {
-                                return End::Lost(format!("stream error from the server: {e:?}"))
+                                return End::Lost(stream_error(&me, &e.0));
                             }
                             other => tracing::debug!(jid = %me, "ignored {other:?}"),
                         }
@@ -360,11 +365,37 @@ impl<C: tokio_xmpp::connect::ServerConnector> Worker<C> {
     }
 }
 
+/// Logs a stream error the server ended the stream with (a restart at info, anything else
+/// as a warning) and says what ended the connection.
+fn stream_error(me: &FullJid, e: &StreamError) -> String {
+    let condition = e.condition.to_string();
+    let text = e
+        .texts
+        .values()
+        .next()
+        .map(|t| format!(": {t}"))
+        .unwrap_or_default();
+    if matches!(e.condition, DefinedCondition::SystemShutdown) {
+        tracing::info!(
+            jid = %me,
+            "the XMPP server closed the stream: it is shutting down (system-shutdown)"
+        );
+    } else {
+        tracing::warn!(
+            jid = %me,
+            "the XMPP server closed the stream with the error '{condition}'{text}"
+        );
+    }
+    format!("the server ended the stream with the error '{condition}'")
+}
+
 /// Appends a stanza to what is to be written; one that cannot be written is logged and left
 /// out (as tokio-xmpp did).
 fn encode(encoder: &mut StanzaEncoder, st: Stanza, out: &mut Vec<u8>) {
-    if let Err(e) = encoder.encode_stanza(st, out) {
-        tracing::warn!("a stanza could not be written and was dropped: {e}");
+    let mark = out.len();
+    match encoder.encode_stanza(st, out) {
+        Ok(()) => tracing::trace!(target: WIRE, "SEND {}", String::from_utf8_lossy(&out[mark..])),
+        Err(e) => tracing::warn!("a stanza could not be written and was dropped: {e}"),
     }
 }
 
