@@ -1,6 +1,7 @@
-//! The client's keepalive (`spine_xmpp`): a quiet but live server keeps the session; a server
-//! that stops answering is given up after the read and response timeouts, and the client
-//! logs in again. Between the client and the embedded server sits a TCP relay on loopback
+//! The client's keepalive and backpressure (`spine_xmpp`): a quiet but live server keeps the
+//! session; a server that stops answering is given up after the read and response timeouts,
+//! and the client logs in again; an owner that falls behind keeps its session and loses
+//! nothing, and what was read before a session ends is delivered before `Suspended`. Between the client and the embedded server sits a TCP relay on loopback
 //! that can stop passing bytes on the connections it carries (a dead peer whose socket stays
 //! open), while passing those made afterwards.
 
@@ -124,4 +125,100 @@ async fn a_quiet_server_keeps_the_session_and_a_dead_one_is_left_for_a_new_login
         other => panic!("expected a new session, got {other:?}"),
     }
     c.close().await;
+}
+
+/// Messages bob sends to alice in the tests of backpressure.
+const FLOOD: usize = 2000;
+
+/// A server, alice (with `timeouts`) and bob, and `FLOOD` numbered messages from bob to
+/// alice, none taken by alice yet.
+async fn flooded(
+    timeouts: Timeouts,
+) -> (TestServer, spine_xmpp::Connection, spine_xmpp::Connection) {
+    use tokio_xmpp::parsers::message::Message;
+    let server = TestServer::start(&[("alice", "pw-alice"), ("bob", "pw-bob")]).await;
+    let mut opts = server.tls_options("alice", "pw-alice");
+    opts.timeouts = timeouts;
+    let alice = spine_xmpp::connect(opts).await.expect("alice logs in");
+    let bob = spine_xmpp::connect(server.tls_options("bob", "pw-bob"))
+        .await
+        .expect("bob logs in");
+    let to = alice.jid().clone();
+    for i in 0..FLOOD {
+        bob.send(
+            Message::new(Some(to.clone().into())).with_body(String::new().into(), i.to_string()),
+        )
+        .await;
+    }
+    (server, alice, bob)
+}
+
+/// Alice's next event: `Ok(())` for the message numbered `next`, `Err` for a stream event.
+async fn next_message(alice: &mut spine_xmpp::Connection, next: usize) -> Result<(), StreamEvent> {
+    use tokio_xmpp::Stanza;
+    loop {
+        match tokio::time::timeout(PATIENCE, alice.next()).await {
+            Ok(Some(Event::Stanza(Stanza::Message(m)))) => {
+                let body = m.bodies.values().next().expect("a body");
+                assert_eq!(body, &next.to_string(), "messages out of order");
+                return Ok(());
+            }
+            Ok(Some(Event::Stanza(_))) => {}
+            Ok(Some(Event::Stream(ev))) => return Err(ev),
+            Ok(None) => panic!("the connection ended after {next} messages"),
+            Err(_) => panic!("nothing after {next} of {FLOOD} messages"),
+        }
+    }
+}
+
+/// An owner that stops taking events stops the client's reading (the server then holds what
+/// waits for it), and that silence is not taken for a dead server: after a pause of three
+/// times the read and response timeouts every message arrives, in order, on the same session.
+#[tokio::test]
+async fn an_owner_that_falls_behind_keeps_its_session_and_loses_nothing() {
+    let (_server, mut alice, bob) = flooded(Timeouts {
+        read_timeout: Duration::from_millis(300),
+        response_timeout: Duration::from_millis(300),
+    })
+    .await;
+    let me = alice.jid().clone();
+    // More than both of alice's queues hold, and nothing taken for 1.8 s.
+    tokio::time::sleep(Duration::from_millis(1800)).await;
+    for next in 0..FLOOD {
+        if let Err(ev) = next_message(&mut alice, next).await {
+            panic!("after {next} messages the session changed: {ev:?}");
+        }
+    }
+    assert_eq!(alice.jid(), &me);
+    bob.close().await;
+    alice.close().await;
+}
+
+/// What the client had read when its session ends is still delivered, before `Suspended`:
+/// here the session is replaced (stream error `conflict`) while 2,000 messages wait unread.
+#[tokio::test]
+async fn what_was_read_before_a_session_ends_is_delivered_before_suspended() {
+    let (server, mut alice, bob) = flooded(Timeouts::tight()).await;
+    // The server has written them all to alice's connection; alice has taken none.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let mut opts = server.tls_options("alice", "pw-alice");
+    opts.jid = alice.jid().clone().into();
+    let usurper = spine_xmpp::connect(opts)
+        .await
+        .expect("the same resource logs in");
+    let mut next = 0usize;
+    loop {
+        match next_message(&mut alice, next).await {
+            Ok(()) => next += 1,
+            Err(StreamEvent::Suspended) => break,
+            Err(ev) => panic!("after {next} messages: {ev:?}"),
+        }
+    }
+    assert_eq!(
+        next, FLOOD,
+        "messages read before the session ended were lost"
+    );
+    usurper.close().await;
+    bob.close().await;
+    alice.close().await;
 }

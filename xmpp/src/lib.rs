@@ -388,6 +388,7 @@ async fn start<C: tokio_xmpp::connect::ServerConnector>(
         events,
         status: status_tx,
         probes: rand::rng().random(),
+        inbox: Default::default(),
     };
     let worker = tokio::spawn(worker.run(first));
     Ok(Connection {

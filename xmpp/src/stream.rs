@@ -100,6 +100,9 @@ pub(crate) struct Worker<C> {
     pub(crate) status: mpsc::UnboundedSender<Status>,
     /// Liveness pings sent (their ids).
     pub(crate) probes: u64,
+    /// Events read and not yet taken by the owner's channel (delivered before `Suspended`
+    /// when the connection is lost: what was read is not lost with it).
+    pub(crate) inbox: VecDeque<Event>,
 }
 
 impl<C: tokio_xmpp::connect::ServerConnector> Worker<C> {
@@ -114,6 +117,11 @@ impl<C: tokio_xmpp::connect::ServerConnector> Worker<C> {
             match self.serve(session).await {
                 End::Closed => return,
                 End::Lost(why) => tracing::info!(%jid, "connection lost: {why}"),
+            }
+            while let Some(ev) = self.inbox.pop_front() {
+                if self.events.send(ev).await.is_err() {
+                    return;
+                }
             }
             if self
                 .events
@@ -213,8 +221,7 @@ impl<C: tokio_xmpp::connect::ServerConnector> Worker<C> {
         // Bytes of `out` already written.
         let mut written = 0usize;
         let mut unflushed = false;
-        // Events read and not yet taken by the owner's channel.
-        let mut inbox: VecDeque<Event> = VecDeque::new();
+        let inbox = &mut self.inbox;
         let mut buf = vec![0u8; READ_CHUNK];
         let timeouts = self.opts.timeouts;
         let mut last_read = Instant::now();
@@ -343,6 +350,12 @@ impl<C: tokio_xmpp::connect::ServerConnector> Worker<C> {
                 },
                 () = &mut timer => {
                     let now = Instant::now();
+                    if !reading {
+                        // Not reading because the owner is behind: the server's silence is
+                        // ours, not its.
+                        last_read = now;
+                        probe_sent = None;
+                    }
                     match probe_sent {
                         Some(sent) if now >= sent + timeouts.response_timeout => {
                             return End::Lost("read and response timeouts elapsed".into())
