@@ -64,8 +64,13 @@ pub(crate) enum ApiReply {
     /// The job accepted (or the one its idempotency key created before), with its state.
     Submitted(Result<(JobId, JobState), SpineError>),
     /// A submission whose caller waits for the job's end, answered with it: the job ended
-    /// before its acceptance was stored (they share the commit).
-    Ended(Box<crate::jobs::JobRecord>),
+    /// before its acceptance was stored (they share the commit). With the job's final view,
+    /// the one its event streams get: rendered once for all of them.
+    Ended {
+        id: JobId,
+        state: JobState,
+        view: super::Rendered,
+    },
     /// The cancelled job's final state.
     Cancelled(Result<JobState, SpineError>),
     /// The jobs an event made (or had made, sent before).

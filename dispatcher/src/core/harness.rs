@@ -263,8 +263,8 @@ impl Sim {
                 ApiReply::Submitted(Ok((id, _))) => {
                     self.acked.insert(id);
                 }
-                ApiReply::Ended(rec) => {
-                    self.acked.insert(rec.id);
+                ApiReply::Ended { id, .. } => {
+                    self.acked.insert(id);
                 }
                 _ => {}
             }

@@ -342,11 +342,18 @@ fn a_job_request_leaves_before_the_commit_and_a_waiting_callers_acceptance_may_l
     );
     assert_eq!(w.state(&sent[0].job.id), JobState::Succeeded);
     // The caller hears the end with the acceptance: it need not ask again.
-    let [(_, ApiReply::Ended(rec))] = r.replies.as_slice() else {
+    let [(_, ApiReply::Ended { id, state, view })] = r.replies.as_slice() else {
         panic!("the job's end as the answer: {:?}", r.replies);
     };
-    assert_eq!((&rec.id, rec.state), (&sent[0].job.id, JobState::Succeeded));
-    assert!(r.events.iter().any(|e| e.kind == EventKind::Final));
+    assert_eq!((id, *state), (&sent[0].job.id, JobState::Succeeded));
+    // The view is the final event's, rendered once.
+    let fin = r.events.iter().find(|e| e.kind == EventKind::Final);
+    assert_eq!(fin.map(|e| e.data.get()), Some(view.get()));
+    let v: serde_json::Value = serde_json::from_str(view.get()).unwrap();
+    assert_eq!(
+        (v["id"].as_str(), v["state"].as_str()),
+        (Some(id.as_str()), Some("succeeded"))
+    );
     assert_eq!(w.core.pending(), Pending::Nothing);
     // A waiting caller whose job is still running when its acceptance is stored hears
     // "accepted" (and waits for the event).
@@ -1712,4 +1719,31 @@ fn xmpp_changes_are_refused_at_once_while_the_store_cannot_be_reached() {
         spine_protocol::Submit::new(CAP.parse().unwrap()),
     );
     assert!(matches!(answer, Iq::Result { .. }), "{answer:?}");
+}
+
+#[test]
+fn job_ids_are_hyphenated_hex_of_their_value() {
+    let split = |v: u128| {
+        let h = format!("{v:032x}");
+        format!(
+            "{}-{}-{}-{}-{}",
+            &h[0..8],
+            &h[8..12],
+            &h[12..16],
+            &h[16..20],
+            &h[20..32]
+        )
+    };
+    let mut v: u128 = 0x0123_4567_89ab_cdef_fedc_ba98_7654_3210;
+    for _ in 0..1000 {
+        assert_eq!(hyphenated(v), split(v));
+        v = v
+            .wrapping_mul(0x2545_f491_4f6c_dd1d)
+            .wrapping_add(0x9e37_79b9);
+    }
+    assert_eq!(hyphenated(0), "00000000-0000-0000-0000-000000000000");
+    assert_eq!(
+        hyphenated(u128::MAX),
+        "ffffffff-ffff-ffff-ffff-ffffffffffff"
+    );
 }

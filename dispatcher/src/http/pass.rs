@@ -506,10 +506,10 @@ async fn take(h: &Handle, peer: SocketAddr, i: usize, s: &Submission) -> Took {
         super::routes::accept_json(h, &caller, Some(&headers), json, wait.is_some()).await
     };
     match (accepted.await, wait) {
-        (Ok((_, _, Some(rec))), _) => Took::Done(Answer {
+        (Ok((_, _, Some(view))), _) => Took::Done(Answer {
             i,
             status: StatusCode::OK.as_u16(),
-            body: raw(&crate::core::Rendered::job(&rec)),
+            body: raw(&view),
             retry_after: None,
         }),
         (Ok((id, state, None)), Some(wait)) if !state.is_final() => Took::Waits(i, id, wait),

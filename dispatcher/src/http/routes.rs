@@ -212,15 +212,15 @@ async fn answer_waited(
     h: &Handle,
     id: JobId,
     state: JobState,
-    ended: Option<Box<JobRecord>>,
+    ended: Option<Rendered>,
     wait: Option<Duration>,
     fresh: Option<Fresh>,
 ) -> Result<Response, ApiError> {
     let Some(wait) = wait else {
         return Ok((StatusCode::ACCEPTED, Json(Submitted { id, state })).into_response());
     };
-    if let Some(rec) = ended {
-        return Ok((StatusCode::OK, Rendered::job(&rec)).into_response());
+    if let Some(view) = ended {
+        return Ok((StatusCode::OK, view).into_response());
     }
     // (A key that named a job which has ended: read it.)
     let fresh = fresh.filter(|_| !state.is_final());
@@ -251,14 +251,14 @@ fn key_header(req: &mut SubmitRequest, headers: &HeaderMap) -> Result<(), ApiErr
 /// A JSON submission (the body `POST /v1/jobs` takes, `json`) by `caller` with its request
 /// `headers`, checked and accepted: what `POST /v1/jobs:batch` does for each of its jobs,
 /// and a leader for each submission a standby passed on. With `wait` (its caller waits for
-/// the job's end), the job itself when it ended before its acceptance was stored.
+/// the job's end), the job's final view when it ended before its acceptance was stored.
 pub(super) async fn accept_json(
     h: &Handle,
     caller: &Caller,
     headers: Option<&HeaderMap>,
     json: &[u8],
     wait: bool,
-) -> Result<(JobId, JobState, Option<Box<JobRecord>>), ApiError> {
+) -> Result<(JobId, JobState, Option<Rendered>), ApiError> {
     let mut req = parse_request(json, "job")?;
     if let Some(headers) = headers {
         key_header(&mut req, headers)?;
@@ -282,14 +282,14 @@ pub(super) async fn accept_json(
 /// One submission, to the core. A standby stores it for the leader (docs/dispatcher.md,
 /// "Running several dispatchers"); an idempotency key the shared store knows already answers
 /// its job there, since a standby holds no job to find it in.
-/// With `wait`, the job itself when it ended before its acceptance was stored.
+/// With `wait`, the job's final view when it ended before its acceptance was stored.
 async fn submit_one(
     h: &Handle,
     spec: crate::jobs::JobSpec,
     wait_for_agent: bool,
     caller: &Caller,
     wait: bool,
-) -> Result<(JobId, spine_protocol::JobState, Option<Box<JobRecord>>), ApiError> {
+) -> Result<(JobId, spine_protocol::JobState, Option<Rendered>), ApiError> {
     if let (Some(pg), Some(key)) = (h.standby_store(), &spec.idempotency_key) {
         // (Boxed: a read of the shared store is a large future, which every submission's
         // would otherwise carry inline and move with it.)
@@ -313,7 +313,7 @@ async fn submit_one(
             let (id, state) = answer?;
             Ok((id, state, None))
         }
-        ApiReply::Ended(rec) => Ok((rec.id.clone(), rec.state, Some(rec))),
+        ApiReply::Ended { id, state, view } => Ok((id, state, Some(view))),
         _ => Err(mismatch()),
     }
 }

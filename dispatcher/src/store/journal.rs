@@ -67,6 +67,39 @@ pub(super) struct Journal {
     direct: Option<File>,
     /// The bytes of the block `end` is in, before `end` (written again with the next frame).
     tail: Vec<u8>,
+    /// Where direct writes are built, kept between frames (see [`Scratch`]).
+    scratch: Scratch,
+}
+
+/// A buffer kept for building direct writes in: the kept tail, the frame's head, its payload
+/// and zeros to the end of the last block, in memory aligned for direct I/O. A buffer made
+/// for each frame cost every commit an allocation, the zeroing of all of it and the page
+/// faults of fresh pages: about 3 % of the dispatcher's CPU with 64 jobs in flight
+/// (BENCHMARKS.md, 2026-11-29, twenty-second session). One that grew past [`SCRATCH_KEEP`]
+/// for a large frame is let go after it.
+#[derive(Default)]
+struct Scratch(Vec<u8>);
+
+/// The most a [`Scratch`] keeps between frames.
+const SCRATCH_KEEP: usize = 4 << 20;
+
+impl Scratch {
+    /// `len` bytes of it, aligned for direct I/O (their contents are whatever was there).
+    fn aligned(&mut self, len: usize) -> &mut [u8] {
+        if self.0.len() < len + ALIGN {
+            // Used from its first aligned byte: one alignment longer than that.
+            self.0 = vec![0u8; (len + ALIGN).next_power_of_two()];
+        }
+        let at = self.0.as_ptr().align_offset(ALIGN);
+        &mut self.0[at..at + len]
+    }
+
+    /// After a frame: a buffer grown past [`SCRATCH_KEEP`] is let go.
+    fn trim(&mut self) {
+        if self.0.len() > SCRATCH_KEEP {
+            self.0 = Vec::new();
+        }
+    }
 }
 
 impl Journal {
@@ -96,6 +129,7 @@ impl Journal {
             end: FRAMES,
             direct,
             tail: Vec::new(),
+            scratch: Scratch::default(),
         };
         if !have || head.iter().all(|b| *b == 0) {
             // New (or created and never written): zeros first, then the header.
@@ -184,15 +218,14 @@ impl Journal {
                     format!("a batch of {} bytes is too large to journal", payload.len()),
                 )
             })?;
-        let mut frame = Vec::with_capacity(FRAME_HEAD + payload.len());
-        frame.extend_from_slice(FRAME_MAGIC);
-        frame.extend_from_slice(&self.generation.to_le_bytes());
-        frame.extend_from_slice(&n.to_le_bytes());
-        let sum = crc(&[&frame[4..16], payload]);
-        frame.extend_from_slice(&sum.to_le_bytes());
-        frame.extend_from_slice(payload);
+        let mut head = [0u8; FRAME_HEAD];
+        head[..4].copy_from_slice(FRAME_MAGIC);
+        head[4..12].copy_from_slice(&self.generation.to_le_bytes());
+        head[12..16].copy_from_slice(&n.to_le_bytes());
+        let sum = crc(&[&head[4..16], payload]);
+        head[16..20].copy_from_slice(&sum.to_le_bytes());
         if self.direct.is_some() {
-            match self.append_direct(&frame) {
+            match self.append_direct(&head, payload) {
                 Ok(()) => return Ok(()),
                 // A file system that opened the file for direct I/O but refuses its writes:
                 // the frame goes the buffered way, and every one after it.
@@ -206,37 +239,48 @@ impl Journal {
                 Err(e) => return Err(e),
             }
         }
+        let mut frame = Vec::with_capacity(FRAME_HEAD + payload.len());
+        frame.extend_from_slice(&head);
+        frame.extend_from_slice(payload);
         self.file.write_all_at(&frame, self.end)?;
         self.file.sync_data()?;
         self.end += frame.len() as u64;
         Ok(())
     }
 
-    /// Writes `frame` at `end` with direct I/O: the blocks from the one `end` is in, the kept
-    /// bytes of that block first and zeros after the frame. On disk when it returns
+    /// Writes the frame of `head` and `payload` at `end` with direct I/O: the blocks from the
+    /// one `end` is in, the kept bytes of that block first and zeros after the frame (never
+    /// the bytes of an older frame, which would read as one). On disk when it returns
     /// (`O_DSYNC`).
-    fn append_direct(&mut self, frame: &[u8]) -> io::Result<()> {
+    fn append_direct(&mut self, head: &[u8; FRAME_HEAD], payload: &[u8]) -> io::Result<()> {
         let start = self.end - self.end % ALIGN as u64;
         // `tail` follows `end` (opening reads it, starting over empties it; once buffered,
         // a journal never writes directly again).
         debug_assert_eq!(self.tail.len() as u64, self.end - start);
-        let Some(direct) = &self.direct else {
+        let Journal {
+            direct,
+            tail,
+            scratch,
+            end,
+            ..
+        } = self;
+        let Some(direct) = direct else {
             return Err(io::Error::from_raw_os_error(EINVAL));
         };
-        let used = self.tail.len() + frame.len();
-        let len = used.next_multiple_of(ALIGN);
-        // Memory aligned for direct I/O without an allocator of its own: a buffer one
-        // alignment longer, used from its first aligned byte.
-        let mut raw = vec![0u8; len + ALIGN];
-        let at = raw.as_ptr().align_offset(ALIGN);
-        let buf = &mut raw[at..at + len];
-        buf[..self.tail.len()].copy_from_slice(&self.tail);
-        buf[self.tail.len()..used].copy_from_slice(frame);
+        let frame = FRAME_HEAD + payload.len();
+        let used = tail.len() + frame;
+        let buf = scratch.aligned(used.next_multiple_of(ALIGN));
+        let (kept, rest) = buf.split_at_mut(tail.len());
+        kept.copy_from_slice(tail);
+        rest[..FRAME_HEAD].copy_from_slice(head);
+        rest[FRAME_HEAD..frame].copy_from_slice(payload);
+        rest[frame..].fill(0);
         direct.write_all_at(buf, start)?;
-        self.end += frame.len() as u64;
-        let keep = (self.end % ALIGN as u64) as usize;
-        self.tail.clear();
-        self.tail.extend_from_slice(&buf[used - keep..used]);
+        *end += frame as u64;
+        let keep = (*end % ALIGN as u64) as usize;
+        tail.clear();
+        tail.extend_from_slice(&buf[used - keep..used]);
+        scratch.trim();
         Ok(())
     }
 
@@ -366,8 +410,14 @@ mod tests {
         let frame = |i: usize, n: usize| vec![(i % 251) as u8; n];
         let (mut j, _) = Journal::open(&path).unwrap();
         let direct = j.is_direct();
+        let file = File::open(&path).unwrap();
         for (i, n) in sizes.iter().enumerate() {
             j.append(&frame(i, *n)).unwrap();
+            // After the frame, to the end of its block: zeros, never bytes of a frame
+            // written before (direct writes are built in a buffer kept between them).
+            let mut rest = vec![1u8; (j.end.next_multiple_of(ALIGN as u64) - j.end) as usize];
+            file.read_exact_at(&mut rest, j.end).unwrap();
+            assert!(rest.iter().all(|b| *b == 0), "after frame {i} (direct I/O: {direct})");
         }
         drop(j);
         let (mut j, found) = Journal::open_buffered(&path).unwrap();

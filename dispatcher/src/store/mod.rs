@@ -98,7 +98,14 @@ struct Journaled {
     queue: Option<mpsc::Sender<ToApply>>,
     /// The sequence number of the last batch appended.
     appended: u64,
+    /// Where batches are encoded for the journal, kept between commits (a new buffer for
+    /// each grew several times over while encoding); one grown past [`PAYLOAD_KEEP`] for a
+    /// large batch is let go after it.
+    payload: Vec<u8>,
 }
+
+/// The most [`Journaled::payload`] keeps between commits.
+const PAYLOAD_KEEP: usize = 4 << 20;
 
 /// How long the applier waits for more batches to apply with the first (see [`applier`]).
 const APPLY_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
@@ -208,6 +215,7 @@ impl Store {
             active: 0,
             queue: Some(queue),
             appended: 0,
+            payload: Vec::new(),
         }));
         let applied = Arc::new((Mutex::new(Applied::default()), Condvar::new()));
         let applier = {
@@ -476,20 +484,26 @@ impl Store {
 
     /// Appends a batch to the journal (durable on return) and queues it for redb.
     fn append(&self, b: OwnedBatch) -> Result<(), StoreError> {
-        let frame = encode_frame(&b)?;
         let mut j = lock(&self.journal);
         if let Some(x) = &lock(&self.applied.0).failed {
             return Err(e(x));
         }
+        let mut payload = std::mem::take(&mut j.payload);
+        payload.clear();
+        let payload = encode_frame_into(&b, payload)?;
         let active = j.active;
         let file = &mut j.files[active];
-        file.append(&frame)
+        file.append(&payload)
             .map_err(|x| e(format!("{}: {x}", file.path().display())))?;
+        let bytes = payload.len() as u64;
+        if payload.capacity() <= PAYLOAD_KEEP {
+            j.payload = payload;
+        }
         j.appended += 1;
         let w = Applying {
             seq: j.appended,
             batch: b,
-            bytes: frame.len() as u64,
+            bytes,
         };
         match &j.queue {
             Some(q) if q.send(ToApply::Batch(Box::new(w))).is_ok() => Ok(()),
@@ -995,8 +1009,14 @@ fn write_net(tx: &WriteTransaction, n: &Net<'_>) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// A batch's tables as a journal frame.
+/// [`encode_frame_into`] a new buffer.
+#[cfg(test)]
 fn encode_frame(b: &OwnedBatch) -> Result<Vec<u8>, StoreError> {
+    encode_frame_into(b, Vec::new())
+}
+
+/// A batch's tables as a journal frame, appended to `out`.
+fn encode_frame_into(b: &OwnedBatch, out: Vec<u8>) -> Result<Vec<u8>, StoreError> {
     #[derive(serde::Serialize)]
     struct Frame<'a> {
         jobs: &'a [EncodedJob],
@@ -1007,27 +1027,30 @@ fn encode_frame(b: &OwnedBatch) -> Result<Vec<u8>, StoreError> {
         capabilities: &'a [(CapabilityName, u64)],
         rules: Vec<(&'a str, Option<&'a serde_bytes::Bytes>)>,
     }
-    postcard::to_allocvec(&Frame {
-        jobs: &b.jobs,
-        delete: &b.delete,
-        audit: b
-            .audit
-            .iter()
-            .map(|(j, l)| (j.as_str(), serde_bytes::Bytes::new(l)))
-            .collect(),
-        audited: &b.audited,
-        agents: &b.agents,
-        capabilities: &b.capabilities,
-        rules: b
-            .rules
-            .iter()
-            .map(|(n, r)| (n.as_str(), r.as_deref().map(serde_bytes::Bytes::new)))
-            .collect(),
-    })
+    postcard::to_extend(
+        &Frame {
+            jobs: &b.jobs,
+            delete: &b.delete,
+            audit: b
+                .audit
+                .iter()
+                .map(|(j, l)| (j.as_str(), serde_bytes::Bytes::new(l)))
+                .collect(),
+            audited: &b.audited,
+            agents: &b.agents,
+            capabilities: &b.capabilities,
+            rules: b
+                .rules
+                .iter()
+                .map(|(n, r)| (n.as_str(), r.as_deref().map(serde_bytes::Bytes::new)))
+                .collect(),
+        },
+        out,
+    )
     .map_err(|x| e(format!("encoding a batch for the journal: {x}")))
 }
 
-/// [`encode_frame`] undone: the batch's tables (nothing else of a batch is journaled).
+/// [`encode_frame_into`] undone: the batch's tables (nothing else of a batch is journaled).
 fn decode_frame(frame: &[u8]) -> Result<OwnedBatch, String> {
     #[derive(serde::Deserialize)]
     struct Frame {
