@@ -35,6 +35,16 @@ pub(crate) async fn run(
     shutdown: impl Future<Output = impl Sized> + Send,
 ) -> Result<(), AgentError> {
     let resolved = agent.config.resolve()?;
+    // The scratch directory, held while the agent runs: taking it deletes what agents killed
+    // on this machine left (crate::scratch). Without one, a job that needs a directory fails
+    // with the reason, as it would have.
+    let _scratch = match crate::scratch::root() {
+        Ok(r) => Some(r),
+        Err(e) => {
+            warn!("{e}");
+            None
+        }
+    };
     let opts = resolved.options.clone();
     let server = opts.addr;
     let mut conn = spine_xmpp::connect(opts).await?;

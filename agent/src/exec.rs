@@ -367,12 +367,9 @@ impl ExecWrapper {
     async fn run(&self, ctx: JobContext) -> Result<Output, JobError> {
         // Before anything runs or is written: a refused argument costs nothing.
         let args = self.rules.check(&ctx.args)?;
-        let dir = tempfile::Builder::new()
-            .prefix("spine-exec-")
-            .tempdir()
-            .map_err(|e| {
-                JobError::Retryable(format!("cannot create a temporary directory: {e}"))
-            })?;
+        // Under the agent's scratch directory, so that a killed agent's are found and
+        // deleted by the next one (crate::scratch).
+        let dir = crate::scratch::JobDir::create("spine-exec-").map_err(JobError::Retryable)?;
         let input_path = (self.input == InputMode::File).then(|| dir.path().join("input"));
         let output_path = (self.output == OutputMode::File).then(|| dir.path().join("output"));
         if let Some(p) = &input_path {

@@ -22,25 +22,17 @@ use crate::handler::FragmentFile;
 /// Bytes read at a time when hashing or reading back a file.
 const READ_BUF: usize = 1 << 20;
 
-/// The directory of one attempt of a file-input capability, under the system's temporary
-/// directory (`TMPDIR`): its input file and whatever the handler writes there. Deleted, with
-/// everything in it, when dropped.
+/// The directory of one attempt of a file-input capability, under the agent's scratch
+/// directory in the system's temporary directory (`TMPDIR`, [`crate::scratch`]): its input
+/// file and whatever the handler writes there. Deleted, with everything in it, when dropped
+/// (or by the next agent, if this one is killed first).
 #[derive(Debug)]
-pub(crate) struct WorkDir(tempfile::TempDir);
+pub(crate) struct WorkDir(crate::scratch::JobDir);
 
 impl WorkDir {
     /// A new, empty directory.
     pub(crate) fn create() -> Result<Self, String> {
-        tempfile::Builder::new()
-            .prefix("spine-job-")
-            .tempdir()
-            .map(WorkDir)
-            .map_err(|e| {
-                format!(
-                    "cannot create a job directory under {}: {e} (set TMPDIR to a writable directory)",
-                    std::env::temp_dir().display()
-                )
-            })
+        crate::scratch::JobDir::create("spine-job-").map(WorkDir)
     }
 
     /// The directory.

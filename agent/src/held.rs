@@ -51,17 +51,20 @@ pub(crate) struct Held {
     /// Requests for a blob not kept here (404).
     pub(crate) not_found: AtomicU64,
     /// Held open while the agent runs when the directory is a temporary one.
-    _temp: Option<tempfile::TempDir>,
+    _temp: Option<crate::scratch::JobDir>,
 }
 
 impl Held {
-    /// Opens (creating) the keep directory: `dir`, or a temporary one removed at exit. Files
+    /// Opens (creating) the keep directory: `dir`, or a temporary one removed at exit (or by
+    /// the next agent after a crash, [`crate::scratch`]). Files
     /// left by an earlier run are served again until they age out.
     pub(crate) fn open(dir: Option<&Path>, base: String, keep_for: Duration) -> io::Result<Held> {
         let (root, temp) = match dir {
             Some(d) => (d.to_owned(), None),
             None => {
-                let t = tempfile::Builder::new().prefix("spine-kept-").tempdir()?;
+                // Under the agent's scratch directory (crate::scratch): a killed agent's
+                // kept outputs are deleted by the next one.
+                let t = crate::scratch::JobDir::create("spine-kept-").map_err(io::Error::other)?;
                 (t.path().to_owned(), Some(t))
             }
         };

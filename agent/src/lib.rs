@@ -36,6 +36,7 @@ mod held;
 pub mod http;
 mod inbound;
 mod machine;
+pub mod scratch;
 mod store;
 mod supervisor;
 pub mod sysload;

@@ -153,14 +153,29 @@ pub fn run(args: UpArgs) -> Result<()> {
     if args.slots == 0 {
         anyhow::bail!("--slots must be at least 1");
     }
+    // A temporary data directory is held by this process while it runs, so that the next
+    // `spine up` deletes it if this one is killed before it can (spine_agent::scratch).
     let temp = match &args.data_dir {
         Some(_) => None,
-        None => Some(
-            tempfile::Builder::new()
-                .prefix("spine-up-")
-                .tempdir()
-                .context("creating a temporary data directory")?,
-        ),
+        None => {
+            let (dir, swept) = spine_agent::scratch::held_temp_dir("spine-up-data-").with_context(|| {
+                format!(
+                    "creating a temporary data directory under {} (set TMPDIR to a writable directory, or pass --data-dir DIR)",
+                    std::env::temp_dir().display()
+                )
+            })?;
+            if swept > 0 {
+                tracing::info!(
+                    "deleted {swept} temporary data {} that killed `spine up` runs left",
+                    if swept == 1 {
+                        "directory"
+                    } else {
+                        "directories"
+                    }
+                );
+            }
+            Some(dir)
+        }
     };
     let data_dir = args.data_dir.clone().unwrap_or_else(|| {
         temp.as_ref()
@@ -260,7 +275,11 @@ pub fn run(args: UpArgs) -> Result<()> {
 }
 
 /// Stops the farm cleanly, removes the temporary data directory, and returns `outcome`.
-async fn stop(farm: Farm, temp: Option<tempfile::TempDir>, outcome: Result<()>) -> Result<()> {
+async fn stop(
+    farm: Farm,
+    temp: Option<spine_agent::scratch::HeldDir>,
+    outcome: Result<()>,
+) -> Result<()> {
     eprintln!("spine up: stopping (agents drain, then the dispatcher and the server)");
     farm.stop().await;
     drop(temp);

@@ -464,34 +464,7 @@ async fn up_runs_an_agent_from_an_agent_config() {
 /// pass (their expected outputs are what the built-in handlers give).
 #[tokio::test]
 async fn up_canaries_run_on_every_local_agent_and_pass() {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_spine"))
-        .args([
-            "up",
-            "--agents",
-            "2",
-            "--xmpp-listen",
-            "127.0.0.1:0",
-            "--http-listen",
-            "127.0.0.1:0",
-            "--canaries",
-            "1s",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("start spine up");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let api = tokio::time::timeout(PATIENCE, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if let Some(rest) = line.split("HTTP API ").nth(1) {
-                return rest.split(',').next().unwrap().to_owned();
-            }
-        }
-        panic!("spine up printed no HTTP API address");
-    })
-    .await
-    .expect("spine up started");
+    let (mut child, api, mut lines) = start_up(&["--agents", "2", "--canaries", "1s"], None).await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let list: serde_json::Value = serde_json::from_str(
@@ -522,4 +495,95 @@ async fn up_canaries_run_on_every_local_agent_and_pass() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The output of a `spine up` process, by line.
+type Output = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// `spine up ARGS` on free loopback ports (with `TMPDIR` = `tmp` when given), once its HTTP API
+/// listens: the process, the API's URL and the rest of its output.
+async fn start_up(
+    args: &[&str],
+    tmp: Option<&std::path::Path>,
+) -> (tokio::process::Child, String, Output) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_spine"));
+    cmd.args(["up", "--xmpp-listen", "127.0.0.1:0"])
+        .args(["--http-listen", "127.0.0.1:0"])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    if let Some(tmp) = tmp {
+        cmd.env("TMPDIR", tmp);
+    }
+    let mut child = cmd.spawn().expect("start spine up");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let api = tokio::time::timeout(PATIENCE, async {
+        while let Ok(Some(line)) = lines.next_line().await {
+            if let Some(rest) = line.split("HTTP API ").nth(1) {
+                return rest.split(',').next().unwrap().to_owned();
+            }
+        }
+        panic!("spine up printed no HTTP API address");
+    })
+    .await
+    .expect("spine up started");
+    (child, api, lines)
+}
+
+/// [`start_up`] without `--data-dir`, its temporary directories in `tmp`, one local agent.
+async fn up_in(tmp: &std::path::Path) -> tokio::process::Child {
+    let (child, _, mut lines) = start_up(&["--agents", "1"], Some(tmp)).await;
+    // The rest of its output, read so that nothing it prints meets a closed pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    child
+}
+
+/// The entries of `dir` whose name starts with `prefix`.
+fn entries(dir: &std::path::Path, prefix: &str) -> Vec<std::path::PathBuf> {
+    let mut v: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
+        .map(|e| e.path())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn a_killed_ups_temporary_directories_are_deleted_by_the_next_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path();
+    let mut first = up_in(tmp).await;
+    // Its data directory (the job store, TLS keys) and its local agent's scratch directory.
+    let data = entries(tmp, "spine-up-data-");
+    assert_eq!(data.len(), 1, "{data:?}");
+    assert!(data[0].join("dispatcher").is_dir());
+    let scratch = entries(tmp, "spine-agent-");
+    assert_eq!(scratch.len(), 1, "{scratch:?}");
+
+    first.start_kill().expect("SIGKILL spine up");
+    first.wait().await.expect("wait for spine up");
+    assert!(
+        data[0].is_dir() && scratch[0].is_dir(),
+        "nothing deleted them"
+    );
+
+    // The next one deletes both and has its own.
+    let mut second = up_in(tmp).await;
+    let now = (entries(tmp, "spine-up-data-"), entries(tmp, "spine-agent-"));
+    assert_eq!((now.0.len(), now.1.len()), (1, 1), "{now:?}");
+    assert!(now.0[0] != data[0] && now.1[0] != scratch[0], "{now:?}");
+    assert!(!data[0].exists() && !scratch[0].exists());
+
+    // A clean stop leaves nothing.
+    let pid = nix::unistd::Pid::from_raw(second.id().expect("pid") as i32);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("SIGTERM");
+    let status = tokio::time::timeout(PATIENCE, second.wait())
+        .await
+        .expect("spine up stops")
+        .expect("wait for spine up");
+    assert!(status.success(), "exit status {status}");
+    assert_eq!(std::fs::read_dir(tmp).unwrap().count(), 0);
 }

@@ -417,7 +417,10 @@ mod tests {
             // written before (direct writes are built in a buffer kept between them).
             let mut rest = vec![1u8; (j.end.next_multiple_of(ALIGN as u64) - j.end) as usize];
             file.read_exact_at(&mut rest, j.end).unwrap();
-            assert!(rest.iter().all(|b| *b == 0), "after frame {i} (direct I/O: {direct})");
+            assert!(
+                rest.iter().all(|b| *b == 0),
+                "after frame {i} (direct I/O: {direct})"
+            );
         }
         drop(j);
         let (mut j, found) = Journal::open_buffered(&path).unwrap();

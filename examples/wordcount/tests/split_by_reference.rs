@@ -189,10 +189,18 @@ async fn a_large_input_is_split_by_reference_into_fragment_files_uploaded_to_slo
             .any(|l| l.contains("fragment files uploaded over HTTP") && l.contains("files=16")),
         "{logs}"
     );
-    // The work directories are gone: the input file and the fragment files.
-    let left: Vec<_> = std::fs::read_dir(dir.path())
+    // The work directories are gone: the input file and the fragment files. (They are made
+    // under each agent's scratch directory, `spine-agent-*` in its TMPDIR, here `dir`.)
+    let scratch: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("spine-agent-"))
+        .map(|e| e.path())
+        .collect();
+    assert!(!scratch.is_empty(), "the agents' scratch directories");
+    let left: Vec<_> = scratch
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).unwrap().flatten())
         .filter(|e| e.file_name().to_string_lossy().starts_with("spine-job-"))
         .collect();
     assert!(left.is_empty(), "left behind: {left:?}");
