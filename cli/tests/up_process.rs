@@ -464,7 +464,7 @@ async fn up_runs_an_agent_from_an_agent_config() {
 /// pass (their expected outputs are what the built-in handlers give).
 #[tokio::test]
 async fn up_canaries_run_on_every_local_agent_and_pass() {
-    let (mut child, api, mut lines) = start_up(&["--agents", "2", "--canaries", "1s"], None).await;
+    let (_child, api, _lines) = start_up(&["--agents", "2", "--canaries", "1s"], None).await;
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
         let list: serde_json::Value = serde_json::from_str(
