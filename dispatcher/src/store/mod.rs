@@ -77,6 +77,8 @@ const CHECKPOINT_COMMITS: u32 = 1024;
 pub struct Store {
     db: Arc<Database>,
     journal: Arc<Mutex<Journaled>>,
+    /// The audit lines the applier keeps out of redb until a checkpoint ([`Outbox`]).
+    outbox: Arc<Mutex<Outbox>>,
     applied: Arc<(Mutex<Applied>, Condvar)>,
     applier: Option<std::thread::JoinHandle<()>>,
     /// Batches the journal held at open, applied again (a crash since the last checkpoint).
@@ -125,6 +127,72 @@ struct Applying {
     seq: u64,
     batch: OwnedBatch,
     bytes: u64,
+}
+
+/// The audit outbox's lines added since the last checkpoint, which the applier keeps here
+/// instead of in redb's `audit_outbox` table, and the keys that table holds.
+///
+/// A job's line is added with its outcome and removed about a second later, once the audit
+/// file holding it is synced: two B-tree changes of redb per job, about 4 % of the
+/// dispatcher's CPU per job (BENCHMARKS.md, 2026-11-29, twenty-second session). Between
+/// two checkpoints the journal holds every batch, so redb need not: a line added and removed
+/// between them never reaches the table, and a checkpoint writes the lines still here into
+/// it, in its durable transaction, before the journal that held them starts over. After a
+/// crash the journal's batches are applied to the table itself, as before. Readers see the
+/// table and these lines together ([`Store::audit_outbox`]).
+#[derive(Default)]
+struct Outbox {
+    /// Lines added since the last checkpoint (not in the table), by job id.
+    lines: std::collections::HashMap<String, Vec<u8>>,
+    /// The keys the table holds.
+    in_table: std::collections::HashSet<String>,
+}
+
+impl Outbox {
+    /// None kept yet, with the keys `db`'s table holds.
+    fn of(db: &Database) -> Result<Outbox, StoreError> {
+        let mut outbox = Outbox::default();
+        let tx = db.begin_read().map_err(e)?;
+        let t = tx.open_table(AUDIT_OUTBOX).map_err(e)?;
+        for row in t.iter().map_err(e)? {
+            outbox.in_table.insert(row.map_err(e)?.0.value().to_owned());
+        }
+        Ok(outbox)
+    }
+
+    /// Adds or removes a line; a removal reaches `table` only if it holds the key.
+    fn change(
+        &mut self,
+        table: &mut redb::Table<&str, &[u8]>,
+        job: &str,
+        line: Option<&[u8]>,
+    ) -> Result<(), StoreError> {
+        match line {
+            Some(line) => {
+                self.lines.insert(job.to_owned(), line.to_vec());
+            }
+            None => {
+                self.lines.remove(job);
+                if self.in_table.remove(job) {
+                    table.remove(job).map_err(e)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the lines kept here into the table of `tx`.
+    fn flush(&mut self, tx: &WriteTransaction) -> Result<(), StoreError> {
+        if self.lines.is_empty() {
+            return Ok(());
+        }
+        let mut t = tx.open_table(AUDIT_OUTBOX).map_err(e)?;
+        for (job, line) in self.lines.drain() {
+            t.insert(job.as_str(), line.as_slice()).map_err(e)?;
+            self.in_table.insert(job);
+        }
+        Ok(())
+    }
 }
 
 /// How far the applier got, and why it stopped if it did.
@@ -208,6 +276,7 @@ impl Store {
             j.restart(generation)
                 .map_err(|x| e(format!("{}: {x}", j.path().display())))?;
         }
+        let outbox = Arc::new(Mutex::new(Outbox::of(&db)?));
         let db = Arc::new(db);
         let (queue, rx) = mpsc::channel();
         let journal = Arc::new(Mutex::new(Journaled {
@@ -219,15 +288,17 @@ impl Store {
         }));
         let applied = Arc::new((Mutex::new(Applied::default()), Condvar::new()));
         let applier = {
-            let (db, journal, applied) = (db.clone(), journal.clone(), applied.clone());
+            let (db, journal, applied, outbox) =
+                (db.clone(), journal.clone(), applied.clone(), outbox.clone());
             std::thread::Builder::new()
                 .name("spine-store".into())
-                .spawn(move || applier(&db, &journal, &applied, &rx))
+                .spawn(move || applier(&db, &journal, &outbox, &applied, &rx))
                 .map_err(|x| e(format!("starting the store's thread: {x}")))?
         };
         Ok(Store {
             db,
             journal,
+            outbox,
             applied,
             applier: Some(applier),
             replayed,
@@ -283,23 +354,40 @@ fn apply(db: &Database, b: &OwnedBatch) -> Result<(), StoreError> {
 /// ([`Net`]).
 fn apply_all(
     db: &Database,
+    outbox: &Mutex<Outbox>,
     batches: impl Iterator<Item = Box<Applying>>,
 ) -> Result<(), StoreError> {
     let batches: Vec<Box<Applying>> = batches.collect();
     let mut tx = db.begin_write().map_err(e)?;
     tx.set_durability(Durability::None);
-    write_net(&tx, &Net::of(batches.iter().map(|w| &w.batch)))?;
+    let net = Net::of(batches.iter().map(|w| &w.batch));
+    // Held until the table changed with it ([`Store::audit_outbox`] reads both under it).
+    let mut kept = lock(outbox);
+    write_net(&tx, &net, Some(&mut kept))?;
+    tx.commit().map_err(e)
+}
+
+/// [`checkpoint`], with the audit lines `outbox` kept out of redb written into it first.
+fn checkpoint_with(db: &Database, outbox: &Mutex<Outbox>) -> Result<(), StoreError> {
+    let tx = durable(db)?;
+    let mut kept = lock(outbox);
+    kept.flush(&tx)?;
     tx.commit().map_err(e)
 }
 
 /// Makes every batch applied so far durable in redb.
 fn checkpoint(db: &Database) -> Result<(), StoreError> {
+    durable(db)?.commit().map_err(e)
+}
+
+/// A write transaction whose commit is durable: everything before it too.
+fn durable(db: &Database) -> Result<WriteTransaction, StoreError> {
     let mut tx = db.begin_write().map_err(e)?;
     tx.set_durability(Durability::Immediate);
     // The allocator's state with it: a start after a crash then need not walk the whole
     // database to rebuild it (redb's "quick repair").
     tx.set_quick_repair(true);
-    tx.commit().map_err(e)
+    Ok(tx)
 }
 
 impl Journaled {
@@ -330,6 +418,7 @@ impl Journaled {
 fn applier(
     db: &Database,
     journal: &Mutex<Journaled>,
+    outbox: &Mutex<Outbox>,
     applied: &(Mutex<Applied>, Condvar),
     rx: &mpsc::Receiver<ToApply>,
 ) {
@@ -372,7 +461,7 @@ fn applier(
         commits += group.len() as u32;
         bytes += group.iter().map(|w| w.bytes).sum::<u64>();
         let last = group.last().map_or(0, |w| w.seq);
-        if !done(last, apply_all(db, group.drain(..))) {
+        if !done(last, apply_all(db, outbox, group.drain(..))) {
             return;
         }
         if commits >= CHECKPOINT_COMMITS || bytes >= CHECKPOINT_BYTES {
@@ -389,12 +478,12 @@ fn applier(
                     })
                     .collect();
                 let last = rest.last().map_or(0, |w| w.seq);
-                if !rest.is_empty() && !done(last, apply_all(db, rest.into_iter())) {
+                if !rest.is_empty() && !done(last, apply_all(db, outbox, rest.into_iter())) {
                     return;
                 }
                 j.switch()
             };
-            let r = checkpoint(db).and_then(|()| lock(journal).restart(left));
+            let r = checkpoint_with(db, outbox).and_then(|()| lock(journal).restart(left));
             if let Err(x) = r {
                 done(0, Err(x));
                 return;
@@ -417,7 +506,7 @@ impl Drop for Store {
         }
         let mut j = lock(&self.journal);
         if j.files.iter().any(|f| f.len() > 0) {
-            let r = checkpoint(&self.db)
+            let r = checkpoint_with(&self.db, &self.outbox)
                 .and_then(|()| j.restart(0))
                 .and_then(|()| j.restart(1));
             if let Err(x) = r {
@@ -540,14 +629,18 @@ impl Store {
     /// The audit lines stored but perhaps not yet in the audit file (after a crash).
     pub fn audit_outbox(&self) -> Result<Vec<(String, Vec<u8>)>, StoreError> {
         self.settle()?;
+        // The table and the lines the applier keeps out of it until the next checkpoint
+        // ([`Outbox`]), under its lock: no batch is applied meanwhile.
+        let kept = lock(&self.outbox);
         let tx = self.db.begin_read().map_err(e)?;
         let t = tx.open_table(AUDIT_OUTBOX).map_err(e)?;
-        let mut out = Vec::new();
+        let mut out = std::collections::BTreeMap::new();
         for row in t.iter().map_err(e)? {
             let (k, v) = row.map_err(e)?;
-            out.push((k.value().to_owned(), v.value().to_vec()));
+            out.insert(k.value().to_owned(), v.value().to_vec());
         }
-        Ok(out)
+        out.extend(kept.lines.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(out.into_iter().collect())
     }
 
     /// The job an idempotency key of a submitter already created.
@@ -858,7 +951,7 @@ impl EncodedJob {
 
 /// Writes a batch's tables in `tx` (the caller commits).
 fn write(tx: &WriteTransaction, b: &OwnedBatch) -> Result<(), StoreError> {
-    write_net(tx, &Net::of(std::iter::once(b)))
+    write_net(tx, &Net::of(std::iter::once(b)), None)
 }
 
 /// What a job's changes in several batches leave: a delete (of the record stored before
@@ -933,15 +1026,29 @@ impl<'a> Net<'a> {
     }
 }
 
-/// Writes what batches leave ([`Net`]) in `tx` (the caller commits).
-fn write_net(tx: &WriteTransaction, n: &Net<'_>) -> Result<(), StoreError> {
+/// Writes what batches leave ([`Net`]) in `tx` (the caller commits); their audit lines to
+/// `kept` when given (the applier's, see [`Outbox`]), else to the table.
+fn write_net(
+    tx: &WriteTransaction,
+    n: &Net<'_>,
+    kept: Option<&mut Outbox>,
+) -> Result<(), StoreError> {
     if !n.audit.is_empty() {
-        let mut outbox = tx.open_table(AUDIT_OUTBOX).map_err(e)?;
-        for (job, line) in &n.audit {
-            match line {
-                Some(line) => outbox.insert(*job, *line).map_err(e)?,
-                None => outbox.remove(*job).map_err(e)?,
-            };
+        let mut table = tx.open_table(AUDIT_OUTBOX).map_err(e)?;
+        match kept {
+            Some(kept) => {
+                for (job, line) in &n.audit {
+                    kept.change(&mut table, job, *line)?;
+                }
+            }
+            None => {
+                for (job, line) in &n.audit {
+                    match line {
+                        Some(line) => table.insert(*job, *line).map_err(e)?,
+                        None => table.remove(*job).map_err(e)?,
+                    };
+                }
+            }
         }
     }
     if !n.jobs.is_empty() {
@@ -1534,7 +1641,12 @@ mod tests {
                 })
             })
             .collect();
-        apply_all(&s2.db, batches.into_iter()).unwrap();
+        // The audit lines the applier keeps out of redb, written into it (as a checkpoint does).
+        let kept = Mutex::new(Outbox::of(&s2.db).unwrap());
+        apply_all(&s2.db, &kept, batches.into_iter()).unwrap();
+        let tx = s2.db.begin_write().unwrap();
+        lock(&kept).flush(&tx).unwrap();
+        tx.commit().unwrap();
         let (d1, d2) = (dump(&s1.db), dump(&s2.db));
         assert_eq!(d1, d2);
         // And what that is, in words: a ended, b without its input, c under its new key only,
@@ -1626,6 +1738,87 @@ mod tests {
         let s = Store::open(&dir.path().join("jobs.redb")).unwrap();
         assert_eq!(s.replayed(), 0);
         assert_eq!(held(&s), EXPECTED);
+    }
+
+    /// The keys of redb's audit outbox table itself.
+    fn outbox_table(s: &Store) -> Vec<String> {
+        let tx = s.db.begin_read().unwrap();
+        let t = tx.open_table(AUDIT_OUTBOX).unwrap();
+        t.iter()
+            .unwrap()
+            .map(|r| r.unwrap().0.value().to_owned())
+            .collect()
+    }
+
+    fn audit_line(job: &str) -> (String, Vec<u8>) {
+        (
+            job.to_owned(),
+            format!("{{\"job\":\"{job}\"}}\n").into_bytes(),
+        )
+    }
+
+    /// Enough commits for the applier to checkpoint, then time for it to finish.
+    fn past_a_checkpoint(s: &Store) {
+        for i in 0..=u64::from(CHECKPOINT_COMMITS) {
+            s.commit_owned(OwnedBatch {
+                agents: vec![("agent@x".into(), i)],
+                ..OwnedBatch::default()
+            })
+            .unwrap();
+        }
+        s.settle().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+
+    #[test]
+    fn audit_lines_reach_redb_only_when_a_checkpoint_finds_them_still_there() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jobs.redb");
+        let s = Store::open(&path).unwrap();
+        // Added and removed between two checkpoints: never in the table, always in the outbox.
+        s.put_with_audit(&[], &[audit_line("a")], &[]).unwrap();
+        assert_eq!(s.audit_outbox().unwrap(), vec![audit_line("a")]);
+        assert!(outbox_table(&s).is_empty());
+        s.put_with_audit(&[], &[audit_line("b")], &["a".into()])
+            .unwrap();
+        assert_eq!(s.audit_outbox().unwrap(), vec![audit_line("b")]);
+        assert!(outbox_table(&s).is_empty());
+        // A checkpoint writes what is still there into the table; removing it then removes
+        // it from the table.
+        past_a_checkpoint(&s);
+        assert_eq!(outbox_table(&s), vec!["b".to_owned()]);
+        s.put_with_audit(&[], &[audit_line("c")], &["b".into()])
+            .unwrap();
+        assert_eq!(s.audit_outbox().unwrap(), vec![audit_line("c")]);
+        assert!(outbox_table(&s).is_empty());
+        // A clean close writes it too.
+        drop(s);
+        let s = Store::open(&path).unwrap();
+        assert_eq!(outbox_table(&s), vec!["c".to_owned()]);
+        assert_eq!(s.audit_outbox().unwrap(), vec![audit_line("c")]);
+    }
+
+    #[test]
+    fn audit_lines_kept_out_of_redb_survive_a_crash_before_and_after_a_checkpoint() {
+        // "early" is in a journal file that the checkpoint started over: only the table has
+        // it then. "late" and the removal of "gone" are in the journal only.
+        let dir = crashed(
+            "store::tests::audit_lines_kept_out_of_redb_survive_a_crash_before_and_after_a_checkpoint",
+            |s| {
+                s.put_with_audit(&[], &[audit_line("early"), audit_line("gone")], &[])
+                    .unwrap();
+                past_a_checkpoint(s);
+                s.put_with_audit(&[], &[audit_line("late")], &["gone".into()])
+                    .unwrap();
+            },
+        )
+        .unwrap();
+        let s = Store::open(&dir.path().join("jobs.redb")).unwrap();
+        assert!(s.replayed() > 0);
+        assert_eq!(
+            s.audit_outbox().unwrap(),
+            vec![audit_line("early"), audit_line("late")]
+        );
     }
 
     #[test]
