@@ -4,7 +4,7 @@
 //! Exactly one line per job, even across a crash: the lines of the jobs that ended are stored
 //! in the same store transaction as their outcomes (an outbox, [`crate::store::Store::put`]),
 //! appended to the file after that commit, and removed from the outbox by a later one, once the
-//! file has been synced (at most once a second). A
+//! file has been synced (at most every 200 ms). A
 //! dispatcher that starts with lines still in its outbox ([`AuditLog::recover`]) appends those
 //! the file does not already hold. So the log never claims an outcome the store does not hold,
 //! and never misses one it does. Rotation renames `audit.jsonl` to `audit.jsonl.1` (and `.1` to

@@ -57,6 +57,12 @@ const BATCH: usize = 256;
 /// accepted job is not held unstored for long.
 const LINGER: Duration = Duration::from_millis(2);
 
+/// How often, at most, the audit file is synced so that the lines it holds can leave the
+/// store's outbox. Short enough that most lines leave before the store's next checkpoint,
+/// which would otherwise write them into redb to remove them again later (the store's
+/// `Outbox`); each sync costs the driver one `fdatasync`, five a second at most.
+const AUDIT_SYNC: Duration = Duration::from_millis(200);
+
 /// The time now, read once per input.
 pub(crate) fn now() -> Now {
     Now {
@@ -959,9 +965,9 @@ impl Driver {
         }
         let ready = self.core.take_ready();
         // Lines leave the store's outbox once the file holding them is on disk: synced at
-        // most once a second, so a power loss cannot lose a line either.
+        // most every AUDIT_SYNC, so a power loss cannot lose a line either.
         let mut written = Vec::new();
-        if !self.audited.is_empty() && self.audit_synced.elapsed() >= Duration::from_secs(1) {
+        if !self.audited.is_empty() && self.audit_synced.elapsed() >= AUDIT_SYNC {
             if let Some(a) = self.audit.as_mut() {
                 match a.sync() {
                     Ok(()) => written = std::mem::take(&mut self.audited),
