@@ -137,9 +137,10 @@ struct Applying {
 /// The audit outbox's lines added since the last checkpoint, which the applier keeps here
 /// instead of in redb's `audit_outbox` table, and the keys that table holds.
 ///
-/// A job's line is added with its outcome and removed about a second later, once the audit
-/// file holding it is synced: two B-tree changes of redb per job, about 4 % of the
-/// dispatcher's CPU per job (BENCHMARKS.md, 2026-11-29, twenty-second session). Between
+/// A job's line is added with its outcome and removed once the audit file holding it is
+/// synced (the driver syncs it every 200 ms at most): two B-tree changes of redb per job,
+/// a few % of the dispatcher's CPU per job (BENCHMARKS.md, 2026-11-29, twenty-second
+/// session). Between
 /// two checkpoints the journal holds every batch, so redb need not: a line added and removed
 /// between them never reaches the table, and a checkpoint writes the lines still here into
 /// it, in its durable transaction, before the journal that held them starts over. After a
