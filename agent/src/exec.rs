@@ -414,6 +414,10 @@ impl ExecWrapper {
         let group = child.id().map(|pid| nix::unistd::Pid::from_raw(pid as i32));
         // Kills the whole group when this future ends early (timeout, cancel, drop).
         let _guard = GroupGuard(group);
+        // And if the agent is killed first, the next one kills it (crate::scratch).
+        if let Some(g) = group {
+            dir.record_group(g.as_raw());
+        }
 
         let stdin_task = match (child.stdin.take(), self.input == InputMode::Stdin) {
             (Some(mut stdin), true) => {

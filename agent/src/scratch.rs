@@ -16,6 +16,13 @@
 //! itself is deleted when the last agent of its process stops and its last job directory is
 //! gone.
 //!
+//! A program an `exec` job runs is in a process group of its own, so it outlives an agent
+//! killed with SIGKILL. Its job directory names the group ([`JobDir::record_group`]), and the
+//! sweep kills each group so named before deleting the directory: a group still there is the
+//! program's (Linux does not give a process group's number to a new process while the group
+//! exists), and a number whose group is gone is killed only if its process is the one
+//! recorded (its start time), not another that got the number since.
+//!
 //! [`held_temp_dir`] is the same for any other prefix: `spine up` keeps its temporary data
 //! directory (`spine-up-data-XXXXXX`, a job store and TLS keys) that way.
 
@@ -145,6 +152,7 @@ fn delete_if_free(path: &PathBuf) -> bool {
         // A live agent's (or gone since).
         return false;
     };
+    stop_groups(path);
     match std::fs::remove_dir_all(path) {
         Ok(()) => true,
         Err(e) => {
@@ -155,6 +163,57 @@ fn delete_if_free(path: &PathBuf) -> bool {
             false
         }
     }
+}
+
+/// The file in a job directory that names the process group of the program it runs.
+const GROUP_FILE: &str = ".spine-group";
+
+/// Kills the process groups the job directories in `root` name (see the module's
+/// documentation).
+fn stop_groups(root: &Path) {
+    let Ok(jobs) = std::fs::read_dir(root) else {
+        return;
+    };
+    for job in jobs.flatten() {
+        let Ok(text) = std::fs::read_to_string(job.path().join(GROUP_FILE)) else {
+            continue;
+        };
+        let mut words = text.split_whitespace().map(str::parse::<u64>);
+        let (Some(Ok(pgid)), Some(Ok(started))) = (words.next(), words.next()) else {
+            continue;
+        };
+        let Ok(pgid) = i32::try_from(pgid) else {
+            continue;
+        };
+        if pgid <= 1 {
+            continue;
+        }
+        // The leader alive under that number but started at another time: the group is gone
+        // and the number is another process's now.
+        if start_time(pgid).is_some_and(|t| t != started) {
+            continue;
+        }
+        if nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(pgid),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .is_ok()
+        {
+            tracing::info!(
+                pgid,
+                "killed the program of a job whose agent did not stop cleanly"
+            );
+        }
+    }
+}
+
+/// When process `pid` started (clock ticks after boot: field 22 of `/proc/PID/stat`), if it
+/// exists.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid …": the fields after the last ')' start at the third.
+    let (_, rest) = stat.rsplit_once(')')?;
+    rest.split_whitespace().nth(22 - 3)?.parse().ok()
 }
 
 /// A temporary directory for one job (`prefix` then random characters) under the process's
@@ -186,6 +245,19 @@ impl JobDir {
 
     pub(crate) fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// Names the process group of the program this job runs (its leader `pgid`), for the
+    /// next agent to kill if this one is killed first. Best effort: without it the program
+    /// is only not stopped then.
+    pub(crate) fn record_group(&self, pgid: i32) {
+        let Some(started) = start_time(pgid) else {
+            return;
+        };
+        if let Err(e) = std::fs::write(self.path().join(GROUP_FILE), format!("{pgid} {started}\n"))
+        {
+            tracing::debug!("cannot record a job's process group: {e}");
+        }
     }
 }
 
@@ -237,6 +309,37 @@ mod tests {
         assert_eq!(swept, 1);
         assert!(!dead_up.exists() && up.path().is_dir() && mine.path().is_dir());
         assert!(other.is_dir());
+    }
+
+    #[test]
+    fn a_recorded_group_is_killed_only_while_its_leader_is_the_process_recorded() {
+        use std::os::unix::process::CommandExt as _;
+        let root = tempfile::tempdir().unwrap();
+        let job = root.path().join("spine-exec-x");
+        std::fs::create_dir(&job).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let started = start_time(pid).unwrap();
+        // Another start time: the number is another process's now; left alone.
+        std::fs::write(job.join(GROUP_FILE), format!("{pid} {}\n", started + 1)).unwrap();
+        stop_groups(root.path());
+        assert!(child.try_wait().unwrap().is_none(), "left alone");
+        // Unreadable: left alone too.
+        std::fs::write(job.join(GROUP_FILE), "garbage").unwrap();
+        stop_groups(root.path());
+        assert!(child.try_wait().unwrap().is_none(), "left alone");
+        // The process recorded: killed.
+        std::fs::write(job.join(GROUP_FILE), format!("{pid} {started}\n")).unwrap();
+        stop_groups(root.path());
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
     }
 
     #[test]

@@ -1,9 +1,10 @@
 //! A killed agent's job directories do not stay behind. A real `spine agent` process runs an
 //! `exec` job that takes its input as a file, and is killed with SIGKILL while the program
 //! runs: nothing of it deletes the job's directory. The next agent on the machine (the same
-//! `TMPDIR`) deletes it when it starts, and an agent that stops cleanly leaves nothing.
-//! Before, each such directory (`spine-exec-*`, with the job's input in it) stayed in the
-//! temporary directory for good.
+//! `TMPDIR`) deletes it when it starts, after killing the program, which had run on in its
+//! process group; an agent that stops cleanly leaves nothing. Before, each such directory
+//! (`spine-exec-*`, with the job's input in it) stayed in the temporary directory for good,
+//! and the program ran until it ended by itself.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -85,6 +86,17 @@ fn names(dir: &Path) -> Vec<String> {
     v
 }
 
+/// Whether process `pid` has exited: gone, or a zombie not collected yet.
+fn exited(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+        Err(_) => true,
+    }
+}
+
 /// Waits until `cond` holds, polling; panics with `what` after `within`.
 async fn until(what: &str, within: Duration, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
@@ -138,19 +150,29 @@ async fn a_killed_agents_job_directories_are_deleted_by_the_next_agent() {
 
     kill(first_pid, Signal::SIGKILL).expect("SIGKILL the agent");
     let _ = first.wait().await;
-    // Its program runs on in a process group of its own: stopped here, as the test started it.
+    // Its program runs on, in a process group of its own.
     let program: i32 = std::fs::read_to_string(&marker)
         .expect("pid file")
         .trim()
         .parse()
         .expect("a pid");
-    let _ = kill(Pid::from_raw(program), Signal::SIGKILL);
+    // (Stopped however the test ends: the test started it.)
+    struct Reap(i32);
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            let _ = kill(Pid::from_raw(-self.0), Signal::SIGKILL);
+        }
+    }
+    let _reap = Reap(program);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!exited(program), "the program outlives the killed agent");
     assert!(
         root.is_dir(),
         "nothing deleted the killed agent's directory"
     );
 
-    // The next agent deletes it when it starts, and keeps a directory of its own.
+    // The next agent kills the program and deletes the directory when it starts, and keeps
+    // a directory of its own.
     let mut second = start_agent(&config(dir.path(), &server, "two"), &tmp);
     let bare = "agent1@localhost".parse::<BareJid>().expect("JID");
     let deadline = Instant::now() + PATIENCE;
@@ -159,6 +181,10 @@ async fn a_killed_agents_job_directories_are_deleted_by_the_next_agent() {
     }
     until("the killed agent's directory is deleted", PATIENCE, || {
         !root.exists()
+    })
+    .await;
+    until("the killed agent's program is stopped", PATIENCE, || {
+        exited(program)
     })
     .await;
     let now = names(&tmp);
