@@ -692,6 +692,8 @@ async fn run_inner(
     let mut auth_refusals = 0u32;
     tokio::pin!(shutdown);
     loop {
+        let listened = d.events.receiver_count() > 0 || d.waiters.as_ref().is_some_and(|w| w.any());
+        d.core.set_listened(listened);
         let mut wake = d.core.next_wake(now()).min(d.blob_gc.next_wake());
         // Lingering changes start a commit when the linger is over (with one in flight,
         // they join the next when it ends).
@@ -1084,7 +1086,16 @@ impl Driver {
             .as_ref()
             .filter(|_| self.core.leads())
             .and_then(|e| e.relay.as_ref());
-        for ev in ready.events {
+        for mut ev in ready.events {
+            // A job's end published unrendered (no reader then, `Core::set_listened`) gets its
+            // view now if a reader has come since; the job is read as it is now, ended.
+            if ev.kind == EventKind::Final && ev.data.is_later() {
+                let wanted = self.events.receiver_count() > 0
+                    || self.waiters.as_ref().is_some_and(|w| w.waits_for(&ev.job));
+                if let Some(rec) = self.core.record(&ev.job).filter(|_| wanted) {
+                    ev.data = crate::core::Rendered::job(rec);
+                }
+            }
             if let Some(w) = &self.waiters {
                 w.event(&ev);
             }
@@ -1092,8 +1103,11 @@ impl Driver {
                 // A full relay drops the event: a standby's stream misses it, nothing waits.
                 let _ = r.try_send(ev.clone());
             }
-            // No receiver is fine.
-            let _ = self.events.send(ev);
+            // No receiver is fine. An end still without a view (its job forgotten since) is
+            // not sent: a stream that opened meanwhile reads the job itself.
+            if !ev.data.is_later() {
+                let _ = self.events.send(ev);
+            }
         }
         // After the answers: a sequential job's end need not wait for this write. The
         // outcomes are stored now; an audit write failure is reported, not fatal (the lines

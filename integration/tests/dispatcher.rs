@@ -1385,6 +1385,46 @@ async fn http_api_submit_and_wait_long_poll_and_batch() {
     let (st, j) = http("GET", format!("{base}/v1/jobs/{id}?wait=20s"), None, None).await;
     assert_eq!((st, j["state"].as_str()), (200, Some("succeeded")), "{j}");
 
+    // A job submitted with no one waiting and no event stream open ends unrendered in the
+    // core (`Core::set_listened`); a stream opened while it runs still gets its final event
+    // with the whole job.
+    let (st, j) = http(
+        "POST",
+        format!("{base}/v1/jobs"),
+        None,
+        Some(r#"{"capability":"work.sleep"}"#),
+    )
+    .await;
+    assert_eq!(st, 202, "{j}");
+    let id = j["id"].as_str().unwrap().to_owned();
+    let stream = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .unwrap()
+        .get(format!("{base}/v1/jobs/{id}/events"))
+        .send();
+    let text = tokio::time::timeout(Duration::from_secs(20), async {
+        stream.await.unwrap().text().await.unwrap()
+    })
+    .await
+    .expect("the event stream ends with the job");
+    let last = text
+        .split("\n\n")
+        .filter(|e| e.contains("event: final"))
+        .last()
+        .unwrap_or_else(|| panic!("no final event: {text}"));
+    let data = last
+        .lines()
+        .find_map(|l| l.strip_prefix("data:"))
+        .unwrap_or_else(|| panic!("no data: {last}"));
+    let fin: serde_json::Value = serde_json::from_str(data.trim()).unwrap();
+    assert_eq!(
+        (fin["id"].as_str(), fin["state"].as_str()),
+        (Some(id.as_str()), Some("succeeded")),
+        "{text}"
+    );
+    assert_eq!(output(&fin), format!("{id} done by agent1"));
+
     // A raw upload waits the same way (`wait` is not a job field).
     let client = reqwest::Client::builder().no_proxy().build().unwrap();
     let r = client

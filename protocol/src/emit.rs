@@ -236,17 +236,15 @@ fn attr_value_after_name(out: &mut Vec<u8>, name: &str, value: &str) -> Result<(
 /// white space that attribute normalisation would turn into a space as character references.
 fn quoted(out: &mut Vec<u8>, value: &str) -> Result<(), EmitError> {
     out.push(b'\'');
-    for c in value.chars() {
-        match c {
-            '<' => out.extend_from_slice(b"&lt;"),
-            '&' => out.extend_from_slice(b"&amp;"),
-            '\'' => out.extend_from_slice(b"&apos;"),
-            '\t' => out.extend_from_slice(b"&#9;"),
-            '\n' => out.extend_from_slice(b"&#10;"),
-            '\r' => out.extend_from_slice(b"&#13;"),
-            c => push_char(out, c)?,
-        }
-    }
+    escaped(out, value, |b| match b {
+        b'<' => Some(b"&lt;"),
+        b'&' => Some(b"&amp;"),
+        b'\'' => Some(b"&apos;"),
+        b'\t' => Some(b"&#9;"),
+        b'\n' => Some(b"&#10;"),
+        b'\r' => Some(b"&#13;"),
+        _ => None,
+    })?;
     out.push(b'\'');
     Ok(())
 }
@@ -254,31 +252,49 @@ fn quoted(out: &mut Vec<u8>, value: &str) -> Result<(), EmitError> {
 /// Text content: markup escaped, a carriage return as a reference (a parser would otherwise
 /// turn it and a following line feed into one line feed).
 fn text(out: &mut Vec<u8>, t: &str) -> Result<(), EmitError> {
-    for c in t.chars() {
-        match c {
-            '<' => out.extend_from_slice(b"&lt;"),
-            '&' => out.extend_from_slice(b"&amp;"),
-            '>' => out.extend_from_slice(b"&gt;"),
-            '\r' => out.extend_from_slice(b"&#13;"),
-            c => push_char(out, c)?,
+    escaped(out, t, |b| match b {
+        b'<' => Some(b"&lt;"),
+        b'&' => Some(b"&amp;"),
+        b'>' => Some(b"&gt;"),
+        b'\r' => Some(b"&#13;"),
+        _ => None,
+    })
+}
+
+/// Appends `s` with each byte `escape` names replaced, refusing a character XML 1.0 does not
+/// allow ([`is_xml_char`]). The text between replacements is copied in runs: character by
+/// character, the copies were most of this writer's time (BENCHMARKS.md, twenty-third
+/// session). In UTF-8 the refused characters are the ASCII controls other than tab, line
+/// feed and carriage return, and U+FFFE and U+FFFF (`EF BF BE`, `EF BF BF`); a `str` holds
+/// no surrogate.
+#[inline]
+fn escaped(
+    out: &mut Vec<u8>,
+    s: &str,
+    escape: impl Fn(u8) -> Option<&'static [u8]>,
+) -> Result<(), EmitError> {
+    let bytes = s.as_bytes();
+    let mut run = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if let Some(rep) = escape(b) {
+            out.extend_from_slice(&bytes[run..i]);
+            out.extend_from_slice(rep);
+            run = i + 1;
+        } else if b < 0x20 && !matches!(b, b'\t' | b'\n' | b'\r') {
+            return Err(EmitError::Char(u32::from(b)));
+        } else if b == 0xEF && bytes.get(i + 1) == Some(&0xBF) {
+            if let Some(&last @ (0xBE | 0xBF)) = bytes.get(i + 2) {
+                return Err(EmitError::Char(0xFFFE + u32::from(last - 0xBE)));
+            }
         }
     }
+    out.extend_from_slice(&bytes[run..]);
     Ok(())
 }
 
 /// Whether XML 1.0 allows `c` (its `Char` production).
 pub fn is_xml_char(c: char) -> bool {
     matches!(c, '\t' | '\n' | '\r' | '\u{20}'..='\u{D7FF}' | '\u{E000}'..='\u{FFFD}' | '\u{10000}'..)
-}
-
-/// A character XML 1.0 allows, as UTF-8.
-fn push_char(out: &mut Vec<u8>, c: char) -> Result<(), EmitError> {
-    if !is_xml_char(c) {
-        return Err(EmitError::Char(c as u32));
-    }
-    let mut buf = [0u8; 4];
-    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
-    Ok(())
 }
 
 /// An XML name without a colon (rxml's rule for element and attribute names).
@@ -387,6 +403,83 @@ mod tests {
         let st = set(Element::builder("a:b", "urn:x").build());
         assert!(matches!(stanza(&st, &mut out), Err(EmitError::Name(_))));
         assert_eq!(out, b"before");
+    }
+
+    /// The escaping of attribute values and text in runs against the plain character-by-
+    /// character way, on random strings of the characters that matter: the escaped ones,
+    /// every control, multi-byte ones around U+FFFE and U+FFFF, and plain ASCII.
+    #[test]
+    fn escaping_in_runs_writes_and_refuses_what_escaping_each_character_does() {
+        fn by_char(out: &mut Vec<u8>, s: &str, attr: bool) -> Result<(), EmitError> {
+            for c in s.chars() {
+                match c {
+                    '<' => out.extend_from_slice(b"&lt;"),
+                    '&' => out.extend_from_slice(b"&amp;"),
+                    '\'' if attr => out.extend_from_slice(b"&apos;"),
+                    '\t' if attr => out.extend_from_slice(b"&#9;"),
+                    '\n' if attr => out.extend_from_slice(b"&#10;"),
+                    '>' if !attr => out.extend_from_slice(b"&gt;"),
+                    '\r' => out.extend_from_slice(b"&#13;"),
+                    c if !is_xml_char(c) => return Err(EmitError::Char(c as u32)),
+                    c => out.extend_from_slice(c.encode_utf8(&mut [0; 4]).as_bytes()),
+                }
+            }
+            Ok(())
+        }
+        let mut alphabet: Vec<char> = (0u8..0x80).map(char::from).collect();
+        alphabet.extend([
+            '\u{80}',
+            '\u{9f}',
+            'é',
+            '\u{d7ff}',
+            '\u{e000}',
+            '\u{fefe}',
+            '\u{fffd}',
+            '\u{fffe}',
+            '\u{ffff}',
+            '\u{10000}',
+            '😀',
+            '\u{10ffff}',
+            '\u{bfbe}',
+            '\u{efbf}',
+        ]);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0x35ca);
+        let (mut refused, mut written) = (0, 0);
+        for _ in 0..50_000 {
+            let len = rng.random_range(0..12);
+            let s: String = (0..len)
+                .map(|_| {
+                    // Mostly plain letters, so that runs form between the others.
+                    if rng.random_range(0..3) == 0 {
+                        alphabet[rng.random_range(0..alphabet.len())]
+                    } else {
+                        char::from(rng.random_range(b'a'..=b'z'))
+                    }
+                })
+                .collect();
+            let (mut want, mut got) = (b"x".to_vec(), b"x".to_vec());
+            let w = by_char(&mut want, &s, true).map(|()| {
+                let mut q = vec![b'x', b'\''];
+                q.extend_from_slice(&want[1..]);
+                q.push(b'\'');
+                q
+            });
+            let g = quoted(&mut got, &s).map(|()| got.clone());
+            assert_eq!(g, w, "attribute value {s:?}");
+            let (mut want, mut got) = (Vec::new(), Vec::new());
+            let w = by_char(&mut want, &s, false).map(|()| want);
+            let g = text(&mut got, &s).map(|()| got);
+            assert_eq!(g, w, "text {s:?}");
+            if g.is_ok() {
+                written += 1;
+            } else {
+                refused += 1;
+            }
+        }
+        assert!(
+            refused > 1_000 && written > 1_000,
+            "{refused} refused, {written} written"
+        );
     }
 
     /// The corpus mutated where names, namespaces, references and text can go wrong: every

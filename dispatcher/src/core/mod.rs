@@ -281,6 +281,9 @@ pub(crate) struct Core {
     /// Placement may have something to do (a job queued, a slot freed, an agent came).
     place_pending: bool,
     ready: Ready,
+    /// Whether a job's end may have a reader of its JSON view (an HTTP event stream open, a
+    /// request waiting for a job), as the driver last said ([`Core::set_listened`]).
+    listened: bool,
     /// False for a standby ([`Core::standby`]) until it leads.
     leads: bool,
     /// One of several dispatchers sharing a store ([`Core::standby`]): a job request leaves
@@ -361,6 +364,7 @@ impl Core {
             recall: None,
             answers: recall::Answers::default(),
             ready: Ready::default(),
+            listened: true,
             leads: true,
             leader_hint: None,
             lookups: Vec::new(),
@@ -803,7 +807,7 @@ impl Core {
                     .events
                     .iter()
                     .rev()
-                    .find(|e| e.kind == EventKind::Final && e.job == rec.id)
+                    .find(|e| e.kind == EventKind::Final && e.job == rec.id && !e.data.is_later())
                     .map_or_else(|| Rendered::job(rec), |e| e.data.clone());
                 *reply = ApiReply::Ended {
                     id: rec.id.clone(),
@@ -866,6 +870,16 @@ impl Core {
         }
         self.ready.early.push(st.into());
         self.ready.sent_ahead.push(sent);
+    }
+
+    /// Whether anyone may read the JSON view of a job that ends: an HTTP event stream open
+    /// or a request waiting for a job. Without one, a job's end is published unrendered
+    /// ([`Rendered::later`]): a job submitted over XMPP and not watched over HTTP needs no
+    /// JSON, whose rendering was about 3 % of the CPU of such a job (BENCHMARKS.md,
+    /// twenty-third session). The driver renders an event left so when it sends it out, if a
+    /// reader has come since ([`Rendered::is_later`]). True until told otherwise.
+    pub(crate) fn set_listened(&mut self, listened: bool) {
+        self.listened = listened;
     }
 
     /// Queues an event for the HTTP event streams.

@@ -430,8 +430,12 @@ impl Core {
             return;
         };
         // Event streams (HTTP SSE) and waiting requests get the whole job, after the commit,
-        // rendered once for all of them.
-        let data = super::Rendered::job(rec);
+        // rendered once for all of them; left for the driver if none may be there.
+        let data = if self.listened {
+            super::Rendered::job(rec)
+        } else {
+            super::Rendered::later()
+        };
         let mut watch = rec.spec.watch.clone();
         self.publish(job, EventKind::Final, data);
         // Submissions waiting for this end (protocol 1.3) are answered with it; a watcher

@@ -307,22 +307,25 @@ fn an_accepted_job_is_stored_before_it_is_acknowledged_and_sent() {
     assert_eq!(&sent[0].job.id, id);
 }
 
+/// A job of [`CAP`] submitted over the HTTP API, its caller waiting for the end or not.
+fn api_submit(w: &mut World, wait: bool) {
+    w.token += 1;
+    let req = ApiRequest::Submit {
+        spec: Box::new(spec(CAP)),
+        wait_for_agent: false,
+        visible: Capabilities::all(),
+        wait,
+    };
+    w.core.api(w.token, req, w.now);
+}
+
 #[test]
 fn a_job_request_leaves_before_the_commit_and_a_waiting_callers_acceptance_may_linger() {
     let mut w = World::new();
     let a = w.agent(1, 4);
     w.ready();
     assert_eq!(w.core.pending(), Pending::Nothing);
-    let submit = |w: &mut World, wait: bool| {
-        w.token += 1;
-        let req = ApiRequest::Submit {
-            spec: Box::new(spec(CAP)),
-            wait_for_agent: false,
-            visible: Capabilities::all(),
-            wait,
-        };
-        w.core.api(w.token, req, w.now);
-    };
+    let submit = api_submit;
     // A caller who waits for the end: the job request goes at once, nothing hurries the
     // commit of its acceptance.
     submit(&mut w, true);
@@ -387,6 +390,50 @@ fn a_job_request_leaves_before_the_commit_and_a_waiting_callers_acceptance_may_l
         Pending::Urgent,
         "an unwatched <accepted> does not wait"
     );
+}
+
+#[test]
+fn a_jobs_end_is_rendered_only_while_someone_may_read_it() {
+    let mut w = World::new();
+    let a = w.agent(1, 4);
+    w.ready();
+    let run = |w: &mut World, wait: bool| {
+        api_submit(w, wait);
+        let sent = jobs_sent(&w.core.take_early().stanzas);
+        w.succeed(&sent[0], &a);
+        (sent[0].job.id.clone(), w.core.take_ready())
+    };
+    // No event stream open, no request waiting: the end is published without its view.
+    w.core.set_listened(false);
+    let (id, r) = run(&mut w, false);
+    let fin = r
+        .events
+        .iter()
+        .find(|e| e.kind == EventKind::Final && e.job == id);
+    assert!(fin.is_some_and(|e| e.data.is_later()), "{fin:?}");
+    // A caller waiting in this very commit still gets the job's view with its answer.
+    let (id, r) = run(&mut w, true);
+    let [(_, ApiReply::Ended { view, .. })] = r.replies.as_slice() else {
+        panic!("the job's end as the answer: {:?}", r.replies);
+    };
+    let v: serde_json::Value = serde_json::from_str(view.get()).unwrap();
+    assert_eq!(
+        (v["id"].as_str(), v["state"].as_str()),
+        (Some(id.as_str()), Some("succeeded"))
+    );
+    // Someone may read it: rendered at once, as the job is.
+    w.core.set_listened(true);
+    let (id, r) = run(&mut w, false);
+    let fin = r
+        .events
+        .iter()
+        .find(|e| e.kind == EventKind::Final && e.job == id);
+    let data = fin.map(|e| e.data.clone()).expect("a final event");
+    assert!(!data.is_later());
+    let v: serde_json::Value = serde_json::from_str(data.get()).unwrap();
+    assert_eq!(v["state"].as_str(), Some("succeeded"));
+    // `null` rendered is not the marker.
+    assert!(!crate::core::Rendered::parse("null").unwrap().is_later());
 }
 
 #[test]

@@ -373,6 +373,14 @@ fn result_view(
     v
 }
 
+/// [`Rendered::later`]'s one value.
+static LATER: std::sync::LazyLock<std::sync::Arc<serde_json::value::RawValue>> =
+    std::sync::LazyLock::new(|| {
+        serde_json::value::RawValue::from_string("null".into())
+            .unwrap_or_else(|_| unreachable!("null is JSON"))
+            .into()
+    });
+
 /// JSON rendered once and shared: a job's view or an event's data, which every reader
 /// (waiting requests, event streams, the standbys' relay) sends as it is. A clone is a
 /// reference count, not a copy of a tree; it serialises as the JSON it holds.
@@ -389,6 +397,17 @@ impl Rendered {
                 Rendered::parse("{}").unwrap_or_else(|_| unreachable!("{{}} is JSON"))
             }
         }
+    }
+
+    /// A final event's view not rendered yet ([`Core::set_listened`](super::Core::set_listened)):
+    /// `null`, told apart from any other by [`Rendered::is_later`].
+    pub fn later() -> Rendered {
+        Rendered(LATER.clone())
+    }
+
+    /// Whether this is [`Rendered::later`]'s (not merely `null`).
+    pub fn is_later(&self) -> bool {
+        std::sync::Arc::ptr_eq(&self.0, &LATER)
     }
 
     /// The JSON view of job `j`, rendered: [`job_json`] without the tree.

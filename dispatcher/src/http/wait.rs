@@ -57,15 +57,28 @@ impl Waiters {
         self.lock().clear();
     }
 
-    /// The driver, for each event it sends out: a final one wakes its job's waiters.
+    /// The driver, for each event it sends out: a final one wakes its job's waiters (with
+    /// `None`, to read the job again, if the event carries no view: [`Rendered::later`]).
     pub(crate) fn event(&self, ev: &JobEvent) {
         if ev.kind != EventKind::Final {
             return;
         }
         let waiting = self.lock().remove(&ev.job);
+        let view = (!ev.data.is_later()).then(|| ev.data.clone());
         for s in waiting.into_iter().flatten() {
-            let _ = s.send(Some(ev.data.clone()));
+            let _ = s.send(view.clone());
         }
+    }
+
+    /// Whether any request waits for a job (the core renders the views of jobs that end
+    /// only then, or while an event stream is open: [`crate::core::Core::set_listened`]).
+    pub(crate) fn any(&self) -> bool {
+        !self.lock().is_empty()
+    }
+
+    /// Whether a request waits for job `id`.
+    pub(crate) fn waits_for(&self, id: &JobId) -> bool {
+        self.lock().contains_key(id)
     }
 }
 
