@@ -280,6 +280,43 @@ mod tests {
         }
     }
 
+    /// The line's cost against the map it was built as before (ignored: a measurement;
+    /// `cargo test --release -p spine-dispatcher --lib audit_line_cost -- --ignored
+    /// --nocapture`).
+    #[test]
+    #[ignore]
+    fn audit_line_cost_against_the_map() {
+        let mut t = JobTable::new(100);
+        let a = job(&mut t, "0190f5e2-7c1a-7d3e-9a51-3b0c2f9d1e44");
+        let agent: jid::FullJid = "agent1@example.com/worker".parse().unwrap();
+        t.dispatched(&a.id, &agent, 2).unwrap();
+        let rec = t.get(&a.id).unwrap();
+        const N: u32 = 200_000;
+        for round in 0..3 {
+            let t0 = std::time::Instant::now();
+            for i in 0..N {
+                std::hint::black_box(line(std::hint::black_box(rec), u64::from(i)));
+            }
+            let struct_ns = t0.elapsed().as_nanos() / u128::from(N);
+            let t0 = std::time::Instant::now();
+            for i in 0..N {
+                let rec = std::hint::black_box(rec);
+                let v = serde_json::json!({
+                    "at_ms": i, "job": rec.id, "submitter": rec.spec.submitter,
+                    "capability": rec.spec.capability, "agent": rec.agent,
+                    "attempts": rec.attempts, "state": rec.state, "condition": None::<&str>,
+                    "message": None::<&str>, "accepted_ms": rec.accepted_ms,
+                    "parent": rec.spec.parent,
+                });
+                let mut b = serde_json::to_vec(&v).unwrap();
+                b.push(b'\n');
+                std::hint::black_box((rec.id.to_string(), b));
+            }
+            let map_ns = t0.elapsed().as_nanos() / u128::from(N);
+            println!("round {round}: struct {struct_ns} ns, map {map_ns} ns per line");
+        }
+    }
+
     #[test]
     fn lines_carry_the_outcome_and_the_file_rotates() {
         let dir = tempfile::tempdir().unwrap();
