@@ -1,6 +1,6 @@
 //! The bus-versus-transport benchmark runs at a tiny size in the test command, so it cannot
 //! rot: it exits 0 and writes its eight measurements and the ratios, for every installed server
-//! (all three required under `SPINE_REQUIRE_SERVERS=1`, as in CI).
+//! (all three required under `SPINE_REQUIRE_SERVERS=1`, as in CI); and its `--profile` mode.
 
 #[test]
 fn bus_bench_runs_small() {
@@ -61,6 +61,31 @@ fn bus_bench_runs_small() {
             "{stdout}"
         );
     }
+
+    // `--profile`: waited jobs with 64 in flight only, the process id said, no file written.
+    let json = dir.path().join("profile.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bus-bench"))
+        .arg("40")
+        .arg(&json)
+        .arg("--profile")
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("measuring 40 waited jobs with 64 in flight in process"),
+        "{stderr}"
+    );
+    let rows: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.starts_with("embedded"))
+        .collect();
+    assert_eq!(rows.len(), 1, "{stdout}");
+    assert!(rows[0].contains("waited job, 64 in flight"), "{stdout}");
+    assert!(!json.exists(), "nothing written");
 
     // A bad argument is refused with the usage.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_bus-bench"))

@@ -1,6 +1,10 @@
 //! The bus against the transport's limit, on the same embedded server in the same run:
 //! `cargo run --release -p spine-integration --bin bus-bench [-- N [JSON-PATH] [--servers
-//! embedded,prosody,ejabberd|all]]` (the embedded server alone by default).
+//! embedded,prosody,ejabberd|all] [--profile]]` (the embedded server alone by default).
+//!
+//! `--profile` measures only N waited jobs with 64 in flight (after a warm-up), the mode of
+//! the ratio the issue of the bus's speed targets, and prints the process id when they begin,
+//! for `perf record -p` (BENCHMARKS.md, "twenty-third session"); nothing is written.
 //!
 //! (a) raw IQ request/response between two plain tokio-xmpp clients (the `xmpp-bench`
 //! measurement); (b) no-op Spine jobs: a submitter sends `<submit watch='true'>` over XMPP to a
@@ -93,17 +97,84 @@ where
     .and_then(|(conn, r)| r.map(|r| (conn, r)))
 }
 
-async fn measure_on(server: &AnyServer, n: usize) -> Result<Measured, String> {
-    // Plain TCP on loopback for every client, as the dispatcher and agent use by default
-    // (TLS off loopback only), so the raw clients and the bus pay the same transport.
-    let opts = |user: &str, pw: &str| {
-        ConnectOptions::new(
-            format!("{user}@{}", server.domain).parse().expect("jid"),
-            pw,
-            server.addr,
-            Security::Plain { insecure: false },
+/// How a client of `server` connects: plain TCP on loopback for every client, as the
+/// dispatcher and agent use by default (TLS off loopback only), so the raw clients and the bus
+/// pay the same transport.
+fn opts(server: &AnyServer, user: &str, pw: &str) -> ConnectOptions {
+    ConnectOptions::new(
+        format!("{user}@{}", server.domain).parse().expect("jid"),
+        pw,
+        server.addr,
+        Security::Plain { insecure: false },
+    )
+}
+
+/// A real dispatcher and agent (one no-op capability, 64 slots) on `server`; [`Bus::start`]
+/// also connects a submitter.
+struct Bus {
+    dispatcher: spine_integration::farm::Running,
+    agent: spine_integration::farm::Running,
+    to: Jid,
+    cap: spine_protocol::CapabilityName,
+    _dir: tempfile::TempDir,
+}
+
+impl Bus {
+    async fn start(server: &AnyServer) -> Result<(Bus, spine_xmpp::Connection), String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let (dispatcher, base) = start_http_dispatcher(
+            server,
+            dir.path(),
+            "submitters = [\"submitter@localhost\"]\n",
         )
-    };
+        .await;
+        let agent = Agent::builder(agent_config(server, 1, "slots = 64\n"))
+            .capability("bench.noop", None, |_ctx: JobContext| async move {
+                Ok::<_, JobError>(Output::bytes(Vec::new()))
+            })
+            .build()
+            .map_err(|e| e.to_string())?;
+        let agent = run_agent(agent);
+        spine_integration::farm::wait_for_agents(&base, "bench.noop", 1).await;
+        let sub = spine_xmpp::connect(opts(server, "submitter", "pw-s"))
+            .await
+            .map_err(|e| e.to_string())?;
+        sub.send(xmpp_parsers::presence::Presence::available())
+            .await;
+        let bus = Bus {
+            dispatcher,
+            agent,
+            to: "dispatcher@localhost/d1".parse().expect("jid"),
+            cap: "bench.noop".parse().expect("capability"),
+            _dir: dir,
+        };
+        Ok((bus, sub))
+    }
+
+    async fn stop(self, sub: spine_xmpp::Connection) {
+        sub.close().await;
+        self.agent.stop();
+        self.dispatcher.stop();
+    }
+}
+
+/// `--profile`: waited jobs with 64 in flight only (the mode of the issue's ratio target),
+/// `n` of them after a warm-up, for a profiler to attach to this process: the process id is
+/// printed on standard error when the measured jobs begin.
+async fn profile_waited(server: &AnyServer, n: usize) -> Result<RoundTrips, String> {
+    let (bus, mut sub) = Bus::start(server).await?;
+    measure_jobs(&mut sub, &bus.to, &bus.cap, 2000, 64, Submitting::Wait).await?;
+    eprintln!(
+        "bus-bench: measuring {n} waited jobs with 64 in flight in process {}",
+        std::process::id()
+    );
+    let r = measure_jobs(&mut sub, &bus.to, &bus.cap, n, 64, Submitting::Wait).await;
+    bus.stop(sub).await;
+    r
+}
+
+async fn measure_on(server: &AnyServer, n: usize) -> Result<Measured, String> {
+    let opts = |user: &str, pw: &str| opts(server, user, pw);
 
     // (a) The transport's limit.
     let resp = spine_xmpp::connect(opts("bench-b", "pw-b"))
@@ -125,28 +196,8 @@ async fn measure_on(server: &AnyServer, n: usize) -> Result<Measured, String> {
     req.close().await;
 
     // (b) No-op jobs through a real dispatcher and agent on the same server.
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let (dispatcher, base) = start_http_dispatcher(
-        server,
-        dir.path(),
-        "submitters = [\"submitter@localhost\"]\n",
-    )
-    .await;
-    let agent = Agent::builder(agent_config(server, 1, "slots = 64\n"))
-        .capability("bench.noop", None, |_ctx: JobContext| async move {
-            Ok::<_, JobError>(Output::bytes(Vec::new()))
-        })
-        .build()
-        .map_err(|e| e.to_string())?;
-    let agent = run_agent(agent);
-    spine_integration::farm::wait_for_agents(&base, "bench.noop", 1).await;
-    let mut sub = spine_xmpp::connect(opts("submitter", "pw-s"))
-        .await
-        .map_err(|e| e.to_string())?;
-    sub.send(xmpp_parsers::presence::Presence::available())
-        .await;
-    let d: Jid = "dispatcher@localhost/d1".parse().expect("jid");
-    let cap = "bench.noop".parse().expect("capability");
+    let (bus, mut sub) = Bus::start(server).await?;
+    let (d, cap) = (bus.to.clone(), bus.cap.clone());
     let ways = (Submitting::Watch, Submitting::Wait);
     // A warm-up, then jobs one at a time: a quarter of N of each way.
     measure_jobs(&mut sub, &d, &cap, 200.min(n), 1, ways.0).await?;
@@ -158,9 +209,7 @@ async fn measure_on(server: &AnyServer, n: usize) -> Result<Measured, String> {
         Box::pin(async move { measure_jobs(c, &d_w, &cap_w, seq_n, 1, Submitting::Wait).await })
     })
     .await?;
-    sub.close().await;
-    agent.stop();
-    dispatcher.stop();
+    bus.stop(sub).await;
     Ok(Measured {
         raw_seq,
         raw_seq_worker,
@@ -174,7 +223,7 @@ async fn measure_on(server: &AnyServer, n: usize) -> Result<Measured, String> {
 }
 
 fn usage() -> String {
-    "usage: bus-bench [N] [JSON-PATH] [--servers embedded,prosody,ejabberd]".into()
+    "usage: bus-bench [N] [JSON-PATH] [--servers embedded,prosody,ejabberd] [--profile]".into()
 }
 
 #[tokio::main]
@@ -193,9 +242,12 @@ async fn run() -> Result<(), String> {
     let mut path = "target/bench/bus-vs-transport.json".to_string();
     let mut kinds = vec![Kind::Embedded];
     let mut positional = 0;
+    let mut profile = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        if a == "--servers" {
+        if a == "--profile" {
+            profile = true;
+        } else if a == "--servers" {
             let list = args.next().ok_or_else(usage)?;
             kinds = if list == "all" {
                 Kind::ALL.to_vec()
@@ -240,6 +292,17 @@ async fn run() -> Result<(), String> {
         let Some(server) = AnyServer::start(kind, &accounts).await else {
             continue; // not installed: the reason was printed
         };
+        if profile {
+            let r = profile_waited(&server, n)
+                .await
+                .map_err(|e| format!("{}: {e}\n{}", kind.name(), server.log()))?;
+            println!(
+                "{:<10} {}",
+                kind.name(),
+                row("waited job, 64 in flight", &r)
+            );
+            continue;
+        }
         let m = measure_on(&server, n)
             .await
             .map_err(|e| format!("{}: {e}\n{}", kind.name(), server.log()))?;
@@ -301,6 +364,9 @@ async fn run() -> Result<(), String> {
                 },
             }),
         );
+    }
+    if profile {
+        return Ok(());
     }
     let out = serde_json::Value::Object(results);
     if let Some(dir) = std::path::Path::new(&path).parent() {
