@@ -105,9 +105,14 @@ impl Browser {
             .tempdir()
             .expect("a temporary browser profile");
         let log = profile.path().join("chromedriver.log");
+        // Chromium's own temporary directories (its singleton socket, scoped directories) go
+        // inside the profile, so that they go with it: under /tmp a killed browser left them.
+        let tmp = profile.path().join("tmp");
+        std::fs::create_dir(&tmp).expect("a temporary directory inside the browser profile");
         let port = crate::free_port().expect("a free loopback port for chromedriver");
         let mut cmd = Command::new(chromedriver_path());
-        cmd.arg(format!("--port={port}"))
+        cmd.env("TMPDIR", &tmp)
+            .arg(format!("--port={port}"))
             .arg(format!("--log-path={}", log.display()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
