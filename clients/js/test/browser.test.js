@@ -9,7 +9,7 @@
 import assert from "node:assert/strict";
 import { spawn } from "node:child_process";
 import { createHash } from "node:crypto";
-import { existsSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { createServer, request } from "node:http";
 import { tmpdir } from "node:os";
 import { join, normalize, resolve } from "node:path";
@@ -126,6 +126,10 @@ test("the client works in headless Chromium, same-origin through a proxy", async
   }
   const site = await origin(spine.url);
   const profile = mkdtempSync(join(tmpdir(), "spine-chromium-"));
+  // Chromium's own temporary directories (its singleton socket) go inside the profile, which
+  // is deleted at the end: under /tmp a killed browser left them.
+  const tmp = join(profile, "tmp");
+  mkdirSync(tmp);
   const browser = spawn(
     CHROMIUM,
     [
@@ -138,7 +142,7 @@ test("the client works in headless Chromium, same-origin through a proxy", async
       `${site.url}/page.html`,
     ],
     // Its own process group: Chromium starts helpers (zygote, renderer), stopped with it.
-    { stdio: ["ignore", "ignore", "pipe"], detached: true },
+    { stdio: ["ignore", "ignore", "pipe"], detached: true, env: { ...process.env, TMPDIR: tmp } },
   );
   // The end of Chromium's own log, for a failure's message.
   let log = "";
