@@ -62,30 +62,66 @@ fn bus_bench_runs_small() {
         );
     }
 
-    // `--profile`: waited jobs with 64 in flight only, the process id said, no file written.
+    // `--profile`: waited jobs with 64 in flight only, the process id said, no file written;
+    // with `--window 1`, one at a time.
     let json = dir.path().join("profile.json");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bus-bench"))
-        .arg("40")
-        .arg(&json)
-        .arg("--profile")
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stdout}{stderr}");
-    assert!(
-        stderr.contains("measuring 40 waited jobs with 64 in flight in process"),
-        "{stderr}"
-    );
-    let rows: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.starts_with("embedded"))
-        .collect();
-    assert_eq!(rows.len(), 1, "{stdout}");
-    assert!(rows[0].contains("waited job, 64 in flight"), "{stdout}");
+    let json_arg = json.to_string_lossy().into_owned();
+    for (args, said, mode) in [
+        (
+            vec!["40", &json_arg, "--profile"],
+            "measuring 40 waited jobs with 64 in flight in process",
+            "waited job, 64 in flight",
+        ),
+        (
+            vec!["30", "--profile", "--window", "1"],
+            "measuring 30 waited jobs with 1 in flight in process",
+            "waited job, sequential",
+        ),
+    ] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bus-bench"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{stdout}{stderr}");
+        assert!(stderr.contains(said), "{stderr}");
+        let rows: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.starts_with("embedded"))
+            .collect();
+        assert_eq!(rows.len(), 1, "{stdout}");
+        assert!(rows[0].contains(mode), "{stdout}");
+        // The row's count and window.
+        let cols: Vec<&str> = rows[0].split_whitespace().collect();
+        let window = if args.contains(&"--window") {
+            "1"
+        } else {
+            "64"
+        };
+        assert_eq!(
+            cols[cols.len() - 5..cols.len() - 3],
+            [args[0], window],
+            "{stdout}"
+        );
+    }
     assert!(!json.exists(), "nothing written");
+
+    // A window without --profile, or of none, is refused with the usage.
+    for args in [&["--window", "4"][..], &["--profile", "--window", "0"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bus-bench"))
+            .args(args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("--window") && stderr.contains("usage:"),
+            "{stderr}"
+        );
+    }
 
     // A bad argument is refused with the usage.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_bus-bench"))

@@ -19,15 +19,17 @@
 
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::Path;
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use redb::{Database, Durability, ReadableTable, TableDefinition, WriteTransaction};
 use spine_protocol::{CapabilityName, JobId};
 
 use crate::jobs::{Body, JobRecord};
 
+mod apply_queue;
 mod backend;
 mod journal;
+use apply_queue::ApplyQueue;
 pub mod postgres;
 
 pub(crate) use backend::{is_postgres, target};
@@ -102,7 +104,7 @@ struct Journaled {
     files: [journal::Journal; 2],
     /// The file commits go to.
     active: usize,
-    queue: Option<mpsc::Sender<ToApply>>,
+    queue: Option<Arc<ApplyQueue<Box<Applying>>>>,
     /// The sequence number of the last batch appended.
     appended: u64,
     /// Where batches are encoded for the journal, kept between commits (a new buffer for
@@ -118,14 +120,6 @@ const PAYLOAD_KEEP: usize = 4 << 20;
 const APPLY_LINGER: std::time::Duration = std::time::Duration::from_millis(10);
 /// … and how many it applies in one transaction at most.
 const APPLY_GROUP: usize = 512;
-
-/// What the applier's queue carries.
-enum ToApply {
-    /// A batch committed (in the journal).
-    Batch(Box<Applying>),
-    /// A reader waits: apply what is queued without lingering.
-    Now,
-}
 
 /// A batch on its way to redb.
 struct Applying {
@@ -284,7 +278,8 @@ impl Store {
         }
         let outbox = Arc::new(Mutex::new(Outbox::of(&db)?));
         let db = Arc::new(db);
-        let (queue, rx) = mpsc::channel();
+        let queue = Arc::new(ApplyQueue::new(APPLY_GROUP));
+        let rx = queue.clone();
         let journal = Arc::new(Mutex::new(Journaled {
             files: [first, second],
             active: 0,
@@ -323,7 +318,7 @@ impl Store {
             let j = lock(&self.journal);
             if let Some(q) = &j.queue {
                 // Nothing to apply is fine: the applier may have stopped (its reason below).
-                let _ = q.send(ToApply::Now);
+                q.now();
             }
             j.appended
         };
@@ -426,7 +421,7 @@ fn applier(
     journal: &Mutex<Journaled>,
     outbox: &Mutex<Outbox>,
     applied: &(Mutex<Applied>, Condvar),
-    rx: &mpsc::Receiver<ToApply>,
+    rx: &ApplyQueue<Box<Applying>>,
 ) {
     let done = |seq: u64, r: Result<(), StoreError>| {
         let mut a = lock(&applied.0);
@@ -438,27 +433,9 @@ fn applier(
         a.failed.is_none()
     };
     let (mut commits, mut transactions, mut bytes) = (0u32, 0u32, 0u64);
-    let mut group: Vec<Box<Applying>> = Vec::new();
-    let mut open = true;
-    while open {
-        // A group: the first batch, then what comes within the linger (less if a reader
-        // waits, the group is large, or the queue closed).
-        match rx.recv() {
-            Ok(ToApply::Batch(w)) => group.push(w),
-            Ok(ToApply::Now) => {}
-            Err(_) => break,
-        }
-        let until = std::time::Instant::now() + APPLY_LINGER;
-        while !group.is_empty() && group.len() < APPLY_GROUP {
-            match rx.recv_timeout(until.saturating_duration_since(std::time::Instant::now())) {
-                Ok(ToApply::Batch(w)) => group.push(w),
-                Ok(ToApply::Now) | Err(mpsc::RecvTimeoutError::Timeout) => break,
-                Err(mpsc::RecvTimeoutError::Disconnected) => {
-                    open = false;
-                    break;
-                }
-            }
-        }
+    // A group: the first batch, then what comes within the linger (less if a reader waits,
+    // the group is large, or the queue closed).
+    while let apply_queue::Next::Group(mut group) = rx.next_group(APPLY_LINGER) {
         if group.is_empty() {
             // Asked to apply now with nothing waiting: say so to the reader.
             applied.1.notify_all();
@@ -480,13 +457,7 @@ fn applier(
             // of the file they left, which then starts over.
             let left = {
                 let mut j = lock(journal);
-                let rest: Vec<Box<Applying>> = rx
-                    .try_iter()
-                    .filter_map(|m| match m {
-                        ToApply::Batch(w) => Some(w),
-                        ToApply::Now => None,
-                    })
-                    .collect();
+                let rest = rx.take_all();
                 let last = rest.last().map_or(0, |w| w.seq);
                 if !rest.is_empty() && !done(last, apply_all(db, outbox, rest.into_iter())) {
                     return;
@@ -507,7 +478,9 @@ impl Drop for Store {
     /// Closes the queue, lets the applier finish, and checkpoints: a clean stop leaves the
     /// journal empty, and the next start has nothing to apply again.
     fn drop(&mut self) {
-        lock(&self.journal).queue = None;
+        if let Some(q) = lock(&self.journal).queue.take() {
+            q.close();
+        }
         if let Some(h) = self.applier.take() {
             let _ = h.join();
         }
@@ -605,7 +578,7 @@ impl Store {
             bytes,
         };
         match &j.queue {
-            Some(q) if q.send(ToApply::Batch(Box::new(w))).is_ok() => Ok(()),
+            Some(q) if q.push(Box::new(w)).is_ok() => Ok(()),
             _ => Err(e("the store's thread stopped (the batch is in the journal: the next start applies it)")),
         }
     }

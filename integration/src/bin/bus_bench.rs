@@ -1,10 +1,12 @@
 //! The bus against the transport's limit, on the same embedded server in the same run:
 //! `cargo run --release -p spine-integration --bin bus-bench [-- N [JSON-PATH] [--servers
-//! embedded,prosody,ejabberd|all] [--profile]]` (the embedded server alone by default).
+//! embedded,prosody,ejabberd|all] [--profile [--window W]]]` (the embedded server alone by
+//! default).
 //!
 //! `--profile` measures only N waited jobs with 64 in flight (after a warm-up), the mode of
 //! the ratio the issue of the bus's speed targets, and prints the process id when they begin,
 //! for `perf record -p` (BENCHMARKS.md, "twenty-third session"); nothing is written.
+//! `--window 1` profiles them one at a time instead (the sequential p50 target).
 //!
 //! (a) raw IQ request/response between two plain tokio-xmpp clients (the `xmpp-bench`
 //! measurement); (b) no-op Spine jobs: a submitter sends `<submit watch='true'>` over XMPP to a
@@ -158,17 +160,18 @@ impl Bus {
     }
 }
 
-/// `--profile`: waited jobs with 64 in flight only (the mode of the issue's ratio target),
-/// `n` of them after a warm-up, for a profiler to attach to this process: the process id is
-/// printed on standard error when the measured jobs begin.
-async fn profile_waited(server: &AnyServer, n: usize) -> Result<RoundTrips, String> {
+/// `--profile`: waited jobs only, `window` in flight (64, the mode of the issue's ratio
+/// target, unless `--window` says otherwise), `n` of them after a warm-up, for a profiler to
+/// attach to this process: the process id is printed on standard error when the measured
+/// jobs begin.
+async fn profile_waited(server: &AnyServer, n: usize, window: usize) -> Result<RoundTrips, String> {
     let (bus, mut sub) = Bus::start(server).await?;
-    measure_jobs(&mut sub, &bus.to, &bus.cap, 2000, 64, Submitting::Wait).await?;
+    measure_jobs(&mut sub, &bus.to, &bus.cap, 2000, window, Submitting::Wait).await?;
     eprintln!(
-        "bus-bench: measuring {n} waited jobs with 64 in flight in process {}",
+        "bus-bench: measuring {n} waited jobs with {window} in flight in process {}",
         std::process::id()
     );
-    let r = measure_jobs(&mut sub, &bus.to, &bus.cap, n, 64, Submitting::Wait).await;
+    let r = measure_jobs(&mut sub, &bus.to, &bus.cap, n, window, Submitting::Wait).await;
     bus.stop(sub).await;
     r
 }
@@ -223,7 +226,8 @@ async fn measure_on(server: &AnyServer, n: usize) -> Result<Measured, String> {
 }
 
 fn usage() -> String {
-    "usage: bus-bench [N] [JSON-PATH] [--servers embedded,prosody,ejabberd] [--profile]".into()
+    "usage: bus-bench [N] [JSON-PATH] [--servers embedded,prosody,ejabberd] [--profile [--window W]]"
+        .into()
 }
 
 #[tokio::main]
@@ -243,10 +247,22 @@ async fn run() -> Result<(), String> {
     let mut kinds = vec![Kind::Embedded];
     let mut positional = 0;
     let mut profile = false;
+    let mut window = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         if a == "--profile" {
             profile = true;
+        } else if a == "--window" {
+            let w = args.next().ok_or_else(usage)?;
+            window = match w.parse::<usize>() {
+                Ok(w) if w >= 1 => Some(w),
+                _ => {
+                    return Err(format!(
+                        "--window must be a number from 1, not {w:?}; {}",
+                        usage()
+                    ))
+                }
+            };
         } else if a == "--servers" {
             let list = args.next().ok_or_else(usage)?;
             kinds = if list == "all" {
@@ -276,6 +292,10 @@ async fn run() -> Result<(), String> {
     if n == 0 {
         return Err(format!("N must be at least 1; {}", usage()));
     }
+    if window.is_some() && !profile {
+        return Err(format!("--window goes with --profile; {}", usage()));
+    }
+    let window = window.unwrap_or(64);
     let accounts = [
         ("bench-a", "pw-a"),
         ("bench-b", "pw-b"),
@@ -293,14 +313,14 @@ async fn run() -> Result<(), String> {
             continue; // not installed: the reason was printed
         };
         if profile {
-            let r = profile_waited(&server, n)
+            let r = profile_waited(&server, n, window)
                 .await
                 .map_err(|e| format!("{}: {e}\n{}", kind.name(), server.log()))?;
-            println!(
-                "{:<10} {}",
-                kind.name(),
-                row("waited job, 64 in flight", &r)
-            );
+            let mode = match window {
+                1 => "waited job, sequential".to_string(),
+                w => format!("waited job, {w} in flight"),
+            };
+            println!("{:<10} {}", kind.name(), row(&mode, &r));
             continue;
         }
         let m = measure_on(&server, n)
